@@ -1,0 +1,18 @@
+"""The `bastion` command line. Each concern registers its commands from its own module."""
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-bastion")
+def main() -> None:
+    """Edge Bastion: network-boot Flatcar nodes from a small device and a controller."""
+
+
+def _register() -> None:
+    from bastion import sim
+
+    main.add_command(sim.sim_command)
+
+
+_register()

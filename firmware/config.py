@@ -1,0 +1,136 @@
+# The device configuration: `device.json` on the board's flash (docs/device.md has the layout).
+#
+# Loaded once at boot and checked field by field; a bad file is refused with a message that
+# names the field, and the firmware keeps running with nothing served rather than guessing.
+# Everything the packet paths need per request is computed here, once.
+import json
+
+_MAC_LEN = 17
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _mac_bytes(s, where):
+    if not isinstance(s, str) or len(s) != _MAC_LEN:
+        raise ConfigError("%s: %r is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, s))
+    out = bytearray(6)
+    for i in range(6):
+        part = s[i * 3 : i * 3 + 2]
+        if i < 5 and s[i * 3 + 2] not in ":-":
+            raise ConfigError("%s: %r is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, s))
+        try:
+            out[i] = int(part, 16)
+        except ValueError:
+            raise ConfigError("%s: %r is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, s))
+    return bytes(out)
+
+
+def _ip_bytes(s, where):
+    parts = s.split(".") if isinstance(s, str) else ()
+    if len(parts) != 4:
+        raise ConfigError("%s: %r is not an IPv4 address" % (where, s))
+    try:
+        b = bytes(int(p) for p in parts)  # ValueError for values over 255 too
+    except ValueError:
+        raise ConfigError("%s: %r is not an IPv4 address" % (where, s))
+    return b
+
+
+def _int(d, key, lo, hi, default, where):
+    v = d.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError("%s.%s: %r must be an integer from %d to %d" % (where, key, v, lo, hi))
+    return v
+
+
+def _str(d, key, default, where, required=False):
+    v = d.get(key, default)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ConfigError("%s.%s: must be a non-empty string" % (where, key))
+    return v
+
+
+class Config:
+    """The checked device configuration.
+
+    server_ip      bytes(4): the device's LAN address (DHCP server id, default next-server)
+    next_server    bytes(4): where clients fetch boot files by TFTP (the device unless set)
+    script_url     str: the controller's iPXE script URL handed to iPXE clients
+    boot_files     {arch: file name} by DHCP option 93 client architecture
+    allowed_macs   set of 6-byte MACs, or None to answer every PXE client
+    rpi_boot       answer Raspberry Pi bootloaders (arch 0 + "RPi4" GUID or Pi MAC prefix)
+    rpi_menu       the PXE menu text a Pi bootloader looks for
+    rpi_next_server bytes(4) or None: TFTP server for Pi boot files, when not next_server
+    tftp_root, tftp_max_transfers, tftp_max_blksize, tftp_timeout_ms, tftp_retries,
+    tftp_max_window: the TFTP server's bounds
+    """
+
+    def __init__(self, d, server_ip=None):
+        if not isinstance(d, dict):
+            raise ConfigError("device config must be a JSON object")
+        ip = server_ip or d.get("server_ip")
+        if ip is None:
+            raise ConfigError("server_ip: missing (the device's LAN address)")
+        self.server_ip = _ip_bytes(ip, "server_ip")
+        ns = d.get("next_server")
+        self.next_server = _ip_bytes(ns, "next_server") if ns else self.server_ip
+        self.script_url = _str(d, "script_url", None, "config", required=True)
+
+        files = d.get("boot_files", {})
+        if not isinstance(files, dict):
+            raise ConfigError("boot_files: must be an object of arch -> file name")
+        self.boot_files = {}
+        for k, v in files.items():
+            try:
+                arch = int(k)
+            except ValueError:
+                raise ConfigError("boot_files: key %r is not a client architecture number" % k)
+            if not 0 <= arch <= 0xFFFF:
+                raise ConfigError("boot_files: architecture %d is out of range" % arch)
+            if not isinstance(v, str) or not v or len(v) > 127:
+                raise ConfigError("boot_files.%s: must be a file name of 1..127 characters" % k)
+            self.boot_files[arch] = v
+
+        macs = d.get("allowed_macs") or None
+        if macs is not None:
+            if not isinstance(macs, list):
+                raise ConfigError("allowed_macs: must be a list of MAC addresses")
+            self.allowed_macs = set(
+                _mac_bytes(m, "allowed_macs[%d]" % i) for i, m in enumerate(macs)
+            )
+        else:
+            self.allowed_macs = None
+
+        rpi = d.get("rpi", {})
+        if not isinstance(rpi, dict):
+            raise ConfigError("rpi: must be an object")
+        self.rpi_boot = bool(rpi.get("boot", True))
+        self.rpi_menu = _str(rpi, "menu", "Raspberry Pi Boot", "rpi")
+        rns = rpi.get("next_server")
+        self.rpi_next_server = _ip_bytes(rns, "rpi.next_server") if rns else None
+
+        t = d.get("tftp", {})
+        if not isinstance(t, dict):
+            raise ConfigError("tftp: must be an object")
+        self.tftp_root = _str(t, "root", "tftp", "tftp")
+        self.tftp_max_transfers = _int(t, "max_transfers", 1, 16, 4, "tftp")
+        # RFC 2348 allows 8..65464; our buffers and one Ethernet frame without IP
+        # fragmentation bound it to 1468 (1500 - 20 IP - 8 UDP - 4 TFTP).
+        self.tftp_max_blksize = _int(t, "max_blksize", 512, 1468, 1468, "tftp")
+        self.tftp_timeout_ms = _int(t, "timeout_ms", 50, 255000, 1000, "tftp")
+        self.tftp_retries = _int(t, "retries", 1, 20, 5, "tftp")
+        self.tftp_max_window = _int(t, "max_window", 1, 16, 4, "tftp")
+
+
+def load(path, server_ip=None):
+    """Read and check the device config at path; raises ConfigError or OSError."""
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except ValueError as e:
+            raise ConfigError("%s: not valid JSON (%s)" % (path, e))
+    return Config(d, server_ip)

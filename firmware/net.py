@@ -1,0 +1,95 @@
+# The UDP shell: the only firmware module that touches sockets.
+#
+# MicroPython's asyncio has no public UDP API and its sockets have no recv_into/recvfrom_into,
+# so on MicroPython a wait for a datagram is a yield to asyncio's I/O queue followed by a
+# non-blocking recvfrom/readinto. On CPython (tests) the event loop's sock_* calls do the same.
+# Addresses are opaque: a raw sockaddr (bytes) on the unix port, a tuple on CPython. Pass them
+# back to sendto as they came, and read them with addr_ip4/addr_port.
+import socket
+
+try:
+    from asyncio.core import _io_queue  # MicroPython
+except ImportError:  # CPython
+    _io_queue = None
+
+_EAGAIN = 11
+
+
+def addr(ip, port):
+    """The socket address for a dotted-quad ip and a port, in this port's format."""
+    return socket.getaddrinfo(ip, port)[0][-1]
+
+
+def addr_ip4(a):
+    """The 4 address bytes of a socket address."""
+    if isinstance(a, tuple):
+        return bytes(int(x) for x in a[0].split("."))
+    return bytes(a[4:8])
+
+
+def addr_port(a):
+    if isinstance(a, tuple):
+        return a[1]
+    return (a[2] << 8) | a[3]
+
+
+def ip_str(b):
+    return "%d.%d.%d.%d" % (b[0], b[1], b[2], b[3])
+
+
+def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
+    """A non-blocking UDP socket bound to (ip, port)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if broadcast:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.setblocking(False)
+    s.bind(addr(ip, port))
+    return s
+
+
+def send(s, buf, n, to=None):
+    """Send buf[:n]; returns False (never raises) when the stack refuses it."""
+    try:
+        if to is None:
+            s.send(memoryview(buf)[:n])
+        else:
+            s.sendto(memoryview(buf)[:n], to)
+        return True
+    except OSError:
+        return False
+
+
+if _io_queue is not None:
+
+    def recvfrom(s, n):
+        """Await one datagram of at most n bytes: (bytes, addr)."""
+        while True:
+            yield _io_queue.queue_read(s)
+            try:
+                return s.recvfrom(n)
+            except OSError as e:
+                if e.errno != _EAGAIN:
+                    raise
+
+    def readinto(s, buf):
+        """Await one datagram on a connected socket into buf; returns its length."""
+        while True:
+            yield _io_queue.queue_read(s)
+            try:
+                n = s.readinto(buf)
+            except OSError as e:
+                if e.errno != _EAGAIN:
+                    raise
+                continue
+            if n is not None:
+                return n
+
+else:
+    import asyncio
+
+    async def recvfrom(s, n):
+        return await asyncio.get_running_loop().sock_recvfrom(s, n)
+
+    async def readinto(s, buf):
+        return await asyncio.get_running_loop().sock_recv_into(s, buf)

@@ -1,0 +1,139 @@
+"""Shared fixtures: the sim board (the real firmware on the MicroPython unix port)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "firmware" / "mpy"))  # mpytest helpers
+
+from bastion import sim as sim_mod  # noqa: E402
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class SimBoard:
+    """A running sim board: the firmware as .mpy under the unix port, events read from stdout."""
+
+    def __init__(self, flash: Path, cmd: list[str], env: dict | None = None):
+        self.flash = flash
+        self.cmd = cmd
+        self.events: list[dict] = []
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=flash,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict):
+                self.events.append(ev)
+                self._q.put(ev)
+
+    def wait_event(self, pred, timeout: float = 20.0) -> dict:
+        """The first event (already seen or coming) for which pred(ev) is true."""
+        for ev in list(self.events):
+            if pred(ev):
+                return ev
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                ev = self._q.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and self._q.empty():
+                    break
+                continue
+            if pred(ev):
+                return ev
+        raise AssertionError(
+            f"no matching event within {timeout}s; firmware exit={self.proc.poll()}; "
+            f"last output:\n" + "\n".join(self.lines[-30:])
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+
+
+@pytest.fixture
+def sim_board(tmp_path):
+    """Factory: start_sim(config, files={name: bytes}, heap='128k', listen='127.0.0.1').
+
+    Lays out a flash directory the way `bastion sim` does, on free loopback ports, and returns a
+    SimBoard with .ports = {"dhcp", "pxe", "tftp"}. Every board started is stopped at teardown.
+    """
+    boards: list[SimBoard] = []
+
+    def start(
+        config: dict,
+        files: dict[str, bytes] | None = None,
+        heap: str = "128k",
+        listen: str = "127.0.0.1",
+        wait_boot: bool = True,
+    ) -> SimBoard:
+        flash = tmp_path / f"flash{len(boards)}"
+        sim_mod.install_firmware(flash)
+        (flash / "device.json").write_text(json.dumps({"server_ip": listen, **config}))
+        tftp_root = flash / "tftp"
+        tftp_root.mkdir(exist_ok=True)
+        for name, data in (files or {}).items():
+            p = tftp_root / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        ports = {"dhcp": free_udp_port(), "pxe": free_udp_port(), "tftp": free_udp_port(listen)}
+        cmd = sim_mod.firmware_command(
+            flash, listen, ports["dhcp"], ports["pxe"], ports["tftp"], heap
+        )
+        board = SimBoard(flash, cmd)
+        board.ports = ports
+        boards.append(board)
+        if wait_boot:
+            board.wait_event(lambda e: e.get("ev") == "boot")
+        return board
+
+    yield start
+    for b in boards:
+        b.stop()
+
+
+def need_root():
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2 for network namespaces")

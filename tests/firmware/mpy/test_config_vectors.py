@@ -1,0 +1,59 @@
+# firmware.config: the device config is checked field by field, under CPython and MicroPython.
+from mpytest import raises
+
+from firmware.config import Config, ConfigError
+
+_BASE = {"server_ip": "10.77.0.2", "script_url": "http://10.77.0.1:8080/boot.ipxe"}
+
+
+def _cfg(**over):
+    d = dict(_BASE)
+    d.update(over)
+    return Config(d)
+
+
+def _error(**over):
+    try:
+        _cfg(**over)
+    except ConfigError as e:
+        return str(e)
+    raise AssertionError("accepted %r" % (over,))
+
+
+def test_defaults():
+    c = _cfg()
+    assert c.server_ip == bytes([10, 77, 0, 2])
+    assert c.next_server == c.server_ip
+    assert c.allowed_macs is None
+    assert c.tftp_max_transfers == 4 and c.tftp_max_blksize == 1468
+    assert c.rpi_menu == "Raspberry Pi Boot"
+
+
+def test_fields_are_converted():
+    c = _cfg(
+        boot_files={"0": "undionly.kpxe", "7": "ipxe.efi"},
+        allowed_macs=["52:54:00:AA:bb:01"],
+        next_server="10.77.0.1",
+        tftp={"max_transfers": 2},
+    )
+    assert c.boot_files == {0: "undionly.kpxe", 7: "ipxe.efi"}
+    assert c.allowed_macs == {b"\x52\x54\x00\xaa\xbb\x01"}
+    assert c.next_server == bytes([10, 77, 0, 1])
+    assert c.tftp_max_transfers == 2
+
+
+def test_errors_name_the_field():
+    assert "server_ip" in _error(server_ip="10.77.0")
+    assert "server_ip" in _error(server_ip="10.77.0.300")
+    assert "allowed_macs[1]" in _error(allowed_macs=["52:54:00:aa:bb:01", "zz:54:00:aa:bb:01"])
+    assert "boot_files" in _error(boot_files={"x86": "ipxe.efi"})
+    assert "boot_files.7" in _error(boot_files={"7": ""})
+    assert "tftp.max_blksize" in _error(tftp={"max_blksize": 9000})
+    assert "tftp.max_transfers" in _error(tftp={"max_transfers": "4"})
+    assert "script_url" in _error(script_url="")
+
+
+def test_server_ip_override_and_not_an_object():
+    assert Config(_BASE, "10.0.0.9").server_ip == bytes([10, 0, 0, 9])
+    with raises(ConfigError):
+        Config([1, 2])

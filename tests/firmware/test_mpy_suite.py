@@ -1,0 +1,30 @@
+"""The dual-interpreter firmware tests (tests/firmware/mpy/test_*.py), run under the real
+MicroPython unix port. pytest collects the same files under CPython too."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bastion.sim import micropython_bin
+
+HERE = Path(__file__).resolve().parent / "mpy"
+REPO = HERE.parent.parent.parent
+MODULES = sorted(p.stem for p in HERE.glob("test_*.py"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_under_micropython(module):
+    env = dict(os.environ, MICROPYPATH=f"{HERE}:{REPO}:.frozen")
+    r = subprocess.run(
+        [micropython_bin(), "-X", "heapsize=1m", "runner.py", module],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " passed, 0 failed" in r.stdout
+    assert not r.stdout.strip().endswith("0 passed, 0 failed"), "no test ran"
