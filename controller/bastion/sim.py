@@ -7,6 +7,7 @@ DIR as the board's flash: the working directory, where device.json and tftp/ liv
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -108,6 +109,15 @@ def parse_heap(text: str) -> int:
     return n
 
 
+def firmware_args(
+    listen: str | None = None, dhcp_port: int = 67, pxe_port: int = 4011, tftp_port: int = 69
+) -> list[str]:
+    """The sim board's overrides, as main.py reads them from argv."""
+    args = ["--listen", listen] if listen else []
+    args += ["--dhcp-port", str(dhcp_port), "--pxe-port", str(pxe_port)]
+    return args + ["--tftp-port", str(tftp_port)]
+
+
 def firmware_command(
     flash: Path,
     listen: str | None = None,
@@ -117,11 +127,7 @@ def firmware_command(
     heap: str = "128k",
 ) -> list[str]:
     cmd = [micropython_bin(), "-X", f"heapsize={parse_heap(heap)}", "main.py"]
-    if listen:
-        cmd += ["--listen", listen]
-    cmd += ["--dhcp-port", str(dhcp_port), "--pxe-port", str(pxe_port)]
-    cmd += ["--tftp-port", str(tftp_port)]
-    return cmd
+    return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port)
 
 
 def check_flash(flash: Path) -> None:
@@ -146,25 +152,80 @@ def check_flash(flash: Path) -> None:
 @click.option("--tftp-port", default=69, show_default=True, help="TFTP port.")
 @click.option("--heap", default="128k", show_default=True, help="MicroPython heap size.")
 @click.option("--board", default="sim", show_default=True, help="Board definition to lay out.")
-def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board):
+@click.option(
+    "--serial-link",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Make PATH a symlink to the board's serial line (like /dev/ttyACM0).",
+)
+@click.option(
+    "--no-install",
+    is_flag=True,
+    help="Run what is in the flash directory as it is (after `bastion flash --sim`).",
+)
+def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, serial_link,
+                no_install):
     """Run the device firmware on the MicroPython unix port (the sim board), in the foreground.
 
-    Events are printed to stdout as JSON lines. Ctrl-C stops it.
+    The board's serial line is a pseudo-terminal (its path is printed first) that the
+    controller, mpremote and terminal programs open like /dev/ttyACM0. The board's events are
+    printed to stdout as JSON lines. Ctrl-C (SIGINT) or SIGTERM stops the board.
     """
+    from bastion.simboard import Supervisor, json_lines_out
+
     try:
-        install_firmware(flash, board)
+        if not no_install:
+            install_firmware(flash, board)
         check_flash(flash)
-        cmd = firmware_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap)
+        heap_bytes = parse_heap(heap)
+        mp = micropython_bin()
     except SimError as e:
         raise click.ClickException(str(e)) from None
-    proc = subprocess.Popen(cmd, cwd=flash)
+    board_def = json.loads((flash / "board.json").read_text())
+    wdt_ms = board_def.get("watchdog", {}).get("timeout_ms")
+    emit = json_lines_out()
+    lines = EventLines(emit)
+    sup = Supervisor(
+        flash.resolve(),
+        mp,
+        heap_bytes,
+        firmware_args(listen, dhcp_port, pxe_port, tftp_port),
+        serial_link=serial_link,
+        wdt_timeout_ms=wdt_ms,
+        on_output=lines.feed,
+        on_event=lambda ev: emit({"ev": "sim", **ev}),
+    )
+    emit({"ev": "sim", "serial": sup.path, "flash": str(flash)})
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sup.stop())
+    sup.run()
+
+
+class EventLines:
+    """Picks the board's event lines out of its serial output and hands them on as dicts."""
+
+    limit = 4096
+
+    def __init__(self, emit):
+        self.emit = emit
+        self.buf = b""
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        if len(self.buf) > self.limit:
+            self.buf = b""
+        for line in lines:
+            ev = decode_event_line(line)
+            if ev is not None:
+                self.emit(ev)
+
+
+def decode_event_line(line: bytes) -> dict | None:
+    line = line.strip()
+    if not line.startswith(b"{"):
+        return None
     try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    sys.exit(rc)
+        ev = json.loads(line)
+    except ValueError:
+        return None
+    return ev if isinstance(ev, dict) and "ev" in ev else None

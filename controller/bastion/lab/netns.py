@@ -1,0 +1,207 @@
+"""Network namespaces, links and processes of a lab, and how to remove every trace of them.
+
+A lab `NAME` owns two namespaces: `NAME-lan` (the site LAN: a bridge with the device's and the
+controller's addresses, and the nodes' taps) and `NAME-rt` (the home router, on a veth into the
+bridge). Nothing is created in the host's namespace, so no lab traffic can reach a real
+interface. Every process is started inside a namespace and recorded by PID in the lab's state
+file; `teardown` kills the recorded PIDs and every process still inside the namespaces, then
+deletes the namespaces (which removes their links).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LabError(Exception):
+    pass
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise LabError(f"{' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def namespaces() -> set[str]:
+    out = sh("ip", "netns", "list", check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def ns_pids(ns: str) -> list[int]:
+    out = sh("ip", "netns", "pids", ns, check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class LabNet:
+    """Addresses and names of one lab. All addresses exist only inside its namespaces."""
+
+    name: str = "eb"
+    prefix: str = "10.77.0"  # the site LAN is prefix.0/24
+
+    @property
+    def lan(self) -> str:
+        return f"{self.name}-lan"
+
+    @property
+    def router(self) -> str:
+        return f"{self.name}-rt"
+
+    router_ip = property(lambda self: f"{self.prefix}.1")
+    device_ip = property(lambda self: f"{self.prefix}.2")
+    controller_ip = property(lambda self: f"{self.prefix}.3")
+    pool = property(lambda self: (f"{self.prefix}.100", f"{self.prefix}.199"))
+
+    def create(self) -> None:
+        lan, rt = self.lan, self.router
+        sh("ip", "netns", "add", lan)
+        sh("ip", "netns", "add", rt)
+        for ns in (lan, rt):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", lan, "link", "add", "br0", "type", "bridge")
+        # Forward at once: a bridge port waits out STP's forward delay otherwise.
+        sh("ip", "-n", lan, "link", "set", "br0", "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        sh("ip", "-n", lan, "addr", "add", f"{self.device_ip}/24", "dev", "br0")
+        sh("ip", "-n", lan, "addr", "add", f"{self.controller_ip}/24", "dev", "br0")
+        sh("ip", "-n", lan, "link", "set", "br0", "up")
+        sh("ip", "-n", lan, "link", "add", "rt0", "type", "veth", "peer", "name", "br-rt")
+        sh("ip", "-n", lan, "link", "set", "rt0", "netns", rt)
+        sh("ip", "-n", lan, "link", "set", "br-rt", "master", "br0", "up")
+        sh("ip", "-n", rt, "addr", "add", f"{self.router_ip}/24", "dev", "rt0")
+        sh("ip", "-n", rt, "link", "set", "rt0", "up")
+
+    def add_tap(self, tap: str) -> None:
+        sh("ip", "-n", self.lan, "tuntap", "add", tap, "mode", "tap")
+        sh("ip", "-n", self.lan, "link", "set", tap, "master", "br0", "up")
+
+    def exists(self) -> bool:
+        have = namespaces()
+        return self.lan in have or self.router in have
+
+
+@dataclass
+class Processes:
+    """Processes a lab started, by name and PID, persisted in state.json (atomically)."""
+
+    state_file: Path
+    pids: dict[str, int] = field(default_factory=dict)
+    cmds: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, state_file: Path) -> "Processes":
+        p = cls(state_file)
+        if state_file.exists():
+            try:
+                d = json.loads(state_file.read_text())
+                p.pids = {k: int(v) for k, v in d.get("pids", {}).items()}
+                p.cmds = d.get("cmds", {})
+            except (ValueError, TypeError):
+                pass
+        return p
+
+    def save(self) -> None:
+        write_json_atomic(self.state_file, {"pids": self.pids, "cmds": self.cmds})
+
+    def start(self, key: str, ns: str, cmd: list[str], log: Path, cwd: Path | None = None,
+              env: dict | None = None) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")
+        # `ip netns exec` enters the namespace and execs, so the PID is the program's own.
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        out.close()
+        self.pids[key] = proc.pid
+        self.cmds[key] = cmd
+        self.save()
+        return proc
+
+    def alive(self, key: str) -> bool:
+        pid = self.pids.get(key)
+        return pid is not None and _is_ours(pid, self.cmds.get(key))
+
+    def stop(self, key: str, timeout: float = 5.0) -> None:
+        pid = self.pids.pop(key, None)
+        cmd = self.cmds.pop(key, None)
+        if pid is not None and _is_ours(pid, cmd):
+            _kill(pid, timeout)
+        self.save()
+
+
+def _is_ours(pid: int, cmd: list[str] | None) -> bool:
+    """True if pid still runs the program we started (PIDs are reused)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if not raw:
+        return False  # a zombie
+    if not cmd:
+        return True
+    return os.path.basename(raw.split(b"\0")[0].decode(errors="replace")) == os.path.basename(cmd[0])
+
+
+def _kill(pid: int, timeout: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return
+        except ChildProcessError:
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def teardown(net: LabNet, procs: Processes | None = None) -> list[str]:
+    """Remove a lab (or what is left of a killed one). Returns what was removed."""
+    removed = []
+    if procs is not None:
+        for key in list(procs.pids):
+            if procs.alive(key):
+                removed.append(f"process {key} ({procs.pids[key]})")
+            procs.stop(key)
+    have = namespaces()
+    for ns in (net.lan, net.router):
+        if ns not in have:
+            continue
+        for pid in ns_pids(ns):
+            removed.append(f"process {pid} in {ns}")
+            _kill(pid, 3.0)
+        sh("ip", "netns", "del", ns, check=False)
+        removed.append(f"namespace {ns}")
+    return removed

@@ -1,0 +1,295 @@
+"""The sim board's supervisor: the device's serial line as a pseudo-terminal, and the board's
+reset behaviour, around the MicroPython unix port.
+
+A real board keeps its USB serial port while the firmware restarts; the unix port is a process
+that exits. So the supervisor holds two PTYs: the *line* that clients open (the controller,
+`mpremote`, a human with a terminal program), which stays open for the board's whole life, and
+a fresh *inner* PTY for each firmware process, which is its stdin/stdout and controlling
+terminal (so Ctrl-C raises KeyboardInterrupt in the firmware, as on a board). Bytes are relayed
+both ways. When the firmware process ends the supervisor restarts it the way a board would:
+
+- Ctrl-D at the normal REPL (the unix port exits): print the soft-reboot line and run main.py.
+- Ctrl-D at the raw REPL (what plain `mpremote` commands send): print the soft-reboot line and
+  come back at the raw REPL without running main.py, as a board does.
+- The process died (kill -9, crash): start it again, like a reset.
+- The emulated hardware watchdog: the firmware feeds it by writing to a pipe (fd 3); once fed,
+  silence longer than the timeout kills and restarts the firmware.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+
+SOFT_REBOOT = b"MPY: soft reboot\r\n"
+RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
+FRIENDLY_PROMPT = b">>> "
+WDT_FD = 3
+
+
+def _firmware_tty_mode(fd: int) -> None:
+    """No echo, no line editing, no output rewriting, but signals on: Ctrl-C -> SIGINT."""
+    attrs = termios.tcgetattr(fd)
+    attrs[0] &= ~(termios.ICRNL | termios.IXON | termios.INLCR | termios.IGNCR)
+    attrs[1] &= ~termios.OPOST
+    attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN | termios.ECHONL)
+    attrs[3] |= termios.ISIG
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+class Supervisor:
+    """Runs the firmware and owns the serial line. `run()` blocks until stop() or a signal."""
+
+    def __init__(
+        self,
+        flash: Path,
+        micropython: str,
+        heap_bytes: int,
+        firmware_args: list[str],
+        serial_link: Path | None = None,
+        wdt_timeout_ms: int | None = 8000,
+        on_output=None,
+        on_event=None,
+    ):
+        self.flash = flash
+        self.micropython = micropython
+        self.heap_bytes = heap_bytes
+        self.firmware_args = firmware_args
+        self.serial_link = serial_link
+        self.wdt_timeout = None if wdt_timeout_ms is None else wdt_timeout_ms / 1000
+        self.on_output = on_output  # callable(bytes) for every byte the board writes
+        self.on_event = on_event or (lambda ev: None)  # supervisor events (resets)
+        self.line_master, self.line_slave = pty.openpty()
+        tty.setraw(self.line_slave)
+        for fd in (self.line_master,):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.path = os.ttyname(self.line_slave)
+        if serial_link is not None:
+            tmp = serial_link.with_name(serial_link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.symlink(self.path, tmp)
+            os.replace(tmp, serial_link)
+        self.proc: subprocess.Popen | None = None
+        self.inner = -1
+        self.wdt_r = -1
+        self.raw_repl = False  # the client put the REPL into raw mode (Ctrl-A), until Ctrl-B
+        self.resets = 0
+        self._stopping = False
+        self._last_feed: float | None = None
+        self._pending_raw_entry = False
+        self._discard_until: bytes | None = None
+        self._buf = b""
+
+    # -- firmware process -------------------------------------------------------------------
+    def _start(self, run_main: bool) -> None:
+        master, slave = pty.openpty()
+        _firmware_tty_mode(slave)
+        wdt_r, wdt_w = os.pipe()
+        cmd = [self.micropython, "-X", f"heapsize={self.heap_bytes}"]
+        if run_main:
+            cmd += ["-i", "main.py", *self.firmware_args]
+        env = dict(os.environ, EDGE_BASTION_WDT_FD=str(WDT_FD))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=self.flash,
+            preexec_fn=_set_ctty_and_wdt(slave, wdt_w),
+            pass_fds=(wdt_w, WDT_FD),
+            env=env,
+            close_fds=True,
+        )
+        os.close(slave)
+        os.close(wdt_w)
+        fcntl.fcntl(master, fcntl.F_SETFL, fcntl.fcntl(master, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self.inner = master
+        self.wdt_r = wdt_r
+        self._last_feed = None
+        if not run_main:
+            # Come back at the raw REPL: skip the unix port's banner, then ask for raw mode.
+            self._discard_until = FRIENDLY_PROMPT
+            self._pending_raw_entry = True
+
+    def _reap(self) -> None:
+        for fd in (self.inner, self.wdt_r):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.inner = self.wdt_r = -1
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill_firmware(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    # -- relaying ---------------------------------------------------------------------------
+    def _to_line(self, data: bytes) -> None:
+        if self.on_output is not None:
+            self.on_output(data)
+        try:
+            os.write(self.line_master, data)
+        except OSError as e:  # nobody reading and the PTY buffer full: a USB CDC drops too
+            if e.errno not in (errno.EAGAIN, errno.EIO):
+                raise
+
+    def _from_inner(self, data: bytes) -> None:
+        if self._discard_until is not None:
+            self._buf += data
+            i = self._buf.find(self._discard_until)
+            if i < 0:
+                self._buf = self._buf[-64:]
+                return
+            data = self._buf[i + len(self._discard_until) :]
+            self._buf = b""
+            self._discard_until = None
+            if self._pending_raw_entry:
+                self._pending_raw_entry = False
+                os.write(self.inner, b"\x01")
+        if data:
+            self._to_line(data)
+
+    def _from_line(self, data: bytes) -> None:
+        for b in data:
+            if b == 0x01:
+                self.raw_repl = True
+            elif b == 0x02:
+                self.raw_repl = False
+        if self.inner >= 0:
+            try:
+                os.write(self.inner, data)
+            except OSError:
+                pass
+
+    def _restart(self, reason: str) -> None:
+        rc = self.proc.returncode if self.proc else None
+        self._reap()
+        self.resets += 1
+        if reason in ("soft-reboot-raw", "soft-reboot"):
+            self._to_line(SOFT_REBOOT)
+        self.on_event({"ev": "reset", "reason": reason, "rc": rc, "resets": self.resets})
+        if reason == "soft-reboot-raw":
+            self._start(run_main=False)
+        else:
+            self.raw_repl = False
+            self._start(run_main=True)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        self._start(run_main=True)
+        try:
+            while not self._stopping:
+                fds = [self.line_master]
+                if self.inner >= 0:
+                    fds.append(self.inner)
+                if self.wdt_r >= 0:
+                    fds.append(self.wdt_r)
+                try:
+                    ready, _, _ = select.select(fds, [], [], 0.1)
+                except InterruptedError:
+                    continue
+                for fd in ready:
+                    try:
+                        data = os.read(fd, 4096)
+                    except OSError as e:
+                        if e.errno == errno.EAGAIN:
+                            continue
+                        data = b""
+                    if fd == self.line_master:
+                        if data:
+                            self._from_line(data)
+                    elif fd == self.inner:
+                        if data:
+                            self._from_inner(data)
+                        else:
+                            self.inner_closed()
+                    elif fd == self.wdt_r:
+                        if data:
+                            self._last_feed = time.monotonic()
+                        else:
+                            os.close(self.wdt_r)
+                            self.wdt_r = -1
+                if self.proc is not None and self.proc.poll() is not None:
+                    self._drain_inner()
+                    if self._stopping:
+                        break
+                    rc = self.proc.returncode
+                    if rc == 0:
+                        self._restart("soft-reboot-raw" if self.raw_repl else "soft-reboot")
+                    else:
+                        time.sleep(0.2)  # a crash loop must not spin
+                        self._restart("crash" if rc > 0 else "killed")
+                elif (
+                    self.wdt_timeout is not None
+                    and self._last_feed is not None
+                    and time.monotonic() - self._last_feed > self.wdt_timeout
+                ):
+                    self.kill_firmware()
+                    self.proc.wait()
+                    self._drain_inner()
+                    self._restart("watchdog")
+        finally:
+            self.kill_firmware(signal.SIGTERM)
+            self._reap()
+            if self.serial_link is not None:
+                try:
+                    if os.readlink(self.serial_link) == self.path:
+                        self.serial_link.unlink()
+                except OSError:
+                    pass
+
+    def inner_closed(self) -> None:
+        pass  # EIO on the inner master: the process has gone; poll() above restarts it
+
+    def _drain_inner(self) -> None:
+        if self.inner < 0:
+            return
+        while True:
+            try:
+                data = os.read(self.inner, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            self._from_inner(data)
+
+
+def _set_ctty_and_wdt(slave: int, wdt_w: int):
+    def pre() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        if wdt_w != WDT_FD:
+            os.dup2(wdt_w, WDT_FD)
+
+    return pre
+
+
+def json_lines_out(stream=None):
+    """An on_event sink that prints supervisor events as JSON lines."""
+    stream = stream or sys.stdout
+
+    def emit(ev: dict) -> None:
+        stream.write(json.dumps(ev) + "\n")
+        stream.flush()
+
+    return emit
