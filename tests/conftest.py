@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,14 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "firmware" / "mpy"))  # mpytest helpers
+sys.path.insert(0, str(REPO / "tests"))  # simkit and other shared test helpers
 
 from bastion import sim as sim_mod  # noqa: E402
-
-
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from simkit import free_udp_port  # noqa: E402
 
 
 class SimBoard:

@@ -14,5 +14,14 @@ def _register() -> None:
 
     main.add_command(sim.sim_command)
 
+    from bastion.lab import cli as lab_cli
+
+    main.add_command(lab_cli.lab_group)
+
+    from bastion import serve_cli
+
+    for command in serve_cli.COMMANDS:
+        main.add_command(command)
+
 
 _register()

@@ -192,7 +192,7 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
         serial_link=serial_link,
         wdt_timeout_ms=wdt_ms,
         on_output=lines.feed,
-        on_event=lambda ev: emit({"ev": "sim", **ev}),
+        on_event=emit,
     )
     emit({"ev": "sim", "serial": sup.path, "flash": str(flash)})
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,379 @@
+"""One lab: its site LAN, the home router, the sim board, the controller and QEMU nodes.
+
+    bastion lab up      namespaces, dnsmasq (addresses only), the sim board, the controller,
+                        and the relay wiring (a sim relay channel powers each node's VM)
+    bastion lab boot    power a node on through the device (its relay channel)
+    bastion lab status  what runs, node states, the latest events
+    bastion lab down    remove everything, also what a killed run left behind
+    bastion lab demo    up, boot the UEFI node, wait for its callback, print the timeline, down
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bastion.lab import initrd as initrd_mod
+from bastion.lab.netns import LabError, LabNet, Processes, teardown, write_json_atomic
+
+REPO = Path(__file__).resolve().parents[3]
+CACHE = REPO / "var" / "cache"
+IPXE_DIR = Path("/usr/lib/ipxe")
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+CONTROLLER_PORT = 8080
+
+
+# The nodes' Ignition config, as Butane with matchbox-style per-machine variables.
+LAB_BUTANE = """\
+variant: flatcar
+version: 1.0.0
+storage:
+  files:
+    - path: /etc/hostname
+      mode: 0644
+      overwrite: true
+      contents:
+        inline: |
+          {{.hostname}}
+    - path: /etc/edge-bastion/booted-by
+      mode: 0644
+      contents:
+        inline: |
+          Edge Bastion lab, {{.firmware}} firmware, machine {{.mac}}
+systemd:
+  units:
+    - name: lab-hello.service
+      enabled: true
+      contents: |
+        [Unit]
+        Description=Lab hello
+        [Service]
+        Type=oneshot
+        ExecStart=/bin/true
+        [Install]
+        WantedBy=multi-user.target
+"""
+
+
+@dataclass
+class Node:
+    """A QEMU machine on the lab LAN, powered through a relay channel of the device."""
+
+    name: str
+    mac: str
+    firmware: str = "uefi"  # "uefi": OVMF, edk2's own PXE (arch 7); "bios": SeaBIOS + iPXE ROM
+    channel: int = 0
+    memory_mb: int = 512
+
+    @property
+    def tap(self) -> str:
+        return f"tap{self.channel}"
+
+
+def default_nodes() -> list[Node]:
+    return [
+        Node("uefi-1", "52:54:00:77:00:01", "uefi", 0),
+        Node("bios-1", "52:54:00:77:00:02", "bios", 1),
+    ]
+
+
+class Lab:
+    def __init__(self, name: str = "eb", prefix: str = "10.77.0", workdir: Path | None = None,
+                 accel: str = "tcg"):
+        self.net = LabNet(name, prefix)
+        self.workdir = (workdir or REPO / "var" / "lab" / name).resolve()
+        self.accel = accel
+        self.flash = self.workdir / "flash"
+        self.site = self.workdir / "site"
+        self.logs = self.workdir / "logs"
+        self.serial = self.workdir / "device.tty"
+        self.token_file = self.workdir / "api-token"
+        self.procs = Processes.load(self.workdir / "state.json")
+
+    # -- paths and URLs ---------------------------------------------------------------------
+    @property
+    def controller_url(self) -> str:
+        return f"http://{self.net.controller_ip}:{CONTROLLER_PORT}"
+
+    def nodes(self) -> list[Node]:
+        f = self.workdir / "nodes.json"
+        if not f.exists():
+            return []
+        return [Node(**d) for d in json.loads(f.read_text())]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes():
+            if n.name == name:
+                return n
+        raise LabError(f"no node {name!r} in lab {self.net.name} (have: "
+                       f"{', '.join(n.name for n in self.nodes()) or 'none'})")
+
+    # -- files ------------------------------------------------------------------------------
+    def prepare_boot_files(self) -> tuple[Path, Path]:
+        tree = initrd_mod.fetch_kernel_package(CACHE)
+        kernel = initrd_mod.kernel_image(tree)
+        initrd = CACHE / "lab-initrd-amd64.img"
+        sources = [initrd_mod.IGNITION, initrd_mod.BUSYBOX, Path(initrd_mod.__file__)]
+        if not initrd.exists() or any(s.stat().st_mtime > initrd.stat().st_mtime for s in sources):
+            initrd_mod.build_initrd(tree, initrd)
+        return kernel, initrd
+
+    def write_device_flash(self, nodes: list[Node]) -> None:
+        from bastion.sim import install_firmware
+
+        install_firmware(self.flash)
+        tftp = self.flash / "tftp"
+        tftp.mkdir(parents=True, exist_ok=True)
+        for name in ("ipxe.efi", "snponly.efi", "undionly.kpxe"):
+            shutil.copyfile(IPXE_DIR / name, tftp / name)
+        device = {
+            "server_ip": self.net.device_ip,
+            "script_url": f"{self.controller_url}/boot.ipxe",
+            "boot_files": {"0": "undionly.kpxe", "6": "ipxe.efi", "7": "ipxe.efi", "9": "ipxe.efi"},
+            "allowed_macs": [n.mac for n in nodes],
+            "tftp": {"max_transfers": 4},
+        }
+        write_json_atomic(self.flash / "device.json", device)
+        # Every node starts powered off; the relay wiring powers VMs from this file.
+        (self.flash / "relays.state").write_text("0" * 8 + "\n")
+
+    def write_site(self, nodes: list[Node], kernel: Path, initrd: Path) -> None:
+        """The lab's site directory, in matchbox's layout: one profile, one group per node."""
+        site = self.site
+        for d in ("profiles", "groups", "ignition", "assets/lab"):
+            (site / d).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kernel, site / "assets/lab/vmlinuz")
+        shutil.copyfile(initrd, site / "assets/lab/initrd.img")
+        url = self.controller_url
+        profile = {
+            "id": "lab-node",
+            "name": "Lab node: Debian kernel, busybox initrd with Ignition",
+            "boot": {
+                "kernel": "/assets/lab/vmlinuz",
+                "initrd": ["/assets/lab/initrd.img"],
+                "args": [
+                    "initrd=initrd.img",
+                    "console=ttyS0",
+                    "quiet",
+                    f"ignition.config.url={url}/ignition?mac=${{mac:hexhyp}}",
+                    f"bastion.callback={url}/callback",
+                ],
+            },
+            "ignition_id": "lab-node.yaml",
+        }
+        write_json_atomic(site / "profiles/lab-node.json", profile)
+        for n in nodes:
+            group = {
+                "id": n.name,
+                "name": f"lab node {n.name}",
+                "profile": "lab-node",
+                "selector": {"mac": n.mac},
+                "metadata": {"hostname": n.name, "firmware": n.firmware},
+            }
+            write_json_atomic(site / f"groups/{n.name}.json", group)
+        (site / "ignition/lab-node.yaml").write_text(LAB_BUTANE)
+
+    # -- QEMU ------------------------------------------------------------------------------
+    def qemu_command(self, node: Node) -> list[str]:
+        cmd = [
+            "qemu-system-x86_64", "-accel", self.accel, "-M", "q35", "-m", str(node.memory_mb),
+            "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
+            "-serial", f"file:{self.logs / (node.name + '.console')}",
+            "-netdev", f"tap,id=n0,ifname={node.tap},script=no,downscript=no",
+        ]
+        if node.firmware == "uefi":
+            vars_copy = self.workdir / f"{node.name}.OVMF_VARS.fd"
+            if not vars_copy.exists():
+                shutil.copyfile(OVMF_VARS, vars_copy)
+            cmd += [
+                "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,file={vars_copy}",
+                # romfile= drops QEMU's iPXE option ROM so edk2's own PXE client runs (arch 7).
+                "-device", f"virtio-net-pci,netdev=n0,mac={node.mac},romfile=",
+            ]
+        else:
+            # SeaBIOS with the NIC's iPXE ROM: iPXE straight away (arch 0, user class iPXE).
+            cmd += ["-device", f"virtio-net-pci,netdev=n0,mac={node.mac}"]
+        return cmd
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _bastion(self) -> str:
+        exe = Path(sys.executable).parent / "bastion"
+        return str(exe) if exe.exists() else "bastion"
+
+    def up(self, nodes: list[Node] | None = None, progress=print) -> None:
+        nodes = nodes or default_nodes()
+        removed = self.down()
+        if removed:
+            progress(f"removed a stale lab: {', '.join(removed)}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        progress("preparing boot files (Debian kernel, lab initrd)")
+        kernel, initrd = self.prepare_boot_files()
+        self.write_device_flash(nodes)
+        self.write_site(nodes, kernel, initrd)
+        write_json_atomic(self.workdir / "nodes.json", [asdict(n) for n in nodes])  # type: ignore[arg-type]
+        progress(f"creating namespaces {self.net.lan}, {self.net.router}")
+        self.net.create()
+        for n in nodes:
+            self.net.add_tap(n.tap)
+        lo, hi = self.net.pool
+        self.procs.start("router", self.net.router, [
+            "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
+            "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
+            f"--dhcp-option=option:router,{self.net.router_ip}",
+            f"--dhcp-leasefile={self.workdir / 'leases'}", "--log-dhcp", "--log-facility=-",
+        ], self.logs / "router.log")
+        self.procs.start("device", self.net.lan, [
+            self._bastion(), "sim", "--flash", str(self.flash), "--listen", self.net.device_ip,
+            "--serial-link", str(self.serial),
+        ], self.logs / "device.log")
+        self.procs.start("controller", self.net.lan, self.controller_command(),
+                         self.logs / "controller.log")
+        self.procs.start("wiring", self.net.lan, [
+            self._bastion(), "lab", "wire", "--name", self.net.name, "--prefix",
+            self.net.prefix, "--workdir", str(self.workdir), "--accel", self.accel,
+        ], self.logs / "wiring.log")
+        self.wait_ready()
+        progress(f"lab {self.net.name} is up: device {self.net.device_ip}, "
+                 f"controller {self.controller_url}, router {self.net.router_ip}")
+
+    def controller_command(self) -> list[str]:
+        return [
+            self._bastion(), "serve", "--site", str(self.site),
+            "--listen", f"{self.net.controller_ip}:{CONTROLLER_PORT}",
+        ]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for key in ("router", "device", "controller", "wiring"):
+                if not self.procs.alive(key):
+                    raise LabError(f"lab {key} exited at start; see {self.logs / (key + '.log')}")
+            if self.serial.exists() and self.http("/healthz", check=False) is not None:
+                return
+            time.sleep(0.3)
+        raise LabError(f"lab did not come up within {timeout:.0f}s; logs in {self.logs}")
+
+    def http(self, path: str, check: bool = True, method: str = "GET",
+             data: str | None = None, token: bool = False) -> str | None:
+        """An HTTP request to the controller from inside the LAN namespace (curl)."""
+        import subprocess
+
+        cmd = ["ip", "netns", "exec", self.net.lan, "curl", "-sf", "--max-time", "10",
+               "-X", method]
+        if token and self.token_file.exists():
+            cmd += ["-H", f"Authorization: Bearer {self.token_file.read_text().strip()}"]
+        if data is not None:
+            cmd += ["-H", "Content-Type: application/json", "--data", data]
+        r = subprocess.run([*cmd, self.controller_url + path], capture_output=True, text=True)
+        if r.returncode != 0:
+            if check:
+                raise LabError(f"{method} {path}: curl exit {r.returncode} {r.stderr.strip()}")
+            return None
+        return r.stdout
+
+    def down(self) -> list[str]:
+        removed = teardown(self.net, self.procs)
+        for f in (self.serial,):
+            if f.is_symlink():
+                f.unlink()
+        return removed
+
+
+class Wiring:
+    """The lab's mains wiring: each node's VM runs while its relay channel is on.
+
+    Watches the sim board's relay outputs (relays.state in its flash). Relay on starts the VM;
+    relay off kills it at once, like pulling power. A VM that powers itself off stays off until
+    its relay goes off and on again, as a real machine would."""
+
+    poll_s = 0.1
+
+    def __init__(self, lab: Lab):
+        import subprocess
+
+        self._subprocess = subprocess
+        self.lab = lab
+        self.nodes = lab.nodes()
+        self.running: dict[str, object] = {}
+        self.halted: set[str] = set()
+        self.status_file = lab.workdir / "wiring.json"
+        self.boots: dict[str, int] = {n.name: 0 for n in self.nodes}
+
+    def _relays(self) -> bytes:
+        try:
+            return (self.lab.flash / "relays.state").read_bytes()
+        except OSError:
+            return b""
+
+    def _log(self, **ev) -> None:
+        print(json.dumps({"t": round(time.time(), 3), **ev}), flush=True)
+
+    def step(self) -> bool:
+        state = self._relays()
+        changed = False
+        for n in self.nodes:
+            on = len(state) > n.channel and state[n.channel] == ord("1")
+            proc = self.running.get(n.name)
+            if proc is not None and proc.poll() is not None:  # type: ignore[attr-defined]
+                self.running.pop(n.name)
+                self.halted.add(n.name)
+                self._log(ev="vm", node=n.name, state="halted", rc=proc.returncode)  # type: ignore[attr-defined]
+                changed = True
+                proc = None
+            if on and proc is None and n.name not in self.halted:
+                log = open(self.lab.logs / f"{n.name}.qemu.log", "ab")
+                self.running[n.name] = self._subprocess.Popen(
+                    self.lab.qemu_command(n), stdout=log, stderr=self._subprocess.STDOUT,
+                    stdin=self._subprocess.DEVNULL)
+                log.close()
+                self.boots[n.name] += 1
+                self._log(ev="vm", node=n.name, state="started", channel=n.channel,
+                          pid=self.running[n.name].pid)  # type: ignore[attr-defined]
+                changed = True
+            elif not on:
+                if proc is not None:
+                    proc.kill()  # type: ignore[attr-defined]
+                    proc.wait()  # type: ignore[attr-defined]
+                    self.running.pop(n.name)
+                    self._log(ev="vm", node=n.name, state="power-cut", channel=n.channel)
+                    changed = True
+                if n.name in self.halted:
+                    self.halted.discard(n.name)
+                    changed = True
+        if changed:
+            self.write_status()
+        return changed
+
+    def write_status(self) -> None:
+        st = {}
+        for n in self.nodes:
+            p = self.running.get(n.name)
+            st[n.name] = {
+                "state": "running" if p is not None else
+                         ("halted" if n.name in self.halted else "off"),
+                "pid": p.pid if p is not None else None,  # type: ignore[attr-defined]
+                "boots": self.boots[n.name],
+            }
+        write_json_atomic(self.status_file, st)
+
+    def run(self) -> None:
+        import signal
+
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        self.write_status()
+        try:
+            while not stop:
+                self.step()
+                time.sleep(self.poll_s)
+        finally:
+            for p in self.running.values():
+                p.kill()  # type: ignore[attr-defined]
+                p.wait()  # type: ignore[attr-defined]

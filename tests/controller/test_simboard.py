@@ -1,0 +1,139 @@
+"""The sim board as a device on a serial line: the real mpremote against the PTY, soft reboots
+like a board's, and restarts after the firmware process dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from simkit import free_udp_port
+
+BIN = Path(sys.executable).parent
+
+
+class SimProcess:
+    """`bastion sim` as a user runs it, with its stdout events collected."""
+
+    def __init__(self, flash: Path, link: Path):
+        (flash / "tftp").mkdir(parents=True, exist_ok=True)
+        (flash / "device.json").write_text(json.dumps({
+            "server_ip": "127.0.0.1",
+            "script_url": "http://127.0.0.1:8080/boot.ipxe",
+            "boot_files": {"7": "ipxe.efi"},
+        }))
+        self.link = link
+        self.events: queue.Queue = queue.Queue()
+        self.seen: list[dict] = []
+        self.proc = subprocess.Popen(
+            [str(BIN / "bastion"), "sim", "--flash", str(flash), "--listen", "127.0.0.1",
+             "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
+             "--tftp-port", str(free_udp_port()), "--serial-link", str(link)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            self.seen.append(ev)
+            self.events.put(ev)
+
+    def wait(self, pred, timeout=30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ev = self.events.get(timeout=0.5)
+            except queue.Empty:
+                assert self.proc.poll() is None, f"bastion sim exited: {self.seen}"
+                continue
+            if pred(ev):
+                return ev
+        raise AssertionError(f"no such event in {timeout}s; saw {self.seen}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def sim(tmp_path):
+    s = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0")
+    try:
+        s.wait(lambda e: e.get("ev") == "boot")
+        yield s
+    finally:
+        s.stop()
+
+
+def mpremote(link: Path, *args: str) -> str:
+    r = subprocess.run([str(BIN / "mpremote"), "connect", str(link), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_serial_link_is_a_pty_symlink(sim):
+    target = os.readlink(sim.link)
+    assert target.startswith("/dev/pts/")
+    assert any(e.get("serial") == target for e in sim.seen)
+
+
+def test_mpremote_resume_exec_on_the_running_board(sim):
+    out = mpremote(sim.link, "resume", "exec", "import os; print(sorted(os.listdir()))")
+    assert "'device.json'" in out and "'firmware'" in out and "'board.json'" in out
+
+
+def test_plain_mpremote_soft_reboots_like_a_board_and_keeps_the_line(sim):
+    out = mpremote(sim.link, "fs", "ls", ":")
+    assert "device.json" in out and "main.py" in out
+    ev = sim.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "soft-reboot-raw")
+    assert ev["resets"] == 1
+    # The same line still works, for a second client.
+    out = mpremote(sim.link, "fs", "cat", ":device.json")
+    assert "script_url" in out
+
+
+def test_soft_reboot_at_the_friendly_repl_runs_main_again(sim):
+    mpremote(sim.link, "resume", "exec", "print('stopped')")  # Ctrl-C: firmware -> REPL
+    fd = os.open(sim.link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, b"\x02\x04")  # leave raw REPL, then Ctrl-D at the normal REPL
+    finally:
+        os.close(fd)
+    sim.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "soft-reboot")
+    sim.wait(lambda e: e.get("ev") == "boot" and "version" in e)
+
+
+def test_killed_firmware_is_restarted(sim):
+    pids = subprocess.run(["pgrep", "-f", "heapsize=.*-i main.py"], capture_output=True,
+                          text=True).stdout.split()
+    mine = [int(p) for p in pids if _parent_is(int(p), sim.proc.pid)]
+    assert len(mine) == 1, pids
+    os.kill(mine[0], signal.SIGKILL)
+    sim.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "killed")
+    sim.wait(lambda e: e.get("ev") == "boot" and "version" in e)
+
+
+def _parent_is(pid: int, parent: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == parent
