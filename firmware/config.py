@@ -45,12 +45,12 @@ def _int(d, key, lo, hi, default, where):
     return v
 
 
-def _str(d, key, default, where, required=False):
+def _str(d, key, default, where, required=False, max_len=255):
     v = d.get(key, default)
     if v is None and not required:
         return None
-    if not isinstance(v, str) or not v:
-        raise ConfigError("%s.%s: must be a non-empty string" % (where, key))
+    if not isinstance(v, str) or not v or len(v) > max_len:
+        raise ConfigError("%s: must be a string of 1..%d characters" % (where + key, max_len))
     return v
 
 
@@ -78,7 +78,8 @@ class Config:
         self.server_ip = _ip_bytes(ip, "server_ip")
         ns = d.get("next_server")
         self.next_server = _ip_bytes(ns, "next_server") if ns else self.server_ip
-        self.script_url = _str(d, "script_url", None, "config", required=True)
+        # A DHCP option holds at most 255 bytes: the URL goes into option 67 / the file field.
+        self.script_url = _str(d, "script_url", None, "", required=True)
 
         files = d.get("boot_files", {})
         if not isinstance(files, dict):
@@ -109,14 +110,15 @@ class Config:
         if not isinstance(rpi, dict):
             raise ConfigError("rpi: must be an object")
         self.rpi_boot = bool(rpi.get("boot", True))
-        self.rpi_menu = _str(rpi, "menu", "Raspberry Pi Boot", "rpi")
+        # The menu text shares option 43 with the other PXE sub-options.
+        self.rpi_menu = _str(rpi, "menu", "Raspberry Pi Boot", "rpi.", max_len=200)
         rns = rpi.get("next_server")
         self.rpi_next_server = _ip_bytes(rns, "rpi.next_server") if rns else None
 
         t = d.get("tftp", {})
         if not isinstance(t, dict):
             raise ConfigError("tftp: must be an object")
-        self.tftp_root = _str(t, "root", "tftp", "tftp")
+        self.tftp_root = _str(t, "root", "tftp", "tftp.")
         self.tftp_max_transfers = _int(t, "max_transfers", 1, 16, 4, "tftp")
         # RFC 2348 allows 8..65464; our buffers and one Ethernet frame without IP
         # fragmentation bound it to 1468 (1500 - 20 IP - 8 UDP - 4 TFTP).

@@ -87,6 +87,9 @@ class LabNet:
         sh("ip", "-n", lan, "link", "set", "br-rt", "master", "br0", "up")
         sh("ip", "-n", rt, "addr", "add", f"{self.router_ip}/24", "dev", "rt0")
         sh("ip", "-n", rt, "link", "set", "rt0", "up")
+        # A socket can only send to 255.255.255.255 (proxyDHCP replies) with a route: the
+        # router is the LAN's gateway, as at a real site.
+        sh("ip", "-n", lan, "route", "add", "default", "via", self.router_ip)
 
     def add_tap(self, tap: str) -> None:
         sh("ip", "-n", self.lan, "tuntap", "add", tap, "mode", "tap")

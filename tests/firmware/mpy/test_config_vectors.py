@@ -57,3 +57,8 @@ def test_server_ip_override_and_not_an_object():
     assert Config(_BASE, "10.0.0.9").server_ip == bytes([10, 0, 0, 9])
     with raises(ConfigError):
         Config([1, 2])
+
+
+def test_strings_that_must_fit_a_dhcp_option_are_bounded():
+    assert "script_url" in _error(script_url="http://x/" + "a" * 250)
+    assert "rpi.menu" in _error(rpi={"menu": "m" * 201})

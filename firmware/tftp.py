@@ -1,0 +1,387 @@
+# TFTP for a read-only boot server, without sockets or files: the packet codec, the request
+# policy and the state machine of one read transfer (RFC 1350, options per RFC 2347/2348/2349,
+# windowsize per RFC 7440). The shell (firmware/tftpd.py) feeds it datagrams and timeouts and
+# sends what it builds.
+#
+# Theory of operation. A read request is parsed (parse_request: parse or raise Malformed, never
+# anything else; a malformed request gets no reply), then checked (check: raises Refused with the
+# TFTP error to send; it never touches the file system). The shell opens the file and starts a
+# Transfer in a free slot. From then on the transfer is driven by two calls, each returning the
+# length of a packet built into the transfer's own preallocated buffer (0: send nothing):
+#   on_packet(mv, n, now)  a datagram from the client (ACK n: advance; ERROR: end quietly)
+#   on_timeout(now)        the deadline passed: resend the OACK or the current window, or give
+#                          up after `retries` resends
+# and after either, more() builds the next DATA packet of the window until it returns 0.
+#
+# Blocks are counted absolutely (1, 2, ... without bound) and put on the wire modulo 65536, so
+# the block after 65535 is 0 (the common convention; tftp-hpa and curl follow it). An ACK is
+# placed relative to the oldest unacknowledged block: one that moves nothing forward (a duplicate
+# or a stale one) is ignored and never causes a send. Only the timer resends, which is RFC 1350's
+# cure for the Sorcerer's Apprentice bug. Each DATA packet is read from the file when it is
+# built (seek + readinto into the buffer), so a file is never held in RAM and a resend re-reads
+# flash instead of keeping a window of copies.
+from firmware.compat import const, ticks_add, ticks_diff
+
+RRQ = const(1)
+WRQ = const(2)
+DATA = const(3)
+ACK = const(4)
+ERROR = const(5)
+OACK = const(6)
+
+# RFC 1350 error codes, and RFC 2347's code 8.
+E_UNDEFINED = const(0)
+E_NOT_FOUND = const(1)
+E_ACCESS = const(2)
+E_ILLEGAL = const(4)
+E_OPTION = const(8)
+
+_MAX_BLKSIZE = const(65464)  # RFC 2348: 8..65464
+_MAX_TIMEOUT = const(255)  # RFC 2349: 1..255 s
+_MAX_WINDOW = const(65535)  # RFC 7440: 1..65535
+_BACKOFF_MAX = const(2)  # the device's own timeout doubles per resend, up to 4x
+
+# Which options a transfer acknowledges in its OACK (Transfer.oack).
+_O_BLKSIZE = const(1)
+_O_TSIZE = const(2)
+_O_TIMEOUT = const(4)
+_O_WINDOW = const(8)
+
+# The texts of the errors the server sends: bytes, so no encoding happens on a refusal.
+MSG_READ_ONLY = b"read-only server: writes are refused"
+MSG_BAD_NAME = b"bad file name"
+MSG_NOT_FOUND = b"file not found"
+MSG_OCTET_ONLY = b"only octet mode is served"
+MSG_BAD_OPTION = b"bad option value"
+MSG_READ_ERROR = b"read error"
+
+
+class Malformed(ValueError):
+    """A datagram that is not the TFTP packet it claims to be."""
+
+
+class Refused(Exception):
+    """A well-formed request this server will not serve: send ERROR code with msg (bytes)."""
+
+    def __init__(self, code, msg):
+        self.code = code
+        self.msg = msg
+
+
+class Request:
+    """A parsed RRQ/WRQ. name and mode are bytes (mode lower-cased); options is a list of
+    (lower-cased name, value) bytes pairs in the order sent. check() adds the negotiated
+    values: path, blksize, window, timeout (s, 0 = not asked) and oack (_O_* bits)."""
+
+    def __init__(self, op, name, mode, options):
+        self.op = op
+        self.name = name
+        self.mode = mode
+        self.options = options
+        self.path = None
+        self.blksize = 512  # RFC 1350
+        self.window = 1
+        self.timeout = 0
+        self.oack = 0
+
+
+def _field(data, i):
+    """The NUL-terminated field at data[i:] and the index after its NUL."""
+    end = data.find(b"\0", i)
+    if end < 0:
+        raise Malformed("field not NUL-terminated")
+    return data[i:end], end + 1
+
+
+def parse_request(data):
+    """An RRQ or WRQ datagram (bytes) -> Request, or raise Malformed.
+
+    Options follow RFC 2347: NUL-terminated name/value pairs, names case-insensitive. Parsing
+    stops at an empty name, so the NUL padding some PXE ROMs append is accepted."""
+    n = len(data)
+    if n < 4:
+        raise Malformed("short request")
+    op = (data[0] << 8) | data[1]
+    if op != RRQ and op != WRQ:
+        raise Malformed("not a request")
+    name, i = _field(data, 2)
+    mode, i = _field(data, i)
+    options = []
+    while i < n and data[i]:
+        key, i = _field(data, i)
+        if i >= n:
+            raise Malformed("option without value")
+        value, i = _field(data, i)
+        options.append((key.lower(), value))
+    return Request(op, name, mode.lower(), options)
+
+
+def _decimal(b):
+    """The value of 1..10 ASCII digits, else -1 (no sign, spaces or '_' as int() would take)."""
+    if not 0 < len(b) <= 10:
+        return -1
+    v = 0
+    for c in b:
+        if not 48 <= c <= 57:
+            return -1
+        v = v * 10 + c - 48
+    return v
+
+
+def _check_name(name):
+    # Names are relative to the TFTP root: no absolute paths, no '..' component, no
+    # backslashes (a Windows-style separator that some servers map to '/'), nothing outside
+    # printable ASCII. A NUL ends the name in parse_request, so it can never hide a suffix.
+    if not name or name[0] == 47:  # '/'
+        raise Refused(E_ACCESS, MSG_BAD_NAME)
+    for c in name:
+        if c < 32 or c > 126 or c == 92:  # controls, non-ASCII, '\'
+            raise Refused(E_ACCESS, MSG_BAD_NAME)
+    for part in name.split(b"/"):
+        if part == b"..":
+            raise Refused(E_ACCESS, MSG_BAD_NAME)
+
+
+def check(req, cfg):
+    """Apply the server's policy (cfg: tftp_root, tftp_max_blksize, tftp_max_window) to a
+    parsed request; sets req.path and the negotiated values, or raises Refused.
+
+    - WRQ: ERROR 2 (access violation). Writing is a valid TFTP operation (so not 4, illegal
+      operation) that this server grants on no file; RFC 1350 reserves 2 for refused access.
+    - mode other than octet: ERROR 0. Boot files are binary, and serving netascii as octet
+      would hand a netascii client silently altered bytes; the message says what to use.
+    - a name escaping the root: ERROR 2. (A missing file is ERROR 1, found by the shell.)
+    - RFC 2347: unknown options are left out of the OACK; a known option with a value outside
+      its RFC's range is refused with ERROR 8. blksize and windowsize are lowered to this
+      server's bounds (RFC 2348 and RFC 7440 let a server answer smaller); timeout is echoed
+      as asked (RFC 2349); tsize is answered by start() with the file's size (RFC 2349).
+    """
+    if req.op != RRQ:
+        raise Refused(E_ACCESS, MSG_READ_ONLY)
+    if req.mode != b"octet":
+        raise Refused(E_UNDEFINED, MSG_OCTET_ONLY)
+    _check_name(req.name)
+    for key, value in req.options:
+        v = _decimal(value)
+        if key == b"blksize":
+            if not 8 <= v <= _MAX_BLKSIZE:
+                raise Refused(E_OPTION, MSG_BAD_OPTION)
+            req.blksize = min(v, cfg.tftp_max_blksize)
+            req.oack |= _O_BLKSIZE
+        elif key == b"tsize":
+            if v < 0:
+                raise Refused(E_OPTION, MSG_BAD_OPTION)
+            req.oack |= _O_TSIZE
+        elif key == b"timeout":
+            if not 1 <= v <= _MAX_TIMEOUT:
+                raise Refused(E_OPTION, MSG_BAD_OPTION)
+            req.timeout = v
+            req.oack |= _O_TIMEOUT
+        elif key == b"windowsize":
+            if not 1 <= v <= _MAX_WINDOW:
+                raise Refused(E_OPTION, MSG_BAD_OPTION)
+            req.window = min(v, cfg.tftp_max_window)
+            req.oack |= _O_WINDOW
+    req.path = cfg.tftp_root + "/" + req.name.decode()
+    return req
+
+
+def build_error(buf, code, msg):
+    """ERROR code with msg (bytes) into buf; returns its length (msg cut to fit buf)."""
+    msg = msg[: len(buf) - 5]
+    buf[0] = 0
+    buf[1] = ERROR
+    buf[2] = 0
+    buf[3] = code
+    end = 4 + len(msg)
+    buf[4:end] = msg
+    buf[end] = 0
+    return end + 1
+
+
+def _put(buf, i, b):
+    end = i + len(b)
+    buf[i:end] = b
+    buf[end] = 0
+    return end + 1
+
+
+class Transfer:
+    """One read transfer, reused from transfer to transfer (its slot's buffer never changes).
+
+    buf       bytearray(4 + max blksize): every packet is built here
+    retries   resends of one packet before giving up (cfg.tftp_retries)
+    timeout_ms  the device's resend timeout (cfg.tftp_timeout_ms); it doubles per resend up to
+              4x. A timeout the client negotiated is used as asked, without backoff.
+    After start(): blksize, window, size (bytes, as stat'ed), deadline (ticks), done, result
+    ("ok", "timeout", "aborted" by a client ERROR, whose code is in client_error, or
+    "read error"), dup_acks and resends (for the shell's counters).
+    """
+
+    def __init__(self, buf, timeout_ms=1000, retries=5):
+        self.buf = buf
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.done = True
+        self.f = None
+
+    def start(self, req, f, size, now):
+        """Begin serving file f (size bytes) for a checked request; returns the length of the
+        first packet, an OACK when any option was acknowledged, else DATA 1."""
+        self.f = f
+        self.size = size
+        self.blksize = req.blksize
+        self.window = req.window
+        self.timeout = req.timeout
+        self.oack = req.oack
+        self._payload = memoryview(self.buf)[4 : 4 + req.blksize]
+        self._pos = 0  # file offset after the last read
+        self.acked = -1 if req.oack else 0  # highest block acknowledged; the OACK is block 0
+        self.sent = 0  # highest block sent
+        self.last = 0  # the final block, once a short read has found it
+        self._next = 1  # the window more() builds: blocks _next.._end (none yet)
+        self._end = 0
+        self.tries = 0
+        self.dup_acks = 0
+        self.resends = 0
+        self.client_error = 0
+        self.result = None
+        self.done = False
+        self.started = now
+        self.deadline = ticks_add(now, self._wait())
+        if req.oack:
+            return self._build_oack()
+        return self._window(1)
+
+    def bytes_acked(self):
+        if self.acked <= 0:
+            return 0
+        if self.last and self.acked >= self.last:
+            return self.total
+        return self.acked * self.blksize
+
+    def on_packet(self, mv, n, now):
+        """The first n (>= 4) bytes of a client datagram; returns a packet length or 0."""
+        if n < 4:
+            raise Malformed("short packet")
+        op = (mv[0] << 8) | mv[1]
+        num = (mv[2] << 8) | mv[3]
+        if op == ERROR:
+            if not self.done:
+                self.client_error = num
+                self.finish("aborted")
+            return 0
+        if op != ACK:
+            raise Malformed("not an ACK")
+        if self.done:
+            return 0
+        delta = (num - self.acked) & 0xFFFF
+        if delta == 0 or delta > self.sent - self.acked:
+            self.dup_acks += 1  # a duplicate, stale or future ACK: no send (Sorcerer's Apprentice)
+            return 0
+        self.acked += delta
+        self.tries = 0
+        if self.last and self.acked >= self.last:
+            self.finish("ok")
+            return 0
+        self.deadline = ticks_add(now, self._wait())
+        return self._window(self.acked + 1)
+
+    def on_timeout(self, now):
+        """Resend after the deadline (the OACK, or the window from the oldest unacknowledged
+        block), or give up after `retries` resends; returns a packet length or 0."""
+        if self.done or ticks_diff(self.deadline, now) > 0:
+            return 0
+        self.tries += 1
+        if self.tries > self.retries:
+            self.finish("timeout")
+            return 0
+        self.resends += 1
+        self.deadline = ticks_add(now, self._wait())
+        if self.acked < 0:
+            return self._build_oack()
+        return self._window(self.acked + 1)
+
+    def more(self):
+        """The next DATA packet of the current window, or 0 when the window is complete."""
+        k = self._next
+        if self.done or k > self._end or (self.last and k > self.last):
+            return 0
+        self._next = k + 1
+        n = self._read(k)
+        if n < 0:
+            return build_error(self.buf, E_UNDEFINED, MSG_READ_ERROR)
+        if k > self.sent:
+            self.sent = k
+        buf = self.buf
+        buf[0] = 0
+        buf[1] = DATA
+        buf[2] = (k >> 8) & 0xFF
+        buf[3] = k & 0xFF
+        return 4 + n
+
+    def close(self):
+        f = self.f
+        self.f = None
+        self.done = True
+        if f is not None:
+            f.close()
+
+    def _wait(self):
+        if self.timeout:
+            return self.timeout * 1000
+        return self.timeout_ms << min(self.tries, _BACKOFF_MAX)
+
+    def _window(self, first):
+        self._next = first
+        self._end = first + self.window - 1
+        return self.more()
+
+    def finish(self, result):
+        """End the transfer with result (the shell uses it when its socket fails)."""
+        if not self.done:
+            self.result = result
+        self.done = True
+
+    def _read(self, k):
+        # Block k into the payload area; a short block is the last one (RFC 1350).
+        bs = self.blksize
+        off = (k - 1) * bs
+        f = self.f
+        try:
+            if off != self._pos:
+                f.seek(off)
+            n = f.readinto(self._payload) or 0
+            while 0 < n < bs:  # a stream may return less than asked before its end
+                m = f.readinto(self._payload[n:])
+                if not m:
+                    break
+                n += m
+        except OSError:
+            self.finish("read error")
+            return -1
+        self._pos = off + n
+        if n < bs:
+            self.last = k
+            self.total = off + n
+        return n
+
+    def _build_oack(self):
+        buf = self.buf
+        buf[0] = 0
+        buf[1] = OACK
+        i = 2
+        o = self.oack
+        if o & _O_BLKSIZE:
+            i = _put(buf, i, b"blksize")
+            i = _put(buf, i, str(self.blksize).encode())
+        if o & _O_TSIZE:
+            i = _put(buf, i, b"tsize")
+            i = _put(buf, i, str(self.size).encode())
+        if o & _O_TIMEOUT:
+            i = _put(buf, i, b"timeout")
+            i = _put(buf, i, str(self.timeout).encode())
+        if o & _O_WINDOW:
+            i = _put(buf, i, b"windowsize")
+            i = _put(buf, i, str(self.window).encode())
+        return i

@@ -1,0 +1,381 @@
+"""firmware.proxydhcp: the asyncio service on loopback, under CPython and under the MicroPython
+unix port (from .py source and as .mpy in a 128 KB heap). Bad packets are counted and dropped
+and the listeners keep answering.
+
+Everything here stays on 127.0.0.1: the device's server_ip is loopback, so its "broadcast"
+replies go to 127.255.255.255 and it refuses unicast replies off loopback. The real broadcast
+path (255.255.255.255:68 from port 67) is exercised inside a network namespace by
+test_proxydhcp_dnsmasq.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from bastion.sim import compile_firmware, micropython_bin
+
+from firmware import dhcp
+from firmware.config import Config
+from firmware.log import Log
+from firmware.proxydhcp import ProxyDhcp
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parent / "data" / "dhcp"
+URL = "http://127.0.0.1:8080/boot.ipxe"
+CONFIG = {
+    "server_ip": "127.0.0.1",
+    "script_url": URL,
+    "boot_files": {"0": "undionly.kpxe", "7": "ipxe.efi", "11": "snp-arm64.efi"},
+}
+EDK2 = (DATA / "edk2-x64-discover.bin").read_bytes()
+IPXE = (DATA / "ipxe-bios-discover.bin").read_bytes()
+RPI = (DATA / "rpi4-eeprom-discover.bin").read_bytes()
+
+# Runs ProxyDhcp under either interpreter; argv: config-file listen dhcp-port pxe-port
+# client-port (a file: this MicroPython build dies on an argv item of 256+ bytes, "uncaught
+# NLR"). Prints JSON lines: {"ready": ...} once listening, every counter bump
+# {"count": name, "n": total}, and every event.
+SERVICE_SCRIPT = """
+import sys
+import json
+import asyncio
+from firmware.config import Config
+from firmware.log import Log
+from firmware.proxydhcp import ProxyDhcp
+
+
+class PrintLog(Log):
+    def count(self, name, n=1):
+        Log.count(self, name, n)
+        print(json.dumps({"count": name, "n": self.counters[name]}))
+
+
+with open(sys.argv[1]) as f:
+    cfg = Config(json.load(f))
+log = PrintLog(capacity=8)
+log.sink = print
+svc = ProxyDhcp(cfg, log, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+
+
+async def main():
+    task = asyncio.create_task(svc.run())
+    await asyncio.sleep(0)
+    try:
+        import gc
+        gc.collect()
+        heap = gc.mem_alloc()
+    except (ImportError, AttributeError):
+        heap = 0
+    print(json.dumps({"ready": len(svc.sockets) == 2, "heap": heap}))
+    await task
+
+
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def opt(code: int, value: bytes) -> bytes:
+    return bytes((code, len(value))) + value
+
+
+def request(
+    msg=dhcp.DISCOVER, mac=b"\x52\x54\x00\x00\x00\x07", extra=b"", flags=0x8000, ciaddr=bytes(4)
+):
+    hdr = bytearray(240)
+    hdr[0:3] = b"\x01\x01\x06"
+    hdr[4:8] = os.urandom(4)
+    hdr[10:12] = flags.to_bytes(2, "big")
+    hdr[12:16] = ciaddr
+    hdr[28:34] = mac
+    hdr[236:240] = b"\x63\x82\x53\x63"
+    opts = (
+        opt(53, bytes((msg,))) + opt(93, b"\x00\x07") + opt(60, b"PXEClient:Arch:00007:UNDI:003000")
+    )
+    return bytes(hdr) + opts + extra + b"\xff"
+
+
+def garbage() -> list[bytes]:
+    """Datagrams that must each be counted as dhcp.malformed."""
+    out = [b"", b"\x01", os.urandom(100), EDK2[:240], EDK2[:-1], b"\0" * 2000, EDK2 + bytes(1200)]
+    out += [EDK2[:n] for n in range(0, len(EDK2), 37)]
+    no_cookie = bytearray(EDK2)
+    no_cookie[236] ^= 0xFF
+    out.append(bytes(no_cookie))
+    return out
+
+
+class Client:
+    """The test's side: a broadcast listener on the client port and a socket for port 4011."""
+
+    def __init__(self, client_port: int):
+        self.bcast = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.bcast.bind(("0.0.0.0", client_port))  # receives 127.255.255.255 and 127.0.0.1
+        self.bcast.settimeout(5)
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.tx.bind(("127.0.0.1", 0))
+        self.tx.settimeout(5)
+
+    def reply_to(self, raw: bytes, sock=None) -> dhcp.Packet:
+        """The reply whose xid matches raw's, from the socket that waits for it."""
+        sock = sock or self.bcast
+        while True:
+            data, _ = sock.recvfrom(2048)
+            p = dhcp.parse(data)
+            if p.xid == raw[4:8]:
+                return p
+
+    def nothing_for(self, raw: bytes, wait: float = 0.3) -> bool:
+        self.bcast.settimeout(wait)
+        try:
+            while True:
+                data, _ = self.bcast.recvfrom(2048)
+                if data[4:8] == raw[4:8]:
+                    return False
+        except TimeoutError:
+            return True
+        finally:
+            self.bcast.settimeout(5)
+
+    def close(self) -> None:
+        self.bcast.close()
+        self.tx.close()
+
+
+def exchange(client: Client, dhcp_port: int, pxe_port: int) -> dict[str, dhcp.Packet]:
+    """The scenario both interpreters run: garbage, then real clients on both ports."""
+    for g in garbage():
+        client.tx.sendto(g, ("127.0.0.1", dhcp_port))
+    client.tx.sendto(b"\xff" * 300, ("127.0.0.1", pxe_port))
+    got = {}
+    client.tx.sendto(EDK2, ("127.0.0.1", dhcp_port))
+    got["edk2"] = client.reply_to(EDK2)
+    client.tx.sendto(IPXE, ("127.0.0.1", dhcp_port))
+    got["ipxe"] = client.reply_to(IPXE)
+    client.tx.sendto(RPI, ("127.0.0.1", dhcp_port))
+    got["rpi"] = client.reply_to(RPI)
+    # Unicast: an ACK to a REQUEST naming us, to ciaddr:68 (here 127.0.0.1:client port).
+    ack = request(
+        dhcp.REQUEST, extra=opt(54, b"\x7f\x00\x00\x01"), flags=0, ciaddr=b"\x7f\x00\x00\x01"
+    )
+    client.tx.sendto(ack, ("127.0.0.1", dhcp_port))
+    got["ack"] = client.reply_to(ack)
+    # Port 4011: back to the sender's own address and port.
+    bs = request(dhcp.REQUEST, flags=0, ciaddr=b"\x7f\x00\x00\x01")
+    client.tx.sendto(bs, ("127.0.0.1", pxe_port))
+    got["4011"] = client.reply_to(bs, client.tx)
+    # Ignored: non-PXE DHCP, and a unicast reply that would leave loopback.
+    plain = bytearray(request())
+    plain[plain.index(b"PXEClient")] ^= 0x20
+    client.tx.sendto(bytes(plain), ("127.0.0.1", dhcp_port))
+    off = request(
+        dhcp.REQUEST, extra=opt(54, b"\x7f\x00\x00\x01"), flags=0, ciaddr=b"\x0a\x4d\x00\x32"
+    )
+    client.tx.sendto(off, ("127.0.0.1", dhcp_port))
+    assert client.nothing_for(bytes(plain)) and client.nothing_for(off)
+    # Still serving after all that.
+    again = request()
+    client.tx.sendto(again, ("127.0.0.1", dhcp_port))
+    got["again"] = client.reply_to(again)
+    return got
+
+
+def check(got: dict[str, dhcp.Packet]) -> None:
+    edk2 = got["edk2"]
+    assert (edk2.msg_type, edk2.file_name(), edk2.yiaddr) == (dhcp.OFFER, b"ipxe.efi", bytes(4))
+    assert edk2.siaddr == b"\x7f\x00\x00\x01" and edk2.guid == bytes(17)
+    assert got["ipxe"].file_name() == URL.encode()
+    rpi = got["rpi"]
+    assert rpi.file_name() == b"" and b"Raspberry Pi Boot" in rpi.vendor_opts
+    assert got["ack"].msg_type == dhcp.ACK and got["ack"].ciaddr == b"\x7f\x00\x00\x01"
+    assert got["4011"].msg_type == dhcp.ACK and got["4011"].file_name() == b"ipxe.efi"
+    assert got["again"].file_name() == b"ipxe.efi"
+
+
+EXPECTED_COUNTS = {
+    "dhcp.malformed": len(garbage()) + 1,
+    "dhcp.offer": 4,
+    "dhcp.ack": 2,
+    "dhcp.not_pxe": 1,
+    "dhcp.not_loopback": 1,
+}
+
+
+def test_service_under_cpython():
+    async def scenario():
+        log = Log(capacity=16)
+        dport, pport, cport = free_port(), free_port(), free_port()
+        svc = ProxyDhcp(Config(CONFIG), log, "127.0.0.1", dport, pport, cport)
+        assert svc.broadcast_ip == "127.255.255.255"
+        task = asyncio.create_task(svc.run())
+        await asyncio.sleep(0)
+        assert len(svc.sockets) == 2
+        client = Client(cport)
+        try:
+            got = await asyncio.to_thread(exchange, client, dport, pport)
+        finally:
+            client.close()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return got, log
+
+    got, log = asyncio.run(scenario())
+    check(got)
+    for name, n in EXPECTED_COUNTS.items():
+        assert log.counters.get(name) == n, (name, log.counters)
+    assert "dhcp.error" not in log.counters
+    offers = [e for e in log.recent() if e["ev"] == "dhcp" and e["kind"] == "offer"]
+    assert offers[0] == {**offers[0], "mac": "52:54:00:12:34:07", "arch": 7, "file": "ipxe.efi"}
+    assert any(e["ipxe"] and e["file"] == URL for e in offers)
+    assert any(e["rpi"] and e["file"] == "rpi" for e in offers)
+    assert json.dumps(log.recent())  # events are plain JSON values
+
+
+def test_a_bug_on_one_packet_does_not_stop_the_listener():
+    async def scenario():
+        log = Log()
+        dport, pport, cport = free_port(), free_port(), free_port()
+        svc = ProxyDhcp(Config(CONFIG), log, "127.0.0.1", dport, pport, cport)
+        real = svc.policy.answer
+        calls = []
+
+        def flaky(pkt, port):
+            calls.append(pkt)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real(pkt, port)
+
+        svc.policy.answer = flaky
+        task = asyncio.create_task(svc.run())
+        await asyncio.sleep(0)
+        client = Client(cport)
+        try:
+
+            def talk():
+                client.tx.sendto(EDK2, ("127.0.0.1", dport))
+                assert client.nothing_for(EDK2)
+                client.tx.sendto(EDK2, ("127.0.0.1", dport))
+                return client.reply_to(EDK2)
+
+            reply = await asyncio.to_thread(talk)
+        finally:
+            client.close()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return reply, log
+
+    reply, log = asyncio.run(scenario())
+    assert reply.file_name() == b"ipxe.efi"
+    assert log.counters["dhcp.error"] == 1 and log.counters["dhcp.offer"] == 1
+
+
+def test_a_busy_port_is_an_error_from_run():
+    async def scenario():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+            busy.bind(("127.0.0.1", 0))
+            port = busy.getsockname()[1]
+            svc = ProxyDhcp(Config(CONFIG), Log(), "127.0.0.1", free_port(), port, free_port())
+            with pytest.raises(OSError):
+                await svc.run()
+            assert svc.sockets == ()
+
+    asyncio.run(scenario())
+
+
+class MpyService:
+    """ProxyDhcp under the MicroPython unix port, stopped by its PID."""
+
+    def __init__(self, tmp: Path, heap: str, mpy: bool):
+        self.ports = {"dhcp": free_port(), "pxe": free_port(), "client": free_port()}
+        script = tmp / "svc.py"
+        script.write_text(SERVICE_SCRIPT)
+        (tmp / "device.json").write_text(json.dumps(CONFIG))
+        if mpy:
+            compile_firmware(tmp / "lib" / "firmware")
+            path = f"{tmp / 'lib'}:.frozen"
+        else:
+            path = f"{REPO}:.frozen"
+        cmd = [micropython_bin(), "-X", f"heapsize={heap}", str(script), "device.json", "127.0.0.1"]
+        cmd += [str(self.ports[k]) for k in ("dhcp", "pxe", "client")]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=tmp,
+            env=dict(os.environ, MICROPYPATH=path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.counts: dict[str, int] = {}
+        self.out: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready = self._wait("ready")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.out.append(line)
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if "count" in d:
+                self.counts[d["count"]] = d["n"]
+            self.lines.put(d)
+
+    def _wait(self, key: str) -> dict:
+        while True:
+            try:
+                d = self.lines.get(timeout=20)
+            except queue.Empty:
+                raise AssertionError("micropython said nothing:\n" + "".join(self.out)) from None
+            if key in d:
+                return d
+
+    def settle(self, name: str, n: int) -> None:
+        """Wait until counter `name` reaches n (the service has handled what we sent)."""
+        while self.counts.get(name, 0) < n:
+            self._wait("count")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "heap,mpy", [("512k", False), ("128k", True)], ids=["py-source-512k", "mpy-128k"]
+)
+def test_service_under_micropython(tmp_path, heap, mpy):
+    svc = MpyService(tmp_path, heap, mpy)
+    client = None
+    try:
+        assert svc.ready["ready"] is True, "".join(svc.out)
+        client = Client(svc.ports["client"])
+        got = exchange(client, svc.ports["dhcp"], svc.ports["pxe"])
+        svc.settle("dhcp.offer", EXPECTED_COUNTS["dhcp.offer"])
+        assert svc.proc.poll() is None, "".join(svc.out)
+    finally:
+        if client:
+            client.close()
+        svc.stop()
+    check(got)
+    for name, n in EXPECTED_COUNTS.items():
+        assert svc.counts.get(name) == n, (name, svc.counts, "".join(svc.out[-20:]))
+    assert "dhcp.error" not in svc.counts, "".join(svc.out)
+    events = [json.loads(x) for x in svc.out if x.startswith("{") and '"ev"' in x]
+    assert {e["kind"] for e in events if e["ev"] == "dhcp"} == {"offer", "ack"}

@@ -1,0 +1,318 @@
+"""firmware.tftpd, the asyncio shell, under CPython on 127.0.0.1: refusals come back as the
+right TFTP errors, garbage never stops the service (counters go up instead), the transfer cap,
+giving up on a silent client, and a client that aborts or goes away. Real clients against the
+firmware on MicroPython are in test_tftp_clients.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from firmware.config import Config
+from firmware.log import Log
+from firmware.tftpd import TftpServer
+
+FILES = {"a.bin": bytes(range(256)) * 7, "sub/b.bin": b"b" * 512, "empty": b""}
+
+
+class Running:
+    """A TftpServer on its own event loop in a thread, on a free loopback port."""
+
+    def __init__(self, tftp_cfg: dict):
+        cfg = Config(
+            {"server_ip": "127.0.0.1", "script_url": "http://127.0.0.1/x", "tftp": tftp_cfg}
+        )
+        self.log = Log(capacity=512)
+        self.events: list[dict] = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.addr = ("127.0.0.1", self.port)
+        self.server = TftpServer(cfg, self.log, "127.0.0.1", self.port)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self._ready.wait(5)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.task = self.loop.create_task(self.server.run())
+        self.loop.call_soon(self._ready.set)
+        try:
+            self.loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            pass
+        rest = asyncio.all_tasks(self.loop)  # transfers still running: end them too
+        for t in rest:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+
+    def call(self, fn):
+        """Run fn() on the server's loop (its state is only touched there) and return its result."""
+
+        async def run():
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def counter(self, name: str) -> int:
+        return self.call(lambda: self.log.counters.get(name, 0))
+
+    def tftp_events(self, stage: str) -> list[dict]:
+        def collect():
+            while (e := self.log.take()) is not None:
+                self.events.append(e)
+            return [e for e in self.events if e["ev"] == "tftp" and e["stage"] == stage]
+
+        return self.call(collect)
+
+    def wait_ends(self, n: int, timeout: float = 10) -> list[dict]:
+        """The end events, once there are at least n."""
+        deadline = time.monotonic() + timeout
+        while len(ends := self.tftp_events("end")) < n:
+            assert time.monotonic() < deadline, f"{len(ends)} of {n} transfers ended"
+            time.sleep(0.02)
+        return ends
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def serve(tmp_path, monkeypatch):
+    """serve(**tftp_config) -> Running, with FILES under tftp/ in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for name, data in FILES.items():
+        p = tmp_path / "tftp" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (tmp_path / "tftp" / "adir").mkdir()
+    (tmp_path / "secret").write_bytes(b"outside the root")
+    running = []
+
+    def start(**tftp_cfg):
+        r = Running({"timeout_ms": 100, "retries": 3, **tftp_cfg})
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        r.stop()
+
+
+def client(timeout: float = 2.0) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(timeout)
+    return s
+
+
+def rrq(name: bytes, *opts: bytes, mode: bytes = b"octet", op: int = 1) -> bytes:
+    return bytes((0, op)) + name + b"\0" + mode + b"\0" + b"".join(o + b"\0" for o in opts)
+
+
+def ack(k: int) -> bytes:
+    return bytes((0, 4, (k >> 8) & 0xFF, k & 0xFF))
+
+
+def fetch(srv: Running, name: bytes, *opts: bytes, blksize: int = 512) -> bytes:
+    """A plain lock-step client (no window); returns the file."""
+    s = client()
+    try:
+        s.sendto(rrq(name, *opts), srv.addr)
+        got = b""
+        expect = 1
+        while True:
+            pkt, tid = s.recvfrom(2048)
+            assert tid[1] != srv.port, "data must come from a transfer port"
+            if pkt[1] == 6:
+                s.sendto(ack(0), tid)
+                continue
+            assert pkt[1] == 3, pkt
+            assert (pkt[2] << 8 | pkt[3]) == expect
+            got += pkt[4:]
+            s.sendto(ack(expect), tid)
+            if len(pkt) - 4 < blksize:
+                return got
+            expect += 1
+    finally:
+        s.close()
+
+
+def error_reply(srv: Running, data: bytes) -> tuple[int, bytes, int]:
+    """Send data to the listener; the ERROR that comes back: (code, message, source port)."""
+    s = client()
+    try:
+        s.sendto(data, srv.addr)
+        pkt, src = s.recvfrom(2048)
+    finally:
+        s.close()
+    assert pkt[:2] == b"\0\x05" and pkt.endswith(b"\0"), pkt
+    return pkt[3], pkt[4:-1], src[1]
+
+
+def test_serves_files_and_nested_names(serve):
+    srv = serve()
+    assert fetch(srv, b"a.bin") == FILES["a.bin"]
+    assert fetch(srv, b"sub/b.bin") == FILES["sub/b.bin"]
+    assert fetch(srv, b"empty") == b""
+    ends = srv.wait_ends(3)
+    assert [e["result"] for e in ends] == ["ok", "ok", "ok"]
+    assert [e["bytes"] for e in ends] == [len(FILES["a.bin"]), 512, 0]
+    start = srv.tftp_events("start")[0]
+    assert (start["file"], start["client"], start["blksize"], start["tsize"]) == (
+        "a.bin",
+        "127.0.0.1",
+        512,
+        len(FILES["a.bin"]),
+    )
+    assert srv.counter("tftp.ok") == 3 and srv.call(srv.server.slots.active) == 0
+
+
+@pytest.mark.parametrize(
+    "data, code, text",
+    [
+        (rrq(b"up.bin", op=2), 2, b"read-only server: writes are refused"),
+        (rrq(b"../secret"), 2, b"bad file name"),
+        (rrq(b"sub/../../secret"), 2, b"bad file name"),
+        (rrq(b"/etc/passwd"), 2, b"bad file name"),
+        (rrq(b"sub\\b.bin"), 2, b"bad file name"),
+        (rrq(b"missing"), 1, b"file not found"),
+        (rrq(b"adir"), 1, b"file not found"),  # a directory is not a file
+        (rrq(b"a.bin", mode=b"netascii"), 0, b"only octet mode is served"),
+        (rrq(b"a.bin", b"blksize", b"4"), 8, b"bad option value"),
+        (rrq(b"a.bin", b"timeout", b"0"), 8, b"bad option value"),
+    ],
+)
+def test_refusals_are_tftp_errors_from_the_listener(serve, data, code, text):
+    srv = serve()
+    assert error_reply(srv, data) == (code, text, srv.port)
+    assert srv.counter("tftp.refused") == 1
+    assert srv.tftp_events("refused")[0]["code"] == code
+
+
+def test_listener_survives_garbage_and_counts_it(serve):
+    srv = serve()
+    sender = client()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=700) | st.sampled_from([rrq(b"a.bin")[:n] for n in range(12)]))
+    def send(data):
+        sender.sendto(data, srv.addr)
+
+    send()
+    sender.sendto(b"\0\x01" + b"x" * 3000 + b"\0octet\0", srv.addr)  # beyond max_request
+    sender.close()
+    assert fetch(srv, b"a.bin") == FILES["a.bin"]  # still serving, after all of that
+    assert srv.counter("tftp.malformed") > 100
+    assert srv.counter("tftp.request") > 300
+
+
+def test_transfer_socket_survives_garbage(serve):
+    srv = serve(timeout_ms=2000)
+    s = client()
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    pkt, tid = s.recvfrom(2048)
+    assert pkt[:4] == b"\0\x03\0\x01"
+    for junk in (b"", b"\0", b"\0\x04\0", b"\0\x03\0\x01data", b"\0\x01a\0octet\0", b"\xff" * 9):
+        s.sendto(junk, tid)
+    s.sendto(ack(1), tid)
+    got = pkt[4:]
+    k = 2
+    while True:
+        pkt, src = s.recvfrom(2048)
+        assert src == tid and pkt[:4] == bytes((0, 3, k >> 8, k & 0xFF))
+        got += pkt[4:]
+        s.sendto(ack(k), tid)
+        if len(pkt) < 516:
+            break
+        k += 1
+    s.close()
+    assert got == FILES["a.bin"]
+    assert srv.wait_ends(1)[0]["result"] == "ok"
+    assert srv.counter("tftp.bad_packet") == 6
+
+
+def test_silent_client_gets_retries_then_the_slot_is_freed(serve):
+    srv = serve(timeout_ms=50, retries=3)
+    s = client(timeout=1.5)
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    copies = []
+    try:
+        while True:
+            copies.append(s.recvfrom(2048)[0])
+    except TimeoutError:
+        pass
+    s.close()
+    assert len(copies) == 4 and len(set(copies)) == 1  # DATA 1 and 3 resends of it
+    end = srv.wait_ends(1)[0]
+    assert (end["result"], end["resends"], end["bytes"]) == ("timeout", 3, 0)
+    assert srv.call(srv.server.slots.active) == 0
+
+
+def test_duplicate_acks_never_cause_resends(serve):
+    srv = serve(timeout_ms=3000)
+    s = client(timeout=0.3)
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    pkt, tid = s.recvfrom(2048)
+    s.sendto(ack(1), tid)
+    assert s.recvfrom(2048)[0][:4] == b"\0\x03\0\x02"
+    for _ in range(5):
+        s.sendto(ack(1), tid)  # duplicates of an ACK already acted on
+    with pytest.raises(TimeoutError):
+        s.recvfrom(2048)
+    s.sendto(b"\0\x05\0\x00enough\0", tid)
+    s.close()
+    end = srv.wait_ends(1)[0]
+    assert (end["dup_acks"], end["resends"], end["result"]) == (5, 0, "client error 0")
+
+
+def test_edk2_probe_abort_then_real_read(serve):
+    srv = serve()
+    s = client()
+    s.sendto(rrq(b"a.bin", b"tsize", b"0"), srv.addr)
+    pkt, tid = s.recvfrom(2048)
+    assert pkt == b"\0\x06tsize\0%d\0" % len(FILES["a.bin"])
+    s.sendto(b"\0\x05\0\x08User aborted\0", tid)
+    s.close()
+    got = fetch(srv, b"a.bin", b"blksize", b"1468", b"tsize", b"0", blksize=1468)
+    assert got == FILES["a.bin"]
+    ends = srv.wait_ends(2)
+    assert [e["result"] for e in ends] == ["client error 8", "ok"]
+
+
+def test_client_that_goes_away_ends_the_transfer(serve):
+    srv = serve(timeout_ms=50, retries=10)
+    s = client()
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    s.recvfrom(2048)
+    s.close()  # the resend of DATA 1 meets a closed port: ECONNREFUSED
+    assert srv.wait_ends(1)[0]["result"] == "socket error"
+
+
+def test_transfers_beyond_the_cap_are_refused_with_a_clear_error(serve):
+    srv = serve(max_transfers=2, timeout_ms=3000)
+    holders = []
+    for _ in range(2):
+        s = client()
+        s.sendto(rrq(b"a.bin"), srv.addr)
+        pkt, tid = s.recvfrom(2048)
+        holders.append((s, tid))
+    code, text, port = error_reply(srv, rrq(b"a.bin"))
+    assert (code, port) == (0, srv.port)
+    assert text == b"busy: 2 transfers at once is the limit; try again"
+    assert srv.counter("tftp.busy") == 1
+    for s, tid in holders:  # one ends, and its slot serves the next request
+        s.sendto(b"\0\x05\0\x00done\0", tid)
+        s.close()
+    srv.wait_ends(2)
+    assert fetch(srv, b"empty") == b""
