@@ -1,0 +1,358 @@
+# The device's end of the serial protocol: requests in, one reply each, events out.
+#
+# Pure over a write(bytes) callable and bytes fed in; serve() at the bottom is the thin shell
+# that reads the USB serial line (stdin) on MicroPython. docs/serial-protocol.md is the
+# reference; in short:
+#   - every line is a frame (firmware.frame); lines that are not frames are counted and skipped.
+#   - a request {"id": 7, "op": "power", ...} gets one reply {"id": 7, "ok": true, ...} or
+#     {"id": 7, "ok": false, "error": "...", "code": "..."}; events are pushed as they happen
+#     (the Log's sink), as objects with "ev", "boot", "seq" and no "id".
+#   - "hello" opens a session (the controller's random token). Every other op needs one, so a
+#     device that restarted (and forgot its reply cache) says "nosession" to a retried request
+#     instead of running it a second time; the controller then knows the outcome is unknown.
+#   - replies to ops that change state are kept, the last cache_size of them, keyed by request
+#     id: a retry (same id, same request) is answered from the cache, never executed again. A
+#     new session empties the cache. Read-only ops are simply run again.
+import gc
+
+from firmware import frame
+from firmware.compat import heap_used, sleep_ms, ticks_diff, ticks_ms
+
+PROTO = 1
+_ERR = ("id", "ok", "error", "code")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _arg(req, key, kind, default=None):
+    v = req.get(key, default)
+    if v is None and default is None:
+        raise BadRequest("missing %r" % key)
+    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+        raise BadRequest("%r has the wrong type" % key)
+    return v
+
+
+def _channel_ref(req):
+    v = req.get("channel")
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise BadRequest("'channel' must be a channel number or name")
+    return v
+
+
+def new_boot_id():
+    """8 hex digits that differ from one boot to the next."""
+    try:
+        from os import urandom
+
+        b = urandom(4)
+    except (ImportError, AttributeError, OSError):
+        t = ticks_ms()
+        b = bytes((t >> 24 & 255, t >> 16 & 255, t >> 8 & 255, t & 255))
+    return "%02x%02x%02x%02x" % (b[0], b[1], b[2], b[3])
+
+
+class Console:
+    """The request dispatcher. Optional collaborators (None leaves their ops refused):
+    power (firmware.power.Power), tasks (watchdog.TaskWatch), nodes (watchdog.NodeWatch),
+    log (firmware.log.Log: events are pushed from it, counters read from it), reboot (a
+    callable run after the reply to "reboot" is written), info (a dict merged into the hello
+    reply, e.g. {"fw": "0.1.0", "board": "sim"})."""
+
+    def __init__(
+        self,
+        write,
+        log=None,
+        power=None,
+        tasks=None,
+        nodes=None,
+        reboot=None,
+        info=None,
+        boot_id=None,
+        clock=ticks_ms,
+        cache_size=8,
+        max_line=512,
+    ):
+        self.write = write
+        self.log = log
+        self.power = power
+        self.tasks = tasks
+        self.nodes = nodes
+        self.reboot = reboot
+        self.info = info or {}
+        self.boot_id = boot_id or new_boot_id()
+        self._boot_field = '{"boot":"%s",' % self.boot_id
+        self.clock = clock
+        self.started = clock()
+        self.cache_size = cache_size  # replies kept for retries; the oldest is forgotten
+        self.deframer = frame.Deframer(frame.TO_DEVICE, max_line)
+        self.session = None
+        self._cache = {}  # id -> (request, reply line)
+        self._order = []  # cached ids, oldest first
+        self.requests = 0
+        self.retries = 0  # requests answered from the cache
+        self.errors = 0  # replies with ok false
+        self.write_errors = 0
+        # op -> (handler(req, now) -> dict of reply fields, changes state?)
+        self.ops = {
+            "hello": (self._hello, False),
+            "status": (self._status, False),
+            "counters": (self._counters, False),
+            "heap": (self._heap, False),
+            "events": (self._events, False),
+            "power": (self._power, True),
+            "watch": (self._watch, True),
+            "unwatch": (self._unwatch, True),
+            "beat": (self._beat, True),
+            "reboot": (self._reboot, True),
+        }
+        self._after = None  # run once the current reply is written (reboot)
+        if log is not None:
+            log.sink = self.push
+
+    def add(self, op, handler, changes_state=False):
+        """Register another op: handler(req, now) returns the reply's fields as a dict, or
+        raises ValueError with the text for the operator."""
+        self.ops[op] = (handler, changes_state)
+
+    # --- the byte stream ---------------------------------------------------------------
+    def feed(self, data):
+        """Bytes from the serial line (bytes or bytearray, any chunking)."""
+        for req in self.deframer.feed(data):
+            self.handle(req)
+
+    def push(self, text):
+        """The Log's sink: one event, already a JSON object, out as a frame that also names
+        this boot (the controller deduplicates events by boot and seq)."""
+        if text[:1] == "{" and len(text) > 2:
+            text = self._boot_field + text[1:]
+        self._send(frame.frame(text, frame.TO_HOST))
+
+    def _send(self, line):
+        try:
+            self.write(line)
+        except OSError:  # never let a stuck serial line break the service that logged
+            self.write_errors += 1
+
+    # --- one request --------------------------------------------------------------------
+    def handle(self, req):
+        now = self.clock()
+        self.requests += 1
+        rid = req.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            return self._error(None, "request without an integer id", "badreq")
+        op = req.get("op")
+        if self.nodes is not None:
+            self.nodes.contact(now)
+        entry = self.ops.get(op) if isinstance(op, str) else None
+        if entry is None:
+            return self._error(rid, "unknown op %r" % (op,), "unknown")
+        handler, changes_state = entry
+        if op != "hello" and self.session is None:
+            return self._error(rid, "no session: send hello first", "nosession")
+        if changes_state:
+            hit = self._cache.get(rid)
+            if hit is not None and hit[0] == req:
+                self.retries += 1
+                self._send(hit[1])
+                return None
+        try:
+            fields = handler(req, now)
+        except BadRequest as e:
+            return self._error(rid, "%s: %s" % (op, e), "badreq", req if changes_state else None)
+        except ValueError as e:  # PowerError and other refusals: the text is for the operator
+            return self._error(rid, str(e), "refused", req if changes_state else None)
+        except Exception as e:  # a bug must not kill the console; Ctrl-C still stops it
+            if self.log is not None:
+                self.log.count("console.internal_error")
+            return self._error(
+                rid, "internal error: %s %s" % (type(e).__name__, e), "internal", None
+            )
+        fields["id"] = rid
+        fields["ok"] = True
+        line = frame.encode(fields, frame.TO_HOST)
+        if changes_state:
+            self._remember(rid, req, line)
+        self._send(line)
+        after, self._after = self._after, None
+        if after is not None:
+            after()
+        return None
+
+    def _error(self, rid, text, code, req=None):
+        self.errors += 1
+        line = frame.encode(dict(zip(_ERR, (rid, False, text, code))), frame.TO_HOST)
+        if req is not None:  # a refusal is an answer too: a retry must get the same one
+            self._remember(rid, req, line)
+        self._send(line)
+
+    def _remember(self, rid, req, line):
+        if rid in self._cache:
+            self._order.remove(rid)
+        elif len(self._order) >= self.cache_size:
+            del self._cache[self._order.pop(0)]
+        self._cache[rid] = (req, line)
+        self._order.append(rid)
+
+    # --- ops -----------------------------------------------------------------------------
+    def _hello(self, req, now):
+        proto = req.get("proto", PROTO)
+        if proto != PROTO:
+            raise ValueError("protocol %r not supported (this device speaks %d)" % (proto, PROTO))
+        session = _arg(req, "session", str)
+        if session != self.session:
+            self.session = session
+            self._cache = {}
+            self._order = []
+        d = {
+            "proto": PROTO,
+            "boot": self.boot_id,
+            "uptime_ms": ticks_diff(now, self.started),
+            "seq": self._next_seq(),
+            "channels": len(self.power.channels) if self.power is not None else 0,
+        }
+        for k in self.info:
+            d[k] = self.info[k]
+        return d
+
+    def _status(self, req, now):
+        d = {"boot": self.boot_id, "uptime_ms": ticks_diff(now, self.started)}
+        if self.power is not None:
+            d["power"] = self.power.status()
+        if self.tasks is not None:
+            d["tasks"] = self.tasks.status(now)
+        if self.nodes is not None:
+            d["nodes"] = self.nodes.status()
+        d["heap"] = self._heap(req, now)
+        d["counters"] = self._counters(req, now)["counters"]
+        return d
+
+    def _counters(self, req, now):
+        c = dict(self.log.counters) if self.log is not None else {}
+        df = self.deframer
+        c["console.frames"] = df.frames
+        c["console.noise"] = df.noise
+        c["console.bad"] = df.bad
+        c["console.echo"] = df.echo
+        c["console.overlong"] = df.overlong
+        c["console.requests"] = self.requests
+        c["console.retries"] = self.retries
+        c["console.errors"] = self.errors
+        c["console.write_errors"] = self.write_errors
+        if self.log is not None:
+            c["log.dropped"] = self.log.dropped
+        return {"counters": c}
+
+    def _heap(self, req, now):
+        d = {"used": heap_used()}
+        if hasattr(gc, "mem_free"):
+            d["free"] = gc.mem_free()
+        return d
+
+    def _events(self, req, now):
+        """Events still in the ring with seq >= since, oldest first, at most n (<= 16)."""
+        since = _arg(req, "since", int, 0)
+        n = _arg(req, "n", int, 8)
+        n = max(1, min(n, 16))
+        out = []
+        first = None
+        if self.log is not None:
+            for e in self.log.recent():
+                if first is None:
+                    first = e["seq"]
+                if e["seq"] >= since and len(out) < n:
+                    out.append(e)
+        nxt = out[-1]["seq"] + 1 if out else max(since, self._next_seq())
+        return {"boot": self.boot_id, "events": out, "next": nxt, "first": first}
+
+    def _next_seq(self):
+        if self.log is None:
+            return 0
+        last = self.log.recent(1)
+        return last[0]["seq"] + 1 if last else 0
+
+    def _need(self, what, name):
+        if what is None:
+            raise ValueError("this device has no %s" % name)
+        return what
+
+    def _power(self, req, now):
+        power = self._need(self.power, "relay channels")
+        ref = _channel_ref(req)
+        state = req.get("state")
+        if state == "on":
+            st = power.on(ref, now)
+        elif state == "off":
+            st = power.off(ref, now)
+        elif state == "cycle":
+            off_ms = req.get("off_ms")
+            st = power.cycle(ref, now, off_ms)
+        else:
+            raise BadRequest("'state' must be on, off or cycle")
+        return {"channel": st}
+
+    def _watch(self, req, now):
+        nodes = self._need(self.nodes, "node watchdog")
+        ch = nodes.watch(
+            _channel_ref(req), _arg(req, "timeout_ms", int), _arg(req, "boot_ms", int), now
+        )
+        return {"ch": ch}
+
+    def _unwatch(self, req, now):
+        return {"ch": self._need(self.nodes, "node watchdog").unwatch(_channel_ref(req))}
+
+    def _beat(self, req, now):
+        nodes = self._need(self.nodes, "node watchdog")
+        chans = _arg(req, "channels", list)
+        watched = []
+        for ch in chans:
+            if isinstance(ch, bool) or not isinstance(ch, (int, str)):
+                raise BadRequest("'channels' must list channel numbers or names")
+            if nodes.beat(ch, now):
+                watched.append(ch)
+        return {"watched": watched}
+
+    def _reboot(self, req, now):
+        if self.reboot is None:
+            raise ValueError("this device cannot reboot on request")
+        self._after = self.reboot
+        return {"rebooting": True}
+
+
+# --- the shell: the USB serial line on MicroPython ------------------------------------------
+def stdout_writer():
+    """write(bytes) for the USB serial line (sys.stdout's binary side where there is one)."""
+    import sys
+
+    out = getattr(sys.stdout, "buffer", sys.stdout)
+    return out.write
+
+
+async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64):
+    """Feed the console from stdin forever. stdin is polled every interval_ms (so checkin(),
+    the console's watchdog check-in, runs even when the line is quiet) and read a byte at a
+    time while it has data, because a board's stdin read(n) blocks until it has n bytes.
+    Ctrl-C raises KeyboardInterrupt out of here and stops the firmware: not caught."""
+    import select
+    import sys
+
+    stream = stream or sys.stdin
+    raw = getattr(stream, "buffer", stream)
+    poller = select.poll()
+    poller.register(stream, select.POLLIN)
+    one = bytearray(1)
+    buf = bytearray(chunk)
+    while True:
+        n = 0
+        while n < chunk and poller.poll(0):
+            if not raw.readinto(one):  # end of file: Ctrl-D on a cooked tty, a closed pipe
+                break
+            buf[n] = one[0]
+            n += 1
+        if n:
+            console.feed(buf[:n])
+        if checkin is not None:
+            checkin()
+        await sleep_ms(0 if n == chunk else interval_ms)
