@@ -1,0 +1,61 @@
+"""Static assets (kernels, initrds) from the site's assets/ directory.
+
+Starlette does the HTTP work: Range (single and multiple), If-Range, ETag and Last-Modified,
+If-None-Match / If-Modified-Since (304) and HEAD. Paths that leave assets/ are refused: `..`,
+absolute paths and NUL bytes with 400 before touching the disk, symlinks that point outside with
+404 (Starlette resolves them and refuses, as it does for any file it will not serve).
+"""
+
+from __future__ import annotations
+
+import stat
+from functools import lru_cache
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+from starlette.datastructures import Headers
+from starlette.responses import FileResponse
+from starlette.staticfiles import NotModifiedResponse, StaticFiles
+
+from bastion.api.deps import RuntimeDep, SiteDep
+from bastion.site.load import clean_relpath
+
+router = APIRouter(tags=["assets"])
+
+
+class AssetResponse(FileResponse):
+    # Bigger reads than Starlette's 64 KiB mean fewer trips through the thread pool per file.
+    chunk_size = 256 * 1024
+
+
+@lru_cache(maxsize=8)
+def _static_files(directory: Path) -> StaticFiles:
+    return StaticFiles(directory=directory, check_dir=False)
+
+
+def _refused(runtime, status: int, text: str) -> Response:
+    runtime.metrics.inc("bastion_asset_requests_total", {"status": str(status)})
+    return PlainTextResponse(text, status)
+
+
+@router.api_route(
+    "/assets/{path:path}",
+    methods=["GET", "HEAD"],
+    summary="A file from the site's assets/ directory",
+    response_class=FileResponse,
+)
+async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep) -> Response:
+    rel = clean_relpath(path)
+    if rel is None:
+        return _refused(runtime, 400, f"{path!r} is not a path inside assets/\n")
+    static = _static_files(site.assets_dir)
+    full, st = await anyio.to_thread.run_sync(static.lookup_path, rel)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return _refused(runtime, 404, f"no asset {rel}\n")
+    response: Response = AssetResponse(full, stat_result=st)
+    if static.is_not_modified(response.headers, Headers(scope=request.scope)):
+        response = NotModifiedResponse(response.headers)
+    runtime.metrics.inc("bastion_asset_requests_total", {"status": str(response.status_code)})
+    return response

@@ -1,0 +1,138 @@
+"""Public, read-only boot endpoints with matchbox's paths and query semantics, and the callback
+nodes use to report that they booted."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from bastion import boot, match
+from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url
+from bastion.render.config import BootRequest
+
+router = APIRouter(tags=["boot"])
+
+_QUERY_DOC = (
+    "Query parameters are the machine's labels: `mac` (any common notation, normalised), `uuid`, "
+    "`arch`, `hostname`, `serial` and any others; the most specific group whose selectors all "
+    "match answers."
+)
+
+
+def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: boot.Answer, started: float) -> Response:
+    """Record the request as an event and in the metrics, and send the answer."""
+    labels = req.labels if req else {}
+    mac = labels.get("mac")
+    machine = answer.machine
+    if machine is None and mac:
+        known = runtime.holder.site.machine_by_mac(mac)
+        machine = known.name if known else None
+    payload = {"query": req.raw_query} if req and req.raw_query else {}
+    if answer.error:
+        payload["error"] = answer.error
+    runtime.record(
+        "boot",
+        mac=mac,
+        machine=machine,
+        endpoint=endpoint,
+        profile=answer.profile.id if answer.profile else None,
+        group=answer.group.id if answer.group else None,
+        status=answer.status,
+        payload=payload,
+    )
+    runtime.metrics.inc("bastion_boot_requests_total", {"endpoint": endpoint, "status": str(answer.status)})
+    runtime.metrics.observe("bastion_boot_request_seconds", time.perf_counter() - started, {"endpoint": endpoint})
+    return Response(answer.body, answer.status, media_type=answer.media_type)
+
+
+@router.get("/boot.ipxe", summary="iPXE bootstrap: chains to /ipxe with the machine's facts")
+@router.get("/boot.ipxe.0", include_in_schema=False)
+async def boot_ipxe(runtime: RuntimeDep) -> Response:
+    return respond(runtime, "/boot.ipxe", None, boot.boot_ipxe(), time.perf_counter())
+
+
+@router.get("/ipxe", summary="The machine's iPXE boot script", description=_QUERY_DOC)
+async def ipxe(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
+    started = time.perf_counter()
+    return respond(runtime, "/ipxe", req, boot.ipxe(site, req), started)
+
+
+@router.get("/grub/grub.cfg", summary="GRUB bootstrap: chains to /grub with the machine's facts")
+async def grub_cfg(runtime: RuntimeDep, site: SiteDep, request: Request) -> Response:
+    started = time.perf_counter()
+    answer = boot.grub_bootstrap(base_url(runtime, site, request))
+    return respond(runtime, "/grub/grub.cfg", None, answer, started)
+
+
+@router.get("/grub", summary="The machine's GRUB config", description=_QUERY_DOC)
+async def grub(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
+    started = time.perf_counter()
+    return respond(runtime, "/grub", req, boot.grub(site, req), started)
+
+
+@router.get("/ignition", summary="The machine's Ignition config (spec 3.3.0)", description=_QUERY_DOC)
+def ignition(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
+    started = time.perf_counter()
+    return respond(runtime, "/ignition", req, boot.ignition_config(site, req), started)
+
+
+@router.get("/generic", summary="The machine's generic config", description=_QUERY_DOC)
+def generic(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
+    started = time.perf_counter()
+    return respond(runtime, "/generic", req, boot.generic(site, req), started)
+
+
+@router.get("/metadata", summary="The machine's metadata as KEY=value lines", description=_QUERY_DOC)
+async def metadata(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
+    started = time.perf_counter()
+    return respond(runtime, "/metadata", req, boot.metadata(site, req), started)
+
+
+_CALLBACK_MAX = 64 * 1024
+
+
+@router.post(
+    "/callback",
+    summary="A node reports a boot stage",
+    description="Body: JSON object or form fields (or query parameters) with `mac` and any of "
+    "`digest`, `stage`, `status`, `message`. Lands in the event history as kind `callback`.",
+)
+async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSONResponse:
+    body = await request.body()
+    if len(body) > _CALLBACK_MAX:
+        raise HTTPException(413, "callback body too large")
+    fields: dict[str, object] = dict(parse_qsl(request.url.query, keep_blank_values=True))
+    text = body.decode("utf-8", errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise HTTPException(400, "callback body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise HTTPException(400, "callback body must be a JSON object")
+        fields.update(data)
+    elif text:
+        fields.update(parse_qsl(text, keep_blank_values=True))
+    raw_mac = fields.pop("mac", None)
+    mac = None
+    if raw_mac is not None:
+        try:
+            mac = match.parse_mac(str(raw_mac))
+        except match.Malformed:
+            raise HTTPException(400, f"{raw_mac!r} is not a MAC address") from None
+    machine = site.machine_by_mac(mac)
+    client = request.client.host if request.client else None
+    event_id = runtime.record(
+        "callback",
+        source="node",
+        mac=mac,
+        machine=machine.name if machine else None,
+        endpoint="/callback",
+        payload={**fields, "client": client},
+    )
+    runtime.metrics.inc("bastion_callbacks_total")
+    return JSONResponse({"ok": True, "event": event_id, "machine": machine.name if machine else None})

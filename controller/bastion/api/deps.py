@@ -1,0 +1,112 @@
+"""Shared state and FastAPI dependencies (`Annotated` aliases used by every router)."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from bastion import match
+from bastion.metrics import Metrics
+from bastion.render.config import BootRequest
+from bastion.settings import Settings
+from bastion.site.holder import SiteHolder
+from bastion.site.model import Site
+from bastion.store import EventStore
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler may need; one per application."""
+
+    settings: Settings
+    holder: SiteHolder
+    store: EventStore
+    metrics: Metrics
+
+    def record(self, kind: str, **fields: Any) -> int:
+        event_id = self.store.record(kind, **fields)
+        self.metrics.inc("bastion_events_total", {"kind": kind})
+        return event_id
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_site(runtime: RuntimeDep) -> Site:
+    # One read of the holder per request: a reload in the middle does not mix two sites.
+    return runtime.holder.site
+
+
+SiteDep = Annotated[Site, Depends(get_site)]
+
+
+def get_store(runtime: RuntimeDep) -> EventStore:
+    return runtime.store
+
+
+StoreDep = Annotated[EventStore, Depends(get_store)]
+
+_bearer = HTTPBearer(auto_error=False, description="The management API token")
+
+
+def require_admin(
+    runtime: RuntimeDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Every write, and every read of secrets, needs `Authorization: Bearer <token>`."""
+    token = runtime.settings.api_token
+    if token is None:
+        runtime.metrics.inc("bastion_api_auth_failures_total")
+        raise HTTPException(
+            403,
+            "the management API is disabled: no token configured "
+            "(set BASTION_API_TOKEN or use --token-file)",
+        )
+    if credentials is None:
+        runtime.metrics.inc("bastion_api_auth_failures_total")
+        raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+        runtime.metrics.inc("bastion_api_auth_failures_total")
+        raise HTTPException(
+            401, "wrong token", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+
+
+def is_admin(runtime: Runtime, request: Request) -> bool:
+    """Whether this request carries the right token (for reads that show more when it does)."""
+    token = runtime.settings.api_token
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+def base_url(runtime: Runtime, site: Site, request: Request) -> str:
+    """The controller URL to give machines: site.yaml's controller_url, else this request's."""
+    if site.settings.controller_url:
+        return site.settings.controller_url
+    return str(request.base_url).rstrip("/")
+
+
+def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request) -> BootRequest:
+    raw_query = request.scope.get("query_string", b"").decode("latin-1")
+    return BootRequest(
+        labels=match.labels_from_pairs(request.query_params.multi_items()),
+        raw_query=raw_query,
+        base_url=base_url(runtime, site, request),
+    )
+
+
+BootRequestDep = Annotated[BootRequest, Depends(get_boot_request)]

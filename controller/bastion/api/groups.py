@@ -1,0 +1,87 @@
+"""Management API: groups (matchbox groups/<id>.json, plus one per declared machine)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
+from bastion.api.edits import apply_or_422
+from bastion.site.model import Group, Site
+from bastion.site.schema import check_name
+
+router = APIRouter(prefix="/groups", tags=["groups"])
+
+
+class GroupOut(BaseModel):
+    id: str
+    name: str
+    profile: str
+    selector: dict[str, str]
+    format: str
+    source: str
+    machine: str | None
+
+
+class GroupIn(BaseModel):
+    """A matchbox group (the id comes from the URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+    profile: str
+    selector: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def group_out(g: Group) -> GroupOut:
+    return GroupOut(
+        id=g.id, name=g.name, profile=g.profile, selector=g.selector, format=g.format,
+        source=g.source, machine=g.machine.name if g.machine else None,
+    )  # fmt: skip
+
+
+def _group(site: Site, gid: str) -> Group:
+    g = site.group(gid)
+    if g is None:
+        raise HTTPException(404, f"no group {gid!r}")
+    return g
+
+
+@router.get("", summary="All groups, in matching order (most specific first)")
+def list_groups(site: SiteDep) -> list[GroupOut]:
+    return [group_out(g) for g in site.groups]
+
+
+@router.get("/{gid}", summary="One group (without its metadata)")
+def get_group(gid: str, site: SiteDep) -> GroupOut:
+    return group_out(_group(site, gid))
+
+
+@router.get("/{gid}/metadata", summary="A group's metadata (needs the token: may hold secrets)")
+def get_group_metadata(gid: str, site: SiteDep, _: AdminDep) -> dict[str, Any]:
+    return _group(site, gid).metadata
+
+
+@router.put("/{gid}", summary="Add or replace a matchbox group (needs the token)")
+def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> GroupOut:
+    try:
+        check_name(gid, "group id")
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    existing = site.group(gid)
+    if existing is not None and existing.format != "matchbox":
+        raise HTTPException(409, f"group {gid!r} comes from {existing.source}; edit that instead")
+    doc = {"id": gid, **body.model_dump()}
+    new = apply_or_422(runtime, {f"groups/{gid}.json": json.dumps(doc, indent=2).encode() + b"\n"})
+    return group_out(_group(new, gid))
+
+
+@router.delete("/{gid}", status_code=204, summary="Remove a matchbox group (needs the token)")
+def delete_group(gid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> None:
+    g = _group(site, gid)
+    if g.format != "matchbox":
+        raise HTTPException(409, f"group {gid!r} comes from {g.source}; edit that instead")
+    apply_or_422(runtime, {g.source: None})

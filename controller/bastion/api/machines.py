@@ -1,0 +1,108 @@
+"""Management API: machines (machines.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
+from bastion.api.edits import apply_or_422, current_yaml
+from bastion.render.config import BootRequest, RenderError, render_ignition
+from bastion.site.model import Machine, Site
+
+router = APIRouter(prefix="/machines", tags=["machines"])
+
+
+class MachineOut(BaseModel):
+    name: str
+    mac: str | None
+    uuid: str | None
+    arch: str | None
+    role: str | None
+    profile: str
+    hostname: str
+    labels: dict[str, str]
+    group: str
+    source: str
+
+
+class MachineIn(BaseModel):
+    """A machines.yaml entry (the name comes from the URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mac: str | None = None
+    uuid: str | None = None
+    arch: str | None = None
+    role: str | None = None
+    profile: str | None = None
+    hostname: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def machine_out(m: Machine) -> MachineOut:
+    return MachineOut(
+        name=m.name, mac=m.mac, uuid=m.uuid, arch=m.arch, role=m.role, profile=m.profile,
+        hostname=m.hostname, labels=m.labels, group=f"machine:{m.name}", source=m.source,
+    )  # fmt: skip
+
+
+def _machine(site: Site, name: str) -> Machine:
+    m = site.machine(name)
+    if m is None:
+        raise HTTPException(404, f"no machine {name!r} in machines.yaml")
+    return m
+
+
+@router.get("", summary="Machines declared in machines.yaml")
+def list_machines(site: SiteDep) -> list[MachineOut]:
+    return [machine_out(m) for m in site.machines]
+
+
+@router.get("/{name}", summary="One machine")
+def get_machine(name: str, site: SiteDep) -> MachineOut:
+    return machine_out(_machine(site, name))
+
+
+@router.get("/{name}/ignition", summary="The machine's rendered Ignition config (needs the token)")
+def machine_ignition(name: str, site: SiteDep, runtime: RuntimeDep, request: Request, _: AdminDep) -> dict:
+    m = _machine(site, name)
+    group = site.group(f"machine:{m.name}")
+    profile = site.profiles[m.profile]
+    labels = {"mac": m.mac} if m.mac else {"uuid": m.uuid or ""}
+    req = BootRequest(labels, "", base_url(runtime, site, request))
+    if not profile.ignition:
+        raise HTTPException(404, f"profile {profile.id!r} has no Ignition config")
+    try:
+        return render_ignition(site, group, profile, req)
+    except RenderError as e:
+        raise HTTPException(500, str(e)) from None
+
+
+@router.put("/{name}", summary="Add or replace a machine (needs the token)")
+def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
+    doc = current_yaml(runtime, "machines.yaml") or {}
+    machines = list(doc.get("machines") or [])
+    entry = {"name": name, **body.model_dump(exclude_none=True, exclude_defaults=True)}
+    for i, existing in enumerate(machines):
+        if isinstance(existing, dict) and existing.get("name") == name:
+            machines[i] = entry
+            break
+    else:
+        machines.append(entry)
+    doc["machines"] = machines
+    site = apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
+    return machine_out(_machine(site, name))
+
+
+@router.delete("/{name}", status_code=204, summary="Remove a machine (needs the token)")
+def delete_machine(name: str, runtime: RuntimeDep, _: AdminDep) -> None:
+    doc = current_yaml(runtime, "machines.yaml") or {}
+    machines = [m for m in doc.get("machines") or [] if not (isinstance(m, dict) and m.get("name") == name)]
+    if len(machines) == len(doc.get("machines") or []):
+        raise HTTPException(404, f"no machine {name!r} in machines.yaml")
+    doc["machines"] = machines
+    apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})

@@ -1,0 +1,94 @@
+"""The FastAPI application: one router per concern, shared state in app.state.runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import APIRouter, FastAPI
+
+from bastion import __version__
+from bastion.api import assets, boot, events, groups, machines, profiles, system
+from bastion.api.deps import Runtime
+from bastion.metrics import Metrics
+from bastion.settings import Settings
+from bastion.site.holder import ReloadOutcome, SiteHolder
+from bastion.store import EventStore
+
+log = logging.getLogger("bastion")
+
+DESCRIPTION = """\
+Edge Bastion's boot controller.
+
+* **boot**: public, read-only, matchbox-compatible endpoints for iPXE, GRUB and Flatcar.
+* **assets**: kernels and initrds from the site's `assets/` directory.
+* **machines, profiles, groups, events**: the management API. Reads are open; every write,
+  and every read that may show secrets, needs `Authorization: Bearer <token>`.
+* **system**: health, Prometheus metrics, site status and reload.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the application. Raises bastion.site.load.SiteError if the site does not load."""
+    store = EventStore(settings.db_path)
+    metrics = Metrics()
+    runtime_box: list[Runtime] = []
+
+    def on_reload(outcome: ReloadOutcome) -> None:
+        metrics.inc("bastion_site_reloads_total", {"result": "ok" if outcome.ok else "error"})
+        payload = {"ok": outcome.ok, "generation": outcome.generation}
+        if outcome.error:
+            payload["error"] = outcome.error
+            log.error("site reload failed; still serving generation %d:\n%s", outcome.generation, outcome.error)
+        else:
+            log.info("site reloaded: generation %d", outcome.generation)
+        runtime_box[0].record("site", payload=payload) if runtime_box else store.record("site", payload=payload)
+
+    holder = SiteHolder(settings.site_dir, on_reload=on_reload)
+    runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
+    runtime_box.append(runtime)
+    metrics.gauge_source = lambda: {
+        "bastion_site_generation": holder.generation,
+        "bastion_site_broken": 1 if holder.last_error else 0,
+        "bastion_site_machines": len(holder.site.machines),
+        "bastion_site_groups": len(holder.site.groups),
+        "bastion_site_profiles": len(holder.site.profiles),
+    }
+    runtime.record("site", payload={"ok": True, "generation": holder.generation, "loaded": str(settings.site_dir)})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if settings.poll_seconds > 0:
+            task = asyncio.create_task(_watch(holder, settings.poll_seconds))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.include_router(boot.router)
+    app.include_router(assets.router)
+    app.include_router(system.router)
+    api = APIRouter(prefix="/api/v1")
+    for module in (machines, profiles, groups, events):
+        api.include_router(module.router)
+    app.include_router(api)
+    return app
+
+
+async def _watch(holder: SiteHolder, every: float) -> None:
+    """Reload the site when its files change (mtime/size/presence, polled)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await anyio.to_thread.run_sync(holder.poll)
+        except Exception:  # a watcher that dies silently would stop reloads for good
+            log.exception("site poll failed")

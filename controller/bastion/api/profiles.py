@@ -1,0 +1,104 @@
+"""Management API: profiles (profiles/<id>.json in matchbox format, or <id>.yaml in ours)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import yaml
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel
+
+from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
+from bastion.api.edits import apply_or_422
+from bastion.site.model import Boot, Profile, Site
+from bastion.site.schema import check_name
+
+router = APIRouter(prefix="/profiles", tags=["profiles"])
+
+
+class BootOut(BaseModel):
+    kernel: str
+    initrd: list[str]
+    args: list[str]
+
+
+class ProfileOut(BaseModel):
+    id: str
+    name: str
+    format: Literal["matchbox", "bastion"]
+    os: str
+    source: str
+    boot: BootOut | None
+    boot_by_arch: dict[str, BootOut]
+    ignition: str | None
+    generic: str | None
+
+
+def _boot(b: Boot | None) -> BootOut | None:
+    return BootOut(kernel=b.kernel, initrd=list(b.initrd), args=list(b.args)) if b else None
+
+
+def profile_out(p: Profile) -> ProfileOut:
+    return ProfileOut(
+        id=p.id, name=p.name, format=p.format, os=p.os, source=p.source, boot=_boot(p.boot),
+        boot_by_arch={a: _boot(b) for a, b in p.boot_by_arch.items()},
+        ignition=p.ignition, generic=p.generic,
+    )  # fmt: skip
+
+
+def _profile(site: Site, pid: str) -> Profile:
+    p = site.profiles.get(pid)
+    if p is None:
+        raise HTTPException(404, f"no profile {pid!r}")
+    return p
+
+
+@router.get("", summary="All profiles")
+def list_profiles(site: SiteDep) -> list[ProfileOut]:
+    return [profile_out(p) for p in site.profiles.values()]
+
+
+@router.get("/{pid}", summary="One profile")
+def get_profile(pid: str, site: SiteDep) -> ProfileOut:
+    return profile_out(_profile(site, pid))
+
+
+@router.put(
+    "/{pid}",
+    summary="Add or replace a profile (needs the token)",
+    description="`format=matchbox` (default) writes the body as profiles/<id>.json, a matchbox "
+    "profile (id, name, boot{kernel, initrd, args}, ignition_id, generic_id); `format=bastion` "
+    "writes profiles/<id>.yaml in Edge Bastion's format. The other file for the id is removed.",
+)
+def put_profile(
+    pid: str,
+    body: dict[str, Any],
+    runtime: RuntimeDep,
+    site: SiteDep,
+    _: AdminDep,
+    format: Literal["matchbox", "bastion"] = "matchbox",
+) -> ProfileOut:
+    try:
+        check_name(pid, "profile id")
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    changes: dict[str, bytes | None] = {}
+    if format == "matchbox":
+        body = {**body, "id": pid}
+        changes[f"profiles/{pid}.json"] = json.dumps(body, indent=2).encode() + b"\n"
+        stale = [f"profiles/{pid}.yaml", f"profiles/{pid}.yml"]
+    else:
+        changes[f"profiles/{pid}.yaml"] = yaml.safe_dump(body, sort_keys=False).encode()
+        stale = [f"profiles/{pid}.json", f"profiles/{pid}.yml"]
+    for rel in stale:
+        if (runtime.holder.root / rel).exists():
+            changes[rel] = None
+    new = apply_or_422(runtime, changes)
+    return profile_out(_profile(new, pid))
+
+
+@router.delete("/{pid}", status_code=204, summary="Remove a profile (needs the token)")
+def delete_profile(pid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> None:
+    p = _profile(site, pid)
+    apply_or_422(runtime, {p.source: None})

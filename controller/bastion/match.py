@@ -1,0 +1,118 @@
+"""Matching a boot request to a group: pure functions, matchbox's rules.
+
+A request's labels are its query parameters (first value of each key); a `mac` label is kept only
+when it parses as a MAC address, and is then normalised to lower-case colon form. A group matches
+when every one of its selectors equals the request's label of the same key. Of the matching
+groups, the one with the most selectors wins; ties go to the lexically greatest selector string
+(`key=value` pairs sorted and joined by commas). A group without selectors matches everything: it
+is the default group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
+from urllib.parse import parse_qsl
+
+_HEX_PAIR = re.compile(r"^[0-9A-Fa-f]{2}$")
+_HEX_QUAD = re.compile(r"^[0-9A-Fa-f]{4}$")
+# Go's net.ParseMAC accepts 48-bit (6), EUI-64 (8) and 20-octet InfiniBand addresses.
+_MAC_LENGTHS = (6, 8, 20)
+
+
+class Malformed(ValueError):
+    """An input that is not what it claims to be (here: not a MAC address)."""
+
+
+def parse_mac(text: str) -> str:
+    """`text` as a normalised MAC address (`52:54:00:a1:9c:ae`), or raise Malformed.
+
+    Accepts the forms Go's net.ParseMAC accepts, as matchbox does: `xx:xx:..`, `xx-xx-..`
+    (iPXE's `${mac:hexhyp}`) and `xxxx.xxxx.xxxx`.
+    """
+    if not isinstance(text, str):
+        raise Malformed(f"{text!r} is not a MAC address")
+    octets: list[str] = []
+    if len(text) >= 14 and text[2:3] in (":", "-"):
+        sep = text[2]
+        parts = text.split(sep)
+        if all(_HEX_PAIR.match(p) for p in parts):
+            octets = parts
+    elif len(text) >= 14 and text[4:5] == ".":
+        parts = text.split(".")
+        if all(_HEX_QUAD.match(p) for p in parts):
+            octets = [q[i : i + 2] for q in parts for i in (0, 2)]
+    if len(octets) not in _MAC_LENGTHS:
+        raise Malformed(f"{text!r} is not a MAC address")
+    return ":".join(o.lower() for o in octets)
+
+
+def is_mac(text: object) -> bool:
+    try:
+        parse_mac(text)  # type: ignore[arg-type]
+    except Malformed:
+        return False
+    return True
+
+
+def mac_hexhyp(mac: str) -> str:
+    """A normalised MAC in iPXE's `${mac:hexhyp}` form (`52-54-00-a1-9c-ae`)."""
+    return mac.replace(":", "-")
+
+
+def labels_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Request labels from query pairs in order: first value per key wins, `mac` normalised.
+
+    A `mac` (any letter case in the key, as matchbox compares it) that does not parse is dropped,
+    so that a garbage MAC cannot match a group by accident; the key keeps its spelling.
+    """
+    labels: dict[str, str] = {}
+    for key, value in pairs:
+        if key in labels:
+            continue
+        if key.lower() == "mac":
+            try:
+                labels[key] = parse_mac(value)
+            except Malformed:
+                continue
+        else:
+            labels[key] = value
+    return labels
+
+
+def labels_from_query(raw_query: str) -> dict[str, str]:
+    """Request labels from a raw query string (`mac=52-54-00-..&uuid=..`)."""
+    return labels_from_pairs(parse_qsl(raw_query, keep_blank_values=True))
+
+
+class Selectable(Protocol):
+    @property
+    def selector(self) -> Mapping[str, str]: ...
+
+
+def selector_string(selector: Mapping[str, str]) -> str:
+    """The tie-break key: `key=value` pairs, sorted, joined by commas."""
+    return ",".join(sorted(f"{k}={v}" for k, v in selector.items()))
+
+
+def matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+G = TypeVar("G", bound=Selectable)
+
+
+def specificity_order(groups: Iterable[G]) -> list[G]:
+    """Groups in the order they are tried: most selectors first, then greatest selector string."""
+    return sorted(
+        groups, key=lambda g: (len(g.selector), selector_string(g.selector)), reverse=True
+    )
+
+
+def select_group(ordered: Sequence[G], labels: Mapping[str, str]) -> G | None:
+    """The first group of `ordered` (see specificity_order) whose selectors all match, or None."""
+    for group in ordered:
+        if matches(group.selector, labels):
+            return group
+    return None

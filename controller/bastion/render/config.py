@@ -1,0 +1,182 @@
+"""Per-machine configs: Ignition, generic templates and metadata. Pure functions of the loaded site
+and the request's facts (no I/O except reading `local:` files under the site's files/).
+
+Variables follow matchbox (`collectVariables`): the group's metadata, its selectors (keys in lower
+case) and `request` = {`query`: the request's labels, `raw_query`: the raw query string}; a
+`request` key in the metadata is overwritten. Edge Bastion's own (Jinja2) templates also get
+`machine` (name, mac, mac_hexhyp, uuid, arch, role, hostname, labels, profile), `site` (name,
+controller_url) and `metadata` (the merged metadata as one mapping).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+
+from bastion.render import butane, gotemplate, ignition
+from bastion.render.gotemplate import go_str
+from bastion.site.model import Group, Profile, Site, TemplateFile
+
+
+class RenderError(ValueError):
+    """A config that cannot be rendered for this request; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class BootRequest:
+    labels: dict[str, str]
+    raw_query: str
+    base_url: str  # the controller URL to hand to machines, without a trailing slash
+
+
+jinja_env = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+)
+
+
+def compile_jinja(text: str, name: str) -> jinja2.Template:
+    """Compile a site template or raise RenderError naming the file and line."""
+    try:
+        return jinja_env.from_string(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise RenderError(f"{name}:{e.lineno}: {e.message}") from None
+
+
+def _jinja_render(tf: TemplateFile, variables: dict[str, Any]) -> str:
+    try:
+        return tf.jinja.render(variables)
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{tf.relpath}{_jinja_line(e)}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError) as e:
+        raise RenderError(f"{tf.relpath}{_jinja_line(e)}: {type(e).__name__}: {e}") from None
+
+
+def _jinja_line(exc: BaseException) -> str:
+    tb: types.TracebackType | None = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f":{line}" if line else ""
+
+
+def variables(site: Site, group: Group, req: BootRequest) -> dict[str, Any]:
+    """matchbox's template data for `group` and this request."""
+    data: dict[str, Any] = copy.deepcopy(group.metadata)
+    for key, value in group.selector.items():
+        data[key.lower()] = value
+    data["request"] = {"query": dict(req.labels), "raw_query": req.raw_query}
+    return data
+
+
+def jinja_variables(site: Site, group: Group, profile: Profile, req: BootRequest) -> dict[str, Any]:
+    data = variables(site, group, req)
+    if group.machine is not None:
+        machine = group.machine.as_variables()
+    else:
+        mac = req.labels.get("mac")
+        machine = {
+            "name": None,
+            "mac": mac,
+            "mac_hexhyp": mac.replace(":", "-") if mac else None,
+            "uuid": req.labels.get("uuid") or None,
+            "arch": req.labels.get("arch") or None,
+            "role": None,
+            "hostname": req.labels.get("hostname") or None,
+            "labels": {},
+            "profile": profile.id,
+        }
+    data["machine"] = machine
+    data["site"] = {"name": site.name, "controller_url": req.base_url}
+    data["metadata"] = copy.deepcopy(group.metadata)
+    return data
+
+
+def render_template(site: Site, tf: TemplateFile, group: Group, profile: Profile, req: BootRequest) -> str:
+    if profile.engine == "go":
+        try:
+            return tf.go.render(variables(site, group, req))
+        except gotemplate.TemplateError as e:
+            line = f":{e.line}" if e.line else ""
+            raise RenderError(f"{tf.relpath}{line}: {e.message}") from None
+    return _jinja_render(tf, jinja_variables(site, group, profile, req))
+
+
+def render_ignition(site: Site, group: Group, profile: Profile, req: BootRequest) -> dict:
+    """The machine's Ignition 3.3.0 config, validated, or raise RenderError."""
+    if not profile.ignition:
+        raise RenderError(f"profile {profile.id!r} ({profile.source}) has no Ignition config")
+    tf = site.ignition[profile.ignition]
+    if tf.raw_ignition is not None:
+        return copy.deepcopy(tf.raw_ignition)
+    text = render_template(site, tf, group, profile, req)
+    try:
+        return butane.translate(text, tf.relpath, site.files_dir)
+    except butane.ButaneError as e:
+        if text != tf.text:
+            e = butane.ButaneError(e.name, [source_line(tf.text, text, line, msg) for line, msg in e.problems])
+        raise RenderError(str(e)) from None
+
+
+_TEMPLATE_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}")
+
+
+def source_line(source: str, rendered: str, line: int | None, msg: str) -> tuple[int | None, str]:
+    """Map a problem at `line` of a rendered template back to the template's own line.
+
+    Template tags may remove or add lines, so the rendered line is looked up in the source:
+    first as it is, then against each source line with its tags as wildcards; of several
+    candidates the nearest wins. When nothing fits, the message quotes the rendered line.
+    """
+    rendered_lines = rendered.splitlines()
+    if not line or not 1 <= line <= len(rendered_lines):
+        return line, msg
+    text = rendered_lines[line - 1]
+    source_lines = source.splitlines()
+    exact = [i + 1 for i, s in enumerate(source_lines) if s == text]
+    candidates = exact or [
+        i + 1
+        for i, s in enumerate(source_lines)
+        if _TEMPLATE_TAG.search(s) and re.fullmatch(_as_pattern(s), text)
+    ]
+    if candidates:
+        return min(candidates, key=lambda n: abs(n - line)), msg
+    return None, f"{msg} (line {line} after templating: {text.strip()!r})"
+
+
+def _as_pattern(source_line: str) -> str:
+    parts = _TEMPLATE_TAG.split(source_line)
+    return ".*?".join(re.escape(p) for p in parts)
+
+
+def render_generic(site: Site, group: Group, profile: Profile, req: BootRequest) -> str:
+    if not profile.generic:
+        raise RenderError(f"profile {profile.id!r} ({profile.source}) has no generic config")
+    return render_template(site, site.generic[profile.generic], group, profile, req)
+
+
+def metadata_env(data: dict[str, Any]) -> str:
+    """matchbox's /metadata answer: KEY=value lines, nested keys joined by '_', in upper case.
+
+    Strings, booleans and numbers are printed as Go prints them; lists and nulls are left out,
+    as matchbox does. Lines are sorted (matchbox's order is random).
+    """
+    lines: list[str] = []
+
+    def walk(prefix: str, mapping: dict[str, Any]) -> None:
+        for key, value in mapping.items():
+            name = prefix + str(key)
+            if isinstance(value, dict):
+                walk(name + "_", value)
+            elif isinstance(value, (str, bool, int, float)):
+                lines.append(f"{name.upper()}={go_str(float(value) if type(value) is int else value)}")
+
+    walk("", data)
+    return "".join(line + "\n" for line in sorted(lines))

@@ -1,0 +1,174 @@
+"""`bastion serve`, `bastion events` and `bastion site check`: the boot service's commands.
+
+Runnable on its own too: `python -m bastion.serve_cli serve --site DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from bastion.settings import Settings, SettingsError, default_db_path, parse_listen
+
+
+@click.command("serve")
+@click.option(
+    "--site", "site_dir", envvar="BASTION_SITE", required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The site directory (Edge Bastion YAML and/or a matchbox data directory).",
+)  # fmt: skip
+@click.option("--listen", envvar="BASTION_LISTEN", default="127.0.0.1:8080", show_default=True,
+              help="HOST:PORT to serve HTTP on.")  # fmt: skip
+@click.option("--db", "db_path", envvar="BASTION_DB", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Event history database [default: {default_db_path()}].")  # fmt: skip
+@click.option("--token-file", envvar="BASTION_API_TOKEN_FILE", type=click.Path(dir_okay=False, path_type=Path),
+              help="File holding the management API token (else $BASTION_API_TOKEN).")  # fmt: skip
+@click.option("--poll", "poll_seconds", envvar="BASTION_POLL_SECONDS", type=float, default=1.0,
+              show_default=True, help="Seconds between checks for changed site files (0: never).")  # fmt: skip
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
+@click.option("--access-log/--no-access-log", default=True, show_default=True)
+def serve(site_dir, listen, db_path, token_file, poll_seconds, log_level, access_log) -> None:
+    """Serve iPXE, GRUB, Ignition and assets for the site, and the management API."""
+    import uvicorn
+
+    from bastion.api.main import create_app
+    from bastion.site.load import SiteError
+
+    try:
+        host, port = parse_listen(listen)
+        settings = Settings.build(site_dir, db_path, token_file=token_file, poll_seconds=poll_seconds)
+    except SettingsError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        app = create_app(settings)
+    except SiteError as e:
+        click.echo(f"the site in {site_dir} does not load:", err=True)
+        for problem in e.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(2)
+    site = app.state.runtime.holder.site
+    click.echo(
+        f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
+        f"{len(site.groups)} groups; events in {settings.db_path}; "
+        f"management API {'enabled' if settings.api_token else 'disabled (no token)'}",
+        err=True,
+    )
+    for warning in site.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+
+
+def _format_event(e: dict) -> str:
+    when = datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+    who = e.get("machine") or e.get("mac") or "-"
+    what = e.get("endpoint") or ""
+    status = e.get("status")
+    extra = {k: v for k, v in (e.get("payload") or {}).items() if k not in ("query",)}
+    detail = " ".join(f"{k}={v}" for k, v in extra.items())
+    prof = f"profile={e['profile']}" if e.get("profile") else ""
+    return "  ".join(
+        x for x in (f"{e['id']:>6}", when, f"{e['kind']:<8}", who, what, str(status or ""), prof, detail) if x
+    )
+
+
+@click.command("events")
+@click.option("--db", "db_path", envvar="BASTION_DB", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Read this database [default: {default_db_path()}].")  # fmt: skip
+@click.option("--url", help="Read from a running controller instead, e.g. http://127.0.0.1:8080")
+@click.option("-n", "--limit", default=50, show_default=True, help="How many (newest) events.")
+@click.option("--kind", help="Only this kind: boot, callback, site, dhcp, tftp, power, ...")
+@click.option("--mac", help="Only this machine's MAC.")
+@click.option("--machine", help="Only this machine (name from machines.yaml).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
+def events(db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
+    """Show the event history: boot requests, callbacks, reloads, device events."""
+    filters = {"kind": kind, "mac": mac, "machine": machine}
+
+    if url:
+        import httpx
+
+        def fetch(after: int | None) -> list[dict]:
+            params = {k: v for k, v in {**filters, "limit": limit, "after": after}.items() if v is not None}
+            r = httpx.get(url.rstrip("/") + "/api/v1/events", params=params, timeout=10)
+            if r.status_code != 200:
+                raise click.ClickException(f"{url}: HTTP {r.status_code}: {r.text.strip()}")
+            return r.json()
+    else:
+        from bastion import match
+        from bastion.store import open_readonly
+
+        path = db_path or default_db_path()
+        try:
+            store = open_readonly(path)
+        except FileNotFoundError as e:
+            raise click.ClickException(str(e)) from None
+        if mac:
+            try:
+                filters["mac"] = match.parse_mac(mac)
+            except match.Malformed as e:
+                raise click.BadParameter(str(e), param_hint="--mac") from None
+
+        def fetch(after: int | None) -> list[dict]:
+            return [e.as_dict() for e in store.query(limit=limit, after=after, **filters)]
+
+    def show(batch: list[dict]) -> None:
+        for e in batch:
+            click.echo(json.dumps(e) if as_json else _format_event(e))
+
+    batch = fetch(None)
+    batch.reverse()  # oldest first on screen
+    show(batch)
+    last = batch[-1]["id"] if batch else 0
+    while follow:
+        time.sleep(1)
+        batch = fetch(last)
+        show(batch)
+        if batch:
+            last = batch[-1]["id"]
+
+
+@click.group("site")
+def site_group() -> None:
+    """Site directory tools."""
+
+
+@site_group.command("check")
+@click.argument("site_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def site_check(site_dir: Path) -> None:
+    """Load and validate SITE_DIR as `bastion serve` would; print every problem."""
+    from bastion.site.load import SiteError, load_site
+
+    try:
+        site = load_site(site_dir)
+    except SiteError as e:
+        for problem in e.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
+    for warning in site.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(
+        f"site {site.name!r} OK: {len(site.machines)} machines, {len(site.profiles)} profiles, "
+        f"{len(site.groups)} groups"
+    )
+
+
+COMMANDS = (serve, events, site_group)
+
+
+@click.group()
+def _standalone() -> None:
+    """The boot service's commands (also available as `bastion ...`)."""
+
+
+for _command in COMMANDS:
+    _standalone.add_command(_command)
+
+if __name__ == "__main__":
+    _standalone()

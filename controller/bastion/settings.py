@@ -1,0 +1,85 @@
+"""How the controller is configured: command-line options, falling back to environment variables.
+
+    BASTION_SITE             the site directory
+    BASTION_LISTEN           HOST:PORT to listen on (default 127.0.0.1:8080)
+    BASTION_DB               the event history database (default: see default_db_path)
+    BASTION_API_TOKEN        the management API bearer token, or
+    BASTION_API_TOKEN_FILE   a file holding it (first line)
+    BASTION_POLL_SECONDS     how often to look for changed site files (0: never; default 1)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def default_db_path() -> Path:
+    """$XDG_STATE_HOME/edge-bastion/events.db (~/.local/state/... when unset)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "edge-bastion" / "events.db"
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SettingsError(f"cannot read the API token file {path}: {e.strerror}") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if len(token) < 16:
+        raise SettingsError(f"the API token in {path} is too short (16 characters at least)")
+    return token
+
+
+def resolve_token(token: str | None = None, token_file: Path | None = None) -> str | None:
+    """The API token: explicit token, token file, $BASTION_API_TOKEN, $BASTION_API_TOKEN_FILE."""
+    if token:
+        return token
+    if token_file:
+        return read_token_file(token_file)
+    if os.environ.get("BASTION_API_TOKEN"):
+        return os.environ["BASTION_API_TOKEN"]
+    if os.environ.get("BASTION_API_TOKEN_FILE"):
+        return read_token_file(Path(os.environ["BASTION_API_TOKEN_FILE"]))
+    return None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"--listen {text!r}: expected HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    site_dir: Path
+    db_path: Path
+    api_token: str | None = None
+    poll_seconds: float = 1.0
+
+    @classmethod
+    def build(
+        cls,
+        site_dir: Path | str,
+        db_path: Path | str | None = None,
+        api_token: str | None = None,
+        token_file: Path | None = None,
+        poll_seconds: float | None = None,
+    ) -> Settings:
+        if poll_seconds is None:
+            poll_seconds = float(os.environ.get("BASTION_POLL_SECONDS", "1"))
+        db = db_path or os.environ.get("BASTION_DB") or default_db_path()
+        return cls(
+            site_dir=Path(site_dir),
+            db_path=Path(db),
+            api_token=resolve_token(api_token, token_file),
+            poll_seconds=poll_seconds,
+        )

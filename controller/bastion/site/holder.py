@@ -1,0 +1,141 @@
+"""The site currently served, and how it is replaced: whole, and only by a site that loaded.
+
+`SiteHolder` keeps the last good Site. `reload()` loads the directory again; on success the new
+Site replaces the old one in a single assignment (requests in flight keep the one they started
+with), on failure the old one keeps serving and the error is kept for /healthz, the API and the
+event history. `poll()` reloads when a file's mtime, size or presence changed. `apply(changes)`
+validates edits made through the API against the whole site before writing them, atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.site.load import SiteError, load_site
+from bastion.site.model import Site
+
+# Not part of the configuration: served as they are, or runtime state.
+_SKIP_DIRS = {"assets", "var"}
+
+
+def fingerprint(root: Path) -> tuple:
+    """(path, mtime_ns, size) of every configuration file under root, sorted."""
+    out = []
+
+    def walk(d: Path, rel: str) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            r = f"{rel}{e.name}"
+            try:
+                if e.is_dir():
+                    if not (rel == "" and e.name in _SKIP_DIRS):
+                        walk(Path(e.path), r + "/")
+                elif e.is_file():
+                    st = e.stat()
+                    out.append((r, st.st_mtime_ns, st.st_size))
+            except OSError:
+                continue
+
+    walk(root, "")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    ok: bool
+    changed: bool
+    generation: int
+    error: str | None = None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write data to path via a temporary file, fsync and rename: readers see old or new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class SiteHolder:
+    def __init__(self, root: Path, on_reload: Callable[[ReloadOutcome], None] | None = None):
+        self.root = Path(root)
+        self.on_reload = on_reload
+        self._lock = threading.Lock()
+        self._fingerprint = fingerprint(self.root)
+        self.site: Site = load_site(self.root)  # raises SiteError: nothing to serve yet
+        self.generation = 1
+        self.loaded_at = time.time()
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    def _report(self, outcome: ReloadOutcome) -> ReloadOutcome:
+        if self.on_reload is not None:
+            self.on_reload(outcome)
+        return outcome
+
+    def reload(self) -> ReloadOutcome:
+        """Load the directory again; keep serving the old site when the new one is broken."""
+        with self._lock:
+            self._fingerprint = fingerprint(self.root)
+            try:
+                site = load_site(self.root)
+            except SiteError as e:
+                self.last_error = str(e)
+                self.last_error_at = time.time()
+                return self._report(ReloadOutcome(False, False, self.generation, str(e)))
+            self._swap(site)
+            return self._report(ReloadOutcome(True, True, self.generation))
+
+    def poll(self) -> ReloadOutcome | None:
+        """Reload if any configuration file changed since the last look; None if none did."""
+        if fingerprint(self.root) == self._fingerprint:
+            return None
+        return self.reload()
+
+    def apply(self, changes: dict[str, bytes | None]) -> Site:
+        """Validate `changes` (relative path -> new bytes, None to delete) against the whole
+        site, then write them atomically and serve the result. Raises SiteError untouched."""
+        with self._lock:
+            site = load_site(self.root, overlay=changes)
+            for rel, data in changes.items():
+                path = self.root / rel
+                if data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    write_atomically(path, data)
+            self._fingerprint = fingerprint(self.root)
+            self._swap(site)
+        return site
+
+    def _swap(self, site: Site) -> None:
+        self.site = site
+        self.generation += 1
+        self.loaded_at = time.time()
+        self.last_error = None
+        self.last_error_at = None

@@ -1,0 +1,663 @@
+"""Loading a site directory: read every file, validate it, cross-check, and build one Site.
+
+A site directory may hold Edge Bastion's own YAML, matchbox's layout, or both:
+
+    site.yaml             site name, controller URL, default profile, roles, shared metadata
+    machines.yaml         machines: name, mac/uuid, arch, role/profile, labels, metadata
+    profiles/<id>.yaml    Edge Bastion profiles (kernel, initrd, args, per-arch boot, ignition)
+    profiles/<id>.json    matchbox profiles
+    groups/<id>.json      matchbox groups (selector, profile, metadata)
+    ignition/             Butane templates (.yaml/.yml/.bu) and raw Ignition (.ign/.ignition/.json)
+    generic/              generic templates
+    files/                contents for Butane `local:` references
+    assets/               served at /assets/ (kernels, initrds)
+
+`load_site(root)` returns a Site or raises SiteError listing every problem, each naming the file,
+the line when known, the field and what is wrong:
+
+    machines.yaml:7: machines[2].mac: 'zz:00' is not a MAC address
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from bastion import match, yamlfile
+from bastion.render import butane, gotemplate, ignition
+from bastion.render.config import BootRequest, RenderError, compile_jinja, render_generic, render_ignition
+from bastion.site import schema
+from bastion.site.model import (
+    Boot,
+    Group,
+    Machine,
+    Profile,
+    Site,
+    SiteSettings,
+    TemplateFile,
+)
+
+RAW_IGNITION_SUFFIXES = (".ign", ".ignition", ".json")
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
+_PLACEHOLDER_URL = "http://controller.invalid"
+
+
+class SiteError(ValueError):
+    """The site directory cannot be loaded; `problems` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class SiteFiles:
+    """Reads a site directory, optionally through an overlay of pending edits (path -> bytes or
+    None for a deletion), so that an edit can be validated before it is written."""
+
+    def __init__(self, root: Path, overlay: dict[str, bytes | None] | None = None):
+        self.root = root
+        self.overlay = dict(overlay or {})
+
+    def read(self, rel: str) -> bytes | None:
+        if rel in self.overlay:
+            return self.overlay[rel]
+        try:
+            return (self.root / rel).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def names(self, rel_dir: str) -> list[str]:
+        """Regular files directly inside rel_dir (sorted), with the overlay applied."""
+        names: set[str] = set()
+        d = self.root / rel_dir
+        if d.is_dir():
+            names = {p.name for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
+        for rel, data in self.overlay.items():
+            parent, _, name = rel.rpartition("/")
+            if parent == rel_dir:
+                if data is None:
+                    names.discard(name)
+                else:
+                    names.add(name)
+        return sorted(names)
+
+    def subdirs(self, rel_dir: str) -> list[str]:
+        d = self.root / rel_dir
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _line_at(doc: Any, loc: tuple[Any, ...]) -> int | None:
+    line = getattr(doc, "line", None) or None
+    node = doc
+    for part in loc:
+        if isinstance(node, (yamlfile.LineDict, yamlfile.LineList)):
+            try:
+                line = node.line_of(part)
+            except TypeError:
+                break
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                break
+        else:
+            break
+    return line
+
+
+_TYPE_WORDS = {
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "float_type": "must be a number",
+    "model_type": "must be a mapping",
+}
+
+
+def _message(err: dict[str, Any], model: type[pydantic.BaseModel]) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a known field"
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    if kind in _TYPE_WORDS:
+        return f"{_TYPE_WORDS[kind]}, not {err.get('input')!r}"
+    if kind == "literal_error":
+        return f"{err['msg'].replace('Input should be', 'must be')}, not {err.get('input')!r}"
+    return f"{err['msg']} (got {err.get('input')!r})"
+
+
+class _Loader:
+    def __init__(self, files: SiteFiles):
+        self.files = files
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        # profiles whose file exists but does not load: references to them are not reported
+        # again, so that one mistake gives one error
+        self.broken_profiles: set[str] = set()
+
+    def problem(self, where: str, line: int | None, field: str, msg: str) -> None:
+        place = f"{where}:{line}" if line else where
+        self.problems.append(f"{place}: {field}: {msg}" if field else f"{place}: {msg}")
+
+    def validated(self, model: type[pydantic.BaseModel], doc: Any, where: str, prefix: tuple = ()):
+        try:
+            return model.model_validate(doc)
+        except pydantic.ValidationError as e:
+            for err in e.errors():
+                loc = prefix + tuple(err["loc"])
+                self.problem(where, _line_at(doc, tuple(err["loc"])), field_path(loc), _message(err, model))
+            return None
+
+    def yaml_doc(self, rel: str) -> Any:
+        raw = self.files.read(rel)
+        if raw is None:
+            return None
+        try:
+            doc = yamlfile.load(raw, rel)
+        except yamlfile.YamlError as e:
+            self.problem(rel, e.line, "", f"bad YAML: {e.problem}")
+            return False
+        if doc is None:
+            return yamlfile.LineDict()
+        if not isinstance(doc, dict):
+            self.problem(rel, getattr(doc, "line", None), "", "must be a YAML mapping at the top")
+            return False
+        return doc
+
+    def json_doc(self, rel: str) -> Any:
+        raw = self.files.read(rel) or b""
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as e:
+            self.problem(rel, e.lineno, "", f"bad JSON: {e.msg}")
+            return False
+        except UnicodeDecodeError:
+            self.problem(rel, None, "", "is not UTF-8 text")
+            return False
+        if not isinstance(doc, dict):
+            self.problem(rel, None, "", "must be a JSON object")
+            return False
+        return doc
+
+
+def clean_relpath(value: str) -> str | None:
+    """`value` as a path inside its directory, or None when it is absolute or leaves it."""
+    if not value or value.startswith("/") or "\\" in value or "\x00" in value:
+        return None
+    norm = posixpath.normpath(value)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        return None
+    return norm
+
+
+def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Site:
+    """Load and validate the site directory `root` or raise SiteError."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SiteError([f"{root}: not a directory"])
+    ld = _Loader(SiteFiles(root, overlay))
+
+    settings = _load_settings(ld, root)
+    profiles = _load_profiles(ld)
+    if settings is not None:
+        _check_settings_refs(ld, settings, profiles)
+    if settings is not None:
+        machines = _load_machines(ld, settings, profiles)
+    else:
+        _load_machines(ld, SiteSettings(root.name, None, None, {}, {}), profiles, resolve=False)
+        machines = []
+    groups = _load_groups(ld, profiles)
+    if settings is not None:
+        groups += _machine_groups(settings, machines)
+    _check_selectors(ld, groups)
+    ignition_files, generic_files = _load_templates(ld, root, profiles)
+    if ld.problems or settings is None:
+        raise SiteError(ld.problems)
+
+    site = Site(
+        root=root,
+        settings=settings,
+        profiles=profiles,
+        groups=tuple(match.specificity_order(groups)),
+        machines=tuple(machines),
+        ignition=ignition_files,
+        generic=generic_files,
+        warnings=tuple(ld.warnings),
+    )
+    _prerender(ld, site)
+    if ld.problems:
+        raise SiteError(ld.problems)
+    return dataclasses.replace(site, warnings=tuple(ld.warnings))
+
+
+def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
+    doc = ld.yaml_doc("site.yaml")
+    if doc is False:
+        return None
+    model = schema.SiteFile() if doc is None else ld.validated(schema.SiteFile, doc, "site.yaml")
+    if model is None:
+        return None
+    return SiteSettings(
+        name=model.site or root.resolve().name,
+        controller_url=model.controller_url,
+        default_profile=model.default_profile,
+        roles=dict(model.roles),
+        metadata=json.loads(json.dumps(model.metadata)),
+    )
+
+
+def _unknown(ld: _Loader, pid: str, profiles: dict[str, Profile]) -> bool:
+    """Whether `pid` names no profile (a profile whose file is broken was reported already)."""
+    return pid not in profiles and pid not in ld.broken_profiles
+
+
+def _check_settings_refs(ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile]) -> None:
+    if settings.default_profile and _unknown(ld, settings.default_profile, profiles):
+        ld.problem("site.yaml", None, "default_profile", _no_profile(settings.default_profile))
+    for role, pid in settings.roles.items():
+        if _unknown(ld, pid, profiles):
+            ld.problem("site.yaml", None, f"roles.{role}", _no_profile(pid))
+
+
+def _no_profile(pid: str) -> str:
+    return f"no profile {pid!r} (expected profiles/{pid}.yaml or profiles/{pid}.json)"
+
+
+def _load_machines(
+    ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile], resolve: bool = True
+) -> list[Machine]:
+    """machines.yaml; with resolve=False (site.yaml is broken) only its own problems count."""
+    rel = "machines.yaml"
+    doc = ld.yaml_doc(rel)
+    if doc is None or doc is False:
+        return []
+    model = ld.validated(schema.MachinesFile, doc, rel)
+    if model is None:
+        return []
+    items = doc.get("machines") if isinstance(doc, dict) else None
+    machines: list[Machine] = []
+    by_name: dict[str, int] = {}
+    by_mac: dict[str, int] = {}
+    by_uuid: dict[str, int] = {}
+    for i, entry in enumerate(model.machines):
+        line = items.line_of(i) if isinstance(items, yamlfile.LineList) else None
+        item = items[i] if items is not None else None
+
+        def at(key: str) -> int | None:
+            return item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
+
+        where = f"machines[{i}]"
+        if entry.name in by_name:
+            ld.problem(rel, at("name"), f"{where}.name", f"{entry.name!r} is also machines[{by_name[entry.name]}]")
+            continue
+        by_name[entry.name] = i
+        if entry.mac is None and entry.uuid is None:
+            ld.problem(rel, line, where, "needs a mac or a uuid to be recognised by")
+            continue
+        if entry.mac is not None:
+            if entry.mac in by_mac:
+                ld.problem(rel, at("mac"), f"{where}.mac",
+                           f"{entry.mac} is also the MAC of machines[{by_mac[entry.mac]}]")  # fmt: skip
+                continue
+            by_mac[entry.mac] = i
+        elif entry.uuid is not None:
+            if entry.uuid in by_uuid:
+                ld.problem(rel, at("uuid"), f"{where}.uuid", f"{entry.uuid} is also machines[{by_uuid[entry.uuid]}]")
+                continue
+            by_uuid[entry.uuid] = i
+        if entry.profile is not None:
+            pid = entry.profile
+            if pid not in profiles:
+                if _unknown(ld, pid, profiles):
+                    ld.problem(rel, at("profile"), f"{where}.profile", _no_profile(pid))
+                continue
+        elif entry.role is not None and entry.role in settings.roles:
+            pid = settings.roles[entry.role]
+        elif settings.default_profile:
+            pid = settings.default_profile
+        elif not resolve:
+            continue
+        else:
+            why = (
+                f"role {entry.role!r} is not in site.yaml roles"
+                if entry.role
+                else "no profile: set profile, a role listed in site.yaml roles, or default_profile"
+            )
+            ld.problem(rel, at("role") if entry.role else line, f"{where}.role" if entry.role else where, why)
+            continue
+        metadata = {
+            **json.loads(json.dumps(settings.metadata)),
+            **json.loads(json.dumps(entry.metadata)),
+            "name": entry.name,
+            "hostname": entry.hostname or entry.name,
+        }
+        for key in ("role", "arch", "uuid"):
+            if getattr(entry, key):
+                metadata[key] = getattr(entry, key)
+        if entry.labels:
+            metadata["labels"] = dict(entry.labels)
+        machines.append(
+            Machine(
+                name=entry.name,
+                mac=entry.mac,
+                uuid=entry.uuid,
+                arch=entry.arch,
+                role=entry.role,
+                profile=pid,
+                hostname=entry.hostname or entry.name,
+                labels=dict(entry.labels),
+                metadata=metadata,
+                source=rel,
+                line=line,
+            )
+        )
+    return machines
+
+
+def _check_asset_ref(ld: _Loader, rel: str, field: str, url: str) -> None:
+    """A kernel/initrd that points into /assets/ must stay inside assets/."""
+    words = url.split()
+    target = words[-1] if words else url
+    if not target.startswith("/assets/"):
+        return
+    inner = target[len("/assets/") :].split("?", 1)[0]
+    clean = clean_relpath(inner)
+    if clean is None:
+        ld.problem(rel, None, field, f"{target!r} leaves the assets/ directory")
+    elif not (ld.files.root / "assets" / clean).is_file():
+        ld.warnings.append(f"{rel}: {field}: assets/{clean} does not exist (yet)")
+
+
+def _load_profiles(ld: _Loader) -> dict[str, Profile]:
+    profiles: dict[str, Profile] = {}
+    sources: dict[str, str] = {}
+    for sub in ld.files.subdirs("profiles"):
+        ld.warnings.append(f"profiles/{sub}/: subdirectories are not read")
+    for name in ld.files.names("profiles"):
+        rel = f"profiles/{name}"
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext not in ("json", "yaml", "yml"):
+            ld.warnings.append(f"{rel}: ignored (profiles are .json or .yaml files)")
+            continue
+        if stem in sources:
+            ld.problem(rel, None, "", f"profile {stem!r} is also defined by {sources[stem]}")
+            continue
+        sources[stem] = rel
+        profile = _matchbox_profile(ld, rel, stem) if ext == "json" else _bastion_profile(ld, rel, stem)
+        if profile is not None:
+            profiles[stem] = profile
+        else:
+            ld.broken_profiles.add(stem)
+    return profiles
+
+
+def _file_ref(ld: _Loader, rel: str, line: int | None, field: str, value: str | None, folder: str) -> str | None:
+    if not value:
+        return None
+    clean = clean_relpath(value)
+    if clean is None:
+        ld.problem(rel, line, field, f"{value!r} leaves the {folder}/ directory")
+        return None
+    return clean
+
+
+def _matchbox_profile(ld: _Loader, rel: str, stem: str) -> Profile | None:
+    doc = ld.json_doc(rel)
+    if doc is False:
+        return None
+    model = ld.validated(schema.MatchboxProfile, doc, rel)
+    if model is None:
+        return None
+    if model.id != stem:
+        ld.warnings.append(
+            f"{rel}: id {model.id!r} differs from the file name; groups refer to it as {stem!r}"
+        )
+    boot = None
+    if model.boot is not None and model.boot.kernel:
+        boot = Boot(model.boot.kernel, tuple(model.boot.initrd or ()), tuple(model.boot.args or ()))
+        _check_asset_ref(ld, rel, "boot.kernel", boot.kernel)
+        for i, initrd in enumerate(boot.initrd):
+            _check_asset_ref(ld, rel, f"boot.initrd[{i}]", initrd)
+    return Profile(
+        id=stem,
+        name=model.name or stem,
+        source=rel,
+        format="matchbox",
+        boot=boot,
+        ignition=_file_ref(ld, rel, None, "ignition_id", model.ignition_id, "ignition"),
+        generic=_file_ref(ld, rel, None, "generic_id", model.generic_id, "generic"),
+    )
+
+
+def _bastion_profile(ld: _Loader, rel: str, stem: str) -> Profile | None:
+    doc = ld.yaml_doc(rel)
+    if doc is None or doc is False:
+        return None
+    model = ld.validated(schema.ProfileFile, doc, rel)
+    if model is None:
+        return None
+    if model.id is not None and model.id != stem:
+        ld.problem(rel, doc.line_of("id"), "id", f"{model.id!r} must match the file name ({stem!r})")
+        return None
+    boot = Boot(model.kernel, tuple(model.initrd), tuple(model.args))
+    by_arch = {a: Boot(s.kernel, tuple(s.initrd), tuple(s.args)) for a, s in model.arch.items()}
+    for field, b in [("", boot)] + [(f"arch.{a}.", b) for a, b in by_arch.items()]:
+        _check_asset_ref(ld, rel, f"{field}kernel", b.kernel)
+        for i, initrd in enumerate(b.initrd):
+            _check_asset_ref(ld, rel, f"{field}initrd[{i}]", initrd)
+    return Profile(
+        id=stem,
+        name=model.name or stem,
+        source=rel,
+        format="bastion",
+        boot=boot,
+        boot_by_arch=by_arch,
+        os=model.os,
+        ignition=_file_ref(ld, rel, doc.line_of("ignition"), "ignition", model.ignition, "ignition"),
+        generic=_file_ref(ld, rel, doc.line_of("generic"), "generic", model.generic, "generic"),
+    )
+
+
+def _load_groups(ld: _Loader, profiles: dict[str, Profile]) -> list[Group]:
+    groups: list[Group] = []
+    ids: dict[str, str] = {}
+    for sub in ld.files.subdirs("groups"):
+        ld.warnings.append(f"groups/{sub}/: subdirectories are not read (as in matchbox)")
+    for name in ld.files.names("groups"):
+        rel = f"groups/{name}"
+        stem, dot, ext = name.rpartition(".")
+        if ext != "json" or not dot:
+            ld.warnings.append(f"{rel}: ignored (groups are matchbox .json files)")
+            continue
+        doc = ld.json_doc(rel)
+        if doc is False:
+            continue
+        model = ld.validated(schema.MatchboxGroup, doc, rel)
+        if model is None:
+            continue
+        gid = model.id or stem
+        if gid in ids:
+            ld.problem(rel, None, "id", f"group id {gid!r} is also used by {ids[gid]}")
+            continue
+        ids[gid] = rel
+        selector: dict[str, str] = {}
+        ok = True
+        for key, value in (model.selector or {}).items():
+            if key.lower() == "mac":
+                try:
+                    value = match.parse_mac(value)
+                except match.Malformed:
+                    ld.problem(rel, None, f"selector.{key}", f"{value!r} is not a MAC address")
+                    ok = False
+            selector[key] = value
+        if model.profile not in profiles:
+            if _unknown(ld, model.profile, profiles):
+                ld.problem(rel, None, "profile", _no_profile(model.profile))
+            ok = False
+        if ok:
+            groups.append(
+                Group(
+                    id=gid,
+                    name=model.name or gid,
+                    profile=model.profile,
+                    selector=selector,
+                    metadata=json.loads(json.dumps(model.metadata or {})),
+                    source=rel,
+                    format="matchbox",
+                )
+            )
+    return groups
+
+
+def _machine_groups(settings: SiteSettings, machines: list[Machine]) -> list[Group]:
+    groups = []
+    for m in machines:
+        selector = {"mac": m.mac} if m.mac else {"uuid": m.uuid or ""}
+        groups.append(
+            Group(
+                id=f"machine:{m.name}",
+                name=m.name,
+                profile=m.profile,
+                selector=selector,
+                metadata=m.metadata,
+                source=f"{m.source} ({m.name})",
+                format="bastion",
+                machine=m,
+            )
+        )
+    if settings.default_profile:
+        groups.append(
+            Group(
+                id="site-default",
+                name="default",
+                profile=settings.default_profile,
+                selector={},
+                metadata=json.loads(json.dumps(settings.metadata)),
+                source="site.yaml (default_profile)",
+                format="bastion",
+            )
+        )
+    return groups
+
+
+def _check_selectors(ld: _Loader, groups: list[Group]) -> None:
+    seen: dict[str, Group] = {}
+    for g in groups:
+        key = match.selector_string(g.selector)
+        if key in seen:
+            what = f"selector {{{key}}}" if key else "no selector (both are default groups)"
+            ld.problems.append(
+                f"{g.source}: selects the same machines as {seen[key].source}: {what}; "
+                "which one answers would be arbitrary"
+            )
+        else:
+            seen[key] = g
+
+
+def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile]) -> tuple[dict, dict]:
+    needs: dict[tuple[str, str], dict[str, list[Profile]]] = {}
+    for p in profiles.values():
+        for folder, name in (("ignition", p.ignition), ("generic", p.generic)):
+            if name:
+                needs.setdefault((folder, name), {}).setdefault(p.engine, []).append(p)
+    out: dict[str, dict[str, TemplateFile]] = {"ignition": {}, "generic": {}}
+    files_dir = root / "files" if (root / "files").is_dir() else None
+    for (folder, name), engines in sorted(needs.items()):
+        rel = f"{folder}/{name}"
+        users = [p for ps in engines.values() for p in ps]
+        raw = ld.files.read(rel)
+        if raw is None:
+            for p in users:
+                field = ("ignition_id" if p.format == "matchbox" else "ignition") if folder == "ignition" else (
+                    "generic_id" if p.format == "matchbox" else "generic")  # fmt: skip
+                ld.problem(p.source, None, field, f"{rel} does not exist")
+            continue
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            ld.problem(rel, None, "", "is not UTF-8 text")
+            continue
+        if folder == "ignition" and name.endswith(RAW_IGNITION_SUFFIXES):
+            try:
+                config = ignition.from_raw(text, rel)
+            except ignition.IgnitionError as e:
+                ld.problems.append(str(e))
+                continue
+            out[folder][name] = TemplateFile(name, rel, text, raw_ignition=config)
+            continue
+        go = jinja = None
+        if "go" in engines:
+            try:
+                go = gotemplate.parse(text)
+            except gotemplate.TemplateError as e:
+                ld.problem(rel, e.line, "", f"template: {e.message}")
+                continue
+        if "jinja" in engines:
+            try:
+                jinja = compile_jinja(text, rel)
+            except RenderError as e:
+                ld.problems.append(str(e))
+                continue
+        if folder == "ignition" and not any(m in text for m in _TEMPLATE_MARKERS):
+            try:
+                butane.translate(text, rel, files_dir)
+            except butane.ButaneError as e:
+                ld.problems.append(str(e))
+                continue
+        out[folder][name] = TemplateFile(name, rel, text, go=go, jinja=jinja)
+    return out["ignition"], out["generic"]
+
+
+def _prerender(ld: _Loader, site: Site) -> None:
+    """Render every declared machine's configs now, so a broken template is a load error.
+
+    Groups from matchbox files are tried with their selectors as the request; as their templates
+    may use query parameters only real requests carry, a failure there is only a warning. The
+    same failure for several machines is one problem naming them all.
+    """
+    base = site.settings.controller_url or _PLACEHOLDER_URL
+    failures: dict[tuple[str, str], list[str]] = {}
+    warnings: dict[tuple[str, str], list[str]] = {}
+    for g in site.groups:
+        profile = site.profiles[g.profile]
+        labels = dict(g.selector)
+        raw_query = "&".join(
+            f"{k}={match.mac_hexhyp(v) if k.lower() == 'mac' else v}" for k, v in labels.items()
+        )
+        req = BootRequest(labels=labels, raw_query=raw_query, base_url=base)
+        for what, fn, name in (("Ignition", render_ignition, profile.ignition), ("generic", render_generic, profile.generic)):  # fmt: skip
+            if not name:
+                continue
+            try:
+                fn(site, g, profile, req)
+            except RenderError as e:
+                if g.machine is not None:
+                    failures.setdefault((str(e), what), []).append(g.machine.name)
+                else:
+                    warnings.setdefault((str(e), what), []).append(g.id)
+    for (error, what), names in failures.items():
+        who = f"machine {names[0]}" if len(names) == 1 else f"machines {', '.join(names)}"
+        ld.problems.append(f"{error} (rendering {what} for {who})")
+    for (error, what), ids in warnings.items():
+        ld.warnings.append(f"{error} (rendering {what} for group {', '.join(ids)} with its selectors)")

@@ -1,0 +1,123 @@
+"""YAML loading that remembers where things are, so errors can name the line.
+
+`load(text, name)` returns plain-looking Python data in which every mapping is a `LineDict` and
+every sequence a `LineList`: they behave as dict and list and also know the line of themselves,
+of each key and of each item. Any YAML problem, and a key given twice in one mapping (which
+PyYAML would silently accept), raises YamlError naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+
+class YamlError(ValueError):
+    def __init__(self, name: str, line: int | None, problem: str):
+        where = f"{name}:{line}" if line else name
+        super().__init__(f"{where}: {problem}")
+        self.name = name
+        self.line = line
+        self.problem = problem
+
+
+class LineDict(dict):
+    line: int = 0
+    key_lines: dict[Any, int]
+    value_lines: dict[Any, int]
+
+    def line_of(self, key: Any) -> int:
+        """The line of `key`'s value, or of the mapping itself when the key is absent."""
+        return self.value_lines.get(key, self.key_lines.get(key, self.line))
+
+
+class LineList(list):
+    line: int = 0
+    item_lines: list[int]
+
+    def line_of(self, index: int) -> int:
+        try:
+            return self.item_lines[index]
+        except IndexError:
+            return self.line
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineDict:
+    loader.flatten_mapping(node)
+    out = LineDict()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    out.value_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark
+            ) from None
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+        out.value_lines[key] = value_node.start_mark.line + 1
+    return out
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> LineList:
+    out = LineList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+# YAML 1.1 reads 52:54:00:12:34:56 as a base-60 number; YAML 1.2 (and Butane) do not. Resolve
+# ints and floats without the base-60 forms so that unquoted MAC addresses stay strings.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _INT,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+def load(text: str | bytes, name: str) -> Any:
+    """Parse one YAML document or raise YamlError(name, line, problem)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = " ".join(p for p in (e.context, e.problem) if p) or "invalid YAML"
+        if "'\\t'" in problem:
+            problem += " (YAML does not allow tabs for indentation)"
+        raise YamlError(name, line, problem) from None
+    except yaml.YAMLError as e:
+        raise YamlError(name, None, str(e)) from None
+    except (RecursionError, UnicodeDecodeError) as e:
+        raise YamlError(name, None, f"cannot parse: {e}") from None

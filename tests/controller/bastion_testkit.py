@@ -1,0 +1,109 @@
+"""Helpers for the controller tests (imported by conftest.py and the tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+TOKEN = "test-token-0123456789abcdef"
+IGNITION_VALIDATE = shutil.which("ignition-validate") or "/usr/bin/ignition-validate"
+
+
+def write_assets(site: Path, subdirs: tuple[str, ...]) -> dict[str, bytes]:
+    """Fake Flatcar kernel and initrd (random bytes) under assets/<subdir>/; returns path->data."""
+    out = {}
+    for i, sub in enumerate(subdirs):
+        d = site / "assets" / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for name, size in (("flatcar_production_pxe.vmlinuz", 300_000 + i), ("flatcar_production_pxe_image.cpio.gz", 1_200_000 + i)):
+            data = os.urandom(size)
+            (d / name).write_bytes(data)
+            out[f"{sub}/{name}"] = data
+    return out
+
+
+def make_app(site: Path, db: Path, token: str | None = TOKEN, poll: float = 0):
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    return create_app(Settings(site_dir=site, db_path=db, api_token=token, poll_seconds=poll))
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def ignition_validate(config: dict | str, tmp_path: Path) -> subprocess.CompletedProcess:
+    text = config if isinstance(config, str) else json.dumps(config)
+    path = tmp_path / f"cfg-{abs(hash(text))}.ign"
+    path.write_text(text)
+    return subprocess.run([IGNITION_VALIDATE, str(path)], capture_output=True, text=True, timeout=30)
+
+
+def assert_valid_ignition(config: dict | str, tmp_path: Path) -> None:
+    result = ignition_validate(config, tmp_path)
+    assert result.returncode == 0, f"ignition-validate refused it:\n{result.stdout}{result.stderr}\n{config}"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1."""
+
+    def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2):
+        self.port = free_tcp_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = db
+        env = {**os.environ, "BASTION_API_TOKEN": token or "", "PYTHONUNBUFFERED": "1"}
+        if not token:
+            env.pop("BASTION_API_TOKEN")
+        self.log = db.with_suffix(".log")
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site),
+             "--listen", f"127.0.0.1:{self.port}", "--db", str(db), "--poll", str(poll),
+             "--no-access-log", "--log-level", "warning"],
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bastion serve exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"bastion serve did not come up:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+
+
+def curl(*args: str, timeout: int = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)

@@ -1,0 +1,115 @@
+"""bastion.match: labels from queries and matchbox's group selection rules."""
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bastion.match import (
+    Malformed,
+    labels_from_query,
+    matches,
+    parse_mac,
+    select_group,
+    selector_string,
+    specificity_order,
+)
+
+
+@dataclass
+class G:
+    id: str
+    selector: dict = field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["52:54:00:a1:9c:ae", "52-54-00-A1-9C-AE", "5254.00a1.9cae", "52:54:00:A1:9c:Ae"],
+)
+def test_mac_notations_normalise_to_lowercase_colons(text):
+    assert parse_mac(text) == "52:54:00:a1:9c:ae"
+
+
+def test_eui64_and_infiniband_lengths_are_macs_too():
+    assert parse_mac("02-00-00-00-00-00-00-01") == "02:00:00:00:00:00:00:01"
+    ib = ":".join(["00"] * 20)
+    assert parse_mac(ib) == ib
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "zz:54:00:a1:9c:ae", "52:54:00:a1:9c", "52:54:00:a1:9c:ae:", "52:54-00:a1:9c:ae",
+     "525400a19cae", "52:54:00:a1:9c:ae:01", "5254.00a1.9ca", " 52:54:00:a1:9c:ae", "52:5:00:a1:9c:ae0"],
+)  # fmt: skip
+def test_non_macs_are_malformed(text):
+    with pytest.raises(Malformed):
+        parse_mac(text)
+
+
+@given(st.text(max_size=40))
+def test_parse_mac_only_ever_raises_malformed(text):
+    try:
+        out = parse_mac(text)
+    except Malformed:
+        return
+    assert out == out.lower() and len(out.split(":")) in (6, 8, 20)
+
+
+@given(st.text(max_size=80))
+def test_labels_from_any_query_never_crash(raw):
+    labels = labels_from_query(raw)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+
+
+def test_labels_normalise_mac_keep_first_value_and_drop_bad_macs():
+    assert labels_from_query("mac=52-54-00-A1-9C-AE&uuid=u1&foo=a&foo=b&empty=") == {
+        "mac": "52:54:00:a1:9c:ae",
+        "uuid": "u1",
+        "foo": "a",
+        "empty": "",
+    }
+    # a MAC that does not parse is dropped so it cannot match anything (matchbox does the same)
+    assert labels_from_query("mac=not-a-mac&os=installed") == {"os": "installed"}
+    # the key is compared case-insensitively but keeps its spelling, as in matchbox
+    assert labels_from_query("MAC=52-54-00-a1-9c-ae") == {"MAC": "52:54:00:a1:9c:ae"}
+
+
+def test_a_group_matches_when_all_its_selectors_equal_the_labels():
+    assert matches({}, {})
+    assert matches({}, {"mac": "x"})
+    assert matches({"os": "installed"}, {"os": "installed", "mac": "x"})
+    assert not matches({"os": "installed"}, {"os": "other"})
+    assert not matches({"os": "installed", "mac": "x"}, {"os": "installed"})
+    assert not matches({"Os": "installed"}, {"os": "installed"})  # keys are case-sensitive
+
+
+def test_most_selectors_win_and_ties_go_to_the_greatest_selector_string():
+    default = G("default")
+    by_mac = G("mac", {"mac": "52:54:00:a1:9c:ae"})
+    mac_and_os = G("mac+os", {"mac": "52:54:00:a1:9c:ae", "os": "installed"})
+    rack = G("rack", {"rack": "a"})
+    zone = G("zone", {"zone": "b"})
+    ordered = specificity_order([default, rack, by_mac, zone, mac_and_os])
+    assert [g.id for g in ordered] == ["mac+os", "zone", "rack", "mac", "default"]
+
+    def pick(**labels):
+        g = select_group(ordered, labels)
+        return g.id if g else None
+
+    assert pick() == "default"
+    assert pick(mac="52:54:00:a1:9c:ae") == "mac"
+    assert pick(mac="52:54:00:a1:9c:ae", os="installed") == "mac+os"
+    assert pick(rack="a", zone="b") == "zone"  # 'zone=b' > 'rack=a'
+    assert pick(rack="a") == "rack"
+    assert pick(mac="52:54:00:a1:9c:ae", zone="b") == "zone"  # 'zone=b' > 'mac=52:...'
+
+
+def test_no_default_group_means_no_match():
+    ordered = specificity_order([G("mac", {"mac": "52:54:00:a1:9c:ae"})])
+    assert select_group(ordered, {"mac": "52:54:00:00:00:01"}) is None
+
+
+def test_selector_string_is_sorted_key_value_pairs():
+    assert selector_string({"zone": "b", "mac": "m", "a": "1"}) == "a=1,mac=m,zone=b"
+    assert selector_string({}) == ""
