@@ -5,6 +5,7 @@
 # watchdog is emulated by the `bastion sim` supervisor, fed through a pipe.
 import json
 import os
+import time
 
 RELAY_STATE_FILE = "relays.state"
 
@@ -82,8 +83,15 @@ class PipeWatchdog:
         self._f = open("/proc/self/fd/%d" % fd, "wb")
 
     def feed(self):
+        self._put(b".")
+
+    def reset(self):
+        """Ask the supervisor for a reset, as machine.reset() does on a board."""
+        self._put(b"R")
+
+    def _put(self, b):
         try:
-            self._f.write(b".")
+            self._f.write(b)
             self._f.flush()
         except OSError:
             pass
@@ -101,6 +109,18 @@ class Board:
         wd = d.get("watchdog", {})
         self.wdt_kind = wd.get("kind", "none")
         self.wdt_timeout_ms = wd.get("timeout_ms", 8000)
+
+    def reset(self):
+        """Reset the board now (the console's "reboot" op), relays untouched."""
+        if self.wdt_kind == "supervisor":
+            wdt = self.watchdog()
+            if isinstance(wdt, PipeWatchdog):
+                wdt.reset()
+                while True:  # the supervisor ends this process
+                    time.sleep_ms(100) if hasattr(time, "sleep_ms") else time.sleep(0.1)
+        import machine
+
+        machine.reset()
 
     def relays(self):
         if self.relay_kind == "gpio":

@@ -38,3 +38,23 @@ else:  # CPython
 
     async def sleep_ms(ms):
         await asyncio.sleep(ms / 1000)
+
+
+class Settings:
+    """A checked configuration as plain attributes (firmware.config.settings builds one), so
+    the checker's code can be unloaded once it has run."""
+
+
+def unload(name):
+    """Forget a boot-only module so its code can be collected. Only where the heap is the
+    device's own (MicroPython): CPython tests keep their modules."""
+    import gc
+    import sys
+
+    if not hasattr(gc, "mem_alloc"):
+        return
+    sys.modules.pop(name, None)
+    pkg, _, leaf = name.rpartition(".")
+    parent = sys.modules.get(pkg)
+    if parent is not None and hasattr(parent, leaf):
+        delattr(parent, leaf)

@@ -136,3 +136,15 @@ def load(path, server_ip=None):
         except ValueError as e:
             raise ConfigError("%s: not valid JSON (%s)" % (path, e))
     return Config(d, server_ip)
+
+
+def settings(d, server_ip=None):
+    """The checked config (raises ConfigError) as a compat.Settings: the same attributes as a
+    Config, on a class that does not keep this module alive."""
+    from firmware.compat import Settings
+
+    c = Config(d, server_ip)
+    s = Settings()
+    for k, v in c.__dict__.items():
+        setattr(s, k, v)
+    return s

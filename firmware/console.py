@@ -74,6 +74,7 @@ class Console:
         clock=ticks_ms,
         cache_size=8,
         max_line=512,
+        max_out=1536,
     ):
         self.write = write
         self.log = log
@@ -83,11 +84,13 @@ class Console:
         self.reboot = reboot
         self.info = info or {}
         self.boot_id = boot_id or new_boot_id()
-        self._boot_field = '{"boot":"%s",' % self.boot_id
         self.clock = clock
         self.started = clock()
         self.cache_size = cache_size  # replies kept for retries; the oldest is forgotten
         self.deframer = frame.Deframer(frame.TO_DEVICE, max_line)
+        # Every frame the device sends is built here: one buffer for the device's life, so
+        # a reply or an event costs no heap beyond its own fields. Longer ones are refused.
+        self._out = bytearray(max_out)
         self.session = None
         self._cache = {}  # id -> (request, reply line)
         self._order = []  # cached ids, oldest first
@@ -95,6 +98,9 @@ class Console:
         self.retries = 0  # requests answered from the cache
         self.errors = 0  # replies with ok false
         self.write_errors = 0
+        self.out_of_memory = 0  # replies or events that could not be built
+        self.too_long = 0  # replies or events longer than max_out
+        self.internal_errors = 0  # requests lost to an error outside their handler
         # op -> (handler(req, now) -> dict of reply fields, changes state?)
         self.ops = {
             "hello": (self._hello, False),
@@ -110,6 +116,7 @@ class Console:
         }
         self._after = None  # run once the current reply is written (reboot)
         if log is not None:
+            log.boot = self.boot_id
             log.sink = self.push
 
     def add(self, op, handler, changes_state=False):
@@ -124,11 +131,14 @@ class Console:
             self.handle(req)
 
     def push(self, text):
-        """The Log's sink: one event, already a JSON object, out as a frame that also names
-        this boot (the controller deduplicates events by boot and seq)."""
-        if text[:1] == "{" and len(text) > 2:
-            text = self._boot_field + text[1:]
-        self._send(frame.frame(text, frame.TO_HOST))
+        """The Log's sink: one event, already a JSON object that names this boot (the
+        controller deduplicates events by boot and seq), out as a frame."""
+        try:
+            n = frame.frame_into(self._out, text, frame.TO_HOST)
+        except frame.TooLong:  # the event is still in the ring: the controller can fetch it
+            self.too_long += 1
+            return
+        self._send(memoryview(self._out)[:n])
 
     def _send(self, line):
         try:
@@ -172,9 +182,20 @@ class Console:
             )
         fields["id"] = rid
         fields["ok"] = True
-        line = frame.encode(fields, frame.TO_HOST)
+        try:
+            n = frame.encode_into(self._out, fields, frame.TO_HOST)
+        except frame.TooLong:
+            self.too_long += 1
+            return self._error(rid, "%s: the reply is longer than %d bytes" % (op, len(self._out)),
+                               "internal", None)
+        except MemoryError:
+            fields = None
+            gc.collect()
+            self.out_of_memory += 1
+            return self._error(rid, "out of memory building the reply", "internal", None)
+        line = memoryview(self._out)[:n]
         if changes_state:
-            self._remember(rid, req, line)
+            self._remember(rid, req, bytes(line))
         self._send(line)
         after, self._after = self._after, None
         if after is not None:
@@ -183,9 +204,13 @@ class Console:
 
     def _error(self, rid, text, code, req=None):
         self.errors += 1
-        line = frame.encode(dict(zip(_ERR, (rid, False, text, code))), frame.TO_HOST)
+        try:
+            n = frame.encode_into(self._out, dict(zip(_ERR, (rid, False, text, code))))
+        except frame.TooLong:  # an error text beyond the buffer: say so in fewer words
+            n = frame.encode_into(self._out, dict(zip(_ERR, (rid, False, "error", code))))
+        line = memoryview(self._out)[:n]
         if req is not None:  # a refusal is an answer too: a retry must get the same one
-            self._remember(rid, req, line)
+            self._remember(rid, req, bytes(line))
         self._send(line)
 
     def _remember(self, rid, req, line):
@@ -225,9 +250,8 @@ class Console:
             d["tasks"] = self.tasks.status(now)
         if self.nodes is not None:
             d["nodes"] = self.nodes.status()
-        d["heap"] = self._heap(req, now)
-        d["counters"] = self._counters(req, now)["counters"]
-        return d
+        d["heap"] = self.ops["heap"][0](req, now)
+        return d  # counters have their own op: a status reply must fit the frame buffer
 
     def _counters(self, req, now):
         c = dict(self.log.counters) if self.log is not None else {}
@@ -241,6 +265,9 @@ class Console:
         c["console.retries"] = self.retries
         c["console.errors"] = self.errors
         c["console.write_errors"] = self.write_errors
+        c["console.out_of_memory"] = self.out_of_memory
+        c["console.too_long"] = self.too_long
+        c["console.internal_errors"] = self.internal_errors
         if self.log is not None:
             c["log.dropped"] = self.log.dropped
         return {"counters": c}
@@ -323,7 +350,8 @@ class Console:
 
 # --- the shell: the USB serial line on MicroPython ------------------------------------------
 def stdout_writer():
-    """write(bytes) for the USB serial line (sys.stdout's binary side where there is one)."""
+    """write(bytes-like) for the USB serial line (sys.stdout's binary side where there is
+    one). The console hands it a memoryview of its frame buffer, written before it returns."""
     import sys
 
     out = getattr(sys.stdout, "buffer", sys.stdout)
@@ -352,7 +380,10 @@ async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64):
             buf[n] = one[0]
             n += 1
         if n:
-            console.feed(buf[:n])
+            try:
+                console.feed(buf[:n])
+            except Exception:  # e.g. MemoryError mid-request: count it, keep the line alive
+                console.internal_errors += 1
         if checkin is not None:
             checkin()
         await sleep_ms(0 if n == chunk else interval_ms)

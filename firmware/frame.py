@@ -61,6 +61,82 @@ def encode(obj, mark=TO_HOST):
     return frame(json.dumps(obj, separators=(",", ":")), mark)
 
 
+class TooLong(ValueError):
+    """The frame does not fit the buffer it was to be built in."""
+
+
+try:
+    from io import IOBase as _Stream
+except ImportError:  # a port without io.IOBase: json.dump then needs a native stream
+    _Stream = object
+
+_HEX = b"0123456789abcdef"
+
+
+class _Sink(_Stream):
+    # json.dump writes an object in small pieces: the first pass only sums their CRC and
+    # length, the second copies them into the caller's buffer. Nothing grows, nothing is
+    # joined, so a large reply costs no more heap than a small one.
+    def __init__(self, buf=None, at=0):
+        self.buf = buf
+        self.at = at
+        self.crc = 0
+        self.n = 0
+
+    def write(self, b):
+        if isinstance(b, str):
+            b = b.encode()
+        m = len(b)
+        if self.buf is None:
+            self.crc = crc32(b, self.crc)
+        else:
+            end = self.at + m
+            if end > len(self.buf):
+                raise TooLong("frame longer than its buffer")
+            self.buf[self.at : end] = b
+            self.at = end
+        self.n += m
+        return m
+
+
+def _head_into(buf, mark, crc, n):
+    # marker, space, 8 hex digits of the CRC, space; then the payload; then "\n" at n.
+    buf[0:_MARK_LEN] = mark
+    buf[_MARK_LEN] = 0x20
+    crc &= 0xFFFFFFFF
+    for i in range(8):
+        buf[_HEAD_LEN - 2 - i] = _HEX[(crc >> (4 * i)) & 15]
+    buf[_HEAD_LEN - 1] = 0x20
+    buf[n] = 0x0A
+
+
+def encode_into(buf, obj, mark=TO_HOST):
+    """Build the line for a JSON-serialisable object in the preallocated bytearray buf;
+    returns its length. Raises TooLong (buf unchanged past its header) if it does not fit."""
+    first = _Sink()
+    json.dump(obj, first, separators=(",", ":"))
+    n = _HEAD_LEN + first.n
+    if n + 1 > len(buf):
+        raise TooLong("frame of %d bytes, the buffer holds %d" % (n + 1, len(buf)))
+    json.dump(obj, _Sink(buf, _HEAD_LEN), separators=(",", ":"))
+    _head_into(buf, mark, first.crc, n)
+    return n + 1
+
+
+def frame_into(buf, payload, mark=TO_HOST):
+    """Build the line for an already serialised JSON object (str or bytes) in buf; returns
+    its length. Raises TooLong if it does not fit."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    m = len(payload)
+    n = _HEAD_LEN + m
+    if n + 1 > len(buf):
+        raise TooLong("frame of %d bytes, the buffer holds %d" % (n + 1, len(buf)))
+    buf[_HEAD_LEN:n] = payload
+    _head_into(buf, mark, crc32(payload), n)
+    return n + 1
+
+
 def decode(line, mark=TO_HOST):
     """The object in one frame, given the line without its end of line; raises Malformed."""
     n = len(line)

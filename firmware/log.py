@@ -19,6 +19,7 @@ class Log:
         self.dropped = 0
         self.counters = {}
         self.sink = None  # optional callable(text_line) that takes each event as JSON
+        self.boot = None  # optional boot id added to each event handed to the sink
 
     def count(self, name, n=1):
         self.counters[name] = self.counters.get(name, 0) + n
@@ -47,7 +48,10 @@ class Log:
     def flush(self):
         """Hand every pending event to the sink as one JSON line each."""
         while self._read != self._seq:
-            self.sink(json.dumps(self.take()))
+            d = self.take()
+            if self.boot is not None:
+                d["boot"] = self.boot
+            self.sink(json.dumps(d))
 
     def recent(self, n=None):
         """Up to n of the newest events still in the ring (oldest first), as dicts."""

@@ -1,20 +1,35 @@
-# The firmware's entry point: load the board's config, start every service on one asyncio loop.
+# The firmware's entry point: restore the relays, load the config, start every service on one
+# asyncio loop.
 #
 # On a board, the flash's /main.py calls run(). On the sim board (MicroPython unix port) the
 # supervisor starts `micropython main.py --listen IP --dhcp-port N ...` in the flash directory,
 # and those flags override the config for the lab and for tests.
+#
+# Order at boot matters (docs/device.md, "Boot order"):
+#   1. board.json, then the relay outputs are driven to their persisted desired state, before
+#      anything else can fail: an MCU reset, a watchdog reset or a reflash never glitches a
+#      running node. This step does not depend on device.json being valid.
+#   2. device.json; a bad one is reported as a `boot` event and the network services stay off,
+#      but the console, the relays and the watchdog keep running so the device can be fixed.
+#   3. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, watchdog.
 import gc
+import json
 import sys
 
 import asyncio
 
-from firmware import config as config_mod
-from firmware.compat import heap_used, sleep_ms
+from firmware.compat import heap_used, sleep_ms, ticks_ms, unload
 from firmware.log import Log
 
-VERSION = "0.1.0"
-CONFIG_FILE = "device.json"
+VERSION = "0.2.0"
 _HEAP_KEYS = ("used", "peak", "code")
+_BOOT_KEYS = ("version", "board", "heap_code", "services")
+
+# How long each critical task may go without checking in before the watchdog stops feeding
+# the hardware WDT (and so resets the board). The listeners are judged by their asyncio
+# task still running; a task that blocks the loop stops every check-in at once.
+TASK_DEADLINES_MS = {"console": 3000, "power": 3000, "dhcp": 3000, "tftp": 3000}
+WATCHDOG_PERIOD_MS = 500
 
 
 def _options(argv):
@@ -30,30 +45,36 @@ def _options(argv):
     return opts
 
 
-def _write_line(text):
-    sys.stdout.write(text)
-    sys.stdout.write("\n")
-
-
 class Heap:
     """Tracks the heap: `code` is what is held after imports, `peak` the live high-water mark
     sampled after a collection each period (so it counts data, not garbage)."""
 
     period_ms = 1000
+    step = 1024  # a new peak is reported once it exceeds the last reported one by this much
 
     def __init__(self, log):
         self.log = log
         gc.collect()
         self.code = heap_used()
         self.peak = self.code
+        self._reported = self.code
 
     def sample(self):
         gc.collect()
         used = heap_used()
         if used > self.peak:
             self.peak = used
-            self.log.event("heap", _HEAP_KEYS, (used, self.peak, self.code))
+            if used - self._reported >= self.step:
+                self._reported = used
+                self.log.event("heap", _HEAP_KEYS, (used, self.peak, self.code))
         return used
+
+    def op(self, req, now):
+        """The console's "heap" op: now, peak and code, plus what is free."""
+        d = {"used": heap_used(), "peak": self.peak, "code": self.code}
+        if hasattr(gc, "mem_free"):
+            d["free"] = gc.mem_free()
+        return d
 
     async def run(self):
         while True:
@@ -61,33 +82,122 @@ class Heap:
             self.sample()
 
 
-async def serve(cfg, log, opts, heap):
-    from firmware.proxydhcp import ProxyDhcp
-    from firmware.tftpd import TftpServer
+class Faults:
+    """Fault injection for tests, only on boards whose definition allows it (the sim board):
+    `{"op": "fault", "task": "power"}` makes that task stop checking in with the watchdog
+    while the rest of the firmware goes on, as a task stuck on a bus would."""
 
-    listen = opts.get("listen", "0.0.0.0")
-    dhcp = ProxyDhcp(
-        cfg,
-        log,
-        "0.0.0.0",  # broadcast DISCOVERs only reach a socket bound to the wildcard address
-        int(opts.get("dhcp-port", 67)),
-        int(opts.get("pxe-port", 4011)),
+    def __init__(self):
+        self.hung = set()
+
+    def op(self, req, now):
+        task = req.get("task")
+        if task not in TASK_DEADLINES_MS:
+            raise ValueError("fault: 'task' must be one of %s" % ", ".join(TASK_DEADLINES_MS))
+        self.hung.add(task)
+        return {"hung": task}
+
+
+async def _power_loop(power, nodes, tasks, faults):
+    while True:
+        now = ticks_ms()
+        power.tick(now)
+        nodes.tick(now)
+        if "power" not in faults.hung:
+            tasks.checkin("power", now)
+        await sleep_ms(100)
+
+
+async def _watchdog_loop(wdt, tasks, services, faults):
+    # Feeds the hardware WDT only while every critical task has checked in recently. A
+    # listener checks in by being alive: its task has not ended (a socket error, a bug).
+    while True:
+        now = ticks_ms()
+        for name in services:
+            if name not in faults.hung and not services[name].done():
+                tasks.checkin(name, now)
+        if tasks.may_feed(now):
+            wdt.feed()
+        await sleep_ms(WATCHDOG_PERIOD_MS)
+
+
+async def serve(board, power, cfg, log, opts, heap, error=None):
+    from firmware import console as console_mod
+    from firmware.watchdog import NodeWatch, TaskWatch
+
+    now = ticks_ms()
+    faults = Faults()
+    tasks = TaskWatch(dict(TASK_DEADLINES_MS), now, log)
+    nodes = NodeWatch(power, now, log)
+    console = console_mod.Console(
+        console_mod.stdout_writer(),
+        log=log,
+        power=power,
+        tasks=tasks,
+        nodes=nodes,
+        reboot=board.reset,
+        info={"fw": VERSION, "board": board.name},
     )
-    tftp = TftpServer(cfg, log, listen, int(opts.get("tftp-port", 69)))
-    heap.code = heap.peak = heap_used()
-    log.event("boot", ("version", "heap_code"), (VERSION, heap.code))
-    await asyncio.gather(dhcp.run(), tftp.run(), heap.run())
+    console.add("heap", heap.op)
+    if board.defn.get("faults"):
+        console.add("fault", faults.op, True)
+
+    def console_checkin():
+        if "console" not in faults.hung:
+            tasks.checkin("console", ticks_ms())
+
+    services = {}
+    listening = []
+    if cfg is not None:
+        from firmware.proxydhcp import ProxyDhcp
+        from firmware.tftpd import TftpServer
+
+        listen = opts.get("listen", "0.0.0.0")
+        dhcp = ProxyDhcp(
+            cfg,
+            log,
+            "0.0.0.0",  # broadcast DISCOVERs only reach a socket bound to the wildcard address
+            int(opts.get("dhcp-port", 67)),
+            int(opts.get("pxe-port", 4011)),
+        )
+        tftp = TftpServer(cfg, log, listen, int(opts.get("tftp-port", 69)))
+        services["dhcp"] = asyncio.create_task(dhcp.run())
+        services["tftp"] = asyncio.create_task(tftp.run())
+        listening = ["dhcp", "tftp"]
+    else:
+        # Nothing to serve: the listeners are not judged, or a bad config would reset-loop.
+        del tasks.deadlines["dhcp"]
+        del tasks.deadlines["tftp"]
+    await sleep_ms(0)  # let the listeners bind before the boot event says they are up
+    gc.collect()
+    heap.code = heap.peak = heap._reported = heap_used()
+    if error is None:
+        log.event("boot", _BOOT_KEYS, (VERSION, board.name, heap.code, listening))
+    else:
+        log.event("boot", ("version", "board", "error"), (VERSION, board.name, error))
+    wdt = board.watchdog()
+    others = [
+        asyncio.create_task(_power_loop(power, nodes, tasks, faults)),
+        asyncio.create_task(heap.run()),
+        asyncio.create_task(_watchdog_loop(wdt, tasks, services, faults)),
+    ]
+    # The console runs in this task, so Ctrl-C on the serial line (KeyboardInterrupt) ends
+    # serve() and leaves the REPL, as mpremote expects.
+    try:
+        await console_mod.serve(console, checkin=console_checkin)
+    finally:
+        for t in others + list(services.values()):
+            t.cancel()
 
 
 def run(argv=None):
     opts = _options(argv if argv is not None else getattr(sys, "argv", []))
     log = Log(capacity=int(opts.get("log-capacity", 32)))
-    log.sink = _write_line
-    try:
-        cfg = config_mod.load(opts.get("config", CONFIG_FILE), opts.get("listen"))
-    except (OSError, ValueError) as e:
-        log.event("boot", ("error",), ("config: %s" % e,))
-        return 1
+    from firmware import boot
+
+    board, power, cfg, error = boot.boot(opts, log)
+    del boot
+    unload("firmware.boot")  # boot-only code: its heap is worth more to the services
     heap = Heap(log)
-    asyncio.run(serve(cfg, log, opts, heap))
+    asyncio.run(serve(board, power, cfg, log, opts, heap, error))
     return 0

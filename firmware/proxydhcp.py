@@ -7,6 +7,8 @@
 # Every per-packet outcome is a counter (log.count) and the loop goes on; answers, and
 # declared clients we cannot boot, are also events (log.event "dhcp"). A listener ends only
 # when its socket fails: the error is counted and raised out of run() for the supervisor.
+import gc
+
 import asyncio
 
 try:
@@ -15,6 +17,7 @@ except ImportError:  # MicroPython ports without binascii under that name
     from ubinascii import hexlify
 
 from firmware import dhcp, net, pxe
+from firmware.compat import sleep_ms
 
 _EV_KEYS = ("mac", "arch", "kind", "file", "ipxe", "rpi", "port")
 
@@ -75,10 +78,16 @@ class ProxyDhcp:
             except OSError:
                 self.log.count("dhcp.socket_error")
                 raise
+            except MemoryError:  # a full heap loses this datagram, not the listener
+                self.log.count("dhcp.no_memory")
+                gc.collect()
+                await sleep_ms(20)
+                continue
             try:
                 self.handle(sock, port, data, src)
             except Exception:  # a bug must not take the listener down; count it instead
                 self.log.count("dhcp.error")
+            data = src = None
 
     def handle(self, sock, port, data, src):
         """One datagram from src on the listener for `port` (pxe.DHCP_PORT or pxe.PXE_PORT)."""

@@ -16,6 +16,7 @@
 # Reads from a client take only the first 4 bytes of a datagram: on MicroPython a socket's
 # readinto fills the whole buffer from as many queued datagrams as it takes, so a larger buffer
 # would glue an ACK to the next one. ACK n and ERROR n are all a read server needs to know.
+import gc
 import os
 
 import asyncio
@@ -33,6 +34,7 @@ _END = ("stage", "file", "client", "bytes", "ms", "result", "resends", "dup_acks
 _REFUSED = ("stage", "file", "client", "code", "reason")
 
 _MSG_NO_SOCKET = b"out of sockets; try again"
+_NO_MEMORY_PAUSE_MS = const(20)
 
 
 class _Slot:
@@ -96,8 +98,16 @@ class TftpServer:
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
         while True:
-            data, client = await net.recvfrom(sock, _MAX_REQUEST)
-            self.request(data, client)
+            try:
+                data, client = await net.recvfrom(sock, _MAX_REQUEST)
+                self.request(data, client)
+            except MemoryError:
+                # The heap is full (transfers, a burst of requests): this request is lost,
+                # the client retries it; the listener must live on.
+                data = client = None
+                self.log.count("tftp.no_memory")
+                gc.collect()
+                await sleep_ms(_NO_MEMORY_PAUSE_MS)
 
     def request(self, data, client):
         """Handle one datagram that reached the listener. Never raises on any input."""
@@ -145,11 +155,20 @@ class TftpServer:
         t = slot.transfer
         slot.file = _text(req.name)
         slot.client = _client(client)
-        self._send(sock, t, t.start(req, f, size, ticks_ms()))
+        try:
+            n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
+            asyncio.create_task(self._serve(slot, sock))
+        except MemoryError:  # give everything back before the listener counts it
+            t.f = t.f or f
+            t.close()
+            sock.close()
+            slot.file = slot.client = None
+            self.slots.release(slot)
+            raise
+        self._send(sock, t, n)
         self.log.event(
             "tftp", _START, ("start", slot.file, slot.client, t.blksize, size, t.window)
         )
-        asyncio.create_task(self._serve(slot, sock))
 
     def _send(self, sock, t, n):
         while n:

@@ -46,11 +46,8 @@ class SimBoard:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             self.lines.append(line)
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(ev, dict):
+            ev = sim_mod.decode_event_line(raw)
+            if ev is not None:
                 self.events.append(ev)
                 self._q.put(ev)
 

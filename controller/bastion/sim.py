@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 import firmware
+from firmware import frame
 
 FIRMWARE_SRC = Path(firmware.__file__).resolve().parent
 REPO = FIRMWARE_SRC.parent
@@ -221,11 +222,20 @@ class EventLines:
 
 
 def decode_event_line(line: bytes) -> dict | None:
+    """The event in one line of the board's serial output: a frame (`#EB< crc {...}`, what the
+    firmware sends), or a bare JSON object; None for anything else (REPL text, replies)."""
     line = line.strip()
-    if not line.startswith(b"{"):
-        return None
-    try:
-        ev = json.loads(line)
-    except ValueError:
+    i = line.find(frame.TO_HOST)
+    if i >= 0:
+        try:
+            ev = frame.decode(line[i:])
+        except frame.Malformed:
+            return None
+    elif line.startswith(b"{"):
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            return None
+    else:
         return None
     return ev if isinstance(ev, dict) and "ev" in ev else None

@@ -13,7 +13,8 @@ both ways. When the firmware process ends the supervisor restarts it the way a b
   come back at the raw REPL without running main.py, as a board does.
 - The process died (kill -9, crash): start it again, like a reset.
 - The emulated hardware watchdog: the firmware feeds it by writing to a pipe (fd 3); once fed,
-  silence longer than the timeout kills and restarts the firmware.
+  silence longer than the timeout kills and restarts the firmware. An "R" down the same pipe
+  is the firmware's machine.reset(): the supervisor restarts it at once.
 """
 
 from __future__ import annotations
@@ -224,6 +225,12 @@ class Supervisor:
                         else:
                             self.inner_closed()
                     elif fd == self.wdt_r:
+                        if b"R" in data:  # the firmware asked for a reset (machine.reset())
+                            self.kill_firmware()
+                            self.proc.wait()
+                            self._drain_inner()
+                            self._restart("reset")
+                            break
                         if data:
                             self._last_feed = time.monotonic()
                         else:

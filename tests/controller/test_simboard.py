@@ -3,73 +3,16 @@ like a board's, and restarts after the firmware process dies."""
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-
-from simkit import free_udp_port
+from simkit import SimProcess
 
 BIN = Path(sys.executable).parent
-
-
-class SimProcess:
-    """`bastion sim` as a user runs it, with its stdout events collected."""
-
-    def __init__(self, flash: Path, link: Path):
-        (flash / "tftp").mkdir(parents=True, exist_ok=True)
-        (flash / "device.json").write_text(json.dumps({
-            "server_ip": "127.0.0.1",
-            "script_url": "http://127.0.0.1:8080/boot.ipxe",
-            "boot_files": {"7": "ipxe.efi"},
-        }))
-        self.link = link
-        self.events: queue.Queue = queue.Queue()
-        self.seen: list[dict] = []
-        self.proc = subprocess.Popen(
-            [str(BIN / "bastion"), "sim", "--flash", str(flash), "--listen", "127.0.0.1",
-             "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
-             "--tftp-port", str(free_udp_port()), "--serial-link", str(link)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            self.seen.append(ev)
-            self.events.put(ev)
-
-    def wait(self, pred, timeout=30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self.events.get(timeout=0.5)
-            except queue.Empty:
-                assert self.proc.poll() is None, f"bastion sim exited: {self.seen}"
-                continue
-            if pred(ev):
-                return ev
-        raise AssertionError(f"no such event in {timeout}s; saw {self.seen}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

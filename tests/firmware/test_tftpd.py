@@ -214,7 +214,8 @@ def test_listener_survives_garbage_and_counts_it(serve):
     sender.close()
     assert fetch(srv, b"a.bin") == FILES["a.bin"]  # still serving, after all of that
     assert srv.counter("tftp.malformed") > 100
-    assert srv.counter("tftp.request") > 300
+    # UDP may drop some of the burst on a loaded machine: most of it must have been counted.
+    assert srv.counter("tftp.request") > 200
 
 
 def test_transfer_socket_survives_garbage(serve):
