@@ -24,8 +24,9 @@ class Log:
     def count(self, name, n=1):
         self.counters[name] = self.counters.get(name, 0) + n
 
-    def event(self, kind, keys, values):
-        self._ring[self._head] = (self._seq, ticks_ms(), kind, keys, values)
+    def event(self, kind, keys, values, t=None):
+        """Record an event; t is when it happened (ticks_ms), now unless given."""
+        self._ring[self._head] = (self._seq, ticks_ms() if t is None else t, kind, keys, values)
         self._head = (self._head + 1) % self.capacity
         self._seq += 1
         if self._seq - self._read > self.capacity:

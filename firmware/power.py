@@ -298,8 +298,8 @@ class Power:
         if not on:
             c.off_at = now
         c.output = on
-        if self.log is not None:
-            self.log.event("power", _ON_KEYS, (c.index, c.name, "on" if on else "off", why))
+        if self.log is not None:  # stamped with the time the policy decided on
+            self.log.event("power", _ON_KEYS, (c.index, c.name, "on" if on else "off", why), now)
 
     def _save(self):
         if self.store is not None:

@@ -18,9 +18,9 @@ def _register() -> None:
 
     main.add_command(lab_cli.lab_group)
 
-    from bastion import serve_cli
+    from bastion import device_cli, serve_cli
 
-    for command in serve_cli.COMMANDS:
+    for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS):
         main.add_command(command)
 
 

@@ -30,10 +30,14 @@ from bastion.settings import Settings, SettingsError, default_db_path, parse_lis
               help="File holding the management API token (else $BASTION_API_TOKEN).")  # fmt: skip
 @click.option("--poll", "poll_seconds", envvar="BASTION_POLL_SECONDS", type=float, default=1.0,
               show_default=True, help="Seconds between checks for changed site files (0: never).")  # fmt: skip
+@click.option("--device", "device_port", envvar="BASTION_DEVICE", metavar="PORT",
+              help="The device's serial line (/dev/ttyACM0, the sim board's PTY): power "
+                   "control and device events in the history.")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
-def serve(site_dir, listen, db_path, token_file, poll_seconds, log_level, access_log) -> None:
+def serve(site_dir, listen, db_path, token_file, poll_seconds, device_port, log_level,
+          access_log) -> None:
     """Serve iPXE, GRUB, Ignition and assets for the site, and the management API."""
     import uvicorn
 
@@ -42,7 +46,8 @@ def serve(site_dir, listen, db_path, token_file, poll_seconds, log_level, access
 
     try:
         host, port = parse_listen(listen)
-        settings = Settings.build(site_dir, db_path, token_file=token_file, poll_seconds=poll_seconds)
+        settings = Settings.build(site_dir, db_path, token_file=token_file,
+                                  poll_seconds=poll_seconds, device_port=device_port)
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     try:
@@ -56,7 +61,8 @@ def serve(site_dir, listen, db_path, token_file, poll_seconds, log_level, access
     click.echo(
         f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
         f"{len(site.groups)} groups; events in {settings.db_path}; "
-        f"management API {'enabled' if settings.api_token else 'disabled (no token)'}",
+        f"management API {'enabled' if settings.api_token else 'disabled (no token)'}; "
+        f"device {settings.device_port or 'none'}",
         err=True,
     )
     for warning in site.warnings:

@@ -6,6 +6,7 @@
     BASTION_API_TOKEN        the management API bearer token, or
     BASTION_API_TOKEN_FILE   a file holding it (first line)
     BASTION_POLL_SECONDS     how often to look for changed site files (0: never; default 1)
+    BASTION_DEVICE           the device's serial line (e.g. /dev/ttyACM0, the sim board's PTY)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Settings:
     db_path: Path
     api_token: str | None = None
     poll_seconds: float = 1.0
+    device_port: str | None = None  # the device's serial line (pyserial port or URL)
 
     @classmethod
     def build(
@@ -73,6 +75,7 @@ class Settings:
         api_token: str | None = None,
         token_file: Path | None = None,
         poll_seconds: float | None = None,
+        device_port: str | None = None,
     ) -> Settings:
         if poll_seconds is None:
             poll_seconds = float(os.environ.get("BASTION_POLL_SECONDS", "1"))
@@ -82,4 +85,5 @@ class Settings:
             db_path=Path(db),
             api_token=resolve_token(api_token, token_file),
             poll_seconds=poll_seconds,
+            device_port=device_port or os.environ.get("BASTION_DEVICE") or None,
         )

@@ -65,7 +65,8 @@ def free_tcp_port() -> int:
 class Server:
     """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1."""
 
-    def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2):
+    def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2,
+                 device: str | None = None):
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = db
@@ -77,7 +78,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site),
              "--listen", f"127.0.0.1:{self.port}", "--db", str(db), "--poll", str(poll),
-             "--no-access-log", "--log-level", "warning"],
+             "--no-access-log", "--log-level", "warning",
+             *(["--device", device] if device else [])],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -93,6 +95,9 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"bastion serve did not come up:\n{self.log.read_text()}")
             time.sleep(0.05)
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kw)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -58,4 +58,12 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
     if static.is_not_modified(response.headers, Headers(scope=request.scope)):
         response = NotModifiedResponse(response.headers)
     runtime.metrics.inc("bastion_asset_requests_total", {"status": str(response.status_code)})
+    if request.method == "GET":
+        # A boot step like the others (kernel, initrd) in the machine's history. Assets are
+        # fetched without the machine's MAC, so the client's address is what ties it to one.
+        payload = {"client": request.client.host if request.client else None, "size": st.st_size}
+        if "range" in request.headers:
+            payload["range"] = request.headers["range"][:100]
+        runtime.record("asset", endpoint=f"/assets/{rel}", status=response.status_code,
+                       payload=payload)
     return response

@@ -32,6 +32,8 @@ def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: bo
         known = runtime.holder.site.machine_by_mac(mac)
         machine = known.name if known else None
     payload = {"query": req.raw_query} if req and req.raw_query else {}
+    if req is not None and req.client:
+        payload["client"] = req.client
     if answer.error:
         payload["error"] = answer.error
     runtime.record(

@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bastion import match
+from bastion.devicehub import DeviceHub
 from bastion.metrics import Metrics
 from bastion.render.config import BootRequest
 from bastion.settings import Settings
@@ -26,6 +27,7 @@ class Runtime:
     holder: SiteHolder
     store: EventStore
     metrics: Metrics
+    device: DeviceHub | None = None  # `serve --device PORT`
 
     def record(self, kind: str, **fields: Any) -> int:
         event_id = self.store.record(kind, **fields)
@@ -33,14 +35,16 @@ class Runtime:
         return event_id
 
 
-def get_runtime(request: Request) -> Runtime:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def` one in
+# its thread pool, a thread hop per dependency per request (docs/benchmarks-http.md).
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_site(runtime: RuntimeDep) -> Site:
+async def get_site(runtime: RuntimeDep) -> Site:
     # One read of the holder per request: a reload in the middle does not mix two sites.
     return runtime.holder.site
 
@@ -48,7 +52,7 @@ def get_site(runtime: RuntimeDep) -> Site:
 SiteDep = Annotated[Site, Depends(get_site)]
 
 
-def get_store(runtime: RuntimeDep) -> EventStore:
+async def get_store(runtime: RuntimeDep) -> EventStore:
     return runtime.store
 
 
@@ -57,7 +61,7 @@ StoreDep = Annotated[EventStore, Depends(get_store)]
 _bearer = HTTPBearer(auto_error=False, description="The management API token")
 
 
-def require_admin(
+async def require_admin(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -100,12 +104,13 @@ def base_url(runtime: Runtime, site: Site, request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request) -> BootRequest:
+async def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request) -> BootRequest:
     raw_query = request.scope.get("query_string", b"").decode("latin-1")
     return BootRequest(
         labels=match.labels_from_pairs(request.query_params.multi_items()),
         raw_query=raw_query,
         base_url=base_url(runtime, site, request),
+        client=request.client.host if request.client else None,
     )
 
 

@@ -25,6 +25,7 @@ class MachineOut(BaseModel):
     profile: str
     hostname: str
     labels: dict[str, str]
+    relay: int | None = None
     group: str
     source: str
 
@@ -39,6 +40,7 @@ class MachineIn(BaseModel):
     role: str | None = None
     profile: str | None = None
     hostname: str | None = None
+    relay: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -46,7 +48,8 @@ class MachineIn(BaseModel):
 def machine_out(m: Machine) -> MachineOut:
     return MachineOut(
         name=m.name, mac=m.mac, uuid=m.uuid, arch=m.arch, role=m.role, profile=m.profile,
-        hostname=m.hostname, labels=m.labels, group=f"machine:{m.name}", source=m.source,
+        hostname=m.hostname, labels=m.labels, relay=m.relay, group=f"machine:{m.name}",
+        source=m.source,
     )  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import assets, boot, events, groups, machines, profiles, system
+from bastion.api import assets, boot, device, events, groups, machines, profiles, system
 from bastion.api.deps import Runtime
 from bastion.metrics import Metrics
 from bastion.settings import Settings
@@ -25,7 +25,7 @@ Edge Bastion's boot controller.
 
 * **boot**: public, read-only, matchbox-compatible endpoints for iPXE, GRUB and Flatcar.
 * **assets**: kernels and initrds from the site's `assets/` directory.
-* **machines, profiles, groups, events**: the management API. Reads are open; every write,
+* **machines, device, profiles, groups, events**: the management API. Reads are open; every write,
   and every read that may show secrets, needs `Authorization: Bearer <token>`.
 * **system**: health, Prometheus metrics, site status and reload.
 """
@@ -58,15 +58,23 @@ def create_app(settings: Settings) -> FastAPI:
         "bastion_site_profiles": len(holder.site.profiles),
     }
     runtime.record("site", payload={"ok": True, "generation": holder.generation, "loaded": str(settings.site_dir)})
+    if settings.device_port:
+        from bastion.devicehub import DeviceHub
+
+        runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
         if settings.poll_seconds > 0:
             task = asyncio.create_task(_watch(holder, settings.poll_seconds))
+        if runtime.device is not None:
+            runtime.device.start()
         try:
             yield
         finally:
+            if runtime.device is not None:
+                await anyio.to_thread.run_sync(runtime.device.close)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -78,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(assets.router)
     app.include_router(system.router)
     api = APIRouter(prefix="/api/v1")
-    for module in (machines, profiles, groups, events):
+    for module in (machines, device, profiles, groups, events):
         api.include_router(module.router)
     app.include_router(api)
     return app

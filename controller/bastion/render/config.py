@@ -33,6 +33,7 @@ class BootRequest:
     labels: dict[str, str]
     raw_query: str
     base_url: str  # the controller URL to hand to machines, without a trailing slash
+    client: str | None = None  # the requester's IP address (ties TFTP and HTTP steps together)
 
 
 jinja_env = jinja2.sandbox.SandboxedEnvironment(

@@ -300,6 +300,7 @@ def _load_machines(
     by_name: dict[str, int] = {}
     by_mac: dict[str, int] = {}
     by_uuid: dict[str, int] = {}
+    by_relay: dict[int, int] = {}
     for i, entry in enumerate(model.machines):
         line = items.line_of(i) if isinstance(items, yamlfile.LineList) else None
         item = items[i] if items is not None else None
@@ -326,6 +327,12 @@ def _load_machines(
                 ld.problem(rel, at("uuid"), f"{where}.uuid", f"{entry.uuid} is also machines[{by_uuid[entry.uuid]}]")
                 continue
             by_uuid[entry.uuid] = i
+        if entry.relay is not None:
+            if entry.relay in by_relay:
+                ld.problem(rel, at("relay"), f"{where}.relay",
+                           f"channel {entry.relay} also powers machines[{by_relay[entry.relay]}]")  # fmt: skip
+                continue
+            by_relay[entry.relay] = i
         if entry.profile is not None:
             pid = entry.profile
             if pid not in profiles:
@@ -370,6 +377,7 @@ def _load_machines(
                 metadata=metadata,
                 source=rel,
                 line=line,
+                relay=entry.relay,
             )
         )
     return machines

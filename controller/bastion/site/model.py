@@ -57,6 +57,7 @@ class Machine:
     metadata: dict[str, Any]
     source: str
     line: int | None = None
+    relay: int | None = None  # the device relay channel powering it
 
     def as_variables(self) -> dict[str, Any]:
         return {

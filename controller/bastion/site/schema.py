@@ -68,6 +68,10 @@ class MachineEntry(_Strict):
     role: str | None = None
     profile: str | None = None
     hostname: str | None = None
+    relay: int | None = Field(
+        default=None, ge=0, le=63,
+        description="the device's relay channel (0-based) that switches this machine's power",
+    )
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,0 +1,60 @@
+"""Management API: the device (relay power, status) over its serial link (`serve --device`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.api.deps import AdminDep, RuntimeDep
+from bastion.device import DeviceError, DeviceTimeout
+from bastion.devicehub import DeviceHub, PowerTargetError
+
+router = APIRouter(tags=["device"])
+
+
+async def get_hub(runtime: RuntimeDep) -> DeviceHub:
+    if runtime.device is None:
+        raise HTTPException(
+            503, "no device: start the controller with --device PORT (the device's serial line)"
+        )
+    return runtime.device
+
+
+HubDep = Annotated[DeviceHub, Depends(get_hub)]
+
+
+class PowerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: Literal["on", "off", "cycle"]
+    off_ms: int | None = Field(default=None, ge=0, description="off time of a cycle")
+
+
+async def _power(hub: DeviceHub, target: str, body: PowerIn) -> dict[str, Any]:
+    try:
+        # The serial exchange blocks: keep it off the event loop.
+        return await anyio.to_thread.run_sync(hub.power, target, body.state, body.off_ms)
+    except PowerTargetError as e:
+        raise HTTPException(404, str(e)) from None
+    except DeviceTimeout as e:
+        raise HTTPException(504, f"the device did not answer: {e}") from None
+    except DeviceError as e:
+        # The device refused (an interlock, an unknown channel): its words, as a conflict.
+        raise HTTPException(409, str(e)) from None
+
+
+@router.post("/machines/{name}/power", summary="Switch a machine's power (needs the token)")
+async def machine_power(name: str, body: PowerIn, hub: HubDep, _: AdminDep) -> dict[str, Any]:
+    return await _power(hub, name, body)
+
+
+@router.post("/device/power/{channel}", summary="Switch a relay channel (needs the token)")
+async def channel_power(channel: int, body: PowerIn, hub: HubDep, _: AdminDep) -> dict[str, Any]:
+    return await _power(hub, str(channel), body)
+
+
+@router.get("/device", summary="The device: link state, firmware, relays, tasks, counters")
+async def device_status(hub: HubDep) -> dict[str, Any]:
+    return await anyio.to_thread.run_sync(hub.describe)

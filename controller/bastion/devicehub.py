@@ -1,0 +1,140 @@
+"""The controller's device: the serial link (bastion.device.DeviceLink) as part of the app.
+
+`bastion serve --device PORT` keeps one DeviceLink open for the life of the service. Every
+event the device pushes (dhcp offers, TFTP transfers, power changes, watchdog actions, boots)
+lands in the event history as kind = the device's event name, source "device", with the
+machine named when the site knows its MAC (dhcp, tftp) or its relay channel (power,
+watchdog). Power requests name a machine (its `relay:` in machines.yaml) or a channel.
+
+The link reconnects by itself (cable pulled, device reset); while it is down, requests fail
+with a clear error instead of hanging, and events pushed meanwhile are caught up on resync.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from bastion import match
+from bastion.device import DeviceError, DeviceLink
+from bastion.site.model import Site
+
+# Device events that name a machine by MAC, and by relay channel.
+_BY_MAC = ("dhcp",)
+_BY_CHANNEL = ("power", "watchdog")
+
+
+class PowerTargetError(ValueError):
+    """A power request that names no machine or channel the site and device know."""
+
+
+class DeviceHub:
+    def __init__(
+        self,
+        port: str,
+        site: Callable[[], Site],
+        record: Callable[..., int],
+        link: DeviceLink | None = None,
+    ):
+        self.port = port
+        self._site = site
+        self._record = record
+        self.link = link or DeviceLink(port)
+        self.link.on_event(self._on_event)
+        self.link.on_resync(self._on_resync)
+        self._lock = threading.Lock()
+        self.resyncs = 0
+
+    def start(self) -> DeviceHub:
+        self.link.start()
+        return self
+
+    def close(self) -> None:
+        self.link.close()
+
+    # --- what the device says ------------------------------------------------------------
+    def _machine_for(self, ev: dict) -> tuple[str | None, str | None]:
+        site = self._site()
+        kind = ev.get("ev")
+        mac = None
+        if kind in _BY_MAC and isinstance(ev.get("mac"), str):
+            try:
+                mac = match.parse_mac(ev["mac"])
+            except match.Malformed:
+                mac = None
+        if mac is not None:
+            m = site.machine_by_mac(mac)
+            return mac, m.name if m else None
+        if kind in _BY_CHANNEL and isinstance(ev.get("ch"), int):
+            for m in site.machines:
+                if m.relay == ev["ch"]:
+                    return m.mac, m.name
+        return None, None
+
+    def _on_event(self, ev: dict) -> None:
+        kind = str(ev.get("ev") or "device")
+        mac, machine = self._machine_for(ev)
+        payload = {k: v for k, v in ev.items() if k != "ev"}
+        self._record(kind, source="device", mac=mac, machine=machine, payload=payload)
+
+    def _on_resync(self, link: DeviceLink) -> None:
+        with self._lock:
+            self.resyncs += 1
+        info = link.info or {}
+        self._record(
+            "device",
+            source="device",
+            payload={"state": "connected", "port": self.port, "boot": info.get("boot"),
+                     "fw": info.get("fw"), "board": info.get("board")},
+        )
+
+    # --- what the controller asks -------------------------------------------------------
+    def channel_for(self, target: str | int) -> tuple[int, str | None]:
+        """(relay channel, machine name or None) for a machine name or a channel number."""
+        if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+            ch = int(target)
+            for m in self._site().machines:
+                if m.relay == ch:
+                    return ch, m.name
+            return ch, None
+        m = self._site().machine(target)
+        if m is None:
+            raise PowerTargetError(f"no machine {target!r} in the site")
+        if m.relay is None:
+            raise PowerTargetError(
+                f"machine {target!r} has no relay channel (set relay: in machines.yaml)"
+            )
+        return m.relay, m.name
+
+    def power(self, target: str | int, state: str, off_ms: int | None = None) -> dict[str, Any]:
+        """Switch a machine's relay; the device's reply (its channel status). Raises
+        PowerTargetError, or DeviceError with the device's own words (interlocks)."""
+        if state not in ("on", "off", "cycle"):
+            raise PowerTargetError(f"state {state!r}: expected on, off or cycle")
+        ch, name = self.channel_for(target)
+        args: dict[str, Any] = {"channel": ch, "state": state}
+        if off_ms is not None:
+            args["off_ms"] = off_ms
+        reply = self.link.request("power", **args)
+        self._record("power_request", source="api", machine=name,
+                     payload={"channel": ch, "state": state, "result": reply.get("channel")})
+        return {"machine": name, "channel": reply.get("channel")}
+
+    def describe(self) -> dict[str, Any]:
+        """What `bastion status` and the dashboard show: link state, device info, live status."""
+        link = self.link
+        out: dict[str, Any] = {
+            "port": self.port,
+            "connected": link.ready,
+            "last_error": link.last_error,
+            "info": link.info,
+            "link": link.counters(),
+        }
+        if link.ready:
+            try:
+                out["status"] = link.request("status", timeout=5)
+                out["counters"] = link.request("counters", timeout=5).get("counters")
+            except DeviceError as e:
+                out["last_error"] = str(e)
+        return out

@@ -1,0 +1,144 @@
+"""The controller with its device: `serve --device` against the real sim board. Power by
+machine name through the API and the CLI, device events in the history, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bastion_testkit import TOKEN, Server, auth
+
+from simkit import SimProcess
+
+BIN = Path(sys.executable).parent
+POWER = {"stagger_ms": 200, "channels": [{"name": "node1", "min_off_ms": 3000},
+                                         {"name": "node2", "min_off_ms": 3000},
+                                         {"name": "pi1", "min_off_ms": 3000}]}
+
+
+@pytest.fixture
+def board(tmp_path):
+    s = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
+    try:
+        s.wait(lambda e: e.get("ev") == "boot")
+        yield s
+    finally:
+        s.stop()
+
+
+def relays(board) -> str:
+    return (board.link.parent / "flash" / "relays.state").read_text().strip()
+
+
+def wait_for(pred, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def api(board, site_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "events.db", api_token=TOKEN,
+                              poll_seconds=0, device_port=str(board.link)))
+    with TestClient(app) as c:
+        wait_for(lambda: c.get("/api/v1/device").json().get("connected"), what="device link")
+        yield c
+
+
+def test_power_a_machine_by_name_and_see_the_device_events(api, board):
+    r = api.post("/api/v1/machines/node2/power", json={"state": "on"}, headers=auth())
+    assert r.status_code == 200, r.text
+    assert r.json()["machine"] == "node2" and r.json()["channel"]["ch"] == 1
+    wait_for(lambda: relays(board)[1] == "1", what="relay 1 on")
+
+    def power_events():
+        return [e for e in api.get("/api/v1/events", params={"kind": "power"}).json()
+                if e["source"] == "device" and e["payload"].get("why") == "on"]
+
+    wait_for(lambda: power_events(), what="the device's power event")
+    ev = power_events()[0]
+    assert ev["machine"] == "node2" and ev["payload"]["state"] == "on"
+    view = api.get("/api/v1/device").json()
+    assert view["connected"] and view["info"]["board"] == "sim"
+    assert view["status"]["power"][1] == {"ch": 1, "name": "node2", "desired": "on",
+                                          "output": "on", "queued": False, "cycling": False}
+
+
+def test_power_errors_say_what_was_wrong(api):
+    r = api.post("/api/v1/machines/node1/power", json={"state": "on"})
+    assert r.status_code == 401
+    r = api.post("/api/v1/machines/nobody/power", json={"state": "on"}, headers=auth())
+    assert r.status_code == 404 and "no machine 'nobody'" in r.json()["detail"]
+    r = api.post("/api/v1/machines/node1/power", json={"state": "sideways"}, headers=auth())
+    assert r.status_code == 422
+    assert api.post("/api/v1/machines/node1/power", json={"state": "on"},
+                    headers=auth()).status_code == 200
+    r = api.post("/api/v1/machines/node1/power", json={"state": "cycle", "off_ms": 100},
+                 headers=auth())
+    assert r.status_code == 409
+    assert "shorter than its minimum off time of 3000 ms" in r.json()["detail"]
+
+
+def test_no_device_is_a_clear_503(site_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "e.db", api_token=TOKEN))
+    with TestClient(app) as c:
+        r = c.post("/api/v1/machines/node1/power", json={"state": "on"}, headers=auth())
+        assert r.status_code == 503 and "--device" in r.json()["detail"]
+
+
+def bastion(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def test_cli_power_and_status_through_a_running_controller(board, site_dir, tmp_path):
+    srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link))
+    try:
+        env = {**os.environ, "BASTION_API_TOKEN": TOKEN}
+        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+        r = bastion("power", "on", "pi1", "--url", srv.url, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "channel 2 (pi1) desired on" in r.stdout
+        wait_for(lambda: relays(board)[2] == "1", what="relay 2 on")
+        r = bastion("power", "cycle", "pi1", "--off-ms", "10", "--url", srv.url, env=env)
+        assert r.returncode == 1 and "minimum off time of 3000 ms" in r.stderr
+        r = bastion("status", "--url", srv.url, "--json", env=env)
+        view = json.loads(r.stdout)
+        assert view["status"]["power"][2]["output"] == "on"
+        r = bastion("status", "--url", srv.url, env=env)
+        assert "firmware" in r.stdout and "pi1" in r.stdout
+        env.pop("BASTION_API_TOKEN")
+        r = bastion("power", "off", "pi1", "--url", srv.url, env=env)
+        assert r.returncode == 1 and "token" in r.stderr
+    finally:
+        srv.stop()
+
+
+def test_cli_straight_over_the_serial_line(board):
+    r = bastion("power", "on", "0", "--port", str(board.link))
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: relays(board)[0] == "1", what="relay 0 on")
+    r = bastion("device", "info", "--port", str(board.link))
+    assert r.returncode == 0 and "board: sim" in r.stdout
+    r = bastion("power", "on", "node1", "--port", str(board.link))
+    assert r.returncode == 2 and "relay channel number" in r.stderr
+    r = bastion("status")
+    assert r.returncode == 2 and "--url" in r.stderr
