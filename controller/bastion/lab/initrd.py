@@ -72,13 +72,43 @@ status=ok
 if [ "$status" = ok ]; then
     /usr/bin/ignition -platform metal -stage files -root /sysroot -log-to-stdout > /tmp/ign-files.log 2>&1 || status=files-failed
 fi
-tail -n 5 /tmp/ign-*.log > /dev/console
-# The digest report: one "sha256  /path" line per regular file Ignition wrote.
-(cd /sysroot && find . -type f | sort | while read -r f; do sha256sum "$f"; done) | sed 's#  \./#  /#' > /tmp/digest
-say "reporting $(wc -l < /tmp/digest) files, status $status, to $cb"
+if [ "$status" = ok ]; then tail -n 5 /tmp/ign-*.log > /dev/console; else tail -n 30 /tmp/ign-*.log > /dev/console; fi
+# What Ignition wrote: one "sha256  /path" line per regular file, sorted by path (init's own
+# SELinux stub above is not Ignition's).
+(cd /sysroot && find . -type f ! -path ./etc/selinux/config | sort | while read -r f; do sha256sum "$f"; done) \
+    | sed 's#  \./#  /#' > /tmp/files
+# The digest: sha256 of those lines, leaving out Ignition's own result file, which holds this
+# boot's date and id, so that the same config gives the same digest on every boot.
+digest=$(grep -v '  /etc/\.ignition-result\.json$' /tmp/files | sha256sum | cut -d' ' -f1)
+msg=
+case "$status" in
+    fetch-failed) msg=$(tail -n 1 /tmp/ign-fetch.log | tr -d '\000-\037') ;;
+    files-failed) msg=$(tail -n 1 /tmp/ign-files.log | tr -d '\000-\037') ;;
+esac
+# The report, as the JSON object /callback reads: mac, stage, status, digest, files, message.
+MAC="$mac" STATUS="$status" DIGEST="sha256:$digest" MSG="$msg" awk '
+function q(s) { gsub(/\\/, "&&", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
+BEGIN {
+    printf "{\"mac\": %s, \"stage\": \"ignition\", \"status\": %s, \"digest\": %s, \"files\": {",
+        q(ENVIRON["MAC"]), q(ENVIRON["STATUS"]), q(ENVIRON["DIGEST"])
+    n = 0
+}
+{ printf "%s%s: %s", (n++ ? ", " : ""), q(substr($0, length($1) + 3)), q($1) }
+END {
+    printf "}"
+    if (ENVIRON["MSG"] != "") printf ", \"message\": %s", q(ENVIRON["MSG"])
+    print "}"
+}' /tmp/files > /tmp/callback.json
+say "reporting $(wc -l < /tmp/files) files, digest sha256:$digest, status $status, to $cb"
 if [ -n "$cb" ]; then
-    wget -q -O /dev/null --header "Content-Type: text/plain" \
-        --post-file /tmp/digest "$cb?mac=$mac&status=$status" || say "callback failed"
+    tries=0
+    # busybox 1.35's wget -T segfaults (Debian's busybox-static): bound it with timeout instead.
+    until timeout 20 wget -q -O /dev/null --header "Content-Type: application/json" \
+            --post-file /tmp/callback.json "$cb"; do
+        tries=$((tries + 1))
+        [ $tries -ge 5 ] && { say "callback failed"; break; }
+        sleep 2
+    done
 fi
 say "done; powering off"
 sync

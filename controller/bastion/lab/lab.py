@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import sys
 import time
@@ -93,6 +94,7 @@ class Lab:
         self.logs = self.workdir / "logs"
         self.serial = self.workdir / "device.tty"
         self.token_file = self.workdir / "api-token"
+        self.db_path = self.workdir / "events.db"
         self.procs = Processes.load(self.workdir / "state.json")
 
     # -- paths and URLs ---------------------------------------------------------------------
@@ -198,7 +200,9 @@ class Lab:
             ]
         else:
             # SeaBIOS with the NIC's iPXE ROM: iPXE straight away (arch 0, user class iPXE).
-            cmd += ["-device", f"virtio-net-pci,netdev=n0,mac={node.mac}"]
+            # sgabios copies the BIOS text screen (SeaBIOS, iPXE) to the serial console, which
+            # otherwise shows nothing before the kernel.
+            cmd += ["-device", "sga", "-device", f"virtio-net-pci,netdev=n0,mac={node.mac}"]
         return cmd
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -211,12 +215,23 @@ class Lab:
         removed = self.down()
         if removed:
             progress(f"removed a stale lab: {', '.join(removed)}")
+        try:
+            self._up(nodes, progress)
+        except BaseException:
+            # A half-built lab holds namespaces and processes: remove them (the logs stay).
+            self.down()
+            raise
+
+    def _up(self, nodes: list[Node], progress) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         progress("preparing boot files (Debian kernel, lab initrd)")
         kernel, initrd = self.prepare_boot_files()
         self.write_device_flash(nodes)
         self.write_site(nodes, kernel, initrd)
+        if not self.token_file.exists():
+            self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
+            self.token_file.chmod(0o600)
         write_json_atomic(self.workdir / "nodes.json", [asdict(n) for n in nodes])  # type: ignore[arg-type]
         progress(f"creating namespaces {self.net.lan}, {self.net.router}")
         self.net.create()
@@ -247,6 +262,8 @@ class Lab:
         return [
             self._bastion(), "serve", "--site", str(self.site),
             "--listen", f"{self.net.controller_ip}:{CONTROLLER_PORT}",
+            # The lab's own history, not the host's default database (~/.local/state/...).
+            "--db", str(self.db_path), "--token-file", str(self.token_file),
         ]
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -107,6 +107,9 @@ class Processes:
     state_file: Path
     pids: dict[str, int] = field(default_factory=dict)
     cmds: dict[str, list[str]] = field(default_factory=dict)
+    # Kernel start time (clock ticks since boot, /proc/PID/stat field 22) of each PID: tells a
+    # process we started from a later one that reuses its PID, whatever program it runs.
+    starts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state_file: Path) -> "Processes":
@@ -116,12 +119,15 @@ class Processes:
                 d = json.loads(state_file.read_text())
                 p.pids = {k: int(v) for k, v in d.get("pids", {}).items()}
                 p.cmds = d.get("cmds", {})
+                p.starts = {k: int(v) for k, v in d.get("starts", {}).items()}
             except (ValueError, TypeError):
                 pass
         return p
 
     def save(self) -> None:
-        write_json_atomic(self.state_file, {"pids": self.pids, "cmds": self.cmds})
+        write_json_atomic(
+            self.state_file, {"pids": self.pids, "cmds": self.cmds, "starts": self.starts}
+        )
 
     def start(self, key: str, ns: str, cmd: list[str], log: Path, cwd: Path | None = None,
               env: dict | None = None) -> subprocess.Popen:
@@ -140,32 +146,63 @@ class Processes:
         out.close()
         self.pids[key] = proc.pid
         self.cmds[key] = cmd
+        started = _start_time(proc.pid)
+        if started is not None:
+            self.starts[key] = started
         self.save()
         return proc
 
     def alive(self, key: str) -> bool:
         pid = self.pids.get(key)
-        return pid is not None and _is_ours(pid, self.cmds.get(key))
+        return pid is not None and _is_ours(pid, self.cmds.get(key), self.starts.get(key))
 
     def stop(self, key: str, timeout: float = 5.0) -> None:
         pid = self.pids.pop(key, None)
         cmd = self.cmds.pop(key, None)
-        if pid is not None and _is_ours(pid, cmd):
+        started = self.starts.pop(key, None)
+        if pid is not None and _is_ours(pid, cmd, started):
             _kill(pid, timeout)
         self.save()
 
 
-def _is_ours(pid: int, cmd: list[str] | None) -> bool:
-    """True if pid still runs the program we started (PIDs are reused)."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a process from /proc/PID/stat, None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses: split after the last ")".
+    rest = raw[raw.rfind(")") + 2:].split()
+    try:
+        return rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    st = _stat(pid)
+    return st[1] if st else None
+
+
+def _is_ours(pid: int, cmd: list[str] | None, started: int | None = None) -> bool:
+    """True if pid is still the live process we started (PIDs are reused).
+
+    With a recorded start time that alone decides (it survives `ip netns exec`'s exec). Without
+    one (a state file from an older lab), the program's name must match argv[0] or, for
+    interpreted programs such as console scripts (`python3 .../bastion`), argv[1]."""
+    st = _stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False  # gone, or a zombie
+    if started is not None:
+        return st[1] == started
+    if not cmd:
+        return True
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    if not raw:
-        return False  # a zombie
-    if not cmd:
-        return True
-    return os.path.basename(raw.split(b"\0")[0].decode(errors="replace")) == os.path.basename(cmd[0])
+    argv = [os.path.basename(a.decode(errors="replace")) for a in raw.split(b"\0")[:2]]
+    return os.path.basename(cmd[0]) in argv
 
 
 def _kill(pid: int, timeout: float) -> None:
