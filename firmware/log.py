@@ -20,6 +20,7 @@ class Log:
         self.counters = {}
         self.sink = None  # optional callable(text_line) that takes each event as JSON
         self.boot = None  # optional boot id added to each event handed to the sink
+        self.sink_errors = 0  # flushes that failed (out of memory): the events wait
 
     def count(self, name, n=1):
         self.counters[name] = self.counters.get(name, 0) + n
@@ -33,7 +34,10 @@ class Log:
             self.dropped += self._seq - self._read - self.capacity
             self._read = self._seq - self.capacity
         if self.sink is not None:
-            self.flush()
+            try:
+                self.flush()
+            except MemoryError:  # the event stays in the ring (fetched later); go on
+                self.sink_errors += 1
 
     def pending(self):
         return self._seq - self._read
@@ -47,12 +51,15 @@ class Log:
         return _as_dict(self._ring[slot])
 
     def flush(self):
-        """Hand every pending event to the sink as one JSON line each."""
+        """Hand every pending event to the sink as one JSON line each. An event leaves the
+        pending set only once the sink took it."""
         while self._read != self._seq:
-            d = self.take()
+            slot = (self._head - (self._seq - self._read)) % self.capacity
+            d = _as_dict(self._ring[slot])
             if self.boot is not None:
                 d["boot"] = self.boot
             self.sink(json.dumps(d))
+            self._read += 1
 
     def recent(self, n=None):
         """Up to n of the newest events still in the ring (oldest first), as dicts."""

@@ -18,7 +18,7 @@ import sys
 
 import asyncio
 
-from firmware.compat import heap_used, sleep_ms, ticks_ms, unload
+from firmware.compat import heap_used, sleep_ms, ticks_diff, ticks_ms, unload
 from firmware.log import Log
 
 VERSION = "0.2.0"
@@ -30,6 +30,7 @@ _BOOT_KEYS = ("version", "board", "heap_code", "services")
 # task still running; a task that blocks the loop stops every check-in at once.
 TASK_DEADLINES_MS = {"console": 3000, "power": 3000, "dhcp": 3000, "tftp": 3000}
 WATCHDOG_PERIOD_MS = 500
+STALL_MS = 2000  # a listener that cannot allocate for this long counts as hung
 
 
 def _options(argv):
@@ -110,11 +111,16 @@ async def _power_loop(power, nodes, tasks, faults):
 
 async def _watchdog_loop(wdt, tasks, services, faults):
     # Feeds the hardware WDT only while every critical task has checked in recently. A
-    # listener checks in by being alive: its task has not ended (a socket error, a bug).
+    # listener checks in by being alive: its task has not ended (a socket error, a bug) and
+    # it is not stuck on a heap too full to take a datagram for longer than STALL_MS.
     while True:
         now = ticks_ms()
         for name in services:
-            if name not in faults.hung and not services[name].done():
+            task, svc = services[name]
+            stalled = svc.stalled_since
+            if stalled is not None and ticks_diff(now, stalled) > STALL_MS:
+                continue
+            if name not in faults.hung and not task.done():
                 tasks.checkin(name, now)
         if tasks.may_feed(now):
             wdt.feed()
@@ -125,6 +131,22 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
     from firmware import console as console_mod
     from firmware.watchdog import NodeWatch, TaskWatch
 
+    # The services that own big preallocated buffers (TFTP slots) come first, while the heap
+    # is still in one piece: later, 1.5 KB in one run may be hard to find.
+    servers = []
+    if cfg is not None:
+        from firmware.proxydhcp import ProxyDhcp
+        from firmware.tftpd import TftpServer
+
+        listen = opts.get("listen", "0.0.0.0")
+        servers.append(("tftp", TftpServer(cfg, log, listen, int(opts.get("tftp-port", 69)))))
+        servers.append(("dhcp", ProxyDhcp(
+            cfg,
+            log,
+            "0.0.0.0",  # broadcast DISCOVERs only reach a socket bound to the wildcard address
+            int(opts.get("dhcp-port", 67)),
+            int(opts.get("pxe-port", 4011)),
+        )))
     now = ticks_ms()
     faults = Faults()
     tasks = TaskWatch(dict(TASK_DEADLINES_MS), now, log)
@@ -148,23 +170,10 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
 
     services = {}
     listening = []
-    if cfg is not None:
-        from firmware.proxydhcp import ProxyDhcp
-        from firmware.tftpd import TftpServer
-
-        listen = opts.get("listen", "0.0.0.0")
-        dhcp = ProxyDhcp(
-            cfg,
-            log,
-            "0.0.0.0",  # broadcast DISCOVERs only reach a socket bound to the wildcard address
-            int(opts.get("dhcp-port", 67)),
-            int(opts.get("pxe-port", 4011)),
-        )
-        tftp = TftpServer(cfg, log, listen, int(opts.get("tftp-port", 69)))
-        services["dhcp"] = asyncio.create_task(dhcp.run())
-        services["tftp"] = asyncio.create_task(tftp.run())
-        listening = ["dhcp", "tftp"]
-    else:
+    for name, svc in servers:
+        services[name] = (asyncio.create_task(svc.run()), svc)
+        listening.append(name)
+    if not servers:
         # Nothing to serve: the listeners are not judged, or a bad config would reset-loop.
         del tasks.deadlines["dhcp"]
         del tasks.deadlines["tftp"]
@@ -186,7 +195,7 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
     try:
         await console_mod.serve(console, checkin=console_checkin)
     finally:
-        for t in others + list(services.values()):
+        for t in others + [task for task, _ in services.values()]:
             t.cancel()
 
 

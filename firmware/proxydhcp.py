@@ -17,7 +17,7 @@ except ImportError:  # MicroPython ports without binascii under that name
     from ubinascii import hexlify
 
 from firmware import dhcp, net, pxe
-from firmware.compat import sleep_ms
+from firmware.compat import sleep_ms, ticks_ms
 
 _EV_KEYS = ("mac", "arch", "kind", "file", "ipxe", "rpi", "port")
 
@@ -50,6 +50,7 @@ class ProxyDhcp:
         self._buf = bytearray(max(self.policy.max_reply, dhcp.MIN_REPLY))
         self._bcast = None
         self.sockets = ()  # (dhcp socket, pxe socket) while run() is serving
+        self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
 
     async def run(self):
         """Serve both listeners until a socket fails (raised) or the task is cancelled."""
@@ -80,9 +81,12 @@ class ProxyDhcp:
                 raise
             except MemoryError:  # a full heap loses this datagram, not the listener
                 self.log.count("dhcp.no_memory")
+                if self.stalled_since is None:
+                    self.stalled_since = ticks_ms()
                 gc.collect()
                 await sleep_ms(20)
                 continue
+            self.stalled_since = None
             try:
                 self.handle(sock, port, data, src)
             except Exception:  # a bug must not take the listener down; count it instead

@@ -35,6 +35,7 @@ _REFUSED = ("stage", "file", "client", "code", "reason")
 
 _MSG_NO_SOCKET = b"out of sockets; try again"
 _NO_MEMORY_PAUSE_MS = const(20)
+_TRANSFER_RESERVE = const(4096)  # free heap a new transfer needs (bytes; unix port measured)
 
 
 class _Slot:
@@ -94,18 +95,23 @@ class TftpServer:
         ).encode()
         self._ebuf = bytearray(_ERROR_BUF)
         self.sock = None
+        self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
 
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
         while True:
             try:
                 data, client = await net.recvfrom(sock, _MAX_REQUEST)
+                self.stalled_since = None
                 self.request(data, client)
             except MemoryError:
                 # The heap is full (transfers, a burst of requests): this request is lost,
-                # the client retries it; the listener must live on.
+                # the client retries it. If it stays full the watchdog sees the listener
+                # stalled (stalled_since) and resets the board: a fresh heap, relays kept.
                 data = client = None
                 self.log.count("tftp.no_memory")
+                if self.stalled_since is None:
+                    self.stalled_since = ticks_ms()
                 gc.collect()
                 await sleep_ms(_NO_MEMORY_PAUSE_MS)
 
@@ -133,6 +139,9 @@ class TftpServer:
 
     def _start(self, req, client):
         tftp.check(req, self.cfg)
+        if _low_memory():
+            self.log.count("tftp.low_memory")
+            raise tftp.Refused(tftp.E_UNDEFINED, self.busy_msg)
         f, size = _open(req.path)
         slot = self.slots.acquire()
         if slot is None:
@@ -211,9 +220,18 @@ class TftpServer:
             self._send(sock, t, n)
 
     def _end(self, slot, sock):
+        # Whatever the logging does (a full heap), the slot and the file go back.
+        try:
+            self._report(slot)
+        finally:
+            sock.close()
+            slot.transfer.close()
+            slot.file = slot.client = None
+            self.slots.release(slot)
+
+    def _report(self, slot):
         t = slot.transfer
         log = self.log
-        sock.close()
         result = t.result
         if result == "aborted":
             result = "client error %d" % t.client_error
@@ -236,9 +254,16 @@ class TftpServer:
             log.count("tftp.dup_ack", t.dup_acks)
         if t.resends:
             log.count("tftp.resend", t.resends)
-        t.close()
-        slot.file = slot.client = None
-        self.slots.release(slot)
+
+
+def _low_memory():
+    # A new transfer needs a socket, two tasks and room for each datagram's generator: refuse
+    # it ("busy", the client retries) rather than start what the heap cannot carry.
+    free = getattr(gc, "mem_free", None)
+    if free is None or free() >= _TRANSFER_RESERVE:
+        return False
+    gc.collect()
+    return free() < _TRANSFER_RESERVE
 
 
 def _open(path):
