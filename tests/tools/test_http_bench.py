@@ -1,0 +1,156 @@
+"""tools/bench/http_bench.py: it runs, its servers answer correctly, and it cleans up after itself.
+
+Behaviour only: no assertion looks at a latency or a throughput.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bastion.render import boot as scripts
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "tools" / "bench" / "http_bench.py"
+
+_spec = importlib.util.spec_from_file_location("http_bench", BENCH)
+http_bench = importlib.util.module_from_spec(_spec)
+sys.modules["http_bench"] = http_bench  # dataclasses look their module up there
+_spec.loader.exec_module(http_bench)
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+needs_peers = pytest.mark.skipif(
+    not (os.access(NGINX, os.X_OK) and shutil.which("curl")),
+    reason="needs nginx and curl (tools/setup installs nginx-light and curl)",
+)
+
+
+def bench_command(*args: str) -> list[str]:
+    return [sys.executable, "-u", str(BENCH), "--nginx", NGINX, *args]
+
+
+# --- the iPXE client's pure parts, against the controller's real /boot.ipxe script ------------
+
+
+def test_chain_target_expands_the_controller_boot_script_as_ipxe_would():
+    settings = {"mac": "52:54:00:be:00:01", "uuid": "u-1", "buildarch": "x86_64", "platform": "efi"}
+    url = http_bench.chain_target(scripts.boot_script(), settings)
+    assert url == (
+        "ipxe?mac=52-54-00-be-00-01&uuid=u-1&arch=x86_64&platform=efi&hostname=&serial=&domain="
+    )
+
+
+def test_uristring_percent_encodes_what_would_break_the_query():
+    assert (
+        http_bench.expand_settings("${h:uristring}", {"h": "a b&c=d/é"}) == "a%20b%26c%3Dd%2F%C3%A9"
+    )
+    assert http_bench.expand_settings("${unset}|${unset:hexhyp}", {}) == "|"
+
+
+@pytest.mark.parametrize("text", ["", "chain /x\n", "#!ipxe\nkernel /k\nboot\n", "#!ipxe\nchain\n"])
+def test_chain_target_refuses_scripts_without_a_chain(text):
+    with pytest.raises(ValueError):
+        http_bench.chain_target(text, {})
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert http_bench.percentile(values, 0.5) == 50.0
+    assert http_bench.percentile(values, 0.99) == 99.0
+    assert http_bench.percentile(values, 1.0) == 100.0
+    assert http_bench.percentile([7.0], 0.99) == 7.0
+
+
+def test_only_loopback_urls_count_as_loopback():
+    assert http_bench.is_loopback_url("http://127.0.0.1:8080/ipxe")
+    assert not http_bench.is_loopback_url("http://192.168.1.10/ipxe")
+    assert not http_bench.is_loopback_url("http://example.com/ipxe")
+
+
+# --- the whole bench, small ----------------------------------------------------------------------
+
+
+DOC = REPO / "docs" / "benchmarks-http.md"
+
+
+def doc_commands() -> list[list[str]]:
+    """The arguments of each bench command in docs/benchmarks-http.md."""
+    commands = []
+    for line in DOC.read_text().splitlines():
+        if line.startswith(".venv/bin/python tools/bench/http_bench.py"):
+            commands.append(shlex.split(line)[2:])
+    return commands
+
+
+def test_every_command_in_the_doc_is_valid():
+    commands = doc_commands()
+    assert len(commands) == 2
+    for args in commands:
+        http_bench.parse_args(args)
+
+
+@needs_peers
+def test_the_docs_quick_run_succeeds_with_no_errors_and_prints_the_ratio(tmp_path):
+    quick = [args for args in doc_commands() if "--clients" in args]
+    assert quick == [["--clients", "50", "--asset-mb", "4", "--reps", "1"]]
+    out_json = tmp_path / "bench.json"
+    cmd = bench_command(*quick[0], "--json", str(out_json))
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    storm = re.search(
+        r"boot storm, controller: 50 clients x 5 boots, (\d+) requests .* (\d+) errors", out
+    )
+    assert storm and storm.group(1) == "500" and storm.group(2) == "0", out
+    assert re.search(r"^asset throughput ratio controller/nginx: \d+\.\d+$", out, re.MULTILINE), out
+    for check in ("full GET       ok   200", "Range          ok   206", "If-None-Match  ok   304"):
+        assert f"controller {check}" in out, out
+    assert "group per MAC          ok" in out, out
+    assert out.rstrip().endswith("result: ok"), out
+    summary = json.loads(out_json.read_text())
+    assert summary["storm"]["controller"]["errors"] == {}
+    assert summary["failed"] is False
+
+
+@needs_peers
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_stops_every_server_it_started(sig):
+    # Big enough that it is still running (checks or boot storm) when the signal arrives.
+    cmd = bench_command("--clients", "500", "--boots", "50", "--asset-mb", "1", "--reps", "1")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+    tmp = None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("bench dir "):
+                tmp = Path(line.split()[2].rstrip(":"))
+            if "boot storm" in line or line.startswith("behaviour of the asset endpoint"):
+                break
+        pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
+        assert len(pids) == 2, "".join(lines)
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted" in rest and "Traceback" not in rest, rest
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    assert tmp is not None and not tmp.exists()

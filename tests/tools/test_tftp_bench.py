@@ -1,0 +1,259 @@
+"""tools/bench/tftp_bench.py: it runs, every transfer comes back whole, it reports what it should,
+and it leaves no process or namespace behind.
+
+Behaviour only: no assertion looks at a time, a throughput or a ratio's value.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from firmware import frame
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "tools" / "bench" / "tftp_bench.py"
+DOC = REPO / "docs" / "benchmarks.md"
+SERVERS = ("firmware", "tftp-hpa", "dnsmasq")
+
+_spec = importlib.util.spec_from_file_location("tftp_bench", BENCH)
+tftp_bench = importlib.util.module_from_spec(_spec)
+sys.modules["tftp_bench"] = tftp_bench  # dataclasses look their module up there
+_spec.loader.exec_module(tftp_bench)
+
+
+def need_root_and_peers() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the bench creates a network namespace")
+    missing = [t for t in ("ip", "ss", "curl", "in.tftpd", "dnsmasq") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (tools/setup installs them)")
+    if not tftp_bench.DEFAULT_FILE.is_file():
+        pytest.skip(f"needs {tftp_bench.DEFAULT_FILE} (the ipxe package)")
+
+
+def bench_command(*args: str) -> list[str]:
+    return [sys.executable, "-u", str(BENCH), *args]
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def started(out: str) -> tuple[str, Path, list[int]]:
+    """The namespace, work directory and server PIDs a run printed."""
+    m = re.search(
+        r"^bench: namespace (\S+) \(loopback only\), work directory (\S+)$", out, re.MULTILINE
+    )
+    assert m, out
+    pids = [int(p) for p in re.findall(r"^  \S+: pid (\d+), 127\.0\.0\.1:\d+$", out, re.MULTILINE)]
+    return m.group(1), Path(m.group(2)), pids
+
+
+def assert_cleaned_up(ns: str, work: Path, pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)]
+    assert ns not in namespaces()
+    assert not work.exists()
+
+
+# --- the pure parts --------------------------------------------------------------------------
+
+
+def test_events_are_read_framed_bare_and_after_noise():
+    ev = {"ev": "heap", "used": 1, "peak": 2, "code": 3}
+    framed = frame.encode(ev).decode().rstrip("\n")
+    assert tftp_bench.parse_event(framed) == ev
+    assert tftp_bench.parse_event(">>> " + framed) == ev  # REPL text glued in front
+    assert tftp_bench.parse_event('{"ev": "boot", "heap_code": 5}') == {
+        "ev": "boot",
+        "heap_code": 5,
+    }
+    assert tftp_bench.parse_event('#EB< 0000abcd {"ev": "boot"} trailing') == {"ev": "boot"}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        ">>> ",
+        "Traceback (most recent call last):",
+        '#EB< 1c291ca3 {"ev": "bo',
+        '{"id": 1}',
+        "[1]",
+    ],
+)
+def test_lines_without_an_event_are_skipped(line):
+    assert tftp_bench.parse_event(line) is None
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 11)]
+    assert tftp_bench.percentile(values, 0.9) == 9.0
+    assert tftp_bench.percentile(values, 1.0) == 10.0
+    assert tftp_bench.percentile([3.0], 0.9) == 3.0
+
+
+def test_each_server_goes_first_in_turn():
+    firsts = [tftp_bench.rotated(SERVERS, rep)[0] for rep in range(3)]
+    assert sorted(firsts) == sorted(SERVERS)
+    assert all(sorted(tftp_bench.rotated(SERVERS, rep)) == sorted(SERVERS) for rep in range(5))
+
+
+def test_heap_report_takes_data_as_peak_minus_code_and_says_when_nothing_was_seen():
+    kb = tftp_bench.KB
+    lines, out = tftp_bench.heap_report(
+        "128k",
+        [
+            ("sequential phase", "sequential", {"code": 100 * kb, "peak": None}),
+            ("concurrent phase", "concurrent", {"code": 100 * kb, "peak": 125 * kb}),
+        ],
+    )
+    assert out["sequential"]["data"] is None
+    assert out["concurrent"]["data"] == 25 * kb
+    text = "\n".join(lines)
+    assert "no heap event" in text
+    assert "goal <= 24.0 KB: MISSED" in text
+    assert "aim 96.0 KB missed" in text
+    _, out = tftp_bench.heap_report("96k", [("phase", "concurrent", {})])
+    assert out["concurrent"] == {"booted": False}
+
+
+def doc_commands() -> list[list[str]]:
+    """The arguments of each bench command in docs/benchmarks.md."""
+    prefix = ".venv/bin/python tools/bench/tftp_bench.py"
+    return [
+        shlex.split(line)[2:] for line in DOC.read_text().splitlines() if line.startswith(prefix)
+    ]
+
+
+# Three clients, not the firmware's four slots: with four, a client that asks again the moment
+# its transfer ends can be refused "busy" before the firmware has taken that transfer's last
+# ACK (about once in 700 transfers on a loaded 2-core machine). The bench rightly reports that
+# as a failure; this test checks the bench, so it stays clear of that race.
+QUICK = ["--reps", "1", "--concurrent", "3", "--concurrent-seconds", "2"]
+
+
+def test_every_command_in_the_doc_is_valid():
+    commands = doc_commands()
+    assert QUICK in commands
+    for args in commands:
+        tftp_bench.parse_args(args)
+
+
+# --- the whole bench, in a namespace ----------------------------------------------------------
+
+
+@pytest.mark.netns
+def test_quick_run_serves_every_file_whole_and_prints_the_tables(tmp_path):
+    need_root_and_peers()
+    out_json = tmp_path / "bench.json"
+    cmd = bench_command(*QUICK, "--json", str(out_json))
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    assert "FAILED" not in out and "CORRUPT" not in out, out
+    m = re.search(r"^result: (\d+) transfers, 0 failed, 0 corrupt$", out, re.MULTILINE)
+    assert m and int(m.group(1)) > 0, out
+    for blksize in (1468, 512):
+        assert f"blksize {blksize}: seconds per transfer" in out, out
+    for name in SERVERS:
+        rows = re.findall(rf"^  {re.escape(name)} +(\d+) +0 +\d+\.\d+", out, re.MULTILINE)
+        assert len(rows) == 3, out  # two block sizes and the concurrent phase, all successful
+    for peer in ("tftp-hpa", "dnsmasq"):
+        ratios = re.findall(rf"^  ratio firmware/{peer}: \d+\.\d+ \(median time", out, re.MULTILINE)
+        assert len(ratios) == 3, out
+    assert re.search(
+        r"^  concurrent phase \(3 transfers at once\): code \d+ B", out, re.MULTILINE
+    ), out
+    assert re.search(
+        r"^  3 concurrent transfers at heap 128k: work \(\d+ of \d+ ok\); "
+        r"a transfer after them: ok$",
+        out,
+        re.MULTILINE,
+    ), out
+
+    summary = json.loads(out_json.read_text())
+    assert (summary["failed"], summary["corrupt"], summary["server_problems"]) == (0, 0, {})
+    fetches = summary["fetches"]
+    assert fetches and all(f["error"] is None and f["corrupt"] is None for f in fetches)
+    for name in SERVERS:
+        mine = [f for f in fetches if f["server"] == name]
+        assert sum(f["phase"] == "warm-up" for f in mine) == 1
+        assert sorted(f["blksize"] for f in mine if f["phase"] == "sequential") == [512, 1468]
+        assert {f["client"] for f in mine if f["phase"] == "concurrent"} == {0, 1, 2}
+        assert sum(f["phase"] == "after-burst" for f in mine) == 1
+        assert all(f["size"] == summary["size"] for f in mine)
+    assert summary["firmware_heap"]["concurrent"]["booted"] is True
+    assert summary["firmware_heap"]["concurrent_work"] is True
+    assert summary["firmware_heap"]["serving_after_burst"] is True
+    assert_cleaned_up(*started(out))
+
+
+@pytest.mark.netns
+def test_a_firmware_that_cannot_boot_is_reported_and_fails_the_run():
+    need_root_and_peers()
+    # 32k is far below what the firmware's code alone needs, whatever its next version does.
+    cmd = bench_command("--servers", "firmware", "--heap", "32k", "--reps", "1")
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
+    out = run.stdout
+    assert run.returncode == 1, out + run.stderr
+    assert re.search(
+        r"^FAILED  firmware: did not start \(exited\): .*MemoryError", out, re.MULTILINE
+    ), out
+    assert "4 concurrent transfers at heap 32k: FAIL (0 of 0 ok; did not start" in out, out
+    assert re.search(
+        r"^result: 0 transfers, 0 failed, 0 corrupt; \d+ not tried", out, re.MULTILINE
+    ), out
+    assert_cleaned_up(*started(out))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_stops_everything_and_deletes_its_namespace(sig):
+    need_root_and_peers()
+    # Many reps, so it is still running when the signal comes.
+    proc = subprocess.Popen(
+        bench_command("--reps", "1000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("  rep 1/1000 done"):
+                break
+        ns, work, pids = started("".join(lines))
+        assert len(pids) == 3 and all(alive(p) for p in pids), "".join(lines)
+        assert ns in namespaces()
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "interrupted" in rest and "Traceback" not in rest, rest
+    assert_cleaned_up(ns, work, pids)

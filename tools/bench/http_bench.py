@@ -1,0 +1,993 @@
+#!/usr/bin/env python3
+"""HTTP benchmark of the controller: a power-on storm of iPXE clients, and asset downloads
+compared with nginx serving the same file.
+
+One run, everything on 127.0.0.1, everything in one temporary directory:
+
+1. writes a matchbox-layout site (one profile whose kernel and initrd are under /assets, a
+   default group, a few groups that select one MAC each, and a large asset of random bytes),
+   starts `bastion serve` on it (event DB in the temp dir, no access log) and nginx in the
+   foreground with its own config (one worker, sendfile, logs and pid in the temp dir);
+2. checks behaviour: the whole asset comes back byte for byte, a Range request gets 206 with
+   the right bytes, an If-None-Match revalidation gets 304 (on nginx too, for reference);
+3. boot storm: N concurrent clients each do what iPXE does after DHCP: GET /boot.ipxe, expand
+   the iPXE settings in its `chain` line with that machine's MAC, UUID, ... and GET the /ipxe URL
+   it names, on the same connection; every boot opens a new connection, as a rebooting machine
+   does. Prints p50/p99/max latency per request kind, requests/s and errors;
+4. the same storm against nginx answering canned copies of the same two scripts: the load
+   generator's ceiling on this machine. If the controller's rate is well under it, and the
+   controller's process is near one full core, the numbers measure the controller, not the client;
+5. downloads the asset with curl from both servers, interleaved, and prints the throughput ratio
+   controller/nginx;
+6. reads the controller's event DB back: one boot event per request, and every /ipxe request
+   answered by the group its MAC should select.
+
+Exit status: 0 when every request succeeded and every check passed, 1 otherwise, 2 when a server
+did not start. Every process the bench starts is stopped by its PID when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import pwd
+import re
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urljoin, urlsplit
+
+import aiohttp
+import httpx
+import yarl
+
+HOST = "127.0.0.1"  # the only address this bench talks to
+PROFILE_KERNEL = "/assets/bench/vmlinuz"
+PROFILE_INITRD = "/assets/bench/initrd.img"
+ASSET_PATH = "/assets/bench/blob.bin"
+MIB = 1024 * 1024
+
+
+# --- iPXE's side of the conversation (pure functions) -------------------------------------------
+
+_SETTING = re.compile(r"\$\{([A-Za-z0-9_./-]+)(?::([a-z]+))?\}")
+
+
+def expand_settings(line: str, settings: dict[str, str]) -> str:
+    """`line` with iPXE's `${name}` / `${name:type}` references replaced, as iPXE does before it
+    splits a command line into words. Unset settings expand to the empty string."""
+
+    def one(m: re.Match) -> str:
+        value = settings.get(m.group(1), "")
+        kind = m.group(2)
+        if kind == "hexhyp":
+            return value.replace(":", "-")
+        if kind == "uristring":
+            return quote(value, safe="-_.~")  # RFC 3986 unreserved characters stay as they are
+        return value
+
+    return _SETTING.sub(one, line)
+
+
+def chain_target(script: str, settings: dict[str, str]) -> str:
+    """The URL that the `chain` command of an iPXE script fetches, settings expanded.
+    Raises ValueError when the text is not an iPXE script or has no chain command."""
+    lines = script.splitlines()
+    if not lines or not lines[0].startswith("#!ipxe"):
+        raise ValueError("not an iPXE script")
+    for line in lines[1:]:
+        words = expand_settings(line, settings).split()
+        if words and words[0] in ("chain", "chainload"):
+            args = [w for w in words[1:] if not w.startswith("-")]
+            if args:
+                return args[0]
+    raise ValueError("no chain command")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (q in 0..1)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- the site ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One simulated iPXE client: its settings, and the group the controller should pick."""
+
+    mac: str
+    uuid: str
+    serial: str
+    expected_group: str
+
+    def ipxe_settings(self) -> dict[str, str]:
+        return {
+            "mac": self.mac,
+            "uuid": self.uuid,
+            "serial": self.serial,
+            "buildarch": "x86_64",
+            "platform": "efi",
+            # hostname and domain are unset before DHCP option 12/15: they expand to ""
+        }
+
+
+def machines_for(count: int, mac_groups: int) -> list[Machine]:
+    """`count` machines; the first `mac_groups` are the ones the site's MAC groups select."""
+    out = []
+    for i in range(count):
+        selected = i < mac_groups
+        # 52:54:00 is QEMU's prefix; the fourth octet keeps selected and anonymous MACs apart.
+        mac = f"52:54:00:{0xBE if selected else 0xA0:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
+        out.append(
+            Machine(
+                mac=mac,
+                uuid=f"{i:08x}-0000-4000-8000-{i:012x}",
+                serial=f"BENCH{i:05d}",
+                expected_group=f"mac-{i:03d}" if selected else "default",
+            )
+        )
+    return out
+
+
+def write_random(path: Path, size: int) -> str:
+    """Write `size` random bytes to `path`; returns their SHA-256."""
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, MIB))
+            digest.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def write_site(root: Path, machines: list[Machine], asset_bytes: int) -> str:
+    """A matchbox data directory for `machines`; returns the big asset's SHA-256."""
+    (root / "profiles").mkdir(parents=True)
+    (root / "groups").mkdir()
+    profile = {
+        "id": "bench",
+        "name": "Benchmark Linux",
+        "boot": {
+            "kernel": PROFILE_KERNEL,
+            "initrd": [PROFILE_INITRD],
+            "args": ["initrd=initrd.img", "console=ttyS0,115200n8", "quiet"],
+        },
+    }
+    (root / "profiles" / "bench.json").write_text(json.dumps(profile, indent=2))
+    default = {"id": "default", "name": "Everything else", "profile": "bench"}
+    (root / "groups" / "default.json").write_text(json.dumps(default, indent=2))
+    for m in machines:
+        if m.expected_group == "default":
+            continue
+        group = {
+            "id": m.expected_group,
+            "profile": "bench",
+            "selector": {"mac": m.mac},
+            "metadata": {"hostname": f"node-{m.serial.lower()}"},
+        }
+        (root / "groups" / f"{m.expected_group}.json").write_text(json.dumps(group, indent=2))
+    write_random(root / PROFILE_KERNEL.lstrip("/"), 256 * 1024)
+    write_random(root / PROFILE_INITRD.lstrip("/"), 256 * 1024)
+    return write_random(root / ASSET_PATH.lstrip("/"), asset_bytes)
+
+
+# --- the servers ---------------------------------------------------------------------------------
+
+
+def free_tcp_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    base: str
+    log: Path
+    stop_signal: int = signal.SIGTERM
+
+
+class Processes:
+    """Every process the bench starts; `stop_all` ends each one by its PID (and, since each was
+    started in a session of its own, the process group it leads: nginx's worker)."""
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        base: str,
+        log: Path,
+        env: dict | None = None,
+        stop_signal: int = signal.SIGTERM,
+    ) -> Server:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # Ctrl-C on the terminal reaches the bench, which stops these
+            )
+        server = Server(name, proc, base, log, stop_signal)
+        self.servers.append(server)
+        return server
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        for s in reversed(self.servers):
+            proc = s.proc
+            if proc.returncode is not None:  # reaped already: its PID may be someone else's now
+                continue
+            # Until it is reaped, its PID (and so its process group's id) stays ours, even if it
+            # has exited: signal it, wait for it to exit without reaping it, then SIGKILL what is
+            # left of its group (a stuck leader, or an nginx worker whose master died).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, s.stop_signal)
+            deadline = time.monotonic() + grace
+            while not exited(proc) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.servers.clear()
+
+
+def exited(proc: subprocess.Popen) -> bool:
+    """Whether `proc` has exited, without reaping it (WNOWAIT), so its PID stays reserved."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+def wait_ready(server: Server, path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if exited(server.proc):
+                break
+            try:
+                r = client.get(server.base + path)
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                last = type(e).__name__
+            time.sleep(0.1)
+    tail = server.log.read_text(errors="replace")[-2000:]
+    raise ServerDidNotStart(
+        f"{server.name} did not answer {path} ({last}; {'exited' if exited(server.proc) else 'running'}); "
+        f"its log ({server.log}):\n{tail}"
+    )
+
+
+def controller_command(site: Path, port: int, db: Path, profile_to: Path | None) -> list[str]:
+    args = [
+        "serve",
+        "--site",
+        str(site),
+        "--listen",
+        f"{HOST}:{port}",
+        "--db",
+        str(db),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    if profile_to is not None:
+        return [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            str(profile_to),
+            "-m",
+            "bastion.serve_cli",
+            *args,
+        ]
+    script = Path(sys.executable).with_name("bastion")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "bastion.serve_cli", *args]
+
+
+def nginx_config(tmp: Path, port: int, site: Path, canned: Path) -> str:
+    run = tmp / "nginx"
+    user = ""
+    if os.geteuid() == 0:
+        # As root nginx's workers change to a user; its built-in default group does not exist
+        # on Debian, so name nobody's own. The files it serves are made world-readable.
+        nobody = pwd.getpwnam("nobody")
+        user = f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
+    return f"""\
+# Written by tools/bench/http_bench.py: nginx as the reference static file server.
+{user}
+worker_processes 1;
+pid {run}/nginx.pid;
+error_log {run}/error.log warn;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log {run}/access.log;
+    client_body_temp_path {run}/body;
+    proxy_temp_path {run}/proxy;
+    fastcgi_temp_path {run}/fastcgi;
+    uwsgi_temp_path {run}/uwsgi;
+    scgi_temp_path {run}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000;
+    server {{
+        listen {HOST}:{port};
+        root {site};
+        location /assets/ {{ }}
+        location = /boot.ipxe {{ default_type text/plain; alias {canned}/boot.ipxe; }}
+        location = /ipxe {{ default_type text/plain; alias {canned}/ipxe; }}
+    }}
+}}
+"""
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process group that `pid` leads (every thread of every
+    process in it: the controller alone, or nginx's master and its worker), from /proc."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pid:  # field 5 of proc(5): the process group
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, all cores, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (ticks + [0] * 8)[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+# --- the boot storm ------------------------------------------------------------------------------
+
+
+@dataclass
+class StormResult:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"boot.ipxe": [], "ipxe": []})
+    errors: Counter = field(default_factory=Counter)
+    requests: int = 0
+    wall: float = 0.0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    machine_cpu: float = 0.0  # every process on the machine, ours included
+    stolen_cpu: float = 0.0  # time the hypervisor gave our virtual CPUs to someone else
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.wall if self.wall else 0.0
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    # encoded=True: send the URL exactly as the script spelled it, as iPXE does.
+    async with session.get(yarl.URL(url, encoded=True), allow_redirects=False) as r:
+        return r.status, await r.text()
+
+
+async def boot_once(base: str, machine: Machine, result: StormResult, timeout: float) -> None:
+    """One machine's boot: /boot.ipxe, then the /ipxe URL its chain line names, one connection."""
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+    ) as session:
+        kind = "boot.ipxe"
+        try:
+            first = base + "/boot.ipxe"
+            t0 = time.perf_counter()
+            status, text = await _get(session, first)
+            t1 = time.perf_counter()
+            result.requests += 1
+            if status != 200:
+                result.errors[f"{kind}: HTTP {status}"] += 1
+                return
+            result.latencies[kind].append(t1 - t0)
+            try:
+                url = urljoin(first, chain_target(text, machine.ipxe_settings()))
+            except ValueError as e:
+                result.errors[f"{kind}: {e}"] += 1
+                return
+            if urlsplit(url).netloc != urlsplit(base).netloc or not is_loopback_url(url):
+                result.errors[f"{kind}: chain leaves the server under test ({url})"] += 1
+                return
+            kind = "ipxe"
+            t0 = time.perf_counter()
+            status, text = await _get(session, url)
+            t1 = time.perf_counter()
+            result.requests += 1
+            if status != 200:
+                result.errors[f"{kind}: HTTP {status}"] += 1
+                return
+            if not text.startswith("#!ipxe") or f"kernel {PROFILE_KERNEL}" not in text:
+                result.errors[f"{kind}: not the bench profile's boot script"] += 1
+                return
+            result.latencies[kind].append(t1 - t0)
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            result.requests += 1
+            result.errors[f"{kind}: {type(e).__name__}"] += 1
+
+
+async def client_boots(
+    base: str, machine: Machine, boots: int, result: StormResult, timeout: float
+) -> None:
+    for _ in range(boots):
+        await boot_once(base, machine, result, timeout)
+
+
+async def storm(
+    server: Server, machines: list[Machine], boots: int, timeout: float, deadline: float
+) -> StormResult:
+    result = StormResult()
+    cpu0, mine0 = process_cpu_seconds(server.proc.pid), time.process_time()
+    busy0, steal0 = machine_cpu_seconds()
+    t0 = time.perf_counter()
+    tasks = [
+        asyncio.ensure_future(client_boots(server.base, m, boots, result, timeout))
+        for m in machines
+    ]
+    done, pending = await asyncio.wait(tasks, timeout=deadline)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.wait(pending)
+        result.errors[f"unfinished at the {deadline:.0f} s deadline (clients)"] += len(pending)
+    result.wall = time.perf_counter() - t0
+    result.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
+    result.client_cpu = time.process_time() - mine0
+    busy1, steal1 = machine_cpu_seconds()
+    result.machine_cpu, result.stolen_cpu = busy1 - busy0, steal1 - steal0
+    for t in done:
+        if t.exception() is not None:
+            result.errors[f"client crashed: {t.exception()!r}"] += 1
+    return result
+
+
+def raise_fd_limit(need: int) -> None:
+    """Raise this process's open-file limit to `need` (the servers inherit it), or say why not:
+    with too few descriptors a server refuses connections and the bench counts errors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            print(f"warning: open files limited to {target}, {need} wanted (ulimit -Hn)")
+
+
+# --- asset downloads and HTTP behaviour ----------------------------------------------------------
+
+
+def curl_download(curl: str, url: str, timeout: float) -> tuple[int, int, float]:
+    """(HTTP status, bytes, bytes/s) of one download of `url` by curl, body discarded."""
+    out = subprocess.run(
+        [
+            curl,
+            "--silent",
+            "--show-error",
+            "--noproxy",
+            "*",
+            "--max-time",
+            str(int(timeout)),
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code} %{size_download} %{speed_download}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+        check=False,
+    )
+    try:
+        code, size, speed = out.stdout.split()
+        return int(code), int(size), float(speed)
+    except ValueError:
+        return 0, 0, 0.0
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def behaviour_checks(base: str, size: int, sha256: str, asset_file: Path) -> list[Check]:
+    """Whole download, Range and If-None-Match on ASSET_PATH of the server at `base`."""
+    checks = []
+    url = base + ASSET_PATH
+    with httpx.Client(trust_env=False, timeout=60.0) as client:
+        digest, got = hashlib.sha256(), 0
+        with client.stream("GET", url) as r:
+            for chunk in r.iter_bytes():
+                digest.update(chunk)
+                got += len(chunk)
+        ok = r.status_code == 200 and got == size and digest.hexdigest() == sha256
+        checks.append(
+            Check(
+                "full GET",
+                ok,
+                f"{r.status_code}, {got} bytes, sha256 {'matches' if ok else 'DIFFERS'}",
+            )
+        )
+
+        start, end = size // 3, size // 3 + 999
+        with asset_file.open("rb") as f:
+            f.seek(start)
+            want = f.read(end - start + 1)
+        r = client.get(url, headers={"Range": f"bytes={start}-{end}"})
+        content_range = r.headers.get("content-range", "")
+        ok = (
+            r.status_code == 206
+            and content_range == f"bytes {start}-{end}/{size}"
+            and r.content == want
+        )
+        checks.append(
+            Check(
+                "Range",
+                ok,
+                f"{r.status_code}, Content-Range {content_range or '(none)'}, "
+                f"{len(r.content)} bytes{'' if r.content == want else ' (WRONG BYTES)'}",
+            )
+        )
+
+        head = client.head(url)
+        etag = head.headers.get("etag")
+        if not etag:
+            checks.append(Check("If-None-Match", False, f"HEAD {head.status_code} gave no ETag"))
+        else:
+            r = client.get(url, headers={"If-None-Match": etag})
+            ok = r.status_code == 304 and not r.content
+            checks.append(
+                Check(
+                    "If-None-Match",
+                    ok,
+                    f"{r.status_code} for ETag {etag}, {len(r.content)} body bytes",
+                )
+            )
+    return checks
+
+
+def event_checks(db: Path, machines: list[Machine], expected_requests: int) -> list[Check]:
+    """What the controller recorded: one boot event per request, the right group per MAC."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        counts = dict(
+            con.execute("SELECT endpoint, COUNT(*) FROM events WHERE kind='boot' GROUP BY endpoint")
+        )
+        rows = con.execute(
+            "SELECT mac, grp, COUNT(*) FROM events WHERE kind='boot' AND endpoint='/ipxe' GROUP BY mac, grp"
+        )
+        wrong = []
+        expected = {m.mac: m.expected_group for m in machines}
+        for mac, group, n in rows:
+            if expected.get(mac) != group:
+                wrong.append(f"{mac} -> {group} ({n}x)")
+    finally:
+        con.close()
+    total = sum(counts.values())
+    return [
+        Check(
+            "boot events recorded",
+            total == expected_requests,
+            f"{total} for {expected_requests} requests ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})",
+        ),
+        Check(
+            "group per MAC",
+            not wrong,
+            "every /ipxe request got its MAC's group"
+            if not wrong
+            else f"{len(wrong)} MACs got another group: {', '.join(wrong[:5])}",
+        ),
+    ]
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def print_storm(label: str, r: StormResult, clients: int, boots: int) -> None:
+    print(
+        f"\n{label}: {clients} clients x {boots} boots, {r.requests} requests in {r.wall:.2f} s "
+        f"= {r.rate:.0f} requests/s, {r.error_count} errors"
+    )
+    for kind, values in r.latencies.items():
+        v = sorted(values)
+        print(
+            f"  {kind:<10} n={len(v):<6} p50 {percentile(v, 0.5) * 1000:8.1f} ms   "
+            f"p99 {percentile(v, 0.99) * 1000:8.1f} ms   max {max(v, default=float('nan')) * 1000:8.1f} ms"
+        )
+    other = max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu)
+    print(
+        f"  CPU, in cores: server {r.server_cpu / r.wall:.2f}, bench client {r.client_cpu / r.wall:.2f}, "
+        f"other processes {other / r.wall:.2f}, stolen {r.stolen_cpu / r.wall:.2f} "
+        f"(of {os.cpu_count()})"
+    )
+    if other / r.wall > 0.25:
+        print("  note: other work on the machine competed for the CPU; expect lower numbers")
+    for reason, n in r.errors.most_common(8):
+        print(f"  error: {reason}: {n}")
+
+
+def storm_verdict(rc: StormResult, rn: StormResult) -> str:
+    """Who limited the controller's storm: the controller (its process near a full core, the
+    client with room to spare), the client, or neither (the machine was busy with other work)."""
+    server, client = rc.server_cpu / rc.wall, rc.client_cpu / rc.wall
+    if server >= 0.8 and client < 0.8 and rc.rate < 0.8 * rn.rate:
+        return "the controller is the bottleneck (a full core), not the load generator"
+    if client >= 0.8 or rc.rate >= 0.8 * rn.rate:
+        return "WARNING: the load generator may be the bottleneck; read the rate as a lower bound"
+    return "WARNING: neither process used a full core: other load on the machine; run again"
+
+
+def storm_summary(r: StormResult) -> dict:
+    out = {
+        "requests": r.requests,
+        "seconds": round(r.wall, 3),
+        "requests_per_s": round(r.rate, 1),
+        "errors": dict(r.errors),
+        "server_cpu_share": round(r.server_cpu / r.wall, 3),
+        "client_cpu_share": round(r.client_cpu / r.wall, 3),
+        "other_cpu_share": round(max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu) / r.wall, 3),
+        "stolen_cpu_share": round(r.stolen_cpu / r.wall, 3),
+    }
+    for kind, values in r.latencies.items():
+        v = sorted(values)
+        out[kind] = {
+            "n": len(v),
+            "p50_ms": round(percentile(v, 0.5) * 1000, 2),
+            "p99_ms": round(percentile(v, 0.99) * 1000, 2),
+            "max_ms": round(max(v, default=float("nan")) * 1000, 2),
+        }
+    return out
+
+
+@dataclass
+class Bench:
+    """What the phases of one run share."""
+
+    args: argparse.Namespace
+    tmp: Path
+    machines: list[Machine]
+    asset_bytes: int
+    asset_sha256: str
+    controller: Server
+    nginx: Server
+    warmup_requests: int = 0
+    failed: bool = False
+
+    @property
+    def asset_file(self) -> Path:
+        return self.tmp / "site" / ASSET_PATH.lstrip("/")
+
+
+def start_servers(args: argparse.Namespace, tmp: Path, procs: Processes) -> Bench:
+    machines = machines_for(args.clients, min(args.mac_groups, args.clients))
+    site = tmp / "site"
+    asset_bytes = int(args.asset_mb * MIB)
+    print(f"bench dir {tmp}: writing the site and a {asset_bytes / MIB:.0f} MiB asset")
+    sha256 = write_site(site, machines, asset_bytes)
+    canned = tmp / "canned"
+    canned.mkdir()
+    (tmp / "nginx").mkdir()
+    if os.geteuid() == 0:  # nginx's workers run as nobody and read the site and canned/
+        for d in (tmp, site, canned):
+            d.chmod(0o755)
+
+    # Each server and the client hold one descriptor per client connection, and then some.
+    raise_fd_limit(args.clients * 2 + 256)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    c_port, n_port = free_tcp_port(), free_tcp_port()
+    controller = procs.start(
+        "controller",
+        controller_command(site, c_port, tmp / "events.db", args.profile_controller),
+        f"http://{HOST}:{c_port}",
+        tmp / "controller.log",
+        env=env,
+        stop_signal=signal.SIGINT,  # uvicorn's graceful stop; lets cProfile write its file
+    )
+    (tmp / "nginx.conf").write_text(nginx_config(tmp, n_port, site, canned))
+    nginx = procs.start(
+        "nginx",
+        [args.nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
+        f"http://{HOST}:{n_port}",
+        tmp / "nginx" / "stdout.log",
+    )
+    wait_ready(controller, "/healthz")
+    wait_ready(nginx, ASSET_PATH)
+    print(
+        f"controller (pid {controller.proc.pid}) on {controller.base}, "
+        f"nginx (pid {nginx.proc.pid}) on {nginx.base}"
+    )
+
+    # nginx answers the boot endpoints with what the controller answers an anonymous machine.
+    with httpx.Client(trust_env=False, timeout=10.0) as client:
+        first = controller.base + "/boot.ipxe"
+        boot_script = client.get(first).text
+        chained = urljoin(first, chain_target(boot_script, machines[-1].ipxe_settings()))
+        (canned / "boot.ipxe").write_text(boot_script)
+        (canned / "ipxe").write_text(client.get(chained).text)
+    for f in canned.iterdir():
+        f.chmod(0o644)
+    bench = Bench(args, tmp, machines, asset_bytes, sha256, controller, nginx)
+    bench.warmup_requests = 2
+    return bench
+
+
+def check_assets(b: Bench) -> None:
+    print("\nbehaviour of the asset endpoint:")
+    for server in (b.controller, b.nginx):
+        for c in behaviour_checks(server.base, b.asset_bytes, b.asset_sha256, b.asset_file):
+            print(f"  {server.name:<10} {c.name:<14} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
+            b.failed |= not c.ok and server is b.controller
+
+
+def boot_storms(b: Bench) -> tuple[StormResult, StormResult]:
+    args = b.args
+    warm_machines = b.machines[:20]
+
+    async def both() -> tuple[StormResult, StormResult]:
+        # Warm-up: the first requests fill caches on both sides; not counted.
+        warm = StormResult()
+        for server in (b.controller, b.nginx):
+            for m in warm_machines:
+                await boot_once(server.base, m, warm, args.timeout)
+        if warm.error_count:
+            print(f"warm-up errors: {dict(warm.errors)}")
+        rc = await storm(b.controller, b.machines, args.boots, args.timeout, args.deadline)
+        rn = await storm(b.nginx, b.machines, args.boots, args.timeout, args.deadline)
+        return rc, rn
+
+    rc, rn = asyncio.run(both())
+    b.warmup_requests += 2 * len(warm_machines)
+    print_storm("boot storm, controller", rc, args.clients, args.boots)
+    print_storm(
+        "boot storm, nginx with canned scripts (the load generator's ceiling)",
+        rn,
+        args.clients,
+        args.boots,
+    )
+    b.failed |= rc.error_count > 0
+    share = rc.rate / rn.rate if rn.rate else float("nan")
+    print(f"  controller rate / load generator's ceiling: {share:.2f}; {storm_verdict(rc, rn)}")
+    return rc, rn
+
+
+def downloads(b: Bench) -> tuple[float, dict[str, list[float]]]:
+    """Interleaved curl downloads of the asset; returns (median ratio, bytes/s per server)."""
+    reps = b.args.reps
+    print(
+        f"\nasset download, {b.asset_bytes / MIB:.0f} MiB with curl, {reps} reps each, interleaved:"
+    )
+    names = ("controller", "nginx")
+    speeds: dict[str, list[float]] = {n: [] for n in names}
+    server_cpu: dict[str, list[float]] = {n: [] for n in names}
+    curl_cpu: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        order = (b.controller, b.nginx) if rep % 2 == 0 else (b.nginx, b.controller)
+        for server in order:
+            cpu0 = process_cpu_seconds(server.proc.pid)
+            kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            code, size, speed = curl_download(b.args.curl, server.base + ASSET_PATH, b.args.timeout)
+            kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            server_cpu[server.name].append(process_cpu_seconds(server.proc.pid) - cpu0)
+            curl_cpu[server.name].append(
+                kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+            )
+            ok = code == 200 and size == b.asset_bytes
+            print(
+                f"  rep {rep + 1} {server.name:<10} {speed / MIB:8.1f} MiB/s  ({code}, {size} bytes)"
+                + ("" if ok else "  FAIL")
+            )
+            if ok:
+                speeds[server.name].append(speed)
+            b.failed |= not ok
+    med = {k: statistics.median(v) if v else float("nan") for k, v in speeds.items()}
+    for name, v in speeds.items():
+        print(
+            f"  {name:<10} median {med[name] / MIB:7.1f} MiB/s "
+            f"(min {min(v, default=0) / MIB:.1f}, max {max(v, default=0) / MIB:.1f}); "
+            f"CPU per download: server {statistics.median(server_cpu[name]):.3f} s, "
+            f"curl {statistics.median(curl_cpu[name]):.3f} s"
+        )
+    ratio = med["controller"] / med["nginx"] if med["nginx"] else float("nan")
+    print(f"asset throughput ratio controller/nginx: {ratio:.3f}")
+    return ratio, speeds
+
+
+def check_events(b: Bench, rc: StormResult) -> None:
+    print("\nwhat the controller recorded:")
+    for c in event_checks(b.tmp / "events.db", b.machines, rc.requests + b.warmup_requests):
+        print(f"  {c.name:<22} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
+        b.failed |= not c.ok
+
+
+def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+    b = start_servers(args, tmp, procs)
+    check_assets(b)
+    rc, rn = boot_storms(b)
+    ratio, speeds = downloads(b)
+    check_events(b, rc)
+    if args.json:
+        summary = {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "cpus": os.cpu_count(),
+            "clients": args.clients,
+            "boots": args.boots,
+            "asset_mib": b.asset_bytes / MIB,
+            "storm": {"controller": storm_summary(rc), "nginx": storm_summary(rn)},
+            "download_mib_per_s": {k: [round(s / MIB, 1) for s in v] for k, v in speeds.items()},
+            "asset_ratio_controller_over_nginx": round(ratio, 4),
+            "failed": b.failed,
+        }
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nresult: {'FAIL' if b.failed else 'ok'}")
+    return 1 if b.failed else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark the controller's boot endpoints (a storm of iPXE clients) and its "
+        "asset downloads against nginx. Loopback only; stops by itself.",
+    )
+    p.add_argument(
+        "--clients", type=int, default=1000, help="concurrent iPXE clients (default 1000)"
+    )
+    p.add_argument(
+        "--boots",
+        type=int,
+        default=5,
+        help="boots per client, each on a new connection (default 5)",
+    )
+    p.add_argument(
+        "--mac-groups", type=int, default=8, help="groups that select one client's MAC (default 8)"
+    )
+    p.add_argument(
+        "--asset-mb",
+        type=float,
+        default=64,
+        help="size of the downloaded asset in MiB (default 64)",
+    )
+    p.add_argument("--reps", type=int, default=5, help="downloads per server (default 5)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        help="seconds one request or download may take (default 60)",
+    )
+    p.add_argument(
+        "--deadline", type=float, default=300, help="seconds one boot storm may take (default 300)"
+    )
+    p.add_argument(
+        "--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx", help="the nginx binary"
+    )
+    p.add_argument(
+        "--curl", default=shutil.which("curl") or "/usr/bin/curl", help="the curl binary"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, site, DB)"
+    )
+    p.add_argument(
+        "--profile-controller",
+        metavar="FILE",
+        type=lambda s: Path(s).resolve(),
+        help="run the controller under cProfile and write its profile to FILE",
+    )
+    args = p.parse_args(argv)
+    for name in ("clients", "boots", "reps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.mac_groups < 0:
+        p.error("--mac-groups must not be negative")
+    if args.asset_mb <= 0:
+        p.error("--asset-mb must be positive")
+    for tool in (args.nginx, args.curl):
+        if not (shutil.which(tool) or os.access(tool, os.X_OK)):
+            p.error(f"{tool} not found (tools/setup installs nginx-light and curl)")
+    return args
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    # Stop as on Ctrl-C, through whichever SIGINT handler is current: asyncio's during the
+    # storms (it cancels the clients cleanly), Python's KeyboardInterrupt elsewhere.
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through a pipe too
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+    # Even when started in the background (where shells ignore SIGINT), SIGINT stops the bench.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    tmp = Path(tempfile.mkdtemp(prefix="bastion-http-bench-"))
+    procs = Processes()
+    try:
+        return run(args, tmp, procs)
+    except ServerDidNotStart as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for sig in stop_signals:  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        procs.stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,968 @@
+#!/usr/bin/env python3
+"""TFTP benchmark: the firmware on the sim board against tftp-hpa and dnsmasq, same file, same
+client, and the firmware's heap while it serves concurrent transfers.
+
+One run, inside a network namespace of its own (`eb-bench-<pid>`, loopback only, so port 69 is
+free there and no packet can reach a real interface), everything on 127.0.0.1:
+
+1. starts three read-only TFTP servers on one copy each of the same file (by default iPXE's
+   ipxe.efi, about 1 MB): the firmware on the MicroPython unix port (`-X heapsize=...`, the
+   flash laid out by bastion.sim as `bastion sim` does), tftp-hpa's in.tftpd in the foreground,
+   and dnsmasq's built-in TFTP (on port 69: dnsmasq has no option to move it);
+2. fetches the file from each with curl (`tftp://`, one process per transfer), once per server
+   to warm up, then --reps times per block size, interleaved: every repetition visits each
+   server, in an order that rotates, so machine noise falls on all of them alike. Every download
+   is checked against the source's SHA-256; a failed or corrupt one is printed and counted;
+3. restarts the firmware (so its heap peak belongs to this phase alone) and runs --concurrent
+   curl clients at once against each server, each fetching back to back for
+   --concurrent-seconds (at least 3 of the firmware's 1 s heap samples), then one transfer
+   alone, to see that the server still serves after the burst;
+4. prints per block size median/min/p90 seconds per transfer (curl's time_total), throughput,
+   the ratios firmware/tftp-hpa and firmware/dnsmasq, and the firmware's heap: `code` (what it
+   holds after boot) and the data high-water mark (peak - code) as its own `heap` events report
+   them, next to the design's goals.
+
+Exit status: 0 when every transfer succeeded with the right bytes, 1 when any failed or came
+back corrupt (or the firmware did not boot), 2 when the bench could not set up (not root, a tool
+missing). The bench stops by itself; every process it starts is stopped by its PID, and the
+namespace deleted, however the run ends (also on Ctrl-C, SIGTERM or an error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bastion import sim
+
+HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
+SERVERS = ("firmware", "tftp-hpa", "dnsmasq")
+# Ports inside the namespace. dnsmasq's TFTP port is fixed at 69.
+PORTS = {"firmware": 2069, "tftp-hpa": 1069, "dnsmasq": 69}
+FIRMWARE_DHCP_PORT = 2067  # the firmware's other listeners, out of everyone's way
+FIRMWARE_PXE_PORT = 2011
+DEFAULT_FILE = Path("/usr/lib/ipxe/ipxe.efi")
+KB = 1024
+DATA_GOAL = 24 * KB  # docs/design.md: data <= 24 KB of the heap
+HEAP_GOAL = 128 * KB  # everything inside a 128 KB heap on the unix port ...
+HEAP_AIM = 96 * KB  # ... aiming at 96 KB
+MAX_FETCHES_PER_CLIENT = 1000  # bounds the concurrent phase whatever the clock says
+_TIME_MARK = "EB-BENCH-TIME"  # how our curl --write-out line is told from curl's own messages
+_DECODER = json.JSONDecoder()
+# Set once the bench is stopping (done, interrupted or failed): client threads still running
+# then quit, and what their cut-off transfers return is neither recorded nor printed.
+STOPPING = threading.Event()
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def parse_event(line: str) -> dict | None:
+    """The firmware event on one line of its output, or None.
+
+    Events are JSON objects, bare (`{"ev": ...}`) or in a serial frame
+    (`#EB< 1c291ca3 {"ev": ...}`): the object starts at the first `{`. The frame's CRC is not
+    checked here; a pipe does not corrupt bytes, and the bench must not depend on the framing.
+    """
+    i = line.find("{")
+    if i < 0:
+        return None
+    try:
+        obj, _ = _DECODER.raw_decode(line, i)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and "ev" in obj else None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1): always one of the measured values."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    return s[min(len(s), max(1, math.ceil(q * len(s)))) - 1]
+
+
+def rotated(items: tuple[str, ...], n: int) -> list[str]:
+    k = n % len(items) if items else 0
+    return list(items[k:] + items[:k])
+
+
+def kb(n: float) -> str:
+    return f"{n / KB:.1f} KB"
+
+
+def parse_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+# --- processes and the namespace ------------------------------------------------------------
+
+
+class SetupError(RuntimeError):
+    """The bench cannot run here (exit status 2)."""
+
+
+def exited(proc: subprocess.Popen) -> bool:
+    """Whether proc has exited, without reaping it (WNOWAIT), so its PID stays ours to signal."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL to the process group it leads (tftp-hpa forks one child per
+    transfer), then reap it. Only ever signals a PID we have not reaped: never a stranger's."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while not exited(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+class Namespace:
+    """A network namespace that this bench creates, with only its loopback up, and the
+    processes started in it. `destroy` stops them all and deletes the namespace."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.created = False
+        self.procs: list[subprocess.Popen] = []
+
+    def _ip(self, *args: str) -> str:
+        r = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SetupError(f"ip {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+        return r.stdout
+
+    def create(self) -> None:
+        self._ip("netns", "add", self.name)  # fails if it exists: never adopt someone's
+        self.created = True
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        # The safety argument rests on this: loopback is the only interface in here.
+        links = [
+            ln.split(":")[1].strip() for ln in self._ip("-n", self.name, "-o", "link").splitlines()
+        ]
+        if links != ["lo"]:
+            raise SetupError(f"namespace {self.name} has links {links}, expected only lo")
+
+    def argv(self, *cmd: str) -> list[str]:
+        # `ip netns exec` execs cmd after joining the namespace: the child's PID is cmd's.
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def start(self, cmd: list[str], **kw) -> subprocess.Popen:
+        # A session of its own: Ctrl-C on the terminal reaches the bench, which stops it.
+        proc = subprocess.Popen(
+            self.argv(*cmd), stdin=subprocess.DEVNULL, start_new_session=True, **kw
+        )
+        self.procs.append(proc)
+        return proc
+
+    def udp_bound(self, port: int) -> bool:
+        r = subprocess.run(
+            self.argv("ss", "-H", "-n", "-l", "-u", f"sport = :{port}"),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        return r.returncode == 0 and bool(r.stdout.strip())
+
+    def destroy(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.procs.clear()
+        if not self.created:
+            return
+        # Whatever still runs in the namespace was started by this bench (a curl, a forked
+        # server child): end it by PID before the namespace goes.
+        r = subprocess.run(
+            ["ip", "netns", "pids", self.name], check=False, capture_output=True, text=True
+        )
+        for pid in (int(p) for p in r.stdout.split() if p.isdigit()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+        self.created = False
+
+
+# --- the three servers ----------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    problem: str | None = None  # why it is not serving now, once known
+    problems: list[str] = field(default_factory=list)  # every such problem in the run
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def running(self) -> bool:
+        """Whether it is serving; the first time it is found dead, says so (once, also when
+        several client threads ask at once)."""
+        with self._lock:
+            if self.problem is not None or STOPPING.is_set():
+                return False
+            if self.proc is None or exited(self.proc):
+                self.fail(f"exited during the run: {self.last_words()}")
+                return False
+            return True
+
+    def fail(self, problem: str) -> None:
+        self.problem = problem
+        self.problems.append(problem)
+        print(f"FAILED  {self.name}: {problem}", flush=True)
+
+    def last_words(self) -> str:
+        """The line of its output that best says why it stopped."""
+        lines = []
+        if self.log is not None and self.log.exists():
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+        return (errors or lines or ["no output"])[-1].strip()
+
+
+class Firmware(Server):
+    """The firmware on the sim board. Its stdout (events, and tracebacks on stderr) is read by a
+    thread: every line goes to the log file, events are parsed into `events`."""
+
+    def __init__(self, port: int, flash: Path, heap: str, log: Path):
+        super().__init__("firmware", port, log=log)
+        self.flash = flash
+        self.heap = heap
+        self.events: list[dict] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self, ns: Namespace) -> None:
+        self.events = []
+        self.problem = None
+        cmd = sim.firmware_command(
+            self.flash, HOST, FIRMWARE_DHCP_PORT, FIRMWARE_PXE_PORT, self.port, self.heap
+        )
+        self.proc = ns.start(cmd, cwd=self.flash, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None and self.log is not None
+        with self.log.open("a") as out:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                out.write(line + "\n")
+                out.flush()  # last_words() reads the file
+                ev = parse_event(line)
+                if ev is not None:
+                    self.events.append(ev)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+    def boot_event(self) -> dict | None:
+        return next((e for e in self.events if e.get("ev") == "boot"), None)
+
+    def heap_figures(self) -> dict:
+        """code and peak (bytes) as the firmware reported them; peak is None when no heap
+        event came (the live heap never rose by the firmware's reporting step over code)."""
+        boot = self.boot_event() or {}
+        heaps = [e for e in self.events if e.get("ev") == "heap"]
+        code = heaps[-1].get("code") if heaps else boot.get("heap_code")
+        peak = max((e.get("peak", 0) for e in heaps), default=None)
+        return {"code": code, "peak": peak, "heap_events": len(heaps)}
+
+
+def firmware_config() -> dict:
+    # The firmware's own TFTP defaults are what is measured (docs/device.md: 4 transfers at
+    # once, blksize up to 1468, window up to 4); script_url is required, and unused here.
+    return {"server_ip": HOST, "script_url": f"http://{HOST}/boot.ipxe"}
+
+
+def tftp_hpa_command(root: Path, port: int) -> list[str]:
+    # -L: standalone in the foreground; -s: chroot into root (it then drops to nobody).
+    # "-a :PORT" binds the wildcard address, which in the bench's namespace is loopback only:
+    # given any address, in.tftpd 5.2 exits (status 66) in a namespace with no address but
+    # 127.0.0.1, as its address lookup then finds nothing.
+    return ["in.tftpd", "-L", "-4", "-s", "-a", f":{port}", str(root)]
+
+
+def dnsmasq_command(root: Path, work: Path) -> list[str]:
+    return [
+        "dnsmasq",
+        "-k",  # foreground
+        "--conf-file=/dev/null",  # nothing from /etc/dnsmasq.conf or /etc/dnsmasq.d
+        "--port=0",  # no DNS
+        f"--listen-address={HOST}",
+        "--bind-interfaces",
+        "--enable-tftp",
+        f"--tftp-root={root}",
+        f"--pid-file={work / 'dnsmasq.pid'}",
+        "--log-facility=-",  # stderr, which goes to its log file
+    ]
+
+
+def wait_serving(ns: Namespace, server: Server, timeout: float = 20.0) -> None:
+    """Until server has bound its UDP port (and, for the firmware, sent its boot event); fails
+    the server when it exits or times out instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc is None or exited(server.proc):
+            break
+        booted = not isinstance(server, Firmware) or server.boot_event() is not None
+        if booted and ns.udp_bound(server.port):
+            return
+        time.sleep(0.05)
+    state = "exited" if server.proc is None or exited(server.proc) else "still not serving"
+    time.sleep(0.2)  # the firmware's reader thread: its traceback
+    server.fail(f"did not start ({state}): {server.last_words()}")
+
+
+# --- transfers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Fetch:
+    server: str
+    phase: str  # "warm-up", "sequential", "concurrent" or "after-burst"
+    blksize: int
+    rep: int  # the repetition; in the concurrent phase, the client's own count
+    client: int = 0  # which of the concurrent clients
+    seconds: float | None = None  # curl's time_total
+    size: int = 0
+    error: str | None = None  # the transfer failed
+    corrupt: str | None = None  # it succeeded, with the wrong bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.corrupt is None
+
+    def describe(self) -> str:
+        what = f"{self.server} {self.phase} blksize {self.blksize} #{self.rep}"
+        if self.phase == "concurrent":
+            what += f" of client {self.client}"
+        if self.error:
+            return f"FAILED  {what}: {self.error}"
+        return f"CORRUPT {what}: {self.corrupt}"
+
+
+@dataclass
+class Source:
+    path: Path
+    name: str
+    size: int
+    sha256: str
+
+
+class Client:
+    """curl in the namespace, one process per transfer, the body piped back and hashed."""
+
+    def __init__(self, ns: Namespace, source: Source, timeout: float):
+        self.ns = ns
+        self.source = source
+        self.timeout = timeout
+
+    def fetch(self, server: Server, phase: str, blksize: int, rep: int, client: int = 0) -> Fetch:
+        f = Fetch(server.name, phase, blksize, rep, client)
+        cmd = self.ns.argv(
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            f"{self.timeout:g}",
+            "--tftp-blksize",
+            str(blksize),
+            "--output",
+            "-",
+            "--write-out",
+            "%{stderr}" + _TIME_MARK + " %{time_total}\\n",
+            f"tftp://{HOST}:{server.port}/{self.source.name}",
+        )
+        try:
+            r = subprocess.run(cmd, check=False, capture_output=True, timeout=self.timeout + 10)
+        except subprocess.TimeoutExpired:
+            f.error = f"curl did not end within {self.timeout + 10:g} s"
+            return f
+        messages = []
+        for line in r.stderr.decode(errors="replace").splitlines():
+            if line.startswith(_TIME_MARK):
+                with contextlib.suppress(ValueError, IndexError):
+                    f.seconds = float(line.split()[1])
+            elif line.strip():
+                messages.append(line.strip())
+        f.size = len(r.stdout)
+        digest = hashlib.sha256(r.stdout).hexdigest()
+        if r.returncode != 0:
+            f.error = f"curl exit {r.returncode}: {'; '.join(messages) or 'no message'}"
+        elif f.size != self.source.size or digest != self.source.sha256:
+            f.corrupt = (
+                f"{f.size} bytes, sha256 {digest[:16]}..., "
+                f"want {self.source.size} bytes, sha256 {self.source.sha256[:16]}..."
+            )
+        elif f.seconds is None:
+            f.error = "curl reported no time"
+        return f
+
+
+class Results:
+    """Every transfer, with failures printed as they happen. Thread-safe (concurrent phase).
+    `skipped` counts transfers not tried because their server was not serving (its problem is
+    printed once instead)."""
+
+    def __init__(self) -> None:
+        self.fetches: list[Fetch] = []
+        self.skipped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fetch(
+        self, client: Client, server: Server, phase: str, blksize: int, rep: int, who: int = 0
+    ) -> Fetch | None:
+        """One transfer by client from server, recorded; None (and counted as skipped) when
+        the server is not serving."""
+        if not server.running():
+            with self._lock:
+                self.skipped[server.name] = self.skipped.get(server.name, 0) + 1
+            return None
+        return self.add(client.fetch(server, phase, blksize, rep, who))
+
+    def add(self, f: Fetch) -> Fetch:
+        with self._lock:
+            if STOPPING.is_set():
+                return f
+            self.fetches.append(f)
+            if not f.ok:
+                print(f.describe(), flush=True)
+        return f
+
+    def select(self, server: str, phase: str, blksize: int | None = None) -> list[Fetch]:
+        return [
+            f
+            for f in self.fetches
+            if f.server == server and f.phase == phase and blksize in (None, f.blksize)
+        ]
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for f in self.fetches if f.error)
+
+    @property
+    def corrupt(self) -> int:
+        return sum(1 for f in self.fetches if f.corrupt)
+
+
+def run_concurrent(
+    client: Client, results: Results, server: Server, clients: int, seconds: float, blksize: int
+) -> float:
+    """clients threads, each fetching back to back until `seconds` have passed (at least one
+    fetch each, at most MAX_FETCHES_PER_CLIENT); returns the wall time."""
+    start = time.monotonic()
+    deadline = start + seconds
+
+    def worker(i: int) -> None:
+        for n in range(MAX_FETCHES_PER_CLIENT):
+            f = results.fetch(client, server, "concurrent", blksize, n, i)
+            if f is None or time.monotonic() >= deadline or STOPPING.is_set():
+                return
+            if f.error:  # e.g. the firmware's "busy": do not spin on refusals
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - start
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def timing_row(
+    name: str, fetches: list[Fetch], size: int, problem: str | None = None
+) -> tuple[str, dict]:
+    """One table row: how many transfers succeeded and failed, and the successful ones' median,
+    minimum and p90 seconds, and throughput at the median."""
+    times = [f.seconds for f in fetches if f.ok and f.seconds is not None]
+    bad = sum(1 for f in fetches if not f.ok)
+    if not times:
+        why = f"not serving: {problem}" if problem and not fetches else "no successful transfer"
+        return f"  {name:<10} {0:>4} {bad:>4}   ({why})", {"ok": 0, "bad": bad}
+    med = statistics.median(times)
+    d = {
+        "ok": len(times),
+        "bad": bad,
+        "median_s": med,
+        "min_s": min(times),
+        "p90_s": percentile(times, 0.9),
+        "mb_per_s": size / med / 1e6 if med > 0 else math.inf,
+    }
+    line = (
+        f"  {name:<10} {d['ok']:>4} {bad:>4} {med:>9.4f} {d['min_s']:>9.4f} "
+        f"{d['p90_s']:>9.4f} {d['mb_per_s']:>8.2f}"
+    )
+    return line, d
+
+
+TABLE_HEAD = (
+    f"  {'server':<10} {'ok':>4} {'bad':>4} {'median_s':>9} {'min_s':>9} {'p90_s':>9} {'MB/s':>8}"
+)
+
+
+def ratio_lines(stats: dict[str, dict], servers: list[str]) -> tuple[list[str], dict]:
+    """firmware/peer ratios of median seconds per transfer, for each peer in the run."""
+    out, ratios = [], {}
+    fw = stats.get("firmware", {}).get("median_s")
+    for peer in ("tftp-hpa", "dnsmasq"):
+        if "firmware" not in servers or peer not in servers:
+            continue
+        other = stats.get(peer, {}).get("median_s")
+        if fw is None or other is None:
+            who = "the firmware" if fw is None else peer
+            out.append(f"  ratio firmware/{peer}: n/a ({who} had no successful transfer)")
+            continue
+        ratios[peer] = fw / other
+        out.append(
+            f"  ratio firmware/{peer}: {fw / other:.2f} (median time; > 1: the firmware is slower)"
+        )
+    return out, ratios
+
+
+def heap_report(heap: str, phases: list[tuple[str, str, dict]]) -> tuple[list[str], dict]:
+    """The firmware's heap figures per phase, (label, key, Firmware.heap_figures()), against
+    the design's goals. Only what the firmware's own events say; nothing is estimated."""
+    size = sim.parse_heap(heap)
+    lines = [f"firmware heap (-X heapsize={heap} = {size} B; 1 KB = 1024 B)"]
+    out: dict = {"heap_bytes": size}
+    tops = []
+    for label, key, fig in phases:
+        code, peak = fig.get("code"), fig.get("peak")
+        if code is None:
+            lines.append(f"  {label}: the firmware did not boot, nothing measured")
+            out[key] = {"booted": False}
+            continue
+        tops.append(peak if peak is not None else code)
+        if peak is None:
+            lines.append(
+                f"  {label}: code {code} B = {kb(code)}; no heap event: the live heap never "
+                f"rose by the firmware's reporting step above code when the 1 s sampler looked"
+            )
+            out[key] = {"booted": True, "code": code, "peak": None, "data": None}
+            continue
+        data = peak - code
+        lines.append(
+            f"  {label}: code {code} B = {kb(code)}, peak {peak} B, data high-water "
+            f"(peak - code) {data} B = {kb(data)}, goal <= {kb(DATA_GOAL)}: "
+            f"{'met' if data <= DATA_GOAL else 'MISSED'}"
+        )
+        out[key] = {"booted": True, "code": code, "peak": peak, "data": data}
+    if tops:
+        top = max(tops)
+        lines.append(
+            f"  peak live heap {top} B = {kb(top)}: goal {kb(HEAP_GOAL)} "
+            f"{'met' if top <= HEAP_GOAL else 'MISSED'}, aim {kb(HEAP_AIM)} "
+            f"{'met' if top <= HEAP_AIM else 'missed'} (live objects after a collection; "
+            f"the heap also needs room for garbage between collections)"
+        )
+        out["peak_live"] = top
+    return lines, out
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def check_tools() -> None:
+    if os.geteuid() != 0:
+        raise SetupError("needs root: the bench creates a network namespace")
+    for tool in ("ip", "ss", "curl", "in.tftpd", "dnsmasq"):
+        if not shutil.which(tool):
+            raise SetupError(f"{tool} not found (tools/setup installs it)")
+    try:
+        sim.micropython_bin()
+    except sim.SimError as e:
+        raise SetupError(str(e)) from None
+
+
+def source_of(path: Path) -> Source:
+    data = path.read_bytes()
+    return Source(path, path.name, len(data), hashlib.sha256(data).hexdigest())
+
+
+def lay_out(work: Path, source: Source, heap: str) -> dict[str, Server]:
+    """Each server's own copy of the file. The directories are world-readable: tftp-hpa and
+    dnsmasq read it after dropping root."""
+    work.chmod(0o755)
+    servers: dict[str, Server] = {}
+    flash = work / "flash"
+    sim.install_firmware(flash)
+    (flash / "device.json").write_text(json.dumps(firmware_config()))
+    roots = {"firmware": flash / "tftp", "tftp-hpa": work / "tftp-hpa", "dnsmasq": work / "dnsmasq"}
+    for root in roots.values():
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        dest = root / source.name
+        shutil.copyfile(source.path, dest)
+        dest.chmod(0o644)
+    servers["firmware"] = Firmware(PORTS["firmware"], flash, heap, work / "firmware.log")
+    for name in ("tftp-hpa", "dnsmasq"):
+        servers[name] = Server(name, PORTS[name], log=work / f"{name}.log")
+    return servers
+
+
+def start_server(ns: Namespace, server: Server, work: Path) -> None:
+    if isinstance(server, Firmware):
+        server.start(ns)
+    else:
+        assert server.log is not None
+        root = work / server.name
+        cmd = (
+            tftp_hpa_command(root, server.port)
+            if server.name == "tftp-hpa"
+            else dnsmasq_command(root, work)
+        )
+        with server.log.open("ab") as log:
+            server.proc = ns.start(cmd, stdout=log, stderr=subprocess.STDOUT)
+    assert server.proc is not None
+    print(f"  {server.name}: pid {server.proc.pid}, {HOST}:{server.port}", flush=True)
+    wait_serving(ns, server)
+
+
+def curl_version() -> str:
+    r = subprocess.run(["curl", "--version"], check=False, capture_output=True, text=True)
+    return r.stdout.split("\n", 1)[0].split(" (")[0] if r.returncode == 0 else "curl"
+
+
+def firmware_revision() -> str:
+    """The git commit the firmware came from, and whether firmware/ differs from it."""
+    repo = sim.REPO
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if head.returncode != 0:
+        return "not a git checkout"
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", "firmware"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"git {head.stdout.strip()}" + (" + uncommitted changes in firmware/" if dirty else "")
+
+
+@dataclass
+class Bench:
+    """One run: what it serves, who serves it, and what it measured."""
+
+    args: argparse.Namespace
+    ns: Namespace
+    work: Path
+    source: Source
+    servers: dict[str, Server]
+    client: Client
+    results: Results = field(default_factory=Results)
+    walls: dict[str, float] = field(default_factory=dict)  # concurrent phase, per server
+    single_heap: dict = field(default_factory=dict)
+    conc_heap: dict | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return self.args.servers
+
+    @property
+    def firmware(self) -> Firmware:
+        fw = self.servers["firmware"]
+        assert isinstance(fw, Firmware)
+        return fw
+
+
+def set_up(args: argparse.Namespace, ns: Namespace, work: Path) -> Bench:
+    source = source_of(args.file)
+    servers = lay_out(work, source, args.heap)
+    ns.create()
+    print(f"bench: namespace {ns.name} (loopback only), work directory {work}", flush=True)
+    for name in args.servers:
+        start_server(ns, servers[name], work)
+    return Bench(args, ns, work, source, servers, Client(ns, source, args.timeout))
+
+
+def sequential_phase(b: Bench) -> None:
+    args, r = b.args, b.results
+    for name in b.names:  # warm-up (page cache, first-use paths): checked, not timed
+        r.fetch(b.client, b.servers[name], "warm-up", args.blksize[0], 0)
+    for rep in range(args.reps):
+        for blksize in args.blksize:
+            for name in rotated(tuple(b.names), rep):
+                r.fetch(b.client, b.servers[name], "sequential", blksize, rep)
+        print(f"  rep {rep + 1}/{args.reps} done", flush=True)
+    if "firmware" in b.names:
+        b.single_heap = b.firmware.heap_figures()
+
+
+def concurrent_phase(b: Bench) -> None:
+    args = b.args
+    blk = args.blksize[0]
+    print(
+        f"  {args.concurrent} concurrent clients, blksize {blk}, "
+        f"{args.concurrent_seconds:g} s per server ...",
+        flush=True,
+    )
+    for name in b.names:
+        if name == "firmware":  # a fresh boot, so the heap peak belongs to this phase alone
+            b.firmware.stop()
+            start_server(b.ns, b.firmware, b.work)
+        b.walls[name] = run_concurrent(
+            b.client, b.results, b.servers[name], args.concurrent, args.concurrent_seconds, blk
+        )
+        if name == "firmware":
+            time.sleep(0.2)  # the reader thread: the last heap event
+            b.conc_heap = b.firmware.heap_figures()
+        # A server can come out of a burst alive but no longer serving (short of memory, a
+        # slot lost): one more transfer, alone, says whether it still does.
+        b.results.fetch(b.client, b.servers[name], "after-burst", blk, 0)
+
+
+def report(b: Bench) -> dict:
+    """Prints the tables and verdicts; returns the same as a dict (for --json)."""
+    args, results, size = b.args, b.results, b.source.size
+    summary: dict = {"sequential": {}, "concurrent": {}}
+    print()
+    for blksize in args.blksize:
+        print(f"blksize {blksize}: seconds per transfer (curl time_total), {args.reps} reps")
+        print(TABLE_HEAD)
+        stats = {}
+        for name in b.names:
+            fetches = results.select(name, "sequential", blksize)
+            line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
+            print(line)
+        lines, ratios = ratio_lines(stats, b.names)
+        for line in lines:
+            print(line)
+        summary["sequential"][str(blksize)] = {"servers": stats, "ratios": ratios}
+    if args.concurrent:
+        print(
+            f"{args.concurrent} concurrent clients, blksize {args.blksize[0]}: seconds per "
+            f"transfer, {args.concurrent_seconds:g} s per server; aggr = all bytes / wall time"
+        )
+        print(TABLE_HEAD + f" {'aggr MB/s':>10}")
+        stats = {}
+        for name in b.names:
+            fetches = results.select(name, "concurrent")
+            line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
+            wall = b.walls.get(name, 0.0)
+            good = sum(f.size for f in fetches if f.ok)
+            stats[name]["aggregate_mb_per_s"] = good / wall / 1e6 if wall else 0.0
+            print(line + f" {stats[name]['aggregate_mb_per_s']:>10.2f}")
+        lines, ratios = ratio_lines(stats, b.names)
+        for line in lines:
+            print(line)
+        summary["concurrent"] = {
+            "clients": args.concurrent,
+            "blksize": args.blksize[0],
+            "seconds": args.concurrent_seconds,
+            "servers": stats,
+            "ratios": ratios,
+        }
+    if "firmware" in b.names:
+        phases = [("sequential phase (1 transfer at a time)", "sequential", b.single_heap)]
+        if args.concurrent:
+            label = f"concurrent phase ({args.concurrent} transfers at once)"
+            phases.append((label, "concurrent", b.conc_heap or {}))
+        lines, summary["firmware_heap"] = heap_report(args.heap, phases)
+        print("\n".join(lines))
+        if args.concurrent:
+            conc = results.select("firmware", "concurrent")
+            after = results.select("firmware", "after-burst")
+            good = sum(1 for f in conc if f.ok)
+            works = bool(conc) and good == len(conc) and b.firmware.problem is None
+            why = f"; {b.firmware.problem}" if b.firmware.problem else ""
+            serving = bool(after) and all(f.ok for f in after)
+            print(
+                f"  {args.concurrent} concurrent transfers at heap {args.heap}: "
+                f"{'work' if works else 'FAIL'} ({good} of {len(conc)} ok{why}); "
+                f"a transfer after them: {'ok' if serving else 'FAILED'}"
+            )
+            summary["firmware_heap"]["concurrent_work"] = works
+            summary["firmware_heap"]["serving_after_burst"] = serving
+    problems = {s.name: s.problems for s in b.servers.values() if s.name in b.names and s.problems}
+    skipped = sum(results.skipped.values())
+    summary.update(
+        transfers=len(results.fetches),
+        failed=results.failed,
+        corrupt=results.corrupt,
+        skipped=dict(results.skipped),
+        server_problems=problems,
+        fetches=[asdict(f) for f in results.fetches],
+    )
+    print(
+        f"\nresult: {len(results.fetches)} transfers, {results.failed} failed, "
+        f"{results.corrupt} corrupt"
+        + (f"; {skipped} not tried (server not serving)" if skipped else "")
+    )
+    return summary
+
+
+def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
+    b = set_up(args, ns, work)
+    load = os.getloadavg()
+    boot = b.firmware.boot_event() or {}
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "file": str(b.source.path),
+        "size": b.source.size,
+        "sha256": b.source.sha256,
+        "client": curl_version(),
+        "firmware": f"{boot.get('version', '?')} ({firmware_revision()})"
+        if "firmware" in args.servers
+        else "not in this run",
+        "heap": args.heap,
+        "reps": args.reps,
+        "cpus": os.cpu_count(),
+        "load_at_start": round(load[0], 2),
+    }
+    print(
+        f"TFTP bench {header['date']}: {b.source.name} ({b.source.size} bytes, sha256 "
+        f"{b.source.sha256[:16]}...), {header['client']}\n"
+        f"  firmware {header['firmware']}, heap {args.heap}; {args.reps} reps per block size, "
+        f"interleaved; {header['cpus']} CPUs, load average {load[0]:.2f}",
+        flush=True,
+    )
+    sequential_phase(b)
+    if args.concurrent:
+        concurrent_phase(b)
+    summary = {**header, **report(b), "load_at_end": round(os.getloadavg()[0], 2)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    clean = not (summary["failed"] or summary["corrupt"] or summary["server_problems"])
+    return 0 if clean else 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark the firmware's TFTP server (MicroPython unix port) against "
+        "tftp-hpa and dnsmasq, and report its heap. Needs root: everything runs on loopback "
+        "in a network namespace the bench creates and deletes. Stops by itself.",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=10,
+        help="timed transfers per server and block size (default 10)",
+    )
+    p.add_argument("--heap", default="128k", help="the firmware's MicroPython heap (default 128k)")
+    p.add_argument(
+        "--blksize",
+        type=lambda s: [int(x) for x in parse_list(s)],
+        default=[1468, 512],
+        help="block sizes curl asks for, comma-separated; the first is also used for the "
+        "concurrent phase (default 1468,512)",
+    )
+    p.add_argument(
+        "--concurrent",
+        type=int,
+        default=4,
+        help="clients at once in the concurrent phase; 0 skips it (default 4, the firmware's "
+        "tftp.max_transfers)",
+    )
+    p.add_argument(
+        "--concurrent-seconds",
+        type=float,
+        default=5.0,
+        help="how long each server gets the concurrent clients (default 5; the firmware samples "
+        "its heap once a second)",
+    )
+    p.add_argument(
+        "--servers",
+        type=parse_list,
+        default=list(SERVERS),
+        help=f"which servers, comma-separated (default {','.join(SERVERS)})",
+    )
+    p.add_argument(
+        "--file", type=Path, default=DEFAULT_FILE, help=f"the file served (default {DEFAULT_FILE})"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds one transfer may take (default 30)"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
+    args = p.parse_args(argv)
+    if not 1 <= args.reps <= 1000:
+        p.error("--reps must be 1..1000")
+    if not args.blksize or any(not 8 <= b <= 65464 for b in args.blksize):
+        p.error("--blksize: each must be 8..65464 (RFC 2348)")
+    if not 0 <= args.concurrent <= 16:
+        p.error("--concurrent must be 0..16")
+    if not 0.5 <= args.concurrent_seconds <= 600:
+        p.error("--concurrent-seconds must be 0.5..600")
+    if not 1 <= args.timeout <= 600:
+        p.error("--timeout must be 1..600")
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown or not args.servers or len(set(args.servers)) != len(args.servers):
+        p.error(f"--servers: pick from {','.join(SERVERS)}, each once")
+    try:
+        sim.parse_heap(args.heap)
+    except sim.SimError as e:
+        p.error(str(e))
+    if not args.file.is_file():
+        p.error(f"--file {args.file}: no such file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+    # SIGTERM and SIGHUP stop the bench as Ctrl-C does; SIGINT works even when started in the
+    # background (where shells ignore it).
+    for sig in stop_signals:
+        signal.signal(sig, signal.default_int_handler)
+    ns = Namespace(f"eb-bench-{os.getpid()}")
+    work = Path(tempfile.mkdtemp(prefix="eb-tftp-bench-"))
+    try:
+        check_tools()
+        return run(args, ns, work)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        STOPPING.set()
+        for sig in stop_signals:  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        ns.destroy()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
