@@ -89,3 +89,31 @@ def parent_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+class RelayWatch:
+    """Reads a sim board's relay outputs (relays.state in its flash) every few ms in a thread
+    and keeps each distinct state it saw, so a test can tell whether an output ever changed."""
+
+    def __init__(self, flash: Path, every_s: float = 0.002):
+        self.path = flash / "relays.state"
+        self.every_s = every_s
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = self.path.read_text().strip()
+            except OSError:
+                text = "<missing>"
+            if not self.seen or self.seen[-1] != text:
+                self.seen.append(text)
+            time.sleep(self.every_s)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen

@@ -14,6 +14,10 @@ def _register() -> None:
 
     main.add_command(sim.sim_command)
 
+    from bastion import flash_cli
+
+    main.add_command(flash_cli.flash)
+
     from bastion.lab import cli as lab_cli
 
     main.add_command(lab_cli.lab_group)

@@ -264,6 +264,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         default_profile=model.default_profile,
         roles=dict(model.roles),
         metadata=json.loads(json.dumps(model.metadata)),
+        device=model.device,
     )
 
 

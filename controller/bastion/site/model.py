@@ -108,6 +108,7 @@ class SiteSettings:
     default_profile: str | None
     roles: dict[str, str]
     metadata: dict[str, Any]
+    device: Any = None  # site.yaml `device:`: a schema.DeviceSection or None (bastion.flashing)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ their types checked.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
@@ -31,6 +32,122 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
+def _int(lo: int, hi: int, doc: str):
+    """An optional whole number in lo..hi; YAML's true/false and "5" are refused, not coerced."""
+    return Field(default=None, strict=True, ge=lo, le=hi, description=doc)
+
+
+def _ipv4(v: str | None) -> str | None:
+    if v is None:
+        return v
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv4 address") from None
+
+
+def _on_off(v: Any) -> Any:
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1: on/off
+
+
+# What iPXE build each client architecture (DHCP option 93) gets when site.yaml says nothing.
+DEFAULT_BOOT_FILES = {0: "undionly.kpxe", 6: "ipxe.efi", 7: "ipxe.efi", 9: "ipxe.efi"}
+
+# The ranges below are the firmware's (firmware/config.py, firmware/power.py), checked here too
+# so that a mistake is reported against site.yaml; the firmware's own checker has the last word.
+
+
+class DeviceRpi(_Strict):
+    boot: bool | None = Field(default=None, description="answer Raspberry Pi 4 bootloaders")
+    menu: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="the PXE menu text a Pi bootloader looks for",
+    )
+    next_server: str | None = Field(default=None, description="TFTP server for Pi boot files")
+
+    check_ip = field_validator("next_server")(_ipv4)
+
+
+class DeviceTftp(_Strict):
+    max_transfers: int | None = _int(1, 16, "concurrent transfers")
+    max_blksize: int | None = _int(512, 1468, "largest block size granted (RFC 2348)")
+    timeout_ms: int | None = _int(50, 255000, "first retransmission timeout")
+    retries: int | None = _int(1, 20, "retransmissions before a transfer is given up")
+    max_window: int | None = _int(1, 16, "largest window granted (RFC 7440)")
+
+
+class DeviceChannel(_Strict):
+    """Interlocks and default state of a relay channel."""
+
+    min_off_ms: int | None = _int(0, 3600000, "a channel that went off stays off this long")
+    max_cycles: int | None = _int(1, 1000, "power-on edges allowed per window_ms")
+    window_ms: int | None = _int(1000, 86400000, "the window of max_cycles")
+    default: Literal["on", "off"] | None = Field(
+        default=None, description="the state when the device has none persisted for the channel"
+    )
+
+    check_default = field_validator("default", mode="before")(_on_off)
+
+
+class DevicePower(_Strict):
+    stagger_ms: int | None = _int(0, 600000, "time between two staggered power-on edges")
+    defaults: DeviceChannel = Field(
+        default_factory=DeviceChannel, description="settings for every relay channel"
+    )
+    channels: dict[str | int, DeviceChannel] = Field(
+        default_factory=dict,
+        description="settings for one channel, by machine name (its relay:) or channel number",
+    )
+
+
+class DeviceSection(_Strict):
+    """site.yaml `device:` -- what `bastion flash` renders into the device's device.json."""
+
+    ip: str = Field(description="the device's LAN address (DHCP server id, default next-server)")
+    answer: Literal["site", "any"] = Field(
+        default="site",
+        description="site: answer only the MACs in machines.yaml; any: every PXE client",
+    )
+    boot_files: dict[int, str] = Field(
+        default_factory=lambda: dict(DEFAULT_BOOT_FILES),
+        description="boot file under the device's tftp/ by client architecture (DHCP option 93)",
+    )
+    next_server: str | None = Field(
+        default=None, description="TFTP server the offers point to, when not the device"
+    )
+    rpi: DeviceRpi = Field(default_factory=DeviceRpi)
+    tftp: DeviceTftp = Field(default_factory=DeviceTftp)
+    power: DevicePower = Field(default_factory=DevicePower)
+
+    check_ips = field_validator("ip", "next_server")(_ipv4)
+
+    @field_validator("boot_files", mode="before")
+    @classmethod
+    def _files(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v  # pydantic says what is wrong
+        out = {}
+        for key, name in v.items():
+            arch = key if isinstance(key, int) and not isinstance(key, bool) else None
+            if isinstance(key, str) and key.isdigit():
+                arch = int(key)
+            if arch is None or not 0 <= arch <= 0xFFFF:
+                raise ValueError(
+                    f"{key!r} is not a client architecture number (DHCP option 93: 0..65535)"
+                )
+            if isinstance(name, str):
+                parts = name.split("/")
+                if len(name) > 127 or name.startswith("/") or ".." in parts or "" in parts:
+                    raise ValueError(
+                        f"{arch}: {name!r} must be a file name under tftp/ (1..127 characters, "
+                        "relative, no '..')"
+                    )
+            out[arch] = name
+        return out
+
+
 class SiteFile(_Strict):
     """site.yaml"""
 
@@ -46,6 +163,9 @@ class SiteFile(_Strict):
     roles: dict[str, str] = Field(default_factory=dict, description="role -> profile id")
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="variables for every machine's templates"
+    )
+    device: DeviceSection | None = Field(
+        default=None, description="the network-boot device's configuration (`bastion flash`)"
     )
 
     @field_validator("controller_url")
