@@ -81,7 +81,8 @@ def is_idempotent(op: str, args: dict) -> bool:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "id", "idempotent", "line", "op", "reply", "sent_boot")
+    __slots__ = ("done", "error", "id", "idempotent", "internal", "line", "op", "reply",
+                 "sent_boot")
 
     def __init__(self, rid: int, op: str, line: bytes, idempotent: bool):
         self.id = rid
@@ -92,6 +93,7 @@ class _Pending:
         self.reply: dict | None = None
         self.error: DeviceError | None = None
         self.sent_boot: str | None = None  # the device boot that first got it
+        self.internal = False  # the link's own (resync) request
 
 
 def _open_serial(port: str, baudrate: int) -> serial.SerialBase:
@@ -233,6 +235,7 @@ class DeviceLink:
             msg = {"id": rid, "op": op}
             msg.update(args)
             p = _Pending(rid, op, frame.encode(msg, frame.TO_DEVICE), is_idempotent(op, args))
+            p.internal = internal
             self._pending[rid] = p
         gen = self._gen
         sends = 0
@@ -362,6 +365,12 @@ class DeviceLink:
                 self._counts["stray_replies"] += 1
                 return
             if obj.get("code") == "nosession" and p.op != "hello":
+                if p.internal:
+                    # A resync step that reached a newer boot (the device restarted again in
+                    # the middle): fail it now, so the resync starts over with hello at once
+                    # instead of waiting out this step's timeout.
+                    p.error = DeviceError(f"{p.op}: the device restarted", "nosession")
+                    p.done.set()
                 p = None  # the device restarted; resync decides what becomes of the request
             else:
                 p.reply = obj
