@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from bastion.lab.lab import Lab, Wiring
+from bastion.lab.lab import Lab, Wiring, default_nodes, render_timeline
 from bastion.lab.netns import LabError
 
 
@@ -29,7 +30,10 @@ def _lab(name, prefix, workdir, accel) -> Lab:
 @click.group("lab")
 def lab_group() -> None:
     """The PXE lab: a site LAN in network namespaces with the sim board, the controller,
-    dnsmasq as the home router, and QEMU nodes powered through the device's relays."""
+    dnsmasq as the home router, and QEMU nodes powered through the device's relays.
+
+    Everything it sends stays inside its own namespaces, on 10.x addresses that exist only
+    there. Needs root (namespaces, taps)."""
 
 
 @lab_group.command("up")
@@ -48,6 +52,88 @@ def down(name, prefix, workdir, accel):
     """Stop every lab process and delete the lab's namespaces."""
     removed = _lab(name, prefix, workdir, accel).down()
     click.echo("removed: " + ", ".join(removed) if removed else "nothing to remove")
+
+
+@lab_group.command("boot")
+@click.argument("node")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for the callback.")
+@_lab_options
+def boot(node, timeout, name, prefix, workdir, accel):
+    """Power NODE on through the device's relay and follow it to its callback; print the
+    boot timeline. Exits 1 if the node's report does not match its Ignition config."""
+    lab = _lab(name, prefix, workdir, accel)
+    try:
+        result = lab.boot(node, timeout)
+    except LabError as e:
+        raise click.ClickException(str(e)) from None
+    render_timeline(result)
+    raise SystemExit(0 if result.ok else 1)
+
+
+@lab_group.command("power")
+@click.argument("state", type=click.Choice(["on", "off", "cycle"]))
+@click.argument("node")
+@_lab_options
+def power(state, node, name, prefix, workdir, accel):
+    """Switch NODE's relay (through the controller and the device), without waiting."""
+    try:
+        r = _lab(name, prefix, workdir, accel).power(node, state)
+    except LabError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(r))
+
+
+@lab_group.command("status")
+@_lab_options
+def status(name, prefix, workdir, accel):
+    """What runs, each node's relay and VM, and the device's view."""
+    st = _lab(name, prefix, workdir, accel).status()
+    click.echo(f"lab {st['lab']}: namespaces {'present' if st['namespaces_exist'] else 'absent'}")
+    click.echo("processes: " + ", ".join(f"{k} {'up' if v else 'down'}"
+                                         for k, v in st["processes"].items()))
+    relays = {}
+    dev = st.get("device") or {}
+    for c in (dev.get("status") or {}).get("power", []):
+        relays[c["ch"]] = c["output"]
+    for n, d in st["nodes"].items():
+        click.echo(f"  {n:<8} {d['firmware']:<5} {d['mac']}  relay {d['relay']} "
+                   f"{relays.get(d['relay'], '?'):<3}  vm {d['vm']}")
+    if dev:
+        info = dev.get("info") or {}
+        click.echo(f"device: {'connected' if dev.get('connected') else 'not connected'}, "
+                   f"firmware {info.get('fw')}, boot {info.get('boot')}")
+
+
+@lab_group.command("demo")
+@click.option("--node", "nodes", multiple=True,
+              help="Node(s) to boot, in turn [default: uefi-1]; see the lab's nodes below.")
+@click.option("--keep", is_flag=True, help="Leave the lab running afterwards.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds per boot.")
+@_lab_options
+def demo(nodes, keep, timeout, name, prefix, workdir, accel):
+    """Build the lab, boot the UEFI node through the device (edk2 PXE -> TFTP ipxe.efi ->
+    iPXE -> controller -> kernel, initrd -> Ignition -> callback), print its timeline, and
+    take the lab down again. Nodes: uefi-1 (OVMF, edk2's own PXE), bios-1 (SeaBIOS + iPXE)."""
+    lab = _lab(name, prefix, workdir, accel)
+    known = [n.name for n in default_nodes()]
+    for n in nodes:
+        if n not in known:
+            raise click.BadParameter(f"{n!r}: the lab's nodes are {', '.join(known)}",
+                                     param_hint="--node")
+    ok = True
+    try:
+        lab.up()
+        for node in nodes or ("uefi-1",):
+            result = lab.boot(node, timeout)
+            render_timeline(result)
+            ok = ok and result.ok
+    except LabError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if not keep:
+            removed = lab.down()
+            click.echo(f"lab down: removed {len(removed)} namespaces and processes")
+    raise SystemExit(0 if ok else 1)
 
 
 @lab_group.command("wire", hidden=True)

@@ -15,8 +15,11 @@ import secrets
 import shutil
 import sys
 import time
+
+import yaml
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bastion.lab import initrd as initrd_mod
 from bastion.lab.netns import LabError, LabNet, Processes, teardown, write_json_atomic
@@ -27,6 +30,7 @@ IPXE_DIR = Path("/usr/lib/ipxe")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 CONTROLLER_PORT = 8080
+RELAY_CHANNELS = 8  # the sim board's (boards/sim.json)
 
 
 # The nodes' Ignition config, as Butane with matchbox-style per-machine variables.
@@ -128,6 +132,7 @@ class Lab:
     def write_device_flash(self, nodes: list[Node]) -> None:
         from bastion.sim import install_firmware
 
+        by_channel = {n.channel: n for n in nodes}
         install_firmware(self.flash)
         tftp = self.flash / "tftp"
         tftp.mkdir(parents=True, exist_ok=True)
@@ -139,15 +144,30 @@ class Lab:
             "boot_files": {"0": "undionly.kpxe", "6": "ipxe.efi", "7": "ipxe.efi", "9": "ipxe.efi"},
             "allowed_macs": [n.mac for n in nodes],
             "tftp": {"max_transfers": 4},
+            # Relay channels named after the nodes they power; a short minimum off time so a
+            # demo can cut and restore power quickly (real nodes want seconds, not one).
+            "power": {
+                "stagger_ms": 1000,
+                "channels": [
+                    {"name": by_channel[i].name if i in by_channel else f"ch{i}",
+                     "min_off_ms": 1000, "max_cycles": 10}
+                    for i in range(RELAY_CHANNELS)
+                ],
+            },
         }
         write_json_atomic(self.flash / "device.json", device)
-        # Every node starts powered off; the relay wiring powers VMs from this file.
-        (self.flash / "relays.state").write_text("0" * 8 + "\n")
+        # Every node starts powered off: a new lab forgets the relays' persisted state, and
+        # the relay wiring powers VMs from the outputs file.
+        (self.flash / "power.state").unlink(missing_ok=True)
+        (self.flash / "relays.state").write_text("0" * RELAY_CHANNELS + "\n")
 
     def write_site(self, nodes: list[Node], kernel: Path, initrd: Path) -> None:
-        """The lab's site directory, in matchbox's layout: one profile, one group per node."""
+        """The lab's site directory: a matchbox-format profile and Ignition template, and
+        machines.yaml naming each node, its MAC and its relay channel."""
         site = self.site
-        for d in ("profiles", "groups", "ignition", "assets/lab"):
+        if (site / "groups").exists():
+            shutil.rmtree(site / "groups")  # an older lab's layout: machines.yaml now
+        for d in ("profiles", "ignition", "assets/lab"):
             (site / d).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kernel, site / "assets/lab/vmlinuz")
         shutil.copyfile(initrd, site / "assets/lab/initrd.img")
@@ -169,15 +189,15 @@ class Lab:
             "ignition_id": "lab-node.yaml",
         }
         write_json_atomic(site / "profiles/lab-node.json", profile)
-        for n in nodes:
-            group = {
-                "id": n.name,
-                "name": f"lab node {n.name}",
-                "profile": "lab-node",
-                "selector": {"mac": n.mac},
-                "metadata": {"hostname": n.name, "firmware": n.firmware},
-            }
-            write_json_atomic(site / f"groups/{n.name}.json", group)
+        # The machines, each with the relay channel that powers it: the matchbox profile
+        # above, Edge Bastion's machines.yaml for identity and power.
+        machines = {"machines": [
+            {"name": n.name, "mac": n.mac, "relay": n.channel, "profile": "lab-node",
+             "metadata": {"firmware": n.firmware}}
+            for n in nodes
+        ]}
+        (site / "machines.yaml").write_text(yaml.safe_dump(machines, sort_keys=False))
+        (site / "site.yaml").write_text(f"site: lab-{self.net.name}\ncontroller_url: {url}\n")
         (site / "ignition/lab-node.yaml").write_text(LAB_BUTANE)
 
     # -- QEMU ------------------------------------------------------------------------------
@@ -264,6 +284,8 @@ class Lab:
             "--listen", f"{self.net.controller_ip}:{CONTROLLER_PORT}",
             # The lab's own history, not the host's default database (~/.local/state/...).
             "--db", str(self.db_path), "--token-file", str(self.token_file),
+            # The device's serial line: power by machine, device events in the history.
+            "--device", str(self.serial),
         ]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -272,28 +294,37 @@ class Lab:
             for key in ("router", "device", "controller", "wiring"):
                 if not self.procs.alive(key):
                     raise LabError(f"lab {key} exited at start; see {self.logs / (key + '.log')}")
-            if self.serial.exists() and self.http("/healthz", check=False) is not None:
+            if self.serial.exists() and self.device_ready():
                 return
             time.sleep(0.3)
         raise LabError(f"lab did not come up within {timeout:.0f}s; logs in {self.logs}")
 
     def http(self, path: str, check: bool = True, method: str = "GET",
              data: str | None = None, token: bool = False) -> str | None:
-        """An HTTP request to the controller from inside the LAN namespace (curl)."""
+        """An HTTP request to the controller from inside the LAN namespace (curl): the body
+        of a 2xx answer; otherwise None, or with check a LabError with the controller's
+        words."""
         import subprocess
 
-        cmd = ["ip", "netns", "exec", self.net.lan, "curl", "-sf", "--max-time", "10",
-               "-X", method]
+        cmd = ["ip", "netns", "exec", self.net.lan, "curl", "-sS", "--max-time", "20",
+               "-X", method, "-w", "\n%{http_code}"]
         if token and self.token_file.exists():
             cmd += ["-H", f"Authorization: Bearer {self.token_file.read_text().strip()}"]
         if data is not None:
             cmd += ["-H", "Content-Type: application/json", "--data", data]
         r = subprocess.run([*cmd, self.controller_url + path], capture_output=True, text=True)
-        if r.returncode != 0:
-            if check:
-                raise LabError(f"{method} {path}: curl exit {r.returncode} {r.stderr.strip()}")
+        body, _, code = r.stdout.rpartition("\n")
+        if r.returncode == 0 and code.startswith("2"):
+            return body
+        if not check:
             return None
-        return r.stdout
+        if r.returncode != 0:
+            raise LabError(f"{method} {path}: {r.stderr.strip() or f'curl exit {r.returncode}'}")
+        try:
+            detail = json.loads(body).get("detail", body)
+        except (ValueError, AttributeError):
+            detail = body
+        raise LabError(f"{method} {path}: {detail} (HTTP {code})")
 
     def down(self) -> list[str]:
         removed = teardown(self.net, self.procs)
@@ -301,6 +332,141 @@ class Lab:
             if f.is_symlink():
                 f.unlink()
         return removed
+
+    # -- operating a running lab -------------------------------------------------------------
+    def api(self, method: str, path: str, body: dict | None = None) -> Any:
+        """The controller's management API (from inside the LAN), as JSON."""
+        out = self.http(path, method=method, token=True,
+                        data=json.dumps(body) if body is not None else None)
+        return json.loads(out) if out else None
+
+    def device_ready(self) -> bool:
+        """The controller answers and holds the device link, and the device serves (its
+        watchdog judges the dhcp and tftp listeners only when they run)."""
+        out = self.http("/api/v1/device", check=False)
+        if out is None:
+            return False
+        view = json.loads(out)
+        tasks = (view.get("status") or {}).get("tasks") or {}
+        return bool(view.get("connected")) and "dhcp" in tasks and "tftp" in tasks
+
+    def events(self, after: int = 0, kind: str | None = None, source: str | None = None,
+               limit: int = 1000) -> list[dict]:
+        """Events after an id, oldest first."""
+        q = f"/api/v1/events?after={after}&limit={limit}" + (f"&kind={kind}" if kind else "")
+        out = self.http(q, check=False)
+        evs = json.loads(out) if out else []
+        return [e for e in evs if source is None or e.get("source") == source]
+
+    def last_event_id(self) -> int:
+        out = self.http("/api/v1/events?limit=1", check=False)
+        evs = json.loads(out) if out else []
+        return evs[0]["id"] if evs else 0
+
+    def power(self, node: str, state: str) -> dict:
+        """Switch a node's relay through the controller and the device, as a user would."""
+        self.node(node)
+        return self.api("POST", f"/api/v1/machines/{node}/power", {"state": state})
+
+    def _wiring(self, node: str) -> dict:
+        try:
+            return json.loads((self.workdir / "wiring.json").read_text())[node]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def vm_state(self, node: str) -> str:
+        """What the relay wiring reports for the node's VM: running, halted or off."""
+        return self._wiring(node).get("state", "unknown")
+
+    def vm_pid(self, node: str) -> int | None:
+        return self._wiring(node).get("pid")
+
+    def vm_boots(self, node: str) -> int:
+        """How many times the node's VM was started (relay on edges)."""
+        return self._wiring(node).get("boots", 0)
+
+    def wait_callback(self, node: str, after: int, timeout: float = 300.0) -> dict:
+        """The node's first callback after event id `after`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events(after, kind="callback"):
+                if e.get("machine") == node:
+                    return e
+            for key in ("device", "controller", "wiring"):
+                if not self.procs.alive(key):
+                    raise LabError(f"lab {key} died; see {self.logs / (key + '.log')}")
+            time.sleep(1)
+        raise LabError(f"{node} did not call back within {timeout:.0f}s; its console: "
+                       f"{self.logs / (node + '.console')}")
+
+    def power_on(self, node: str) -> int:
+        """A fresh power-on edge for the node (off first if its relay is on, as after a
+        boot that ended in the node powering itself off). Returns the last event id before
+        the relay went on: everything after it belongs to this boot."""
+        if self.vm_state(node) in ("running", "halted"):
+            self.power(node, "off")
+            self._wait(lambda: self.vm_state(node) == "off", 10, f"{node} powered off")
+        after = self.last_event_id()
+        try:
+            self.power(node, "on")
+        except LabError as e:
+            if "minimum off time" not in str(e):
+                raise
+            time.sleep(1.2)  # it went off a moment ago: the device wants its off time first
+            self.power(node, "on")
+        return after
+
+    def boot(self, node: str, timeout: float = 300.0, progress=print) -> BootResult:
+        """Power a node on through the device and follow its boot to the callback."""
+        from bastion.lab import trace
+
+        n = self.node(node)
+        started = time.monotonic()
+        after = self.power_on(node)
+        progress(f"{node}: relay on; waiting for its callback (up to {timeout:.0f}s)")
+        cb = self.wait_callback(node, after, timeout)
+        elapsed = time.monotonic() - started
+        self._wait(lambda: self.vm_state(node) == "halted", 30, f"{node} powered itself off")
+        events = self.events(after)
+        ignition = json.loads(self.http(f"/ignition?mac={n.mac.replace(':', '-')}") or "{}")
+        return BootResult(node=n, after=after, callback=cb, events=events,
+                          steps=trace.timeline(events, n.mac, n.name),
+                          problems=trace.check_callback(cb, ignition), seconds=elapsed)
+
+    def _wait(self, pred, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise LabError(f"timed out waiting for {what}")
+            time.sleep(0.2)
+
+    def status(self) -> dict:
+        procs = {k: self.procs.alive(k) for k in ("router", "device", "controller", "wiring")}
+        device = None
+        out = self.http("/api/v1/device", check=False) if procs["controller"] else None
+        if out:
+            device = json.loads(out)
+        return {
+            "lab": self.net.name, "namespaces_exist": self.net.exists(), "processes": procs,
+            "nodes": {n.name: {"mac": n.mac, "firmware": n.firmware, "relay": n.channel,
+                               "vm": self.vm_state(n.name)} for n in self.nodes()},
+            "device": device,
+        }
+
+
+@dataclass
+class BootResult:
+    node: Node
+    after: int
+    callback: dict
+    events: list[dict]
+    steps: list  # trace.Step
+    problems: list[str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class Wiring:
@@ -394,3 +560,24 @@ class Wiring:
             for p in self.running.values():
                 p.kill()  # type: ignore[attr-defined]
                 p.wait()  # type: ignore[attr-defined]
+
+
+def render_timeline(result: BootResult) -> None:
+    """Print a boot's timeline and verdict as a table (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    t = Table("+s", "step", "detail", title=f"{result.node.name} ({result.node.firmware}, "
+              f"{result.node.mac}): boot timeline")
+    for s in result.steps:
+        t.add_row(f"{s.t:6.2f}", s.stage, s.detail)
+    out.print(t)
+    if result.ok:
+        out.print(f"[green]{result.node.name}: booted to its callback in {result.seconds:.1f} s; "
+                  f"every file Ignition wrote matches its config "
+                  f"({result.callback['payload'].get('digest')})[/green]")
+    else:
+        out.print(f"[red]{result.node.name}: the boot did not check out:[/red]")
+        for p in result.problems:
+            out.print(f"  [red]- {p}[/red]")

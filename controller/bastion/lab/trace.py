@@ -1,0 +1,140 @@
+"""A node's boot, read back from the controller's event history: the timeline and the checks.
+
+Every step of a network boot lands as an event: the device's relay switching on (power), its
+proxy offers (dhcp), the TFTP transfer (tftp), the controller's scripts and configs (boot),
+kernel and initrd downloads (asset) and the node's own report (callback). Device and HTTP
+events that carry no MAC (TFTP, /boot.ipxe, assets) are tied to the node by the client
+address its MAC-bearing requests came from.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+RESULT_FILE = "/etc/.ignition-result.json"  # Ignition's per-boot record: not config content
+
+
+@dataclass
+class Step:
+    t: float  # seconds since the node's power-on
+    stage: str
+    detail: str
+    event: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def _payload(e: dict) -> dict:
+    return e.get("payload") or {}
+
+
+def node_addresses(events: list[dict], mac: str, name: str) -> set[str]:
+    """The IP addresses a node's MAC-bearing requests came from."""
+    out = set()
+    for e in events:
+        if e.get("mac") == mac or e.get("machine") == name:
+            client = _payload(e).get("client")
+            if client and e.get("source") != "device":
+                out.add(client)
+    return out
+
+
+def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
+    """The node's boot steps, in order, from the first power-on in `events` (oldest first)."""
+    ips = node_addresses(events, mac, name)
+    start = None
+    steps: list[Step] = []
+
+    def add(e: dict, stage: str, detail: str) -> None:
+        nonlocal start
+        if start is None:
+            start = e["ts"]
+        steps.append(Step(round(e["ts"] - start, 2), stage, detail, e))
+
+    for e in events:
+        p, kind, src = _payload(e), e.get("kind"), e.get("source")
+        mine = e.get("mac") == mac or e.get("machine") == name or p.get("client") in ips
+        if kind == "power" and src == "device" and e.get("machine") == name:
+            add(e, f"power {p.get('state')}", f"relay channel {p.get('ch')} ({p.get('why')})")
+        elif start is None:
+            continue  # nothing before the power-on belongs to this boot
+        elif kind == "dhcp" and src == "device" and mine:
+            what = "script URL (iPXE)" if p.get("ipxe") else f"boot file {p.get('file')}"
+            add(e, "proxy offer", f"{p.get('kind')} on port {p.get('port')}: arch "
+                f"{p.get('arch')}, {what}" + (f" {p.get('file')}" if p.get("ipxe") else ""))
+        elif kind == "tftp" and src == "device" and (p.get("client") in ips or not ips):
+            if p.get("stage") == "start":
+                add(e, "tftp start", f"{p.get('file')}: {p.get('tsize')} bytes, blksize "
+                    f"{p.get('blksize')}, window {p.get('window')}")
+            elif p.get("stage") == "end":
+                secs = (p.get("ms") or 0) / 1000
+                add(e, "tftp end", f"{p.get('file')}: {p.get('bytes')} bytes in {secs:.2f} s, "
+                    f"{p.get('result')}" + (f", {p['resends']} resends" if p.get("resends") else ""))
+        elif kind == "boot" and mine:
+            add(e, f"GET {e.get('endpoint')}", f"HTTP {e.get('status')}"
+                + (f", profile {e['profile']}" if e.get("profile") else ""))
+        elif kind == "asset" and p.get("client") in ips:
+            add(e, "GET asset", f"{e.get('endpoint')}: {p.get('size')} bytes, HTTP {e.get('status')}")
+        elif kind == "callback" and mine:
+            add(e, "callback", f"{p.get('status')}, {len(p.get('files') or {})} files, "
+                f"{p.get('digest')}")
+    return steps
+
+
+def first(steps: list[Step], stage: str, contains: str = "") -> Step | None:
+    for s in steps:
+        if s.stage == stage and contains in s.detail:
+            return s
+    return None
+
+
+# --- what Ignition was told to write --------------------------------------------------------
+def _data_url(source: str) -> bytes:
+    head, _, data = source.partition(",")
+    if not head.startswith("data:"):
+        raise ValueError(f"only data: URLs are checked here, not {head[:20]!r}")
+    if head.endswith(";base64"):
+        return base64.b64decode(data)
+    return urllib.parse.unquote_to_bytes(data)
+
+
+def expected_files(ignition: dict) -> dict[str, str]:
+    """{path: sha256} of every file and unit the Ignition config tells the files stage to
+    write (data: URL contents, gzip-free, as the lab's configs are)."""
+    out: dict[str, str] = {}
+    for f in (ignition.get("storage") or {}).get("files") or []:
+        contents = f.get("contents") or {}
+        if contents.get("compression"):
+            raise ValueError(f"{f['path']}: compressed contents are not checked here")
+        data = _data_url(contents.get("source") or "data:,")
+        out[f["path"]] = hashlib.sha256(data).hexdigest()
+    for u in (ignition.get("systemd") or {}).get("units") or []:
+        if "contents" in u:
+            out[f"/etc/systemd/system/{u['name']}"] = hashlib.sha256(
+                u["contents"].encode()).hexdigest()
+    return out
+
+
+def digest_of(files: dict[str, str]) -> str:
+    """The lab initrd's digest: sha256 of its sorted `sha256  /path` lines, without the
+    per-boot result file."""
+    lines = "".join(f"{h}  {p}\n" for p, h in sorted(files.items()) if p != RESULT_FILE)
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def check_callback(callback: dict, ignition: dict) -> list[str]:
+    """What is wrong with a node's report against its Ignition config (empty: all good)."""
+    p = _payload(callback)
+    problems = []
+    if p.get("status") != "ok":
+        problems.append(f"status {p.get('status')!r}: {p.get('message', '')}")
+    files = p.get("files") or {}
+    for path, want in expected_files(ignition).items():
+        got = files.get(path)
+        if got != want:
+            problems.append(f"{path}: the node wrote {got or 'nothing'}, the config says {want}")
+    if p.get("digest") != digest_of(files):
+        problems.append(f"digest {p.get('digest')} does not match the files reported")
+    return problems
