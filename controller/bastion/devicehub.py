@@ -45,13 +45,61 @@ class DeviceHub:
         self.link.on_resync(self._on_resync)
         self._lock = threading.Lock()
         self.resyncs = 0
+        self._beats: set[int] = set()  # channels that sent a heartbeat since the last forward
+        self._stop = threading.Event()
+        self._pump: threading.Thread | None = None
+        self.beats_forwarded = 0
 
     def start(self) -> DeviceHub:
         self.link.start()
+        self._pump = threading.Thread(target=self._forward_beats, name="device-beats",
+                                      daemon=True)
+        self._pump.start()
         return self
 
     def close(self) -> None:
+        self._stop.set()
         self.link.close()
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+
+    # --- the node watchdog: heartbeats go to the device in batches -----------------------
+    BEAT_EVERY_S = 2.0  # also the controller's keepalive: the device judges nodes only
+    #                     while the controller is in contact (firmware/watchdog.py)
+
+    def heartbeat(self, mac: str) -> str | None:
+        """A node's heartbeat: queued for the device. Returns the machine's name, or None
+        when the site does not watch it (no such MAC, no relay or no heartbeat: setting)."""
+        m = self._site().machine_by_mac(mac)
+        if m is None or m.relay is None or m.heartbeat is None:
+            return None
+        with self._lock:
+            self._beats.add(m.relay)
+        return m.name
+
+    def _forward_beats(self) -> None:
+        while not self._stop.wait(self.BEAT_EVERY_S):
+            with self._lock:
+                beats, self._beats = sorted(self._beats), set()
+            if not self.link.ready:
+                continue  # the device forgets nothing that matters: beats resume on resync
+            try:
+                self.link.request("beat", channels=beats, timeout=5)
+                self.beats_forwarded += len(beats)
+            except DeviceError:
+                pass
+
+    def _watch_all(self, link: DeviceLink) -> None:
+        for m in self._site().machines:
+            if m.relay is None or m.heartbeat is None:
+                continue
+            timeout_s, boot_s = m.heartbeat
+            try:
+                link.request("watch", channel=m.relay, timeout_ms=timeout_s * 1000,
+                             boot_ms=boot_s * 1000, timeout=5)
+            except DeviceError as e:
+                self._record("device", source="controller", machine=m.name,
+                             payload={"error": f"cannot watch {m.name}: {e}"})
 
     # --- what the device says ------------------------------------------------------------
     def _machine_for(self, ev: dict) -> tuple[str | None, str | None]:
@@ -81,6 +129,9 @@ class DeviceHub:
     def _on_resync(self, link: DeviceLink) -> None:
         with self._lock:
             self.resyncs += 1
+        # A (re)started device knows no watches: give it the site's again. Re-watching a
+        # node that is already watched only restarts its clock.
+        threading.Thread(target=self._watch_all, args=(link,), daemon=True).start()
         info = link.info or {}
         self._record(
             "device",

@@ -14,6 +14,7 @@ _DEFS = {
     "bastion_boot_request_seconds": ("histogram", "Time to answer boot endpoint requests."),
     "bastion_asset_requests_total": ("counter", "Asset requests by status."),
     "bastion_callbacks_total": ("counter", "Boot callbacks received from nodes."),
+    "bastion_heartbeats_total": ("counter", "Node heartbeats received (POST /heartbeat)."),
     "bastion_events_total": ("counter", "Events recorded in the history, by kind."),
     "bastion_site_reloads_total": ("counter", "Site reloads by result (ok, error)."),
     "bastion_api_auth_failures_total": ("counter", "Management API requests refused for auth."),

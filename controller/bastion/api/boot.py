@@ -53,8 +53,8 @@ def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: bo
 
 @router.get("/boot.ipxe", summary="iPXE bootstrap: chains to /ipxe with the machine's facts")
 @router.get("/boot.ipxe.0", include_in_schema=False)
-async def boot_ipxe(runtime: RuntimeDep) -> Response:
-    return respond(runtime, "/boot.ipxe", None, boot.boot_ipxe(), time.perf_counter())
+async def boot_ipxe(runtime: RuntimeDep, req: BootRequestDep) -> Response:
+    return respond(runtime, "/boot.ipxe", req, boot.boot_ipxe(), time.perf_counter())
 
 
 @router.get("/ipxe", summary="The machine's iPXE boot script", description=_QUERY_DOC)
@@ -137,4 +137,31 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
         payload={**fields, "client": client},
     )
     runtime.metrics.inc("bastion_callbacks_total")
+    if mac is not None and runtime.device is not None:
+        runtime.device.heartbeat(mac)  # a node that reports is alive
     return JSONResponse({"ok": True, "event": event_id, "machine": machine.name if machine else None})
+
+
+@router.post(
+    "/heartbeat",
+    summary="A running node says it is alive (the device's node watchdog)",
+    description="Query or form field `mac`. For a machine with `relay:` and `heartbeat:` in "
+    "machines.yaml the beat goes to the device, which power-cycles the node when its beats "
+    "stop (with backoff and a cap). Answers 202 when forwarded, 200 when the site does not "
+    "watch that machine. Not recorded per beat (nodes send them every few seconds).",
+)
+async def heartbeat(runtime: RuntimeDep, request: Request) -> JSONResponse:
+    fields = dict(parse_qsl(request.url.query))
+    if not fields.get("mac"):
+        body = (await request.body())[:4096].decode("utf-8", errors="replace")
+        fields.update(parse_qsl(body))
+    try:
+        mac = match.parse_mac(str(fields.get("mac", "")))
+    except match.Malformed:
+        raise HTTPException(400, f"{fields.get('mac')!r} is not a MAC address") from None
+    runtime.metrics.inc("bastion_heartbeats_total")
+    hub = runtime.device
+    machine = hub.heartbeat(mac) if hub is not None else None
+    return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None},
+                        status_code=202 if machine else 200)
+

@@ -328,6 +328,10 @@ def _load_machines(
                 ld.problem(rel, at("uuid"), f"{where}.uuid", f"{entry.uuid} is also machines[{by_uuid[entry.uuid]}]")
                 continue
             by_uuid[entry.uuid] = i
+        if entry.heartbeat is not None and entry.relay is None:
+            ld.problem(rel, at("heartbeat"), f"{where}.heartbeat",
+                       "needs relay: the watchdog power-cycles a hung node through its relay")
+            continue
         if entry.relay is not None:
             if entry.relay in by_relay:
                 ld.problem(rel, at("relay"), f"{where}.relay",
@@ -379,6 +383,8 @@ def _load_machines(
                 source=rel,
                 line=line,
                 relay=entry.relay,
+                heartbeat=(entry.heartbeat.timeout_s, entry.heartbeat.boot_s)
+                if entry.heartbeat else None,
             )
         )
     return machines

@@ -58,6 +58,7 @@ class Machine:
     source: str
     line: int | None = None
     relay: int | None = None  # the device relay channel powering it
+    heartbeat: tuple[int, int] | None = None  # (timeout_s, boot_s) for the node watchdog
 
     def as_variables(self) -> dict[str, Any]:
         return {

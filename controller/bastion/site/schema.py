@@ -178,6 +178,15 @@ class SiteFile(_Strict):
         return v.rstrip("/")
 
 
+class Heartbeat(_Strict):
+    """The device's node watchdog for this machine: once the node has sent a heartbeat
+    (POST /heartbeat), silence longer than timeout_s power-cycles it; if it does not beat
+    again within boot_s, it is cycled again with boot_s doubling, up to the device's cap."""
+
+    timeout_s: int = Field(ge=1, le=86400, description="silence that counts as hung")
+    boot_s: int = Field(default=600, ge=1, le=86400, description="time a boot may take")
+
+
 class MachineEntry(_Strict):
     """One entry of machines.yaml"""
 
@@ -192,6 +201,7 @@ class MachineEntry(_Strict):
         default=None, ge=0, le=63,
         description="the device's relay channel (0-based) that switches this machine's power",
     )
+    heartbeat: Heartbeat | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 

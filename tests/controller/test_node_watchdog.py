@@ -1,0 +1,95 @@
+"""The node watchdog end to end: machines.yaml's heartbeat: setting, the controller forwarding
+nodes' heartbeats to the real firmware on the sim board, and the device power-cycling a node
+whose heartbeats stop, recorded as events that name the machine."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from bastion_testkit import TOKEN, auth
+
+from simkit import SimProcess
+
+POWER = {"channels": [{"name": "node1", "min_off_ms": 1000, "max_cycles": 10}]}
+
+
+def wait_for(pred, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def watched_site(site_dir):
+    p = site_dir / "machines.yaml"
+    p.write_text(p.read_text().replace(
+        "    relay: 0\n", "    relay: 0\n    heartbeat:\n      timeout_s: 1\n      boot_s: 30\n", 1))
+    return site_dir
+
+
+@pytest.fixture
+def api(tmp_path, watched_site):
+    from fastapi.testclient import TestClient
+
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    board = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
+    try:
+        board.wait(lambda e: e.get("ev") == "boot")
+        app = create_app(Settings(site_dir=watched_site, db_path=tmp_path / "events.db",
+                                  api_token=TOKEN, poll_seconds=0, device_port=str(board.link)))
+        with TestClient(app) as c:
+            wait_for(lambda: c.get("/api/v1/device").json().get("connected"), what="link")
+            c.board = board
+            yield c
+    finally:
+        board.stop()
+
+
+def test_a_node_whose_heartbeats_stop_is_power_cycled(api):
+    mac = "52:54:00:12:34:01"  # node1, relay 0
+    assert api.post("/api/v1/machines/node1/power", json={"state": "on"},
+                    headers=auth()).status_code == 200
+    r = api.post(f"/heartbeat?mac={mac}")
+    assert r.status_code == 202 and r.json()["machine"] == "node1"
+    # The device has it watched (the controller sent the site's watches on connect), and
+    # counts it booted once a forwarded beat arrives.
+    wait_for(lambda: api.get("/api/v1/device").json()["status"]["nodes"].get("0", {})
+             .get("booted"), what="node1 counted as booted")
+    # Silence: the device cycles node1 through its relay, and says so.
+    ev = wait_for(lambda: [e for e in api.get("/api/v1/events", params={"kind": "watchdog"})
+                           .json() if e["payload"].get("action") == "cycle"],
+                  what="a watchdog cycle")[0]
+    assert ev["machine"] == "node1" and ev["payload"]["attempt"] == 1
+    offs = [e for e in api.get("/api/v1/events", params={"kind": "power"}).json()
+            if e["payload"].get("why") == "watchdog"]
+    assert offs and offs[0]["payload"]["state"] == "off" and offs[0]["machine"] == "node1"
+    # Its relay comes back on after the minimum off time; a beat makes it a healthy node.
+    wait_for(lambda: (api.board.link.parent / "flash" / "relays.state").read_text()[0] == "1",
+             what="relay 0 back on")
+    api.post(f"/heartbeat?mac={mac}")
+    wait_for(lambda: api.get("/api/v1/device").json()["status"]["nodes"]["0"]["attempt"] == 0,
+             what="the beat resets the backoff")
+
+
+def test_heartbeats_of_unwatched_or_unknown_machines_are_not_forwarded(api):
+    r = api.post("/heartbeat?mac=52:54:00:12:34:02")  # node2: a relay, no heartbeat setting
+    assert r.status_code == 200 and r.json()["forwarded"] is False
+    r = api.post("/heartbeat?mac=not-a-mac")
+    assert r.status_code == 400 and "not a MAC address" in r.json()["detail"]
+
+
+def test_heartbeat_needs_a_relay(watched_site):
+    from bastion.site.load import SiteError, load_site
+
+    p = watched_site / "machines.yaml"
+    p.write_text(p.read_text().replace("    relay: 0\n", "", 1))
+    with pytest.raises(SiteError) as e:
+        load_site(watched_site)
+    assert any("machines[0].heartbeat" in x and "needs relay" in x for x in e.value.problems)
