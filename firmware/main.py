@@ -173,6 +173,7 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
     for name, svc in servers:
         services[name] = (asyncio.create_task(svc.run()), svc)
         listening.append(name)
+    listening.sort()  # reported by name, whatever order they were built in
     if not servers:
         # Nothing to serve: the listeners are not judged, or a bad config would reset-loop.
         del tasks.deadlines["dhcp"]
