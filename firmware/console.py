@@ -72,7 +72,7 @@ class Console:
         info=None,
         boot_id=None,
         clock=ticks_ms,
-        cache_size=8,
+        cache_size=4,
         max_line=512,
         max_out=1536,
     ):
@@ -109,9 +109,11 @@ class Console:
             "heap": (self._heap, False),
             "events": (self._events, False),
             "power": (self._power, True),
-            "watch": (self._watch, True),
-            "unwatch": (self._unwatch, True),
-            "beat": (self._beat, True),
+            # Idempotent: running one twice does no harm, so their replies are not cached
+            # (the controller sends a beat every 2 s; caching them would fill the heap).
+            "watch": (self._watch, False),
+            "unwatch": (self._unwatch, False),
+            "beat": (self._beat, False),
             "reboot": (self._reboot, True),
         }
         self._after = None  # run once the current reply is written (reboot)
