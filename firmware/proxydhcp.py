@@ -17,9 +17,10 @@ except ImportError:  # MicroPython ports without binascii under that name
     from ubinascii import hexlify
 
 from firmware import dhcp, net, pxe
-from firmware.compat import sleep_ms, ticks_ms
+from firmware.compat import const, sleep_ms, ticks_ms
 
 _EV_KEYS = ("mac", "arch", "kind", "file", "ipxe", "rpi", "port")
+_SMALL_READ = const(577)  # RFC 2131 minimum message size, +1 to see a longer one
 
 
 class ProxyDhcp:
@@ -72,21 +73,32 @@ class ProxyDhcp:
             s_pxe.close()
 
     async def _serve(self, sock, port):
-        n = self.max_packet + 1
+        full = self.max_packet + 1
+        n = full
         while True:
             try:
                 data, src = await net.recvfrom(sock, n)
             except OSError:
                 self.log.count("dhcp.socket_error")
                 raise
-            except MemoryError:  # a full heap loses this datagram, not the listener
+            except MemoryError:
+                # A full or fragmented heap loses this datagram, not the listener. The next
+                # read asks for less: RFC 2131's 576 bytes hold every PXE request seen so far
+                # (a longer one is then dropped as malformed) and need no 1.5 KB run of heap.
                 self.log.count("dhcp.no_memory")
                 if self.stalled_since is None:
                     self.stalled_since = ticks_ms()
+                n = _SMALL_READ
                 gc.collect()
                 await sleep_ms(20)
                 continue
             self.stalled_since = None
+            if n != full and len(data) >= n:  # cut short by the small read: not trustworthy
+                self.log.count("dhcp.truncated")
+                data = src = None
+                n = full
+                continue
+            n = full
             try:
                 self.handle(sock, port, data, src)
             except Exception:  # a bug must not take the listener down; count it instead

@@ -77,10 +77,16 @@ class DeviceHub:
             self._beats.add(m.relay)
         return m.name
 
+    def _watched(self) -> bool:
+        return any(m.relay is not None and m.heartbeat is not None
+                   for m in self._site().machines)
+
     def _forward_beats(self) -> None:
         while not self._stop.wait(self.BEAT_EVERY_S):
             with self._lock:
                 beats, self._beats = sorted(self._beats), set()
+            if not beats and not self._watched():
+                continue  # nothing watched: no keepalive chatter for the device to handle
             if not self.link.ready:
                 continue  # the device forgets nothing that matters: beats resume on resync
             try:
