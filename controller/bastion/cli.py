@@ -22,6 +22,10 @@ def _register() -> None:
 
     main.add_command(lab_cli.lab_group)
 
+    from bastion import assets_cli
+
+    main.add_command(assets_cli.assets_group)
+
     from bastion import device_cli, serve_cli
 
     for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS):
