@@ -69,9 +69,17 @@ def _link(port: str):
         raise click.ClickException(str(e)) from None
 
 
-def _need_one(url: str | None, port: str | None) -> None:
+def _need_one(url: str | None, port: str | None) -> str | None:
+    """Checks that exactly one way to the device was given; returns the port to use. A port
+    from $BASTION_DEVICE (which is also `serve --device`) gives way to an explicit --url."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if url and port and ctx.get_parameter_source("port") == ParameterSource.ENVIRONMENT:
+        port = None
     if bool(url) == bool(port):
         raise click.UsageError("give --url (a running controller) or --port (the serial line)")
+    return port
 
 
 @click.command("power")
@@ -85,7 +93,7 @@ def power(state, target, off_ms, url, port, token_file) -> None:
     faster than a channel's minimum off time, cycle storms) and says why."""
     from bastion.device import DeviceError
 
-    _need_one(url, port)
+    port = _need_one(url, port)
     body: dict[str, Any] = {"state": state}
     if off_ms is not None:
         body["off_ms"] = off_ms
@@ -140,7 +148,7 @@ def status(url, port, token_file, as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    _need_one(url, port)
+    port = _need_one(url, port)
     view = _device_view(url, port, token_file)
     if as_json:
         click.echo(json.dumps(view, indent=2))
@@ -182,7 +190,7 @@ def device_group() -> None:
 @_where
 def device_info(url, port, token_file) -> None:
     """What the device says about itself in its hello: firmware, board, boot id, channels."""
-    _need_one(url, port)
+    port = _need_one(url, port)
     view = _device_view(url, port, token_file)
     info = view.get("info")
     if not info:
@@ -197,7 +205,7 @@ def device_info(url, port, token_file) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def console(url, port, token_file, as_json) -> None:
     """Live device events (dhcp, tftp, power, watchdog, boot, heap) until Ctrl-C."""
-    _need_one(url, port)
+    port = _need_one(url, port)
 
     def show(ev: dict) -> None:
         if as_json:
