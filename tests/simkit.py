@@ -117,3 +117,14 @@ class RelayWatch:
         self._stop.set()
         self._thread.join(5)
         return self.seen
+
+
+def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
+    """Poll pred() until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

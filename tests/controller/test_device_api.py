@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from bastion_testkit import TOKEN, Server, auth
 
-from simkit import SimProcess
+from simkit import SimProcess, wait_for
 
 BIN = Path(sys.executable).parent
 POWER = {"stagger_ms": 200, "channels": [{"name": "node1", "min_off_ms": 3000},
@@ -33,15 +32,6 @@ def board(tmp_path):
 
 def relays(board) -> str:
     return (board.link.parent / "flash" / "relays.state").read_text().strip()
-
-
-def wait_for(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
 from bastion.device import DeviceError, DeviceLink
-from simkit import SimProcess
+from simkit import RelayWatch, SimProcess, wait_for
 
 CHANNELS = 8
 POWER = {
@@ -21,36 +18,6 @@ POWER = {
     "channels": [{"name": f"node{i}", "min_off_ms": 2000, "max_cycles": 3, "window_ms": 60000}
                  for i in range(CHANNELS)],
 }
-
-
-class RelayWatch:
-    """Reads the sim board's relay outputs (relays.state) every few ms and records every state
-    it saw, so a test can tell whether an output ever glitched."""
-
-    def __init__(self, flash: Path):
-        self.path = flash / "relays.state"
-        self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                text = self.path.read_text().strip()
-            except OSError:
-                text = "<missing>"
-            if not self.seen or self.seen[-1] != text:
-                self.seen.append(text)
-            time.sleep(0.002)
-
-    def now(self) -> str:
-        return self.path.read_text().strip()
-
-    def stop(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(5)
-        return self.seen
 
 
 @pytest.fixture
@@ -68,15 +35,6 @@ def link(board):
     with DeviceLink(str(board.link), timeout_s=10) as ln:
         assert ln.wait_ready(15), ln.last_error
         yield ln
-
-
-def wait_for(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def relays(board) -> str:

@@ -4,24 +4,13 @@ whose heartbeats stop, recorded as events that name the machine."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from bastion_testkit import TOKEN, auth
 
-from simkit import SimProcess
+from simkit import SimProcess, wait_for
 
 POWER = {"channels": [{"name": "node1", "min_off_ms": 1000, "max_cycles": 10}]}
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -65,7 +54,7 @@ def test_a_node_whose_heartbeats_stop_is_power_cycled(api):
     # Silence: the device cycles node1 through its relay, and says so.
     ev = wait_for(lambda: [e for e in api.get("/api/v1/events", params={"kind": "watchdog"})
                            .json() if e["payload"].get("action") == "cycle"],
-                  what="a watchdog cycle")[0]
+                  what="a watchdog cycle", timeout=30)[0]
     assert ev["machine"] == "node1" and ev["payload"]["attempt"] == 1
     offs = [e for e in api.get("/api/v1/events", params={"kind": "power"}).json()
             if e["payload"].get("why") == "watchdog"]
