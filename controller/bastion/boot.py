@@ -7,6 +7,7 @@ BootRequest, call one of these, record the event and send the Answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from bastion import match
 from bastion.render import boot as scripts
@@ -78,19 +79,25 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str) -> B
     """The boot settings to hand out; Flatcar profiles get their PXE kernel arguments.
 
     The Ignition URL names the machine by the MAC it booted with when known, otherwise it leaves
-    the boot program to fill it in (iPXE's ${mac:hexhyp}, GRUB's ${net_default_mac}).
+    the boot program to fill it in (iPXE's ${mac:hexhyp}, GRUB's ${net_default_mac}); and it
+    carries the group's other selectors, so that Ignition's request selects this same group (a
+    machine declared by its UUID, a group that selects by labels). No other group can come
+    first: one that matches this subset of the boot request's labels matched them all.
     """
     boot = profile.boot_for(machine_arch(group, req.labels))
     if boot is None or profile.format != "bastion" or profile.os != "flatcar":
         return boot
     mac = req.labels.get("mac") or (group.machine.mac if group.machine else None)
-    uuid = group.machine.uuid if group.machine else None
     if mac:
-        ident = f"mac={match.mac_hexhyp(mac)}"
-    elif uuid:
-        ident = f"uuid={uuid}"
+        parts = [f"mac={match.mac_hexhyp(mac)}"]
     else:
-        ident = "mac=${mac:hexhyp}" if loader == "ipxe" else "mac=${net_default_mac}"
+        parts = ["mac=${mac:hexhyp}" if loader == "ipxe" else "mac=${net_default_mac}"]
+    parts += [
+        f"{quote(key, safe='')}={quote(value, safe='')}"
+        for key, value in sorted(group.selector.items())
+        if key.lower() != "mac"
+    ]
+    ident = "&".join(parts)
     url = f"{req.base_url}/ignition?{ident}" if profile.ignition else None
     return scripts.flatcar_boot(boot, url)
 

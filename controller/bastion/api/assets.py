@@ -40,10 +40,16 @@ def _refused(runtime, status: int, text: str) -> Response:
     return PlainTextResponse(text, status)
 
 
-@router.api_route(
+# Two routes, not one api_route for both methods: that gives GET and HEAD the same OpenAPI
+# operationId, which the spec forbids (FastAPI warns "Duplicate Operation ID").
+@router.get(
     "/assets/{path:path}",
-    methods=["GET", "HEAD"],
     summary="A file from the site's assets/ directory",
+    response_class=FileResponse,
+)
+@router.head(
+    "/assets/{path:path}",
+    summary="An asset's headers (size, ETag), no body",
     response_class=FileResponse,
 )
 async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep) -> Response:
@@ -51,7 +57,10 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
     if rel is None:
         return _refused(runtime, 400, f"{path!r} is not a path inside assets/\n")
     static = _static_files(site.assets_dir)
-    full, st = await anyio.to_thread.run_sync(static.lookup_path, rel)
+    try:
+        full, st = await anyio.to_thread.run_sync(static.lookup_path, rel)
+    except OSError:  # a name too long, a directory it may not read: nothing to serve either
+        full, st = "", None
     if st is None or not stat.S_ISREG(st.st_mode):
         return _refused(runtime, 404, f"no asset {rel}\n")
     response: Response = AssetResponse(full, stat_result=st)

@@ -24,6 +24,8 @@ async def get_hub(runtime: RuntimeDep) -> DeviceHub:
 
 
 HubDep = Annotated[DeviceHub, Depends(get_hub)]
+# Handlers list AdminDep before HubDep: FastAPI resolves dependencies in parameter order, and a
+# caller without the token must get 401, not learn whether a device is attached (503).
 
 
 class PowerIn(BaseModel):
@@ -46,12 +48,12 @@ async def _power(hub: DeviceHub, target: str, body: PowerIn) -> dict[str, Any]:
 
 
 @router.post("/machines/{name}/power", summary="Switch a machine's power (needs the token)")
-async def machine_power(name: str, body: PowerIn, hub: HubDep, _: AdminDep) -> dict[str, Any]:
+async def machine_power(name: str, body: PowerIn, _: AdminDep, hub: HubDep) -> dict[str, Any]:
     return await _power(hub, name, body)
 
 
 @router.post("/device/power/{channel}", summary="Switch a relay channel (needs the token)")
-async def channel_power(channel: int, body: PowerIn, hub: HubDep, _: AdminDep) -> dict[str, Any]:
+async def channel_power(channel: int, body: PowerIn, _: AdminDep, hub: HubDep) -> dict[str, Any]:
     return await _power(hub, str(channel), body)
 
 

@@ -460,15 +460,35 @@ def _go_inner(value: Any) -> str:
 
 
 def go_float(value: float) -> str:
-    """A float64 as Go's %v prints it (JSON numbers decode to float64 in matchbox)."""
+    """A float64 as Go's %v prints it (JSON numbers decode to float64 in matchbox).
+
+    %v is strconv's shortest 'g': the shortest digits that read back as the same float (Python's
+    repr finds the same digits), in exponent form when the exponent is below -4 or at least 6
+    (strconv formatDigits: "if precision was the shortest possible, use precision 6"), so
+    1000000 prints as 1e+06 and 123456 as 123456. (The 1e21 cut-off is encoding/json's, not
+    fmt's.)
+    """
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if math.isnan(value):
         return "NaN"
-    if value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
-    text = repr(value)
-    return text
+    sign = "-" if math.copysign(1.0, value) < 0 else ""
+    if value == 0:
+        return sign + "0"
+    mantissa, _, exponent = f"{abs(value)!r}".partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(whole + fraction) - len(digits))
+    digits = digits.rstrip("0")
+    exp = point - 1
+    if exp < -4 or exp >= 6:
+        rest = f".{digits[1:]}" if len(digits) > 1 else ""
+        return f"{sign}{digits[0]}{rest}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+    if point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    if point >= len(digits):
+        return sign + digits + "0" * (point - len(digits))
+    return f"{sign}{digits[:point]}.{digits[point:]}"
 
 
 def truth(value: Any) -> bool:

@@ -3,8 +3,9 @@
 `SiteHolder` keeps the last good Site. `reload()` loads the directory again; on success the new
 Site replaces the old one in a single assignment (requests in flight keep the one they started
 with), on failure the old one keeps serving and the error is kept for /healthz, the API and the
-event history. `poll()` reloads when a file's mtime, size or presence changed. `apply(changes)`
-validates edits made through the API against the whole site before writing them, atomically.
+event history. `poll()` reloads when a file's mtime, size or presence changed and then held still
+for one more look. `apply(changes)` validates edits made through the API against the whole site
+before writing them, atomically.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class SiteHolder:
         self.on_reload = on_reload
         self._lock = threading.Lock()
         self._fingerprint = fingerprint(self.root)
+        self._settling: tuple | None = None  # a changed fingerprint seen once by poll()
         self.site: Site = load_site(self.root)  # raises SiteError: nothing to serve yet
         self.generation = 1
         self.loaded_at = time.time()
@@ -103,6 +105,7 @@ class SiteHolder:
         """Load the directory again; keep serving the old site when the new one is broken."""
         with self._lock:
             self._fingerprint = fingerprint(self.root)
+            self._settling = None
             try:
                 site = load_site(self.root)
             except SiteError as e:
@@ -113,8 +116,15 @@ class SiteHolder:
             return self._report(ReloadOutcome(True, True, self.generation))
 
     def poll(self) -> ReloadOutcome | None:
-        """Reload if any configuration file changed since the last look; None if none did."""
-        if fingerprint(self.root) == self._fingerprint:
+        """Reload once the configuration files changed and then looked the same twice running;
+        None otherwise. One look is not enough: an editor that truncates a file and then writes
+        it can be caught in between, and an empty machines.yaml is a valid one (no machines)."""
+        now = fingerprint(self.root)
+        if now == self._fingerprint:
+            self._settling = None
+            return None
+        if now != self._settling:
+            self._settling = now
             return None
         return self.reload()
 
@@ -130,6 +140,7 @@ class SiteHolder:
                 else:
                     write_atomically(path, data)
             self._fingerprint = fingerprint(self.root)
+            self._settling = None
             self._swap(site)
         return site
 
