@@ -62,7 +62,8 @@ def mac_hexhyp(mac: str) -> str:
 
 
 def labels_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Request labels from query pairs in order: first value per key wins, `mac` normalised.
+    """Request labels from query pairs in order: first value per key wins, `mac` normalised,
+    `uuid` lower-cased (as machines.yaml and group selectors are).
 
     A `mac` (any letter case in the key, as matchbox compares it) that does not parse is dropped,
     so that a garbage MAC cannot match a group by accident; the key keeps its spelling.
@@ -76,6 +77,8 @@ def labels_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
                 labels[key] = parse_mac(value)
             except Malformed:
                 continue
+        elif key.lower() == "uuid":
+            labels[key] = value.lower()  # RFC 4122: UUIDs compare without case
         else:
             labels[key] = value
     return labels

@@ -113,3 +113,10 @@ def test_no_default_group_means_no_match():
 def test_selector_string_is_sorted_key_value_pairs():
     assert selector_string({"zone": "b", "mac": "m", "a": "1"}) == "a=1,mac=m,zone=b"
     assert selector_string({}) == ""
+
+
+def test_uuids_compare_without_case():
+    from bastion.match import labels_from_query
+
+    labels = labels_from_query("uuid=4C4C4544-0035-4A10-8031-B3C04F4A3232")
+    assert labels["uuid"] == "4c4c4544-0035-4a10-8031-b3c04f4a3232"

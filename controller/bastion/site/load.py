@@ -525,6 +525,8 @@ def _load_groups(ld: _Loader, profiles: dict[str, Profile]) -> list[Group]:
                 except match.Malformed:
                     ld.problem(rel, None, f"selector.{key}", f"{value!r} is not a MAC address")
                     ok = False
+            elif key.lower() == "uuid" and isinstance(value, str):
+                value = value.lower()  # RFC 4122: case does not matter; requests are lowered
             selector[key] = value
         if model.profile not in profiles:
             if _unknown(ld, model.profile, profiles):
