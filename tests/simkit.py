@@ -127,4 +127,4 @@ def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
         if v:
             return v
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")

@@ -46,6 +46,7 @@ class DeviceHub:
         self._lock = threading.Lock()
         self.resyncs = 0
         self._beats: set[int] = set()  # channels that sent a heartbeat since the last forward
+        self._watching: set[int] = set()  # channels the device was last told to watch
         self._stop = threading.Event()
         self._pump: threading.Thread | None = None
         self.beats_forwarded = 0
@@ -95,7 +96,22 @@ class DeviceHub:
             except DeviceError:
                 pass
 
+    def site_changed(self) -> None:
+        """The site was reloaded: bring the device's watches in line with it (new, changed
+        and removed heartbeat: settings), off the caller's thread."""
+        if self.link.ready:
+            threading.Thread(target=self._watch_all, args=(self.link,), daemon=True).start()
+
     def _watch_all(self, link: DeviceLink) -> None:
+        wanted = {m.relay for m in self._site().machines
+                  if m.relay is not None and m.heartbeat is not None}
+        with self._lock:
+            gone, self._watching = self._watching - wanted, wanted
+        for ch in sorted(gone):
+            try:
+                link.request("unwatch", channel=ch, timeout=5)
+            except DeviceError:
+                pass
         for m in self._site().machines:
             if m.relay is None or m.heartbeat is None:
                 continue

@@ -10,7 +10,8 @@ from bastion_testkit import TOKEN, auth
 
 from simkit import SimProcess, wait_for
 
-POWER = {"channels": [{"name": "node1", "min_off_ms": 1000, "max_cycles": 10}]}
+POWER = {"channels": [{"name": "node1", "min_off_ms": 1000, "max_cycles": 10},
+                      {"name": "node2", "min_off_ms": 1000}]}
 
 
 @pytest.fixture
@@ -82,3 +83,18 @@ def test_heartbeat_needs_a_relay(watched_site):
     with pytest.raises(SiteError) as e:
         load_site(watched_site)
     assert any("machines[0].heartbeat" in x and "needs relay" in x for x in e.value.problems)
+
+
+def test_a_reload_brings_the_device_watches_in_line_with_the_site(api, watched_site):
+    def watched():
+        return api.get("/api/v1/device").json()["status"]["nodes"]
+
+    wait_for(lambda: "0" in watched(), what="node1 watched on connect")
+    p = watched_site / "machines.yaml"
+    text = p.read_text()
+    p.write_text(text.replace("    heartbeat:\n      timeout_s: 1\n      boot_s: 30\n", "", 1)
+                 .replace("    relay: 1\n", "    relay: 1\n    heartbeat:\n      timeout_s: 60\n", 1))
+    assert api.post("/api/v1/reload", headers=auth()).json()["ok"] is True
+    wait_for(lambda: set(watched()) == {"1"},
+             what=lambda: f"node1 unwatched, node2 watched (now {watched()})")
+    assert watched()["1"]["timeout_ms"] == 60000

@@ -46,6 +46,8 @@ def create_app(settings: Settings) -> FastAPI:
         else:
             log.info("site reloaded: generation %d", outcome.generation)
         runtime_box[0].record("site", payload=payload) if runtime_box else store.record("site", payload=payload)
+        if outcome.ok and runtime_box and runtime_box[0].device is not None:
+            runtime_box[0].device.site_changed()
 
     holder = SiteHolder(settings.site_dir, on_reload=on_reload)
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
