@@ -98,3 +98,14 @@ def test_a_reload_brings_the_device_watches_in_line_with_the_site(api, watched_s
     wait_for(lambda: set(watched()) == {"1"},
              what=lambda: f"node1 unwatched, node2 watched (now {watched()})")
     assert watched()["1"]["timeout_ms"] == 60000
+
+
+def test_the_api_sets_and_shows_a_heartbeat(site_dir, client_for):
+    c = client_for(site_dir)
+    body = {"mac": "52:54:00:12:34:09", "profile": "flatcar-worker", "relay": 5,
+            "heartbeat": {"timeout_s": 90, "boot_s": 300}}
+    assert c.put("/api/v1/machines/node9", json=body, headers=auth()).status_code == 200
+    assert c.get("/api/v1/machines/node9").json()["heartbeat"] == {"timeout_s": 90, "boot_s": 300}
+    body["heartbeat"] = {"timeout_s": 0}
+    r = c.put("/api/v1/machines/node9", json=body, headers=auth())
+    assert r.status_code == 422 and "heartbeat" in r.text

@@ -26,6 +26,7 @@ class MachineOut(BaseModel):
     hostname: str
     labels: dict[str, str]
     relay: int | None = None
+    heartbeat: dict[str, int] | None = None
     group: str
     source: str
 
@@ -41,6 +42,7 @@ class MachineIn(BaseModel):
     profile: str | None = None
     hostname: str | None = None
     relay: int | None = None
+    heartbeat: dict[str, int] | None = None  # checked by the site loader, like every field
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -48,7 +50,9 @@ class MachineIn(BaseModel):
 def machine_out(m: Machine) -> MachineOut:
     return MachineOut(
         name=m.name, mac=m.mac, uuid=m.uuid, arch=m.arch, role=m.role, profile=m.profile,
-        hostname=m.hostname, labels=m.labels, relay=m.relay, group=f"machine:{m.name}",
+        hostname=m.hostname, labels=m.labels, relay=m.relay,
+        heartbeat={"timeout_s": m.heartbeat[0], "boot_s": m.heartbeat[1]} if m.heartbeat else None,
+        group=f"machine:{m.name}",
         source=m.source,
     )  # fmt: skip
 
