@@ -86,7 +86,9 @@ def _format_event(e: dict) -> str:
 @click.command("events")
 @click.option("--db", "db_path", envvar="BASTION_DB", type=click.Path(dir_okay=False, path_type=Path),
               help=f"Read this database [default: {default_db_path()}].")  # fmt: skip
-@click.option("--url", help="Read from a running controller instead, e.g. http://127.0.0.1:8080")
+@click.option("--url", envvar="BASTION_URL",
+              help="Read from a running controller instead, e.g. http://127.0.0.1:8080 "
+                   "[$BASTION_URL].")
 @click.option("-n", "--limit", default=50, show_default=True, help="How many (newest) events.")
 @click.option("--kind", help="Only this kind: boot, callback, site, dhcp, tftp, power, ...")
 @click.option("--mac", help="Only this machine's MAC.")

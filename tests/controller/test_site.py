@@ -179,3 +179,14 @@ def test_unquoted_all_digit_macs_stay_macs(tmp_path):
     site = load_site(tmp_path / "s")
     # 52:54:00:12:34:01 would be a base-60 number in YAML 1.1
     assert site.machine("node1").mac == "52:54:00:12:34:01"
+
+
+def test_a_role_typo_with_a_default_profile_is_a_warning(site_dir):
+    (site_dir / "site.yaml").write_text((site_dir / "site.yaml").read_text()
+                                        .replace("# default_profile:", "default_profile:"))
+    p = site_dir / "machines.yaml"
+    p.write_text(p.read_text().replace("role: control-plane", "role: control-plain"))
+    site = load_site(site_dir)
+    assert site.machine("node2").profile == "flatcar-worker"
+    assert any("machines[1].role: 'control-plain' is not in site.yaml roles" in w
+               for w in site.warnings), site.warnings

@@ -348,6 +348,9 @@ def _load_machines(
             pid = settings.roles[entry.role]
         elif settings.default_profile:
             pid = settings.default_profile
+            if entry.role is not None:  # most likely a typo: say so rather than boot it quietly
+                ld.warnings.append(f"{rel}: {where}.role: {entry.role!r} is not in site.yaml "
+                                   f"roles; it boots default_profile {pid!r}")
         elif not resolve:
             continue
         else:
