@@ -11,7 +11,7 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import assets, boot, device, events, groups, machines, profiles, system
+from bastion.api import assets, boot, dashboard, device, events, groups, machines, profiles, system
 from bastion.api.deps import Runtime
 from bastion.metrics import Metrics
 from bastion.settings import Settings
@@ -28,6 +28,7 @@ Edge Bastion's boot controller.
 * **machines, device, profiles, groups, events**: the management API. Reads are open; every write,
   and every read that may show secrets, needs `Authorization: Bearer <token>`.
 * **system**: health, Prometheus metrics, site status and reload.
+* **dashboard**: `/dashboard` (and `/`), a live page for people.
 """
 
 
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(boot.router)
     app.include_router(assets.router)
     app.include_router(system.router)
+    app.include_router(dashboard.router)
     api = APIRouter(prefix="/api/v1")
     for module in (machines, device, profiles, groups, events):
         api.include_router(module.router)

@@ -1,0 +1,77 @@
+"""The dashboard in a real headless Chromium against a real `bastion serve` holding the sim
+board's serial line: the server-rendered machines and events, and what only the page's own
+JavaScript can show (the device's relays and its live status, fetched from the JSON API)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from bastion_testkit import TOKEN, Server, auth
+
+from simkit import SimProcess, wait_for
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+POWER = {"channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}]}
+
+
+def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (tools/setup installs it)")
+    # The flags keep a headless Chromium off the network it has no business with here.
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-default-apps", f"--user-data-dir={tmp / 'chromium'}",
+             "--virtual-time-budget=8000"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def served(tmp_path, site_dir):
+    board = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
+    srv = None
+    try:
+        board.wait(lambda e: e.get("ev") == "boot")
+        srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link))
+        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+        yield srv, board
+    finally:
+        if srv is not None:
+            srv.stop()
+        board.stop()
+
+
+def test_the_dashboard_shows_machines_events_and_the_live_device(served, tmp_path):
+    srv, board = served
+    r = httpx.post(srv.url + "/api/v1/machines/node2/power", json={"state": "on"},
+                   headers=auth(), timeout=30)
+    assert r.status_code == 200
+    httpx.post(srv.url + "/callback", json={"mac": "52:54:00:12:34:01", "status": "ok"},
+               timeout=30)
+    wait_for(lambda: srv.get("/api/v1/device").json()["status"]["power"][1]["output"] == "on",
+             what="relay 1 on")
+    out = chromium("--dump-dom", srv.url + "/dashboard", tmp=tmp_path)
+    dom = out.stdout
+    assert "<title>Edge Bastion · home-lab</title>" in dom, out.stderr[-2000:]
+    # Server-rendered: the site's machines, and node1's callback as its last step.
+    for name in ("node1", "node2", "pi1"):
+        assert f'data-machine="{name}"' in dom
+    assert "callback /callback" in dom
+    # Only the page's JavaScript puts these in: the device panel and its relay table, from
+    # GET /api/v1/device, and the live marker after a successful poll of the events.
+    assert 'class="pill on">connected</span>' in dom
+    assert "firmware 0.2.0 on sim" in dom
+    assert '<tr data-channel="1"><td>ch 1</td><td>node2</td><td><span class="pill on">on</span>' in dom
+    assert '<tr data-channel="0"><td>ch 0</td><td>node1</td><td><span class="pill">off</span>' in dom
+    assert '<span class="meta" id="updated">live · ' in dom
+
+
+def test_a_screenshot_renders(served, tmp_path):
+    srv, _ = served
+    png = tmp_path / "dashboard.png"
+    chromium(f"--screenshot={png}", "--window-size=1280,900", srv.url + "/dashboard", tmp=tmp_path)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a page, not a blank
