@@ -64,10 +64,13 @@ async def ipxe(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Respo
 
 
 @router.get("/grub/grub.cfg", summary="GRUB bootstrap: chains to /grub with the machine's facts")
-async def grub_cfg(runtime: RuntimeDep, site: SiteDep, request: Request) -> Response:
+async def grub_cfg(runtime: RuntimeDep, site: SiteDep, request: Request,
+                   req: BootRequestDep) -> Response:
     started = time.perf_counter()
     answer = boot.grub_bootstrap(base_url(runtime, site, request))
-    return respond(runtime, "/grub/grub.cfg", None, answer, started)
+    # The request (no query: GRUB asks $prefix/grub.cfg plainly) records the client's
+    # address, which ties this step to the machine in a boot's trace.
+    return respond(runtime, "/grub/grub.cfg", req, answer, started)
 
 
 @router.get("/grub", summary="The machine's GRUB config", description=_QUERY_DOC)

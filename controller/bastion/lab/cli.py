@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bastion.lab.lab import Lab, Wiring, default_nodes, render_timeline
+from bastion.lab.lab import Lab, Wiring, all_nodes, arm64_node, default_nodes, render_timeline
 from bastion.lab.netns import LabError
 
 
@@ -36,12 +36,23 @@ def lab_group() -> None:
     there. Needs root (namespaces, taps)."""
 
 
+def _arch_option(f):
+    return click.option("--arch", "arch", type=click.Choice(["amd64", "arm64", "all"]),
+                        default=None, help="Which nodes the lab has: the x86 ones (amd64, the "
+                        "default), also the arm64 node arm-1 (arm64, all).")(f)
+
+
+def _nodes_for(arch):
+    return all_nodes() if arch in ("arm64", "all") else default_nodes()
+
+
 @lab_group.command("up")
+@_arch_option
 @_lab_options
-def up(name, prefix, workdir, accel):
+def up(arch, name, prefix, workdir, accel):
     """Build the lab (removing a stale one first) and leave it running."""
     try:
-        _lab(name, prefix, workdir, accel).up()
+        _lab(name, prefix, workdir, accel).up(_nodes_for(arch))
     except LabError as e:
         raise click.ClickException(str(e)) from None
 
@@ -109,21 +120,29 @@ def status(name, prefix, workdir, accel):
               help="Node(s) to boot, in turn [default: uefi-1]; see the lab's nodes below.")
 @click.option("--keep", is_flag=True, help="Leave the lab running afterwards.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds per boot.")
+@_arch_option
 @_lab_options
-def demo(nodes, keep, timeout, name, prefix, workdir, accel):
+def demo(nodes, keep, timeout, arch, name, prefix, workdir, accel):
     """Build the lab, boot the UEFI node through the device (edk2 PXE -> TFTP ipxe.efi ->
     iPXE -> controller -> kernel, initrd -> Ignition -> callback), print its timeline, and
-    take the lab down again. Nodes: uefi-1 (OVMF, edk2's own PXE), bios-1 (SeaBIOS + iPXE)."""
+    take the lab down again. Nodes: uefi-1 (OVMF, edk2's own PXE), bios-1 (SeaBIOS + iPXE),
+    arm-1 (arm64: AAVMF's edk2 PXE, arch 11 -> TFTP grubnetaa64.efi -> GRUB -> /grub).
+    --arch arm64 boots arm-1, --arch all every node."""
     lab = _lab(name, prefix, workdir, accel)
-    known = [n.name for n in default_nodes()]
+    known = [n.name for n in all_nodes()]
     for n in nodes:
         if n not in known:
             raise click.BadParameter(f"{n!r}: the lab's nodes are {', '.join(known)}",
                                      param_hint="--node")
+    arm = arm64_node().name
+    if arch is None and arm in nodes:
+        arch = "arm64"
+    if not nodes:
+        nodes = {"arm64": (arm,), "all": tuple(known)}.get(arch or "", ("uefi-1",))
     ok = True
     try:
-        lab.up()
-        for node in nodes or ("uefi-1",):
+        lab.up(_nodes_for(arch))
+        for node in nodes:
             result = lab.boot(node, timeout)
             render_timeline(result)
             ok = ok and result.ok

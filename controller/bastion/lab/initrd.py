@@ -230,31 +230,101 @@ class _Cpio:
         return self.buf.getvalue()
 
 
-def build_initrd(tree: Path, out: Path) -> Path:
-    """Build the lab node initrd from the kernel tree and this machine's busybox + Ignition."""
-    for need in (BUSYBOX, IGNITION):
+def _builtin_modules(moddir: Path) -> set[str]:
+    f = moddir / "modules.builtin"
+    return set(f.read_text().split()) if f.exists() else set()
+
+
+# Where the arm64 parts are unpacked (tools/build-grub-arm64): busybox-static, ignition and
+# the libraries Ignition links, from Debian's arm64 packages.
+ARM64_ROOT_NAME = "arm64-root"
+TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+
+def _needed(binary: Path) -> tuple[list[str], str | None]:
+    """The shared libraries an ELF file names (DT_NEEDED) and its program interpreter."""
+    out = subprocess.run(["readelf", "-d", "-l", "-W", str(binary)], capture_output=True,
+                         text=True, check=True).stdout
+    needed, interp = [], None
+    for line in out.splitlines():
+        if "(NEEDED)" in line and "[" in line:
+            needed.append(line.split("[", 1)[1].rstrip("]"))
+        elif "Requesting program interpreter:" in line:
+            interp = line.split(":", 1)[1].strip().rstrip("]")
+    return needed, interp
+
+
+def _foreign_libs(binary: Path, root: Path, triplet: str) -> list[tuple[str, Path]]:
+    """(path in the initrd, file on the host) for what a binary of another architecture
+    links, looked up in an unpacked Debian root: libraries under lib/<triplet>, the
+    interpreter where the binary asks for it."""
+    out: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    todo = [binary]
+    while todo:
+        needed, interp = _needed(todo.pop())
+        if interp and interp not in seen:
+            seen.add(interp)
+            out.append((interp.lstrip("/"), _find_lib(root, triplet, Path(interp).name)))
+        for name in needed:
+            if name in seen:
+                continue
+            seen.add(name)
+            found = _find_lib(root, triplet, name)
+            out.append((f"lib/{triplet}/{name}", found))
+            todo.append(found)
+    return out
+
+
+def _find_lib(root: Path, triplet: str, name: str) -> Path:
+    for d in (f"lib/{triplet}", f"usr/lib/{triplet}", "lib", "usr/lib"):
+        p = root / d / name
+        if p.exists():
+            return p.resolve()
+    raise LabAssetError(f"{name} not found in {root}: run tools/build-grub-arm64")
+
+
+def build_initrd(tree: Path, out: Path, arch: str = "amd64", root: Path | None = None) -> Path:
+    """Build the lab node initrd from the kernel tree and busybox + Ignition: this machine's
+    for amd64, those unpacked under `root` (Debian's arm64 packages) for another arch."""
+    if arch == "amd64" and root is None:
+        busybox, ignition = BUSYBOX, IGNITION
+    else:
+        if root is None:
+            raise LabAssetError(f"an {arch} initrd needs the unpacked {arch} packages")
+        busybox = root / str(BUSYBOX).lstrip("/")
+        ignition = root / str(IGNITION).lstrip("/")
+    for need in (busybox, ignition):
         if not need.exists():
-            raise LabAssetError(f"{need} is missing: run tools/setup (busybox-static, ignition)")
+            hint = "tools/setup (busybox-static, ignition)" if root is None else \
+                "tools/build-grub-arm64"
+            raise LabAssetError(f"{need} is missing: run {hint}")
+    triplet = TRIPLETS.get(arch, f"{arch}-linux-gnu")
     moddir = _module_dir(tree)
+    builtin = _builtin_modules(moddir)
     c = _Cpio()
     dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run",
-            "tmp", "sysroot", "lib", "lib/modules", "lib64", "lib/x86_64-linux-gnu"]
+            "tmp", "sysroot", "lib", "lib/modules", "lib64", f"lib/{triplet}"]
     for d in dirs:
         c.dir(d)
-    c.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    c.file("bin/busybox", busybox.read_bytes(), 0o755)
     c.symlink("bin/sh", "busybox")
     names = []
     for rel in NET_MODULES:
         name = Path(rel).name
+        if rel in builtin:
+            continue  # built into this kernel (arm64: virtio, virtio_ring)
         c.file(f"lib/modules/{name}", _read_module(moddir / rel))
         names.append(name)
     c.file("init", INIT.replace("MODULES", " ".join(names)).encode(), 0o755)
     c.file("udhcpc.sh", UDHCPC.encode(), 0o755)
-    c.file("usr/bin/ignition", IGNITION.read_bytes(), 0o755)
+    c.file("usr/bin/ignition", ignition.read_bytes(), 0o755)
     seen_dirs = set(dirs)
-    for lib in _libs_of(IGNITION):
-        real = lib.resolve()
-        rel = str(lib).lstrip("/")
+    if root is None:
+        libs = [(str(lib).lstrip("/"), lib.resolve()) for lib in _libs_of(ignition)]
+    else:
+        libs = _foreign_libs(ignition, root, triplet)
+    for rel, real in libs:
         parent = str(Path(rel).parent)
         if parent not in seen_dirs:
             c.dir(parent)
@@ -272,6 +342,40 @@ def build_initrd(tree: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(data)
+    os.replace(tmp, out)
+    return out
+
+
+GRUB_MODULES = ["efinet", "net", "tftp", "http", "linux", "normal", "configfile", "echo",
+                "efi_gop", "gzio", "test"]
+
+
+# The image's embedded config. GRUB's own start (normal mode) first asks the prefix for four
+# module lists (command.lst, fs.lst, crypto.lst, terminal.lst, each twice), and every HTTP
+# request of GRUB's network stack costs tens of seconds under TCG; this makes the controller's
+# /grub/grub.cfg GRUB's first request (GRUB's steps from there to the kernel do not work in
+# the lab yet: docs/lab.md).
+GRUB_EARLY_CFG = 'configfile "$prefix/grub.cfg"\n'
+
+
+def build_grub_image(root: Path, controller: str, out: Path) -> Path:
+    """The GRUB arm64-efi netboot image with its prefix at `controller`'s /grub (host:port),
+    from the arm64 GRUB modules unpacked by tools/build-grub-arm64."""
+    moddir = root / "usr/lib/grub/arm64-efi"
+    if not moddir.is_dir():
+        raise LabAssetError(f"{moddir} is missing: run tools/build-grub-arm64")
+    if shutil.which("grub-mkimage") is None:
+        raise LabAssetError("grub-mkimage is missing: run tools/setup (grub-common)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    early = out.with_name(out.name + ".early.cfg")
+    early.write_text(GRUB_EARLY_CFG)
+    r = subprocess.run(["grub-mkimage", "-O", "arm64-efi", "-d", str(moddir), "-o", str(tmp),
+                        "-c", str(early), "-p", f"(http,{controller})/grub", *GRUB_MODULES],
+                       capture_output=True, text=True)
+    early.unlink(missing_ok=True)
+    if r.returncode != 0:
+        raise LabAssetError(f"grub-mkimage failed: {r.stderr.strip()}")
     os.replace(tmp, out)
     return out
 

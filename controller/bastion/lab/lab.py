@@ -29,6 +29,10 @@ CACHE = REPO / "var" / "cache"
 IPXE_DIR = Path("/usr/lib/ipxe")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+AAVMF_SIZE = 64 << 20  # QEMU's virt machine wants both pflash images at 64 MiB
+GRUB_ARM64 = "grubnetaa64.efi"
 CONTROLLER_PORT = 8080
 RELAY_CHANNELS = 8  # the sim board's (boards/sim.json)
 
@@ -74,6 +78,7 @@ class Node:
     firmware: str = "uefi"  # "uefi": OVMF, edk2's own PXE (arch 7); "bios": SeaBIOS + iPXE ROM
     channel: int = 0
     memory_mb: int = 512
+    arch: str = "amd64"  # "arm64": qemu-system-aarch64 -M virt, AAVMF (edk2 PXE, arch 11), GRUB
 
     @property
     def tap(self) -> str:
@@ -85,6 +90,32 @@ def default_nodes() -> list[Node]:
         Node("uefi-1", "52:54:00:77:00:01", "uefi", 0),
         Node("bios-1", "52:54:00:77:00:02", "bios", 1),
     ]
+
+
+def arm64_node() -> Node:
+    """The arm64 UEFI node (like a Raspberry Pi 4 with its UEFI firmware): edk2 PXE as arch 11,
+    the GRUB arm64 netboot image from the device, then the controller's /grub."""
+    return Node("arm-1", "52:54:00:77:00:03", "uefi", 2, memory_mb=1024, arch="arm64")
+
+
+def all_nodes() -> list[Node]:
+    return [*default_nodes(), arm64_node()]
+
+
+def arm64_missing() -> str | None:
+    """Why the arm64 node cannot run here (None: it can)."""
+    root = CACHE / initrd_mod.ARM64_ROOT_NAME
+    for what, ok in (
+        ("qemu-system-aarch64 (Debian qemu-system-arm)", shutil.which("qemu-system-aarch64")),
+        (f"{AAVMF_CODE} (Debian qemu-efi-aarch64)", AAVMF_CODE.exists()),
+        ("grub-mkimage (Debian grub-common)", shutil.which("grub-mkimage")),
+        (f"{root} (tools/build-grub-arm64)", (root / ".done").exists()),
+        (f"{CACHE / 'linux-image-arm64'} (tools/build-grub-arm64)",
+         (CACHE / "linux-image-arm64" / ".done").exists()),
+    ):
+        if not ok:
+            return f"the arm64 lab node needs {what}"
+    return None
 
 
 class Lab:
@@ -120,13 +151,21 @@ class Lab:
                        f"{', '.join(n.name for n in self.nodes()) or 'none'})")
 
     # -- files ------------------------------------------------------------------------------
-    def prepare_boot_files(self) -> tuple[Path, Path]:
-        tree = initrd_mod.fetch_kernel_package(CACHE)
+    def prepare_boot_files(self, arch: str = "amd64") -> tuple[Path, Path]:
+        if arch != "amd64":
+            why = arm64_missing() if arch == "arm64" else f"no lab support for {arch}"
+            if why:
+                raise LabError(why)
+        tree = initrd_mod.fetch_kernel_package(CACHE, arch)
         kernel = initrd_mod.kernel_image(tree)
-        initrd = CACHE / "lab-initrd-amd64.img"
-        sources = [initrd_mod.IGNITION, initrd_mod.BUSYBOX, Path(initrd_mod.__file__)]
+        initrd = CACHE / f"lab-initrd-{arch}.img"
+        root = None if arch == "amd64" else CACHE / initrd_mod.ARM64_ROOT_NAME
+        if root is None:
+            sources = [initrd_mod.IGNITION, initrd_mod.BUSYBOX, Path(initrd_mod.__file__)]
+        else:
+            sources = [root / ".done", tree / ".done", Path(initrd_mod.__file__)]
         if not initrd.exists() or any(s.stat().st_mtime > initrd.stat().st_mtime for s in sources):
-            initrd_mod.build_initrd(tree, initrd)
+            initrd_mod.build_initrd(tree, initrd, arch, root)
         return kernel, initrd
 
     def write_device_flash(self, nodes: list[Node]) -> None:
@@ -138,10 +177,19 @@ class Lab:
         tftp.mkdir(parents=True, exist_ok=True)
         for name in ("ipxe.efi", "snponly.efi", "undionly.kpxe"):
             shutil.copyfile(IPXE_DIR / name, tftp / name)
+        boot_files = {"0": "undionly.kpxe", "6": "ipxe.efi", "7": "ipxe.efi", "9": "ipxe.efi"}
+        (tftp / GRUB_ARM64).unlink(missing_ok=True)
+        if any(n.arch == "arm64" for n in nodes):
+            # arm64 UEFI clients (arch 11) get the GRUB netboot image, built for this lab's
+            # controller (its prefix is the controller's /grub); x86 clients never see it.
+            initrd_mod.build_grub_image(CACHE / initrd_mod.ARM64_ROOT_NAME,
+                                        f"{self.net.controller_ip}:{CONTROLLER_PORT}",
+                                        tftp / GRUB_ARM64)
+            boot_files["11"] = GRUB_ARM64
         device = {
             "server_ip": self.net.device_ip,
             "script_url": f"{self.controller_url}/boot.ipxe",
-            "boot_files": {"0": "undionly.kpxe", "6": "ipxe.efi", "7": "ipxe.efi", "9": "ipxe.efi"},
+            "boot_files": boot_files,
             "allowed_macs": [n.mac for n in nodes],
             "tftp": {"max_transfers": 4},
             # Relay channels named after the nodes they power; a short minimum off time so a
@@ -161,7 +209,8 @@ class Lab:
         (self.flash / "power.state").unlink(missing_ok=True)
         (self.flash / "relays.state").write_text("0" * RELAY_CHANNELS + "\n")
 
-    def write_site(self, nodes: list[Node], kernel: Path, initrd: Path) -> None:
+    def write_site(self, nodes: list[Node], kernel: Path, initrd: Path,
+                   arm64: tuple[Path, Path] | None = None) -> None:
         """The lab's site directory: a matchbox-format profile and Ignition template, and
         machines.yaml naming each node, its MAC and its relay channel."""
         site = self.site
@@ -189,10 +238,33 @@ class Lab:
             "ignition_id": "lab-node.yaml",
         }
         write_json_atomic(site / "profiles/lab-node.json", profile)
+        (site / "profiles/lab-node-arm64.json").unlink(missing_ok=True)
+        if arm64 is not None:
+            # The arm64 node boots through GRUB (/grub): its own kernel and initrd, the
+            # serial console of QEMU's virt machine, and GRUB's name for the MAC it booted with.
+            (site / "assets/lab/arm64").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(arm64[0], site / "assets/lab/arm64/vmlinuz")
+            shutil.copyfile(arm64[1], site / "assets/lab/arm64/initrd.img")
+            write_json_atomic(site / "profiles/lab-node-arm64.json", {
+                "id": "lab-node-arm64",
+                "name": "Lab arm64 node: Debian arm64 kernel, busybox initrd with Ignition",
+                "boot": {
+                    "kernel": "/assets/lab/arm64/vmlinuz",
+                    "initrd": ["/assets/lab/arm64/initrd.img"],
+                    "args": [
+                        "console=ttyAMA0",
+                        "quiet",
+                        f"ignition.config.url={url}/ignition?mac=${{net_default_mac}}",
+                        f"bastion.callback={url}/callback",
+                    ],
+                },
+                "ignition_id": "lab-node.yaml",
+            })
         # The machines, each with the relay channel that powers it: the matchbox profile
         # above, Edge Bastion's machines.yaml for identity and power.
         machines = {"machines": [
-            {"name": n.name, "mac": n.mac, "relay": n.channel, "profile": "lab-node",
+            {"name": n.name, "mac": n.mac, "relay": n.channel,
+             "profile": "lab-node" if n.arch == "amd64" else f"lab-node-{n.arch}",
              "metadata": {"firmware": n.firmware}}
             for n in nodes
         ]}
@@ -202,6 +274,8 @@ class Lab:
 
     # -- QEMU ------------------------------------------------------------------------------
     def qemu_command(self, node: Node) -> list[str]:
+        if node.arch == "arm64":
+            return self._qemu_arm64(node)
         cmd = [
             "qemu-system-x86_64", "-accel", self.accel, "-M", "q35", "-m", str(node.memory_mb),
             "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
@@ -225,6 +299,30 @@ class Lab:
             cmd += ["-device", "sga", "-device", f"virtio-net-pci,netdev=n0,mac={node.mac}"]
         return cmd
 
+    def _qemu_arm64(self, node: Node) -> list[str]:
+        vars_copy = self.workdir / f"{node.name}.AAVMF_VARS.fd"
+        if not vars_copy.exists():
+            shutil.copyfile(AAVMF_VARS, vars_copy)
+        code = AAVMF_CODE
+        if code.stat().st_size < AAVMF_SIZE:
+            code = self.workdir / "AAVMF_CODE.fd"
+            if not code.exists():
+                shutil.copyfile(AAVMF_CODE, code)
+        for f in {vars_copy, code}:
+            if f.stat().st_size < AAVMF_SIZE:
+                with open(f, "r+b") as fh:
+                    fh.truncate(AAVMF_SIZE)
+        return [
+            "qemu-system-aarch64", "-accel", self.accel, "-M", "virt", "-cpu", "cortex-a57",
+            "-m", str(node.memory_mb), "-smp", "1", "-display", "none", "-monitor", "none",
+            "-no-reboot", "-serial", f"file:{self.logs / (node.name + '.console')}",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+            "-netdev", f"tap,id=n0,ifname={node.tap},script=no,downscript=no",
+            # romfile= : no option ROM, so AAVMF's own edk2 PXE client runs (arch 11).
+            "-device", f"virtio-net-pci,netdev=n0,mac={node.mac},romfile=",
+        ]
+
     # -- lifecycle --------------------------------------------------------------------------
     def _bastion(self) -> str:
         exe = Path(sys.executable).parent / "bastion"
@@ -247,8 +345,12 @@ class Lab:
         self.logs.mkdir(parents=True, exist_ok=True)
         progress("preparing boot files (Debian kernel, lab initrd)")
         kernel, initrd = self.prepare_boot_files()
+        arm64 = None
+        if any(n.arch == "arm64" for n in nodes):
+            progress("preparing arm64 boot files (Debian arm64 kernel, lab initrd, GRUB)")
+            arm64 = self.prepare_boot_files("arm64")
         self.write_device_flash(nodes)
-        self.write_site(nodes, kernel, initrd)
+        self.write_site(nodes, kernel, initrd, arm64)
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
             self.token_file.chmod(0o600)
@@ -448,7 +550,8 @@ class Lab:
             device = json.loads(out)
         return {
             "lab": self.net.name, "namespaces_exist": self.net.exists(), "processes": procs,
-            "nodes": {n.name: {"mac": n.mac, "firmware": n.firmware, "relay": n.channel,
+            "nodes": {n.name: {"mac": n.mac, "firmware": n.firmware, "arch": n.arch,
+                               "relay": n.channel,
                                "vm": self.vm_state(n.name)} for n in self.nodes()},
             "device": device,
         }
@@ -568,7 +671,8 @@ def render_timeline(result: BootResult) -> None:
     from rich.table import Table
 
     out = Console()
-    t = Table("+s", "step", "detail", title=f"{result.node.name} ({result.node.firmware}, "
+    t = Table("+s", "step", "detail", title=f"{result.node.name} ({result.node.firmware} "
+              f"{result.node.arch}, "
               f"{result.node.mac}): boot timeline")
     for s in result.steps:
         t.add_row(f"{s.t:6.2f}", s.stage, s.detail)
