@@ -74,6 +74,18 @@ class SimProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def __enter__(self) -> SimProcess:
+        """The board once its firmware has booted; stopped on leaving, whatever happened."""
+        try:
+            self.wait(lambda e: e.get("ev") == "boot")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def firmware_pid(self) -> int:
         """The PID of the firmware process (micropython) this board's supervisor runs now."""
         pids = subprocess.run(["pgrep", "-f", "heapsize=.*-i main.py"], capture_output=True,

@@ -31,17 +31,14 @@ def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def served(tmp_path, site_dir):
-    board = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
-    srv = None
-    try:
-        board.wait(lambda e: e.get("ev") == "boot")
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as board:
         srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link))
-        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
-        yield srv, board
-    finally:
-        if srv is not None:
+        try:
+            wait_for(lambda: srv.get("/api/v1/device").json().get("connected"),
+                     what="device link")
+            yield srv, board
+        finally:
             srv.stop()
-        board.stop()
 
 
 def test_the_dashboard_shows_machines_events_and_the_live_device(served, tmp_path):

@@ -22,12 +22,8 @@ POWER = {"stagger_ms": 200, "channels": [{"name": "node1", "min_off_ms": 3000},
 
 @pytest.fixture
 def board(tmp_path):
-    s = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
-    try:
-        s.wait(lambda e: e.get("ev") == "boot")
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def relays(board) -> str:

@@ -22,12 +22,8 @@ POWER = {
 
 @pytest.fixture
 def board(tmp_path):
-    s = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
-    try:
-        s.wait(lambda e: e.get("ev") == "boot")
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

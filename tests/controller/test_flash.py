@@ -311,12 +311,8 @@ def test_mpremote_failing_shows_what_it_said(tmp_path):
 
 @pytest.fixture
 def board(tmp_path):
-    s = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0")
-    try:
-        s.wait(lambda e: e.get("ev") == "boot")
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_flashing_a_running_board_restarts_it_with_the_site_and_never_switches_a_relay(

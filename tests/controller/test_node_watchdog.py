@@ -29,17 +29,13 @@ def api(tmp_path, watched_site):
     from bastion.api.main import create_app
     from bastion.settings import Settings
 
-    board = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
-    try:
-        board.wait(lambda e: e.get("ev") == "boot")
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as board:
         app = create_app(Settings(site_dir=watched_site, db_path=tmp_path / "events.db",
                                   api_token=TOKEN, poll_seconds=0, device_port=str(board.link)))
         with TestClient(app) as c:
             wait_for(lambda: c.get("/api/v1/device").json().get("connected"), what="link")
             c.board = board
             yield c
-    finally:
-        board.stop()
 
 
 def test_a_node_whose_heartbeats_stop_is_power_cycled(api):

@@ -17,12 +17,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def sim(tmp_path):
-    s = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0")
-    try:
-        s.wait(lambda e: e.get("ev") == "boot")
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def mpremote(link: Path, *args: str) -> str:
