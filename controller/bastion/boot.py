@@ -15,6 +15,7 @@ from bastion.render import ignition
 from bastion.render.config import (
     BootRequest,
     RenderError,
+    SecretsRequired,
     metadata_env,
     render_generic,
     render_ignition,
@@ -146,6 +147,8 @@ def ignition_config(site: Site, req: BootRequest) -> Answer:
         )
     try:
         config = render_ignition(site, group, profile, req)
+    except SecretsRequired as e:
+        return Answer(403, f"{e}\n", group=group, profile=profile, error="holds secrets: one-time URL only")
     except RenderError as e:
         return Answer(500, f"cannot render Ignition: {e}\n", group=group, profile=profile, error=str(e))
     return Answer(200, ignition.dumps(config), JSON, group=group, profile=profile)
@@ -166,6 +169,8 @@ def generic(site: Site, req: BootRequest) -> Answer:
         )
     try:
         text = render_generic(site, group, profile, req)
+    except SecretsRequired as e:
+        return Answer(403, f"{e}\n", group=group, profile=profile, error="holds secrets: one-time URL only")
     except RenderError as e:
         return Answer(500, f"cannot render generic config: {e}\n", group=group, profile=profile, error=str(e))
     return Answer(200, text, group=group, profile=profile)

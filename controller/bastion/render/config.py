@@ -5,7 +5,10 @@ Variables follow matchbox (`collectVariables`): the group's metadata, its select
 case) and `request` = {`query`: the request's labels, `raw_query`: the raw query string}; a
 `request` key in the metadata is overwritten. Edge Bastion's own (Jinja2) templates also get
 `machine` (name, mac, mac_hexhyp, uuid, arch, role, hostname, labels, profile), `site` (name,
-controller_url) and `metadata` (the merged metadata as one mapping).
+controller_url), `metadata` (the merged metadata as one mapping) and `secrets` (the machine's
+secrets from the controller's secret store, bastion.secrets). `secrets` is only filled when the
+config is rendered for a one-time URL; rendered any other way, a template that touches it fails
+with SecretsRequired, so a secret can never leave through a public endpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import copy
 import re
 import types
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 
 from bastion.render import butane, gotemplate, ignition
@@ -26,6 +31,50 @@ from bastion.site.model import Group, Profile, Site, TemplateFile
 
 class RenderError(ValueError):
     """A config that cannot be rendered for this request; the message names file and line."""
+
+
+class SecretsRequired(RenderError):
+    """The config reads `secrets` but was rendered without them (not for a one-time URL)."""
+
+
+class _NoSecrets:
+    """`secrets` in a template rendered without secrets: every use raises SecretsRequired."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def _refuse(self, *args: Any) -> Any:
+        raise SecretsRequired(
+            f"{self._name} reads `secrets`: it is served only on the one-time URL in the machine's boot script"
+        )
+
+    __getattr__ = __getitem__ = __iter__ = __len__ = __bool__ = __str__ = __contains__ = _refuse
+
+
+class _Placeholder(str):
+    """A stand-in secret for checking templates at load time: any key or attribute of it is
+    another stand-in, named by its path (`secrets.wireguard.private_key`)."""
+
+    def __getattr__(self, name: str) -> _Placeholder:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder(f"{self}.{name}")
+
+    def __getitem__(self, key: Any) -> _Placeholder:  # type: ignore[override]
+        return _Placeholder(f"{self}.{key}")
+
+
+#: What the site loader renders templates with: every secret is a stand-in named by its path.
+PLACEHOLDER_SECRETS = _Placeholder("secrets")
+
+
+def uses_secrets(tf: TemplateFile) -> bool:
+    """Whether a Jinja2 template file reads the `secrets` variable (found in its syntax tree)."""
+    if tf.jinja is None or tf.raw_ignition is not None:
+        return False
+    return "secrets" in jinja2.meta.find_undeclared_variables(jinja_env.parse(tf.text))
 
 
 @dataclass(frozen=True)
@@ -52,6 +101,8 @@ def compile_jinja(text: str, name: str) -> jinja2.Template:
 def _jinja_render(tf: TemplateFile, variables: dict[str, Any]) -> str:
     try:
         return tf.jinja.render(variables)
+    except SecretsRequired:
+        raise
     except jinja2.TemplateError as e:
         raise RenderError(f"{tf.relpath}{_jinja_line(e)}: {e}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as e:
@@ -77,7 +128,10 @@ def variables(site: Site, group: Group, req: BootRequest) -> dict[str, Any]:
     return data
 
 
-def jinja_variables(site: Site, group: Group, profile: Profile, req: BootRequest) -> dict[str, Any]:
+def jinja_variables(
+    site: Site, group: Group, profile: Profile, req: BootRequest, secrets: Mapping[str, Any] | str | None = None,
+    name: str = "this config",
+) -> dict[str, Any]:
     data = variables(site, group, req)
     if group.machine is not None:
         machine = group.machine.as_variables()
@@ -97,27 +151,42 @@ def jinja_variables(site: Site, group: Group, profile: Profile, req: BootRequest
     data["machine"] = machine
     data["site"] = {"name": site.name, "controller_url": req.base_url}
     data["metadata"] = copy.deepcopy(group.metadata)
+    if secrets is None:
+        data["secrets"] = _NoSecrets(name)
+    elif isinstance(secrets, _Placeholder):
+        data["secrets"] = secrets
+    else:
+        data["secrets"] = copy.deepcopy(dict(secrets))
     return data
 
 
-def render_template(site: Site, tf: TemplateFile, group: Group, profile: Profile, req: BootRequest) -> str:
+def render_template(
+    site: Site, tf: TemplateFile, group: Group, profile: Profile, req: BootRequest,
+    secrets: Mapping[str, Any] | str | None = None,
+) -> str:
     if profile.engine == "go":
         try:
             return tf.go.render(variables(site, group, req))
         except gotemplate.TemplateError as e:
             line = f":{e.line}" if e.line else ""
             raise RenderError(f"{tf.relpath}{line}: {e.message}") from None
-    return _jinja_render(tf, jinja_variables(site, group, profile, req))
+    return _jinja_render(tf, jinja_variables(site, group, profile, req, secrets, tf.relpath))
 
 
-def render_ignition(site: Site, group: Group, profile: Profile, req: BootRequest) -> dict:
-    """The machine's Ignition 3.3.0 config, validated, or raise RenderError."""
+def render_ignition(
+    site: Site, group: Group, profile: Profile, req: BootRequest, secrets: Mapping[str, Any] | str | None = None
+) -> dict:
+    """The machine's Ignition 3.3.0 config, validated, or raise RenderError.
+
+    `secrets` is the machine's secrets (only for a one-time URL); without it a template that
+    reads them raises SecretsRequired.
+    """
     if not profile.ignition:
         raise RenderError(f"profile {profile.id!r} ({profile.source}) has no Ignition config")
     tf = site.ignition[profile.ignition]
     if tf.raw_ignition is not None:
         return copy.deepcopy(tf.raw_ignition)
-    text = render_template(site, tf, group, profile, req)
+    text = render_template(site, tf, group, profile, req, secrets)
     try:
         return butane.translate(text, tf.relpath, site.files_dir)
     except butane.ButaneError as e:
@@ -157,10 +226,12 @@ def _as_pattern(source_line: str) -> str:
     return ".*?".join(re.escape(p) for p in parts)
 
 
-def render_generic(site: Site, group: Group, profile: Profile, req: BootRequest) -> str:
+def render_generic(
+    site: Site, group: Group, profile: Profile, req: BootRequest, secrets: Mapping[str, Any] | str | None = None
+) -> str:
     if not profile.generic:
         raise RenderError(f"profile {profile.id!r} ({profile.source}) has no generic config")
-    return render_template(site, site.generic[profile.generic], group, profile, req)
+    return render_template(site, site.generic[profile.generic], group, profile, req, secrets)
 
 
 def metadata_env(data: dict[str, Any]) -> str:

@@ -30,7 +30,14 @@ import pydantic
 
 from bastion import match, yamlfile
 from bastion.render import butane, gotemplate, ignition
-from bastion.render.config import BootRequest, RenderError, compile_jinja, render_generic, render_ignition
+from bastion.render.config import (
+    PLACEHOLDER_SECRETS,
+    BootRequest,
+    RenderError,
+    compile_jinja,
+    render_generic,
+    render_ignition,
+)
 from bastion.site import schema
 from bastion.site.model import (
     Boot,
@@ -670,7 +677,9 @@ def _prerender(ld: _Loader, site: Site) -> None:
             if not name:
                 continue
             try:
-                fn(site, g, profile, req)
+                # secrets are not known here (the store is the controller's): stand-ins check
+                # that a template reading them renders
+                fn(site, g, profile, req, PLACEHOLDER_SECRETS)
             except RenderError as e:
                 if g.machine is not None:
                     failures.setdefault((str(e), what), []).append(g.machine.name)
