@@ -1,8 +1,8 @@
-"""`bastion assets fetch flatcar`: Flatcar's PXE kernel and initrd into the site, verified.
+"""`bastion assets fetch flatcar|rpi4-uefi`: boot files into the site, verified.
 
 Runnable on its own too: `python -m bastion.assets_cli fetch flatcar --site DIR`.
-The work is in bastion.assets_fetch; this module turns options into a FetchRequest and shows
-progress with rich.
+The work is in bastion.assets_fetch (Flatcar) and bastion.assets_rpi4 (the Raspberry Pi 4 UEFI
+firmware); this module turns options into their requests and shows progress with rich.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from bastion import assets_fetch as af
+from bastion import assets_rpi4 as rpi
 
 
 class RichReporter:
@@ -66,7 +67,8 @@ class RichReporter:
             self.console.print(f"{self._name}: {self._done:,} bytes")
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False)
+        # soft_wrap: a note is one line however wide the terminal, so logs can be searched.
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 @click.group("assets")
@@ -76,7 +78,7 @@ def assets_group() -> None:
 
 @assets_group.group("fetch")
 def fetch_group() -> None:
-    """Download an OS's boot files into the site, verifying their signatures."""
+    """Download boot files into the site, verifying them (signatures, pinned checksums)."""
 
 
 @fetch_group.command("flatcar")
@@ -132,6 +134,58 @@ def fetch_flatcar(
         f"profiles boot it as /{arch_dir}/{first}/flatcar_production_pxe.vmlinuz with initrd "
         f"/{arch_dir}/{first}/flatcar_production_pxe_image.cpio.gz"
     )
+
+
+@fetch_group.command("rpi4-uefi")
+@click.option("--version", "version", metavar="V",
+              help=f"A pftf/RPi4 release such as v1.41 [default: {rpi.DEFAULT_VERSION}; pinned: "
+                   f"{', '.join(rpi.PINNED)}].")  # fmt: skip
+@click.option("--mirror", metavar="URL",
+              help=f"Where <tag>/RPi4_UEFI_Firmware_<tag>.zip live [default: {rpi.DEFAULT_MIRROR}].")  # fmt: skip
+@click.option("--sha256", "sha256", metavar="HEX",
+              help="The archive's SHA-256, required for a version that is not pinned.")  # fmt: skip
+@click.option(
+    "--site", "site_dir", envvar="BASTION_SITE", required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The site directory; files land in its tftp/ (and the archive in assets/rpi4-uefi/).",
+)  # fmt: skip
+@click.option("--serial", "serials", multiple=True, metavar="S",
+              help="A Pi's serial number (8 hex digits): tftp/<serial>/, for EEPROM "
+                   "TFTP_PREFIX=0 (the default). Repeatable.")  # fmt: skip
+@click.option("--mac", "macs", multiple=True, metavar="M",
+              help="A Pi's MAC: tftp/dc-a6-32-xx-xx-xx/, for TFTP_PREFIX=2. Repeatable.")  # fmt: skip
+@click.option("--prefix-str", "prefixes", multiple=True, metavar="STR",
+              help="A TFTP_PREFIX_STR ending in '/': tftp/<STR>, for TFTP_PREFIX=1. Repeatable.")  # fmt: skip
+def fetch_rpi4_uefi(version, mirror, sha256, site_dir, serials, macs, prefixes) -> None:
+    """The Raspberry Pi 4 UEFI firmware (pftf/RPi4), laid out where each Pi's bootloader asks.
+
+    The archive must match the checksum pinned for its version (or --sha256), be a well-formed
+    zip without links or names leaving it, and hold RPI_EFI.fd and start4.elf; otherwise nothing
+    is installed. Without --serial, --mac and --prefix-str, every machine in machines.yaml
+    labelled `board: rpi4` gets tftp/<serial>/ (from its `serial` label) and its MAC directory.
+    """
+    try:
+        dirs = tuple(
+            [rpi.serial_dir(s) for s in serials]
+            + [rpi.mac_dir(m) for m in macs]
+            + [rpi.prefix_dir(p) for p in prefixes]
+        )
+        request = rpi.Rpi4Request(site=site_dir, version=version, mirror=mirror,
+                                  sha256=sha256, dirs=dirs)  # fmt: skip
+        result = rpi.fetch_rpi4_uefi(request, reporter=RichReporter())
+    except af.FetchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(
+        f"{result.archive_path.relative_to(site_dir)}  sha256 {result.sha256}  "
+        f"({'matches the pinned value' if result.sha256_source == 'pinned' else 'as --sha256 gave'})"
+    )
+    for d in result.dirs:
+        click.echo(f"tftp/{d.path}/  {len(result.files)} files  ({d.why})")
+    click.echo(f"config.txt: {result.config_txt}")
+    click.echo(f"manifest: {result.manifest_path.relative_to(site_dir)}")
 
 
 COMMANDS = (assets_group,)

@@ -41,8 +41,6 @@ argument ``initrd=flatcar_production_pxe_image.cpio.gz`` names the initrd as iPX
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -50,15 +48,30 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Self
 from urllib.parse import urljoin
 
 import httpx
 
+from bastion.assets_download import (
+    FetchError,
+    ReleaseNotFound,
+    Reporter,
+    SilentReporter,
+    TransferInterrupted,  # noqa: F401  (re-exported: callers catch it from here too)
+    new_client,
+)
+from bastion.assets_download import download_resumable as _download_resumable
+from bastion.assets_download import exclusive as _exclusive
+from bastion.assets_download import get_small as _get_small
+from bastion.assets_download import meta_path as _meta_path
+from bastion.assets_download import move_into as _move_into
+from bastion.assets_download import sha256_of as _sha256_of
+from bastion.assets_download import symlink_atomically as _symlink_atomically
+from bastion.assets_download import unlink as _unlink
 from bastion.site.holder import write_atomically
 
 FLATCAR_PRIMARY_FINGERPRINT = "F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"
@@ -77,9 +90,6 @@ ARCHES = ("amd64", "arm64")
 # become a directory name under assets/.
 _VERSION_RE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+(\+[A-Za-z0-9._-]+)?")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-# version.txt and .sig files are a few hundred bytes; a mirror that sends more is refused.
-_SMALL_FILE_LIMIT = 1 << 20
-_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -105,18 +115,6 @@ FLATCAR_PXE_FILES = (
 
 
 # -- errors: each says what happened to which file and what to do ---------------------------------
-
-
-class FetchError(Exception):
-    """A fetch that did not complete; str() is the message for the user."""
-
-
-class ReleaseNotFound(FetchError):
-    pass
-
-
-class TransferInterrupted(FetchError):
-    """The connection failed mid-file; the .part file is kept and the next run resumes it."""
 
 
 class SignatureMissing(FetchError):
@@ -288,32 +286,6 @@ class Verifier:
         )
 
 
-# -- progress ----------------------------------------------------------------------------------------
-
-
-class Reporter(Protocol):
-    """What the CLI shows while fetching: a progress bar per file, and notes."""
-
-    def begin(self, name: str, total: int | None, done: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def end(self) -> None: ...
-    def note(self, text: str) -> None: ...
-
-
-class SilentReporter:
-    def begin(self, name: str, total: int | None, done: int) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-
 # -- the release ----------------------------------------------------------------------------------
 
 
@@ -410,11 +382,7 @@ def fetch_flatcar(
     work.mkdir(parents=True, exist_ok=True)
     own_client = client is None
     if client is None:
-        client = httpx.Client(
-            follow_redirects=True,  # the release server redirects to its CDN
-            timeout=httpx.Timeout(30.0, read=120.0),
-            headers={"User-Agent": "edge-bastion assets fetch"},
-        )
+        client = new_client()
     try:
         with _exclusive(work / ".lock"), Verifier(req.key) as verifier:
             version = _resolve_version(client, arch_url, req.version)
@@ -446,39 +414,6 @@ def fetch_flatcar(
     finally:
         if own_client:
             client.close()
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FetchError(
-                f"another `bastion assets fetch` is running for this site ({lock_path} is locked)"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _get_small(client: httpx.Client, url: str) -> bytes | None:
-    """The body of a small file, None on 404; FetchError on anything else."""
-    try:
-        with client.stream("GET", url) as r:
-            if r.status_code == 404:
-                return None
-            if r.status_code != 200:
-                raise FetchError(f"{url}: HTTP {r.status_code}")
-            body = b""
-            for chunk in r.iter_bytes():
-                body += chunk
-                if len(body) > _SMALL_FILE_LIMIT:
-                    raise FetchError(f"{url}: larger than {_SMALL_FILE_LIMIT} bytes; refused")
-            return body
-    except httpx.HTTPError as e:
-        raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
 
 
 def _resolve_version(client: httpx.Client, arch_url: str, wanted: str | None) -> str:
@@ -555,158 +490,7 @@ def _stage_one(
     return _Staged(f, part, sig_path, url, sig_url, good, sha, part.stat().st_size)
 
 
-# -- resumable download -----------------------------------------------------------------------------
-
-
-def _meta_path(part: Path) -> Path:
-    return part.with_name(part.name + ".json")
-
-
-def _unlink(*paths: Path) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-_CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
-
-
-def _download_resumable(
-    client: httpx.Client, url: str, part: Path, name: str, reporter: Reporter
-) -> None:
-    """Complete `part` with url's bytes, continuing what an earlier run left.
-
-    The validator (ETag, else Last-Modified) of the response that started the file is kept next
-    to it; the resuming request carries it as If-Range (RFC 9110 13.1.5), so a file that changed
-    on the mirror comes back whole (200) instead of as a tail that does not fit.
-    """
-    meta_path = _meta_path(part)
-    have = part.stat().st_size if part.exists() else 0
-    meta: dict = {}
-    if have:
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads(meta_path.read_text())
-        if meta.get("url") != url:
-            have, meta = 0, {}
-    headers = {"Accept-Encoding": "identity"}  # byte offsets must be offsets into the file
-    if have:
-        headers["Range"] = f"bytes={have}-"
-        validator = meta.get("etag") or meta.get("last_modified")
-        if validator:
-            headers["If-Range"] = validator
-    written = have
-    total: int | None = None
-    try:
-        with client.stream("GET", url, headers=headers) as r:
-            if r.status_code == 404:
-                raise ReleaseNotFound(f"{name}: not found at {url} (HTTP 404)")
-            if r.status_code == 416 and have:
-                m = _CONTENT_RANGE_RE.fullmatch(r.headers.get("content-range", "").strip())
-                if m and m.group(3) != "*" and int(m.group(3)) == have:
-                    return  # the earlier run had every byte; it stopped before verifying
-                _unlink(part, meta_path)
-                raise TransferInterrupted(
-                    f"{name}: the mirror refused to resume at byte {have}; the partial file was "
-                    "discarded: run the command again to start it afresh"
-                )
-            if r.status_code == 206 and have:
-                m = _CONTENT_RANGE_RE.fullmatch(r.headers.get("content-range", "").strip())
-                if not m or m.group(1) is None or int(m.group(1)) != have:
-                    raise FetchError(
-                        f"{url}: asked for bytes {have}- and got Content-Range "
-                        f"{r.headers.get('content-range')!r}"
-                    )
-                total = int(m.group(3)) if m.group(3) != "*" else None
-                mode = "ab"
-            elif r.status_code == 200:
-                if have:
-                    reporter.note(
-                        f"{name}: the mirror sent the whole file again (it changed, or the "
-                        "mirror does not resume); starting over"
-                    )
-                have = written = 0
-                length = r.headers.get("content-length")
-                total = int(length) if length and length.isdigit() else None
-                mode = "wb"
-                meta = {
-                    "url": url,
-                    "etag": r.headers.get("etag"),
-                    "last_modified": r.headers.get("last-modified"),
-                    "total": total,
-                }
-                write_atomically(meta_path, json.dumps(meta).encode())
-            else:
-                raise FetchError(f"{url}: HTTP {r.status_code}")
-            reporter.begin(name, total, have)
-            try:
-                with open(part, mode) as out:
-                    for chunk in r.iter_raw(_CHUNK):
-                        out.write(chunk)
-                        written += len(chunk)
-                        reporter.advance(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-            finally:
-                reporter.end()
-    except httpx.HTTPError as e:
-        of = f" of {total}" if total else ""
-        raise TransferInterrupted(
-            f"{name}: download interrupted after {written}{of} bytes ({type(e).__name__}: {e}); "
-            "the partial file is kept: run the same command again to resume"
-        ) from None
-    if total is not None and written != total:
-        raise TransferInterrupted(
-            f"{name}: the mirror sent {written} of {total} bytes; the partial file is kept: "
-            "run the same command again to resume"
-        )
-
-
 # -- publishing ---------------------------------------------------------------------------------------
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into(src: Path, dst: Path) -> None:
-    """Rename src to dst atomically; across filesystems, by a copy next to dst first."""
-    try:
-        os.replace(src, dst)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, _CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            _unlink(Path(tmp))
-            raise
-        _unlink(src)
-    _fsync_dir(dst.parent)
-
-
-def _symlink_atomically(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.link-tmp")
-    _unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def _sha256_of(path: Path) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
 
 
 def _set_current(req: FetchRequest, arch_dir: Path, version: str) -> bool:

@@ -1,0 +1,272 @@
+"""What every `bastion assets fetch` shares: resumable downloads, a per-site lock, progress, and
+files put in place atomically.
+
+Nothing here knows which OS or firmware is fetched. A download goes to a ``.part`` file next to a
+small ``.part.json`` holding the URL and the validator (ETag or Last-Modified) of the response that
+started it; the next run continues it with ``Range: bytes=<size>-`` and ``If-Range`` (RFC 9110
+14.2, 13.1.5), so a file that changed on the mirror meanwhile comes back whole. The callers check
+what was downloaded (a signature, a pinned checksum) before anything reaches a served directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from bastion.site.holder import write_atomically
+
+# Small files (version.txt, .sig) are a few hundred bytes; a mirror that sends more is refused.
+SMALL_FILE_LIMIT = 1 << 20
+CHUNK = 256 * 1024
+
+
+def new_client() -> httpx.Client:
+    """The HTTP client a fetch uses when the caller gives none."""
+    return httpx.Client(
+        follow_redirects=True,  # release servers redirect to their CDNs
+        timeout=httpx.Timeout(30.0, read=120.0),
+        headers={"User-Agent": "edge-bastion assets fetch"},
+    )
+
+
+# -- errors: each says what happened to which file and what to do ---------------------------------
+
+
+class FetchError(Exception):
+    """A fetch that did not complete; str() is the message for the user."""
+
+
+class ReleaseNotFound(FetchError):
+    pass
+
+
+class TransferInterrupted(FetchError):
+    """The connection failed mid-file; the .part file is kept and the next run resumes it."""
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+
+class Reporter(Protocol):
+    """What the CLI shows while fetching: a progress bar per file, and notes."""
+
+    def begin(self, name: str, total: int | None, done: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def end(self) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    def begin(self, name: str, total: int | None, done: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+# -- the lock and small files ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FetchError(
+                f"another `bastion assets fetch` is running for this site ({lock_path} is locked)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def get_small(client: httpx.Client, url: str) -> bytes | None:
+    """The body of a small file, None on 404; FetchError on anything else."""
+    try:
+        with client.stream("GET", url) as r:
+            if r.status_code == 404:
+                return None
+            if r.status_code != 200:
+                raise FetchError(f"{url}: HTTP {r.status_code}")
+            body = b""
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > SMALL_FILE_LIMIT:
+                    raise FetchError(f"{url}: larger than {SMALL_FILE_LIMIT} bytes; refused")
+            return body
+    except httpx.HTTPError as e:
+        raise FetchError(f"{url}: {type(e).__name__}: {e}") from None
+
+
+# -- resumable download -----------------------------------------------------------------------------
+
+
+def meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def unlink(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def download_resumable(
+    client: httpx.Client, url: str, part: Path, name: str, reporter: Reporter
+) -> None:
+    """Complete `part` with url's bytes, continuing what an earlier run left.
+
+    The validator (ETag, else Last-Modified) of the response that started the file is kept next
+    to it; the resuming request carries it as If-Range (RFC 9110 13.1.5), so a file that changed
+    on the mirror comes back whole (200) instead of as a tail that does not fit.
+    """
+    meta_file = meta_path(part)
+    have = part.stat().st_size if part.exists() else 0
+    meta: dict = {}
+    if have:
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads(meta_file.read_text())
+        if meta.get("url") != url:
+            have, meta = 0, {}
+    headers = {"Accept-Encoding": "identity"}  # byte offsets must be offsets into the file
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        validator = meta.get("etag") or meta.get("last_modified")
+        if validator:
+            headers["If-Range"] = validator
+    written = have
+    total: int | None = None
+    try:
+        with client.stream("GET", url, headers=headers) as r:
+            if r.status_code == 404:
+                raise ReleaseNotFound(f"{name}: not found at {url} (HTTP 404)")
+            if r.status_code == 416 and have:
+                m = _CONTENT_RANGE_RE.fullmatch(r.headers.get("content-range", "").strip())
+                if m and m.group(3) != "*" and int(m.group(3)) == have:
+                    return  # the earlier run had every byte; it stopped before verifying
+                unlink(part, meta_file)
+                raise TransferInterrupted(
+                    f"{name}: the mirror refused to resume at byte {have}; the partial file was "
+                    "discarded: run the command again to start it afresh"
+                )
+            if r.status_code == 206 and have:
+                m = _CONTENT_RANGE_RE.fullmatch(r.headers.get("content-range", "").strip())
+                if not m or m.group(1) is None or int(m.group(1)) != have:
+                    raise FetchError(
+                        f"{url}: asked for bytes {have}- and got Content-Range "
+                        f"{r.headers.get('content-range')!r}"
+                    )
+                total = int(m.group(3)) if m.group(3) != "*" else None
+                mode = "ab"
+            elif r.status_code == 200:
+                if have:
+                    reporter.note(
+                        f"{name}: the mirror sent the whole file again (it changed, or the "
+                        "mirror does not resume); starting over"
+                    )
+                have = written = 0
+                length = r.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                mode = "wb"
+                meta = {
+                    "url": url,
+                    "etag": r.headers.get("etag"),
+                    "last_modified": r.headers.get("last-modified"),
+                    "total": total,
+                }
+                write_atomically(meta_file, json.dumps(meta).encode())
+            else:
+                raise FetchError(f"{url}: HTTP {r.status_code}")
+            reporter.begin(name, total, have)
+            try:
+                with open(part, mode) as out:
+                    for chunk in r.iter_raw(CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+                        reporter.advance(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                reporter.end()
+    except httpx.HTTPError as e:
+        of = f" of {total}" if total else ""
+        raise TransferInterrupted(
+            f"{name}: download interrupted after {written}{of} bytes ({type(e).__name__}: {e}); "
+            "the partial file is kept: run the same command again to resume"
+        ) from None
+    if total is not None and written != total:
+        raise TransferInterrupted(
+            f"{name}: the mirror sent {written} of {total} bytes; the partial file is kept: "
+            "run the same command again to resume"
+        )
+
+
+# -- putting files in place ---------------------------------------------------------------------------
+
+
+def fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_into(src: Path, dst: Path) -> None:
+    """Rename src to dst atomically; across filesystems, by a copy next to dst first."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            unlink(Path(tmp))
+            raise
+        unlink(src)
+    fsync_dir(dst.parent)
+
+
+def symlink_atomically(target: str, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.link-tmp")
+    unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def sha256_of(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
