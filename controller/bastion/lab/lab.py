@@ -520,20 +520,36 @@ class Lab:
 
     def boot(self, node: str, timeout: float = 300.0, progress=print) -> BootResult:
         """Power a node on through the device and follow its boot to the callback."""
+        return self.boot_many([node], timeout, progress)[0]
+
+    def boot_many(self, nodes: list[str], timeout: float = 300.0, progress=print) -> list[BootResult]:
+        """Power the nodes on one after the other (the device staggers the relays) and follow
+        every boot, running at the same time, to its callback."""
         from bastion.lab import trace
 
-        n = self.node(node)
         started = time.monotonic()
-        after = self.power_on(node)
-        progress(f"{node}: relay on; waiting for its callback (up to {timeout:.0f}s)")
-        cb = self.wait_callback(node, after, timeout)
-        elapsed = time.monotonic() - started
-        self._wait(lambda: self.vm_state(node) == "halted", 30, f"{node} powered itself off")
-        events = self.events(after)
-        ignition = json.loads(self.http(f"/ignition?mac={n.mac.replace(':', '-')}") or "{}")
-        return BootResult(node=n, after=after, callback=cb, events=events,
-                          steps=trace.timeline(events, n.mac, n.name),
-                          problems=trace.check_callback(cb, ignition), seconds=elapsed)
+        after = {}
+        for node in nodes:
+            after[node] = self.power_on(node)
+            progress(f"{node}: relay on; waiting for its callback (up to {timeout:.0f}s)")
+        results = []
+        for node in nodes:
+            n = self.node(node)
+            left = max(1.0, timeout - (time.monotonic() - started))
+            cb = self.wait_callback(node, after[node], left)
+            elapsed = cb["ts"] - self._event_ts(after[node] + 1)
+            self._wait(lambda: self.vm_state(node) == "halted", 30, f"{node} powered itself off")
+            events = self.events(after[node])
+            ignition = json.loads(self.http(f"/ignition?mac={n.mac.replace(':', '-')}") or "{}")
+            results.append(BootResult(node=n, after=after[node], callback=cb, events=events,
+                                      steps=trace.timeline(events, n.mac, n.name),
+                                      problems=trace.check_callback(cb, ignition), seconds=elapsed))
+        return results
+
+    def _event_ts(self, event_id: int) -> float:
+        """The time of the first event with an id of at least `event_id`."""
+        evs = self.events(event_id - 1)
+        return evs[0]["ts"] if evs else time.time()
 
     def _wait(self, pred, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
