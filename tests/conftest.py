@@ -22,6 +22,19 @@ from bastion import sim as sim_mod  # noqa: E402
 from simkit import free_udp_port  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_home(tmp_path_factory):
+    """Tests never write the user's state (event history, secret store) under ~/.local/state:
+    XDG_STATE_HOME, which both default to, points into the session's temporary directory."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
+
+
 class SimBoard:
     """A running sim board: the firmware as .mpy under the unix port, events read from stdout."""
 

@@ -2,14 +2,23 @@
 
 Transport-neutral like matchbox's `server` package: the HTTP handlers only turn a request into a
 BootRequest, call one of these, record the event and send the Answer.
+
+Two pieces of controller state change the answers, and are passed in as a `Provisioning` (without
+one, the answers are matchbox's: pure functions of the site and the request):
+- one-time Ignition URLs (bastion.onetime): a profile whose Ignition reads `secrets` gets a
+  token in its boot script's Ignition URL, and `onetime_ignition` serves the config once for it;
+- install-once marks (bastion.install): an installed machine's boot script boots its local disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from urllib.parse import quote
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
 
-from bastion import match
+from bastion import install, match
+from bastion.onetime import IgnitionTokens, TokenRefused
 from bastion.render import boot as scripts
 from bastion.render import ignition
 from bastion.render.config import (
@@ -19,9 +28,10 @@ from bastion.render.config import (
     metadata_env,
     render_generic,
     render_ignition,
+    uses_secrets,
     variables,
 )
-from bastion.site.model import ARCH_ALIASES, Boot, Group, Profile, Site
+from bastion.site.model import ARCH_ALIASES, Boot, Group, Machine, Profile, Site
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -35,10 +45,25 @@ class Answer:
     group: Group | None = None
     profile: Profile | None = None
     error: str | None = None
+    # more for the request's `boot` event payload (e.g. {"boot": "local-disk"})
+    detail: dict[str, Any] = field(default_factory=dict)
+    # an `ignition-token` event to record with it: what happened to a one-time URL
+    token_event: dict[str, Any] | None = None
 
     @property
     def machine(self) -> str | None:
         return self.group.machine.name if self.group and self.group.machine else None
+
+
+@dataclass(frozen=True)
+class Provisioning:
+    """The controller state the boot answers read and change (see the module's docstring)."""
+
+    tokens: IgnitionTokens
+    installs: install.InstallMarks
+    # the machine's `secrets` for its one-time URL: bastion.secrets.machine_secrets, bound to the
+    # controller's secret store
+    secrets_for: Callable[[Site, Machine], Mapping[str, Any]]
 
 
 def describe(labels: dict[str, str]) -> str:
@@ -76,7 +101,7 @@ def machine_arch(group: Group, labels: dict[str, str]) -> str | None:
     return ARCH_ALIASES.get(arch, arch) if arch else None
 
 
-def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str) -> Boot | None:
+def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str, token: str | None = None) -> Boot | None:
     """The boot settings to hand out; Flatcar profiles get their PXE kernel arguments.
 
     The Ignition URL names the machine by the MAC it booted with when known, otherwise it leaves
@@ -84,6 +109,7 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str) -> B
     carries the group's other selectors, so that Ignition's request selects this same group (a
     machine declared by its UUID, a group that selects by labels). No other group can come
     first: one that matches this subset of the boot request's labels matched them all.
+    With a one-time `token` (bastion.onetime), the URL starts with `token=<token>`.
     """
     boot = profile.boot_for(machine_arch(group, req.labels))
     if boot is None or profile.format != "bastion" or profile.os != "flatcar":
@@ -98,16 +124,31 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str) -> B
         for key, value in sorted(group.selector.items())
         if key.lower() != "mac"
     ]
+    if token is not None:
+        parts.insert(0, f"token={token}")
     ident = "&".join(parts)
     url = f"{req.base_url}/ignition?{ident}" if profile.ignition else None
     return scripts.flatcar_boot(boot, url)
 
 
-def _boot_answer(site: Site, req: BootRequest, loader: str) -> Answer:
+def reads_secrets(site: Site, profile: Profile) -> bool:
+    """Whether the profile's Ignition template reads `secrets` (so it needs a one-time URL)."""
+    tf = site.ignition.get(profile.ignition) if profile.ignition else None
+    return tf is not None and profile.engine == "jinja" and uses_secrets(tf)
+
+
+def _boot_answer(site: Site, req: BootRequest, loader: str, prov: Provisioning | None) -> Answer:
     found = select(site, req.labels)
     if found is None:
         return _no_match(req.labels)
     group, profile = found
+    machine = group.machine
+    if prov is not None and machine is not None and profile.install == "once":
+        mark = prov.installs.get(machine.name)
+        if mark is not None:
+            body = install.local_ipxe(machine.name) if loader == "ipxe" else install.local_grub(machine.name)
+            return Answer(200, body, group=group, profile=profile,
+                          detail={"boot": "local-disk", "installed_at": mark.installed_at})  # fmt: skip
     boot = boot_for(group, profile, req, loader)
     if boot is None:
         return Answer(
@@ -117,19 +158,56 @@ def _boot_answer(site: Site, req: BootRequest, loader: str) -> Answer:
             profile=profile,
             error="profile has no boot settings",
         )
+    token_event = None
+    # boot_for put an Ignition URL in a Flatcar profile's arguments: make it a one-time one
+    if prov is not None and profile.os == "flatcar" and reads_secrets(site, profile):
+        issued = _issue_token(group, profile, req, prov.tokens)
+        if isinstance(issued, Answer):
+            return issued
+        token, token_event = issued
+        boot = boot_for(group, profile, req, loader, token)
     if loader == "ipxe":
         body = scripts.ipxe_script(boot)
     else:
         body = scripts.grub_config(boot, profile.name)
-    return Answer(200, body, group=group, profile=profile)
+    return Answer(200, body, group=group, profile=profile, token_event=token_event)
 
 
-def ipxe(site: Site, req: BootRequest) -> Answer:
-    return _boot_answer(site, req, "ipxe")
+def _issue_token(group: Group, profile: Profile, req: BootRequest, tokens: IgnitionTokens) -> tuple[str, dict] | Answer:
+    """A one-time token for this boot script, or the Answer that refuses the script."""
+    machine = group.machine
+    if machine is None:
+        return Answer(
+            403,
+            f"profile {profile.id!r}'s Ignition config reads secrets, which are kept per machine: "
+            f"declare this machine ({describe(req.labels)}) in machines.yaml\n",
+            group=group,
+            profile=profile,
+            error="holds secrets: machine not declared",
+        )
+    if machine.address and req.client != machine.address:
+        return Answer(
+            403,
+            f"{machine.name}'s boot script holds a one-time Ignition URL and is served only to its "
+            f"address {machine.address} (machines.yaml); this request came from "
+            f"{req.client or 'an unknown address'}\n",
+            group=group,
+            profile=profile,
+            error="holds secrets: wrong address",
+            token_event={"action": "refused", "reason": "wrong-machine", "client": req.client,
+                         "expected_client": machine.address, "at": "boot script"},
+        )  # fmt: skip
+    mac = req.labels.get("mac") or machine.mac
+    token, grant = tokens.issue(machine=machine.name, mac=mac, group=group.id, profile=profile.id, client=req.client)
+    return token, {"action": "issued", "token": grant.ref, "client": req.client, "expires_at": grant.expires_at}
 
 
-def grub(site: Site, req: BootRequest) -> Answer:
-    return _boot_answer(site, req, "grub")
+def ipxe(site: Site, req: BootRequest, prov: Provisioning | None = None) -> Answer:
+    return _boot_answer(site, req, "ipxe", prov)
+
+
+def grub(site: Site, req: BootRequest, prov: Provisioning | None = None) -> Answer:
+    return _boot_answer(site, req, "grub", prov)
 
 
 def ignition_config(site: Site, req: BootRequest) -> Answer:
@@ -152,6 +230,67 @@ def ignition_config(site: Site, req: BootRequest) -> Answer:
     except RenderError as e:
         return Answer(500, f"cannot render Ignition: {e}\n", group=group, profile=profile, error=str(e))
     return Answer(200, ignition.dumps(config), JSON, group=group, profile=profile)
+
+
+def without_token(req: BootRequest) -> tuple[str, BootRequest]:
+    """The request's `token` and the request as templates see it: without the token (so that a
+    config that prints `request.raw_query` does not carry it)."""
+    token = req.labels.get("token", "")
+    labels = {k: v for k, v in req.labels.items() if k != "token"}
+    raw = urlencode([(k, v) for k, v in parse_qsl(req.raw_query, keep_blank_values=True) if k.lower() != "token"])
+    return token, BootRequest(labels, raw, req.base_url, req.client)
+
+
+def _token_refused(e: TokenRefused, group: Group | None = None, profile: Profile | None = None,
+                   client: str | None = None) -> Answer:  # fmt: skip
+    event: dict[str, Any] = {"action": "refused", "reason": e.reason, "client": client}
+    if e.grant is not None:
+        event.update(token=e.grant.ref, expected_client=e.grant.client, machine=e.grant.machine,
+                     mac=e.grant.mac, expires_at=e.grant.expires_at)  # fmt: skip
+    return Answer(e.status, f"{e.message}\n", group=group, profile=profile,
+                  error=f"one-time URL refused: {e.reason}", token_event=event)  # fmt: skip
+
+
+def onetime_ignition(site: Site, req: BootRequest, prov: Provisioning) -> Answer:
+    """`/ignition?token=...`: the machine's config, with its secrets, once (bastion.onetime).
+
+    The token is checked (known, unused, not superseded, unexpired, this client, this MAC), the
+    request's labels must select the group it was issued for, the config is rendered with the
+    machine's secrets, and only then is the token used up: a config that cannot be rendered
+    leaves it good for a retry."""
+    token, req = without_token(req)
+    try:
+        grant = prov.tokens.check(token, client=req.client, mac=req.labels.get("mac"))
+    except TokenRefused as e:
+        return _token_refused(e, client=req.client)
+    found = select(site, req.labels)
+    group = found[0] if found else site.group(grant.group)
+    if group is None or group.id != grant.group or group.machine is None:
+        e = TokenRefused(
+            "wrong-machine",
+            f"this one-time Ignition URL belongs to {grant.machine} (group {grant.group}); this request "
+            f"is for {group.id if group else 'no group'} ({describe(req.labels)})",
+            grant,
+        )
+        return _token_refused(e, client=req.client)
+    profile = site.profiles[group.profile]
+    if not profile.ignition:
+        return Answer(404, f"profile {profile.id!r} ({profile.source}) has no Ignition config\n",
+                      group=group, profile=profile, error="profile has no Ignition config")  # fmt: skip
+    try:
+        secrets = prov.secrets_for(site, group.machine)
+        config = render_ignition(site, group, profile, req, secrets=secrets)
+    except RenderError as e:
+        return Answer(500, f"cannot render Ignition: {e}\n", group=group, profile=profile, error=str(e))
+    except ValueError as e:  # the secret store (SecretError) or a secret that cannot be made
+        return Answer(500, f"cannot read {group.machine.name}'s secrets: {e}\n", group=group, profile=profile,
+                      error=f"secrets: {e}")  # fmt: skip
+    try:
+        grant = prov.tokens.redeem(grant, client=req.client)
+    except TokenRefused as e:
+        return _token_refused(e, group, profile, req.client)
+    return Answer(200, ignition.dumps(config), JSON, group=group, profile=profile,
+                  token_event={"action": "fetched", "token": grant.ref, "client": req.client})  # fmt: skip
 
 
 def generic(site: Site, req: BootRequest) -> Answer:

@@ -26,9 +26,13 @@ def _register() -> None:
 
     main.add_command(assets_cli.assets_group)
 
-    from bastion import device_cli, serve_cli
+    from bastion import cluster_cli
 
-    for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS):
+    main.add_command(cluster_cli.cluster_group)
+
+    from bastion import device_cli, machine_cli, serve_cli
+
+    for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS):
         main.add_command(command)
 
 

@@ -1,10 +1,14 @@
 """The controller's secret store: join tokens, WireGuard keys and the like, generated here and kept
 outside the site directory (which lives in git) and off every public endpoint.
 
-One directory per site (default $XDG_STATE_HOME/edge-bastion/secrets/<site>, mode 0700), one file
-per secret (mode 0600), written atomically: a secret is created once, the first time something
-asks for it, and read back the same ever after. Names are paths of plain components, e.g.
-`k3s/token` or `wireguard/node1.key`.
+One directory per site (default $XDG_STATE_HOME/edge-bastion/secrets/<site>, or
+$BASTION_SECRETS_DIR; mode 0700), one file per secret (mode 0600), written atomically: a secret is
+created once, the first time something asks for it, and read back the same ever after. Names are
+paths of plain components, e.g. `k3s/home/token` or `wireguard/node1.key`.
+
+A k3s cluster's secrets (`machine_secrets`): `k3s/<cluster>/token` (the servers' join token),
+`k3s/<cluster>/agent-token` (the agents'), and `wireguard/<machine>.key` (each node's private
+key; its public key is derived, never stored).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import secrets as _random
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bastion.site.model import Machine, Site
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -28,6 +36,15 @@ def default_secrets_dir(site_name: str) -> Path:
     """$XDG_STATE_HOME/edge-bastion/secrets/<site> (~/.local/state/... when unset)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "edge-bastion" / "secrets" / site_name
+
+
+def secrets_dir(site_name: str, override: Path | str | None = None) -> Path:
+    """The store's directory: `override`, else $BASTION_SECRETS_DIR, else the default."""
+    if override:
+        return Path(override)
+    if os.environ.get("BASTION_SECRETS_DIR"):
+        return Path(os.environ["BASTION_SECRETS_DIR"])
+    return default_secrets_dir(site_name)
 
 
 def random_token(nbytes: int = 32) -> str:
@@ -119,3 +136,57 @@ class SecretStore:
         return sorted(
             str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")
         )
+
+
+# --- a k3s cluster's secrets ---------------------------------------------------------------------
+
+
+def token_name(cluster: str) -> str:
+    return f"k3s/{cluster}/token"
+
+
+def agent_token_name(cluster: str) -> str:
+    return f"k3s/{cluster}/agent-token"
+
+
+def wireguard_key_name(machine: str) -> str:
+    return f"wireguard/{machine}.key"
+
+
+def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[str, Any]:
+    """The `secrets` a machine's templates get on its one-time URL, made on first use.
+
+    For a k3s node (site.yaml cluster:, role server or agent):
+      k3s_token        the token it joins with: the servers' token on servers, the agents' on
+                       agents (an agent's config never holds the servers' token)
+      k3s_agent_token  servers only: the agents' token (k3s --agent-token-file)
+      wireguard        {private_key, public_key}, when the node has a tunnel
+    Other machines have none: {}.
+    """
+    node = machine.node
+    if node is None:
+        return {}
+    cluster = node["name"]
+    server_token = store.get_or_create(token_name(cluster), random_token)
+    agent_token = store.get_or_create(agent_token_name(cluster), random_token)
+    out: dict[str, Any] = {}
+    if node["server"]:
+        out["k3s_token"] = server_token
+        out["k3s_agent_token"] = agent_token
+    else:
+        out["k3s_token"] = agent_token
+    if node["wireguard"] is not None:
+        private = store.get_or_create(wireguard_key_name(machine.name), wireguard_private_key)
+        out["wireguard"] = {"private_key": private, "public_key": wireguard_public_key(private)}
+    return out
+
+
+def wireguard_public_keys(store: SecretStore, site: Site) -> dict[str, str]:
+    """Each tunnelled node's WireGuard public key (the private keys are made if missing, so the
+    management side can be set up before the nodes first boot)."""
+    out = {}
+    for m in site.cluster_nodes:
+        if m.node["wireguard"] is not None:
+            private = store.get_or_create(wireguard_key_name(m.name), wireguard_private_key)
+            out[m.name] = wireguard_public_key(private)
+    return out

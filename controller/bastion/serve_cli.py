@@ -33,11 +33,22 @@ from bastion.settings import Settings, SettingsError, default_db_path, parse_lis
 @click.option("--device", "device_port", envvar="BASTION_DEVICE", metavar="PORT",
               help="The device's serial line (/dev/ttyACM0, the sim board's PTY): power "
                    "control and device events in the history.")  # fmt: skip
+@click.option("--tftp", "tftp", envvar="BASTION_TFTP", metavar="ADDR:PORT",
+              help="Also serve the site's tftp/ directory over TFTP (read-only) on ADDR:PORT, "
+                   "e.g. 10.77.0.3:69: big files such as a Raspberry Pi's boot files "
+                   "(docs/controller.md). Off by default.")  # fmt: skip
+@click.option("--secrets", "--secrets-dir", "secrets_dir", envvar="BASTION_SECRETS_DIR",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The secret store (k3s tokens, WireGuard keys) [default: "
+                   "$XDG_STATE_HOME/edge-bastion/secrets/<site>].")  # fmt: skip
+@click.option("--ignition-token-ttl", envvar="BASTION_IGNITION_TOKEN_TTL", type=float,
+              default=None, metavar="SECONDS",
+              help="How long a one-time Ignition URL stays good [default: 900].")  # fmt: skip
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
-def serve(site_dir, listen, db_path, token_file, poll_seconds, device_port, log_level,
-          access_log) -> None:
+def serve(site_dir, listen, db_path, token_file, poll_seconds, device_port, tftp, secrets_dir,
+          ignition_token_ttl, log_level, access_log) -> None:
     """Serve iPXE, GRUB, Ignition and assets for the site, and the management API."""
     import uvicorn
 
@@ -47,7 +58,9 @@ def serve(site_dir, listen, db_path, token_file, poll_seconds, device_port, log_
     try:
         host, port = parse_listen(listen)
         settings = Settings.build(site_dir, db_path, token_file=token_file,
-                                  poll_seconds=poll_seconds, device_port=device_port)
+                                  poll_seconds=poll_seconds, device_port=device_port,
+                                  tftp=tftp, secrets_dir=secrets_dir,
+                                  ignition_token_ttl=ignition_token_ttl)
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     try:
@@ -58,16 +71,22 @@ def serve(site_dir, listen, db_path, token_file, poll_seconds, device_port, log_
             click.echo(f"  {problem}", err=True)
         sys.exit(2)
     site = app.state.runtime.holder.site
+    tftp_at = "{}:{}".format(*settings.tftp_listen) if settings.tftp_listen else "off"
     click.echo(
         f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
         f"{len(site.groups)} groups; events in {settings.db_path}; "
         f"management API {'enabled' if settings.api_token else 'disabled (no token)'}; "
-        f"device {settings.device_port or 'none'}",
+        f"device {settings.device_port or 'none'}; "
+        f"TFTP {tftp_at}",
         err=True,
     )
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    from bastion.api.grubcompat import GrubHttpToolsProtocol
+
+    # httptools as uvicorn would pick, but GRUB gets `Content-Length` as it spells it (grubcompat)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                http=GrubHttpToolsProtocol)
 
 
 def _format_event(e: dict) -> str:

@@ -7,6 +7,10 @@
     BASTION_API_TOKEN_FILE   a file holding it (first line)
     BASTION_POLL_SECONDS     how often to look for changed site files (0: never; default 1)
     BASTION_DEVICE           the device's serial line (e.g. /dev/ttyACM0, the sim board's PTY)
+    BASTION_TFTP             ADDR:PORT for the controller's own TFTP server (the site's tftp/);
+                             unset: no TFTP
+    BASTION_SECRETS_DIR      the secret store (default: bastion.secrets.default_secrets_dir)
+    BASTION_IGNITION_TOKEN_TTL  seconds a one-time Ignition URL stays good (default 900)
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+DEFAULT_IGNITION_TOKEN_TTL = 15 * 60.0
 
 
 class SettingsError(ValueError):
@@ -50,11 +56,11 @@ def resolve_token(token: str | None = None, token_file: Path | None = None) -> s
     return None
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     """'HOST:PORT' or '[v6]:PORT' -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(f"--listen {text!r}: expected HOST:PORT")
+        raise SettingsError(f"{option} {text!r}: expected HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
@@ -66,6 +72,10 @@ class Settings:
     api_token: str | None = None
     poll_seconds: float = 1.0
     device_port: str | None = None  # the device's serial line (pyserial port or URL)
+    tftp_listen: tuple[str, int] | None = None  # `serve --tftp ADDR:PORT`: serve tftp/ there
+    # the secret store's directory; None: bastion.secrets.secrets_dir(<site name>) picks it
+    secrets_dir: Path | None = None
+    ignition_token_ttl: float = DEFAULT_IGNITION_TOKEN_TTL  # seconds (bastion.onetime)
 
     @classmethod
     def build(
@@ -76,14 +86,39 @@ class Settings:
         token_file: Path | None = None,
         poll_seconds: float | None = None,
         device_port: str | None = None,
+        tftp: str | None = None,
+        secrets_dir: Path | str | None = None,
+        ignition_token_ttl: float | None = None,
     ) -> Settings:
         if poll_seconds is None:
             poll_seconds = float(os.environ.get("BASTION_POLL_SECONDS", "1"))
         db = db_path or os.environ.get("BASTION_DB") or default_db_path()
+        tftp = tftp or os.environ.get("BASTION_TFTP") or None
+        tftp_listen = None
+        if tftp:
+            tftp_listen = parse_listen(tftp, "--tftp")
+            if not (Path(site_dir) / "tftp").is_dir():
+                raise SettingsError(
+                    f"--tftp {tftp}: the site has no tftp/ directory ({Path(site_dir) / 'tftp'}) "
+                    "to serve"
+                )
+        if ignition_token_ttl is None:
+            text = os.environ.get("BASTION_IGNITION_TOKEN_TTL") or str(DEFAULT_IGNITION_TOKEN_TTL)
+            try:
+                ignition_token_ttl = float(text)
+            except ValueError:
+                raise SettingsError(f"--ignition-token-ttl {text!r}: expected seconds") from None
+        if not 0 < ignition_token_ttl <= 86400:
+            raise SettingsError(
+                f"--ignition-token-ttl {ignition_token_ttl:g}: expected seconds, more than 0 and at most 86400"
+            )
         return cls(
             site_dir=Path(site_dir),
             db_path=Path(db),
             api_token=resolve_token(api_token, token_file),
             poll_seconds=poll_seconds,
             device_port=device_port or os.environ.get("BASTION_DEVICE") or None,
+            tftp_listen=tftp_listen,
+            secrets_dir=Path(secrets_dir) if secrets_dir else None,
+            ignition_token_ttl=ignition_token_ttl,
         )

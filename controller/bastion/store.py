@@ -17,6 +17,10 @@ kind of event (dhcp, tftp, power, watchdog from the device link) needs no schema
 
 The history is not precious (design: it can be lost); WAL with synchronous=NORMAL keeps each
 insert cheap, and a lost tail after a power cut is acceptable.
+
+The same file also holds two small tables of controller state that must not lose a write
+(`open_state_db`): one-time Ignition tokens (bastion.onetime) and install-once marks
+(bastion.install). Deleting the file forgets them too; see those modules for what that means.
 """
 
 from __future__ import annotations
@@ -173,6 +177,19 @@ def _event(row: tuple) -> Event:
     except ValueError:
         data = {"raw": payload}
     return Event(id_, ts, kind, source, mac, machine, endpoint, profile, grp, status, data)
+
+
+def open_state_db(path: Path | str) -> sqlite3.Connection:
+    """A connection to the history's database for controller state: its own connection, so that
+    its writes are synchronous=FULL (a committed state change survives a power cut) while the
+    events keep their cheap NORMAL inserts. Callers use `with conn:` for one transaction."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
 
 
 def open_readonly(path: Path | str) -> EventStore:

@@ -66,7 +66,7 @@ class Server:
     """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1."""
 
     def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2,
-                 device: str | None = None):
+                 device: str | None = None, args: tuple[str, ...] = ()):
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = db
@@ -79,7 +79,7 @@ class Server:
             [sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site),
              "--listen", f"127.0.0.1:{self.port}", "--db", str(db), "--poll", str(poll),
              "--no-access-log", "--log-level", "warning",
-             *(["--device", device] if device else [])],
+             *(["--device", device] if device else []), *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + 20

@@ -49,7 +49,11 @@ from bastion_testkit import EXAMPLES, REPO, make_app, write_assets
 SITE_DOC = REPO / "docs" / "site-files.md"
 CONTROLLER_DOC = REPO / "docs" / "controller.md"
 DOCS = (SITE_DOC, CONTROLLER_DOC)
-ASSET_DIRS = ("flatcar/amd64", "flatcar/arm64")
+ASSET_DIRS = (
+    "flatcar/amd64", "flatcar/arm64",
+    # what `bastion assets fetch flatcar` lays out, which a site's cluster: boots
+    "flatcar/stable/amd64/current", "flatcar/stable/arm64/current",
+)  # fmt: skip
 BASE_URL = "http://10.77.0.1:8080"
 # Starlette's TestClient warns that it will move away from httpx; nothing to act on here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*httpx.*")

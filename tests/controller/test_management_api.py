@@ -30,6 +30,7 @@ ADMIN_ROUTES = [
     ("POST", "/api/v1/device/power/0", {"state": "off"}),
     ("GET", "/api/v1/machines/node1/ignition", None),
     ("GET", "/api/v1/groups/machine:node1/metadata", None),
+    ("POST", "/api/v1/machines/node1/reprovision", None),
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ADMIN_ROUTES]
 
@@ -218,6 +219,7 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         "/healthz": {"get"}, "/metrics": {"get"}, "/api/v1/site": {"get"}, "/api/v1/reload": {"post"},
         "/api/v1/machines": {"get"}, "/api/v1/machines/{name}": {"get", "put", "delete"},
         "/api/v1/machines/{name}/ignition": {"get"}, "/api/v1/machines/{name}/power": {"post"},
+        "/api/v1/machines/{name}/reprovision": {"post"},
         "/api/v1/profiles": {"get"}, "/api/v1/profiles/{pid}": {"get", "put", "delete"},
         "/api/v1/groups": {"get"}, "/api/v1/groups/{gid}": {"get", "put", "delete"},
         "/api/v1/groups/{gid}/metadata": {"get"},
@@ -238,6 +240,7 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         ("/api/v1/reload", "POST"), ("/api/v1/events", "POST"),
         ("/api/v1/machines/{name}/power", "POST"), ("/api/v1/device/power/{channel}", "POST"),
         ("/api/v1/machines/{name}/ignition", "GET"), ("/api/v1/groups/{gid}/metadata", "GET"),
+        ("/api/v1/machines/{name}/reprovision", "POST"),
     }  # fmt: skip
     assert len(secured) == len(ADMIN_ROUTES)
 

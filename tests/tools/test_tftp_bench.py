@@ -137,6 +137,29 @@ def test_heap_report_takes_data_as_peak_minus_code_and_says_when_nothing_was_see
     assert out["concurrent"] == {"booted": False}
 
 
+def test_ratios_cover_the_controller_and_say_who_had_nothing():
+    stats = {"firmware": {"median_s": 3.0}, "controller": {"median_s": 2.0},
+             "tftp-hpa": {"median_s": 1.0}}
+    lines, ratios = tftp_bench.ratio_lines(stats, ["firmware", "controller", "tftp-hpa"])
+    assert ratios == {"tftp-hpa": 3.0, "controller": 1.5, "controller/tftp-hpa": 2.0}
+    assert [ln.split(":")[0].strip() for ln in lines] == [
+        "ratio firmware/tftp-hpa", "ratio firmware/controller", "ratio controller/tftp-hpa"]
+    lines, ratios = tftp_bench.ratio_lines({"tftp-hpa": {"median_s": 1.0}},
+                                           ["controller", "tftp-hpa"])
+    assert ratios == {} and lines == [
+        "  ratio controller/tftp-hpa: n/a (controller had no successful transfer)"]
+
+
+def test_sizes_and_the_default_servers():
+    assert tftp_bench.parse_size("2M") == 2 * 1024 * 1024
+    assert tftp_bench.parse_size("512k") == 512 * 1024
+    assert tftp_bench.parse_size("4096") == 4096
+    args = tftp_bench.parse_args(["--size", "2M"])
+    assert args.size == 2 * 1024 * 1024 and args.servers == list(SERVERS)
+    with pytest.raises(SystemExit):
+        tftp_bench.parse_args(["--size", "lots"])
+
+
 def doc_commands() -> list[list[str]]:
     """The arguments of each bench command in docs/benchmarks.md."""
     prefix = ".venv/bin/python tools/bench/tftp_bench.py"
@@ -206,6 +229,35 @@ def test_quick_run_serves_every_file_whole_and_prints_the_tables(tmp_path):
     assert summary["firmware_heap"]["concurrent_work"] is True
     assert summary["firmware_heap"]["serving_after_burst"] is True
     assert_cleaned_up(*started(out))
+
+
+PI = ["--servers", "firmware,controller,tftp-hpa", "--size", "2M", "--blksize", "1024",
+      "--concurrent", "0"]
+
+
+@pytest.mark.netns
+def test_the_pi_file_run_compares_device_controller_and_tftp_hpa(tmp_path):
+    need_root_and_peers()
+    assert PI in [c[: len(PI)] for c in doc_commands()]
+    out_json = tmp_path / "bench.json"
+    run = subprocess.run(bench_command(*PI, "--reps", "1", "--json", str(out_json)), check=False,
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    assert re.search(r"^result: 6 transfers, 0 failed, 0 corrupt$", out, re.MULTILINE), out
+    for name in ("firmware", "controller", "tftp-hpa"):
+        assert re.search(rf"^  {name} +1 +0 +\d+\.\d+", out, re.MULTILINE), out
+    for pair in ("firmware/tftp-hpa", "firmware/controller", "controller/tftp-hpa"):
+        assert re.search(rf"^  ratio {pair}: \d+\.\d+ \(median time", out, re.MULTILINE), out
+    summary = json.loads(out_json.read_text())
+    assert summary["size"] == 2 * 1024 * 1024
+    assert {f["blksize"] for f in summary["fetches"]} == {1024}
+    assert {f["server"] for f in summary["fetches"]} == {"firmware", "controller", "tftp-hpa"}
+    assert set(summary["sequential"]["1024"]["ratios"]) == {
+        "tftp-hpa", "controller", "controller/tftp-hpa"}
+    ns, work, pids = started(out)
+    assert len(pids) == 3
+    assert_cleaned_up(ns, work, pids)
 
 
 @pytest.mark.netns

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""TFTP benchmark: the firmware on the sim board against tftp-hpa and dnsmasq, same file, same
-client, and the firmware's heap while it serves concurrent transfers.
+"""TFTP benchmark: the firmware on the sim board against tftp-hpa and dnsmasq (and, with
+`--servers ...,controller`, the controller's own TFTP: `bastion serve --tftp`, tftpy), same file,
+same client, and the firmware's heap while it serves concurrent transfers.
 
 One run, inside a network namespace of its own (`eb-bench-<pid>`, loopback only, so port 69 is
 free there and no packet can reach a real interface), everything on 127.0.0.1:
@@ -8,7 +9,9 @@ free there and no packet can reach a real interface), everything on 127.0.0.1:
 1. starts three read-only TFTP servers on one copy each of the same file (by default iPXE's
    ipxe.efi, about 1 MB): the firmware on the MicroPython unix port (`-X heapsize=...`, the
    flash laid out by bastion.sim as `bastion sim` does), tftp-hpa's in.tftpd in the foreground,
-   and dnsmasq's built-in TFTP (on port 69: dnsmasq has no option to move it);
+   and dnsmasq's built-in TFTP (on port 69: dnsmasq has no option to move it); the controller
+   only when asked for (`--servers`), as a user runs it, with a site whose tftp/ holds the file;
+   `--size 2M` serves a file of random bytes made by the bench instead (a Pi's RPI_EFI.fd);
 2. fetches the file from each with curl (`tftp://`, one process per transfer), once per server
    to warm up, then --reps times per block size, interleaved: every repetition visits each
    server, in an order that rotates, so machine noise falls on all of them alike. Every download
@@ -50,9 +53,11 @@ from pathlib import Path
 from bastion import sim
 
 HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
-SERVERS = ("firmware", "tftp-hpa", "dnsmasq")
+SERVERS = ("firmware", "tftp-hpa", "dnsmasq", "controller")
+DEFAULT_SERVERS = ("firmware", "tftp-hpa", "dnsmasq")
 # Ports inside the namespace. dnsmasq's TFTP port is fixed at 69.
-PORTS = {"firmware": 2069, "tftp-hpa": 1069, "dnsmasq": 69}
+PORTS = {"firmware": 2069, "tftp-hpa": 1069, "dnsmasq": 69, "controller": 3069}
+CONTROLLER_HTTP = 3080  # `bastion serve` also serves HTTP; nobody asks it anything here
 FIRMWARE_DHCP_PORT = 2067  # the firmware's other listeners, out of everyone's way
 FIRMWARE_PXE_PORT = 2011
 DEFAULT_FILE = Path("/usr/lib/ipxe/ipxe.efi")
@@ -324,6 +329,16 @@ def dnsmasq_command(root: Path, work: Path) -> list[str]:
     ]
 
 
+def controller_command(site: Path, work: Path, port: int) -> list[str]:
+    # The controller as a user runs it: every transfer also lands in its event history.
+    return [
+        str(Path(sys.executable).parent / "bastion"), "serve", "--site", str(site),
+        "--listen", f"{HOST}:{CONTROLLER_HTTP}", "--tftp", f"{HOST}:{port}",
+        "--db", str(work / "controller-events.db"), "--poll", "0", "--no-access-log",
+        "--log-level", "warning",
+    ]  # fmt: skip
+
+
 def wait_serving(ns: Namespace, server: Server, timeout: float = 20.0) -> None:
     """Until server has bound its UDP port (and, for the firmware, sent its boot event); fails
     the server when it exits or times out instead."""
@@ -530,22 +545,31 @@ TABLE_HEAD = (
 )
 
 
+RATIO_PAIRS = (
+    ("firmware", "tftp-hpa"),
+    ("firmware", "dnsmasq"),
+    ("firmware", "controller"),
+    ("controller", "tftp-hpa"),
+)
+
+
 def ratio_lines(stats: dict[str, dict], servers: list[str]) -> tuple[list[str], dict]:
-    """firmware/peer ratios of median seconds per transfer, for each peer in the run."""
+    """Ratios of median seconds per transfer: the firmware over each peer in the run, and the
+    controller over tftp-hpa. Keys: the peer for the firmware's ratios, "a/b" for the others."""
     out, ratios = [], {}
-    fw = stats.get("firmware", {}).get("median_s")
-    for peer in ("tftp-hpa", "dnsmasq"):
-        if "firmware" not in servers or peer not in servers:
+    for a, b in RATIO_PAIRS:
+        if a not in servers or b not in servers:
             continue
-        other = stats.get(peer, {}).get("median_s")
-        if fw is None or other is None:
-            who = "the firmware" if fw is None else peer
-            out.append(f"  ratio firmware/{peer}: n/a ({who} had no successful transfer)")
+        mine = stats.get(a, {}).get("median_s")
+        other = stats.get(b, {}).get("median_s")
+        if mine is None or other is None:
+            who = a if mine is None else b
+            who = "the firmware" if who == "firmware" else who
+            out.append(f"  ratio {a}/{b}: n/a ({who} had no successful transfer)")
             continue
-        ratios[peer] = fw / other
-        out.append(
-            f"  ratio firmware/{peer}: {fw / other:.2f} (median time; > 1: the firmware is slower)"
-        )
+        ratios[b if a == "firmware" else f"{a}/{b}"] = mine / other
+        who = "the firmware" if a == "firmware" else f"the {a}"
+        out.append(f"  ratio {a}/{b}: {mine / other:.2f} (median time; > 1: {who} is slower)")
     return out, ratios
 
 
@@ -598,6 +622,8 @@ def check_tools() -> None:
     for tool in ("ip", "ss", "curl", "in.tftpd", "dnsmasq"):
         if not shutil.which(tool):
             raise SetupError(f"{tool} not found (tools/setup installs it)")
+    if not (Path(sys.executable).parent / "bastion").is_file():
+        raise SetupError(f"no bastion next to {sys.executable} (tools/setup installs it)")
     try:
         sim.micropython_bin()
     except sim.SimError as e:
@@ -609,6 +635,24 @@ def source_of(path: Path) -> Source:
     return Source(path, path.name, len(data), hashlib.sha256(data).hexdigest())
 
 
+def random_file(work: Path, size: int) -> Path:
+    """A file of `size` random bytes (the same ones every run: a fixed seed)."""
+    import random
+
+    path = work / f"random-{size}.bin"
+    path.write_bytes(random.Random(size).randbytes(size))
+    return path
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": 1024, "M": 1024 * 1024}.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in ("K", "M") else t
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 2M, 512K or 4096")
+    return int(digits) * mult
+
+
 def lay_out(work: Path, source: Source, heap: str) -> dict[str, Server]:
     """Each server's own copy of the file. The directories are world-readable: tftp-hpa and
     dnsmasq read it after dropping root."""
@@ -617,7 +661,11 @@ def lay_out(work: Path, source: Source, heap: str) -> dict[str, Server]:
     flash = work / "flash"
     sim.install_firmware(flash)
     (flash / "device.json").write_text(json.dumps(firmware_config()))
-    roots = {"firmware": flash / "tftp", "tftp-hpa": work / "tftp-hpa", "dnsmasq": work / "dnsmasq"}
+    site = work / "controller-site"
+    site.mkdir()
+    (site / "site.yaml").write_text("site: bench\n")
+    roots = {"firmware": flash / "tftp", "tftp-hpa": work / "tftp-hpa", "dnsmasq": work / "dnsmasq",
+             "controller": site / "tftp"}
     for root in roots.values():
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
@@ -625,7 +673,7 @@ def lay_out(work: Path, source: Source, heap: str) -> dict[str, Server]:
         shutil.copyfile(source.path, dest)
         dest.chmod(0o644)
     servers["firmware"] = Firmware(PORTS["firmware"], flash, heap, work / "firmware.log")
-    for name in ("tftp-hpa", "dnsmasq"):
+    for name in ("tftp-hpa", "dnsmasq", "controller"):
         servers[name] = Server(name, PORTS[name], log=work / f"{name}.log")
     return servers
 
@@ -636,11 +684,12 @@ def start_server(ns: Namespace, server: Server, work: Path) -> None:
     else:
         assert server.log is not None
         root = work / server.name
-        cmd = (
-            tftp_hpa_command(root, server.port)
-            if server.name == "tftp-hpa"
-            else dnsmasq_command(root, work)
-        )
+        if server.name == "tftp-hpa":
+            cmd = tftp_hpa_command(root, server.port)
+        elif server.name == "controller":
+            cmd = controller_command(work / "controller-site", work, server.port)
+        else:
+            cmd = dnsmasq_command(root, work)
         with server.log.open("ab") as log:
             server.proc = ns.start(cmd, stdout=log, stderr=subprocess.STDOUT)
     assert server.proc is not None
@@ -700,7 +749,7 @@ class Bench:
 
 
 def set_up(args: argparse.Namespace, ns: Namespace, work: Path) -> Bench:
-    source = source_of(args.file)
+    source = source_of(random_file(work, args.size) if args.size else args.file)
     servers = lay_out(work, source, args.heap)
     ns.create()
     print(f"bench: namespace {ns.name} (loopback only), work directory {work}", flush=True)
@@ -828,7 +877,7 @@ def report(b: Bench) -> dict:
 def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
     b = set_up(args, ns, work)
     load = os.getloadavg()
-    boot = b.firmware.boot_event() or {}
+    boot = (b.firmware.boot_event() or {}) if "firmware" in args.servers else {}
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "file": str(b.source.path),
@@ -897,11 +946,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--servers",
         type=parse_list,
-        default=list(SERVERS),
-        help=f"which servers, comma-separated (default {','.join(SERVERS)})",
+        default=list(DEFAULT_SERVERS),
+        help=f"which servers, comma-separated, of {','.join(SERVERS)} (default "
+        f"{','.join(DEFAULT_SERVERS)}; controller: `bastion serve --tftp`)",
     )
     p.add_argument(
         "--file", type=Path, default=DEFAULT_FILE, help=f"the file served (default {DEFAULT_FILE})"
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        help="serve a file of this many random bytes made by the bench instead of --file "
+        "(e.g. 2M: a Raspberry Pi's RPI_EFI.fd)",
     )
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds one transfer may take (default 30)"
@@ -926,7 +982,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sim.parse_heap(args.heap)
     except sim.SimError as e:
         p.error(str(e))
-    if not args.file.is_file():
+    if args.size is not None and not 1 <= args.size <= 64 * 1024 * 1024:
+        p.error("--size must be 1 byte to 64M")
+    if args.size is None and not args.file.is_file():
         p.error(f"--file {args.file}: no such file")
     return args
 

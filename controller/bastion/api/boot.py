@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from bastion import boot, match
+from bastion import boot, install, match
 from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url
 from bastion.render.config import BootRequest
 
@@ -31,11 +31,17 @@ def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: bo
     if machine is None and mac:
         known = runtime.holder.site.machine_by_mac(mac)
         machine = known.name if known else None
-    payload = {"query": req.raw_query} if req and req.raw_query else {}
+    raw_query = req.raw_query if req else ""
+    if req is not None and "token" in req.labels:
+        # never a usable one-time token in the history (GET /api/v1/events is open)
+        raw_query = boot.without_token(req)[1].raw_query
+        raw_query = "token=(redacted)" + (f"&{raw_query}" if raw_query else "")
+    payload = {"query": raw_query} if raw_query else {}
     if req is not None and req.client:
         payload["client"] = req.client
     if answer.error:
         payload["error"] = answer.error
+    payload.update(answer.detail)
     runtime.record(
         "boot",
         mac=mac,
@@ -46,6 +52,18 @@ def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: bo
         status=answer.status,
         payload=payload,
     )
+    if answer.token_event is not None:
+        event = dict(answer.token_event)
+        runtime.record(
+            "ignition-token",
+            mac=event.pop("mac", None) or mac,
+            machine=event.pop("machine", None) or machine,
+            endpoint=endpoint,
+            profile=answer.profile.id if answer.profile else None,
+            group=answer.group.id if answer.group else None,
+            status=answer.status,
+            payload=event,
+        )
     runtime.metrics.inc("bastion_boot_requests_total", {"endpoint": endpoint, "status": str(answer.status)})
     runtime.metrics.observe("bastion_boot_request_seconds", time.perf_counter() - started, {"endpoint": endpoint})
     return Response(answer.body, answer.status, media_type=answer.media_type)
@@ -60,7 +78,7 @@ async def boot_ipxe(runtime: RuntimeDep, req: BootRequestDep) -> Response:
 @router.get("/ipxe", summary="The machine's iPXE boot script", description=_QUERY_DOC)
 async def ipxe(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
     started = time.perf_counter()
-    return respond(runtime, "/ipxe", req, boot.ipxe(site, req), started)
+    return respond(runtime, "/ipxe", req, boot.ipxe(site, req, runtime.provisioning), started)
 
 
 @router.get("/grub/grub.cfg", summary="GRUB bootstrap: chains to /grub with the machine's facts")
@@ -76,13 +94,17 @@ async def grub_cfg(runtime: RuntimeDep, site: SiteDep, request: Request,
 @router.get("/grub", summary="The machine's GRUB config", description=_QUERY_DOC)
 async def grub(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
     started = time.perf_counter()
-    return respond(runtime, "/grub", req, boot.grub(site, req), started)
+    return respond(runtime, "/grub", req, boot.grub(site, req, runtime.provisioning), started)
 
 
 @router.get("/ignition", summary="The machine's Ignition config (spec 3.3.0)", description=_QUERY_DOC)
 def ignition(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> Response:
     started = time.perf_counter()
-    return respond(runtime, "/ignition", req, boot.ignition_config(site, req), started)
+    if "token" in req.labels and runtime.provisioning is not None:
+        answer = boot.onetime_ignition(site, req, runtime.provisioning)
+    else:
+        answer = boot.ignition_config(site, req)
+    return respond(runtime, "/ignition", req, answer, started)
 
 
 @router.get("/generic", summary="The machine's generic config", description=_QUERY_DOC)
@@ -142,7 +164,16 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
     runtime.metrics.inc("bastion_callbacks_total")
     if mac is not None and runtime.device is not None:
         runtime.device.heartbeat(mac)  # a node that reports is alive
-    return JSONResponse({"ok": True, "event": event_id, "machine": machine.name if machine else None})
+    answer: dict[str, object] = {"ok": True, "event": event_id, "machine": machine.name if machine else None}
+    profile = site.profiles.get(machine.profile) if machine else None
+    if (machine is not None and profile is not None and profile.install == "once"
+            and runtime.provisioning is not None and install.reports_success(fields)):  # fmt: skip
+        mark = runtime.provisioning.installs.mark(machine.name, mac=mac, profile=profile.id, callback=event_id)
+        if mark is not None:
+            runtime.record("install", mac=mac, machine=machine.name, profile=profile.id, endpoint="/callback",
+                           payload={"state": "installed", "callback": event_id, "client": client})  # fmt: skip
+        answer["installed"] = True
+    return JSONResponse(answer)
 
 
 @router.post(

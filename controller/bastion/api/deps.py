@@ -10,13 +10,16 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bastion import match
+from bastion.boot import Provisioning
 from bastion.devicehub import DeviceHub
 from bastion.metrics import Metrics
 from bastion.render.config import BootRequest
+from bastion.secrets import SecretStore
 from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
 from bastion.site.model import Site
 from bastion.store import EventStore
+from bastion.tftp import TftpService
 
 
 @dataclass
@@ -28,6 +31,10 @@ class Runtime:
     store: EventStore
     metrics: Metrics
     device: DeviceHub | None = None  # `serve --device PORT`
+    tftp: TftpService | None = None  # `serve --tftp ADDR:PORT`
+    secrets: SecretStore | None = None  # `serve --secrets DIR`
+    # one-time Ignition URLs and install-once marks (bastion.boot.Provisioning)
+    provisioning: Provisioning | None = None
 
     def record(self, kind: str, **fields: Any) -> int:
         event_id = self.store.record(kind, **fields)

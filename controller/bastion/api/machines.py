@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import apply_or_422, current_yaml
-from bastion.render.config import BootRequest, RenderError, render_ignition
+from bastion.install import Installed
+from bastion.render.config import BootRequest, RenderError, SecretsRequired, render_ignition
 from bastion.site.model import Machine, Site
 
 router = APIRouter(prefix="/machines", tags=["machines"])
@@ -29,6 +30,18 @@ class MachineOut(BaseModel):
     heartbeat: dict[str, int] | None = None
     group: str
     source: str
+    # install-once (profile `install:`; bastion.install): what its next network boot gets
+    install: str = "always"
+    installed_at: float | None = None  # when it reported its first boot, if it is marked installed
+    boots_from: str = "network"  # "local-disk" once an `install: once` machine is installed
+
+
+class ReprovisionOut(BaseModel):
+    machine: str
+    changed: bool  # False: it was not marked installed
+    was_installed_at: float | None
+    event: int | None  # the `install` event recorded, when it changed
+    boots_from: str
 
 
 class MachineIn(BaseModel):
@@ -45,16 +58,30 @@ class MachineIn(BaseModel):
     heartbeat: dict[str, int] | None = None  # checked by the site loader, like every field
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # k3s nodes (site.yaml cluster:)
+    address: str | None = None
+    disk: str | dict[str, Any] | None = None
+    k3s: dict[str, Any] | None = None
+    wireguard: bool | dict[str, Any] | None = None
 
 
-def machine_out(m: Machine) -> MachineOut:
+def machine_out(m: Machine, site: Site | None = None, mark: Installed | None = None) -> MachineOut:
+    profile = site.profiles.get(m.profile) if site is not None else None
+    install = profile.install if profile is not None else "always"
     return MachineOut(
         name=m.name, mac=m.mac, uuid=m.uuid, arch=m.arch, role=m.role, profile=m.profile,
         hostname=m.hostname, labels=m.labels, relay=m.relay,
         heartbeat={"timeout_s": m.heartbeat[0], "boot_s": m.heartbeat[1]} if m.heartbeat else None,
         group=f"machine:{m.name}",
         source=m.source,
+        install=install,
+        installed_at=mark.installed_at if mark else None,
+        boots_from="local-disk" if mark and install == "once" else "network",
     )  # fmt: skip
+
+
+def _marks(runtime) -> dict[str, Installed]:
+    return runtime.provisioning.installs.all() if runtime.provisioning is not None else {}
 
 
 def _machine(site: Site, name: str) -> Machine:
@@ -65,13 +92,37 @@ def _machine(site: Site, name: str) -> Machine:
 
 
 @router.get("", summary="Machines declared in machines.yaml")
-def list_machines(site: SiteDep) -> list[MachineOut]:
-    return [machine_out(m) for m in site.machines]
+def list_machines(site: SiteDep, runtime: RuntimeDep) -> list[MachineOut]:
+    marks = _marks(runtime)
+    return [machine_out(m, site, marks.get(m.name)) for m in site.machines]
 
 
 @router.get("/{name}", summary="One machine")
-def get_machine(name: str, site: SiteDep) -> MachineOut:
-    return machine_out(_machine(site, name))
+def get_machine(name: str, site: SiteDep, runtime: RuntimeDep) -> MachineOut:
+    m = _machine(site, name)
+    return machine_out(m, site, _marks(runtime).get(m.name))
+
+
+@router.post(
+    "/{name}/reprovision",
+    summary="Network-boot an installed machine again (needs the token)",
+    description="Clears the machine's install-once mark (profile `install: once`): its next boot "
+    "gets the network boot script again, and installs. Recorded as an `install` event when it "
+    "changes anything; a machine that is not marked installed answers `changed: false`.",
+)
+def reprovision(name: str, site: SiteDep, runtime: RuntimeDep, _: AdminDep) -> ReprovisionOut:
+    m = _machine(site, name)
+    if runtime.provisioning is None:
+        raise HTTPException(503, "this controller keeps no install-once state")
+    was = runtime.provisioning.installs.clear(m.name)
+    event = None
+    if was is not None:
+        event = runtime.record("install", source="api", mac=m.mac, machine=m.name, profile=m.profile,
+                               payload={"state": "provisioning", "was_installed_at": was.installed_at,
+                                        "callback": was.callback})  # fmt: skip
+    return ReprovisionOut(machine=m.name, changed=was is not None,
+                          was_installed_at=was.installed_at if was else None, event=event,
+                          boots_from="network")  # fmt: skip
 
 
 @router.get("/{name}/ignition", summary="The machine's rendered Ignition config (needs the token)")
@@ -85,6 +136,8 @@ def machine_ignition(name: str, site: SiteDep, runtime: RuntimeDep, request: Req
         raise HTTPException(404, f"profile {profile.id!r} has no Ignition config")
     try:
         return render_ignition(site, group, profile, req)
+    except SecretsRequired as e:  # not even with the token: secrets leave only on the one-time URL
+        raise HTTPException(403, str(e)) from None
     except RenderError as e:
         raise HTTPException(500, str(e)) from None
 
@@ -102,7 +155,8 @@ def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) ->
         machines.append(entry)
     doc["machines"] = machines
     site = apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
-    return machine_out(_machine(site, name))
+    m = _machine(site, name)
+    return machine_out(m, site, _marks(runtime).get(m.name))
 
 
 @router.delete("/{name}", status_code=204, summary="Remove a machine (needs the token)")

@@ -13,7 +13,11 @@ from fastapi import APIRouter, FastAPI
 from bastion import __version__
 from bastion.api import assets, boot, dashboard, device, events, groups, machines, profiles, system
 from bastion.api.deps import Runtime
+from bastion.boot import Provisioning
+from bastion.install import InstallMarks
 from bastion.metrics import Metrics
+from bastion.onetime import IgnitionTokens
+from bastion.secrets import SecretStore, machine_secrets, secrets_dir
 from bastion.settings import Settings
 from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.store import EventStore
@@ -61,14 +65,33 @@ def create_app(settings: Settings) -> FastAPI:
         "bastion_site_profiles": len(holder.site.profiles),
     }
     runtime.record("site", payload={"ok": True, "generation": holder.generation, "loaded": str(settings.site_dir)})
+    runtime.secrets = SecretStore(secrets_dir(holder.site.name, settings.secrets_dir))
+    runtime.provisioning = Provisioning(
+        tokens=IgnitionTokens(settings.db_path, ttl_s=settings.ignition_token_ttl),
+        installs=InstallMarks(settings.db_path),
+        secrets_for=lambda site, machine: machine_secrets(runtime.secrets, site, machine),
+    )
     if settings.device_port:
         from bastion.devicehub import DeviceHub
 
         runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record)
 
+    if settings.tftp_listen:
+        from bastion.tftp import TftpService
+
+        host, port = settings.tftp_listen
+        runtime.tftp = TftpService(settings.site_dir / "tftp", host, port, record=runtime.record)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = None
+        if runtime.tftp is not None:
+            try:
+                runtime.tftp.start()  # binds here: a busy port fails the start-up, named
+            except OSError as e:
+                host, port = settings.tftp_listen
+                log.error("cannot serve TFTP on %s:%d: %s", host, port, e.strerror or e)
+                raise
         if settings.poll_seconds > 0:
             task = asyncio.create_task(_watch(holder, settings.poll_seconds))
         if runtime.device is not None:
@@ -76,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            if runtime.tftp is not None:
+                await anyio.to_thread.run_sync(runtime.tftp.stop)
             if runtime.device is not None:
                 await anyio.to_thread.run_sync(runtime.device.close)
             if task is not None:

@@ -33,6 +33,7 @@ class ProfileOut(BaseModel):
     boot_by_arch: dict[str, BootOut]
     ignition: str | None
     generic: str | None
+    install: Literal["always", "once"] = "always"
 
 
 def _boot(b: Boot | None) -> BootOut | None:
@@ -43,7 +44,7 @@ def profile_out(p: Profile) -> ProfileOut:
     return ProfileOut(
         id=p.id, name=p.name, format=p.format, os=p.os, source=p.source, boot=_boot(p.boot),
         boot_by_arch={a: _boot(b) for a, b in p.boot_by_arch.items()},
-        ignition=p.ignition, generic=p.generic,
+        ignition=p.ignition, generic=p.generic, install=p.install,
     )  # fmt: skip
 
 

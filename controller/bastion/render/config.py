@@ -5,7 +5,8 @@ Variables follow matchbox (`collectVariables`): the group's metadata, its select
 case) and `request` = {`query`: the request's labels, `raw_query`: the raw query string}; a
 `request` key in the metadata is overwritten. Edge Bastion's own (Jinja2) templates also get
 `machine` (name, mac, mac_hexhyp, uuid, arch, role, hostname, labels, profile), `site` (name,
-controller_url), `metadata` (the merged metadata as one mapping) and `secrets` (the machine's
+controller_url), `metadata` (the merged metadata as one mapping), `cluster` (a k3s node's plan,
+bastion.cluster; none for other machines) and `secrets` (the machine's
 secrets from the controller's secret store, bastion.secrets). `secrets` is only filled when the
 config is rendered for a one-time URL; rendered any other way, a template that touches it fails
 with SecretsRequired, so a secret can never leave through a public endpoint.
@@ -24,6 +25,7 @@ import jinja2
 import jinja2.meta
 import jinja2.sandbox
 
+from bastion import cluster
 from bastion.render import butane, gotemplate, ignition
 from bastion.render.gotemplate import go_str
 from bastion.site.model import Group, Profile, Site, TemplateFile
@@ -151,6 +153,8 @@ def jinja_variables(
     data["machine"] = machine
     data["site"] = {"name": site.name, "controller_url": req.base_url}
     data["metadata"] = copy.deepcopy(group.metadata)
+    node = group.machine.node if group.machine is not None else None
+    data["cluster"] = cluster.node_variables(node, req.base_url) if node is not None else None
     if secrets is None:
         data["secrets"] = _NoSecrets(name)
     elif isinstance(secrets, _Placeholder):

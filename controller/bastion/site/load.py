@@ -28,7 +28,7 @@ from typing import Any
 
 import pydantic
 
-from bastion import match, yamlfile
+from bastion import cluster, match, yamlfile
 from bastion.render import butane, gotemplate, ignition
 from bastion.render.config import (
     PLACEHOLDER_SECRETS,
@@ -227,6 +227,11 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
 
     settings = _load_settings(ld, root)
     profiles = _load_profiles(ld)
+    builtin: dict[str, Path] = {}
+    if settings is not None and settings.cluster is not None:
+        if cluster.PROFILE_ID not in profiles and cluster.PROFILE_ID not in ld.broken_profiles:
+            profiles[cluster.PROFILE_ID] = cluster.builtin_profile(settings.cluster)
+        builtin[cluster.TEMPLATE] = cluster.TEMPLATES_DIR / cluster.TEMPLATE
     if settings is not None:
         _check_settings_refs(ld, settings, profiles)
     if settings is not None:
@@ -238,7 +243,7 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
     if settings is not None:
         groups += _machine_groups(settings, machines)
     _check_selectors(ld, groups)
-    ignition_files, generic_files = _load_templates(ld, root, profiles)
+    ignition_files, generic_files = _load_templates(ld, root, profiles, builtin)
     if ld.problems or settings is None:
         raise SiteError(ld.problems)
 
@@ -272,6 +277,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         roles=dict(model.roles),
         metadata=json.loads(json.dumps(model.metadata)),
         device=model.device,
+        cluster=model.cluster,
     )
 
 
@@ -309,6 +315,8 @@ def _load_machines(
     by_mac: dict[str, int] = {}
     by_uuid: dict[str, int] = {}
     by_relay: dict[int, int] = {}
+    entries: list[cluster.Entry] = []
+    lines_at: dict[int, Any] = {}
     for i, entry in enumerate(model.machines):
         line = items.line_of(i) if isinstance(items, yamlfile.LineList) else None
         item = items[i] if items is not None else None
@@ -317,6 +325,10 @@ def _load_machines(
             return item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
 
         where = f"machines[{i}]"
+        entries.append(cluster.Entry(i, entry.name, entry.role or "", entry.arch, entry.address, entry))
+        lines_at[i] = lambda key, item=item, line=line: (
+            item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
+        )
         if entry.name in by_name:
             ld.problem(rel, at("name"), f"{where}.name", f"{entry.name!r} is also machines[{by_name[entry.name]}]")
             continue
@@ -353,6 +365,8 @@ def _load_machines(
                 continue
         elif entry.role is not None and entry.role in settings.roles:
             pid = settings.roles[entry.role]
+        elif settings.cluster is not None and entry.role in cluster.ROLES:
+            pid = cluster.PROFILE_ID
         elif settings.default_profile:
             pid = settings.default_profile
             if entry.role is not None:  # most likely a typo: say so rather than boot it quietly
@@ -395,9 +409,75 @@ def _load_machines(
                 relay=entry.relay,
                 heartbeat=(entry.heartbeat.timeout_s, entry.heartbeat.boot_s)
                 if entry.heartbeat else None,
+                address=entry.address,
             )
         )
+    if resolve:
+        machines = _cluster_nodes(ld, settings, profiles, machines, entries, lines_at)
     return machines
+
+
+_CLUSTER_FIELDS = ("disk", "k3s", "wireguard")
+
+
+def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile],
+                   machines: list[Machine], entries: list[cluster.Entry],
+                   lines_at: dict) -> list[Machine]:  # fmt: skip
+    """Attach each k3s node's plan (bastion.cluster) to its Machine; report what prevents one."""
+    rel = "machines.yaml"
+    section = settings.cluster
+    nodes = []
+    for e in entries:
+        is_node = section is not None and e.role in cluster.ROLES
+        if is_node:
+            nodes.append(e)
+            continue
+        for key in _CLUSTER_FIELDS:
+            if getattr(e.fields, key) is not None:
+                why = ("only k3s nodes have it (role server or agent)" if section is not None
+                       else "needs a site.yaml cluster: section (and role server or agent)")  # fmt: skip
+                ld.problem(rel, lines_at[e.index](key), f"machines[{e.index}].{key}", why)
+    if section is None or not nodes:
+        if section is not None:
+            ld.problem("site.yaml", None, "cluster", "no machine in machines.yaml has role: server")
+        return machines
+    plans, problems = cluster.plan(section, settings.name, nodes)
+    for p in problems:
+        if p.index is None:
+            ld.problem(p.file, None, p.field, p.message)
+        else:
+            key = p.field.split(".")[0]
+            ld.problem(rel, lines_at[p.index](key), f"machines[{p.index}].{p.field}", p.message)
+    if problems:
+        return machines
+    arches = sorted({n["arch"] for n in plans.values()})
+    for arch in arches:
+        _check_k3s_binary(ld, section, arch)
+    builtin = cluster.builtin_profile(section)
+    if profiles.get(cluster.PROFILE_ID) == builtin:
+        for arch, boot in builtin.boot_by_arch.items():
+            if cluster.K3S_ARCH[arch] in arches:
+                _check_asset_ref(ld, "site.yaml", f"cluster.flatcar ({cluster.K3S_ARCH[arch]} kernel)", boot.kernel)
+                for initrd in boot.initrd:
+                    _check_asset_ref(ld, "site.yaml", f"cluster.flatcar ({cluster.K3S_ARCH[arch]} initrd)", initrd)
+    return [dataclasses.replace(m, node=plans[m.name]) if m.name in plans else m for m in machines]
+
+
+def _check_k3s_binary(ld: _Loader, section: Any, arch: str) -> None:
+    """The k3s binary the controller serves must be the one site.yaml names by its SHA-256."""
+    if cluster.binary_url(section, arch) is not None:
+        return  # downloaded from elsewhere: Ignition checks it on the node
+    rel = cluster.asset_path(section, arch)
+    path = ld.files.root / "assets" / rel
+    if not path.is_file():
+        ld.warnings.append(f"site.yaml: cluster.k3s: assets/{rel} does not exist (yet)")
+        return
+    digest = cluster.file_sha256(path)
+    if digest != section.k3s.sha256[arch]:
+        ld.problem("site.yaml", None, f"cluster.k3s.sha256.{arch}",
+                   f"assets/{rel} has SHA-256 {digest}, not {section.k3s.sha256[arch]}: put the "
+                   "release's own k3s binary there, or its SHA-256 (sha256sum-"
+                   f"{arch}.txt of the release) here")  # fmt: skip
 
 
 def _check_asset_ref(ld: _Loader, rel: str, field: str, url: str) -> None:
@@ -501,6 +581,7 @@ def _bastion_profile(ld: _Loader, rel: str, stem: str) -> Profile | None:
         os=model.os,
         ignition=_file_ref(ld, rel, doc.line_of("ignition"), "ignition", model.ignition, "ignition"),
         generic=_file_ref(ld, rel, doc.line_of("generic"), "generic", model.generic, "generic"),
+        install=model.install,
     )
 
 
@@ -602,7 +683,10 @@ def _check_selectors(ld: _Loader, groups: list[Group]) -> None:
             seen[key] = g
 
 
-def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile]) -> tuple[dict, dict]:
+def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile],
+                    builtin: dict[str, Path] | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """The templates the profiles name; an Ignition template of `builtin` (name -> file shipped
+    with the controller) is read from there when the site has no file of that name."""
     needs: dict[tuple[str, str], dict[str, list[Profile]]] = {}
     for p in profiles.values():
         for folder, name in (("ignition", p.ignition), ("generic", p.generic)):
@@ -614,6 +698,9 @@ def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile]) -> tu
         rel = f"{folder}/{name}"
         users = [p for ps in engines.values() for p in ps]
         raw = ld.files.read(rel)
+        if raw is None and folder == "ignition" and name in (builtin or {}) and "go" not in engines:
+            raw = builtin[name].read_bytes()
+            rel = f"bastion/{builtin[name].parent.name}/{name}"  # the package's own file
         if raw is None:
             for p in users:
                 field = ("ignition_id" if p.format == "matchbox" else "ignition") if folder == "ignition" else (

@@ -32,6 +32,7 @@ class Profile:
     os: Literal["flatcar", "custom"] = "custom"
     ignition: str | None = None  # file name under ignition/
     generic: str | None = None  # file name under generic/
+    install: Literal["always", "once"] = "always"  # bastion.install (bastion format only)
 
     def boot_for(self, arch: str | None) -> Boot | None:
         if arch and arch in self.boot_by_arch:
@@ -59,6 +60,9 @@ class Machine:
     line: int | None = None
     relay: int | None = None  # the device relay channel powering it
     heartbeat: tuple[int, int] | None = None  # (timeout_s, boot_s) for the node watchdog
+    address: str | None = None  # its fixed LAN address, when declared
+    # a k3s cluster node: what bastion.cluster.plan made of it (the `cluster` template variable)
+    node: dict[str, Any] | None = None
 
     def as_variables(self) -> dict[str, Any]:
         return {
@@ -110,6 +114,7 @@ class SiteSettings:
     roles: dict[str, str]
     metadata: dict[str, Any]
     device: Any = None  # site.yaml `device:`: a schema.DeviceSection or None (bastion.flashing)
+    cluster: Any = None  # site.yaml `cluster:`: a schema.ClusterSection or None (bastion.cluster)
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,11 @@ class Site:
             if m.name == name:
                 return m
         return None
+
+    @property
+    def cluster_nodes(self) -> tuple[Machine, ...]:
+        """The k3s cluster's machines, in machines.yaml order."""
+        return tuple(m for m in self.machines if m.node is not None)
 
     def machine_by_mac(self, mac: str | None) -> Machine | None:
         if not mac:

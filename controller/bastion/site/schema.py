@@ -148,6 +148,269 @@ class DeviceSection(_Strict):
         return out
 
 
+# --- cluster: (site.yaml) and a machine's cluster fields (machines.yaml) ------------------------
+
+K3S_ARCHES = ("amd64", "arm64")
+_K3S_VERSION = re.compile(r"^v\d+\.\d+\.\d+(-rc\d+)?\+k3s\d+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
+
+
+def _no_space(values: list[str]) -> list[str]:
+    for v in values:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError(f"{v!r}: one argument per item, without spaces")
+    return values
+
+
+def _http_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
+        raise ValueError(f"{v!r} is not an http(s) URL")
+    return v.rstrip("/") if v else v
+
+
+def _ip(v: str | None) -> str | None:
+    if v is None:
+        return v
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address") from None
+
+
+def wireguard_key_problem(v: str) -> str | None:
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    return None if len(raw) == 32 and len(v) == 44 else f"{v!r} is not a WireGuard key (44 characters of base64)"
+
+
+class ClusterK3s(_Strict):
+    """cluster.k3s: which k3s every node runs, and its arguments."""
+
+    version: str = Field(description="the k3s release, e.g. v1.31.4+k3s1")
+    sha256: dict[str, str] = Field(
+        description="the SHA-256 of the k3s binary, by architecture (amd64, arm64)"
+    )
+    url: str | None = Field(
+        default=None,
+        description="where nodes download k3s; {version}, {arch} and {binary} are replaced "
+        "(default: the controller's /assets/k3s/{version}/{arch}/k3s)",
+    )
+    args: list[str] = Field(default_factory=list, description="extra arguments for every node")
+    server_args: list[str] = Field(default_factory=list, description="extra arguments for servers")
+    agent_args: list[str] = Field(default_factory=list, description="extra arguments for agents")
+
+    check_args = field_validator("args", "server_args", "agent_args")(_no_space)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not _K3S_VERSION.match(v):
+            raise ValueError(f"{v!r} is not a k3s release name (like v1.31.4+k3s1)")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: dict[str, str]) -> dict[str, str]:
+        for arch, digest in v.items():
+            if arch not in K3S_ARCHES:
+                raise ValueError(f"{arch!r} is not a k3s architecture ({', '.join(K3S_ARCHES)})")
+            if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
+                raise ValueError(f"{arch}: {digest!r} is not a SHA-256 (64 hex digits)")
+        return {a: d.lower() for a, d in v.items()}
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:
+            _http_url(v.replace("{", "").replace("}", ""))
+        return v
+
+
+class ClusterFlatcar(_Strict):
+    """cluster.flatcar: which Flatcar release the nodes boot (from `bastion assets fetch`)."""
+
+    channel: Literal["stable", "beta", "alpha"] = "stable"
+    version: str = Field(default="current", description="a release such as 4081.2.0, or current")
+    args: list[str] = Field(default_factory=list, description="extra kernel arguments")
+
+    check_args = field_validator("args")(_no_space)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if v != "current" and not re.match(r"^\d+\.\d+\.\d+$", v):
+            raise ValueError(f"{v!r} is not a Flatcar release (like 4081.2.0) or current")
+        return v
+
+
+class RegistryCache(_Strict):
+    """cluster.registry_cache: the site's pull-through registry cache (containerd mirror)."""
+
+    url: str = Field(description="the cache's URL, e.g. http://10.77.0.5:5000")
+    mirrors: list[str] = Field(
+        default_factory=lambda: ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"],
+        description="the registries it mirrors",
+    )
+    insecure_skip_verify: bool = Field(
+        default=False, description="for an https cache whose certificate the nodes cannot check"
+    )
+
+    check_url = field_validator("url")(_http_url)
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name != "*" and not re.match(r"^[A-Za-z0-9.-]+(:\d+)?$", name):
+                raise ValueError(f"{name!r} is not a registry host name (or *)")
+        return v
+
+
+class ClusterWireguard(_Strict):
+    """cluster.wireguard: every node's tunnel toward the management cluster."""
+
+    interface: str = Field(default="wg0", description="the interface name on the nodes")
+    address_pool: str = Field(description="the tunnel network, e.g. 10.200.0.0/24")
+    endpoint: str = Field(description="the management side's host:port")
+    public_key: str = Field(description="the management side's WireGuard public key")
+    allowed_ips: list[str] | None = Field(
+        default=None, description="what the nodes route into the tunnel (default: the pool)"
+    )
+    persistent_keepalive: int = Field(default=25, strict=True, ge=0, le=65535)
+    listen_port: int | None = Field(default=None, strict=True, ge=1, le=65535)
+
+    @field_validator("interface")
+    @classmethod
+    def _iface(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_=+.-]{1,15}$", v):
+            raise ValueError(f"{v!r} is not an interface name (1..15 of A-Z a-z 0-9 _=+.-)")
+        return v
+
+    @field_validator("address_pool")
+    @classmethod
+    def _pool(cls, v: str) -> str:
+        try:
+            net = ipaddress.ip_network(v, strict=True)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a network ({e})") from None
+        if net.num_addresses < 4:
+            raise ValueError(f"{v!r} is too small for the management side and a node")
+        return str(net)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        m = _HOSTPORT.match(v)
+        if not m or not 1 <= int(m.group(3)) <= 65535:
+            raise ValueError(f"{v!r} is not host:port")
+        return v
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        why = wireguard_key_problem(v)
+        if why:
+            raise ValueError(why)
+        return v
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _allowed(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        out = []
+        for net in v:
+            try:
+                out.append(str(ipaddress.ip_network(net, strict=True)))
+            except ValueError as e:
+                raise ValueError(f"{net!r} is not a network ({e})") from None
+        return out
+
+
+class DiskDefaults(_Strict):
+    """cluster.disk: how a node's disk (machines.yaml `disk:`) is formatted and mounted."""
+
+    format: Literal["ext4", "xfs", "btrfs"] = "ext4"
+    label: str | None = Field(
+        default="k3s-data", max_length=12,
+        description="filesystem label; an existing filesystem must carry it to be kept",
+    )  # fmt: skip
+    mount_options: list[str] = Field(default_factory=lambda: ["noatime"])
+    wipe: bool = Field(
+        default=False, description="make a new filesystem at every boot (loses the datastore)"
+    )
+
+
+class ClusterSection(_Strict):
+    """site.yaml `cluster:` -- a k3s cluster of the machines whose role is server or agent."""
+
+    name: str | None = Field(default=None, description="the cluster's name (default: the site's)")
+    k3s: ClusterK3s
+    server_url: str | None = Field(
+        default=None,
+        description="the URL joining nodes use (default: https://<first server's address>:6443)",
+    )
+    flatcar: ClusterFlatcar = Field(default_factory=ClusterFlatcar)
+    registry_cache: RegistryCache | None = None
+    wireguard: ClusterWireguard | None = None
+    disk: DiskDefaults = Field(default_factory=DiskDefaults)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _DNS_LABEL.match(v):
+            raise ValueError(f"{v!r} is not a cluster name (lower-case letters, digits, '-')")
+        return v
+
+    @field_validator("server_url")
+    @classmethod
+    def _server(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https://[^/\s]+$", v.rstrip("/")):
+            raise ValueError(f"{v!r} is not https://host[:port]")
+        return v.rstrip("/") if v else v
+
+
+class MachineDisk(_Strict):
+    device: str = Field(description="the disk by a stable name, /dev/disk/by-id/usb-...")
+    format: Literal["ext4", "xfs", "btrfs"] | None = None
+    label: str | None = Field(default=None, max_length=12)
+    mount_options: list[str] | None = None
+    wipe: bool | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^/dev/disk/by-(id|path|uuid|label|partuuid|partlabel)/[^/\s]+$", v):
+            raise ValueError(
+                f"{v!r} is not a stable device name: use /dev/disk/by-id/... "
+                "(/dev/sdX can change from one boot to the next)"
+            )
+        return v
+
+
+class MachineK3s(_Strict):
+    init: bool | None = Field(default=None, description="this server runs --cluster-init")
+    args: list[str] = Field(default_factory=list, description="extra k3s arguments")
+    node_labels: dict[str, str] = Field(default_factory=dict)
+    node_taints: list[str] = Field(default_factory=list)
+
+    check_args = field_validator("args", "node_taints")(_no_space)
+
+
+class MachineWireguard(_Strict):
+    enabled: bool = True
+    address: str | None = Field(default=None, description="its tunnel address (default: the next free one)")
+
+    check_ip = field_validator("address")(_ip)
+
+
 class SiteFile(_Strict):
     """site.yaml"""
 
@@ -166,6 +429,9 @@ class SiteFile(_Strict):
     )
     device: DeviceSection | None = Field(
         default=None, description="the network-boot device's configuration (`bastion flash`)"
+    )
+    cluster: ClusterSection | None = Field(
+        default=None, description="a k3s cluster of the machines with role server or agent"
     )
 
     @field_validator("controller_url")
@@ -204,6 +470,23 @@ class MachineEntry(_Strict):
     heartbeat: Heartbeat | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # k3s cluster nodes (site.yaml cluster:, role server or agent)
+    address: str | None = Field(default=None, description="its fixed LAN address (a DHCP reservation)")
+    disk: MachineDisk | None = None
+    k3s: MachineK3s | None = None
+    wireguard: MachineWireguard | None = None
+
+    check_address = field_validator("address")(_ip)
+
+    @field_validator("disk", mode="before")
+    @classmethod
+    def _disk(cls, v: Any) -> Any:
+        return {"device": v} if isinstance(v, str) else v
+
+    @field_validator("wireguard", mode="before")
+    @classmethod
+    def _wireguard(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
 
     @field_validator("name")
     @classmethod
@@ -262,6 +545,9 @@ class ProfileFile(_Strict):
     arch: dict[str, BootSpec] = Field(default_factory=dict)
     ignition: str | None = None
     generic: str | None = None
+    # `once`: network-boot until the machine reports its first boot, then its local disk
+    # (bastion.install); `always`: network-boot every time
+    install: Literal["always", "once"] = "always"
 
     @field_validator("arch")
     @classmethod

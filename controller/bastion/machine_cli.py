@@ -1,0 +1,90 @@
+"""`bastion machine list|status|reprovision`: the site's machines as a running controller sees
+them, through its management API (`--url`, the token from --token-file or $BASTION_API_TOKEN[_FILE])."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from bastion.device_cli import _Api
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _where(f):
+    f = click.option("--url", envvar="BASTION_URL", default=DEFAULT_URL, show_default=True, metavar="URL",
+                     help="The running controller [$BASTION_URL].")(f)  # fmt: skip
+    f = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="The management API token (else $BASTION_API_TOKEN[_FILE]).")(f)  # fmt: skip
+    return f
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _state(m: dict) -> str:
+    if m.get("install") != "once":
+        return "network boot (install: always)"
+    if m.get("boots_from") == "local-disk":
+        return f"installed {_when(m.get('installed_at'))}: boots its local disk"
+    return "not installed yet: network boot (install: once)"
+
+
+@click.group("machine")
+def machine_group() -> None:
+    """The site's machines: install-once state, reprovisioning."""
+
+
+@machine_group.command("list")
+@_where
+@click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
+def machine_list(url, token_file, as_json) -> None:
+    """Every machine of machines.yaml with its profile and what it boots next."""
+    from rich.console import Console
+    from rich.table import Table
+
+    machines = _Api(url, token_file).call("GET", "/api/v1/machines")
+    if as_json:
+        click.echo(json.dumps(machines, indent=2))
+        return
+    table = Table("name", "mac", "arch", "profile", "next boot")
+    for m in machines:
+        table.add_row(m["name"], m.get("mac") or "-", m.get("arch") or "-", m["profile"], _state(m))
+    Console().print(table)
+
+
+@machine_group.command("status")
+@click.argument("name")
+@_where
+@click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
+def machine_status(name, url, token_file, as_json) -> None:
+    """One machine: its entry and what it boots next."""
+    m = _Api(url, token_file).call("GET", f"/api/v1/machines/{name}")
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    for key in ("name", "mac", "uuid", "arch", "role", "profile", "hostname", "relay", "install"):
+        if m.get(key) is not None:
+            click.echo(f"{key}: {m[key]}")
+    click.echo(f"next boot: {_state(m)}")
+
+
+@machine_group.command("reprovision")
+@click.argument("name")
+@_where
+def machine_reprovision(name, url, token_file) -> None:
+    """Make an installed machine (profile `install: once`) network-boot and install again at its
+    next boot. Needs the token. Power-cycle it to start now (`bastion power cycle NAME`)."""
+    r = _Api(url, token_file).call("POST", f"/api/v1/machines/{name}/reprovision")
+    if r["changed"]:
+        click.echo(f"{name}: was installed {_when(r['was_installed_at'])}; its next boot is a network "
+                   f"boot (event {r['event']})")  # fmt: skip
+    else:
+        click.echo(f"{name}: was not marked installed; its next boot is a network boot")
+
+
+COMMANDS = (machine_group,)

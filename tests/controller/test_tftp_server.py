@@ -1,0 +1,488 @@
+"""bastion.tftp: the controller's read-only TFTP server (tftpy underneath) against real clients
+(tftp-hpa's tftp, atftp, curl, tftpy's client) on 127.0.0.1 high ports; the device's refusals,
+RFC 2347-2349 options, bad datagrams counted and dropped, a clean stop, and events shaped like
+the device's. Then `bastion serve --tftp` as a user runs it.
+
+No assertion looks at a time: the timeouts below only make a vanished client's end come sooner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from bastion.store import EventStore
+from bastion.tftp import TftpService
+from bastion_testkit import Server
+from simkit import free_udp_port, wait_for
+
+from firmware import tftpd
+
+SIZES = [0, 1, 511, 512, 513, 1023, 1024, 1025, 1467, 1468, 1469, 70_001]
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        pytest.skip(f"{tool} is not installed (tools/setup installs it)")
+    return path
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture
+def files() -> dict[str, bytes]:
+    rng = random.Random(2349)
+    out = {f"s{n}.bin": rng.randbytes(n) for n in SIZES}
+    out["9ffefdef/start4.elf"] = rng.randbytes(300_000)
+    return out
+
+
+class Recorder:
+    """record(kind, **fields) as Runtime.record takes it; thread-safe enough for a list."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, kind: str, **fields) -> int:
+        with self.lock:
+            self.events.append({"kind": kind, **fields})
+            return len(self.events)
+
+    def stage(self, stage: str) -> list[dict]:
+        with self.lock:
+            return [e["payload"] for e in self.events if e["payload"]["stage"] == stage]
+
+
+@pytest.fixture
+def tftp_root(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    site = tmp_path / "site"
+    root = site / "tftp"
+    for name, data in files.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (site / "secret").write_bytes(b"outside the TFTP root")
+    (root / "escape").symlink_to(site / "secret")
+    (root / "inside").symlink_to(root / "s512.bin")  # a link that stays inside is served
+    (root / "emptydir").mkdir()
+    return root
+
+
+@pytest.fixture
+def service(tftp_root: Path):
+    rec = Recorder()
+    svc = TftpService(tftp_root, "127.0.0.1", 0, record=rec, timeout=5.0).start()
+    svc.rec = rec
+    yield svc
+    svc.stop()
+
+
+def tftp_hpa_get(port: int, name: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([_need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "get",
+                           name, str(out)], capture_output=True, text=True, timeout=120)
+
+
+def atftp_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
+    return subprocess.run([_need("atftp"), "--get", "-r", name, "-l", str(out),
+                           "--option", f"blksize {blksize}", "--option", "tsize 0",
+                           "127.0.0.1", str(port)], capture_output=True, text=True, timeout=120)
+
+
+def curl_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
+    return subprocess.run([_need("curl"), "-sS", "--path-as-is", "--tftp-blksize", str(blksize),
+                           "-o", str(out), f"tftp://127.0.0.1:{port}/{name}"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def tftpy_get(port: int, name: str, out: Path, blksize: int) -> None:
+    import tftpy
+
+    tftpy.TftpClient("127.0.0.1", port, options={"blksize": blksize, "tsize": 0}).download(
+        name, str(out), timeout=5)
+
+
+@pytest.mark.parametrize("client,blksize", [
+    ("tftp-hpa", 512), ("atftp", 1024), ("atftp", 1468), ("curl", 512), ("curl", 1024),
+    ("tftpy", 1024), ("tftpy", 1468),
+])
+def test_real_clients_fetch_every_file_byte_identical(service, files, tmp_path, client, blksize):
+    port = service.address[1]
+    fetched = 0
+    for name, data in files.items():
+        if client == "curl" and not data:
+            continue  # curl 7.88 fails on empty files against every server (test_tftp_clients)
+        out = tmp_path / (name.replace("/", "_") + f".{client}")
+        if client == "tftp-hpa":
+            r = tftp_hpa_get(port, name, out)
+            assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+        elif client == "atftp":
+            r = atftp_get(port, name, out, blksize)
+            assert r.returncode == 0, r.stdout + r.stderr
+        elif client == "curl":
+            r = curl_get(port, name, out, blksize)
+            assert r.returncode == 0, r.stderr
+        else:
+            tftpy_get(port, name, out, blksize)
+        assert sha(out.read_bytes()) == sha(data), f"{client} {name}"
+        fetched += 1
+    # The client may be done before the server has taken its last ACK.
+    ends = wait_for(lambda: len(service.rec.stage("end")) >= fetched and service.rec.stage("end"),
+                    what=lambda: f"{fetched} end events: {service.rec.events}")
+    assert [e["result"] for e in ends] == ["ok"] * fetched
+    assert {e["file"]: e["bytes"] for e in ends} == {
+        n: len(d) for n, d in files.items() if d or client != "curl"}
+    starts = service.rec.stage("start")
+    want_blksize = 512 if client == "tftp-hpa" else blksize  # tftp-hpa asks for no options
+    assert {e["blksize"] for e in starts} == {want_blksize}
+    assert all(e["window"] == 1 for e in starts)
+    assert {e["kind"] for e in service.rec.events} == {"tftp"}
+    assert {e["source"] for e in service.rec.events} == {"controller"}
+    assert service.counters.get("tftp.error") is None
+
+
+def test_events_have_the_device_events_shape(service, tmp_path):
+    port = service.address[1]
+    assert curl_get(port, "s1024.bin", tmp_path / "o", 1024).returncode == 0
+    assert curl_get(port, "missing.bin", tmp_path / "o", 1024).returncode == 68
+    wait_for(lambda: service.rec.stage("end"), what="the end event")
+    # The very field names firmware/tftpd.py gives its start, end and refused events.
+    (start,) = service.rec.stage("start")
+    assert tuple(start) == tftpd._START
+    assert start == {"stage": "start", "file": "s1024.bin", "client": "127.0.0.1",
+                     "blksize": 1024, "tsize": 1024, "window": 1}
+    (end,) = service.rec.stage("end")
+    assert tuple(end) == tftpd._END
+    assert (end["bytes"], end["result"], end["resends"], end["dup_acks"]) == (1024, "ok", 0, 0)
+    (refused,) = service.rec.stage("refused")
+    assert tuple(refused) == tftpd._REFUSED
+    assert refused == {"stage": "refused", "file": "missing.bin", "client": "127.0.0.1",
+                       "code": 1, "reason": "file not found"}
+
+
+def test_real_clients_get_the_devices_refusals(service, tftp_root, tmp_path):
+    port = service.address[1]
+    up = tmp_path / "up.bin"
+    up.write_bytes(b"an upload")
+    out = tmp_path / "out"
+    before = sorted(p.relative_to(tftp_root) for p in tftp_root.rglob("*"))
+
+    r = subprocess.run([_need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "put",
+                        str(up), "up.bin"], capture_output=True, text=True, timeout=60)
+    assert "read-only server" in r.stdout + r.stderr
+    for name in ("../secret", "sub/../../secret", "escape", "/etc/passwd"):
+        r = tftp_hpa_get(port, name, out)
+        assert "bad file name" in r.stdout + r.stderr, name
+    for name in ("missing.bin", "emptydir"):
+        r = tftp_hpa_get(port, name, out)
+        assert "file not found" in r.stdout + r.stderr, name
+    r = subprocess.run([_need("tftp"), "-m", "ascii", "127.0.0.1", str(port), "-c", "get",
+                        "s1.bin", str(out)], capture_output=True, text=True, timeout=60)
+    assert "only octet mode" in r.stdout + r.stderr
+
+    r = subprocess.run([_need("atftp"), "--put", "-l", str(up), "-r", "up.bin", "127.0.0.1",
+                        str(port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "read-only server" in r.stdout + r.stderr
+    r = atftp_get(port, "escape", out, 1024)
+    assert r.returncode != 0 and "bad file name" in r.stdout + r.stderr
+
+    r = subprocess.run([_need("curl"), "-sS", "-T", str(up), f"tftp://127.0.0.1:{port}/up.bin"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert curl_get(port, "../secret", out, 1024).returncode == 69  # CURLE_TFTP_PERM
+    assert curl_get(port, "missing.bin", out, 1024).returncode == 68  # CURLE_TFTP_NOTFOUND
+
+    import tftpy
+
+    with pytest.raises(tftpy.TftpException, match="errorcode = 2"):
+        tftpy.TftpClient("127.0.0.1", port).upload("up.bin", str(up), timeout=5)
+    with pytest.raises(tftpy.TftpException, match="File not found"):
+        tftpy_get(port, "missing.bin", out, 512)
+
+    # A link that stays inside the root is served like its target.
+    assert curl_get(port, "inside", out, 1024).returncode == 0
+    assert out.read_bytes() == (tftp_root / "s512.bin").read_bytes()
+
+    assert sorted(p.relative_to(tftp_root) for p in tftp_root.rglob("*")) == before
+    refused = service.rec.stage("refused")
+    assert [e["code"] for e in refused].count(2) >= 9
+    assert not [e for e in service.rec.stage("start") if e["file"] != "inside"]
+    assert service.counters.get("tftp.error") is None
+
+
+# --- raw packets: options, duplicates, garbage ------------------------------------------------
+
+
+def rrq(name: bytes, *opts: tuple[bytes, bytes], op: int = 1, mode: bytes = b"octet") -> bytes:
+    out = bytes((0, op)) + name + b"\0" + mode + b"\0"
+    for k, v in opts:
+        out += k + b"\0" + v + b"\0"
+    return out
+
+
+def ack(n: int) -> bytes:
+    return bytes((0, 4, n >> 8, n & 0xFF))
+
+
+def oack_options(pkt: bytes) -> dict[bytes, bytes]:
+    assert pkt[:2] == b"\0\x06", pkt
+    parts = pkt[2:].split(b"\0")[:-1]
+    return dict(zip(parts[::2], parts[1::2], strict=True))
+
+
+class Raw:
+    def __init__(self, port: int):
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(10)
+        self.peer = None
+
+    def ask(self, data: bytes) -> bytes:
+        self.sock.sendto(data, ("127.0.0.1", self.port))
+        pkt, self.peer = self.sock.recvfrom(70000)
+        return pkt
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendto(data, self.peer)
+
+    def recv(self) -> bytes:
+        pkt, src = self.sock.recvfrom(70000)
+        assert src == self.peer
+        return pkt
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_options_per_rfc_2347_to_2349_and_no_windowsize(service):
+    port = service.address[1]
+    c = Raw(port)
+    try:
+        got = oack_options(c.ask(rrq(b"s70001.bin", (b"blksize", b"65464"), (b"tsize", b"0"),
+                                     (b"timeout", b"3"), (b"windowsize", b"8"),
+                                     (b"x-unknown", b"1"))))
+        # blksize lowered to the server's 1468 (RFC 2348); tsize the file's size and timeout
+        # echoed (RFC 2349); windowsize (RFC 7440, not in tftpy) and unknown options left out.
+        assert got == {b"blksize": b"1468", b"tsize": b"70001", b"timeout": b"3"}
+        c.send(b"\0\x05\0\x08done\0")  # as edk2 after a tsize probe: "error 8"
+        for value in (b"4", b"65465", b"abc"):
+            err = c.ask(rrq(b"s1.bin", (b"blksize", value)))
+            assert err[:4] == b"\0\x05\0\x08", (value, err)  # RFC 2347: error 8
+        err = c.ask(rrq(b"s1.bin", (b"timeout", b"0")))
+        assert err[:4] == b"\0\x05\0\x08"
+    finally:
+        c.close()
+    ends = wait_for(lambda: service.rec.stage("end"), what="the end event")
+    assert ends[0]["result"] == "client error 8" and ends[0]["bytes"] == 0
+
+
+def test_duplicate_acks_never_cause_duplicate_sends(service, files):
+    c = Raw(service.address[1])
+    data = files["s70001.bin"]
+    try:
+        assert oack_options(c.ask(rrq(b"s70001.bin", (b"blksize", b"1024")))) == {
+            b"blksize": b"1024"}
+        got = b""
+        c.send(ack(0))
+        c.send(ack(0))  # a duplicate: must not bring a second DATA 1
+        n = 1
+        while True:
+            pkt = c.recv()
+            assert pkt[:4] == bytes((0, 3, n >> 8, n & 0xFF)), (n, pkt[:4])
+            got += pkt[4:]
+            c.send(ack(n))
+            if n == 2:
+                c.send(ack(n))  # and again, mid-transfer
+                c.send(ack(1))  # a stale one
+            if len(pkt) - 4 < 1024:
+                break
+            n += 1
+    finally:
+        c.close()
+    assert got == data
+    (end,) = wait_for(lambda: service.rec.stage("end"), what="the end event")
+    assert (end["result"], end["dup_acks"], end["resends"]) == ("ok", 3, 0)
+    assert service.counters["tftp.dup_ack"] == 3
+
+
+def test_bad_datagrams_are_counted_and_dropped_and_the_server_goes_on(service, files, tmp_path):
+    port = service.address[1]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    garbage = [b"", b"\x00", b"\x00\x01", b"\x00\x01name", b"\x00\x01name\0octet\0blksize\0",
+               b"\x00\x09xx\0octet\0", b"\xff" * 600, os.urandom(200), b"\x00\x04\x00\x01",
+               b"\x00\x03\x00\x01data", b"\x00\x05\x00\x01\0", b"\x00\x01\xff\xfe\0octet\0"]
+    for g in garbage:
+        s.sendto(g, ("127.0.0.1", port))
+    s.close()
+    # ...and garbage inside a transfer: a 3-byte ACK (struct.error in tftpy), an unknown
+    # opcode, a DATA, then the transfer goes on to the end.
+    c = Raw(port)
+    try:
+        assert c.ask(rrq(b"s1469.bin", (b"blksize", b"1024")))[:2] == b"\0\x06"
+        for g in (b"\x00\x04\x00", b"\x00\x63abc", b"\x00\x03\x00\x01zz"):
+            c.send(g)
+        c.send(ack(0))
+        got = b""
+        for n in (1, 2):
+            pkt = c.recv()
+            assert pkt[:4] == bytes((0, 3, 0, n))
+            got += pkt[4:]
+            c.send(ack(n))
+    finally:
+        c.close()
+    assert got == files["s1469.bin"]
+    wait_for(lambda: service.rec.stage("end"), what="the end event")
+    assert curl_get(port, "s1.bin", tmp_path / "o", 512).returncode == 0
+    counts = service.counters
+    # Everything on the listener that is not a whole RRQ/WRQ is malformed, as the device says
+    # (an unsupported opcode, ACK/DATA/ERROR on port 69, a name that is not NUL-terminated ...)
+    # except the last one, a request with a non-ASCII name: refused with "bad file name".
+    assert counts["tftp.malformed"] == len(garbage) - 1, counts
+    assert counts["tftp.bad_packet"] == 3, counts
+    assert "tftp.error" not in counts
+    assert service.rec.stage("refused")[-1]["code"] == 2
+
+
+def test_a_silent_client_times_out_and_a_vanished_one_ends_its_transfer(tftp_root):
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec, timeout=0.05, retries=2) as svc:
+        c = Raw(svc.address[1])
+        try:
+            assert c.ask(rrq(b"s70001.bin", (b"blksize", b"1024")))[:2] == b"\0\x06"
+            # says nothing more: the OACK is sent again `retries` times, then given up
+            (end,) = wait_for(lambda: rec.stage("end"), what="the end event")
+            assert (end["result"], end["resends"], end["bytes"]) == ("timeout", 2, 0)
+            assert svc.active == 0
+        finally:
+            c.close()
+        c = Raw(svc.address[1])
+        assert c.ask(rrq(b"s70001.bin", (b"blksize", b"1024")))[:2] == b"\0\x06"
+        c.close()  # its port is gone: the next resend finds ECONNREFUSED, as on the device
+        ends = wait_for(lambda: len(rec.stage("end")) == 2 and rec.stage("end"), what="2 ends")
+        assert ends[1]["result"] == "socket error" and svc.active == 0
+
+
+def test_busy_past_max_transfers_and_a_duplicate_request_is_not_a_second_transfer(tftp_root):
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec, max_transfers=1) as svc:
+        c, d = Raw(svc.address[1]), Raw(svc.address[1])
+        try:
+            req = rrq(b"s70001.bin", (b"blksize", b"1024"))
+            assert c.ask(req)[:2] == b"\0\x06"
+            c.sock.sendto(req, ("127.0.0.1", svc.address[1]))  # the same request again
+            err = d.ask(rrq(b"s1.bin"))
+            assert err[:4] == b"\0\x05\0\x00" and b"busy" in err
+            wait_for(lambda: svc.counters.get("tftp.duplicate_request"), what="the duplicate")
+            assert svc.active == 1 and len(rec.stage("start")) == 1
+        finally:
+            c.close()
+            d.close()
+
+
+def test_stop_ends_transfers_closes_the_port_and_the_thread(tftp_root):
+    rec = Recorder()
+    svc = TftpService(tftp_root, "127.0.0.1", 0, record=rec).start()
+    port = svc.address[1]
+    c = Raw(port)
+    assert c.ask(rrq(b"s70001.bin", (b"blksize", b"1024")))[:2] == b"\0\x06"
+    thread = svc._thread
+    svc.stop()
+    c.close()
+    assert not thread.is_alive()
+    (end,) = rec.stage("end")
+    assert end["result"] == "cancelled"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_a_failing_event_store_does_not_stop_the_transfers(tftp_root, tmp_path):
+    def broken(kind, **fields):
+        raise OSError(28, "No space left on device")
+
+    with TftpService(tftp_root, "127.0.0.1", 0, record=broken) as svc:
+        r = curl_get(svc.address[1], "s70001.bin", tmp_path / "o", 1024)
+        assert r.returncode == 0 and (tmp_path / "o").stat().st_size == 70001
+        wait_for(lambda: svc.counters.get("tftp.ok"), what="the end of the transfer")
+        assert svc.counters["tftp.record_failed"] == 2
+
+
+def test_a_busy_port_is_an_error_at_start(tftp_root):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        with pytest.raises(OSError):
+            TftpService(tftp_root, "127.0.0.1", s.getsockname()[1]).start()
+
+
+# --- `bastion serve --tftp` -------------------------------------------------------------------
+
+
+def test_serve_with_tftp_records_controller_tftp_events(site_dir, tmp_path, files):
+    root = site_dir / "tftp" / "9ffefdef"
+    root.mkdir(parents=True)
+    (root / "start4.elf").write_bytes(files["9ffefdef/start4.elf"])
+    port = free_udp_port()
+    server = Server(site_dir, tmp_path / "serve.db", None, args=("--tftp", f"127.0.0.1:{port}"))
+    try:
+        out = tmp_path / "start4.elf"
+        r = curl_get(port, "9ffefdef/start4.elf", out, 1024)
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == files["9ffefdef/start4.elf"]
+
+        def ends():
+            evs = server.get("/api/v1/events", params={"kind": "tftp"}).json()
+            return [e for e in evs if e["payload"]["stage"] == "end"]
+
+        (end,) = wait_for(ends, what="the tftp end event in the history")
+        assert end["source"] == "controller"
+        assert end["payload"]["file"] == "9ffefdef/start4.elf"
+        assert end["payload"]["result"] == "ok" and end["payload"]["bytes"] == 300_000
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert f"TFTP 127.0.0.1:{port}" in log and "Traceback" not in log, log
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))  # stopped with the controller
+
+
+def test_serve_tftp_needs_the_sites_tftp_directory(site_dir, tmp_path):
+    from bastion.serve_cli import serve
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(serve, ["--site", str(site_dir), "--db", str(tmp_path / "e.db"),
+                                   "--tftp", "127.0.0.1:6969"])
+    assert r.exit_code == 2 and "has no tftp/ directory" in r.output, r.output
+    r = CliRunner().invoke(serve, ["--site", str(site_dir), "--tftp", "nope"])
+    assert r.exit_code == 2 and "--tftp 'nope': expected HOST:PORT" in r.output, r.output
+
+
+def test_the_app_lifespan_starts_and_stops_the_tftp_server(site_dir, tmp_path):
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+    from fastapi.testclient import TestClient
+
+    (site_dir / "tftp").mkdir()
+    (site_dir / "tftp" / "f.bin").write_bytes(b"x" * 3000)
+    port = free_udp_port()
+    db = tmp_path / "events.db"
+    settings = Settings.build(site_dir, db, poll_seconds=0, tftp=f"127.0.0.1:{port}")
+    app = create_app(settings)
+    with TestClient(app):
+        assert app.state.runtime.tftp.address == ("127.0.0.1", port)
+        assert curl_get(port, "f.bin", tmp_path / "o", 1024).returncode == 0
+        wait_for(lambda: app.state.runtime.tftp.counters.get("tftp.ok"), what="the transfer")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))
+    events = [e for e in EventStore(db).query(limit=10, kind="tftp")]
+    assert {e.source for e in events} == {"controller"}
+    assert {e.payload["stage"] for e in events} == {"start", "end"}

@@ -1,0 +1,249 @@
+"""Arch safety: an arm32/arm64 client (DHCP option 93 = 10, 11) is never offered an x86 binary,
+and an x86 client (0 BIOS, 6 EFI IA32, 7 EFI BC, 9 EFI x86-64) never the arm64 image (GRUB's
+grubnetaa64.efi, or iPXE's arm64 snp.efi when the site has one). Whatever else arrives: odd
+architectures, a vendor class that disagrees with option 93, no option 93, iPXE, Raspberry Pi
+bootloaders and Pis running UEFI.
+
+1. The policy (firmware/pxe.py) under CPython for every option 93 value, 0..65535.
+2. A differential against dnsmasq in proxy mode, configured equivalently (`dhcp-match` on
+   client-arch, `dhcp-boot` per arch tag, the Pi and iPXE tags of test_proxydhcp_dnsmasq.py),
+   with the firmware under MicroPython (.mpy, 128 KB heap), each in network namespaces made
+   here, on the real ports with real broadcasts. Where dnsmasq has an equivalent answer, both
+   must give the same boot file; everywhere, both must be safe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from bastion.sim import compile_firmware, micropython_bin
+from test_proxydhcp import SERVICE_SCRIPT
+from test_proxydhcp_dnsmasq import (
+    GUID,
+    IPXE_175,
+    PI_OUIS,
+    RPI_GUID,
+    SERVER,
+    SERVER_B,
+    URL,
+    Proc,
+    World,
+    mac,
+    need_tools,
+    opt,
+    request,
+)
+
+from firmware import dhcp, pxe
+from firmware.config import Config
+
+X86_ARCHES = (0, 6, 7, 9)
+ARM_ARCHES = (10, 11)
+X86_FILES = {"undionly.kpxe", "ipxe32.efi", "ipxe.efi", "snponly.efi"}
+ARM64_IMAGES = ("grubnetaa64.efi", "snp.efi")
+
+
+def boot_files(arm64: str) -> dict[int, str]:
+    return {0: "undionly.kpxe", 6: "ipxe32.efi", 7: "ipxe.efi", 9: "snponly.efi", 11: arm64}
+
+
+def safe(arch: int, file: bytes | None, arm64: str) -> bool:
+    """The property: nothing x86 to arch 10/11, not the arm64 image to an x86 arch."""
+    name = (file or b"").decode()
+    if arch in ARM_ARCHES:
+        return name not in X86_FILES
+    if arch in X86_ARCHES:
+        return name != arm64
+    return True
+
+
+# --- 1. the policy, every architecture --------------------------------------------------------
+
+
+@pytest.mark.parametrize("arm64", ARM64_IMAGES)
+def test_policy_is_safe_for_every_option_93_value(arm64):
+    cfg = Config({"server_ip": SERVER, "script_url": URL,
+                  "boot_files": {str(k): v for k, v in boot_files(arm64).items()}})
+    policy = pxe.Policy(cfg)
+    pc_mac, pi_mac = mac("52:54:00:00:00:01"), mac("dc:a6:32:00:00:01")
+    answered = {}
+    for arch in range(0x10000):
+        for m, guid in ((pc_mac, GUID), (pi_mac, RPI_GUID)):
+            vendor = b"PXEClient:Arch:%05d:UNDI:003000" % min(arch, 99999)
+            pkt = dhcp.parse(request(m, arch, vendor, guid))
+            r = policy.answer(pkt, pxe.DHCP_PORT)
+            file = r.boot.file if r is not None else None
+            assert safe(arch, file, arm64), (arch, m.hex(), file)
+            if m is pc_mac and r is not None:
+                answered[arch] = file.decode()
+            if m is pi_mac and arch == 0:
+                assert r.rpi and file == b""  # the Pi bootloader: a menu, never a binary
+            if m is pi_mac and arch == 11:
+                assert not r.rpi and file == arm64.encode()  # a Pi running UEFI: arm64
+    # Exactly the configured architectures get an answer, each its own file.
+    assert answered == boot_files(arm64)
+
+
+@pytest.mark.parametrize("arm64", ARM64_IMAGES)
+def test_option_93_decides_over_the_vendor_class_and_the_vendor_class_only_when_93_is_absent(
+        arm64):
+    cfg = Config({"server_ip": SERVER, "script_url": URL,
+                  "boot_files": {str(k): v for k, v in boot_files(arm64).items()}})
+    policy = pxe.Policy(cfg)
+    m = mac("52:54:00:00:00:02")
+    for arch93, vendor_arch, want in ((11, 7, arm64), (7, 11, "ipxe.efi"), (0, 11, "undionly.kpxe"),
+                                      (10, 7, None), (11, 0, arm64)):
+        pkt = dhcp.parse(request(m, arch93, b"PXEClient:Arch:%05d:UNDI:003000" % vendor_arch))
+        r = policy.answer(pkt, pxe.DHCP_PORT)
+        assert (r.boot.file.decode() if r else None) == want, (arch93, vendor_arch)
+    raw = bytearray(request(m, 11, b"PXEClient:Arch:00011:UNDI:003000"))
+    i = raw.index(bytes((93, 2, 0, 11)))
+    raw[i : i + 4] = bytes((0, 0, 0, 0))  # option 93 gone (pads): the vendor class says 11
+    r = policy.answer(dhcp.parse(bytes(raw)), pxe.DHCP_PORT)
+    assert r.boot.file == arm64.encode()
+
+
+# --- 2. the differential with dnsmasq ----------------------------------------------------------
+
+ODD_ARCHES = (1, 2, 3, 4, 5, 8, 12, 15, 16, 19, 255, 0xFFFF)
+
+
+def cases() -> dict[str, tuple[bytes, int]]:
+    """name -> (DISCOVER, the architecture the safety rule judges it by)."""
+    out: dict[str, tuple[bytes, int]] = {}
+    for arch in X86_ARCHES + ARM_ARCHES + ODD_ARCHES:
+        vendor = b"PXEClient:Arch:%05d:UNDI:003000" % arch
+        out[f"arch-{arch}"] = (request(mac(f"52:54:00:00:{arch >> 8:02x}:{arch & 255:02x}"), arch,
+                                       vendor, GUID), arch)
+    # A vendor class that disagrees with option 93: option 93 is what both servers go by.
+    out["93-is-11-vendor-7"] = (request(mac("52:54:00:01:00:0b"), 11,
+                                        b"PXEClient:Arch:00007:UNDI:003000", GUID), 11)
+    out["93-is-7-vendor-11"] = (request(mac("52:54:00:01:00:07"), 7,
+                                        b"PXEClient:Arch:00011:UNDI:003000", GUID), 7)
+    # iPXE on either side: the controller's script, never a binary.
+    for arch in (7, 11):
+        out[f"ipxe-{arch}"] = (request(mac(f"52:54:00:02:00:{arch:02x}"), arch,
+                                       b"PXEClient:Arch:%05d:UNDI:003010" % arch, GUID,
+                                       opt(77, b"iPXE") + IPXE_175), arch)
+    # Raspberry Pis: the EEPROM bootloader (arch 0 + GUID or MAC), and a Pi running UEFI.
+    out["rpi-eeprom"] = (request(mac("dc:a6:32:1a:2b:3c"), 0, b"PXEClient:Arch:00000:UNDI:002001",
+                                 RPI_GUID), 0)
+    out["rpi-mac-only"] = (request(mac("e4:5f:01:00:02:01"), 0,
+                                   b"PXEClient:Arch:00000:UNDI:002001", GUID), 0)
+    out["rpi-uefi-11"] = (request(mac("d8:3a:dd:00:00:0b"), 11, guid=GUID), 11)
+    numbered = {}
+    for i, (name, (raw, arch)) in enumerate(out.items()):
+        b = bytearray(raw)
+        b[4:8] = (0x5AFE0000 + i).to_bytes(4, "big")
+        numbered[name] = (bytes(b), arch)
+    return numbered
+
+
+def dnsmasq_args(ifname: str, pidfile, files: dict[int, str]) -> list[str]:
+    """dnsmasq in proxy mode with the same boot files per client-arch tag."""
+    a = [
+        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", f"--pid-file={pidfile}", "--port=0",
+        "--log-dhcp", "--log-facility=-", f"--interface={ifname}", "--bind-interfaces",
+        f"--dhcp-range={SERVER.rsplit('.', 1)[0]}.0,proxy",
+        "--dhcp-userclass=set:ipxe,iPXE", "--dhcp-match=set:ipxe,175",
+        "--dhcp-match=set:rpi,97,00:52:50:69:34",
+        f"--dhcp-boot=tag:ipxe,{URL},,{SERVER}",
+        "--pxe-service=tag:rpi,tag:!ipxe,0,Raspberry Pi Boot",
+    ]  # fmt: skip
+    for arch, name in files.items():
+        a.append(f"--dhcp-match=set:arch{arch},option:client-arch,{arch}")
+        not_rpi = "tag:!rpi," if arch == 0 else ""
+        a.append(f"--dhcp-boot=tag:!ipxe,{not_rpi}tag:arch{arch},{name},,{SERVER}")
+    for oui in PI_OUIS:
+        a.append(f"--dhcp-mac=set:rpi,{oui}:*:*:*")
+    return a
+
+
+# Where dnsmasq has no equivalent of our answer; the safety rule still holds for both.
+NO_EQUIVALENT = {
+    # dnsmasq offers no boot file to an arch without one; we stay silent (dhcp.no_boot_file).
+    **{f"arch-{a}": "no file for the arch" for a in ODD_ARCHES + (10,)},
+}
+# (A Pi running UEFI, arch 11 with a Pi MAC, carries dnsmasq's rpi tag, but its pxe-service=0
+# is for arch 0 only: dnsmasq gives it the arm64 dhcp-boot, as we do.)
+
+
+@pytest.mark.parametrize("arm64", ARM64_IMAGES)
+def test_against_dnsmasq_nothing_unsafe_and_the_same_files(tmp_path, arm64):
+    need_tools()
+    files = boot_files(arm64)
+    all_cases = cases()
+    theirs, ours = World("a" if arm64 == ARM64_IMAGES[0] else "b"), World(
+        "c" if arm64 == ARM64_IMAGES[0] else "e")
+    procs: list[Proc] = []
+    clients = []
+    results = []
+    try:
+        theirs.up()
+        ours.up()
+        dm = Proc(["ip", "netns", "exec", theirs.srv,
+                   *dnsmasq_args(theirs.if_srv, tmp_path / "dnsmasq.pid", files)])
+        procs.append(dm)
+        compile_firmware(tmp_path / "lib" / "firmware")
+        (tmp_path / "svc.py").write_text(SERVICE_SCRIPT)
+        (tmp_path / "device.json").write_text(json.dumps({
+            "server_ip": SERVER, "script_url": URL,
+            "boot_files": {str(k): v for k, v in files.items()}}))
+        fw = Proc(["ip", "netns", "exec", ours.srv, micropython_bin(), "-X", "heapsize=128k",
+                   str(tmp_path / "svc.py"), "device.json", "0.0.0.0", "67", "4011", "68"],
+                  cwd=tmp_path, env=dict(os.environ, MICROPYPATH=f"{tmp_path / 'lib'}:.frozen"))
+        procs.append(fw)
+        dm.wait_for("DHCP, sockets bound exclusively")
+        fw.wait_for('"ready": true')
+        sendable = {name: (raw, "bcast") for name, (raw, _) in all_cases.items()}
+        clients = [theirs.client(sendable), ours.client(sendable)]
+        for c in clients:
+            out = c.stdout.read()
+            assert c.wait(timeout=60) == 0, c.stderr.read()
+            results.append(json.loads(out))
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+        for p in procs:
+            p.stop()
+        theirs.down()
+        ours.down()
+
+    got_d, got_o = results
+    table = []
+    for name, (raw, arch) in all_cases.items():
+        d = [dhcp.parse(bytes.fromhex(h)) for h, _, _ in got_d[name]]
+        o = [dhcp.parse(bytes.fromhex(h)) for h, _, _ in got_o[name]]
+        fd = d[0].file_name() if d else None
+        fo = o[0].file_name() if o else None
+        table.append((name, arch, fd, fo))
+        for p in d + o:  # both servers are safe, whatever they answer
+            assert safe(arch, p.file_name(), arm64), (name, "dnsmasq" if p in d else "ours")
+        for p in o:
+            assert p.yiaddr == bytes(4) and p.server_id == SERVER_B and p.siaddr == SERVER_B
+        if name in NO_EQUIVALENT:
+            assert not o and (not d or fd == b""), (name, fd, fo)
+            continue
+        assert d and o, (name, len(d), len(o))
+        assert fo == fd, (name, table)
+    # What each kind of client got from us (table: name, arch, dnsmasq's file, ours).
+    mine = {name: fo for name, _, _, fo in table}
+    assert mine["arch-11"] == mine["93-is-11-vendor-7"] == mine["rpi-uefi-11"] == arm64.encode()
+    assert mine["ipxe-11"] == mine["ipxe-7"] == URL.encode()
+    assert mine["rpi-eeprom"] == mine["rpi-mac-only"] == b""
+    assert mine["93-is-7-vendor-11"] == b"ipxe.efi"
+    assert {mine[f"arch-{a}"] for a in X86_ARCHES} <= {f.encode() for f in X86_FILES}
+    counts = {}
+    for line in fw.lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if "count" in ev:
+            counts[ev["count"]] = ev["n"]
+    assert counts.get("dhcp.no_boot_file") == len(NO_EQUIVALENT)
+    assert "dhcp.error" not in counts and "dhcp.malformed" not in counts
