@@ -64,13 +64,14 @@ def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
             what = "script URL (iPXE)" if p.get("ipxe") else f"boot file {p.get('file')}"
             add(e, "proxy offer", f"{p.get('kind')} on port {p.get('port')}: arch "
                 f"{p.get('arch')}, {what}" + (f" {p.get('file')}" if p.get("ipxe") else ""))
-        elif kind == "tftp" and src == "device" and (p.get("client") in ips or not ips):
+        elif kind == "tftp" and src in ("device", "controller") and (p.get("client") in ips or not ips):
+            where = "" if src == "device" else " (controller)"
             if p.get("stage") == "start":
-                add(e, "tftp start", f"{p.get('file')}: {p.get('tsize')} bytes, blksize "
+                add(e, "tftp start", f"{p.get('file')}{where}: {p.get('tsize')} bytes, blksize "
                     f"{p.get('blksize')}, window {p.get('window')}")
             elif p.get("stage") == "end":
                 secs = (p.get("ms") or 0) / 1000
-                add(e, "tftp end", f"{p.get('file')}: {p.get('bytes')} bytes in {secs:.2f} s, "
+                add(e, "tftp end", f"{p.get('file')}{where}: {p.get('bytes')} bytes in {secs:.2f} s, "
                     f"{p.get('result')}" + (f", {p['resends']} resends" if p.get("resends") else ""))
         elif kind == "boot" and mine:
             add(e, f"GET {e.get('endpoint')}", f"HTTP {e.get('status')}"
