@@ -15,6 +15,7 @@ with SecretsRequired, so a secret can never leave through a public endpoint.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import types
 from dataclasses import dataclass
@@ -76,7 +77,13 @@ def uses_secrets(tf: TemplateFile) -> bool:
     """Whether a Jinja2 template file reads the `secrets` variable (found in its syntax tree)."""
     if tf.jinja is None or tf.raw_ignition is not None:
         return False
-    return "secrets" in jinja2.meta.find_undeclared_variables(jinja_env.parse(tf.text))
+    return _reads_secrets(tf.text)
+
+
+@functools.lru_cache(maxsize=512)
+def _reads_secrets(text: str) -> bool:
+    # asked on every boot script of a Flatcar profile: parse each template text once
+    return "secrets" in jinja2.meta.find_undeclared_variables(jinja_env.parse(text))
 
 
 @dataclass(frozen=True)
