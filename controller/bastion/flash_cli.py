@@ -512,9 +512,17 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, dry_run) -> 
 
         device = flashing.render_device_config(site, bdef, controller_url)
         tftp = flashing.tftp_files(tftp_dir)
-        for w in device.warnings + flashing.missing_boot_files(device.config, set(tftp)):
-            _warn(w)
-        image = flashing.build_image(bdef, device, tftp)
+        with tempfile.TemporaryDirectory(prefix="bastion-chainload-") as work:
+            chosen = flashing.add_arm64_chainloader(site, device, tftp, Path(work), controller_url)
+            if chosen:
+                flashing.check_device_config(device.config, bdef)
+                _say(chosen)
+            wrong = flashing.wrong_arch_boot_files(device.config, tftp)
+            if wrong:
+                raise FlashError(wrong)
+            for w in device.warnings + flashing.missing_boot_files(device.config, set(tftp)):
+                _warn(w)
+            image = flashing.build_image(bdef, device, tftp)
         _plan(site, bdef, device, image)
         if dry_run:
             if sim_dir:

@@ -304,6 +304,56 @@ def missing_boot_files(config: dict, tftp_names: set[str]) -> list[str]:
     return out
 
 
+def wants_arm64(site: Site, config: dict) -> bool:
+    """Whether the device must serve arm64 UEFI clients: an arm64 machine, or boot_files 11."""
+    return "11" in config.get("boot_files", {}) or any(m.arch == "arm64" for m in site.machines)
+
+
+def add_arm64_chainloader(
+    site: Site, device: DeviceConfig, tftp: dict[str, Path], workdir: Path,
+    controller_url: str | None = None, grub_modules: Path | None = None,
+) -> str | None:
+    """Give arm64 UEFI clients (arch 11) a chainloader when the site has arm64 machines and
+    boot_files names none (or names grubnetaa64.efi, which the TFTP files lack): the site's
+    arm64 iPXE (tftp/snp.efi, when it is one), else the GRUB arm64 image built for the
+    controller (into `workdir`, added to `tftp`). Returns what was
+    chosen, for the plan; None when nothing was needed."""
+    from bastion import chainload
+
+    files = device.config.setdefault("boot_files", {})
+    if not wants_arm64(site, device.config):
+        return None
+    named = files.get("11")
+    if named is not None and (named != chainload.GRUB_ARM64 or named in tftp):
+        return None  # the site names its own arch 11 file (checked by wrong_arch_boot_files)
+    snp = tftp.get(chainload.IPXE_ARM64)
+    if named is None and snp is not None and chainload.pe_machine(snp.read_bytes()) == chainload.PE_ARM64:
+        files["11"] = chainload.IPXE_ARM64
+        return f"arch 11 (arm64 UEFI): the site's arm64 iPXE {chainload.IPXE_ARM64}"
+    url = controller_url or site.settings.controller_url
+    if not url:
+        raise FlashError("the site has arm64 machines: their GRUB chainloader needs controller_url")
+    out = Path(workdir) / chainload.GRUB_ARM64
+    try:
+        chainload.build_grub_arm64(url, out, grub_modules)
+    except chainload.ChainloadError as e:
+        raise FlashError(f"arm64 chainloader: {e}") from None
+    tftp[chainload.GRUB_ARM64] = out
+    files["11"] = chainload.GRUB_ARM64
+    return (f"arch 11 (arm64 UEFI): {chainload.GRUB_ARM64}, GRUB built for "
+            f"{chainload.grub_prefix(url)}")
+
+
+def wrong_arch_boot_files(config: dict, tftp: dict[str, Path]) -> list[str]:
+    """boot_files entries whose binary cannot run on that architecture (an x86 EFI binary for
+    arm64 clients, an arm64 one for x86, an EFI binary for BIOS): refused before flashing."""
+    from bastion import chainload
+
+    names = set(config.get("boot_files", {}).values())
+    data = {n: tftp[n].read_bytes() for n in names if n in tftp}
+    return chainload.check_boot_files(config.get("boot_files", {}), data)
+
+
 @dataclass
 class Image:
     """Every file `bastion flash` writes: path on the flash -> contents."""

@@ -346,38 +346,15 @@ def build_initrd(tree: Path, out: Path, arch: str = "amd64", root: Path | None =
     return out
 
 
-GRUB_MODULES = ["efinet", "net", "tftp", "http", "linux", "normal", "configfile", "echo",
-                "efi_gop", "gzio", "test"]
-
-
-# The image's embedded config. GRUB's own start (normal mode) first asks the prefix for four
-# module lists (command.lst, fs.lst, crypto.lst, terminal.lst, each twice), and every HTTP
-# request of GRUB's network stack costs tens of seconds under TCG; this makes the controller's
-# /grub/grub.cfg GRUB's first request (GRUB's steps from there to the kernel do not work in
-# the lab yet: docs/lab.md).
-GRUB_EARLY_CFG = 'configfile "$prefix/grub.cfg"\n'
-
-
 def build_grub_image(root: Path, controller: str, out: Path) -> Path:
     """The GRUB arm64-efi netboot image with its prefix at `controller`'s /grub (host:port),
-    from the arm64 GRUB modules unpacked by tools/build-grub-arm64."""
-    moddir = root / "usr/lib/grub/arm64-efi"
-    if not moddir.is_dir():
-        raise LabAssetError(f"{moddir} is missing: run tools/build-grub-arm64")
-    if shutil.which("grub-mkimage") is None:
-        raise LabAssetError("grub-mkimage is missing: run tools/setup (grub-common)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    early = out.with_name(out.name + ".early.cfg")
-    early.write_text(GRUB_EARLY_CFG)
-    r = subprocess.run(["grub-mkimage", "-O", "arm64-efi", "-d", str(moddir), "-o", str(tmp),
-                        "-c", str(early), "-p", f"(http,{controller})/grub", *GRUB_MODULES],
-                       capture_output=True, text=True)
-    early.unlink(missing_ok=True)
-    if r.returncode != 0:
-        raise LabAssetError(f"grub-mkimage failed: {r.stderr.strip()}")
-    os.replace(tmp, out)
-    return out
+    from the arm64 GRUB modules unpacked by tools/build-grub-arm64 (bastion.chainload)."""
+    from bastion.chainload import ChainloadError, build_grub_arm64
+
+    try:
+        return build_grub_arm64(f"http://{controller}", out, root / "usr/lib/grub/arm64-efi")
+    except ChainloadError as e:
+        raise LabAssetError(str(e)) from None
 
 
 def sha256_file(path: Path) -> str:
