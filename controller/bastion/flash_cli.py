@@ -3,8 +3,9 @@ files onto the device, with the real mpremote, without ever switching a relay.
 
 On a board (`--port`) it goes like this; each step says what it does as it runs:
 
-1. render device.json from the site and check it with the firmware's own checkers; compile the
-   firmware to .mpy. Nothing has touched the device yet (`--dry-run` stops here).
+1. render device.json from the site and check it with the firmware's own checkers; add the arm64
+   chainloader for a site with arm64 machines and check every boot file against its client
+   architecture (bastion.flashing, bastion.chainload); compile the firmware to .mpy. Nothing has touched the device yet (`--dry-run` stops here).
 2. ask the running firmware, over the serial protocol, for its relay channels: a channel that
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
    flashing waits for a quiet device.
@@ -478,10 +479,15 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
 @click.option("--controller-url", metavar="URL",
               help="The controller's URL for the iPXE script (URL/boot.ipxe) [default: "
                    "site.yaml controller_url].")  # fmt: skip
+@click.option("--grub-modules", metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="GRUB arm64-efi modules for the arm64 chainloader [default: "
+                   "var/cache/arm64-root/usr/lib/grub/arm64-efi, from tools/build-grub-arm64]."
+              )  # fmt: skip
 @click.option("--dry-run", is_flag=True,
               help="Render, check and list what would be written; touch nothing (with --port "
                    "the device is not contacted).")  # fmt: skip
-def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, dry_run) -> None:
+def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules, dry_run) -> None:
     """Flash the device: the firmware (compiled to .mpy), the board definition, device.json
     rendered from the site, the boot stub main.py and the TFTP files, then restart the
     firmware so it runs with them.
@@ -491,6 +497,10 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, dry_run) -> 
     renamed into place. Flashing never switches a relay: it never writes power.state or
     relays.state, and refuses when the restart would bring a relay up differently (a changed
     `default` for a channel with no persisted state, or a channel mid-cycle).
+
+    A site with arm64 machines (or boot_files 11) gets an arm64 chainloader for arch 11: the
+    site's arm64 iPXE snp.efi, else a GRUB arm64 image built for the controller. Every boot
+    file that is an EFI binary must suit its client architecture (from its PE header).
     """
     from bastion.site.load import SiteError, load_site
 
@@ -513,14 +523,20 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, dry_run) -> 
         device = flashing.render_device_config(site, bdef, controller_url)
         tftp = flashing.tftp_files(tftp_dir)
         with tempfile.TemporaryDirectory(prefix="bastion-chainload-") as work:
-            chosen = flashing.add_arm64_chainloader(site, device, tftp, Path(work), controller_url)
+            chosen = flashing.add_arm64_chainloader(
+                site, device, tftp, Path(work), controller_url, grub_modules
+            )
             if chosen:
                 flashing.check_device_config(device.config, bdef)
-                _say(chosen)
-            wrong = flashing.wrong_arch_boot_files(device.config, tftp)
+            for line in chosen:
+                _say(line)
+            wrong, arch_warnings = flashing.boot_file_checks(device.config, tftp)
             if wrong:
-                raise FlashError(wrong)
-            for w in device.warnings + flashing.missing_boot_files(device.config, set(tftp)):
+                raise FlashError(
+                    [*wrong, "refusing to flash: a client would be offered a binary it cannot run"]
+                )
+            for w in (device.warnings + arch_warnings
+                      + flashing.missing_boot_files(device.config, set(tftp))):  # fmt: skip
                 _warn(w)
             image = flashing.build_image(bdef, device, tftp)
         _plan(site, bdef, device, image)

@@ -3,6 +3,10 @@
     render_device_config(site, board)   site.yaml `device:` + machines.yaml -> device.json (a dict),
                                         checked by the firmware's own checkers before anyone
                                         writes it
+    add_arm64_chainloader(...)          arch 11 for a site with arm64 machines: its arm64 iPXE
+                                        snp.efi, else GRUB built for the controller
+    boot_file_checks(config, tftp)      every boot file against its client architecture, from
+                                        the PE header (bastion.chainload)
     build_image(board, config, tftp)    every file of the flash: path on the flash -> bytes
     restored_outputs(...)               the relay outputs a firmware boot drives, from the flash
                                         files, computed with the firmware's own power code
@@ -305,53 +309,96 @@ def missing_boot_files(config: dict, tftp_names: set[str]) -> list[str]:
 
 
 def wants_arm64(site: Site, config: dict) -> bool:
-    """Whether the device must serve arm64 UEFI clients: an arm64 machine, or boot_files 11."""
+    """Whether the device must serve arm64 UEFI clients (arch 11): an arm64 machine in
+    machines.yaml (`aarch64` is read as arm64), or a boot_files entry for 11."""
     return "11" in config.get("boot_files", {}) or any(m.arch == "arm64" for m in site.machines)
 
 
 def add_arm64_chainloader(
-    site: Site, device: DeviceConfig, tftp: dict[str, Path], workdir: Path,
-    controller_url: str | None = None, grub_modules: Path | None = None,
-) -> str | None:
-    """Give arm64 UEFI clients (arch 11) a chainloader when the site has arm64 machines and
-    boot_files names none (or names grubnetaa64.efi, which the TFTP files lack): the site's
-    arm64 iPXE (tftp/snp.efi, when it is one), else the GRUB arm64 image built for the
-    controller (into `workdir`, added to `tftp`). Returns what was
-    chosen, for the plan; None when nothing was needed."""
+    site: Site,
+    device: DeviceConfig,
+    tftp: dict[str, Path],
+    workdir: Path,
+    controller_url: str | None = None,
+    grub_modules: Path | None = None,
+) -> list[str]:
+    """Give arm64 UEFI clients (arch 11) a chainloader, when the site has arm64 machines or
+    boot_files maps 11. Changes `device.config["boot_files"]` and `tftp` in place; returns what
+    it did, one line each, for the plan (empty: nothing to do).
+
+    - boot_files.11 names a file being flashed: nothing to add (its architecture is checked by
+      boot_file_checks, as every entry is).
+    - else the site's own arm64 iPXE, snp.efi among the TFTP files being flashed or in the
+      site's tftp/ directory, when its PE header says arm64 (PE32+, machine 0xaa64);
+    - else grubnetaa64.efi: the GRUB arm64-efi image built for the controller into `workdir`
+      (bastion.chainload; FlashError when the GRUB modules are missing or controller_url is
+      https, as GRUB has no TLS).
+    """
     from bastion import chainload
 
     files = device.config.setdefault("boot_files", {})
     if not wants_arm64(site, device.config):
-        return None
+        return []
     named = files.get("11")
-    if named is not None and (named != chainload.GRUB_ARM64 or named in tftp):
-        return None  # the site names its own arch 11 file (checked by wrong_arch_boot_files)
-    snp = tftp.get(chainload.IPXE_ARM64)
-    if named is None and snp is not None and chainload.pe_machine(snp.read_bytes()) == chainload.PE_ARM64:
-        files["11"] = chainload.IPXE_ARM64
-        return f"arch 11 (arm64 UEFI): the site's arm64 iPXE {chainload.IPXE_ARM64}"
+    if named is not None and named in tftp:
+        return []
+    said: list[str] = []
+    if named in (None, chainload.IPXE_ARM64):
+        for where, snp in (
+            ("the TFTP files", tftp.get(chainload.IPXE_ARM64)),
+            (f"{site.root}/tftp", site.root / "tftp" / chainload.IPXE_ARM64),
+        ):
+            if snp is None or not snp.is_file():
+                continue
+            data = snp.read_bytes()
+            if chainload.is_arm64_efi(data):
+                tftp[chainload.IPXE_ARM64] = snp
+                files["11"] = chainload.IPXE_ARM64
+                return [
+                    f"arch 11 (arm64 UEFI): {chainload.IPXE_ARM64}, the site's arm64 iPXE (from {snp})"
+                ]
+            header = chainload.pe_header(data)
+            kind = chainload.machine_name(header[0]) if header else "not a PE image"
+            said.append(f"{snp}: {kind}, not an arm64 iPXE: not offered to arch 11")
+            if named is not None:  # boot_files.11 names it: refused with the others
+                tftp[chainload.IPXE_ARM64] = snp
+                return said
+            break  # the TFTP files' snp.efi (an x86 build, say) is what the device serves
+        if named is not None:
+            return said  # missing_boot_files warns
+    elif named != chainload.GRUB_ARM64:
+        return []  # a file that is not being flashed: missing_boot_files warns
     url = controller_url or site.settings.controller_url
     if not url:
-        raise FlashError("the site has arm64 machines: their GRUB chainloader needs controller_url")
+        raise FlashError(
+            "site.yaml: controller_url: is not set: the arm64 chainloader (GRUB) needs it"
+        )
     out = Path(workdir) / chainload.GRUB_ARM64
     try:
         chainload.build_grub_arm64(url, out, grub_modules)
     except chainload.ChainloadError as e:
-        raise FlashError(f"arm64 chainloader: {e}") from None
+        raise FlashError(
+            f"arm64 chainloader for arch 11 (the site has arm64 machines): {e}"
+        ) from None
     tftp[chainload.GRUB_ARM64] = out
     files["11"] = chainload.GRUB_ARM64
-    return (f"arch 11 (arm64 UEFI): {chainload.GRUB_ARM64}, GRUB built for "
-            f"{chainload.grub_prefix(url)}")
+    prefix = chainload.grub_prefix(url)
+    return [
+        *said,
+        f"arch 11 (arm64 UEFI): {chainload.GRUB_ARM64}, GRUB arm64-efi built with prefix {prefix}",
+    ]
 
 
-def wrong_arch_boot_files(config: dict, tftp: dict[str, Path]) -> list[str]:
-    """boot_files entries whose binary cannot run on that architecture (an x86 EFI binary for
-    arm64 clients, an arm64 one for x86, an EFI binary for BIOS): refused before flashing."""
+def boot_file_checks(config: dict, tftp: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for boot_files against the binaries being flashed, from their PE
+    headers: an x86 EFI binary for arm64 clients, an arm64 one for x86, an EFI binary for BIOS
+    clients are problems (flashing refuses); x86-64 for IA32 clients and a non-PE file for an
+    EFI architecture are warnings."""
     from bastion import chainload
 
-    names = set(config.get("boot_files", {}).values())
-    data = {n: tftp[n].read_bytes() for n in names if n in tftp}
-    return chainload.check_boot_files(config.get("boot_files", {}), data)
+    boot_files = config.get("boot_files", {})
+    data = {n: tftp[n].read_bytes() for n in set(boot_files.values()) if n in tftp}
+    return chainload.check_boot_files(boot_files, data)
 
 
 @dataclass
