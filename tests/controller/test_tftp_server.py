@@ -276,6 +276,8 @@ def test_options_per_rfc_2347_to_2349_and_no_windowsize(service):
         # echoed (RFC 2349); windowsize (RFC 7440, not in tftpy) and unknown options left out.
         assert got == {b"blksize": b"1468", b"tsize": b"70001", b"timeout": b"3"}
         c.send(b"\0\x05\0\x08done\0")  # as edk2 after a tsize probe: "error 8"
+        # until that transfer has ended, a new RRQ from the same port is its duplicate (dropped)
+        wait_for(lambda: service.rec.stage("end"), what="the end event")
         for value in (b"4", b"65465", b"abc"):
             err = c.ask(rrq(b"s1.bin", (b"blksize", value)))
             assert err[:4] == b"\0\x05\0\x08", (value, err)  # RFC 2347: error 8
