@@ -14,14 +14,13 @@ is public like every boot endpoint: a LAN host that knows a MAC can mark a machi
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion.store import open_state_db
+from bastion.store import StateTable
 
 SUCCESS_STAGES = ("booted", "installed")
 SUCCESS_STATUSES = ("ok", "success", "succeeded", "0")
@@ -57,17 +56,10 @@ class Installed:
         return dict(self.__dict__)
 
 
-class InstallMarks:
+class InstallMarks(StateTable):
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time):
         self.clock = clock
-        self._lock = threading.Lock()
-        self._db = open_state_db(path)
-        with self._lock, self._db:
-            self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA)
 
     def get(self, machine: str) -> Installed | None:
         with self._lock:

@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.secrets import random_token
-from bastion.store import open_state_db
+from bastion.store import StateTable
 
 DEFAULT_TTL_S = 15 * 60
 #: Rows stay this long after they expire, so that a late fetch is told "expired", not "unknown".
@@ -117,20 +116,13 @@ class TokenRefused(Exception):
         return REASONS[self.reason]
 
 
-class IgnitionTokens:
+class IgnitionTokens(StateTable):
     """The token table, in the history's SQLite file. `clock` is injectable for tests."""
 
     def __init__(self, path: Path | str, ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.time):
         self.ttl_s = ttl_s
         self.clock = clock
-        self._lock = threading.Lock()
-        self._db = open_state_db(path)
-        with self._lock, self._db:
-            self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA)
 
     def issue(self, *, machine: str, mac: str | None, group: str, profile: str, client: str | None) -> tuple[str, Grant]:
         """A new token for `machine`; its earlier unused tokens are superseded."""

@@ -192,6 +192,21 @@ def open_state_db(path: Path | str) -> sqlite3.Connection:
     return db
 
 
+class StateTable:
+    """Controller state beside the events (one-time tokens, install marks): its own
+    open_state_db connection, its schema created on open, one lock around every use."""
+
+    def __init__(self, path: Path | str, schema: str):
+        self._lock = threading.Lock()
+        self._db = open_state_db(path)
+        with self._lock, self._db:
+            self._db.executescript(schema)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
 def open_readonly(path: Path | str) -> EventStore:
     """For `bastion events`: the same store, opened on an existing file."""
     if not Path(path).exists():
