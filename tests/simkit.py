@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from bastion import sim
+
 BIN = Path(sys.executable).parent
 
 
@@ -140,3 +142,66 @@ def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
+class SimBoard:
+    """A running sim board: the firmware as .mpy under the unix port, events read from stdout."""
+
+    def __init__(self, flash: Path, cmd: list[str], env: dict | None = None):
+        self.flash = flash
+        self.cmd = cmd
+        self.events: list[dict] = []
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=flash,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            ev = sim.decode_event_line(raw)
+            if ev is not None:
+                self.events.append(ev)
+                self._q.put(ev)
+
+    def wait_event(self, pred, timeout: float = 20.0) -> dict:
+        """The first event (already seen or coming) for which pred(ev) is true."""
+        for ev in list(self.events):
+            if pred(ev):
+                return ev
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                ev = self._q.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self.proc.poll() is not None and self._q.empty():
+                    break
+                continue
+            if pred(ev):
+                return ev
+        raise AssertionError(
+            f"no matching event within {timeout}s; firmware exit={self.proc.poll()}; "
+            f"last output:\n" + "\n".join(self.lines[-30:])
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)

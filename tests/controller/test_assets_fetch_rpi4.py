@@ -15,9 +15,7 @@ import json
 import os
 import re
 import stat
-import threading
 import zipfile
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from bastion import assets_rpi4 as rpi
 from bastion.cli import main
 from bastion_testkit import REPO
 from click.testing import CliRunner
-from test_assets_fetch import Mirror, _Handler
+from test_assets_fetch import Mirror, mirror  # noqa: F401  (the loopback mirror fixture)
 
 TAG = "v9.01"  # not a pftf release: pinned by the tests only
 SERIAL = "1a2b3c4d"
@@ -78,19 +76,6 @@ def make_zip(
     return buf.getvalue()
 
 
-@pytest.fixture
-def mirror():
-    m = Mirror()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.mirror = m
-    m.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield m
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
 
 
 @pytest.fixture

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from bastion import sim
 from bastion.store import EventStore
+from simkit import SimBoard, wait_for
 from test_proxydhcp_dnsmasq import GUID, mac, request
 
 from firmware import dhcp
@@ -180,64 +178,6 @@ class LoopbackNamespace:
             subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-class Board:
-    """The sim board's firmware process in the namespace, its events read from stdout (the
-    same reading as tests/conftest.py's SimBoard, which a test module cannot import by name)."""
-
-    def __init__(self, flash: Path, cmd: list[str]):
-        self.events: list[dict] = []
-        self.lines: list[str] = []
-        self._q: queue.Queue = queue.Queue()
-        self.proc = subprocess.Popen(cmd, cwd=flash, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-            ev = sim.decode_event_line(raw)
-            if ev is not None:
-                self.events.append(ev)
-                self._q.put(ev)
-
-    def wait_event(self, pred, timeout: float = 20.0) -> dict:
-        for ev in list(self.events):
-            if pred(ev):
-                return ev
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self._q.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if pred(ev):
-                return ev
-        raise AssertionError("no such event; firmware output:\n" + "\n".join(self.lines[-30:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=5)
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def pi_files() -> dict[str, bytes]:
     rng = random.Random(4)
@@ -297,7 +237,7 @@ def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_fil
 
     with LoopbackNamespace(where[0]) as ns:
         cmd = sim.firmware_command(flash, DEVICE, 67, 4011, 69, "128k")
-        board = Board(flash, ns.argv(*cmd))
+        board = SimBoard(flash, ns.argv(*cmd))
         ns.procs.append(board.proc)
         try:
             board.wait_event(lambda e: e.get("ev") == "boot")
@@ -310,10 +250,10 @@ def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_fil
                             "--no-access-log"),
                     stdout=ctl_log, stderr=subprocess.STDOUT)
                 ns.procs.append(ctl)
-                wait_until(lambda: ns.udp_bound(f"{CONTROLLER}:69") or ctl.poll() is not None,
+                wait_for(lambda: ns.udp_bound(f"{CONTROLLER}:69") or ctl.poll() is not None,
                            30, "the controller's TFTP")
                 assert ctl.poll() is None, (tmp_path / "serve.log").read_text()
-            wait_until(lambda: ns.udp_bound(f"{DEVICE}:69"), 30, "the device's TFTP")
+            wait_for(lambda: ns.udp_bound(f"{DEVICE}:69"), 30, "the device's TFTP")
             r = subprocess.run(ns.argv(sys.executable, "-c", CLIENT_SCRIPT, str(spec)),
                                capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr + "\n".join(board.lines[-20:])
