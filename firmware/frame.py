@@ -1,4 +1,4 @@
-# Serial frame codec, shared by the device (console) and the controller (bastion.device).
+# Serial frame codec, shared by the device (console) and the controller (bastion.device.link).
 #
 # The USB serial line is also the MicroPython REPL, so the protocol must survive REPL banners,
 # tracebacks, prompts, partial lines and line noise. One frame is one line:

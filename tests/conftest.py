@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "firmware" / "mpy"))  # mpytest helpers
 sys.path.insert(0, str(REPO / "tests"))  # simkit and other shared test helpers
 
-from bastion import sim as sim_mod  # noqa: E402
+from bastion.flash import sim as sim_mod  # noqa: E402
 from simkit import SimBoard, free_udp_port  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from bastion import sim
+from bastion.flash import sim
 
 BIN = Path(sys.executable).parent
 

@@ -5,9 +5,9 @@ BootRequest, call one of these, record the event and send the Answer.
 
 Two pieces of controller state change the answers, and are passed in as a `Provisioning` (without
 one, the answers are matchbox's: pure functions of the site and the request):
-- one-time Ignition URLs (bastion.onetime): a profile whose Ignition reads `secrets` gets a
+- one-time Ignition URLs (bastion.state.onetime): a profile whose Ignition reads `secrets` gets a
   token in its boot script's Ignition URL, and `onetime_ignition` serves the config once for it;
-- install-once marks (bastion.install): an installed machine's boot script boots its local disk.
+- install-once marks (bastion.state.install): an installed machine's boot script boots its local disk.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
-from bastion import install, match
-from bastion.onetime import IgnitionTokens, TokenRefused
+from bastion import match
+
+from bastion.state import install
+from bastion.state.onetime import IgnitionTokens, TokenRefused
 from bastion.render import boot as scripts
 from bastion.render import ignition
 from bastion.render.config import (
@@ -31,7 +33,7 @@ from bastion.render.config import (
     uses_secrets,
     variables,
 )
-from bastion.site.model import ARCH_ALIASES, Boot, Group, Machine, Profile, Site
+from bastion.model import ARCH_ALIASES, Boot, Group, Machine, Profile, Site
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -61,7 +63,7 @@ class Provisioning:
 
     tokens: IgnitionTokens
     installs: install.InstallMarks
-    # the machine's `secrets` for its one-time URL: bastion.secrets.machine_secrets, bound to the
+    # the machine's `secrets` for its one-time URL: bastion.state.secrets.machine_secrets, bound to the
     # controller's secret store
     secrets_for: Callable[[Site, Machine], Mapping[str, Any]]
 
@@ -109,7 +111,7 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str, toke
     carries the group's other selectors, so that Ignition's request selects this same group (a
     machine declared by its UUID, a group that selects by labels). No other group can come
     first: one that matches this subset of the boot request's labels matched them all.
-    With a one-time `token` (bastion.onetime), the URL starts with `token=<token>`.
+    With a one-time `token` (bastion.state.onetime), the URL starts with `token=<token>`.
     """
     boot = profile.boot_for(machine_arch(group, req.labels))
     if boot is None or profile.format != "bastion" or profile.os != "flatcar":
@@ -252,7 +254,7 @@ def _token_refused(e: TokenRefused, group: Group | None = None, profile: Profile
 
 
 def onetime_ignition(site: Site, req: BootRequest, prov: Provisioning) -> Answer:
-    """`/ignition?token=...`: the machine's config, with its secrets, once (bastion.onetime).
+    """`/ignition?token=...`: the machine's config, with its secrets, once (bastion.state.onetime).
 
     The token is checked (known, unused, not superseded, unexpired, this client, this MAC), the
     request's labels must select the group it was issued for, the config is rendered with the

@@ -10,11 +10,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from bastion import sim
+    from bastion.flash import sim
 
     main.add_command(sim.sim_command)
 
-    from bastion import flash_cli
+    from bastion.flash import cli as flash_cli
 
     main.add_command(flash_cli.flash)
 
@@ -22,15 +22,17 @@ def _register() -> None:
 
     main.add_command(lab_cli.lab_group)
 
-    from bastion import assets_cli
+    from bastion.assets import cli as assets_cli
 
     main.add_command(assets_cli.assets_group)
 
-    from bastion import cluster_cli
+    from bastion.cluster import cli as cluster_cli
 
     main.add_command(cluster_cli.cluster_group)
 
-    from bastion import device_cli, machine_cli, serve_cli
+    from bastion import machine_cli, serve_cli
+
+    from bastion.device import cli as device_cli
 
     for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS):
         main.add_command(command)

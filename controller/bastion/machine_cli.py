@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bastion.device_cli import _Api
+from bastion.device.cli import _Api
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 

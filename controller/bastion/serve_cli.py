@@ -129,7 +129,7 @@ def events(db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
             return r.json()
     else:
         from bastion import match
-        from bastion.store import open_readonly
+        from bastion.state.events import open_readonly
 
         path = db_path or default_db_path()
         try:

@@ -9,7 +9,7 @@
     BASTION_DEVICE           the device's serial line (e.g. /dev/ttyACM0, the sim board's PTY)
     BASTION_TFTP             ADDR:PORT for the controller's own TFTP server (the site's tftp/);
                              unset: no TFTP
-    BASTION_SECRETS_DIR      the secret store (default: bastion.secrets.default_secrets_dir)
+    BASTION_SECRETS_DIR      the secret store (default: bastion.state.secrets.default_secrets_dir)
     BASTION_IGNITION_TOKEN_TTL  seconds a one-time Ignition URL stays good (default 900)
 """
 
@@ -73,9 +73,9 @@ class Settings:
     poll_seconds: float = 1.0
     device_port: str | None = None  # the device's serial line (pyserial port or URL)
     tftp_listen: tuple[str, int] | None = None  # `serve --tftp ADDR:PORT`: serve tftp/ there
-    # the secret store's directory; None: bastion.secrets.secrets_dir(<site name>) picks it
+    # the secret store's directory; None: bastion.state.secrets.secrets_dir(<site name>) picks it
     secrets_dir: Path | None = None
-    ignition_token_ttl: float = DEFAULT_IGNITION_TOKEN_TTL  # seconds (bastion.onetime)
+    ignition_token_ttl: float = DEFAULT_IGNITION_TOKEN_TTL  # seconds (bastion.state.onetime)
 
     @classmethod
     def build(

@@ -1,4 +1,4 @@
-"""bastion.tftp: the controller's read-only TFTP server (tftpy underneath) against real clients
+"""bastion.tftpd: the controller's read-only TFTP server (tftpy underneath) against real clients
 (tftp-hpa's tftp, atftp, curl, tftpy's client) on 127.0.0.1 high ports; the device's refusals,
 RFC 2347-2349 options, bad datagrams counted and dropped, a clean stop, and events shaped like
 the device's. Then `bastion serve --tftp` as a user runs it.
@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from bastion.store import EventStore
-from bastion.tftp import TftpService
+from bastion.state.events import EventStore
+from bastion.tftpd import TftpService
 from bastion_testkit import Server
 from simkit import free_udp_port, wait_for
 

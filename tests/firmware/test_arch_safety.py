@@ -18,7 +18,7 @@ import json
 import os
 
 import pytest
-from bastion.sim import compile_firmware, micropython_bin
+from bastion.flash.sim import compile_firmware, micropython_bin
 from test_proxydhcp import SERVICE_SCRIPT
 from test_proxydhcp_dnsmasq import (
     GUID,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.sim import micropython_bin
+from bastion.flash.sim import micropython_bin
 from firmware import frame
 from firmware.console import PROTO, Console
 from firmware.log import Log
@@ -428,7 +428,7 @@ print("code", b - a, "objects", c - b, "after", d - c)
 def test_heap_of_the_device_link_modules_stays_small(tmp_path):
     """Code (as .mpy, as flashed) and data of frame+power+watchdog+console in the 128 KB heap:
     a guard against creeping size, with the numbers in the failure message."""
-    from bastion.sim import _tool
+    from bastion.flash.sim import _tool
 
     pkg = tmp_path / "firmware"
     pkg.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.sim import micropython_bin
+from bastion.flash.sim import micropython_bin
 from firmware import frame
 from firmware.frame import TO_DEVICE, TO_HOST, Deframer, Malformed
 

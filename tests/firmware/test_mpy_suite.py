@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.sim import micropython_bin
+from bastion.flash.sim import micropython_bin
 
 HERE = Path(__file__).resolve().parent / "mpy"
 REPO = HERE.parent.parent.parent

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from bastion.sim import compile_firmware, micropython_bin
+from bastion.flash.sim import compile_firmware, micropython_bin
 
 from firmware import dhcp
 from firmware.config import Config

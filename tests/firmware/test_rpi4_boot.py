@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from bastion import sim
-from bastion.store import EventStore
+from bastion.flash import sim
+from bastion.state.events import EventStore
 from simkit import SimBoard, wait_for
 from test_proxydhcp_dnsmasq import GUID, mac, request
 
@@ -319,7 +319,7 @@ def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_fil
 def test_site_yaml_rpi_next_server_reaches_the_pi_offer_and_only_the_pi_offer(tmp_path):
     """site.yaml `device.rpi.next_server` -> device.json (bastion flash) -> the policy: the Pi
     bootloader's offer points at the controller, a UEFI client's at the device."""
-    from bastion import flashing
+    from bastion.flash import image as flashing
     from bastion.site.load import load_site
 
     from firmware import pxe

@@ -8,7 +8,7 @@ free there and no packet can reach a real interface), everything on 127.0.0.1:
 
 1. starts three read-only TFTP servers on one copy each of the same file (by default iPXE's
    ipxe.efi, about 1 MB): the firmware on the MicroPython unix port (`-X heapsize=...`, the
-   flash laid out by bastion.sim as `bastion sim` does), tftp-hpa's in.tftpd in the foreground,
+   flash laid out by bastion.flash.sim as `bastion sim` does), tftp-hpa's in.tftpd in the foreground,
    and dnsmasq's built-in TFTP (on port 69: dnsmasq has no option to move it); the controller
    only when asked for (`--servers`), as a user runs it, with a site whose tftp/ holds the file;
    `--size 2M` serves a file of random bytes made by the bench instead (a Pi's RPI_EFI.fd);
@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bastion import sim
+from bastion.flash import sim
 
 HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
 SERVERS = ("firmware", "tftp-hpa", "dnsmasq", "controller")

@@ -10,7 +10,9 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from bastion import boot, install, match
+from bastion import boot, match
+
+from bastion.state import install
 from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url
 from bastion.render.config import BootRequest
 

@@ -11,15 +11,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bastion import match
 from bastion.boot import Provisioning
-from bastion.devicehub import DeviceHub
+from bastion.device.hub import DeviceHub
 from bastion.metrics import Metrics
 from bastion.render.config import BootRequest
-from bastion.secrets import SecretStore
+from bastion.state.secrets import SecretStore
 from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
-from bastion.site.model import Site
-from bastion.store import EventStore
-from bastion.tftp import TftpService
+from bastion.model import Site
+from bastion.state.events import EventStore
+from bastion.tftpd import TftpService
 
 
 @dataclass

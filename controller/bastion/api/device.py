@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep
-from bastion.device import DeviceError, DeviceTimeout
-from bastion.devicehub import DeviceHub, PowerTargetError
+from bastion.device.link import DeviceError, DeviceTimeout
+from bastion.device.hub import DeviceHub, PowerTargetError
 
 router = APIRouter(tags=["device"])
 

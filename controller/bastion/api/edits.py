@@ -9,7 +9,7 @@ from fastapi import HTTPException
 from bastion import yamlfile
 from bastion.api.deps import Runtime
 from bastion.site.load import SiteError
-from bastion.site.model import Site
+from bastion.model import Site
 
 
 def current_yaml(runtime: Runtime, rel: str) -> Any:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
 from bastion.api.edits import apply_or_422
-from bastion.site.model import Group, Site
+from bastion.model import Group, Site
 from bastion.site.schema import check_name
 
 router = APIRouter(prefix="/groups", tags=["groups"])

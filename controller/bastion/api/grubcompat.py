@@ -9,7 +9,7 @@ request under emulation and minutes per boot on a slow board.
 GrubHttpToolsProtocol is uvicorn's httptools protocol with one change: for a request whose
 User-Agent is GRUB's, the response's head is written with canonical names (`Content-Length`).
 Every other client's bytes are untouched. It hooks uvicorn where each request's response cycle is
-given the connection's transport (on_headers_complete), which tests/controller/test_grubcompat.py
+given the connection's transport (on_headers_complete), which tests/controller/api/test_grubcompat.py
 checks against the installed uvicorn with a real server.
 
 And GRUB's connections are closed with a reset once GRUB is done with them. GRUB's TCP uses the

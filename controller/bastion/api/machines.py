@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import apply_or_422, current_yaml
-from bastion.install import Installed
+from bastion.state.install import Installed
 from bastion.render.config import BootRequest, RenderError, SecretsRequired, render_ignition
-from bastion.site.model import Machine, Site
+from bastion.model import Machine, Site
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
@@ -30,7 +30,7 @@ class MachineOut(BaseModel):
     heartbeat: dict[str, int] | None = None
     group: str
     source: str
-    # install-once (profile `install:`; bastion.install): what its next network boot gets
+    # install-once (profile `install:`; bastion.state.install): what its next network boot gets
     install: str = "always"
     installed_at: float | None = None  # when it reported its first boot, if it is marked installed
     boots_from: str = "network"  # "local-disk" once an `install: once` machine is installed

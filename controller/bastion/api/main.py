@@ -14,13 +14,13 @@ from bastion import __version__
 from bastion.api import assets, boot, dashboard, device, events, groups, machines, profiles, system
 from bastion.api.deps import Runtime
 from bastion.boot import Provisioning
-from bastion.install import InstallMarks
+from bastion.state.install import InstallMarks
 from bastion.metrics import Metrics
-from bastion.onetime import IgnitionTokens
-from bastion.secrets import SecretStore, machine_secrets, secrets_dir
+from bastion.state.onetime import IgnitionTokens
+from bastion.state.secrets import SecretStore, machine_secrets, secrets_dir
 from bastion.settings import Settings
 from bastion.site.holder import ReloadOutcome, SiteHolder
-from bastion.store import EventStore
+from bastion.state.events import EventStore
 
 log = logging.getLogger("bastion")
 
@@ -72,12 +72,12 @@ def create_app(settings: Settings) -> FastAPI:
         secrets_for=lambda site, machine: machine_secrets(runtime.secrets, site, machine),
     )
     if settings.device_port:
-        from bastion.devicehub import DeviceHub
+        from bastion.device.hub import DeviceHub
 
         runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record)
 
     if settings.tftp_listen:
-        from bastion.tftp import TftpService
+        from bastion.tftpd import TftpService
 
         host, port = settings.tftp_listen
         runtime.tftp = TftpService(settings.site_dir / "tftp", host, port, record=runtime.record)

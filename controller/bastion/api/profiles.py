@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
 from bastion.api.edits import apply_or_422
-from bastion.site.model import Boot, Profile, Site
+from bastion.model import Boot, Profile, Site
 from bastion.site.schema import check_name
 
 router = APIRouter(prefix="/profiles", tags=["profiles"])

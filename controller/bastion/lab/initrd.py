@@ -348,8 +348,8 @@ def build_initrd(tree: Path, out: Path, arch: str = "amd64", root: Path | None =
 
 def build_grub_image(root: Path, controller: str, out: Path) -> Path:
     """The GRUB arm64-efi netboot image with its prefix at `controller`'s /grub (host:port),
-    from the arm64 GRUB modules unpacked by tools/build-grub-arm64 (bastion.chainload)."""
-    from bastion.chainload import ChainloadError, build_grub_arm64
+    from the arm64 GRUB modules unpacked by tools/build-grub-arm64 (bastion.flash.chainload)."""
+    from bastion.flash.chainload import ChainloadError, build_grub_arm64
 
     try:
         return build_grub_arm64(f"http://{controller}", out, root / "usr/lib/grub/arm64-efi")

@@ -169,7 +169,7 @@ class Lab:
         return kernel, initrd
 
     def write_device_flash(self, nodes: list[Node]) -> None:
-        from bastion.sim import install_firmware
+        from bastion.flash.sim import install_firmware
 
         by_channel = {n.channel: n for n in nodes}
         install_firmware(self.flash)

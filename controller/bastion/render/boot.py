@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 
-from bastion.site.model import Boot
+from bastion.model import Boot
 
 _TEMPLATES = {
     # ${...:uristring} makes iPXE percent-encode values that may hold spaces or '&'.

@@ -6,8 +6,8 @@ case) and `request` = {`query`: the request's labels, `raw_query`: the raw query
 `request` key in the metadata is overwritten. Edge Bastion's own (Jinja2) templates also get
 `machine` (name, mac, mac_hexhyp, uuid, arch, role, hostname, labels, profile), `site` (name,
 controller_url), `metadata` (the merged metadata as one mapping), `cluster` (a k3s node's plan,
-bastion.cluster; none for other machines) and `secrets` (the machine's
-secrets from the controller's secret store, bastion.secrets). `secrets` is only filled when the
+bastion.cluster.plan; none for other machines) and `secrets` (the machine's
+secrets from the controller's secret store, bastion.state.secrets). `secrets` is only filled when the
 config is rendered for a one-time URL; rendered any other way, a template that touches it fails
 with SecretsRequired, so a secret can never leave through a public endpoint.
 """
@@ -26,10 +26,10 @@ import jinja2
 import jinja2.meta
 import jinja2.sandbox
 
-from bastion import cluster
+from bastion.cluster import plan as cluster
 from bastion.render import butane, gotemplate, ignition
 from bastion.render.gotemplate import go_str
-from bastion.site.model import Group, Profile, Site, TemplateFile
+from bastion.model import Group, Profile, Site, TemplateFile
 
 
 class RenderError(ValueError):

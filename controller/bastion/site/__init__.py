@@ -1,2 +1,2 @@
-"""The site directory: loading and validating it (`load`), what it becomes (`model`), and the one
-currently served (`holder`). Import from the submodules."""
+"""The site directory: loading and validating it (`load`, `schema`) and the one currently served
+(`holder`). What a loaded site is lives in bastion.model. Import from the submodules."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.site.load import SiteError, load_site
-from bastion.site.model import Site
+from bastion.model import Site
 
 # Not part of the configuration: served as they are, or runtime state.
 _SKIP_DIRS = {"assets", "var"}

@@ -28,7 +28,9 @@ from typing import Any
 
 import pydantic
 
-from bastion import cluster, match, yamlfile
+from bastion import match, yamlfile
+
+from bastion.cluster import plan as cluster
 from bastion.render import butane, gotemplate, ignition
 from bastion.render.config import (
     PLACEHOLDER_SECRETS,
@@ -39,7 +41,7 @@ from bastion.render.config import (
     render_ignition,
 )
 from bastion.site import schema
-from bastion.site.model import (
+from bastion.model import (
     Boot,
     Group,
     Machine,
@@ -423,7 +425,7 @@ _CLUSTER_FIELDS = ("disk", "k3s", "wireguard")
 def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile],
                    machines: list[Machine], entries: list[cluster.Entry],
                    lines_at: dict) -> list[Machine]:  # fmt: skip
-    """Attach each k3s node's plan (bastion.cluster) to its Machine; report what prevents one."""
+    """Attach each k3s node's plan (bastion.cluster.plan) to its Machine; report what prevents one."""
     rel = "machines.yaml"
     section = settings.cluster
     nodes = []

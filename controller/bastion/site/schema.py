@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bastion.match import Malformed, parse_mac
-from bastion.site.model import ARCH_ALIASES, ARCHES
+from bastion.model import ARCH_ALIASES, ARCHES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
@@ -546,7 +546,7 @@ class ProfileFile(_Strict):
     ignition: str | None = None
     generic: str | None = None
     # `once`: network-boot until the machine reports its first boot, then its local disk
-    # (bastion.install); `always`: network-boot every time
+    # (bastion.state.install); `always`: network-boot every time
     install: Literal["always", "once"] = "always"
 
     @field_validator("arch")

@@ -1,0 +1,349 @@
+"""A site's k3s cluster: site.yaml `cluster:` and the machines whose role is `server` or `agent`,
+turned into one plan per node (the `cluster` variable of its templates) and a built-in profile.
+
+Pure functions of the site files: no secrets here (bastion.state.secrets.machine_secrets has them) and
+no I/O except hashing a k3s binary under the site's assets/ to check it against site.yaml.
+
+    plan(section, site_name, entries) -> (nodes by machine name, problems)
+
+The first server in machines.yaml order (or the one with `k3s: {init: true}`) starts the cluster
+with --cluster-init; the other servers join it, agents join as agents. Joining nodes use
+`cluster.server_url`, else https://<that first server's address>:6443. Tunnel addresses come from
+`cluster.wireguard.address_pool` in machines.yaml order, after the pool's first host address
+(the management side's), skipping the addresses machines pin.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bastion.model import Boot, Profile
+
+PROFILE_ID = "k3s"
+TEMPLATE = "k3s.bu"
+TEMPLATES_DIR = Path(__file__).parent
+ROLES = ("server", "agent")
+# machines.yaml arch (iPXE's names) -> the name k3s and Flatcar use
+K3S_ARCH = {"x86_64": "amd64", "arm64": "arm64"}
+# k3s publishes its binaries as k3s (amd64) and k3s-arm64
+UPSTREAM_BINARY = {"amd64": "k3s", "arm64": "k3s-arm64"}
+# the kernel's consoles: the screen, then the serial line (the last one is /dev/console).
+# A Raspberry Pi 4 with UEFI firmware has its PL011 UART on the GPIO header as ttyAMA0.
+CONSOLES = {
+    "x86_64": ("console=tty0", "console=ttyS0,115200n8"),
+    "arm64": ("console=tty0", "console=ttyAMA0,115200n8"),
+}
+K3S_PATH = "/opt/bin/k3s"
+TOKEN_FILE = "/etc/rancher/k3s/token"
+AGENT_TOKEN_FILE = "/etc/rancher/k3s/agent-token"
+DATA_PATH = "/var/lib/rancher"
+_NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+_SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+
+
+def builtin_profile(section: Any) -> Profile:
+    """The `k3s` profile a site gets when it has a cluster and no profiles/k3s.yaml of its own:
+    Flatcar's PXE kernel and initrd per architecture, from `bastion assets fetch flatcar`'s
+    layout, with the consoles of each architecture."""
+    fc = section.flatcar
+    by_arch = {}
+    for arch, name in K3S_ARCH.items():
+        base = f"/assets/flatcar/{fc.channel}/{name}/{fc.version}"
+        by_arch[arch] = Boot(
+            f"{base}/flatcar_production_pxe.vmlinuz",
+            (f"{base}/flatcar_production_pxe_image.cpio.gz",),
+            CONSOLES[arch] + tuple(fc.args),
+        )
+    return Profile(
+        id=PROFILE_ID,
+        name=f"k3s node (Flatcar {fc.channel} {fc.version})",
+        source="site.yaml (cluster: built-in profile k3s)",
+        format="bastion",
+        boot=None,
+        boot_by_arch=by_arch,
+        os="flatcar",
+        ignition=TEMPLATE,
+    )
+
+
+def builtin_template(name: str) -> Path | None:
+    path = TEMPLATES_DIR / name
+    return path if name == TEMPLATE and path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str  # "site.yaml" or "machines.yaml"
+    index: int | None  # the machines.yaml entry
+    field: str  # the field under that entry (or the site.yaml field path)
+    message: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A machines.yaml entry that is a cluster node: its place and its validated fields."""
+
+    index: int
+    name: str
+    role: str
+    arch: str | None
+    address: str | None
+    fields: Any  # schema.MachineEntry
+
+
+def systemd_quote(arg: str) -> str:
+    """One ExecStart= argument: % and $ doubled (specifiers, variables), quoted if needed."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if _SYSTEMD_PLAIN.match(arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def registries_yaml(cache: Any) -> str:
+    """/etc/rancher/k3s/registries.yaml: every mirrored registry pulls through the cache first
+    (containerd falls back to the registry itself when the cache cannot answer)."""
+    lines = ["# Written by Edge Bastion from site.yaml cluster.registry_cache", "mirrors:"]
+    for name in cache.mirrors:
+        lines += [f'  "{name}":', "    endpoint:", f'      - "{cache.url}"']
+    if cache.insecure_skip_verify:
+        host = urlsplit(cache.url).netloc
+        lines += ["configs:", f'  "{host}":', "    tls:", "      insecure_skip_verify: true"]
+    return "\n".join(lines) + "\n"
+
+
+def _url_host(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+def _server_url(address: str) -> str:
+    ip = ipaddress.ip_address(address)
+    return f"https://[{ip}]:6443" if ip.version == 6 else f"https://{ip}:6443"
+
+
+def binary_url(section: Any, arch: str) -> str | None:
+    """Where nodes of `arch` (amd64/arm64) download k3s; None: from the controller's assets."""
+    if section.k3s.url is None:
+        return None
+    return (
+        section.k3s.url.replace("{version}", section.k3s.version)
+        .replace("{arch}", arch)
+        .replace("{binary}", UPSTREAM_BINARY[arch])
+    )
+
+
+def asset_path(section: Any, arch: str) -> str:
+    """The k3s binary under the site's assets/ (served at /assets/...)."""
+    return f"k3s/{section.k3s.version}/{arch}/k3s"
+
+
+def plan(section: Any, site_name: str, entries: list[Entry]) -> tuple[dict[str, dict], list[Problem]]:
+    """Each node's plan, by machine name, and the problems that prevent one."""
+    problems: list[Problem] = []
+    cluster = section.name or site_name.lower()
+
+    def problem(e: Entry | None, field: str, msg: str) -> None:
+        if e is None:
+            problems.append(Problem("site.yaml", None, field, msg))
+        else:
+            problems.append(Problem("machines.yaml", e.index, field, msg))
+
+    ok: list[Entry] = []
+    for e in entries:
+        bad = False
+        if not _NODE_NAME.match(e.name):
+            problem(e, "name", f"{e.name!r} cannot be a Kubernetes node name (lower-case letters, "
+                               "digits, '-', '.')")  # fmt: skip
+            bad = True
+        if e.arch not in K3S_ARCH:
+            problem(e, "arch", "a k3s node needs arch: amd64 or arm64" if e.arch is None
+                    else f"{e.arch!r}: k3s nodes are amd64 or arm64")  # fmt: skip
+            bad = True
+        elif K3S_ARCH[e.arch] not in section.k3s.sha256:
+            problem(None, "cluster.k3s.sha256",
+                    f"no SHA-256 for {K3S_ARCH[e.arch]} (machine {e.name} is {K3S_ARCH[e.arch]})")  # fmt: skip
+            bad = True
+        k3s = e.fields.k3s
+        if k3s is not None and k3s.init and e.role != "server":
+            problem(e, "k3s.init", "only a server can start the cluster")
+            bad = True
+        if e.role == "server" and e.fields.disk is None:
+            problem(e, "disk", "a server needs its disk (/dev/disk/by-id/...): the PXE-booted root "
+                               "is in RAM, and its datastore would be lost at every boot")  # fmt: skip
+            bad = True
+        if e.fields.wireguard is not None and e.fields.wireguard.enabled and section.wireguard is None:
+            problem(e, "wireguard", "site.yaml cluster: has no wireguard: section")
+            bad = True
+        if not bad:
+            ok.append(e)
+
+    servers = [e for e in entries if e.role == "server"]
+    marked = [e for e in servers if e.fields.k3s is not None and e.fields.k3s.init]
+    if not servers:
+        problem(None, "cluster", "no machine in machines.yaml has role: server")
+        return {}, problems
+    if len(marked) > 1:
+        for e in marked[1:]:
+            problem(e, "k3s.init", f"machine {marked[0].name} starts the cluster already")
+        return {}, problems
+    first = marked[0] if marked else servers[0]
+    server_url = section.server_url
+    if server_url is None:
+        if first.address is None:
+            problem(first, "address", f"{first.name} starts the cluster: give it its fixed address "
+                                      "(a DHCP reservation) so that the others can join it, or set "
+                                      "site.yaml cluster.server_url")  # fmt: skip
+            return {}, problems
+        server_url = _server_url(first.address)
+
+    tunnels = _tunnel_addresses(section.wireguard, entries, problem) if section.wireguard else {}
+    if problems:
+        return {}, problems
+
+    cache = registries_yaml(section.registry_cache) if section.registry_cache else None
+    defaults = section.disk
+    nodes: dict[str, dict] = {}
+    for e in ok:
+        arch = K3S_ARCH[e.arch]
+        server = e.role == "server"
+        init = e is first
+        mk = e.fields.k3s
+        args = [K3S_PATH, e.role]
+        args += ["--cluster-init"] if init else ["--server", server_url]
+        args += ["--node-name", e.name, "--token-file", TOKEN_FILE]
+        if server:
+            args += ["--agent-token-file", AGENT_TOKEN_FILE, "--tls-san", _url_host(server_url)]
+        args += list(section.k3s.args)
+        args += list(section.k3s.server_args if server else section.k3s.agent_args)
+        if mk is not None:
+            args += list(mk.args)
+            for key, value in mk.node_labels.items():
+                args += ["--node-label", f"{key}={value}"]
+            for taint in mk.node_taints:
+                args += ["--node-taint", taint]
+        disk = None
+        if e.fields.disk is not None:
+            d = e.fields.disk
+            disk = {
+                "device": d.device,
+                "format": d.format or defaults.format,
+                "label": d.label if d.label is not None else defaults.label,
+                "wipe": d.wipe if d.wipe is not None else defaults.wipe,
+                "mount_options": list(d.mount_options if d.mount_options is not None else defaults.mount_options),
+                "path": DATA_PATH,
+            }
+        wireguard = None
+        if e.name in tunnels:
+            wg = section.wireguard
+            wireguard = {
+                "interface": wg.interface,
+                "ip": tunnels[e.name],
+                "address": f"{tunnels[e.name]}/{ipaddress.ip_network(wg.address_pool).prefixlen}",
+                "listen_port": wg.listen_port,
+                "peer": {
+                    "public_key": wg.public_key,
+                    "endpoint": wg.endpoint,
+                    "allowed_ips": list(wg.allowed_ips or [wg.address_pool]),
+                    "persistent_keepalive": wg.persistent_keepalive,
+                },
+            }
+        nodes[e.name] = {
+            "name": cluster,
+            "role": e.role,
+            "server": server,
+            "agent": not server,
+            "init": init,
+            "node_name": e.name,
+            "server_url": server_url,
+            "first_server": first.name,
+            "arch": arch,
+            "k3s": {
+                "version": section.k3s.version,
+                "sha256": section.k3s.sha256[arch],
+                "url": binary_url(section, arch),
+                "asset": f"/assets/{asset_path(section, arch)}",
+                "path": K3S_PATH,
+            },
+            "exec": args,
+            "exec_start": " ".join(systemd_quote(a) for a in args),
+            "token_file": TOKEN_FILE,
+            "agent_token_file": AGENT_TOKEN_FILE if server else None,
+            "registries_yaml": cache,
+            "disk": disk,
+            "wireguard": wireguard,
+        }
+    return nodes, problems
+
+
+def _tunnel_addresses(wg: Any, entries: list[Entry], problem) -> dict[str, str]:
+    pool = ipaddress.ip_network(wg.address_pool)
+    hosts = pool.hosts()
+    management = next(hosts)  # the pool's first host address is the management side's
+    wanted = [e for e in entries if e.fields.wireguard is None or e.fields.wireguard.enabled]
+    out: dict[str, str] = {}
+    taken: dict[Any, str] = {management: "the management side (the pool's first address)"}
+    for e in wanted:
+        pinned = e.fields.wireguard.address if e.fields.wireguard is not None else None
+        if pinned is None:
+            continue
+        ip = ipaddress.ip_address(pinned)
+        if ip not in pool or ip == pool.network_address or (pool.version == 4 and ip == pool.broadcast_address):
+            problem(e, "wireguard.address", f"{pinned} is not a host address of {pool}")
+        elif ip in taken:
+            problem(e, "wireguard.address", f"{pinned} is taken by {taken[ip]}")
+        else:
+            taken[ip] = e.name
+            out[e.name] = str(ip)
+    for e in wanted:
+        if e.name in out or (e.fields.wireguard is not None and e.fields.wireguard.address):
+            continue
+        for ip in hosts:
+            if ip not in taken:
+                taken[ip] = e.name
+                out[e.name] = str(ip)
+                break
+        else:
+            problem(e, "wireguard", f"no address left in cluster.wireguard.address_pool {pool}")
+    return out
+
+
+def node_variables(node: dict, base_url: str) -> dict:
+    """The `cluster` template variable: the node's plan, with the k3s URL made absolute for the
+    controller URL this request uses."""
+    out = copy.deepcopy(node)
+    if out["k3s"]["url"] is None:
+        out["k3s"]["url"] = base_url + out["k3s"]["asset"]
+    return out
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, remembered while its size and modification time stay the same."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def peers_config(site_name: str, cluster: str, peers: list[tuple[str, str, str, str]]) -> str:
+    """The management side's [Peer] sections: one per (machine, role, public key, tunnel IP)."""
+    out = [f"# Edge Bastion site {site_name}, k3s cluster {cluster}: {len(peers)} nodes.",
+           "# Add these to the management side's WireGuard interface (wg-quick format)."]  # fmt: skip
+    for name, role, key, ip in peers:
+        bits = 128 if ipaddress.ip_address(ip).version == 6 else 32
+        out += ["", "[Peer]", f"# {name} ({role})", f"PublicKey = {key}", f"AllowedIPs = {ip}/{bits}"]
+    return "\n".join(out) + "\n"

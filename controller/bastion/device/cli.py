@@ -1,0 +1,245 @@
+"""`bastion power`, `bastion status`, `bastion console`, `bastion device info`.
+
+Each command talks to the device either through a running controller (`--url`, which holds
+the serial line when started with `serve --device`) or straight over the serial line
+(`--port`), for a device with no controller attached. One program should own the line at a
+time: with a controller running, use --url.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bastion.settings import SettingsError, resolve_token
+
+
+def _where(f):
+    f = click.option("--url", envvar="BASTION_URL", metavar="URL",
+                     help="A running controller, e.g. http://127.0.0.1:8080 [$BASTION_URL].")(f)
+    f = click.option("--port", envvar="BASTION_DEVICE", metavar="PORT",
+                     help="The device's serial line instead (/dev/ttyACM0, the sim board's "
+                          "PTY) [$BASTION_DEVICE].")(f)
+    f = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="The management API token (else $BASTION_API_TOKEN[_FILE]).")(f)
+    return f
+
+
+class _Api:
+    """The controller's management API, with the token when there is one."""
+
+    def __init__(self, url: str, token_file: Path | None):
+        import httpx
+
+        try:
+            token = resolve_token(None, token_file)
+        except SettingsError as e:
+            raise click.ClickException(str(e)) from None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise click.ClickException(f"{self.url}: {e}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise click.ClickException(f"{detail} (HTTP {r.status_code})")
+        return r.json()
+
+
+def _link(port: str):
+    from bastion.device.link import DeviceLink, DeviceTimeout
+
+    try:
+        return DeviceLink.connect(port, wait_s=10)
+    except DeviceTimeout as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _need_one(url: str | None, port: str | None) -> str | None:
+    """Checks that exactly one way to the device was given; returns the port to use. A port
+    from $BASTION_DEVICE (which is also `serve --device`) gives way to an explicit --url."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if url and port and ctx.get_parameter_source("port") == ParameterSource.ENVIRONMENT:
+        port = None
+    if bool(url) == bool(port):
+        raise click.UsageError("give --url (a running controller) or --port (the serial line)")
+    return port
+
+
+@click.command("power")
+@click.argument("state", type=click.Choice(["on", "off", "cycle"]))
+@click.argument("target")
+@click.option("--off-ms", type=int, help="Off time of a cycle (at least the channel's minimum).")
+@_where
+def power(state, target, off_ms, url, port, token_file) -> None:
+    """Switch TARGET's power: a machine name (its relay: in machines.yaml) or, with --port or
+    as a number, a relay channel. The device refuses what its interlocks forbid (cycling
+    faster than a channel's minimum off time, cycle storms) and says why."""
+    from bastion.device.link import DeviceError
+
+    port = _need_one(url, port)
+    body: dict[str, Any] = {"state": state}
+    if off_ms is not None:
+        body["off_ms"] = off_ms
+    if url:
+        api = _Api(url, token_file)
+        path = (f"/api/v1/device/power/{target}" if target.isdigit()
+                else f"/api/v1/machines/{target}/power")
+        r = api.call("POST", path, json=body)
+        ch = r.get("channel") or {}
+    else:
+        if not target.isdigit():
+            raise click.UsageError("with --port, TARGET is a relay channel number "
+                                   "(machine names need the site: use --url)")
+        link = _link(port)
+        try:
+            r = link.request("power", channel=int(target), state=state,
+                             **({"off_ms": off_ms} if off_ms is not None else {}))
+        except DeviceError as e:
+            raise click.ClickException(str(e)) from None
+        finally:
+            link.close()
+        ch = r.get("channel") or {}
+    click.echo(f"{target}: channel {ch.get('ch')} ({ch.get('name')}) desired {ch.get('desired')}, "
+               f"output {ch.get('output')}" + (" (waiting its turn)" if ch.get("queued") else "")
+               + (" (cycling)" if ch.get("cycling") else ""))
+
+
+def _device_view(url, port, token_file) -> dict[str, Any]:
+    if url:
+        return _Api(url, token_file).call("GET", "/api/v1/device")
+    link = _link(port)
+    try:
+        from bastion.device.link import DeviceError
+
+        view: dict[str, Any] = {"port": port, "connected": True, "info": link.info}
+        try:
+            view["status"] = link.request("status")
+            view["counters"] = link.request("counters").get("counters")
+        except DeviceError as e:
+            view["last_error"] = str(e)
+        view["link"] = link.counters()
+        return view
+    finally:
+        link.close()
+
+
+@click.command("status")
+@_where
+@click.option("--json", "as_json", is_flag=True, help="The whole view as JSON.")
+def status(url, port, token_file, as_json) -> None:
+    """The device: link, firmware, relay channels, tasks, heap and counters."""
+    from rich.console import Console
+    from rich.table import Table
+
+    port = _need_one(url, port)
+    view = _device_view(url, port, token_file)
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    out = Console()
+    info = view.get("info") or {}
+    state = "connected" if view.get("connected") else f"NOT connected ({view.get('last_error')})"
+    out.print(f"device on {view.get('port')}: {state}")
+    if info:
+        out.print(f"firmware {info.get('fw')} on board {info.get('board')}, boot {info.get('boot')}, "
+                  f"protocol {info.get('proto')}")
+    st = view.get("status") or {}
+    if st:
+        t = Table("ch", "name", "desired", "output", "note", title="relays")
+        for c in st.get("power", []):
+            note = "queued" if c.get("queued") else ("cycling" if c.get("cycling") else "")
+            t.add_row(str(c["ch"]), c["name"], c["desired"], c["output"], note)
+        out.print(t)
+        tasks = dict(st.get("tasks") or {})
+        tripped = tasks.pop("tripped", None)
+        out.print("tasks (ms since check-in): " + ", ".join(f"{k} {v}" for k, v in tasks.items())
+                  + (f"  WATCHDOG TRIPPED by {tripped}" if tripped else ""))
+        heap = st.get("heap") or {}
+        out.print("heap: " + ", ".join(f"{k} {v}" for k, v in heap.items()))
+        nodes = st.get("nodes") or {}
+        if nodes:
+            out.print("node watchdog: " + json.dumps(nodes))
+    counters = view.get("counters") or {}
+    if counters:
+        out.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items()) if v))
+
+
+@click.group("device")
+def device_group() -> None:
+    """The device itself."""
+
+
+@device_group.command("info")
+@_where
+def device_info(url, port, token_file) -> None:
+    """What the device says about itself in its hello: firmware, board, boot id, channels."""
+    port = _need_one(url, port)
+    view = _device_view(url, port, token_file)
+    info = view.get("info")
+    if not info:
+        raise click.ClickException(f"no answer from the device ({view.get('last_error')})")
+    for k in ("fw", "board", "boot", "proto", "channels", "uptime_ms"):
+        if k in info:
+            click.echo(f"{k}: {info[k]}")
+
+
+@click.command("console")
+@_where
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def console(url, port, token_file, as_json) -> None:
+    """Live device events (dhcp, tftp, power, watchdog, boot, heap) until Ctrl-C."""
+    port = _need_one(url, port)
+
+    def show(ev: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(ev))
+            return
+        kind = ev.get("ev") or ev.get("kind")
+        rest = {k: v for k, v in (ev.get("payload") or ev).items()
+                if k not in ("ev", "boot", "seq", "t")}
+        click.echo(f"{time.strftime('%H:%M:%S')} {kind:<8} " +
+                   " ".join(f"{k}={v}" for k, v in rest.items()))
+        sys.stdout.flush()
+
+    try:
+        if port:
+            link = _link(port)
+            link.on_event(show)
+            try:
+                while True:
+                    time.sleep(1)
+            finally:
+                link.close()
+        api = _Api(url, token_file)
+        last = None
+        first = api.call("GET", "/api/v1/events", params={"limit": 1})
+        last = first[0]["id"] if first else 0
+        while True:
+            batch = api.call("GET", "/api/v1/events", params={"after": last, "limit": 200})
+            for e in batch:
+                last = max(last, e["id"])
+                if e.get("source") == "device":
+                    show(e)
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
+COMMANDS = (power, status, console, device_group)

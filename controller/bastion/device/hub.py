@@ -1,0 +1,213 @@
+"""The controller's device: the serial link (bastion.device.link.DeviceLink) as part of the app.
+
+`bastion serve --device PORT` keeps one DeviceLink open for the life of the service. Every
+event the device pushes (dhcp offers, TFTP transfers, power changes, watchdog actions, boots)
+lands in the event history as kind = the device's event name, source "device", with the
+machine named when the site knows its MAC (dhcp, tftp) or its relay channel (power,
+watchdog). Power requests name a machine (its `relay:` in machines.yaml) or a channel.
+
+The link reconnects by itself (cable pulled, device reset); while it is down, requests fail
+with a clear error instead of hanging, and events pushed meanwhile are caught up on resync.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from bastion import match
+from bastion.device.link import DeviceError, DeviceLink
+from bastion.model import Site
+
+# Device events that name a machine by MAC, and by relay channel.
+_BY_MAC = ("dhcp",)
+_BY_CHANNEL = ("power", "watchdog")
+
+
+class PowerTargetError(ValueError):
+    """A power request that names no machine or channel the site and device know."""
+
+
+class DeviceHub:
+    def __init__(
+        self,
+        port: str,
+        site: Callable[[], Site],
+        record: Callable[..., int],
+        link: DeviceLink | None = None,
+    ):
+        self.port = port
+        self._site = site
+        self._record = record
+        self.link = link or DeviceLink(port)
+        self.link.on_event(self._on_event)
+        self.link.on_resync(self._on_resync)
+        self._lock = threading.Lock()
+        self.resyncs = 0
+        self._beats: set[int] = set()  # channels that sent a heartbeat since the last forward
+        self._watching: set[int] = set()  # channels the device was last told to watch
+        self._stop = threading.Event()
+        self._pump: threading.Thread | None = None
+        self.beats_forwarded = 0
+
+    def start(self) -> DeviceHub:
+        self.link.start()
+        self._pump = threading.Thread(target=self._forward_beats, name="device-beats",
+                                      daemon=True)
+        self._pump.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.link.close()
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+
+    # --- the node watchdog: heartbeats go to the device in batches -----------------------
+    BEAT_EVERY_S = 2.0  # also the controller's keepalive: the device judges nodes only
+    #                     while the controller is in contact (firmware/watchdog.py)
+
+    def heartbeat(self, mac: str) -> str | None:
+        """A node's heartbeat: queued for the device. Returns the machine's name, or None
+        when the site does not watch it (no such MAC, no relay or no heartbeat: setting)."""
+        m = self._site().machine_by_mac(mac)
+        if m is None or m.relay is None or m.heartbeat is None:
+            return None
+        with self._lock:
+            self._beats.add(m.relay)
+        return m.name
+
+    def _watched(self) -> bool:
+        return any(m.relay is not None and m.heartbeat is not None
+                   for m in self._site().machines)
+
+    def _forward_beats(self) -> None:
+        while not self._stop.wait(self.BEAT_EVERY_S):
+            with self._lock:
+                beats, self._beats = sorted(self._beats), set()
+            if not beats and not self._watched():
+                continue  # nothing watched: no keepalive chatter for the device to handle
+            if not self.link.ready:
+                continue  # the device forgets nothing that matters: beats resume on resync
+            try:
+                self.link.request("beat", channels=beats, timeout=5)
+                self.beats_forwarded += len(beats)
+            except DeviceError:
+                pass
+
+    def site_changed(self) -> None:
+        """The site was reloaded: bring the device's watches in line with it (new, changed
+        and removed heartbeat: settings), off the caller's thread."""
+        if self.link.ready:
+            threading.Thread(target=self._watch_all, args=(self.link,), daemon=True).start()
+
+    def _watch_all(self, link: DeviceLink) -> None:
+        wanted = {m.relay for m in self._site().machines
+                  if m.relay is not None and m.heartbeat is not None}
+        with self._lock:
+            gone, self._watching = self._watching - wanted, wanted
+        for ch in sorted(gone):
+            try:
+                link.request("unwatch", channel=ch, timeout=5)
+            except DeviceError:
+                pass
+        for m in self._site().machines:
+            if m.relay is None or m.heartbeat is None:
+                continue
+            timeout_s, boot_s = m.heartbeat
+            try:
+                link.request("watch", channel=m.relay, timeout_ms=timeout_s * 1000,
+                             boot_ms=boot_s * 1000, timeout=5)
+            except DeviceError as e:
+                self._record("device", source="controller", machine=m.name,
+                             payload={"error": f"cannot watch {m.name}: {e}"})
+
+    # --- what the device says ------------------------------------------------------------
+    def _machine_for(self, ev: dict) -> tuple[str | None, str | None]:
+        site = self._site()
+        kind = ev.get("ev")
+        mac = None
+        if kind in _BY_MAC and isinstance(ev.get("mac"), str):
+            try:
+                mac = match.parse_mac(ev["mac"])
+            except match.Malformed:
+                mac = None
+        if mac is not None:
+            m = site.machine_by_mac(mac)
+            return mac, m.name if m else None
+        if kind in _BY_CHANNEL and isinstance(ev.get("ch"), int):
+            for m in site.machines:
+                if m.relay == ev["ch"]:
+                    return m.mac, m.name
+        return None, None
+
+    def _on_event(self, ev: dict) -> None:
+        kind = str(ev.get("ev") or "device")
+        mac, machine = self._machine_for(ev)
+        payload = {k: v for k, v in ev.items() if k != "ev"}
+        self._record(kind, source="device", mac=mac, machine=machine, payload=payload)
+
+    def _on_resync(self, link: DeviceLink) -> None:
+        with self._lock:
+            self.resyncs += 1
+        # A (re)started device knows no watches: give it the site's again. Re-watching a
+        # node that is already watched only restarts its clock.
+        threading.Thread(target=self._watch_all, args=(link,), daemon=True).start()
+        info = link.info or {}
+        self._record(
+            "device",
+            source="device",
+            payload={"state": "connected", "port": self.port, "boot": info.get("boot"),
+                     "fw": info.get("fw"), "board": info.get("board")},
+        )
+
+    # --- what the controller asks -------------------------------------------------------
+    def channel_for(self, target: str | int) -> tuple[int, str | None]:
+        """(relay channel, machine name or None) for a machine name or a channel number."""
+        if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+            ch = int(target)
+            for m in self._site().machines:
+                if m.relay == ch:
+                    return ch, m.name
+            return ch, None
+        m = self._site().machine(target)
+        if m is None:
+            raise PowerTargetError(f"no machine {target!r} in the site")
+        if m.relay is None:
+            raise PowerTargetError(
+                f"machine {target!r} has no relay channel (set relay: in machines.yaml)"
+            )
+        return m.relay, m.name
+
+    def power(self, target: str | int, state: str, off_ms: int | None = None) -> dict[str, Any]:
+        """Switch a machine's relay; the device's reply (its channel status). Raises
+        PowerTargetError, or DeviceError with the device's own words (interlocks)."""
+        if state not in ("on", "off", "cycle"):
+            raise PowerTargetError(f"state {state!r}: expected on, off or cycle")
+        ch, name = self.channel_for(target)
+        args: dict[str, Any] = {"channel": ch, "state": state}
+        if off_ms is not None:
+            args["off_ms"] = off_ms
+        reply = self.link.request("power", **args)
+        self._record("power_request", source="api", machine=name,
+                     payload={"channel": ch, "state": state, "result": reply.get("channel")})
+        return {"machine": name, "channel": reply.get("channel")}
+
+    def describe(self) -> dict[str, Any]:
+        """What `bastion status` and the dashboard show: link state, device info, live status."""
+        link = self.link
+        out: dict[str, Any] = {
+            "port": self.port,
+            "connected": link.ready,
+            "last_error": link.last_error,
+            "info": link.info,
+            "link": link.counters(),
+        }
+        if link.ready:
+            try:
+                out["status"] = link.request("status", timeout=5)
+                out["counters"] = link.request("counters", timeout=5).get("counters")
+            except DeviceError as e:
+                out["last_error"] = str(e)
+        return out

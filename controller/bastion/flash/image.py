@@ -1,0 +1,530 @@
+"""What goes onto the device's flash, rendered from the site: the pure half of `bastion flash`.
+
+    render_device_config(site, board)   site.yaml `device:` + machines.yaml -> device.json (a dict),
+                                        checked by the firmware's own checkers before anyone
+                                        writes it
+    add_arm64_chainloader(...)          arch 11 for a site with arm64 machines: its arm64 iPXE
+                                        snp.efi, else GRUB built for the controller
+    boot_file_checks(config, tftp)      every boot file against its client architecture, from
+                                        the PE header (bastion.flash.chainload)
+    build_image(board, config, tftp)    every file of the flash: path on the flash -> bytes
+    restored_outputs(...)               the relay outputs a firmware boot drives, from the flash
+                                        files, computed with the firmware's own power code
+
+The relay guarantee rests on the last one: flashing restarts the firmware, and the firmware
+drives each relay to its persisted desired state (power.state) at boot, or to the channel's
+`default` where nothing is persisted. Flashing never writes power.state or relays.state, so a
+restart can only switch a relay through a changed default; `relay_changes` finds those before
+anything is copied, and `bastion flash` refuses them.
+
+The device side (mpremote, the sim flash directory) is in bastion.flash.cli.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bastion.flash.sim import BOARDS, BOOT_STUB, compile_firmware
+from bastion.model import Site
+
+DEFAULT_TFTP_DIR = Path("/usr/lib/ipxe")
+DEFAULT_TFTP_FILES = ("ipxe.efi", "snponly.efi", "undionly.kpxe")
+# The firmware's own state files: flashing reads them at most, never writes them.
+FIRMWARE_STATE_FILES = frozenset({"power.state", "relays.state"})
+_URL = re.compile(r"^https?://[^/\s]+(/[^\s]*)?$")
+
+
+class FlashError(Exception):
+    """Flashing cannot go on; `problems` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class BoardDef:
+    name: str
+    path: Path
+    data: bytes  # board.json as flashed
+    channels: int  # relay channels, as the firmware counts them
+
+    @property
+    def defn(self) -> dict:
+        return json.loads(self.data)
+
+
+def known_boards() -> list[str]:
+    return sorted(p.stem for p in BOARDS.glob("*.json"))
+
+
+def board_definition(name: str) -> BoardDef:
+    """boards/<name>.json, checked the way the firmware reads it; FlashError if unknown."""
+    from firmware.board import Board, BoardError
+
+    path = BOARDS / f"{name}.json"
+    if "/" in name or not path.is_file():
+        raise FlashError(f"unknown board {name!r}: no {path} (boards: {', '.join(known_boards())})")
+    data = path.read_bytes()
+    try:
+        board = Board(json.loads(data))
+    except (ValueError, BoardError) as e:
+        raise FlashError(f"{path}: {e}") from None
+    if not isinstance(board.channels, int) or board.channels < 0:
+        raise FlashError(f"{path}: channels: must be a whole number")
+    return BoardDef(name, path, data, board.channels)
+
+
+# --- device.json ---------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceConfig:
+    config: dict[str, Any]  # device.json, as written
+    channel_names: list[str]  # relay channel i -> its name
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.config, indent=2) + "\n").encode()
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _machine_where(site: Site, i: int) -> str:
+    m = site.machines[i]
+    return f"{m.source}:{m.line}" if m.line else m.source
+
+
+def render_device_config(
+    site: Site, board: BoardDef, controller_url: str | None = None
+) -> DeviceConfig:
+    """device.json for `site` on `board`, or FlashError naming the site file and field.
+
+    controller_url overrides site.yaml's (it gives the iPXE script URL, <url>/boot.ipxe)."""
+    dev = site.settings.device
+    if dev is None:
+        raise FlashError(
+            "site.yaml: device: is missing: flashing needs at least device.ip, the device's LAN "
+            "address (docs/flashing.md)"
+        )
+    problems: list[str] = []
+    warnings: list[str] = []
+    script_url = _script_url(site, controller_url, problems)
+    allowed_macs = _allowed_macs(site, warnings, problems) if dev.answer == "site" else None
+    names, relay_of = _channel_names(site, board, problems)
+    overrides = _channel_overrides(site, board, names, relay_of, problems)
+    if problems:
+        raise FlashError(problems)
+
+    base = _drop_none(dev.power.defaults.model_dump())
+    channels = [{"name": names[i], **base, **overrides.get(i, {})} for i in range(board.channels)]
+    power: dict[str, Any] = {"channels": channels}
+    if dev.power.stagger_ms is not None:
+        power = {"stagger_ms": dev.power.stagger_ms, **power}
+    config: dict[str, Any] = {
+        "server_ip": dev.ip,
+        "script_url": script_url,
+        "boot_files": {str(k): v for k, v in sorted(dev.boot_files.items())},
+    }
+    if allowed_macs is not None:
+        config["allowed_macs"] = allowed_macs
+    if dev.next_server:
+        config["next_server"] = dev.next_server
+    for section in ("rpi", "tftp"):  # only what the site sets: the firmware's defaults rule
+        values = _drop_none(getattr(dev, section).model_dump())
+        if values:
+            config[section] = values
+    config["power"] = power
+    check_device_config(config, board)
+    return DeviceConfig(config, names, warnings)
+
+
+def _script_url(site: Site, controller_url: str | None, problems: list[str]) -> str:
+    url = controller_url if controller_url is not None else site.settings.controller_url
+    if not url:
+        problems.append(
+            "site.yaml: controller_url: is not set: give it there or with --controller-url "
+            "(the device hands iPXE clients <controller_url>/boot.ipxe)"
+        )
+    elif not _URL.match(url):
+        where = "--controller-url" if controller_url is not None else "site.yaml: controller_url"
+        problems.append(f"{where}: {url!r} is not an http(s) URL")
+    return (url or "").rstrip("/") + "/boot.ipxe"
+
+
+def _allowed_macs(site: Site, warnings: list[str], problems: list[str]) -> list[str]:
+    """answer: site -- every machine MAC; the device cannot recognise a machine by UUID."""
+    macs = [m.mac for m in site.machines if m.mac]
+    for i, m in enumerate(site.machines):
+        if not m.mac:
+            warnings.append(
+                f"{_machine_where(site, i)}: machines[{i}]: {m.name} has no mac, so the device "
+                "will not answer it (device.answer: site)"
+            )
+    if not macs:
+        # The firmware reads an empty list as "answer every PXE client".
+        problems.append(
+            "site.yaml: device.answer: 'site' answers only the MACs in machines.yaml and no "
+            "machine has one; add machines, or set answer: any to answer every PXE client"
+        )
+    return macs
+
+
+def _channel_names(
+    site: Site, board: BoardDef, problems: list[str]
+) -> tuple[list[str], dict[str, int]]:
+    """Channel i is named after the machine with relay: i, else chI; and machine -> channel."""
+    names = [f"ch{i}" for i in range(board.channels)]
+    relay_of: dict[str, int] = {}
+    for i, m in enumerate(site.machines):
+        if m.relay is None:
+            continue
+        if m.relay >= board.channels:
+            span = f"0..{board.channels - 1}" if board.channels else "none"
+            problems.append(
+                f"{_machine_where(site, i)}: machines[{i}].relay: channel {m.relay}, but board "
+                f"{board.name} has {board.channels} relay channels ({span})"
+            )
+            continue
+        names[m.relay] = m.name
+        relay_of[m.name] = m.relay
+    for i, m in enumerate(site.machines):
+        # A machine called "ch5" on another channel would share the name of unused channel 5.
+        others = [j for j, n in enumerate(names) if n == m.name and j != relay_of.get(m.name)]
+        if m.name in relay_of and others:
+            problems.append(
+                f"{_machine_where(site, i)}: machines[{i}].name: {m.name!r} is also the name of "
+                f"unused relay channel {others[0]}; rename the machine"
+            )
+    return names, relay_of
+
+
+def _channel_overrides(
+    site: Site, board: BoardDef, names: list[str], relay_of: dict[str, int], problems: list[str]
+) -> dict[int, dict]:
+    """device.power.channels: settings by machine name or channel number -> by channel."""
+    overrides: dict[int, dict] = {}
+    for key, settings in site.settings.device.power.channels.items():
+        where = f"site.yaml: device.power.channels.{key}"
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            ch = int(key)
+            if not 0 <= ch < board.channels:
+                problems.append(f"{where}: board {board.name} has no relay channel {ch}")
+                continue
+        elif key in relay_of:
+            ch = relay_of[key]
+        else:
+            problems.append(
+                f"{where}: machine {key!r} has no relay: in machines.yaml"
+                if site.machine(key) is not None
+                else f"{where}: no machine {key!r} (a key is a machine name or a channel number)"
+            )
+            continue
+        if ch in overrides:
+            problems.append(f"{where}: channel {ch} ({names[ch]}) is already set")
+            continue
+        overrides[ch] = _drop_none(settings.model_dump())
+    return overrides
+
+
+class _NoOutputs:
+    def set(self, index: int, on: bool) -> None:
+        pass
+
+
+def check_device_config(config: dict, board: BoardDef) -> None:
+    """The firmware's own verdict on a device.json: its config checker and its power channels
+    (firmware.config.Config, firmware.power.Power). FlashError when either refuses."""
+    from firmware.config import Config, ConfigError
+    from firmware.power import Power
+
+    try:
+        Config(json.loads(json.dumps(config)))  # as the device will read it: JSON, string keys
+    except ConfigError as e:
+        raise FlashError(f"device.json (from site.yaml device:): {e}") from None
+    power = config.get("power") or {}
+    channels = power.get("channels") or board.channels
+    if isinstance(channels, list) and len(channels) > board.channels:
+        raise FlashError(
+            f"device.json: power.channels: {len(channels)} channels, board {board.name} has "
+            f"{board.channels}"
+        )
+    try:
+        Power(_NoOutputs(), channels, None, None, power.get("stagger_ms", 2000))
+    except ValueError as e:
+        raise FlashError(f"device.json: power.{e}") from None
+
+
+# --- the flash image -----------------------------------------------------------------------
+
+
+def tftp_files(tftp_dir: Path | None) -> dict[str, Path]:
+    """What goes under the device's tftp/: name (relative, '/'-separated) -> local file.
+
+    Default: DEFAULT_TFTP_FILES from /usr/lib/ipxe (Debian's `ipxe` package); with a directory,
+    every file in it, subdirectories included (a Pi's boot files go under a serial-number
+    directory). Symbolic links are followed: /usr/lib/ipxe/ipxe.efi is one."""
+    if tftp_dir is None:
+        missing = [n for n in DEFAULT_TFTP_FILES if not (DEFAULT_TFTP_DIR / n).is_file()]
+        if missing:
+            raise FlashError(
+                f"no {', '.join(str(DEFAULT_TFTP_DIR / n) for n in missing)}: install the "
+                "ipxe package, or give --tftp-dir with the files the device should serve"
+            )
+        return {n: DEFAULT_TFTP_DIR / n for n in DEFAULT_TFTP_FILES}
+    if not tftp_dir.is_dir():
+        raise FlashError(f"--tftp-dir {tftp_dir}: not a directory")
+    out = {}
+    for root, dirs, files in os.walk(tftp_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            out[path.relative_to(tftp_dir).as_posix()] = path
+    if not out:
+        raise FlashError(f"--tftp-dir {tftp_dir}: has no files")
+    return out
+
+
+def missing_boot_files(config: dict, tftp_names: set[str]) -> list[str]:
+    """Warnings for boot_files entries that the TFTP files being flashed do not include."""
+    out = []
+    for arch, name in config.get("boot_files", {}).items():
+        if name not in tftp_names:
+            out.append(
+                f"site.yaml: device.boot_files.{arch}: {name} is not among the TFTP files being "
+                "flashed (it must already be on the device, or clients of that architecture "
+                "get a TFTP error)"
+            )
+    return out
+
+
+def wants_arm64(site: Site, config: dict) -> bool:
+    """Whether the device must serve arm64 UEFI clients (arch 11): an arm64 machine in
+    machines.yaml (`aarch64` is read as arm64), or a boot_files entry for 11."""
+    return "11" in config.get("boot_files", {}) or any(m.arch == "arm64" for m in site.machines)
+
+
+def add_arm64_chainloader(
+    site: Site,
+    device: DeviceConfig,
+    tftp: dict[str, Path],
+    workdir: Path,
+    controller_url: str | None = None,
+    grub_modules: Path | None = None,
+) -> list[str]:
+    """Give arm64 UEFI clients (arch 11) a chainloader, when the site has arm64 machines or
+    boot_files maps 11. Changes `device.config["boot_files"]` and `tftp` in place; returns what
+    it did, one line each, for the plan (empty: nothing to do).
+
+    - boot_files.11 names a file being flashed: nothing to add (its architecture is checked by
+      boot_file_checks, as every entry is).
+    - else the site's own arm64 iPXE, snp.efi among the TFTP files being flashed or in the
+      site's tftp/ directory, when its PE header says arm64 (PE32+, machine 0xaa64);
+    - else grubnetaa64.efi: the GRUB arm64-efi image built for the controller into `workdir`
+      (bastion.flash.chainload; FlashError when the GRUB modules are missing or controller_url is
+      https, as GRUB has no TLS).
+    """
+    from bastion.flash import chainload
+
+    files = device.config.setdefault("boot_files", {})
+    if not wants_arm64(site, device.config):
+        return []
+    named = files.get("11")
+    if named is not None and named in tftp:
+        return []
+    said: list[str] = []
+    if named in (None, chainload.IPXE_ARM64):
+        for where, snp in (
+            ("the TFTP files", tftp.get(chainload.IPXE_ARM64)),
+            (f"{site.root}/tftp", site.root / "tftp" / chainload.IPXE_ARM64),
+        ):
+            if snp is None or not snp.is_file():
+                continue
+            data = snp.read_bytes()
+            if chainload.is_arm64_efi(data):
+                tftp[chainload.IPXE_ARM64] = snp
+                files["11"] = chainload.IPXE_ARM64
+                return [
+                    f"arch 11 (arm64 UEFI): {chainload.IPXE_ARM64}, the site's arm64 iPXE (from {snp})"
+                ]
+            header = chainload.pe_header(data)
+            kind = chainload.machine_name(header[0]) if header else "not a PE image"
+            said.append(f"{snp}: {kind}, not an arm64 iPXE: not offered to arch 11")
+            if named is not None:  # boot_files.11 names it: refused with the others
+                tftp[chainload.IPXE_ARM64] = snp
+                return said
+            break  # the TFTP files' snp.efi (an x86 build, say) is what the device serves
+        if named is not None:
+            return said  # missing_boot_files warns
+    elif named != chainload.GRUB_ARM64:
+        return []  # a file that is not being flashed: missing_boot_files warns
+    url = controller_url or site.settings.controller_url
+    if not url:
+        raise FlashError(
+            "site.yaml: controller_url: is not set: the arm64 chainloader (GRUB) needs it"
+        )
+    out = Path(workdir) / chainload.GRUB_ARM64
+    try:
+        chainload.build_grub_arm64(url, out, grub_modules)
+    except chainload.ChainloadError as e:
+        raise FlashError(
+            f"arm64 chainloader for arch 11 (the site has arm64 machines): {e}"
+        ) from None
+    tftp[chainload.GRUB_ARM64] = out
+    files["11"] = chainload.GRUB_ARM64
+    prefix = chainload.grub_prefix(url)
+    return [
+        *said,
+        f"arch 11 (arm64 UEFI): {chainload.GRUB_ARM64}, GRUB arm64-efi built with prefix {prefix}",
+    ]
+
+
+def boot_file_checks(config: dict, tftp: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for boot_files against the binaries being flashed, from their PE
+    headers: an x86 EFI binary for arm64 clients, an arm64 one for x86, an EFI binary for BIOS
+    clients are problems (flashing refuses); x86-64 for IA32 clients and a non-PE file for an
+    EFI architecture are warnings."""
+    from bastion.flash import chainload
+
+    boot_files = config.get("boot_files", {})
+    data = {n: tftp[n].read_bytes() for n in set(boot_files.values()) if n in tftp}
+    return chainload.check_boot_files(boot_files, data)
+
+
+@dataclass
+class Image:
+    """Every file `bastion flash` writes: path on the flash -> contents."""
+
+    files: dict[str, bytes]
+
+    @property
+    def size(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+    def under(self, prefix: str) -> dict[str, bytes]:
+        return {p: b for p, b in self.files.items() if p.startswith(prefix)}
+
+
+def build_image(board: BoardDef, device: DeviceConfig, tftp: dict[str, Path]) -> Image:
+    """The firmware compiled to .mpy (as `bastion sim` lays it out), board.json, device.json,
+    the boot stub main.py and the TFTP files."""
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="bastion-mpy-") as tmp:
+        for mpy in compile_firmware(Path(tmp) / "firmware"):
+            files[f"firmware/{mpy.name}"] = mpy.read_bytes()
+    files["board.json"] = board.data
+    files["device.json"] = device.to_json()
+    files["main.py"] = BOOT_STUB.encode()
+    for name, path in tftp.items():
+        files[f"tftp/{name}"] = path.read_bytes()
+    assert not FIRMWARE_STATE_FILES & set(files), "flashing must never write the relay state"
+    return Image(files)
+
+
+# --- relays ----------------------------------------------------------------------------------
+
+
+class _MemoryStore:
+    def __init__(self, text: str | None):
+        self.text = text
+
+    def load(self) -> str | None:
+        return self.text
+
+    def save(self, text: str) -> None:  # restore() never saves; nothing here may write
+        raise AssertionError("restore must not persist anything")
+
+
+class _Recorder:
+    def __init__(self, n: int):
+        self.out = [False] * n
+
+    def set(self, index: int, on: bool) -> None:
+        self.out[index] = on
+
+
+def _json_or_none(text: str | bytes | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def restored_outputs(
+    power_state: str | None, device_json: str | bytes | None, board_json: str | bytes | None
+) -> list[bool]:
+    """The relay outputs the firmware drives at boot from these flash files (None: absent).
+
+    Steps 1 of firmware/boot.py (make_power) with the firmware's own Power.restore, on an
+    in-memory state file and outputs."""
+    from firmware.board import Board, BoardError
+    from firmware.boot import power_settings
+    from firmware.power import Power
+
+    try:
+        board = Board(_json_or_none(board_json))
+        n = board.channels if isinstance(board.channels, int) else 0
+    except (BoardError, ValueError, TypeError):
+        n = 0
+    settings = power_settings(_json_or_none(device_json))
+    channels = settings.get("channels") or n
+    outputs = _Recorder(n)
+    store = _MemoryStore(power_state)
+    try:
+        if isinstance(channels, list) and len(channels) > n:
+            raise ValueError("more channels than the board")
+        power = Power(outputs, channels, store, None, settings.get("stagger_ms", 2000))
+    except (ValueError, TypeError):
+        power = Power(outputs, n, store, None)
+    power.restore(0)
+    return outputs.out
+
+
+def outputs_from_relay_file(text: str | None, n: int) -> list[bool] | None:
+    """The sim board's relays.state (its relay outputs), or None if it says nothing."""
+    if text is None:
+        return None
+    bits = text.strip()
+    if len(bits) < n or any(c not in "01" for c in bits[:n]):
+        return None
+    return [c == "1" for c in bits[:n]]
+
+
+def relay_changes(now: list[bool], after: list[bool], names: list[str]) -> list[str]:
+    """One line per channel whose output would differ after the restart."""
+    out = []
+    for i in range(max(len(now), len(after))):
+        a = now[i] if i < len(now) else False
+        b = after[i] if i < len(after) else False
+        if a != b:
+            name = names[i] if i < len(names) else f"ch{i}"
+            out.append(
+                f"relay channel {i} ({name}) is {'on' if a else 'off'} now and the new "
+                f"configuration would restore it {'on' if b else 'off'}"
+            )
+    return out
+
+
+def relay_refusal(changes: list[str]) -> FlashError:
+    return FlashError(
+        [
+            *changes,
+            (
+                "refusing to flash: flashing never switches a relay. A channel the device has no "
+                "persisted state for (power.state) comes up in its `default`; keep the default "
+                "as it is now, or switch the channel with `bastion power` once flashed"
+            ),
+        ]
+    )

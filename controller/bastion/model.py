@@ -1,0 +1,168 @@
+"""The loaded site: what the boot service answers from. Immutable once loaded; swapped whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# iPXE's ${buildarch} names; machines.yaml also accepts the aliases in ARCH_ALIASES.
+ARCHES = ("x86_64", "i386", "arm64", "arm32")
+ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64", "x86-64": "x86_64", "armhf": "arm32"}
+
+
+@dataclass(frozen=True)
+class Boot:
+    """What a network boot program loads: kernel, initrds and kernel arguments."""
+
+    kernel: str
+    initrd: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Profile:
+    id: str
+    name: str
+    source: str  # the site file it came from, relative to the site directory
+    format: Literal["matchbox", "bastion"]
+    boot: Boot | None
+    boot_by_arch: dict[str, Boot] = field(default_factory=dict)
+    # "flatcar" profiles get the Flatcar PXE kernel arguments added (bastion format only)
+    os: Literal["flatcar", "custom"] = "custom"
+    ignition: str | None = None  # file name under ignition/
+    generic: str | None = None  # file name under generic/
+    install: Literal["always", "once"] = "always"  # bastion.state.install (bastion format only)
+
+    def boot_for(self, arch: str | None) -> Boot | None:
+        if arch and arch in self.boot_by_arch:
+            return self.boot_by_arch[arch]
+        return self.boot
+
+    @property
+    def engine(self) -> Literal["go", "jinja"]:
+        """How this profile's templates are written: Go-style for matchbox, Jinja2 for ours."""
+        return "go" if self.format == "matchbox" else "jinja"
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    mac: str | None
+    uuid: str | None
+    arch: str | None
+    role: str | None
+    profile: str
+    hostname: str
+    labels: dict[str, str]
+    metadata: dict[str, Any]
+    source: str
+    line: int | None = None
+    relay: int | None = None  # the device relay channel powering it
+    heartbeat: tuple[int, int] | None = None  # (timeout_s, boot_s) for the node watchdog
+    address: str | None = None  # its fixed LAN address, when declared
+    # a k3s cluster node: what bastion.cluster.plan.plan made of it (the `cluster` template variable)
+    node: dict[str, Any] | None = None
+
+    def as_variables(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mac": self.mac,
+            "mac_hexhyp": self.mac.replace(":", "-") if self.mac else None,
+            "uuid": self.uuid,
+            "arch": self.arch,
+            "role": self.role,
+            "hostname": self.hostname,
+            "labels": dict(self.labels),
+            "profile": self.profile,
+        }
+
+
+@dataclass(frozen=True)
+class Group:
+    id: str
+    name: str
+    profile: str
+    selector: dict[str, str]
+    metadata: dict[str, Any]
+    source: str
+    format: Literal["matchbox", "bastion"]
+    machine: Machine | None = None
+
+
+@dataclass(frozen=True)
+class TemplateFile:
+    """A file under ignition/ or generic/, pre-parsed for the engines that will render it."""
+
+    name: str
+    relpath: str
+    text: str
+    raw_ignition: dict | None = None  # .ign/.ignition/.json files: the validated 3.3.0 config
+    go: Any = None  # a gotemplate.Template when a matchbox profile uses the file
+    jinja: Any = None  # a jinja2.Template when a bastion profile uses the file
+
+    @property
+    def is_raw_ignition(self) -> bool:
+        return self.raw_ignition is not None
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    name: str
+    controller_url: str | None
+    default_profile: str | None
+    roles: dict[str, str]
+    metadata: dict[str, Any]
+    device: Any = None  # site.yaml `device:`: a schema.DeviceSection or None (bastion.flash.image)
+    cluster: Any = None  # site.yaml `cluster:`: a schema.ClusterSection or None (bastion.cluster.plan)
+
+
+@dataclass(frozen=True)
+class Site:
+    root: Path
+    settings: SiteSettings
+    profiles: dict[str, Profile]
+    groups: tuple[Group, ...]  # in matching order (most specific first)
+    machines: tuple[Machine, ...]
+    ignition: dict[str, TemplateFile]
+    generic: dict[str, TemplateFile]
+    warnings: tuple[str, ...] = ()
+    fingerprint: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.root / "assets"
+
+    @property
+    def files_dir(self) -> Path | None:
+        d = self.root / "files"
+        return d if d.is_dir() else None
+
+    def group(self, group_id: str) -> Group | None:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        return None
+
+    def machine(self, name: str) -> Machine | None:
+        for m in self.machines:
+            if m.name == name:
+                return m
+        return None
+
+    @property
+    def cluster_nodes(self) -> tuple[Machine, ...]:
+        """The k3s cluster's machines, in machines.yaml order."""
+        return tuple(m for m in self.machines if m.node is not None)
+
+    def machine_by_mac(self, mac: str | None) -> Machine | None:
+        if not mac:
+            return None
+        for m in self.machines:
+            if m.mac == mac:
+                return m
+        return None

@@ -1,0 +1,214 @@
+"""Event history in SQLite (WAL mode): boot requests, callbacks, site reloads, device events.
+
+One table holds every kind of event. The columns are what the controller filters on (kind, MAC,
+machine, endpoint, profile, status); everything else rides in `payload`, a JSON object, so a new
+kind of event (dhcp, tftp, power, watchdog from the device link) needs no schema change:
+
+    id        integer primary key, increasing: clients page with `after=<id>`
+    ts        unix time (float seconds)
+    kind      boot | callback | site | dhcp | tftp | power | watchdog | device | ...
+    source    who reported it: controller, node, device, api
+    mac       the machine's MAC (normalised) when known
+    machine   the machine's name when the site declares it
+    endpoint  for boot requests: /ipxe, /ignition, ...
+    profile, grp   the profile and group that answered
+    status    HTTP status for boot requests
+    payload   JSON object with the rest
+
+The history is not precious (design: it can be lost); WAL with synchronous=NORMAL keeps each
+insert cheap, and a lost tail after a power cut is acceptable.
+
+The same file also holds two small tables of controller state that must not lose a write
+(`open_state_db`): one-time Ignition tokens (bastion.state.onetime) and install-once marks
+(bastion.state.install). Deleting the file forgets them too; see those modules for what that means.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT 'controller',
+    mac TEXT,
+    machine TEXT,
+    endpoint TEXT,
+    profile TEXT,
+    grp TEXT,
+    status INTEGER,
+    payload TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id);
+CREATE INDEX IF NOT EXISTS events_mac ON events (mac, id);
+CREATE INDEX IF NOT EXISTS events_machine ON events (machine, id);
+"""
+
+_COLUMNS = ("id", "ts", "kind", "source", "mac", "machine", "endpoint", "profile", "grp", "status", "payload")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    kind: str
+    source: str = "controller"
+    mac: str | None = None
+    machine: str | None = None
+    endpoint: str | None = None
+    profile: str | None = None
+    group: str | None = None
+    status: int | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EventStore:
+    """Thread-safe: one connection, one lock (inserts take tens of microseconds)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def journal_mode(self) -> str:
+        with self._lock:
+            return self._db.execute("PRAGMA journal_mode").fetchone()[0]
+
+    def record(
+        self,
+        kind: str,
+        *,
+        source: str = "controller",
+        mac: str | None = None,
+        machine: str | None = None,
+        endpoint: str | None = None,
+        profile: str | None = None,
+        group: str | None = None,
+        status: int | None = None,
+        payload: dict[str, Any] | None = None,
+        ts: float | None = None,
+    ) -> int:
+        """Store one event; returns its id."""
+        row = (
+            ts if ts is not None else time.time(),
+            kind,
+            source,
+            mac,
+            machine,
+            endpoint,
+            profile,
+            group,
+            status,
+            json.dumps(payload or {}, separators=(",", ":"), default=str),
+        )
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp, status,"
+                " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return int(cur.lastrowid or 0)
+
+    def query(
+        self,
+        *,
+        limit: int = 100,
+        after: int | None = None,
+        kind: str | None = None,
+        mac: str | None = None,
+        machine: str | None = None,
+        newest_first: bool = True,
+    ) -> list[Event]:
+        """Events matching every given filter; the newest `limit` of them (or the oldest after
+        `after`, for following the history forward)."""
+        where, args = [], []
+        for column, value in (("kind", kind), ("mac", mac), ("machine", machine)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if after is not None:
+            where.append("id > ?")
+            args.append(after)
+            newest_first = False
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
+        args.append(max(0, min(limit, 10000)))
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [_event(r) for r in rows]
+
+    def count(self, kind: str | None = None) -> int:
+        with self._lock:
+            if kind is None:
+                return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+
+
+def _event(row: tuple) -> Event:
+    id_, ts, kind, source, mac, machine, endpoint, profile, grp, status, payload = row
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        data = {"raw": payload}
+    return Event(id_, ts, kind, source, mac, machine, endpoint, profile, grp, status, data)
+
+
+def open_state_db(path: Path | str) -> sqlite3.Connection:
+    """A connection to the history's database for controller state: its own connection, so that
+    its writes are synchronous=FULL (a committed state change survives a power cut) while the
+    events keep their cheap NORMAL inserts. Callers use `with conn:` for one transaction."""
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+class StateTable:
+    """Controller state beside the events (one-time tokens, install marks): its own
+    open_state_db connection, its schema created on open, one lock around every use."""
+
+    def __init__(self, path: Path | str, schema: str):
+        self._lock = threading.Lock()
+        self._db = open_state_db(path)
+        with self._lock, self._db:
+            self._db.executescript(schema)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_readonly(path: Path | str) -> EventStore:
+    """For `bastion events`: the same store, opened on an existing file."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no event database at {path}")
+    return EventStore(path)

@@ -1,0 +1,192 @@
+"""The controller's secret store: join tokens, WireGuard keys and the like, generated here and kept
+outside the site directory (which lives in git) and off every public endpoint.
+
+One directory per site (default $XDG_STATE_HOME/edge-bastion/secrets/<site>, or
+$BASTION_SECRETS_DIR; mode 0700), one file per secret (mode 0600), written atomically: a secret is
+created once, the first time something asks for it, and read back the same ever after. Names are
+paths of plain components, e.g. `k3s/home/token` or `wireguard/node1.key`.
+
+A k3s cluster's secrets (`machine_secrets`): `k3s/<cluster>/token` (the servers' join token),
+`k3s/<cluster>/agent-token` (the agents'), and `wireguard/<machine>.key` (each node's private
+key; its public key is derived, never stored).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets as _random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bastion.model import Machine, Site
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class SecretError(ValueError):
+    pass
+
+
+def default_secrets_dir(site_name: str) -> Path:
+    """$XDG_STATE_HOME/edge-bastion/secrets/<site> (~/.local/state/... when unset)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "edge-bastion" / "secrets" / site_name
+
+
+def secrets_dir(site_name: str, override: Path | str | None = None) -> Path:
+    """The store's directory: `override`, else $BASTION_SECRETS_DIR, else the default."""
+    if override:
+        return Path(override)
+    if os.environ.get("BASTION_SECRETS_DIR"):
+        return Path(os.environ["BASTION_SECRETS_DIR"])
+    return default_secrets_dir(site_name)
+
+
+def random_token(nbytes: int = 32) -> str:
+    """A URL-safe random token (k3s join tokens, one-time URL tokens)."""
+    return _random.token_hex(nbytes)
+
+
+def wireguard_private_key() -> str:
+    """A new WireGuard private key, base64 as `wg genkey` prints it (a clamped X25519 scalar)."""
+    key = bytearray(_random.token_bytes(32))
+    key[0] &= 248
+    key[31] = (key[31] & 127) | 64
+    return base64.b64encode(bytes(key)).decode()
+
+
+def wireguard_public_key(private: str) -> str:
+    """The public key of a base64 WireGuard private key, as `wg pubkey` prints it."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    try:
+        raw = base64.b64decode(private, validate=True)
+    except ValueError:
+        raise SecretError("a WireGuard private key is 32 bytes in base64") from None
+    if len(raw) != 32:
+        raise SecretError("a WireGuard private key is 32 bytes in base64")
+    pub = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(pub).decode()
+
+
+class SecretStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> Path:
+        parts = name.split("/")
+        if not parts or not all(_NAME.fullmatch(p) for p in parts):
+            raise SecretError(f"bad secret name {name!r}: plain components [A-Za-z0-9_.-] joined by '/'")
+        return self.root.joinpath(*parts)
+
+    def get(self, name: str) -> str | None:
+        try:
+            return self._path(name).read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    def get_or_create(self, name: str, make: Callable[[], str] = random_token) -> str:
+        """The secret `name`, made with `make()` and stored the first time it is asked for."""
+        path = self._path(name)
+        with self._lock:
+            try:
+                return path.read_text().strip()
+            except FileNotFoundError:
+                pass
+            value = make()
+            self._write(path, value)
+            return value
+
+    def put(self, name: str, value: str) -> None:
+        with self._lock:
+            self._write(self._path(name), value)
+
+    def _write(self, path: Path, value: str) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(value + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def names(self) -> list[str]:
+        """Every stored secret's name (never the values)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+
+
+# --- a k3s cluster's secrets ---------------------------------------------------------------------
+
+
+def token_name(cluster: str) -> str:
+    return f"k3s/{cluster}/token"
+
+
+def agent_token_name(cluster: str) -> str:
+    return f"k3s/{cluster}/agent-token"
+
+
+def wireguard_key_name(machine: str) -> str:
+    return f"wireguard/{machine}.key"
+
+
+def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[str, Any]:
+    """The `secrets` a machine's templates get on its one-time URL, made on first use.
+
+    For a k3s node (site.yaml cluster:, role server or agent):
+      k3s_token        the token it joins with: the servers' token on servers, the agents' on
+                       agents (an agent's config never holds the servers' token)
+      k3s_agent_token  servers only: the agents' token (k3s --agent-token-file)
+      wireguard        {private_key, public_key}, when the node has a tunnel
+    Other machines have none: {}.
+    """
+    node = machine.node
+    if node is None:
+        return {}
+    cluster = node["name"]
+    server_token = store.get_or_create(token_name(cluster), random_token)
+    agent_token = store.get_or_create(agent_token_name(cluster), random_token)
+    out: dict[str, Any] = {}
+    if node["server"]:
+        out["k3s_token"] = server_token
+        out["k3s_agent_token"] = agent_token
+    else:
+        out["k3s_token"] = agent_token
+    if node["wireguard"] is not None:
+        private = store.get_or_create(wireguard_key_name(machine.name), wireguard_private_key)
+        out["wireguard"] = {"private_key": private, "public_key": wireguard_public_key(private)}
+    return out
+
+
+def wireguard_public_keys(store: SecretStore, site: Site) -> dict[str, str]:
+    """Each tunnelled node's WireGuard public key (the private keys are made if missing, so the
+    management side can be set up before the nodes first boot)."""
+    out = {}
+    for m in site.cluster_nodes:
+        if m.node["wireguard"] is not None:
+            private = store.get_or_create(wireguard_key_name(m.name), wireguard_private_key)
+            out[m.name] = wireguard_public_key(private)
+    return out

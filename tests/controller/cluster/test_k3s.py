@@ -1,0 +1,541 @@
+"""The k3s cluster of a site (site.yaml cluster:, bastion.cluster.plan, the built-in k3s.bu), judged on
+examples/home-lab: every node's Ignition, rendered with real secrets from a temporary secret
+store, passes Debian's ignition-validate, and says what each node must do. The WireGuard configs
+go through the real wg tools (wg-quick strip, wg setconf, wg showconf) on interfaces in a network
+namespace the test makes: the kernel's wireguard when it has it, else wireguard-go."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import yaml
+from bastion import boot
+from bastion.render.config import BootRequest, render_ignition
+from bastion.state.secrets import (
+    SecretStore,
+    machine_secrets,
+    wireguard_private_key,
+    wireguard_public_key,
+)
+from bastion.site.load import SiteError, load_site
+from bastion_testkit import EXAMPLES, REPO, assert_valid_ignition, write_assets
+
+HOME_LAB = EXAMPLES / "home-lab"
+VERSION = "v1.31.4+k3s1"
+# examples/home-lab's sha256 values are those of these stand-ins (it says to replace them)
+FAKE_K3S = {arch: f"fake k3s {VERSION} {arch}\n".encode() for arch in ("amd64", "arm64")}
+CONTROLLER = "http://192.168.1.10:8080"
+FIRST_SERVER_URL = "https://192.168.1.21:6443"
+SERVERS = ("pi1", "pi2", "pi3")
+AGENTS = ("nuc1", "nuc2")
+TUNNELLED = ("pi1", "pi2", "pi3", "nuc1")
+
+
+def make_home_lab(root: Path, endpoint: str | None = None) -> Path:
+    """A copy of examples/home-lab with stand-in Flatcar images and k3s binaries."""
+    site = root / "home-lab"
+    shutil.copytree(HOME_LAB, site)
+    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+    for arch, data in FAKE_K3S.items():
+        path = site / "assets" / "k3s" / VERSION / arch / "k3s"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+    if endpoint:  # wg setconf resolves the endpoint: no DNS in the test's namespace
+        text = (site / "site.yaml").read_text().replace("mgmt.example.net:51820", endpoint)
+        (site / "site.yaml").write_text(text)
+    return site
+
+
+def render_all(site_dir: Path, store: SecretStore) -> dict[str, dict]:
+    site = load_site(site_dir)
+    out = {}
+    for m in site.machines:
+        group, profile = boot.select(site, {"mac": m.mac})
+        req = BootRequest({"mac": m.mac}, f"mac={m.mac}", CONTROLLER)
+        out[m.name] = render_ignition(site, group, profile, req, machine_secrets(store, site, m))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """(site dir, secret store, rendered Ignition by node name)"""
+    root = tmp_path_factory.mktemp("home-lab")
+    site = make_home_lab(root, endpoint="192.0.2.1:51820")
+    store = SecretStore(root / "secrets")
+    return site, store, render_all(site, store)
+
+
+def files_of(config: dict) -> dict[str, dict]:
+    return {f["path"]: f for f in config["storage"].get("files", [])}
+
+
+def units_of(config: dict) -> dict[str, dict]:
+    return {u["name"]: u for u in config["systemd"].get("units", [])}
+
+
+def contents(entry: dict) -> str:
+    source = entry["contents"]["source"]
+    assert source.startswith("data:,"), source
+    return urllib.parse.unquote(source[len("data:,"):])
+
+
+def exec_start(config: dict) -> list[str]:
+    unit = units_of(config)["k3s.service"]["contents"]
+    lines = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert len(lines) == 1, unit
+    return lines[0].removeprefix("ExecStart=").split()
+
+
+# --- the site --------------------------------------------------------------------------------------
+
+
+def test_the_home_lab_loads_with_its_assets_and_no_warning(tmp_path):
+    site = load_site(make_home_lab(tmp_path))
+    assert site.warnings == ()
+    assert [m.name for m in site.cluster_nodes] == [*SERVERS, *AGENTS]
+    assert {m.profile for m in site.machines} == {"k3s"}
+    assert site.profiles["k3s"].source.startswith("site.yaml (cluster")
+
+
+def test_bastion_site_check_passes_on_the_example():
+    r = subprocess.run([str(REPO / ".venv/bin/bastion"), "site", "check", str(HOME_LAB)],
+                       check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "5 machines" in r.stdout
+    # without the binaries and images it says what is missing, and nothing else
+    assert all("does not exist (yet)" in line for line in r.stderr.splitlines()), r.stderr
+
+
+def test_every_node_gets_the_flatcar_pxe_image_of_its_architecture(tmp_path):
+    site = load_site(make_home_lab(tmp_path))
+    for m in site.machines:
+        answer = boot.ipxe(site, BootRequest({"mac": m.mac}, "", CONTROLLER))
+        assert answer.status == 200
+        arch = "arm64" if m.name in SERVERS else "amd64"
+        console = "console=ttyAMA0,115200n8" if arch == "arm64" else "console=ttyS0,115200n8"
+        kernel = answer.body.splitlines()[1].split()
+        assert kernel[1] == f"/assets/flatcar/stable/{arch}/current/flatcar_production_pxe.vmlinuz"
+        assert "flatcar.first_boot=1" in kernel and console in kernel
+        assert f"ignition.config.url={CONTROLLER}/ignition?mac={m.mac.replace(':', '-')}" in kernel
+
+
+# --- every node's Ignition ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*SERVERS, *AGENTS])
+def test_ignition_validate_accepts_every_node(lab, name, tmp_path):
+    _, _, configs = lab
+    assert configs[name]["ignition"]["version"] == "3.3.0"
+    assert_valid_ignition(configs[name], tmp_path)
+
+
+def test_the_first_server_starts_the_cluster_and_the_others_join_it(lab):
+    _, _, configs = lab
+    inits = [n for n, c in configs.items() if "--cluster-init" in exec_start(c)]
+    assert inits == ["pi1"]
+    for name, config in configs.items():
+        words = exec_start(config)
+        assert words[0] == "/opt/bin/k3s"
+        assert words[1] == ("server" if name in SERVERS else "agent")
+        assert words[words.index("--node-name") + 1] == name
+        assert words[words.index("--token-file") + 1] == "/etc/rancher/k3s/token"
+        if name == "pi1":
+            assert "--server" not in words
+        else:
+            assert words[words.index("--server") + 1] == FIRST_SERVER_URL
+        if name in SERVERS:
+            assert "--agent-token-file" in words and "--disable=traefik" in words
+        else:
+            assert "--agent-token-file" not in words and "--disable=traefik" not in words
+    assert exec_start(configs["nuc2"])[-2:] == ["--node-taint", "home-lab/batch=true:NoSchedule"]
+    unit = units_of(configs["pi1"])["k3s.service"]
+    assert unit["enabled"] is True and "Type=notify" in unit["contents"]
+    assert "Type=exec" in units_of(configs["nuc1"])["k3s.service"]["contents"]
+
+
+def test_the_k3s_binary_is_the_controllers_and_checked_by_its_sha256(lab):
+    _, _, configs = lab
+    for name, config in configs.items():
+        arch = "arm64" if name in SERVERS else "amd64"
+        binary = files_of(config)["/opt/bin/k3s"]
+        assert binary["mode"] == 0o755
+        assert binary["contents"]["source"] == f"{CONTROLLER}/assets/k3s/{VERSION}/{arch}/k3s"
+        digest = hashlib.sha256(FAKE_K3S[arch]).hexdigest()
+        assert binary["contents"]["verification"]["hash"] == f"sha256-{digest}"
+        assert {"path": "/opt/bin/kubectl", "target": "/opt/bin/k3s", "overwrite": True} in config["storage"]["links"]
+
+
+def test_the_controller_serves_the_k3s_binary_the_configs_name(lab, client_for):
+    site_dir, _, _ = lab
+    client = client_for(site_dir)
+    r = client.get(f"/assets/k3s/{VERSION}/arm64/k3s")
+    assert r.status_code == 200 and r.content == FAKE_K3S["arm64"]
+
+
+def test_hostname_and_ssh_keys(lab):
+    _, _, configs = lab
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleHomeLabAdminKey admin@home-lab"
+    for name, config in configs.items():
+        assert contents(files_of(config)["/etc/hostname"]) == name
+        assert config["passwd"]["users"] == [{"name": "core", "sshAuthorizedKeys": [key]}]
+
+
+def test_containerd_pulls_through_the_registry_cache(lab):
+    _, _, configs = lab
+    for config in configs.values():
+        registries = yaml.safe_load(contents(files_of(config)["/etc/rancher/k3s/registries.yaml"]))
+        assert set(registries["mirrors"]) == {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+        for mirror in registries["mirrors"].values():
+            assert mirror == {"endpoint": ["http://192.168.1.10:5000"]}
+
+
+def test_the_usb_ssd_holds_var_lib_rancher_on_servers_only(lab):
+    _, _, configs = lab
+    for name in SERVERS:
+        config = configs[name]
+        device = f"/dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W10000{name[-1]}-0:0"
+        assert config["storage"]["filesystems"] == [{
+            "device": device, "format": "ext4", "label": "k3s-data", "wipeFilesystem": False,
+            "path": "/var/lib/rancher", "mountOptions": ["noatime"],
+        }]  # fmt: skip
+        mount = units_of(config)["var-lib-rancher.mount"]
+        assert mount["enabled"] is True
+        assert f"What={device}\n" in mount["contents"] and "Where=/var/lib/rancher\n" in mount["contents"]
+        assert "Type=ext4\n" in mount["contents"]
+        assert "RequiresMountsFor=/var/lib/rancher" in units_of(config)["k3s.service"]["contents"]
+    for name in AGENTS:
+        config = configs[name]
+        assert "filesystems" not in config["storage"]
+        assert not [u for u in units_of(config) if u.endswith(".mount")]
+        assert "RequiresMountsFor" not in units_of(config)["k3s.service"]["contents"]
+
+
+def test_tokens_come_from_the_store_and_agents_never_get_the_servers_token(lab):
+    site_dir, store, configs = lab
+    server_token = store.get("k3s/home/token")
+    agent_token = store.get("k3s/home/agent-token")
+    assert server_token and agent_token and server_token != agent_token
+    for name, config in configs.items():
+        files = files_of(config)
+        assert files["/etc/rancher/k3s/token"]["mode"] == 0o600
+        text = json.dumps(config)
+        if name in SERVERS:
+            assert contents(files["/etc/rancher/k3s/token"]) == server_token
+            assert contents(files["/etc/rancher/k3s/agent-token"]) == agent_token
+        else:
+            assert contents(files["/etc/rancher/k3s/token"]) == agent_token
+            assert server_token not in text and "/etc/rancher/k3s/agent-token" not in files
+    # made once: a second rendering reads the same secrets back
+    assert render_all(site_dir, store) == configs
+    assert store.names() == ["k3s/home/agent-token", "k3s/home/token",
+                             *[f"wireguard/{n}.key" for n in sorted(TUNNELLED)]]  # fmt: skip
+
+
+def test_no_secret_is_written_into_the_site_directory(lab):
+    site_dir, store, _ = lab
+    values = [store.get(n) for n in store.names()]
+    for path in site_dir.rglob("*"):
+        if path.is_file() and "assets" not in path.parts:
+            text = path.read_text()
+            assert not any(v in text for v in values), path
+
+
+def test_the_wireguard_config_is_on_the_tunnelled_nodes(lab):
+    _, store, configs = lab
+    for name, config in configs.items():
+        files, units = files_of(config), units_of(config)
+        if name not in TUNNELLED:
+            assert "/etc/wireguard/wg0.conf" not in files and "wg-quick@wg0.service" not in units
+            continue
+        assert files["/etc/wireguard/wg0.conf"]["mode"] == 0o600
+        assert units["wg-quick@wg0.service"] == {"name": "wg-quick@wg0.service", "enabled": True}
+        conf = contents(files["/etc/wireguard/wg0.conf"])
+        assert f"PrivateKey = {store.get(f'wireguard/{name}.key')}\n" in conf
+        address = f"10.200.0.{TUNNELLED.index(name) + 2}/24"
+        assert f"Address = {address}\n" in conf
+        assert "PublicKey = L9/htaddxvN6QFRHm9vBHTYuy8Q6EuO8Y9zGtfwTd3g=\n" in conf
+        assert "AllowedIPs = 10.200.0.0/24\n" in conf and "Endpoint = 192.0.2.1:51820\n" in conf
+
+
+# --- the real wg tools ------------------------------------------------------------------------------
+
+
+class WireguardNamespace:
+    """A network namespace with WireGuard interfaces: the kernel's, else wireguard-go's."""
+
+    def __init__(self):
+        self.ns = f"bastion-wg-{os.getpid()}"
+        self.go: list[subprocess.Popen] = []
+        self.sockets: list[Path] = []
+        run = subprocess.run(["ip", "netns", "add", self.ns], check=False, capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.skip(f"cannot make a network namespace (root and iproute2 needed): {run.stderr.strip()}")
+
+    def add(self, name: str) -> str:
+        """Make interface `name`; returns how ("kernel" or "wireguard-go")."""
+        run = subprocess.run(["ip", "-n", self.ns, "link", "add", name, "type", "wireguard"],
+                             check=False, capture_output=True, text=True)  # fmt: skip
+        if run.returncode == 0:
+            return "kernel"
+        if shutil.which("wireguard-go") is None:
+            pytest.skip(f"this kernel has no WireGuard ({run.stderr.strip()}) and wireguard-go is "
+                        "not installed (tools/debian-packages.txt has it)")  # fmt: skip
+        sock = Path("/var/run/wireguard") / f"{name}.sock"
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "wireguard-go", "-f", name],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.go.append(proc)
+        self.sockets.append(sock)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"wireguard-go could not make {name} (exit {proc.poll()})")
+            time.sleep(0.05)
+        return "wireguard-go"
+
+    def wg(self, *args: str, input: str | None = None) -> str:
+        run = subprocess.run(["ip", "netns", "exec", self.ns, "wg", *args], input=input,
+                             check=False, capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert run.returncode == 0, f"wg {' '.join(args)}: {run.stderr}"
+        return run.stdout
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)  # its links go too
+        for proc in self.go:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait(timeout=5)
+        for sock in self.sockets:
+            sock.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def wg_namespace():
+    if shutil.which("wg") is None or shutil.which("wg-quick") is None:
+        pytest.skip("wg and wg-quick (wireguard-tools) are not installed; tools/setup installs them")
+    ns = WireguardNamespace()
+    yield ns
+    ns.close()
+
+
+def parse_showconf(text: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    interface: dict[str, str] = {}
+    peers: list[dict[str, str]] = []
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line in ("[Interface]", "[Peer]"):
+            section = interface if line == "[Interface]" else {}
+            if line == "[Peer]":
+                peers.append(section)
+        elif "=" in line and section is not None:
+            key, _, value = line.partition("=")
+            section[key.strip()] = value.strip()
+    return interface, peers
+
+
+@pytest.mark.netns
+def test_the_wg_tools_read_each_node_config(lab, wg_namespace, tmp_path):
+    _, store, configs = lab
+    for i, name in enumerate(TUNNELLED):
+        conf = tmp_path / "wg0.conf"
+        conf.write_text(contents(files_of(configs[name])["/etc/wireguard/wg0.conf"]))
+        stripped = subprocess.run(["wg-quick", "strip", str(conf)], check=False, capture_output=True, text=True, timeout=30)
+        assert stripped.returncode == 0, stripped.stderr
+        assert "Address" not in stripped.stdout  # wg-quick's own keys are gone, wg's remain
+        iface = f"bwg{os.getpid() % 100000}n{i}"
+        wg_namespace.add(iface)
+        wg_namespace.wg("setconf", iface, "/dev/stdin", input=stripped.stdout)
+        interface, peers = parse_showconf(wg_namespace.wg("showconf", iface))
+        assert interface["PrivateKey"] == store.get(f"wireguard/{name}.key")
+        assert peers == [{
+            "PublicKey": "L9/htaddxvN6QFRHm9vBHTYuy8Q6EuO8Y9zGtfwTd3g=",
+            "AllowedIPs": "10.200.0.0/24",
+            "Endpoint": "192.0.2.1:51820",
+            "PersistentKeepalive": "25",
+        }]  # fmt: skip
+        assert wg_namespace.wg("show", iface, "public-key").strip() == wireguard_public_key(interface["PrivateKey"])
+
+
+@pytest.mark.netns
+def test_the_management_side_peer_list_matches_the_nodes(lab, wg_namespace):
+    site_dir, store, _ = lab
+    r = subprocess.run(
+        [str(REPO / ".venv/bin/bastion"), "cluster", "peers", "--site", str(site_dir),
+         "--secrets-dir", str(store.root)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    private = wireguard_private_key()
+    assert not any(store.get(n) in r.stdout for n in store.names())  # public keys only
+    iface = f"bwg{os.getpid() % 100000}m"
+    wg_namespace.add(iface)
+    wg_namespace.wg("setconf", iface, "/dev/stdin", input=f"[Interface]\nPrivateKey = {private}\n{r.stdout}")
+    _, peers = parse_showconf(wg_namespace.wg("showconf", iface))
+    want = {wireguard_public_key(store.get(f"wireguard/{n}.key")): f"10.200.0.{i + 2}/32" for i, n in enumerate(TUNNELLED)}
+    assert {p["PublicKey"]: p["AllowedIPs"] for p in peers} == want
+
+
+# --- the public endpoints ----------------------------------------------------------------------------
+
+
+def test_the_public_endpoints_never_hand_out_a_secret(tmp_path, monkeypatch, client_for):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    site_dir = make_home_lab(tmp_path)
+    site = load_site(site_dir)
+    from bastion.state.secrets import default_secrets_dir
+
+    store = SecretStore(default_secrets_dir(site.name))  # the store the controller would use
+    values = []
+    for m in site.machines:
+        s = machine_secrets(store, site, m)
+        values += [s["k3s_token"], s.get("k3s_agent_token", s["k3s_token"])]
+        if "wireguard" in s:
+            values.append(s["wireguard"]["private_key"])
+    client = client_for(site_dir)
+    for m in site.machines:
+        mac = m.mac.replace(":", "-")
+        r = client.get(f"/ignition?mac={mac}")
+        assert r.status_code == 403, r.text
+        assert "one-time URL" in r.text
+        for path in (f"/ignition?mac={mac}", f"/ipxe?mac={mac}", f"/metadata?mac={mac}",
+                     "/api/v1/machines", f"/api/v1/machines/{m.name}", "/api/v1/groups"):  # fmt: skip
+            text = client.get(path).text
+            assert not any(v in text for v in values), path
+
+
+# --- what the loader refuses -----------------------------------------------------------------------
+
+
+def _edited(tmp_path: Path, site_edit=None, machines_edit=None) -> Path:
+    site = make_home_lab(tmp_path)
+    for name, edit in (("site.yaml", site_edit), ("machines.yaml", machines_edit)):
+        if edit:
+            path = site / name
+            path.write_text(edit(path.read_text()))
+    return site
+
+
+def _problems(site: Path) -> list[str]:
+    with pytest.raises(SiteError) as e:
+        load_site(site)
+    return e.value.problems
+
+
+@pytest.mark.parametrize(("site_edit", "machines_edit", "problem"), [
+    (lambda t: t.replace("  flatcar:\n", "  flatcar:\n    chanel: beta\n"), None,
+     "site.yaml:39: cluster.flatcar.chanel: is not a known field"),
+    (lambda t: t.replace("    persistent_keepalive: 25", "    keepalive: 25"), None,
+     "site.yaml:52: cluster.wireguard.keepalive: is not a known field"),
+    (None, lambda t: t.replace("    disk: /dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W100002-0:0\n", "    disk: /dev/sdb\n"),
+     "machines.yaml:21: machines[1].disk.device: '/dev/sdb' is not a stable device name: use /dev/disk/by-id/"),
+    (None, lambda t: t.replace("    disk: /dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W100003-0:0\n", ""),
+     "machines.yaml:25: machines[2].disk: a server needs its disk"),
+    (None, lambda t: t.replace("    address: 192.168.1.21  # its DHCP reservation: the cluster's join URL\n", ""),
+     "machines.yaml:5: machines[0].address: pi1 starts the cluster: give it its fixed address"),
+    (None, lambda t: t.replace("    k3s:\n      node_labels:", "    k3s:\n      init: true\n      node_labels:", 1),
+     "machines.yaml:41: machines[3].k3s.init: only a server can start the cluster"),
+    (None, lambda t: t.replace("    arch: amd64\n    role: agent\n    relay: 3\n", "    role: agent\n    relay: 3\n"),
+     "machines.yaml:35: machines[3].arch: a k3s node needs arch: amd64 or arm64"),
+    (None, lambda t: t.replace("    wireguard: false ", "    wireguard: {address: 10.200.0.7}\n    #").replace(
+        "    relay: 0\n", "    relay: 0\n    wireguard: {address: 10.200.0.7}\n"),
+     "machines.yaml:50: machines[4].wireguard.address: 10.200.0.7 is taken by pi1"),
+    (None, lambda t: t.replace("    wireguard: false ", "    wireguard: {address: 10.200.0.1}\n    #"),
+     "machines.yaml:49: machines[4].wireguard.address: 10.200.0.1 is taken by the management side"),
+    (None, lambda t: t.replace("    wireguard: false ", "    wireguard: {address: 10.201.0.9}\n    #"),
+     "machines.yaml:49: machines[4].wireguard.address: 10.201.0.9 is not a host address of 10.200.0.0/24"),
+    (lambda t: t.replace("      arm64: d6cc", "      arm46: d6cc"), None,
+     "site.yaml:30: cluster.k3s.sha256: 'arm46' is not a k3s architecture"),
+    (lambda t: t.replace("      arm64: d6cc", "      arm64: 06cc"), None,
+     "site.yaml: cluster.k3s.sha256.arm64: assets/k3s/v1.31.4+k3s1/arm64/k3s has SHA-256 d6cc"),
+    (lambda t: t.replace("    version: v1.31.4+k3s1", "    version: v1.31"), None,
+     "site.yaml:24: cluster.k3s.version: 'v1.31' is not a k3s release name"),
+    (lambda t: t.replace("    public_key: L9/", "    public_key: L9"), None,
+     "site.yaml:51: cluster.wireguard.public_key: 'L9htadd"),
+    (lambda t: t.replace("    address_pool: 10.200.0.0/24", "    address_pool: 10.200.0.1/24"), None,
+     "site.yaml:49: cluster.wireguard.address_pool: '10.200.0.1/24' is not a network"),
+    (lambda t: t.replace("cluster:\n  name: home\n", "cluster:\n  name: Home\n"), None,
+     "site.yaml:22: cluster.name: 'Home' is not a cluster name"),
+    (lambda t: t.replace("    url: http://192.168.1.10:5000", "    url: 192.168.1.10:5000"), None,
+     "site.yaml:44: cluster.registry_cache.url: '192.168.1.10:5000' is not an http(s) URL"),
+])  # fmt: skip
+def test_mistakes_name_the_file_line_and_field(tmp_path, site_edit, machines_edit, problem):
+    problems = _problems(_edited(tmp_path, site_edit, machines_edit))
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_two_servers_marked_init_is_an_error(tmp_path):
+    def edit(t):
+        return t.replace("    relay: 0\n", "    relay: 0\n    k3s: {init: true}\n").replace(
+            "    relay: 1\n", "    relay: 1\n    k3s: {init: true}\n")  # fmt: skip
+
+    assert _problems(_edited(tmp_path, None, edit)) == [
+        "machines.yaml:22: machines[1].k3s.init: machine pi1 starts the cluster already"
+    ]
+
+
+def test_a_marked_server_starts_the_cluster_and_server_url_wins(tmp_path):
+    site_dir = _edited(
+        tmp_path,
+        lambda t: t.replace("  # server_url: https://k3s.home.arpa:6443", "  server_url: https://k3s.home.arpa:6443"),
+        lambda t: t.replace("    relay: 2\n", "    relay: 2\n    k3s: {init: true}\n"),
+    )  # fmt: skip
+    site = load_site(site_dir)
+    nodes = {m.name: m.node for m in site.cluster_nodes}
+    assert [n for n, node in nodes.items() if node["init"]] == ["pi3"]
+    assert nodes["pi1"]["exec"][2:4] == ["--server", "https://k3s.home.arpa:6443"]
+    assert "--cluster-init" in nodes["pi3"]["exec"]
+    assert nodes["pi3"]["exec"][nodes["pi3"]["exec"].index("--tls-san") + 1] == "k3s.home.arpa"
+
+
+def test_cluster_fields_without_a_cluster_are_errors(tmp_path):
+    site = tmp_path / "s"
+    shutil.copytree(EXAMPLES / "site", site)
+    text = (site / "machines.yaml").read_text().replace("    relay: 0\n", "    relay: 0\n    disk: /dev/disk/by-id/usb-x\n")
+    (site / "machines.yaml").write_text(text)
+    assert "machines.yaml:9: machines[0].disk: needs a site.yaml cluster: section (and role server or agent)" in _problems(site)
+
+
+def test_a_site_overrides_the_built_in_template_and_profile(tmp_path):
+    site_dir = make_home_lab(tmp_path)
+    (site_dir / "ignition").mkdir()
+    builtin = (REPO / "controller/bastion/cluster/k3s.bu").read_text()
+    (site_dir / "ignition" / "k3s.bu").write_text(builtin.replace("      mode: 0644\n      overwrite: true\n      contents:\n        inline: {{ machine.hostname | tojson }}",
+                                                                  "      mode: 0644\n      overwrite: true\n      contents:\n        inline: {{ (machine.hostname ~ '.home.arpa') | tojson }}"))  # fmt: skip
+    (site_dir / "profiles").mkdir()
+    (site_dir / "profiles" / "k3s.yaml").write_text(
+        "os: flatcar\nkernel: /assets/flatcar/stable/amd64/current/flatcar_production_pxe.vmlinuz\n"
+        "arch:\n  arm64:\n    kernel: /assets/flatcar/stable/arm64/current/flatcar_production_pxe.vmlinuz\n"
+        "    args:\n      - console=ttyS0,115200\nignition: k3s.bu\n"
+    )
+    configs = render_all(site_dir, SecretStore(tmp_path / "secrets"))
+    assert contents(files_of(configs["pi1"])["/etc/hostname"]) == "pi1.home.arpa"
+    site = load_site(site_dir)
+    assert site.profiles["k3s"].source == "profiles/k3s.yaml"
+    body = boot.ipxe(site, BootRequest({"mac": "dc:a6:32:00:00:01"}, "", CONTROLLER)).body
+    assert "console=ttyS0,115200" in body and "ttyAMA0" not in body
+
+
+def test_machine_secrets_is_empty_for_machines_outside_the_cluster(site_dir, tmp_path):
+    site = load_site(site_dir)
+    store = SecretStore(tmp_path / "s")
+    assert all(machine_secrets(store, site, m) == {} for m in site.machines)
+    assert store.names() == []
+
+
+def test_the_wireguard_keys_are_real_x25519_pairs(lab):
+    _, store, _ = lab
+    for name in TUNNELLED:
+        key = store.get(f"wireguard/{name}.key")
+        assert len(base64.b64decode(key)) == 32
+        assert len(base64.b64decode(wireguard_public_key(key))) == 32

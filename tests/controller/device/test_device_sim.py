@@ -1,0 +1,144 @@
+"""The device link end to end: the controller's DeviceLink against the real firmware on the sim
+board (`bastion sim`, the MicroPython unix port behind a PTY), switching relays, with the relay
+outputs watched continuously through kill -9, watchdog resets and reboots."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from bastion.device.link import DeviceError, DeviceLink
+from simkit import RelayWatch, SimProcess, wait_for
+
+CHANNELS = 8
+POWER = {
+    "stagger_ms": 300,
+    "channels": [{"name": f"node{i}", "min_off_ms": 2000, "max_cycles": 3, "window_ms": 60000}
+                 for i in range(CHANNELS)],
+}
+
+
+@pytest.fixture
+def board(tmp_path):
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as s:
+        yield s
+
+
+@pytest.fixture
+def link(board):
+    with DeviceLink(str(board.link), timeout_s=10) as ln:
+        assert ln.wait_ready(15), ln.last_error
+        yield ln
+
+
+def relays(board) -> str:
+    return (board.link.parent / "flash" / "relays.state").read_text().strip()
+
+
+def test_hello_names_the_firmware_and_board(link):
+    assert link.info["board"] == "sim"
+    assert link.info["channels"] == CHANNELS
+    st = link.request("status")
+    assert [c["name"] for c in st["power"]] == [f"node{i}" for i in range(CHANNELS)]
+    assert set(st["tasks"]) >= {"console", "power", "dhcp", "tftp"}
+
+
+def test_power_on_and_off_drive_the_relay_output_and_persist(board, link):
+    flash = board.link.parent / "flash"
+    r = link.request("power", channel=2, state="on")
+    assert r["channel"]["desired"] == "on"
+    wait_for(lambda: relays(board)[2] == "1", what="relay 2 on")
+    assert (flash / "power.state").read_text().strip() == "00100000"
+    link.request("power", channel="node2", state="off")
+    wait_for(lambda: relays(board)[2] == "0", what="relay 2 off")
+    assert (flash / "power.state").read_text().strip() == "00000000"
+
+
+def test_interlocks_refuse_with_a_clear_error(link):
+    link.request("power", channel=0, state="on")
+    with pytest.raises(DeviceError) as e:
+        link.request("power", channel=0, state="cycle", off_ms=500)
+    assert e.value.code == "refused"
+    assert "shorter than its minimum off time of 2000 ms" in str(e.value)
+    link.request("power", channel=0, state="off")
+    with pytest.raises(DeviceError) as e:
+        link.request("power", channel=0, state="on")  # within min_off_ms of going off
+    assert "minimum off time is 2000 ms" in str(e.value)
+    with pytest.raises(DeviceError) as e:
+        link.request("power", channel=99, state="on")
+    assert "no relay channel 99" in str(e.value)
+
+
+def test_powering_on_eight_nodes_staggers_them(board, link):
+    events: list[dict] = []
+    link.on_event(lambda e: events.append(e) if e.get("ev") == "power" else None)
+    for ch in range(CHANNELS):
+        link.request("power", channel=ch, state="on")
+    wait_for(lambda: relays(board) == "1" * CHANNELS, what="all relays on")
+
+    def ons():
+        return [e for e in events if e.get("state") == "on" and e.get("why") == "on"]
+
+    wait_for(lambda: len(ons()) == CHANNELS, what="eight power-on events")
+    ons = ons()
+    assert sorted(e["ch"] for e in ons) == list(range(CHANNELS))
+    # The device's own clock: no two power-on edges closer than stagger_ms.
+    gaps = [b["t"] - a["t"] for a, b in zip(ons, ons[1:])]
+    assert min(gaps) >= POWER["stagger_ms"], gaps
+
+
+def test_kill_9_never_glitches_a_relay(board, link):
+    link.request("power", channel=1, state="on")
+    link.request("power", channel=5, state="on")
+    wait_for(lambda: relays(board) == "01000100", what="relays 1 and 5 on")
+    watch = RelayWatch(board.link.parent / "flash")
+    for _ in range(2):
+        os.kill(board.firmware_pid(), signal.SIGKILL)
+        board.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "killed")
+        board.wait(lambda e: e.get("ev") == "boot")
+    assert link.request("status")["power"][5]["output"] == "on"
+    assert watch.stop() == ["01000100"]
+
+
+def test_a_hung_task_starves_the_watchdog_and_the_reset_keeps_nodes_on(board, link):
+    link.request("power", channel=3, state="on")
+    wait_for(lambda: relays(board)[3] == "1", what="relay 3 on")
+    before = link.boot
+    watch = RelayWatch(board.link.parent / "flash")
+    link.request("fault", task="power")  # the power task stops checking in
+    ev = board.wait(lambda e: e.get("ev") == "watchdog" and e.get("task"), timeout=20)
+    assert ev["task"] == "power"
+    board.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "watchdog", timeout=30)
+    board.wait(lambda e: e.get("ev") == "boot", timeout=30)
+    wait_for(lambda: link.ready and link.boot != before, what="link resynced to the new boot")
+    assert link.request("status")["power"][3]["output"] == "on"
+    assert watch.stop() == ["00010000"]
+
+
+def test_reboot_request_resets_the_board_and_keeps_relays(board, link):
+    link.request("power", channel=7, state="on")
+    wait_for(lambda: relays(board)[7] == "1", what="relay 7 on")
+    watch = RelayWatch(board.link.parent / "flash")
+    before = link.boot
+    assert link.request("reboot")["rebooting"] is True
+    board.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "reset")
+    wait_for(lambda: link.ready and link.boot != before, what="link resynced to the new boot")
+    assert watch.stop() == ["00000001"]
+
+
+def test_a_broken_device_config_keeps_the_console_and_the_relays(tmp_path):
+    flash = tmp_path / "flash"
+    s = SimProcess(flash, tmp_path / "tty", {"power": POWER, "allowed_macs": ["zz"]})
+    try:
+        ev = s.wait(lambda e: e.get("ev") == "boot" and "version" in e)
+        assert "allowed_macs[0]" in ev["error"]
+        with DeviceLink(str(s.link), timeout_s=10) as ln:
+            assert ln.wait_ready(15), ln.last_error
+            ln.request("power", channel=0, state="on")
+            wait_for(lambda: (flash / "relays.state").read_text()[0] == "1", what="relay on")
+            # Nothing is served, so the listeners are not judged (or a bad file would reset-loop).
+            assert set(ln.request("status")["tasks"]) == {"console", "power", "tripped"}
+    finally:
+        s.stop()

@@ -1,0 +1,535 @@
+"""Flashing: device.json rendered from the site, and `bastion flash` with the real mpremote
+against a running sim board (the firmware on the MicroPython unix port behind a PTY), with its
+relay outputs watched the whole time."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bastion.flash import image as flashing
+from bastion.device.link import DeviceLink
+from bastion.site.load import SiteError, load_site
+from simkit import RelayWatch, SimProcess, free_udp_port
+
+from firmware.config import Config
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[3]
+DOC = REPO / "docs" / "flashing.md"
+
+SITE_YAML = """\
+site: flash-test
+controller_url: http://127.0.0.1:8080/
+default_profile: plain
+device:
+  ip: 10.77.0.2
+  boot_files:
+    0: undionly.kpxe
+    7: snponly.efi
+  tftp:
+    max_transfers: 2
+  power:
+    stagger_ms: 300
+    defaults:
+      min_off_ms: 2000
+      default: off
+    channels:
+      node-b: {max_cycles: 2}
+      5: {window_ms: 60000}
+"""
+
+MACHINES_YAML = """\
+machines:
+  - name: node-a
+    mac: 52:54:00:00:00:0a
+    relay: 0
+  - name: node-b
+    mac: 52-54-00-00-00-0B
+    relay: 3
+  - name: node-c
+    mac: 52:54:00:00:00:0c
+"""
+
+
+def make_site(root: Path, site_yaml: str = SITE_YAML, machines_yaml: str = MACHINES_YAML) -> Path:
+    (root / "profiles").mkdir(parents=True)
+    (root / "profiles" / "plain.yaml").write_text(
+        "os: custom\nkernel: http://127.0.0.1:8080/assets/vmlinuz\n"
+    )
+    (root / "site.yaml").write_text(site_yaml)
+    (root / "machines.yaml").write_text(machines_yaml)
+    return root
+
+
+def small_tftp(root: Path) -> Path:
+    """Stand-ins for the iPXE binaries: the copy over a PTY moves ~16 KB/s."""
+    root.mkdir(parents=True)
+    (root / "undionly.kpxe").write_bytes(b"u" * 700)
+    (root / "snponly.efi").write_bytes(b"s" * 1500)
+    (root / "pi").mkdir()
+    (root / "pi" / "config.txt").write_text("arm_64bit=1\n")
+    return root
+
+
+def bastion(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def mpremote(link: Path, *args: str) -> str:
+    r = subprocess.run([str(BIN / "mpremote"), "connect", str(link), *args],
+                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def wait_for(pred, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+SIM = flashing.board_definition("sim")
+
+
+# --- the renderer ------------------------------------------------------------------------------
+
+
+def test_machines_on_relays_name_the_channels_and_the_site_gives_the_rest(tmp_path):
+    site = load_site(make_site(tmp_path / "site"))
+    dev = flashing.render_device_config(site, SIM)
+    chan = {"min_off_ms": 2000, "default": "off"}
+    assert dev.config == {
+        "server_ip": "10.77.0.2",
+        "script_url": "http://127.0.0.1:8080/boot.ipxe",
+        "boot_files": {"0": "undionly.kpxe", "7": "snponly.efi"},
+        "allowed_macs": ["52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"],
+        "tftp": {"max_transfers": 2},
+        "power": {
+            "stagger_ms": 300,
+            "channels": [
+                {"name": "node-a", **chan},
+                {"name": "ch1", **chan},
+                {"name": "ch2", **chan},
+                {"name": "node-b", **chan, "max_cycles": 2},
+                {"name": "ch4", **chan},
+                {"name": "ch5", **chan, "window_ms": 60000},
+                {"name": "ch6", **chan},
+                {"name": "ch7", **chan},
+            ],
+        },
+    }
+    assert dev.channel_names[:4] == ["node-a", "ch1", "ch2", "node-b"]
+    # What the device will read: the firmware's own checker takes it.
+    cfg = Config(json.loads(dev.to_json()))
+    assert cfg.allowed_macs == {bytes.fromhex("52540000000" + c) for c in "abc"}
+    assert cfg.boot_files == {0: "undionly.kpxe", 7: "snponly.efi"}
+
+
+def test_defaults_answer_only_the_site_and_boot_the_ipxe_builds(tmp_path):
+    site = load_site(make_site(tmp_path / "s", "default_profile: plain\ndevice:\n  ip: 10.0.0.9\n"))
+    dev = flashing.render_device_config(site, SIM, "http://10.0.0.1:8080")
+    assert dev.config["boot_files"] == {
+        "0": "undionly.kpxe", "6": "ipxe.efi", "7": "ipxe.efi", "9": "ipxe.efi"}  # fmt: skip
+    assert dev.config["script_url"] == "http://10.0.0.1:8080/boot.ipxe"
+    assert len(dev.config["allowed_macs"]) == 3
+    assert dev.config["power"] == {"channels": [{"name": n} for n in dev.channel_names]}
+    assert "rpi" not in dev.config and "tftp" not in dev.config  # the firmware's defaults rule
+
+
+def test_the_example_site_renders(tmp_path):
+    site = load_site(REPO / "examples" / "site")
+    dev = flashing.render_device_config(site, SIM, "http://10.77.0.1:8080")
+    assert dev.channel_names[:3] == ["node1", "node2", "pi1"]
+    assert dev.config["server_ip"] == "10.77.0.2"
+
+
+# (edit of SITE_YAML: old, new; the text on the line the error names; the field; the error)
+BAD_DEVICE = [
+    ("ip: 10.77.0.2", "ip: 10.77.0.300", "ip:", "device.ip", "'10.77.0.300' is not an IPv4 address"),
+    ("  ip: 10.77.0.2\n", "  ip: 10.77.0.2\n  answer: all\n", "answer:", "device.answer",
+     "must be 'site' or 'any', not 'all'"),
+    ("max_transfers: 2", "max_transfers: 99", "max_transfers:", "device.tftp.max_transfers",
+     "less than or equal to 16"),
+    ("max_transfers: 2", "max_transfers: yes", "max_transfers:", "device.tftp.max_transfers",
+     "must be an integer, not True"),
+    ("7: snponly.efi", "efi: snponly.efi", "0: undionly", "device.boot_files",
+     "'efi' is not a client architecture"),
+    ("7: snponly.efi", "7: ../../etc/passwd", "0: undionly", "device.boot_files",
+     "must be a file name under tftp/"),
+    ("default: off", "default: maybe", "default:", "device.power.defaults.default",
+     "must be 'on' or 'off', not 'maybe'"),
+    ("min_off_ms: 2000", "min_off_ms: 2s", "min_off_ms:", "device.power.defaults.min_off_ms",
+     "must be an integer, not '2s'"),
+    ("  tftp:\n", "  tfpt:\n", "max_transfers:", "device.tfpt", "is not a known field"),
+    ("  ip: 10.77.0.2\n", "", "boot_files:", "device.ip", "is required"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("old, new, at, field, says", BAD_DEVICE,
+                         ids=[f"{b[3]}={b[1].strip()}" for b in BAD_DEVICE])  # fmt: skip
+def test_a_bad_device_field_is_one_error_naming_file_line_and_field(
+    tmp_path, old, new, at, field, says
+):
+    text = SITE_YAML.replace(old, new, 1)
+    assert text != SITE_YAML
+    with pytest.raises(SiteError) as e:
+        load_site(make_site(tmp_path / "site", text))
+    assert len(e.value.problems) == 1, e.value.problems
+    problem = e.value.problems[0]
+    line = text[: text.index(at)].count("\n") + 1
+    assert problem.startswith(f"site.yaml:{line}: {field}: "), problem
+    assert says in problem, problem
+
+
+# (site.yaml, machines.yaml, controller URL given, what the error says)
+BAD_RENDER = [
+    (SITE_YAML, MACHINES_YAML.replace("relay: 3", "relay: 9"), None,
+     "machines.yaml:5: machines[1].relay: channel 9, but board sim has 8 relay channels (0..7)"),
+    (SITE_YAML.replace("node-b: {", "node-x: {"), MACHINES_YAML, None,
+     "site.yaml: device.power.channels.node-x: no machine 'node-x'"),
+    (SITE_YAML.replace("node-b: {", "node-c: {"), MACHINES_YAML, None,
+     "site.yaml: device.power.channels.node-c: machine 'node-c' has no relay: in machines.yaml"),
+    (SITE_YAML.replace("      5: {", "      9: {"), MACHINES_YAML, None,
+     "site.yaml: device.power.channels.9: board sim has no relay channel 9"),
+    (SITE_YAML.replace("      5: {", "      3: {"), MACHINES_YAML, None,
+     "site.yaml: device.power.channels.3: channel 3 (node-b) is already set"),
+    (SITE_YAML, "machines:\n  - name: n\n    uuid: 12345678-1234-1234-1234-123456789abc\n", None,
+     "site.yaml: device.answer: 'site' answers only the MACs in machines.yaml and no machine has one"),
+    (SITE_YAML.replace("controller_url: http://127.0.0.1:8080/\n", ""), MACHINES_YAML, None,
+     "site.yaml: controller_url: is not set: give it there or with --controller-url"),
+    (SITE_YAML, MACHINES_YAML, "10.0.0.1:8080", "--controller-url: '10.0.0.1:8080' is not an http(s) URL"),
+    ("default_profile: plain\n", MACHINES_YAML, "http://x", "site.yaml: device: is missing"),
+    (SITE_YAML, MACHINES_YAML.replace("node-c\n", "ch5\n    relay: 1\n"), None,
+     "machines.yaml:8: machines[2].name: 'ch5' is also the name of unused relay channel 5"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "site_yaml, machines_yaml, url, says", BAD_RENDER, ids=[b[3][:50] for b in BAD_RENDER]
+)
+def test_what_only_the_renderer_can_see_is_reported_against_the_site_files(
+    tmp_path, site_yaml, machines_yaml, url, says
+):
+    site = load_site(make_site(tmp_path / "site", site_yaml, machines_yaml))
+    with pytest.raises(flashing.FlashError) as e:
+        flashing.render_device_config(site, SIM, url)
+    assert any(p.startswith(says) for p in e.value.problems), e.value.problems
+
+
+def test_a_machine_without_a_mac_is_a_warning_when_answering_only_the_site(tmp_path):
+    machines = MACHINES_YAML + "  - name: node-d\n    uuid: 12345678-1234-1234-1234-123456789abc\n"
+    site = load_site(make_site(tmp_path / "site", SITE_YAML, machines))
+    dev = flashing.render_device_config(site, SIM)
+    says = "machines.yaml:10: machines[3]: node-d has no mac, so the device will not answer it"
+    assert dev.warnings == [says + " (device.answer: site)"]
+
+
+# --- the relay outputs a restart brings -------------------------------------------------------
+
+
+def _device(channels: list[dict]) -> str:
+    return json.dumps({"power": {"channels": channels}})
+
+
+def test_restored_outputs_follow_the_persisted_state_then_the_defaults():
+    board = SIM.data
+    on3 = _device([{"name": f"n{i}", "default": "on" if i == 3 else "off"} for i in range(8)])
+    assert flashing.restored_outputs(None, None, board) == [False] * 8
+    assert flashing.restored_outputs(None, on3, board) == [i == 3 for i in range(8)]
+    # persisted state wins over any default
+    assert flashing.restored_outputs("01000000\n", on3, board) == [i == 1 for i in range(8)]
+    # a broken state file: the firmware falls back to the defaults
+    assert flashing.restored_outputs("garbage", on3, board) == [i == 3 for i in range(8)]
+    # more channels than the board: the firmware restores every channel with its defaults
+    nine = _device([{"default": "on"}] * 9)
+    assert flashing.restored_outputs(None, nine, board) == [False] * 8
+
+
+def test_relay_changes_name_the_channel():
+    changes = flashing.relay_changes([False, True], [True, True], ["a", "b"])
+    assert changes == [
+        "relay channel 0 (a) is off now and the new configuration would restore it on"
+    ]
+
+
+# --- bastion flash ------------------------------------------------------------------------------
+
+
+def test_dry_run_renders_and_lists_without_touching_the_port(tmp_path):
+    site = make_site(tmp_path / "site")
+    port = tmp_path / "ttyACM9"
+    port.write_bytes(b"")
+    r = bastion("flash", "--port", str(port), "--board", "sim", "--site", str(site), "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"script_url": "http://127.0.0.1:8080/boot.ipxe"' in r.stdout
+    assert "tftp/ipxe.efi" in r.stdout and "tftp/undionly.kpxe" in r.stdout  # /usr/lib/ipxe
+    assert "the device was not contacted" in r.stdout
+    assert port.read_bytes() == b""
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--port", "/dev/ttyNOPE9", "--board", "sim"], "no such port /dev/ttyNOPE9"),
+    (["--port", "/dev/null", "--board", "pdp11"], "unknown board 'pdp11'"),
+    (["--port", "/dev/null"], "--port needs --board NAME"),
+    (["--sim", "x", "--port", "/dev/null"], "give --port (a board's serial line) or --sim DIR"),
+])  # fmt: skip
+def test_usage_errors_are_clear(tmp_path, args, says):
+    r = bastion("flash", "--site", str(make_site(tmp_path / "site")), *args)
+    assert r.returncode != 0
+    assert says in r.stderr, r.stderr
+
+
+def test_an_invalid_site_is_reported_with_its_problems(tmp_path):
+    site = make_site(tmp_path / "site", SITE_YAML.replace("ip: 10.77.0.2", "ip: nope"))
+    r = bastion("flash", "--sim", str(tmp_path / "flash"), "--site", str(site))
+    assert r.returncode != 0
+    assert f"the site in {site} does not load:" in r.stderr
+    assert "site.yaml:5: device.ip: 'nope' is not an IPv4 address" in r.stderr
+    assert not (tmp_path / "flash").exists()
+
+
+def test_mpremote_failing_shows_what_it_said(tmp_path):
+    site = make_site(tmp_path / "site")
+    r = bastion("flash", "--port", "/dev/null", "--board", "sim", "--site", str(site),
+                "--tftp-dir", str(small_tftp(tmp_path / "tftp")))  # fmt: skip
+    assert r.returncode != 0
+    assert "mpremote failed while reading the device's flash (exit 1)" in r.stderr, r.stderr
+    assert "mpremote: failed to access /dev/null" in r.stderr, r.stderr
+
+
+@pytest.fixture
+def board(tmp_path):
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0") as s:
+        yield s
+
+
+def test_flashing_a_running_board_restarts_it_with_the_site_and_never_switches_a_relay(
+    tmp_path, board
+):
+    flash = tmp_path / "flash"
+    site = make_site(tmp_path / "site")
+    tftp = small_tftp(tmp_path / "tftp")
+    with DeviceLink(str(board.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        assert link.request("status")["power"][3]["name"] == "ch3"
+        link.request("power", channel=3, state="on")
+        wait_for(lambda: (flash / "relays.state").read_text().strip() == "00010000", what="relay 3")
+        old_boot = link.boot
+    persisted = (flash / "power.state").read_bytes(), (flash / "power.state").stat().st_mtime_ns
+    watch = RelayWatch(flash)
+    try:
+        r = bastion("flash", "--port", str(board.link), "--board", "sim", "--site", str(site),
+                    "--tftp-dir", str(tftp))  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"flashed {board.link}" in r.stdout
+        assert "relays: unchanged by the restart (on: node-b)" in r.stdout
+        assert "boot: firmware" in r.stdout and "serving dhcp, tftp" in r.stdout
+        # the firmware restarted: a new boot, with the site's channel names
+        ev = board.wait(lambda e: e.get("ev") == "boot" and e.get("boot") != old_boot)
+        assert "error" not in ev, ev
+        with DeviceLink(str(board.link), timeout_s=10) as link:
+            assert link.wait_ready(15), link.last_error
+            assert link.boot != old_boot
+            power = link.request("status")["power"]
+        assert [c["name"] for c in power[:4]] == ["node-a", "ch1", "ch2", "node-b"]
+        assert power[3]["output"] == "on" and power[3]["desired"] == "on"
+        # what is on the flash now, as mpremote sees it
+        listing = mpremote(board.link, "fs", "ls", ":")
+        for name in ("main.py", "board.json", "device.json", "firmware/", "tftp/"):
+            assert re.search(rf"\s{re.escape(name)}$", listing, re.MULTILINE), listing
+        assert ".bastion-new" not in listing and ".bastion-old" not in listing
+        tftp_ls = mpremote(board.link, "fs", "ls", ":tftp")
+        assert "snponly.efi" in tftp_ls and "undionly.kpxe" in tftp_ls and "pi/" in tftp_ls
+        fw = mpremote(board.link, "fs", "ls", ":firmware")
+        assert "main.mpy" in fw and "power.mpy" in fw and ".py\n" not in fw
+    finally:
+        seen = watch.stop()
+    assert seen == ["00010000"], seen  # the output never changed, at any moment
+    assert (
+        (flash / "power.state").read_bytes(),
+        (flash / "power.state").stat().st_mtime_ns,
+    ) == persisted
+    device = json.loads((flash / "device.json").read_text())
+    assert device["power"]["channels"][3]["name"] == "node-b"
+    assert (flash / "tftp" / "pi" / "config.txt").read_text() == "arm_64bit=1\n"
+
+
+def test_flashing_again_copies_only_what_changed(tmp_path, board):
+    site = make_site(tmp_path / "site")
+    tftp = small_tftp(tmp_path / "tftp")
+    args = ["flash", "--port", str(board.link), "--board", "sim", "--site", str(site),
+            "--tftp-dir", str(tftp)]  # fmt: skip
+    first = bastion(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (tftp / "snponly.efi").write_bytes(b"new")
+    again = bastion(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"^  1 of \d+ files differ", again.stdout, re.MULTILINE), again.stdout
+    assert "  :tftp/snponly.efi" in again.stdout and ":device.json" not in again.stdout
+    assert (tmp_path / "flash" / "tftp" / "snponly.efi").read_bytes() == b"new"
+
+
+def test_a_default_that_would_switch_a_relay_at_restart_is_refused(tmp_path, board):
+    flash = tmp_path / "flash"
+    # node-b (channel 3) has nothing persisted; the site now wants it on when nothing is.
+    site = make_site(
+        tmp_path / "site", SITE_YAML.replace("node-b: {max_cycles: 2}", "node-b: {default: on}")
+    )
+    before = (flash / "device.json").read_bytes()
+    watch = RelayWatch(flash)
+    r = bastion("flash", "--port", str(board.link), "--board", "sim", "--site", str(site),
+                "--tftp-dir", str(small_tftp(tmp_path / "tftp")))  # fmt: skip
+    seen = watch.stop()
+    assert r.returncode != 0
+    assert (
+        "relay channel 3 (node-b) is off now and the new configuration would restore it on"
+        in r.stderr
+    )
+    assert "refusing to flash" in r.stderr
+    assert (flash / "device.json").read_bytes() == before
+    assert not (flash / "power.state").exists()
+    assert seen in (["<missing>"], ["00000000"]), seen
+    # the old firmware was started again
+    with DeviceLink(str(board.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        assert link.request("status")["power"][3]["name"] == "ch3"
+
+
+def test_a_channel_mid_cycle_is_refused_before_the_firmware_is_stopped(tmp_path, board):
+    with DeviceLink(str(board.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        link.request("power", channel=2, state="on")
+        link.request("power", channel=2, state="cycle", off_ms=60000)
+        boot = link.boot
+    r = bastion("flash", "--port", str(board.link), "--board", "sim", "--site",
+                str(make_site(tmp_path / "site")), "--tftp-dir", str(small_tftp(tmp_path / "tftp")))  # fmt: skip
+    assert r.returncode != 0
+    assert "relay channel 2 (ch2) is cycling" in r.stderr, r.stderr
+    assert "mpremote" not in r.stdout, r.stdout
+    with DeviceLink(str(board.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        assert link.boot == boot  # the firmware kept running
+        assert link.request("status")["power"][2]["cycling"] is True
+
+
+# --- bastion flash --sim ------------------------------------------------------------------------
+
+
+class SimDir:
+    """`bastion sim --flash DIR --no-install`: runs what is in DIR as it is."""
+
+    def __init__(self, flash: Path, link: Path):
+        self.link = link
+        self.proc = subprocess.Popen(
+            [str(BIN / "bastion"), "sim", "--flash", str(flash), "--no-install",
+             "--listen", "127.0.0.1", "--dhcp-port", str(free_udp_port()),
+             "--pxe-port", str(free_udp_port()), "--tftp-port", str(free_udp_port()),
+             "--serial-link", str(link)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.events: list[dict] = []
+
+    def boot_event(self, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            ev = json.loads(line) if line.startswith("{") else {}
+            self.events.append(ev)
+            if ev.get("ev") == "boot":
+                return ev
+            assert time.monotonic() < deadline, self.events
+        raise AssertionError(f"bastion sim exited: {self.events}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_sim_flash_dir_boots_with_no_install(tmp_path):
+    flash = tmp_path / "flash"
+    site = make_site(tmp_path / "site")
+    r = bastion("flash", "--sim", str(flash), "--site", str(site), "--tftp-dir",
+                str(small_tftp(tmp_path / "tftp")))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in flash.iterdir()) == [
+        "board.json", "device.json", "firmware", "main.py", "tftp"]  # fmt: skip
+    assert json.loads((flash / "board.json").read_text())["name"] == "sim"
+    sim = SimDir(flash, tmp_path / "tty")
+    try:
+        ev = sim.boot_event()
+        assert "error" not in ev and ev["services"] == ["dhcp", "tftp"], ev
+        restored = [e["name"] for e in sim.events if e.get("ev") == "power"]
+        assert restored[:4] == ["node-a", "ch1", "ch2", "node-b"]
+    finally:
+        sim.stop()
+
+
+def test_sim_flash_refuses_a_relay_switch_and_writes_nothing(tmp_path):
+    flash = tmp_path / "flash"
+    site = make_site(tmp_path / "site")
+    tftp = str(small_tftp(tmp_path / "tftp"))
+    assert (
+        bastion("flash", "--sim", str(flash), "--site", str(site), "--tftp-dir", tftp).returncode
+        == 0
+    )
+    (flash / "relays.state").write_text("00000001\n")  # as the firmware left channel 7: on
+    (flash / "power.state").write_text("0000000\n")  # persisted for 7 channels only
+    before = (flash / "device.json").read_bytes()
+    r = bastion("flash", "--sim", str(flash), "--site", str(site), "--tftp-dir", tftp)
+    assert r.returncode != 0
+    assert (
+        "relay channel 7 (ch7) is on now and the new configuration would restore it off" in r.stderr
+    )
+    assert (flash / "device.json").read_bytes() == before
+    assert (flash / "relays.state").read_text() == "00000001\n"
+    assert (flash / "power.state").read_text() == "0000000\n"
+
+
+# --- docs/flashing.md ---------------------------------------------------------------------------
+
+
+def doc_commands() -> list[list[str]]:
+    """Each `bastion flash` command in docs/flashing.md, as arguments."""
+    return [shlex.split(line.strip())[1:] for line in DOC.read_text().splitlines()
+            if line.strip().startswith("bastion flash ")]  # fmt: skip
+
+
+def test_the_commands_in_the_doc_work(tmp_path):
+    """--sim commands run as written (paths moved into tmp_path); --port ones as --dry-run."""
+    from bastion.flash import chainload
+
+    if not (chainload.DEFAULT_GRUB_MODULES / "linux.mod").is_file() or not shutil.which(
+        "grub-mkimage"
+    ):
+        # examples/site has an arm64 machine: its flash builds the GRUB arm64 chainloader
+        pytest.skip(f"no GRUB arm64 modules in {chainload.DEFAULT_GRUB_MODULES} or no "
+                    "grub-mkimage (tools/build-grub-arm64)")  # fmt: skip
+    commands = doc_commands()
+    assert any("--sim" in c for c in commands) and any("--port" in c for c in commands)
+    port = tmp_path / "ttyACM0"
+    port.write_bytes(b"")
+    for args in commands:
+        args = [a.replace("/tmp/bastion-flash", str(tmp_path / "flash"))
+                .replace("/dev/ttyACM0", str(port)) for a in args]  # fmt: skip
+        if "--port" in args:
+            args.append("--dry-run")
+        args = [str(REPO / a) if a.startswith(("examples/", "boards/")) else a for a in args]
+        r = bastion(*args)
+        assert r.returncode == 0, (args, r.stdout + r.stderr)
+    assert (tmp_path / "flash" / "device.json").exists()

@@ -1,0 +1,95 @@
+"""bastion.state.secrets (the secret store) and the renderer's guard: a template that reads `secrets`
+renders only when it is given them (the one-time URL path), never otherwise."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import subprocess
+import shutil
+
+import pytest
+
+from bastion import boot
+from bastion.render.config import BootRequest, SecretsRequired, render_ignition, uses_secrets
+from bastion.state.secrets import SecretError, SecretStore, wireguard_private_key, wireguard_public_key
+from bastion.site.load import load_site
+
+
+def test_a_secret_is_made_once_and_read_back(tmp_path):
+    store = SecretStore(tmp_path / "s")
+    made = []
+
+    def make():
+        made.append(1)
+        return f"v{len(made)}"
+
+    assert store.get("k3s/token") is None
+    assert store.get_or_create("k3s/token", make) == "v1"
+    assert store.get_or_create("k3s/token", make) == "v1"
+    assert SecretStore(tmp_path / "s").get("k3s/token") == "v1"  # from disk, not memory
+    assert made == [1]
+    assert store.names() == ["k3s/token"]
+
+
+def test_the_store_is_private_and_leaves_no_temporary_files(tmp_path):
+    store = SecretStore(tmp_path / "s")
+    store.put("wireguard/node1.key", "x")
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "wireguard").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "wireguard" / "node1.key").st_mode) == 0o600
+    assert [p.name for p in (tmp_path / "s" / "wireguard").iterdir()] == ["node1.key"]
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/../b", "/etc/passwd", "a//b", ".hidden", "a b"])
+def test_secret_names_cannot_leave_the_store(tmp_path, name):
+    with pytest.raises(SecretError, match="bad secret name"):
+        SecretStore(tmp_path).get_or_create(name)
+
+
+def test_wireguard_keys_match_the_wg_tool(tmp_path):
+    key = wireguard_private_key()
+    raw = base64.b64decode(key)
+    assert len(raw) == 32 and raw[0] & 7 == 0 and raw[31] & 0xC0 == 0x40
+    if shutil.which("wg") is None:
+        pytest.skip("wg (wireguard-tools) is not installed; tools/setup installs it")
+    wg_pub = subprocess.run(["wg", "pubkey"], input=key, capture_output=True, text=True, check=True).stdout.strip()
+    assert wireguard_public_key(key) == wg_pub
+    theirs = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()
+    assert wireguard_public_key(theirs) == subprocess.run(
+        ["wg", "pubkey"], input=theirs, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _secret_site(tmp_path):
+    site = tmp_path / "site"
+    (site / "profiles").mkdir(parents=True)
+    (site / "ignition").mkdir()
+    (site / "site.yaml").write_text("site: s\nroles:\n  node: node\n")
+    (site / "machines.yaml").write_text("machines:\n  - name: n1\n    mac: 52:54:00:00:00:01\n    role: node\n")
+    (site / "profiles" / "node.yaml").write_text("kernel: /assets/k\nignition: node.bu\n")
+    (site / "ignition" / "node.bu").write_text(
+        "variant: flatcar\nversion: 1.0.0\nstorage:\n  files:\n    - path: /etc/token\n"
+        "      mode: 0600\n      contents:\n        inline: {{ secrets.token }}\n"
+    )
+    return load_site(site)
+
+
+def test_a_template_that_reads_secrets_renders_only_with_them(tmp_path):
+    site = _secret_site(tmp_path)
+    group, profile = boot.select(site, {"mac": "52:54:00:00:00:01"})
+    assert uses_secrets(site.ignition["node.bu"])
+    req = BootRequest({"mac": "52:54:00:00:00:01"}, "mac=52:54:00:00:00:01", "http://c")
+    with pytest.raises(SecretsRequired, match="node.bu reads `secrets`.*one-time URL"):
+        render_ignition(site, group, profile, req)
+    config = render_ignition(site, group, profile, req, secrets={"token": "s3cret"})
+    assert config["storage"]["files"][0]["contents"]["source"] == "data:,s3cret"
+    # and the public endpoint refuses instead of leaking or crashing
+    answer = boot.ignition_config(site, req)
+    assert answer.status == 403 and "one-time URL" in answer.body and "s3cret" not in answer.body
+
+
+def test_templates_without_secrets_are_not_flagged(site_dir):
+    site = load_site(site_dir)
+    assert not any(uses_secrets(tf) for tf in site.ignition.values())
