@@ -11,21 +11,18 @@ what was downloaded (a signature, a pinned checksum) before anything reaches a s
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 import httpx
 
-from bastion.site.holder import write_atomically
+from bastion import atomic
 
 # Small files (version.txt, .sig) are a few hundred bytes; a mirror that sends more is refused.
 SMALL_FILE_LIMIT = 1 << 20
@@ -197,7 +194,7 @@ def download_resumable(
                     "last_modified": r.headers.get("last-modified"),
                     "total": total,
                 }
-                write_atomically(meta_file, json.dumps(meta).encode())
+                atomic.write_bytes(meta_file, json.dumps(meta).encode())
             else:
                 raise FetchError(f"{url}: HTTP {r.status_code}")
             reporter.begin(name, total, have)
@@ -224,44 +221,7 @@ def download_resumable(
         )
 
 
-# -- putting files in place ---------------------------------------------------------------------------
-
-
-def fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def move_into(src: Path, dst: Path) -> None:
-    """Rename src to dst atomically; across filesystems, by a copy next to dst first."""
-    try:
-        os.replace(src, dst)
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            unlink(Path(tmp))
-            raise
-        unlink(src)
-    fsync_dir(dst.parent)
-
-
-def symlink_atomically(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.link-tmp")
-    unlink(tmp)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_dir(link.parent)
+# -- files ---------------------------------------------------------------------------------------------
 
 
 def sha256_of(path: Path) -> str | None:

@@ -68,11 +68,9 @@ from bastion.assets.download import download_resumable as _download_resumable
 from bastion.assets.download import exclusive as _exclusive
 from bastion.assets.download import get_small as _get_small
 from bastion.assets.download import meta_path as _meta_path
-from bastion.assets.download import move_into as _move_into
 from bastion.assets.download import sha256_of as _sha256_of
-from bastion.assets.download import symlink_atomically as _symlink_atomically
 from bastion.assets.download import unlink as _unlink
-from bastion.site.holder import write_atomically
+from bastion import atomic
 
 FLATCAR_PRIMARY_FINGERPRINT = "F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"
 # Flatcar's public key as published at https://www.flatcar.org/security/image-signing-key/
@@ -499,7 +497,7 @@ def _set_current(req: FetchRequest, arch_dir: Path, version: str) -> bool:
         current = arch_dir / "current"
         if current.exists() and not current.is_symlink():
             raise FetchError(f"{current} exists and is not a link this command made; move it away")
-        _symlink_atomically(version, current)
+        atomic.symlink(version, current)
     return set_current
 
 
@@ -573,13 +571,13 @@ def _publish(
             _unlink(s.data)  # the same bytes are there already (another channel, a re-fetch)
         else:
             os.chmod(s.data, 0o444)
-            _move_into(s.data, obj)
+            atomic.move_into(s.data, obj)
         _unlink(_meta_path(s.data))
         link = release_dir / s.file.name
         if link.exists() and not link.is_symlink():
             raise FetchError(f"{link} exists and is not a link this command made; move it away")
-        _symlink_atomically(os.path.relpath(obj, release_dir), link)
-        write_atomically(release_dir / f"{s.file.name}.sig", s.signature.read_bytes())
+        atomic.symlink(os.path.relpath(obj, release_dir), link)
+        atomic.write_bytes(release_dir / f"{s.file.name}.sig", s.signature.read_bytes())
         files.append(
             FetchedFile(
                 role=s.file.role,
@@ -606,7 +604,7 @@ def _publish(
         "files": [f.as_dict(version) for f in files],
     }
     manifest_path = release_dir / "manifest.json"
-    write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic.write_json(manifest_path, manifest)
     set_current = _set_current(req, arch_dir, version)
     return FetchResult(
         channel=req.channel,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import secrets
@@ -58,7 +57,7 @@ from pathlib import Path
 
 import httpx
 
-from bastion import match
+from bastion import atomic, match
 from bastion.assets.download import (
     CHUNK,
     FetchError,
@@ -66,15 +65,11 @@ from bastion.assets.download import (
     SilentReporter,
     download_resumable,
     exclusive,
-    fsync_dir,
     meta_path,
-    move_into,
     new_client,
     sha256_of,
-    symlink_atomically,
     unlink,
 )
-from bastion.site.holder import write_atomically
 
 DEFAULT_MIRROR = "https://github.com/pftf/RPi4/releases/download"
 PROJECT_URL = "https://github.com/pftf/RPi4"
@@ -578,15 +573,13 @@ def _install(tree: Path, tftp: Path, d: BootDir, marker: dict) -> None:
             else:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(src, dst)
-        write_atomically(
-            tmp / MARKER, (json.dumps({**marker, "dir": d.path}, indent=2) + "\n").encode()
-        )
+        atomic.write_json(tmp / MARKER, {**marker, "dir": d.path})
         old = None
         if target.is_dir():
             old = target.with_name(f".{target.name}.bastion-old-{secrets.token_hex(4)}")
             os.rename(target, old)
         os.rename(tmp, target)
-        fsync_dir(target.parent)
+        atomic.fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -615,12 +608,12 @@ def _store(
     obj = objects / sha
     if downloaded:
         os.chmod(archive, 0o444)
-        move_into(archive, obj)
+        atomic.move_into(archive, obj)
         unlink(meta_path(archive))
     link = release / name
     if os.path.lexists(link) and not link.is_symlink():
         raise FetchError(f"{link} exists and is not a link this command made; move it away")
-    symlink_atomically(os.path.relpath(obj, release), link)
+    atomic.symlink(os.path.relpath(obj, release), link)
     manifest = {
         "schema": 1,
         "firmware": "rpi4-uefi",
@@ -641,5 +634,5 @@ def _store(
         "files": files,
     }
     manifest_path = release / "manifest.json"
-    write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic.write_json(manifest_path, manifest)
     return link, manifest_path, manifest

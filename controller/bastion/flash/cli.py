@@ -36,6 +36,7 @@ from pathlib import Path
 
 import click
 
+from bastion import atomic
 from bastion.flash import image as flashing
 from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image
 
@@ -412,20 +413,6 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> bool:
-    """Replace path with data (temp file, fsync, rename); False if it held data already."""
-    if _read(path) == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return True
-
-
 def check_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Image) -> None:
     """The relay check for a sim board's flash directory (read-only)."""
     power_state = _read(flash / "power.state")
@@ -453,7 +440,7 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
         raise FlashError(str(e)) from None
     _say(f"  {flash}/firmware/, board.json, main.py")
     for p, data in image.files.items():
-        if (p.startswith("tftp/") or p == "device.json") and _write_atomic(flash / p, data):
+        if (p.startswith("tftp/") or p == "device.json") and atomic.write_bytes(flash / p, data, if_changed=True):
             _say(f"  {flash}/{p}")
 
 

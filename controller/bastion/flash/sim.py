@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 import firmware
+from bastion import atomic
 from firmware import frame
 
 FIRMWARE_SRC = Path(firmware.__file__).resolve().parent
@@ -79,19 +80,8 @@ def install_firmware(flash: Path, board: str = "sim") -> None:
     board_file = BOARDS / f"{board}.json"
     if not board_file.exists():
         raise SimError(f"unknown board {board!r}: no {board_file}")
-    _write_atomic(flash / "board.json", board_file.read_bytes())
-    _write_atomic(flash / "main.py", BOOT_STUB.encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    if path.exists() and path.read_bytes() == data:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_bytes(flash / "board.json", board_file.read_bytes(), if_changed=True)
+    atomic.write_bytes(flash / "main.py", BOOT_STUB.encode(), if_changed=True)
 
 
 def parse_heap(text: str) -> int:

@@ -33,6 +33,8 @@ import time
 import tty
 from pathlib import Path
 
+from bastion import atomic
+
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
 RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
 FRIENDLY_PROMPT = b">>> "
@@ -77,10 +79,7 @@ class Supervisor:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.path = os.ttyname(self.line_slave)
         if serial_link is not None:
-            tmp = serial_link.with_name(serial_link.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            os.symlink(self.path, tmp)
-            os.replace(tmp, serial_link)
+            atomic.symlink(self.path, serial_link)
         self.proc: subprocess.Popen | None = None
         self.inner = -1
         self.wdt_r = -1

@@ -12,11 +12,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from bastion import atomic
 
 IGNITION = Path("/usr/lib/dracut/modules.d/30ignition/ignition")
 BUSYBOX = Path("/bin/busybox")
@@ -340,9 +341,7 @@ def build_initrd(tree: Path, out: Path, arch: str = "amd64", root: Path | None =
     c.file("etc/group", b"root:x:0:\n")
     data = gzip.compress(c.finish(), compresslevel=6, mtime=0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    atomic.write_bytes(out, data)
     return out
 
 

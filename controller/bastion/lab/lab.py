@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion import atomic
 from bastion.lab import initrd as initrd_mod
-from bastion.lab.netns import LabError, LabNet, Processes, teardown, write_json_atomic
+from bastion.lab.netns import LabError, LabNet, Processes, teardown
 
 REPO = Path(__file__).resolve().parents[3]
 CACHE = REPO / "var" / "cache"
@@ -203,7 +204,7 @@ class Lab:
                 ],
             },
         }
-        write_json_atomic(self.flash / "device.json", device)
+        atomic.write_json(self.flash / "device.json", device)
         # Every node starts powered off: a new lab forgets the relays' persisted state, and
         # the relay wiring powers VMs from the outputs file.
         (self.flash / "power.state").unlink(missing_ok=True)
@@ -237,7 +238,7 @@ class Lab:
             },
             "ignition_id": "lab-node.yaml",
         }
-        write_json_atomic(site / "profiles/lab-node.json", profile)
+        atomic.write_json(site / "profiles/lab-node.json", profile)
         (site / "profiles/lab-node-arm64.json").unlink(missing_ok=True)
         if arm64 is not None:
             # The arm64 node boots through GRUB (/grub): its own kernel and initrd, the
@@ -245,7 +246,7 @@ class Lab:
             (site / "assets/lab/arm64").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(arm64[0], site / "assets/lab/arm64/vmlinuz")
             shutil.copyfile(arm64[1], site / "assets/lab/arm64/initrd.img")
-            write_json_atomic(site / "profiles/lab-node-arm64.json", {
+            atomic.write_json(site / "profiles/lab-node-arm64.json", {
                 "id": "lab-node-arm64",
                 "name": "Lab arm64 node: Debian arm64 kernel, busybox initrd with Ignition",
                 "boot": {
@@ -354,7 +355,7 @@ class Lab:
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
             self.token_file.chmod(0o600)
-        write_json_atomic(self.workdir / "nodes.json", [asdict(n) for n in nodes])  # type: ignore[arg-type]
+        atomic.write_json(self.workdir / "nodes.json", [asdict(n) for n in nodes])  # type: ignore[arg-type]
         progress(f"creating namespaces {self.net.lan}, {self.net.router}")
         self.net.create()
         for n in nodes:
@@ -663,7 +664,7 @@ class Wiring:
                 "pid": p.pid if p is not None else None,  # type: ignore[attr-defined]
                 "boots": self.boots[n.name],
             }
-        write_json_atomic(self.status_file, st)
+        atomic.write_json(self.status_file, st)
 
     def run(self) -> None:
         import signal

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bastion import atomic
+
 
 class LabError(Exception):
     pass
@@ -38,16 +40,6 @@ def namespaces() -> set[str]:
 def ns_pids(ns: str) -> list[int]:
     out = sh("ip", "netns", "pids", ns, check=False).stdout
     return [int(p) for p in out.split() if p.isdigit()]
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -125,7 +117,7 @@ class Processes:
         return p
 
     def save(self) -> None:
-        write_json_atomic(
+        atomic.write_json(
             self.state_file, {"pids": self.pids, "cmds": self.cmds, "starts": self.starts}
         )
 

@@ -11,13 +11,13 @@ before writing them, atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion import atomic
 from bastion.site.load import SiteError, load_site
 from bastion.model import Site
 
@@ -58,29 +58,6 @@ class ReloadOutcome:
     changed: bool
     generation: int
     error: str | None = None
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file, fsync and rename: readers see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class SiteHolder:
@@ -138,7 +115,7 @@ class SiteHolder:
                 if data is None:
                     path.unlink(missing_ok=True)
                 else:
-                    write_atomically(path, data)
+                    atomic.write_bytes(path, data)
             self._fingerprint = fingerprint(self.root)
             self._settling = None
             self._swap(site)

@@ -4,7 +4,9 @@ by the poller of a real `bastion serve`), OpenAPI and /metrics."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -555,3 +557,25 @@ def test_metrics_are_prometheus_text_with_the_boot_counters(site_dir, client_for
     assert value("bastion_site_groups") == 3
     assert value("bastion_site_broken") == 0
     assert value("bastion_site_generation") == 1
+
+
+def test_files_written_by_the_api_keep_their_mode(site_dir, client_for):
+    """A site file rewritten through the API keeps its permissions (it used to become 0600, so a
+    controller running as another user, or a git checkout's reader, lost it); a new file gets the
+    usual 0644 under a 022 umask."""
+    c = client_for(site_dir)
+    machines = site_dir / "machines.yaml"
+    os.chmod(machines, 0o664)
+    old = os.umask(0o022)
+    try:
+        r = c.put("/api/v1/machines/node9", json={"mac": "52:54:00:12:34:09", "role": "worker"},
+                  headers=auth(TOKEN))
+        assert r.status_code == 200, r.text
+        r = c.put("/api/v1/profiles/rescue", json={"name": "Rescue", "boot": {
+            "kernel": "/assets/vmlinuz", "initrd": [], "args": []}}, headers=auth(TOKEN))
+        assert r.status_code == 200, r.text
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(machines).st_mode) == 0o664
+    new = [p for p in (site_dir / "profiles").iterdir() if p.stem == "rescue"]
+    assert new and all(stat.S_IMODE(os.stat(p).st_mode) == 0o644 for p in new)

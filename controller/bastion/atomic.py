@@ -1,0 +1,121 @@
+"""Files replaced atomically: whoever reads a file sees its old content or its new one, never a
+part, and after a crash or power cut the file is one of the two, whole.
+
+The recipe: write a temporary file in the same directory (a rename is atomic only within one
+filesystem), fsync it, rename it over the target, fsync the directory so the rename itself is
+durable. A file that already exists keeps its permission bits (a site file edited through the
+API stays 0644); a new one gets `mode`, less the umask, as open(2) would.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20
+
+
+def fsync_dir(d: Path | str) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path, what: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{what}")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_bytes(
+    path: Path | str, data: bytes, *, mode: int = 0o666, keep_mode: bool = True,
+    if_changed: bool = False,
+) -> bool:
+    """Replace path with data. mode: a new file's permissions (the umask applies); an existing
+    file keeps its own unless keep_mode is False (a secret is 0600 whatever it was). if_changed: leave a file that already holds data alone (no write, no new
+    mtime). Returns whether anything was written."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if if_changed and st is not None and stat.S_ISREG(st.st_mode):
+        try:
+            if st.st_size == len(data) and path.read_bytes() == data:
+                return False
+        except OSError:
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if st is not None and keep_mode:
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return True
+
+
+def write_text(path: Path | str, text: str, **kw: Any) -> bool:
+    return write_bytes(path, text.encode(), **kw)
+
+
+def write_json(path: Path | str, obj: Any, **kw: Any) -> bool:
+    """obj as indented JSON (a trailing newline), atomically."""
+    return write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), **kw)
+
+
+def symlink(target: str | os.PathLike, link: Path | str) -> None:
+    """Point link at target, replacing whatever link was (never a moment without it)."""
+    link = Path(link)
+    tmp = _temp_name(link, "link")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(link.parent)
+
+
+def move_into(src: Path | str, dst: Path | str) -> None:
+    """Rename src to dst atomically; across filesystems, by a copy next to dst first."""
+    src, dst = Path(src), Path(dst)
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = _temp_name(dst)
+        try:
+            with open(tmp, "xb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        _unlink(src)
+    fsync_dir(dst.parent)
