@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bastion.device.cli import _Api
+from bastion.client import ApiClient
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -47,7 +47,7 @@ def machine_list(url, token_file, as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    machines = _Api(url, token_file).call("GET", "/api/v1/machines")
+    machines = ApiClient.connect(url, token_file).call("GET", "/api/v1/machines")
     if as_json:
         click.echo(json.dumps(machines, indent=2))
         return
@@ -63,7 +63,7 @@ def machine_list(url, token_file, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
 def machine_status(name, url, token_file, as_json) -> None:
     """One machine: its entry and what it boots next."""
-    m = _Api(url, token_file).call("GET", f"/api/v1/machines/{name}")
+    m = ApiClient.connect(url, token_file).call("GET", f"/api/v1/machines/{name}")
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
@@ -79,7 +79,7 @@ def machine_status(name, url, token_file, as_json) -> None:
 def machine_reprovision(name, url, token_file) -> None:
     """Make an installed machine (profile `install: once`) network-boot and install again at its
     next boot. Needs the token. Power-cycle it to start now (`bastion power cycle NAME`)."""
-    r = _Api(url, token_file).call("POST", f"/api/v1/machines/{name}/reprovision")
+    r = ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{name}/reprovision")
     if r["changed"]:
         click.echo(f"{name}: was installed {_when(r['was_installed_at'])}; its next boot is a network "
                    f"boot (event {r['event']})")  # fmt: skip

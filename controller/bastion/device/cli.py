@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from bastion.settings import SettingsError, resolve_token
+from bastion.client import ApiClient
 
 
 def _where(f):
@@ -28,36 +28,6 @@ def _where(f):
     f = click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
                      help="The management API token (else $BASTION_API_TOKEN[_FILE]).")(f)
     return f
-
-
-class _Api:
-    """The controller's management API, with the token when there is one."""
-
-    def __init__(self, url: str, token_file: Path | None):
-        import httpx
-
-        try:
-            token = resolve_token(None, token_file)
-        except SettingsError as e:
-            raise click.ClickException(str(e)) from None
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
-
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        import httpx
-
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise click.ClickException(f"{self.url}: {e}") from None
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise click.ClickException(f"{detail} (HTTP {r.status_code})")
-        return r.json()
 
 
 def _link(port: str):
@@ -98,7 +68,7 @@ def power(state, target, off_ms, url, port, token_file) -> None:
     if off_ms is not None:
         body["off_ms"] = off_ms
     if url:
-        api = _Api(url, token_file)
+        api = ApiClient.connect(url, token_file)
         path = (f"/api/v1/device/power/{target}" if target.isdigit()
                 else f"/api/v1/machines/{target}/power")
         r = api.call("POST", path, json=body)
@@ -123,7 +93,7 @@ def power(state, target, off_ms, url, port, token_file) -> None:
 
 def _device_view(url, port, token_file) -> dict[str, Any]:
     if url:
-        return _Api(url, token_file).call("GET", "/api/v1/device")
+        return ApiClient.connect(url, token_file).call("GET", "/api/v1/device")
     link = _link(port)
     try:
         from bastion.device.link import DeviceError
@@ -227,7 +197,7 @@ def console(url, port, token_file, as_json) -> None:
                     time.sleep(1)
             finally:
                 link.close()
-        api = _Api(url, token_file)
+        api = ApiClient.connect(url, token_file)
         last = None
         first = api.call("GET", "/api/v1/events", params={"limit": 1})
         last = first[0]["id"] if first else 0

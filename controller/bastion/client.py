@@ -1,0 +1,58 @@
+"""A client of a running controller's management API, for the command line (`bastion power`,
+`status`, `machine ...` with `--url`) and scripts.
+
+    api = ApiClient.connect("http://127.0.0.1:8080", token_file=None)
+    api.call("GET", "/api/v1/machines")
+
+The token comes from `token_file`, else $BASTION_API_TOKEN, else $BASTION_API_TOKEN_FILE
+(bastion.settings.resolve_token); without one, reads still work and writes get 403. Every
+failure (no answer, an HTTP error, the controller's refusal with its `detail`) is an ApiError
+with a message fit to print: it is a click.ClickException, so a command just lets it through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from bastion.settings import SettingsError, resolve_token
+
+
+class ApiError(click.ClickException):
+    """The API could not be asked, or refused; `status` is the HTTP status when it answered."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ApiClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def connect(cls, url: str, token_file: Path | None = None) -> ApiClient:
+        try:
+            token = resolve_token(None, token_file)
+        except SettingsError as e:
+            raise ApiError(str(e)) from None
+        return cls(url, token)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        """The decoded JSON answer of `method path`, or ApiError."""
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ApiError(f"{self.url}: {e}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code)
+        return r.json()
