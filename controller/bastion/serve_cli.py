@@ -13,56 +13,30 @@ from pathlib import Path
 
 import click
 
-from bastion.settings import Settings, SettingsError, default_db_path, parse_listen
+from bastion.settings import Settings, SettingsError, default_db_path, serve_options
 
 
 @click.command("serve")
-@click.option(
-    "--site", "site_dir", envvar="BASTION_SITE", required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The site directory (Edge Bastion YAML and/or a matchbox data directory).",
-)  # fmt: skip
-@click.option("--listen", envvar="BASTION_LISTEN", default="127.0.0.1:8080", show_default=True,
-              help="HOST:PORT to serve HTTP on.")  # fmt: skip
-@click.option("--db", "db_path", envvar="BASTION_DB", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Event history database [default: {default_db_path()}].")  # fmt: skip
-@click.option("--token-file", envvar="BASTION_API_TOKEN_FILE", type=click.Path(dir_okay=False, path_type=Path),
-              help="File holding the management API token (else $BASTION_API_TOKEN).")  # fmt: skip
-@click.option("--poll", "poll_seconds", envvar="BASTION_POLL_SECONDS", type=float, default=1.0,
-              show_default=True, help="Seconds between checks for changed site files (0: never).")  # fmt: skip
-@click.option("--device", "device_port", envvar="BASTION_DEVICE", metavar="PORT",
-              help="The device's serial line (/dev/ttyACM0, the sim board's PTY): power "
-                   "control and device events in the history.")  # fmt: skip
-@click.option("--tftp", "tftp", envvar="BASTION_TFTP", metavar="ADDR:PORT",
-              help="Also serve the site's tftp/ directory over TFTP (read-only) on ADDR:PORT, "
-                   "e.g. 10.77.0.3:69: big files such as a Raspberry Pi's boot files "
-                   "(docs/controller.md). Off by default.")  # fmt: skip
-@click.option("--secrets", "--secrets-dir", "secrets_dir", envvar="BASTION_SECRETS_DIR",
-              type=click.Path(file_okay=False, path_type=Path),
-              help="The secret store (k3s tokens, WireGuard keys) [default: "
-                   "$XDG_STATE_HOME/edge-bastion/secrets/<site>].")  # fmt: skip
-@click.option("--ignition-token-ttl", envvar="BASTION_IGNITION_TOKEN_TTL", type=float,
-              default=None, metavar="SECONDS",
-              help="How long a one-time Ignition URL stays good [default: 900].")  # fmt: skip
+@serve_options
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
-def serve(site_dir, listen, db_path, token_file, poll_seconds, device_port, tftp, secrets_dir,
-          ignition_token_ttl, log_level, access_log) -> None:
-    """Serve iPXE, GRUB, Ignition and assets for the site, and the management API."""
+def serve(log_level, access_log, **given) -> None:
+    """Serve iPXE, GRUB, Ignition and assets for the site, and the management API.
+
+    Every option but the last two can also come from its environment variable (shown with
+    it); the command line wins."""
     import uvicorn
 
     from bastion.api.main import create_app
     from bastion.site.load import SiteError
 
     try:
-        host, port = parse_listen(listen)
-        settings = Settings.build(site_dir, db_path, token_file=token_file,
-                                  poll_seconds=poll_seconds, device_port=device_port,
-                                  tftp=tftp, secrets_dir=secrets_dir,
-                                  ignition_token_ttl=ignition_token_ttl)
+        settings = Settings.build(**given)
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
+    host, port = settings.listen
+    site_dir = settings.site_dir
     try:
         app = create_app(settings)
     except SiteError as e:

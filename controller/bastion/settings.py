@@ -1,23 +1,37 @@
-"""How the controller is configured: command-line options, falling back to environment variables.
+"""How `bastion serve` is configured: one place for each setting's option, environment variable,
+default and check (pydantic-settings).
 
-    BASTION_SITE             the site directory
-    BASTION_LISTEN           HOST:PORT to listen on (default 127.0.0.1:8080)
-    BASTION_DB               the event history database (default: see default_db_path)
-    BASTION_API_TOKEN        the management API bearer token, or
-    BASTION_API_TOKEN_FILE   a file holding it (first line)
-    BASTION_POLL_SECONDS     how often to look for changed site files (0: never; default 1)
-    BASTION_DEVICE           the device's serial line (e.g. /dev/ttyACM0, the sim board's PTY)
-    BASTION_TFTP             ADDR:PORT for the controller's own TFTP server (the site's tftp/);
-                             unset: no TFTP
-    BASTION_SECRETS_DIR      the secret store (default: bastion.state.secrets.default_secrets_dir)
-    BASTION_IGNITION_TOKEN_TTL  seconds a one-time Ignition URL stays good (default 900)
+Each field of `Settings` names its environment variable (its alias, `BASTION_...`) and its
+command-line option (`option` in its metadata); `serve_options` turns the fields into the click
+options of `bastion serve`, so the two cannot drift apart. Precedence: a value given on the
+command line (or to the constructor), then the environment, then the default.
+
+    --site DIR                 BASTION_SITE              the site directory (required)
+    --listen HOST:PORT         BASTION_LISTEN            where to serve HTTP (127.0.0.1:8080)
+    --db FILE                  BASTION_DB                the event history (default_db_path())
+    (none)                     BASTION_API_TOKEN         the management API token, or
+    --token-file FILE          BASTION_API_TOKEN_FILE    a file holding it (first line); wins
+    --poll SECONDS             BASTION_POLL_SECONDS      site file polling (0: never; default 1)
+    --device PORT              BASTION_DEVICE            the device's serial line
+    --tftp ADDR:PORT           BASTION_TFTP              the controller's TFTP (the site's tftp/)
+    --secrets DIR              BASTION_SECRETS_DIR       the secret store (default: per site)
+    --ignition-token-ttl S     BASTION_IGNITION_TOKEN_TTL  one-time Ignition URL life (900 s)
+
+A bad value is a SettingsError naming the option: `--tftp 'nope': expected HOST:PORT`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
+
+import click
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# HOST:PORT, parsed by Settings' own check, never as JSON from the environment
+Address = Annotated[tuple[str, int], NoDecode]
 
 DEFAULT_IGNITION_TOKEN_TTL = 15 * 60.0
 
@@ -44,7 +58,8 @@ def read_token_file(path: Path) -> str:
 
 
 def resolve_token(token: str | None = None, token_file: Path | None = None) -> str | None:
-    """The API token: explicit token, token file, $BASTION_API_TOKEN, $BASTION_API_TOKEN_FILE."""
+    """The API token for a client: explicit token, token file, $BASTION_API_TOKEN,
+    $BASTION_API_TOKEN_FILE."""
     if token:
         return token
     if token_file:
@@ -57,7 +72,7 @@ def resolve_token(token: str | None = None, token_file: Path | None = None) -> s
 
 
 def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
-    """'HOST:PORT' or '[v6]:PORT' -> (host, port)."""
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port); ':PORT' is every IPv4 address."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise SettingsError(f"{option} {text!r}: expected HOST:PORT")
@@ -65,60 +80,164 @@ def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass(frozen=True)
-class Settings:
-    site_dir: Path
-    db_path: Path
-    api_token: str | None = None
-    poll_seconds: float = 1.0
-    device_port: str | None = None  # the device's serial line (pyserial port or URL)
-    tftp_listen: tuple[str, int] | None = None  # `serve --tftp ADDR:PORT`: serve tftp/ there
+def _setting(env: str, option: str | None, help: str, default: Any = None,
+             default_factory: Any = None, **extra: Any) -> Any:  # fmt: skip
+    meta = {"option": option, "help": help, **extra}
+    if default_factory is not None:
+        return Field(default_factory=default_factory, alias=env, json_schema_extra=meta)
+    return Field(default=default, alias=env, json_schema_extra=meta)
+
+
+class Settings(BaseSettings):
+    """The controller's settings; see the module docstring. Frozen once made."""
+
+    model_config = SettingsConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True,
+                                      extra="forbid", case_sensitive=True)  # fmt: skip
+
+    site_dir: Path = _setting(
+        "BASTION_SITE", "--site", "The site directory (Edge Bastion YAML and/or a matchbox data "
+        "directory).", default=..., metavar="DIR", path="dir")  # fmt: skip
+    listen: Address = _setting(
+        "BASTION_LISTEN", "--listen", "HOST:PORT to serve HTTP on.",
+        default=("127.0.0.1", 8080), metavar="HOST:PORT", shown="127.0.0.1:8080")  # fmt: skip
+    db_path: Path = _setting(
+        "BASTION_DB", "--db", "Event history database.", default_factory=default_db_path,
+        metavar="FILE", path="file", shown=str(default_db_path()))  # fmt: skip
+    api_token: str | None = _setting("BASTION_API_TOKEN", None, "The management API token.")
+    api_token_file: Path | None = _setting(
+        "BASTION_API_TOKEN_FILE", "--token-file",
+        "File holding the management API token (else $BASTION_API_TOKEN).", metavar="FILE",
+        path="file")  # fmt: skip
+    poll_seconds: float = _setting(
+        "BASTION_POLL_SECONDS", "--poll", "Seconds between checks for changed site files "
+        "(0: never).", default=1.0, metavar="SECONDS", shown="1")  # fmt: skip
+    device_port: str | None = _setting(
+        "BASTION_DEVICE", "--device", "The device's serial line (/dev/ttyACM0, the sim board's "
+        "PTY): power control and device events in the history.", metavar="PORT")  # fmt: skip
+    tftp_listen: Address | None = _setting(
+        "BASTION_TFTP", "--tftp", "Also serve the site's tftp/ directory over TFTP (read-only) "
+        "on ADDR:PORT, e.g. 10.77.0.3:69: big files such as a Raspberry Pi's boot files "
+        "(docs/controller.md). Off by default.", metavar="ADDR:PORT")  # fmt: skip
     # the secret store's directory; None: bastion.state.secrets.secrets_dir(<site name>) picks it
-    secrets_dir: Path | None = None
-    ignition_token_ttl: float = DEFAULT_IGNITION_TOKEN_TTL  # seconds (bastion.state.onetime)
+    secrets_dir: Path | None = _setting(
+        "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys).",
+        metavar="DIR", path="dir-any", also=("--secrets-dir",),
+        shown="$XDG_STATE_HOME/edge-bastion/secrets/<site>")  # fmt: skip
+    ignition_token_ttl: float = _setting(
+        "BASTION_IGNITION_TOKEN_TTL", "--ignition-token-ttl", "How long a one-time Ignition URL "
+        "stays good.", default=DEFAULT_IGNITION_TOKEN_TTL, metavar="SECONDS", shown="900")  # fmt: skip
+
+    # -- checks, each naming its option ---------------------------------------------------
+
+    @field_validator("site_dir")
+    @classmethod
+    def _site(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise SettingsError(f"--site {str(v)!r}: not a directory")
+        return v
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, v: Any) -> Any:
+        return parse_listen(v, "--listen") if isinstance(v, str) else v
+
+    @field_validator("tftp_listen", mode="before")
+    @classmethod
+    def _tftp(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_listen(v, "--tftp") if v else None
+        return v
+
+    @field_validator("poll_seconds")
+    @classmethod
+    def _poll(cls, v: float) -> float:
+        if v < 0:
+            raise SettingsError(f"--poll {v:g}: expected seconds, 0 or more")
+        return v
+
+    @field_validator("ignition_token_ttl")
+    @classmethod
+    def _ttl(cls, v: float) -> float:
+        if not 0 < v <= 86400:
+            raise SettingsError(
+                f"--ignition-token-ttl {v:g}: expected seconds, more than 0 and at most 86400"
+            )
+        return v
+
+    @field_validator("device_port", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return v or None
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        if self.api_token_file is not None:  # the file wins over $BASTION_API_TOKEN
+            object.__setattr__(self, "api_token", read_token_file(self.api_token_file))
+        if self.tftp_listen is not None and not (self.site_dir / "tftp").is_dir():
+            where = "{}:{}".format(*self.tftp_listen)
+            raise SettingsError(
+                f"--tftp {where}: the site has no tftp/ directory ({self.site_dir / 'tftp'}) "
+                "to serve"
+            )
+        return self
 
     @classmethod
-    def build(
-        cls,
-        site_dir: Path | str,
-        db_path: Path | str | None = None,
-        api_token: str | None = None,
-        token_file: Path | None = None,
-        poll_seconds: float | None = None,
-        device_port: str | None = None,
-        tftp: str | None = None,
-        secrets_dir: Path | str | None = None,
-        ignition_token_ttl: float | None = None,
-    ) -> Settings:
-        if poll_seconds is None:
-            poll_seconds = float(os.environ.get("BASTION_POLL_SECONDS", "1"))
-        db = db_path or os.environ.get("BASTION_DB") or default_db_path()
-        tftp = tftp or os.environ.get("BASTION_TFTP") or None
-        tftp_listen = None
-        if tftp:
-            tftp_listen = parse_listen(tftp, "--tftp")
-            if not (Path(site_dir) / "tftp").is_dir():
-                raise SettingsError(
-                    f"--tftp {tftp}: the site has no tftp/ directory ({Path(site_dir) / 'tftp'}) "
-                    "to serve"
-                )
-        if ignition_token_ttl is None:
-            text = os.environ.get("BASTION_IGNITION_TOKEN_TTL") or str(DEFAULT_IGNITION_TOKEN_TTL)
-            try:
-                ignition_token_ttl = float(text)
-            except ValueError:
-                raise SettingsError(f"--ignition-token-ttl {text!r}: expected seconds") from None
-        if not 0 < ignition_token_ttl <= 86400:
-            raise SettingsError(
-                f"--ignition-token-ttl {ignition_token_ttl:g}: expected seconds, more than 0 and at most 86400"
-            )
-        return cls(
-            site_dir=Path(site_dir),
-            db_path=Path(db),
-            api_token=resolve_token(api_token, token_file),
-            poll_seconds=poll_seconds,
-            device_port=device_port or os.environ.get("BASTION_DEVICE") or None,
-            tftp_listen=tftp_listen,
-            secrets_dir=Path(secrets_dir) if secrets_dir else None,
-            ignition_token_ttl=ignition_token_ttl,
-        )
+    def build(cls, site_dir: Path | str | None = None, db_path: Path | str | None = None,
+              **given: Any) -> Settings:  # fmt: skip
+        """Settings from what the command line gave (None: not given), the environment and the
+        defaults; a bad value raises SettingsError naming its option."""
+        values = {"site_dir": site_dir, "db_path": db_path, **given}
+        if "token_file" in values:
+            values["api_token_file"] = values.pop("token_file")
+        if "tftp" in values:
+            values["tftp_listen"] = values.pop("tftp")
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            raise SettingsError(_problem(e)) from None
+
+
+def _problem(e: ValidationError) -> str:
+    """The first problem of a ValidationError, as the option's own words."""
+    err = e.errors(include_url=False)[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingsError):
+        return str(cause)
+    name = err["loc"][0] if err["loc"] else ""
+    field = Settings.model_fields.get(str(name))
+    if field is None:  # loc is the alias when the value came from the environment
+        field = next((f for f in Settings.model_fields.values() if f.alias == name), None)
+    if field is not None:
+        extra = field.json_schema_extra or {}
+        label = extra.get("option") or f"${field.alias}"
+        if err["type"] == "missing":
+            return f"{label} is required (or ${field.alias})"
+        return f"{label} {err.get('input')!r}: {err['msg']}"
+    return err["msg"]
+
+
+def serve_options(f: Any) -> Any:
+    """Decorate a click command with one option per Settings field that has one. Every option
+    defaults to None ("not given"), so Settings.build applies the environment and defaults."""
+    for name, field in reversed(list(Settings.model_fields.items())):
+        extra = field.json_schema_extra or {}
+        option = extra.get("option")
+        if not option:
+            continue
+        kind = extra.get("path")
+        if kind == "dir":
+            ptype: Any = click.Path(exists=True, file_okay=False, path_type=Path)
+        elif kind == "dir-any":
+            ptype = click.Path(file_okay=False, path_type=Path)
+        elif kind == "file":
+            ptype = click.Path(dir_okay=False, path_type=Path)
+        elif field.annotation in (float, "float"):
+            ptype = float
+        else:
+            ptype = str
+        shown = extra.get("shown")
+        env = f"${field.alias}"
+        help_text = f"{extra['help']} [{env}" + (f"; default: {shown}]" if shown else "]")
+        f = click.option(option, *extra.get("also", ()), name, type=ptype, default=None,
+                         metavar=extra.get("metavar"), help=help_text)(f)  # fmt: skip
+    return f

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -112,3 +113,44 @@ class Server:
 
 def curl(*args: str, timeout: int = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
+
+
+# -- Prometheus text (our own reading of the 0.0.4 format, not the library that wrote it) --
+
+_SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? (\S+)$'
+)
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
+
+
+def metric(c, name: str, **labels: str) -> float | None:
+    """One sample of the app's /metrics, by name and labels."""
+    return parse_prometheus(c.get("/metrics").text)[1].get((name, frozenset(labels.items())))
+
+
+def parse_prometheus(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset], float]]:
+    """The text exposition format 0.0.4: HELP/TYPE comments, then `name{labels} value` samples."""
+    assert text.endswith("\n")
+    types: dict[str, str] = {}
+    samples: dict[tuple[str, frozenset], float] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            assert name not in types, f"TYPE given twice for {name}"
+            types[name] = kind
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name, labels, value = (
+            m.group(1),
+            frozenset(_LABEL.findall(m.group(2) or "")),
+            float(m.group(3)),
+        )
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert family in types, f"{name} has no TYPE line before it"
+        assert (name, labels) not in samples, f"{line} given twice"
+        samples[(name, labels)] = value
+    return types, samples

@@ -36,7 +36,7 @@ def _static_files(directory: Path) -> StaticFiles:
 
 
 def _refused(runtime, status: int, text: str) -> Response:
-    runtime.metrics.inc("bastion_asset_requests_total", {"status": str(status)})
+    runtime.metrics.asset_requests.labels(status=str(status)).inc()
     return PlainTextResponse(text, status)
 
 
@@ -66,7 +66,7 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
     response: Response = AssetResponse(full, stat_result=st)
     if static.is_not_modified(response.headers, Headers(scope=request.scope)):
         response = NotModifiedResponse(response.headers)
-    runtime.metrics.inc("bastion_asset_requests_total", {"status": str(response.status_code)})
+    runtime.metrics.asset_requests.labels(status=str(response.status_code)).inc()
     if request.method == "GET":
         # A boot step like the others (kernel, initrd) in the machine's history. Assets are
         # fetched without the machine's MAC, so the client's address is what ties it to one.

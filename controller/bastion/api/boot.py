@@ -66,8 +66,8 @@ def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: bo
             status=answer.status,
             payload=event,
         )
-    runtime.metrics.inc("bastion_boot_requests_total", {"endpoint": endpoint, "status": str(answer.status)})
-    runtime.metrics.observe("bastion_boot_request_seconds", time.perf_counter() - started, {"endpoint": endpoint})
+    runtime.metrics.boot_requests.labels(endpoint=endpoint, status=str(answer.status)).inc()
+    runtime.metrics.boot_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
     return Response(answer.body, answer.status, media_type=answer.media_type)
 
 
@@ -163,7 +163,7 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
         endpoint="/callback",
         payload={**fields, "client": client},
     )
-    runtime.metrics.inc("bastion_callbacks_total")
+    runtime.metrics.callbacks.inc()
     if mac is not None and runtime.device is not None:
         runtime.device.heartbeat(mac)  # a node that reports is alive
     answer: dict[str, object] = {"ok": True, "event": event_id, "machine": machine.name if machine else None}
@@ -195,7 +195,7 @@ async def heartbeat(runtime: RuntimeDep, request: Request) -> JSONResponse:
         mac = match.parse_mac(str(fields.get("mac", "")))
     except match.Malformed:
         raise HTTPException(400, f"{fields.get('mac')!r} is not a MAC address") from None
-    runtime.metrics.inc("bastion_heartbeats_total")
+    runtime.metrics.heartbeats.inc()
     hub = runtime.device
     machine = hub.heartbeat(mac) if hub is not None else None
     return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None},

@@ -38,7 +38,7 @@ class Runtime:
 
     def record(self, kind: str, **fields: Any) -> int:
         event_id = self.store.record(kind, **fields)
-        self.metrics.inc("bastion_events_total", {"kind": kind})
+        self.metrics.events.labels(kind=kind).inc()
         return event_id
 
 
@@ -75,17 +75,17 @@ async def require_admin(
     """Every write, and every read of secrets, needs `Authorization: Bearer <token>`."""
     token = runtime.settings.api_token
     if token is None:
-        runtime.metrics.inc("bastion_api_auth_failures_total")
+        runtime.metrics.auth_failures.inc()
         raise HTTPException(
             403,
             "the management API is disabled: no token configured "
             "(set BASTION_API_TOKEN or use --token-file)",
         )
     if credentials is None:
-        runtime.metrics.inc("bastion_api_auth_failures_total")
+        runtime.metrics.auth_failures.inc()
         raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-        runtime.metrics.inc("bastion_api_auth_failures_total")
+        runtime.metrics.auth_failures.inc()
         raise HTTPException(
             401, "wrong token", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
         )

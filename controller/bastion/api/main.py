@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     runtime_box: list[Runtime] = []
 
     def on_reload(outcome: ReloadOutcome) -> None:
-        metrics.inc("bastion_site_reloads_total", {"result": "ok" if outcome.ok else "error"})
+        metrics.site_reloads.labels(result="ok" if outcome.ok else "error").inc()
         payload = {"ok": outcome.ok, "generation": outcome.generation}
         if outcome.error:
             payload["error"] = outcome.error

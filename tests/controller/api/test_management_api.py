@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from bastion.site.load import load_site
-from bastion_testkit import TOKEN, assert_valid_ignition, auth
+from bastion_testkit import TOKEN, assert_valid_ignition, auth, metric, parse_prometheus
 
 NODE1 = {"mac": "52-54-00-12-34-01"}  # examples/site/machines.yaml
 
@@ -89,7 +89,7 @@ def test_without_the_right_token_it_is_401_and_nothing_happens(
     assert site_files(site_dir) == before_files
     assert event_ids(c) == before_events
     assert c.get("/api/v1/site").json()["generation"] == generation
-    assert "bastion_api_auth_failures_total 1\n" in c.get("/metrics").text
+    assert metric(c, "bastion_api_auth_failures_total") == 1
 
 
 @pytest.mark.parametrize("method, path, body", ADMIN_ROUTES, ids=ROUTE_IDS)
@@ -391,9 +391,8 @@ def test_a_broken_site_file_and_reload_keep_the_last_good_config(site_dir, clien
     )
     r = c.get("/ipxe", params=NODE1)
     assert (r.status_code, r.text) == (200, good_script)
-    metrics = c.get("/metrics").text
-    assert "bastion_site_broken 1\n" in metrics
-    assert 'bastion_site_reloads_total{result="error"} 1\n' in metrics
+    assert metric(c, "bastion_site_broken") == 1
+    assert metric(c, "bastion_site_reloads_total", result="error") == 1
     event = c.get("/api/v1/events", params={"kind": "site", "limit": 1}).json()[0]
     assert event["payload"] == {"ok": False, "generation": generation, "error": BROKEN_MAC}
 
@@ -404,7 +403,7 @@ def test_a_broken_site_file_and_reload_keep_the_last_good_config(site_dir, clien
     assert r.json() == {"ok": True, "generation": generation + 1, "error": None}
     assert c.get("/healthz").json()["status"] == "ok"
     assert c.get("/api/v1/site").json()["last_error"] is None
-    assert "bastion_site_broken 0\n" in c.get("/metrics").text
+    assert metric(c, "bastion_site_broken") == 0
     script = c.get("/ipxe", params=NODE1).text
     assert script != good_script
     assert (
@@ -474,38 +473,8 @@ def test_the_poller_of_a_real_server_reloads_and_recovers(site_dir, serve):
 
 # -- /metrics -------------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(
-    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? (\S+)$'
-)
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
 
 
-def parse_prometheus(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset], float]]:
-    """The text exposition format 0.0.4: HELP/TYPE comments, then `name{labels} value` samples."""
-    assert text.endswith("\n")
-    types: dict[str, str] = {}
-    samples: dict[tuple[str, frozenset], float] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
-            assert name not in types, f"TYPE given twice for {name}"
-            types[name] = kind
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        name, labels, value = (
-            m.group(1),
-            frozenset(_LABEL.findall(m.group(2) or "")),
-            float(m.group(3)),
-        )
-        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
-        assert family in types, f"{name} has no TYPE line before it"
-        assert (name, labels) not in samples, f"{line} given twice"
-        samples[(name, labels)] = value
-    return types, samples
 
 
 def test_metrics_are_prometheus_text_with_the_boot_counters(site_dir, client_for):

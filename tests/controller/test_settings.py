@@ -1,0 +1,68 @@
+"""bastion.settings: `bastion serve`'s options and environment variables come from one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bastion.cli import main
+from bastion.settings import Settings, SettingsError
+from bastion_testkit import EXAMPLES
+
+SITE = EXAMPLES / "site"
+
+
+def test_every_setting_with_an_option_shows_its_variable_in_serve_help():
+    out = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200).output
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        assert f"${field.alias}" in out, name
+        if extra.get("option"):
+            assert extra["option"] in out, name
+
+
+def test_the_command_line_wins_then_the_environment_then_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("BASTION_LISTEN", ":9000")
+    monkeypatch.setenv("BASTION_POLL_SECONDS", "7")
+    monkeypatch.setenv("BASTION_DB", str(tmp_path / "env.db"))
+    s = Settings.build(SITE, listen="10.1.2.3:8081")
+    assert s.listen == ("10.1.2.3", 8081)  # command line
+    assert s.poll_seconds == 7  # environment
+    assert s.db_path == tmp_path / "env.db"
+    assert s.ignition_token_ttl == 900  # default
+    monkeypatch.setenv("BASTION_SITE", str(SITE))
+    assert Settings.build().site_dir == SITE
+
+
+def test_the_token_file_wins_over_the_token_variable(monkeypatch, tmp_path):
+    f = tmp_path / "token"
+    f.write_text("from-the-file-0123456789\n")
+    monkeypatch.setenv("BASTION_API_TOKEN", "from-the-variable-0123456789")
+    assert Settings.build(SITE).api_token == "from-the-variable-0123456789"
+    monkeypatch.setenv("BASTION_API_TOKEN_FILE", str(f))
+    assert Settings.build(SITE).api_token == "from-the-file-0123456789"
+
+
+@pytest.mark.parametrize(("env", "value", "message"), [
+    ("BASTION_LISTEN", "nope", "--listen 'nope': expected HOST:PORT"),
+    ("BASTION_TFTP", "x:y", "--tftp 'x:y': expected HOST:PORT"),
+    ("BASTION_POLL_SECONDS", "-1", "--poll -1: expected seconds, 0 or more"),
+    ("BASTION_POLL_SECONDS", "soon", "--poll 'soon'"),
+    ("BASTION_IGNITION_TOKEN_TTL", "100000", "--ignition-token-ttl 100000: expected seconds"),
+])  # fmt: skip
+def test_a_bad_value_from_the_environment_names_the_option(monkeypatch, env, value, message):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as e:
+        Settings.build(SITE)
+    assert message in str(e.value)
+
+
+def test_serve_refuses_a_bad_setting_with_a_usage_error(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("BASTION_LISTEN", "nope")
+    r = CliRunner().invoke(main, ["serve", "--site", str(SITE), "--db", str(tmp_path / "e.db")])
+    assert r.exit_code == 2 and "--listen 'nope': expected HOST:PORT" in r.output, r.output
+    monkeypatch.delenv("BASTION_LISTEN")
+    r = CliRunner().invoke(main, ["serve"])
+    assert r.exit_code == 2 and "--site is required (or $BASTION_SITE)" in r.output, r.output
