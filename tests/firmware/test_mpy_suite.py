@@ -16,7 +16,8 @@ MODULES = sorted(p.stem for p in HERE.glob("test_*.py"))
 
 @pytest.mark.parametrize("module", MODULES)
 def test_under_micropython(module):
-    env = dict(os.environ, MICROPYPATH=f"{HERE}:{REPO}:.frozen")
+    # firmware/ from the repository root; bastion/flash/onboard.py (test_onboard) from its folder
+    env = dict(os.environ, MICROPYPATH=f"{HERE}:{REPO}:{REPO}/controller/bastion/flash:.frozen")
     r = subprocess.run(
         [micropython_bin(), "-X", "heapsize=1m", "runner.py", module],
         cwd=HERE,

@@ -25,6 +25,7 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import shutil
@@ -39,106 +40,17 @@ import click
 from bastion import atomic
 from bastion.flash import image as flashing
 from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image
+from bastion.flash.onboard import STAGE
 
-STAGE = ".bastion-new"  # on the device: new files land here first
-OLD = ".bastion-old"  # ... and the replaced firmware/ waits here until the swap is done
 PROBE_TAG = "BASTION-PROBE "
 INSTALLED_TAG = "BASTION-INSTALLED"
 
-# MicroPython code run on the device by `mpremote exec`. Small and allocation-light: it runs on
-# the board's heap with the firmware stopped.
-_DEVICE_HELPERS = """
-import os
-def _isdir(p):
-    try:
-        return os.stat(p)[0] & 0x4000 != 0
-    except OSError:
-        return False
-def _rm(p):
-    if _isdir(p):
-        for n in os.listdir(p):
-            _rm(p + '/' + n)
-        os.rmdir(p)
-    else:
-        try:
-            os.remove(p)
-        except OSError:
-            pass
-"""
 
-_PROBE = """
-import json
-def _hash(p):
-    try:
-        import hashlib, binascii
-        d = hashlib.sha256()
-        b = bytearray(512)
-        m = memoryview(b)
-        with open(p, 'rb') as f:
-            while True:
-                n = f.readinto(b)
-                if not n:
-                    break
-                d.update(m[:n])
-        return binascii.hexlify(d.digest()).decode()
-    except Exception:
-        return None
-def _text(p):
-    try:
-        with open(p) as f:
-            return f.read()
-    except Exception:
-        return None
-def _free():
-    for p in ('.', '/'):
-        try:
-            s = os.statvfs(p)
-            return s[0] * s[4]
-        except Exception:
-            pass
-try:
-    _fw = os.listdir('firmware')
-except OSError:
-    _fw = None
-print(TAG + json.dumps({
-    'hashes': dict((p, _hash(p)) for p in PATHS),
-    'firmware': _fw,
-    'power_state': _text('power.state'),
-    'relays_state': _text('relays.state'),
-    'device': _text('device.json'),
-    'board': _text('board.json'),
-    'free': _free(),
-}))
-"""
-
-_CLEAN = "_rm(STAGE)\n_rm(OLD)\n"
-
-_INSTALL = """
-def _parents(p):
-    parts = p.split('/')[:-1]
-    for i in range(1, len(parts) + 1):
-        d = '/'.join(parts[:i])
-        if not _isdir(d):
-            os.mkdir(d)
-_rm(OLD)
-if SWAP:
-    os.mkdir(OLD)
-    if _isdir('firmware'):
-        os.rename('firmware', OLD + '/firmware')
-    os.rename(STAGE + '/firmware', 'firmware')
-for _p in FILES:
-    _parents(_p)
-    os.rename(STAGE + '/' + _p, _p)
-_rm(STAGE)
-_rm(OLD)
-print(TAG)
-"""
-
-
-def device_code(code: str, **values) -> str:
-    """`code` for `mpremote exec`, after the helpers and its inputs as Python literals."""
-    values = {"STAGE": STAGE, "OLD": OLD, **values}
-    return "".join(f"{k} = {v!r}\n" for k, v in values.items()) + _DEVICE_HELPERS + code
+def onboard(call: str) -> str:
+    """The program for `mpremote exec`: bastion/flash/onboard.py (MicroPython, run on the
+    device) followed by `call`, e.g. onboard("clean()")."""
+    source = importlib.resources.files("bastion.flash").joinpath("onboard.py").read_text()
+    return source + "\n" + call + "\n"
 
 
 def mpremote_bin() -> str:
@@ -333,7 +245,7 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image) -
     try:
         try:
             out = mp.exec("reading the device's flash",
-                          device_code(_PROBE, TAG=PROBE_TAG, PATHS=sorted(image.files)))  # fmt: skip
+                          onboard(f"print({PROBE_TAG!r} + probe({sorted(image.files)!r}))"))  # fmt: skip
         except PortUnavailable:
             stopped = False
             raise
@@ -381,12 +293,12 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image) -
                     (stage / p).parent.mkdir(parents=True, exist_ok=True)
                     (stage / p).write_bytes(data)
                 _say(f"copying {len(todo)} files to :{STAGE}/ (mpremote fs cp) ...")
-                mp.run("copying files", "exec", device_code(_CLEAN), "+",
+                mp.run("copying files", "exec", onboard("clean()"), "+",
                        "fs", "cp", "-r", "-f", str(stage), ":" + STAGE,
                        timeout=300 + need / 1000, show=True)  # fmt: skip
             _say("installing: renaming each file into place (mpremote exec) ...")
-            out = mp.exec("installing the files", device_code(
-                _INSTALL, SWAP=swap, FILES=files, TAG=INSTALLED_TAG))  # fmt: skip
+            out = mp.exec("installing the files", onboard(
+                f"install({files!r}, {swap!r})\nprint({INSTALLED_TAG!r})"))  # fmt: skip
             if INSTALLED_TAG not in out:
                 raise FlashError(f"the device did not confirm the install:\n{out[-500:]}")
             for p in (["firmware/"] if swap else []) + files:

@@ -1,0 +1,123 @@
+# Programs `bastion flash` runs ON THE DEVICE with `mpremote exec`, with the firmware stopped:
+# MicroPython code, sent as this file's text followed by one call whose result is printed
+# (bastion.flash.cli.onboard).
+# Small and allocation-light (it runs on the board's own heap), no imports a board lacks, and
+# it runs under CPython too: tests/firmware/mpy/test_onboard.py runs it under both.
+#
+# The flash is laid out as the board sees it, relative to the working directory (a board's
+# filesystem root; the sim board's flash directory). New files are copied into STAGE first;
+# install() then moves them into place, the firmware package as one directory swap (the old
+# one waits in OLD until the new one is in), so an interrupted flash leaves either firmware,
+# never a mix of the two.
+import json
+import os
+
+STAGE = ".bastion-new"
+OLD = ".bastion-old"
+
+
+def isdir(p):
+    try:
+        return os.stat(p)[0] & 0x4000 != 0
+    except OSError:
+        return False
+
+
+def rm(p):
+    """Remove a file or a whole directory; nothing if it is not there."""
+    if isdir(p):
+        for n in os.listdir(p):
+            rm(p + "/" + n)
+        os.rmdir(p)
+    else:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+
+
+def sha256_hex(p):
+    """The file's SHA-256 as hex, None when it cannot be read (or hashlib is missing)."""
+    try:
+        import binascii
+        import hashlib
+
+        d = hashlib.sha256()
+        b = bytearray(512)
+        m = memoryview(b)
+        with open(p, "rb") as f:
+            while True:
+                n = f.readinto(b)
+                if not n:
+                    break
+                d.update(m[:n])
+        return binascii.hexlify(d.digest()).decode()
+    except Exception:
+        return None
+
+
+def text(p):
+    try:
+        with open(p) as f:
+            return f.read()
+    except Exception:
+        return None
+
+
+def free_bytes():
+    """Free space of the filesystem holding the working directory, None if unknown."""
+    for p in (".", "/"):
+        try:
+            s = os.statvfs(p)
+            return s[0] * s[4]
+        except Exception:
+            pass
+    return None
+
+
+def probe(paths):
+    """A JSON object: what flashing compares against before writing anything."""
+    try:
+        fw = os.listdir("firmware")
+    except OSError:
+        fw = None
+    return json.dumps({
+        "hashes": dict((p, sha256_hex(p)) for p in paths),
+        "firmware": fw,
+        "power_state": text("power.state"),
+        "relays_state": text("relays.state"),
+        "device": text("device.json"),
+        "board": text("board.json"),
+        "free": free_bytes(),
+    })  # fmt: skip
+
+
+def clean():
+    """Forget a flash that did not finish: nothing staged, nothing old."""
+    rm(STAGE)
+    rm(OLD)
+
+
+def _parents(p):
+    parts = p.split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        d = "/".join(parts[:i])
+        if not isdir(d):
+            os.mkdir(d)
+
+
+def install(files, swap):
+    """Move the staged files into place (swap: the staged firmware/ replaces the old one as a
+    whole); returns how many files moved."""
+    rm(OLD)
+    if swap:
+        os.mkdir(OLD)
+        if isdir("firmware"):
+            os.rename("firmware", OLD + "/firmware")
+        os.rename(STAGE + "/firmware", "firmware")
+    for p in files:
+        _parents(p)
+        os.rename(STAGE + "/" + p, p)
+    rm(STAGE)
+    rm(OLD)
+    return len(files)
