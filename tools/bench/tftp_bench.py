@@ -704,7 +704,7 @@ def curl_version() -> str:
 
 def firmware_revision() -> str:
     """The git commit the firmware came from, and whether firmware/ differs from it."""
-    repo = sim.REPO
+    repo = sim.FIRMWARE_SRC.parent
     head = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
         check=False,

@@ -22,8 +22,9 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_GRUB_MODULES = REPO / "var" / "cache" / "arm64-root" / "usr" / "lib" / "grub" / "arm64-efi"
+from bastion import paths
+
+DEFAULT_GRUB_MODULES = paths.cache_dir() / "arm64-root" / "usr" / "lib" / "grub" / "arm64-efi"
 GRUB_ARM64 = "grubnetaa64.efi"
 IPXE_ARM64 = "snp.efi"
 # What GRUB needs to fetch and start a kernel over the network from UEFI.

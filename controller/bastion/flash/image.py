@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.flash.sim import BOARDS, BOOT_STUB, compile_firmware
+from bastion import paths
+from bastion.flash.sim import BOOT_STUB, compile_firmware
 from bastion.model import Site
 
 DEFAULT_TFTP_DIR = Path("/usr/lib/ipxe")
@@ -61,16 +62,16 @@ class BoardDef:
 
 
 def known_boards() -> list[str]:
-    return sorted(p.stem for p in BOARDS.glob("*.json"))
+    return paths.board_names()
 
 
 def board_definition(name: str) -> BoardDef:
     """boards/<name>.json, checked the way the firmware reads it; FlashError if unknown."""
     from firmware.board import Board, BoardError
 
-    path = BOARDS / f"{name}.json"
-    if "/" in name or not path.is_file():
-        raise FlashError(f"unknown board {name!r}: no {path} (boards: {', '.join(known_boards())})")
+    path = paths.board_file(name)
+    if path is None:
+        raise FlashError(f"unknown board {name!r} (boards: {', '.join(known_boards())})")
     data = path.read_bytes()
     try:
         board = Board(json.loads(data))

@@ -18,12 +18,10 @@ from pathlib import Path
 import click
 
 import firmware
-from bastion import atomic
+from bastion import atomic, paths
 from firmware import frame
 
 FIRMWARE_SRC = Path(firmware.__file__).resolve().parent
-REPO = FIRMWARE_SRC.parent
-BOARDS = REPO / "boards"
 BOOT_STUB = "from firmware import main\nmain.run()\n"
 
 
@@ -77,9 +75,9 @@ def install_firmware(flash: Path, board: str = "sim") -> None:
     """Lay out the firmware in a sim flash directory, as flashing a board would."""
     flash.mkdir(parents=True, exist_ok=True)
     compile_firmware(flash / "firmware")
-    board_file = BOARDS / f"{board}.json"
-    if not board_file.exists():
-        raise SimError(f"unknown board {board!r}: no {board_file}")
+    board_file = paths.board_file(board)
+    if board_file is None:
+        raise SimError(f"unknown board {board!r} (boards: {', '.join(paths.board_names())})")
     atomic.write_bytes(flash / "board.json", board_file.read_bytes(), if_changed=True)
     atomic.write_bytes(flash / "main.py", BOOT_STUB.encode(), if_changed=True)
 

@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion import atomic
+from bastion import atomic, paths
 from bastion.lab import initrd as initrd_mod
 from bastion.lab.netns import LabError, LabNet, Processes, teardown
 
-REPO = Path(__file__).resolve().parents[3]
-CACHE = REPO / "var" / "cache"
+CACHE = paths.cache_dir()
 IPXE_DIR = Path("/usr/lib/ipxe")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -123,7 +122,7 @@ class Lab:
     def __init__(self, name: str = "eb", prefix: str = "10.77.0", workdir: Path | None = None,
                  accel: str = "tcg"):
         self.net = LabNet(name, prefix)
-        self.workdir = (workdir or REPO / "var" / "lab" / name).resolve()
+        self.workdir = (workdir or paths.var_dir() / "lab" / name).resolve()
         self.accel = accel
         self.flash = self.workdir / "flash"
         self.site = self.workdir / "site"

