@@ -7,6 +7,9 @@ scenarios at the end run against the firmware's own Console as the device, in-pr
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from bastion.device.session import (
     CATCHUP,
     HELLO,
@@ -20,9 +23,6 @@ from bastion.device.session import (
     Resynced,
     Session,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from firmware import frame
 from firmware.console import Console
 from firmware.log import Log
@@ -772,6 +772,22 @@ def test_against_the_console_a_lost_reply_is_retried_and_never_run_twice():
     assert ids == {str(rid).encode()}  # both lost replies answered the one request id
 
 
+def test_against_the_console_a_reply_lost_in_an_unplug_comes_from_its_cache():
+    s, board = new(), Board()
+    connect(s, board)
+    ask(s, board, "power", 0.1, channel=4, state="on")
+    before = len(board.outputs.calls)
+    board.drop = 1  # the device runs the cycle, then the cable comes out before its reply
+    rid = s.request("power", {"channel": 4, "state": "cycle", "off_ms": 300}, 1.0)
+    assert outcomes(run(s, board, 1.0)) == [] and board.dropped
+    s.disconnected(1.2)
+    out = connect(s, board, 2.0)  # the same session token: the device kept its cache
+    (o,) = outcomes(out)
+    assert o.id == rid and o.reply["channel"]["cycling"] is True
+    assert board.outputs.calls[before:] == [(4, False)]  # it ran once
+    assert board.console.retries == 1 and s.counters()["device_restarts"] == 0
+
+
 def test_against_the_console_a_restart_ends_the_cycle_in_outcome_unknown():
     s, board = new(), Board()
     connect(s, board)
@@ -816,3 +832,4 @@ def test_against_the_console_events_missed_are_caught_up_and_the_lost_counted():
     assert s.counters()["events_lost"] == 11
     seqs = [e["seq"] for e in got]
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+    assert s.cursor() == ("b0000001", seqs[-1] + 1)
