@@ -26,8 +26,9 @@ caller's requests flow.
                                                   hello_backoff_s once the
                                                   device refused one
     CATCHUP  hello answered                       events since our cursor,   STATUS: a page that
-                                                  16 a page                  is empty or fails,
-                                                                             or max_catchup pages
+                                                  16 a page                  is empty, fails or
+                                                                             moves no cursor, or
+                                                                             max_catchup pages
     STATUS   catch-up over                        status                     READY, or HELLO
                                                                              when a restart
                                                                              signal came since
@@ -51,8 +52,9 @@ Guarantees (each is a test in tests/controller/device/test_session.py):
   answered ends in OutcomeUnknown (code `restarted`): it may or may not have run, and it is not
   sent to the new boot. Idempotent requests (`is_idempotent`) are simply sent again.
 - Events are deduplicated by (boot, seq) and delivered in order: live events wait ("held", at
-  most max_held, beyond that counted as `held_overflow`) from the connection until the
-  catch-up is done, and are then delivered behind the caught-up ones. Seqs the device's ring
+  most max_held, beyond that counted as `held_overflow`) from the connection until a
+  catch-up is done (a disconnect in between keeps them waiting), and are then delivered behind
+  the caught-up ones. Seqs the device's ring
   no longer holds are counted as `events_lost`. `cursor()` is (boot, next seq), and
   `Session(cursor=...)` resumes from it.
 - Parse or raise Malformed at the boundary: lines that are not frames are counted by the
