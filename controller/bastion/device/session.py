@@ -1,0 +1,639 @@
+"""The controller's end of the serial protocol as a pure session (docs/serial-protocol.md).
+
+Sans-I/O, in h11's shape: no port, no thread, no clock. The shell (`bastion.device.link`) says
+what happened and when — `connected(now)`, `receive(data, now)`, `tick(now)`,
+`disconnected(now)`, `close(now)` — and asks for requests with `request(op, args, now)`, which
+returns the request's id. Every call returns what became of things, in order: an `Outcome`
+per finished request (its reply, or the DeviceError it ends in), a `DeviceEvent` per event to
+hand to listeners, `Resynced` when the link becomes ready. `data_to_send()` hands out the bytes
+to write to the line, whole frames in the order they were made. `now` is the caller's
+monotonic clock in seconds; `next_deadline()` says when `tick` next has work.
+
+Theory of operation
+-------------------
+The line is also the MicroPython REPL, so the device may restart under us (watchdog, power,
+reflash) and anything may appear between frames. After each connection the session resyncs:
+`hello` (our session token; the device's boot id tells whether it restarted), then `events`
+pages to catch up on what it pushed while we were away, then `status`; only then do the
+caller's requests flow.
+
+    state    entered by                           on the line                leaves for
+    -------  -----------------------------------  -------------------------  -----------------
+    DOWN     start; disconnected()                nothing                    HELLO: connected()
+    HELLO    connected(); a restart signal in     hello, re-sent every       CATCHUP: hello ok
+             READY; nosession to a resync step    retry_s; a new hello after
+                                                  hello_timeout_s, or after
+                                                  hello_backoff_s once the
+                                                  device refused one
+    CATCHUP  hello answered                       events since our cursor,   STATUS: a page that
+                                                  16 a page                  is empty, fails or
+                                                                             moves no cursor, or
+                                                                             max_catchup pages
+    STATUS   catch-up over                        status                     READY, or HELLO
+                                                                             when a restart
+                                                                             signal came since
+                                                                             the hello
+    READY    status answered (or failed: the      the caller's requests      HELLO: restart
+             device is usable, status unknown)                               signal, nosession
+    CLOSED   close()                              nothing                    -
+    Every state but CLOSED goes to DOWN on disconnected().
+
+A restart signal is an event that names another boot than the hello's, or a `boot` event of a
+boot we are not on, or a `nosession` answer (the device forgot our hello).
+
+Guarantees (each is a test in tests/controller/device/test_session.py):
+- A request gets exactly one Outcome: its reply, a DeviceError with the device's text and code,
+  a DeviceTimeout at its deadline, an OutcomeUnknown, or DeviceError("link closed") on
+  close(). The caller's requests wait unsent until READY; an unanswered one is re-sent with the
+  SAME id every retry_s, and at once after each resync, so the device answers a state-changing
+  one from its reply cache instead of running it again. Replies to ids nobody waits for (late
+  duplicates, an abandoned resync step) are counted as `stray_replies`.
+- When the hello shows a new boot id, a state-changing request sent to the old boot and not
+  answered ends in OutcomeUnknown (code `restarted`): it may or may not have run, and it is not
+  sent to the new boot. Idempotent requests (`is_idempotent`) are simply sent again.
+- Events are deduplicated by (boot, seq) and delivered in order: live events wait ("held", at
+  most max_held, beyond that counted as `held_overflow`) from the connection until a
+  catch-up is done (a disconnect in between keeps them waiting), and are then delivered behind
+  the caught-up ones. Seqs the device's ring
+  no longer holds are counted as `events_lost`. `cursor()` is (boot, next seq), and
+  `Session(cursor=...)` resumes from it.
+- Parse or raise Malformed at the boundary: lines that are not frames are counted by the
+  deframer (`frame_*`), frames that are not a message we understand as `bad_messages`; no
+  input makes a driving call raise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from firmware import frame
+from firmware.frame import Malformed
+
+PROTO = 1
+# Requests that may safely run twice (on both sides of a device restart).
+IDEMPOTENT_OPS = frozenset(
+    {"hello", "status", "counters", "heap", "events", "watch", "unwatch", "beat"}
+)
+# The link's counters, in the order counters() lists them. open_failures, write_timeouts and
+# callback_errors are the shell's (it counts them in Session.counts); the rest are the session's.
+COUNTERS = (
+    "connects",
+    "disconnects",
+    "open_failures",
+    "requests",
+    "retries",
+    "timeouts",
+    "stray_replies",
+    "device_restarts",
+    "hello_failures",
+    "write_timeouts",
+    "events",
+    "events_dup",
+    "events_lost",
+    "held_overflow",
+    "callback_errors",
+    "bad_messages",
+)
+
+DOWN = "DOWN"
+HELLO = "HELLO"
+CATCHUP = "CATCHUP"
+STATUS = "STATUS"
+READY = "READY"
+CLOSED = "CLOSED"
+
+
+class DeviceError(Exception):
+    """The device refused a request (`code` is its error code), or the link failed."""
+
+    def __init__(self, message: str, code: str = "error", reply: dict | None = None):
+        super().__init__(message)
+        self.code = code
+        self.reply = reply
+
+
+class DeviceTimeout(DeviceError):
+    """No reply in time: the port is gone or the device does not answer."""
+
+
+class OutcomeUnknown(DeviceError):
+    """The device restarted while this state-changing request was in flight."""
+
+
+def is_idempotent(op: str, args: dict) -> bool:
+    if op == "power":
+        return args.get("state") in ("on", "off")
+    return op in IDEMPOTENT_OPS
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How request `id` ended: `reply` (a dict with ok true) or `error`."""
+
+    id: int
+    op: str
+    reply: dict | None = None
+    error: DeviceError | None = None
+
+    def result(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        return self.reply or {}
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """One device event, to deliver: deduplicated, in order."""
+
+    fields: dict
+
+
+@dataclass(frozen=True)
+class Resynced:
+    """The link is ready: hello, catch-up and status are done."""
+
+    info: dict
+    status: dict | None
+
+
+Output = Outcome | DeviceEvent | Resynced
+
+
+# --- the boundary: a frame's object becomes a message we understand, or Malformed ------------
+def parse_event(obj: dict) -> dict:
+    """An event as the device sends it (`ev` a string; `boot` a string and `seq` an integer
+    when present), or raise Malformed."""
+    if not isinstance(obj.get("ev"), str):
+        raise Malformed("event without a kind")
+    boot = obj.get("boot")
+    if boot is not None and not isinstance(boot, str):
+        raise Malformed("event boot id is not a string")
+    seq = obj.get("seq")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+        raise Malformed("event seq is not an integer")
+    return obj
+
+
+def parse_reply(obj: dict) -> dict:
+    """A reply with an integer id and a boolean ok, or raise Malformed."""
+    if not isinstance(obj.get("ok"), bool):
+        raise Malformed("reply without a boolean ok")
+    return obj
+
+
+def reply_error(op: str, reply: dict) -> DeviceError:
+    """The DeviceError for a reply with ok false, in the device's words."""
+    text = reply.get("error")
+    code = reply.get("code")
+    return DeviceError(
+        f"{op}: {text if isinstance(text, str) else 'refused'}",
+        code if isinstance(code, str) else "error",
+        reply,
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Request:
+    __slots__ = ("deadline", "id", "idempotent", "line", "next_send", "op", "sends", "sent_boot",
+                 "timeout")
+
+    def __init__(self, rid: int, op: str, args: dict, now: float, timeout: float):
+        self.id = rid
+        self.op = op
+        msg = {"id": rid, "op": op}
+        msg.update(args)
+        self.line = frame.encode(msg, frame.TO_DEVICE)  # the same bytes on every re-send
+        self.idempotent = is_idempotent(op, args)
+        self.timeout = timeout
+        self.deadline = now + timeout
+        self.next_send: float | None = None  # None: send as soon as it may go
+        self.sends = 0
+        self.sent_boot: str | None = None  # the device boot that first got it
+
+
+class Session:
+    """The protocol state of one controller's link to one device. See the module docstring.
+
+    Bounds:
+      max_line     bytes of one received line (longer ones are dropped, `frame_overlong`)
+      max_held     live events held during a resync; more are dropped (`held_overflow`) and
+                   fetched again by the next catch-up if the device's ring still has them
+      max_catchup  `events` pages per resync (a device ring holds a few dozen events)
+      max_boots    boots whose event cursor is kept (the oldest is forgotten)
+    """
+
+    max_held = 10000
+    max_catchup = 64
+    max_boots = 8
+    catchup_page = 16  # the device's limit for one `events` reply
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        name: str = "the device",
+        timeout_s: float = 5.0,
+        retry_s: float = 1.0,
+        max_line: int = 65536,
+        cursor: tuple[str, int] | None = None,
+    ):
+        self.token = token  # tells the device its reply cache is still ours
+        self.name = name  # the port, for error texts
+        self.timeout_s = timeout_s  # default deadline of a request and of a resync step
+        self.retry_s = retry_s  # re-send an unanswered request after this long
+        self.hello_timeout_s = retry_s * 3  # a new hello (new id) after this long
+        self.hello_backoff_s = retry_s * 3  # after a refused hello: do not hammer
+        self.state = DOWN
+        self.info: dict | None = None  # the last hello reply
+        self.status: dict | None = None  # the last status read on resync
+        self.last_error: str | None = None  # why the link is not ready, for humans
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self._deframer = frame.Deframer(frame.TO_HOST, max_line)
+        self._out: list[bytes] = []
+        self._next_id = 1
+        self._pending: dict[int, _Request] = {}  # the caller's requests, by id
+        self._step: _Request | None = None  # the resync's request in flight
+        self._hello_at: float | None = None  # HELLO with no hello in flight: send one then
+        self._pages = 0  # catch-up pages asked this resync
+        self._resync_due = False  # a restart signal came during this resync
+        self._held: list[dict] = []
+        self._boot: str | None = None
+        self._cursors: dict[str, int] = {}  # boot id -> next event seq to deliver
+        if cursor is not None:
+            self._cursors[cursor[0]] = cursor[1]
+
+    # --- reading the state ---------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def is_connected(self) -> bool:
+        return self.state not in (DOWN, CLOSED)
+
+    @property
+    def boot(self) -> str | None:
+        """The device's boot id as of the last hello."""
+        return self._boot
+
+    def cursor(self) -> tuple[str, int] | None:
+        """(boot, next seq) of the event stream, to resume from after a controller restart."""
+        if self._boot is None:
+            return None
+        return self._boot, self._cursors.get(self._boot, 0)
+
+    def counters(self) -> dict[str, int]:
+        out = dict(self.counts)
+        for k, v in self._deframer.counters().items():
+            out["frame_" + k] = v
+        return out
+
+    def pending(self) -> list[int]:
+        """Ids of the caller's requests that have no outcome yet."""
+        return list(self._pending)
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the line now (whole frames), and forget them."""
+        data, self._out = b"".join(self._out), []
+        return data
+
+    def next_deadline(self) -> float | None:
+        """When tick() next has something to do (a deadline, a re-send, a hello)."""
+        times = [p.deadline for p in self._pending.values()]
+        if self.is_connected:
+            may_send = self.state == READY
+            times += [p.next_send for p in self._pending.values()
+                      if may_send and p.next_send is not None]
+            if self._step is not None:
+                times += [self._step.deadline, self._step.next_send or self._step.deadline]
+            if self._hello_at is not None:
+                times.append(self._hello_at)
+        return min(times) if times else None
+
+    # --- driving calls --------------------------------------------------------------------
+    def connected(self, now: float) -> list[Output]:
+        """The port is open (again): resync."""
+        out: list[Output] = []
+        if self.state == CLOSED:
+            return out
+        if self.is_connected:
+            self._down()
+        self.counts["connects"] += 1
+        self._deframer.reset()  # half a line from before is not the start of the next one
+        self._start_resync(now, out)
+        return out
+
+    def disconnected(self, now: float) -> list[Output]:
+        """The port is gone. Requests keep their deadlines and wait for the next connection."""
+        if not self.is_connected:
+            return []
+        self.counts["disconnects"] += 1
+        self._down()
+        return self._expire(now)
+
+    def close(self, now: float) -> list[Output]:
+        """The link is closed for good: every request ends in DeviceError("link closed")."""
+        if self.state == CLOSED:
+            return []
+        self._down()
+        self.state = CLOSED
+        out: list[Output] = [
+            Outcome(p.id, p.op, error=DeviceError("link closed", "closed"))
+            for p in self._pending.values()
+        ]
+        self._pending.clear()
+        self._held.clear()
+        return out
+
+    def request(self, op: str, args: dict, now: float, timeout: float | None = None) -> int:
+        """Queue one request; returns its id, which its Outcome will carry. Raises DeviceError
+        (code `closed`) after close()."""
+        self._check_open()
+        p = self._new(op, args, now, self.timeout_s if timeout is None else timeout)
+        self._pending[p.id] = p
+        self._pump(now)
+        return p.id
+
+    def cancel(self, rid: int) -> None:
+        """Forget request rid (its caller stopped waiting): no re-send, no outcome."""
+        self._pending.pop(rid, None)
+
+    def receive(self, data: bytes, now: float) -> list[Output]:
+        """Bytes from the line, in any chunking."""
+        out: list[Output] = []
+        if self.state == CLOSED:
+            return out
+        for obj in self._deframer.feed(data):
+            try:
+                self._dispatch(obj, now, out)
+            except Malformed:
+                self.counts["bad_messages"] += 1
+        out += self._expire(now)
+        self._pump(now)
+        return out
+
+    def tick(self, now: float) -> list[Output]:
+        """Time passed: deadlines, re-sends, the next hello."""
+        if self.state == CLOSED:
+            return []
+        out = self._expire(now)
+        self._pump(now)
+        return out
+
+    # --- requests -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.state == CLOSED:
+            raise DeviceError("link closed", "closed")
+
+    def _new(self, op: str, args: dict, now: float, timeout: float) -> _Request:
+        p = _Request(self._next_id, op, args, now, timeout)
+        self._next_id += 1
+        self.counts["requests"] += 1
+        return p
+
+    def _send(self, p: _Request, now: float) -> None:
+        if p.sent_boot is None:
+            p.sent_boot = self._boot
+        p.sends += 1
+        if p.sends > 1:
+            self.counts["retries"] += 1
+        p.next_send = now + self.retry_s
+        self._out.append(p.line)
+
+    def _pump(self, now: float) -> None:
+        """Send what is due: the resync step, and in READY the caller's requests."""
+        if not self.is_connected:
+            return
+        at = self._hello_at
+        if self.state == HELLO and self._step is None and at is not None and now >= at:
+            self._hello_at = None
+            self._ask("hello", {"proto": PROTO, "session": self.token}, now, self.hello_timeout_s)
+        s = self._step
+        if s is not None and (s.next_send is None or now >= s.next_send):
+            self._send(s, now)
+        if self.state == READY:
+            for p in self._pending.values():
+                if p.next_send is None or now >= p.next_send:
+                    self._send(p, now)
+
+    def _expire(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        for p in [p for p in self._pending.values() if now >= p.deadline]:
+            del self._pending[p.id]
+            self.counts["timeouts"] += 1
+            state = "no answer" if self.is_connected else "port not open"
+            out.append(Outcome(p.id, p.op, error=DeviceTimeout(
+                f"{p.op}: no reply from the device on {self.name} within {p.timeout:g} s"
+                f" ({state})",
+                "timeout",
+            )))
+        s = self._step
+        if s is not None and now >= s.deadline:
+            self.counts["timeouts"] += 1
+            self._step = None
+            self._step_failed(s, DeviceTimeout(
+                f"{s.op}: no reply from the device on {self.name} within {s.timeout:g} s"
+                " (no answer)",
+                "timeout",
+            ), now, out)
+        return out
+
+    # --- what the device says ---------------------------------------------------------------
+    def _dispatch(self, obj: dict, now: float, out: list[Output]) -> None:
+        if "id" in obj:
+            rid = obj["id"]
+            s = self._step
+            if s is not None and _is_int(rid) and rid == s.id:
+                self._step_replied(s, parse_reply(obj), now, out)
+            elif _is_int(rid) and rid in self._pending:
+                self._replied(self._pending[rid], parse_reply(obj), now, out)
+            else:  # a late copy, an abandoned resync step, a `badreq` with id null
+                self.counts["stray_replies"] += 1
+        elif "ev" in obj:
+            self._live_event(parse_event(obj), now, out)
+        else:
+            self.counts["stray_replies"] += 1
+
+    def _replied(self, p: _Request, reply: dict, now: float, out: list[Output]) -> None:
+        if reply.get("code") == "nosession":
+            # The device restarted and forgot our hello: the request stays pending, and the
+            # resync's hello decides whether it is sent again or ends in OutcomeUnknown.
+            self._restart_signal(now, out)
+            return
+        del self._pending[p.id]
+        if reply["ok"]:
+            out.append(Outcome(p.id, p.op, reply=reply))
+        else:
+            out.append(Outcome(p.id, p.op, error=reply_error(p.op, reply)))
+
+    def _live_event(self, e: dict, now: float, out: list[Output]) -> None:
+        boot = e.get("boot")
+        if self._boot is not None and boot is not None and boot != self._boot:
+            restart = True
+        else:
+            restart = e.get("ev") == "boot" and boot != self._boot
+        if self.state == READY and not restart:
+            self._deliver(e, out)
+            return
+        if len(self._held) < self.max_held:
+            self._held.append(e)
+        else:
+            self.counts["held_overflow"] += 1
+        if restart:
+            self._restart_signal(now, out)
+
+    def _deliver(self, e: dict, out: list[Output]) -> None:
+        boot = e.get("boot")
+        seq = e.get("seq")
+        if isinstance(boot, str) and _is_int(seq):
+            if seq < self._cursors.get(boot, 0):
+                self.counts["events_dup"] += 1
+                return
+            self._cursors[boot] = seq + 1
+            while len(self._cursors) > self.max_boots:
+                self._cursors.pop(next(iter(self._cursors)))
+        self.counts["events"] += 1
+        out.append(DeviceEvent(e))
+
+    # --- resync -----------------------------------------------------------------------------
+    def _down(self) -> None:
+        if self.state == HELLO and self._step is not None:
+            self.counts["hello_failures"] += 1  # the connection went before the hello came
+        self.state = DOWN
+        self._step = None  # its late reply, on a later connection, is a stray
+        self._hello_at = None
+        for p in self._pending.values():
+            p.next_send = None  # sent again as soon as the link is ready again
+
+    def _restart_signal(self, now: float, out: list[Output]) -> None:
+        if self.state == READY:
+            self._start_resync(now, out)
+        elif self.is_connected:
+            self._resync_due = True  # this resync finishes, then the next one runs
+
+    def _start_resync(self, now: float, out: list[Output]) -> None:
+        self.state = HELLO
+        self._resync_due = False
+        self._step = None
+        self._hello_at = now
+        for p in self._pending.values():
+            p.next_send = None  # "sent again after the new hello"
+        self._pump(now)
+
+    def _ask(self, op: str, args: dict, now: float, timeout: float) -> None:
+        self._step = self._new(op, args, now, timeout)
+        self._send(self._step, now)
+
+    def _step_replied(self, s: _Request, reply: dict, now: float, out: list[Output]) -> None:
+        self._step = None
+        if not reply["ok"]:
+            if reply.get("code") == "nosession" and s.op != "hello":
+                # the device restarted again in the middle: start over with a hello at once
+                self._start_resync(now, out)
+                return
+            self._step_failed(s, reply_error(s.op, reply), now, out)
+            return
+        if s.op == "hello":
+            self._hello_ok(reply, now, out)
+        elif s.op == "events":
+            self._page(reply, now, out)
+        else:
+            self._status_done(reply, now, out)
+
+    def _step_failed(self, s: _Request, err: DeviceError, now: float, out: list[Output]) -> None:
+        if s.op == "hello":
+            self._hello_failed(err, now)
+        elif s.op == "events":
+            self._ask_status(now)  # no catch-up; the next resync tries again from the cursor
+        else:
+            self._status_done(None, now, out)
+
+    def _hello_failed(self, err: DeviceError, now: float) -> None:
+        self.counts["hello_failures"] += 1
+        self.last_error = str(err)
+        # no answer: a new hello at once; an answer that says no: not before the backoff
+        self._hello_at = now + (0.0 if isinstance(err, DeviceTimeout) else self.hello_backoff_s)
+        self._pump(now)
+
+    def _hello_ok(self, hello: dict, now: float, out: list[Output]) -> None:
+        boot = hello.get("boot")
+        if not isinstance(boot, str):
+            self.counts["bad_messages"] += 1
+            self._hello_failed(DeviceError("hello: the reply has no boot id", "badreply"), now)
+            return
+        if self._boot is not None and boot != self._boot:
+            self.counts["device_restarts"] += 1
+            for p in list(self._pending.values()):
+                if not p.idempotent and p.sent_boot not in (None, boot):
+                    del self._pending[p.id]
+                    out.append(Outcome(p.id, p.op, error=OutcomeUnknown(
+                        f"{p.op}: the device restarted while this request was in flight; "
+                        "it may or may not have been carried out",
+                        "restarted",
+                    )))
+        if boot not in self._cursors:
+            # a boot we have not seen: from its start if it is a restart we witnessed, from
+            # now if this is the first device we talk to
+            first = self._boot is None and not self._cursors
+            seq = hello.get("seq")
+            self._cursors[boot] = seq if first and _is_int(seq) else 0
+        self._boot = boot
+        self.info = hello
+        self.state = CATCHUP
+        self._pages = 0
+        self._ask_page(now)
+
+    def _ask_page(self, now: float) -> None:
+        self._pages += 1
+        since = self._cursors.get(self._boot, 0)
+        self._ask("events", {"since": since, "n": self.catchup_page}, now, self.timeout_s)
+
+    def _page(self, r: dict, now: float, out: list[Output]) -> None:
+        boot = self._boot
+        since = self._cursors.get(boot, 0)
+        first = r.get("first")
+        if _is_int(first) and first > since:
+            self.counts["events_lost"] += first - since
+            self._cursors[boot] = first
+        evs = r.get("events")
+        if not isinstance(evs, list):
+            self.counts["bad_messages"] += 1
+            self._ask_status(now)
+            return
+        before = self._cursors.get(boot, 0)
+        for e in evs:
+            if not isinstance(e, dict):
+                self.counts["bad_messages"] += 1
+                continue
+            e.setdefault("boot", boot)
+            try:
+                self._deliver(parse_event(e), out)
+            except Malformed:
+                self.counts["bad_messages"] += 1
+        moved = self._cursors.get(boot, 0) != before
+        if evs and moved and self._pages < self.max_catchup:
+            self._ask_page(now)
+        else:
+            self._ask_status(now)
+
+    def _ask_status(self, now: float) -> None:
+        self.state = STATUS
+        self._ask("status", {}, now, self.timeout_s)
+
+    def _status_done(self, status: dict | None, now: float, out: list[Output]) -> None:
+        self.status = status  # None: it answers hello but not status; usable, status unknown
+        if self._resync_due:
+            self._start_resync(now, out)  # a newer reason to resync: that one decides
+            return
+        self.state = READY
+        self.last_error = None
+        out.append(Resynced(self.info or {}, status))
+        held, self._held = self._held, []
+        for e in held:
+            self._deliver(e, out)
+        self._pump(now)
+
