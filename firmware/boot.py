@@ -1,7 +1,8 @@
 # Steps 1 and 2 of the firmware's boot order (firmware/main.py says why the order matters):
 # the board and its relays, restored to their persisted desired state before anything can
-# fail, then the device config. Boot-only code: main unloads this module, and the config
-# checker, once they are done, so their heap goes to the services.
+# fail, then the network and the device config. Boot-only code: main
+# unloads this module, and the config checker, once they are done, so their heap goes to the
+# services.
 import json
 
 from firmware import board as board_mod
@@ -53,7 +54,8 @@ def read_config(path):
 
 
 def boot(opts, log):
-    """Steps 1 and 2 of the boot order: (board, power, cfg or None, error text or None)."""
+    """Steps 1 and 2 of the boot order: (board, power, cfg or None, error text or None,
+    net (board_net.Netif) or None)."""
     try:
         board = board_mod.load(opts.get("board", BOARD_FILE))
     except board_mod.BoardError as e:
@@ -62,14 +64,21 @@ def boot(opts, log):
         board = board_mod.Board({"name": "unknown", "channels": 0})
     d, error = read_config(opts.get("config", CONFIG_FILE))
     power = make_power(board, power_settings(d), log)  # first: relays as they should be
-    cfg = None
+    cfg = net = None
     if d is not None:
         from firmware import config
 
         try:
-            cfg = config.settings(d, opts.get("listen"))
+            net = board.network(d, log)  # None on the sim board: the host's, as it is
+            if net is not None and net.error:
+                error = net.error  # the board restarts when an address comes (Netif.watch)
+            else:
+                cfg = config.settings(d, opts.get("listen"), net and net.device_ip)
+        except OSError as e:  # the Ethernet chip did not answer
+            log.count("net.no_interface")
+            error = "net: the Ethernet chip did not come up: %s" % e
         except ValueError as e:
             error = "config: %s" % e
         del config
         unload("firmware.config")
-    return board, power, cfg, error  # the parsed JSON is garbage from here on
+    return board, power, cfg, error, net  # the parsed JSON is garbage from here on

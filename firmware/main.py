@@ -9,9 +9,11 @@
 #   1. board.json, then the relay outputs are driven to their persisted desired state, before
 #      anything else can fail: an MCU reset, a watchdog reset or a reflash never glitches a
 #      running node. This step does not depend on device.json being valid.
-#   2. device.json; a bad one is reported as a `boot` event and the network services stay off,
-#      but the console, the relays and the watchdog keep running so the device can be fixed.
-#   3. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, watchdog.
+#   2. the network (a real board's Ethernet, from device.json's `net`), then device.json; a bad
+#      one is reported as a `boot` event and the network services stay off, but the console,
+#      the relays and the watchdog keep running so the device can be fixed.
+#   3. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, link watch,
+#      watchdog.
 import gc
 import json
 import sys
@@ -127,7 +129,7 @@ async def _watchdog_loop(wdt, tasks, services, faults):
         await sleep_ms(WATCHDOG_PERIOD_MS)
 
 
-async def serve(board, power, cfg, log, opts, heap, error=None):
+async def serve(board, power, cfg, log, opts, heap, error=None, net=None):
     from firmware import console as console_mod
     from firmware.watchdog import NodeWatch, TaskWatch
 
@@ -161,6 +163,8 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
         info={"fw": VERSION, "board": board.name},
     )
     console.add("heap", heap.op)
+    if net is not None:
+        console.live["net"] = net.status
     if board.defn.get("faults"):
         console.add("fault", faults.op, True)
 
@@ -185,12 +189,14 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
         log.event("boot", _BOOT_KEYS, (VERSION, board.name, heap.code, listening))
     else:
         log.event("boot", ("version", "board", "error"), (VERSION, board.name, error))
-    wdt = board.watchdog()
+    wdt = board.watchdog(log)
     others = [
         asyncio.create_task(_power_loop(power, nodes, tasks, faults)),
         asyncio.create_task(heap.run()),
         asyncio.create_task(_watchdog_loop(wdt, tasks, services, faults)),
     ]
+    if net is not None:
+        others.append(asyncio.create_task(net.watch(board, board.led())))
     # The console runs in this task, so Ctrl-C on the serial line (KeyboardInterrupt) ends
     # serve() and leaves the REPL, as mpremote expects.
     try:
@@ -205,9 +211,9 @@ def run(argv=None):
     log = Log(capacity=int(opts.get("log-capacity", 32)))
     from firmware import boot
 
-    board, power, cfg, error = boot.boot(opts, log)
+    board, power, cfg, error, net = boot.boot(opts, log)
     del boot
     unload("firmware.boot")  # boot-only code: its heap is worth more to the services
     heap = Heap(log)
-    asyncio.run(serve(board, power, cfg, log, opts, heap, error))
+    asyncio.run(serve(board, power, cfg, log, opts, heap, error, net))
     return 0
