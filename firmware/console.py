@@ -127,6 +127,10 @@ class Console:
         raises ValueError with the text for the operator."""
         self.ops[op] = (handler, changes_state)
 
+    def then(self, fn):
+        """Run fn() once the reply to the request being handled is written (a reset)."""
+        self._after = fn
+
     # --- the byte stream ---------------------------------------------------------------
     def feed(self, data):
         """Bytes from the serial line (bytes or bytearray, any chunking)."""

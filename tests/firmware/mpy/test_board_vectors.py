@@ -344,7 +344,26 @@ def test_a_chip_that_does_not_answer_is_a_boot_error_and_the_relays_still_run():
     network.fail = True
     with _flash(W5500, device=dict(BASE, net=STATIC), power="1\n"):
         log = Log(32)
-        _, _, cfg, error, net = boot.boot({}, log)
-    assert cfg is None and net is None
+        _, _, cfg, error, net, maintenance = boot.boot({}, log)
+    assert cfg is None and net is None and not maintenance
     assert error.startswith("net: ") and log.counters["net.no_interface"] == 1
     assert machine.levels[6] == [1]
+
+
+# --- maintenance mode -----------------------------------------------------------------------
+def test_a_maintenance_boot_holds_the_relays_and_brings_up_nothing_once():
+    _fresh(max_wdt_ms=8388)
+    device = dict(BASE, net=STATIC)
+    with _flash(W5500, device=device, power="01000000\n", extra={"maintenance": "1\n"}) as flash:
+        _, _, cfg, error, net, maintenance = boot.boot({}, Log(32))
+        assert maintenance is True and cfg is None and net is None and error is None
+        assert not flash.exists("maintenance")  # one-shot: consumed by this boot
+        assert network.calls == []  # no Ethernet, so no services
+        assert not [c for c in machine.calls if c[0] == "WDT"]  # boot never starts it
+        assert machine.levels[7] == [1] and machine.levels[6] == [0]  # restored, not switched
+        # the next boot (the flasher's machine.reset()) is a normal one
+        _fresh(max_wdt_ms=8388)
+        _, _, cfg, error, net, maintenance = boot.boot({}, Log(32))
+        assert maintenance is False and error is None
+        assert cfg.server_ip == bytes([192, 168, 1, 5]) and net.device_ip == "192.168.1.5"
+        assert network.calls[0][0] == "WIZNET5K"
