@@ -1,8 +1,13 @@
-# The board layer: pins, relay outputs and the hardware watchdog, from board.json.
+# The board layer: relay outputs, the network interface, the status LED and the hardware
+# watchdog, from board.json.
 #
-# The only module that imports `machine`. On the sim board (MicroPython unix port) relay
-# outputs are a state file that a lab or a test watches (one '0'/'1' per channel), and the
-# watchdog is emulated by the `bastion sim` supervisor, fed through a pipe.
+# The only firmware code that touches `machine` or `network`, through two modules that only this
+# one imports: board_hw (relays on GPIO, the LED, machine.WDT) and board_net (the Ethernet chip).
+# Neither is loaded on the sim board (MicroPython unix port): there relay outputs are a state
+# file that a lab or a test watches (one '0'/'1' per channel), the watchdog is emulated by the
+# `bastion sim` supervisor, fed through a pipe, and the network is the host's, as it is.
+# The real boards' paths have NOT RUN ON HARDWARE yet: tests/firmware/mpy/test_board_vectors.py
+# runs them under the unix port against stand-in machine/network modules that record calls.
 import json
 import os
 import time
@@ -46,31 +51,6 @@ class FileRelays:
         os.rename(tmp, self.path)  # atomic on POSIX: a watcher never reads half a state
 
 
-class PinRelays:
-    """Relay outputs on GPIO pins, each with its polarity (active_low)."""
-
-    def __init__(self, defs):
-        from machine import Pin
-
-        self.channels = len(defs)
-        self._pins = []
-        self._low = []
-        for d in defs:
-            # Construct without a value: the pin keeps what reset left (relays are wired so that
-            # an unpowered or resetting device leaves nodes on) until power restores the
-            # desired state.
-            self._pins.append(Pin(d["pin"], Pin.OUT))
-            self._low.append(bool(d.get("active_low", False)))
-        self._state = [None] * self.channels
-
-    def get(self, channel):
-        return bool(self._state[channel])
-
-    def set(self, channel, on):
-        self._state[channel] = on
-        self._pins[channel].value((not on) if self._low[channel] else on)
-
-
 class NoWatchdog:
     def feed(self):
         pass
@@ -106,12 +86,21 @@ class Board:
         relays = d.get("relays", {})
         self.relay_kind = relays.get("kind", "file")
         self.channels = d.get("channels", len(relays.get("channels", ())))
+        if self.relay_kind == "gpio":
+            chans = relays.get("channels")
+            if not isinstance(chans, list) or len(chans) != self.channels:
+                raise BoardError("board.json: relays.channels must list %r channels"
+                                 % (self.channels,))  # fmt: skip
+            for i, c in enumerate(chans):
+                if not isinstance(c, dict) or "pin" not in c:
+                    raise BoardError("board.json: relays.channels[%d] needs a pin" % i)
         wd = d.get("watchdog", {})
         self.wdt_kind = wd.get("kind", "none")
         self.wdt_timeout_ms = wd.get("timeout_ms", 8000)
 
     def reset(self):
-        """Reset the board now (the console's "reboot" op), relays untouched."""
+        """Reset the board now (the console's "reboot" op), relays untouched. On a board this
+        is machine.reset(), a hard reset: the only thing that stops a running WDT."""
         if self.wdt_kind == "supervisor":
             wdt = self.watchdog()
             if isinstance(wdt, PipeWatchdog):
@@ -124,14 +113,34 @@ class Board:
 
     def relays(self):
         if self.relay_kind == "gpio":
-            return PinRelays(self.defn["relays"]["channels"])
+            from firmware import board_hw
+
+            return board_hw.PinRelays(self.defn["relays"])
         return FileRelays(self.channels)
 
-    def watchdog(self):
-        if self.wdt_kind == "hardware":
-            from machine import WDT
+    def led(self):
+        """The status LED (set(on)), or None when the board has none."""
+        if self.defn.get("led"):
+            from firmware import board_hw
 
-            return WDT(timeout=self.wdt_timeout_ms)
+            return board_hw.Led(self.defn["led"])
+        return None
+
+    def network(self, d, log):
+        """The board's Ethernet chip, brought up from device.json (d) by board_net.up, or None
+        on the sim board, whose network is the host's, as it is."""
+        eth = self.defn.get("ethernet")
+        if eth and eth.get("kind") != "host":
+            from firmware import board_net
+
+            return board_net.up(eth, d, log)
+        return None
+
+    def watchdog(self, log=None):
+        if self.wdt_kind == "hardware":
+            from firmware import board_hw
+
+            return board_hw.watchdog(self.defn["watchdog"], log)
         if self.wdt_kind == "supervisor":
             fd = os.getenv("EDGE_BASTION_WDT_FD") if hasattr(os, "getenv") else None
             if fd:

@@ -57,7 +57,10 @@ def _str(d, key, default, where, required=False, max_len=255):
 class Config:
     """The checked device configuration.
 
-    server_ip      bytes(4): the device's LAN address (DHCP server id, default next-server)
+    server_ip      bytes(4): the device's LAN address (DHCP server id, default next-server):
+                   the caller's override (the sim board's --listen), else device.json's
+                   server_ip, else the address the board has (device_ip), which a real board
+                   passes and device.json's server_ip must then match
     next_server    bytes(4): where clients fetch boot files by TFTP (the device unless set)
     script_url     str: the controller's iPXE script URL handed to iPXE clients
     boot_files     {arch: file name} by DHCP option 93 client architecture
@@ -69,13 +72,18 @@ class Config:
     tftp_max_window: the TFTP server's bounds
     """
 
-    def __init__(self, d, server_ip=None):
+    def __init__(self, d, server_ip=None, device_ip=None):
         if not isinstance(d, dict):
             raise ConfigError("device config must be a JSON object")
-        ip = server_ip or d.get("server_ip")
+        ip = server_ip or d.get("server_ip") or device_ip
         if ip is None:
             raise ConfigError("server_ip: missing (the device's LAN address)")
         self.server_ip = _ip_bytes(ip, "server_ip")
+        if server_ip is None and device_ip and self.server_ip != _ip_bytes(device_ip, "net"):
+            raise ConfigError(
+                "server_ip: %s is not this device's address %s (device.json's net, or the "
+                "router's DHCP reservation for it): make them the same" % (ip, device_ip)
+            )
         ns = d.get("next_server")
         self.next_server = _ip_bytes(ns, "next_server") if ns else self.server_ip
         # A DHCP option holds at most 255 bytes: the URL goes into option 67 / the file field.
@@ -138,12 +146,12 @@ def load(path, server_ip=None):
     return Config(d, server_ip)
 
 
-def settings(d, server_ip=None):
+def settings(d, server_ip=None, device_ip=None):
     """The checked config (raises ConfigError) as a compat.Settings: the same attributes as a
     Config, on a class that does not keep this module alive."""
     from firmware.compat import Settings
 
-    c = Config(d, server_ip)
+    c = Config(d, server_ip, device_ip)
     s = Settings()
     for k, v in c.__dict__.items():
         setattr(s, k, v)

@@ -117,6 +117,7 @@ class Console:
             "reboot": (self._reboot, True),
         }
         self._after = None  # run once the current reply is written (reboot)
+        self.live = {}  # name -> callable() whose result joins the hello and status replies
         if log is not None:
             log.boot = self.boot_id
             log.sink = self.push
@@ -125,6 +126,10 @@ class Console:
         """Register another op: handler(req, now) returns the reply's fields as a dict, or
         raises ValueError with the text for the operator."""
         self.ops[op] = (handler, changes_state)
+
+    def then(self, fn):
+        """Run fn() once the reply to the request being handled is written (a reset)."""
+        self._after = fn
 
     # --- the byte stream ---------------------------------------------------------------
     def feed(self, data):
@@ -242,6 +247,8 @@ class Console:
         }
         for k in self.info:
             d[k] = self.info[k]
+        for k in self.live:
+            d[k] = self.live[k]()
         return d
 
     def _status(self, req, now):
@@ -253,6 +260,8 @@ class Console:
         if self.nodes is not None:
             d["nodes"] = self.nodes.status()
         d["heap"] = self.ops["heap"][0](req, now)
+        for k in self.live:
+            d[k] = self.live[k]()
         return d  # counters have their own op: a status reply must fit the frame buffer
 
     def _counters(self, req, now):

@@ -9,9 +9,13 @@
 #   1. board.json, then the relay outputs are driven to their persisted desired state, before
 #      anything else can fail: an MCU reset, a watchdog reset or a reflash never glitches a
 #      running node. This step does not depend on device.json being valid.
-#   2. device.json; a bad one is reported as a `boot` event and the network services stay off,
-#      but the console, the relays and the watchdog keep running so the device can be fixed.
-#   3. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, watchdog.
+#   2. the maintenance flag (docs/device.md, "Maintenance mode"): a maintenance boot runs the
+#      console alone, with the relays held, no network services and no watchdog.
+#   3. the network (a real board's Ethernet, from device.json's `net`), then device.json; a bad
+#      one is reported as a `boot` event and the network services stay off, but the console,
+#      the relays and the watchdog keep running so the device can be fixed.
+#   4. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, link watch,
+#      watchdog.
 import gc
 import json
 import sys
@@ -127,7 +131,24 @@ async def _watchdog_loop(wdt, tasks, services, faults):
         await sleep_ms(WATCHDOG_PERIOD_MS)
 
 
-async def serve(board, power, cfg, log, opts, heap, error=None):
+def _maintenance(board, console, now_in):
+    # The console's "maintenance" op: leave the one-shot flag, then, once the reply is out,
+    # reset into a maintenance boot (boot.py). A hard reset, because nothing else stops a
+    # running RP2040 watchdog. In a maintenance boot the relays are held: switching is refused.
+    def op(req, now):
+        if req["op"] != "maintenance":
+            raise ValueError("maintenance mode: the relays are held as they are; "
+                             "restart the device (op reboot) to switch them")  # fmt: skip
+        if not now_in:
+            with open("maintenance", "w") as f:
+                f.write("1\n")
+            console.then(board.reset)
+        return {"maintenance": True, "rebooting": not now_in}
+
+    return op
+
+
+async def serve(board, power, cfg, log, opts, heap, error=None, net=None, maintenance=False):
     from firmware import console as console_mod
     from firmware.watchdog import NodeWatch, TaskWatch
 
@@ -155,12 +176,19 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
         console_mod.stdout_writer(),
         log=log,
         power=power,
-        tasks=tasks,
-        nodes=nodes,
+        tasks=None if maintenance else tasks,
+        nodes=None if maintenance else nodes,
         reboot=board.reset,
-        info={"fw": VERSION, "board": board.name},
+        info={"fw": VERSION, "board": board.name, "maintenance": maintenance},
     )
     console.add("heap", heap.op)
+    op = _maintenance(board, console, maintenance)
+    console.add("maintenance", op, True)
+    if maintenance:
+        for name in ("power", "watch", "unwatch", "beat"):
+            console.add(name, op)
+    if net is not None:
+        console.live["net"] = net.status
     if board.defn.get("faults"):
         console.add("fault", faults.op, True)
 
@@ -181,16 +209,25 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
     await sleep_ms(0)  # let the listeners bind before the boot event says they are up
     gc.collect()
     heap.code = heap.peak = heap._reported = heap_used()
-    if error is None:
-        log.event("boot", _BOOT_KEYS, (VERSION, board.name, heap.code, listening))
+    led = board.led()
+    if maintenance:
+        log.event("boot", ("version", "board", "maintenance"), (VERSION, board.name, True))
+        others = [asyncio.create_task(heap.run())]
+        if led is not None:
+            others.append(asyncio.create_task(led.blink()))
     else:
-        log.event("boot", ("version", "board", "error"), (VERSION, board.name, error))
-    wdt = board.watchdog()
-    others = [
-        asyncio.create_task(_power_loop(power, nodes, tasks, faults)),
-        asyncio.create_task(heap.run()),
-        asyncio.create_task(_watchdog_loop(wdt, tasks, services, faults)),
-    ]
+        if error is None:
+            log.event("boot", _BOOT_KEYS, (VERSION, board.name, heap.code, listening))
+        else:
+            log.event("boot", ("version", "board", "error"), (VERSION, board.name, error))
+        wdt = board.watchdog(log)
+        others = [
+            asyncio.create_task(_power_loop(power, nodes, tasks, faults)),
+            asyncio.create_task(heap.run()),
+            asyncio.create_task(_watchdog_loop(wdt, tasks, services, faults)),
+        ]
+        if net is not None:
+            others.append(asyncio.create_task(net.watch(board, led)))
     # The console runs in this task, so Ctrl-C on the serial line (KeyboardInterrupt) ends
     # serve() and leaves the REPL, as mpremote expects.
     try:
@@ -205,9 +242,9 @@ def run(argv=None):
     log = Log(capacity=int(opts.get("log-capacity", 32)))
     from firmware import boot
 
-    board, power, cfg, error = boot.boot(opts, log)
+    board, power, cfg, error, net, maintenance = boot.boot(opts, log)
     del boot
     unload("firmware.boot")  # boot-only code: its heap is worth more to the services
     heap = Heap(log)
-    asyncio.run(serve(board, power, cfg, log, opts, heap, error))
+    asyncio.run(serve(board, power, cfg, log, opts, heap, error, net, maintenance))
     return 0

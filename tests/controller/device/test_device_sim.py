@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -142,3 +143,35 @@ def test_a_broken_device_config_keeps_the_console_and_the_relays(tmp_path):
             assert set(ln.request("status")["tasks"]) == {"console", "power", "tripped"}
     finally:
         s.stop()
+
+
+def test_maintenance_holds_the_relays_starts_no_watchdog_and_lasts_one_boot(board, link):
+    """What `bastion flash` is to do on a board whose watchdog runs (docs/device.md,
+    "Maintenance mode"): restart into maintenance, stop the firmware with Ctrl-C for the copy
+    (as mpremote does) for longer than the watchdog's timeout, restart normally, and never
+    switch a relay. The sim board's watchdog stands in for an RP2040's: 8 s, and a reset when
+    one that was started is not fed, Ctrl-C or not."""
+    link.request("power", channel=2, state="on")
+    wait_for(lambda: relays(board)[2] == "1", what="relay 2 on")
+    watch = RelayWatch(board.link.parent / "flash")
+    before = link.boot
+    reply = link.request("maintenance")
+    assert (reply["maintenance"], reply["rebooting"]) == (True, True)
+    board.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "reset")
+    assert board.wait(lambda e: e.get("ev") == "boot" and "version" in e)["maintenance"] is True
+    wait_for(lambda: link.ready and link.boot != before, what="the maintenance boot")
+    assert link.info["maintenance"] is True
+    with pytest.raises(DeviceError, match="maintenance mode"):
+        link.request("power", channel=2, state="off")
+    line = os.open(board.link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(line, b"\x03")  # the firmware stops: the REPL is the flasher's now
+        time.sleep(9)  # past the 8 s: a watchdog that had been started would reset the board
+        assert [e["reason"] for e in board.seen if e.get("ev") == "reset"] == ["reset"]
+        os.write(line, b"\x04")  # soft reset at the REPL: main.py again, a normal boot
+    finally:
+        os.close(line)
+    board.wait(lambda e: e.get("ev") == "boot" and "services" in e)
+    wait_for(lambda: link.ready and link.info["maintenance"] is False, what="the normal boot")
+    assert link.request("status")["power"][2]["output"] == "on"
+    assert watch.stop() == ["00100000"]
