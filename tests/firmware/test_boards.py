@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from bastion.flashing import board_definition
-from bastion.sim import _tool
+from bastion.flash.image import board_definition
+from bastion.flash.sim import _tool
 
 from firmware.board import Board
 
