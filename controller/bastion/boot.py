@@ -24,7 +24,6 @@ from bastion.state.onetime import IgnitionTokens, TokenRefused
 from bastion.render import boot as scripts
 from bastion.render import ignition
 from bastion.render.config import (
-    BootRequest,
     RenderError,
     SecretsRequired,
     metadata_env,
@@ -33,7 +32,7 @@ from bastion.render.config import (
     uses_secrets,
     variables,
 )
-from bastion.model import ARCH_ALIASES, Boot, Group, Machine, Profile, Site
+from bastion.model import ARCH_ALIASES, Boot, BootRequest, Group, Machine, Profile, Site
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"

@@ -1,4 +1,5 @@
-"""The loaded site: what the boot service answers from. Immutable once loaded; swapped whole."""
+"""The model every layer shares: the loaded site (immutable once loaded; swapped whole) and
+`BootRequest`, what a boot endpoint was asked. Imports nothing of the controller."""
 
 from __future__ import annotations
 
@@ -166,3 +167,14 @@ class Site:
             if m.mac == mac:
                 return m
         return None
+
+
+@dataclass(frozen=True)
+class BootRequest:
+    """A boot endpoint's request, whatever the transport: its labels (query parameters, matchbox
+    style), the raw query, the URL to hand to machines and who asked."""
+
+    labels: dict[str, str]
+    raw_query: str
+    base_url: str  # the controller URL to hand to machines, without a trailing slash
+    client: str | None = None  # the requester's IP address (ties TFTP and HTTP steps together)

@@ -14,7 +14,7 @@ from bastion import boot, match
 
 from bastion.state import install
 from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url
-from bastion.render.config import BootRequest
+from bastion.model import BootRequest
 
 router = APIRouter(tags=["boot"])
 

@@ -13,11 +13,10 @@ from bastion import match
 from bastion.boot import Provisioning
 from bastion.device.hub import DeviceHub
 from bastion.metrics import Metrics
-from bastion.render.config import BootRequest
 from bastion.state.secrets import SecretStore
 from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
-from bastion.model import Site
+from bastion.model import BootRequest, Site
 from bastion.state.events import EventStore
 from bastion.tftpd import TftpService
 

@@ -11,13 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import apply_or_422, current_yaml
 from bastion.state.install import Installed
-from bastion.render.config import BootRequest, RenderError, SecretsRequired, render_ignition
-from bastion.model import Machine, Site
+from bastion.render.config import RenderError, SecretsRequired, render_ignition
+from bastion.model import BootRequest, Machine, Site
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
 
 class MachineOut(BaseModel):
+    """The API's view of a model.Machine (its names; heartbeat as an object), with the group it
+    makes and its install-once state."""
+
     name: str
     mac: str | None
     uuid: str | None
@@ -45,7 +48,10 @@ class ReprovisionOut(BaseModel):
 
 
 class MachineIn(BaseModel):
-    """A machines.yaml entry (the name comes from the URL)."""
+    """A machines.yaml entry (the name comes from the URL): its shape only. The values are
+    checked by the site loader against site.schema.MachineEntry, with the whole site, so a bad
+    edit is refused naming machines.yaml's line and field like any other site problem; the
+    fields here are MachineEntry's (a test holds them to it)."""
 
     model_config = ConfigDict(extra="forbid")
     mac: str | None = None

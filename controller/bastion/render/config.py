@@ -18,7 +18,6 @@ import copy
 import functools
 import re
 import types
-from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,9 +26,9 @@ import jinja2.meta
 import jinja2.sandbox
 
 from bastion.cluster import plan as cluster
-from bastion.render import butane, gotemplate, ignition
+from bastion.render import butane, gotemplate
 from bastion.render.gotemplate import go_str
-from bastion.model import Group, Profile, Site, TemplateFile
+from bastion.model import BootRequest, Group, Profile, Site, TemplateFile
 
 
 class RenderError(ValueError):
@@ -84,14 +83,6 @@ def uses_secrets(tf: TemplateFile) -> bool:
 def _reads_secrets(text: str) -> bool:
     # asked on every boot script of a Flatcar profile: parse each template text once
     return "secrets" in jinja2.meta.find_undeclared_variables(jinja_env.parse(text))
-
-
-@dataclass(frozen=True)
-class BootRequest:
-    labels: dict[str, str]
-    raw_query: str
-    base_url: str  # the controller URL to hand to machines, without a trailing slash
-    client: str | None = None  # the requester's IP address (ties TFTP and HTTP steps together)
 
 
 jinja_env = jinja2.sandbox.SandboxedEnvironment(

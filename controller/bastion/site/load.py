@@ -42,6 +42,7 @@ from bastion.render.config import (
 )
 from bastion.site import schema
 from bastion.model import (
+    BootRequest,
     Boot,
     Group,
     Machine,

@@ -548,3 +548,19 @@ def test_files_written_by_the_api_keep_their_mode(site_dir, client_for):
     assert stat.S_IMODE(os.stat(machines).st_mode) == 0o664
     new = [p for p in (site_dir / "profiles").iterdir() if p.stem == "rescue"]
     assert new and all(stat.S_IMODE(os.stat(p).st_mode) == 0o644 for p in new)
+
+
+def test_the_api_machine_types_follow_the_model_and_the_schema():
+    """One description of a machine: the API's write body has machines.yaml's fields (the
+    schema checks the values), and its view names model.Machine's fields plus what only the API
+    knows. A field added to the schema or the model without the API fails here."""
+    import dataclasses
+
+    from bastion.api.machines import MachineIn, MachineOut
+    from bastion.model import Machine
+    from bastion.site.schema import MachineEntry
+
+    assert set(MachineIn.model_fields) == set(MachineEntry.model_fields) - {"name"}
+    api_only = {"group", "install", "installed_at", "boots_from"}
+    model_fields = {f.name for f in dataclasses.fields(Machine)}
+    assert set(MachineOut.model_fields) - api_only <= model_fields

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bastion.model import BootRequest
 from bastion import boot
-from bastion.render.config import BootRequest, render_ignition
+from bastion.render.config import render_ignition
 from bastion.state.secrets import (
     SecretStore,
     machine_secrets,

@@ -5,9 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from bastion.model import BootRequest
 from bastion_testkit import EXAMPLES, assert_valid_ignition
 
-from bastion.render.config import BootRequest, render_ignition
+from bastion.render.config import render_ignition
 from bastion.site.load import SiteError, load_site
 
 

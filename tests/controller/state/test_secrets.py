@@ -11,8 +11,9 @@ import shutil
 
 import pytest
 
+from bastion.model import BootRequest
 from bastion import boot
-from bastion.render.config import BootRequest, SecretsRequired, render_ignition, uses_secrets
+from bastion.render.config import SecretsRequired, render_ignition, uses_secrets
 from bastion.state.secrets import SecretError, SecretStore, wireguard_private_key, wireguard_public_key
 from bastion.site.load import load_site
 
