@@ -60,7 +60,7 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from firmware import tftp
 from firmware.compat import ticks_diff, ticks_ms
@@ -166,7 +166,7 @@ class TftpService:
 
     # --- life -----------------------------------------------------------------------------
 
-    def start(self) -> TftpService:
+    def start(self) -> Self:
         """Bind (an OSError such as EADDRINUSE is raised here, to the caller) and serve in a
         daemon thread."""
         if not self.root.is_dir():
@@ -200,7 +200,7 @@ class TftpService:
             self._thread.join(timeout)
             self._thread = None
 
-    def __enter__(self) -> TftpService:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
