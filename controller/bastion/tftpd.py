@@ -4,27 +4,46 @@ real board's SPI Ethernet approaches the Pi's 30 s per-file limit). Started by
 `bastion serve --tftp ADDR:PORT`; the device points the Pi bootloader's next-server here
 (site.yaml `device.rpi.next_server`, docs/device.md).
 
-Who does what
--------------
-- **Requests** go through the firmware's own code: `firmware.tftp.parse_request` (parse or
-  raise Malformed) and `firmware.tftp.check` (writes, other modes, names with `..`, absolute
-  names, bad option values), so the controller refuses exactly what the device refuses, with
-  the same TFTP errors and texts. On top, the file must resolve (symbolic links followed) to a
-  regular file inside the root: a link out of it is refused like `..` (ERROR 2), a missing
-  name or a directory is ERROR 1.
-- **Transfers** are tftpy's: its packet codec, a `TftpContextServer` per transfer and its
-  `TftpStateExpectACK` (DATA, ACK, duplicate ACKs ignored). Options per RFC 2347: blksize
-  (RFC 2348, 8..65464, lowered to `max_blksize`), tsize and timeout (RFC 2349; a negotiated
-  timeout becomes that transfer's retransmission timeout). tftpy 0.8 has no windowsize
-  (RFC 7440), so it is left out of the OACK: the client then runs lock-step, as the RFC says.
-- **The loop** is ours, not `tftpy.TftpServer.listen`, which serves writes unless told
-  otherwise, opens whatever `os.path.exists` (a directory ends the server with
-  IsADirectoryError), follows symbolic links out of the root, lets any exception but
-  TftpException out of the loop (a 3-byte ACK is a struct.error), handles datagrams from a
-  transfer's wrong peer, and can only be stopped at its next select timeout. Here every
-  datagram is handled inside one `except Exception` that counts it; each transfer has its own
-  socket bound to the listen address and connected to the client (the kernel drops every other
-  sender); `stop()` wakes the loop at once.
+Theory of operation
+-------------------
+This is a CPython shell around the firmware's own TFTP engine, `firmware/tftp.py`: one engine
+for the device and the controller, so both refuse, negotiate and transfer alike.
+
+- **A request** on the listening socket (read with a bounded recvfrom, RFC 2347's 512 bytes) is
+  parsed by `tftp.parse_request` (a malformed one is counted and gets no reply) and checked by
+  `tftp.check`: writes, other modes, names with `..`, absolute names, bad option values, each
+  refused with the device's TFTP error and text. On top, the file must resolve (symbolic links
+  followed) to a regular file inside the root: a link out of it is refused like `..` (ERROR 2),
+  a missing name or a directory is ERROR 1. Refusals go out from the listening socket.
+- **A transfer** is a `tftp.Transfer` with a socket of its own, bound to the listen address and
+  connected to the client (the kernel drops every other sender: RFC 1350's unknown transfer ID
+  needs no code). The shell only moves datagrams: a client datagram goes to
+  `on_packet(mv, n, now)`, a passed deadline to `on_timeout(now)`; each returns the length of
+  the packet it built into the transfer's buffer (0: nothing to send), and after either the
+  shell sends `more()` until it returns 0 — the rest of the window (RFC 7440). The engine
+  ignores duplicate and stale ACKs (only its timer resends: the Sorcerer's Apprentice fix),
+  reads each block from the file when it builds it, and says when the transfer is done.
+- **Time** is the engine's: milliseconds from `firmware.compat.ticks_ms` (on CPython the
+  monotonic clock), passed as `now` to every call and compared only with `ticks_diff`.
+- **The loop** is one thread around one `selectors` selector (epoll on Linux): the listener, a
+  wake-up socket for `stop()`, and every transfer's socket. It sleeps until a datagram comes or
+  the earliest deadline passes, handles the datagrams, then the timers (an ACK that came in
+  time is never resent for). Deadlines only move later when an ACK arrives, so the earliest one
+  seen at the last sweep is a safe bound: transfers are swept for passed deadlines only once it
+  has passed. Every datagram is handled inside one `except Exception` that counts it, so no
+  datagram can stop the server.
+
+Bounds (named, with what happens when they are hit):
+- `max_transfers` (64): one more read is refused with ERROR 0 "busy" (tftp.busy).
+- `max_blksize` (1468, one Ethernet frame; at most 65464, RFC 2348): a larger blksize asked is
+  lowered to it in the OACK. A transfer's buffer is 4 + its blksize (at least 4 + 512, room for
+  any OACK or ERROR).
+- `max_window` (64, RFC 7440 allows 1..65535): a larger windowsize asked is lowered to it. The
+  window costs no memory here (blocks are read as they are sent); it bounds the burst a client
+  must absorb (Linux's default receive buffer holds 92 datagrams of 1468-byte blocks) and what
+  one lost block costs (the window from it is sent again).
+- `timeout` (1 s) and `retries` (5): the engine's resend timer, doubling per resend up to 4 s;
+  a timeout the client negotiated (RFC 2349) is used as asked, without backoff.
 
 Each transfer is recorded in the event history as kind `tftp`, source `controller`, with the
 payloads the device's tftp events carry (stage start / end / refused; file, client, bytes,
@@ -35,70 +54,75 @@ from __future__ import annotations
 
 import logging
 import os
-import select
+import selectors
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from tftpy.TftpContexts import TftpContextServer
-from tftpy.TftpPacketFactory import TftpPacketFactory
-from tftpy.TftpPacketTypes import TftpPacketACK, TftpPacketDAT, TftpPacketERR
-from tftpy.TftpShared import TftpTimeoutExpectACK
-from tftpy.TftpStates import TftpState, TftpStateExpectACK
-
-from firmware import tftp as policy
+from firmware import tftp
+from firmware.compat import ticks_diff, ticks_ms
 
 log = logging.getLogger("bastion.tftpd")
 
-_MAX_REQUEST = 512  # RFC 2347: a request, options included, fits in 512 bytes (as the device)
-_MAX_DATAGRAM = 65536
-_O_BLKSIZE, _O_TSIZE, _O_TIMEOUT = 1, 2, 4  # firmware.tftp's OACK bits
+MAX_REQUEST = 512  # RFC 2347: a request, options included, fits in 512 bytes (as the device)
+MAX_BLKSIZE = 65464  # RFC 2348: 8..65464; 4 + 65464 fits a UDP datagram over IPv4
+ETHERNET_BLKSIZE = 1468  # 1500 (Ethernet MTU) - 20 (IPv4) - 8 (UDP) - 4 (TFTP header)
+MAX_WINDOW = 65535  # RFC 7440: 1..65535
+DEFAULT_WINDOW = 64
+_MIN_BUF = 4 + 512  # a transfer's buffer also holds its OACK and a read error's ERROR
 MSG_BUSY = b"busy: too many transfers at once; try again"
+MSG_NO_SOCKET = b"out of sockets; try again"
 
 Record = Callable[..., Any]
 
 
-class _Checks:
-    """What firmware.tftp.check reads from the device's config."""
+class _Policy:
+    """What tftp.check reads from the device's config."""
 
-    def __init__(self, root: str, max_blksize: int):
+    def __init__(self, root: str, max_blksize: int, max_window: int):
         self.tftp_root = root
         self.tftp_max_blksize = max_blksize
-        self.tftp_max_window = 1  # tftpy sends one block per ACK
+        self.tftp_max_window = max_window
 
 
-class _Transfer:
-    """One read transfer: a tftpy server context plus what the events and the timer need."""
+class _Served:
+    """One running transfer: the engine's Transfer, its connected socket, and what the end
+    event says."""
 
-    def __init__(self, ctx: TftpContextServer, name: str, client: str, size: int, timeout: float):
-        self.ctx = ctx
+    __slots__ = ("client", "name", "out", "peer", "rx", "sock", "transfer")
+
+    def __init__(self, transfer: tftp.Transfer, sock: socket.socket, peer: tuple[str, int],
+                 name: str):
+        self.transfer = transfer
+        self.sock = sock
+        self.peer = peer  # (ip, port): the key of duplicate requests
         self.name = name
-        self.client = client
-        self.size = size
-        self.timeout = timeout
-        self.started = time.monotonic()
-        self.deadline = self.started + timeout
-        self.tries = 0
-        self.resends = 0
-        self.dup_acks = 0
+        self.client = peer[0]
+        self.out = memoryview(transfer.buf)  # every packet is built here
+        self.rx = bytearray(4)  # ACK n or ERROR n is all a read server needs of a datagram
 
 
 class TftpService:
     """A read-only TFTP server for `root` on (host, port), in a thread of its own.
 
     max_transfers  transfers at once; one more is refused with ERROR 0 "busy" (tftp.busy)
-    max_blksize    largest block size granted (default 1468: one Ethernet frame, as the device)
-    timeout        seconds before a DATA or OACK is sent again (a client's timeout option wins)
+    max_blksize    largest block size granted, 8..65464 (default 1468: one Ethernet frame)
+    max_window     largest RFC 7440 windowsize granted, 1..65535 (default 64)
+    timeout        seconds before an OACK or a window is sent again, doubling per resend up to
+                   4x (a client's timeout option is used as asked instead)
     retries        resends of one packet before a transfer is given up (result "timeout")
     record         record(kind, source=..., payload=...): the event history; its failures are
                    counted (tftp.record_failed), never raised
     counters       tftp.request, tftp.malformed, tftp.refused, tftp.busy, tftp.duplicate_request,
-                   tftp.bad_packet, tftp.ok, tftp.failed, tftp.resend, tftp.dup_ack, tftp.error
-                   (a bug caught on one datagram), tftp.socket_error, tftp.record_failed
+                   tftp.bad_packet, tftp.ok, tftp.failed, tftp.resend, tftp.dup_ack,
+                   tftp.send_failed (a refusal that could not be sent), tftp.socket_error (the
+                   listener's recvfrom failed), tftp.error (a bug caught on one datagram),
+                   tftp.record_failed. The names are the tftpy-based server's; none was dropped.
+    End results: ok, timeout, client error N, socket error, read error, cancelled (stop()),
+    error (a bug caught on a timeout).
     """
 
     def __init__(
@@ -108,35 +132,41 @@ class TftpService:
         port: int = 69,
         record: Record | None = None,
         max_transfers: int = 64,
-        max_blksize: int = 1468,
+        max_blksize: int = ETHERNET_BLKSIZE,
+        max_window: int = DEFAULT_WINDOW,
         timeout: float = 1.0,
         retries: int = 5,
     ):
+        if not 8 <= max_blksize <= MAX_BLKSIZE:
+            raise ValueError(f"max_blksize {max_blksize}: must be 8..{MAX_BLKSIZE} (RFC 2348)")
+        if not 1 <= max_window <= MAX_WINDOW:
+            raise ValueError(f"max_window {max_window}: must be 1..{MAX_WINDOW} (RFC 7440)")
         self.root = Path(root)
         self.host = host
         self.port = port
         self.record = record
         self.max_transfers = max_transfers
+        self.max_blksize = max_blksize
+        self.max_window = max_window
         self.timeout = timeout
         self.retries = retries
         self.counters: dict[str, int] = {}
-        self._checks = _Checks(str(self.root), max_blksize)
-        self._factory = TftpPacketFactory()
-        self._transfers: dict[socket.socket, _Transfer] = {}
-        self._by_client: dict[tuple[str, int], _Transfer] = {}
+        self._policy = _Policy(str(self.root), max_blksize, max_window)
+        self._timeout_ms = max(1, round(timeout * 1000))
+        self._served: dict[socket.socket, _Served] = {}
+        self._by_peer: dict[tuple[str, int], _Served] = {}
+        self._due = 0  # ticks: no deadline of a running transfer is earlier than this
+        self._sel: selectors.BaseSelector | None = None
         self._sock: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None  # (host, port) once bound
-        quiet = logging.getLogger("tftpy")
-        if quiet.level == logging.NOTSET:  # tftpy logs every packet at INFO; keep its errors
-            quiet.setLevel(logging.ERROR)
 
     # --- life -----------------------------------------------------------------------------
 
-    def start(self) -> TftpService:
+    def start(self) -> Self:
         """Bind (an OSError such as EADDRINUSE is raised here, to the caller) and serve in a
         daemon thread."""
         if not self.root.is_dir():
@@ -150,6 +180,9 @@ class TftpService:
         self._sock = sock
         self.address = sock.getsockname()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._serve, name="tftp", daemon=True)
         self._thread.start()
         log.info("TFTP: serving %s on %s:%d", self.root, *self.address)
@@ -167,7 +200,7 @@ class TftpService:
             self._thread.join(timeout)
             self._thread = None
 
-    def __enter__(self) -> TftpService:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -175,7 +208,7 @@ class TftpService:
 
     @property
     def active(self) -> int:
-        return len(self._transfers)
+        return len(self._served)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -183,225 +216,207 @@ class TftpService:
     # --- the loop -------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        assert self._sock is not None and self._wake_r is not None
+        assert self._sel is not None
         try:
             while not self._stopping.is_set():
                 self._once()
         finally:
-            for t in list(self._transfers.values()):
-                self._end(t, "cancelled")
-            for s in (self._sock, self._wake_r, self._wake_w):
-                if s is not None:
-                    s.close()
+            for s in list(self._served.values()):
+                s.transfer.finish("cancelled")
+                self._end(s)
+            self._sel.close()
+            for sock in (self._sock, self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
 
     def _once(self) -> None:
-        now = time.monotonic()
-        wait = 1.0
-        for t in self._transfers.values():
-            wait = min(wait, max(0.0, t.deadline - now))
-        readable, _, _ = select.select(
-            [self._sock, self._wake_r, *self._transfers], [], [], wait
-        )
-        for sock in readable:
-            if sock is self._wake_r:
-                continue
+        assert self._sel is not None
+        wait = None  # no transfer: sleep until a request or stop()
+        if self._served:
+            wait = max(0, ticks_diff(self._due, ticks_ms())) / 1000
+        for key, _ in self._sel.select(wait):
+            served = self._served.get(key.fileobj)  # type: ignore[call-overload]
             try:
-                if sock is self._sock:
+                if served is not None:
+                    self._on_datagram(served)
+                elif key.fileobj is self._sock:
                     self._on_request()
-                else:
-                    t = self._transfers.get(sock)
-                    if t is not None:
-                        self._on_packet(t)
+                # else the wake-up socket: the loop's condition sees _stopping
             except Exception:  # one datagram's bug must not take the server down
                 self.count("tftp.error")
                 log.exception("TFTP: error handling a datagram (dropped)")
-        now = time.monotonic()
-        for t in list(self._transfers.values()):
-            if now >= t.deadline:
+        # Timers after datagrams: an ACK that came before its deadline is taken first.
+        if self._served:
+            now = ticks_ms()
+            if ticks_diff(self._due, now) <= 0:
+                self._sweep(now)
+
+    def _sweep(self, now: int) -> None:
+        """Call on_timeout for every transfer whose deadline has passed; set _due to the
+        earliest deadline left."""
+        due = now + 60_000
+        for s in list(self._served.values()):
+            t = s.transfer
+            if ticks_diff(t.deadline, now) <= 0:
                 try:
-                    self._on_timeout(t, now)
+                    self._send(s, t.on_timeout(now))
                 except Exception:
                     self.count("tftp.error")
                     log.exception("TFTP: error on a timeout")
-                    self._end(t, "error")
+                    t.finish("error")
+                if t.done:
+                    self._end(s)
+                    continue
+            if ticks_diff(t.deadline, due) < 0:
+                due = t.deadline
+        self._due = due
 
     # --- requests on the listening socket -------------------------------------------------
 
     def _on_request(self) -> None:
         assert self._sock is not None
         try:
-            data, client = self._sock.recvfrom(_MAX_DATAGRAM)
+            data, peer = self._sock.recvfrom(MAX_REQUEST)  # longer: cut, then malformed
         except OSError:
             self.count("tftp.socket_error")
             return
         self.count("tftp.request")
         try:
-            req = policy.parse_request(data[:_MAX_REQUEST])
-        except policy.Malformed:
+            req = tftp.parse_request(data)
+        except tftp.Malformed:
             self.count("tftp.malformed")
             return
-        if client in self._by_client:
+        if peer in self._by_peer:
             # The client sent its request again before our first answer reached it: the
             # transfer's timer resends that answer; a second transfer would be a stranger.
             self.count("tftp.duplicate_request")
             return
         try:
-            self._start(req, client)
-        except policy.Refused as e:
-            self._refuse(req, client, e.code, e.msg)
+            self._start(req, peer)
+        except tftp.Refused as e:
+            self._refuse(req, peer, e.code, e.msg)
 
-    def _refuse(self, req: policy.Request, client: tuple[str, int], code: int, msg: bytes) -> None:
+    def _refuse(self, req: tftp.Request, peer: tuple[str, int], code: int, msg: bytes) -> None:
         assert self._sock is not None
         buf = bytearray(5 + len(msg))
-        n = policy.build_error(buf, code, msg)
+        n = tftp.build_error(buf, code, msg)
         try:
-            self._sock.sendto(buf[:n], client)
+            self._sock.sendto(buf[:n], peer)
         except OSError:
             self.count("tftp.send_failed")
         self.count("tftp.refused")
-        self._event("refused", _text(req.name), client[0], code=code, reason=_text(msg))
+        self._event("refused", _text(req.name), peer[0], code=code, reason=_text(msg))
 
-    def _open(self, req: policy.Request) -> tuple[Any, int]:
+    def _open(self, req: tftp.Request) -> tuple[Any, int]:
         root = os.path.realpath(self.root)
         path = os.path.realpath(req.path)
         if not path.startswith(root + os.sep):  # a symbolic link out of the root
-            raise policy.Refused(policy.E_ACCESS, policy.MSG_BAD_NAME)
+            raise tftp.Refused(tftp.E_ACCESS, tftp.MSG_BAD_NAME)
         try:
-            f = open(path, "rb")  # noqa: SIM115 -- the transfer owns it until _end
+            # Unbuffered: the engine's readinto fills its buffer straight from the file.
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 -- the transfer owns it
         except OSError:
-            raise policy.Refused(policy.E_NOT_FOUND, policy.MSG_NOT_FOUND) from None
+            raise tftp.Refused(tftp.E_NOT_FOUND, tftp.MSG_NOT_FOUND) from None
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             f.close()
-            raise policy.Refused(policy.E_NOT_FOUND, policy.MSG_NOT_FOUND)
+            raise tftp.Refused(tftp.E_NOT_FOUND, tftp.MSG_NOT_FOUND)
         return f, st.st_size
 
-    def _start(self, req: policy.Request, client: tuple[str, int]) -> None:
-        policy.check(req, self._checks)
-        if len(self._transfers) >= self.max_transfers:
+    def _start(self, req: tftp.Request, peer: tuple[str, int]) -> None:
+        assert self._sel is not None and self.address is not None
+        tftp.check(req, self._policy)
+        if len(self._served) >= self.max_transfers:
             self.count("tftp.busy")
-            raise policy.Refused(policy.E_UNDEFINED, MSG_BUSY)
+            raise tftp.Refused(tftp.E_UNDEFINED, MSG_BUSY)
         f, size = self._open(req)
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((self.address[0], 0))  # replies come from the address asked
-            sock.connect(client)
         except OSError:
             f.close()
-            raise policy.Refused(policy.E_UNDEFINED, b"out of sockets; try again") from None
-        timeout = float(req.timeout) if req.timeout else self.timeout
-        ctx = TftpContextServer(client[0], client[1], timeout, str(self.root),
-                                retries=self.retries, flock=False)
-        ctx.sock.close()  # tftpy's own socket is unbound; ours is bound and connected
-        ctx.sock = sock
-        ctx.tidport = client[1]
-        ctx.fileobj = f
-        ctx.file_to_transfer = _text(req.name)
-        ctx.metrics.start_time = time.time()
-        options: dict[str, Any] = {}
-        if req.oack & _O_BLKSIZE:
-            options["blksize"] = req.blksize
-        if req.oack & _O_TSIZE:
-            options["tsize"] = str(size)
-        if req.oack & _O_TIMEOUT:
-            options["timeout"] = str(req.timeout)
-        ctx.options = options or {"blksize": 512}
-        t = _Transfer(ctx, _text(req.name), client[0], size, timeout)
-        self._transfers[sock] = t
-        self._by_client[client] = t
-        self._event("start", t.name, t.client, blksize=ctx.getBlocksize(), tsize=size, window=1)
+            raise tftp.Refused(tftp.E_UNDEFINED, MSG_NO_SOCKET) from None
         try:
-            first = TftpState(ctx)
-            if options:
-                first.sendOACK()  # next_block stays 0: the client's ACK 0 answers it
-            else:
-                ctx.next_block = 1
-                ctx.pending_complete = first.sendDAT()
+            sock.bind((self.address[0], 0))  # replies come from the address asked
+            sock.connect(peer)
         except OSError:
-            self._end(t, "socket error")
-            return
-        ctx.state = TftpStateExpectACK(ctx)
+            sock.close()
+            f.close()
+            raise tftp.Refused(tftp.E_UNDEFINED, MSG_NO_SOCKET) from None
+        t = tftp.Transfer(bytearray(max(_MIN_BUF, 4 + req.blksize)), self._timeout_ms,
+                          self.retries)
+        try:
+            n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
+        except Exception:
+            sock.close()
+            f.close()
+            raise
+        s = _Served(t, sock, peer, _text(req.name))
+        self._served[sock] = s
+        self._by_peer[peer] = s
+        self._sel.register(sock, selectors.EVENT_READ)
+        if len(self._served) == 1 or ticks_diff(t.deadline, self._due) < 0:
+            self._due = t.deadline
+        self._send(s, n)
+        self._event("start", s.name, s.client, blksize=t.blksize, tsize=size, window=t.window)
+        if t.done:
+            self._end(s)
 
     # --- a transfer's own socket ----------------------------------------------------------
 
-    def _on_packet(self, t: _Transfer) -> None:
-        ctx = t.ctx
+    def _on_datagram(self, s: _Served) -> None:
+        t = s.transfer
         try:
-            data = ctx.sock.recv(_MAX_DATAGRAM)
+            n = s.sock.recv_into(s.rx)
         except OSError:  # e.g. ECONNREFUSED: the client's port has closed
-            self._end(t, "socket error")
-            return
+            # Linux reports that error before the datagrams that came ahead of it, such as a
+            # client's last ACK before it exited: take one that is already there, if any.
+            try:
+                n = s.sock.recv_into(s.rx, 0, socket.MSG_DONTWAIT)
+            except OSError:
+                n = -1
+        if n < 0:
+            t.finish("socket error")
+        else:
+            try:
+                n = t.on_packet(s.rx, n, ticks_ms())
+            except tftp.Malformed:  # short, or not an ACK or ERROR
+                self.count("tftp.bad_packet")
+                return
+            self._send(s, n)
+        if t.done:
+            self._end(s)
+
+    def _send(self, s: _Served, n: int) -> None:
+        """Send the packet of length n the engine built, then the rest of its window."""
+        out, send, more = s.out, s.sock.send, s.transfer.more
         try:
-            pkt = self._factory.parse(data)
-        except Exception:  # tftpy raises TftpException, struct.error, UnicodeError ...
-            self.count("tftp.bad_packet")
-            return
-        if isinstance(pkt, TftpPacketERR):
-            self._end(t, f"client error {pkt.errorcode}")
-            return
-        if not isinstance(pkt, TftpPacketACK):
-            self.count("tftp.bad_packet")
-            return
-        if pkt.blocknumber != ctx.next_block:
-            t.dup_acks += 1  # duplicate or stale: tftpy sends nothing (Sorcerer's Apprentice)
-        sent = ctx.last_pkt
-        try:
-            ctx.state = ctx.state.handle(pkt, t.client, ctx.tidport)
-        except TftpTimeoutExpectACK:
-            return  # a duplicate ACK after the timeout: our timer does the resend
+            while n:
+                send(out[:n])
+                n = more()
         except OSError:
-            self._end(t, "socket error")
-            return
-        except Exception as e:  # tftpy's TftpException (too many duplicates ...)
-            log.info("TFTP: %s from %s: %s", t.name, t.client, e)
-            self._end(t, "error")
-            return
-        if ctx.state is None:
-            self._end(t, "ok")
-        elif ctx.last_pkt is not sent:  # progress: a new block went out
-            t.tries = 0
-            t.deadline = time.monotonic() + t.timeout
+            s.transfer.finish("socket error")
 
-    def _on_timeout(self, t: _Transfer, now: float) -> None:
-        t.tries += 1
-        if t.tries > self.retries:
-            self._end(t, "timeout")
+    def _end(self, s: _Served) -> None:
+        assert self._sel is not None
+        if self._served.pop(s.sock, None) is None:
             return
-        t.resends += 1
-        t.deadline = now + t.timeout
+        self._by_peer.pop(s.peer, None)
+        t = s.transfer
         try:
-            t.ctx.state.resendLast()
-        except OSError:
-            self._end(t, "socket error")
-
-    def _acked_bytes(self, t: _Transfer, result: str) -> int:
-        if result == "ok":
-            return t.size
-        ctx = t.ctx
-        try:
-            pos = ctx.fileobj.tell()
-        except (OSError, ValueError):
-            return 0
-        last = ctx.last_pkt
-        return max(0, pos - len(last.data)) if isinstance(last, TftpPacketDAT) else 0
-
-    def _end(self, t: _Transfer, result: str) -> None:
-        ctx = t.ctx
-        if self._transfers.pop(ctx.sock, None) is None:
-            return
-        self._by_client.pop((t.client, ctx.tidport), None)
-        nbytes = self._acked_bytes(t, result)
-        try:
-            ctx.end()  # closes the socket and the file
-        except Exception:
-            self.count("tftp.error")
+            self._sel.unregister(s.sock)
+        finally:
+            s.sock.close()
+            t.close()  # closes the file
+        result = t.result
+        if result == "aborted":
+            result = f"client error {t.client_error}"
         self.count("tftp.ok" if result == "ok" else "tftp.failed")
         if t.resends:
             self.count("tftp.resend", t.resends)
         if t.dup_acks:
             self.count("tftp.dup_ack", t.dup_acks)
         self._event(
-            "end", t.name, t.client, bytes=nbytes, ms=int((time.monotonic() - t.started) * 1000),
+            "end", s.name, s.client, bytes=t.bytes_acked(), ms=ticks_diff(ticks_ms(), t.started),
             result=result, resends=t.resends, dup_acks=t.dup_acks,
         )
 

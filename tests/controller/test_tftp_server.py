@@ -1,7 +1,9 @@
-"""bastion.tftpd: the controller's read-only TFTP server (tftpy underneath) against real clients
-(tftp-hpa's tftp, atftp, curl, tftpy's client) on 127.0.0.1 high ports; the device's refusals,
-RFC 2347-2349 options, bad datagrams counted and dropped, a clean stop, and events shaped like
-the device's. Then `bastion serve --tftp` as a user runs it.
+"""bastion.tftpd: the controller's read-only TFTP server (firmware.tftp's engine in a CPython
+shell) against real clients (tftp-hpa's tftp, atftp, curl, tftpy's client) on 127.0.0.1 high
+ports; the device's refusals, RFC 2347-2349 options, windows (RFC 7440) with atftp 0.8, the one
+real client here that asks for them, and with a raw client in this file that speaks them packet
+by packet; bad datagrams counted and dropped, counters, a clean stop, and events shaped like the
+device's. Then `bastion serve --tftp` as a user runs it.
 
 No assertion looks at a time: the timeouts below only make a vanished client's end come sooner.
 """
@@ -99,6 +101,16 @@ def atftp_get(port: int, name: str, out: Path, blksize: int) -> subprocess.Compl
                            "127.0.0.1", str(port)], capture_output=True, text=True, timeout=120)
 
 
+def atftp_window_get(port: int, name: str, out: Path, blksize: int,
+                     window: int) -> subprocess.CompletedProcess:
+    # atftp 0.8 asks for windowsize (RFC 7440) when given the option; curl, tftp-hpa's tftp
+    # and tftpy 0.8 have no such option.
+    return subprocess.run([_need("atftp"), "--get", "-r", name, "-l", str(out),
+                           "--option", f"blksize {blksize}", "--option", f"windowsize {window}",
+                           "--option", "tsize 0", "127.0.0.1", str(port)],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
 def curl_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
     return subprocess.run([_need("curl"), "-sS", "--path-as-is", "--tftp-blksize", str(blksize),
                            "-o", str(out), f"tftp://127.0.0.1:{port}/{name}"],
@@ -151,11 +163,65 @@ def test_real_clients_fetch_every_file_byte_identical(service, files, tmp_path, 
     assert service.counters.get("tftp.error") is None
 
 
+@pytest.mark.parametrize("blksize,window", [(1468, 4), (1468, 64), (512, 16), (1024, 1000)])
+def test_atftp_fetches_every_file_byte_identical_in_windows(service, files, tmp_path, blksize,
+                                                             window):
+    port = service.address[1]
+    for name, data in files.items():
+        out = tmp_path / name.replace("/", "_")
+        r = atftp_window_get(port, name, out, blksize, window)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert sha(out.read_bytes()) == sha(data), name
+    ends = wait_for(lambda: len(ends := service.rec.stage("end")) >= len(files) and ends,
+                    what=lambda: f"{len(files)} end events: {service.rec.events}")
+    assert {e["file"]: (e["result"], e["bytes"]) for e in ends} == {
+        n: ("ok", len(d)) for n, d in files.items()}
+    granted = min(window, service.max_window)  # RFC 7440: the server may answer smaller
+    assert {(e["blksize"], e["window"]) for e in service.rec.stage("start")} == {
+        (blksize, granted)}
+    assert service.counters.get("tftp.error") is None
+
+
+@pytest.mark.timeout(300)
+def test_windows_carry_a_file_past_the_block_number_rollover(tftp_root, tmp_path):
+    data = random.Random(7440).randbytes(512 * 65536 + 100)  # block 65536 goes out as 0
+    (tftp_root / "big.bin").write_bytes(data)
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec, timeout=5.0) as svc:
+        r = atftp_window_get(svc.address[1], "big.bin", tmp_path / "big", 512, 64)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert sha((tmp_path / "big").read_bytes()) == sha(data)
+        (end,) = wait_for(lambda: rec.stage("end"), what="the end event")
+    assert (end["result"], end["bytes"]) == ("ok", len(data))
+
+
+def test_blocks_up_to_65464_bytes_when_max_blksize_allows(tftp_root, files, tmp_path):
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec, max_blksize=65464) as svc:
+        port = svc.address[1]
+        name = "9ffefdef/start4.elf"
+        r = curl_get(port, name, tmp_path / "c", 65464)
+        assert r.returncode == 0, r.stderr
+        # Two blocks of 64 KB per window: a default receive buffer holds three such datagrams.
+        r = atftp_window_get(port, name, tmp_path / "a", 65464, 2)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: len(rec.stage("end")) == 2, what="two end events")
+    assert (tmp_path / "c").read_bytes() == (tmp_path / "a").read_bytes() == files[name]
+    assert [(e["blksize"], e["window"]) for e in rec.stage("start")] == [(65464, 1), (65464, 2)]
+    assert [e["result"] for e in rec.stage("end")] == ["ok", "ok"]
+    with pytest.raises(ValueError, match="RFC 2348"):
+        TftpService(tftp_root, max_blksize=65465)
+    with pytest.raises(ValueError, match="RFC 7440"):
+        TftpService(tftp_root, max_window=0)
+
+
 def test_events_have_the_device_events_shape(service, tmp_path):
     port = service.address[1]
     assert curl_get(port, "s1024.bin", tmp_path / "o", 1024).returncode == 0
     assert curl_get(port, "missing.bin", tmp_path / "o", 1024).returncode == 68
-    wait_for(lambda: service.rec.stage("end"), what="the end event")
+    # The server records a refusal after sending it: curl may have exited before.
+    wait_for(lambda: service.rec.stage("end") and service.rec.stage("refused"),
+             what="the end and refused events")
     # The very field names firmware/tftpd.py gives its start, end and refused events.
     (start,) = service.rec.stage("start")
     assert tuple(start) == tftpd._START
@@ -265,7 +331,7 @@ class Raw:
         self.sock.close()
 
 
-def test_options_per_rfc_2347_to_2349_and_no_windowsize(service):
+def test_options_per_rfc_2347_to_2349_and_7440(service):
     port = service.address[1]
     c = Raw(port)
     try:
@@ -273,20 +339,28 @@ def test_options_per_rfc_2347_to_2349_and_no_windowsize(service):
                                      (b"timeout", b"3"), (b"windowsize", b"8"),
                                      (b"x-unknown", b"1"))))
         # blksize lowered to the server's 1468 (RFC 2348); tsize the file's size and timeout
-        # echoed (RFC 2349); windowsize (RFC 7440, not in tftpy) and unknown options left out.
-        assert got == {b"blksize": b"1468", b"tsize": b"70001", b"timeout": b"3"}
+        # echoed (RFC 2349); windowsize granted (RFC 7440); unknown options left out.
+        assert got == {b"blksize": b"1468", b"tsize": b"70001", b"timeout": b"3",
+                       b"windowsize": b"8"}
         c.send(b"\0\x05\0\x08done\0")  # as edk2 after a tsize probe: "error 8"
         # until that transfer has ended, a new RRQ from the same port is its duplicate (dropped)
         wait_for(lambda: service.rec.stage("end"), what="the end event")
-        for value in (b"4", b"65465", b"abc"):
-            err = c.ask(rrq(b"s1.bin", (b"blksize", value)))
-            assert err[:4] == b"\0\x05\0\x08", (value, err)  # RFC 2347: error 8
-        err = c.ask(rrq(b"s1.bin", (b"timeout", b"0")))
-        assert err[:4] == b"\0\x05\0\x08"
+        # A window larger than the server's max_window is lowered to it (RFC 7440).
+        got = oack_options(c.ask(rrq(b"s70001.bin", (b"windowsize", b"65535"))))
+        assert got == {b"windowsize": str(service.max_window).encode()}
+        c.send(b"\0\x05\0\x08done\0")
+        wait_for(lambda: len(service.rec.stage("end")) == 2, what="the second end event")
+        for opt, value in ((b"blksize", b"4"), (b"blksize", b"65465"), (b"blksize", b"abc"),
+                           (b"timeout", b"0"), (b"windowsize", b"0"),
+                           (b"windowsize", b"65536")):
+            err = c.ask(rrq(b"s1.bin", (opt, value)))
+            assert err[:4] == b"\0\x05\0\x08", (opt, value, err)  # RFC 2347: error 8
     finally:
         c.close()
-    ends = wait_for(lambda: service.rec.stage("end"), what="the end event")
-    assert ends[0]["result"] == "client error 8" and ends[0]["bytes"] == 0
+    ends = service.rec.stage("end")
+    assert [(e["result"], e["bytes"]) for e in ends] == [("client error 8", 0)] * 2
+    starts = service.rec.stage("start")
+    assert [(e["blksize"], e["window"]) for e in starts] == [(1468, 8), (512, 64)]
 
 
 def test_duplicate_acks_never_cause_duplicate_sends(service, files):
@@ -318,6 +392,121 @@ def test_duplicate_acks_never_cause_duplicate_sends(service, files):
     assert service.counters["tftp.dup_ack"] == 3
 
 
+def block_of(pkt: bytes) -> int:
+    assert pkt[:2] == b"\0\x03", pkt[:4]
+    return (pkt[2] << 8) | pkt[3]
+
+
+def test_windows_per_rfc_7440_and_a_partial_ack_resends_from_the_gap(service, files):
+    # A raw client that speaks windowsize 4 packet by packet (s70001.bin: 137 blocks of 512).
+    c = Raw(service.address[1])
+    data = files["s70001.bin"]
+    got: dict[int, bytes] = {}
+    try:
+        assert oack_options(c.ask(rrq(b"s70001.bin", (b"windowsize", b"4")))) == {
+            b"windowsize": b"4"}
+        c.send(ack(0))
+        first = [c.recv() for _ in range(4)]
+        assert [block_of(p) for p in first] == [1, 2, 3, 4]  # one ACK, a whole window
+        got.update({block_of(p): p[4:] for p in first})
+        c.send(ack(0))  # a duplicate of the OACK's ACK: sends nothing
+        c.send(ack(2))  # as if block 3 were lost: the next window starts there, at once
+        nxt = [c.recv() for _ in range(4)]
+        assert [block_of(p) for p in nxt] == [3, 4, 5, 6]
+        got.update({block_of(p): p[4:] for p in nxt})
+        last = 6
+        while len(got[last]) == 512:  # the rest, a window per ACK of its last block
+            c.send(ack(last))
+            for _ in range(4):
+                pkt = c.recv()
+                k = block_of(pkt)
+                assert k == last + 1, (k, last)
+                got[k] = pkt[4:]
+                last = k
+                if len(pkt) - 4 < 512:
+                    break
+        c.send(ack(last))
+    finally:
+        c.close()
+    assert b"".join(got[k] for k in range(1, last + 1)) == data
+    (start,) = service.rec.stage("start")
+    assert (start["blksize"], start["window"]) == (512, 4)
+    (end,) = wait_for(lambda: service.rec.stage("end"), what="the end event")
+    assert (end["result"], end["bytes"], end["dup_acks"], end["resends"]) == ("ok", 70001, 1, 0)
+
+
+def test_a_timeout_resends_the_whole_window(tftp_root, files):
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec, timeout=0.05) as svc:
+        c = Raw(svc.address[1])
+        try:
+            # s1469.bin in blocks of 512 is three blocks: one window of 4 holds them all.
+            opts = oack_options(c.ask(rrq(b"s1469.bin", (b"windowsize", b"4"))))
+            assert opts == {b"windowsize": b"4"}
+            c.send(ack(0))
+            pkts = [c.recv() for _ in range(6)]  # ...and no ACK: the timer sends them again
+            c.send(ack(3))
+        finally:
+            c.close()
+        (end,) = wait_for(lambda: rec.stage("end"), what="the end event")
+    assert [block_of(p) for p in pkts] == [1, 2, 3, 1, 2, 3]
+    assert b"".join(p[4:] for p in pkts[:3]) == files["s1469.bin"]
+    assert (end["result"], end["bytes"]) == ("ok", 1469) and end["resends"] >= 1
+
+
+def test_a_last_ack_queued_behind_an_icmp_refusal_still_ends_the_transfer_ok(tftp_root, files):
+    # Linux reports a pending ICMP error on a socket before the datagrams queued ahead of it.
+    # Set that up: the server is held in its start event; the client takes DATA 1, queues ACK 1
+    # and ACK 2 (ahead of DATA 2, as if DATA 2 had come), and closes its port. Released, the
+    # server takes ACK 1 and sends DATA 2 into the closed port (ICMP port unreachable); ACK 2
+    # is then behind that error.
+    hold = threading.Event()
+    rec = Recorder()
+
+    def record(kind: str, **fields) -> int:
+        if fields["payload"]["stage"] == "start":
+            hold.wait(10)
+        return rec(kind, **fields)
+
+    with TftpService(tftp_root, "127.0.0.1", 0, record=record, timeout=5.0) as svc:
+        c = Raw(svc.address[1])
+        try:
+            pkt = c.ask(rrq(b"s513.bin"))  # no options: DATA 1 first, then the start event
+            assert block_of(pkt) == 1 and pkt[4:] == files["s513.bin"][:512]
+            c.send(ack(1))
+            c.send(ack(2))
+        finally:
+            c.close()
+        hold.set()
+        (end,) = wait_for(lambda: rec.stage("end"), what="the end event")
+    assert (end["result"], end["bytes"]) == ("ok", 513)
+
+
+def test_counters_and_events_of_a_known_sequence(service, tmp_path):
+    port = service.address[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"\x00\x01no-mode\0", ("127.0.0.1", port))  # malformed: no reply
+    assert curl_get(port, "missing.bin", tmp_path / "o", 512).returncode == 68
+    assert atftp_window_get(port, "s70001.bin", tmp_path / "o", 1468, 8).returncode == 0
+    c = Raw(port)
+    try:
+        assert oack_options(c.ask(rrq(b"s1.bin", (b"tsize", b"0")))) == {b"tsize": b"1"}
+        c.send(b"\0\x05\0\x08probe done\0")  # edk2's tsize probe
+    finally:
+        c.close()
+    wait_for(lambda: len(service.rec.stage("end")) == 2, what="two end events")
+    assert service.counters == {"tftp.request": 4, "tftp.malformed": 1, "tftp.refused": 1,
+                                "tftp.ok": 1, "tftp.failed": 1}
+    assert [(e["stage"], e["file"]) for e in service.rec.stage("refused")] == [
+        ("refused", "missing.bin")]
+    assert [(e["file"], e["blksize"], e["tsize"], e["window"])
+            for e in service.rec.stage("start")] == [
+        ("s70001.bin", 1468, 70001, 8), ("s1.bin", 512, 1, 1)]
+    assert [(e["file"], e["result"], e["bytes"]) for e in service.rec.stage("end")] == [
+        ("s70001.bin", "ok", 70001), ("s1.bin", "client error 8", 0)]
+    assert service.active == 0
+
+
 def test_bad_datagrams_are_counted_and_dropped_and_the_server_goes_on(service, files, tmp_path):
     port = service.address[1]
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -327,7 +516,7 @@ def test_bad_datagrams_are_counted_and_dropped_and_the_server_goes_on(service, f
     for g in garbage:
         s.sendto(g, ("127.0.0.1", port))
     s.close()
-    # ...and garbage inside a transfer: a 3-byte ACK (struct.error in tftpy), an unknown
+    # ...and garbage inside a transfer: a 3-byte ACK, an unknown
     # opcode, a DATA, then the transfer goes on to the end.
     c = Raw(port)
     try:

@@ -9,8 +9,9 @@ must come back byte-identical.
 Two configurations:
 - `device`: no rpi.next_server; the offer points at the device, which serves the Pi files.
 - `controller`: rpi.next_server = the controller; the offer points at `bastion serve --tftp`
-  (tftpy), which serves them from the site's tftp/, while a UEFI arm64 client (arch 11) and an
-  x86 one (arch 7) in the same run still get their chainloaders from the device.
+  (the firmware's TFTP engine in a CPython shell), which serves them from the site's tftp/,
+  while a UEFI arm64 client (arch 11) and an x86 one (arch 7) in the same run still get their
+  chainloaders from the device.
 
 Everything runs in a network namespace this test makes with only `lo` in it, on the real ports
 (67, 68, 69): the device at 127.0.0.2, the controller at 127.0.0.3. Every process is stopped

@@ -36,7 +36,8 @@ _spec.loader.exec_module(tftp_bench)
 def need_root_and_peers() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: the bench creates a network namespace")
-    missing = [t for t in ("ip", "ss", "curl", "in.tftpd", "dnsmasq") if not shutil.which(t)]
+    tools = ("ip", "ss", "curl", "atftp", "in.tftpd", "dnsmasq")
+    missing = [t for t in tools if not shutil.which(t)]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (tools/setup installs them)")
     if not tftp_bench.DEFAULT_FILE.is_file():
@@ -148,6 +149,16 @@ def test_ratios_cover_the_controller_and_say_who_had_nothing():
                                            ["controller", "tftp-hpa"])
     assert ratios == {} and lines == [
         "  ratio controller/tftp-hpa: n/a (controller had no successful transfer)"]
+    stats["dnsmasq"] = {"median_s": 4.0}
+    _, ratios = tftp_bench.ratio_lines(stats, ["controller", "dnsmasq"])
+    assert ratios == {"controller/dnsmasq": 0.5}
+
+
+def test_the_granted_windows_line_says_who_has_none():
+    line = tftp_bench.granted_line({"firmware": 4, "tftp-hpa": None, "controller": None})
+    assert line == ("largest window granted (the servers' own start events): firmware 4, "
+                    "tftp-hpa none (no windowsize: lock-step), "
+                    "controller unknown (no start event)")
 
 
 def test_sizes_and_the_default_servers():
@@ -156,6 +167,9 @@ def test_sizes_and_the_default_servers():
     assert tftp_bench.parse_size("4096") == 4096
     args = tftp_bench.parse_args(["--size", "2M"])
     assert args.size == 2 * 1024 * 1024 and args.servers == list(SERVERS)
+    assert args.windowsize == 64
+    with pytest.raises(SystemExit):
+        tftp_bench.parse_args(["--windowsize", "65536"])
     with pytest.raises(SystemExit):
         tftp_bench.parse_args(["--size", "lots"])
 
@@ -198,12 +212,17 @@ def test_quick_run_serves_every_file_whole_and_prints_the_tables(tmp_path):
     assert m and int(m.group(1)) > 0, out
     for blksize in (1468, 512):
         assert f"blksize {blksize}: seconds per transfer" in out, out
+    assert "windowsize 64 asked, blksize 1468: seconds per transfer (atftp" in out, out
     for name in SERVERS:
         rows = re.findall(rf"^  {re.escape(name)} +(\d+) +0 +\d+\.\d+", out, re.MULTILINE)
-        assert len(rows) == 3, out  # two block sizes and the concurrent phase, all successful
+        # two block sizes, the windowed fetches and the concurrent phase, all successful
+        assert len(rows) == 4, out
     for peer in ("tftp-hpa", "dnsmasq"):
         ratios = re.findall(rf"^  ratio firmware/{peer}: \d+\.\d+ \(median time", out, re.MULTILINE)
-        assert len(ratios) == 3, out
+        assert len(ratios) == 4, out
+    assert re.search(r"^  largest window granted \(the servers' own start events\): firmware 4, "
+                     r"tftp-hpa none \(no windowsize: lock-step\), dnsmasq none", out,
+                     re.MULTILINE), out
     assert re.search(
         r"^  concurrent phase \(3 transfers at once\): code \d+ B", out, re.MULTILINE
     ), out
@@ -222,9 +241,12 @@ def test_quick_run_serves_every_file_whole_and_prints_the_tables(tmp_path):
         mine = [f for f in fetches if f["server"] == name]
         assert sum(f["phase"] == "warm-up" for f in mine) == 1
         assert sorted(f["blksize"] for f in mine if f["phase"] == "sequential") == [512, 1468]
+        assert [(f["blksize"], f["window"]) for f in mine if f["phase"] == "windowed"] == [
+            (1468, 64)]
         assert {f["client"] for f in mine if f["phase"] == "concurrent"} == {0, 1, 2}
         assert sum(f["phase"] == "after-burst" for f in mine) == 1
         assert all(f["size"] == summary["size"] for f in mine)
+    assert summary["windowed"]["granted"] == {"firmware": 4, "tftp-hpa": None, "dnsmasq": None}
     assert summary["firmware_heap"]["concurrent"]["booted"] is True
     assert summary["firmware_heap"]["concurrent_work"] is True
     assert summary["firmware_heap"]["serving_after_burst"] is True
@@ -244,9 +266,10 @@ def test_the_pi_file_run_compares_device_controller_and_tftp_hpa(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
-    assert re.search(r"^result: 6 transfers, 0 failed, 0 corrupt$", out, re.MULTILINE), out
+    # per server: a warm-up, one at blksize 1024 with curl, one in windows with atftp
+    assert re.search(r"^result: 9 transfers, 0 failed, 0 corrupt$", out, re.MULTILINE), out
     for name in ("firmware", "controller", "tftp-hpa"):
-        assert re.search(rf"^  {name} +1 +0 +\d+\.\d+", out, re.MULTILINE), out
+        assert len(re.findall(rf"^  {name} +1 +0 +\d+\.\d+", out, re.MULTILINE)) == 2, out
     for pair in ("firmware/tftp-hpa", "firmware/controller", "controller/tftp-hpa"):
         assert re.search(rf"^  ratio {pair}: \d+\.\d+ \(median time", out, re.MULTILINE), out
     summary = json.loads(out_json.read_text())
@@ -255,6 +278,9 @@ def test_the_pi_file_run_compares_device_controller_and_tftp_hpa(tmp_path):
     assert {f["server"] for f in summary["fetches"]} == {"firmware", "controller", "tftp-hpa"}
     assert set(summary["sequential"]["1024"]["ratios"]) == {
         "tftp-hpa", "controller", "controller/tftp-hpa"}
+    # The controller grants the window asked (its max_window), the firmware its own (4).
+    assert summary["windowed"]["granted"] == {"firmware": 4, "controller": 64, "tftp-hpa": None}
+    assert set(summary["windowed"]["ratios"]) == {"tftp-hpa", "controller", "controller/tftp-hpa"}
     ns, work, pids = started(out)
     assert len(pids) == 3
     assert_cleaned_up(ns, work, pids)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """TFTP benchmark: the firmware on the sim board against tftp-hpa and dnsmasq (and, with
-`--servers ...,controller`, the controller's own TFTP: `bastion serve --tftp`, tftpy), same file,
-same client, and the firmware's heap while it serves concurrent transfers.
+`--servers ...,controller`, the controller's own TFTP: `bastion serve --tftp`, the firmware's
+engine in a CPython shell), same file, same clients, lock-step and in windows (RFC 7440), and the
+firmware's heap while it serves concurrent transfers.
 
 One run, inside a network namespace of its own (`eb-bench-<pid>`, loopback only, so port 69 is
 free there and no packet can reach a real interface), everything on 127.0.0.1:
@@ -14,16 +15,21 @@ free there and no packet can reach a real interface), everything on 127.0.0.1:
    `--size 2M` serves a file of random bytes made by the bench instead (a Pi's RPI_EFI.fd);
 2. fetches the file from each with curl (`tftp://`, one process per transfer), once per server
    to warm up, then --reps times per block size, interleaved: every repetition visits each
-   server, in an order that rotates, so machine noise falls on all of them alike. Every download
+   server, in an order that rotates, so machine noise falls on all of them alike. In the same
+   repetitions, atftp fetches it from each asking for windowsize --windowsize (RFC 7440) at the
+   first block size: curl has no windowsize; servers without it answer lock-step. Every download
    is checked against the source's SHA-256; a failed or corrupt one is printed and counted;
 3. restarts the firmware (so its heap peak belongs to this phase alone) and runs --concurrent
    curl clients at once against each server, each fetching back to back for
    --concurrent-seconds (at least 3 of the firmware's 1 s heap samples), then one transfer
    alone, to see that the server still serves after the burst;
 4. prints per block size median/min/p90 seconds per transfer (curl's time_total), throughput,
-   the ratios firmware/tftp-hpa and firmware/dnsmasq, and the firmware's heap: `code` (what it
-   holds after boot) and the data high-water mark (peak - code) as its own `heap` events report
-   them, next to the design's goals.
+   the ratios firmware/tftp-hpa and firmware/dnsmasq (controller/tftp-hpa and
+   controller/dnsmasq too), the same for the windowed fetches (atftp's wall time, its start-up
+   included) with the largest window the firmware and the controller granted (from their own
+   start events), and the firmware's heap: `code` (what it holds after boot) and the data
+   high-water mark (peak - code) as its own `heap` events report them, next to the design's
+   goals.
 
 Exit status: 0 when every transfer succeeded with the right bytes, 1 when any failed or came
 back corrupt (or the firmware did not boot), 2 when the bench could not set up (not root, a tool
@@ -41,6 +47,7 @@ import math
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -361,7 +368,7 @@ def wait_serving(ns: Namespace, server: Server, timeout: float = 20.0) -> None:
 @dataclass
 class Fetch:
     server: str
-    phase: str  # "warm-up", "sequential", "concurrent" or "after-burst"
+    phase: str  # "warm-up", "sequential", "windowed", "concurrent" or "after-burst"
     blksize: int
     rep: int  # the repetition; in the concurrent phase, the client's own count
     client: int = 0  # which of the concurrent clients
@@ -369,6 +376,7 @@ class Fetch:
     size: int = 0
     error: str | None = None  # the transfer failed
     corrupt: str | None = None  # it succeeded, with the wrong bytes
+    window: int = 0  # windowsize asked (atftp); 0: curl, which asks for none
 
     @property
     def ok(self) -> bool:
@@ -376,6 +384,8 @@ class Fetch:
 
     def describe(self) -> str:
         what = f"{self.server} {self.phase} blksize {self.blksize} #{self.rep}"
+        if self.window:
+            what += f" windowsize {self.window}"
         if self.phase == "concurrent":
             what += f" of client {self.client}"
         if self.error:
@@ -392,15 +402,21 @@ class Source:
 
 
 class Client:
-    """curl in the namespace, one process per transfer, the body piped back and hashed."""
+    """curl in the namespace, one process per transfer, the body piped back and hashed; or, when
+    a window is asked for, atftp, which writes the file into the work directory."""
 
-    def __init__(self, ns: Namespace, source: Source, timeout: float):
+    def __init__(self, ns: Namespace, source: Source, timeout: float, work: Path):
         self.ns = ns
         self.source = source
         self.timeout = timeout
+        self.work = work
 
-    def fetch(self, server: Server, phase: str, blksize: int, rep: int, client: int = 0) -> Fetch:
-        f = Fetch(server.name, phase, blksize, rep, client)
+    def fetch(
+        self, server: Server, phase: str, blksize: int, rep: int, client: int = 0, window: int = 0
+    ) -> Fetch:
+        f = Fetch(server.name, phase, blksize, rep, client, window=window)
+        if window:
+            return self._atftp(server, f)
         cmd = self.ns.argv(
             "curl",
             "--silent",
@@ -440,6 +456,37 @@ class Client:
             f.error = "curl reported no time"
         return f
 
+    def _atftp(self, server: Server, f: Fetch) -> Fetch:
+        # atftp 0.8 asks for windowsize (RFC 7440); it reports no time of its own, so the time
+        # is the process's wall time, `ip netns exec` and its start-up included.
+        out = self.work / f"atftp-{server.name}.out"
+        out.unlink(missing_ok=True)
+        cmd = self.ns.argv(
+            "atftp", "--get", "-r", self.source.name, "-l", str(out),
+            "--option", f"blksize {f.blksize}", "--option", f"windowsize {f.window}",
+            "--option", "tsize 0", HOST, str(server.port),
+        )  # fmt: skip
+        start = time.perf_counter()
+        try:
+            r = subprocess.run(cmd, check=False, capture_output=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            f.error = f"atftp did not end within {self.timeout:g} s"
+            return f
+        f.seconds = time.perf_counter() - start
+        body = out.read_bytes() if out.exists() else b""
+        out.unlink(missing_ok=True)
+        f.size = len(body)
+        digest = hashlib.sha256(body).hexdigest()
+        if r.returncode != 0:
+            said = (r.stdout + r.stderr).decode(errors="replace").strip().splitlines()
+            f.error = f"atftp exit {r.returncode}: {'; '.join(said[-2:]) or 'no message'}"
+        elif f.size != self.source.size or digest != self.source.sha256:
+            f.corrupt = (
+                f"{f.size} bytes, sha256 {digest[:16]}..., "
+                f"want {self.source.size} bytes, sha256 {self.source.sha256[:16]}..."
+            )
+        return f
+
 
 class Results:
     """Every transfer, with failures printed as they happen. Thread-safe (concurrent phase).
@@ -452,7 +499,14 @@ class Results:
         self._lock = threading.Lock()
 
     def fetch(
-        self, client: Client, server: Server, phase: str, blksize: int, rep: int, who: int = 0
+        self,
+        client: Client,
+        server: Server,
+        phase: str,
+        blksize: int,
+        rep: int,
+        who: int = 0,
+        window: int = 0,
     ) -> Fetch | None:
         """One transfer by client from server, recorded; None (and counted as skipped) when
         the server is not serving."""
@@ -460,7 +514,7 @@ class Results:
             with self._lock:
                 self.skipped[server.name] = self.skipped.get(server.name, 0) + 1
             return None
-        return self.add(client.fetch(server, phase, blksize, rep, who))
+        return self.add(client.fetch(server, phase, blksize, rep, who, window))
 
     def add(self, f: Fetch) -> Fetch:
         with self._lock:
@@ -550,12 +604,14 @@ RATIO_PAIRS = (
     ("firmware", "dnsmasq"),
     ("firmware", "controller"),
     ("controller", "tftp-hpa"),
+    ("controller", "dnsmasq"),
 )
 
 
 def ratio_lines(stats: dict[str, dict], servers: list[str]) -> tuple[list[str], dict]:
     """Ratios of median seconds per transfer: the firmware over each peer in the run, and the
-    controller over tftp-hpa. Keys: the peer for the firmware's ratios, "a/b" for the others."""
+    controller over tftp-hpa and dnsmasq. Keys: the peer for the firmware's ratios, "a/b" for
+    the others."""
     out, ratios = [], {}
     for a, b in RATIO_PAIRS:
         if a not in servers or b not in servers:
@@ -616,10 +672,11 @@ def heap_report(heap: str, phases: list[tuple[str, str, dict]]) -> tuple[list[st
 # --- the run --------------------------------------------------------------------------------
 
 
-def check_tools() -> None:
+def check_tools(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         raise SetupError("needs root: the bench creates a network namespace")
-    for tool in ("ip", "ss", "curl", "in.tftpd", "dnsmasq"):
+    tools = ("ip", "ss", "curl", "in.tftpd", "dnsmasq") + (("atftp",) if args.windowsize else ())
+    for tool in tools:
         if not shutil.which(tool):
             raise SetupError(f"{tool} not found (tools/setup installs it)")
     if not (Path(sys.executable).parent / "bastion").is_file():
@@ -734,6 +791,7 @@ class Bench:
     client: Client
     results: Results = field(default_factory=Results)
     walls: dict[str, float] = field(default_factory=dict)  # concurrent phase, per server
+    granted: dict[str, int | None] = field(default_factory=dict)  # largest window, per server
     single_heap: dict = field(default_factory=dict)
     conc_heap: dict | None = None
 
@@ -755,7 +813,7 @@ def set_up(args: argparse.Namespace, ns: Namespace, work: Path) -> Bench:
     print(f"bench: namespace {ns.name} (loopback only), work directory {work}", flush=True)
     for name in args.servers:
         start_server(ns, servers[name], work)
-    return Bench(args, ns, work, source, servers, Client(ns, source, args.timeout))
+    return Bench(args, ns, work, source, servers, Client(ns, source, args.timeout, work))
 
 
 def sequential_phase(b: Bench) -> None:
@@ -766,9 +824,40 @@ def sequential_phase(b: Bench) -> None:
         for blksize in args.blksize:
             for name in rotated(tuple(b.names), rep):
                 r.fetch(b.client, b.servers[name], "sequential", blksize, rep)
+        if args.windowsize:
+            for name in rotated(tuple(b.names), rep):
+                r.fetch(b.client, b.servers[name], "windowed", args.blksize[0], rep,
+                        window=args.windowsize)  # fmt: skip
         print(f"  rep {rep + 1}/{args.reps} done", flush=True)
     if "firmware" in b.names:
         b.single_heap = b.firmware.heap_figures()
+    if args.windowsize:
+        b.granted = granted_windows(b)
+
+
+def granted_windows(b: Bench) -> dict[str, int | None]:
+    """The largest window each server granted, from its own `tftp` start events (the firmware's
+    on its stdout, the controller's in its event history); None for tftp-hpa and dnsmasq,
+    which have no windowsize and tell nothing."""
+    out: dict[str, int | None] = {}
+    for name in b.names:
+        windows: list[int] = []
+        if name == "firmware":
+            windows = [
+                e.get("window", 1) for e in b.firmware.events
+                if e.get("ev") == "tftp" and e.get("stage") == "start"
+            ]  # fmt: skip
+        elif name == "controller":
+            db = b.work / "controller-events.db"
+            with (
+                contextlib.suppress(sqlite3.Error),
+                contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con,
+            ):
+                rows = con.execute("SELECT payload FROM events WHERE kind = 'tftp'").fetchall()
+                starts = [json.loads(p) for (p,) in rows]
+                windows = [e.get("window", 1) for e in starts if e.get("stage") == "start"]
+        out[name] = max(windows) if windows else None
+    return out
 
 
 def concurrent_phase(b: Bench) -> None:
@@ -797,7 +886,7 @@ def concurrent_phase(b: Bench) -> None:
 def report(b: Bench) -> dict:
     """Prints the tables and verdicts; returns the same as a dict (for --json)."""
     args, results, size = b.args, b.results, b.source.size
-    summary: dict = {"sequential": {}, "concurrent": {}}
+    summary: dict = {"sequential": {}, "windowed": {}, "concurrent": {}}
     print()
     for blksize in args.blksize:
         print(f"blksize {blksize}: seconds per transfer (curl time_total), {args.reps} reps")
@@ -811,6 +900,29 @@ def report(b: Bench) -> dict:
         for line in lines:
             print(line)
         summary["sequential"][str(blksize)] = {"servers": stats, "ratios": ratios}
+    if args.windowsize:
+        blk = args.blksize[0]
+        print(
+            f"windowsize {args.windowsize} asked, blksize {blk}: seconds per transfer (atftp, "
+            f"wall time with its start-up), {args.reps} reps"
+        )
+        print(TABLE_HEAD)
+        stats = {}
+        for name in b.names:
+            fetches = results.select(name, "windowed", blk)
+            line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
+            print(line)
+        lines, ratios = ratio_lines(stats, b.names)
+        for line in lines:
+            print(line)
+        print("  " + granted_line(b.granted))
+        summary["windowed"] = {
+            "window": args.windowsize,
+            "blksize": blk,
+            "servers": stats,
+            "ratios": ratios,
+            "granted": b.granted,
+        }
     if args.concurrent:
         print(
             f"{args.concurrent} concurrent clients, blksize {args.blksize[0]}: seconds per "
@@ -874,6 +986,16 @@ def report(b: Bench) -> dict:
     return summary
 
 
+def granted_line(granted: dict[str, int | None]) -> str:
+    parts = []
+    for name, w in granted.items():
+        if name in ("tftp-hpa", "dnsmasq"):
+            parts.append(f"{name} none (no windowsize: lock-step)")
+        else:
+            parts.append(f"{name} {w if w is not None else 'unknown (no start event)'}")
+    return "largest window granted (the servers' own start events): " + ", ".join(parts)
+
+
 def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
     b = set_up(args, ns, work)
     load = os.getloadavg()
@@ -930,6 +1052,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "concurrent phase (default 1468,512)",
     )
     p.add_argument(
+        "--windowsize",
+        type=int,
+        default=64,
+        help="windowsize (RFC 7440) atftp asks for in the windowed fetches, at the first "
+        "--blksize; 0 skips them (default 64, the controller's max_window)",
+    )
+    p.add_argument(
         "--concurrent",
         type=int,
         default=4,
@@ -969,6 +1098,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--reps must be 1..1000")
     if not args.blksize or any(not 8 <= b <= 65464 for b in args.blksize):
         p.error("--blksize: each must be 8..65464 (RFC 2348)")
+    if not 0 <= args.windowsize <= 65535:
+        p.error("--windowsize must be 0..65535 (RFC 7440; 0 skips the windowed fetches)")
     if not 0 <= args.concurrent <= 16:
         p.error("--concurrent must be 0..16")
     if not 0.5 <= args.concurrent_seconds <= 600:
@@ -1001,7 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = Namespace(f"eb-bench-{os.getpid()}")
     work = Path(tempfile.mkdtemp(prefix="eb-tftp-bench-"))
     try:
-        check_tools()
+        check_tools(args)
         return run(args, ns, work)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
