@@ -22,7 +22,9 @@ from bastion import atomic, paths
 from firmware import frame
 
 FIRMWARE_SRC = Path(firmware.__file__).resolve().parent
-BOOT_STUB = "from firmware import main\nmain.run()\n"
+# The board's main.py. It keeps no name for the firmware in its globals, so that when the firmware
+# stops (Ctrl-C) and forgets its modules, their heap comes back to the REPL.
+BOOT_STUB = "def _boot():\n    from firmware import main\n    main.run()\n\n\n_boot()\n"
 
 
 class SimError(Exception):

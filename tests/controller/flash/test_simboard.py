@@ -76,3 +76,13 @@ def _parent_is(pid: int, parent: int) -> bool:
     except OSError:
         return False
     return int(stat.rsplit(")", 1)[1].split()[1]) == parent
+
+
+def test_an_interrupted_firmware_gives_its_heap_to_the_repl(sim):
+    """Ctrl-C (as mpremote and bastion flash do) leaves the REPL with the firmware's memory
+    returned: its tasks, services and code, not just a stopped loop holding them all."""
+    is_boot = lambda e: e.get("ev") == "boot"  # noqa: E731
+    boot = next((e for e in sim.seen if is_boot(e)), None) or sim.wait(is_boot)
+    out = mpremote(sim.link, "resume", "exec", "import gc; gc.collect(); print('alloc', gc.mem_alloc())")
+    alloc = int(out.split("alloc", 1)[1].split()[0])
+    assert alloc < boot["heap_code"] // 2, (alloc, boot["heap_code"])
