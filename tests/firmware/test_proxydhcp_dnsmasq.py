@@ -239,6 +239,7 @@ def dnsmasq_args(ifname: str, pidfile: Path) -> list[str]:
         "dnsmasq",
         "--no-daemon",
         "--conf-file=/dev/null",
+        "--user=nobody",  # its built-in user, dnsmasq, exists only where a package made it
         f"--pid-file={pidfile}",
         "--port=0",
         "--log-dhcp",

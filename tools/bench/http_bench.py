@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import grp
 import hashlib
 import ipaddress
 import json
 import math
 import os
-import pwd
 import re
 import resource
 import shutil
@@ -340,10 +338,11 @@ def nginx_config(tmp: Path, port: int, site: Path, canned: Path) -> str:
     run = tmp / "nginx"
     user = ""
     if os.geteuid() == 0:
-        # As root nginx's workers change to a user; its built-in default group does not exist
-        # on Debian, so name nobody's own. The files it serves are made world-readable.
-        nobody = pwd.getpwnam("nobody")
-        user = f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
+        # Started as root, nginx's workers switch to another user (nobody), which then answers
+        # 403 wherever it cannot read the bench directory: with a umask such as 077, or a
+        # temporary directory that only root may enter. The workers stay root instead, like
+        # the controller they are compared with; they only serve loopback.
+        user = "user root root;"
     return f"""\
 # Written by tools/bench/http_bench.py: nginx as the reference static file server.
 {user}
@@ -733,9 +732,6 @@ def start_servers(args: argparse.Namespace, tmp: Path, procs: Processes) -> Benc
     canned = tmp / "canned"
     canned.mkdir()
     (tmp / "nginx").mkdir()
-    if os.geteuid() == 0:  # nginx's workers run as nobody and read the site and canned/
-        for d in (tmp, site, canned):
-            d.chmod(0o755)
 
     # Each server and the client hold one descriptor per client connection, and then some.
     raise_fd_limit(args.clients * 2 + 256)

@@ -326,6 +326,9 @@ def dnsmasq_command(root: Path, work: Path) -> list[str]:
         "dnsmasq",
         "-k",  # foreground
         "--conf-file=/dev/null",  # nothing from /etc/dnsmasq.conf or /etc/dnsmasq.d
+        # Its built-in user, dnsmasq, exists only where a package made it: name one that
+        # always does (base-passwd's), as tftp-hpa drops to.
+        "--user=nobody",
         "--port=0",  # no DNS
         f"--listen-address={HOST}",
         "--bind-interfaces",

@@ -362,7 +362,8 @@ class Lab:
         lo, hi = self.net.pool
         self.procs.start("router", self.net.router, [
             "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
-            "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
+            # its built-in user, dnsmasq, exists only where a package made it
+            "--user=nobody", "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
             f"--dhcp-option=option:router,{self.net.router_ip}",
             f"--dhcp-leasefile={self.workdir / 'leases'}", "--log-dhcp", "--log-facility=-",
         ], self.logs / "router.log")
