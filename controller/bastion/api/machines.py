@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import yaml
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import apply_or_422, current_yaml
 from bastion.state.install import Installed
 from bastion.render.config import RenderError, SecretsRequired, render_ignition
 from bastion.model import BootRequest, Machine, Site
+from bastion.site.schema import MachineEntry
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
 
-class MachineOut(BaseModel):
-    """The API's view of a model.Machine (its names; heartbeat as an object), with the group it
-    makes and its install-once state."""
+# The API's two machine types are made from the model and the schema, not written a third time.
+_VIEW = ("name", "mac", "uuid", "arch", "role", "profile", "hostname", "labels", "relay", "source")
+_MODEL_TYPES = typing.get_type_hints(Machine)
 
-    name: str
-    mac: str | None
-    uuid: str | None
-    arch: str | None
-    role: str | None
-    profile: str
-    hostname: str
-    labels: dict[str, str]
-    relay: int | None = None
-    heartbeat: dict[str, int] | None = None
-    group: str
-    source: str
+MachineOut = create_model(
+    "MachineOut",
+    __doc__="A machine as the site model has it (model.Machine; heartbeat as an object), with "
+    "the group it makes and its install-once state.",
+    **{name: (_MODEL_TYPES[name], None if name == "relay" else ...) for name in _VIEW},
+    heartbeat=(dict[str, int] | None, None),
+    group=(str, ...),
     # install-once (profile `install:`; bastion.state.install): what its next network boot gets
-    install: str = "always"
-    installed_at: float | None = None  # when it reported its first boot, if it is marked installed
-    boots_from: str = "network"  # "local-disk" once an `install: once` machine is installed
+    install=(str, "always"),
+    installed_at=(float | None, None),  # when it reported its first boot, if marked installed
+    boots_from=(str, "network"),  # "local-disk" once an `install: once` machine is installed
+)
 
 
 class ReprovisionOut(BaseModel):
@@ -47,28 +45,33 @@ class ReprovisionOut(BaseModel):
     boots_from: str
 
 
-class MachineIn(BaseModel):
-    """A machines.yaml entry (the name comes from the URL): its shape only. The values are
-    checked by the site loader against site.schema.MachineEntry, with the whole site, so a bad
-    edit is refused naming machines.yaml's line and field like any other site problem; the
-    fields here are MachineEntry's (a test holds them to it)."""
+def _holds_a_model(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_a_model(a) for a in typing.get_args(annotation))
 
-    model_config = ConfigDict(extra="forbid")
-    mac: str | None = None
-    uuid: str | None = None
-    arch: str | None = None
-    role: str | None = None
-    profile: str | None = None
-    hostname: str | None = None
-    relay: int | None = None
-    heartbeat: dict[str, int] | None = None  # checked by the site loader, like every field
-    labels: dict[str, str] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    # k3s nodes (site.yaml cluster:)
-    address: str | None = None
-    disk: str | dict[str, Any] | None = None
-    k3s: dict[str, Any] | None = None
-    wireguard: bool | dict[str, Any] | None = None
+
+def _shape_only(model: type[BaseModel], leave_out: tuple[str, ...]) -> dict[str, Any]:
+    """model's fields for a body that checks shapes only: scalars and mappings typed as the
+    model has them, with no bounds; a nested section (a model of its own) as Any."""
+    fields: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        if name in leave_out:
+            continue
+        annotation = Any if _holds_a_model(f.annotation) else f.annotation
+        default = Field(default_factory=f.default_factory) if f.default_factory else f.default
+        fields[name] = (annotation, default)
+    return fields
+
+
+MachineIn = create_model(
+    "MachineIn",
+    __doc__="A machines.yaml entry (the name comes from the URL), checked for shape only: the "
+    "site loader checks the values against site.schema.MachineEntry with the whole site, so a "
+    "bad edit is refused naming machines.yaml's line and field like any other site problem.",
+    __config__=ConfigDict(extra="forbid"),
+    **_shape_only(MachineEntry, leave_out=("name",)),
+)
 
 
 def machine_out(m: Machine, site: Site | None = None, mark: Installed | None = None) -> MachineOut:
