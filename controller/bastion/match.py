@@ -48,14 +48,6 @@ def parse_mac(text: str) -> str:
     return ":".join(o.lower() for o in octets)
 
 
-def is_mac(text: object) -> bool:
-    try:
-        parse_mac(text)  # type: ignore[arg-type]
-    except Malformed:
-        return False
-    return True
-
-
 def mac_hexhyp(mac: str) -> str:
     """A normalised MAC in iPXE's `${mac:hexhyp}` form (`52-54-00-a1-9c-ae`)."""
     return mac.replace(":", "-")

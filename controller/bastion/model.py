@@ -102,10 +102,6 @@ class TemplateFile:
     go: Any = None  # a gotemplate.Template when a matchbox profile uses the file
     jinja: Any = None  # a jinja2.Template when a bastion profile uses the file
 
-    @property
-    def is_raw_ignition(self) -> bool:
-        return self.raw_ignition is not None
-
 
 @dataclass(frozen=True)
 class SiteSettings:

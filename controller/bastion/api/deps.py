@@ -93,16 +93,6 @@ async def require_admin(
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-def is_admin(runtime: Runtime, request: Request) -> bool:
-    """Whether this request carries the right token (for reads that show more when it does)."""
-    token = runtime.settings.api_token
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    )
-
-
 def base_url(runtime: Runtime, site: Site, request: Request) -> str:
     """The controller URL to give machines: site.yaml's controller_url, else this request's."""
     if site.settings.controller_url:

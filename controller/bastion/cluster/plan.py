@@ -74,11 +74,6 @@ def builtin_profile(section: Any) -> Profile:
     )
 
 
-def builtin_template(name: str) -> Path | None:
-    path = TEMPLATES_DIR / name
-    return path if name == TEMPLATE and path.is_file() else None
-
-
 @dataclass(frozen=True)
 class Problem:
     file: str  # "site.yaml" or "machines.yaml"

@@ -203,6 +203,7 @@ class DeviceHub:
             "last_error": link.last_error,
             "info": link.info,
             "link": link.counters(),
+            "hub": {"resyncs": self.resyncs, "beats_forwarded": self.beats_forwarded},
         }
         if link.ready:
             try:

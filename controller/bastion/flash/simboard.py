@@ -36,7 +36,6 @@ from pathlib import Path
 from bastion import atomic
 
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
-RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
 FRIENDLY_PROMPT = b">>> "
 WDT_FD = 3
 

@@ -10,7 +10,6 @@ a tmpfs root, reports a digest of what Ignition wrote to the controller, and pow
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import shutil
 import subprocess
@@ -354,11 +353,3 @@ def build_grub_image(root: Path, controller: str, out: Path) -> Path:
         return build_grub_arm64(f"http://{controller}", out, root / "usr/lib/grub/arm64-efi")
     except ChainloadError as e:
         raise LabAssetError(str(e)) from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -40,10 +40,6 @@ class ButaneError(ValueError):
         lines = [f"{name}:{line}: {msg}" if line else f"{name}: {msg}" for line, msg in problems]
         super().__init__("\n".join(lines))
 
-    @property
-    def first_line(self) -> int | None:
-        return self.problems[0][0] if self.problems else None
-
 
 def snake(name: str) -> str:
     if name in _SNAKE_OVERRIDES:

@@ -794,7 +794,3 @@ def parse(text: str) -> Template:
     if not isinstance(text, str):
         raise TemplateError("template is not text")
     return Template(_Parser(_split(text)).parse())
-
-
-def has_actions(text: str) -> bool:
-    return "{{" in text

@@ -591,10 +591,6 @@ def from_raw(text: str | bytes, name: str = "config") -> dict:
     return config
 
 
-def empty_config() -> dict:
-    return {"ignition": {"version": SPEC_VERSION}}
-
-
 # Left unescaped in data: URLs: RFC 3986 unreserved and sub-delims plus ':', '/', '@'.
 _DATA_SAFE = "-._~!$&'()*+,;=:/@"
 
