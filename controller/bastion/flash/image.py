@@ -143,6 +143,16 @@ def render_device_config(
         values = _drop_none(getattr(dev, section).model_dump())
         if values:
             config[section] = values
+    if dev.net is not None:
+        # device.json's net has no `dhcp`: no ip means a lease (firmware/netconfig.py)
+        net = _drop_none(dev.net.model_dump(exclude={"dhcp"}))
+        if net:
+            config["net"] = net
+        if (board.defn.get("ethernet") or {}).get("kind", "host") == "host":
+            warnings.append(
+                f"site.yaml: device.net: board {board.name} takes the host's network as it "
+                "is and ignores it (it is for a real board's Ethernet)"
+            )
     config["power"] = power
     check_device_config(config, board)
     return DeviceConfig(config, names, warnings)
@@ -245,10 +255,14 @@ def check_device_config(config: dict, board: BoardDef) -> None:
     """The firmware's own verdict on a device.json: its config checker and its power channels
     (firmware.config.Config, firmware.power.Power). FlashError when either refuses."""
     from firmware.config import Config, ConfigError
+    from firmware.netconfig import net_settings
     from firmware.power import Power
 
+    d = json.loads(json.dumps(config))  # as the device will read it: JSON, string keys
     try:
-        Config(json.loads(json.dumps(config)))  # as the device will read it: JSON, string keys
+        net = net_settings(d)  # what a real board's board_net brings its Ethernet up with
+        # A board with a static address checks server_ip against it, as at boot.
+        Config(d, device_ip=net.ip if net.how == "static" else None)
     except ConfigError as e:
         raise FlashError(f"device.json (from site.yaml device:): {e}") from None
     power = config.get("power") or {}

@@ -156,6 +156,42 @@ def test_the_example_site_renders(tmp_path):
     assert dev.config["server_ip"] == "10.77.0.2"
 
 
+W5500 = flashing.board_definition("w5500-evb-pico")
+
+
+@pytest.mark.parametrize("net, rendered, how", [
+    ("  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1}\n",
+     {"ip": "10.77.0.2/24", "gateway": "10.77.0.1"}, "static"),
+    ("  net: {ip: 10.77.0.2/16, gateway: 10.77.200.1, dns: 9.9.9.9}\n",
+     {"ip": "10.77.0.2/16", "gateway": "10.77.200.1", "dns": "9.9.9.9"}, "static"),
+    ("  net: {dhcp: true, dhcp_wait_ms: 30000}\n", {"dhcp_wait_ms": 30000}, "dhcp"),
+    ("  net: {dhcp: true}\n", None, "dhcp"),
+    ("", None, "dhcp"),
+])  # fmt: skip
+def test_the_devices_network_is_rendered_for_the_board_layer(tmp_path, net, rendered, how):
+    """site.yaml device.net -> device.json net, as firmware/netconfig.py (what a real board's
+    board_net brings its Ethernet up with) reads it."""
+    from firmware.netconfig import net_settings
+
+    site = load_site(make_site(tmp_path / "site", SITE_YAML.replace("  boot_files:\n", net + "  boot_files:\n")))
+    dev = flashing.render_device_config(site, W5500)
+    assert dev.config.get("net") == rendered
+    got = net_settings(json.loads(dev.to_json()))
+    assert got.how == how
+    if how == "static":
+        assert (got.ip, got.gateway) == ("10.77.0.2", rendered["gateway"])
+        assert got.dns == rendered.get("dns", rendered["gateway"])
+    assert dev.warnings == []
+
+
+def test_the_sim_board_says_it_ignores_the_devices_network(tmp_path):
+    text = SITE_YAML.replace("  boot_files:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1}\n  boot_files:\n")
+    dev = flashing.render_device_config(load_site(make_site(tmp_path / "site", text)), SIM)
+    assert dev.config["net"] == {"ip": "10.77.0.2/24", "gateway": "10.77.0.1"}
+    assert dev.warnings == ["site.yaml: device.net: board sim takes the host's network as it is "
+                            "and ignores it (it is for a real board's Ethernet)"]
+
+
 # (edit of SITE_YAML: old, new; the text on the line the error names; the field; the error)
 BAD_DEVICE = [
     ("ip: 10.77.0.2", "ip: 10.77.0.300", "ip:", "device.ip", "'10.77.0.300' is not an IPv4 address"),
@@ -175,6 +211,22 @@ BAD_DEVICE = [
      "must be an integer, not '2s'"),
     ("  tftp:\n", "  tfpt:\n", "max_transfers:", "device.tfpt", "is not a known field"),
     ("  ip: 10.77.0.2\n", "", "boot_files:", "device.ip", "is required"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2}\n  tftp:\n", "ip: 10.77.0.2}", "device.net.ip",
+     "'10.77.0.2' must be an IPv4 address and its prefix length, e.g. 192.168.1.11/24"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/31, gateway: 10.77.0.3}\n  tftp:\n", "net:",
+     "device.net.ip", "the prefix length must be 8..30"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/24}\n  tftp:\n", "net:", "device.net",
+     "ip needs gateway (the router's address, in the same subnet)"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.78.0.1}\n  tftp:\n", "net:",
+     "device.net", "gateway 10.78.0.1 is not in 10.77.0.2/24"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1, dhcp: true}\n  tftp:\n",
+     "net:", "device.net", "give ip (a static address) or dhcp: true, not both"),
+    ("  tftp:\n", "  net: {gateway: 10.77.0.1}\n  tftp:\n", "net:", "device.net",
+     "gateway is for a static address: give ip too, or drop it"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.9/24, gateway: 10.77.0.1}\n  tftp:\n", "ip: 10.77.0.2",
+     "device", "net.ip 10.77.0.9/24 is not ip 10.77.0.2: the device serves from its own address"),
+    ("  tftp:\n", "  net: {dhcp_wait_ms: 500}\n  tftp:\n", "net:", "device.net.dhcp_wait_ms",
+     "greater than or equal to 1000"),
 ]  # fmt: skip
 
 
