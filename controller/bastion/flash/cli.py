@@ -704,7 +704,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
             f"--port needs --board NAME (boards: {', '.join(flashing.known_boards())})"
         )
     try:
-        if port:
+        if port and not dry_run:  # a dry run never opens it: it may be plugged in later
             _check_port(port)
         bdef = flashing.board_definition(board or "sim")
         try:

@@ -579,7 +579,8 @@ def test_the_commands_in_the_doc_work(tmp_path):
     port.write_bytes(b"")
     for args in commands:
         args = [a.replace("/tmp/bastion-flash", str(tmp_path / "flash"))
-                .replace("/dev/ttyACM0", str(port)) for a in args]  # fmt: skip
+                .replace("/dev/ttyACM0", str(port)).replace("/tmp/ttyPICO", str(port))
+                for a in args]  # fmt: skip
         if "--port" in args:
             args.append("--dry-run")
         args = [str(REPO / a) if a.startswith(("examples/", "boards/")) else a for a in args]
@@ -677,3 +678,13 @@ def test_space_is_counted_per_file_in_whole_blocks_while_the_old_files_are_still
         "directories), while the files it replaces are still there")  # fmt: skip
     assert problems[1] == "the largest: device.json (8.0 KB), tftp/a (4.0 KB), tftp/pi/b (4.0 KB)"
     assert flashing.space_plan(todo, {"space": None}, False, ".bastion-new") is None
+
+
+def test_the_bastion_sim_commands_in_the_doc_have_their_options():
+    """`bastion sim` lines start a board that runs until stopped: their options are checked."""
+    lines = [shlex.split(line.strip()) for line in DOC.read_text().splitlines()
+             if line.strip().startswith("bastion sim ")]  # fmt: skip
+    assert any("--dress-as" in words for words in lines)
+    for words in lines:
+        r = bastion(*[w for w in words[1:] if w != "&"], "--help")
+        assert r.returncode == 0, (words, r.stdout + r.stderr)
