@@ -293,8 +293,8 @@ def enter_maintenance(port: str, wait_s: float = 60.0) -> dict:
                 (f"{port}: the firmware does not know maintenance mode ({e}): it is older "
                  "than this bastion"),
                 ("refusing to flash: its hardware watchdog runs and would reset the board in "
-                 "the middle of the copy. Stop it and flash within the watchdog's timeout, or "
-                 "flash MicroPython again first (docs/boards.md, first bring-up)"),
+                 "the middle of the copy. Flash MicroPython again first (docs/boards.md, first "
+                 "bring-up, step 1): a board with MicroPython alone runs no watchdog"),
             ]) from None  # fmt: skip
         raise FlashError(f"{port}: could not restart the firmware into maintenance mode: {e}") from None
 
