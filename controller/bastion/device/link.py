@@ -254,7 +254,8 @@ class DeviceLink:
         if not info.get("maintenance"):
             raise DeviceError(
                 f"{self.port}: the device restarted (boot {self.boot}) but not into maintenance "
-                "mode", "refused",
+                "mode",
+                "refused",
             )
         return info
 

@@ -296,7 +296,9 @@ def enter_maintenance(port: str, wait_s: float = 60.0) -> dict:
                  "the middle of the copy. Flash MicroPython again first (docs/boards.md, first "
                  "bring-up, step 1): a board with MicroPython alone runs no watchdog"),
             ]) from None  # fmt: skip
-        raise FlashError(f"{port}: could not restart the firmware into maintenance mode: {e}") from None
+        raise FlashError(
+            f"{port}: could not restart the firmware into maintenance mode: {e}"
+        ) from None
 
 
 def read_relays(port: str, wait_s: float = 15.0) -> list[bool] | None:

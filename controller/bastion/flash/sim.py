@@ -190,7 +190,7 @@ def check_flash(flash: Path) -> None:
               help="Its sys.implementation._mpy [default: from the board file, or from the "
                    "release for 1.19 and later].")  # fmt: skip
 def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, serial_link,
-                no_install, dress_as, dress_version, dress_mpy):
+                no_install, dress_as, dress_version, dress_mpy):  # fmt: skip
     """Run the device firmware on the MicroPython unix port (the sim board), in the foreground.
 
     The board's serial line is a pseudo-terminal (its path is printed first) that the

@@ -133,8 +133,10 @@ class Dress:
             from bastion.flash.image import MPY_ARCHES
 
             arch = MPY_ARCHES.index(mp["mpy"]["arch"])
-            mpy = mp["mpy"]["sys_implementation_mpy"] if listed else mpy_for_release(
-                self.version_tuple, arch
+            mpy = (
+                mp["mpy"]["sys_implementation_mpy"]
+                if listed
+                else mpy_for_release(self.version_tuple, arch)
             )
             if mpy is None:
                 raise DressError(

@@ -188,8 +188,8 @@ def test_the_sim_board_says_it_ignores_the_devices_network(tmp_path):
     text = SITE_YAML.replace("  boot_files:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1}\n  boot_files:\n")
     dev = flashing.render_device_config(load_site(make_site(tmp_path / "site", text)), SIM)
     assert dev.config["net"] == {"ip": "10.77.0.2/24", "gateway": "10.77.0.1"}
-    assert dev.warnings == ["site.yaml: device.net: board sim takes the host's network as it is "
-                            "and ignores it (it is for a real board's Ethernet)"]
+    assert dev.warnings == [("site.yaml: device.net: board sim takes the host's network as it "
+                             "is and ignores it (it is for a real board's Ethernet)")]
 
 
 # (edit of SITE_YAML: old, new; the text on the line the error names; the field; the error)
@@ -642,10 +642,10 @@ def test_an_unlisted_release_that_loads_the_files_is_a_warning(tmp_path):
     image = _image(tmp_path, _compile(tmp_path, "x = 1\n"))
     problems, warnings = flashing.abi_check(_impl("1.23.0"), image, W5500)
     assert problems == []
-    assert warnings == [
+    assert warnings == [(
         "the device runs MicroPython 1.23.0, not one of the releases known to work on board "
         "w5500-evb-pico (1.24.0, 1.24.1, 1.25.0, 1.26.0, 1.26.1, 1.27.0, 1.28.0); its .mpy ABI "
-        "(6.3 armv6m) loads the firmware, but nothing else about it has been checked"]  # fmt: skip
+        "(6.3 armv6m) loads the firmware, but nothing else about it has been checked")]  # fmt: skip
 
 
 def test_no_mpy_import_or_another_port_is_refused(tmp_path):
