@@ -27,7 +27,8 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 class SimProcess:
     """`bastion sim` as a user runs it, with its stdout events collected."""
 
-    def __init__(self, flash: Path, link: Path, config: dict | None = None):
+    def __init__(self, flash: Path, link: Path, config: dict | None = None, args: tuple = ()):
+        """args: more `bastion sim` options (--dress-as BOARD, ...)."""
         (flash / "tftp").mkdir(parents=True, exist_ok=True)
         (flash / "device.json").write_text(json.dumps({
             "server_ip": "127.0.0.1",
@@ -38,10 +39,11 @@ class SimProcess:
         self.link = link
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
+        self.seen_at: list[float] = []  # time.monotonic() when each of `seen` arrived
         self.proc = subprocess.Popen(
             [str(BIN / "bastion"), "sim", "--flash", str(flash), "--listen", "127.0.0.1",
              "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
-             "--tftp-port", str(free_udp_port()), "--serial-link", str(link)],
+             "--tftp-port", str(free_udp_port()), "--serial-link", str(link), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -52,6 +54,7 @@ class SimProcess:
                 ev = json.loads(line)
             except ValueError:
                 continue
+            self.seen_at.append(time.monotonic())
             self.seen.append(ev)
             self.events.put(ev)
 

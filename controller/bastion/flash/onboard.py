@@ -64,31 +64,60 @@ def text(p):
         return None
 
 
-def free_bytes():
-    """Free space of the filesystem holding the working directory, None if unknown."""
+def size(p):
+    try:
+        return os.stat(p)[6]
+    except OSError:
+        return None
+
+
+def space():
+    """The filesystem holding the working directory, from statvfs: [block size, blocks, free
+    blocks], or None if the port has no statvfs."""
     for p in (".", "/"):
         try:
             s = os.statvfs(p)
-            return s[0] * s[4]
+            return [s[1] or s[0], s[2], s[4]]  # f_frsize (the allocation unit), f_blocks, f_bavail
         except Exception:
             pass
     return None
 
 
+def impl():
+    """The MicroPython that runs here, as sys.implementation says: name, version, and _mpy, the
+    .mpy files it loads (docs/reference/mpyfiles.rst); absent fields are None."""
+    import sys
+
+    i = sys.implementation
+    return {
+        "name": i.name,
+        "version": list(i.version[:3]),
+        "mpy": getattr(i, "_mpy", None),
+        "machine": getattr(i, "_machine", None),
+        "build": getattr(i, "_build", None),
+        "platform": sys.platform,
+        "maxsize": sys.maxsize,
+    }
+
+
 def probe(paths):
-    """A JSON object: what flashing compares against before writing anything."""
+    """A JSON object: what flashing compares against before writing anything. A flash that
+    did not finish is forgotten first (clean), so its staged files count as free space."""
+    clean()
     try:
-        fw = os.listdir("firmware")
+        fw = dict((n, size("firmware/" + n)) for n in os.listdir("firmware"))
     except OSError:
         fw = None
     return json.dumps({
         "hashes": dict((p, sha256_hex(p)) for p in paths),
+        "sizes": dict((p, size(p)) for p in paths),
         "firmware": fw,
         "power_state": text("power.state"),
         "relays_state": text("relays.state"),
         "device": text("device.json"),
         "board": text("board.json"),
-        "free": free_bytes(),
+        "space": space(),
+        "impl": impl(),
     })  # fmt: skip
 
 
@@ -104,6 +133,15 @@ def _parents(p):
         d = "/".join(parts[:i])
         if not isdir(d):
             os.mkdir(d)
+
+
+def stage(paths):
+    """An empty staging directory with every directory the staged files need (mpremote's
+    `fs cp` makes none)."""
+    clean()
+    os.mkdir(STAGE)
+    for p in paths:
+        _parents(STAGE + "/" + p)
 
 
 def install(files, swap):

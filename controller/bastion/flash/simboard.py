@@ -15,6 +15,17 @@ both ways. When the firmware process ends the supervisor restarts it the way a b
 - The emulated hardware watchdog: the firmware feeds it by writing to a pipe (fd 3); once fed,
   silence longer than the timeout kills and restarts the firmware. An "R" down the same pipe
   is the firmware's machine.reset(): the supervisor restarts it at once.
+
+Dressed as a real board (`Dress`, `bastion sim --dress-as w5500-evb-pico`), the sim board
+answers like that board where flashing looks: a stand-in `sys` (sys.implementation and
+sys.platform of the board's MicroPython) in every REPL the supervisor starts for a client (the
+raw REPL after a soft reboot, where mpremote runs its programs), the board's name and relay
+channels, and its watchdog's timeout and behaviour: like an RP2040's, the watchdog survives a
+soft reboot and only a reset (machine.reset(), its own expiry, a crash) stops it, which is
+why flashing such a board goes through maintenance mode. Its hardware stays the sim's: relay
+outputs in relays.state, the host's network, the supervisor's watchdog. The board.json flashed
+onto it is kept and read back like any file, but the firmware runs with the dress's own board
+definition (`--board`), since the unix port has no GPIO pins or Ethernet chip.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from pathlib import Path
 from bastion import atomic
 
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
+SOFT_REBOOTS = ("soft-reboot", "soft-reboot-raw")
 FRIENDLY_PROMPT = b">>> "
 WDT_FD = 3
 
@@ -48,6 +60,119 @@ def _firmware_tty_mode(fd: int) -> None:
     attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN | termios.ECHONL)
     attrs[3] |= termios.ISIG
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+# The stand-in `sys` of a dressed sim board's REPL, run with `micropython -i -c`: sys.modules
+# takes it before the built-in module, so `import sys` in what a client runs gets it. Its
+# implementation and platform are the dressed board's; everything else is the real sys.
+_SYS_STANDIN = """\
+import sys
+class _DressImpl:
+    name = 'micropython'
+    version = {version!r}
+    _machine = {machine!r}
+    _mpy = {mpy!r}
+    _build = {build!r}
+    def __repr__(self):
+        return '(name=%r, version=%r, _machine=%r, _mpy=%r, _build=%r)' % (
+            self.name, self.version, self._machine, self._mpy, self._build)
+class _DressSys:
+    implementation = _DressImpl()
+    platform = {platform!r}
+    def __getattr__(self, name):
+        return getattr(_real_sys, name)
+_real_sys = sys
+sys.modules['sys'] = _DressSys()
+del sys, _DressImpl, _DressSys
+"""
+
+
+class DressError(ValueError):
+    pass
+
+
+def mpy_for_release(version: tuple[int, ...], arch: int) -> int | None:
+    """sys.implementation._mpy of a MicroPython release on a port whose native emitter is
+    `arch` (MP_NATIVE_ARCH_*): .mpy version 6 and its sub-version by release (1.19: 6.0,
+    1.20: 6.1, 1.22: 6.2, 1.23 and later: 6.3; docs/reference/mpyfiles.rst and the sub-version
+    bumps of py/persistentcode.h), None before 1.19 (.mpy 5 and older carry feature flags
+    that depend on the port's configuration: give those by hand)."""
+    v = tuple(version[:2])
+    if v < (1, 19):
+        return None
+    sub = 3 if v >= (1, 23) else 2 if v >= (1, 22) else 1 if v >= (1, 20) else 0
+    return 6 | (sub | arch << 2) << 8
+
+
+class Dress:
+    """The sim board dressed as a real board (the module docstring): a stand-in for what
+    flashing reads of that board, built from its definition (boards/NAME.json).
+
+    version: the MicroPython release its sys.implementation says (default: the newest the
+    board file lists); mpy: its sys.implementation._mpy (default: the board file's for the
+    releases it lists, else mpy_for_release)."""
+
+    def __init__(self, board: dict, version: str | None = None, mpy: int | None = None):
+        mp = board.get("micropython")
+        wd = board.get("watchdog") or {}
+        if not mp or wd.get("kind") != "hardware":
+            raise DressError(
+                f"board {board.get('name')!r} is not a real board with a MicroPython port and a "
+                "hardware watchdog to dress the sim board as"
+            )
+        self.board = board
+        self.name = board["name"]
+        self.version = version or mp["versions"][-1]
+        parts = self.version.split(".")
+        if not 2 <= len(parts) <= 3 or not all(x.isdigit() for x in parts):
+            raise DressError(f"MicroPython version {self.version!r}: expected e.g. 1.24.1")
+        self.version_tuple = tuple(int(x) for x in parts) + (0,) * (3 - len(parts))
+        listed = self.version in mp["versions"]
+        if mpy is None:
+            from bastion.flash.image import MPY_ARCHES
+
+            arch = MPY_ARCHES.index(mp["mpy"]["arch"])
+            mpy = (
+                mp["mpy"]["sys_implementation_mpy"]
+                if listed
+                else mpy_for_release(self.version_tuple, arch)
+            )
+            if mpy is None:
+                raise DressError(
+                    f"MicroPython {self.version}: give its sys.implementation._mpy (.mpy 5 and "
+                    "older carry port-dependent feature flags)"
+                )
+        self.mpy = mpy
+        self.platform = mp["port"]
+        timeout = wd["timeout_ms"]
+        if wd.get("max_timeout_ms"):
+            timeout = min(timeout, wd["max_timeout_ms"])
+        self.wdt_timeout_ms = timeout
+
+    def sys_standin(self) -> str:
+        """MicroPython source that puts the dressed board's sys in place (see _SYS_STANDIN)."""
+        return _SYS_STANDIN.format(
+            version=self.version_tuple + ("",),
+            machine=f"sim board dressed as {self.name} (a stand-in)",
+            mpy=self.mpy,
+            build=self.board["micropython"].get("board", ""),
+            platform=self.platform,
+        )
+
+    def firmware_board(self) -> dict:
+        """The board definition the firmware runs with: the sim's hardware under the dressed
+        board's name, relay channels and watchdog timeout."""
+        return {
+            "name": self.name,
+            "description": f"the sim board dressed as {self.name}: the sim's relays (relays."
+                           "state), network (the host's) and watchdog (the supervisor's)",
+            "dressed_as": self.name,
+            "ethernet": {"kind": "host"},
+            "relays": {"kind": "file"},
+            "channels": self.board["channels"],
+            "watchdog": {"kind": "supervisor", "timeout_ms": self.wdt_timeout_ms},
+            "faults": True,
+        }  # fmt: skip
 
 
 class Supervisor:
@@ -63,13 +188,27 @@ class Supervisor:
         wdt_timeout_ms: int | None = 8000,
         on_output=None,
         on_event=None,
+        dress: Dress | None = None,
     ):
         self.flash = flash
         self.micropython = micropython
         self.heap_bytes = heap_bytes
-        self.firmware_args = firmware_args
+        self.firmware_args = list(firmware_args)
         self.serial_link = serial_link
+        self.dress = dress
+        self._dress_dir: str | None = None
+        if dress is not None:
+            import tempfile
+
+            self._dress_dir = tempfile.mkdtemp(prefix="bastion-dress-")
+            board_file = Path(self._dress_dir) / "board.json"
+            atomic.write_json(board_file, dress.firmware_board())
+            self.firmware_args += ["--board", str(board_file)]
+            wdt_timeout_ms = dress.wdt_timeout_ms
         self.wdt_timeout = None if wdt_timeout_ms is None else wdt_timeout_ms / 1000
+        # A real board's watchdog (RP2040, ESP32) survives a soft reboot; the plain sim board's
+        # restarts with the firmware process.
+        self.wdt_survives_soft_reboot = dress is not None
         self.on_output = on_output  # callable(bytes) for every byte the board writes
         self.on_event = on_event or (lambda ev: None)  # supervisor events (resets)
         self.line_master, self.line_slave = pty.openpty()
@@ -91,13 +230,15 @@ class Supervisor:
         self._buf = b""
 
     # -- firmware process -------------------------------------------------------------------
-    def _start(self, run_main: bool) -> None:
+    def _start(self, run_main: bool, keep_watchdog: bool = False) -> None:
         master, slave = pty.openpty()
         _firmware_tty_mode(slave)
         wdt_r, wdt_w = os.pipe()
         cmd = [self.micropython, "-X", f"heapsize={self.heap_bytes}"]
         if run_main:
             cmd += ["-i", "main.py", *self.firmware_args]
+        elif self.dress is not None:
+            cmd += ["-i", "-c", self.dress.sys_standin()]
         env = dict(os.environ, EDGE_BASTION_WDT_FD=str(WDT_FD))
         self.proc = subprocess.Popen(
             cmd,
@@ -115,7 +256,8 @@ class Supervisor:
         fcntl.fcntl(master, fcntl.F_SETFL, fcntl.fcntl(master, fcntl.F_GETFL) | os.O_NONBLOCK)
         self.inner = master
         self.wdt_r = wdt_r
-        self._last_feed = None
+        if not keep_watchdog:
+            self._last_feed = None
         if not run_main:
             # Come back at the raw REPL: skip the unix port's banner, then ask for raw mode.
             self._discard_until = FRIENDLY_PROMPT
@@ -185,11 +327,12 @@ class Supervisor:
         if reason in ("soft-reboot-raw", "soft-reboot"):
             self._to_line(SOFT_REBOOT)
         self.on_event({"ev": "reset", "reason": reason, "rc": rc, "resets": self.resets})
+        keep = self.wdt_survives_soft_reboot and reason in SOFT_REBOOTS
         if reason == "soft-reboot-raw":
-            self._start(run_main=False)
+            self._start(run_main=False, keep_watchdog=keep)
         else:
             self.raw_repl = False
-            self._start(run_main=True)
+            self._start(run_main=True, keep_watchdog=keep)
 
     def stop(self) -> None:
         self._stopping = True
@@ -256,6 +399,10 @@ class Supervisor:
         finally:
             self.kill_firmware(signal.SIGTERM)
             self._reap()
+            if self._dress_dir is not None:
+                import shutil
+
+                shutil.rmtree(self._dress_dir, ignore_errors=True)
             if self.serial_link is not None:
                 try:
                     if os.readlink(self.serial_link) == self.path:

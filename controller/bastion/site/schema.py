@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bastion.match import Malformed, parse_mac
 from bastion.model import ARCH_ALIASES, ARCHES
@@ -102,6 +102,60 @@ class DevicePower(_Strict):
     )
 
 
+def _ipv4_with_prefix(v: str | None) -> str | None:
+    """192.168.1.11/24: an address of its subnet, prefix 8..30 (the firmware's netconfig)."""
+    if v is None:
+        return v
+    try:
+        iface = ipaddress.IPv4Interface(v) if isinstance(v, str) and "/" in v else None
+    except ValueError:
+        iface = None
+    if iface is None:
+        raise ValueError(
+            f"{v!r} must be an IPv4 address and its prefix length, e.g. 192.168.1.11/24"
+        )
+    if not 8 <= iface.network.prefixlen <= 30:
+        raise ValueError(f"{v!r}: the prefix length must be 8..30")
+    if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+        raise ValueError(f"{v!r} is its subnet's network or broadcast address, not a host's")
+    return str(iface)
+
+
+class DeviceNet(_Strict):
+    """A real board's own network: a static address, or a lease from the router's DHCP. The
+    sim board ignores it (its network is the host's)."""
+
+    dhcp: bool | None = Field(
+        default=None, description="take a DHCP lease from the router (the default without ip)"
+    )
+    ip: str | None = Field(
+        default=None, description="a static address with its prefix length, 192.168.1.11/24"
+    )
+    gateway: str | None = Field(default=None, description="the router (required with ip)")
+    dns: str | None = Field(default=None, description="the DNS server (default: the gateway)")
+    dhcp_wait_ms: int | None = _int(1000, 120000, "how long a boot waits for a DHCP lease")
+
+    check_ip = field_validator("ip")(_ipv4_with_prefix)
+    check_ips = field_validator("gateway", "dns")(_ipv4)
+
+    @model_validator(mode="after")
+    def _static_or_dhcp(self) -> DeviceNet:
+        if self.ip is None:
+            if self.dhcp is False:
+                raise ValueError("dhcp: false needs ip (a static address) and gateway")
+            for name in ("gateway", "dns"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is for a static address: give ip too, or drop it")
+            return self
+        if self.dhcp:
+            raise ValueError("give ip (a static address) or dhcp: true, not both")
+        if self.gateway is None:
+            raise ValueError("ip needs gateway (the router's address, in the same subnet)")
+        if ipaddress.IPv4Address(self.gateway) not in ipaddress.IPv4Interface(self.ip).network:
+            raise ValueError(f"gateway {self.gateway} is not in {self.ip}")
+        return self
+
+
 class DeviceSection(_Strict):
     """site.yaml `device:` -- what `bastion flash` renders into the device's device.json."""
 
@@ -120,8 +174,22 @@ class DeviceSection(_Strict):
     rpi: DeviceRpi = Field(default_factory=DeviceRpi)
     tftp: DeviceTftp = Field(default_factory=DeviceTftp)
     power: DevicePower = Field(default_factory=DevicePower)
+    net: DeviceNet | None = Field(
+        default=None, description="a real board's own address: static, or DHCP (the default)"
+    )
 
     check_ips = field_validator("ip", "next_server")(_ipv4)
+
+    @model_validator(mode="after")
+    def _net_is_the_device(self) -> DeviceSection:
+        if self.net is not None and self.net.ip is not None:
+            own = self.net.ip.split("/")[0]
+            if own != self.ip:
+                raise ValueError(
+                    f"net.ip {self.net.ip} is not ip {self.ip}: the device serves from its own "
+                    "address, so both must be the same"
+                )
+        return self
 
     @field_validator("boot_files", mode="before")
     @classmethod

@@ -175,3 +175,24 @@ def test_maintenance_holds_the_relays_starts_no_watchdog_and_lasts_one_boot(boar
     wait_for(lambda: link.ready and link.info["maintenance"] is False, what="the normal boot")
     assert link.request("status")["power"][2]["output"] == "on"
     assert watch.stop() == ["00100000"]
+
+
+def test_enter_maintenance_waits_for_the_maintenance_boot_and_keeps_the_relays(board, link):
+    """DeviceLink.enter_maintenance, what `bastion flash` calls on a board whose watchdog runs:
+    one reset, the link ready again on the maintenance boot, a second call a no-op."""
+    link.request("power", channel=4, state="on")
+    wait_for(lambda: relays(board)[4] == "1", what="relay 4 on")
+    watch = RelayWatch(board.link.parent / "flash")
+    before = link.boot
+    info = link.enter_maintenance(wait_s=30)
+    assert info["maintenance"] is True and link.boot != before
+    assert link.ready and link.info["maintenance"] is True
+    maintenance_boot = link.boot
+    assert link.enter_maintenance(wait_s=5)["maintenance"] is True
+    assert link.boot == maintenance_boot  # no second restart
+    assert [e["reason"] for e in board.seen if e.get("ev") == "reset"] == ["reset"]
+    assert link.request("reboot")["rebooting"] is True  # the next restart is a normal boot
+    wait_for(lambda: link.ready and link.boot != maintenance_boot, what="the normal boot")
+    assert link.info["maintenance"] is False
+    assert link.request("status")["power"][4]["output"] == "on"
+    assert watch.stop() == ["00001000"]

@@ -156,6 +156,42 @@ def test_the_example_site_renders(tmp_path):
     assert dev.config["server_ip"] == "10.77.0.2"
 
 
+W5500 = flashing.board_definition("w5500-evb-pico")
+
+
+@pytest.mark.parametrize("net, rendered, how", [
+    ("  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1}\n",
+     {"ip": "10.77.0.2/24", "gateway": "10.77.0.1"}, "static"),
+    ("  net: {ip: 10.77.0.2/16, gateway: 10.77.200.1, dns: 9.9.9.9}\n",
+     {"ip": "10.77.0.2/16", "gateway": "10.77.200.1", "dns": "9.9.9.9"}, "static"),
+    ("  net: {dhcp: true, dhcp_wait_ms: 30000}\n", {"dhcp_wait_ms": 30000}, "dhcp"),
+    ("  net: {dhcp: true}\n", None, "dhcp"),
+    ("", None, "dhcp"),
+])  # fmt: skip
+def test_the_devices_network_is_rendered_for_the_board_layer(tmp_path, net, rendered, how):
+    """site.yaml device.net -> device.json net, as firmware/netconfig.py (what a real board's
+    board_net brings its Ethernet up with) reads it."""
+    from firmware.netconfig import net_settings
+
+    site = load_site(make_site(tmp_path / "site", SITE_YAML.replace("  boot_files:\n", net + "  boot_files:\n")))
+    dev = flashing.render_device_config(site, W5500)
+    assert dev.config.get("net") == rendered
+    got = net_settings(json.loads(dev.to_json()))
+    assert got.how == how
+    if how == "static":
+        assert (got.ip, got.gateway) == ("10.77.0.2", rendered["gateway"])
+        assert got.dns == rendered.get("dns", rendered["gateway"])
+    assert dev.warnings == []
+
+
+def test_the_sim_board_says_it_ignores_the_devices_network(tmp_path):
+    text = SITE_YAML.replace("  boot_files:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1}\n  boot_files:\n")
+    dev = flashing.render_device_config(load_site(make_site(tmp_path / "site", text)), SIM)
+    assert dev.config["net"] == {"ip": "10.77.0.2/24", "gateway": "10.77.0.1"}
+    assert dev.warnings == [("site.yaml: device.net: board sim takes the host's network as it "
+                             "is and ignores it (it is for a real board's Ethernet)")]
+
+
 # (edit of SITE_YAML: old, new; the text on the line the error names; the field; the error)
 BAD_DEVICE = [
     ("ip: 10.77.0.2", "ip: 10.77.0.300", "ip:", "device.ip", "'10.77.0.300' is not an IPv4 address"),
@@ -175,6 +211,22 @@ BAD_DEVICE = [
      "must be an integer, not '2s'"),
     ("  tftp:\n", "  tfpt:\n", "max_transfers:", "device.tfpt", "is not a known field"),
     ("  ip: 10.77.0.2\n", "", "boot_files:", "device.ip", "is required"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2}\n  tftp:\n", "ip: 10.77.0.2}", "device.net.ip",
+     "'10.77.0.2' must be an IPv4 address and its prefix length, e.g. 192.168.1.11/24"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/31, gateway: 10.77.0.3}\n  tftp:\n", "net:",
+     "device.net.ip", "the prefix length must be 8..30"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/24}\n  tftp:\n", "net:", "device.net",
+     "ip needs gateway (the router's address, in the same subnet)"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.78.0.1}\n  tftp:\n", "net:",
+     "device.net", "gateway 10.78.0.1 is not in 10.77.0.2/24"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1, dhcp: true}\n  tftp:\n",
+     "net:", "device.net", "give ip (a static address) or dhcp: true, not both"),
+    ("  tftp:\n", "  net: {gateway: 10.77.0.1}\n  tftp:\n", "net:", "device.net",
+     "gateway is for a static address: give ip too, or drop it"),
+    ("  tftp:\n", "  net: {ip: 10.77.0.9/24, gateway: 10.77.0.1}\n  tftp:\n", "ip: 10.77.0.2",
+     "device", "net.ip 10.77.0.9/24 is not ip 10.77.0.2: the device serves from its own address"),
+    ("  tftp:\n", "  net: {dhcp_wait_ms: 500}\n  tftp:\n", "net:", "device.net.dhcp_wait_ms",
+     "greater than or equal to 1000"),
 ]  # fmt: skip
 
 
@@ -378,7 +430,8 @@ def test_flashing_again_copies_only_what_changed(tmp_path, board):
     again = bastion(*args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert re.search(r"^  1 of \d+ files differ", again.stdout, re.MULTILINE), again.stdout
-    assert "  :tftp/snponly.efi" in again.stdout and ":device.json" not in again.stdout
+    in_place = [line for line in again.stdout.splitlines() if "in place:" in line]
+    assert in_place == ["  in place: tftp/snponly.efi (3 B)"], again.stdout
     assert (tmp_path / "flash" / "tftp" / "snponly.efi").read_bytes() == b"new"
 
 
@@ -526,10 +579,112 @@ def test_the_commands_in_the_doc_work(tmp_path):
     port.write_bytes(b"")
     for args in commands:
         args = [a.replace("/tmp/bastion-flash", str(tmp_path / "flash"))
-                .replace("/dev/ttyACM0", str(port)) for a in args]  # fmt: skip
+                .replace("/dev/ttyACM0", str(port)).replace("/tmp/ttyPICO", str(port))
+                for a in args]  # fmt: skip
         if "--port" in args:
             args.append("--dry-run")
         args = [str(REPO / a) if a.startswith(("examples/", "boards/")) else a for a in args]
         r = bastion(*args)
         assert r.returncode == 0, (args, r.stdout + r.stderr)
     assert (tmp_path / "flash" / "device.json").exists()
+
+
+# --- the .mpy ABI and free space (bastion.flash.image) ---------------------------------------
+
+
+def _compile(tmp_path: Path, source: str, *options: str) -> bytes:
+    """A real mpy-cross's output for source (options: -march=..., -X emit=native)."""
+    from bastion.flash.sim import _tool
+
+    src = tmp_path / "m.py"
+    src.write_text(source)
+    out = tmp_path / "m.mpy"
+    subprocess.run([_tool("mpy-cross"), *options, "-o", str(out), str(src)], check=True)
+    return out.read_bytes()
+
+
+def _image(tmp_path: Path, mpy: bytes) -> flashing.Image:
+    return flashing.Image({"firmware/main.mpy": mpy, "firmware/power.mpy": mpy, "main.py": b""})
+
+
+def _impl(version: str = "1.24.1", mpy: int | None = 4870, platform: str = "rp2") -> dict:
+    return {"name": "micropython", "version": [int(x) for x in version.split(".")], "mpy": mpy,
+            "machine": None, "platform": platform, "maxsize": 2**31 - 1}  # fmt: skip
+
+
+def test_sys_implementation_mpy_decodes_as_the_board_files_say():
+    for name in ("w5500-evb-pico", "w5100s-evb-pico", "olimex-esp32-poe"):
+        mpy = flashing.board_definition(name).defn["micropython"]["mpy"]
+        abi = flashing.MpyAbi.from_sys(mpy["sys_implementation_mpy"])
+        assert (abi.version, abi.sub_version, abi.arch) == (
+            mpy["version"], mpy["sub_version"], mpy["arch"])  # fmt: skip
+    # the unix port from PyPI this suite runs the sim board on: 6.3, x64
+    assert str(flashing.MpyAbi.from_sys(2822)) == "6.3 x64"
+
+
+def test_bytecode_loads_on_every_board_with_its_major_version(tmp_path):
+    image = _image(tmp_path, _compile(tmp_path, "x = 1\n"))
+    header = flashing.MpyAbi.from_header(image.files["firmware/main.mpy"])
+    assert (header.version, header.arch, str(header)) == (6, None, "6")
+    for name, impl in (("w5500-evb-pico", _impl()),
+                       ("olimex-esp32-poe", _impl("1.25.0", 11014, "esp32"))):  # fmt: skip
+        assert flashing.abi_check(impl, image, flashing.board_definition(name)) == ([], [])
+
+
+def test_native_code_for_another_architecture_is_refused(tmp_path):
+    mpy = _compile(tmp_path, "@micropython.native\ndef f():\n    return 1\n", "-march=x64")
+    assert flashing.MpyAbi.from_header(mpy).arch == "x64"
+    problems, _ = flashing.abi_check(_impl(), _image(tmp_path, mpy), W5500)
+    assert "have native code for x64, and it runs armv6m" in problems[0], problems
+
+
+def test_an_unlisted_release_that_loads_the_files_is_a_warning(tmp_path):
+    image = _image(tmp_path, _compile(tmp_path, "x = 1\n"))
+    problems, warnings = flashing.abi_check(_impl("1.23.0"), image, W5500)
+    assert problems == []
+    assert warnings == [(
+        "the device runs MicroPython 1.23.0, not one of the releases known to work on board "
+        "w5500-evb-pico (1.24.0, 1.24.1, 1.25.0, 1.26.0, 1.26.1, 1.27.0, 1.28.0); its .mpy ABI "
+        "(6.3 armv6m) loads the firmware, but nothing else about it has been checked")]  # fmt: skip
+
+
+def test_no_mpy_import_or_another_port_is_refused(tmp_path):
+    image = _image(tmp_path, _compile(tmp_path, "x = 1\n"))
+    problems, _ = flashing.abi_check(_impl(mpy=None), image, W5500)
+    assert "which cannot import .mpy files (sys.implementation has no _mpy)" in problems[0]
+    problems, _ = flashing.abi_check(_impl("1.25.0", 11014, "esp32"), image, W5500)
+    assert problems[0].startswith(
+        "the device runs micropython 1.25.0 for the 'esp32' port, and board w5500-evb-pico is "
+        "MicroPython's 'rp2' port (W5500_EVB_PICO): is it another board?")  # fmt: skip
+
+
+def test_space_is_counted_per_file_in_whole_blocks_while_the_old_files_are_still_there():
+    todo = {"tftp/a": b"x", "tftp/pi/b": b"x" * 4096, "device.json": b"x" * 4097}
+    probe = {"space": [4096, 100, 9], "sizes": {"tftp/a": 9000, "device.json": 10},
+             "firmware": {"main.mpy": 5000}}  # fmt: skip
+    plan = flashing.space_plan(todo, probe, swap=False, stage=".bastion-new")
+    assert plan.files == {"tftp/a": 1, "tftp/pi/b": 1, "device.json": 2}
+    assert plan.dirs == 3  # .bastion-new, .bastion-new/tftp, .bastion-new/tftp/pi
+    assert plan.need == 4 + 3 * flashing.DIR_BLOCKS and not plan.fits
+    assert plan.free_after == 9 - 4 + 3 + 1  # tftp/a (3 blocks) and device.json (1) replaced
+    swapped = flashing.space_plan(todo, probe, swap=True, stage=".bastion-new")
+    assert swapped.freed == plan.freed + 2  # the old firmware, 2 blocks, goes too
+    fits = flashing.space_plan({"device.json": b"{}"}, probe, swap=False, stage=".bastion-new")
+    assert fits.need == 1 + 2 and fits.fits
+    problems = plan.refusal().problems
+    assert problems[0] == (
+        "the device's filesystem has 36.0 KB free (9 blocks of 4.0 KB), and the copy needs "
+        "40.0 KB (10 blocks: 4 for 3 files, each rounded up to whole blocks, 6 for 3 "
+        "directories), while the files it replaces are still there")  # fmt: skip
+    assert problems[1] == "the largest: device.json (8.0 KB), tftp/a (4.0 KB), tftp/pi/b (4.0 KB)"
+    assert flashing.space_plan(todo, {"space": None}, False, ".bastion-new") is None
+
+
+def test_the_bastion_sim_commands_in_the_doc_have_their_options():
+    """`bastion sim` lines start a board that runs until stopped: their options are checked."""
+    lines = [shlex.split(line.strip()) for line in DOC.read_text().splitlines()
+             if line.strip().startswith("bastion sim ")]  # fmt: skip
+    assert any("--dress-as" in words for words in lines)
+    for words in lines:
+        r = bastion(*[w for w in words[1:] if w != "&"], "--help")
+        assert r.returncode == 0, (words, r.stdout + r.stderr)

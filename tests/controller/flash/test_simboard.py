@@ -86,3 +86,50 @@ def test_an_interrupted_firmware_gives_its_heap_to_the_repl(sim):
     out = mpremote(sim.link, "resume", "exec", "import gc; gc.collect(); print('alloc', gc.mem_alloc())")
     alloc = int(out.split("alloc", 1)[1].split()[0])
     assert alloc < boot["heap_code"] // 2, (alloc, boot["heap_code"])
+
+
+@pytest.fixture
+def dressed(tmp_path):
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", None,
+                    ("--dress-as", "w5500-evb-pico", "--dress-micropython", "1.24.1")) as s:  # fmt: skip
+        yield s
+
+
+def test_a_dressed_board_answers_like_its_micropython_in_the_repl(dressed):
+    out = mpremote(dressed.link, "exec",
+                   "import sys; i = sys.implementation; "
+                   "print(i.name, i.version, i._mpy, i._build, sys.platform); "
+                   "import os; print(sorted(os.listdir()))")  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "micropython (1, 24, 1, '') 4870 W5500_EVB_PICO rp2", out
+    assert "'board.json'" in lines[1] and "'firmware'" in lines[1]  # the real sys underneath
+    boot = next(e for e in dressed.seen if e.get("ev") == "boot")
+    assert boot["board"] == "w5500-evb-pico"
+
+
+def test_a_dressed_boards_watchdog_survives_a_soft_reboot_like_an_rp2040s(dressed):
+    """mpremote soft-reboots into the raw REPL and runs its program there; on an RP2040 whose
+    firmware started the watchdog, the watchdog goes on and resets the board within its 8 s.
+    That is why `bastion flash` puts such a board into maintenance mode first."""
+    mp = subprocess.Popen([str(BIN / "mpremote"), "connect", str(dressed.link), "exec",
+                           "import time; time.sleep(20); print('never cut')"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        dressed.wait(lambda e: e.get("ev") == "reset" and e.get("reason") == "watchdog",
+                     timeout=30)  # fmt: skip
+    finally:
+        mp.kill()  # it waits for an answer from a program the reset ended
+        out = mp.communicate()[0]
+    assert "never cut" not in out
+    assert [e["reason"] for e in dressed.seen if e.get("ev") == "reset"][:2] == [
+        "soft-reboot-raw", "watchdog"]  # fmt: skip
+    dressed.wait(lambda e: e.get("ev") == "boot" and "services" in e)  # and the firmware runs
+
+
+def test_a_plain_sim_boards_watchdog_restarts_with_the_process(sim):
+    """The undressed sim board's emulated watchdog starts with each firmware process, so a
+    program at the raw REPL runs as long as it likes (`bastion flash --board sim` needs no
+    maintenance mode)."""
+    out = mpremote(sim.link, "exec", "import time; time.sleep(10); print('not cut')")
+    assert "not cut" in out
+    assert "watchdog" not in [e["reason"] for e in sim.seen if e.get("ev") == "reset"]

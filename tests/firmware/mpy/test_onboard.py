@@ -40,7 +40,7 @@ def _read(p):
         return f.read()
 
 
-def test_probe_reports_hashes_state_and_free_space():
+def test_probe_reports_hashes_sizes_state_and_free_space():
     with _Flash():
         os.mkdir("firmware")
         _write("firmware/main.mpy", b"code")
@@ -51,11 +51,36 @@ def test_probe_reports_hashes_state_and_free_space():
         assert got["hashes"]["firmware/main.mpy"] == (
             "5694d08a2e53ffcae0c3103e5ad6f6076abd960eb1f8a56577040bc1028f702b")
         assert got["hashes"]["missing.bin"] is None
-        assert got["firmware"] == ["main.mpy"]
+        assert got["sizes"] == {"firmware/main.mpy": 4, "missing.bin": None}
+        assert got["firmware"] == {"main.mpy": 4}
         assert got["power_state"] == "1010"
         assert got["device"] == '{"server_ip": "10.0.0.2"}'
         assert got["relays_state"] is None and got["board"] is None
-        assert got["free"] > 0
+        block, blocks, free = got["space"]
+        assert block > 0 and 0 < free <= blocks
+
+
+def test_probe_forgets_a_half_done_flash_first():
+    with _Flash():
+        os.mkdir(onboard.STAGE)
+        _write(onboard.STAGE + "/device.json", b"{}")
+        json.loads(onboard.probe(["device.json"]))
+        assert not onboard.isdir(onboard.STAGE)
+
+
+def test_probe_reads_the_implementation_as_sys_implementation_has_it():
+    import sys
+
+    impl = json.loads(onboard.probe([]))["impl"]
+    i = sys.implementation
+    assert impl["name"] == i.name
+    assert impl["version"] == list(i.version[:3])
+    assert impl["platform"] == sys.platform and impl["maxsize"] == sys.maxsize
+    # _mpy only where .mpy files can be imported: MicroPython (pytest runs this under CPython
+    # too, which has none)
+    assert impl["mpy"] == getattr(i, "_mpy", None)
+    if i.name == "micropython":
+        assert impl["mpy"] & 0xFF == 6  # the unix port from PyPI: .mpy version 6
 
 
 def test_install_swaps_the_firmware_and_moves_files_into_place():
@@ -94,3 +119,13 @@ def test_clean_forgets_a_half_done_flash():
         onboard.clean()
         assert not onboard.isdir(onboard.STAGE) and not onboard.isdir(onboard.OLD)
         onboard.clean()  # nothing there: still fine
+
+
+def test_stage_makes_the_directories_the_staged_files_need():
+    with _Flash():
+        os.mkdir(onboard.STAGE)
+        _write(onboard.STAGE + "/old.bin", b"x")  # a half-done flash: forgotten
+        onboard.stage(["tftp/pi/config.txt", "firmware/main.mpy", "device.json"])
+        assert sorted(os.listdir(onboard.STAGE)) == ["firmware", "tftp"]
+        assert os.listdir(onboard.STAGE + "/tftp") == ["pi"]
+        assert os.listdir(onboard.STAGE + "/tftp/pi") == []
