@@ -45,6 +45,7 @@ import tty
 from pathlib import Path
 
 from bastion import atomic
+from bastion.flash.mpy import MPY_ARCHES, mpy_for_release
 
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
 SOFT_REBOOTS = ("soft-reboot", "soft-reboot-raw")
@@ -91,19 +92,6 @@ class DressError(ValueError):
     pass
 
 
-def mpy_for_release(version: tuple[int, ...], arch: int) -> int | None:
-    """sys.implementation._mpy of a MicroPython release on a port whose native emitter is
-    `arch` (MP_NATIVE_ARCH_*): .mpy version 6 and its sub-version by release (1.19: 6.0,
-    1.20: 6.1, 1.22: 6.2, 1.23 and later: 6.3; docs/reference/mpyfiles.rst and the sub-version
-    bumps of py/persistentcode.h), None before 1.19 (.mpy 5 and older carry feature flags
-    that depend on the port's configuration: give those by hand)."""
-    v = tuple(version[:2])
-    if v < (1, 19):
-        return None
-    sub = 3 if v >= (1, 23) else 2 if v >= (1, 22) else 1 if v >= (1, 20) else 0
-    return 6 | (sub | arch << 2) << 8
-
-
 class Dress:
     """The sim board dressed as a real board (the module docstring): a stand-in for what
     flashing reads of that board, built from its definition (boards/NAME.json).
@@ -129,8 +117,6 @@ class Dress:
         self.version_tuple = tuple(int(x) for x in parts) + (0,) * (3 - len(parts))
         listed = self.version in mp["versions"]
         if mpy is None:
-            from bastion.flash.image import MPY_ARCHES
-
             arch = MPY_ARCHES.index(mp["mpy"]["arch"])
             mpy = (
                 mp["mpy"]["sys_implementation_mpy"]
