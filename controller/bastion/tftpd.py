@@ -56,6 +56,9 @@ log = logging.getLogger("bastion.tftpd")
 
 _MAX_REQUEST = 512  # RFC 2347: a request, options included, fits in 512 bytes (as the device)
 _MAX_DATAGRAM = 65536
+#: Transfers at once by default; each holds a socket and a file (bastion.api.httpserver counts
+#: them in the descriptor budget)
+MAX_TRANSFERS = 64
 _O_BLKSIZE, _O_TSIZE, _O_TIMEOUT = 1, 2, 4  # firmware.tftp's OACK bits
 MSG_BUSY = b"busy: too many transfers at once; try again"
 
@@ -107,7 +110,7 @@ class TftpService:
         host: str = "0.0.0.0",
         port: int = 69,
         record: Record | None = None,
-        max_transfers: int = 64,
+        max_transfers: int = MAX_TRANSFERS,
         max_blksize: int = 1468,
         timeout: float = 1.0,
         retries: int = 5,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -64,10 +65,13 @@ def free_tcp_port() -> int:
 
 
 class Server:
-    """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1."""
+    """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1. `nofile`: its RLIMIT_NOFILE
+    (soft and hard), as a service unit's LimitNOFILE= would set it; `access_log`: uvicorn's
+    access log on (in `log` with everything else)."""
 
     def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2,
-                 device: str | None = None, args: tuple[str, ...] = ()):
+                 device: str | None = None, args: tuple[str, ...] = (), nofile: int | None = None,
+                 access_log: bool = False):
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = db
@@ -79,9 +83,12 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site),
              "--listen", f"127.0.0.1:{self.port}", "--db", str(db), "--poll", str(poll),
-             "--no-access-log", "--log-level", "warning",
+             "--access-log" if access_log else "--no-access-log",
+             "--log-level", "info" if access_log else "warning",
              *(["--device", device] if device else []), *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+            if nofile else None,
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while True:

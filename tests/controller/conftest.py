@@ -51,11 +51,12 @@ def client_for(tmp_path: Path):
 
 @pytest.fixture
 def serve(tmp_path: Path):
-    """serve(site_dir, token=TOKEN, poll=0.2) -> a running `bastion serve`; stopped by PID."""
+    """serve(site_dir, token=TOKEN, poll=0.2, args=(), nofile=None, access_log=False) -> a
+    running `bastion serve` (bastion_testkit.Server); stopped by PID."""
     servers: list[Server] = []
 
-    def start(site: Path, token: str | None = TOKEN, poll: float = 0.2) -> Server:
-        server = Server(site, tmp_path / f"serve{len(servers)}.db", token, poll)
+    def start(site: Path, token: str | None = TOKEN, poll: float = 0.2, **kw) -> Server:
+        server = Server(site, tmp_path / f"serve{len(servers)}.db", token, poll, **kw)
         servers.append(server)
         return server
 

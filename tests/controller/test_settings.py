@@ -67,6 +67,10 @@ def test_max_body_takes_sizes_as_people_write_them(given, size, monkeypatch):
     ("BASTION_MAX_BODY", "1.5MiB", "--max-body '1.5MiB': expected a size in bytes"),
     ("BASTION_MAX_BODY", "100", "--max-body 100: expected 1KiB to 1GiB"),
     ("BASTION_MAX_BODY", "2GiB", "--max-body 2147483648: expected 1KiB to 1GiB"),
+    ("BASTION_MAX_CONNECTIONS", "0", "--max-connections 0: expected 1 or more"),
+    ("BASTION_MAX_CONNECTIONS", "many", "--max-connections 'many'"),
+    ("BASTION_HEADER_TIMEOUT", "0", "--header-timeout 0: expected seconds, more than 0"),
+    ("BASTION_BODY_TIMEOUT", "7200", "--body-timeout 7200: expected seconds, more than 0 and at most 3600"),
 ])  # fmt: skip
 def test_a_bad_value_from_the_environment_names_the_option(monkeypatch, env, value, message):
     monkeypatch.setenv(env, value)
