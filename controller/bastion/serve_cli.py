@@ -75,9 +75,10 @@ def serve(log_level, access_log, **given) -> None:
         bounds, lambda reason: metrics.connections_closed.labels(reason=reason).inc()
     )
     # httptools as uvicorn would pick, with GRUB's fixes (grubcompat) and the connection bounds
-    # (httpserver)
+    # (httpserver); the access log without tokens
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                http=protocol, timeout_keep_alive=httpserver.KEEP_ALIVE_S)  # fmt: skip
+                http=protocol, timeout_keep_alive=httpserver.KEEP_ALIVE_S,
+                log_config=httpserver.log_config())  # fmt: skip
 
 
 def _format_event(e: dict) -> str:

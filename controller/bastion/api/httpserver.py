@@ -1,4 +1,5 @@
-"""How `bastion serve` runs uvicorn: bounded connections within the descriptor limit.
+"""How `bastion serve` runs uvicorn: bounded connections within the descriptor limit, and an
+access log without tokens.
 
 uvicorn (0.27 to 0.55 at least) closes a connection only when its keep-alive timer runs out,
 and that timer starts after a response: a connection that never sends a byte, or sends its
@@ -24,11 +25,18 @@ Each close is counted in bastion_http_connections_closed_total{reason}. The cap 
 descriptor limit: `serve` raises its soft RLIMIT_NOFILE to the hard limit, keeps RESERVE_FDS
 (and two per TFTP transfer with --tftp) for files, SQLite and the device, and allows two
 descriptors per connection (a connection that streams an asset holds the file open too).
+
+The access log (uvicorn's, one line per request) prints request lines, and a one-time
+Ignition URL's token is in its query: RedactTokens writes `token=(redacted)` instead, as the
+event history does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -174,3 +182,34 @@ def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None) -> type[Bou
     """BoundedHttpProtocol with these bounds, for uvicorn's `http=`."""
     return type("BastionHttpProtocol", (BoundedHttpProtocol,),
                 {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None})  # fmt: skip
+
+
+# -- the access log -----------------------------------------------------------------------------
+
+_TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&])token=)[^&\s]*")
+
+
+def redact_tokens(path: str) -> str:
+    """'/ignition?token=abc&mac=x' -> '/ignition?token=(redacted)&mac=x'."""
+    return _TOKEN_PARAM.sub(r"\1(redacted)", path)
+
+
+class RedactTokens(logging.Filter):
+    """uvicorn.access records carry (client, method, path with query, HTTP version, status) as
+    their args: the path loses its token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_tokens(args[2]), *args[3:])
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration with RedactTokens on its access log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_tokens"] = {"()": RedactTokens}
+    config["handlers"]["access"].setdefault("filters", []).append("redact_tokens")
+    return config

@@ -4,13 +4,15 @@ service's descriptor limit: idle and slow connections cannot lock real clients o
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from bastion.api.httpserver import DescriptorLimitError, connection_cap
-from bastion_testkit import parse_prometheus
+from bastion.api.httpserver import DescriptorLimitError, connection_cap, redact_tokens
+from bastion_testkit import parse_prometheus, write_assets
 
 GUARD_S = 30  # a guard against hangs, never a measure
 
@@ -163,3 +165,49 @@ def test_the_cap_fits_the_descriptor_limit():
 def test_serve_says_when_the_descriptor_limit_is_too_low(serve, site_dir):
     with pytest.raises(RuntimeError, match=r"the descriptor limit \(70\) leaves room for 3 HTTP"):
         serve(site_dir, nofile=70)
+
+
+def one_time_site(root: Path, address: str) -> Path:
+    """A site whose one machine's Ignition reads `secrets`: its boot script carries a one-time
+    URL (bastion.state.onetime)."""
+    site = root / "onetime-site"
+    for d in ("profiles", "ignition"):
+        (site / d).mkdir(parents=True)
+    (site / "site.yaml").write_text("site: s\n")
+    (site / "machines.yaml").write_text(
+        f"machines:\n  - name: n1\n    mac: 52:54:00:00:00:01\n    profile: secret\n    address: {address}\n"
+    )
+    (site / "profiles" / "secret.yaml").write_text(
+        "kernel: /assets/flatcar/amd64/flatcar_production_pxe.vmlinuz\n"
+        "initrd:\n  - /assets/flatcar/amd64/flatcar_production_pxe_image.cpio.gz\n"
+        "ignition: secret.bu\n"
+    )
+    (site / "ignition" / "secret.bu").write_text(
+        "variant: flatcar\nversion: 1.0.0\nstorage:\n  files:\n    - path: /etc/secrets\n"
+        '      contents:\n        inline: "{{ secrets | length }}"\n'
+    )
+    write_assets(site, ("flatcar/amd64",))
+    return site
+
+
+def test_the_access_log_never_shows_a_token(serve, tmp_path):
+    server = serve(one_time_site(tmp_path, "127.0.0.1"), access_log=True)
+    script = server.get("/ipxe", params={"mac": "52:54:00:00:00:01"}).text
+    url = re.search(r"ignition\.config\.url=\S+?(/ignition\?\S+)", script).group(1)
+    token = re.search(r"token=([0-9a-f]{64})", url).group(1)
+    assert server.get(url).status_code == 200  # the node's one fetch
+    forged = "f" * 64
+    assert server.get(f"/ignition?mac=52-54-00-00-00-01&token={forged}").status_code == 403
+    server.stop()
+    log = server.log.read_text()
+    assert '"GET /ignition?token=(redacted)&mac=52-54-00-00-00-01 HTTP/1.1" 200' in log, log
+    assert '"GET /ignition?mac=52-54-00-00-00-01&token=(redacted) HTTP/1.1" 403' in log, log
+    assert token not in log and forged not in log
+
+
+def test_tokens_are_redacted_from_request_lines():
+    assert (
+        redact_tokens("/ignition?token=0123abc&mac=52-54") == "/ignition?token=(redacted)&mac=52-54"
+    )
+    assert redact_tokens("/ignition?mac=52-54&TOKEN=x") == "/ignition?mac=52-54&TOKEN=(redacted)"
+    assert redact_tokens("/ipxe?mac=52-54&notoken=1") == "/ipxe?mac=52-54&notoken=1"
