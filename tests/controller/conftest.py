@@ -32,14 +32,16 @@ def site_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client_for(tmp_path: Path):
-    """client_for(site_dir, token=TOKEN) -> a TestClient on a real SQLite file in tmp_path."""
+    """client_for(site_dir, token=TOKEN, poll=0, client=None) -> a TestClient on a real SQLite
+    file in tmp_path; `client`: the (address, port) its requests come from."""
     from fastapi.testclient import TestClient
 
     clients = []
 
-    def make(site: Path, token: str | None = TOKEN, poll: float = 0) -> TestClient:
+    def make(site: Path, token: str | None = TOKEN, poll: float = 0,
+             client: tuple[str, int] | None = None) -> TestClient:  # fmt: skip
         app = make_app(site, tmp_path / f"events{len(clients)}.db", token, poll)
-        client = TestClient(app)
+        client = TestClient(app, **({"client": client} if client else {}))
         client.__enter__()
         clients.append(client)
         return client
