@@ -3,7 +3,6 @@ service's descriptor limit: idle and slow connections cannot lock real clients o
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bastion.api.httpserver import DescriptorLimitError, connection_cap, redact_tokens
-from bastion_testkit import parse_prometheus, write_assets
+from bastion_testkit import held, parse_prometheus, write_assets
 
 GUARD_S = 30  # a guard against hangs, never a measure
 
@@ -59,22 +58,6 @@ def normal_requests(url: str, n: int, give_up_after: int = 5) -> tuple[int, list
             if len(failures) >= give_up_after:
                 break
     return answered, failures
-
-
-@contextlib.contextmanager
-def held(port: int, n: int, first_bytes: bytes = b""):
-    """n connections to the server, each having sent `first_bytes` (nothing: idle), held open."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port), timeout=GUARD_S)
-            if first_bytes:
-                s.sendall(first_bytes)
-            socks.append(s)
-        yield socks
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_idle_connections_do_not_stop_normal_requests(serve, site_dir):

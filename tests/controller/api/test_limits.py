@@ -4,26 +4,17 @@ on the wire against a real `bastion serve`, and through the application for each
 from __future__ import annotations
 
 import json
-import select
 import socket
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-from bastion_testkit import TOKEN, auth, metric
-
 from bastion.settings import Settings
+from bastion_testkit import TOKEN, auth, metric, push_body, request_head, vm_peak_kb
 
 MiB = 1024 * 1024
 
 
 # -- on the wire, a real server -----------------------------------------------------------------
-
-
-def head(method: str, path: str, port: int, *lines: str) -> bytes:
-    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n" + "".join(f"{x}\r\n" for x in lines)
-            + "\r\n").encode()  # fmt: skip
 
 
 def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -54,51 +45,6 @@ def refused_after_a_few_bytes(port: int, request_head: bytes, sent: int = 4096):
         return status, headers, json.loads(body)
 
 
-def push_body(port: int, request_head: bytes, total: int, chunked: bool = False) -> tuple[int, int]:
-    """Send the head, then up to `total` bytes of body as fast as the server takes them, reading
-    as we go; returns (the answer's status, body bytes the server took before it answered and
-    hung up)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(request_head)
-    s.setblocking(False)
-    piece = b"x" * 65536
-    if chunked:
-        piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
-    sent, answer, stopped = 0, b"", False
-    deadline = time.monotonic() + 120  # a guard against a hang, not a measure
-    try:
-        while time.monotonic() < deadline:
-            writing = [s] if sent < total and not stopped else []
-            readable, writable, _ = select.select([s], writing, [], 1)
-            if readable:
-                try:
-                    data = s.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not data:
-                    break
-                answer += data
-            if writable:
-                try:
-                    sent += s.send(piece)
-                except (BrokenPipeError, ConnectionResetError):
-                    stopped = True  # the server hung up; read what is left
-        else:
-            raise AssertionError("no answer and no hang-up within the guard time")
-    finally:
-        s.close()
-    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
-    return int(answer.split()[1]), sent
-
-
-def vm_peak_kb(pid: int) -> int:
-    """The process's peak resident memory (VmHWM), in kB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 @pytest.fixture
 def server(serve, site_dir):
     return serve(site_dir)
@@ -109,7 +55,7 @@ def test_an_unauthenticated_write_is_refused_before_its_body(server):
     for method, path in (("PUT", "/api/v1/machines/evil"), ("POST", "/api/v1/events"),
                          ("POST", "/api/v1/reload")):  # fmt: skip
         status, headers, body = refused_after_a_few_bytes(
-            server.port, head(method, path, server.port, "Content-Type: application/json", big)
+            server.port, request_head(method, path, server.port, "Content-Type: application/json", big)
         )
         assert (status, body) == (401, {"detail": "a bearer token is required"}), path
         assert headers["connection"] == "close"
@@ -124,11 +70,11 @@ def test_an_oversized_body_is_refused_by_its_content_length(server):
         ("/ipxe", [], MiB + 1, "more than 1048576 bytes (--max-body)"),
     ]  # fmt: skip
     for path, extra, length, why in cases:
-        request = head("POST", path, server.port, *extra, f"Content-Length: {length}")
+        request = request_head("POST", path, server.port, *extra, f"Content-Length: {length}")
         status, headers, body = refused_after_a_few_bytes(server.port, request)
         assert (status, body) == (413, {"detail": f"request body too large: {why}"}), path
     status, _, body = refused_after_a_few_bytes(
-        server.port, head("POST", "/callback", server.port, f"Content-Length: {200 * MiB}"), 16
+        server.port, request_head("POST", "/callback", server.port, f"Content-Length: {200 * MiB}"), 16
     )
     assert status == 413
 
@@ -140,11 +86,11 @@ def test_the_server_does_not_take_a_refused_body_into_memory(server):
     assert server.get("/healthz").status_code == 200
     before = vm_peak_kb(pid)
     total = 200 * MiB
-    put = head("PUT", "/api/v1/machines/evil", server.port, "Content-Type: application/json",
+    put = request_head("PUT", "/api/v1/machines/evil", server.port, "Content-Type: application/json",
                f"Content-Length: {total}")  # fmt: skip
     status, took = push_body(server.port, put, total)
     assert status == 401
-    callback = head("POST", "/callback", server.port, "Transfer-Encoding: chunked")
+    callback = request_head("POST", "/callback", server.port, "Transfer-Encoding: chunked")
     status_chunked, took_chunked = push_body(server.port, callback, total, chunked=True)
     assert status_chunked == 413
     after = vm_peak_kb(pid)
@@ -180,9 +126,8 @@ def test_writes_over_max_body_are_refused_and_nothing_is_stored(site_dir, client
 
 
 def test_max_body_is_a_setting(site_dir, tmp_path):
-    from fastapi.testclient import TestClient
-
     from bastion.api.main import create_app
+    from fastapi.testclient import TestClient
 
     settings = Settings(site_dir=site_dir, db_path=tmp_path / "e.db", api_token=TOKEN, poll_seconds=0,
                         max_body="4KiB")  # fmt: skip
