@@ -180,8 +180,8 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
 def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None) -> type[BoundedHttpProtocol]:
     """BoundedHttpProtocol with these bounds, for uvicorn's `http=`."""
-    return type("BastionHttpProtocol", (BoundedHttpProtocol,),
-                {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None})  # fmt: skip
+    attributes = {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None}
+    return type("BastionHttpProtocol", (BoundedHttpProtocol,), attributes)
 
 
 # -- the access log -----------------------------------------------------------------------------
