@@ -29,7 +29,7 @@ from bastion.render.config import (
     metadata_env,
     render_generic,
     render_ignition,
-    uses_secrets,
+    takes_onetime_url,
     variables,
 )
 from bastion.model import ARCH_ALIASES, Boot, BootRequest, Group, Machine, Profile, Site
@@ -132,12 +132,6 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str, toke
     return scripts.flatcar_boot(boot, url)
 
 
-def reads_secrets(site: Site, profile: Profile) -> bool:
-    """Whether the profile's Ignition template reads `secrets` (so it needs a one-time URL)."""
-    tf = site.ignition.get(profile.ignition) if profile.ignition else None
-    return tf is not None and profile.engine == "jinja" and uses_secrets(tf)
-
-
 def _boot_answer(site: Site, req: BootRequest, loader: str, prov: Provisioning | None) -> Answer:
     found = select(site, req.labels)
     if found is None:
@@ -161,7 +155,7 @@ def _boot_answer(site: Site, req: BootRequest, loader: str, prov: Provisioning |
         )
     token_event = None
     # boot_for put an Ignition URL in a Flatcar profile's arguments: make it a one-time one
-    if prov is not None and profile.os == "flatcar" and reads_secrets(site, profile):
+    if prov is not None and takes_onetime_url(site, profile):
         issued = _issue_token(group, profile, req, prov.tokens)
         if isinstance(issued, Answer):
             return issued
@@ -186,7 +180,16 @@ def _issue_token(group: Group, profile: Profile, req: BootRequest, tokens: Ignit
             profile=profile,
             error="holds secrets: machine not declared",
         )
-    if machine.address and req.client != machine.address:
+    if not machine.address:  # the site loader refuses such a machine: never issue for one
+        return Answer(
+            403,
+            f"{machine.name}'s boot script would hold a one-time Ignition URL, which is served "
+            "only to the machine's address: give it `address:` in machines.yaml\n",
+            group=group,
+            profile=profile,
+            error="holds secrets: no address",
+        )
+    if req.client != machine.address:
         return Answer(
             403,
             f"{machine.name}'s boot script holds a one-time Ignition URL and is served only to its "

@@ -51,6 +51,13 @@ class Metrics:
                                     registry=r)  # fmt: skip
         self.auth_failures = Counter("bastion_api_auth_failures", "Management API requests refused for auth.",
                                      registry=r)  # fmt: skip
+        self.bodies_refused = Counter("bastion_request_bodies_refused",
+                                      "Requests refused for their body's size (413), before reading it.",
+                                      registry=r)  # fmt: skip
+        self.connections_closed = Counter(
+            "bastion_http_connections_closed",
+            "HTTP connections the controller closed by its bounds, by reason (header-timeout, "
+            "body-timeout, evicted, refused).", ["reason"], registry=r)  # fmt: skip
         self.gauge_source: Callable[[], dict[str, float]] | None = None
         r.register(_SiteGauges(self))
 

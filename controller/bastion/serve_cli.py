@@ -28,8 +28,10 @@ def serve(log_level, access_log, **given) -> None:
     it); the command line wins."""
     import uvicorn
 
+    from bastion.api import httpserver
     from bastion.api.main import create_app
     from bastion.site.load import SiteError
+    from bastion.tftpd import MAX_TRANSFERS
 
     try:
         settings = Settings.build(**given)
@@ -37,6 +39,13 @@ def serve(log_level, access_log, **given) -> None:
         raise click.UsageError(str(e)) from None
     host, port = settings.listen
     site_dir = settings.site_dir
+    nofile = httpserver.raise_descriptor_limit()
+    try:
+        max_connections = httpserver.connection_cap(
+            settings.max_connections, nofile, MAX_TRANSFERS if settings.tftp_listen else 0
+        )
+    except httpserver.DescriptorLimitError as e:
+        raise click.ClickException(str(e)) from None
     try:
         app = create_app(settings)
     except SiteError as e:
@@ -51,16 +60,25 @@ def serve(log_level, access_log, **given) -> None:
         f"{len(site.groups)} groups; events in {settings.db_path}; "
         f"management API {'enabled' if settings.api_token else 'disabled (no token)'}; "
         f"device {settings.device_port or 'none'}; "
-        f"TFTP {tftp_at}",
+        f"TFTP {tftp_at}; "
+        f"HTTP connections at most {max_connections} (descriptor limit {nofile})",
         err=True,
     )
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
-    from bastion.api.grubcompat import GrubHttpToolsProtocol
-
-    # httptools as uvicorn would pick, but GRUB gets `Content-Length` as it spells it (grubcompat)
+    if max_connections < settings.max_connections:
+        click.echo(f"warning: --max-connections {settings.max_connections} lowered to "
+                   f"{max_connections} to fit the descriptor limit {nofile}", err=True)  # fmt: skip
+    metrics = app.state.runtime.metrics
+    bounds = httpserver.ConnectionBounds(max_connections, settings.header_timeout, settings.body_timeout)
+    protocol = httpserver.bounded_protocol(
+        bounds, lambda reason: metrics.connections_closed.labels(reason=reason).inc()
+    )
+    # httptools as uvicorn would pick, with GRUB's fixes (grubcompat) and the connection bounds
+    # (httpserver); the access log without tokens
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                http=GrubHttpToolsProtocol)
+                http=protocol, timeout_keep_alive=httpserver.KEEP_ALIVE_S,
+                log_config=httpserver.log_config())  # fmt: skip
 
 
 def _format_event(e: dict) -> str:

@@ -16,6 +16,11 @@ command line (or to the constructor), then the environment, then the default.
     --tftp ADDR:PORT           BASTION_TFTP              the controller's TFTP (the site's tftp/)
     --secrets DIR              BASTION_SECRETS_DIR       the secret store (default: per site)
     --ignition-token-ttl S     BASTION_IGNITION_TOKEN_TTL  one-time Ignition URL life (900 s)
+    --max-body BYTES           BASTION_MAX_BODY          request body limit (1MiB; bastion.api.limits)
+    --max-connections N        BASTION_MAX_CONNECTIONS   HTTP connections at once (1000; fit to the
+                                                         descriptor limit: bastion.api.httpserver)
+    --header-timeout S         BASTION_HEADER_TIMEOUT    time to send a request's head (10 s)
+    --body-timeout S           BASTION_BODY_TIMEOUT      time to send a request's body (60 s)
 
 A bad value is a SettingsError naming the option: `--tftp 'nope': expected HOST:PORT`.
 """
@@ -34,6 +39,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Address = Annotated[tuple[str, int], NoDecode]
 
 DEFAULT_IGNITION_TOKEN_TTL = 15 * 60.0
+DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 1000
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}  # fmt: skip
 
 
 class SettingsError(ValueError):
@@ -78,6 +88,15 @@ def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
         raise SettingsError(f"{option} {text!r}: expected HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def parse_size(text: str, option: str) -> int:
+    """'1048576', '64KiB', '1MiB', '1M' (10**6) -> bytes."""
+    number = text.strip().rstrip("BbIiKkMmGg ")
+    unit = text.strip()[len(number):].strip().lower()
+    if not number.isdigit() or unit not in _SIZE_UNITS:
+        raise SettingsError(f"{option} {text!r}: expected a size in bytes, e.g. 1048576, 64KiB, 1MiB")
+    return int(number) * _SIZE_UNITS[unit]
 
 
 def _setting(env: str, option: str | None, help: str, default: Any = None,
@@ -126,6 +145,22 @@ class Settings(BaseSettings):
     ignition_token_ttl: float = _setting(
         "BASTION_IGNITION_TOKEN_TTL", "--ignition-token-ttl", "How long a one-time Ignition URL "
         "stays good.", default=DEFAULT_IGNITION_TOKEN_TTL, metavar="SECONDS", shown="900")  # fmt: skip
+    max_body: int = _setting(
+        "BASTION_MAX_BODY", "--max-body", "The largest request body, in bytes (64KiB, 1MiB, ...); "
+        "larger ones get 413 before they are read. /callback and /heartbeat have their own "
+        "(64 KiB, 4 KiB).", default=DEFAULT_MAX_BODY, metavar="BYTES", shown="1MiB")  # fmt: skip
+    max_connections: int = _setting(
+        "BASTION_MAX_CONNECTIONS", "--max-connections", "HTTP connections open at once; beyond "
+        "it a new one closes the longest-idle one. Lowered to fit the descriptor limit.",
+        default=DEFAULT_MAX_CONNECTIONS, metavar="N", shown="1000")  # fmt: skip
+    header_timeout: float = _setting(
+        "BASTION_HEADER_TIMEOUT", "--header-timeout", "Seconds a client has to send a request's "
+        "head, from connecting or from its previous answer; then the connection is closed.",
+        default=10.0, metavar="SECONDS", shown="10")  # fmt: skip
+    body_timeout: float = _setting(
+        "BASTION_BODY_TIMEOUT", "--body-timeout", "Seconds a client has to send a request's "
+        "body once its head is in; then the connection is closed.", default=60.0,
+        metavar="SECONDS", shown="60")  # fmt: skip
 
     # -- checks, each naming its option ---------------------------------------------------
 
@@ -162,6 +197,29 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"--ignition-token-ttl {v:g}: expected seconds, more than 0 and at most 86400"
             )
+        return v
+
+    @field_validator("max_body", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        v = parse_size(v, "--max-body") if isinstance(v, str) else v
+        if isinstance(v, int) and not 1024 <= v <= 1024**3:
+            raise SettingsError(f"--max-body {v}: expected 1KiB to 1GiB")
+        return v
+
+    @field_validator("max_connections")
+    @classmethod
+    def _connections(cls, v: int) -> int:
+        if v < 1:
+            raise SettingsError(f"--max-connections {v}: expected 1 or more")
+        return v
+
+    @field_validator("header_timeout", "body_timeout")
+    @classmethod
+    def _timeout(cls, v: float, info: Any) -> float:
+        if not 0 < v <= 3600:
+            option = "--" + info.field_name.replace("_", "-")
+            raise SettingsError(f"{option} {v:g}: expected seconds, more than 0 and at most 3600")
         return v
 
     @field_validator("device_port", mode="before")
@@ -233,6 +291,8 @@ def serve_options(f: Any) -> Any:
             ptype = click.Path(dir_okay=False, path_type=Path)
         elif field.annotation in (float, "float"):
             ptype = float
+        elif field.annotation in (int, "int") and name != "max_body":
+            ptype = int
         else:
             ptype = str
         shown = extra.get("shown")

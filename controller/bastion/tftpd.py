@@ -73,6 +73,9 @@ ETHERNET_BLKSIZE = 1468  # 1500 (Ethernet MTU) - 20 (IPv4) - 8 (UDP) - 4 (TFTP h
 MAX_WINDOW = 65535  # RFC 7440: 1..65535
 DEFAULT_WINDOW = 64
 _MIN_BUF = 4 + 512  # a transfer's buffer also holds its OACK and a read error's ERROR
+#: Transfers at once by default; each holds a socket and a file (bastion.api.httpserver counts
+#: them in the descriptor budget)
+MAX_TRANSFERS = 64
 MSG_BUSY = b"busy: too many transfers at once; try again"
 MSG_NO_SOCKET = b"out of sockets; try again"
 
@@ -131,7 +134,7 @@ class TftpService:
         host: str = "0.0.0.0",
         port: int = 69,
         record: Record | None = None,
-        max_transfers: int = 64,
+        max_transfers: int = MAX_TRANSFERS,
         max_blksize: int = ETHERNET_BLKSIZE,
         max_window: int = DEFAULT_WINDOW,
         timeout: float = 1.0,

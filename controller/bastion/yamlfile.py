@@ -4,6 +4,13 @@
 every sequence a `LineList`: they behave as dict and list and also know the line of themselves,
 of each key and of each item. Any YAML problem, and a key given twice in one mapping (which
 PyYAML would silently accept), raises YamlError naming the file and the line.
+
+Aliases are bounded. PyYAML shares an anchored node between its aliases, so a "billion laughs"
+file (nine levels of nine aliases each: 387 million strings from 1 KB) loads at once, and then
+whoever walks the data (validation, rendering, JSON) expands it to gigabytes. So the composed
+document is measured as it would be expanded (each alias counted as the whole of its anchor's
+node) and refused above MAX_EXPANDED_NODES, before anything is constructed: a few microseconds a
+node, with memory for the composed nodes only.
 """
 
 from __future__ import annotations
@@ -44,8 +51,55 @@ class LineList(list):
             return self.line
 
 
+#: The most nodes a document may expand to through its aliases (its own nodes count too). A
+#: large site is thousands; the alias bomb above is 387 million.
+MAX_EXPANDED_NODES = 100_000
+
+
+def expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes `root` stands for with every alias expanded, counted up to just past
+    `limit`. A node reached again through an alias counts again (from a memo); a node that
+    contains an alias of itself counts as past the limit."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # the nodes on the path being walked
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            open_.discard(key)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if key in sizes:
+            continue
+        if any(id(c) in open_ or c is node for c in children):
+            return limit + 1  # recursive: it would expand for ever
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        if node is not None and expanded_size(node, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb, "
+                "or an alias inside its own anchor); refused",
+                node.start_mark,
+            )  # fmt: skip
+        return node
 
 
 _INT = "tag:yaml.org,2002:int"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import resource
+import select
 import shutil
 import signal
 import socket
@@ -64,10 +67,13 @@ def free_tcp_port() -> int:
 
 
 class Server:
-    """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1."""
+    """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1. `nofile`: its RLIMIT_NOFILE
+    (soft and hard), as a service unit's LimitNOFILE= would set it; `access_log`: uvicorn's
+    access log on (in `log` with everything else)."""
 
     def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2,
-                 device: str | None = None, args: tuple[str, ...] = ()):
+                 device: str | None = None, args: tuple[str, ...] = (), nofile: int | None = None,
+                 access_log: bool = False):
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = db
@@ -79,9 +85,12 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site),
              "--listen", f"127.0.0.1:{self.port}", "--db", str(db), "--poll", str(poll),
-             "--no-access-log", "--log-level", "warning",
+             "--access-log" if access_log else "--no-access-log",
+             "--log-level", "info" if access_log else "warning",
              *(["--device", device] if device else []), *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+            if nofile else None,
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while True:
@@ -113,6 +122,76 @@ class Server:
 
 def curl(*args: str, timeout: int = 30) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, timeout=timeout)
+
+
+# -- hostile clients (tests/controller/api: limits, connection bounds, reliability) -------
+
+
+def request_head(method: str, path: str, port: int, *lines: str) -> bytes:
+    """A request head as bytes, with Host and these header lines."""
+    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n" + "".join(f"{x}\r\n" for x in lines)
+            + "\r\n").encode()  # fmt: skip
+
+
+def push_body(port: int, head: bytes, total: int, chunked: bool = False) -> tuple[int, int]:
+    """Send the head, then up to `total` bytes of body as fast as the server takes them, reading
+    as we go; returns (the answer's status, body bytes the server took before it answered and
+    hung up)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head)
+    s.setblocking(False)
+    piece = b"x" * 65536
+    if chunked:
+        piece = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    sent, answer, stopped = 0, b"", False
+    deadline = time.monotonic() + 120  # a guard against a hang, not a measure
+    try:
+        while time.monotonic() < deadline:
+            writing = [s] if sent < total and not stopped else []
+            readable, writable, _ = select.select([s], writing, [], 1)
+            if readable:
+                try:
+                    data = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                answer += data
+            if writable:
+                try:
+                    sent += s.send(piece)
+                except (BrokenPipeError, ConnectionResetError):
+                    stopped = True  # the server hung up; read what is left
+        else:
+            raise AssertionError("no answer and no hang-up within the guard time")
+    finally:
+        s.close()
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    return int(answer.split()[1]), sent
+
+
+def vm_peak_kb(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@contextlib.contextmanager
+def held(port: int, n: int, first_bytes: bytes = b""):
+    """n connections to the server, each having sent `first_bytes` (nothing: idle), held open."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            if first_bytes:
+                s.sendall(first_bytes)
+            socks.append(s)
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
 
 
 # -- Prometheus text (our own reading of the 0.0.4 format, not the library that wrote it) --

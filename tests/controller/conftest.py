@@ -32,14 +32,16 @@ def site_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client_for(tmp_path: Path):
-    """client_for(site_dir, token=TOKEN) -> a TestClient on a real SQLite file in tmp_path."""
+    """client_for(site_dir, token=TOKEN, poll=0, client=None) -> a TestClient on a real SQLite
+    file in tmp_path; `client`: the (address, port) its requests come from."""
     from fastapi.testclient import TestClient
 
     clients = []
 
-    def make(site: Path, token: str | None = TOKEN, poll: float = 0) -> TestClient:
+    def make(site: Path, token: str | None = TOKEN, poll: float = 0,
+             client: tuple[str, int] | None = None) -> TestClient:  # fmt: skip
         app = make_app(site, tmp_path / f"events{len(clients)}.db", token, poll)
-        client = TestClient(app)
+        client = TestClient(app, **({"client": client} if client else {}))
         client.__enter__()
         clients.append(client)
         return client
@@ -51,11 +53,12 @@ def client_for(tmp_path: Path):
 
 @pytest.fixture
 def serve(tmp_path: Path):
-    """serve(site_dir, token=TOKEN, poll=0.2) -> a running `bastion serve`; stopped by PID."""
+    """serve(site_dir, token=TOKEN, poll=0.2, args=(), nofile=None, access_log=False) -> a
+    running `bastion serve` (bastion_testkit.Server); stopped by PID."""
     servers: list[Server] = []
 
-    def start(site: Path, token: str | None = TOKEN, poll: float = 0.2) -> Server:
-        server = Server(site, tmp_path / f"serve{len(servers)}.db", token, poll)
+    def start(site: Path, token: str | None = TOKEN, poll: float = 0.2, **kw) -> Server:
+        server = Server(site, tmp_path / f"serve{len(servers)}.db", token, poll, **kw)
         servers.append(server)
         return server
 

@@ -45,12 +45,32 @@ def test_the_token_file_wins_over_the_token_variable(monkeypatch, tmp_path):
     assert Settings.build(SITE).api_token == "from-the-file-0123456789"
 
 
+@pytest.mark.parametrize(("given", "size"), [
+    ("1048576", 1048576), ("64KiB", 65536), ("64kib", 65536), ("1MiB", 1048576), ("1M", 10**6),
+    ("2 MB", 2 * 10**6), ("4096B", 4096),
+])  # fmt: skip
+def test_max_body_takes_sizes_as_people_write_them(given, size, monkeypatch):
+    assert Settings.build(SITE, max_body=given).max_body == size
+    monkeypatch.setenv("BASTION_MAX_BODY", given)
+    assert Settings.build(SITE).max_body == size
+    monkeypatch.delenv("BASTION_MAX_BODY")
+    assert Settings.build(SITE).max_body == 1024 * 1024
+
+
 @pytest.mark.parametrize(("env", "value", "message"), [
     ("BASTION_LISTEN", "nope", "--listen 'nope': expected HOST:PORT"),
     ("BASTION_TFTP", "x:y", "--tftp 'x:y': expected HOST:PORT"),
     ("BASTION_POLL_SECONDS", "-1", "--poll -1: expected seconds, 0 or more"),
     ("BASTION_POLL_SECONDS", "soon", "--poll 'soon'"),
     ("BASTION_IGNITION_TOKEN_TTL", "100000", "--ignition-token-ttl 100000: expected seconds"),
+    ("BASTION_MAX_BODY", "lots", "--max-body 'lots': expected a size in bytes"),
+    ("BASTION_MAX_BODY", "1.5MiB", "--max-body '1.5MiB': expected a size in bytes"),
+    ("BASTION_MAX_BODY", "100", "--max-body 100: expected 1KiB to 1GiB"),
+    ("BASTION_MAX_BODY", "2GiB", "--max-body 2147483648: expected 1KiB to 1GiB"),
+    ("BASTION_MAX_CONNECTIONS", "0", "--max-connections 0: expected 1 or more"),
+    ("BASTION_MAX_CONNECTIONS", "many", "--max-connections 'many'"),
+    ("BASTION_HEADER_TIMEOUT", "0", "--header-timeout 0: expected seconds, more than 0"),
+    ("BASTION_BODY_TIMEOUT", "7200", "--body-timeout 7200: expected seconds, more than 0 and at most 3600"),
 ])  # fmt: skip
 def test_a_bad_value_from_the_environment_names_the_option(monkeypatch, env, value, message):
     monkeypatch.setenv(env, value)

@@ -121,19 +121,15 @@ async def metadata(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> R
     return respond(runtime, "/metadata", req, boot.metadata(site, req), started)
 
 
-_CALLBACK_MAX = 64 * 1024
-
-
 @router.post(
     "/callback",
     summary="A node reports a boot stage",
     description="Body: JSON object or form fields (or query parameters) with `mac` and any of "
-    "`digest`, `stage`, `status`, `message`. Lands in the event history as kind `callback`.",
+    "`digest`, `stage`, `status`, `message`, at most 64 KiB (413 beyond, before it is read). "
+    "Lands in the event history as kind `callback`.",
 )
 async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSONResponse:
-    body = await request.body()
-    if len(body) > _CALLBACK_MAX:
-        raise HTTPException(413, "callback body too large")
+    body = await request.body()  # at most 64 KiB: bastion.api.limits
     fields: dict[str, object] = dict(parse_qsl(request.url.query, keep_blank_values=True))
     text = body.decode("utf-8", errors="replace").strip()
     if text.startswith("{"):
@@ -181,7 +177,7 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
 @router.post(
     "/heartbeat",
     summary="A running node says it is alive (the device's node watchdog)",
-    description="Query or form field `mac`. For a machine with `relay:` and `heartbeat:` in "
+    description="Query or form field `mac` (a body of at most 4 KiB). For a machine with `relay:` and `heartbeat:` in "
     "machines.yaml the beat goes to the device, which power-cycles the node when its beats "
     "stop (with backoff and a cap). Answers 202 when forwarded, 200 when the site does not "
     "watch that machine. Not recorded per beat (nodes send them every few seconds).",
@@ -189,7 +185,7 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
 async def heartbeat(runtime: RuntimeDep, request: Request) -> JSONResponse:
     fields = dict(parse_qsl(request.url.query))
     if not fields.get("mac"):
-        body = (await request.body())[:4096].decode("utf-8", errors="replace")
+        body = (await request.body()).decode("utf-8", errors="replace")  # 4 KiB at most: limits
         fields.update(parse_qsl(body))
     try:
         mac = match.parse_mac(str(fields.get("mac", "")))

@@ -67,27 +67,39 @@ StoreDep = Annotated[EventStore, Depends(get_store)]
 _bearer = HTTPBearer(auto_error=False, description="The management API token")
 
 
+def admin_refusal(
+    configured: str | None, given: str | None
+) -> tuple[int, str, dict[str, str]] | None:
+    """Why a request carrying bearer token `given` (None: none) may not use the management API
+    of a controller whose token is `configured`, as (status, detail, headers); None if it may.
+    Shared by require_admin and the body limits, which ask before a body is read."""
+    if configured is None:
+        return 403, ("the management API is disabled: no token configured "
+                     "(set BASTION_API_TOKEN or use --token-file)"), {}  # fmt: skip
+    if not given:
+        return 401, "a bearer token is required", {"WWW-Authenticate": "Bearer"}
+    if not hmac.compare_digest(given.encode(), configured.encode()):
+        return 401, "wrong token", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    return None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return (given.strip() or None) if scheme.lower() == "bearer" else None
+
+
 async def require_admin(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Every write, and every read of secrets, needs `Authorization: Bearer <token>`."""
-    token = runtime.settings.api_token
-    if token is None:
+    refusal = admin_refusal(
+        runtime.settings.api_token, credentials.credentials if credentials else None
+    )
+    if refusal is not None:
         runtime.metrics.auth_failures.inc()
-        raise HTTPException(
-            403,
-            "the management API is disabled: no token configured "
-            "(set BASTION_API_TOKEN or use --token-file)",
-        )
-    if credentials is None:
-        runtime.metrics.auth_failures.inc()
-        raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-        runtime.metrics.auth_failures.inc()
-        raise HTTPException(
-            401, "wrong token", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-        )
+        raise HTTPException(*refusal)
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

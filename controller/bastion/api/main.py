@@ -13,6 +13,7 @@ from fastapi import APIRouter, FastAPI
 from bastion import __version__
 from bastion.api import assets, boot, dashboard, device, events, groups, machines, profiles, system
 from bastion.api.deps import Runtime
+from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
 from bastion.state.install import InstallMarks
 from bastion.metrics import Metrics
@@ -110,6 +111,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
+    # before the routes: a body is refused by its size and sender before anything reads it
+    app.add_middleware(BodyLimits, runtime=runtime)
     app.include_router(boot.router)
     app.include_router(assets.router)
     app.include_router(system.router)

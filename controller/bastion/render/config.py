@@ -79,6 +79,15 @@ def uses_secrets(tf: TemplateFile) -> bool:
     return _reads_secrets(tf.text)
 
 
+def takes_onetime_url(site: Site, profile: Profile) -> bool:
+    """Whether the profile's boot scripts carry a one-time Ignition URL (bastion.state.onetime):
+    a Flatcar profile whose Ignition template reads `secrets`."""
+    if profile.os != "flatcar" or profile.engine != "jinja" or not profile.ignition:
+        return False
+    tf = site.ignition.get(profile.ignition)
+    return tf is not None and uses_secrets(tf)
+
+
 @functools.lru_cache(maxsize=512)
 def _reads_secrets(text: str) -> bool:
     # asked on every boot script of a Flatcar profile: parse each template text once

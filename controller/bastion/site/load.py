@@ -39,6 +39,7 @@ from bastion.render.config import (
     compile_jinja,
     render_generic,
     render_ignition,
+    takes_onetime_url,
 )
 from bastion.site import schema
 from bastion.model import (
@@ -165,6 +166,8 @@ class _Loader:
         # profiles whose file exists but does not load: references to them are not reported
         # again, so that one mistake gives one error
         self.broken_profiles: set[str] = set()
+        # machines.yaml: each machine's index in `machines:`, for problems found after loading
+        self.machine_index: dict[str, int] = {}
 
     def problem(self, where: str, line: int | None, field: str, msg: str) -> None:
         place = f"{where}:{line}" if line else where
@@ -260,6 +263,7 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
         generic=generic_files,
         warnings=tuple(ld.warnings),
     )
+    _check_secret_bindings(ld, site)
     _prerender(ld, site)
     if ld.problems:
         raise SiteError(ld.problems)
@@ -336,6 +340,7 @@ def _load_machines(
             ld.problem(rel, at("name"), f"{where}.name", f"{entry.name!r} is also machines[{by_name[entry.name]}]")
             continue
         by_name[entry.name] = i
+        ld.machine_index[entry.name] = i
         if entry.mac is None and entry.uuid is None:
             ld.problem(rel, line, where, "needs a mac or a uuid to be recognised by")
             continue
@@ -744,6 +749,25 @@ def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile],
                 continue
         out[folder][name] = TemplateFile(name, rel, text, go=go, jinja=jinja)
     return out["ignition"], out["generic"]
+
+
+def _check_secret_bindings(ld: _Loader, site: Site) -> None:
+    """A machine whose boot script carries a one-time Ignition URL (its profile's Ignition reads
+    `secrets`) needs `address:`: the script, and with it the URL to the machine's secrets, is then
+    served to that address only. Without one, any host on the LAN that asks for the script with
+    the machine's MAC before the node does gets its secrets (bastion.state.onetime)."""
+    for m in site.machines:
+        profile = site.profiles.get(m.profile)
+        if m.address or profile is None or not takes_onetime_url(site, profile):
+            continue
+        template = site.ignition[profile.ignition].relpath
+        ld.problem(
+            m.source, m.line, f"machines[{ld.machine_index.get(m.name, '?')}].address",
+            f"is required: {m.name} boots profile {profile.id!r}, whose Ignition ({template}) "
+            "reads secrets, sent on a one-time URL in its boot script; without an address, any "
+            "host on the LAN that asks for the script first gets them. Set address: to the fixed "
+            "IP its DHCP reservation gives it; only that address then gets the script",
+        )  # fmt: skip
 
 
 def _prerender(ld: _Loader, site: Site) -> None:

@@ -539,7 +539,11 @@ class MachineEntry(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     # k3s cluster nodes (site.yaml cluster:, role server or agent)
-    address: str | None = Field(default=None, description="its fixed LAN address (a DHCP reservation)")
+    address: str | None = Field(
+        default=None,
+        description="its fixed LAN address (a DHCP reservation); required when its Ignition reads "
+        "secrets: its boot script goes to that address only",
+    )
     disk: MachineDisk | None = None
     k3s: MachineK3s | None = None
     wireguard: MachineWireguard | None = None

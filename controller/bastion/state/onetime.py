@@ -26,9 +26,10 @@ Theory of operation (states of one token):
 A fetch whose config cannot be rendered (500) does not use the token. What the binding is worth:
 Ignition's request carries no MAC, so the controller checks what it can see: the `mac=` in the
 URL (which is in the URL it issued, so it only catches edited URLs) and the client address,
-which must be the one that fetched the boot script. With machines.yaml `address:` (a DHCP
-reservation), the script itself is served only to that address. A LAN host can still read the
-boot script off the wire and race the node for the one fetch, or spoof an address; then the
+which must be the one that fetched the boot script. Such a machine must have machines.yaml
+`address:` (a DHCP reservation; the site loader refuses it without one), and the script itself
+is served only to that address. A LAN host can still read the boot script off the wire and race
+the node for the one fetch, or spoof the node's address; then the
 node's own fetch is refused and recorded, so a stolen secret does not go unnoticed.
 docs/controller.md#one-time-ignition-urls says the same for users.
 """

@@ -141,7 +141,11 @@ def test_an_installed_machine_is_not_issued_a_token(tmp_path, client_for):
     )
     with (site / "profiles" / "once.yaml").open("a") as f:
         f.write("ignition: s.bu\n")
-    client = client_for(site)
+    machines = site / "machines.yaml"  # a machine whose Ignition reads secrets has its address
+    machines.write_text(
+        machines.read_text().replace("    role: once\n", "    role: once\n    address: 10.77.0.21\n")
+    )
+    client = client_for(site, client=("10.77.0.21", 40000))
     assert "ignition?token=" in client.get("/ipxe", params={"mac": ONCE_MAC}).text
     client.post("/callback", data={"mac": ONCE_MAC, "stage": "booted"})
     assert client.get("/ipxe", params={"mac": ONCE_MAC}).text == LOCAL_IPXE

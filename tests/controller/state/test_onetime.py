@@ -20,6 +20,7 @@ from bastion.api.main import create_app
 from bastion.state.onetime import IgnitionTokens, TokenRefused, digest
 from bastion.state.secrets import SecretStore
 from bastion.settings import Settings
+from bastion.site.load import SiteError, load_site
 from bastion_testkit import TOKEN, auth, write_assets
 from fastapi.testclient import TestClient
 
@@ -53,13 +54,14 @@ GENERIC = "TOKEN={{ secrets.token }}\n"
 
 
 def make_site(root: Path) -> Path:
+    """n1 and n3 hold secrets (at the node's address, as the site loader requires), n2 not."""
     site = root / "site"
     for d in ("profiles", "ignition", "generic"):
         (site / d).mkdir(parents=True)
     (site / "site.yaml").write_text("site: s\nroles:\n  secret: secret\n  plain: plain\n")
     (site / "machines.yaml").write_text(
         "machines:\n"
-        f"  - name: n1\n    mac: {N1_MAC}\n    role: secret\n"
+        f"  - name: n1\n    mac: {N1_MAC}\n    role: secret\n    address: {NODE[0]}\n"
         f"  - name: n2\n    mac: {N2_MAC}\n    role: plain\n"
         f"  - name: n3\n    mac: {N3_MAC}\n    role: secret\n    address: {NODE[0]}\n"
     )
@@ -228,6 +230,45 @@ def test_a_used_token_stays_used_after_a_restart(tmp_path):
     r = second.node.get(url)
     assert r.status_code == 410 and "already used" in r.text
     assert second.node.get(unused).status_code == 200  # an unused one survives the restart too
+
+
+def test_another_host_cannot_obtain_a_nodes_secrets(ctl):
+    """A host on the LAN that asks for the node's boot script, config or metadata with its MAC
+    gets no token and no secret; the node then boots as if nothing happened."""
+    secret = ctl.store.get_or_create("test/n1")
+    for loader in ("ipxe", "grub"):
+        r = ctl.other.get(f"/{loader}", params={"mac": N1_MAC, "arch": "x86_64"})
+        assert r.status_code == 403 and "token=" not in r.text, r.text
+    for path in ("/ignition", "/generic", "/metadata"):
+        assert secret not in ctl.other.get(path, params={"mac": N1_MAC}).text
+    r = ctl.node.get(ctl.ignition_url(N1_MAC))
+    assert r.status_code == 200 and secret in r.text
+    refused = [e for e in ctl.events("ignition-token") if e["payload"]["action"] == "refused"]
+    assert [(e["payload"]["client"], e["payload"]["expected_client"]) for e in refused] == [
+        (OTHER[0], NODE[0]), (OTHER[0], NODE[0])
+    ]  # fmt: skip
+
+
+def test_a_secret_holding_machine_without_an_address_does_not_load(tmp_path, client_for):
+    site = make_site(tmp_path)
+    machines = (site / "machines.yaml").read_text()
+    (site / "machines.yaml").write_text(machines.replace(f"    address: {NODE[0]}\n", "", 1))
+    with pytest.raises(SiteError) as e:
+        load_site(site)
+    assert e.value.problems == [
+        "machines.yaml:2: machines[0].address: is required: n1 boots profile 'secret', whose "
+        "Ignition (ignition/secret.bu) reads secrets, sent on a one-time URL in its boot script; "
+        "without an address, any host on the LAN that asks for the script first gets them. Set "
+        "address: to the fixed IP its DHCP reservation gives it; only that address then gets "
+        "the script"
+    ]
+    # nor through the API: an edit that would add one is refused, and nothing is written
+    (site / "machines.yaml").write_text(machines)
+    c = client_for(site)
+    entry = {"mac": "52:54:00:00:00:04", "role": "secret"}
+    r = c.put("/api/v1/machines/n4", json=entry, headers=auth())
+    assert r.status_code == 422 and "machines[3].address: is required: n4" in r.text, r.text
+    assert (site / "machines.yaml").read_text() == machines
 
 
 def test_a_declared_address_gets_the_script_only_there(ctl):

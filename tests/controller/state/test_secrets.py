@@ -68,7 +68,10 @@ def _secret_site(tmp_path):
     (site / "profiles").mkdir(parents=True)
     (site / "ignition").mkdir()
     (site / "site.yaml").write_text("site: s\nroles:\n  node: node\n")
-    (site / "machines.yaml").write_text("machines:\n  - name: n1\n    mac: 52:54:00:00:00:01\n    role: node\n")
+    (site / "machines.yaml").write_text(
+        "machines:\n  - name: n1\n    mac: 52:54:00:00:00:01\n    role: node\n"
+        "    address: 10.77.0.21\n"
+    )
     (site / "profiles" / "node.yaml").write_text("kernel: /assets/k\nignition: node.bu\n")
     (site / "ignition" / "node.bu").write_text(
         "variant: flatcar\nversion: 1.0.0\nstorage:\n  files:\n    - path: /etc/token\n"

@@ -1,0 +1,77 @@
+"""bastion.yamlfile: line-aware YAML, and aliases bounded (the "billion laughs" file)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from bastion import yamlfile
+from bastion.site.load import SiteError, load_site
+
+
+def alias_bomb(levels: int = 9, fanout: int = 9) -> str:
+    """`levels` anchors, each a list of `fanout` aliases of the one before: fanout**levels
+    strings from about a kilobyte."""
+    lines = ["site: bomb", "metadata:", "  l0: &l0 [" + ", ".join(['"lol"'] * fanout) + "]"]
+    for i in range(1, levels + 1):
+        lines.append(f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fanout) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "site.yaml").write_text(alias_bomb())
+    with pytest.raises(yamlfile.YamlError) as e:
+        yamlfile.load((tmp_path / "site.yaml").read_text(), "site.yaml")
+    assert e.value.name == "site.yaml"
+    assert "aliases expand to more than 100,000 values" in str(e.value)
+    with pytest.raises(SiteError) as e:
+        load_site(tmp_path)
+    assert e.value.problems == [
+        (
+            "site.yaml:1: bad YAML: its aliases expand to more than 100,000 values (an alias "
+            "bomb, or an alias inside its own anchor); refused"
+        )
+    ]
+
+
+def test_site_check_refuses_the_bomb_and_says_where(tmp_path):
+    """The command as a user runs it, in a process whose memory is capped at 1 GB: it used to
+    grow to 3.1 GB and end in a MemoryError traceback naming no file."""
+    (tmp_path / "site.yaml").write_text(alias_bomb())
+    capped = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+        "from bastion.cli import main; sys.argv[0] = 'bastion'; main()"
+    )
+    r = subprocess.run([sys.executable, "-c", capped, "site", "check", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("site.yaml:1: bad YAML: its aliases expand to more than"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_alias_inside_its_own_anchor_is_refused():
+    for text in ("a: &a [*a]", "a: &a {b: *a}", "a: &a [1, [2, *a]]"):
+        with pytest.raises(yamlfile.YamlError, match="alias inside its own anchor"):
+            yamlfile.load(text, "x.yaml")
+
+
+def test_aliases_used_as_people_use_them_still_load():
+    # a shared block of labels for 500 machines: 500 aliases of a 20-entry mapping
+    labels = "\n".join(f"    k{i}: v{i}" for i in range(20))
+    machines = "\n".join(f"  - name: m{i}\n    labels: *common" for i in range(500))
+    doc = yamlfile.load(f"common: &common\n{labels}\nmachines:\n{machines}\n", "machines.yaml")
+    assert len(doc["machines"]) == 500
+    assert doc["machines"][499]["labels"]["k19"] == "v19"
+
+
+def test_the_bound_counts_expansion_not_file_size():
+    # exactly at the bound loads; one past it does not
+    limit = yamlfile.MAX_EXPANDED_NODES
+    flat = yaml.compose("[" + ", ".join(["x"] * (limit - 1)) + "]")
+    assert yamlfile.expanded_size(flat, limit) == limit
+    nested = yaml.compose("a: &a [1, 2, 3]\nb: [*a, *a, *a]")
+    # mapping 1 + 2 keys + a (4) + b (1 + 3 * 4)
+    assert yamlfile.expanded_size(nested, 1000) == 1 + 2 + 4 + 13
+    assert yamlfile.expanded_size(nested, 10) == 11
