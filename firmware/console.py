@@ -256,7 +256,9 @@ class Console:
         return d  # counters have their own op: a status reply must fit the frame buffer
 
     def _counters(self, req, now):
-        c = dict(self.log.counters) if self.log is not None else {}
+        # Into the log's own table (sized at boot), not a copy: a copy is a fresh run of heap,
+        # which a heap in pieces may not have when the counters matter most.
+        c = self.log.counters if self.log is not None else {}
         df = self.deframer
         c["console.frames"] = df.frames
         c["console.noise"] = df.noise

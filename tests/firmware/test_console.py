@@ -428,7 +428,7 @@ print("code", b - a, "objects", c - b, "after", d - c)
 def test_heap_of_the_device_link_modules_stays_small(tmp_path):
     """Code (as .mpy, as flashed) and data of frame+power+watchdog+console in the 128 KB heap:
     a guard against creeping size, with the numbers in the failure message."""
-    from bastion.sim import _tool
+    from bastion.sim import MPY_CROSS_ARGS, _tool
 
     pkg = tmp_path / "firmware"
     pkg.mkdir()
@@ -436,6 +436,7 @@ def test_heap_of_the_device_link_modules_stays_small(tmp_path):
         subprocess.run(
             [
                 _tool("mpy-cross"),
+                *MPY_CROSS_ARGS,
                 "-o",
                 str(pkg / f"{name}.mpy"),
                 "-s",
@@ -454,6 +455,8 @@ def test_heap_of_the_device_link_modules_stays_small(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     words = r.stdout.split()
     code, objects, after = int(words[1]), int(words[3]), int(words[5])
-    assert code < 32 * 1024, r.stdout
-    assert objects < 12 * 1024, r.stdout
+    # 32 KB and 12 KB until the event budgets and the shedding (log) and the counters' table
+    # sized at boot (log) came, for the hostile-LAN work (issue 19).
+    assert code < 35 * 1024, r.stdout
+    assert objects < 13 * 1024, r.stdout
     assert after < 6 * 1024, r.stdout  # the bounded reply cache and ring, whatever the traffic
