@@ -161,6 +161,7 @@ async def serve(board, power, cfg, log, opts, heap, error=None):
         nodes=nodes,
         reboot=board.reset,
         info={"fw": VERSION, "board": board.name},
+        interrupts=console_mod.interrupt_switch(),
     )
     console.add("heap", heap.op)
     if board.defn.get("faults"):

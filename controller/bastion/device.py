@@ -18,6 +18,11 @@ Delivery guarantees:
 - Events are deduplicated by (boot, seq) and delivered in order; events the device pushed
   while the link was down are fetched with the `events` op on resync, as far as the device's
   ring still holds them (what it no longer holds is counted as `events_lost`).
+
+Holding the line: the device treats Ctrl-C on its serial line as a plain byte while a
+controller holds it (taken by `hello`, kept by any request; docs/serial-protocol.md). An idle
+link sends `hold` every `keepalive_s`, so stray bytes never interrupt the firmware while this
+link is open, and close() sends `release`, so mpremote can have the REPL right after.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from firmware import frame
 PROTO = 1
 # Requests that may safely run twice (on both sides of a device restart).
 IDEMPOTENT_OPS = frozenset(
-    {"hello", "status", "counters", "heap", "events", "watch", "unwatch", "beat"}
+    {"hello", "status", "counters", "heap", "events", "watch", "unwatch", "beat", "hold",
+     "release"}
 )
 _LINK_COUNTERS = (
     "connects",
@@ -54,6 +60,7 @@ _LINK_COUNTERS = (
     "held_overflow",
     "callback_errors",
     "bad_messages",
+    "keepalives",
 )
 
 
@@ -111,6 +118,7 @@ class DeviceLink:
         timeout_s: float = 5.0,
         retry_s: float = 1.0,
         reconnect_s: float = 0.5,
+        keepalive_s: float | None = 2.0,
         max_line: int = 65536,
         cursor: tuple[str, int] | None = None,
         open_port: Callable[[str, int], serial.SerialBase] = _open_serial,
@@ -120,6 +128,10 @@ class DeviceLink:
         self.timeout_s = timeout_s  # default per-request deadline
         self.retry_s = retry_s  # re-send an unanswered request after this long
         self.reconnect_s = reconnect_s  # pause between two attempts to open the port
+        # an idle link sends "hold" this often, well inside the device's Console.contact_ms
+        self.keepalive_s = keepalive_s
+        self._last_write = 0.0
+        self._holds = True  # False once the device said it has no "hold" (older firmware)
         self.session = os.urandom(4).hex()  # tells the device its reply cache is still ours
         self.info: dict | None = None  # the last hello reply
         self.status: dict | None = None  # the last status read on resync
@@ -164,9 +176,17 @@ class DeviceLink:
         self._thread = threading.Thread(target=self._run, name=f"device-link {self.port}")
         self._thread.daemon = True
         self._thread.start()
+        if self.keepalive_s:
+            threading.Thread(target=self._keepalive, name=f"device-hold {self.port}",
+                             daemon=True).start()
         return self
 
     def close(self) -> None:
+        if self._holds and self._ready.is_set() and not self._closed.is_set():
+            try:  # give Ctrl-C back to the line: mpremote may be next
+                self.request("release", timeout=min(1.0, self.timeout_s))
+            except DeviceError:
+                pass
         self._closed.set()
         self._ready.clear()
         self._drop_port()
@@ -288,6 +308,7 @@ class DeviceLink:
                 p.sent_boot = self._boot
             try:
                 ser.write(p.line)
+                self._last_write = time.monotonic()
             except serial.SerialTimeoutException:
                 with self._lock:
                     self._counts["write_timeouts"] += 1
@@ -297,6 +318,20 @@ class DeviceLink:
                 self._drop_port()
                 return False
         return True
+
+    def _keepalive(self) -> None:
+        assert self.keepalive_s
+        while not self._closed.wait(self.keepalive_s / 4):
+            if not self._ready.is_set() or time.monotonic() - self._last_write < self.keepalive_s:
+                continue
+            try:
+                self.request("hold", timeout=self.keepalive_s)
+                with self._lock:
+                    self._counts["keepalives"] += 1
+            except DeviceError as e:
+                if e.code == "unknown":  # a firmware from before "hold": it cannot be held
+                    self._holds = False
+                    return
 
     # --- the connection ------------------------------------------------------------------
     def _run(self) -> None:

@@ -8,7 +8,8 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
    architecture (bastion.flashing, bastion.chainload); compile the firmware to .mpy. Nothing has touched the device yet (`--dry-run` stops here).
 2. ask the running firmware, over the serial protocol, for its relay channels: a channel that
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
-   flashing waits for a quiet device.
+   flashing waits for a quiet device. Closing that link releases the line, so mpremote's
+   Ctrl-C stops the firmware again.
 3. `mpremote exec`: read the flash (hashes of the files to write, power.state, device.json,
    board.json, relays.state on the sim board, free space). This stops the firmware: from here
    on every exit restarts it.

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from bastion.device import DeviceLink
 from simkit import SimProcess
 
 BIN = Path(sys.executable).parent
@@ -76,3 +78,23 @@ def _parent_is(pid: int, parent: int) -> bool:
     except OSError:
         return False
     return int(stat.rsplit(")", 1)[1].split()[1]) == parent
+
+
+def test_a_controller_holds_the_line_and_mpremote_gets_it_back_after_release(sim):
+    """With a controller's link open, Ctrl-C, Ctrl-A and Ctrl-D in line noise do not stop the
+    firmware; `release` (what `bastion flash` sends before mpremote) gives Ctrl-C back."""
+    pid = sim.firmware_pid()
+    with DeviceLink(str(sim.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        fd = os.open(sim.link, os.O_RDWR | os.O_NOCTTY)
+        try:
+            os.write(fd, b"\x03\x03 noise \x01\x04\x03\r\n\x1a\x1c\x03")
+        finally:
+            os.close(fd)
+        time.sleep(1)
+        assert link.request("status")["boot"] == link.boot
+        assert sim.firmware_pid() == pid
+        assert not [e for e in sim.seen if e.get("ev") == "reset"]
+        assert link.request("release")["held"] is False
+    out = mpremote(sim.link, "resume", "exec", "print('at the REPL')")
+    assert "at the REPL" in out
