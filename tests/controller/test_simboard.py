@@ -98,3 +98,21 @@ def test_a_controller_holds_the_line_and_mpremote_gets_it_back_after_release(sim
         assert link.request("release")["held"] is False
     out = mpremote(sim.link, "resume", "exec", "print('at the REPL')")
     assert "at the REPL" in out
+
+
+def test_a_ctrl_a_in_line_noise_does_not_leave_the_board_at_the_raw_repl(sim):
+    """Which REPL the board is at is what the firmware says, not what a client sent: a Ctrl-A
+    in noise while the firmware runs, then Ctrl-C and Ctrl-D at the friendly REPL, is a soft
+    reboot that runs main.py again, as on a board (it used to come back at the raw REPL)."""
+    fd = os.open(sim.link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, b"noise \x01 noise\r\n")  # a byte for the running firmware
+        time.sleep(0.5)
+        os.write(fd, b"\x03")  # the firmware stops: the friendly REPL
+        time.sleep(1)
+        os.write(fd, b"\x04")
+    finally:
+        os.close(fd)
+    ev = sim.wait(lambda e: e.get("ev") == "reset")
+    assert ev["reason"] == "soft-reboot"
+    sim.wait(lambda e: e.get("ev") == "boot" and "version" in e)  # main.py ran again
