@@ -142,6 +142,7 @@ class TftpServer:
             try:
                 data, client = await net.recvfrom(sock, n)
                 self.stalled_since = None
+                self.log.count("tftp.request")
                 if n != _MAX_REQUEST and len(data) >= n:  # maybe cut short: not to be trusted
                     self.log.count("tftp.truncated")
                     continue
@@ -176,7 +177,6 @@ class TftpServer:
         MemoryError. True when a silent transfer was told to give way for it: then call
         again once that transfer's task has ended."""
         log = self.log
-        log.count("tftp.request")
         try:
             req = tftp.parse_request(data)
         except tftp.Malformed:
