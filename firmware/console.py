@@ -13,13 +13,18 @@
 #   - replies to ops that change state are kept, the last cache_size of them, keyed by request
 #     id: a retry (same id, same request) is answered from the cache, never executed again. A
 #     new session empties the cache. Read-only ops are simply run again.
+#   - while a controller holds the line, Ctrl-C on it is a plain byte (noise), not an
+#     interrupt: "hello" and "hold" take the hold, any request keeps it, and it is let go after
+#     contact_ms without a request or at once by "release" (what `bastion flash` sends before
+#     mpremote asks for the REPL). The switch is the shell's (interrupt_switch); "reboot"
+#     stays the deliberate way to restart.
 import gc
 
 from firmware import frame
-from firmware.compat import heap_used, sleep_ms, ticks_diff, ticks_ms
+from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms
 
 PROTO = 1
-_ERR = ("id", "ok", "error", "code")
+_ISIG = const(1)  # termios c_lflag: the tty turns Ctrl-C into SIGINT (Linux: the sim board)
 
 
 class BadRequest(ValueError):
@@ -59,7 +64,15 @@ class Console:
     power (firmware.power.Power), tasks (watchdog.TaskWatch), nodes (watchdog.NodeWatch),
     log (firmware.log.Log: events are pushed from it, counters read from it), reboot (a
     callable run after the reply to "reboot" is written), info (a dict merged into the hello
-    reply, e.g. {"fw": "0.1.0", "board": "sim"})."""
+    reply, e.g. {"fw": "0.1.0", "board": "sim"}), interrupts (a callable(on): Ctrl-C on the
+    line interrupts the firmware, or is a plain byte; None: the line is never held).
+
+    contact_ms  how long a held line stays held without a request from the controller (its
+                link sends "hold" every few seconds while idle); then Ctrl-C interrupts
+                again, so mpremote works once the controller has gone.
+    """
+
+    contact_ms = 6000
 
     def __init__(
         self,
@@ -75,6 +88,7 @@ class Console:
         cache_size=4,
         max_line=512,
         max_out=1536,
+        interrupts=None,
     ):
         self.write = write
         self.log = log
@@ -101,6 +115,9 @@ class Console:
         self.out_of_memory = 0  # replies or events that could not be built
         self.too_long = 0  # replies or events longer than max_out
         self.internal_errors = 0  # requests lost to an error outside their handler
+        self.interrupts = interrupts
+        self.held = False  # a controller holds the line: Ctrl-C is a plain byte
+        self._contact = self.started  # ticks of the last request
         # op -> (handler(req, now) -> dict of reply fields, changes state?)
         self.ops = {
             "hello": (self._hello, False),
@@ -115,6 +132,9 @@ class Console:
             "unwatch": (self._unwatch, False),
             "beat": (self._beat, False),
             "reboot": (self._reboot, True),
+            # Idempotent, read nothing: not cached.
+            "hold": (self._hold, False),
+            "release": (self._hold, False),
         }
         self._after = None  # run once the current reply is written (reboot)
         self.live = {}  # name -> callable() whose result joins the hello and status replies
@@ -157,6 +177,7 @@ class Console:
     def handle(self, req):
         now = self.clock()
         self.requests += 1
+        self._contact = now
         rid = req.get("id")
         if isinstance(rid, bool) or not isinstance(rid, int):
             return self._error(None, "request without an integer id", "badreq")
@@ -212,9 +233,10 @@ class Console:
     def _error(self, rid, text, code, req=None):
         self.errors += 1
         try:
-            n = frame.encode_into(self._out, dict(zip(_ERR, (rid, False, text, code))))
+            n = frame.encode_into(self._out, {"id": rid, "ok": False, "error": text, "code": code})
         except frame.TooLong:  # an error text beyond the buffer: say so in fewer words
-            n = frame.encode_into(self._out, dict(zip(_ERR, (rid, False, "error", code))))
+            n = frame.encode_into(self._out, {"id": rid, "ok": False, "error": "error",
+                                              "code": code})
         line = memoryview(self._out)[:n]
         if req is not None:  # a refusal is an answer too: a retry must get the same one
             self._remember(rid, req, bytes(line))
@@ -249,7 +271,32 @@ class Console:
             d[k] = self.info[k]
         for k in self.live:
             d[k] = self.live[k]()
+        self._hold(req, now)  # op "hello": the controller holds the line
         return d
+
+    # --- holding the line ------------------------------------------------------------------
+    def tick(self, now=None):
+        """The shell calls this often: a held line whose controller went quiet is let go."""
+        if self.held:
+            now = self.clock() if now is None else now
+            if ticks_diff(now, self._contact) > self.contact_ms:
+                self._hold({"op": "timeout"}, now)
+
+    def _hold(self, req, now):
+        # The ops "hold" and "release", and hello and tick: Ctrl-C is a plain byte (held) or
+        # interrupts again (op "release", or "timeout"); a "console" event says which and why.
+        op = req.get("op")
+        on = op == "release" or op == "timeout"
+        if self.interrupts is not None and self.held == on:
+            try:
+                self.interrupts(on)
+                self.held = not on
+                if self.log is not None:
+                    self.log.event("console", ("interrupts", "why"), ("on" if on else "off", op))
+            except Exception:  # noqa: BLE001 - the port could not: the line stays as it was
+                if self.log is not None:
+                    self.log.count("console.interrupt_switch_failed")
+        return {"held": self.held, "contact_ms": self.contact_ms}
 
     def _status(self, req, now):
         d = {"boot": self.boot_id, "uptime_ms": ticks_diff(now, self.started)}
@@ -265,7 +312,9 @@ class Console:
         return d  # counters have their own op: a status reply must fit the frame buffer
 
     def _counters(self, req, now):
-        c = dict(self.log.counters) if self.log is not None else {}
+        # Into the log's own table (sized at boot), not a copy: a copy is a fresh run of heap,
+        # which a heap in pieces may not have when the counters matter most.
+        c = self.log.counters if self.log is not None else {}
         df = self.deframer
         c["console.frames"] = df.frames
         c["console.noise"] = df.noise
@@ -360,6 +409,37 @@ class Console:
 
 
 # --- the shell: the USB serial line on MicroPython ------------------------------------------
+def interrupt_switch():
+    """A callable(on) for Console(interrupts=...): Ctrl-C on the serial line interrupts the
+    firmware (on) or reaches it as a plain byte (off); None where this port cannot switch.
+
+    On a board, micropython.kbd_intr (3 on, -1 off). On the unix port (the sim board) Ctrl-C
+    is the tty's SIGINT, and kbd_intr(-1) there would leave SIGINT to kill the process: the
+    switch is the tty's ISIG flag, so the byte reaches stdin as a board's USB serial passes
+    it with kbd_intr off. Feature-detected: only the unix port has termios."""
+    try:
+        import termios
+    except ImportError:
+        termios = None
+    if termios is not None:
+        try:
+            termios.tcgetattr(0)
+        except OSError:  # stdin is not a tty: no Ctrl-C comes from it
+            return None
+
+        def _set(on):
+            a = termios.tcgetattr(0)
+            a[3] = a[3] | _ISIG if on else a[3] & ~_ISIG
+            termios.tcsetattr(0, termios.TCSANOW, a)
+
+        return _set
+    try:
+        from micropython import kbd_intr
+    except ImportError:
+        return None
+    return lambda on: kbd_intr(3 if on else -1)
+
+
 def stdout_writer():
     """write(bytes-like) for the USB serial line (sys.stdout's binary side where there is
     one). The console hands it a memoryview of its frame buffer, written before it returns."""
@@ -395,6 +475,7 @@ async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64):
                 console.feed(buf[:n])
             except Exception:  # e.g. MemoryError mid-request: count it, keep the line alive
                 console.internal_errors += 1
+        console.tick()
         if checkin is not None:
             checkin()
         await sleep_ms(0 if n == chunk else interval_ms)

@@ -152,13 +152,15 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
     from firmware import console as console_mod
     from firmware.watchdog import NodeWatch, TaskWatch
 
-    # The services that own big preallocated buffers (TFTP slots) come first, while the heap
-    # is still in one piece: later, 1.5 KB in one run may be hard to find.
-    servers = []
     if cfg is not None:
         from firmware.proxydhcp import ProxyDhcp
         from firmware.tftpd import TftpServer
-
+    # All the code first, then what holds big preallocated buffers (TFTP slots, the console's
+    # frame buffer), one after the other in the heap's free top: loading code leaves holes,
+    # and later 1.5 KB in one run may be hard to find.
+    gc.collect()
+    servers = []
+    if cfg is not None:
         listen = opts.get("listen", "0.0.0.0")
         servers.append(("tftp", TftpServer(cfg, log, listen, int(opts.get("tftp-port", 69)))))
         servers.append(("dhcp", ProxyDhcp(
@@ -180,6 +182,7 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
         nodes=None if maintenance else nodes,
         reboot=board.reset,
         info={"fw": VERSION, "board": board.name, "maintenance": maintenance},
+        interrupts=console_mod.interrupt_switch(),
     )
     console.add("heap", heap.op)
     op = _maintenance(board, console, maintenance)

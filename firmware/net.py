@@ -48,16 +48,29 @@ def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
     return s
 
 
-def send(s, buf, n, to=None):
-    """Send buf[:n]; returns False (never raises) when the stack refuses it."""
+errno = 0  # the errno of the last send that failed (ENETUNREACH, 101: no route; ...)
+
+
+def send(s, buf, n, to=None, log=None, name=None):
+    """Send buf[:n]; returns False (never raises) when the stack refuses it. A failure is
+    never silent: with the service's log and name, it counts <name>.send_failed and, under
+    the log's Budget for them (log.net), records {"ev": "net", "svc": name, "errno": e,
+    "to": ip}; `to` is None for a connected socket."""
+    global errno
     try:
         if to is None:
             s.send(memoryview(buf)[:n])
         else:
             s.sendto(memoryview(buf)[:n], to)
         return True
-    except OSError:
-        return False
+    except OSError as e:
+        errno = e.errno if isinstance(e.errno, int) else -1
+    if log is not None:
+        log.count(name + ".send_failed")
+        if log.net.take():
+            ip = None if to is None else ip_str(addr_ip4(to))
+            log.net.event("net", ("svc", "errno", "to"), (name, errno, ip))
+    return False
 
 
 if _io_queue is not None:

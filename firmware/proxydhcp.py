@@ -7,6 +7,11 @@
 # Every per-packet outcome is a counter (log.count) and the loop goes on; answers, and
 # declared clients we cannot boot, are also events (log.event "dhcp"). A listener ends only
 # when its socket fails: the error is counted and raised out of run() for the supervisor.
+#
+# Under a flood (docs/device.md, "Hostile hosts"): dhcp events pass a Budget (a few a second,
+# the rest counted), so the serial line never sets the pace of the answers; and a MacLimit
+# drops a MAC's datagrams beyond its own small rate before they are parsed, so one flooding
+# MAC costs little and leaves the other clients answered.
 import gc
 
 import asyncio
@@ -17,10 +22,71 @@ except ImportError:  # MicroPython ports without binascii under that name
     from ubinascii import hexlify
 
 from firmware import dhcp, net, pxe
-from firmware.compat import const, sleep_ms, ticks_ms
+from firmware.compat import const, sleep_ms, ticks_diff, ticks_ms
+from firmware.log import Budget
 
-_EV_KEYS = ("mac", "arch", "kind", "file", "ipxe", "rpi", "port")
 _SMALL_READ = const(577)  # RFC 2131 minimum message size, +1 to see a longer one
+_SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
+
+
+class MacLimit:
+    """A token bucket per client MAC, in a table allocated once.
+
+    size         MACs remembered; a MAC not in the table takes the place of the one heard
+                 from longest ago (a flood of made-up MACs only churns the table, and each
+                 of them is answered).
+    interval_ms  one request per interval_ms on average per MAC, `capacity` at once (a PXE
+                 client sends a handful per boot). A MAC beyond that has its datagrams
+                 dropped unparsed, counted as dhcp.mac_limited. Only requests that parse
+                 use up credit (take()), so garbage carrying a MAC cannot use up that MAC's.
+    """
+
+    size = 16
+    interval_ms = 250
+    capacity = 8
+
+    def __init__(self):
+        n = self.size
+        self.hi = [-1] * n  # each MAC as two 24-bit halves: small ints on every port
+        self.lo = [-1] * n
+        self._free = [0] * n  # credit, in ms of interval
+        self.since = [0] * n  # ticks of its last datagram
+        self.last = -1  # the entry check() looked at, -1: none
+
+    def check(self, data, now):
+        """May this datagram be parsed? False: its MAC is over its rate."""
+        i = self.last
+        self.last = -1
+        if len(data) < 34 or data[0] != 1:  # not a request: the parser says what it is
+            return True
+        hi = data[28] << 16 | data[29] << 8 | data[30]  # chaddr (RFC 2131)
+        lo = data[31] << 16 | data[32] << 8 | data[33]
+        full = self.capacity * self.interval_ms
+        if i < 0 or self.hi[i] != hi or self.lo[i] != lo:  # a flood finds itself at once
+            old = 0
+            since = self.since
+            for i in range(self.size):
+                if self.hi[i] == hi and self.lo[i] == lo:
+                    break
+                if ticks_diff(since[old], since[i]) > 0:
+                    old = i
+            else:
+                i = old
+                self.hi[i] = hi
+                self.lo[i] = lo
+                self._free[i] = full
+                since[i] = now
+        dt = min(max(ticks_diff(now, self.since[i]), 0), full)
+        self.since[i] = now
+        self._free[i] = min(full, self._free[i] + dt)
+        self.last = i
+        return self._free[i] >= self.interval_ms
+
+    def take(self):
+        """One request (it parsed) of the MAC check() looked at last."""
+        i = self.last
+        if i >= 0 and self._free[i] >= self.interval_ms:
+            self._free[i] -= self.interval_ms
 
 
 class ProxyDhcp:
@@ -48,7 +114,12 @@ class ProxyDhcp:
             broadcast_ip = "127.255.255.255" if self._loopback else "255.255.255.255"
         self.broadcast_ip = broadcast_ip
         self.max_packet = dhcp.MAX_LEN  # longest datagram read; longer: dhcp.malformed
+        self.macs = MacLimit()
+        self.events = Budget(log, "dhcp")  # dhcp events: a few a second, the rest counted
         self._buf = bytearray(max(self.policy.max_reply, dhcp.MIN_REPLY))
+        # A run of heap kept free for the small read (see _serve): a heap in pieces may have
+        # no other one, and then DISCOVERs could not even be read.
+        self._free = bytearray(_SMALL_READ)
         self._bcast = None
         self.sockets = ()  # (dhcp socket, pxe socket) while run() is serving
         self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
@@ -74,33 +145,50 @@ class ProxyDhcp:
 
     async def _serve(self, sock, port):
         full = self.max_packet + 1
-        n = full
+        small = None  # ticks of the last MemoryError: reads stay small for _SMALL_MS after it
         while True:
+            n = full
+            if small is not None:
+                if ticks_diff(ticks_ms(), small) < _SMALL_MS:
+                    n = _SMALL_READ
+                else:
+                    small = None
             try:
                 data, src = await net.recvfrom(sock, n)
             except OSError:
                 self.log.count("dhcp.socket_error")
                 raise
             except MemoryError:
-                # A full or fragmented heap loses this datagram, not the listener. The next
-                # read asks for less: RFC 2131's 576 bytes hold every PXE request seen so far
-                # (a longer one is then dropped as malformed) and need no 1.5 KB run of heap.
+                # A full or fragmented heap costs this read, not the listener (the datagram
+                # waits in the socket). The reads ask for less for a while: RFC 2131's 576
+                # bytes hold every PXE request seen so far (a longer one is then dropped as
+                # truncated) and need no 1.5 KB run of heap, so a heap in pieces does not
+                # cost a collection per datagram. Already reported events are shed.
                 self.log.count("dhcp.no_memory")
+                self.log.shed()
                 if self.stalled_since is None:
                     self.stalled_since = ticks_ms()
-                n = _SMALL_READ
+                if n == _SMALL_READ:
+                    self._free = None  # freed by the collection: the next read fits there
+                small = ticks_ms()
                 gc.collect()
-                await sleep_ms(20)
+                await sleep_ms(1)
                 continue
             self.stalled_since = None
+            if self._free is None:  # take the run back, for the next time
+                try:
+                    self._free = bytearray(_SMALL_READ)
+                except MemoryError:
+                    pass
             if n != full and len(data) >= n:  # cut short by the small read: not trustworthy
                 self.log.count("dhcp.truncated")
                 data = src = None
-                n = full
                 continue
-            n = full
             try:
                 self.handle(sock, port, data, src)
+            except MemoryError:  # this datagram is lost, not the listener
+                self.log.count("dhcp.no_memory")
+                self.log.shed()
             except Exception:  # a bug must not take the listener down; count it instead
                 self.log.count("dhcp.error")
             data = src = None
@@ -109,21 +197,26 @@ class ProxyDhcp:
         """One datagram from src on the listener for `port` (pxe.DHCP_PORT or pxe.PXE_PORT)."""
         log = self.log
         log.count("dhcp.rx")
+        macs = self.macs
+        if not macs.check(data, ticks_ms()):
+            log.count("dhcp.mac_limited")
+            return
         try:
             pkt = dhcp.parse(data)
         except dhcp.Malformed:
             log.count("dhcp.malformed")
             return
+        macs.take()
         policy = self.policy
         r = policy.answer(pkt, port)
         if r is None:
             why = policy.why
             log.count(why)
-            if why == "dhcp.no_boot_file" or why == "dhcp.rpi_disabled":
+            if (why == "dhcp.no_boot_file" or why == "dhcp.rpi_disabled") and self.events.take():
                 # A PXE client we were told to serve but cannot boot: worth telling the user.
-                log.event(
+                self.events.event(
                     "dhcp",
-                    _EV_KEYS,
+                    ("mac", "arch", "kind", "file", "ipxe", "rpi", "port"),
                     (_mac(pkt.mac), pxe.client_arch(pkt), why[5:], None, False, False, port),
                 )
             return
@@ -141,15 +234,15 @@ class ProxyDhcp:
                 net.ip_str(r.to_ip),
                 self.client_port if r.to_port == pxe.CLIENT_PORT else self.dhcp_port,
             )
-        if not net.send(sock, self._buf, n, to):
-            log.count("dhcp.send_failed")
+        if not net.send(sock, self._buf, n, to, log, "dhcp"):
             return
         log.count("dhcp.offer" if r.msg_type == dhcp.OFFER else "dhcp.ack")
-        log.event(
-            "dhcp",
-            _EV_KEYS,
-            (_mac(pkt.mac), pxe.client_arch(pkt), r.kind, boot.label, r.ipxe, r.rpi, port),
-        )
+        if self.events.take():
+            self.events.event(
+                "dhcp",
+                ("mac", "arch", "kind", "file", "ipxe", "rpi", "port"),
+                (_mac(pkt.mac), pxe.client_arch(pkt), r.kind, boot.label, r.ipxe, r.rpi, port),
+            )
 
 
 def _mac(b):

@@ -20,6 +20,11 @@
 # cure for the Sorcerer's Apprentice bug. Each DATA packet is read from the file when it is
 # built (seek + readinto into the buffer), so a file is never held in RAM and a resend re-reads
 # flash instead of keeping a window of copies.
+#
+# A silent client cannot hold a transfer for long: a timeout it asks for is acknowledged only
+# up to CLIENT_TIMEOUT_MAX_S, and whatever the resend schedule, a transfer that has heard
+# nothing new from its client (no ACK that moves it forward) for Transfer.max_silence_ms gives
+# up. The shell may also end one early when a new request finds every slot busy (`since`).
 from firmware.compat import const, ticks_add, ticks_diff
 
 RRQ = const(1)
@@ -40,6 +45,13 @@ _MAX_BLKSIZE = const(65464)  # RFC 2348: 8..65464
 _MAX_TIMEOUT = const(255)  # RFC 2349: 1..255 s
 _MAX_WINDOW = const(65535)  # RFC 7440: 1..65535
 _BACKOFF_MAX = const(2)  # the device's own timeout doubles per resend, up to 4x
+
+# The longest resend timeout a client may negotiate (s). RFC 2349 lets a server accept the
+# timeout option only as asked ("the specified timeout value must match the value specified
+# by the client"), so a larger one is not answered with a smaller value: it is left out of
+# the OACK (RFC 2347: the server omits an option it does not accept), and the transfer runs
+# on the device's own timeout and backoff, as for a client that asked nothing.
+CLIENT_TIMEOUT_MAX_S = const(5)
 
 # Which options a transfer acknowledges in its OACK (Transfer.oack).
 _O_BLKSIZE = const(1)
@@ -137,9 +149,13 @@ def _check_name(name):
     for c in name:
         if c < 32 or c > 126 or c == 92:  # controls, non-ASCII, '\'
             raise Refused(E_ACCESS, MSG_BAD_NAME)
-    for part in name.split(b"/"):
-        if part == b"..":
+    # A '..' component, found without splitting (no allocation that grows with the name).
+    n = len(name)
+    i = name.find(b"..")
+    while i >= 0:
+        if (i == 0 or name[i - 1] == 47) and (i + 2 == n or name[i + 2] == 47):
             raise Refused(E_ACCESS, MSG_BAD_NAME)
+        i = name.find(b"..", i + 1)
 
 
 def check(req, cfg):
@@ -154,7 +170,8 @@ def check(req, cfg):
     - RFC 2347: unknown options are left out of the OACK; a known option with a value outside
       its RFC's range is refused with ERROR 8. blksize and windowsize are lowered to this
       server's bounds (RFC 2348 and RFC 7440 let a server answer smaller); timeout is echoed
-      as asked (RFC 2349); tsize is answered by start() with the file's size (RFC 2349).
+      as asked up to CLIENT_TIMEOUT_MAX_S and left out of the OACK above it (RFC 2349 allows
+      no other answer); tsize is answered by start() with the file's size (RFC 2349).
     """
     if req.op != RRQ:
         raise Refused(E_ACCESS, MSG_READ_ONLY)
@@ -175,8 +192,9 @@ def check(req, cfg):
         elif key == b"timeout":
             if not 1 <= v <= _MAX_TIMEOUT:
                 raise Refused(E_OPTION, MSG_BAD_OPTION)
-            req.timeout = v
-            req.oack |= _O_TIMEOUT
+            if v <= CLIENT_TIMEOUT_MAX_S:
+                req.timeout = v
+                req.oack |= _O_TIMEOUT
         elif key == b"windowsize":
             if not 1 <= v <= _MAX_WINDOW:
                 raise Refused(E_OPTION, MSG_BAD_OPTION)
@@ -212,18 +230,31 @@ class Transfer:
     buf       bytearray(4 + max blksize): every packet is built here
     retries   resends of one packet before giving up (cfg.tftp_retries)
     timeout_ms  the device's resend timeout (cfg.tftp_timeout_ms); it doubles per resend up to
-              4x. A timeout the client negotiated is used as asked, without backoff.
+              4x. A timeout the client negotiated (at most CLIENT_TIMEOUT_MAX_S) is used as
+              asked, without backoff.
+    max_silence_ms  the longest a transfer waits for its client to move it forward (an ACK
+              of a new block), whatever timeout_ms and retries say: then it ends as
+              "timeout". This bounds how long a client that went silent holds a slot.
     After start(): blksize, window, size (bytes, as stat'ed), deadline (ticks), done, result
-    ("ok", "timeout", "aborted" by a client ERROR, whose code is in client_error, or
-    "read error"), dup_acks and resends (for the shell's counters).
+    ("ok", "timeout", "aborted" by a client ERROR, whose code is in client_error, "read
+    error", or what the shell passed to finish()), dup_acks and resends (for the shell's
+    counters), since (ticks of the start or of the last ACK that moved it forward).
     """
+
+    max_silence_ms = 20000
 
     def __init__(self, buf, timeout_ms=1000, retries=5):
         self.buf = buf
         self.timeout_ms = timeout_ms
         self.retries = retries
         self.done = True
-        self.f = None
+        self.f = self._payload = self.result = None
+        # Every attribute start() sets exists from here on: the instance's table is sized when
+        # the slots are made at boot, never grown (a fresh allocation) on a busy heap later.
+        self.size = self.blksize = self.window = self.timeout = self.oack = self._pos = 0
+        self.acked = self.sent = self.last = self.total = self._next = self._end = 0
+        self.tries = self.dup_acks = self.resends = self.client_error = 0
+        self.started = self.since = self.deadline = 0
 
     def start(self, req, f, size, now):
         """Begin serving file f (size bytes) for a checked request; returns the length of the
@@ -248,7 +279,8 @@ class Transfer:
         self.result = None
         self.done = False
         self.started = now
-        self.deadline = ticks_add(now, self._wait())
+        self.since = now
+        self._wait(now)
         if req.oack:
             return self._build_oack()
         return self._window(1)
@@ -281,10 +313,11 @@ class Transfer:
             return 0
         self.acked += delta
         self.tries = 0
+        self.since = now
         if self.last and self.acked >= self.last:
             self.finish("ok")
             return 0
-        self.deadline = ticks_add(now, self._wait())
+        self._wait(now)
         return self._window(self.acked + 1)
 
     def on_timeout(self, now):
@@ -293,11 +326,11 @@ class Transfer:
         if self.done or ticks_diff(self.deadline, now) > 0:
             return 0
         self.tries += 1
-        if self.tries > self.retries:
+        if self.tries > self.retries or ticks_diff(now, self.since) >= self.max_silence_ms:
             self.finish("timeout")
             return 0
         self.resends += 1
-        self.deadline = ticks_add(now, self._wait())
+        self._wait(now)
         if self.acked < 0:
             return self._build_oack()
         return self._window(self.acked + 1)
@@ -327,10 +360,14 @@ class Transfer:
         if f is not None:
             f.close()
 
-    def _wait(self):
+    def _wait(self, now):
+        # The next resend, never later than the end of the silence bound.
         if self.timeout:
-            return self.timeout * 1000
-        return self.timeout_ms << min(self.tries, _BACKOFF_MAX)
+            d = ticks_add(now, self.timeout * 1000)
+        else:
+            d = ticks_add(now, self.timeout_ms << min(self.tries, _BACKOFF_MAX))
+        end = ticks_add(self.since, self.max_silence_ms)
+        self.deadline = end if ticks_diff(d, end) > 0 else d
 
     def _window(self, first):
         self._next = first

@@ -16,6 +16,12 @@
 # Reads from a client take only the first 4 bytes of a datagram: on MicroPython a socket's
 # readinto fills the whole buffer from as many queued datagrams as it takes, so a larger buffer
 # would glue an ACK to the next one. ACK n and ERROR n are all a read server needs to know.
+#
+# Under a flood of requests (docs/device.md, "Hostile hosts"): a refusal is built in one
+# preallocated buffer; its event keeps at most _NAME_MAX bytes of the name, as bytes (made
+# safe text only when read), and refusal events pass a Budget (the rest are counted). A request
+# that finds every slot busy ends the transfer whose client has been silent longest, if that
+# is more than TransferSlots.evict_after_ms, and takes its slot.
 import gc
 import os
 
@@ -23,19 +29,27 @@ import asyncio
 
 from firmware import net, tftp
 from firmware.compat import const, sleep_ms, ticks_diff, ticks_ms
+from firmware.log import Budget
 
 _MAX_REQUEST = const(512)  # RFC 2347: a request, options included, fits in 512 bytes
 _ERROR_BUF = const(96)  # 4 header bytes, the longest message, a NUL
+_SMALL_READ = const(128)  # the read after a MemoryError (edk2, iPXE, the Pi ask in < 80)
 _S_IFMT = const(0o170000)
 _S_IFREG = const(0o100000)
 
 _START = ("stage", "file", "client", "blksize", "tsize", "window")
 _END = ("stage", "file", "client", "bytes", "ms", "result", "resends", "dup_acks")
-_REFUSED = ("stage", "file", "client", "code", "reason")
+# file: at most _NAME_MAX bytes of the name asked for (safe text); name_bytes: its length
+_REFUSED = ("stage", "file", "client", "code", "reason", "name_bytes")
 
-_MSG_NO_SOCKET = b"out of sockets; try again"
-_NO_MEMORY_PAUSE_MS = const(20)
-_TRANSFER_RESERVE = const(4096)  # free heap a new transfer needs (bytes; unix port measured)
+_S_IFLNK = const(0o120000)
+_NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length is given too)
+
+_NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
+_SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
+# Free heap (bytes, unix port measured) below which no transfer starts: one takes about 2 KB,
+# and what is left keeps proxyDHCP and the console answering: answering PXE comes first.
+_TRANSFER_RESERVE = const(6144)
 
 
 class _Slot:
@@ -43,22 +57,34 @@ class _Slot:
         buf = bytearray(4 + cfg.tftp_max_blksize)
         self.transfer = tftp.Transfer(buf, cfg.tftp_timeout_ms, cfg.tftp_retries)
         self.rx = bytearray(4)  # the first 4 bytes of each client datagram
-        self.file = None  # the name and client of the current transfer, for its end event
-        self.client = None
+        self.file = None  # the name (at most _NAME_MAX bytes) and client address of the
+        self.client = None  # current transfer, for its end event
+        self.sock = None  # its socket and receiver task while it runs
+        self.task = None
 
 
 class TransferSlots:
     """The transfers that may run at once, allocated when the service starts.
 
-    capacity  cfg.tftp_max_transfers. A read request when all are busy is refused with
-              ERROR 0 and the message in TftpServer.busy_msg, and counted as tftp.busy.
+    capacity  cfg.tftp_max_transfers. A read request when all are busy ends the transfer
+              whose client has been silent longest, if that is over evict_after_ms (the
+              client gets ERROR 0, the end event says "evicted", tftp.evicted counts it), and
+              takes its slot; else it is refused with ERROR 0 and TftpServer.busy_msg
+              (tftp.busy).
+    evict_after_ms  how long a client must have sent nothing that moves its transfer forward
+              before the transfer gives way to a new request: longer than a client on a LAN
+              takes to answer, much shorter than tftp.Transfer.max_silence_ms, the bound on
+              how long a silent client holds a slot when nobody else asks.
     buf_size  bytes of each slot's packet buffer: 4 + cfg.tftp_max_blksize.
     """
+
+    evict_after_ms = 3000
 
     def __init__(self, cfg):
         self.capacity = cfg.tftp_max_transfers
         self.buf_size = 4 + cfg.tftp_max_blksize
-        self._free = [_Slot(cfg) for _ in range(self.capacity)]
+        self.slots = tuple(_Slot(cfg) for _ in range(self.capacity))  # all of them
+        self._free = list(self.slots)
 
     def acquire(self):
         return self._free.pop() if self._free else None
@@ -77,8 +103,11 @@ class TftpServer:
     max_request  bytes read of a request datagram (RFC 2347's 512); longer ones are cut and
                  then fail to parse (counted as tftp.malformed, no reply).
     slots        the TransferSlots pool; max_transfers is its capacity.
-    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.busy, tftp.bad_packet (on a
-    transfer socket), tftp.send_failed, tftp.ok, tftp.failed, tftp.dup_ack, tftp.resend.
+    events       the Budget for refusal events (a flood of bad requests is answered and
+                 counted; a few refusals a second are events).
+    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.busy, tftp.evicted,
+    tftp.bad_packet (on a transfer socket), tftp.send_failed, tftp.ok, tftp.failed,
+    tftp.dup_ack, tftp.resend, tftp.events_suppressed.
     """
 
     max_request = _MAX_REQUEST
@@ -94,103 +123,161 @@ class TftpServer:
             "busy: %d transfers at once is the limit; try again" % self.max_transfers
         ).encode()
         self._ebuf = bytearray(_ERROR_BUF)
+        self.events = Budget(log, "tftp")
+        log.pressure.append(self.give_way)
         self.sock = None
         self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
 
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
+        small = None  # ticks of the last MemoryError: reads stay small for _SMALL_MS after it
         while True:
+            n = _MAX_REQUEST
+            if small is not None:
+                if ticks_diff(ticks_ms(), small) < _SMALL_MS:
+                    n = _SMALL_READ
+                else:
+                    small = None
+            data = None
             try:
-                data, client = await net.recvfrom(sock, _MAX_REQUEST)
+                data, client = await net.recvfrom(sock, n)
                 self.stalled_since = None
-                self.request(data, client)
-            except MemoryError:
-                # The heap is full (transfers, a burst of requests): this request is lost,
-                # the client retries it. If it stays full the watchdog sees the listener
-                # stalled (stalled_since) and resets the board: a fresh heap, relays kept.
+                self.log.count("tftp.request")
+                if n != _MAX_REQUEST and len(data) >= n:  # maybe cut short: not to be trusted
+                    self.log.count("tftp.truncated")
+                    continue
+                if self.request(data, client):
+                    # A silent transfer was told to give way: its task ends (and frees the
+                    # slot) when it runs, before this one resumes; then the request again.
+                    for _ in range(4):
+                        await sleep_ms(0)
+                        if self.slots.active() < self.slots.capacity:
+                            break
+                    self.request(data, client)
                 data = client = None
-                self.log.count("tftp.no_memory")
-                if self.stalled_since is None:
+            except MemoryError:
+                # The heap is full or in pieces (transfers, a burst of requests): this request
+                # is lost, the client retries it. For a while reads ask for less: a boot ROM's
+                # request fits in _SMALL_READ bytes and needs no 512-byte run of heap.
+                # Already reported events are shed. If reads keep failing for STALL_MS (the
+                # datagram waits in the socket: data is None) the watchdog sees the listener
+                # stalled (stalled_since) and resets the board: a fresh heap, relays kept. A
+                # request that failed after its read is simply lost: the listener waits on.
+                if data is None and self.stalled_since is None:
                     self.stalled_since = ticks_ms()
+                data = client = None
+                small = ticks_ms()
+                self.log.count("tftp.no_memory")
+                self.log.shed()
                 gc.collect()
                 await sleep_ms(_NO_MEMORY_PAUSE_MS)
 
     def request(self, data, client):
-        """Handle one datagram that reached the listener. Never raises on any input."""
+        """Handle one datagram that reached the listener. Never raises on any input but
+        MemoryError. True when a silent transfer was told to give way for it: then call
+        again once that transfer's task has ended."""
         log = self.log
-        log.count("tftp.request")
         try:
             req = tftp.parse_request(data)
         except tftp.Malformed:
             log.count("tftp.malformed")
-            return
+            return False
         try:
-            self._start(req, client)
+            return self._start(req, client)
         except tftp.Refused as e:
             n = tftp.build_error(self._ebuf, e.code, e.msg)
-            if not net.send(self.sock, self._ebuf, n, client):
-                log.count("tftp.send_failed")
+            net.send(self.sock, self._ebuf, n, client, log, "tftp")
             log.count("tftp.refused")
-            log.event(
-                "tftp",
-                _REFUSED,
-                ("refused", _text(req.name), _client(client), e.code, _text(e.msg)),
-            )
+            if self.events.take():
+                name = req.name
+                self.events.event(
+                    "tftp",
+                    _REFUSED,
+                    ("refused", name[:_NAME_MAX], _client(client), e.code, e.msg, len(name)),
+                )
+        return False
 
     def _start(self, req, client):
         tftp.check(req, self.cfg)
-        if _low_memory():
-            self.log.count("tftp.low_memory")
-            raise tftp.Refused(tftp.E_UNDEFINED, self.busy_msg)
-        f, size = _open(req.path)
-        slot = self.slots.acquire()
+        low = _low_memory()
+        if low:  # events the controller already has give way to a transfer
+            self.log.shed()
+            low = _low_memory()
+        slot = None if low else self.slots.acquire()
         if slot is None:
-            f.close()
+            if self.give_way():  # no slot, or no heap for another transfer
+                return True
+            if low:
+                self.log.count("tftp.low_memory")
+                raise tftp.Refused(tftp.E_UNDEFINED, b"busy: no heap for a transfer; try again")
             self.log.count("tftp.busy")
             raise tftp.Refused(tftp.E_UNDEFINED, self.busy_msg)
-        try:
-            sock = net.udp_socket(self.listen_ip, 0)
-        except OSError:
-            f.close()
-            self.slots.release(slot)
-            raise tftp.Refused(tftp.E_UNDEFINED, _MSG_NO_SOCKET)
-        try:
-            sock.connect(client)
-        except OSError:
-            sock.close()
-            f.close()
-            self.slots.release(slot)
-            raise tftp.Refused(tftp.E_UNDEFINED, _MSG_NO_SOCKET)
         t = slot.transfer
-        slot.file = _text(req.name)
-        slot.client = _client(client)
+        f = sock = None
         try:
+            f, size = _open(self.cfg.tftp_root, req.name, req.path)
+            try:
+                sock = net.udp_socket(self.listen_ip, 0)
+                sock.connect(client)
+            except OSError:
+                raise tftp.Refused(tftp.E_UNDEFINED, b"out of sockets; try again")
+            slot.file = req.name[:_NAME_MAX]
+            slot.client = _client(client)  # one text for both events
+            slot.sock = sock
             n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
-            asyncio.create_task(self._serve(slot, sock))
-        except MemoryError:  # give everything back before the listener counts it
-            t.f = t.f or f
+            slot.task = asyncio.create_task(self._serve(slot, sock))
+        except:  # Refused, MemoryError, anything: all goes back before the caller counts it
+            if f is not None and t.f is not f:
+                f.close()
             t.close()
-            sock.close()
-            slot.file = slot.client = None
+            if sock is not None:
+                sock.close()
+            slot.file = slot.client = slot.sock = slot.task = None
             self.slots.release(slot)
             raise
         self._send(sock, t, n)
         self.log.event(
-            "tftp", _START, ("start", slot.file, slot.client, t.blksize, size, t.window)
+            "tftp",
+            _START,
+            ("start", slot.file, slot.client, t.blksize, size, t.window),
         )
+        return False
+
+    def give_way(self):
+        """End the transfer whose client has been silent longest, beyond evict_after_ms
+        ("evicted"; the client gets ERROR 0); its receiver, cancelled, reports it and frees
+        the slot and its heap. For a new request that finds no slot or no heap, and for
+        proxyDHCP's reads when the heap is short (log.pressure). True if one gave way."""
+        now = ticks_ms()
+        old = None
+        longest = self.slots.evict_after_ms
+        for s in self.slots.slots:
+            t = s.transfer
+            if s.task is not None and not t.done and ticks_diff(now, t.since) > longest:
+                old, longest = s, ticks_diff(now, t.since)
+        if old is None:
+            return False
+        old.transfer.finish("evicted")
+        self.log.count("tftp.evicted")
+        n = tftp.build_error(
+            self._ebuf, tftp.E_UNDEFINED, b"busy: silent too long, gave way; try again"
+        )
+        net.send(old.sock, self._ebuf, n)  # the client may be gone: nothing to say
+        old.task.cancel()
+        return True
 
     def _send(self, sock, t, n):
         while n:
-            if not net.send(sock, t.buf, n):
-                self.log.count("tftp.send_failed")
+            net.send(sock, t.buf, n, None, self.log, "tftp")
             n = t.more()
 
     async def _serve(self, slot, sock):
         # The receiver: feeds the client's datagrams to the transfer, and cleans up.
         t = slot.transfer
         rx = slot.rx
-        clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
+        clock = None
         try:
+            clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
             while not t.done:
                 n = await net.readinto(sock, rx)
                 try:
@@ -203,21 +290,32 @@ class TftpServer:
             t.finish("cancelled")  # the clock gave up (the result is already set) or shutdown
         except OSError:
             t.finish("socket error")  # e.g. ECONNREFUSED: the client's port has closed
+        except MemoryError:  # this transfer is lost (its client asks again), not the slot
+            t.finish("out of memory")
+            self.log.shed()
         finally:
-            clock.cancel()
+            if clock is not None:
+                clock.cancel()
             self._end(slot, sock)
 
     async def _clock(self, t, sock, receiver):
         while not t.done:
-            wait = ticks_diff(t.deadline, ticks_ms())
-            if wait > 0:
-                await sleep_ms(wait)
-                continue
-            n = t.on_timeout(ticks_ms())
-            if t.done:
+            try:
+                wait = ticks_diff(t.deadline, ticks_ms())
+                if wait > 0:
+                    await sleep_ms(wait)
+                    continue
+                n = t.on_timeout(ticks_ms())
+                if not t.done:
+                    self._send(sock, t, n)
+            except MemoryError:  # a transfer without its clock would never time out: end it
+                t.finish("out of memory")
+        while True:  # the receiver may wait for a datagram that never comes: end it
+            try:
                 receiver.cancel()
                 return
-            self._send(sock, t, n)
+            except MemoryError:
+                await sleep_ms(50)
 
     def _end(self, slot, sock):
         # Whatever the logging does (a full heap), the slot and the file go back.
@@ -226,7 +324,7 @@ class TftpServer:
         finally:
             sock.close()
             slot.transfer.close()
-            slot.file = slot.client = None
+            slot.file = slot.client = slot.sock = slot.task = None
             self.slots.release(slot)
 
     def _report(self, slot):
@@ -258,7 +356,8 @@ class TftpServer:
 
 def _low_memory():
     # A new transfer needs a socket, two tasks and room for each datagram's generator: refuse
-    # it ("busy", the client retries) rather than start what the heap cannot carry.
+    # it ("busy", the client retries) rather than start what the heap cannot carry, or what
+    # would leave proxyDHCP without room to answer.
     free = getattr(gc, "mem_free", None)
     if free is None or free() >= _TRANSFER_RESERVE:
         return False
@@ -266,23 +365,40 @@ def _low_memory():
     return free() < _TRANSFER_RESERVE
 
 
-def _open(path):
+def _open(root, name, path):
     # Regular files only: open() on a directory succeeds on the unix port and fails later.
     try:
         st = os.stat(path)
         if st[0] & _S_IFMT != _S_IFREG:
             raise OSError(2)
+    except OSError:
+        raise tftp.Refused(tftp.E_NOT_FOUND, tftp.MSG_NOT_FOUND)
+    # No symbolic link in the name (refused like the controller refuses a link out of the
+    # root). os.stat follows links, and MicroPython has no realpath, readlink or lstat, so a
+    # link cannot be resolved and checked against the root: every link is refused, wherever
+    # it points. Where lstat is missing, the type ilistdir gives the entry says it (the unix
+    # port reports a link as S_IFLNK; a board's FAT or littlefs has no links).
+    lstat = getattr(os, "lstat", None)
+    d = root
+    for part in name.split(b"/"):  # a name that passed check and exists: bounded
+        if not part:
+            continue
+        part = part.decode()
+        if lstat is not None:
+            mode = lstat(d + "/" + part)[0]
+        else:
+            mode = 0
+            for entry in os.ilistdir(d):
+                if entry[0] == part:
+                    mode = entry[1]
+                    break
+        if mode & _S_IFMT == _S_IFLNK:
+            raise tftp.Refused(tftp.E_ACCESS, tftp.MSG_BAD_NAME)
+        d = d + "/" + part
+    try:
         return open(path, "rb"), st[6]
     except OSError:
         raise tftp.Refused(tftp.E_NOT_FOUND, tftp.MSG_NOT_FOUND)
-
-
-def _text(b):
-    # Names passed tftp.check are printable ASCII; a refused one may be anything.
-    try:
-        return b.decode()
-    except UnicodeError:
-        return repr(b)
 
 
 def _client(a):

@@ -15,7 +15,13 @@ sys.path.insert(0, str(REPO / "tests" / "firmware" / "mpy"))  # mpytest helpers
 sys.path.insert(0, str(REPO / "tests"))  # simkit and other shared test helpers
 
 from bastion.flash import sim as sim_mod  # noqa: E402
-from simkit import SimBoard, free_udp_port  # noqa: E402
+from simkit import SUMMARY, SimBoard, free_udp_port  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """What tests asked to show whatever pytest captures (simkit.SUMMARY)."""
+    for line in config.stash.get(SUMMARY, []):
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -12,9 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from bastion.flash import sim
 
 BIN = Path(sys.executable).parent
+# Lines a test wants printed in pytest's terminal summary (the reliability suite's counts):
+# `request.config.stash.setdefault(SUMMARY, []).extend(lines)`; tests/conftest.py prints them.
+SUMMARY = pytest.StashKey[list]()
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -25,14 +29,17 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
 
 
 class SimProcess:
-    """`bastion sim` as a user runs it, with its stdout events collected."""
+    """`bastion sim` as a user runs it, with its stdout events collected. On loopback (free
+    ports), or with `netns`, inside that network namespace on `listen` and the real ports."""
 
-    def __init__(self, flash: Path, link: Path, config: dict | None = None, args: tuple = ()):
-        """args: more `bastion sim` options (--dress-as BOARD, ...)."""
+    def __init__(self, flash: Path, link: Path, config: dict | None = None, args: tuple = (),
+                 netns: str | None = None, listen: str = "127.0.0.1"):
+        """args: more `bastion sim` options (--dress-as BOARD, ...); netns: run it in that
+        network namespace (its default ports, on `listen`)."""
         (flash / "tftp").mkdir(parents=True, exist_ok=True)
         (flash / "device.json").write_text(json.dumps({
-            "server_ip": "127.0.0.1",
-            "script_url": "http://127.0.0.1:8080/boot.ipxe",
+            "server_ip": listen,
+            "script_url": f"http://{listen}:8080/boot.ipxe",
             "boot_files": {"7": "ipxe.efi"},
             **(config or {}),
         }))
@@ -40,10 +47,13 @@ class SimProcess:
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         self.seen_at: list[float] = []  # time.monotonic() when each of `seen` arrived
+        ports = [] if netns else [
+            "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
+            "--tftp-port", str(free_udp_port())]
         self.proc = subprocess.Popen(
-            [str(BIN / "bastion"), "sim", "--flash", str(flash), "--listen", "127.0.0.1",
-             "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
-             "--tftp-port", str(free_udp_port()), "--serial-link", str(link), *args],
+            (["ip", "netns", "exec", netns] if netns else [])
+            + [str(BIN / "bastion"), "sim", "--flash", str(flash), "--listen", listen, *ports,
+               "--serial-link", str(link), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         threading.Thread(target=self._read, daemon=True).start()

@@ -308,7 +308,8 @@ class TftpService:
         except OSError:
             self.count("tftp.send_failed")
         self.count("tftp.refused")
-        self._event("refused", _text(req.name), peer[0], code=code, reason=_text(msg))
+        self._event("refused", _text(req.name), peer[0], code=code, reason=_text(msg),
+                    name_bytes=len(req.name))
 
     def _open(self, req: tftp.Request) -> tuple[Any, int]:
         root = os.path.realpath(self.root)

@@ -233,7 +233,7 @@ def test_events_have_the_device_events_shape(service, tmp_path):
     (refused,) = service.rec.stage("refused")
     assert tuple(refused) == tftpd._REFUSED
     assert refused == {"stage": "refused", "file": "missing.bin", "client": "127.0.0.1",
-                       "code": 1, "reason": "file not found"}
+                       "code": 1, "reason": "file not found", "name_bytes": 11}
 
 
 def test_real_clients_get_the_devices_refusals(service, tftp_root, tmp_path):

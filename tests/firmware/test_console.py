@@ -308,6 +308,67 @@ def test_a_reply_longer_than_the_frame_buffer_is_refused_not_crashed():
     assert c.too_long == 1
 
 
+class Switch:
+    """Stands in for the serial line's interrupt character (console.interrupt_switch): records
+    each switch, True = Ctrl-C interrupts."""
+
+    def __init__(self):
+        self.calls: list[bool] = []
+
+    def __call__(self, on: bool) -> None:
+        self.calls.append(on)
+
+
+def test_the_controller_holds_the_line_while_it_talks():
+    sw = Switch()
+    c, wire, clock, _out, _log = rig(interrupts=sw)
+    send(c, {"id": 1, "op": "status"})  # no session: nothing is held
+    assert sw.calls == [] and not c.held
+    hello(c)
+    assert sw.calls == [False] and c.held  # Ctrl-C is a plain byte from here
+    for i in range(5):  # a request now and then keeps the hold
+        clock.t += c.contact_ms - 100
+        c.tick()
+        send(c, {"id": 10 + i, "op": "hold"})
+        assert wire.last() == {"id": 10 + i, "ok": True, "held": True, "contact_ms": c.contact_ms}
+    assert sw.calls == [False]
+    clock.t += c.contact_ms + 1  # the controller went quiet: Ctrl-C interrupts again
+    c.tick()
+    assert sw.calls == [False, True] and not c.held
+    send(c, {"id": 20, "op": "hold"})  # its keepalive when it is back
+    assert sw.calls == [False, True, False]
+    ev = [e for e in wire.events() if e["ev"] == "console"]
+    assert [(e["interrupts"], e["why"]) for e in ev] == [("off", "hello"), ("on", "timeout"),
+                                                          ("off", "hold")]
+
+
+def test_release_gives_ctrl_c_back_at_once_and_reboot_still_works():
+    sw = Switch()
+    rebooted = []
+    c, wire, _clock, _out, _log = rig(interrupts=sw, reboot=lambda: rebooted.append(1))
+    hello(c)
+    send(c, {"id": 1, "op": "release"})
+    assert wire.last() == {"id": 1, "ok": True, "held": False, "contact_ms": c.contact_ms}
+    assert sw.calls == [False, True]
+    hello(c)
+    send(c, {"id": 2, "op": "reboot"})  # held or not, the deliberate way to restart
+    assert wire.last()["rebooting"] is True and rebooted == [1]
+
+
+def test_a_line_that_cannot_switch_is_never_held():
+    def broken(on):
+        raise OSError("not a tty")
+
+    c, wire, _clock, _out, log = rig(interrupts=broken)
+    hello(c)
+    assert wire.last()["ok"] and not c.held
+    assert log.counters["console.interrupt_switch_failed"] == 1
+    c2, wire2, *_ = rig()  # no switch at all (CPython, a port without one): nothing happens
+    hello(c2)
+    send(c2, {"id": 1, "op": "hold"})
+    assert wire2.last()["held"] is False
+
+
 # --- the stdin shell under the real MicroPython unix port -----------------------------------
 DEVICE_SCRIPT = """
 import asyncio
@@ -397,6 +458,56 @@ def test_serve_on_a_pty_under_micropython_and_ctrl_c_leaves_a_repl(tmp_path):
         os.close(master)
 
 
+def test_a_held_line_takes_ctrl_c_as_a_byte_under_micropython_and_release_gives_it_back(
+    tmp_path,
+):
+    """The real switch (console.interrupt_switch: the tty's ISIG on the unix port) on a PTY
+    that is the firmware's controlling tty, as on the sim board."""
+    script = tmp_path / "device.py"
+    script.write_text(DEVICE_SCRIPT.replace(
+        'info={"checkins": checkins})',
+        'info={"checkins": checkins},\n              interrupts=interrupt_switch())',
+    ).replace("import Console, serve, stdout_writer",
+              "import Console, interrupt_switch, serve, stdout_writer"))
+    master, slave = os.openpty()
+
+    def controlling_tty():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [micropython_bin(), "-X", "heapsize=128k", "-i", str(script)],
+        stdin=slave, stdout=slave, stderr=slave, env={"MICROPYPATH": f"{REPO}:.frozen"},
+        start_new_session=True,
+        preexec_fn=controlling_tty,  # noqa: PLW1509 - Ctrl-C needs the PTY as controlling tty
+    )
+    os.close(slave)
+    try:
+        d = frame.Deframer(frame.TO_HOST, 65536)
+
+        def ask(msg):
+            os.write(master, frame.encode(msg, frame.TO_DEVICE))
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                for obj in d.feed(_read_until(master, b"\n")):
+                    if obj.get("id") == msg["id"]:
+                        return obj
+            raise AssertionError(f"no reply to {msg}")
+
+        assert ask({"id": 1, "op": "hello", "session": "t"})["ok"]
+        os.write(master, b"\x03\x04\x01 noise \x03\r\n")  # stray bytes while held
+        r = ask({"id": 2, "op": "counters"})
+        assert r["ok"] and r["counters"]["console.noise"] >= 1  # still running, the bytes noise
+        assert proc.poll() is None
+        assert ask({"id": 3, "op": "release"})["held"] is False
+        os.write(master, b"\x03")  # now Ctrl-C stops the firmware: a REPL for mpremote
+        out = _read_until(master, b">>> ")
+        assert b"KeyboardInterrupt" in out
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        os.close(master)
+
+
 HEAP_SCRIPT = """
 import gc
 import asyncio, json, select
@@ -428,7 +539,7 @@ print("code", b - a, "objects", c - b, "after", d - c)
 def test_heap_of_the_device_link_modules_stays_small(tmp_path):
     """Code (as .mpy, as flashed) and data of frame+power+watchdog+console in the 128 KB heap:
     a guard against creeping size, with the numbers in the failure message."""
-    from bastion.flash.sim import _tool
+    from bastion.flash.sim import MPY_CROSS_ARGS, _tool
 
     pkg = tmp_path / "firmware"
     pkg.mkdir()
@@ -436,6 +547,7 @@ def test_heap_of_the_device_link_modules_stays_small(tmp_path):
         subprocess.run(
             [
                 _tool("mpy-cross"),
+                *MPY_CROSS_ARGS,
                 "-o",
                 str(pkg / f"{name}.mpy"),
                 "-s",
@@ -454,6 +566,8 @@ def test_heap_of_the_device_link_modules_stays_small(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     words = r.stdout.split()
     code, objects, after = int(words[1]), int(words[3]), int(words[5])
-    assert code < 32 * 1024, r.stdout
-    assert objects < 12 * 1024, r.stdout
+    # 32 KB and 12 KB until the line hold (console), the event budgets and the shedding (log)
+    # and the counters' table sized at boot (log) came, for the hostile-LAN work (issue 19).
+    assert code < 35 * 1024, r.stdout
+    assert objects < 13 * 1024, r.stdout
     assert after < 6 * 1024, r.stdout  # the bounded reply cache and ring, whatever the traffic

@@ -17,6 +17,7 @@ import queue
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from bastion.flash.sim import compile_firmware, micropython_bin
 from firmware import dhcp
 from firmware.config import Config
 from firmware.log import Log
-from firmware.proxydhcp import ProxyDhcp
+from firmware.proxydhcp import MacLimit, ProxyDhcp
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data" / "dhcp"
@@ -49,7 +50,7 @@ import json
 import asyncio
 from firmware.config import Config
 from firmware.log import Log
-from firmware.proxydhcp import ProxyDhcp
+from firmware.proxydhcp import MacLimit, ProxyDhcp
 
 
 class PrintLog(Log):
@@ -379,3 +380,88 @@ def test_service_under_micropython(tmp_path, heap, mpy):
     assert "dhcp.error" not in svc.counts, "".join(svc.out)
     events = [json.loads(x) for x in svc.out if x.startswith("{") and '"ev"' in x]
     assert {e["kind"] for e in events if e["ev"] == "dhcp"} == {"offer", "ack"}
+
+
+def _serving(scenario_fn):
+    """Run scenario_fn(client, dhcp_port) against a ProxyDhcp on loopback; (result, log)."""
+
+    async def scenario():
+        log = Log(capacity=64)
+        dport, pport, cport = free_port(), free_port(), free_port()
+        svc = ProxyDhcp(Config(CONFIG), log, "127.0.0.1", dport, pport, cport)
+        task = asyncio.create_task(svc.run())
+        await asyncio.sleep(0)
+        client = Client(cport)
+        try:
+            return await asyncio.to_thread(scenario_fn, client, dport), log
+        finally:
+            client.close()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    return asyncio.run(scenario())
+
+
+def test_a_flooding_mac_is_held_to_its_rate_and_the_others_are_answered():
+    flooder, other = b"\x52\x54\x00\xff\x00\x01", b"\x52\x54\x00\x00\x00\x02"
+
+    def talk(client, port):
+        for _ in range(60):
+            client.tx.sendto(request(mac=flooder), ("127.0.0.1", port))
+        mine = request(mac=other)
+        client.tx.sendto(mine, ("127.0.0.1", port))
+        return client.reply_to(mine)
+
+    reply, log = _serving(talk)
+    assert reply.mac == b"\x52\x54\x00\x00\x00\x02"
+    answered = log.counters["dhcp.offer"]
+    # The flooder got its burst (MacLimit.capacity), and a little more as time passed.
+    assert MacLimit.capacity < answered < 30 and log.counters["dhcp.mac_limited"] > 30
+    assert answered + log.counters["dhcp.mac_limited"] == 61
+
+
+def test_made_up_macs_are_each_answered():
+    def talk(client, port):
+        last = None
+        for i in range(40):
+            last = request(mac=b"\x52\x54\x00\x10\x00" + bytes((i,)))
+            client.tx.sendto(last, ("127.0.0.1", port))
+        return client.reply_to(last)
+
+    _, log = _serving(talk)
+    assert log.counters["dhcp.offer"] == 40 and "dhcp.mac_limited" not in log.counters
+
+
+def test_answer_events_under_a_flood_are_few_and_say_how_many_were_held_back():
+    def talk(client, port):
+        for i in range(60):
+            client.tx.sendto(request(mac=b"\x52\x54\x00\x20\x00" + bytes((i,))),
+                             ("127.0.0.1", port))
+        last = request(mac=b"\x52\x54\x00\x20\x01\x00")
+        client.tx.sendto(last, ("127.0.0.1", port))
+        client.reply_to(last)
+        time.sleep(0.3)  # the budget has credit again
+        late = request(mac=b"\x52\x54\x00\x20\x01\x01")
+        client.tx.sendto(late, ("127.0.0.1", port))
+        return client.reply_to(late)
+
+    _, log = _serving(talk)
+    events = [e for e in log.recent() if e["ev"] == "dhcp"]
+    held = log.counters["dhcp.events_suppressed"]
+    assert log.counters["dhcp.offer"] == 62  # every DISCOVER answered
+    assert len(events) + held == 62 and held > 30
+    assert events[-1]["mac"] == "52:54:00:20:01:01" and events[-1]["suppressed"] == held
+
+
+def test_mac_limit_remembers_the_macs_heard_from_latest():
+    limit = MacLimit()
+    for i in range(limit.size + 5):  # more MACs than the table holds: each gets its burst
+        pkt = request(mac=b"\x52\x54\x00\x30\x00" + bytes((i,)))
+        for _ in range(limit.capacity):
+            assert limit.check(pkt, 0)
+            limit.take()
+    pkt = request(mac=b"\x52\x54\x00\x30\x00" + bytes((limit.size + 4,)))
+    assert not limit.check(pkt, 0)  # the newest is still remembered and out of credit
+    assert limit.check(pkt, limit.interval_ms)  # one interval later: one more
+    assert limit.check(b"\x02" + bytes(300), 0)  # not a request: the parser decides

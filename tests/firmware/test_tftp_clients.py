@@ -170,3 +170,19 @@ def test_real_clients_get_the_proper_errors(board, tmp_path):
     # Every refusal is an event too; the last may still be on its way from the board.
     board.wait_event(lambda e: codes().count(2) >= 6 and codes().count(1) >= 4, timeout=10)
     assert not (b_read := [e for e in board.events if e.get("file") == "secret"]), b_read
+
+
+def test_a_symbolic_link_in_the_name_is_refused_on_micropython(board, tmp_path):
+    """MicroPython has no realpath, readlink or lstat: the firmware finds links with ilistdir
+    and refuses every one, out of the root or not (the controller's TFTP follows links that
+    stay inside; docs/device.md). The file itself stays reachable by its own name."""
+    root = board.flash / "tftp"
+    (root / "escape").symlink_to("../secret")
+    (root / "inside").symlink_to("s1.bin")
+    (root / "sublink").symlink_to("sub")
+    out = tmp_path / "out"
+    for name in ("escape", "inside", "sublink/dir/nested.bin"):
+        r = tftp_hpa_get(board.ports["tftp"], name, out)
+        assert "bad file name" in r.stdout + r.stderr, (name, r.stdout + r.stderr)
+    r = tftp_hpa_get(board.ports["tftp"], "sub/dir/nested.bin", out)
+    assert r.returncode == 0 and out.stat().st_size == 3000

@@ -6,6 +6,7 @@ firmware on MicroPython are in test_tftp_clients.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 from firmware.config import Config
 from firmware.log import Log
-from firmware.tftpd import TftpServer
+from firmware.tftp import Transfer
+from firmware.tftpd import TftpServer, TransferSlots
 
 FILES = {"a.bin": bytes(range(256)) * 7, "sub/b.bin": b"b" * 512, "empty": b""}
 
@@ -325,3 +327,84 @@ def test_transfers_beyond_the_cap_are_refused_with_a_clear_error(serve):
         s.close()
     srv.wait_ends(2)
     assert fetch(srv, b"empty") == b""
+
+
+def _next_error(s: socket.socket) -> bytes:
+    """Read until an ERROR arrives (a holder also sees its DATA resent); its message."""
+    while True:
+        pkt, _ = s.recvfrom(2048)
+        if pkt[:2] == b"\0\x05":
+            return pkt[4:-1]
+
+
+def test_the_transfer_silent_longest_gives_way_to_a_new_request(serve, monkeypatch):
+    monkeypatch.setattr(TransferSlots, "evict_after_ms", 300)
+    srv = serve(max_transfers=2, timeout_ms=3000)
+    holders = []
+    for _ in range(2):  # two clients that never acknowledge: every slot is taken
+        s = client()
+        s.sendto(rrq(b"a.bin"), srv.addr)
+        s.recvfrom(2048)
+        holders.append(s)
+        time.sleep(0.1)
+    time.sleep(0.4)  # both silent beyond the threshold; the first one longest
+    assert fetch(srv, b"a.bin") == FILES["a.bin"]
+    assert _next_error(holders[0]) == b"busy: silent too long, gave way; try again"
+    ends = srv.wait_ends(2)
+    assert [e["result"] for e in ends] == ["evicted", "ok"]
+    assert srv.counter("tftp.evicted") == 1 and srv.counter("tftp.busy") == 0
+    for s in holders:
+        s.close()
+
+
+def test_a_silent_client_holds_its_slot_no_longer_than_the_bound(serve, monkeypatch):
+    monkeypatch.setattr(Transfer, "max_silence_ms", 400)
+    srv = serve(timeout_ms=100, retries=20)  # by itself: 100 + 200 + 18 x 400 ms
+    s = client()
+    s.sendto(rrq(b"a.bin", b"timeout", b"255"), srv.addr)
+    first, _ = s.recvfrom(2048)
+    assert first[:4] == b"\0\x03\0\x01"  # timeout 255 not acknowledged: no OACK, DATA 1
+    end = srv.wait_ends(1)[0]
+    s.close()
+    assert end["result"] == "timeout" and end["ms"] < 1000  # the device's own clock
+    assert srv.call(srv.server.slots.active) == 0
+
+
+def test_a_name_through_a_symbolic_link_is_refused(serve, tmp_path):
+    root = tmp_path / "tftp"
+    (root / "escape").symlink_to("../secret")  # out of the root
+    (root / "inside").symlink_to("a.bin")  # in it: refused too (docs/device.md)
+    (root / "sublink").symlink_to("sub")
+    srv = serve()
+    for name in (b"escape", b"inside", b"sublink/b.bin"):
+        assert error_reply(srv, rrq(name)) == (2, b"bad file name", srv.port), name
+    assert fetch(srv, b"sub/b.bin") == FILES["sub/b.bin"]
+
+
+def test_a_refusal_event_keeps_a_bounded_safe_copy_of_the_name(serve):
+    srv = serve()
+    assert error_reply(srv, rrq(b"x" * 300))[0] == 1  # printable: looked for, not found
+    assert error_reply(srv, rrq(b"\xff\xfe../x"))[0] == 2
+    long, odd = srv.tftp_events("refused")
+    assert (long["file"], long["name_bytes"]) == ("x" * 48, 300)
+    assert (odd["file"], odd["name_bytes"], odd["reason"]) == ("\\xff\\xfe../x", 6,
+                                                              "bad file name")
+    json.dumps([long, odd])
+
+
+def test_a_flood_of_refusals_is_answered_and_counted_with_few_events(serve):
+    srv = serve()
+    s = client()
+    for i in range(100):
+        s.sendto(rrq(b"../%07dx" % i), srv.addr)
+    got = [s.recvfrom(2048)[0][:4] for _ in range(100)]  # every one answered
+    assert got == [b"\0\x05\0\x02"] * 100
+    events = srv.tftp_events("refused")
+    suppressed = srv.counter("tftp.events_suppressed")
+    assert len(events) < 50 and len(events) + suppressed == 100
+    time.sleep(0.3)  # credit for a few more
+    s.sendto(rrq(b"../again"), srv.addr)
+    s.recvfrom(2048)
+    s.close()
+    last = srv.tftp_events("refused")[-1]
+    assert last["file"] == "../again" and last["suppressed"] == suppressed

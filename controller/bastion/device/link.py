@@ -84,6 +84,7 @@ class DeviceLink:
         reconnect_s: float = 0.5,
         max_line: int = 65536,
         cursor: tuple[str, int] | None = None,
+        keepalive_s: float | None = 2.0,
         open_port: Callable[[str, int], serial.SerialBase] = _open_serial,
     ):
         self.port = port
@@ -93,7 +94,7 @@ class DeviceLink:
         self.reconnect_s = reconnect_s  # pause between two attempts to open the port
         self._session = Session(
             os.urandom(4).hex(), name=port, timeout_s=timeout_s, retry_s=retry_s,
-            max_line=max_line, cursor=cursor,
+            max_line=max_line, cursor=cursor, keepalive_s=keepalive_s,
         )
         self._open_port = open_port
         self._lock = threading.Lock()  # the session, the waiters, the delivery queue
@@ -126,6 +127,12 @@ class DeviceLink:
         return self
 
     def close(self) -> None:
+        # give Ctrl-C back to the line: mpremote may be next (docs/serial-protocol.md)
+        if self._session.holds_the_line and not self._closed.is_set():
+            try:
+                self.request("release", timeout=min(1.0, self.timeout_s))
+            except (DeviceError, RuntimeError):  # no answer, or called from a listener
+                pass
         self._closed.set()
         self._drop_port()
         if self._thread is not None and self._thread is not threading.current_thread():

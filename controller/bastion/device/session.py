@@ -57,6 +57,12 @@ Guarantees (each is a test in tests/controller/device/test_session.py):
   the caught-up ones. Seqs the device's ring
   no longer holds are counted as `events_lost`. `cursor()` is (boot, next seq), and
   `Session(cursor=...)` resumes from it.
+- Holding the line: the device treats Ctrl-C on its serial line as a plain byte while a
+  controller holds it (taken by `hello`, kept by any request; docs/serial-protocol.md). In
+  READY, a link that has sent nothing for `keepalive_s` sends `hold` (its own request, counted
+  as `keepalives`; a firmware that answers `unknown` has no such op and is not asked again), so
+  stray bytes never interrupt the firmware while this link is open. The shell sends `release`
+  when it closes (`holds_the_line`), so mpremote can have the REPL right after.
 - Parse or raise Malformed at the boundary: lines that are not frames are counted by the
   deframer (`frame_*`), frames that are not a message we understand as `bad_messages`; no
   input makes a driving call raise.
@@ -73,7 +79,8 @@ from firmware.frame import Malformed
 PROTO = 1
 # Requests that may safely run twice (on both sides of a device restart).
 IDEMPOTENT_OPS = frozenset(
-    {"hello", "status", "counters", "heap", "events", "watch", "unwatch", "beat"}
+    {"hello", "status", "counters", "heap", "events", "watch", "unwatch", "beat", "hold",
+     "release"}
 )
 # The link's counters, in the order counters() lists them. open_failures, write_timeouts and
 # callback_errors are the shell's (it counts them in Session.counts); the rest are the session's.
@@ -94,6 +101,7 @@ COUNTERS = (
     "held_overflow",
     "callback_errors",
     "bad_messages",
+    "keepalives",
 )
 
 DOWN = "DOWN"
@@ -240,6 +248,7 @@ class Session:
         retry_s: float = 1.0,
         max_line: int = 65536,
         cursor: tuple[str, int] | None = None,
+        keepalive_s: float | None = 2.0,
     ):
         self.token = token  # tells the device its reply cache is still ours
         self.name = name  # the port, for error texts
@@ -263,6 +272,12 @@ class Session:
         self._held: list[dict] = []
         self._boot: str | None = None
         self._cursors: dict[str, int] = {}  # boot id -> next event seq to deliver
+        # an idle READY link sends "hold" this often, well inside the device's
+        # Console.contact_ms; None: never
+        self.keepalive_s = keepalive_s
+        self._holds = True  # False once the device said it has no "hold" (older firmware)
+        self._hold: _Request | None = None  # the keepalive in flight
+        self._last_sent: float | None = None
         if cursor is not None:
             self._cursors[cursor[0]] = cursor[1]
 
@@ -292,6 +307,12 @@ class Session:
             out["frame_" + k] = v
         return out
 
+    @property
+    def holds_the_line(self) -> bool:
+        """Whether the device keeps Ctrl-C as a plain byte for us (hello took the hold, and
+        its firmware knows `hold`): then the shell sends `release` before it lets go."""
+        return self.state == READY and self._holds
+
     def pending(self) -> list[int]:
         """Ids of the caller's requests that have no outcome yet."""
         return list(self._pending)
@@ -312,6 +333,11 @@ class Session:
                 times += [self._step.deadline, self._step.next_send or self._step.deadline]
             if self._hello_at is not None:
                 times.append(self._hello_at)
+            due = self._hold_due()
+            if due is not None:
+                times.append(due)
+            if self._hold is not None:
+                times.append(self._hold.deadline)
         return min(times) if times else None
 
     # --- driving calls --------------------------------------------------------------------
@@ -403,6 +429,7 @@ class Session:
             self.counts["retries"] += 1
         p.next_send = now + self.retry_s
         self._out.append(p.line)
+        self._last_sent = now
 
     def _pump(self, now: float) -> None:
         """Send what is due: the resync step, and in READY the caller's requests."""
@@ -419,6 +446,17 @@ class Session:
             for p in self._pending.values():
                 if p.next_send is None or now >= p.next_send:
                     self._send(p, now)
+            due = self._hold_due()
+            if due is not None and now >= due:
+                self._hold = self._new("hold", {}, now, self.keepalive_s or self.timeout_s)
+                self._send(self._hold, now)
+
+    def _hold_due(self) -> float | None:
+        """When the next keepalive `hold` is due, None when none will be."""
+        if (self.state != READY or not self.keepalive_s or not self._holds
+                or self._hold is not None):  # fmt: skip
+            return None
+        return (self._last_sent or 0.0) + self.keepalive_s
 
     def _expire(self, now: float) -> list[Output]:
         out: list[Output] = []
@@ -431,6 +469,8 @@ class Session:
                 f" ({state})",
                 "timeout",
             )))
+        if self._hold is not None and now >= self._hold.deadline:
+            self._hold = None  # unanswered: the next one tries again (a resync may be coming)
         s = self._step
         if s is not None and now >= s.deadline:
             self.counts["timeouts"] += 1
@@ -449,6 +489,8 @@ class Session:
             s = self._step
             if s is not None and _is_int(rid) and rid == s.id:
                 self._step_replied(s, parse_reply(obj), now, out)
+            elif self._hold is not None and _is_int(rid) and rid == self._hold.id:
+                self._hold_replied(parse_reply(obj), now, out)
             elif _is_int(rid) and rid in self._pending:
                 self._replied(self._pending[rid], parse_reply(obj), now, out)
             else:  # a late copy, an abandoned resync step, a `badreq` with id null
@@ -457,6 +499,15 @@ class Session:
             self._live_event(parse_event(obj), now, out)
         else:
             self.counts["stray_replies"] += 1
+
+    def _hold_replied(self, reply: dict, now: float, out: list[Output]) -> None:
+        self._hold = None
+        if reply["ok"]:
+            self.counts["keepalives"] += 1
+        elif reply.get("code") == "nosession":
+            self._restart_signal(now, out)
+        elif reply.get("code") == "unknown":  # a firmware from before "hold": cannot be held
+            self._holds = False
 
     def _replied(self, p: _Request, reply: dict, now: float, out: list[Output]) -> None:
         if reply.get("code") == "nosession":
@@ -506,6 +557,7 @@ class Session:
         self.state = DOWN
         self._step = None  # its late reply, on a later connection, is a stray
         self._hello_at = None
+        self._hold = None
         for p in self._pending.values():
             p.next_send = None  # sent again as soon as the link is ready again
 

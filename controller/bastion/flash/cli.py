@@ -11,7 +11,8 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
    flashing waits for a quiet device. On a board with a hardware watchdog (its board file says
    so), ask it to restart into maintenance mode (docs/device.md): no watchdog, no network
-   services, relays held; a copy then takes as long as it takes.
+   services, relays held; a copy then takes as long as it takes. Closing that link releases
+   the line, so mpremote's Ctrl-C stops the firmware again.
 3. `mpremote exec`: the on-device probe (bastion.flash.onboard) reads the board's MicroPython
    (sys.implementation: version, .mpy ABI), the flash (hashes and sizes of the files to
    write, power.state, device.json, board.json, relays.state on the sim board) and its free

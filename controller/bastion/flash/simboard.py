@@ -10,7 +10,9 @@ both ways. When the firmware process ends the supervisor restarts it the way a b
 
 - Ctrl-D at the normal REPL (the unix port exits): print the soft-reboot line and run main.py.
 - Ctrl-D at the raw REPL (what plain `mpremote` commands send): print the soft-reboot line and
-  come back at the raw REPL without running main.py, as a board does.
+  come back at the raw REPL without running main.py, as a board does. Which REPL the firmware
+  sits at is read from what it prints (the raw REPL's banner line, the friendly prompt), not
+  from the bytes clients send: a Ctrl-A in line noise while the firmware runs is just a byte.
 - The process died (kill -9, crash): start it again, like a reset.
 - The emulated hardware watchdog: the firmware feeds it by writing to a pipe (fd 3); once fed,
   silence longer than the timeout kills and restarts the firmware. An "R" down the same pipe
@@ -48,6 +50,7 @@ from bastion import atomic
 from bastion.flash.mpy import MPY_ARCHES, mpy_for_release
 
 SOFT_REBOOT = b"MPY: soft reboot\r\n"
+RAW_PROMPT = b"raw REPL; CTRL-B to exit\r\n"
 SOFT_REBOOTS = ("soft-reboot", "soft-reboot-raw")
 FRIENDLY_PROMPT = b">>> "
 WDT_FD = 3
@@ -207,7 +210,8 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
         self.inner = -1
         self.wdt_r = -1
-        self.raw_repl = False  # the client put the REPL into raw mode (Ctrl-A), until Ctrl-B
+        self.raw_repl = False  # the firmware said it is at the raw REPL (until a ">>> ")
+        self._said = b""  # the tail of its output, for a marker cut between two reads
         self.resets = 0
         self._stopping = False
         self._last_feed: float | None = None
@@ -279,6 +283,11 @@ class Supervisor:
                 raise
 
     def _from_inner(self, data: bytes) -> None:
+        said = self._said + data
+        raw, friendly = said.rfind(b"\n" + RAW_PROMPT), said.rfind(b"\n" + FRIENDLY_PROMPT)
+        if raw != friendly:  # the later of the two, each at the start of a line
+            self.raw_repl = raw > friendly
+        self._said = said[-64:]
         if self._discard_until is not None:
             self._buf += data
             i = self._buf.find(self._discard_until)
@@ -295,11 +304,6 @@ class Supervisor:
             self._to_line(data)
 
     def _from_line(self, data: bytes) -> None:
-        for b in data:
-            if b == 0x01:
-                self.raw_repl = True
-            elif b == 0x02:
-                self.raw_repl = False
         if self.inner >= 0:
             try:
                 os.write(self.inner, data)

@@ -428,3 +428,38 @@ def test_against_the_firmware_console_under_micropython(tmp_path):
         relay.join(5)
         for fd in (dev_master, dev_slave, cli_master, cli_slave):
             os.close(fd)
+
+
+def test_an_open_link_holds_the_line_and_gives_it_back(rig):
+    """While the link is open, the device treats Ctrl-C as a plain byte: the link's hello
+    takes the hold and, idle, it sends "hold" well within the device's contact_ms. Closing the
+    link releases the line at once (mpremote may be next); a controller that just vanishes
+    (its cable pulled) loses the hold after contact_ms."""
+    board = FakeBoard()
+    switched: list[bool] = []
+    board.console.interrupts = switched.append
+    board.console.contact_ms = 600
+    _, cable, link = rig(board, keepalive_s=0.15)
+    assert link.wait_ready(5)
+    for _ in range(10):  # 1.5 s with nothing to say: the keepalives keep the hold
+        time.sleep(0.15)
+        with board.lock:
+            board.console.tick()
+    assert board.console.held and switched == [False]
+    assert link.counters()["keepalives"] >= 3
+    link.close()
+    assert not board.console.held and switched == [False, True]
+
+    link = DeviceLink(str(cable.path), **{**FAST, "keepalive_s": 0.15}).start()
+    try:
+        assert link.wait_ready(5)
+        assert board.console.held and switched == [False, True, False]
+        cable.unplug()
+        time.sleep(0.8)
+        with board.lock:
+            board.console.tick()
+        assert not board.console.held and switched == [False, True, False, True]
+        why = [e.get("why") for e in board.log.recent() if e["ev"] == "console"]
+        assert why == ["hello", "release", "hello", "timeout"]
+    finally:
+        link.close()

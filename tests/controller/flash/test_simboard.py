@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from bastion.device.link import DeviceLink
 from simkit import SimProcess
 
 BIN = Path(sys.executable).parent
@@ -133,3 +135,41 @@ def test_a_plain_sim_boards_watchdog_restarts_with_the_process(sim):
     out = mpremote(sim.link, "exec", "import time; time.sleep(10); print('not cut')")
     assert "not cut" in out
     assert "watchdog" not in [e["reason"] for e in sim.seen if e.get("ev") == "reset"]
+
+
+def test_a_controller_holds_the_line_and_mpremote_gets_it_back_after_release(sim):
+    """With a controller's link open, Ctrl-C, Ctrl-A and Ctrl-D in line noise do not stop the
+    firmware; `release` (what `bastion flash` sends before mpremote) gives Ctrl-C back."""
+    pid = sim.firmware_pid()
+    with DeviceLink(str(sim.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        fd = os.open(sim.link, os.O_RDWR | os.O_NOCTTY)
+        try:
+            os.write(fd, b"\x03\x03 noise \x01\x04\x03\r\n\x1a\x1c\x03")
+        finally:
+            os.close(fd)
+        time.sleep(1)
+        assert link.request("status")["boot"] == link.boot
+        assert sim.firmware_pid() == pid
+        assert not [e for e in sim.seen if e.get("ev") == "reset"]
+        assert link.request("release")["held"] is False
+    out = mpremote(sim.link, "resume", "exec", "print('at the REPL')")
+    assert "at the REPL" in out
+
+
+def test_a_ctrl_a_in_line_noise_does_not_leave_the_board_at_the_raw_repl(sim):
+    """Which REPL the board is at is what the firmware says, not what a client sent: a Ctrl-A
+    in noise while the firmware runs, then Ctrl-C and Ctrl-D at the friendly REPL, is a soft
+    reboot that runs main.py again, as on a board (it used to come back at the raw REPL)."""
+    fd = os.open(sim.link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, b"noise \x01 noise\r\n")  # a byte for the running firmware
+        time.sleep(0.5)
+        os.write(fd, b"\x03")  # the firmware stops: the friendly REPL
+        time.sleep(1)
+        os.write(fd, b"\x04")
+    finally:
+        os.close(fd)
+    ev = sim.wait(lambda e: e.get("ev") == "reset")
+    assert ev["reason"] == "soft-reboot"
+    sim.wait(lambda e: e.get("ev") == "boot" and "version" in e)  # main.py ran again

@@ -126,6 +126,13 @@ def test_names_escaping_the_root_are_access_violations():
         assert code_of(rrq(name)) == tftp.E_ACCESS, name
 
 
+def test_dots_that_are_not_a_parent_component_are_names():
+    for name in (b"a..b", b"..a", b"a/..b", b"b../c", b"...", b"a/.../b"):
+        assert code_of(rrq(name)) is None, name
+    for name in (b"a/../b", b"x/..", b"../..", b"a//../b"):
+        assert code_of(rrq(name)) == tftp.E_ACCESS, name
+
+
 def test_a_nul_ends_the_name():
     # "ok\0../../x" is the name "ok" and the mode "../../x": refused for its mode, or
     # malformed when what follows is not an option pair. Never a path outside the root.
@@ -292,6 +299,55 @@ def test_negotiated_timeout_is_used_without_backoff():
     assert t.deadline == 2000
     assert drain(t, t.on_timeout(2000))[0][1] == tftp.OACK  # the OACK is resent
     assert t.deadline == 4000
+
+
+def test_a_timeout_above_the_cap_is_not_acknowledged():
+    # RFC 2349: a server echoes the timeout as asked or leaves it out of the OACK.
+    assert checked(b"timeout", b"%d" % tftp.CLIENT_TIMEOUT_MAX_S).timeout == 5
+    r = checked(b"timeout", b"255", b"tsize", b"0")
+    assert r.timeout == 0
+    t = new_transfer(timeout_ms=1000)
+    (oack,) = drain(t, t.start(r, io.BytesIO(b"abc"), 3, 0))
+    assert oack == b"\0\x06tsize\x003\x00"  # tsize answered, timeout left out
+    t = new_transfer(timeout_ms=1000)
+    (data,) = drain(t, t.start(checked(b"timeout", b"6"), io.BytesIO(b"abc"), 3, 0))
+    assert data[:4] == b"\0\x03\0\x01"  # no option acknowledged: no OACK at all
+    assert t.deadline == 1000  # the device's own timeout
+
+
+def _silent_client_ends_at(t):
+    """Drive timeouts at each deadline until the transfer gives up; when it did (ms)."""
+    now = 0
+    while not t.done:
+        now = t.deadline
+        t.on_timeout(now)
+    return now
+
+
+def test_a_silent_client_holds_a_transfer_at_most_max_silence_ms():
+    bound = tftp.Transfer.max_silence_ms
+    # The device's own schedule when configured long: 1 + 2 + 4 x 18 s, cut at the bound.
+    t = new_transfer(timeout_ms=1000, retries=20)
+    t.start(checked(), io.BytesIO(pattern(5000)), 5000, 0)
+    assert _silent_client_ends_at(t) == bound and t.result == "timeout"
+    # A negotiated timeout at the cap, resent without backoff: 5 s x 11 > the bound.
+    t = new_transfer(timeout_ms=1000, retries=10)
+    t.start(checked(b"timeout", b"5"), io.BytesIO(pattern(5000)), 5000, 0)
+    assert _silent_client_ends_at(t) == bound
+    # The default schedule ends sooner on its own: 1 + 2 + 4 + 4 + 4 + 4 s.
+    t = new_transfer(timeout_ms=1000, retries=5)
+    t.start(checked(), io.BytesIO(pattern(5000)), 5000, 0)
+    assert _silent_client_ends_at(t) == 19000
+
+
+def test_progress_restarts_the_silence_bound():
+    bound = tftp.Transfer.max_silence_ms
+    t = new_transfer(timeout_ms=1000, retries=100)
+    t.start(checked(), io.BytesIO(pattern(600)), 600, 0)
+    now = bound - 1
+    t.on_packet(ack(1), 4, now)  # block 1 acknowledged just before the bound
+    assert t.since == now and not t.done
+    assert _silent_client_ends_at(t) == now + bound
 
 
 def test_edk2_tsize_probe_then_user_abort():
