@@ -1,4 +1,4 @@
-"""Hostile and honest LAN hosts for the reliability suite (test_reliability.py).
+"""Hostile and honest LAN hosts for the reliability suite (test_device_reliability.py).
 
 Each action runs inside the client's network namespace as a process of its own, so the
 test process (which holds the device's serial line, like a controller) stays outside it:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bastion.device import DeviceError, DeviceLink
+from bastion.device.link import DeviceError, DeviceLink
 from simkit import SUMMARY, SimProcess, wait_for
 
 from firmware import tftp as tftp_mod
