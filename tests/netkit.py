@@ -274,6 +274,22 @@ def tftpy_get(port: int, name: str, out: Path, blksize: int) -> None:
         name, str(out), timeout=5)
 
 
+def fetch(client: str, port: int, name: str, out: Path, blksize: int) -> None:
+    """`name` into `out` with one of the real clients ("tftp-hpa", which asks for no options,
+    "atftp", "curl" or "tftpy", at `blksize`), which must say it succeeded."""
+    if client == "tftp-hpa":
+        r = tftp_hpa_get(port, name, out)
+        assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+    elif client == "atftp":
+        r = atftp_get(port, name, out, blksize)
+        assert r.returncode == 0, r.stdout + r.stderr
+    elif client == "curl":
+        r = curl_get(port, name, out, blksize)
+        assert r.returncode == 0, r.stderr
+    else:
+        tftpy_get(port, name, out, blksize)
+
+
 def tftpy_put(port: int, local: Path, name: str) -> None:
     import tftpy
 

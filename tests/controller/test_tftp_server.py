@@ -26,6 +26,7 @@ from netkit import (
     atftp_put,
     curl_get,
     curl_put,
+    fetch,
     tftp_hpa,
     tftp_hpa_get,
     tftp_hpa_put,
@@ -103,17 +104,7 @@ def test_real_clients_fetch_every_file_byte_identical(service, files, tmp_path, 
         if client == "curl" and not data:
             continue  # curl 7.88 fails on empty files against every server (test_tftp_clients)
         out = tmp_path / (name.replace("/", "_") + f".{client}")
-        if client == "tftp-hpa":
-            r = tftp_hpa_get(port, name, out)
-            assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
-        elif client == "atftp":
-            r = atftp_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stdout + r.stderr
-        elif client == "curl":
-            r = curl_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stderr
-        else:
-            tftpy_get(port, name, out, blksize)
+        fetch(client, port, name, out, blksize)
         assert sha(out.read_bytes()) == sha(data), f"{client} {name}"
         fetched += 1
     # The client may be done before the server has taken its last ACK.

@@ -29,6 +29,7 @@ from test_proxydhcp_dnsmasq import (
     mac,
     opt,
     request,
+    unique_xids,
 )
 
 from firmware import dhcp, pxe
@@ -128,12 +129,7 @@ def cases() -> dict[str, tuple[bytes, int]]:
     out["rpi-mac-only"] = (request(mac("e4:5f:01:00:02:01"), 0,
                                    b"PXEClient:Arch:00000:UNDI:002001", GUID), 0)
     out["rpi-uefi-11"] = (request(mac("d8:3a:dd:00:00:0b"), 11, guid=GUID), 11)
-    numbered = {}
-    for i, (name, (raw, arch)) in enumerate(out.items()):
-        b = bytearray(raw)
-        b[4:8] = (0x5AFE0000 + i).to_bytes(4, "big")
-        numbered[name] = (bytes(b), arch)
-    return numbered
+    return unique_xids(out, 0x5AFE0000)
 
 
 # Where dnsmasq has no equivalent of our answer; the safety rule still holds for both.

@@ -169,12 +169,14 @@ CASES = {
 }
 
 
-def cases_with_unique_xids() -> dict[str, tuple[bytes, str]]:
+def unique_xids(cases: dict[str, tuple], base: int) -> dict[str, tuple]:
+    """The cases (packet first), each packet with its own xid from base on: replies are told
+    apart by xid."""
     out = {}
-    for i, (name, (raw, via)) in enumerate(CASES.items()):
+    for i, (name, (raw, *rest)) in enumerate(cases.items()):
         b = bytearray(raw)
-        b[4:8] = (0x5EB00000 + i).to_bytes(4, "big")
-        out[name] = (bytes(b), via)
+        b[4:8] = (base + i).to_bytes(4, "big")
+        out[name] = (bytes(b), *rest)
     return out
 
 
@@ -241,7 +243,7 @@ def summary(p: dhcp.Packet) -> dict:
 
 
 def test_against_dnsmasq(tmp_path):
-    cases = cases_with_unique_xids()
+    cases = unique_xids(CASES, 0x5EB00000)
     results = proxydhcp_differential(
         tmp_path, cases, dnsmasq_args=dnsmasq_args, device_config=our_config(),
         service=SERVICE_SCRIPT, server_ip=SERVER, client_ip=CLIENT_IP)  # fmt: skip

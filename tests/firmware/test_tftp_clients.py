@@ -15,6 +15,7 @@ from netkit import (
     atftp_put,
     curl_get,
     curl_put,
+    fetch,
     tftp_hpa_get,
     tftp_hpa_put,
     tftpy_get,
@@ -58,17 +59,7 @@ def test_real_clients_fetch_every_file_byte_identical(board, files, tmp_path, cl
             # tftp-hpa's in.tftpd too: its bug, not a server's. The others fetch it.
             continue
         out = tmp_path / (name.replace("/", "_") + f".{client}")
-        if client == "tftp-hpa":
-            r = tftp_hpa_get(port, name, out)
-            assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
-        elif client == "atftp":
-            r = atftp_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stdout + r.stderr
-        elif client == "curl":
-            r = curl_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stderr
-        else:
-            tftpy_get(port, name, out, blksize)
+        fetch(client, port, name, out, blksize)
         assert _sha(out.read_bytes()) == _sha(data), f"{client} {name}"
     fetched = len(files) - (client == "curl")
 
