@@ -911,13 +911,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bastion-http-bench-"))
     procs = Supervisor(grace=10.0)
 
-    def bench() -> int:
-        try:
-            return run(args, tmp, procs)
-        except ServerDidNotStart as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
     def cleanup() -> None:
         procs.stop_all()
         if args.keep:
@@ -925,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    return run_with_cleanup(bench, cleanup)
+    return run_with_cleanup(lambda: run(args, tmp, procs), cleanup, errors=(ServerDidNotStart,))
 
 
 if __name__ == "__main__":

@@ -1040,12 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="eb-tftp-bench-"))
 
     def bench() -> int:
-        try:
-            check_tools(args)
-            return run(args, ns, work)
-        except (SetupError, LabError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        check_tools(args)
+        return run(args, ns, work)
 
     def cleanup() -> None:
         STOPPING.set()
@@ -1055,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    return run_with_cleanup(bench, cleanup)
+    return run_with_cleanup(bench, cleanup, errors=(SetupError, LabError))
 
 
 if __name__ == "__main__":

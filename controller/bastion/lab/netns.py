@@ -381,13 +381,16 @@ def _as_interrupt(signum, frame) -> None:
         handler(signal.SIGINT, frame)
 
 
-def run_with_cleanup(main: Callable[[], int], cleanup: Callable[[], None]) -> int:
+def run_with_cleanup(main: Callable[[], int], cleanup: Callable[[], None],
+                     errors: tuple[type[Exception], ...] = ()) -> int:  # fmt: skip
     """main()'s exit status, with cleanup() run however main ends.
 
     While main runs, SIGINT raises KeyboardInterrupt even in a program started in the background
     (where shells ignore it), and SIGTERM and SIGHUP stop it as Ctrl-C does. An interrupt prints
-    "interrupted" and gives status 130. cleanup() runs with the three signals ignored, so that a
-    second Ctrl-C cannot cut it short; the handlers from before come back afterwards."""
+    "interrupted" and gives status 130; one of `errors` (what says the program cannot run here:
+    not root, a tool missing, a server that did not start) prints "error: ..." and gives 2.
+    cleanup() runs with the three signals ignored, so that a second Ctrl-C cannot cut it short;
+    the handlers from before come back afterwards."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -397,6 +400,9 @@ def run_with_cleanup(main: Callable[[], int], cleanup: Callable[[], None]) -> in
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)

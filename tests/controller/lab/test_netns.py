@@ -173,6 +173,16 @@ def test_run_with_cleanup_returns_mains_status_and_restores_the_handlers():
     assert cleaned == [1, 2]
 
 
+def test_an_error_that_says_it_cannot_run_here_is_status_2(capsys):
+    def main() -> int:
+        raise LabError("ip netns add x: Operation not permitted")
+
+    cleaned = []
+    assert netns.run_with_cleanup(main, lambda: cleaned.append(1), errors=(LabError,)) == 2
+    assert cleaned == [1]
+    assert capsys.readouterr().err == "error: ip netns add x: Operation not permitted\n"
+
+
 # --- namespaces (root) -------------------------------------------------------------------------
 
 
