@@ -712,8 +712,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
         try:
             site = load_site(site_dir)
         except SiteError as e:
-            raise FlashError([f"the site in {site_dir} does not load:"]
-                             + [f"  {p}" for p in e.problems]) from None  # fmt: skip
+            raise FlashError(e.report(site_dir)) from None
 
         device = flashing.render_device_config(site, bdef, controller_url)
         tftp = flashing.tftp_files(tftp_dir)

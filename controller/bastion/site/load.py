@@ -65,6 +65,10 @@ class SiteError(ValueError):
         self.problems = problems
         super().__init__("\n".join(problems))
 
+    def report(self, site_dir: Path | str) -> list[str]:
+        """The problems as the command lines print them: indented, under a line naming the site."""
+        return [f"the site in {site_dir} does not load:", *(f"  {p}" for p in self.problems)]
+
 
 class SiteFiles:
     """Reads a site directory, optionally through an overlay of pending edits (path -> bytes or
