@@ -332,14 +332,13 @@ def _load_machines(
         line = items.line_of(i) if isinstance(items, yamlfile.LineList) else None
         item = items[i] if items is not None else None
 
-        def at(key: str) -> int | None:
+        # (the defaults bind this machine's item and line: lines_at keeps `at` past the loop)
+        def at(key: str, item: Any = item, line: int | None = line) -> int | None:
             return item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
 
         where = f"machines[{i}]"
         entries.append(cluster.Entry(i, entry.name, entry.role or "", entry.arch, entry.address, entry))
-        lines_at[i] = lambda key, item=item, line=line: (
-            item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
-        )
+        lines_at[i] = at
         if entry.name in by_name:
             ld.problem(rel, at("name"), f"{where}.name", f"{entry.name!r} is also machines[{by_name[entry.name]}]")
             continue
