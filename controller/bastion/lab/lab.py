@@ -23,7 +23,7 @@ from typing import Any
 
 from bastion import atomic, paths
 from bastion.lab import initrd as initrd_mod
-from bastion.lab.netns import LabError, LabNet, Supervisor, teardown
+from bastion.lab.netns import LabError, LabNet, Namespace, Supervisor, teardown
 
 CACHE = paths.cache_dir()
 IPXE_DIR = Path("/usr/lib/ipxe")
@@ -407,15 +407,13 @@ class Lab:
         """An HTTP request to the controller from inside the LAN namespace (curl): the body
         of a 2xx answer; otherwise None, or with check a LabError with the controller's
         words."""
-        import subprocess
-
-        cmd = ["ip", "netns", "exec", self.net.lan, "curl", "-sS", "--max-time", "20",
-               "-X", method, "-w", "\n%{http_code}"]
+        cmd = ["curl", "-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]
         if token and self.token_file.exists():
             cmd += ["-H", f"Authorization: Bearer {self.token_file.read_text().strip()}"]
         if data is not None:
             cmd += ["-H", "Content-Type: application/json", "--data", data]
-        r = subprocess.run([*cmd, self.controller_url + path], capture_output=True, text=True)
+        r = Namespace(self.net.lan).run(*cmd, self.controller_url + path, capture_output=True,
+                                        text=True)  # fmt: skip
         body, _, code = r.stdout.rpartition("\n")
         if r.returncode == 0 and code.startswith("2"):
             return body
