@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -76,8 +75,3 @@ def sim_board(tmp_path):
     yield start
     for b in boards:
         b.stop()
-
-
-def need_root():
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2 for network namespaces")

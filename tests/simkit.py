@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from bastion.flash import sim
+from bastion.lab.netns import stop_process
 
 BIN = Path(sys.executable).parent
 # Lines a test wants printed in pytest's terminal summary (the reliability suite's counts):
@@ -81,13 +81,7 @@ class SimProcess:
         raise AssertionError(f"no such event in {timeout}s; saw {self.seen}")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=10)
 
     def __enter__(self) -> SimProcess:
         """The board once its firmware has booted; stopped on leaving, whatever happened."""
@@ -210,11 +204,5 @@ class SimBoard:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=5)
         self._reader.join(timeout=5)

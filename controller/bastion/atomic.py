@@ -9,12 +9,14 @@ API stays 0644); a new one gets `mode`, less the umask, as open(2) would.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,21 @@ def _unlink(path: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _replacing(path: Path, what: str = "tmp") -> Iterator[Path]:
+    """The recipe's frame: a temporary name beside path for the caller to make (a file written
+    and fsynced, a link), then renamed over path and the directory fsynced. If anything fails,
+    the temporary is removed and path is as it was."""
+    tmp = _temp_name(path, what)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_bytes(
     path: Path | str, data: bytes, *, mode: int = 0o666, keep_mode: bool = True,
     if_changed: bool = False,
@@ -60,20 +77,14 @@ def write_bytes(
         except OSError:
             pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
+    with _replacing(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
             if st is not None and keep_mode:
                 os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_dir(path.parent)
     return True
 
 
@@ -89,14 +100,8 @@ def write_json(path: Path | str, obj: Any, **kw: Any) -> bool:
 def symlink(target: str | os.PathLike, link: Path | str) -> None:
     """Point link at target, replacing whatever link was (never a moment without it)."""
     link = Path(link)
-    tmp = _temp_name(link, "link")
-    os.symlink(target, tmp)
-    try:
-        os.replace(tmp, link)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_dir(link.parent)
+    with _replacing(link, "link") as tmp:
+        os.symlink(target, tmp)
 
 
 def move_into(src: Path | str, dst: Path | str) -> None:
@@ -107,15 +112,10 @@ def move_into(src: Path | str, dst: Path | str) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        tmp = _temp_name(dst)
-        try:
-            with open(tmp, "xb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, _CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        _unlink(src)
+        with _replacing(dst) as tmp, open(tmp, "xb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, _CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        _unlink(src)  # once the copy is durable
+        return
     fsync_dir(dst.parent)

@@ -79,6 +79,12 @@ def select(site: Site, labels: dict[str, str]) -> tuple[Group, Profile] | None:
     return group, site.profiles[group.profile]
 
 
+def _lacks(group: Group, profile: Profile, what: str) -> Answer:
+    """404: the machine's profile has no `what` (boot settings, Ignition config, ...)."""
+    return Answer(404, f"profile {profile.id!r} ({profile.source}) has no {what}\n", group=group,
+                  profile=profile, error=f"profile has no {what}")  # fmt: skip
+
+
 def _no_match(labels: dict[str, str]) -> Answer:
     text = (
         f"no group matches this machine ({describe(labels)}): declare it in machines.yaml, "
@@ -146,13 +152,7 @@ def _boot_answer(site: Site, req: BootRequest, loader: str, prov: Provisioning |
                           detail={"boot": "local-disk", "installed_at": mark.installed_at})  # fmt: skip
     boot = boot_for(group, profile, req, loader)
     if boot is None:
-        return Answer(
-            404,
-            f"profile {profile.id!r} ({profile.source}) has no boot settings\n",
-            group=group,
-            profile=profile,
-            error="profile has no boot settings",
-        )
+        return _lacks(group, profile, "boot settings")
     token_event = None
     # boot_for put an Ignition URL in a Flatcar profile's arguments: make it a one-time one
     if prov is not None and takes_onetime_url(site, profile):
@@ -214,26 +214,30 @@ def grub(site: Site, req: BootRequest, prov: Provisioning | None = None) -> Answ
     return _boot_answer(site, req, "grub", prov)
 
 
-def ignition_config(site: Site, req: BootRequest) -> Answer:
+def _rendered(site: Site, req: BootRequest, what: tuple[str, str],
+              has: Callable[[Profile], object],
+              render: Callable[[Group, Profile], tuple[str, str]]) -> Answer:  # fmt: skip
+    """The matching profile's config as render(group, profile) makes it: (body, media type).
+    404 without a match or when has(profile) is false, 403 when it reads secrets (a one-time
+    URL only), 500 when it does not render. what: its name in a 404 and in a 500."""
     found = select(site, req.labels)
     if found is None:
         return _no_match(req.labels)
     group, profile = found
-    if not profile.ignition:
-        return Answer(
-            404,
-            f"profile {profile.id!r} ({profile.source}) has no Ignition config\n",
-            group=group,
-            profile=profile,
-            error="profile has no Ignition config",
-        )
+    if not has(profile):
+        return _lacks(group, profile, what[0])
     try:
-        config = render_ignition(site, group, profile, req)
+        body, media_type = render(group, profile)
     except SecretsRequired as e:
         return Answer(403, f"{e}\n", group=group, profile=profile, error="holds secrets: one-time URL only")
     except RenderError as e:
-        return Answer(500, f"cannot render Ignition: {e}\n", group=group, profile=profile, error=str(e))
-    return Answer(200, ignition.dumps(config), JSON, group=group, profile=profile)
+        return Answer(500, f"cannot render {what[1]}: {e}\n", group=group, profile=profile, error=str(e))
+    return Answer(200, body, media_type, group=group, profile=profile)
+
+
+def ignition_config(site: Site, req: BootRequest) -> Answer:
+    return _rendered(site, req, ("Ignition config", "Ignition"), lambda p: p.ignition,
+                     lambda g, p: (ignition.dumps(render_ignition(site, g, p, req)), JSON))
 
 
 def without_token(req: BootRequest) -> tuple[str, BootRequest]:
@@ -279,8 +283,7 @@ def onetime_ignition(site: Site, req: BootRequest, prov: Provisioning) -> Answer
         return _token_refused(e, client=req.client)
     profile = site.profiles[group.profile]
     if not profile.ignition:
-        return Answer(404, f"profile {profile.id!r} ({profile.source}) has no Ignition config\n",
-                      group=group, profile=profile, error="profile has no Ignition config")  # fmt: skip
+        return _lacks(group, profile, "Ignition config")
     try:
         secrets = prov.secrets_for(site, group.machine)
         config = render_ignition(site, group, profile, req, secrets=secrets)
@@ -298,25 +301,8 @@ def onetime_ignition(site: Site, req: BootRequest, prov: Provisioning) -> Answer
 
 
 def generic(site: Site, req: BootRequest) -> Answer:
-    found = select(site, req.labels)
-    if found is None:
-        return _no_match(req.labels)
-    group, profile = found
-    if not profile.generic:
-        return Answer(
-            404,
-            f"profile {profile.id!r} ({profile.source}) has no generic config\n",
-            group=group,
-            profile=profile,
-            error="profile has no generic config",
-        )
-    try:
-        text = render_generic(site, group, profile, req)
-    except SecretsRequired as e:
-        return Answer(403, f"{e}\n", group=group, profile=profile, error="holds secrets: one-time URL only")
-    except RenderError as e:
-        return Answer(500, f"cannot render generic config: {e}\n", group=group, profile=profile, error=str(e))
-    return Answer(200, text, group=group, profile=profile)
+    return _rendered(site, req, ("generic config", "generic config"), lambda p: p.generic,
+                     lambda g, p: (render_generic(site, g, p, req), TEXT))
 
 
 def metadata(site: Site, req: BootRequest) -> Answer:

@@ -49,9 +49,7 @@ def serve(log_level, access_log, **given) -> None:
     try:
         app = create_app(settings)
     except SiteError as e:
-        click.echo(f"the site in {site_dir} does not load:", err=True)
-        for problem in e.problems:
-            click.echo(f"  {problem}", err=True)
+        click.echo("\n".join(e.report(site_dir)), err=True)
         sys.exit(2)
     site = app.state.runtime.holder.site
     tftp_at = "{}:{}".format(*settings.tftp_listen) if settings.tftp_listen else "off"

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
@@ -23,18 +21,23 @@ import pytest
 from bastion.state.events import EventStore
 from bastion.tftpd import TftpService
 from bastion_testkit import Server
+from netkit import (
+    atftp_get,
+    atftp_put,
+    curl_get,
+    curl_put,
+    fetch,
+    tftp_hpa,
+    tftp_hpa_get,
+    tftp_hpa_put,
+    tftpy_get,
+    tftpy_put,
+)
 from simkit import free_udp_port, wait_for
 
 from firmware import tftpd
 
 SIZES = [0, 1, 511, 512, 513, 1023, 1024, 1025, 1467, 1468, 1469, 70_001]
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if not path:
-        pytest.skip(f"{tool} is not installed (tools/setup installs it)")
-    return path
 
 
 def sha(b: bytes) -> str:
@@ -90,40 +93,6 @@ def service(tftp_root: Path):
     svc.stop()
 
 
-def tftp_hpa_get(port: int, name: str, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([_need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "get",
-                           name, str(out)], capture_output=True, text=True, timeout=120)
-
-
-def atftp_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
-    return subprocess.run([_need("atftp"), "--get", "-r", name, "-l", str(out),
-                           "--option", f"blksize {blksize}", "--option", "tsize 0",
-                           "127.0.0.1", str(port)], capture_output=True, text=True, timeout=120)
-
-
-def atftp_window_get(port: int, name: str, out: Path, blksize: int,
-                     window: int) -> subprocess.CompletedProcess:
-    # atftp 0.8 asks for windowsize (RFC 7440) when given the option; curl, tftp-hpa's tftp
-    # and tftpy 0.8 have no such option.
-    return subprocess.run([_need("atftp"), "--get", "-r", name, "-l", str(out),
-                           "--option", f"blksize {blksize}", "--option", f"windowsize {window}",
-                           "--option", "tsize 0", "127.0.0.1", str(port)],
-                          check=False, capture_output=True, text=True, timeout=120)
-
-
-def curl_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
-    return subprocess.run([_need("curl"), "-sS", "--path-as-is", "--tftp-blksize", str(blksize),
-                           "-o", str(out), f"tftp://127.0.0.1:{port}/{name}"],
-                          capture_output=True, text=True, timeout=120)
-
-
-def tftpy_get(port: int, name: str, out: Path, blksize: int) -> None:
-    import tftpy
-
-    tftpy.TftpClient("127.0.0.1", port, options={"blksize": blksize, "tsize": 0}).download(
-        name, str(out), timeout=5)
-
-
 @pytest.mark.parametrize("client,blksize", [
     ("tftp-hpa", 512), ("atftp", 1024), ("atftp", 1468), ("curl", 512), ("curl", 1024),
     ("tftpy", 1024), ("tftpy", 1468),
@@ -135,17 +104,7 @@ def test_real_clients_fetch_every_file_byte_identical(service, files, tmp_path, 
         if client == "curl" and not data:
             continue  # curl 7.88 fails on empty files against every server (test_tftp_clients)
         out = tmp_path / (name.replace("/", "_") + f".{client}")
-        if client == "tftp-hpa":
-            r = tftp_hpa_get(port, name, out)
-            assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
-        elif client == "atftp":
-            r = atftp_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stdout + r.stderr
-        elif client == "curl":
-            r = curl_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stderr
-        else:
-            tftpy_get(port, name, out, blksize)
+        fetch(client, port, name, out, blksize)
         assert sha(out.read_bytes()) == sha(data), f"{client} {name}"
         fetched += 1
     # The client may be done before the server has taken its last ACK.
@@ -169,7 +128,7 @@ def test_atftp_fetches_every_file_byte_identical_in_windows(service, files, tmp_
     port = service.address[1]
     for name, data in files.items():
         out = tmp_path / name.replace("/", "_")
-        r = atftp_window_get(port, name, out, blksize, window)
+        r = atftp_get(port, name, out, blksize, window)
         assert r.returncode == 0, r.stdout + r.stderr
         assert sha(out.read_bytes()) == sha(data), name
     ends = wait_for(lambda: len(ends := service.rec.stage("end")) >= len(files) and ends,
@@ -188,7 +147,7 @@ def test_windows_carry_a_file_past_the_block_number_rollover(tftp_root, tmp_path
     (tftp_root / "big.bin").write_bytes(data)
     rec = Recorder()
     with TftpService(tftp_root, "127.0.0.1", 0, record=rec, timeout=5.0) as svc:
-        r = atftp_window_get(svc.address[1], "big.bin", tmp_path / "big", 512, 64)
+        r = atftp_get(svc.address[1], "big.bin", tmp_path / "big", 512, 64)
         assert r.returncode == 0, r.stdout + r.stderr
         assert sha((tmp_path / "big").read_bytes()) == sha(data)
         (end,) = wait_for(lambda: rec.stage("end"), what="the end event")
@@ -203,7 +162,7 @@ def test_blocks_up_to_65464_bytes_when_max_blksize_allows(tftp_root, files, tmp_
         r = curl_get(port, name, tmp_path / "c", 65464)
         assert r.returncode == 0, r.stderr
         # Two blocks of 64 KB per window: a default receive buffer holds three such datagrams.
-        r = atftp_window_get(port, name, tmp_path / "a", 65464, 2)
+        r = atftp_get(port, name, tmp_path / "a", 65464, 2)
         assert r.returncode == 0, r.stdout + r.stderr
         wait_for(lambda: len(rec.stage("end")) == 2, what="two end events")
     assert (tmp_path / "c").read_bytes() == (tmp_path / "a").read_bytes() == files[name]
@@ -243,8 +202,7 @@ def test_real_clients_get_the_devices_refusals(service, tftp_root, tmp_path):
     out = tmp_path / "out"
     before = sorted(p.relative_to(tftp_root) for p in tftp_root.rglob("*"))
 
-    r = subprocess.run([_need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "put",
-                        str(up), "up.bin"], capture_output=True, text=True, timeout=60)
+    r = tftp_hpa_put(port, up, "up.bin")
     assert "read-only server" in r.stdout + r.stderr
     for name in ("../secret", "sub/../../secret", "escape", "/etc/passwd"):
         r = tftp_hpa_get(port, name, out)
@@ -252,18 +210,15 @@ def test_real_clients_get_the_devices_refusals(service, tftp_root, tmp_path):
     for name in ("missing.bin", "emptydir"):
         r = tftp_hpa_get(port, name, out)
         assert "file not found" in r.stdout + r.stderr, name
-    r = subprocess.run([_need("tftp"), "-m", "ascii", "127.0.0.1", str(port), "-c", "get",
-                        "s1.bin", str(out)], capture_output=True, text=True, timeout=60)
+    r = tftp_hpa(port, "get", "s1.bin", str(out), mode="ascii", timeout=60)
     assert "only octet mode" in r.stdout + r.stderr
 
-    r = subprocess.run([_need("atftp"), "--put", "-l", str(up), "-r", "up.bin", "127.0.0.1",
-                        str(port)], capture_output=True, text=True, timeout=60)
+    r = atftp_put(port, up, "up.bin")
     assert r.returncode != 0 and "read-only server" in r.stdout + r.stderr
     r = atftp_get(port, "escape", out, 1024)
     assert r.returncode != 0 and "bad file name" in r.stdout + r.stderr
 
-    r = subprocess.run([_need("curl"), "-sS", "-T", str(up), f"tftp://127.0.0.1:{port}/up.bin"],
-                       capture_output=True, text=True, timeout=60)
+    r = curl_put(port, up, "up.bin")
     assert r.returncode != 0
     assert curl_get(port, "../secret", out, 1024).returncode == 69  # CURLE_TFTP_PERM
     assert curl_get(port, "missing.bin", out, 1024).returncode == 68  # CURLE_TFTP_NOTFOUND
@@ -271,7 +226,7 @@ def test_real_clients_get_the_devices_refusals(service, tftp_root, tmp_path):
     import tftpy
 
     with pytest.raises(tftpy.TftpException, match="errorcode = 2"):
-        tftpy.TftpClient("127.0.0.1", port).upload("up.bin", str(up), timeout=5)
+        tftpy_put(port, up, "up.bin")
     with pytest.raises(tftpy.TftpException, match="File not found"):
         tftpy_get(port, "missing.bin", out, 512)
 
@@ -487,7 +442,7 @@ def test_counters_and_events_of_a_known_sequence(service, tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(b"\x00\x01no-mode\0", ("127.0.0.1", port))  # malformed: no reply
     assert curl_get(port, "missing.bin", tmp_path / "o", 512).returncode == 68
-    assert atftp_window_get(port, "s70001.bin", tmp_path / "o", 1468, 8).returncode == 0
+    assert atftp_get(port, "s70001.bin", tmp_path / "o", 1468, 8).returncode == 0
     c = Raw(port)
     try:
         assert oack_options(c.ask(rrq(b"s1.bin", (b"tsize", b"0")))) == {b"tsize": b"1"}

@@ -14,26 +14,22 @@ bootloaders and Pis running UEFI.
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-from bastion.flash.sim import compile_firmware, micropython_bin
+from netkit import event_counts, proxydhcp_differential
 from test_proxydhcp import SERVICE_SCRIPT
 from test_proxydhcp_dnsmasq import (
+    CLIENT_IP,
     GUID,
     IPXE_175,
-    PI_OUIS,
     RPI_GUID,
     SERVER,
     SERVER_B,
     URL,
-    Proc,
-    World,
+    dnsmasq_args,
     mac,
-    need_tools,
     opt,
     request,
+    unique_xids,
 )
 
 from firmware import dhcp, pxe
@@ -133,32 +129,7 @@ def cases() -> dict[str, tuple[bytes, int]]:
     out["rpi-mac-only"] = (request(mac("e4:5f:01:00:02:01"), 0,
                                    b"PXEClient:Arch:00000:UNDI:002001", GUID), 0)
     out["rpi-uefi-11"] = (request(mac("d8:3a:dd:00:00:0b"), 11, guid=GUID), 11)
-    numbered = {}
-    for i, (name, (raw, arch)) in enumerate(out.items()):
-        b = bytearray(raw)
-        b[4:8] = (0x5AFE0000 + i).to_bytes(4, "big")
-        numbered[name] = (bytes(b), arch)
-    return numbered
-
-
-def dnsmasq_args(ifname: str, pidfile, files: dict[int, str]) -> list[str]:
-    """dnsmasq in proxy mode with the same boot files per client-arch tag."""
-    a = [
-        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", f"--pid-file={pidfile}", "--port=0",
-        "--log-dhcp", "--log-facility=-", f"--interface={ifname}", "--bind-interfaces",
-        f"--dhcp-range={SERVER.rsplit('.', 1)[0]}.0,proxy",
-        "--dhcp-userclass=set:ipxe,iPXE", "--dhcp-match=set:ipxe,175",
-        "--dhcp-match=set:rpi,97,00:52:50:69:34",
-        f"--dhcp-boot=tag:ipxe,{URL},,{SERVER}",
-        "--pxe-service=tag:rpi,tag:!ipxe,0,Raspberry Pi Boot",
-    ]  # fmt: skip
-    for arch, name in files.items():
-        a.append(f"--dhcp-match=set:arch{arch},option:client-arch,{arch}")
-        not_rpi = "tag:!rpi," if arch == 0 else ""
-        a.append(f"--dhcp-boot=tag:!ipxe,{not_rpi}tag:arch{arch},{name},,{SERVER}")
-    for oui in PI_OUIS:
-        a.append(f"--dhcp-mac=set:rpi,{oui}:*:*:*")
-    return a
+    return unique_xids(out, 0x5AFE0000)
 
 
 # Where dnsmasq has no equivalent of our answer; the safety rule still holds for both.
@@ -172,48 +143,16 @@ NO_EQUIVALENT = {
 
 @pytest.mark.parametrize("arm64", ARM64_IMAGES)
 def test_against_dnsmasq_nothing_unsafe_and_the_same_files(tmp_path, arm64):
-    need_tools()
     files = boot_files(arm64)
     all_cases = cases()
-    theirs, ours = World("a" if arm64 == ARM64_IMAGES[0] else "b"), World(
-        "c" if arm64 == ARM64_IMAGES[0] else "e")
-    procs: list[Proc] = []
-    clients = []
-    results = []
-    try:
-        theirs.up()
-        ours.up()
-        dm = Proc(["ip", "netns", "exec", theirs.srv,
-                   *dnsmasq_args(theirs.if_srv, tmp_path / "dnsmasq.pid", files)])
-        procs.append(dm)
-        compile_firmware(tmp_path / "lib" / "firmware")
-        (tmp_path / "svc.py").write_text(SERVICE_SCRIPT)
-        (tmp_path / "device.json").write_text(json.dumps({
-            "server_ip": SERVER, "script_url": URL,
-            "boot_files": {str(k): v for k, v in files.items()}}))
-        fw = Proc(["ip", "netns", "exec", ours.srv, micropython_bin(), "-X", "heapsize=128k",
-                   str(tmp_path / "svc.py"), "device.json", "0.0.0.0", "67", "4011", "68"],
-                  cwd=tmp_path, env=dict(os.environ, MICROPYPATH=f"{tmp_path / 'lib'}:.frozen"))
-        procs.append(fw)
-        dm.wait_for("DHCP, sockets bound exclusively")
-        fw.wait_for('"ready": true')
-        sendable = {name: (raw, "bcast") for name, (raw, _) in all_cases.items()}
-        clients = [theirs.client(sendable), ours.client(sendable)]
-        for c in clients:
-            out = c.stdout.read()
-            assert c.wait(timeout=60) == 0, c.stderr.read()
-            results.append(json.loads(out))
-    finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
-        for p in procs:
-            p.stop()
-        theirs.down()
-        ours.down()
-
-    got_d, got_o = results
+    config = {"server_ip": SERVER, "script_url": URL,
+              "boot_files": {str(k): v for k, v in files.items()}}
+    # (dnsmasq: the same files, every MAC answered as the firmware does without allowed_macs)
+    got_d, got_o, fw_lines = proxydhcp_differential(
+        tmp_path, {name: (raw, "bcast") for name, (raw, _) in all_cases.items()},
+        dnsmasq_args=lambda ifname, pidfile: dnsmasq_args(ifname, pidfile, files, allowed=[]),
+        device_config=config, service=SERVICE_SCRIPT, server_ip=SERVER, client_ip=CLIENT_IP,
+        tags=("dxa", "dxc") if arm64 == ARM64_IMAGES[0] else ("dxb", "dxe"))  # fmt: skip
     table = []
     for name, (raw, arch) in all_cases.items():
         d = [dhcp.parse(bytes.fromhex(h)) for h, _, _ in got_d[name]]
@@ -237,13 +176,6 @@ def test_against_dnsmasq_nothing_unsafe_and_the_same_files(tmp_path, arm64):
     assert mine["rpi-eeprom"] == mine["rpi-mac-only"] == b""
     assert mine["93-is-7-vendor-11"] == b"ipxe.efi"
     assert {mine[f"arch-{a}"] for a in X86_ARCHES} <= {f.encode() for f in X86_FILES}
-    counts = {}
-    for line in fw.lines:
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if "count" in ev:
-            counts[ev["count"]] = ev["n"]
+    counts = event_counts(fw_lines)
     assert counts.get("dhcp.no_boot_file") == len(NO_EQUIVALENT)
     assert "dhcp.error" not in counts and "dhcp.malformed" not in counts

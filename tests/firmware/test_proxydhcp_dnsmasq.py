@@ -10,17 +10,10 @@ options 54, 60, 43 and 97. Where we differ on purpose, INTENDED below says why.
 
 from __future__ import annotations
 
-import json
-import os
-import queue
-import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
-from bastion.flash.sim import compile_firmware, micropython_bin
+from netkit import event_counts, proxydhcp_differential
 from test_proxydhcp import SERVICE_SCRIPT
 
 from firmware import dhcp
@@ -176,12 +169,14 @@ CASES = {
 }
 
 
-def cases_with_unique_xids() -> dict[str, tuple[bytes, str]]:
+def unique_xids(cases: dict[str, tuple], base: int) -> dict[str, tuple]:
+    """The cases (packet first), each packet with its own xid from base on: replies are told
+    apart by xid."""
     out = {}
-    for i, (name, (raw, via)) in enumerate(CASES.items()):
+    for i, (name, (raw, *rest)) in enumerate(cases.items()):
         b = bytearray(raw)
-        b[4:8] = (0x5EB00000 + i).to_bytes(4, "big")
-        out[name] = (bytes(b), via)
+        b[4:8] = (base + i).to_bytes(4, "big")
+        out[name] = (bytes(b), *rest)
     return out
 
 
@@ -189,52 +184,10 @@ ALLOWED = sorted(
     {dhcp.parse(raw).mac.hex(":") for raw, _ in CASES.values()} - {"52:54:00:00:04:00"}
 )
 
-# Sends every case, collects every reply by xid; prints {name: [[hex, src_ip, src_port]...]}.
-CLIENT_SCRIPT = r"""
-import json, socket, subprocess, sys, time
-ifname, server, client_ip, wait = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-cases = json.load(sys.stdin)
-out = {name: [] for name in cases}
-xids = {bytes.fromhex(c["hex"])[4:8]: name for name, c in cases.items()}
-
-
-def collect(sock):
-    end = time.monotonic() + wait
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            return
-        sock.settimeout(left)
-        try:
-            d, a = sock.recvfrom(4096)
-        except socket.timeout:
-            return
-        if len(d) > 8 and d[0] == 2 and d[4:8] in xids:
-            out[xids[d[4:8]]].append([d.hex(), a[0], a[1]])
-
-
-b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-b.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-b.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-b.bind(("0.0.0.0", 68))
-for name, c in cases.items():
-    if c["via"] == "bcast":
-        b.sendto(bytes.fromhex(c["hex"]), ("255.255.255.255", 67))
-collect(b)
-# Now the client has its address from "the router": ask the boot server directly.
-subprocess.run(["ip", "addr", "add", client_ip + "/24", "dev", ifname], check=True)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind((client_ip, 4011))
-for name, c in cases.items():
-    if c["via"] == "4011":
-        u.sendto(bytes.fromhex(c["hex"]), (server, 4011))
-collect(u)
-print(json.dumps(out))
-"""
-
-
-def dnsmasq_args(ifname: str, pidfile: Path) -> list[str]:
-    """The seed user's dnsmasq proxy config, as flags."""
+def dnsmasq_args(ifname: str, pidfile: Path, boot_files: dict[int, str] = BOOT_FILES,
+                 allowed: list[str] = ALLOWED) -> list[str]:  # fmt: skip
+    """The seed user's dnsmasq proxy config, as flags: the boot files per client-arch tag, and
+    only the `allowed` MACs answered (every one when empty)."""
     a = [
         "dnsmasq",
         "--no-daemon",
@@ -252,15 +205,16 @@ def dnsmasq_args(ifname: str, pidfile: Path) -> list[str]:
         "--dhcp-match=set:rpi,97,00:52:50:69:34",  # option 97: type 0, then "RPi4"
         f"--dhcp-boot=tag:ipxe,{URL},,{SERVER}",
         "--pxe-service=tag:rpi,tag:!ipxe,0,Raspberry Pi Boot",
-        "--dhcp-ignore=tag:!known",
     ]
-    for arch, name in BOOT_FILES.items():
+    if allowed:
+        a.append("--dhcp-ignore=tag:!known")
+    for arch, name in boot_files.items():
         a.append(f"--dhcp-match=set:arch{arch},option:client-arch,{arch}")
         not_rpi = "tag:!rpi," if arch == 0 else ""
         a.append(f"--dhcp-boot=tag:!ipxe,{not_rpi}tag:arch{arch},{name},,{SERVER}")
     for oui in PI_OUIS:
         a.append(f"--dhcp-mac=set:rpi,{oui}:*:*:*")
-    for m in ALLOWED:
+    for m in allowed:
         a.append(f"--dhcp-host={m},set:known")
     return a
 
@@ -272,117 +226,6 @@ def our_config() -> dict:
         "boot_files": {str(k): v for k, v in BOOT_FILES.items()},
         "allowed_macs": ALLOWED,
     }
-
-
-class Proc:
-    """A process run by PID with its output read on a thread."""
-
-    def __init__(self, cmd: list[str], **kw):
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
-        )
-        self.lines: list[str] = []
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self._q.put(line)
-
-    def wait_for(self, text: str, timeout: float = 20) -> None:
-        if any(text in x for x in self.lines):
-            return
-        while True:
-            try:
-                line = self._q.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no {text!r}; output:\n" + "".join(self.lines)) from None
-            if text in line:
-                return
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-class World:
-    """Two namespaces joined by a veth pair: the server's side and the client's side."""
-
-    def __init__(self, tag: str):
-        n = os.getpid() % 100000
-        self.srv, self.cli = f"ebdx{n}{tag}s", f"ebdx{n}{tag}c"
-        self.if_srv, self.if_cli = f"dx{n}{tag}s", f"dx{n}{tag}c"
-        self.made: list[str] = []
-
-    def up(self) -> None:
-        for ns in (self.srv, self.cli):
-            sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh(
-            "ip",
-            "-n",
-            self.srv,
-            "link",
-            "add",
-            self.if_srv,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            self.if_cli,
-            "netns",
-            self.cli,
-        )
-        sh("ip", "-n", self.srv, "addr", "add", f"{SERVER}/24", "dev", self.if_srv)
-        sh("ip", "-n", self.srv, "link", "set", self.if_srv, "up")
-        sh("ip", "-n", self.cli, "link", "set", self.if_cli, "up")
-        # 255.255.255.255 needs a route out of the LAN interface (dnsmasq picks the interface
-        # itself with IP_PKTINFO; a plain socket, like the firmware's, follows the route).
-        sh("ip", "-n", self.srv, "route", "add", "default", "dev", self.if_srv)
-
-    def down(self) -> None:
-        for ns in self.made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-    def client(self, cases: dict, wait: float = 1.5) -> subprocess.Popen:
-        payload = {name: {"hex": raw.hex(), "via": via} for name, (raw, via) in cases.items()}
-        p = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.cli,
-                sys.executable,
-                "-c",
-                CLIENT_SCRIPT,
-                self.if_cli,
-                SERVER,
-                CLIENT_IP,
-                str(wait),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        p.stdin.write(json.dumps(payload))
-        p.stdin.close()
-        return p
-
-
-def need_tools() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    for tool in ("ip", "dnsmasq"):
-        if not shutil.which(tool):
-            pytest.skip(f"needs {tool}")
 
 
 def summary(p: dhcp.Packet) -> dict:
@@ -400,66 +243,11 @@ def summary(p: dhcp.Packet) -> dict:
 
 
 def test_against_dnsmasq(tmp_path):
-    need_tools()
-    cases = cases_with_unique_xids()
-    theirs, ours = World("d"), World("o")
-    procs: list[Proc] = []
-    clients = []
-    try:
-        theirs.up()
-        ours.up()
-        dm = Proc(
-            [
-                "ip",
-                "netns",
-                "exec",
-                theirs.srv,
-                *dnsmasq_args(theirs.if_srv, tmp_path / "dnsmasq.pid"),
-            ]
-        )
-        procs.append(dm)
-        compile_firmware(tmp_path / "lib" / "firmware")
-        (tmp_path / "svc.py").write_text(SERVICE_SCRIPT)
-        (tmp_path / "device.json").write_text(json.dumps(our_config()))
-        fw = Proc(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ours.srv,
-                micropython_bin(),
-                "-X",
-                "heapsize=128k",
-                str(tmp_path / "svc.py"),
-                "device.json",
-                "0.0.0.0",
-                "67",
-                "4011",
-                "68",
-            ],
-            cwd=tmp_path,
-            env=dict(os.environ, MICROPYPATH=f"{tmp_path / 'lib'}:.frozen"),
-        )
-        procs.append(fw)
-        dm.wait_for("DHCP, sockets bound exclusively")
-        fw.wait_for('"ready": true')
-        clients = [theirs.client(cases), ours.client(cases)]
-        results = []
-        for c in clients:
-            out = c.stdout.read()  # stdin is already written and closed
-            assert c.wait(timeout=60) == 0, c.stderr.read()
-            results.append(json.loads(out))
-    finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-                c.wait()
-        for p in procs:
-            p.stop()
-        theirs.down()
-        ours.down()
-
-    got_d, got_o = results
+    cases = unique_xids(CASES, 0x5EB00000)
+    results = proxydhcp_differential(
+        tmp_path, cases, dnsmasq_args=dnsmasq_args, device_config=our_config(),
+        service=SERVICE_SCRIPT, server_ip=SERVER, client_ip=CLIENT_IP)  # fmt: skip
+    got_d, got_o, fw_lines = results
     report = []
     for name, (raw, via) in cases.items():
         d = [dhcp.parse(bytes.fromhex(h)) for h, _, _ in got_d[name]]
@@ -500,14 +288,7 @@ def test_against_dnsmasq(tmp_path):
     answered = {n for n, dn, on in report if on}
     assert answered == set(cases) - {"non-pxe", "httpboot-captured", "unlisted-mac", "arm32-10"}
 
-    counts = {}
-    for line in fw.lines:
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue
-        if "count" in d:
-            counts[d["count"]] = d["n"]
+    counts = event_counts(fw_lines)
     assert counts.get("dhcp.not_pxe") == 2 and counts.get("dhcp.mac_not_allowed") == 1
     assert counts.get("dhcp.no_boot_file") == 1
     assert "dhcp.malformed" not in counts and "dhcp.error" not in counts

@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from bastion.flash import sim
+from bastion.lab.netns import Namespace
 from bastion.state.events import EventStore
+from netkit import need_root
 from simkit import SimBoard, wait_for
 from test_proxydhcp_dnsmasq import GUID, mac, request
 
@@ -126,59 +126,6 @@ print(json.dumps(out))
 """
 
 
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-class LoopbackNamespace:
-    """A namespace with only `lo`; processes started in it are stopped by PID on close."""
-
-    def __init__(self, tag: str):
-        self.name = f"ebpi{os.getpid() % 100000}{tag}"
-        self.procs: list[subprocess.Popen] = []
-        self.made = False
-
-    def __enter__(self) -> LoopbackNamespace:
-        sh("ip", "netns", "add", self.name)
-        self.made = True
-        sh("ip", "-n", self.name, "link", "set", "lo", "up")
-        links = subprocess.run(["ip", "-n", self.name, "-o", "link"], check=True,
-                               capture_output=True, text=True).stdout.splitlines()
-        assert [ln.split(":")[1].strip() for ln in links] == ["lo"], links
-        return self
-
-    def argv(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *cmd]
-
-    def udp_bound(self, addr: str) -> bool:
-        r = subprocess.run(self.argv("ss", "-H", "-n", "-l", "-u", f"src = {addr}"),
-                           capture_output=True, text=True)
-        return bool(r.stdout.strip())
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        if self.made:
-            r = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
-            for pid in (int(x) for x in r.stdout.split() if x.isdigit()):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pi_files() -> dict[str, bytes]:
     rng = random.Random(4)
@@ -208,7 +155,7 @@ def clients(blksize: int = 1024) -> list[dict]:
 
 @pytest.mark.parametrize("where", ["device", "controller"])
 def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_files, where):
-    need_root()
+    need_root("ss")
     flash = tmp_path / "flash"
     sim.install_firmware(flash)
     config = {
@@ -236,27 +183,24 @@ def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_fil
     spec.write_text(json.dumps({"clients": clients(), "device": DEVICE, "out": str(out)}))
     db = tmp_path / "events.db"
 
-    with LoopbackNamespace(where[0]) as ns:
+    with Namespace(f"ebpi{os.getpid() % 100000}{where[0]}") as ns:
         cmd = sim.firmware_command(flash, DEVICE, 67, 4011, 69, "128k")
         board = SimBoard(flash, ns.argv(*cmd))
-        ns.procs.append(board.proc)
+        ns.adopt(board.proc, "device")
         try:
             board.wait_event(lambda e: e.get("ev") == "boot")
             if where == "controller":
-                ctl_log = (tmp_path / "serve.log").open("wb")
-                ctl = subprocess.Popen(
-                    ns.argv(str(Path(sys.executable).parent / "bastion"), "serve", "--site",
-                            str(site), "--listen", f"{CONTROLLER}:8080", "--tftp",
-                            f"{CONTROLLER}:69", "--db", str(db), "--poll", "0",
-                            "--no-access-log"),
-                    stdout=ctl_log, stderr=subprocess.STDOUT)
-                ns.procs.append(ctl)
-                wait_for(lambda: ns.udp_bound(f"{CONTROLLER}:69") or ctl.poll() is not None,
+                ctl = ns.start([str(Path(sys.executable).parent / "bastion"), "serve", "--site",
+                                str(site), "--listen", f"{CONTROLLER}:8080", "--tftp",
+                                f"{CONTROLLER}:69", "--db", str(db), "--poll", "0",
+                                "--no-access-log"], name="controller",
+                               log=tmp_path / "serve.log")  # fmt: skip
+                wait_for(lambda: ns.udp_bound(69, CONTROLLER) or ctl.poll() is not None,
                            30, "the controller's TFTP")
                 assert ctl.poll() is None, (tmp_path / "serve.log").read_text()
-            wait_for(lambda: ns.udp_bound(f"{DEVICE}:69"), 30, "the device's TFTP")
-            r = subprocess.run(ns.argv(sys.executable, "-c", CLIENT_SCRIPT, str(spec)),
-                               capture_output=True, text=True, timeout=300)
+            wait_for(lambda: ns.udp_bound(69, DEVICE), 30, "the device's TFTP")
+            r = ns.run(sys.executable, "-c", CLIENT_SCRIPT, str(spec), capture_output=True,
+                       text=True, timeout=300)
             assert r.returncode == 0, r.stdout + r.stderr + "\n".join(board.lines[-20:])
             got = json.loads(r.stdout)
 

@@ -8,22 +8,23 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
+from netkit import (
+    atftp_get,
+    atftp_put,
+    curl_get,
+    curl_put,
+    fetch,
+    tftp_hpa_get,
+    tftp_hpa_put,
+    tftpy_get,
+    tftpy_put,
+)
 
 # Sizes around the block boundaries of both block sizes tested (512, 1468), and empty.
 SIZES = [0, 1, 511, 512, 513, 1467, 1468, 1469, 2936, 70_001]
 ROLLOVER = 512 * 65536 + 100  # more than 65535 blocks of 512: the block number wraps to 0
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if not path:
-        pytest.skip(f"{tool} is not installed (tools/setup installs it)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -46,32 +47,6 @@ def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def tftp_hpa_get(port: int, name: str, out: Path) -> subprocess.CompletedProcess:
-    # tftp-hpa's client speaks plain RFC 1350: 512-byte blocks, no options.
-    return subprocess.run([_need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "get",
-                           name, str(out)], capture_output=True, text=True, timeout=120)
-
-
-def atftp_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
-    return subprocess.run([_need("atftp"), "--get", "-r", name, "-l", str(out),
-                           "--option", f"blksize {blksize}", "--option", "tsize 0",
-                           "127.0.0.1", str(port)], capture_output=True, text=True, timeout=120)
-
-
-def curl_get(port: int, name: str, out: Path, blksize: int) -> subprocess.CompletedProcess:
-    # curl asks for tsize on its own; --path-as-is keeps "../" for the escape tests.
-    return subprocess.run([_need("curl"), "-sS", "--path-as-is", "--tftp-blksize", str(blksize),
-                           "-o", str(out), f"tftp://127.0.0.1:{port}/{name}"],
-                          capture_output=True, text=True, timeout=120)
-
-
-def tftpy_get(port: int, name: str, out: Path, blksize: int) -> None:
-    import tftpy
-
-    tftpy.TftpClient("127.0.0.1", port, options={"blksize": blksize, "tsize": 0}).download(
-        name, str(out), timeout=5)
-
-
 @pytest.mark.parametrize("client,blksize", [
     ("tftp-hpa", 512), ("atftp", 512), ("atftp", 1468), ("curl", 512), ("curl", 1468),
     ("tftpy", 512), ("tftpy", 1468),
@@ -84,17 +59,7 @@ def test_real_clients_fetch_every_file_byte_identical(board, files, tmp_path, cl
             # tftp-hpa's in.tftpd too: its bug, not a server's. The others fetch it.
             continue
         out = tmp_path / (name.replace("/", "_") + f".{client}")
-        if client == "tftp-hpa":
-            r = tftp_hpa_get(port, name, out)
-            assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
-        elif client == "atftp":
-            r = atftp_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stdout + r.stderr
-        elif client == "curl":
-            r = curl_get(port, name, out, blksize)
-            assert r.returncode == 0, r.stderr
-        else:
-            tftpy_get(port, name, out, blksize)
+        fetch(client, port, name, out, blksize)
         assert _sha(out.read_bytes()) == _sha(data), f"{client} {name}"
     fetched = len(files) - (client == "curl")
 
@@ -127,8 +92,7 @@ def test_real_clients_get_the_proper_errors(board, tmp_path):
     out = tmp_path / "out"
 
     # tftp-hpa: a write, an escape, a missing file.
-    r = subprocess.run([_need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "put",
-                        str(up), "up.bin"], capture_output=True, text=True, timeout=60)
+    r = tftp_hpa_put(port, up, "up.bin")
     assert "read-only server" in r.stdout + r.stderr
     r = tftp_hpa_get(port, "../secret", out)
     assert "bad file name" in r.stdout + r.stderr
@@ -136,8 +100,7 @@ def test_real_clients_get_the_proper_errors(board, tmp_path):
     assert "file not found" in r.stdout + r.stderr
 
     # atftp
-    r = subprocess.run([_need("atftp"), "--put", "-l", str(up), "-r", "up.bin", "127.0.0.1",
-                        str(port)], capture_output=True, text=True, timeout=60)
+    r = atftp_put(port, up, "up.bin")
     assert r.returncode != 0 and "read-only server" in r.stdout + r.stderr
     r = atftp_get(port, "../secret", out, 1468)
     assert r.returncode != 0 and "bad file name" in r.stdout + r.stderr
@@ -145,8 +108,7 @@ def test_real_clients_get_the_proper_errors(board, tmp_path):
     assert r.returncode != 0 and "file not found" in r.stdout + r.stderr
 
     # curl: its exit codes name the TFTP error (68 not found, 69 permission/access problem).
-    r = subprocess.run([_need("curl"), "-sS", "-T", str(up), f"tftp://127.0.0.1:{port}/up.bin"],
-                       capture_output=True, text=True, timeout=60)
+    r = curl_put(port, up, "up.bin")
     assert r.returncode != 0
     r = curl_get(port, "sub/../../secret", out, 1468)
     assert r.returncode != 0
@@ -157,7 +119,7 @@ def test_real_clients_get_the_proper_errors(board, tmp_path):
     import tftpy
 
     with pytest.raises(tftpy.TftpException, match="errorcode = 2"):
-        tftpy.TftpClient("127.0.0.1", port).upload("up.bin", str(up), timeout=5)
+        tftpy_put(port, up, "up.bin")
     with pytest.raises(tftpy.TftpException, match="errorcode = 2"):
         tftpy_get(port, "../secret", out, 512)
     with pytest.raises(tftpy.TftpException, match="File not found"):

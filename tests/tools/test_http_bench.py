@@ -5,7 +5,6 @@ Behaviour only: no assertion looks at a latency or a throughput.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -14,19 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from bastion.render import boot as scripts
+from benchkit import REPO, interrupted, load, wait_gone
 
-REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench" / "http_bench.py"
-
-_spec = importlib.util.spec_from_file_location("http_bench", BENCH)
-http_bench = importlib.util.module_from_spec(_spec)
-sys.modules["http_bench"] = http_bench  # dataclasses look their module up there
-_spec.loader.exec_module(http_bench)
+http_bench = load("http_bench")
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 needs_peers = pytest.mark.skipif(
@@ -123,34 +117,15 @@ def test_the_docs_quick_run_succeeds_with_no_errors_and_prints_the_ratio(tmp_pat
 
 
 @needs_peers
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_interrupted_run_stops_every_server_it_started(sig):
     # Big enough that it is still running (checks or boot storm) when the signal arrives.
     cmd = bench_command("--clients", "500", "--boots", "50", "--asset-mb", "1", "--reps", "1")
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
-    )
-    tmp = None
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("bench dir "):
-                tmp = Path(line.split()[2].rstrip(":"))
-            if "boot storm" in line or line.startswith("behaviour of the asset endpoint"):
-                break
-        pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(lines))]
-        assert len(pids) == 2, "".join(lines)
-        proc.send_signal(sig)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, "".join(lines) + rest
-    assert "interrupted" in rest and "Traceback" not in rest, rest
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
-    assert tmp is not None and not tmp.exists()
+    out = interrupted(cmd, lambda line: "boot storm" in line
+                      or line.startswith("behaviour of the asset endpoint"), sig)
+    pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
+    assert len(pids) == 2, out
+    assert wait_gone(pids) == []
+    tmp = re.search(r"^bench dir (\S+):", out, re.MULTILINE)
+    assert tmp and not Path(tmp.group(1)).exists(), out

@@ -6,55 +6,35 @@ Behaviour only: no assertion looks at a time, a throughput or a ratio's value.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from bastion.lab.netns import namespaces
+from benchkit import REPO, alive, interrupted, load, wait_gone
+from netkit import need_root
 
 from firmware import frame
 
-REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench" / "tftp_bench.py"
 DOC = REPO / "docs" / "benchmarks.md"
 SERVERS = ("firmware", "tftp-hpa", "dnsmasq")
-
-_spec = importlib.util.spec_from_file_location("tftp_bench", BENCH)
-tftp_bench = importlib.util.module_from_spec(_spec)
-sys.modules["tftp_bench"] = tftp_bench  # dataclasses look their module up there
-_spec.loader.exec_module(tftp_bench)
+tftp_bench = load("tftp_bench")
 
 
 def need_root_and_peers() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the bench creates a network namespace")
-    tools = ("ip", "ss", "curl", "atftp", "in.tftpd", "dnsmasq")
-    missing = [t for t in tools if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (tools/setup installs them)")
+    need_root("ss", "curl", "atftp", "in.tftpd", "dnsmasq")
     if not tftp_bench.DEFAULT_FILE.is_file():
         pytest.skip(f"needs {tftp_bench.DEFAULT_FILE} (the ipxe package)")
 
 
 def bench_command(*args: str) -> list[str]:
     return [sys.executable, "-u", str(BENCH), *args]
-
-
-def namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True)
-    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
-
-
-def alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
 
 
 def started(out: str) -> tuple[str, Path, list[int]]:
@@ -68,10 +48,7 @@ def started(out: str) -> tuple[str, Path, list[int]]:
 
 
 def assert_cleaned_up(ns: str, work: Path, pids: list[int]) -> None:
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in pids if alive(p)]
+    assert wait_gone(pids) == []
     assert ns not in namespaces()
     assert not work.exists()
 
@@ -309,29 +286,13 @@ def test_a_firmware_that_cannot_boot_is_reported_and_fails_the_run():
 def test_an_interrupted_run_stops_everything_and_deletes_its_namespace(sig):
     need_root_and_peers()
     # Many reps, so it is still running when the signal comes.
-    proc = subprocess.Popen(
-        bench_command("--reps", "1000"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  rep 1/1000 done"):
-                break
-        ns, work, pids = started("".join(lines))
-        assert len(pids) == 3 and all(alive(p) for p in pids), "".join(lines)
+
+    def serving_in_its_namespace(out: str) -> None:
+        ns, _, pids = started(out)
+        assert len(pids) == 3 and all(alive(p) for p in pids), out
         assert ns in namespaces()
-        proc.send_signal(sig)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, "".join(lines) + rest
-    assert "interrupted" in rest and "Traceback" not in rest, rest
-    assert_cleaned_up(ns, work, pids)
+
+    out = interrupted(bench_command("--reps", "1000"),
+                      lambda line: line.startswith("  rep 1/1000 done"), sig,
+                      serving_in_its_namespace)
+    assert_cleaned_up(*started(out))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import json
@@ -55,6 +54,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import aiohttp
 import httpx
 import yarl
+from bastion.lab.netns import Supervisor, exited, run_with_cleanup
 
 HOST = "127.0.0.1"  # the only address this bench talks to
 PROFILE_KERNEL = "/assets/bench/vmlinuz"
@@ -217,65 +217,21 @@ class Server:
     proc: subprocess.Popen
     base: str
     log: Path
-    stop_signal: int = signal.SIGTERM
 
 
-class Processes:
-    """Every process the bench starts; `stop_all` ends each one by its PID (and, since each was
-    started in a session of its own, the process group it leads: nginx's worker)."""
-
-    def __init__(self) -> None:
-        self.servers: list[Server] = []
-
-    def start(
-        self,
-        name: str,
-        cmd: list[str],
-        base: str,
-        log: Path,
-        env: dict | None = None,
-        stop_signal: int = signal.SIGTERM,
-    ) -> Server:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C on the terminal reaches the bench, which stops these
-            )
-        server = Server(name, proc, base, log, stop_signal)
-        self.servers.append(server)
-        return server
-
-    def stop_all(self, grace: float = 10.0) -> None:
-        for s in reversed(self.servers):
-            proc = s.proc
-            if proc.returncode is not None:  # reaped already: its PID may be someone else's now
-                continue
-            # Until it is reaped, its PID (and so its process group's id) stays ours, even if it
-            # has exited: signal it, wait for it to exit without reaping it, then SIGKILL what is
-            # left of its group (a stuck leader, or an nginx worker whose master died).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, s.stop_signal)
-            deadline = time.monotonic() + grace
-            while not exited(proc) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        self.servers.clear()
-
-
-def exited(proc: subprocess.Popen) -> bool:
-    """Whether `proc` has exited, without reaping it (WNOWAIT), so its PID stays reserved."""
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+def start_server(
+    procs: Supervisor,
+    name: str,
+    cmd: list[str],
+    base: str,
+    log: Path,
+    env: dict | None = None,
+    stop_signal: int = signal.SIGTERM,
+) -> Server:
+    """cmd as `name`, supervised by procs: stopped by its PID (and its process group, as it
+    leads its own session: nginx's worker too) when the bench ends, however it ends."""
+    proc = procs.start(name, cmd, log=log, env=env, stop_signal=stop_signal)
+    return Server(name, proc, base, log)
 
 
 class ServerDidNotStart(RuntimeError):
@@ -723,7 +679,7 @@ class Bench:
         return self.tmp / "site" / ASSET_PATH.lstrip("/")
 
 
-def start_servers(args: argparse.Namespace, tmp: Path, procs: Processes) -> Bench:
+def start_servers(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> Bench:
     machines = machines_for(args.clients, min(args.mac_groups, args.clients))
     site = tmp / "site"
     asset_bytes = int(args.asset_mb * MIB)
@@ -737,7 +693,8 @@ def start_servers(args: argparse.Namespace, tmp: Path, procs: Processes) -> Benc
     raise_fd_limit(args.clients * 2 + 256)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     c_port, n_port = free_tcp_port(), free_tcp_port()
-    controller = procs.start(
+    controller = start_server(
+        procs,
         "controller",
         controller_command(site, c_port, tmp / "events.db", args.profile_controller),
         f"http://{HOST}:{c_port}",
@@ -746,7 +703,8 @@ def start_servers(args: argparse.Namespace, tmp: Path, procs: Processes) -> Benc
         stop_signal=signal.SIGINT,  # uvicorn's graceful stop; lets cProfile write its file
     )
     (tmp / "nginx.conf").write_text(nginx_config(tmp, n_port, site, canned))
-    nginx = procs.start(
+    nginx = start_server(
+        procs,
         "nginx",
         [args.nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
         f"http://{HOST}:{n_port}",
@@ -861,7 +819,7 @@ def check_events(b: Bench, rc: StormResult) -> None:
         b.failed |= not c.ok
 
 
-def run(args: argparse.Namespace, tmp: Path, procs: Processes) -> int:
+def run(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> int:
     b = start_servers(args, tmp, procs)
     check_assets(b)
     rc, rn = boot_storms(b)
@@ -947,42 +905,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:
-    # Stop as on Ctrl-C, through whichever SIGINT handler is current: asyncio's during the
-    # storms (it cancels the clients cleanly), Python's KeyboardInterrupt elsewhere.
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through a pipe too
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
-    # Even when started in the background (where shells ignore SIGINT), SIGINT stops the bench.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="bastion-http-bench-"))
-    procs = Processes()
-    try:
-        return run(args, tmp, procs)
-    except ServerDidNotStart as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        for sig in stop_signals:  # a second Ctrl-C must not cut the cleanup short
-            signal.signal(sig, signal.SIG_IGN)
+    procs = Supervisor(grace=10.0)
+
+    def cleanup() -> None:
         procs.stop_all()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    return run_with_cleanup(lambda: run(args, tmp, procs), cleanup, errors=(ServerDidNotStart,))
 
 
 if __name__ == "__main__":

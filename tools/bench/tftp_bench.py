@@ -46,7 +46,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -58,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bastion.flash import sim
+from bastion.lab.netns import LabError, Namespace, exited, run_with_cleanup, stop_process
 
 HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
 SERVERS = ("firmware", "tftp-hpa", "dnsmasq", "controller")
@@ -121,101 +121,11 @@ def parse_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-# --- processes and the namespace ------------------------------------------------------------
+# --- setup -----------------------------------------------------------------------------------
 
 
 class SetupError(RuntimeError):
     """The bench cannot run here (exit status 2)."""
-
-
-def exited(proc: subprocess.Popen) -> bool:
-    """Whether proc has exited, without reaping it (WNOWAIT), so its PID stays ours to signal."""
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL to the process group it leads (tftp-hpa forks one child per
-    transfer), then reap it. Only ever signals a PID we have not reaped: never a stranger's."""
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while not exited(proc) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-class Namespace:
-    """A network namespace that this bench creates, with only its loopback up, and the
-    processes started in it. `destroy` stops them all and deletes the namespace."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.created = False
-        self.procs: list[subprocess.Popen] = []
-
-    def _ip(self, *args: str) -> str:
-        r = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SetupError(f"ip {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
-        return r.stdout
-
-    def create(self) -> None:
-        self._ip("netns", "add", self.name)  # fails if it exists: never adopt someone's
-        self.created = True
-        self._ip("-n", self.name, "link", "set", "lo", "up")
-        # The safety argument rests on this: loopback is the only interface in here.
-        links = [
-            ln.split(":")[1].strip() for ln in self._ip("-n", self.name, "-o", "link").splitlines()
-        ]
-        if links != ["lo"]:
-            raise SetupError(f"namespace {self.name} has links {links}, expected only lo")
-
-    def argv(self, *cmd: str) -> list[str]:
-        # `ip netns exec` execs cmd after joining the namespace: the child's PID is cmd's.
-        return ["ip", "netns", "exec", self.name, *cmd]
-
-    def start(self, cmd: list[str], **kw) -> subprocess.Popen:
-        # A session of its own: Ctrl-C on the terminal reaches the bench, which stops it.
-        proc = subprocess.Popen(
-            self.argv(*cmd), stdin=subprocess.DEVNULL, start_new_session=True, **kw
-        )
-        self.procs.append(proc)
-        return proc
-
-    def udp_bound(self, port: int) -> bool:
-        r = subprocess.run(
-            self.argv("ss", "-H", "-n", "-l", "-u", f"sport = :{port}"),
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        return r.returncode == 0 and bool(r.stdout.strip())
-
-    def destroy(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process(proc)
-        self.procs.clear()
-        if not self.created:
-            return
-        # Whatever still runs in the namespace was started by this bench (a curl, a forked
-        # server child): end it by PID before the namespace goes.
-        r = subprocess.run(
-            ["ip", "netns", "pids", self.name], check=False, capture_output=True, text=True
-        )
-        for pid in (int(p) for p in r.stdout.split() if p.isdigit()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
-        self.created = False
 
 
 # --- the three servers ----------------------------------------------------------------------
@@ -273,7 +183,8 @@ class Firmware(Server):
         cmd = sim.firmware_command(
             self.flash, HOST, FIRMWARE_DHCP_PORT, FIRMWARE_PXE_PORT, self.port, self.heap
         )
-        self.proc = ns.start(cmd, cwd=self.flash, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = ns.start(cmd, name=self.name, cwd=self.flash, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
 
@@ -750,8 +661,7 @@ def start_server(ns: Namespace, server: Server, work: Path) -> None:
             cmd = controller_command(work / "controller-site", work, server.port)
         else:
             cmd = dnsmasq_command(root, work)
-        with server.log.open("ab") as log:
-            server.proc = ns.start(cmd, stdout=log, stderr=subprocess.STDOUT)
+        server.proc = ns.start(cmd, name=server.name, log=server.log)
     assert server.proc is not None
     print(f"  {server.name}: pid {server.proc.pid}, {HOST}:{server.port}", flush=True)
     wait_serving(ns, server)
@@ -1126,34 +1036,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
-    # SIGTERM and SIGHUP stop the bench as Ctrl-C does; SIGINT works even when started in the
-    # background (where shells ignore it).
-    for sig in stop_signals:
-        signal.signal(sig, signal.default_int_handler)
     ns = Namespace(f"eb-bench-{os.getpid()}")
     work = Path(tempfile.mkdtemp(prefix="eb-tftp-bench-"))
-    try:
+
+    def bench() -> int:
         check_tools(args)
         return run(args, ns, work)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
+
+    def cleanup() -> None:
         STOPPING.set()
-        for sig in stop_signals:  # a second Ctrl-C must not cut the cleanup short
-            signal.signal(sig, signal.SIG_IGN)
         ns.destroy()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+    return run_with_cleanup(bench, cleanup, errors=(SetupError, LabError))
 
 
 if __name__ == "__main__":

@@ -34,23 +34,9 @@ class RichReporter:
             self.console.print(f"{name}: resuming at byte {done:,}")
         if not self.console.is_terminal:
             return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from bastion.progress import byte_progress
 
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
+        self._progress = byte_progress(self.console)
         self._progress.start()
         self._task = self._progress.add_task(name, total=total, completed=done)
 

@@ -22,9 +22,7 @@ def _load(site_dir: Path):
     try:
         site = load_site(site_dir)
     except SiteError as e:
-        click.echo(f"the site in {site_dir} does not load:", err=True)
-        for problem in e.problems:
-            click.echo(f"  {problem}", err=True)
+        click.echo("\n".join(e.report(site_dir)), err=True)
         sys.exit(1)
     if not site.cluster_nodes:
         click.echo(f"{site_dir}: site.yaml has no cluster: section", err=True)

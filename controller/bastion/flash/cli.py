@@ -49,7 +49,7 @@ import click
 
 from bastion import atomic
 from bastion.flash import image as flashing
-from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image
+from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image, human_size
 from bastion.flash.onboard import STAGE
 from bastion.flash.sim import mpy_cross_version
 
@@ -72,14 +72,6 @@ def mpremote_bin() -> str:
     if not found:
         raise FlashError("mpremote not found: run tools/setup (it installs it into .venv)")
     return found
-
-
-def _kb(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.1f} KB"
-    return f"{n / 1024**2:.2f} MB" if n < 1024**3 else f"{n / 1024**3:.1f} GB"
 
 
 class PortUnavailable(FlashError):
@@ -181,19 +173,9 @@ class CopyProgress:
         self.console = Console(highlight=False)
         self._progress = None
         if self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from bastion.progress import byte_progress
 
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=self.console,
-            )  # fmt: skip
+            self._progress = byte_progress(self.console)
             self._task = self._progress.add_task("copying", total=self.total)
             self._progress.start()
 
@@ -209,8 +191,8 @@ class CopyProgress:
                 self._progress.update(self._task, completed=self.done,
                                       description=f"{self.count}/{len(self.files)} {self.current}")  # fmt: skip
             else:
-                _say(f"  {self.count}/{len(self.files)} {self.current} ({_kb(size)}; "
-                     f"{_kb(self.done)} of {_kb(self.total)} copied)")  # fmt: skip
+                _say(f"  {self.count}/{len(self.files)} {self.current} ({human_size(size)}; "
+                     f"{human_size(self.done)} of {human_size(self.total)} copied)")  # fmt: skip
             return
         m = self._PERCENT.search(text)
         if m and self.current is not None and self._progress is not None:
@@ -229,7 +211,7 @@ class CopyProgress:
             self._progress.update(self._task, completed=self.done)
             self._progress.stop()
         if ok:
-            _say(f"  copied {self.count} files, {_kb(self.done)}")
+            _say(f"  copied {self.count} files, {human_size(self.done)}")
 
 
 # --- talking to the running firmware ---------------------------------------------------------
@@ -371,9 +353,9 @@ def _plan(site, board: BoardDef, device: DeviceConfig, image: Image) -> None:
     )
     _say("  relay channels: " + ", ".join(f"{i} {n}" for i, n in enumerate(device.channel_names)))
     fw = image.under("firmware/")
-    parts = [f"firmware/ ({len(fw)} modules, {_kb(sum(map(len, fw.values())))})"]
+    parts = [f"firmware/ ({len(fw)} modules, {human_size(sum(map(len, fw.values())))})"]
     parts += _listing({p: len(b) for p, b in image.files.items() if not p.startswith("firmware/")})
-    _say(f"files ({_kb(image.size)}): " + ", ".join(parts))
+    _say(f"files ({human_size(image.size)}): " + ", ".join(parts))
 
 
 def _listing(sizes: dict[str, int], most: int = 8) -> list[str]:
@@ -384,9 +366,9 @@ def _listing(sizes: dict[str, int], most: int = 8) -> list[str]:
     out = []
     for top, members in by_dir.items():
         if len(members) > most:
-            out.append(f"{top} ({len(members)} files, {_kb(sum(sizes[p] for p in members))})")
+            out.append(f"{top} ({len(members)} files, {human_size(sum(sizes[p] for p in members))})")
         else:
-            out += [f"{p} ({_kb(sizes[p])})" for p in members]
+            out += [f"{p} ({human_size(sizes[p])})" for p in members]
     return out
 
 
@@ -453,7 +435,7 @@ def _copy(mp: Mpremote, todo: dict[str, bytes], need: int) -> None:
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(data)
             args += ["+", "fs", "cp", "-f", str(local), f":{STAGE}/{p}"]
-        _say(f"copying {len(todo)} files ({_kb(need)}) to :{STAGE}/ (mpremote fs cp) ...")
+        _say(f"copying {len(todo)} files ({human_size(need)}) to :{STAGE}/ (mpremote fs cp) ...")
         progress = CopyProgress({p: len(b) for p, b in todo.items()}, STAGE)
         ok = False
         try:
@@ -539,7 +521,7 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
         todo = {**(fw_new if swap else {}), **{p: image.files[p] for p in files}}
         need = sum(map(len, todo.values()))
         _say(
-            f"  {len(todo)} of {len(image.files)} files differ ({_kb(need)})"
+            f"  {len(todo)} of {len(image.files)} files differ ({human_size(need)})"
             + (f"; firmware/ is replaced whole (stale: {', '.join(stale)})" if stale else "")
         )
         plan = flashing.space_plan(todo, probe, swap, STAGE)
@@ -713,8 +695,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
         try:
             site = load_site(site_dir)
         except SiteError as e:
-            raise FlashError([f"the site in {site_dir} does not load:"]
-                             + [f"  {p}" for p in e.problems]) from None  # fmt: skip
+            raise FlashError(e.report(site_dir)) from None
 
         device = flashing.render_device_config(site, bdef, controller_url)
         tftp = flashing.tftp_files(tftp_dir)

@@ -670,18 +670,18 @@ class SpacePlan:
         return self.free - sum(self.files.values()) + self.freed
 
     def kb(self, blocks: int) -> str:
-        return _human(blocks * self.block)
+        return human_size(blocks * self.block)
 
     def summary(self) -> str:
         return (f"needs {self.kb(self.need)} while copying ({self.need} blocks of "
-                f"{_human(self.block)}: {len(self.files)} files, {self.dirs} directories), "
+                f"{human_size(self.block)}: {len(self.files)} files, {self.dirs} directories), "
                 f"{self.kb(self.free)} free; about {self.kb(self.free_after)} free afterwards")  # fmt: skip
 
     def refusal(self) -> FlashError:
         big = sorted(self.files.items(), key=lambda kv: -kv[1])[:3]
         return FlashError([
             (f"the device's filesystem has {self.kb(self.free)} free ({self.free} blocks of "
-             f"{_human(self.block)}), and the copy needs {self.kb(self.need)} ({self.need} "
+             f"{human_size(self.block)}), and the copy needs {self.kb(self.need)} ({self.need} "
              f"blocks: {sum(self.files.values())} for {len(self.files)} files, each rounded up "
              f"to whole blocks, {self.dirs * DIR_BLOCKS} for {self.dirs} directories), while "
              "the files it replaces are still there"),
@@ -692,7 +692,8 @@ class SpacePlan:
         ])  # fmt: skip
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
+    """A byte count as people read it: 512 B, 1.5 KB, 2.25 MB, 1.1 GB (1 KB = 1024 B)."""
     if n < 1024:
         return f"{n} B"
     if n < 1024 * 1024:

@@ -23,7 +23,7 @@ from typing import Any
 
 from bastion import atomic, paths
 from bastion.lab import initrd as initrd_mod
-from bastion.lab.netns import LabError, LabNet, Processes, teardown
+from bastion.lab.netns import LabError, LabNet, Namespace, Supervisor, teardown
 
 CACHE = paths.cache_dir()
 IPXE_DIR = Path("/usr/lib/ipxe")
@@ -130,7 +130,7 @@ class Lab:
         self.serial = self.workdir / "device.tty"
         self.token_file = self.workdir / "api-token"
         self.db_path = self.workdir / "events.db"
-        self.procs = Processes.load(self.workdir / "state.json")
+        self.procs = Supervisor.load(self.workdir / "state.json")
 
     # -- paths and URLs ---------------------------------------------------------------------
     @property
@@ -360,23 +360,23 @@ class Lab:
         for n in nodes:
             self.net.add_tap(n.tap)
         lo, hi = self.net.pool
-        self.procs.start("router", self.net.router, [
+        self.procs.start("router", [
             "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
             # its built-in user, dnsmasq, exists only where a package made it
             "--user=nobody", "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
             f"--dhcp-option=option:router,{self.net.router_ip}",
             f"--dhcp-leasefile={self.workdir / 'leases'}", "--log-dhcp", "--log-facility=-",
-        ], self.logs / "router.log")
-        self.procs.start("device", self.net.lan, [
+        ], netns=self.net.router, log=self.logs / "router.log")
+        self.procs.start("device", [
             self._bastion(), "sim", "--flash", str(self.flash), "--listen", self.net.device_ip,
             "--serial-link", str(self.serial),
-        ], self.logs / "device.log")
-        self.procs.start("controller", self.net.lan, self.controller_command(),
-                         self.logs / "controller.log")
-        self.procs.start("wiring", self.net.lan, [
+        ], netns=self.net.lan, log=self.logs / "device.log")
+        self.procs.start("controller", self.controller_command(), netns=self.net.lan,
+                         log=self.logs / "controller.log")
+        self.procs.start("wiring", [
             self._bastion(), "lab", "wire", "--name", self.net.name, "--prefix",
             self.net.prefix, "--workdir", str(self.workdir), "--accel", self.accel,
-        ], self.logs / "wiring.log")
+        ], netns=self.net.lan, log=self.logs / "wiring.log")
         self.wait_ready()
         progress(f"lab {self.net.name} is up: device {self.net.device_ip}, "
                  f"controller {self.controller_url}, router {self.net.router_ip}")
@@ -407,15 +407,13 @@ class Lab:
         """An HTTP request to the controller from inside the LAN namespace (curl): the body
         of a 2xx answer; otherwise None, or with check a LabError with the controller's
         words."""
-        import subprocess
-
-        cmd = ["ip", "netns", "exec", self.net.lan, "curl", "-sS", "--max-time", "20",
-               "-X", method, "-w", "\n%{http_code}"]
+        cmd = ["curl", "-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]
         if token and self.token_file.exists():
             cmd += ["-H", f"Authorization: Bearer {self.token_file.read_text().strip()}"]
         if data is not None:
             cmd += ["-H", "Content-Type: application/json", "--data", data]
-        r = subprocess.run([*cmd, self.controller_url + path], capture_output=True, text=True)
+        r = Namespace(self.net.lan).run(*cmd, self.controller_url + path, capture_output=True,
+                                        text=True)  # fmt: skip
         body, _, code = r.stdout.rpartition("\n")
         if r.returncode == 0 and code.startswith("2"):
             return body

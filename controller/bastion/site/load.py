@@ -65,6 +65,10 @@ class SiteError(ValueError):
         self.problems = problems
         super().__init__("\n".join(problems))
 
+    def report(self, site_dir: Path | str) -> list[str]:
+        """The problems as the command lines print them: indented, under a line naming the site."""
+        return [f"the site in {site_dir} does not load:", *(f"  {p}" for p in self.problems)]
+
 
 class SiteFiles:
     """Reads a site directory, optionally through an overlay of pending edits (path -> bytes or
@@ -328,14 +332,13 @@ def _load_machines(
         line = items.line_of(i) if isinstance(items, yamlfile.LineList) else None
         item = items[i] if items is not None else None
 
-        def at(key: str) -> int | None:
+        # (the defaults bind this machine's item and line: lines_at keeps `at` past the loop)
+        def at(key: str, item: Any = item, line: int | None = line) -> int | None:
             return item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
 
         where = f"machines[{i}]"
         entries.append(cluster.Entry(i, entry.name, entry.role or "", entry.arch, entry.address, entry))
-        lines_at[i] = lambda key, item=item, line=line: (
-            item.line_of(key) if isinstance(item, yamlfile.LineDict) else line
-        )
+        lines_at[i] = at
         if entry.name in by_name:
             ld.problem(rel, at("name"), f"{where}.name", f"{entry.name!r} is also machines[{by_name[entry.name]}]")
             continue

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bastion.lab.netns import LabError, Namespace
 from bastion.model import BootRequest
 from bastion import boot
 from bastion.render.config import render_ignition
@@ -274,26 +275,26 @@ class WireguardNamespace:
     """A network namespace with WireGuard interfaces: the kernel's, else wireguard-go's."""
 
     def __init__(self):
-        self.ns = f"bastion-wg-{os.getpid()}"
-        self.go: list[subprocess.Popen] = []
+        self.ns = Namespace(f"bastion-wg-{os.getpid()}")
         self.sockets: list[Path] = []
-        run = subprocess.run(["ip", "netns", "add", self.ns], check=False, capture_output=True, text=True)
-        if run.returncode != 0:
-            pytest.skip(f"cannot make a network namespace (root and iproute2 needed): {run.stderr.strip()}")
+        try:
+            self.ns.create()
+        except LabError as e:
+            self.ns.destroy()
+            pytest.skip(f"cannot make a network namespace (root and iproute2 needed): {e}")
 
     def add(self, name: str) -> str:
         """Make interface `name`; returns how ("kernel" or "wireguard-go")."""
-        run = subprocess.run(["ip", "-n", self.ns, "link", "add", name, "type", "wireguard"],
-                             check=False, capture_output=True, text=True)  # fmt: skip
-        if run.returncode == 0:
+        try:
+            self.ns.ip("link", "add", name, "type", "wireguard")
             return "kernel"
-        if shutil.which("wireguard-go") is None:
-            pytest.skip(f"this kernel has no WireGuard ({run.stderr.strip()}) and wireguard-go is "
-                        "not installed (tools/debian-packages.txt has it)")  # fmt: skip
+        except LabError as e:
+            if shutil.which("wireguard-go") is None:
+                pytest.skip(f"this kernel has no WireGuard ({e}) and wireguard-go is "
+                            "not installed (tools/debian-packages.txt has it)")  # fmt: skip
         sock = Path("/var/run/wireguard") / f"{name}.sock"
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, "wireguard-go", "-f", name],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        self.go.append(proc)
+        proc = self.ns.start(["wireguard-go", "-f", name], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
         self.sockets.append(sock)
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -303,19 +304,12 @@ class WireguardNamespace:
         return "wireguard-go"
 
     def wg(self, *args: str, input: str | None = None) -> str:
-        run = subprocess.run(["ip", "netns", "exec", self.ns, "wg", *args], input=input,
-                             check=False, capture_output=True, text=True, timeout=30)  # fmt: skip
+        run = self.ns.run("wg", *args, input=input, capture_output=True, text=True, timeout=30)
         assert run.returncode == 0, f"wg {' '.join(args)}: {run.stderr}"
         return run.stdout
 
     def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True)  # its links go too
-        for proc in self.go:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait(timeout=5)
+        self.ns.destroy()  # wireguard-go stopped by PID; the links go with the namespace
         for sock in self.sockets:
             sock.unlink(missing_ok=True)
 
