@@ -182,7 +182,8 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
         nodes=None if maintenance else nodes,
         reboot=board.reset,
         info={"fw": VERSION, "board": board.name, "maintenance": maintenance},
-        interrupts=console_mod.interrupt_switch(),
+        # maintenance is the flasher's turn: Ctrl-C stops the firmware even with a controller
+        interrupts=None if maintenance else console_mod.interrupt_switch(),
     )
     console.add("heap", heap.op)
     op = _maintenance(board, console, maintenance)
