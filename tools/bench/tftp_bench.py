@@ -32,8 +32,9 @@ free there and no packet can reach a real interface), everything on 127.0.0.1:
    goals for the MicroPython it ran on;
 5. with --min-heap, restarts the firmware at one heap size after another, by bisection between
    16k and --heap, to find the smallest -X heapsize at which it boots all its services and
-   serves --concurrent transfers at once for --concurrent-seconds, then one alone; every size
-   tried is printed with what happened there (its failures are not the run's).
+   serves rounds of --concurrent transfers started together for --concurrent-seconds (each
+   round once the firmware has reported the last one's transfers over), then one alone; every
+   size tried is printed with what happened there (its failures are not the run's).
 
 The firmware runs on the unix port installed with bastion (64-bit), or on the MicroPython given:
 `--micropython PATH` loads it as .mpy from the flash as `bastion sim` lays it out (the bench
@@ -95,6 +96,7 @@ HEAP_GOALS = {
 }
 MIN_HEAP = 16 * KB  # the smallest heap bastion.flash.sim accepts: where --min-heap starts
 MAX_FETCHES_PER_CLIENT = 1000  # bounds the concurrent phase whatever the clock says
+_OVER = ("end", "refused")  # the firmware's tftp events that say a request is done with
 _TIME_MARK = "EB-BENCH-TIME"  # how our curl --write-out line is told from curl's own messages
 _DECODER = json.JSONDecoder()
 # Set once the bench is stopping (done, interrupted or failed): client threads still running
@@ -413,6 +415,12 @@ class Firmware(Server):
     def boot_event(self) -> dict | None:
         return next((e for e in self.events if e.get("ev") == "boot"), None)
 
+    def transfers_over(self) -> int:
+        """How many transfers it has reported as ended or refused (its `tftp` events)."""
+        return sum(
+            1 for e in list(self.events) if e.get("ev") == "tftp" and e.get("stage") in _OVER
+        )
+
     def heap_figures(self) -> dict:
         """code and peak (bytes) as the firmware reported them; peak is None when no heap
         event came (the live heap never rose by the firmware's reporting step over code)."""
@@ -683,6 +691,45 @@ def run_concurrent(
     for t in threads:
         t.join()
     return time.monotonic() - start
+
+
+def run_rounds(
+    client: Client, results: Results, fw: Firmware, clients: int, seconds: float, blksize: int
+) -> str | None:
+    """Rounds of `clients` transfers started together, until `seconds` have passed (at least
+    one round) or a round fails. A round begins once the firmware has reported every transfer
+    of the one before as over: all its slots are free, so a refusal means it could not carry
+    `clients` transfers, never that a client asked again before the firmware had taken its
+    previous transfer's last ACK (the race run_concurrent's back-to-back clients can hit).
+    Returns what went wrong, or None."""
+    deadline = time.monotonic() + seconds
+    for rnd in range(MAX_FETCHES_PER_CLIENT):
+        over = fw.transfers_over()
+        threads = [
+            threading.Thread(
+                target=results.fetch,
+                args=(client, fw, "concurrent", blksize, rnd, i),
+                daemon=True,
+            )
+            for i in range(clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mine = [f for f in results.select(fw.name, "concurrent") if f.rep == rnd]
+        if len(mine) < clients or not all(f.ok for f in mine) or STOPPING.is_set():
+            return None  # the failed transfers say what went wrong
+        wait_until = time.monotonic() + client.timeout
+        while fw.transfers_over() < over + clients and time.monotonic() < wait_until:
+            if not fw.running():
+                return None
+            time.sleep(0.01)
+        if fw.transfers_over() < over + clients:
+            return f"round {rnd}: the firmware did not report its {clients} transfers over"
+        if time.monotonic() >= deadline:
+            return None
+    return None
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -1077,6 +1124,7 @@ class Probe:
     after_ok: bool = False  # the transfer alone, after them
     code: int | None = None
     peak: int | None = None
+    refused: list[str] = field(default_factory=list)  # the firmware's reasons, as it said them
 
     @property
     def works(self) -> bool:
@@ -1088,10 +1136,11 @@ class Probe:
             return head + f"does not boot: {self.problem}"
         figures = f"code {kb(self.code or 0)}" + (f", peak {kb(self.peak)}" if self.peak else "")
         if self.works:
-            return (
-                head + f"works: {self.ok} of {self.tried} transfers ok, then one alone; {figures}"
-            )
+            return head + f"works: {self.ok} of {self.tried} ok, then one alone; {figures}"
         why = f"; {self.problem}" if self.problem else ""
+        if self.refused:
+            reasons = ", ".join(sorted(set(self.refused)))
+            why += f"; the firmware refused {len(self.refused)} ({reasons})"
         alone = "ok" if self.after_ok else "FAILED"
         return (
             head
@@ -1117,22 +1166,30 @@ def probe_heap(b: Bench, size: int) -> Probe:
         if fw.problem is None and not {"dhcp", "tftp"} <= set(services):
             fw.fail(f"boot event without dhcp and tftp among its services: {boot}")
         probe.booted = fw.problem is None
+        lost = None
         if probe.booted:
-            run_concurrent(b.client, results, fw, args.concurrent, args.concurrent_seconds, blk)
+            lost = run_rounds(b.client, results, fw, args.concurrent, args.concurrent_seconds, blk)
             results.fetch(b.client, fw, "after-burst", blk, 0)
             time.sleep(0.2)  # the reader thread: the last heap event
         conc = results.select("firmware", "concurrent")
         after = results.select("firmware", "after-burst")
         probe.tried, probe.ok = len(conc), sum(1 for f in conc if f.ok)
         probe.after_ok = bool(after) and all(f.ok for f in after)
-        if probe.booted and not probe.works and fw.problem is None:
+        if fw.problem is not None:
+            probe.problem = fw.problem
+        elif lost is not None:
+            probe.problem = lost
+        else:
             bad = next((f for f in conc + after if not f.ok), None)
             if bad is not None:
-                probe.problem = f"{bad.phase} #{bad.rep}: {bad.error or bad.corrupt}"
-        else:
-            probe.problem = fw.problem
+                what = "round" if bad.phase == "concurrent" else "alone"
+                probe.problem = f"{what} #{bad.rep}: {bad.error or bad.corrupt}"
         figures = fw.heap_figures()
         probe.code, probe.peak = figures["code"], figures["peak"]
+        probe.refused = [
+            str(e.get("reason")) for e in list(fw.events)
+            if e.get("ev") == "tftp" and e.get("stage") == "refused"
+        ]  # fmt: skip
     finally:
         fw.problems[:] = kept
         fw.problem, fw.quiet, fw.heap = None, False, args.heap
@@ -1432,8 +1489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--min-heap",
         action="store_true",
         help="after the other phases, find the smallest -X heapsize (from 16k up to --heap) at "
-        "which the firmware boots all its services and --concurrent transfers complete, by "
-        "bisection, restarting it at each size tried",
+        "which the firmware boots all its services and rounds of --concurrent transfers at once "
+        "complete for --concurrent-seconds, by bisection, restarting it at each size tried",
     )
     p.add_argument(
         "--min-heap-step",
