@@ -7,14 +7,17 @@ Behaviour only: no assertion looks at a time, a throughput or a ratio's value.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bastion.flash import sim
 from bastion.lab.netns import namespaces
 from benchkit import REPO, alive, interrupted, load, wait_gone
 from netkit import need_root
@@ -151,6 +154,147 @@ def test_sizes_and_the_default_servers():
         tftp_bench.parse_args(["--size", "lots"])
 
 
+# --- the MicroPython that runs the firmware (no 32-bit binary needed) ------------------------
+
+UNIX_PORT = Path(sys.executable).parent / "micropython"  # the 64-bit unix port from PyPI
+SYS_MPY_32BIT_X86 = 0x706  # sys.implementation._mpy of MicroPython 1.23+ built for i686
+
+
+def need_unix_port() -> None:
+    if not UNIX_PORT.is_file():
+        pytest.skip(f"needs {UNIX_PORT} (tools/setup installs it)")
+
+
+def test_the_micropython_options_are_optional_and_exclusive():
+    args = tftp_bench.parse_args([])
+    assert (args.micropython, args.micropython_frozen, args.min_heap) == (None, None, False)
+    assert args.min_heap_step == 2048
+    args = tftp_bench.parse_args(["--micropython-frozen", "/opt/mp32", "--min-heap",
+                                  "--min-heap-step", "4k"])  # fmt: skip
+    assert (args.micropython_frozen, args.min_heap, args.min_heap_step) == ("/opt/mp32", True, 4096)
+    for bad in (
+        ["--micropython", "/a", "--micropython-frozen", "/b"],
+        ["--min-heap", "--servers", "tftp-hpa"],
+        ["--min-heap", "--concurrent", "0"],
+        ["--min-heap-step", "512"],
+    ):
+        with pytest.raises(SystemExit):
+            tftp_bench.parse_args(bad)
+
+
+def test_the_unix_port_describes_itself_as_a_64_bit_micropython_without_frozen_firmware():
+    need_unix_port()
+    mp = tftp_bench.describe_micropython(str(UNIX_PORT), frozen=False)
+    assert mp.bits == 64 and mp.abi.version == 6 and mp.abi.arch == "x64"
+    assert not mp.has_frozen_firmware
+    assert "MicroPython" in mp.version
+    assert mp.goals() == (128 * 1024, 96 * 1024, "the 64-bit unix port, code as .mpy")
+    with pytest.raises(tftp_bench.SetupError, match="no firmware frozen into it"):
+        tftp_bench.describe_micropython(str(UNIX_PORT), frozen=True)
+    # The firmware runs in its flash directory: a relative path is made absolute.
+    relative = os.path.relpath(UNIX_PORT)
+    assert tftp_bench.describe_micropython(relative, frozen=False).path == str(UNIX_PORT)
+
+
+def test_what_is_not_a_micropython_is_refused(tmp_path):
+    with pytest.raises(tftp_bench.SetupError, match="not a program that can be run"):
+        tftp_bench.describe_micropython(str(tmp_path / "nothing"), frozen=False)
+    true = shutil.which("true")
+    assert true
+    with pytest.raises(tftp_bench.SetupError, match="not a MicroPython that runs here"):
+        tftp_bench.describe_micropython(true, frozen=False)
+
+
+def micropython_like(mpy: int, bits: int, frozen: bool) -> tftp_bench.MicroPython:
+    """How a MicroPython built otherwise would describe itself (describe_micropython's result)."""
+    return tftp_bench.MicroPython(str(UNIX_PORT), frozen, mpy, bits, "3.4.0; MicroPython", frozen)
+
+
+def test_the_firmware_as_mpy_cross_compiles_it_loads_on_32_and_64_bit_but_not_on_1_18(tmp_path):
+    compiled = sim.compile_firmware(tmp_path / "firmware")
+    main = next(f for f in compiled if f.name == "main.mpy")
+    assert tftp_bench.mpy_problem(micropython_like(SYS_MPY_32BIT_X86, 32, False), main) is None
+    need_unix_port()
+    unix = tftp_bench.describe_micropython(str(UNIX_PORT), frozen=False)
+    assert tftp_bench.mpy_problem(unix, main) is None
+    problem = tftp_bench.mpy_problem(micropython_like(5, 32, False), main)
+    assert problem and "loads version 5 only" in problem
+
+
+def bench_source(tmp_path: Path) -> tftp_bench.Source:
+    f = tmp_path / "boot.efi"
+    f.write_bytes(b"x" * 1000)
+    return tftp_bench.source_of(f)
+
+
+def test_a_frozen_firmware_gets_a_flash_without_the_firmware(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    mp = micropython_like(SYS_MPY_32BIT_X86, 32, frozen=True)
+    servers = tftp_bench.lay_out(work, bench_source(tmp_path), "48k", mp)
+    flash = work / "flash"
+    assert sorted(p.name for p in flash.iterdir()) == [
+        "board.json", "device.json", "main.py", "tftp"]  # fmt: skip
+    assert (flash / "main.py").read_text() == sim.BOOT_STUB  # it imports the frozen firmware
+    assert (flash / "tftp" / "boot.efi").read_bytes() == b"x" * 1000
+    fw = servers["firmware"]
+    assert isinstance(fw, tftp_bench.Firmware) and fw.micropython == mp.path
+    assert mp.goals() == (40 * 1024, None, "a 32-bit MicroPython, firmware frozen in")
+    # The same MicroPython with the firmware as .mpy: the flash holds it.
+    work2 = tmp_path / "work2"
+    work2.mkdir()
+    tftp_bench.lay_out(work2, bench_source(tmp_path), "64k", micropython_like(0x706, 32, False))
+    assert (work2 / "flash" / "firmware" / "main.mpy").is_file()
+
+
+def test_a_micropython_that_cannot_load_the_mpy_files_stops_the_set_up(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(tftp_bench.SetupError, match="cannot load the firmware as mpy-cross"):
+        tftp_bench.lay_out(work, bench_source(tmp_path), "64k", micropython_like(5, 32, False))
+
+
+@pytest.mark.parametrize("threshold", [16 * 1024, 50 * 1024, 100 * 1024, 128 * 1024])
+def test_the_smallest_heap_is_found_by_bisection(threshold):
+    tried: list[int] = []
+
+    def works(size: int) -> bool:
+        tried.append(size)
+        return size >= threshold
+
+    found = tftp_bench.smallest_working(16 * 1024, 128 * 1024, 2048, works)
+    assert found == -(-threshold // 2048) * 2048
+    assert tried[0] == 128 * 1024  # the top first: nothing below it is tried if it fails
+    assert len(tried) <= 7  # log2 of the 57 sizes from 16k to 128k, and the top
+    assert found in tried and (found == 16 * 1024 or found - 2048 in tried)
+
+
+def test_no_heap_is_found_when_the_top_fails_and_the_top_need_not_be_a_step():
+    tried: list[int] = []
+    assert tftp_bench.smallest_working(16384, 50000, 4096, lambda n: tried.append(n)) is None
+    assert tried == [50000]
+    assert tftp_bench.smallest_working(16384, 50000, 4096, lambda n: n > 49152) == 50000
+
+
+def test_the_heap_report_holds_a_32_bit_micropython_to_its_own_goal():
+    kb = tftp_bench.KB
+    goals = tftp_bench.HEAP_GOALS[(32, False)]
+    lines, out = tftp_bench.heap_report(
+        "96k", [("concurrent phase", "concurrent", {"code": 78 * kb, "peak": 85 * kb})], goals
+    )
+    text = "\n".join(lines)
+    assert "goal 64.0 KB MISSED (a 32-bit MicroPython, code as .mpy;" in text
+    assert "aim" not in text and out["peak_live"] == 85 * kb
+    lines, _ = tftp_bench.heap_report(
+        "96k", [("concurrent phase", "concurrent", {"code": 30 * kb, "peak": 38 * kb})],
+        tftp_bench.HEAP_GOALS[(32, True)],
+    )  # fmt: skip
+    assert "goal 40.0 KB met (a 32-bit MicroPython, firmware frozen in;" in "\n".join(lines)
+    lines, _ = tftp_bench.heap_report("96k", [("c", "concurrent", {"code": kb, "peak": 2 * kb})],
+                                      None)  # fmt: skip
+    assert "no goal for this MicroPython" in "\n".join(lines)
+
+
 def doc_commands() -> list[list[str]]:
     """The arguments of each bench command in docs/benchmarks.md."""
     prefix = ".venv/bin/python tools/bench/tftp_bench.py"
@@ -260,6 +404,47 @@ def test_the_pi_file_run_compares_device_controller_and_tftp_hpa(tmp_path):
     assert set(summary["windowed"]["ratios"]) == {"tftp-hpa", "controller", "controller/tftp-hpa"}
     ns, work, pids = started(out)
     assert len(pids) == 3
+    assert_cleaned_up(ns, work, pids)
+
+
+@pytest.mark.netns
+def test_a_micropython_given_runs_the_firmware_and_its_smallest_heap_is_found(tmp_path):
+    """The --micropython path with the one MicroPython CI has, the 64-bit unix port: the same
+    code runs a 32-bit build (docs/benchmarks.md has those figures)."""
+    need_root_and_peers()
+    need_unix_port()
+    out_json = tmp_path / "bench.json"
+    cmd = bench_command("--servers", "firmware", "--micropython", str(UNIX_PORT), "--reps", "1",
+                        "--windowsize", "0", "--concurrent", "3", "--concurrent-seconds", "2",
+                        "--min-heap", "--min-heap-step", "16k", "--timeout", "10",
+                        "--json", str(out_json))  # fmt: skip
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    assert f"  micropython {UNIX_PORT}: 64-bit, loads .mpy 6.3 x64 (" in out, out
+    assert "firmware as .mpy from the flash" in out, out
+    assert "FAILED" not in out and "CORRUPT" not in out, out
+    probes = re.findall(r"^ +(\d+)k \((\d+) B\): (works|FAILS|does not boot)", out, re.MULTILINE)
+    assert probes and probes[0][:3:2] == ("128", "works"), out
+    m = re.search(r"^  smallest -X heapsize at which the firmware boots all its services and 3 "
+                  r"concurrent transfers complete \(then one alone\): (\d+)k \((\d+) B, to 16k\); "
+                  r"goal 128k \(the 64-bit unix port, code as \.mpy\): met$", out, re.MULTILINE)  # fmt: skip
+    assert m, out
+    found = int(m.group(2))
+    verdicts = {int(b): v for _, b, v in probes}
+    assert verdicts[found] == "works"
+    # Every size tried below the one found failed, every one above it worked.
+    assert all((v == "works") == (n >= found) for n, v in verdicts.items()), out
+    summary = json.loads(out_json.read_text())
+    heap = summary["firmware_heap"]["min_heap"]
+    assert heap["found"] == found and heap["goal"] == 128 * 1024
+    assert [p["heap"] for p in heap["probes"]] == [int(b) for _, b, _ in probes]
+    assert summary["micropython"]["path"] == str(UNIX_PORT)
+    assert (summary["micropython"]["bits"], summary["micropython"]["frozen"]) == (64, False)
+    # The probes' own failures are theirs, not the run's.
+    assert (summary["failed"], summary["corrupt"], summary["server_problems"]) == (0, 0, {})
+    ns, work, pids = started(out)
+    assert len(pids) == 2 + len(probes)  # the first boot, the concurrent phase's, each probe's
     assert_cleaned_up(ns, work, pids)
 
 

@@ -29,7 +29,19 @@ free there and no packet can reach a real interface), everything on 127.0.0.1:
    included) with the largest window the firmware and the controller granted (from their own
    start events), and the firmware's heap: `code` (what it holds after boot) and the data
    high-water mark (peak - code) as its own `heap` events report them, next to the design's
-   goals.
+   goals for the MicroPython it ran on;
+5. with --min-heap, restarts the firmware at one heap size after another, by bisection between
+   16k and --heap, to find the smallest -X heapsize at which it boots all its services and
+   serves rounds of --concurrent transfers started together for --concurrent-seconds (each
+   round once the firmware has reported the last one's transfers over), then one alone; every
+   size tried is printed with what happened there (its failures are not the run's).
+
+The firmware runs on the unix port installed with bastion (64-bit), or on the MicroPython given:
+`--micropython PATH` loads it as .mpy from the flash as `bastion sim` lays it out (the bench
+first checks that this MicroPython's .mpy ABI, sys.implementation._mpy, loads what mpy-cross
+wrote); `--micropython-frozen PATH` runs a MicroPython with the firmware frozen into it, and the
+flash holds only device.json, board.json, tftp/ and the boot stub main.py. The heap goals
+printed are those for its word size and the way it holds the firmware (HEAP_GOALS).
 
 Exit status: 0 when every transfer succeeded with the right bytes, 1 when any failed or came
 back corrupt (or the firmware did not boot), 2 when the bench could not set up (not root, a tool
@@ -53,10 +65,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bastion.flash import sim
+from bastion.flash import mpy, sim
 from bastion.lab.netns import LabError, Namespace, exited, run_with_cleanup, stop_process
 
 HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
@@ -72,7 +85,18 @@ KB = 1024
 DATA_GOAL = 24 * KB  # docs/design.md: data <= 24 KB of the heap
 HEAP_GOAL = 128 * KB  # everything inside a 128 KB heap on the unix port ...
 HEAP_AIM = 96 * KB  # ... aiming at 96 KB
+# The heap goals by the MicroPython that runs the firmware: (its word size in bits, the firmware
+# frozen into it) -> (goal, aim or None, what the goal is about). On a 32-bit MicroPython, as on
+# a board: all services and 4 transfers within a 64 KB heap with the code as .mpy, 40 KB with it
+# frozen into the image (design.md, issue 14).
+HEAP_GOALS = {
+    (64, False): (HEAP_GOAL, HEAP_AIM, "the 64-bit unix port, code as .mpy"),
+    (32, False): (64 * KB, None, "a 32-bit MicroPython, code as .mpy"),
+    (32, True): (40 * KB, None, "a 32-bit MicroPython, firmware frozen in"),
+}
+MIN_HEAP = 16 * KB  # the smallest heap bastion.flash.sim accepts: where --min-heap starts
 MAX_FETCHES_PER_CLIENT = 1000  # bounds the concurrent phase whatever the clock says
+_OVER = ("end", "refused")  # the firmware's tftp events that say a request is done with
 _TIME_MARK = "EB-BENCH-TIME"  # how our curl --write-out line is told from curl's own messages
 _DECODER = json.JSONDecoder()
 # Set once the bench is stopping (done, interrupted or failed): client threads still running
@@ -128,6 +152,94 @@ class SetupError(RuntimeError):
     """The bench cannot run here (exit status 2)."""
 
 
+# --- the MicroPython that runs the firmware --------------------------------------------------
+
+# Run with -c from an empty directory: its .mpy ABI, word size and version, and where `import
+# firmware` finds the firmware there ("-": nowhere). A frozen module's __file__ is relative
+# ("firmware/__init__.py"); one found on a path of sys.path is absolute.
+_DESCRIBE = """import sys
+print(getattr(sys.implementation, "_mpy", 0), 64 if sys.maxsize >> 32 else 32)
+print(sys.version)
+try:
+    import firmware
+    print(getattr(firmware, "__file__", "firmware/__init__.py"))
+except ImportError:
+    print("-")
+"""
+
+
+@dataclass(frozen=True)
+class MicroPython:
+    """The MicroPython binary that runs the firmware, as it describes itself."""
+
+    path: str
+    frozen: bool  # run with the firmware frozen into it (--micropython-frozen)
+    mpy: int  # sys.implementation._mpy: the .mpy files it loads
+    bits: int  # its word size, from sys.maxsize
+    version: str  # sys.version
+    has_frozen_firmware: bool  # `import firmware` works from an empty directory
+
+    @property
+    def abi(self) -> mpy.MpyAbi:
+        return mpy.MpyAbi.from_sys(self.mpy)
+
+    def describe(self) -> str:
+        where = "frozen into it" if self.frozen else "as .mpy from the flash"
+        return (
+            f"{self.path}: {self.bits}-bit, loads .mpy {self.abi} ({self.version}); "
+            f"firmware {where}"
+        )
+
+    def goals(self) -> tuple[int, int | None, str] | None:
+        """The heap goal (and aim) for the firmware on this MicroPython; None when there is none."""
+        return HEAP_GOALS.get((self.bits, self.frozen))
+
+
+def describe_micropython(path: str, frozen: bool) -> MicroPython:
+    """Runs path to ask it what it is; SetupError when it is not a MicroPython that runs here, or
+    when frozen and it has no firmware frozen into it. path: a path, relative to the working
+    directory (the firmware runs in its flash directory: the MicroPython keeps it absolute), or
+    a name looked up on PATH."""
+    path = (shutil.which(path) or path) if os.sep not in path else os.path.abspath(path)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise SetupError(f"{path}: not a program that can be run")
+    with tempfile.TemporaryDirectory(prefix="eb-mp-") as empty:
+        try:
+            r = subprocess.run([path, "-c", _DESCRIBE], cwd=empty, check=False,
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SetupError(f"{path}: does not run here: {e}") from None
+    lines = r.stdout.splitlines()
+    try:
+        mpy_n, bits = (int(w) for w in lines[0].split())
+        version, found = lines[1], lines[2]
+    except (IndexError, ValueError):
+        said = (r.stderr or r.stdout).strip().splitlines()
+        raise SetupError(
+            f"{path}: not a MicroPython that runs here (exit {r.returncode}: "
+            f"{said[-1] if said else 'no output'})"
+        ) from None
+    mp = MicroPython(path, frozen, mpy_n, bits, version, found != "-" and not found.startswith("/"))
+    if frozen and not mp.has_frozen_firmware:
+        raise SetupError(
+            f"--micropython-frozen {path}: no firmware frozen into it (`import firmware` finds "
+            f"nothing from an empty directory); a binary that loads it from the flash goes "
+            f"with --micropython"
+        )
+    return mp
+
+
+def mpy_problem(mp: MicroPython, compiled: Path) -> str | None:
+    """Why mp cannot load the firmware as compiled into `compiled` (an .mpy file), or None."""
+    f = mpy.MpyAbi.from_header(compiled.read_bytes()[:4])
+    if f is None:
+        return f"{compiled} is not an .mpy file"
+    why = mpy.why_not_loaded(mp.abi, f, 2 ** (mp.bits - 1) - 1)
+    if why is None:
+        return None
+    return f"{mp.path} cannot load the firmware as mpy-cross compiled it ({compiled.name}): {why}"
+
+
 # --- the three servers ----------------------------------------------------------------------
 
 
@@ -139,6 +251,7 @@ class Server:
     log: Path | None = None
     problem: str | None = None  # why it is not serving now, once known
     problems: list[str] = field(default_factory=list)  # every such problem in the run
+    quiet: bool = False  # problems are recorded, not printed (the --min-heap probes)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def running(self) -> bool:
@@ -155,7 +268,8 @@ class Server:
     def fail(self, problem: str) -> None:
         self.problem = problem
         self.problems.append(problem)
-        print(f"FAILED  {self.name}: {problem}", flush=True)
+        if not self.quiet:
+            print(f"FAILED  {self.name}: {problem}", flush=True)
 
     def last_words(self) -> str:
         """The line of its output that best says why it stopped."""
@@ -170,10 +284,13 @@ class Firmware(Server):
     """The firmware on the sim board. Its stdout (events, and tracebacks on stderr) is read by a
     thread: every line goes to the log file, events are parsed into `events`."""
 
-    def __init__(self, port: int, flash: Path, heap: str, log: Path):
+    def __init__(
+        self, port: int, flash: Path, heap: str, log: Path, micropython: str | None = None
+    ):
         super().__init__("firmware", port, log=log)
         self.flash = flash
         self.heap = heap
+        self.micropython = micropython  # None: the unix port installed with bastion
         self.events: list[dict] = []
         self._reader: threading.Thread | None = None
 
@@ -181,8 +298,9 @@ class Firmware(Server):
         self.events = []
         self.problem = None
         cmd = sim.firmware_command(
-            self.flash, HOST, FIRMWARE_DHCP_PORT, FIRMWARE_PXE_PORT, self.port, self.heap
-        )
+            self.flash, HOST, FIRMWARE_DHCP_PORT, FIRMWARE_PXE_PORT, self.port, self.heap,
+            self.micropython,
+        )  # fmt: skip
         self.proc = ns.start(cmd, name=self.name, cwd=self.flash, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
@@ -207,6 +325,12 @@ class Firmware(Server):
 
     def boot_event(self) -> dict | None:
         return next((e for e in self.events if e.get("ev") == "boot"), None)
+
+    def transfers_over(self) -> int:
+        """How many transfers it has reported as ended or refused (its `tftp` events)."""
+        return sum(
+            1 for e in list(self.events) if e.get("ev") == "tftp" and e.get("stage") in _OVER
+        )
 
     def heap_figures(self) -> dict:
         """code and peak (bytes) as the firmware reported them; peak is None when no heap
@@ -407,9 +531,10 @@ class Results:
     `skipped` counts transfers not tried because their server was not serving (its problem is
     printed once instead)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.fetches: list[Fetch] = []
         self.skipped: dict[str, int] = {}
+        self.quiet = quiet  # failures are recorded, not printed (the --min-heap probes)
         self._lock = threading.Lock()
 
     def fetch(
@@ -435,7 +560,7 @@ class Results:
             if STOPPING.is_set():
                 return f
             self.fetches.append(f)
-            if not f.ok:
+            if not f.ok and not self.quiet:
                 print(f.describe(), flush=True)
         return f
 
@@ -477,6 +602,45 @@ def run_concurrent(
     for t in threads:
         t.join()
     return time.monotonic() - start
+
+
+def run_rounds(
+    client: Client, results: Results, fw: Firmware, clients: int, seconds: float, blksize: int
+) -> str | None:
+    """Rounds of `clients` transfers started together, until `seconds` have passed (at least
+    one round) or a round fails. A round begins once the firmware has reported every transfer
+    of the one before as over: all its slots are free, so a refusal means it could not carry
+    `clients` transfers, never that a client asked again before the firmware had taken its
+    previous transfer's last ACK (the race run_concurrent's back-to-back clients can hit).
+    Returns what went wrong, or None."""
+    deadline = time.monotonic() + seconds
+    for rnd in range(MAX_FETCHES_PER_CLIENT):
+        over = fw.transfers_over()
+        threads = [
+            threading.Thread(
+                target=results.fetch,
+                args=(client, fw, "concurrent", blksize, rnd, i),
+                daemon=True,
+            )
+            for i in range(clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        mine = [f for f in results.select(fw.name, "concurrent") if f.rep == rnd]
+        if len(mine) < clients or not all(f.ok for f in mine) or STOPPING.is_set():
+            return None  # the failed transfers say what went wrong
+        wait_until = time.monotonic() + client.timeout
+        while fw.transfers_over() < over + clients and time.monotonic() < wait_until:
+            if not fw.running():
+                return None
+            time.sleep(0.01)
+        if fw.transfers_over() < over + clients:
+            return f"round {rnd}: the firmware did not report its {clients} transfers over"
+        if time.monotonic() >= deadline:
+            return None
+    return None
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -543,9 +707,14 @@ def ratio_lines(stats: dict[str, dict], servers: list[str]) -> tuple[list[str], 
     return out, ratios
 
 
-def heap_report(heap: str, phases: list[tuple[str, str, dict]]) -> tuple[list[str], dict]:
+def heap_report(
+    heap: str,
+    phases: list[tuple[str, str, dict]],
+    goals: tuple[int, int | None, str] | None = HEAP_GOALS[(64, False)],
+) -> tuple[list[str], dict]:
     """The firmware's heap figures per phase, (label, key, Firmware.heap_figures()), against
-    the design's goals. Only what the firmware's own events say; nothing is estimated."""
+    the design's goals for the MicroPython it ran on (HEAP_GOALS; None: it has none). Only what
+    the firmware's own events say; nothing is estimated."""
     size = sim.parse_heap(heap)
     lines = [f"firmware heap (-X heapsize={heap} = {size} B; 1 KB = 1024 B)"]
     out: dict = {"heap_bytes": size}
@@ -573,14 +742,46 @@ def heap_report(heap: str, phases: list[tuple[str, str, dict]]) -> tuple[list[st
         out[key] = {"booted": True, "code": code, "peak": peak, "data": data}
     if tops:
         top = max(tops)
-        lines.append(
-            f"  peak live heap {top} B = {kb(top)}: goal {kb(HEAP_GOAL)} "
-            f"{'met' if top <= HEAP_GOAL else 'MISSED'}, aim {kb(HEAP_AIM)} "
-            f"{'met' if top <= HEAP_AIM else 'missed'} (live objects after a collection; "
-            f"the heap also needs room for garbage between collections)"
+        remark = (
+            "live objects after a collection; the heap also needs room for garbage between "
+            "collections"
         )
+        if goals is None:
+            verdict = f"no goal for this MicroPython ({remark})"
+        else:
+            goal, aim, about = goals
+            verdict = f"goal {kb(goal)} {'met' if top <= goal else 'MISSED'}"
+            if aim is not None:
+                verdict += f", aim {kb(aim)} {'met' if top <= aim else 'missed'}"
+            if (goal, aim) != (HEAP_GOAL, HEAP_AIM):
+                remark = f"{about}; {remark}"
+            verdict += f" ({remark})"
+        lines.append(f"  peak live heap {top} B = {kb(top)}: {verdict}")
         out["peak_live"] = top
     return lines, out
+
+
+def heap_size(n: int) -> str:
+    """A heap size as -X heapsize takes it: 48k, or bytes when not whole kilobytes."""
+    return f"{n // KB}k" if n % KB == 0 else str(n)
+
+
+def smallest_working(lo: int, hi: int, step: int, works: Callable[[int], bool]) -> int | None:
+    """The smallest heap size for which works() holds, by bisection among the multiples of step
+    from lo up to hi, and hi itself, which is tried first; None when hi does not work. Assumes
+    that what works at one size works at every larger one: each size tried is printed, so a run
+    that contradicts it shows."""
+    sizes = list(range(-(-lo // step) * step, hi, step)) + [hi]
+    if not works(sizes[-1]):
+        return None
+    failing, working = -1, len(sizes) - 1  # -1: below lo, taken as failing without a try
+    while working - failing > 1:
+        mid = (failing + working) // 2
+        if works(sizes[mid]):
+            working = mid
+        else:
+            failing = mid
+    return sizes[working]
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -595,10 +796,20 @@ def check_tools(args: argparse.Namespace) -> None:
             raise SetupError(f"{tool} not found (tools/setup installs it)")
     if not (Path(sys.executable).parent / "bastion").is_file():
         raise SetupError(f"no bastion next to {sys.executable} (tools/setup installs it)")
-    try:
-        sim.micropython_bin()
-    except sim.SimError as e:
-        raise SetupError(str(e)) from None
+
+
+def micropython_of(args: argparse.Namespace) -> MicroPython:
+    """The MicroPython that runs the firmware: --micropython-frozen, --micropython or the unix
+    port installed with bastion."""
+    if args.micropython_frozen:
+        return describe_micropython(args.micropython_frozen, frozen=True)
+    path = args.micropython
+    if path is None:
+        try:
+            path = sim.micropython_bin()
+        except sim.SimError as e:
+            raise SetupError(str(e)) from None
+    return describe_micropython(path, frozen=False)
 
 
 def source_of(path: Path) -> Source:
@@ -624,26 +835,36 @@ def parse_size(text: str) -> int:
     return int(digits) * mult
 
 
-def lay_out(work: Path, source: Source, heap: str) -> dict[str, Server]:
+def lay_out(work: Path, source: Source, heap: str, mp: MicroPython) -> dict[str, Server]:
     """Each server's own copy of the file. The directories are world-readable: tftp-hpa and
-    dnsmasq read it after dropping root."""
+    dnsmasq read it after dropping root. The firmware's flash as `bastion sim` lays it out: the
+    firmware as .mpy, board.json, main.py, device.json, tftp/; with the firmware frozen into mp,
+    all of that but the firmware."""
     work.chmod(0o755)
     servers: dict[str, Server] = {}
     flash = work / "flash"
-    sim.install_firmware(flash)
+    sim.install_firmware(flash, frozen=mp.frozen)
+    if not mp.frozen:
+        problem = mpy_problem(mp, flash / "firmware" / "main.mpy")
+        if problem:
+            raise SetupError(problem)
     (flash / "device.json").write_text(json.dumps(firmware_config()))
     site = work / "controller-site"
     site.mkdir()
     (site / "site.yaml").write_text("site: bench\n")
-    roots = {"firmware": flash / "tftp", "tftp-hpa": work / "tftp-hpa", "dnsmasq": work / "dnsmasq",
-             "controller": site / "tftp"}
+    roots = {
+        "firmware": flash / "tftp",
+        "tftp-hpa": work / "tftp-hpa",
+        "dnsmasq": work / "dnsmasq",
+        "controller": site / "tftp",
+    }
     for root in roots.values():
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         dest = root / source.name
         shutil.copyfile(source.path, dest)
         dest.chmod(0o644)
-    servers["firmware"] = Firmware(PORTS["firmware"], flash, heap, work / "firmware.log")
+    servers["firmware"] = Firmware(PORTS["firmware"], flash, heap, work / "firmware.log", mp.path)
     for name in ("tftp-hpa", "dnsmasq", "controller"):
         servers[name] = Server(name, PORTS[name], log=work / f"{name}.log")
     return servers
@@ -702,11 +923,14 @@ class Bench:
     source: Source
     servers: dict[str, Server]
     client: Client
+    micropython: MicroPython
     results: Results = field(default_factory=Results)
     walls: dict[str, float] = field(default_factory=dict)  # concurrent phase, per server
     granted: dict[str, int | None] = field(default_factory=dict)  # largest window, per server
     single_heap: dict = field(default_factory=dict)
     conc_heap: dict | None = None
+    probes: list[Probe] = field(default_factory=list)  # --min-heap, in the order tried
+    min_heap: int | None = None  # the smallest heap that worked, once --min-heap has run
 
     @property
     def names(self) -> list[str]:
@@ -720,13 +944,14 @@ class Bench:
 
 
 def set_up(args: argparse.Namespace, ns: Namespace, work: Path) -> Bench:
+    mp = micropython_of(args)
     source = source_of(random_file(work, args.size) if args.size else args.file)
-    servers = lay_out(work, source, args.heap)
+    servers = lay_out(work, source, args.heap, mp)
     ns.create()
     print(f"bench: namespace {ns.name} (loopback only), work directory {work}", flush=True)
     for name in args.servers:
         start_server(ns, servers[name], work)
-    return Bench(args, ns, work, source, servers, Client(ns, source, args.timeout, work))
+    return Bench(args, ns, work, source, servers, Client(ns, source, args.timeout, work), mp)
 
 
 def sequential_phase(b: Bench) -> None:
@@ -794,6 +1019,137 @@ def concurrent_phase(b: Bench) -> None:
         # A server can come out of a burst alive but no longer serving (short of memory, a
         # slot lost): one more transfer, alone, says whether it still does.
         b.results.fetch(b.client, b.servers[name], "after-burst", blk, 0)
+
+
+@dataclass
+class Probe:
+    """The firmware at one heap size in --min-heap: booted with all its services, then the
+    concurrent clients for --concurrent-seconds, then one transfer alone."""
+
+    heap: int
+    booted: bool = False
+    problem: str | None = None  # why it did not boot or stopped serving
+    ok: int = 0  # concurrent transfers that came back whole
+    tried: int = 0
+    after_ok: bool = False  # the transfer alone, after them
+    code: int | None = None
+    peak: int | None = None
+    refused: list[str] = field(default_factory=list)  # the firmware's reasons, as it said them
+
+    @property
+    def works(self) -> bool:
+        return self.booted and self.problem is None and 0 < self.tried == self.ok and self.after_ok
+
+    def describe(self) -> str:
+        head = f"{heap_size(self.heap):>5} ({self.heap} B): "
+        if not self.booted:
+            return head + f"does not boot: {self.problem}"
+        figures = f"code {kb(self.code or 0)}" + (f", peak {kb(self.peak)}" if self.peak else "")
+        if self.works:
+            return head + f"works: {self.ok} of {self.tried} ok, then one alone; {figures}"
+        why = f"; {self.problem}" if self.problem else ""
+        if self.refused:
+            reasons = ", ".join(sorted(set(self.refused)))
+            why += f"; the firmware refused {len(self.refused)} ({reasons})"
+        alone = "ok" if self.after_ok else "FAILED"
+        return (
+            head
+            + f"FAILS: {self.ok} of {self.tried} ok, one alone after them {alone}{why}; {figures}"
+        )
+
+
+def probe_heap(b: Bench, size: int) -> Probe:
+    """The firmware restarted at heap `size`: does it boot every service and serve
+    --concurrent transfers at once, then one alone? Its failures are the probe's, not the
+    run's: recorded here, neither printed as FAILED nor counted in the result."""
+    args, fw = b.args, b.firmware
+    blk = args.blksize[0]
+    probe = Probe(size)
+    fw.stop()
+    fw.heap, fw.quiet = str(size), True
+    kept = list(fw.problems)
+    results = Results(quiet=True)
+    try:
+        start_server(b.ns, fw, b.work)
+        boot = fw.boot_event() or {}
+        services = boot.get("services") or []
+        if fw.problem is None and not {"dhcp", "tftp"} <= set(services):
+            fw.fail(f"boot event without dhcp and tftp among its services: {boot}")
+        probe.booted = fw.problem is None
+        lost = None
+        if probe.booted:
+            lost = run_rounds(b.client, results, fw, args.concurrent, args.concurrent_seconds, blk)
+            results.fetch(b.client, fw, "after-burst", blk, 0)
+            time.sleep(0.2)  # the reader thread: the last heap event
+        conc = results.select("firmware", "concurrent")
+        after = results.select("firmware", "after-burst")
+        probe.tried, probe.ok = len(conc), sum(1 for f in conc if f.ok)
+        probe.after_ok = bool(after) and all(f.ok for f in after)
+        if fw.problem is not None:
+            probe.problem = fw.problem
+        elif lost is not None:
+            probe.problem = lost
+        else:
+            bad = next((f for f in conc + after if not f.ok), None)
+            if bad is not None:
+                what = "round" if bad.phase == "concurrent" else "alone"
+                probe.problem = f"{what} #{bad.rep}: {bad.error or bad.corrupt}"
+        figures = fw.heap_figures()
+        probe.code, probe.peak = figures["code"], figures["peak"]
+        probe.refused = [
+            str(e.get("reason")) for e in list(fw.events)
+            if e.get("ev") == "tftp" and e.get("stage") == "refused"
+        ]  # fmt: skip
+    finally:
+        fw.problems[:] = kept
+        fw.problem, fw.quiet, fw.heap = None, False, args.heap
+    return probe
+
+
+def min_heap_phase(b: Bench) -> None:
+    """The smallest -X heapsize at which the firmware boots all its services and serves
+    --concurrent transfers at once, by bisection between MIN_HEAP and --heap."""
+    args = b.args
+    top = sim.parse_heap(args.heap)
+    print(
+        f"  smallest heap: bisection from {heap_size(MIN_HEAP)} to {args.heap} in steps of "
+        f"{heap_size(args.min_heap_step)}, {args.concurrent} concurrent clients for "
+        f"{args.concurrent_seconds:g} s at each ...",
+        flush=True,
+    )
+
+    def works(size: int) -> bool:
+        probe = probe_heap(b, size)
+        b.probes.append(probe)
+        print(f"    {probe.describe()}", flush=True)
+        return probe.works
+
+    b.min_heap = smallest_working(MIN_HEAP, top, args.min_heap_step, works)
+
+
+def min_heap_report(b: Bench) -> tuple[list[str], dict]:
+    args, mp = b.args, b.micropython
+    goals = mp.goals()
+    found = b.min_heap
+    what = (f"smallest -X heapsize at which the firmware boots all its services and "
+            f"{args.concurrent} concurrent transfers complete (then one alone)")  # fmt: skip
+    if found is None:
+        line = f"  {what}: none up to {args.heap}"
+    else:
+        line = f"  {what}: {heap_size(found)} ({found} B, to {heap_size(args.min_heap_step)})"
+    if goals is not None:
+        goal, _, about = goals
+        met = found is not None and found <= goal
+        line += f"; goal {heap_size(goal)} ({about}): {'met' if met else 'MISSED'}"
+    else:
+        line += "; no goal for this MicroPython"
+    out = {
+        "found": found,
+        "step": args.min_heap_step,
+        "goal": goals[0] if goals else None,
+        "probes": [asdict(p) | {"works": p.works} for p in b.probes],
+    }
+    return [line], out
 
 
 def report(b: Bench) -> dict:
@@ -865,7 +1221,8 @@ def report(b: Bench) -> dict:
         if args.concurrent:
             label = f"concurrent phase ({args.concurrent} transfers at once)"
             phases.append((label, "concurrent", b.conc_heap or {}))
-        lines, summary["firmware_heap"] = heap_report(args.heap, phases)
+        goals = b.micropython.goals()
+        lines, summary["firmware_heap"] = heap_report(args.heap, phases, goals)
         print("\n".join(lines))
         if args.concurrent:
             conc = results.select("firmware", "concurrent")
@@ -881,6 +1238,9 @@ def report(b: Bench) -> dict:
             )
             summary["firmware_heap"]["concurrent_work"] = works
             summary["firmware_heap"]["serving_after_burst"] = serving
+        if args.min_heap:
+            lines, summary["firmware_heap"]["min_heap"] = min_heap_report(b)
+            print("\n".join(lines))
     problems = {s.name: s.problems for s in b.servers.values() if s.name in b.names and s.problems}
     skipped = sum(results.skipped.values())
     summary.update(
@@ -913,15 +1273,27 @@ def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
     b = set_up(args, ns, work)
     load = os.getloadavg()
     boot = (b.firmware.boot_event() or {}) if "firmware" in args.servers else {}
+    mp = b.micropython
+    revision = firmware_revision()
+    if mp.frozen:  # which commit was frozen into the binary, it does not say
+        revision = f"frozen into the binary; this tree: {revision}"
     header = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "file": str(b.source.path),
         "size": b.source.size,
         "sha256": b.source.sha256,
         "client": curl_version(),
-        "firmware": f"{boot.get('version', '?')} ({firmware_revision()})"
+        "firmware": f"{boot.get('version', '?')} ({revision})"
         if "firmware" in args.servers
         else "not in this run",
+        "micropython": {
+            "path": mp.path,
+            "bits": mp.bits,
+            "mpy": mp.mpy,
+            "abi": str(mp.abi),
+            "version": mp.version,
+            "frozen": mp.frozen,
+        },
         "heap": args.heap,
         "reps": args.reps,
         "cpus": os.cpu_count(),
@@ -931,16 +1303,21 @@ def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
         f"TFTP bench {header['date']}: {b.source.name} ({b.source.size} bytes, sha256 "
         f"{b.source.sha256[:16]}...), {header['client']}\n"
         f"  firmware {header['firmware']}, heap {args.heap}; {args.reps} reps per block size, "
-        f"interleaved; {header['cpus']} CPUs, load average {load[0]:.2f}",
+        f"interleaved; {header['cpus']} CPUs, load average {load[0]:.2f}\n"
+        f"  micropython {mp.describe()}",
         flush=True,
     )
     sequential_phase(b)
     if args.concurrent:
         concurrent_phase(b)
+    if args.min_heap:
+        min_heap_phase(b)
     summary = {**header, **report(b), "load_at_end": round(os.getloadavg()[0], 2)}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     clean = not (summary["failed"] or summary["corrupt"] or summary["server_problems"])
+    if args.min_heap and b.min_heap is None:
+        clean = False  # not even --heap held the firmware and its transfers
     return 0 if clean else 1
 
 
@@ -1004,6 +1381,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds one transfer may take (default 30)"
     )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--micropython",
+        metavar="PATH",
+        help="run the firmware under this MicroPython binary (e.g. a 32-bit build of the unix "
+        "port), loading it as .mpy from the flash as `bastion sim` lays it out; its .mpy ABI "
+        "must load what mpy-cross writes (default: the unix port installed with bastion)",
+    )
+    which.add_argument(
+        "--micropython-frozen",
+        metavar="PATH",
+        help="run the firmware frozen into this MicroPython binary: the flash holds only "
+        "device.json, board.json, tftp/ and the boot stub main.py",
+    )
+    p.add_argument(
+        "--min-heap",
+        action="store_true",
+        help="after the other phases, find the smallest -X heapsize (from 16k up to --heap) at "
+        "which the firmware boots all its services and rounds of --concurrent transfers at once "
+        "complete for --concurrent-seconds, by bisection, restarting it at each size tried",
+    )
+    p.add_argument(
+        "--min-heap-step",
+        type=parse_size,
+        default=2 * KB,
+        metavar="SIZE",
+        help="the resolution of --min-heap (default 2k)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
     args = p.parse_args(argv)
@@ -1026,6 +1431,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sim.parse_heap(args.heap)
     except sim.SimError as e:
         p.error(str(e))
+    if args.min_heap and "firmware" not in args.servers:
+        p.error("--min-heap measures the firmware: --servers must include firmware")
+    if args.min_heap and not args.concurrent:
+        p.error("--min-heap needs --concurrent transfers to serve (at least 1)")
+    if not KB <= args.min_heap_step <= 64 * KB:
+        p.error("--min-heap-step must be 1k..64k")
     if args.size is not None and not 1 <= args.size <= 64 * 1024 * 1024:
         p.error("--size must be 1 byte to 64M")
     if args.size is None and not args.file.is_file():

@@ -117,10 +117,15 @@ def compile_firmware(dest: Path, mpy_cross: list[str] | None = None) -> list[Pat
     return out
 
 
-def install_firmware(flash: Path, board: str = "sim") -> None:
-    """Lay out the firmware in a sim flash directory, as flashing a board would."""
+def install_firmware(flash: Path, board: str = "sim", frozen: bool = False) -> None:
+    """Lay out the firmware in a sim flash directory, as flashing a board would. frozen: the
+    firmware is frozen into the MicroPython binary that will run it, so only the board file and
+    the boot stub go to the flash (a firmware/ there would shadow the frozen one: refused)."""
     flash.mkdir(parents=True, exist_ok=True)
-    compile_firmware(flash / "firmware")
+    if not frozen:
+        compile_firmware(flash / "firmware")
+    elif (flash / "firmware").exists():
+        raise SimError(f"{flash}/firmware would shadow the firmware frozen into MicroPython")
     board_file = paths.board_file(board)
     if board_file is None:
         raise SimError(f"unknown board {board!r} (boards: {', '.join(paths.board_names())})")
@@ -160,8 +165,10 @@ def firmware_command(
     pxe_port: int = 4011,
     tftp_port: int = 69,
     heap: str = "128k",
+    micropython: str | None = None,
 ) -> list[str]:
-    cmd = [micropython_bin(), "-X", f"heapsize={parse_heap(heap)}", "main.py"]
+    """micropython: the binary to run, default the unix port installed with bastion."""
+    cmd = [micropython or micropython_bin(), "-X", f"heapsize={parse_heap(heap)}", "main.py"]
     return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port)
 
 
