@@ -97,22 +97,31 @@ def fetch_group() -> None:
 @click.option("--current/--no-current", "set_current", default=None,
               help="Point <channel>/<arch>/current at this release "
                    "[default: only when no --version is given].")  # fmt: skip
-@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"The signing key file [default: the shipped {af.FLATCAR_KEY_FILE.name}].")  # fmt: skip
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Take the signing key from this file (offline) instead of fetching it; it is "
+                   "checked against the fingerprint and kept in the site's assets/flatcar/keys/.")  # fmt: skip
+@click.option("--key-url", metavar="URL",
+              help=f"Where the signing key is fetched from when the site has none kept "
+                   f"[default: {af.FLATCAR_KEY_URL}].")  # fmt: skip
 @click.option("--key-fingerprint", metavar="FPR",
               help="Primary key the signatures must come from, for images you sign yourself "
                    f"[default: Flatcar's, {af.FLATCAR_PRIMARY_FINGERPRINT}].")  # fmt: skip
+@click.option("--refresh-key", is_flag=True,
+              help="Fetch the signing key again even though the site keeps one (it is fetched "
+                   "again anyway when a signature needs a subkey the kept key does not vouch for).")  # fmt: skip
 def fetch_flatcar(
-    channel, arch, version, mirror, site_dir, set_current, key_file, key_fingerprint
+    channel, arch, version, mirror, site_dir, set_current, key_file, key_url, key_fingerprint,
+    refresh_key,
 ) -> None:
     """Flatcar's PXE kernel and initrd, checked against Flatcar's image signing key.
 
+    The key is fetched from Flatcar's site the first time (or taken from --key FILE), refused
+    unless its primary key is the pinned one, and kept in the site's assets/flatcar/keys/.
     Files whose signature does not verify are deleted, never stored. An interrupted download
     resumes when the same command runs again.
     """
-    key = af.SigningKey(
-        key_file or af.FLATCAR_KEY_FILE, key_fingerprint or af.FLATCAR_PRIMARY_FINGERPRINT
-    )
+    key = af.flatcar_key(file=key_file, url=key_url, fingerprint=key_fingerprint,
+                         refresh=refresh_key)  # fmt: skip
     request = af.FetchRequest(site=site_dir, channel=channel, arch=arch, version=version,
                               mirror=mirror, key=key, set_current=set_current)  # fmt: skip
     reporter = RichReporter()
