@@ -132,10 +132,12 @@ class Mirror:
     redirects: dict[str, str] = field(default_factory=dict)
     cut_once: set[str] = field(default_factory=set)  # first full GET stops halfway
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    raw_paths: list[str] = field(default_factory=list)  # as requested, before decoding
     url: str = ""
 
     def serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlsplit(h.path).path)
+        self.raw_paths.append(urlsplit(h.path).path)
         self.requests.append((path, {k.lower(): v for k, v in h.headers.items()}))
         if path in self.redirects:
             h.send_response(302)
@@ -334,3 +336,19 @@ def k3s_url(mirror: Mirror) -> str:
 
 def encoded(version: str) -> str:
     return quote(version, safe="")
+
+
+def fetch_k3s_into(
+    site: Path,
+    version: str = "v1.31.4+k3s1",
+    arches: tuple[str, ...] = ("amd64", "arm64"),
+    size: int = 200_000,
+) -> K3sRelease:
+    """A made-up release of `version` fetched into the site by the real `bastion assets fetch
+    k3s` code, from a loopback mirror that lives only for the fetch."""
+    from bastion.assets.k3s import K3sRequest, fetch_k3s
+
+    with serving() as m:
+        release = publish_k3s(m, version, arches, size=size)
+        fetch_k3s(K3sRequest(site, version, arches, k3s_url(m)))
+    return release

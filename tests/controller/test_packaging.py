@@ -13,8 +13,8 @@ import venv
 from pathlib import Path
 
 import pytest
-
-from bastion_testkit import REPO
+from bastion_testkit import REPO, write_assets
+from mirrorkit import k3s_url, publish_k3s, serving
 
 
 def test_every_package_of_the_tree_is_listed_in_pyproject():
@@ -69,8 +69,23 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
         assert str(REPO) not in line and str(env_dir) in line, out
 
 
-def test_site_check_of_the_home_lab_runs_from_the_wheel(installed, tmp_path):
-    r = _run(installed, "site", "check", str(REPO / "examples" / "home-lab"), cwd=tmp_path)
+@pytest.fixture
+def home_lab(installed, tmp_path):
+    """examples/home-lab with stand-in Flatcar images and a made-up k3s release, fetched by the
+    wheel's own `bastion assets fetch k3s` from a loopback mirror."""
+    site = tmp_path / "home-lab"
+    shutil.copytree(REPO / "examples" / "home-lab", site)
+    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+    with serving() as m:
+        publish_k3s(m, "v1.31.4+k3s1")
+        r = _run(installed, "assets", "fetch", "k3s", "--site", str(site), "--mirror", k3s_url(m),
+                 cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return site
+
+
+def test_site_check_of_the_home_lab_runs_from_the_wheel(installed, home_lab, tmp_path):
+    r = _run(installed, "site", "check", str(home_lab), cwd=tmp_path)
     # home-lab's k3s is a cluster: the built-in k3s Butane template must be found as package data
     assert "k3s.bu" not in r.stderr or "No such file" not in r.stderr, r.stderr
     assert r.returncode == 0, r.stdout + r.stderr
