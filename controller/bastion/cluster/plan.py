@@ -47,6 +47,7 @@ CONSOLES = {
 K3S_PATH = "/opt/bin/k3s"
 TOKEN_FILE = "/etc/rancher/k3s/token"
 AGENT_TOKEN_FILE = "/etc/rancher/k3s/agent-token"
+NODE_PASSWORD_FILE = "/etc/rancher/node/password"  # where k3s's agent keeps its node password
 DATA_PATH = "/var/lib/rancher"
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
@@ -311,6 +312,7 @@ def plan(section: Any, site_name: str, entries: list[Entry],
             "exec_start": " ".join(systemd_quote(a) for a in args),
             "token_file": TOKEN_FILE,
             "agent_token_file": AGENT_TOKEN_FILE if server else None,
+            "node_password_file": NODE_PASSWORD_FILE,
             "registries_yaml": cache,
             "disk": disk,
             "wireguard": wireguard,

@@ -241,8 +241,36 @@ def test_tokens_come_from_the_store_and_agents_never_get_the_servers_token(lab):
             assert server_token not in text and "/etc/rancher/k3s/agent-token" not in files
     # made once: a second rendering reads the same secrets back
     assert render_all(site_dir, store) == configs
-    assert store.names() == ["k3s/home/agent-token", "k3s/home/token",
+    assert store.names() == ["k3s/home/agent-token",
+                             *[f"k3s/home/node-password/{n}" for n in sorted(SERVERS + AGENTS)],
+                             "k3s/home/token",
                              *[f"wireguard/{n}.key" for n in sorted(TUNNELLED)]]  # fmt: skip
+
+
+def test_every_node_keeps_its_own_k3s_identity_across_boots(lab, tmp_path):
+    """k3s refuses a node that comes back under its name with another node password: each
+    node gets its own from the store, the same at every boot (rendering), and no other's."""
+    site_dir, store, configs = lab
+    passwords = {}
+    for name, config in configs.items():
+        f = files_of(config)["/etc/rancher/node/password"]
+        assert f["mode"] == 0o600 and f["overwrite"] is True
+        passwords[name] = contents(f)
+        assert passwords[name] == store.get(f"k3s/home/node-password/{name}")
+        assert len(passwords[name]) == 64
+    assert len(set(passwords.values())) == len(passwords)  # one per node
+    # The next boot: rendered again from the same store, the same identity.
+    again = render_all(site_dir, store)
+    for name, config in again.items():
+        assert contents(files_of(config)["/etc/rancher/node/password"]) == passwords[name]
+    # A rendered config never holds another node's password.
+    for name, config in configs.items():
+        text = json.dumps(config)
+        assert [n for n, pw in passwords.items() if pw in text] == [name]
+    # A new store (a controller that lost its secrets) gives every node a new identity.
+    fresh = render_all(site_dir, SecretStore(tmp_path / "other-store"))
+    assert all(contents(files_of(c)["/etc/rancher/node/password"]) != passwords[n]
+               for n, c in fresh.items())  # fmt: skip
 
 
 def test_no_secret_is_written_into_the_site_directory(lab):
