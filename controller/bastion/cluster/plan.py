@@ -48,6 +48,11 @@ K3S_PATH = "/opt/bin/k3s"
 TOKEN_FILE = "/etc/rancher/k3s/token"
 AGENT_TOKEN_FILE = "/etc/rancher/k3s/agent-token"
 NODE_PASSWORD_FILE = "/etc/rancher/node/password"  # where k3s's agent keeps its node password
+HEARTBEAT_SCRIPT = "/opt/bin/bastion-heartbeat"
+# How often a node beats: a third of its machines.yaml heartbeat.timeout_s, so that one lost
+# beat is not silence; every HEARTBEAT_DEFAULT_S when the device does not watch it.
+HEARTBEAT_DEFAULT_S = 30
+HEARTBEAT_MIN_S = 2
 DATA_PATH = "/var/lib/rancher"
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
@@ -313,11 +318,23 @@ def plan(section: Any, site_name: str, entries: list[Entry],
             "token_file": TOKEN_FILE,
             "agent_token_file": AGENT_TOKEN_FILE if server else None,
             "node_password_file": NODE_PASSWORD_FILE,
+            "heartbeat": {
+                "script": HEARTBEAT_SCRIPT,
+                "every_s": heartbeat_every(e.fields.heartbeat),
+                "watched": e.fields.heartbeat is not None and e.fields.relay is not None,
+            },
             "registries_yaml": cache,
             "disk": disk,
             "wireguard": wireguard,
         }
     return nodes, problems
+
+
+def heartbeat_every(heartbeat: Any) -> int:
+    """Seconds between a node's heartbeats (its machines.yaml heartbeat:, or None)."""
+    if heartbeat is None:
+        return HEARTBEAT_DEFAULT_S
+    return max(HEARTBEAT_MIN_S, min(HEARTBEAT_DEFAULT_S, heartbeat.timeout_s // 3))
 
 
 def _unfetched(section: Any, arch: str, machine: str) -> str:

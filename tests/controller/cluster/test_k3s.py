@@ -572,3 +572,39 @@ def test_the_wireguard_keys_are_real_x25519_pairs(lab):
         key = store.get(f"wireguard/{name}.key")
         assert len(base64.b64decode(key)) == 32
         assert len(base64.b64decode(wireguard_public_key(key))) == 32
+
+
+def test_every_node_beats_its_name_boot_id_and_k3s_state_to_the_controller(tmp_path, serve):
+    """The k3s Butane's heartbeat script, run here with sh and curl against a real `bastion
+    serve`: the controller records the node's first beat of a boot, and only that."""
+    site_dir = make_home_lab(tmp_path)
+    text = (site_dir / "machines.yaml").read_text()
+    (site_dir / "machines.yaml").write_text(
+        text.replace("    relay: 3\n", "    relay: 3\n    heartbeat: {timeout_s: 30, boot_s: 600}\n"))
+    server = serve(site_dir)
+    site = load_site(site_dir)
+    store = SecretStore(tmp_path / "secrets")
+    configs = {}
+    for m in site.cluster_nodes:
+        group, profile = boot.select(site, {"mac": m.mac})
+        req = BootRequest({"mac": m.mac}, f"mac={m.mac}", server.url)
+        configs[m.name] = render_ignition(site, group, profile, req, machine_secrets(store, site, m))
+    for name, config in configs.items():
+        units = units_of(config)
+        timer = units["bastion-heartbeat.timer"]
+        assert timer["enabled"] is True
+        every = "10s" if name == "nuc1" else "30s"  # a third of nuc1's timeout_s; else 30 s
+        assert f"OnUnitActiveSec={every}" in timer["contents"]
+        assert "ExecStart=/opt/bin/bastion-heartbeat" in units["bastion-heartbeat.service"]["contents"]
+        assert files_of(config)["/opt/bin/bastion-heartbeat"]["mode"] == 0o755
+    script = contents(files_of(configs["pi1"])["/opt/bin/bastion-heartbeat"])
+    assert script.startswith("#!/bin/sh\n") and "mac=dc:a6:32:00:00:01\n" in script
+    for _ in range(3):  # three beats of one boot
+        r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    beats = server.get("/api/v1/events", params={"kind": "heartbeat"}).json()
+    assert len(beats) == 1, beats
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert beats[0]["machine"] == "pi1" and beats[0]["source"] == "node"
+    assert beats[0]["payload"]["node"] == "pi1" and beats[0]["payload"]["boot_id"] == boot_id
+    assert beats[0]["payload"]["news"] == "boot"
