@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from bastion.settings import Settings, SettingsError, default_db_path, serve_options
+from bastion.settings import DB_SHOWN, Settings, SettingsError, default_db_path, serve_options
 
 
 @click.command("serve")
@@ -59,7 +59,7 @@ def serve(log_level, access_log, **given) -> None:
     tftp_at = "{}:{}".format(*settings.tftp_listen) if settings.tftp_listen else "off"
     click.echo(
         f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
-        f"{len(site.groups)} groups; events in {settings.db_path}; "
+        f"{len(site.groups)} groups; events in {app.state.runtime.store.path}; "
         f"management API {'enabled' if settings.api_token else 'disabled (no token)'}; "
         f"device {settings.device_port or 'none'}; "
         f"TFTP {tftp_at}; "
@@ -97,8 +97,12 @@ def _format_event(e: dict) -> str:
 
 
 @click.command("events")
+@click.option("--site", "site_dir", envvar="BASTION_SITE",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Read this site's history, where `bastion serve --site` keeps it "
+                   f"({DB_SHOWN}) [$BASTION_SITE].")  # fmt: skip
 @click.option("--db", "db_path", envvar="BASTION_DB", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Read this database [default: {default_db_path()}].")  # fmt: skip
+              help="Read this database instead [$BASTION_DB].")  # fmt: skip
 @click.option("--url", envvar="BASTION_URL",
               help="Read from a running controller instead, e.g. http://127.0.0.1:8080 "
                    "[$BASTION_URL].")
@@ -108,7 +112,7 @@ def _format_event(e: dict) -> str:
 @click.option("--machine", help="Only this machine (name from machines.yaml).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-def events(db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
+def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
     """Show the event history: boot requests, callbacks, reloads, device events."""
     filters = {"kind": kind, "mac": mac, "machine": machine}
 
@@ -125,7 +129,14 @@ def events(db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
         from bastion import match
         from bastion.state.events import open_readonly
 
-        path = db_path or default_db_path()
+        if db_path is None and site_dir is None:
+            raise click.UsageError("which history? give --site DIR (or $BASTION_SITE), --db FILE "
+                                   "or --url URL")  # fmt: skip
+        if db_path is None:
+            from bastion.site.load import site_name
+
+            db_path = default_db_path(site_name(site_dir), site_dir)
+        path = db_path
         try:
             store = open_readonly(path)
         except FileNotFoundError as e:

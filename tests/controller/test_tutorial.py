@@ -214,7 +214,9 @@ def test_the_tutorial_runs(tmp_path, mirror):
     for path in site.rglob("*"):
         if path.is_file():
             assert not any(k in path.read_text(errors="replace") for k in keys), path
-    assert (work / "state" / "edge-bastion" / "events.db").is_file()
+    # the site's own history, under the name and directory it was served from
+    histories = list((work / "state" / "edge-bastion" / "history").glob("*/events.db"))
+    assert [p.parent.name.rsplit("-", 1)[0] for p in histories] == ["home-lab"]
 
 
 def _wait_healthy(server: subprocess.Popen, port: int, log: Path, block: Block) -> None:

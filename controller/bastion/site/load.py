@@ -270,6 +270,15 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
     return dataclasses.replace(site, warnings=tuple(ld.warnings))
 
 
+def site_name(root: Path) -> str:
+    """The site's name (site.yaml `site:`, else its directory's), read without the rest of the
+    checks: what names its history and its secret store."""
+    root = Path(root)
+    ld = _Loader(SiteFiles(root))
+    settings = _load_settings(ld, root)
+    return settings.name if settings is not None else root.resolve().name
+
+
 def k3s_wanted(root: Path) -> tuple[str, list[str]]:
     """What `bastion assets fetch k3s` fetches for a site: site.yaml cluster.k3s.version and the
     architectures (amd64, arm64) of the machines with role server or agent. Read without the
