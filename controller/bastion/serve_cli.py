@@ -1,4 +1,5 @@
-"""`bastion serve`, `bastion events` and `bastion site check`: the boot service's commands.
+"""`bastion serve`, `bastion events`, `bastion site check` and `bastion install-service`: the boot
+service's commands.
 
 Runnable on its own too: `python -m bastion.serve_cli serve --site DIR`.
 """
@@ -6,6 +7,7 @@ Runnable on its own too: `python -m bastion.serve_cli serve --site DIR`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from bastion.settings import Settings, SettingsError, default_db_path, serve_options
+from bastion.settings import DB_SHOWN, Settings, SettingsError, default_db_path, serve_options
 
 
 @click.command("serve")
@@ -55,7 +57,7 @@ def serve(log_level, access_log, **given) -> None:
     tftp_at = "{}:{}".format(*settings.tftp_listen) if settings.tftp_listen else "off"
     click.echo(
         f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
-        f"{len(site.groups)} groups; events in {settings.db_path}; "
+        f"{len(site.groups)} groups; events in {app.state.runtime.store.path}; "
         f"management API {'enabled' if settings.api_token else 'disabled (no token)'}; "
         f"device {settings.device_port or 'none'}; "
         f"TFTP {tftp_at}; "
@@ -93,8 +95,12 @@ def _format_event(e: dict) -> str:
 
 
 @click.command("events")
+@click.option("--site", "site_dir", envvar="BASTION_SITE",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Read this site's history, where `bastion serve --site` keeps it "
+                   f"({DB_SHOWN}) [$BASTION_SITE].")  # fmt: skip
 @click.option("--db", "db_path", envvar="BASTION_DB", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Read this database [default: {default_db_path()}].")  # fmt: skip
+              help="Read this database instead [$BASTION_DB].")  # fmt: skip
 @click.option("--url", envvar="BASTION_URL",
               help="Read from a running controller instead, e.g. http://127.0.0.1:8080 "
                    "[$BASTION_URL].")
@@ -104,7 +110,7 @@ def _format_event(e: dict) -> str:
 @click.option("--machine", help="Only this machine (name from machines.yaml).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
-def events(db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
+def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
     """Show the event history: boot requests, callbacks, reloads, device events."""
     filters = {"kind": kind, "mac": mac, "machine": machine}
 
@@ -121,7 +127,14 @@ def events(db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
         from bastion import match
         from bastion.state.events import open_readonly
 
-        path = db_path or default_db_path()
+        if db_path is None and site_dir is None:
+            raise click.UsageError("which history? give --site DIR (or $BASTION_SITE), --db FILE "
+                                   "or --url URL")  # fmt: skip
+        if db_path is None:
+            from bastion.site.load import site_name
+
+            db_path = default_db_path(site_name(site_dir), site_dir)
+        path = db_path
         try:
             store = open_readonly(path)
         except FileNotFoundError as e:
@@ -176,7 +189,87 @@ def site_check(site_dir: Path) -> None:
     )
 
 
-COMMANDS = (serve, events, site_group)
+@click.command("install-service")
+@click.option("--site", "site_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The site directory the service serves.")  # fmt: skip
+@click.option("--listen", default="0.0.0.0:8080", show_default=True, metavar="HOST:PORT",
+              help="Where the service serves HTTP.")  # fmt: skip
+@click.option("--tftp", metavar="ADDR:PORT",
+              help="Also serve the site's tftp/ over TFTP, e.g. 192.168.1.10:69.")  # fmt: skip
+@click.option("--device", metavar="PORT", help="The device's serial line, e.g. /dev/ttyACM0.")
+@click.option("--name", default="edge-bastion", show_default=True, help="The unit's name.")
+@click.option("--root", "--prefix", "root", default="/", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Install under this directory instead of / (a package build, a test): "
+                   "the files only; no command runs.")  # fmt: skip
+@click.option("--no-systemctl", is_flag=True, help="Do not run `systemctl daemon-reload`.")
+@click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
+def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dry_run) -> None:
+    """Install `bastion serve` for SITE as a systemd service.
+
+    Writes the unit (its own system user, state in /var/lib/edge-bastion, ProtectSystem=strict,
+    CAP_NET_BIND_SERVICE for TFTP's port 69, the serial line through the dialout group), the
+    user for systemd-sysusers, and an API token in /etc/edge-bastion/token unless one exists;
+    then creates the user and reloads systemd. Prints each step. Start it with
+    `systemctl enable --now edge-bastion`.
+    """
+    import shutil
+
+    from bastion import service
+    from bastion.settings import parse_listen
+    from bastion.site.load import SiteError, load_site
+
+    try:
+        parse_listen(listen, "--listen")
+        if tftp:
+            parse_listen(tftp, "--tftp")
+    except SettingsError as e:
+        raise click.UsageError(str(e)) from None
+    site_dir = site_dir.resolve()
+    try:
+        load_site(site_dir)
+    except SiteError as e:
+        click.echo(f"the site in {site_dir} does not load, so the service could not start:", err=True)
+        for problem in e.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(1)
+    if tftp and not (site_dir / "tftp").is_dir():
+        raise click.UsageError(f"--tftp {tftp}: the site has no tftp/ directory to serve")
+    exe = Path(sys.executable).parent / "bastion"
+    if not exe.is_file():
+        found = shutil.which("bastion")
+        if found is None:
+            raise click.ClickException("cannot find the bastion executable to run")
+        exe = Path(found)
+    spec = service.ServiceSpec(site=site_dir, bastion=exe.absolute(), listen=listen, tftp=tftp,
+                               device=device, name=name)  # fmt: skip
+    root = root.absolute()
+    host = root == Path("/")
+    if host and not dry_run and os.geteuid() != 0:
+        raise click.ClickException("installing a service needs root (or --root DIR, --dry-run)")
+    steps = service.plan(spec, root, systemctl=not no_systemctl)
+    if dry_run:
+        for step in steps:
+            click.echo(f"would {step.what}" + (f": {' '.join(step.argv)}" if step.argv else ""))
+        click.echo(f"\n{root / f'etc/systemd/system/{name}.service'} would be:\n")
+        click.echo(service.unit_text(spec), nl=False)
+        return
+    try:
+        service.install(steps, spec, click.echo, host)
+    except service.ServiceError as e:
+        raise click.ClickException(str(e)) from None
+    for part in (exe, site_dir):
+        if str(part).startswith(("/home/", "/root/")):
+            click.echo(f"note: {part} is under a home directory; the user {spec.user} must be "
+                       "able to read it (or install the package and the site elsewhere)", err=True)  # fmt: skip
+    click.echo(f"note: {spec.user} reads the site, and writes it for the management API's edits: "
+               f"chown -R {spec.user}: {site_dir}", err=True)  # fmt: skip
+    if host:
+        click.echo(f"start it: systemctl enable --now {name}; its log: journalctl -u {name}")
+
+
+COMMANDS = (serve, events, site_group, install_service)
 
 
 @click.group()

@@ -8,7 +8,10 @@ command line (or to the constructor), then the environment, then the default.
 
     --site DIR                 BASTION_SITE              the site directory (required)
     --listen HOST:PORT         BASTION_LISTEN            where to serve HTTP (127.0.0.1:8080)
-    --db FILE                  BASTION_DB                the event history (default_db_path())
+    --db FILE                  BASTION_DB                the event history (default: per site,
+                                                         default_db_path(<site>, <site dir>))
+    --history-days D           BASTION_HISTORY_DAYS      events older than this are deleted (30)
+    --history-events N         BASTION_HISTORY_EVENTS    at most this many events (100000)
     (none)                     BASTION_API_TOKEN         the management API token, or
     --token-file FILE          BASTION_API_TOKEN_FILE    a file holding it (first line); wins
     --poll SECONDS             BASTION_POLL_SECONDS      site file polling (0: never; default 1)
@@ -27,7 +30,9 @@ A bad value is a SettingsError naming the option: `--tftp 'nope': expected HOST:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +46,9 @@ Address = Annotated[tuple[str, int], NoDecode]
 DEFAULT_IGNITION_TOKEN_TTL = 15 * 60.0
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_HISTORY_DAYS = 30.0
+DEFAULT_HISTORY_EVENTS = 100_000
+DB_SHOWN = "$XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db"
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}  # fmt: skip
@@ -50,10 +58,15 @@ class SettingsError(ValueError):
     pass
 
 
-def default_db_path() -> Path:
-    """$XDG_STATE_HOME/edge-bastion/events.db (~/.local/state/... when unset)."""
+def default_db_path(site_name: str, site_dir: Path | str) -> Path:
+    """The site's own history: $XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db
+    (~/.local/state/... when unset). <id> is 8 hex digits of the SHA-256 of the site directory's
+    absolute path: two site directories of one name (a copy of an example) keep two histories,
+    and a site served again finds its own."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "edge-bastion" / "events.db"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", site_name).lstrip(".") or "site"
+    ident = hashlib.sha256(str(Path(site_dir).resolve()).encode()).hexdigest()[:8]
+    return Path(state) / "edge-bastion" / "history" / f"{name}-{ident}" / "events.db"
 
 
 def read_token_file(path: Path) -> str:
@@ -119,9 +132,17 @@ class Settings(BaseSettings):
     listen: Address = _setting(
         "BASTION_LISTEN", "--listen", "HOST:PORT to serve HTTP on.",
         default=("127.0.0.1", 8080), metavar="HOST:PORT", shown="127.0.0.1:8080")  # fmt: skip
-    db_path: Path = _setting(
-        "BASTION_DB", "--db", "Event history database.", default_factory=default_db_path,
-        metavar="FILE", path="file", shown=str(default_db_path()))  # fmt: skip
+    # None: the site's own, default_db_path(<site name>, <site dir>), once the site is loaded
+    db_path: Path | None = _setting(
+        "BASTION_DB", "--db", "Event history database.", metavar="FILE", path="file",
+        shown=DB_SHOWN)  # fmt: skip
+    history_days: float = _setting(
+        "BASTION_HISTORY_DAYS", "--history-days", "Events older than this many days are "
+        "deleted (one-time URLs and install marks are not events).",
+        default=DEFAULT_HISTORY_DAYS, metavar="DAYS", shown="30")  # fmt: skip
+    history_events: int = _setting(
+        "BASTION_HISTORY_EVENTS", "--history-events", "At most this many events are kept; the "
+        "oldest go first.", default=DEFAULT_HISTORY_EVENTS, metavar="N", shown="100000")  # fmt: skip
     api_token: str | None = _setting("BASTION_API_TOKEN", None, "The management API token.")
     api_token_file: Path | None = _setting(
         "BASTION_API_TOKEN_FILE", "--token-file",
@@ -205,6 +226,20 @@ class Settings(BaseSettings):
         v = parse_size(v, "--max-body") if isinstance(v, str) else v
         if isinstance(v, int) and not 1024 <= v <= 1024**3:
             raise SettingsError(f"--max-body {v}: expected 1KiB to 1GiB")
+        return v
+
+    @field_validator("history_days")
+    @classmethod
+    def _history_days(cls, v: float) -> float:
+        if not 0 < v <= 36500:
+            raise SettingsError(f"--history-days {v:g}: expected days, more than 0 and at most 36500")
+        return v
+
+    @field_validator("history_events")
+    @classmethod
+    def _history_events(cls, v: int) -> int:
+        if v < 100:
+            raise SettingsError(f"--history-events {v}: expected 100 or more")
         return v
 
     @field_validator("max_connections")

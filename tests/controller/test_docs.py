@@ -8,7 +8,9 @@ is `<!-- word -->` or `<!-- key: value | key: value ... -->`:
     The block is the whole of the file PATH of a site directory. The blocks of one `site:` are
     written together (a block without `site:` is a site on its own) into a copy of
     examples/site, or into an empty directory when any of them says `base: empty`, next to fake
-    Flatcar assets under assets/flatcar/{amd64,arm64}/. The site must load with
+    Flatcar assets under assets/flatcar/{amd64,arm64}/ and, for a k3s cluster that the nodes
+    fetch from the controller, a made-up k3s release fetched as `bastion assets fetch k3s`
+    does (from a loopback mirror). The site must load with
     bastion.site.load.load_site with no problem and no warning; with `expect: problems` it must
     fail with exactly the lines of the block marked `<!-- problems: NAME -->`.
     In docs/site-files.md every ```yaml and ```json block carries a `file:` marker, or
@@ -45,6 +47,7 @@ from urllib.parse import urlsplit
 import pytest
 from bastion.site.load import SiteError, load_site
 from bastion_testkit import EXAMPLES, REPO, make_app, write_assets
+from mirrorkit import fetch_k3s_into
 
 SITE_DOC = REPO / "docs" / "site-files.md"
 CONTROLLER_DOC = REPO / "docs" / "controller.md"
@@ -197,7 +200,15 @@ def build_site(name: str, root: Path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(b.text)
     write_assets(site, ASSET_DIRS)
+    k3s = re.search(r"^  k3s:\n((?:    .*\n)*)", _text(site / "site.yaml"), re.MULTILINE)
+    version = re.search(r"^    version: (\S+)", k3s.group(1), re.MULTILINE) if k3s else None
+    if version and not re.search(r"^    url: ", k3s.group(1), re.MULTILINE):
+        fetch_k3s_into(site, version.group(1))  # made up, as `bastion assets fetch k3s` does
     return site
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 # --- the app -----------------------------------------------------------------------------------

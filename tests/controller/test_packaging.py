@@ -8,13 +8,15 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
 import venv
 from pathlib import Path
 
+import httpx
 import pytest
-
-from bastion_testkit import REPO
+from bastion_testkit import REPO, free_tcp_port, write_assets
+from mirrorkit import k3s_url, publish_k3s, serving
 
 
 def test_every_package_of_the_tree_is_listed_in_pyproject():
@@ -69,8 +71,23 @@ def test_the_installed_package_is_the_wheel_not_the_checkout(installed, tmp_path
         assert str(REPO) not in line and str(env_dir) in line, out
 
 
-def test_site_check_of_the_home_lab_runs_from_the_wheel(installed, tmp_path):
-    r = _run(installed, "site", "check", str(REPO / "examples" / "home-lab"), cwd=tmp_path)
+@pytest.fixture
+def home_lab(installed, tmp_path):
+    """examples/home-lab with stand-in Flatcar images and a made-up k3s release, fetched by the
+    wheel's own `bastion assets fetch k3s` from a loopback mirror."""
+    site = tmp_path / "home-lab"
+    shutil.copytree(REPO / "examples" / "home-lab", site)
+    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+    with serving() as m:
+        publish_k3s(m, "v1.31.4+k3s1")
+        r = _run(installed, "assets", "fetch", "k3s", "--site", str(site), "--mirror", k3s_url(m),
+                 cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return site
+
+
+def test_site_check_of_the_home_lab_runs_from_the_wheel(installed, home_lab, tmp_path):
+    r = _run(installed, "site", "check", str(home_lab), cwd=tmp_path)
     # home-lab's k3s is a cluster: the built-in k3s Butane template must be found as package data
     assert "k3s.bu" not in r.stderr or "No such file" not in r.stderr, r.stderr
     assert r.returncode == 0, r.stdout + r.stderr
@@ -94,3 +111,47 @@ def test_flash_into_a_sim_directory_finds_the_board_definitions(installed, tmp_p
              "--controller-url", "http://10.77.0.3:8080", cwd=tmp_path)
     assert r.returncode != 0, r.stdout + r.stderr
     assert "unknown board 'nope' (boards: " in r.stderr and "w5500-evb-pico" in r.stderr, r.stderr
+
+
+def test_the_wheel_serves_the_home_lab_and_installs_it_as_a_service(installed, home_lab, tmp_path):
+    """Outside the checkout: `bastion serve` from the wheel answers for examples/home-lab (its
+    k3s fetched by the wheel), and its `install-service` writes a unit that runs the wheel's
+    bastion and passes systemd-analyze verify."""
+    env_dir, env = installed
+    port = free_tcp_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (the server writes it until the end)
+    proc = subprocess.Popen([str(env_dir / "bin" / "bastion"), "serve", "--site", str(home_lab),
+                             "--listen", f"127.0.0.1:{port}", "--db", str(tmp_path / "events.db"),
+                             "--secrets", str(tmp_path / "secrets")],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        names = [m["name"] for m in httpx.get(url + "/api/v1/machines", timeout=10).json()]
+        assert names == ["pi1", "pi2", "pi3", "nuc1", "nuc2"]
+        k3s = home_lab / "assets/k3s/v1.31.4+k3s1/arm64/k3s"
+        r = httpx.get(url + "/assets/k3s/v1.31.4+k3s1/arm64/k3s", timeout=10)
+        assert r.status_code == 200 and r.content == k3s.read_bytes()
+        assert "<title>Edge Bastion · home-lab</title>" in httpx.get(url + "/dashboard", timeout=10).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+    root = tmp_path / "root"
+    r = _run(installed, "install-service", "--site", str(home_lab), "--root", str(root), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    assert f"ExecStart={env_dir / 'bin' / 'bastion'} serve --site {home_lab}" in unit.read_text()
+    if shutil.which("systemd-analyze"):
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+        assert v.returncode == 0, v.stdout + v.stderr

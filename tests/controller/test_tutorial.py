@@ -4,7 +4,14 @@ Markers (an HTML comment on the line before a fenced block, blank lines between 
 
 <!-- test: runs -->
     The block runs as one bash script (`set -euo pipefail`) in the work directory and must exit
-    0. `| expect: TEXT` adds: its output contains TEXT.
+    0. `| expect: TEXT` adds: its output (stdout and stderr) contains TEXT; `| exit: N`: it
+    must exit N instead.
+<!-- test: runs against a loopback mirror -->
+    The same, with each `bastion assets fetch flatcar|k3s` line pointed at a loopback mirror
+    (mirrorkit) laid out like Flatcar's release server and GitHub's k3s releases: `--mirror`,
+    and for Flatcar `--key-url` and `--key-fingerprint` of a key the test makes, are appended.
+    The mirror holds a stable release per architecture signed with that key, the key at
+    www.flatcar.org's path, and a made-up k3s release of the example's version.
 <!-- test: runs in background -->
     The block's one command is started and left running (a server) until the last block has
     run; the test waits for http://127.0.0.1:8080/healthz first, then stops it by its PID.
@@ -34,6 +41,16 @@ from pathlib import Path
 import httpx
 import pytest
 from bastion_testkit import EXAMPLES, REPO, free_tcp_port
+from mirrorkit import (
+    drop_key,
+    flatcar_args,
+    k3s_url,
+    make_key,
+    publish_flatcar,
+    publish_k3s,
+    publish_key,
+    serving,
+)
 
 TUTORIAL = REPO / "docs" / "tutorial.md"
 _MARKER = re.compile(r"^<!--\s*test:\s*(.*?)\s*-->$")
@@ -100,7 +117,8 @@ def bastion_lines() -> list[tuple[Block, str]]:
 
 def test_the_tutorial_marks_what_it_runs():
     kinds = [b.marker["run"] for b in RUN]
-    assert set(kinds) <= {"runs", "runs in background"}, kinds
+    assert set(kinds) <= {"runs", "runs in background", "runs against a loopback mirror"}, kinds
+    assert kinds.count("runs against a loopback mirror") == 1
     assert kinds.count("runs in background") == 1
     assert kinds.count("runs") >= 6
     assert len(bastion_lines()) >= 12
@@ -117,7 +135,36 @@ def test_every_bastion_command_of_the_tutorial_exists(block, line):
     assert r.returncode == 0, f"{block.where}: {line}\n{r.stdout}{r.stderr}"
 
 
-def test_the_tutorial_runs(tmp_path):
+@pytest.fixture
+def mirror():
+    """Flatcar's and k3s's download sites on loopback, with what the tutorial fetches."""
+    key = make_key("Tutorial Buildbot")
+    try:
+        with serving() as m:
+            publish_key(m, key)
+            for arch in ("amd64", "arm64"):
+                publish_flatcar(m, key, arch=arch, kernel_size=200_000, initrd_size=300_000)
+            publish_k3s(m, "v1.31.4+k3s1")
+            m.key = key
+            yield m
+    finally:
+        drop_key(key)
+
+
+def _pointed_at(script: str, mirror) -> str:
+    """Each `bastion assets fetch flatcar|k3s` line with the mirror's options appended."""
+    out = []
+    for line in script.splitlines():
+        words = line.split()
+        if words[:4] == ["bastion", "assets", "fetch", "flatcar"]:
+            line += " " + shlex.join(flatcar_args(mirror, mirror.key))
+        elif words[:4] == ["bastion", "assets", "fetch", "k3s"]:
+            line += " " + shlex.join(["--mirror", k3s_url(mirror)])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_the_tutorial_runs(tmp_path, mirror):
     work = tmp_path / "work"
     shutil.copytree(EXAMPLES / "home-lab", work / "examples" / "home-lab")
     (work / "home").mkdir()
@@ -140,11 +187,15 @@ def test_the_tutorial_runs(tmp_path):
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
                 _wait_healthy(server, port, tmp_path / "serve.log", b)
                 continue
+            if b.marker["run"] == "runs against a loopback mirror":
+                script = _pointed_at(script, mirror)
             r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env,
                                check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
-            assert r.returncode == 0, f"{b.where}:\n{script}\n{r.stdout}{r.stderr}"
+            want = int(b.marker.get("exit", "0"))
+            assert r.returncode == want, f"{b.where}:\n{script}\n{r.stdout}{r.stderr}"
             if "expect" in b.marker:
-                assert b.marker["expect"] in r.stdout, f"{b.where}: no {b.marker['expect']!r} in\n{r.stdout}"
+                out = r.stdout + r.stderr
+                assert b.marker["expect"] in out, f"{b.where}: no {b.marker['expect']!r} in\n{out}"
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -163,7 +214,9 @@ def test_the_tutorial_runs(tmp_path):
     for path in site.rglob("*"):
         if path.is_file():
             assert not any(k in path.read_text(errors="replace") for k in keys), path
-    assert (work / "state" / "edge-bastion" / "events.db").is_file()
+    # the site's own history, under the name and directory it was served from
+    histories = list((work / "state" / "edge-bastion" / "history").glob("*/events.db"))
+    assert [p.parent.name.rsplit("-", 1)[0] for p in histories] == ["home-lab"]
 
 
 def _wait_healthy(server: subprocess.Popen, port: int, log: Path, block: Block) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bastion.lab import trace
-from bastion.lab.lab import Lab
+from bastion.lab.lab import Lab, beating_node, default_nodes
 from bastion.lab.netns import namespaces
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
@@ -31,7 +31,7 @@ def lab(tmp_path_factory):
     _need_root()
     lab = Lab(NAME, PREFIX, tmp_path_factory.mktemp("lab"))
     try:
-        lab.up(progress=lambda msg: None)
+        lab.up([*default_nodes(), beating_node()], progress=lambda msg: None)
         yield lab
     finally:
         lab.down()
@@ -113,6 +113,32 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_node_whose_heartbeats_stop_is_power_cycled_by_the_device_and_boots_again(lab):
+    """The node watchdog end to end: beat-1 beats after its callback (the lab initrd's wget
+    loop, standing in for the k3s nodes' bastion-heartbeat.timer), then hangs; the device
+    power-cycles it through its relay, and its second boot shows up in the same timeline."""
+    run = lab.watchdog_cycle("beat-1", timeout=900, progress=lambda msg: None)
+    stages = [s.stage for s in run.steps]
+    assert stages[0] == "power on"
+    first_cb, second_cb = (i for i, st in enumerate(stages) if st == "callback")
+    cycle = stages.index("watchdog cycle")
+    assert first_cb < stages.index("heartbeat") < cycle < second_cb
+    # the cycle: relay off and on again by the watchdog, between the two boots
+    between = run.steps[cycle - 1:second_cb]
+    assert {"power off", "power on"} <= {s.stage for s in between}
+    offs = [s for s in between if s.stage == "power off"]
+    assert offs and offs[0].event["payload"]["why"] == "watchdog"
+    assert run.cycle["payload"]["attempt"] == 1
+    # each boot beat with its own boot id, and the second boot fetched its config again
+    assert run.boot_ids[0] and run.boot_ids[1] and run.boot_ids[0] != run.boot_ids[1]
+    beats = [s for s in run.steps if s.stage == "heartbeat"]
+    assert [b.event["payload"]["boot_id"] for b in beats][:1] == run.boot_ids[:1]
+    assert run.boot_ids[1] in [b.event["payload"]["boot_id"] for b in beats]
+    assert stages.count("GET /ipxe") == 2
+    assert lab.vm_boots("beat-1") == 2
+    assert all(c["payload"]["status"] == "ok" for c in run.callbacks)
 
 
 def test_lab_traffic_stays_inside_its_namespaces(lab):

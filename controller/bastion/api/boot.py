@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from bastion import boot, match
 
-from bastion.state import install
+from bastion.state import heartbeats, install
 from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url
 from bastion.model import BootRequest
 
@@ -177,23 +177,40 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
 @router.post(
     "/heartbeat",
     summary="A running node says it is alive (the device's node watchdog)",
-    description="Query or form field `mac` (a body of at most 4 KiB). For a machine with `relay:` and `heartbeat:` in "
-    "machines.yaml the beat goes to the device, which power-cycles the node when its beats "
-    "stop (with backoff and a cap). Answers 202 when forwarded, 200 when the site does not "
-    "watch that machine. Not recorded per beat (nodes send them every few seconds).",
+    description="Query or form fields (a body of at most 4 KiB): `mac`, and optionally `node` "
+    "(its name), `boot_id` (/proc/sys/kernel/random/boot_id) and `k3s` (the k3s unit's state), "
+    "as the k3s Butane's bastion-heartbeat.timer sends them. For a machine with `relay:` and "
+    "`heartbeat:` in machines.yaml the beat goes to the device, which power-cycles the node "
+    "when its beats stop (with backoff and a cap). Answers 202 when forwarded, 200 when the "
+    "site does not watch that machine. Recorded as a `heartbeat` event only when it says "
+    "something new (a machine's first beat of a boot, a changed k3s state): nodes beat every "
+    "few seconds.",
 )
-async def heartbeat(runtime: RuntimeDep, request: Request) -> JSONResponse:
+async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSONResponse:
     fields = dict(parse_qsl(request.url.query))
-    if not fields.get("mac"):
-        body = (await request.body()).decode("utf-8", errors="replace")  # 4 KiB at most: limits
-        fields.update(parse_qsl(body))
+    body = (await request.body()).decode("utf-8", errors="replace")  # 4 KiB at most: limits
+    for key, value in parse_qsl(body):
+        fields.setdefault(key, value)
     try:
         mac = match.parse_mac(str(fields.get("mac", "")))
     except match.Malformed:
         raise HTTPException(400, f"{fields.get('mac')!r} is not a MAC address") from None
+    try:
+        checked = heartbeats.fields(fields)
+    except heartbeats.BadBeat as e:
+        raise HTTPException(400, str(e)) from None
     runtime.metrics.heartbeats.inc()
+    known = site.machine_by_mac(mac)
+    recorded = False
+    if known is not None:
+        _, news = runtime.heartbeats.beat(known.name, checked)
+        if news is not None:
+            client = request.client.host if request.client else None
+            runtime.record("heartbeat", source="node", mac=mac, machine=known.name,
+                           endpoint="/heartbeat", payload={"news": news, "client": client,
+                           **{k: v for k, v in checked.items() if v is not None}})  # fmt: skip
+            recorded = True
     hub = runtime.device
     machine = hub.heartbeat(mac) if hub is not None else None
-    return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None},
-                        status_code=202 if machine else 200)
-
+    return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None,
+                         "recorded": recorded}, status_code=202 if machine else 200)  # fmt: skip

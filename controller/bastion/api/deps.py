@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -18,6 +18,7 @@ from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
 from bastion.model import BootRequest, Site
 from bastion.state.events import EventStore
+from bastion.state.heartbeats import Heartbeats
 from bastion.tftpd import TftpService
 
 
@@ -34,6 +35,8 @@ class Runtime:
     secrets: SecretStore | None = None  # `serve --secrets DIR`
     # one-time Ignition URLs and install-once marks (bastion.boot.Provisioning)
     provisioning: Provisioning | None = None
+    # what each node's latest heartbeat said (POST /heartbeat)
+    heartbeats: Heartbeats = field(default_factory=Heartbeats)
 
     def record(self, kind: str, **fields: Any) -> int:
         event_id = self.store.record(kind, **fields)

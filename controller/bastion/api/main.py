@@ -19,7 +19,7 @@ from bastion.state.install import InstallMarks
 from bastion.metrics import Metrics
 from bastion.state.onetime import IgnitionTokens
 from bastion.state.secrets import SecretStore, machine_secrets, secrets_dir
-from bastion.settings import Settings
+from bastion.settings import Settings, default_db_path
 from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
 
@@ -39,7 +39,6 @@ Edge Bastion's boot controller.
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the application. Raises bastion.site.load.SiteError if the site does not load."""
-    store = EventStore(settings.db_path)
     metrics = Metrics()
     runtime_box: list[Runtime] = []
 
@@ -56,6 +55,10 @@ def create_app(settings: Settings) -> FastAPI:
             runtime_box[0].device.site_changed()
 
     holder = SiteHolder(settings.site_dir, on_reload=on_reload)
+    # The site's own history unless --db names one; bounded (--history-days, --history-events).
+    db_path = settings.db_path or default_db_path(holder.site.name, settings.site_dir)
+    store = EventStore(db_path, max_events=settings.history_events,
+                       max_age_s=settings.history_days * 86400)  # fmt: skip
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
     runtime_box.append(runtime)
     metrics.gauge_source = lambda: {
@@ -68,8 +71,8 @@ def create_app(settings: Settings) -> FastAPI:
     runtime.record("site", payload={"ok": True, "generation": holder.generation, "loaded": str(settings.site_dir)})
     runtime.secrets = SecretStore(secrets_dir(holder.site.name, settings.secrets_dir))
     runtime.provisioning = Provisioning(
-        tokens=IgnitionTokens(settings.db_path, ttl_s=settings.ignition_token_ttl),
-        installs=InstallMarks(settings.db_path),
+        tokens=IgnitionTokens(db_path, ttl_s=settings.ignition_token_ttl),
+        installs=InstallMarks(db_path),
         secrets_for=lambda site, machine: machine_secrets(runtime.secrets, site, machine),
     )
     if settings.device_port:

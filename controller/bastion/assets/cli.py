@@ -1,8 +1,8 @@
-"""`bastion assets fetch flatcar|rpi4-uefi`: boot files into the site, verified.
+"""`bastion assets fetch flatcar|k3s|rpi4-uefi`: boot files into the site, verified.
 
 Runnable on its own too: `python -m bastion.assets.cli fetch flatcar --site DIR`.
-The work is in bastion.assets.flatcar (Flatcar) and bastion.assets.rpi4 (the Raspberry Pi 4 UEFI
-firmware); this module turns options into their requests and shows progress with rich.
+The work is in bastion.assets.flatcar (Flatcar), bastion.assets.k3s (k3s) and bastion.assets.rpi4
+(the Raspberry Pi 4 UEFI firmware); this module turns options into their requests and shows progress with rich.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from bastion.assets import flatcar as af
+from bastion.assets import k3s as ak
 from bastion.assets import rpi4 as rpi
 
 
@@ -83,22 +84,31 @@ def fetch_group() -> None:
 @click.option("--current/--no-current", "set_current", default=None,
               help="Point <channel>/<arch>/current at this release "
                    "[default: only when no --version is given].")  # fmt: skip
-@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"The signing key file [default: the shipped {af.FLATCAR_KEY_FILE.name}].")  # fmt: skip
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Take the signing key from this file (offline) instead of fetching it; it is "
+                   "checked against the fingerprint and kept in the site's assets/flatcar/keys/.")  # fmt: skip
+@click.option("--key-url", metavar="URL",
+              help=f"Where the signing key is fetched from when the site has none kept "
+                   f"[default: {af.FLATCAR_KEY_URL}].")  # fmt: skip
 @click.option("--key-fingerprint", metavar="FPR",
               help="Primary key the signatures must come from, for images you sign yourself "
                    f"[default: Flatcar's, {af.FLATCAR_PRIMARY_FINGERPRINT}].")  # fmt: skip
+@click.option("--refresh-key", is_flag=True,
+              help="Fetch the signing key again even though the site keeps one (it is fetched "
+                   "again anyway when a signature needs a subkey the kept key does not vouch for).")  # fmt: skip
 def fetch_flatcar(
-    channel, arch, version, mirror, site_dir, set_current, key_file, key_fingerprint
+    channel, arch, version, mirror, site_dir, set_current, key_file, key_url, key_fingerprint,
+    refresh_key,
 ) -> None:
     """Flatcar's PXE kernel and initrd, checked against Flatcar's image signing key.
 
+    The key is fetched from Flatcar's site the first time (or taken from --key FILE), refused
+    unless its primary key is the pinned one, and kept in the site's assets/flatcar/keys/.
     Files whose signature does not verify are deleted, never stored. An interrupted download
     resumes when the same command runs again.
     """
-    key = af.SigningKey(
-        key_file or af.FLATCAR_KEY_FILE, key_fingerprint or af.FLATCAR_PRIMARY_FINGERPRINT
-    )
+    key = af.flatcar_key(file=key_file, url=key_url, fingerprint=key_fingerprint,
+                         refresh=refresh_key)  # fmt: skip
     request = af.FetchRequest(site=site_dir, channel=channel, arch=arch, version=version,
                               mirror=mirror, key=key, set_current=set_current)  # fmt: skip
     reporter = RichReporter()
@@ -120,6 +130,51 @@ def fetch_flatcar(
         f"profiles boot it as /{arch_dir}/{first}/flatcar_production_pxe.vmlinuz with initrd "
         f"/{arch_dir}/{first}/flatcar_production_pxe_image.cpio.gz"
     )
+
+
+@fetch_group.command("k3s")
+@click.option(
+    "--site", "site_dir", envvar="BASTION_SITE", required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The site directory; files land in its assets/k3s/.",
+)  # fmt: skip
+@click.option("--version", "version", metavar="V",
+              help="A k3s release such as v1.31.4+k3s1 [default: site.yaml cluster.k3s.version].")  # fmt: skip
+@click.option("--arch", "arches", multiple=True, type=click.Choice(ak.ARCHES),
+              help="Repeatable [default: the architectures of the site's k3s nodes].")  # fmt: skip
+@click.option("--mirror", metavar="URL",
+              help=f"Where <version>/k3s, k3s-arm64 and sha256sum-<arch>.txt live "
+                   f"[default: {ak.DEFAULT_MIRROR}].")  # fmt: skip
+def fetch_k3s(site_dir, version, arches, mirror) -> None:
+    """The k3s release's binaries, checked against the release's own sha256sum-<arch>.txt.
+
+    They land where the nodes fetch them, assets/k3s/<version>/<arch>/k3s, and the checksums
+    in assets/k3s/<version>/manifest.json, which `bastion site check` and the controller read
+    (so site.yaml needs no cluster.k3s.sha256). A file whose checksum does not match is deleted,
+    never stored. An interrupted download resumes when the same command runs again.
+    """
+    from bastion.site.load import SiteError, k3s_wanted
+
+    if version is None or not arches:
+        try:
+            wanted_version, wanted_arches = k3s_wanted(site_dir)
+        except SiteError as e:
+            click.echo("error: give --version and --arch, or fix the site:", err=True)
+            for problem in e.problems:
+                click.echo(f"  {problem}", err=True)
+            sys.exit(1)
+        version = version or wanted_version
+        arches = arches or tuple(wanted_arches)
+    try:
+        result = ak.fetch_k3s(ak.K3sRequest(site_dir, version, tuple(arches), mirror),
+                              reporter=RichReporter())  # fmt: skip
+    except ak.FetchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    for f in result.files:
+        click.echo(f"assets/{f.path}  sha256 {f.sha256}  {f.size:,} bytes  "
+                   f"(matches {ak.sums_name(f.arch)})")  # fmt: skip
+    click.echo(f"manifest: {result.manifest_path.relative_to(site_dir)}")
 
 
 @fetch_group.command("rpi4-uefi")

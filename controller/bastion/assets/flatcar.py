@@ -9,11 +9,13 @@ it from ``current/`` once, then take every file from the numbered directory, so 
 lands mid-download cannot mix two versions.
 
 Each file has a detached OpenPGP signature, ``<name>.sig``, made by a signing *subkey* of
-Flatcar's image signing key; the subkeys rotate yearly, the primary key does not. We pin the
-primary key's fingerprint and accept a signature only when gpgv reports it valid *and* names that
-primary key as the owner of the signing (sub)key. The keyring gpgv checks against is built in a
-temporary GNUPGHOME from the key file and holds only the pinned key (gpg's import checks the
-subkeys' binding signatures), so a second key slipped into the key file signs nothing.
+Flatcar's image signing key; the subkeys rotate, the primary key does not. We pin the primary
+key's fingerprint (Flatcar's own installer, flatcar-install, pins the same one) and nothing else:
+the key is fetched from Flatcar's site the first time a site needs it (or read from a file
+given with --key), refused unless it holds that primary key, and kept in the site's asset store,
+``assets/flatcar/keys/``. A signature by a subkey the kept key does not know, or one it says had
+expired when it signed, makes the command fetch the key once more before it refuses: that is how
+the kept key follows Flatcar's rotation. bastion.assets.openpgp does the keys and the checking.
 
 The PXE kernel's signature changed name in 2024: since Flatcar's scripts made
 ``flatcar_production_pxe.vmlinuz`` a symlink to ``flatcar_production_image.vmlinuz`` (April 2024),
@@ -32,6 +34,7 @@ On disk, under ``<site>/assets/flatcar/``::
     <channel>/<arch>/<version>/<name>.sig          the detached signature, as published
     <channel>/<arch>/<version>/manifest.json       what was fetched, from where, signed by whom
     <channel>/<arch>/current                       -> <version> (moved atomically)
+    keys/<FPR>.asc, keys/<FPR>.json                 the pinned key and where it came from
 
 Profiles then boot ``/assets/flatcar/stable/amd64/current/flatcar_production_pxe.vmlinuz`` (or a
 pinned version). The URL's last segment stays Flatcar's file name, which matters: the kernel
@@ -46,8 +49,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ from urllib.parse import urljoin
 
 import httpx
 
+from bastion import atomic
 from bastion.assets.download import (
     FetchError,
     ReleaseNotFound,
@@ -70,14 +72,22 @@ from bastion.assets.download import get_small as _get_small
 from bastion.assets.download import meta_path as _meta_path
 from bastion.assets.download import sha256_of as _sha256_of
 from bastion.assets.download import unlink as _unlink
-from bastion import atomic
+from bastion.assets.openpgp import (
+    GoodSignature,
+    KeyProblem,
+    KeyStore,
+    SignatureRefused,
+    SigningKey,
+    StoredKey,
+    Verifier,
+)
 
+__all__ = ["FetchError", "KeyProblem", "SignatureRefused", "SigningKey", "fetch_flatcar"]
+
+# Flatcar's image signing key: its primary key (flatcar-install pins the same fingerprint), and
+# where Flatcar publishes it with its current signing subkeys (in 2026 the one made on
+# 2025-03-07, 52F145DFD00BBDCD928CBB5A32DA80F91EF52974, which expires 2027-03-08).
 FLATCAR_PRIMARY_FINGERPRINT = "F88CFEDEFF29A5B4D9523864E25D9AED0593B34A"
-# Flatcar's public key as published at https://www.flatcar.org/security/image-signing-key/
-# (flatcar/flatcar-website static/security/image-signing-key/Flatcar_Image_Signing_Key.asc, the
-# 2025-03-07 update: signing subkey 52F145DFD00BBDCD928CBB5A32DA80F91EF52974, expires 2027-03-08).
-# When Flatcar adds next year's subkey, replace this file with the new one; the pin stays.
-FLATCAR_KEY_FILE = Path(__file__).parent.parent / "keys" / "flatcar-image-signing.asc"
 FLATCAR_KEY_URL = "https://www.flatcar.org/security/image-signing-key/Flatcar_Image_Signing_Key.asc"
 
 DEFAULT_MIRROR = "https://{channel}.release.flatcar-linux.net"
@@ -119,169 +129,17 @@ class SignatureMissing(FetchError):
     pass
 
 
-class SignatureRefused(FetchError):
-    pass
-
-
-class KeyProblem(FetchError):
-    pass
-
-
-# -- signatures -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    """The key file to trust and the primary key fingerprint it must hold."""
-
-    path: Path
-    fingerprint: str
-
-    @classmethod
-    def flatcar(cls) -> SigningKey:
-        return cls(FLATCAR_KEY_FILE, FLATCAR_PRIMARY_FINGERPRINT)
-
-
-@dataclass(frozen=True)
-class GoodSignature:
-    signing_key: str  # fingerprint of the (sub)key that made the signature
-    primary_key: str  # fingerprint of its primary key: the pinned one
-    signed_at: str  # ISO 8601, UTC
-    key_expired: bool  # the subkey has expired since (an older release, signed in its time)
-
-
-def _normalise_fingerprint(fpr: str) -> str:
-    clean = fpr.replace(" ", "").upper()
-    if not re.fullmatch(r"[0-9A-F]{40}", clean):
-        raise KeyProblem(f"{fpr!r} is not a 40-hex-digit OpenPGP fingerprint")
-    return clean
-
-
-def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, check=False, capture_output=True, timeout=600, **kw)
-    except FileNotFoundError:
-        raise KeyProblem(
-            f"{argv[0]} is not installed; signatures cannot be checked without it "
-            "(Debian: apt-get install gpg gpgv)"
-        ) from None
-
-
-class Verifier:
-    """gpgv against a keyring holding only the pinned key; use as a context manager."""
-
-    def __init__(self, key: SigningKey):
-        self.key = key
-        self.fingerprint = _normalise_fingerprint(key.fingerprint)
-        self._home: tempfile.TemporaryDirectory | None = None
-        self.keyring: Path | None = None
-
-    def __enter__(self) -> Self:
-        path = Path(self.key.path)
-        try:
-            text = path.read_bytes()
-        except OSError as e:
-            raise KeyProblem(
-                f"the signing key file {path} cannot be read ({e.strerror}). Flatcar's image "
-                f"signing key belongs there: get it from {FLATCAR_KEY_URL} and check that its "
-                f"fingerprint is {FLATCAR_PRIMARY_FINGERPRINT} (docs/assets.md)"
-            ) from None
-        # Armored, or binary (an OpenPGP packet header has its top bit set: RFC 9580 4.2).
-        if b"-----BEGIN PGP PUBLIC KEY BLOCK-----" not in text and not (text and text[0] & 0x80):
-            raise KeyProblem(
-                f"{path} holds no OpenPGP public key. Put Flatcar's image signing key there: get "
-                f"it from {FLATCAR_KEY_URL} and check that its fingerprint is "
-                f"{FLATCAR_PRIMARY_FINGERPRINT} (docs/assets.md)"
-            )
-        # Short path: gpg puts sockets in its home, and those have a ~100 byte limit.
-        self._home = tempfile.TemporaryDirectory(prefix="bastion-gpg-")
-        home = self._home.name
-        os.chmod(home, 0o700)
-        gpg = ["gpg", "--batch", "--no-options", "--no-autostart", "--homedir", home]
-        imported = _run([*gpg, "--import", str(path)])
-        exported = _run([*gpg, "--export", self.fingerprint])
-        if exported.returncode != 0 or not exported.stdout:
-            self.close()
-            raise KeyProblem(
-                f"{path} does not hold the key {self.fingerprint} that signatures must come from"
-                + (
-                    f" (gpg: {imported.stderr.decode(errors='replace').strip()})"
-                    if imported.returncode
-                    else ""
-                )
-            )
-        self.keyring = Path(home) / "trusted.gpg"
-        self.keyring.write_bytes(exported.stdout)
-        return self
-
-    def close(self) -> None:
-        if self._home is not None:
-            self._home.cleanup()
-            self._home = None
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def verify(self, data: Path, signature: Path, name: str) -> GoodSignature:
-        """GoodSignature, or SignatureRefused saying why; name is what the message calls it."""
-        assert self.keyring is not None, "use Verifier as a context manager"
-        r = _run(
-            ["gpgv", "--status-fd", "1", "--keyring", str(self.keyring), str(signature), str(data)]
-        )
-        status = [line.split() for line in r.stdout.decode(errors="replace").splitlines()]
-        status = [s[1:] for s in status if len(s) > 1 and s[0] == "[GNUPG:]"]
-        words = {s[0]: s[1:] for s in status}
-        refuse = f"{name}: refused:"
-        if "BADSIG" in words:
-            raise SignatureRefused(
-                f"{refuse} the signature by key {words['BADSIG'][0]} does not match the file "
-                "(corrupted or tampered with); it was deleted"
-            )
-        if "NO_PUBKEY" in words:
-            raise SignatureRefused(
-                f"{refuse} it was signed by key {words['NO_PUBKEY'][0]}, which is neither the "
-                f"trusted key {self.fingerprint} nor one of its subkeys in {self.key.path}; it "
-                "was deleted. (If Flatcar has rotated to a new signing subkey, refresh the key "
-                "file: docs/assets.md.)"
-            )
-        if "ERRSIG" in words:
-            raise SignatureRefused(
-                f"{refuse} gpgv could not check the signature by key {words['ERRSIG'][0]} "
-                f"(ERRSIG {' '.join(words['ERRSIG'][1:])}); it was deleted"
-            )
-        if "REVKEYSIG" in words:
-            raise SignatureRefused(
-                f"{refuse} it was signed by key {words['REVKEYSIG'][0]}, which has been "
-                "revoked; it was deleted"
-            )
-        if "NODATA" in words:
-            raise SignatureRefused(f"{refuse} its .sig file is not an OpenPGP signature")
-        valid = [s for s in status if s[0] == "VALIDSIG"]
-        good = "GOODSIG" in words or "EXPKEYSIG" in words
-        if r.returncode != 0 or not valid or not good:
-            detail = r.stderr.decode(errors="replace").strip().splitlines()
-            raise SignatureRefused(
-                f"{refuse} gpgv did not accept the signature (exit {r.returncode}"
-                + (f": {detail[-1]}" if detail else "")
-                + ")"
-            )
-        # VALIDSIG <fpr> <date> <timestamp> <expire> <version> <reserved> <pk-algo> <hash-algo>
-        #          <class> <primary-fpr>   (GnuPG doc/DETAILS)
-        for v in valid:
-            primary = v[10].upper() if len(v) > 10 else v[1].upper()
-            if primary != self.fingerprint:
-                raise SignatureRefused(
-                    f"{refuse} it was signed by key {v[1]} of primary key {primary}, not by "
-                    f"{self.fingerprint} or one of its subkeys"
-                )
-        v = valid[0]
-        signed_at = datetime.fromtimestamp(int(v[3]), UTC).isoformat().replace("+00:00", "Z")
-        return GoodSignature(
-            signing_key=v[1].upper(),
-            primary_key=self.fingerprint,
-            signed_at=signed_at,
-            key_expired="EXPKEYSIG" in words,
-        )
+def flatcar_key(
+    *,
+    file: Path | None = None,
+    url: str | None = None,
+    fingerprint: str | None = None,
+    refresh: bool = False,
+) -> SigningKey:
+    """Flatcar's image signing key: pinned by its primary fingerprint, fetched from Flatcar's
+    site unless a file is given; the arguments are for images signed by someone else (tests)."""
+    return SigningKey(fingerprint or FLATCAR_PRIMARY_FINGERPRINT, url or FLATCAR_KEY_URL, file,
+                      refresh)  # fmt: skip
 
 
 # -- the release ----------------------------------------------------------------------------------
@@ -294,7 +152,7 @@ class FetchRequest:
     arch: str = "amd64"
     version: str | None = None  # None: the channel's current release
     mirror: str | None = None  # a URL holding <arch>-usr/<version>/...; "{channel}" is filled in
-    key: SigningKey = field(default_factory=SigningKey.flatcar)
+    key: SigningKey = field(default_factory=lambda: flatcar_key())
     set_current: bool | None = None  # move <channel>/<arch>/current; None: only if no version
 
     def arch_url(self) -> str:
@@ -382,10 +240,12 @@ def fetch_flatcar(
     if client is None:
         client = new_client()
     try:
-        with _exclusive(work / ".lock"), Verifier(req.key) as verifier:
+        if req.version is not None and not _VERSION_RE.fullmatch(req.version):
+            raise FetchError(f"--version {req.version!r}: not a Flatcar version such as 3815.2.2")
+        with _exclusive(work / ".lock"), _Trust(assets, req.key, client, reporter) as trust:
             version = _resolve_version(client, arch_url, req.version)
             release_url = urljoin(arch_url, f"{version}/")
-            kept = _already_there(req, assets, version, verifier)
+            kept = _already_there(req, assets, version, trust)
             if kept is not None:
                 reporter.note(
                     f"Flatcar {req.channel} {req.arch} {version} is already in {kept.release_dir} "
@@ -398,13 +258,13 @@ def fetch_flatcar(
             staged = []
             try:
                 for f in FLATCAR_PXE_FILES:
-                    staged.append(_stage_one(client, verifier, release_url, staging, f, reporter))
+                    staged.append(_stage_one(client, trust, release_url, staging, f, reporter))
             except (SignatureMissing, SignatureRefused):
                 # The release is not trustworthy as served: nothing of it stays, not even the
                 # parts of other files that did verify.
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            result = _publish(req, assets, version, release_url, staged, now)
+            result = _publish(req, assets, version, release_url, staged, now, trust.stored)
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.removedirs(staging.parent)  # empty parents only; .lock keeps work/
@@ -412,6 +272,78 @@ def fetch_flatcar(
     finally:
         if own_client:
             client.close()
+
+
+class _Trust:
+    """The kept key and a gpgv verifier for it. A signature by a subkey the kept key does not
+    know, or one it says had expired when it signed, makes it fetch the key once more from
+    Flatcar (the rotation) before the file is refused; a key given as a file is never replaced."""
+
+    def __init__(self, assets: Path, key: SigningKey, client: httpx.Client, reporter: Reporter):
+        self.key, self.client, self.reporter = key, client, reporter
+        self.store = KeyStore(assets / "flatcar" / "keys")
+        self.stored: StoredKey = self.store.obtain(key, client, reporter)
+        self.verifier = Verifier(self.stored)
+
+    def __enter__(self) -> Self:
+        self.verifier.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.verifier.__exit__(*exc)
+
+    def verify(self, data: Path, signature: Path, name: str) -> GoodSignature:
+        try:
+            return self.verifier.verify(data, signature, name)
+        except SignatureRefused as refused:
+            e = refused
+        if e.reason not in ("unknown-key", "expired"):
+            raise e
+        if self.key.file is not None:
+            raise SignatureRefused(
+                f"{e}. The key file was given with --key: if Flatcar has rotated its signing "
+                f"subkey since, get its current key from {self.key.url} (or leave --key out and "
+                "this command fetches it); nothing was kept",
+                e.reason,
+                e.key,
+            )
+        if self.stored.fetched_now:
+            raise self._final(e)
+        self.reporter.note(
+            f"{name}: signed by key {e.key}, which the kept key does not vouch for ({e.reason}); "
+            f"fetching the key again from {self.key.url} (Flatcar rotates its signing subkeys)"
+        )
+        try:
+            fresh = self.store.fetch(self.key, self.client, self.reporter)
+        except KeyProblem as k:
+            raise SignatureRefused(
+                f"{e}; the key could not be fetched again ({k}); nothing was kept. Run the "
+                f"command again when {self.key.url} is reachable, or give Flatcar's current key "
+                "with --key FILE",
+                e.reason,
+                e.key,
+            ) from None
+        self.verifier.__exit__(None, None, None)
+        self.stored, self.verifier = fresh, Verifier(fresh).__enter__()
+        try:
+            return self.verifier.verify(data, signature, name)
+        except SignatureRefused as again:
+            raise self._final(again) from None
+
+    def _final(self, e: SignatureRefused) -> SignatureRefused:
+        """The refusal when the key was just fetched: what the user can do about it."""
+        if e.reason == "expired":
+            todo = (
+                "If Flatcar extends that subkey, the next run fetches the key again and takes "
+                "the release; until then take a release signed while it was valid (--version), "
+                "and see Flatcar's security notices, https://www.flatcar.org/security/"
+            )
+        else:
+            todo = (
+                "Flatcar's key as published does not vouch for it: check the mirror (--mirror) "
+                "serves Flatcar's files, and see https://www.flatcar.org/security/"
+            )
+        return SignatureRefused(f"{e}; nothing was kept. {todo}", e.reason, e.key)
 
 
 def _resolve_version(client: httpx.Client, arch_url: str, wanted: str | None) -> str:
@@ -448,7 +380,7 @@ class _Staged:
 
 def _stage_one(
     client: httpx.Client,
-    verifier: Verifier,
+    trust: _Trust,
     release_url: str,
     staging: Path,
     f: PxeFile,
@@ -474,7 +406,7 @@ def _stage_one(
     part = staging / f"{f.name}.part"
     _download_resumable(client, url, part, f.name, reporter)
     try:
-        good = verifier.verify(part, sig_path, f.name)
+        good = trust.verify(part, sig_path, f.name)
     except SignatureRefused:
         _unlink(part, _meta_path(part), sig_path)
         raise
@@ -502,7 +434,7 @@ def _set_current(req: FetchRequest, arch_dir: Path, version: str) -> bool:
 
 
 def _already_there(
-    req: FetchRequest, assets: Path, version: str, verifier: Verifier
+    req: FetchRequest, assets: Path, version: str, trust: _Trust
 ) -> FetchResult | None:
     """The stored release, if its manifest lists every file and each still verifies."""
     arch_dir = assets / "flatcar" / req.channel / req.arch
@@ -521,7 +453,7 @@ def _already_there(
         if _sha256_of(path) != entry.get("sha256"):
             return None
         try:
-            good = verifier.verify(path, sig, f.name)
+            good = trust.verifier.verify(path, sig, f.name)
         except SignatureRefused:
             return None  # fetched again, and checked again, below
         files.append(
@@ -557,6 +489,7 @@ def _publish(
     release_url: str,
     staged: list[_Staged],
     now: datetime | None,
+    key: StoredKey,
 ) -> FetchResult:
     objects = assets / "flatcar" / "sha256"
     arch_dir = assets / "flatcar" / req.channel / req.arch
@@ -600,7 +533,12 @@ def _publish(
         "version": version,
         "source": release_url,
         "fetched_at": fetched_at.isoformat().replace("+00:00", "Z"),
-        "trusted_key": _normalise_fingerprint(req.key.fingerprint),
+        "trusted_key": key.fingerprint,
+        "key": {
+            "path": str(key.path.relative_to(assets)),
+            "source": key.source,
+            "fetched_at": key.fetched_at,
+        },
         "files": [f.as_dict(version) for f in files],
     }
     manifest_path = release_dir / "manifest.json"

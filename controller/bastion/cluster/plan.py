@@ -2,9 +2,10 @@
 turned into one plan per node (the `cluster` variable of its templates) and a built-in profile.
 
 Pure functions of the site files: no secrets here (bastion.state.secrets.machine_secrets has them) and
-no I/O except hashing a k3s binary under the site's assets/ to check it against site.yaml.
+no I/O except reading what `bastion assets fetch k3s` recorded under the site's assets/ (the
+release's SHA-256s, `recorded_sha256`) and hashing a k3s binary there to check it.
 
-    plan(section, site_name, entries) -> (nodes by machine name, problems)
+    plan(section, site_name, entries, sha256) -> (nodes by machine name, problems)
 
 The first server in machines.yaml order (or the one with `k3s: {init: true}`) starts the cluster
 with --cluster-init; the other servers join it, agents join as agents. Joining nodes use
@@ -18,8 +19,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import ipaddress
+import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,12 @@ CONSOLES = {
 K3S_PATH = "/opt/bin/k3s"
 TOKEN_FILE = "/etc/rancher/k3s/token"
 AGENT_TOKEN_FILE = "/etc/rancher/k3s/agent-token"
+NODE_PASSWORD_FILE = "/etc/rancher/node/password"  # where k3s's agent keeps its node password
+HEARTBEAT_SCRIPT = "/opt/bin/bastion-heartbeat"
+# How often a node beats: a third of its machines.yaml heartbeat.timeout_s, so that one lost
+# beat is not silence; every HEARTBEAT_DEFAULT_S when the device does not watch it.
+HEARTBEAT_DEFAULT_S = 30
+HEARTBEAT_MIN_S = 2
 DATA_PATH = "/var/lib/rancher"
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
@@ -136,12 +145,48 @@ def binary_url(section: Any, arch: str) -> str | None:
 
 def asset_path(section: Any, arch: str) -> str:
     """The k3s binary under the site's assets/ (served at /assets/...)."""
-    return f"k3s/{section.k3s.version}/{arch}/k3s"
+    return binary_path(section.k3s.version, arch)
 
 
-def plan(section: Any, site_name: str, entries: list[Entry]) -> tuple[dict[str, dict], list[Problem]]:
-    """Each node's plan, by machine name, and the problems that prevent one."""
+def binary_path(version: str, arch: str) -> str:
+    return f"k3s/{version}/{arch}/k3s"
+
+
+#: What `bastion assets fetch k3s` writes beside a release's binaries (bastion.assets.k3s).
+MANIFEST = "manifest.json"
+
+
+def manifest_path(version: str) -> str:
+    """The release's manifest under the site's assets/."""
+    return f"k3s/{version}/{MANIFEST}"
+
+
+def recorded_sha256(assets: Path, version: str) -> dict[str, str]:
+    """The k3s binary's SHA-256 by architecture, as `bastion assets fetch k3s` recorded it from
+    the release's own sha256sum-<arch>.txt; {} when nothing was fetched (or the file is not
+    one that command wrote)."""
+    try:
+        manifest = json.loads((Path(assets) / manifest_path(version)).read_text())
+        files = manifest["files"] if manifest.get("version") == version else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    out = {}
+    for f in files:
+        if isinstance(f, dict) and f.get("role") == "binary" and f.get("arch") in UPSTREAM_BINARY:
+            digest = str(f.get("sha256", ""))
+            if re.fullmatch(r"[0-9a-f]{64}", digest):
+                out[f["arch"]] = digest
+    return out
+
+
+def plan(section: Any, site_name: str, entries: list[Entry],
+         sha256: Mapping[str, str] | None = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
+    """Each node's plan, by machine name, and the problems that prevent one. `sha256`: the k3s
+    binary's by architecture (site.yaml's cluster.k3s.sha256 over what the fetch recorded);
+    None: site.yaml's alone."""
+    sums = dict(section.k3s.sha256 if sha256 is None else sha256)
     problems: list[Problem] = []
+    unfetched: set[str] = set()
     cluster = section.name or site_name.lower()
 
     def problem(e: Entry | None, field: str, msg: str) -> None:
@@ -161,9 +206,11 @@ def plan(section: Any, site_name: str, entries: list[Entry]) -> tuple[dict[str, 
             problem(e, "arch", "a k3s node needs arch: amd64 or arm64" if e.arch is None
                     else f"{e.arch!r}: k3s nodes are amd64 or arm64")  # fmt: skip
             bad = True
-        elif K3S_ARCH[e.arch] not in section.k3s.sha256:
-            problem(None, "cluster.k3s.sha256",
-                    f"no SHA-256 for {K3S_ARCH[e.arch]} (machine {e.name} is {K3S_ARCH[e.arch]})")  # fmt: skip
+        elif K3S_ARCH[e.arch] not in sums:
+            arch = K3S_ARCH[e.arch]
+            if arch not in unfetched:
+                unfetched.add(arch)
+                problem(None, "cluster.k3s", _unfetched(section, arch, e.name))
             bad = True
         k3s = e.fields.k3s
         if k3s is not None and k3s.init and e.role != "server":
@@ -261,7 +308,7 @@ def plan(section: Any, site_name: str, entries: list[Entry]) -> tuple[dict[str, 
             "arch": arch,
             "k3s": {
                 "version": section.k3s.version,
-                "sha256": section.k3s.sha256[arch],
+                "sha256": sums[arch],
                 "url": binary_url(section, arch),
                 "asset": f"/assets/{asset_path(section, arch)}",
                 "path": K3S_PATH,
@@ -270,11 +317,36 @@ def plan(section: Any, site_name: str, entries: list[Entry]) -> tuple[dict[str, 
             "exec_start": " ".join(systemd_quote(a) for a in args),
             "token_file": TOKEN_FILE,
             "agent_token_file": AGENT_TOKEN_FILE if server else None,
+            "node_password_file": NODE_PASSWORD_FILE,
+            "heartbeat": {
+                "script": HEARTBEAT_SCRIPT,
+                "every_s": heartbeat_every(e.fields.heartbeat),
+                "watched": e.fields.heartbeat is not None and e.fields.relay is not None,
+            },
             "registries_yaml": cache,
             "disk": disk,
             "wireguard": wireguard,
         }
     return nodes, problems
+
+
+def heartbeat_every(heartbeat: Any) -> int:
+    """Seconds between a node's heartbeats (its machines.yaml heartbeat:, or None)."""
+    if heartbeat is None:
+        return HEARTBEAT_DEFAULT_S
+    return max(HEARTBEAT_MIN_S, min(HEARTBEAT_DEFAULT_S, heartbeat.timeout_s // 3))
+
+
+def _unfetched(section: Any, arch: str, machine: str) -> str:
+    v = section.k3s.version
+    if section.k3s.url is None:
+        return (f"k3s {v} for {arch} (machine {machine} is {arch}) has not been fetched: run "
+                f"`bastion assets fetch k3s --site <this site>`, which downloads the release's "
+                f"binaries, checks them against its sha256sum-{arch}.txt and records the SHA-256 "
+                f"in assets/{manifest_path(v)}")  # fmt: skip
+    return (f"no SHA-256 for the {arch} k3s binary (machine {machine} is {arch}), which nodes "
+            f"download from cluster.k3s.url: give cluster.k3s.sha256.{arch}, the release's own "
+            f"(its sha256sum-{arch}.txt), or fetch it with `bastion assets fetch k3s`")  # fmt: skip
 
 
 def _tunnel_addresses(wg: Any, entries: list[Entry], problem) -> dict[str, str]:

@@ -4,7 +4,9 @@ The kernel comes from Debian's linux-image package (downloaded with `apt-get dow
 unpacked, never installed on the host). The initrd is built here: busybox-static for the
 userland, the kernel's virtio network modules, and Debian's real Ignition binary with the
 libraries it links. Its init brings up the network, runs Ignition's fetch and files stages into
-a tmpfs root, reports a digest of what Ignition wrote to the controller, and powers off.
+a tmpfs root, reports a digest of what Ignition wrote to the controller, and powers off; or,
+given `bastion.heartbeat=<controller>/heartbeat` on its command line, beats a few times (the
+stand-in for the k3s nodes' heartbeat timer) and then hangs.
 """
 
 from __future__ import annotations
@@ -55,11 +57,14 @@ iface=eth0
 ip link set $iface up
 say "dhcp on $iface"
 udhcpc -i $iface -s /udhcpc.sh -q -f -n -t 20 -T 2 || { say "no DHCP lease"; poweroff -f; }
-url= ; cb= ; mac=$(cat /sys/class/net/$iface/address)
+url= ; cb= ; hb= ; beats=3 ; every=2 ; mac=$(cat /sys/class/net/$iface/address)
 for x in $(cat /proc/cmdline); do
     case "$x" in
         ignition.config.url=*) url="${x#ignition.config.url=}" ;;
         bastion.callback=*) cb="${x#bastion.callback=}" ;;
+        bastion.heartbeat=*) hb="${x#bastion.heartbeat=}" ;;
+        bastion.heartbeat.beats=*) beats="${x#bastion.heartbeat.beats=}" ;;
+        bastion.heartbeat.every=*) every="${x#bastion.heartbeat.every=}" ;;
     esac
 done
 say "ignition config url: $url"
@@ -109,6 +114,22 @@ if [ -n "$cb" ]; then
         [ $tries -ge 5 ] && { say "callback failed"; break; }
         sleep 2
     done
+fi
+if [ -n "$hb" ]; then
+    # The lab's stand-in for the k3s Butane's bastion-heartbeat.timer, which needs systemd:
+    # this busybox initrd posts the same form to POST /heartbeat with wget, $beats times every
+    # $every s, then goes silent as a hung node would, for the device's node watchdog to see.
+    node=$(tr -d '\n' < /sysroot/etc/hostname 2>/dev/null)
+    boot_id=$(cat /proc/sys/kernel/random/boot_id)
+    i=0
+    while [ $i -lt "$beats" ]; do
+        i=$((i + 1))
+        timeout 10 wget -q -O /dev/null --post-data "mac=$mac&node=$node&boot_id=$boot_id" "$hb" \
+            && say "heartbeat $i of $beats (boot $boot_id)"
+        sleep "$every"
+    done
+    say "heartbeats stopped: hanging, as a hung node would"
+    while :; do sleep 3600; done
 fi
 say "done; powering off"
 sync

@@ -35,6 +35,8 @@ AAVMF_SIZE = 64 << 20  # QEMU's virt machine wants both pflash images at 64 MiB
 GRUB_ARM64 = "grubnetaa64.efi"
 CONTROLLER_PORT = 8080
 RELAY_CHANNELS = 8  # the sim board's (boards/sim.json)
+BEATS, BEAT_EVERY_S = 3, 2  # a beating node's heartbeats after its callback, then silence
+BEATING_BOOT_S = 900  # its boot grace: a boot under QEMU without KVM takes minutes
 
 
 # The nodes' Ignition config, as Butane with matchbox-style per-machine variables.
@@ -79,6 +81,10 @@ class Node:
     channel: int = 0
     memory_mb: int = 512
     arch: str = "amd64"  # "arm64": qemu-system-aarch64 -M virt, AAVMF (edk2 PXE, arch 11), GRUB
+    # the device's node watchdog: its machines.yaml heartbeat timeout_s (0: not watched). Such
+    # a node beats a few times after its callback (the lab initrd's stand-in for the k3s
+    # nodes' heartbeat timer), then hangs: the device power-cycles it.
+    heartbeat_s: int = 0
 
     @property
     def tap(self) -> str:
@@ -96,6 +102,11 @@ def arm64_node() -> Node:
     """The arm64 UEFI node (like a Raspberry Pi 4 with its UEFI firmware): edk2 PXE as arch 11,
     the GRUB arm64 netboot image from the device, then the controller's /grub."""
     return Node("arm-1", "52:54:00:77:00:03", "uefi", 2, memory_mb=1024, arch="arm64")
+
+
+def beating_node() -> Node:
+    """A BIOS node (iPXE at once: the quickest boot) whose beats the device watches."""
+    return Node("beat-1", "52:54:00:77:00:04", "bios", 3, heartbeat_s=6)
 
 
 def all_nodes() -> list[Node]:
@@ -238,6 +249,13 @@ class Lab:
             "ignition_id": "lab-node.yaml",
         }
         atomic.write_json(site / "profiles/lab-node.json", profile)
+        # Nodes the device watches: the same boot, then a few heartbeats and silence.
+        beating = {**profile, "id": "lab-node-beating",
+                   "name": "Lab node that beats, then hangs (the node watchdog)"}
+        beating["boot"] = {**profile["boot"], "args": [
+            *profile["boot"]["args"], f"bastion.heartbeat={url}/heartbeat",
+            f"bastion.heartbeat.beats={BEATS}", f"bastion.heartbeat.every={BEAT_EVERY_S}"]}
+        atomic.write_json(site / "profiles/lab-node-beating.json", beating)
         (site / "profiles/lab-node-arm64.json").unlink(missing_ok=True)
         if arm64 is not None:
             # The arm64 node boots through GRUB (/grub): its own kernel and initrd, the
@@ -266,6 +284,9 @@ class Lab:
             {"name": n.name, "mac": n.mac, "relay": n.channel,
              "profile": "lab-node" if n.arch == "amd64" else f"lab-node-{n.arch}",
              "metadata": {"firmware": n.firmware}}
+            | ({"profile": "lab-node-beating",
+                "heartbeat": {"timeout_s": n.heartbeat_s, "boot_s": BEATING_BOOT_S}}
+               if n.heartbeat_s else {})
             for n in nodes
         ]}
         (site / "machines.yaml").write_text(yaml.safe_dump(machines, sort_keys=False))
@@ -545,6 +566,50 @@ class Lab:
                                       problems=trace.check_callback(cb, ignition), seconds=elapsed))
         return results
 
+    def watchdog_cycle(self, node: str, timeout: float = 900.0, progress=print) -> WatchdogRun:
+        """A beating node (beating_node()) end to end: power on through the device, its
+        callback and first heartbeat, the silence after its last beat, the device's power
+        cycle, and its second boot to a callback and a heartbeat with a new boot id; then its
+        relay off (else the watchdog cycles it again). Everything comes from the history."""
+        from bastion.lab import trace
+
+        n = self.node(node)
+        if not n.heartbeat_s:
+            raise LabError(f"{node} does not beat (no heartbeat_s): see beating_node()")
+        deadline = time.monotonic() + timeout
+        after = self.power_on(node)
+        progress(f"{node}: relay on; following it to its callback and heartbeats")
+
+        def first(kind: str, since: int, what: str, pred=lambda e: True) -> dict:
+            while True:
+                for e in self.events(since, kind=kind):
+                    if e.get("machine") == node and pred(e):
+                        return e
+                for key in ("device", "controller", "wiring"):
+                    if not self.procs.alive(key):
+                        raise LabError(f"lab {key} died; see {self.logs / (key + '.log')}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"{node}: no {what} within {timeout:.0f}s; its console: "
+                                   f"{self.logs / (node + '.console')}")
+                time.sleep(1)
+
+        try:
+            cb1 = first("callback", after, "first callback")
+            beat1 = first("heartbeat", cb1["id"], "first heartbeat")
+            progress(f"{node}: beating (boot {beat1['payload'].get('boot_id')}); then silence")
+            cycle = first("watchdog", beat1["id"], "watchdog power cycle",
+                          lambda e: e["payload"].get("action") == "cycle")
+            progress(f"{node}: the device power-cycled it; following its second boot")
+            cb2 = first("callback", cycle["id"], "second callback")
+            beat2 = first("heartbeat", cb2["id"], "heartbeat of the second boot")
+        finally:
+            self.power(node, "off")
+        events = self.events(after)
+        return WatchdogRun(node=n, events=events, steps=trace.timeline(events, n.mac, n.name),
+                           boot_ids=[beat1["payload"].get("boot_id"),
+                                     beat2["payload"].get("boot_id")],
+                           callbacks=[cb1, cb2], cycle=cycle)
+
     def _event_ts(self, event_id: int) -> float:
         """The time of the first event with an id of at least `event_id`."""
         evs = self.events(event_id - 1)
@@ -585,6 +650,16 @@ class BootResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass
+class WatchdogRun:
+    node: Node
+    events: list[dict]
+    steps: list  # trace.Step, both boots
+    boot_ids: list  # of the first heartbeat of each boot
+    callbacks: list[dict]
+    cycle: dict  # the device's watchdog event
 
 
 class Wiring:

@@ -2,7 +2,8 @@
 
 Every step of a network boot lands as an event: the device's relay switching on (power), its
 proxy offers (dhcp), the TFTP transfer (tftp), the controller's scripts and configs (boot),
-kernel and initrd downloads (asset) and the node's own report (callback). Device and HTTP
+kernel and initrd downloads (asset), the node's own report (callback), its heartbeats' news
+(heartbeat: a boot's first beat) and the device's node watchdog acting on it (watchdog). Device and HTTP
 events that carry no MAC (TFTP, /boot.ipxe, assets) are tied to the node by the client
 address its MAC-bearing requests came from.
 """
@@ -81,6 +82,12 @@ def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
         elif kind == "callback" and mine:
             add(e, "callback", f"{p.get('status')}, {len(p.get('files') or {})} files, "
                 f"{p.get('digest')}")
+        elif kind == "heartbeat" and mine:
+            add(e, "heartbeat", f"{p.get('news')}: boot {p.get('boot_id')}"
+                + (f", k3s {p['k3s']}" if p.get("k3s") else ""))
+        elif kind == "watchdog" and src == "device" and e.get("machine") == name:
+            add(e, f"watchdog {p.get('action')}", f"attempt {p.get('attempt')}, next boot grace "
+                f"{(p.get('wait_ms') or 0) / 1000:.0f} s")
     return steps
 
 

@@ -49,6 +49,14 @@ def fingerprint(root: Path) -> tuple:
                 continue
 
     walk(root, "")
+    # What `bastion assets fetch k3s` records is configuration too: the nodes' k3s checksums
+    # (bastion.cluster.plan.recorded_sha256). A fetch while serving reloads the site.
+    for manifest in sorted(root.glob("assets/k3s/*/manifest.json")):
+        try:
+            st = manifest.stat()
+        except OSError:
+            continue
+        out.append((str(manifest.relative_to(root)), st.st_mtime_ns, st.st_size))
     return tuple(sorted(out))
 
 

@@ -274,6 +274,34 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
     return dataclasses.replace(site, warnings=tuple(ld.warnings))
 
 
+def site_name(root: Path) -> str:
+    """The site's name (site.yaml `site:`, else its directory's), read without the rest of the
+    checks: what names its history and its secret store."""
+    root = Path(root)
+    ld = _Loader(SiteFiles(root))
+    settings = _load_settings(ld, root)
+    return settings.name if settings is not None else root.resolve().name
+
+
+def k3s_wanted(root: Path) -> tuple[str, list[str]]:
+    """What `bastion assets fetch k3s` fetches for a site: site.yaml cluster.k3s.version and the
+    architectures (amd64, arm64) of the machines with role server or agent. Read without the
+    checks that need k3s fetched first; SiteError if site.yaml or machines.yaml is broken."""
+    root = Path(root)
+    ld = _Loader(SiteFiles(root))
+    settings = _load_settings(ld, root)
+    doc = ld.yaml_doc("machines.yaml")
+    model = ld.validated(schema.MachinesFile, doc, "machines.yaml") if doc else None
+    if ld.problems:
+        raise SiteError(ld.problems)
+    if settings is None or settings.cluster is None:
+        raise SiteError(["site.yaml: cluster: the site has no k3s cluster"])
+    entries = model.machines if model is not None else []
+    arches = {cluster.K3S_ARCH[m.arch] for m in entries
+              if m.role in cluster.ROLES and m.arch in cluster.K3S_ARCH}  # fmt: skip
+    return settings.cluster.k3s.version, sorted(arches)
+
+
 def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
     doc = ld.yaml_doc("site.yaml")
     if doc is False:
@@ -452,7 +480,8 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
         if section is not None:
             ld.problem("site.yaml", None, "cluster", "no machine in machines.yaml has role: server")
         return machines
-    plans, problems = cluster.plan(section, settings.name, nodes)
+    sums = _k3s_sums(ld, section)
+    plans, problems = cluster.plan(section, settings.name, nodes, sums)
     for p in problems:
         if p.index is None:
             ld.problem(p.file, None, p.field, p.message)
@@ -463,7 +492,7 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
         return machines
     arches = sorted({n["arch"] for n in plans.values()})
     for arch in arches:
-        _check_k3s_binary(ld, section, arch)
+        _check_k3s_binary(ld, section, arch, sums)
     builtin = cluster.builtin_profile(section)
     if profiles.get(cluster.PROFILE_ID) == builtin:
         for arch, boot in builtin.boot_by_arch.items():
@@ -474,21 +503,37 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
     return [dataclasses.replace(m, node=plans[m.name]) if m.name in plans else m for m in machines]
 
 
-def _check_k3s_binary(ld: _Loader, section: Any, arch: str) -> None:
-    """The k3s binary the controller serves must be the one site.yaml names by its SHA-256."""
+def _k3s_sums(ld: _Loader, section: Any) -> dict[str, str]:
+    """The k3s binary's SHA-256 by arch: site.yaml's cluster.k3s.sha256 where it gives one, else
+    what `bastion assets fetch k3s` recorded; the two must agree where both exist."""
+    recorded = cluster.recorded_sha256(ld.files.root / "assets", section.k3s.version)
+    for arch, digest in section.k3s.sha256.items():
+        if arch in recorded and recorded[arch] != digest:
+            ld.problem("site.yaml", None, f"cluster.k3s.sha256.{arch}",
+                       f"{digest} is not the SHA-256 that k3s {section.k3s.version}'s own "
+                       f"sha256sum-{arch}.txt gives, {recorded[arch]} (recorded by `bastion "
+                       f"assets fetch k3s` in assets/{cluster.manifest_path(section.k3s.version)})"
+                       "; remove it to use the release's")  # fmt: skip
+    return {**recorded, **section.k3s.sha256}
+
+
+def _check_k3s_binary(ld: _Loader, section: Any, arch: str, sums: dict[str, str]) -> None:
+    """The k3s binary the controller serves must be there, and the one its SHA-256 names."""
     if cluster.binary_url(section, arch) is not None:
         return  # downloaded from elsewhere: Ignition checks it on the node
     rel = cluster.asset_path(section, arch)
     path = ld.files.root / "assets" / rel
     if not path.is_file():
-        ld.warnings.append(f"site.yaml: cluster.k3s: assets/{rel} does not exist (yet)")
+        ld.problem("site.yaml", None, "cluster.k3s",
+                   f"assets/{rel} does not exist: the nodes download k3s from there; run "
+                   "`bastion assets fetch k3s --site <this site>`")  # fmt: skip
         return
     digest = cluster.file_sha256(path)
-    if digest != section.k3s.sha256[arch]:
+    if digest != sums[arch]:
         ld.problem("site.yaml", None, f"cluster.k3s.sha256.{arch}",
-                   f"assets/{rel} has SHA-256 {digest}, not {section.k3s.sha256[arch]}: put the "
-                   "release's own k3s binary there, or its SHA-256 (sha256sum-"
-                   f"{arch}.txt of the release) here")  # fmt: skip
+                   f"assets/{rel} has SHA-256 {digest}, not {sums[arch]}: it is not the "
+                   "release's own k3s binary; run `bastion assets fetch k3s --site <this site>` "
+                   "again")  # fmt: skip
 
 
 def _check_asset_ref(ld: _Loader, rel: str, field: str, url: str) -> None:

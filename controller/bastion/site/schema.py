@@ -263,7 +263,9 @@ class ClusterK3s(_Strict):
 
     version: str = Field(description="the k3s release, e.g. v1.31.4+k3s1")
     sha256: dict[str, str] = Field(
-        description="the SHA-256 of the k3s binary, by architecture (amd64, arm64)"
+        default_factory=dict,
+        description="the SHA-256 of the k3s binary, by architecture (amd64, arm64); default: "
+        "what `bastion assets fetch k3s` recorded from the release's sha256sum-<arch>.txt",
     )
     url: str | None = Field(
         default=None,

@@ -16,7 +16,13 @@ kind of event (dhcp, tftp, power, watchdog from the device link) needs no schema
     payload   JSON object with the rest
 
 The history is not precious (design: it can be lost); WAL with synchronous=NORMAL keeps each
-insert cheap, and a lost tail after a power cut is acceptable.
+insert cheap, and a lost tail after a power cut is acceptable. It is bounded (`max_events`,
+`max_age_s`: serve's --history-events and --history-days): when an insert takes the table past
+max_events, the oldest rows go, down to nine tenths of it, so that no more than max_events are
+ever kept and the deletes come in batches; rows older than max_age_s go when the store opens
+and then once a minute, at an insert. Ids only grow (AUTOINCREMENT), so a deleted id is never
+reused and clients following with `after=` miss nothing but what was deleted. Pruning deletes
+from `events` alone: the one-time tokens and install marks in the same file are never touched.
 
 The same file also holds two small tables of controller state that must not lose a write
 (`open_state_db`): one-time Ignition tokens (bastion.state.onetime) and install-once marks
@@ -29,6 +35,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,11 +82,19 @@ class Event:
         return asdict(self)
 
 
+AGE_PRUNE_EVERY_S = 60.0
+
+
 class EventStore:
     """Thread-safe: one connection, one lock (inserts take tens of microseconds)."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, max_events: int | None = None,
+                 max_age_s: float | None = None, clock: Callable[[], float] = time.time):  # fmt: skip
         self.path = Path(path)
+        self.max_events = max_events
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.pruned = 0  # rows deleted by the bounds since the store opened
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -89,6 +104,13 @@ class EventStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._count = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        self._aged_at = float("-inf")
+        with self._lock:
+            newest = self._db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+            if newest is not None:
+                self._bound(newest)
+            self._age()
 
     def close(self) -> None:
         with self._lock:
@@ -131,7 +153,30 @@ class EventStore:
                 " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
-            return int(cur.lastrowid or 0)
+            event_id = int(cur.lastrowid or 0)
+            self._count += 1
+            self._bound(event_id)
+            if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
+                self._age()
+            return event_id
+
+    def _bound(self, newest: int) -> None:
+        """Past max_events: keep the newest nine tenths of it (ids only grow)."""
+        if self.max_events is None or self._count <= self.max_events:
+            return
+        keep = max(1, self.max_events - self.max_events // 10)
+        cur = self._db.execute("DELETE FROM events WHERE id <= ?", (newest - keep,))
+        self.pruned += max(0, cur.rowcount)
+        self._count = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def _age(self) -> None:
+        self._aged_at = self.clock()
+        if self.max_age_s is None:
+            return
+        cur = self._db.execute("DELETE FROM events WHERE ts < ?", (self._aged_at - self.max_age_s,))
+        if cur.rowcount > 0:
+            self.pruned += cur.rowcount
+            self._count -= cur.rowcount
 
     def query(
         self,

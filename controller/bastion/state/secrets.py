@@ -7,8 +7,9 @@ created once, the first time something asks for it, and read back the same ever 
 paths of plain components, e.g. `k3s/home/token` or `wireguard/node1.key`.
 
 A k3s cluster's secrets (`machine_secrets`): `k3s/<cluster>/token` (the servers' join token),
-`k3s/<cluster>/agent-token` (the agents'), and `wireguard/<machine>.key` (each node's private
-key; its public key is derived, never stored).
+`k3s/<cluster>/agent-token` (the agents'), `k3s/<cluster>/node-password/<machine>` (each node's
+k3s node password, its identity across reboots), and `wireguard/<machine>.key` (each node's
+private key; its public key is derived, never stored).
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ def agent_token_name(cluster: str) -> str:
     return f"k3s/{cluster}/agent-token"
 
 
+def node_password_name(cluster: str, machine: str) -> str:
+    return f"k3s/{cluster}/node-password/{machine}"
+
+
 def wireguard_key_name(machine: str) -> str:
     return f"wireguard/{machine}.key"
 
@@ -147,6 +152,10 @@ def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[st
       k3s_token        the token it joins with: the servers' token on servers, the agents' on
                        agents (an agent's config never holds the servers' token)
       k3s_agent_token  servers only: the agents' token (k3s --agent-token-file)
+      k3s_node_password  this node's own (/etc/rancher/node/password): k3s keeps a hash of it
+                       per node name and refuses a node that comes back with another ("Node
+                       password rejected"), which a PXE node booting a fresh root from RAM would
+                       do at every boot if k3s made one there; the same one at every boot
       wireguard        {private_key, public_key}, when the node has a tunnel
     Other machines have none: {}.
     """
@@ -162,6 +171,7 @@ def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[st
         out["k3s_agent_token"] = agent_token
     else:
         out["k3s_token"] = agent_token
+    out["k3s_node_password"] = store.get_or_create(node_password_name(cluster, machine.name), random_token)
     if node["wireguard"] is not None:
         private = store.get_or_create(wireguard_key_name(machine.name), wireguard_private_key)
         out["wireguard"] = {"private_key": private, "public_key": wireguard_public_key(private)}

@@ -105,3 +105,33 @@ def test_the_api_sets_and_shows_a_heartbeat(site_dir, client_for):
     body["heartbeat"] = {"timeout_s": 0}
     r = c.put("/api/v1/machines/node9", json=body, headers=auth())
     assert r.status_code == 422 and "heartbeat" in r.text
+
+
+def test_a_beat_is_recorded_when_it_says_something_new(site_dir, client_for):
+    c = client_for(site_dir)
+    mac = "52:54:00:12:34:01"  # node1
+    boot_a, boot_b = "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "6fa459ea-ee8a-3ca4-894e-db77e160355e"
+
+    def beat(**fields):
+        r = c.post("/heartbeat", data={"mac": mac, "node": "node1", **fields})
+        assert r.status_code == 200, r.text
+        return r.json()["recorded"]
+
+    def events():
+        return [(e["payload"]["news"], e["payload"].get("boot_id"), e["payload"].get("k3s"))
+                for e in c.get("/api/v1/events", params={"kind": "heartbeat"}).json()[::-1]]
+
+    assert beat(boot_id=boot_a, k3s="activating") is True  # the first beat of a boot
+    assert [beat(boot_id=boot_a, k3s="activating") for _ in range(20)] == [False] * 20
+    assert beat(boot_id=boot_a, k3s="active") is True  # k3s came up
+    assert beat(boot_id=boot_b, k3s="activating") is True  # it rebooted
+    assert events() == [("boot", boot_a, "activating"), ("k3s", boot_a, "active"),
+                        ("boot", boot_b, "activating")]
+    assert all(e["machine"] == "node1" and e["payload"]["node"] == "node1"
+               for e in c.get("/api/v1/events", params={"kind": "heartbeat"}).json())
+    # Beats of unknown machines are counted, never kept; bad fields are refused, named.
+    r = c.post("/heartbeat", data={"mac": "52:54:00:99:99:99", "boot_id": boot_a})
+    assert r.status_code == 200 and r.json()["recorded"] is False
+    r = c.post("/heartbeat", data={"mac": mac, "boot_id": "$(reboot)"})
+    assert r.status_code == 400 and "boot_id: '$(reboot)' is not a boot id" in r.json()["detail"]
+    assert len(events()) == 3

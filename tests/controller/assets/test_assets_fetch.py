@@ -1,8 +1,10 @@
 """`bastion assets fetch flatcar` against a local mirror with a key the test makes.
 
-The mirror is CPython's http.server on 127.0.0.1 laid out as Flatcar's release server is
-(<arch>-usr/<version>/, current/, version.txt, detached .sig files), signed by a GPG key made here
-(a primary key and a signing subkey, as Flatcar's is). Nothing is fetched from the internet.
+The mirror (mirrorkit) is CPython's http.server on 127.0.0.1 laid out as Flatcar's release server
+is (<arch>-usr/<version>/, current/, version.txt, detached .sig files) and with the signing key
+where www.flatcar.org keeps it, signed by a GPG key made here (a primary key and a signing
+subkey, as Flatcar's is), whose fingerprint the tests pass in. Nothing is fetched from the
+internet.
 """
 
 from __future__ import annotations
@@ -11,242 +13,66 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
-import tempfile
-import threading
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from bastion.assets import flatcar as af
 from bastion.cli import main
 from click.testing import CliRunner
+from mirrorkit import (
+    INITRD,
+    KERNEL,
+    KEY_PATH,
+    Mirror,
+    SignerKey,
+    drop_key,
+    flatcar_args,
+    make_key,
+    publish_flatcar,
+    publish_key,
+    serving,
+    version_txt,
+)
 
-KERNEL = "flatcar_production_pxe.vmlinuz"
-INITRD = "flatcar_production_pxe_image.cpio.gz"
 VERSION = "4081.2.0"
-
-
-# -- keys ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SignerKey:
-    home: str
-    fingerprint: str  # primary
-    subkey: str  # the signing subkey, which makes the signatures (as Flatcar's does)
-    armored: Path
-
-    def sign(self, data: bytes, *, primary: bool = False, faked_time: str | None = None) -> bytes:
-        with tempfile.TemporaryDirectory() as d:
-            src = Path(d) / "data"
-            src.write_bytes(data)
-            argv = ["gpg", "--homedir", self.home, "--batch", "--yes", "--detach-sign"]
-            if primary:
-                argv += ["--local-user", self.fingerprint + "!"]
-            if faked_time:
-                argv += ["--faked-system-time", faked_time]
-            subprocess.run([*argv, "-o", f"{src}.sig", str(src)], check=True, capture_output=True)
-            return Path(f"{src}.sig").read_bytes()
-
-
-def _make_key(name: str, expire: str = "0", faked_time: str | None = None) -> SignerKey:
-    # Short home directory: gpg-agent's socket lives there and socket paths are short.
-    home = tempfile.mkdtemp(prefix="bt-gpg-")
-    params = (
-        "%no-protection\n"
-        "Key-Type: eddsa\nKey-Curve: ed25519\nKey-Usage: sign,cert\n"
-        "Subkey-Type: eddsa\nSubkey-Curve: ed25519\nSubkey-Usage: sign\n"
-        f"Name-Real: {name}\nName-Email: {name.lower().replace(' ', '-')}@example.invalid\n"
-        f"Expire-Date: {expire}\n%commit\n"
-    )
-    argv = ["gpg", "--homedir", home, "--batch", "--gen-key"]
-    if faked_time:
-        argv += ["--faked-system-time", faked_time]
-    subprocess.run(argv, input=params.encode(), check=True, capture_output=True)
-    listing = subprocess.run(
-        ["gpg", "--homedir", home, "--with-colons", "--list-keys"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    fprs = [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")]
-    armored = Path(home) / "public.asc"
-    armored.write_bytes(
-        subprocess.run(
-            ["gpg", "--homedir", home, "--export", "--armor"], check=True, capture_output=True
-        ).stdout
-    )
-    return SignerKey(home, fprs[0], fprs[1], armored)
-
-
-def _drop_key(key: SignerKey) -> None:
-    # The agent that gen-key and signing started in this home, and only that one.
-    subprocess.run(
-        ["gpgconf", "--homedir", key.home, "--kill", "gpg-agent"], check=False, capture_output=True
-    )
-    shutil.rmtree(key.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def test_key():
-    key = _make_key("Test Buildbot")
+    key = make_key("Test Buildbot")
     yield key
-    _drop_key(key)
+    drop_key(key)
 
 
 @pytest.fixture(scope="module")
 def stranger_key():
-    key = _make_key("Someone Else")
+    key = make_key("Someone Else")
     yield key
-    _drop_key(key)
+    drop_key(key)
 
 
-# -- the mirror ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Mirror:
-    """Flatcar's release-server layout over http.server, with faults on demand."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    redirects: dict[str, str] = field(default_factory=dict)
-    cut_once: set[str] = field(default_factory=set)  # first full GET stops halfway
-    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    url: str = ""
-
-    def serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        path = urlsplit(h.path).path
-        self.requests.append((path, {k.lower(): v for k, v in h.headers.items()}))
-        if path in self.redirects:
-            h.send_response(302)
-            h.send_header("Location", self.redirects[path])
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        data = self.files.get(path)
-        if data is None:
-            h.send_response(404)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
-        start, status = 0, 200
-        # Only the form a resuming client sends, `bytes=N-`; this is a test peer, not a server.
-        m = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range", ""))
-        if m and h.headers.get("If-Range", etag) == etag:
-            start = int(m.group(1))
-            if start >= len(data):
-                h.send_response(416)
-                h.send_header("Content-Range", f"bytes */{len(data)}")
-                h.send_header("Content-Length", "0")
-                h.end_headers()
-                return
-            status = 206
-        body = data[start:]
-        h.send_response(status)
-        h.send_header("Content-Length", str(len(body)))
-        h.send_header("ETag", etag)
-        h.send_header("Accept-Ranges", "bytes")
-        if status == 206:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        h.end_headers()
-        if head:
-            return
-        if path in self.cut_once and status == 200:
-            self.cut_once.discard(path)
-            h.wfile.write(body[: len(body) // 2])
-            h.wfile.flush()
-            h.close_connection = True
-            h.connection.shutdown(socket.SHUT_RDWR)
-            return
-        h.wfile.write(body)
-
-    def gets(self, name: str) -> list[dict[str, str]]:
-        return [hdrs for path, hdrs in self.requests if path.endswith("/" + name)]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):  # http.server's names
-        self.server.mirror.serve(self, head=False)
-
-    def do_HEAD(self):
-        self.server.mirror.serve(self, head=True)
-
-    def log_message(self, *args):
-        pass
+@pytest.fixture
+def fresh_key():
+    """A key of the test's own, for tests that change it (rotate, extend, revoke)."""
+    key = make_key("Rotating Buildbot", faked_time="20200101T000000")
+    key.set_subkey_expiry("2021-01-01", faked_time="20200101T000000")  # a year, as Flatcar's
+    yield key
+    drop_key(key)
 
 
 @pytest.fixture
 def mirror():
-    m = Mirror()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.mirror = m
-    m.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield m
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving() as m:
+        yield m
 
 
-def version_txt(version: str) -> bytes:
-    major, minor, patch = version.split(".")
-    return (
-        f"FLATCAR_BUILD={major}\nFLATCAR_BRANCH={minor}\nFLATCAR_PATCH={patch}\n"
-        f"FLATCAR_VERSION={version}\nFLATCAR_VERSION_ID={version}\n"
-        f'FLATCAR_BUILD_ID="2026-11-20-0101"\nFLATCAR_SDK_VERSION={major}.0.0\n'
-    ).encode()
-
-
-@dataclass
-class Release:
-    kernel: bytes
-    initrd: bytes
-    base: str  # /stable/amd64-usr/<version>/
-
-
-def publish(
-    mirror: Mirror,
-    key: SignerKey,
-    *,
-    channel: str = "stable",
-    arch: str = "amd64",
-    version: str = VERSION,
-    layout: str = "2024",
-    current: bool = True,
-    kernel_size: int = 3_000_000,
-    faked_time: str | None = None,
-) -> Release:
-    """A release as Flatcar lays it out: since 2024 the PXE kernel name redirects to
-    flatcar_production_image.vmlinuz and only that name has a .sig; before, pxe.vmlinuz.sig."""
-    kernel, initrd = os.urandom(kernel_size), os.urandom(1_500_000)
-
-    def sign(data: bytes) -> bytes:
-        return key.sign(data, faked_time=faked_time)
-
-    dirs = [f"/{channel}/{arch}-usr/{version}/"] + (
-        [f"/{channel}/{arch}-usr/current/"] if current else []
-    )
-    for d in dirs:
-        mirror.files[d + "version.txt"] = version_txt(version)
-        mirror.files[d + INITRD] = initrd
-        mirror.files[d + INITRD + ".sig"] = sign(initrd)
-        if layout == "2024":
-            mirror.files[d + "flatcar_production_image.vmlinuz"] = kernel
-            mirror.redirects[d + KERNEL] = d + "flatcar_production_image.vmlinuz"
-            mirror.files[d + "flatcar_production_image.vmlinuz.sig"] = sign(kernel)
-        else:
-            mirror.files[d + KERNEL] = kernel
-            mirror.files[d + KERNEL + ".sig"] = sign(kernel)
-    return Release(kernel, initrd, dirs[0])
+def publish(mirror: Mirror, key: SignerKey, **kw):
+    """The release, and the key at its URL unless the test put one there already."""
+    if KEY_PATH not in mirror.files:
+        publish_key(mirror, key)
+    return publish_flatcar(mirror, key, **kw)
 
 
 def run_fetch(
@@ -262,8 +88,14 @@ def run_fetch(
         mirror.url + "/{channel}",
     ]
     if key is not None:
-        argv += ["--key", str(key_file or key.armored), "--key-fingerprint", key.fingerprint]
+        argv = ["assets", "fetch", "flatcar", "--site", str(site), *flatcar_args(mirror, key)]
+        if key_file is not None:
+            argv += ["--key", str(key_file)]
     return CliRunner().invoke(main, [*argv, *extra], catch_exceptions=False)
+
+
+def key_requests(mirror: Mirror) -> int:
+    return len([p for p, _ in mirror.requests if p == KEY_PATH])
 
 
 def asset_files(site: Path) -> list[str]:
@@ -271,6 +103,11 @@ def asset_files(site: Path) -> list[str]:
     if not assets.exists():
         return []
     return sorted(str(p.relative_to(assets)) for p in assets.rglob("*") if not p.is_dir())
+
+
+def image_files(site: Path) -> list[str]:
+    """What the site has of Flatcar's releases (the kept, verified key aside)."""
+    return [p for p in asset_files(site) if not p.startswith("flatcar/keys/")]
 
 
 @pytest.fixture
@@ -355,7 +192,7 @@ def test_a_signature_by_the_primary_key_itself_passes(site, mirror, test_key):
 
 def test_an_old_release_signed_by_a_since_expired_subkey_passes(site, mirror):
     # Flatcar's signing subkeys expire; a release signed while its subkey was valid still verifies.
-    old = _make_key("Old Buildbot", expire="1y", faked_time="20200101T000000")
+    old = make_key("Old Buildbot", expire="1y", faked_time="20200101T000000")
     try:
         rel = publish(
             mirror, old, version="2605.7.0", layout="legacy", faked_time="20200601T000000"
@@ -365,7 +202,7 @@ def test_an_old_release_signed_by_a_since_expired_subkey_passes(site, mirror):
         assert "expired since" in result.output
         assert (site / "assets/flatcar/stable/amd64/2605.7.0" / KERNEL).read_bytes() == rel.kernel
     finally:
-        _drop_key(old)
+        drop_key(old)
 
 
 # -- refusals: each leaves no asset behind ------------------------------------------------------------
@@ -385,18 +222,19 @@ def test_a_tampered_file_is_refused_and_nothing_of_the_release_is_kept(
     assert f"{target}: refused: the signature by key" in result.output
     assert "does not match the file (corrupted or tampered with)" in result.output
     # Not the tampered file, and not the other one either (the kernel verified before the initrd).
-    assert asset_files(site) == []
+    assert image_files(site) == []
     staged = [p for p in (site / "var/assets-fetch").rglob("*") if p.is_file()]
     assert [p.name for p in staged] == [".lock"]
 
 
 def test_a_signature_by_another_key_is_refused(site, mirror, test_key, stranger_key):
+    publish_key(mirror, test_key)
     publish(mirror, stranger_key)  # a release signed by someone else entirely
     result = run_fetch(site, mirror, test_key)
     assert result.exit_code == 1
     assert "which is neither the trusted key" in result.output
     assert stranger_key.subkey[-16:] in result.output
-    assert asset_files(site) == []
+    assert image_files(site) == []
 
 
 def test_another_key_inside_the_key_file_is_not_trusted(
@@ -410,7 +248,7 @@ def test_another_key_inside_the_key_file_is_not_trusted(
     result = run_fetch(site, mirror, test_key, key_file=both)
     assert result.exit_code == 1
     assert f"{INITRD}: refused: it was signed by key {stranger_key.subkey[-16:]}" in result.output
-    assert asset_files(site) == []
+    assert image_files(site) == []
 
 
 def test_a_missing_signature_is_refused(site, mirror, test_key):
@@ -422,21 +260,19 @@ def test_a_missing_signature_is_refused(site, mirror, test_key):
     assert (
         "flatcar_production_image.vmlinuz.sig, flatcar_production_pxe.vmlinuz.sig" in result.output
     )
-    assert asset_files(site) == []
+    assert image_files(site) == []
     assert not mirror.gets("flatcar_production_image.vmlinuz")  # not even downloaded
 
 
-def test_a_key_file_that_is_still_a_placeholder_stops_before_any_download(
-    site, mirror, test_key, tmp_path
-):
-    placeholder = tmp_path / "flatcar-image-signing.asc"
-    placeholder.write_text("Replace this file with Flatcar's image signing key.\n")
+def test_a_key_file_that_holds_no_key_stops_before_any_download(site, mirror, test_key, tmp_path):
+    not_a_key = tmp_path / "flatcar-image-signing.asc"
+    not_a_key.write_text("Replace this file with Flatcar's image signing key.\n")
     publish(mirror, test_key)
-    result = run_fetch(site, mirror, test_key, key_file=placeholder)
+    result = run_fetch(site, mirror, test_key, key_file=not_a_key)
     assert result.exit_code == 1
-    assert "holds no OpenPGP public key" in result.output
-    assert af.FLATCAR_KEY_URL in result.output
-    assert mirror.requests == []
+    assert f"file {not_a_key} holds no OpenPGP public key" in result.output
+    assert mirror.requests == []  # neither the key's URL nor the release
+    assert asset_files(site) == []
 
 
 def test_a_key_file_without_the_pinned_key_is_refused(site, mirror, test_key, stranger_key):
@@ -444,6 +280,174 @@ def test_a_key_file_without_the_pinned_key_is_refused(site, mirror, test_key, st
     result = run_fetch(site, mirror, test_key, key_file=stranger_key.armored)
     assert result.exit_code == 1
     assert f"does not hold the key {test_key.fingerprint}" in result.output
+    assert asset_files(site) == [] and mirror.requests == []
+
+
+# -- the key: fetched on first use, pinned, kept, following the rotation ---------------------------
+
+
+def test_the_key_is_fetched_once_checked_and_kept_in_the_asset_store(site, mirror, test_key):
+    publish(mirror, test_key)
+    first = run_fetch(site, mirror, test_key)
+    assert first.exit_code == 0, first.output
+    assert key_requests(mirror) == 1
+    keys = site / "assets/flatcar/keys"
+    kept = keys / f"{test_key.fingerprint}.asc"
+    meta = json.loads((keys / f"{test_key.fingerprint}.json").read_text())
+    assert meta["source"] == mirror.url + KEY_PATH
+    assert meta["published_sha256"] == hashlib.sha256(mirror.files[KEY_PATH]).hexdigest()
+    assert [k["fingerprint"] for k in meta["keys"]] == [test_key.fingerprint, test_key.subkey]
+    assert meta["keys"][1]["can_sign"] and not meta["keys"][1]["revoked"]
+    listing = subprocess.run(["gpg", "--with-colons", "--show-keys", str(kept)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert [x.split(":")[9] for x in listing.splitlines() if x.startswith("fpr:")] == [
+        test_key.fingerprint, test_key.subkey]  # fmt: skip
+    manifest = json.loads(
+        (site / f"assets/flatcar/stable/amd64/{VERSION}/manifest.json").read_text()
+    )
+    assert manifest["key"]["path"] == f"flatcar/keys/{test_key.fingerprint}.asc"
+    assert manifest["key"]["source"] == mirror.url + KEY_PATH
+
+    # The next fetch (another arch) uses the kept key: the key's URL is not asked again.
+    publish_flatcar(mirror, test_key, arch="arm64")
+    second = run_fetch(site, mirror, test_key, "--arch", "arm64")
+    assert second.exit_code == 0, second.output
+    assert key_requests(mirror) == 1
+    # --refresh-key asks anyway.
+    third = run_fetch(site, mirror, test_key, "--arch", "arm64", "--refresh-key")
+    assert third.exit_code == 0, third.output
+    assert key_requests(mirror) == 2
+
+
+def test_a_published_key_with_another_fingerprint_is_refused_and_nothing_kept(
+    site, mirror, test_key, stranger_key
+):
+    publish_key(mirror, stranger_key)  # the key's URL serves someone else's key
+    publish(mirror, test_key)
+    result = run_fetch(site, mirror, test_key)
+    assert result.exit_code == 1
+    assert f"{mirror.url + KEY_PATH} does not hold the key {test_key.fingerprint}" in result.output
+    assert asset_files(site) == []  # no key kept, no image
+    assert [p for p, _ in mirror.requests] == [KEY_PATH]  # stopped before the release
+
+
+def test_a_key_the_url_cannot_give_stops_before_any_download(site, mirror, test_key):
+    publish_flatcar(mirror, test_key)  # no key at the URL: 404
+    result = run_fetch(site, mirror, test_key)
+    assert result.exit_code == 1
+    assert (
+        f"the signing key could not be fetched: {mirror.url + KEY_PATH}: HTTP 404" in result.output
+    )
+    assert asset_files(site) == []
+
+
+def test_key_file_offline_is_kept_and_the_url_never_asked(site, mirror, test_key):
+    publish_flatcar(mirror, test_key)
+    result = run_fetch(site, mirror, test_key, key_file=test_key.armored)
+    assert result.exit_code == 0, result.output
+    assert key_requests(mirror) == 0
+    meta = json.loads((site / f"assets/flatcar/keys/{test_key.fingerprint}.json").read_text())
+    assert meta["source"] == f"file {test_key.armored}"
+    # Kept: the next run needs neither the file nor the URL.
+    publish_flatcar(mirror, test_key, arch="arm64")
+    again = run_fetch(site, mirror, test_key, "--arch", "arm64")
+    assert again.exit_code == 0, again.output
+    assert key_requests(mirror) == 0
+
+
+def test_a_new_signing_subkey_makes_the_kept_key_follow_the_rotation(site, mirror, fresh_key):
+    publish(mirror, fresh_key, version="4000.0.0", faked_time="20200601T000000")
+    assert run_fetch(site, mirror, fresh_key, "--version", "4000.0.0").exit_code == 0
+    old_subkey = fresh_key.subkey
+    new_subkey = fresh_key.add_subkey()  # the publisher's next signing subkey
+    publish_key(mirror, fresh_key)  # ... published with the key
+    publish_flatcar(mirror, fresh_key)
+    result = run_fetch(site, mirror, fresh_key)
+    assert result.exit_code == 0, result.output
+    assert (
+        "which the kept key does not vouch for (unknown-key); fetching the key again"
+        in result.output
+    )
+    assert key_requests(mirror) == 2
+    manifest = json.loads(
+        (site / f"assets/flatcar/stable/amd64/{VERSION}/manifest.json").read_text()
+    )
+    assert {f["signature_key"] for f in manifest["files"]} == {new_subkey}
+    meta = json.loads((site / f"assets/flatcar/keys/{fresh_key.fingerprint}.json").read_text())
+    assert [k["fingerprint"] for k in meta["keys"]] == [
+        fresh_key.fingerprint,
+        old_subkey,
+        new_subkey,
+    ]
+
+
+def test_a_subkey_the_published_key_does_not_hold_either_is_refused(site, mirror, fresh_key):
+    publish(mirror, fresh_key, version="4000.0.0", faked_time="20200601T000000")
+    assert run_fetch(site, mirror, fresh_key, "--version", "4000.0.0").exit_code == 0
+    stale = mirror.files[KEY_PATH]
+    new_subkey = fresh_key.add_subkey()
+    mirror.files[KEY_PATH] = stale  # the site still publishes the key without it
+    publish_flatcar(mirror, fresh_key)
+    result = run_fetch(site, mirror, fresh_key)
+    assert result.exit_code == 1
+    assert (
+        f"it was signed by key {new_subkey[-16:]}, which is neither the trusted key"
+        in result.output
+    )
+    assert (
+        "fetched just now); nothing was kept. Flatcar's key as published does not vouch"
+        in result.output
+    )
+    assert not (site / f"assets/flatcar/stable/amd64/{VERSION}").exists()
+    assert key_requests(mirror) == 2
+
+
+def test_a_subkey_extended_after_it_expired_is_followed(site, mirror, fresh_key):
+    # Made on 2020-01-01, the subkey expires 2021-01-01 as the kept key knows it.
+    publish(mirror, fresh_key, version="2605.1.0", layout="legacy", faked_time="20200601T000000")
+    assert run_fetch(site, mirror, fresh_key, "--version", "2605.1.0").exit_code == 0
+    # The publisher extends the subkey and signs a release after its first expiry date.
+    fresh_key.set_subkey_expiry("2040-01-01", faked_time="20200901T000000")
+    publish_flatcar(mirror, fresh_key, version="2605.2.0", layout="legacy",
+                    faked_time="20210601T000000")  # fmt: skip
+    # ...but the published key is still the old one: refused, saying what to do.
+    refused = run_fetch(site, mirror, fresh_key, "--version", "2605.2.0")
+    assert refused.exit_code == 1
+    assert "which expired on 2021-01-01" in refused.output
+    assert "a signature made after its key expired is not trusted" in refused.output
+    assert "If Flatcar extends that subkey, the next run fetches the key again" in refused.output
+    assert not (site / "assets/flatcar/stable/amd64/2605.2.0").exists()
+    # Published with its new expiry: the next run takes it.
+    publish_key(mirror, fresh_key)
+    result = run_fetch(site, mirror, fresh_key, "--version", "2605.2.0")
+    assert result.exit_code == 0, result.output
+    assert "(expired); fetching the key again" in result.output
+    meta = json.loads((site / f"assets/flatcar/keys/{fresh_key.fingerprint}.json").read_text())
+    assert meta["keys"][1]["expires"].startswith("2040-01-01")
+
+
+def test_a_revoked_subkey_is_refused_with_what_to_do(site, mirror, fresh_key):
+    fresh_key.set_subkey_expiry("2040-01-01")
+    rel = publish_flatcar(mirror, fresh_key)
+    fresh_key.revoke_subkey()
+    publish_key(mirror, fresh_key)  # the key as published now carries the revocation
+    result = run_fetch(site, mirror, fresh_key)
+    assert result.exit_code == 1
+    assert f"it was signed by key {fresh_key.subkey[-16:]}, which has been revoked" in result.output
+    assert "Take another release, signed by a current subkey" in result.output
+    assert not (site / "assets/flatcar/stable/amd64").exists()
+    assert rel.kernel
+
+
+def test_a_rotation_with_key_file_says_to_refresh_the_file(site, mirror, fresh_key, tmp_path):
+    old = tmp_path / "old.asc"
+    old.write_bytes(fresh_key.export())
+    fresh_key.add_subkey()
+    publish(mirror, fresh_key)
+    result = run_fetch(site, mirror, fresh_key, key_file=old)
+    assert result.exit_code == 1
+    assert "The key file was given with --key" in result.output
+    assert key_requests(mirror) == 0
 
 
 def test_an_unknown_version_is_reported(site, mirror, test_key):
@@ -451,7 +455,7 @@ def test_an_unknown_version_is_reported(site, mirror, test_key):
     result = run_fetch(site, mirror, test_key, "--version", "9999.0.0")
     assert result.exit_code == 1
     assert "no Flatcar release 9999.0.0 at" in result.output
-    assert asset_files(site) == []
+    assert image_files(site) == []
 
 
 # -- resuming -------------------------------------------------------------------------------------------
@@ -466,7 +470,7 @@ def test_an_interrupted_download_resumes_with_a_range_request(site, mirror, test
     assert first.exit_code == 1
     assert f"{KERNEL}: download interrupted after" in first.output
     assert "run the same command again to resume" in first.output
-    assert asset_files(site) == []  # nothing under its final name
+    assert image_files(site) == []  # nothing under its final name
     part = site / f"var/assets-fetch/flatcar/stable/amd64/{VERSION}/{KERNEL}.part"
     have = part.stat().st_size
     assert 0 < have < len(rel.kernel)
@@ -527,7 +531,8 @@ def test_resume_against_starlette_static_files(site, test_key, tmp_path):
         client.event_hooks = {"request": [seen.append], "response": []}
         result = af.fetch_flatcar(
             af.FetchRequest(site=site, version=VERSION, mirror="http://testserver/{channel}",
-                            key=af.SigningKey(test_key.armored, test_key.fingerprint)),
+                            key=af.flatcar_key(file=test_key.armored,
+                                               fingerprint=test_key.fingerprint)),
             client=client,
         )  # fmt: skip
     assert [r.headers.get("range") for r in seen if r.url.path.endswith(KERNEL)] == [
@@ -557,19 +562,25 @@ def test_bastion_serves_the_fetched_files_by_their_current_path(
 # -- the shipped key and small pieces -------------------------------------------------------------------
 
 
-def test_the_shipped_flatcar_key_holds_the_pinned_primary_key():
-    if "BEGIN PGP PUBLIC KEY BLOCK" not in af.FLATCAR_KEY_FILE.read_text():
-        pytest.skip("Flatcar's key is not in the tree yet (the file says how to add it); "
-                    "the placeholder is refused, see test_a_key_file_that_is_still_a_placeholder")
-    with af.Verifier(af.SigningKey.flatcar()) as v, tempfile.TemporaryDirectory() as home:
-        listing = subprocess.run(
-            ["gpg", "--batch", "--no-options", "--no-autostart", "--homedir", home,
-             "--with-colons", "--show-keys", str(v.keyring)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    fprs = [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")]
-    assert fprs[0] == af.FLATCAR_PRIMARY_FINGERPRINT
-    assert len(fprs) > 1  # its signing subkeys came along
+def test_no_openpgp_key_is_in_the_tree():
+    """Flatcar's key is fetched and pinned, never a copy (or a stand-in) in the repository."""
+    repo = Path(__file__).resolve().parents[3]
+    tracked = subprocess.run(["git", "-C", str(repo), "ls-files", "-z"], capture_output=True,
+                             check=True).stdout.split(b"\0")  # fmt: skip
+    # an armored key: its BEGIN line, base64 lines, its END line (built so as not to be one here)
+    begin, end = (f"-----{w} PGP PUBLIC KEY BLOCK-----" for w in ("BEGIN", "END"))
+    block = re.compile(f"{begin}\n(.*\n)*?[A-Za-z0-9+/=]{{20,}}\n(.*\n)*?{end}".encode())
+    with_keys = []
+    for name in filter(None, tracked):
+        path = repo / name.decode()
+        if not path.is_file():
+            continue
+        if path.suffix in (".asc", ".gpg", ".pgp", ".key") or block.search(path.read_bytes()):
+            with_keys.append(name.decode())
+    assert with_keys == []
+    assert af.flatcar_key().fingerprint == af.FLATCAR_PRIMARY_FINGERPRINT
+    assert af.flatcar_key().url == af.FLATCAR_KEY_URL
+    assert af.FLATCAR_KEY_URL.startswith("https://www.flatcar.org/")
 
 
 def test_parse_version_txt():
@@ -610,7 +621,7 @@ def test_docs_assets_md_matches_the_code():
     doc = (Path(__file__).resolve().parents[3] / "docs" / "assets.md").read_text()
     assert af.FLATCAR_PRIMARY_FINGERPRINT in doc
     assert af.FLATCAR_KEY_URL in doc
-    assert str(af.FLATCAR_KEY_FILE.relative_to(Path(__file__).resolve().parents[3])) in doc
+    assert "assets/flatcar/keys/" in doc
     for f in af.FLATCAR_PXE_FILES:
         assert f.name in doc
         for sig in f.signature_names:

@@ -30,11 +30,12 @@ from bastion.state.secrets import (
 )
 from bastion.site.load import SiteError, load_site
 from bastion_testkit import EXAMPLES, REPO, assert_valid_ignition, write_assets
+from mirrorkit import K3sRelease, fetch_k3s_into
 
 HOME_LAB = EXAMPLES / "home-lab"
 VERSION = "v1.31.4+k3s1"
-# examples/home-lab's sha256 values are those of these stand-ins (it says to replace them)
-FAKE_K3S = {arch: f"fake k3s {VERSION} {arch}\n".encode() for arch in ("amd64", "arm64")}
+# the made-up k3s releases fetched into each site (by the real fetch, from a loopback mirror)
+FETCHED: dict[Path, K3sRelease] = {}
 CONTROLLER = "http://192.168.1.10:8080"
 FIRST_SERVER_URL = "https://192.168.1.21:6443"
 SERVERS = ("pi1", "pi2", "pi3")
@@ -43,14 +44,12 @@ TUNNELLED = ("pi1", "pi2", "pi3", "nuc1")
 
 
 def make_home_lab(root: Path, endpoint: str | None = None) -> Path:
-    """A copy of examples/home-lab with stand-in Flatcar images and k3s binaries."""
+    """A copy of examples/home-lab with stand-in Flatcar images and a made-up k3s release,
+    fetched as `bastion assets fetch k3s` does (FETCHED[site] has its binaries)."""
     site = root / "home-lab"
     shutil.copytree(HOME_LAB, site)
     write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
-    for arch, data in FAKE_K3S.items():
-        path = site / "assets" / "k3s" / VERSION / arch / "k3s"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(data)
+    FETCHED[site] = fetch_k3s_into(site, VERSION)
     if endpoint:  # wg setconf resolves the endpoint: no DNS in the test's namespace
         text = (site / "site.yaml").read_text().replace("mgmt.example.net:51820", endpoint)
         (site / "site.yaml").write_text(text)
@@ -108,13 +107,18 @@ def test_the_home_lab_loads_with_its_assets_and_no_warning(tmp_path):
     assert site.profiles["k3s"].source.startswith("site.yaml (cluster")
 
 
-def test_bastion_site_check_passes_on_the_example():
+def test_bastion_site_check_of_the_example_says_to_fetch_k3s_and_nothing_else():
     r = subprocess.run([str(REPO / ".venv/bin/bastion"), "site", "check", str(HOME_LAB)],
                        check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "5 machines" in r.stdout
-    # without the binaries and images it says what is missing, and nothing else
-    assert all("does not exist (yet)" in line for line in r.stderr.splitlines()), r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr
+    # without k3s and the images it says what is missing, and nothing else
+    lines = r.stderr.splitlines()
+    fetch = [x for x in lines if "has not been fetched: run `bastion assets fetch k3s" in x]
+    assert [x.split(" has not")[0] for x in fetch] == [
+        "site.yaml: cluster.k3s: k3s v1.31.4+k3s1 for arm64 (machine pi1 is arm64)",
+        "site.yaml: cluster.k3s: k3s v1.31.4+k3s1 for amd64 (machine nuc1 is amd64)",
+    ]
+    assert all(x in fetch or "does not exist (yet)" in x for x in lines), r.stderr
 
 
 def test_every_node_gets_the_flatcar_pxe_image_of_its_architecture(tmp_path):
@@ -165,13 +169,13 @@ def test_the_first_server_starts_the_cluster_and_the_others_join_it(lab):
 
 
 def test_the_k3s_binary_is_the_controllers_and_checked_by_its_sha256(lab):
-    _, _, configs = lab
+    site_dir, _, configs = lab
     for name, config in configs.items():
         arch = "arm64" if name in SERVERS else "amd64"
         binary = files_of(config)["/opt/bin/k3s"]
         assert binary["mode"] == 0o755
         assert binary["contents"]["source"] == f"{CONTROLLER}/assets/k3s/{VERSION}/{arch}/k3s"
-        digest = hashlib.sha256(FAKE_K3S[arch]).hexdigest()
+        digest = hashlib.sha256(FETCHED[site_dir].binaries[arch]).hexdigest()
         assert binary["contents"]["verification"]["hash"] == f"sha256-{digest}"
         assert {"path": "/opt/bin/kubectl", "target": "/opt/bin/k3s", "overwrite": True} in config["storage"]["links"]
 
@@ -180,7 +184,7 @@ def test_the_controller_serves_the_k3s_binary_the_configs_name(lab, client_for):
     site_dir, _, _ = lab
     client = client_for(site_dir)
     r = client.get(f"/assets/k3s/{VERSION}/arm64/k3s")
-    assert r.status_code == 200 and r.content == FAKE_K3S["arm64"]
+    assert r.status_code == 200 and r.content == FETCHED[site_dir].binaries["arm64"]
 
 
 def test_hostname_and_ssh_keys(lab):
@@ -238,8 +242,36 @@ def test_tokens_come_from_the_store_and_agents_never_get_the_servers_token(lab):
             assert server_token not in text and "/etc/rancher/k3s/agent-token" not in files
     # made once: a second rendering reads the same secrets back
     assert render_all(site_dir, store) == configs
-    assert store.names() == ["k3s/home/agent-token", "k3s/home/token",
+    assert store.names() == ["k3s/home/agent-token",
+                             *[f"k3s/home/node-password/{n}" for n in sorted(SERVERS + AGENTS)],
+                             "k3s/home/token",
                              *[f"wireguard/{n}.key" for n in sorted(TUNNELLED)]]  # fmt: skip
+
+
+def test_every_node_keeps_its_own_k3s_identity_across_boots(lab, tmp_path):
+    """k3s refuses a node that comes back under its name with another node password: each
+    node gets its own from the store, the same at every boot (rendering), and no other's."""
+    site_dir, store, configs = lab
+    passwords = {}
+    for name, config in configs.items():
+        f = files_of(config)["/etc/rancher/node/password"]
+        assert f["mode"] == 0o600 and f["overwrite"] is True
+        passwords[name] = contents(f)
+        assert passwords[name] == store.get(f"k3s/home/node-password/{name}")
+        assert len(passwords[name]) == 64
+    assert len(set(passwords.values())) == len(passwords)  # one per node
+    # The next boot: rendered again from the same store, the same identity.
+    again = render_all(site_dir, store)
+    for name, config in again.items():
+        assert contents(files_of(config)["/etc/rancher/node/password"]) == passwords[name]
+    # A rendered config never holds another node's password.
+    for name, config in configs.items():
+        text = json.dumps(config)
+        assert [n for n, pw in passwords.items() if pw in text] == [name]
+    # A new store (a controller that lost its secrets) gives every node a new identity.
+    fresh = render_all(site_dir, SecretStore(tmp_path / "other-store"))
+    assert all(contents(files_of(c)["/etc/rancher/node/password"]) != passwords[n]
+               for n, c in fresh.items())  # fmt: skip
 
 
 def test_no_secret_is_written_into_the_site_directory(lab):
@@ -429,9 +461,9 @@ def _problems(site: Path) -> list[str]:
 
 @pytest.mark.parametrize(("site_edit", "machines_edit", "problem"), [
     (lambda t: t.replace("  flatcar:\n", "  flatcar:\n    chanel: beta\n"), None,
-     "site.yaml:39: cluster.flatcar.chanel: is not a known field"),
+     "site.yaml:37: cluster.flatcar.chanel: is not a known field"),
     (lambda t: t.replace("    persistent_keepalive: 25", "    keepalive: 25"), None,
-     "site.yaml:52: cluster.wireguard.keepalive: is not a known field"),
+     "site.yaml:50: cluster.wireguard.keepalive: is not a known field"),
     (None, lambda t: t.replace("    disk: /dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W100002-0:0\n", "    disk: /dev/sdb\n"),
      "machines.yaml:21: machines[1].disk.device: '/dev/sdb' is not a stable device name: use /dev/disk/by-id/"),
     (None, lambda t: t.replace("    disk: /dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W100003-0:0\n", ""),
@@ -449,20 +481,20 @@ def _problems(site: Path) -> list[str]:
      "machines.yaml:51: machines[4].wireguard.address: 10.200.0.1 is taken by the management side"),
     (None, lambda t: t.replace("    wireguard: false ", "    wireguard: {address: 10.201.0.9}\n    #"),
      "machines.yaml:51: machines[4].wireguard.address: 10.201.0.9 is not a host address of 10.200.0.0/24"),
-    (lambda t: t.replace("      arm64: d6cc", "      arm46: d6cc"), None,
-     "site.yaml:30: cluster.k3s.sha256: 'arm46' is not a k3s architecture"),
-    (lambda t: t.replace("      arm64: d6cc", "      arm64: 06cc"), None,
-     "site.yaml: cluster.k3s.sha256.arm64: assets/k3s/v1.31.4+k3s1/arm64/k3s has SHA-256 d6cc"),
+    (lambda t: t.replace("    server_args:", f"    sha256:\n      arm46: {'a' * 64}\n    server_args:"), None,
+     "site.yaml:31: cluster.k3s.sha256: 'arm46' is not a k3s architecture"),
+    (lambda t: t.replace("    server_args:", f"    sha256:\n      arm64: {'a' * 64}\n    server_args:"), None,
+     f"site.yaml: cluster.k3s.sha256.arm64: {'a' * 64} is not the SHA-256 that k3s v1.31.4+k3s1's own sha256sum-arm64.txt gives"),
     (lambda t: t.replace("    version: v1.31.4+k3s1", "    version: v1.31"), None,
      "site.yaml:24: cluster.k3s.version: 'v1.31' is not a k3s release name"),
     (lambda t: t.replace("    public_key: L9/", "    public_key: L9"), None,
-     "site.yaml:51: cluster.wireguard.public_key: 'L9htadd"),
+     "site.yaml:49: cluster.wireguard.public_key: 'L9htadd"),
     (lambda t: t.replace("    address_pool: 10.200.0.0/24", "    address_pool: 10.200.0.1/24"), None,
-     "site.yaml:49: cluster.wireguard.address_pool: '10.200.0.1/24' is not a network"),
+     "site.yaml:47: cluster.wireguard.address_pool: '10.200.0.1/24' is not a network"),
     (lambda t: t.replace("cluster:\n  name: home\n", "cluster:\n  name: Home\n"), None,
      "site.yaml:22: cluster.name: 'Home' is not a cluster name"),
     (lambda t: t.replace("    url: http://192.168.1.10:5000", "    url: 192.168.1.10:5000"), None,
-     "site.yaml:44: cluster.registry_cache.url: '192.168.1.10:5000' is not an http(s) URL"),
+     "site.yaml:42: cluster.registry_cache.url: '192.168.1.10:5000' is not an http(s) URL"),
 ])  # fmt: skip
 def test_mistakes_name_the_file_line_and_field(tmp_path, site_edit, machines_edit, problem):
     problems = _problems(_edited(tmp_path, site_edit, machines_edit))
@@ -534,3 +566,39 @@ def test_the_wireguard_keys_are_real_x25519_pairs(lab):
         key = store.get(f"wireguard/{name}.key")
         assert len(base64.b64decode(key)) == 32
         assert len(base64.b64decode(wireguard_public_key(key))) == 32
+
+
+def test_every_node_beats_its_name_boot_id_and_k3s_state_to_the_controller(tmp_path, serve):
+    """The k3s Butane's heartbeat script, run here with sh and curl against a real `bastion
+    serve`: the controller records the node's first beat of a boot, and only that."""
+    site_dir = make_home_lab(tmp_path)
+    text = (site_dir / "machines.yaml").read_text()
+    (site_dir / "machines.yaml").write_text(
+        text.replace("    relay: 3\n", "    relay: 3\n    heartbeat: {timeout_s: 30, boot_s: 600}\n"))
+    server = serve(site_dir)
+    site = load_site(site_dir)
+    store = SecretStore(tmp_path / "secrets")
+    configs = {}
+    for m in site.cluster_nodes:
+        group, profile = boot.select(site, {"mac": m.mac})
+        req = BootRequest({"mac": m.mac}, f"mac={m.mac}", server.url)
+        configs[m.name] = render_ignition(site, group, profile, req, machine_secrets(store, site, m))
+    for name, config in configs.items():
+        units = units_of(config)
+        timer = units["bastion-heartbeat.timer"]
+        assert timer["enabled"] is True
+        every = "10s" if name == "nuc1" else "30s"  # a third of nuc1's timeout_s; else 30 s
+        assert f"OnUnitActiveSec={every}" in timer["contents"]
+        assert "ExecStart=/opt/bin/bastion-heartbeat" in units["bastion-heartbeat.service"]["contents"]
+        assert files_of(config)["/opt/bin/bastion-heartbeat"]["mode"] == 0o755
+    script = contents(files_of(configs["pi1"])["/opt/bin/bastion-heartbeat"])
+    assert script.startswith("#!/bin/sh\n") and "mac=dc:a6:32:00:00:01\n" in script
+    for _ in range(3):  # three beats of one boot
+        r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    beats = server.get("/api/v1/events", params={"kind": "heartbeat"}).json()
+    assert len(beats) == 1, beats
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert beats[0]["machine"] == "pi1" and beats[0]["source"] == "node"
+    assert beats[0]["payload"]["node"] == "pi1" and beats[0]["payload"]["boot_id"] == boot_id
+    assert beats[0]["payload"]["news"] == "boot"

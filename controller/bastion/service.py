@@ -1,0 +1,210 @@
+"""The controller as a systemd service: the unit, the system user, the API token, installed by
+`bastion install-service`.
+
+    unit_text(spec)          the unit file (pure: tested with systemd-analyze verify)
+    sysusers_text(spec)      the user, for systemd-sysusers (sysusers.d(5))
+    plan(spec, root)         what installing means: the files and the commands, in order
+    install(steps)           do them (atomic writes; commands as argv, never a shell)
+
+The unit runs `bastion serve` as its own system user, with its state (the per-site event
+history and the secret store) under StateDirectory=, /var/lib/edge-bastion, by pointing
+XDG_STATE_HOME there; the API token in /etc/edge-bastion/token; the filesystem read-only except
+the state directory and the site directory (the management API edits site files);
+CAP_NET_BIND_SERVICE as its only capability, for `--tftp ADDR:69` (and HTTP below 1024); the
+USB serial lines (ttyACM, ttyUSB) as its only devices, through the dialout group; and
+LimitNOFILE= as docs/controller.md "Limits" advises (2 x --max-connections + 64, + 131 with
+--tftp: 4096 covers the defaults).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bastion import atomic
+
+UNIT_NAME = "edge-bastion"
+USER = "edge-bastion"
+STATE_DIR = "/var/lib/edge-bastion"
+CONFIG_DIR = "/etc/edge-bastion"
+LIMIT_NOFILE = 4096
+SERIAL_GROUP = "dialout"  # owns /dev/ttyACM* and /dev/ttyUSB* on Debian
+
+
+class ServiceError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    site: Path  # absolute
+    bastion: Path  # the bastion executable the unit runs (absolute)
+    listen: str = "0.0.0.0:8080"
+    tftp: str | None = None  # ADDR:PORT
+    device: str | None = None  # /dev/ttyACM0
+    name: str = UNIT_NAME
+    user: str = USER
+    extra: tuple[str, ...] = field(default_factory=tuple)  # more `bastion serve` options
+
+    @property
+    def token_file(self) -> str:
+        return f"{CONFIG_DIR}/token"
+
+    def argv(self) -> list[str]:
+        out = [str(self.bastion), "serve", "--site", str(self.site), "--listen", self.listen,
+               "--token-file", self.token_file]  # fmt: skip
+        if self.tftp:
+            out += ["--tftp", self.tftp]
+        if self.device:
+            out += ["--device", self.device]
+        return out + list(self.extra)
+
+
+def _exec_line(argv: list[str]) -> str:
+    """ExecStart= words: systemd's quoting for spaces and quotes, % and $ doubled."""
+    words = []
+    for a in argv:
+        a = a.replace("%", "%%").replace("$", "$$")
+        if any(c.isspace() or c in "\"'\\;" for c in a):
+            a = '"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        words.append(a)
+    return " ".join(words)
+
+
+def unit_text(spec: ServiceSpec) -> str:
+    return f"""\
+# Written by `bastion install-service`: Edge Bastion's controller for the site in {spec.site}.
+# Run `bastion install-service` again to change it (docs/controller.md, "As a service").
+[Unit]
+Description=Edge Bastion controller (site {spec.site.name})
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=exec
+User={spec.user}
+Group={spec.user}
+# the device's USB serial line
+SupplementaryGroups={SERIAL_GROUP}
+ExecStart={_exec_line(spec.argv())}
+Restart=on-failure
+RestartSec=5s
+# the event history and the secret store: $XDG_STATE_HOME/edge-bastion/... = {STATE_DIR}/...
+StateDirectory=edge-bastion
+StateDirectoryMode=0700
+Environment=XDG_STATE_HOME=%S
+Environment=XDG_CACHE_HOME=%C
+CacheDirectory=edge-bastion
+ConfigurationDirectory=edge-bastion
+# HTTP connections and TFTP transfers: 2 x --max-connections + 64 (+ 131 with --tftp)
+LimitNOFILE={LIMIT_NOFILE}
+# binding TFTP's port 69 (and HTTP below 1024), and nothing else
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+UMask=0077
+ProtectSystem=strict
+ProtectHome=read-only
+# the management API edits site files
+ReadWritePaths={spec.site}
+PrivateTmp=yes
+DevicePolicy=closed
+DeviceAllow=char-ttyACM rw
+DeviceAllow=char-ttyUSB rw
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def sysusers_text(spec: ServiceSpec) -> str:
+    return (
+        "# Written by `bastion install-service`: the Edge Bastion controller's user (sysusers.d(5))\n"
+        f'u {spec.user} - "Edge Bastion controller" {STATE_DIR} -\n'
+        f"m {spec.user} {SERIAL_GROUP}\n"
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    what: str  # for the user: one line
+    path: Path | None = None  # a file to write
+    data: bytes = b""
+    mode: int = 0o644
+    keep: bool = False  # an existing file is kept (the API token)
+    argv: tuple[str, ...] = ()  # a command to run instead
+
+
+def plan(spec: ServiceSpec, root: Path = Path("/"), systemctl: bool = True) -> list[Step]:
+    """The steps that install the service under `root` (/ for the host; a directory for a
+    package build or a test, where no command runs)."""
+    if not spec.site.is_absolute() or not spec.bastion.is_absolute():
+        raise ServiceError("the site and the bastion executable need absolute paths")
+    host = root == Path("/")
+    unit = root / f"etc/systemd/system/{spec.name}.service"
+    sysusers = root / f"etc/sysusers.d/{spec.name}.conf"
+    token = root / spec.token_file.lstrip("/")
+    steps = [
+        Step(f"write {unit}", unit, unit_text(spec).encode()),
+        Step(f"write {sysusers}", sysusers, sysusers_text(spec).encode()),
+        Step("create the user " + spec.user + " (systemd-sysusers)",
+             argv=("systemd-sysusers", *(() if host else (f"--root={root}",)), str(sysusers))),
+        Step(f"write {token} (a new API token, mode 0640, group {spec.user}) unless it exists",
+             token, (secrets.token_urlsafe(32) + "\n").encode(), 0o640, keep=True),
+    ]  # fmt: skip
+    if host and systemctl:
+        steps.append(Step("reload systemd's units", argv=("systemctl", "daemon-reload")))
+    return steps
+
+
+def install(steps: list[Step], spec: ServiceSpec, echo, host: bool) -> None:
+    """Carry the steps out, saying each as it is done."""
+    for step in steps:
+        if step.argv:
+            try:
+                r = subprocess.run(
+                    list(step.argv), capture_output=True, text=True, timeout=120, check=False
+                )
+            except FileNotFoundError:
+                raise ServiceError(f"{step.argv[0]} is not installed (Debian: systemd)") from None
+            if r.returncode != 0:
+                raise ServiceError(f"{shlex.join(step.argv)} failed: {r.stderr.strip()}")
+            echo(f"ran {shlex.join(step.argv)}")
+            continue
+        assert step.path is not None
+        if step.keep and step.path.exists():
+            echo(f"kept {step.path} (it exists)")
+            continue
+        atomic.write_bytes(step.path, step.data, mode=step.mode, keep_mode=False)
+        os.chmod(step.path, step.mode)
+        if step.keep and host:
+            _chgrp(step.path, spec.user)
+        echo(f"wrote {step.path}")
+
+
+def _chgrp(path: Path, group: str) -> None:
+    import grp
+
+    try:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except KeyError:
+        raise ServiceError(
+            f"no group {group} after systemd-sysusers: {path} stays root's"
+        ) from None

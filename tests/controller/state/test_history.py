@@ -1,0 +1,132 @@
+"""One history per site, bounded: the default event database is the site's own (two sites served
+one after the other keep apart, a site served again finds its own), a 10,000-request boot storm
+leaves at most --history-events rows, old rows go by --history-days, and neither bound touches
+the one-time Ignition tokens and install marks that share the SQLite file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+
+import pytest
+from bastion.settings import Settings, SettingsError, default_db_path
+from bastion.state.events import EventStore
+from bastion.state.install import InstallMarks
+from bastion.state.onetime import IgnitionTokens
+from bastion_testkit import EXAMPLES, write_assets
+from fastapi.testclient import TestClient
+from mirrorkit import fetch_k3s_into
+
+
+def app_for(site, **settings):
+    from bastion.api.main import create_app
+
+    return create_app(Settings(site_dir=site, poll_seconds=0, **settings))
+
+
+@pytest.fixture
+def example_site(tmp_path):
+    d = tmp_path / "site"
+    shutil.copytree(EXAMPLES / "site", d)
+    write_assets(d, ("flatcar/amd64", "flatcar/arm64"))
+    return d
+
+
+@pytest.fixture
+def home_lab(tmp_path):
+    d = tmp_path / "home-lab"
+    shutil.copytree(EXAMPLES / "home-lab", d)
+    write_assets(d, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+    fetch_k3s_into(d)
+    return d
+
+
+def kinds(client) -> list[tuple[str, str | None]]:
+    return [(e["kind"], e["endpoint"]) for e in client.get("/api/v1/events", params={"limit": 1000}).json()]
+
+
+def test_two_sites_served_one_after_the_other_keep_separate_histories(example_site, home_lab, tmp_path):
+    # examples/site and examples/home-lab are both named home-lab: their directories tell apart
+    with TestClient(app_for(example_site)) as c:
+        c.get("/ipxe", params={"mac": "52:54:00:12:34:01"})
+        first = c.app.state.runtime.store.path
+        assert ("boot", "/ipxe") in kinds(c)
+    with TestClient(app_for(home_lab)) as c:
+        second = c.app.state.runtime.store.path
+        assert ("boot", "/ipxe") not in kinds(c)  # none of the other site's
+        c.get("/metadata", params={"mac": "dc:a6:32:00:00:01"})
+    assert first != second
+    assert first == default_db_path("home-lab", example_site)
+    assert first.parent.parent == second.parent.parent == \
+        tmp_path.parent.parent / os.environ["XDG_STATE_HOME"] / "edge-bastion" / "history"  # fmt: skip
+    with TestClient(app_for(example_site)) as c:  # served again: its own history is there
+        got = kinds(c)
+        assert ("boot", "/ipxe") in got and ("boot", "/metadata") not in got
+        assert [k for k, _ in got].count("site") == 2
+
+
+def test_a_boot_storm_leaves_at_most_the_bound_and_keeps_tokens_and_marks(example_site, tmp_path):
+    db = tmp_path / "events.db"
+    with TestClient(app_for(example_site, db_path=db, history_events=1000)) as c:
+        runtime = c.app.state.runtime
+        token, grant = runtime.provisioning.tokens.issue(
+            machine="node1", mac="52:54:00:12:34:01", group="g", profile="p", client="10.0.0.9")
+        runtime.provisioning.installs.mark("node1", mac="52:54:00:12:34:01", profile="p", callback=1)
+        most = 0
+        for i in range(10_000):
+            c.get("/ipxe", params={"mac": f"52:54:00:00:{i // 256:02x}:{i % 256:02x}"})
+            if i % 500 == 0:
+                most = max(most, runtime.store.count())
+        last = c.get("/api/v1/events", params={"limit": 1}).json()[0]
+        assert runtime.store.count() <= 1000 and most <= 1000
+        assert runtime.store.pruned >= 9000
+        assert last["id"] > 10_000 and last["payload"]["query"] == "mac=52%3A54%3A00%3A00%3A27%3A0f"
+    # a fresh look at the file: the bound held, and the other tables are untouched
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] <= 1000
+    assert IgnitionTokens(db).lookup(token) == grant
+    assert InstallMarks(db).get("node1").mac == "52:54:00:12:34:01"
+
+
+def test_old_events_go_by_age_at_open_and_then_once_a_minute(tmp_path):
+    now = [1_000_000.0]
+    db = tmp_path / "events.db"
+    tokens = IgnitionTokens(db, clock=lambda: now[0])
+    token, _ = tokens.issue(machine="m", mac=None, group="g", profile="p", client=None)
+    store = EventStore(db, max_age_s=3600, clock=lambda: now[0])
+    store.record("boot", ts=now[0] - 7200)  # already too old: kept until the next age pass
+    store.record("boot", ts=now[0] - 60)
+    assert store.count() == 2
+    now[0] += 61  # a minute on: the next insert prunes by age
+    store.record("boot", ts=now[0])
+    assert [e.ts for e in store.query()] == [now[0], now[0] - 121]
+    store.close()
+    now[0] += 3700  # opened again an hour later: the old ones are gone at once
+    again = EventStore(db, max_age_s=3600, clock=lambda: now[0])
+    assert again.count() == 0
+    assert tokens.lookup(token) is not None
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    ({"history_events": 99}, "--history-events 99: expected 100 or more"),
+    ({"history_days": 0}, "--history-days 0: expected days, more than 0"),
+])  # fmt: skip
+def test_bad_bounds_are_refused_naming_the_option(example_site, given, problem):
+    with pytest.raises(SettingsError, match=problem):
+        Settings.build(site_dir=example_site, **given)
+
+
+def test_bastion_events_reads_the_history_serve_keeps_for_the_site(example_site, tmp_path):
+    from bastion.serve_cli import events
+    from click.testing import CliRunner
+
+    with TestClient(app_for(example_site)) as c:
+        c.get("/ipxe", params={"mac": "52:54:00:12:34:01"})
+    r = CliRunner().invoke(events, ["--site", str(example_site), "--json", "--kind", "boot"])
+    assert r.exit_code == 0, r.output
+    assert '"endpoint": "/ipxe"' in r.output and '"machine": "node1"' in r.output
+    r = CliRunner().invoke(events, [], env={"BASTION_SITE": None, "BASTION_DB": None})
+    assert r.exit_code == 2 and "which history? give --site DIR" in r.output
+    r = CliRunner().invoke(events, ["--site", str(tmp_path)])  # a site never served
+    assert r.exit_code == 1 and "no event database at" in r.output

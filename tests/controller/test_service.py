@@ -1,0 +1,122 @@
+"""`bastion install-service`: the unit passes systemd-analyze verify, the user is made by the real
+systemd-sysusers, the token is kept, --dry-run changes nothing; all under a --root directory
+(the host's /etc is never touched)."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+
+import pytest
+from bastion import service
+from bastion.cli import main
+from bastion_testkit import EXAMPLES, Server, write_assets
+from click.testing import CliRunner
+from simkit import free_udp_port
+
+pytestmark = pytest.mark.skipif(not shutil.which("systemd-analyze"),
+                                reason="needs systemd-analyze (Debian: systemd)")  # fmt: skip
+
+
+@pytest.fixture
+def site(tmp_path):
+    d = tmp_path / "site"
+    shutil.copytree(EXAMPLES / "site", d)
+    write_assets(d, ("flatcar/amd64", "flatcar/arm64"))
+    (d / "tftp").mkdir()
+    return d
+
+
+def install(root, site, *extra):
+    return CliRunner().invoke(main, ["install-service", "--site", str(site), "--root", str(root),
+                                     "--tftp", "0.0.0.0:69", "--device", "/dev/ttyACM0", *extra],
+                              catch_exceptions=False)  # fmt: skip
+
+
+def verify(unit) -> subprocess.CompletedProcess:
+    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def test_the_installed_unit_passes_systemd_analyze_verify(tmp_path, site):
+    root = tmp_path / "root"
+    r = install(root, site)
+    assert r.exit_code == 0, r.output
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    token = root / "etc/edge-bastion/token"
+    for path in (unit, root / "etc/sysusers.d/edge-bastion.conf", token):
+        assert f"wrote {path}" in r.output
+    assert f"ran systemd-sysusers --root={root}" in r.output
+    v = verify(unit)
+    assert v.returncode == 0, v.stdout + v.stderr
+    text = unit.read_text()
+    lines = set(text.splitlines())
+    for want in ("User=edge-bastion", "SupplementaryGroups=dialout", "ProtectSystem=strict",
+                 "StateDirectory=edge-bastion", "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "NoNewPrivileges=yes",
+                 f"LimitNOFILE={service.LIMIT_NOFILE}", f"ReadWritePaths={site.resolve()}",
+                 "Environment=XDG_STATE_HOME=%S"):  # fmt: skip
+        assert want in lines, want
+    exec_start = next(x for x in lines if x.startswith("ExecStart="))
+    assert (
+        f" serve --site {site.resolve()} --listen 0.0.0.0:8080 --token-file "
+        "/etc/edge-bastion/token --tftp 0.0.0.0:69 --device /dev/ttyACM0" in exec_start
+    )
+    # systemd-sysusers made the user, in the dialout group, with its home the state directory
+    passwd = (root / "etc/passwd").read_text()
+    assert any(x.startswith("edge-bastion:") and ":/var/lib/edge-bastion:" in x
+               for x in passwd.splitlines()), passwd  # fmt: skip
+    dialout = next(
+        x for x in (root / "etc/group").read_text().splitlines() if x.startswith("dialout:")
+    )
+    assert "edge-bastion" in dialout.split(":")[3].split(",")
+    assert stat.S_IMODE(token.stat().st_mode) == 0o640 and len(token.read_text().strip()) >= 32
+
+
+def test_systemd_analyze_verify_does_refuse_a_broken_unit(tmp_path, site):
+    """So that its word on the real unit means something."""
+    root = tmp_path / "root"
+    assert install(root, site).exit_code == 0
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    unit.write_text(unit.read_text().replace("ExecStart=/", "ExecStart=relative/"))
+    assert verify(unit).returncode != 0
+
+
+def test_a_second_install_keeps_the_token_and_dry_run_changes_nothing(tmp_path, site):
+    root = tmp_path / "root"
+    assert install(root, site).exit_code == 0
+    token = (root / "etc/edge-bastion/token").read_text()
+    again = install(root, site)
+    assert (
+        again.exit_code == 0
+        and f"kept {root / 'etc/edge-bastion/token'} (it exists)" in again.output
+    )
+    assert (root / "etc/edge-bastion/token").read_text() == token
+    other = tmp_path / "other"
+    dry = install(other, site, "--dry-run")
+    assert dry.exit_code == 0
+    assert "would write" in dry.output and "[Service]" in dry.output
+    assert not other.exists()
+
+
+def test_a_site_that_does_not_load_is_not_installed(tmp_path, site):
+    (site / "machines.yaml").write_text("machines: [\n")
+    r = install(tmp_path / "root", site)
+    assert r.exit_code == 1 and "does not load, so the service could not start" in r.output
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_units_descriptor_limit_gives_serve_its_full_connection_cap(tmp_path, site):
+    server = Server(
+        site,
+        tmp_path / "events.db",
+        None,
+        nofile=service.LIMIT_NOFILE,
+        args=("--tftp", f"127.0.0.1:{free_udp_port()}"),
+    )
+    try:
+        log = server.log.read_text()
+    finally:
+        server.stop()
+    assert "HTTP connections at most 1000" in log and "lowered" not in log
