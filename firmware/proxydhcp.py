@@ -7,6 +7,12 @@
 # Every per-packet outcome is a counter (log.count) and the loop goes on; answers, and
 # declared clients we cannot boot, are also events (log.event "dhcp"). A listener ends only
 # when its socket fails: the error is counted and raised out of run() for the supervisor.
+#
+# An event's `client` is the node's address when the packet tells it (None otherwise): the
+# source of a port-4011 request, a ciaddr, or the address a declared PXE client asks the
+# router for (option 50 of its DHCPREQUEST, which is not ours to answer: kind "request").
+# Later requests by address alone (TFTP, assets) are tied to the MAC through it; the address
+# is made into text only for these few packets per boot, never for the others.
 import gc
 
 import asyncio
@@ -19,7 +25,8 @@ except ImportError:  # MicroPython ports without binascii under that name
 from firmware import dhcp, net, pxe
 from firmware.compat import const, sleep_ms, ticks_ms
 
-_EV_KEYS = ("mac", "arch", "kind", "file", "ipxe", "rpi", "port")
+_EV_KEYS = ("mac", "arch", "kind", "file", "ipxe", "rpi", "port", "client")
+_ZERO = b"\0\0\0\0"
 _SMALL_READ = const(577)  # RFC 2131 minimum message size, +1 to see a longer one
 
 
@@ -124,7 +131,19 @@ class ProxyDhcp:
                 log.event(
                     "dhcp",
                     _EV_KEYS,
-                    (_mac(pkt.mac), pxe.client_arch(pkt), why[5:], None, False, False, port),
+                    (_mac(pkt.mac), pxe.client_arch(pkt), why[5:], None, False, False, port,
+                     None),
+                )
+            elif why == "dhcp.not_for_us" and pkt.requested_ip is not None and (
+                policy.allowed_macs is None or pkt.mac in policy.allowed_macs
+            ):
+                # A declared PXE client asking the router for its address: the one packet that
+                # ties its MAC to the address its TFTP and HTTP requests will come from.
+                log.event(
+                    "dhcp",
+                    _EV_KEYS,
+                    (_mac(pkt.mac), pxe.client_arch(pkt), "request", None, False, False, port,
+                     net.ip_str(pkt.requested_ip)),
                 )
             return
         boot = r.boot
@@ -145,10 +164,17 @@ class ProxyDhcp:
             log.count("dhcp.send_failed")
             return
         log.count("dhcp.offer" if r.msg_type == dhcp.OFFER else "dhcp.ack")
+        if port == pxe.PXE_PORT:
+            client = net.ip_str(net.addr_ip4(src))
+        elif pkt.ciaddr != _ZERO:
+            client = net.ip_str(pkt.ciaddr)
+        else:
+            client = None
         log.event(
             "dhcp",
             _EV_KEYS,
-            (_mac(pkt.mac), pxe.client_arch(pkt), r.kind, boot.label, r.ipxe, r.rpi, port),
+            (_mac(pkt.mac), pxe.client_arch(pkt), r.kind, boot.label, r.ipxe, r.rpi, port,
+             client),
         )
 
 

@@ -192,6 +192,8 @@ async def heartbeat(runtime: RuntimeDep, request: Request) -> JSONResponse:
     except match.Malformed:
         raise HTTPException(400, f"{fields.get('mac')!r} is not a MAC address") from None
     runtime.metrics.heartbeats.inc()
+    if runtime.operator is not None:
+        runtime.operator.heartbeat(mac)  # Ready, in the operator's status
     hub = runtime.device
     machine = hub.heartbeat(mac) if hub is not None else None
     return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None},
