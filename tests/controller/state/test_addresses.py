@@ -74,3 +74,13 @@ def test_the_controller_names_every_step_of_a_node(client_for, site_dir):
     r = c.post("/api/v1/events", headers=auth(), json={
         "kind": "tftp", "payload": {"stage": "start", "file": "ipxe.efi", "client": "10.77.0.131"}})
     assert (r.json()["machine"], r.json()["mac"]) == ("node2", "52:54:00:12:34:02")
+
+
+def test_a_missing_asset_is_a_failed_step_of_a_known_machine_only(client_for, site_dir):
+    c = client_for(site_dir, client=("10.77.0.140", 40000))
+    assert c.get("/assets/lab/no-such-vmlinuz").status_code == 404
+    assert c.get("/api/v1/events", params={"kind": "asset"}).json() == []  # a stranger's probe
+    assert c.get(f"/ipxe?mac={MAC}").status_code == 200  # now 10.77.0.140 is node1
+    assert c.get("/assets/lab/no-such-vmlinuz").status_code == 404
+    [e] = c.get("/api/v1/events", params={"kind": "asset"}).json()
+    assert (e["machine"], e["status"], e["endpoint"]) == ("node1", 404, "/assets/lab/no-such-vmlinuz")
