@@ -130,3 +130,32 @@ def test_bastion_fleet_crds_prints_and_writes_them(tmp_path):
                         "m", "--controller-url", "http://10.200.0.9:8080"],
                        capture_output=True, text=True, check=True)  # fmt: skip
     assert [d["kind"] for d in yaml.safe_load_all(r.stdout)] == ["Site"]
+
+
+def test_the_resources_in_docs_fleet_md_are_valid():
+    from bastion_testkit import REPO
+
+    text = (REPO / "docs" / "fleet.md").read_text()
+    blocks = text.split("<!-- resource -->\n```yaml\n")[1:]
+    assert len(blocks) == 2
+    for block in blocks:
+        doc = yaml.safe_load(block.split("```", 1)[0])
+        errors = [e.message for e in OAS30Validator(schema_of(doc["kind"])).iter_errors(doc)]
+        assert errors == [], (doc["kind"], errors)
+        if doc["kind"] == "Site":  # and the site.yaml in it is one the site files accept
+            from bastion.site.schema import SiteFile
+
+            SiteFile.model_validate(doc["spec"]["site"])
+
+
+def test_the_commands_in_docs_fleet_md_exist():
+    from bastion_testkit import REPO
+
+    text = (REPO / "docs" / "fleet.md").read_text()
+    block = text.split("<!-- runnable -->\n```sh\n")[1].split("```", 1)[0]
+    bastion = Path(sys.executable).parent / "bastion"
+    for line in block.splitlines():
+        args = line.split("#")[0].split()
+        assert args[0] == "bastion"
+        r = subprocess.run([str(bastion), *args[1:], "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, (line, r.stderr)
