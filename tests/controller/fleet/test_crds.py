@@ -157,5 +157,6 @@ def test_the_commands_in_docs_fleet_md_exist():
     for line in block.splitlines():
         args = line.split("#")[0].split()
         assert args[0] == "bastion"
-        r = subprocess.run([str(bastion), *args[1:], "--help"], capture_output=True, text=True)
+        r = subprocess.run([str(bastion), *args[1:], "--help"], capture_output=True, text=True,
+                           check=False)
         assert r.returncode == 0, (line, r.stderr)

@@ -3,6 +3,7 @@ no device, no file). A small simulated site at the end runs whole boots through 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -286,7 +287,7 @@ def test_a_simulated_site_boots_the_good_nodes_and_fails_the_broken_one():
     world = SimulatedSite(broken={"broken-1"})
     mems: dict[str, Memory | None] = {n: None for n in names}
     decisions: list[core.Action] = []
-    for now in range(0, 1200):
+    for now in range(1200):
         for n in names:
             acts, mems[n] = decide(n, replace(ON, relay=names.index(n)), world.seen(n, now),
                                    mems[n], now, CFG)  # fmt: skip
@@ -303,7 +304,7 @@ def test_a_simulated_site_boots_the_good_nodes_and_fails_the_broken_one():
         ("broken-1", "power-cycle"), ("broken-1", "power-cycle")]  # fmt: skip
     # the on edges were staggered by the device
     starts = sorted(evs[0]["ts"] for evs in world.events.values())
-    assert all(b - a >= world.stagger for a, b in zip(starts, starts[1:]))
+    assert all(b - a >= world.stagger for a, b in itertools.pairwise(starts))
     # the waits before the cycles doubled, and every decision has its reason
     stuck = [a for a in decisions if a.action == "stuck"]
     assert [a.attempt for a in stuck] == [1, 2] and all(a.reason for a in decisions)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 from bastion_testkit import TOKEN, auth
-
 from simkit import SimProcess, wait_for
 
 # Short interlocks so that cycles take a moment; the device's stagger between power-ons.
@@ -29,10 +28,9 @@ def declare(site_dir, site_yaml: str, **per_machine: str) -> None:
 
 @pytest.fixture
 def controller(tmp_path, site_dir):
-    from fastapi.testclient import TestClient
-
     from bastion.api.main import create_app
     from bastion.settings import Settings
+    from fastapi.testclient import TestClient
 
     def start(site_yaml: str, **per_machine: str):
         declare(site_dir, site_yaml, **per_machine)
