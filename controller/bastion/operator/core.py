@@ -393,6 +393,8 @@ def status(want: Want, seen: Seen, mem: Memory | None, now: float, cfg: Config) 
     if _ready(want, seen, now, cfg):
         return Status("Ready", "Ready", **base, since=seen.heartbeat_at)
     if p.boot_at is None:
+        if seen.installed:  # its install-once mark: it booted to the end once, before we looked
+            return Status("Provisioned", "Provisioned (installed)", **base)
         if relay == "on":
             return Status("On", "On", **base, reason="powered, no boot seen since the "
                           "controller started watching")  # fmt: skip

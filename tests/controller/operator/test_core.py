@@ -242,6 +242,7 @@ def test_a_refused_command_waits_before_it_is_tried_again():
     (ON, Seen(relay="on", progress=progress(boot_events()), heartbeat_at=190), None, 200, "Ready"),
     (ON, Seen(relay="on", progress=progress(boot_events()), heartbeat_at=100), None, 300, "Provisioned"),
     (ON, Seen(relay="on"), None, 0, "On"),
+    (ON, Seen(relay="on", installed=True), None, 0, "Provisioned (installed)"),
     (Want(spec="a"), Seen(), None, 0, "Unknown"),
     (Want(spec="a"), Seen(progress=progress(boot_events()[1:4])), None, 130, "Booting (tftp)"),
     (replace(ON, maintenance=True), Seen(relay="on"), None, 0, "Maintenance"),
