@@ -12,6 +12,12 @@
 # the rest counted), so the serial line never sets the pace of the answers; and a MacLimit
 # drops a MAC's datagrams beyond its own small rate before they are parsed, so one flooding
 # MAC costs little and leaves the other clients answered.
+#
+# An event's `client` is the node's address when the packet tells it (None otherwise): the
+# source of a port-4011 request, a ciaddr, or the address a declared PXE client asks the
+# router for (option 50 of its DHCPREQUEST, which is not ours to answer: kind "request").
+# Later requests by address alone (TFTP, assets) are tied to the MAC through it; the address
+# is made into text only for these few packets per boot, never for the others.
 import gc
 
 import asyncio
@@ -216,8 +222,20 @@ class ProxyDhcp:
                 # A PXE client we were told to serve but cannot boot: worth telling the user.
                 self.events.event(
                     "dhcp",
-                    ("mac", "arch", "kind", "file", "ipxe", "rpi", "port"),
-                    (_mac(pkt.mac), pxe.client_arch(pkt), why[5:], None, False, False, port),
+                    ("mac", "arch", "kind", "file", "ipxe", "rpi", "port", "client"),
+                    (_mac(pkt.mac), pxe.client_arch(pkt), why[5:], None, False, False, port,
+                     None),
+                )
+            elif why == "dhcp.not_for_us" and pkt.requested_ip is not None and (
+                policy.allowed_macs is None or pkt.mac in policy.allowed_macs
+            ) and self.events.take():
+                # A declared PXE client asking the router for its address: the one packet that
+                # ties its MAC to the address its TFTP and HTTP requests will come from.
+                self.events.event(
+                    "dhcp",
+                    ("mac", "arch", "kind", "file", "ipxe", "rpi", "port", "client"),
+                    (_mac(pkt.mac), pxe.client_arch(pkt), "request", None, False, False, port,
+                     net.ip_str(pkt.requested_ip)),
                 )
             return
         boot = r.boot
@@ -238,10 +256,17 @@ class ProxyDhcp:
             return
         log.count("dhcp.offer" if r.msg_type == dhcp.OFFER else "dhcp.ack")
         if self.events.take():
+            if port == pxe.PXE_PORT:
+                client = net.ip_str(net.addr_ip4(src))
+            elif pkt.ciaddr != b"\0\0\0\0":
+                client = net.ip_str(pkt.ciaddr)
+            else:
+                client = None
             self.events.event(
                 "dhcp",
-                ("mac", "arch", "kind", "file", "ipxe", "rpi", "port"),
-                (_mac(pkt.mac), pxe.client_arch(pkt), r.kind, boot.label, r.ipxe, r.rpi, port),
+                ("mac", "arch", "kind", "file", "ipxe", "rpi", "port", "client"),
+                (_mac(pkt.mac), pxe.client_arch(pkt), r.kind, boot.label, r.ipxe, r.rpi, port,
+                 client),
             )
 
 

@@ -34,7 +34,12 @@ def _register() -> None:
 
     from bastion.device import cli as device_cli
 
-    for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS):
+    from bastion.operator import cli as operator_cli
+
+    from bastion.fleet import cli as fleet_cli
+
+    for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS,
+                    *operator_cli.COMMANDS, *fleet_cli.COMMANDS):
         main.add_command(command)
 
 

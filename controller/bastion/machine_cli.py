@@ -36,7 +36,8 @@ def _state(m: dict) -> str:
 
 @click.group("machine")
 def machine_group() -> None:
-    """The site's machines: install-once state, reprovisioning."""
+    """The site's machines: install-once state, reprovisioning, holds. `bastion machines`
+    shows where each stands."""
 
 
 @machine_group.command("list")
@@ -85,6 +86,27 @@ def machine_reprovision(name, url, token_file) -> None:
                    f"boot (event {r['event']})")  # fmt: skip
     else:
         click.echo(f"{name}: was not marked installed; its next boot is a network boot")
+
+
+@machine_group.command("hold")
+@click.argument("name")
+@_where
+def machine_hold(name, url, token_file) -> None:
+    """Hold NAME: the operator takes no action on it (power, cycles) until it is released. A
+    power command (`bastion power`) holds its machine too. Needs the token."""
+    ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{name}/hold")
+    click.echo(f"{name}: held; `bastion machine release {name}` gives it back to the operator")
+
+
+@machine_group.command("release")
+@click.argument("name")
+@_where
+def machine_release(name, url, token_file) -> None:
+    """Give NAME back to the operator after a hold, a power command or Failed: it converges on
+    its declaration again, with its count of power-cycles at zero. Needs the token."""
+    r = ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{name}/release")
+    click.echo(f"{name}: released; the operator converges it on its declaration again"
+               + (f" (it had failed: {r['failed']['reason']})" if r.get("failed") else ""))
 
 
 COMMANDS = (machine_group,)

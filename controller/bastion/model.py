@@ -64,6 +64,12 @@ class Machine:
     address: str | None = None  # its fixed LAN address, when declared
     # a k3s cluster node: what bastion.cluster.plan.plan made of it (the `cluster` template variable)
     node: dict[str, Any] | None = None
+    # desired state (bastion.operator), its own or site.yaml `defaults:`: power "on" (powered and
+    # running), "off", or None (the operator does not switch it); maintenance: leave it alone;
+    # reprovision: a word whose change asks for one more installation
+    power: str | None = None
+    maintenance: bool = False
+    reprovision: str | None = None
 
     def as_variables(self) -> dict[str, Any]:
         return {
@@ -112,6 +118,8 @@ class SiteSettings:
     metadata: dict[str, Any]
     device: Any = None  # site.yaml `device:`: a schema.DeviceSection or None (bastion.flash.image)
     cluster: Any = None  # site.yaml `cluster:`: a schema.ClusterSection or None (bastion.cluster.plan)
+    operator: Any = None  # site.yaml `operator:`: a schema.OperatorSection (bastion.operator)
+    defaults: Any = None  # site.yaml `defaults:`: a schema.MachineDefaults (desired state)
 
 
 @dataclass(frozen=True)

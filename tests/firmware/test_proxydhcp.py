@@ -182,6 +182,11 @@ def exchange(client: Client, dhcp_port: int, pxe_port: int) -> dict[str, dhcp.Pa
     plain = bytearray(request())
     plain[plain.index(b"PXEClient")] ^= 0x20
     client.tx.sendto(bytes(plain), ("127.0.0.1", dhcp_port))
+    # The REQUEST for the router's offer is the router's to answer, but its option 50 is the
+    # address the node will use: an event (kind "request") ties it to the MAC.
+    lease = request(dhcp.REQUEST, extra=opt(54, b"\x0a\x4d\x00\x01") + opt(50, b"\x0a\x4d\x00\x32"))
+    client.tx.sendto(lease, ("127.0.0.1", dhcp_port))
+    assert client.nothing_for(lease)
     off = request(
         dhcp.REQUEST, extra=opt(54, b"\x7f\x00\x00\x01"), flags=0, ciaddr=b"\x0a\x4d\x00\x32"
     )
@@ -212,7 +217,20 @@ EXPECTED_COUNTS = {
     "dhcp.ack": 2,
     "dhcp.not_pxe": 1,
     "dhcp.not_loopback": 1,
+    "dhcp.not_for_us": 1,
 }
+
+
+def check_events(events: list[dict]) -> None:
+    """The dhcp events' `client`: the address the packet told, else None."""
+    dhcp_events = [e for e in events if e["ev"] == "dhcp"]
+    by_kind = {}
+    for e in dhcp_events:
+        by_kind.setdefault((e["kind"], e["port"]), []).append(e["client"])
+    assert by_kind[("request", 67)] == ["10.77.0.50"]
+    assert by_kind[("ack", 4011)] == ["127.0.0.1"]  # the sender of a port-4011 request
+    assert by_kind[("ack", 67)] == ["127.0.0.1"]  # its ciaddr
+    assert set(by_kind[("offer", 67)]) == {None}  # a DISCOVER tells no address
 
 
 def test_service_under_cpython():
@@ -244,6 +262,7 @@ def test_service_under_cpython():
     assert any(e["ipxe"] and e["file"] == URL for e in offers)
     assert any(e["rpi"] and e["file"] == "rpi" for e in offers)
     assert json.dumps(log.recent())  # events are plain JSON values
+    check_events(log.recent())
 
 
 def test_a_bug_on_one_packet_does_not_stop_the_listener():
@@ -379,7 +398,8 @@ def test_service_under_micropython(tmp_path, heap, mpy):
         assert svc.counts.get(name) == n, (name, svc.counts, "".join(svc.out[-20:]))
     assert "dhcp.error" not in svc.counts, "".join(svc.out)
     events = [json.loads(x) for x in svc.out if x.startswith("{") and '"ev"' in x]
-    assert {e["kind"] for e in events if e["ev"] == "dhcp"} == {"offer", "ack"}
+    assert {e["kind"] for e in events if e["ev"] == "dhcp"} == {"offer", "ack", "request"}
+    check_events(events)
 
 
 def _serving(scenario_fn):

@@ -9,6 +9,7 @@ absolute paths and NUL bytes with 400 before touching the disk, symlinks that po
 from __future__ import annotations
 
 import stat
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -35,8 +36,14 @@ def _static_files(directory: Path) -> StaticFiles:
     return StaticFiles(directory=directory, check_dir=False)
 
 
-def _refused(runtime, status: int, text: str) -> Response:
+def _refused(runtime, request: Request, rel: str, status: int, text: str) -> Response:
     runtime.metrics.asset_requests.labels(status=str(status)).inc()
+    client = request.client.host if request.client else None
+    if request.method == "GET" and runtime.addresses.lookup(client, time.time()) is not None:
+        # A machine's boot step that failed (a kernel that is not there): its history says so.
+        # Refusals from anyone else are not boots, and are not recorded.
+        runtime.record("asset", endpoint=f"/assets/{rel}"[:300], status=status,
+                       payload={"client": client})
     return PlainTextResponse(text, status)
 
 
@@ -55,14 +62,14 @@ def _refused(runtime, status: int, text: str) -> Response:
 async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep) -> Response:
     rel = clean_relpath(path)
     if rel is None:
-        return _refused(runtime, 400, f"{path!r} is not a path inside assets/\n")
+        return _refused(runtime, request, path, 400, f"{path!r} is not a path inside assets/\n")
     static = _static_files(site.assets_dir)
     try:
         full, st = await anyio.to_thread.run_sync(static.lookup_path, rel)
     except OSError:  # a name too long, a directory it may not read: nothing to serve either
         full, st = "", None
     if st is None or not stat.S_ISREG(st.st_mode):
-        return _refused(runtime, 404, f"no asset {rel}\n")
+        return _refused(runtime, request, rel, 404, f"no asset {rel}\n")
     response: Response = AssetResponse(full, stat_result=st)
     if static.is_not_modified(response.headers, Headers(scope=request.scope)):
         response = NotModifiedResponse(response.headers)

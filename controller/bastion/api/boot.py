@@ -210,6 +210,8 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
                            endpoint="/heartbeat", payload={"news": news, "client": client,
                            **{k: v for k, v in checked.items() if v is not None}})  # fmt: skip
             recorded = True
+    if runtime.operator is not None:
+        runtime.operator.heartbeat(mac)  # Ready, in the operator's status
     hub = runtime.device
     machine = hub.heartbeat(mac) if hub is not None else None
     return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -17,9 +18,14 @@ from bastion.state.secrets import SecretStore
 from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
 from bastion.model import BootRequest, Site
+from bastion.operator.runner import Operator
+from bastion.state.addresses import AddressBook
 from bastion.state.events import EventStore
 from bastion.state.heartbeats import Heartbeats
 from bastion.tftpd import TftpService
+
+# How far back a newly learned address names the steps recorded by address alone.
+ATTRIBUTE_BACK_S = 300.0
 
 
 @dataclass
@@ -37,10 +43,24 @@ class Runtime:
     provisioning: Provisioning | None = None
     # what each node's latest heartbeat said (POST /heartbeat)
     heartbeats: Heartbeats = field(default_factory=Heartbeats)
+    # which machine each LAN address is (bastion.state.addresses): names address-only steps
+    addresses: AddressBook = field(default_factory=AddressBook)
+    operator: Operator | None = None  # bastion.operator: the site converges on its declaration
 
     def record(self, kind: str, **fields: Any) -> int:
+        """Record an event: a step that came by address alone gets its machine, and one that
+        ties an address to a machine names that address's recent steps too."""
+        now = time.time()
+        fields = self.addresses.attribute(kind, fields, now)
         event_id = self.store.record(kind, **fields)
         self.metrics.events.labels(kind=kind).inc()
+        news = self.addresses.learn(kind, fields, now)
+        if news is not None:
+            b = news[0]
+            self.store.attribute(b.address, b.mac, b.machine, now - ATTRIBUTE_BACK_S,
+                                 after_id=max(0, event_id - 10000))  # fmt: skip
+        if self.operator is not None:
+            self.operator.saw(kind)
         return event_id
 
 

@@ -34,10 +34,15 @@ class PowerIn(BaseModel):
     off_ms: int | None = Field(default=None, ge=0, description="off time of a cycle")
 
 
-async def _power(hub: DeviceHub, target: str, body: PowerIn) -> dict[str, Any]:
+async def _power(runtime, hub: DeviceHub, target: str, body: PowerIn) -> dict[str, Any]:
     try:
+        _, name = hub.channel_for(target)
+        if name is not None and runtime.operator is not None:
+            # A person's command: the operator holds off the machine until it is released.
+            await anyio.to_thread.run_sync(runtime.operator.hold, name, "api", body.state)
         # The serial exchange blocks: keep it off the event loop.
-        return await anyio.to_thread.run_sync(hub.power, target, body.state, body.off_ms)
+        answer = await anyio.to_thread.run_sync(hub.power, target, body.state, body.off_ms)
+        return {**answer, "held": name is not None and runtime.operator is not None}
     except PowerTargetError as e:
         raise HTTPException(404, str(e)) from None
     except DeviceTimeout as e:
@@ -48,13 +53,15 @@ async def _power(hub: DeviceHub, target: str, body: PowerIn) -> dict[str, Any]:
 
 
 @router.post("/machines/{name}/power", summary="Switch a machine's power (needs the token)")
-async def machine_power(name: str, body: PowerIn, _: AdminDep, hub: HubDep) -> dict[str, Any]:
-    return await _power(hub, name, body)
+async def machine_power(name: str, body: PowerIn, _: AdminDep, hub: HubDep,
+                        runtime: RuntimeDep) -> dict[str, Any]:  # fmt: skip
+    return await _power(runtime, hub, name, body)
 
 
 @router.post("/device/power/{channel}", summary="Switch a relay channel (needs the token)")
-async def channel_power(channel: int, body: PowerIn, _: AdminDep, hub: HubDep) -> dict[str, Any]:
-    return await _power(hub, str(channel), body)
+async def channel_power(channel: int, body: PowerIn, _: AdminDep, hub: HubDep,
+                        runtime: RuntimeDep) -> dict[str, Any]:  # fmt: skip
+    return await _power(runtime, hub, str(channel), body)
 
 
 @router.get("/device", summary="The device: link state, firmware, relays, tasks, counters")

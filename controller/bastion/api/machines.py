@@ -20,20 +20,25 @@ router = APIRouter(prefix="/machines", tags=["machines"])
 
 
 # The API's two machine types are made from the model and the schema, not written a third time.
-_VIEW = ("name", "mac", "uuid", "arch", "role", "profile", "hostname", "labels", "relay", "source")
+_VIEW = ("name", "mac", "uuid", "arch", "role", "profile", "hostname", "labels", "relay", "source",
+         "power", "maintenance", "reprovision")  # fmt: skip
 _MODEL_TYPES = typing.get_type_hints(Machine)
+_OPTIONAL = {"relay": None, "power": None, "maintenance": False, "reprovision": None}
 
 MachineOut = create_model(
     "MachineOut",
     __doc__="A machine as the site model has it (model.Machine; heartbeat as an object), with "
     "the group it makes and its install-once state.",
-    **{name: (_MODEL_TYPES[name], None if name == "relay" else ...) for name in _VIEW},
+    **{name: (_MODEL_TYPES[name], _OPTIONAL.get(name, ...)) for name in _VIEW},
     heartbeat=(dict[str, int] | None, None),
     group=(str, ...),
     # install-once (profile `install:`; bastion.state.install): what its next network boot gets
     install=(str, "always"),
     installed_at=(float | None, None),  # when it reported its first boot, if marked installed
     boots_from=(str, "network"),  # "local-disk" once an `install: once` machine is installed
+    # where it stands (bastion.operator.core.status): its phase and the text shown for it
+    phase=(str | None, None),
+    status=(str | None, None),
 )
 
 
@@ -74,12 +79,15 @@ MachineIn = create_model(
 )
 
 
-def machine_out(m: Machine, site: Site | None = None, mark: Installed | None = None) -> MachineOut:
+def machine_out(m: Machine, site: Site | None = None, mark: Installed | None = None,
+                status: dict | None = None) -> MachineOut:  # fmt: skip
     profile = site.profiles.get(m.profile) if site is not None else None
     install = profile.install if profile is not None else "always"
     return MachineOut(
         name=m.name, mac=m.mac, uuid=m.uuid, arch=m.arch, role=m.role, profile=m.profile,
         hostname=m.hostname, labels=m.labels, relay=m.relay,
+        power=m.power, maintenance=m.maintenance, reprovision=m.reprovision,
+        phase=status.get("phase") if status else None, status=status.get("text") if status else None,
         heartbeat={"timeout_s": m.heartbeat[0], "boot_s": m.heartbeat[1]} if m.heartbeat else None,
         group=f"machine:{m.name}",
         source=m.source,
@@ -100,16 +108,22 @@ def _machine(site: Site, name: str) -> Machine:
     return m
 
 
+def _statuses(runtime) -> dict[str, dict]:
+    if runtime.operator is None:
+        return {}
+    return {v["name"]: v["status"] for v in runtime.operator.view()["machines"]}
+
+
 @router.get("", summary="Machines declared in machines.yaml")
 def list_machines(site: SiteDep, runtime: RuntimeDep) -> list[MachineOut]:
-    marks = _marks(runtime)
-    return [machine_out(m, site, marks.get(m.name)) for m in site.machines]
+    marks, statuses = _marks(runtime), _statuses(runtime)
+    return [machine_out(m, site, marks.get(m.name), statuses.get(m.name)) for m in site.machines]
 
 
 @router.get("/{name}", summary="One machine")
 def get_machine(name: str, site: SiteDep, runtime: RuntimeDep) -> MachineOut:
     m = _machine(site, name)
-    return machine_out(m, site, _marks(runtime).get(m.name))
+    return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 
 @router.post(
@@ -166,6 +180,42 @@ def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) ->
     site = apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
     m = _machine(site, name)
     return machine_out(m, site, _marks(runtime).get(m.name))
+
+
+MachinePatch = create_model(
+    "MachinePatch",
+    __doc__="Fields of a machines.yaml entry to change; null removes the field (its site.yaml "
+    "default applies again). Checked like PUT, with the whole site.",
+    __config__=ConfigDict(extra="forbid"),
+    **{k: (Any, None) for k in MachineEntry.model_fields if k != "name"},
+)
+
+
+@router.patch(
+    "/{name}",
+    summary="Change fields of a machine's entry, e.g. its desired power (needs the token)",
+    description="`{\"power\": \"off\"}` declares the machine off in machines.yaml; the operator "
+    "acts on it at its next pass (`sync: auto`) or at `POST /api/v1/apply` (`sync: manual`).",
+)
+def patch_machine(name: str, body: MachinePatch, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
+    doc = current_yaml(runtime, "machines.yaml") or {}
+    machines = list(doc.get("machines") or [])
+    for i, existing in enumerate(machines):
+        if isinstance(existing, dict) and existing.get("name") == name:
+            entry = dict(existing)
+            for key, value in body.model_dump(exclude_unset=True).items():
+                if value is None:
+                    entry.pop(key, None)
+                else:
+                    entry[key] = value
+            machines[i] = entry
+            break
+    else:
+        raise HTTPException(404, f"no machine {name!r} in machines.yaml")
+    doc["machines"] = machines
+    site = apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
+    m = _machine(site, name)
+    return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 
 @router.delete("/{name}", status_code=204, summary="Remove a machine (needs the token)")

@@ -11,7 +11,8 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import assets, boot, dashboard, device, events, groups, machines, profiles, system
+from bastion.api import (assets, boot, dashboard, device, events, groups, machines, operator,
+                         profiles, system)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
@@ -22,6 +23,8 @@ from bastion.state.secrets import SecretStore, machine_secrets, secrets_dir
 from bastion.settings import Settings, default_db_path
 from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
+from bastion.operator.runner import Operator
+from bastion.state.operator import OperatorState
 
 log = logging.getLogger("bastion")
 
@@ -53,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
         runtime_box[0].record("site", payload=payload) if runtime_box else store.record("site", payload=payload)
         if outcome.ok and runtime_box and runtime_box[0].device is not None:
             runtime_box[0].device.site_changed()
+        if runtime_box and runtime_box[0].operator is not None:
+            runtime_box[0].operator.wake()
 
     holder = SiteHolder(settings.site_dir, on_reload=on_reload)
     # The site's own history unless --db names one; bounded (--history-days, --history-events).
@@ -80,6 +85,11 @@ def create_app(settings: Settings) -> FastAPI:
 
         runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record)
 
+    # the operator: desired state in the site files drives power and boot (bastion.operator)
+    runtime.addresses.seed([e.as_dict() for e in reversed(store.query(limit=5000))])
+    runtime.operator = Operator(holder, store, OperatorState(db_path), runtime.record,
+                                hub=runtime.device, installs=runtime.provisioning.installs)
+
     if settings.tftp_listen:
         from bastion.tftpd import TftpService
 
@@ -100,9 +110,11 @@ def create_app(settings: Settings) -> FastAPI:
             task = asyncio.create_task(_watch(holder, settings.poll_seconds))
         if runtime.device is not None:
             runtime.device.start()
+        runtime.operator.start()
         try:
             yield
         finally:
+            await anyio.to_thread.run_sync(runtime.operator.close)
             if runtime.tftp is not None:
                 await anyio.to_thread.run_sync(runtime.tftp.stop)
             if runtime.device is not None:
@@ -121,7 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(system.router)
     app.include_router(dashboard.router)
     api = APIRouter(prefix="/api/v1")
-    for module in (machines, device, profiles, groups, events):
+    for module in (machines, device, profiles, groups, events, operator):
         api.include_router(module.router)
     app.include_router(api)
     return app

@@ -60,7 +60,9 @@ def _need_one(url: str | None, port: str | None) -> str | None:
 def power(state, target, off_ms, url, port, token_file) -> None:
     """Switch TARGET's power: a machine name (its relay: in machines.yaml) or, with --port or
     as a number, a relay channel. The device refuses what its interlocks forbid (cycling
-    faster than a channel's minimum off time, cycle storms) and says why."""
+    faster than a channel's minimum off time, cycle storms) and says why. Through a
+    controller, the machine is then held: its operator leaves it alone until
+    `bastion machine release NAME`."""
     from bastion.device.link import DeviceError
 
     port = _need_one(url, port)
@@ -89,6 +91,10 @@ def power(state, target, off_ms, url, port, token_file) -> None:
     click.echo(f"{target}: channel {ch.get('ch')} ({ch.get('name')}) desired {ch.get('desired')}, "
                f"output {ch.get('output')}" + (" (waiting its turn)" if ch.get("queued") else "")
                + (" (cycling)" if ch.get("cycling") else ""))
+    if url and r.get("held"):
+        name = r.get("machine") or target
+        click.echo(f"{name}: held: the operator leaves it alone until `bastion machine release "
+                   f"{name}`")
 
 
 def _device_view(url, port, token_file) -> dict[str, Any]:

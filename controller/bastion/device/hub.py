@@ -180,9 +180,11 @@ class DeviceHub:
             )
         return m.relay, m.name
 
-    def power(self, target: str | int, state: str, off_ms: int | None = None) -> dict[str, Any]:
+    def power(self, target: str | int, state: str, off_ms: int | None = None,
+              source: str = "api") -> dict[str, Any]:  # fmt: skip
         """Switch a machine's relay; the device's reply (its channel status). Raises
-        PowerTargetError, or DeviceError with the device's own words (interlocks)."""
+        PowerTargetError, or DeviceError with the device's own words (interlocks). `source`:
+        who asked (`api`: a person; `operator`: bastion.operator), in the power_request event."""
         if state not in ("on", "off", "cycle"):
             raise PowerTargetError(f"state {state!r}: expected on, off or cycle")
         ch, name = self.channel_for(target)
@@ -190,7 +192,7 @@ class DeviceHub:
         if off_ms is not None:
             args["off_ms"] = off_ms
         reply = self.link.request("power", **args)
-        self._record("power_request", source="api", machine=name,
+        self._record("power_request", source=source, machine=name,
                      payload={"channel": ch, "state": state, "result": reply.get("channel")})
         return {"machine": name, "channel": reply.get("channel")}
 

@@ -3,9 +3,10 @@
 Every step of a network boot lands as an event: the device's relay switching on (power), its
 proxy offers (dhcp), the TFTP transfer (tftp), the controller's scripts and configs (boot),
 kernel and initrd downloads (asset), the node's own report (callback), its heartbeats' news
-(heartbeat: a boot's first beat) and the device's node watchdog acting on it (watchdog). Device and HTTP
-events that carry no MAC (TFTP, /boot.ipxe, assets) are tied to the node by the client
-address its MAC-bearing requests came from.
+(heartbeat: a boot's first beat) and the device's node watchdog acting on it (watchdog). Device and
+HTTP events that carry no MAC (TFTP, /boot.ipxe, assets) are named after their machine by the
+controller (bastion.state.addresses), and are also tied to the node here by the client address
+its MAC-bearing requests came from.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
             what = "script URL (iPXE)" if p.get("ipxe") else f"boot file {p.get('file')}"
             add(e, "proxy offer", f"{p.get('kind')} on port {p.get('port')}: arch "
                 f"{p.get('arch')}, {what}" + (f" {p.get('file')}" if p.get("ipxe") else ""))
-        elif kind == "tftp" and src in ("device", "controller") and (p.get("client") in ips or not ips):
+        elif kind == "tftp" and src in ("device", "controller") and (mine or not ips):
             where = "" if src == "device" else " (controller)"
             if p.get("stage") == "start":
                 add(e, "tftp start", f"{p.get('file')}{where}: {p.get('tsize')} bytes, blksize "
@@ -77,7 +78,7 @@ def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
         elif kind == "boot" and mine:
             add(e, f"GET {e.get('endpoint')}", f"HTTP {e.get('status')}"
                 + (f", profile {e['profile']}" if e.get("profile") else ""))
-        elif kind == "asset" and p.get("client") in ips:
+        elif kind == "asset" and mine:
             add(e, "GET asset", f"{e.get('endpoint')}: {p.get('size')} bytes, HTTP {e.get('status')}")
         elif kind == "callback" and mine:
             add(e, "callback", f"{p.get('status')}, {len(p.get('files') or {})} files, "

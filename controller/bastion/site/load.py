@@ -317,6 +317,8 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         metadata=json.loads(json.dumps(model.metadata)),
         device=model.device,
         cluster=model.cluster,
+        operator=model.operator,
+        defaults=model.defaults,
     )
 
 
@@ -345,6 +347,7 @@ def _load_machines(
     doc = ld.yaml_doc(rel)
     if doc is None or doc is False:
         return []
+    defaults = settings.defaults or schema.MachineDefaults()
     model = ld.validated(schema.MachinesFile, doc, rel)
     if model is None:
         return []
@@ -389,6 +392,10 @@ def _load_machines(
         if entry.heartbeat is not None and entry.relay is None:
             ld.problem(rel, at("heartbeat"), f"{where}.heartbeat",
                        "needs relay: the watchdog power-cycles a hung node through its relay")
+            continue
+        if entry.power is not None and entry.relay is None:
+            ld.problem(rel, at("power"), f"{where}.power",
+                       "needs relay: the operator switches a machine's power through its relay")
             continue
         if entry.relay is not None:
             if entry.relay in by_relay:
@@ -449,6 +456,11 @@ def _load_machines(
                 heartbeat=(entry.heartbeat.timeout_s, entry.heartbeat.boot_s)
                 if entry.heartbeat else None,
                 address=entry.address,
+                power=entry.power if entry.power is not None
+                else (defaults.power if entry.relay is not None else None),
+                maintenance=entry.maintenance if entry.maintenance is not None
+                else defaults.maintenance,
+                reprovision=entry.reprovision,
             )
         )
     if resolve:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -481,6 +481,84 @@ class MachineWireguard(_Strict):
     check_ip = field_validator("address")(_ip)
 
 
+# --- desired state and the operator (bastion.operator) --------------------------------------
+
+# A boot's steps, in the order a network boot reaches them (bastion.operator.core.STEPS is the
+# authority; repeated here so that site.yaml's operator.step_timeouts can be checked).
+BOOT_STEPS = ("power-on", "pxe", "tftp", "ipxe", "script", "kernel", "ignition")
+
+
+def _token(v: Any) -> Any:
+    """reprovision: any short word or number, kept as text (changing it is what counts)."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, (int, float)):
+        return str(v)
+    if hasattr(v, "isoformat"):  # YAML reads a bare 2026-12-05 as a date
+        return v.isoformat()
+    return v
+
+
+class MachineDefaults(_Strict):
+    """site.yaml `defaults:` -- the desired state of every machine whose machines.yaml entry
+    does not say otherwise. `power` applies to the machines with a `relay:` only."""
+
+    power: Literal["on", "off"] | None = Field(
+        default=None,
+        description="on: powered and running (the operator boots it and watches the boot); "
+        "off: powered off; unset: the operator does not switch its power",
+    )
+    maintenance: bool = Field(
+        default=False, description="leave the machines alone: the operator takes no action"
+    )
+
+    check_power = field_validator("power", mode="before")(_on_off)
+
+
+class OperatorSection(_Strict):
+    """site.yaml `operator:` -- how the operator (bastion.operator) converges the site on its
+    declaration."""
+
+    sync: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: a reloaded declaration is acted on at once; manual: only after "
+        "`bastion apply` (the served boot files still reload at once)",
+    )
+    interval_s: int = Field(
+        default=10, strict=True, ge=1, le=3600,
+        description="reconcile at least this often (and on every reload and boot event)",
+    )  # fmt: skip
+    cycles: int = Field(
+        default=3, strict=True, ge=0, le=20,
+        description="power-cycles of a stuck boot before the machine is Failed",
+    )  # fmt: skip
+    backoff_s: int = Field(
+        default=30, strict=True, ge=0, le=86400,
+        description="wait before the first power-cycle of a stuck boot; doubles each time",
+    )  # fmt: skip
+    backoff_max_s: int = Field(
+        default=900, strict=True, ge=0, le=86400, description="the longest wait between cycles"
+    )  # fmt: skip
+    ready_s: int = Field(
+        default=120, strict=True, ge=1, le=86400,
+        description="a heartbeat this recent makes a machine Ready (its heartbeat.timeout_s "
+        "when it has one)",
+    )  # fmt: skip
+    step_timeouts: dict[str, Annotated[int, Field(strict=True, ge=1, le=86400)]] = Field(
+        default_factory=dict,
+        description="seconds a boot may stay at a step before it is stuck, by step: "
+        + ", ".join(BOOT_STEPS),
+    )
+
+    @field_validator("step_timeouts")
+    @classmethod
+    def _steps(cls, v: dict[str, int]) -> dict[str, int]:
+        for step in v:
+            if step not in BOOT_STEPS:
+                raise ValueError(f"{step!r} is not a boot step ({', '.join(BOOT_STEPS)})")
+        return v
+
+
 class SiteFile(_Strict):
     """site.yaml"""
 
@@ -502,6 +580,13 @@ class SiteFile(_Strict):
     )
     cluster: ClusterSection | None = Field(
         default=None, description="a k3s cluster of the machines with role server or agent"
+    )
+    defaults: MachineDefaults = Field(
+        default_factory=MachineDefaults,
+        description="every machine's desired state unless machines.yaml says otherwise",
+    )
+    operator: OperatorSection = Field(
+        default_factory=OperatorSection, description="how the operator converges the site"
     )
 
     @field_validator("controller_url")
@@ -549,6 +634,23 @@ class MachineEntry(_Strict):
     disk: MachineDisk | None = None
     k3s: MachineK3s | None = None
     wireguard: MachineWireguard | None = None
+    # desired state (bastion.operator); site.yaml `defaults:` for what is not set here
+    power: Literal["on", "off"] | None = Field(
+        default=None,
+        description="on: powered and running (the operator boots it through its relay and "
+        "watches the boot); off: powered off. Needs relay",
+    )
+    maintenance: bool | None = Field(
+        default=None, description="true: the operator leaves this machine alone"
+    )
+    reprovision: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="change it (a date, a counter) to have the machine installed again: its "
+        "install-once mark is cleared and, when it is on, it is power-cycled into a network boot",
+    )  # fmt: skip
+
+    check_power = field_validator("power", mode="before")(_on_off)
+    check_reprovision = field_validator("reprovision", mode="before")(_token)
 
     check_address = field_validator("address")(_ip)
 

@@ -208,6 +208,21 @@ class EventStore:
             rows = self._db.execute(sql, args).fetchall()
         return [_event(r) for r in rows]
 
+    def attribute(self, client: str, mac: str, machine: str, since: float, after_id: int = 0) -> int:
+        """Name the machine of the steps recorded by address alone (kinds tftp, asset, boot;
+        no MAC, no machine) from `client` since `since` (and after event `after_id`, which
+        bounds the scan): what a node asked before its address was known to be its own
+        (bastion.state.addresses). Returns how many events it named."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE events SET mac = ?, machine = ?, "
+                "payload = json_set(payload, '$.attributed', 'address') "
+                "WHERE id > ? AND ts >= ? AND machine IS NULL AND mac IS NULL "
+                "AND kind IN ('tftp', 'asset', 'boot') AND json_extract(payload, '$.client') = ?",
+                (mac, machine, after_id, since, client),
+            )
+            return cur.rowcount
+
     def count(self, kind: str | None = None) -> int:
         with self._lock:
             if kind is None:

@@ -64,6 +64,11 @@ def test_the_dashboard_shows_machines_events_and_the_live_device(served, tmp_pat
     assert '<tr data-channel="1"><td>ch 1</td><td>node2</td><td><span class="pill on">on</span>' in dom
     assert '<tr data-channel="0"><td>ch 0</td><td>node1</td><td><span class="pill">off</span>' in dom
     assert '<span class="meta" id="updated">live · ' in dom
+    # The machines' status, from the operator: node2 was switched by a person, so it is held;
+    # the page's script fetched it (GET /api/v1/operator) and says how the operator runs.
+    assert ('<td class="status"><span class="pill Held" title="power on by api">'
+            'Held (power on by api)</span></td>') in dom
+    assert '<span class="meta" id="operator">operator · sync auto · ' in dom
 
 
 def test_a_screenshot_renders(served, tmp_path):

@@ -33,6 +33,10 @@ ADMIN_ROUTES = [
     ("GET", "/api/v1/machines/node1/ignition", None),
     ("GET", "/api/v1/groups/machine:node1/metadata", None),
     ("POST", "/api/v1/machines/node1/reprovision", None),
+    ("PATCH", "/api/v1/machines/node1", {"power": "off"}),
+    ("POST", "/api/v1/machines/node1/hold", None),
+    ("POST", "/api/v1/machines/node1/release", None),
+    ("POST", "/api/v1/apply", {}),
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ADMIN_ROUTES]
 
@@ -219,7 +223,9 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         "/ignition": {"get"}, "/generic": {"get"}, "/metadata": {"get"}, "/callback": {"post"},
         "/assets/{path}": {"get", "head"},
         "/healthz": {"get"}, "/metrics": {"get"}, "/api/v1/site": {"get"}, "/api/v1/reload": {"post"},
-        "/api/v1/machines": {"get"}, "/api/v1/machines/{name}": {"get", "put", "delete"},
+        "/api/v1/machines": {"get"}, "/api/v1/machines/{name}": {"get", "put", "patch", "delete"},
+        "/api/v1/machines/{name}/hold": {"post"}, "/api/v1/machines/{name}/release": {"post"},
+        "/api/v1/operator": {"get"}, "/api/v1/plan": {"get"}, "/api/v1/apply": {"post"},
         "/api/v1/machines/{name}/ignition": {"get"}, "/api/v1/machines/{name}/power": {"post"},
         "/api/v1/machines/{name}/reprovision": {"post"},
         "/api/v1/profiles": {"get"}, "/api/v1/profiles/{pid}": {"get", "put", "delete"},
@@ -242,7 +248,9 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         ("/api/v1/reload", "POST"), ("/api/v1/events", "POST"),
         ("/api/v1/machines/{name}/power", "POST"), ("/api/v1/device/power/{channel}", "POST"),
         ("/api/v1/machines/{name}/ignition", "GET"), ("/api/v1/groups/{gid}/metadata", "GET"),
-        ("/api/v1/machines/{name}/reprovision", "POST"),
+        ("/api/v1/machines/{name}/reprovision", "POST"), ("/api/v1/machines/{name}", "PATCH"),
+        ("/api/v1/machines/{name}/hold", "POST"), ("/api/v1/machines/{name}/release", "POST"),
+        ("/api/v1/apply", "POST"),
     }  # fmt: skip
     assert len(secured) == len(ADMIN_ROUTES)
 
@@ -561,6 +569,6 @@ def test_the_api_machine_types_follow_the_model_and_the_schema():
     from bastion.site.schema import MachineEntry
 
     assert set(MachineIn.model_fields) == set(MachineEntry.model_fields) - {"name"}
-    api_only = {"group", "install", "installed_at", "boots_from"}
+    api_only = {"group", "install", "installed_at", "boots_from", "phase", "status"}
     model_fields = {f.name for f in dataclasses.fields(Machine)}
     assert set(MachineOut.model_fields) - api_only <= model_fields

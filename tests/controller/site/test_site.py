@@ -191,3 +191,62 @@ def test_a_role_typo_with_a_default_profile_is_a_warning(site_dir):
     assert site.machine("node2").profile == "flatcar-worker"
     assert any("machines[1].role: 'control-plain' is not in site.yaml roles" in w
                for w in site.warnings), site.warnings
+
+
+# --- desired state (bastion.operator) -----------------------------------------------------------
+
+
+def test_desired_state_comes_from_the_entry_then_site_defaults(site_dir):
+    _edit(site_dir / "site.yaml", "site: home-lab", "site: home-lab\ndefaults:\n  power: on\n"
+          "operator:\n  sync: manual\n  cycles: 2\n  step_timeouts: {script: 30}")
+    _edit(site_dir / "machines.yaml", "    relay: 1\n", "    relay: 1\n    power: off\n"
+          "    maintenance: true\n    reprovision: 2026-12-05\n")
+    (site_dir / "machines.yaml").write_text((site_dir / "machines.yaml").read_text()
+                                            + "  - name: nuc1\n    mac: 52:54:00:12:34:09\n"
+                                              "    role: worker\n    reprovision: 7\n")
+    site = load_site(site_dir)
+    by = {m.name: m for m in site.machines}
+    assert (by["node1"].power, by["node1"].maintenance, by["node1"].reprovision) == ("on", False, None)
+    # YAML 1.1 reads `off` as false and a bare date as a date: both are what was written
+    assert (by["node2"].power, by["node2"].maintenance, by["node2"].reprovision) == ("off", True, "2026-12-05")
+    # no relay: the site default power does not apply (the operator cannot switch it)
+    assert (by["nuc1"].power, by["nuc1"].reprovision) == (None, "7")
+    op = site.settings.operator
+    assert (op.sync, op.cycles, op.step_timeouts, op.backoff_s) == ("manual", 2, {"script": 30}, 30)
+
+
+def test_an_unset_site_has_no_desired_power(site_dir):
+    site = load_site(site_dir)
+    assert {m.power for m in site.machines} == {None}
+    assert site.settings.operator.sync == "auto"
+
+
+DESIRED_BROKEN = [
+    ("power without a relay", "machines.yaml", "    relay: 2\n", "    power: on\n",
+     "machines.yaml:", "machines[2].power: needs relay"),
+    ("power is on or off", "machines.yaml", "    relay: 0\n", "    relay: 0\n    power: running\n",
+     "machines.yaml:9: machines[0].power:", "must be 'on' or 'off', not 'running'"),
+    ("maintenance is true or false", "machines.yaml", "    relay: 0\n", "    relay: 0\n    maintenance: later\n",
+     "machines.yaml:9: machines[0].maintenance:", "must be true or false"),
+    ("an unknown boot step", "site.yaml", "site: home-lab", "site: home-lab\noperator:\n  step_timeouts: {kernal: 60}",
+     "site.yaml:", "operator.step_timeouts: 'kernal' is not a boot step"),
+    ("a step timeout of zero", "site.yaml", "site: home-lab", "site: home-lab\noperator:\n  step_timeouts: {tftp: 0}",
+     "site.yaml:", "operator.step_timeouts.tftp:"),
+    ("cycles as text", "site.yaml", "site: home-lab", "site: home-lab\noperator:\n  cycles: '3'",
+     "site.yaml:", "operator.cycles: must be an integer, not '3'"),
+    ("sync mode", "site.yaml", "site: home-lab", "site: home-lab\noperator:\n  sync: sometimes",
+     "site.yaml:", "operator.sync: must be 'auto' or 'manual', not 'sometimes'"),
+    ("defaults typo", "site.yaml", "site: home-lab", "site: home-lab\ndefaults:\n  powr: on",
+     "site.yaml:", "defaults.powr: is not a known field"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, rel, old, new, starts, contains", DESIRED_BROKEN,
+                         ids=[b[0] for b in DESIRED_BROKEN])
+def test_desired_state_mistakes_name_the_file_and_field(name, rel, old, new, starts, contains, site_dir):
+    _edit(site_dir / rel, old, new)
+    with pytest.raises(SiteError) as e:
+        load_site(site_dir)
+    problems = e.value.problems
+    assert len(problems) == 1, "\n".join(problems)
+    assert problems[0].startswith(starts) and contains in problems[0], problems[0]

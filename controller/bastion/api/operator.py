@@ -1,0 +1,69 @@
+"""Management API: the operator (bastion.operator) -- where each machine stands, holds, and
+`plan` / `apply` of the site files' declaration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, ConfigDict
+
+from bastion.api.deps import AdminDep, RuntimeDep
+from bastion.operator.runner import Operator, PlanChanged
+from bastion.site.load import SiteError
+
+router = APIRouter(tags=["operator"])
+
+
+def _operator(runtime) -> Operator:
+    if runtime.operator is None:
+        raise HTTPException(503, "this controller runs no operator")
+    return runtime.operator
+
+
+def _known(runtime, name: str) -> None:
+    if runtime.holder.site.machine(name) is None:
+        raise HTTPException(404, f"no machine {name!r} in machines.yaml")
+
+
+class ApplyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    plan: str | None = None  # the plan `GET /api/v1/plan` answered; None: whatever it is now
+
+
+@router.get("/operator", summary="Where every machine stands: declaration, relay, boot, status")
+async def operator_view(runtime: RuntimeDep) -> dict[str, Any]:
+    return await anyio.to_thread.run_sync(_operator(runtime).view)
+
+
+@router.get("/plan", summary="What applying the site files on disk would do, without doing it")
+async def plan(runtime: RuntimeDep) -> dict[str, Any]:
+    try:
+        return await anyio.to_thread.run_sync(_operator(runtime).plan)
+    except SiteError as e:
+        raise HTTPException(422, {"message": "the site files do not load", "problems": e.problems}) from None
+
+
+@router.post("/apply", summary="Reload the site files and do what their plan says (needs the token)")
+async def apply(body: ApplyIn, runtime: RuntimeDep, _: AdminDep) -> dict[str, Any]:
+    try:
+        return await anyio.to_thread.run_sync(_operator(runtime).apply, body.plan)
+    except SiteError as e:
+        raise HTTPException(422, {"message": "the site files do not load", "problems": e.problems}) from None
+    except PlanChanged as e:
+        raise HTTPException(409, {"message": str(e), "plan": e.plan}) from None
+
+
+@router.post("/machines/{name}/hold", summary="Hold a machine: the operator leaves it alone (needs the token)")
+async def hold(name: str, runtime: RuntimeDep, _: AdminDep) -> dict[str, Any]:
+    _known(runtime, name)
+    mem = await anyio.to_thread.run_sync(_operator(runtime).hold, name, "api")
+    return {"machine": name, "hold": mem.hold}
+
+
+@router.post("/machines/{name}/release", summary="Release a held or failed machine (needs the token)")
+async def release(name: str, runtime: RuntimeDep, _: AdminDep) -> dict[str, Any]:
+    _known(runtime, name)
+    mem = await anyio.to_thread.run_sync(_operator(runtime).release, name, "api")
+    return {"machine": name, "hold": mem.hold, "failed": mem.failed}

@@ -1,0 +1,57 @@
+"""`bastion fleet crds|resources`: the management cluster's side of a site (docs/fleet.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+
+@click.group("fleet")
+def fleet_group() -> None:
+    """Many sites from a management cluster: the Site and Machine custom resources."""
+
+
+@fleet_group.command("crds")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write sites.yaml and machines.yaml into this directory instead of printing.")
+def crds_command(out: Path | None) -> None:
+    """The Site and Machine CustomResourceDefinitions (apiextensions.k8s.io/v1), generated from
+    the models that check the site files; `kubectl apply -f` them on the management cluster."""
+    from bastion.fleet.crds import crds
+
+    docs = crds()
+    if out is None:
+        click.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    from bastion import atomic
+
+    for doc in docs:
+        path = out / f"{doc['spec']['names']['plural']}.yaml"
+        atomic.write_text(path, yaml.safe_dump(doc, sort_keys=False))
+        click.echo(f"wrote {path}")
+
+
+@fleet_group.command("resources")
+@click.argument("site_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="The Site's name in the management cluster.")
+@click.option("--namespace", default="edge-sites", show_default=True)
+@click.option("--controller-url", required=True, metavar="URL",
+              help="The site controller's API through the tunnel, e.g. http://10.200.0.1:8080.")
+def resources_command(site_dir: Path, name: str, namespace: str, controller_url: str) -> None:
+    """SITE_DIR's site.yaml and machines.yaml as a Site and its Machines (checked by loading
+    SITE_DIR first, as `bastion site check` does)."""
+    from bastion.fleet.crds import resources
+    from bastion.site.load import SiteError, load_site
+
+    try:
+        load_site(site_dir)
+    except SiteError as e:
+        raise click.ClickException("the site does not load:\n" + "\n".join(e.problems)) from None
+    docs = resources(site_dir, name, namespace, controller_url)
+    click.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
+
+
+COMMANDS = (fleet_group,)

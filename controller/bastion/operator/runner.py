@@ -1,0 +1,413 @@
+"""The operator inside `bastion serve`: observe, decide (bastion.operator.core), act.
+
+One thread. A pass, at least every `operator.interval_s` and as soon as a boot event, a power
+event or a site reload wakes it:
+
+1. observe: the new events of the history, folded into each machine's boot `Progress` (the
+   events already name their machine: bastion.state.addresses ties address-only steps to
+   it); the relays as the device reports them (`status`, through the hub; none while the
+   device does not answer, and then no power is switched); heartbeats (POST /heartbeat and
+   callbacks, kept in memory); install-once marks;
+2. decide: `core.decide` per machine, with the applied declaration: the site as loaded
+   (`sync: auto`), or the one `bastion apply` adopted last (`sync: manual`);
+3. act: every decision is first an `operator` event (source `operator`) with its reason, then
+   its effect: power through the device (`DeviceHub.power`, whose stagger spaces the power-ons),
+   an install-once mark cleared. What the device refuses is an event too, and the machine's
+   memory stays as it was, to be tried again after `settle_s`.
+
+A person's power command (the API, `bastion power`) holds the machine (`hold`) before it is
+sent; `release` gives the machine back. `plan()` is what a pass would do with the declaration
+on disk; `apply(plan_id)` reloads the site, adopts its declaration and does exactly that plan,
+or refuses when the plan is no longer the one named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bastion.device.hub import DeviceHub
+from bastion.device.link import DeviceError
+from bastion.model import Machine, Site
+from bastion.operator import core
+from bastion.operator.core import Action, Config, Memory, Progress, Seen, Want
+from bastion.site.holder import SiteHolder
+from bastion.site.load import load_site
+from bastion.state.events import EventStore
+from bastion.state.install import InstallMarks
+from bastion.state.operator import OperatorState
+
+log = logging.getLogger("bastion.operator")
+
+# Events that may change a decision: a pass follows them at once.
+WAKING_KINDS = ("power", "dhcp", "tftp", "boot", "asset", "callback", "site", "install", "device")
+_CATCH_UP_BATCH = 1000
+_HISTORY_ON_START = 20000  # events read back at start to know the boots in progress
+
+
+class PlanChanged(RuntimeError):
+    """`apply` was given a plan that is not what the operator would do now."""
+
+    def __init__(self, wanted: str, plan: dict[str, Any]):
+        self.plan = plan
+        super().__init__(f"the plan changed since: {wanted} was planned, {plan['id']} would be "
+                         "done now (bastion plan shows it)")  # fmt: skip
+
+
+def desired_of(site: Site) -> dict[str, dict[str, Any]]:
+    """The declaration the operator acts on, per machine (machines.yaml over site.yaml)."""
+    return {m.name: {"power": m.power, "maintenance": m.maintenance, "reprovision": m.reprovision}
+            for m in site.machines}  # fmt: skip
+
+
+def spec_of(site: Site, m: Machine, desired: dict[str, Any]) -> str:
+    """The fingerprint of a machine's declaration and profile: a change is someone acting."""
+    profile = site.profiles.get(m.profile)
+    doc = {
+        "machine": {k: getattr(m, k) for k in ("name", "mac", "uuid", "arch", "role", "profile",
+                                              "hostname", "labels", "metadata", "relay",
+                                              "heartbeat", "address")},
+        "desired": {k: desired.get(k) for k in ("power", "maintenance")},
+        "profile": repr(profile),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Decision:
+    machine: Machine
+    want: Want
+    seen: Seen
+    old: Memory | None
+    new: Memory
+    actions: list[Action]
+
+
+class Operator:
+    def __init__(self, holder: SiteHolder, store: EventStore, state: OperatorState,
+                 record: Callable[..., int], hub: DeviceHub | None = None,
+                 installs: InstallMarks | None = None,
+                 clock: Callable[[], float] = time.time):  # fmt: skip
+        self.holder = holder
+        self.store = store
+        self.state = state
+        self.record = record
+        self.hub = hub
+        self.installs = installs
+        self.clock = clock
+        self._lock = threading.RLock()  # one pass, plan or apply at a time
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._progress: dict[str, Progress] = {}
+        newest = store.query(limit=1)
+        self._cursor = max(0, newest[0].id - _HISTORY_ON_START) if newest else 0
+        self._beats: dict[str, float] = {}
+        self._mem: dict[str, Memory] = {
+            name: m for name, d in state.memories().items() if (m := Memory.of(d)) is not None
+        }
+        applied = state.applied()
+        self._applied: dict[str, dict[str, Any]] | None = applied[0] if applied else None
+        self.applied_generation: int | None = applied[1] if applied else None
+        self.applied_at: float | None = applied[2] if applied else None
+        self._relays: dict[int, str] | None = None
+        self.passes = 0
+        self.last_error: str | None = None
+
+    # --- the thread -----------------------------------------------------------------------
+    def start(self) -> Operator:
+        self._thread = threading.Thread(target=self._run, name="operator", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def saw(self, kind: str) -> None:
+        """An event was recorded: wake the loop for the kinds that can change a decision."""
+        if kind in WAKING_KINDS:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pass_once()
+                self.last_error = None
+            except Exception as e:  # a pass that fails must not end the operator
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("operator pass failed")
+            interval = self._config(self.holder.site).interval_s
+            self._wake.wait(interval)
+            self._wake.clear()
+            self._stop.wait(0.2)  # a burst of events is one pass, not one each
+
+    # --- what people do -------------------------------------------------------------------
+    def hold(self, name: str, by: str, state: str | None = None) -> Memory:
+        """A person took over the machine (a power command `state`, or a plain hold)."""
+        with self._lock:
+            mem = core.held(self._mem.get(name), by, state, self.clock())
+            self._keep(name, mem)
+            what = f"power {state}" if state else "a hold"
+            self._event(name, Action(name, "hold", f"{what} by {by}: the operator leaves it "
+                                     "alone until it is released"))  # fmt: skip
+        self.wake()
+        return mem
+
+    def release(self, name: str, by: str) -> Memory:
+        with self._lock:
+            old = self._mem.get(name)
+            mem = core.released(old)
+            self._keep(name, mem)
+            was = ("held" if old and old.hold else "failed" if old and old.failed else "free")
+            self._event(name, Action(name, "release", f"released by {by} (it was {was}): the "
+                                     "operator takes it up again"))  # fmt: skip
+        self.wake()
+        return mem
+
+    def heartbeat(self, mac: str | None) -> str | None:
+        """A node said it is alive; the machine's name, or None when the site has no such MAC."""
+        m = self.holder.site.machine_by_mac(mac)
+        if m is None:
+            return None
+        self._beats[m.name] = self.clock()
+        return m.name
+
+    # --- a pass ---------------------------------------------------------------------------
+    def pass_once(self) -> list[Action]:
+        """Observe, decide and act once; the actions taken."""
+        with self._lock:
+            now = self.clock()
+            site = self.holder.site
+            self._catch_up()
+            self._relays = self._observe_relays()
+            if self._sync(site) == "auto":
+                self._adopt(site)
+            decisions = self._decide_all(site, self._applied_for(site), now)
+            done = self._carry_out(decisions, now)
+            self.passes += 1
+            return done
+
+    def plan(self) -> dict[str, Any]:
+        """What applying the site files as they are on disk would do now, without doing it.
+        Raises bastion.site.load.SiteError when they do not load."""
+        with self._lock:
+            now = self.clock()
+            disk = load_site(self.holder.root)
+            self._catch_up()
+            self._relays = self._observe_relays()
+            return self._plan(disk, now)
+
+    def apply(self, plan_id: str | None = None) -> dict[str, Any]:
+        """Reload the site, adopt its declaration and do what `plan()` said (raises
+        PlanChanged when `plan_id` is given and is no longer the plan, SiteError when the
+        files do not load: nothing is done then)."""
+        with self._lock:
+            now = self.clock()
+            outcome = self.holder.reload()
+            if not outcome.ok:
+                from bastion.site.load import SiteError
+
+                raise SiteError((outcome.error or "the site does not load").splitlines())
+            site = self.holder.site
+            self._catch_up()
+            self._relays = self._observe_relays()
+            plan = self._plan(site, now)
+            if plan_id is not None and plan_id != plan["id"]:
+                raise PlanChanged(plan_id, plan)
+            self._adopt(site, force=True)
+            decisions = self._decide_all(site, self._applied_for(site), now)
+            done = self._carry_out(decisions, now, plan=plan["id"])
+            plan["done"] = [a.as_dict() for a in done]
+            return plan
+
+    # --- observing ------------------------------------------------------------------------
+    def _catch_up(self) -> None:
+        while True:
+            batch = self.store.query(after=self._cursor, limit=_CATCH_UP_BATCH)
+            for e in batch:
+                self._cursor = e.id
+                if e.machine:
+                    self._progress[e.machine] = core.fold(
+                        self._progress.get(e.machine, Progress()), e.as_dict())
+            if len(batch) < _CATCH_UP_BATCH:
+                return
+
+    def _observe_relays(self) -> dict[int, str] | None:
+        hub = self.hub
+        if hub is None or not hub.link.ready:
+            return None
+        try:
+            st = hub.link.request("status", timeout=5)
+        except DeviceError:
+            return None
+        out = {}
+        for c in st.get("power") or []:
+            if isinstance(c, dict) and isinstance(c.get("ch"), int):
+                out[c["ch"]] = ("queued" if c.get("queued") else "cycling" if c.get("cycling")
+                                else str(c.get("output")))  # fmt: skip
+        return out
+
+    def _seen(self, m: Machine, installed: set[str]) -> Seen:
+        relay = None
+        if m.relay is not None and self._relays is not None:
+            relay = self._relays.get(m.relay)
+        return Seen(relay=relay, progress=self._progress.get(m.name, Progress()),
+                    heartbeat_at=self._beats.get(m.name), installed=m.name in installed)  # fmt: skip
+
+    # --- deciding -------------------------------------------------------------------------
+    @staticmethod
+    def _config(site: Site) -> Any:
+        from bastion.site.schema import OperatorSection
+
+        return site.settings.operator or OperatorSection()
+
+    def _sync(self, site: Site) -> str:
+        return self._config(site).sync
+
+    def _adopt(self, site: Site, force: bool = False) -> None:
+        desired = desired_of(site)
+        if force or desired != self._applied:
+            self._applied = desired
+            self.applied_generation = self.holder.generation
+            self.applied_at = self.clock()
+            self.state.set_applied(desired, self.holder.generation)
+
+    def _applied_for(self, site: Site) -> dict[str, dict[str, Any]]:
+        if self._applied is None:  # never applied: the site as first loaded is the declaration
+            self._adopt(site, force=True)
+        return self._applied or {}
+
+    def _want(self, site: Site, m: Machine, desired: dict[str, Any] | None) -> Want:
+        d = desired or {}
+        ready = m.heartbeat[0] if m.heartbeat else None
+        return Want(power=d.get("power") if m.relay is not None else None,
+                    maintenance=bool(d.get("maintenance")), reprovision=d.get("reprovision"),
+                    relay=m.relay, spec=spec_of(site, m, d), ready_s=ready)  # fmt: skip
+
+    def _decide_all(self, site: Site, applied: dict[str, dict[str, Any]], now: float) -> list[_Decision]:
+        cfg = Config.of(self._config(site))
+        installed = set(self.installs.all()) if self.installs is not None else set()
+        out = []
+        for m in sorted(site.machines, key=lambda m: m.name):
+            want = self._want(site, m, applied.get(m.name))
+            seen = self._seen(m, installed)
+            old = self._mem.get(m.name)
+            acts, new = core.decide(m.name, want, seen, old, now, cfg)
+            out.append(_Decision(m, want, seen, old, new, acts))
+        return out
+
+    def _plan(self, site: Site, now: float) -> dict[str, Any]:
+        desired = desired_of(site)
+        actions = [a for d in self._decide_all(site, desired, now) for a in d.actions]
+        applied = self._applied or {}
+        changes = []
+        for name in sorted(set(applied) | set(desired)):
+            before, after = applied.get(name), desired.get(name)
+            if before == after:
+                continue
+            if before is None or after is None:
+                changes.append({"machine": name, "field": "machine",
+                                "from": "absent" if before is None else "declared",
+                                "to": "declared" if after is not None else "absent"})  # fmt: skip
+                continue
+            for key in ("power", "maintenance", "reprovision"):
+                if before.get(key) != after.get(key):
+                    changes.append({"machine": name, "field": key, "from": before.get(key),
+                                    "to": after.get(key)})  # fmt: skip
+        return {"id": core.plan_id(actions), "site": site.name, "sync": self._sync(site),
+                "applied_generation": self.applied_generation, "changes": changes,
+                "actions": [a.as_dict() for a in actions]}  # fmt: skip
+
+    # --- acting ---------------------------------------------------------------------------
+    def _carry_out(self, decisions: list[_Decision], now: float, plan: str | None = None) -> list[Action]:
+        done: list[Action] = []
+        for d in decisions:
+            mem = d.new
+            for a in d.actions:
+                self._event(d.machine.name, a, plan=plan, mac=d.machine.mac)
+                error = self._effect(d.machine, a) if a.effect else None
+                if error is not None:
+                    self._event(d.machine.name, Action(d.machine.name, "refused",
+                                f"{a.action}: {error}", step=a.step), mac=d.machine.mac)  # fmt: skip
+                    base = d.old or Memory(spec=d.want.spec, reprovisioned=d.want.reprovision)
+                    mem = Memory(**{**asdict(base), "retry_at": now + Config().settle_s})
+                    break
+                done.append(a)
+            self._keep(d.machine.name, mem)
+        return done
+
+    def _effect(self, m: Machine, a: Action) -> str | None:
+        """Carry out one action; the reason it could not be, or None."""
+        if a.action == "reprovision":
+            if self.installs is not None:
+                was = self.installs.clear(m.name)
+                if was is not None:
+                    self.record("install", source="operator", mac=m.mac, machine=m.name,
+                                profile=m.profile,
+                                payload={"state": "provisioning", "was_installed_at": was.installed_at,
+                                         "callback": was.callback})  # fmt: skip
+            return None
+        if self.hub is None:
+            return "no device (serve --device)"
+        state = {"power-on": "on", "power-off": "off", "power-cycle": "cycle"}[a.action]
+        try:
+            self.hub.power(m.name, state, source="operator")
+        except (DeviceError, ValueError) as e:
+            return str(e)
+        return None
+
+    def _event(self, name: str, a: Action, plan: str | None = None, mac: str | None = None) -> None:
+        payload = {k: v for k, v in a.as_dict().items() if k != "machine"}
+        if plan:
+            payload["plan"] = plan
+        if mac is None:
+            m = self.holder.site.machine(name)
+            mac = m.mac if m else None
+        self.record("operator", source="operator", mac=mac, machine=name, payload=payload)
+
+    def _keep(self, name: str, mem: Memory) -> None:
+        if self._mem.get(name) != mem:
+            self._mem[name] = mem
+            self.state.put(name, mem.as_dict())
+
+    # --- where the machines stand ---------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        """The site's machines with their declaration, observation and status."""
+        with self._lock:
+            now = self.clock()
+            site = self.holder.site
+            cfg = Config.of(self._config(site))
+            applied = self._applied_for(site)
+            installed = set(self.installs.all()) if self.installs is not None else set()
+            machines = []
+            for m in site.machines:
+                want = self._want(site, m, applied.get(m.name))
+                seen = self._seen(m, installed)
+                mem = self._mem.get(m.name)
+                st = core.status(want, seen, mem, now, cfg)
+                machines.append({
+                    "name": m.name, "mac": m.mac, "relay": m.relay, "relay_state": seen.relay,
+                    "desired": {"power": want.power, "maintenance": want.maintenance,
+                                "reprovision": want.reprovision},
+                    "status": asdict(st),
+                    "hold": mem.hold if mem else None,
+                    "heartbeat_at": seen.heartbeat_at,
+                    "boot": seen.progress.as_dict(),
+                })  # fmt: skip
+            return {"site": site.name, "sync": self._sync(site), "generation": self.holder.generation,
+                    "applied_generation": self.applied_generation, "applied_at": self.applied_at,
+                    "device": self._relays is not None, "passes": self.passes,
+                    "last_error": self.last_error, "machines": machines}  # fmt: skip
+

@@ -1,0 +1,116 @@
+"""Which machine a LAN address belongs to, so that every boot step lands on its machine.
+
+TFTP transfers, `/boot.ipxe`, `/grub/grub.cfg` and assets are asked for by address alone: no
+MAC. A few requests carry both an address and the MAC, and teach the book:
+
+- the device's `dhcp` events with a `client`: the address a declared PXE client asks the router
+  for (its DHCPREQUEST's option 50, kind `request`, before any TFTP), the source of a port-4011
+  request, a ciaddr;
+- the boot script requests, `/ipxe` and `/grub`, with their `mac=` and source address.
+
+Callbacks and Ignition fetches carry a MAC too, but do not teach: anyone may fetch a machine's
+config with its MAC (a person with curl, a test), which says nothing of whose address that is.
+The device cannot tell more: MicroPython exposes no ARP table on the unix port or the boards,
+and a W5500 keeps its ARP inside the chip.
+
+`attribute(kind, fields)` fills in the MAC and machine of an event that has only a `client`;
+`learn(kind, fields)` returns a new or changed binding, for which the runner attributes the
+recent events of that address retroactively (bastion.state.events.EventStore.attribute): on a
+node's very first boot the router's address can come after its first TFTP step.
+
+Bounds: `capacity` bindings (the least recently used is dropped), each good for `ttl_s` since
+it was last confirmed (a lease given to another host later is not believed forever).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+TEACHING_ENDPOINTS = ("/ipxe", "/grub")
+ATTRIBUTED_KINDS = ("tftp", "asset", "boot")
+
+
+@dataclass(frozen=True)
+class Binding:
+    address: str
+    mac: str
+    machine: str
+    since: float  # when this address was first seen as this MAC's
+    seen: float  # when it was last confirmed
+    how: str  # what taught it: "dhcp request", "dhcp 4011", "GET /ipxe", ...
+
+
+class AddressBook:
+    capacity = 4096
+    ttl_s = 24 * 3600.0
+
+    def __init__(self, capacity: int | None = None, ttl_s: float | None = None):
+        self.capacity = capacity or self.capacity
+        self.ttl_s = ttl_s or self.ttl_s
+        self._lock = threading.Lock()
+        self._by_address: OrderedDict[str, Binding] = OrderedDict()
+
+    def lookup(self, address: str | None, now: float) -> Binding | None:
+        if not address:
+            return None
+        with self._lock:
+            b = self._by_address.get(address)
+        if b is None or now - b.seen > self.ttl_s:
+            return None
+        return b
+
+    def bindings(self) -> list[Binding]:
+        with self._lock:
+            return list(self._by_address.values())
+
+    @staticmethod
+    def teaching(kind: str, fields: dict[str, Any]) -> tuple[str, str] | None:
+        """(address, how) when an event with these fields ties an address to its machine."""
+        payload = fields.get("payload") or {}
+        client = payload.get("client")
+        if not client or not fields.get("mac") or not fields.get("machine"):
+            return None
+        if kind == "dhcp" and fields.get("source") == "device":
+            return client, f"dhcp {payload.get('kind')} (port {payload.get('port')})"
+        status = fields.get("status")
+        if kind == "boot" and fields.get("endpoint") in TEACHING_ENDPOINTS and status == 200:
+            return client, f"GET {fields['endpoint']}"
+        return None
+
+    def learn(self, kind: str, fields: dict[str, Any], now: float) -> tuple[Binding, Binding | None] | None:
+        """Record what the event teaches; (binding, the one it replaced or None) when that is
+        news (a new address, or one that was another MAC's), else None."""
+        taught = self.teaching(kind, fields)
+        if taught is None:
+            return None
+        address, how = taught
+        mac, machine = fields["mac"], fields["machine"]
+        with self._lock:
+            old = self._by_address.pop(address, None)
+            fresh = old is None or old.mac != mac or now - old.seen > self.ttl_s
+            since = now if fresh else old.since
+            b = Binding(address, mac, machine, since, now, how if fresh else old.how)
+            self._by_address[address] = b
+            while len(self._by_address) > self.capacity:
+                self._by_address.popitem(last=False)
+        return (b, old if old is not None and old.mac != mac else None) if fresh else None
+
+    def seed(self, events: list[dict[str, Any]]) -> None:
+        """Learn from past events (Event.as_dict(), oldest first): a restarted controller knows
+        the addresses its nodes had."""
+        for e in events:
+            self.learn(e.get("kind") or "", e, float(e.get("ts") or 0))
+
+    def attribute(self, kind: str, fields: dict[str, Any], now: float) -> dict[str, Any]:
+        """`fields` with the machine of its client address, for a step recorded without one."""
+        if kind not in ATTRIBUTED_KINDS or fields.get("mac") or fields.get("machine"):
+            return fields
+        payload = fields.get("payload") or {}
+        b = self.lookup(payload.get("client"), now)
+        if b is None:
+            return fields
+        return {**fields, "mac": b.mac, "machine": b.machine,
+                "payload": {**payload, "attributed": "address"}}  # fmt: skip
