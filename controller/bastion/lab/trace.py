@@ -62,6 +62,9 @@ def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
             add(e, f"power {p.get('state')}", f"relay channel {p.get('ch')} ({p.get('why')})")
         elif start is None:
             continue  # nothing before the power-on belongs to this boot
+        elif kind == "dhcp" and src == "device" and mine and p.get("kind") == "request":
+            add(e, "address request", f"asks the router for {p.get('client')} (arch "
+                f"{p.get('arch')}); not the device's to answer")
         elif kind == "dhcp" and src == "device" and mine:
             what = "script URL (iPXE)" if p.get("ipxe") else f"boot file {p.get('file')}"
             add(e, "proxy offer", f"{p.get('kind')} on port {p.get('port')}: arch "

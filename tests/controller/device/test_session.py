@@ -220,7 +220,9 @@ def test_an_unanswered_request_is_resent_with_the_same_bytes_until_its_deadline(
     (o,) = s.tick(13.5)
     assert o.id == rid and isinstance(o.error, DeviceTimeout) and o.error.code == "timeout"
     assert str(o.error) == f"power: no reply from the device on {PORT} within 3.5 s (no answer)"
-    assert s.counters()["timeouts"] == 1 and s.pending() == [] and s.next_deadline() is None
+    assert s.counters()["timeouts"] == 1 and s.pending() == []
+    # nothing left to resend; what remains is the keepalive, due keepalive_s after the last send
+    assert s.next_deadline() == 13.0 + s.keepalive_s
     # the reply comes after all: nobody waits for it any more
     assert s.receive(dev({"id": rid, "ok": True}), 14.0) == []
     assert s.counters()["stray_replies"] == 1

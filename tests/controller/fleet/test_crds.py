@@ -20,6 +20,7 @@ import yaml
 from bastion.fleet import crds
 from bastion.site.load import load_site
 from bastion_testkit import EXAMPLES, write_assets
+from mirrorkit import fetch_k3s_into
 from openapi_schema_validator import OAS30Validator
 
 KUBERNETES = "1.37.0"
@@ -82,7 +83,11 @@ def test_the_schemas_come_from_the_models():
 def example(request, tmp_path):
     site = tmp_path / request.param
     shutil.copytree(EXAMPLES / request.param, site)
-    write_assets(site, ("flatcar/amd64", "flatcar/arm64"))
+    if request.param == "home-lab":  # its assets where its profiles name them, k3s included
+        write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+        fetch_k3s_into(site)
+    else:
+        write_assets(site, ("flatcar/amd64", "flatcar/arm64"))
     return site
 
 
