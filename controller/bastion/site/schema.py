@@ -641,16 +641,11 @@ class LogsTarget(_Strict):
 
 
 class LogsSection(_Strict):
-    """site.yaml `logs:` -- where the controller's events (and the nodes' journals) are shipped."""
+    """site.yaml `logs:` -- where the controller's events are shipped (docs/logs.md)."""
 
     targets: list[LogsTarget] = Field(default_factory=list, description="the collectors")
     hostname: str | None = Field(
         default=None, description="syslog HOSTNAME of the messages (default: the controller host's name)"
-    )
-    journal: bool = Field(
-        default=False,
-        description="accept the nodes' journals at POST /journal/upload and ship them too; the "
-        "built-in Flatcar config then runs systemd-journal-upload to the controller",
     )
 
     @field_validator("targets")

@@ -215,3 +215,60 @@ def test_the_queue_bound_drops_the_oldest_and_counts_them(ns, site_dir, tmp_path
     assert every[-1] in first and every[0] not in first
     assert len(first) <= len(every) - 40
     print(f"events {len(every)}, dropped {dropped:.0f}, received {len(first)}")
+
+
+def _certs(d: Path) -> dict[str, Path]:
+    """A CA and a server certificate for collector.test, made with openssl for this test."""
+    need_tool("openssl")
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=edge-bastion test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=collector.test")
+    (d / "ext").write_text("subjectAltName=DNS:collector.test\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext")
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@pytest.mark.xfail(reason="open: over TLS the shipper reconnects after every batch and resends from the "
+                   "queue's head (rsyslog gets everything, many times); closed_by_peer's TLS branch is "
+                   "the suspect. See docs/logs.md", strict=False)
+def test_tls_to_rsyslog_gtls(ns, site_dir, tmp_path):
+    """RFC 5425: the same stream over TLS to rsyslog's gtls driver (Debian's rsyslog-gnutls),
+    the collector's certificate checked against the site's CA file and name."""
+    if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
+        pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
+    certs = _certs(tmp_path / "pki")
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n"
+                           f"      tls: {{ca_file: {certs['ca']}, server_name: collector.test}}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog", tls=certs)
+    rs.start()
+    _serve(ns, site, db)
+    _boots(ns, 30, 0)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids), timeout=30)
+    assert _first_seen(got) == _db_ids(db)
+    assert len(got) == len(_db_ids(db)), "no reconnects on a healthy TLS connection"
+
+
+def test_tls_refuses_a_collector_with_another_name(ns, site_dir, tmp_path):
+    if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
+        pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
+    certs = _certs(tmp_path / "pki")
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n"
+                           f"      tls: {{ca_file: {certs['ca']}, server_name: other.test}}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog", tls=certs)
+    rs.start()
+    _serve(ns, site, db)
+    _boots(ns, 5, 0)
+    down = _wait_for(lambda: [p for p in _db_logship(db) if '"action":"down"' in p], bool)
+    assert "certificate" in down[0].lower() or "hostname" in down[0].lower()
+    assert rs.ids() == []
