@@ -95,7 +95,6 @@ class SyslogConnection:
         raw = socket.create_connection((host, port), timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._raw = raw
             self.sock: socket.socket = (
                 tls.wrap_socket(raw, server_hostname=server_name or host) if tls is not None else raw
             )
@@ -108,7 +107,8 @@ class SyslogConnection:
 
     def unacked(self) -> int:
         """Bytes sent that the peer's kernel has not acknowledged yet (SIOCOUTQ)."""
-        buf = fcntl.ioctl(self._raw.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        # the TLS socket owns the descriptor once wrapped (the raw one is detached)
+        buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         return struct.unpack("i", buf)[0]
 
     def closed_by_peer(self) -> bool:

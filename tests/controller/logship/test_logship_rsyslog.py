@@ -235,9 +235,6 @@ def _certs(d: Path) -> dict[str, Path]:
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
 
 
-@pytest.mark.xfail(reason="open: over TLS the shipper reconnects after every batch and resends from the "
-                   "queue's head (rsyslog gets everything, many times); closed_by_peer's TLS branch is "
-                   "the suspect. See docs/logs.md", strict=False)
 def test_tls_to_rsyslog_gtls(ns, site_dir, tmp_path):
     """RFC 5425: the same stream over TLS to rsyslog's gtls driver (Debian's rsyslog-gnutls),
     the collector's certificate checked against the site's CA file and name."""
