@@ -70,6 +70,9 @@ class Metrics:
                                     ["target"], registry=r)  # fmt: skip
         self.logship_up = Gauge("bastion_logship_up", "1 while a log target's collector takes records.",
                                 ["target"], registry=r)  # fmt: skip
+        self.journal_entries = Counter("bastion_journal_entries", "Journal entries nodes uploaded "
+                                       "(POST /journal/upload), by result: shipped, malformed.", ["result"],
+                                       registry=r)  # fmt: skip
         self.gauge_source: Callable[[], dict[str, float]] | None = None
         r.register(_SiteGauges(self))
 

@@ -12,8 +12,8 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import (assets, boot, dashboard, device, events, groups, machines, operator,
-                         profiles, system)  # fmt: skip
+from bastion.api import (assets, boot, dashboard, device, events, groups, journal, machines,
+                         operator, profiles, system)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
@@ -141,6 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(assets.router)
     app.include_router(system.router)
     app.include_router(dashboard.router)
+    app.include_router(journal.router)
     api = APIRouter(prefix="/api/v1")
     for module in (machines, device, profiles, groups, events, operator):
         api.include_router(module.router)

@@ -5,8 +5,9 @@ A message (RFC 5424 section 6):
 
     <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [bastion@32473 id="12" ...] MSG
 
-- PRI = facility * 8 + severity (section 6.2.1). Severity is err for an HTTP status of 500 or
-  more, warning for an event whose payload carries `error`, info otherwise.
+- PRI = facility * 8 + severity (section 6.2.1). Severity is a journal entry's own PRIORITY,
+  err for an HTTP status of 500 or more, warning for an event whose payload carries `error`,
+  info otherwise.
 - TIMESTAMP is the event's time, UTC, microseconds (section 6.2.3).
 - APP-NAME `edge-bastion`, PROCID `-`, MSGID the event's kind (section 6.2.7: 1..32
   printable ASCII characters).
@@ -56,6 +57,11 @@ def _printable(text: str, limit: int) -> str:
 
 
 def severity(event: dict[str, Any]) -> int:
+    payload = event.get("payload")
+    if event.get("kind") == "journal" and isinstance(payload, dict):
+        p = payload.get("priority")
+        if isinstance(p, int) and 0 <= p <= 7:  # the journal's PRIORITY is syslog's severity
+            return p
     status = event.get("status")
     if isinstance(status, int) and status >= 500:
         return _SEVERITY_ERR

@@ -641,11 +641,17 @@ class LogsTarget(_Strict):
 
 
 class LogsSection(_Strict):
-    """site.yaml `logs:` -- where the controller's events are shipped (docs/logs.md)."""
+    """site.yaml `logs:` -- where the controller's events and the nodes' journals are shipped
+    (docs/logs.md)."""
 
     targets: list[LogsTarget] = Field(default_factory=list, description="the collectors")
     hostname: str | None = Field(
         default=None, description="syslog HOSTNAME of the messages (default: the controller host's name)"
+    )
+    journal: bool = Field(
+        default=False,
+        description="the nodes send their journals to the controller (POST /journal/upload), which "
+        "ships them to the targets too; the built-in Flatcar config runs systemd-journal-upload",
     )
 
     @field_validator("targets")

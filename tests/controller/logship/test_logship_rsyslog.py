@@ -1,7 +1,7 @@
 """Logs off-site against the real collector: Debian's rsyslog (imtcp, octet-counted framing)
 in a network namespace that has only loopback, and `bastion serve` in the same namespace
-shipping to it. Boot requests make the events; rsyslog writes each message's MSGID and
-structured data to a file, from which the test reads the event ids that arrived.
+shipping to it. Boot requests make the events; rsyslog writes each message's MSGID, severity,
+structured data and MSG to a file, from which the test reads the event ids that arrived.
 
 What it shows (issue 18): every event of a run arrives; rsyslog stopped in the middle of the
 stream and started again later gets the events of the outage afterwards, in order, none lost;
@@ -9,6 +9,7 @@ with a small queue bound, the oldest records are dropped and counted (metric and
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -49,7 +50,7 @@ class Rsyslog:
             'main_queue(queue.timeoutShutdown="20000")\n'
             f'module(load="imtcp"{driver})\n'
             f'input(type="imtcp" port="{PORT}" address="127.0.0.1")\n'
-            'template(name="ids" type="string" string="%msgid% %structured-data%\\n")\n'
+            'template(name="ids" type="string" string="%msgid% %syslogseverity% %structured-data% %msg%\\n")\n'
             f'action(type="omfile" file="{self.out}" template="ids" flushOnTXEnd="on" asyncWriting="off")\n'
         )
         self.proc: subprocess.Popen | None = None
@@ -269,3 +270,59 @@ def test_tls_refuses_a_collector_with_another_name(ns, site_dir, tmp_path):
     down = _wait_for(lambda: [p for p in _db_logship(db) if '"action":"down"' in p], bool)
     assert "certificate" in down[0].lower() or "hostname" in down[0].lower()
     assert rs.ids() == []
+
+
+def _journal_file(d: Path, n: int) -> Path:
+    """A journal file of n entries from node1 (made from the export format by Debian's
+    systemd-journal-remote), one with a binary, two-line MESSAGE."""
+    remote = need_tool_at("/lib/systemd/systemd-journal-remote")
+    d.mkdir(parents=True, exist_ok=True)
+    export = bytearray()
+    for i in range(n):
+        export += b"__REALTIME_TIMESTAMP=%d\n_HOSTNAME=node1\nPRIORITY=%d\nSYSLOG_IDENTIFIER=t\n" % (
+            1764871526000000 + i, 3 if i == 0 else 6)
+        if i == 1:
+            text = b"two\nlines %d" % i
+            export += b"MESSAGE\n" + len(text).to_bytes(8, "little") + text + b"\n\n"
+        else:
+            export += b"MESSAGE=entry %d\n\n" % i
+    (d / "in.export").write_bytes(bytes(export))
+    subprocess.run([remote, f"--output={d / 'node.journal'}", str(d / "in.export")], check=True,
+                   capture_output=True)
+    return d / "node.journal"
+
+
+def need_tool_at(path: str) -> str:
+    if not Path(path).exists():
+        pytest.skip(f"{path} is not installed (tools/setup installs systemd-journal-remote)")
+    return path
+
+
+def test_a_node_journal_through_the_controller_to_rsyslog(ns, site_dir, tmp_path):
+    """The real systemd-journal-upload (what Flatcar ships) sends a journal to the controller's
+    POST /journal/upload; its entries reach rsyslog, named after the machine, with their own
+    severity, in order."""
+    upload = need_tool_at("/lib/systemd/systemd-journal-upload")
+    journal = _journal_file(tmp_path / "node", 40)
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    r = ns.run(upload, f"--url=http://{HTTP}/journal", f"--file={journal}", "--follow=no",
+               capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+    def journal_lines():
+        return [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")] if rs.out.exists() else []
+
+    lines = _wait_for(journal_lines, lambda ls: len(ls) >= 40)
+    assert len(lines) == 40
+    assert all('machine="node1"' in ln for ln in lines)
+    messages = [json.loads(ln.split("] ", 1)[1])["payload"]["message"] for ln in lines]
+    severities = [int(ln.split(" ", 2)[1]) for ln in lines]
+    assert severities == [3] + [6] * 39  # the entry's PRIORITY is the message's severity
+    assert messages[0] == "entry 0" and messages[1] == "two\nlines 1" and messages[-1] == "entry 39"
+    assert [int(m.split()[-1]) for m in messages] == list(range(40))
+    assert 'bastion_journal_entries_total{result="shipped"} 40.0' in _metrics(ns)
