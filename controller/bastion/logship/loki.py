@@ -33,7 +33,7 @@ def push_body(events: list[dict[str, Any]], *, site: str, labels: dict[str, str]
                   "source": str(event.get("source") or "-"), "kind": str(event.get("kind") or "-")}  # fmt: skip
         key = tuple(sorted(stream.items()))
         entry = streams.setdefault(key, {"stream": stream, "values": []})
-        ns = int(round(float(event.get("ts") or 0) * 1e9))
+        ns = round(float(event.get("ts") or 0) * 1e9)
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
         entry["values"].append([str(ns), line])
     return json.dumps({"streams": list(streams.values())}, separators=(",", ":")).encode()

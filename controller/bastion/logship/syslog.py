@@ -79,7 +79,7 @@ def message(event: dict[str, Any], *, hostname: str, facility: int, site: str) -
     """One event (Event.as_dict()) as an RFC 5424 message, without framing."""
     pri = facility * 8 + severity(event)
     params = [f'{name}="{_sd_escape(event[name])}"' for name in _SD_FIELDS if event.get(name) is not None]
-    params.insert(2 if len(params) >= 2 else len(params), f'site="{_sd_escape(site)}"')
+    params.insert(min(2, len(params)), f'site="{_sd_escape(site)}"')
     sd = f"[{SD_ID} {' '.join(params)}]"
     head = (f"<{pri}>1 {timestamp(float(event.get('ts') or 0))} {_printable(hostname, 255)} "
             f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} {sd} ")  # fmt: skip

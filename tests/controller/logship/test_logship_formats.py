@@ -11,6 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 from bastion.logship import loki, syslog
 from bastion.logship.queue import DiskQueue
@@ -58,11 +59,11 @@ class _LokiReceiver(BaseHTTPRequestHandler):
     """Takes POST /loki/api/v1/push, checks it is Loki's JSON push format, keeps the entries;
     answers 503 while `down` is set (a Loki that is restarting)."""
 
-    entries: list = []
+    entries: ClassVar[list] = []
     down = threading.Event()
-    problems: list = []
+    problems: ClassVar[list] = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.down.is_set():
             self.send_response(503)
@@ -102,7 +103,7 @@ def test_loki_target_pushes_in_order_and_replays_after_an_outage(tmp_path: Path)
     section = LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url,
                                                        "labels": {"env": "test"}}]})  # fmt: skip
     shipper.configure(section, site="home-lab", site_root=tmp_path)
-    up = lambda: metrics.registry.get_sample_value("bastion_logship_up", {"target": "loki"})  # noqa: E731
+    up = lambda: metrics.registry.get_sample_value("bastion_logship_up", {"target": "loki"})
 
     def wait(cond):
         deadline = time.monotonic() + 60

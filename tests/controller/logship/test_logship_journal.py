@@ -9,13 +9,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from bastion.cli import main
+from bastion.logship.journal import ExportParser, Malformed, as_event
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from bastion.cli import main
-from click.testing import CliRunner
-
-from bastion.logship.journal import ExportParser, Malformed, as_event
 
 ENTRIES = (
     b"__CURSOR=s=1;i=1\n__REALTIME_TIMESTAMP=1764871526000000\n_HOSTNAME=node1\nPRIORITY=3\nMESSAGE=a=b\n\n"

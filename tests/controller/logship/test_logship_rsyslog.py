@@ -86,10 +86,10 @@ def _site(site_dir: Path, logs: str) -> Path:
 
 
 def _serve(ns: Namespace, site: Path, db: Path) -> subprocess.Popen:
-    log = open(db.with_suffix(".log"), "wb")
+    # the same name again stops the earlier one first (SIGTERM: it shuts down cleanly)
     proc = ns.start([sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site), "--db", str(db),
                      "--listen", HTTP, "--poll", "0", "--no-access-log", "--log-level", "warning"],
-                    name="bastion", stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                    name="bastion", log=db.with_suffix(".log"))  # fmt: skip
     _in_ns(ns, f"""
 import time, urllib.request
 deadline = time.monotonic() + 30
@@ -217,6 +217,24 @@ def test_the_queue_bound_drops_the_oldest_and_counts_them(ns, site_dir, tmp_path
     assert len(first) <= len(every) - 40
     print(f"events {len(every)}, dropped {dropped:.0f}, received {len(first)}")
 
+
+
+def test_the_queue_outlives_a_controller_restart(ns, site_dir, tmp_path):
+    """Events queued while the collector is down stay queued across a restart of the
+    controller, and arrive, in order, once the collector is back."""
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    _serve(ns, site, db)
+    _boots(ns, 60, 0)
+    _serve(ns, site, db)  # stops the first controller, starts a second on the same history
+    _boots(ns, 10, 60)
+    assert rs.ids() == []
+    rs.start()
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    assert _first_seen(got) == _db_ids(db)
+    assert len(_db_ids(db)) >= 70
 
 def _certs(d: Path) -> dict[str, Path]:
     """A CA and a server certificate for collector.test, made with openssl for this test."""
