@@ -139,3 +139,35 @@ def test_loki_push_body_groups_streams_and_keeps_order():
     events = [dict(EVENT, id=1, kind="boot"), dict(EVENT, id=2, kind="dhcp", source="device"), dict(EVENT, id=3)]
     doc = json.loads(loki.push_body(events, site="s", labels={}))
     assert [[json.loads(v[1])["id"] for v in s["values"]] for s in doc["streams"]] == [[1, 3], [2]]
+
+
+def test_a_changed_logs_section_keeps_what_was_queued_and_the_order(tmp_path: Path):
+    """A reload with another `logs:` restarts the threads on the same queue files."""
+    _LokiReceiver.entries.clear()
+    _LokiReceiver.down.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LokiReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/loki/api/v1/push"
+
+    def section(env: str) -> LogsSection:
+        return LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url,
+                                                        "labels": {"env": env}}]})  # fmt: skip
+
+    shipper = Shipper(tmp_path / "q", Metrics())
+    try:
+        _LokiReceiver.down.set()  # the first events wait in the queue
+        shipper.configure(section("a"), site="s", site_root=tmp_path)
+        for i in range(1, 31):
+            shipper.offer(dict(EVENT, id=i))
+        shipper.configure(section("b"), site="s", site_root=tmp_path)
+        _LokiReceiver.down.clear()
+        for i in range(31, 41):
+            shipper.offer(dict(EVENT, id=i))
+        deadline = time.monotonic() + 60
+        while len(_LokiReceiver.entries) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert [e["id"] for _, _, e in _LokiReceiver.entries] == list(range(1, 41))
+    assert {s["env"] for s, _, _ in _LokiReceiver.entries} == {"b"}  # sent after the change
