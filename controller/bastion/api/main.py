@@ -72,7 +72,8 @@ def create_app(settings: Settings) -> FastAPI:
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
     runtime_box.append(runtime)
     # logs off-site (site.yaml logs:): a queue per target beside the history, events.logship/
-    runtime.logship = Shipper(Path(db_path).parent / f"{Path(db_path).stem}.logship", metrics, runtime.record)
+    runtime.logship = Shipper(Path(db_path).parent / f"{Path(db_path).stem}.logship", metrics,
+                              runtime.record)  # fmt: skip  # bastion.logship.cli.queue_dir reads it
     runtime.logship.configure(holder.site.settings.logs, site=holder.site.name, site_root=settings.site_dir)
     metrics.gauge_source = lambda: {
         "bastion_site_generation": holder.generation,

@@ -104,3 +104,16 @@ class DiskQueue:
             cur = self._db.execute("DELETE FROM records WHERE seq <= ?", (upto,))
             self._len = max(0, self._len - max(0, cur.rowcount))
             return cur.rowcount
+
+
+def summary(path: Path | str) -> dict[str, object]:
+    """What a queue file holds, read-only (a running controller may be writing it): how many
+    records wait, the oldest one's text, and how many the bound has dropped."""
+    db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        queued, first = db.execute("SELECT COUNT(*), MIN(seq) FROM records").fetchone()
+        oldest = db.execute("SELECT body FROM records WHERE seq = ?", (first,)).fetchone() if first else None
+        row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+    finally:
+        db.close()
+    return {"queued": queued, "oldest": oldest[0] if oldest else None, "dropped": row[0] if row else 0}

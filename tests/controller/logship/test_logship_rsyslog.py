@@ -205,6 +205,10 @@ def test_the_queue_bound_drops_the_oldest_and_counts_them(ns, site_dir, tmp_path
     dropped = float(re.search(r'bastion_logship_dropped_total\{reason="bound",target="central"\} (\S+)', metrics).group(1))
     assert dropped >= 60 - 20
     assert any('"action":"dropped"' in p for p in _db_logship(db)), "the drop is an event too"
+    status = subprocess.run([str(Path(sys.executable).parent / "bastion"), "logs", "status", "--db", str(db), "--json"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    queue = json.loads(status.stdout)
+    assert queue["target"] == "central" and queue["queued"] == 20 and queue["dropped"] >= 40
 
     rs.start()
     every = _db_ids(db)
