@@ -211,7 +211,8 @@ class Target:
             return False
         facility = SYSLOG_FACILITIES[spec.facility]
         data = b"".join(
-            syslog.frame(syslog.message(json.loads(body), hostname=self.hostname, facility=facility, site=self.site))
+            syslog.frame(syslog.message(json.loads(body), hostname=self.hostname, facility=facility, site=self.site,
+                                        max_bytes=spec.max_message))
             for _, body in rows
         )
         conn.send(data)

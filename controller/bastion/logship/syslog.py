@@ -75,16 +75,39 @@ def timestamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def message(event: dict[str, Any], *, hostname: str, facility: int, site: str) -> bytes:
-    """One event (Event.as_dict()) as an RFC 5424 message, without framing."""
+def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
+            max_bytes: int | None = None) -> bytes:  # fmt: skip
+    """One event (Event.as_dict()) as an RFC 5424 message, without framing. With `max_bytes`, a
+    longer message has its payload replaced by `{"truncated": <its JSON's length>, "head": <the
+    start of that JSON>}` so that it fits and MSG stays valid JSON: a collector truncates an
+    oversize message itself, mid-JSON (rsyslog's default limit is 8096 bytes, and it reads the
+    cut-off rest as more, bogus, messages)."""
     pri = facility * 8 + severity(event)
     params = [f'{name}="{_sd_escape(event[name])}"' for name in _SD_FIELDS if event.get(name) is not None]
     params.insert(min(2, len(params)), f'site="{_sd_escape(site)}"')
     sd = f"[{SD_ID} {' '.join(params)}]"
     head = (f"<{pri}>1 {timestamp(float(event.get('ts') or 0))} {_printable(hostname, 255)} "
-            f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} {sd} ")  # fmt: skip
-    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
-    return head.encode() + body.encode()
+            f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} {sd} ").encode()  # fmt: skip
+    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    if max_bytes is None or len(head) + len(body) <= max_bytes:
+        return head + body
+    text = json.dumps(event.get("payload"), separators=(",", ":"), ensure_ascii=False, default=str)
+    short = dict(event, payload={"truncated": len(text), "head": ""})
+    room = max_bytes - len(head) - len(json.dumps(short, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+    def with_head(n: int) -> bytes:
+        short["payload"]["head"] = text[:n]
+        return head + json.dumps(short, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+    # JSON escaping and UTF-8 make bytes outgrow characters: the longest head that fits, by halving
+    lo, hi = 0, max(0, min(room, len(text)))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(with_head(mid)) <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return with_head(lo)
 
 
 def frame(msg: bytes) -> bytes:

@@ -590,6 +590,11 @@ class LogsTarget(_Strict):
     port: int | None = _int(1, 65535, "syslog: the collector's TCP port (default 514, 6514 with TLS)")
     tls: LogsTls | None = Field(default=None, description="syslog: TLS to the collector")
     facility: str = Field(default="local0", description="syslog: the facility of every message")
+    max_message: int = Field(
+        default=8096, strict=True, ge=480, le=1048576,
+        description="syslog: the longest message sent; a longer event's payload is cut to fit "
+        "(rsyslog's default limit is 8096 bytes)",
+    )  # fmt: skip
     url: str | None = Field(
         default=None, description="loki: the push URL, e.g. http://loki:3100/loki/api/v1/push"
     )

@@ -55,6 +55,18 @@ def test_an_event_as_rfc5424_with_octet_counting():
     assert 'machine="n\\"1\\]"' in escaped
 
 
+def test_a_long_event_is_cut_to_the_message_limit_and_stays_json():
+    big = dict(EVENT, payload={"error": "é" * 20000})
+    for limit in (480, 8096):
+        msg = syslog.message(big, hostname="ctl", facility=16, site="s", max_bytes=limit)
+        assert len(msg) <= limit
+        event = json.loads(msg.decode().split("] ", 1)[1])
+        assert event["id"] == 12 and event["payload"]["truncated"] == len(json.dumps(big["payload"], ensure_ascii=False, separators=(",", ":")))
+        assert event["payload"]["head"].startswith('{"error":"éé')
+    assert syslog.message(EVENT, hostname="ctl", facility=16, site="s", max_bytes=8096) == syslog.message(
+        EVENT, hostname="ctl", facility=16, site="s")
+
+
 class _LokiReceiver(BaseHTTPRequestHandler):
     """Takes POST /loki/api/v1/push, checks it is Loki's JSON push format, keeps the entries;
     answers 503 while `down` is set (a Loki that is restarting)."""

@@ -240,6 +240,33 @@ def test_the_queue_outlives_a_controller_restart(ns, site_dir, tmp_path):
     assert _first_seen(got) == _db_ids(db)
     assert len(_db_ids(db)) >= 70
 
+
+def test_an_oversize_event_is_cut_to_fit_and_the_stream_stays_whole(ns, site_dir, tmp_path):
+    """rsyslog's default limit is 8096 bytes; a longer message would be cut by rsyslog and its
+    rest read as bogus messages. An event with a 12 KB query arrives cut to fit, valid JSON,
+    and every line rsyslog writes is one of our events."""
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    _boots(ns, 3, 0)
+    _in_ns(ns, f"""
+import urllib.request, urllib.error
+try:
+    urllib.request.urlopen("http://{HTTP}/ipxe?mac=02-00-00-00-10-00&pad=" + "y" * 12000, timeout=10).read()
+except urllib.error.HTTPError:
+    pass
+""")
+    _boots(ns, 3, 10)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    assert _first_seen(got) == _db_ids(db)
+    lines = rs.out.read_text().splitlines()
+    assert len(lines) == len(got), "no bogus lines from a cut-off message"
+    cut = [json.loads(ln.split("] ", 1)[1]) for ln in lines if '"truncated"' in ln]
+    assert len(cut) == 1 and cut[0]["payload"]["truncated"] > 12000
+
 def _certs(d: Path) -> dict[str, Path]:
     """A CA and a server certificate for collector.test, made with openssl for this test."""
     need_tool("openssl")
