@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -48,6 +49,10 @@ class Runtime:
     addresses: AddressBook = field(default_factory=AddressBook)
     operator: Operator | None = None  # bastion.operator: the site converges on its declaration
     logship: Shipper | None = None  # bastion.logship: every event also goes to site.yaml's logs targets
+    # the history's inserts are serialized anyway (one SQLite connection, one lock); holding this
+    # around the insert and the hand-off ships events in the order of their ids, whatever thread
+    # (a request, the device link, the operator, TFTP) records them
+    _ordered: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that
@@ -55,10 +60,11 @@ class Runtime:
         now = time.time()
         fields = self.addresses.attribute(kind, fields, now)
         fields.setdefault("ts", now)
-        event_id = self.store.record(kind, **fields)
+        with self._ordered:
+            event_id = self.store.record(kind, **fields)
+            if self.logship is not None:  # an append to each target's inbox: never waits
+                self.logship.offer(_shipped(event_id, kind, fields))
         self.metrics.events.labels(kind=kind).inc()
-        if self.logship is not None:  # an append to each target's inbox: never waits
-            self.logship.offer(_shipped(event_id, kind, fields))
         news = self.addresses.learn(kind, fields, now)
         if news is not None:
             b = news[0]
