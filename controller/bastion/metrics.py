@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
@@ -58,6 +58,21 @@ class Metrics:
             "bastion_http_connections_closed",
             "HTTP connections the controller closed by its bounds, by reason (header-timeout, "
             "body-timeout, evicted, refused).", ["reason"], registry=r)  # fmt: skip
+        # bastion.logship: per site.yaml logs target
+        self.logship_sent = Counter("bastion_logship_sent", "Records sent to a log target (syslog: written "
+                                    "to the connection; loki: accepted).", ["target"], registry=r)  # fmt: skip
+        self.logship_dropped = Counter(
+            "bastion_logship_dropped",
+            "Records a log target lost, by reason: bound (its on-disk queue was full: the oldest "
+            "went), inbox (the in-memory hand-off was full), rejected (Loki refused them for good).",
+            ["target", "reason"], registry=r)  # fmt: skip
+        self.logship_queued = Gauge("bastion_logship_queued", "Records waiting in a log target's on-disk queue.",
+                                    ["target"], registry=r)  # fmt: skip
+        self.logship_up = Gauge("bastion_logship_up", "1 while a log target's collector takes records.",
+                                ["target"], registry=r)  # fmt: skip
+        self.journal_entries = Counter("bastion_journal_entries", "Journal entries nodes uploaded "
+                                       "(POST /journal/upload), by result: shipped, malformed.", ["result"],
+                                       registry=r)  # fmt: skip
         self.gauge_source: Callable[[], dict[str, float]] | None = None
         r.register(_SiteGauges(self))
 

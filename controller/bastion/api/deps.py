@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from bastion import match
 from bastion.boot import Provisioning
 from bastion.device.hub import DeviceHub
+from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
 from bastion.state.secrets import SecretStore
 from bastion.settings import Settings
@@ -46,13 +48,22 @@ class Runtime:
     # which machine each LAN address is (bastion.state.addresses): names address-only steps
     addresses: AddressBook = field(default_factory=AddressBook)
     operator: Operator | None = None  # bastion.operator: the site converges on its declaration
+    logship: Shipper | None = None  # bastion.logship: every event also goes to site.yaml's logs targets
+    # the history's inserts are serialized anyway (one SQLite connection, one lock); holding this
+    # around the insert and the hand-off ships events in the order of their ids, whatever thread
+    # (a request, the device link, the operator, TFTP) records them
+    _ordered: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that
         ties an address to a machine names that address's recent steps too."""
         now = time.time()
         fields = self.addresses.attribute(kind, fields, now)
-        event_id = self.store.record(kind, **fields)
+        fields.setdefault("ts", now)
+        with self._ordered:
+            event_id = self.store.record(kind, **fields)
+            if self.logship is not None:  # an append to each target's inbox: never waits
+                self.logship.offer(_shipped(event_id, kind, fields))
         self.metrics.events.labels(kind=kind).inc()
         news = self.addresses.learn(kind, fields, now)
         if news is not None:
@@ -62,6 +73,14 @@ class Runtime:
         if self.operator is not None:
             self.operator.saw(kind)
         return event_id
+
+
+def _shipped(event_id: int, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The event as bastion.state.events.Event.as_dict() has it (the history's columns)."""
+    return {"id": event_id, "ts": fields["ts"], "kind": kind, "source": fields.get("source", "controller"),
+            "mac": fields.get("mac"), "machine": fields.get("machine"), "endpoint": fields.get("endpoint"),
+            "profile": fields.get("profile"), "group": fields.get("group"), "status": fields.get("status"),
+            "payload": fields.get("payload") or {}}  # fmt: skip
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def` one in

@@ -31,6 +31,9 @@ from bastion.api.deps import Runtime, admin_refusal, bearer_token
 BODY_LIMITS = {
     "/callback": 64 * 1024,
     "/heartbeat": 4 * 1024,
+    # a node's whole journal since its boot may come in one upload; it is parsed as it arrives
+    # and never held (bastion.logship.journal bounds each entry to 1 MiB)
+    "/journal/upload": 1024 * 1024 * 1024,
 }
 
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import (assets, boot, dashboard, device, events, groups, machines, operator,
-                         profiles, system)  # fmt: skip
+from bastion.api import (assets, boot, dashboard, device, events, groups, journal, machines,
+                         operator, profiles, system)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
 from bastion.state.install import InstallMarks
+from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
 from bastion.state.onetime import IgnitionTokens
 from bastion.state.secrets import SecretStore, machine_secrets, secrets_dir
@@ -54,6 +56,9 @@ def create_app(settings: Settings) -> FastAPI:
         else:
             log.info("site reloaded: generation %d", outcome.generation)
         runtime_box[0].record("site", payload=payload) if runtime_box else store.record("site", payload=payload)
+        if outcome.ok and runtime_box and runtime_box[0].logship is not None:
+            runtime_box[0].logship.configure(holder.site.settings.logs, site=holder.site.name,
+                                             site_root=settings.site_dir)  # fmt: skip
         if outcome.ok and runtime_box and runtime_box[0].device is not None:
             runtime_box[0].device.site_changed()
         if runtime_box and runtime_box[0].operator is not None:
@@ -66,6 +71,10 @@ def create_app(settings: Settings) -> FastAPI:
                        max_age_s=settings.history_days * 86400)  # fmt: skip
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
     runtime_box.append(runtime)
+    # logs off-site (site.yaml logs:): a queue per target beside the history, events.logship/
+    runtime.logship = Shipper(Path(db_path).parent / f"{Path(db_path).stem}.logship", metrics,
+                              runtime.record)  # fmt: skip  # bastion.logship.cli.queue_dir reads it
+    runtime.logship.configure(holder.site.settings.logs, site=holder.site.name, site_root=settings.site_dir)
     metrics.gauge_source = lambda: {
         "bastion_site_generation": holder.generation,
         "bastion_site_broken": 1 if holder.last_error else 0,
@@ -123,6 +132,7 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await anyio.to_thread.run_sync(runtime.logship.close)  # what is queued stays on disk
 
     app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
@@ -132,6 +142,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(assets.router)
     app.include_router(system.router)
     app.include_router(dashboard.router)
+    app.include_router(journal.router)
     api = APIRouter(prefix="/api/v1")
     for module in (machines, device, profiles, groups, events, operator):
         api.include_router(module.router)

@@ -158,7 +158,9 @@ def jinja_variables(
             "profile": profile.id,
         }
     data["machine"] = machine
-    data["site"] = {"name": site.name, "controller_url": req.base_url}
+    logs = site.settings.logs
+    data["site"] = {"name": site.name, "controller_url": req.base_url,
+                    "journal": bool(logs is not None and logs.journal)}  # bastion.logship
     data["metadata"] = copy.deepcopy(group.metadata)
     node = group.machine.node if group.machine is not None else None
     data["cluster"] = cluster.node_variables(node, req.base_url) if node is not None else None

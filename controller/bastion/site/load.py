@@ -309,6 +309,12 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
     model = schema.SiteFile() if doc is None else ld.validated(schema.SiteFile, doc, "site.yaml")
     if model is None:
         return None
+    for i, target in enumerate(model.logs.targets):
+        if target.tls is not None:
+            ca = Path(target.tls.ca_file)
+            ca = ca if ca.is_absolute() else root / ca  # relative: to the site directory
+            if not ca.is_file():
+                ld.problem("site.yaml", None, f"logs.targets[{i}].tls.ca_file", f"{str(ca)!r} is not a file")
     return SiteSettings(
         name=model.site or root.resolve().name,
         controller_url=model.controller_url,
@@ -319,6 +325,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         cluster=model.cluster,
         operator=model.operator,
         defaults=model.defaults,
+        logs=model.logs,
     )
 
 

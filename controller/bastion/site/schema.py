@@ -559,6 +559,125 @@ class OperatorSection(_Strict):
         return v
 
 
+# --- logs off-site (bastion.logship) -----------------------------------------------------------
+
+# RFC 5424 section 6.2.1: the facilities a syslog message may name, by keyword.
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "audit": 13, "alert": 14,
+    "clock": 15, "local0": 16, "local1": 17, "local2": 18, "local3": 19, "local4": 20,
+    "local5": 21, "local6": 22, "local7": 23,
+}  # fmt: skip
+
+
+class LogsTls(_Strict):
+    """TLS for a syslog target: the collector's certificate is checked against `ca_file`."""
+
+    ca_file: str = Field(description="PEM file of the CA(s) that signed the collector's certificate")
+    server_name: str | None = Field(
+        default=None, description="the name the certificate must carry (default: the target's host)"
+    )
+
+
+class LogsTarget(_Strict):
+    """One collector under site.yaml `logs.targets`."""
+
+    name: str = Field(description="the target's name: its queue file and its metrics' label")
+    type: Literal["syslog", "loki"] = Field(
+        description="syslog: RFC 5424 over TCP, octet-counted (RFC 6587); loki: the Loki push API"
+    )
+    host: str | None = Field(default=None, description="syslog: the collector's host name or address")
+    port: int | None = _int(1, 65535, "syslog: the collector's TCP port (default 514, 6514 with TLS)")
+    tls: LogsTls | None = Field(default=None, description="syslog: TLS to the collector")
+    facility: str = Field(default="local0", description="syslog: the facility of every message")
+    max_message: int = Field(
+        default=8096, strict=True, ge=480, le=1048576,
+        description="syslog: the longest message sent; a longer event's payload is cut to fit "
+        "(rsyslog's default limit is 8096 bytes)",
+    )  # fmt: skip
+    url: str | None = Field(
+        default=None, description="loki: the push URL, e.g. http://loki:3100/loki/api/v1/push"
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="loki: labels of every stream, besides site, source and kind"
+    )
+    queue_max: int = Field(
+        default=100000, strict=True, ge=10, le=10_000_000,
+        description="events kept on disk for this target while it cannot take them; past it the "
+        "oldest are dropped and counted",
+    )  # fmt: skip
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "target name")
+
+    @field_validator("facility")
+    @classmethod
+    def _facility(cls, v: str) -> str:
+        if v not in SYSLOG_FACILITIES:
+            raise ValueError(f"{v!r} is not a syslog facility ({', '.join(SYSLOG_FACILITIES)})")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> LogsTarget:
+        if self.type == "syslog":
+            if not self.host:
+                raise ValueError("a syslog target needs host")
+            if self.url is not None or self.labels:
+                raise ValueError("url and labels are for loki targets, not syslog")
+        else:
+            if not self.url:
+                raise ValueError("a loki target needs url")
+            if self.host is not None or self.port is not None or self.tls is not None:
+                raise ValueError("host, port and tls are for syslog targets, not loki")
+        return self
+
+    @property
+    def tcp_port(self) -> int:
+        return self.port or (6514 if self.tls else 514)
+
+
+class LogsSection(_Strict):
+    """site.yaml `logs:` -- where the controller's events and the nodes' journals are shipped
+    (docs/logs.md)."""
+
+    targets: list[LogsTarget] = Field(default_factory=list, description="the collectors")
+    hostname: str | None = Field(
+        default=None, description="syslog HOSTNAME of the messages (default: the controller host's name)"
+    )
+    journal: bool = Field(
+        default=False,
+        description="the nodes send their journals to the controller (POST /journal/upload), which "
+        "ships them to the targets too; the built-in Flatcar config runs systemd-journal-upload",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v: list[LogsTarget]) -> list[LogsTarget]:
+        seen: set[str] = set()
+        for t in v:
+            if t.name in seen:
+                raise ValueError(f"two targets are named {t.name!r}")
+            seen.add(t.name)
+        return v
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str | None) -> str | None:
+        # RFC 5424 section 6.2.4: HOSTNAME is 1..255 printable US-ASCII characters
+        if v is not None and not re.fullmatch(r"[!-~]{1,255}", v):
+            raise ValueError(f"{v!r} is not a syslog host name (1..255 printable ASCII, no spaces)")
+        return v
+
+
 class SiteFile(_Strict):
     """site.yaml"""
 
@@ -587,6 +706,9 @@ class SiteFile(_Strict):
     )
     operator: OperatorSection = Field(
         default_factory=OperatorSection, description="how the operator converges the site"
+    )
+    logs: LogsSection = Field(
+        default_factory=LogsSection, description="where events and journals are shipped off-site"
     )
 
     @field_validator("controller_url")

@@ -602,3 +602,19 @@ def test_every_node_beats_its_name_boot_id_and_k3s_state_to_the_controller(tmp_p
     assert beats[0]["machine"] == "pi1" and beats[0]["source"] == "node"
     assert beats[0]["payload"]["node"] == "pi1" and beats[0]["payload"]["boot_id"] == boot_id
     assert beats[0]["payload"]["news"] == "boot"
+
+
+def test_logs_journal_runs_systemd_journal_upload_to_the_controller(tmp_path):
+    """site.yaml logs.journal: every node's Flatcar sends its journal to the controller's
+    /journal/upload with the systemd-journal-upload Flatcar ships (docs/logs.md)."""
+    site = make_home_lab(tmp_path, endpoint="192.0.2.1:51820")
+    store = SecretStore(tmp_path / "secrets")
+    without = render_all(site, store)
+    assert all("systemd-journal-upload.service" not in units_of(c) for c in without.values())
+    with open(site / "site.yaml", "a") as f:
+        f.write("\nlogs:\n  journal: true\n")
+    for name, config in render_all(site, store).items():
+        assert units_of(config)["systemd-journal-upload.service"]["enabled"] is True, name
+        conf = contents(files_of(config)["/etc/systemd/journal-upload.conf.d/edge-bastion.conf"])
+        assert conf == f"[Upload]\nURL={CONTROLLER}/journal\n"
+        assert_valid_ignition(config, tmp_path)

@@ -1,0 +1,58 @@
+"""Loki out: events as a push request to Loki's HTTP API (`POST /loki/api/v1/push`, JSON).
+
+    {"streams": [{"stream": {"job": "edge-bastion", "site": "home-lab", "source": "device",
+                             "kind": "dhcp", ...labels},
+                  "values": [["<unix time in nanoseconds, as text>", "<the event as JSON>"], ...]}]}
+
+Labels are few and bounded (Loki indexes them: a label per machine or per MAC would make a
+stream per value): the site, the event's source and kind, and the target's own `labels`.
+Everything else is in the line, the whole event as JSON, which LogQL's `| json` reads. Within a
+stream the values keep the queue's order. Loki itself drops an entry that repeats one it has
+(same stream, time and line), so a batch sent twice after a lost answer stores once.
+
+A 2xx answer is Loki's acknowledgement: the batch may leave the queue. 429 and 5xx are retried
+with backoff; any other 4xx means Loki will never take that batch (too old, too big, malformed),
+so it is dropped, counted and reported rather than blocking the queue for good.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from bastion import __version__
+
+
+def push_body(events: list[dict[str, Any]], *, site: str, labels: dict[str, str]) -> bytes:
+    """The JSON push request for `events` (Event.as_dict()), in their order."""
+    streams: dict[tuple, dict[str, Any]] = {}
+    for event in events:
+        stream = {"job": "edge-bastion", **labels, "site": site,
+                  "source": str(event.get("source") or "-"), "kind": str(event.get("kind") or "-")}  # fmt: skip
+        key = tuple(sorted(stream.items()))
+        entry = streams.setdefault(key, {"stream": stream, "values": []})
+        ns = round(float(event.get("ts") or 0) * 1e9)
+        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+        entry["values"].append([str(ns), line])
+    return json.dumps({"streams": list(streams.values())}, separators=(",", ":")).encode()
+
+
+class LokiRejected(Exception):
+    """Loki answered 4xx (not 429): the batch will never be taken."""
+
+
+def push(url: str, body: bytes, timeout: float = 10.0) -> None:
+    """POST one push request. Returns on 2xx; raises LokiRejected on a final refusal, OSError
+    (urllib's errors are OSErrors) when Loki is unreachable or asks to retry."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": f"edge-bastion/{__version__}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read(500).decode(errors="replace").strip()
+        if 400 <= e.code < 500 and e.code != 429:
+            raise LokiRejected(f"HTTP {e.code}: {detail}") from None
+        raise OSError(f"HTTP {e.code}: {detail}") from None

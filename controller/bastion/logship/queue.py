@@ -1,0 +1,119 @@
+"""A bounded, durable FIFO of log records for one target: SQLite in WAL mode, synchronous=FULL.
+
+Records go in as text (an event as JSON) in batches, each batch one transaction, so a batch is
+on disk (fsync'd) or not at all. They come out in the order they went in: `peek(after, n)`
+reads without removing, `ack(upto)` removes what the collector has taken. Sequence numbers only
+grow (AUTOINCREMENT), so a sender can hold a cursor into the queue while it is being appended to.
+
+The bound is `capacity` records. A batch that takes the queue past it removes the oldest
+records: the newest are what a person looks at after an outage, and the queue stays in order
+with one gap. What was removed is counted, in the file (`dropped`, kept across restarts) and
+returned to the caller, which turns it into a metric and an event.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class DiskQueue:
+    """Thread-safe: one connection, one lock; the network is never touched under it."""
+
+    def __init__(self, path: Path | str, capacity: int):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.path = Path(path)
+        self.capacity = capacity
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a queued record survives a power cut
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._len = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def dropped(self) -> int:
+        """Records removed by the bound since the file was made."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+        return row[0] if row else 0
+
+    def put_many(self, bodies: Iterable[str]) -> int:
+        """Append the records in order, as one transaction; returns how many old records the
+        bound removed to make room (0 when it was not hit)."""
+        rows = [(b,) for b in bodies]
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO records (body) VALUES (?)", rows)
+                over = self._len + len(rows) - self.capacity
+                dropped = 0
+                if over > 0:
+                    cur = self._db.execute(
+                        "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)",
+                        (over,),
+                    )
+                    dropped = max(0, cur.rowcount)
+                    self._db.execute(
+                        "INSERT INTO counters (name, value) VALUES ('dropped', ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                        (dropped,),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._len += len(rows) - dropped
+            return dropped
+
+    def peek(self, after: int = 0, limit: int = 100) -> list[tuple[int, str]]:
+        """Up to `limit` records with a sequence number above `after`, oldest first."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT seq, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            ).fetchall()
+
+    def first_seq(self) -> int:
+        """The oldest record's sequence number, 0 when the queue is empty."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(seq) FROM records").fetchone()
+        return row[0] or 0
+
+    def ack(self, upto: int) -> int:
+        """Remove every record up to sequence number `upto` (taken by the collector)."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM records WHERE seq <= ?", (upto,))
+            self._len = max(0, self._len - max(0, cur.rowcount))
+            return cur.rowcount
+
+
+def summary(path: Path | str) -> dict[str, object]:
+    """What a queue file holds, read-only (a running controller may be writing it): how many
+    records wait, the oldest one's text, and how many the bound has dropped."""
+    db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        queued, first = db.execute("SELECT COUNT(*), MIN(seq) FROM records").fetchone()
+        oldest = db.execute("SELECT body FROM records WHERE seq = ?", (first,)).fetchone() if first else None
+        row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+    finally:
+        db.close()
+    return {"queued": queued, "oldest": oldest[0] if oldest else None, "dropped": row[0] if row else 0}

@@ -1,0 +1,310 @@
+"""The shipper: one thread per target, between the controller's events and a collector.
+
+Theory of operation. `Shipper.offer(event)` is what the controller calls for every event it
+records (bastion.api.deps.Runtime.record) and for every journal entry a node uploads; it
+appends the event, as JSON, to each target's in-memory inbox and returns: no I/O, no lock held
+across anything slow, so a request is never slowed by a collector. Each target's thread then
+
+1. moves its inbox into the target's DiskQueue, one fsync'd transaction per batch (the queue
+   drops its oldest records past its bound, and the drop is counted: metric and event);
+2. sends from the queue's head, in order:
+   - syslog: frames over one TCP/TLS connection. Syslog has no acknowledgement, so a record
+     leaves the queue only once (a) the collector's kernel acknowledged every byte sent
+     (SIOCOUTQ is 0) and (b) the connection was still open `confirm_s` after that. When the
+     connection fails, sending starts again from the oldest record still queued: a collector
+     stopped mid-stream may get a few records twice (each carries its event id), never none.
+   - loki: one push request per batch; a 2xx removes the batch.
+3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
+   doubling up to `backoff_max_s`; records wait on disk meanwhile.
+
+A collector going away and coming back, and records dropped by the bound, are themselves
+events (kind `logship`), recorded through the same `record` and so shipped too.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bastion.logship import loki, syslog
+from bastion.logship.queue import DiskQueue
+from bastion.metrics import Metrics
+from bastion.site.schema import SYSLOG_FACILITIES, LogsSection, LogsTarget
+
+log = logging.getLogger("bastion.logship")
+
+Record = Callable[..., Any]
+
+
+class Target:
+    """One collector: its queue, its inbox and the thread that sends."""
+
+    batch = 200  # records per send
+    inbox_max = 100_000  # events waiting for the thread; past it they are dropped and counted
+    confirm_s = 1.0  # syslog: an acknowledged record is removed after the connection lived this long
+    backoff_min_s = 0.2
+    backoff_max_s = 15.0
+    report_every_s = 10.0  # at most one `dropped` event per this many seconds
+
+    def __init__(self, spec: LogsTarget, queue_dir: Path, *, site: str, site_root: Path,
+                 hostname: str, metrics: Metrics, record: Record | None):  # fmt: skip
+        self.spec = spec
+        self.site = site
+        self.site_root = site_root
+        self.hostname = hostname
+        self.metrics = metrics
+        self.record = record
+        self.queue = DiskQueue(queue_dir / f"{spec.name}.db", spec.queue_max)
+        self.inbox: collections.deque[str] = collections.deque()
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._conn: syslog.SyslogConnection | None = None
+        self._cursor = 0  # syslog: the last sequence number sent on this connection
+        self._marks: collections.deque[tuple[int, float]] = collections.deque()  # (seq, acked at)
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._up: bool | None = None  # None: not tried yet
+        self._unreported = 0
+        self._reported_at = float("-inf")
+        self._tls = None
+        if spec.type == "syslog" and spec.tls is not None:
+            ca = Path(spec.tls.ca_file)
+            self._tls = syslog.tls_context(str(ca if ca.is_absolute() else site_root / ca))
+        self._thread = threading.Thread(target=self._run, name=f"logship-{spec.name}", daemon=True)
+        self._gauges()
+
+    # --- the controller's side ----------------------------------------------------------------
+
+    def offer(self, body: str) -> None:
+        if len(self.inbox) >= self.inbox_max:
+            self._dropped(1, "inbox")
+            return
+        self.inbox.append(body)
+        self.wake.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._drain()
+        self._close_conn()
+        self.queue.close()
+
+    # --- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.wake.clear()
+            try:
+                self._drain()
+                self._report()
+                busy = self._send_some()
+            except Exception:  # a bug must not stop shipping for good: log, wait, go on
+                log.exception("logship %s: unexpected error", self.spec.name)
+                self._fail("internal error")
+                busy = False
+            self._gauges()
+            if not busy:
+                self.wake.wait(self._idle_wait())
+        self._report(force=True)
+
+    def _idle_wait(self) -> float:
+        now = time.monotonic()
+        if self._retry_at > now:
+            return self._retry_at - now
+        if self._cursor and len(self.queue):
+            return self.confirm_s / 4  # watch the connection until what was sent is confirmed
+        return 5.0
+
+    def _drain(self) -> None:
+        bodies = []
+        while self.inbox:
+            bodies.append(self.inbox.popleft())
+        if bodies:
+            dropped = self.queue.put_many(bodies)
+            if dropped:
+                self._dropped(dropped, "bound")
+
+    def _dropped(self, n: int, reason: str) -> None:
+        self.metrics.logship_dropped.labels(target=self.spec.name, reason=reason).inc(n)
+        self._unreported += n
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._unreported or (not force and now - self._reported_at < self.report_every_s):
+            return
+        n, self._unreported, self._reported_at = self._unreported, 0, now
+        log.warning("logship %s: dropped %d records (queue bound %d)", self.spec.name, n, self.spec.queue_max)
+        self._event("dropped", count=n, queue_max=self.spec.queue_max, queued=len(self.queue))
+
+    def _event(self, action: str, **payload: Any) -> None:
+        if self.record is not None:
+            self.record("logship", payload={"target": self.spec.name, "action": action, **payload})
+
+    def _send_some(self) -> bool:
+        """Send what is due; True when there may be more to do right away."""
+        if time.monotonic() < self._retry_at:
+            return False
+        try:
+            if self.spec.type == "syslog":
+                return self._send_syslog()
+            return self._send_loki()
+        except OSError as e:
+            self._fail(str(e) or type(e).__name__)
+            return False
+
+    def _fail(self, why: str) -> None:
+        self._close_conn()
+        self._backoff = min(self.backoff_max_s, max(self.backoff_min_s, self._backoff * 2))
+        self._retry_at = time.monotonic() + self._backoff
+        if self._up is not False:
+            log.warning("logship %s: collector unreachable: %s; retrying", self.spec.name, why)
+            self._event("down", error=why, queued=len(self.queue))
+        self._up = False
+
+    def _succeeded(self) -> None:
+        self._backoff = 0.0
+        if self._up is False:
+            log.info("logship %s: collector back, %d records queued", self.spec.name, len(self.queue))
+            self._event("up", queued=len(self.queue))
+        self._up = True
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._cursor = 0
+        self._marks.clear()
+
+    def _send_syslog(self) -> bool:
+        spec = self.spec
+        if self._conn is None:
+            if not len(self.queue):
+                return False
+            self._conn = syslog.SyslogConnection(spec.host, spec.tcp_port, tls=self._tls,
+                                                 server_name=spec.tls.server_name if spec.tls else None)  # fmt: skip
+            self._succeeded()
+        conn = self._conn
+        if conn.closed_by_peer():
+            raise ConnectionResetError("closed by the collector")
+        now = time.monotonic()
+        if self._cursor and conn.unacked() == 0 and (not self._marks or self._marks[-1][0] < self._cursor):
+            self._marks.append((self._cursor, now))
+        confirmed = 0
+        while self._marks and now - self._marks[0][1] >= self.confirm_s:
+            confirmed = self._marks.popleft()[0]
+        if confirmed:
+            self.queue.ack(confirmed)
+        rows = self.queue.peek(self._cursor, self.batch)
+        if not rows:
+            return False
+        facility = SYSLOG_FACILITIES[spec.facility]
+        data = b"".join(
+            syslog.frame(syslog.message(json.loads(body), hostname=self.hostname, facility=facility, site=self.site,
+                                        max_bytes=spec.max_message))
+            for _, body in rows
+        )
+        conn.send(data)
+        self._cursor = rows[-1][0]
+        self.metrics.logship_sent.labels(target=spec.name).inc(len(rows))
+        return True
+
+    def _send_loki(self) -> bool:
+        rows = self.queue.peek(0, self.batch)
+        if not rows:
+            return False
+        body = loki.push_body([json.loads(b) for _, b in rows], site=self.site, labels=dict(self.spec.labels))
+        try:
+            loki.push(self.spec.url, body)
+        except loki.LokiRejected as e:
+            log.error("logship %s: Loki refused %d records: %s", self.spec.name, len(rows), e)
+            self.queue.ack(rows[-1][0])
+            self._dropped(len(rows), "rejected")
+            return True
+        self._succeeded()
+        self.queue.ack(rows[-1][0])
+        self.metrics.logship_sent.labels(target=self.spec.name).inc(len(rows))
+        return True
+
+    def _gauges(self) -> None:
+        self.metrics.logship_queued.labels(target=self.spec.name).set(len(self.queue))
+        self.metrics.logship_up.labels(target=self.spec.name).set(1 if self._up else 0)
+
+
+class Shipper:
+    """Every target of site.yaml `logs:`; `offer` is the one call the controller makes per event."""
+
+    def __init__(self, queue_dir: Path, metrics: Metrics, record: Record | None = None):
+        self.queue_dir = Path(queue_dir)
+        self.metrics = metrics
+        self.record = record
+        self._targets: tuple[Target, ...] = ()
+        self._held: collections.deque[str] | None = None  # offers made while reconfiguring
+        self._section: LogsSection | None = None
+        self._site: str | None = None
+        self._lock = threading.Lock()  # configure and close only; offer never takes it
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return self._targets
+
+    def offer(self, event: dict[str, Any]) -> None:
+        held = self._held
+        targets = self._targets
+        if held is not None:
+            held.append(json.dumps(event, separators=(",", ":"), default=str))
+            return
+        if not targets:
+            return
+        body = json.dumps(event, separators=(",", ":"), default=str)
+        for t in targets:
+            t.offer(body)
+
+    def configure(self, section: LogsSection | None, *, site: str, site_root: Path) -> None:
+        """Ship to `section`'s targets from now on. Unchanged: nothing happens. Changed: the old
+        threads stop (what they held goes to disk) and new ones start on the same queue files,
+        so a change of collector loses nothing."""
+        section = section or LogsSection()
+        with self._lock:
+            if section == self._section and site == self._site:
+                return
+            self._held = collections.deque()
+            old, self._targets = self._targets, ()
+            for t in old:
+                t.stop()
+                leftovers = list(t.inbox)  # offered to it after its last drain
+                self._held.extendleft(reversed(leftovers))
+            hostname = section.hostname or socket.gethostname()
+            targets = []
+            for spec in section.targets:
+                try:
+                    targets.append(Target(spec, self.queue_dir, site=site, site_root=Path(site_root),
+                                          hostname=hostname, metrics=self.metrics, record=self.record))  # fmt: skip
+                except (OSError, ValueError) as e:  # a CA file that does not load
+                    log.error("logship %s: not started: %s", spec.name, e)
+            self._section, self._site = section, site
+            for t in targets:
+                t.start()
+            self._targets = tuple(targets)
+            held, self._held = self._held, None
+            while held:
+                body = held.popleft()
+                for t in self._targets:
+                    t.offer(body)
+
+    def close(self) -> None:
+        with self._lock:
+            old, self._targets = self._targets, ()
+            for t in old:
+                t.stop()

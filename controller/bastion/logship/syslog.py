@@ -1,0 +1,172 @@
+"""Syslog out: an event as an RFC 5424 message, framed by octet counting (RFC 6587 section
+3.4.1) for TCP, and the TCP or TLS (RFC 5425) connection that carries it.
+
+A message (RFC 5424 section 6):
+
+    <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [bastion@32473 id="12" ...] MSG
+
+- PRI = facility * 8 + severity (section 6.2.1). Severity is a journal entry's own PRIORITY,
+  err for an HTTP status of 500 or more, warning for an event whose payload carries `error`,
+  info otherwise.
+- TIMESTAMP is the event's time, UTC, microseconds (section 6.2.3).
+- APP-NAME `edge-bastion`, PROCID `-`, MSGID the event's kind (section 6.2.7: 1..32
+  printable ASCII characters).
+- STRUCTURED-DATA: one element, `bastion@32473` (32473 is the enterprise number RFC 5612
+  reserves for examples and documentation; a private SD-ID needs one) with the event's id,
+  source, site and, when known, machine, mac, endpoint, status. Values escape `"`, `\\` and `]`
+  (section 6.3.3).
+- MSG is the whole event as JSON (MSG-ANY, no BOM): a collector that keeps only MSG keeps
+  everything.
+
+Over TCP each message goes as `LEN SP MESSAGE` (octet counting), which rsyslog, syslog-ng and
+others read without depending on newlines inside MSG.
+
+Plain TCP syslog has no acknowledgement: bytes a collector's kernel accepted can still be lost
+when the collector stops before reading them. `SyslogConnection` gives the sender what it needs
+to be safe anyway: `unacked()` (bytes the peer's kernel has not acknowledged, SIOCOUTQ) and
+`closed_by_peer()` (a FIN or RST has come back); bastion.logship.shipper keeps records in its
+queue until they were acknowledged and the connection stayed open for a while after.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import socket
+import ssl
+import struct
+import termios
+from datetime import UTC, datetime
+from typing import Any
+
+APP_NAME = "edge-bastion"
+SD_ID = "bastion@32473"
+_SEVERITY_ERR, _SEVERITY_WARNING, _SEVERITY_INFO = 3, 4, 6
+_SD_FIELDS = ("id", "source", "machine", "mac", "endpoint", "status")
+
+
+def _sd_escape(value: Any) -> str:
+    # RFC 5424 section 6.3.3: '"', '\' and ']' are escaped with a backslash inside PARAM-VALUE
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def _printable(text: str, limit: int) -> str:
+    # HOSTNAME, APP-NAME, MSGID: PRINTUSASCII (33..126), at most `limit` characters, else NILVALUE
+    out = "".join(c for c in text if 33 <= ord(c) <= 126)[:limit]
+    return out or "-"
+
+
+def severity(event: dict[str, Any]) -> int:
+    payload = event.get("payload")
+    if event.get("kind") == "journal" and isinstance(payload, dict):
+        p = payload.get("priority")
+        if isinstance(p, int) and 0 <= p <= 7:  # the journal's PRIORITY is syslog's severity
+            return p
+    status = event.get("status")
+    if isinstance(status, int) and status >= 500:
+        return _SEVERITY_ERR
+    payload = event.get("payload")
+    if isinstance(payload, dict) and payload.get("error"):
+        return _SEVERITY_WARNING
+    return _SEVERITY_INFO
+
+
+def timestamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
+            max_bytes: int | None = None) -> bytes:  # fmt: skip
+    """One event (Event.as_dict()) as an RFC 5424 message, without framing. With `max_bytes`, a
+    longer message has its payload replaced by `{"truncated": <its JSON's length>, "head": <the
+    start of that JSON>}` so that it fits and MSG stays valid JSON: a collector truncates an
+    oversize message itself, mid-JSON (rsyslog's default limit is 8096 bytes, and it reads the
+    cut-off rest as more, bogus, messages)."""
+    pri = facility * 8 + severity(event)
+    params = [f'{name}="{_sd_escape(event[name])}"' for name in _SD_FIELDS if event.get(name) is not None]
+    params.insert(min(2, len(params)), f'site="{_sd_escape(site)}"')
+    sd = f"[{SD_ID} {' '.join(params)}]"
+    head = (f"<{pri}>1 {timestamp(float(event.get('ts') or 0))} {_printable(hostname, 255)} "
+            f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} {sd} ").encode()  # fmt: skip
+    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    if max_bytes is None or len(head) + len(body) <= max_bytes:
+        return head + body
+    text = json.dumps(event.get("payload"), separators=(",", ":"), ensure_ascii=False, default=str)
+    short = dict(event, payload={"truncated": len(text), "head": ""})
+    room = max_bytes - len(head) - len(json.dumps(short, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+    def with_head(n: int) -> bytes:
+        short["payload"]["head"] = text[:n]
+        return head + json.dumps(short, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+    # JSON escaping and UTF-8 make bytes outgrow characters: the longest head that fits, by halving
+    lo, hi = 0, max(0, min(room, len(text)))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(with_head(mid)) <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return with_head(lo)
+
+
+def frame(msg: bytes) -> bytes:
+    """RFC 6587 section 3.4.1, octet counting: MSG-LEN SP SYSLOG-MSG."""
+    return b"%d %s" % (len(msg), msg)
+
+
+class SyslogConnection:
+    """A connected TCP socket, TLS-wrapped when given a context; `sendall` whole frames."""
+
+    def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None, timeout: float = 10.0):  # fmt: skip
+        self.timeout = timeout
+        raw = socket.create_connection((host, port), timeout=timeout)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock: socket.socket = (
+                tls.wrap_socket(raw, server_hostname=server_name or host) if tls is not None else raw
+            )
+        except BaseException:
+            raw.close()
+            raise
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def unacked(self) -> int:
+        """Bytes sent that the peer's kernel has not acknowledged yet (SIOCOUTQ)."""
+        # the TLS socket owns the descriptor once wrapped (the raw one is detached)
+        buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return struct.unpack("i", buf)[0]
+
+    def closed_by_peer(self) -> bool:
+        """True when the collector has closed or reset the connection. Syslog collectors never
+        send data, so a readable socket means a FIN (b''), an RST (an error) or, with TLS 1.3, a
+        session ticket that the TLS layer takes in (then it is still open)."""
+        self.sock.setblocking(False)
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                data = self.sock.recv(1)
+            else:
+                data = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError:  # ECONNRESET, a TLS alert, close_notify (SSLZeroReturnError)
+            return True
+        finally:
+            self.sock.settimeout(self.timeout)
+        return data == b""
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """A client context that checks the collector's certificate against `ca_file` and its name."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

@@ -1,0 +1,185 @@
+"""The pieces of bastion.logship on their own: the queue's order, bound and drop count, an
+event as an RFC 5424 message with RFC 6587 framing, and the Loki target against a small
+receiver in this test that checks the push format (no real Loki is available offline: this is
+a format check of Loki's documented JSON push API, not an interoperability test)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+from bastion.logship import loki, syslog
+from bastion.logship.queue import DiskQueue
+from bastion.logship.shipper import Shipper
+from bastion.metrics import Metrics
+from bastion.site.schema import LogsSection
+
+EVENT = {"id": 12, "ts": 1764871526.25, "kind": "boot", "source": "controller", "mac": "52:54:00:12:34:01",
+         "machine": "node1", "endpoint": "/ipxe", "profile": "w", "group": None, "status": 200,
+         "payload": {"client": "10.77.0.50", "note": 'a "quoted" ]bracket\\'}}  # fmt: skip
+
+
+def test_queue_keeps_order_across_reopen_and_drops_the_oldest_past_its_bound(tmp_path: Path):
+    q = DiskQueue(tmp_path / "t.db", capacity=5)
+    assert q.put_many(["a", "b", "c"]) == 0
+    assert q.put_many(["d", "e", "f", "g"]) == 2  # a and b go
+    assert [b for _, b in q.peek()] == ["c", "d", "e", "f", "g"]
+    seqs = [s for s, _ in q.peek()]
+    q.ack(seqs[1])
+    q.close()
+    q = DiskQueue(tmp_path / "t.db", capacity=5)  # durable: what was queued is still there
+    assert [b for _, b in q.peek()] == ["e", "f", "g"] and len(q) == 3
+    assert q.dropped == 2
+    assert [b for _, b in q.peek(after=seqs[2])] == ["f", "g"]
+
+
+def test_an_event_as_rfc5424_with_octet_counting():
+    msg = syslog.message(EVENT, hostname="ctl", facility=16, site="home-lab")
+    framed = syslog.frame(msg)
+    length, _, rest = framed.partition(b" ")
+    assert int(length) == len(rest) == len(msg)
+    head = msg.decode()
+    # <PRI>VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [SD] MSG; local0.info = 16*8+6
+    m = re.match(r'<134>1 2025-12-04T18:05:26\.250000Z ctl edge-bastion - boot \[bastion@32473 (.*?[^\\])\] (.*)$', head)
+    assert m, head
+    assert 'id="12"' in m.group(1) and 'site="home-lab"' in m.group(1) and 'machine="node1"' in m.group(1)
+    assert json.loads(m.group(2)) == EVENT
+    bad = dict(EVENT, status=503)
+    assert syslog.message(bad, hostname="ctl", facility=16, site="s").startswith(b"<131>")  # err
+    escaped = syslog.message(dict(EVENT, machine='n"1]'), hostname="ctl", facility=16, site="s").decode()
+    assert 'machine="n\\"1\\]"' in escaped
+
+
+def test_a_long_event_is_cut_to_the_message_limit_and_stays_json():
+    big = dict(EVENT, payload={"error": "é" * 20000})
+    for limit in (480, 8096):
+        msg = syslog.message(big, hostname="ctl", facility=16, site="s", max_bytes=limit)
+        assert len(msg) <= limit
+        event = json.loads(msg.decode().split("] ", 1)[1])
+        assert event["id"] == 12 and event["payload"]["truncated"] == len(json.dumps(big["payload"], ensure_ascii=False, separators=(",", ":")))
+        assert event["payload"]["head"].startswith('{"error":"éé')
+    assert syslog.message(EVENT, hostname="ctl", facility=16, site="s", max_bytes=8096) == syslog.message(
+        EVENT, hostname="ctl", facility=16, site="s")
+
+
+class _LokiReceiver(BaseHTTPRequestHandler):
+    """Takes POST /loki/api/v1/push, checks it is Loki's JSON push format, keeps the entries;
+    answers 503 while `down` is set (a Loki that is restarting)."""
+
+    entries: ClassVar[list] = []
+    down = threading.Event()
+    problems: ClassVar[list] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.down.is_set():
+            self.send_response(503)
+            self.end_headers()
+            return
+        try:
+            assert self.path == "/loki/api/v1/push"
+            assert self.headers["Content-Type"] == "application/json"
+            doc = json.loads(body)
+            assert set(doc) == {"streams"}
+            for s in doc["streams"]:
+                assert set(s) == {"stream", "values"}
+                assert all(isinstance(k, str) and isinstance(v, str) for k, v in s["stream"].items())
+                for ts, line in s["values"]:
+                    assert isinstance(ts, str) and ts.isdigit() and len(ts) >= 19  # ns since the epoch
+                    event = json.loads(line)
+                    assert s["stream"]["kind"] == event["kind"]
+                    type(self).entries.append((s["stream"], int(ts), event))
+        except (AssertionError, ValueError, KeyError, TypeError) as e:
+            type(self).problems.append(repr(e))
+            self.send_response(400)
+            self.end_headers()
+            return
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_loki_target_pushes_in_order_and_replays_after_an_outage(tmp_path: Path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LokiReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/loki/api/v1/push"
+    metrics = Metrics()
+    shipper = Shipper(tmp_path / "q", metrics)
+    section = LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url,
+                                                       "labels": {"env": "test"}}]})  # fmt: skip
+    shipper.configure(section, site="home-lab", site_root=tmp_path)
+    up = lambda: metrics.registry.get_sample_value("bastion_logship_up", {"target": "loki"})
+
+    def wait(cond):
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    try:
+        for i in range(1, 21):
+            shipper.offer(dict(EVENT, id=i, ts=1764871526 + i))
+        wait(lambda: len(_LokiReceiver.entries) == 20)
+        _LokiReceiver.down.set()  # Loki answers 503: the shipper backs off, the queue holds
+        for i in range(21, 41):
+            shipper.offer(dict(EVENT, id=i, ts=1764871526 + i))
+        wait(lambda: up() == 0)
+        assert len(_LokiReceiver.entries) == 20
+        _LokiReceiver.down.clear()
+        for i in range(41, 51):
+            shipper.offer(dict(EVENT, id=i, ts=1764871526 + i))
+        wait(lambda: len(_LokiReceiver.entries) == 50)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert _LokiReceiver.problems == []
+    ids = [e["id"] for _, _, e in _LokiReceiver.entries]
+    assert ids == list(range(1, 51))
+    stream, ts, _ = _LokiReceiver.entries[0]
+    assert stream == {"job": "edge-bastion", "env": "test", "site": "home-lab", "source": "controller", "kind": "boot"}
+    assert ts == (1764871526 + 1) * 10**9  # the event's time, in nanoseconds
+
+
+def test_loki_push_body_groups_streams_and_keeps_order():
+    events = [dict(EVENT, id=1, kind="boot"), dict(EVENT, id=2, kind="dhcp", source="device"), dict(EVENT, id=3)]
+    doc = json.loads(loki.push_body(events, site="s", labels={}))
+    assert [[json.loads(v[1])["id"] for v in s["values"]] for s in doc["streams"]] == [[1, 3], [2]]
+
+
+def test_a_changed_logs_section_keeps_what_was_queued_and_the_order(tmp_path: Path):
+    """A reload with another `logs:` restarts the threads on the same queue files."""
+    _LokiReceiver.entries.clear()
+    _LokiReceiver.down.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _LokiReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/loki/api/v1/push"
+
+    def section(env: str) -> LogsSection:
+        return LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url,
+                                                        "labels": {"env": env}}]})  # fmt: skip
+
+    shipper = Shipper(tmp_path / "q", Metrics())
+    try:
+        _LokiReceiver.down.set()  # the first events wait in the queue
+        shipper.configure(section("a"), site="s", site_root=tmp_path)
+        for i in range(1, 31):
+            shipper.offer(dict(EVENT, id=i))
+        shipper.configure(section("b"), site="s", site_root=tmp_path)
+        _LokiReceiver.down.clear()
+        for i in range(31, 41):
+            shipper.offer(dict(EVENT, id=i))
+        deadline = time.monotonic() + 60
+        while len(_LokiReceiver.entries) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert [e["id"] for _, _, e in _LokiReceiver.entries] == list(range(1, 41))
+    assert {s["env"] for s, _, _ in _LokiReceiver.entries} == {"b"}  # sent after the change

@@ -1,0 +1,377 @@
+"""Logs off-site against the real collector: Debian's rsyslog (imtcp, octet-counted framing)
+in a network namespace that has only loopback, and `bastion serve` in the same namespace
+shipping to it. Boot requests make the events; rsyslog writes each message's MSGID, severity,
+structured data and MSG to a file, from which the test reads the event ids that arrived.
+
+What it shows (issue 18): every event of a run arrives; rsyslog stopped in the middle of the
+stream and started again later gets the events of the outage afterwards, in order, none lost;
+with a small queue bound, the oldest records are dropped and counted (metric and event)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bastion.lab.netns import Namespace, stop_process
+from netkit import need_root, need_tool
+
+pytestmark = pytest.mark.netns
+
+PORT = 10514
+HTTP = "127.0.0.1:8080"
+_ID = re.compile(r'bastion@32473 id="(\d+)"')
+
+
+class Rsyslog:
+    """rsyslogd -n in `ns`, listening on 127.0.0.1:PORT, writing `MSGID SD` lines to `out`."""
+
+    def __init__(self, ns: Namespace, workdir: Path, tls: dict[str, Path] | None = None):
+        self.ns, self.dir = ns, workdir
+        self.out = workdir / "received.log"
+        (workdir / "work").mkdir(parents=True, exist_ok=True)
+        driver = ""
+        tls_global = ""
+        if tls:
+            tls_global = (f'global(DefaultNetstreamDriverCAFile="{tls["ca"]}" '
+                          f'DefaultNetstreamDriverCertFile="{tls["cert"]}" '
+                          f'DefaultNetstreamDriverKeyFile="{tls["key"]}")\n')  # fmt: skip
+            driver = ' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon"'
+        self.conf = workdir / "rsyslog.conf"
+        self.conf.write_text(
+            f'global(workDirectory="{workdir / "work"}")\n{tls_global}'
+            # messages read but not yet written still go to the file at a stop (default: 1.5 s)
+            'main_queue(queue.timeoutShutdown="20000")\n'
+            f'module(load="imtcp"{driver})\n'
+            f'input(type="imtcp" port="{PORT}" address="127.0.0.1")\n'
+            'template(name="ids" type="string" string="%msgid% %syslogseverity% %structured-data% %msg%\\n")\n'
+            f'action(type="omfile" file="{self.out}" template="ids" flushOnTXEnd="on" asyncWriting="off")\n'
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = self.ns.start(["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.dir / "pid")],
+                                  name="rsyslogd", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not self._listening():
+            assert self.proc.poll() is None, "rsyslogd exited"
+            assert time.monotonic() < deadline, "rsyslogd does not listen"
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        r = self.ns.run("ss", "-H", "-n", "-l", "-t", f"sport = :{PORT}", capture_output=True, text=True)
+        return bool(r.stdout.strip())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace=30)
+            self.proc = None
+
+    def ids(self) -> list[int]:
+        if not self.out.exists():
+            return []
+        return [int(m.group(1)) for m in _ID.finditer(self.out.read_text())]
+
+
+def _site(site_dir: Path, logs: str) -> Path:
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write(logs)
+    return site_dir
+
+
+def _serve(ns: Namespace, site: Path, db: Path) -> subprocess.Popen:
+    # the same name again stops the earlier one first (SIGTERM: it shuts down cleanly)
+    proc = ns.start([sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site), "--db", str(db),
+                     "--listen", HTTP, "--poll", "0", "--no-access-log", "--log-level", "warning"],
+                    name="bastion", log=db.with_suffix(".log"))  # fmt: skip
+    _in_ns(ns, f"""
+import time, urllib.request
+deadline = time.monotonic() + 30
+while True:
+    try:
+        urllib.request.urlopen("http://{HTTP}/healthz", timeout=1).read(); break
+    except OSError:
+        assert time.monotonic() < deadline, "bastion serve did not come up"
+        time.sleep(0.05)
+""")
+    return proc
+
+
+def _in_ns(ns: Namespace, code: str) -> str:
+    r = ns.run(sys.executable, "-c", code, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _boots(ns: Namespace, n: int, start: int) -> None:
+    """n boot requests (each one `boot` event, a 404 for an unknown MAC: no assets needed)."""
+    _in_ns(ns, f"""
+import urllib.request, urllib.error
+for i in range({start}, {start + n}):
+    try:
+        urllib.request.urlopen("http://{HTTP}/ipxe?mac=02-00-00-00-%02x-%02x" % (i // 256, i % 256), timeout=10).read()
+    except urllib.error.HTTPError:
+        pass
+""")
+
+
+def _metrics(ns: Namespace) -> str:
+    return _in_ns(ns, f'import urllib.request; print(urllib.request.urlopen("http://{HTTP}/metrics").read().decode())')
+
+
+def _db_ids(db: Path) -> list[int]:
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT id FROM events ORDER BY id")]
+
+
+def _db_logship(db: Path) -> list[str]:
+    with sqlite3.connect(db) as c:
+        return [r[0] for r in c.execute("SELECT payload FROM events WHERE kind = 'logship' ORDER BY id")]
+
+
+def _wait_for(what, until, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if until(value):
+            return value
+        assert time.monotonic() < deadline, f"gave up waiting; last: {value!r}"[:2000]
+        time.sleep(0.1)
+
+
+def _first_seen(ids: list[int]) -> list[int]:
+    seen, out = set(), []
+    for i in ids:
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out
+
+
+@pytest.fixture
+def ns():
+    need_root("rsyslogd", "ss")
+    with Namespace(f"eblog{os.getpid() % 100000}") as namespace:
+        yield namespace
+
+
+def test_every_event_arrives_and_an_outage_is_replayed_in_order(ns, site_dir, tmp_path):
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+
+    _boots(ns, 100, 0)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    before = _db_ids(db)
+    assert _first_seen(got) == before, "every event of the run, in order"
+
+    # the collector goes away in the middle of the stream, and comes back later
+    _boots(ns, 50, 100)
+    rs.stop()
+    _boots(ns, 150, 150)
+    during = [i for i in _db_ids(db) if i > before[-1]]
+    rs.start()
+    _boots(ns, 20, 300)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    every = _db_ids(db)
+    first = _first_seen(got)
+    assert first == every, "all events, in order, none lost"
+    assert len(first) == len(every) >= 100 + 50 + 150 + 20
+    dups = len(got) - len(first)
+    print(f"events {len(every)}, recorded during the outage (or around it) {len(during)}, "
+          f"received {len(got)} of which {dups} again after the reconnect")
+    actions = [p for p in _db_logship(db)]
+    assert any('"action":"down"' in p for p in actions) and any('"action":"up"' in p for p in actions)
+    assert 'bastion_logship_dropped_total{' not in _metrics(ns)  # nothing had to be dropped
+
+
+def test_the_queue_bound_drops_the_oldest_and_counts_them(ns, site_dir, tmp_path):
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n      queue_max: 20\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    _serve(ns, site, db)  # no collector yet: everything waits in the queue
+    _boots(ns, 60, 0)
+    metrics = _wait_for(lambda: _metrics(ns), lambda m: 'bastion_logship_dropped_total{reason="bound",target="central"}' in m)
+    dropped = float(re.search(r'bastion_logship_dropped_total\{reason="bound",target="central"\} (\S+)', metrics).group(1))
+    assert dropped >= 60 - 20
+    assert any('"action":"dropped"' in p for p in _db_logship(db)), "the drop is an event too"
+    status = subprocess.run([str(Path(sys.executable).parent / "bastion"), "logs", "status", "--db", str(db), "--json"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    queue = json.loads(status.stdout)
+    assert queue["target"] == "central" and queue["queued"] == 20 and queue["dropped"] >= 40
+
+    rs.start()
+    every = _db_ids(db)
+    got = _wait_for(rs.ids, lambda ids: every[-1] in ids)
+    first = _first_seen(got)
+    assert first == sorted(first), "what survived arrives in order"
+    assert set(first) <= set(_db_ids(db))
+    # the newest events survive the bound; the oldest were the ones dropped
+    assert every[-1] in first and every[0] not in first
+    assert len(first) <= len(every) - 40
+    print(f"events {len(every)}, dropped {dropped:.0f}, received {len(first)}")
+
+
+
+def test_the_queue_outlives_a_controller_restart(ns, site_dir, tmp_path):
+    """Events queued while the collector is down stay queued across a restart of the
+    controller, and arrive, in order, once the collector is back."""
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    _serve(ns, site, db)
+    _boots(ns, 60, 0)
+    _serve(ns, site, db)  # stops the first controller, starts a second on the same history
+    _boots(ns, 10, 60)
+    assert rs.ids() == []
+    rs.start()
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    assert _first_seen(got) == _db_ids(db)
+    assert len(_db_ids(db)) >= 70
+
+
+def test_an_oversize_event_is_cut_to_fit_and_the_stream_stays_whole(ns, site_dir, tmp_path):
+    """rsyslog's default limit is 8096 bytes; a longer message would be cut by rsyslog and its
+    rest read as bogus messages. An event with a 12 KB query arrives cut to fit, valid JSON,
+    and every line rsyslog writes is one of our events."""
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    _boots(ns, 3, 0)
+    _in_ns(ns, f"""
+import urllib.request, urllib.error
+try:
+    urllib.request.urlopen("http://{HTTP}/ipxe?mac=02-00-00-00-10-00&pad=" + "y" * 12000, timeout=10).read()
+except urllib.error.HTTPError:
+    pass
+""")
+    _boots(ns, 3, 10)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    assert _first_seen(got) == _db_ids(db)
+    lines = rs.out.read_text().splitlines()
+    assert len(lines) == len(got), "no bogus lines from a cut-off message"
+    cut = [json.loads(ln.split("] ", 1)[1]) for ln in lines if '"truncated"' in ln]
+    assert len(cut) == 1 and cut[0]["payload"]["truncated"] > 12000
+
+def _certs(d: Path) -> dict[str, Path]:
+    """A CA and a server certificate for collector.test, made with openssl for this test."""
+    need_tool("openssl")
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=edge-bastion test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=collector.test")
+    (d / "ext").write_text("subjectAltName=DNS:collector.test\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext")
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+def test_tls_to_rsyslog_gtls(ns, site_dir, tmp_path):
+    """RFC 5425: the same stream over TLS to rsyslog's gtls driver (Debian's rsyslog-gnutls),
+    the collector's certificate checked against the site's CA file and name."""
+    if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
+        pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
+    certs = _certs(tmp_path / "pki")
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n"
+                           f"      tls: {{ca_file: {certs['ca']}, server_name: collector.test}}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog", tls=certs)
+    rs.start()
+    _serve(ns, site, db)
+    _boots(ns, 30, 0)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids), timeout=30)
+    assert _first_seen(got) == _db_ids(db)
+    assert len(got) == len(_db_ids(db)), "no reconnects on a healthy TLS connection"
+
+
+def test_tls_refuses_a_collector_with_another_name(ns, site_dir, tmp_path):
+    if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
+        pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
+    certs = _certs(tmp_path / "pki")
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n"
+                           f"      tls: {{ca_file: {certs['ca']}, server_name: other.test}}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog", tls=certs)
+    rs.start()
+    _serve(ns, site, db)
+    _boots(ns, 5, 0)
+    down = _wait_for(lambda: [p for p in _db_logship(db) if '"action":"down"' in p], bool)
+    assert "certificate" in down[0].lower() or "hostname" in down[0].lower()
+    assert rs.ids() == []
+
+
+def _journal_file(d: Path, n: int) -> Path:
+    """A journal file of n entries from node1 (made from the export format by Debian's
+    systemd-journal-remote), one with a binary, two-line MESSAGE."""
+    remote = need_tool_at("/lib/systemd/systemd-journal-remote")
+    d.mkdir(parents=True, exist_ok=True)
+    export = bytearray()
+    for i in range(n):
+        export += b"__REALTIME_TIMESTAMP=%d\n_HOSTNAME=node1\nPRIORITY=%d\nSYSLOG_IDENTIFIER=t\n" % (
+            1764871526000000 + i, 3 if i == 0 else 6)
+        if i == 1:
+            text = b"two\nlines %d" % i
+            export += b"MESSAGE\n" + len(text).to_bytes(8, "little") + text + b"\n\n"
+        else:
+            export += b"MESSAGE=entry %d\n\n" % i
+    (d / "in.export").write_bytes(bytes(export))
+    subprocess.run([remote, f"--output={d / 'node.journal'}", str(d / "in.export")], check=True,
+                   capture_output=True)
+    return d / "node.journal"
+
+
+def need_tool_at(path: str) -> str:
+    if not Path(path).exists():
+        pytest.skip(f"{path} is not installed (tools/setup installs systemd-journal-remote)")
+    return path
+
+
+def test_a_node_journal_through_the_controller_to_rsyslog(ns, site_dir, tmp_path):
+    """The real systemd-journal-upload (what Flatcar ships) sends a journal to the controller's
+    POST /journal/upload; its entries reach rsyslog, named after the machine, with their own
+    severity, in order."""
+    upload = need_tool_at("/lib/systemd/systemd-journal-upload")
+    journal = _journal_file(tmp_path / "node", 40)
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    r = ns.run(upload, f"--url=http://{HTTP}/journal", f"--file={journal}", "--follow=no",
+               capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+    def journal_lines():
+        return [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")] if rs.out.exists() else []
+
+    lines = _wait_for(journal_lines, lambda ls: len(ls) >= 40)
+    assert len(lines) == 40
+    assert all('machine="node1"' in ln for ln in lines)
+    messages = [json.loads(ln.split("] ", 1)[1])["payload"]["message"] for ln in lines]
+    severities = [int(ln.split(" ", 2)[1]) for ln in lines]
+    assert severities == [3] + [6] * 39  # the entry's PRIORITY is the message's severity
+    assert messages[0] == "entry 0" and messages[1] == "two\nlines 1" and messages[-1] == "entry 39"
+    assert [int(m.split()[-1]) for m in messages] == list(range(40))
+    assert 'bastion_journal_entries_total{result="shipped"} 40.0' in _metrics(ns)

@@ -1,0 +1,64 @@
+"""The controller's side of shipping (bastion.api.deps.Runtime.record): every recorded event is
+handed to each target in the order of its id, from any number of threads, and lands in the
+target's on-disk queue while the collector is unreachable; a site reload that changes `logs:`
+keeps that queue."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+from bastion.logship.queue import DiskQueue
+from bastion_testkit import make_app
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: connections to it are refused
+
+
+def test_events_from_many_threads_are_queued_in_id_order(site_dir: Path, tmp_path: Path):
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write(f"\nlogs:\n  targets:\n    - {{name: central, type: syslog, host: 127.0.0.1, port: {_unused_port()}}}\n")
+    app = make_app(site_dir, tmp_path / "events.db")
+    runtime = app.state.runtime
+
+    def record_many(n: int) -> None:
+        for i in range(n):
+            runtime.record("test", payload={"i": i})
+
+    threads = [threading.Thread(target=record_many, args=(100,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recorded = [e.id for e in runtime.store.query(limit=10000, newest_first=False)]
+    runtime.logship.close()  # the threads stop; what they held is on disk
+    queue = DiskQueue(tmp_path / "events.logship" / "central.db", 100000)
+    ids = [json.loads(body)["id"] for _, body in queue.peek(0, 10000)]
+    queue.close()
+    assert [i for i in ids if i is not None] == recorded  # every event, in id order
+    assert len(recorded) >= 800
+
+
+def test_a_reload_with_another_collector_keeps_the_queue(site_dir: Path, tmp_path: Path):
+    port = _unused_port()
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write(f"\nlogs:\n  targets:\n    - {{name: central, type: syslog, host: 127.0.0.1, port: {port}}}\n")
+    app = make_app(site_dir, tmp_path / "events.db")
+    runtime = app.state.runtime
+    for i in range(20):
+        runtime.record("test", payload={"i": i})
+    text = (site_dir / "site.yaml").read_text().replace(f"port: {port}", f"port: {port}, facility: daemon")
+    (site_dir / "site.yaml").write_text(text)
+    assert runtime.holder.reload().ok
+    assert runtime.logship.targets[0].spec.facility == "daemon"
+    runtime.record("test", payload={"i": 20})
+    runtime.logship.close()
+    queue = DiskQueue(tmp_path / "events.logship" / "central.db", 100000)
+    kinds = [json.loads(body)["kind"] for _, body in queue.peek(0, 10000)]
+    queue.close()
+    assert kinds.count("test") == 21 and kinds[0] == "site"
