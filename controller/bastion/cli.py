@@ -38,8 +38,10 @@ def _register() -> None:
 
     from bastion.fleet import cli as fleet_cli
 
+    from bastion.regcache import cli as regcache_cli
+
     for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS,
-                    *operator_cli.COMMANDS, *fleet_cli.COMMANDS):
+                    *operator_cli.COMMANDS, *fleet_cli.COMMANDS, *regcache_cli.COMMANDS):
         main.add_command(command)
 
 
