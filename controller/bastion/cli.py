@@ -39,9 +39,11 @@ def _register() -> None:
     from bastion.fleet import cli as fleet_cli
 
     from bastion.logship import cli as logship_cli
+    from bastion.regcache import cli as regcache_cli
 
     for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS,
-                    *operator_cli.COMMANDS, *fleet_cli.COMMANDS, *logship_cli.COMMANDS):
+                    *operator_cli.COMMANDS, *fleet_cli.COMMANDS, *logship_cli.COMMANDS,
+                    *regcache_cli.COMMANDS):
         main.add_command(command)
 
 

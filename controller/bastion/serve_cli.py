@@ -211,7 +211,9 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
     Writes the unit (its own system user, state in /var/lib/edge-bastion, ProtectSystem=strict,
     CAP_NET_BIND_SERVICE for TFTP's port 69, the serial line through the dialout group), the
     user for systemd-sysusers, and an API token in /etc/edge-bastion/token unless one exists;
-    then creates the user and reloads systemd. Prints each step. Start it with
+    then creates the user and reloads systemd. A site whose site.yaml has
+    cluster.registry_cache.serve also gets NAME-registry-cache.service, which runs
+    `bastion registry-cache run` as the same user. Prints each step. Start it with
     `systemctl enable --now edge-bastion`.
     """
     import shutil
@@ -228,7 +230,7 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
         raise click.UsageError(str(e)) from None
     site_dir = site_dir.resolve()
     try:
-        load_site(site_dir)
+        site = load_site(site_dir)
     except SiteError as e:
         click.echo(f"the site in {site_dir} does not load, so the service could not start:", err=True)
         for problem in e.problems:
@@ -242,8 +244,11 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
         if found is None:
             raise click.ClickException("cannot find the bastion executable to run")
         exe = Path(found)
+    cluster = site.settings.cluster
+    cache = cluster.registry_cache if cluster is not None else None
     spec = service.ServiceSpec(site=site_dir, bastion=exe.absolute(), listen=listen, tftp=tftp,
-                               device=device, name=name)  # fmt: skip
+                               device=device, name=name,
+                               registry_cache=cache is not None and cache.serve is not None)  # fmt: skip
     root = root.absolute()
     host = root == Path("/")
     if host and not dry_run and os.geteuid() != 0:
@@ -254,6 +259,9 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
             click.echo(f"would {step.what}" + (f": {' '.join(step.argv)}" if step.argv else ""))
         click.echo(f"\n{root / f'etc/systemd/system/{name}.service'} would be:\n")
         click.echo(service.unit_text(spec), nl=False)
+        if spec.registry_cache:
+            click.echo(f"\n{root / f'etc/systemd/system/{spec.cache_name}.service'} would be:\n")
+            click.echo(service.cache_unit_text(spec), nl=False)
         return
     try:
         service.install(steps, spec, click.echo, host)
@@ -267,6 +275,9 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
                f"chown -R {spec.user}: {site_dir}", err=True)  # fmt: skip
     if host:
         click.echo(f"start it: systemctl enable --now {name}; its log: journalctl -u {name}")
+        if spec.registry_cache:
+            click.echo(f"the registry cache: systemctl enable --now {spec.cache_name}; its log: "
+                       f"journalctl -u {spec.cache_name}")  # fmt: skip
 
 
 COMMANDS = (serve, events, site_group, install_service)

@@ -2,6 +2,7 @@
 `bastion install-service`.
 
     unit_text(spec)          the unit file (pure: tested with systemd-analyze verify)
+    cache_unit_text(spec)    the registry cache's unit, for a site that serves one
     sysusers_text(spec)      the user, for systemd-sysusers (sysusers.d(5))
     plan(spec, root)         what installing means: the files and the commands, in order
     install(steps)           do them (atomic writes; commands as argv, never a shell)
@@ -49,6 +50,14 @@ class ServiceSpec:
     name: str = UNIT_NAME
     user: str = USER
     extra: tuple[str, ...] = field(default_factory=tuple)  # more `bastion serve` options
+    registry_cache: bool = False  # site.yaml cluster.registry_cache.serve: its unit too
+
+    @property
+    def cache_name(self) -> str:
+        return f"{self.name}-registry-cache"
+
+    def cache_argv(self) -> list[str]:
+        return [str(self.bastion), "registry-cache", "run", "--site", str(self.site)]
 
     @property
     def token_file(self) -> str:
@@ -134,6 +143,58 @@ WantedBy=multi-user.target
 """
 
 
+def cache_unit_text(spec: ServiceSpec) -> str:
+    """The registry cache's unit: `bastion registry-cache run`, beside the controller's, as the
+    same user with the same state directory, so that it reads the upstream credentials from the
+    controller's secret store and keeps the cached images under
+    /var/lib/edge-bastion/edge-bastion/registry-cache/<site> (docs/registry-cache.md)."""
+    return f"""\
+# Written by `bastion install-service`: the pull-through registry cache of the site in {spec.site}
+# (site.yaml cluster.registry_cache.serve; docs/registry-cache.md).
+[Unit]
+Description=Edge Bastion registry cache (site {spec.site.name})
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=exec
+User={spec.user}
+Group={spec.user}
+ExecStart={_exec_line(spec.cache_argv())}
+Restart=on-failure
+RestartSec=5s
+# the cached images, and the secret store for upstream credentials
+StateDirectory=edge-bastion
+StateDirectoryMode=0700
+Environment=XDG_STATE_HOME=%S
+# the registries' ports, should the site choose them below 1024
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+UMask=0077
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
 def sysusers_text(spec: ServiceSpec) -> str:
     return (
         "# Written by `bastion install-service`: the Edge Bastion controller's user (sysusers.d(5))\n"
@@ -169,6 +230,9 @@ def plan(spec: ServiceSpec, root: Path = Path("/"), systemctl: bool = True) -> l
         Step(f"write {token} (a new API token, mode 0640, group {spec.user}) unless it exists",
              token, (secrets.token_urlsafe(32) + "\n").encode(), 0o640, keep=True),
     ]  # fmt: skip
+    if spec.registry_cache:
+        cache = root / f"etc/systemd/system/{spec.cache_name}.service"
+        steps.insert(1, Step(f"write {cache}", cache, cache_unit_text(spec).encode()))
     if host and systemctl:
         steps.append(Step("reload systemd's units", argv=("systemctl", "daemon-reload")))
     return steps

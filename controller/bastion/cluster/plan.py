@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bastion.model import Boot, Profile
+from bastion.regcache import plan as regcache
 
 PROFILE_ID = "k3s"
 TEMPLATE = "k3s.bu"
@@ -115,11 +116,14 @@ def registries_yaml(cache: Any) -> str:
     """/etc/rancher/k3s/registries.yaml: every mirrored registry pulls through the cache first
     (containerd falls back to the registry itself when the cache cannot answer)."""
     lines = ["# Written by Edge Bastion from site.yaml cluster.registry_cache", "mirrors:"]
+    # served by the controller host: each registry through its own Distribution instance
+    ends = regcache.endpoints(cache)
     for name in cache.mirrors:
-        lines += [f'  "{name}":', "    endpoint:", f'      - "{cache.url}"']
+        lines += [f'  "{name}":', "    endpoint:", f'      - "{ends[name]}"']
     if cache.insecure_skip_verify:
-        host = urlsplit(cache.url).netloc
-        lines += ["configs:", f'  "{host}":', "    tls:", "      insecure_skip_verify: true"]
+        lines.append("configs:")
+        for host in dict.fromkeys(urlsplit(url).netloc for url in ends.values()):
+            lines += [f'  "{host}":', "    tls:", "      insecure_skip_verify: true"]
     return "\n".join(lines) + "\n"
 
 

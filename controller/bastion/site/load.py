@@ -20,17 +20,22 @@ the line when known, the field and what is wrong:
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import gzip
 import json
 import posixpath
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pydantic
+import yaml
 
 from bastion import match, yamlfile
 
 from bastion.cluster import plan as cluster
+from bastion.regcache import plan as regcache
 from bastion.render import butane, gotemplate, ignition
 from bastion.render.config import (
     PLACEHOLDER_SECRETS,
@@ -860,7 +865,9 @@ def _prerender(ld: _Loader, site: Site) -> None:
             try:
                 # secrets are not known here (the store is the controller's): stand-ins check
                 # that a template reading them renders
-                fn(site, g, profile, req, PLACEHOLDER_SECRETS)
+                rendered = fn(site, g, profile, req, PLACEHOLDER_SECRETS)
+                if what == "Ignition" and g.machine is not None and g.machine.node is not None:
+                    _check_registries(ld, site, g.machine.name, site.ignition[name].relpath, rendered)
             except RenderError as e:
                 if g.machine is not None:
                     failures.setdefault((str(e), what), []).append(g.machine.name)
@@ -871,3 +878,56 @@ def _prerender(ld: _Loader, site: Site) -> None:
         ld.problems.append(f"{error} (rendering {what} for {who})")
     for (error, what), ids in warnings.items():
         ld.warnings.append(f"{error} (rendering {what} for group {', '.join(ids)} with its selectors)")
+
+
+REGISTRIES_YAML = "/etc/rancher/k3s/registries.yaml"
+
+
+def _file_text(entry: dict) -> str | None:
+    """An Ignition file entry's inline contents (a data URL, maybe gzip), or None."""
+    source = (entry.get("contents") or {}).get("source") or ""
+    if not source.startswith("data:"):
+        return None
+    head, _, body = source[5:].partition(",")
+    data = base64.b64decode(body) if head.endswith(";base64") else urllib.parse.unquote_to_bytes(body)
+    if (entry.get("contents") or {}).get("compression") == "gzip":
+        data = gzip.decompress(data)
+    return data.decode(errors="replace")
+
+
+def _check_registries(ld: _Loader, site: Site, machine: str, template: str, config: Any) -> None:
+    """A k3s node's registries.yaml (what its containerd is told) must pull each registry of
+    site.yaml cluster.registry_cache through that cache, and nothing else through it: a site's
+    own k3s.bu (or profile) that writes another one, or none, is refused."""
+    section = site.settings.cluster
+    cache = section.registry_cache if section is not None else None
+    if cache is None:
+        return
+    where = f"site.yaml: cluster.registry_cache: machine {machine}'s Ignition ({template})"
+    want = regcache.endpoints(cache)
+    files = {f.get("path"): f for f in (config.get("storage") or {}).get("files") or []}
+    if REGISTRIES_YAML not in files:
+        ld.problems.append(f"{where} writes no {REGISTRIES_YAML}: its containerd would not use the cache")
+        return
+    text = _file_text(files[REGISTRIES_YAML])
+    try:
+        doc = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError:
+        doc = None
+    mirrors = doc.get("mirrors") if isinstance(doc, dict) else None
+    if not isinstance(mirrors, dict):
+        ld.problems.append(f"{where}: {REGISTRIES_YAML} has no mirrors: map")
+        return
+    told = {name: list((m or {}).get("endpoint") or []) if isinstance(m, dict) else []
+            for name, m in mirrors.items()}  # fmt: skip
+    for name, url in want.items():
+        if name not in told:
+            ld.problems.append(f"{where}: {REGISTRIES_YAML} mirrors.{name} is missing: the cache "
+                               f"serves {name} on {url}")  # fmt: skip
+        elif told[name] != [url]:
+            ld.problems.append(f"{where}: {REGISTRIES_YAML} mirrors.{name}.endpoint is {told[name]}, "
+                               f"but the cache serves {name} on {url} (cluster.registry_cache.url)")  # fmt: skip
+    for name in told:
+        if name not in want:
+            ld.problems.append(f"{where}: {REGISTRIES_YAML} mirrors.{name}: the cache does not "
+                               "serve it (cluster.registry_cache.mirrors)")  # fmt: skip

@@ -10,11 +10,13 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bastion.match import Malformed, parse_mac
 from bastion.model import ARCH_ALIASES, ARCHES
+from bastion.settings import SettingsError, parse_size
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
@@ -320,6 +322,36 @@ class ClusterFlatcar(_Strict):
         return v
 
 
+class RegistryCacheServe(_Strict):
+    """cluster.registry_cache.serve: the controller host runs the cache itself, one CNCF
+    Distribution registry in proxy mode per mirrored registry (`bastion registry-cache`,
+    docs/registry-cache.md). Mirror i of `mirrors` listens on the port of `url` plus i."""
+
+    upstreams: dict[str, str] = Field(
+        default_factory=dict,
+        description="a mirrored registry's own URL when it is not https://<name> "
+        "(docker.io: https://registry-1.docker.io)",
+    )
+    max_size: str = Field(
+        default="10GiB", description="each mirror's storage bound (garbage-collected, then emptied)"
+    )
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams(cls, v: dict[str, str]) -> dict[str, str]:
+        return {name: _http_url(url) for name, url in v.items()}  # type: ignore[misc]
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        try:
+            if parse_size(v, "max_size") < 1 << 20:
+                raise ValueError(f"{v!r} is less than 1MiB")
+        except SettingsError:
+            raise ValueError(f"{v!r} is not a size (10GiB, 500MiB, 2G)") from None
+        return v
+
+
 class RegistryCache(_Strict):
     """cluster.registry_cache: the site's pull-through registry cache (containerd mirror)."""
 
@@ -340,7 +372,37 @@ class RegistryCache(_Strict):
         for name in v:
             if name != "*" and not re.match(r"^[A-Za-z0-9.-]+(:\d+)?$", name):
                 raise ValueError(f"{name!r} is not a registry host name (or *)")
+        if len(set(v)) != len(v):
+            raise ValueError("a registry is named twice")
         return v
+
+    serve: RegistryCacheServe | None = Field(
+        default=None, description="run the cache on the controller host (bastion registry-cache)"
+    )
+
+    @model_validator(mode="after")
+    def _served(self) -> RegistryCache:
+        """What the controller host serves must be what the nodes are told (registries.yaml)."""
+        if self.serve is None:
+            return self
+        if "*" in self.mirrors:
+            raise ValueError("mirrors: '*' cannot be served: a Distribution proxy mirrors one "
+                             "registry; name each registry (serve: is set)")  # fmt: skip
+        parts = urlsplit(self.url)
+        if parts.port is None:
+            raise ValueError(f"url: {self.url!r} needs a port: mirror i of `mirrors` is served "
+                             "on that port plus i")  # fmt: skip
+        if parts.path not in ("", "/"):
+            raise ValueError(f"url: {self.url!r}: a served cache is host:port, without a path")
+        if parts.scheme != "http":
+            raise ValueError(f"url: {self.url!r}: the served cache speaks http (no certificate)")
+        if parts.port + len(self.mirrors) - 1 > 65535:
+            raise ValueError(f"url: port {parts.port} + {len(self.mirrors)} mirrors passes 65535")
+        for name in self.serve.upstreams:
+            if name not in self.mirrors:
+                raise ValueError(f"serve.upstreams: {name!r} is not in mirrors {self.mirrors}: "
+                                 "the nodes would never be told to pull it through the cache")  # fmt: skip
+        return self
 
 
 class ClusterWireguard(_Strict):

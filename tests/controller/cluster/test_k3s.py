@@ -199,9 +199,13 @@ def test_containerd_pulls_through_the_registry_cache(lab):
     _, _, configs = lab
     for config in configs.values():
         registries = yaml.safe_load(contents(files_of(config)["/etc/rancher/k3s/registries.yaml"]))
-        assert set(registries["mirrors"]) == {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
-        for mirror in registries["mirrors"].values():
-            assert mirror == {"endpoint": ["http://192.168.1.10:5000"]}
+        # the controller host serves the cache (serve:): one Distribution instance per registry
+        assert registries["mirrors"] == {
+            "docker.io": {"endpoint": ["http://192.168.1.10:5000"]},
+            "ghcr.io": {"endpoint": ["http://192.168.1.10:5001"]},
+            "quay.io": {"endpoint": ["http://192.168.1.10:5002"]},
+            "registry.k8s.io": {"endpoint": ["http://192.168.1.10:5003"]},
+        }
 
 
 def test_the_usb_ssd_holds_var_lib_rancher_on_servers_only(lab):
@@ -463,7 +467,7 @@ def _problems(site: Path) -> list[str]:
     (lambda t: t.replace("  flatcar:\n", "  flatcar:\n    chanel: beta\n"), None,
      "site.yaml:37: cluster.flatcar.chanel: is not a known field"),
     (lambda t: t.replace("    persistent_keepalive: 25", "    keepalive: 25"), None,
-     "site.yaml:50: cluster.wireguard.keepalive: is not a known field"),
+     "site.yaml:53: cluster.wireguard.keepalive: is not a known field"),
     (None, lambda t: t.replace("    disk: /dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W100002-0:0\n", "    disk: /dev/sdb\n"),
      "machines.yaml:21: machines[1].disk.device: '/dev/sdb' is not a stable device name: use /dev/disk/by-id/"),
     (None, lambda t: t.replace("    disk: /dev/disk/by-id/usb-Samsung_Portable_SSD_T7_S5T2NS0W100003-0:0\n", ""),
@@ -488,13 +492,13 @@ def _problems(site: Path) -> list[str]:
     (lambda t: t.replace("    version: v1.31.4+k3s1", "    version: v1.31"), None,
      "site.yaml:24: cluster.k3s.version: 'v1.31' is not a k3s release name"),
     (lambda t: t.replace("    public_key: L9/", "    public_key: L9"), None,
-     "site.yaml:49: cluster.wireguard.public_key: 'L9htadd"),
+     "site.yaml:52: cluster.wireguard.public_key: 'L9htadd"),
     (lambda t: t.replace("    address_pool: 10.200.0.0/24", "    address_pool: 10.200.0.1/24"), None,
-     "site.yaml:47: cluster.wireguard.address_pool: '10.200.0.1/24' is not a network"),
+     "site.yaml:50: cluster.wireguard.address_pool: '10.200.0.1/24' is not a network"),
     (lambda t: t.replace("cluster:\n  name: home\n", "cluster:\n  name: Home\n"), None,
      "site.yaml:22: cluster.name: 'Home' is not a cluster name"),
     (lambda t: t.replace("    url: http://192.168.1.10:5000", "    url: 192.168.1.10:5000"), None,
-     "site.yaml:42: cluster.registry_cache.url: '192.168.1.10:5000' is not an http(s) URL"),
+     "site.yaml:44: cluster.registry_cache.url: '192.168.1.10:5000' is not an http(s) URL"),
 ])  # fmt: skip
 def test_mistakes_name_the_file_line_and_field(tmp_path, site_edit, machines_edit, problem):
     problems = _problems(_edited(tmp_path, site_edit, machines_edit))

@@ -1,0 +1,131 @@
+"""`bastion registry-cache`: the site's pull-through registry cache on the controller host
+(docs/registry-cache.md)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+_site_arg = click.option(
+    "--site", "site_dir", required=True, envvar="BASTION_SITE",
+    type=click.Path(exists=True, file_okay=False, path_type=Path), help="The site directory.",
+)  # fmt: skip
+_state_opt = click.option(
+    "--state", "state", type=click.Path(file_okay=False, path_type=Path),
+    envvar="BASTION_REGISTRY_CACHE_DIR",
+    help="Where the configs and the cached images go "
+         "[default: $XDG_STATE_HOME/edge-bastion/registry-cache/<site>].",
+)  # fmt: skip
+_secrets_opt = click.option(
+    "--secrets-dir", envvar="BASTION_SECRETS_DIR", type=click.Path(file_okay=False, path_type=Path),
+    help="The controller's secret store, for upstream credentials "
+         "[default: $XDG_STATE_HOME/edge-bastion/secrets/<site>].",
+)  # fmt: skip
+
+
+def _load(site_dir: Path, state: Path | None, secrets_dir: Path | None):
+    from bastion.regcache.run import state_dir
+    from bastion.site.load import SiteError, load_site
+    from bastion.state.secrets import SecretStore
+    from bastion.state.secrets import secrets_dir as store_dir
+
+    try:
+        site = load_site(site_dir)
+    except SiteError as e:
+        for problem in e.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
+    section = site.settings.cluster
+    cache = section.registry_cache if section is not None else None
+    if cache is None or cache.serve is None:
+        raise click.ClickException(
+            f"{site_dir}/site.yaml: cluster.registry_cache.serve is not set: this site's nodes "
+            "are not told to use a cache on this host"
+        )
+    return cache, state_dir(site.name, state), SecretStore(store_dir(site.name, secrets_dir))
+
+
+@click.group("registry-cache")
+def registry_cache_group() -> None:
+    """The site's pull-through registry cache: one Distribution registry per mirror.
+
+    Configured by site.yaml cluster.registry_cache (with serve:); mirror i listens on the
+    port of its url plus i, which is what the nodes' registries.yaml names.
+    """
+
+
+@registry_cache_group.command("render")
+@_site_arg
+@_state_opt
+@_secrets_opt
+def render_command(site_dir: Path, state: Path | None, secrets_dir: Path | None) -> None:
+    """Write each mirror's config.yml; print mirror, listen address, upstream and file."""
+    from bastion.regcache.run import CacheError, render
+
+    cache, state, store = _load(site_dir, state, secrets_dir)
+    try:
+        for inst, path in render(cache, state, store):
+            click.echo(f"{inst.mirror}\t{inst.listen}\t{inst.upstream}\t{path}")
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@registry_cache_group.command("run")
+@_site_arg
+@_state_opt
+@_secrets_opt
+@click.option("--check-every", default=3600.0, show_default=True, metavar="SECONDS",
+              help="How often each mirror's storage is measured against serve.max_size.")  # fmt: skip
+@click.option("--restart-after", default=5.0, show_default=True, metavar="SECONDS",
+              help="How long after a registry ends it is started again.")  # fmt: skip
+def run_command(site_dir: Path, state: Path | None, secrets_dir: Path | None,
+                check_every: float, restart_after: float) -> None:
+    """Write the configs and run every mirror's registry, supervised, until SIGTERM or Ctrl-C.
+
+    A registry that ends is started again; one over its storage bound is stopped,
+    garbage-collected (emptied if that is not enough) and started again.
+    """
+    from bastion.regcache.run import CacheError, Runner
+
+    cache, state, store = _load(site_dir, state, secrets_dir)
+    try:
+        runner = Runner(cache, state, store, echo=lambda m: click.echo(m, err=True),
+                        check_every=check_every, restart_after=restart_after)  # fmt: skip
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: runner.stop())
+    try:
+        runner.run()
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@registry_cache_group.command("gc")
+@_site_arg
+@_state_opt
+@_secrets_opt
+def gc_command(site_dir: Path, state: Path | None, secrets_dir: Path | None) -> None:
+    """Bring each mirror's storage under serve.max_size (garbage-collect, then empty).
+
+    Only while the cache is not running: Distribution's garbage collector must not run beside
+    a serving registry.
+    """
+    from bastion.regcache.run import CacheError, prune, registry_program, render
+    from bastion.settings import parse_size
+
+    cache, state, store = _load(site_dir, state, secrets_dir)
+    try:
+        program = registry_program()
+        for inst, _path in render(cache, state, store):
+            done = prune(inst, state, parse_size(cache.serve.max_size, "max_size"), program,
+                         lambda m: click.echo(m, err=True))  # fmt: skip
+            click.echo(f"{inst.mirror}\t{done}")
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+
+
+COMMANDS = (registry_cache_group,)

@@ -1,0 +1,25 @@
+"""A copy of examples/home-lab that loads without `bastion assets fetch k3s` (the nodes are
+told to download k3s from elsewhere, with its SHA-256 given), with its registry cache edited."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+CACHE_SECTION = "  registry_cache:\n    url: http://192.168.1.10:5000\n    serve: {max_size: 10GiB}\n"
+_K3S = "    version: v1.31.4+k3s1\n"
+
+
+def home_lab(dest: Path, registry_cache: str | None = None) -> Path:
+    """examples/home-lab in `dest`; `registry_cache` replaces its cluster.registry_cache."""
+    shutil.copytree(REPO / "examples" / "home-lab", dest)
+    path = dest / "site.yaml"
+    text = path.read_text()
+    assert CACHE_SECTION in text and _K3S in text
+    text = text.replace(_K3S, _K3S + "    url: https://k3s.example.net/{version}/{binary}\n"
+                              f"    sha256: {{amd64: {'a' * 64}, arm64: {'b' * 64}}}\n")  # fmt: skip
+    if registry_cache is not None:
+        text = text.replace(CACHE_SECTION, registry_cache)
+    path.write_text(text)
+    return dest
