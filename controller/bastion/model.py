@@ -120,6 +120,7 @@ class SiteSettings:
     cluster: Any = None  # site.yaml `cluster:`: a schema.ClusterSection or None (bastion.cluster.plan)
     operator: Any = None  # site.yaml `operator:`: a schema.OperatorSection (bastion.operator)
     defaults: Any = None  # site.yaml `defaults:`: a schema.MachineDefaults (desired state)
+    ups: Any = None  # site.yaml `ups:`: a schema.UpsSection or None (bastion.ups)
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         cluster=model.cluster,
         operator=model.operator,
         defaults=model.defaults,
+        ups=model.ups,
     )
 
 
