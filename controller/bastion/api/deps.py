@@ -23,6 +23,7 @@ from bastion.state.addresses import AddressBook
 from bastion.state.events import EventStore
 from bastion.state.heartbeats import Heartbeats
 from bastion.tftpd import TftpService
+from bastion.ups.runner import UpsWatch
 
 # How far back a newly learned address names the steps recorded by address alone.
 ATTRIBUTE_BACK_S = 300.0
@@ -46,6 +47,7 @@ class Runtime:
     # which machine each LAN address is (bastion.state.addresses): names address-only steps
     addresses: AddressBook = field(default_factory=AddressBook)
     operator: Operator | None = None  # bastion.operator: the site converges on its declaration
+    ups: UpsWatch | None = None  # bastion.ups: the UPS watch and the power-cut policy
 
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that

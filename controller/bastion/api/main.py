@@ -25,6 +25,7 @@ from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
 from bastion.operator.runner import Operator
 from bastion.state.operator import OperatorState
+from bastion.ups.runner import UpsWatch
 
 log = logging.getLogger("bastion")
 
@@ -90,6 +91,11 @@ def create_app(settings: Settings) -> FastAPI:
     runtime.operator = Operator(holder, store, OperatorState(db_path), runtime.record,
                                 hub=runtime.device, installs=runtime.provisioning.installs)
 
+    # the UPS watch (site.yaml `ups:`; idle without one): power cuts shut the nodes down
+    runtime.ups = UpsWatch(holder, runtime.record, runtime.heartbeats, hub=runtime.device,
+                           secrets=runtime.secrets)  # fmt: skip
+    metrics.ups_source = lambda: runtime.ups.gauges() if holder.site.settings.ups else {}
+
     if settings.tftp_listen:
         from bastion.tftpd import TftpService
 
@@ -111,9 +117,11 @@ def create_app(settings: Settings) -> FastAPI:
         if runtime.device is not None:
             runtime.device.start()
         runtime.operator.start()
+        runtime.ups.start()
         try:
             yield
         finally:
+            await anyio.to_thread.run_sync(runtime.ups.close)
             await anyio.to_thread.run_sync(runtime.operator.close)
             if runtime.tftp is not None:
                 await anyio.to_thread.run_sync(runtime.tftp.stop)
