@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 from bastion.lab.netns import Namespace
@@ -83,7 +84,7 @@ class NutServer:
         os.utime(tmp, (self._mtime, self._mtime))
         tmp.replace(self.state)
 
-    def start(self) -> NutServer:
+    def start(self) -> Self:
         need_nut()
         r = self.root
         r.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ class NutServer:
     def stop(self) -> list[str]:
         return self.ns.destroy()
 
-    def __enter__(self) -> NutServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
