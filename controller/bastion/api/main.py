@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
 from bastion.api import (assets, boot, dashboard, device, events, groups, machines, operator,
-                         profiles, system)  # fmt: skip
+                         profiles, system, ups)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
@@ -141,7 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(system.router)
     app.include_router(dashboard.router)
     api = APIRouter(prefix="/api/v1")
-    for module in (machines, device, profiles, groups, events, operator):
+    for module in (machines, device, profiles, groups, events, operator, ups):
         api.include_router(module.router)
     app.include_router(api)
     return app

@@ -103,6 +103,9 @@ def test_a_power_cut_shuts_nodes_down_in_order_opens_relays_and_mains_brings_the
     offs = [e for e in events(c, "power_request") if e["source"] == "ups"]
     assert [(e["machine"], e["payload"]["state"]) for e in offs] == [("node1", "off"), ("pi1", "off"), ("node2", "off")]
     assert "bastion_ups_on_battery 1.0" in c.get("/metrics").text
+    view = c.get("/api/v1/ups").json()
+    assert (view["phase"], view["status"], view["opened"]) == ("off", "OB DISCHRG", ["node1", "pi1", "node2"])
+    assert "UPS" in view["holding"]
     # held: a person's power-on is refused, and says why
     r = c.post("/api/v1/machines/node1/power", json={"state": "on"}, headers=auth())
     assert r.status_code == 409 and "UPS" in r.json()["detail"]
