@@ -33,6 +33,9 @@ def rig(tmp_path, site_dir):
     from fastapi.testclient import TestClient
 
     (site_dir / "site.yaml").write_text((site_dir / "site.yaml").read_text() + UPS)
+    # node1 is watched by the device's node watchdog: silent for 5 s, it would be power-cycled
+    m = site_dir / "machines.yaml"
+    m.write_text(m.read_text().replace("    relay: 0\n", "    relay: 0\n    heartbeat: {timeout_s: 5, boot_s: 60}\n", 1))
     SecretStore(tmp_path / "secrets").put("ups/eaton/password", PASSWORD)
     with NutServer(tmp_path / "nut") as nut, \
             SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as board:  # fmt: skip
@@ -100,6 +103,8 @@ def test_a_power_cut_shuts_nodes_down_in_order_opens_relays_and_mains_brings_the
     assert [m for a, m in steps if a == "shutdown"] == ["node1", "pi1", "node2"]
     assert steps.index(("shutdown", "node2")) > max(steps.index(("down", "node1")), steps.index(("down", "pi1")))
     assert [m for a, m in steps if a == "open"] == ["node1", "pi1", "node2"]
+    # node1 fell silent long before its relay opened: the device's watchdog left it alone
+    assert not [e for e in events(c, "watchdog") if e["payload"].get("action")]
     offs = [e for e in events(c, "power_request") if e["source"] == "ups"]
     assert [(e["machine"], e["payload"]["state"]) for e in offs] == [("node1", "off"), ("pi1", "off"), ("node2", "off")]
     assert "bastion_ups_on_battery 1.0" in c.get("/metrics").text
