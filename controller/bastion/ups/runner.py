@@ -72,7 +72,8 @@ class UpsWatch:
         self._asked: dict[str, str] = {}  # machine -> why it is asked to shut down
         self._told: set[str] = set()  # machines whose heartbeat answer carried the request
         self._client: NutClient | None = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one pass at a time
+        self._ask_lock = threading.Lock()  # _asked and _told, read by the heartbeat endpoint
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if hub is not None:
@@ -111,12 +112,14 @@ class UpsWatch:
     def shutdown_for(self, machine: str) -> str | None:
         """The shutdown request a machine's heartbeat answer carries, if any; the first time it
         is handed out is an event (`told`)."""
-        with self._lock:
+        with self._ask_lock:  # not the pass's lock: a pass may be waiting on the device
             why = self._asked.get(machine)
-            if why is not None and machine not in self._told:
+            first = why is not None and machine not in self._told
+            if first:
                 self._told.add(machine)
-                self._event(core.Action("told", "the shutdown request went out in its heartbeat's "
-                                        "answer", machine=machine))  # fmt: skip
+        if first:
+            self._event(core.Action("told", "the shutdown request went out in its heartbeat's "
+                                    "answer", machine=machine))  # fmt: skip
         return why
 
     def gauges(self) -> dict[str, float]:
@@ -137,7 +140,7 @@ class UpsWatch:
                 "charge": self.last.charge if self.last else None,
                 "answering": self.mem.answering, "error": self.last_error,
                 "phase": self.mem.phase, "holding": self.holding(),
-                "asked": sorted(self._asked), "opened": list(self.mem.opened)}  # fmt: skip
+                "asked": sorted(dict(self._asked)), "opened": list(self.mem.opened)}  # fmt: skip
 
     # --- a pass -------------------------------------------------------------------------------
     def _nut(self, section: Any) -> NutClient:
@@ -218,10 +221,12 @@ class UpsWatch:
             if hub is not None:
                 hub.suspend_watch({m.relay for m in self.holder.site.machines if m.relay is not None})
         elif a.action == "shutdown" and a.machine:
-            self._asked[a.machine] = a.reason
+            with self._ask_lock:
+                self._asked[a.machine] = a.reason
         elif a.action == "release":
-            self._asked.clear()
-            self._told.clear()
+            with self._ask_lock:
+                self._asked.clear()
+                self._told.clear()
             if hub is not None:
                 hub.resume_watch()
         elif a.action in ("open", "power-on") and a.machine:

@@ -144,3 +144,30 @@ def test_a_upsd_that_stops_answering_is_an_event_and_shuts_nothing_down(rig):
     assert not [s for s in ups_steps(c) if s[0] in ("hold", "shutdown", "open")]
     nut.start_upsd()
     nodes.until(lambda: ("back", None) in ups_steps(c), "the UPS back")
+
+
+def test_the_operator_cannot_power_on_while_power_is_held(rig):
+    """The site declares every machine on; a low battery opens the relays at once and the
+    operator's power-ons are refused with the UPS's reason until mains returns."""
+    c, nut = rig, rig.nut
+    site = c.app.state.runtime.holder
+    (site.root / "site.yaml").write_text((site.root / "site.yaml").read_text()
+                                         + "defaults:\n  power: on\noperator:\n  interval_s: 1\n")  # fmt: skip
+    assert c.post("/api/v1/reload", headers=auth()).status_code == 200
+    wait_for(lambda: set(relays(c).values()) == {"on"}, what="the operator powers all on")
+    nut.write("OB LB", 10)
+    wait_for(lambda: set(relays(c).values()) == {"off"}, what="relays opened on low battery")
+    steps = ups_steps(c)
+    assert ("low-battery", None) in steps and not [s for s in steps if s[0] == "shutdown"]
+
+    def refused():
+        return [e for e in events(c, "operator") if e["payload"]["action"] == "refused"
+                and "UPS" in e["payload"]["reason"]]  # fmt: skip
+
+    # the operator waits settle_s (30 s) after its own power-on before it tries again
+    wait_for(lambda: {e["machine"] for e in refused()} == set(CH), what="the operator refused",
+             timeout=90)
+    assert set(relays(c).values()) == {"off"}
+    nut.write("OL CHRG", 70)
+    wait_for(lambda: set(relays(c).values()) == {"on"}, what="relays back on")
+    assert [m for a, m in ups_steps(c) if a == "power-on"] == ["node2", "node1", "pi1"]
