@@ -25,6 +25,7 @@ from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
 from bastion.operator.runner import Operator
 from bastion.state.operator import OperatorState
+from bastion.state.ups import UpsState
 from bastion.ups.runner import UpsWatch
 
 log = logging.getLogger("bastion")
@@ -93,7 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # the UPS watch (site.yaml `ups:`; idle without one): power cuts shut the nodes down
     runtime.ups = UpsWatch(holder, runtime.record, runtime.heartbeats, hub=runtime.device,
-                           secrets=runtime.secrets)  # fmt: skip
+                           secrets=runtime.secrets, state=UpsState(db_path))  # fmt: skip
     metrics.ups_source = lambda: runtime.ups.gauges() if holder.site.settings.ups else {}
 
     if settings.tftp_listen:

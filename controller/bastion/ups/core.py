@@ -88,6 +88,19 @@ class Memory:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def of(cls, d: dict[str, Any] | None) -> Memory:
+        """From `as_dict` (a restart); a fresh memory from anything it does not recognise."""
+        if not isinstance(d, dict) or d.get("phase") not in PHASES:
+            return cls()
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("asked", "opened"):
+            known[k] = tuple(known.get(k) or ())
+        try:
+            return cls(**known)
+        except TypeError:
+            return cls()
+
     @property
     def holding(self) -> bool:
         return self.phase in HOLDING

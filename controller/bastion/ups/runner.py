@@ -31,6 +31,7 @@ from bastion.model import Machine
 from bastion.site.holder import SiteHolder
 from bastion.state.heartbeats import Heartbeats
 from bastion.state.secrets import SecretStore
+from bastion.state.ups import UpsState
 from bastion.ups import core
 from bastion.ups.nut import Connect, NutClient, NutError
 
@@ -57,6 +58,7 @@ def is_server(m: Machine) -> bool:
 class UpsWatch:
     def __init__(self, holder: SiteHolder, record: Callable[..., int], heartbeats: Heartbeats,
                  hub: DeviceHub | None = None, secrets: SecretStore | None = None,
+                 state: UpsState | None = None,
                  clock: Callable[[], float] = time.time):  # fmt: skip
         self.holder = holder
         self.record = record
@@ -65,11 +67,14 @@ class UpsWatch:
         self.secrets = secrets
         self.clock = clock
         self.connect: Connect | None = None  # how to reach upsd; None: a plain TCP connection
-        self.mem = core.Memory()
+        self.state = state  # where the policy's memory outlives a restart
+        kept = state.get() if state is not None else None
+        self.mem = core.Memory.of(kept.get("memory") if kept else None)
         self.last: core.Ups | None = None
         self.last_error: str | None = None
         self.polls = 0
-        self._asked: dict[str, str] = {}  # machine -> why it is asked to shut down
+        # machine -> why it is asked to shut down
+        self._asked: dict[str, str] = dict(kept.get("asked") or {}) if kept and self.mem.holding else {}
         self._told: set[str] = set()  # machines whose heartbeat answer carried the request
         self._client: NutClient | None = None
         self._lock = threading.RLock()  # one pass at a time
@@ -78,6 +83,8 @@ class UpsWatch:
         self._thread: threading.Thread | None = None
         if hub is not None:
             hub.power_hold = self.holding
+            if self.mem.holding:  # restarted in a power cut: the watchdog stays off the nodes
+                hub.suspend_watch({m.relay for m in holder.site.machines if m.relay is not None})
 
     # --- the thread ---------------------------------------------------------------------------
     def start(self) -> UpsWatch:
@@ -200,12 +207,17 @@ class UpsWatch:
             self.last_error = error
             if ups is not None:
                 self.last = ups
+            old = self.mem
             acts, self.mem = core.decide(ups, error, self._nodes(), self.mem, self.clock(),
                                          core.Policy.of(section))  # fmt: skip
             for a in acts:
                 self._event(a)
                 if a.effect:
                     self._effect(a)
+            if self.state is not None and (self.mem != old or any(a.effect for a in acts)):
+                with self._ask_lock:
+                    asked = dict(self._asked)
+                self.state.put({"memory": self.mem.as_dict(), "asked": asked})
             return acts
 
     def _event(self, a: core.Action, **more: Any) -> None:
