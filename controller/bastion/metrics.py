@@ -28,6 +28,15 @@ SITE_GAUGES = {
     "bastion_site_profiles": "Profiles of the site.",
 }
 
+# The UPS's gauges (bastion.ups.runner.UpsWatch.gauges), present only with site.yaml `ups:`.
+UPS_GAUGES = {
+    "bastion_ups_up": "1 when upsd answered the last poll about the site's UPS.",
+    "bastion_ups_on_battery": "1 while the UPS runs on battery (status OB).",
+    "bastion_ups_low_battery": "1 while the UPS reports a low battery (status LB).",
+    "bastion_ups_battery_charge_percent": "The UPS's battery charge as upsd reports it.",
+    "bastion_ups_power_held": "1 while the power-cut policy refuses power-ons.",
+}
+
 
 class Metrics:
     """The counters the handlers bump (`metrics.boot_requests.labels(...).inc()`), and
@@ -74,6 +83,7 @@ class Metrics:
                                        "(POST /journal/upload), by result: shipped, malformed.", ["result"],
                                        registry=r)  # fmt: skip
         self.gauge_source: Callable[[], dict[str, float]] | None = None
+        self.ups_source: Callable[[], dict[str, float]] | None = None  # bastion.ups
         r.register(_SiteGauges(self))
 
     def render(self) -> bytes:
@@ -87,12 +97,14 @@ class _SiteGauges:
         self._metrics = metrics
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        for name, help_text in SITE_GAUGES.items():
+        for name, help_text in {**SITE_GAUGES, **UPS_GAUGES}.items():
             yield GaugeMetricFamily(name, help_text)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         source = self._metrics.gauge_source
         values = source() if source is not None else {}
-        for name, help_text in SITE_GAUGES.items():
+        ups = self._metrics.ups_source
+        values = {**values, **(ups() if ups is not None else {})}
+        for name, help_text in {**SITE_GAUGES, **UPS_GAUGES}.items():
             if name in values:
                 yield GaugeMetricFamily(name, help_text, value=values[name])

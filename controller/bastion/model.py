@@ -121,6 +121,7 @@ class SiteSettings:
     operator: Any = None  # site.yaml `operator:`: a schema.OperatorSection (bastion.operator)
     defaults: Any = None  # site.yaml `defaults:`: a schema.MachineDefaults (desired state)
     logs: Any = None  # site.yaml `logs:`: a schema.LogsSection (bastion.logship)
+    ups: Any = None  # site.yaml `ups:`: a schema.UpsSection or None (bastion.ups)
 
 
 @dataclass(frozen=True)

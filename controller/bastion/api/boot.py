@@ -184,7 +184,8 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
     "when its beats stop (with backoff and a cap). Answers 202 when forwarded, 200 when the "
     "site does not watch that machine. Recorded as a `heartbeat` event only when it says "
     "something new (a machine's first beat of a boot, a changed k3s state): nodes beat every "
-    "few seconds.",
+    "few seconds. During a power cut (site.yaml `ups:`) the answer of a node asked to shut "
+    "down carries `shutdown` (the reason); the k3s Butane's heartbeat then powers the node off.",
 )
 async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSONResponse:
     fields = dict(parse_qsl(request.url.query))
@@ -214,5 +215,10 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
         runtime.operator.heartbeat(mac)  # Ready, in the operator's status
     hub = runtime.device
     machine = hub.heartbeat(mac) if hub is not None else None
-    return JSONResponse({"ok": True, "machine": machine, "forwarded": machine is not None,
-                         "recorded": recorded}, status_code=202 if machine else 200)  # fmt: skip
+    answer: dict[str, object] = {"ok": True, "machine": machine, "forwarded": machine is not None,
+                                 "recorded": recorded}  # fmt: skip
+    if known is not None and runtime.ups is not None:
+        why = runtime.ups.shutdown_for(known.name)  # a power cut: bastion.ups
+        if why is not None:
+            answer["shutdown"] = why
+    return JSONResponse(answer, status_code=202 if machine else 200)

@@ -25,6 +25,7 @@ from bastion.state.addresses import AddressBook
 from bastion.state.events import EventStore
 from bastion.state.heartbeats import Heartbeats
 from bastion.tftpd import TftpService
+from bastion.ups.runner import UpsWatch
 
 # How far back a newly learned address names the steps recorded by address alone.
 ATTRIBUTE_BACK_S = 300.0
@@ -53,6 +54,7 @@ class Runtime:
     # around the insert and the hand-off ships events in the order of their ids, whatever thread
     # (a request, the device link, the operator, TFTP) records them
     _ordered: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    ups: UpsWatch | None = None  # bastion.ups: the UPS watch and the power-cut policy
 
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that

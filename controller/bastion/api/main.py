@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
 from bastion.api import (assets, boot, dashboard, device, events, groups, journal, machines,
-                         operator, profiles, system)  # fmt: skip
+                         operator, profiles, system, ups)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
@@ -27,6 +27,8 @@ from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
 from bastion.operator.runner import Operator
 from bastion.state.operator import OperatorState
+from bastion.state.ups import UpsState
+from bastion.ups.runner import UpsWatch
 
 log = logging.getLogger("bastion")
 
@@ -99,6 +101,11 @@ def create_app(settings: Settings) -> FastAPI:
     runtime.operator = Operator(holder, store, OperatorState(db_path), runtime.record,
                                 hub=runtime.device, installs=runtime.provisioning.installs)
 
+    # the UPS watch (site.yaml `ups:`; idle without one): power cuts shut the nodes down
+    runtime.ups = UpsWatch(holder, runtime.record, runtime.heartbeats, hub=runtime.device,
+                           secrets=runtime.secrets, state=UpsState(db_path))  # fmt: skip
+    metrics.ups_source = lambda: runtime.ups.gauges() if holder.site.settings.ups else {}
+
     if settings.tftp_listen:
         from bastion.tftpd import TftpService
 
@@ -120,9 +127,11 @@ def create_app(settings: Settings) -> FastAPI:
         if runtime.device is not None:
             runtime.device.start()
         runtime.operator.start()
+        runtime.ups.start()
         try:
             yield
         finally:
+            await anyio.to_thread.run_sync(runtime.ups.close)
             await anyio.to_thread.run_sync(runtime.operator.close)
             if runtime.tftp is not None:
                 await anyio.to_thread.run_sync(runtime.tftp.stop)
@@ -144,7 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(journal.router)
     api = APIRouter(prefix="/api/v1")
-    for module in (machines, device, profiles, groups, events, operator):
+    for module in (machines, device, profiles, groups, events, operator, ups):
         api.include_router(module.router)
     app.include_router(api)
     return app

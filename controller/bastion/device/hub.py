@@ -29,6 +29,10 @@ class PowerTargetError(ValueError):
     """A power request that names no machine or channel the site and device know."""
 
 
+class PowerHeld(DeviceError):
+    """A power-on refused because power is held (bastion.ups: a power cut)."""
+
+
 class DeviceHub:
     def __init__(
         self,
@@ -47,6 +51,9 @@ class DeviceHub:
         self.resyncs = 0
         self._beats: set[int] = set()  # channels that sent a heartbeat since the last forward
         self._watching: set[int] = set()  # channels the device was last told to watch
+        self._unwatched: set[int] = set()  # channels kept out of the watchdog (bastion.ups)
+        # While this says why (bastion.ups: a power cut), power-ons are refused.
+        self.power_hold: Callable[[], str | None] | None = None
         self._stop = threading.Event()
         self._pump: threading.Thread | None = None
         self.beats_forwarded = 0
@@ -104,7 +111,7 @@ class DeviceHub:
 
     def _watch_all(self, link: DeviceLink) -> None:
         wanted = {m.relay for m in self._site().machines
-                  if m.relay is not None and m.heartbeat is not None}
+                  if m.relay is not None and m.heartbeat is not None} - self._unwatched
         with self._lock:
             gone, self._watching = self._watching - wanted, wanted
         for ch in sorted(gone):
@@ -113,7 +120,7 @@ class DeviceHub:
             except DeviceError:
                 pass
         for m in self._site().machines:
-            if m.relay is None or m.heartbeat is None:
+            if m.relay is None or m.heartbeat is None or m.relay not in wanted:
                 continue
             timeout_s, boot_s = m.heartbeat
             try:
@@ -122,6 +129,20 @@ class DeviceHub:
             except DeviceError as e:
                 self._record("device", source="controller", machine=m.name,
                              payload={"error": f"cannot watch {m.name}: {e}"})
+
+    def suspend_watch(self, channels: set[int]) -> None:
+        """Keep `channels` out of the device's node watchdog (nodes told to shut down stop
+        beating; the watchdog must not power-cycle them back on) until `resume_watch`."""
+        with self._lock:
+            self._unwatched |= set(channels)
+        if self.link.ready:
+            self._watch_all(self.link)
+
+    def resume_watch(self) -> None:
+        with self._lock:
+            self._unwatched = set()
+        if self.link.ready:
+            threading.Thread(target=self._watch_all, args=(self.link,), daemon=True).start()
 
     # --- what the device says ------------------------------------------------------------
     def _machine_for(self, ev: dict) -> tuple[str | None, str | None]:
@@ -188,6 +209,11 @@ class DeviceHub:
         if state not in ("on", "off", "cycle"):
             raise PowerTargetError(f"state {state!r}: expected on, off or cycle")
         ch, name = self.channel_for(target)
+        held = self.power_hold() if self.power_hold is not None and state != "off" else None
+        if held and source != "ups":
+            self._record("power_request", source=source, machine=name,
+                         payload={"channel": ch, "state": state, "result": None, "refused": held})
+            raise PowerHeld(f"power {state} refused: {held}")
         args: dict[str, Any] = {"channel": ch, "state": state}
         if off_ms is not None:
             args["off_ms"] = off_ms

@@ -331,6 +331,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         operator=model.operator,
         defaults=model.defaults,
         logs=model.logs,
+        ups=model.ups,
     )
 
 

@@ -740,6 +740,78 @@ class LogsSection(_Strict):
         return v
 
 
+# --- the UPS (bastion.ups) -------------------------------------------------------------------
+_UPS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class UpsSection(_Strict):
+    """site.yaml `ups:` -- the site's UPS as NUT's upsd serves it, and what the controller does
+    on a power cut (bastion.ups). The password is never here: it is the secret store's
+    `ups/<name>/password` (docs/ups.md)."""
+
+    name: str = Field(description="the UPS's name in upsd (its section in ups.conf)")
+    host: str = Field(default="127.0.0.1", min_length=1, description="where upsd listens")
+    port: int = Field(default=3493, strict=True, ge=1, le=65535, description="upsd's TCP port")
+    username: str | None = Field(
+        default=None, description="an upsd.users user to log in as (optional: reading a UPS's "
+        "variables needs no login); its password is the secret store's ups/<name>/password",
+    )  # fmt: skip
+    poll_s: int = Field(default=5, strict=True, ge=1, le=300, description="how often to ask upsd")
+    timeout_s: int = Field(
+        default=5, strict=True, ge=1, le=60, description="how long upsd may take to answer"
+    )  # fmt: skip
+    on_battery_s: int = Field(
+        default=60, strict=True, ge=0, le=86400,
+        description="on battery this long: no more power-ons, nodes asked to shut down",
+    )  # fmt: skip
+    low_charge: int = Field(
+        default=20, strict=True, ge=0, le=100,
+        description="on battery at or below this charge (%), or the UPS says low battery (LB): "
+        "no more waiting for the nodes, the relays open at once",
+    )  # fmt: skip
+    shutdown_wait_s: int = Field(
+        default=120, strict=True, ge=1, le=3600,
+        description="how long each group of nodes (agents, then servers) is given to shut down",
+    )  # fmt: skip
+    quiet_s: int = Field(
+        default=15, strict=True, ge=1, le=3600,
+        description="a node asked to shut down whose heartbeats stopped this long ago is down",
+    )  # fmt: skip
+    resume_charge: int = Field(
+        default=50, strict=True, ge=0, le=100,
+        description="mains back and the battery at least this charged (%): power back on",
+    )  # fmt: skip
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _UPS_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a UPS name as upsd knows it ([A-Za-z0-9_.-], "
+                             "at most 64)")  # fmt: skip
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if any(c.isspace() for c in v) or "/" in v:
+            raise ValueError(f"{v!r} is not a host name or address")
+        return v
+
+    @field_validator("username")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", v):
+            raise ValueError(f"{v!r} is not an upsd user name ([A-Za-z0-9_.@-], at most 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _charges(self) -> UpsSection:
+        if self.resume_charge <= self.low_charge:
+            raise ValueError(f"resume_charge ({self.resume_charge}) must be above low_charge "
+                             f"({self.low_charge}): else nodes come back on a nearly empty battery")  # fmt: skip
+        return self
+
+
 class SiteFile(_Strict):
     """site.yaml"""
 
@@ -771,6 +843,9 @@ class SiteFile(_Strict):
     )
     logs: LogsSection = Field(
         default_factory=LogsSection, description="where events and journals are shipped off-site"
+    )
+    ups: UpsSection | None = Field(
+        default=None, description="the site's UPS (NUT's upsd) and the power-cut policy"
     )
 
     @field_validator("controller_url")

@@ -1,0 +1,106 @@
+"""The k3s Butane's heartbeat script acts on the controller's shutdown request: rendered for a
+home-lab agent, run with sh and curl against the controller (uvicorn) while NUT's real upsd
+(dummy-ups, in a namespace) says the site is on battery. `systemctl` is the one stand-in: the
+host running the test must not power off, so a script on PATH writes down what it was asked."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.parse
+
+import httpx
+import pytest
+from bastion import boot
+from bastion.model import BootRequest
+from bastion.render.config import render_ignition
+from bastion.site.load import load_site
+from bastion.state.secrets import SecretStore, machine_secrets
+from bastion_testkit import EXAMPLES, TOKEN, write_assets
+from mirrorkit import fetch_k3s_into
+from nutkit import NutServer, connect_in
+from simkit import wait_for
+
+SYSTEMCTL = """#!/bin/sh
+echo "$*" >> "$SYSTEMCTL_LOG"
+[ "$1" = is-active ] && echo active
+exit 0
+"""
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def controller(tmp_path):
+    import uvicorn
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    port = free_tcp_port()
+    site = tmp_path / "home-lab"
+    shutil.copytree(EXAMPLES / "home-lab", site)
+    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+    fetch_k3s_into(site, "v1.31.4+k3s1")
+    text = (site / "site.yaml").read_text().replace("http://192.168.1.10:8080", f"http://127.0.0.1:{port}")
+    (site / "site.yaml").write_text(text + "ups:\n  name: eaton\n  poll_s: 1\n  on_battery_s: 0\n")
+    with NutServer(tmp_path / "nut") as nut:
+        app = create_app(Settings(site_dir=site, db_path=tmp_path / "events.db", api_token=TOKEN,
+                                  poll_seconds=0, secrets_dir=tmp_path / "secrets"))  # fmt: skip
+        app.state.runtime.ups.connect = connect_in(nut.ns.name)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        t = threading.Thread(target=server.run, daemon=True)
+        t.start()
+        try:
+            wait_for(lambda: server.started, what="uvicorn")
+            yield site, f"http://127.0.0.1:{port}", nut
+        finally:
+            server.should_exit = True
+            t.join(timeout=10)
+
+
+def heartbeat_script(site_dir, url: str, name: str) -> str:
+    site = load_site(site_dir)
+    m = site.machine(name)
+    group, profile = boot.select(site, {"mac": m.mac})
+    config = render_ignition(site, group, profile, BootRequest({"mac": m.mac}, f"mac={m.mac}", url),
+                             machine_secrets(SecretStore(site_dir.parent / "secrets"), site, m))  # fmt: skip
+    files = {f["path"]: f for f in config["storage"]["files"]}
+    return urllib.parse.unquote(files["/opt/bin/bastion-heartbeat"]["contents"]["source"][len("data:,"):])
+
+
+def test_the_heartbeat_script_powers_the_node_off_when_its_answer_asks(controller, tmp_path):
+    site, url, nut = controller
+    script = heartbeat_script(site, url, "nuc1")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(SYSTEMCTL)
+    (bin_dir / "systemctl").chmod(0o755)
+    log = tmp_path / "systemctl.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SYSTEMCTL_LOG": str(log)}
+
+    def beat() -> subprocess.CompletedProcess:
+        r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env, timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    def ups_steps():
+        evs = httpx.get(f"{url}/api/v1/events", params={"kind": "ups", "limit": 100}).json()
+        return [(e["payload"]["action"], e["machine"]) for e in reversed(evs)]
+
+    wait_for(lambda: ("status", None) in ups_steps(), what="the UPS read")
+    beat()
+    assert log.read_text().split("\n")[:-1] == ["is-active k3s.service"]  # mains: a beat, nothing else
+    nut.write("OB DISCHRG", 90)
+    wait_for(lambda: ("shutdown", "nuc1") in ups_steps(), what="nuc1 asked")
+    r = beat()
+    assert log.read_text().split("\n")[-2] == "poweroff"
+    assert "asks nuc1 to shut down" in r.stdout
+    assert ("told", "nuc1") in ups_steps()
+    # the servers had not beaten: they are down already; nobody else was asked
+    assert [m for a, m in ups_steps() if a == "shutdown"] == ["nuc1"]

@@ -1,0 +1,173 @@
+"""A power cut played on NUT's real upsd (dummy-ups, in a namespace) against a controller that
+holds the real firmware's serial line (the sim board). The nodes are played by the test through
+the real POST /heartbeat: each beats until its answer carries `shutdown`, then falls silent, as
+the k3s Butane's heartbeat does when it powers the node off.
+
+What must happen: on battery past `on_battery_s`, power-ons are refused; the agents are asked
+first, the server only once they are down; the relays open agents first; mains back with a low
+battery changes nothing; above `resume_charge` the server is powered on first, then the agents,
+through the device's stagger. A upsd that stops answering is an event and shuts nothing down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from bastion_testkit import TOKEN, auth
+from nutkit import PASSWORD, USER, NutServer, connect_in
+from simkit import SimProcess, wait_for
+
+POWER = {"stagger_ms": 300,
+         "channels": [{"name": n, "min_off_ms": 200, "max_cycles": 20} for n in ("node1", "node2", "pi1")]}  # fmt: skip
+MACS = {"node1": "52:54:00:12:34:01", "node2": "52:54:00:12:34:02", "pi1": "dc:a6:32:01:02:03"}
+CH = {"node1": 0, "node2": 1, "pi1": 2}
+UPS = (f"ups:\n  name: eaton\n  host: 127.0.0.1\n  username: {USER}\n  poll_s: 1\n  on_battery_s: 2\n"
+       "  shutdown_wait_s: 30\n  quiet_s: 3\n  low_charge: 20\n  resume_charge: 50\n")  # fmt: skip
+
+
+@pytest.fixture
+def rig(tmp_path, site_dir):
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+    from bastion.state.secrets import SecretStore
+    from fastapi.testclient import TestClient
+
+    (site_dir / "site.yaml").write_text((site_dir / "site.yaml").read_text() + UPS)
+    # node1 is watched by the device's node watchdog: silent for 5 s, it would be power-cycled
+    m = site_dir / "machines.yaml"
+    m.write_text(m.read_text().replace("    relay: 0\n", "    relay: 0\n    heartbeat: {timeout_s: 5, boot_s: 60}\n", 1))
+    SecretStore(tmp_path / "secrets").put("ups/eaton/password", PASSWORD)
+    with NutServer(tmp_path / "nut") as nut, \
+            SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as board:  # fmt: skip
+        app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "events.db", api_token=TOKEN,
+                                  poll_seconds=0, device_port=str(board.link),
+                                  secrets_dir=tmp_path / "secrets"))  # fmt: skip
+        app.state.runtime.ups.connect = connect_in(nut.ns.name)  # upsd lives in its namespace
+        with TestClient(app) as c:
+            wait_for(lambda: c.get("/api/v1/device").json().get("connected"), what="link")
+            c.nut = nut
+            yield c
+
+
+def events(c, kind):
+    return list(reversed(c.get("/api/v1/events", params={"kind": kind, "limit": 1000}).json()))
+
+
+def ups_steps(c, action=None):
+    return [(e["payload"]["action"], e["machine"]) for e in events(c, "ups")
+            if action is None or e["payload"]["action"] == action]  # fmt: skip
+
+
+def relays(c):
+    return {name: c.get("/api/v1/device").json()["status"]["power"][ch]["output"] for name, ch in CH.items()}
+
+
+class Nodes:
+    """The three nodes' heartbeat services: each beats until told to shut down."""
+
+    def __init__(self, c):
+        self.c, self.running, self.told = c, set(MACS), []
+
+    def beat(self):
+        for name in sorted(self.running):
+            r = self.c.post("/heartbeat", data={"mac": MACS[name], "node": name,
+                                                "boot_id": "0e0c6a4e-3b8e-4a47-9d53-0b8f5d7c3a11"})  # fmt: skip
+            assert r.status_code in (200, 202), r.text
+            if "shutdown" in r.json():
+                self.told.append(name)
+                self.running.discard(name)  # it powers off: its beats stop
+
+    def until(self, pred, what, timeout=60.0):
+        def step():
+            self.beat()
+            time.sleep(0.3)
+            return pred()
+        return wait_for(step, timeout=timeout, what=what)
+
+
+def test_a_power_cut_shuts_nodes_down_in_order_opens_relays_and_mains_brings_them_back(rig):
+    c, nut = rig, rig.nut
+    for name in CH:
+        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
+    nodes = Nodes(c)
+    nodes.until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    nodes.until(lambda: ("status", None) in ups_steps(c), "the UPS read")
+    metrics = c.get("/metrics").text
+    assert "bastion_ups_up 1.0" in metrics and "bastion_ups_battery_charge_percent 100.0" in metrics
+
+    nut.write("OB DISCHRG", 80)
+    nodes.until(lambda: set(relays(c).values()) == {"off"}, "every relay opened")
+    # agents first (machines.yaml order), the server once they were down
+    assert nodes.told == ["node1", "pi1", "node2"]
+    steps = ups_steps(c)
+    assert [m for a, m in steps if a == "shutdown"] == ["node1", "pi1", "node2"]
+    assert steps.index(("shutdown", "node2")) > max(steps.index(("down", "node1")), steps.index(("down", "pi1")))
+    assert [m for a, m in steps if a == "open"] == ["node1", "pi1", "node2"]
+    # node1 fell silent long before its relay opened: the device's watchdog left it alone
+    assert not [e for e in events(c, "watchdog") if e["payload"].get("action")]
+    offs = [e for e in events(c, "power_request") if e["source"] == "ups"]
+    assert [(e["machine"], e["payload"]["state"]) for e in offs] == [("node1", "off"), ("pi1", "off"), ("node2", "off")]
+    assert "bastion_ups_on_battery 1.0" in c.get("/metrics").text
+    view = c.get("/api/v1/ups").json()
+    assert (view["phase"], view["status"], view["opened"]) == ("off", "OB DISCHRG", ["node1", "pi1", "node2"])
+    assert "UPS" in view["holding"]
+    # held: a person's power-on is refused, and says why
+    r = c.post("/api/v1/machines/node1/power", json={"state": "on"}, headers=auth())
+    assert r.status_code == 409 and "UPS" in r.json()["detail"]
+    assert relays(c)["node1"] == "off"
+
+    nut.write("OL CHRG", 30)  # mains back, battery too low
+    wait_for(lambda: ("waiting", None) in ups_steps(c), what="waiting for charge")
+    assert set(relays(c).values()) == {"off"}
+    nut.write("OL CHRG", 60)
+    wait_for(lambda: set(relays(c).values()) == {"on"}, what="relays back on")
+    assert [m for a, m in ups_steps(c) if a == "power-on"] == ["node2", "node1", "pi1"]
+    ons = [e for e in events(c, "power") if e["source"] == "device" and e["payload"].get("state") == "on"]
+    assert [e["machine"] for e in ons][-3:] == ["node2", "node1", "pi1"]  # the device's stagger, in order
+    assert "bastion_ups_power_held 0.0" in c.get("/metrics").text
+
+
+def test_a_upsd_that_stops_answering_is_an_event_and_shuts_nothing_down(rig):
+    c, nut = rig, rig.nut
+    for name in CH:
+        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
+    nodes = Nodes(c)
+    nodes.until(lambda: ("status", None) in ups_steps(c), "the UPS read")
+    nut.stop_upsd()
+    nodes.until(lambda: ("lost", None) in ups_steps(c), "the UPS lost")
+    assert "bastion_ups_up 0.0" in c.get("/metrics").text
+    # eight more polls without an answer: well past on_battery_s and quiet_s
+    watch = c.app.state.runtime.ups
+    polls = watch.polls
+    nodes.until(lambda: watch.polls >= polls + 8, "eight polls without upsd")
+    assert nodes.told == [] and set(relays(c).values()) == {"on"}
+    assert not [s for s in ups_steps(c) if s[0] in ("hold", "shutdown", "open")]
+    nut.start_upsd()
+    nodes.until(lambda: ("back", None) in ups_steps(c), "the UPS back")
+
+
+def test_the_operator_cannot_power_on_while_power_is_held(rig):
+    """The site declares every machine on; a low battery opens the relays at once and the
+    operator's power-ons are refused with the UPS's reason until mains returns."""
+    c, nut = rig, rig.nut
+    site = c.app.state.runtime.holder
+    (site.root / "site.yaml").write_text((site.root / "site.yaml").read_text()
+                                         + "defaults:\n  power: on\noperator:\n  interval_s: 1\n")  # fmt: skip
+    assert c.post("/api/v1/reload", headers=auth()).status_code == 200
+    wait_for(lambda: set(relays(c).values()) == {"on"}, what="the operator powers all on")
+    nut.write("OB LB", 10)
+    wait_for(lambda: set(relays(c).values()) == {"off"}, what="relays opened on low battery")
+    steps = ups_steps(c)
+    assert ("low-battery", None) in steps and not [s for s in steps if s[0] == "shutdown"]
+
+    def refused():
+        return [e for e in events(c, "operator") if e["payload"]["action"] == "refused"
+                and "UPS" in e["payload"]["reason"]]  # fmt: skip
+
+    # the operator waits settle_s (30 s) after its own power-on before it tries again
+    wait_for(lambda: {e["machine"] for e in refused()} == set(CH), what="the operator refused",
+             timeout=90)
+    assert set(relays(c).values()) == {"off"}
+    nut.write("OL CHRG", 70)
+    wait_for(lambda: set(relays(c).values()) == {"on"}, what="relays back on")
+    assert [m for a, m in ups_steps(c) if a == "power-on"] == ["node2", "node1", "pi1"]
