@@ -71,6 +71,14 @@ systemd:
 """
 
 
+# The lab's device heap on the 64-bit unix port. The firmware's code holds about 117 KB of it
+# after boot since the hostile-LAN hardening (December 2026), and with the lab's site config
+# 128k leaves too little for a second transfer while one runs (a node's RRQ is then refused
+# "busy", which edk2 takes as final). 160k on 64-bit objects is still less than the first
+# supported board, the W5500-EVB-Pico, has free on its 32-bit port (about 190 KB; docs/boards.md).
+LAB_DEVICE_HEAP = "160k"
+
+
 @dataclass
 class Node:
     """A QEMU machine on the lab LAN, powered through a relay channel of the device."""
@@ -390,7 +398,7 @@ class Lab:
         ], netns=self.net.router, log=self.logs / "router.log")
         self.procs.start("device", [
             self._bastion(), "sim", "--flash", str(self.flash), "--listen", self.net.device_ip,
-            "--serial-link", str(self.serial),
+            "--serial-link", str(self.serial), "--heap", LAB_DEVICE_HEAP,
         ], netns=self.net.lan, log=self.logs / "device.log")
         self.procs.start("controller", self.controller_command(), netns=self.net.lan,
                          log=self.logs / "controller.log")
