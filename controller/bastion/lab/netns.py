@@ -228,6 +228,10 @@ class Supervisor:
         argv = ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
         popen.setdefault("stdin", subprocess.DEVNULL)
         popen.setdefault("start_new_session", True)
+        if signal.getsignal(stop_signal) == signal.SIG_IGN and "preexec_fn" not in popen:
+            # Started in the background by a shell without job control (as CI may run us), we
+            # ignore SIGINT, and a child would inherit that through exec and never stop by it.
+            popen["preexec_fn"] = lambda: signal.signal(stop_signal, signal.SIG_DFL)
         if log is None:
             proc = subprocess.Popen(argv, **popen)  # type: ignore[call-overload]
         else:

@@ -80,6 +80,19 @@ def test_a_process_that_stops_on_its_signal_ends_by_that_signal():
     assert sup.stop_all() == []  # nothing left, and saying so twice is fine
 
 
+def test_a_stop_signal_this_program_ignores_still_stops_the_child():
+    # A shell without job control starts background jobs with SIGINT ignored (CI may run the
+    # suite so); the child must not inherit that, or SIGINT would never stop it.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "from bastion.lab.netns import Supervisor; sup = Supervisor(grace=5); "
+            "p = sup.start('int', ['sleep', '300'], stop_signal=signal.SIGINT); "
+            "sup.stop_all(); print(p.returncode)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == -signal.SIGINT
+
+
 def test_a_child_reaped_behind_its_popen_is_never_signalled(monkeypatch):
     proc = subprocess.Popen(["true"])
     os.waitpid(proc.pid, 0)  # someone else reaped it: its PID may be a stranger's by now
