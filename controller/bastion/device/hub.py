@@ -222,6 +222,17 @@ class DeviceHub:
                      payload={"channel": ch, "state": state, "result": reply.get("channel")})
         return {"machine": name, "channel": reply.get("channel")}
 
+    def channels(self) -> list[dict] | None:
+        """The device's relay channels as its `status` reports them (each a dict with an int
+        `ch`), or None when the link is down or the device does not answer."""
+        if not self.link.ready:
+            return None
+        try:
+            st = self.link.request("status", timeout=5)
+        except DeviceError:
+            return None
+        return [c for c in st.get("power") or [] if isinstance(c, dict) and isinstance(c.get("ch"), int)]
+
     def describe(self) -> dict[str, Any]:
         """What `bastion status` and the dashboard show: link state, device info, live status."""
         link = self.link

@@ -245,19 +245,11 @@ class Operator:
                 return
 
     def _observe_relays(self) -> dict[int, str] | None:
-        hub = self.hub
-        if hub is None or not hub.link.ready:
+        channels = self.hub.channels() if self.hub is not None else None
+        if channels is None:
             return None
-        try:
-            st = hub.link.request("status", timeout=5)
-        except DeviceError:
-            return None
-        out = {}
-        for c in st.get("power") or []:
-            if isinstance(c, dict) and isinstance(c.get("ch"), int):
-                out[c["ch"]] = ("queued" if c.get("queued") else "cycling" if c.get("cycling")
-                                else str(c.get("output")))  # fmt: skip
-        return out
+        return {c["ch"]: ("queued" if c.get("queued") else "cycling" if c.get("cycling")
+                          else str(c.get("output"))) for c in channels}  # fmt: skip
 
     def _seen(self, m: Machine, installed: set[str]) -> Seen:
         relay = None

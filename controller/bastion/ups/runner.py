@@ -187,15 +187,8 @@ class UpsWatch:
         return out
 
     def _relays(self) -> dict[int, str] | None:
-        hub = self.hub
-        if hub is None or not hub.link.ready:
-            return None
-        try:
-            st = hub.link.request("status", timeout=5)
-        except DeviceError:
-            return None
-        return {c["ch"]: str(c.get("output")) for c in st.get("power") or []
-                if isinstance(c, dict) and isinstance(c.get("ch"), int)}  # fmt: skip
+        channels = self.hub.channels() if self.hub is not None else None
+        return None if channels is None else {c["ch"]: str(c.get("output")) for c in channels}
 
     def pass_once(self) -> list[core.Action]:
         section = self.holder.site.settings.ups
