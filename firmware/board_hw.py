@@ -99,3 +99,32 @@ def watchdog(section, log=None):
             log.event("watchdog", ("error",), (text,))
         timeout = top
     return WDT(timeout=timeout)
+
+
+class UartConsole:
+    """A node's serial console on a UART, from one entry of board.json's `node_consoles`:
+    a port for firmware.nodecons (readinto -> n or None, write -> bytes taken). Thin on
+    purpose: machine.UART with timeout 0 never blocks, its rxbuf (`rxbuf`, default 512) holds
+    what arrives between two passes of the console's loop (at 115200 baud, 20 ms is 230
+    bytes). What overruns the UART's own buffer is lost before the firmware sees it, uncounted:
+    size rxbuf for the baud rate and the loop's pass."""
+
+    def __init__(self, d):
+        from machine import UART
+
+        self._uart = UART(
+            d["uart"],
+            baudrate=d.get("baudrate", 115200),
+            tx=Pin(d["tx"]),
+            rx=Pin(d["rx"]),
+            timeout=0,
+            rxbuf=d.get("rxbuf", 512),
+        )
+
+    def readinto(self, buf):
+        if not self._uart.any():
+            return None
+        return self._uart.readinto(buf)
+
+    def write(self, mv):
+        return self._uart.write(mv) or 0

@@ -449,10 +449,12 @@ def stdout_writer():
     return out.write
 
 
-async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64):
+async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64, pump=None):
     """Feed the console from stdin forever. stdin is polled every interval_ms (so checkin(),
     the console's watchdog check-in, runs even when the line is quiet) and read a byte at a
     time while it has data, because a board's stdin read(n) blocks until it has n bytes.
+    pump(): the node consoles' pass (firmware.nodecons), after this pass's requests were
+    answered and before the check-in, so console bytes wait behind replies, never in front.
     Ctrl-C raises KeyboardInterrupt out of here and stops the firmware: not caught."""
     import select
     import sys
@@ -474,6 +476,11 @@ async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64):
             try:
                 console.feed(buf[:n])
             except Exception:  # e.g. MemoryError mid-request: count it, keep the line alive
+                console.internal_errors += 1
+        if pump is not None:
+            try:
+                pump()
+            except Exception:  # noqa: BLE001 - a console port's fault must not stop the link
                 console.internal_errors += 1
         console.tick()
         if checkin is not None:

@@ -195,6 +195,17 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
         console.live["net"] = net.status
     if board.defn.get("faults"):
         console.add("fault", faults.op, True)
+    pump = None
+    ports = board.consoles()
+    if ports:
+        from firmware.nodecons import NodeConsoles
+
+        gc.collect()
+        # its frames are built in the console's frame buffer, between two requests
+        cons = NodeConsoles(ports, console.write, console._out)
+        console.add("cin", cons.op_cin, True)  # typed bytes must not be typed twice
+        console.live["consoles"] = cons.status
+        pump = cons.pump
 
     def console_checkin():
         if "console" not in faults.hung:
@@ -235,7 +246,7 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
     # The console runs in this task, so Ctrl-C on the serial line (KeyboardInterrupt) ends
     # serve() and leaves the REPL, as mpremote expects.
     try:
-        await console_mod.serve(console, checkin=console_checkin)
+        await console_mod.serve(console, checkin=console_checkin, pump=pump)
     finally:
         for t in others + [task for task, _ in services.values()]:
             t.cancel()

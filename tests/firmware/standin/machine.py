@@ -100,3 +100,42 @@ class WDT:
 
     def feed(self):
         WDT.feeds += 1
+
+
+class UART:
+    """A UART with a node on the other end: `arrive(data)` is what the node sends (kept up
+    to rxbuf bytes, the rest lost, as a UART's ring buffer does: `overrun` counts it), `sent`
+    what the firmware wrote. Constructor arguments as the rp2 and esp32 ports take them."""
+
+    instances = []
+
+    def __init__(self, id, baudrate=115200, *, tx=None, rx=None, timeout=None, rxbuf=256, **kw):
+        calls.append(("UART", id, baudrate, tx.id if tx else None, rx.id if rx else None,
+                      timeout, rxbuf))
+        self.id = id
+        self.rxbuf = rxbuf
+        self._rx = bytearray()
+        self.sent = bytearray()
+        self.overrun = 0
+        UART.instances.append(self)
+
+    def arrive(self, data):
+        room = self.rxbuf - len(self._rx)
+        self._rx += data[:room]
+        self.overrun += max(0, len(data) - room)
+
+    def any(self):
+        return len(self._rx)
+
+    def readinto(self, buf):
+        n = min(len(buf), len(self._rx))
+        if not n:
+            return None
+        buf[:n] = self._rx[:n]
+        self._rx = self._rx[n:]
+        return n
+
+    def write(self, data):
+        calls.append(("UART.write", self.id, bytes(data)))
+        self.sent += data
+        return len(data)
