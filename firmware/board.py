@@ -136,35 +136,6 @@ class Board:
             return board_net.up(eth, d, log)
         return None
 
-    def consoles(self):
-        """The node consoles wired to this board, as (relay channel, port) pairs for
-        firmware.nodecons: board.json's `node_consoles`, a list of UARTs on a real board
-        (each names the relay channel of the node it is wired to: `relay`), or on the sim
-        board {"kind": "unix", "relays": [0, 1, ...], "dir": "consoles"}: one unix socket per
-        channel, <dir>/<channel>.sock in the flash directory."""
-        nc = self.defn.get("node_consoles")
-        if not nc:
-            return []
-        if isinstance(nc, dict) and nc.get("kind") == "unix":
-            from firmware.board_sim import UnixConsole
-
-            d = nc.get("dir", "consoles")
-            try:
-                os.mkdir(d)
-            except OSError:  # there already
-                pass
-            return [(ch, UnixConsole("%s/%d.sock" % (d, ch))) for ch in nc.get("relays", ())]
-        if not isinstance(nc, list):
-            raise BoardError("board.json: node_consoles must be a list of UARTs")
-        out = []
-        for i, d in enumerate(nc):
-            if not isinstance(d, dict) or not isinstance(d.get("relay"), int):
-                continue  # a UART reserved, not wired to a node yet: no console channel
-            from firmware import board_hw
-
-            out.append((d["relay"], board_hw.UartConsole(d)))
-        return out
-
     def watchdog(self, log=None):
         if self.wdt_kind == "hardware":
             from firmware import board_hw

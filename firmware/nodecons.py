@@ -258,3 +258,49 @@ class NodeConsoles:
     def status(self):
         """The hello's and status's `consoles`: each channel's counters."""
         return [c.status() for c in self.channels]
+
+
+# --- the firmware's start ---------------------------------------------------------------------
+def ports(defn):
+    """The node consoles wired to a board, as (relay channel, port) pairs: board.json's
+    `node_consoles`, a list of UARTs on a real board (each names the relay channel of the node
+    it is wired to, `relay`; one without is reserved, not wired), or on the sim board
+    {"kind": "unix", "relays": [0, 1, ...], "dir": "consoles"}: a unix socket per channel,
+    <dir>/<channel>.sock in the flash directory. The board layer's modules make the ports."""
+    nc = defn.get("node_consoles")
+    if isinstance(nc, dict) and nc.get("kind") == "unix":
+        import os
+
+        from firmware.board_sim import UnixConsole
+
+        d = nc.get("dir", "consoles")
+        try:
+            os.mkdir(d)
+        except OSError:  # there already
+            pass
+        return [(ch, UnixConsole("%s/%d.sock" % (d, ch))) for ch in nc.get("relays", ())]
+    if not isinstance(nc, list):
+        raise ValueError("board.json: node_consoles must be a list of UARTs")
+    out = []
+    for d in nc:
+        if isinstance(d, dict) and isinstance(d.get("relay"), int):
+            from firmware.board_hw import UartConsole
+
+            out.append((d["relay"], UartConsole(d)))
+    return out
+
+
+def start(board, console, log=None):
+    """Build the board's node consoles onto the console (firmware.console.Console): op "cin",
+    `consoles` in hello and status; returns the pump for the console's loop."""
+    import gc
+
+    sizes = board.defn.get("node_console_buffers") or {}
+    p = ports(board.defn)
+    gc.collect()
+    # frames are built in the console's own frame buffer, between two requests
+    cons = NodeConsoles(p, console.write, console._out, ring_size=sizes.get("ring", 1024),
+                        tx_size=sizes.get("tx", 128), budget=sizes.get("budget", 512))  # fmt: skip
+    console.add("cin", cons.op_cin, True)  # typed bytes must not be typed twice: cached
+    console.live["consoles"] = cons.status
+    return cons.pump

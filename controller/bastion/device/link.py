@@ -35,6 +35,7 @@ import serial
 from bastion.device.session import (
     IDEMPOTENT_OPS,
     PROTO,
+    ConsoleData,
     DeviceError,
     DeviceEvent,
     DeviceTimeout,
@@ -101,12 +102,14 @@ class DeviceLink:
         self._write_lock = threading.RLock()  # one writer; also guards self._ser
         self._ser: serial.SerialBase | None = None
         self._waiters: dict[int, _Waiter] = {}
-        self._queue: deque[DeviceEvent | Resynced] = deque()  # for the listeners, in order
+        # for the listeners, in order
+        self._queue: deque[DeviceEvent | Resynced | ConsoleData] = deque()
         self._delivering = False  # a thread is handing the queue to the listeners
         self._ready = threading.Event()  # mirrors session.ready, for wait_ready()
         self._closed = threading.Event()
         self._event_listeners: list[Callable[[dict], None]] = []
         self._resync_listeners: list[Callable[[DeviceLink], None]] = []
+        self._console_listeners: list[Callable[[ConsoleData], None]] = []
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -185,6 +188,11 @@ class DeviceLink:
     def on_resync(self, fn: Callable[[DeviceLink], None]) -> None:
         """fn(link) after each successful resync (link.info and link.status are fresh)."""
         self._resync_listeners.append(fn)
+
+    def on_console(self, fn: Callable[[ConsoleData], None]) -> None:
+        """fn(data) for every frame of node console bytes (bastion.device.session.ConsoleData),
+        in the order they came, on the reader thread like the other listeners."""
+        self._console_listeners.append(fn)
 
     def counters(self) -> dict[str, int]:
         with self._lock:
@@ -327,6 +335,8 @@ class DeviceLink:
                     item = self._queue.popleft()
                 if isinstance(item, DeviceEvent):
                     calls = [(fn, item.fields) for fn in list(self._event_listeners)]
+                elif isinstance(item, ConsoleData):
+                    calls = [(fn, item) for fn in list(self._console_listeners)]
                 else:
                     calls = [(fn, self) for fn in list(self._resync_listeners)]
                 for fn, arg in calls:

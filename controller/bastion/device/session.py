@@ -70,6 +70,8 @@ Guarantees (each is a test in tests/controller/device/test_session.py):
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +104,8 @@ COUNTERS = (
     "callback_errors",
     "bad_messages",
     "keepalives",
+    "console_frames",
+    "console_bytes",
 )
 
 DOWN = "DOWN"
@@ -165,7 +169,19 @@ class Resynced:
     status: dict | None
 
 
-Output = Outcome | DeviceEvent | Resynced
+@dataclass(frozen=True)
+class ConsoleData:
+    """Bytes from a node's serial console (firmware/nodecons.py): `ch` the relay channel of
+    the node, `at` the offset of the first byte in that channel's stream since the device's
+    `boot` (mod 2**30: a gap is bytes the device dropped), `data` the bytes."""
+
+    ch: int
+    at: int
+    data: bytes
+    boot: str | None
+
+
+Output = Outcome | DeviceEvent | Resynced | ConsoleData
 
 
 # --- the boundary: a frame's object becomes a message we understand, or Malformed ------------
@@ -181,6 +197,18 @@ def parse_event(obj: dict) -> dict:
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
         raise Malformed("event seq is not an integer")
     return obj
+
+
+def parse_console(obj: dict, boot: str | None) -> ConsoleData:
+    """A node console frame {"cons": ch, "at": offset, "d": base64}, or raise Malformed."""
+    ch, at, d = obj.get("cons"), obj.get("at"), obj.get("d")
+    if not _is_int(ch) or not _is_int(at) or not isinstance(d, str):
+        raise Malformed("console frame without cons, at and d")
+    try:
+        data = base64.b64decode(d, validate=True)
+    except (ValueError, binascii.Error):
+        raise Malformed("console frame whose d is not base64") from None
+    return ConsoleData(ch, at, data, boot)
 
 
 def parse_reply(obj: dict) -> dict:
@@ -497,6 +525,11 @@ class Session:
                 self.counts["stray_replies"] += 1
         elif "ev" in obj:
             self._live_event(parse_event(obj), now, out)
+        elif "cons" in obj:  # not an event: no seq, not caught up; a gap in `at` says a loss
+            c = parse_console(obj, self._boot)
+            self.counts["console_frames"] += 1
+            self.counts["console_bytes"] += len(c.data)
+            out.append(c)
         else:
             self.counts["stray_replies"] += 1
 

@@ -170,13 +170,13 @@ def test_a_port_that_raises_is_a_quiet_port():
 
 def test_uart_console_on_the_standin_machine_uart():
     machine.standin_reset()
-    from firmware.board import Board
+    import json
+
+    from firmware.nodecons import ports as board_ports
 
     with open(_HERE + "/../../../boards/w5500-evb-pico.json") as f:
-        import json
-
         d = json.load(f)
-    ports = Board(d).consoles()
+    ports = board_ports(d)
     assert [ch for ch, _ in ports] == [0, 1]
     uarts = [c for c in machine.calls if c[0] == "UART"]
     assert uarts == [("UART", 0, 115200, 0, 1, 0, 512), ("UART", 1, 115200, 4, 5, 0, 512)]
