@@ -33,6 +33,7 @@ class ApiClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        self.token = token
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     @classmethod
@@ -45,6 +46,13 @@ class ApiClient:
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         """The decoded JSON answer of `method path`, or ApiError."""
+        return self._request(method, path, **kw).json()
+
+    def call_bytes(self, method: str, path: str, **kw: Any) -> bytes:
+        """The raw body of the answer of `method path` (a console log), or ApiError."""
+        return self._request(method, path, **kw).content
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self.http.request(method, path, **kw)
         except httpx.HTTPError as e:
@@ -55,4 +63,4 @@ class ApiClient:
             except ValueError:
                 detail = r.text
             raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code)
-        return r.json()
+        return r

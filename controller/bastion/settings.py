@@ -18,6 +18,8 @@ command line (or to the constructor), then the environment, then the default.
     --device PORT              BASTION_DEVICE            the device's serial line
     --tftp ADDR:PORT           BASTION_TFTP              the controller's TFTP (the site's tftp/)
     --secrets DIR              BASTION_SECRETS_DIR       the secret store (default: per site)
+    --console-dir DIR          BASTION_CONSOLE_DIR       the nodes' console logs (default: per
+                                                         site, under the var dir)
     --ignition-token-ttl S     BASTION_IGNITION_TOKEN_TTL  one-time Ignition URL life (900 s)
     --max-body BYTES           BASTION_MAX_BODY          request body limit (1MiB; bastion.api.limits)
     --max-connections N        BASTION_MAX_CONNECTIONS   HTTP connections at once (1000; fit to the
@@ -163,6 +165,11 @@ class Settings(BaseSettings):
         "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys).",
         metavar="DIR", path="dir-any", also=("--secrets-dir",),
         shown="$XDG_STATE_HOME/edge-bastion/secrets/<site>")  # fmt: skip
+    # the nodes' console logs (bastion.device.consoles); None: var_dir()/consoles/<site>-<id>
+    console_dir: Path | None = _setting(
+        "BASTION_CONSOLE_DIR", "--console-dir", "Where the nodes' serial console logs are kept "
+        "(one file per machine, rotated; docs/consoles.md).", metavar="DIR", path="dir-any",
+        shown="<var dir>/consoles/<site>-<id>")  # fmt: skip
     ignition_token_ttl: float = _setting(
         "BASTION_IGNITION_TOKEN_TTL", "--ignition-token-ttl", "How long a one-time Ignition URL "
         "stays good.", default=DEFAULT_IGNITION_TOKEN_TTL, metavar="SECONDS", shown="900")  # fmt: skip

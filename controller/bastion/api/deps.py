@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bastion import match
 from bastion.boot import Provisioning
+from bastion.device.consoles import ConsoleLogs
 from bastion.device.hub import DeviceHub
 from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
@@ -40,6 +41,7 @@ class Runtime:
     store: EventStore
     metrics: Metrics
     device: DeviceHub | None = None  # `serve --device PORT`
+    consoles: ConsoleLogs | None = None  # the nodes' console logs, kept with or without a device
     tftp: TftpService | None = None  # `serve --tftp ADDR:PORT`
     secrets: SecretStore | None = None  # `serve --secrets DIR`
     # one-time Ignition URLs and install-once marks (bastion.boot.Provisioning)

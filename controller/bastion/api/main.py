@@ -12,11 +12,13 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import (assets, boot, dashboard, device, events, groups, journal, machines,
-                         operator, profiles, system, ups)  # fmt: skip
+from bastion.api import (assets, boot, consoles, dashboard, device, events, groups, journal,
+                         machines, operator, profiles, system, ups)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
+from bastion import paths
 from bastion.boot import Provisioning
+from bastion.device.consoles import ConsoleLogs
 from bastion.state.install import InstallMarks
 from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
@@ -91,10 +93,14 @@ def create_app(settings: Settings) -> FastAPI:
         installs=InstallMarks(db_path),
         secrets_for=lambda site, machine: machine_secrets(runtime.secrets, site, machine),
     )
+    # the nodes' console logs: beside the other per-site state, readable with or without a device
+    runtime.consoles = ConsoleLogs(
+        settings.console_dir or paths.var_dir() / "consoles" / Path(db_path).parent.name)
     if settings.device_port:
         from bastion.device.hub import DeviceHub
 
-        runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record)
+        runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record,
+                                   consoles=runtime.consoles)  # fmt: skip
 
     # the operator: desired state in the site files drives power and boot (bastion.operator)
     runtime.addresses.seed([e.as_dict() for e in reversed(store.query(limit=5000))])
@@ -137,6 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await anyio.to_thread.run_sync(runtime.tftp.stop)
             if runtime.device is not None:
                 await anyio.to_thread.run_sync(runtime.device.close)
+            runtime.consoles.close()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(journal.router)
     api = APIRouter(prefix="/api/v1")
-    for module in (machines, device, profiles, groups, events, operator, ups):
+    for module in (machines, device, consoles, profiles, groups, events, operator, ups):
         api.include_router(module.router)
     app.include_router(api)
     return app

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from bastion.client import ApiClient
+from bastion.client import ApiClient, ApiError
 
 
 def _where(f):
@@ -177,11 +177,53 @@ def device_info(url, port, token_file) -> None:
 
 
 @click.command("console")
+@click.argument("name", required=False)
 @_where
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def console(url, port, token_file, as_json) -> None:
-    """Live device events (dhcp, tftp, power, watchdog, boot, heap) until Ctrl-C."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (events).")
+@click.option("--log", "show_log", is_flag=True,
+              help="Print NAME's kept console log (from the controller) and leave.")
+@click.option("--tail", type=click.IntRange(min=1), metavar="BYTES",
+              help="With --log: only its last BYTES bytes.")
+@click.option("--after-eof", type=float, default=3.0, show_default=True, metavar="SECONDS",
+              help="When stdin is not a terminal: how long to keep showing the output after "
+                   "its end.")  # fmt: skip
+def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> None:
+    """NAME's serial console through the device, or without NAME the device's live events.
+
+    With NAME (a machine; with --port its relay channel number): the node's console in this
+    terminal, like `virsh console`: raw keys to the node, Ctrl-] to leave. When stdin is not a
+    terminal its bytes are typed in, and the output is shown until --after-eof seconds after
+    its end. --log prints the log the controller keeps instead (docs/consoles.md).
+
+    Without NAME: live device events (dhcp, tftp, power, watchdog, boot, heap) until Ctrl-C."""
     port = _need_one(url, port)
+    if name is not None:
+        from bastion.device import termcons
+
+        try:
+            if show_log:
+                if port:
+                    raise click.UsageError("--log reads the controller's log: give --url")
+                api = ApiClient.connect(url, token_file)
+                params = {"tail": tail} if tail else {}
+                data = api.call_bytes("GET", f"/api/v1/machines/{name}/console", params=params)
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+                return
+            if sys.stdin.isatty():
+                click.echo(f"[bastion: {name}'s console; {termcons.ESCAPE_NAME} leaves]", err=True)
+            if port:
+                termcons.via_link(port, name, after_eof)
+            else:
+                token = ApiClient.connect(url, token_file).token
+                termcons.via_controller(url, token, name, after_eof)
+        except termcons.Closed as e:
+            raise click.ClickException(f"console {name}: {e}") from None
+        except ApiError as e:
+            raise click.ClickException(str(e)) from None
+        if sys.stdin.isatty():
+            click.echo("\r\n[bastion: left the console]", err=True)
+        return
 
     def show(ev: dict) -> None:
         if as_json:

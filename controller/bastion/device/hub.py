@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion import match
+from bastion.device.consoles import ConsoleLogs, console_writer
 from bastion.device.link import DeviceError, DeviceLink
+from bastion.device.session import ConsoleData
 from bastion.model import Site
 
 # Device events that name a machine by MAC, and by relay channel.
@@ -40,6 +42,7 @@ class DeviceHub:
         site: Callable[[], Site],
         record: Callable[..., int],
         link: DeviceLink | None = None,
+        consoles: ConsoleLogs | None = None,
     ):
         self.port = port
         self._site = site
@@ -47,6 +50,8 @@ class DeviceHub:
         self.link = link or DeviceLink(port)
         self.link.on_event(self._on_event)
         self.link.on_resync(self._on_resync)
+        self.consoles = consoles  # the nodes' console logs (bastion.device.consoles)
+        self.link.on_console(self._on_console)
         self._lock = threading.Lock()
         self.resyncs = 0
         self._beats: set[int] = set()  # channels that sent a heartbeat since the last forward
@@ -182,6 +187,36 @@ class DeviceHub:
             payload={"state": "connected", "port": self.port, "boot": info.get("boot"),
                      "fw": info.get("fw"), "board": info.get("board")},
         )
+
+    def _on_console(self, c: ConsoleData) -> None:
+        if self.consoles is None:
+            return
+        name = self.machine_on(c.ch) or f"channel{c.ch}"
+        self.consoles.feed(name, c.ch, c.boot, c.at, c.data)
+
+    def machine_on(self, ch: int) -> str | None:
+        """The machine the site powers from relay channel ch (so whose console that is)."""
+        for m in self._site().machines:
+            if m.relay == ch:
+                return m.name
+        return None
+
+    def console_channel(self, machine: str) -> int:
+        """The console channel of a machine: its relay channel, if the device has a console
+        wired there (its hello's `consoles`). Raises PowerTargetError."""
+        ch, _ = self.channel_for(machine)
+        wired = [c.get("cons") for c in (self.link.info or {}).get("consoles") or []]
+        if self.link.info is not None and ch not in wired:
+            raise PowerTargetError(
+                f"the device has no console wired to {machine!r} (relay channel {ch}); "
+                f"its consoles: {wired or 'none'}"
+            )
+        return ch
+
+    def console_write(self, machine: str, data: bytes) -> int:
+        """Type data into a machine's console (blocking: cin requests, flow-controlled by the
+        device). Raises PowerTargetError, DeviceError, TimeoutError."""
+        return console_writer(self.link.request, self.console_channel(machine))(data)
 
     # --- what the controller asks -------------------------------------------------------
     def channel_for(self, target: str | int) -> tuple[int, str | None]:

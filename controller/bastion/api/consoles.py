@@ -1,0 +1,142 @@
+"""Management API: the nodes' serial consoles through the device (docs/consoles.md).
+
+- GET  /api/v1/machines/{name}/console          the kept log (token: consoles show secrets)
+- WS   /api/v1/machines/{name}/console/stream   live, both ways
+
+A browser cannot set headers on a WebSocket, so the token comes in the first message, a text
+frame `{"token": "..."}`, within AUTH_TIMEOUT_S. Then the server sends the recent backlog and
+the live bytes as binary frames; every frame the client sends (binary or text) is typed into
+the node's console. A wrong or missing token closes the socket with code 1008 and the reason;
+no device (or none wired to that machine) closes it with 1011 and why, once the backlog is out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response
+
+from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, admin_refusal
+from bastion.device.hub import PowerTargetError
+from bastion.device.link import DeviceError
+
+router = APIRouter(tags=["consoles"])
+
+AUTH_TIMEOUT_S = 10.0
+POLICY = 1008  # RFC 6455 7.4.1: policy violation (the token)
+UNAVAILABLE = 1011  # the server cannot: no device, no console wired
+
+
+def _machine(site, name: str) -> str:
+    if site.machine(name) is None:
+        raise HTTPException(404, f"no machine {name!r} in the site")
+    return name
+
+
+@router.get("/machines/{name}/console", summary="A machine's kept console log (needs the token)",
+            response_class=Response)  # fmt: skip
+async def console_log(name: str, _: AdminDep, site: SiteDep, runtime: RuntimeDep,
+                      tail: int | None = None) -> Response:  # fmt: skip
+    """The machine's console as the controller kept it, oldest first (the rotated files,
+    then the current one); `tail`: the last that many bytes only. Raw bytes as the node sent
+    them (text/plain, no charset promised)."""
+    _machine(site, name)
+    if tail is not None and tail < 1:
+        raise HTTPException(422, "tail: a number of bytes, at least 1")
+    data = await anyio.to_thread.run_sync(runtime.consoles.read, name, tail)
+    return Response(data, media_type="text/plain")
+
+
+async def _authenticate(ws: WebSocket, runtime) -> str | None:
+    """None when the first message carries the right token, else why not."""
+    try:
+        msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
+    except TimeoutError:
+        return f'no {{"token": ...}} message within {AUTH_TIMEOUT_S:g} s'
+    if msg.get("type") == "websocket.disconnect":
+        return "disconnected"
+    text = msg.get("text")
+    if text is None:
+        return 'the first message must be a text frame {"token": "..."}'
+    try:
+        given = json.loads(text).get("token")
+    except (ValueError, AttributeError):
+        return 'the first message must be JSON {"token": "..."}'
+    refusal = admin_refusal(runtime.settings.api_token, given if isinstance(given, str) else None)
+    if refusal is not None:
+        runtime.metrics.auth_failures.inc()
+        return refusal[1]
+    return None
+
+
+@router.websocket("/machines/{name}/console/stream")
+async def console_stream(ws: WebSocket, name: str) -> None:
+    runtime = ws.app.state.runtime
+    await ws.accept()
+    why = await _authenticate(ws, runtime)
+    if why is not None:
+        with contextlib.suppress(RuntimeError):  # the client may have gone already
+            await ws.close(POLICY, why[:120])
+        return
+    if runtime.holder.site.machine(name) is None:
+        await ws.close(POLICY, f"no machine {name!r} in the site"[:120])
+        return
+    consoles = runtime.consoles
+    sub, backlog = consoles.subscribe(name, asyncio.get_running_loop())
+    try:
+        if backlog:
+            await ws.send_bytes(backlog)
+        hub = runtime.device
+        problem = None
+        if hub is None:
+            problem = "no device: the controller runs without --device"
+        else:
+            try:
+                hub.console_channel(name)
+            except PowerTargetError as e:
+                problem = str(e)
+        if problem is not None:
+            await ws.close(UNAVAILABLE, problem[:120])
+            return
+        await _pump(ws, sub, hub, name)
+    finally:
+        consoles.unsubscribe(name, sub)
+
+
+async def _pump(ws: WebSocket, sub, hub, name: str) -> None:
+    async def out() -> None:
+        while True:
+            await ws.send_bytes(await sub.get())
+
+    async def typed() -> str | None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return None
+            data: Any = msg.get("bytes")
+            if data is None:
+                data = (msg.get("text") or "").encode()
+            if not data:
+                continue
+            try:
+                await anyio.to_thread.run_sync(hub.console_write, name, data)
+            except (DeviceError, PowerTargetError, TimeoutError) as e:
+                return str(e)
+
+    sender = asyncio.create_task(out())
+    try:
+        why = await typed()
+    except WebSocketDisconnect:
+        why = None
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+    if why is not None:
+        with contextlib.suppress(RuntimeError):
+            await ws.close(UNAVAILABLE, why[:120])

@@ -1,0 +1,240 @@
+"""The nodes' consoles on the controller (bastion.device.consoles, bastion.api.consoles,
+`bastion console NAME`): the kept logs (rotation, gap markers), the log endpoint and the
+WebSocket with their token rules, and end to end against the real sim board through a real
+`bastion serve`, with a test process as the node on the console's unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from bastion_testkit import TOKEN, Server, auth
+
+from bastion.device.consoles import ConsoleLogs, gap_note
+from simkit import SimProcess, wait_for
+
+BIN = Path(sys.executable).parent
+POWER = {"stagger_ms": 200, "channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}]}
+
+
+# --- the kept logs ---------------------------------------------------------------------------
+def test_logs_rotate_within_their_bound_and_keep_the_newest(tmp_path):
+    logs = ConsoleLogs(tmp_path, max_bytes=1000, keep=2)
+    at = 0
+    sent = b""
+    for i in range(50):
+        chunk = b"line %03d of the boot\r\n" % i  # 22 bytes
+        logs.feed("node1", 0, "b1", at, chunk)
+        at += len(chunk)
+        sent += chunk
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["node1.log", "node1.log.1"]
+    assert all(p.stat().st_size <= 1000 + 22 for p in tmp_path.iterdir())
+    kept = logs.read("node1")
+    assert sent.endswith(kept) and len(kept) > 1000  # the newest, whole lines, in order
+    assert logs.read("node1", tail=22) == b"line 049 of the boot\r\n"
+    assert logs.counts["rotations"] == 1
+    for _ in range(200):
+        logs.feed("node1", 0, "b1", at, b"x" * 100)
+        at += 100
+    names = {p.name for p in tmp_path.iterdir()}  # .log, .log.1, .log.2: never more
+    assert {"node1.log.1", "node1.log.2"} <= names <= {"node1.log", "node1.log.1", "node1.log.2"}
+    assert len(logs.read("node1")) <= 3 * 1100
+    logs.close()
+
+
+def test_a_gap_in_the_device_offsets_is_written_as_what_was_dropped(tmp_path):
+    logs = ConsoleLogs(tmp_path)
+    logs.feed("node2", 1, "b1", 0, b"abc")
+    logs.feed("node2", 1, "b1", 103, b"def")  # 100 bytes the device dropped
+    logs.feed("node2", 1, "b2", 0, b"new boot")  # a new device boot: offsets start again
+    assert logs.read("node2") == b"abc" + gap_note(100) + b"def" + b"new boot"
+    assert logs.counts["dropped"] == 100 and logs.counts["gaps"] == 1
+    with pytest.raises(ValueError):
+        logs.path("../etc/passwd")
+
+
+def test_a_subscriber_gets_the_backlog_then_every_byte_once(tmp_path):
+    logs = ConsoleLogs(tmp_path, backlog=10)
+
+    async def main():
+        logs.feed("pi1", 2, "b", 0, b"0123456789abcdef")
+        sub, backlog = logs.subscribe("pi1", asyncio.get_running_loop())
+        assert backlog == b"6789abcdef"
+        threading.Thread(target=logs.feed, args=("pi1", 2, "b", 16, b"live")).start()
+        assert await asyncio.wait_for(sub.get(), 5) == b"live"
+
+    asyncio.run(main())
+
+
+# --- the API with no device ------------------------------------------------------------------
+@pytest.fixture
+def api(site_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "events.db", api_token=TOKEN,
+                              poll_seconds=0, console_dir=tmp_path / "consoles"))
+    with TestClient(app) as c:
+        c.app.state.runtime.consoles.feed("node1", 0, "b", 0, b"kept before\r\n")
+        yield c
+
+
+def test_the_log_needs_the_token_and_names_unknown_machines(api):
+    assert api.get("/api/v1/machines/node1/console").status_code == 401
+    r = api.get("/api/v1/machines/node1/console", headers=auth("wrong"))
+    assert r.status_code == 401 and r.json()["detail"] == "wrong token"
+    r = api.get("/api/v1/machines/node1/console", headers=auth())
+    assert r.status_code == 200 and r.content == b"kept before\r\n"
+    r = api.get("/api/v1/machines/nobody/console", headers=auth())
+    assert r.status_code == 404 and "no machine 'nobody'" in r.json()["detail"]
+    assert api.get("/api/v1/machines/node2/console", headers=auth()).content == b""
+
+
+@pytest.mark.parametrize(("first", "reason"), [
+    ({"text": json.dumps({"token": "wrong"})}, "wrong token"),
+    ({"text": json.dumps({})}, "a bearer token is required"),
+    ({"text": "token please"}, 'the first message must be JSON {"token": "..."}'),
+    ({"bytes": b"\x00"}, 'the first message must be a text frame {"token": "..."}'),
+])
+def test_the_stream_without_the_right_token_closes_with_the_reason(api, first, reason):
+    from starlette.websockets import WebSocketDisconnect
+
+    with api.websocket_connect("/api/v1/machines/node1/console/stream") as ws:
+        ws.send(dict(type="websocket.receive", **first))
+        with pytest.raises(WebSocketDisconnect) as e:
+            ws.receive_bytes()
+    assert e.value.code == 1008 and e.value.reason == reason
+
+
+def test_the_stream_without_a_device_shows_the_log_and_says_why_it_ends(api):
+    from starlette.websockets import WebSocketDisconnect
+
+    with api.websocket_connect("/api/v1/machines/node1/console/stream") as ws:
+        ws.send_text(json.dumps({"token": TOKEN}))
+        assert ws.receive_bytes() == b"kept before\r\n"
+        with pytest.raises(WebSocketDisconnect) as e:
+            ws.receive_bytes()
+    assert e.value.code == 1011 and "no device" in e.value.reason
+
+
+# --- end to end: the sim board, `bastion serve`, the WebSocket and the CLI -----------------------
+@pytest.fixture
+def board(tmp_path):
+    # node consoles need 160k on the 64-bit port (firmware/main.py NODECONS_MIN_FREE)
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER},
+                    args=("--heap", "160k")) as s:
+        yield s
+
+
+class Node:
+    """A test process as node2's serial console (relay channel 1): the other end of the sim
+    board's console socket. Everything typed into it is kept in `typed`."""
+
+    def __init__(self, board, answer: dict[bytes, bytes] | None = None):
+        path = board.link.parent / "flash" / "consoles" / "1.sock"
+        wait_for(path.exists, what=str(path))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.typed = b""
+        self.answer = answer or {}  # a line typed -> what the node then prints, as a shell
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            self.typed += data
+            for line, out in self.answer.items():
+                if self.typed.endswith(line):
+                    self.say(out)
+
+    def say(self, data: bytes):
+        self.sock.sendall(data)
+
+
+def bastion(*args: str, stdin: bytes = b"", env: dict | None = None):
+    return subprocess.run([str(BIN / "bastion"), *args], input=stdin, capture_output=True,
+                          timeout=60, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_console_end_to_end_through_the_controller(board, site_dir, tmp_path):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    node = Node(board)
+    srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link),
+                 args=("--console-dir", str(tmp_path / "consoles")))
+    try:
+        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+        node.say(b"Linux version 6.1.0 (debian-kernel@lists.debian.org)\r\n")
+        log = "/api/v1/machines/node2/console"
+        wait_for(lambda: b"Linux version" in srv.get(log, headers=auth()).content, what="kept")
+
+        ws_url = srv.url.replace("http://", "ws://") + "/api/v1/machines/node2/console/stream"
+        with connect(ws_url, open_timeout=10) as ws:
+            ws.send(json.dumps({"token": TOKEN}))
+            assert ws.recv(10) == b"Linux version 6.1.0 (debian-kernel@lists.debian.org)\r\n"
+            ws.send(b"echo hi\n")
+            wait_for(lambda: node.typed == b"echo hi\n", what="typed at the node")
+            node.say(b"echo hi\r\nhi\r\n~ # ")
+            got = b""
+            while b"~ # " not in got:
+                got += ws.recv(10)
+            assert got == b"echo hi\r\nhi\r\n~ # "
+            ws.send("text frames are typed too\n")
+            wait_for(lambda: node.typed.endswith(b"text frames are typed too\n"), what="text")
+        with connect(ws_url, open_timeout=10) as ws:
+            ws.send(json.dumps({"token": "nope"}))
+            with pytest.raises(ConnectionClosed) as e:
+                ws.recv(10)
+            assert e.value.rcvd.code == 1008 and e.value.rcvd.reason == "wrong token"
+
+        # the log keeps what was shown after the stream closed
+        kept = srv.get(log, headers=auth()).content
+        assert kept == (b"Linux version 6.1.0 (debian-kernel@lists.debian.org)\r\n"
+                        b"echo hi\r\nhi\r\n~ # ")
+
+        env = {"BASTION_API_TOKEN": TOKEN}
+        r = bastion("console", "node2", "--url", srv.url, "--log", env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == kept
+        # stdin not a terminal: typed in, the output shown for --after-eof seconds
+        node.typed = b""
+        node.answer = {b"uname\n": b"uname\r\nLinux\r\n"}
+        r = bastion("console", "node2", "--url", srv.url, "--after-eof", "4", stdin=b"uname\n",
+                    env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert node.typed == b"uname\n"
+        assert r.stdout.startswith(kept) and r.stdout.endswith(b"uname\r\nLinux\r\n")
+        r = bastion("console", "node2", "--url", srv.url, env={"BASTION_API_TOKEN": "nope"})
+        assert r.returncode == 1 and b"console node2: wrong token (code 1008)" in r.stderr
+        r = bastion("console", "nobody", "--url", srv.url, env=env)
+        assert r.returncode == 1
+        assert b"console nobody: no machine 'nobody' in the site (code 1008)" in r.stderr
+    finally:
+        srv.stop()
+        node.sock.close()
+
+
+def test_console_straight_over_the_serial_line(board):
+    node = Node(board, answer={b"root\n": b"root\r\nPassword: "})
+    r = bastion("console", "1", "--port", str(board.link), "--after-eof", "4", stdin=b"root\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"root\r\nPassword: "
+    assert node.typed == b"root\n"
+    r = bastion("console", "7", "--port", str(board.link), stdin=b"")
+    assert r.returncode == 1 and b"no console on channel 7" in r.stderr
