@@ -8,6 +8,8 @@ checkout and in an installed package (a wheel, pipx), which has no repository ar
     cache_dir()                       var_dir()/cache: downloads and builds that can be remade
                                       (tools/build-grub-arm64, the lab's kernels and initrds)
     checkout()                        the source checkout this package runs from, or None
+    web_dir()                         $BASTION_WEB_DIR; else <checkout>/web; else var_dir()/web:
+                                      the browser parts from npm (web/package.json; `npm ci`)
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def var_dir() -> Path:
         return repo / "var"
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "edge-bastion"
+
+
+def web_dir() -> Path:
+    """Where web/package.json's packages are installed (node_modules/ inside it): the
+    controller serves xterm.js from there itself, never from a CDN (docs/consoles.md)."""
+    env = os.environ.get("BASTION_WEB_DIR")
+    if env:
+        return Path(env)
+    repo = checkout()
+    return repo / "web" if repo is not None else var_dir() / "web"
 
 
 def cache_dir() -> Path:

@@ -12,8 +12,8 @@ import anyio
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api import (assets, boot, consoles, dashboard, device, events, groups, journal,
-                         machines, operator, profiles, system, ups)  # fmt: skip
+from bastion.api import (assets, boot, console_page, consoles, dashboard, device, events, groups,
+                         journal, machines, operator, profiles, system, ups)  # fmt: skip
 from bastion.api.deps import Runtime
 from bastion.api.limits import BodyLimits
 from bastion import paths
@@ -158,6 +158,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(assets.router)
     app.include_router(system.router)
     app.include_router(dashboard.router)
+    app.include_router(console_page.router)
     app.include_router(journal.router)
     api = APIRouter(prefix="/api/v1")
     for module in (machines, device, consoles, profiles, groups, events, operator, ups):

@@ -1,0 +1,66 @@
+"""The browser's view of a node's serial console: /dashboard/machines/{name}/console.
+
+An xterm.js terminal on the console WebSocket (bastion.api.consoles; docs/consoles.md). The
+page itself shows nothing secret (the console needs the token, typed into the page and sent as
+the socket's first message), so it is public like the dashboard. xterm.js comes from npm
+(web/package.json, installed by tools/setup with `npm ci`) and is served from here, never from
+a CDN; when it is not installed the page says how to install it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse, HTMLResponse
+
+from bastion import __version__, paths
+from bastion.api.deps import SiteDep
+
+router = APIRouter(tags=["dashboard"])
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent.parent / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+# name in the URL -> (file under web_dir()/node_modules, media type): only these are served
+XTERM_FILES = {
+    "xterm.js": ("@xterm/xterm/lib/xterm.js", "text/javascript"),
+    "xterm.css": ("@xterm/xterm/css/xterm.css", "text/css"),
+    "addon-fit.js": ("@xterm/addon-fit/lib/addon-fit.js", "text/javascript"),
+}
+INSTALL_HINT = "tools/setup (or: cd web && npm ci)"
+
+
+def _xterm(name: str) -> Path:
+    return paths.web_dir() / "node_modules" / XTERM_FILES[name][0]
+
+
+def xterm_missing() -> list[str]:
+    return [n for n in XTERM_FILES if not _xterm(n).is_file()]
+
+
+@router.get("/dashboard/machines/{name}/console", response_class=HTMLResponse,
+            summary="A machine's serial console in the browser (HTML)")  # fmt: skip
+async def console_page(name: str, site: SiteDep) -> HTMLResponse:
+    if site.machine(name) is None:
+        raise HTTPException(404, f"no machine {name!r} in the site")
+    html = _env.get_template("console.html").render(
+        version=__version__, site=site, machine=name, missing=xterm_missing(),
+        hint=INSTALL_HINT, web_dir=str(paths.web_dir()),
+    )
+    return HTMLResponse(html)
+
+
+@router.get("/dashboard/vendor/xterm/{file}", include_in_schema=False)
+async def xterm_file(file: str) -> FileResponse:
+    if file not in XTERM_FILES:
+        raise HTTPException(404, f"no such file: {file}")
+    path = _xterm(file)
+    if not path.is_file():
+        raise HTTPException(404, f"xterm.js is not installed in {paths.web_dir()}: run "
+                                 f"{INSTALL_HINT}")  # fmt: skip
+    return FileResponse(path, media_type=XTERM_FILES[file][1])
