@@ -33,6 +33,10 @@ XTERM_FILES = {
     "addon-fit.js": ("@xterm/addon-fit/lib/addon-fit.js", "text/javascript"),
 }
 INSTALL_HINT = "tools/setup (or: cd web && npm ci)"
+# The page holds the token: its scripts are this controller's own (xterm.js from /dashboard/vendor
+# and the inline one), it talks to this controller only (the WebSocket), nobody frames it.
+CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+       "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
 def _xterm(name: str) -> Path:
@@ -52,7 +56,8 @@ async def console_page(name: str, site: SiteDep) -> HTMLResponse:
         version=__version__, site=site, machine=name, missing=xterm_missing(),
         hint=INSTALL_HINT, web_dir=str(paths.web_dir()),
     )
-    return HTMLResponse(html)
+    return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
+                                       "Cache-Control": "no-store"})  # fmt: skip
 
 
 @router.get("/dashboard/vendor/xterm/{file}", include_in_schema=False)

@@ -36,7 +36,8 @@ NET_MODULES = [
 ]
 
 INIT = r"""#!/bin/busybox sh
-# Edge Bastion lab node init: network, Ignition, callback, power off.
+# Edge Bastion lab node init: network, Ignition, callback, power off (or a shell on the serial
+# console with bastion.shell=1).
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mkdir -p /proc /sys /dev /run /tmp /sysroot /etc
@@ -57,7 +58,7 @@ iface=eth0
 ip link set $iface up
 say "dhcp on $iface"
 udhcpc -i $iface -s /udhcpc.sh -q -f -n -t 20 -T 2 || { say "no DHCP lease"; poweroff -f; }
-url= ; cb= ; hb= ; beats=3 ; every=2 ; mac=$(cat /sys/class/net/$iface/address)
+url= ; cb= ; hb= ; shell= ; beats=3 ; every=2 ; mac=$(cat /sys/class/net/$iface/address)
 for x in $(cat /proc/cmdline); do
     case "$x" in
         ignition.config.url=*) url="${x#ignition.config.url=}" ;;
@@ -65,6 +66,7 @@ for x in $(cat /proc/cmdline); do
         bastion.heartbeat=*) hb="${x#bastion.heartbeat=}" ;;
         bastion.heartbeat.beats=*) beats="${x#bastion.heartbeat.beats=}" ;;
         bastion.heartbeat.every=*) every="${x#bastion.heartbeat.every=}" ;;
+        bastion.shell=1) shell=1 ;;
     esac
 done
 say "ignition config url: $url"
@@ -114,6 +116,12 @@ if [ -n "$cb" ]; then
         [ $tries -ge 5 ] && { say "callback failed"; break; }
         sleep 2
     done
+fi
+if [ -n "$shell" ]; then
+    # bastion.shell=1: a shell on the serial console (the device carries it to the controller:
+    # docs/consoles.md), for ever; init must not end.
+    say "shell on the serial console"
+    while :; do sh -i < /dev/console > /dev/console 2>&1; done
 fi
 if [ -n "$hb" ]; then
     # The lab's stand-in for the k3s Butane's bastion-heartbeat.timer, which needs systemd:

@@ -93,6 +93,10 @@ class Node:
     # a node beats a few times after its callback (the lab initrd's stand-in for the k3s
     # nodes' heartbeat timer), then hangs: the device power-cycles it.
     heartbeat_s: int = 0
+    # the lab initrd gives a shell on the serial console after its callback instead of
+    # powering off (profile lab-node-shell, which also leaves out `quiet`: the kernel's
+    # messages go through the device's console channel too; docs/consoles.md)
+    shell: bool = False
 
     @property
     def tap(self) -> str:
@@ -264,6 +268,11 @@ class Lab:
             *profile["boot"]["args"], f"bastion.heartbeat={url}/heartbeat",
             f"bastion.heartbeat.beats={BEATS}", f"bastion.heartbeat.every={BEAT_EVERY_S}"]}
         atomic.write_json(site / "profiles/lab-node-beating.json", beating)
+        shell = {**profile, "id": "lab-node-shell",
+                 "name": "Lab node that keeps a shell on its serial console"}
+        shell["boot"] = {**profile["boot"], "args": [
+            *(a for a in profile["boot"]["args"] if a != "quiet"), "bastion.shell=1"]}
+        atomic.write_json(site / "profiles/lab-node-shell.json", shell)
         (site / "profiles/lab-node-arm64.json").unlink(missing_ok=True)
         if arm64 is not None:
             # The arm64 node boots through GRUB (/grub): its own kernel and initrd, the
@@ -295,6 +304,7 @@ class Lab:
             | ({"profile": "lab-node-beating",
                 "heartbeat": {"timeout_s": n.heartbeat_s, "boot_s": BEATING_BOOT_S}}
                if n.heartbeat_s else {})
+            | ({"profile": "lab-node-shell"} if n.shell else {})
             for n in nodes
         ]}
         (site / "machines.yaml").write_text(yaml.safe_dump(machines, sort_keys=False))
@@ -308,7 +318,7 @@ class Lab:
         cmd = [
             "qemu-system-x86_64", "-accel", self.accel, "-M", "q35", "-m", str(node.memory_mb),
             "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot",
-            "-serial", f"file:{self.logs / (node.name + '.console')}",
+            *self.serial_args(node),
             "-netdev", f"tap,id=n0,ifname={node.tap},script=no,downscript=no",
         ]
         if node.firmware == "uefi":
@@ -328,6 +338,29 @@ class Lab:
             cmd += ["-device", "sga", "-device", f"virtio-net-pci,netdev=n0,mac={node.mac}"]
         return cmd
 
+    def console_socket(self, node: Node) -> Path | None:
+        """The sim device's console channel wired to this node's relay channel (a unix socket
+        in its flash, boards/sim.json `node_consoles`), or None when none is."""
+        try:
+            nc = json.loads((self.flash / "board.json").read_text()).get("node_consoles") or {}
+        except (OSError, ValueError):
+            return None
+        if isinstance(nc, dict) and node.channel in nc.get("relays", ()):
+            return self.flash / nc.get("dir", "consoles") / f"{node.channel}.sock"
+        return None
+
+    def serial_args(self, node: Node) -> list[str]:
+        """The node's serial port: wired to the device's console channel for its relay
+        channel, as a UART would be (node -> device -> controller), with QEMU's own copy in
+        logs/<node>.console, where the lab's messages point; a file alone when the device
+        has no channel for it. reconnect=1: the device's firmware may restart under it."""
+        copy = self.logs / f"{node.name}.console"
+        sock = self.console_socket(node)
+        if sock is None:
+            return ["-serial", f"file:{copy}"]
+        return ["-chardev", f"socket,id=con0,path={sock},reconnect=1,logfile={copy},logappend=on",
+                "-serial", "chardev:con0"]
+
     def _qemu_arm64(self, node: Node) -> list[str]:
         vars_copy = self.workdir / f"{node.name}.AAVMF_VARS.fd"
         if not vars_copy.exists():
@@ -344,7 +377,7 @@ class Lab:
         return [
             "qemu-system-aarch64", "-accel", self.accel, "-M", "virt", "-cpu", "cortex-a57",
             "-m", str(node.memory_mb), "-smp", "1", "-display", "none", "-monitor", "none",
-            "-no-reboot", "-serial", f"file:{self.logs / (node.name + '.console')}",
+            "-no-reboot", *self.serial_args(node),
             "-drive", f"if=pflash,format=raw,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
             "-netdev", f"tap,id=n0,ifname={node.tap},script=no,downscript=no",
@@ -418,6 +451,8 @@ class Lab:
             "--db", str(self.db_path), "--token-file", str(self.token_file),
             # The device's serial line: power by machine, device events in the history.
             "--device", str(self.serial),
+            # The nodes' serial consoles, through the device (docs/consoles.md).
+            "--console-dir", str(self.workdir / "consoles"),
         ]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
