@@ -48,7 +48,6 @@ from bastion.render.config import (
 )
 from bastion.site import schema
 from bastion.model import (
-    BootRequest,
     Boot,
     Group,
     Machine,
