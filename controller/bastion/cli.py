@@ -40,10 +40,11 @@ def _register() -> None:
 
     from bastion.logship import cli as logship_cli
     from bastion.regcache import cli as regcache_cli
+    from bastion.ups import cli as ups_cli
 
     for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS,
                     *operator_cli.COMMANDS, *fleet_cli.COMMANDS, *logship_cli.COMMANDS,
-                    *regcache_cli.COMMANDS):
+                    *regcache_cli.COMMANDS, *ups_cli.COMMANDS):
         main.add_command(command)
 
 

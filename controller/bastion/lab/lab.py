@@ -93,6 +93,10 @@ class Node:
     # a node beats a few times after its callback (the lab initrd's stand-in for the k3s
     # nodes' heartbeat timer), then hangs: the device power-cycles it.
     heartbeat_s: int = 0
+    # beats from its callback on until a heartbeat's answer asks it to shut down (a power cut:
+    # the controller's UPS policy), then powers itself off; not watched by the device.
+    steady: bool = False
+    role: str | None = None  # machines.yaml role: "server" is shut down last (bastion.ups)
 
     @property
     def tap(self) -> str:
@@ -115,6 +119,13 @@ def arm64_node() -> Node:
 def beating_node() -> Node:
     """A BIOS node (iPXE at once: the quickest boot) whose beats the device watches."""
     return Node("beat-1", "52:54:00:77:00:04", "bios", 3, heartbeat_s=6)
+
+
+def steady_nodes() -> list[Node]:
+    """Two BIOS nodes that beat until they are asked to shut down: a k3s-style server and an
+    agent (machines.yaml roles, no cluster), for the UPS lab."""
+    return [Node("srv-1", "52:54:00:77:00:05", "bios", 4, steady=True, role="server"),
+            Node("agt-1", "52:54:00:77:00:06", "bios", 5, steady=True, role="agent")]
 
 
 def all_nodes() -> list[Node]:
@@ -229,9 +240,11 @@ class Lab:
         (self.flash / "relays.state").write_text("0" * RELAY_CHANNELS + "\n")
 
     def write_site(self, nodes: list[Node], kernel: Path, initrd: Path,
-                   arm64: tuple[Path, Path] | None = None) -> None:
+                   arm64: tuple[Path, Path] | None = None,
+                   site_extra: dict | None = None) -> None:  # fmt: skip
         """The lab's site directory: a matchbox-format profile and Ignition template, and
-        machines.yaml naming each node, its MAC and its relay channel."""
+        machines.yaml naming each node, its MAC and its relay channel. `site_extra`: more
+        site.yaml sections (a test's `ups:`, `logs:`)."""
         site = self.site
         if (site / "groups").exists():
             shutil.rmtree(site / "groups")  # an older lab's layout: machines.yaml now
@@ -264,6 +277,13 @@ class Lab:
             *profile["boot"]["args"], f"bastion.heartbeat={url}/heartbeat",
             f"bastion.heartbeat.beats={BEATS}", f"bastion.heartbeat.every={BEAT_EVERY_S}"]}
         atomic.write_json(site / "profiles/lab-node-beating.json", beating)
+        # Nodes that beat until the controller asks them to shut down (a power cut).
+        steady = {**profile, "id": "lab-node-steady",
+                  "name": "Lab node that beats until it is asked to shut down (the UPS policy)"}
+        steady["boot"] = {**profile["boot"], "args": [
+            *profile["boot"]["args"], f"bastion.heartbeat={url}/heartbeat",
+            "bastion.heartbeat.beats=0", f"bastion.heartbeat.every={BEAT_EVERY_S}"]}
+        atomic.write_json(site / "profiles/lab-node-steady.json", steady)
         (site / "profiles/lab-node-arm64.json").unlink(missing_ok=True)
         if arm64 is not None:
             # The arm64 node boots through GRUB (/grub): its own kernel and initrd, the
@@ -295,10 +315,14 @@ class Lab:
             | ({"profile": "lab-node-beating",
                 "heartbeat": {"timeout_s": n.heartbeat_s, "boot_s": BEATING_BOOT_S}}
                if n.heartbeat_s else {})
+            | ({"profile": "lab-node-steady"} if n.steady else {})
+            | ({"role": n.role} if n.role else {})
             for n in nodes
         ]}
         (site / "machines.yaml").write_text(yaml.safe_dump(machines, sort_keys=False))
-        (site / "site.yaml").write_text(f"site: lab-{self.net.name}\ncontroller_url: {url}\n")
+        (site / "site.yaml").write_text(f"site: lab-{self.net.name}\ncontroller_url: {url}\n"
+                                        + (yaml.safe_dump(site_extra, sort_keys=False)
+                                           if site_extra else ""))  # fmt: skip
         (site / "ignition/lab-node.yaml").write_text(LAB_BUTANE)
 
     # -- QEMU ------------------------------------------------------------------------------
@@ -357,19 +381,20 @@ class Lab:
         exe = Path(sys.executable).parent / "bastion"
         return str(exe) if exe.exists() else "bastion"
 
-    def up(self, nodes: list[Node] | None = None, progress=print) -> None:
+    def up(self, nodes: list[Node] | None = None, progress=print,
+           site_extra: dict | None = None) -> None:  # fmt: skip
         nodes = nodes or default_nodes()
         removed = self.down()
         if removed:
             progress(f"removed a stale lab: {', '.join(removed)}")
         try:
-            self._up(nodes, progress)
+            self._up(nodes, progress, site_extra)
         except BaseException:
             # A half-built lab holds namespaces and processes: remove them (the logs stay).
             self.down()
             raise
 
-    def _up(self, nodes: list[Node], progress) -> None:
+    def _up(self, nodes: list[Node], progress, site_extra: dict | None = None) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         progress("preparing boot files (Debian kernel, lab initrd)")
@@ -379,7 +404,7 @@ class Lab:
             progress("preparing arm64 boot files (Debian arm64 kernel, lab initrd, GRUB)")
             arm64 = self.prepare_boot_files("arm64")
         self.write_device_flash(nodes)
-        self.write_site(nodes, kernel, initrd, arm64)
+        self.write_site(nodes, kernel, initrd, arm64, site_extra)
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
             self.token_file.chmod(0o600)
