@@ -86,7 +86,7 @@ def test_a_full_inbox_drops_the_newest_and_counts_them(tmp_path: Path):
     t.start()  # drains the inbox into the queue and reports the drops, then fails to connect
     t.stop()
     reports = [p for kind, p in recorded if kind == "logship" and p["action"] == "dropped"]
-    assert [(p["target"], p["count"]) for p in reports] == [("central", 3)]
+    assert [(p["target"], p["count"], p["reason"]) for p in reports] == [("central", 3, "inbox")]
     queue = DiskQueue(tmp_path / "q" / "central.db", 100000)
     assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [0, 1, 2, 3, 4]
     assert queue.dropped == 0  # the queue file counts its own bound only
