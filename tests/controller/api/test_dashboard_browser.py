@@ -7,40 +7,36 @@ phone-sized screen. Every step leaves a screenshot under the directory the test 
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
-from bastion_testkit import REPO, TOKEN, Server
+from bastion_testkit import TOKEN, Server
+from browserkit import (
+    Steps,
+    artefact_dir,
+    chrome,
+    confirm,
+    log_in,
+    press,
+    until,
+    wait_stages,
+    wait_text,
+)
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.select import Select
 from simkit import SimProcess, wait_for
 
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # node1 switches on at once; with a long stagger node2 then waits its turn (and says so).
 POWER = {"channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}], "stagger_ms": 600_000}
 MAC = "52:54:00:12:34:01"
 BOOT_FILE = b"\x4d\x5a" + bytes(range(256)) * 40  # what the sim device serves as ipxe.efi
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e '.[test]' brings selenium")
-from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.select import Select
-from selenium.webdriver.support.ui import WebDriverWait
 
 
 @pytest.fixture
-def artefacts(request) -> Path:
-    # Kept after the run (var/ is not in git): BASTION_ARTIFACTS, else var/artifacts/dashboard/.
-    root = Path(os.environ.get("BASTION_ARTIFACTS") or REPO / "var" / "artifacts") / "dashboard"
-    out = root / request.node.name
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    print(f"\nscreenshots: {out}")
-    return out
+def artefacts(request):
+    return artefact_dir(request.node.name)
 
 
 @pytest.fixture
@@ -59,72 +55,12 @@ def served(tmp_path, site_dir):
 
 @pytest.fixture
 def browser(tmp_path):
-    if CHROMIUM is None or not Path(CHROMEDRIVER).exists():
-        pytest.skip("chromium and chromium-driver are not installed (tools/setup installs them)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-default-apps", f"--user-data-dir={tmp_path / 'chromium'}",
-                 "--window-size=1280,1000"):  # fmt: skip
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    try:
+    with chrome(tmp_path / "chromium") as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-class Steps:
-    """Screenshots numbered in the order taken."""
-
-    def __init__(self, driver, out: Path):
-        self.driver, self.out, self.n = driver, out, 0
-
-    def shot(self, name: str) -> Path:
-        self.n += 1
-        path = self.out / f"{self.n:02d}-{name}.png"
-        assert self.driver.save_screenshot(str(path)), path
-        return path
-
-
-def until(driver, pred, what: str, timeout: float = 30):
-    # The pages rebuild their tables as they poll: an element read mid-rebuild is asked again.
-    return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(StaleElementReferenceException,)).until(pred, what)
-
-
-def wait_text(driver, css: str, pattern: str, timeout: float = 30) -> str:
-    """The text of `css` once it matches `pattern` (the deadline only guards against a hang)."""
-    def seen(d):
-        els = d.find_elements(By.CSS_SELECTOR, css)
-        return els and re.search(pattern, els[0].text) and els[0].text
-    return until(driver, seen, f"{css} !~ {pattern}", timeout)
-
-
-def stages(driver) -> list[str]:
-    return [r.get_attribute("data-stage") for r in
-            driver.find_elements(By.CSS_SELECTOR, "#timeline tbody tr")]  # fmt: skip
-
-
-def wait_stages(driver, *want: str, timeout: float = 30) -> list[str]:
-    return until(driver, lambda d: all(w in stages(d) for w in want) and stages(d),
-                 f"timeline with {want}", timeout)
 
 
 def relay(srv, ch: int) -> dict:
     return srv.get("/api/v1/device").json()["status"]["power"][ch]
-
-
-def press(driver, machine: str, state: str) -> None:
-    driver.find_element(By.CSS_SELECTOR, f'button[data-machine="{machine}"][data-state="{state}"]').click()
-
-
-def confirm(driver, steps: Steps, name: str) -> None:
-    until(driver, lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is not None, "dialog")
-    steps.shot(name)
-    driver.find_element(By.ID, "confirm-ok").click()
 
 
 def test_operate_a_machine_from_the_dashboard(served, browser, artefacts):
@@ -152,10 +88,8 @@ def test_operate_a_machine_from_the_dashboard(served, browser, artefacts):
     assert d.execute_script("return sessionStorage.length") == 0
     steps.shot("wrong-token")
 
-    d.find_element(By.ID, "token").send_keys(TOKEN)
-    d.find_element(By.ID, "login-button").click()
+    log_in(d, TOKEN)
     wait_text(d, "#notice.ok", "Logged in")
-    assert wait_text(d, "#who", "logged in") == "logged in"
     # Kept in the tab's sessionStorage only: not in a cookie, not in the URL.
     assert d.execute_script("return sessionStorage.getItem('bastion.token')") == TOKEN
     assert d.execute_script("return document.cookie") == "" and TOKEN not in d.current_url
