@@ -4,6 +4,7 @@ kept as artefacts, and waits that read the live pages."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import os
@@ -82,9 +83,14 @@ class Steps:
         self.driver, self.out, self.n = driver, out, 0
 
     def shot(self, name: str) -> Path:
+        """The whole page, below the fold too (DevTools' captureBeyondViewport)."""
         self.n += 1
         path = self.out / f"{self.n:02d}-{name}.png"
-        assert self.driver.save_screenshot(str(path)), path
+        size = self.driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+        png = self.driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+        path.write_bytes(base64.b64decode(png["data"]))
         return path
 
 

@@ -34,11 +34,20 @@ KINDS = ("asset", "boot", "callback", "dhcp", "heap", "heartbeat", "install", "o
          "power_request", "site", "tftp", "ups", "watchdog")  # fmt: skip
 
 
+# The pages' scripts hold the API token once a person logs in: they may talk to this controller
+# only (connect-src), load nothing from elsewhere, and may not be framed by another site (a
+# power button clicked through someone else's page).
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
+
+
 def _page(template: str, runtime, site, **values) -> HTMLResponse:
-    return HTMLResponse(_env.get_template(template).render(
+    html = _env.get_template(template).render(
         version=__version__, site=site, device=runtime.device is not None,
         generation=runtime.holder.generation, **values,
-    ))  # fmt: skip
+    )  # fmt: skip
+    return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
+                                       "Cache-Control": "no-store"})  # fmt: skip
 
 
 @router.get("/", include_in_schema=False)
