@@ -37,7 +37,7 @@ from bastion.state.secrets import (
     wireguard_public_key,
 )
 from click.testing import CliRunner
-from netkit import WireguardNamespace, need_root, need_wireguard_tools
+from netkit import WireguardNamespace, need_root, need_tool, need_wireguard_tools
 
 K3S_VERSION = "v1.31.4+k3s1"
 STEM = f"ebwg{os.getpid() % 100000}"
@@ -329,3 +329,53 @@ def test_the_management_side_reaches_the_controller_through_the_tunnel_only(tmp_
     finally:
         tunnels.close()
 
+
+# --- bastion install-service ------------------------------------------------------------------------
+
+
+def test_install_service_sets_up_the_controller_hosts_tunnel(tmp_path, site):
+    """Under --root: the private key made once in the service's secret store, the wg-quick
+    config beside the units naming it, the controller's unit after wg-quick@; the units pass
+    systemd-analyze verify. The host's /etc is never touched."""
+    need_tool("systemd-analyze")
+    site_dir, _, mgmt = site
+    root = tmp_path / "root"
+
+    def install(*extra: str):
+        return CliRunner().invoke(main, ["install-service", "--site", str(site_dir), "--root", str(root),
+                                         "--listen", f"{CTL_TUNNEL}:{API}", *extra],
+                                  catch_exceptions=False)  # fmt: skip
+
+    dry = install("--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert not root.exists()
+    assert f"etc/wireguard/{IF_CTL}.conf would be:" in dry.output
+    r = install()
+    assert r.exit_code == 0, r.output
+    key_file = root / "var/lib/edge-bastion/secrets/tunnel-lab" / CONTROLLER_WIREGUARD_KEY
+    conf = root / f"etc/wireguard/{IF_CTL}.conf"
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    key = key_file.read_text().strip()
+    assert f"wrote {key_file}" in r.output and key not in r.output
+    assert f"public key {wireguard_public_key(key)}" in r.output
+    for path, mode in ((key_file, 0o600), (key_file.parent, 0o700), (key_file.parents[2], 0o700),
+                       (conf, 0o600), (conf.parent, 0o700)):  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    text = conf.read_text()
+    assert key not in text
+    interface, peer = sections(text)
+    assert interface["Address"] == f"{CTL_TUNNEL}/24"
+    # the path on the host, where the unit's XDG_STATE_HOME puts the controller's secret store
+    assert interface["PostUp"] == ("wg set %i private-key "
+                                   f"/var/lib/edge-bastion/secrets/tunnel-lab/{CONTROLLER_WIREGUARD_KEY}")  # fmt: skip
+    assert peer["PublicKey"] == wireguard_public_key(mgmt)
+    lines = unit.read_text().splitlines()
+    assert f"Wants=network-online.target wg-quick@{IF_CTL}.service" in lines
+    assert f"After=network-online.target wg-quick@{IF_CTL}.service" in lines
+    v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout + v.stderr
+    # a second install keeps the key (the management side knows its public key)
+    again = install()
+    assert again.exit_code == 0, again.output
+    assert f"kept {key_file} (it exists)" in again.output and key_file.read_text().strip() == key
+    assert conf.read_text() == text
