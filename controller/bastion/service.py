@@ -178,7 +178,7 @@ def cache_unit_text(spec: ServiceSpec) -> str:
     """The registry cache's unit: `bastion registry-cache run`, beside the controller's, as the
     same user with the same state directory, so that it reads the upstream credentials from the
     controller's secret store and keeps the cached images under
-    /var/lib/edge-bastion/edge-bastion/registry-cache/<site> (docs/registry-cache.md)."""
+    /var/lib/edge-bastion/registry-cache/<site> (docs/registry-cache.md)."""
     return f"""\
 # Written by `bastion install-service`: the pull-through registry cache of the site in {spec.site}
 # (site.yaml cluster.registry_cache.serve; docs/registry-cache.md).
