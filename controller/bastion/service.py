@@ -226,6 +226,7 @@ class Step:
     mode: int = 0o644
     keep: bool = False  # an existing file is kept (the API token)
     private_dirs: int = 0  # this many of its directories are made mode 0700 (a secret's)
+    service_owned: bool = False  # on the host, it and those directories are the user's
     argv: tuple[str, ...] = ()  # a command to run instead
 
 
@@ -255,7 +256,7 @@ def plan(spec: ServiceSpec, root: Path = Path("/"), systemctl: bool = True) -> l
         conf = root / f"etc/wireguard/{t.interface}.conf"
         steps += [
             Step(f"make the controller host's WireGuard private key {key} (mode 0600) unless it "
-                 "exists", key, (t.new_key + "\n").encode(), 0o600, keep=True,
+                 "exists", key, (t.new_key + "\n").encode(), 0o600, keep=True, service_owned=True,
                  private_dirs=len(Path(t.key_file).relative_to(STATE_DIR).parts) - 1),
             Step(f"write {conf} (its tunnel, for {t.unit}; no secret in it)", conf,
                  t.config.encode(), 0o600, private_dirs=1),
@@ -290,7 +291,22 @@ def install(steps: list[Step], spec: ServiceSpec, echo, host: bool) -> None:
         os.chmod(step.path, step.mode)
         if step.keep and host and step.mode & 0o070:  # the token: readable by the user's group
             _chgrp(step.path, spec.user)
+        if step.service_owned and host:
+            # the secret store is the controller's: a directory of root's inside it would keep
+            # it from its own store (wg-quick, as root, reads the key all the same)
+            for path in (step.path, *step.path.parents[: step.private_dirs]):
+                _chown(path, spec.user)
         echo(f"wrote {step.path}")
+
+
+def _chown(path: Path, user: str) -> None:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ServiceError(f"no user {user} after systemd-sysusers: {path} stays root's") from None
+    os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def _chgrp(path: Path, group: str) -> None:
