@@ -29,6 +29,7 @@ def _register() -> None:
     from bastion.cluster import cli as cluster_cli
 
     main.add_command(cluster_cli.cluster_group)
+    main.add_command(cluster_cli.tunnel_group)
 
     from bastion import machine_cli, serve_cli
 
