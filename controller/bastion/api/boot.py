@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, HTTPException, Request
@@ -84,7 +85,8 @@ async def respond_batched(runtime: Runtime, endpoint: str, req: BootRequest | No
 
 # The two requests of every iPXE boot take the Request alone and build what the dependencies
 # would (bastion.api.deps.boot_context): FastAPI's dependency solving was a sixth of /ipxe's
-# time (docs/benchmarks-http.md).
+# time, its middleware and routing most of the rest (docs/benchmarks-http.md). BootFastPath
+# sends them straight here; the routes stay for the OpenAPI schema and for tests' clients.
 
 
 @router.get("/boot.ipxe", summary="iPXE bootstrap: chains to /ipxe with the machine's facts")
@@ -100,6 +102,27 @@ async def ipxe(request: Request) -> Response:
     started = time.perf_counter()
     runtime, site, req = boot_context(request)
     return await respond_batched(runtime, "/ipxe", req, boot.ipxe(site, req, runtime.provisioning), started)
+
+
+class BootFastPath:
+    """ASGI middleware, the outermost of the application's own: a GET of /boot.ipxe or /ipxe
+    goes straight to its handler, past the body limits (a GET's body is never read), FastAPI's
+    exception middleware and the router's walk through every route. Errors still reach
+    Starlette's ServerErrorMiddleware (a 500). Anything else goes on to the application."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        handler = _FAST_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        response = await handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+_FAST_PATHS = {"/boot.ipxe": boot_ipxe, "/boot.ipxe.0": boot_ipxe, "/ipxe": ipxe}
 
 
 @router.get("/grub/grub.cfg", summary="GRUB bootstrap: chains to /grub with the machine's facts")

@@ -148,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.runtime = runtime
     # before the routes: a body is refused by its size and sender before anything reads it
     app.add_middleware(BodyLimits, runtime=runtime)
+    app.add_middleware(boot.BootFastPath)  # added last: the outermost of ours
     app.include_router(boot.router)
     app.include_router(assets.router)
     app.include_router(system.router)
