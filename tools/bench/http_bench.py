@@ -695,6 +695,8 @@ def print_storm(label: str, r: StormResult, what: str) -> None:
             f"p99 {percentile(v, 0.99) * 1000:8.1f} ms   max {max(v, default=float('nan')) * 1000:8.1f} ms"
         )
     other = max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu)
+    if r.server_cpu:
+        print(f"  server: {r.requests / r.server_cpu:.0f} requests per CPU-second")
     print(
         f"  CPU, in cores: server {r.server_cpu / r.wall:.2f}, bench client {r.client_cpu / r.wall:.2f}, "
         f"other processes {other / r.wall:.2f}, stolen {r.stolen_cpu / r.wall:.2f} "
@@ -724,6 +726,7 @@ def load_average() -> str:
 
 def wrk_summary(r: WrkResult) -> dict:
     return {"requests": r.requests, "requests_per_s": round(r.rate, 1), "p50_ms": round(r.p50_ms, 3),
+            "requests_per_server_cpu_s": round(r.requests / r.server_cpu, 1) if r.server_cpu else None,
             "p99_ms": round(r.p99_ms, 3), "errors": r.errors,
             "server_cpu_share": round(r.server_cpu / r.wall, 3) if r.wall else None,
             "client_cpu_share": round(r.client_cpu / r.wall, 3) if r.wall else None}  # fmt: skip
@@ -736,6 +739,7 @@ def storm_summary(r: StormResult) -> dict:
         "requests_per_s": round(r.rate, 1),
         "errors": dict(r.errors),
         "server_cpu_share": round(r.server_cpu / r.wall, 3),
+        "requests_per_server_cpu_s": round(r.requests / r.server_cpu, 1) if r.server_cpu else None,
         "client_cpu_share": round(r.client_cpu / r.wall, 3),
         "other_cpu_share": round(max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu) / r.wall, 3),
         "stolen_cpu_share": round(r.stolen_cpu / r.wall, 3),
@@ -937,6 +941,10 @@ def wrk_rates(b: Bench) -> tuple[WrkResult, WrkResult] | None:
     print(
         f"  controller rate / nginx (wrk's ceiling): {rc.rate / rn.rate if rn.rate else float('nan'):.3f}"
     )
+    # on a shared machine the controller gets a part of a core: its cost per request is the
+    # figure that the other work moves least (one process: at most one core)
+    per_cpu = rc.requests / rc.server_cpu if rc.server_cpu else float("nan")
+    print(f"  controller: {per_cpu:.0f} requests per CPU-second ({1e6 / per_cpu:.0f} us each)")
     return rc, rn
 
 
