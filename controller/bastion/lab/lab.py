@@ -1,6 +1,6 @@
 """One lab: its site LAN, the home router, the sim board, the controller and QEMU nodes.
 
-    bastion lab up      namespaces, dnsmasq (addresses only), the sim board, the controller,
+    bastion lab up      namespaces, dnsmasq (addresses and IPv6 RAs), the sim board, the controller,
                         and the relay wiring (a sim relay channel powers each node's VM)
     bastion lab boot    power a node on through the device (its relay channel)
     bastion lab status  what runs, node states, the latest events
@@ -147,6 +147,23 @@ def arm64_missing() -> str | None:
             return f"the arm64 lab node needs {what}"
     return None
 
+
+
+def router_command(net: LabNet, leases: Path) -> list[str]:
+    """dnsmasq as the site's home router, in net.router: IPv4 addresses (no PXE options: PXE
+    is the device's job) with itself as the gateway, and IPv6 router advertisements of the
+    LAN's ULA /64 with neither DHCPv6 flag (SLAAC only), as a home router sends them. Without
+    an advertisement iPXE waits about 16 s for one before it goes on with IPv4 (before this
+    router sent them, a lab boot spent that long between iPXE's DHCP and its GET /boot.ipxe)."""
+    lo, hi = net.pool
+    return [
+        "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
+        # its built-in user, dnsmasq, exists only where a package made it
+        "--user=nobody", "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
+        f"--dhcp-option=option:router,{net.router_ip}",
+        "--enable-ra", f"--dhcp-range={net.ula_prefix},ra-only,64",
+        f"--dhcp-leasefile={leases}", "--log-dhcp", "--log-facility=-",
+    ]  # fmt: skip
 
 class Lab:
     def __init__(self, name: str = "eb", prefix: str = "10.77.0", workdir: Path | None = None,
@@ -413,14 +430,8 @@ class Lab:
         self.net.create()
         for n in nodes:
             self.net.add_tap(n.tap)
-        lo, hi = self.net.pool
-        self.procs.start("router", [
-            "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
-            # its built-in user, dnsmasq, exists only where a package made it
-            "--user=nobody", "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
-            f"--dhcp-option=option:router,{self.net.router_ip}",
-            f"--dhcp-leasefile={self.workdir / 'leases'}", "--log-dhcp", "--log-facility=-",
-        ], netns=self.net.router, log=self.logs / "router.log")
+        self.procs.start("router", router_command(self.net, self.workdir / "leases"), netns=self.net.router,
+                         log=self.logs / "router.log")  # fmt: skip
         self.procs.start("device", [
             self._bastion(), "sim", "--flash", str(self.flash), "--listen", self.net.device_ip,
             "--serial-link", str(self.serial), "--heap", LAB_DEVICE_HEAP,
