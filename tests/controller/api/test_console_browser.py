@@ -1,0 +1,91 @@
+"""The console page (/dashboard/machines/{name}/console) in a real headless Chromium (Debian's,
+through chromium-driver and selenium; tests/browserkit.py) against a real `bastion serve`
+holding the sim board's serial line, with a test process as node2's serial console on the sim
+board's console socket: a wrong token is refused and the page says so; with the token, xterm.js
+(served by the controller from web/node_modules) shows the node's output, and keys typed into
+the terminal reach the node. Every step leaves a screenshot under the directory the test
+prints."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from bastion_testkit import TOKEN, Server
+from browserkit import Steps, artefact_dir, chrome, until, wait_text
+from selenium.webdriver.common.by import By
+
+from bastion.api.console_page import xterm_missing
+from simkit import SimProcess, wait_for
+
+POWER = {"channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}]}
+
+
+@pytest.fixture
+def served(tmp_path, site_dir):
+    if xterm_missing():
+        pytest.skip("xterm.js is not installed: run tools/setup (npm ci in web/)")
+    # node consoles need 160k on the 64-bit port (firmware/main.py NODECONS_MIN_FREE)
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER},
+                    args=("--heap", "160k")) as board:
+        srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link),
+                     args=("--console-dir", str(tmp_path / "consoles")))
+        try:
+            wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+            yield srv, board
+        finally:
+            srv.stop()
+
+
+def screen(driver) -> str:
+    """What the terminal shows, row by row (xterm.js's DOM renderer)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.xterm-rows > div')].map(r => r.textContent)"
+        ".join('\\n')")
+
+
+def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, request):
+    srv, board = served
+    path = board.link.parent / "flash" / "consoles" / "1.sock"  # node2: relay channel 1
+    wait_for(path.exists, what=str(path))
+    node = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    node.connect(str(path))
+    typed = bytearray()
+
+    def read():
+        while data := node.recv(4096):
+            typed.extend(data)
+
+    threading.Thread(target=read, daemon=True).start()
+    node.sendall(b"Debian GNU/Linux 12 node2 ttyS0\r\n\r\nnode2 login: ")
+    wait_for(lambda: b"node2 login" in srv.get("/api/v1/machines/node2/console",
+                                                 headers={"Authorization": f"Bearer {TOKEN}"}).content,
+             what="the log")  # fmt: skip
+    steps = Steps(None, artefact_dir(request.node.name))
+    try:
+        with chrome(tmp_path / "chromium") as driver:
+            steps.driver = driver
+            driver.get(srv.url + "/dashboard/machines/node2/console")
+            driver.find_element(By.ID, "token").send_keys("not-the-token")
+            driver.find_element(By.ID, "connect").click()
+            wait_text(driver, "#state", r"closed: wrong token \(code 1008\)")
+            assert "node2 login" not in screen(driver)
+            steps.shot("wrong-token-refused")
+            box = driver.find_element(By.ID, "token")
+            box.clear()
+            box.send_keys(TOKEN)
+            driver.find_element(By.ID, "connect").click()
+            wait_text(driver, "#state", "connected")
+            until(driver, lambda d: "node2 login:" in screen(d), "the backlog in the terminal")
+            steps.shot("backlog")
+            driver.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea").send_keys("root\n")
+            wait_for(lambda: bytes(typed) == b"root\r", what="the keys at the node")
+            node.sendall(b"root\r\nPassword: ")
+            until(driver, lambda d: "Password:" in screen(d), "live output in the terminal")
+            steps.shot("typed-and-answered")
+            driver.set_window_size(390, 844)  # a phone
+            steps.shot("phone")
+            assert "Password:" in screen(driver)
+    finally:
+        node.close()
