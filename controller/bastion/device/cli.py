@@ -210,8 +210,6 @@ def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> 
                 sys.stdout.buffer.write(data)
                 sys.stdout.buffer.flush()
                 return
-            if sys.stdin.isatty():
-                click.echo(f"[bastion: {name}'s console; {termcons.ESCAPE_NAME} leaves]", err=True)
             if port:
                 termcons.via_link(port, name, after_eof)
             else:

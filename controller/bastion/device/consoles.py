@@ -139,7 +139,10 @@ class ConsoleLogs:
                 self.counts["gaps"] += 1
                 self.counts["dropped"] += gap
                 out = gap_note(gap) + data
+            self._expect.pop(key, None)  # re-inserted last: the oldest key is the stalest
             self._expect[key] = (at + len(data)) & _MASK
+            while len(self._expect) > 64:  # channels x device boots seen: only recent ones matter
+                self._expect.pop(next(iter(self._expect)))
             self.counts["bytes"] += len(data)
             try:
                 self._append(machine, out)

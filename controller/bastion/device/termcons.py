@@ -43,12 +43,16 @@ def _raw_tty(fd: int):
 
 
 def run(send: Callable[[bytes], None], stop: threading.Event, after_eof: float = 3.0,
-        stdin_fd: int | None = None) -> None:  # fmt: skip
+        stdin_fd: int | None = None, banner: str | None = None) -> None:  # fmt: skip
     """Type stdin into send() until Ctrl-] (a terminal), the end of stdin plus after_eof
-    seconds (not a terminal), or stop is set (the other end went)."""
+    seconds (not a terminal), or stop is set (the other end went). On a terminal, `banner`
+    goes to stderr once keys go to the node (raw mode is on)."""
     fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     is_tty = os.isatty(fd)
     with _raw_tty(fd) if is_tty else contextlib.nullcontext():
+        if is_tty and banner:
+            sys.stderr.write(banner + "\r\n")
+            sys.stderr.flush()
         eof_at = None
         while not stop.is_set():
             if eof_at is not None:
@@ -74,6 +78,10 @@ def run(send: Callable[[bytes], None], stop: threading.Event, after_eof: float =
 def _out(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
+
+
+def banner(name: str) -> str:
+    return f"[bastion: {name}'s console; {ESCAPE_NAME} leaves]"
 
 
 def via_controller(url: str, token: str | None, name: str, after_eof: float = 3.0) -> None:
@@ -111,7 +119,7 @@ def via_controller(url: str, token: str | None, name: str, after_eof: float = 3.
             with contextlib.suppress(ConnectionClosed):
                 ws.send(data)
 
-        run(send, stop, after_eof)
+        run(send, stop, after_eof, banner=banner(name))
     t.join(5)
     if why:
         raise Closed(why[0])
@@ -138,6 +146,6 @@ def via_link(port: str, name_or_channel: str, after_eof: float = 3.0) -> None:
             raise Closed(f"the device has no console on channel {ch} (its consoles: "
                          f"{wired or 'none'})")  # fmt: skip
         write = console_writer(link.request, ch)
-        run(write, threading.Event(), after_eof)
+        run(write, threading.Event(), after_eof, banner=banner(name_or_channel))
     finally:
         link.close()

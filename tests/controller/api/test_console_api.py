@@ -238,3 +238,45 @@ def test_console_straight_over_the_serial_line(board):
     assert node.typed == b"root\n"
     r = bastion("console", "7", "--port", str(board.link), stdin=b"")
     assert r.returncode == 1 and b"no console on channel 7" in r.stderr
+
+
+def test_on_a_terminal_keys_go_raw_to_the_node_and_ctrl_close_bracket_leaves(board):
+    import pty
+    import select as select_mod
+    import time
+
+    node = Node(board)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: bastion console on the pty, as a person's terminal
+        os.execv(str(BIN / "bastion"), [str(BIN / "bastion"), "console", "1", "--port",
+                                        str(board.link)])  # fmt: skip
+    out = b""
+
+    def read_until(pred, timeout=30):
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while not pred() and time.monotonic() < deadline:
+            if select_mod.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    return
+    try:
+        read_until(lambda: b"Ctrl-] leaves" in out)
+        assert b"[bastion: 1's console; Ctrl-] leaves]" in out
+        # the banner comes once the link is ready and the terminal is raw
+        os.write(fd, b"ls\x03\r")  # Ctrl-C is a key for the node, not for bastion: raw mode
+        wait_for(lambda: node.typed.endswith(b"ls\x03\r"), what="raw keys at the node")
+        node.say(b"bin  etc  proc\r\n")
+        read_until(lambda: b"bin  etc  proc" in out)
+        assert b"bin  etc  proc" in out
+        os.write(fd, b"\x1d")  # Ctrl-]
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert b"\x1d" not in node.typed
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
