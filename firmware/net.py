@@ -50,6 +50,11 @@ def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
 
 errno = 0  # the errno of the last send that failed (ENETUNREACH, 101: no route; ...)
 
+# MicroPython's sockets are streams: write(buf, n) sends buf[:n] on a connected socket
+# without the two memoryview objects (64 bytes on the unix port) a sliced send costs per
+# datagram, and returns None where send would raise EAGAIN. CPython's sockets have no write.
+_WRITE = hasattr(socket.socket, "write")
+
 
 def send(s, buf, n, to=None, log=None, name=None):
     """Send buf[:n]; returns False (never raises) when the stack refuses it. A failure is
@@ -58,11 +63,15 @@ def send(s, buf, n, to=None, log=None, name=None):
     "to": ip}; `to` is None for a connected socket."""
     global errno
     try:
-        if to is None:
-            s.send(memoryview(buf)[:n])
-        else:
+        if to is not None:
             s.sendto(memoryview(buf)[:n], to)
-        return True
+            return True
+        if not _WRITE:
+            s.send(memoryview(buf)[:n])
+            return True
+        if s.write(buf, n) is not None:
+            return True
+        errno = _EAGAIN  # the socket's send buffer is full
     except OSError as e:
         errno = e.errno if isinstance(e.errno, int) else -1
     if log is not None:

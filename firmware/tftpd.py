@@ -272,20 +272,28 @@ class TftpServer:
             n = t.more()
 
     async def _serve(self, slot, sock):
-        # The receiver: feeds the client's datagrams to the transfer, and cleans up.
+        # The receiver: feeds the client's datagrams to the transfer, and cleans up. Its loop
+        # is the per-block hot path: names in locals, the window sent from here (no call per
+        # packet but on_packet/more and net.send).
         t = slot.transfer
         rx = slot.rx
+        buf = t.buf
+        log = self.log
+        readinto = net.readinto
+        send = net.send
         clock = None
         try:
             clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
             while not t.done:
-                n = await net.readinto(sock, rx)
+                n = await readinto(sock, rx)
                 try:
                     n = t.on_packet(rx, n, ticks_ms())
                 except tftp.Malformed:
-                    self.log.count("tftp.bad_packet")
+                    log.count("tftp.bad_packet")
                     continue
-                self._send(sock, t, n)
+                while n:
+                    send(sock, buf, n, None, log, "tftp")
+                    n = t.more()
         except asyncio.CancelledError:
             t.finish("cancelled")  # the clock gave up (the result is already set) or shutdown
         except OSError:
