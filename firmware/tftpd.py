@@ -288,13 +288,14 @@ class TftpServer:
         log = self.log
         readinto = net.readinto
         send = net.send
+        now = ticks_ms
         clock = None
         try:
             clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
             while not t.done:
                 n = await readinto(sock, rx)
                 try:
-                    n = t.on_packet(rx, n, ticks_ms())
+                    n = t.on_packet(rx, n, now())
                 except tftp.Malformed:
                     log.count("tftp.bad_packet")
                     continue
