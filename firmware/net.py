@@ -3,6 +3,8 @@
 # MicroPython's asyncio has no public UDP API and its sockets have no recv_into/recvfrom_into,
 # so on MicroPython a wait for a datagram is a yield to asyncio's I/O queue followed by a
 # non-blocking recvfrom/readinto. On CPython (tests) the event loop's sock_* calls do the same.
+# A transfer's receiver, once per block, waits with `await readable(s)` and reads with take():
+# on MicroPython that costs no generator (168 bytes on the unix port, per datagram).
 # Addresses are opaque: a raw sockaddr (bytes) on the unix port, a tuple on CPython. Pass them
 # back to sendto as they came, and read them with addr_ip4/addr_port.
 import socket
@@ -94,18 +96,25 @@ if _io_queue is not None:
                 if e.errno != _EAGAIN:
                     raise
 
-    def readinto(s, buf):
-        """Await one datagram on a connected socket into buf; returns its length."""
-        while True:
-            yield _io_queue.queue_read(s)
-            try:
-                n = s.readinto(buf)
-            except OSError as e:
-                if e.errno != _EAGAIN:
-                    raise
-                continue
-            if n is not None:
-                return n
+    _ONCE = (None,)
+
+    def readable(s):
+        """An awaitable that returns once s has a datagram to read. s joins asyncio's I/O
+        queue for the current task, and awaiting a one-item tuple yields once to the loop:
+        what `yield _io_queue.queue_read(s)` does inside asyncio's own streams, with a
+        32-byte tuple iterator in place of a generator per wait."""
+        _io_queue.queue_read(s)
+        return _ONCE
+
+    def take(s, buf):
+        """One waiting datagram on a connected socket into buf: its length, or None when
+        there was none after all (a wake-up without data)."""
+        try:
+            return s.readinto(buf)
+        except OSError as e:
+            if e.errno != _EAGAIN:
+                raise
+        return None
 
 else:
     import asyncio
@@ -113,5 +122,21 @@ else:
     async def recvfrom(s, n):
         return await asyncio.get_running_loop().sock_recvfrom(s, n)
 
-    async def readinto(s, buf):
-        return await asyncio.get_running_loop().sock_recv_into(s, buf)
+    def _wake(fut):
+        if not fut.done():
+            fut.set_result(None)
+
+    async def readable(s):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        loop.add_reader(s, _wake, fut)
+        try:
+            await fut
+        finally:  # also when cancelled: before the caller closes s
+            loop.remove_reader(s)
+
+    def take(s, buf):
+        try:
+            return s.recv_into(buf)
+        except BlockingIOError:
+            return None

@@ -10,8 +10,9 @@
 # A transfer runs as two tasks: a receiver that awaits the client's datagrams and feeds them to
 # the Transfer, and a clock that sleeps until the transfer's deadline and calls on_timeout.
 # Whichever of them ends the transfer cancels the other; the receiver always cleans up. That
-# costs one generator and an I/O-queue entry per datagram (about 290 bytes on the unix port),
-# where asyncio.wait_for_ms around each read costs about 1.2 KB (two tasks and a closure).
+# costs an I/O-queue entry and net.readable's tuple iterator per datagram (about 130 bytes
+# allocated per block on the unix port, every block's garbage for the collector), where
+# asyncio.wait_for_ms around each read costs about 1.2 KB (two tasks and a closure).
 #
 # Reads from a client take only the first 4 bytes of a datagram: on MicroPython a socket's
 # readinto fills the whole buffer from as many queued datagrams as it takes, so a larger buffer
@@ -286,14 +287,18 @@ class TftpServer:
         rx = slot.rx
         buf = t.buf
         log = self.log
-        readinto = net.readinto
+        readable = net.readable
+        take = net.take
         send = net.send
         now = ticks_ms
         clock = None
         try:
             clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
             while not t.done:
-                n = await readinto(sock, rx)
+                await readable(sock)
+                n = take(sock, rx)
+                if n is None:
+                    continue
                 try:
                     n = t.on_packet(rx, n, now())
                 except tftp.Malformed:
@@ -371,7 +376,7 @@ class TftpServer:
 
 
 def _low_memory():
-    # A new transfer needs a socket, two tasks and room for each datagram's generator: drop
+    # A new transfer needs a socket, two tasks and room for each datagram's wait: drop
     # its request (tftp.low_memory; the client asks again) rather than start what the heap
     # cannot carry, or what would leave proxyDHCP without room to answer.
     free = getattr(gc, "mem_free", None)
