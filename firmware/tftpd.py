@@ -51,6 +51,9 @@ _END = ("stage", "file", "client", "bytes", "ms", "result", "resends", "dup_acks
 _REFUSED = ("stage", "file", "client", "code", "reason", "name_bytes")
 
 _S_IFLNK = const(0o120000)
+# Why a request was dropped unanswered (its event's reason; no ERROR goes out)
+_NO_SLOT = b"busy: every transfer slot taken"
+_NO_HEAP = b"busy: no heap for a transfer"
 _NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length is given too)
 
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
@@ -219,6 +222,14 @@ class TftpServer:
                 return True
             # Dropped, not refused: the client asks again (see the header).
             self.log.count("tftp.low_memory" if low else "tftp.busy")
+            if self.events.take():  # the refusals' budget: a flood is counted, not logged
+                name = req.name
+                why = _NO_HEAP if low else _NO_SLOT
+                self.events.event(
+                    "tftp",
+                    _REFUSED,
+                    ("dropped", name[:_NAME_MAX], _client(client), 0, why, len(name)),
+                )
             return False
         t = slot.transfer
         f = sock = None

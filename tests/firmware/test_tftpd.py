@@ -334,6 +334,8 @@ def test_a_request_beyond_the_cap_is_dropped_and_served_when_asked_again(serve):
     with pytest.raises(TimeoutError):
         late.recvfrom(2048)  # no ERROR, nothing at all
     assert srv.counter("tftp.refused") == 0
+    (dropped,) = srv.tftp_events("dropped")
+    assert (dropped["file"], dropped["reason"]) == ("a.bin", "busy: every transfer slot taken")
     s, tid = holders.pop(0)  # one ends, and its slot serves the request asked again
     s.sendto(b"\0\x05\0\x00done\0", tid)
     s.close()
