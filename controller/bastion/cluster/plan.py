@@ -407,8 +407,8 @@ def node_networks(networks: Any, e: Entry, server: bool) -> dict:
     if vlans:
         pxe = networks.pxe
         match = f"Name={pxe.interface}" if pxe is not None and pxe.interface else f"MACAddress={e.fields.mac}"
-        lines = ["# Written by Edge Bastion: the interface this node boots from (site.yaml "
-                 "networks.pxe), on DHCP as it booted, carrying its VLANs",
+        lines = [("# Written by Edge Bastion: the interface this node boots from (site.yaml "
+                  "networks.pxe), on DHCP as it booted, carrying its VLANs"),
                  "[Match]", match, "", "[Network]", "DHCP=ipv4", *(f"VLAN={v}" for v in vlans)]  # fmt: skip
         files.insert(0, {"path": "/etc/systemd/network/10-pxe.network", "contents": "\n".join(lines) + "\n"})
     return {"args": args, "addresses": addresses, "files": files}

@@ -391,12 +391,12 @@ def _check_machine_networks(ld: _Loader, settings: SiteSettings, entry: Any, whe
         return False
     if nets is None:
         return True
-    if entry.address is not None and nets.pxe is not None:
-        if ipaddress.ip_address(entry.address) not in nets.pxe.network:
-            ld.problem(rel, at("address"), f"{where}.address",
-                       f"{entry.address} is not on networks.pxe ({nets.pxe.subnet}), the LAN "
-                       "the machine boots from")  # fmt: skip
-            ok = False
+    pxe = nets.pxe
+    if entry.address is not None and pxe is not None and ipaddress.ip_address(entry.address) not in pxe.network:
+        ld.problem(rel, at("address"), f"{where}.address",
+                   f"{entry.address} is not on networks.pxe ({pxe.subnet}), the LAN the machine "
+                   "boots from")  # fmt: skip
+        ok = False
     for name, address in (entry.networks or {}).items():
         field = f"{where}.networks.{name}"
         net = getattr(nets, name, None) if name in schema.NODE_NETWORKS else None

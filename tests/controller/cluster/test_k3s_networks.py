@@ -140,7 +140,7 @@ def test_each_node_gets_its_vlan_interfaces(rendered):
     files = files_of(rendered["nuc1"])
     pxe = files["/etc/systemd/network/10-pxe.network"]
     assert f"MACAddress={MACS['nuc1']}" in pxe and "DHCP=ipv4" in pxe
-    assert re.findall(r"^VLAN=(\S+)$", pxe, re.M) == ["vlan20", "vlan30"]
+    assert re.findall(r"^VLAN=(\S+)$", pxe, re.MULTILINE) == ["vlan20", "vlan30"]
     netdev = files["/etc/systemd/network/20-cluster.netdev"]
     assert "Name=vlan20" in netdev and "Kind=vlan" in netdev and "Id=20" in netdev
     assert "Address=192.168.20.31/24" in files["/etc/systemd/network/20-cluster.network"]
@@ -148,7 +148,7 @@ def test_each_node_gets_its_vlan_interfaces(rendered):
     assert "Address=192.168.30.31/24" in files["/etc/systemd/network/20-ingress.network"]
     # pi1 is on no ingress: its boot interface carries the cluster VLAN only
     pi1 = files_of(rendered["pi1"])
-    assert re.findall(r"^VLAN=(\S+)$", pi1["/etc/systemd/network/10-pxe.network"], re.M) == ["vlan20"]
+    assert re.findall(r"^VLAN=(\S+)$", pi1["/etc/systemd/network/10-pxe.network"], re.MULTILINE) == ["vlan20"]
     assert "/etc/systemd/network/20-ingress.network" not in pi1
 
 
@@ -163,7 +163,7 @@ def test_a_network_on_a_nic_of_its_own_and_named_interfaces(fetched, tmp_path):
     files = files_of(configs["nuc1"])
     assert after(exec_start(configs["nuc1"]), "--flannel-iface") == "k3s0"
     pxe = files["/etc/systemd/network/10-pxe.network"]
-    assert "Name=eth0" in pxe and re.findall(r"^VLAN=(\S+)$", pxe, re.M) == ["k3s0"]
+    assert "Name=eth0" in pxe and re.findall(r"^VLAN=(\S+)$", pxe, re.MULTILINE) == ["k3s0"]
     assert "/etc/systemd/network/20-ingress.netdev" not in files  # a NIC, not a VLAN
     assert "Name=eth1" in files["/etc/systemd/network/20-ingress.network"]
     assert "Address=192.168.30.31/24" in files["/etc/systemd/network/20-ingress.network"]
@@ -180,8 +180,8 @@ def _problems(site: Path) -> list[str]:
 
 @pytest.mark.parametrize(("site_edit", "machines_edit", "problem"), [
     (lambda t: t.replace("    subnet: 192.168.10.0/24\n", "    subnet: 192.168.1.128/25\n"), None,
-     "site.yaml:86: networks: management (192.168.1.128/25) overlaps pxe (192.168.1.0/24): the "
-     "networks must not share addresses"),
+     ("site.yaml:86: networks: management (192.168.1.128/25) overlaps pxe (192.168.1.0/24): the "
+      "networks must not share addresses")),
     (lambda t: t.replace("  management:\n", "  storage:\n    subnet: 10.9.0.0/24\n  management:\n"), None,
      "site.yaml:86: networks: 'storage': not a network this site knows (pxe, management, cluster, ingress)"),
     (lambda t: t.replace("    vlan: 30\n", "    vlan: 10\n"), "nodes",
