@@ -54,7 +54,8 @@ def serve(log_level, access_log, **given) -> None:
         # apart (bastion.api.listeners)
         try:
             sockets = [httpserver.bind_listener(settings.listen, "--listen"),
-                       httpserver.bind_listener(settings.management_listen, "--management-listen")]  # fmt: skip
+                       httpserver.bind_listener(settings.management_listen, "--management-listen",
+                                                settings.management_interface)]  # fmt: skip
         except httpserver.ListenerError as e:
             raise click.ClickException(str(e)) from None
     try:
@@ -68,6 +69,8 @@ def serve(log_level, access_log, **given) -> None:
         http_at = f"HTTP {host}:{port} (boot and management)"
     else:
         http_at = "HTTP boot {}:{}, management {}:{}".format(*settings.listen, *settings.management_listen)
+        if settings.management_interface:
+            http_at += f" on {settings.management_interface} only"
     click.echo(
         f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
         f"{len(site.groups)} groups; events in {app.state.runtime.store.path}; "
@@ -80,6 +83,11 @@ def serve(log_level, access_log, **given) -> None:
     )
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if settings.management_listen is not None and settings.management_interface is None:
+        click.echo("warning: without --management-interface the management listener takes "
+                   "connections to its address arriving on any interface: a machine on the PXE "
+                   "LAN that routes the management subnet through this host reaches it "
+                   "(docs/network.md)", err=True)  # fmt: skip
     if max_connections < settings.max_connections:
         click.echo(f"warning: --max-connections {settings.max_connections} lowered to "
                    f"{max_connections} to fit the descriptor limit {nofile}", err=True)  # fmt: skip
@@ -216,6 +224,9 @@ def site_check(site_dir: Path) -> None:
 @click.option("--management-listen", metavar="HOST:PORT",
               help="Serve the management API, dashboard, metrics and docs here, an address on "
                    "the management network, e.g. 10.89.0.1:8443 (docs/network.md).")  # fmt: skip
+@click.option("--management-interface", metavar="IFACE",
+              help="The interface the management address is on: the management listener "
+                   "takes connections arriving there only.")  # fmt: skip
 @click.option("--tftp", metavar="ADDR:PORT",
               help="Also serve the site's tftp/ over TFTP, e.g. 192.168.1.10:69.")  # fmt: skip
 @click.option("--device", metavar="PORT", help="The device's serial line, e.g. /dev/ttyACM0.")
@@ -226,8 +237,8 @@ def site_check(site_dir: Path) -> None:
                    "the files only; no command runs.")  # fmt: skip
 @click.option("--no-systemctl", is_flag=True, help="Do not run `systemctl daemon-reload`.")
 @click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
-def install_service(site_dir, listen, management_listen, tftp, device, name, root, no_systemctl,
-                    dry_run) -> None:  # fmt: skip
+def install_service(site_dir, listen, management_listen, management_interface, tftp, device, name,
+                    root, no_systemctl, dry_run) -> None:  # fmt: skip
     """Install `bastion serve` for SITE as a systemd service.
 
     Writes the unit (its own system user, state in /var/lib/edge-bastion, ProtectSystem=strict,
@@ -251,6 +262,9 @@ def install_service(site_dir, listen, management_listen, tftp, device, name, roo
         ):
             raise SettingsError(f"--management-listen {management_listen}: the boot listener "
                                 "(--listen) has that address; the management listener needs its own")  # fmt: skip
+        if management_interface and not management_listen:
+            raise SettingsError(f"--management-interface {management_interface}: give "
+                                "--management-listen too (the address on that interface)")  # fmt: skip
         if tftp:
             parse_listen(tftp, "--tftp")
     except SettingsError as e:
@@ -274,7 +288,8 @@ def install_service(site_dir, listen, management_listen, tftp, device, name, roo
     cluster = site.settings.cluster
     cache = cluster.registry_cache if cluster is not None else None
     spec = service.ServiceSpec(site=site_dir, bastion=exe.absolute(), listen=listen,
-                               management_listen=management_listen, tftp=tftp,
+                               management_listen=management_listen,
+                               management_interface=management_interface, tftp=tftp,
                                device=device, name=name,
                                registry_cache=cache is not None and cache.serve is not None)  # fmt: skip
     root = root.absolute()

@@ -11,6 +11,8 @@ command line (or to the constructor), then the environment, then the default.
                                                          of it, or the boot endpoints only when
     --management-listen H:P    BASTION_MANAGEMENT_LISTEN the management API, dashboard, metrics
                                                          and docs listen here (bastion.api.listeners)
+    --management-interface IF  BASTION_MANAGEMENT_INTERFACE  and take connections arriving on
+                                                         this interface only (SO_BINDTODEVICE)
     --db FILE                  BASTION_DB                the event history (default: per site,
                                                          default_db_path(<site>, <site dir>))
     --history-days D           BASTION_HISTORY_DAYS      events older than this are deleted (30)
@@ -148,6 +150,12 @@ class Settings(BaseSettings):
         "dashboard, /metrics and the API docs on this HOST:PORT (an address on the management "
         "network) and only the boot endpoints on --listen (docs/network.md). Unset: --listen "
         "serves everything.", metavar="HOST:PORT")  # fmt: skip
+    management_interface: str | None = _setting(
+        "BASTION_MANAGEMENT_INTERFACE", "--management-interface", "The interface the management "
+        "listener's address is on: it then takes connections arriving there only. Without it "
+        "Linux accepts a connection to that address on any interface, so a machine on the PXE "
+        "LAN that routes the management subnet through this host reaches it.",
+        metavar="IFACE")  # fmt: skip
     # None: the site's own, default_db_path(<site name>, <site dir>), once the site is loaded
     db_path: Path | None = _setting(
         "BASTION_DB", "--db", "Event history database.", metavar="FILE", path="file",
@@ -227,6 +235,13 @@ class Settings(BaseSettings):
             return parse_listen(v, "--management-listen") if v else None
         return v
 
+    @field_validator("management_interface", mode="before")
+    @classmethod
+    def _interface(cls, v: Any) -> Any:
+        if isinstance(v, str) and v and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$", v):
+            raise SettingsError(f"--management-interface {v!r}: not an interface name")
+        return v or None
+
     @field_validator("poll_seconds")
     @classmethod
     def _poll(cls, v: float) -> float:
@@ -295,6 +310,9 @@ class Settings(BaseSettings):
                 f"--management-listen {where}: the boot listener (--listen) has that address; "
                 "the management listener needs its own"
             )
+        if self.management_interface is not None and self.management_listen is None:
+            raise SettingsError(f"--management-interface {self.management_interface}: give "
+                                "--management-listen too (the address on that interface)")  # fmt: skip
         if self.tftp_listen is not None and not (self.site_dir / "tftp").is_dir():
             where = "{}:{}".format(*self.tftp_listen)
             raise SettingsError(

@@ -124,18 +124,19 @@ def test_the_units_descriptor_limit_gives_serve_its_full_connection_cap(tmp_path
 
 def test_the_unit_serves_the_management_listener_apart(tmp_path, site):
     root = tmp_path / "root"
-    r = install(root, site, "--listen", "10.88.0.1:8080", "--management-listen", "10.89.0.1:8443")
+    r = install(root, site, "--listen", "10.88.0.1:8080", "--management-listen", "10.89.0.1:8443",
+                "--management-interface", "mgmt0")
     assert r.exit_code == 0, r.output
     unit = root / "etc/systemd/system/edge-bastion.service"
     v = verify(unit)
     assert v.returncode == 0, v.stdout + v.stderr
     exec_start = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
     assert " --listen 10.88.0.1:8080 --token-file /etc/edge-bastion/token --management-listen " \
-           "10.89.0.1:8443 --tftp" in exec_start
+           "10.89.0.1:8443 --management-interface mgmt0 --tftp" in exec_start
     # the command the unit runs takes the option as written
     argv = exec_start.removeprefix("ExecStart=").split()
     r = CliRunner().invoke(main, [*argv[1:], "--help"])
-    assert r.exit_code == 0 and "--management-listen" in r.output
+    assert r.exit_code == 0 and "--management-listen" in r.output and "--management-interface" in r.output
 
 
 def test_a_management_listener_on_the_boot_listeners_address_is_not_installed(tmp_path, site):

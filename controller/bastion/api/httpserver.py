@@ -96,9 +96,13 @@ def connection_cap(wanted: int, nofile: int, tftp_transfers: int = 0) -> int:
     return min(wanted, fits)
 
 
-def bind_listener(address: tuple[str, int], option: str) -> socket.socket:
+def bind_listener(address: tuple[str, int], option: str, interface: str | None = None) -> socket.socket:
     """A TCP socket bound to HOST:PORT, as uvicorn binds its own (SO_REUSEADDR), for a server
-    with more than one listener (bastion.api.listeners); ListenerError names the option when it cannot be bound."""
+    with more than one listener (bastion.api.listeners); ListenerError names the option when it
+    cannot be bound. `interface`: it takes connections arriving on that interface only
+    (SO_BINDTODEVICE, allowed without privileges since Linux 5.7): Linux accepts a connection to
+    a local address on any interface (the weak host model), so an address alone does not keep
+    another network's hosts out."""
     host, port = address
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
@@ -107,10 +111,13 @@ def bind_listener(address: tuple[str, int], option: str) -> socket.socket:
         raise ListenerError(f"{option} {host}:{port}: {e.strerror or e}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ListenerError(f"{option} {host}:{port}: cannot listen: {e.strerror or e}") from None
+        where = f"{option} {host}:{port}" + (f" on {interface}" if interface else "")
+        raise ListenerError(f"{where}: cannot listen: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 

@@ -94,7 +94,14 @@ def test_the_management_listener_needs_its_own_address(site_dir, monkeypatch):
     assert s.management_listen == ("10.89.0.1", 8080)
     with pytest.raises(SettingsError, match=r"--management-listen 'nope': expected HOST:PORT"):
         Settings.build(site_dir=site_dir, management_listen="nope")
+    with pytest.raises(SettingsError, match=r"--management-interface br1: give --management-listen too"):
+        Settings.build(site_dir=site_dir, management_interface="br1")
+    with pytest.raises(SettingsError, match=r"--management-interface 'a b': not an interface name"):
+        Settings.build(site_dir=site_dir, management_listen="127.0.0.1:9191", management_interface="a b")
+    monkeypatch.setenv("BASTION_MANAGEMENT_INTERFACE", "lo")
     monkeypatch.setenv("BASTION_MANAGEMENT_LISTEN", "127.0.0.1:9191")
+    assert Settings.build(site_dir=site_dir).management_interface == "lo"
+    monkeypatch.delenv("BASTION_MANAGEMENT_INTERFACE")
     assert Settings.build(site_dir=site_dir).management_listen == ("127.0.0.1", 9191)
     monkeypatch.setenv("BASTION_MANAGEMENT_LISTEN", "")
     assert Settings.build(site_dir=site_dir).management_listen is None
@@ -105,7 +112,8 @@ def test_the_management_listener_needs_its_own_address(site_dir, monkeypatch):
 
 def test_one_process_serves_both_listeners(serve, site_dir):
     mport = free_tcp_port()
-    srv = serve(site_dir, args=("--management-listen", f"127.0.0.1:{mport}"))
+    srv = serve(site_dir, args=("--management-listen", f"127.0.0.1:{mport}",
+                                "--management-interface", "lo"))
     management = f"http://127.0.0.1:{mport}"
     r = srv.get("/api/v1/machines")
     assert r.status_code == 403 and r.json()["detail"] == refusal("/api/v1/machines")
@@ -121,7 +129,13 @@ def test_one_process_serves_both_listeners(serve, site_dir):
     assert srv.get("/metadata?mac=52:54:00:12:34:09").text.count("node9") >= 1
     text = httpx.get(management + "/metrics", timeout=30).text
     assert "bastion_listener_refusals_total 2.0" in text
-    assert f"management 127.0.0.1:{mport}" in srv.log.read_text()
+    assert f"management 127.0.0.1:{mport} on lo only" in srv.log.read_text()
+    assert "without --management-interface" not in srv.log.read_text()
+
+
+def test_without_an_interface_serve_warns_that_any_interface_reaches_it(serve, site_dir):
+    srv = serve(site_dir, args=("--management-listen", f"127.0.0.1:{free_tcp_port()}"))
+    assert "warning: without --management-interface the management listener" in srv.log.read_text()
 
 
 def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
@@ -131,3 +145,6 @@ def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match=rf"--management-listen 127.0.0.1:{port}: cannot listen"):
             serve(site_dir, args=("--management-listen", f"127.0.0.1:{port}"))
+    with pytest.raises(RuntimeError, match=r"--management-listen 127.0.0.1:\d+ on nosuch0: cannot listen: No such device"):
+        serve(site_dir, args=("--management-listen", f"127.0.0.1:{free_tcp_port()}",
+                              "--management-interface", "nosuch0"))
