@@ -98,8 +98,8 @@ def serve(log_level, access_log, **given) -> None:
     )
     # httptools as uvicorn would pick, with GRUB's fixes (grubcompat) and the connection bounds
     # (httpserver); the access log without tokens
-    options = dict(log_level=log_level, access_log=access_log, http=protocol,
-                   timeout_keep_alive=httpserver.KEEP_ALIVE_S, log_config=httpserver.log_config())  # fmt: skip
+    options = {"log_level": log_level, "access_log": access_log, "http": protocol,
+               "timeout_keep_alive": httpserver.KEEP_ALIVE_S, "log_config": httpserver.log_config()}
     if sockets is None:
         uvicorn.run(app, host=host, port=port, **options)
         return
