@@ -83,6 +83,9 @@ def serve(log_level, access_log, **given) -> None:
     )
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if site.settings.networks is not None:
+        for problem in site.settings.networks.listener_problems(settings.listen, settings.management_listen):
+            click.echo(f"warning: {problem}", err=True)
     if settings.management_listen is not None and settings.management_interface is None:
         click.echo("warning: without --management-interface the management listener takes "
                    "connections to its address arriving on any interface: a machine on the PXE "
@@ -279,6 +282,11 @@ def install_service(site_dir, listen, management_listen, management_interface, t
         sys.exit(1)
     if tftp and not (site_dir / "tftp").is_dir():
         raise click.UsageError(f"--tftp {tftp}: the site has no tftp/ directory to serve")
+    if site.settings.networks is not None:
+        problems = site.settings.networks.listener_problems(
+            parse_listen(listen), parse_listen(management_listen) if management_listen else None)
+        if problems:
+            raise click.UsageError("; ".join(problems))
     exe = Path(sys.executable).parent / "bastion"
     if not exe.is_file():
         found = shutil.which("bastion")

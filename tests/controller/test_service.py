@@ -145,3 +145,22 @@ def test_a_management_listener_on_the_boot_listeners_address_is_not_installed(tm
                                   "--management-listen", "10.89.0.1:8080"])  # fmt: skip
     assert r.exit_code == 2 and "the management listener needs its own" in r.output
     assert not (tmp_path / "root").exists()
+
+
+def test_the_listeners_must_be_on_the_sites_networks(tmp_path, site):
+    with open(site / "site.yaml", "a") as f:
+        f.write("networks:\n  pxe: {subnet: 10.77.0.0/24}\n  management: {subnet: 10.79.0.0/24, vlan: 10}\n")
+
+    def install_with(*listeners):
+        return CliRunner().invoke(main, ["install-service", "--site", str(site), "--root",
+                                         str(tmp_path / "root"), *listeners])  # fmt: skip
+
+    r = install_with("--listen", "10.77.0.3:8080")
+    assert r.exit_code == 2 and "serve the management API there with --management-listen" in r.output
+    r = install_with("--listen", "10.79.0.3:8080", "--management-listen", "10.77.0.3:9090")
+    assert r.exit_code == 2
+    assert "--listen 10.79.0.3:8080 is not on site.yaml networks.pxe (10.77.0.0/24)" in r.output
+    assert "--management-listen 10.77.0.3:9090 is not on site.yaml networks.management" in r.output
+    assert not (tmp_path / "root").exists()
+    r = install_with("--listen", "10.77.0.3:8080", "--management-listen", "10.79.0.3:8080")
+    assert r.exit_code == 0, r.output

@@ -894,6 +894,25 @@ class NetworksSection(_Strict):
     def declared(self) -> list[tuple[str, Network]]:
         return [(name, getattr(self, name)) for name in NETWORK_NAMES if getattr(self, name) is not None]
 
+    def listener_problems(self, boot: tuple[str, int], management: tuple[str, int] | None) -> list[str]:
+        """What is wrong with the controller's listeners on these networks: an address off its
+        network, or a management network the management API is not served on."""
+        out = []
+        for option, where, name in (("--listen", boot, "pxe"), ("--management-listen", management, "management")):
+            net = getattr(self, name)
+            if where is None or net is None:
+                continue
+            try:
+                ip = ipaddress.ip_address(where[0])
+            except ValueError:
+                continue  # a host name
+            if not ip.is_unspecified and ip not in net.network:
+                out.append(f"{option} {where[0]}:{where[1]} is not on site.yaml networks.{name} ({net.subnet})")
+        if management is None and self.management is not None:
+            out.append(f"site.yaml declares networks.management ({self.management.subnet}): serve the "
+                       "management API there with --management-listen, not on the PXE LAN")  # fmt: skip
+        return out
+
     def of(self, address: str) -> str | None:
         """The name of the declared network `address` is in, else None."""
         ip = ipaddress.ip_address(address)

@@ -148,3 +148,12 @@ def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
     with pytest.raises(RuntimeError, match=r"--management-listen 127.0.0.1:\d+ on nosuch0: cannot listen: No such device"):
         serve(site_dir, args=("--management-listen", f"127.0.0.1:{free_tcp_port()}",
                               "--management-interface", "nosuch0"))
+
+
+def test_serve_warns_of_listeners_off_the_sites_networks(serve, site_dir):
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write("networks:\n  pxe: {subnet: 10.77.0.0/24}\n  management: {subnet: 10.79.0.0/24}\n")
+    srv = serve(site_dir)
+    log = srv.log.read_text()
+    assert f"warning: --listen 127.0.0.1:{srv.port} is not on site.yaml networks.pxe (10.77.0.0/24)" in log
+    assert "warning: site.yaml declares networks.management (10.79.0.0/24): serve the management API" in log
