@@ -84,7 +84,10 @@ def serve(log_level, access_log, **given) -> None:
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
     if site.settings.networks is not None:
-        for problem in site.settings.networks.listener_problems(settings.listen, settings.management_listen):
+        nets = site.settings.networks
+        unserved = nets.management_unserved(settings.management_listen)
+        for problem in [*nets.listener_problems(settings.listen, settings.management_listen),
+                        *([unserved] if unserved else [])]:  # fmt: skip
             click.echo(f"warning: {problem}", err=True)
     if settings.management_listen is not None and settings.management_interface is None:
         click.echo("warning: without --management-interface the management listener takes "
@@ -283,10 +286,13 @@ def install_service(site_dir, listen, management_listen, management_interface, t
     if tftp and not (site_dir / "tftp").is_dir():
         raise click.UsageError(f"--tftp {tftp}: the site has no tftp/ directory to serve")
     if site.settings.networks is not None:
-        problems = site.settings.networks.listener_problems(
-            parse_listen(listen), parse_listen(management_listen) if management_listen else None)
+        management_at = parse_listen(management_listen) if management_listen else None
+        problems = site.settings.networks.listener_problems(parse_listen(listen), management_at)
         if problems:
             raise click.UsageError("; ".join(problems))
+        unserved = site.settings.networks.management_unserved(management_at)
+        if unserved:
+            click.echo(f"note: {unserved}", err=True)
     exe = Path(sys.executable).parent / "bastion"
     if not exe.is_file():
         found = shutil.which("bastion")

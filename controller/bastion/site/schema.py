@@ -896,7 +896,7 @@ class NetworksSection(_Strict):
 
     def listener_problems(self, boot: tuple[str, int], management: tuple[str, int] | None) -> list[str]:
         """What is wrong with the controller's listeners on these networks: an address off its
-        network, or a management network the management API is not served on."""
+        network."""
         out = []
         for option, where, name in (("--listen", boot, "pxe"), ("--management-listen", management, "management")):
             net = getattr(self, name)
@@ -908,10 +908,14 @@ class NetworksSection(_Strict):
                 continue  # a host name
             if not ip.is_unspecified and ip not in net.network:
                 out.append(f"{option} {where[0]}:{where[1]} is not on site.yaml networks.{name} ({net.subnet})")
-        if management is None and self.management is not None:
-            out.append(f"site.yaml declares networks.management ({self.management.subnet}): serve the "
-                       "management API there with --management-listen, not on the PXE LAN")  # fmt: skip
         return out
+
+    def management_unserved(self, management: tuple[str, int] | None) -> str | None:
+        """What to say when the site has a management network and no management listener."""
+        if management is None and self.management is not None:
+            return (f"site.yaml declares networks.management ({self.management.subnet}): serve "
+                    "the management API there with --management-listen, not on the PXE LAN")
+        return None
 
     def of(self, address: str) -> str | None:
         """The name of the declared network `address` is in, else None."""
