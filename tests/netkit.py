@@ -1,7 +1,8 @@
 """Helpers for tests that talk to real network peers: a LAN of two network namespaces on a veth
 pair, a process whose output lines are read on a thread, the proxyDHCP differential (dnsmasq
 and the firmware each on a LAN of its own, sent the same packets), and the command lines of the
-real TFTP clients (tftp-hpa's tftp, atftp, curl, tftpy).
+real TFTP clients (tftp-hpa's tftp, atftp, curl, tftpy), and WireGuard interfaces in a namespace
+(the kernel's when it has the module, else wireguard-go).
 
 Namespaces and processes are bastion.lab.netns's: a namespace starts with only `lo`, and leaves
 with every process inside it, stopped by PID, also when the test fails.
@@ -16,13 +17,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
 import pytest
 from bastion.flash.sim import compile_firmware, micropython_bin
-from bastion.lab.netns import Namespace
+from bastion.lab.netns import LabError, Namespace
 
 HOST = "127.0.0.1"
 
@@ -83,6 +85,95 @@ class VethLan:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+# --- WireGuard in a namespace ---------------------------------------------------------------------
+
+
+def need_wireguard_tools() -> None:
+    """Skip unless wg and wg-quick (wireguard-tools) are installed."""
+    if shutil.which("wg") is None or shutil.which("wg-quick") is None:
+        pytest.skip("wg and wg-quick (wireguard-tools) are not installed; tools/setup installs them")
+
+
+# wireguard-go's control sockets: one directory for every namespace, so its interface names
+# must be unique on the machine, not only in their namespace
+WG_SOCKETS = Path("/var/run/wireguard")
+
+
+class WireguardNamespace:
+    """A network namespace with WireGuard interfaces: the kernel's, else wireguard-go's.
+
+    `add` makes a bare interface (wireguard-go started here, by PID); `quick_up` brings one up
+    from a wg-quick config with the real `wg-quick up`, which makes it the same way (the
+    kernel's when /sys/module/wireguard exists, else wireguard-go, which then runs as a daemon
+    inside the namespace: `close` stops it by PID with whatever else runs in there)."""
+
+    def __init__(self, name: str):
+        self.ns = Namespace(name)
+        self.sockets: list[Path] = []
+        try:
+            self.ns.create()
+        except LabError as e:
+            self.ns.destroy()
+            pytest.skip(f"cannot make a network namespace (root and iproute2 needed): {e}")
+
+    @staticmethod
+    def kernel_has_wireguard() -> bool:
+        return Path("/sys/module/wireguard").exists()
+
+    def add(self, name: str) -> str:
+        """Make interface `name`; returns how ("kernel" or "wireguard-go")."""
+        try:
+            self.ns.ip("link", "add", name, "type", "wireguard")
+            return "kernel"
+        except LabError as e:
+            if shutil.which("wireguard-go") is None:
+                pytest.skip(f"this kernel has no WireGuard ({e}) and wireguard-go is "
+                            "not installed (tools/debian-packages.txt has it)")  # fmt: skip
+        sock = WG_SOCKETS / f"{name}.sock"
+        proc = self.ns.start(["wireguard-go", "-f", name], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+        self.sockets.append(sock)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"wireguard-go could not make {name} (exit {proc.poll()})")
+            time.sleep(0.05)
+        return "wireguard-go"
+
+    def quick_up(self, conf: Path) -> str:
+        """`wg-quick up CONF` in here (the interface is named after the file); its output."""
+        if not self.kernel_has_wireguard() and shutil.which("wireguard-go") is None:
+            pytest.skip("this kernel has no WireGuard module and wireguard-go is not installed "
+                        "(tools/debian-packages.txt has it)")  # fmt: skip
+        self.sockets.append(WG_SOCKETS / f"{conf.stem}.sock")
+        # output to a file: a daemon that kept a pipe open would hold run() forever
+        log = conf.with_suffix(".up.log")
+        with log.open("wb") as out:
+            r = self.ns.run("wg-quick", "up", str(conf), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, timeout=60)  # fmt: skip
+        text = log.read_text()
+        assert r.returncode == 0, f"wg-quick up {conf.name}: {text}"
+        return text
+
+    def wg(self, *args: str, input: str | None = None) -> str:
+        run = self.ns.run("wg", *args, input=input, capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, f"wg {' '.join(args)}: {run.stderr}"
+        return run.stdout
+
+    def latest_handshakes(self, iface: str) -> dict[str, int]:
+        """Each peer's last handshake (seconds since the epoch; 0: never), by public key."""
+        out = {}
+        for line in self.wg("show", iface, "latest-handshakes").splitlines():
+            key, _, when = line.partition("\t")
+            out[key] = int(when)
+        return out
+
+    def close(self) -> None:
+        self.ns.destroy()  # wireguard-go stopped by PID; the links go with the namespace
+        for sock in self.sockets:
+            sock.unlink(missing_ok=True)
 
 
 class Output:

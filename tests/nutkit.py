@@ -66,11 +66,15 @@ def connect_in(ns: str):
 
 
 class NutServer:
-    """upsd on 127.0.0.1:3493 of a namespace of its own, serving UPS `ups` from dummy-ups."""
+    """upsd on 127.0.0.1:3493 of a namespace of its own, serving UPS `ups` from dummy-ups; or of
+    `ns`, a namespace someone else made (a lab's LAN, whose controller then reaches upsd on its
+    own loopback): only the two processes are stopped then, the namespace stays."""
 
-    def __init__(self, root: Path, ups: str = "eaton", port: int = 3493):
+    def __init__(self, root: Path, ups: str = "eaton", port: int = 3493,
+                 ns: Namespace | None = None):  # fmt: skip
         self.root, self.ups, self.port = root, ups, port
-        self.ns = Namespace(f"ebups{os.getpid() % 100000}")
+        self._own = ns is None
+        self.ns = ns or Namespace(f"ebups{os.getpid() % 100000}")
         self.state = root / f"{ups}.dev"
         self._mtime = time.time()
         self.upsd = None
@@ -99,7 +103,8 @@ class NutServer:
         self.write("OL", 100)
         self.env = {**os.environ, "NUT_CONFPATH": str(r), "NUT_STATEPATH": str(r),
                     "NUT_ALTPIDPATH": str(r)}  # fmt: skip
-        self.ns.create()
+        if self._own:
+            self.ns.create()
         try:
             self.ns.start([str(NUT / "dummy-ups"), "-a", self.ups, "-u", "root", "-F"],
                           name="dummy-ups", env=self.env, log=r / "dummy-ups.log")  # fmt: skip

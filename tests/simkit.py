@@ -47,9 +47,10 @@ class SimProcess:
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         self.seen_at: list[float] = []  # time.monotonic() when each of `seen` arrived
+        self.tftp_port = 69 if netns else free_udp_port()  # where a node fetches its boot file
         ports = [] if netns else [
             "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
-            "--tftp-port", str(free_udp_port())]
+            "--tftp-port", str(self.tftp_port)]
         self.proc = subprocess.Popen(
             (["ip", "netns", "exec", netns] if netns else [])
             + [str(BIN / "bastion"), "sim", "--flash", str(flash), "--listen", listen, *ports,

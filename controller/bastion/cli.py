@@ -29,6 +29,7 @@ def _register() -> None:
     from bastion.cluster import cli as cluster_cli
 
     main.add_command(cluster_cli.cluster_group)
+    main.add_command(cluster_cli.tunnel_group)
 
     from bastion import machine_cli, serve_cli
 
@@ -40,10 +41,11 @@ def _register() -> None:
 
     from bastion.logship import cli as logship_cli
     from bastion.regcache import cli as regcache_cli
+    from bastion.ups import cli as ups_cli
 
     for command in (*serve_cli.COMMANDS, *device_cli.COMMANDS, *machine_cli.COMMANDS,
                     *operator_cli.COMMANDS, *fleet_cli.COMMANDS, *logship_cli.COMMANDS,
-                    *regcache_cli.COMMANDS):
+                    *regcache_cli.COMMANDS, *ups_cli.COMMANDS):
         main.add_command(command)
 
 

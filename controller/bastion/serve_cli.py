@@ -252,7 +252,11 @@ def install_service(site_dir, listen, management_listen, management_interface, t
     user for systemd-sysusers, and an API token in /etc/edge-bastion/token unless one exists;
     then creates the user and reloads systemd. A site whose site.yaml has
     cluster.registry_cache.serve also gets NAME-registry-cache.service, which runs
-    `bastion registry-cache run` as the same user. Prints each step. Start it with
+    `bastion registry-cache run` as the same user. A site whose site.yaml has
+    cluster.wireguard.controller also gets the controller host's tunnel: its private key in the
+    service's secret store (made once), /etc/wireguard/<interface>.conf for wireguard-tools'
+    wg-quick@<interface> unit, which the controller's unit then starts after. Prints each step
+    (and the tunnel's public key, never a private one). Start it with
     `systemctl enable --now edge-bastion`.
     """
     import shutil
@@ -305,7 +309,8 @@ def install_service(site_dir, listen, management_listen, management_interface, t
                                management_listen=management_listen,
                                management_interface=management_interface, tftp=tftp,
                                device=device, name=name,
-                               registry_cache=cache is not None and cache.serve is not None)  # fmt: skip
+                               registry_cache=cache is not None and cache.serve is not None,
+                               tunnel=_tunnel(site))  # fmt: skip
     root = root.absolute()
     host = root == Path("/")
     if host and not dry_run and os.geteuid() != 0:
@@ -319,6 +324,9 @@ def install_service(site_dir, listen, management_listen, management_interface, t
         if spec.registry_cache:
             click.echo(f"\n{root / f'etc/systemd/system/{spec.cache_name}.service'} would be:\n")
             click.echo(service.cache_unit_text(spec), nl=False)
+        if spec.tunnel:
+            click.echo(f"\n{root / f'etc/wireguard/{spec.tunnel.interface}.conf'} would be:\n")
+            click.echo(spec.tunnel.config, nl=False)
         return
     try:
         service.install(steps, spec, click.echo, host)
@@ -335,6 +343,31 @@ def install_service(site_dir, listen, management_listen, management_interface, t
         if spec.registry_cache:
             click.echo(f"the registry cache: systemctl enable --now {spec.cache_name}; its log: "
                        f"journalctl -u {spec.cache_name}")  # fmt: skip
+    if spec.tunnel:
+        from bastion.state.secrets import wireguard_public_key
+
+        key = (root / spec.tunnel.key_file.lstrip("/")).read_text().strip()
+        click.echo(f"the tunnel: {spec.tunnel.interface}, public key {wireguard_public_key(key)} "
+                   "(the management side's config: bastion tunnel management-config)")  # fmt: skip
+        if host:
+            click.echo(f"start it before the controller: systemctl enable --now {spec.tunnel.unit}")
+
+
+def _tunnel(site):
+    """The controller host's tunnel for the service (site.yaml cluster.wireguard.controller), its
+    key in the service's secret store; None without one."""
+    from bastion import service
+    from bastion.cluster import tunnel
+    from bastion.state.secrets import CONTROLLER_WIREGUARD_KEY, wireguard_private_key
+
+    cluster = site.settings.cluster
+    wg = cluster.wireguard if cluster is not None else None
+    if wg is None or wg.controller is None:
+        return None
+    # the unit's XDG_STATE_HOME is /var/lib: its store is $XDG_STATE_HOME/edge-bastion/secrets/<site>
+    key_file = f"{service.STATE_DIR}/secrets/{site.name}/{CONTROLLER_WIREGUARD_KEY}"
+    return service.Tunnel(wg.controller.interface, tunnel.controller_config(wg, site.name, key_file),
+                          key_file, wireguard_private_key())  # fmt: skip
 
 
 COMMANDS = (serve, events, site_group, install_service)

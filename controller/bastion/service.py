@@ -3,6 +3,8 @@
 
     unit_text(spec)          the unit file (pure: tested with systemd-analyze verify)
     cache_unit_text(spec)    the registry cache's unit, for a site that serves one
+    Tunnel                   the controller host's WireGuard tunnel, for a site that gives it one:
+                             its wg-quick config, run by wireguard-tools' wg-quick@ unit
     sysusers_text(spec)      the user, for systemd-sysusers (sysusers.d(5))
     plan(spec, root)         what installing means: the files and the commands, in order
     install(steps)           do them (atomic writes; commands as argv, never a shell)
@@ -41,6 +43,21 @@ class ServiceError(Exception):
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    """The controller host's tunnel to the management cluster (site.yaml
+    cluster.wireguard.controller; bastion.cluster.tunnel renders `config`)."""
+
+    interface: str
+    config: str  # /etc/wireguard/<interface>.conf: its PostUp reads key_file
+    key_file: str  # the private key in the service's secret store (absolute, on the host)
+    new_key: str = field(repr=False)  # written to key_file only when there is none
+
+    @property
+    def unit(self) -> str:
+        return f"wg-quick@{self.interface}.service"
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     site: Path  # absolute
     bastion: Path  # the bastion executable the unit runs (absolute)
@@ -53,6 +70,7 @@ class ServiceSpec:
     user: str = USER
     extra: tuple[str, ...] = field(default_factory=tuple)  # more `bastion serve` options
     registry_cache: bool = False  # site.yaml cluster.registry_cache.serve: its unit too
+    tunnel: Tunnel | None = None  # site.yaml cluster.wireguard.controller
 
     @property
     def cache_name(self) -> str:
@@ -111,14 +129,22 @@ WantedBy=multi-user.target
 """
 
 
+def _after(spec: ServiceSpec) -> str:
+    if spec.tunnel is None:
+        return "Wants=network-online.target\nAfter=network-online.target"
+    # --listen may be the tunnel's address, which exists once wg-quick has run (docs/tunnel.md)
+    return (f"# the tunnel to the management cluster first: --listen may be its address\n"
+            f"Wants=network-online.target {spec.tunnel.unit}\n"
+            f"After=network-online.target {spec.tunnel.unit}")  # fmt: skip
+
+
 def unit_text(spec: ServiceSpec) -> str:
     return f"""\
 # Written by `bastion install-service`: Edge Bastion's controller for the site in {spec.site}.
 # Run `bastion install-service` again to change it (docs/controller.md, "As a service").
 [Unit]
 Description=Edge Bastion controller (site {spec.site.name})
-Wants=network-online.target
-After=network-online.target
+{_after(spec)}
 
 [Service]
 Type=exec
@@ -158,7 +184,7 @@ def cache_unit_text(spec: ServiceSpec) -> str:
     """The registry cache's unit: `bastion registry-cache run`, beside the controller's, as the
     same user with the same state directory, so that it reads the upstream credentials from the
     controller's secret store and keeps the cached images under
-    /var/lib/edge-bastion/edge-bastion/registry-cache/<site> (docs/registry-cache.md)."""
+    /var/lib/edge-bastion/registry-cache/<site> (docs/registry-cache.md)."""
     return f"""\
 # Written by `bastion install-service`: the pull-through registry cache of the site in {spec.site}
 # (site.yaml cluster.registry_cache.serve; docs/registry-cache.md).
@@ -205,6 +231,8 @@ class Step:
     data: bytes = b""
     mode: int = 0o644
     keep: bool = False  # an existing file is kept (the API token)
+    private_dirs: int = 0  # this many of its directories are made mode 0700 (a secret's)
+    service_owned: bool = False  # on the host, it and those directories are the user's
     argv: tuple[str, ...] = ()  # a command to run instead
 
 
@@ -228,6 +256,17 @@ def plan(spec: ServiceSpec, root: Path = Path("/"), systemctl: bool = True) -> l
     if spec.registry_cache:
         cache = root / f"etc/systemd/system/{spec.cache_name}.service"
         steps.insert(1, Step(f"write {cache}", cache, cache_unit_text(spec).encode()))
+    if spec.tunnel is not None:
+        t = spec.tunnel
+        key = root / t.key_file.lstrip("/")
+        conf = root / f"etc/wireguard/{t.interface}.conf"
+        steps += [
+            Step(f"make the controller host's WireGuard private key {key} (mode 0600) unless it "
+                 "exists", key, (t.new_key + "\n").encode(), 0o600, keep=True, service_owned=True,
+                 private_dirs=len(Path(t.key_file).relative_to(STATE_DIR).parts) - 1),
+            Step(f"write {conf} (its tunnel, for {t.unit}; no secret in it)", conf,
+                 t.config.encode(), 0o600, private_dirs=1),
+        ]  # fmt: skip
     if host and systemctl:
         steps.append(Step("reload systemd's units", argv=("systemctl", "daemon-reload")))
     return steps
@@ -251,11 +290,29 @@ def install(steps: list[Step], spec: ServiceSpec, echo, host: bool) -> None:
         if step.keep and step.path.exists():
             echo(f"kept {step.path} (it exists)")
             continue
+        for d in reversed(step.path.parents[: step.private_dirs]):
+            d.parent.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, exist_ok=True)
         atomic.write_bytes(step.path, step.data, mode=step.mode, keep_mode=False)
         os.chmod(step.path, step.mode)
-        if step.keep and host:
+        if step.keep and host and step.mode & 0o070:  # the token: readable by the user's group
             _chgrp(step.path, spec.user)
+        if step.service_owned and host:
+            # the secret store is the controller's: a directory of root's inside it would keep
+            # it from its own store (wg-quick, as root, reads the key all the same)
+            for path in (step.path, *step.path.parents[: step.private_dirs]):
+                _chown(path, spec.user)
         echo(f"wrote {step.path}")
+
+
+def _chown(path: Path, user: str) -> None:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ServiceError(f"no user {user} after systemd-sysusers: {path} stays root's") from None
+    os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def _chgrp(path: Path, group: str) -> None:

@@ -96,16 +96,21 @@ def test_every_command_in_the_doc_is_valid():
 @needs_peers
 def test_the_docs_quick_run_succeeds_with_no_errors_and_prints_the_ratio(tmp_path):
     quick = [args for args in doc_commands() if "--clients" in args]
-    assert quick == [["--clients", "50", "--asset-mb", "4", "--reps", "1"]]
+    assert quick == [["--clients", "50", "--asset-mb", "4", "--reps", "1", "--wrk-seconds", "1"]]
     out_json = tmp_path / "bench.json"
     cmd = bench_command(*quick[0], "--json", str(out_json))
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
     storm = re.search(
-        r"boot storm, controller: 50 clients x 5 boots, (\d+) requests .* (\d+) errors", out
+        r"boot storm, controller: 50 clients x 5 boots, 2 client processes, (\d+) requests .* (\d+) errors",
+        out,
     )
     assert storm and storm.group(1) == "500" and storm.group(2) == "0", out
+    if shutil.which("wrk"):
+        rates = re.findall(r"^  (controller|nginx) +(\d+) requests/s .* (\d+) errors", out, re.MULTILINE)
+        assert [(name, errors) for name, _, errors in rates] == [("controller", "0"), ("nginx", "0")], out
+        assert all(int(rate) > 0 for _, rate, _ in rates), out
     assert re.search(r"^asset throughput ratio controller/nginx: \d+\.\d+$", out, re.MULTILINE), out
     for check in ("full GET       ok   200", "Range          ok   206", "If-None-Match  ok   304"):
         assert f"controller {check}" in out, out
@@ -113,6 +118,7 @@ def test_the_docs_quick_run_succeeds_with_no_errors_and_prints_the_ratio(tmp_pat
     assert out.rstrip().endswith("result: ok"), out
     summary = json.loads(out_json.read_text())
     assert summary["storm"]["controller"]["errors"] == {}
+    assert summary["storm"]["controller"]["requests"] == 500
     assert summary["failed"] is False
 
 

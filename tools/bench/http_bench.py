@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import multiprocessing
 import os
 import re
 import resource
@@ -49,11 +50,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-import aiohttp
 import httpx
-import yarl
 from bastion.lab.netns import Supervisor, exited, run_with_cleanup
 
 HOST = "127.0.0.1"  # the only address this bench talks to
@@ -374,27 +374,52 @@ class StormResult:
     def rate(self) -> float:
         return self.requests / self.wall if self.wall else 0.0
 
+    def merge(self, other: StormResult) -> None:
+        for kind, values in other.latencies.items():
+            self.latencies.setdefault(kind, []).extend(values)
+        self.errors.update(other.errors)
+        self.requests += other.requests
+        self.client_cpu += other.client_cpu
 
-async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
-    # encoded=True: send the URL exactly as the script spelled it, as iPXE does.
-    async with session.get(yarl.URL(url, encoded=True), allow_redirects=False) as r:
-        return r.status, await r.text()
+
+class HttpError(Exception):
+    """The server's answer was not HTTP/1.1 as the bench client reads it."""
+
+
+async def http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
+                   target: str) -> tuple[int, bytes]:  # fmt: skip
+    """One GET on an open connection, as iPXE sends it (the target exactly as the script
+    spelled it); returns (status, body). The answer must carry Content-Length (both servers
+    send it for these small scripts), so the connection stays usable for the next request."""
+    writer.write(
+        f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: iPXE/1.21.1\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise HttpError(f"bad status line {lines[0][:40]!r}")
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if length is None:
+        raise HttpError("no Content-Length")
+    return int(parts[1]), await reader.readexactly(length)
 
 
 async def boot_once(base: str, machine: Machine, result: StormResult, timeout: float) -> None:
-    """One machine's boot: /boot.ipxe, then the /ipxe URL its chain line names, one connection."""
-    connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=timeout),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-    ) as session:
-        kind = "boot.ipxe"
-        try:
-            first = base + "/boot.ipxe"
+    """One machine's boot: a new connection, /boot.ipxe, then the /ipxe URL its chain line
+    names on the same connection, then close. The boot.ipxe latency includes the connect."""
+    parts = urlsplit(base)
+    kind = "boot.ipxe"
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
             t0 = time.perf_counter()
-            status, text = await _get(session, first)
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            status, body = await http_get(reader, writer, parts.netloc, "/boot.ipxe")
             t1 = time.perf_counter()
             result.requests += 1
             if status != 200:
@@ -402,28 +427,35 @@ async def boot_once(base: str, machine: Machine, result: StormResult, timeout: f
                 return
             result.latencies[kind].append(t1 - t0)
             try:
-                url = urljoin(first, chain_target(text, machine.ipxe_settings()))
+                url = urljoin(
+                    base + "/boot.ipxe", chain_target(body.decode(), machine.ipxe_settings())
+                )
             except ValueError as e:
                 result.errors[f"{kind}: {e}"] += 1
                 return
-            if urlsplit(url).netloc != urlsplit(base).netloc or not is_loopback_url(url):
+            if urlsplit(url).netloc != parts.netloc or not is_loopback_url(url):
                 result.errors[f"{kind}: chain leaves the server under test ({url})"] += 1
                 return
             kind = "ipxe"
+            target = urlsplit(url).path + ("?" + urlsplit(url).query if urlsplit(url).query else "")
             t0 = time.perf_counter()
-            status, text = await _get(session, url)
+            status, body = await http_get(reader, writer, parts.netloc, target)
             t1 = time.perf_counter()
             result.requests += 1
             if status != 200:
                 result.errors[f"{kind}: HTTP {status}"] += 1
                 return
+            text = body.decode(errors="replace")
             if not text.startswith("#!ipxe") or f"kernel {PROFILE_KERNEL}" not in text:
                 result.errors[f"{kind}: not the bench profile's boot script"] += 1
                 return
             result.latencies[kind].append(t1 - t0)
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            result.requests += 1
-            result.errors[f"{kind}: {type(e).__name__}"] += 1
+    except (TimeoutError, OSError, HttpError, asyncio.IncompleteReadError, ValueError) as e:
+        result.requests += 1
+        result.errors[f"{kind}: {type(e).__name__}"] += 1
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 async def client_boots(
@@ -433,31 +465,74 @@ async def client_boots(
         await boot_once(base, machine, result, timeout)
 
 
-async def storm(
-    server: Server, machines: list[Machine], boots: int, timeout: float, deadline: float
-) -> StormResult:
+async def _storm_share(base: str, machines: list[Machine], boots: int, timeout: float,
+                       deadline: float) -> StormResult:  # fmt: skip
     result = StormResult()
-    cpu0, mine0 = process_cpu_seconds(server.proc.pid), time.process_time()
-    busy0, steal0 = machine_cpu_seconds()
-    t0 = time.perf_counter()
-    tasks = [
-        asyncio.ensure_future(client_boots(server.base, m, boots, result, timeout))
-        for m in machines
-    ]
+    tasks = [asyncio.ensure_future(client_boots(base, m, boots, result, timeout)) for m in machines]
     done, pending = await asyncio.wait(tasks, timeout=deadline)
     for t in pending:
         t.cancel()
     if pending:
         await asyncio.wait(pending)
         result.errors[f"unfinished at the {deadline:.0f} s deadline (clients)"] += len(pending)
-    result.wall = time.perf_counter() - t0
-    result.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
-    result.client_cpu = time.process_time() - mine0
-    busy1, steal1 = machine_cpu_seconds()
-    result.machine_cpu, result.stolen_cpu = busy1 - busy0, steal1 - steal0
     for t in done:
         if t.exception() is not None:
             result.errors[f"client crashed: {t.exception()!r}"] += 1
+    return result
+
+
+_start: Any = None  # in a client process: the event the parent sets to start the storm
+
+
+def _client_process(start: Any) -> None:
+    global _start
+    _start = start
+    # the parent stops the pool whatever happens; a Ctrl-C prints no tracebacks from here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def storm_worker(base: str, machines: list[Machine], boots: int, timeout: float,
+                 deadline: float) -> StormResult:  # fmt: skip
+    """One client process's share of the storm (its machines, all at once), started when the
+    parent sets the start event so that every process begins together. uvloop when installed."""
+    _start.wait()
+    cpu0 = time.process_time()
+    runner = asyncio.run
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        pass
+    result = runner(_storm_share(base, machines, boots, timeout, deadline))
+    result.client_cpu = time.process_time() - cpu0
+    return result
+
+
+def storm(server: Server, machines: list[Machine], boots: int, timeout: float, deadline: float,
+          procs: int) -> StormResult:  # fmt: skip
+    """Every machine boots `boots` times, all at once, spread over `procs` client processes
+    (one Python process tops out at a few thousand requests/s: docs/benchmarks-http.md)."""
+    result = StormResult()
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    shares = [machines[i::procs] for i in range(procs) if machines[i::procs]]
+    with ctx.Pool(len(shares), initializer=_client_process, initargs=(start,)) as pool:
+        pending = [pool.apply_async(storm_worker, (server.base, share, boots, timeout, deadline))
+                   for share in shares]  # fmt: skip
+        time.sleep(0.2)  # the workers are forked and waiting
+        cpu0 = process_cpu_seconds(server.proc.pid)
+        busy0, steal0 = machine_cpu_seconds()
+        t0 = time.perf_counter()
+        start.set()
+        for p in pending:
+            result.merge(p.get(deadline + timeout + 30))
+        result.wall = time.perf_counter() - t0
+    result.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
+    busy1, steal1 = machine_cpu_seconds()
+    result.machine_cpu, result.stolen_cpu = busy1 - busy0, steal1 - steal0
     return result
 
 
@@ -567,8 +642,11 @@ def behaviour_checks(base: str, size: int, sha256: str, asset_file: Path) -> lis
     return checks
 
 
-def event_checks(db: Path, machines: list[Machine], expected_requests: int) -> list[Check]:
-    """What the controller recorded: one boot event per request, the right group per MAC."""
+def event_checks(db: Path, machines: list[Machine], expected_requests: int,
+                 wrk_requests: int = 0, in_flight: int = 0) -> list[Check]:  # fmt: skip
+    """What the controller recorded: one boot event per request, the right group per MAC.
+    wrk counts the answers it read; up to `in_flight` more (one per wrk connection) may have
+    been answered and recorded as it stopped."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         counts = dict(
@@ -585,10 +663,11 @@ def event_checks(db: Path, machines: list[Machine], expected_requests: int) -> l
     finally:
         con.close()
     total = sum(counts.values())
+    expected_requests += wrk_requests
     return [
         Check(
             "boot events recorded",
-            total == expected_requests,
+            expected_requests <= total <= expected_requests + in_flight,
             f"{total} for {expected_requests} requests ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})",
         ),
         Check(
@@ -604,9 +683,9 @@ def event_checks(db: Path, machines: list[Machine], expected_requests: int) -> l
 # --- the run -------------------------------------------------------------------------------------
 
 
-def print_storm(label: str, r: StormResult, clients: int, boots: int) -> None:
+def print_storm(label: str, r: StormResult, what: str) -> None:
     print(
-        f"\n{label}: {clients} clients x {boots} boots, {r.requests} requests in {r.wall:.2f} s "
+        f"\n{label}: {what}, {r.requests} requests in {r.wall:.2f} s "
         f"= {r.rate:.0f} requests/s, {r.error_count} errors"
     )
     for kind, values in r.latencies.items():
@@ -616,6 +695,8 @@ def print_storm(label: str, r: StormResult, clients: int, boots: int) -> None:
             f"p99 {percentile(v, 0.99) * 1000:8.1f} ms   max {max(v, default=float('nan')) * 1000:8.1f} ms"
         )
     other = max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu)
+    if r.server_cpu:
+        print(f"  server: {r.requests / r.server_cpu:.0f} requests per CPU-second")
     print(
         f"  CPU, in cores: server {r.server_cpu / r.wall:.2f}, bench client {r.client_cpu / r.wall:.2f}, "
         f"other processes {other / r.wall:.2f}, stolen {r.stolen_cpu / r.wall:.2f} "
@@ -638,6 +719,19 @@ def storm_verdict(rc: StormResult, rn: StormResult) -> str:
     return "WARNING: neither process used a full core: other load on the machine; run again"
 
 
+def load_average() -> str:
+    """The machine's load average as uptime prints it (the machine is shared: say how busy)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def wrk_summary(r: WrkResult) -> dict:
+    return {"requests": r.requests, "requests_per_s": round(r.rate, 1), "p50_ms": round(r.p50_ms, 3),
+            "requests_per_server_cpu_s": round(r.requests / r.server_cpu, 1) if r.server_cpu else None,
+            "p99_ms": round(r.p99_ms, 3), "errors": r.errors,
+            "server_cpu_share": round(r.server_cpu / r.wall, 3) if r.wall else None,
+            "client_cpu_share": round(r.client_cpu / r.wall, 3) if r.wall else None}  # fmt: skip
+
+
 def storm_summary(r: StormResult) -> dict:
     out = {
         "requests": r.requests,
@@ -645,6 +739,7 @@ def storm_summary(r: StormResult) -> dict:
         "requests_per_s": round(r.rate, 1),
         "errors": dict(r.errors),
         "server_cpu_share": round(r.server_cpu / r.wall, 3),
+        "requests_per_server_cpu_s": round(r.requests / r.server_cpu, 1) if r.server_cpu else None,
         "client_cpu_share": round(r.client_cpu / r.wall, 3),
         "other_cpu_share": round(max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu) / r.wall, 3),
         "stolen_cpu_share": round(r.stolen_cpu / r.wall, 3),
@@ -743,30 +838,113 @@ def boot_storms(b: Bench) -> tuple[StormResult, StormResult]:
     args = b.args
     warm_machines = b.machines[:20]
 
-    async def both() -> tuple[StormResult, StormResult]:
-        # Warm-up: the first requests fill caches on both sides; not counted.
+    async def warm_up() -> StormResult:
+        # The first requests fill caches on both sides; not counted.
         warm = StormResult()
         for server in (b.controller, b.nginx):
             for m in warm_machines:
                 await boot_once(server.base, m, warm, args.timeout)
-        if warm.error_count:
-            print(f"warm-up errors: {dict(warm.errors)}")
-        rc = await storm(b.controller, b.machines, args.boots, args.timeout, args.deadline)
-        rn = await storm(b.nginx, b.machines, args.boots, args.timeout, args.deadline)
-        return rc, rn
+        return warm
 
-    rc, rn = asyncio.run(both())
-    b.warmup_requests += 2 * len(warm_machines)
-    print_storm("boot storm, controller", rc, args.clients, args.boots)
-    print_storm(
-        "boot storm, nginx with canned scripts (the load generator's ceiling)",
-        rn,
-        args.clients,
-        args.boots,
-    )
+    warm = asyncio.run(warm_up())
+    if warm.error_count:
+        print(f"warm-up errors: {dict(warm.errors)}")
+    b.warmup_requests += warm.requests // 2
+    rc = storm(b.controller, b.machines, args.boots, args.timeout, args.deadline, args.client_procs)
+    rn = storm(b.nginx, b.machines, args.boots, args.timeout, args.deadline, args.client_procs)
+    what = f"{args.clients} clients x {args.boots} boots, {args.client_procs} client processes"
+    print_storm("boot storm, controller", rc, what)
+    print_storm("boot storm, nginx with canned scripts (the load generator's ceiling)", rn, what)
     b.failed |= rc.error_count > 0
     share = rc.rate / rn.rate if rn.rate else float("nan")
     print(f"  controller rate / load generator's ceiling: {share:.2f}; {storm_verdict(rc, rn)}")
+    return rc, rn
+
+
+# --- wrk: the steady rate of /ipxe on kept-alive connections ------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int = 0
+    rate: float = 0.0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    errors: int = 0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    wall: float = 0.0
+
+
+_WRK_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """wrk's --latency report: requests, Requests/sec, the 50% and 99% lines, and the error
+    lines (socket errors, Non-2xx); raises ValueError on text that is not one."""
+    r = WrkResult()
+    m = re.search(r"^\s*(\d+) requests in", out, re.MULTILINE)
+    rate = re.search(r"^Requests/sec:\s*([\d.]+)", out, re.MULTILINE)
+    if not m or not rate:
+        raise ValueError(f"not a wrk report: {out[-300:]!r}")
+    r.requests, r.rate = int(m.group(1)), float(rate.group(1))
+    for q, attr in (("50", "p50_ms"), ("99", "p99_ms")):
+        line = re.search(rf"^\s*{q}(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE)
+        if line:
+            setattr(r, attr, float(line.group(1)) * _WRK_UNIT[line.group(2)])
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        r.errors += sum(int(x) for x in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        r.errors += int(non2xx.group(1))
+    return r
+
+
+def run_wrk(b: Bench, server: Server, target: str) -> WrkResult:
+    args = b.args
+    cmd = [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.wrk_connections),
+           "-d", f"{args.wrk_seconds}s", "--latency", server.base + target]  # fmt: skip
+    cpu0 = process_cpu_seconds(server.proc.pid)
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=args.wrk_seconds + 60, check=False
+    )
+    wall = time.perf_counter() - t0
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = parse_wrk(out.stdout)
+    r.wall = wall
+    r.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
+    r.client_cpu = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+    return r
+
+
+def wrk_rates(b: Bench) -> tuple[WrkResult, WrkResult] | None:
+    """/ipxe for one machine, the same URL over and over on kept-alive connections, against the
+    controller and against nginx's canned copy: the controller's steady rate and wrk's ceiling."""
+    if not b.args.wrk:
+        print("\nwrk: not installed (tools/debian-packages.txt lists it); skipped")
+        return None
+    m = b.machines[0]
+    target = "/" + chain_target((b.tmp / "canned" / "boot.ipxe").read_text(), m.ipxe_settings())
+    a = b.args
+    print(f"\nwrk, {a.wrk_connections} connections, {a.wrk_threads} thread(s), {a.wrk_seconds} s each, "
+          f"GET {target[:60]}...:")  # fmt: skip
+    rc = run_wrk(b, b.controller, target)
+    rn = run_wrk(b, b.nginx, target)
+    for name, r in (("controller", rc), ("nginx", rn)):
+        print(f"  {name:<10} {r.rate:9.0f} requests/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  "
+              f"{r.errors} errors  CPU, in cores: server {r.server_cpu / r.wall:.2f}, "
+              f"wrk {r.client_cpu / r.wall:.2f}")  # fmt: skip
+    b.failed |= rc.errors > 0
+    print(
+        f"  controller rate / nginx (wrk's ceiling): {rc.rate / rn.rate if rn.rate else float('nan'):.3f}"
+    )
+    # on a shared machine the controller gets a part of a core: its cost per request is the
+    # figure that the other work moves least (one process: at most one core)
+    per_cpu = rc.requests / rc.server_cpu if rc.server_cpu else float("nan")
+    print(f"  controller: {per_cpu:.0f} requests per CPU-second ({1e6 / per_cpu:.0f} us each)")
     return rc, rn
 
 
@@ -812,9 +990,15 @@ def downloads(b: Bench) -> tuple[float, dict[str, list[float]]]:
     return ratio, speeds
 
 
-def check_events(b: Bench, rc: StormResult) -> None:
+def check_events(b: Bench, rc: StormResult, wrk_requests: int) -> None:
     print("\nwhat the controller recorded:")
-    for c in event_checks(b.tmp / "events.db", b.machines, rc.requests + b.warmup_requests):
+    for c in event_checks(
+        b.tmp / "events.db",
+        b.machines,
+        rc.requests + b.warmup_requests,
+        wrk_requests,
+        b.args.wrk_connections if wrk_requests else 0,
+    ):
         print(f"  {c.name:<22} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
         b.failed |= not c.ok
 
@@ -822,9 +1006,12 @@ def check_events(b: Bench, rc: StormResult) -> None:
 def run(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> int:
     b = start_servers(args, tmp, procs)
     check_assets(b)
+    print(f"load: {load_average()}")
+    wrk = wrk_rates(b)
     rc, rn = boot_storms(b)
     ratio, speeds = downloads(b)
-    check_events(b, rc)
+    check_events(b, rc, wrk[0].requests if wrk else 0)
+    print(f"load: {load_average()}")
     if args.json:
         summary = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -833,6 +1020,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> int:
             "boots": args.boots,
             "asset_mib": b.asset_bytes / MIB,
             "storm": {"controller": storm_summary(rc), "nginx": storm_summary(rn)},
+            "wrk": {"controller": wrk_summary(wrk[0]), "nginx": wrk_summary(wrk[1])}
+            if wrk
+            else None,
             "download_mib_per_s": {k: [round(s / MIB, 1) for s in v] for k, v in speeds.items()},
             "asset_ratio_controller_over_nginx": round(ratio, 4),
             "failed": b.failed,
@@ -881,6 +1071,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--curl", default=shutil.which("curl") or "/usr/bin/curl", help="the curl binary"
     )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=2,
+        help="client processes that share the boot storm's clients (default 2)",
+    )
+    p.add_argument(
+        "--wrk",
+        default=shutil.which("wrk") or "",
+        help="the wrk binary (default: wrk on PATH; none: the wrk phase is skipped)",
+    )
+    p.add_argument("--wrk-seconds", type=int, default=10, help="seconds per wrk run (default 10)")
+    p.add_argument("--wrk-connections", type=int, default=50, help="wrk's connections (default 50)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, site, DB)"
@@ -892,9 +1096,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run the controller under cProfile and write its profile to FILE",
     )
     args = p.parse_args(argv)
-    for name in ("clients", "boots", "reps"):
+    for name in (
+        "clients",
+        "boots",
+        "reps",
+        "client_procs",
+        "wrk_seconds",
+        "wrk_connections",
+        "wrk_threads",
+    ):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.mac_groups < 0:
         p.error("--mac-groups must not be negative")
     if args.asset_mb <= 0:

@@ -1,8 +1,13 @@
-"""The dashboard: one page, server-rendered with Jinja2 and kept live by polling the JSON API.
+"""The dashboard: pages server-rendered with Jinja2 (templates/) and kept live by polling the
+JSON API; plain JavaScript, nothing from another origin (docs/dashboard.md).
 
-Read-only and public like the API's reads (it shows nothing the open endpoints do not): the
-site, its machines with their status (the operator's: Off, Powering, Booting (step), ...),
-relay and last boot step, the device's relays, and the event history as it grows. Switching power stays behind the token (CLI or API).
+The pages are public like the API's reads and show nothing the open endpoints do not: the site
+page (/dashboard: machines with their status, relay and last step, the cluster's servers and
+agents, the device's health, the events filtered by machine and kind) and one page per machine
+(/dashboard/machines/{name}: its boot timeline, where it stands, its events, a link to its
+console). Switching power is done by the page's script with the API token the person typed,
+kept in the tab's sessionStorage and sent as a bearer header: the API decides, the page shows
+its answer (a refusal's own words).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from pathlib import Path
 
 import anyio
 import jinja2
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from bastion import __version__
@@ -24,23 +29,49 @@ _env = jinja2.Environment(
     autoescape=True,  # machine names, labels and event payloads come from files and nodes
     undefined=jinja2.StrictUndefined,
 )
+# The kinds offered by the events filter, besides any seen lately (the API takes any kind).
+KINDS = ("asset", "boot", "callback", "dhcp", "heap", "heartbeat", "install", "operator", "power",
+         "power_request", "site", "tftp", "ups", "watchdog")  # fmt: skip
+
+
+# The pages' scripts hold the API token once a person logs in: they may talk to this controller
+# only (connect-src), load nothing from elsewhere, and may not be framed by another site (a
+# power button clicked through someone else's page).
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
+
+
+def _page(template: str, runtime, site, **values) -> HTMLResponse:
+    html = _env.get_template(template).render(
+        version=__version__, site=site, device=runtime.device is not None,
+        generation=runtime.holder.generation, **values,
+    )  # fmt: skip
+    return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
+                                       "Cache-Control": "no-store"})  # fmt: skip
 
 
 @router.get("/", include_in_schema=False)
 @router.get("/dashboard", response_class=HTMLResponse, summary="The dashboard (HTML)")
 async def dashboard(request: Request, runtime: RuntimeDep, site: SiteDep) -> HTMLResponse:
     last: dict[str, dict] = {}
-    for e in runtime.store.query(limit=500):  # newest first: the first seen is the latest
+    recent = runtime.store.query(limit=500)
+    for e in recent:  # newest first: the first seen is the latest
         if e.machine and e.machine not in last:
             last[e.machine] = e.as_dict()
-    events = [e.as_dict() for e in runtime.store.query(limit=50)]
+    kinds = sorted(set(KINDS) | {e.kind for e in recent})
+    events = [e.as_dict() for e in recent[:50]]
     status: dict[str, dict] = {}
     if runtime.operator is not None:  # where each machine stands (bastion.operator)
         view = await anyio.to_thread.run_sync(runtime.operator.view)
         status = {m["name"]: m["status"] for m in view["machines"]}
-    html = _env.get_template("dashboard.html").render(
-        version=__version__, site=site, machines=site.machines, last=last, events=events,
-        device=runtime.device is not None, generation=runtime.holder.generation,
-        broken=runtime.holder.last_error, status=status,
-    )
-    return HTMLResponse(html)
+    return _page("dashboard.html", runtime, site, machines=site.machines, last=last, events=events,
+                 kinds=kinds, broken=runtime.holder.last_error, status=status)
+
+
+@router.get("/dashboard/machines/{name}", response_class=HTMLResponse,
+            summary="One machine's page: boot timeline, status, events (HTML)")  # fmt: skip
+async def machine_page(name: str, runtime: RuntimeDep, site: SiteDep) -> HTMLResponse:
+    m = site.machine(name)
+    if m is None:
+        raise HTTPException(404, f"no machine {name!r} in machines.yaml")
+    return _page("machine.html", runtime, site, m=m)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -56,16 +59,47 @@ class Runtime:
     _ordered: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     ups: UpsWatch | None = None  # bastion.ups: the UPS watch and the power-cut policy
 
+    # set by create_app: the boot endpoints' events, committed a batch at a time (GroupCommit)
+    group_commit: GroupCommit | None = field(default=None, repr=False, compare=False)
+
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that
         ties an address to a machine names that address's recent steps too."""
         now = time.time()
+        fields = self._prepared(kind, fields, now)
+        (event_id,) = self.commit_events([(kind, fields)])
+        self._recorded(kind, fields, event_id, now)
+        return event_id
+
+    async def record_batched(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        """record() for each (kind, fields), from a request on the event loop: the events join
+        the batch that the loop commits next, with every other request's of the same turn, and
+        this returns once that batch is committed (so an answer sent afterwards is for an event
+        that is in the history, whatever happens to the process next)."""
+        if self.group_commit is None:
+            return [self.record(kind, **fields) for kind, fields in events]
+        now = time.time()
+        prepared = [(kind, self._prepared(kind, fields, now)) for kind, fields in events]
+        ids = await self.group_commit.commit(prepared)
+        for (kind, fields), event_id in zip(prepared, ids):
+            self._recorded(kind, fields, event_id, now)
+        return ids
+
+    def _prepared(self, kind: str, fields: dict[str, Any], now: float) -> dict[str, Any]:
         fields = self.addresses.attribute(kind, fields, now)
         fields.setdefault("ts", now)
+        return fields
+
+    def commit_events(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        """One transaction for all of `events`; each shipped in the order of its id."""
         with self._ordered:
-            event_id = self.store.record(kind, **fields)
+            ids = self.store.record_many(events)
             if self.logship is not None:  # an append to each target's inbox: never waits
-                self.logship.offer(_shipped(event_id, kind, fields))
+                for event_id, (kind, fields) in zip(ids, events):
+                    self.logship.offer(_shipped(event_id, kind, fields))
+        return ids
+
+    def _recorded(self, kind: str, fields: dict[str, Any], event_id: int, now: float) -> None:
         self.metrics.events.labels(kind=kind).inc()
         news = self.addresses.learn(kind, fields, now)
         if news is not None:
@@ -74,7 +108,51 @@ class Runtime:
                                  after_id=max(0, event_id - 10000))  # fmt: skip
         if self.operator is not None:
             self.operator.saw(kind)
-        return event_id
+
+
+class GroupCommit:
+    """Group commit for the requests of one event loop: the events that requests hand over
+    during one turn of the loop go into the history in one transaction, at the end of that turn
+    (one WAL write instead of one per event: docs/benchmarks-http.md). A request waits for its
+    batch and answers after it, so what "acknowledged" means does not change: an answered boot
+    request's event is committed. A batch that fails fails every request in it (a 500), as one
+    failed insert did. Only for the loop's own thread; other threads call Runtime.record."""
+
+    def __init__(self, commit: Callable[[list[tuple[str, dict[str, Any]]]], list[int]]):
+        self._commit = commit
+        # per event loop (tests may run the app in more than one): what waits for its next batch
+        self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[list[tuple[str, dict[str, Any]]],
+                                                             asyncio.Future[list[int]]]]] = {}  # fmt: skip
+        self.batches = 0  # transactions so far
+        self.events = 0  # events in them
+
+    async def commit(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[int]] = loop.create_future()
+        waiting = self._waiting.setdefault(loop, [])
+        if not waiting:
+            # after the callbacks already due this turn: the other requests read in it
+            loop.call_soon(self._flush, loop)
+        waiting.append((events, done))
+        return await done
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiting = self._waiting.pop(loop, [])
+        batch = [event for events, _ in waiting for event in events]
+        try:
+            ids = self._commit(batch)
+        except Exception as e:  # noqa: BLE001 - every waiter gets the error
+            for _, done in waiting:
+                if not done.done():
+                    done.set_exception(e)
+            return
+        self.batches += 1
+        self.events += len(batch)
+        at = 0
+        for events, done in waiting:
+            if not done.done():  # a request cancelled meanwhile (its client left): still stored
+                done.set_result(ids[at : at + len(events)])
+            at += len(events)
 
 
 def _shipped(event_id: int, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -167,3 +245,16 @@ async def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request)
 
 
 BootRequestDep = Annotated[BootRequest, Depends(get_boot_request)]
+
+
+def boot_context(request: Request) -> tuple[Runtime, Site, BootRequest]:
+    """What RuntimeDep, SiteDep and BootRequestDep give a handler, without FastAPI's dependency
+    solving: for the boot endpoints every machine asks (bastion.api.boot)."""
+    runtime: Runtime = request.app.state.runtime
+    site = runtime.holder.site  # one read per request, as get_site
+    query = request.scope.get("query_string", b"")
+    labels = match.labels_from_pairs(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+    client = request.scope.get("client")
+    return runtime, site, BootRequest(labels=labels, raw_query=query.decode("latin-1"),
+                                      base_url=base_url(runtime, site, request),
+                                      client=client[0] if client else None)  # fmt: skip

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import apply_or_422, current_yaml
+from bastion.state import boottrace
 from bastion.state.install import Installed
 from bastion.render.config import RenderError, SecretsRequired, render_ignition
 from bastion.model import BootRequest, Machine, Site
@@ -226,3 +227,42 @@ def delete_machine(name: str, runtime: RuntimeDep, _: AdminDep) -> None:
         raise HTTPException(404, f"no machine {name!r} in machines.yaml")
     doc["machines"] = machines
     apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
+
+
+class StepOut(BaseModel):
+    t: float  # seconds since the boot's first step
+    ts: float
+    stage: str
+    detail: str
+    event: int  # the event it was read from (GET /api/v1/events)
+
+
+class TimelineOut(BaseModel):
+    machine: str
+    since: str  # "power-on": from the device's last power-on; "events": no power-on recorded
+    started_at: float | None
+    steps: list[StepOut]
+
+
+TIMELINE_EVENTS = 5000  # at most this many events read after the power-on (steps past it are left out)
+
+
+def boot_timeline(store, machine: Machine) -> TimelineOut:
+    """The machine's latest boot (bastion.state.boottrace): every event from the device's last
+    power-on of it; without one (no relay, or none recorded yet), from its own recent events."""
+    since, events = "events", [e.as_dict() for e in reversed(store.query(machine=machine.name, limit=200))]
+    for e in store.query(kind="power", machine=machine.name, limit=50):  # newest first
+        if e.source == "device" and e.payload.get("state") == "on":
+            since, events = "power-on", [x.as_dict() for x in store.query(after=e.id - 1, limit=TIMELINE_EVENTS)]
+            break
+    steps = boottrace.timeline(events, machine.mac or "", machine.name, from_power=since == "power-on")
+    return TimelineOut(
+        machine=machine.name, since=since, started_at=steps[0].event["ts"] if steps else None,
+        steps=[StepOut(t=s.t, ts=s.event["ts"], stage=s.stage, detail=s.detail, event=s.event["id"])
+               for s in steps],
+    )  # fmt: skip
+
+
+@router.get("/{name}/timeline", summary="The machine's latest boot, step by step (from the events)")
+def machine_timeline(name: str, site: SiteDep, runtime: RuntimeDep) -> TimelineOut:
+    return boot_timeline(runtime.store, _machine(site, name))

@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI
 from bastion import __version__
 from bastion.api import (assets, boot, dashboard, device, events, groups, journal, machines,
                          operator, profiles, system, ups)  # fmt: skip
-from bastion.api.deps import Runtime
+from bastion.api.deps import GroupCommit, Runtime
 from bastion.api.listeners import ListenerSplit, boot_path_patterns
 from bastion.api.limits import BodyLimits
 from bastion.boot import Provisioning
@@ -76,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = EventStore(db_path, max_events=settings.history_events,
                        max_age_s=settings.history_days * 86400)  # fmt: skip
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
+    runtime.group_commit = GroupCommit(runtime.commit_events)
     runtime_box.append(runtime)
     # logs off-site (site.yaml logs:): a queue per target beside the history, events.logship/
     runtime.logship = Shipper(Path(db_path).parent / f"{Path(db_path).stem}.logship", metrics,
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.runtime = runtime
     # before the routes: a body is refused by its size and sender before anything reads it
     app.add_middleware(BodyLimits, runtime=runtime)
+    app.add_middleware(boot.BootFastPath)  # added last: the outermost of ours
     app.include_router(boot.router)
     app.include_router(assets.router)
     app.include_router(system.router)
@@ -161,7 +163,8 @@ def create_app(settings: Settings) -> FastAPI:
         api.include_router(module.router)
     app.include_router(api)
     if settings.management_listen is not None:
-        # outermost: a management path on the boot listener is refused before anything else
+        # outermost, around BootFastPath: a management path on the boot listener is refused
+        # before anything else
         boot_routes = [*boot.router.routes, *assets.router.routes, *journal.router.routes]
         app.add_middleware(ListenerSplit, management=settings.management_listen,
                            boot_paths=boot_path_patterns(boot_routes),

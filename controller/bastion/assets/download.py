@@ -97,6 +97,22 @@ def exclusive(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def fetching(site: Path, client: httpx.Client | None) -> Iterator[tuple[Path, httpx.Client]]:
+    """A fetch's workspace and HTTP client: the site's var/assets-fetch/ (made if missing), locked
+    against another `bastion assets fetch` for the site, and `client`, or, when none is given, a
+    new one that is closed on the way out (a given client stays the caller's to close)."""
+    work = site / "var" / "assets-fetch"
+    work.mkdir(parents=True, exist_ok=True)
+    http = client or new_client()
+    try:
+        with exclusive(work / ".lock"):
+            yield work, http
+    finally:
+        if client is None:
+            http.close()
+
+
 def get_small(client: httpx.Client, url: str) -> bytes | None:
     """The body of a small file, None on 404; FetchError on anything else."""
     try:

@@ -64,10 +64,9 @@ from bastion.assets.download import (
     Reporter,
     SilentReporter,
     TransferInterrupted,  # noqa: F401  (re-exported: callers catch it from here too)
-    new_client,
-)
+    )
 from bastion.assets.download import download_resumable as _download_resumable
-from bastion.assets.download import exclusive as _exclusive
+from bastion.assets.download import fetching as _fetching
 from bastion.assets.download import get_small as _get_small
 from bastion.assets.download import meta_path as _meta_path
 from bastion.assets.download import sha256_of as _sha256_of
@@ -234,44 +233,38 @@ def fetch_flatcar(
     arch_url = req.arch_url()
     site = Path(req.site)
     assets = site / "assets"
-    work = site / "var" / "assets-fetch"
-    work.mkdir(parents=True, exist_ok=True)
-    own_client = client is None
-    if client is None:
-        client = new_client()
-    try:
-        if req.version is not None and not _VERSION_RE.fullmatch(req.version):
-            raise FetchError(f"--version {req.version!r}: not a Flatcar version such as 3815.2.2")
-        with _exclusive(work / ".lock"), _Trust(assets, req.key, client, reporter) as trust:
-            version = _resolve_version(client, arch_url, req.version)
-            release_url = urljoin(arch_url, f"{version}/")
-            kept = _already_there(req, assets, version, trust)
-            if kept is not None:
-                reporter.note(
-                    f"Flatcar {req.channel} {req.arch} {version} is already in {kept.release_dir} "
-                    "and its files still verify; nothing downloaded"
-                )
-                return kept
-            staging = work / "flatcar" / req.channel / req.arch / version
-            staging.mkdir(parents=True, exist_ok=True)
-            reporter.note(f"Flatcar {req.channel} {req.arch} {version} from {release_url}")
-            staged = []
-            try:
-                for f in FLATCAR_PXE_FILES:
-                    staged.append(_stage_one(client, trust, release_url, staging, f, reporter))
-            except (SignatureMissing, SignatureRefused):
-                # The release is not trustworthy as served: nothing of it stays, not even the
-                # parts of other files that did verify.
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            result = _publish(req, assets, version, release_url, staged, now, trust.stored)
+    if req.version is not None and not _VERSION_RE.fullmatch(req.version):
+        raise FetchError(f"--version {req.version!r}: not a Flatcar version such as 3815.2.2")
+    with (
+        _fetching(site, client) as (work, client),
+        _Trust(assets, req.key, client, reporter) as trust,
+    ):
+        version = _resolve_version(client, arch_url, req.version)
+        release_url = urljoin(arch_url, f"{version}/")
+        kept = _already_there(req, assets, version, trust)
+        if kept is not None:
+            reporter.note(
+                f"Flatcar {req.channel} {req.arch} {version} is already in {kept.release_dir} "
+                "and its files still verify; nothing downloaded"
+            )
+            return kept
+        staging = work / "flatcar" / req.channel / req.arch / version
+        staging.mkdir(parents=True, exist_ok=True)
+        reporter.note(f"Flatcar {req.channel} {req.arch} {version} from {release_url}")
+        staged = []
+        try:
+            for f in FLATCAR_PXE_FILES:
+                staged.append(_stage_one(client, trust, release_url, staging, f, reporter))
+        except (SignatureMissing, SignatureRefused):
+            # The release is not trustworthy as served: nothing of it stays, not even the
+            # parts of other files that did verify.
             shutil.rmtree(staging, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.removedirs(staging.parent)  # empty parents only; .lock keeps work/
-            return result
-    finally:
-        if own_client:
-            client.close()
+            raise
+        result = _publish(req, assets, version, release_url, staged, now, trust.stored)
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.removedirs(staging.parent)  # empty parents only; .lock keeps work/
+        return result
 
 
 class _Trust:

@@ -49,10 +49,9 @@ from bastion.assets.download import (
     Reporter,
     SilentReporter,
     download_resumable,
-    exclusive,
+    fetching,
     get_small,
     meta_path,
-    new_client,
     sha256_of,
     unlink,
 )
@@ -151,25 +150,17 @@ def fetch_k3s(
     release_url = req.release_url()
     site = Path(req.site)
     assets = site / "assets"
-    work = site / "var" / "assets-fetch"
-    work.mkdir(parents=True, exist_ok=True)
-    own_client = client is None
-    client = client or new_client()
-    try:
-        with exclusive(work / ".lock"):
-            staging = work / "k3s" / req.version
-            staging.mkdir(parents=True, exist_ok=True)
-            files = []
-            for arch in dict.fromkeys(req.arches):
-                files.append(_one(client, req, release_url, assets, staging, arch, reporter))
-            result = _publish(req, assets, release_url, files, now)
-            shutil.rmtree(staging, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.removedirs(staging.parent)  # empty parents only; .lock keeps work/
-            return result
-    finally:
-        if own_client:
-            client.close()
+    with fetching(site, client) as (work, client):
+        staging = work / "k3s" / req.version
+        staging.mkdir(parents=True, exist_ok=True)
+        files = []
+        for arch in dict.fromkeys(req.arches):
+            files.append(_one(client, req, release_url, assets, staging, arch, reporter))
+        result = _publish(req, assets, release_url, files, now)
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.removedirs(staging.parent)  # empty parents only; .lock keeps work/
+        return result
 
 
 def _one(client: httpx.Client, req: K3sRequest, release_url: str, assets: Path, staging: Path,

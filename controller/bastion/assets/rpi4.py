@@ -64,9 +64,8 @@ from bastion.assets.download import (
     Reporter,
     SilentReporter,
     download_resumable,
-    exclusive,
+    fetching,
     meta_path,
-    new_client,
     sha256_of,
     unlink,
 )
@@ -430,92 +429,84 @@ def fetch_rpi4_uefi(
         _check_target(tftp, d)
 
     assets = site / "assets" / "rpi4-uefi"
-    work = site / "var" / "assets-fetch"
-    work.mkdir(parents=True, exist_ok=True)
-    staging = work / "rpi4-uefi" / tag
-    own_client = client is None
-    client = client or new_client()
-    try:
-        with exclusive(work / ".lock"):
-            for d in dirs:  # again, under the lock
-                _check_target(tftp, d)
-            stored = assets / "sha256" / expected
-            downloaded = sha256_of(stored) != expected
-            staging.mkdir(parents=True, exist_ok=True)
-            if downloaded:
-                reporter.note(f"pftf/RPi4 {tag} from {url}")
-                archive = staging / f"{name}.part"
-                download_resumable(client, url, archive, name, reporter)
-                actual = sha256_of(archive)
-                if actual != expected:
-                    _discard(staging)
-                    raise ChecksumRefused(
-                        f"{name}: refused: its SHA-256 is {actual}, not the {sha_source} "
-                        f"{expected} of pftf/RPi4 {tag} (corrupted or tampered with, or not "
-                        "that release); the download was deleted and nothing was installed"
-                    )
-            else:
-                archive = stored
-                reporter.note(
-                    f"pftf/RPi4 {tag}: the stored archive still matches its checksum; "
-                    "nothing downloaded"
+    with fetching(site, client) as (work, client):
+        staging = work / "rpi4-uefi" / tag
+        for d in dirs:  # again, under the lock
+            _check_target(tftp, d)
+        stored = assets / "sha256" / expected
+        downloaded = sha256_of(stored) != expected
+        staging.mkdir(parents=True, exist_ok=True)
+        if downloaded:
+            reporter.note(f"pftf/RPi4 {tag} from {url}")
+            archive = staging / f"{name}.part"
+            download_resumable(client, url, archive, name, reporter)
+            actual = sha256_of(archive)
+            if actual != expected:
+                _discard(staging)
+                raise ChecksumRefused(
+                    f"{name}: refused: its SHA-256 is {actual}, not the {sha_source} "
+                    f"{expected} of pftf/RPi4 {tag} (corrupted or tampered with, or not "
+                    "that release); the download was deleted and nothing was installed"
                 )
-            tree = staging / "tree"
-            shutil.rmtree(tree, ignore_errors=True)
-            try:
-                members = check_archive(archive, name)
-                unpack(archive, name, members, tree)
-                cfg_path = tree / "config.txt"
-                archive_cfg = (
-                    cfg_path.read_bytes().decode("utf-8", errors="replace")
-                    if cfg_path.exists()
-                    else None
-                )
-                text, cfg_note = config_txt(archive_cfg, tag)
-                if text != archive_cfg:
-                    unlink(cfg_path)
-                    cfg_path.write_text(text)
-            except FetchError:
-                _discard(staging)  # a stored archive stays: it matched its checksum
-                raise
-            files = _file_list(tree)
-            fetched_at = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
-            stamp = fetched_at.isoformat().replace("+00:00", "Z")
-            marker = {
-                "schema": 1,
-                "firmware": "rpi4-uefi",
-                "version": tag,
-                "archive_sha256": expected,
-                "fetched_at": stamp,
-                "files": files,
-            }
-            for f in tree.rglob("*"):
-                if f.is_file():
-                    os.chmod(f, 0o444)
-            for d in dirs:
-                _install(tree, tftp, d, marker)
-            archive_path, manifest_path, manifest = _store(
-                assets, tag, name, url, archive, downloaded, expected, sha_source, stamp, files,
-                cfg_note, dirs,
-            )  # fmt: skip
-            _discard(staging)
-            return Rpi4Result(
-                version=tag,
-                url=url,
-                sha256=expected,
-                sha256_source=sha_source,
-                downloaded=downloaded,
-                archive_path=archive_path,
-                manifest_path=manifest_path,
-                manifest=manifest,
-                dirs=dirs,
-                files=files,
-                config_txt=cfg_note,
-                notes=notes,
+        else:
+            archive = stored
+            reporter.note(
+                f"pftf/RPi4 {tag}: the stored archive still matches its checksum; "
+                "nothing downloaded"
             )
-    finally:
-        if own_client:
-            client.close()
+        tree = staging / "tree"
+        shutil.rmtree(tree, ignore_errors=True)
+        try:
+            members = check_archive(archive, name)
+            unpack(archive, name, members, tree)
+            cfg_path = tree / "config.txt"
+            archive_cfg = (
+                cfg_path.read_bytes().decode("utf-8", errors="replace")
+                if cfg_path.exists()
+                else None
+            )
+            text, cfg_note = config_txt(archive_cfg, tag)
+            if text != archive_cfg:
+                unlink(cfg_path)
+                cfg_path.write_text(text)
+        except FetchError:
+            _discard(staging)  # a stored archive stays: it matched its checksum
+            raise
+        files = _file_list(tree)
+        fetched_at = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+        stamp = fetched_at.isoformat().replace("+00:00", "Z")
+        marker = {
+            "schema": 1,
+            "firmware": "rpi4-uefi",
+            "version": tag,
+            "archive_sha256": expected,
+            "fetched_at": stamp,
+            "files": files,
+        }
+        for f in tree.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o444)
+        for d in dirs:
+            _install(tree, tftp, d, marker)
+        archive_path, manifest_path, manifest = _store(
+            assets, tag, name, url, archive, downloaded, expected, sha_source, stamp, files,
+            cfg_note, dirs,
+        )  # fmt: skip
+        _discard(staging)
+        return Rpi4Result(
+            version=tag,
+            url=url,
+            sha256=expected,
+            sha256_source=sha_source,
+            downloaded=downloaded,
+            archive_path=archive_path,
+            manifest_path=manifest_path,
+            manifest=manifest,
+            dirs=dirs,
+            files=files,
+            config_txt=cfg_note,
+            notes=notes,
+        )
 
 
 def _discard(staging: Path) -> None:

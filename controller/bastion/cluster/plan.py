@@ -11,7 +11,8 @@ The first server in machines.yaml order (or the one with `k3s: {init: true}`) st
 with --cluster-init; the other servers join it, agents join as agents. Joining nodes use
 `cluster.server_url`, else https://<that first server's address>:6443. Tunnel addresses come from
 `cluster.wireguard.address_pool` in machines.yaml order, after the pool's first host address
-(the management side's), skipping the addresses machines pin.
+(the management side's), skipping the addresses machines pin and the controller host's
+(bastion.cluster.tunnel: the pool's last host address unless site.yaml says).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bastion.cluster import tunnel
 from bastion.model import Boot, Profile
 from bastion.regcache import plan as regcache
 
@@ -440,6 +442,15 @@ def _tunnel_addresses(wg: Any, entries: list[Entry], problem) -> dict[str, str]:
     wanted = [e for e in entries if e.fields.wireguard is None or e.fields.wireguard.enabled]
     out: dict[str, str] = {}
     taken: dict[Any, str] = {management: "the management side (the pool's first address)"}
+    controller = tunnel.controller_address(wg)
+    if controller is not None:
+        ip = ipaddress.ip_address(controller)
+        if ip not in pool or ip == pool.network_address or (pool.version == 4 and ip == pool.broadcast_address):
+            problem(None, "cluster.wireguard.controller.address", f"{controller} is not a host address of {pool}")
+        elif ip in taken:
+            problem(None, "cluster.wireguard.controller.address", f"{controller} is taken by {taken[ip]}")
+        else:
+            taken[ip] = "the controller host (cluster.wireguard.controller)"
     for e in wanted:
         pinned = e.fields.wireguard.address if e.fields.wireguard is not None else None
         if pinned is None:

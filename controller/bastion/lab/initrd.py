@@ -6,7 +6,8 @@ userland, the kernel's virtio network modules, and Debian's real Ignition binary
 libraries it links. Its init brings up the network, runs Ignition's fetch and files stages into
 a tmpfs root, reports a digest of what Ignition wrote to the controller, and powers off; or,
 given `bastion.heartbeat=<controller>/heartbeat` on its command line, beats a few times (the
-stand-in for the k3s nodes' heartbeat timer) and then hangs.
+stand-in for the k3s nodes' heartbeat timer) and then hangs, or with
+`bastion.heartbeat.beats=0` beats until its heartbeat's answer asks it to shut down.
 """
 
 from __future__ import annotations
@@ -118,14 +119,24 @@ fi
 if [ -n "$hb" ]; then
     # The lab's stand-in for the k3s Butane's bastion-heartbeat.timer, which needs systemd:
     # this busybox initrd posts the same form to POST /heartbeat with wget, $beats times every
-    # $every s, then goes silent as a hung node would, for the device's node watchdog to see.
+    # $every s (0: until it is asked to stop), then goes silent as a hung node would, for the
+    # device's node watchdog to see. An answer that carries "shutdown" (a power cut: the
+    # controller's UPS policy) powers it off cleanly, as the k3s Butane's script does.
     node=$(tr -d '\n' < /sysroot/etc/hostname 2>/dev/null)
     boot_id=$(cat /proc/sys/kernel/random/boot_id)
     i=0
-    while [ $i -lt "$beats" ]; do
+    while [ "$beats" -eq 0 ] || [ $i -lt "$beats" ]; do
         i=$((i + 1))
-        timeout 10 wget -q -O /dev/null --post-data "mac=$mac&node=$node&boot_id=$boot_id" "$hb" \
-            && say "heartbeat $i of $beats (boot $boot_id)"
+        : > /tmp/beat
+        timeout 10 wget -q -O /tmp/beat --post-data "mac=$mac&node=$node&boot_id=$boot_id" "$hb" \
+            && say "heartbeat $i (boot $boot_id)"
+        case "$(cat /tmp/beat)" in
+            *'"shutdown":'*)
+                say "asked to shut down: $(cat /tmp/beat); powering off"
+                sync
+                umount /sysroot 2>/dev/null
+                poweroff -f ;;
+        esac
         sleep "$every"
     done
     say "heartbeats stopped: hanging, as a hung node would"

@@ -1,6 +1,6 @@
 """One lab: its site LAN, the home router, the sim board, the controller and QEMU nodes.
 
-    bastion lab up      namespaces, dnsmasq (addresses only), the sim board, the controller,
+    bastion lab up      namespaces, dnsmasq (addresses and IPv6 RAs), the sim board, the controller,
                         and the relay wiring (a sim relay channel powers each node's VM)
     bastion lab boot    power a node on through the device (its relay channel)
     bastion lab status  what runs, node states, the latest events
@@ -93,6 +93,10 @@ class Node:
     # a node beats a few times after its callback (the lab initrd's stand-in for the k3s
     # nodes' heartbeat timer), then hangs: the device power-cycles it.
     heartbeat_s: int = 0
+    # beats from its callback on until a heartbeat's answer asks it to shut down (a power cut:
+    # the controller's UPS policy), then powers itself off; not watched by the device.
+    steady: bool = False
+    role: str | None = None  # machines.yaml role: "server" is shut down last (bastion.ups)
 
     @property
     def tap(self) -> str:
@@ -117,6 +121,13 @@ def beating_node() -> Node:
     return Node("beat-1", "52:54:00:77:00:04", "bios", 3, heartbeat_s=6)
 
 
+def steady_nodes() -> list[Node]:
+    """Two BIOS nodes that beat until they are asked to shut down: a k3s-style server and an
+    agent (machines.yaml roles, no cluster), for the UPS lab."""
+    return [Node("srv-1", "52:54:00:77:00:05", "bios", 4, steady=True, role="server"),
+            Node("agt-1", "52:54:00:77:00:06", "bios", 5, steady=True, role="agent")]
+
+
 def all_nodes() -> list[Node]:
     return [*default_nodes(), arm64_node()]
 
@@ -136,6 +147,23 @@ def arm64_missing() -> str | None:
             return f"the arm64 lab node needs {what}"
     return None
 
+
+
+def router_command(net: LabNet, leases: Path) -> list[str]:
+    """dnsmasq as the site's home router, in net.router: IPv4 addresses (no PXE options: PXE
+    is the device's job) with itself as the gateway, and IPv6 router advertisements of the
+    LAN's ULA /64 with neither DHCPv6 flag (SLAAC only), as a home router sends them. Without
+    an advertisement iPXE waits about 16 s for one before it goes on with IPv4 (before this
+    router sent them, a lab boot spent that long between iPXE's DHCP and its GET /boot.ipxe)."""
+    lo, hi = net.pool
+    return [
+        "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
+        # its built-in user, dnsmasq, exists only where a package made it
+        "--user=nobody", "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
+        f"--dhcp-option=option:router,{net.router_ip}",
+        "--enable-ra", f"--dhcp-range={net.ula_prefix},ra-only,64",
+        f"--dhcp-leasefile={leases}", "--log-dhcp", "--log-facility=-",
+    ]  # fmt: skip
 
 class Lab:
     def __init__(self, name: str = "eb", prefix: str = "10.77.0", workdir: Path | None = None,
@@ -243,9 +271,11 @@ class Lab:
         (self.flash / "relays.state").write_text("0" * RELAY_CHANNELS + "\n")
 
     def write_site(self, nodes: list[Node], kernel: Path, initrd: Path,
-                   arm64: tuple[Path, Path] | None = None) -> None:
+                   arm64: tuple[Path, Path] | None = None,
+                   site_extra: dict | None = None) -> None:  # fmt: skip
         """The lab's site directory: a matchbox-format profile and Ignition template, and
-        machines.yaml naming each node, its MAC and its relay channel."""
+        machines.yaml naming each node, its MAC and its relay channel. `site_extra`: more
+        site.yaml sections (a test's `ups:`, `logs:`)."""
         site = self.site
         if (site / "groups").exists():
             shutil.rmtree(site / "groups")  # an older lab's layout: machines.yaml now
@@ -278,6 +308,13 @@ class Lab:
             *profile["boot"]["args"], f"bastion.heartbeat={url}/heartbeat",
             f"bastion.heartbeat.beats={BEATS}", f"bastion.heartbeat.every={BEAT_EVERY_S}"]}
         atomic.write_json(site / "profiles/lab-node-beating.json", beating)
+        # Nodes that beat until the controller asks them to shut down (a power cut).
+        steady = {**profile, "id": "lab-node-steady",
+                  "name": "Lab node that beats until it is asked to shut down (the UPS policy)"}
+        steady["boot"] = {**profile["boot"], "args": [
+            *profile["boot"]["args"], f"bastion.heartbeat={url}/heartbeat",
+            "bastion.heartbeat.beats=0", f"bastion.heartbeat.every={BEAT_EVERY_S}"]}
+        atomic.write_json(site / "profiles/lab-node-steady.json", steady)
         (site / "profiles/lab-node-arm64.json").unlink(missing_ok=True)
         if arm64 is not None:
             # The arm64 node boots through GRUB (/grub): its own kernel and initrd, the
@@ -309,6 +346,8 @@ class Lab:
             | ({"profile": "lab-node-beating",
                 "heartbeat": {"timeout_s": n.heartbeat_s, "boot_s": BEATING_BOOT_S}}
                if n.heartbeat_s else {})
+            | ({"profile": "lab-node-steady"} if n.steady else {})
+            | ({"role": n.role} if n.role else {})
             for n in nodes
         ]}
         (site / "machines.yaml").write_text(yaml.safe_dump(machines, sort_keys=False))
@@ -316,7 +355,8 @@ class Lab:
         if self.net.management_prefix:
             site_yaml += (f"networks:\n  pxe:\n    subnet: {self.net.prefix}.0/24\n"
                           f"  management:\n    subnet: {self.net.management_prefix}.0/24\n")  # fmt: skip
-        (site / "site.yaml").write_text(site_yaml)
+        (site / "site.yaml").write_text(site_yaml + (yaml.safe_dump(site_extra, sort_keys=False)
+                                                     if site_extra else ""))  # fmt: skip
         (site / "ignition/lab-node.yaml").write_text(LAB_BUTANE)
 
     # -- QEMU ------------------------------------------------------------------------------
@@ -375,19 +415,20 @@ class Lab:
         exe = Path(sys.executable).parent / "bastion"
         return str(exe) if exe.exists() else "bastion"
 
-    def up(self, nodes: list[Node] | None = None, progress=print) -> None:
+    def up(self, nodes: list[Node] | None = None, progress=print,
+           site_extra: dict | None = None) -> None:  # fmt: skip
         nodes = nodes or default_nodes()
         removed = self.down()
         if removed:
             progress(f"removed a stale lab: {', '.join(removed)}")
         try:
-            self._up(nodes, progress)
+            self._up(nodes, progress, site_extra)
         except BaseException:
             # A half-built lab holds namespaces and processes: remove them (the logs stay).
             self.down()
             raise
 
-    def _up(self, nodes: list[Node], progress) -> None:
+    def _up(self, nodes: list[Node], progress, site_extra: dict | None = None) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         progress("preparing boot files (Debian kernel, lab initrd)")
@@ -397,7 +438,7 @@ class Lab:
             progress("preparing arm64 boot files (Debian arm64 kernel, lab initrd, GRUB)")
             arm64 = self.prepare_boot_files("arm64")
         self.write_device_flash(nodes)
-        self.write_site(nodes, kernel, initrd, arm64)
+        self.write_site(nodes, kernel, initrd, arm64, site_extra)
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
             self.token_file.chmod(0o600)
@@ -407,14 +448,8 @@ class Lab:
         self.net.create()
         for n in nodes:
             self.net.add_tap(n.tap)
-        lo, hi = self.net.pool
-        self.procs.start("router", [
-            "dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--interface=rt0",
-            # its built-in user, dnsmasq, exists only where a package made it
-            "--user=nobody", "--bind-interfaces", f"--dhcp-range={lo},{hi},255.255.255.0,1h",
-            f"--dhcp-option=option:router,{self.net.router_ip}",
-            f"--dhcp-leasefile={self.workdir / 'leases'}", "--log-dhcp", "--log-facility=-",
-        ], netns=self.net.router, log=self.logs / "router.log")
+        self.procs.start("router", router_command(self.net, self.workdir / "leases"), netns=self.net.router,
+                         log=self.logs / "router.log")  # fmt: skip
         self.procs.start("device", [
             self._bastion(), "sim", "--flash", str(self.flash), "--listen", self.net.device_ip,
             "--serial-link", str(self.serial), "--heap", LAB_DEVICE_HEAP,

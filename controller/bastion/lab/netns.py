@@ -463,6 +463,17 @@ class LabNet:
         extra = (self.mgmt, self.pxe_host) if self.management_prefix else ()
         return (self.lan, self.router, *extra)
 
+    @property
+    def ula_prefix(self) -> str:
+        """The LAN's IPv6 /64, a unique local one (RFC 4193, fd00::/8) made from the IPv4
+        prefix (10.93.0 -> fd0a:5d00::), so that two labs never share it. The router
+        advertises it, as a home router does: iPXE waits for a router advertisement (about
+        16 s) before it goes on without one."""
+        a, b, c = (int(x) for x in self.prefix.split("."))
+        return f"fd{a:02x}:{b:02x}{c:02x}::"
+
+    router_ip6 = property(lambda self: f"{self.ula_prefix}1")
+
     def create(self) -> None:
         lan, rt = Namespace(self.lan).create(), Namespace(self.router).create()
         lan.ip("link", "add", "br0", "type", "bridge")
@@ -474,6 +485,9 @@ class LabNet:
         lan.veth("br-rt", rt, "rt0")
         lan.ip("link", "set", "br-rt", "master", "br0", "up")
         rt.ip("addr", "add", f"{self.router_ip}/24", "dev", "rt0")
+        # the /64 the router advertises (dnsmasq --enable-ra needs an address in it); nodad:
+        # nothing else on the LAN has it, and DAD would hold the address back for a second
+        rt.ip("-6", "addr", "add", f"{self.router_ip6}/64", "dev", "rt0", "nodad")
         rt.ip("link", "set", "rt0", "up")
         # A socket can only send to 255.255.255.255 (proxyDHCP replies) with a route: the
         # router is the LAN's gateway, as at a real site.

@@ -1,12 +1,5 @@
-"""A node's boot, read back from the controller's event history: the timeline and the checks.
-
-Every step of a network boot lands as an event: the device's relay switching on (power), its
-proxy offers (dhcp), the TFTP transfer (tftp), the controller's scripts and configs (boot),
-kernel and initrd downloads (asset), the node's own report (callback), its heartbeats' news
-(heartbeat: a boot's first beat) and the device's node watchdog acting on it (watchdog). Device and
-HTTP events that carry no MAC (TFTP, /boot.ipxe, assets) are named after their machine by the
-controller (bastion.state.addresses), and are also tied to the node here by the client address
-its MAC-bearing requests came from.
+"""A lab node's boot checked against what it was told: the timeline (bastion.state.boottrace,
+shared with the dashboard) and what Ignition was told to write against what the node reported.
 """
 
 from __future__ import annotations
@@ -14,92 +7,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Any
+
+# The lab reads its boots through this module: trace.timeline, trace.first, trace.Step.
+from bastion.state.boottrace import Step, _payload, first, node_addresses, timeline
+
+__all__ = ["Step", "check_callback", "digest_of", "expected_files", "first", "node_addresses",
+           "timeline"]
 
 RESULT_FILE = "/etc/.ignition-result.json"  # Ignition's per-boot record: not config content
-
-
-@dataclass
-class Step:
-    t: float  # seconds since the node's power-on
-    stage: str
-    detail: str
-    event: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def _payload(e: dict) -> dict:
-    return e.get("payload") or {}
-
-
-def node_addresses(events: list[dict], mac: str, name: str) -> set[str]:
-    """The IP addresses a node's MAC-bearing requests came from."""
-    out = set()
-    for e in events:
-        if e.get("mac") == mac or e.get("machine") == name:
-            client = _payload(e).get("client")
-            if client and e.get("source") != "device":
-                out.add(client)
-    return out
-
-
-def timeline(events: list[dict], mac: str, name: str) -> list[Step]:
-    """The node's boot steps, in order, from the first power-on in `events` (oldest first)."""
-    ips = node_addresses(events, mac, name)
-    start = None
-    steps: list[Step] = []
-
-    def add(e: dict, stage: str, detail: str) -> None:
-        nonlocal start
-        if start is None:
-            start = e["ts"]
-        steps.append(Step(round(e["ts"] - start, 2), stage, detail, e))
-
-    for e in events:
-        p, kind, src = _payload(e), e.get("kind"), e.get("source")
-        mine = e.get("mac") == mac or e.get("machine") == name or p.get("client") in ips
-        if kind == "power" and src == "device" and e.get("machine") == name:
-            add(e, f"power {p.get('state')}", f"relay channel {p.get('ch')} ({p.get('why')})")
-        elif start is None:
-            continue  # nothing before the power-on belongs to this boot
-        elif kind == "dhcp" and src == "device" and mine and p.get("kind") == "request":
-            add(e, "address request", f"asks the router for {p.get('client')} (arch "
-                f"{p.get('arch')}); not the device's to answer")
-        elif kind == "dhcp" and src == "device" and mine:
-            what = "script URL (iPXE)" if p.get("ipxe") else f"boot file {p.get('file')}"
-            add(e, "proxy offer", f"{p.get('kind')} on port {p.get('port')}: arch "
-                f"{p.get('arch')}, {what}" + (f" {p.get('file')}" if p.get("ipxe") else ""))
-        elif kind == "tftp" and src in ("device", "controller") and (mine or not ips):
-            where = "" if src == "device" else " (controller)"
-            if p.get("stage") == "start":
-                add(e, "tftp start", f"{p.get('file')}{where}: {p.get('tsize')} bytes, blksize "
-                    f"{p.get('blksize')}, window {p.get('window')}")
-            elif p.get("stage") == "end":
-                secs = (p.get("ms") or 0) / 1000
-                add(e, "tftp end", f"{p.get('file')}{where}: {p.get('bytes')} bytes in {secs:.2f} s, "
-                    f"{p.get('result')}" + (f", {p['resends']} resends" if p.get("resends") else ""))
-        elif kind == "boot" and mine:
-            add(e, f"GET {e.get('endpoint')}", f"HTTP {e.get('status')}"
-                + (f", profile {e['profile']}" if e.get("profile") else ""))
-        elif kind == "asset" and mine:
-            add(e, "GET asset", f"{e.get('endpoint')}: {p.get('size')} bytes, HTTP {e.get('status')}")
-        elif kind == "callback" and mine:
-            add(e, "callback", f"{p.get('status')}, {len(p.get('files') or {})} files, "
-                f"{p.get('digest')}")
-        elif kind == "heartbeat" and mine:
-            add(e, "heartbeat", f"{p.get('news')}: boot {p.get('boot_id')}"
-                + (f", k3s {p['k3s']}" if p.get("k3s") else ""))
-        elif kind == "watchdog" and src == "device" and e.get("machine") == name:
-            add(e, f"watchdog {p.get('action')}", f"attempt {p.get('attempt')}, next boot grace "
-                f"{(p.get('wait_ms') or 0) / 1000:.0f} s")
-    return steps
-
-
-def first(steps: list[Step], stage: str, contains: str = "") -> Step | None:
-    for s in steps:
-        if s.stage == stage and contains in s.detail:
-            return s
-    return None
 
 
 # --- what Ignition was told to write --------------------------------------------------------

@@ -71,7 +71,7 @@ class Target:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._up: bool | None = None  # None: not tried yet
-        self._unreported = 0
+        self._unreported: collections.Counter[str] = collections.Counter()  # by reason
         self._reported_at = float("-inf")
         self._tls = None
         if spec.type == "syslog" and spec.tls is not None:
@@ -138,15 +138,22 @@ class Target:
 
     def _dropped(self, n: int, reason: str) -> None:
         self.metrics.logship_dropped.labels(target=self.spec.name, reason=reason).inc(n)
-        self._unreported += n
+        self._unreported[reason] += n
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()
         if not self._unreported or (not force and now - self._reported_at < self.report_every_s):
             return
-        n, self._unreported, self._reported_at = self._unreported, 0, now
-        log.warning("logship %s: dropped %d records (queue bound %d)", self.spec.name, n, self.spec.queue_max)
-        self._event("dropped", count=n, queue_max=self.spec.queue_max, queued=len(self.queue))
+        drops, self._unreported, self._reported_at = self._unreported, collections.Counter(), now
+        for reason, n in sorted(drops.items()):
+            why = {
+                "bound": f"the queue's bound, {self.spec.queue_max}",
+                "inbox": f"{self.inbox_max} were already waiting for the sender thread",
+                "rejected": "the collector refused them for good",
+            }.get(reason, reason)
+            log.warning("logship %s: dropped %d records (%s)", self.spec.name, n, why)
+            self._event("dropped", count=n, reason=reason, queue_max=self.spec.queue_max,
+                        queued=len(self.queue))  # fmt: skip
 
     def _event(self, action: str, **payload: Any) -> None:
         if self.record is not None:

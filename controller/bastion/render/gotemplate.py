@@ -313,7 +313,7 @@ class _Parser:
         if stop[0] == "end":
             return body, None
         if stop[2]:
-            raise TemplateError(f"{{{{else ...}}}} is only allowed after {{{{if}}}}", stop[1])
+            raise TemplateError("{{else ...}} is only allowed after {{if}}", stop[1])
         otherwise, stop2 = self._list(("end",))
         if stop2 is None:
             raise TemplateError(f"unexpected EOF: {{{{{what}}}}} has no {{{{end}}}}", line)

@@ -49,7 +49,6 @@ from bastion.render.config import (
 )
 from bastion.site import schema
 from bastion.model import (
-    BootRequest,
     Boot,
     Group,
     Machine,
@@ -441,6 +440,7 @@ def _load_machines(
     by_mac: dict[str, int] = {}
     by_uuid: dict[str, int] = {}
     by_relay: dict[int, int] = {}
+    by_address: dict[str, int] = {}
     taken_addresses: dict[str, str] = {}  # networks: addresses, which machine has each
     entries: list[cluster.Entry] = []
     lines_at: dict[int, Any] = {}
@@ -490,6 +490,14 @@ def _load_machines(
                            f"channel {entry.relay} also powers machines[{by_relay[entry.relay]}]")  # fmt: skip
                 continue
             by_relay[entry.relay] = i
+        if entry.address is not None:
+            # the address binds a machine's secrets and its boot script to it: two machines on one
+            # address would each get what is meant for the other
+            if entry.address in by_address:
+                ld.problem(rel, at("address"), f"{where}.address",
+                           f"{entry.address} is also the address of machines[{by_address[entry.address]}]")  # fmt: skip
+                continue
+            by_address[entry.address] = i
         if entry.profile is not None:
             pid = entry.profile
             if pid not in profiles:

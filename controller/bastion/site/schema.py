@@ -405,6 +405,52 @@ class RegistryCache(_Strict):
         return self
 
 
+class ControllerWireguard(_Strict):
+    """cluster.wireguard.controller: the controller host's own tunnel toward the management
+    cluster, so that the management side reaches its API (bastion.cluster.tunnel). The endpoint
+    and the management side's public key are cluster.wireguard's."""
+
+    interface: str = Field(default="wg-bastion", description="the interface name on the controller host")
+    address: str | None = Field(
+        default=None, description="its tunnel address (default: the pool's last host address)"
+    )
+    listen_port: int | None = Field(default=None, strict=True, ge=1, le=65535)
+    allowed_ips: list[str] | None = Field(
+        default=None,
+        description="what the controller host routes into the tunnel (default: cluster.wireguard's)",
+    )
+
+    check_ip = field_validator("address")(_ip)
+
+    @field_validator("interface")
+    @classmethod
+    def _iface(cls, v: str) -> str:
+        return _interface_name(v)
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _allowed(cls, v: list[str] | None) -> list[str] | None:
+        return _networks(v)
+
+
+def _interface_name(v: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_=+.-]{1,15}$", v):
+        raise ValueError(f"{v!r} is not an interface name (1..15 of A-Z a-z 0-9 _=+.-)")
+    return v
+
+
+def _networks(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    out = []
+    for net in v:
+        try:
+            out.append(str(ipaddress.ip_network(net, strict=True)))
+        except ValueError as e:
+            raise ValueError(f"{net!r} is not a network ({e})") from None
+    return out
+
+
 class ClusterWireguard(_Strict):
     """cluster.wireguard: every node's tunnel toward the management cluster."""
 
@@ -417,13 +463,14 @@ class ClusterWireguard(_Strict):
     )
     persistent_keepalive: int = Field(default=25, strict=True, ge=0, le=65535)
     listen_port: int | None = Field(default=None, strict=True, ge=1, le=65535)
+    controller: ControllerWireguard | None = Field(
+        default=None, description="the controller host's own tunnel (`controller: {}`: the defaults)"
+    )
 
     @field_validator("interface")
     @classmethod
     def _iface(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_=+.-]{1,15}$", v):
-            raise ValueError(f"{v!r} is not an interface name (1..15 of A-Z a-z 0-9 _=+.-)")
-        return v
+        return _interface_name(v)
 
     @field_validator("address_pool")
     @classmethod
@@ -455,15 +502,7 @@ class ClusterWireguard(_Strict):
     @field_validator("allowed_ips")
     @classmethod
     def _allowed(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        out = []
-        for net in v:
-            try:
-                out.append(str(ipaddress.ip_network(net, strict=True)))
-            except ValueError as e:
-                raise ValueError(f"{net!r} is not a network ({e})") from None
-        return out
+        return _networks(v)
 
 
 class DiskDefaults(_Strict):

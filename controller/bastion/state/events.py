@@ -16,7 +16,11 @@ kind of event (dhcp, tftp, power, watchdog from the device link) needs no schema
     payload   JSON object with the rest
 
 The history is not precious (design: it can be lost); WAL with synchronous=NORMAL keeps each
-insert cheap, and a lost tail after a power cut is acceptable. It is bounded (`max_events`,
+insert cheap, and a lost tail after a power cut is acceptable. A commit is in the WAL file (the
+kernel's page cache, not yet on the disk) when it returns: it survives the controller's crash,
+kill -9 included. `record_many` commits several events in one transaction: the boot endpoints
+batch their events that way (group commit, bastion.api.deps.GroupCommit) and answer only after
+their batch has committed, so every answered boot request is in the history after a crash. It is bounded (`max_events`,
 `max_age_s`: serve's --history-events and --history-days): when an insert takes the table past
 max_events, the oldest rows go, down to nine tenths of it, so that no more than max_events are
 ever kept and the deletes come in batches; rows older than max_age_s go when the store opens
@@ -135,30 +139,37 @@ class EventStore:
         ts: float | None = None,
     ) -> int:
         """Store one event; returns its id."""
-        row = (
-            ts if ts is not None else time.time(),
-            kind,
-            source,
-            mac,
-            machine,
-            endpoint,
-            profile,
-            group,
-            status,
-            json.dumps(payload or {}, separators=(",", ":"), default=str),
-        )
+        row = _row(kind, source, mac, machine, endpoint, profile, group, status, payload, ts)
+        return self._insert([row])[0]
+
+    def record_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Store (kind, fields) events, fields as record() takes them, in one transaction (one
+        WAL write for all): their ids, in order. All or none: an error stores none of them."""
+        rows = [_row(kind, **fields) for kind, fields in events]
+        return self._insert(rows) if rows else []
+
+    def _insert(self, rows: list[tuple]) -> list[int]:
         with self._lock:
-            cur = self._db.execute(
-                "INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp, status,"
-                " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-            event_id = int(cur.lastrowid or 0)
-            self._count += 1
-            self._bound(event_id)
-            if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
-                self._age()
-            return event_id
+            ids = []
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    cur = self._db.execute(
+                        "INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp,"
+                        " status, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                    ids.append(int(cur.lastrowid or 0))
+                self._count += len(rows)
+                self._bound(ids[-1])
+                if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
+                    self._age()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._count = self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                raise
+            return ids
 
     def _bound(self, newest: int) -> None:
         """Past max_events: keep the newest nine tenths of it (ids only grow)."""
@@ -228,6 +239,15 @@ class EventStore:
             if kind is None:
                 return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
             return self._db.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+
+
+def _row(kind: str, source: str = "controller", mac: str | None = None, machine: str | None = None,
+         endpoint: str | None = None, profile: str | None = None, group: str | None = None,
+         status: int | None = None, payload: dict[str, Any] | None = None,
+         ts: float | None = None) -> tuple:  # fmt: skip
+    """An event as the INSERT's parameters."""
+    return (ts if ts is not None else time.time(), kind, source, mac, machine, endpoint, profile,
+            group, status, json.dumps(payload or {}, separators=(",", ":"), default=str))  # fmt: skip
 
 
 def _event(row: tuple) -> Event:

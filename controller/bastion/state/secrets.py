@@ -10,6 +10,9 @@ A k3s cluster's secrets (`machine_secrets`): `k3s/<cluster>/token` (the servers'
 `k3s/<cluster>/agent-token` (the agents'), `k3s/<cluster>/node-password/<machine>` (each node's
 k3s node password, its identity across reboots), and `wireguard/<machine>.key` (each node's
 private key; its public key is derived, never stored).
+
+The controller host's own tunnel (site.yaml cluster.wireguard.controller; bastion.cluster.tunnel):
+`controller/wireguard.key`, its private key, which its wg-quick config names and never holds.
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ class SecretStore:
         if not parts or not all(_NAME.fullmatch(p) for p in parts):
             raise SecretError(f"bad secret name {name!r}: plain components [A-Za-z0-9_.-] joined by '/'")
         return self.root.joinpath(*parts)
+
+    def path(self, name: str) -> Path:
+        """Where the secret `name` is kept (for a program that reads it itself, as `wg set
+        private-key FILE` does)."""
+        return self._path(name).absolute()
 
     def get(self, name: str) -> str | None:
         try:
@@ -187,3 +195,12 @@ def wireguard_public_keys(store: SecretStore, site: Site) -> dict[str, str]:
             private = store.get_or_create(wireguard_key_name(m.name), wireguard_private_key)
             out[m.name] = wireguard_public_key(private)
     return out
+
+
+CONTROLLER_WIREGUARD_KEY = "controller/wireguard.key"
+
+
+def controller_wireguard_public_key(store: SecretStore) -> str:
+    """The controller host's WireGuard public key (its private key made if missing, as
+    `bastion install-service` would)."""
+    return wireguard_public_key(store.get_or_create(CONTROLLER_WIREGUARD_KEY, wireguard_private_key))

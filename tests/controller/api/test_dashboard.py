@@ -77,3 +77,21 @@ def test_a_screenshot_renders(served, tmp_path):
     chromium(f"--screenshot={png}", "--window-size=1280,900", srv.url + "/dashboard", tmp=tmp_path)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a page, not a blank
+
+
+def test_the_pages_talk_to_this_controller_only(site_dir, client_for):
+    # The pages hold the API token after a log-in: no other origin for their requests, no
+    # framing by another site, nothing cached.
+    c = client_for(site_dir)
+    for path in ("/dashboard", "/dashboard/machines/node1"):
+        r = c.get(path)
+        assert r.status_code == 200, path
+        csp = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+        assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'"
+        assert csp["frame-ancestors"] == "'none'"
+        assert r.headers["cache-control"] == "no-store"
+    page = c.get("/dashboard/machines/node1").text
+    assert 'href="/dashboard/machines/node1/console"' in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+    r = c.get("/dashboard/machines/nope")
+    assert r.status_code == 404 and r.json() == {"detail": "no machine 'nope' in machines.yaml"}

@@ -37,6 +37,7 @@ ADMIN_ROUTES = [
     ("POST", "/api/v1/machines/node1/hold", None),
     ("POST", "/api/v1/machines/node1/release", None),
     ("POST", "/api/v1/apply", {}),
+    ("GET", "/api/v1/auth", None),
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ADMIN_ROUTES]
 
@@ -233,6 +234,7 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         "/api/v1/groups/{gid}/metadata": {"get"},
         "/api/v1/events": {"get", "post"},
         "/api/v1/device": {"get"}, "/api/v1/device/power/{channel}": {"post"},
+        "/api/v1/auth": {"get"}, "/api/v1/machines/{name}/timeline": {"get"},
     }  # fmt: skip
     assert {p: set(ops) for p, ops in paths.items() if p in expected} == expected
     operation_ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
@@ -250,7 +252,7 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         ("/api/v1/machines/{name}/ignition", "GET"), ("/api/v1/groups/{gid}/metadata", "GET"),
         ("/api/v1/machines/{name}/reprovision", "POST"), ("/api/v1/machines/{name}", "PATCH"),
         ("/api/v1/machines/{name}/hold", "POST"), ("/api/v1/machines/{name}/release", "POST"),
-        ("/api/v1/apply", "POST"),
+        ("/api/v1/apply", "POST"), ("/api/v1/auth", "GET"),
     }  # fmt: skip
     assert len(secured) == len(ADMIN_ROUTES)
 

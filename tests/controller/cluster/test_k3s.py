@@ -12,13 +12,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
-from bastion.lab.netns import LabError, Namespace
 from bastion.model import BootRequest
 from bastion import boot
 from bastion.render.config import render_ignition
@@ -31,6 +29,7 @@ from bastion.state.secrets import (
 from bastion.site.load import SiteError, load_site
 from bastion_testkit import EXAMPLES, REPO, assert_valid_ignition, write_assets
 from mirrorkit import K3sRelease, fetch_k3s_into
+from netkit import WireguardNamespace, need_wireguard_tools
 
 HOME_LAB = EXAMPLES / "home-lab"
 VERSION = "v1.31.4+k3s1"
@@ -307,54 +306,10 @@ def test_the_wireguard_config_is_on_the_tunnelled_nodes(lab):
 # --- the real wg tools ------------------------------------------------------------------------------
 
 
-class WireguardNamespace:
-    """A network namespace with WireGuard interfaces: the kernel's, else wireguard-go's."""
-
-    def __init__(self):
-        self.ns = Namespace(f"bastion-wg-{os.getpid()}")
-        self.sockets: list[Path] = []
-        try:
-            self.ns.create()
-        except LabError as e:
-            self.ns.destroy()
-            pytest.skip(f"cannot make a network namespace (root and iproute2 needed): {e}")
-
-    def add(self, name: str) -> str:
-        """Make interface `name`; returns how ("kernel" or "wireguard-go")."""
-        try:
-            self.ns.ip("link", "add", name, "type", "wireguard")
-            return "kernel"
-        except LabError as e:
-            if shutil.which("wireguard-go") is None:
-                pytest.skip(f"this kernel has no WireGuard ({e}) and wireguard-go is "
-                            "not installed (tools/debian-packages.txt has it)")  # fmt: skip
-        sock = Path("/var/run/wireguard") / f"{name}.sock"
-        proc = self.ns.start(["wireguard-go", "-f", name], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
-        self.sockets.append(sock)
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"wireguard-go could not make {name} (exit {proc.poll()})")
-            time.sleep(0.05)
-        return "wireguard-go"
-
-    def wg(self, *args: str, input: str | None = None) -> str:
-        run = self.ns.run("wg", *args, input=input, capture_output=True, text=True, timeout=30)
-        assert run.returncode == 0, f"wg {' '.join(args)}: {run.stderr}"
-        return run.stdout
-
-    def close(self) -> None:
-        self.ns.destroy()  # wireguard-go stopped by PID; the links go with the namespace
-        for sock in self.sockets:
-            sock.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def wg_namespace():
-    if shutil.which("wg") is None or shutil.which("wg-quick") is None:
-        pytest.skip("wg and wg-quick (wireguard-tools) are not installed; tools/setup installs them")
-    ns = WireguardNamespace()
+    need_wireguard_tools()
+    ns = WireguardNamespace(f"bastion-wg-{os.getpid()}")
     yield ns
     ns.close()
 

@@ -180,18 +180,18 @@ def _problems(site: Path) -> list[str]:
 
 @pytest.mark.parametrize(("site_edit", "machines_edit", "problem"), [
     (lambda t: t.replace("    subnet: 192.168.10.0/24\n", "    subnet: 192.168.1.128/25\n"), None,
-     ("site.yaml:86: networks: management (192.168.1.128/25) overlaps pxe (192.168.1.0/24): the "
+     ("site.yaml:{net}: networks: management (192.168.1.128/25) overlaps pxe (192.168.1.0/24): the "
       "networks must not share addresses")),
     (lambda t: t.replace("  management:\n", "  storage:\n    subnet: 10.9.0.0/24\n  management:\n"), None,
-     "site.yaml:86: networks: 'storage': not a network this site knows (pxe, management, cluster, ingress)"),
+     "site.yaml:{net}: networks: 'storage': not a network this site knows (pxe, management, cluster, ingress)"),
     (lambda t: t.replace("    vlan: 30\n", "    vlan: 10\n"), "nodes",
-     "site.yaml:86: networks: ingress and management are both VLAN 10"),
+     "site.yaml:{net}: networks: ingress and management are both VLAN 10"),
     (lambda t: t.replace("    subnet: 192.168.10.0/24\n", "    subnet: 192.168.10.1/24\n"), None,
-     "site.yaml:89: networks.management.subnet: '192.168.10.1/24' has host bits set: the subnet is 192.168.10.0/24"),
+     "site.yaml:{subnet}: networks.management.subnet: '192.168.10.1/24' has host bits set: the subnet is 192.168.10.0/24"),
     (lambda t: t.replace("    subnet: 192.168.20.0/24\n    vlan: 20\n", "    subnet: 192.168.20.0/24\n"), "nodes",
-     "site.yaml:86: networks: cluster: give its vlan"),
+     "site.yaml:{net}: networks: cluster: give its vlan"),
     (lambda t: t.replace("    vlan: 10\n", "    vlan: 5000\n"), None,
-     "site.yaml:90: networks.management.vlan:"),
+     "site.yaml:{vlan}: networks.management.vlan:"),
     (lambda t: t.replace("controller_url: http://192.168.1.10:8080", "controller_url: http://192.168.10.10:8080"), None,
      "site.yaml: controller_url: 192.168.10.10 is not on networks.pxe (192.168.1.0/24): the nodes fetch their boot scripts there"),
     (lambda t: t.replace("  ip: 192.168.1.11\n", "  ip: 192.168.10.11\n"), None,
@@ -213,6 +213,9 @@ def _problems(site: Path) -> list[str]:
 ])  # fmt: skip
 def test_network_mistakes_name_the_file_line_and_field(fetched, tmp_path, site_edit, machines_edit, problem):
     site = copy_of(fetched, tmp_path)
+    # site.yaml's lines, counted from its `networks:` (the section ends the example)
+    top = (site / "site.yaml").read_text().splitlines().index("networks:") + 1
+    problem = problem.format(net=top + 1, subnet=top + 4, vlan=top + 5)
     if "nodes" in (site_edit, machines_edit):
         with_node_networks(site)
     for name, edit in (("site.yaml", site_edit), ("machines.yaml", machines_edit)):

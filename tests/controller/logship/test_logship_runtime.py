@@ -62,3 +62,32 @@ def test_a_reload_with_another_collector_keeps_the_queue(site_dir: Path, tmp_pat
     kinds = [json.loads(body)["kind"] for _, body in queue.peek(0, 10000)]
     queue.close()
     assert kinds.count("test") == 21 and kinds[0] == "site"
+
+
+def test_a_full_inbox_drops_the_newest_and_counts_them(tmp_path: Path):
+    """The inbox's bound (docs/logs.md): while the thread is not taking events in, the ones
+    offered past `inbox_max` are dropped as they arrive, counted with reason inbox and in a
+    `dropped` event; the ones that fit keep their order and reach the queue."""
+    from bastion.logship.shipper import Target
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsTarget
+
+    metrics, recorded = Metrics(), []
+    spec = LogsTarget(name="central", type="syslog", host="127.0.0.1", port=_unused_port())
+    t = Target(spec, tmp_path / "q", site="home", site_root=tmp_path, hostname="bastion",
+               metrics=metrics, record=lambda kind, **kw: recorded.append((kind, kw["payload"])))  # fmt: skip
+    t.inbox_max = 5
+    for i in range(8):  # the thread is not started yet: nothing leaves the inbox
+        t.offer(json.dumps({"id": i}))
+    assert [json.loads(b)["id"] for b in t.inbox] == [0, 1, 2, 3, 4]
+    dropped = metrics.registry.get_sample_value("bastion_logship_dropped_total",
+                                                {"target": "central", "reason": "inbox"})  # fmt: skip
+    assert dropped == 3
+    t.start()  # drains the inbox into the queue and reports the drops, then fails to connect
+    t.stop()
+    reports = [p for kind, p in recorded if kind == "logship" and p["action"] == "dropped"]
+    assert [(p["target"], p["count"], p["reason"]) for p in reports] == [("central", 3, "inbox")]
+    queue = DiskQueue(tmp_path / "q" / "central.db", 100000)
+    assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [0, 1, 2, 3, 4]
+    assert queue.dropped == 0  # the queue file counts its own bound only
+    queue.close()

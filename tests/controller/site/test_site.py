@@ -83,6 +83,10 @@ BROKEN = [
      "machines.yaml:13: machines[1].mac:", "52:54:00:12:34:01 is also the MAC of machines[0]"),
     ("two machines on one relay", S, lambda d: _edit(d / "machines.yaml", "relay: 1", "relay: 0"),
      "machines.yaml:16: machines[1].relay:", "channel 0 also powers machines[0]"),
+    ("two machines on one address", S,
+     lambda d: _edit(d / "machines.yaml", "relay: 1\n", "relay: 1\n    address: 10.0.0.5\n")
+     or _edit(d / "machines.yaml", "relay: 0\n", "relay: 0\n    address: 10.0.0.5\n"),
+     "machines.yaml:18: machines[1].address:", "10.0.0.5 is also the address of machines[0]"),
     ("duplicate machine name", S, lambda d: _edit(d / "machines.yaml", "name: node2", "name: node1"),
      "machines.yaml:12: machines[1].name:", "'node1' is also machines[0]"),
     ("unknown profile in machines.yaml", S, lambda d: _edit(d / "machines.yaml", "role: control-plane", "profile: flatcar-gpu"),
