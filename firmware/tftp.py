@@ -254,7 +254,7 @@ class Transfer:
         self.size = self.blksize = self.window = self.timeout = self.oack = self._pos = 0
         self.acked = self.sent = self.last = self.total = self._next = self._end = 0
         self.tries = self.dup_acks = self.resends = self.client_error = 0
-        self.started = self.since = self.deadline = 0
+        self.started = self.since = self.deadline = self._ack_wait = 0
 
     def start(self, req, f, size, now):
         """Begin serving file f (size bytes) for a checked request; returns the length of the
@@ -280,6 +280,10 @@ class Transfer:
         self.done = False
         self.started = now
         self.since = now
+        # The deadline after an ACK that moves the transfer forward (no resend yet, so no
+        # backoff, and the silence bound starts again): one addition per block, on the hot path.
+        w = self.timeout * 1000 if self.timeout else self.timeout_ms
+        self._ack_wait = min(w, self.max_silence_ms)
         self._wait(now)
         if req.oack:
             return self._build_oack()
@@ -294,31 +298,38 @@ class Transfer:
 
     def on_packet(self, mv, n, now):
         """The first n (>= 4) bytes of a client datagram; returns a packet length or 0."""
+        # The hot path, once per window: locals over attributes, no call but more().
         if n < 4:
             raise Malformed("short packet")
-        op = (mv[0] << 8) | mv[1]
-        num = (mv[2] << 8) | mv[3]
-        if op == ERROR:
-            if not self.done:
-                self.client_error = num
-                self.finish("aborted")
-            return 0
-        if op != ACK:
-            raise Malformed("not an ACK")
+        if mv[1] != ACK or mv[0]:
+            return self._not_ack(mv)
         if self.done:
             return 0
-        delta = (num - self.acked) & 0xFFFF
-        if delta == 0 or delta > self.sent - self.acked:
+        acked = self.acked
+        delta = (((mv[2] << 8) | mv[3]) - acked) & 0xFFFF
+        if delta == 0 or delta > self.sent - acked:
             self.dup_acks += 1  # a duplicate, stale or future ACK: no send (Sorcerer's Apprentice)
             return 0
-        self.acked += delta
+        acked += delta
+        self.acked = acked
         self.tries = 0
         self.since = now
-        if self.last and self.acked >= self.last:
+        last = self.last
+        if last and acked >= last:
             self.finish("ok")
             return 0
-        self._wait(now)
-        return self._window(self.acked + 1)
+        self.deadline = ticks_add(now, self._ack_wait)  # _wait(now) with tries 0, since now
+        self._next = acked + 1
+        self._end = acked + self.window
+        return self.more()
+
+    def _not_ack(self, mv):
+        if ((mv[0] << 8) | mv[1]) != ERROR:
+            raise Malformed("not an ACK")
+        if not self.done:
+            self.client_error = (mv[2] << 8) | mv[3]
+            self.finish("aborted")
+        return 0
 
     def on_timeout(self, now):
         """Resend after the deadline (the OACK, or the window from the oldest unacknowledged
@@ -338,12 +349,31 @@ class Transfer:
     def more(self):
         """The next DATA packet of the current window, or 0 when the window is complete."""
         k = self._next
-        if self.done or k > self._end or (self.last and k > self.last):
+        if k > self._end or self.done:
+            return 0
+        last = self.last
+        if last and k > last:
             return 0
         self._next = k + 1
-        n = self._read(k)
-        if n < 0:
+        # Block k into the payload area, straight after the 4 header bytes: the file is read
+        # into the packet (readinto a preallocated memoryview), never copied. Blocks are read in
+        # order, so the seek happens only on a resend.
+        bs = self.blksize
+        off = (k - 1) * bs
+        f = self.f
+        try:
+            if off != self._pos:
+                f.seek(off)
+            n = f.readinto(self._payload) or 0
+            if n < bs:
+                n = self._fill(n)
+        except OSError:
+            self.finish("read error")
             return build_error(self.buf, E_UNDEFINED, MSG_READ_ERROR)
+        self._pos = off + n
+        if n < bs:  # a short block is the last one (RFC 1350)
+            self.last = k
+            self.total = off + n
         if k > self.sent:
             self.sent = k
         buf = self.buf
@@ -380,27 +410,15 @@ class Transfer:
             self.result = result
         self.done = True
 
-    def _read(self, k):
-        # Block k into the payload area; a short block is the last one (RFC 1350).
+    def _fill(self, n):
+        # A stream may return less than asked before its end: read on until the block is
+        # full or the file ends (raises OSError like readinto).
         bs = self.blksize
-        off = (k - 1) * bs
-        f = self.f
-        try:
-            if off != self._pos:
-                f.seek(off)
-            n = f.readinto(self._payload) or 0
-            while 0 < n < bs:  # a stream may return less than asked before its end
-                m = f.readinto(self._payload[n:])
-                if not m:
-                    break
-                n += m
-        except OSError:
-            self.finish("read error")
-            return -1
-        self._pos = off + n
-        if n < bs:
-            self.last = k
-            self.total = off + n
+        while 0 < n < bs:
+            m = self.f.readinto(self._payload[n:])
+            if not m:
+                break
+            n += m
         return n
 
     def _build_oack(self):

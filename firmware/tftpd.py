@@ -10,8 +10,9 @@
 # A transfer runs as two tasks: a receiver that awaits the client's datagrams and feeds them to
 # the Transfer, and a clock that sleeps until the transfer's deadline and calls on_timeout.
 # Whichever of them ends the transfer cancels the other; the receiver always cleans up. That
-# costs one generator and an I/O-queue entry per datagram (about 290 bytes on the unix port),
-# where asyncio.wait_for_ms around each read costs about 1.2 KB (two tasks and a closure).
+# costs an I/O-queue entry and net.readable's tuple iterator per datagram (about 130 bytes
+# allocated per block on the unix port, every block's garbage for the collector), where
+# asyncio.wait_for_ms around each read costs about 1.2 KB (two tasks and a closure).
 #
 # Reads from a client take only the first 4 bytes of a datagram: on MicroPython a socket's
 # readinto fills the whole buffer from as many queued datagrams as it takes, so a larger buffer
@@ -22,6 +23,13 @@
 # safe text only when read), and refusal events pass a Budget (the rest are counted). A request
 # that finds every slot busy ends the transfer whose client has been silent longest, if that
 # is more than TransferSlots.evict_after_ms, and takes its slot.
+#
+# A request that still finds no slot (or no heap for a transfer) is dropped, counted, and not
+# answered. Refusing it with an ERROR would end the boot: edk2 takes any TFTP ERROR as final
+# (PXE-E23), and so do curl and tftp-hpa's client. A request without an answer is one lost on
+# the wire, and RFC 1350's clients time out and send it again; by then a slot is free. Before
+# dropping, the listener yields a few times: a slot is often held only by a transfer whose
+# final ACK waits in its socket (the client asked again at once), and its receiver frees it.
 import gc
 import os
 
@@ -43,6 +51,9 @@ _END = ("stage", "file", "client", "bytes", "ms", "result", "resends", "dup_acks
 _REFUSED = ("stage", "file", "client", "code", "reason", "name_bytes")
 
 _S_IFLNK = const(0o120000)
+# Why a request was dropped unanswered (its event's reason; no ERROR goes out)
+_NO_SLOT = b"busy: every transfer slot taken"
+_NO_HEAP = b"busy: no heap for a transfer"
 _NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length is given too)
 
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
@@ -69,8 +80,9 @@ class TransferSlots:
     capacity  cfg.tftp_max_transfers. A read request when all are busy ends the transfer
               whose client has been silent longest, if that is over evict_after_ms (the
               client gets ERROR 0, the end event says "evicted", tftp.evicted counts it), and
-              takes its slot; else it is refused with ERROR 0 and TftpServer.busy_msg
-              (tftp.busy).
+              takes its slot; else, once the running transfers have had their turn, it is
+              dropped without a reply (tftp.busy): its client sends it again (RFC 1350) and
+              is served when a slot is free, where an ERROR would end an edk2 boot.
     evict_after_ms  how long a client must have sent nothing that moves its transfer forward
               before the transfer gives way to a new request: longer than a client on a LAN
               takes to answer, much shorter than tftp.Transfer.max_silence_ms, the bound on
@@ -105,9 +117,10 @@ class TftpServer:
     slots        the TransferSlots pool; max_transfers is its capacity.
     events       the Budget for refusal events (a flood of bad requests is answered and
                  counted; a few refusals a second are events).
-    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.busy, tftp.evicted,
-    tftp.bad_packet (on a transfer socket), tftp.send_failed, tftp.ok, tftp.failed,
-    tftp.dup_ack, tftp.resend, tftp.events_suppressed.
+    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.busy and tftp.low_memory
+    (requests dropped unanswered: no slot, no heap), tftp.evicted, tftp.bad_packet (on a
+    transfer socket), tftp.send_failed, tftp.ok, tftp.failed, tftp.dup_ack, tftp.resend,
+    tftp.events_suppressed.
     """
 
     max_request = _MAX_REQUEST
@@ -119,9 +132,6 @@ class TftpServer:
         self.port = port
         self.slots = TransferSlots(cfg)
         self.max_transfers = self.slots.capacity
-        self.busy_msg = (
-            "busy: %d transfers at once is the limit; try again" % self.max_transfers
-        ).encode()
         self._ebuf = bytearray(_ERROR_BUF)
         self.events = Budget(log, "tftp")
         log.pressure.append(self.give_way)
@@ -147,13 +157,14 @@ class TftpServer:
                     self.log.count("tftp.truncated")
                     continue
                 if self.request(data, client):
-                    # A silent transfer was told to give way: its task ends (and frees the
-                    # slot) when it runs, before this one resumes; then the request again.
+                    # No slot yet: a transfer told to give way, or one whose last ACK waits in
+                    # its socket, ends (and frees its slot) when its task runs; then the
+                    # request once more, dropped if it still finds none.
                     for _ in range(4):
                         await sleep_ms(0)
                         if self.slots.active() < self.slots.capacity:
                             break
-                    self.request(data, client)
+                    self.request(data, client, True)
                 data = client = None
             except MemoryError:
                 # The heap is full or in pieces (transfers, a burst of requests): this request
@@ -172,10 +183,11 @@ class TftpServer:
                 gc.collect()
                 await sleep_ms(_NO_MEMORY_PAUSE_MS)
 
-    def request(self, data, client):
+    def request(self, data, client, last=False):
         """Handle one datagram that reached the listener. Never raises on any input but
-        MemoryError. True when a silent transfer was told to give way for it: then call
-        again once that transfer's task has ended."""
+        MemoryError. True when it found no slot (or no heap) and the transfers should run
+        first (a silent one was told to give way, or one may be ending): then call again,
+        with last=True, when they have; that call drops it if there is still none."""
         log = self.log
         try:
             req = tftp.parse_request(data)
@@ -183,7 +195,7 @@ class TftpServer:
             log.count("tftp.malformed")
             return False
         try:
-            return self._start(req, client)
+            return self._start(req, client, last)
         except tftp.Refused as e:
             n = tftp.build_error(self._ebuf, e.code, e.msg)
             net.send(self.sock, self._ebuf, n, client, log, "tftp")
@@ -197,7 +209,7 @@ class TftpServer:
                 )
         return False
 
-    def _start(self, req, client):
+    def _start(self, req, client, last):
         tftp.check(req, self.cfg)
         low = _low_memory()
         if low:  # events the controller already has give way to a transfer
@@ -205,13 +217,20 @@ class TftpServer:
             low = _low_memory()
         slot = None if low else self.slots.acquire()
         if slot is None:
-            if self.give_way():  # no slot, or no heap for another transfer
+            if not last:  # no slot, or no heap for another transfer: the transfers first
+                self.give_way()
                 return True
-            if low:
-                self.log.count("tftp.low_memory")
-                raise tftp.Refused(tftp.E_UNDEFINED, b"busy: no heap for a transfer; try again")
-            self.log.count("tftp.busy")
-            raise tftp.Refused(tftp.E_UNDEFINED, self.busy_msg)
+            # Dropped, not refused: the client asks again (see the header).
+            self.log.count("tftp.low_memory" if low else "tftp.busy")
+            if self.events.take():  # the refusals' budget: a flood is counted, not logged
+                name = req.name
+                why = _NO_HEAP if low else _NO_SLOT
+                self.events.event(
+                    "tftp",
+                    _REFUSED,
+                    ("dropped", name[:_NAME_MAX], _client(client), 0, why, len(name)),
+                )
+            return False
         t = slot.transfer
         f = sock = None
         try:
@@ -272,20 +291,33 @@ class TftpServer:
             n = t.more()
 
     async def _serve(self, slot, sock):
-        # The receiver: feeds the client's datagrams to the transfer, and cleans up.
+        # The receiver: feeds the client's datagrams to the transfer, and cleans up. Its loop
+        # is the per-block hot path: names in locals, the window sent from here (no call per
+        # packet but on_packet/more and net.send).
         t = slot.transfer
         rx = slot.rx
+        buf = t.buf
+        log = self.log
+        readable = net.readable
+        take = net.take
+        send = net.send
+        now = ticks_ms
         clock = None
         try:
             clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
             while not t.done:
-                n = await net.readinto(sock, rx)
-                try:
-                    n = t.on_packet(rx, n, ticks_ms())
-                except tftp.Malformed:
-                    self.log.count("tftp.bad_packet")
+                await readable(sock)
+                n = take(sock, rx)
+                if n is None:
                     continue
-                self._send(sock, t, n)
+                try:
+                    n = t.on_packet(rx, n, now())
+                except tftp.Malformed:
+                    log.count("tftp.bad_packet")
+                    continue
+                while n:
+                    send(sock, buf, n, None, log, "tftp")
+                    n = t.more()
         except asyncio.CancelledError:
             t.finish("cancelled")  # the clock gave up (the result is already set) or shutdown
         except OSError:
@@ -355,9 +387,9 @@ class TftpServer:
 
 
 def _low_memory():
-    # A new transfer needs a socket, two tasks and room for each datagram's generator: refuse
-    # it ("busy", the client retries) rather than start what the heap cannot carry, or what
-    # would leave proxyDHCP without room to answer.
+    # A new transfer needs a socket, two tasks and room for each datagram's wait: drop
+    # its request (tftp.low_memory; the client asks again) rather than start what the heap
+    # cannot carry, or what would leave proxyDHCP without room to answer.
     free = getattr(gc, "mem_free", None)
     if free is None or free() >= _TRANSFER_RESERVE:
         return False

@@ -63,6 +63,10 @@ class Metrics:
         self.bodies_refused = Counter("bastion_request_bodies_refused",
                                       "Requests refused for their body's size (413), before reading it.",
                                       registry=r)  # fmt: skip
+        self.listener_refusals = Counter("bastion_listener_refusals",
+                                         "Requests on the boot listener for a path it does not serve "
+                                         "(the management API, dashboard, metrics, docs).",
+                                         registry=r)  # fmt: skip
         self.connections_closed = Counter(
             "bastion_http_connections_closed",
             "HTTP connections the controller closed by its bounds, by reason (header-timeout, "

@@ -122,6 +122,7 @@ class SiteSettings:
     defaults: Any = None  # site.yaml `defaults:`: a schema.MachineDefaults (desired state)
     logs: Any = None  # site.yaml `logs:`: a schema.LogsSection (bastion.logship)
     ups: Any = None  # site.yaml `ups:`: a schema.UpsSection or None (bastion.ups)
+    networks: Any = None  # site.yaml `networks:`: a schema.NetworksSection or None (docs/network.md)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,16 @@ def serve(log_level, access_log, **given) -> None:
         )
     except httpserver.DescriptorLimitError as e:
         raise click.ClickException(str(e)) from None
+    sockets = None
+    if settings.management_listen is not None:
+        # two listeners, one server, bound before anything starts: the application tells them
+        # apart (bastion.api.listeners)
+        try:
+            sockets = [httpserver.bind_listener(settings.listen, "--listen"),
+                       httpserver.bind_listener(settings.management_listen, "--management-listen",
+                                                settings.management_interface)]  # fmt: skip
+        except httpserver.ListenerError as e:
+            raise click.ClickException(str(e)) from None
     try:
         app = create_app(settings)
     except SiteError as e:
@@ -55,17 +65,35 @@ def serve(log_level, access_log, **given) -> None:
         sys.exit(2)
     site = app.state.runtime.holder.site
     tftp_at = "{}:{}".format(*settings.tftp_listen) if settings.tftp_listen else "off"
+    if settings.management_listen is None:
+        http_at = f"HTTP {host}:{port} (boot and management)"
+    else:
+        http_at = "HTTP boot {}:{}, management {}:{}".format(*settings.listen, *settings.management_listen)
+        if settings.management_interface:
+            http_at += f" on {settings.management_interface} only"
     click.echo(
         f"site {site.name!r}: {len(site.machines)} machines, {len(site.profiles)} profiles, "
         f"{len(site.groups)} groups; events in {app.state.runtime.store.path}; "
         f"management API {'enabled' if settings.api_token else 'disabled (no token)'}; "
         f"device {settings.device_port or 'none'}; "
+        f"{http_at}; "
         f"TFTP {tftp_at}; "
         f"HTTP connections at most {max_connections} (descriptor limit {nofile})",
         err=True,
     )
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
+    if site.settings.networks is not None:
+        nets = site.settings.networks
+        unserved = nets.management_unserved(settings.management_listen)
+        for problem in [*nets.listener_problems(settings.listen, settings.management_listen),
+                        *([unserved] if unserved else [])]:  # fmt: skip
+            click.echo(f"warning: {problem}", err=True)
+    if settings.management_listen is not None and settings.management_interface is None:
+        click.echo("warning: without --management-interface the management listener takes "
+                   "connections to its address arriving on any interface: a machine on the PXE "
+                   "LAN that routes the management subnet through this host reaches it "
+                   "(docs/network.md)", err=True)  # fmt: skip
     if max_connections < settings.max_connections:
         click.echo(f"warning: --max-connections {settings.max_connections} lowered to "
                    f"{max_connections} to fit the descriptor limit {nofile}", err=True)  # fmt: skip
@@ -76,9 +104,12 @@ def serve(log_level, access_log, **given) -> None:
     )
     # httptools as uvicorn would pick, with GRUB's fixes (grubcompat) and the connection bounds
     # (httpserver); the access log without tokens
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                http=protocol, timeout_keep_alive=httpserver.KEEP_ALIVE_S,
-                log_config=httpserver.log_config())  # fmt: skip
+    options = {"log_level": log_level, "access_log": access_log, "http": protocol,
+               "timeout_keep_alive": httpserver.KEEP_ALIVE_S, "log_config": httpserver.log_config()}
+    if sockets is None:
+        uvicorn.run(app, host=host, port=port, **options)
+        return
+    uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=sockets)
 
 
 def _format_event(e: dict) -> str:
@@ -194,7 +225,14 @@ def site_check(site_dir: Path) -> None:
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The site directory the service serves.")  # fmt: skip
 @click.option("--listen", default="0.0.0.0:8080", show_default=True, metavar="HOST:PORT",
-              help="Where the service serves HTTP.")  # fmt: skip
+              help="Where the service serves HTTP: the boot endpoints only, with "
+                   "--management-listen.")  # fmt: skip
+@click.option("--management-listen", metavar="HOST:PORT",
+              help="Serve the management API, dashboard, metrics and docs here, an address on "
+                   "the management network, e.g. 10.89.0.1:8443 (docs/network.md).")  # fmt: skip
+@click.option("--management-interface", metavar="IFACE",
+              help="The interface the management address is on: the management listener "
+                   "takes connections arriving there only.")  # fmt: skip
 @click.option("--tftp", metavar="ADDR:PORT",
               help="Also serve the site's tftp/ over TFTP, e.g. 192.168.1.10:69.")  # fmt: skip
 @click.option("--device", metavar="PORT", help="The device's serial line, e.g. /dev/ttyACM0.")
@@ -205,7 +243,8 @@ def site_check(site_dir: Path) -> None:
                    "the files only; no command runs.")  # fmt: skip
 @click.option("--no-systemctl", is_flag=True, help="Do not run `systemctl daemon-reload`.")
 @click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
-def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dry_run) -> None:
+def install_service(site_dir, listen, management_listen, management_interface, tftp, device, name,
+                    root, no_systemctl, dry_run) -> None:  # fmt: skip
     """Install `bastion serve` for SITE as a systemd service.
 
     Writes the unit (its own system user, state in /var/lib/edge-bastion, ProtectSystem=strict,
@@ -223,11 +262,19 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
     import shutil
 
     from bastion import service
-    from bastion.settings import parse_listen
+    from bastion.settings import parse_listen, same_listener
     from bastion.site.load import SiteError, load_site
 
     try:
-        parse_listen(listen, "--listen")
+        boot_at = parse_listen(listen, "--listen")
+        if management_listen and same_listener(
+            parse_listen(management_listen, "--management-listen"), boot_at
+        ):
+            raise SettingsError(f"--management-listen {management_listen}: the boot listener "
+                                "(--listen) has that address; the management listener needs its own")  # fmt: skip
+        if management_interface and not management_listen:
+            raise SettingsError(f"--management-interface {management_interface}: give "
+                                "--management-listen too (the address on that interface)")  # fmt: skip
         if tftp:
             parse_listen(tftp, "--tftp")
     except SettingsError as e:
@@ -242,6 +289,14 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
         sys.exit(1)
     if tftp and not (site_dir / "tftp").is_dir():
         raise click.UsageError(f"--tftp {tftp}: the site has no tftp/ directory to serve")
+    if site.settings.networks is not None:
+        management_at = parse_listen(management_listen) if management_listen else None
+        problems = site.settings.networks.listener_problems(parse_listen(listen), management_at)
+        if problems:
+            raise click.UsageError("; ".join(problems))
+        unserved = site.settings.networks.management_unserved(management_at)
+        if unserved:
+            click.echo(f"note: {unserved}", err=True)
     exe = Path(sys.executable).parent / "bastion"
     if not exe.is_file():
         found = shutil.which("bastion")
@@ -250,7 +305,9 @@ def install_service(site_dir, listen, tftp, device, name, root, no_systemctl, dr
         exe = Path(found)
     cluster = site.settings.cluster
     cache = cluster.registry_cache if cluster is not None else None
-    spec = service.ServiceSpec(site=site_dir, bastion=exe.absolute(), listen=listen, tftp=tftp,
+    spec = service.ServiceSpec(site=site_dir, bastion=exe.absolute(), listen=listen,
+                               management_listen=management_listen,
+                               management_interface=management_interface, tftp=tftp,
                                device=device, name=name,
                                registry_cache=cache is not None and cache.serve is not None,
                                tunnel=_tunnel(site))  # fmt: skip

@@ -62,6 +62,8 @@ class ServiceSpec:
     site: Path  # absolute
     bastion: Path  # the bastion executable the unit runs (absolute)
     listen: str = "0.0.0.0:8080"
+    management_listen: str | None = None  # HOST:PORT: the boot endpoints alone on `listen`
+    management_interface: str | None = None  # the interface management_listen's address is on
     tftp: str | None = None  # ADDR:PORT
     device: str | None = None  # /dev/ttyACM0
     name: str = UNIT_NAME
@@ -84,6 +86,10 @@ class ServiceSpec:
     def argv(self) -> list[str]:
         out = [str(self.bastion), "serve", "--site", str(self.site), "--listen", self.listen,
                "--token-file", self.token_file]  # fmt: skip
+        if self.management_listen:
+            out += ["--management-listen", self.management_listen]
+        if self.management_interface:
+            out += ["--management-interface", self.management_interface]
         if self.tftp:
             out += ["--tftp", self.tftp]
         if self.device:

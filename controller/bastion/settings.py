@@ -7,7 +7,12 @@ options of `bastion serve`, so the two cannot drift apart. Precedence: a value g
 command line (or to the constructor), then the environment, then the default.
 
     --site DIR                 BASTION_SITE              the site directory (required)
-    --listen HOST:PORT         BASTION_LISTEN            where to serve HTTP (127.0.0.1:8080)
+    --listen HOST:PORT         BASTION_LISTEN            where to serve HTTP (127.0.0.1:8080): all
+                                                         of it, or the boot endpoints only when
+    --management-listen H:P    BASTION_MANAGEMENT_LISTEN the management API, dashboard, metrics
+                                                         and docs listen here (bastion.api.listeners)
+    --management-interface IF  BASTION_MANAGEMENT_INTERFACE  and take connections arriving on
+                                                         this interface only (SO_BINDTODEVICE)
     --db FILE                  BASTION_DB                the event history (default: per site,
                                                          default_db_path(<site>, <site dir>))
     --history-days D           BASTION_HISTORY_DAYS      events older than this are deleted (30)
@@ -105,6 +110,13 @@ def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     return host, int(port)
 
 
+def same_listener(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two HOST:PORT listeners would take the same socket: one port, and one host or a
+    wildcard (0.0.0.0, ::) on either side."""
+    wildcard = ("0.0.0.0", "::", "")
+    return a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard or b[0] in wildcard)
+
+
 def parse_size(text: str, option: str) -> int:
     """'1048576', '64KiB', '1MiB', '1M' (10**6) -> bytes."""
     number = text.strip().rstrip("BbIiKkMmGg ")
@@ -134,6 +146,18 @@ class Settings(BaseSettings):
     listen: Address = _setting(
         "BASTION_LISTEN", "--listen", "HOST:PORT to serve HTTP on.",
         default=("127.0.0.1", 8080), metavar="HOST:PORT", shown="127.0.0.1:8080")  # fmt: skip
+    # None: one listener serves everything, as before the split
+    management_listen: Address | None = _setting(
+        "BASTION_MANAGEMENT_LISTEN", "--management-listen", "Serve the management API, the "
+        "dashboard, /metrics and the API docs on this HOST:PORT (an address on the management "
+        "network) and only the boot endpoints on --listen (docs/network.md). Unset: --listen "
+        "serves everything.", metavar="HOST:PORT")  # fmt: skip
+    management_interface: str | None = _setting(
+        "BASTION_MANAGEMENT_INTERFACE", "--management-interface", "The interface the management "
+        "listener's address is on: it then takes connections arriving there only. Without it "
+        "Linux accepts a connection to that address on any interface, so a machine on the PXE "
+        "LAN that routes the management subnet through this host reaches it.",
+        metavar="IFACE")  # fmt: skip
     # None: the site's own, default_db_path(<site name>, <site dir>), once the site is loaded
     db_path: Path | None = _setting(
         "BASTION_DB", "--db", "Event history database.", metavar="FILE", path="file",
@@ -211,6 +235,20 @@ class Settings(BaseSettings):
             return parse_listen(v, "--tftp") if v else None
         return v
 
+    @field_validator("management_listen", mode="before")
+    @classmethod
+    def _management(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_listen(v, "--management-listen") if v else None
+        return v
+
+    @field_validator("management_interface", mode="before")
+    @classmethod
+    def _interface(cls, v: Any) -> Any:
+        if isinstance(v, str) and v and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$", v):
+            raise SettingsError(f"--management-interface {v!r}: not an interface name")
+        return v or None
+
     @field_validator("poll_seconds")
     @classmethod
     def _poll(cls, v: float) -> float:
@@ -273,6 +311,15 @@ class Settings(BaseSettings):
     def _resolve(self) -> Settings:
         if self.api_token_file is not None:  # the file wins over $BASTION_API_TOKEN
             object.__setattr__(self, "api_token", read_token_file(self.api_token_file))
+        if self.management_listen is not None and same_listener(self.management_listen, self.listen):
+            where = "{}:{}".format(*self.management_listen)
+            raise SettingsError(
+                f"--management-listen {where}: the boot listener (--listen) has that address; "
+                "the management listener needs its own"
+            )
+        if self.management_interface is not None and self.management_listen is None:
+            raise SettingsError(f"--management-interface {self.management_interface}: give "
+                                "--management-listen too (the address on that interface)")  # fmt: skip
         if self.tftp_listen is not None and not (self.site_dir / "tftp").is_dir():
             where = "{}:{}".format(*self.tftp_listen)
             raise SettingsError(

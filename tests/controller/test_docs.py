@@ -1,4 +1,4 @@
-"""docs/site-files.md and docs/controller.md, kept true.
+"""docs/site-files.md, docs/controller.md and docs/network.md, kept true.
 
 What the docs claim is checked against the code through markers: an HTML comment on the line
 before a fenced block (blank lines between are allowed; rendered docs do not show it). A marker
@@ -51,7 +51,8 @@ from mirrorkit import fetch_k3s_into
 
 SITE_DOC = REPO / "docs" / "site-files.md"
 CONTROLLER_DOC = REPO / "docs" / "controller.md"
-DOCS = (SITE_DOC, CONTROLLER_DOC)
+NETWORK_DOC = REPO / "docs" / "network.md"
+DOCS = (SITE_DOC, CONTROLLER_DOC, NETWORK_DOC)
 ASSET_DIRS = (
     "flatcar/amd64", "flatcar/arm64",
     # what `bastion assets fetch flatcar` lays out, which a site's cluster: boots

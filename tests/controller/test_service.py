@@ -120,3 +120,48 @@ def test_the_units_descriptor_limit_gives_serve_its_full_connection_cap(tmp_path
     finally:
         server.stop()
     assert "HTTP connections at most 1000" in log and "lowered" not in log
+
+
+def test_the_unit_serves_the_management_listener_apart(tmp_path, site):
+    root = tmp_path / "root"
+    r = install(root, site, "--listen", "10.88.0.1:8080", "--management-listen", "10.89.0.1:8443",
+                "--management-interface", "mgmt0")
+    assert r.exit_code == 0, r.output
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    v = verify(unit)
+    assert v.returncode == 0, v.stdout + v.stderr
+    exec_start = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
+    assert " --listen 10.88.0.1:8080 --token-file /etc/edge-bastion/token --management-listen " \
+           "10.89.0.1:8443 --management-interface mgmt0 --tftp" in exec_start
+    # the command the unit runs takes the option as written
+    argv = exec_start.removeprefix("ExecStart=").split()
+    r = CliRunner().invoke(main, [*argv[1:], "--help"])
+    assert r.exit_code == 0 and "--management-listen" in r.output and "--management-interface" in r.output
+
+
+def test_a_management_listener_on_the_boot_listeners_address_is_not_installed(tmp_path, site):
+    r = CliRunner().invoke(main, ["install-service", "--site", str(site), "--root",
+                                  str(tmp_path / "root"), "--listen", "0.0.0.0:8080",
+                                  "--management-listen", "10.89.0.1:8080"])  # fmt: skip
+    assert r.exit_code == 2 and "the management listener needs its own" in r.output
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_listeners_must_be_on_the_sites_networks(tmp_path, site):
+    with open(site / "site.yaml", "a") as f:
+        f.write("networks:\n  pxe: {subnet: 10.77.0.0/24}\n  management: {subnet: 10.79.0.0/24, vlan: 10}\n")
+
+    def install_with(*listeners):
+        return CliRunner().invoke(main, ["install-service", "--site", str(site), "--root",
+                                         str(tmp_path / "root"), *listeners])  # fmt: skip
+
+    r = install_with("--listen", "10.77.0.3:8080", "--dry-run")
+    assert r.exit_code == 0 and "note: site.yaml declares networks.management (10.79.0.0/24): serve " \
+        "the management API there with --management-listen" in r.output
+    r = install_with("--listen", "10.79.0.3:8080", "--management-listen", "10.77.0.3:9090")
+    assert r.exit_code == 2
+    assert "--listen 10.79.0.3:8080 is not on site.yaml networks.pxe (10.77.0.0/24)" in r.output
+    assert "--management-listen 10.77.0.3:9090 is not on site.yaml networks.management" in r.output
+    assert not (tmp_path / "root").exists()
+    r = install_with("--listen", "10.77.0.3:8080", "--management-listen", "10.79.0.3:8080")
+    assert r.exit_code == 0, r.output

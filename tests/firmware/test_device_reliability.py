@@ -275,8 +275,8 @@ def test_abandoned_transfers_hold_slots_only_within_the_bound(rig):
     assert p.returncode == 0, err
     got = json.loads(out)
     # The timeout option above CLIENT_TIMEOUT_MAX_S is not acknowledged; tsize is. When the
-    # heap is short after the floods a request is refused as busy (or lost: the client would
-    # ask again), never served with the client's 255 s.
+    # heap is short after the floods a request is dropped (None: the client would ask again),
+    # never served with the client's 255 s.
     oacks = [f for f in got["first"] if f and f.startswith("oack:")]
     assert oacks and all("timeout" not in f and "tsize" in f for f in oacks), got
     assert all(f is None or f in oacks or f == "error" for f in got["first"]), got

@@ -1098,7 +1098,7 @@ def probe_heap(b: Bench, size: int) -> Probe:
         probe.code, probe.peak = figures["code"], figures["peak"]
         probe.refused = [
             str(e.get("reason")) for e in list(fw.events)
-            if e.get("ev") == "tftp" and e.get("stage") == "refused"
+            if e.get("ev") == "tftp" and e.get("stage") in ("refused", "dropped")
         ]  # fmt: skip
     finally:
         fw.problems[:] = kept

@@ -38,6 +38,7 @@ import copy
 import logging
 import re
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -54,6 +55,10 @@ KEEP_ALIVE_S = 5
 
 
 class DescriptorLimitError(RuntimeError):
+    pass
+
+
+class ListenerError(RuntimeError):
     pass
 
 
@@ -89,6 +94,32 @@ def connection_cap(wanted: int, nofile: int, tftp_transfers: int = 0) -> int:
             "service unit)"
         )
     return min(wanted, fits)
+
+
+def bind_listener(address: tuple[str, int], option: str, interface: str | None = None) -> socket.socket:
+    """A TCP socket bound to HOST:PORT, as uvicorn binds its own (SO_REUSEADDR), for a server
+    with more than one listener (bastion.api.listeners); ListenerError names the option when it
+    cannot be bound. `interface`: it takes connections arriving on that interface only
+    (SO_BINDTODEVICE, allowed without privileges since Linux 5.7): Linux accepts a connection to
+    a local address on any interface (the weak host model), so an address alone does not keep
+    another network's hosts out."""
+    host, port = address
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ListenerError(f"{option} {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        where = f"{option} {host}:{port}" + (f" on {interface}" if interface else "")
+        raise ListenerError(f"{where}: cannot listen: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class BoundedHttpProtocol(GrubHttpToolsProtocol):

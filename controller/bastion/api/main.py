@@ -15,6 +15,7 @@ from bastion import __version__
 from bastion.api import (assets, boot, console_page, consoles, dashboard, device, events, groups,
                          journal, machines, operator, profiles, system, ups)  # fmt: skip
 from bastion.api.deps import GroupCommit, Runtime
+from bastion.api.listeners import ListenerSplit, boot_path_patterns
 from bastion.api.limits import BodyLimits
 from bastion import paths
 from bastion.boot import Provisioning
@@ -43,6 +44,9 @@ Edge Bastion's boot controller.
   and every read that may show secrets, needs `Authorization: Bearer <token>`.
 * **system**: health, Prometheus metrics, site status and reload.
 * **dashboard**: `/dashboard` (and `/`), a live page for people.
+
+With `--management-listen`, only boot, assets, `/journal/upload` and `/healthz` are served on
+`--listen` (the PXE LAN); everything else is on the management listener (docs/network.md).
 """
 
 
@@ -166,6 +170,13 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (machines, device, consoles, profiles, groups, events, operator, ups):
         api.include_router(module.router)
     app.include_router(api)
+    if settings.management_listen is not None:
+        # outermost, around BootFastPath: a management path on the boot listener is refused
+        # before anything else
+        boot_routes = [*boot.router.routes, *assets.router.routes, *journal.router.routes]
+        app.add_middleware(ListenerSplit, management=settings.management_listen,
+                           boot_paths=boot_path_patterns(boot_routes),
+                           on_refusal=metrics.listener_refusals.inc)  # fmt: skip
     return app
 
 

@@ -186,10 +186,12 @@ def recorded_sha256(assets: Path, version: str) -> dict[str, str]:
 
 
 def plan(section: Any, site_name: str, entries: list[Entry],
-         sha256: Mapping[str, str] | None = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
+         sha256: Mapping[str, str] | None = None,
+         networks: Any = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
     """Each node's plan, by machine name, and the problems that prevent one. `sha256`: the k3s
     binary's by architecture (site.yaml's cluster.k3s.sha256 over what the fetch recorded);
-    None: site.yaml's alone."""
+    None: site.yaml's alone. `networks`: site.yaml's (a schema.NetworksSection), which puts
+    k3s's traffic on the cluster network and ingress on the ingress network (node_networks)."""
     sums = dict(section.k3s.sha256 if sha256 is None else sha256)
     problems: list[Problem] = []
     unfetched: set[str] = set()
@@ -229,6 +231,18 @@ def plan(section: Any, site_name: str, entries: list[Entry],
         if e.fields.wireguard is not None and e.fields.wireguard.enabled and section.wireguard is None:
             problem(e, "wireguard", "site.yaml cluster: has no wireguard: section")
             bad = True
+        if networks is not None and networks.cluster is not None and not (e.fields.networks or {}).get("cluster"):
+            problem(e, "networks", f"a k3s node needs its address on networks.cluster "
+                                   f"({networks.cluster.subnet}), where k3s's traffic goes: "
+                                   "networks: {cluster: ADDRESS}")  # fmt: skip
+            bad = True
+        if networks is not None and e.fields.mac is None and not (networks.pxe and networks.pxe.interface):
+            tagged = [n for n in ("cluster", "ingress") if getattr(networks, n) is not None
+                      and getattr(networks, n).vlan is not None and (e.fields.networks or {}).get(n)]  # fmt: skip
+            if tagged:
+                problem(e, "mac", f"its VLANs ({', '.join(tagged)}) go on the interface it boots "
+                                  "from: give its mac, or site.yaml networks.pxe.interface")  # fmt: skip
+                bad = True
         if not bad:
             ok.append(e)
 
@@ -243,13 +257,18 @@ def plan(section: Any, site_name: str, entries: list[Entry],
         return {}, problems
     first = marked[0] if marked else servers[0]
     server_url = section.server_url
+    joined_at = first.address
+    if networks is not None and networks.cluster is not None:
+        joined_at = (first.fields.networks or {}).get("cluster")
+        if joined_at is None:
+            return {}, problems  # reported above
     if server_url is None:
-        if first.address is None:
+        if joined_at is None:
             problem(first, "address", f"{first.name} starts the cluster: give it its fixed address "
                                       "(a DHCP reservation) so that the others can join it, or set "
                                       "site.yaml cluster.server_url")  # fmt: skip
             return {}, problems
-        server_url = _server_url(first.address)
+        server_url = _server_url(joined_at)
 
     tunnels = _tunnel_addresses(section.wireguard, entries, problem) if section.wireguard else {}
     if problems:
@@ -268,6 +287,9 @@ def plan(section: Any, site_name: str, entries: list[Entry],
         args += ["--node-name", e.name, "--token-file", TOKEN_FILE]
         if server:
             args += ["--agent-token-file", AGENT_TOKEN_FILE, "--tls-san", _url_host(server_url)]
+        on_networks = node_networks(networks, e, server) if networks is not None else None
+        if on_networks is not None:
+            args += on_networks["args"]
         args += list(section.k3s.args)
         args += list(section.k3s.server_args if server else section.k3s.agent_args)
         if mk is not None:
@@ -332,8 +354,66 @@ def plan(section: Any, site_name: str, entries: list[Entry],
             "registries_yaml": cache,
             "disk": disk,
             "wireguard": wireguard,
+            # site.yaml networks: the node's addresses and the systemd-networkd files for them
+            "networks": on_networks["addresses"] if on_networks else None,
+            "network_files": on_networks["files"] if on_networks else [],
         }
     return nodes, problems
+
+
+def vlan_interface(net: Any) -> str:
+    """The nodes' interface on a network: its own name, or vlan<id>."""
+    return net.interface or f"vlan{net.vlan}"
+
+
+def node_networks(networks: Any, e: Entry, server: bool) -> dict:
+    """Where a node's k3s traffic and ingress go (site.yaml networks:, docs/network.md):
+
+    - cluster: --node-ip (and --advertise-address on a server) is the node's cluster address,
+      --flannel-iface the interface it is on, so that the API, etcd, kubelet and the pod overlay
+      (flannel's VXLAN) run there and not on the PXE LAN;
+    - ingress: --node-external-ip is the node's ingress address: what k3s's ServiceLB reports
+      as a LoadBalancer service's address, so clients reach the ingress there.
+
+    And the systemd-networkd files that give the node those addresses: a VLAN on the interface
+    it booted from (matched by its MAC, or networks.pxe.interface), which stays on DHCP as it
+    booted, or a NIC of its own (`interface`). A dict: args, addresses, files."""
+    own = e.fields.networks or {}
+    args: list[str] = []
+    addresses: dict[str, dict] = {}
+    files: list[dict] = []
+    vlans: list[str] = []
+    for name in ("cluster", "ingress"):
+        net = getattr(networks, name)
+        ip = own.get(name)
+        if net is None or ip is None:
+            continue
+        iface = vlan_interface(net)
+        prefix = ipaddress.ip_network(net.subnet).prefixlen
+        addresses[name] = {"ip": ip, "interface": iface, "subnet": net.subnet, "vlan": net.vlan}
+        if name == "cluster":
+            args += ["--node-ip", ip, "--flannel-iface", iface]
+            if server:
+                args += ["--advertise-address", ip]
+        else:
+            args += ["--node-external-ip", ip]
+        if net.vlan is not None:
+            vlans.append(iface)
+            files.append({"path": f"/etc/systemd/network/20-{name}.netdev", "contents": (
+                f"# Written by Edge Bastion: site.yaml networks.{name}\n"
+                f"[NetDev]\nName={iface}\nKind=vlan\n\n[VLAN]\nId={net.vlan}\n")})  # fmt: skip
+        files.append({"path": f"/etc/systemd/network/20-{name}.network", "contents": (
+            f"# Written by Edge Bastion: {e.name} on site.yaml networks.{name} ({net.subnet})\n"
+            f"[Match]\nName={iface}\n\n[Network]\nAddress={ip}/{prefix}\n"
+            "LinkLocalAddressing=no\n")})  # fmt: skip
+    if vlans:
+        pxe = networks.pxe
+        match = f"Name={pxe.interface}" if pxe is not None and pxe.interface else f"MACAddress={e.fields.mac}"
+        lines = [("# Written by Edge Bastion: the interface this node boots from (site.yaml "
+                  "networks.pxe), on DHCP as it booted, carrying its VLANs"),
+                 "[Match]", match, "", "[Network]", "DHCP=ipv4", *(f"VLAN={v}" for v in vlans)]  # fmt: skip
+        files.insert(0, {"path": "/etc/systemd/network/10-pxe.network", "contents": "\n".join(lines) + "\n"})
+    return {"args": args, "addresses": addresses, "files": files}
 
 
 def heartbeat_every(heartbeat: Any) -> int:

@@ -49,10 +49,14 @@ def _nodes_for(arch):
 @lab_group.command("up")
 @_arch_option
 @_lab_options
-def up(arch, name, prefix, workdir, accel):
+@click.option("--management-prefix", metavar="PREFIX",
+              help="Also a management network, PREFIX.0/24 (e.g. 10.79.0): the controller's "
+                   "management listener on its own bridge, the boot endpoints alone on the "
+                   "site LAN (docs/network.md).")  # fmt: skip
+def up(arch, name, prefix, workdir, accel, management_prefix):
     """Build the lab (removing a stale one first) and leave it running."""
     try:
-        _lab(name, prefix, workdir, accel).up(_nodes_for(arch))
+        Lab(name, prefix, workdir, accel, management_prefix).up(_nodes_for(arch))
     except LabError as e:
         raise click.ClickException(str(e)) from None
 

@@ -171,9 +171,14 @@ def router_command(net: LabNet, leases: Path) -> list[str]:
 
 class Lab:
     def __init__(self, name: str = "eb", prefix: str = "10.77.0", workdir: Path | None = None,
-                 accel: str = "tcg"):
-        self.net = LabNet(name, prefix)
+                 accel: str = "tcg", management_prefix: str | None = None):
         self.workdir = (workdir or paths.var_dir() / "lab" / name).resolve()
+        # a management network of its own (LabNet): given, or the one this lab was made with
+        # (`bastion lab status` and `lab wire` name the lab by its name and prefix only)
+        remembered = self.workdir / "management-prefix"
+        if management_prefix is None and remembered.is_file():
+            management_prefix = remembered.read_text().strip() or None
+        self.net = LabNet(name, prefix, management_prefix)
         self.accel = accel
         self.flash = self.workdir / "flash"
         self.site = self.workdir / "site"
@@ -186,7 +191,16 @@ class Lab:
     # -- paths and URLs ---------------------------------------------------------------------
     @property
     def controller_url(self) -> str:
+        """The controller's boot endpoints, on the PXE LAN."""
         return f"http://{self.net.controller_ip}:{CONTROLLER_PORT}"
+
+    @property
+    def management_url(self) -> str:
+        """The controller's management API and dashboard: on the management network when the
+        lab has one (its management listener), else the one listener."""
+        if self.net.management_prefix is None:
+            return self.controller_url
+        return f"http://{self.net.controller_mgmt_ip}:{CONTROLLER_PORT}"
 
     def nodes(self) -> list[Node]:
         f = self.workdir / "nodes.json"
@@ -347,9 +361,12 @@ class Lab:
             for n in nodes
         ]}
         (site / "machines.yaml").write_text(yaml.safe_dump(machines, sort_keys=False))
-        (site / "site.yaml").write_text(f"site: lab-{self.net.name}\ncontroller_url: {url}\n"
-                                        + (yaml.safe_dump(site_extra, sort_keys=False)
-                                           if site_extra else ""))  # fmt: skip
+        site_yaml = f"site: lab-{self.net.name}\ncontroller_url: {url}\n"
+        if self.net.management_prefix:
+            site_yaml += (f"networks:\n  pxe:\n    subnet: {self.net.prefix}.0/24\n"
+                          f"  management:\n    subnet: {self.net.management_prefix}.0/24\n")  # fmt: skip
+        (site / "site.yaml").write_text(site_yaml + (yaml.safe_dump(site_extra, sort_keys=False)
+                                                     if site_extra else ""))  # fmt: skip
         (site / "ignition/lab-node.yaml").write_text(LAB_BUTANE)
 
     # -- QEMU ------------------------------------------------------------------------------
@@ -459,7 +476,8 @@ class Lab:
             self.token_file.write_text(secrets.token_urlsafe(24) + "\n")
             self.token_file.chmod(0o600)
         atomic.write_json(self.workdir / "nodes.json", [asdict(n) for n in nodes])  # type: ignore[arg-type]
-        progress(f"creating namespaces {self.net.lan}, {self.net.router}")
+        atomic.write_text(self.workdir / "management-prefix", (self.net.management_prefix or "") + "\n")
+        progress(f"creating namespaces {', '.join(self.net.namespaces)}")
         self.net.create()
         for n in nodes:
             self.net.add_tap(n.tap)
@@ -476,8 +494,10 @@ class Lab:
             self.net.prefix, "--workdir", str(self.workdir), "--accel", self.accel,
         ], netns=self.net.lan, log=self.logs / "wiring.log")
         self.wait_ready()
+        management = (f", management {self.management_url}"
+                      if self.net.management_prefix else "")  # fmt: skip
         progress(f"lab {self.net.name} is up: device {self.net.device_ip}, "
-                 f"controller {self.controller_url}, router {self.net.router_ip}")
+                 f"controller {self.controller_url}{management}, router {self.net.router_ip}")
 
     def controller_command(self) -> list[str]:
         return [
@@ -489,7 +509,10 @@ class Lab:
             "--device", str(self.serial),
             # The nodes' serial consoles, through the device (docs/consoles.md).
             "--console-dir", str(self.workdir / "consoles"),
-        ]
+        ] + (["--management-listen", f"{self.net.controller_mgmt_ip}:{CONTROLLER_PORT}",
+              # br1: the management bridge (LabNet); connections to that address arriving on
+              # br0, from the PXE LAN, are refused
+              "--management-interface", "br1"] if self.net.management_prefix else [])
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -504,15 +527,15 @@ class Lab:
 
     def http(self, path: str, check: bool = True, method: str = "GET",
              data: str | None = None, token: bool = False) -> str | None:
-        """An HTTP request to the controller from inside the LAN namespace (curl): the body
-        of a 2xx answer; otherwise None, or with check a LabError with the controller's
-        words."""
+        """An HTTP request to the controller from inside the LAN namespace (curl), to its
+        management URL (which serves the boot endpoints too): the body of a 2xx answer;
+        otherwise None, or with check a LabError with the controller's words."""
         cmd = ["curl", "-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]
         if token and self.token_file.exists():
             cmd += ["-H", f"Authorization: Bearer {self.token_file.read_text().strip()}"]
         if data is not None:
             cmd += ["-H", "Content-Type: application/json", "--data", data]
-        r = Namespace(self.net.lan).run(*cmd, self.controller_url + path, capture_output=True,
+        r = Namespace(self.net.lan).run(*cmd, self.management_url + path, capture_output=True,
                                         text=True)  # fmt: skip
         body, _, code = r.stdout.rpartition("\n")
         if r.returncode == 0 and code.startswith("2"):

@@ -423,10 +423,16 @@ def run_with_cleanup(main: Callable[[], int], cleanup: Callable[[], None],
 
 @dataclass
 class LabNet:
-    """Addresses and names of one lab. All addresses exist only inside its namespaces."""
+    """Addresses and names of one lab. All addresses exist only inside its namespaces.
+
+    With `management_prefix`, the controller host (the LAN namespace) has a second bridge, the
+    management network (docs/network.md): br1 with the controller's management address, an
+    operator's namespace (`mgmt`) on it, and a namespace for any other machine on the PXE LAN
+    (`pxe_host`, on br0), from which the management side must be out of reach."""
 
     name: str = "eb"
     prefix: str = "10.77.0"  # the site LAN is prefix.0/24
+    management_prefix: str | None = None  # the management network is management_prefix.0/24
 
     @property
     def lan(self) -> str:
@@ -436,10 +442,26 @@ class LabNet:
     def router(self) -> str:
         return f"{self.name}-rt"
 
+    @property
+    def mgmt(self) -> str:
+        return f"{self.name}-mg"
+
+    @property
+    def pxe_host(self) -> str:
+        return f"{self.name}-px"
+
     router_ip = property(lambda self: f"{self.prefix}.1")
     device_ip = property(lambda self: f"{self.prefix}.2")
     controller_ip = property(lambda self: f"{self.prefix}.3")
+    pxe_host_ip = property(lambda self: f"{self.prefix}.50")  # outside the router's pool
     pool = property(lambda self: (f"{self.prefix}.100", f"{self.prefix}.199"))
+    controller_mgmt_ip = property(lambda self: f"{self.management_prefix}.3")
+    operator_ip = property(lambda self: f"{self.management_prefix}.10")
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        extra = (self.mgmt, self.pxe_host) if self.management_prefix else ()
+        return (self.lan, self.router, *extra)
 
     @property
     def ula_prefix(self) -> str:
@@ -470,6 +492,22 @@ class LabNet:
         # A socket can only send to 255.255.255.255 (proxyDHCP replies) with a route: the
         # router is the LAN's gateway, as at a real site.
         lan.ip("route", "add", "default", "via", self.router_ip)
+        if self.management_prefix:
+            self._create_management(lan)
+
+    def _create_management(self, lan: Namespace) -> None:
+        lan.ip("link", "add", "br1", "type", "bridge")
+        lan.ip("link", "set", "br1", "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        lan.ip("addr", "add", f"{self.controller_mgmt_ip}/24", "dev", "br1")
+        lan.ip("link", "set", "br1", "up")
+        for ns_name, port, bridge, ip in ((self.mgmt, "br-mg", "br1", self.operator_ip),
+                                          (self.pxe_host, "br-px", "br0", self.pxe_host_ip)):  # fmt: skip
+            other = Namespace(ns_name).create()
+            lan.veth(port, other, "eth0")
+            lan.ip("link", "set", port, "master", bridge, "up")
+            other.ip("addr", "add", f"{ip}/24", "dev", "eth0")
+            other.ip("link", "set", "eth0", "up")
+            other.ip("link", "set", "lo", "up")
 
     def add_tap(self, tap: str) -> None:
         lan = Namespace(self.lan)
@@ -478,12 +516,13 @@ class LabNet:
 
     def exists(self) -> bool:
         have = namespaces()
-        return self.lan in have or self.router in have
+        return any(ns in have for ns in self.namespaces)
 
 
 def teardown(net: LabNet, procs: Supervisor | None = None) -> list[str]:
     """Remove a lab (or what is left of a killed one). Returns what was removed."""
     removed = procs.stop_all() if procs is not None else []
-    for ns in (net.lan, net.router):
+    # the management bridge's namespaces too: what a killed two-bridge lab of this name left
+    for ns in dict.fromkeys((*net.namespaces, net.mgmt, net.pxe_host)):
         removed += remove_namespace(ns)
     return removed

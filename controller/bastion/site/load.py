@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import gzip
+import ipaddress
 import json
 import posixpath
 import urllib.parse
@@ -331,6 +332,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         defaults=model.defaults,
         logs=model.logs,
         ups=model.ups,
+        networks=model.networks,
     )
 
 
@@ -345,6 +347,75 @@ def _check_settings_refs(ld: _Loader, settings: SiteSettings, profiles: dict[str
     for role, pid in settings.roles.items():
         if _unknown(ld, pid, profiles):
             ld.problem("site.yaml", None, f"roles.{role}", _no_profile(pid))
+    if settings.networks is not None:
+        _check_pxe_side(ld, settings)
+
+
+def _check_pxe_side(ld: _Loader, settings: SiteSettings) -> None:
+    """With networks: declared, what the nodes and the device reach while booting is on the
+    PXE LAN: the controller's boot URL, the device, the TFTP server its offers name."""
+    pxe = settings.networks.pxe
+    if pxe is None:
+        ld.problem("site.yaml", None, "networks.pxe", "is required with networks: the LAN the "
+                   "device answers on and the nodes boot from")  # fmt: skip
+        return
+    places = []
+    host = urllib.parse.urlsplit(settings.controller_url).hostname if settings.controller_url else None
+    if host is not None:
+        places.append(("controller_url", host, "the nodes fetch their boot scripts there"))
+    if settings.device is not None:
+        places.append(("device.ip", settings.device.ip, "the device answers PXE there"))
+        if settings.device.next_server is not None:
+            places.append(("device.next_server", settings.device.next_server,
+                           "the nodes fetch their boot files there"))  # fmt: skip
+    for field, address, why in places:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue  # a host name: nothing to check here
+        if ip not in pxe.network:
+            ld.problem("site.yaml", None, field, f"{address} is not on networks.pxe ({pxe.subnet}): "
+                       f"{why}")  # fmt: skip
+
+
+def _check_machine_networks(ld: _Loader, settings: SiteSettings, entry: Any, where: str, at: Any,
+                            taken: dict[str, str]) -> bool:  # fmt: skip
+    """A machine's `address` on the PXE LAN and its `networks:` addresses on the networks
+    site.yaml declares; `taken`: address -> who has it. False when something is wrong."""
+    rel = "machines.yaml"
+    nets = settings.networks
+    ok = True
+    if entry.networks and nets is None:
+        ld.problem(rel, at("networks"), f"{where}.networks", "site.yaml declares no networks:")
+        return False
+    if nets is None:
+        return True
+    pxe = nets.pxe
+    if entry.address is not None and pxe is not None and ipaddress.ip_address(entry.address) not in pxe.network:
+        ld.problem(rel, at("address"), f"{where}.address",
+                   f"{entry.address} is not on networks.pxe ({pxe.subnet}), the LAN the machine "
+                   "boots from")  # fmt: skip
+        ok = False
+    for name, address in (entry.networks or {}).items():
+        field = f"{where}.networks.{name}"
+        net = getattr(nets, name, None) if name in schema.NODE_NETWORKS else None
+        if name not in schema.NODE_NETWORKS:
+            ld.problem(rel, at("networks"), field,
+                       f"{name!r}: a node has addresses of its own on {' and '.join(schema.NODE_NETWORKS)} "
+                       "(its PXE LAN address is `address`)")  # fmt: skip
+            ok = False
+        elif net is None:
+            ld.problem(rel, at("networks"), field, f"site.yaml declares no networks.{name}")
+            ok = False
+        elif ipaddress.ip_address(address) not in net.network:
+            ld.problem(rel, at("networks"), field, f"{address} is not on networks.{name} ({net.subnet})")
+            ok = False
+        elif address in taken:
+            ld.problem(rel, at("networks"), field, f"{address} is also {taken[address]}")
+            ok = False
+        else:
+            taken[address] = field
+    return ok
 
 
 def _no_profile(pid: str) -> str:
@@ -370,6 +441,7 @@ def _load_machines(
     by_uuid: dict[str, int] = {}
     by_relay: dict[int, int] = {}
     by_address: dict[str, int] = {}
+    taken_addresses: dict[str, str] = {}  # networks: addresses, which machine has each
     entries: list[cluster.Entry] = []
     lines_at: dict[int, Any] = {}
     for i, entry in enumerate(model.machines):
@@ -409,6 +481,8 @@ def _load_machines(
         if entry.power is not None and entry.relay is None:
             ld.problem(rel, at("power"), f"{where}.power",
                        "needs relay: the operator switches a machine's power through its relay")
+            continue
+        if not _check_machine_networks(ld, settings, entry, where, at, taken_addresses):
             continue
         if entry.relay is not None:
             if entry.relay in by_relay:
@@ -514,7 +588,7 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
             ld.problem("site.yaml", None, "cluster", "no machine in machines.yaml has role: server")
         return machines
     sums = _k3s_sums(ld, section)
-    plans, problems = cluster.plan(section, settings.name, nodes, sums)
+    plans, problems = cluster.plan(section, settings.name, nodes, sums, networks=settings.networks)
     for p in problems:
         if p.index is None:
             ld.problem(p.file, None, p.field, p.message)

@@ -851,6 +851,117 @@ class UpsSection(_Strict):
         return self
 
 
+# --- the site's networks (docs/network.md) ---------------------------------------------------
+
+# pxe: the LAN the device answers on and the nodes boot from (the controller's --listen);
+# management: the operators' (the controller's --management-listen); cluster: k3s's own traffic
+# between nodes (node-ip, flannel); ingress: where the cluster's services are reached.
+NETWORK_NAMES = ("pxe", "management", "cluster", "ingress")
+# the networks a node has an address of its own on, besides the PXE LAN (machines.yaml networks:)
+NODE_NETWORKS = ("cluster", "ingress")
+_IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")  # Linux: at most 15 characters
+
+
+class Network(_Strict):
+    subnet: str = Field(description="the network's IPv4 subnet, e.g. 10.88.0.0/24")
+    vlan: int | None = _int(1, 4094, "its 802.1Q VLAN id (unset: untagged)")
+    interface: str | None = Field(
+        default=None,
+        description="the nodes' interface on it: a NIC of its own (eth1) or, with vlan, the VLAN "
+        "interface's name (default vlan<id>, on the interface the node boots from)",
+    )
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v, strict=False)
+        except ValueError:
+            net = None
+        if net is None or "/" not in v:
+            raise ValueError(f"{v!r} is not an IPv4 subnet (ADDRESS/PREFIX, e.g. 10.88.0.0/24)")
+        if net.network_address != ipaddress.IPv4Address(v.split("/")[0]):
+            raise ValueError(f"{v!r} has host bits set: the subnet is {net}")
+        return str(net)
+
+    @field_validator("interface")
+    @classmethod
+    def _ifname(cls, v: str | None) -> str | None:
+        if v is not None and not _IFNAME.match(v):
+            raise ValueError(f"{v!r} is not an interface name (at most 15 letters, digits, '.', '-', '_')")
+        return v
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+
+class NetworksSection(_Strict):
+    """site.yaml `networks:` -- the site's networks by what they carry (NETWORK_NAMES)."""
+
+    pxe: Network | None = None
+    management: Network | None = None
+    cluster: Network | None = None
+    ingress: Network | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            unknown = [str(k) for k in v if k not in NETWORK_NAMES]
+            if unknown:
+                raise ValueError(f"{', '.join(map(repr, unknown))}: not a network this site knows "
+                                 f"({', '.join(NETWORK_NAMES)})")  # fmt: skip
+        return v
+
+    @model_validator(mode="after")
+    def _apart(self) -> NetworksSection:
+        seen: list[tuple[str, Network]] = []
+        for name, net in self.declared():
+            for other, before in seen:
+                if net.network.overlaps(before.network):
+                    raise ValueError(f"{name} ({net.subnet}) overlaps {other} ({before.subnet}): "
+                                     "the networks must not share addresses")  # fmt: skip
+                if net.vlan is not None and net.vlan == before.vlan:
+                    raise ValueError(f"{name} and {other} are both VLAN {net.vlan}")
+            if name in NODE_NETWORKS and net.vlan is None and net.interface is None:
+                raise ValueError(f"{name}: give its vlan (tagged on the interface the nodes boot "
+                                 "from) or its interface (a NIC of its own on the nodes)")  # fmt: skip
+            seen.append((name, net))
+        return self
+
+    def declared(self) -> list[tuple[str, Network]]:
+        return [(name, getattr(self, name)) for name in NETWORK_NAMES if getattr(self, name) is not None]
+
+    def listener_problems(self, boot: tuple[str, int], management: tuple[str, int] | None) -> list[str]:
+        """What is wrong with the controller's listeners on these networks: an address off its
+        network."""
+        out = []
+        for option, where, name in (("--listen", boot, "pxe"), ("--management-listen", management, "management")):
+            net = getattr(self, name)
+            if where is None or net is None:
+                continue
+            try:
+                ip = ipaddress.ip_address(where[0])
+            except ValueError:
+                continue  # a host name
+            if not ip.is_unspecified and ip not in net.network:
+                out.append(f"{option} {where[0]}:{where[1]} is not on site.yaml networks.{name} ({net.subnet})")
+        return out
+
+    def management_unserved(self, management: tuple[str, int] | None) -> str | None:
+        """What to say when the site has a management network and no management listener."""
+        if management is None and self.management is not None:
+            return (f"site.yaml declares networks.management ({self.management.subnet}): serve "
+                    "the management API there with --management-listen, not on the PXE LAN")
+        return None
+
+    def of(self, address: str) -> str | None:
+        """The name of the declared network `address` is in, else None."""
+        ip = ipaddress.ip_address(address)
+        return next((name for name, net in self.declared() if ip in net.network), None)
+
+
 class SiteFile(_Strict):
     """site.yaml"""
 
@@ -885,6 +996,10 @@ class SiteFile(_Strict):
     )
     ups: UpsSection | None = Field(
         default=None, description="the site's UPS (NUT's upsd) and the power-cut policy"
+    )
+    networks: NetworksSection | None = Field(
+        default=None, description="the site's networks: PXE LAN, management, cluster, ingress "
+        "(docs/network.md)",
     )
 
     @field_validator("controller_url")
@@ -932,6 +1047,11 @@ class MachineEntry(_Strict):
     disk: MachineDisk | None = None
     k3s: MachineK3s | None = None
     wireguard: MachineWireguard | None = None
+    networks: dict[str, str] | None = Field(
+        default=None,
+        description="its address on each of site.yaml's node networks (cluster, ingress), "
+        "e.g. {cluster: 10.90.0.21}",
+    )
     # desired state (bastion.operator); site.yaml `defaults:` for what is not set here
     power: Literal["on", "off"] | None = Field(
         default=None,
@@ -951,6 +1071,11 @@ class MachineEntry(_Strict):
     check_reprovision = field_validator("reprovision", mode="before")(_token)
 
     check_address = field_validator("address")(_ip)
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return {k: _ipv4(str(a)) for k, a in v.items()} if v is not None else v
 
     @field_validator("disk", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from bastion_testkit import TOKEN, auth, write_assets
 from fastapi.testclient import TestClient
 
 NODE = ("10.77.0.21", 40000)  # the node's address, as iPXE and then Ignition use it
+NODE3 = ("10.77.0.23", 40000)  # n3's own: no two machines share an address
 OTHER = ("10.77.0.66", 40000)  # another host on the LAN
 N1_MAC = "52:54:00:00:00:01"
 N2_MAC = "52:54:00:00:00:02"
@@ -54,7 +55,7 @@ GENERIC = "TOKEN={{ secrets.token }}\n"
 
 
 def make_site(root: Path) -> Path:
-    """n1 and n3 hold secrets (at the node's address, as the site loader requires), n2 not."""
+    """n1 and n3 hold secrets (each at its own address, as the site loader requires), n2 not."""
     site = root / "site"
     for d in ("profiles", "ignition", "generic"):
         (site / d).mkdir(parents=True)
@@ -63,7 +64,7 @@ def make_site(root: Path) -> Path:
         "machines:\n"
         f"  - name: n1\n    mac: {N1_MAC}\n    role: secret\n    address: {NODE[0]}\n"
         f"  - name: n2\n    mac: {N2_MAC}\n    role: plain\n"
-        f"  - name: n3\n    mac: {N3_MAC}\n    role: secret\n    address: {NODE[0]}\n"
+        f"  - name: n3\n    mac: {N3_MAC}\n    role: secret\n    address: {NODE3[0]}\n"
     )
     kernel = (
         "kernel: /assets/flatcar/amd64/flatcar_production_pxe.vmlinuz\n"
@@ -104,6 +105,7 @@ class Controller:
             secrets_for=lambda site, m: {"token": self.store.get_or_create(f"test/{m.name}")},
         )
         self.node = TestClient(self.app, base_url="http://10.77.0.1:8080", client=NODE)
+        self.node3 = TestClient(self.app, base_url="http://10.77.0.1:8080", client=NODE3)
         self.other = TestClient(self.app, base_url="http://10.77.0.1:8080", client=OTHER)
 
     def ignition_url(self, mac: str, loader: str = "ipxe", client: TestClient | None = None) -> str:
@@ -222,14 +224,14 @@ def test_a_newer_boot_script_supersedes_the_older_token(ctl):
 def test_a_used_token_stays_used_after_a_restart(tmp_path):
     first = Controller(tmp_path)
     url = first.ignition_url(N1_MAC)
-    unused = first.ignition_url(N3_MAC)
+    unused = first.ignition_url(N3_MAC, client=first.node3)
     assert first.node.get(url).status_code == 200
     first.runtime.provisioning.tokens.close()
     second = Controller(tmp_path)  # a new process on the same database
     second.clock.t = first.clock.t
     r = second.node.get(url)
     assert r.status_code == 410 and "already used" in r.text
-    assert second.node.get(unused).status_code == 200  # an unused one survives the restart too
+    assert second.node3.get(unused).status_code == 200  # an unused one survives the restart too
 
 
 def test_another_host_cannot_obtain_a_nodes_secrets(ctl):
@@ -273,10 +275,10 @@ def test_a_secret_holding_machine_without_an_address_does_not_load(tmp_path, cli
 
 def test_a_declared_address_gets_the_script_only_there(ctl):
     r = ctl.other.get("/ipxe", params={"mac": N3_MAC})
-    assert r.status_code == 403 and "served only to its address 10.77.0.21" in r.text
+    assert r.status_code == 403 and "served only to its address 10.77.0.23" in r.text
     assert "token=" not in r.text
-    url = ctl.ignition_url(N3_MAC)  # from the node's address
-    assert ctl.node.get(url).status_code == 200
+    url = ctl.ignition_url(N3_MAC, client=ctl.node3)  # from its address
+    assert ctl.node3.get(url).status_code == 200
     first = ctl.events("ignition-token")[0]
     assert first["payload"]["reason"] == "wrong-machine" and first["endpoint"] == "/ipxe"
 
