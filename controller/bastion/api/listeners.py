@@ -67,11 +67,18 @@ class ListenerSplit:
         return any(p.match(path) for p in self.boot_paths)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.on_management_listener(scope) or self.is_boot_path(scope["path"]):
+        if scope["type"] not in ("http", "websocket") or self.on_management_listener(scope) \
+                or self.is_boot_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         if self.on_refusal is not None:
             self.on_refusal()
+        if scope["type"] == "websocket":  # a console stream (bastion.api.consoles) is management
+            await receive()  # websocket.connect
+            # closed before it is accepted: the server answers the handshake with 403
+            await send({"type": "websocket.close", "code": 1008,
+                        "reason": refusal(scope["path"])[:120]})  # fmt: skip
+            return
         body = json.dumps({"detail": refusal(scope["path"])}).encode()
         await send({
             "type": "http.response.start",

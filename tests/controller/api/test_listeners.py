@@ -54,6 +54,21 @@ def test_a_management_write_on_the_boot_listener_is_refused_before_its_token_and
     assert boot.post("/api/v1/reload", headers=auth()).status_code == 403
 
 
+def test_a_console_stream_on_the_boot_listener_is_refused_at_the_handshake(split_app):
+    from starlette.websockets import WebSocketDisconnect
+
+    boot, mgmt = split_app
+    with pytest.raises(WebSocketDisconnect) as e:
+        with boot.websocket_connect("ws://127.0.0.1:8080/api/v1/machines/node1/console/stream"):
+            pass
+    assert e.value.code == 1008 and "boot listener" in e.value.reason
+    with mgmt.websocket_connect("ws://127.0.0.1:9090/api/v1/machines/node1/console/stream") as ws:
+        ws.send_text('{"token": "wrong"}')
+        with pytest.raises(WebSocketDisconnect) as e:
+            ws.receive_bytes()
+        assert e.value.code == 1008 and e.value.reason == "wrong token"
+
+
 @pytest.mark.parametrize("path", BOOT_PATHS)
 def test_boot_paths_are_served_on_both_listeners(split_app, path):
     boot, mgmt = split_app
