@@ -478,10 +478,7 @@ async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64, pu
             except Exception:  # e.g. MemoryError mid-request: count it, keep the line alive
                 console.internal_errors += 1
         if pump is not None:
-            try:
-                pump()
-            except Exception:  # noqa: BLE001 - a console port's fault must not stop the link
-                console.internal_errors += 1
+            pump()  # never raises (firmware/nodecons.py)
         console.tick()
         if checkin is not None:
             checkin()

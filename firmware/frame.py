@@ -137,20 +137,6 @@ def frame_into(buf, payload, mark=TO_HOST):
     return n + 1
 
 
-def seal_into(buf, m, mark=TO_HOST):
-    """Finish a frame whose JSON payload (m bytes) the caller wrote at buf[PAYLOAD:]: the
-    header and the end of line around it, nothing copied; returns the frame's length. For
-    senders that build their payload in place (firmware/nodecons.py). Raises TooLong."""
-    n = _HEAD_LEN + m
-    if n + 1 > len(buf):
-        raise TooLong("frame longer than its buffer")
-    _head_into(buf, mark, crc32(memoryview(buf)[_HEAD_LEN:n]), n)
-    return n + 1
-
-
-PAYLOAD = _HEAD_LEN  # where seal_into wants the payload
-
-
 def decode(line, mark=TO_HOST):
     """The object in one frame, given the line without its end of line; raises Malformed."""
     n = len(line)

@@ -22,7 +22,7 @@ import sys
 
 import asyncio
 
-from firmware.compat import heap_used, sleep_ms, ticks_diff, ticks_ms, unload
+from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms, unload
 from firmware.log import Log
 
 VERSION = "0.2.0"
@@ -38,7 +38,7 @@ STALL_MS = 2000  # a listener that cannot allocate for this long counts as hung
 # Free heap the node consoles need at start: what they hold (about 20 KB with the sim board's
 # four channels on the 64-bit port, less on a 32-bit board) plus the 12 KB the services keep
 # for their own work.
-NODECONS_MIN_FREE = 32 * 1024
+NODECONS_MIN_FREE = const(32768)
 
 
 def _options(argv):
@@ -199,26 +199,6 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
         console.live["net"] = net.status
     if board.defn.get("faults"):
         console.add("fault", faults.op, True)
-    pump = None
-    if board.defn.get("node_consoles") and not maintenance:
-        # Node consoles are a help, never a reason for the device to stop. They are loaded
-        # after the services' buffers (they never cost a TFTP slot) and only into a heap that
-        # keeps the services their working room after them (NODECONS_MIN_FREE: on the 64-bit
-        # sim board that is --heap 160k, not the default 128k; docs/consoles.md). Otherwise,
-        # or if they fail, the device runs without them and a nodecons event says why.
-        gc.collect()
-        free = gc.mem_free() if hasattr(gc, "mem_free") else NODECONS_MIN_FREE
-        if free < NODECONS_MIN_FREE:
-            log.count("nodecons.setup_failed")
-            log.event("nodecons", ("error", "free"), ("not enough heap", free))
-        else:
-            try:
-                from firmware.nodecons import start
-
-                pump = start(board, console, log)
-            except (MemoryError, OSError, ValueError) as e:
-                log.count("nodecons.setup_failed")
-                log.event("nodecons", ("error",), (repr(e),))
 
     def console_checkin():
         if "console" not in faults.hung:
@@ -235,6 +215,14 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
         del tasks.deadlines["dhcp"]
         del tasks.deadlines["tftp"]
     await sleep_ms(0)  # let the listeners bind before the boot event says they are up
+    # Node consoles (firmware/nodecons.py): only into a heap with NODECONS_MIN_FREE left once
+    # the services run (on the 64-bit sim board: --heap 160k; docs/consoles.md). Kept to these
+    # few lines: at 128k the sim board has no byte of code to spare.
+    pump = None
+    if board.defn.get("node_consoles") and not maintenance and gc.mem_free() > NODECONS_MIN_FREE:
+        from firmware.nodecons import start
+
+        pump = start(board, console, log)
     gc.collect()
     heap.code = heap.peak = heap._reported = heap_used()
     led = board.led()

@@ -32,6 +32,7 @@ from firmware import frame
 from firmware.compat import const
 
 _MASK = const(0x3FFFFFFF)  # counters and offsets wrap here: small ints, never a bigint
+_AT = const(14)  # where a frame's JSON starts: after "#EB< ", 8 hex digits, " " (firmware.frame)
 _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -76,6 +77,14 @@ def _digits_into(dst, at, v):
             break
         i -= 1
     return at + n
+
+
+def _seal(buf, end):
+    """Finish the frame whose JSON the caller wrote at buf[_AT:end], in place (marker, CRC,
+    end of line: firmware.frame's layout, nothing copied); returns the frame's length. Kept
+    here, not in firmware.frame, so the firmware without consoles does not load it."""
+    frame._head_into(buf, frame.TO_HOST, frame.crc32(memoryview(buf)[_AT:end]), end)
+    return end + 1
 
 
 class Channel:
@@ -150,6 +159,10 @@ class NodeConsoles:
 
     def __init__(self, ports, write, buf, ring_size=1024, tx_size=128, budget=512,
                  frame_max=192, read_max=1024, scratch=256):  # fmt: skip
+        # the longest frame: header, {"cons":N,"at":N,"d":"..."} with frame_max bytes, "\n"
+        if len(buf) < _AT + 48 + (frame_max + 2) // 3 * 4:
+            raise ValueError("nodecons: a %d-byte frame buffer cannot hold a %d-byte frame"
+                             % (len(buf), frame_max))  # fmt: skip
         self.channels = [Channel(ch, port, ring_size, tx_size) for ch, port in ports]
         self.write = write
         self.buf = buf
@@ -160,6 +173,7 @@ class NodeConsoles:
         self._turn = 0  # the channel that sends first this pass
         self.frames = 0
         self.write_errors = 0
+        self.errors = 0  # passes cut short by an error (firmware bug, port fault)
 
     def channel(self, ref):
         for c in self.channels:
@@ -169,7 +183,14 @@ class NodeConsoles:
 
     # --- one pass -----------------------------------------------------------------------
     def pump(self):
-        """Read every port, send at most `budget` bytes, write typed bytes out."""
+        """Read every port, send at most `budget` bytes, write typed bytes out. Never raises:
+        a fault here (a bug, a port gone wrong) is counted, the console's loop goes on."""
+        try:
+            self._pump()
+        except Exception:  # noqa: BLE001 - the serial link must outlive a console's fault
+            self.errors += 1
+
+    def _pump(self):
         scratch = self._scratch
         for c in self.channels:
             got = 0
@@ -202,7 +223,7 @@ class NodeConsoles:
         size = len(c.ring)
         n = min(c.count, size - c.start, self.frame_max, left)
         buf = self.buf
-        at = frame.PAYLOAD
+        at = _AT
         head = c.head
         buf[at : at + len(head)] = head
         at += len(head)
@@ -213,7 +234,7 @@ class NodeConsoles:
         buf[at] = 0x22  # "
         buf[at + 1] = 0x7D  # }
         at += 2
-        m = frame.seal_into(buf, at - frame.PAYLOAD)
+        m = _seal(buf, at)
         try:
             self.write(memoryview(buf)[:m])
         except OSError:
@@ -290,9 +311,20 @@ def ports(defn):
     return out
 
 
-def start(board, console, log=None):
+def start(board, console, log):
     """Build the board's node consoles onto the console (firmware.console.Console): op "cin",
-    `consoles` in hello and status; returns the pump for the console's loop."""
+    `consoles` in hello and status; returns the pump for the console's loop, or None when they
+    cannot start (a nodecons event says why: node consoles are a help, never a reason for the
+    device to stop)."""
+    try:
+        return _start(board, console)
+    except (MemoryError, OSError, ValueError) as e:
+        log.count("nodecons.setup_failed")
+        log.event("nodecons", ("error",), (repr(e),))
+        return None
+
+
+def _start(board, console):
     import gc
 
     sizes = board.defn.get("node_console_buffers") or {}
