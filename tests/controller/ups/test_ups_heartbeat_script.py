@@ -6,6 +6,7 @@ host running the test must not power off, so a script on PATH writes down what i
 from __future__ import annotations
 
 import shutil
+import re
 import socket
 import subprocess
 import threading
@@ -48,6 +49,9 @@ def controller(tmp_path):
     write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
     fetch_k3s_into(site, "v1.31.4+k3s1")
     text = (site / "site.yaml").read_text().replace("http://192.168.1.10:8080", f"http://127.0.0.1:{port}")
+    # the controller is on loopback here, not on the example's PXE LAN: its networks: must go
+    text = re.sub(r"\nnetworks:\n(?:[ #].*\n|\n)*", "\n", text)
+    assert "networks:" not in text and "ups:" not in text
     (site / "site.yaml").write_text(text + "ups:\n  name: eaton\n  poll_s: 1\n  on_battery_s: 0\n")
     with NutServer(tmp_path / "nut") as nut:
         app = create_app(Settings(site_dir=site, db_path=tmp_path / "events.db", api_token=TOKEN,
