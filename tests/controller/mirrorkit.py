@@ -352,3 +352,30 @@ def fetch_k3s_into(
         release = publish_k3s(m, version, arches, size=size)
         fetch_k3s(K3sRequest(site, version, arches, k3s_url(m)))
     return release
+
+
+def home_lab_copy(site: Path, version: str = "v1.31.4+k3s1") -> K3sRelease:
+    """examples/home-lab copied to `site`, with stand-in Flatcar images and a made-up k3s
+    `version` fetched into it as `bastion assets fetch k3s` does; the release (its binaries)."""
+    from bastion_testkit import EXAMPLES, write_assets
+
+    shutil.copytree(EXAMPLES / "home-lab", site)
+    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
+    return fetch_k3s_into(site, version)
+
+
+def render_all(site_dir: Path, store, controller: str = "http://192.168.1.10:8080") -> dict[str, dict]:
+    """Every machine's Ignition config as the controller at `controller` renders it, by name."""
+    from bastion import boot
+    from bastion.model import BootRequest
+    from bastion.render.config import render_ignition
+    from bastion.site.load import load_site
+    from bastion.state.secrets import machine_secrets
+
+    site = load_site(site_dir)
+    out = {}
+    for m in site.machines:
+        group, profile = boot.select(site, {"mac": m.mac})
+        req = BootRequest({"mac": m.mac}, f"mac={m.mac}", controller)
+        out[m.name] = render_ignition(site, group, profile, req, machine_secrets(store, site, m))
+    return out

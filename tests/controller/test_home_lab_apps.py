@@ -9,7 +9,6 @@ Ignition, not written down twice), on nodes that are servers of the site.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import kubernetes_validate
@@ -20,8 +19,8 @@ from bastion.model import BootRequest
 from bastion.render.config import render_ignition
 from bastion.site.load import load_site
 from bastion.state.secrets import SecretStore, machine_secrets
-from bastion_testkit import EXAMPLES, write_assets
-from mirrorkit import fetch_k3s_into
+from bastion_testkit import EXAMPLES
+from mirrorkit import home_lab_copy
 
 HOME_LAB = EXAMPLES / "home-lab"
 APPS = HOME_LAB / "apps"
@@ -101,9 +100,7 @@ def data_mounts(tmp_path_factory) -> dict[str, dict]:
     """Each machine's rendered filesystems (Ignition storage.filesystems) and role, by name."""
     root = tmp_path_factory.mktemp("home-lab")
     site_dir = root / "home-lab"
-    shutil.copytree(HOME_LAB, site_dir)
-    write_assets(site_dir, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
-    fetch_k3s_into(site_dir, k3s_version())
+    home_lab_copy(site_dir, k3s_version())
     site = load_site(site_dir)
     store = SecretStore(root / "secrets")
     out = {}

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from bastion.model import BootRequest
 from bastion import boot
+from bastion.model import BootRequest
 from bastion.render.config import render_ignition
+from bastion.site.load import SiteError, load_site
 from bastion.state.secrets import (
     SecretStore,
     machine_secrets,
     wireguard_private_key,
     wireguard_public_key,
 )
-from bastion.site.load import SiteError, load_site
-from bastion_testkit import EXAMPLES, REPO, assert_valid_ignition, write_assets
-from mirrorkit import K3sRelease, fetch_k3s_into
+from bastion_testkit import EXAMPLES, REPO, assert_valid_ignition
+from mirrorkit import K3sRelease, home_lab_copy, render_all
 from netkit import WireguardNamespace, need_wireguard_tools
 
 HOME_LAB = EXAMPLES / "home-lab"
@@ -46,23 +46,11 @@ def make_home_lab(root: Path, endpoint: str | None = None) -> Path:
     """A copy of examples/home-lab with stand-in Flatcar images and a made-up k3s release,
     fetched as `bastion assets fetch k3s` does (FETCHED[site] has its binaries)."""
     site = root / "home-lab"
-    shutil.copytree(HOME_LAB, site)
-    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
-    FETCHED[site] = fetch_k3s_into(site, VERSION)
+    FETCHED[site] = home_lab_copy(site, VERSION)
     if endpoint:  # wg setconf resolves the endpoint: no DNS in the test's namespace
         text = (site / "site.yaml").read_text().replace("mgmt.example.net:51820", endpoint)
         (site / "site.yaml").write_text(text)
     return site
-
-
-def render_all(site_dir: Path, store: SecretStore) -> dict[str, dict]:
-    site = load_site(site_dir)
-    out = {}
-    for m in site.machines:
-        group, profile = boot.select(site, {"mac": m.mac})
-        req = BootRequest({"mac": m.mac}, f"mac={m.mac}", CONTROLLER)
-        out[m.name] = render_ignition(site, group, profile, req, machine_secrets(store, site, m))
-    return out
 
 
 @pytest.fixture(scope="module")

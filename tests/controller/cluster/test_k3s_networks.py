@@ -9,13 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bastion import boot
-from bastion.model import BootRequest
-from bastion.render.config import render_ignition
 from bastion.site.load import SiteError, load_site
-from bastion.state.secrets import SecretStore, machine_secrets
-from bastion_testkit import EXAMPLES, assert_valid_ignition, write_assets
-from mirrorkit import fetch_k3s_into
+from bastion.state.secrets import SecretStore
+from bastion_testkit import assert_valid_ignition
+from mirrorkit import home_lab_copy, render_all
 
 VERSION = "v1.31.4+k3s1"
 CONTROLLER = "http://192.168.1.10:8080"
@@ -29,9 +26,7 @@ MACS = {"pi1": "dc:a6:32:00:00:01", "nuc1": "1c:69:7a:00:00:01"}
 def fetched(tmp_path_factory) -> Path:
     """examples/home-lab with stand-in Flatcar images and a made-up k3s release, fetched."""
     site = tmp_path_factory.mktemp("home-lab") / "home-lab"
-    shutil.copytree(EXAMPLES / "home-lab", site)
-    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
-    fetch_k3s_into(site, VERSION)
+    home_lab_copy(site, VERSION)
     return site
 
 
@@ -55,16 +50,6 @@ def with_node_networks(site: Path, cluster_extra: str = "", ingress_extra: str =
         machines = re.sub(rf"(  - name: {name}\n)", rf"\1    networks: {nets}\n", machines)
     (site / "machines.yaml").write_text(machines)
     return site
-
-
-def render_all(site_dir: Path, store: SecretStore) -> dict[str, dict]:
-    site = load_site(site_dir)
-    out = {}
-    for m in site.machines:
-        group, profile = boot.select(site, {"mac": m.mac})
-        req = BootRequest({"mac": m.mac}, f"mac={m.mac}", CONTROLLER)
-        out[m.name] = render_ignition(site, group, profile, req, machine_secrets(store, site, m))
-    return out
 
 
 def files_of(config: dict) -> dict[str, str]:

@@ -16,7 +16,7 @@ from bastion.state.install import InstallMarks
 from bastion.state.onetime import IgnitionTokens
 from bastion_testkit import EXAMPLES, write_assets
 from fastapi.testclient import TestClient
-from mirrorkit import fetch_k3s_into
+from mirrorkit import home_lab_copy
 
 
 def app_for(site, **settings):
@@ -36,9 +36,7 @@ def example_site(tmp_path):
 @pytest.fixture
 def home_lab(tmp_path):
     d = tmp_path / "home-lab"
-    shutil.copytree(EXAMPLES / "home-lab", d)
-    write_assets(d, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
-    fetch_k3s_into(d)
+    home_lab_copy(d)
     return d
 
 

@@ -5,7 +5,6 @@ host running the test must not power off, so a script on PATH writes down what i
 
 from __future__ import annotations
 
-import shutil
 import re
 import socket
 import subprocess
@@ -19,8 +18,8 @@ from bastion.model import BootRequest
 from bastion.render.config import render_ignition
 from bastion.site.load import load_site
 from bastion.state.secrets import SecretStore, machine_secrets
-from bastion_testkit import EXAMPLES, TOKEN, write_assets
-from mirrorkit import fetch_k3s_into
+from bastion_testkit import TOKEN
+from mirrorkit import home_lab_copy
 from nutkit import NutServer, connect_in
 from simkit import wait_for
 
@@ -45,9 +44,7 @@ def controller(tmp_path):
 
     port = free_tcp_port()
     site = tmp_path / "home-lab"
-    shutil.copytree(EXAMPLES / "home-lab", site)
-    write_assets(site, ("flatcar/stable/amd64/current", "flatcar/stable/arm64/current"))
-    fetch_k3s_into(site, "v1.31.4+k3s1")
+    home_lab_copy(site)
     text = (site / "site.yaml").read_text().replace("http://192.168.1.10:8080", f"http://127.0.0.1:{port}")
     # the controller is on loopback here, not on the example's PXE LAN: its networks: must go
     text = re.sub(r"\nnetworks:\n(?:[ #].*\n|\n)*", "\n", text)
