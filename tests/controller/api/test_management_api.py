@@ -38,6 +38,7 @@ ADMIN_ROUTES = [
     ("POST", "/api/v1/machines/node1/release", None),
     ("POST", "/api/v1/apply", {}),
     ("GET", "/api/v1/auth", None),
+    ("GET", "/api/v1/machines/node1/console", None),  # a console shows secrets
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ADMIN_ROUTES]
 
@@ -253,6 +254,7 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         ("/api/v1/machines/{name}/reprovision", "POST"), ("/api/v1/machines/{name}", "PATCH"),
         ("/api/v1/machines/{name}/hold", "POST"), ("/api/v1/machines/{name}/release", "POST"),
         ("/api/v1/apply", "POST"), ("/api/v1/auth", "GET"),
+        ("/api/v1/machines/{name}/console", "GET"),
     }  # fmt: skip
     assert len(secured) == len(ADMIN_ROUTES)
 
