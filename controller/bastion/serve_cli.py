@@ -30,6 +30,7 @@ def serve(log_level, access_log, **given) -> None:
     it); the command line wins."""
     import uvicorn
 
+    from bastion.api import boot as boot_api
     from bastion.api import httpserver
     from bastion.api.main import create_app
     from bastion.site.load import SiteError
@@ -100,7 +101,8 @@ def serve(log_level, access_log, **given) -> None:
     metrics = app.state.runtime.metrics
     bounds = httpserver.ConnectionBounds(max_connections, settings.header_timeout, settings.body_timeout)
     protocol = httpserver.bounded_protocol(
-        bounds, lambda reason: metrics.connections_closed.labels(reason=reason).inc()
+        bounds, lambda reason: metrics.connections_closed.labels(reason=reason).inc(),
+        fast=boot_api.fast_app(app.state.runtime),
     )
     # httptools as uvicorn would pick, with GRUB's fixes (grubcompat) and the connection bounds
     # (httpserver); the access log without tokens

@@ -1,6 +1,7 @@
 """bastion.match: labels from queries and matchbox's group selection rules."""
 
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from bastion.match import (
     labels_from_query,
     matches,
     parse_mac,
+    query_pairs,
     select_group,
     selector_string,
     specificity_order,
@@ -120,3 +122,19 @@ def test_uuids_compare_without_case():
 
     labels = labels_from_query("uuid=4C4C4544-0035-4A10-8031-B3C04F4A3232")
     assert labels["uuid"] == "4c4c4544-0035-4a10-8031-b3c04f4a3232"
+
+
+# what a query may hold: the separators, percent escapes (valid, invalid, multi-byte), '+'
+_QUERY_ALPHABET = st.sampled_from(["&", "=", "+", "%", "%2", "%20", "%zz", "%E2%82%AC", "%ff", ";",
+                                   "a", "mac", "52-54", "é", " ", "x"])  # fmt: skip
+
+
+@given(st.lists(_QUERY_ALPHABET, max_size=20).map("".join))
+def test_query_pairs_is_parse_qsl(raw):
+    assert query_pairs(raw) == parse_qsl(raw, keep_blank_values=True)
+
+
+def test_query_pairs_of_an_ipxe_query():
+    raw = "mac=52-54-00-be-00-01&uuid=&arch=x86_64&hostname=my%20node&serial=a+b"
+    assert query_pairs(raw) == [("mac", "52-54-00-be-00-01"), ("uuid", ""), ("arch", "x86_64"),
+                                ("hostname", "my node"), ("serial", "a b")]  # fmt: skip

@@ -62,8 +62,7 @@ def boot_events(runtime: Runtime, endpoint: str, req: BootRequest | None,
 
 
 def _answered(runtime: Runtime, endpoint: str, answer: boot.Answer, started: float) -> Response:
-    runtime.metrics.boot_requests.labels(endpoint=endpoint, status=str(answer.status)).inc()
-    runtime.metrics.boot_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+    runtime.metrics.boot_answered(endpoint, answer.status, time.perf_counter() - started)
     return Response(answer.body, answer.status, media_type=answer.media_type)
 
 
@@ -83,32 +82,71 @@ async def respond_batched(runtime: Runtime, endpoint: str, req: BootRequest | No
     return _answered(runtime, endpoint, answer, started)
 
 
-# The two requests of every iPXE boot take the Request alone and build what the dependencies
-# would (bastion.api.deps.boot_context): FastAPI's dependency solving was a sixth of /ipxe's
-# time, its middleware and routing most of the rest (docs/benchmarks-http.md). BootFastPath
-# sends them straight here; the routes stay for the OpenAPI schema and for tests' clients.
+# The two requests of every iPXE boot are answered from the ASGI scope alone
+# (bastion.api.deps.boot_context): FastAPI's dependency solving was a sixth of /ipxe's time, its
+# middleware and routing most of the rest (docs/benchmarks-http.md). `bastion serve`'s HTTP
+# protocol hands these GETs straight to fast_app() (bastion.api.httpserver), past the whole
+# middleware stack; BootFastPath does the same inside the application for other servers (tests'
+# clients); the routes stay for the OpenAPI schema.
+
+
+async def _boot_ipxe(runtime: Runtime, scope: dict) -> Response:
+    started = time.perf_counter()
+    _, req = boot_context(runtime, scope)
+    return await respond_batched(runtime, "/boot.ipxe", req, boot.boot_ipxe(), started)
+
+
+async def _ipxe(runtime: Runtime, scope: dict) -> Response:
+    started = time.perf_counter()
+    site, req = boot_context(runtime, scope)
+    return await respond_batched(runtime, "/ipxe", req, boot.ipxe(site, req, runtime.provisioning), started)
+
+
+_FAST_PATHS = {"/boot.ipxe": _boot_ipxe, "/boot.ipxe.0": _boot_ipxe, "/ipxe": _ipxe}
 
 
 @router.get("/boot.ipxe", summary="iPXE bootstrap: chains to /ipxe with the machine's facts")
 @router.get("/boot.ipxe.0", include_in_schema=False)
 async def boot_ipxe(request: Request) -> Response:
-    started = time.perf_counter()
-    runtime, _, req = boot_context(request)
-    return await respond_batched(runtime, "/boot.ipxe", req, boot.boot_ipxe(), started)
+    return await _boot_ipxe(request.app.state.runtime, request.scope)
 
 
 @router.get("/ipxe", summary="The machine's iPXE boot script", description=_QUERY_DOC)
 async def ipxe(request: Request) -> Response:
-    started = time.perf_counter()
-    runtime, site, req = boot_context(request)
-    return await respond_batched(runtime, "/ipxe", req, boot.ipxe(site, req, runtime.provisioning), started)
+    return await _ipxe(request.app.state.runtime, request.scope)
+
+
+def fast_app(runtime: Runtime) -> Callable[[dict], Callable[[dict], Awaitable[Response]] | None]:
+    """For `bastion serve`'s HTTP protocol (bastion.api.httpserver): given a request's scope,
+    the handler that answers it directly (a Response for the scope, written by the protocol),
+    or None for the application's full stack. A GET of /boot.ipxe or /ipxe qualifies unless it
+    carries X-Forwarded-* headers (uvicorn's proxy-headers middleware may then rewrite its
+    client and scheme). Both are boot endpoints, so the listener split (bastion.api.listeners)
+    has nothing to refuse."""
+
+    def bound(handler: Callable[[Runtime, dict], Awaitable[Response]]) -> Callable[[dict], Awaitable[Response]]:
+        return lambda scope: handler(runtime, scope)
+
+    handlers = {path: bound(handler) for path, handler in _FAST_PATHS.items()}
+
+    def find(scope: dict) -> Callable[[dict], Awaitable[Response]] | None:
+        handler = handlers.get(scope["path"])
+        if handler is None or scope["method"] != "GET":
+            return None
+        for name, _ in scope["headers"]:
+            if name.startswith(b"x-forwarded-"):
+                return None
+        return handler
+
+    return find
 
 
 class BootFastPath:
     """ASGI middleware, the outermost of the application's own: a GET of /boot.ipxe or /ipxe
     goes straight to its handler, past the body limits (a GET's body is never read), FastAPI's
     exception middleware and the router's walk through every route. Errors still reach
-    Starlette's ServerErrorMiddleware (a 500). Anything else goes on to the application."""
+    Starlette's ServerErrorMiddleware (a 500). Anything else goes on to the application.
+    (`bastion serve` answers these before the application sees them: fast_app.)"""
 
     def __init__(self, app: Callable[..., Awaitable[None]]):
         self.app = app
@@ -118,11 +156,8 @@ class BootFastPath:
         if handler is None or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        response = await handler(Request(scope, receive))
+        response = await handler(scope["app"].state.runtime, scope)
         await response(scope, receive, send)
-
-
-_FAST_PATHS = {"/boot.ipxe": boot_ipxe, "/boot.ipxe.0": boot_ipxe, "/ipxe": ipxe}
 
 
 @router.get("/grub/grub.cfg", summary="GRUB bootstrap: chains to /grub with the machine's facts")

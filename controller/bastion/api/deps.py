@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -102,7 +101,7 @@ class Runtime:
         return ids
 
     def _recorded(self, kind: str, fields: dict[str, Any], event_id: int, now: float) -> None:
-        self.metrics.events.labels(kind=kind).inc()
+        self.metrics.event_recorded(kind)
         news = self.addresses.learn(kind, fields, now)
         if news is not None:
             b = news[0]
@@ -249,14 +248,34 @@ async def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request)
 BootRequestDep = Annotated[BootRequest, Depends(get_boot_request)]
 
 
-def boot_context(request: Request) -> tuple[Runtime, Site, BootRequest]:
-    """What RuntimeDep, SiteDep and BootRequestDep give a handler, without FastAPI's dependency
-    solving: for the boot endpoints every machine asks (bastion.api.boot)."""
-    runtime: Runtime = request.app.state.runtime
+def boot_context(runtime: Runtime, scope: dict[str, Any]) -> tuple[Site, BootRequest]:
+    """What SiteDep and BootRequestDep give a handler, from the ASGI scope alone, without
+    FastAPI's dependency solving or a Request: for the boot endpoints every machine asks
+    (bastion.api.boot)."""
     site = runtime.holder.site  # one read per request, as get_site
-    query = request.scope.get("query_string", b"")
-    labels = match.labels_from_pairs(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
-    client = request.scope.get("client")
-    return runtime, site, BootRequest(labels=labels, raw_query=query.decode("latin-1"),
-                                      base_url=base_url(runtime, site, request),
-                                      client=client[0] if client else None)  # fmt: skip
+    query = scope.get("query_string", b"").decode("latin-1")
+    labels = match.labels_from_pairs(match.query_pairs(query))
+    client = scope.get("client")
+    url = site.settings.controller_url or scope_base_url(scope)
+    return site, BootRequest(labels=labels, raw_query=query, base_url=url,
+                             client=client[0] if client else None)  # fmt: skip
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def scope_base_url(scope: dict[str, Any]) -> str:
+    """str(Request(scope).base_url).rstrip("/"), as Starlette builds it (the Host header, else
+    the server's address; the root path), without the URL objects."""
+    scheme = scope.get("scheme", "http")
+    root = scope.get("app_root_path", scope.get("root_path", ""))
+    for name, value in scope["headers"]:
+        if name == b"host":
+            return f"{scheme}://{value.decode('latin-1')}{root}".rstrip("/")
+    server = scope.get("server")
+    if server is None:
+        return root.rstrip("/")
+    host, port = server
+    if port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{host}{root}".rstrip("/")
+    return f"{scheme}://{host}:{port}{root}".rstrip("/")

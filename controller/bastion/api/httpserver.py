@@ -43,6 +43,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
 from bastion.api.grubcompat import GrubHttpToolsProtocol
 
 #: Descriptors kept for everything but HTTP connections: stdio, the listening socket, SQLite
@@ -128,6 +131,8 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
     bounds: ClassVar[ConnectionBounds]
     on_close: ClassVar[Any] = None  # on_close(reason): counts a connection this class closed
+    # fast(scope): the ASGI app that answers this request directly, or None (bastion.api.boot)
+    fast: ClassVar[Any] = None
 
     _timer: asyncio.TimerHandle | None = None
     _waiting_since: float | None = None  # waiting for a request head since (monotonic)
@@ -153,6 +158,54 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_timer()
         super().on_message_complete()
+
+    # -- answered past the application (bastion.api.boot.fast_app) -------------------------
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn starts every request's response cycle here, pipelined ones included (one at a
+        # time, in order), with its own 503 app when over limit_concurrency: only requests for
+        # the application are taken.
+        handler = self.fast(cycle.scope) if self.fast is not None and app is self.app else None
+        if handler is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(self._answer_directly(cycle, handler))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer_directly(self, cycle: Any, handler: Any) -> None:
+        """What uvicorn's cycle does for an ASGI app's response.start and body, in one write
+        (head and body in one segment; uvicorn writes each message as it comes): the default
+        headers (date, server), the status line, `connection: close` when the connection
+        ends, the access log line, and a 500 when the handler fails."""
+        try:
+            response = await handler(cycle.scope)
+        except Exception as exc:
+            cycle.logger.error("Exception in ASGI application\n", exc_info=exc)
+            await cycle.send_500_response()
+            return
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return
+        status = response.status_code
+        if cycle.access_log:
+            cycle.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(cycle.scope),
+                                     "GET", get_path_with_query_string(cycle.scope),
+                                     cycle.scope["http_version"], status)  # fmt: skip
+        head = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *response.raw_headers):
+            head += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            head.append(b"connection: close\r\n")
+        head += (b"\r\n", response.body)
+        cycle.response_started = cycle.response_complete = True
+        cycle.waiting_for_100_continue = False
+        cycle.transport.write(b"".join(head))
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -209,9 +262,11 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
             self._close("refused")
 
 
-def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None) -> type[BoundedHttpProtocol]:
-    """BoundedHttpProtocol with these bounds, for uvicorn's `http=`."""
-    attributes = {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None}
+def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[BoundedHttpProtocol]:
+    """BoundedHttpProtocol with these bounds, for uvicorn's `http=`; `fast(scope)` gives the
+    ASGI app for a request answered past the application's middleware (bastion.api.boot.fast_app)."""
+    attributes = {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None,
+                  "fast": staticmethod(fast) if fast else None}  # fmt: skip
     return type("BastionHttpProtocol", (BoundedHttpProtocol,), attributes)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 from pathlib import Path
 
 import anyio
@@ -34,6 +36,13 @@ from bastion.state.ups import UpsState
 from bastion.ups.runner import UpsWatch
 
 log = logging.getLogger("bastion")
+
+# FastAPI from 0.165 traces, measures and logs every request through OpenTelemetry unless told
+# not to; older ones have no such argument.
+_NO_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+    if "telemetry" in inspect.signature(FastAPI).parameters else {}
+)
 
 DESCRIPTION = """\
 Edge Bastion's boot controller.
@@ -155,7 +164,10 @@ def create_app(settings: Settings) -> FastAPI:
                     await task
             await anyio.to_thread.run_sync(runtime.logship.close)  # what is queued stays on disk
 
-    app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # FastAPI's OpenTelemetry (0.165+) is off: nothing here exports it, and asking for its
+    # providers on every request was 5% of a boot request's time (docs/benchmarks-http.md)
+    app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan, **_NO_TELEMETRY)
     app.state.runtime = runtime
     # before the routes: a body is refused by its size and sender before anything reads it
     app.add_middleware(BodyLimits, runtime=runtime)

@@ -150,16 +150,16 @@ class EventStore:
 
     def _insert(self, rows: list[tuple]) -> list[int]:
         with self._lock:
-            ids = []
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for row in rows:
-                    cur = self._db.execute(
-                        "INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp,"
-                        " status, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
-                    ids.append(int(cur.lastrowid or 0))
+                self._db.executemany(
+                    "INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp,"
+                    " status, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                # AUTOINCREMENT gives the rows of one write transaction consecutive ids
+                last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                ids = list(range(last - len(rows) + 1, last + 1))
                 self._count += len(rows)
                 self._bound(ids[-1])
                 if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
