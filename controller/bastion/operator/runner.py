@@ -235,7 +235,9 @@ class Operator:
     # --- observing ------------------------------------------------------------------------
     def _catch_up(self) -> None:
         while True:
-            batch = self.store.query(after=self._cursor, limit=_CATCH_UP_BATCH)
+            # the events of no machine (a matchbox group's, an unknown MAC's) change no
+            # machine's progress: SQLite skips them (6% of the CPU in a boot storm of those)
+            batch = self.store.query(after=self._cursor, limit=_CATCH_UP_BATCH, of_machines=True)
             for e in batch:
                 self._cursor = e.id
                 if e.machine:

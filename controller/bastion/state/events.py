@@ -198,14 +198,18 @@ class EventStore:
         mac: str | None = None,
         machine: str | None = None,
         newest_first: bool = True,
+        of_machines: bool = False,
     ) -> list[Event]:
         """Events matching every given filter; the newest `limit` of them (or the oldest after
-        `after`, for following the history forward)."""
+        `after`, for following the history forward). `of_machines`: only events that name a
+        machine."""
         where, args = [], []
         for column, value in (("kind", kind), ("mac", mac), ("machine", machine)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
+        if of_machines:
+            where.append("machine IS NOT NULL")
         if after is not None:
             where.append("id > ?")
             args.append(after)
