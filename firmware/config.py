@@ -5,7 +5,9 @@
 # Everything the packet paths need per request is computed here, once.
 import json
 
-_MAC_LEN = 17
+from firmware.compat import const
+
+_MAC_LEN = const(17)
 
 
 class ConfigError(ValueError):
