@@ -17,7 +17,6 @@
 #   4. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, link watch,
 #      watchdog.
 import gc
-import json
 import sys
 
 import asyncio
@@ -42,7 +41,7 @@ NODECONS_MIN_FREE = const(32768)
 # argv, in a table of interned strings that only grows, by a new block twice the size of the
 # last: blocks of 20, 40, 80, 160 and 320 hold 620 names, and the 621st allocates room for 640
 # more at once, 7.1 KB on the 64-bit sim, never given back. A boot interns about 610
-# (micropython.qstr_info(), 2026-12-05: the sim 607, the sim dressed as a board 609, its
+# (micropython.qstr_info(), 2026-12-05: the sim 608, the sim dressed as a board 610, its
 # `--board PATH` being two more words), so a new name costs a few bytes until a boot crosses
 # 620, then 7 KB. A name first interned after boot, into a spent heap, fails where it is
 # interned: asyncio.gather's lazy load of asyncio.funcs killed the DHCP listener of the
@@ -229,11 +228,15 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
     # few lines: at 128k the sim board has no byte of code to spare.
     pump = None
     if board.defn.get("node_consoles") and not maintenance and gc.mem_free() > NODECONS_MIN_FREE:
-        # by name at run time: the static `from firmware.nodecons import start` here held about
-        # 7 KB more after boot on the sim dressed as w5500-evb-pico even when the consoles did
-        # not start (122.8 KB against 115.5 KB at 128k, measured 2026-12-04), so it no longer
-        # booted at 128k. Why a never-run import costs that is not understood yet.
-        pump = __import__("firmware.nodecons", None, None, ("start",)).start(board, console, log)
+        # A never-run import costs its module name, one interned name ("Interned names",
+        # above). It once pushed the sim dressed as w5500-evb-pico over 620 names, a 7 KB
+        # block; __import__("firmware.nodecons") seemed to fix that only because its name is
+        # a string constant too long to intern, and the 621st name then came after boot and
+        # killed the DHCP listener. Measured 2026-12-05 at 128k, against __import__, this
+        # holds 32 B less after boot on the sim and 64 B less on the dressed boards.
+        from firmware.nodecons import start
+
+        pump = start(board, console, log)
     gc.collect()
     heap.code = heap.peak = heap._reported = heap_used()
     led = board.led()
