@@ -72,6 +72,7 @@ def boot(opts, log):
     except OSError:
         pass
     else:  # no network, no services, no watchdog: the flasher's turn (docs/device.md)
+        unload("firmware.config")  # Power's channel checker
         return board, power, None, None, None, True
     cfg = net = None
     if d is not None:
@@ -89,5 +90,5 @@ def boot(opts, log):
         except ValueError as e:
             error = "config: %s" % e
         del config
-        unload("firmware.config")
+    unload("firmware.config")  # the config checker, Power's channel checker too
     return board, power, cfg, error, net, False  # the parsed JSON is garbage from here on

@@ -2,10 +2,13 @@
 #
 # Loaded once at boot and checked field by field; a bad file is refused with a message that
 # names the field, and the firmware keeps running with nothing served rather than guessing.
-# Everything the packet paths need per request is computed here, once.
+# Everything the packet paths need per request is computed here, once. Also the relay channels'
+# checker (channels(), for firmware.power.Power), so that it too is boot-only code.
 import json
 
-_MAC_LEN = 17
+from firmware.compat import const
+
+_MAC_LEN = const(17)
 
 
 class ConfigError(ValueError):
@@ -52,6 +55,45 @@ def _str(d, key, default, where, required=False, max_len=255):
     if not isinstance(v, str) or not v or len(v) > max_len:
         raise ConfigError("%s: must be a string of 1..%d characters" % (where + key, max_len))
     return v
+
+
+def channels(defs):
+    """The relay channels (firmware.power.Power's), checked: a number of channels with every
+    default, or a list of channel objects. One tuple (name, pin, active_low, min_off_ms,
+    max_cycles, window_ms, default_on) per channel; ConfigError naming the channel and field."""
+    if isinstance(defs, int) and not isinstance(defs, bool):
+        defs = [{} for _ in range(defs)]
+    if not isinstance(defs, list):
+        raise ConfigError("channels: must be a number or a list of relay channels")
+    out = []
+    for index, d in enumerate(defs):
+        where = "channels[%d]" % index
+        if not isinstance(d, dict):
+            raise ConfigError("%s: must be an object" % where)
+        name = d.get("name", "ch%d" % index)
+        if not isinstance(name, str) or not name:
+            raise ConfigError("%s.name: must be a non-empty string" % where)
+        active = d.get("active", "high")
+        if active not in ("high", "low"):
+            raise ConfigError("%s.active: %r must be 'high' or 'low'" % (where, active))
+        default = d.get("default", "off")
+        if default not in ("on", "off"):
+            raise ConfigError("%s.default: %r must be 'on' or 'off'" % (where, default))
+        out.append((
+            name,
+            d.get("pin"),  # an int or a pin name: the board layer's business
+            active == "low",
+            _int(d, "min_off_ms", 0, 3600000, 5000, where),
+            _int(d, "max_cycles", 1, 1000, 4, where),
+            _int(d, "window_ms", 1000, 86400000, 600000, where),
+            default == "on",
+        ))  # fmt: skip
+    seen = set()
+    for index, c in enumerate(out):
+        if c[0] in seen:
+            raise ConfigError("channels[%d].name: %r is used twice" % (index, c[0]))
+        seen.add(c[0])
+    return out
 
 
 class Config:

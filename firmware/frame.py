@@ -70,8 +70,6 @@ try:
 except ImportError:  # a port without io.IOBase: json.dump then needs a native stream
     _Stream = object
 
-_HEX = b"0123456789abcdef"
-
 
 class _Sink(_Stream):
     # json.dump writes an object in small pieces: the first pass only sums their CRC and
@@ -105,7 +103,7 @@ def _head_into(buf, mark, crc, n):
     buf[_MARK_LEN] = 0x20
     crc &= 0xFFFFFFFF
     for i in range(8):
-        buf[_HEAD_LEN - 2 - i] = _HEX[(crc >> (4 * i)) & 15]
+        buf[_HEAD_LEN - 2 - i] = b"0123456789abcdef"[(crc >> (4 * i)) & 15]
     buf[_HEAD_LEN - 1] = 0x20
     buf[n] = 0x0A
 

@@ -17,7 +17,6 @@
 #   4. the services: console (USB serial), proxyDHCP, TFTP, power, heap sampler, link watch,
 #      watchdog.
 import gc
-import json
 import sys
 
 import asyncio
@@ -26,19 +25,28 @@ from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms, un
 from firmware.log import Log
 
 VERSION = "0.2.0"
-_HEAP_KEYS = ("used", "peak", "code")
-_BOOT_KEYS = ("version", "board", "heap_code", "services")
 
 # How long each critical task may go without checking in before the watchdog stops feeding
 # the hardware WDT (and so resets the board). The listeners are judged by their asyncio
 # task still running; a task that blocks the loop stops every check-in at once.
 TASK_DEADLINES_MS = {"console": 3000, "power": 3000, "dhcp": 3000, "tftp": 3000}
-WATCHDOG_PERIOD_MS = 500
-STALL_MS = 2000  # a listener that cannot allocate for this long counts as hung
+_WATCHDOG_PERIOD_MS = const(500)
+_STALL_MS = const(2000)  # a listener that cannot allocate for this long counts as hung
 # Free heap the node consoles need at start: what they hold (about 20 KB with the sim board's
 # four channels on the 64-bit port, less on a 32-bit board) plus the 12 KB the services keep
 # for their own work.
 NODECONS_MIN_FREE = const(32768)
+# Interned names. MicroPython keeps each identifier, module name and short (up to 10
+# characters) string constant of the loaded .mpy files, and on the unix port each word of
+# argv, in a table of interned strings that only grows, by a new block twice the size of the
+# last: blocks of 20, 40, 80, 160 and 320 hold 620 names, and the 621st allocates room for 640
+# more at once, 7.1 KB on the 64-bit sim, never given back. A boot interns about 610
+# (micropython.qstr_info(), 2026-12-05: the sim 610, the sim dressed as a board 612, its
+# `--board PATH` being two more words), so a new name costs a few bytes until a boot crosses
+# 620, then 7 KB. A name first interned after boot, into a spent heap, fails where it is
+# interned: asyncio.gather's lazy load of asyncio.funcs killed the DHCP listener of the
+# dressed boards at 128k while the boot event still listed it. Hence `_NAME = const(n)` for
+# constants (the compiler keeps no name) and one-use key tuples written where they are used.
 
 
 def _options(argv):
@@ -75,7 +83,7 @@ class Heap:
             self.peak = used
             if used - self._reported >= self.step:
                 self._reported = used
-                self.log.event("heap", _HEAP_KEYS, (used, self.peak, self.code))
+                self.log.event("heap", ("used", "peak", "code"), (used, self.peak, self.code))
         return used
 
     def op(self, req, now):
@@ -120,19 +128,19 @@ async def _power_loop(power, nodes, tasks, faults):
 async def _watchdog_loop(wdt, tasks, services, faults):
     # Feeds the hardware WDT only while every critical task has checked in recently. A
     # listener checks in by being alive: its task has not ended (a socket error, a bug) and
-    # it is not stuck on a heap too full to take a datagram for longer than STALL_MS.
+    # it is not stuck on a heap too full to take a datagram for longer than _STALL_MS.
     while True:
         now = ticks_ms()
         for name in services:
             task, svc = services[name]
             stalled = svc.stalled_since
-            if stalled is not None and ticks_diff(now, stalled) > STALL_MS:
+            if stalled is not None and ticks_diff(now, stalled) > _STALL_MS:
                 continue
             if name not in faults.hung and not task.done():
                 tasks.checkin(name, now)
         if tasks.may_feed(now):
             wdt.feed()
-        await sleep_ms(WATCHDOG_PERIOD_MS)
+        await sleep_ms(_WATCHDOG_PERIOD_MS)
 
 
 def _maintenance(board, console, now_in):
@@ -220,11 +228,15 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
     # few lines: at 128k the sim board has no byte of code to spare.
     pump = None
     if board.defn.get("node_consoles") and not maintenance and gc.mem_free() > NODECONS_MIN_FREE:
-        # by name at run time: the static `from firmware.nodecons import start` here held about
-        # 7 KB more after boot on the sim dressed as w5500-evb-pico even when the consoles did
-        # not start (122.8 KB against 115.5 KB at 128k, measured 2026-12-04), so it no longer
-        # booted at 128k. Why a never-run import costs that is not understood yet.
-        pump = __import__("firmware.nodecons", None, None, ("start",)).start(board, console, log)
+        # A never-run import costs its module name, one interned name ("Interned names",
+        # above). It once pushed the sim dressed as w5500-evb-pico over 620 names, a 7 KB
+        # block; __import__("firmware.nodecons") seemed to fix that only because its name is
+        # a string constant too long to intern, and the 621st name then came after boot and
+        # killed the DHCP listener. Measured 2026-12-05 at 128k, against __import__, this
+        # holds 32 B less after boot on the sim and 64 B less on the dressed boards.
+        from firmware.nodecons import start
+
+        pump = start(board, console, log)
     gc.collect()
     heap.code = heap.peak = heap._reported = heap_used()
     led = board.led()
@@ -235,7 +247,8 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
             others.append(asyncio.create_task(led.blink()))
     else:
         if error is None:
-            log.event("boot", _BOOT_KEYS, (VERSION, board.name, heap.code, listening))
+            log.event("boot", ("version", "board", "heap_code", "services"),
+                      (VERSION, board.name, heap.code, listening))  # fmt: skip
         else:
             log.event("boot", ("version", "board", "error"), (VERSION, board.name, error))
         wdt = board.watchdog(log)

@@ -14,7 +14,9 @@ try:
 except ImportError:  # CPython
     _io_queue = None
 
-_EAGAIN = 11
+from firmware.compat import const
+
+_EAGAIN = const(11)
 
 
 def addr(ip, port):

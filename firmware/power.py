@@ -31,36 +31,14 @@ class PowerError(ValueError):
     """A refused power request; the text is for the operator."""
 
 
-def _int(d, key, lo, hi, default, where):
-    v = d.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError("%s.%s: %r must be an integer from %d to %d" % (where, key, v, lo, hi))
-    return v
-
-
 class Channel:
     """One relay channel's definition (from the board definition) and its runtime state."""
 
-    def __init__(self, index, d):
-        where = "channels[%d]" % index
-        if not isinstance(d, dict):
-            raise ValueError("%s: must be an object" % where)
+    def __init__(self, index, checked):
         self.index = index
-        self.name = d.get("name", "ch%d" % index)
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError("%s.name: must be a non-empty string" % where)
-        self.pin = d.get("pin")  # the board layer's business: an int or a pin name
-        active = d.get("active", "high")
-        if active not in ("high", "low"):
-            raise ValueError("%s.active: %r must be 'high' or 'low'" % (where, active))
-        self.active_low = active == "low"
-        self.min_off_ms = _int(d, "min_off_ms", 0, 3600000, 5000, where)
-        self.max_cycles = _int(d, "max_cycles", 1, 1000, 4, where)
-        self.window_ms = _int(d, "window_ms", 1000, 86400000, 600000, where)
-        default = d.get("default", "off")
-        if default not in ("on", "off"):
-            raise ValueError("%s.default: %r must be 'on' or 'off'" % (where, default))
-        self.default_on = default == "on"
+        # firmware.config.channels checked these; pin and polarity are the board layer's business
+        (self.name, self.pin, self.active_low, self.min_off_ms, self.max_cycles, self.window_ms,
+         self.default_on) = checked  # fmt: skip
         self.desired = self.default_on
         self.output = False
         self.off_at = None  # ticks when the output last went off, while min_off_ms matters
@@ -110,22 +88,17 @@ class Power:
     regularly (it returns the ms until it next has work, or None)."""
 
     def __init__(self, outputs, channels, store=None, log=None, stagger_ms=2000):
-        if isinstance(channels, int) and not isinstance(channels, bool):
-            channels = [{} for _ in range(channels)]  # n channels with every default
-        if not isinstance(channels, list):
-            raise ValueError("channels: must be a number or a list of relay channels")
+        """channels: a number of channels with every default, or a list of channel objects,
+        checked by firmware.config.channels (boot-only code, unloaded by firmware.boot)."""
+        from firmware.config import channels as check
+
         self.outputs = outputs
-        self.channels = [Channel(i, d) for i, d in enumerate(channels)]
+        self.channels = [Channel(i, c) for i, c in enumerate(check(channels))]
         self.store = store
         self.log = log
         self.stagger_ms = stagger_ms  # minimum time between two staggered power-on edges
         self._queue = []  # channels waiting to be switched on, first come first served
         self._next_on = None  # ticks before which the queue may not switch another channel
-        seen = set()
-        for c in self.channels:
-            if c.name in seen:
-                raise ValueError("channels[%d].name: %r is used twice" % (c.index, c.name))
-            seen.add(c.name)
 
     # --- lookups -------------------------------------------------------------------------
     def channel(self, ref):

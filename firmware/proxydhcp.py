@@ -6,7 +6,7 @@
 # config can produce, serves both listeners (a reply is built and sent with no await between).
 # Every per-packet outcome is a counter (log.count) and the loop goes on; answers, and
 # declared clients we cannot boot, are also events (log.event "dhcp"). A listener ends only
-# when its socket fails: the error is counted and raised out of run() for the supervisor.
+# when its socket fails: the error is counted and run() ends, for the supervisor to see.
 #
 # Under a flood (docs/device.md, "Hostile hosts"): dhcp events pass a Budget (a few a second,
 # the rest counted), so the serial line never sets the pace of the answers; and a MacLimit
@@ -140,14 +140,25 @@ class ProxyDhcp:
             raise
         self._bcast = net.addr(self.broadcast_ip, self.client_port)
         self.sockets = (s_dhcp, s_pxe)
+        # The PXE listener in a task of its own that cancels this one if it fails, so run()
+        # ends when either listener does. Not asyncio.gather: on MicroPython its first call
+        # loads asyncio.funcs (1.1 KB), here in the running listener, after boot measured the
+        # heap, and interns one more name (firmware/main.py, "Interned names"): on a tight heap
+        # that failed and this listener died at boot.
+        other = asyncio.create_task(self._serve_then_cancel(s_pxe, asyncio.current_task()))
         try:
-            await asyncio.gather(
-                self._serve(s_dhcp, pxe.DHCP_PORT), self._serve(s_pxe, pxe.PXE_PORT)
-            )
+            await self._serve(s_dhcp, pxe.DHCP_PORT)
         finally:
+            other.cancel()
             self.sockets = ()
             s_dhcp.close()
             s_pxe.close()
+
+    async def _serve_then_cancel(self, sock, task):
+        try:
+            await self._serve(sock, pxe.PXE_PORT)
+        finally:
+            task.cancel()
 
     async def _serve(self, sock, port):
         full = self.max_packet + 1

