@@ -24,12 +24,18 @@
 # that finds every slot busy ends the transfer whose client has been silent longest, if that
 # is more than TransferSlots.evict_after_ms, and takes its slot.
 #
-# A request that still finds no slot (or no heap for a transfer) is dropped, counted, and not
-# answered. Refusing it with an ERROR would end the boot: edk2 takes any TFTP ERROR as final
-# (PXE-E23), and so do curl and tftp-hpa's client. A request without an answer is one lost on
-# the wire, and RFC 1350's clients time out and send it again; by then a slot is free. Before
-# dropping, the listener yields a few times: a slot is often held only by a transfer whose
-# final ACK waits in its socket (the client asked again at once), and its receiver frees it.
+# A request that still finds no slot (or no heap for a transfer) waits: up to as many as there
+# are slots are kept as they came (the datagram's bytes, at most _SMALL_READ of them, and the
+# client's address: `queued`) and started, oldest first, as transfers end, so that their
+# clients are served then rather than after their own retransmission timeout (curl's and
+# edk2's are seconds: with heap for two transfers, four clients got a sixth of tftp-hpa's
+# throughput, docs/benchmarks.md). A client asking again replaces its own; one that waited
+# longer than _QUEUED_MS is let go. Any other is dropped, counted, and not answered. Refusing
+# it with an ERROR would end the boot: edk2 takes any TFTP ERROR as final (PXE-E23), and so do
+# curl and tftp-hpa's client. A request without an answer is one lost on the wire, and RFC
+# 1350's clients time out and send it again. Before either, the listener yields a few times: a
+# slot is often held only by a transfer whose final ACK waits in its socket (the client asked
+# again at once), and its receiver frees it.
 import gc
 import os
 
@@ -55,6 +61,8 @@ _S_IFLNK = const(0o120000)
 _NO_SLOT = b"busy: every transfer slot taken"
 _NO_HEAP = b"busy: no heap for a transfer"
 _NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length is given too)
+_QUEUED_MS = const(2000)  # how long a request that waits for a slot is kept
+_DEQUEUE_MS = const(50)  # how often waiting requests are tried when no transfer runs
 
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
 _SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
@@ -117,8 +125,9 @@ class TftpServer:
     slots        the TransferSlots pool; max_transfers is its capacity.
     events       the Budget for refusal events (a flood of bad requests is answered and
                  counted; a few refusals a second are events).
-    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.busy and tftp.low_memory
-    (requests dropped unanswered: no slot, no heap), tftp.evicted, tftp.bad_packet (on a
+    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.queued (requests that waited
+    for a slot), tftp.busy and tftp.low_memory (requests dropped unanswered: no slot, no heap;
+    busy also for a queued one let go after _QUEUED_MS), tftp.evicted, tftp.bad_packet (on a
     transfer socket), tftp.send_failed, tftp.ok, tftp.failed, tftp.dup_ack, tftp.resend,
     tftp.events_suppressed.
     """
@@ -137,6 +146,8 @@ class TftpServer:
         log.pressure.append(self.give_way)
         self.sock = None
         self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
+        self.queued = []  # requests that wait for a slot, oldest first: (datagram, client, ticks)
+        self.task = None  # the _dequeue task, while one runs
 
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
@@ -164,7 +175,7 @@ class TftpServer:
                         await sleep_ms(0)
                         if self.slots.active() < self.slots.capacity:
                             break
-                    self.request(data, client, True)
+                    self.request(data, client, True)  # started, queued or dropped
                 data = client = None
             except MemoryError:
                 # The heap is full or in pieces (transfers, a burst of requests): this request
@@ -183,11 +194,12 @@ class TftpServer:
                 gc.collect()
                 await sleep_ms(_NO_MEMORY_PAUSE_MS)
 
-    def request(self, data, client, last=False):
+    def request(self, data, client, last=False, since=None):
         """Handle one datagram that reached the listener. Never raises on any input but
         MemoryError. True when it found no slot (or no heap) and the transfers should run
         first (a silent one was told to give way, or one may be ending): then call again,
-        with last=True, when they have; that call drops it if there is still none."""
+        with last=True, when they have; that call queues it (or drops it) if there is still
+        none. since: when a queued request first came (ticks)."""
         log = self.log
         try:
             req = tftp.parse_request(data)
@@ -195,7 +207,7 @@ class TftpServer:
             log.count("tftp.malformed")
             return False
         try:
-            return self._start(req, client, last)
+            return self._start(req, client, last, data, since)
         except tftp.Refused as e:
             n = tftp.build_error(self._ebuf, e.code, e.msg)
             net.send(self.sock, self._ebuf, n, client, log, "tftp")
@@ -209,7 +221,7 @@ class TftpServer:
                 )
         return False
 
-    def _start(self, req, client, last):
+    def _start(self, req, client, last, data, since):
         tftp.check(req, self.cfg)
         low = _low_memory()
         if low:  # events the controller already has give way to a transfer
@@ -220,6 +232,8 @@ class TftpServer:
             if not last:  # no slot, or no heap for another transfer: the transfers first
                 self.give_way()
                 return True
+            if self.hold(data, client, since):
+                return False
             # Dropped, not refused: the client asks again (see the header).
             self.log.count("tftp.low_memory" if low else "tftp.busy")
             if self.events.take():  # the refusals' budget: a flood is counted, not logged
@@ -358,6 +372,57 @@ class TftpServer:
             slot.transfer.close()
             slot.file = slot.client = slot.sock = slot.task = None
             self.slots.release(slot)
+        if self.queued and self.task is None:
+            self.task = asyncio.create_task(self._dequeue())
+
+    def hold(self, data, client, since):
+        # The request waits for a slot (see the header): False when it cannot.
+        queued = self.queued
+        now = ticks_ms()
+        for i in range(len(queued) - 1, -1, -1):
+            old = queued[i]
+            if old[1] == client:  # its client asked again: it keeps its place
+                queued[i] = (data, client, old[2])
+                break
+            if ticks_diff(now, old[2]) > _QUEUED_MS:  # waited long enough: its client asks again
+                queued.pop(i)
+                self.log.count("tftp.busy")
+        else:
+            if len(queued) >= self.slots.capacity or len(data) > _SMALL_READ:
+                return False
+            queued.append((data, client, now if since is None else since))
+            self.log.count("tftp.queued")
+        # No transfer runs whose end would start it (the heap was short, not the slots): a
+        # _dequeue task tries until it starts or is let go.
+        if self.task is None and not self.slots.active():
+            self.task = asyncio.create_task(self._dequeue())
+        return True
+
+    async def _dequeue(self):
+        # After the ended transfer's task is gone (its heap comes back): the oldest waiting
+        # requests are started while there are slots (each through request(), which sheds
+        # events already sent when the heap is short, and queues it again when that is not
+        # enough). While requests wait and no transfer runs (whose end would try again), try
+        # every _DEQUEUE_MS until they start or are let go.
+        queued = self.queued
+        try:
+            await sleep_ms(0)
+            while queued:
+                for _ in range(len(queued)):
+                    if not queued or self.slots.active() == self.slots.capacity:
+                        return
+                    data, client, since = queued.pop(0)
+                    if ticks_diff(ticks_ms(), since) > _QUEUED_MS:
+                        self.log.count("tftp.busy")  # its client has asked again, or given up
+                        continue
+                    self.request(data, client, True, since)
+                if self.slots.active():
+                    return
+                await sleep_ms(_DEQUEUE_MS)
+        except MemoryError:
+            self.log.count("tftp.no_memory")
+        finally:
+            self.task = None
 
     def _report(self, slot):
         t = slot.transfer

@@ -317,41 +317,74 @@ def _wait_counter(srv: Running, name: str, n: int, timeout: float = 5.0) -> None
         time.sleep(0.02)
 
 
-def test_a_request_beyond_the_cap_is_dropped_and_served_when_asked_again(serve):
-    # No ERROR for "busy": edk2 takes any TFTP ERROR as final (PXE-E23). The request is
-    # dropped and counted; the client sends it again, as after a loss (RFC 1350), and a slot
-    # that has come free by then serves it.
-    srv = serve(max_transfers=2, timeout_ms=3000)
+def test_a_request_beyond_the_cap_waits_for_a_slot_and_the_next_is_dropped(serve):
+    # No ERROR for "busy": edk2 takes any TFTP ERROR as final (PXE-E23). Requests beyond the
+    # cap wait (queued, as many as there are slots) and are served as soon as a transfer ends,
+    # without their clients asking again; one more finds the queue full and is dropped and
+    # counted, and its client sends it again, as after a loss (RFC 1350).
+    srv = serve(max_transfers=1, timeout_ms=3000)
     holders = []
-    for _ in range(2):
+    for _ in range(1):
         s = client()
         s.sendto(rrq(b"a.bin"), srv.addr)
         pkt, tid = s.recvfrom(2048)
         holders.append((s, tid))
+    waiting = client(timeout=0.3)
+    waiting.sendto(rrq(b"a.bin"), srv.addr)
+    _wait_counter(srv, "tftp.queued", 1)
     late = client(timeout=0.3)
-    late.sendto(rrq(b"a.bin"), srv.addr)
+    late.sendto(rrq(b"sub/b.bin"), srv.addr)
     _wait_counter(srv, "tftp.busy", 1)
-    with pytest.raises(TimeoutError):
-        late.recvfrom(2048)  # no ERROR, nothing at all
+    for s in (waiting, late):
+        with pytest.raises(TimeoutError):
+            s.recvfrom(2048)  # no ERROR, nothing at all while every slot is taken
     assert srv.counter("tftp.refused") == 0
     (dropped,) = srv.tftp_events("dropped")
-    assert (dropped["file"], dropped["reason"]) == ("a.bin", "busy: every transfer slot taken")
-    s, tid = holders.pop(0)  # one ends, and its slot serves the request asked again
+    assert (dropped["file"], dropped["reason"]) == ("sub/b.bin", "busy: every transfer slot taken")
+    s, tid = holders.pop(0)  # one ends, and its slot serves the request that waited
     s.sendto(b"\0\x05\0\x00done\0", tid)
     s.close()
-    srv.wait_ends(1)
-    late.settimeout(2)
-    late.sendto(rrq(b"a.bin"), srv.addr)
-    pkt, tid = late.recvfrom(2048)
+    waiting.settimeout(5)  # a guard against a hang
+    pkt, tid = waiting.recvfrom(2048)
     assert pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
-    late.sendto(b"\0\x05\0\x00done\0", tid)
-    late.close()
+    waiting.sendto(b"\0\x05\0\x00done\0", tid)
+    waiting.close()
     for s, tid in holders:
         s.sendto(b"\0\x05\0\x00done\0", tid)
         s.close()
-    ends = srv.wait_ends(3)
-    assert [e["result"] for e in ends] == ["client error 0"] * 3
-    assert srv.counter("tftp.busy") == 1
+    ends = srv.wait_ends(2)
+    assert [e["result"] for e in ends] == ["client error 0"] * 2
+    late.settimeout(2)  # the dropped one, asked again: a slot is free now
+    late.sendto(rrq(b"sub/b.bin"), srv.addr)
+    pkt, tid = late.recvfrom(2048)
+    assert pkt == b"\0\x03\0\x01" + FILES["sub/b.bin"][:512]
+    late.sendto(b"\0\x05\0\x00done\0", tid)
+    late.close()
+    assert srv.counter("tftp.busy") == 1 and srv.counter("tftp.queued") == 1
+
+
+def test_a_client_asking_again_while_queued_is_served_once(serve):
+    srv = serve(max_transfers=1, timeout_ms=3000)
+    holder = client()
+    holder.sendto(rrq(b"a.bin"), srv.addr)
+    _, htid = holder.recvfrom(2048)
+    waiting = client(timeout=0.2)
+    asked = srv.counter("tftp.request")
+    for n in (1, 2):  # its retransmission replaces what waits; it does not take a second place
+        waiting.sendto(rrq(b"a.bin"), srv.addr)
+        _wait_counter(srv, "tftp.request", asked + n)
+    assert srv.counter("tftp.queued") == 1 and srv.counter("tftp.busy") == 0
+    holder.sendto(b"\0\x05\0\x00done\0", htid)
+    holder.close()
+    waiting.settimeout(5)
+    pkt, tid = waiting.recvfrom(2048)
+    assert pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
+    waiting.sendto(b"\0\x05\0\x00done\0", tid)
+    with pytest.raises(TimeoutError):
+        waiting.settimeout(0.5)
+        waiting.recvfrom(2048)  # one transfer only: no second DATA 1 from another port
+    waiting.close()
+    assert [e["result"] for e in srv.wait_ends(2)] == ["client error 0"] * 2
 
 
 def _next_error(s: socket.socket) -> bytes:
