@@ -4,6 +4,7 @@ like a board's, and restarts after the firmware process dies."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -126,6 +127,28 @@ def test_every_listener_is_alive_after_a_boot_at_the_default_heap(tmp_path, boar
             wait_for(lambda: link.request("counters")["counters"].get("dhcp.malformed") == 2,
                      timeout=10, what="both listeners counting the datagrams")  # fmt: skip
         assert not [e for e in s.seen if e.get("ev") in ("watchdog", "reset")], s.seen
+
+
+# The unix port's table of interned names: blocks of 20, 40, 80, 160 and 320 (firmware/main.py,
+# "Interned names"); the 621st name allocates the next block, 7.1 KB at once.
+NAMES_BEFORE_THE_NEXT_BLOCK = 620
+NAMES_HEADROOM = 4  # what a change may add without a look at the table
+
+
+@pytest.mark.parametrize("board", ["sim", "w5500-evb-pico"])
+def test_a_boot_leaves_room_in_the_table_of_interned_names(tmp_path, board):
+    """After boot and a request on the REPL (mpremote interrupts the firmware; names are never
+    freed, so this counts every name the boot interned), the table has room for a few more
+    names before its next 7 KB block: a slow creep towards it fails here, not in the field."""
+    args = () if board == "sim" else ("--dress-as", board)
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", None, args) as s:
+        next((e for e in s.seen if e.get("ev") == "boot"), None) or s.wait(lambda e: e.get("ev") == "boot")
+        out = mpremote(s.link, "resume", "exec", "import micropython; micropython.qstr_info()")
+    n_pool, n_qstr = (int(v) for v in re.search(r"n_pool=(\d+), n_qstr=(\d+)", out).groups())
+    assert n_pool == 5, out  # the fifth block (320) holds the last of the boot's names
+    assert n_qstr <= NAMES_BEFORE_THE_NEXT_BLOCK - NAMES_HEADROOM, (
+        f"{board}: {n_qstr} interned names, within {NAMES_HEADROOM} of the 7 KB step at "
+        f"{NAMES_BEFORE_THE_NEXT_BLOCK}: cut names before adding more (firmware/main.py)")
 
 
 def test_a_dressed_boards_watchdog_survives_a_soft_reboot_like_an_rp2040s(dressed):
