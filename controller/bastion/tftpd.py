@@ -34,7 +34,8 @@ for the device and the controller, so both refuse, negotiate and transfer alike.
   datagram can stop the server.
 
 Bounds (named, with what happens when they are hit):
-- `max_transfers` (64): one more read is refused with ERROR 0 "busy" (tftp.busy).
+- `max_transfers` (64): one more read is dropped unanswered (tftp.busy, a `dropped` event):
+  its client sends it again after its timeout; an ERROR would end an edk2 boot (PXE-E23).
 - `max_blksize` (1468, one Ethernet frame; at most 65464, RFC 2348): a larger blksize asked is
   lowered to it in the OACK. A transfer's buffer is 4 + its blksize (at least 4 + 512, room for
   any OACK or ERROR).
@@ -76,7 +77,7 @@ _MIN_BUF = 4 + 512  # a transfer's buffer also holds its OACK and a read error's
 #: Transfers at once by default; each holds a socket and a file (bastion.api.httpserver counts
 #: them in the descriptor budget)
 MAX_TRANSFERS = 64
-MSG_BUSY = b"busy: too many transfers at once; try again"
+MSG_BUSY = b"busy: every transfer slot taken"  # a dropped request's event says so
 MSG_NO_SOCKET = b"out of sockets; try again"
 
 Record = Callable[..., Any]
@@ -111,7 +112,7 @@ class _Served:
 class TftpService:
     """A read-only TFTP server for `root` on (host, port), in a thread of its own.
 
-    max_transfers  transfers at once; one more is refused with ERROR 0 "busy" (tftp.busy)
+    max_transfers  transfers at once; one more is dropped unanswered (tftp.busy)
     max_blksize    largest block size granted, 8..65464 (default 1468: one Ethernet frame)
     max_window     largest RFC 7440 windowsize granted, 1..65535 (default 64)
     timeout        seconds before an OACK or a window is sent again, doubling per resend up to
@@ -331,8 +332,13 @@ class TftpService:
         assert self._sel is not None and self.address is not None
         tftp.check(req, self._policy)
         if len(self._served) >= self.max_transfers:
+            # Dropped, not refused: edk2 takes any TFTP ERROR as final (PXE-E23), and so do
+            # curl and tftp-hpa's client; one without an answer sends it again after its
+            # timeout, as after a loss (RFC 1350). As the device's firmware does.
             self.count("tftp.busy")
-            raise tftp.Refused(tftp.E_UNDEFINED, MSG_BUSY)
+            self._event("dropped", _text(req.name), peer[0], code=0, reason=_text(MSG_BUSY),
+                        name_bytes=len(req.name))  # fmt: skip
+            return
         f, size = self._open(req)
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
