@@ -173,8 +173,11 @@ def test_off_in_the_file_powers_off_and_a_person_is_held_until_released(lab):
     # a person powers it on: held, and left on although the file says off. QEMU is seen off as
     # the relay opens, so the device may still be inside the channel's minimum off time: the
     # refusal says so, and the person tries again, as its message tells them to.
-    r = wait(lambda: (lambda r: r if "minimum off time" not in r.stderr else None)(
-        bastion(lab, "power", "on", "uefi-1", check=False)), 10, "power on past the minimum off time")
+    def power_on():
+        r = bastion(lab, "power", "on", "uefi-1", check=False)
+        return None if "minimum off time" in r.stderr else r
+
+    r = wait(power_on, 10, "power on past the minimum off time")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "uefi-1: held" in out
