@@ -86,8 +86,7 @@ async def respond_batched(runtime: Runtime, endpoint: str, req: BootRequest | No
 # (bastion.api.deps.boot_context): FastAPI's dependency solving was a sixth of /ipxe's time, its
 # middleware and routing most of the rest (docs/benchmarks-http.md). `bastion serve`'s HTTP
 # protocol hands these GETs straight to fast_app() (bastion.api.httpserver), past the whole
-# middleware stack; BootFastPath does the same inside the application for other servers (tests'
-# clients); the routes stay for the OpenAPI schema.
+# middleware stack; other servers (tests' clients) reach them through the routes.
 
 
 async def _boot_ipxe(runtime: Runtime, scope: dict) -> Response:
@@ -139,25 +138,6 @@ def fast_app(runtime: Runtime) -> Callable[[dict], Callable[[dict], Awaitable[Re
         return handler
 
     return find
-
-
-class BootFastPath:
-    """ASGI middleware, the outermost of the application's own: a GET of /boot.ipxe or /ipxe
-    goes straight to its handler, past the body limits (a GET's body is never read), FastAPI's
-    exception middleware and the router's walk through every route. Errors still reach
-    Starlette's ServerErrorMiddleware (a 500). Anything else goes on to the application.
-    (`bastion serve` answers these before the application sees them: fast_app.)"""
-
-    def __init__(self, app: Callable[..., Awaitable[None]]):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        handler = _FAST_PATHS.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
-        response = await handler(scope["app"].state.runtime, scope)
-        await response(scope, receive, send)
 
 
 @router.get("/grub/grub.cfg", summary="GRUB bootstrap: chains to /grub with the machine's facts")

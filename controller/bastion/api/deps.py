@@ -230,9 +230,7 @@ AdminDep = Annotated[None, Depends(require_admin)]
 
 def base_url(runtime: Runtime, site: Site, request: Request) -> str:
     """The controller URL to give machines: site.yaml's controller_url, else this request's."""
-    if site.settings.controller_url:
-        return site.settings.controller_url
-    return str(request.base_url).rstrip("/")
+    return scope_base_url(site, request.scope)
 
 
 async def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request) -> BootRequest:
@@ -256,17 +254,19 @@ def boot_context(runtime: Runtime, scope: dict[str, Any]) -> tuple[Site, BootReq
     query = scope.get("query_string", b"").decode("latin-1")
     labels = match.labels_from_pairs(match.query_pairs(query))
     client = scope.get("client")
-    url = site.settings.controller_url or scope_base_url(scope)
-    return site, BootRequest(labels=labels, raw_query=query, base_url=url,
+    return site, BootRequest(labels=labels, raw_query=query, base_url=scope_base_url(site, scope),
                              client=client[0] if client else None)  # fmt: skip
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def scope_base_url(scope: dict[str, Any]) -> str:
-    """str(Request(scope).base_url).rstrip("/"), as Starlette builds it (the Host header, else
-    the server's address; the root path), without the URL objects."""
+def scope_base_url(site: Site, scope: dict[str, Any]) -> str:
+    """base_url() from the ASGI scope: site.yaml's controller_url, else
+    str(Request(scope).base_url).rstrip("/") as Starlette builds it (the Host header, else the
+    server's address; the root path), without the URL objects."""
+    if site.settings.controller_url:
+        return site.settings.controller_url
     scheme = scope.get("scheme", "http")
     root = scope.get("app_root_path", scope.get("root_path", ""))
     for name, value in scope["headers"]:

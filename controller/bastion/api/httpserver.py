@@ -131,7 +131,8 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
     bounds: ClassVar[ConnectionBounds]
     on_close: ClassVar[Any] = None  # on_close(reason): counts a connection this class closed
-    # fast(scope): the ASGI app that answers this request directly, or None (bastion.api.boot)
+    # fast(scope): the handler that answers this request directly (scope -> Response), or None
+    # for the application (bastion.api.boot.fast_app)
     fast: ClassVar[Any] = None
 
     _timer: asyncio.TimerHandle | None = None
@@ -264,7 +265,7 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
 def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[BoundedHttpProtocol]:
     """BoundedHttpProtocol with these bounds, for uvicorn's `http=`; `fast(scope)` gives the
-    ASGI app for a request answered past the application's middleware (bastion.api.boot.fast_app)."""
+    handler for a request answered past the application's middleware (bastion.api.boot.fast_app)."""
     attributes = {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None,
                   "fast": staticmethod(fast) if fast else None}  # fmt: skip
     return type("BastionHttpProtocol", (BoundedHttpProtocol,), attributes)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI
@@ -171,7 +171,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.runtime = runtime
     # before the routes: a body is refused by its size and sender before anything reads it
     app.add_middleware(BodyLimits, runtime=runtime)
-    app.add_middleware(boot.BootFastPath)  # added last: the outermost of ours
     app.include_router(boot.router)
     app.include_router(assets.router)
     app.include_router(system.router)
@@ -183,7 +182,7 @@ def create_app(settings: Settings) -> FastAPI:
         api.include_router(module.router)
     app.include_router(api)
     if settings.management_listen is not None:
-        # outermost, around BootFastPath: a management path on the boot listener is refused
+        # outermost: a management path on the boot listener is refused
         # before anything else
         boot_routes = [*boot.router.routes, *assets.router.routes, *journal.router.routes]
         app.add_middleware(ListenerSplit, management=settings.management_listen,
