@@ -24,7 +24,8 @@
 # that finds every slot busy ends the transfer whose client has been silent longest, if that
 # is more than TransferSlots.evict_after_ms, and takes its slot.
 #
-# A request that still finds no slot (or no heap for a transfer) waits: up to as many as there
+# A request that still finds no slot (or no heap for a transfer, or the heap in pieces: a
+# MemoryError while its transfer started) waits: up to as many as there
 # are slots are kept as they came (the datagram's bytes, at most _SMALL_READ of them, and the
 # client's address: `queued`) and started, oldest first, as transfers end, so that their
 # clients are served then rather than after their own retransmission timeout (curl's and
@@ -208,6 +209,14 @@ class TftpServer:
             return False
         try:
             return self._start(req, client, last, data, since)
+        except MemoryError:
+            # No run of heap long enough for the transfer's task or socket: the free bytes
+            # were enough (_low_memory) but in pieces. Nothing of it started (_start gave all
+            # back); it waits like a request that found no slot, and is tried again as
+            # transfers end and their heap comes back, where lost it would cost its client a
+            # retransmission timeout (seconds). Lost, as before, when it cannot wait.
+            if not self.hold(data, client, since):
+                raise
         except tftp.Refused as e:
             n = tftp.build_error(self._ebuf, e.code, e.msg)
             net.send(self.sock, self._ebuf, n, client, log, "tftp")
@@ -268,12 +277,15 @@ class TftpServer:
             slot.file = slot.client = slot.sock = slot.task = None
             self.slots.release(slot)
             raise
-        self._send(sock, t, n)
-        self.log.event(
-            "tftp",
-            _START,
-            ("start", slot.file, slot.client, t.blksize, size, t.window),
-        )
+        try:  # the transfer runs from here: a MemoryError must not make the caller hold it
+            self._send(sock, t, n)  # (not sent: the clock sends it again)
+            self.log.event(
+                "tftp",
+                _START,
+                ("start", slot.file, slot.client, t.blksize, size, t.window),
+            )
+        except MemoryError:
+            self.log.count("tftp.no_memory")
         return False
 
     def give_way(self):
