@@ -376,6 +376,37 @@ def test_quick_run_serves_every_file_whole_and_prints_the_tables(tmp_path):
     assert_cleaned_up(*started(out))
 
 
+# 200 blocks of 1468 bytes: at 1468 the file ends with an empty block, at 512 with a short one.
+REFS = ["--servers", "dnsmasq," + ",".join(tftp_bench.REFERENCES), "--size", str(200 * 1468),
+        "--reps", "1", "--concurrent", "2", "--concurrent-seconds", "1"]  # fmt: skip
+
+
+@pytest.mark.netns
+def test_the_reference_servers_serve_lock_step_whole_and_only_in_the_lock_step_phase(tmp_path):
+    # The layers under the firmware's lock-step time (tftp_reference.py), each on the unix port
+    # at the bench's heap: every file whole at both block sizes, each with its ratio to
+    # dnsmasq; the windowed and concurrent phases are dnsmasq's alone.
+    need_root_and_peers()
+    out_json = tmp_path / "bench.json"
+    run = subprocess.run(bench_command(*REFS, "--json", str(out_json)), check=False,
+                         capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    summary = json.loads(out_json.read_text())
+    assert (summary["failed"], summary["corrupt"], summary["server_problems"]) == (0, 0, {})
+    for name in tftp_bench.REFERENCES:
+        mine = [f for f in summary["fetches"] if f["server"] == name]
+        assert sorted((f["phase"], f["blksize"]) for f in mine) == [
+            ("sequential", 512), ("sequential", 1468), ("warm-up", 1468)]  # fmt: skip
+        assert all(f["size"] == 200 * 1468 and f["error"] is None for f in mine)
+        for blksize in ("1468", "512"):
+            assert summary["sequential"][blksize]["ratios"][f"{name}/dnsmasq"] > 0
+        assert len(re.findall(rf"^  ratio {name}/dnsmasq: \d+\.\d+ ", out, re.MULTILINE)) == 2
+    assert list(summary["windowed"]["servers"]) == ["dnsmasq"]
+    assert list(summary["concurrent"]["servers"]) == ["dnsmasq"]
+    assert_cleaned_up(*started(out))
+
+
 PI = ["--servers", "firmware,controller,tftp-hpa", "--size", "2M", "--blksize", "1024",
       "--concurrent", "0"]
 

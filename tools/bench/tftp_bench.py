@@ -73,10 +73,18 @@ from bastion.flash import mpy, sim
 from bastion.lab.netns import LabError, Namespace, exited, run_with_cleanup, stop_process
 
 HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
-SERVERS = ("firmware", "tftp-hpa", "dnsmasq", "controller")
+# The reference servers (tools/bench/tftp_reference.py on the same MicroPython and heap as the
+# firmware): lock-step only, one transfer at a time, so they take part in the sequential phase
+# alone. Each adds one layer of the firmware to the one before (that file's header).
+REFERENCES = ("mp-blocking", "mp-asyncio", "mp-engine", "mp-shell")
+REFERENCE_SCRIPT = Path(__file__).resolve().parent / "tftp_reference.py"
+SERVERS = ("firmware", "tftp-hpa", "dnsmasq", "controller", *REFERENCES)
 DEFAULT_SERVERS = ("firmware", "tftp-hpa", "dnsmasq")
 # Ports inside the namespace. dnsmasq's TFTP port is fixed at 69.
-PORTS = {"firmware": 2069, "tftp-hpa": 1069, "dnsmasq": 69, "controller": 3069}
+PORTS = {
+    "firmware": 2069, "tftp-hpa": 1069, "dnsmasq": 69, "controller": 3069,
+    **{name: 2170 + i for i, name in enumerate(REFERENCES)},
+}  # fmt: skip
 CONTROLLER_HTTP = 3080  # `bastion serve` also serves HTTP; nobody asks it anything here
 FIRMWARE_DHCP_PORT = 2067  # the firmware's other listeners, out of everyone's way
 FIRMWARE_PXE_PORT = 2011
@@ -340,6 +348,15 @@ class Firmware(Server):
         code = heaps[-1].get("code") if heaps else boot.get("heap_code")
         peak = max((e.get("peak", 0) for e in heaps), default=None)
         return {"code": code, "peak": peak, "heap_events": len(heaps)}
+
+
+@dataclass
+class Reference(Server):
+    """A reference lock-step server (tftp_reference.py) on the MicroPython unix port; None: the
+    one installed with bastion (also when the firmware's binary has it frozen in)."""
+
+    heap: str = "128k"
+    micropython: str | None = None
 
 
 def firmware_config() -> dict:
@@ -655,7 +672,7 @@ def timing_row(
     bad = sum(1 for f in fetches if not f.ok)
     if not times:
         why = f"not serving: {problem}" if problem and not fetches else "no successful transfer"
-        return f"  {name:<10} {0:>4} {bad:>4}   ({why})", {"ok": 0, "bad": bad}
+        return f"  {name:<11} {0:>4} {bad:>4}   ({why})", {"ok": 0, "bad": bad}
     med = statistics.median(times)
     d = {
         "ok": len(times),
@@ -666,14 +683,14 @@ def timing_row(
         "mb_per_s": size / med / 1e6 if med > 0 else math.inf,
     }
     line = (
-        f"  {name:<10} {d['ok']:>4} {bad:>4} {med:>9.4f} {d['min_s']:>9.4f} "
+        f"  {name:<11} {d['ok']:>4} {bad:>4} {med:>9.4f} {d['min_s']:>9.4f} "
         f"{d['p90_s']:>9.4f} {d['mb_per_s']:>8.2f}"
     )
     return line, d
 
 
 TABLE_HEAD = (
-    f"  {'server':<10} {'ok':>4} {'bad':>4} {'median_s':>9} {'min_s':>9} {'p90_s':>9} {'MB/s':>8}"
+    f"  {'server':<11} {'ok':>4} {'bad':>4} {'median_s':>9} {'min_s':>9} {'p90_s':>9} {'MB/s':>8}"
 )
 
 
@@ -683,6 +700,7 @@ RATIO_PAIRS = (
     ("firmware", "controller"),
     ("controller", "tftp-hpa"),
     ("controller", "dnsmasq"),
+    *((name, "dnsmasq") for name in REFERENCES),
 )
 
 
@@ -857,6 +875,7 @@ def lay_out(work: Path, source: Source, heap: str, mp: MicroPython) -> dict[str,
         "tftp-hpa": work / "tftp-hpa",
         "dnsmasq": work / "dnsmasq",
         "controller": site / "tftp",
+        "reference": work / "reference",
     }
     for root in roots.values():
         root.mkdir(parents=True, exist_ok=True)
@@ -867,7 +886,18 @@ def lay_out(work: Path, source: Source, heap: str, mp: MicroPython) -> dict[str,
     servers["firmware"] = Firmware(PORTS["firmware"], flash, heap, work / "firmware.log", mp.path)
     for name in ("tftp-hpa", "dnsmasq", "controller"):
         servers[name] = Server(name, PORTS[name], log=work / f"{name}.log")
+    for name in REFERENCES:  # on the firmware's MicroPython, at its heap
+        servers[name] = Reference(name, PORTS[name], log=work / f"{name}.log", heap=heap,
+                                  micropython=None if mp.frozen else mp.path)  # fmt: skip
     return servers
+
+
+def reference_command(server: Reference, root: Path) -> list[str]:
+    mode = server.name.removeprefix("mp-")
+    repo = sim.FIRMWARE_SRC.parent  # whose firmware/ the engine and shell modes import
+    heap = f"heapsize={sim.parse_heap(server.heap)}"
+    mp = server.micropython or sim.micropython_bin()
+    return [mp, "-X", heap, str(REFERENCE_SCRIPT), mode, str(root), str(server.port), str(repo)]
 
 
 def start_server(ns: Namespace, server: Server, work: Path) -> None:
@@ -880,6 +910,8 @@ def start_server(ns: Namespace, server: Server, work: Path) -> None:
             cmd = tftp_hpa_command(root, server.port)
         elif server.name == "controller":
             cmd = controller_command(work / "controller-site", work, server.port)
+        elif isinstance(server, Reference):
+            cmd = reference_command(server, work / "reference")
         else:
             cmd = dnsmasq_command(root, work)
         server.proc = ns.start(cmd, name=server.name, log=server.log)
@@ -937,6 +969,12 @@ class Bench:
         return self.args.servers
 
     @property
+    def peers(self) -> list[str]:
+        """The servers but the lock-step references: those of the windowed and concurrent
+        phases."""
+        return [name for name in self.args.servers if name not in REFERENCES]
+
+    @property
     def firmware(self) -> Firmware:
         fw = self.servers["firmware"]
         assert isinstance(fw, Firmware)
@@ -963,7 +1001,7 @@ def sequential_phase(b: Bench) -> None:
             for name in rotated(tuple(b.names), rep):
                 r.fetch(b.client, b.servers[name], "sequential", blksize, rep)
         if args.windowsize:
-            for name in rotated(tuple(b.names), rep):
+            for name in rotated(tuple(b.peers), rep):
                 r.fetch(b.client, b.servers[name], "windowed", args.blksize[0], rep,
                         window=args.windowsize)  # fmt: skip
         print(f"  rep {rep + 1}/{args.reps} done", flush=True)
@@ -978,7 +1016,7 @@ def granted_windows(b: Bench) -> dict[str, int | None]:
     on its stdout, the controller's in its event history); None for tftp-hpa and dnsmasq,
     which have no windowsize and tell nothing."""
     out: dict[str, int | None] = {}
-    for name in b.names:
+    for name in b.peers:
         windows: list[int] = []
         if name == "firmware":
             windows = [
@@ -1006,7 +1044,7 @@ def concurrent_phase(b: Bench) -> None:
         f"{args.concurrent_seconds:g} s per server ...",
         flush=True,
     )
-    for name in b.names:
+    for name in b.peers:
         if name == "firmware":  # a fresh boot, so the heap peak belongs to this phase alone
             b.firmware.stop()
             start_server(b.ns, b.firmware, b.work)
@@ -1177,11 +1215,11 @@ def report(b: Bench) -> dict:
         )
         print(TABLE_HEAD)
         stats = {}
-        for name in b.names:
+        for name in b.peers:
             fetches = results.select(name, "windowed", blk)
             line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
             print(line)
-        lines, ratios = ratio_lines(stats, b.names)
+        lines, ratios = ratio_lines(stats, b.peers)
         for line in lines:
             print(line)
         print("  " + granted_line(b.granted))
@@ -1199,14 +1237,14 @@ def report(b: Bench) -> dict:
         )
         print(TABLE_HEAD + f" {'aggr MB/s':>10}")
         stats = {}
-        for name in b.names:
+        for name in b.peers:
             fetches = results.select(name, "concurrent")
             line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
             wall = b.walls.get(name, 0.0)
             good = sum(f.size for f in fetches if f.ok)
             stats[name]["aggregate_mb_per_s"] = good / wall / 1e6 if wall else 0.0
             print(line + f" {stats[name]['aggregate_mb_per_s']:>10.2f}")
-        lines, ratios = ratio_lines(stats, b.names)
+        lines, ratios = ratio_lines(stats, b.peers)
         for line in lines:
             print(line)
         summary["concurrent"] = {
@@ -1367,7 +1405,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=parse_list,
         default=list(DEFAULT_SERVERS),
         help=f"which servers, comma-separated, of {','.join(SERVERS)} (default "
-        f"{','.join(DEFAULT_SERVERS)}; controller: `bastion serve --tftp`)",
+        f"{','.join(DEFAULT_SERVERS)}; controller: `bastion serve --tftp`; mp-*: lock-step "
+        "reference servers on the firmware's MicroPython and heap, each one more layer of the "
+        "firmware than the one before (tools/bench/tftp_reference.py), timed in the lock-step "
+        "phase only)",
     )
     p.add_argument(
         "--file", type=Path, default=DEFAULT_FILE, help=f"the file served (default {DEFAULT_FILE})"
