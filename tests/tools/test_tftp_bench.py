@@ -86,6 +86,14 @@ def test_lines_without_an_event_are_skipped(line):
     assert tftp_bench.parse_event(line) is None
 
 
+def test_console_replies_are_read_apart_from_events():
+    reply = {"id": 2, "ok": True, "counters": {"tftp.ok": 3}}
+    assert tftp_bench.parse_reply(frame.encode(reply).decode()) == reply
+    assert tftp_bench.parse_event(frame.encode(reply).decode()) is None
+    assert tftp_bench.parse_reply('#EB< 0000abcd {"ev": "boot", "seq": 1}') is None
+    assert tftp_bench.parse_reply('{"id": "x", "ok": true}') is None
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 11)]
     assert tftp_bench.percentile(values, 0.9) == 9.0
@@ -132,6 +140,13 @@ def test_ratios_cover_the_controller_and_say_who_had_nothing():
     stats["dnsmasq"] = {"median_s": 4.0}
     _, ratios = tftp_bench.ratio_lines(stats, ["controller", "dnsmasq"])
     assert ratios == {"controller/dnsmasq": 0.5}
+
+
+def test_the_counters_line_names_each_counter_and_says_when_the_console_did_not_answer():
+    line = tftp_bench.tftp_counters_line({"tftp.ok": 7, "tftp.queued": 2, "console.frames": 9})
+    assert line == ("ok 7, failed 0, queued 2, busy 0, low_memory 0, no_memory 0, evicted 0, "
+                    "resend 0")  # fmt: skip
+    assert tftp_bench.tftp_counters_line(None) == "not read (its console did not answer)"
 
 
 def test_the_granted_windows_line_says_who_has_none():
@@ -356,8 +371,21 @@ def test_quick_run_serves_every_file_whole_and_prints_the_tables(tmp_path):
         re.MULTILINE,
     ), out
 
+    # The firmware's own counters, read from its console at the end of each phase: every
+    # transfer the clients made, and none failed.
+    for phase in ("sequential", "concurrent"):
+        m = re.search(rf"^  TFTP counters, {phase} phase: ok (\d+), failed 0, queued \d+, busy \d+, "
+                      r"low_memory \d+, no_memory \d+, evicted \d+, resend \d+$", out,
+                      re.MULTILINE)  # fmt: skip
+        assert m and int(m.group(1)) > 0, out
     summary = json.loads(out_json.read_text())
     assert (summary["failed"], summary["corrupt"], summary["server_problems"]) == (0, 0, {})
+    # one boot for the warm-up, sequential and windowed fetches, a fresh one for the concurrent
+    for phase, fetched in (("sequential", ("warm-up", "sequential", "windowed")),
+                           ("concurrent", ("concurrent",))):  # fmt: skip
+        mine = [f for f in summary["fetches"] if f["server"] == "firmware"
+                and f["phase"] in fetched and f["error"] is None]  # fmt: skip
+        assert summary["firmware_counters"][phase]["tftp.ok"] == len(mine)
     fetches = summary["fetches"]
     assert fetches and all(f["error"] is None and f["corrupt"] is None for f in fetches)
     for name in SERVERS:

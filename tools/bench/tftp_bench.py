@@ -72,6 +72,8 @@ from pathlib import Path
 from bastion.flash import mpy, sim
 from bastion.lab.netns import LabError, Namespace, exited, run_with_cleanup, stop_process
 
+from firmware import frame
+
 HOST = "127.0.0.1"  # the only address used, and only inside the bench's namespace
 # The reference servers (tools/bench/tftp_reference.py on the same MicroPython and heap as the
 # firmware): lock-step only, one transfer at a time, so they take part in the sequential phase
@@ -122,6 +124,18 @@ def parse_event(line: str) -> dict | None:
     (`#EB< 1c291ca3 {"ev": ...}`): the object starts at the first `{`. The frame's CRC is not
     checked here; a pipe does not corrupt bytes, and the bench must not depend on the framing.
     """
+    obj = _json_object(line)
+    return obj if obj is not None and "ev" in obj else None
+
+
+def parse_reply(line: str) -> dict | None:
+    """The firmware console's reply on one line of its output (an object with an integer "id"
+    and "ok"; docs/serial-protocol.md), or None; read as parse_event reads events."""
+    obj = _json_object(line)
+    return obj if obj is not None and isinstance(obj.get("id"), int) and "ok" in obj else None
+
+
+def _json_object(line: str) -> dict | None:
     i = line.find("{")
     if i < 0:
         return None
@@ -129,7 +143,7 @@ def parse_event(line: str) -> dict | None:
         obj, _ = _DECODER.raw_decode(line, i)
     except ValueError:
         return None
-    return obj if isinstance(obj, dict) and "ev" in obj else None
+    return obj if isinstance(obj, dict) else None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -300,6 +314,8 @@ class Firmware(Server):
         self.heap = heap
         self.micropython = micropython  # None: the unix port installed with bastion
         self.events: list[dict] = []
+        self.replies: dict[int, dict] = {}  # the console's replies, by request id
+        self._next_id = 1
         self._reader: threading.Thread | None = None
 
     def start(self, ns: Namespace) -> None:
@@ -309,8 +325,10 @@ class Firmware(Server):
             self.flash, HOST, FIRMWARE_DHCP_PORT, FIRMWARE_PXE_PORT, self.port, self.heap,
             self.micropython,
         )  # fmt: skip
-        self.proc = ns.start(cmd, name=self.name, cwd=self.flash, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+        self.replies = {}
+        # stdin is its console (the sim board's serial line): counters() asks it.
+        self.proc = ns.start(cmd, name=self.name, cwd=self.flash, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
 
@@ -324,6 +342,8 @@ class Firmware(Server):
                 ev = parse_event(line)
                 if ev is not None:
                     self.events.append(ev)
+                elif (reply := parse_reply(line)) is not None:
+                    self.replies[reply["id"]] = reply
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -339,6 +359,31 @@ class Firmware(Server):
         return sum(
             1 for e in list(self.events) if e.get("ev") == "tftp" and e.get("stage") in _OVER
         )
+
+    def ask(self, request: dict, timeout: float = 5.0) -> dict | None:
+        """One request to its console (docs/serial-protocol.md): the reply, or None when none
+        came within timeout."""
+        if self.proc is None or self.proc.stdin is None or exited(self.proc):
+            return None
+        rid = self._next_id
+        self._next_id += 1
+        try:
+            self.proc.stdin.write(frame.encode({"id": rid, **request}, frame.TO_DEVICE))
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        deadline = time.monotonic() + timeout
+        while rid not in self.replies and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.replies.get(rid)
+
+    def counters(self) -> dict[str, int] | None:
+        """Its counters since it booted (a session first, as the console asks), or None."""
+        hello = self.ask({"op": "hello", "proto": 1, "session": "tftp-bench"})
+        if not hello or not hello.get("ok"):
+            return None
+        reply = self.ask({"op": "counters"})
+        return reply.get("counters") if reply and reply.get("ok") else None
 
     def heap_figures(self) -> dict:
         """code and peak (bytes) as the firmware reported them; peak is None when no heap
@@ -961,6 +1006,8 @@ class Bench:
     granted: dict[str, int | None] = field(default_factory=dict)  # largest window, per server
     single_heap: dict = field(default_factory=dict)
     conc_heap: dict | None = None
+    # The firmware's counters at the end of each phase (it boots afresh for the concurrent one)
+    fw_counters: dict[str, dict[str, int] | None] = field(default_factory=dict)
     probes: list[Probe] = field(default_factory=list)  # --min-heap, in the order tried
     min_heap: int | None = None  # the smallest heap that worked, once --min-heap has run
 
@@ -1007,6 +1054,7 @@ def sequential_phase(b: Bench) -> None:
         print(f"  rep {rep + 1}/{args.reps} done", flush=True)
     if "firmware" in b.names:
         b.single_heap = b.firmware.heap_figures()
+        b.fw_counters["sequential"] = b.firmware.counters()
     if args.windowsize:
         b.granted = granted_windows(b)
 
@@ -1054,6 +1102,7 @@ def concurrent_phase(b: Bench) -> None:
         if name == "firmware":
             time.sleep(0.2)  # the reader thread: the last heap event
             b.conc_heap = b.firmware.heap_figures()
+            b.fw_counters["concurrent"] = b.firmware.counters()
         # A server can come out of a burst alive but no longer serving (short of memory, a
         # slot lost): one more transfer, alone, says whether it still does.
         b.results.fetch(b.client, b.servers[name], "after-burst", blk, 0)
@@ -1276,6 +1325,9 @@ def report(b: Bench) -> dict:
             )
             summary["firmware_heap"]["concurrent_work"] = works
             summary["firmware_heap"]["serving_after_burst"] = serving
+        for phase, counters in b.fw_counters.items():
+            print(f"  TFTP counters, {phase} phase: {tftp_counters_line(counters)}")
+        summary["firmware_counters"] = b.fw_counters
         if args.min_heap:
             lines, summary["firmware_heap"]["min_heap"] = min_heap_report(b)
             print("\n".join(lines))
@@ -1295,6 +1347,18 @@ def report(b: Bench) -> dict:
         + (f"; {skipped} not tried (server not serving)" if skipped else "")
     )
     return summary
+
+
+# The firmware's TFTP counters the bench prints: transfers, and what became of requests that
+# found no slot or no heap (docs/device.md, "No slot: it waits"). A request that is neither
+# started nor waiting costs its client a retransmission timeout, seconds.
+TFTP_COUNTERS = ("ok", "failed", "queued", "busy", "low_memory", "no_memory", "evicted", "resend")
+
+
+def tftp_counters_line(counters: dict[str, int] | None) -> str:
+    if counters is None:
+        return "not read (its console did not answer)"
+    return ", ".join(f"{name} {counters.get('tftp.' + name, 0)}" for name in TFTP_COUNTERS)
 
 
 def granted_line(granted: dict[str, int | None]) -> str:
