@@ -12,8 +12,10 @@
 #             clock task per transfer, the listener, net.readable/take/send), and nothing else
 #             of the firmware: no proxyDHCP, console, watchdog or power tasks.
 #
-# blocking and asyncio serve one transfer at a time, lock-step, with the options blksize and
-# tsize; they never retransmit. They are measuring instruments for loopback, not servers: a
+# blocking and asyncio serve one transfer at a time, lock-step. Each transfer is begun by the
+# firmware's engine (parse_request, check and Transfer.start: the same options, refusals and
+# first packet as the firmware, windows held to 1), once per transfer and so outside what is
+# measured; its blocks are their own loop. They never retransmit. They are measuring instruments for loopback, not servers: a
 # client that goes away holds blocking for SOCKET_TIMEOUT_S and asyncio for good.
 #
 # Usage: micropython -X heapsize=128k tftp_reference.py MODE ROOT PORT REPO
@@ -35,35 +37,18 @@ def _bind(port):
     return s
 
 
-def _request(data, root):
-    # (path, blksize, oack bytes or None) of an octet RRQ; None for anything else.
-    parts = bytes(data[2:]).split(b"\0")
-    if data[:2] != b"\0\x01" or len(parts) < 3 or parts[1].lower() != b"octet":
-        return None
-    path = root + "/" + parts[0].decode()
-    size = os.stat(path)[6]
-    blksize, oack = 512, b""
-    for i in range(2, len(parts) - 1, 2):
-        key = parts[i].lower()
-        if key == b"blksize":
-            blksize = min(int(parts[i + 1]), MAX_BLKSIZE)
-            oack += b"blksize\0%d\0" % blksize
-        elif key == b"tsize":
-            oack += b"tsize\0%d\0" % size
-    return path, blksize, (b"\0\x06" + oack) if oack else None
-
-
 class Lockstep:
-    """One transfer's state for blocking and asyncio: send() puts the next block out."""
+    """One transfer's blocks for blocking and asyncio, from the first packet on (the OACK:
+    block 0; or DATA 1 of n bytes): on_ack() sends the next block."""
 
-    def __init__(self, buf, sock, path, blksize):
+    def __init__(self, buf, sock, f, blksize, block, n):
         self.buf = buf
         self.sock = sock
-        self.f = open(path, "rb")  # noqa: SIM115 -- closed by close(), as the transfer ends
+        self.f = f
         self.payload = memoryview(buf)[4 : 4 + blksize]
         self.blksize = blksize
-        self.block = 0
-        self.n = blksize  # bytes in the block last sent
+        self.block = block
+        self.n = n  # bytes in the block last sent
 
     def on_ack(self, rx):
         # True while the transfer goes on; a stale ACK is ignored.
@@ -86,28 +71,50 @@ class Lockstep:
         self.sock.close()
 
 
-def _open_transfer(buf, data, client, root):
-    req = _request(data, root)
-    if req is None:
+def _begin(engine, cfg, data, client, now=0):
+    """One request begun by the firmware's engine (a firmware.tftp.Transfer), its first packet
+    sent on a socket connected to the client: (req, sock, f, n), n the packet's length; None
+    for a request the engine refuses."""
+    from firmware import tftp
+
+    try:
+        req = tftp.parse_request(data)
+        tftp.check(req, cfg)
+        f = open(req.path, "rb")  # noqa: SIM115 -- closed as the transfer ends
+    except (tftp.Malformed, tftp.Refused, OSError):
         return None
-    path, blksize, oack = req
     sock = _bind(0)
     sock.connect(client)
-    t = Lockstep(buf, sock, path, blksize)
-    if oack is None:
-        t.on_ack(b"\0\x04\0\0")  # no options: DATA 1 at once
-    else:
-        sock.write(oack)
-    return t
+    n = engine.start(req, f, os.stat(req.path)[6], now)
+    sock.write(engine.buf, n)
+    return req, sock, f, n
+
+
+def _open_transfer(engine, cfg, data, client):
+    """A Lockstep for one request, its first packet sent, or None. engine only begins it and
+    is left as it is."""
+    begun = _begin(engine, cfg, data, client)
+    if begun is None:
+        return None
+    req, sock, f, n = begun
+    if req.oack:
+        return Lockstep(engine.buf, sock, f, req.blksize, 0, req.blksize)
+    return Lockstep(engine.buf, sock, f, req.blksize, 1, n - 4)
+
+
+def _engine():
+    from firmware import tftp
+
+    return tftp.Transfer(bytearray(4 + MAX_BLKSIZE))
 
 
 def serve_blocking(root, port):
     lis = _bind(port)
-    buf = bytearray(4 + MAX_BLKSIZE)
+    engine, cfg = _engine(), _Cfg(root, 1)
     rx = bytearray(4)
     while True:
         data, client = lis.recvfrom(512)
-        t = _open_transfer(buf, data, client, root)
+        t = _open_transfer(engine, cfg, data, client)
         if t is None:
             continue
         t.sock.settimeout(SOCKET_TIMEOUT_S)
@@ -125,13 +132,13 @@ async def serve_asyncio(root, port):
     once = (None,)
     lis = _bind(port)
     lis.setblocking(False)
-    buf = bytearray(4 + MAX_BLKSIZE)
+    engine, cfg = _engine(), _Cfg(root, 1)
     rx = bytearray(4)
     while True:
         _io_queue.queue_read(lis)
         await once
         data, client = lis.recvfrom(512)
-        t = _open_transfer(buf, data, client, root)
+        t = _open_transfer(engine, cfg, data, client)
         if t is None:
             continue
         t.sock.setblocking(False)
@@ -146,40 +153,35 @@ async def serve_asyncio(root, port):
 class _Cfg:
     # The firmware's defaults (firmware/config.py) for what tftp.check and tftpd read.
     tftp_max_blksize = MAX_BLKSIZE
-    tftp_max_window = 4
     tftp_max_transfers = 4
     tftp_timeout_ms = 1000
     tftp_retries = 5
 
-    def __init__(self, root):
+    def __init__(self, root, window=4):
         self.tftp_root = root
+        self.tftp_max_window = window  # 1: blocking and asyncio are lock-step
 
 
 async def serve_engine(root, port):
     from asyncio.core import _io_queue
     from time import ticks_ms
 
-    from firmware import tftp
-
     cfg = _Cfg(root)
     once = (None,)
     lis = _bind(port)
     lis.setblocking(False)
-    buf = bytearray(4 + MAX_BLKSIZE)
-    t = tftp.Transfer(buf, cfg.tftp_timeout_ms, cfg.tftp_retries)
+    t = _engine()
+    buf = t.buf
     rx = bytearray(4)
     while True:
         _io_queue.queue_read(lis)
         await once
         data, client = lis.recvfrom(512)
-        req = tftp.parse_request(data)
-        tftp.check(req, cfg)
-        sock = _bind(0)
-        sock.connect(client)
+        begun = _begin(t, cfg, data, client, ticks_ms())
+        if begun is None:
+            continue
+        sock = begun[1]
         sock.setblocking(False)
-        f = open(req.path, "rb")  # noqa: SIM115, ASYNC230 -- the Transfer owns and closes it
-        n = t.start(req, f, os.stat(req.path)[6], ticks_ms())
-        sock.write(buf, n)
         while not t.done:
             _io_queue.queue_read(sock)
             await once
@@ -187,7 +189,7 @@ async def serve_engine(root, port):
             while n:
                 sock.write(buf, n)
                 n = t.more()
-        t.close()
+        t.close()  # and its file
         sock.close()
 
 
