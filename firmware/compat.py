@@ -1,43 +1,26 @@
-# The few names MicroPython has and CPython lacks, feature-detected (never by sys.implementation).
+# The few names MicroPython has and CPython lacks, feature-detected (never by sys.implementation);
+# CPython's are in firmware/cpython.py, which a board never loads.
 try:
     from micropython import const
 except ImportError:  # CPython
-
-    def const(x):
-        return x
-
+    from firmware.cpython import const  # noqa: F401
 
 try:
     from time import ticks_add, ticks_diff, ticks_ms
 except ImportError:  # CPython
-    from time import monotonic_ns as _monotonic_ns
-
-    def ticks_ms():
-        return _monotonic_ns() // 1_000_000
-
-    def ticks_diff(a, b):
-        return a - b
-
-    def ticks_add(a, b):
-        return a + b
-
+    from firmware.cpython import ticks_add, ticks_diff, ticks_ms  # noqa: F401
 
 try:
     from gc import mem_alloc as heap_used
 except ImportError:  # CPython has no heap of its own to report
-
-    def heap_used():
-        return 0
-
+    from firmware.cpython import heap_used  # noqa: F401
 
 import asyncio
 
 if hasattr(asyncio, "sleep_ms"):
     sleep_ms = asyncio.sleep_ms
 else:  # CPython
-
-    async def sleep_ms(ms):
-        await asyncio.sleep(ms / 1000)
+    from firmware.cpython import sleep_ms  # noqa: F401
 
 
 class Settings:

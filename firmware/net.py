@@ -3,8 +3,9 @@
 # MicroPython's asyncio has no public UDP API and its sockets have no recv_into/recvfrom_into,
 # so on MicroPython a wait for a datagram is a yield to asyncio's I/O queue followed by a
 # non-blocking recvfrom/readinto. On CPython (tests) the event loop's sock_* calls do the same.
-# A transfer's receiver, once per block, waits with `await readable(s)` and reads with take():
-# on MicroPython that costs no generator (168 bytes on the unix port, per datagram).
+# A transfer's receiver, once per block, waits with `await readable(s)`, reads with take() and
+# sends with writer(s): on MicroPython that costs no generator (168 bytes on the unix port, per
+# datagram) and no frame on the heap (below, before take). CPython's are in firmware/cpython.py.
 # Addresses are opaque: a raw sockaddr (bytes) on the unix port, a tuple on CPython. Pass them
 # back to sendto as they came, and read them with addr_ip4/addr_port.
 import socket
@@ -65,7 +66,6 @@ def send(s, buf, n, to=None, log=None, name=None):
     never silent: with the service's log and name, it counts <name>.send_failed and, under
     the log's Budget for them (log.net), records {"ev": "net", "svc": name, "errno": e,
     "to": ip}; `to` is None for a connected socket."""
-    global errno
     try:
         if to is not None:
             s.sendto(memoryview(buf)[:n], to)
@@ -75,16 +75,30 @@ def send(s, buf, n, to=None, log=None, name=None):
             return True
         if s.write(buf, n) is not None:
             return True
-        errno = _EAGAIN  # the socket's send buffer is full
-    except OSError as e:
-        errno = e.errno if isinstance(e.errno, int) else -1
+        e = _EAGAIN  # the socket's send buffer is full
+    except OSError as x:
+        e = x.errno if isinstance(x.errno, int) else -1
+    return failed(e, to, log, name)
+
+
+def failed(e, to=None, log=None, name=None):
+    """A datagram the stack refused with errno e, as send reports it (for a send made
+    elsewhere, e.g. with writer()); returns False."""
+    global errno
+    errno = e
     if log is not None:
         log.count(name + ".send_failed")
         if log.net.take():
             ip = None if to is None else ip_str(addr_ip4(to))
-            log.net.event("net", ("svc", "errno", "to"), (name, errno, ip))
+            log.net.event("net", ("svc", "errno", "to"), (name, e, ip))
     return False
 
+
+# A function called once per packet keeps its frame on the C stack only while it is small
+# (MicroPython: 11 words of locals and stack, and a try takes most of them; `except ... as`
+# more). Beyond that every call allocates its frame on the heap and frees it on return: a
+# search of the heap for a run of free blocks, per call. take() and writer() are the hot
+# path's calls without a frame of their own.
 
 if _io_queue is not None:
 
@@ -110,35 +124,17 @@ if _io_queue is not None:
 
     def take(s, buf):
         """One waiting datagram on a connected socket into buf: its length, or None when
-        there was none after all (a wake-up without data)."""
-        try:
-            return s.readinto(buf)
-        except OSError as e:
-            if e.errno != _EAGAIN:
-                raise
-        return None
+        there was none after all (a wake-up without data). A non-blocking stream read returns
+        None for EAGAIN itself and raises any other error (ECONNREFUSED: the client's port
+        has closed): no try needed, and none to make the frame too big for the C stack."""
+        return s.readinto(buf)
 
-else:
-    import asyncio
+    def writer(s):
+        """Connected socket s's send for a hot path: write(buf, n) sends buf[:n] and returns
+        n, or None when the socket's send buffer is full (EAGAIN); other errors raise
+        OSError. Report a failure with failed(). On MicroPython this is the socket's own
+        write: no Python frame and no memoryview per packet."""
+        return s.write
 
-    async def recvfrom(s, n):
-        return await asyncio.get_running_loop().sock_recvfrom(s, n)
-
-    def _wake(fut):
-        if not fut.done():
-            fut.set_result(None)
-
-    async def readable(s):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        loop.add_reader(s, _wake, fut)
-        try:
-            await fut
-        finally:  # also when cancelled: before the caller closes s
-            loop.remove_reader(s)
-
-    def take(s, buf):
-        try:
-            return s.recv_into(buf)
-        except BlockingIOError:
-            return None
+else:  # CPython
+    from firmware.cpython import readable, recvfrom, take, writer  # noqa: F401

@@ -348,40 +348,65 @@ class Transfer:
 
     def more(self):
         """The next DATA packet of the current window, or 0 when the window is complete."""
+        # Called twice per block, so its frame is kept within MicroPython's limit for a frame on
+        # the C stack (11 words; more, or a try, and every call allocates the frame on the heap
+        # and frees it: a search of the heap for a run of free blocks): few locals, and the
+        # try around the read is in _read (one argument), the rare cases in _fill.
         k = self._next
         if k > self._end or self.done:
             return 0
-        last = self.last
-        if last and k > last:
+        if self.last and k > self.last:
             return 0
         self._next = k + 1
         # Block k into the payload area, straight after the 4 header bytes: the file is read
         # into the packet (readinto a preallocated memoryview), never copied. Blocks are read in
         # order, so the seek happens only on a resend.
-        bs = self.blksize
-        off = (k - 1) * bs
-        f = self.f
-        try:
-            if off != self._pos:
-                f.seek(off)
-            n = f.readinto(self._payload) or 0
-            if n < bs:
-                n = self._fill(n)
-        except OSError:
-            self.finish("read error")
-            return build_error(self.buf, E_UNDEFINED, MSG_READ_ERROR)
+        off = (k - 1) * self.blksize
+        n = self._read() if off == self._pos else -2
+        if n < self.blksize:  # a resend, a short read, the end of the file or a read error
+            n = self._fill(off, n)
+            if n < 0:
+                self.finish("read error")
+                return build_error(self.buf, E_UNDEFINED, MSG_READ_ERROR)
+            if n < self.blksize:  # a short block is the last one (RFC 1350)
+                self.last = k
+                self.total = off + n
         self._pos = off + n
-        if n < bs:  # a short block is the last one (RFC 1350)
-            self.last = k
-            self.total = off + n
         if k > self.sent:
             self.sent = k
-        buf = self.buf
-        buf[0] = 0
-        buf[1] = DATA
-        buf[2] = (k >> 8) & 0xFF
-        buf[3] = k & 0xFF
+        b = self.buf
+        b[0] = 0
+        b[1] = DATA
+        b[2] = (k >> 8) & 0xFF
+        b[3] = k & 0xFF
         return 4 + n
+
+    def _read(self):
+        # The payload's worth of the file from where it stands: its length, -1 on a read error.
+        try:
+            return self.f.readinto(self._payload) or 0
+        except OSError:
+            return -1
+
+    def _fill(self, off, n):
+        # more()'s slow path, after _read gave n (-2: not read, the file must seek to off
+        # first): seek and read, then, as a stream may return less than asked before its end,
+        # read on until the block is full or the file ends. The block's length, or -1.
+        if n == -1:
+            return n
+        bs = self.blksize
+        try:
+            if n == -2:
+                self.f.seek(off)
+                n = self.f.readinto(self._payload) or 0
+            while 0 < n < bs:
+                m = self.f.readinto(self._payload[n:])
+                if not m:
+                    break
+                n += m
+        except OSError:
+            return -1
+        return n
 
     def close(self):
         f = self.f
@@ -409,17 +434,6 @@ class Transfer:
         if not self.done:
             self.result = result
         self.done = True
-
-    def _fill(self, n):
-        # A stream may return less than asked before its end: read on until the block is
-        # full or the file ends (raises OSError like readinto).
-        bs = self.blksize
-        while 0 < n < bs:
-            m = self.f.readinto(self._payload[n:])
-            if not m:
-                break
-            n += m
-        return n
 
     def _build_oack(self):
         buf = self.buf

@@ -65,6 +65,7 @@ _NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length i
 _QUEUED_MS = const(2000)  # how long a request that waits for a slot is kept
 _DEQUEUE_MS = const(50)  # how often waiting requests are tried when no transfer runs
 
+_EAGAIN = const(11)  # errno: a socket's send buffer is full (net.writer gave None)
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
 _SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
 # Free heap (bytes, unix port measured) below which no transfer starts: one takes about 2 KB,
@@ -318,15 +319,17 @@ class TftpServer:
 
     async def _serve(self, slot, sock):
         # The receiver: feeds the client's datagrams to the transfer, and cleans up. Its loop
-        # is the per-block hot path: names in locals, the window sent from here (no call per
-        # packet but on_packet/more and net.send).
+        # is the per-block hot path: names in locals, the window sent from here, and no call
+        # per packet but on_packet/more and the socket's own read and write (net.take,
+        # net.writer). Its frame is a generator's, made once per transfer: the try around the
+        # write costs nothing per packet here, where in a function it would (net.py).
         t = slot.transfer
         rx = slot.rx
         buf = t.buf
         log = self.log
         readable = net.readable
         take = net.take
-        send = net.send
+        write = net.writer(sock)
         now = ticks_ms
         clock = None
         try:
@@ -342,7 +345,11 @@ class TftpServer:
                     log.count("tftp.bad_packet")
                     continue
                 while n:
-                    send(sock, buf, n, None, log, "tftp")
+                    try:
+                        if write(buf, n) is None:
+                            net.failed(_EAGAIN, None, log, "tftp")
+                    except OSError as e:
+                        net.failed(e.errno, None, log, "tftp")
                     n = t.more()
         except asyncio.CancelledError:
             t.finish("cancelled")  # the clock gave up (the result is already set) or shutdown

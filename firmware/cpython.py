@@ -1,0 +1,69 @@
+# What the firmware uses under CPython (the tests, and the controller's TFTP, which runs the
+# firmware's engine) where MicroPython has its own. compat.py and net.py import it only when
+# MicroPython's own is missing, so a board never loads it: every function a module defines
+# is loaded into the heap with the module, run or not, and each name it uses is interned.
+import asyncio
+from time import monotonic_ns
+
+
+def const(x):
+    return x
+
+
+def ticks_ms():
+    return monotonic_ns() // 1_000_000
+
+
+def ticks_diff(a, b):
+    return a - b
+
+
+def ticks_add(a, b):
+    return a + b
+
+
+def heap_used():
+    return 0  # CPython has no heap of its own to report
+
+
+async def sleep_ms(ms):
+    await asyncio.sleep(ms / 1000)
+
+
+# net.py's socket calls, on asyncio's event loop (firmware/net.py says what each does).
+
+
+async def recvfrom(s, n):
+    return await asyncio.get_running_loop().sock_recvfrom(s, n)
+
+
+def _wake(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def readable(s):
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    loop.add_reader(s, _wake, fut)
+    try:
+        await fut
+    finally:  # also when cancelled: before the caller closes s
+        loop.remove_reader(s)
+
+
+def take(s, buf):
+    try:
+        return s.recv_into(buf)
+    except BlockingIOError:
+        return None
+
+
+def writer(s):
+    def write(buf, n):
+        try:
+            return s.send(memoryview(buf)[:n])
+        except BlockingIOError:
+            return None
+
+    return write
