@@ -7,12 +7,14 @@
 # ID" case needs no code). Refusals (writes, bad names, missing files, bad options, no free
 # slot) are answered from the listener socket, which every client accepts as the first reply.
 #
-# A transfer runs as two tasks: a receiver that awaits the client's datagrams and feeds them to
-# the Transfer, and a clock that sleeps until the transfer's deadline and calls on_timeout.
-# Whichever of them ends the transfer cancels the other; the receiver always cleans up. That
-# costs an I/O-queue entry and net.readable's tuple iterator per datagram (about 130 bytes
-# allocated per block on the unix port, every block's garbage for the collector), where
-# asyncio.wait_for_ms around each read costs about 1.2 KB (two tasks and a closure).
+# A transfer runs as one task, a receiver that awaits the client's datagrams and feeds them to
+# the Transfer. One clock task for the whole service sleeps until the earliest deadline of the
+# running transfers and calls their on_timeout; when a transfer gives up there, it cancels the
+# receiver, which always cleans up. That costs an I/O-queue entry and net.readable's tuple
+# iterator per datagram (about 130 bytes allocated per block on the unix port, every block's
+# garbage for the collector), where asyncio.wait_for_ms around each read costs about 1.2 KB
+# (two tasks and a closure). A clock per transfer (a task and its generator) held about
+# 190 B of heap per transfer more; the shared one holds nothing per transfer.
 #
 # Reads from a client take only the first 4 bytes of a datagram: on MicroPython a socket's
 # readinto fills the whole buffer from as many queued datagrams as it takes, so a larger buffer
@@ -71,6 +73,7 @@ _SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
 # Free heap (bytes, unix port measured) below which no transfer starts: one takes about 2 KB,
 # and what is left keeps proxyDHCP and the console answering: answering PXE comes first.
 _TRANSFER_RESERVE = const(6144)
+_CLOCK_MS = const(1000)  # the clock's longest sleep, unless tftp.timeout_ms is shorter
 
 
 class _Slot:
@@ -150,51 +153,56 @@ class TftpServer:
         self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
         self.queued = []  # requests that wait for a slot, oldest first: (datagram, client, ticks)
         self.task = None  # the _dequeue task, while one runs
+        self.clock = None  # the transfers' clock task, while transfers run
 
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
         small = None  # ticks of the last MemoryError: reads stay small for _SMALL_MS after it
-        while True:
-            n = _MAX_REQUEST
-            if small is not None:
-                if ticks_diff(ticks_ms(), small) < _SMALL_MS:
-                    n = _SMALL_READ
-                else:
-                    small = None
-            data = None
-            try:
-                data, client = await net.recvfrom(sock, n)
-                self.stalled_since = None
-                self.log.count("tftp.request")
-                if n != _MAX_REQUEST and len(data) >= n:  # maybe cut short: not to be trusted
-                    self.log.count("tftp.truncated")
-                    continue
-                if self.request(data, client):
-                    # No slot yet: a transfer told to give way, or one whose last ACK waits in
-                    # its socket, ends (and frees its slot) when its task runs; then the
-                    # request once more, dropped if it still finds none.
-                    for _ in range(4):
-                        await sleep_ms(0)
-                        if self.slots.active() < self.slots.capacity:
-                            break
-                    self.request(data, client, True)  # started, queued or dropped
-                data = client = None
-            except MemoryError:
-                # The heap is full or in pieces (transfers, a burst of requests): this request
-                # is lost, the client retries it. For a while reads ask for less: a boot ROM's
-                # request fits in _SMALL_READ bytes and needs no 512-byte run of heap.
-                # Already reported events are shed. If reads keep failing for _STALL_MS (the
-                # datagram waits in the socket: data is None) the watchdog sees the listener
-                # stalled (stalled_since) and resets the board: a fresh heap, relays kept. A
-                # request that failed after its read is simply lost: the listener waits on.
-                if data is None and self.stalled_since is None:
-                    self.stalled_since = ticks_ms()
-                data = client = None
-                small = ticks_ms()
-                self.log.count("tftp.no_memory")
-                self.log.shed()
-                gc.collect()
-                await sleep_ms(_NO_MEMORY_PAUSE_MS)
+        try:
+            while True:
+                n = _MAX_REQUEST
+                if small is not None:
+                    if ticks_diff(ticks_ms(), small) < _SMALL_MS:
+                        n = _SMALL_READ
+                    else:
+                        small = None
+                data = None
+                try:
+                    data, client = await net.recvfrom(sock, n)
+                    self.stalled_since = None
+                    self.log.count("tftp.request")
+                    if n != _MAX_REQUEST and len(data) >= n:  # maybe cut short: not to be trusted
+                        self.log.count("tftp.truncated")
+                        continue
+                    if self.request(data, client):
+                        # No slot yet: a transfer told to give way, or one whose last ACK waits in
+                        # its socket, ends (and frees its slot) when its task runs; then the
+                        # request once more, dropped if it still finds none.
+                        for _ in range(4):
+                            await sleep_ms(0)
+                            if self.slots.active() < self.slots.capacity:
+                                break
+                        self.request(data, client, True)  # started, queued or dropped
+                    data = client = None
+                except MemoryError:
+                    # The heap is full or in pieces (transfers, a burst of requests): this request
+                    # is lost, the client retries it. For a while reads ask for less: a boot ROM's
+                    # request fits in _SMALL_READ bytes and needs no 512-byte run of heap.
+                    # Already reported events are shed. If reads keep failing for _STALL_MS (the
+                    # datagram waits in the socket: data is None) the watchdog sees the listener
+                    # stalled (stalled_since) and resets the board: a fresh heap, relays kept. A
+                    # request that failed after its read is simply lost: the listener waits on.
+                    if data is None and self.stalled_since is None:
+                        self.stalled_since = ticks_ms()
+                    data = client = None
+                    small = ticks_ms()
+                    self.log.count("tftp.no_memory")
+                    self.log.shed()
+                    gc.collect()
+                    await sleep_ms(_NO_MEMORY_PAUSE_MS)
+        finally:
+            if self.clock is not None:
+                self.clock.cancel()
 
     def request(self, data, client, last=False, since=None):
         """Handle one datagram that reached the listener. Never raises on any input but
@@ -267,6 +275,8 @@ class TftpServer:
             slot.file = req.name[:_NAME_MAX]
             slot.client = _client(client)  # one text for both events
             slot.sock = sock
+            if self.clock is None:  # the first transfer since the last ended: a clock for all
+                self.clock = asyncio.create_task(self._clock())
             n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
             slot.task = asyncio.create_task(self._serve(slot, sock))
         except:  # Refused, MemoryError, anything: all goes back before the caller counts it
@@ -331,9 +341,7 @@ class TftpServer:
         take = net.take
         write = net.writer(sock)
         now = ticks_ms
-        clock = None
         try:
-            clock = asyncio.create_task(self._clock(t, sock, asyncio.current_task()))
             while not t.done:
                 await readable(sock)
                 n = take(sock, rx)
@@ -352,35 +360,56 @@ class TftpServer:
                         net.failed(e.errno, None, log, "tftp")
                     n = t.more()
         except asyncio.CancelledError:
-            t.finish("cancelled")  # the clock gave up (the result is already set) or shutdown
+            # the clock gave up or a request evicted it (the result is already set), or shutdown
+            t.finish("cancelled")
         except OSError:
             t.finish("socket error")  # e.g. ECONNREFUSED: the client's port has closed
         except MemoryError:  # this transfer is lost (its client asks again), not the slot
             t.finish("out of memory")
             self.log.shed()
         finally:
-            if clock is not None:
-                clock.cancel()
             self._end(slot, sock)
 
-    async def _clock(self, t, sock, receiver):
-        while not t.done:
-            try:
-                wait = ticks_diff(t.deadline, ticks_ms())
-                if wait > 0:
-                    await sleep_ms(wait)
+    async def _clock(self):
+        # Every running transfer's timer, one task for all of them while any runs (an idle
+        # service holds no clock and never wakes for one). Its state is in _tick.
+        try:
+            while self.slots.active():
+                await sleep_ms(self._tick())
+        finally:
+            self.clock = None
+
+    def _tick(self):
+        # Resends and give-ups that are due; returns how long to sleep: until the earliest
+        # deadline, and never longer than the shortest a new transfer's first deadline can be
+        # away (its resend timeout, at least 1 s when its client asked for one), so a transfer
+        # started meanwhile is served in time too.
+        wait = min(self.cfg.tftp_timeout_ms, _CLOCK_MS)
+        now = ticks_ms()
+        for slot in self.slots.slots:
+            if slot.task is None:
+                continue
+            t = slot.transfer
+            if not t.done:
+                left = ticks_diff(t.deadline, now)
+                if left > 0:
+                    wait = min(wait, left)
                     continue
-                n = t.on_timeout(ticks_ms())
-                if not t.done:
-                    self._send(sock, t, n)
-            except MemoryError:  # a transfer without its clock would never time out: end it
-                t.finish("out of memory")
-        while True:  # the receiver may wait for a datagram that never comes: end it
+                try:
+                    n = t.on_timeout(now)
+                    if not t.done:
+                        self._send(slot.sock, t, n)
+                        wait = min(wait, max(1, ticks_diff(t.deadline, now)))
+                        continue
+                except MemoryError:  # a transfer without its clock would never time out
+                    t.finish("out of memory")
+            # Ended here (or a MemoryError kept it from its receiver): the receiver may wait
+            # for a datagram that never comes. A second cancel of a task is harmless.
             try:
-                receiver.cancel()
-                return
+                slot.task.cancel()
             except MemoryError:
-                await sleep_ms(50)
+                wait = min(wait, 50)
+        return wait
 
     def _end(self, slot, sock):
         # Whatever the logging does (a full heap), the slot and the file go back.

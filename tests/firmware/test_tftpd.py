@@ -270,6 +270,27 @@ def test_silent_client_gets_retries_then_the_slot_is_freed(serve):
     assert srv.call(srv.server.slots.active) == 0
 
 
+def test_a_transfer_started_while_the_clock_sleeps_is_resent_at_its_own_deadline(serve):
+    # One clock serves every transfer: it sleeps until the earliest deadline, but never longer
+    # than 1 s (or timeout_ms), so a transfer that starts while it sleeps towards another's
+    # later deadline is not left waiting for that one.
+    srv = serve(timeout_ms=60000, retries=3)
+    slow, quick = client(timeout=8), client(timeout=8)
+    try:
+        slow.sendto(rrq(b"a.bin", b"timeout", b"5"), srv.addr)
+        assert slow.recvfrom(2048)[0][:2] == b"\0\x06"  # OACK, resent after 5 s
+        time.sleep(0.3)  # the clock is asleep, towards the slow transfer's deadline
+        quick.sendto(rrq(b"a.bin", b"timeout", b"1"), srv.addr)
+        oack = quick.recvfrom(2048)[0]
+        sent = time.monotonic()
+        assert quick.recvfrom(2048)[0] == oack  # resent after its own 1 s ...
+        took = time.monotonic() - sent
+        assert took < 3.5, took  # ... not with the slow one's, 4.7 s after it
+    finally:
+        slow.close()
+        quick.close()
+
+
 def test_duplicate_acks_never_cause_resends(serve):
     srv = serve(timeout_ms=3000)
     s = client(timeout=0.3)

@@ -1,0 +1,73 @@
+# firmware.tftpd: what a running transfer holds on MicroPython's heap (CPython has none of its
+# own to measure). A transfer is one task and a socket; the service's clock is shared.
+import asyncio
+import gc
+import os
+import socket
+import sys
+import time
+
+from firmware.config import Config
+from firmware.log import Log
+from firmware.tftpd import TftpServer
+
+# Measured here on the 64-bit unix port (2026-12-05): each transfer after the first adds
+# 920-930 B; the first 1,150 B, with the clock the service starts for all of them. A clock
+# task per transfer made it 1,110-1,120 B each, which fails these bounds.
+EACH_64 = 1000
+FIRST_64 = 1400
+
+
+def _serve_and_measure(root, port):
+    cfg = Config(
+        {"server_ip": "127.0.0.1", "script_url": "http://127.0.0.1/x",
+         "tftp": {"root": root, "timeout_ms": 60000}}
+    )  # fmt: skip
+    log = Log(capacity=16)
+    srv = TftpServer(cfg, log, "127.0.0.1", port)
+    to = socket.getaddrinfo("127.0.0.1", port)[0][-1]
+    grown = []
+
+    def used():
+        while log.take() is not None:
+            pass
+        gc.collect()
+        return gc.mem_alloc()
+
+    async def main():
+        task = asyncio.create_task(srv.run())
+        await asyncio.sleep_ms(20)
+        base = used()
+        clients = []
+        for _ in range(srv.slots.capacity):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(socket.getaddrinfo("127.0.0.1", 0)[0][-1])
+            c.sendto(b"\x00\x01f\x00octet\x00blksize\x001468\x00", to)
+            clients.append(c)  # silent from here: its transfer waits for an ACK
+            await asyncio.sleep_ms(20)
+            grown.append(used() - base)
+        assert srv.slots.active() == srv.slots.capacity, srv.slots.active()
+        task.cancel()
+        await asyncio.sleep_ms(20)
+        for c in clients:
+            c.close()
+
+    asyncio.run(main())
+    return grown
+
+
+def test_a_running_transfer_holds_about_a_kilobyte():
+    if not hasattr(gc, "mem_alloc"):
+        return  # CPython: no heap of its own to measure
+    root = "/tmp/eb-tftpd-heap-%d" % time.ticks_us()
+    os.mkdir(root)
+    with open(root + "/f", "wb") as f:
+        f.write(bytes(20000))
+    try:
+        grown = _serve_and_measure(root, 20000 + time.ticks_us() % 20000)
+    finally:
+        os.remove(root + "/f")
+        os.rmdir(root)
+    scale = 1 if sys.maxsize > 2**32 else 0.6  # a 32-bit build's objects are smaller
+    each = (grown[-1] - grown[0]) // (len(grown) - 1)
+    assert grown[0] <= FIRST_64 * scale and each <= EACH_64 * scale, grown
