@@ -70,8 +70,9 @@ _DEQUEUE_MS = const(50)  # how often waiting requests are tried when no transfer
 _EAGAIN = const(11)  # errno: a socket's send buffer is full (net.writer gave None)
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
 _SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
-# Free heap (bytes, unix port measured) below which no transfer starts: one takes about 2 KB,
-# and what is left keeps proxyDHCP and the console answering: answering PXE comes first.
+# Free heap (bytes, unix port measured) below which no transfer starts: a running one holds
+# about 1 KB (tests/firmware/mpy/test_tftpd_heap.py), more while it starts, and what is left
+# keeps proxyDHCP and the console answering: answering PXE comes first.
 _TRANSFER_RESERVE = const(6144)
 _CLOCK_MS = const(1000)  # the clock's longest sleep, unless tftp.timeout_ms is shorter
 
