@@ -3,6 +3,7 @@
 # MicroPython's own is missing, so a board never loads it: every function a module defines
 # is loaded into the heap with the module, run or not, and each name it uses is interned.
 import asyncio
+import socket
 from time import monotonic_ns
 
 
@@ -59,11 +60,11 @@ def take(s, buf):
         return None
 
 
-def writer(s):
-    def write(buf, n):
+class Socket(socket.socket):
+    """net.udp_socket's sockets: write(buf, n) as MicroPython's sockets have it."""
+
+    def write(self, buf, n):
         try:
-            return s.send(memoryview(buf)[:n])
+            return self.send(memoryview(buf)[:n])
         except BlockingIOError:
             return None
-
-    return write

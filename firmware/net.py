@@ -4,8 +4,9 @@
 # so on MicroPython a wait for a datagram is a yield to asyncio's I/O queue followed by a
 # non-blocking recvfrom/readinto. On CPython (tests) the event loop's sock_* calls do the same.
 # A transfer's receiver, once per block, waits with `await readable(s)`, reads with take() and
-# sends with writer(s): on MicroPython that costs no generator (168 bytes on the unix port, per
-# datagram) and no frame on the heap (below, before take). CPython's are in firmware/cpython.py.
+# sends with the socket's own write(buf, n): on MicroPython that costs no generator (168 bytes
+# on the unix port, per datagram) and no frame on the heap (below, before take). CPython's
+# are in firmware/cpython.py, whose sockets have the same write.
 # Addresses are opaque: a raw sockaddr (bytes) on the unix port, a tuple on CPython. Pass them
 # back to sendto as they came, and read them with addr_ip4/addr_port.
 import socket
@@ -44,7 +45,7 @@ def ip_str(b):
 
 def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
     """A non-blocking UDP socket bound to (ip, port)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = _socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if broadcast:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -57,8 +58,8 @@ errno = 0  # the errno of the last send that failed (ENETUNREACH, 101: no route;
 
 # MicroPython's sockets are streams: write(buf, n) sends buf[:n] on a connected socket
 # without the two memoryview objects (64 bytes on the unix port) a sliced send costs per
-# datagram, and returns None where send would raise EAGAIN. CPython's sockets have no write.
-_WRITE = hasattr(socket.socket, "write")
+# datagram, and returns None where send would raise EAGAIN; other errors raise OSError.
+# udp_socket's sockets have it on CPython too (firmware/cpython.py).
 
 
 def send(s, buf, n, to=None, log=None, name=None):
@@ -70,9 +71,6 @@ def send(s, buf, n, to=None, log=None, name=None):
         if to is not None:
             s.sendto(memoryview(buf)[:n], to)
             return True
-        if not _WRITE:
-            s.send(memoryview(buf)[:n])
-            return True
         if s.write(buf, n) is not None:
             return True
         e = _EAGAIN  # the socket's send buffer is full
@@ -83,7 +81,7 @@ def send(s, buf, n, to=None, log=None, name=None):
 
 def failed(e, to=None, log=None, name=None):
     """A datagram the stack refused with errno e, as send reports it (for a send made
-    elsewhere, e.g. with writer()); returns False."""
+    elsewhere, with the socket's write); returns False."""
     global errno
     errno = e
     if log is not None:
@@ -97,8 +95,8 @@ def failed(e, to=None, log=None, name=None):
 # A function called once per packet keeps its frame on the C stack only while it is small
 # (MicroPython: 11 words of locals and stack, and a try takes most of them; `except ... as`
 # more). Beyond that every call allocates its frame on the heap and frees it on return: a
-# search of the heap for a run of free blocks, per call. take() and writer() are the hot
-# path's calls without a frame of their own.
+# search of the heap for a run of free blocks, per call. take() and the socket's write are
+# the hot path's calls without a frame of their own.
 
 if _io_queue is not None:
 
@@ -129,12 +127,8 @@ if _io_queue is not None:
         has closed): no try needed, and none to make the frame too big for the C stack."""
         return s.readinto(buf)
 
-    def writer(s):
-        """Connected socket s's send for a hot path: write(buf, n) sends buf[:n] and returns
-        n, or None when the socket's send buffer is full (EAGAIN); other errors raise
-        OSError. Report a failure with failed(). On MicroPython this is the socket's own
-        write: no Python frame and no memoryview per packet."""
-        return s.write
+    _socket = socket.socket
 
 else:  # CPython
-    from firmware.cpython import readable, recvfrom, take, writer  # noqa: F401
+    from firmware.cpython import Socket as _socket
+    from firmware.cpython import readable, recvfrom, take  # noqa: F401

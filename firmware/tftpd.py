@@ -67,7 +67,7 @@ _NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length i
 _QUEUED_MS = const(2000)  # how long a request that waits for a slot is kept
 _DEQUEUE_MS = const(50)  # how often waiting requests are tried when no transfer runs
 
-_EAGAIN = const(11)  # errno: a socket's send buffer is full (net.writer gave None)
+_EAGAIN = const(11)  # errno: a socket's send buffer is full (its write gave None)
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
 _SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
 # Free heap (bytes, unix port measured) below which no transfer starts: a running one holds
@@ -154,10 +154,10 @@ class TftpServer:
         self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
         self.queued = []  # requests that wait for a slot, oldest first: (datagram, client, ticks)
         self.task = None  # the _dequeue task, while one runs
-        self.clock = None  # the transfers' clock task, while transfers run
 
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
+        clock = asyncio.create_task(self._clock())
         small = None  # ticks of the last MemoryError: reads stay small for _SMALL_MS after it
         try:
             while True:
@@ -202,8 +202,7 @@ class TftpServer:
                     gc.collect()
                     await sleep_ms(_NO_MEMORY_PAUSE_MS)
         finally:
-            if self.clock is not None:
-                self.clock.cancel()
+            clock.cancel()
 
     def request(self, data, client, last=False, since=None):
         """Handle one datagram that reached the listener. Never raises on any input but
@@ -276,8 +275,6 @@ class TftpServer:
             slot.file = req.name[:_NAME_MAX]
             slot.client = _client(client)  # one text for both events
             slot.sock = sock
-            if self.clock is None:  # the first transfer since the last ended: a clock for all
-                self.clock = asyncio.create_task(self._clock())
             n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
             slot.task = asyncio.create_task(self._serve(slot, sock))
         except:  # Refused, MemoryError, anything: all goes back before the caller counts it
@@ -332,7 +329,7 @@ class TftpServer:
         # The receiver: feeds the client's datagrams to the transfer, and cleans up. Its loop
         # is the per-block hot path: names in locals, the window sent from here, and no call
         # per packet but on_packet/more and the socket's own read and write (net.take,
-        # net.writer). Its frame is a generator's, made once per transfer: the try around the
+        # sock.write). Its frame is a generator's, made once per transfer: the try around the
         # write costs nothing per packet here, where in a function it would (net.py).
         t = slot.transfer
         rx = slot.rx
@@ -340,7 +337,7 @@ class TftpServer:
         log = self.log
         readable = net.readable
         take = net.take
-        write = net.writer(sock)
+        write = sock.write
         now = ticks_ms
         try:
             while not t.done:
@@ -372,13 +369,10 @@ class TftpServer:
             self._end(slot, sock)
 
     async def _clock(self):
-        # Every running transfer's timer, one task for all of them while any runs (an idle
-        # service holds no clock and never wakes for one). Its state is in _tick.
-        try:
-            while self.slots.active():
-                await sleep_ms(self._tick())
-        finally:
-            self.clock = None
+        # Every running transfer's timer, one task for all of them, made with the service so
+        # that starting a transfer allocates no clock. Its state is in _tick.
+        while True:
+            await sleep_ms(self._tick())
 
     def _tick(self):
         # Resends and give-ups that are due; returns how long to sleep: until the earliest

@@ -9,8 +9,8 @@
 #   engine    asyncio plus the firmware's engine, firmware.tftp (parse_request, check,
 #             Transfer.start/on_packet/more), with no retransmission clock.
 #   shell     the firmware's whole TFTP service, firmware.tftpd.TftpServer with a Log (its
-#             one clock task, the listener, net.readable/take/writer), and nothing else
-#             of the firmware: no proxyDHCP, console, watchdog or power tasks.
+#             one clock task, the listener, net.readable/take, the socket's write), and
+#             nothing else of the firmware: no proxyDHCP, console, watchdog or power tasks.
 #
 # blocking and asyncio serve one transfer at a time, lock-step. Each transfer is begun by the
 # firmware's engine (parse_request, check and Transfer.start: the same options, refusals and
