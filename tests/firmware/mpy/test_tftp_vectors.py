@@ -554,6 +554,20 @@ def test_duplicates_alone_never_cause_resends():
         assert t.resends == 0 and t.dup_acks > 0
 
 
+def test_a_slots_transfer_keeps_23_attributes_and_start_adds_none():
+    # A slot's Transfer lives from boot. At 23 attributes its table takes 416 B on the unix
+    # port, at 24 to 29 512 B: with config's default timeout and retries it keeps 23, and
+    # start() adds none (a table that grew later would be a fresh allocation on a busy heap).
+    t = tftp.Transfer(bytearray(4 + Cfg.tftp_max_blksize))
+    n = len(t.__dict__)
+    req = checked(b"timeout", b"3", b"tsize", b"0", b"blksize", b"512")
+    assert t.start(req, io.BytesIO(b"x" * 2000), 2000, 0) > 0  # the OACK
+    assert bytes(t.buf[2:]).startswith(b"blksize\x00512\x00tsize\x002000\x00timeout\x003\x00")
+    assert len(t.__dict__) == n <= 23
+    assert (t.timeout_ms, t.retries) == (1000, 5)
+    assert tftp.Transfer(bytearray(8), 300, 2).timeout_ms == 300  # its own, when not the default
+
+
 # ---- the per-block path's frames -------------------------------------------------------
 
 
