@@ -73,16 +73,21 @@ def send(s, buf, n, to=None, log=None, name=None):
             return True
         if s.write(buf, n) is not None:
             return True
-        e = _EAGAIN  # the socket's send buffer is full
-    except OSError as x:
-        e = x.errno if isinstance(x.errno, int) else -1
-    return failed(e, to, log, name)
+        x = None  # the socket's send buffer is full
+    except OSError as e:
+        x = e
+    return failed(x, to, log, name)
 
 
-def failed(e, to=None, log=None, name=None):
-    """A datagram the stack refused with errno e, as send reports it (for a send made
-    elsewhere, with the socket's write); returns False."""
+def failed(x, to=None, log=None, name=None):
+    """A datagram the stack refused, as send reports it (for a send made elsewhere, with
+    the socket's write): x is the OSError it raised, or None when the socket's write gave
+    None (its send buffer is full: EAGAIN). Returns False."""
     global errno
+    if x is None:
+        e = _EAGAIN
+    else:
+        e = x.errno if isinstance(x.errno, int) else -1
     errno = e
     if log is not None:
         log.count(name + ".send_failed")

@@ -67,7 +67,6 @@ _NAME_MAX = const(48)  # bytes of a requested name its event keeps (the length i
 _QUEUED_MS = const(2000)  # how long a request that waits for a slot is kept
 _DEQUEUE_MS = const(50)  # how often waiting requests are tried when no transfer runs
 
-_EAGAIN = const(11)  # errno: a socket's send buffer is full (its write gave None)
 _NO_MEMORY_PAUSE_MS = const(1)  # a yield, not a stall: the next read is a small one
 _SMALL_MS = const(2000)  # how long reads stay small after a MemoryError
 # Free heap (bytes, unix port measured) below which no transfer starts: a running one holds
@@ -353,9 +352,9 @@ class TftpServer:
                 while n:
                     try:
                         if write(buf, n) is None:
-                            net.failed(_EAGAIN, None, log, "tftp")
+                            net.failed(None, None, log, "tftp")
                     except OSError as e:
-                        net.failed(e.errno, None, log, "tftp")
+                        net.failed(e, None, log, "tftp")
                     n = t.more()
         except asyncio.CancelledError:
             # the clock gave up or a request evicted it (the result is already set), or shutdown
