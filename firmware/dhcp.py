@@ -61,14 +61,14 @@ _KEEP = {
     175: "ipxe_opts",
 }
 
-_ZEROS = bytes(MIN_REPLY)
-
 
 class Packet:
     """One parsed DHCP/BOOTP message.
 
-    Header: op, htype, hlen, flags, ciaddr, giaddr, mac (chaddr[:hlen]) as attributes;
-    xid, yiaddr, siaddr, chaddr (16 bytes) as properties read from `raw`.
+    Header: op, htype, hlen, flags, ciaddr, giaddr, mac (chaddr[:hlen]) as attributes; the rest
+    (xid, chaddr, ...) is read from `raw` by whoever needs it. What only tests read from a reply
+    (yiaddr, siaddr, the boot file, sub-options) is in tests/firmware/mpy/dhcpread.py, off the
+    device's heap.
     Options (None when absent): msg_type int (0 for plain BOOTP), server_id 4 bytes,
     requested_ip 4 bytes, params bytes (55), max_size int (57), vendor_class bytes (60),
     client_id bytes (61), tftp_server bytes (66), bootfile bytes (67), user_class bytes (77),
@@ -84,35 +84,6 @@ class Packet:
 
     def __init__(self, raw):
         self.raw = raw
-
-    @property
-    def xid(self):
-        return bytes(self.raw[4:8])
-
-    @property
-    def yiaddr(self):
-        return bytes(self.raw[16:20])
-
-    @property
-    def siaddr(self):
-        return bytes(self.raw[20:24])
-
-    @property
-    def chaddr(self):
-        return bytes(self.raw[28:44])
-
-    def file_name(self):
-        """The boot file: option 67, else the header's file field (unless overloaded)."""
-        if self.bootfile is not None:
-            return _cstr(self.bootfile)
-        if self.overload and self.overload & 1:
-            return b""
-        return _cstr(bytes(self.raw[_FILE:_FILE_END]))
-
-
-def _cstr(b):
-    i = b.find(b"\0")
-    return b if i < 0 else b[:i]
 
 
 def _scan(mv, i, end, pkt, main):
@@ -228,26 +199,6 @@ def has_user_class(value, name):
     return False
 
 
-def find_suboption(value, code):
-    """The data of encapsulated sub-option `code` in option bytes `value` (43 PXE, 175 iPXE),
-    or None; raises Malformed when the sub-options are not framed."""
-    i = 0
-    n = len(value)
-    while i < n:
-        c = value[i]
-        if c == _OPT_PAD:
-            i += 1
-            continue
-        if c == _OPT_END:
-            return None
-        if i + 1 >= n or i + 2 + value[i + 1] > n:
-            raise Malformed("sub-option overruns its option")
-        if c == code:
-            return bytes(value[i + 2 : i + 2 + value[i + 1]])
-        i += 2 + value[i + 1]
-    return None
-
-
 def option(code, value):
     """One option (or sub-option) encoded as code, length, value. For config-time use."""
     if isinstance(value, str):
@@ -275,7 +226,14 @@ def build_into(buf, req, msg_type, siaddr, file, opts, guid=None):
         raise ValueError("reply does not fit")
     mv = memoryview(buf)
     r = req.raw
-    mv[0:MIN_REPLY] = _ZEROS
+    # Zero the first MIN_REPLY bytes by doubling a zeroed run in place: a 300-byte constant of
+    # zeros would be held on the heap for good, and this costs nine copies per reply.
+    buf[0] = 0
+    k = 1
+    while k < MIN_REPLY:
+        m = k if k + k <= MIN_REPLY else MIN_REPLY - k
+        mv[k : k + m] = mv[0:m]
+        k += m
     buf[0] = BOOTREPLY
     buf[1] = req.htype
     buf[2] = req.hlen

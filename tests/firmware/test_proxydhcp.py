@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from bastion.flash.sim import compile_firmware, micropython_bin
+from dhcpread import file_name, siaddr, xid, yiaddr
 
 from firmware import dhcp
 from firmware.config import Config
@@ -136,7 +137,7 @@ class Client:
         while True:
             data, _ = sock.recvfrom(2048)
             p = dhcp.parse(data)
-            if p.xid == raw[4:8]:
+            if xid(p) == raw[4:8]:
                 return p
 
     def nothing_for(self, raw: bytes, wait: float = 0.3) -> bool:
@@ -201,14 +202,14 @@ def exchange(client: Client, dhcp_port: int, pxe_port: int) -> dict[str, dhcp.Pa
 
 def check(got: dict[str, dhcp.Packet]) -> None:
     edk2 = got["edk2"]
-    assert (edk2.msg_type, edk2.file_name(), edk2.yiaddr) == (dhcp.OFFER, b"ipxe.efi", bytes(4))
-    assert edk2.siaddr == b"\x7f\x00\x00\x01" and edk2.guid == bytes(17)
-    assert got["ipxe"].file_name() == URL.encode()
+    assert (edk2.msg_type, file_name(edk2), yiaddr(edk2)) == (dhcp.OFFER, b"ipxe.efi", bytes(4))
+    assert siaddr(edk2) == b"\x7f\x00\x00\x01" and edk2.guid == bytes(17)
+    assert file_name(got["ipxe"]) == URL.encode()
     rpi = got["rpi"]
-    assert rpi.file_name() == b"" and b"Raspberry Pi Boot" in rpi.vendor_opts
+    assert file_name(rpi) == b"" and b"Raspberry Pi Boot" in rpi.vendor_opts
     assert got["ack"].msg_type == dhcp.ACK and got["ack"].ciaddr == b"\x7f\x00\x00\x01"
-    assert got["4011"].msg_type == dhcp.ACK and got["4011"].file_name() == b"ipxe.efi"
-    assert got["again"].file_name() == b"ipxe.efi"
+    assert got["4011"].msg_type == dhcp.ACK and file_name(got["4011"]) == b"ipxe.efi"
+    assert file_name(got["again"]) == b"ipxe.efi"
 
 
 EXPECTED_COUNTS = {
@@ -300,7 +301,7 @@ def test_a_bug_on_one_packet_does_not_stop_the_listener():
         return reply, log
 
     reply, log = asyncio.run(scenario())
-    assert reply.file_name() == b"ipxe.efi"
+    assert file_name(reply) == b"ipxe.efi"
     assert log.counters["dhcp.error"] == 1 and log.counters["dhcp.offer"] == 1
 
 

@@ -1,6 +1,7 @@
 """firmware.pxe: the proxyDHCP policy, rule by rule, plus hypothesis over any parsed packet."""
 
 import pytest
+from dhcpread import file_name, find_suboption, siaddr, yiaddr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,9 +96,9 @@ def test_boot_file_by_arch(arch, file):
     r, policy = answer(config(), request(arch=arch, extra=opt(97, GUID)))
     assert r.boot.file == file.encode() and r.boot.siaddr == SERVER and r.kind == "offer"
     q = built(policy, request(arch=arch, extra=opt(97, GUID)), r)
-    assert q.yiaddr == bytes(4) and q.siaddr == SERVER and q.file_name() == file.encode()
+    assert yiaddr(q) == bytes(4) and siaddr(q) == SERVER and file_name(q) == file.encode()
     assert q.server_id == SERVER and q.vendor_class == b"PXEClient" and q.guid == GUID
-    assert dhcp.find_suboption(q.vendor_opts, 6) == b"\x08"
+    assert find_suboption(q.vendor_opts, 6) == b"\x08"
 
 
 def test_arch_without_boot_file_gets_nothing():
@@ -128,7 +129,7 @@ def test_ipxe_gets_the_script_url(extra):
     r, policy = answer(config(), request(arch=7, extra=extra))
     assert r.ipxe and r.boot.file == URL.encode()
     q = built(policy, request(arch=7, extra=extra), r)
-    assert q.file_name() == URL.encode()
+    assert file_name(q) == URL.encode()
 
 
 def test_ipxe_on_any_arch_never_gets_a_binary():
@@ -141,7 +142,7 @@ def test_long_script_url_goes_in_option_67():
     url = "http://controller.example.internal:8080/boot.ipxe?" + "x" * 120
     r, policy = answer(config(script_url=url), request(extra=opt(77, b"iPXE")))
     q = built(policy, request(extra=opt(77, b"iPXE")), r)
-    assert q.bootfile == url.encode() and q.file_name() == url.encode()
+    assert q.bootfile == url.encode() and file_name(q) == url.encode()
     assert bytes(q.raw[108:236]) == bytes(128)
 
 
@@ -194,7 +195,7 @@ def test_boot_server_port_acks_back_to_the_sender():
     r, policy = answer(config(), request(msg=dhcp.REQUEST, flags=0, ciaddr=ci), pxe.PXE_PORT)
     assert r.kind == "ack" and r.to_ip is None
     q = built(policy, request(msg=dhcp.REQUEST, flags=0, ciaddr=ci), r)
-    assert q.msg_type == dhcp.ACK and q.ciaddr == ci and q.file_name() == b"ipxe.efi"
+    assert q.msg_type == dhcp.ACK and q.ciaddr == ci and file_name(q) == b"ipxe.efi"
 
 
 @pytest.mark.parametrize(
@@ -223,9 +224,9 @@ def test_rpi_by_guid_gets_the_menu_never_an_x86_binary():
     r, policy = answer(cfg, pkt)
     assert r.rpi and r.boot.file == b"" and r.boot.siaddr == bytes([10, 77, 0, 2])
     q = built(policy, pkt, r)
-    assert b"Raspberry Pi Boot" in dhcp.find_suboption(q.vendor_opts, 9)
-    assert dhcp.find_suboption(q.vendor_opts, 6) == b"\x03"
-    assert q.tftp_server == b"10.77.0.2" and q.guid == RPI_GUID and q.file_name() == b""
+    assert b"Raspberry Pi Boot" in find_suboption(q.vendor_opts, 9)
+    assert find_suboption(q.vendor_opts, 6) == b"\x03"
+    assert q.tftp_server == b"10.77.0.2" and q.guid == RPI_GUID and file_name(q) == b""
 
 
 @pytest.mark.parametrize("oui", ["b827eb", "dca632", "e45f01", "28cdc1", "d83add"])
@@ -309,9 +310,9 @@ def test_any_request_gets_a_safe_answer_or_a_counted_none(pkt, port, allow):
     assert pkt.vendor_class.startswith(b"PXEClient")
     assert not allow or pkt.mac == b"\x52\x54\x00\x00\x00\x01"
     q = built(policy, pkt, r)
-    assert q.yiaddr == bytes(4) and q.server_id == SERVER and q.vendor_class == b"PXEClient"
+    assert yiaddr(q) == bytes(4) and q.server_id == SERVER and q.vendor_class == b"PXEClient"
     assert q.guid == pkt.guid
     if pxe.is_rpi_bootloader(pkt, pxe.client_arch(pkt)) and not r.ipxe:
-        assert q.file_name().decode() not in X86_FILES
+        assert file_name(q).decode() not in X86_FILES
     if r.ipxe:
-        assert q.file_name() == URL.encode()
+        assert file_name(q) == URL.encode()

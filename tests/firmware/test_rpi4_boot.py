@@ -30,6 +30,7 @@ import pytest
 from bastion.flash import sim
 from bastion.lab.netns import Namespace
 from bastion.state.events import EventStore
+from dhcpread import file_name, siaddr, yiaddr
 from netkit import need_root
 from simkit import SimBoard, wait_for
 from test_proxydhcp_dnsmasq import GUID, mac, request
@@ -218,11 +219,11 @@ def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_fil
     pi = got["rpi4"]
     offer = dhcp.parse(bytes.fromhex(pi["offer"]))
     want = CONTROLLER if where == "controller" else DEVICE
-    assert offer.msg_type == dhcp.OFFER and offer.yiaddr == bytes(4)
-    assert offer.siaddr == bytes(int(x) for x in want.split("."))
+    assert offer.msg_type == dhcp.OFFER and yiaddr(offer) == bytes(4)
+    assert siaddr(offer) == bytes(int(x) for x in want.split("."))
     assert offer.tftp_server == want.encode()
     assert offer.server_id == bytes(int(x) for x in DEVICE.split("."))  # the proxy is the device
-    assert offer.file_name() == b"" and b"Raspberry Pi Boot" in offer.vendor_opts
+    assert file_name(offer) == b"" and b"Raspberry Pi Boot" in offer.vendor_opts
     assert offer.guid == dhcp.parse(RPI_DISCOVER).guid
     for name in PI_FILES:
         f = pi["files"][f"{SERIAL}/{name}"]
@@ -233,7 +234,7 @@ def test_emulated_pi4_bootloader_gets_every_file_byte_identical(tmp_path, pi_fil
     # The UEFI clients boot from the device either way, each with its own architecture's file.
     for name, file in (("uefi-arm64", "grubnetaa64.efi"), ("uefi-x86", "ipxe.efi")):
         o = dhcp.parse(bytes.fromhex(got[name]["offer"]))
-        assert o.siaddr == bytes(int(x) for x in DEVICE.split(".")) and o.file_name() == file.encode()
+        assert siaddr(o) == bytes(int(x) for x in DEVICE.split(".")) and file_name(o) == file.encode()
         f = got[name]["files"][file]
         assert f["server"] == DEVICE
         assert Path(f["path"]).read_bytes() == CHAINLOADERS[file]
