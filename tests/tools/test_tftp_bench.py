@@ -142,6 +142,19 @@ def test_ratios_cover_the_controller_and_say_who_had_nothing():
     assert ratios == {"controller/dnsmasq": 0.5}
 
 
+def test_the_concurrent_phase_also_compares_aggregate_throughput():
+    stats = {"firmware": {"median_s": 2.0, "aggregate_mb_per_s": 36.0},
+             "tftp-hpa": {"median_s": 1.0, "aggregate_mb_per_s": 45.0}}
+    lines, ratios = tftp_bench.ratio_lines(stats, ["firmware", "tftp-hpa"], "aggregate_mb_per_s")
+    assert ratios == {"tftp-hpa": 0.8}
+    assert lines == [
+        "  aggregate firmware/tftp-hpa: 0.80 (all bytes / wall time; < 1: the firmware is slower)"
+    ]
+    stats["tftp-hpa"]["aggregate_mb_per_s"] = 0.0  # it moved nothing: no ratio, no division
+    assert tftp_bench.ratio_lines(stats, ["firmware", "tftp-hpa"], "aggregate_mb_per_s") == (
+        ["  aggregate firmware/tftp-hpa: n/a (tftp-hpa had no successful transfer)"], {})
+
+
 def test_the_counters_line_names_each_counter_and_says_when_the_console_did_not_answer():
     line = tftp_bench.tftp_counters_line({"tftp.ok": 7, "tftp.queued": 2, "console.frames": 9})
     assert line == ("ok 7, failed 0, queued 2, busy 0, low_memory 0, no_memory 0, evicted 0, "

@@ -27,7 +27,8 @@ free there and no packet can reach a real interface), everything on 127.0.0.1:
    the ratios firmware/tftp-hpa and firmware/dnsmasq (controller/tftp-hpa and
    controller/dnsmasq too), the same for the windowed fetches (atftp's wall time, its start-up
    included) with the largest window the firmware and the controller granted (from their own
-   start events), and the firmware's heap: `code` (what it holds after boot) and the data
+   start events), the concurrent phase's aggregate throughput and its ratios (all bytes over
+   the phase's wall time), and the firmware's heap: `code` (what it holds after boot) and the data
    high-water mark (peak - code) as its own `heap` events report them, next to the design's
    goals for the MicroPython it ran on;
 5. with --min-heap, restarts the firmware at one heap size after another, by bisection between
@@ -749,24 +750,29 @@ RATIO_PAIRS = (
 )
 
 
-def ratio_lines(stats: dict[str, dict], servers: list[str]) -> tuple[list[str], dict]:
-    """Ratios of median seconds per transfer: the firmware over each peer in the run, and the
-    controller over tftp-hpa and dnsmasq. Keys: the peer for the firmware's ratios, "a/b" for
-    the others."""
+def ratio_lines(
+    stats: dict[str, dict], servers: list[str], key: str = "median_s"
+) -> tuple[list[str], dict]:
+    """Ratios of median seconds per transfer (key "median_s"), or of aggregate throughput
+    (key "aggregate_mb_per_s", the concurrent phase's): the firmware over each peer in the
+    run, and the controller over tftp-hpa and dnsmasq. Keys: the peer for the firmware's
+    ratios, "a/b" for the others."""
     out, ratios = [], {}
+    label, worse = ("ratio", "> 1") if key == "median_s" else ("aggregate", "< 1")
     for a, b in RATIO_PAIRS:
         if a not in servers or b not in servers:
             continue
-        mine = stats.get(a, {}).get("median_s")
-        other = stats.get(b, {}).get("median_s")
+        mine = stats.get(a, {}).get(key) or None  # an aggregate of 0: nothing came through
+        other = stats.get(b, {}).get(key) or None
         if mine is None or other is None:
             who = a if mine is None else b
             who = "the firmware" if who == "firmware" else who
-            out.append(f"  ratio {a}/{b}: n/a ({who} had no successful transfer)")
+            out.append(f"  {label} {a}/{b}: n/a ({who} had no successful transfer)")
             continue
         ratios[b if a == "firmware" else f"{a}/{b}"] = mine / other
         who = "the firmware" if a == "firmware" else f"the {a}"
-        out.append(f"  ratio {a}/{b}: {mine / other:.2f} (median time; > 1: {who} is slower)")
+        what = "median time" if key == "median_s" else "all bytes / wall time"
+        out.append(f"  {label} {a}/{b}: {mine / other:.2f} ({what}; {worse}: {who} is slower)")
     return out, ratios
 
 
@@ -1294,7 +1300,8 @@ def report(b: Bench) -> dict:
             stats[name]["aggregate_mb_per_s"] = good / wall / 1e6 if wall else 0.0
             print(line + f" {stats[name]['aggregate_mb_per_s']:>10.2f}")
         lines, ratios = ratio_lines(stats, b.peers)
-        for line in lines:
+        agg_lines, agg_ratios = ratio_lines(stats, b.peers, "aggregate_mb_per_s")
+        for line in lines + agg_lines:
             print(line)
         summary["concurrent"] = {
             "clients": args.concurrent,
@@ -1302,6 +1309,7 @@ def report(b: Bench) -> dict:
             "seconds": args.concurrent_seconds,
             "servers": stats,
             "ratios": ratios,
+            "aggregate_ratios": agg_ratios,
         }
     if "firmware" in b.names:
         phases = [("sequential phase (1 transfer at a time)", "sequential", b.single_heap)]
