@@ -134,6 +134,28 @@ if _io_queue is not None:
 
     _socket = socket.socket
 
+    # One poll per wake-up, not two. While any timer is pending (the firmware always has one:
+    # the watchdog, the heap sampler, the TFTP clock), asyncio's loop polls until the timer,
+    # and when a datagram wakes a task it loops and polls again with a timeout of 0 before
+    # running that task: a second syscall, and a second 144-byte frame on the heap (the unix
+    # port), per packet. The hook skips that second poll only: whatever came meanwhile is
+    # found by the next one, after one task step. It shadows the method on asyncio's own I/O
+    # queue, which its loop calls as _io_queue.wait_io_event(dt) (checked on MicroPython 1.29);
+    # where that is not there, nothing is changed. Measured in docs/benchmarks.md.
+    _wait_io = getattr(_io_queue, "wait_io_event", None)
+    _polled = False
+
+    def _wait_io_event(dt):
+        global _polled
+        if dt == 0 and _polled:
+            _polled = False
+            return
+        _polled = dt > 0
+        _wait_io(dt)
+
+    if _wait_io is not None:
+        _io_queue.wait_io_event = _wait_io_event
+
 else:  # CPython
     from firmware.cpython import Socket as _socket
     from firmware.cpython import readable, recvfrom, take  # noqa: F401
