@@ -14,3 +14,14 @@ class raises:
         if et is None:
             raise AssertionError("did not raise %s" % self.exc.__name__)
         return issubclass(et, self.exc)
+
+
+def micropython_only(why):
+    """First line of a test that measures MicroPython itself: under CPython (pytest) the test
+    is reported as skipped, with why, rather than passing without having checked anything."""
+    import sys
+
+    if sys.implementation.name != "micropython":
+        import pytest
+
+        pytest.skip(why)

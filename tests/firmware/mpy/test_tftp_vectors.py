@@ -3,7 +3,7 @@
 # deterministic link that drops, duplicates and reorders) talks to a Transfer directly.
 import io
 
-from mpytest import raises
+from mpytest import micropython_only, raises
 
 from firmware import tftp
 from firmware.tftp import Malformed, Refused
@@ -592,8 +592,7 @@ def test_the_per_block_calls_keep_their_frames_off_the_heap():
     # Nothing the transfer's ACK -> DATA path calls may allocate before it reads the file.
     import gc
 
-    if not hasattr(gc, "mem_alloc"):
-        return  # CPython: no heap of its own to measure
+    micropython_only("CPython has no heap of its own to measure")
     from firmware import net
 
     flash = _Noting(Cfg.tftp_max_blksize)
