@@ -758,7 +758,10 @@ def ratio_lines(
     run, and the controller over tftp-hpa and dnsmasq. Keys: the peer for the firmware's
     ratios, "a/b" for the others."""
     out, ratios = [], {}
-    label, worse = ("ratio", "> 1") if key == "median_s" else ("aggregate", "< 1")
+    if key == "median_s":
+        label, what, worse = "ratio", "median time", "> 1"
+    else:
+        label, what, worse = "aggregate", "all bytes / wall time", "< 1"
     for a, b in RATIO_PAIRS:
         if a not in servers or b not in servers:
             continue
@@ -771,7 +774,6 @@ def ratio_lines(
             continue
         ratios[b if a == "firmware" else f"{a}/{b}"] = mine / other
         who = "the firmware" if a == "firmware" else f"the {a}"
-        what = "median time" if key == "median_s" else "all bytes / wall time"
         out.append(f"  {label} {a}/{b}: {mine / other:.2f} ({what}; {worse}: {who} is slower)")
     return out, ratios
 
