@@ -275,7 +275,7 @@ class Transfer:
         self.window = req.window
         self.oack = req.oack | (req.timeout << _O_TIMEOUT_SHIFT)
         self._payload = memoryview(self.buf)[4 : 4 + req.blksize]
-        self._pos = 0  # file offset after the last read
+        self._pos = 0  # file offset after the last read; ~off: block at off read ahead
         self.acked = -1 if req.oack else 0  # highest block acknowledged; the OACK is block 0
         self.sent = 0  # highest block sent
         self.last = 0  # the final block, once a short read has found it
@@ -362,16 +362,24 @@ class Transfer:
         # and frees it: a search of the heap for a run of free blocks): few locals, and the
         # try around the read is in _read (one argument), the rare cases in _fill.
         k = self._next
-        if k > self._end or self.done:
+        if self.done:
+            return 0
+        if k > self._end:
+            self._ahead(k)
             return 0
         if self.last and k > self.last:
             return 0
         self._next = k + 1
         # Block k into the payload area, straight after the 4 header bytes: the file is read
         # into the packet (readinto a preallocated memoryview), never copied. Blocks are read in
-        # order, so the seek happens only on a resend.
+        # order, so the seek happens only on a resend. A block _ahead read is already there.
         off = (k - 1) * self.blksize
-        n = self._read() if off == self._pos else -2
+        if off == self._pos:
+            n = self._read()
+        elif ~off == self._pos:
+            n = self.blksize
+        else:
+            n = -2
         if n < self.blksize:  # a resend, a short read, the end of the file or a read error
             n = self._fill(off, n)
             if n < 0:
@@ -389,6 +397,21 @@ class Transfer:
         b[2] = (k >> 8) & 0xFF
         b[3] = k & 0xFF
         return 4 + n
+
+    def _ahead(self, k):
+        # The window is sent (its packets have left the buffer): block k, the next window's
+        # first, is read into the payload now, while the client acknowledges, so that its ACK
+        # is answered without a file read. Lock-step, that takes the read off every round
+        # trip; on a board, the flash read. Only a full block counts as read ahead: _pos is
+        # then ~off, which no file offset equals. After a short read _pos is off + n, where
+        # the file stands, and after an error off - 1, a block's start never: either way
+        # more() reads that block again (seeking unless n was 0) and reports what it finds.
+        # Block 1 is read on the OACK's ACK: a resent OACK is built over the payload.
+        off = (k - 1) * self.blksize
+        if k < 2 or off != self._pos or (self.last and k > self.last):
+            return
+        n = self._read()
+        self._pos = ~off if n == self.blksize else off + n
 
     def _read(self):
         # The payload's worth of the file from where it stands: its length, -1 on a read error.

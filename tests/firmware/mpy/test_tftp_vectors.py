@@ -441,6 +441,98 @@ def test_read_error_sends_error_0_and_ends():
     assert t.done and t.result == "read error"
 
 
+# ---- reading ahead -----------------------------------------------------------------------
+
+
+class Counting:
+    """A file that counts its reads and seeks; the reads numbered in `fail` raise EIO."""
+
+    def __init__(self, data, fail=()):
+        self.f = io.BytesIO(data)
+        self.fail = fail
+        self.reads = self.seeks = 0
+
+    def readinto(self, mv):
+        self.reads += 1
+        if self.reads in self.fail:
+            raise OSError(5)
+        return self.f.readinto(mv)
+
+    def seek(self, pos):
+        self.seeks += 1
+        self.f.seek(pos)
+
+    def close(self):
+        pass
+
+
+def data_packet(k, data, bs=512):
+    return bytes((0, tftp.DATA, k >> 8, k & 0xFF)) + data[(k - 1) * bs : k * bs]
+
+
+def test_the_next_block_is_read_while_the_client_acknowledges():
+    data = pattern(5 * 512 + 10)
+    f = Counting(data)
+    t = new_transfer()
+    assert drain(t, t.start(checked(), f, len(data), 0)) == [data_packet(1, data)]
+    assert f.reads == 2  # DATA 1, then block 2 once the window was sent
+    n = t.on_packet(ack(1), 4, 1)
+    assert bytes(t.buf[:n]) == data_packet(2, data) and f.reads == 2  # no read on the ACK
+    assert t.more() == 0 and f.reads == 3  # block 3
+    assert f.seeks == 0
+
+
+def test_a_resend_after_reading_ahead_seeks_back():
+    data = pattern(5 * 512 + 10)
+    f = Counting(data)
+    t = new_transfer()
+    drain(t, t.start(checked(), f, len(data), 0))
+    assert drain(t, t.on_packet(ack(1), 4, 1)) == [data_packet(2, data)]
+    assert drain(t, t.on_timeout(t.deadline)) == [data_packet(2, data)]
+    assert f.seeks == 1
+    assert drain(t, t.on_packet(ack(2), 4, t.deadline)) == [data_packet(3, data)]
+    assert f.seeks == 1  # block 3 was read ahead again after the resend
+
+
+def test_a_resent_oack_never_carries_a_block_read_ahead():
+    data = pattern(3000)
+    t = new_transfer()
+    oack = drain(t, t.start(checked(b"tsize", b"0"), Counting(data), 3000, 0))
+    assert drain(t, t.on_timeout(t.deadline)) == oack
+    assert drain(t, t.on_packet(ack(0), 4, t.deadline)) == [data_packet(1, data)]
+
+
+def test_a_read_error_ahead_is_tried_again_when_its_block_is_due():
+    data = pattern(2000)
+    f = Counting(data, fail=(2,))  # reading block 2 ahead fails once
+    t = new_transfer()
+    assert len(drain(t, t.start(checked(), f, 2000, 0))) == 1 and not t.done
+    assert drain(t, t.on_packet(ack(1), 4, 1)) == [data_packet(2, data)]
+    assert f.seeks == 1 and not t.done
+    f = Counting(data, fail=(2, 3))  # and again when it is due: the transfer ends there
+    t = new_transfer()
+    drain(t, t.start(checked(), f, 2000, 0))
+    assert drain(t, t.on_packet(ack(1), 4, 1)) == [b"\x00\x05\x00\x00read error\x00"]
+    assert t.done and t.result == "read error"
+
+
+def test_a_short_read_ahead_is_read_again_when_due_and_ends_the_transfer():
+    # A short block read ahead is not kept: its ACK reads it again, after a seek back, as the
+    # last block. An empty one (the file a multiple of blksize) is read again where the file
+    # stands, without a seek.
+    for size, seeks in ((512 + 100, 1), (1024, 0)):
+        data = pattern(size)
+        f = Counting(data)
+        t = new_transfer()
+        got = drain(t, t.start(checked(), f, size, 0))
+        k = 1
+        while not t.done:
+            got += drain(t, t.on_packet(ack(k), 4, k))
+            k += 1
+        assert got == [data_packet(i, data) for i in range(1, size // 512 + 2)]
+        assert t.result == "ok" and t.size == size and f.seeks == seeks
+
+
 # ---- a lossy link ------------------------------------------------------------------------
 
 
@@ -604,6 +696,12 @@ def test_the_per_block_calls_keep_their_frames_off_the_heap():
     before = gc.mem_alloc()
     assert t.on_packet(a1, 4, 2) == 4 + Cfg.tftp_max_blksize  # on_packet -> more -> _read
     assert flash.seen[-1] == before
+    gc.collect()
+    before = gc.mem_alloc()
+    assert t.more() == 0  # the window is sent: more -> _ahead -> _read, block 3
+    assert flash.seen[-1] == before and len(flash.seen) == 3
+    assert t.on_packet(ack(2), 4, 3) == 4 + Cfg.tftp_max_blksize  # block 3 without a read
+    assert len(flash.seen) == 3
     sock = _Noting(4)
     rx = bytearray(4)
     gc.collect()
