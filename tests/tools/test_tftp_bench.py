@@ -46,7 +46,8 @@ def started(out: str) -> tuple[str, Path, list[int]]:
         r"^bench: namespace (\S+) \(loopback only\), work directory (\S+)$", out, re.MULTILINE
     )
     assert m, out
-    pids = [int(p) for p in re.findall(r"^  \S+: pid (\d+), 127\.0\.0\.1:\d+$", out, re.MULTILINE)]
+    pids = [int(p) for p in re.findall(r"^  \S+: pid (\d+), 127\.0\.0\.1:\d+(?:, CPU \d+)?$", out,
+                                       re.MULTILINE)]  # fmt: skip
     return m.group(1), Path(m.group(2)), pids
 
 
@@ -340,6 +341,16 @@ def doc_commands() -> list[list[str]]:
 QUICK = ["--reps", "1", "--concurrent", "3", "--concurrent-seconds", "2"]
 
 
+def test_pin_takes_two_different_cpus_this_process_may_use():
+    assert tftp_bench.parse_args([]).pin is None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        assert tftp_bench.parse_args(["--pin", f"{cpus[1]},{cpus[0]}"]).pin == (cpus[1], cpus[0])
+    for bad in (f"{cpus[0]},{cpus[0]}", f"{cpus[0]}", f"{cpus[0]},{max(cpus) + 1}", "a,b", "1,0,2"):
+        with pytest.raises(SystemExit):
+            tftp_bench.parse_args(["--pin", bad])
+
+
 def test_every_command_in_the_doc_is_valid():
     commands = doc_commands()
     assert QUICK in commands
@@ -427,14 +438,26 @@ def test_the_reference_servers_serve_lock_step_whole_and_only_in_the_lock_step_p
     # The layers under the firmware's lock-step time (tftp_reference.py), each on the unix port
     # at the bench's heap: every file whole at both block sizes, each with its ratio to
     # dnsmasq; the windowed and concurrent phases are dnsmasq's alone.
+    # Pinned where there are two CPUs: dnsmasq and the references on one, curl and atftp on
+    # the other.
     need_root_and_peers()
     out_json = tmp_path / "bench.json"
-    run = subprocess.run(bench_command(*REFS, "--json", str(out_json)), check=False,
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = (cpus[-1], cpus[0]) if len(cpus) >= 2 else None
+    pin_args = ["--pin", f"{pin[0]},{pin[1]}"] if pin else []
+    run = subprocess.run(bench_command(*REFS, *pin_args, "--json", str(out_json)), check=False,
                          capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
     summary = json.loads(out_json.read_text())
     assert (summary["failed"], summary["corrupt"], summary["server_problems"]) == (0, 0, {})
+    if pin:
+        assert f"(servers pinned to CPU {pin[0]}, clients (curl, atftp) to CPU {pin[1]})" in out
+        servers = re.findall(r"^  (\S+): pid \d+, 127\.0\.0\.1:\d+, CPU (\S+)$", out, re.MULTILINE)
+        assert sorted(servers) == sorted(
+            (name, str(pin[0])) for name in ("dnsmasq", *tftp_bench.REFERENCES)
+        ), out
+        assert summary["pin"] == {"servers": pin[0], "clients": pin[1]}
     for name in tftp_bench.REFERENCES:
         mine = [f for f in summary["fetches"] if f["server"] == name]
         assert sorted((f["phase"], f["blksize"]) for f in mine) == [

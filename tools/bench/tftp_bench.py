@@ -44,6 +44,10 @@ wrote); `--micropython-frozen PATH` runs a MicroPython with the firmware frozen 
 flash holds only device.json, board.json, tftp/ and the boot stub main.py. The heap goals
 printed are those for its word size and the way it holds the firmware (HEAP_GOALS).
 
+`--pin SERVER_CPU,CLIENT_CPU` runs every server on one CPU and every client on another, so that
+each lock-step round trip crosses between the same two cores for every server, run after run
+(unpinned, whether the scheduler puts curl on the server's core moves a ratio by up to 2x).
+
 Exit status: 0 when every transfer succeeded with the right bytes, 1 when any failed or came
 back corrupt (or the firmware did not boot), 2 when the bench could not set up (not root, a tool
 missing). The bench stops by itself; every process it starts is stopped by its PID, and the
@@ -519,6 +523,7 @@ class Client:
         if window:
             return self._atftp(server, f)
         cmd = self.ns.argv(
+            *_client_pin(),
             "curl",
             "--silent",
             "--show-error",
@@ -563,7 +568,7 @@ class Client:
         out = self.work / f"atftp-{server.name}.out"
         out.unlink(missing_ok=True)
         cmd = self.ns.argv(
-            "atftp", "--get", "-r", self.source.name, "-l", str(out),
+            *_client_pin(), "atftp", "--get", "-r", self.source.name, "-l", str(out),
             "--option", f"blksize {f.blksize}", "--option", f"windowsize {f.window}",
             "--option", "tsize 0", HOST, str(server.port),
         )  # fmt: skip
@@ -953,6 +958,14 @@ def reference_command(server: Reference, root: Path) -> list[str]:
     return [mp, "-X", heap, str(REFERENCE_SCRIPT), mode, str(root), str(server.port), str(repo)]
 
 
+# --pin: (the servers' CPU, the clients' CPU), or None to leave placement to the scheduler.
+PIN: tuple[int, int] | None = None
+
+
+def _client_pin() -> tuple[str, ...]:
+    return () if PIN is None else ("taskset", "-c", str(PIN[1]))
+
+
 def start_server(ns: Namespace, server: Server, work: Path) -> None:
     if isinstance(server, Firmware):
         server.start(ns)
@@ -969,7 +982,11 @@ def start_server(ns: Namespace, server: Server, work: Path) -> None:
             cmd = dnsmasq_command(root, work)
         server.proc = ns.start(cmd, name=server.name, log=server.log)
     assert server.proc is not None
-    print(f"  {server.name}: pid {server.proc.pid}, {HOST}:{server.port}", flush=True)
+    where = ""
+    if PIN is not None:  # before it serves: the children tftp-hpa forks inherit it
+        os.sched_setaffinity(server.proc.pid, {PIN[0]})
+        where = f", CPU {','.join(map(str, sorted(os.sched_getaffinity(server.proc.pid))))}"
+    print(f"  {server.name}: pid {server.proc.pid}, {HOST}:{server.port}{where}", flush=True)
     wait_serving(ns, server)
 
 
@@ -1409,13 +1426,19 @@ def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
         "heap": args.heap,
         "reps": args.reps,
         "cpus": os.cpu_count(),
+        "pin": None if PIN is None else {"servers": PIN[0], "clients": PIN[1]},
         "load_at_start": round(load[0], 2),
     }
+    placement = (
+        "not pinned"
+        if PIN is None
+        else f"servers pinned to CPU {PIN[0]}, clients (curl, atftp) to CPU {PIN[1]}"
+    )
     print(
         f"TFTP bench {header['date']}: {b.source.name} ({b.source.size} bytes, sha256 "
         f"{b.source.sha256[:16]}...), {header['client']}\n"
         f"  firmware {header['firmware']}, heap {args.heap}; {args.reps} reps per block size, "
-        f"interleaved; {header['cpus']} CPUs, load average {load[0]:.2f}\n"
+        f"interleaved; {header['cpus']} CPUs ({placement}), load average {load[0]:.2f}\n"
         f"  micropython {mp.describe()}",
         flush=True,
     )
@@ -1526,7 +1549,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
+    p.add_argument(
+        "--pin",
+        metavar="SERVER_CPU,CLIENT_CPU",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        help="run every server on one CPU and every client (curl, atftp) on another, e.g. 1,0: "
+        "each lock-step round trip then crosses between the same two cores for every server, "
+        "as between two machines, instead of where the scheduler puts them from run to run "
+        "(default: not pinned)",
+    )
     args = p.parse_args(argv)
+    if args.pin is not None:
+        cpus = os.sched_getaffinity(0)
+        if len(args.pin) != 2 or args.pin[0] == args.pin[1] or not set(args.pin) <= cpus:
+            p.error(f"--pin: two different CPUs of this process's {sorted(cpus)}")
     if not 1 <= args.reps <= 1000:
         p.error("--reps must be 1..1000")
     if not args.blksize or any(not 8 <= b <= 65464 for b in args.blksize):
@@ -1560,7 +1596,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PIN
     args = parse_args(argv)
+    PIN = args.pin
     sys.stdout.reconfigure(line_buffering=True)
     ns = Namespace(f"eb-bench-{os.getpid()}")
     work = Path(tempfile.mkdtemp(prefix="eb-tftp-bench-"))
