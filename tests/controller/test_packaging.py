@@ -29,6 +29,50 @@ def test_every_package_of_the_tree_is_listed_in_pyproject():
     assert listed == found
 
 
+def _needed(root: str = "edge-bastion", extras: frozenset[str] = frozenset({"test"})) -> dict:
+    """Every distribution the installed root and its extras need, transitively, by its
+    canonical name: its installed version (the root included)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    todo = [(root, extras)]
+    while todo:
+        name, wanted = todo.pop()
+        dist = metadata.distribution(name)
+        key = canonicalize_name(dist.metadata["Name"])
+        if key in found and wanted <= found[key][1]:
+            continue
+        wanted |= found.get(key, ("", frozenset()))[1]
+        found[key] = (dist.version, wanted)
+        for spec in dist.requires or []:
+            r = Requirement(spec)
+            if r.marker and not any(r.marker.evaluate({"extra": e}) for e in wanted or {""}):
+                continue
+            todo.append((r.name, frozenset(r.extras)))
+    return {name: version for name, (version, _) in found.items()}
+
+
+def test_constraints_pin_every_package_needed_nothing_else_and_what_is_installed():
+    # tools/setup installs with constraints.txt (tools/lock writes it): a package the project
+    # needs without a pin would float to whatever is released next, a pin nothing needs is
+    # dead weight, and a pin that differs from .venv means setup did not install by it.
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: not name==version: {line!r}"
+            pins[canonicalize_name(name)] = version
+    needed = _needed()
+    del needed["edge-bastion"]
+    assert pins == needed
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, dict]:
     """A wheel built from the checkout, in a new virtualenv outside it. Its dependencies come
