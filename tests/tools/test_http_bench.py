@@ -86,6 +86,18 @@ def doc_commands() -> list[list[str]]:
     return commands
 
 
+def test_the_ceiling_queues_a_whole_storms_connects_and_the_history_keeps_a_whole_run():
+    # The default storm connects 1,000 clients at once: nginx's accept queue must hold them,
+    # as uvicorn's does for the controller, or dropped handshakes cost 1 s each in its p99.
+    # The check of what the controller recorded counts every event of the run: its history's
+    # bound must not prune any (a fast machine's wrk phase alone is about 200,000 requests).
+    conf = http_bench.nginx_config(Path("/run/b"), 8080, Path("/site"), Path("/canned"))
+    m = re.search(rf"listen {re.escape(http_bench.HOST)}:8080 backlog=(\d+);", conf)
+    assert m and int(m.group(1)) >= 2 * 1000
+    cmd = http_bench.controller_command(Path("/site"), 8080, Path("/db"), None)
+    assert int(cmd[cmd.index("--history-events") + 1]) >= 1_000_000
+
+
 def test_every_command_in_the_doc_is_valid():
     commands = doc_commands()
     assert len(commands) == 2
