@@ -911,6 +911,13 @@ def parse_size(text: str) -> int:
     return int(digits) * mult
 
 
+def parse_cpu_pair(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two CPU numbers, such as 1,0")
+    return int(parts[0]), int(parts[1])
+
+
 def lay_out(work: Path, source: Source, heap: str, mp: MicroPython) -> dict[str, Server]:
     """Each server's own copy of the file. The directories are world-readable: tftp-hpa and
     dnsmasq read it after dropping root. The firmware's flash as `bastion sim` lays it out: the
@@ -1552,7 +1559,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--pin",
         metavar="SERVER_CPU,CLIENT_CPU",
-        type=lambda v: tuple(int(x) for x in v.split(",")),
+        type=parse_cpu_pair,
         help="run every server on one CPU and every client (curl, atftp) on another, e.g. 1,0: "
         "each lock-step round trip then crosses between the same two cores for every server, "
         "as between two machines, instead of where the scheduler puts them from run to run "
@@ -1561,7 +1568,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pin is not None:
         cpus = os.sched_getaffinity(0)
-        if len(args.pin) != 2 or args.pin[0] == args.pin[1] or not set(args.pin) <= cpus:
+        if args.pin[0] == args.pin[1] or not set(args.pin) <= cpus:
             p.error(f"--pin: two different CPUs of this process's {sorted(cpus)}")
     if not 1 <= args.reps <= 1000:
         p.error("--reps must be 1..1000")
