@@ -1,6 +1,7 @@
 """Group commit of the boot endpoints' events (bastion.api.deps.GroupCommit): the requests of
-one turn of the event loop share one transaction, and an answered request is in the history
-even when the controller is killed (-9) in the middle of a storm."""
+one turn of the event loop share one transaction, a small batch soon after a commit stays open
+for the turns that follow, and an answered request is in the history even when the controller
+is killed (-9) in the middle of a storm."""
 
 from __future__ import annotations
 
@@ -31,6 +32,73 @@ def test_events_handed_over_in_one_turn_share_one_transaction(tmp_path):
     assert flat == sorted(flat) and len(set(flat)) == 100
     by_id = {e.id: e for e in store.query(limit=1000)}
     assert [by_id[pair[0]].mac for pair in ids] == [f"m{i}" for i in range(50)]
+
+
+def test_small_batches_within_the_interval_after_a_commit_wait_for_one_commit_together(tmp_path):
+    store = EventStore(tmp_path / "events.db")
+    interval = 1.0  # long enough that the turns below all fall within it, however slow
+    group = GroupCommit(store.record_many, interval=interval, small=8)
+
+    async def storm() -> tuple[list[int], list[list[int]], float]:
+        loop = asyncio.get_running_loop()
+        first = await group.commit([("boot", {"mac": "first"})])  # nothing before: at once
+        committed = loop.time()
+        later = []
+        for i in range(5):  # five turns of the loop, each handing over one event
+            later.append(asyncio.ensure_future(group.commit([("boot", {"mac": f"m{i}"})])))
+            await asyncio.sleep(0)
+        assert not any(t.done() for t in later)  # waiting for the interval to end
+        ids = await asyncio.gather(*later)
+        return first, ids, loop.time() - committed
+
+    first, ids, waited = asyncio.run(storm())
+    assert (group.batches, group.events) == (2, 6)
+    assert waited >= interval * 0.99  # a lower bound: a slow machine only makes it longer
+    flat = [i for one in ids for i in one]
+    assert flat == list(range(first[0] + 1, first[0] + 6))
+
+
+def test_an_event_after_a_quiet_interval_is_committed_in_its_own_turn(tmp_path):
+    store = EventStore(tmp_path / "events.db")
+    interval = 0.05
+    group = GroupCommit(store.record_many, interval=interval, small=8)
+
+    async def quiet_then_one() -> bool:
+        await group.commit([("boot", {})])
+        await asyncio.sleep(interval * 2)
+        late = asyncio.ensure_future(group.commit([("boot", {})]))
+        for _ in range(3):  # its turn, the commit at that turn's end, the waiter's wake-up
+            await asyncio.sleep(0)
+        return late.done()
+
+    # without the rule, it would wait for a timer `interval` away; three turns take microseconds
+    # (a machine so slow that they took 50 ms would let the timer fire: it cannot fail this)
+    assert asyncio.run(quiet_then_one())
+    assert (group.batches, group.events) == (2, 2)
+
+
+def test_a_batch_that_is_not_small_is_committed_in_its_own_turn_even_after_a_commit(tmp_path):
+    store = EventStore(tmp_path / "events.db")
+    group = GroupCommit(store.record_many, interval=60.0, small=8)
+
+    async def busy() -> tuple[bool, bool]:
+        await group.commit([("boot", {})])
+        seven = [asyncio.ensure_future(group.commit([("boot", {})])) for _ in range(7)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        small_waits = not any(t.done() for t in seven)  # 7 < 8: open for up to a minute
+        for t in seven:
+            t.cancel()  # their events are still committed with the next batch
+        await asyncio.sleep(0)
+        eight = [asyncio.ensure_future(group.commit([("boot", {})])) for _ in range(8)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return small_waits, all(t.done() and not t.cancelled() for t in eight)
+
+    small_waits, eight_done = asyncio.run(busy())
+    assert small_waits and eight_done
+    # the seven joined the open batch of the eight: one commit for all fifteen
+    assert (group.batches, group.events, store.count()) == (2, 16, 16)
 
 
 def test_a_failed_batch_stores_none_of_it_and_fails_every_waiter(tmp_path):
