@@ -7,7 +7,6 @@ import hmac
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -142,10 +141,9 @@ class GroupCommit:
         self._commit = commit
         self.interval = interval
         self.small = small
-        # per event loop: when its last commit ended (loop.time()); weak, as tests make many loops
-        self._committed_at: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = (
-            weakref.WeakKeyDictionary()
-        )
+        # the loop of the last commit and when (loop.time()) it ended; another loop (tests run
+        # the app in more than one) finds no previous commit
+        self._committed: tuple[asyncio.AbstractEventLoop | None, float] = (None, -math.inf)
         # per event loop: the timer that ends its open small batch, while there is one
         self._open: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
         # per event loop (tests may run the app in more than one): what waits for its next batch
@@ -169,7 +167,8 @@ class GroupCommit:
 
     def _turn_ended(self, loop: asyncio.AbstractEventLoop) -> None:
         if len(self._waiting.get(loop, ())) < self.small:
-            wait = self._committed_at.get(loop, -math.inf) + self.interval - loop.time()
+            last_loop, last = self._committed
+            wait = (last if last_loop is loop else -math.inf) + self.interval - loop.time()
             if wait > 0:  # a small batch moments after a commit: it stays open until then
                 self._open[loop] = loop.call_later(wait, self._flush, loop)
                 return
@@ -187,7 +186,7 @@ class GroupCommit:
                     done.set_exception(e)
             return
         finally:
-            self._committed_at[loop] = loop.time()
+            self._committed = (loop, loop.time())
         self.batches += 1
         self.events += len(batch)
         at = 0
