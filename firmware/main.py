@@ -41,7 +41,7 @@ NODECONS_MIN_FREE = const(32768)
 # argv, in a table of interned strings that only grows, by a new block twice the size of the
 # last: blocks of 20, 40, 80, 160 and 320 hold 620 names, and the 621st allocates room for 640
 # more at once, 7.1 KB on the 64-bit sim, never given back. A boot interns about 600
-# (micropython.qstr_info(), 2026-12-05: the sim 598, the sim dressed as a board 600, its
+# (micropython.qstr_info(), 2026-12-05: the sim 601, the sim dressed as a board 603, its
 # `--board PATH` being two more words), so a new name costs a few bytes until a boot crosses
 # 620, then 7 KB. A name first interned after boot, into a spent heap, fails where it is
 # interned: asyncio.gather's lazy load of asyncio.funcs killed the DHCP listener of the

@@ -124,15 +124,16 @@ if _io_queue is not None:
     # new entry (a list) and a new registration with the poller each time, 96 of the 160 bytes
     # a lock-step wait allocated (tests/firmware/mpy/test_net_loop.py), and the collector's time
     # to clear them up: with them gone, the firmware's lock-step on one CPU takes about 6% less
-    # (docs/benchmarks.md). Here the entry stays, with no waiter and no events asked for
-    # (modify(s, 0)), and the next wait only names its task and asks for POLLIN. _waiting holds
-    # the ids of the sockets readable() is waiting on: only their entries stay. An event for
-    # an entry nobody waits on (an error: ECONNREFUSED on a connected socket) takes it out as
-    # asyncio would, so that it cannot wake the loop again and again; the next wait puts it
-    # back. Such a socket is only ever waited on with readable() (asyncio's own queue_read
-    # asserts on an entry without a waiter in some releases), and forget() takes it out before
-    # it is closed. Both layouts of asyncio's entries hold the read waiter first and the stream
-    # last ([read, write, s] up to 1.29, [read, pri, write, s] after).
+    # (docs/benchmarks.md). Here the entry stays, registered for POLLIN, with no waiter between
+    # a wake-up and the next wait, which only names its task: nothing more on the way from an
+    # ACK to its DATA than asyncio did. _waiting holds the ids of the sockets readable() is
+    # waiting on: only their entries stay. An event for an entry nobody waits on (a datagram or
+    # an error, ECONNREFUSED, that came before the task waited again) takes it out as asyncio
+    # would, so that it cannot wake the loop again and again; the next wait puts it back. Such
+    # a socket is only ever waited on with readable() (asyncio's own queue_read asserts on an
+    # entry without a waiter in some releases), and forget() takes it out before it is closed.
+    # Both layouts of asyncio's entries hold the read waiter first and the stream last
+    # ([read, write, s] up to 1.29, [read, pri, write, s] after).
     _waiting = set()
     _dequeue = type(_io_queue)._dequeue  # asyncio's own, for the entries it may take out
 
@@ -146,10 +147,9 @@ if _io_queue is not None:
         e = _io_queue.map.get(i)
         if e is None:
             _io_queue.queue_read(s)
-        else:
+        else:  # still registered for POLLIN
             t = e[0] = _core.cur_task
             t.data = _io_queue  # what asyncio's queue_read does: a cancel finds the task here
-            _io_queue.poller.modify(s, 1)  # POLLIN
         _waiting.add(i)
         return _ONCE
 
@@ -157,14 +157,13 @@ if _io_queue is not None:
         """Take s out of asyncio's I/O queue, where readable() keeps it between waits: before
         s is closed, when no task waits on it. asyncio calls this too, in place of its own
         IOQueue._dequeue, when a waiter was woken or cancelled, or an event came for an entry
-        with none: a socket readable() was waiting on keeps its entry, emptied and asking for
-        no events; any other goes as asyncio has it."""
+        with none: a socket readable() was waiting on keeps its entry and its registration,
+        with no waiter; any other goes as asyncio has it."""
         i = id(s)
         m = _io_queue.map
         if i in _waiting:
             _waiting.discard(i)
             m[i][0] = None
-            _io_queue.poller.modify(s, 0)
         elif i in m:
             _dequeue(_io_queue, s)
 

@@ -294,3 +294,30 @@ def test_an_error_on_a_kept_socket_nobody_waits_on_takes_it_out_and_the_loop_goe
         a.close()
     assert turns[0] == 50
     assert errno == 111, errno  # ECONNREFUSED (Linux never rate-limits ICMP on loopback)
+
+
+def test_a_datagram_that_comes_while_nobody_waits_is_read_at_the_next_wait():
+    micropython_only("CPython's asyncio is not MicroPython's: no I/O queue to keep")
+    q = net._io_queue
+    a, b = _connected_pair()
+    buf = bytearray(4)
+
+    async def main():
+        b.write(b"one!", 4)
+        await net.readable(a)
+        assert net.take(a, buf) == 4 and bytes(buf) == b"one!"
+        # a's entry is kept, registered for POLLIN, with no waiter; a datagram comes now
+        b.write(b"two!", 4)
+        for _ in range(20):  # turns with polls that see it: the entry goes, once
+            await asyncio.sleep_ms(1)
+        assert id(a) not in q.map, q.map.get(id(a))
+        await net.readable(a)  # back in the queue, and the datagram is still there
+        assert net.take(a, buf) == 4 and bytes(buf) == b"two!"
+
+    try:
+        asyncio.run(main())
+    finally:
+        net.forget(a)
+        a.close()
+        b.close()
+    assert id(a) not in q.map
