@@ -121,7 +121,7 @@ if _io_queue is not None:
 
     # A socket waited on with readable() stays in asyncio's I/O queue between waits. asyncio
     # takes a socket out of its queue after each wake-up and puts it back at the next wait: a
-    # new entry (a list) and a new registration with the poller each time, 96 of the 160 bytes
+    # new entry (a list) and a new registration with the poller each time, 96 of the 128 bytes
     # a lock-step wait allocated (tests/firmware/mpy/test_net_loop.py), and the collector's time
     # to clear them up: with them gone, the firmware's lock-step on one CPU takes about 6% less
     # (docs/benchmarks.md). Here the entry stays, registered for POLLIN, with no waiter between

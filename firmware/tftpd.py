@@ -11,8 +11,8 @@
 # the Transfer. One clock task for the whole service sleeps until the earliest deadline of the
 # running transfers and calls their on_timeout; when a transfer gives up there, it cancels the
 # receiver, which always cleans up. That costs net.readable's tuple iterator per datagram (its
-# socket stays in asyncio's I/O queue between waits, net.py: 64 bytes allocated per block on
-# the unix port, 160 when each wait made a new entry), where asyncio.wait_for_ms around each
+# socket stays in asyncio's I/O queue between waits, net.py: 32 bytes allocated per block on
+# the unix port, 128 when each wait made a new entry), where asyncio.wait_for_ms around each
 # read costs about 1.2 KB (two tasks and a closure). A clock per transfer (a task and its generator) held about
 # 190 B of heap per transfer more; the shared one holds nothing per transfer.
 #
