@@ -80,17 +80,27 @@ def _ping_pong(spin):
         tasks.append(asyncio.create_task(side(a, socket.getaddrinfo("127.0.0.1", port)[0][-1])))
         await over.wait()
         q.poller = counting.poller
-        for t in tasks:
-            t.cancel()
-        await asyncio.sleep_ms(0)
+        await _cancelled(tasks)
 
+    _run_counted(main, counting, a, b)
+    return counting.polls, n[0], n[1]
+
+
+async def _cancelled(tasks):
+    for t in tasks:
+        t.cancel()
+    await asyncio.sleep_ms(0)
+
+
+def _run_counted(main, counting, *socks):
+    """asyncio.run(main()) with asyncio's poller counted; the poller put back and socks closed
+    however main ended."""
     try:
         asyncio.run(main())
     finally:
-        q.poller = counting.poller
-        a.close()
-        b.close()
-    return counting.polls, n[0], n[1]
+        net._io_queue.poller = counting.poller
+        for s in socks:
+            s.close()
 
 
 def test_a_wake_up_by_a_datagram_with_a_timer_pending_costs_one_poll():
@@ -175,17 +185,10 @@ def _lock_step(hops, measure=None):
         q.poller = counting
         tasks = [asyncio.create_task(side(b, False)), asyncio.create_task(side(a, True))]
         await over.wait()
-        for t in tasks:
-            t.cancel()
-        await asyncio.sleep_ms(0)
+        await _cancelled(tasks)
 
     gc.collect()
-    try:
-        asyncio.run(main())
-    finally:
-        q.poller = counting.poller
-        a.close()
-        b.close()
+    _run_counted(main, counting, a, b)
     assert n[0] >= hops, n
     return counting.registered, counting.unregistered
 
@@ -221,22 +224,32 @@ def test_a_wait_with_readable_leaves_little_garbage():
     assert per_hop <= 48, per_hop
 
 
+def _on_a_pair(main):
+    """asyncio.run(main(q, a, b)) with q asyncio's I/O queue and a, b a connected pair; then a
+    is forgotten and both are closed, however main ended. Returns what main returned."""
+    a, b = _connected_pair()
+    try:
+        return asyncio.run(main(net._io_queue, a, b))
+    finally:
+        net.forget(a)
+        a.close()
+        b.close()
+
+
 def test_a_cancelled_wait_empties_the_kept_entry_and_forget_takes_it_out():
     micropython_only("CPython's asyncio is not MicroPython's: no I/O queue to keep")
-    q = net._io_queue
-    a, b = _connected_pair()
     waits = [0]
 
-    async def waiter():
-        try:
-            while True:
-                await net.readable(a)
-                net.take(a, bytearray(4))
-                waits[0] += 1
-        except asyncio.CancelledError:
-            return "cancelled"
+    async def main(q, a, b):
+        async def waiter():
+            try:
+                while True:
+                    await net.readable(a)
+                    net.take(a, bytearray(4))
+                    waits[0] += 1
+            except asyncio.CancelledError:
+                return "cancelled"
 
-    async def main():
         t = asyncio.create_task(waiter())
         for _ in range(3):  # three datagrams: the entry is kept between the waits
             b.write(b"ping", 4)
@@ -250,21 +263,15 @@ def test_a_cancelled_wait_empties_the_kept_entry_and_forget_takes_it_out():
         assert id(a) not in q.map
         return result
 
-    try:
-        assert asyncio.run(main()) == "cancelled"
-        assert waits[0] == 3, waits
-    finally:
-        a.close()
-        b.close()
+    assert _on_a_pair(main) == "cancelled"
+    assert waits[0] == 3, waits
 
 
 def test_an_error_on_a_kept_socket_nobody_waits_on_takes_it_out_and_the_loop_goes_on():
     micropython_only("CPython's asyncio is not MicroPython's: no I/O queue to keep")
-    q = net._io_queue
-    a, b = _connected_pair()
     turns = [0]
 
-    async def once():
+    async def main(q, a, b):
         b.write(b"ping", 4)
         await net.readable(a)
         net.take(a, bytearray(4))
@@ -272,9 +279,6 @@ def test_an_error_on_a_kept_socket_nobody_waits_on_takes_it_out_and_the_loop_goe
         # the closed port comes back as an ICMP error: POLLERR on a, with nobody waiting
         b.close()
         a.write(b"ping", 4)
-
-    async def main():
-        await once()
         for _ in range(50):  # turns of the loop with a poll each: the error is seen and the
             turns[0] += 1  # entry goes, so the loop does not keep waking for it
             await asyncio.sleep_ms(1)
@@ -287,22 +291,16 @@ def test_an_error_on_a_kept_socket_nobody_waits_on_takes_it_out_and_the_loop_goe
             return e.errno
         return None
 
-    try:
-        errno = asyncio.run(main())
-    finally:
-        net.forget(a)
-        a.close()
+    errno = _on_a_pair(main)
     assert turns[0] == 50
     assert errno == 111, errno  # ECONNREFUSED (Linux never rate-limits ICMP on loopback)
 
 
 def test_a_datagram_that_comes_while_nobody_waits_is_read_at_the_next_wait():
     micropython_only("CPython's asyncio is not MicroPython's: no I/O queue to keep")
-    q = net._io_queue
-    a, b = _connected_pair()
     buf = bytearray(4)
 
-    async def main():
+    async def main(q, a, b):
         b.write(b"one!", 4)
         await net.readable(a)
         assert net.take(a, buf) == 4 and bytes(buf) == b"one!"
@@ -313,11 +311,6 @@ def test_a_datagram_that_comes_while_nobody_waits_is_read_at_the_next_wait():
         assert id(a) not in q.map, q.map.get(id(a))
         await net.readable(a)  # back in the queue, and the datagram is still there
         assert net.take(a, buf) == 4 and bytes(buf) == b"two!"
+        return id(a)
 
-    try:
-        asyncio.run(main())
-    finally:
-        net.forget(a)
-        a.close()
-        b.close()
-    assert id(a) not in q.map
+    assert _on_a_pair(main) not in net._io_queue.map
