@@ -13,8 +13,9 @@
 # receiver, which always cleans up. That costs net.readable's tuple iterator per datagram (its
 # socket stays in asyncio's I/O queue between waits, net.py: 32 bytes allocated per block on
 # the unix port, 128 when each wait made a new entry), where asyncio.wait_for_ms around each
-# read costs about 1.2 KB (two tasks and a closure). A clock per transfer (a task and its generator) held about
-# 190 B of heap per transfer more; the shared one holds nothing per transfer.
+# read costs about 1.2 KB (two tasks and a closure). A clock per transfer (a task and its
+# generator) held about 190 B of heap per transfer more; the shared one holds nothing per
+# transfer.
 #
 # Reads from a client take only the first 4 bytes of a datagram: on MicroPython a socket's
 # readinto fills the whole buffer from as many queued datagrams as it takes, so a larger buffer

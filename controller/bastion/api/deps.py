@@ -132,9 +132,9 @@ class GroupCommit:
     fewer than `small` requests, less than `interval` seconds (by the loop's clock) after the
     previous commit, leaves its batch open until the interval ends or the batch is no longer
     small, and the turns until then add theirs. A bigger batch, or one after a quiet interval (a
-    lone machine booting), is committed at the end of its turn, as before: kept connections, whose turns bring a few dozen requests
-    each when they are busy, hardly ever wait, and no request waits more than `interval` longer
-    than it would have."""
+    lone machine booting), is committed at the end of its turn, as before: kept connections,
+    whose turns bring a few dozen requests each when they are busy, hardly ever wait, and no
+    request waits more than `interval` longer than it would have."""
 
     def __init__(self, commit: Callable[[list[tuple[str, dict[str, Any]]]], list[int]],
                  interval: float = COMMIT_INTERVAL_S, small: int = COMMIT_SMALL_BATCH):  # fmt: skip
