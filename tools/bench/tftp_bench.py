@@ -47,6 +47,9 @@ printed are those for its word size and the way it holds the firmware (HEAP_GOAL
 `--pin SERVER_CPU,CLIENT_CPU` runs every server on one CPU and every client on another, so that
 each lock-step round trip crosses between the same two cores for every server, run after run
 (unpinned, whether the scheduler puts curl on the server's core moves a ratio by up to 2x).
+The same CPU twice (`--pin 1,1`) puts servers and clients on one core: a block's time is then
+the server's CPU and the client's one after the other, the measure of a server's own work per
+block.
 
 Exit status: 0 when every transfer succeeded with the right bytes, 1 when any failed or came
 back corrupt (or the firmware did not boot), 2 when the bench could not set up (not root, a tool
@@ -1436,11 +1439,12 @@ def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
         "pin": None if PIN is None else {"servers": PIN[0], "clients": PIN[1]},
         "load_at_start": round(load[0], 2),
     }
-    placement = (
-        "not pinned"
-        if PIN is None
-        else f"servers pinned to CPU {PIN[0]}, clients (curl, atftp) to CPU {PIN[1]}"
-    )
+    if PIN is None:
+        placement = "not pinned"
+    elif PIN[0] == PIN[1]:
+        placement = f"servers and clients (curl, atftp) all pinned to CPU {PIN[0]}"
+    else:
+        placement = f"servers pinned to CPU {PIN[0]}, clients (curl, atftp) to CPU {PIN[1]}"
     print(
         f"TFTP bench {header['date']}: {b.source.name} ({b.source.size} bytes, sha256 "
         f"{b.source.sha256[:16]}...), {header['client']}\n"
@@ -1562,14 +1566,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=parse_cpu_pair,
         help="run every server on one CPU and every client (curl, atftp) on another, e.g. 1,0: "
         "each lock-step round trip then crosses between the same two cores for every server, "
-        "as between two machines, instead of where the scheduler puts them from run to run "
-        "(default: not pinned)",
+        "as between two machines, instead of where the scheduler puts them from run to run; "
+        "the same CPU twice, e.g. 1,1, runs servers and clients on that one core, one after "
+        "the other: what each server spends per block (default: not pinned)",
     )
     args = p.parse_args(argv)
     if args.pin is not None:
         cpus = os.sched_getaffinity(0)
-        if args.pin[0] == args.pin[1] or not set(args.pin) <= cpus:
-            p.error(f"--pin: two different CPUs of this process's {sorted(cpus)}")
+        if not set(args.pin) <= cpus:
+            p.error(f"--pin: CPUs of this process's {sorted(cpus)}")
     if not 1 <= args.reps <= 1000:
         p.error("--reps must be 1..1000")
     if not args.blksize or any(not 8 <= b <= 65464 for b in args.blksize):
