@@ -1,7 +1,9 @@
-# firmware.net's hook into MicroPython's asyncio: with a timer pending, a task woken by a
-# datagram costs one poll, not two, and no task waits longer for its I/O. CPython's asyncio
-# is not MicroPython's and gets no hook (net._io_queue is None there).
+# firmware.net's hooks into MicroPython's asyncio: with a timer pending, a task woken by a
+# datagram costs one poll, not two, and no task waits longer for its I/O; a socket waited on with
+# net.readable stays in asyncio's I/O queue between waits. CPython's asyncio is not
+# MicroPython's and gets no hook (net._io_queue is None there).
 import asyncio
+import gc
 import socket
 import time
 
@@ -13,18 +15,20 @@ HOPS = 200
 
 
 class _CountingPoller:
-    # asyncio's own select.poll object, with its polls counted.
+    # asyncio's own select.poll object, with its polls and registrations counted.
     def __init__(self, poller):
         self.poller = poller
-        self.polls = 0
+        self.polls = self.registered = self.unregistered = 0
 
     def register(self, s, flags):
+        self.registered += 1
         self.poller.register(s, flags)
 
     def modify(self, s, flags):
         self.poller.modify(s, flags)
 
     def unregister(self, s):
+        self.unregistered += 1
         self.poller.unregister(s)
 
     def ipoll(self, dt):
@@ -122,21 +126,6 @@ def test_a_task_that_keeps_yielding_does_not_keep_datagrams_waiting():
 
 # --- a socket waited on with net.readable stays in asyncio's I/O queue between waits ---------
 
-class _Registrations(_CountingPoller):
-    # asyncio's poller, with its registrations counted as well.
-    def __init__(self, poller):
-        super().__init__(poller)
-        self.registered = self.unregistered = 0
-
-    def register(self, s, flags):
-        self.registered += 1
-        self.poller.register(s, flags)
-
-    def unregister(self, s):
-        self.unregistered += 1
-        self.poller.unregister(s)
-
-
 def _connected_pair():
     # two non-blocking UDP sockets on loopback, each connected to the other
     port_a = 20000 + time.ticks_us() % 20000
@@ -151,12 +140,10 @@ def _connected_pair():
 def _lock_step(hops, measure=None):
     """A transfer's receiver loop on both ends of a connected pair: await net.readable, take
     into a buffer, write it back; `hops` datagrams in all. Returns (registrations,
-    unregistrations) seen by asyncio's poller, and calls measure(phase) at the first hop
-    after the start and at the last."""
-    import gc
-
+    unregistrations) seen by asyncio's poller, and calls measure(hop) at hop 20 and at 20
+    hops before the end."""
     q = net._io_queue
-    counting = _Registrations(q.poller)
+    counting = _CountingPoller(q.poller)
     a, b = _connected_pair()
     n = [0]
     over = asyncio.Event()
@@ -206,8 +193,6 @@ def test_a_socket_waited_on_with_readable_is_registered_once_not_once_per_wait()
 
 def test_a_wait_with_readable_leaves_little_garbage():
     micropython_only("measures MicroPython's heap")
-    import gc
-
     seen = {}
 
     def measure(hop):
