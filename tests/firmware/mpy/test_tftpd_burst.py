@@ -2,14 +2,12 @@
 # but never more than tftpd._BURST (BURST) in a row: then the loop's other tasks run. Under
 # MicroPython (its asyncio and the kept socket of firmware/net.py) and CPython alike.
 import asyncio
-import os
 import socket
+
+from tftpdkit import loopback_server, served_file
 
 from firmware import tftpd
 from firmware.compat import sleep_ms, ticks_add, ticks_diff, ticks_ms
-from firmware.config import Config
-from firmware.log import Log
-from firmware.tftpd import TftpServer
 
 # tftpd._BURST: MicroPython compiles a const() whose name starts with _ away, so the name cannot
 # be imported there; the CPython run of this test checks that the two agree.
@@ -32,15 +30,10 @@ async def _recv(s, ms=2000):
             await sleep_ms(1)
 
 
-def _burst(root, port):
+def _burst(root):
     """Returns the receiver's bad-packet count as a task that yields at every turn saw it, and
     the count at the end."""
-    cfg = Config(
-        {"server_ip": "127.0.0.1", "script_url": "http://127.0.0.1/x",
-         "tftp": {"root": root, "timeout_ms": 60000}}
-    )  # fmt: skip
-    log = Log(capacity=64)
-    srv = TftpServer(cfg, log, "127.0.0.1", port)
+    srv, log, port = loopback_server(root, 64)
     seen = []
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     c.bind(_addr(0))
@@ -87,15 +80,8 @@ def _burst(root, port):
 
 def test_datagrams_already_there_are_read_in_bursts_that_let_other_tasks_run():
     assert getattr(tftpd, "_BURST", BURST) == BURST
-    root = "/tmp/eb-tftpd-burst-%d" % ticks_ms()
-    os.mkdir(root)
-    with open(root + "/f", "wb") as f:
-        f.write(bytes(2000))
-    try:
-        seen, total = _burst(root, 20000 + ticks_ms() % 20000)
-    finally:
-        os.remove(root + "/f")
-        os.rmdir(root)
+    with served_file("burst", 2000) as root:
+        seen, total = _burst(root)
     assert total == JUNK, (total, seen)
     steps = [b - a for a, b in zip(seen, seen[1:])]
     # one wake-up's datagram and _BURST more at most between two turns of another task ...

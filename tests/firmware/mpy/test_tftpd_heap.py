@@ -2,16 +2,11 @@
 # own to measure). A transfer is one task and a socket; the service's clock is shared.
 import asyncio
 import gc
-import os
 import socket
 import sys
-import time
 
 from mpytest import micropython_only
-
-from firmware.config import Config
-from firmware.log import Log
-from firmware.tftpd import TftpServer
+from tftpdkit import loopback_server, served_file
 
 # Measured here on the 64-bit unix port (2026-12-05): 920-930 B per transfer (the service's
 # one clock is there before the first). A clock task per transfer made it 1,110-1,120 B each,
@@ -20,13 +15,8 @@ EACH_64 = 1000
 FIRST_64 = 1100
 
 
-def _serve_and_measure(root, port):
-    cfg = Config(
-        {"server_ip": "127.0.0.1", "script_url": "http://127.0.0.1/x",
-         "tftp": {"root": root, "timeout_ms": 60000}}
-    )  # fmt: skip
-    log = Log(capacity=16)
-    srv = TftpServer(cfg, log, "127.0.0.1", port)
+def _serve_and_measure(root):
+    srv, log, port = loopback_server(root, 16)
     to = socket.getaddrinfo("127.0.0.1", port)[0][-1]
     grown = []
 
@@ -49,8 +39,11 @@ def _serve_and_measure(root, port):
             await asyncio.sleep_ms(20)
             grown.append(used() - base)
         assert srv.slots.active() == srv.slots.capacity, srv.slots.active()
+        for slot in srv.slots.slots:  # the transfers end, and leave asyncio's I/O queue
+            slot.task.cancel()
         task.cancel()
         await asyncio.sleep_ms(20)
+        assert not srv.slots.active()
         for c in clients:
             c.close()
 
@@ -60,15 +53,8 @@ def _serve_and_measure(root, port):
 
 def test_a_running_transfer_holds_about_a_kilobyte():
     micropython_only("CPython has no heap of its own to measure")
-    root = "/tmp/eb-tftpd-heap-%d" % time.ticks_us()
-    os.mkdir(root)
-    with open(root + "/f", "wb") as f:
-        f.write(bytes(20000))
-    try:
-        grown = _serve_and_measure(root, 20000 + time.ticks_us() % 20000)
-    finally:
-        os.remove(root + "/f")
-        os.rmdir(root)
+    with served_file("heap", 20000) as root:
+        grown = _serve_and_measure(root)
     scale = 1 if sys.maxsize > 2**32 else 0.6  # a 32-bit build's objects are smaller
     each = (grown[-1] - grown[0]) // (len(grown) - 1)
     assert grown[0] <= FIRST_64 * scale and each <= EACH_64 * scale, grown
