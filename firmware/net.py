@@ -46,9 +46,14 @@ def ip_str(b):
 
 
 def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
-    """A non-blocking UDP socket bound to (ip, port)."""
+    """A non-blocking UDP socket bound to (ip, port); port 0: a port of its own, which no
+    other socket has (a TFTP transfer's)."""
     s = _socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port:  # a listener's port, bound again at once after a restart
+        # Not for port 0: the kernel may give a socket that allows reuse a port another such
+        # socket holds, and a transfer would then send from the listener's port (or share a
+        # port with another transfer) when that port is in the ephemeral range (tests' are).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if broadcast:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     s.setblocking(False)
