@@ -17,9 +17,13 @@ adds three bounds:
   counted from when it connected or got its previous answer (uvicorn's keep-alive timeout, 5 s,
   still closes a connection that sends nothing after an answer);
 - body timeout: a request's body must arrive within `body_timeout` seconds of its head;
-- a connection cap: at most `max_connections` open. A new connection beyond it closes the
-  connection that has waited longest for a request head (an idle or slow one, never one whose
-  request is being answered), or, when every connection is busy, is closed itself.
+- a connection cap: at most `max_connections` open. A new connection beyond it closes a
+  connection waiting for a request head (an idle or slow one, never one whose request is being
+  answered): of the address with the most connections open, the one that has waited longest.
+  When that is the new one, or every connection is busy, the new one is closed itself. A host
+  that floods the controller with connections so recycles only its own: with the longest
+  waiter of any address, a fast enough flood (tens of thousands of connections a second here)
+  reached a node's connection in the few milliseconds between its connect and its request.
 
 Each close is counted in bastion_http_connections_closed_total{reason}. The cap fits the
 descriptor limit: `serve` raises its soft RLIMIT_NOFILE to the hard limit, keeps RESERVE_FDS
@@ -241,26 +245,27 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
         self.timeout_keep_alive_handler()
 
     def _make_room(self) -> None:
-        """Over the cap: close the connection that has waited longest for a request head, or
-        this new one when every other is busy."""
-        open_, oldest = 0, None
+        """Over the cap: of the connections waiting for a request head (this new one too),
+        close the one whose address has the most connections open, the one that has waited
+        longest among its address's: a host that floods the controller recycles its own
+        connections, and another host's, however long it takes to send its head, stays. When
+        that is this new one, or every other is busy, the new one is closed instead."""
+        open_, per_address, waiting = 0, {}, []
         for c in self.connections:
             if c.transport.is_closing():
                 continue
             open_ += 1
+            address = c.client[0] if c.client else None
+            per_address[address] = per_address.get(address, 0) + 1
             since = getattr(c, "_waiting_since", None)
-            if (
-                since is not None
-                and c is not self
-                and (oldest is None or since < oldest._waiting_since)
-            ):
-                oldest = c
+            if since is not None:
+                waiting.append((address, since, c))
         if open_ <= self.bounds.max_connections:
             return
-        if oldest is not None:
-            oldest._close("evicted")
-        else:
-            self._close("refused")
+        victim = self
+        if waiting:  # the most connections first, then the longest wait; the new one is newest
+            victim = max(waiting, key=lambda w: (per_address[w[0]], -w[1], w[2] is not self))[2]
+        victim._close("refused" if victim is self else "evicted")
 
 
 def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[BoundedHttpProtocol]:

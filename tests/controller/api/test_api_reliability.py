@@ -1,7 +1,7 @@
 """The controller under hostile LAN clients, as a bounded reliability check (marker
 `reliability`; CI runs it with everything else): a real `bastion serve` under a service's
-descriptor limit, flooded with idle connections, slow request heads and oversized bodies while
-a node's boot steps go on. It prints its counts."""
+descriptor limit, flooded with idle connections and slow request heads from one host and
+oversized bodies while a node's boot steps go on from another. It prints its counts."""
 
 from __future__ import annotations
 
@@ -45,9 +45,11 @@ def boot_steps(url: str, n: int, counts: Counter) -> None:
 
 
 def hold_connections(port: int, socks: list[socket.socket], counts: Counter) -> None:
+    # from another host: 127.0.0.2, loopback like the node's 127.0.0.1
     for i in range(IDLE + SLOW):
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                         source_address=("127.0.0.2", 0))  # fmt: skip
             if i >= IDLE:
                 s.sendall(b"GET /ipxe?mac=52:54:00:12:34:01 HTTP/1.1\r\nHost: x\r\nUser-Ag")
         except OSError:

@@ -136,6 +136,30 @@ def test_over_the_cap_the_longest_idle_goes_and_busy_ones_stay(serve, site_dir):
     assert counts.get("refused") == 1 and counts.get("evicted", 0) >= 1, counts
 
 
+def test_a_host_that_floods_recycles_its_own_connections_not_another_hosts(serve, site_dir):
+    # A node (127.0.0.1) has connected and not yet sent its request when another host
+    # (127.0.0.2, loopback too) opens connection after connection past the cap. The node's
+    # connection has waited longest of all; it stays, and its request is answered.
+    server = serve(site_dir, args=("--max-connections", "4"))
+    node = socket.create_connection(("127.0.0.1", server.port), timeout=GUARD_S)
+    flood = []
+    try:
+        for _ in range(12):
+            flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=GUARD_S,
+                                                  source_address=("127.0.0.2", 0)))  # fmt: skip
+            time.sleep(0.02)
+        node.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = node.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        # the flood's own connections made the room: all but the three beside the node
+        counts = closes(server)
+        assert counts.get("evicted", 0) + counts.get("refused", 0) == len(flood) - 3, counts
+    finally:
+        node.close()
+        for s in flood:
+            s.close()
+
+
 def test_the_cap_fits_the_descriptor_limit():
     assert connection_cap(1000, 1024) == (1024 - 64) // 2
     assert connection_cap(1000, 524288) == 1000
