@@ -351,12 +351,24 @@ def test_pin_takes_two_cpus_this_process_may_use():
     for bad in (f"{cpus[0]}", f"{cpus[0]},{max(cpus) + 1}", "a,b", "1,0,2"):
         with pytest.raises(SystemExit):
             tftp_bench.parse_args(["--pin", bad])
+    # --one-cpu: the lock-step fetches again with curl on the servers' CPU, so two CPUs pinned
+    assert tftp_bench.parse_args([]).one_cpu is False
+    for without in ([], ["--pin", f"{cpus[0]},{cpus[0]}"]):
+        with pytest.raises(SystemExit):
+            tftp_bench.parse_args([*without, "--one-cpu"])
+    if len(cpus) >= 2:
+        assert tftp_bench.parse_args(["--pin", f"{cpus[1]},{cpus[0]}", "--one-cpu"]).one_cpu
 
 
 def test_every_command_in_the_doc_is_valid():
     commands = doc_commands()
     assert QUICK in commands
+    cpus = os.sched_getaffinity(0)
     for args in commands:
+        if "--pin" in args:  # CPUs by number: valid where this process may use them
+            pinned = {int(c) for c in args[args.index("--pin") + 1].split(",")}
+            if not pinned <= cpus:
+                continue
         tftp_bench.parse_args(args)
 
 
@@ -441,33 +453,41 @@ def test_the_reference_servers_serve_lock_step_whole_and_only_in_the_lock_step_p
     # at the bench's heap: every file whole at both block sizes, each with its ratio to
     # dnsmasq; the windowed and concurrent phases are dnsmasq's alone.
     # Pinned where there are two CPUs: dnsmasq and the references on one, curl and atftp on
-    # the other.
+    # the other, and each lock-step fetch made again with curl on the servers' CPU (--one-cpu).
     need_root_and_peers()
     out_json = tmp_path / "bench.json"
     cpus = sorted(os.sched_getaffinity(0))
     pin = (cpus[-1], cpus[0]) if len(cpus) >= 2 else None
-    pin_args = ["--pin", f"{pin[0]},{pin[1]}"] if pin else []
+    pin_args = ["--pin", f"{pin[0]},{pin[1]}", "--one-cpu"] if pin else []
     run = subprocess.run(bench_command(*REFS, *pin_args, "--json", str(out_json)), check=False,
                          capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
     summary = json.loads(out_json.read_text())
     assert (summary["failed"], summary["corrupt"], summary["server_problems"]) == (0, 0, {})
+    lock_step = [("sequential", 512), ("sequential", 1468)]
     if pin:
-        assert f"(servers pinned to CPU {pin[0]}, clients (curl, atftp) to CPU {pin[1]})" in out
+        assert (f"(servers pinned to CPU {pin[0]}, clients (curl, atftp) to CPU {pin[1]}; each "
+                f"lock-step fetch also with curl on CPU {pin[0]})") in out  # fmt: skip
+        for blksize in (1468, 512):
+            assert (f"blksize {blksize} on one CPU (curl on the servers' CPU {pin[0]}): seconds "
+                    "per transfer") in out  # fmt: skip
+        lock_step = sorted([*lock_step, ("one-cpu", 512), ("one-cpu", 1468)])
         servers = re.findall(r"^  (\S+): pid \d+, 127\.0\.0\.1:\d+, CPU (\S+)$", out, re.MULTILINE)
         assert sorted(servers) == sorted(
             (name, str(pin[0])) for name in ("dnsmasq", *tftp_bench.REFERENCES)
         ), out
-        assert summary["pin"] == {"servers": pin[0], "clients": pin[1]}
+        assert summary["pin"] == {"servers": pin[0], "clients": pin[1], "one_cpu": True}
+    phases = sorted({phase for phase, _ in lock_step})
     for name in tftp_bench.REFERENCES:
         mine = [f for f in summary["fetches"] if f["server"] == name]
-        assert sorted((f["phase"], f["blksize"]) for f in mine) == [
-            ("sequential", 512), ("sequential", 1468), ("warm-up", 1468)]  # fmt: skip
+        assert sorted((f["phase"], f["blksize"]) for f in mine) == [*lock_step, ("warm-up", 1468)]
         assert all(f["size"] == 200 * 1468 and f["error"] is None for f in mine)
-        for blksize in ("1468", "512"):
-            assert summary["sequential"][blksize]["ratios"][f"{name}/dnsmasq"] > 0
-        assert len(re.findall(rf"^  ratio {name}/dnsmasq: \d+\.\d+ ", out, re.MULTILINE)) == 2
+        for phase in phases:
+            for blksize in ("1468", "512"):
+                assert summary[phase][blksize]["ratios"][f"{name}/dnsmasq"] > 0
+        ratios = re.findall(rf"^  ratio {name}/dnsmasq: \d+\.\d+ ", out, re.MULTILINE)
+        assert len(ratios) == 2 * len(phases)
     assert list(summary["windowed"]["servers"]) == ["dnsmasq"]
     assert list(summary["concurrent"]["servers"]) == ["dnsmasq"]
     assert_cleaned_up(*started(out))

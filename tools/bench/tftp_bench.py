@@ -49,7 +49,9 @@ each lock-step round trip crosses between the same two cores for every server, r
 (unpinned, whether the scheduler puts curl on the server's core moves a ratio by up to 2x).
 The same CPU twice (`--pin 1,1`) puts servers and clients on one core: a block's time is then
 the server's CPU and the client's one after the other, the measure of a server's own work per
-block.
+block. `--pin 1,0 --one-cpu` gives both views in one run: in each repetition every lock-step
+fetch is made twice, with curl on CPU 0 and with curl on the servers' CPU 1, and the second set
+gets tables and ratios of its own ("on one CPU").
 
 Exit status: 0 when every transfer succeeded with the right bytes, 1 when any failed or came
 back corrupt (or the firmware did not boot), 2 when the bench could not set up (not root, a tool
@@ -476,7 +478,7 @@ def wait_serving(ns: Namespace, server: Server, timeout: float = 20.0) -> None:
 @dataclass
 class Fetch:
     server: str
-    phase: str  # "warm-up", "sequential", "windowed", "concurrent" or "after-burst"
+    phase: str  # "warm-up", "sequential", ONE_CPU, "windowed", "concurrent" or "after-burst"
     blksize: int
     rep: int  # the repetition; in the concurrent phase, the client's own count
     client: int = 0  # which of the concurrent clients
@@ -526,7 +528,7 @@ class Client:
         if window:
             return self._atftp(server, f)
         cmd = self.ns.argv(
-            *_client_pin(),
+            *_client_pin(phase),
             "curl",
             "--silent",
             "--show-error",
@@ -571,7 +573,7 @@ class Client:
         out = self.work / f"atftp-{server.name}.out"
         out.unlink(missing_ok=True)
         cmd = self.ns.argv(
-            *_client_pin(), "atftp", "--get", "-r", self.source.name, "-l", str(out),
+            *_client_pin(f.phase), "atftp", "--get", "-r", self.source.name, "-l", str(out),
             "--option", f"blksize {f.blksize}", "--option", f"windowsize {f.window}",
             "--option", "tsize 0", HOST, str(server.port),
         )  # fmt: skip
@@ -970,10 +972,14 @@ def reference_command(server: Reference, root: Path) -> list[str]:
 
 # --pin: (the servers' CPU, the clients' CPU), or None to leave placement to the scheduler.
 PIN: tuple[int, int] | None = None
+# --one-cpu: the lock-step fetches made again with the client on the servers' CPU
+ONE_CPU = "one-cpu"
 
 
-def _client_pin() -> tuple[str, ...]:
-    return () if PIN is None else ("taskset", "-c", str(PIN[1]))
+def _client_pin(phase: str) -> tuple[str, ...]:
+    if PIN is None:
+        return ()
+    return ("taskset", "-c", str(PIN[0] if phase == ONE_CPU else PIN[1]))
 
 
 def start_server(ns: Namespace, server: Server, work: Path) -> None:
@@ -1082,6 +1088,9 @@ def sequential_phase(b: Bench) -> None:
         for blksize in args.blksize:
             for name in rotated(tuple(b.names), rep):
                 r.fetch(b.client, b.servers[name], "sequential", blksize, rep)
+            if args.one_cpu:
+                for name in rotated(tuple(b.names), rep):
+                    r.fetch(b.client, b.servers[name], ONE_CPU, blksize, rep)
         if args.windowsize:
             for name in rotated(tuple(b.peers), rep):
                 r.fetch(b.client, b.servers[name], "windowed", args.blksize[0], rep,
@@ -1279,18 +1288,25 @@ def report(b: Bench) -> dict:
     args, results, size = b.args, b.results, b.source.size
     summary: dict = {"sequential": {}, "windowed": {}, "concurrent": {}}
     print()
-    for blksize in args.blksize:
-        print(f"blksize {blksize}: seconds per transfer (curl time_total), {args.reps} reps")
-        print(TABLE_HEAD)
-        stats = {}
-        for name in b.names:
-            fetches = results.select(name, "sequential", blksize)
-            line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
-            print(line)
-        lines, ratios = ratio_lines(stats, b.names)
-        for line in lines:
-            print(line)
-        summary["sequential"][str(blksize)] = {"servers": stats, "ratios": ratios}
+    lock_step = [("sequential", "")]
+    if args.one_cpu:
+        assert PIN is not None
+        lock_step.append((ONE_CPU, f" on one CPU (curl on the servers' CPU {PIN[0]})"))
+        summary[ONE_CPU] = {}
+    for phase, where in lock_step:
+        for blksize in args.blksize:
+            print(f"blksize {blksize}{where}: seconds per transfer (curl time_total), "
+                  f"{args.reps} reps")  # fmt: skip
+            print(TABLE_HEAD)
+            stats = {}
+            for name in b.names:
+                fetches = results.select(name, phase, blksize)
+                line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
+                print(line)
+            lines, ratios = ratio_lines(stats, b.names)
+            for line in lines:
+                print(line)
+            summary[phase][str(blksize)] = {"servers": stats, "ratios": ratios}
     if args.windowsize:
         blk = args.blksize[0]
         print(
@@ -1436,7 +1452,11 @@ def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
         "heap": args.heap,
         "reps": args.reps,
         "cpus": os.cpu_count(),
-        "pin": None if PIN is None else {"servers": PIN[0], "clients": PIN[1]},
+        "pin": None if PIN is None else {
+            "servers": PIN[0],
+            "clients": PIN[1],
+            "one_cpu": args.one_cpu,
+        },
         "load_at_start": round(load[0], 2),
     }
     if PIN is None:
@@ -1445,6 +1465,8 @@ def run(args: argparse.Namespace, ns: Namespace, work: Path) -> int:
         placement = f"servers and clients (curl, atftp) all pinned to CPU {PIN[0]}"
     else:
         placement = f"servers pinned to CPU {PIN[0]}, clients (curl, atftp) to CPU {PIN[1]}"
+        if args.one_cpu:
+            placement += f"; each lock-step fetch also with curl on CPU {PIN[0]}"
     print(
         f"TFTP bench {header['date']}: {b.source.name} ({b.source.size} bytes, sha256 "
         f"{b.source.sha256[:16]}...), {header['client']}\n"
@@ -1570,11 +1592,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the same CPU twice, e.g. 1,1, runs servers and clients on that one core, one after "
         "the other: what each server spends per block (default: not pinned)",
     )
+    p.add_argument(
+        "--one-cpu",
+        action="store_true",
+        help="with --pin on two CPUs: make each lock-step fetch also with curl on the servers' "
+        "CPU, and print those tables and ratios too (\"on one CPU\"): both views in one run",
+    )
     args = p.parse_args(argv)
     if args.pin is not None:
         cpus = os.sched_getaffinity(0)
         if not set(args.pin) <= cpus:
             p.error(f"--pin: CPUs of this process's {sorted(cpus)}")
+    if args.one_cpu and (args.pin is None or args.pin[0] == args.pin[1]):
+        p.error("--one-cpu needs --pin SERVER_CPU,CLIENT_CPU on two CPUs (with one, the whole "
+                "run is on one CPU)")  # fmt: skip
     if not 1 <= args.reps <= 1000:
         p.error("--reps must be 1..1000")
     if not args.blksize or any(not 8 <= b <= 65464 for b in args.blksize):
