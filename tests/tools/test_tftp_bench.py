@@ -366,7 +366,7 @@ def test_every_command_in_the_doc_is_valid():
     cpus = os.sched_getaffinity(0)
     for args in commands:
         if "--pin" in args:  # CPUs by number: valid where this process may use them
-            pinned = {int(c) for c in args[args.index("--pin") + 1].split(",")}
+            pinned = set(tftp_bench.parse_cpu_pair(args[args.index("--pin") + 1]))
             if not pinned <= cpus:
                 continue
         tftp_bench.parse_args(args)
