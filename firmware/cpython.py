@@ -53,15 +53,15 @@ async def readable(s):
         loop.remove_reader(s)
 
 
-def take(s, buf):
-    try:
-        return s.recv_into(buf)
-    except BlockingIOError:
-        return None
-
-
 class Socket(socket.socket):
-    """net.udp_socket's sockets: write(buf, n) as MicroPython's sockets have it."""
+    """net.udp_socket's sockets: readinto(buf) and write(buf, n) as MicroPython's sockets
+    have them (a stream's): None where the socket would block, any other error raised."""
+
+    def readinto(self, buf):
+        try:
+            return self.recv_into(buf)
+        except BlockingIOError:
+            return None
 
     def write(self, buf, n):
         try:

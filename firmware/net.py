@@ -3,10 +3,10 @@
 # MicroPython's asyncio has no public UDP API and its sockets have no recv_into/recvfrom_into,
 # so on MicroPython a wait for a datagram is a yield to asyncio's I/O queue followed by a
 # non-blocking recvfrom/readinto. On CPython (tests) the event loop's sock_* calls do the same.
-# A transfer's receiver, once per block, waits with `await readable(s)`, reads with take() and
-# sends with the socket's own write(buf, n): on MicroPython that costs no generator (168 bytes
-# on the unix port, per datagram) and no frame on the heap (below, before take). CPython's
-# are in firmware/cpython.py, whose sockets have the same write.
+# A transfer's receiver, once per block, waits with `await readable(s)` and reads and sends
+# with the socket's own readinto(buf) and write(buf, n): on MicroPython that costs no
+# generator (168 bytes on the unix port, per datagram) and no call of ours at all.
+# CPython's are in firmware/cpython.py, whose sockets have the same readinto and write.
 # Addresses are opaque: a raw sockaddr (bytes) on the unix port, a tuple on CPython. Pass them
 # back to sendto as they came, and read them with addr_ip4/addr_port.
 import socket
@@ -107,8 +107,8 @@ def failed(x, to=None, log=None, name=None):
 # A function called once per packet keeps its frame on the C stack only while it is small
 # (MicroPython: 11 words of locals and stack, and a try takes most of them; `except ... as`
 # more). Beyond that every call allocates its frame on the heap and frees it on return: a
-# search of the heap for a run of free blocks, per call. take() and the socket's write are
-# the hot path's calls without a frame of their own.
+# search of the heap for a run of free blocks, per call. The socket's readinto and write are
+# the hot path's calls without a Python frame at all.
 
 if _io_queue is not None:
 
@@ -174,13 +174,6 @@ if _io_queue is not None:
 
     _io_queue._dequeue = forget
 
-    def take(s, buf):
-        """One waiting datagram on a connected socket into buf: its length, or None when
-        there was none after all (a wake-up without data). A non-blocking stream read returns
-        None for EAGAIN itself and raises any other error (ECONNREFUSED: the client's port
-        has closed): no try needed, and none to make the frame too big for the C stack."""
-        return s.readinto(buf)
-
     _socket = socket.socket
 
     # One poll per wake-up, not two. While any timer is pending (the firmware always has one:
@@ -207,7 +200,7 @@ if _io_queue is not None:
 
 else:  # CPython
     from firmware.cpython import Socket as _socket
-    from firmware.cpython import readable, recvfrom, take  # noqa: F401
+    from firmware.cpython import readable, recvfrom  # noqa: F401
 
     def forget(s):
         """Nothing on CPython: its event loop keeps no registration between waits."""

@@ -333,15 +333,14 @@ class TftpServer:
     async def _serve(self, slot, sock):
         # The receiver: feeds the client's datagrams to the transfer, and cleans up. Its loop
         # is the per-block hot path: names in locals, the window sent from here, and no call
-        # per packet but on_packet/more and the socket's own read and write (net.take,
-        # sock.write). Its frame is a generator's, made once per transfer: the try around the
+        # per packet but on_packet/more and the socket's own readinto and write. Its frame is a generator's, made once per transfer: the try around the
         # write costs nothing per packet here, where in a function it would (net.py).
         t = slot.transfer
         rx = slot.rx
         buf = t.buf
         log = self.log
         readable = net.readable
-        take = net.take
+        take = sock.readinto  # a datagram's first 4 bytes: its length, or None (EAGAIN)
         write = sock.write
         now = ticks_ms
         burst = 0
@@ -349,11 +348,11 @@ class TftpServer:
             while not t.done:
                 # A datagram already there is read without a turn of the loop, up to _BURST in
                 # a row: then the loop's other tasks get theirs.
-                n = take(sock, rx) if burst < _BURST else None
+                n = take(rx) if burst < _BURST else None
                 if n is None:
                     await readable(sock)
                     burst = 0
-                    n = take(sock, rx)
+                    n = take(rx)
                     if n is None:
                         continue
                 else:

@@ -138,7 +138,7 @@ def _connected_pair():
 
 
 def _lock_step(hops, measure=None):
-    """A transfer's receiver loop on both ends of a connected pair: await net.readable, take
+    """A transfer's receiver loop on both ends of a connected pair: await net.readable, readinto
     into a buffer, write it back; `hops` datagrams in all. Returns (registrations,
     unregistrations) seen by asyncio's poller, and calls measure(hop) at hop 20 and at 20
     hops before the end."""
@@ -155,7 +155,7 @@ def _lock_step(hops, measure=None):
         try:
             while True:
                 await net.readable(me)
-                k = net.take(me, buf)
+                k = me.readinto(buf)
                 if k is None:
                     continue
                 n[0] += 1
@@ -249,7 +249,7 @@ def test_a_cancelled_wait_empties_the_kept_entry_and_forget_takes_it_out():
             try:
                 while True:
                     await net.readable(a)
-                    net.take(a, bytearray(4))
+                    a.readinto(bytearray(4))
                     waits[0] += 1
             except asyncio.CancelledError:
                 return "cancelled"
@@ -278,7 +278,7 @@ def test_an_error_on_a_kept_socket_nobody_waits_on_takes_it_out_and_the_loop_goe
     async def main(q, a, b):
         b.write(b"ping", 4)
         await net.readable(a)
-        net.take(a, bytearray(4))
+        a.readinto(bytearray(4))
         # a is now kept in the queue with no waiter; its peer goes away, and a datagram to
         # the closed port comes back as an ICMP error: POLLERR on a, with nobody waiting
         b.close()
@@ -290,7 +290,7 @@ def test_an_error_on_a_kept_socket_nobody_waits_on_takes_it_out_and_the_loop_goe
         # the next wait puts it back, and the socket's pending error reaches the reader
         try:
             await net.readable(a)
-            net.take(a, bytearray(4))
+            a.readinto(bytearray(4))
         except OSError as e:
             return e.errno
         return None
@@ -307,14 +307,14 @@ def test_a_datagram_that_comes_while_nobody_waits_is_read_at_the_next_wait():
     async def main(q, a, b):
         b.write(b"one!", 4)
         await net.readable(a)
-        assert net.take(a, buf) == 4 and bytes(buf) == b"one!"
+        assert a.readinto(buf) == 4 and bytes(buf) == b"one!"
         # a's entry is kept, registered for POLLIN, with no waiter; a datagram comes now
         b.write(b"two!", 4)
         for _ in range(20):  # turns with polls that see it: the entry goes, once
             await asyncio.sleep_ms(1)
         assert id(a) not in q.map, q.map.get(id(a))
         await net.readable(a)  # back in the queue, and the datagram is still there
-        assert net.take(a, buf) == 4 and bytes(buf) == b"two!"
+        assert a.readinto(buf) == 4 and bytes(buf) == b"two!"
         return id(a)
 
     assert _on_a_pair(main) not in net._io_queue.map
