@@ -57,6 +57,77 @@ def test_chain_target_refuses_scripts_without_a_chain(text):
         http_bench.chain_target(text, {})
 
 
+# --- the storm client against a server that answers as told ---------------------------------
+
+_BOOT = b"#!ipxe\nchain ipxe?mac=${mac:hexhyp}\n"
+_PROFILE = f"#!ipxe\nkernel {http_bench.PROFILE_KERNEL}\nboot\n".encode()
+
+
+def _ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _boot_against(answers, dribble=False):
+    """One boot_once against a loopback server whose answer to the n-th request on a
+    connection is answers[n] (bytes; None: close the connection instead). dribble: each answer
+    goes out a byte at a time. Returns (result, the request lines the server got)."""
+    import asyncio
+
+    got = []
+
+    async def main():
+        async def serve(reader, writer):
+            for answer in answers:
+                line = await reader.readline()
+                got.append(line.decode().rstrip())
+                while (await reader.readline()) not in (b"\r\n", b""):
+                    pass
+                if answer is None:
+                    break
+                for i in range(len(answer) if dribble else 1):
+                    writer.write(answer[i : i + 1] if dribble else answer)
+                    await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        result = http_bench.StormResult()
+        machine = http_bench.machines_for(1, 1)[0]
+        client = http_bench.StormClient(f"http://127.0.0.1:{port}")
+        await http_bench.boot_once(client, machine, result, 5.0)
+        server.close()
+        return result
+
+    return asyncio.run(main()), got
+
+
+@pytest.mark.parametrize("dribble", [False, True])
+def test_a_boot_follows_the_chain_on_the_same_connection_and_times_both_requests(dribble):
+    result, got = _boot_against([_ok(_BOOT), _ok(_PROFILE)], dribble)
+    assert got == ["GET /boot.ipxe HTTP/1.1", "GET /ipxe?mac=52-54-00-be-00-00 HTTP/1.1"]
+    assert result.error_count == 0 and result.requests == 2
+    assert [len(v) for v in result.latencies.values()] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "answers, error",
+    [
+        ([b"HTTP/1.1 200 OK\r\n\r\n#!ipxe"], "boot.ipxe: HttpError"),  # no Content-Length
+        ([b"SPAM 200\r\nContent-Length: 0\r\n\r\n"], "boot.ipxe: HttpError"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], "boot.ipxe: HttpError"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n#!ipxe"], "boot.ipxe: IncompleteReadError"),
+        ([b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"], "boot.ipxe: HTTP 404"),
+        ([_ok(b"#!ipxe\nboot\n")], "boot.ipxe: no chain command"),
+        ([_ok(b"#!ipxe\nchain http://192.0.2.1/x\n")], "boot.ipxe: chain leaves the server under test (http://192.0.2.1/x)"),
+        ([_ok(_BOOT), None], "ipxe: IncompleteReadError"),
+        ([_ok(_BOOT), _ok(b"#!ipxe\nkernel /other\n")], "ipxe: not the bench profile's boot script"),
+    ],
+)  # fmt: skip
+def test_a_wrong_or_cut_answer_is_counted_as_that_boots_error(answers, error):
+    result, _ = _boot_against(answers)
+    assert dict(result.errors) == {error: 1}
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert http_bench.percentile(values, 0.5) == 50.0
