@@ -128,6 +128,22 @@ def test_a_wrong_or_cut_answer_is_counted_as_that_boots_error(answers, error):
     assert dict(result.errors) == {error: 1}
 
 
+def test_the_storm_goal_needs_the_p99_under_100_ms_and_no_error():
+    def storm(*ms, errors=0):
+        r = http_bench.StormResult()
+        r.latencies["boot.ipxe"] = [m / 1000 for m in ms]
+        r.errors["boot.ipxe: HttpError"] += errors
+        return r
+
+    assert http_bench.storm_goal(storm(*[5.0] * 98, 99.0, 99.0)) == (pytest.approx(0.099), True)
+    assert http_bench.storm_goal(storm(*[5.0] * 99, 500.0))[1] is True  # one in 100 is over
+    assert http_bench.storm_goal(storm(*[5.0] * 98, 100.0, 100.0))[1] is False  # the p99 is 100
+    assert http_bench.storm_goal(storm(5.0, errors=1))[1] is False
+    assert http_bench.storm_goal(storm())[1] is False  # no answer at all meets nothing
+    line = http_bench.storm_goal_line(storm(50.0), storm(150.0), 1000)
+    assert line.endswith("controller 50 ms, 0 errors: met; nginx, the same client 150 ms, 0 errors: MISSED")
+
+
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert http_bench.percentile(values, 0.5) == 50.0
@@ -195,6 +211,10 @@ def test_the_docs_quick_run_succeeds_with_no_errors_and_prints_the_ratio(tmp_pat
         assert [(name, errors) for name, _, errors in rates] == [("controller", "0"), ("nginx", "0")], out
         assert all(int(rate) > 0 for _, rate, _ in rates), out
     assert re.search(r"^asset throughput ratio controller/nginx: \d+\.\d+$", out, re.MULTILINE), out
+    goal = re.search(r"^  goal: the first request's p99 under 100 ms .*: controller \d+ ms, 0 errors: "
+                     r"(met|MISSED); nginx, the same client \d+ ms, 0 errors: (met|MISSED) "
+                     r"\(this storm had 50 clients: not the goal's\)$", out, re.MULTILINE)  # fmt: skip
+    assert goal, out
     for check in ("full GET       ok   200", "Range          ok   206", "If-None-Match  ok   304"):
         assert f"controller {check}" in out, out
     assert "group per MAC          ok" in out, out
