@@ -143,6 +143,28 @@ def test_ratios_cover_the_controller_and_say_who_had_nothing():
     assert ratios == {"controller/dnsmasq": 0.5}
 
 
+def test_a_goal_follows_the_firmwares_ratio_to_its_peer_as_printed():
+    stats = {"firmware": {"median_s": 1.2049}, "dnsmasq": {"median_s": 1.0},
+             "tftp-hpa": {"median_s": 0.5}}  # fmt: skip
+    lines, _ = tftp_bench.ratio_lines(stats, ["firmware", "dnsmasq", "tftp-hpa"],
+                                      goal=("dnsmasq", 1.2))  # fmt: skip
+    assert lines == [
+        "  ratio firmware/tftp-hpa: 2.41 (median time; > 1: the firmware is slower)",
+        "  ratio firmware/dnsmasq: 1.20 (median time; > 1: the firmware is slower); goal <= 1.2: met",
+    ]
+    stats["firmware"]["median_s"] = 1.21
+    lines, _ = tftp_bench.ratio_lines(stats, ["firmware", "dnsmasq"], goal=("dnsmasq", 1.2))
+    assert lines[0].endswith("1.21 (median time; > 1: the firmware is slower); goal <= 1.2: MISSED")
+    agg = {"firmware": {"aggregate_mb_per_s": 40.0}, "tftp-hpa": {"aggregate_mb_per_s": 50.0}}
+    lines, _ = tftp_bench.ratio_lines(agg, ["firmware", "tftp-hpa"], "aggregate_mb_per_s",
+                                      ("tftp-hpa", 0.8))  # fmt: skip
+    assert lines[0].endswith("0.80 (all bytes / wall time; < 1: the firmware is slower); goal >= 0.8: met")
+    agg["firmware"]["aggregate_mb_per_s"] = 39.0
+    lines, _ = tftp_bench.ratio_lines(agg, ["firmware", "tftp-hpa"], "aggregate_mb_per_s",
+                                      ("tftp-hpa", 0.8))  # fmt: skip
+    assert lines[0].endswith("goal >= 0.8: MISSED")
+
+
 def test_the_concurrent_phase_also_compares_aggregate_throughput():
     stats = {"firmware": {"median_s": 2.0, "aggregate_mb_per_s": 36.0},
              "tftp-hpa": {"median_s": 1.0, "aggregate_mb_per_s": 45.0}}

@@ -760,13 +760,26 @@ RATIO_PAIRS = (
 )
 
 
+# Issue 17's goals for the firmware, printed after the ratios they are about and never asserted
+# (a shared machine's figures are for reading): one transfer at a time, its median time at most
+# this many times dnsmasq's, by block size; with CONCURRENT_GOAL[0] clients at once, its
+# aggregate throughput at least CONCURRENT_GOAL[1] of tftp-hpa's.
+LOCK_STEP_GOALS = {1468: 1.2, 512: 1.5}
+CONCURRENT_GOAL = (4, 0.8)
+
+
 def ratio_lines(
-    stats: dict[str, dict], servers: list[str], key: str = "median_s"
+    stats: dict[str, dict],
+    servers: list[str],
+    key: str = "median_s",
+    goal: tuple[str, float] | None = None,
 ) -> tuple[list[str], dict]:
     """Ratios of median seconds per transfer (key "median_s"), or of aggregate throughput
     (key "aggregate_mb_per_s", the concurrent phase's): the firmware over each peer in the
     run, and the controller over tftp-hpa and dnsmasq. Keys: the peer for the firmware's
-    ratios, "a/b" for the others."""
+    ratios, "a/b" for the others. goal: (peer, bound): the firmware's ratio to that peer is
+    followed by whether it is within the bound (at most it for times, at least for
+    throughput)."""
     out, ratios = [], {}
     if key == "median_s":
         label, what, worse = "ratio", "median time", "> 1"
@@ -784,7 +797,16 @@ def ratio_lines(
             continue
         ratios[b if a == "firmware" else f"{a}/{b}"] = mine / other
         who = "the firmware" if a == "firmware" else f"the {a}"
-        out.append(f"  {label} {a}/{b}: {mine / other:.2f} ({what}; {worse}: {who} is slower)")
+        line = f"  {label} {a}/{b}: {mine / other:.2f} ({what}; {worse}: {who} is slower)"
+        if goal is not None and a == "firmware" and b == goal[0]:
+            bound = goal[1]
+            r = round(mine / other, 2)  # as printed
+            if key == "median_s":
+                sign, met = "<=", r <= bound
+            else:
+                sign, met = ">=", r >= bound
+            line += f"; goal {sign} {bound}: {'met' if met else 'MISSED'}"
+        out.append(line)
     return out, ratios
 
 
@@ -1303,7 +1325,8 @@ def report(b: Bench) -> dict:
                 fetches = results.select(name, phase, blksize)
                 line, stats[name] = timing_row(name, fetches, size, b.servers[name].problem)
                 print(line)
-            lines, ratios = ratio_lines(stats, b.names)
+            goal = ("dnsmasq", LOCK_STEP_GOALS[blksize]) if blksize in LOCK_STEP_GOALS else None
+            lines, ratios = ratio_lines(stats, b.names, goal=goal)
             for line in lines:
                 print(line)
             summary[phase][str(blksize)] = {"servers": stats, "ratios": ratios}
@@ -1345,7 +1368,9 @@ def report(b: Bench) -> dict:
             stats[name]["aggregate_mb_per_s"] = good / wall / 1e6 if wall else 0.0
             print(line + f" {stats[name]['aggregate_mb_per_s']:>10.2f}")
         lines, ratios = ratio_lines(stats, b.peers)
-        agg_lines, agg_ratios = ratio_lines(stats, b.peers, "aggregate_mb_per_s")
+        clients, bound = CONCURRENT_GOAL
+        goal = ("tftp-hpa", bound) if args.concurrent == clients else None
+        agg_lines, agg_ratios = ratio_lines(stats, b.peers, "aggregate_mb_per_s", goal)
         for line in lines + agg_lines:
             print(line)
         summary["concurrent"] = {
