@@ -333,14 +333,18 @@ class TftpServer:
     async def _serve(self, slot, sock):
         # The receiver: feeds the client's datagrams to the transfer, and cleans up. Its loop
         # is the per-block hot path: names in locals, the window sent from here, and no call
-        # per packet but on_packet/more and the socket's own readinto and write. Its frame is a generator's, made once per transfer: the try around the
-        # write costs nothing per packet here, where in a function it would (net.py).
+        # per packet but on_packet/more and the socket's own readinto and write. Its frame is
+        # a generator's, made once per transfer: the try around the write costs nothing per
+        # packet here, where in a function it would (net.py).
         t = slot.transfer
         rx = slot.rx
         buf = t.buf
         log = self.log
         readable = net.readable
-        take = sock.readinto  # a datagram's first 4 bytes: its length, or None (EAGAIN)
+        # A datagram's first 4 bytes: its length, or None when none waits (a non-blocking
+        # stream read returns None for EAGAIN and raises any other error: ECONNREFUSED, the
+        # client's port has closed, ends the transfer below as a socket error).
+        take = sock.readinto
         write = sock.write
         now = ticks_ms
         burst = 0
