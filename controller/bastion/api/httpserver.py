@@ -30,6 +30,10 @@ descriptor limit: `serve` raises its soft RLIMIT_NOFILE to the hard limit, keeps
 (and two per TFTP transfer with --tftp) for files, SQLite and the device, and allows two
 descriptors per connection (a connection that streams an asset holds the file open too).
 
+Every connection starts at BootFront, which answers iPXE's two boot GETs itself (the same
+bounds, bytes and log lines) and hands the connection to BoundedHttpProtocol at its first other
+request: uvicorn's protocol was a third of the controller's CPU in a storm of new connections.
+
 The access log (uvicorn's, one line per request) prints request lines, and a one-time
 Ignition URL's token is in its query: RedactTokens writes `token=(redacted)` instead, as the
 event history does.
@@ -48,7 +52,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+from uvicorn.protocols.utils import (
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+    is_ssl,
+)
 
 from bastion.api.grubcompat import GrubHttpToolsProtocol
 
@@ -245,35 +255,340 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
         self.timeout_keep_alive_handler()
 
     def _make_room(self) -> None:
-        """Over the cap: of the connections waiting for a request head (this new one too),
-        close the one whose address has the most connections open, the one that has waited
-        longest among its address's: a host that floods the controller recycles its own
-        connections, and another host's, however long it takes to send its head, stays. When
-        that is this new one, or every other is busy, the new one is closed instead."""
-        open_, per_address, waiting = 0, {}, []
-        for c in self.connections:
-            if c.transport.is_closing():
-                continue
-            open_ += 1
-            address = c.client[0] if c.client else None
-            per_address[address] = per_address.get(address, 0) + 1
-            since = getattr(c, "_waiting_since", None)
-            if since is not None:
-                waiting.append((address, since, c))
-        if open_ <= self.bounds.max_connections:
+        make_room(self, self.bounds.max_connections)
+
+
+def make_room(new: Any, max_connections: int) -> None:
+    """Over the cap: of the connections waiting for a request head (`new` too), close the one
+    whose address has the most connections open, the one that has waited longest among its
+    address's: a host that floods the controller recycles its own connections, and another
+    host's, however long it takes to send its head, stays. When that is the new one, or every
+    other is busy, the new one is closed instead. A connection here is either protocol of this
+    module: its transport, client, _waiting_since (None while a request is answered) and
+    _close(reason)."""
+    open_, per_address, waiting = 0, {}, []
+    for c in new.connections:
+        if c.transport is None or c.transport.is_closing():
+            continue
+        open_ += 1
+        address = c.client[0] if c.client else None
+        per_address[address] = per_address.get(address, 0) + 1
+        since = getattr(c, "_waiting_since", None)
+        if since is not None:
+            waiting.append((address, since, c))
+    if open_ <= max_connections:
+        return
+    victim = new
+    if waiting:  # the most connections first, then the longest wait; the new one is newest
+        victim = max(waiting, key=lambda w: (per_address[w[0]], -w[1], w[2] is not new))[2]
+    victim._close("refused" if victim is new else "evicted")
+
+
+class BootFront(asyncio.Protocol):
+    """The front of every connection `bastion serve` takes: it answers iPXE's two boot GETs
+    (`fast(scope)`, bastion.api.boot.fast_app) itself, and hands the connection to `http` (a
+    BoundedHttpProtocol, uvicorn's) at its first request that is anything else, with the
+    bytes read so far, as uvicorn hands a connection to its WebSocket protocol.
+
+    In a storm of new connections uvicorn's protocol was about a third of the controller's CPU
+    (its parser's callbacks, the request's cycle, timers and flow control, per connection and
+    per request): docs/benchmarks-http.md. The front keeps what that protocol does for these
+    requests: the same bounds (the head timeout from connecting or from the previous answer,
+    uvicorn's keep-alive timeout, the connection cap and whom it evicts, each close counted),
+    the answer's bytes (uvicorn's default headers, the status line, the access log line, its
+    500 when the handler fails), pipelined requests answered in order, reads paused while the
+    transport's buffer is full, and shutdown once the answer in progress is written.
+
+    Only a request it has no doubt about is answered here: `GET <path>[?<query>] HTTP/1.1` in
+    RFC 3986's characters (no percent-encoding in the path), header lines of a token, a colon
+    and a value without control characters, CRLF line ends, no body (Content-Length 0 at most,
+    no Transfer-Encoding), no Expect or Upgrade header, Connection only as `keep-alive` or
+    `close`, not GRUB's User-Agent (bastion.api.grubcompat), a head of at most MAX_HEAD bytes,
+    not TLS, and one that `fast(scope)` takes. Anything else is uvicorn's to answer, refuse or
+    parse."""
+
+    bounds: ClassVar[ConnectionBounds]
+    on_close: ClassVar[Any] = None
+    fast: ClassVar[Any]
+    http: ClassVar[type[BoundedHttpProtocol]]
+    MAX_HEAD: ClassVar[int] = 8192
+    # up to this many bytes of pipelined requests are read ahead of the answer in progress
+    MAX_AHEAD: ClassVar[int] = 65536
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:  # fmt: skip
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.connections = server_state.connections
+        self.logger = logging.getLogger("uvicorn.error")
+        self.access_logger = logging.getLogger("uvicorn.access")
+        self.access_log = self.access_logger.hasHandlers()
+        self.transport: Any = None
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self._buf = b""
+        # One timer for both bounds, moved only when it must fire sooner (a timer set and
+        # cancelled per request cost more than the rest of the front): the head is due by
+        # _head_by, and after an answer a connection that sends nothing ends at _idle_by
+        # (uvicorn's keep-alive); loop time, None when not running.
+        self._timer: asyncio.TimerHandle | None = None
+        self._head_by: float | None = None
+        self._idle_by: float | None = None
+        self._waiting_since: float | None = None  # waiting for a request head since (monotonic)
+        self._answering: asyncio.Task | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._closing = False  # shutdown: close once the answer in progress is written
+        self._handed = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.connections.add(self)
+        self.transport = transport
+        self.server = get_local_addr(transport)
+        self.client = get_remote_addr(transport)
+        if is_ssl(transport) or self.config.limit_concurrency is not None:
+            self._hand_over()  # uvicorn's scheme and its 503s
             return
-        victim = self
-        if waiting:  # the most connections first, then the longest wait; the new one is newest
-            victim = max(waiting, key=lambda w: (per_address[w[0]], -w[1], w[2] is not self))[2]
-        victim._close("refused" if victim is self else "evicted")
+        self._wait_for_head(idle=False)
+        if len(self.connections) > self.bounds.max_connections:
+            make_room(self, self.bounds.max_connections)
+
+    def data_received(self, data: bytes) -> None:
+        self._idle_by = None  # a byte ends the keep-alive wait (the head's bound stays)
+        self._buf += data
+        self._next()
+
+    def eof_received(self) -> bool | None:
+        return None  # as uvicorn: the transport closes; an answer in progress is not written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self._stop_timer()
+        if exc is None and self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._next()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: close now, or once the answer in progress is written."""
+        self._closing = True
+        if self._answering is None:
+            self.transport.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Answer the next request read, if one is whole and nothing is being answered."""
+        if self._answering is not None or self._write_paused or self._handed:
+            if len(self._buf) > self.MAX_AHEAD and not self._read_paused and not self._handed:
+                self._read_paused = True
+                self.transport.pause_reading()
+            return
+        if self.transport.is_closing():
+            return
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self.MAX_HEAD or buf.count(b"\n") != buf.count(b"\r\n"):
+                self._hand_over()  # too long for the front, or bare LFs: uvicorn's parser
+            return
+        if end > self.MAX_HEAD:
+            self._hand_over()
+            return
+        parsed = self._scope(buf[:end])
+        handler = self.fast(parsed[0]) if parsed is not None else None
+        if handler is None:
+            self._hand_over()
+            return
+        scope, keep_alive = parsed
+        self._buf = buf[end + 4 :]
+        self._head_by = self._idle_by = self._waiting_since = None  # (the timer finds nothing due)
+        task = self.loop.create_task(self._answer(handler, scope, keep_alive))
+        self._answering = task
+        self.server_state.tasks.add(task)
+        task.add_done_callback(self.server_state.tasks.discard)
+
+    def _scope(self, head: bytes) -> tuple[dict[str, Any], bool] | None:
+        """The ASGI scope uvicorn would make of this head, and whether the connection stays
+        open after its answer; None when the front leaves it to uvicorn (the docstring)."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
+            return None
+        path, _, query = parts[1].partition(b"?")
+        if not _FRONT_PATH.fullmatch(path) or not _FRONT_QUERY.fullmatch(query):
+            return None
+        headers = []
+        keep_alive = True
+        for line in lines[1:]:
+            m = _FRONT_HEADER.fullmatch(line)
+            if m is None:
+                return None
+            name, value = m.group(1).lower(), m.group(2).rstrip(b" \t")
+            if name in _FRONT_REFUSED:
+                allowed = _FRONT_REFUSED[name]
+                if value.lower() not in allowed:
+                    return None
+                if name == b"connection" and value.lower() == b"close":
+                    keep_alive = False
+            elif name == b"user-agent" and value.startswith(b"GRUB"):
+                return None
+            headers.append((name, value))
+        root = self.config.root_path
+        scope = {
+            "type": "http",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": "http",
+            "root_path": root,
+            "headers": headers,
+            "state": self.app_state.copy(),
+            "method": "GET",
+            "path": root + path.decode("ascii"),
+            "raw_path": root.encode("ascii") + path,
+            "query_string": query,
+        }
+        return scope, keep_alive
+
+    async def _answer(self, handler: Any, scope: dict[str, Any], keep_alive: bool) -> None:
+        try:
+            try:
+                response = await handler(scope)
+            except Exception as exc:
+                self.logger.error("Exception in ASGI application\n", exc_info=exc)
+                self._write(_FRONT_500, 500, scope)
+                self.transport.close()
+                return
+            head = [STATUS_LINE[response.status_code]]
+            for name, value in (*self.server_state.default_headers, *response.raw_headers):
+                head += (name, b": ", value, b"\r\n")
+            if not keep_alive:
+                head.append(b"connection: close\r\n")
+            head += (b"\r\n", response.body)
+            self._write(b"".join(head), response.status_code, scope)
+        finally:
+            self._answering = None
+        self.server_state.total_requests += 1
+        if self._closing or not keep_alive:
+            self.transport.close()
+            return
+        if self.transport.is_closing():
+            return
+        # as uvicorn after an answer, the keep-alive wait; and the bound on the next head
+        self._wait_for_head(idle=True)
+        self._next()
+
+    def _write(self, data: bytes, status: int, scope: dict[str, Any]) -> None:
+        if self.transport.is_closing():
+            return  # the client has gone (its events are in the history all the same)
+        if self.access_log:
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "GET",
+                                    get_path_with_query_string(scope), "1.1", status)  # fmt: skip
+        self.transport.write(data)
+
+    def _hand_over(self) -> None:
+        """The connection to uvicorn's protocol (bounded), with what was read of it."""
+        self._handed = True
+        self._stop_timer()
+        self.connections.discard(self)
+        protocol = self.http(config=self.config, server_state=self.server_state,
+                             app_state=self.app_state, _loop=self.loop)  # fmt: skip
+        transport = self.transport
+        if self._read_paused:
+            transport.resume_reading()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._write_paused:
+            protocol.pause_writing()
+        if self._buf:
+            data, self._buf = self._buf, b""
+            protocol.data_received(data)
+
+    # -- bounds -----------------------------------------------------------------------------
+
+    def _wait_for_head(self, idle: bool) -> None:
+        now = self.loop.time()
+        self._waiting_since = time.monotonic()
+        self._head_by = due = now + self.bounds.header_timeout
+        if idle:
+            self._idle_by = now + self.config.timeout_keep_alive
+            due = min(due, self._idle_by)
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= due:
+                return  # it fires first and finds what is due then
+            timer.cancel()
+        self._timer = self.loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        if self._idle_by is not None and now >= self._idle_by:
+            self._stop_timer()
+            if not self.transport.is_closing():
+                self.transport.close()  # uvicorn's keep-alive timeout: not counted
+            return
+        if self._head_by is not None and now >= self._head_by:
+            self._close("header-timeout")
+            return
+        due = [t for t in (self._head_by, self._idle_by) if t is not None]
+        if due:
+            self._timer = self.loop.call_at(min(due), self._tick)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._head_by = self._idle_by = self._waiting_since = None
+
+    def _close(self, reason: str) -> None:
+        self._stop_timer()
+        if self._handed or self.transport.is_closing():
+            return
+        if self.on_close is not None:
+            self.on_close(reason)
+        self.transport.close()
 
 
-def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[BoundedHttpProtocol]:
-    """BoundedHttpProtocol with these bounds, for uvicorn's `http=`; `fast(scope)` gives the
-    handler for a request answered past the application's middleware (bastion.api.boot.fast_app)."""
+# What the front answers itself (BootFront's docstring): a target of path and query in plain
+# ASCII, a header line of a token, a colon and a value of visible characters, spaces and tabs.
+# (RFC 3986's characters of a path and a query, no percent-encoding in the path: uvicorn decodes
+# it), a header line of a token, a colon and a value of visible characters, spaces and tabs.
+_FRONT_PATH = re.compile(rb"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
+_FRONT_QUERY = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
+_FRONT_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)")
+# headers the front leaves to uvicorn, but for these values (lower case)
+_FRONT_REFUSED = {b"content-length": (b"0",), b"transfer-encoding": (), b"expect": (),
+                  b"upgrade": (), b"connection": (b"keep-alive", b"close")}  # fmt: skip
+_FRONT_500 = (STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\n"
+              b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")  # fmt: skip
+
+
+def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[asyncio.Protocol]:
+    """The protocol for uvicorn's `http=`: BoundedHttpProtocol with these bounds, behind a
+    BootFront when `fast(scope)` gives the handlers of requests answered past the application's
+    middleware (bastion.api.boot.fast_app); a connection the front hands over still answers
+    those past the middleware."""
     attributes = {"bounds": bounds, "on_close": staticmethod(on_close) if on_close else None,
                   "fast": staticmethod(fast) if fast else None}  # fmt: skip
-    return type("BastionHttpProtocol", (BoundedHttpProtocol,), attributes)
+    http = type("BastionHttpProtocol", (BoundedHttpProtocol,), attributes)
+    if fast is None:
+        return http
+    return type("BastionBootFront", (BootFront,), {**attributes, "http": http})
 
 
 # -- the access log -----------------------------------------------------------------------------
