@@ -470,7 +470,10 @@ class BootFront(asyncio.Protocol):
                 response = await handler(scope)
             except Exception as exc:
                 self.logger.error("Exception in ASGI application\n", exc_info=exc)
-                self._write(_FRONT_500, 500, scope)
+                head = [STATUS_LINE[500]]
+                for name, value in self.server_state.default_headers:
+                    head += (name, b": ", value, b"\r\n")
+                self._write(b"".join(head) + _FRONT_500, 500, scope)
                 self.transport.close()
                 return
             head = [STATUS_LINE[response.status_code]]
@@ -574,8 +577,9 @@ _FRONT_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\
 # headers the front leaves to uvicorn, but for these values (lower case)
 _FRONT_REFUSED = {b"content-length": (b"0",), b"transfer-encoding": (), b"expect": (),
                   b"upgrade": (), b"connection": (b"keep-alive", b"close")}  # fmt: skip
-_FRONT_500 = (STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\n"
-              b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")  # fmt: skip
+# uvicorn's 500, after its default headers
+_FRONT_500 = (b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n"
+              b"connection: close\r\n\r\nInternal Server Error")  # fmt: skip
 
 
 def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[asyncio.Protocol]:

@@ -155,6 +155,11 @@ def test_a_failing_handler_is_a_500_and_the_connection_ends():
         assert [(s, b) for s, _, b in answered] == [(200, b"slow"), (200, b"app"),
                                                     (500, b"Internal Server Error")]  # fmt: skip
         assert answered[2][1][b"connection"] == b"close"
+        # the front's own (the first request on a connection), as uvicorn's above
+        ((status, headers, body),) = responses(exchange(u.port, get("/boom") + get("/slow")))
+        assert (status, body) == (500, b"Internal Server Error")
+        assert {k: v for k, v in headers.items() if k != b"date"} == {
+            k: v for k, v in answered[2][1].items() if k != b"date"}  # fmt: skip
         head = [(s, b) for s, _, b in responses(exchange(u.port, b"HEAD /slow HTTP/1.1\r\nHost: x\r\n"
                                                                   b"Connection: close\r\n\r\n"))]  # fmt: skip
         assert head == [(200, b"")]  # not GET: the application's (its HEAD has no body)
