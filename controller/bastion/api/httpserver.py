@@ -208,15 +208,11 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
             cycle.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(cycle.scope),
                                      "GET", get_path_with_query_string(cycle.scope),
                                      cycle.scope["http_version"], status)  # fmt: skip
-        head = [STATUS_LINE[status]]
-        for name, value in (*cycle.default_headers, *response.raw_headers):
-            head += (name, b": ", value, b"\r\n")
-        if not cycle.keep_alive:
-            head.append(b"connection: close\r\n")
-        head += (b"\r\n", response.body)
+        data = response_bytes(status, (*cycle.default_headers, *response.raw_headers),
+                              response.body, close=not cycle.keep_alive)  # fmt: skip
         cycle.response_started = cycle.response_complete = True
         cycle.waiting_for_100_continue = False
-        cycle.transport.write(b"".join(head))
+        cycle.transport.write(data)
         cycle.message_event.set()
         if not cycle.keep_alive:
             cycle.transport.close()
@@ -470,19 +466,13 @@ class BootFront(asyncio.Protocol):
                 response = await handler(scope)
             except Exception as exc:
                 self.logger.error("Exception in ASGI application\n", exc_info=exc)
-                head = [STATUS_LINE[500]]
-                for name, value in self.server_state.default_headers:
-                    head += (name, b": ", value, b"\r\n")
-                self._write(b"".join(head) + _FRONT_500, 500, scope)
+                self._write(response_bytes(500, (*self.server_state.default_headers, *_500_HEADERS),
+                                           b"Internal Server Error"), 500, scope)  # fmt: skip
                 self.transport.close()
                 return
-            head = [STATUS_LINE[response.status_code]]
-            for name, value in (*self.server_state.default_headers, *response.raw_headers):
-                head += (name, b": ", value, b"\r\n")
-            if not keep_alive:
-                head.append(b"connection: close\r\n")
-            head += (b"\r\n", response.body)
-            self._write(b"".join(head), response.status_code, scope)
+            headers = (*self.server_state.default_headers, *response.raw_headers)
+            data = response_bytes(response.status_code, headers, response.body, not keep_alive)
+            self._write(data, response.status_code, scope)
         finally:
             self._answering = None
         self.server_state.total_requests += 1
@@ -567,19 +557,30 @@ class BootFront(asyncio.Protocol):
         self.transport.close()
 
 
-# What the front answers itself (BootFront's docstring): a target of path and query in plain
-# ASCII, a header line of a token, a colon and a value of visible characters, spaces and tabs.
-# (RFC 3986's characters of a path and a query, no percent-encoding in the path: uvicorn decodes
-# it), a header line of a token, a colon and a value of visible characters, spaces and tabs.
+# What the front answers itself (BootFront's docstring): a path and a query in RFC 3986's
+# characters (no percent-encoding in the path: uvicorn decodes it), a header line of a token, a
+# colon and a value of visible characters, spaces and tabs.
 _FRONT_PATH = re.compile(rb"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
 _FRONT_QUERY = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
 _FRONT_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)")
 # headers the front leaves to uvicorn, but for these values (lower case)
 _FRONT_REFUSED = {b"content-length": (b"0",), b"transfer-encoding": (), b"expect": (),
                   b"upgrade": (), b"connection": (b"keep-alive", b"close")}  # fmt: skip
-# uvicorn's 500, after its default headers
-_FRONT_500 = (b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n"
-              b"connection: close\r\n\r\nInternal Server Error")  # fmt: skip
+# uvicorn's 500 (RequestResponseCycle.send_500_response), after its default headers
+_500_HEADERS = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21"),
+                (b"connection", b"close"))  # fmt: skip
+
+
+def response_bytes(status: int, headers: Any, body: bytes, close: bool = False) -> bytes:
+    """An answer as uvicorn writes it: its status line, `name: value` lines (default headers
+    first), `connection: close` when the connection ends and it was not among them, the body."""
+    head = [STATUS_LINE[status]]
+    for name, value in headers:
+        head += (name, b": ", value, b"\r\n")
+    if close:
+        head.append(b"connection: close\r\n")
+    head += (b"\r\n", body)
+    return b"".join(head)
 
 
 def bounded_protocol(bounds: ConnectionBounds, on_close: Any = None, fast: Any = None) -> type[asyncio.Protocol]:
