@@ -19,7 +19,10 @@ _ID = re.compile(r'bastion@32473 id="(\d+)"')
 class Rsyslog:
     """rsyslogd -n in `ns`, listening on 127.0.0.1:PORT, writing `MSGID SD` lines to `out`."""
 
-    def __init__(self, ns: Namespace, workdir: Path, tls: dict[str, Path] | None = None):
+    def __init__(self, ns: Namespace, workdir: Path, tls: dict[str, Path] | None = None,
+                 tls_auth: str = "anon"):  # fmt: skip
+        """tls: certkit.make_pki's files (gtls, RFC 5425); tls_auth: its StreamDriver.AuthMode,
+        "anon" (any client) or "x509/certvalid" (only a client with a certificate from the CA)."""
         self.ns, self.dir = ns, workdir
         self.out = workdir / "received.log"
         (workdir / "work").mkdir(parents=True, exist_ok=True)
@@ -29,7 +32,7 @@ class Rsyslog:
             tls_global = (f'global(DefaultNetstreamDriverCAFile="{tls["ca"]}" '
                           f'DefaultNetstreamDriverCertFile="{tls["cert"]}" '
                           f'DefaultNetstreamDriverKeyFile="{tls["key"]}")\n')  # fmt: skip
-            driver = ' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon"'
+            driver = f' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="{tls_auth}"'
         self.conf = workdir / "rsyslog.conf"
         self.conf.write_text(
             f'global(workDirectory="{workdir / "work"}")\n{tls_global}'

@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         "(docs/controller.md). Off by default.", metavar="ADDR:PORT")  # fmt: skip
     # the secret store's directory; None: bastion.state.secrets.secrets_dir(<site name>) picks it
     secrets_dir: Path | None = _setting(
-        "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys).",
+        "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys; UPS and log collector credentials).",
         metavar="DIR", path="dir-any", also=("--secrets-dir",),
         shown="$XDG_STATE_HOME/edge-bastion/secrets/<site>")  # fmt: skip
     # the nodes' console logs (bastion.device.consoles); None: var_dir()/consoles/<site>-<id>

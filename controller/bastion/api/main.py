@@ -89,9 +89,10 @@ def create_app(settings: Settings) -> FastAPI:
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
     runtime.group_commit = GroupCommit(runtime.commit_events)
     runtime_box.append(runtime)
+    runtime.secrets = SecretStore(secrets_dir(holder.site.name, settings.secrets_dir))
     # logs off-site (site.yaml logs:): a queue per target beside the history, events.logship/
     runtime.logship = Shipper(Path(db_path).parent / f"{Path(db_path).stem}.logship", metrics,
-                              runtime.record)  # fmt: skip  # bastion.logship.cli.queue_dir reads it
+                              runtime.record, secrets=runtime.secrets)  # fmt: skip  # bastion.logship.cli.queue_dir reads it
     runtime.logship.configure(holder.site.settings.logs, site=holder.site.name, site_root=settings.site_dir)
     metrics.gauge_source = lambda: {
         "bastion_site_generation": holder.generation,
@@ -101,7 +102,6 @@ def create_app(settings: Settings) -> FastAPI:
         "bastion_site_profiles": len(holder.site.profiles),
     }
     runtime.record("site", payload={"ok": True, "generation": holder.generation, "loaded": str(settings.site_dir)})
-    runtime.secrets = SecretStore(secrets_dir(holder.site.name, settings.secrets_dir))
     runtime.provisioning = Provisioning(
         tokens=IgnitionTokens(db_path, ttl_s=settings.ignition_token_ttl),
         installs=InstallMarks(db_path),

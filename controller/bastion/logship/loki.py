@@ -11,13 +11,18 @@ stream the values keep the queue's order. Loki itself drops an entry that repeat
 (same stream, time and line), so a batch sent twice after a lost answer stores once.
 
 A 2xx answer is Loki's acknowledgement: the batch may leave the queue. 429 and 5xx are retried
-with backoff; any other 4xx means Loki will never take that batch (too old, too big, malformed),
-so it is dropped, counted and reported rather than blocking the queue for good.
+with backoff, and so are 401 and 403 (the credentials are wrong or missing, which says nothing
+about the batch: it waits until they are put right) and a redirect, which is not followed (it
+would carry the credentials elsewhere). Any other 4xx means Loki will never take that batch
+(too old, too big, malformed), so it is dropped, counted and reported rather than blocking the
+queue for good.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -43,16 +48,43 @@ class LokiRejected(Exception):
     """Loki answered 4xx (not 429): the batch will never be taken."""
 
 
-def push(url: str, body: bytes, timeout: float = 10.0) -> None:
-    """POST one push request. Returns on 2xx; raises LokiRejected on a final refusal, OSError
-    (urllib's errors are OSErrors) when Loki is unreachable or asks to retry."""
+def auth_headers(*, tenant: str | None, auth: str | None, username: str | None,
+                 secret: str | None) -> dict[str, str]:  # fmt: skip
+    """The headers a push carries for a tenant (X-Scope-OrgID) and an authentication: basic
+    (username and `secret`, the password) or bearer (`secret`, the token)."""
+    headers = {}
+    if tenant:
+        headers["X-Scope-OrgID"] = tenant
+    if auth == "basic":
+        pair = f"{username}:{secret}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    elif auth == "bearer":
+        headers["Authorization"] = f"Bearer {secret}"
+    return headers
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+def push(url: str, body: bytes, *, headers: dict[str, str] | None = None,
+         context: ssl.SSLContext | None = None, timeout: float = 10.0) -> None:  # fmt: skip
+    """POST one push request (with `headers` besides the content type; over https with
+    `context`, default the system's CAs). Returns on 2xx; raises LokiRejected on a final
+    refusal, OSError (urllib's errors are OSErrors) when Loki is unreachable, asks to retry,
+    refuses the credentials or redirects."""
     req = urllib.request.Request(url, data=body, method="POST", headers={
-        "Content-Type": "application/json", "User-Agent": f"edge-bastion/{__version__}"})  # fmt: skip
+        "Content-Type": "application/json", "User-Agent": f"edge-bastion/{__version__}", **(headers or {})})  # fmt: skip
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             resp.read()
     except urllib.error.HTTPError as e:
         detail = e.read(500).decode(errors="replace").strip()
-        if 400 <= e.code < 500 and e.code != 429:
+        if 300 <= e.code < 400:
+            raise OSError(f"HTTP {e.code}: redirected to {e.headers.get('Location')!r}, which is not "
+                          "followed: put the final URL in site.yaml") from None  # fmt: skip
+        if 400 <= e.code < 500 and e.code not in (401, 403, 429):
             raise LokiRejected(f"HTTP {e.code}: {detail}") from None
         raise OSError(f"HTTP {e.code}: {detail}") from None

@@ -17,6 +17,12 @@ across anything slow, so a request is never slowed by a collector. Each target's
 3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
    doubling up to `backoff_max_s`; records wait on disk meanwhile.
 
+Credentials are read when they are used, from the secret store (`secret_name`): a Loki password
+or token at each push, a client key (mutual TLS) at each new connection, the site's CA and
+certificate files with it. One that is missing or does not load is a failure like a collector
+that is down (an event says which secret and where it is looked for), so records wait on disk
+until it is put right, and a rotated one takes effect without a restart.
+
 A collector going away and coming back, and records dropped by the bound, are themselves
 events (kind `logship`), recorded through the same `record` and so shipped too.
 """
@@ -27,6 +33,7 @@ import collections
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -37,10 +44,20 @@ from bastion.logship import loki, syslog
 from bastion.logship.queue import DiskQueue
 from bastion.metrics import Metrics
 from bastion.site.schema import SYSLOG_FACILITIES, LogsSection, LogsTarget
+from bastion.state.secrets import SecretStore
 
 log = logging.getLogger("bastion.logship")
 
 Record = Callable[..., Any]
+
+
+def secret_name(target: str, what: str) -> str:
+    """The secret store's name of a target's credential: password, token or client.key."""
+    return f"logs/{target}/{what}"
+
+
+class MissingSecret(OSError):
+    """A credential the target needs is not in the secret store (or not usable)."""
 
 
 class Target:
@@ -54,8 +71,10 @@ class Target:
     report_every_s = 10.0  # at most one `dropped` event per this many seconds
 
     def __init__(self, spec: LogsTarget, queue_dir: Path, *, site: str, site_root: Path,
-                 hostname: str, metrics: Metrics, record: Record | None):  # fmt: skip
+                 hostname: str, metrics: Metrics, record: Record | None,
+                 secrets: SecretStore | None = None):  # fmt: skip
         self.spec = spec
+        self.secrets = secrets
         self.site = site
         self.site_root = site_root
         self.hostname = hostname
@@ -73,10 +92,7 @@ class Target:
         self._up: bool | None = None  # None: not tried yet
         self._unreported: collections.Counter[str] = collections.Counter()  # by reason
         self._reported_at = float("-inf")
-        self._tls = None
-        if spec.type == "syslog" and spec.tls is not None:
-            ca = Path(spec.tls.ca_file)
-            self._tls = syslog.tls_context(str(ca if ca.is_absolute() else site_root / ca))
+        self._https: ssl.SSLContext | None = None  # loki over https: made at first use, again after a failure
         self._thread = threading.Thread(target=self._run, name=f"logship-{spec.name}", daemon=True)
         self._gauges()
 
@@ -173,10 +189,11 @@ class Target:
 
     def _fail(self, why: str) -> None:
         self._close_conn()
+        self._https = None  # a CA, certificate or key put right is read again at the next try
         self._backoff = min(self.backoff_max_s, max(self.backoff_min_s, self._backoff * 2))
         self._retry_at = time.monotonic() + self._backoff
         if self._up is not False:
-            log.warning("logship %s: collector unreachable: %s; retrying", self.spec.name, why)
+            log.warning("logship %s: cannot ship: %s; retrying", self.spec.name, why)
             self._event("down", error=why, queued=len(self.queue))
         self._up = False
 
@@ -194,12 +211,52 @@ class Target:
         self._cursor = 0
         self._marks.clear()
 
+    # --- credentials --------------------------------------------------------------------------
+
+    def _site_file(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        path = Path(name)
+        return str(path if path.is_absolute() else self.site_root / path)  # relative: to the site
+
+    def _secret_path(self, what: str) -> str:
+        name = secret_name(self.spec.name, what)
+        if self.secrets is None:
+            raise MissingSecret(f"the secret {name} is needed, and the controller has no secret store")
+        path = self.secrets.path(name)
+        if not path.is_file():
+            raise MissingSecret(f"the secret {name} is not in the secret store (looked for {path})")
+        return str(path)
+
+    def _secret(self, what: str) -> str:
+        path = self._secret_path(what)
+        value = Path(path).read_text().strip()
+        if not value or not value.isprintable():
+            raise MissingSecret(f"the secret {secret_name(self.spec.name, what)} ({path}) is not one "
+                                "line of printable text")  # fmt: skip
+        return value
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The site's CA (or the system's) and, for mutual TLS, its certificate with the key
+        from the secret store."""
+        tls = self.spec.tls
+        assert tls is not None
+        key = self._secret_path("client.key") if tls.cert_file is not None else None
+        return syslog.tls_context(self._site_file(tls.ca_file), self._site_file(tls.cert_file), key)
+
+    def _loki_headers(self) -> dict[str, str]:
+        spec = self.spec
+        what = {"basic": "password", "bearer": "token"}.get(spec.auth or "")
+        return loki.auth_headers(tenant=spec.tenant, auth=spec.auth, username=spec.username,
+                                 secret=self._secret(what) if what else None)  # fmt: skip
+
     def _send_syslog(self) -> bool:
         spec = self.spec
         if self._conn is None:
             if not len(self.queue):
                 return False
-            self._conn = syslog.SyslogConnection(spec.host, spec.tcp_port, tls=self._tls,
+            tls = self._tls_context() if spec.tls is not None else None
+            self._conn = syslog.SyslogConnection(spec.host, spec.tcp_port, tls=tls,
                                                  server_name=spec.tls.server_name if spec.tls else None)  # fmt: skip
             self._succeeded()
         conn = self._conn
@@ -232,8 +289,10 @@ class Target:
         if not rows:
             return False
         body = loki.push_body([json.loads(b) for _, b in rows], site=self.site, labels=dict(self.spec.labels))
+        if self.spec.tls is not None and self._https is None:
+            self._https = self._tls_context()
         try:
-            loki.push(self.spec.url, body)
+            loki.push(self.spec.url, body, headers=self._loki_headers(), context=self._https)
         except loki.LokiRejected as e:
             log.error("logship %s: Loki refused %d records: %s", self.spec.name, len(rows), e)
             self.queue.ack(rows[-1][0])
@@ -252,10 +311,12 @@ class Target:
 class Shipper:
     """Every target of site.yaml `logs:`; `offer` is the one call the controller makes per event."""
 
-    def __init__(self, queue_dir: Path, metrics: Metrics, record: Record | None = None):
+    def __init__(self, queue_dir: Path, metrics: Metrics, record: Record | None = None,
+                 secrets: SecretStore | None = None):  # fmt: skip
         self.queue_dir = Path(queue_dir)
         self.metrics = metrics
         self.record = record
+        self.secrets = secrets  # the targets' credentials (secret_name)
         self._targets: tuple[Target, ...] = ()
         self._held: collections.deque[str] | None = None  # offers made while reconfiguring
         self._section: LogsSection | None = None
@@ -297,8 +358,9 @@ class Shipper:
             for spec in section.targets:
                 try:
                     targets.append(Target(spec, self.queue_dir, site=site, site_root=Path(site_root),
-                                          hostname=hostname, metrics=self.metrics, record=self.record))  # fmt: skip
-                except (OSError, ValueError) as e:  # a CA file that does not load
+                                          hostname=hostname, metrics=self.metrics, record=self.record,
+                                          secrets=self.secrets))  # fmt: skip
+                except (OSError, ValueError) as e:  # its queue file cannot be opened
                     log.error("logship %s: not started: %s", spec.name, e)
             self._section, self._site = section, site
             for t in targets:

@@ -165,8 +165,13 @@ class SyslogConnection:
             pass
 
 
-def tls_context(ca_file: str) -> ssl.SSLContext:
-    """A client context that checks the collector's certificate against `ca_file` and its name."""
+def tls_context(ca_file: str | None = None, cert_file: str | None = None,
+                key_file: str | None = None) -> ssl.SSLContext:  # fmt: skip
+    """A client context that checks the collector's certificate against `ca_file` (None: the
+    system's CAs) and its name, and presents `cert_file` with `key_file` when given (mutual
+    TLS). TLS 1.2 at least."""
     ctx = ssl.create_default_context(cafile=ca_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(cert_file, key_file)
     return ctx

@@ -315,11 +315,13 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
     if model is None:
         return None
     for i, target in enumerate(model.logs.targets):
-        if target.tls is not None:
-            ca = Path(target.tls.ca_file)
-            ca = ca if ca.is_absolute() else root / ca  # relative: to the site directory
-            if not ca.is_file():
-                ld.problem("site.yaml", None, f"logs.targets[{i}].tls.ca_file", f"{str(ca)!r} is not a file")
+        for field in ("ca_file", "cert_file"):
+            name = getattr(target.tls, field) if target.tls is not None else None
+            if name is not None:
+                path = Path(name)
+                path = path if path.is_absolute() else root / path  # relative: to the site directory
+                if not path.is_file():
+                    ld.problem("site.yaml", None, f"logs.targets[{i}].tls.{field}", f"{str(path)!r} is not a file")
     return SiteSettings(
         name=model.site or root.resolve().name,
         controller_url=model.controller_url,

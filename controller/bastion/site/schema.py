@@ -672,12 +672,29 @@ SYSLOG_FACILITIES = {
 
 
 class LogsTls(_Strict):
-    """TLS for a syslog target: the collector's certificate is checked against `ca_file`."""
+    """TLS to a collector (a syslog target, or a loki target's https URL): the collector's
+    certificate is checked against `ca_file` (default: the system's CAs) and its name; with
+    `cert_file` the controller presents its own certificate to a collector that asks for one
+    (mutual TLS), its key being the secret store's `logs/<target>/client.key`."""
 
-    ca_file: str = Field(description="PEM file of the CA(s) that signed the collector's certificate")
-    server_name: str | None = Field(
-        default=None, description="the name the certificate must carry (default: the target's host)"
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed the collector's certificate (default: the "
+        "system's CAs)",
     )
+    server_name: str | None = Field(
+        default=None,
+        description="syslog: the name the certificate must carry (default: the target's host)",
+    )
+    cert_file: str | None = Field(
+        default=None,
+        description="PEM file of the controller's client certificate (mutual TLS); its key is the "
+        "secret store's logs/<target>/client.key",
+    )
+
+
+# A Loki tenant (X-Scope-OrgID): Loki's own rule for tenant IDs, and at most 150 bytes.
+_LOKI_TENANT = re.compile(r"[A-Za-z0-9!_.*'()-]{1,150}")
 
 
 class LogsTarget(_Strict):
@@ -702,6 +719,15 @@ class LogsTarget(_Strict):
     labels: dict[str, str] = Field(
         default_factory=dict, description="loki: labels of every stream, besides site, source and kind"
     )
+    tenant: str | None = Field(
+        default=None, description="loki: the tenant of a multi-tenant Loki (its X-Scope-OrgID header)"
+    )
+    auth: Literal["basic", "bearer"] | None = Field(
+        default=None,
+        description="loki: HTTP authentication. basic: `username` and the secret store's "
+        "logs/<target>/password; bearer: the secret store's logs/<target>/token",
+    )
+    username: str | None = Field(default=None, description="loki: the user name of basic authentication")
     queue_max: int = Field(
         default=100000, strict=True, ge=10, le=10_000_000,
         description="events kept on disk for this target while it cannot take them; past it the "
@@ -727,18 +753,40 @@ class LogsTarget(_Strict):
             raise ValueError(f"{v!r} is not an http(s) URL")
         return v
 
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str | None) -> str | None:
+        if v is not None and not _LOKI_TENANT.fullmatch(v):
+            raise ValueError(f"{v!r} is not a Loki tenant ID (1 to 150 of A-Z a-z 0-9 ! - _ . * ' ( ))")
+        return v
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str | None) -> str | None:
+        if v is not None and (not v or ":" in v or not v.isprintable()):
+            raise ValueError(f"{v!r} is not a basic-auth user name (printable, no ':')")
+        return v
+
     @model_validator(mode="after")
     def _fits_type(self) -> LogsTarget:
         if self.type == "syslog":
             if not self.host:
                 raise ValueError("a syslog target needs host")
-            if self.url is not None or self.labels:
-                raise ValueError("url and labels are for loki targets, not syslog")
+            loki_only = [f for f in ("url", "labels", "tenant", "auth", "username") if getattr(self, f)]
+            if loki_only:
+                raise ValueError(f"{', '.join(loki_only)}: for loki targets, not syslog")
         else:
             if not self.url:
                 raise ValueError("a loki target needs url")
-            if self.host is not None or self.port is not None or self.tls is not None:
-                raise ValueError("host, port and tls are for syslog targets, not loki")
+            if self.host is not None or self.port is not None:
+                raise ValueError("host and port are for syslog targets, not loki (the url has them)")
+            if self.tls is not None:
+                if not self.url.startswith("https://"):
+                    raise ValueError("tls is for an https url")
+                if self.tls.server_name is not None:
+                    raise ValueError("tls.server_name is for syslog targets: loki checks the url's host")
+            if (self.auth == "basic") != (self.username is not None):
+                raise ValueError("auth: basic needs username, and username is only for auth: basic")
         return self
 
     @property

@@ -5,6 +5,7 @@ a format check of Loki's documented JSON push API, not an interoperability test)
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -15,9 +16,10 @@ from typing import ClassVar
 
 from bastion.logship import loki, syslog
 from bastion.logship.queue import DiskQueue
-from bastion.logship.shipper import Shipper
+from bastion.logship.shipper import Shipper, Target
 from bastion.metrics import Metrics
 from bastion.site.schema import LogsSection
+from bastion.state.secrets import SecretStore
 
 EVENT = {"id": 12, "ts": 1764871526.25, "kind": "boot", "source": "controller", "mac": "52:54:00:12:34:01",
          "machine": "node1", "endpoint": "/ipxe", "profile": "w", "group": None, "status": 200,
@@ -183,3 +185,120 @@ def test_a_changed_logs_section_keeps_what_was_queued_and_the_order(tmp_path: Pa
         server.shutdown()
     assert [e["id"] for _, _, e in _LokiReceiver.entries] == list(range(1, 41))
     assert {s["env"] for s, _, _ in _LokiReceiver.entries} == {"b"}  # sent after the change
+
+
+class _GuardedLoki(BaseHTTPRequestHandler):
+    """A push endpoint that takes a batch only with the `want` headers (401 without them, as a
+    Loki behind an authenticating gateway answers), keeping the event ids and the headers of
+    each request; over https, the CN of the client's certificate as well."""
+
+    want: ClassVar[dict[str, str]] = {}
+    ids: ClassVar[list[int]] = []
+    seen: ClassVar[list[tuple[int, dict[str, str], str | None]]] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        peer = None
+        if hasattr(self.connection, "getpeercert") and self.connection.getpeercert():
+            peer = dict(x[0] for x in self.connection.getpeercert()["subject"])["commonName"]
+        status = 204 if all(self.headers.get(k) == v for k, v in self.want.items()) else 401
+        type(self).seen.append((status, dict(self.headers), peer))
+        if status == 204:
+            for s in json.loads(body)["streams"]:
+                type(self).ids.extend(json.loads(line)["id"] for _, line in s["values"])
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _guarded_server(tls=None) -> tuple[ThreadingHTTPServer, str]:
+    _GuardedLoki.ids.clear()
+    _GuardedLoki.seen.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GuardedLoki)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    scheme = "https" if tls is not None else "http"
+    return server, f"{scheme}://127.0.0.1:{server.server_address[1]}/loki/api/v1/push"
+
+
+def _wait(cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.02)
+
+
+def test_loki_basic_auth_and_tenant_wait_for_the_password_and_lose_nothing(tmp_path: Path, monkeypatch):
+    """Basic authentication with the password from the secret store, and the tenant header.
+    No password yet: nothing is sent, a `down` event names the secret. A wrong one: Loki's 401
+    is retried, not a refusal that drops the batch. The right one: every event, in order."""
+    monkeypatch.setattr(Target, "backoff_max_s", 0.3)
+    _GuardedLoki.want = {"Authorization": "Basic " + base64.b64encode(b"site-7:s3cret").decode(),
+                         "X-Scope-OrgID": "home-lab"}  # fmt: skip
+    server, url = _guarded_server()
+    secrets = SecretStore(tmp_path / "secrets")
+    events: list[dict] = []
+    metrics = Metrics()
+    shipper = Shipper(tmp_path / "q", metrics, lambda kind, **f: events.append(f["payload"]), secrets=secrets)
+    shipper.configure(LogsSection.model_validate({"targets": [{
+        "name": "cloud", "type": "loki", "url": url, "tenant": "home-lab", "auth": "basic", "username": "site-7"}]}),
+        site="s", site_root=tmp_path)  # fmt: skip
+    try:
+        for i in range(1, 11):
+            shipper.offer(dict(EVENT, id=i))
+        _wait(lambda: any(e["action"] == "down" for e in events))
+        down = next(e for e in events if e["action"] == "down")
+        assert "logs/cloud/password is not in the secret store" in down["error"]
+        assert _GuardedLoki.seen == []  # nothing went out without the credentials
+        secrets.put("logs/cloud/password", "wrong")
+        _wait(lambda: len(_GuardedLoki.seen) >= 2)
+        assert {s for s, _, _ in _GuardedLoki.seen} == {401} and _GuardedLoki.ids == []
+        secrets.put("logs/cloud/password", "s3cret")
+        for i in range(11, 21):
+            shipper.offer(dict(EVENT, id=i))
+        _wait(lambda: len(_GuardedLoki.ids) == 20)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert _GuardedLoki.ids == list(range(1, 21))
+    assert metrics.registry.get_sample_value("bastion_logship_dropped_total",
+                                             {"target": "cloud", "reason": "rejected"}) in (None, 0)  # fmt: skip
+
+
+def test_loki_over_https_with_a_private_ca_a_client_certificate_and_a_token(tmp_path: Path, monkeypatch):
+    """An https URL checked against the site's CA file, the controller's certificate presented
+    (mutual TLS) with its key from the secret store, and a bearer token."""
+    import ssl
+
+    from certkit import make_pki
+
+    monkeypatch.setattr(Target, "backoff_max_s", 0.3)
+    pki = make_pki(tmp_path / "pki", dns=("localhost",), ips=("127.0.0.1",), client="bastion-ctl")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca"]))
+    tls.load_cert_chain(pki["cert"], pki["key"])
+    tls.verify_mode = ssl.CERT_REQUIRED
+    _GuardedLoki.want = {"Authorization": "Bearer tok-123"}
+    server, url = _guarded_server(tls)
+    secrets = SecretStore(tmp_path / "secrets")
+    secrets.put("logs/loki/token", "tok-123")
+    events: list[dict] = []
+    shipper = Shipper(tmp_path / "q", Metrics(), lambda kind, **f: events.append(f["payload"]), secrets=secrets)
+    shipper.configure(LogsSection.model_validate({"targets": [{
+        "name": "loki", "type": "loki", "url": url, "auth": "bearer",
+        "tls": {"ca_file": "pki/ca.pem", "cert_file": "pki/client.pem"}}]}), site="s", site_root=tmp_path)  # fmt: skip
+    try:
+        for i in range(1, 6):
+            shipper.offer(dict(EVENT, id=i))
+        _wait(lambda: any(e["action"] == "down" for e in events))
+        assert "logs/loki/client.key is not in the secret store" in events[0]["error"]
+        secrets.put("logs/loki/client.key", pki["client_key"].read_text().strip())
+        _wait(lambda: len(_GuardedLoki.ids) == 5)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert _GuardedLoki.ids == [1, 2, 3, 4, 5]
+    assert {(s, peer) for s, _, peer in _GuardedLoki.seen} == {(204, "bastion-ctl")}
+    assert any(e["action"] == "up" for e in events)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 from bastion.lab.netns import Namespace
-from netkit import need_root, need_tool
+from certkit import make_pki
+from netkit import need_root
 from rsyslogkit import PORT, Rsyslog
 
 pytestmark = pytest.mark.netns
@@ -34,10 +35,11 @@ def _site(site_dir: Path, logs: str) -> Path:
     return site_dir
 
 
-def _serve(ns: Namespace, site: Path, db: Path) -> subprocess.Popen:
+def _serve(ns: Namespace, site: Path, db: Path, secrets: Path | None = None) -> subprocess.Popen:
     # the same name again stops the earlier one first (SIGTERM: it shuts down cleanly)
+    more = ["--secrets", str(secrets)] if secrets is not None else []
     proc = ns.start([sys.executable, "-m", "bastion.serve_cli", "serve", "--site", str(site), "--db", str(db),
-                     "--listen", HTTP, "--poll", "0", "--no-access-log", "--log-level", "warning"],
+                     "--listen", HTTP, "--poll", "0", "--no-access-log", "--log-level", "warning", *more],
                     name="bastion", log=db.with_suffix(".log"))  # fmt: skip
     _in_ns(ns, f"""
 import time, urllib.request
@@ -216,30 +218,12 @@ except urllib.error.HTTPError:
     cut = [json.loads(ln.split("] ", 1)[1]) for ln in lines if '"truncated"' in ln]
     assert len(cut) == 1 and cut[0]["payload"]["truncated"] > 12000
 
-def _certs(d: Path) -> dict[str, Path]:
-    """A CA and a server certificate for collector.test, made with openssl for this test."""
-    need_tool("openssl")
-    d.mkdir(parents=True, exist_ok=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=edge-bastion test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=collector.test")
-    (d / "ext").write_text("subjectAltName=DNS:collector.test\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext")
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
-
-
 def test_tls_to_rsyslog_gtls(ns, site_dir, tmp_path):
     """RFC 5425: the same stream over TLS to rsyslog's gtls driver (Debian's rsyslog-gnutls),
     the collector's certificate checked against the site's CA file and name."""
     if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
         pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
-    certs = _certs(tmp_path / "pki")
+    certs = make_pki(tmp_path / "pki")
     site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
                            f"      host: 127.0.0.1\n      port: {PORT}\n"
                            f"      tls: {{ca_file: {certs['ca']}, server_name: collector.test}}\n")  # fmt: skip
@@ -253,10 +237,57 @@ def test_tls_to_rsyslog_gtls(ns, site_dir, tmp_path):
     assert len(got) == len(_db_ids(db)), "no reconnects on a healthy TLS connection"
 
 
+def test_mutual_tls_waits_for_the_client_key_then_delivers(ns, site_dir, tmp_path):
+    """rsyslog that takes only clients with a certificate from the CA (x509/certvalid): the
+    controller presents the site's certificate with its key from the secret store. Until the
+    key is there, nothing is sent and nothing is lost (a `down` event names the secret); once
+    it is put there, every event arrives, those of the wait first. A TLS client without a
+    certificate gets nothing through to the same rsyslog."""
+    if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
+        pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
+    certs = make_pki(tmp_path / "pki")
+    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n"
+                           f"      tls: {{ca_file: {certs['ca']}, server_name: collector.test, "
+                           f"cert_file: {certs['client_cert']}}}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    secrets = tmp_path / "secrets"
+    rs = Rsyslog(ns, tmp_path / "rsyslog", tls=certs, tls_auth="x509/certvalid")
+    rs.start()
+    _serve(ns, site, db, secrets)
+    _boots(ns, 10, 0)
+    down = _wait_for(lambda: [p for p in _db_logship(db) if '"action":"down"' in p], bool)
+    assert "logs/central/client.key is not in the secret store" in down[0]
+    assert rs.ids() == []
+    # a client without a certificate: the handshake or the first read fails, and rsyslog
+    # writes nothing of what it sent
+    _in_ns(ns, f"""
+import socket, ssl
+ctx = ssl.create_default_context(cafile="{certs['ca']}")
+try:
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", {PORT}), timeout=10),
+                         server_hostname="collector.test") as s:
+        msg = b'<134>1 - h edge-bastion - boot [bastion@32473 id="999999"] {{}}'
+        s.sendall(b"%d %s" % (len(msg), msg))
+        s.recv(1)
+except (OSError, ssl.SSLError):
+    pass
+""")
+    key = secrets / "logs" / "central" / "client.key"
+    key.parent.mkdir(parents=True)
+    key.write_bytes(certs["client_key"].read_bytes())
+    key.chmod(0o600)
+    _boots(ns, 10, 10)
+    got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
+    assert 999999 not in got
+    assert _first_seen(got) == _db_ids(db)
+    assert any('"action":"up"' in p for p in _db_logship(db))
+
+
 def test_tls_refuses_a_collector_with_another_name(ns, site_dir, tmp_path):
     if not Path("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists():
         pytest.skip("rsyslog-gnutls is not installed (tools/setup installs it)")
-    certs = _certs(tmp_path / "pki")
+    certs = make_pki(tmp_path / "pki")
     site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
                            f"      host: 127.0.0.1\n      port: {PORT}\n"
                            f"      tls: {{ca_file: {certs['ca']}, server_name: other.test}}\n")  # fmt: skip
