@@ -33,16 +33,18 @@ class SimProcess:
     ports), or with `netns`, inside that network namespace on `listen` and the real ports."""
 
     def __init__(self, flash: Path, link: Path, config: dict | None = None, args: tuple = (),
-                 netns: str | None = None, listen: str = "127.0.0.1"):
+                 netns: str | None = None, listen: str = "127.0.0.1", blank: bool = False):
         """args: more `bastion sim` options (--dress-as BOARD, ...); netns: run it in that
-        network namespace (its default ports, on `listen`)."""
-        (flash / "tftp").mkdir(parents=True, exist_ok=True)
-        (flash / "device.json").write_text(json.dumps({
-            "server_ip": listen,
-            "script_url": f"http://{listen}:8080/boot.ipxe",
-            "boot_files": {"7": "ipxe.efi"},
-            **(config or {}),
-        }))
+        network namespace (its default ports, on `listen`); blank: a board as it comes, with
+        no device config (`config` is then not used)."""
+        if not blank:
+            (flash / "tftp").mkdir(parents=True, exist_ok=True)
+            (flash / "device.json").write_text(json.dumps({
+                "server_ip": listen,
+                "script_url": f"http://{listen}:8080/boot.ipxe",
+                "boot_files": {"7": "ipxe.efi"},
+                **(config or {}),
+            }))
         self.link = link
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []

@@ -153,13 +153,22 @@ def _format_event(e: dict) -> str:
 def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -> None:
     """Show the event history: boot requests, callbacks, reloads, device events."""
     filters = {"kind": kind, "mac": mac, "machine": machine}
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if url and ctx.get_parameter_source("url") == ParameterSource.ENVIRONMENT and any(
+            ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE for p in ("site_dir", "db_path")):  # fmt: skip
+        url = None  # $BASTION_URL (exported for the device commands) gives way to --site or --db
 
     if url:
         import httpx
 
         def fetch(after: int | None) -> list[dict]:
             params = {k: v for k, v in {**filters, "limit": limit, "after": after}.items() if v is not None}
-            r = httpx.get(url.rstrip("/") + "/api/v1/events", params=params, timeout=10)
+            try:
+                r = httpx.get(url.rstrip("/") + "/api/v1/events", params=params, timeout=10)
+            except httpx.HTTPError as e:
+                raise click.ClickException(f"{url}: {e}") from None
             if r.status_code != 200:
                 raise click.ClickException(f"{url}: HTTP {r.status_code}: {r.text.strip()}")
             return r.json()
@@ -249,7 +258,8 @@ def site_check(site_dir: Path) -> None:
 @click.option("--root", "--prefix", "root", default="/", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Install under this directory instead of / (a package build, a test): "
-                   "the files only; no command runs.")  # fmt: skip
+                   "the files, and `systemd-sysusers --root` for the service's user; no other "
+                   "command runs.")  # fmt: skip
 @click.option("--no-systemctl", is_flag=True, help="Do not run `systemctl daemon-reload`.")
 @click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
 def install_service(site_dir, listen, management_listen, management_interface, tftp, device, name,

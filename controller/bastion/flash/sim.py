@@ -183,12 +183,15 @@ def firmware_command(
     return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port)
 
 
-def check_flash(flash: Path) -> None:
-    if not (flash / "device.json").exists():
-        raise SimError(
-            f"{flash}/device.json is missing: the device config "
-            "(see docs/device.md for its fields, or `bastion flash --sim` to render one from a site)"
-        )
+def blank_note(flash: Path) -> str | None:
+    """What to tell a user whose flash has no device config yet, or None when it has one. Such
+    a board boots as a new one does: relays, console and watchdog, its network services off
+    (a `boot` event says so), until a config is flashed over its serial line."""
+    if (flash / "device.json").exists():
+        return None
+    return (f"note: {flash}/device.json is missing: the board boots without a device config, its "
+            "network services off, until one is flashed (`bastion flash --port <its serial line>`, "
+            "or `bastion flash --sim` to render one from a site; docs/device.md has its fields)")
 
 
 @click.command("sim")
@@ -251,11 +254,16 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
             raise SimError("--dress-micropython and --dress-mpy go with --dress-as BOARD")
         if not no_install:
             install_firmware(flash, board)
-        check_flash(flash)
+        if not (flash / "board.json").exists():
+            raise SimError(f"{flash}/board.json is missing: run without --no-install to lay out the "
+                           "firmware and board file, or `bastion flash --sim` first")  # fmt: skip
+        note = blank_note(flash)
         heap_bytes = parse_heap(heap)
         mp = micropython_bin()
     except (SimError, DressError) as e:
         raise click.ClickException(str(e)) from None
+    if note is not None:
+        click.echo(note, err=True)
     board_def = json.loads((flash / "board.json").read_text())
     wdt_ms = board_def.get("watchdog", {}).get("timeout_ms")
     emit = json_lines_out()

@@ -37,8 +37,8 @@ def tftp_files(root: Path, n: int, size: int = 4000) -> Path:
     return root
 
 
-def dressed(flash: Path, link: Path, *dress: str) -> SimProcess:
-    return SimProcess(flash, link, None, ("--dress-as", BOARD, *dress))
+def dressed(flash: Path, link: Path, *dress: str, blank: bool = False) -> SimProcess:
+    return SimProcess(flash, link, None, ("--dress-as", BOARD, *dress), blank=blank)
 
 
 def resets(board: SimProcess) -> list[str]:
@@ -216,3 +216,28 @@ def test_too_little_flash_is_refused_with_the_numbers_and_nothing_is_written(
     assert seen == [state], seen
     assert (flash / "device.json").read_bytes() == before
     assert not (flash / "tftp" / "f000.bin").exists() and not (flash / ".bastion-new").exists()
+
+
+def test_a_blank_board_boots_without_a_config_and_is_flashed_over_its_serial_line(tmp_path):
+    """What docs/tutorial.md does without a board: `bastion sim --dress-as` on a new, empty
+    flash directory comes up as a new board does (its network services off, a `boot` event
+    saying the device config is missing, the console answering), and `bastion flash --port`
+    then gives it its config, after which it boots serving."""
+    flash = tmp_path / "pico"
+    site = make_site(tmp_path / "site")
+    tftp = tftp_files(tmp_path / "tftp", 2)
+    with dressed(flash, tmp_path / "ttyPICO", blank=True) as board:
+        first = next(e for e in board.seen if e.get("ev") == "boot")
+        assert first["error"] == "device.json: missing (flash the device config)", first
+        assert "services" not in first
+        with DeviceLink(str(board.link), timeout_s=10) as link:
+            assert link.wait_ready(15), link.last_error
+            assert link.info["board"] == BOARD
+        i = len(board.seen)
+        r = bastion("flash", "--port", str(board.link), "--board", BOARD, "--site", str(site),
+                    "--tftp-dir", str(tftp))  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"boot: firmware 0.2.0 on board {BOARD}, serving dhcp, tftp" in r.stdout, r.stdout
+        booted = normal_boot_after(board, i)
+        assert "error" not in booted and "dhcp" in booted["services"], booted
+    assert json.loads((flash / "device.json").read_text())

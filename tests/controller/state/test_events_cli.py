@@ -1,0 +1,39 @@
+"""`bastion events` picks its history: an explicit --db or --site wins over a BASTION_URL that a
+shell exported for the device commands; --url, or the variable alone, reads the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bastion.cli import main
+from bastion.state.events import EventStore
+from click.testing import CliRunner
+
+DEAD_URL = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def _db(tmp_path: Path) -> Path:
+    path = tmp_path / "events.db"
+    store = EventStore(path)
+    store.record("boot", mac="52:54:00:12:34:01", endpoint="/ipxe", status=200)
+    store.close()
+    return path
+
+
+def test_an_explicit_db_wins_over_an_exported_url(tmp_path):
+    db = _db(tmp_path)
+    r = CliRunner().invoke(main, ["events", "--db", str(db), "--json"], env={"BASTION_URL": DEAD_URL})
+    assert r.exit_code == 0, r.output
+    assert '"endpoint": "/ipxe"' in r.output or '"endpoint":"/ipxe"' in r.output
+
+
+def test_the_exported_url_alone_reads_the_api(tmp_path):
+    r = CliRunner().invoke(main, ["events"], env={"BASTION_URL": DEAD_URL})
+    assert r.exit_code == 1, r.output  # a clear error, not a traceback
+    assert f"Error: {DEAD_URL}: " in r.output and "refused" in r.output, r.output
+
+
+def test_url_on_the_command_line_reads_the_api_even_with_db(tmp_path):
+    db = _db(tmp_path)
+    r = CliRunner().invoke(main, ["events", "--db", str(db), "--url", DEAD_URL])
+    assert r.exit_code == 1 and f"Error: {DEAD_URL}: " in r.output, r.output
