@@ -21,9 +21,10 @@ from starlette.responses import FileResponse
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 from bastion.api.deps import RuntimeDep, SiteDep
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.site.load import clean_relpath
 
-router = APIRouter(tags=["assets"])
+router = APIRouter(tags=["assets"], route_class=StrictJsonRoute)
 
 
 class AssetResponse(FileResponse):

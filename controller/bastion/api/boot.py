@@ -3,7 +3,6 @@ nodes use to report that they booted."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -12,12 +11,13 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from bastion import boot, match
-
-from bastion.state import heartbeats, install
+from bastion.api import jsonbody
 from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url, boot_context
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import BootRequest
+from bastion.state import heartbeats, install
 
-router = APIRouter(tags=["boot"])
+router = APIRouter(tags=["boot"], route_class=StrictJsonRoute)
 
 _QUERY_DOC = (
     "Query parameters are the machine's labels: `mac` (any common notation, normalised), `uuid`, "
@@ -189,13 +189,16 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
     body = await request.body()  # at most 64 KiB: bastion.api.limits
     fields: dict[str, object] = dict(parse_qsl(request.url.query, keep_blank_values=True))
     text = body.decode("utf-8", errors="replace").strip()
-    if text.startswith("{"):
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if text.startswith(("{", "[")) or content_type == "application/json":
         try:
-            data = json.loads(text)
-        except ValueError:
-            raise HTTPException(400, "callback body is not valid JSON") from None
+            data = jsonbody.loads(text)
+        except jsonbody.BadJson as e:
+            raise HTTPException(400, f"callback body: {e}") from None
+        except ValueError as e:
+            raise HTTPException(400, f"callback body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise HTTPException(400, "callback body must be a JSON object")
+            raise HTTPException(400, f"callback body must be a JSON object, not {type(data).__name__}")
         fields.update(data)
     elif text:
         fields.update(parse_qsl(text, keep_blank_values=True))
@@ -249,10 +252,13 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
     body = (await request.body()).decode("utf-8", errors="replace")  # 4 KiB at most: limits
     for key, value in parse_qsl(body):
         fields.setdefault(key, value)
+    if "mac" not in fields:
+        raise HTTPException(400, "mac is missing: a heartbeat gives it as a query or form field "
+                                 "(mac=52:54:00:12:34:01), not as JSON")  # fmt: skip
     try:
-        mac = match.parse_mac(str(fields.get("mac", "")))
+        mac = match.parse_mac(str(fields["mac"]))
     except match.Malformed:
-        raise HTTPException(400, f"{fields.get('mac')!r} is not a MAC address") from None
+        raise HTTPException(400, f"{fields['mac']!r} is not a MAC address") from None
     try:
         checked = heartbeats.fields(fields)
     except heartbeats.BadBeat as e:

@@ -17,8 +17,9 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from bastion import __version__, paths
 from bastion.api.deps import SiteDep
+from bastion.api.jsonbody import StrictJsonRoute
 
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], route_class=StrictJsonRoute)
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent.parent / "templates"),

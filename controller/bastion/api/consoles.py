@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
+from bastion.api import jsonbody
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, admin_refusal
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.device.hub import PowerTargetError
 from bastion.device.link import DeviceError
 
-router = APIRouter(tags=["consoles"])
+router = APIRouter(tags=["consoles"], route_class=StrictJsonRoute)
 
 AUTH_TIMEOUT_S = 10.0
 POLICY = 1008  # RFC 6455 7.4.1: policy violation (the token)
@@ -64,8 +65,8 @@ async def _authenticate(ws: WebSocket, runtime) -> str | None:
     if text is None:
         return 'the first message must be a text frame {"token": "..."}'
     try:
-        given = json.loads(text).get("token")
-    except (ValueError, AttributeError):
+        given = jsonbody.loads(text).get("token")
+    except (ValueError, AttributeError):  # BadJson is a ValueError
         return 'the first message must be JSON {"token": "..."}'
     refusal = admin_refusal(runtime.settings.api_token, given if isinstance(given, str) else None)
     if refusal is not None:

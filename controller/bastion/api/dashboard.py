@@ -21,8 +21,9 @@ from fastapi.responses import HTMLResponse
 
 from bastion import __version__
 from bastion.api.deps import RuntimeDep, SiteDep
+from bastion.api.jsonbody import StrictJsonRoute
 
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], route_class=StrictJsonRoute)
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent.parent / "templates"),

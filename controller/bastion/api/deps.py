@@ -20,14 +20,14 @@ from bastion.device.consoles import ConsoleLogs
 from bastion.device.hub import DeviceHub
 from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
-from bastion.state.secrets import SecretStore
-from bastion.settings import Settings
-from bastion.site.holder import SiteHolder
 from bastion.model import BootRequest, Site
 from bastion.operator.runner import Operator
+from bastion.settings import Settings
+from bastion.site.holder import SiteHolder
 from bastion.state.addresses import AddressBook
 from bastion.state.events import EventStore
 from bastion.state.heartbeats import Heartbeats
+from bastion.state.secrets import SecretStore
 from bastion.tftpd import TftpService
 from bastion.ups.runner import UpsWatch
 

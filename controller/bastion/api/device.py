@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep
-from bastion.device.link import DeviceError, DeviceTimeout
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.device.hub import DeviceHub, PowerTargetError
+from bastion.device.link import DeviceError, DeviceTimeout
 
-router = APIRouter(tags=["device"])
+router = APIRouter(tags=["device"], route_class=StrictJsonRoute)
 
 
 async def get_hub(runtime: RuntimeDep) -> DeviceHub:

@@ -8,8 +8,8 @@ from fastapi import HTTPException
 
 from bastion import yamlfile
 from bastion.api.deps import Runtime
-from bastion.site.load import SiteError
 from bastion.model import Site
+from bastion.site.load import SiteError
 
 
 def current_yaml(runtime: Runtime, rel: str) -> Any:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from bastion import match
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, StoreDep
+from bastion.api.jsonbody import StrictJsonRoute
 
-router = APIRouter(prefix="/events", tags=["events"])
+router = APIRouter(prefix="/events", tags=["events"], route_class=StrictJsonRoute)
 
 
 class EventOut(BaseModel):
@@ -38,7 +39,7 @@ class EventIn(BaseModel):
 def list_events(
     store: StoreDep,
     limit: int = 100,
-    after: int | None = None,
+    after: int | None = Query(None, ge=0, le=2**63 - 1, description="only events after this id, oldest first"),
     kind: str | None = None,
     mac: str | None = None,
     machine: str | None = None,

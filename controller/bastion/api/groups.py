@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
 from bastion.api.edits import apply_or_422
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import Group, Site
 from bastion.site.schema import check_name
 
-router = APIRouter(prefix="/groups", tags=["groups"])
+router = APIRouter(prefix="/groups", tags=["groups"], route_class=StrictJsonRoute)
 
 
 class GroupOut(BaseModel):

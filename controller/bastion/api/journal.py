@@ -16,9 +16,10 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 
 from bastion.api.deps import RuntimeDep, SiteDep
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.logship.journal import ExportParser, Malformed, as_event
 
-router = APIRouter(tags=["logs"])
+router = APIRouter(tags=["logs"], route_class=StrictJsonRoute)
 
 CONTENT_TYPE = "application/vnd.fdo.journal"
 

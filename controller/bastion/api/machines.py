@@ -11,13 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import apply_or_422, current_yaml
+from bastion.api.jsonbody import StrictJsonRoute
+from bastion.model import BootRequest, Machine, Site
+from bastion.render.config import RenderError, SecretsRequired, render_ignition
+from bastion.site.schema import MachineEntry
 from bastion.state import boottrace
 from bastion.state.install import Installed
-from bastion.render.config import RenderError, SecretsRequired, render_ignition
-from bastion.model import BootRequest, Machine, Site
-from bastion.site.schema import MachineEntry
 
-router = APIRouter(prefix="/machines", tags=["machines"])
+router = APIRouter(prefix="/machines", tags=["machines"], route_class=StrictJsonRoute)
 
 
 # The API's two machine types are made from the model and the schema, not written a third time.

@@ -13,25 +13,39 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, FastAPI
 
-from bastion import __version__
-from bastion.api import (assets, boot, console_page, consoles, dashboard, device, events, groups,
-                         journal, machines, operator, profiles, system, ups)  # fmt: skip
+from bastion import __version__, paths
+from bastion.api import (
+    assets,
+    boot,
+    console_page,
+    consoles,
+    dashboard,
+    device,
+    events,
+    groups,
+    journal,  # fmt: skip
+    machines,
+    operator,
+    profiles,
+    system,
+    ups,
+)
 from bastion.api.deps import GroupCommit, Runtime
-from bastion.api.listeners import ListenerSplit, boot_path_patterns
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.api.limits import BodyLimits
-from bastion import paths
+from bastion.api.listeners import ListenerSplit, boot_path_patterns
 from bastion.boot import Provisioning
 from bastion.device.consoles import ConsoleLogs
-from bastion.state.install import InstallMarks
 from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
-from bastion.state.onetime import IgnitionTokens
-from bastion.state.secrets import SecretStore, machine_secrets, secrets_dir
+from bastion.operator.runner import Operator
 from bastion.settings import Settings, default_db_path
 from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
-from bastion.operator.runner import Operator
+from bastion.state.install import InstallMarks
+from bastion.state.onetime import IgnitionTokens
 from bastion.state.operator import OperatorState
+from bastion.state.secrets import SecretStore, machine_secrets, secrets_dir
 from bastion.state.ups import UpsState
 from bastion.ups.runner import UpsWatch
 
@@ -177,7 +191,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(console_page.router)
     app.include_router(journal.router)
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", route_class=StrictJsonRoute)
     for module in (machines, device, consoles, profiles, groups, events, operator, ups):
         api.include_router(module.router)
     app.include_router(api)

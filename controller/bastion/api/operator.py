@@ -10,10 +10,11 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict
 
 from bastion.api.deps import AdminDep, RuntimeDep
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.operator.runner import Operator, PlanChanged
 from bastion.site.load import SiteError
 
-router = APIRouter(tags=["operator"])
+router = APIRouter(tags=["operator"], route_class=StrictJsonRoute)
 
 
 def _operator(runtime) -> Operator:

@@ -11,10 +11,11 @@ from pydantic import BaseModel
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
 from bastion.api.edits import apply_or_422
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import Boot, Profile, Site
 from bastion.site.schema import check_name
 
-router = APIRouter(prefix="/profiles", tags=["profiles"])
+router = APIRouter(prefix="/profiles", tags=["profiles"], route_class=StrictJsonRoute)
 
 
 class BootOut(BaseModel):

@@ -9,9 +9,10 @@ from pydantic import BaseModel
 
 from bastion import __version__
 from bastion.api.deps import AdminDep, RuntimeDep
+from bastion.api.jsonbody import StrictJsonRoute
 from bastion.metrics import CONTENT_TYPE
 
-router = APIRouter(tags=["system"])
+router = APIRouter(tags=["system"], route_class=StrictJsonRoute)
 
 
 class SiteStatus(BaseModel):

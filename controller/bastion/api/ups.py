@@ -8,8 +8,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 
 from bastion.api.deps import RuntimeDep
+from bastion.api.jsonbody import StrictJsonRoute
 
-router = APIRouter(tags=["ups"])
+router = APIRouter(tags=["ups"], route_class=StrictJsonRoute)
 
 
 @router.get("/ups", summary="The UPS's last status and charge, and the power-cut policy's phase")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import gzip
 import ipaddress
 import json
@@ -90,6 +91,10 @@ class SiteFiles:
             return (self.root / rel).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # a name no file can have (an edit's ignition_id)
+                return None
+            raise
 
     def names(self, rel_dir: str) -> list[str]:
         """Regular files directly inside rel_dir (sorted), with the overlay applied."""

@@ -22,11 +22,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
 
 
+NAME_MAX = 128  # a name is a file's name too (profiles/<id>.yaml, a queue's <name>.db)
+
+
 def check_name(value: str, what: str = "name") -> str:
     if not _NAME.match(value):
         raise ValueError(
             f"{value!r} is not a valid {what} (letters, digits, '.', '_', '-'; no leading symbol)"
         )
+    if len(value) > NAME_MAX:
+        raise ValueError(f"{value[:20]!r}... is not a valid {what}: {len(value)} characters, at most {NAME_MAX}")
     return value
 
 

@@ -36,6 +36,7 @@ The same file also holds two small tables of controller state that must not lose
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -260,7 +261,24 @@ def _event(row: tuple) -> Event:
         data = json.loads(payload)
     except ValueError:
         data = {"raw": payload}
+    if "\\ud" in payload or "\\uD" in payload:  # perhaps a lone surrogate, which no answer can carry
+        data = _text_only(data)
     return Event(id_, ts, kind, source, mac, machine, endpoint, profile, grp, status, data)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins pairs: any left is alone
+
+
+def _text_only(v: Any) -> Any:
+    """v with each lone surrogate (stored before the API refused them) as U+FFFD, the
+    replacement character: readable, and plainly not what was sent."""
+    if isinstance(v, str):
+        return _SURROGATE.sub("\ufffd", v)
+    if isinstance(v, dict):
+        return {_text_only(k): _text_only(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_text_only(x) for x in v]
+    return v
 
 
 def open_state_db(path: Path | str) -> sqlite3.Connection:
