@@ -6,10 +6,22 @@ with), on failure the old one keeps serving and the error is kept for /healthz, 
 event history. `poll()` reloads when a file's mtime, size or presence changed and then held still
 for one more look. `apply(changes)` validates edits made through the API against the whole site
 before writing them, atomically.
+
+An edit of more than one file (a profile moved from JSON to YAML: the new file written, the old
+one removed) is made whole even across a crash between its files: `apply` first writes what it
+is about to do to `.bastion-edit.json` in the site directory (each file's new bytes, and a
+digest of what it held before), and removes that record when every file is done. A holder
+that starts and finds the record finishes the edit, file by file, where a file still holds
+what it held before; a file changed since by someone else stops it (logged, and the record
+kept aside as `.bastion-edit.json.conflict`), and the site is loaded as it is.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import logging
 import os
 import threading
 import time
@@ -23,6 +35,65 @@ from bastion.model import Site
 
 # Not part of the configuration: served as they are, or runtime state.
 _SKIP_DIRS = {"assets", "var"}
+EDIT_RECORD = ".bastion-edit.json"  # a dotfile: no reload is set off by it
+
+log = logging.getLogger("bastion.site")
+
+
+def _digest(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _current(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _write(root: Path, changes: dict[str, bytes | None]) -> None:
+    for rel, data in changes.items():
+        path = root / rel
+        if data is None:
+            if _current(path) is not None:
+                path.unlink(missing_ok=True)
+                atomic.fsync_dir(path.parent)
+        else:
+            atomic.write_bytes(path, data)
+
+
+def finish_interrupted_edit(root: Path) -> list[str]:
+    """Finish an API edit that a crash cut short (EDIT_RECORD); returns the files it wrote or
+    removed. Raises nothing: a record that does not read, or a file changed since, is logged and
+    the record set aside."""
+    record = root / EDIT_RECORD
+    try:
+        doc = json.loads(record.read_text())
+        files = {rel: (None if f["data"] is None else base64.b64decode(f["data"]), f["before"])
+                 for rel, f in doc["files"].items()}  # fmt: skip
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.error("%s does not read (%s): set aside, the site is loaded as it is", record, e)
+        os.replace(record, record.with_name(EDIT_RECORD + ".conflict"))
+        return []
+    todo: dict[str, bytes | None] = {}
+    for rel, (data, before) in files.items():
+        now = _current(root / rel)
+        if now == data:
+            continue  # written before the crash
+        if _digest(now) != before:
+            log.error("an interrupted edit of %s is not finished: %s changed since; its record "
+                      "is set aside as %s.conflict", root, rel, EDIT_RECORD)  # fmt: skip
+            os.replace(record, record.with_name(EDIT_RECORD + ".conflict"))
+            return []
+        todo[rel] = data
+    _write(root, todo)
+    record.unlink()
+    atomic.fsync_dir(root)
+    if todo:
+        log.warning("finished an edit that was interrupted: %s", ", ".join(sorted(todo)))
+    return sorted(todo)
 
 
 def fingerprint(root: Path) -> tuple:
@@ -73,6 +144,7 @@ class SiteHolder:
         self.root = Path(root)
         self.on_reload = on_reload
         self._lock = threading.Lock()
+        finish_interrupted_edit(self.root)
         self._fingerprint = fingerprint(self.root)
         self._settling: tuple | None = None  # a changed fingerprint seen once by poll()
         self.site: Site = load_site(self.root)  # raises SiteError: nothing to serve yet
@@ -118,16 +190,32 @@ class SiteHolder:
         site, then write them atomically and serve the result. Raises SiteError untouched."""
         with self._lock:
             site = load_site(self.root, overlay=changes)
-            for rel, data in changes.items():
-                path = self.root / rel
-                if data is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    atomic.write_bytes(path, data)
+            if len(changes) > 1:  # one file alone is replaced atomically as it is
+                self._write_recorded(changes)
+            else:
+                _write(self.root, changes)
             self._fingerprint = fingerprint(self.root)
             self._settling = None
             self._swap(site)
         return site
+
+    def _write_recorded(self, changes: dict[str, bytes | None]) -> None:
+        """Write several files as one edit: the record first (a crash is finished at the next
+        start), and on an error here (a full disk) the files already written put back."""
+        record = self.root / EDIT_RECORD
+        before = {rel: _current(self.root / rel) for rel in changes}
+        files = {rel: {"data": None if data is None else base64.b64encode(data).decode(),
+                       "before": _digest(before[rel])} for rel, data in changes.items()}  # fmt: skip
+        atomic.write_text(record, json.dumps({"files": files}))
+        try:
+            _write(self.root, changes)
+        except BaseException:
+            _write(self.root, {rel: old for rel, old in before.items()
+                               if _current(self.root / rel) != old})  # fmt: skip
+            record.unlink()
+            raise
+        record.unlink()
+        atomic.fsync_dir(self.root)
 
     def _swap(self, site: Site) -> None:
         self.site = site
