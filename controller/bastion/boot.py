@@ -85,11 +85,15 @@ def _lacks(group: Group, profile: Profile, what: str) -> Answer:
                   profile=profile, error=f"profile has no {what}")  # fmt: skip
 
 
-def _no_match(labels: dict[str, str]) -> Answer:
+def _no_match(req: BootRequest) -> Answer:
     text = (
-        f"no group matches this machine ({describe(labels)}): declare it in machines.yaml, "
+        f"no group matches this machine ({describe(req.labels)}): declare it in machines.yaml, "
         "add a matchbox group that selects it, or set a default profile\n"
     )
+    bad = [v for k, v in parse_qsl(req.raw_query, keep_blank_values=True)
+           if k.lower() == "mac" and k not in req.labels]  # fmt: skip
+    if bad:  # dropped by match.labels_from_pairs: say so, or the answer hides why
+        text += f"(mac={bad[0]!r} is not a MAC address, so it selects nothing)\n"
     return Answer(404, text, error="no matching group")
 
 
@@ -141,7 +145,7 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str, toke
 def _boot_answer(site: Site, req: BootRequest, loader: str, prov: Provisioning | None) -> Answer:
     found = select(site, req.labels)
     if found is None:
-        return _no_match(req.labels)
+        return _no_match(req)
     group, profile = found
     machine = group.machine
     if prov is not None and machine is not None and profile.install == "once":
@@ -222,7 +226,7 @@ def _rendered(site: Site, req: BootRequest, what: tuple[str, str],
     URL only), 500 when it does not render. what: its name in a 404 and in a 500."""
     found = select(site, req.labels)
     if found is None:
-        return _no_match(req.labels)
+        return _no_match(req)
     group, profile = found
     if not has(profile):
         return _lacks(group, profile, what[0])
@@ -308,7 +312,7 @@ def generic(site: Site, req: BootRequest) -> Answer:
 def metadata(site: Site, req: BootRequest) -> Answer:
     group = match.select_group(site.groups, req.labels)
     if group is None:
-        return _no_match(req.labels)
+        return _no_match(req)
     return Answer(
         200,
         metadata_env(variables(site, group, req)),

@@ -105,3 +105,12 @@ def test_a_heartbeat_without_a_mac_says_so(site_dir, client_for):
     for kw in ({}, {"json": {"mac": MAC}}):
         r = c.post("/heartbeat", **kw)
         assert r.status_code == 400 and r.json()["detail"].startswith("mac is missing"), r.text
+
+
+def test_a_boot_request_with_a_mac_that_does_not_parse_is_told_so(site_dir, client_for):
+    c = client_for(site_dir)
+    for path in ("/ipxe", "/ignition", "/metadata"):
+        r = c.get(path, params={"mac": "zz"})
+        assert r.status_code == 404 and "mac='zz' is not a MAC address" in r.text, (path, r.text)
+    r = c.get("/ipxe", params={"mac": "52:54:00:99:99:99"})  # a good MAC no group selects
+    assert r.status_code == 404 and "is not a MAC address" not in r.text
