@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, params
 from fastapi.routing import APIRoute
 
 MAX_DEPTH = 64  # arrays and objects within each other; deeper is refused
@@ -89,14 +89,26 @@ class _StrictRequest(Request):
         return self._json
 
 
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 class StrictJsonRoute(APIRoute):
     """An APIRoute whose JSON body is parsed by `loads`: what it refuses is a 400 that says
-    why; text that is not JSON at all stays FastAPI's 422 (json_invalid)."""
+    why; text that is not JSON at all stays FastAPI's 422 (json_invalid). A body the route
+    reads as JSON sent under another Content-Type, or none, is a 415 that says so (FastAPI
+    would take the bytes as the body and answer 'Input should be a valid dictionary')."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        wants_json = self.body_field is not None and not isinstance(self.body_field.field_info, params.Form)
 
         async def strict(request: Request):
+            content_type = request.headers.get("content-type", "")
+            if wants_json and not _is_json(content_type) and await request.body():
+                raise HTTPException(415, "the body is JSON: send it with Content-Type: application/json "
+                                         f"(this request's: {content_type[:80] or 'none'})")  # fmt: skip
             return await handler(_StrictRequest(request.scope, request.receive))
 
         return strict

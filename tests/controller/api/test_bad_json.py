@@ -114,3 +114,17 @@ def test_a_boot_request_with_a_mac_that_does_not_parse_is_told_so(site_dir, clie
         assert r.status_code == 404 and "mac='zz' is not a MAC address" in r.text, (path, r.text)
     r = c.get("/ipxe", params={"mac": "52:54:00:99:99:99"})  # a good MAC no group selects
     assert r.status_code == 404 and "is not a MAC address" not in r.text
+
+
+def test_a_json_body_under_another_content_type_is_a_415_that_says_so(site_dir, client_for):
+    c = client_for(site_dir)
+    machines = (site_dir / "machines.yaml").read_bytes()
+    r = c.patch("/api/v1/machines/node1", content='{"power": "off"}', headers={**AUTH, "Content-Type": "text/plain"})
+    assert r.status_code == 415, r.text
+    assert r.json()["detail"] == "the body is JSON: send it with Content-Type: application/json (this request's: text/plain)"
+    assert (site_dir / "machines.yaml").read_bytes() == machines
+    r = c.patch("/api/v1/machines/node1", content='{"power": "off"}', headers=AUTH)
+    assert r.status_code == 415 and r.json()["detail"].endswith("(this request's: none)"), r.text
+    for headers in (JSON, {"Content-Type": "application/merge-patch+json"}):
+        r = c.patch("/api/v1/machines/node1", content='{"power": "off"}', headers={**AUTH, **headers})
+        assert r.status_code == 200, (headers, r.text)
