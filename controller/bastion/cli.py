@@ -3,7 +3,22 @@
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """Every command's last line of defence for bad input: a file or directory it was pointed
+    at that cannot be used (unreadable, a file where a directory must be, a symlink loop) is a
+    one-line error naming it, not a traceback. Each command still says more where it can."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.filename is None:
+                raise click.ClickException(str(e)) from None
+            names = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+            raise click.ClickException(f"{names}: {e.strerror or e}") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edge-bastion")
 def main() -> None:
     """Edge Bastion: network-boot Flatcar nodes from a small device and a controller."""

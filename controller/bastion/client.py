@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 import httpx
@@ -29,12 +30,27 @@ class ApiError(click.ClickException):
         self.status = status
 
 
+def segment(name: str) -> str:
+    """`name` as one segment of an API path: percent-encoded, so that a '/', '..', '?' or '#'
+    in it names nothing else (`machine hold 'a/../b'` must not hold b); ApiError for a name
+    that is no text (a control character, bytes that are not UTF-8)."""
+    if not name.isprintable():
+        raise ApiError(f"{name!r} is not a name: it has a control character")
+    try:
+        return quote(name, safe="")
+    except UnicodeEncodeError:
+        raise ApiError(f"{name!r} is not a name: it is not UTF-8 text") from None
+
+
 class ApiClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.token = token
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise ApiError(f"{url}: not a URL: {e}") from None
 
     @classmethod
     def connect(cls, url: str, token_file: Path | None = None) -> ApiClient:
@@ -46,7 +62,12 @@ class ApiClient:
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         """The decoded JSON answer of `method path`, or ApiError."""
-        return self._request(method, path, **kw).json()
+        r = self._request(method, path, **kw)
+        try:
+            return r.json()
+        except ValueError:
+            raise ApiError(f"{self.url}: the answer to {method} {path} is not JSON (HTTP "
+                           f"{r.status_code}): is this an Edge Bastion controller?") from None
 
     def call_bytes(self, method: str, path: str, **kw: Any) -> bytes:
         """The raw body of the answer of `method path` (a console log), or ApiError."""
@@ -55,7 +76,7 @@ class ApiClient:
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise ApiError(f"{self.url}: {e}") from None
         if r.status_code >= 400:
             try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from bastion.client import ApiClient
+from bastion.client import ApiClient, segment
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -64,7 +64,7 @@ def machine_list(url, token_file, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The API's answer as JSON.")
 def machine_status(name, url, token_file, as_json) -> None:
     """One machine: its entry and what it boots next."""
-    m = ApiClient.connect(url, token_file).call("GET", f"/api/v1/machines/{name}")
+    m = ApiClient.connect(url, token_file).call("GET", f"/api/v1/machines/{segment(name)}")
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
@@ -80,7 +80,7 @@ def machine_status(name, url, token_file, as_json) -> None:
 def machine_reprovision(name, url, token_file) -> None:
     """Make an installed machine (profile `install: once`) network-boot and install again at its
     next boot. Needs the token. Power-cycle it to start now (`bastion power cycle NAME`)."""
-    r = ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{name}/reprovision")
+    r = ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{segment(name)}/reprovision")
     if r["changed"]:
         click.echo(f"{name}: was installed {_when(r['was_installed_at'])}; its next boot is a network "
                    f"boot (event {r['event']})")  # fmt: skip
@@ -94,7 +94,7 @@ def machine_reprovision(name, url, token_file) -> None:
 def machine_hold(name, url, token_file) -> None:
     """Hold NAME: the operator takes no action on it (power, cycles) until it is released. A
     power command (`bastion power`) holds its machine too. Needs the token."""
-    ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{name}/hold")
+    ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{segment(name)}/hold")
     click.echo(f"{name}: held; `bastion machine release {name}` gives it back to the operator")
 
 
@@ -104,7 +104,7 @@ def machine_hold(name, url, token_file) -> None:
 def machine_release(name, url, token_file) -> None:
     """Give NAME back to the operator after a hold, a power command or Failed: it converges on
     its declaration again, with its count of power-cycles at zero. Needs the token."""
-    r = ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{name}/release")
+    r = ApiClient.connect(url, token_file).call("POST", f"/api/v1/machines/{segment(name)}/release")
     click.echo(f"{name}: released; the operator converges it on its declaration again"
                + (f" (it had failed: {r['failed']['reason']})" if r.get("failed") else ""))
 

@@ -167,14 +167,14 @@ def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -
             params = {k: v for k, v in {**filters, "limit": limit, "after": after}.items() if v is not None}
             try:
                 r = httpx.get(url.rstrip("/") + "/api/v1/events", params=params, timeout=10)
-            except httpx.HTTPError as e:
+            except (httpx.HTTPError, httpx.InvalidURL) as e:
                 raise click.ClickException(f"{url}: {e}") from None
             if r.status_code != 200:
                 raise click.ClickException(f"{url}: HTTP {r.status_code}: {r.text.strip()}")
             return r.json()
     else:
         from bastion import match
-        from bastion.state.events import open_readonly
+        from bastion.state.events import NotAHistory, open_readonly
 
         if db_path is None and site_dir is None:
             raise click.UsageError("which history? give --site DIR (or $BASTION_SITE), --db FILE "
@@ -186,7 +186,7 @@ def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -
         path = db_path
         try:
             store = open_readonly(path)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, NotAHistory) as e:
             raise click.ClickException(str(e)) from None
         if mac:
             try:
@@ -334,7 +334,10 @@ def install_service(site_dir, listen, management_listen, management_interface, t
     host = root == Path("/")
     if host and not dry_run and os.geteuid() != 0:
         raise click.ClickException("installing a service needs root (or --root DIR, --dry-run)")
-    steps = service.plan(spec, root, systemctl=not no_systemctl)
+    try:
+        steps = service.plan(spec, root, systemctl=not no_systemctl)
+    except service.ServiceError as e:
+        raise click.ClickException(str(e)) from None
     if dry_run:
         for step in steps:
             click.echo(f"would {step.what}" + (f": {' '.join(step.argv)}" if step.argv else ""))

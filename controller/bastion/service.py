@@ -22,6 +22,7 @@ LimitNOFILE= as docs/controller.md "Limits" advises (2 x --max-connections + 64,
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -236,11 +237,20 @@ class Step:
     argv: tuple[str, ...] = ()  # a command to run instead
 
 
+_UNIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]{0,200}")
+
+
 def plan(spec: ServiceSpec, root: Path = Path("/"), systemctl: bool = True) -> list[Step]:
     """The steps that install the service under `root` (/ for the host; a directory for a
     package build or a test, where no command runs)."""
     if not spec.site.is_absolute() or not spec.bastion.is_absolute():
         raise ServiceError("the site and the bastion executable need absolute paths")
+    if not _UNIT_NAME.fullmatch(spec.name):
+        raise ServiceError(f"--name {spec.name!r}: a unit name is letters, digits, ':', '_', '.' "
+                           "and '-', not starting with a symbol")  # fmt: skip
+    for arg in (*spec.argv(), *spec.cache_argv(), spec.user):
+        if not arg.isprintable():  # a newline would start another line of the unit file
+            raise ServiceError(f"{arg!r}: a control character cannot go into a unit file")
     host = root == Path("/")
     unit = root / f"etc/systemd/system/{spec.name}.service"
     sysusers = root / f"etc/sysusers.d/{spec.name}.conf"

@@ -81,7 +81,11 @@ def read_token_file(path: Path) -> str:
         text = Path(path).read_text()
     except OSError as e:
         raise SettingsError(f"cannot read the API token file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"the API token file {path} is not text (UTF-8)") from None
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token.isprintable():
+        raise SettingsError(f"the API token in {path} has a control character")
     if len(token) < 16:
         raise SettingsError(f"the API token in {path} is too short (16 characters at least)")
     return token

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from bastion.client import ApiClient, ApiError
+from bastion.client import ApiClient, ApiError, segment
 
 
 def _where(f):
@@ -72,7 +72,7 @@ def power(state, target, off_ms, url, port, token_file) -> None:
     if url:
         api = ApiClient.connect(url, token_file)
         path = (f"/api/v1/device/power/{target}" if target.isdigit()
-                else f"/api/v1/machines/{target}/power")
+                else f"/api/v1/machines/{segment(target)}/power")
         r = api.call("POST", path, json=body)
         ch = r.get("channel") or {}
     else:
@@ -206,7 +206,7 @@ def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> 
                     raise click.UsageError("--log reads the controller's log: give --url")
                 api = ApiClient.connect(url, token_file)
                 params = {"tail": tail} if tail else {}
-                data = api.call_bytes("GET", f"/api/v1/machines/{name}/console", params=params)
+                data = api.call_bytes("GET", f"/api/v1/machines/{segment(name)}/console", params=params)
                 sys.stdout.buffer.write(data)
                 sys.stdout.buffer.flush()
                 return

@@ -309,8 +309,24 @@ class StateTable:
             self._db.close()
 
 
+class NotAHistory(ValueError):
+    """A file that is not an event history (another program's database, or no database)."""
+
+
 def open_readonly(path: Path | str) -> EventStore:
-    """For `bastion events`: the same store, opened on an existing file."""
+    """For `bastion events`: the same store, opened on an existing file that is an event history
+    already. Anything else is refused before it is touched: opening a store makes its tables
+    and switches the file to WAL, which must not happen to another program's database."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no event database at {path}")
+    try:
+        probe = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            found = probe.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone()
+        finally:
+            probe.close()
+    except sqlite3.DatabaseError as e:
+        raise NotAHistory(f"{path} is not an event history: {e}") from None
+    if found is None:
+        raise NotAHistory(f"{path} is not an event history: it has no events table")
     return EventStore(path)

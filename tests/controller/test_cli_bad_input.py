@@ -1,0 +1,90 @@
+"""The command line given bad input: a one-line error and nothing damaged, never a traceback,
+and never an action on something other than what was named (an audit's findings, each
+checked here against the real commands)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from bastion_testkit import TOKEN
+
+BIN = Path(sys.executable).parent
+
+
+def bastion(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True, timeout=120,
+                          check=False, env=env)  # fmt: skip
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_a_machine_name_names_that_machine_only(site_dir, serve, tmp_path):
+    server = serve(site_dir)
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    for name in ("node1/../node2", "node2?x=1", "node2#x", "../machines/node2"):
+        r = bastion("machine", "hold", "--url", server.url, "--token-file", str(token), "--", name)
+        assert "not found" in one_line_error(r).lower() or "404" in one_line_error(r), (name, r.stderr)
+    def phases() -> dict[str, str]:
+        return {m["name"]: m["phase"] for m in server.get("/api/v1/machines").json()}
+
+    assert "Held" not in phases().values(), phases()
+    r = bastion("machine", "hold", "--url", server.url, "--token-file", str(token), "--", "node2")
+    assert r.returncode == 0, r.stderr
+    assert [n for n, p in phases().items() if p == "Held"] == ["node2"]  # the check above can see a hold
+    r = bastion("machine", "status", "--url", server.url, "--", "a\nb")
+    assert one_line_error(r) == "Error: 'a\\nb' is not a name: it has a control character"
+
+
+def test_urls_that_are_not_urls(tmp_path):
+    for args in (("machines",), ("status",), ("events",), ("machine", "status", "node1")):
+        r = bastion(*args, "--url", "http://127.0.0.1:abc")
+        assert "Invalid port: 'abc'" in one_line_error(r), (args, r.stderr)
+
+
+def test_a_token_file_that_is_not_text(tmp_path):
+    bad = tmp_path / "token"
+    bad.write_bytes(bytes(range(128, 256)))
+    r = bastion("machine", "hold", "node1", "--url", "http://127.0.0.1:9", "--token-file", str(bad))
+    assert one_line_error(r) == f"Error: the API token file {bad} is not text (UTF-8)"
+
+
+def test_events_leaves_a_file_that_is_not_its_history_alone(tmp_path):
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE t (x)")
+        c.execute("PRAGMA user_version = 42")
+    before = other.read_bytes()
+    r = bastion("events", "--db", str(other))
+    assert one_line_error(r) == f"Error: {other} is not an event history: it has no events table"
+    assert other.read_bytes() == before
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database at all\n")
+    r = bastion("events", "--db", str(text))
+    assert one_line_error(r) == f"Error: {text} is not an event history: file is not a database"
+    assert text.read_text() == "not a database at all\n"
+
+
+def test_install_service_refuses_a_name_or_value_that_would_leave_its_place(tmp_path):
+    root = tmp_path / "root"
+    site = Path(__file__).resolve().parents[2] / "examples" / "site"
+    for args, says in ((("--name", "../../../escape"), "--name '../../../escape': a unit name is"),
+                       (("--name", ""), "--name '': a unit name is"),
+                       (("--device", "/dev/tty\nExecStartPre=/bin/touch /tmp/x"), "a control character cannot go")):  # fmt: skip
+        r = bastion("install-service", "--site", str(site), "--root", str(root), "--no-systemctl", *args)
+        assert says in one_line_error(r), (args, r.stderr)
+    assert not root.exists() and not (tmp_path / "escape.conf").exists()
+
+
+def test_a_path_through_a_file_is_a_one_line_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = bastion("fleet", "crds", "-o", str(afile / "crds"))
+    assert one_line_error(r) == f"Error: {afile / 'crds'}: Not a directory"
