@@ -88,3 +88,20 @@ def test_a_path_through_a_file_is_a_one_line_error(tmp_path):
     afile.write_text("x")
     r = bastion("fleet", "crds", "-o", str(afile / "crds"))
     assert one_line_error(r) == f"Error: {afile / 'crds'}: Not a directory"
+
+
+def test_a_site_file_that_cannot_be_read_is_a_problem_named_not_a_missing_file(tmp_path):
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "site", site)
+    (site / "machines.yaml").unlink()
+    (site / "machines.yaml").mkdir()  # was read as no machines.yaml: "OK: 0 machines"
+    r = bastion("site", "check", str(site))
+    assert r.returncode == 1 and "machines.yaml: is a directory, not a file" in r.stdout + r.stderr, r.stdout
+    (site / "machines.yaml").rmdir()
+    (site / "site.yaml").unlink()
+    (site / "site.yaml").symlink_to("site.yaml")  # a loop: ELOOP (root reads any mode)
+    r = bastion("site", "check", str(site))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "site.yaml: cannot be read: Too many levels of symbolic links" in r.stdout + r.stderr, r.stdout

@@ -85,16 +85,20 @@ class SiteFiles:
         self.overlay = dict(overlay or {})
 
     def read(self, rel: str) -> bytes | None:
+        """The file's bytes; None when there is no such file. Unreadable when there is one
+        that cannot be read (a directory in its place, no permission, a symlink loop)."""
         if rel in self.overlay:
             return self.overlay[rel]
         try:
             return (self.root / rel).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except IsADirectoryError:
+            raise Unreadable(rel, "is a directory, not a file") from None
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:  # a name no file can have (an edit's ignition_id)
                 return None
-            raise
+            raise Unreadable(rel, f"cannot be read: {e.strerror or e}") from None
 
     def names(self, rel_dir: str) -> list[str]:
         """Regular files directly inside rel_dir (sorted), with the overlay applied."""
@@ -172,6 +176,14 @@ def _message(err: dict[str, Any], model: type[pydantic.BaseModel]) -> str:
     return f"{err['msg']} (got {err.get('input')!r})"
 
 
+class Unreadable(Exception):
+    """A site file that is there and cannot be read: a problem of the site, named."""
+
+    def __init__(self, rel: str, why: str):
+        super().__init__(f"{rel}: {why}")
+        self.rel, self.why = rel, why
+
+
 class _Loader:
     def __init__(self, files: SiteFiles):
         self.files = files
@@ -196,8 +208,18 @@ class _Loader:
                 self.problem(where, _line_at(doc, tuple(err["loc"])), field_path(loc), _message(err, model))
             return None
 
+    def read(self, rel: str) -> bytes | None | bool:
+        """files.read, with a file that cannot be read reported as a problem (False)."""
+        try:
+            return self.files.read(rel)
+        except Unreadable as e:
+            self.problem(rel, None, "", e.why)
+            return False
+
     def yaml_doc(self, rel: str) -> Any:
-        raw = self.files.read(rel)
+        raw = self.read(rel)
+        if raw is False:
+            return False
         if raw is None:
             return None
         try:
@@ -213,7 +235,10 @@ class _Loader:
         return doc
 
     def json_doc(self, rel: str) -> Any:
-        raw = self.files.read(rel) or b""
+        raw = self.read(rel)
+        if raw is False:
+            return False
+        raw = raw or b""
         try:
             doc = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -867,7 +892,9 @@ def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile],
     for (folder, name), engines in sorted(needs.items()):
         rel = f"{folder}/{name}"
         users = [p for ps in engines.values() for p in ps]
-        raw = ld.files.read(rel)
+        raw = ld.read(rel)
+        if raw is False:
+            continue
         if raw is None and folder == "ignition" and name in (builtin or {}) and "go" not in engines:
             raw = builtin[name].read_bytes()
             rel = f"bastion/{builtin[name].parent.name}/{name}"  # the package's own file
