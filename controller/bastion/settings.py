@@ -256,8 +256,8 @@ class Settings(BaseSettings):
     @field_validator("poll_seconds")
     @classmethod
     def _poll(cls, v: float) -> float:
-        if v < 0:
-            raise SettingsError(f"--poll {v:g}: expected seconds, 0 or more")
+        if not 0 <= v <= 86400:  # NaN fails this too
+            raise SettingsError(f"--poll {v:g}: expected seconds, 0 (never) to 86400")
         return v
 
     @field_validator("ignition_token_ttl")

@@ -60,7 +60,8 @@ def test_max_body_takes_sizes_as_people_write_them(given, size, monkeypatch):
 @pytest.mark.parametrize(("env", "value", "message"), [
     ("BASTION_LISTEN", "nope", "--listen 'nope': expected HOST:PORT"),
     ("BASTION_TFTP", "x:y", "--tftp 'x:y': expected HOST:PORT"),
-    ("BASTION_POLL_SECONDS", "-1", "--poll -1: expected seconds, 0 or more"),
+    ("BASTION_POLL_SECONDS", "-1", "--poll -1: expected seconds, 0 (never) to 86400"),
+    ("BASTION_POLL_SECONDS", "nan", "--poll nan: expected seconds, 0 (never) to 86400"),
     ("BASTION_POLL_SECONDS", "soon", "--poll 'soon'"),
     ("BASTION_IGNITION_TOKEN_TTL", "100000", "--ignition-token-ttl 100000: expected seconds"),
     ("BASTION_MAX_BODY", "lots", "--max-body 'lots': expected a size in bytes"),

@@ -78,9 +78,11 @@ def render_command(site_dir: Path, state: Path | None, secrets_dir: Path | None)
 @_state_opt
 @_secrets_opt
 @click.option("--check-every", default=3600.0, show_default=True, metavar="SECONDS",
-              help="How often each mirror's storage is measured against serve.max_size.")  # fmt: skip
+              type=click.FloatRange(1, 7 * 86400),
+              help="How often each mirror's storage is measured against serve.max_size (1 s to a week).")  # fmt: skip
 @click.option("--restart-after", default=5.0, show_default=True, metavar="SECONDS",
-              help="How long after a registry ends it is started again.")  # fmt: skip
+              type=click.FloatRange(0, 3600),
+              help="How long after a registry ends it is started again (0 to 3600 s).")  # fmt: skip
 def run_command(site_dir: Path, state: Path | None, secrets_dir: Path | None,
                 check_every: float, restart_after: float) -> None:
     """Write the configs and run every mirror's registry, supervised, until SIGTERM or Ctrl-C.
