@@ -105,3 +105,15 @@ def test_a_site_file_that_cannot_be_read_is_a_problem_named_not_a_missing_file(t
     r = bastion("site", "check", str(site))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "site.yaml: cannot be read: Too many levels of symbolic links" in r.stdout + r.stderr, r.stdout
+
+
+def test_fleet_resources_refuses_what_kubernetes_would(tmp_path):
+    site = str(Path(__file__).resolve().parents[2] / "examples" / "site")
+    ok = ("--name", "home-lab", "--namespace", "edge-sites", "--controller-url", "http://10.200.0.1:8080")
+    assert bastion("fleet", "resources", site, *ok).returncode == 0
+    for i, bad, says in ((1, "Bad Name!", "--name: 'Bad Name!': a Kubernetes name"),
+                         (3, "NS/..", "--namespace: 'NS/..': a namespace"),
+                         (5, "notaurl", "--controller-url: 'notaurl' is not an http(s) URL")):  # fmt: skip
+        args = list(ok)
+        args[i] = bad
+        assert says in one_line_error(bastion("fleet", "resources", site, *args)), bad

@@ -43,9 +43,20 @@ def crds_command(out: Path | None) -> None:
 def resources_command(site_dir: Path, name: str, namespace: str, controller_url: str) -> None:
     """SITE_DIR's site.yaml and machines.yaml as a Site and its Machines (checked by loading
     SITE_DIR first, as `bastion site check` does)."""
+    import re
+
     from bastion.fleet.crds import resources
     from bastion.site.load import SiteError, load_site
 
+    # what the API server takes: a DNS subdomain (RFC 1123) for a name, a DNS label for a namespace
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+        raise click.BadParameter(f"{name!r}: a Kubernetes name is lower-case letters, digits, '-' "
+                                 "and '.', starting and ending with a letter or digit", param_hint="--name")  # fmt: skip
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise click.BadParameter(f"{namespace!r}: a namespace is lower-case letters, digits and '-', "
+                                 "at most 63", param_hint="--namespace")  # fmt: skip
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", controller_url):
+        raise click.BadParameter(f"{controller_url!r} is not an http(s) URL", param_hint="--controller-url")
     try:
         load_site(site_dir)
     except SiteError as e:
