@@ -105,3 +105,16 @@ def test_move_into_on_one_filesystem_renames(tmp_path):
     ino = os.stat(src).st_ino
     atomic.move_into(src, tmp_path / "obj")
     assert os.stat(tmp_path / "obj").st_ino == ino
+
+
+def test_exchange_swaps_two_directories_in_one_step(tmp_path):
+    a, b = tmp_path / "new", tmp_path / "tftp"
+    a.mkdir()
+    (a / "f").write_text("new")
+    b.mkdir()
+    (b / "f").write_text("old")
+    assert atomic.exchange(a, b) is True  # Linux 3.15+, glibc 2.28+: the machine this runs on
+    assert (b / "f").read_text() == "new" and (a / "f").read_text() == "old"
+    with pytest.raises(FileNotFoundError):
+        atomic.exchange(a, tmp_path / "missing")
+    assert (a / "f").read_text() == "old"  # nothing moved

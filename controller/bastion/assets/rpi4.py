@@ -565,6 +565,11 @@ def _install(tree: Path, tftp: Path, d: BootDir, marker: dict) -> None:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(src, dst)
         atomic.write_json(tmp / MARKER, {**marker, "dir": d.path})
+        if target.is_dir() and atomic.exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old tree, under the temporary name
+            return
+        # no exchange here (an old kernel or filesystem): two renames, with a moment between
+        # them in which the directory is missing
         old = None
         if target.is_dir():
             old = target.with_name(f".{target.name}.bastion-old-{secrets.token_hex(4)}")
