@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
+from starlette.requests import ClientDisconnect
 
 from bastion import __version__, paths
 from bastion.api import (
@@ -71,6 +72,13 @@ Edge Bastion's boot controller.
 With `--management-listen`, only boot, assets, `/journal/upload` and `/healthz` are served on
 `--listen` (the PXE LAN); everything else is on the management listener (docs/network.md).
 """
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went, or its body broke off (a malformed chunk, which the HTTP protocol has
+    already answered with 400) while a route read it: nothing is left to answer, and it is no
+    error of the application's to log with a traceback."""
+    return Response(status_code=400)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -183,6 +191,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, **_NO_TELEMETRY)
     app.state.runtime = runtime
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     # before the routes: a body is refused by its size and sender before anything reads it
     app.add_middleware(BodyLimits, runtime=runtime)
     app.include_router(boot.router)

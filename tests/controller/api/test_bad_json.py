@@ -128,3 +128,21 @@ def test_a_json_body_under_another_content_type_is_a_415_that_says_so(site_dir, 
     for headers in (JSON, {"Content-Type": "application/merge-patch+json"}):
         r = c.patch("/api/v1/machines/node1", content='{"power": "off"}', headers={**AUTH, **headers})
         assert r.status_code == 200, (headers, r.text)
+
+
+def test_a_body_that_breaks_off_is_no_application_error(site_dir, serve):
+    """A malformed chunk in /callback's body: the HTTP protocol answers 400 and ends the
+    connection; the route reading the body finds its client gone, which is not logged as an
+    exception in the application."""
+    import socket
+    import time
+
+    server = serve(site_dir)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+        c.sendall(b"POST /callback HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: application/json\r\n\r\nzz\r\nabc\r\n")  # fmt: skip
+        assert c.recv(100).startswith(b"HTTP/1.1 400"), "the protocol answers the bad chunk"
+    time.sleep(0.5)
+    assert server.get("/healthz").status_code == 200
+    log = server.log.read_text()
+    assert "Invalid HTTP request received" in log and "Exception in ASGI application" not in log, log[-2000:]
