@@ -81,7 +81,9 @@ class ApiClient:
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
+            except (ValueError, AttributeError):  # not JSON, or not an object: not our API's words
+                text = " ".join(r.text.split())
+                detail = (f"{self.url}: not an Edge Bastion controller's answer to {method} {path}: "
+                          f"{text[:200]}{'...' if len(text) > 200 else ''}")  # fmt: skip
             raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code)
         return r

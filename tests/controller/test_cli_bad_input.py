@@ -117,3 +117,21 @@ def test_fleet_resources_refuses_what_kubernetes_would(tmp_path):
         args = list(ok)
         args[i] = bad
         assert says in one_line_error(bastion("fleet", "resources", site, *args)), bad
+
+
+def test_a_url_that_is_not_a_controller_is_said_in_one_bounded_line(tmp_path):
+    import http.server
+    import threading
+
+    (tmp_path / "index.html").write_text("<html>" + "x" * 5000 + "</html>")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        line = one_line_error(bastion("machine", "status", "node1", "--url", url))
+        assert line.startswith(f"Error: {url}: not an Edge Bastion controller's answer to GET "
+                               "/api/v1/machines/node1: <!DOCTYPE HTML>"), line  # fmt: skip
+        assert len(line) < 400 and line.endswith("(HTTP 404)"), line
+    finally:
+        srv.shutdown()
