@@ -4,6 +4,7 @@ checked here against the real commands)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -105,6 +106,10 @@ def test_a_site_file_that_cannot_be_read_is_a_problem_named_not_a_missing_file(t
     r = bastion("site", "check", str(site))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "site.yaml: cannot be read: Too many levels of symbolic links" in r.stdout + r.stderr, r.stdout
+    (site / "site.yaml").unlink()
+    os.mkfifo(site / "site.yaml")  # read, it would wait for a writer for ever
+    r = bastion("site", "check", str(site))
+    assert r.returncode == 1 and "site.yaml: is not a regular file" in r.stdout + r.stderr, r.stdout
 
 
 def test_fleet_resources_refuses_what_kubernetes_would(tmp_path):

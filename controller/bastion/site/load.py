@@ -27,6 +27,7 @@ import gzip
 import ipaddress
 import json
 import posixpath
+import stat
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,14 @@ class SiteFiles:
         that cannot be read (a directory in its place, no permission, a symlink loop)."""
         if rel in self.overlay:
             return self.overlay[rel]
+        path = self.root / rel
         try:
-            return (self.root / rel).read_bytes()
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise Unreadable(rel, "is a directory, not a file")
+            if not stat.S_ISREG(mode):  # a FIFO would hang the reader, a device never end
+                raise Unreadable(rel, "is not a regular file")
+            return path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
         except IsADirectoryError:
