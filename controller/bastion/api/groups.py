@@ -68,13 +68,15 @@ def get_group_metadata(gid: str, site: SiteDep, _: AdminDep) -> dict[str, Any]:
 
 @router.put("/{gid}", summary="Add or replace a matchbox group (needs the token)")
 def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> GroupOut:
+    # a group made from machines.yaml or default_profile first: its id (machine:NAME) is no
+    # file name, and the answer is where to edit it, as DELETE says
+    existing = site.group(gid)
+    if existing is not None and existing.format != "matchbox":
+        raise HTTPException(409, f"group {gid!r} comes from {existing.source}; edit that instead")
     try:
         check_name(gid, "group id")
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    existing = site.group(gid)
-    if existing is not None and existing.format != "matchbox":
-        raise HTTPException(409, f"group {gid!r} comes from {existing.source}; edit that instead")
     doc = {"id": gid, **body.model_dump()}
     new = apply_or_422(runtime, {f"groups/{gid}.json": json.dumps(doc, indent=2).encode() + b"\n"})
     return group_out(_group(new, gid))

@@ -146,3 +146,13 @@ def test_a_body_that_breaks_off_is_no_application_error(site_dir, serve):
     assert server.get("/healthz").status_code == 200
     log = server.log.read_text()
     assert "Invalid HTTP request received" in log and "Exception in ASGI application" not in log, log[-2000:]
+
+
+def test_a_group_made_from_machines_yaml_is_edited_there_whatever_the_method(site_dir, client_for):
+    c = client_for(site_dir)
+    body = {"profile": "flatcar-worker"}
+    for r in (c.put("/api/v1/groups/machine:node1", json=body, headers=AUTH),
+              c.delete("/api/v1/groups/machine:node1", headers=AUTH)):  # fmt: skip
+        assert r.status_code == 409 and "comes from machines.yaml" in r.json()["detail"], r.text
+    r = c.put("/api/v1/groups/bad:id", json=body, headers=AUTH)  # no such group: the id is checked
+    assert r.status_code == 422 and "is not a valid group id" in r.text, r.text
