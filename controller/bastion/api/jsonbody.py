@@ -105,10 +105,13 @@ class StrictJsonRoute(APIRoute):
         wants_json = self.body_field is not None and not isinstance(self.body_field.field_info, params.Form)
 
         async def strict(request: Request):
+            # one request object for the check and the handler: the body, once read, is kept
+            # on it (a second object would wait on `receive` for a body already taken)
+            request = _StrictRequest(request.scope, request.receive)
             content_type = request.headers.get("content-type", "")
             if wants_json and not _is_json(content_type) and await request.body():
                 raise HTTPException(415, "the body is JSON: send it with Content-Type: application/json "
                                          f"(this request's: {content_type[:80] or 'none'})")  # fmt: skip
-            return await handler(_StrictRequest(request.scope, request.receive))
+            return await handler(request)
 
         return strict
