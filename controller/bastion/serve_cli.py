@@ -161,17 +161,13 @@ def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -
         url = None  # $BASTION_URL (exported for the device commands) gives way to --site or --db
 
     if url:
-        import httpx
+        from bastion.client import ApiClient
+
+        api = ApiClient(url, timeout=10)  # the events are open reads: no token
 
         def fetch(after: int | None) -> list[dict]:
             params = {k: v for k, v in {**filters, "limit": limit, "after": after}.items() if v is not None}
-            try:
-                r = httpx.get(url.rstrip("/") + "/api/v1/events", params=params, timeout=10)
-            except (httpx.HTTPError, httpx.InvalidURL) as e:
-                raise click.ClickException(f"{url}: {e}") from None
-            if r.status_code != 200:
-                raise click.ClickException(f"{url}: HTTP {r.status_code}: {r.text.strip()}")
-            return r.json()
+            return api.call("GET", "/api/v1/events", params=params)
     else:
         from bastion import match
         from bastion.state.events import NotAHistory, open_readonly
