@@ -214,10 +214,8 @@ class Target:
     # --- credentials --------------------------------------------------------------------------
 
     def _site_file(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        path = Path(name)
-        return str(path if path.is_absolute() else self.site_root / path)  # relative: to the site
+        # relative: to the site directory (an absolute name stays itself when joined)
+        return None if name is None else str(self.site_root / name)
 
     def _secret_path(self, what: str) -> str:
         name = secret_name(self.spec.name, what)
@@ -230,7 +228,7 @@ class Target:
 
     def _secret(self, what: str) -> str:
         path = self._secret_path(what)
-        value = Path(path).read_text().strip()
+        value = self.secrets.get(secret_name(self.spec.name, what)) or ""  # the store's own reading
         if not value or not value.isprintable():
             raise MissingSecret(f"the secret {secret_name(self.spec.name, what)} ({path}) is not one "
                                 "line of printable text")  # fmt: skip

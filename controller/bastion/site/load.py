@@ -355,8 +355,7 @@ def _load_settings(ld: _Loader, root: Path) -> SiteSettings | None:
         for field in ("ca_file", "cert_file"):
             name = getattr(target.tls, field) if target.tls is not None else None
             if name is not None:
-                path = Path(name)
-                path = path if path.is_absolute() else root / path  # relative: to the site directory
+                path = root / name  # relative: to the site directory (an absolute name stays itself)
                 if not path.is_file():
                     ld.problem("site.yaml", None, f"logs.targets[{i}].tls.{field}", f"{str(path)!r} is not a file")
     return SiteSettings(
