@@ -62,6 +62,13 @@ def _write(root: Path, changes: dict[str, bytes | None]) -> None:
             atomic.write_bytes(path, data)
 
 
+def _set_aside(record: Path) -> list[str]:
+    """Keep a record that is not to be finished as `.conflict` (for a person to read); nothing
+    was written."""
+    os.replace(record, record.with_name(EDIT_RECORD + ".conflict"))
+    return []
+
+
 def finish_interrupted_edit(root: Path) -> list[str]:
     """Finish an API edit that a crash cut short (EDIT_RECORD); returns the files it wrote or
     removed. Raises nothing: a record that does not read, or a file changed since, is logged and
@@ -75,8 +82,7 @@ def finish_interrupted_edit(root: Path) -> list[str]:
         return []
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         log.error("%s does not read (%s): set aside, the site is loaded as it is", record, e)
-        os.replace(record, record.with_name(EDIT_RECORD + ".conflict"))
-        return []
+        return _set_aside(record)
     todo: dict[str, bytes | None] = {}
     for rel, (data, before) in files.items():
         now = _current(root / rel)
@@ -85,8 +91,7 @@ def finish_interrupted_edit(root: Path) -> list[str]:
         if _digest(now) != before:
             log.error("an interrupted edit of %s is not finished: %s changed since; its record "
                       "is set aside as %s.conflict", root, rel, EDIT_RECORD)  # fmt: skip
-            os.replace(record, record.with_name(EDIT_RECORD + ".conflict"))
-            return []
+            return _set_aside(record)
         todo[rel] = data
     _write(root, todo)
     record.unlink()

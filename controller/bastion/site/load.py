@@ -100,8 +100,6 @@ class SiteFiles:
             return path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except IsADirectoryError:
-            raise Unreadable(rel, "is a directory, not a file") from None
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:  # a name no file can have (an edit's ignition_id)
                 return None
