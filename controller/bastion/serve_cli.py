@@ -50,16 +50,19 @@ def serve(log_level, access_log, **given) -> None:
         )
     except httpserver.DescriptorLimitError as e:
         raise click.ClickException(str(e)) from None
-    sockets = None
-    if settings.management_listen is not None:
-        # two listeners, one server, bound before anything starts: the application tells them
-        # apart (bastion.api.listeners)
-        try:
-            sockets = [httpserver.bind_listener(settings.listen, "--listen"),
-                       httpserver.bind_listener(settings.management_listen, "--management-listen",
-                                                settings.management_interface)]  # fmt: skip
-        except httpserver.ListenerError as e:
-            raise click.ClickException(str(e)) from None
+    # bound before anything starts (the site, the history, the device's line), so that an
+    # address that cannot be had is one clear error naming the option; with two listeners, one
+    # server: the application tells them apart (bastion.api.listeners)
+    sockets: list = []
+    try:
+        sockets.append(httpserver.bind_listener(settings.listen, "--listen"))
+        if settings.management_listen is not None:
+            sockets.append(httpserver.bind_listener(settings.management_listen, "--management-listen",
+                                                    settings.management_interface))  # fmt: skip
+    except httpserver.ListenerError as e:
+        for sock in sockets:
+            sock.close()
+        raise click.ClickException(str(e)) from None
     try:
         app = create_app(settings)
     except SiteError as e:
@@ -115,9 +118,6 @@ def serve(log_level, access_log, **given) -> None:
     # every request in flight; a cycle among these objects, dropped later, is not reclaimed.
     gc.collect()
     gc.freeze()
-    if sockets is None:
-        uvicorn.run(app, host=host, port=port, **options)
-        return
     uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=sockets)
 
 

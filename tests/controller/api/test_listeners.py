@@ -15,7 +15,8 @@ from bastion_testkit import TOKEN, auth, free_tcp_port, metric
 BOOT = "http://127.0.0.1:8080"
 MANAGEMENT = "http://127.0.0.1:9090"
 MANAGEMENT_PATHS = ["/api/v1/machines", "/api/v1/site", "/api/v1/events", "/dashboard", "/",
-                    "/metrics", "/docs", "/openapi.json", "/redoc", "/api/v1/operator"]
+                    "/metrics", "/docs", "/docs/vendor/swagger-ui-bundle.js", "/openapi.json",
+                    "/api/v1/operator"]
 BOOT_PATHS = ["/boot.ipxe", "/healthz", "/ipxe?mac=52:54:00:12:34:01",
               "/assets/flatcar/amd64/flatcar_production_pxe.vmlinuz"]
 
@@ -163,6 +164,20 @@ def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
     with pytest.raises(RuntimeError, match=r"--management-listen 127.0.0.1:\d+ on nosuch0: cannot listen: No such device"):
         serve(site_dir, args=("--management-listen", f"127.0.0.1:{free_tcp_port()}",
                               "--management-interface", "nosuch0"))
+
+
+def test_a_boot_listener_that_cannot_be_had_is_named_before_anything_starts(serve, site_dir, tmp_path):
+    # one listener is bound by serve itself, as two are: the error names the option, and the
+    # history (opened by create_app) is never made
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"Error: --listen 127.0.0.1:{port}: cannot listen: Address already in use"):
+            serve(site_dir, args=("--listen", f"127.0.0.1:{port}"))
+    with pytest.raises(RuntimeError, match=r"exited 1:\n.*Error: --listen nosuchhost\.invalid:8080: "):
+        serve(site_dir, args=("--listen", "nosuchhost.invalid:8080"))
+    assert not list(tmp_path.glob("serve*.db"))
 
 
 def test_serve_warns_of_listeners_off_the_sites_networks(serve, site_dir):
