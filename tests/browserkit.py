@@ -48,6 +48,8 @@ def chrome(profile: Path, size: str = "1280,1000"):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-default-apps", f"--user-data-dir={profile}", f"--window-size={size}"):  # fmt: skip
         opts.add_argument(flag)
+    # the page's console (CSP violations, failed loads) for browser_errors()
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(CHROMEDRIVER))
     driver.set_page_load_timeout(60)
     try:
@@ -92,6 +94,12 @@ class Steps:
             "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
         path.write_bytes(base64.b64decode(png["data"]))
         return path
+
+
+def browser_errors(driver) -> list[str]:
+    """What the page's console logged as errors since the last call (a script refused by the
+    page's Content-Security-Policy, a file that did not load, an uncaught exception)."""
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def until(driver, pred, what: str, timeout: float = 30):

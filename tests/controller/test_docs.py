@@ -61,13 +61,12 @@ ASSET_DIRS = (
 BASE_URL = "http://10.77.0.1:8080"
 # Starlette's TestClient warns that it will move away from httpx; nothing to act on here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*httpx.*")
-# Routes served outside the OpenAPI schema: FastAPI's documentation pages and the schema
-# itself, /boot.ipxe.0 (an alias of /boot.ipxe for PXE stacks that add ".0") and / (the
+# Routes served outside the OpenAPI schema: the API's documentation page (Swagger UI) and the
+# schema itself, /boot.ipxe.0 (an alias of /boot.ipxe for PXE stacks that add ".0") and / (the
 # dashboard, also at /dashboard).
 NON_SCHEMA = {
     ("GET", "/"),
     ("GET", "/docs"),
-    ("GET", "/redoc"),
     ("GET", "/openapi.json"),
     ("GET", "/boot.ipxe.0"),
 }

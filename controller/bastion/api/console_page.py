@@ -33,7 +33,7 @@ XTERM_FILES = {
     "xterm.css": ("@xterm/xterm/css/xterm.css", "text/css"),
     "addon-fit.js": ("@xterm/addon-fit/lib/addon-fit.js", "text/javascript"),
 }
-INSTALL_HINT = "tools/setup (or: cd web && npm ci)"
+INSTALL_HINT = "tools/setup (or: cd web && npm ci --ignore-scripts)"
 # The page holds the token: its scripts are this controller's own (xterm.js from /dashboard/vendor
 # and the inline one), it talks to this controller only (the WebSocket), nobody frames it.
 CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from bastion import __version__, paths
 from bastion.api import (
+    apidocs,
     assets,
     boot,
     console_page,
@@ -189,7 +190,9 @@ def create_app(settings: Settings) -> FastAPI:
     # FastAPI's OpenTelemetry (0.165+) is off: nothing here exports it, and asking for its
     # providers on every request was 5% of a boot request's time (docs/benchmarks-http.md)
     app = FastAPI(title="Edge Bastion controller", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, **_NO_TELEMETRY)
+                  lifespan=lifespan, **_NO_TELEMETRY,
+                  # /docs is bastion.api.apidocs' (Swagger UI from this controller, not a CDN)
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     app.state.runtime = runtime
     app.add_exception_handler(ClientDisconnect, _client_gone)
     # before the routes: a body is refused by its size and sender before anything reads it
@@ -197,6 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(boot.router)
     app.include_router(assets.router)
     app.include_router(system.router)
+    app.include_router(apidocs.router)
     app.include_router(dashboard.router)
     app.include_router(console_page.router)
     app.include_router(journal.router)

@@ -1,0 +1,82 @@
+"""The API's interactive documentation, /docs: Swagger UI, served by this controller itself.
+
+FastAPI's own /docs and /redoc pages load their scripts and styles from public CDNs (and ReDoc
+its fonts from Google): at a site without internet they are blank, and elsewhere every operator
+who opens them runs a third party's code next to a page where the token is typed. Swagger UI
+comes from npm instead (swagger-ui-dist in web/package.json, installed by tools/setup with
+`npm ci`), as xterm.js does for the console page; when it is not installed, /docs says how to
+install it and links the schema. ReDoc is not offered: its npm package needs some 100 MB of
+dependencies for a second view of the same schema. No OAuth2 redirect page either: the API's
+token is a bearer token, typed into Swagger UI's "Authorize" dialog.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+
+from bastion import __version__, paths
+from bastion.api.console_page import INSTALL_HINT
+from bastion.api.jsonbody import StrictJsonRoute
+
+router = APIRouter(route_class=StrictJsonRoute)
+
+PACKAGE = "swagger-ui-dist"
+# name in the URL -> (file under web_dir()/node_modules, media type): only these are served
+FILES = {
+    "swagger-ui-bundle.js": (f"{PACKAGE}/swagger-ui-bundle.js", "text/javascript"),
+    "swagger-ui.css": (f"{PACKAGE}/swagger-ui.css", "text/css"),
+    "favicon-32x32.png": (f"{PACKAGE}/favicon-32x32.png", "image/png"),
+}
+# Its scripts are this controller's own (the bundle and FastAPI's inline start-up), it asks
+# this controller only (the schema, "Try it out"), nobody frames it. Swagger UI draws its icons
+# as data: images and styles elements inline.
+CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
+       "frame-ancestors 'none'")  # fmt: skip
+_HEADERS = {"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def _file(name: str) -> Path:
+    return paths.web_dir() / "node_modules" / FILES[name][0]
+
+
+def missing() -> list[str]:
+    """The files of Swagger UI that are not installed."""
+    return [n for n in FILES if not _file(n).is_file()]
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui() -> HTMLResponse:
+    title = f"Edge Bastion controller {__version__}: API"
+    if missing():
+        text = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}"
+                "</title></head><body><h1>The API's documentation</h1>"
+                f"<p>Swagger UI is not installed in {html.escape(str(paths.web_dir()))}: run "
+                f"<code>{html.escape(INSTALL_HINT)}</code>. The schema itself is at "
+                '<a href="/openapi.json">/openapi.json</a>; docs/controller.md describes every '
+                "endpoint.</p></body></html>")  # fmt: skip
+        return HTMLResponse(text, headers=_HEADERS)
+    page = get_swagger_ui_html(
+        openapi_url="/openapi.json", title=title,
+        swagger_js_url="/docs/vendor/swagger-ui-bundle.js",
+        swagger_css_url="/docs/vendor/swagger-ui.css",
+        swagger_favicon_url="/docs/vendor/favicon-32x32.png",
+        # no calls to swagger.io's validator from the operator's browser
+        swagger_ui_parameters={"validatorUrl": None},
+    )  # fmt: skip
+    return HTMLResponse(page.body, headers=_HEADERS)
+
+
+@router.get("/docs/vendor/{file}", include_in_schema=False)
+async def swagger_file(file: str) -> FileResponse:
+    if file not in FILES:
+        raise HTTPException(404, f"no such file: {file}")
+    path = _file(file)
+    if not path.is_file():
+        raise HTTPException(404, f"Swagger UI is not installed in {paths.web_dir()}: run {INSTALL_HINT}")
+    return FileResponse(path, media_type=FILES[file][1])
