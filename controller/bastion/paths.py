@@ -41,7 +41,8 @@ def var_dir() -> Path:
 
 def web_dir() -> Path:
     """Where web/package.json's packages are installed (node_modules/ inside it): the
-    controller serves xterm.js from there itself, never from a CDN (docs/consoles.md)."""
+    controller serves xterm.js and Swagger UI from there itself, never from a CDN
+    (docs/consoles.md, docs/controller.md)."""
     env = os.environ.get("BASTION_WEB_DIR")
     if env:
         return Path(env)
