@@ -15,7 +15,9 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
@@ -80,3 +82,33 @@ async def swagger_file(file: str) -> FileResponse:
     if not path.is_file():
         raise HTTPException(404, f"Swagger UI is not installed in {paths.web_dir()}: run {INSTALL_HINT}")
     return FileResponse(path, media_type=FILES[file][1])
+
+
+# What every endpoint that needs the token can answer without it (bastion.api.deps.admin_refusal)
+_REFUSALS = {
+    "401": "No token, or the wrong one (`WWW-Authenticate: Bearer`)",
+    "403": "The management API is disabled: the controller has no token configured",
+}
+
+
+def document_refusals(app: FastAPI) -> None:
+    """Put the token's refusals into the schema of every operation that needs the token (those
+    with a security requirement), with their body ({"detail": "..."}): a client made from
+    /openapi.json, and Swagger UI, know them instead of calling them undocumented."""
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas["Refusal"] = {"title": "Refusal", "type": "object", "required": ["detail"],
+                                  "properties": {"detail": {"type": "string", "title": "Detail"}}}  # fmt: skip
+            body = {"application/json": {"schema": {"$ref": "#/components/schemas/Refusal"}}}
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    if isinstance(op, dict) and op.get("security"):
+                        for code, text in _REFUSALS.items():
+                            op.setdefault("responses", {}).setdefault(code, {"description": text, "content": body})
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -208,6 +208,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (machines, device, consoles, profiles, groups, events, operator, ups):
         api.include_router(module.router)
     app.include_router(api)
+    apidocs.document_refusals(app)
     if settings.management_listen is not None:
         # outermost: a management path on the boot listener is refused
         # before anything else

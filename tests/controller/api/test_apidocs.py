@@ -56,3 +56,19 @@ def test_fastapis_cdn_pages_are_not_served(client, path):
 def test_the_schema_leaves_the_docs_pages_out(client):
     paths_ = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths_ if p.startswith("/docs")]
+
+
+def test_the_schema_gives_the_tokens_refusals_for_every_operation_that_needs_it(client):
+    schema = client.get("/openapi.json").json()
+    needing = {(method.upper(), path): op for path, ops in schema["paths"].items()
+               for method, op in ops.items() if op.get("security")}  # fmt: skip
+    assert ("POST", "/api/v1/reload") in needing and ("GET", "/api/v1/auth") in needing
+    for op in needing.values():
+        assert {"401", "403"} <= set(op["responses"]), op["operationId"]
+        assert op["responses"]["401"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Refusal"}
+    # what they say is what the controller answers (this one has a token, so: 401)
+    r = client.get("/api/v1/auth")
+    assert r.status_code == 401 and set(r.json()) == {"detail"}
+    # reads that need no token do not claim the refusals
+    assert "401" not in schema["paths"]["/api/v1/machines"]["get"]["responses"]
+    assert "401" not in schema["paths"]["/ipxe"]["get"]["responses"]
