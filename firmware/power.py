@@ -25,6 +25,10 @@ import os
 from firmware.compat import ticks_add, ticks_diff
 
 _ON_KEYS = ("ch", "name", "state", "why")
+# The longest off time of a cycle: an hour, as min_off_ms's own bound (config.py). Longer is an
+# off and, later, an on. It also keeps back_on_at within what ticks_diff can tell apart (2**29 ms
+# on a board, about six days): beyond it, a cycle would never come back on.
+MAX_OFF_MS = 3600000
 
 
 class PowerError(ValueError):
@@ -183,9 +187,15 @@ class Power:
                 "%s: off time %r ms is shorter than its minimum off time of %d ms"
                 % (c.name, off_ms, c.min_off_ms)
             )
+        if off_ms > MAX_OFF_MS:
+            raise PowerError(
+                "%s: off time %d ms is longer than a cycle may be (%d ms): switch it off, and on later"
+                % (c.name, off_ms, MAX_OFF_MS)
+            )
         self._check_storm(c, now)
+        back_on_at = ticks_add(now, off_ms)  # before the relay moves: nothing can fail after it
         self._set(c, False, now, why)  # desired stays on: a reset mid-cycle restores power
-        c.back_on_at = ticks_add(now, off_ms)
+        c.back_on_at = back_on_at
         return c.status()
 
     def tick(self, now):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, HTTPException, Path
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bastion.api.deps import AdminDep, RuntimeDep
 from bastion.api.jsonbody import StrictJsonRoute
-from bastion.device.hub import DeviceHub, PowerTargetError
+from bastion.device.hub import DeviceHub, PowerHeld, PowerTargetError
 from bastion.device.link import DeviceError, DeviceTimeout
 
 router = APIRouter(tags=["device"], route_class=StrictJsonRoute)
@@ -29,28 +29,51 @@ HubDep = Annotated[DeviceHub, Depends(get_hub)]
 # caller without the token must get 401, not learn whether a device is attached (503).
 
 
+# The longest off time of a cycle (firmware.power.MAX_OFF_MS): longer is an off and, later, an on
+MAX_OFF_MS = 3_600_000
+
+
 class PowerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     state: Literal["on", "off", "cycle"]
-    off_ms: int | None = Field(default=None, ge=0, description="off time of a cycle")
+    off_ms: int | None = Field(default=None, ge=0, le=MAX_OFF_MS,
+                               description="off time of a cycle (ms; at least the channel's minimum)")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _off_ms_is_a_cycles(self) -> PowerIn:
+        if self.off_ms is not None and self.state != "cycle":
+            raise ValueError(f"off_ms is the off time of a cycle: not for state {self.state!r}")
+        return self
 
 
 async def _power(runtime, hub: DeviceHub, target: str, body: PowerIn) -> dict[str, Any]:
+    operator = runtime.operator
+    hold = None
     try:
         _, name = hub.channel_for(target)
-        if name is not None and runtime.operator is not None:
-            # A person's command: the operator holds off the machine until it is released.
-            await anyio.to_thread.run_sync(runtime.operator.hold, name, "api", body.state)
+        if name is not None and operator is not None:
+            # A person's command: the operator holds off the machine until it is released (held
+            # first, so that no pass of the operator's acts on it in between).
+            hold = await anyio.to_thread.run_sync(operator.hold_for_power, name, "api", body.state)
         # The serial exchange blocks: keep it off the event loop.
         answer = await anyio.to_thread.run_sync(hub.power, target, body.state, body.off_ms)
-        return {**answer, "held": name is not None and runtime.operator is not None}
+        return {**answer, "held": hold is not None}
     except PowerTargetError as e:
         raise HTTPException(404, str(e)) from None
-    except DeviceTimeout as e:
-        raise HTTPException(504, f"the device did not answer: {e}") from None
     except DeviceError as e:
-        # The device refused (an interlock, an unknown channel): its words, as a conflict.
-        raise HTTPException(409, str(e)) from None
+        refused = isinstance(e, PowerHeld) or e.code in ("refused", "badreq", "unknown")
+        if hold is not None and refused:  # nothing was switched: nothing to hold for
+            await anyio.to_thread.run_sync(operator.unhold, name, *hold, f"power {body.state} refused: {e}")
+        if refused:
+            # The device refused (an interlock, an unknown channel), or the UPS policy did: their
+            # words, as a conflict.
+            raise HTTPException(409, str(e)) from None
+        # No answer, an answer lost to a restart, a failure inside the device: it may have been
+        # done, so a hold stays, and the answer says so.
+        held = f"; {name} is held (bastion machine release {name} gives it back)" if hold else ""
+        if isinstance(e, DeviceTimeout):
+            raise HTTPException(504, f"the device did not answer: {e}{held}") from None
+        raise HTTPException(502, f"the device failed: {e}{held}") from None
 
 
 @router.post("/machines/{name}/power", summary="Switch a machine's power (needs the token)")
@@ -60,7 +83,7 @@ async def machine_power(name: str, body: PowerIn, _: AdminDep, hub: HubDep,
 
 
 @router.post("/device/power/{channel}", summary="Switch a relay channel (needs the token)")
-async def channel_power(channel: int, body: PowerIn, _: AdminDep, hub: HubDep,
+async def channel_power(channel: Annotated[int, Path(ge=0, le=255, description="the relay channel, from 0")], body: PowerIn, _: AdminDep, hub: HubDep,
                         runtime: RuntimeDep) -> dict[str, Any]:  # fmt: skip
     return await _power(runtime, hub, str(channel), body)
 

@@ -55,7 +55,8 @@ def _need_one(url: str | None, port: str | None) -> str | None:
 @click.command("power")
 @click.argument("state", type=click.Choice(["on", "off", "cycle"]))
 @click.argument("target")
-@click.option("--off-ms", type=int, help="Off time of a cycle (at least the channel's minimum).")
+@click.option("--off-ms", type=click.IntRange(0, 3_600_000),
+              help="Off time of a cycle in ms (at least the channel's minimum, at most an hour).")
 @_where
 def power(state, target, off_ms, url, port, token_file) -> None:
     """Switch TARGET's power: a machine name (its relay: in machines.yaml) or, with --port or
@@ -63,20 +64,23 @@ def power(state, target, off_ms, url, port, token_file) -> None:
     faster than a channel's minimum off time, cycle storms) and says why. Through a
     controller, the machine is then held: its operator leaves it alone until
     `bastion machine release NAME`."""
+    from bastion.device.hub import is_channel_number
     from bastion.device.link import DeviceError
 
     port = _need_one(url, port)
+    if off_ms is not None and state != "cycle":
+        raise click.UsageError(f"--off-ms is the off time of a cycle: not for {state}")
     body: dict[str, Any] = {"state": state}
     if off_ms is not None:
         body["off_ms"] = off_ms
     if url:
         api = ApiClient.connect(url, token_file)
-        path = (f"/api/v1/device/power/{target}" if target.isdigit()
+        path = (f"/api/v1/device/power/{target}" if is_channel_number(target)
                 else f"/api/v1/machines/{segment(target)}/power")
         r = api.call("POST", path, json=body)
         ch = r.get("channel") or {}
     else:
-        if not target.isdigit():
+        if not is_channel_number(target):
             raise click.UsageError("with --port, TARGET is a relay channel number "
                                    "(machine names need the site: use --url)")
         link = _link(port)

@@ -35,6 +35,12 @@ class PowerHeld(DeviceError):
     """A power-on refused because power is held (bastion.ups: a power cut)."""
 
 
+def is_channel_number(target: str) -> bool:
+    """Whether a power target names a relay channel by number: ASCII digits only (str.isdigit
+    also takes '²' and fullwidth digits, which int() refuses or reads as another channel)."""
+    return target.isascii() and target.isdigit()
+
+
 class DeviceHub:
     def __init__(
         self,
@@ -221,7 +227,7 @@ class DeviceHub:
     # --- what the controller asks -------------------------------------------------------
     def channel_for(self, target: str | int) -> tuple[int, str | None]:
         """(relay channel, machine name or None) for a machine name or a channel number."""
-        if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        if isinstance(target, int) or is_channel_number(target):
             ch = int(target)
             for m in self._site().machines:
                 if m.relay == ch:

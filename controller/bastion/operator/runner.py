@@ -165,6 +165,23 @@ class Operator:
         self.wake()
         return mem
 
+    def hold_for_power(self, name: str, by: str, state: str) -> tuple[Memory | None, Memory]:
+        """hold() for a power command about to be sent: (the memory before, the memory held),
+        for unhold() when the device refuses the command."""
+        with self._lock:
+            before = self._mem.get(name)
+            return before, self.hold(name, by, state)
+
+    def unhold(self, name: str, before: Memory | None, held: Memory, why: str) -> None:
+        """Undo hold_for_power() when its command did nothing (refused by the device, or by the
+        UPS policy): the machine's memory as it was, unless something changed it since."""
+        with self._lock:
+            if self._mem.get(name) != held:
+                return
+            self._keep(name, before or Memory())
+            self._event(name, Action(name, "release", f"hold undone: {why}"))
+        self.wake()
+
     def release(self, name: str, by: str) -> Memory:
         with self._lock:
             old = self._mem.get(name)

@@ -78,6 +78,48 @@ def test_power_errors_say_what_was_wrong(api):
     assert "shorter than its minimum off time of 3000 ms" in r.json()["detail"]
 
 
+def test_power_bodies_and_targets_out_of_bounds_are_refused_before_the_device(api, board):
+    assert api.post("/api/v1/machines/node1/power", json={"state": "on"}, headers=auth()).status_code == 200
+    for body, says in [
+        ({"state": "cycle", "off_ms": 3600001}, "less than or equal to 3600000"),
+        ({"state": "cycle", "off_ms": 2**63}, "less than or equal to 3600000"),
+        ({"state": "cycle", "off_ms": "5000"}, "valid integer"),
+        ({"state": "cycle", "off_ms": True}, "valid integer"),
+        ({"state": "on", "off_ms": 5000}, "off_ms is the off time of a cycle: not for state 'on'"),
+    ]:
+        r = api.post("/api/v1/machines/node1/power", json=body, headers=auth())
+        assert r.status_code == 422 and says in r.text, (body, r.text)
+    r = api.post("/api/v1/device/power/-1", json={"state": "on"}, headers=auth())
+    assert r.status_code == 422 and "greater than or equal to 0" in r.text
+    # digits that are not ASCII are names, not channels: '１' (fullwidth) is not relay 1
+    for name in ("%EF%BC%91", "%C2%B2", "%F0%9D%9F%8F"):
+        r = api.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth())
+        assert r.status_code == 404 and "no machine" in r.json()["detail"], r.text
+    assert relays(board)[0] == "1" and relays(board)[1] == "0"
+    view = api.get("/api/v1/device").json()["status"]["power"][0]
+    assert view["desired"] == view["output"] == "on" and not view["cycling"]
+
+
+def test_a_command_the_device_refuses_does_not_hold_the_machine(api):
+    def hold():
+        return next(m for m in api.get("/api/v1/operator").json()["machines"] if m["name"] == "node1")["hold"]
+
+    r = api.post("/api/v1/machines/node1/power", json={"state": "on"}, headers=auth())
+    assert r.status_code == 200 and r.json()["held"] and hold()["state"] == "on"
+    assert api.post("/api/v1/machines/node1/release", headers=auth()).status_code == 200
+    assert hold() is None
+    r = api.post("/api/v1/machines/node1/power", json={"state": "cycle", "off_ms": 100}, headers=auth())
+    assert r.status_code == 409 and "minimum off time" in r.json()["detail"]
+    assert hold() is None  # nothing was switched: the operator keeps the machine
+    undone = [e for e in api.get("/api/v1/events", params={"kind": "operator", "machine": "node1"}).json()
+              if "hold undone" in e["payload"].get("reason", "")]  # fmt: skip
+    assert undone and "power cycle refused" in undone[0]["payload"]["reason"]
+    # a hold made before stays as it was when a later command is refused
+    assert api.post("/api/v1/machines/node1/hold", headers=auth()).status_code == 200
+    r = api.post("/api/v1/machines/node1/power", json={"state": "cycle", "off_ms": 100}, headers=auth())
+    assert r.status_code == 409 and hold() is not None and hold()["state"] is None
+
+
 def test_no_device_is_a_clear_503(site_dir, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -72,6 +72,20 @@ def test_interlocks_refuse_with_a_clear_error(link):
     assert "no relay channel 99" in str(e.value)
 
 
+def test_a_cycle_too_long_to_schedule_is_refused_and_leaves_the_relay_on(board, link):
+    # It used to switch the relay off and then fail on the tick arithmetic, with no cycle
+    # scheduled: the channel stayed off, and an "on" found nothing to change.
+    link.request("power", channel=1, state="on")
+    wait_for(lambda: relays(board)[1] == "1", what="relay 1 on")
+    for off_ms in (3600001, 2**62, 10**30):
+        with pytest.raises(DeviceError) as e:
+            link.request("power", channel=1, state="cycle", off_ms=off_ms)
+        assert e.value.code == "refused" and "longer than a cycle may be (3600000 ms)" in str(e.value)
+    ch = link.request("status")["power"][1]
+    assert ch["desired"] == ch["output"] == "on" and not ch["cycling"]
+    assert relays(board)[1] == "1"
+
+
 def test_powering_on_eight_nodes_staggers_them(board, link):
     events: list[dict] = []
     link.on_event(lambda e: events.append(e) if e.get("ev") == "power" else None)

@@ -139,6 +139,28 @@ def test_cycle_faster_than_the_minimum_off_time_is_refused():
     assert out.level[0] is True
 
 
+def test_a_cycle_longer_than_an_hour_is_refused_before_the_relay_moves():
+    # A huge off time once switched the relay off and then failed (ticks_add overflowed), with
+    # no cycle scheduled: the channel stayed off for good while it read as on.
+    p, out = make(1)
+    p.on(0, at(0))
+    out.calls = []
+    for off_ms in (3600001, 2**31, 2**63 - 1, 10**30):
+        try:
+            p.cycle(0, at(10000), off_ms)
+            assert False, off_ms
+        except PowerError as e:
+            assert "longer than a cycle may be (3600000 ms): switch it off, and on later" in str(e)
+    assert out.calls == [] and out.level[0] is True
+    st = p.status()[0]
+    assert st["desired"] == st["output"] == "on" and not st["cycling"]
+    p.cycle(0, at(10000), 3600000)  # the longest comes back on
+    p.tick(at(10000 + 3599999))
+    assert out.level[0] is False
+    p.tick(at(10000 + 3600000))
+    assert out.calls == [(0, False), (0, True)]
+
+
 def test_cycle_goes_off_then_back_on_after_the_off_time():
     p, out = make(1)
     p.on(0, at(0))
