@@ -108,7 +108,7 @@ def resolve_token(token: str | None = None, token_file: Path | None = None) -> s
 def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
     """'HOST:PORT' or '[v6]:PORT' -> (host, port); ':PORT' is every IPv4 address."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise SettingsError(f"{option} {text!r}: expected HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
@@ -125,7 +125,7 @@ def parse_size(text: str, option: str) -> int:
     """'1048576', '64KiB', '1MiB', '1M' (10**6) -> bytes."""
     number = text.strip().rstrip("BbIiKkMmGg ")
     unit = text.strip()[len(number):].strip().lower()
-    if not number.isdigit() or unit not in _SIZE_UNITS:
+    if not (number.isascii() and number.isdigit()) or unit not in _SIZE_UNITS:
         raise SettingsError(f"{option} {text!r}: expected a size in bytes, e.g. 1048576, 64KiB, 1MiB")
     return int(number) * _SIZE_UNITS[unit]
 

@@ -202,7 +202,7 @@ def download_resumable(
                     )
                 have = written = 0
                 length = r.headers.get("content-length")
-                total = int(length) if length and length.isdigit() else None
+                total = int(length) if length and length.isascii() and length.isdigit() else None
                 mode = "wb"
                 meta = {
                     "url": url,

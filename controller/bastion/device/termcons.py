@@ -129,9 +129,10 @@ def via_link(port: str, name_or_channel: str, after_eof: float = 3.0) -> None:
     """The console straight over the device's serial line (no controller): the channel is
     a relay channel number (the link does not know the site's machine names)."""
     from bastion.device.consoles import console_writer
+    from bastion.device.hub import is_channel_number
     from bastion.device.link import DeviceLink
 
-    if not name_or_channel.isdigit():
+    if not is_channel_number(name_or_channel):
         raise Closed("with --port, name the console by its relay channel number (the site's "
                      "machine names are the controller's: use --url for them)")  # fmt: skip
     ch = int(name_or_channel)

@@ -229,7 +229,7 @@ def _channel_overrides(
     overrides: dict[int, dict] = {}
     for key, settings in site.settings.device.power.channels.items():
         where = f"site.yaml: device.power.channels.{key}"
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        if isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit()):
             ch = int(key)
             if not 0 <= ch < board.channels:
                 problems.append(f"{where}: board {board.name} has no relay channel {ch}")

@@ -115,7 +115,7 @@ class Dress:
         self.name = board["name"]
         self.version = version or mp["versions"][-1]
         parts = self.version.split(".")
-        if not 2 <= len(parts) <= 3 or not all(x.isdigit() for x in parts):
+        if not 2 <= len(parts) <= 3 or not all(x.isascii() and x.isdigit() for x in parts):
             raise DressError(f"MicroPython version {self.version!r}: expected e.g. 1.24.1")
         self.version_tuple = tuple(int(x) for x in parts) + (0,) * (3 - len(parts))
         listed = self.version in mp["versions"]

@@ -206,7 +206,7 @@ class DeviceSection(_Strict):
         out = {}
         for key, name in v.items():
             arch = key if isinstance(key, int) and not isinstance(key, bool) else None
-            if isinstance(key, str) and key.isdigit():
+            if isinstance(key, str) and key.isascii() and key.isdigit():
                 arch = int(key)
             if arch is None or not 0 <= arch <= 0xFFFF:
                 raise ValueError(
