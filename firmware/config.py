@@ -15,36 +15,41 @@ class ConfigError(ValueError):
     pass
 
 
+def _r(v):
+    # A value quoted in an error, cut short: the error goes out in one frame with the boot event
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def _mac_bytes(s, where):
     if not isinstance(s, str) or len(s) != _MAC_LEN:
-        raise ConfigError("%s: %r is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, s))
+        raise ConfigError("%s: %s is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, _r(s)))
     out = bytearray(6)
     for i in range(6):
         part = s[i * 3 : i * 3 + 2]
         if i < 5 and s[i * 3 + 2] not in ":-":
-            raise ConfigError("%s: %r is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, s))
+            raise ConfigError("%s: %s is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, _r(s)))
         try:
             out[i] = int(part, 16)
         except ValueError:
-            raise ConfigError("%s: %r is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, s))
+            raise ConfigError("%s: %s is not a MAC address (aa:bb:cc:dd:ee:ff)" % (where, _r(s)))
     return bytes(out)
 
 
 def _ip_bytes(s, where):
     parts = s.split(".") if isinstance(s, str) else ()
     if len(parts) != 4:
-        raise ConfigError("%s: %r is not an IPv4 address" % (where, s))
-    try:
-        b = bytes(int(p) for p in parts)  # ValueError for values over 255 too
-    except ValueError:
-        raise ConfigError("%s: %r is not an IPv4 address" % (where, s))
-    return b
+        raise ConfigError("%s: %s is not an IPv4 address" % (where, _r(s)))
+    for p in parts:
+        if not 0 < len(p) <= 3 or not p.isdigit() or int(p) > 255:
+            raise ConfigError("%s: %s is not an IPv4 address" % (where, _r(s)))
+    return bytes(int(p) for p in parts)
 
 
 def _int(d, key, lo, hi, default, where):
     v = d.get(key, default)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ConfigError("%s.%s: %r must be an integer from %d to %d" % (where, key, v, lo, hi))
+        raise ConfigError("%s.%s: %s must be an integer from %d to %d" % (where, key, _r(v), lo, hi))
     return v
 
 
@@ -71,8 +76,9 @@ def channels(defs):
         if not isinstance(d, dict):
             raise ConfigError("%s: must be an object" % where)
         name = d.get("name", "ch%d" % index)
-        if not isinstance(name, str) or not name:
-            raise ConfigError("%s.name: must be a non-empty string" % where)
+        if not isinstance(name, str) or not 0 < len(name) <= 63:
+            # a DNS label's length: eight of them and the rest of a status reply fit its frame
+            raise ConfigError("%s.name: must be a string of 1..63 characters" % where)
         active = d.get("active", "high")
         if active not in ("high", "low"):
             raise ConfigError("%s.active: %r must be 'high' or 'low'" % (where, active))
@@ -127,7 +133,7 @@ class Config:
                 "router's DHCP reservation for it): make them the same" % (ip, device_ip)
             )
         ns = d.get("next_server")
-        self.next_server = _ip_bytes(ns, "next_server") if ns else self.server_ip
+        self.next_server = _ip_bytes(ns, "next_server") if ns is not None else self.server_ip
         # A DHCP option holds at most 255 bytes: the URL goes into option 67 / the file field.
         self.script_url = _str(d, "script_url", None, "", required=True)
 
@@ -136,20 +142,19 @@ class Config:
             raise ConfigError("boot_files: must be an object of arch -> file name")
         self.boot_files = {}
         for k, v in files.items():
-            try:
-                arch = int(k)
-            except ValueError:
-                raise ConfigError("boot_files: key %r is not a client architecture number" % k)
+            if not k.isdigit() or len(k) > 5:  # JSON keys are strings: "7", not " 7 " or "+7"
+                raise ConfigError("boot_files: key %s is not a client architecture number" % _r(k))
+            arch = int(k)
             if not 0 <= arch <= 0xFFFF:
                 raise ConfigError("boot_files: architecture %d is out of range" % arch)
             if not isinstance(v, str) or not v or len(v) > 127:
                 raise ConfigError("boot_files.%s: must be a file name of 1..127 characters" % k)
             self.boot_files[arch] = v
 
-        macs = d.get("allowed_macs") or None
-        if macs is not None:
-            if not isinstance(macs, list):
-                raise ConfigError("allowed_macs: must be a list of MAC addresses")
+        macs = d.get("allowed_macs")  # absent or []: every client; {} or false is a mistake
+        if macs is not None and not isinstance(macs, list):
+            raise ConfigError("allowed_macs: must be a list of MAC addresses")
+        if macs:
             self.allowed_macs = set(
                 _mac_bytes(m, "allowed_macs[%d]" % i) for i, m in enumerate(macs)
             )
@@ -159,11 +164,13 @@ class Config:
         rpi = d.get("rpi", {})
         if not isinstance(rpi, dict):
             raise ConfigError("rpi: must be an object")
-        self.rpi_boot = bool(rpi.get("boot", True))
+        self.rpi_boot = rpi.get("boot", True)
+        if not isinstance(self.rpi_boot, bool):
+            raise ConfigError("rpi.boot: %s must be true or false" % _r(self.rpi_boot))
         # The menu text shares option 43 with the other PXE sub-options.
         self.rpi_menu = _str(rpi, "menu", "Raspberry Pi Boot", "rpi.", max_len=200)
         rns = rpi.get("next_server")
-        self.rpi_next_server = _ip_bytes(rns, "rpi.next_server") if rns else None
+        self.rpi_next_server = _ip_bytes(rns, "rpi.next_server") if rns is not None else None
 
         t = d.get("tftp", {})
         if not isinstance(t, dict):

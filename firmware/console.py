@@ -213,14 +213,24 @@ class Console:
         try:
             n = frame.encode_into(self._out, fields, frame.TO_HOST)
         except frame.TooLong:
-            self.too_long += 1
-            return self._error(rid, "%s: the reply is longer than %d bytes" % (op, len(self._out)),
-                               "internal", None)
+            n = None
         except MemoryError:
             fields = None
             gc.collect()
             self.out_of_memory += 1
             return self._error(rid, "out of memory building the reply", "internal", None)
+        if n is None and "nodes" in fields:  # status: without these, each for an "only"
+            fields.pop("consoles", None)
+            del fields["nodes"]
+            fields["partial"] = ("nodes", "consoles")
+            try:
+                n = frame.encode_into(self._out, fields, frame.TO_HOST)
+            except frame.TooLong:
+                pass
+        if n is None:
+            self.too_long += 1
+            return self._error(rid, "%s: the reply is longer than %d bytes" % (op, len(self._out)),
+                               "internal", None)
         line = memoryview(self._out)[:n]
         if changes_state:
             self._remember(rid, req, bytes(line))
@@ -309,7 +319,8 @@ class Console:
         d["heap"] = self.ops["heap"][0](req, now)
         for k in self.live:
             d[k] = self.live[k]()
-        return d  # counters have their own op: a status reply must fit the frame buffer
+        only = req.get("only")  # one section, for a reply that left it out ("partial")
+        return d if only is None else {only: d.get(only)}  # counters have their own op: a status reply must fit the frame buffer
 
     def _counters(self, req, now):
         # Into the log's own table (sized at boot), not a copy: a copy is a fresh run of heap,

@@ -152,7 +152,11 @@ class Power:
         self._check_off_time(c, now)
         self._check_storm(c, now)
         c.desired = True
-        self._save()
+        try:
+            self._save()
+        except OSError:  # a full or failing flash: nothing switched, memory and flash agree
+            c.desired = False
+            raise
         self._enqueue(c)
         self.tick(now)
         return c.status()
@@ -161,11 +165,11 @@ class Power:
         c = self.channel(ref)
         self._dequeue(c)
         c.back_on_at = None
+        if c.output:  # first: a node to be stopped is stopped, whatever the flash does next
+            self._set(c, False, now, "off")
         if c.desired:
             c.desired = False
             self._save()
-        if c.output:
-            self._set(c, False, now, "off")
         return c.status()
 
     def cycle(self, ref, now, off_ms=None, why="cycle"):
@@ -267,7 +271,7 @@ class Power:
     def _drive(self, c, on):
         try:
             self.outputs.set(c.index, on)
-        except OSError as e:  # the relay may not have switched: say so, keep the policy going
+        except Exception as e:  # the relay may not have switched: say so, keep the policy going
             if self.log is not None:
                 self.log.count("power.output_error")
                 self.log.event("power", ("ch", "error"), (c.index, str(e)))

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from bastion.client import ApiClient, ApiError, segment
+from bastion.client import ApiClient, ApiError, printable, segment
 
 
 def _where(f):
@@ -106,11 +106,12 @@ def _device_view(url, port, token_file) -> dict[str, Any]:
         return ApiClient.connect(url, token_file).call("GET", "/api/v1/device")
     link = _link(port)
     try:
+        from bastion.device.hub import read_status
         from bastion.device.link import DeviceError
 
         view: dict[str, Any] = {"port": port, "connected": True, "info": link.info}
         try:
-            view["status"] = link.request("status")
+            view["status"] = read_status(link)
             view["counters"] = link.request("counters").get("counters")
         except DeviceError as e:
             view["last_error"] = str(e)
@@ -234,8 +235,8 @@ def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> 
         kind = ev.get("ev") or ev.get("kind")
         rest = {k: v for k, v in (ev.get("payload") or ev).items()
                 if k not in ("ev", "boot", "seq", "t")}
-        click.echo(f"{time.strftime('%H:%M:%S')} {kind:<8} " +
-                   " ".join(f"{k}={v}" for k, v in rest.items()))
+        click.echo(printable(f"{time.strftime('%H:%M:%S')} {kind:<8} " +
+                             " ".join(f"{k}={v}" for k, v in rest.items())))  # fmt: skip
         sys.stdout.flush()
 
     try:

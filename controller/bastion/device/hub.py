@@ -35,6 +35,16 @@ class PowerHeld(DeviceError):
     """A power-on refused because power is held (bastion.ups: a power cut)."""
 
 
+def read_status(link: DeviceLink, **kw: Any) -> dict[str, Any]:
+    """The device's whole `status`: the sections that did not fit its reply frame (named in
+    `partial`: node watches, consoles) asked for one at a time (docs/serial-protocol.md)."""
+    status = link.request("status", **kw)
+    for part in status.pop("partial", None) or ():
+        if isinstance(part, str):
+            status[part] = link.request("status", only=part, **kw).get(part)
+    return status
+
+
 def is_channel_number(target: str) -> bool:
     """Whether a power target names a relay channel by number: ASCII digits only (str.isdigit
     also takes '²' and fullwidth digits, which int() refuses or reads as another channel)."""
@@ -287,7 +297,7 @@ class DeviceHub:
         }
         if link.ready:
             try:
-                out["status"] = link.request("status", timeout=5)
+                out["status"] = read_status(link, timeout=5)
                 out["counters"] = link.request("counters", timeout=5).get("counters")
             except DeviceError as e:
                 out["last_error"] = str(e)

@@ -183,6 +183,19 @@ def firmware_command(
     return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port)
 
 
+def _watchdog_ms(board_json: Path) -> int:
+    """The emulated watchdog's timeout from the flash's board.json; the sim's 8000 ms when the
+    file is not a board definition (the firmware then boots as the "unknown" board, says why in
+    its boot event, and never starts the watchdog)."""
+    try:
+        d = json.loads(board_json.read_bytes())
+    except (OSError, ValueError):
+        return 8000
+    wd = d.get("watchdog") if isinstance(d, dict) else None
+    ms = wd.get("timeout_ms") if isinstance(wd, dict) else None
+    return ms if isinstance(ms, int) and not isinstance(ms, bool) and 0 < ms <= 3_600_000 else 8000
+
+
 def blank_note(flash: Path) -> str | None:
     """What to tell a user whose flash has no device config yet, or None when it has one. Such
     a board boots as a new one does: relays, console and watchdog, its network services off
@@ -264,8 +277,7 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
         raise click.ClickException(str(e)) from None
     if note is not None:
         click.echo(note, err=True)
-    board_def = json.loads((flash / "board.json").read_text())
-    wdt_ms = board_def.get("watchdog", {}).get("timeout_ms")
+    wdt_ms = _watchdog_ms(flash / "board.json")
     emit = json_lines_out()
     lines = EventLines(emit)
     sup = Supervisor(

@@ -159,6 +159,53 @@ def test_a_broken_device_config_keeps_the_console_and_the_relays(tmp_path):
         s.stop()
 
 
+def test_a_device_config_too_big_to_read_keeps_the_console_and_the_relays(tmp_path):
+    # json.load of it ran the 128k heap out (MemoryError) before the relays were restored, and
+    # the firmware stopped at the REPL: no console, no watchdog.
+    flash = tmp_path / "flash"
+    (flash).mkdir()
+    (flash / "power.state").write_text("10000001\n")
+    s = SimProcess(flash, tmp_path / "tty", {"power": POWER, "note": "x" * 200000})
+    try:
+        ev = s.wait(lambda e: e.get("ev") == "boot" and "version" in e)
+        assert "device.json: " in ev["error"] and "more than the 16384 the device reads" in ev["error"]
+        assert (flash / "relays.state").read_text().strip() == "10000001"
+        with DeviceLink(str(s.link), timeout_s=10) as ln:
+            assert ln.wait_ready(15), ln.last_error
+            assert [c["output"] for c in ln.request("status")["power"]][:2] == ["on", "off"]
+    finally:
+        s.stop()
+
+
+def test_a_status_too_long_for_one_frame_comes_in_parts(tmp_path):
+    # Eight watched nodes with long names and four consoles (160k: the consoles' heap) made
+    # every status reply longer than the device's 1536-byte frame: an error, every time.
+    flash = tmp_path / "flash"
+    power = {"channels": [{"name": f"k3s-worker-{i:02d}"} for i in range(CHANNELS)]}
+    s = SimProcess(flash, tmp_path / "tty", {"power": power}, args=("--heap", "160k"))
+    try:
+        with DeviceLink(str(s.link), timeout_s=10) as ln:
+            assert ln.wait_ready(15), ln.last_error
+            for ch in range(CHANNELS):
+                ln.request("watch", channel=ch, timeout_ms=60000, boot_ms=60000)
+            first = ln.request("status")
+            assert first["partial"] == ["nodes", "consoles"] and "power" in first and "tasks" in first
+            assert not set(first["partial"]) & set(first)
+            from bastion.device.hub import read_status
+
+            whole = read_status(ln)
+            assert "partial" not in whole and len(whole["nodes"]) == CHANNELS
+            assert len(whole["consoles"]) == 4
+            assert [c["name"] for c in whole["power"]] == power_names(power)
+            assert ln.request("status", only="nothing")["nothing"] is None
+    finally:
+        s.stop()
+
+
+def power_names(power):
+    return [c["name"] for c in power["channels"]]
+
+
 def test_maintenance_holds_the_relays_starts_no_watchdog_and_lasts_one_boot(board, link):
     """What `bastion flash` is to do on a board whose watchdog runs (docs/device.md,
     "Maintenance mode"): restart into maintenance, stop the firmware with Ctrl-C for the copy

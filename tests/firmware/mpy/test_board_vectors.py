@@ -367,3 +367,90 @@ def test_a_maintenance_boot_holds_the_relays_and_brings_up_nothing_once():
         assert maintenance is False and error is None
         assert cfg.server_ip == bytes([192, 168, 1, 5]) and net.device_ip == "192.168.1.5"
         assert network.calls[0][0] == "WIZNET5K"
+
+
+# --- flash files the firmware cannot use: a boot error, never a stop at the REPL -------------
+def _boot_events(log):
+    return [e for e in _events(log, "boot") if "error" in e]
+
+
+def test_a_board_definition_of_the_wrong_shape_boots_as_the_unknown_board():
+    # Each of these once raised out of boot (AttributeError, TypeError, MemoryError): the
+    # firmware stopped at the REPL with no console and no watchdog, relays never driven.
+    base = _board_json(W5500)
+    cases = [("relays", []), ("relays", None), ("watchdog", []),
+             ("channels", "8"), ("channels", 8.5), ("channels", True), ("channels", 100000),
+             ("name", "x" * 3000), ("name", "")]  # fmt: skip
+    for key, value in cases:
+        _fresh()
+        d = dict(base)
+        d[key] = value
+        with _Flash({"board.json": json.dumps(d), "device.json": json.dumps(dict(BASE, server_ip="192.168.1.5"))}):
+            log = Log(32)
+            board, power, cfg, error, net, maintenance = boot.boot({}, log)
+        assert board.name == "unknown" and power.channels == [] and not maintenance, (key, value)
+        said = _boot_events(log)
+        assert said and said[0]["error"].startswith("board: "), (key, value, said)
+        assert len(said[0]["error"]) <= 300, (key, value)
+        assert cfg is not None and error is None, (key, value, error)  # the services still run
+    # an ethernet section of the wrong type is met when the network comes up: a boot error
+    _fresh()
+    d = dict(base, ethernet="host")
+    with _Flash({"board.json": json.dumps(d), "device.json": json.dumps(dict(BASE, net=STATIC))}):
+        board, power, cfg, error, net, _ = boot.boot({}, Log(32))
+    assert board.name == W5500 and len(power.channels) == 8 and cfg is None
+    assert error.startswith("config: AttributeError"), error
+
+
+def test_a_pin_the_port_refuses_leaves_the_other_relays_driven():
+    _fresh()
+    machine.bad_pins.add(9)  # channel 3
+    with _flash(W5500, power="11111111\n"):
+        log = Log(32)
+        power = boot.make_power(board_mod.load("board.json"), {}, log)
+    driven = sorted(p for p in machine.levels)
+    assert driven == [6, 7, 8, 10, 11, 12, 13]
+    assert log.counters["power.output_error"] == 1
+    assert [e for e in _events(log, "power") if e.get("ch") == 3 and "invalid pin" in e.get("error", "")]
+    assert len(power.channels) == 8
+
+
+def test_a_device_config_too_big_or_too_deep_is_a_boot_error_after_the_relays():
+    # json.load ran out of heap (MemoryError) or of recursion (RuntimeError) before the relays
+    # were restored, and the boot stopped there.
+    for text, says in [
+        (json.dumps(dict(BASE, net=STATIC, note="x" * 20000)), "bytes, more than the 16384 the device reads"),
+        # CPython's parser gives up (RecursionError), MicroPython's takes it: not an object
+        ("[" * 3000 + "]" * 3000, "device.json: "),
+    ]:
+        _fresh()
+        with _flash(W5500, power="10000001\n", extra={"device.json": text}):
+            log = Log(32)
+            board, power, cfg, error, net, _ = boot.boot({}, log)
+        assert board.name == W5500 and cfg is None and net is None
+        assert error.startswith("device.json: ") and says in error, error
+        assert machine.levels[6] == [1] and machine.levels[13] == [1] and machine.levels[7] == [0]
+
+
+def test_a_bad_value_anywhere_in_the_config_is_a_boot_error_not_a_stop():
+    _fresh()
+    device = dict(BASE, net=STATIC, next_server="99999999999999999999.1.1.1")
+    with _flash(W5500, device=device):
+        _, _, cfg, error, _, _ = boot.boot({}, Log(32))
+    assert cfg is None and error.startswith("config: next_server: "), error
+    for text in ("null", "[1, 2]", "7"):
+        _fresh()
+        with _flash(W5500, extra={"device.json": text}):
+            _, _, cfg, error, net, _ = boot.boot({}, Log(32))
+        assert cfg is None and net is None and error == "device.json: needs an object", (text, error)
+
+
+def test_a_stagger_that_is_not_a_number_restores_with_the_defaults_and_says_so():
+    _fresh()
+    device = dict(BASE, power={"stagger_ms": "2000", "channels": [{"name": "a"}]})
+    with _flash(W5500, power="10000000\n"):
+        log = Log(32)
+        power = boot.make_power(board_mod.load("board.json"), boot.power_settings(device), log)
+    said = [e for e in _events(log, "power") if "error" in e]
+    assert said and "power.stagger_ms: '2000' must be an integer from 0 to 600000" in said[0]["error"]
+    assert power.stagger_ms == 2000 and len(power.channels) == 8 and machine.levels[6] == [1]

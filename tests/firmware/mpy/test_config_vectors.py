@@ -62,3 +62,38 @@ def test_server_ip_override_and_not_an_object():
 def test_strings_that_must_fit_a_dhcp_option_are_bounded():
     assert "script_url" in _error(script_url="http://x/" + "a" * 250)
     assert "rpi.menu" in _error(rpi={"menu": "m" * 201})
+
+
+def test_what_was_taken_silently_or_crashed_is_refused_by_field():
+    # an octet too big for a machine word was an OverflowError (not a ValueError) on
+    # MicroPython: it escaped the checker and stopped the boot
+    assert "next_server: '99999999999999999999.1.1.1' is not an IPv4 address" in _error(
+        next_server="99999999999999999999.1.1.1")
+    for bad in ("10.77.0.+1", "10.77.0. 1", "10.77.0.0001", "1.2.3.-4"):
+        assert "is not an IPv4 address" in _error(server_ip=bad), bad
+    # an allow-list of the wrong type meant "answer every PXE client"
+    assert "allowed_macs: must be a list" in _error(allowed_macs={})
+    assert "allowed_macs: must be a list" in _error(allowed_macs=False)
+    assert _cfg(allowed_macs=[]).allowed_macs is None  # empty: every client, as documented
+    assert "next_server: False is not an IPv4 address" in _error(next_server=False)
+    assert "rpi.boot: 'no' must be true or false" in _error(rpi={"boot": "no"})
+    assert _cfg(rpi={"boot": False}).rpi_boot is False
+    for key in (" 7 ", "+9", "0_7", "-1", "123456"):
+        assert "boot_files: key" in _error(boot_files={key: "ipxe.efi"}), key
+
+
+def test_a_long_bad_value_is_quoted_short():
+    # the error goes out in the boot event's one frame: a long value would make it too long
+    # to send, and the operator would never see why nothing is served
+    text = _error(allowed_macs=["z" * 1600])
+    assert len(text) < 120 and "zzz..." in text and text.startswith("allowed_macs[0]: 'zzz")
+    text = _error(server_ip="1" * 5000)
+    assert len(text) < 100 and "..." in text
+
+
+def test_channel_names_are_at_most_a_dns_labels_length():
+    from firmware.config import channels
+
+    assert channels([{"name": "n" * 63}])[0][0] == "n" * 63
+    with raises(ConfigError):
+        channels([{"name": "n" * 64}])

@@ -308,3 +308,50 @@ def test_file_store_replaces_the_file_atomically():
                 os.remove(f)
             except OSError:
                 pass
+
+
+class FullStore(MemStore):
+    """A flash with no room left: every save fails as littlefs does (ENOSPC)."""
+
+    def save(self, text):
+        raise OSError(28)
+
+
+def test_a_power_on_that_cannot_be_saved_is_refused_and_changes_nothing():
+    # It left the channel desired on, never queued: a later "on" then did nothing.
+    p, out = make(2, store=FullStore("00\n"))
+    try:
+        p.on(0, at(10000))
+        assert False, "accepted"
+    except OSError as e:  # the console answers it as an internal error, in its words
+        assert e.args[0] == 28
+    st = p.status()[0]
+    assert st["desired"] == st["output"] == "off" and not st["queued"]
+    p.tick(at(20000))
+    assert out.calls == []
+
+
+def test_an_off_that_cannot_be_saved_still_switches_off():
+    # It flipped the desired state and left the relay on.
+    p, out = make(2, store=MemStore("10\n"))
+    p.store = FullStore()
+    try:
+        p.off(0, at(10000))
+        assert False, "the failed save was not reported"
+    except OSError:
+        pass
+    assert out.calls == [(0, False)] and p.status()[0]["desired"] == p.status()[0]["output"] == "off"
+
+
+def test_an_output_that_raises_anything_is_counted_and_the_others_are_driven():
+    class Picky(Outputs):
+        def set(self, ch, on):
+            if ch == 1:
+                raise ValueError("invalid pin")  # as a port's Pin() refuses a pin it lacks
+            Outputs.set(self, ch, on)
+
+    out = Picky()
+    p = Power(out, 3, MemStore("111\n"), Log(16))
+    p.restore(at(0))
+    assert out.level == {0: True, 2: True}
+    assert p.log.counters["power.output_error"] == 1

@@ -13,12 +13,15 @@ esp32 ports behave (their sources, read for these facts, are named where it matt
 - WDT(timeout=...): refuses a timeout above `wdt_max_ms` with ValueError, as the rp2 port does
   above 8388 ms (ports/rp2/machine_wdt.c); counts feeds.
 - reset(): records the call and raises Reset (a real board would not come back from it).
+- `bad_pins`: pin ids Pin() refuses with ValueError("invalid pin"), as the rp2 port does for
+  a pin the chip lacks (ports/rp2/machine_pin.c); empty after standin_reset().
 """
 
 calls = []  # every call, in order, as tuples
 levels = {}  # pin id -> levels driven, in order
 latches = {}  # pin id -> output latch (0 after reset)
 wdt_max_ms = None  # e.g. 8388 to behave like an RP2040
+bad_pins = set()
 
 
 def standin_reset(max_wdt_ms=None):
@@ -29,6 +32,7 @@ def standin_reset(max_wdt_ms=None):
     latches.clear()
     wdt_max_ms = max_wdt_ms
     WDT.feeds = 0
+    bad_pins.clear()
 
 
 class Reset(Exception):
@@ -48,6 +52,8 @@ class Pin:
     PULL_DOWN = 2
 
     def __init__(self, id, mode=None, pull=None, *, value=None, hold=None):
+        if id in bad_pins:
+            raise ValueError("invalid pin")
         self.id = id
         self.mode = None
         self.hold = False
