@@ -834,6 +834,7 @@ class LogsSection(_Strict):
 
 # --- the UPS (bastion.ups) -------------------------------------------------------------------
 _UPS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 class UpsSection(_Strict):
@@ -885,8 +886,14 @@ class UpsSection(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
-        if any(c.isspace() for c in v) or "/" in v:
-            raise ValueError(f"{v!r} is not a host name or address")
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+        if len(v) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in v.removesuffix(".").split(".")):
+            raise ValueError(f"{v[:70]!r} is not a host name or address (labels of letters, digits "
+                             "and '-', each 1..63 characters)")  # fmt: skip
         return v
 
     @field_validator("username")

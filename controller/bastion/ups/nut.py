@@ -17,7 +17,9 @@ the socket's problem. Nothing else escapes a read.
 
 from __future__ import annotations
 
+import math
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,6 +109,8 @@ class Reading:
             charge = float(variables["battery.charge"])
         except (KeyError, ValueError):
             charge = None
+        if charge is not None and not math.isfinite(charge):  # "nan", "inf": not a reading
+            charge = None
         return cls(status, charge, variables)
 
 
@@ -122,6 +126,7 @@ class NutClient:
         self.connect = connect  # how the TCP connection is made (a test's namespace)
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._deadline: float | None = None  # monotonic: the answer being read is due by then
 
     def __repr__(self) -> str:
         return f"NutClient({self.ups}@{self.host}:{self.port})"
@@ -131,8 +136,9 @@ class NutClient:
         try:
             self._sock = self.connect((self.host, self.port), self.timeout)
             self._sock.settimeout(self.timeout)
-        except OSError as e:
-            raise NutError(f"cannot reach upsd at {self.host}:{self.port}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a name the resolver cannot encode
+            raise NutError(f"cannot reach upsd at {self.host}:{self.port}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None  # fmt: skip
         self._buf = b""
         if self.username:
             self._expect_ok("USERNAME", self.username)
@@ -160,6 +166,14 @@ class NutClient:
         while b"\n" not in self._buf:
             if len(self._buf) > _MAX_LINE:
                 raise NutError(f"upsd at {self.host}:{self.port} sent a line of over {_MAX_LINE} bytes")
+            if self._deadline is not None:
+                # the whole answer within the timeout: a upsd that trickles a byte a second
+                # held the watch in one pass for over an hour, reading as answering
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise NutError(f"upsd at {self.host}:{self.port} did not finish its answer "
+                                   f"within {self.timeout:g} s")  # fmt: skip
+                self._sock.settimeout(min(left, self.timeout))
             try:
                 chunk = self._sock.recv(4096)
             except TimeoutError:
@@ -185,10 +199,12 @@ class NutClient:
 
     # --- what the controller asks ------------------------------------------------------------
     def variables(self) -> dict[str, str]:
-        """Every variable of the UPS (LIST VAR). Raises NutError; the next call reconnects."""
+        """Every variable of the UPS (LIST VAR), within the timeout. Raises NutError; the next
+        call reconnects."""
         try:
             if self._sock is None:
                 self._open()
+            self._deadline = time.monotonic() + self.timeout
             self._send("LIST", "VAR", self.ups)
             head = self._line()
             if head != ["BEGIN", "LIST", "VAR", self.ups]:
@@ -206,6 +222,8 @@ class NutClient:
         except NutError:
             self.close()
             raise
+        finally:
+            self._deadline = None
 
     def get(self, name: str) -> str:
         """One variable (GET VAR)."""

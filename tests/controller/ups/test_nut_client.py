@@ -57,3 +57,50 @@ def test_upsd_errors_are_named_and_a_stopped_upsd_is_reached_again_once_back(ups
         c.read()
     upsd.start_upsd()
     assert c.read().status == ("OL",)
+
+
+def test_a_host_the_resolver_cannot_encode_is_a_nut_error():
+    # A label over 63 characters: socket.create_connection raises UnicodeError (a ValueError),
+    # which went past the watch's handler: the UPS view kept the last good reading.
+    c = NutClient("eaton", "a" * 64, timeout=1)
+    with pytest.raises(NutError, match="cannot reach upsd at a{64}:3493"):
+        c.read()
+
+
+def test_an_answer_that_trickles_in_ends_at_the_timeout():
+    # One byte a second: every recv came within the timeout, and a pass took over an hour.
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"BEGIN LIST VAR eaton\n")
+            while not stop.is_set():
+                conn.sendall(b"V")
+                time.sleep(0.2)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    c = NutClient("eaton", "127.0.0.1", server.getsockname()[1], timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(NutError, match=r"did not (finish its answer|answer) within 1.5 s"):
+        c.read()
+    assert time.monotonic() - started < 5
+    stop.set()
+    server.close()
+
+
+def test_a_charge_that_is_not_a_number_is_not_a_reading():
+    from bastion.ups.nut import Reading
+
+    for text in ("nan", "inf", "-inf", "NaN"):
+        assert Reading.of({"ups.status": "OL", "battery.charge": text}).charge is None
+    assert Reading.of({"ups.status": "OL", "battery.charge": "55.5"}).charge == 55.5

@@ -32,6 +32,10 @@ def test_a_ups_section_loads_with_its_defaults(site_dir):
     ("ups:\n  name: eaton\n  password: hunter2\n", "ups.password"),
     ("ups:\n  name: eaton\n  low_charge: 60\n  resume_charge: 40\n", "resume_charge (40) must be above low_charge"),
     ("ups:\n  name: eaton\n  on_battery_s: -1\n", "ups.on_battery_s"),
+    # a name the resolver cannot encode: the watch failed every pass with a UnicodeError
+    ("ups:\n  name: eaton\n  host: " + "a" * 64 + "\n", "is not a host name or address"),
+    ("ups:\n  name: eaton\n  host: \"ups\\0\"\n", "is not a host name or address"),
+    ("ups:\n  name: eaton\n  host: ups..lan\n", "is not a host name or address"),
 ])  # fmt: skip
 def test_site_check_refuses_a_bad_ups_section_by_file_and_field(site_dir, yaml, problem):
     r = check(site_dir, yaml)
