@@ -17,6 +17,9 @@ adds three bounds:
   counted from when it connected or got its previous answer (uvicorn's keep-alive timeout, 5 s,
   still closes a connection that sends nothing after an answer);
 - body timeout: a request's body must arrive within `body_timeout` seconds of its head;
+- head size: a request head over MAX_HEAD_BYTES gets 431 and the connection is closed
+  (uvicorn's httptools parser keeps every header line it is sent: a 300 MB head was read whole
+  and answered, the process at 1.1 GB);
 - a connection cap: at most `max_connections` open. A new connection beyond it closes a
   connection waiting for a request head (an idle or slow one, never one whose request is being
   answered): of the address with the most connections open, the one that has waited longest.
@@ -69,6 +72,13 @@ RESERVE_FDS = 64
 MIN_CONNECTIONS = 8
 #: uvicorn's own default: how long a connection may sit idle after an answer.
 KEEP_ALIVE_S = 5
+#: The largest request head taken, request line and headers (nginx's default buffers allow
+#: 4 x 8 KiB): a URL of 64 KiB is refused before it (bastion.api.boot), a head this long is not
+#: a client's.
+MAX_HEAD_BYTES = 65536
+_TOO_LARGE_BODY = b"request head over 65536 bytes\n"
+_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+              b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TOO_LARGE_BODY) + _TOO_LARGE_BODY)  # fmt: skip
 
 
 class DescriptorLimitError(RuntimeError):
@@ -151,6 +161,7 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
     _timer: asyncio.TimerHandle | None = None
     _waiting_since: float | None = None  # waiting for a request head since (monotonic)
+    _head_bytes = 0  # read while waiting for the head
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -162,6 +173,25 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
         self._cancel_timer()
         self._waiting_since = None
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._waiting_since is not None
+        super().data_received(data)
+        # still no whole head after these bytes (a head that ends in them, and a body after it,
+        # is not counted): at most one read's worth past the bound is parsed
+        if waiting and self._waiting_since is not None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        if self.transport.is_closing():
+            return
+        self._cancel_timer()
+        if self.on_close is not None:
+            self.on_close("head-too-large")
+        self.transport.write(_TOO_LARGE)
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._cancel_timer()
@@ -229,6 +259,7 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
     def _wait_for_head(self) -> None:
         self._cancel_timer()
         self._waiting_since = time.monotonic()
+        self._head_bytes = 0
         self._timer = self.loop.call_later(
             self.bounds.header_timeout, self._expire, "header-timeout"
         )
