@@ -12,6 +12,7 @@ with a message fit to print: it is a click.ClickException, so a command just let
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +21,18 @@ import click
 import httpx
 
 from bastion.settings import SettingsError, resolve_token
+
+
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates: what a terminal acts on
+# or reorders instead of showing
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` for a terminal line: every control character as an escape (\\x1b, \\n, \\u202e),
+    so that what a node or a LAN host put into an event (a callback's field, a path) can neither
+    drive the operator's terminal nor forge a line of output."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class ApiError(click.ClickException):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from bastion.client import printable
 from bastion.settings import DB_SHOWN, Settings, SettingsError, default_db_path, serve_options
 
 
@@ -111,7 +112,12 @@ def serve(log_level, access_log, **given) -> None:
     # httptools as uvicorn would pick, with GRUB's fixes (grubcompat) and the connection bounds
     # (httpserver); the access log without tokens
     options = {"log_level": log_level, "access_log": access_log, "http": protocol,
-               "timeout_keep_alive": httpserver.KEEP_ALIVE_S, "log_config": httpserver.log_config()}
+               "timeout_keep_alive": httpserver.KEEP_ALIVE_S, "log_config": httpserver.log_config(),
+               # X-Forwarded-For names a request's address only from a proxy named so: uvicorn
+               # believed any local process's (127.0.0.1), which could then pass a one-time
+               # Ignition URL's address check as any machine
+               "proxy_headers": settings.trusted_proxies is not None,
+               "forwarded_allow_ips": settings.trusted_proxies or ""}  # fmt: skip
     # What start-up made (the application, the site, the modules: most of the heap) lives as
     # long as the process: out of the collector's way, so that its full collections scan only
     # what came since. Each took 35-50 ms with all of it (docs/benchmarks-http.md), stalling
@@ -129,9 +135,9 @@ def _format_event(e: dict) -> str:
     extra = {k: v for k, v in (e.get("payload") or {}).items() if k not in ("query",)}
     detail = " ".join(f"{k}={v}" for k, v in extra.items())
     prof = f"profile={e['profile']}" if e.get("profile") else ""
-    return "  ".join(
+    return printable("  ".join(
         x for x in (f"{e['id']:>6}", when, f"{e['kind']:<8}", who, what, str(status or ""), prof, detail) if x
-    )
+    ))  # fmt: skip
 
 
 @click.command("events")

@@ -38,6 +38,7 @@ A bad value is a SettingsError naming the option: `--tftp 'nope': expected HOST:
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -188,6 +189,13 @@ class Settings(BaseSettings):
         "BASTION_TFTP", "--tftp", "Also serve the site's tftp/ directory over TFTP (read-only) "
         "on ADDR:PORT, e.g. 10.77.0.3:69: big files such as a Raspberry Pi's boot files "
         "(docs/controller.md). Off by default.", metavar="ADDR:PORT")  # fmt: skip
+    # None: no proxy is believed (uvicorn believed 127.0.0.1's X-Forwarded-For by default)
+    trusted_proxies: str | None = _setting(
+        "BASTION_TRUSTED_PROXIES", "--trusted-proxies", "Addresses or networks (comma-separated) "
+        "of reverse proxies in front of the controller, a TLS proxy say, whose X-Forwarded-For "
+        "and X-Forwarded-Proto are believed; the proxy must set them itself, not pass on a "
+        "client's. Unset: none, a request comes from its connection's address.",
+        metavar="ADDRS")  # fmt: skip
     # the secret store's directory; None: bastion.state.secrets.secrets_dir(<site name>) picks it
     secrets_dir: Path | None = _setting(
         "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys; UPS and log collector credentials).",
@@ -252,6 +260,20 @@ class Settings(BaseSettings):
         if isinstance(v, str) and v and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$", v):
             raise SettingsError(f"--management-interface {v!r}: not an interface name")
         return v or None
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            return None if v in ("", None) else v
+        items = [x.strip() for x in v.split(",") if x.strip()]
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise SettingsError(f"--trusted-proxies {item!r}: not an IP address or network "
+                                    "(a proxy's own address, e.g. 127.0.0.1 or 10.77.0.0/24)") from None  # fmt: skip
+        return ",".join(items)
 
     @field_validator("poll_seconds")
     @classmethod

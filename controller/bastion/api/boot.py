@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from bastion import boot, match
@@ -178,8 +178,19 @@ async def metadata(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> R
     return await respond_batched(runtime, "/metadata", req, boot.metadata(site, req), started)
 
 
+def not_from_a_web_page(request: Request) -> None:
+    """/callback and /heartbeat take forms and text without a token, as a node's curl sends
+    them: a browser's request (it says where it comes from, Origin or Sec-Fetch-Site) is a web
+    page's, which could otherwise mark a machine installed from an operator's browser."""
+    site = request.headers.get("sec-fetch-site")
+    if request.headers.get("origin") is not None or site in ("cross-site", "same-site"):
+        raise HTTPException(403, f"{request.url.path} is for nodes, not web pages: a request with "
+                                 "Origin or a cross-site Sec-Fetch-Site is refused")  # fmt: skip
+
+
 @router.post(
     "/callback",
+    dependencies=[Depends(not_from_a_web_page)],
     summary="A node reports a boot stage",
     description="Body: JSON object or form fields (or query parameters) with `mac` and any of "
     "`digest`, `stage`, `status`, `message`, at most 64 KiB (413 beyond, before it is read). "
@@ -236,6 +247,7 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
 
 @router.post(
     "/heartbeat",
+    dependencies=[Depends(not_from_a_web_page)],
     summary="A running node says it is alive (the device's node watchdog)",
     description="Query or form fields (a body of at most 4 KiB): `mac`, and optionally `node` "
     "(its name), `boot_id` (/proc/sys/kernel/random/boot_id) and `k3s` (the k3s unit's state), "

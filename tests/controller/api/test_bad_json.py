@@ -167,3 +167,20 @@ def test_a_group_made_from_machines_yaml_is_edited_there_whatever_the_method(sit
         assert r.status_code == 409 and "comes from machines.yaml" in r.json()["detail"], r.text
     r = c.put("/api/v1/groups/bad:id", json=body, headers=AUTH)  # no such group: the id is checked
     assert r.status_code == 422 and "is not a valid group id" in r.text, r.text
+
+
+def test_a_web_page_cannot_post_a_nodes_reports(site_dir, client_for):
+    # A text/plain or form POST is a "simple" request a page in an operator's browser may send
+    # anywhere without asking: it marked machines installed and forged callbacks. Browsers say
+    # where such a request comes from; nodes (curl, Ignition) never do.
+    c = client_for(site_dir)
+    before = len(c.get("/api/v1/events", params={"kind": "callback"}).json())
+    for path, body in (("/callback", '{"mac": "%s", "stage": "installed"}' % MAC), ("/heartbeat", "mac=" + MAC)):
+        for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}):  # fmt: skip
+            r = c.post(path, content=body, headers={"Content-Type": "text/plain", **headers})
+            assert r.status_code == 403 and "is for nodes, not web pages" in r.json()["detail"], (path, headers)
+    assert len(c.get("/api/v1/events", params={"kind": "callback"}).json()) == before
+    # a node's own requests, as curl sends them, still land
+    assert c.post("/callback", json={"mac": MAC, "stage": "booted"}).status_code == 200
+    assert c.post("/heartbeat", data={"mac": MAC}).status_code in (200, 202)

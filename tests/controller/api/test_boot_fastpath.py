@@ -88,13 +88,29 @@ def test_pipelined_requests_are_answered_in_order(serve, site_dir):
 
 
 def test_a_forwarded_request_keeps_its_forwarded_client(serve, site_dir):
-    """X-Forwarded-For from the trusted loopback proxy: uvicorn's proxy-headers middleware names
-    the client, so such a request takes the application's stack and its event says so."""
-    server = serve(site_dir)
+    """X-Forwarded-For from a proxy named by --trusted-proxies: uvicorn's proxy-headers
+    middleware names the client, so such a request takes the application's stack and its event
+    says so."""
+    server = serve(site_dir, args=("--trusted-proxies", "127.0.0.1, 10.77.0.0/24"))
     exchange(server.port, get(f"/ipxe?mac={MAC}", "X-Forwarded-For: 10.9.8.7", close=True))
     exchange(server.port, get(f"/ipxe?mac={MAC}", close=True))
     (*_, forwarded), (*_, direct) = boot_events(server.db)
     assert '"client":"10.9.8.7"' in forwarded and '"client":"127.0.0.1"' in direct
+
+
+def test_without_trusted_proxies_x_forwarded_for_names_no_one(serve, site_dir):
+    """uvicorn believed 127.0.0.1's X-Forwarded-For by default: any local process (or a LAN
+    host behind a proxy that passes the header on) could pass a one-time URL's address check
+    as any machine. Without --trusted-proxies the connection's address is the client's."""
+    server = serve(site_dir)
+    exchange(server.port, get(f"/ipxe?mac={MAC}", "X-Forwarded-For: 10.9.8.7", close=True))
+    ((*_, event),) = boot_events(server.db)
+    assert '"client":"127.0.0.1"' in event and "10.9.8.7" not in event
+
+
+def test_trusted_proxies_must_be_addresses(serve, site_dir):
+    with pytest.raises(RuntimeError, match=r"--trusted-proxies '\*': not an IP address or network"):
+        serve(site_dir, args=("--trusted-proxies", "*"))
 
 
 def test_the_access_log_has_a_line_per_fast_answer(serve, site_dir):

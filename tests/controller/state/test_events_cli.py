@@ -37,3 +37,22 @@ def test_url_on_the_command_line_reads_the_api_even_with_db(tmp_path):
     db = _db(tmp_path)
     r = CliRunner().invoke(main, ["events", "--db", str(db), "--url", DEAD_URL])
     assert r.exit_code == 1 and f"Error: {DEAD_URL}: " in r.output, r.output
+
+
+def test_control_characters_from_a_node_are_shown_escaped_not_sent_to_the_terminal(tmp_path):
+    # A /callback field (no token needed) with an OSC title sequence and a line of its own: it
+    # set the operator's terminal title and printed a forged history line.
+    path = tmp_path / "events.db"
+    store = EventStore(path)
+    store.record("callback", mac="52:54:00:12:34:01", source="node",
+                 payload={"stage": "booted\x1b]0;pwned\x07\n 99999  2026-12-06 00:00:00  site  FORGED\u202e"})
+    store.close()
+    r = CliRunner().invoke(main, ["events", "--db", str(path)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 1 and "\x1b" not in r.output and "\x07" not in r.output
+    assert "stage=booted\\x1b]0;pwned\\x07\\n 99999" in lines[0] and lines[0].endswith("FORGED\\u202e")
+    # --json keeps the data as it is (JSON escapes it)
+    r = CliRunner().invoke(main, ["events", "--db", str(path), "--json"])
+    assert "\\u001b]0;pwned\\u0007\\n" in r.output
+

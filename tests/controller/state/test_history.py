@@ -128,3 +128,23 @@ def test_bastion_events_reads_the_history_serve_keeps_for_the_site(example_site,
     assert r.exit_code == 2 and "which history? give --site DIR" in r.output
     r = CliRunner().invoke(events, ["--site", str(tmp_path)])  # a site never served
     assert r.exit_code == 1 and "no event database at" in r.output
+
+
+def test_a_payload_is_kept_to_8_kib_and_not_finite_numbers_as_null(tmp_path):
+    from bastion.state.events import MAX_PAYLOAD
+
+    store = EventStore(tmp_path / "events.db")
+    big = {f"field{i}": "x" * 2000 for i in range(40)}
+    big["nested"] = {"deep": ["y" * 5000]}
+    small_id = store.record("callback", source="node", payload={"stage": "booted", "charge": float("nan"),
+                                                                "inf": [float("inf")]})  # fmt: skip
+    big_id = store.record("callback", source="node", payload=big)
+    events = {e.id: e for e in store.query(limit=10)}
+    store.close()
+    assert events[small_id].payload == {"stage": "booted", "charge": None, "inf": [None]}
+    kept = events[big_id].payload
+    assert len(kept) == 25 and kept["cut"].startswith("17 more fields not kept (the payload was ")
+    assert kept["field0"] == "x" * 200 + "... (2000 characters, not kept)"
+    row = sqlite3.connect(tmp_path / "events.db").execute(
+        "SELECT max(length(payload)) FROM events").fetchone()[0]
+    assert row <= MAX_PAYLOAD
