@@ -73,7 +73,7 @@ class Metrics:
         self.connections_closed = Counter(
             "bastion_http_connections_closed",
             "HTTP connections the controller closed by its bounds, by reason (header-timeout, "
-            "body-timeout, head-too-large, evicted, refused).", ["reason"], registry=r)  # fmt: skip
+            "body-timeout, head-too-large, send-timeout, evicted, refused).", ["reason"], registry=r)  # fmt: skip
         # bastion.logship: per site.yaml logs target
         self.logship_sent = Counter("bastion_logship_sent", "Records sent to a log target (syslog: written "
                                     "to the connection; loki: accepted).", ["target"], registry=r)  # fmt: skip

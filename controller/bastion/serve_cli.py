@@ -104,7 +104,8 @@ def serve(log_level, access_log, **given) -> None:
         click.echo(f"warning: --max-connections {settings.max_connections} lowered to "
                    f"{max_connections} to fit the descriptor limit {nofile}", err=True)  # fmt: skip
     metrics = app.state.runtime.metrics
-    bounds = httpserver.ConnectionBounds(max_connections, settings.header_timeout, settings.body_timeout)
+    bounds = httpserver.ConnectionBounds(max_connections, settings.header_timeout, settings.body_timeout,
+                                         settings.send_timeout)  # fmt: skip
     protocol = httpserver.bounded_protocol(
         bounds, lambda reason: metrics.connections_closed.labels(reason=reason).inc(),
         fast=boot_api.fast_app(app.state.runtime),

@@ -225,6 +225,10 @@ class Settings(BaseSettings):
         "BASTION_BODY_TIMEOUT", "--body-timeout", "Seconds a client has to send a request's "
         "body once its head is in; then the connection is closed.", default=60.0,
         metavar="SECONDS", shown="60")  # fmt: skip
+    send_timeout: float = _setting(
+        "BASTION_SEND_TIMEOUT", "--send-timeout", "Seconds an answer may wait for a client that "
+        "reads none of it; then the connection is closed.", default=60.0, metavar="SECONDS",
+        shown="60")  # fmt: skip
 
     # -- checks, each naming its option ---------------------------------------------------
 
@@ -320,7 +324,7 @@ class Settings(BaseSettings):
             raise SettingsError(f"--max-connections {v}: expected 1 or more")
         return v
 
-    @field_validator("header_timeout", "body_timeout")
+    @field_validator("header_timeout", "body_timeout", "send_timeout")
     @classmethod
     def _timeout(cls, v: float, info: Any) -> float:
         if not 0 < v <= 3600:

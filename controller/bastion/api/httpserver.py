@@ -21,12 +21,17 @@ adds three bounds:
   (uvicorn's httptools parser keeps every header line it is sent: a 300 MB head was read whole
   and answered, the process at 1.1 GB);
 - a connection cap: at most `max_connections` open. A new connection beyond it closes a
-  connection waiting for a request head (an idle or slow one, never one whose request is being
-  answered): of the address with the most connections open, the one that has waited longest.
-  When that is the new one, or every connection is busy, the new one is closed itself. A host
-  that floods the controller with connections so recycles only its own: with the longest
-  waiter of any address, a fast enough flood (tens of thousands of connections a second here)
-  reached a node's connection in the few milliseconds between its connect and its request.
+  connection that waits on its client: for a request head (an idle or slow one), for the rest
+  of a body, or for the client to read an answer it has stopped reading (the transport's
+  buffer full) - never one whose request the controller is working on: of the address with the
+  most connections open, the one that has waited longest. When that is the new one, or every
+  connection is busy, the new one is closed itself. A host that floods the controller with
+  connections so recycles only its own: with the longest waiter of any address, a fast enough
+  flood (tens of thousands of connections a second here) reached a node's connection in the
+  few milliseconds between its connect and its request; and with head-waiters alone, bodies
+  that never finish and answers never read held every place, the management listener's too.
+- send timeout: an answer whose client reads nothing for `send_timeout` seconds (the
+  transport's buffer full all along) is given up and the connection closed.
 
 Each close is counted in bastion_http_connections_closed_total{reason}. The cap fits the
 descriptor limit: `serve` raises its soft RLIMIT_NOFILE to the hard limit, keeps RESERVE_FDS
@@ -94,6 +99,7 @@ class ConnectionBounds:
     max_connections: int
     header_timeout: float
     body_timeout: float
+    send_timeout: float = 60.0
 
 
 def raise_descriptor_limit() -> int:
@@ -162,6 +168,9 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
     _timer: asyncio.TimerHandle | None = None
     _waiting_since: float | None = None  # waiting for a request head since (monotonic)
     _head_bytes = 0  # read while waiting for the head
+    _body_since: float | None = None  # waiting for the rest of a request body since
+    _stalled_since: float | None = None  # the client has read none of the answer since
+    _stall_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -171,8 +180,32 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self._waiting_since = None
+        self._waiting_since = self._body_since = None
+        self._unstall()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stalled_since is None:
+            self._stalled_since = time.monotonic()
+            self._stall_timer = self.loop.call_later(self.bounds.send_timeout, self._expire_send)
+
+    def resume_writing(self) -> None:
+        self._unstall()
+        super().resume_writing()
+
+    def _unstall(self) -> None:
+        self._stalled_since = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _expire_send(self) -> None:
+        self._stall_timer = None
+        if not self.transport.is_closing():
+            if self.on_close is not None:
+                self.on_close("send-timeout")
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         waiting = self._waiting_since is not None
@@ -196,12 +229,14 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_timer()
         self._waiting_since = None
+        self._body_since = time.monotonic()
         super().on_headers_complete()
         # the body, if any, is due within body_timeout (on_message_complete ends the wait)
         self._timer = self.loop.call_later(self.bounds.body_timeout, self._expire, "body-timeout")
 
     def on_message_complete(self) -> None:
         self._cancel_timer()
+        self._body_since = None
         super().on_message_complete()
 
     # -- answered past the application (bastion.api.boot.fast_app) -------------------------
@@ -286,13 +321,14 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
 
 def make_room(new: Any, max_connections: int) -> None:
-    """Over the cap: of the connections waiting for a request head (`new` too), close the one
+    """Over the cap: of the connections waiting on their client (`new` too) - for a request
+    head, for the rest of a body, or for it to read an answer (its buffer full) - close the one
     whose address has the most connections open, the one that has waited longest among its
-    address's: a host that floods the controller recycles its own connections, and another
-    host's, however long it takes to send its head, stays. When that is the new one, or every
-    other is busy, the new one is closed instead. A connection here is either protocol of this
-    module: its transport, client, _waiting_since (None while a request is answered) and
-    _close(reason)."""
+    address's, one waiting for a head first: a host that floods the controller recycles its
+    own connections, and another host's, however long it takes to send its head, stays. When
+    that is the new one, or every other is busy, the new one is closed instead. A connection here is either protocol of this
+    module: its transport, client, _waiting_since, _body_since and _stalled_since (None when
+    not waiting so) and _close(reason)."""
     open_, per_address, waiting = 0, {}, []
     for c in new.connections:
         if c.transport is None or c.transport.is_closing():
@@ -300,14 +336,18 @@ def make_room(new: Any, max_connections: int) -> None:
         open_ += 1
         address = c.client[0] if c.client else None
         per_address[address] = per_address.get(address, 0) + 1
-        since = getattr(c, "_waiting_since", None)
+        head = getattr(c, "_waiting_since", None)
+        since = head or getattr(c, "_stalled_since", None) or getattr(c, "_body_since", None)
         if since is not None:
-            waiting.append((address, since, c))
+            waiting.append((address, since, c, head is not None))
     if open_ <= max_connections:
         return
     victim = new
-    if waiting:  # the most connections first, then the longest wait; the new one is newest
-        victim = max(waiting, key=lambda w: (per_address[w[0]], -w[1], w[2] is not new))[2]
+    if waiting:
+        # the most connections first; of an address's, one waiting for a head before one whose
+        # body or answer is under way (a node's upload is not given up for its own next
+        # connection); then the longest wait. The new one is newest.
+        victim = max(waiting, key=lambda w: (per_address[w[0]], w[3], -w[1], w[2] is not new))[2]
     victim._close("refused" if victim is new else "evicted")
 
 
@@ -364,6 +404,7 @@ class BootFront(asyncio.Protocol):
         self._head_by: float | None = None
         self._idle_by: float | None = None
         self._waiting_since: float | None = None  # waiting for a request head since (monotonic)
+        self._stalled_since: float | None = None  # the client has read none of an answer since
         self._answering: asyncio.Task | None = None
         self._write_paused = False
         self._read_paused = False
@@ -400,9 +441,11 @@ class BootFront(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._stalled_since = time.monotonic()  # make_room may close it for a new one
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._stalled_since = None
         self._next()
 
     def shutdown(self) -> None:

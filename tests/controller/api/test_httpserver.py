@@ -218,3 +218,60 @@ def test_tokens_are_redacted_from_request_lines():
     )
     assert redact_tokens("/ignition?mac=52-54&TOKEN=x") == "/ignition?mac=52-54&TOKEN=(redacted)"
     assert redact_tokens("/ipxe?mac=52-54&notoken=1") == "/ipxe?mac=52-54&notoken=1"
+
+
+def _from(address: str, port: int, first: bytes, rcvbuf: int | None = None) -> socket.socket:
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(GUARD_S)
+    s.bind((address, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(first)
+    return s
+
+
+def test_bodies_one_host_never_finishes_do_not_lock_out_another(serve, site_dir):
+    # Only head-waiters used to be closed for a new connection: a host's bodies under way held
+    # every place (60 s each, then it sent them again), and every boot - and every operator on
+    # the management listener - was refused.
+    server = serve(site_dir, args=("--max-connections", "6"))
+    head = b"POST /callback HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 60000\r\n\r\nmac="
+    hog = [_from("127.0.0.2", server.port, head) for _ in range(6)]
+    try:
+        time.sleep(0.3)
+        assert normal_requests(server.url, 5)[0] == 5
+        counts = closes(server)
+        assert counts.get("evicted", 0) >= 1 and not counts.get("refused"), counts
+        # the host's own next connection past the cap finds its bodies ahead of it: it is
+        # refused itself, and none of them is given up for it (reading the metrics, from
+        # another address, takes a place as a node would)
+        hog.append(_from("127.0.0.2", server.port, head))  # the place the eviction freed
+        extra = _from("127.0.0.2", server.port, b"")
+        assert closed_by_server(extra)
+        assert closes(server).get("refused") == 1
+    finally:
+        for s in hog:
+            s.close()
+
+
+def test_answers_a_host_never_reads_give_way_and_end_at_the_send_timeout(serve, site_dir):
+    # bigger than what the kernel buffers for a socket (tcp_wmem's 4 MiB at most): the
+    # controller's own buffer fills and its writes pause
+    (site_dir / "assets").mkdir(exist_ok=True)
+    (site_dir / "assets" / "big.bin").write_bytes(b"\0" * (24 << 20))
+    server = serve(site_dir, args=("--max-connections", "6", "--send-timeout", "2"))
+    ask = b"GET /assets/big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    readers = [_from("127.0.0.2", server.port, ask, rcvbuf=4096) for _ in range(6)]
+    try:
+        time.sleep(0.5)  # each answer fills the socket buffers and stalls
+        assert normal_requests(server.url, 5)[0] == 5
+        assert closes(server).get("evicted", 0) >= 1
+        # the rest end by themselves once nobody has read for the send timeout
+        deadline = time.monotonic() + GUARD_S
+        while closes(server).get("send-timeout", 0) + closes(server).get("evicted", 0) < 6:
+            assert time.monotonic() < deadline, closes(server)
+            time.sleep(0.2)
+    finally:
+        for s in readers:
+            s.close()
