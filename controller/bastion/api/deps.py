@@ -69,6 +69,8 @@ class Runtime:
 
     # set by create_app: the boot endpoints' events, committed a batch at a time (GroupCommit)
     group_commit: GroupCommit | None = field(default=None, repr=False, compare=False)
+    # bastion.api.device: the device's thread limiter and shared status, made at first use
+    device_calls: Any = field(default=None, repr=False, compare=False)
 
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that

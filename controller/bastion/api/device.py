@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -25,6 +27,33 @@ async def get_hub(runtime: RuntimeDep) -> DeviceHub:
 
 
 HubDep = Annotated[DeviceHub, Depends(get_hub)]
+
+# Each exchange with the device blocks a worker thread for up to its timeout (5 s) when the
+# device does not answer, and the worker threads are shared with every synchronous route (a
+# node's /ignition among them): 120 concurrent GET /api/v1/device against a silent device
+# held /ignition up for 14.5 s. Device calls take at most DEVICE_THREADS threads; the rest
+# wait on the event loop, holding none.
+DEVICE_THREADS = 4
+# GET /api/v1/device (no token needed) is asked once at a time, its answer shared by whoever
+# asked meanwhile and for DESCRIBE_FRESH_S after.
+DESCRIBE_FRESH_S = 1.0
+
+
+class _DeviceCalls:
+    """Per application: the device's thread limiter and GET /api/v1/device's shared answer
+    (made in the event loop, where anyio's limiter must be)."""
+
+    def __init__(self) -> None:
+        self.limiter = anyio.CapacityLimiter(DEVICE_THREADS)
+        self.describing = asyncio.Lock()
+        self.described: tuple[float, dict[str, Any]] | None = None
+
+
+def _calls(runtime) -> _DeviceCalls:
+    calls = getattr(runtime, "device_calls", None)
+    if calls is None:
+        calls = runtime.device_calls = _DeviceCalls()
+    return calls
 # Handlers list AdminDep before HubDep: FastAPI resolves dependencies in parameter order, and a
 # caller without the token must get 401, not learn whether a device is attached (503).
 
@@ -55,8 +84,9 @@ async def _power(runtime, hub: DeviceHub, target: str, body: PowerIn) -> dict[st
             # A person's command: the operator holds off the machine until it is released (held
             # first, so that no pass of the operator's acts on it in between).
             hold = await anyio.to_thread.run_sync(operator.hold_for_power, name, "api", body.state)
-        # The serial exchange blocks: keep it off the event loop.
-        answer = await anyio.to_thread.run_sync(hub.power, target, body.state, body.off_ms)
+        # The serial exchange blocks: keep it off the event loop, in the device's own threads.
+        answer = await anyio.to_thread.run_sync(hub.power, target, body.state, body.off_ms,
+                                                limiter=_calls(runtime).limiter)  # fmt: skip
         return {**answer, "held": hold is not None}
     except PowerTargetError as e:
         raise HTTPException(404, str(e)) from None
@@ -89,5 +119,11 @@ async def channel_power(channel: Annotated[int, Path(ge=0, le=255, description="
 
 
 @router.get("/device", summary="The device: link state, firmware, relays, tasks, counters")
-async def device_status(hub: HubDep) -> dict[str, Any]:
-    return await anyio.to_thread.run_sync(hub.describe)
+async def device_status(hub: HubDep, runtime: RuntimeDep) -> dict[str, Any]:
+    calls = _calls(runtime)
+    async with calls.describing:
+        if calls.described is not None and time.monotonic() - calls.described[0] < DESCRIBE_FRESH_S:
+            return calls.described[1]
+        answer = await anyio.to_thread.run_sync(hub.describe, limiter=calls.limiter)
+        calls.described = (time.monotonic(), answer)
+        return answer

@@ -170,3 +170,69 @@ def test_cli_straight_over_the_serial_line(board):
     assert r.returncode == 2 and "relay channel number" in r.stderr
     r = bastion("status")
     assert r.returncode == 2 and "--url" in r.stderr
+
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and every process under it (from /proc), to stop a sim board as a whole."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def test_a_silent_device_does_not_hold_up_a_nodes_requests(site_dir, tmp_path):
+    """A device that keeps its line open and answers nothing (a stopped sim board): every
+    exchange waits out its 5 s timeout in a worker thread, and worker threads are what a node's
+    /ignition runs on. 60 concurrent GET /api/v1/device (no token needed) held /ignition behind
+    them; device calls now take at most four threads and share one answer, and the node's
+    request is answered before any of them."""
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER}) as board:
+        srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link))
+        stopped: list[int] = []
+        try:
+            wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+            stopped = _tree(board.proc.pid)
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(1.5)  # past the shared answer's freshness: the next one asks the device
+            answered: list[float] = []
+
+            def describe():
+                httpx.get(srv.url + "/api/v1/device", timeout=120)
+                answered.append(time.monotonic())
+
+            threads = [threading.Thread(target=describe) for _ in range(60)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)  # they are all asked
+            r = srv.get("/ignition?mac=52:54:00:12:34:01")
+            node_done = time.monotonic()
+            for t in threads:
+                t.join(120)
+            assert r.status_code in (200, 404), r.text  # answered (the test site may lack assets)
+            assert len(answered) == 60 and node_done < min(answered), "the node waited for the device"
+        finally:
+            for pid in stopped:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            srv.stop()
