@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -34,19 +33,16 @@ HubDep = Annotated[DeviceHub, Depends(get_hub)]
 # held /ignition up for 14.5 s. Device calls take at most DEVICE_THREADS threads; the rest
 # wait on the event loop, holding none.
 DEVICE_THREADS = 4
-# GET /api/v1/device (no token needed) is asked once at a time, its answer shared by whoever
-# asked meanwhile and for DESCRIBE_FRESH_S after.
-DESCRIBE_FRESH_S = 1.0
 
 
 class _DeviceCalls:
-    """Per application: the device's thread limiter and GET /api/v1/device's shared answer
-    (made in the event loop, where anyio's limiter must be)."""
+    """Per application: the device's thread limiter, and GET /api/v1/device's exchange in
+    flight, whose answer whoever asks meanwhile shares (made in the event loop, where anyio's
+    limiter must be)."""
 
     def __init__(self) -> None:
         self.limiter = anyio.CapacityLimiter(DEVICE_THREADS)
-        self.describing = asyncio.Lock()
-        self.described: tuple[float, dict[str, Any]] | None = None
+        self.describing: asyncio.Future | None = None
 
 
 def _calls(runtime) -> _DeviceCalls:
@@ -120,10 +116,14 @@ async def channel_power(channel: Annotated[int, Path(ge=0, le=255, description="
 
 @router.get("/device", summary="The device: link state, firmware, relays, tasks, counters")
 async def device_status(hub: HubDep, runtime: RuntimeDep) -> dict[str, Any]:
+    # (no token needed: asked once at a time, whoever asks meanwhile gets the same answer)
     calls = _calls(runtime)
-    async with calls.describing:
-        if calls.described is not None and time.monotonic() - calls.described[0] < DESCRIBE_FRESH_S:
-            return calls.described[1]
-        answer = await anyio.to_thread.run_sync(hub.describe, limiter=calls.limiter)
-        calls.described = (time.monotonic(), answer)
-        return answer
+    if calls.describing is None:
+        calls.describing = asyncio.ensure_future(
+            anyio.to_thread.run_sync(hub.describe, limiter=calls.limiter))
+
+        def done(_: asyncio.Future) -> None:
+            calls.describing = None
+
+        calls.describing.add_done_callback(done)
+    return await asyncio.shield(calls.describing)
