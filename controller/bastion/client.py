@@ -46,13 +46,16 @@ class ApiError(click.ClickException):
 def segment(name: str) -> str:
     """`name` as one segment of an API path: percent-encoded, so that a '/', '..', '?' or '#'
     in it names nothing else (`machine hold 'a/../b'` must not hold b); ApiError for a name
-    that is no text (a control character, bytes that are not UTF-8)."""
+    that is no text (empty, a control character, bytes that are not UTF-8)."""
+    if not name:
+        raise ApiError("an empty name names nothing")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # argv's bytes that are not UTF-8 come as lone surrogates
+        raise ApiError(f"{name!r} is not a name: it is not UTF-8 text") from None
     if not name.isprintable():
         raise ApiError(f"{name!r} is not a name: it has a control character")
-    try:
-        return quote(name, safe="")
-    except UnicodeEncodeError:
-        raise ApiError(f"{name!r} is not a name: it is not UTF-8 text") from None
+    return quote(name, safe="")
 
 
 class ApiClient:

@@ -42,6 +42,13 @@ def test_a_machine_name_names_that_machine_only(site_dir, serve, tmp_path):
     assert [n for n, p in phases().items() if p == "Held"] == ["node2"]  # the check above can see a hold
     r = bastion("machine", "status", "--url", server.url, "--", "a\nb")
     assert one_line_error(r) == "Error: 'a\\nb' is not a name: it has a control character"
+    # '' was asked as /api/v1/machines/ and answered "not JSON (HTTP 307)"
+    r = bastion("machine", "status", "--url", server.url, "--", "")
+    assert one_line_error(r) == "Error: an empty name names nothing"
+    # bytes that are not UTF-8 (a lone surrogate in Python's argv) were "a control character"
+    r = subprocess.run([str(BIN / "bastion"), "machine", "status", "--url", server.url, "--", b"node\xff"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "is not a name: it is not UTF-8 text" in one_line_error(r), r.stderr
 
 
 def test_urls_that_are_not_urls(tmp_path):
