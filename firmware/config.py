@@ -176,6 +176,9 @@ class Config:
         if not isinstance(t, dict):
             raise ConfigError("tftp: must be an object")
         self.tftp_root = _str(t, "root", "tftp", "tftp.")
+        if self.tftp_root.strip("/") in ("", ".") or ".." in self.tftp_root.split("/"):
+            # "/" served the whole flash (device.json, the state files), on the sim the host's
+            raise ConfigError("tftp.root: %s must be a directory of its own" % _r(self.tftp_root))
         self.tftp_max_transfers = _int(t, "max_transfers", 1, 16, 4, "tftp")
         # RFC 2348 allows 8..65464; our buffers and one Ethernet frame without IP
         # fragmentation bound it to 1468 (1500 - 20 IP - 8 UDP - 4 TFTP).

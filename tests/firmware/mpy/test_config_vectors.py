@@ -97,3 +97,11 @@ def test_channel_names_are_at_most_a_dns_labels_length():
     assert channels([{"name": "n" * 63}])[0][0] == "n" * 63
     with raises(ConfigError):
         channels([{"name": "n" * 64}])
+
+
+def test_the_tftp_root_is_a_directory_of_its_own():
+    # "/" served the whole flash: device.json and the state files to any TFTP client
+    for root in ("/", "//", ".", "./", "..", "tftp/../..", "../x"):
+        assert "must be a directory of its own" in _error(tftp={"root": root}), root
+    assert _cfg(tftp={"root": "boot/tftp"}).tftp_root == "boot/tftp"
+    assert _cfg(tftp={"root": "/tftp"}).tftp_root == "/tftp"  # a board's flash is its root
