@@ -144,15 +144,18 @@ def status(url, port, token_file, as_json) -> None:
     st = view.get("status") or {}
     if st:
         t = Table("ch", "name", "desired", "output", "note", title="relays")
-        for c in st.get("power", []):
+        power = st.get("power")
+        for c in power if isinstance(power, list) else []:
+            if not isinstance(c, dict):  # (a device that says nonsense: not a traceback)
+                continue
             note = "queued" if c.get("queued") else ("cycling" if c.get("cycling") else "")
-            t.add_row(str(c["ch"]), c["name"], c["desired"], c["output"], note)
+            t.add_row(*(str(c.get(k)) for k in ("ch", "name", "desired", "output")), note)
         out.print(t)
-        tasks = dict(st.get("tasks") or {})
+        tasks = dict(st.get("tasks") or {}) if isinstance(st.get("tasks"), dict) else {}
         tripped = tasks.pop("tripped", None)
         out.print("tasks (ms since check-in): " + ", ".join(f"{k} {v}" for k, v in tasks.items())
                   + (f"  WATCHDOG TRIPPED by {tripped}" if tripped else ""))
-        heap = st.get("heap") or {}
+        heap = st.get("heap") if isinstance(st.get("heap"), dict) else {}
         out.print("heap: " + ", ".join(f"{k} {v}" for k, v in heap.items()))
         nodes = st.get("nodes") or {}
         if nodes:

@@ -39,7 +39,8 @@ def read_status(link: DeviceLink, **kw: Any) -> dict[str, Any]:
     """The device's whole `status`: the sections that did not fit its reply frame (named in
     `partial`: node watches, consoles) asked for one at a time (docs/serial-protocol.md)."""
     status = link.request("status", **kw)
-    for part in status.pop("partial", None) or ():
+    parts = status.pop("partial", None)
+    for part in parts if isinstance(parts, list) else ():
         if isinstance(part, str):
             status[part] = link.request("status", only=part, **kw).get(part)
     return status
@@ -221,7 +222,8 @@ class DeviceHub:
         """The console channel of a machine: its relay channel, if the device has a console
         wired there (its hello's `consoles`). Raises PowerTargetError."""
         ch, _ = self.channel_for(machine)
-        wired = [c.get("cons") for c in (self.link.info or {}).get("consoles") or []]
+        consoles = (self.link.info or {}).get("consoles")
+        wired = [c.get("cons") for c in consoles if isinstance(c, dict)] if isinstance(consoles, list) else []
         if self.link.info is not None and ch not in wired:
             raise PowerTargetError(
                 f"the device has no console wired to {machine!r} (relay channel {ch}); "
@@ -282,7 +284,10 @@ class DeviceHub:
             st = self.link.request("status", timeout=5)
         except DeviceError:
             return None
-        return [c for c in st.get("power") or [] if isinstance(c, dict) and isinstance(c.get("ch"), int)]
+        power = st.get("power")
+        if not isinstance(power, list):  # a device that does not say (or says nonsense)
+            return None
+        return [c for c in power if isinstance(c, dict) and isinstance(c.get("ch"), int)]
 
     def describe(self) -> dict[str, Any]:
         """What `bastion status` and the dashboard show: link state, device info, live status."""
