@@ -13,17 +13,17 @@ token is a bearer token, typed into Swagger UI's "Authorize" dialog.
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
 from bastion import __version__, paths
-from bastion.api.console_page import INSTALL_HINT
+from bastion.api import vendor
 from bastion.api.jsonbody import StrictJsonRoute
+from bastion.api.vendor import INSTALL_HINT
 
 router = APIRouter(route_class=StrictJsonRoute)
 
@@ -43,13 +43,9 @@ CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 
 _HEADERS = {"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
-def _file(name: str) -> Path:
-    return paths.web_dir() / "node_modules" / FILES[name][0]
-
-
 def missing() -> list[str]:
     """The files of Swagger UI that are not installed."""
-    return [n for n in FILES if not _file(n).is_file()]
+    return vendor.missing(FILES)
 
 
 @router.get("/docs", include_in_schema=False)
@@ -76,12 +72,7 @@ async def swagger_ui() -> HTMLResponse:
 
 @router.get("/docs/vendor/{file}", include_in_schema=False)
 async def swagger_file(file: str) -> FileResponse:
-    if file not in FILES:
-        raise HTTPException(404, f"no such file: {file}")
-    path = _file(file)
-    if not path.is_file():
-        raise HTTPException(404, f"Swagger UI is not installed in {paths.web_dir()}: run {INSTALL_HINT}")
-    return FileResponse(path, media_type=FILES[file][1])
+    return vendor.file_response(FILES, file, "Swagger UI")
 
 
 # What every endpoint that needs the token can answer without it (bastion.api.deps.admin_refusal)

@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
 from bastion import __version__, paths
+from bastion.api import vendor
 from bastion.api.deps import SiteDep
 from bastion.api.jsonbody import StrictJsonRoute
 
@@ -33,19 +34,15 @@ XTERM_FILES = {
     "xterm.css": ("@xterm/xterm/css/xterm.css", "text/css"),
     "addon-fit.js": ("@xterm/addon-fit/lib/addon-fit.js", "text/javascript"),
 }
-INSTALL_HINT = "tools/setup (or: cd web && npm ci --ignore-scripts)"
+INSTALL_HINT = vendor.INSTALL_HINT
 # The page holds the token: its scripts are this controller's own (xterm.js from /dashboard/vendor
 # and the inline one), it talks to this controller only (the WebSocket), nobody frames it.
 CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
-def _xterm(name: str) -> Path:
-    return paths.web_dir() / "node_modules" / XTERM_FILES[name][0]
-
-
 def xterm_missing() -> list[str]:
-    return [n for n in XTERM_FILES if not _xterm(n).is_file()]
+    return vendor.missing(XTERM_FILES)
 
 
 @router.get("/dashboard/machines/{name}/console", response_class=HTMLResponse,
@@ -63,10 +60,4 @@ async def console_page(name: str, site: SiteDep) -> HTMLResponse:
 
 @router.get("/dashboard/vendor/xterm/{file}", include_in_schema=False)
 async def xterm_file(file: str) -> FileResponse:
-    if file not in XTERM_FILES:
-        raise HTTPException(404, f"no such file: {file}")
-    path = _xterm(file)
-    if not path.is_file():
-        raise HTTPException(404, f"xterm.js is not installed in {paths.web_dir()}: run "
-                                 f"{INSTALL_HINT}")  # fmt: skip
-    return FileResponse(path, media_type=XTERM_FILES[file][1])
+    return vendor.file_response(XTERM_FILES, file, "xterm.js")

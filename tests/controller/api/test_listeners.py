@@ -4,6 +4,7 @@ request arrives on, and on the wire against one real `bastion serve` holding bot
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import httpx
@@ -154,11 +155,17 @@ def test_without_an_interface_serve_warns_that_any_interface_reaches_it(serve, s
     assert "warning: without --management-interface the management listener" in srv.log.read_text()
 
 
-def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
+@contextlib.contextmanager
+def taken_port():
+    """A port on 127.0.0.1 that another socket listens on, meanwhile."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
+    with taken_port() as port:
         with pytest.raises(RuntimeError, match=rf"--management-listen 127.0.0.1:{port}: cannot listen"):
             serve(site_dir, args=("--management-listen", f"127.0.0.1:{port}"))
     with pytest.raises(RuntimeError, match=r"--management-listen 127.0.0.1:\d+ on nosuch0: cannot listen: No such device"):
@@ -169,10 +176,7 @@ def test_a_management_listener_that_cannot_bind_is_named(serve, site_dir):
 def test_a_boot_listener_that_cannot_be_had_is_named_before_anything_starts(serve, site_dir, tmp_path):
     # one listener is bound by serve itself, as two are: the error names the option, and the
     # history (opened by create_app) is never made
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         with pytest.raises(RuntimeError, match=rf"Error: --listen 127.0.0.1:{port}: cannot listen: Address already in use"):
             serve(site_dir, args=("--listen", f"127.0.0.1:{port}"))
     with pytest.raises(RuntimeError, match=r"exited 1:\n.*Error: --listen nosuchhost\.invalid:8080: "):
