@@ -62,7 +62,10 @@ Guarantees (each is a test in tests/controller/device/test_session.py):
   READY, a link that has sent nothing for `keepalive_s` sends `hold` (its own request, counted
   as `keepalives`; a firmware that answers `unknown` has no such op and is not asked again), so
   stray bytes never interrupt the firmware while this link is open. The shell sends `release`
-  when it closes (`holds_the_line`), so mpremote can have the REPL right after.
+  when it closes (`holds_the_line`), so mpremote can have the REPL right after. A device that
+  has let SILENT_KEEPALIVES keepalives in a row go unanswered, and sent nothing else since, is
+  not `ready` (its line open, its firmware stopped or hung): `last_error` says so, and any
+  frame from it makes the link ready again.
 - Parse or raise Malformed at the boundary: lines that are not frames are counted by the
   deframer (`frame_*`), frames that are not a message we understand as `bad_messages`; no
   input makes a driving call raise.
@@ -79,6 +82,8 @@ from firmware import frame
 from firmware.frame import Malformed
 
 PROTO = 1
+# unanswered keepalives in a row after which a device that sends nothing is not ready
+SILENT_KEEPALIVES = 3
 # Requests that may safely run twice (on both sides of a device restart).
 IDEMPOTENT_OPS = frozenset(
     {"hello", "status", "counters", "heap", "events", "watch", "unwatch", "beat", "hold",
@@ -305,6 +310,7 @@ class Session:
         self.keepalive_s = keepalive_s
         self._holds = True  # False once the device said it has no "hold" (older firmware)
         self._hold: _Request | None = None  # the keepalive in flight
+        self._silent = 0  # keepalives in a row that went unanswered, with nothing else heard
         self._last_sent: float | None = None
         if cursor is not None:
             self._cursors[cursor[0]] = cursor[1]
@@ -312,7 +318,7 @@ class Session:
     # --- reading the state ---------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.state == READY
+        return self.state == READY and self._silent < SILENT_KEEPALIVES
 
     @property
     def is_connected(self) -> bool:
@@ -422,6 +428,10 @@ class Session:
         if self.state == CLOSED:
             return out
         for obj in self._deframer.feed(data):
+            if self._silent:  # it speaks: a silence is over
+                if self._silent >= SILENT_KEEPALIVES:
+                    self.last_error = None
+                self._silent = 0
             try:
                 self._dispatch(obj, now, out)
             except Malformed:
@@ -499,6 +509,10 @@ class Session:
             )))
         if self._hold is not None and now >= self._hold.deadline:
             self._hold = None  # unanswered: the next one tries again (a resync may be coming)
+            self._silent += 1
+            if self._silent == SILENT_KEEPALIVES:
+                self.last_error = (f"the device on {self.name} has answered none of the last "
+                                   f"{SILENT_KEEPALIVES} keepalives (stopped or hung?)")  # fmt: skip
         s = self._step
         if s is not None and now >= s.deadline:
             self.counts["timeouts"] += 1

@@ -835,3 +835,21 @@ def test_against_the_console_events_missed_are_caught_up_and_the_lost_counted():
     seqs = [e["seq"] for e in got]
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
     assert s.cursor() == ("b0000001", seqs[-1] + 1)
+
+
+def test_a_device_that_stops_answering_is_not_ready_until_it_speaks_again():
+    # A stopped or hung firmware keeps its line open: the link read as connected for ever,
+    # and every status read waited out its timeout.
+    s = new()
+    up(s)
+    for n in range(4):  # a keepalive every keepalive_s, each unanswered by the next
+        t = s.next_deadline()
+        s.tick(t)
+        (h,) = sent(s)
+        assert h["op"] == "hold"
+        assert s.ready == (n < 3), n
+    assert not s.ready and "answered none of the last 3 keepalives" in s.last_error
+    assert s.state == READY  # no resync: the same boot may simply go on
+    # any frame ends the silence
+    s.receive(dev(ev("b1", 0)), t + 1)
+    assert s.ready and s.last_error is None
