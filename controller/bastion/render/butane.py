@@ -21,6 +21,7 @@ ButaneError whose message names the file and the line of each problem.
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,10 @@ def _object(value: Any, kind: Obj, ypath: str, jpath: str, ctx: _Context, line: 
 # ---------------------------------------------------------------------------------------------
 
 
+#: The largest file a Butane `local:` puts into an Ignition config (inline, as a data URL).
+MAX_LOCAL_FILE = 16 << 20
+
+
 def _read_local(ctx: _Context, rel: Any, ypath: str, line: int | None) -> bytes | None:
     if not isinstance(rel, str) or not rel:
         ctx.problem(line, ypath, "must be a relative path to a file under files/")
@@ -238,6 +243,9 @@ def _read_local(ctx: _Context, rel: Any, ypath: str, line: int | None) -> bytes 
         ctx.problem(line, ypath, "local: needs the site's files/ directory, which does not exist")
         return None
     base = ctx.files_dir.resolve()
+    if not base.is_relative_to(ctx.files_dir.parent.resolve()):  # files/ itself a symlink out
+        ctx.problem(line, ypath, "the site's files/ is a symlink that leaves the site directory")
+        return None
     if Path(rel).is_absolute() or "\\" in rel:
         ctx.problem(line, ypath, f"{rel!r} must be relative to files/")
         return None
@@ -246,6 +254,14 @@ def _read_local(ctx: _Context, rel: Any, ypath: str, line: int | None) -> bytes 
         ctx.problem(line, ypath, f"{rel!r} leaves the files/ directory")
         return None
     try:
+        st = target.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO hung the loader, and every reload after it
+            ctx.problem(line, ypath, f"files/{rel} is not a regular file")
+            return None
+        if st.st_size > MAX_LOCAL_FILE:
+            ctx.problem(line, ypath, f"files/{rel} is {st.st_size} bytes: more than an Ignition "
+                                     f"config should carry ({MAX_LOCAL_FILE}; serve it as an asset)")  # fmt: skip
+            return None
         return target.read_bytes()
     except FileNotFoundError:
         ctx.problem(line, ypath, f"files/{rel} does not exist")

@@ -97,6 +97,8 @@ def _reads_secrets(text: str) -> bool:
 jinja_env = jinja2.sandbox.SandboxedEnvironment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
 )
+# Lorem ipsum has no place in a config, and lipsum(100000, ...) made gigabytes of it
+del jinja_env.globals["lipsum"]
 
 
 def compile_jinja(text: str, name: str) -> jinja2.Template:
@@ -114,7 +116,7 @@ def _jinja_render(tf: TemplateFile, variables: dict[str, Any]) -> str:
         raise
     except jinja2.TemplateError as e:
         raise RenderError(f"{tf.relpath}{_jinja_line(e)}: {e}") from None
-    except (TypeError, ValueError, ArithmeticError, LookupError) as e:
+    except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError, MemoryError) as e:
         raise RenderError(f"{tf.relpath}{_jinja_line(e)}: {type(e).__name__}: {e}") from None
 
 
@@ -183,6 +185,8 @@ def render_template(
         except gotemplate.TemplateError as e:
             line = f":{e.line}" if e.line else ""
             raise RenderError(f"{tf.relpath}{line}: {e.message}") from None
+        except (ArithmeticError, RecursionError, MemoryError) as e:  # OverflowError: printf 1e999
+            raise RenderError(f"{tf.relpath}: {type(e).__name__}: {e}") from None
     return _jinja_render(tf, jinja_variables(site, group, profile, req, secrets, tf.relpath))
 
 
@@ -251,7 +255,9 @@ def metadata_env(data: dict[str, Any]) -> str:
     """matchbox's /metadata answer: KEY=value lines, nested keys joined by '_', in upper case.
 
     Strings, booleans and numbers are printed as Go prints them; lists and nulls are left out,
-    as matchbox does. Lines are sorted (matchbox's order is random).
+    as matchbox does. Lines are sorted (matchbox's order is random). A key or a value with a
+    line break (a query value a node sent, a multi-line metadata string) is left out too:
+    written as it is, it would add a KEY=value line of its own choosing (matchbox writes it).
     """
     lines: list[str] = []
 
@@ -261,7 +267,9 @@ def metadata_env(data: dict[str, Any]) -> str:
             if isinstance(value, dict):
                 walk(name + "_", value)
             elif isinstance(value, (str, bool, int, float)):
-                lines.append(f"{name.upper()}={go_str(float(value) if type(value) is int else value)}")
+                line = f"{name.upper()}={go_str(float(value) if type(value) is int else value)}"
+                if "\n" not in line and "\r" not in line:
+                    lines.append(line)
 
     walk("", data)
     return "".join(line + "\n" for line in sorted(lines))

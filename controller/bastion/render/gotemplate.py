@@ -561,6 +561,11 @@ def _basic_eq(a: Any, b: Any, line: int) -> bool:
     return a == b
 
 
+#: The widest printf field and the longest int range a template may ask for (as Jinja's sandbox
+#: bounds range()): a site's template is not to make gigabytes at a request
+MAX_WIDTH = 4096
+MAX_RANGE = 100_000
+
 _PRINTF = re.compile(r"%([-+# 0]*\d*(?:\.\d+)?)([vdsqtfgexX%])")
 
 
@@ -571,6 +576,8 @@ def _printf(fmt: str, args: list[Any], line: int) -> str:
         flags, verb = m.group(1), m.group(2)
         if verb == "%":
             return "%"
+        if any(int(n) > MAX_WIDTH for n in re.findall(r"\d+", flags)):
+            raise TemplateError(f"printf %{flags}{verb}: a width or precision over {MAX_WIDTH}", line)
         try:
             v = next(it)
         except StopIteration:
@@ -717,6 +724,8 @@ def _range(node: _Range, dot: Any, scope: _Scope, out: list[str]) -> None:
     elif isinstance(value, (list, tuple)):
         items = list(enumerate(value))
     elif isinstance(value, int) and not isinstance(value, bool):
+        if value > MAX_RANGE:
+            raise TemplateError(f"range over {value}: more than {MAX_RANGE}", pipe.line)
         items = [(i, i) for i in range(value)]
     elif value is None:
         raise TemplateError("range can't iterate over <nil>", pipe.line)

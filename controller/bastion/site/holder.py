@@ -115,9 +115,14 @@ def fingerprint(root: Path) -> tuple:
                 continue
             r = f"{rel}{e.name}"
             try:
-                if e.is_dir():
+                # a symlinked directory is not walked into (two links to "." made 2**40 paths
+                # and the poll thread never came back); its own entry still counts
+                if e.is_dir(follow_symlinks=False):
                     if not (rel == "" and e.name in _SKIP_DIRS):
                         walk(Path(e.path), r + "/")
+                elif e.is_symlink() and not e.is_file():  # to a directory, or to nothing
+                    st = e.stat(follow_symlinks=False)
+                    out.append((r, st.st_mtime_ns, st.st_size))
                 elif e.is_file():
                     st = e.stat()
                     out.append((r, st.st_mtime_ns, st.st_size))
@@ -174,6 +179,11 @@ class SiteHolder:
                 self.last_error = str(e)
                 self.last_error_at = time.time()
                 return self._report(ReloadOutcome(False, False, self.generation, str(e)))
+            except Exception as e:  # a file the loader did not foresee: a failed reload all the same
+                log.exception("site reload failed")
+                self.last_error = f"the site could not be loaded: {type(e).__name__}: {e}"[:500]
+                self.last_error_at = time.time()
+                return self._report(ReloadOutcome(False, False, self.generation, self.last_error))
             self._swap(site)
             return self._report(ReloadOutcome(True, True, self.generation))
 

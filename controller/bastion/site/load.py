@@ -93,6 +93,10 @@ class SiteFiles:
         path = self.root / rel
         try:
             mode = path.stat().st_mode
+            if not path.resolve().is_relative_to(self.root.resolve()):
+                # a symlink to /etc/passwd in generic/ was served at the public /generic, and
+                # one to the secret store would have been
+                raise Unreadable(rel, "is a symlink that leaves the site directory")
             if stat.S_ISDIR(mode):
                 raise Unreadable(rel, "is a directory, not a file")
             if not stat.S_ISREG(mode):  # a FIFO would hang the reader, a device never end
@@ -248,6 +252,9 @@ class _Loader:
             doc = json.loads(raw)
         except json.JSONDecodeError as e:
             self.problem(rel, e.lineno, "", f"bad JSON: {e.msg}")
+            return False
+        except RecursionError:
+            self.problem(rel, None, "", "bad JSON: nested too deeply to read")
             return False
         except UnicodeDecodeError:
             self.problem(rel, None, "", "is not UTF-8 text")

@@ -53,6 +53,21 @@ def _ipv4(v: str | None) -> str | None:
         raise ValueError(f"{v!r} is not an IPv4 address") from None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _one_line(v: Any) -> Any:
+    """A string (or each of a list's, or of a mapping's keys and values) without a control
+    character: such values are written into iPXE scripts, kernel command lines, Butane and
+    KEY=value lines, where a line break starts a line of the writer's choosing."""
+    values = v if isinstance(v, list) else [*v.keys(), *v.values()] if isinstance(v, dict) else [v]
+    for x in values:
+        if isinstance(x, str) and _CONTROL.search(x):
+            raise ValueError(f"{x[:60]!r} has a control character (a line break, a tab): not allowed here")
+    return v
+
+
 def _on_off(v: Any) -> Any:
     return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1: on/off
 
@@ -1069,6 +1084,9 @@ class SiteFile(_Strict):
             return v
         if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
             raise ValueError(f"{v!r} is not an http(s) URL")
+        if re.search(r"[\"'`;$\\{}<>|\x00-\x1f\x7f]", v):  # written into iPXE and GRUB scripts
+            raise ValueError(f"{v[:80]!r}: a quote, ';', '$', '\\', braces or a control character "
+                             "cannot go into the boot scripts the URL is written into")  # fmt: skip
         return v.rstrip("/")
 
 
@@ -1129,6 +1147,15 @@ class MachineEntry(_Strict):
 
     check_power = field_validator("power", mode="before")(_on_off)
     check_reprovision = field_validator("reprovision", mode="before")(_token)
+    check_labels = field_validator("labels")(_one_line)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str | None) -> str | None:
+        if v is not None and not _HOSTNAME.fullmatch(v):
+            raise ValueError(f"{v[:60]!r} is not a host name (RFC 1123: labels of letters, digits "
+                             "and '-', 1..63 characters each, separated by dots)")  # fmt: skip
+        return v
 
     check_address = field_validator("address")(_ip)
 
@@ -1191,6 +1218,8 @@ class BootSpec(_Strict):
     initrd: list[str] = Field(default_factory=list)
     args: list[str] = Field(default_factory=list)
 
+    check_lines = field_validator("kernel", "initrd", "args")(_one_line)
+
 
 class ProfileFile(_Strict):
     """profiles/<id>.yaml (Edge Bastion's own profile format)"""
@@ -1207,6 +1236,8 @@ class ProfileFile(_Strict):
     # `once`: network-boot until the machine reports its first boot, then its local disk
     # (bastion.state.install); `always`: network-boot every time
     install: Literal["always", "once"] = "always"
+
+    check_lines = field_validator("kernel", "initrd", "args")(_one_line)
 
     @field_validator("arch")
     @classmethod
@@ -1231,6 +1262,8 @@ class MatchboxBoot(_Lenient):
     kernel: str = ""
     initrd: list[str] | None = None
     args: list[str] | None = None
+
+    check_lines = field_validator("kernel", "initrd", "args")(_one_line)
 
 
 class MatchboxProfile(_Lenient):
