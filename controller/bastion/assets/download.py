@@ -45,6 +45,14 @@ class FetchError(Exception):
     """A fetch that did not complete; str() is the message for the user."""
 
 
+def check_url(url: str) -> None:
+    """FetchError for a URL httpx cannot parse (a --mirror of 'http://[::1' was a traceback)."""
+    try:
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as e:
+        raise FetchError(f"{url}: not a URL: {e}") from None
+
+
 class ReleaseNotFound(FetchError):
     pass
 
@@ -115,6 +123,7 @@ def fetching(site: Path, client: httpx.Client | None) -> Iterator[tuple[Path, ht
 
 def get_small(client: httpx.Client, url: str) -> bytes | None:
     """The body of a small file, None on 404; FetchError on anything else."""
+    check_url(url)
     try:
         with client.stream("GET", url) as r:
             if r.status_code == 404:
@@ -156,6 +165,7 @@ def download_resumable(
     to it; the resuming request carries it as If-Range (RFC 9110 13.1.5), so a file that changed
     on the mirror comes back whole (200) instead of as a tail that does not fit.
     """
+    check_url(url)
     meta_file = meta_path(part)
     have = part.stat().st_size if part.exists() else 0
     meta: dict = {}

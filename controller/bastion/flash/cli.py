@@ -51,7 +51,7 @@ from bastion import atomic
 from bastion.flash import image as flashing
 from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image, human_size
 from bastion.flash.onboard import STAGE
-from bastion.flash.sim import mpy_cross_version
+from bastion.flash.sim import SimError, mpy_cross_version
 
 PROBE_TAG = "BASTION-PROBE "
 INSTALLED_TAG = "BASTION-INSTALLED"
@@ -387,6 +387,22 @@ def _check_relays(now: list[bool], device: DeviceConfig, image: Image, power_sta
     _say("relays: unchanged by the restart (on: " + (", ".join(on) or "none") + ")")
 
 
+_MPREMOTE_SHORT = re.compile(r"^([au])(\d{1,2})$")
+
+
+def _port_path(port: str) -> str:
+    """A serial port as a path the firmware checks see as one: a relative path that exists made
+    absolute, mpremote's shortcuts a0 and u0 as /dev/ttyACM0 and /dev/ttyUSB0 (a port without a
+    '/' was taken for a URL-less name: the running firmware was not asked for its relays, and a
+    relay mid-cycle came back on at the restart)."""
+    if "://" in port:
+        return port
+    m = _MPREMOTE_SHORT.match(port)
+    if m:
+        return f"/dev/tty{'ACM' if m.group(1) == 'a' else 'USB'}{m.group(2)}"
+    return os.path.abspath(port)
+
+
 def _check_port(port: str) -> None:
     if "://" not in port and os.sep in port and not os.path.exists(port):
         raise FlashError(
@@ -688,6 +704,8 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
         raise click.UsageError(
             f"--port needs --board NAME (boards: {', '.join(flashing.known_boards())})"
         )
+    if port:
+        port = _port_path(port)
     try:
         if port and not dry_run:  # a dry run never opens it: it may be plugged in later
             _check_port(port)
@@ -734,7 +752,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
                  "already running on it picks the new files up when it restarts)")  # fmt: skip
             return
         boot = flash_port(port, bdef, device, image, compiler)
-    except FlashError as e:
+    except (FlashError, SimError) as e:  # SimError: an --mpy-cross that does not compile
         raise click.ClickException(str(e)) from None
     if boot.get("error"):
         raise click.ClickException(

