@@ -636,9 +636,16 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
     except SimError as e:
         raise FlashError(str(e)) from None
     _say(f"  {flash}/firmware/, board.json, main.py")
-    for p, data in image.files.items():
-        if (p.startswith("tftp/") or p == "device.json") and atomic.write_bytes(flash / p, data, if_changed=True):
-            _say(f"  {flash}/{p}")
+    # the TFTP files first, device.json last (as flash_port does): an interrupted flash leaves
+    # the old device.json with whatever files it named, never the new one without its files
+    for p in sorted(image.files, key=lambda p: p == "device.json"):
+        if not (p.startswith("tftp/") or p == "device.json"):
+            continue
+        try:
+            if atomic.write_bytes(flash / p, image.files[p], if_changed=True):
+                _say(f"  {flash}/{p}")
+        except OSError as e:
+            raise FlashError(f"{flash}/{p}: {e.strerror or e}") from None
 
 
 # --- the command -------------------------------------------------------------------------------

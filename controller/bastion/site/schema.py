@@ -48,9 +48,12 @@ def _ipv4(v: str | None) -> str | None:
     if v is None:
         return v
     try:
-        return str(ipaddress.IPv4Address(v))
+        address = ipaddress.IPv4Address(v)
     except ValueError:
         raise ValueError(f"{v!r} is not an IPv4 address") from None
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{v!r} is not a host's address (unspecified, broadcast or multicast)")
+    return str(address)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -1110,7 +1113,7 @@ class MachineEntry(_Strict):
     profile: str | None = None
     hostname: str | None = None
     relay: int | None = Field(
-        default=None, ge=0, le=63,
+        default=None, ge=0, le=63, strict=True,  # (YAML's true was taken as channel 1)
         description="the device's relay channel (0-based) that switches this machine's power",
     )
     heartbeat: Heartbeat | None = None

@@ -115,3 +115,17 @@ def test_jinja_has_no_lipsum():
     from bastion.render.config import jinja_env
 
     assert "lipsum" not in jinja_env.globals
+
+
+def test_a_relay_of_true_and_a_device_address_of_nobody_are_refused(site_dir):
+    # relay: true was taken as channel 1; device.ip 0.0.0.0 was flashed as the server id
+    path = site_dir / "machines.yaml"
+    text = path.read_text()
+    path.write_text(text.replace("    relay: 0", "    relay: true", 1))
+    assert "relay" in _problems(site_dir)
+    path.write_text(text)
+    site = site_dir / "site.yaml"
+    text = site.read_text()
+    assert "device:\n  ip: " in text
+    site.write_text(text.replace("device:\n  ip: ", "device:\n  ip: 0.0.0.0 #", 1))
+    assert "is not a host's address" in _problems(site_dir)
