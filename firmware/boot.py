@@ -55,7 +55,7 @@ def make_power(board, settings, log):
     stagger = settings.get("stagger_ms", 2000)
     try:
         if not isinstance(stagger, int) or isinstance(stagger, bool) or not 0 <= stagger <= 600000:
-            raise ValueError("power.stagger_ms: %s must be an integer from 0 to 600000" % said(repr(stagger)[:40]))
+            raise ValueError("power.stagger_ms: %s must be an integer from 0 to 600000" % repr(stagger)[:40])
         if isinstance(channels, list) and len(channels) > board.channels:
             raise ValueError(
                 "power.channels: %d channels, the board has %d" % (len(channels), board.channels)

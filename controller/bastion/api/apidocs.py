@@ -13,7 +13,6 @@ token is a bearer token, typed into Swagger UI's "Authorize" dialog.
 from __future__ import annotations
 
 import html
-
 from typing import Any
 
 from fastapi import APIRouter, FastAPI

@@ -13,6 +13,7 @@ from bastion.api.deps import AdminDep, RuntimeDep
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.device.hub import DeviceHub, PowerHeld, PowerTargetError
 from bastion.device.link import DeviceError, DeviceTimeout
+from firmware.power import MAX_OFF_MS  # the device's own bound: longer is an off, later an on
 
 router = APIRouter(tags=["device"], route_class=StrictJsonRoute)
 
@@ -46,16 +47,11 @@ class _DeviceCalls:
 
 
 def _calls(runtime) -> _DeviceCalls:
-    calls = getattr(runtime, "device_calls", None)
-    if calls is None:
-        calls = runtime.device_calls = _DeviceCalls()
-    return calls
+    if runtime.device_calls is None:
+        runtime.device_calls = _DeviceCalls()
+    return runtime.device_calls
 # Handlers list AdminDep before HubDep: FastAPI resolves dependencies in parameter order, and a
 # caller without the token must get 401, not learn whether a device is attached (503).
-
-
-# The longest off time of a cycle (firmware.power.MAX_OFF_MS): longer is an off and, later, an on
-MAX_OFF_MS = 3_600_000
 
 
 class PowerIn(BaseModel):
@@ -109,8 +105,8 @@ async def machine_power(name: str, body: PowerIn, _: AdminDep, hub: HubDep,
 
 
 @router.post("/device/power/{channel}", summary="Switch a relay channel (needs the token)")
-async def channel_power(channel: Annotated[int, Path(ge=0, le=255, description="the relay channel, from 0")], body: PowerIn, _: AdminDep, hub: HubDep,
-                        runtime: RuntimeDep) -> dict[str, Any]:  # fmt: skip
+async def channel_power(channel: Annotated[int, Path(ge=0, le=255, description="the relay channel, from 0")],
+                        body: PowerIn, _: AdminDep, hub: HubDep, runtime: RuntimeDep) -> dict[str, Any]:  # fmt: skip
     return await _power(runtime, hub, str(channel), body)
 
 

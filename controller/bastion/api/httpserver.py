@@ -81,9 +81,6 @@ KEEP_ALIVE_S = 5
 #: 4 x 8 KiB): a URL of 64 KiB is refused before it (bastion.api.boot), a head this long is not
 #: a client's.
 MAX_HEAD_BYTES = 65536
-_TOO_LARGE_BODY = b"request head over 65536 bytes\n"
-_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
-              b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TOO_LARGE_BODY) + _TOO_LARGE_BODY)  # fmt: skip
 
 
 class DescriptorLimitError(RuntimeError):
@@ -202,10 +199,7 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
     def _expire_send(self) -> None:
         self._stall_timer = None
-        if not self.transport.is_closing():
-            if self.on_close is not None:
-                self.on_close("send-timeout")
-            self.transport.close()
+        self._close("send-timeout")
 
     def data_received(self, data: bytes) -> None:
         waiting = self._waiting_since is not None
@@ -223,7 +217,9 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
         self._cancel_timer()
         if self.on_close is not None:
             self.on_close("head-too-large")
-        self.transport.write(_TOO_LARGE)
+        body = b"request head over %d bytes\n" % MAX_HEAD_BYTES
+        headers = ((b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body)))
+        self.transport.write(response_bytes(431, headers, body, close=True))
         self.transport.close()
 
     def on_headers_complete(self) -> None:
@@ -326,9 +322,9 @@ def make_room(new: Any, max_connections: int) -> None:
     whose address has the most connections open, the one that has waited longest among its
     address's, one waiting for a head first: a host that floods the controller recycles its
     own connections, and another host's, however long it takes to send its head, stays. When
-    that is the new one, or every other is busy, the new one is closed instead. A connection here is either protocol of this
-    module: its transport, client, _waiting_since, _body_since and _stalled_since (None when
-    not waiting so) and _close(reason)."""
+    that is the new one, or every other is busy, the new one is closed instead. A connection
+    here is either protocol of this module: its transport, client, _waiting_since, _body_since
+    and _stalled_since (None when not waiting so) and _close(reason)."""
     open_, per_address, waiting = 0, {}, []
     for c in new.connections:
         if c.transport is None or c.transport.is_closing():

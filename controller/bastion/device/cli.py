@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from bastion.client import ApiClient, ApiError, printable, segment
+from firmware.power import MAX_OFF_MS
 
 
 def _where(f):
@@ -55,7 +56,7 @@ def _need_one(url: str | None, port: str | None) -> str | None:
 @click.command("power")
 @click.argument("state", type=click.Choice(["on", "off", "cycle"]))
 @click.argument("target")
-@click.option("--off-ms", type=click.IntRange(0, 3_600_000),
+@click.option("--off-ms", type=click.IntRange(0, MAX_OFF_MS),
               help="Off time of a cycle in ms (at least the channel's minimum, at most an hour).")
 @_where
 def power(state, target, off_ms, url, port, token_file) -> None:

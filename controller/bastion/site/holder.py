@@ -175,13 +175,12 @@ class SiteHolder:
             self._settling = None
             try:
                 site = load_site(self.root)
-            except SiteError as e:
-                self.last_error = str(e)
-                self.last_error_at = time.time()
-                return self._report(ReloadOutcome(False, False, self.generation, str(e)))
-            except Exception as e:  # a file the loader did not foresee: a failed reload all the same
-                log.exception("site reload failed")
-                self.last_error = f"the site could not be loaded: {type(e).__name__}: {e}"[:500]
+            except Exception as e:  # SiteError; any other, a file the loader did not foresee
+                if isinstance(e, SiteError):
+                    self.last_error = str(e)
+                else:  # a failed reload all the same
+                    log.exception("site reload failed")
+                    self.last_error = f"the site could not be loaded: {type(e).__name__}: {e}"[:500]
                 self.last_error_at = time.time()
                 return self._report(ReloadOutcome(False, False, self.generation, self.last_error))
             self._swap(site)

@@ -83,6 +83,7 @@ class SiteFiles:
 
     def __init__(self, root: Path, overlay: dict[str, bytes | None] | None = None):
         self.root = root
+        self._real_root = root.resolve()  # what every file read must stay inside
         self.overlay = dict(overlay or {})
 
     def read(self, rel: str) -> bytes | None:
@@ -93,7 +94,7 @@ class SiteFiles:
         path = self.root / rel
         try:
             mode = path.stat().st_mode
-            if not path.resolve().is_relative_to(self.root.resolve()):
+            if not path.resolve().is_relative_to(self._real_root):
                 # a symlink to /etc/passwd in generic/ was served at the public /generic, and
                 # one to the secret store would have been
                 raise Unreadable(rel, "is a symlink that leaves the site directory")

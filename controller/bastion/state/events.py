@@ -280,13 +280,14 @@ def payload_json(payload: dict[str, Any]) -> str:
         if n == _KEPT_FIELDS:
             kept["cut"] = f"{len(payload) - n} more fields not kept (the payload was {len(text)} bytes)"
             break
+        name = str(key)[:64]
         if not isinstance(value, str):
             value = json.dumps(value, separators=(",", ":"), default=str)
             if len(value) <= _KEPT_CHARS:
-                kept[str(key)[:64]] = json.loads(value)
+                kept[name] = json.loads(value)
                 continue
-        kept[str(key)[:64]] = (value if len(value) <= _KEPT_CHARS
-                               else f"{value[:_KEPT_CHARS]}... ({len(value)} characters, not kept)")  # fmt: skip
+        kept[name] = (value if len(value) <= _KEPT_CHARS
+                      else f"{value[:_KEPT_CHARS]}... ({len(value)} characters, not kept)")  # fmt: skip
     text = json.dumps(kept, separators=(",", ":"), default=str)
     if len(text) > MAX_PAYLOAD:  # (the cuts above keep it under; this guards the bound)
         text = json.dumps({"cut": f"a payload of {len(text)} bytes, not kept"})
