@@ -213,16 +213,22 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
             tasks.checkin("console", ticks_ms())
 
     services = {}
-    listening = []
     for name, svc in servers:
         services[name] = (asyncio.create_task(svc.run()), svc)
-        listening.append(name)
-    listening.sort()  # reported by name, whatever order they were built in
-    if not servers:
-        # Nothing to serve: the listeners are not judged, or a bad config would reset-loop.
-        del tasks.deadlines["dhcp"]
-        del tasks.deadlines["tftp"]
+    del servers  # its list and tuples, else held for good (about 140 B, measured)
     await sleep_ms(0)  # let the listeners bind before the boot event says they are up
+    # One that could not (its port taken: another server on the sim board's host) says why
+    # and is not judged: a reset would find the port taken again, a reset loop that told
+    # nobody anything but "watchdog".
+    for name in ("dhcp", "tftp"):
+        if name in services and services[name][0].done():
+            try:
+                await services.pop(name)[0]
+            except Exception as e:
+                log.event("listen", ("service", "error"), (name, str(e)))
+        if name not in services:
+            del tasks.deadlines[name]
+    listening = sorted(services)  # reported by name, whatever order they were built in
     # Node consoles (firmware/nodecons.py): only into a heap with NODECONS_MIN_FREE left once
     # the services run (on the 64-bit sim board: --heap 160k; docs/consoles.md). Kept to these
     # few lines: at 128k the sim board has no byte of code to spare.

@@ -319,13 +319,16 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
 
 
 class EventLines:
-    """Picks the board's event lines out of its serial output and hands them on as dicts."""
+    """Picks the board's event lines out of its serial output and hands them on as dicts; and
+    a traceback's last line as a `traceback` event: the firmware stopped at the REPL before it
+    could say anything (a heap too small for it: `--heap 100k` sat there without a word)."""
 
     limit = 4096
 
     def __init__(self, emit):
         self.emit = emit
         self.buf = b""
+        self.in_traceback = False
 
     def feed(self, data: bytes) -> None:
         self.buf += data
@@ -336,6 +339,15 @@ class EventLines:
             ev = decode_event_line(line)
             if ev is not None:
                 self.emit(ev)
+                continue
+            line = line.rstrip()
+            # at the start of a line: the friendly REPL's (and -i main.py's), not a raw REPL
+            # program's, which comes after mpremote's \x04
+            if line == b"Traceback (most recent call last):":
+                self.in_traceback = True
+            elif self.in_traceback and line[:1] not in b" \t":
+                self.in_traceback = False
+                self.emit({"ev": "traceback", "error": line[:200].decode(errors="replace")})
 
 
 def decode_event_line(line: bytes) -> dict | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -157,6 +158,34 @@ def test_a_broken_device_config_keeps_the_console_and_the_relays(tmp_path):
             assert set(ln.request("status")["tasks"]) == {"console", "power", "tripped"}
     finally:
         s.stop()
+
+
+def test_a_listener_whose_port_is_taken_is_reported_and_not_reset_for(tmp_path):
+    # Another server on the sim board's host holding the DHCP port: the listener's task died
+    # at its bind, the watchdog found it "late" 3 s later and reset the board, and the next
+    # boot met the same port: a reset loop whose only event was "watchdog".
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("0.0.0.0", 0))  # sends nothing; the sim binds its DHCP port on 0.0.0.0 too
+    port = taken.getsockname()[1]
+    s = SimProcess(tmp_path / "flash", tmp_path / "tty", {"power": POWER},
+                   args=("--dhcp-port", str(port)))  # after SimProcess's own: click takes the last
+    try:
+        ev = s.wait(lambda e: e.get("ev") == "listen")
+        assert ev["service"] == "dhcp" and "EADDRINUSE" in ev["error"]
+        boot = s.wait(lambda e: e.get("ev") == "boot" and "version" in e)
+        assert boot["services"] == ["tftp"] and "error" not in boot
+        with DeviceLink(str(s.link), timeout_s=10) as ln:
+            assert ln.wait_ready(15), ln.last_error
+            assert "dhcp" not in ln.request("status")["tasks"]
+            ln.request("power", channel=0, state="on")
+            wait_for(lambda: relays(s)[0] == "1", what="relay on")
+        # Past the listeners' 3 s deadline and the sim's 8 s watchdog, from the boot event.
+        time.sleep(max(0.0, 9.0 - (time.monotonic() - s.seen_at[s.seen.index(boot)])))
+        assert not [e for e in s.seen if e.get("ev") in ("reset", "watchdog")], s.seen
+        assert s.proc.poll() is None
+    finally:
+        s.stop()
+        taken.close()
 
 
 def test_a_device_config_too_big_to_read_keeps_the_console_and_the_relays(tmp_path):

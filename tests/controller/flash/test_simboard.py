@@ -215,3 +215,15 @@ def test_a_ctrl_a_in_line_noise_does_not_leave_the_board_at_the_raw_repl(sim):
     ev = sim.wait(lambda e: e.get("ev") == "reset")
     assert ev["reason"] == "soft-reboot"
     sim.wait(lambda e: e.get("ev") == "boot" and "version" in e)  # main.py ran again
+
+
+def test_a_heap_too_small_for_the_firmware_is_said(tmp_path):
+    # The firmware stopped at the REPL with a MemoryError before its first event, the watchdog
+    # not started yet: `bastion sim --heap 100k` sat there without a word.
+    s = SimProcess(tmp_path / "flash", tmp_path / "tty", args=("--heap", "64k"))
+    try:  # not `with`: that waits for a boot
+        ev = s.wait(lambda e: e.get("ev") == "traceback")
+        assert ev["error"].startswith("MemoryError: memory allocation failed"), ev
+        assert not [e for e in s.seen if e.get("ev") == "boot"]
+    finally:
+        s.stop()
