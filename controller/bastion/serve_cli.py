@@ -299,6 +299,10 @@ def install_service(site_dir, listen, management_listen, management_interface, t
                                 "--management-listen too (the address on that interface)")  # fmt: skip
         if tftp:
             parse_listen(tftp, "--tftp")
+        if device and "://" not in device and not os.path.isabs(device):
+            # written into the unit as given, it named a file in the service's working directory
+            raise SettingsError(f"--device {device}: the service needs the serial line's absolute "
+                                "path, such as /dev/ttyACM0 or /dev/serial/by-id/...")  # fmt: skip
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     site_dir = site_dir.resolve()

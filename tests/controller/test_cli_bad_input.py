@@ -85,7 +85,9 @@ def test_install_service_refuses_a_name_or_value_that_would_leave_its_place(tmp_
     site = Path(__file__).resolve().parents[2] / "examples" / "site"
     for args, says in ((("--name", "../../../escape"), "--name '../../../escape': a unit name is"),
                        (("--name", ""), "--name '': a unit name is"),
-                       (("--device", "/dev/tty\nExecStartPre=/bin/touch /tmp/x"), "a control character cannot go")):  # fmt: skip
+                       (("--device", "/dev/tty\nExecStartPre=/bin/touch /tmp/x"), "a control character cannot go"),
+                       # written as given, it named a file in the service's working directory
+                       (("--device", "ttyACM0"), "--device ttyACM0: the service needs the serial line's absolute path")):  # fmt: skip
         r = bastion("install-service", "--site", str(site), "--root", str(root), "--no-systemctl", *args)
         assert says in one_line_error(r), (args, r.stderr)
     assert not root.exists() and not (tmp_path / "escape.conf").exists()
@@ -125,7 +127,10 @@ def test_fleet_resources_refuses_what_kubernetes_would(tmp_path):
     assert bastion("fleet", "resources", site, *ok).returncode == 0
     for i, bad, says in ((1, "Bad Name!", "--name: 'Bad Name!': a Kubernetes name"),
                          (3, "NS/..", "--namespace: 'NS/..': a namespace"),
-                         (5, "notaurl", "--controller-url: 'notaurl' is not an http(s) URL")):  # fmt: skip
+                         (5, "notaurl", "--controller-url: 'notaurl' is not an http(s) URL"),
+                         (5, "http://[::1", "--controller-url: 'http://[::1': Invalid IPv6 URL"),
+                         (5, "http://h:99999", "'http://h:99999': Port out of range"),
+                         (5, "http://:80", "'http://:80' is not an http(s) URL")):  # fmt: skip
         args = list(ok)
         args[i] = bad
         assert says in one_line_error(bastion("fleet", "resources", site, *args)), bad
@@ -147,3 +152,13 @@ def test_a_url_that_is_not_a_controller_is_said_in_one_bounded_line(tmp_path):
         assert len(line) < 400 and line.endswith("(HTTP 404)"), line
     finally:
         srv.shutdown()
+
+
+def test_a_number_of_seconds_that_is_not_a_number_is_refused():
+    # click's FloatRange lets NaN through any bound: every comparison with it is false.
+    for cmd in (("registry-cache", "run", "--site", ".", "--check-every"),
+                ("registry-cache", "run", "--site", ".", "--restart-after"),
+                ("machines", "--interval")):  # fmt: skip
+        for bad in ("nan", "-NaN"):
+            r = bastion(*cmd, bad)
+            assert f"'{cmd[-1]}': '{bad}' is not a number." in one_line_error(r), (cmd, r.stderr)

@@ -235,6 +235,11 @@ def download_resumable(
             finally:
                 reporter.end()
     except httpx.HTTPError as e:
+        if not written:  # nothing came (offline, refused, a name that does not resolve)
+            raise TransferInterrupted(
+                f"{name}: could not download {url} ({type(e).__name__}: {e}); run the same "
+                "command again once the mirror can be reached"
+            ) from None
         of = f" of {total}" if total else ""
         raise TransferInterrupted(
             f"{name}: download interrupted after {written}{of} bytes ({type(e).__name__}: {e}); "

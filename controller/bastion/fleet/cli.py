@@ -44,6 +44,7 @@ def resources_command(site_dir: Path, name: str, namespace: str, controller_url:
     """SITE_DIR's site.yaml and machines.yaml as a Site and its Machines (checked by loading
     SITE_DIR first, as `bastion site check` does)."""
     import re
+    from urllib.parse import urlsplit
 
     from bastion.fleet.crds import resources
     from bastion.site.load import SiteError, load_site
@@ -55,7 +56,12 @@ def resources_command(site_dir: Path, name: str, namespace: str, controller_url:
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
         raise click.BadParameter(f"{namespace!r}: a namespace is lower-case letters, digits and '-', "
                                  "at most 63", param_hint="--namespace")  # fmt: skip
-    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", controller_url):
+    try:  # urlsplit refuses 'http://[::1' (an unclosed bracket), .port a port out of range
+        parts = urlsplit(controller_url)
+        parts.port  # noqa: B018 - read for its ValueError
+    except ValueError as e:
+        raise click.BadParameter(f"{controller_url!r}: {e}", param_hint="--controller-url") from None
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", controller_url) or not parts.hostname:
         raise click.BadParameter(f"{controller_url!r} is not an http(s) URL", param_hint="--controller-url")
     try:
         load_site(site_dir)

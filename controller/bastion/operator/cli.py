@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from bastion.client import ApiClient, ApiError
+from bastion.clitypes import FiniteRange
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 COLUMNS = ("NAME", "DESIRED", "RELAY", "STATUS", "RETRIES", "AGE")
@@ -68,7 +69,7 @@ def line(r: tuple[str, ...], widths: list[int]) -> str:
               "each time its status changes (like kubectl get -w).")  # fmt: skip
 @click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
               show_default=True, help="wide: also MAC, step and reason; json: the API's answer.")
-@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600),
+@click.option("--interval", default=2.0, show_default=True, type=FiniteRange(0.1, 3600),
               help="Seconds between looks with -w (0.1 to 3600).")
 def machines(url, token_file, watch, output, interval) -> None:
     """Where every machine stands: its declaration (DESIRED), its relay, and its status (Off,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from bastion.clitypes import FiniteRange
+
 _site_arg = click.option(
     "--site", "site_dir", required=True, envvar="BASTION_SITE",
     type=click.Path(exists=True, file_okay=False, path_type=Path), help="The site directory.",
@@ -78,10 +80,10 @@ def render_command(site_dir: Path, state: Path | None, secrets_dir: Path | None)
 @_state_opt
 @_secrets_opt
 @click.option("--check-every", default=3600.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(1, 7 * 86400),
+              type=FiniteRange(1, 7 * 86400),
               help="How often each mirror's storage is measured against serve.max_size (1 s to a week).")  # fmt: skip
 @click.option("--restart-after", default=5.0, show_default=True, metavar="SECONDS",
-              type=click.FloatRange(0, 3600),
+              type=FiniteRange(0, 3600),
               help="How long after a registry ends it is started again (0 to 3600 s).")  # fmt: skip
 def run_command(site_dir: Path, state: Path | None, secrets_dir: Path | None,
                 check_every: float, restart_after: float) -> None:

@@ -630,3 +630,27 @@ def test_docs_assets_md_matches_the_code():
     for option in re.findall(r"^\| `(--[a-z-]+)", doc, re.MULTILINE):
         assert option in help_text, option
     assert af.DEFAULT_MIRROR in doc
+
+
+def test_a_mirror_that_cannot_be_reached_is_not_called_a_partial_download(tmp_path):
+    # It said "interrupted after 0 bytes ... the partial file is kept" with no file kept.
+    import socket
+
+    import httpx
+    from bastion.assets import download
+
+    with socket.socket() as s:  # a loopback port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class Quiet:
+        def begin(self, *a): ...
+        def advance(self, n): ...
+        def end(self): ...
+        def note(self, text): ...
+
+    part = tmp_path / "f.part"
+    with httpx.Client(timeout=5) as client, pytest.raises(download.TransferInterrupted) as e:
+        download.download_resumable(client, f"http://127.0.0.1:{port}/f", part, "f", Quiet())
+    assert f"f: could not download http://127.0.0.1:{port}/f (ConnectError" in str(e.value)
+    assert "partial" not in str(e.value) and not part.exists()
