@@ -58,6 +58,9 @@ DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_HISTORY_EVENTS = 100_000
 DB_SHOWN = "$XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db"
 
+# a host name as --allowed-hosts takes it: RFC 1123 labels, lower case
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}  # fmt: skip
 
@@ -196,6 +199,13 @@ class Settings(BaseSettings):
         "and X-Forwarded-Proto are believed; the proxy must set them itself, not pass on a "
         "client's. Unset: none, a request comes from its connection's address.",
         metavar="ADDRS")  # fmt: skip
+    # None: only the names bastion.api.hostcheck always knows
+    allowed_hosts: str | None = _setting(
+        "BASTION_ALLOWED_HOSTS", "--allowed-hosts", "Host names (comma-separated) by which "
+        "browsers open the controller, besides its addresses, localhost, this machine's host "
+        "name and site.yaml's controller_url: a browser's request through any other name is "
+        "refused (a web page could read the API through a name of its own: DNS rebinding).",
+        metavar="NAMES")  # fmt: skip
     # the secret store's directory; None: bastion.state.secrets.secrets_dir(<site name>) picks it
     secrets_dir: Path | None = _setting(
         "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys; UPS and log collector credentials).",
@@ -277,6 +287,18 @@ class Settings(BaseSettings):
             except ValueError:
                 raise SettingsError(f"--trusted-proxies {item!r}: not an IP address or network "
                                     "(a proxy's own address, e.g. 127.0.0.1 or 10.77.0.0/24)") from None  # fmt: skip
+        return ",".join(items)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            return None if v in ("", None) else v
+        items = [x.strip().lower().rstrip(".") for x in v.split(",") if x.strip()]
+        for item in items:
+            if not _HOST_NAME.fullmatch(item):
+                raise SettingsError(f"--allowed-hosts {item!r}: not a host name (letters, digits, "
+                                    "'-' and dots; no port, no scheme), e.g. bastion.lan")  # fmt: skip
         return ",".join(items)
 
     @field_validator("poll_seconds")

@@ -101,6 +101,7 @@ async def _ipxe(runtime: Runtime, scope: dict) -> Response:
     return await respond_batched(runtime, "/ipxe", req, boot.ipxe(site, req, runtime.provisioning), started)
 
 
+_BROWSERS = (b"sec-fetch-site", b"origin")  # headers only a browser's request has
 _FAST_PATHS = {"/boot.ipxe": _boot_ipxe, "/boot.ipxe.0": _boot_ipxe, "/ipxe": _ipxe}
 
 
@@ -120,8 +121,9 @@ def fast_app(runtime: Runtime) -> Callable[[dict], Callable[[dict], Awaitable[Re
     the handler that answers it directly (a Response for the scope, written by the protocol),
     or None for the application's full stack. A GET of /boot.ipxe or /ipxe qualifies unless it
     carries X-Forwarded-* headers (uvicorn's proxy-headers middleware may then rewrite its
-    client and scheme). Both are boot endpoints, so the listener split (bastion.api.listeners)
-    has nothing to refuse."""
+    client and scheme) or is a browser's (Sec-Fetch-Site, Origin: bastion.api.hostcheck may
+    refuse it). Both are boot endpoints, so the listener split (bastion.api.listeners) has
+    nothing to refuse."""
 
     def bound(handler: Callable[[Runtime, dict], Awaitable[Response]]) -> Callable[[dict], Awaitable[Response]]:
         return lambda scope: handler(runtime, scope)
@@ -133,7 +135,7 @@ def fast_app(runtime: Runtime) -> Callable[[dict], Callable[[dict], Awaitable[Re
         if handler is None or scope["method"] != "GET":
             return None
         for name, _ in scope["headers"]:
-            if name.startswith(b"x-forwarded-"):
+            if name.startswith(b"x-forwarded-") or name in _BROWSERS:
                 return None
         return handler
 

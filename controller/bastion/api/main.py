@@ -33,6 +33,7 @@ from bastion.api import (
     ups,
 )
 from bastion.api.deps import GroupCommit, Runtime
+from bastion.api.hostcheck import HostCheck
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.api.limits import BodyLimits
 from bastion.api.listeners import ListenerSplit, boot_path_patterns
@@ -216,6 +217,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.add_middleware(ListenerSplit, management=settings.management_listen,
                            boot_paths=boot_path_patterns(boot_routes),
                            on_refusal=metrics.listener_refusals.inc)  # fmt: skip
+    # outermost of all: a browser's request through a name the controller does not know
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts,
+                       controller_url=lambda: runtime.holder.site.settings.controller_url)  # fmt: skip
     return app
 
 
