@@ -4,8 +4,10 @@ Flatcar's image carries systemd-journal-upload; with site.yaml `logs.journal: tr
 built-in Flatcar config points it at `<controller>/journal`, and it POSTs the journal export
 format to `<that>/upload`. Entries are parsed as the body arrives (bastion.logship.journal) and
 offered to the shipper, not stored in the history: one outbound connection per collector
-carries the site's logs. The node is named by its `_HOSTNAME` (a machine's hostname or name),
-else by the address the upload came from.
+carries the site's logs. The node is named by the address the upload came from when that
+address is a machine's (bastion.state.addresses: what it booted from, its heartbeats), else by
+the entries' `_HOSTNAME` (a machine's hostname or name): `_HOSTNAME` is the sender's own word,
+and a node could otherwise ship entries as another.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ async def journal_upload(request: Request, runtime: RuntimeDep, site: SiteDep) -
     shipped = 0
 
     def ship(entry: dict[str, str]) -> None:
-        host = entry.get("_HOSTNAME", "")
+        host = "" if by_address is not None else entry.get("_HOSTNAME", "")
         if host not in names:
-            m = next((m for m in site.machines if host and host in (m.hostname, m.name)), None) or by_address
+            m = by_address or next((m for m in site.machines if host and host in (m.hostname, m.name)), None)
             names[host] = (m.name, m.mac) if m is not None else (None, None)
         machine, mac = names[host]
         if runtime.logship is not None:

@@ -355,3 +355,15 @@ def test_a_node_journal_through_the_controller_to_rsyslog(ns, site_dir, tmp_path
     assert messages[0] == "entry 0" and messages[1] == "two\nlines 1" and messages[-1] == "entry 39"
     assert [int(m.split()[-1]) for m in messages] == list(range(40))
     assert 'bastion_journal_entries_total{result="shipped"} 40.0' in _metrics(ns)
+
+    # node2 boots from the uploader's address: entries from there are node2's, whatever their
+    # _HOSTNAME says (it named them node1, and any host could ship entries as any node)
+    _in_ns(ns, f"""
+import urllib.request
+assert urllib.request.urlopen("http://{HTTP}/ipxe?mac=52:54:00:12:34:02", timeout=10).status == 200
+""")
+    r = ns.run(upload, f"--url=http://{HTTP}/journal", f"--file={journal}", "--follow=no",
+               capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = _wait_for(journal_lines, lambda ls: len(ls) >= 80)
+    assert len(lines) == 80 and all('machine="node2"' in ln for ln in lines[40:]), lines[40]
