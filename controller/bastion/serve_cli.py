@@ -257,6 +257,11 @@ def site_check(site_dir: Path) -> None:
 @click.option("--tftp", metavar="ADDR:PORT",
               help="Also serve the site's tftp/ over TFTP, e.g. 192.168.1.10:69.")  # fmt: skip
 @click.option("--device", metavar="PORT", help="The device's serial line, e.g. /dev/ttyACM0.")
+@click.option("--allowed-hosts", metavar="NAMES",
+              help="Host names by which browsers open the dashboard, e.g. bastion.lan "
+                   "(serve's --allowed-hosts).")  # fmt: skip
+@click.option("--trusted-proxies", metavar="ADDRS",
+              help="Reverse proxies whose X-Forwarded-For is believed (serve's --trusted-proxies).")
 @click.option("--name", default="edge-bastion", show_default=True, help="The unit's name.")
 @click.option("--root", "--prefix", "root", default="/", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -265,8 +270,8 @@ def site_check(site_dir: Path) -> None:
                    "command runs.")  # fmt: skip
 @click.option("--no-systemctl", is_flag=True, help="Do not run `systemctl daemon-reload`.")
 @click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
-def install_service(site_dir, listen, management_listen, management_interface, tftp, device, name,
-                    root, no_systemctl, dry_run) -> None:  # fmt: skip
+def install_service(site_dir, listen, management_listen, management_interface, tftp, device,
+                    allowed_hosts, trusted_proxies, name, root, no_systemctl, dry_run) -> None:  # fmt: skip
     """Install `bastion serve` for SITE as a systemd service.
 
     Writes the unit (its own system user, state in /var/lib/edge-bastion, ProtectSystem=strict,
@@ -303,6 +308,16 @@ def install_service(site_dir, listen, management_listen, management_interface, t
             # written into the unit as given, it named a file in the service's working directory
             raise SettingsError(f"--device {device}: the service needs the serial line's absolute "
                                 "path, such as /dev/ttyACM0 or /dev/serial/by-id/...")  # fmt: skip
+        extra: list[str] = []
+        if allowed_hosts or trusted_proxies:  # checked, and written, as serve has them
+            from bastion.settings import Settings
+
+            checked = Settings.build(site_dir=site_dir, allowed_hosts=allowed_hosts,
+                                     trusted_proxies=trusted_proxies)  # fmt: skip
+            if checked.allowed_hosts and allowed_hosts:
+                extra += ["--allowed-hosts", checked.allowed_hosts]
+            if checked.trusted_proxies and trusted_proxies:
+                extra += ["--trusted-proxies", checked.trusted_proxies]
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     site_dir = site_dir.resolve()
@@ -334,7 +349,7 @@ def install_service(site_dir, listen, management_listen, management_interface, t
     spec = service.ServiceSpec(site=site_dir, bastion=exe.absolute(), listen=listen,
                                management_listen=management_listen,
                                management_interface=management_interface, tftp=tftp,
-                               device=device, name=name,
+                               device=device, name=name, extra=tuple(extra),
                                registry_cache=cache is not None and cache.serve is not None,
                                tunnel=_tunnel(site))  # fmt: skip
     root = root.absolute()

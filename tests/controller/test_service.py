@@ -139,6 +139,23 @@ def test_the_unit_serves_the_management_listener_apart(tmp_path, site):
     assert r.exit_code == 0 and "--management-listen" in r.output and "--management-interface" in r.output
 
 
+def test_the_unit_passes_the_names_and_proxies_it_was_given_checked(tmp_path, site):
+    root = tmp_path / "root"
+    r = install(root, site, "--allowed-hosts", "Bastion.LAN,pxe", "--trusted-proxies", "127.0.0.1")
+    assert r.exit_code == 0, r.output
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    exec_start = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
+    assert exec_start.endswith(" --allowed-hosts bastion.lan,pxe --trusted-proxies 127.0.0.1")
+    v = verify(unit)
+    assert v.returncode == 0, v.stdout + v.stderr
+    for bad, says in ((("--allowed-hosts", "http://bastion.lan"), "--allowed-hosts 'http://bastion.lan': not a host name"),
+                      (("--trusted-proxies", "proxy.lan"), "--trusted-proxies 'proxy.lan': not an IP address")):  # fmt: skip
+        r = CliRunner().invoke(main, ["install-service", "--site", str(site), "--root",
+                                      str(tmp_path / "root2"), *bad])  # fmt: skip
+        assert r.exit_code == 2 and says in r.output, r.output
+    assert not (tmp_path / "root2").exists()
+
+
 def test_a_management_listener_on_the_boot_listeners_address_is_not_installed(tmp_path, site):
     r = CliRunner().invoke(main, ["install-service", "--site", str(site), "--root",
                                   str(tmp_path / "root"), "--listen", "0.0.0.0:8080",
