@@ -409,6 +409,64 @@ def _check_port(port: str) -> None:
             f"no such port {port} (is the board plugged in? `mpremote connect list` lists "
             "serial ports)"
         )
+    held = port_holders(port) if "://" not in port else []
+    if held:
+        # Two programs on one line split its bytes: the firmware's answer went to `serve`, flash
+        # said "no answer (firmware not running?)", and mpremote failed with a traceback.
+        raise FlashError([f"{port} is open in another program, which would take the device's "
+                          "answers: one program owns a serial line at a time"]
+                         + [f"  PID {pid}: {cmd}" for pid, cmd in held]
+                         + ["stop it first (`bastion serve --device`: systemctl stop edge-bastion, "
+                            "or Ctrl-C) and flash again"])  # fmt: skip
+
+
+def port_holders(port: str, proc: str = "/proc") -> list[tuple[int, str]]:
+    """Other processes that have the serial line `port` open (Linux's /proc; [] elsewhere, and
+    for processes this user may not look into), as (PID, command line). A process that holds
+    the line's other end too is not one: a pseudo-terminal's master (the sim board's supervisor,
+    a terminal program), which /proc/PID/fdinfo shows as /dev/ptmx with the line's tty-index."""
+    pts = os.path.realpath(port)
+    if not pts.startswith(("/dev/tty", "/dev/pts/", "/dev/rfcomm")):
+        return []  # not a terminal (/dev/null in tests is open in every daemon)
+    try:
+        st = os.stat(port)
+    except OSError:
+        return []
+    line = (st.st_dev, st.st_ino)
+    index = pts.rsplit("/", 1)[1] if pts.startswith("/dev/pts/") else None
+    found = []
+    try:
+        pids = [int(p) for p in os.listdir(proc) if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return []
+    for pid in pids:
+        has_line = has_master = False
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{proc}/{pid}/fd/{fd}")
+                if target == "/dev/ptmx":
+                    if index is not None:
+                        with open(f"{proc}/{pid}/fdinfo/{fd}") as f:
+                            has_master |= f"tty-index:\t{index}\n" in f.read()
+                    continue
+                if not target.startswith("/dev/"):
+                    continue
+                fst = os.stat(f"{proc}/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            has_line |= (fst.st_dev, fst.st_ino) == line
+        if has_line and not has_master:
+            try:
+                with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = "?"
+            found.append((pid, cmd[:200] or "?"))
+    return found
 
 
 def _refuse_busy(running: Running) -> None:

@@ -419,6 +419,24 @@ def test_flashing_a_running_board_restarts_it_with_the_site_and_never_switches_a
     assert (flash / "tftp" / "pi" / "config.txt").read_text() == "arm_64bit=1\n"
 
 
+def test_a_line_a_controller_holds_is_refused_before_anything_is_sent(tmp_path, board, serve):
+    # `serve --device` on the same line took the firmware's answers: flash said "no answer
+    # (firmware not running?)", stopped the firmware, and mpremote failed with a traceback.
+    site = make_site(tmp_path / "site")
+    server = serve(site, device=str(board.link))
+    wait_for(lambda: server.get("/api/v1/device").json().get("connected"), what="serve holds the line")
+    r = bastion("flash", "--port", str(board.link), "--board", "sim", "--site", str(site))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert f"{board.link} is open in another program" in r.stderr
+    assert f"PID {server.proc.pid}: " in r.stderr and " serve " in r.stderr
+    assert "no answer" not in r.stdout  # nothing was sent: the firmware was never asked
+    assert not [e for e in board.seen if e.get("ev") == "reset"]
+    server.stop()  # the line is free: the same command flashes
+    r = bastion("flash", "--port", str(board.link), "--board", "sim", "--site", str(site),
+                "--tftp-dir", str(small_tftp(tmp_path / "tftp")))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_flashing_again_copies_only_what_changed(tmp_path, board):
     site = make_site(tmp_path / "site")
     tftp = small_tftp(tmp_path / "tftp")
