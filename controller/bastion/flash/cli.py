@@ -101,7 +101,7 @@ class Mpremote:
         if r.returncode != 0:
             out = "\n".join(x.strip() for x in (r.stdout or "", r.stderr or "") if x.strip())
             error = PortUnavailable if "failed to access" in out else FlashError
-            raise error(f"mpremote failed while {what} (exit {r.returncode}):\n{out}")
+            raise error(f"mpremote failed while {what} (exit {r.returncode}):\n{mpremote_said(out)}")
         return r.stdout or ""
 
     def exec(self, what: str, code: str, **kw) -> str:
@@ -150,8 +150,29 @@ class Mpremote:
         text = out.decode(errors="replace").replace("\r\n", "\n")
         if rc != 0:
             error = PortUnavailable if "failed to access" in text else FlashError
-            raise error(f"mpremote failed while {what} (exit {rc}):\n{text.strip()[-2000:]}")
+            said = mpremote_said(text.strip())
+            raise error(f"mpremote failed while {what} (exit {rc}):\n{said[-2000:]}")
         return text
+
+
+# a Python traceback: its header, its indented frames, and the line that says what it was
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t][^\n]*\n|\n)*([^\n]*)")
+_HINTS = {
+    "could not enter raw repl": "the device did not answer mpremote's Ctrl-C/Ctrl-A: the firmware "
+                                "hung, or the line is not a MicroPython board's; reset the board "
+                                "and flash again",  # fmt: skip
+    "EROFS": "the board's flash is read-only",
+    "ENOSPC": "the board's flash is full",
+}
+
+
+def mpremote_said(text: str) -> str:
+    """mpremote's output with each traceback (its own, or the board's it relays) cut to the
+    line that says what went wrong, and a hint for the errors known to need one: a page of
+    mpremote's frames told a user nothing the last line did not."""
+    out = _TRACEBACK.sub(lambda m: m.group(1), text)
+    hints = [f"({hint})" for key, hint in _HINTS.items() if key in out]
+    return "\n".join([out, *hints])
 
 
 class CopyProgress:

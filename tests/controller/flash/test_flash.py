@@ -5,6 +5,7 @@ relay outputs watched the whole time."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -360,6 +361,28 @@ def test_mpremote_failing_shows_what_it_said(tmp_path):
     assert r.returncode != 0
     assert "mpremote failed while reading the device's flash (exit 1)" in r.stderr, r.stderr
     assert "mpremote: failed to access /dev/null" in r.stderr, r.stderr
+
+
+def test_mpremote_tracebacks_are_cut_to_what_went_wrong():
+    # mpremote's own traceback (two dozen lines of its frames, as CPython prints them) came
+    # through whole; so did a board's (MicroPython's), which mpremote relays.
+    from bastion.flash.cli import mpremote_said
+    from bastion.flash.sim import micropython_bin
+
+    own = subprocess.run([sys.executable, "-c", "class TransportError(Exception): pass\n"
+                          "def enter(): raise TransportError('could not enter raw repl')\n"
+                          "def main(): return enter()\nmain()"],
+                         capture_output=True, text=True).stderr  # fmt: skip
+    board = subprocess.run([micropython_bin(), "-c", "import os\nos.mkdir('/proc/x')"],
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert own.count("\n") > 3 and "Traceback (most recent call last):" in board
+    said = mpremote_said(f"b''\n{own}".strip())
+    assert said.splitlines() == [
+        "b''", "TransportError: could not enter raw repl",
+        "(the device did not answer mpremote's Ctrl-C/Ctrl-A: the firmware hung, or the line is "
+        "not a MicroPython board's; reset the board and flash again)"]
+    said = mpremote_said(f"cp x :y\n{board.strip()}")
+    assert said.splitlines()[:2] == ["cp x :y", "OSError: [Errno 2] ENOENT"], said
 
 
 @pytest.fixture
