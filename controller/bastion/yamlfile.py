@@ -7,14 +7,18 @@ PyYAML would silently accept), raises YamlError naming the file and the line.
 
 Aliases are bounded. PyYAML shares an anchored node between its aliases, so a "billion laughs"
 file (nine levels of nine aliases each: 387 million strings from 1 KB) loads at once, and then
-whoever walks the data (validation, rendering, JSON) expands it to gigabytes. So the composed
-document is measured as it would be expanded (each alias counted as the whole of its anchor's
-node) and refused above MAX_EXPANDED_NODES, before anything is constructed: a few microseconds a
-node, with memory for the composed nodes only.
+whoever walks the data (validation, rendering, JSON) expands it to gigabytes; so does a file of
+a few thousand aliases of one long string. So the composed document is measured as it would be
+expanded (each alias counted as the whole of its anchor's node: its nodes, and the characters
+of its scalars) before anything is constructed, a few microseconds a node, with memory for the
+composed nodes only, and refused when it expands to more than MAX_EXPANDED_NODES nodes or
+MAX_EXPANDED_CHARS characters, or ALIAS_GROWTH times its own if that is more (a document
+without aliases is never refused for its size: what it holds, it holds).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -51,16 +55,21 @@ class LineList(list):
             return self.line
 
 
-#: The most nodes a document may expand to through its aliases (its own nodes count too). A
-#: large site is thousands; the alias bomb above is 387 million.
+#: What a document may expand to through its aliases, in nodes and in characters of its
+#: scalars (a large site is thousands of nodes and a few hundred KB; the alias bomb above is 387
+#: million nodes), unless ALIAS_GROWTH times its own nodes or characters is more.
 MAX_EXPANDED_NODES = 100_000
+MAX_EXPANDED_CHARS = 16 * 1024 * 1024
+ALIAS_GROWTH = 10
 
 
-def expanded_size(root: yaml.Node, limit: int) -> int:
-    """How many nodes `root` stands for with every alias expanded, counted up to just past
-    `limit`. A node reached again through an alias counts again (from a memo); a node that
-    contains an alias of itself counts as past the limit."""
-    sizes: dict[int, int] = {}
+def expansion(root: yaml.Node) -> tuple[float, float, int, int]:
+    """(nodes, characters of scalars) that `root` stands for with every alias expanded, and
+    (nodes, characters) of the document itself, each node once. A node reached again through an
+    alias counts again (from a memo: exact, however large); a node that contains an alias of
+    itself expands for ever (infinity)."""
+    sizes: dict[int, tuple[int, int]] = {}
+    own_nodes = own_chars = 0
     open_: set[int] = set()  # the nodes on the path being walked
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
     while stack:
@@ -69,16 +78,20 @@ def expanded_size(root: yaml.Node, limit: int) -> int:
         children = _children(node)
         if children_done:
             open_.discard(key)
-            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            chars = len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            own_nodes += 1
+            own_chars += chars
+            sizes[key] = (1 + sum(sizes[id(c)][0] for c in children),
+                          chars + sum(sizes[id(c)][1] for c in children))  # fmt: skip
             continue
         if key in sizes:
             continue
         if any(id(c) in open_ or c is node for c in children):
-            return limit + 1  # recursive: it would expand for ever
+            return math.inf, math.inf, own_nodes, own_chars
         open_.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in children if id(c) not in sizes)
-    return sizes[id(root)]
+    return (*sizes[id(root)], own_nodes, own_chars)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -92,11 +105,18 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 class _Loader(yaml.SafeLoader):
     def compose_document(self) -> yaml.Node:
         node = super().compose_document()
-        if node is not None and expanded_size(node, MAX_EXPANDED_NODES) > MAX_EXPANDED_NODES:
+        if node is None:
+            return node
+        nodes, chars, own_nodes, own_chars = expansion(node)
+        max_nodes = max(MAX_EXPANDED_NODES, ALIAS_GROWTH * own_nodes)
+        max_chars = max(MAX_EXPANDED_CHARS, ALIAS_GROWTH * own_chars)
+        if nodes > max_nodes or chars > max_chars:
+            what = (f"more than {max_nodes:,} values" if nodes > max_nodes
+                    else f"more than {max_chars:,} characters")  # fmt: skip
             raise yaml.composer.ComposerError(
                 None, None,
-                f"its aliases expand to more than {MAX_EXPANDED_NODES:,} values (an alias bomb, "
-                "or an alias inside its own anchor); refused",
+                f"its aliases expand to {what} (an alias bomb, or an alias inside its own "
+                "anchor); refused",
                 node.start_mark,
             )  # fmt: skip
         return node

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -67,11 +68,45 @@ def test_aliases_used_as_people_use_them_still_load():
 
 
 def test_the_bound_counts_expansion_not_file_size():
+    nested = yaml.compose("a: &a [1, 2, 3]\nb: [*a, *a, *a]")
+    # mapping 1 + 2 keys + a (4) + b (1 + 3 * 4); its own: the mapping, 2 keys, a, b
+    assert yamlfile.expansion(nested) == (1 + 2 + 4 + 13, 2 + 3 + 9, 1 + 2 + 4 + 1, 2 + 3)
+    assert yamlfile.expansion(yaml.compose("a: &a [*a]"))[:2] == (math.inf, math.inf)
     # exactly at the bound loads; one past it does not
     limit = yamlfile.MAX_EXPANDED_NODES
-    flat = yaml.compose("[" + ", ".join(["x"] * (limit - 1)) + "]")
-    assert yamlfile.expanded_size(flat, limit) == limit
-    nested = yaml.compose("a: &a [1, 2, 3]\nb: [*a, *a, *a]")
-    # mapping 1 + 2 keys + a (4) + b (1 + 3 * 4)
-    assert yamlfile.expanded_size(nested, 1000) == 1 + 2 + 4 + 13
-    assert yamlfile.expanded_size(nested, 10) == 11
+    for n, loads in ((limit - 5, True), (limit - 4, False)):
+        text = "a: &a x\nb: [" + ", ".join(["*a"] * n) + "]"  # mapping, 2 keys, x, b: 5 + n
+        if loads:
+            assert len(yamlfile.load(text, "x.yaml")["b"]) == n
+        else:
+            with pytest.raises(yamlfile.YamlError, match="more than 100,000 values"):
+                yamlfile.load(text, "x.yaml")
+
+
+def test_aliases_of_a_long_string_are_bounded_by_characters(tmp_path):
+    # 5,000 aliases of a 1 MB string: few nodes, 5 GB of text once walked (it ran out of memory)
+    def doc(n):
+        return "big: &big " + "x" * 1_000_000 + "\nmany: [" + ", ".join(["*big"] * n) + "]\n"
+
+    with pytest.raises(yamlfile.YamlError) as e:
+        yamlfile.load(doc(5000), "site.yaml")
+    assert "aliases expand to more than 16,777,216 characters" in str(e.value)
+    assert len(yamlfile.load(doc(9), "site.yaml")["many"]) == 9  # ten times its own: still fine
+
+
+def test_a_large_document_without_aliases_is_never_refused_for_its_size():
+    # 17,000 machines of six values: 120,000 nodes, refused as an "alias bomb" before
+    machines = "".join(f"- {{name: m{i}, mac: '02:00:00:00:{i // 256:02x}:{i % 256:02x}', role: worker}}\n"
+                       for i in range(17_000))  # fmt: skip
+    assert len(yamlfile.load(machines, "machines.yaml")) == 17_000
+
+
+def test_a_large_document_with_merge_keys_loads():
+    # 20,000 machines sharing a block of defaults through `<<: *d`: it expands to a few times
+    # what it holds, as shared blocks do
+    text = "defaults: &d {role: worker, arch: x86_64, profile: p, labels: {rack: a}}\nmachines:\n" + "".join(
+        f"  - {{<<: *d, name: m{i}}}\n" for i in range(20_000))  # fmt: skip
+    doc = yamlfile.load(text, "machines.yaml")
+    assert len(doc["machines"]) == 20_000 and doc["machines"][-1]["labels"]["rack"] == "a"
+
+
