@@ -5,12 +5,17 @@ import click
 
 class _Main(click.Group):
     """Every command's last line of defence for bad input: a file or directory it was pointed
-    at that cannot be used (unreadable, a file where a directory must be, a symlink loop) is a
-    one-line error naming it, not a traceback. Each command still says more where it can."""
+    at that cannot be used (unreadable, a file where a directory must be, a symlink loop), or a
+    secret store's file that does not hold what it should, is a one-line error naming it, not a
+    traceback. Each command still says more where it can."""
 
     def invoke(self, ctx: click.Context):
+        from bastion.state.secrets import SecretError
+
         try:
             return super().invoke(ctx)
+        except SecretError as e:  # a secret store's file that is not what it should hold
+            raise click.ClickException(str(e)) from None
         except OSError as e:
             if e.filename is None:
                 raise click.ClickException(str(e)) from None

@@ -388,10 +388,14 @@ def install_service(site_dir, listen, management_listen, management_interface, t
             click.echo(f"the registry cache: systemctl enable --now {spec.cache_name}; its log: "
                        f"journalctl -u {spec.cache_name}")  # fmt: skip
     if spec.tunnel:
-        from bastion.state.secrets import wireguard_public_key
+        from bastion.state.secrets import SecretError, wireguard_public_key
 
-        key = (root / spec.tunnel.key_file.lstrip("/")).read_text().strip()
-        click.echo(f"the tunnel: {spec.tunnel.interface}, public key {wireguard_public_key(key)} "
+        key_file = root / spec.tunnel.key_file.lstrip("/")
+        try:
+            public = wireguard_public_key(key_file.read_text().strip())
+        except SecretError as e:
+            raise click.ClickException(f"{key_file}: {e}, and this is not one") from None
+        click.echo(f"the tunnel: {spec.tunnel.interface}, public key {public} "
                    "(the management side's config: bastion tunnel management-config)")  # fmt: skip
         if host:
             click.echo(f"start it before the controller: systemctl enable --now {spec.tunnel.unit}")

@@ -125,15 +125,29 @@ def test_fleet_resources_refuses_what_kubernetes_would(tmp_path):
     site = str(Path(__file__).resolve().parents[2] / "examples" / "site")
     ok = ("--name", "home-lab", "--namespace", "edge-sites", "--controller-url", "http://10.200.0.1:8080")
     assert bastion("fleet", "resources", site, *ok).returncode == 0
-    for i, bad, says in ((1, "Bad Name!", "--name: 'Bad Name!': a Kubernetes name"),
+    for i, bad, says in ((1, "Bad Name!", "--name: 'Bad Name!': a site's name is"),
                          (3, "NS/..", "--namespace: 'NS/..': a namespace"),
                          (5, "notaurl", "--controller-url: 'notaurl' is not an http(s) URL"),
                          (5, "http://[::1", "--controller-url: 'http://[::1': Invalid IPv6 URL"),
                          (5, "http://h:99999", "'http://h:99999': Port out of range"),
-                         (5, "http://:80", "'http://:80' is not an http(s) URL")):  # fmt: skip
+                         (5, "http://:80", "'http://:80' is not an http(s) URL"),
+                         # RFC 1123 has no empty label, and the name is its Machines' label value
+                         (1, "a..b", "--name: 'a..b': a site's name is"),
+                         (1, "a" * 64, "at most 63 (it labels its Machines)")):  # fmt: skip
         args = list(ok)
         args[i] = bad
         assert says in one_line_error(bastion("fleet", "resources", site, *args)), bad
+    # machines.yaml allows upper case and '_' in a name; the API server does not
+    import shutil
+
+    shutil.copytree(site, tmp_path / "site")
+    text = (tmp_path / "site" / "machines.yaml").read_text()
+    (tmp_path / "site" / "machines.yaml").write_text(text.replace("  - name: node1", "  - name: Node_1"))
+    assert bastion("site", "check", str(tmp_path / "site")).returncode == 0
+    r = bastion("fleet", "resources", str(tmp_path / "site"), *ok)
+    assert one_line_error(r) == ("Error: machines.yaml: machine 'Node_1' cannot be a Kubernetes Machine's "
+                                 "name (lower-case letters, digits, '-' and '.'): rename it to publish "
+                                 "the site as resources")  # fmt: skip
 
 
 def test_a_url_that_is_not_a_controller_is_said_in_one_bounded_line(tmp_path):

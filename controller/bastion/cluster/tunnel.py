@@ -17,6 +17,7 @@ says `PostUp = wg set %i private-key FILE`, FILE being the controller's secret s
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from typing import Any
 
 # the controller host's interface when site.yaml names none (schema.ControllerWireguard)
@@ -52,7 +53,8 @@ def endpoint_port(endpoint: str) -> int:
 def _key_line(key_file: str) -> list[str]:
     # wg-quick runs PostUp after the interface exists and before it is used; `wg set` reads
     # the key from the file, so the config holds no secret
-    return [f"PostUp = wg set %i private-key {key_file}"]
+    # wg-quick runs the hook through bash: the path quoted (a space split it, a `$` or `;` ran)
+    return [f"PostUp = wg set %i private-key {shlex.quote(key_file)}"]
 
 
 def controller_config(wg: Any, site_name: str, key_file: str) -> str:

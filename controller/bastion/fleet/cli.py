@@ -46,13 +46,16 @@ def resources_command(site_dir: Path, name: str, namespace: str, controller_url:
     import re
     from urllib.parse import urlsplit
 
-    from bastion.fleet.crds import resources
+    from bastion.fleet.crds import K8S_NAME, resources
     from bastion.site.load import SiteError, load_site
 
-    # what the API server takes: a DNS subdomain (RFC 1123) for a name, a DNS label for a namespace
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
-        raise click.BadParameter(f"{name!r}: a Kubernetes name is lower-case letters, digits, '-' "
-                                 "and '.', starting and ending with a letter or digit", param_hint="--name")  # fmt: skip
+    # what the API server takes: a DNS subdomain (RFC 1123) for a name, a DNS label for a
+    # namespace; the name is the Machines' label value too, which is at most 63 characters
+    if not K8S_NAME.fullmatch(name) or len(name) > 63:
+        raise click.BadParameter(f"{name!r}: a site's name is lower-case letters, digits, '-' "
+                                 "and '.', each dot between two of the others, starting and ending "
+                                 "with a letter or digit, at most 63 (it labels its Machines)",
+                                 param_hint="--name")  # fmt: skip
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
         raise click.BadParameter(f"{namespace!r}: a namespace is lower-case letters, digits and '-', "
                                  "at most 63", param_hint="--namespace")  # fmt: skip
@@ -67,7 +70,10 @@ def resources_command(site_dir: Path, name: str, namespace: str, controller_url:
         load_site(site_dir)
     except SiteError as e:
         raise click.ClickException("the site does not load:\n" + "\n".join(e.problems)) from None
-    docs = resources(site_dir, name, namespace, controller_url)
+    try:
+        docs = resources(site_dir, name, namespace, controller_url)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
 
 

@@ -18,6 +18,7 @@ thing in git, in a controller and in Kubernetes (docs/fleet.md).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,10 @@ def _canonical(model: type[BaseModel], doc: dict[str, Any]) -> dict[str, Any]:
                                                 exclude_defaults=True)  # fmt: skip
 
 
+# a Kubernetes object's name: a DNS subdomain (RFC 1123), lower case, at most 253
+K8S_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 def resources(site_dir: Path, name: str, namespace: str, controller_url: str,
               token_secret: str = "bastion-api-token") -> list[dict[str, Any]]:  # fmt: skip
     """The Site and its Machines for a site directory whose files load (site.yaml and
@@ -228,6 +233,11 @@ def resources(site_dir: Path, name: str, namespace: str, controller_url: str,
             "spec": {"controller": {"url": controller_url, "token_secret": token_secret},
                      "site": site}}]  # fmt: skip
     for i, entry in enumerate((_read(site_dir, "machines.yaml") or {}).get("machines") or []):
+        if not K8S_NAME.fullmatch(str(entry["name"])):
+            # the API server refuses it (machines.yaml allows upper case and '_')
+            raise ValueError(f"machines.yaml: machine {entry['name']!r} cannot be a Kubernetes "
+                             "Machine's name (lower-case letters, digits, '-' and '.'): rename it "
+                             "to publish the site as resources")  # fmt: skip
         spec = {k: v for k, v in _canonical(schema.MachineEntry, entry).items() if k != "name"}
         # machines.yaml's order means something (a cluster's first server starts it): kept
         out.append({"apiVersion": api, "kind": "Machine",

@@ -37,6 +37,22 @@ from bastion.regcache.plan import HTTP_SECRET, Instance, config_yml, instances
 from bastion.settings import parse_size
 
 REGISTRY_PROGRAMS = ("docker-registry", "registry")  # Debian's name, then upstream's
+# A registry's log (its requests, and a Go trace each time it ends: 1.8 KB a restart while the
+# upstream cannot be reached, every 5 s) past this is copied to registry.log.1 and emptied.
+LOG_MAX = 4 * 1024 * 1024
+
+
+def cap_log(log: Path, limit: int = LOG_MAX) -> bool:
+    """logrotate's copytruncate: the registry keeps its descriptor (opened for appending, so
+    its next write lands at the new end); True when the log was over `limit` and was cut."""
+    try:
+        if log.stat().st_size <= limit:
+            return False
+        shutil.copyfile(log, log.with_name(log.name + ".1"))
+        os.truncate(log, 0)
+    except OSError:
+        return False
+    return True
 
 
 class CacheError(Exception):
@@ -135,6 +151,7 @@ class Runner:
 
     def _start(self, inst: Instance) -> None:
         prune(inst, self.state, self.max_bytes, self.program, self.echo)
+        cap_log(self.state / inst.name / "registry.log")
         log = (self.state / inst.name / "registry.log").open("ab")
         with log:
             self.procs[inst.name] = subprocess.Popen(
@@ -166,6 +183,7 @@ class Runner:
             while not self._stopping.wait(0.5):
                 now = time.monotonic()
                 for inst in insts:
+                    cap_log(self.state / inst.name / "registry.log")
                     proc = self.procs.get(inst.name)
                     if proc is not None and proc.poll() is not None:
                         self.echo(f"{inst.mirror}: ended with {proc.returncode}; again in "

@@ -71,6 +71,16 @@ def _one_line(v: Any) -> Any:
     return v
 
 
+def _mount_options(v: list[str] | None) -> list[str] | None:
+    """Each item one mount option: joined with commas into the mount unit's Options= line, a
+    line break in one started a line (a section) of the writer's choosing."""
+    for opt in v or ():
+        if not re.fullmatch(r"[A-Za-z0-9_=.:/@+-]+", opt):
+            raise ValueError(f"{opt[:60]!r} is not a mount option (letters, digits and _=.:/@+-; "
+                             "one option an item, no commas or spaces)")  # fmt: skip
+    return v
+
+
 def _on_off(v: Any) -> Any:
     return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1: on/off
 
@@ -393,8 +403,11 @@ class RegistryCache(_Strict):
     @classmethod
     def _mirrors(cls, v: list[str]) -> list[str]:
         for name in v:
-            if name != "*" and not re.match(r"^[A-Za-z0-9.-]+(:\d+)?$", name):
-                raise ValueError(f"{name!r} is not a registry host name (or *)")
+            host, _, port = name.partition(":")
+            if name != "*" and (not _HOSTNAME.fullmatch(host) or host.endswith(".")
+                                or (port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535))):  # fmt: skip
+                # ('..' and '-' named a state directory and a secret beside the others')
+                raise ValueError(f"{name!r} is not a registry host name[:port] (or *)")
         if len(set(v)) != len(v):
             raise ValueError("a registry is named twice")
         return v
@@ -457,8 +470,11 @@ class ControllerWireguard(_Strict):
 
 
 def _interface_name(v: str) -> str:
-    if not re.match(r"^[A-Za-z0-9_=+.-]{1,15}$", v):
-        raise ValueError(f"{v!r} is not an interface name (1..15 of A-Z a-z 0-9 _=+.-)")
+    # also the instance of wg-quick@<interface>.service: systemd takes no '+' or '=' there (the
+    # unit could not be loaded, and the node's tunnel never came up)
+    if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", v) or v in (".", ".."):
+        raise ValueError(f"{v!r} is not an interface name (1..15 of A-Z a-z 0-9 _.-, the "
+                         "instance of the wg-quick@ unit)")  # fmt: skip
     return v
 
 
@@ -527,6 +543,22 @@ class ClusterWireguard(_Strict):
     def _allowed(cls, v: list[str] | None) -> list[str] | None:
         return _networks(v)
 
+    @model_validator(mode="after")
+    def _reaches_management(self) -> ClusterWireguard:
+        """WireGuard takes a packet from a peer only from an address in that peer's AllowedIPs:
+        without the management side's address (the pool's first), its handshake completes and
+        every packet it sends is dropped (kubectl, the API, the operator's calls)."""
+        pool = ipaddress.ip_network(self.address_pool)
+        management = next(pool.hosts())
+        for where, nets in (("allowed_ips", self.allowed_ips),
+                            ("controller.allowed_ips", self.controller.allowed_ips if self.controller else None)):  # fmt: skip
+            if nets and not any(management in ipaddress.ip_network(n) for n in nets):
+                raise ValueError(f"{where}: {', '.join(nets)} leaves out the management side's "
+                                 f"address {management} (the first of address_pool {pool}): "
+                                 "its packets would be dropped; add the pool or "
+                                 f"{management}/{pool.max_prefixlen}")  # fmt: skip
+        return self
+
 
 class DiskDefaults(_Strict):
     """cluster.disk: how a node's disk (machines.yaml `disk:`) is formatted and mounted."""
@@ -537,6 +569,7 @@ class DiskDefaults(_Strict):
         description="filesystem label; an existing filesystem must carry it to be kept",
     )  # fmt: skip
     mount_options: list[str] = Field(default_factory=lambda: ["noatime"])
+    check_mount_options = field_validator("mount_options")(_mount_options)
     wipe: bool = Field(
         default=False, description="make a new filesystem at every boot (loses the datastore)"
     )
@@ -577,6 +610,8 @@ class MachineDisk(_Strict):
     label: str | None = Field(default=None, max_length=12)
     mount_options: list[str] | None = None
     wipe: bool | None = None
+
+    check_mount_options = field_validator("mount_options")(_mount_options)
 
     @field_validator("device")
     @classmethod

@@ -192,9 +192,18 @@ def wireguard_public_keys(store: SecretStore, site: Site) -> dict[str, str]:
     out = {}
     for m in site.cluster_nodes:
         if m.node["wireguard"] is not None:
-            private = store.get_or_create(wireguard_key_name(m.name), wireguard_private_key)
-            out[m.name] = wireguard_public_key(private)
+            out[m.name] = _stored_public_key(store, wireguard_key_name(m.name))
     return out
+
+
+def _stored_public_key(store: SecretStore, name: str) -> str:
+    private = store.get_or_create(name, wireguard_private_key)
+    try:
+        return wireguard_public_key(private)
+    except SecretError as e:
+        raise SecretError(f"{store.path(name)}: {e}, and this is not one: restore it from a "
+                          "backup, or remove it to have a new key made (the management side then "
+                          "needs the new public key: bastion tunnel management-config)") from None
 
 
 CONTROLLER_WIREGUARD_KEY = "controller/wireguard.key"
@@ -203,4 +212,4 @@ CONTROLLER_WIREGUARD_KEY = "controller/wireguard.key"
 def controller_wireguard_public_key(store: SecretStore) -> str:
     """The controller host's WireGuard public key (its private key made if missing, as
     `bastion install-service` would)."""
-    return wireguard_public_key(store.get_or_create(CONTROLLER_WIREGUARD_KEY, wireguard_private_key))
+    return _stored_public_key(store, CONTROLLER_WIREGUARD_KEY)

@@ -442,6 +442,20 @@ def _problems(site: Path) -> list[str]:
      "site.yaml:22: cluster.name: 'Home' is not a cluster name"),
     (lambda t: t.replace("    url: http://192.168.1.10:5000", "    url: 192.168.1.10:5000"), None,
      "site.yaml:44: cluster.registry_cache.url: '192.168.1.10:5000' is not an http(s) URL"),
+    # WireGuard drops a peer's packets from outside its AllowedIPs: the handshake completes and
+    # the management side can reach nothing
+    (lambda t: t.replace("    persistent_keepalive: 25", "    persistent_keepalive: 25\n    allowed_ips: [10.96.0.0/12]"), None,
+     "site.yaml:50: cluster.wireguard: allowed_ips: 10.96.0.0/12 leaves out the management side's address 10.200.0.1"),
+    (lambda t: t.replace("    controller: {}", "    controller: {allowed_ips: [10.200.0.128/25]}"), None,
+     "site.yaml:50: cluster.wireguard: controller.allowed_ips: 10.200.0.128/25 leaves out the management side's address"),
+    # the instance of wg-quick@: systemd cannot load wg-quick@wg+0.service
+    (lambda t: t.replace("    persistent_keepalive: 25", "    persistent_keepalive: 25\n    interface: wg+0"), None,
+     "site.yaml:54: cluster.wireguard.interface: 'wg+0' is not an interface name"),
+    (lambda t: t.replace("    controller: {}", "    controller: {interface: 'wg=b'}"), None,
+     "site.yaml:56: cluster.wireguard.controller.interface: 'wg=b' is not an interface name"),
+    # joined into the mount unit's Options= line, a line break started a section
+    (lambda t: t.replace("    format: ext4", "    format: ext4\n    mount_options: [noatime, \"x\\n[Install]\\nWantedBy=foo\"]"), None,
+     "site.yaml:61: cluster.disk.mount_options: 'x\\n[Install]\\nWantedBy=foo' is not a mount option"),
 ])  # fmt: skip
 def test_mistakes_name_the_file_line_and_field(tmp_path, site_edit, machines_edit, problem):
     problems = _problems(_edited(tmp_path, site_edit, machines_edit))

@@ -145,6 +145,29 @@ def test_the_controller_config_names_its_key_in_the_store_and_holds_none(site):
     assert f"public key  {wireguard_public_key(key)}" in shown and key not in shown
 
 
+def test_a_store_path_the_shell_would_split_is_quoted_in_postup(site, tmp_path):
+    # wg-quick runs PostUp through bash: a space split the path ("fopen: No such file"), a `$`
+    # or `;` in it would have run
+    site_dir, _, _ = site
+    store = SecretStore(tmp_path / "sp ace;$(x)" / "store")
+    conf = bastion("tunnel", "controller-config", "--site", str(site_dir), "--secrets-dir", str(store.root))
+    post_up = sections(conf)[0]["PostUp"]
+    assert post_up == "wg set %i private-key " + shlex.quote(str(store.path(CONTROLLER_WIREGUARD_KEY)))
+    assert shlex.split(post_up.replace("%i", "wg0"))[-1] == str(store.path(CONTROLLER_WIREGUARD_KEY))
+
+
+def test_a_damaged_key_in_the_store_is_one_line_naming_the_file(site):
+    site_dir, store, _ = site
+    bastion("tunnel", "show", "--site", str(site_dir), "--secrets-dir", str(store.root))
+    store.path(CONTROLLER_WIREGUARD_KEY).write_text("garbage\n")
+    for cmd in ("show", "controller-config", "management-config"):
+        r = CliRunner().invoke(main, ["tunnel", cmd, "--site", str(site_dir), "--secrets-dir", str(store.root)])
+        assert r.exit_code == 1, r.output
+        assert r.output.startswith(f"Error: {store.path(CONTROLLER_WIREGUARD_KEY)}: a WireGuard private "
+                                   "key is 32 bytes in base64, and this is not one: restore it"), (cmd, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+
+
 def test_the_management_config_has_every_peer_at_its_own_address_only(site):
     site_dir, store, _ = site
     conf = bastion("tunnel", "management-config", "--site", str(site_dir), "--secrets-dir", str(store.root),

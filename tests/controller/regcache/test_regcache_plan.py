@@ -74,6 +74,13 @@ def test_configs_take_credentials_from_the_secret_store_only(tmp_path):
      "site.yaml:46: cluster.registry_cache: serve.upstreams: 'gcr.io' is not in mirrors"),
     ("  registry_cache:\n    url: http://192.168.1.10:5000\n    serve: {max_size: lots}\n",
      "site.yaml:47: cluster.registry_cache.serve.max_size: 'lots' is not a size"),
+    # a state directory and secrets named '..' or '-' (render ended in a traceback)
+    ("  registry_cache:\n    url: http://192.168.1.10:5000\n    mirrors: [docker.io, '..']\n    serve: {}\n",
+     "site.yaml:47: cluster.registry_cache.mirrors: '..' is not a registry host name[:port]"),
+    ("  registry_cache:\n    url: http://192.168.1.10:5000\n    mirrors: ['-']\n    serve: {}\n",
+     "site.yaml:47: cluster.registry_cache.mirrors: '-' is not a registry host name[:port]"),
+    ("  registry_cache:\n    url: http://192.168.1.10:5000\n    mirrors: ['ghcr.io:99999']\n",
+     "site.yaml:47: cluster.registry_cache.mirrors: 'ghcr.io:99999' is not a registry host name[:port]"),
 ])  # fmt: skip
 def test_a_cache_that_cannot_be_served_as_declared_is_refused(tmp_path, section, problem):
     problems = _problems(home_lab(tmp_path / "site", section))
@@ -121,3 +128,31 @@ def test_site_check_accepts_the_built_in_and_an_unchanged_copy(tmp_path):
     _own_k3s_bu(site, lambda t: t)
     r = CliRunner().invoke(site_check, [str(site)])
     assert r.exit_code == 0, r.output
+
+
+def test_a_registry_log_past_its_bound_is_cut_and_the_registry_writes_on(tmp_path):
+    # While the upstream cannot be reached each restart appended a Go trace: ~30 MB a day per
+    # mirror on a small appliance. A writer that appends, as the registry does (its stdout is
+    # the log opened "ab"), keeps its descriptor: its next line lands at the new end.
+    import subprocess
+    import time
+
+    from bastion.regcache.run import cap_log
+
+    log = tmp_path / "registry.log"
+    with log.open("ab") as out:
+        writer = subprocess.Popen(["sh", "-c", "while :; do echo 0123456789abcdef; done"], stdout=out)
+    try:
+        while log.stat().st_size < 100_000:
+            time.sleep(0.01)
+        assert not cap_log(log, limit=10**9)
+        assert cap_log(log, limit=50_000)
+        old = (tmp_path / "registry.log.1").read_bytes()
+        assert len(old) >= 100_000 and old.startswith(b"0123456789abcdef\n")
+        time.sleep(0.2)
+    finally:
+        writer.kill()
+        writer.wait()
+    now = log.read_bytes()
+    # a writer at its old offset would have left a hole of NULs where the cut bytes were
+    assert now and b"\0" not in now
