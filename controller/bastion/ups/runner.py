@@ -45,6 +45,9 @@ def password_name(ups: str) -> str:
 
 # Without a k3s cluster (site.yaml cluster:), these roles mark the machines shut down last.
 SERVER_ROLES = ("server", "control-plane")
+# how long a refused power-on after a cut is tried again (a channel's min_off_ms is at most
+# this, the device's link back within it)
+POWER_ON_RETRY_S = 900.0
 
 
 def is_server(m: Machine) -> bool:
@@ -81,6 +84,16 @@ class UpsWatch:
         self._ask_lock = threading.Lock()  # _asked and _told, read by the heartbeat endpoint
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Heartbeats live in memory: a watch restarted in a power cut knows no node's, and took
+        # every node for down at once (relays opened, nobody asked). Until a quiet_s has passed
+        # since it started, a node it has heard nothing from counts as beating at its start.
+        self.started = clock()
+        # the relays as last seen: a device that does not answer at the moment the relays open
+        # must not make a machine that was off count as on (and be powered on after the cut)
+        self._relays_seen: dict[int, str] = {}
+        # machine -> when its power-on after the cut was first refused (the channel's minimum
+        # off time, a device gone for a moment): tried again each pass (_retry_power_ons)
+        self._power_on_retry: dict[str, float] = {}
         if hub is not None:
             hub.power_hold = self.holding
             if self.mem.holding:  # restarted in a power cut: the watchdog stays off the nodes
@@ -174,21 +187,31 @@ class UpsWatch:
             return None, f"upsd has no status for {section.name} ({r.status_text or 'none'})"
         return core.Ups(r.status, r.charge), None
 
-    def _nodes(self) -> list[core.Node]:
+    def _nodes(self, quiet_s: float) -> list[core.Node]:
         relays = self._relays()
+        if relays is not None:
+            self._relays_seen = relays
+        now = self.clock()
+        unheard = self.started if now - self.started < quiet_s else None
         out = []
         for m in self.holder.site.machines:
             beat = self.heartbeats.last(m.name)
             out.append(core.Node(
                 name=m.name, relay=m.relay, server=is_server(m),
-                beat_at=beat.at if beat else None,
-                relay_state=relays.get(m.relay) if relays is not None and m.relay is not None else None,
+                beat_at=beat.at if beat else unheard,
+                relay_state=self._relays_seen.get(m.relay) if m.relay is not None else None,
             ))  # fmt: skip
         return out
 
     def _relays(self) -> dict[int, str] | None:
+        """Each channel "on" when its output or what it is to be is on: a channel mid-cycle or
+        waiting for its staggered power-on was skipped as off, and the device switched it back
+        on in the middle of the cut."""
         channels = self.hub.channels() if self.hub is not None else None
-        return None if channels is None else {c["ch"]: str(c.get("output")) for c in channels}
+        if channels is None:
+            return None
+        return {c["ch"]: "on" if "on" in (c.get("output"), c.get("desired")) else str(c.get("output"))
+                for c in channels}  # fmt: skip
 
     def pass_once(self) -> list[core.Action]:
         section = self.holder.site.settings.ups
@@ -201,17 +224,40 @@ class UpsWatch:
             if ups is not None:
                 self.last = ups
             old = self.mem
-            acts, self.mem = core.decide(ups, error, self._nodes(), self.mem, self.clock(),
-                                         core.Policy.of(section))  # fmt: skip
+            policy = core.Policy.of(section)
+            acts, self.mem = core.decide(ups, error, self._nodes(policy.quiet_s), self.mem,
+                                         self.clock(), policy)  # fmt: skip
             for a in acts:
                 self._event(a)
                 if a.effect:
                     self._effect(a)
+            self._retry_power_ons()
             if self.state is not None and (self.mem != old or any(a.effect for a in acts)):
                 with self._ask_lock:
                     asked = dict(self._asked)
                 self.state.put({"memory": self.mem.as_dict(), "asked": asked})
             return acts
+
+    def _retry_power_ons(self) -> None:
+        """A power-on after the cut that the device refused (the channel went off less than its
+        min_off_ms ago, a link down for a moment) is tried again each pass, for at most
+        POWER_ON_RETRY_S, while power is not held again; a machine without `power: on`
+        declared was otherwise left off for good."""
+        if not self._power_on_retry or self.mem.holding or self.hub is None:
+            return
+        for name, first in list(self._power_on_retry.items()):
+            if self.clock() - first > POWER_ON_RETRY_S:
+                del self._power_on_retry[name]
+                self._event(core.Action("error", f"power-on: given up after {POWER_ON_RETRY_S:g} s "
+                                        "of refusals", machine=name))  # fmt: skip
+                continue
+            try:
+                self.hub.power(name, "on", source="ups")
+            except (DeviceError, ValueError):
+                continue
+            del self._power_on_retry[name]
+            self._event(core.Action("power-on", "powered on again after the power cut (once the "
+                                    "device took it)", machine=name))  # fmt: skip
 
     def _event(self, a: core.Action, **more: Any) -> None:
         m = self.holder.site.machine(a.machine) if a.machine else None
@@ -243,3 +289,8 @@ class UpsWatch:
                 hub.power(a.machine, "off" if a.action == "open" else "on", source="ups")
             except (DeviceError, ValueError) as e:
                 self._event(core.Action("error", f"{a.action}: {e}", machine=a.machine))
+                if a.action == "power-on":  # e.g. within the channel's minimum off time
+                    self._power_on_retry.setdefault(a.machine, self.clock())
+            else:
+                if a.action == "open":
+                    self._power_on_retry.pop(a.machine, None)
