@@ -5,6 +5,7 @@ $BASTION_API_TOKEN[_FILE], needed by apply)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -157,10 +158,16 @@ def apply(url, token_file, plan_id, as_json) -> None:
     if as_json:
         click.echo(json.dumps(done, indent=2))
         return
+    refused = done.get("refused") or []
     click.echo(f"applied plan {done['id']} at {datetime.now().strftime('%H:%M:%S')}: "
-               f"{len(done['done'])} action(s) done")  # fmt: skip
+               f"{len(done['done'])} action(s) done"
+               + (f", {len(refused)} refused" if refused else ""))  # fmt: skip
     for a in done["done"]:
         click.echo(f"  {a['machine']}: {a['action']}")
+    for a in refused:  # tried again after settle_s, as by the operator's own passes
+        click.echo(f"  {a['machine']}: refused, {a['reason']}")
+    if refused:
+        sys.exit(1)
 
 
 COMMANDS = (machines, plan, apply)

@@ -246,6 +246,12 @@ def _fresh(mem: Memory) -> Memory:
     return replace(mem, attempt=0, failed=None, stuck_at=None, stuck_boot=None, retry_at=None)
 
 
+def respecced(mem: Memory, spec: Any) -> Memory:
+    """`mem` for a declaration that changed to `spec`: what decide() keeps when it sees the
+    change (the counts start over), for memory kept without the pass's own (a refusal)."""
+    return mem if mem.spec == spec else replace(_fresh(mem), spec=spec)
+
+
 def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
            cfg: Config) -> tuple[list[Action], Memory]:  # fmt: skip
     """The actions for one machine now, and the memory to keep."""
@@ -270,7 +276,10 @@ def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
                            f"{mem.reprovisioned or '(none)'} to {want.reprovision}: "
                            "network-boot and install again"))  # fmt: skip
         mem = replace(_fresh(mem), reprovisioned=want.reprovision)
-        if want.relay is not None and want.power == "on" and seen.relay in ("on", "cycling"):
+        # A relay in the middle of a cycle is heading into a fresh network boot already (and the
+        # device refuses a second cycle): a cycle sent then came back 30 s later and cut the
+        # install boot that had just begun.
+        if want.relay is not None and want.power == "on" and seen.relay == "on":
             acts.append(Action(name, "power-cycle", "reprovision: a fresh network boot"))
             return acts, replace(mem, sent={"state": "cycle", "at": now})
     if mem.failed is not None:

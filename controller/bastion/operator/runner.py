@@ -245,8 +245,10 @@ class Operator:
                 raise PlanChanged(plan_id, plan)
             self._adopt(site, force=True)
             decisions = self._decide_all(site, self._applied_for(site), now)
-            done = self._carry_out(decisions, now, plan=plan["id"])
+            refused: list[Action] = []
+            done = self._carry_out(decisions, now, plan=plan["id"], refused=refused)
             plan["done"] = [a.as_dict() for a in done]
+            plan["refused"] = [a.as_dict() for a in refused]  # each with the device's words
             return plan
 
     # --- observing ------------------------------------------------------------------------
@@ -342,7 +344,11 @@ class Operator:
                 "actions": [a.as_dict() for a in actions]}  # fmt: skip
 
     # --- acting ---------------------------------------------------------------------------
-    def _carry_out(self, decisions: list[_Decision], now: float, plan: str | None = None) -> list[Action]:
+    def _carry_out(self, decisions: list[_Decision], now: float, plan: str | None = None,
+                   refused: list[Action] | None = None) -> list[Action]:  # fmt: skip
+        """Each decision's actions in turn; the ones done. A refused one (its reason appended
+        to `refused` as a `refused` action) ends its machine's turn: its memory goes back to what
+        it was, under its new declaration, and it is tried again after settle_s."""
         done: list[Action] = []
         for d in decisions:
             mem = d.new
@@ -350,9 +356,14 @@ class Operator:
                 self._event(d.machine.name, a, plan=plan, mac=d.machine.mac)
                 error = self._effect(d.machine, a) if a.effect else None
                 if error is not None:
-                    self._event(d.machine.name, Action(d.machine.name, "refused",
-                                f"{a.action}: {error}", step=a.step), mac=d.machine.mac)  # fmt: skip
+                    no = Action(d.machine.name, "refused", f"{a.action}: {error}", step=a.step)
+                    self._event(d.machine.name, no, mac=d.machine.mac)
+                    if refused is not None:
+                        refused.append(no)
                     base = d.old or Memory(spec=d.want.spec, reprovisioned=d.want.reprovision)
+                    # under the new declaration: with the old one kept, every pass saw it change
+                    # again, dropped the wait and tried at once
+                    base = core.respecced(base, d.want.spec)
                     mem = Memory(**{**asdict(base), "retry_at": now + Config().settle_s})
                     break
                 done.append(a)

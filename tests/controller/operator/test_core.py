@@ -223,6 +223,22 @@ def test_reprovision_acts_on_a_change_only():
     assert names == ["reprovision"]
 
 
+def test_reprovision_of_a_machine_in_the_middle_of_a_cycle_sends_no_second_cycle():
+    # it is heading into a fresh network boot already; a cycle sent then (refused by the device,
+    # "already cycling") came back 30 s later and cut the install boot that had begun
+    want = replace(ON, reprovision="1")
+    _, mem, _ = run(want, Seen(relay="on"), None, 0)
+    names, mem, _ = run(replace(want, reprovision="2"), Seen(relay="cycling"), mem, 1)
+    assert names == ["reprovision"] and mem.reprovisioned == "2"
+    assert run(replace(want, reprovision="2"), Seen(relay="on"), mem, 40)[0] == []
+
+
+def test_memory_put_back_after_a_refusal_takes_the_new_declaration():
+    mem = Memory(spec="a", attempt=2, failed="stuck")
+    assert core.respecced(mem, "a") is mem
+    assert core.respecced(mem, "b") == Memory(spec="b")
+
+
 def test_a_refused_command_waits_before_it_is_tried_again():
     mem = Memory(spec="a", retry_at=50)
     assert run(ON, Seen(relay="off"), mem, 49)[0] == []

@@ -32,9 +32,9 @@ def controller(tmp_path, site_dir):
     from bastion.settings import Settings
     from fastapi.testclient import TestClient
 
-    def start(site_yaml: str, **per_machine: str):
+    def start(site_yaml: str, power: dict = POWER, **per_machine: str):
         declare(site_dir, site_yaml, **per_machine)
-        board = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER})
+        board = SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": power})
         board.__enter__()
         app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "events.db",
                                   api_token=TOKEN, poll_seconds=0, device_port=str(board.link)))
@@ -181,3 +181,47 @@ def test_plan_lists_exactly_what_apply_does(controller):
     r = c.post("/api/v1/apply", json={"plan": plan["id"]}, headers=auth())
     assert r.status_code == 409 and r.json()["detail"]["plan"]["actions"] == []
     assert c.post("/api/v1/apply", json={}).status_code == 401
+
+
+# node1 may not come back on within a minute of going off: the device refuses its power-on
+SLOW_NODE1 = {**POWER, "channels": [{**POWER["channels"][0], "min_off_ms": 60000}, *POWER["channels"][1:]]}
+
+
+def declare_power(c, name, state):
+    m = c.site / "machines.yaml"
+    text = m.read_text()
+    for old in ("    power: on\n", "    power: off\n"):
+        text = text.replace(f"  - name: {name}\n{old}", f"  - name: {name}\n", 1)
+    m.write_text(text.replace(f"  - name: {name}\n", f"  - name: {name}\n    power: {state}\n", 1))
+    assert c.post("/api/v1/reload", headers=auth()).status_code == 200
+
+
+def test_a_refused_power_on_after_a_changed_declaration_waits_like_any_other(controller):
+    # The refusal put back the memory of before, declaration included: every pass then saw the
+    # declaration change again, dropped the wait and asked the device again, once a second.
+    c = controller("operator:\n  interval_s: 1\n", power=SLOW_NODE1, node1="    power: on\n")
+    wait_for(lambda: relay(c, 0) == "on", what="node1 on")
+    declare_power(c, "node1", "off")
+    wait_for(lambda: relay(c, 0) == "off", what="node1 off")
+    declare_power(c, "node1", "on")
+    wait_for(lambda: ("node1", "refused") in decisions(c, "node1"), what="the device refuses")
+    passes = c.get("/api/v1/operator").json()["passes"]
+    wait_for(lambda: c.get("/api/v1/operator").json()["passes"] >= passes + 5, what="five passes")
+    tail = decisions(c, "node1")
+    tail = tail[len(tail) - 1 - tail[::-1].index(("node1", "power-off")):]
+    assert tail == [("node1", "power-off"), ("node1", "power-on"), ("node1", "refused")], tail
+
+
+def test_apply_says_what_the_device_refused(controller):
+    c = controller("operator:\n  interval_s: 1\n  sync: manual\n", power=SLOW_NODE1)
+    for state in ("on", "off"):
+        declare_power(c, "node1", state)
+        r = c.post("/api/v1/apply", json={}, headers=auth())
+        assert r.status_code == 200 and r.json()["refused"] == [], r.text
+        wait_for(lambda: relay(c, 0) == state, what=f"node1 {state}")  # noqa: B023
+    declare_power(c, "node1", "on")
+    r = c.post("/api/v1/apply", json={}, headers=auth())
+    assert r.status_code == 200 and r.json()["done"] == [], r.text
+    (no,) = r.json()["refused"]
+    assert (no["machine"], no["action"]) == ("node1", "refused")
+    assert no["reason"].startswith("power-on: ") and "minimum off time is 60000 ms" in no["reason"]
