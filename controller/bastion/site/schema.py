@@ -1127,6 +1127,23 @@ class SiteFile(_Strict):
                              "cannot go into the boot scripts the URL is written into")  # fmt: skip
         return v.rstrip("/")
 
+    @model_validator(mode="after")
+    def _cache_beside_controller(self) -> SiteFile:
+        """The cache's mirrors listen on the ports from its url's on: one of them on the
+        controller's own host and port (controller_url) could not start, or took the port."""
+        cache = self.cluster.registry_cache if self.cluster is not None else None
+        if cache is None or cache.serve is None or self.controller_url is None:
+            return self
+        ours, theirs = urlsplit(self.controller_url), urlsplit(cache.url)
+        port = ours.port or (443 if ours.scheme == "https" else 80)
+        first = theirs.port or 0
+        if ours.hostname == theirs.hostname and first <= port < first + len(cache.mirrors):
+            mirror = cache.mirrors[port - first]
+            raise ValueError(f"cluster.registry_cache: {mirror} would be served on "
+                             f"{theirs.hostname}:{port}, controller_url's own port: give url "
+                             f"a port with {len(cache.mirrors)} free ones from it")  # fmt: skip
+        return self
+
 
 class Heartbeat(_Strict):
     """The device's node watchdog for this machine: once the node has sent a heartbeat

@@ -81,6 +81,9 @@ def test_configs_take_credentials_from_the_secret_store_only(tmp_path):
      "site.yaml:47: cluster.registry_cache.mirrors: '-' is not a registry host name[:port]"),
     ("  registry_cache:\n    url: http://192.168.1.10:5000\n    mirrors: ['ghcr.io:99999']\n",
      "site.yaml:47: cluster.registry_cache.mirrors: 'ghcr.io:99999' is not a registry host name[:port]"),
+    # mirror i listens on url's port + i: quay.io on 8080, the controller's own (controller_url)
+    ("  registry_cache:\n    url: http://192.168.1.10:8078\n    serve: {}\n",
+     "site.yaml:8: cluster.registry_cache: quay.io would be served on 192.168.1.10:8080, controller_url's own port"),
 ])  # fmt: skip
 def test_a_cache_that_cannot_be_served_as_declared_is_refused(tmp_path, section, problem):
     problems = _problems(home_lab(tmp_path / "site", section))
