@@ -281,6 +281,13 @@ class UpsWatch:
             if hub is not None:
                 hub.resume_watch()
         elif a.action in ("open", "power-on") and a.machine:
+            m = self.holder.site.machine(a.machine)
+            if a.action == "power-on" and m is not None and m.power == "off":
+                # declared off meanwhile (or all along): the declaration wins; powered on, it
+                # would boot for the moment before the operator switched it off again
+                self._event(core.Action("skipped", "not powered on again: declared power: off",
+                                        machine=a.machine))  # fmt: skip
+                return
             if hub is None:
                 self._event(core.Action("error", f"{a.action}: no device (serve --device)",
                                         machine=a.machine))  # fmt: skip

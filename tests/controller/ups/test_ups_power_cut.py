@@ -268,3 +268,22 @@ def test_relays_seen_before_stand_for_a_device_that_does_not_answer(site_dir):
     assert first == {"node1": "on", "node2": "off", "pi1": "on"}  # pi1 waits to come on: on
     hub.answer = None
     assert {n.name: n.relay_state for n in watch._nodes(quiet_s=15)} == first
+
+
+def test_a_machine_declared_off_during_the_cut_is_not_powered_on_after_it(rig):
+    c, nut = rig, rig.nut
+    for name in CH:
+        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
+    Nodes(c).until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    nut.write("OB LB", 10)
+    wait_for(lambda: set(relays(c).values()) == {"off"}, what="relays opened")
+    m = c.app.state.runtime.holder.root / "machines.yaml"
+    m.write_text(m.read_text().replace("  - name: pi1\n", "  - name: pi1\n    power: off\n", 1))
+    assert c.post("/api/v1/reload", headers=auth()).status_code == 200
+    nut.write("OL CHRG", 80)
+    wait_for(lambda: relays(c)["node1"] == relays(c)["node2"] == "on", what="the others back on")
+    time.sleep(2)
+    assert relays(c)["pi1"] == "off"
+    assert ("skipped", "pi1") in ups_steps(c) and ("power-on", "pi1") in ups_steps(c)
+    offs = [e for e in events(c, "power") if e["machine"] == "pi1" and e["payload"].get("state") == "on"]
+    assert len(offs) == 1  # its power-on before the cut, none after
