@@ -96,10 +96,22 @@ class ApiClient:
             raise ApiError(f"{self.url}: {e}") from None
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
+                detail = validation_words(r.json().get("detail", r.text))
             except (ValueError, AttributeError):  # not JSON, or not an object: not our API's words
                 text = " ".join(r.text.split())
                 detail = (f"{self.url}: not an Edge Bastion controller's answer to {method} {path}: "
                           f"{text[:200]}{'...' if len(text) > 200 else ''}")  # fmt: skip
             raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code)
         return r
+
+
+def validation_words(detail: Any) -> Any:
+    """FastAPI's 422 `detail` (a list of pydantic errors) as words: `channel: Input should be
+    less than or equal to 255`, one per error; any other detail as it is."""
+    if not isinstance(detail, list) or not all(isinstance(e, dict) for e in detail):
+        return detail
+    out = []
+    for e in detail:
+        loc = [str(x) for x in e.get("loc") or () if x not in ("path", "query", "body")]
+        out.append(f"{'.'.join(loc) + ': ' if loc else ''}{e.get('msg', e)}")
+    return "; ".join(out)

@@ -151,7 +151,8 @@ def _format_event(e: dict) -> str:
 @click.option("--url", envvar="BASTION_URL",
               help="Read from a running controller instead, e.g. http://127.0.0.1:8080 "
                    "[$BASTION_URL].")
-@click.option("-n", "--limit", default=50, show_default=True, help="How many (newest) events.")
+@click.option("-n", "--limit", default=50, show_default=True, type=click.IntRange(0, 10000),
+              help="How many (newest) events; with -f, 0 shows only new ones.")  # fmt: skip
 @click.option("--kind", help="Only this kind: boot, callback, site, dhcp, tftp, power, ...")
 @click.option("--mac", help="Only this machine's MAC.")
 @click.option("--machine", help="Only this machine (name from machines.yaml).")
@@ -172,8 +173,8 @@ def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -
 
         api = ApiClient(url, timeout=10)  # the events are open reads: no token
 
-        def fetch(after: int | None) -> list[dict]:
-            params = {k: v for k, v in {**filters, "limit": limit, "after": after}.items() if v is not None}
+        def fetch(after: int | None, n: int) -> list[dict]:
+            params = {k: v for k, v in {**filters, "limit": n, "after": after}.items() if v is not None}
             return api.call("GET", "/api/v1/events", params=params)
     else:
         from bastion import match
@@ -197,23 +198,32 @@ def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -
             except match.Malformed as e:
                 raise click.BadParameter(str(e), param_hint="--mac") from None
 
-        def fetch(after: int | None) -> list[dict]:
-            return [e.as_dict() for e in store.query(limit=limit, after=after, **filters)]
+        def fetch(after: int | None, n: int) -> list[dict]:
+            return [e.as_dict() for e in store.query(limit=n, after=after, **filters)]
 
     def show(batch: list[dict]) -> None:
         for e in batch:
             click.echo(json.dumps(e) if as_json else _format_event(e))
 
-    batch = fetch(None)
+    # newest first; at least one, to follow from the newest (-n 0 -f fetched none, then
+    # followed from id 0 asking for 0 at a time: it never printed anything)
+    first = fetch(None, max(limit, 1))
+    last = first[0]["id"] if first else 0
+    batch = first[:limit]
     batch.reverse()  # oldest first on screen
     show(batch)
-    last = batch[-1]["id"] if batch else 0
     while follow:
         time.sleep(1)
-        batch = fetch(last)
-        show(batch)
-        if batch:
-            last = batch[-1]["id"]
+        while True:  # everything new since, in batches
+            batch = fetch(last, FOLLOW_BATCH)
+            show(batch)
+            if batch:
+                last = batch[-1]["id"]
+            if len(batch) < FOLLOW_BATCH:
+                break
+
+
+FOLLOW_BATCH = 1000  # events fetched at a time by `events -f`
 
 
 @click.group("site")

@@ -176,3 +176,40 @@ def test_a_number_of_seconds_that_is_not_a_number_is_refused():
         for bad in ("nan", "-NaN"):
             r = bastion(*cmd, bad)
             assert f"'{cmd[-1]}': '{bad}' is not a number." in one_line_error(r), (cmd, r.stderr)
+
+
+def test_events_follow_from_now_and_a_negative_count_is_refused(site_dir, serve):
+    # `-n 0 -f` asked for nothing, then followed from id 0 asking for 0 at a time: it never
+    # printed an event; `-n -5` printed nothing and said nothing.
+    server = serve(site_dir)
+    assert server.get("/boot.ipxe").status_code == 200  # an old event, not to be shown
+    assert one_line_error(bastion("events", "--url", server.url, "-n", "-5")) == (
+        "Error: Invalid value for '-n' / '--limit': -5 is not in the range 0<=x<=10000.")
+    follow = subprocess.Popen([str(BIN / "bastion"), "events", "--url", server.url, "-n", "0", "-f"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        import time
+
+        time.sleep(2)  # its first fetch is done: what comes now is new
+        assert server.get("/ipxe", params={"mac": "52:54:00:12:34:01"}).status_code == 200
+        import select
+
+        assert select.select([follow.stdout], [], [], 30)[0], "nothing printed in 30 s"
+        line = follow.stdout.readline()
+        assert "boot" in line and "/ipxe" in line, line
+    finally:
+        follow.kill()
+        follow.wait()
+    assert server.get("/api/v1/events", params={"limit": -1}).status_code == 422
+
+
+def test_an_api_validation_error_is_said_in_words(site_dir, serve):
+    # a 422's pydantic list came through as a Python repr: [{'type': 'less_than_equal', ...}]
+    import pytest
+    from bastion.client import ApiClient, ApiError
+
+    server = serve(site_dir)
+    with pytest.raises(ApiError) as e:
+        ApiClient(server.url, timeout=10).call("GET", "/api/v1/events", params={"limit": -1, "after": "x"})
+    assert str(e.value) == ("limit: Input should be greater than or equal to 0; after: Input should "
+                            "be a valid integer, unable to parse string as an integer (HTTP 422)")

@@ -38,7 +38,7 @@ class EventIn(BaseModel):
 @router.get("", summary="Events, newest first (or oldest first after an id)")
 def list_events(
     store: StoreDep,
-    limit: int = 100,
+    limit: int = Query(100, ge=0, le=10000, description="at most this many"),
     after: int | None = Query(None, ge=0, le=2**63 - 1, description="only events after this id, oldest first"),
     kind: str | None = None,
     mac: str | None = None,

@@ -108,6 +108,8 @@ def via_controller(url: str, token: str | None, name: str, after_eof: float = 3.
             rcvd = e.rcvd
             if rcvd is not None and rcvd.code != 1000:
                 why.append(f"{rcvd.reason or 'closed'} (code {rcvd.code})")
+            elif rcvd is None and e.sent is None:  # neither side closed: it went (exit 0 before)
+                why.append("the connection to the controller was lost (no close from it)")
         stop.set()
 
     with ws:

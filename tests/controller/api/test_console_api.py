@@ -230,6 +230,37 @@ def test_console_end_to_end_through_the_controller(board, site_dir, tmp_path):
         node.sock.close()
 
 
+def test_a_long_machine_name_has_its_console_and_a_lost_controller_is_said(board, site_dir, tmp_path):
+    # A name of 64-128 characters (the site allows 128) got no log at all and a bare 500; and
+    # `bastion console` exited 0, saying nothing, when the controller went away mid-session.
+    long = "n" + "0123456789" * 7
+    m = site_dir / "machines.yaml"
+    m.write_text(m.read_text().replace("  - name: node2\n", f"  - name: {long}\n", 1))
+    node = Node(board)
+    srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link),
+                 args=("--console-dir", str(tmp_path / "consoles")))
+    try:
+        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+        node.say(b"login: ")
+        log = f"/api/v1/machines/{long}/console"
+        wait_for(lambda: srv.get(log, headers=auth()).content == b"login: ", what="kept")
+        session = subprocess.Popen([str(BIN / "bastion"), "console", long, "--url", srv.url],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={**os.environ, "BASTION_API_TOKEN": TOKEN})  # fmt: skip
+        wait_for(lambda: node.typed == b"" and session.poll() is None, what="session open")
+        session.stdin.write(b"root\n")
+        session.stdin.flush()
+        wait_for(lambda: node.typed == b"root\n", what="typed at the node")
+        srv.proc.kill()  # the controller dies: no close frame
+        out, err = session.communicate(timeout=30)
+        assert session.returncode == 1, (out, err)
+        assert b"the connection to the controller was lost" in err
+        assert out == b"login: "
+    finally:
+        srv.stop()
+        node.sock.close()
+
+
 def test_console_straight_over_the_serial_line(board):
     node = Node(board, answer={b"root\n": b"root\r\nPassword: "})
     r = bastion("console", "1", "--port", str(board.link), "--after-eof", "4", stdin=b"root\n")
