@@ -164,6 +164,11 @@ def status(url, port, token_file, as_json) -> None:
         nodes = st.get("nodes") or {}
         if nodes:
             out.print("node watchdog: " + json.dumps(nodes))
+        consoles = [c for c in st.get("consoles") or () if isinstance(c, dict)]
+        if consoles:  # what the device dropped was only in --json
+            out.print("node consoles: " + ", ".join(
+                f"ch {c.get('cons')} rx {c.get('rx')} sent {c.get('sent')} dropped {c.get('dropped')}"
+                for c in consoles))  # fmt: skip
     counters = view.get("counters") or {}
     if counters:
         out.print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items()) if v))

@@ -261,6 +261,20 @@ def test_a_long_machine_name_has_its_console_and_a_lost_controller_is_said(board
         node.sock.close()
 
 
+def test_status_shows_what_the_consoles_carried_and_dropped(board):
+    # the device's console counters (what it dropped, above all) were only in --json
+    node = Node(board)
+    try:
+        node.say(b"x" * 100)
+        r = bastion("status", "--port", str(board.link))
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.decode().split())  # (rich wraps at 80 columns off a terminal)
+        assert "node consoles: ch 0 rx 0 sent 0 dropped 0, ch 1 rx 100 sent 100 dropped 0" in text, text
+        assert "live peak" in text and "allocated now (garbage included)" in text
+    finally:
+        node.sock.close()
+
+
 def test_console_straight_over_the_serial_line(board):
     node = Node(board, answer={b"root\n": b"root\r\nPassword: "})
     r = bastion("console", "1", "--port", str(board.link), "--after-eof", "4", stdin=b"root\n")
