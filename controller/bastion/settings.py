@@ -258,7 +258,10 @@ class Settings(BaseSettings):
     @classmethod
     def _tftp(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return parse_listen(v, "--tftp") if v else None
+            v = parse_listen(v, "--tftp") if v else None
+        if v is not None and ":" in str(v[0]):  # (it failed at start, with a traceback)
+            raise SettingsError(f"--tftp [{v[0]}]:{v[1]}: TFTP is served on IPv4 only (the PXE "
+                                "clients it serves are); give an IPv4 address, e.g. 0.0.0.0:69")  # fmt: skip
         return v
 
     @field_validator("management_listen", mode="before")

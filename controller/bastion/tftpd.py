@@ -28,10 +28,11 @@ for the device and the controller, so both refuse, negotiate and transfer alike.
 - **The loop** is one thread around one `selectors` selector (epoll on Linux): the listener, a
   wake-up socket for `stop()`, and every transfer's socket. It sleeps until a datagram comes or
   the earliest deadline passes, handles the datagrams, then the timers (an ACK that came in
-  time is never resent for). Deadlines only move later when an ACK arrives, so the earliest one
-  seen at the last sweep is a safe bound: transfers are swept for passed deadlines only once it
-  has passed. Every datagram is handled inside one `except Exception` that counts it, so no
-  datagram can stop the server.
+  time is never resent for). Transfers are swept for passed deadlines only once the earliest
+  deadline seen (`_due`) has passed; a new transfer's deadline and one an ACK brings earlier
+  lower it (after a backed-off resend the next block waits the base timeout again: a `_due`
+  left at the backed-off one made every later loss cost 2 or 4 s instead of 1). Every datagram
+  is handled inside one `except Exception` that counts it, so no datagram can stop the server.
 
 Bounds (named, with what happens when they are hit):
 - `max_transfers` (64): one more read is dropped unanswered (tftp.busy, a `dropped` event):
@@ -59,6 +60,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
@@ -78,6 +80,7 @@ _MIN_BUF = 4 + 512  # a transfer's buffer also holds its OACK and a read error's
 #: them in the descriptor budget)
 MAX_TRANSFERS = 64
 MSG_BUSY = b"busy: every transfer slot taken"  # a dropped request's event says so
+REFUSAL_EVENTS = 20  # refused or dropped requests recorded a second; the rest counted
 MSG_NO_SOCKET = b"out of sockets; try again"
 
 Record = Callable[..., Any]
@@ -160,6 +163,8 @@ class TftpService:
         self._served: dict[socket.socket, _Served] = {}
         self._by_peer: dict[tuple[str, int], _Served] = {}
         self._due = 0  # ticks: no deadline of a running transfer is earlier than this
+        # refused/dropped requests' events: REFUSAL_EVENTS a second (_refusal)
+        self._budget_at, self._budget, self._unrecorded = -1.0, 0, 0
         self._sel: selectors.BaseSelector | None = None
         self._sock: socket.socket | None = None
         self._wake_r: socket.socket | None = None
@@ -309,8 +314,8 @@ class TftpService:
         except OSError:
             self.count("tftp.send_failed")
         self.count("tftp.refused")
-        self._event("refused", _text(req.name), peer[0], code=code, reason=_text(msg),
-                    name_bytes=len(req.name))
+        self._refusal("refused", _text(req.name), peer[0], code=code, reason=_text(msg),
+                      name_bytes=len(req.name))  # fmt: skip
 
     def _open(self, req: tftp.Request) -> tuple[Any, int]:
         root = os.path.realpath(self.root)
@@ -336,8 +341,8 @@ class TftpService:
             # curl and tftp-hpa's client; one without an answer sends it again after its
             # timeout, as after a loss (RFC 1350). As the device's firmware does.
             self.count("tftp.busy")
-            self._event("dropped", _text(req.name), peer[0], code=0, reason=_text(MSG_BUSY),
-                        name_bytes=len(req.name))  # fmt: skip
+            self._refusal("dropped", _text(req.name), peer[0], code=0, reason=_text(MSG_BUSY),
+                          name_bytes=len(req.name))  # fmt: skip
             return
         f, size = self._open(req)
         try:
@@ -392,6 +397,8 @@ class TftpService:
             except tftp.Malformed:  # short, or not an ACK or ERROR
                 self.count("tftp.bad_packet")
                 return
+            if ticks_diff(t.deadline, self._due) < 0:  # (before the send: the bound is never late)
+                self._due = t.deadline
             self._send(s, n)
         if t.done:
             self._end(s)
@@ -429,6 +436,24 @@ class TftpService:
             "end", s.name, s.client, bytes=t.bytes_acked(), ms=ticks_diff(ticks_ms(), t.started),
             result=result, resends=t.resends, dup_acks=t.dup_acks,
         )
+
+    def _refusal(self, stage: str, name: str, client: str, **fields: Any) -> None:
+        """A refused or dropped request's event, at most REFUSAL_EVENTS a second: a flood of
+        bad requests wrote 6,500 events a second (a commit each), and the history's bound
+        then dropped every boot's timeline within seconds. The rest are counted
+        (tftp.unrecorded) and said in the log once a second."""
+        now = time.monotonic()
+        if now - self._budget_at >= 1.0:
+            if self._unrecorded:
+                log.warning("TFTP: %d refused or dropped requests in the last second were not "
+                            "recorded (at most %d a second are)", self._unrecorded, REFUSAL_EVENTS)  # fmt: skip
+            self._budget_at, self._budget, self._unrecorded = now, REFUSAL_EVENTS, 0
+        if self._budget > 0:
+            self._budget -= 1
+            self._event(stage, name, client, **fields)
+        else:
+            self._unrecorded += 1
+            self.count("tftp.unrecorded")
 
     def _event(self, stage: str, name: str, client: str, **fields: Any) -> None:
         if self.record is None:

@@ -409,6 +409,52 @@ def test_a_timeout_resends_the_whole_window(tftp_root, files):
     assert (end["result"], end["bytes"]) == ("ok", 1469) and end["resends"] >= 1
 
 
+def test_after_a_backed_off_resend_the_next_block_is_timed_from_the_base_timeout(tftp_root):
+    # The loop sleeps until the earliest deadline it knows (_due). After two resends of block 1
+    # (0.1 s, then 0.2 s) the next wait is 0.4 s; the ACK that finally comes makes block 2's
+    # deadline 0.1 s away, but _due stayed at the backed-off one: every later loss cost 2-4x
+    # the timeout (a Pi's 2 MB at 1% loss took 39 s, past its bootloader's 30). Read right
+    # after block 2 arrives: a slow machine can only hide the fault, never invent it.
+    from firmware.compat import ticks_diff
+
+    with TftpService(tftp_root, "127.0.0.1", 0, timeout=0.1) as svc:
+        c = Raw(svc.address[1])
+        try:
+            first = c.ask(rrq(b"s1469.bin"))  # lock-step, 512: DATA 1
+            assert block_of(first) == 1
+            assert block_of(c.recv()) == 1 and block_of(c.recv()) == 1  # two resends: backed off
+            c.send(ack(1))
+            assert block_of(c.recv()) == 2
+            (s,) = svc._served.values()
+            assert ticks_diff(svc._due, s.transfer.deadline) <= 0, (svc._due, s.transfer.deadline)
+        finally:
+            c.close()
+
+
+def test_a_flood_of_bad_requests_is_answered_and_recorded_within_a_budget(tftp_root):
+    # 20,000 bad requests in a second wrote 6,500 events a second: the history's bound then
+    # dropped every boot's timeline within seconds.
+    import time
+
+    from bastion.tftpd import REFUSAL_EVENTS
+
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec) as svc:
+        c = Raw(svc.address[1])
+        try:
+            began = time.monotonic()
+            for i in range(300):
+                assert c.ask(rrq(b"missing-%d.bin" % i))[:2] == b"\0\x05"  # each one answered
+            took = time.monotonic() - began
+        finally:
+            c.close()
+        # (the loop counts a refusal just after it has sent it)
+        wait_for(lambda: svc.counters.get("tftp.refused") == 300, what="300 refusals counted")
+        recorded = rec.stage("refused")
+        assert len(recorded) + svc.counters.get("tftp.unrecorded", 0) == 300
+        assert REFUSAL_EVENTS <= len(recorded) <= REFUSAL_EVENTS * (int(took) + 2), (len(recorded), took)
+
+
 def test_a_last_ack_queued_behind_an_icmp_refusal_still_ends_the_transfer_ok(tftp_root, files):
     # Linux reports a pending ICMP error on a socket before the datagrams queued ahead of it.
     # Set that up: the server is held in its start event; the client takes DATA 1, queues ACK 1
@@ -637,3 +683,12 @@ def test_the_app_lifespan_starts_and_stops_the_tftp_server(site_dir, tmp_path):
     events = [e for e in EventStore(db).query(limit=10, kind="tftp")]
     assert {e.source for e in events} == {"controller"}
     assert {e.payload["stage"] for e in events} == {"start", "end"}
+
+
+def test_an_ipv6_tftp_address_is_refused_in_one_line(site_dir, tmp_path):
+    # it was accepted, then the IPv4-only service failed at start with a traceback
+    from bastion.settings import Settings, SettingsError
+
+    (site_dir / "tftp").mkdir(exist_ok=True)
+    with pytest.raises(SettingsError, match=r"--tftp \[::1\]:16970: TFTP is served on IPv4 only"):
+        Settings.build(site_dir=site_dir, tftp="[::1]:16970")
