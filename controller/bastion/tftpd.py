@@ -35,8 +35,11 @@ for the device and the controller, so both refuse, negotiate and transfer alike.
   is handled inside one `except Exception` that counts it, so no datagram can stop the server.
 
 Bounds (named, with what happens when they are hit):
-- `max_transfers` (64): one more read is dropped unanswered (tftp.busy, a `dropped` event):
-  its client sends it again after its timeout; an ERROR would end an edk2 boot (PXE-E23).
+- `max_transfers` (64): one more read first ends the transfer whose client has been silent
+  longest, if that is over EVICT_AFTER_MS (3 s: result `evicted`, its client gets ERROR 0, as
+  on the device), and takes its slot; else it is dropped unanswered (tftp.busy, a `dropped`
+  event): its client sends it again after its timeout; an ERROR would end an edk2 boot
+  (PXE-E23).
 - `max_blksize` (1468, one Ethernet frame; at most 65464, RFC 2348): a larger blksize asked is
   lowered to it in the OACK. A transfer's buffer is 4 + its blksize (at least 4 + 512, room for
   any OACK or ERROR).
@@ -81,6 +84,8 @@ _MIN_BUF = 4 + 512  # a transfer's buffer also holds its OACK and a read error's
 MAX_TRANSFERS = 64
 MSG_BUSY = b"busy: every transfer slot taken"  # a dropped request's event says so
 REFUSAL_EVENTS = 20  # refused or dropped requests recorded a second; the rest counted
+MSG_EVICTED = b"busy: silent too long, gave way; try again"  # the device's words
+EVICT_AFTER_MS = 3000  # a client silent this long gives its slot to a new request (the device's)
 MSG_NO_SOCKET = b"out of sockets; try again"
 
 Record = Callable[..., Any]
@@ -337,6 +342,8 @@ class TftpService:
         assert self._sel is not None and self.address is not None
         tftp.check(req, self._policy)
         if len(self._served) >= self.max_transfers:
+            self._give_way()
+        if len(self._served) >= self.max_transfers:
             # Dropped, not refused: edk2 takes any TFTP ERROR as final (PXE-E23), and so do
             # curl and tftp-hpa's client; one without an answer sends it again after its
             # timeout, as after a loss (RFC 1350). As the device's firmware does.
@@ -375,6 +382,27 @@ class TftpService:
         self._event("start", s.name, s.client, blksize=t.blksize, tsize=size, window=t.window)
         if t.done:
             self._end(s)
+
+    def _give_way(self) -> None:
+        """Every slot taken: end the transfer whose client has been silent longest, beyond
+        EVICT_AFTER_MS ("evicted"; its client gets ERROR 0), as the device does. 64 requests
+        never answered held every slot for max_silence (20 s), and sent again, for ever."""
+        now = ticks_ms()
+        old, longest = None, EVICT_AFTER_MS
+        for s in self._served.values():
+            silent = ticks_diff(now, s.transfer.since)
+            if not s.transfer.done and silent > longest:
+                old, longest = s, silent
+        if old is None:
+            return
+        old.transfer.finish("evicted")
+        self.count("tftp.evicted")
+        buf = bytearray(5 + len(MSG_EVICTED))
+        try:
+            old.sock.send(buf[: tftp.build_error(buf, tftp.E_UNDEFINED, MSG_EVICTED)])
+        except OSError:
+            pass  # the client may be gone: nothing to say
+        self._end(old)
 
     # --- a transfer's own socket ----------------------------------------------------------
 

@@ -587,6 +587,35 @@ def test_past_max_transfers_a_request_is_dropped_and_a_duplicate_is_not_a_second
             d.close()
 
 
+def test_a_client_silent_past_3_s_gives_its_slot_to_a_new_request(tftp_root):
+    # 64 requests never answered held every slot for 20 s, and sent again, for ever; the
+    # device ends the longest-silent transfer instead (its client gets ERROR 0)
+    import time
+
+    from bastion.tftpd import EVICT_AFTER_MS
+
+    rec = Recorder()
+    with TftpService(tftp_root, "127.0.0.1", 0, record=rec, max_transfers=2, timeout=5) as svc:
+        hogs = [Raw(svc.address[1]) for _ in range(2)]
+        late = Raw(svc.address[1])
+        try:
+            for h in hogs:
+                assert block_of(h.ask(rrq(b"s70001.bin"))) == 1  # and never an ACK
+            late.sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):  # both silent for less than 3 s: still theirs
+                late.ask(rrq(b"s1.bin"))
+            time.sleep(EVICT_AFTER_MS / 1000 + 0.2)
+            late.sock.settimeout(10)
+            assert block_of(late.ask(rrq(b"s1.bin"))) == 1
+            first = hogs[0].recv()  # the longest silent: its first request came first
+            assert first[:4] == b"\0\x05\0\0" and b"gave way" in first
+            (ended,) = wait_for(lambda: rec.stage("end"), what="the evicted transfer's end")
+            assert ended["result"] == "evicted" and svc.counters["tftp.evicted"] == 1
+        finally:
+            for c in (*hogs, late):
+                c.close()
+
+
 def test_stop_ends_transfers_closes_the_port_and_the_thread(tftp_root):
     rec = Recorder()
     svc = TftpService(tftp_root, "127.0.0.1", 0, record=rec).start()
