@@ -62,6 +62,7 @@ import os
 import selectors
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -170,6 +171,7 @@ class TftpService:
         self._due = 0  # ticks: no deadline of a running transfer is earlier than this
         # refused/dropped requests' events: REFUSAL_EVENTS a second (_refusal)
         self._budget_at, self._budget, self._unrecorded = -1.0, 0, 0
+        self._pktinfo = False  # (start) the listener says which address each request came to
         self._sel: selectors.BaseSelector | None = None
         self._sock: socket.socket | None = None
         self._wake_r: socket.socket | None = None
@@ -188,6 +190,12 @@ class TftpService:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.bind((self.host, self.port))
+            # On a wildcard address, a transfer's socket must answer from the address the
+            # request came to (tftpy drops the rest, and edk2's Mtftp4 filters by it): Linux
+            # says which with each datagram (IP_PKTINFO). Elsewhere, the kernel's choice.
+            self._pktinfo = self.host in ("", "0.0.0.0") and sys.platform.startswith("linux")
+            if self._pktinfo:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
         except OSError:
             sock.close()
             raise
@@ -289,8 +297,13 @@ class TftpService:
 
     def _on_request(self) -> None:
         assert self._sock is not None
+        local = None  # the address the request came to, when the listener is a wildcard
         try:
-            data, peer = self._sock.recvfrom(MAX_REQUEST)  # longer: cut, then malformed
+            if self._pktinfo:
+                data, ancillary, _, peer = self._sock.recvmsg(MAX_REQUEST, _PKTINFO_SPACE)
+                local = _local_address(ancillary)
+            else:
+                data, peer = self._sock.recvfrom(MAX_REQUEST)  # longer: cut, then malformed
         except OSError:
             self.count("tftp.socket_error")
             return
@@ -306,7 +319,7 @@ class TftpService:
             self.count("tftp.duplicate_request")
             return
         try:
-            self._start(req, peer)
+            self._start(req, peer, local)
         except tftp.Refused as e:
             self._refuse(req, peer, e.code, e.msg)
 
@@ -338,7 +351,7 @@ class TftpService:
             raise tftp.Refused(tftp.E_NOT_FOUND, tftp.MSG_NOT_FOUND)
         return f, st.st_size
 
-    def _start(self, req: tftp.Request, peer: tuple[str, int]) -> None:
+    def _start(self, req: tftp.Request, peer: tuple[str, int], local: str | None = None) -> None:
         assert self._sel is not None and self.address is not None
         tftp.check(req, self._policy)
         if len(self._served) >= self.max_transfers:
@@ -358,7 +371,7 @@ class TftpService:
             f.close()
             raise tftp.Refused(tftp.E_UNDEFINED, MSG_NO_SOCKET) from None
         try:
-            sock.bind((self.address[0], 0))  # replies come from the address asked
+            sock.bind((local or self.address[0], 0))  # replies come from the address asked
             sock.connect(peer)
         except OSError:
             sock.close()
@@ -492,6 +505,20 @@ class TftpService:
         except Exception:  # a full disk must not stop the transfers
             self.count("tftp.record_failed")
             log.exception("TFTP: cannot record an event")
+
+
+# Linux's IP_PKTINFO (in.h; Python's socket module does not name it) and its struct in_pktinfo:
+# int ipi_ifindex; struct in_addr ipi_spec_dst (the local address to answer from, for a unicast
+# the one it came to); struct in_addr ipi_addr
+_IP_PKTINFO = 8
+_PKTINFO_SPACE = socket.CMSG_SPACE(12)
+
+
+def _local_address(ancillary: list[tuple[int, int, bytes]]) -> str | None:
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntoa(data[4:8])
+    return None
 
 
 def _text(b: bytes) -> str:

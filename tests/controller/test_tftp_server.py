@@ -14,6 +14,7 @@ import hashlib
 import os
 import random
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -721,3 +722,36 @@ def test_an_ipv6_tftp_address_is_refused_in_one_line(site_dir, tmp_path):
     (site_dir / "tftp").mkdir(exist_ok=True)
     with pytest.raises(SettingsError, match=r"--tftp \[::1\]:16970: TFTP is served on IPv4 only"):
         Settings.build(site_dir=site_dir, tftp="[::1]:16970")
+
+
+PROBE = """
+import socket, sys
+from pathlib import Path
+from bastion.tftpd import TftpService
+
+root, asked = Path(sys.argv[1]), sys.argv[2]
+with TftpService(root, "0.0.0.0", 0) as svc:
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind(("10.97.0.10", 0))
+    c.settimeout(10)
+    c.sendto(b"\\0\\x01s1.bin\\0octet\\0", (asked, svc.address[1]))
+    data, src = c.recvfrom(2048)
+    print(src[0], data[:4].hex())
+"""
+
+
+def test_on_a_wildcard_address_replies_come_from_the_address_asked(tftp_root):
+    # `--tftp :69` on a host of several addresses answered a request to 10.97.0.2 from
+    # 10.97.0.1: tftpy dropped every reply ("expected host 10.97.0.2"), and edk2 filters so too
+    from bastion.lab.netns import Namespace
+    from netkit import need_root
+
+    need_root("ip")
+    with Namespace(f"ebtftp{os.getpid() % 100000}") as ns:
+        for address in ("10.97.0.1/24", "10.97.0.2/24", "10.97.0.10/24"):
+            ns.ip("addr", "add", address, "dev", "lo")
+        for asked in ("10.97.0.2", "10.97.0.1"):
+            r = ns.run(sys.executable, "-c", PROBE, str(tftp_root), asked, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split() == [asked, "00030001"], r.stdout  # DATA block 1, from there
