@@ -247,6 +247,11 @@ class DeviceSection(_Strict):
                         f"{arch}: {name!r} must be a file name under tftp/ (1..127 characters, "
                         "relative, no '..')"
                     )
+                if not all(32 <= ord(c) <= 126 and c != "\\" for c in name):
+                    # what TFTP serves (firmware/tftp.py): the clients were told a file that
+                    # every request for is refused as "bad file name"
+                    raise ValueError(f"{arch}: {name!r}: a TFTP name is printable ASCII "
+                                     "without a backslash")  # fmt: skip
             out[arch] = name
         return out
 

@@ -206,6 +206,11 @@ BAD_DEVICE = [
      "'efi' is not a client architecture"),
     ("7: snponly.efi", "7: ../../etc/passwd", "0: undionly", "device.boot_files",
      "must be a file name under tftp/"),
+    # names TFTP itself refuses as "bad file name": every request for them would be refused
+    ("7: snponly.efi", "7: 'efi\\\\snponly.efi'", "0: undionly", "device.boot_files",
+     "a TFTP name is printable ASCII without a backslash"),
+    ("7: snponly.efi", "7: snpönly.efi", "0: undionly", "device.boot_files",
+     "a TFTP name is printable ASCII without a backslash"),
     ("default: off", "default: maybe", "default:", "device.power.defaults.default",
      "must be 'on' or 'off', not 'maybe'"),
     ("min_off_ms: 2000", "min_off_ms: 2s", "min_off_ms:", "device.power.defaults.min_off_ms",
