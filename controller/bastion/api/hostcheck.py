@@ -20,11 +20,12 @@ GET) is not covered.
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
+
+from bastion.api.listeners import forbid
 
 
 def host_name(host: bytes) -> str:
@@ -91,18 +92,4 @@ class HostCheck:
             return
         if self.on_refusal is not None:
             self.on_refusal()
-        if scope["type"] == "websocket":
-            await receive()  # websocket.connect; closed before it is accepted: a 403 handshake
-            await send({"type": "websocket.close", "code": 1008, "reason": refusal(name)[:120]})
-            return
-        body = json.dumps({"detail": refusal(name)}).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 403,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),  # a body, if any, is not read
-            ],
-        })  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await forbid(scope, receive, send, refusal(name))

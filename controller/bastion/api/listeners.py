@@ -73,20 +73,25 @@ class ListenerSplit:
             return
         if self.on_refusal is not None:
             self.on_refusal()
-        if scope["type"] == "websocket":  # a console stream (bastion.api.consoles) is management
-            await receive()  # websocket.connect
-            # closed before it is accepted: the server answers the handshake with 403
-            await send({"type": "websocket.close", "code": 1008,
-                        "reason": refusal(scope["path"])[:120]})  # fmt: skip
-            return
-        body = json.dumps({"detail": refusal(scope["path"])}).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 403,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),  # a body, if any, is not read
-            ],
-        })  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
+        await forbid(scope, receive, send, refusal(scope["path"]))
+
+
+async def forbid(scope: dict[str, Any], receive: Any, send: Any, reason: str) -> None:
+    """Refuse a request from ASGI middleware, before the application: 403 with `reason` as the
+    JSON `detail`, the connection closed (a body, if any, is not read); a WebSocket (a console
+    stream) closed before it is accepted, which the server answers with 403."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+        return
+    body = json.dumps({"detail": reason}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": 403,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
