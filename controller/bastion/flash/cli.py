@@ -817,7 +817,8 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
                     [*wrong, "refusing to flash: a client would be offered a binary it cannot run"]
                 )
             for w in (device.warnings + arch_warnings
-                      + flashing.missing_boot_files(device.config, set(tftp))):  # fmt: skip
+                      + flashing.missing_boot_files(device.config, set(tftp))
+                      + flashing.next_server_files(device.config, site.root)):  # fmt: skip
                 _warn(w)
             mpy_cmd = _mpy_cross(mpy_cross)
             image = flashing.build_image(bdef, device, tftp, mpy_cmd)

@@ -327,6 +327,23 @@ def missing_boot_files(config: dict, tftp_names: set[str]) -> list[str]:
     return out
 
 
+def next_server_files(config: dict, site_root: Path) -> list[str]:
+    """Warnings for boot_files that the server named by device.next_server would not have, when
+    that is another host: clients fetch them from there, not from the device. Only the site's
+    tftp/ can be looked at (what `bastion serve --tftp` serves, when that host is the controller's)."""
+    ns = config.get("next_server")
+    if not ns or ns == config.get("server_ip"):
+        return []
+    tftp = site_root / "tftp"
+    missing = [f"{arch} ({name})" for arch, name in config.get("boot_files", {}).items()
+               if not (tftp / name).is_file()]  # fmt: skip
+    if not missing:
+        return []
+    return [f"site.yaml: device.next_server is {ns}: clients fetch their boot files from there, "
+            f"not from the device, and the site's tftp/ (what `bastion serve --tftp` serves, if "
+            f"{ns} is the controller's) has none for architecture {', '.join(missing)}"]
+
+
 def wants_arm64(site: Site, config: dict) -> bool:
     """Whether the device must serve arm64 UEFI clients (arch 11): an arm64 machine in
     machines.yaml (`aarch64` is read as arm64), or a boot_files entry for 11."""

@@ -326,6 +326,23 @@ def test_relay_changes_name_the_channel():
 # --- bastion flash ------------------------------------------------------------------------------
 
 
+def test_boot_files_the_next_server_would_not_have_are_a_warning(tmp_path):
+    # device.next_server sends every client to another host for its boot files: flashing said
+    # nothing when the site's tftp/ (what `serve --tftp` serves) had none of them
+    site = make_site(tmp_path / "site", SITE_YAML.replace("  ip: 10.77.0.2\n",
+                                                          "  ip: 10.77.0.2\n  next_server: 10.77.0.1\n"))
+    r = bastion("flash", "--sim", str(tmp_path / "flash"), "--site", str(site), "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("device.next_server is 10.77.0.1: clients fetch their boot files from there, not from "
+            "the device, and the site's tftp/") in r.stderr
+    assert "has none for architecture 0 (undionly.kpxe), 7 (snponly.efi)" in r.stderr
+    (site / "tftp").mkdir()
+    for name in ("undionly.kpxe", "snponly.efi"):
+        (site / "tftp" / name).write_bytes(b"MZ")
+    r = bastion("flash", "--sim", str(tmp_path / "flash"), "--site", str(site), "--dry-run")
+    assert "device.next_server is" not in r.stderr
+
+
 def test_dry_run_renders_and_lists_without_touching_the_port(tmp_path):
     site = make_site(tmp_path / "site")
     port = tmp_path / "ttyACM9"
