@@ -68,7 +68,7 @@ def test_operate_a_machine_from_the_dashboard(served, browser, artefacts):
     d, steps = browser, Steps(browser, artefacts)
     d.get(srv.url + "/dashboard")
     wait_text(d, "#device", r"connected firmware 0\.2\.0 on sim")
-    wait_text(d, "#health", r"heap\s+[0-9.]+ KiB used")
+    wait_text(d, "#health", r"heap\s+[0-9.]+ KiB allocated \(garbage included\)")
     wait_text(d, '#cluster tr[data-machine="node1"]', r"node1 worker Off never network boot every time")
     assert d.execute_script("return sessionStorage.length") == 0
     steps.shot("read-only")
