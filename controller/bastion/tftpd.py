@@ -64,13 +64,13 @@ import socket
 import stat
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
 from firmware import tftp
 from firmware.compat import ticks_diff, ticks_ms
+from firmware.log import Budget
 
 log = logging.getLogger("bastion.tftpd")
 
@@ -169,8 +169,9 @@ class TftpService:
         self._served: dict[socket.socket, _Served] = {}
         self._by_peer: dict[tuple[str, int], _Served] = {}
         self._due = 0  # ticks: no deadline of a running transfer is earlier than this
-        # refused/dropped requests' events: REFUSAL_EVENTS a second (_refusal)
-        self._budget_at, self._budget, self._unrecorded = -1.0, 0, 0
+        # refused/dropped requests' events: REFUSAL_EVENTS a second, the device's token bucket
+        # (it counts the rest in tftp.events_suppressed, through self.count)
+        self._refusals = Budget(self, "tftp", interval_ms=1000 // REFUSAL_EVENTS, capacity=REFUSAL_EVENTS)
         self._pktinfo = False  # (start) the listener says which address each request came to
         self._sel: selectors.BaseSelector | None = None
         self._sock: socket.socket | None = None
@@ -479,22 +480,20 @@ class TftpService:
         )
 
     def _refusal(self, stage: str, name: str, client: str, **fields: Any) -> None:
-        """A refused or dropped request's event, at most REFUSAL_EVENTS a second: a flood of
-        bad requests wrote 6,500 events a second (a commit each), and the history's bound
-        then dropped every boot's timeline within seconds. The rest are counted
-        (tftp.unrecorded) and said in the log once a second."""
-        now = time.monotonic()
-        if now - self._budget_at >= 1.0:
-            if self._unrecorded:
-                log.warning("TFTP: %d refused or dropped requests in the last second were not "
-                            "recorded (at most %d a second are)", self._unrecorded, REFUSAL_EVENTS)  # fmt: skip
-            self._budget_at, self._budget, self._unrecorded = now, REFUSAL_EVENTS, 0
-        if self._budget > 0:
-            self._budget -= 1
+        """A refused or dropped request's event, at most REFUSAL_EVENTS a second (after a burst
+        of as many): a flood of bad requests wrote 6,500 events a second (a commit each), and
+        the history's bound then dropped every boot's timeline within seconds. The rest are
+        counted (tftp.events_suppressed), said in the log when a run of them begins, and
+        their number is the next recorded one's `suppressed`, as on the device."""
+        budget = self._refusals
+        if budget.take():
+            if budget.suppressed:
+                fields["suppressed"] = budget.suppressed
+                budget.suppressed = 0
             self._event(stage, name, client, **fields)
-        else:
-            self._unrecorded += 1
-            self.count("tftp.unrecorded")
+        elif budget.suppressed == 1:
+            log.warning("TFTP: refused or dropped requests beyond %d a second are not recorded, "
+                        "only counted (tftp.events_suppressed)", REFUSAL_EVENTS)  # fmt: skip
 
     def _event(self, stage: str, name: str, client: str, **fields: Any) -> None:
         if self.record is None:
