@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from bastion import boot, match
 from bastion.api import jsonbody
 from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url, boot_context
+from bastion.api.hostcheck import BROWSER_HEADERS
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import BootRequest
 from bastion.state import heartbeats, install
@@ -101,7 +102,6 @@ async def _ipxe(runtime: Runtime, scope: dict) -> Response:
     return await respond_batched(runtime, "/ipxe", req, boot.ipxe(site, req, runtime.provisioning), started)
 
 
-_BROWSERS = (b"sec-fetch-site", b"origin")  # headers only a browser's request has
 _FAST_PATHS = {"/boot.ipxe": _boot_ipxe, "/boot.ipxe.0": _boot_ipxe, "/ipxe": _ipxe}
 
 
@@ -135,7 +135,7 @@ def fast_app(runtime: Runtime) -> Callable[[dict], Callable[[dict], Awaitable[Re
         if handler is None or scope["method"] != "GET":
             return None
         for name, _ in scope["headers"]:
-            if name.startswith(b"x-forwarded-") or name in _BROWSERS:
+            if name.startswith(b"x-forwarded-") or name in BROWSER_HEADERS:
                 return None
         return handler
 

@@ -28,6 +28,10 @@ from urllib.parse import urlsplit
 from bastion.api.listeners import forbid
 
 
+# headers only a browser's request has (every browser in use sends one; no page can forge them)
+BROWSER_HEADERS = (b"sec-fetch-site", b"origin")
+
+
 def host_name(host: bytes) -> str:
     """The name in a Host header's value, lower case, without the port or a final dot; an IPv6
     address without its brackets."""
@@ -84,7 +88,7 @@ class HostCheck:
         for key, value in scope["headers"]:
             if key == b"host":
                 host = value
-            elif key in (b"sec-fetch-site", b"origin"):
+            elif key in BROWSER_HEADERS:
                 browser = True
         name = host_name(host)
         if not browser or self.allows(name):
