@@ -58,8 +58,8 @@ DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_HISTORY_EVENTS = 100_000
 DB_SHOWN = "$XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db"
 
-# a host name as --allowed-hosts takes it: RFC 1123 labels, lower case
-_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+# a host name (RFC 1123 labels, a final dot allowed): --allowed-hosts, and the site files'
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}  # fmt: skip
@@ -299,7 +299,7 @@ class Settings(BaseSettings):
             return None if v in ("", None) else v
         items = [x.strip().lower().rstrip(".") for x in v.split(",") if x.strip()]
         for item in items:
-            if not _HOST_NAME.fullmatch(item):
+            if not HOST_NAME.fullmatch(item):
                 raise SettingsError(f"--allowed-hosts {item!r}: not a host name (letters, digits, "
                                     "'-' and dots; no port, no scheme), e.g. bastion.lan")  # fmt: skip
         return ",".join(items)

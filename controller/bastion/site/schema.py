@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bastion.match import Malformed, parse_mac
 from bastion.model import ARCH_ALIASES, ARCHES
-from bastion.settings import SettingsError, parse_size
+from bastion.settings import HOST_NAME, SettingsError, parse_size
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
@@ -57,7 +57,6 @@ def _ipv4(v: str | None) -> str | None:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 def _one_line(v: Any) -> Any:
@@ -409,7 +408,7 @@ class RegistryCache(_Strict):
     def _mirrors(cls, v: list[str]) -> list[str]:
         for name in v:
             host, _, port = name.partition(":")
-            if name != "*" and (not _HOSTNAME.fullmatch(host) or host.endswith(".")
+            if name != "*" and (not HOST_NAME.fullmatch(host) or host.endswith(".")
                                 or (port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535))):  # fmt: skip
                 # ('..' and '-' named a state directory and a secret beside the others')
                 raise ValueError(f"{name!r} is not a registry host name[:port] (or *)")
@@ -1212,7 +1211,7 @@ class MachineEntry(_Strict):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str | None) -> str | None:
-        if v is not None and not _HOSTNAME.fullmatch(v):
+        if v is not None and not HOST_NAME.fullmatch(v):
             raise ValueError(f"{v[:60]!r} is not a host name (RFC 1123: labels of letters, digits "
                              "and '-', 1..63 characters each, separated by dots)")  # fmt: skip
         return v
