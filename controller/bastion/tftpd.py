@@ -326,10 +326,8 @@ class TftpService:
 
     def _refuse(self, req: tftp.Request, peer: tuple[str, int], code: int, msg: bytes) -> None:
         assert self._sock is not None
-        buf = bytearray(5 + len(msg))
-        n = tftp.build_error(buf, code, msg)
         try:
-            self._sock.sendto(buf[:n], peer)
+            self._sock.sendto(_error(code, msg), peer)
         except OSError:
             self.count("tftp.send_failed")
         self.count("tftp.refused")
@@ -411,9 +409,8 @@ class TftpService:
             return
         old.transfer.finish("evicted")
         self.count("tftp.evicted")
-        buf = bytearray(5 + len(MSG_EVICTED))
         try:
-            old.sock.send(buf[: tftp.build_error(buf, tftp.E_UNDEFINED, MSG_EVICTED)])
+            old.sock.send(_error(tftp.E_UNDEFINED, MSG_EVICTED))
         except OSError:
             pass  # the client may be gone: nothing to say
         self._end(old)
@@ -518,6 +515,12 @@ def _local_address(ancillary: list[tuple[int, int, bytes]]) -> str | None:
         if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
             return socket.inet_ntoa(data[4:8])
     return None
+
+
+def _error(code: int, msg: bytes) -> bytes:
+    """A TFTP ERROR packet (the engine's build_error, into a buffer of its own)."""
+    buf = bytearray(5 + len(msg))
+    return bytes(buf[: tftp.build_error(buf, code, msg)])
 
 
 def _text(b: bytes) -> str:
