@@ -68,6 +68,7 @@ MSG_NOT_FOUND = b"file not found"
 MSG_OCTET_ONLY = b"only octet mode is served"
 MSG_BAD_OPTION = b"bad option value"
 MSG_READ_ERROR = b"read error"
+MSG_EVICTED = b"busy: silent too long, gave way; try again"  # a slot given to a new request
 
 
 class Malformed(ValueError):

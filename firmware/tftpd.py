@@ -318,9 +318,7 @@ class TftpServer:
             return False
         old.transfer.finish("evicted")
         self.log.count("tftp.evicted")
-        n = tftp.build_error(
-            self._ebuf, tftp.E_UNDEFINED, b"busy: silent too long, gave way; try again"
-        )
+        n = tftp.build_error(self._ebuf, tftp.E_UNDEFINED, tftp.MSG_EVICTED)
         net.send(old.sock, self._ebuf, n)  # the client may be gone: nothing to say
         old.task.cancel()
         return True

@@ -85,7 +85,6 @@ _MIN_BUF = 4 + 512  # a transfer's buffer also holds its OACK and a read error's
 MAX_TRANSFERS = 64
 MSG_BUSY = b"busy: every transfer slot taken"  # a dropped request's event says so
 REFUSAL_EVENTS = 20  # refused or dropped requests recorded a second; the rest counted
-MSG_EVICTED = b"busy: silent too long, gave way; try again"  # the device's words
 EVICT_AFTER_MS = 3000  # a client silent this long gives its slot to a new request (the device's)
 MSG_NO_SOCKET = b"out of sockets; try again"
 
@@ -410,7 +409,7 @@ class TftpService:
         old.transfer.finish("evicted")
         self.count("tftp.evicted")
         try:
-            old.sock.send(_error(tftp.E_UNDEFINED, MSG_EVICTED))
+            old.sock.send(_error(tftp.E_UNDEFINED, tftp.MSG_EVICTED))
         except OSError:
             pass  # the client may be gone: nothing to say
         self._end(old)
