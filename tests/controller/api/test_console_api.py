@@ -171,15 +171,26 @@ def bastion(*args: str, stdin: bytes = b"", env: dict | None = None):
                           timeout=60, env={**os.environ, **(env or {})})  # fmt: skip
 
 
+def controller_of(board, site_dir, tmp_path) -> Server:
+    """A real `bastion serve` holding the board's line, its consoles kept in tmp_path, once the
+    link is up (stopped by the caller)."""
+    srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link),
+                 args=("--console-dir", str(tmp_path / "consoles")))
+    try:
+        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
 def test_console_end_to_end_through_the_controller(board, site_dir, tmp_path):
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     node = Node(board)
-    srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link),
-                 args=("--console-dir", str(tmp_path / "consoles")))
+    srv = controller_of(board, site_dir, tmp_path)
     try:
-        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
         node.say(b"Linux version 6.1.0 (debian-kernel@lists.debian.org)\r\n")
         log = "/api/v1/machines/node2/console"
         wait_for(lambda: b"Linux version" in srv.get(log, headers=auth()).content, what="kept")
@@ -237,10 +248,8 @@ def test_a_long_machine_name_has_its_console_and_a_lost_controller_is_said(board
     m = site_dir / "machines.yaml"
     m.write_text(m.read_text().replace("  - name: node2\n", f"  - name: {long}\n", 1))
     node = Node(board)
-    srv = Server(site_dir, tmp_path / "events.db", TOKEN, device=str(board.link),
-                 args=("--console-dir", str(tmp_path / "consoles")))
+    srv = controller_of(board, site_dir, tmp_path)
     try:
-        wait_for(lambda: srv.get("/api/v1/device").json().get("connected"), what="device link")
         node.say(b"login: ")
         log = f"/api/v1/machines/{long}/console"
         wait_for(lambda: srv.get(log, headers=auth()).content == b"login: ", what="kept")

@@ -95,12 +95,18 @@ class Nodes:
         return wait_for(step, timeout=timeout, what=what)
 
 
-def test_a_power_cut_shuts_nodes_down_in_order_opens_relays_and_mains_brings_them_back(rig):
-    c, nut = rig, rig.nut
+def power_all_on(c) -> Nodes:
+    """Every machine powered on through the API, the relays seen on, the nodes beating."""
     for name in CH:
         assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
     nodes = Nodes(c)
     nodes.until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    return nodes
+
+
+def test_a_power_cut_shuts_nodes_down_in_order_opens_relays_and_mains_brings_them_back(rig):
+    c, nut = rig, rig.nut
+    nodes = power_all_on(c)
     nodes.until(lambda: ("status", None) in ups_steps(c), "the UPS read")
     metrics = c.get("/metrics").text
     assert "bastion_ups_up 1.0" in metrics and "bastion_ups_battery_charge_percent 100.0" in metrics
@@ -187,10 +193,7 @@ def test_a_controller_restarted_in_a_cut_asks_the_nodes_before_it_opens_their_re
     # Heartbeats live in the controller's memory: a restarted one knew no node's, took every
     # node for down at its first pass and opened every relay, the k3s server's too, unasked.
     c, nut = rig, rig.nut
-    for name in CH:
-        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
-    nodes = Nodes(c)
-    nodes.until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    nodes = power_all_on(c)
     nut.write("OB DISCHRG", 80)
     nodes.until(lambda: nodes.told == ["node1", "pi1"], "the agents asked")
     c.__exit__(None, None, None)  # the controller stops in the middle of the shutdown
@@ -209,9 +212,7 @@ def test_a_power_on_after_the_cut_the_device_refuses_is_tried_again(rig):
     # node1's channel may not come back on within 5 s of going off: mains returning sooner made
     # its power-on a refusal, logged, and node1 stayed off for good.
     c, nut = rig, rig.nut
-    for name in CH:
-        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
-    Nodes(c).until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    power_all_on(c)
     nut.write("OB LB", 10)  # low battery: the relays open at once
     wait_for(lambda: set(relays(c).values()) == {"off"}, what="relays opened")
     nut.write("OL CHRG", 80)
@@ -225,9 +226,7 @@ def test_a_relay_mid_cycle_when_the_relays_open_stays_open(rig):
     # Its output was off for the cycle, so it was skipped as off, and the device switched it
     # back on in the middle of the cut.
     c, nut = rig, rig.nut
-    for name in CH:
-        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
-    Nodes(c).until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    power_all_on(c)
     r = c.post("/api/v1/machines/node2/power", json={"state": "cycle", "off_ms": 6000}, headers=auth())
     assert r.status_code == 200, r.text
     wait_for(lambda: relays(c)["node2"] == "off", what="node2 cycling")
@@ -272,9 +271,7 @@ def test_relays_seen_before_stand_for_a_device_that_does_not_answer(site_dir):
 
 def test_a_machine_declared_off_during_the_cut_is_not_powered_on_after_it(rig):
     c, nut = rig, rig.nut
-    for name in CH:
-        assert c.post(f"/api/v1/machines/{name}/power", json={"state": "on"}, headers=auth()).status_code == 200
-    Nodes(c).until(lambda: set(relays(c).values()) == {"on"}, "relays on")
+    power_all_on(c)
     nut.write("OB LB", 10)
     wait_for(lambda: set(relays(c).values()) == {"off"}, what="relays opened")
     m = c.app.state.runtime.holder.root / "machines.yaml"
