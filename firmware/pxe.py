@@ -58,7 +58,9 @@ _ETHERNET = const(1)
 _PXE_CLIENT = b"PXEClient"
 _ANY = b"\0\0\0\0"
 _RPI_FOURCC = (b"RPi4", b"RPi5")  # bootloader DHCP_OPTION97 default: 0x34695052 little endian
-_RPI_OUI = (b"\xb8\x27\xeb", b"\xdc\xa6\x32", b"\xe4\x5f\x01", b"\x28\xcd\xc1", b"\xd8\x3a\xdd")
+# The IEEE's MA-L blocks (OUIs) of the Raspberry Pi Foundation and Raspberry Pi (Trading)
+# Ltd, three bytes each, in one bytes object: a tuple of six costs the heap 240 B more
+_RPI_OUIS = b"\xb8\x27\xeb\xdc\xa6\x32\xe4\x5f\x01\x28\xcd\xc1\xd8\x3a\xdd\x2c\xcf\x67"
 
 # PXE 2.1 vendor sub-options (option 43).
 _PXE_DISCOVERY_CONTROL = const(6)
@@ -155,7 +157,11 @@ def is_rpi_bootloader(pkt, arch):
     g = pkt.guid
     if g is not None and g[1:5] in _RPI_FOURCC:
         return True
-    return pkt.mac[:3] in _RPI_OUI
+    m = pkt.mac
+    for i in range(0, len(_RPI_OUIS), 3):
+        if m[0] == _RPI_OUIS[i] and m[1] == _RPI_OUIS[i + 1] and m[2] == _RPI_OUIS[i + 2]:
+            return True
+    return False
 
 
 class Policy:

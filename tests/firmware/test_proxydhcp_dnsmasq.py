@@ -34,7 +34,7 @@ BOOT_FILES = {
     11: "snp-arm64.efi",
 }
 X86_FILES = {b"undionly.kpxe", b"ipxe32.efi", b"ipxe.efi"}
-PI_OUIS = ["b8:27:eb", "dc:a6:32", "e4:5f:01", "28:cd:c1", "d8:3a:dd"]
+PI_OUIS = ["b8:27:eb", "dc:a6:32", "e4:5f:01", "28:cd:c1", "d8:3a:dd", "2c:cf:67"]
 # What we send every PC client in option 43, and what dnsmasq sends to x86PC clients on
 # port 67 and to every client on 4011: discovery control 8, prompt (timeout 0, "PXE").
 PC_43 = b"\x06\x01\x08\x0a\x04\x00PXE\xff"

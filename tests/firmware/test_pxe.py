@@ -229,10 +229,18 @@ def test_rpi_by_guid_gets_the_menu_never_an_x86_binary():
     assert q.tftp_server == b"10.77.0.2" and q.guid == RPI_GUID and file_name(q) == b""
 
 
-@pytest.mark.parametrize("oui", ["b827eb", "dca632", "e45f01", "28cdc1", "d83add"])
+@pytest.mark.parametrize("oui", ["b827eb", "dca632", "e45f01", "28cdc1", "d83add", "2ccf67"])
 def test_rpi_by_mac_prefix(oui):
     r, _ = answer(config(), rpi_request(mac=bytes.fromhex(oui + "010203"), guid=GUID))
     assert r.rpi and r.boot.siaddr == SERVER
+
+
+@pytest.mark.parametrize("prefix", ["27ebdc", "eb2ccf", "5254ff", "2ccf68"])
+def test_no_rpi_by_a_prefix_that_is_not_a_pi_oui(prefix):
+    # the firmware keeps the OUIs back to back in one bytes object: three bytes that straddle
+    # two of them (b8:27:eb dc:a6:32 -> 27:eb:dc) are no Pi's
+    r, policy = answer(config(), rpi_request(mac=bytes.fromhex(prefix + "010203"), guid=None))
+    assert not (r and r.rpi)
 
 
 def test_rpi5_fourcc():

@@ -93,6 +93,17 @@ def test_rpi4_discover_parses():
     assert pxe.is_rpi_bootloader(p, pxe.client_arch(p))
 
 
+def test_rpi4_by_mac_prefix_alone():
+    # the Pi's DISCOVER without its GUID: the MAC prefix decides, the whole OUI and only it
+    p = dhcp.parse(_vector("rpi4-eeprom-discover.bin"))
+    p.guid = None
+    for prefix, pi in ((b"\xdc\xa6\x32", True), (b"\x2c\xcf\x67", True), (b"\xb8\x27\xeb", True),
+                       (b"\x27\xeb\xdc", False), (b"\x52\x54\x00", False)):  # fmt: skip
+        p.mac = prefix + b"\x1a\x2b\x3c"
+        assert pxe.is_rpi_bootloader(p, 0) == pi
+        assert not pxe.is_rpi_bootloader(p, 11)
+
+
 def test_every_vector_parses_whole_and_with_trailing_bytes():
     for name in _REQUESTS + _REPLIES:
         raw = _vector(name)
