@@ -218,6 +218,10 @@ class Supervisor:
         self._pending_raw_entry = False
         self._discard_until: bytes | None = None
         self._buf = b""
+        # What the line sent that the firmware's tty has not taken yet. While any is left the
+        # line is not read: the sender waits, as a host does on a board's USB CDC (the
+        # device's endpoint NAKs until its firmware reads), where no byte is ever lost.
+        self._to_inner = b""
 
     # -- firmware process -------------------------------------------------------------------
     def _start(self, run_main: bool, keep_watchdog: bool = False) -> None:
@@ -254,6 +258,7 @@ class Supervisor:
             self._pending_raw_entry = True
 
     def _reap(self) -> None:
+        self._to_inner = b""
         for fd in (self.inner, self.wdt_r):
             if fd >= 0:
                 try:
@@ -304,11 +309,20 @@ class Supervisor:
             self._to_line(data)
 
     def _from_line(self, data: bytes) -> None:
-        if self.inner >= 0:
-            try:
-                os.write(self.inner, data)
-            except OSError:
-                pass
+        self._to_inner += data
+        self._write_inner()
+
+    def _write_inner(self) -> None:
+        if self.inner < 0:
+            self._to_inner = b""  # the firmware has gone: a board's reset loses its buffer too
+            return
+        try:
+            n = os.write(self.inner, self._to_inner)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return
+            n = len(self._to_inner)  # EIO: the process is going; run() restarts it
+        self._to_inner = self._to_inner[n:]
 
     def _restart(self, reason: str) -> None:
         rc = self.proc.returncode if self.proc else None
@@ -331,15 +345,18 @@ class Supervisor:
         self._start(run_main=True)
         try:
             while not self._stopping:
-                fds = [self.line_master]
+                fds = [] if self._to_inner else [self.line_master]
                 if self.inner >= 0:
                     fds.append(self.inner)
                 if self.wdt_r >= 0:
                     fds.append(self.wdt_r)
+                wfds = [self.inner] if self._to_inner and self.inner >= 0 else []
                 try:
-                    ready, _, _ = select.select(fds, [], [], 0.1)
+                    ready, writable, _ = select.select(fds, wfds, [], 0.1)
                 except InterruptedError:
                     continue
+                if writable:
+                    self._write_inner()
                 for fd in ready:
                     try:
                         data = os.read(fd, 4096)

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tty
 from pathlib import Path
 
 import pytest
 from bastion.device.link import DeviceLink
+from firmware import frame
 from simkit import SimProcess, wait_for
 
 BIN = Path(sys.executable).parent
@@ -197,6 +200,33 @@ def test_a_controller_holds_the_line_and_mpremote_gets_it_back_after_release(sim
         assert link.request("release")["held"] is False
     out = mpremote(sim.link, "resume", "exec", "print('at the REPL')")
     assert "at the REPL" in out
+
+
+def test_requests_sent_faster_than_the_firmware_reads_are_all_answered(sim):
+    """A burst bigger than the firmware's tty takes at once (1,500 pipelined requests, 56 KB)
+    waits in the line, as on a board's USB CDC, instead of being cut: every one is answered.
+    The supervisor used to drop what the tty would not take (431 of 1,501 answered)."""
+    fd = os.open(sim.link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        tty.setraw(fd)
+        os.set_blocking(fd, False)
+        out = frame.encode({"id": 1, "op": "hello", "session": "burst"}, frame.TO_DEVICE)
+        out += b"".join(frame.encode({"id": 2 + i, "op": "hold"}, frame.TO_DEVICE)
+                        for i in range(1500))
+        deframer, ids = frame.Deframer(frame.TO_HOST, 65536), set()
+        last = time.monotonic()
+        while len(ids) < 1501 and time.monotonic() - last < 20:  # 20 s without a byte: over
+            readable, writable, _ = select.select([fd], [fd] if out else [], [], 0.5)
+            if writable:
+                out = out[os.write(fd, out[:4096]):]
+                last = time.monotonic()
+            if readable:
+                ids.update(m["id"] for m in deframer.feed(os.read(fd, 65536)) if "id" in m)
+                last = time.monotonic()
+    finally:
+        os.close(fd)
+    assert not out, f"{len(out)} bytes the line never took"
+    assert ids == set(range(1, 1502)), f"{1501 - len(ids)} requests unanswered"
 
 
 def test_a_ctrl_a_in_line_noise_does_not_leave_the_board_at_the_raw_repl(sim):
