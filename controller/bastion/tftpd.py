@@ -15,6 +15,13 @@ for the device and the controller, so both refuse, negotiate and transfer alike.
   refused with the device's TFTP error and text. On top, the file must resolve (symbolic links
   followed) to a regular file inside the root: a link out of it is refused like `..` (ERROR 2),
   a missing name or a directory is ERROR 1. Refusals go out from the listening socket.
+- **A request from the address and port of a running transfer** is that transfer's duplicate
+  only while it is at its start: the same datagram, no ACK has moved the transfer, its last
+  block not sent (RFC 1350: a client without an answer sends its request again); it is
+  dropped, and the transfer's timer resends the answer. Any other ends that transfer
+  ("superseded", quietly) and starts a new one: edk2 and the Pi bootloader fetch file after
+  file from one port, and when the last ACK of one is lost, its transfer would otherwise
+  keep the port for up to max_silence (20 s) and drop every request from it.
 - **A transfer** is a `tftp.Transfer` with a socket of its own, bound to the listen address and
   connected to the client (the kernel drops every other sender: RFC 1350's unknown transfer ID
   needs no code). The shell only moves datagrams: a client datagram goes to
@@ -104,13 +111,14 @@ class _Served:
     """One running transfer: the engine's Transfer, its connected socket, and what the end
     event says."""
 
-    __slots__ = ("client", "name", "out", "peer", "rx", "sock", "transfer")
+    __slots__ = ("client", "name", "out", "peer", "request", "rx", "sock", "transfer")
 
     def __init__(self, transfer: tftp.Transfer, sock: socket.socket, peer: tuple[str, int],
-                 name: str):
+                 name: str, request: bytes):
         self.transfer = transfer
         self.sock = sock
-        self.peer = peer  # (ip, port): the key of duplicate requests
+        self.peer = peer  # (ip, port) and the request's datagram: what a duplicate repeats
+        self.request = request
         self.name = name
         self.client = peer[0]
         self.out = memoryview(transfer.buf)  # every packet is built here
@@ -132,9 +140,11 @@ class TftpService:
                    tftp.bad_packet, tftp.ok, tftp.failed, tftp.resend, tftp.dup_ack,
                    tftp.send_failed (a refusal that could not be sent), tftp.socket_error (the
                    listener's recvfrom failed), tftp.error (a bug caught on one datagram),
-                   tftp.record_failed. The names are the tftpy-based server's; none was dropped.
-    End results: ok, timeout, client error N, socket error, read error, cancelled (stop()),
-    error (a bug caught on a timeout).
+                   tftp.record_failed, tftp.superseded (a transfer ended by its client's next
+                   request). The names are the tftpy-based server's; none was dropped.
+    End results: ok, timeout, client error N, socket error, read error, evicted, superseded
+    (its client asked for a file again from the same port), cancelled (stop()), error (a bug
+    caught on a timeout).
     """
 
     def __init__(
@@ -313,13 +323,22 @@ class TftpService:
         except tftp.Malformed:
             self.count("tftp.malformed")
             return
-        if peer in self._by_peer:
-            # The client sent its request again before our first answer reached it: the
-            # transfer's timer resends that answer; a second transfer would be a stranger.
-            self.count("tftp.duplicate_request")
-            return
+        old = self._by_peer.get(peer)
+        if old is not None:
+            if _sent_again(old, data):
+                # The client sent its request again before our first answer reached it: the
+                # transfer's timer resends that answer; a second transfer would be a stranger.
+                self.count("tftp.duplicate_request")
+                return
+            # A new request from the port of a running transfer: its client has left that one
+            # (edk2 and the Pi bootloader fetch file after file from one port, and the last
+            # ACK of a file may be lost). Ended quietly: an ERROR to the port would reach the
+            # new transfer's client.
+            old.transfer.finish("superseded")
+            self.count("tftp.superseded")
+            self._end(old)
         try:
-            self._start(req, peer, local)
+            self._start(req, peer, local, data)
         except tftp.Refused as e:
             self._refuse(req, peer, e.code, e.msg)
 
@@ -349,7 +368,8 @@ class TftpService:
             raise tftp.Refused(tftp.E_NOT_FOUND, tftp.MSG_NOT_FOUND)
         return f, st.st_size
 
-    def _start(self, req: tftp.Request, peer: tuple[str, int], local: str | None = None) -> None:
+    def _start(self, req: tftp.Request, peer: tuple[str, int], local: str | None,
+               req_bytes: bytes) -> None:
         assert self._sel is not None and self.address is not None
         tftp.check(req, self._policy)
         if len(self._served) >= self.max_transfers:
@@ -383,7 +403,7 @@ class TftpService:
             sock.close()
             f.close()
             raise
-        s = _Served(t, sock, peer, _text(req.name))
+        s = _Served(t, sock, peer, _text(req.name), req_bytes)
         self._served[sock] = s
         self._by_peer[peer] = s
         self._sel.register(sock, selectors.EVENT_READ)
@@ -514,6 +534,20 @@ def _local_address(ancillary: list[tuple[int, int, bytes]]) -> str | None:
         if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
             return socket.inet_ntoa(data[4:8])
     return None
+
+
+def _sent_again(s: _Served, data: bytes) -> bool:
+    """Whether a request from the client of transfer s is that transfer's own request sent
+    again: the same datagram while the transfer is at its start, no ACK having moved it and
+    its last block not sent (the client has no answer yet; RFC 1350 section 2: a client that
+    times out retransmits its last packet, before the first reply its request, from its
+    port). Once an ACK has moved it, the client has its transfer ID and never asks for it
+    again; once its last block is out, the same request from that port is the file asked
+    for once more."""
+    t = s.transfer
+    at_start = t.acked < (0 if t.oack else 1)  # an OACK is block 0 (acked starts at -1)
+    last_sent = t.last and t.sent >= t.last
+    return data == s.request and at_start and not last_sent
 
 
 def _error(code: int, msg: bytes) -> bytes:

@@ -348,6 +348,78 @@ def test_duplicate_acks_never_cause_duplicate_sends(service, files):
     assert service.counters["tftp.dup_ack"] == 3
 
 
+def take_to_the_last_block(c: Raw, size: int) -> None:
+    """Lock-step at 512 from DATA 1 (already taken): ACK every block but the last, whose ACK
+    the client withholds, as when the final ACK is lost."""
+    n = 1
+    while n <= size // 512:
+        c.send(ack(n))
+        n += 1
+        assert c.recv()[:4] == bytes((0, 3, 0, n))
+
+
+def ask_from_the_same_port(c: Raw, req: bytes) -> bytes:
+    """Send req from c's port to the listener; the first packet from a new transfer ID (the old
+    transfer's resends skipped). A socket timeout here is a request dropped."""
+    old = c.peer
+    c.sock.sendto(req, ("127.0.0.1", c.port))
+    while True:
+        pkt, src = c.sock.recvfrom(70000)
+        if src != old:
+            c.peer = src
+            return pkt
+
+
+@pytest.mark.parametrize("second", [b"s513.bin", b"s1024.bin"])
+def test_a_client_reusing_its_port_after_its_last_ack_was_lost_gets_its_next_file(
+        service, files, second):
+    # edk2 and the Pi bootloader fetch file after file from one UDP port. The last block was
+    # sent, its ACK lost: a new request from that port (another file, or the same one again)
+    # is a new transfer, not the first one's duplicate; the first one ends, superseded.
+    c = Raw(service.address[1])
+    c.sock.settimeout(3)  # the old transfer resends every 5 s: a drop times out here
+    try:
+        assert c.ask(rrq(b"s1024.bin"))[:4] == b"\0\x03\0\x01"
+        take_to_the_last_block(c, 1024)  # DATA 3 (empty), never ACKed
+        pkt = ask_from_the_same_port(c, rrq(second))
+        assert pkt == b"\0\x03\0\x01" + files[second.decode()][:512]
+        take_to_the_last_block(c, len(files[second.decode()]))
+        c.send(ack(len(files[second.decode()]) // 512 + 1))
+    finally:
+        c.close()
+    ends = wait_for(lambda: len(service.rec.stage("end")) == 2 and service.rec.stage("end"),
+                    what="2 end events")
+    assert [(e["file"], e["result"]) for e in ends] == [
+        ("s1024.bin", "superseded"), (second.decode(), "ok")]
+    assert [e["file"] for e in service.rec.stage("start")] == ["s1024.bin", second.decode()]
+    assert service.counters.get("tftp.duplicate_request") is None
+    assert service.counters["tftp.superseded"] == 1
+
+
+def test_a_request_sent_again_before_its_first_answer_arrived_is_a_duplicate(service, files):
+    # RFC 1350: a client that has no answer yet sends its request again from the same port.
+    # While no ACK has moved the transfer, the same request is a duplicate (the transfer's
+    # timer resends the answer); another one from that port is a new request.
+    c = Raw(service.address[1])
+    try:
+        assert c.ask(rrq(b"s70001.bin"))[:4] == b"\0\x03\0\x01"
+        c.sock.sendto(rrq(b"s70001.bin"), ("127.0.0.1", c.port))
+        wait_for(lambda: service.counters.get("tftp.duplicate_request"), what="the duplicate")
+        assert service.active == 1 and len(service.rec.stage("start")) == 1
+        pkt = ask_from_the_same_port(c, rrq(b"s513.bin"))  # not the same: a new transfer
+        assert pkt == b"\0\x03\0\x01" + files["s513.bin"][:512]
+        c.send(ack(1))
+        assert c.recv() == b"\0\x03\0\x02" + files["s513.bin"][512:]
+        c.send(ack(2))
+    finally:
+        c.close()
+    ends = wait_for(lambda: len(service.rec.stage("end")) == 2 and service.rec.stage("end"),
+                    what="2 end events")
+    assert [(e["file"], e["result"]) for e in ends] == [
+        ("s70001.bin", "superseded"), ("s513.bin", "ok")]
+    assert service.counters["tftp.duplicate_request"] == 1
+
+
 def block_of(pkt: bytes) -> int:
     assert pkt[:2] == b"\0\x03", pkt[:4]
     return (pkt[2] << 8) | pkt[3]
