@@ -148,3 +148,47 @@ def test_a_symbolic_link_in_the_name_is_refused_on_micropython(board, tmp_path):
         assert "bad file name" in r.stdout + r.stderr, (name, r.stdout + r.stderr)
     r = tftp_hpa_get(board.ports["tftp"], "sub/dir/nested.bin", out)
     assert r.returncode == 0 and out.stat().st_size == 3000
+
+
+def test_a_client_reusing_its_port_after_its_last_ack_was_lost_gets_its_next_file(board, files):
+    """edk2 and the Pi bootloader fetch file after file from one UDP port: with the last ACK
+    of the first file withheld (lost), a request from that port for the next file, or for
+    the same one again, is served as a new transfer (on MicroPython, whose addresses are raw
+    sockaddrs)."""
+    import socket
+
+    server = ("127.0.0.1", board.ports["tftp"])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(5)  # the old transfer resends its last block meanwhile: skipped below
+
+    def from_a_new_tid(old):
+        while True:
+            pkt, tid = s.recvfrom(2048)
+            if tid != old:
+                return pkt, tid
+
+    def take(name, old):
+        # DATA 1 of name from a new transfer ID, then every block ACKed but the last
+        data = files[name.decode()]
+        pkt, tid = from_a_new_tid(old)
+        got, k = pkt[4:], 1
+        while len(pkt) - 4 == 512:
+            s.sendto(bytes((0, 4, 0, k)), tid)
+            pkt, _ = from_a_new_tid(old)
+            k += 1
+            assert pkt[:4] == bytes((0, 3, 0, k))
+            got += pkt[4:]
+        assert got == data
+        return tid, k
+
+    try:
+        old = None
+        for name in (b"s1469.bin", b"s513.bin", b"s513.bin"):
+            s.sendto(b"\0\x01" + name + b"\0octet\0", server)
+            old, last = take(name, old)  # its last ACK withheld
+        s.sendto(bytes((0, 4, 0, last)), old)
+    finally:
+        s.close()
+    board.wait_event(lambda e: e.get("ev") == "tftp" and e.get("stage") == "end"
+                     and e.get("file") == "s513.bin" and e.get("result") == "ok", timeout=10)

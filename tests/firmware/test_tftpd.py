@@ -331,6 +331,41 @@ def test_client_that_goes_away_ends_the_transfer(serve):
     assert srv.wait_ends(1)[0]["result"] == "socket error"
 
 
+def _from_a_new_tid(s: socket.socket, old: tuple) -> tuple[bytes, tuple]:
+    # The next packet from another transfer ID than old (the old transfer's resends skipped).
+    while True:
+        pkt, tid = s.recvfrom(2048)
+        if tid != old:
+            return pkt, tid
+
+
+@pytest.mark.parametrize("second", [b"sub/b.bin", b"a.bin"])
+def test_a_client_reusing_its_port_after_its_last_ack_was_lost_gets_its_next_file(serve, second):
+    # edk2 and the Pi bootloader fetch file after file from one UDP port: when the last ACK of
+    # a file is lost, a new request from that port (another file, or the same one again) is
+    # a new transfer. The one left waiting for its last ACK times out on its own.
+    srv = serve(timeout_ms=3000)
+    s = client()
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    pkt, tid = s.recvfrom(2048)
+    for k in (1, 2, 3):  # a.bin is 1792 bytes: DATA 4 (256 bytes) is the last
+        s.sendto(ack(k), tid)
+        pkt, _ = s.recvfrom(2048)
+    assert pkt[:4] == b"\0\x03\0\x04" and len(pkt) == 4 + 256  # never ACKed
+    s.sendto(rrq(second), srv.addr)
+    pkt, tid2 = _from_a_new_tid(s, tid)
+    data = FILES[second.decode()]
+    assert pkt == b"\0\x03\0\x01" + data[:512]
+    for k in range(1, len(data) // 512 + 2):
+        s.sendto(ack(k), tid2)
+        if k <= len(data) // 512:
+            pkt, _ = _from_a_new_tid(s, tid)
+            assert pkt[:4] == bytes((0, 3, 0, k + 1))
+    s.close()
+    ends = srv.wait_ends(1)
+    assert [(e["file"], e["result"]) for e in ends] == [(second.decode(), "ok")]
+
+
 def _wait_counter(srv: Running, name: str, n: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout  # a guard against a hang, not a timing claim
     while srv.counter(name) < n:
