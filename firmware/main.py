@@ -175,10 +175,19 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
     if cfg is not None:
         listen = opts.get("listen", "0.0.0.0")
         servers.append(("tftp", TftpServer(cfg, log, listen, int(opts.get("tftp-port", 69)))))
+        # Broadcast DISCOVERs only reach a socket bound to the wildcard address: on a board
+        # its one interface. The sim board told its interface (bastion sim --listen) binds
+        # DHCP to the wildcard address on that interface alone and PXE to --listen; on
+        # loopback, where no client broadcasts, both to --listen.
+        dev = opts.get("dhcp-interface")
+        if dev:
+            dev = listen + "/" + dev  # ProxyDhcp's ADDR/INTERFACE
+        elif listen.startswith("127."):
+            dev = listen
         servers.append(("dhcp", ProxyDhcp(
             cfg,
             log,
-            "0.0.0.0",  # broadcast DISCOVERs only reach a socket bound to the wildcard address
+            dev or "0.0.0.0",
             int(opts.get("dhcp-port", 67)),
             int(opts.get("pxe-port", 4011)),
         )))

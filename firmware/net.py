@@ -21,6 +21,7 @@ except ImportError:  # CPython
 from firmware.compat import const
 
 _EAGAIN = const(11)
+_SO_BINDTODEVICE = const(25)  # Linux's (asm-generic/socket.h); the unix port does not name it
 
 
 def addr(ip, port):
@@ -47,7 +48,11 @@ def ip_str(b):
 
 def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
     """A non-blocking UDP socket bound to (ip, port); port 0: a port of its own, which no
-    other socket has (a TFTP transfer's)."""
+    other socket has (a TFTP transfer's). broadcast: True, or an interface's name (bytes;
+    Linux, the sim board): it may send broadcasts, and with a name it takes datagrams that
+    arrive on that interface only (SO_BINDTODEVICE: an OSError where that cannot be had,
+    never a socket that hears more). (No parameter of its own: a new name costs the sim
+    board an interned name, firmware/main.py.)"""
     s = _socket(socket.AF_INET, socket.SOCK_DGRAM)
     if port:  # a listener's port, bound again at once after a restart
         # Not for port 0: the kernel may give a socket that allows reuse a port another such
@@ -56,6 +61,8 @@ def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if broadcast:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if broadcast is not True:
+            s.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, broadcast)
     s.setblocking(False)
     s.bind(addr(ip, port))
     return s

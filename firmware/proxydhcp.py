@@ -108,7 +108,11 @@ class ProxyDhcp:
     ):
         self.policy = pxe.Policy(cfg)
         self.log = log
-        self.listen_ip = listen_ip  # 0.0.0.0 on a board: broadcast DISCOVERs must arrive
+        # 0.0.0.0 on a board: broadcast DISCOVERs must arrive. The sim board's may be
+        # ADDR/INTERFACE (no interface's name holds a '/'; '%', ss's notation, would cost
+        # an interned name, firmware/main.py): DHCP on the wildcard address of that
+        # interface alone (broadcasts reach no other socket), PXE on ADDR (run()).
+        self.listen_ip = listen_ip
         self.dhcp_port = dhcp_port
         self.pxe_port = pxe_port
         self.client_port = client_port  # where broadcast and ciaddr replies go (68)
@@ -132,9 +136,15 @@ class ProxyDhcp:
 
     async def run(self):
         """Serve both listeners until a socket fails (raised) or the task is cancelled."""
-        s_dhcp = net.udp_socket(self.listen_ip, self.dhcp_port, broadcast=True)
+        ip = self.listen_ip
+        i = ip.find("/")
+        if i < 0:
+            s_dhcp = net.udp_socket(ip, self.dhcp_port, True)
+        else:
+            s_dhcp = net.udp_socket("0.0.0.0", self.dhcp_port, ip[i + 1 :].encode())
+            ip = ip[:i]
         try:
-            s_pxe = net.udp_socket(self.listen_ip, self.pxe_port)
+            s_pxe = net.udp_socket(ip, self.pxe_port)
         except OSError:
             s_dhcp.close()
             raise

@@ -166,12 +166,46 @@ def parse_heap(text: str) -> int:
 
 
 def firmware_args(
-    listen: str | None = None, dhcp_port: int = 67, pxe_port: int = 4011, tftp_port: int = 69
+    listen: str | None = None,
+    dhcp_port: int = 67,
+    pxe_port: int = 4011,
+    tftp_port: int = 69,
+    interface: str | None = None,
 ) -> list[str]:
-    """The sim board's overrides, as main.py reads them from argv."""
+    """The sim board's overrides, as main.py reads them from argv. interface: the one whose
+    datagrams its proxyDHCP hears (listen_interface), else every one."""
     args = ["--listen", listen] if listen else []
     args += ["--dhcp-port", str(dhcp_port), "--pxe-port", str(pxe_port)]
+    if interface:
+        args += ["--dhcp-interface", interface]
     return args + ["--tftp-port", str(tftp_port)]
+
+
+def listen_interface(listen: str | None) -> str | None:
+    """The interface that holds the address `listen` in this process's network namespace, for
+    the sim board's proxyDHCP (docs/device.md, "The sim board's addresses"); None for no
+    address or the wildcard (every interface, as asked), and for a loopback address (no PXE
+    client broadcasts there: the firmware binds it as it is). SimError when no interface
+    has it.
+
+    A DHCP listener cannot simply bind the address: Linux delivers a broadcast (a PXE client's
+    DISCOVER to 255.255.255.255) only to a socket on the wildcard address. So the firmware
+    binds the wildcard address on this interface alone (SO_BINDTODEVICE): it hears the
+    broadcasts of that network and nothing of the host's other networks."""
+    if not listen or listen == "0.0.0.0" or listen.startswith("127."):
+        return None
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+        links = json.loads(out)
+    except (OSError, subprocess.CalledProcessError, ValueError) as e:
+        raise SimError(f"--listen {listen}: cannot list this host's addresses (ip -j addr: "
+                       f"{e}); iproute2 is needed to find its interface") from None  # fmt: skip
+    for link in links:
+        for a in link.get("addr_info", ()):
+            if a.get("local") == listen:
+                return link["ifname"]
+    raise SimError(f"--listen {listen}: no interface here has that address (ip addr)")
 
 
 def firmware_command(
@@ -182,10 +216,12 @@ def firmware_command(
     tftp_port: int = 69,
     heap: str = "128k",
     micropython: str | None = None,
+    interface: str | None = None,
 ) -> list[str]:
-    """micropython: the binary to run, default the unix port installed with bastion."""
+    """micropython: the binary to run, default the unix port installed with bastion.
+    interface: as firmware_args (bastion sim gives listen_interface(listen))."""
     cmd = [micropython or micropython_bin(), "-X", f"heapsize={parse_heap(heap)}", "main.py"]
-    return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port)
+    return cmd + firmware_args(listen, dhcp_port, pxe_port, tftp_port, interface)
 
 
 def check_serial_link(link: Path) -> None:
@@ -232,7 +268,11 @@ def blank_note(flash: Path) -> str | None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory standing in for the board's flash (device.json, tftp/, firmware).",
 )
-@click.option("--listen", metavar="IP", help="The device's LAN address (server id, next-server).")
+@click.option("--listen", metavar="IP",
+              help="The device's LAN address (server id, next-server). Its TFTP and PXE "
+                   "(4011) listeners bind it; its proxyDHCP binds the wildcard address on the "
+                   "interface that holds it, and only there (broadcasts reach no other "
+                   "socket). Without it every listener is on every interface.")  # fmt: skip
 @click.option("--dhcp-port", default=67, show_default=True, type=click.IntRange(1, 65535), help="proxyDHCP port.")
 @click.option("--pxe-port", default=4011, show_default=True, type=click.IntRange(1, 65535), help="PXE boot-server port.")
 @click.option("--tftp-port", default=69, show_default=True, type=click.IntRange(1, 65535), help="TFTP port.")
@@ -291,6 +331,7 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
         heap_bytes = parse_heap(heap)
         if serial_link is not None:
             check_serial_link(serial_link)
+        interface = listen_interface(listen)
         mp = micropython_bin()
     except (SimError, DressError) as e:
         raise click.ClickException(str(e)) from None
@@ -303,7 +344,7 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
         flash.resolve(),
         mp,
         heap_bytes,
-        firmware_args(listen, dhcp_port, pxe_port, tftp_port),
+        firmware_args(listen, dhcp_port, pxe_port, tftp_port, interface),
         serial_link=serial_link,
         wdt_timeout_ms=wdt_ms,
         on_output=lines.feed,

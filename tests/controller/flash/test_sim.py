@@ -36,3 +36,15 @@ def test_the_command_runs_the_micropython_given_or_the_one_installed(tmp_path):
     assert cmd[4:] == ["--listen", "127.0.0.1", "--dhcp-port", "2067", "--pxe-port", "2011",
                        "--tftp-port", "2069"]  # fmt: skip
     assert sim.firmware_command(tmp_path, heap="48k")[0] == sim.micropython_bin()
+
+
+def test_the_interface_of_the_listen_address_is_found_for_the_dhcp_listener(tmp_path):
+    # docs/device.md, "The sim board's addresses"; the namespace test is test_sim_listen.py
+    assert sim.listen_interface(None) is None and sim.listen_interface("0.0.0.0") is None
+    assert sim.listen_interface("127.0.0.1") is None  # bound as it is: no broadcasts there
+    with pytest.raises(sim.SimError, match="no interface here has that address"):
+        sim.listen_interface("192.0.2.77")  # TEST-NET-1: on no interface of a test host
+    assert sim.firmware_args("10.1.2.3", interface="eth1")[:2] == ["--listen", "10.1.2.3"]
+    assert "--dhcp-interface" not in sim.firmware_args("127.0.0.1")
+    cmd = sim.firmware_command(tmp_path, "10.1.2.3", micropython="mp", interface="eth1")
+    assert cmd[cmd.index("--dhcp-interface") + 1] == "eth1"
