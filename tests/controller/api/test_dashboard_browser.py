@@ -8,6 +8,7 @@ phone-sized screen. Every step leaves a screenshot under the directory the test 
 from __future__ import annotations
 
 import subprocess
+import threading
 
 import httpx
 import pytest
@@ -26,6 +27,8 @@ from browserkit import (
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.select import Select
 from simkit import SimProcess, wait_for
+
+from bastion.state.events import EventStore
 
 # node1 switches on at once; with a long stagger node2 then waits its turn (and says so).
 POWER = {"channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}], "stagger_ms": 600_000}
@@ -170,3 +173,61 @@ def test_the_pages_fit_a_phone(served, browser, artefacts, page):
     button = d.find_element(By.CSS_SELECTOR, 'button[data-machine="node1"][data-state="on"]')
     assert button.is_displayed() and button.rect["x"] + button.rect["width"] <= 390
     Steps(d, artefacts).shot("phone-390x844")
+
+
+def shown_ids(d) -> list[int]:
+    return d.execute_script("return [...document.querySelectorAll('#events tbody tr')].map(r => +r.dataset.id)")
+
+
+def wait_polls(d, n: int) -> None:
+    """Until the page has polled the events n more times ("live · <time>" changes each poll)."""
+    for _ in range(n):
+        before = d.find_element(By.ID, "updated").text
+        until(d, lambda d, before=before: d.find_element(By.ID, "updated").text != before, "the next poll")
+
+
+def test_a_flood_of_events_shows_each_once_and_skips_none(tmp_path, site_dir, browser, artefacts):
+    # More events than one poll reads (200) at once, filtered and not: the table ends as the
+    # newest 200 that match, newest first, each once.
+    srv = Server(site_dir, tmp_path / "events.db", TOKEN)
+    store = EventStore(srv.db)
+    try:
+        d, steps = browser, Steps(browser, artefacts)
+        d.get(srv.url + "/dashboard")
+        wait_text(d, "#updated", "live ·")
+        Select(d.find_element(By.ID, "f-machine")).select_by_visible_text("node1")
+        until(d, lambda d: shown_ids(d) == [], "no node1 events yet")
+
+        # One transaction: every event lands between two polls, node1's and node2's interleaved.
+        ids = store.record_many([("dhcp", {"machine": ("node1", "node2")[i % 2], "source": "test"})
+                                 for i in range(600)])  # fmt: skip
+        node1 = ids[::2]
+        until(d, lambda d: shown_ids(d)[:1] == node1[-1:], "the newest node1 event on top")
+        wait_polls(d, 3)
+        assert shown_ids(d) == node1[::-1][:200]
+        steps.shot("flood-node1")
+
+        # Unfiltered, while events keep coming one by one through several polls (fewer than a
+        # poll's 200 each time: the page's reads then end at different events if it is racy).
+        Select(d.find_element(By.ID, "f-machine")).select_by_visible_text("all")
+        flooded: list[int] = []
+        stop = threading.Event()
+
+        def flood() -> None:
+            while not stop.wait(0.01):
+                flooded.append(store.record("dhcp", machine="node2", source="test"))
+
+        writer = threading.Thread(target=flood)
+        writer.start()
+        try:
+            wait_polls(d, 6)
+        finally:
+            stop.set()
+            writer.join()
+        until(d, lambda d: shown_ids(d)[:1] == flooded[-1:], "the newest event on top")
+        wait_polls(d, 2)
+        assert shown_ids(d) == flooded[::-1][:200]
+        steps.shot("flood-all")
+    finally:
+        store.close()
+        srv.stop()
