@@ -69,7 +69,11 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
             driver.get(srv.url + "/dashboard/machines/node2/console")
             driver.find_element(By.ID, "token").send_keys("not-the-token")
             driver.find_element(By.ID, "connect").click()
-            wait_text(driver, "#state", r"closed: wrong token \(code 1008\)")
+            wait_text(driver, "#state", "refused")
+            assert driver.find_element(By.ID, "state").text == (
+                "Connect refused by the controller: wrong token")
+            # Asked of the controller before it is kept: a wrong token is never stored.
+            assert driver.execute_script("return sessionStorage.getItem('bastion.token')") is None
             assert "node2 login" not in screen(driver)
             steps.shot("wrong-token-refused")
             box = driver.find_element(By.ID, "token")
@@ -77,6 +81,7 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
             box.send_keys(TOKEN)
             driver.find_element(By.ID, "connect").click()
             wait_text(driver, "#state", "connected")
+            assert driver.execute_script("return sessionStorage.getItem('bastion.token')") == TOKEN
             until(driver, lambda d: "node2 login:" in screen(d), "the backlog in the terminal")
             steps.shot("backlog")
             driver.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea").send_keys("root\n")
@@ -97,3 +102,4 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
             assert flowed(driver)
     finally:
         node.close()
+
