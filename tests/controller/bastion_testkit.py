@@ -69,12 +69,13 @@ def free_tcp_port() -> int:
 class Server:
     """`bastion serve` (real uvicorn) in a subprocess on 127.0.0.1. `nofile`: its RLIMIT_NOFILE
     (soft and hard), as a service unit's LimitNOFILE= would set it; `access_log`: uvicorn's
-    access log on (in `log` with everything else)."""
+    access log on (in `log` with everything else); `port`: a stopped server's, to restart it
+    where its clients knew it."""
 
     def __init__(self, site: Path, db: Path, token: str | None, poll: float = 0.2,
                  device: str | None = None, args: tuple[str, ...] = (), nofile: int | None = None,
-                 access_log: bool = False):
-        self.port = free_tcp_port()
+                 access_log: bool = False, port: int | None = None):
+        self.port = port or free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = db
         env = {**os.environ, "BASTION_API_TOKEN": token or "", "PYTHONUNBUFFERED": "1"}

@@ -45,6 +45,14 @@ def screen(driver) -> str:
         ".join('\\n')")
 
 
+def scrollback(driver) -> str:
+    """Everything the terminal holds, the lines scrolled away too (xterm.js's own buffer)."""
+    return driver.execute_script(
+        "const b = window.bastionTerminal.buffer.active, lines = [];"
+        "for (let i = 0; i < b.length; i++) lines.push(b.getLine(i).translateToString(true));"
+        "return lines.join('\\n')")
+
+
 def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, request):
     srv, board = served
     path = board.link.parent / "flash" / "consoles" / "1.sock"  # node2: relay channel 1
@@ -103,3 +111,48 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
     finally:
         node.close()
 
+
+def test_a_reconnect_after_a_dropped_socket_shows_each_byte_once(served, tmp_path, site_dir, request):
+    # The controller restarts under the page (its socket drops); Connect again shows the node's
+    # console as it is now: what the terminal held, not again on top of it, and what the node
+    # printed meanwhile.
+    srv, board = served
+    path = board.link.parent / "flash" / "consoles" / "1.sock"
+    wait_for(path.exists, what=str(path))
+    node = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    node.connect(str(path))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    node.sendall(b"node2 login: ")
+    wait_for(lambda: b"node2 login" in srv.get("/api/v1/machines/node2/console", headers=auth).content,
+             what="the log")  # fmt: skip
+    steps = Steps(None, artefact_dir(request.node.name))
+    again = None
+    try:
+        with chrome(tmp_path / "chromium") as driver:
+            steps.driver = driver
+            driver.get(srv.url + "/dashboard/machines/node2/console")
+            driver.find_element(By.ID, "token").send_keys(TOKEN)
+            driver.find_element(By.ID, "connect").click()
+            until(driver, lambda d: "node2 login:" in scrollback(d), "the backlog")
+            steps.shot("connected")
+
+            srv.stop()
+            wait_text(driver, "#state", "closed")
+            again = Server(site_dir, srv.db, TOKEN, device=str(board.link), port=srv.port,
+                           args=("--console-dir", str(tmp_path / "consoles")))  # fmt: skip
+            wait_for(lambda: again.get("/api/v1/device").json().get("connected"), what="device link")
+            node.sendall(b"printed while the page was away\r\n")
+            wait_for(lambda: b"while the page" in again.get("/api/v1/machines/node2/console",
+                                                             headers=auth).content, what="the log")  # fmt: skip
+            steps.shot("dropped")
+            driver.find_element(By.ID, "connect").click()
+            wait_text(driver, "#state", "connected")
+            until(driver, lambda d: "printed while the page was away" in scrollback(d), "the new output")
+            steps.shot("reconnected")
+            text = scrollback(driver)
+            assert text.count("node2 login:") == 1, text
+            assert text.count("printed while the page was away") == 1, text
+    finally:
+        node.close()
+        if again is not None:
+            again.stop()
