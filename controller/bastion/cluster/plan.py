@@ -57,6 +57,20 @@ HEARTBEAT_SCRIPT = "/opt/bin/bastion-heartbeat"
 HEARTBEAT_DEFAULT_S = 30
 HEARTBEAT_MIN_S = 2
 DATA_PATH = "/var/lib/rancher"
+# Graceful node shutdown (site.yaml cluster.shutdown_grace_s). The kubelet takes its periods
+# from a KubeletConfiguration file only: k3s hands it the file of --kubelet-arg=config=FILE.
+# k3s v1.32 and later copy that file into the kubelet's drop-in directory as
+# 10-cli-config.conf, after their own 00-k3s-defaults.conf (which says shutdownGracePeriod:
+# 0s); earlier releases pass it to the kubelet as --config. k3s keeps one such file: a site's
+# own --kubelet-arg=config=... is refused beside this one (kubelet_config_arg).
+KUBELET_CONFIG_FILE = "/etc/rancher/k3s/kubelet-config.yaml"
+# The kubelet delays a shutdown with a logind "delay" inhibitor lock, which logind honours for
+# InhibitDelayMaxSec (default 5 s). The kubelet raises it itself at start when it is too short
+# (a drop-in of its own and a reload of logind), but does not always see the new value in
+# time (kubernetes/kubernetes#133133): the node gets its value from the start instead, a few
+# seconds over the grace period so that the kubelet can finish and report its pods.
+LOGIND_DROPIN = "/etc/systemd/logind.conf.d/60-edge-bastion-k3s.conf"
+INHIBIT_MARGIN_S = 5
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
 
@@ -185,6 +199,50 @@ def recorded_sha256(assets: Path, version: str) -> dict[str, str]:
     return out
 
 
+def kubelet_config_arg(args: list[str]) -> str | None:
+    """The kubelet config file that k3s arguments name (`--kubelet-arg=config=FILE`, or
+    `--kubelet-arg config=FILE`), or None; read the way k3s reads its kubelet arguments (a
+    leading `--` dropped, the value after `=` or in the next one)."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--kubelet-arg="):
+            values.append(arg.removeprefix("--kubelet-arg="))
+        elif arg == "--kubelet-arg" and i + 1 < len(args):
+            values.append(args[i + 1])
+    for i, value in enumerate(values):
+        key, eq, file = value.removeprefix("--").partition("=")
+        if key == "config":
+            return file if eq else (values[i + 1] if i + 1 < len(values) else "")
+    return None
+
+
+def shutdown_plan(section: Any) -> dict | None:
+    """Graceful node shutdown on every node (site.yaml cluster.shutdown_grace_s), or None when
+    it is off: the kubelet's grace periods, its config file, and logind's inhibitor delay."""
+    grace = section.shutdown_grace_s
+    if not grace:
+        return None
+    critical = section.shutdown_critical()
+    delay = grace + INHIBIT_MARGIN_S
+    return {
+        "grace_s": grace,
+        "critical_s": critical,
+        "inhibit_delay_s": delay,
+        "kubelet_config_file": KUBELET_CONFIG_FILE,
+        "kubelet_config": (
+            "# Written by Edge Bastion: site.yaml cluster.shutdown_grace_s (graceful node shutdown)\n"
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n"
+            f"shutdownGracePeriod: {grace}s\nshutdownGracePeriodCriticalPods: {critical}s\n"
+        ),
+        "logind_file": LOGIND_DROPIN,
+        "logind_conf": (
+            "# Written by Edge Bastion: the kubelet's shutdown inhibitor may hold a shutdown for\n"
+            f"# cluster.shutdown_grace_s ({grace} s) and {INHIBIT_MARGIN_S} s more\n"
+            f"[Login]\nInhibitDelayMaxSec={delay}\n"
+        ),
+    }
+
+
 def plan(section: Any, site_name: str, entries: list[Entry],
          sha256: Mapping[str, str] | None = None,
          networks: Any = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
@@ -203,6 +261,12 @@ def plan(section: Any, site_name: str, entries: list[Entry],
         else:
             problems.append(Problem("machines.yaml", e.index, field, msg))
 
+    shutdown = shutdown_plan(section)
+    if shutdown is not None:
+        for field in ("args", "server_args", "agent_args"):
+            own = kubelet_config_arg(list(getattr(section.k3s, field)))
+            if own is not None:
+                problem(None, f"cluster.k3s.{field}", _own_kubelet_config(own))
     ok: list[Entry] = []
     for e in entries:
         bad = False
@@ -221,6 +285,10 @@ def plan(section: Any, site_name: str, entries: list[Entry],
                 problem(None, "cluster.k3s", _unfetched(section, arch, e.name))
             bad = True
         k3s = e.fields.k3s
+        own = kubelet_config_arg(list(k3s.args)) if k3s is not None and shutdown is not None else None
+        if own is not None:
+            problem(e, "k3s.args", _own_kubelet_config(own))
+            bad = True
         if k3s is not None and k3s.init and e.role != "server":
             problem(e, "k3s.init", "only a server can start the cluster")
             bad = True
@@ -290,6 +358,8 @@ def plan(section: Any, site_name: str, entries: list[Entry],
         on_networks = node_networks(networks, e, server) if networks is not None else None
         if on_networks is not None:
             args += on_networks["args"]
+        if shutdown is not None:
+            args += [f"--kubelet-arg=config={KUBELET_CONFIG_FILE}"]
         args += list(section.k3s.args)
         args += list(section.k3s.server_args if server else section.k3s.agent_args)
         if mk is not None:
@@ -352,6 +422,7 @@ def plan(section: Any, site_name: str, entries: list[Entry],
                 "watched": e.fields.heartbeat is not None and e.fields.relay is not None,
             },
             "registries_yaml": cache,
+            "shutdown": copy.deepcopy(shutdown),
             "disk": disk,
             "wireguard": wireguard,
             # site.yaml networks: the node's addresses and the systemd-networkd files for them
@@ -421,6 +492,12 @@ def heartbeat_every(heartbeat: Any) -> int:
     if heartbeat is None:
         return HEARTBEAT_DEFAULT_S
     return max(HEARTBEAT_MIN_S, min(HEARTBEAT_DEFAULT_S, heartbeat.timeout_s // 3))
+
+
+def _own_kubelet_config(file: str) -> str:
+    return (f"--kubelet-arg=config={file}: k3s takes one kubelet config file, and graceful node "
+            f"shutdown (cluster.shutdown_grace_s) needs its own ({KUBELET_CONFIG_FILE}); set "
+            "cluster.shutdown_grace_s: 0 to use yours, and put shutdownGracePeriod in it")  # fmt: skip
 
 
 def _unfetched(section: Any, arch: str, machine: str) -> str:

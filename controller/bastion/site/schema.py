@@ -579,6 +579,14 @@ class DiskDefaults(_Strict):
     )
 
 
+# Graceful node shutdown (bastion.cluster.plan, docs/site-files.md): the kubelet's
+# shutdownGracePeriod. 45 s with a third of it for critical pods leaves the other pods 30 s,
+# the terminationGracePeriodSeconds a pod gets by default. At most 10 minutes: a node on a UPS
+# battery spends it before its relay may open (docs/ups.md).
+SHUTDOWN_GRACE_DEFAULT_S = 45
+SHUTDOWN_GRACE_MAX_S = 600
+
+
 class ClusterSection(_Strict):
     """site.yaml `cluster:` -- a k3s cluster of the machines whose role is server or agent."""
 
@@ -592,6 +600,23 @@ class ClusterSection(_Strict):
     registry_cache: RegistryCache | None = None
     wireguard: ClusterWireguard | None = None
     disk: DiskDefaults = Field(default_factory=DiskDefaults)
+    shutdown_grace_s: int = Field(
+        default=SHUTDOWN_GRACE_DEFAULT_S, strict=True, ge=0, le=SHUTDOWN_GRACE_MAX_S,
+        description="a node that is shut down (the UPS policy, systemctl poweroff) first gives its "
+        "pods this long to stop: the kubelet's shutdownGracePeriod; 0: no graceful node shutdown",
+    )  # fmt: skip
+    shutdown_critical_s: int | None = Field(
+        default=None, strict=True, ge=0, le=SHUTDOWN_GRACE_MAX_S,
+        description="the last part of shutdown_grace_s, kept for critical pods (priority class "
+        "system-cluster-critical or system-node-critical): shutdownGracePeriodCriticalPods "
+        "(default: a third of shutdown_grace_s)",
+    )  # fmt: skip
+
+    def shutdown_critical(self) -> int:
+        """The critical pods' part of the grace period: as declared, else a third of it."""
+        if self.shutdown_critical_s is not None:
+            return self.shutdown_critical_s
+        return self.shutdown_grace_s // 3
 
     @field_validator("name")
     @classmethod
@@ -599,6 +624,21 @@ class ClusterSection(_Strict):
         if v is not None and not _DNS_LABEL.match(v):
             raise ValueError(f"{v!r} is not a cluster name (lower-case letters, digits, '-')")
         return v
+
+    @model_validator(mode="after")
+    def _shutdown(self) -> ClusterSection:
+        grace, critical = self.shutdown_grace_s, self.shutdown_critical()
+        if grace == 0:
+            if critical:
+                raise ValueError(f"shutdown_critical_s ({critical}) without shutdown_grace_s: "
+                                 "graceful node shutdown is off (shutdown_grace_s: 0)")  # fmt: skip
+            return self
+        # Kubernetes: both periods non-zero to turn it on, the critical one the smaller
+        if not 1 <= critical < grace:
+            said = "" if self.shutdown_critical_s is not None else ", by default a third of shutdown_grace_s"
+            raise ValueError(f"shutdown_critical_s ({critical}{said}) must be at least 1 and less "
+                             f"than shutdown_grace_s ({grace}): the other pods get the difference")  # fmt: skip
+        return self
 
     @field_validator("server_url")
     @classmethod
