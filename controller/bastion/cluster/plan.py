@@ -245,11 +245,12 @@ def shutdown_plan(section: Any) -> dict | None:
 
 def plan(section: Any, site_name: str, entries: list[Entry],
          sha256: Mapping[str, str] | None = None,
-         networks: Any = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
+         networks: Any = None, ups: Any = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
     """Each node's plan, by machine name, and the problems that prevent one. `sha256`: the k3s
     binary's by architecture (site.yaml's cluster.k3s.sha256 over what the fetch recorded);
     None: site.yaml's alone. `networks`: site.yaml's (a schema.NetworksSection), which puts
-    k3s's traffic on the cluster network and ingress on the ingress network (node_networks)."""
+    k3s's traffic on the cluster network and ingress on the ingress network (node_networks).
+    `ups`: site.yaml's (a schema.UpsSection), whose quiet_s sets how often the nodes beat."""
     sums = dict(section.k3s.sha256 if sha256 is None else sha256)
     problems: list[Problem] = []
     unfetched: set[str] = set()
@@ -418,7 +419,7 @@ def plan(section: Any, site_name: str, entries: list[Entry],
             "node_password_file": NODE_PASSWORD_FILE,
             "heartbeat": {
                 "script": HEARTBEAT_SCRIPT,
-                "every_s": heartbeat_every(e.fields.heartbeat),
+                "every_s": heartbeat_every(e.fields.heartbeat, ups.quiet_s if ups is not None else None),
                 "watched": e.fields.heartbeat is not None and e.fields.relay is not None,
             },
             "registries_yaml": cache,
@@ -487,11 +488,18 @@ def node_networks(networks: Any, e: Entry, server: bool) -> dict:
     return {"args": args, "addresses": addresses, "files": files}
 
 
-def heartbeat_every(heartbeat: Any) -> int:
-    """Seconds between a node's heartbeats (its machines.yaml heartbeat:, or None)."""
-    if heartbeat is None:
-        return HEARTBEAT_DEFAULT_S
-    return max(HEARTBEAT_MIN_S, min(HEARTBEAT_DEFAULT_S, heartbeat.timeout_s // 3))
+def heartbeat_every(heartbeat: Any, quiet_s: int | None = None) -> int:
+    """Seconds between a node's heartbeats: a third of the shortest silence that counts, so that
+    one lost beat is not silence; HEARTBEAT_DEFAULT_S when none does. Two silences count: the
+    device's node watchdog (the machine's machines.yaml heartbeat.timeout_s, or None) and, on a
+    site with a UPS, the UPS policy's ups.quiet_s: a node asked to shut down whose beats have
+    stopped that long is down and its relay opens, so a node still stopping its pods (graceful
+    node shutdown, while its timer still runs) must beat well within it."""
+    every = HEARTBEAT_DEFAULT_S
+    for silence in (heartbeat.timeout_s if heartbeat is not None else None, quiet_s):
+        if silence is not None:
+            every = min(every, silence // 3)
+    return max(HEARTBEAT_MIN_S, every)
 
 
 def _own_kubelet_config(file: str) -> str:

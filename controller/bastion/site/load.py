@@ -50,6 +50,7 @@ from bastion.render.config import (
     takes_onetime_url,
 )
 from bastion.site import schema
+from bastion.ups import core as ups_core
 from bastion.model import (
     Boot,
     Group,
@@ -632,7 +633,8 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
             ld.problem("site.yaml", None, "cluster", "no machine in machines.yaml has role: server")
         return machines
     sums = _k3s_sums(ld, section)
-    plans, problems = cluster.plan(section, settings.name, nodes, sums, networks=settings.networks)
+    plans, problems = cluster.plan(section, settings.name, nodes, sums, networks=settings.networks,
+                                   ups=settings.ups)  # fmt: skip
     for p in problems:
         if p.index is None:
             ld.problem(p.file, None, p.field, p.message)
@@ -651,7 +653,39 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
                 _check_asset_ref(ld, "site.yaml", f"cluster.flatcar ({cluster.K3S_ARCH[arch]} kernel)", boot.kernel)
                 for initrd in boot.initrd:
                     _check_asset_ref(ld, "site.yaml", f"cluster.flatcar ({cluster.K3S_ARCH[arch]} initrd)", initrd)
+    if settings.ups is not None:
+        _check_ups_timing(ld, settings.ups, plans)
     return [dataclasses.replace(m, node=plans[m.name]) if m.name in plans else m for m in machines]
+
+
+def _check_ups_timing(ld: _Loader, section: Any, plans: dict[str, dict]) -> None:
+    """The UPS policy opens a node's relay once its beats have stopped for ups.quiet_s, or when
+    ups.shutdown_wait_s has run out: neither may cut a node that is still shutting down cleanly
+    (bastion.ups.core.shutdown_takes_s). Reported once, for the node that takes longest."""
+    worst = None
+    for name, node in plans.items():
+        every = node["heartbeat"]["every_s"]
+        if section.quiet_s < 2 * every:
+            ld.problem("site.yaml", None, "ups.quiet_s",
+                       f"{section.quiet_s} s is less than two of machine {name}'s heartbeats (every "
+                       f"{every} s): a node still running would be taken for down and its relay "
+                       f"opened; make it at least {2 * every}")  # fmt: skip
+            return
+        delay = node["shutdown"]["inhibit_delay_s"] if node["shutdown"] else 0
+        takes = ups_core.shutdown_takes_s(every, delay, section.quiet_s, section.poll_s)
+        if worst is None or takes > worst[0]:
+            worst = (takes, name, every, delay)
+    if worst is None or worst[0] <= section.shutdown_wait_s:
+        return
+    takes, name, every, delay = worst
+    grace = (f"{delay} s of graceful node shutdown (cluster.shutdown_grace_s and "
+             f"{cluster.INHIBIT_MARGIN_S} s for the kubelet to finish), " if delay else "")  # fmt: skip
+    ld.problem("site.yaml", None, "ups.shutdown_wait_s",
+               f"{section.shutdown_wait_s} s is shorter than machine {name} may take to shut down "
+               f"cleanly, {takes:g} s: up to {every} s until its heartbeat carries the request, "
+               f"{grace}quiet_s ({section.quiet_s} s) of silence and a poll (poll_s, "
+               f"{section.poll_s} s); its relay would open while it still stops. Make it at least "
+               f"{takes:g}" + (", or shorten cluster.shutdown_grace_s" if delay else ""))  # fmt: skip
 
 
 def _k3s_sums(ld: _Loader, section: Any) -> dict[str, str]:

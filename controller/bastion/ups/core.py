@@ -125,6 +125,15 @@ class Action:
         return d
 
 
+def shutdown_takes_s(beat_every_s: float, stop_delay_s: float, quiet_s: float, poll_s: float) -> float:
+    """The longest a node asked to shut down may take until `decide` counts it down, so that
+    shutdown_wait_s must be at least this not to open its relay early: the request goes out in
+    the answer to its next heartbeat (beat_every_s); the node may then hold its shutdown for
+    stop_delay_s while it still beats (graceful node shutdown: logind's InhibitDelayMaxSec);
+    its beats stop, and it is down after quiet_s of silence, seen at the next poll."""
+    return beat_every_s + stop_delay_s + quiet_s + poll_s
+
+
 def _low(ups: Ups, p: Policy) -> bool:
     return "LB" in ups.status or (ups.charge is not None and ups.charge <= p.low_charge)
 
