@@ -14,6 +14,7 @@ import pytest
 from bastion.site.load import SiteError, load_site
 from bastion.state.secrets import SecretStore
 from bastion.ups import core
+from bastion_testkit import REPO
 from mirrorkit import home_lab_copy, render_all
 
 VERSION = "v1.31.4+k3s1"
@@ -141,3 +142,12 @@ def test_a_shutdown_wait_that_fits_loads(fetched, tmp_path, ups, cluster_lines):
 def test_shutdown_takes_the_beat_the_delay_the_silence_and_a_poll():
     assert core.shutdown_takes_s(5, 50, 15, 5) == 75
     assert core.shutdown_takes_s(30, 0, 15, 5) == 50
+
+
+def test_docs_ups_md_shows_the_error_the_site_gives(fetched, tmp_path):
+    """docs/ups.md's example of a shutdown_wait_s too short is what loading the home lab with it
+    says, word for word."""
+    doc = (REPO / "docs" / "ups.md").read_text()
+    section = doc[doc.index("**How long a k3s node takes.**"):]
+    shown = section[section.index("```text\n") + len("```text\n"):section.index("\n```", section.index("```text"))]
+    assert problems(with_ups(fetched, tmp_path, "  shutdown_wait_s: 60\n")) == [shown]
