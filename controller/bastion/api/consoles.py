@@ -68,7 +68,9 @@ async def _authenticate(ws: WebSocket, runtime) -> str | None:
         given = jsonbody.loads(text).get("token")
     except (ValueError, AttributeError):  # BadJson is a ValueError
         return 'the first message must be JSON {"token": "..."}'
-    refusal = admin_refusal(runtime.settings.api_token, given if isinstance(given, str) else None)
+    # stripped as an Authorization header's value is (HTTP drops the spaces around it)
+    refusal = admin_refusal(runtime.settings.api_token,
+                            given.strip() if isinstance(given, str) else None)
     if refusal is not None:
         runtime.metrics.auth_failures.inc()
         return refusal[1]

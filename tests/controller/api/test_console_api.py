@@ -116,6 +116,15 @@ def test_the_stream_without_the_right_token_closes_with_the_reason(api, first, r
     assert e.value.code == 1008 and e.value.reason == reason
 
 
+def test_the_stream_takes_the_token_with_spaces_around_it_as_the_api_does(api):
+    # a token pasted with a space or line break: GET /api/v1/auth takes it (HTTP strips a
+    # header's value), so the console page would keep it, and the stream must take it too
+    assert api.get("/api/v1/auth", headers={"Authorization": f"Bearer {TOKEN} "}).status_code == 200
+    with api.websocket_connect("/api/v1/machines/node1/console/stream") as ws:
+        ws.send_text(json.dumps({"token": f" {TOKEN}\n"}))
+        assert ws.receive_bytes() == b"kept before\r\n"
+
+
 def test_the_stream_without_a_device_shows_the_log_and_says_why_it_ends(api):
     from starlette.websockets import WebSocketDisconnect
 
