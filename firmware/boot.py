@@ -38,6 +38,23 @@ def said(e):
     return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
 
 
+def power(outputs, settings, n, store=None, log=None):
+    """firmware.power.Power for device.json's power section (settings, from power_settings) on
+    a board of n relay channels; ValueError naming the field when the section is bad. One
+    checker for the boot (make_power) and for `bastion flash` (bastion/flash/image.py)."""
+    from firmware.config import unknown
+    from firmware.power import Power
+
+    unknown(settings, ("stagger_ms", "channels"), "power")
+    stagger = settings.get("stagger_ms", 2000)
+    if not isinstance(stagger, int) or isinstance(stagger, bool) or not 0 <= stagger <= 600000:
+        raise ValueError("power.stagger_ms: %s must be an integer from 0 to 600000" % repr(stagger)[:40])
+    channels = settings.get("channels") or n
+    if isinstance(channels, list) and len(channels) > n:
+        raise ValueError("power.channels: %d channels, the board has %d" % (len(channels), n))
+    return Power(outputs, channels, store, log, stagger)
+
+
 def make_power(board, settings, log):
     """The relay channels, with their outputs already driven to the persisted desired state.
     Nothing here may stop the boot: a bad power section restores with every default, and
@@ -51,22 +68,14 @@ def make_power(board, settings, log):
         log.count("power.bad_board")
         log.event("power", ("error",), (said("relays: board.json: %s" % said(e)),))
         return Power(None, 0, store, log)
-    channels = settings.get("channels") or board.channels
-    stagger = settings.get("stagger_ms", 2000)
     try:
-        if not isinstance(stagger, int) or isinstance(stagger, bool) or not 0 <= stagger <= 600000:
-            raise ValueError("power.stagger_ms: %s must be an integer from 0 to 600000" % repr(stagger)[:40])
-        if isinstance(channels, list) and len(channels) > board.channels:
-            raise ValueError(
-                "power.channels: %d channels, the board has %d" % (len(channels), board.channels)
-            )
-        power = Power(outputs, channels, store, log, stagger)
+        p = power(outputs, settings, board.channels, store, log)
     except Exception as e:  # restore with every default rather than not at all
         log.count("power.bad_config")
         log.event("power", ("error",), (said("config: %s" % said(e)),))
-        power = Power(outputs, board.channels, store, log)
-    power.restore(ticks_ms())
-    return power
+        p = Power(outputs, board.channels, store, log)
+    p.restore(ticks_ms())
+    return p
 
 
 def read_json(path, what):

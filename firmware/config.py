@@ -53,6 +53,35 @@ def _int(d, key, lo, hi, default, where):
     return v
 
 
+def unknown(d, keys, where):
+    """ConfigError for a key of d that is not one of keys: a typo ("alowed_macs", "max_windw")
+    must not pass for the default it leaves in place. (Named after a word the boot interns
+    anyway: a new name would cost the table of interned names, docs/device.md "Heap".) The error names the key in its section (where: "" for the top
+    level), and the known key it is a letter or two from (else every known key)."""
+    for k in d:
+        if k not in keys:
+            k = str(k)[:40]
+            best = 3
+            for n in keys:
+                if abs(len(n) - len(k)) < best:  # only then can n be nearer than best
+                    # Levenshtein, one row at a time: keys are short, and this runs only for
+                    # a key already refused
+                    row = list(range(len(n) + 1))
+                    for i in range(len(k)):
+                        prev = row[:]
+                        row[0] = i + 1
+                        for j in range(len(n)):
+                            row[j + 1] = min(prev[j + 1] + 1, row[j] + 1,
+                                             prev[j] + (k[i].lower() != n[j]))  # fmt: skip
+                    if row[-1] < best:
+                        best, near = row[-1], n
+            if best < 3 and 2 * best < len(k):
+                raise ConfigError(("%s.%s: unknown key (did you mean %s?)" if where else
+                                   "%s%s: unknown key (did you mean %s?)") % (where, k, near))  # fmt: skip
+            raise ConfigError(("%s.%s: unknown key (known: %s)" if where else
+                               "%s%s: unknown key (known: %s)") % (where, k, ", ".join(keys)))  # fmt: skip
+
+
 def _str(d, key, default, where, required=False, max_len=255):
     v = d.get(key, default)
     if v is None and not required:
@@ -69,12 +98,14 @@ def channels(defs):
     if isinstance(defs, int) and not isinstance(defs, bool):
         defs = [{} for _ in range(defs)]
     if not isinstance(defs, list):
-        raise ConfigError("channels: must be a number or a list of relay channels")
+        raise ConfigError("power.channels: must be a number or a list of relay channels")
     out = []
     for index, d in enumerate(defs):
-        where = "channels[%d]" % index
+        where = "power.channels[%d]" % index
         if not isinstance(d, dict):
             raise ConfigError("%s: must be an object" % where)
+        unknown(d, ("name", "pin", "active", "default", "min_off_ms", "max_cycles", "window_ms"),
+               where)  # fmt: skip
         name = d.get("name", "ch%d" % index)
         if not isinstance(name, str) or not 0 < len(name) <= 63:
             # a DNS label's length: eight of them and the rest of a status reply fit its frame
@@ -97,7 +128,7 @@ def channels(defs):
     seen = set()
     for index, c in enumerate(out):
         if c[0] in seen:
-            raise ConfigError("channels[%d].name: %r is used twice" % (index, c[0]))
+            raise ConfigError("power.channels[%d].name: %r is used twice" % (index, c[0]))
         seen.add(c[0])
     return out
 
@@ -123,6 +154,9 @@ class Config:
     def __init__(self, d, server_ip=None, device_ip=None):
         if not isinstance(d, dict):
             raise ConfigError("device config must be a JSON object")
+        # net is firmware.netconfig's, power firmware.boot's and Power's: each checks its own keys
+        unknown(d, ("server_ip", "net", "script_url", "boot_files", "allowed_macs", "next_server",
+                   "rpi", "tftp", "power"), "")  # fmt: skip
         ip = server_ip or d.get("server_ip") or device_ip
         if ip is None:
             raise ConfigError("server_ip: missing (the device's LAN address)")
@@ -164,6 +198,7 @@ class Config:
         rpi = d.get("rpi", {})
         if not isinstance(rpi, dict):
             raise ConfigError("rpi: must be an object")
+        unknown(rpi, ("boot", "menu", "next_server"), "rpi")
         self.rpi_boot = rpi.get("boot", True)
         if not isinstance(self.rpi_boot, bool):
             raise ConfigError("rpi.boot: %s must be true or false" % _r(self.rpi_boot))
@@ -175,6 +210,8 @@ class Config:
         t = d.get("tftp", {})
         if not isinstance(t, dict):
             raise ConfigError("tftp: must be an object")
+        unknown(t, ("root", "max_transfers", "max_blksize", "timeout_ms", "retries", "max_window"),
+               "tftp")  # fmt: skip
         self.tftp_root = _str(t, "root", "tftp", "tftp.")
         if self.tftp_root.strip("/") in ("", ".") or ".." in self.tftp_root.split("/"):
             # "/" served the whole flash (device.json, the state files), on the sim the host's

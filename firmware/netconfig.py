@@ -4,7 +4,7 @@
 #
 #     "net": {"ip": "192.168.1.5/24", "gateway": "192.168.1.1", "dns": "192.168.1.1"}
 #     "net": {"dhcp_wait_ms": 15000}          (or no section at all: a DHCP lease)
-from firmware.config import ConfigError, _int, _ip_bytes
+from firmware.config import ConfigError, _int, _ip_bytes, unknown
 
 
 def net_settings(d):
@@ -17,6 +17,7 @@ def net_settings(d):
     n = {} if n is None else n
     if not isinstance(n, dict):
         raise ConfigError("net: must be an object")
+    unknown(n, ("ip", "gateway", "dns", "dhcp_wait_ms"), "net")
     s = Settings()
     s.wait_ms = _int(n, "dhcp_wait_ms", 1000, 120000, 15000, "net")
     ip = n.get("ip")

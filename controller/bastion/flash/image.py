@@ -256,11 +256,13 @@ class _NoOutputs:
 
 
 def check_device_config(config: dict, board: BoardDef) -> None:
-    """The firmware's own verdict on a device.json: its config checker and its power channels
-    (firmware.config.Config, firmware.power.Power). FlashError when either refuses."""
+    """The firmware's own verdict on a device.json: its config checker, its network section's
+    and its power section's (firmware.config.Config, firmware.netconfig.net_settings,
+    firmware.boot.power with firmware.power.Power), each refusing a key it does not know.
+    FlashError when one refuses."""
+    from firmware import boot
     from firmware.config import Config, ConfigError
     from firmware.netconfig import net_settings
-    from firmware.power import Power
 
     d = json.loads(json.dumps(config))  # as the device will read it: JSON, string keys
     try:
@@ -269,17 +271,10 @@ def check_device_config(config: dict, board: BoardDef) -> None:
         Config(d, device_ip=net.ip if net.how == "static" else None)
     except ConfigError as e:
         raise FlashError(f"device.json (from site.yaml device:): {e}") from None
-    power = config.get("power") or {}
-    channels = power.get("channels") or board.channels
-    if isinstance(channels, list) and len(channels) > board.channels:
-        raise FlashError(
-            f"device.json: power.channels: {len(channels)} channels, board {board.name} has "
-            f"{board.channels}"
-        )
     try:
-        Power(_NoOutputs(), channels, None, None, power.get("stagger_ms", 2000))
+        boot.power(_NoOutputs(), boot.power_settings(d), board.channels)
     except ValueError as e:
-        raise FlashError(f"device.json: power.{e}") from None
+        raise FlashError(f"device.json (from site.yaml device:): {e}") from None
 
 
 # --- the flash image -----------------------------------------------------------------------
@@ -509,7 +504,7 @@ def restored_outputs(
     Steps 1 of firmware/boot.py (make_power) with the firmware's own Power.restore, on an
     in-memory state file and outputs."""
     from firmware.board import Board, BoardError
-    from firmware.boot import power_settings
+    from firmware import boot
     from firmware.power import Power
 
     try:
@@ -517,14 +512,11 @@ def restored_outputs(
         n = board.channels if isinstance(board.channels, int) else 0
     except (BoardError, ValueError, TypeError):
         n = 0
-    settings = power_settings(_json_or_none(device_json))
-    channels = settings.get("channels") or n
+    settings = boot.power_settings(_json_or_none(device_json))
     outputs = _Recorder(n)
     store = _MemoryStore(power_state)
-    try:
-        if isinstance(channels, list) and len(channels) > n:
-            raise ValueError("more channels than the board")
-        power = Power(outputs, channels, store, None, settings.get("stagger_ms", 2000))
+    try:  # as firmware.boot.make_power: a bad power section restores with every default
+        power = boot.power(outputs, settings, n, store)
     except (ValueError, TypeError):
         power = Power(outputs, n, store, None)
     power.restore(0)

@@ -302,6 +302,83 @@ def _device(channels: list[dict]) -> str:
     return json.dumps({"power": {"channels": channels}})
 
 
+EVERY_DEVICE_FIELD = """\
+site: every-field
+controller_url: http://10.77.0.3:8080
+default_profile: plain
+device:
+  ip: 10.77.0.2
+  answer: site
+  boot_files: {0: undionly.kpxe, 7: snponly.efi}
+  next_server: 10.77.0.3
+  rpi: {boot: true, menu: Pi, next_server: 10.77.0.3}
+  tftp: {max_transfers: 2, max_blksize: 1024, timeout_ms: 500, retries: 3, max_window: 2}
+  power:
+    stagger_ms: 100
+    defaults: {min_off_ms: 1000, max_cycles: 3, window_ms: 60000, default: on}
+    channels:
+      node-a: {min_off_ms: 2000, max_cycles: 2, window_ms: 30000, default: off}
+  net: {ip: 10.77.0.2/24, gateway: 10.77.0.1, dns: 10.77.0.1, dhcp_wait_ms: 5000}
+"""
+
+
+def test_every_device_field_the_site_can_set_renders_keys_the_firmware_knows(tmp_path):
+    """The firmware refuses a device.json key it does not know: everything the site schema can
+    set must come out under a name it reads (a field added to the schema belongs here too)."""
+    from bastion.site.schema import DeviceChannel, DeviceNet, DevicePower, DeviceRpi, DeviceTftp
+
+    site = load_site(make_site(tmp_path / "s", EVERY_DEVICE_FIELD))
+    dev = flashing.render_device_config(site, W5500)
+    c = dev.config
+    assert set(c["rpi"]) == set(DeviceRpi.model_fields)
+    assert set(c["tftp"]) == set(DeviceTftp.model_fields)
+    assert set(c["net"]) == set(DeviceNet.model_fields) - {"dhcp"}  # dhcp is "no ip"
+    assert set(c["power"]) == set(DevicePower.model_fields) - {"defaults"}
+    assert set(c["power"]["channels"][0]) == {"name", *DeviceChannel.model_fields}
+    assert c["next_server"] == "10.77.0.3" and c["allowed_macs"]
+
+
+@pytest.mark.parametrize("where, value, says", [
+    ((), {"alowed_macs": []}, "alowed_macs: unknown key (did you mean allowed_macs?)"),
+    (("tftp",), {"max_windw": 8}, "tftp.max_windw: unknown key (did you mean max_window?)"),
+    (("rpi",), {"bot": False}, "rpi.bot: unknown key (did you mean boot?)"),
+    (("net",), {"gatway": "10.77.0.1"}, "net.gatway: unknown key (did you mean gateway?)"),
+    (("power",), {"stager_ms": 5}, "power.stager_ms: unknown key (did you mean stagger_ms?)"),
+    (("power", "channels", 2), {"defualt": "on"},
+     "power.channels[2].defualt: unknown key (did you mean default?)"),
+])  # fmt: skip
+def test_a_key_the_firmware_does_not_know_is_refused_before_flashing(tmp_path, where, value, says):
+    site = load_site(make_site(tmp_path / "s"))
+    config = flashing.render_device_config(site, SIM).config
+    node = config
+    for k in where:
+        node = node.setdefault(k, {}) if isinstance(k, str) else node[k]
+    node.update(value)
+    with pytest.raises(flashing.FlashError) as e:
+        flashing.check_device_config(config, SIM)
+    assert str(e.value) == f"device.json (from site.yaml device:): {says}"
+
+
+def test_flash_refuses_a_device_json_the_firmware_would_refuse_and_writes_nothing(
+    tmp_path, monkeypatch
+):
+    """A renderer that wrote a key the firmware does not know (a controller bug: site.yaml's
+    schema refuses unknown keys itself) is stopped with the firmware's words, nothing written."""
+    from bastion.flash.cli import flash
+    from click.testing import CliRunner
+
+    real = flashing._drop_none
+    monkeypatch.setattr(flashing, "_drop_none",
+                        lambda d: {**real(d), **({"max_windw": 8} if "max_window" in d else {})})  # fmt: skip
+    site = make_site(tmp_path / "site")
+    tftp = small_tftp(tmp_path / "tftp")
+    r = CliRunner().invoke(flash, ["--sim", str(tmp_path / "flash"), "--site", str(site),
+                                   "--tftp-dir", str(tftp)])  # fmt: skip
+    assert r.exit_code != 0
+    assert "tftp.max_windw: unknown key (did you mean max_window?)" in r.output
+    assert not (tmp_path / "flash").exists()
+
+
 def test_restored_outputs_follow_the_persisted_state_then_the_defaults():
     board = SIM.data
     on3 = _device([{"name": f"n{i}", "default": "on" if i == 3 else "off"} for i in range(8)])

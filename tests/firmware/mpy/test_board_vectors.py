@@ -454,3 +454,28 @@ def test_a_stagger_that_is_not_a_number_restores_with_the_defaults_and_says_so()
     said = [e for e in _events(log, "power") if "error" in e]
     assert said and "power.stagger_ms: '2000' must be an integer from 0 to 600000" in said[0]["error"]
     assert power.stagger_ms == 2000 and len(power.channels) == 8 and machine.levels[6] == [1]
+
+
+def test_an_unknown_key_in_the_power_section_restores_with_the_defaults_and_says_where():
+    for section, said in (
+        ({"stager_ms": 500}, "config: power.stager_ms: unknown key (did you mean stagger_ms?)"),
+        ({"channels": [{"name": "a", "min_of_ms": 0}]},
+         "config: power.channels[0].min_of_ms: unknown key (did you mean min_off_ms?)"),
+    ):
+        _fresh()
+        with _flash(W5500, power="10000000\n"):
+            log = Log(32)
+            power = boot.make_power(board_mod.load("board.json"), section, log)
+        assert [e["error"] for e in _events(log, "power") if "error" in e] == [said], section
+        assert len(power.channels) == 8 and power.channels[0].name == "ch0"
+        assert machine.levels[6] == [1] and machine.levels[7] == [0]
+
+
+def test_an_unknown_key_in_device_json_serves_nothing_and_says_which():
+    _fresh()
+    device = dict(BASE, net=STATIC, alowed_macs=["52:54:00:aa:bb:01"])
+    with _flash(W5500, device=device, power="1\n"):
+        log = Log(32)
+        board, _, cfg, error, _, _ = boot.boot({}, log)
+    assert cfg is None and error == "config: alowed_macs: unknown key (did you mean allowed_macs?)"
+    assert board.name == W5500 and machine.levels[6] == [1]  # the relays still restored

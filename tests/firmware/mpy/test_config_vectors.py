@@ -105,3 +105,42 @@ def test_the_tftp_root_is_a_directory_of_its_own():
         assert "must be a directory of its own" in _error(tftp={"root": root}), root
     assert _cfg(tftp={"root": "boot/tftp"}).tftp_root == "boot/tftp"
     assert _cfg(tftp={"root": "/tftp"}).tftp_root == "/tftp"  # a board's flash is its root
+
+
+def test_an_unknown_key_is_refused_where_it_is_with_the_key_it_was_meant_to_be():
+    # A typo was taken for "not set": "alowed_macs" answered every PXE client, "max_windw"
+    # left the default window.
+    assert _error(alowed_macs=["52:54:00:aa:bb:01"]) == (
+        "alowed_macs: unknown key (did you mean allowed_macs?)")  # fmt: skip
+    assert _error(tftp={"max_windw": 8}) == "tftp.max_windw: unknown key (did you mean max_window?)"
+    assert _error(rpi={"Menu": "x"}) == "rpi.Menu: unknown key (did you mean menu?)"
+    assert _error(scriptURL="x") == "scriptURL: unknown key (did you mean script_url?)"
+    assert _error(url="x").startswith("url: unknown key (known: server_ip, net, script_url, ")
+    assert _error(tftp={"blksize": 512}) == ("tftp.blksize: unknown key (known: root, "
+                                             "max_transfers, max_blksize, timeout_ms, retries, "
+                                             "max_window)")  # fmt: skip
+    d = dict(_BASE)
+    d["x" * 500] = 1
+    try:
+        Config(d)
+    except ConfigError as e:
+        assert len(str(e)) < 200, str(e)  # a long key is cut short: the event fits its frame
+    else:
+        raise AssertionError("a long unknown key was accepted")
+    # what the docs name, and the sections other checkers read (net, power), are known
+    _cfg(boot_files={}, allowed_macs=[], next_server=None, net={}, power={},
+         rpi={"boot": True, "menu": "m", "next_server": None},
+         tftp={"root": "t", "max_transfers": 4, "max_blksize": 1468, "timeout_ms": 1000,
+               "retries": 5, "max_window": 4})  # fmt: skip
+
+
+def test_an_unknown_key_in_the_net_section_is_refused():
+    from firmware.netconfig import net_settings
+
+    try:
+        net_settings({"net": {"ip": "192.168.1.5/24", "gatway": "192.168.1.1"}})
+    except ConfigError as e:
+        assert str(e) == "net.gatway: unknown key (did you mean gateway?)", str(e)
+    else:
+        raise AssertionError("net.gatway accepted")
+    assert net_settings({"net": {"dhcp_wait_ms": 2000}}).how == "dhcp"

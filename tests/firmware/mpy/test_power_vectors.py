@@ -254,12 +254,13 @@ def test_channels_by_index_or_name_and_clear_errors():
 
 def test_channel_definitions_are_checked_by_field():
     for bad, field in (
-        ([{"active": "sideways"}], "channels[0].active"),
-        ([{}, {"min_off_ms": -1}], "channels[1].min_off_ms"),
-        ([{"max_cycles": 0}], "channels[0].max_cycles"),
-        ([{"default": "maybe"}], "channels[0].default"),
-        ([{"name": "a"}, {"name": "a"}], "channels[1].name"),
-        ("eight", "channels"),
+        ([{"active": "sideways"}], "power.channels[0].active"),
+        ([{}, {"min_off_ms": -1}], "power.channels[1].min_off_ms"),
+        ([{"max_cycles": 0}], "power.channels[0].max_cycles"),
+        ([{"default": "maybe"}], "power.channels[0].default"),
+        ([{"name": "a"}, {"name": "a"}], "power.channels[1].name"),
+        ([{}, {"defualt": "on"}], "power.channels[1].defualt: unknown key (did you mean default?)"),
+        ("eight", "power.channels"),
     ):
         try:
             Power(Outputs(), bad)
