@@ -133,6 +133,29 @@ def channels(defs):
     return out
 
 
+def restore(text, n, store, log):
+    """power.state's text (stripped), when it is not one '0'/'1' for each of the n channels:
+    the states still worth restoring (a short file's, for its first channels; a damaged one's,
+    none), and a power error event naming the file and what was lost. The channels left out
+    take their `default`, as without a file; the operator must hear that the saved relay
+    states are gone. For firmware.power.Power.restore, at boot: the checking half of restore
+    (named so, rather than anew, to cost the table of interned names nothing)."""
+    path = getattr(store, "path", "power.state")
+    if not text:
+        what = "%s: empty: every channel takes its default" % path
+    elif not text.strip("01"):
+        what = "%s: %d states for %d channels: channels %d..%d take their default" % (
+            path, len(text), n, len(text), n - 1)  # fmt: skip
+    else:
+        what = "%s: %s is not one 0 or 1 per channel: every channel takes its default" % (
+            path, _r(text))  # fmt: skip
+        text = ""
+    if log is not None:
+        log.count("power.bad_state_file")
+        log.event("power", ("error",), (what,))
+    return text
+
+
 class Config:
     """The checked device configuration.
 

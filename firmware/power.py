@@ -69,12 +69,18 @@ class FileStore:
         self.writes = 0  # how many times the file was written (flash wear)
 
     def load(self):
-        """The stored text, or None when there is none."""
+        """The stored text, or None when there is none. Damage is text that restore() reports:
+        a file that is not UTF-8 comes back as its bytes' repr (read as text, it raised
+        UnicodeError out of the boot, before any relay was restored)."""
         try:
-            with open(self.path) as f:
-                return f.read()
+            with open(self.path, "rb") as f:
+                raw = f.read(64)  # 32 channels at most (board.json): more is damage, not state
         except OSError:
             return None
+        try:
+            return raw.decode()
+        except ValueError:
+            return repr(raw)
 
     def save(self, text):
         tmp = self.path + ".tmp"
@@ -127,11 +133,11 @@ class Power:
         knows, those nodes were running all along (or have been off for long)."""
         text = self.store.load() if self.store is not None else None
         bits = text.strip() if text is not None else ""
-        if text is not None and not _valid_bits(bits):
-            bits = ""
-            if self.log is not None:
-                self.log.count("power.bad_state_file")
-                self.log.event("power", ("error",), ("state file unreadable; using defaults",))
+        if text is not None and (len(bits) < len(self.channels) or bits.strip("01")):
+            # short or damaged: said by the boot-only checker (the channels' one, still loaded)
+            from firmware.config import restore
+
+            bits = restore(bits, len(self.channels), self.store, self.log)
         for c in self.channels:
             c.desired = bits[c.index] == "1" if c.index < len(bits) else c.default_on
             c.queued = False
@@ -292,9 +298,3 @@ class Power:
         if self.store is not None:
             self.store.save("".join("1" if c.desired else "0" for c in self.channels) + "\n")
 
-
-def _valid_bits(t):
-    for ch in t:
-        if ch not in "01":
-            return False
-    return len(t) > 0

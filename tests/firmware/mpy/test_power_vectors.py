@@ -84,6 +84,57 @@ def test_unreadable_state_file_falls_back_to_defaults_and_is_counted():
     assert log.counters["power.bad_state_file"] == 1
 
 
+def _state_errors(log):
+    return [e["error"] for e in log.recent() if e["ev"] == "power" and "error" in e]
+
+
+def test_a_short_state_file_restores_what_it_has_and_says_the_rest_was_lost():
+    # power.state for 2 of 4 channels (cut short, or written before the board had 4): channels
+    # 2 and 3 took their defaults and nothing said so
+    log = Log(16)
+    out = Outputs()
+    p = Power(out, [{}, {}, {"default": "on"}, {}], MemStore("10\n"), log)
+    p.restore(at(0))
+    assert out.level == {0: True, 1: False, 2: True, 3: False}
+    assert _state_errors(log) == [
+        "power.state: 2 states for 4 channels: channels 2..3 take their default"]
+    assert log.counters["power.bad_state_file"] == 1
+
+
+def test_a_damaged_or_empty_state_file_is_reported_with_the_file_and_what_was_there():
+    for text, said in (
+        ("1x10\n", "power.state: '1x10' is not one 0 or 1 per channel: every channel takes its default"),
+        ("\n", "power.state: empty: every channel takes its default"),
+    ):
+        log = Log(16)
+        out = Outputs()
+        Power(out, [{"default": "on"}, {}], MemStore(text), log).restore(at(0))
+        assert out.level == {0: True, 1: False}, text
+        assert _state_errors(log) == [said], (text, _state_errors(log))
+    # a whole file, or a longer one (the board had more channels), says nothing
+    for text in ("10\n", "1011\n"):
+        log = Log(16)
+        Power(Outputs(), 2, MemStore(text), log).restore(at(0))
+        assert _state_errors(log) == [] and "power.bad_state_file" not in log.counters, text
+
+
+def test_a_state_file_that_is_not_text_is_reported_not_a_stop():
+    # Read as text, bytes that are not UTF-8 raised UnicodeError out of restore(): the boot
+    # stopped before a relay was driven.
+    path = "/tmp/eb-power-bytes-%d" % ticks_diff(at(0), 0)
+    with open(path, "wb") as f:
+        f.write(b"1\xff\xfe0\n")
+    try:
+        log = Log(16)
+        out = Outputs()
+        Power(out, [{"default": "on"}, {}], FileStore(path), log).restore(at(0))
+        assert out.level == {0: True, 1: False}
+        said = _state_errors(log)
+        assert len(said) == 1 and said[0].startswith(path + ": ") and "xff" in said[0], said
+    finally:
+        os.remove(path)
+
+
 def test_state_is_persisted_only_when_it_changes():
     store = MemStore()
     p, out = make(2, store)
