@@ -103,14 +103,47 @@ def read_config(path):
 
 
 def load_board(path):
-    """board.json as a board_mod.Board; BoardError when it is missing or not a board."""
-    d, error = read_json(path, "the board definition")
-    if error is not None:
-        raise board_mod.BoardError(error)
-    board = board_mod.Board(d)  # a field of the wrong type: its AttributeError, TypeError
+    """board.json (its path on the flash, or its parsed JSON: what `bastion flash` checks the
+    board file it flashes with) as a board_mod.Board, checked as far as boot-only code can:
+    BoardError when it is missing or not a board, or for a field of the wrong type its
+    AttributeError or TypeError."""
+    if not isinstance(path, str):
+        d = path
+    else:
+        d, error = read_json(path, "the board definition")
+        if error is not None:
+            raise board_mod.BoardError(error)
+    board = board_mod.Board(d)
     n = board.channels
     if not 0 < len(board.name) <= 64 or not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 32:
         raise board_mod.BoardError("board.json: a name of 1..64 characters, 0..32 channels")
+    if board.relay_kind == "gpio":
+        # Two channels on one GPIO: each switch would drive the other's node too. A pin is a
+        # number or a name; "GP6" and "GPIO6" are pin 6 (rp2; esp32 takes numbers). Other names
+        # ("D5", "LED") are the port's own, mapped in its firmware: only the same name, spelt
+        # the same, is seen as the same pin.
+        pins = [c["pin"] for c in d["relays"]["channels"]]
+        seen = {}
+        for i, pin in enumerate(pins):
+            if isinstance(pin, str):
+                key = pin
+                for prefix in ("GPIO", "GP"):
+                    if pin.upper().startswith(prefix) and pin[len(prefix):].isdigit():
+                        key = int(pin[len(prefix):])
+                        break
+            elif isinstance(pin, int) and not isinstance(pin, bool):
+                key = pin
+            else:
+                raise board_mod.BoardError("board.json: relays.channels[%d].pin: %s is not a pin "
+                                           "number or name" % (i, repr(pin)[:40]))  # fmt: skip
+            if key in seen:
+                j = seen[key]
+                if pins[j] == pin:
+                    raise board_mod.BoardError("board.json: relays.channels[%d] and [%d] are "
+                                               "both on pin %r" % (j, i, pin))  # fmt: skip
+                raise board_mod.BoardError("board.json: relays.channels[%d] and [%d] are both on "
+                                           "pin %r (%r)" % (j, i, pins[j], pin))  # fmt: skip
+            seen[key] = i
     return board
 
 

@@ -71,15 +71,21 @@ def known_boards() -> list[str]:
 
 def board_definition(name: str) -> BoardDef:
     """boards/<name>.json, checked the way the firmware reads it; FlashError if unknown."""
-    from firmware.board import Board, BoardError
-
     path = paths.board_file(name)
     if path is None:
         raise FlashError(f"unknown board {name!r} (boards: {', '.join(known_boards())})")
-    data = path.read_bytes()
+    return checked_board(name, path, path.read_bytes())
+
+
+def checked_board(name: str, path: Any, data: bytes) -> BoardDef:
+    """A board file's bytes as a BoardDef, checked as the device's boot checks it
+    (firmware.boot.load_board: a name, 0..32 channels, relay pins each used once); FlashError
+    naming the file."""
+    from firmware.boot import load_board
+
     try:
-        board = Board(json.loads(data))
-    except (ValueError, BoardError) as e:
+        board = load_board(json.loads(data))
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # BoardError is a ValueError
         raise FlashError(f"{path}: {e}") from None
     if not isinstance(board.channels, int) or board.channels < 0:
         raise FlashError(f"{path}: channels: must be a whole number")

@@ -379,6 +379,18 @@ def test_flash_refuses_a_device_json_the_firmware_would_refuse_and_writes_nothin
     assert not (tmp_path / "flash").exists()
 
 
+@pytest.mark.parametrize("pins, says", [
+    ((9, 9), "relays.channels[3] and [5] are both on pin 9"),
+    ((9, "GP9"), "relays.channels[3] and [5] are both on pin 9 ('GP9')"),
+])  # fmt: skip
+def test_a_board_with_two_relays_on_one_pin_is_refused(pins, says):
+    d = W5500.defn
+    d["relays"]["channels"][3]["pin"], d["relays"]["channels"][5]["pin"] = pins
+    with pytest.raises(flashing.FlashError) as e:
+        flashing.checked_board("x", "boards/x.json", json.dumps(d).encode())
+    assert str(e.value) == f"boards/x.json: board.json: {says}"
+
+
 def test_restored_outputs_follow_the_persisted_state_then_the_defaults():
     board = SIM.data
     on3 = _device([{"name": f"n{i}", "default": "on" if i == 3 else "off"} for i in range(8)])

@@ -456,6 +456,31 @@ def test_a_stagger_that_is_not_a_number_restores_with_the_defaults_and_says_so()
     assert power.stagger_ms == 2000 and len(power.channels) == 8 and machine.levels[6] == [1]
 
 
+def test_two_relays_on_one_pin_boot_as_the_unknown_board_naming_both_and_the_pin():
+    # Both channels were driven on GPIO 9: switching one switched the other's node too.
+    for pins, said in (
+        ((9, 9), "board.json: relays.channels[3] and [5] are both on pin 9"),
+        ((9, "GP9"), "board.json: relays.channels[3] and [5] are both on pin 9 ('GP9')"),
+        (("GPIO9", "gp9"), "board.json: relays.channels[3] and [5] are both on pin 'GPIO9' ('gp9')"),
+    ):
+        _fresh()
+        d = _board_json(W5500)
+        d["relays"]["channels"][3]["pin"], d["relays"]["channels"][5]["pin"] = pins
+        with _Flash({"board.json": json.dumps(d), "device.json": json.dumps(dict(BASE, server_ip="192.168.1.5"))}):
+            log = Log(32)
+            board, power, cfg, error, _, _ = boot.boot({}, log)
+        assert board.name == "unknown" and power.channels == [] and machine.levels == {}, pins
+        assert [e["error"] for e in _boot_events(log)] == ["board: " + said], pins
+        assert cfg is not None and error is None  # the services still run
+    d = _board_json(W5500)
+    d["relays"]["channels"][3]["pin"] = "D9"  # a port's own name: not known to be GPIO 9
+    d["relays"]["channels"][5]["pin"] = [9]
+    with raises(board_mod.BoardError):
+        boot.load_board(d)
+    d["relays"]["channels"][5]["pin"] = 15
+    assert boot.load_board(d).channels == 8
+
+
 def test_an_unknown_key_in_the_power_section_restores_with_the_defaults_and_says_where():
     for section, said in (
         ({"stager_ms": 500}, "config: power.stager_ms: unknown key (did you mean stagger_ms?)"),
