@@ -71,13 +71,17 @@ def sums_name(arch: str) -> str:
     return f"sha256sum-{arch}.txt"
 
 
-def parse_sums(text: str) -> dict[str, str]:
-    """sha256sum's output as {file name: lower-case hex}; lines that are not sums are skipped."""
-    out = {}
+def parse_sums(text: str) -> dict[str, list[str]]:
+    """sha256sum's output as {file name: its lower-case hex sums, in order, once each}; lines
+    that are not sums are skipped. A name with two different sums is the caller's to refuse:
+    `sha256sum -c` fails such a file whichever of them the file matches."""
+    out: dict[str, list[str]] = {}
     for line in text.splitlines():
         m = _SUM_LINE.fullmatch(line.strip())
         if m:
-            out[m.group(2)] = m.group(1).lower()
+            sums = out.setdefault(m.group(2), [])
+            if m.group(1).lower() not in sums:
+                sums.append(m.group(1).lower())
     return out
 
 
@@ -178,7 +182,13 @@ def _one(client: httpx.Client, req: K3sRequest, release_url: str, assets: Path, 
         raise ChecksumRefused(
             f"{sums_name(arch)} of k3s {req.version} names no {name}; nothing was downloaded"
         )
-    want = sums[name]
+    if len(sums[name]) > 1:
+        raise ChecksumRefused(
+            f"{sums_name(arch)} of k3s {req.version} gives two different SHA-256s for {name} "
+            f"({', '.join(sums[name])}); which one the release means cannot be told, so nothing "
+            "was downloaded: check the mirror (--mirror)"
+        )
+    want = sums[name][0]
     (staging / sums_name(arch)).write_bytes(body)
     url = release_url + name
     rel = cluster.binary_path(req.version, arch)

@@ -123,6 +123,37 @@ def test_a_sums_file_without_the_binary_is_refused_before_downloading(home_lab, 
     assert assets_of(home_lab) == []
 
 
+@pytest.mark.parametrize("good_first", [True, False], ids=["good-then-other", "other-then-good"])
+def test_a_sums_file_with_two_different_sums_for_the_binary_is_refused(
+    home_lab, mirror, good_first
+):
+    # sha256sum -c fails such a file whichever line the binary matches; it was taken as its
+    # last line said, so the binary passed or failed depending on the order of the lines.
+    rel = publish_k3s(mirror, VERSION, arches=("amd64",))
+    sums = rel.base + "sha256sum-amd64.txt"
+    other = hashlib.sha256(b"another k3s").hexdigest()
+    lines = [f"{rel.sha256('amd64')}  k3s\n", f"{other}  k3s\n"]
+    mirror.files[sums] += "".join(lines if good_first else lines[::-1]).encode()
+    result = fetch(home_lab, mirror, "--arch", "amd64")
+    assert result.exit_code == 1
+    assert (
+        "sha256sum-amd64.txt of k3s v1.31.4+k3s1 gives two different SHA-256s for k3s"
+        in result.output
+    )
+    assert other in result.output and rel.sha256("amd64") in result.output
+    assert not mirror.gets("k3s")
+    assert assets_of(home_lab) == []
+
+
+def test_a_binary_listed_twice_with_the_same_sum_is_taken(home_lab, mirror):
+    rel = publish_k3s(mirror, VERSION, arches=("amd64",))
+    sums = rel.base + "sha256sum-amd64.txt"
+    mirror.files[sums] += f"{rel.sha256('amd64').upper()} *k3s\n".encode()
+    result = fetch(home_lab, mirror, "--arch", "amd64")
+    assert result.exit_code == 0, result.output
+    assert (home_lab / "assets/k3s" / VERSION / "amd64/k3s").read_bytes() == rel.binaries["amd64"]
+
+
 def test_an_interrupted_download_resumes(home_lab, mirror):
     rel = publish_k3s(mirror, VERSION, arches=("arm64",), size=3_000_000)
     mirror.cut_once.add(rel.base + "k3s-arm64")
