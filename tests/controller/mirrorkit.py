@@ -201,12 +201,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serving() -> Iterator[Mirror]:
+def serving(tls: dict[str, Path] | None = None) -> Iterator[Mirror]:
+    """A mirror on 127.0.0.1; over HTTPS with `tls`, certkit.make_pki's files (ips=127.0.0.1)."""
     m = Mirror()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     server.mirror = m
-    m.url = f"http://127.0.0.1:{server.server_address[1]}"
+    if tls is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls["cert"], tls["key"])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    m.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -53,6 +53,22 @@ def check_url(url: str) -> None:
         raise FetchError(f"{url}: not a URL: {e}") from None
 
 
+def check_still_https(url: str, r: httpx.Response) -> None:
+    """FetchError when a request made over HTTPS was redirected to plain http:// on its way to r.
+
+    What is checked against a sums file or a pinned hash is only as good as the connection it
+    came over; release servers redirect to their CDNs, and that stays on HTTPS. Every hop is
+    looked at: a plain one could have sent the rest of the chain anywhere."""
+    if httpx.URL(url).scheme != "https":
+        return  # a mirror given as http:// is the user's choice
+    for hop in [*r.history[1:], r]:
+        if hop.url.scheme != "https":
+            raise FetchError(
+                f"{url}: redirected to {hop.url}, not over HTTPS; refused (a download that "
+                "starts on HTTPS must stay on it): check the mirror (--mirror)"
+            )
+
+
 class ReleaseNotFound(FetchError):
     pass
 
@@ -126,6 +142,7 @@ def get_small(client: httpx.Client, url: str) -> bytes | None:
     check_url(url)
     try:
         with client.stream("GET", url) as r:
+            check_still_https(url, r)
             if r.status_code == 404:
                 return None
             if r.status_code != 200:
@@ -184,6 +201,7 @@ def download_resumable(
     total: int | None = None
     try:
         with client.stream("GET", url, headers=headers) as r:
+            check_still_https(url, r)
             if r.status_code == 404:
                 raise ReleaseNotFound(f"{name}: not found at {url} (HTTP 404)")
             if r.status_code == 416 and have:

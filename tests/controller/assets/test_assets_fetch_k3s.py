@@ -154,6 +154,36 @@ def test_a_binary_listed_twice_with_the_same_sum_is_taken(home_lab, mirror):
     assert (home_lab / "assets/k3s" / VERSION / "amd64/k3s").read_bytes() == rel.binaries["amd64"]
 
 
+def test_a_release_over_https_is_not_taken_over_plain_http(home_lab, mirror, tmp_path):
+    # The sums file is trusted because it comes over HTTPS; an https mirror's redirect to
+    # http:// was followed, and the sums and the binary were taken from a plain connection.
+    import ssl
+
+    import httpx
+    from bastion.assets import k3s as ak
+    from certkit import make_pki
+
+    pki = make_pki(tmp_path / "pki", dns=(), ips=("127.0.0.1",))
+    rel = publish_k3s(mirror, VERSION, arches=("amd64",))
+    trust = ssl.create_default_context(cafile=str(pki["ca"]))
+    with serving(tls=pki) as secure, httpx.Client(verify=trust, follow_redirects=True) as client:
+        for path in mirror.files:  # every file of the release: to the same path, on http://
+            secure.redirects[path] = mirror.url + path
+        request = ak.K3sRequest(home_lab, VERSION, ("amd64",), k3s_url(secure))
+        with pytest.raises(ak.FetchError) as refused:
+            ak.fetch_k3s(request, client=client)
+        assert f"redirected to {mirror.url}{rel.base}sha256sum-amd64.txt" in str(refused.value)
+        assert "not over HTTPS" in str(refused.value)
+        assert not mirror.gets("k3s") and assets_of(home_lab) == []
+
+        # Redirects that stay on HTTPS (GitHub's to its download host) are followed.
+        for path in list(secure.redirects):
+            secure.files["/elsewhere" + path] = mirror.files[path]
+            secure.redirects[path] = secure.url + "/elsewhere" + path
+        ak.fetch_k3s(request, client=client)
+    assert (home_lab / "assets/k3s" / VERSION / "amd64/k3s").read_bytes() == rel.binaries["amd64"]
+
+
 def test_an_interrupted_download_resumes(home_lab, mirror):
     rel = publish_k3s(mirror, VERSION, arches=("arm64",), size=3_000_000)
     mirror.cut_once.add(rel.base + "k3s-arm64")
