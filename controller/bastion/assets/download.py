@@ -252,6 +252,12 @@ def download_resumable(
                     os.fsync(out.fileno())
             finally:
                 reporter.end()
+    except OSError as e:  # the disk is full, the directory read-only: the part is as it was
+        kept = part.stat().st_size if part.exists() else 0
+        raise TransferInterrupted(
+            f"{name}: cannot write {part} after {kept} bytes ({e.strerror or e}); the partial "
+            "file is kept: make room and run the same command again to resume"
+        ) from None
     except httpx.HTTPError as e:
         if not written:  # nothing came (offline, refused, a name that does not resolve)
             raise TransferInterrupted(

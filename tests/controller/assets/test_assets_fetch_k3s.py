@@ -201,6 +201,49 @@ def test_an_interrupted_download_resumes(home_lab, mirror):
     assert (home_lab / "assets/k3s" / VERSION / "arm64/k3s").read_bytes() == rel.binaries["arm64"]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory that holds 1 MB: a tmpfs of that size, mounted for the test (root only)."""
+    import subprocess
+    import uuid
+
+    disk = tmp_path / f"disk-{uuid.uuid4().hex[:8]}"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (root only): {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_keeps_the_partial_download_and_says_so(small_disk, mirror):
+    # It was "Error: [Errno 28] No space left on device": no file named, nothing said of what
+    # was kept or what to do.
+    import subprocess
+
+    site = small_disk / "site"
+    site.mkdir()
+    rel = publish_k3s(mirror, VERSION, arches=("amd64",), size=3_000_000)
+    first = fetch(site, mirror, "--version", VERSION, "--arch", "amd64")
+    assert first.exit_code == 1
+    part = site / f"var/assets-fetch/k3s/{VERSION}/k3s.part"
+    assert f"k3s: cannot write {part} after " in first.output
+    assert "No space left on device" in first.output
+    assert "the partial file is kept: make room and run the same command again" in first.output
+    have = part.stat().st_size
+    assert 0 < have < len(rel.binaries["amd64"])
+    assert assets_of(site) == []
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    second = fetch(site, mirror, "--version", VERSION, "--arch", "amd64")
+    assert second.exit_code == 0, second.output
+    assert mirror.gets("k3s")[-1]["range"] == f"bytes={have}-"
+    assert (site / "assets/k3s" / VERSION / "amd64/k3s").read_bytes() == rel.binaries["amd64"]
+
+
 def test_architectures_fetched_apart_share_one_manifest_and_a_refetch_downloads_nothing(
     home_lab, mirror
 ):
