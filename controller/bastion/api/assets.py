@@ -8,10 +8,14 @@ absolute paths and NUL bytes with 400 before touching the disk, symlinks that po
 
 from __future__ import annotations
 
+import contextlib
+import os
 import stat
 import time
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 from fastapi import APIRouter, Request
@@ -28,8 +32,45 @@ router = APIRouter(tags=["assets"], route_class=StrictJsonRoute)
 
 
 class AssetResponse(FileResponse):
+    """Starlette's FileResponse for a file already open: headers and bytes from one file.
+
+    FileResponse takes the size and ETag from a stat and opens the path again once the headers
+    are out; a file replaced in between (a `mv`, a fetch that repairs an object) was sent with
+    the old file's Content-Length, ETag and Content-Range and the new file's bytes. Here the file
+    is opened first and its fstat gives the headers, so a node gets the old file or the new one,
+    and If-Range compares against the file it is sent. Starlette still does Range and ETags."""
+
     # Bigger reads than Starlette's 64 KiB mean fewer trips through the thread pool per file.
     chunk_size = 256 * 1024
+
+    def __init__(self, file: BinaryIO, path: str) -> None:
+        self._file = file
+        super().__init__(path, stat_result=os.fstat(file.fileno()))
+
+    @contextlib.asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        yield anyio.wrap_file(self._file)  # closed by __call__, however the response ends
+
+    async def __call__(self, scope, receive, send) -> None:
+        # pathsend would have the server open the path again: not this file, maybe.
+        extensions = {k: v for k, v in scope.get("extensions", {}).items()
+                      if k != "http.response.pathsend"}  # fmt: skip
+        try:
+            await super().__call__({**scope, "extensions": extensions}, receive, send)
+        finally:
+            self._file.close()
+
+
+def _open_regular(path: str) -> BinaryIO | None:
+    """path opened for reading, if it is still a regular file (O_NONBLOCK: never hang on a FIFO)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 @lru_cache(maxsize=8)
@@ -71,8 +112,13 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
         full, st = "", None
     if st is None or not stat.S_ISREG(st.st_mode):
         return _refused(runtime, request, rel, 404, f"no asset {rel}\n")
-    response: Response = AssetResponse(full, stat_result=st)
+    file = await anyio.to_thread.run_sync(_open_regular, full)
+    if file is None:  # gone (or replaced by something else) since it was looked up
+        return _refused(runtime, request, rel, 404, f"no asset {rel}\n")
+    response: Response = AssetResponse(file, full)
+    st = response.stat_result
     if static.is_not_modified(response.headers, Headers(scope=request.scope)):
+        file.close()
         response = NotModifiedResponse(response.headers)
     runtime.metrics.asset_requests.labels(status=str(response.status_code)).inc()
     if request.method == "GET":

@@ -158,6 +158,41 @@ def test_a_changed_file_gets_a_new_etag(site_dir, client_for):
     assert r.headers["etag"] != old
 
 
+@pytest.mark.parametrize("spec", [None, "bytes=100-", "bytes=0-9,200-299"],
+                         ids=["whole", "range", "ranges"])  # fmt: skip
+def test_a_file_replaced_while_it_is_served_is_one_file_or_the_other(
+    spec, site_dir, client_for, monkeypatch
+):
+    # The file was looked at (size, ETag, Content-Range) and opened again to be sent: replaced
+    # in between (an admin's `mv`, a fetch repairing an object), a node got the headers of the
+    # old file and the bytes of the new one, or, resuming with If-Range, half of each.
+    from starlette.staticfiles import StaticFiles
+
+    path = site_dir / "assets" / KERNEL
+    old, new = data(site_dir), os.urandom(250_000)
+    lookup = StaticFiles.lookup_path
+
+    def looked_up_then_replaced(self, rel):
+        found = lookup(self, rel)
+        if path.read_bytes() == old:  # once: the new kernel moves in (a rename, as mv does)
+            (path.parent / "new").write_bytes(new)
+            os.replace(path.parent / "new", path)
+        return found
+
+    c = client_for(site_dir)
+    etag_of_old = c.get(URL).headers["etag"]
+    monkeypatch.setattr(StaticFiles, "lookup_path", looked_up_then_replaced)
+    headers = {"Range": spec, "If-Range": etag_of_old} if spec else {}
+    r = c.get(URL, headers=headers)
+    monkeypatch.undo()
+    etag_of_new = c.get(URL).headers["etag"]
+    # One file, whole and with its own headers: the new one (the old one's If-Range no longer holds).
+    assert r.status_code == 200
+    assert r.content == new
+    assert r.headers["content-length"] == str(len(new))
+    assert r.headers["etag"] == etag_of_new != etag_of_old
+
+
 def test_head_has_the_headers_of_get_and_no_body(site_dir, client_for):
     c = client_for(site_dir)
     get = c.get(URL)
