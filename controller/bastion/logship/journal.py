@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 
 _NAME = re.compile(rb"[A-Z0-9_]{1,64}")
 
@@ -96,9 +97,24 @@ KEPT = {
 }  # fmt: skip
 
 
+# the end of year 9999: RFC 5424's TIMESTAMP has four digits for the year
+_REALTIME_MAX_S = 253402300800
+
+
+def _realtime_s(realtime: str | None) -> float | None:
+    """__REALTIME_TIMESTAMP (microseconds since the epoch, unsigned) in seconds, or None when
+    it is missing or not a time a collector can take."""
+    if realtime is None or not realtime.isascii() or not realtime.isdigit():
+        return None
+    us = int(realtime)
+    return us / 1e6 if 0 < us < _REALTIME_MAX_S * 1_000_000 else None
+
+
 def as_event(entry: dict[str, str], *, client: str | None, machine: str | None, mac: str | None) -> dict:
     """A journal entry as the event shape bastion.logship ships (kind `journal`, source `node`;
-    not in the history: it has no id)."""
+    not in the history: it has no id). An entry without a usable __REALTIME_TIMESTAMP (missing,
+    not digits, 0, past year 9999: the sender's word) gets the time it arrived, and keeps what
+    it said as `realtime`: a syslog TIMESTAMP cannot say year 10000 and Loki refuses such times."""
     payload: dict = {key: entry[field] for field, key in KEPT.items() if field in entry}
     if "priority" in payload:
         try:
@@ -106,9 +122,11 @@ def as_event(entry: dict[str, str], *, client: str | None, machine: str | None, 
         except ValueError:
             del payload["priority"]
     payload["client"] = client
-    try:
-        ts = int(entry["__REALTIME_TIMESTAMP"]) / 1e6
-    except (KeyError, ValueError):
-        ts = 0.0
+    realtime = entry.get("__REALTIME_TIMESTAMP")
+    ts = _realtime_s(realtime)
+    if ts is None:  # the sender's word, and not a time: the entry gets the time it arrived
+        ts = time.time()
+        if realtime is not None:
+            payload["realtime"] = realtime
     return {"id": None, "ts": ts, "kind": "journal", "source": "node", "mac": mac, "machine": machine,
             "endpoint": None, "profile": None, "group": None, "status": None, "payload": payload}  # fmt: skip

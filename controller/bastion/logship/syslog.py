@@ -8,7 +8,8 @@ A message (RFC 5424 section 6):
 - PRI = facility * 8 + severity (section 6.2.1). Severity is a journal entry's own PRIORITY,
   err for an HTTP status of 500 or more, warning for an event whose payload carries `error`,
   info otherwise.
-- TIMESTAMP is the event's time, UTC, microseconds (section 6.2.3).
+- TIMESTAMP is the event's time, UTC, microseconds (section 6.2.3); NILVALUE for a time no
+  TIMESTAMP can say.
 - APP-NAME `edge-bastion`, PROCID `-`, MSGID the event's kind (section 6.2.7: 1..32
   printable ASCII characters).
 - STRUCTURED-DATA: one element, `bastion@32473` (32473 is the enterprise number RFC 5612
@@ -71,8 +72,14 @@ def severity(event: dict[str, Any]) -> int:
     return _SEVERITY_INFO
 
 
-def timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def timestamp(ts: Any) -> str:
+    """The event's time, UTC; NILVALUE when it is not one a TIMESTAMP can say (section 6.2.3:
+    FULL-DATE has a four-digit year). Never raises: a record that cannot be formatted would be
+    retried forever and block every record queued behind it."""
+    try:
+        return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (TypeError, ValueError, OverflowError, OSError):  # past year 9999, NaN, not a number
+        return "-"
 
 
 def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
@@ -86,7 +93,7 @@ def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
     params = [f'{name}="{_sd_escape(event[name])}"' for name in _SD_FIELDS if event.get(name) is not None]
     params.insert(min(2, len(params)), f'site="{_sd_escape(site)}"')
     sd = f"[{SD_ID} {' '.join(params)}]"
-    head = (f"<{pri}>1 {timestamp(float(event.get('ts') or 0))} {_printable(hostname, 255)} "
+    head = (f"<{pri}>1 {timestamp(event.get('ts') or 0)} {_printable(hostname, 255)} "
             f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} {sd} ").encode()  # fmt: skip
     body = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
     if max_bytes is None or len(head) + len(body) <= max_bytes:

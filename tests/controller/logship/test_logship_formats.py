@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
 from bastion.logship import loki, syslog
 from bastion.logship.queue import DiskQueue
 from bastion.logship.shipper import Shipper, Target
@@ -55,6 +56,14 @@ def test_an_event_as_rfc5424_with_octet_counting():
     assert syslog.message(bad, hostname="ctl", facility=16, site="s").startswith(b"<131>")  # err
     escaped = syslog.message(dict(EVENT, machine='n"1]'), hostname="ctl", facility=16, site="s").decode()
     assert 'machine="n\\"1\\]"' in escaped
+
+
+@pytest.mark.parametrize("ts", [1e14, -1e14, float("nan"), float("inf"), "x"])
+def test_a_time_no_timestamp_can_say_is_the_nilvalue(ts):
+    """RFC 5424 section 6.2.3: TIMESTAMP is NILVALUE when there is no usable time; a record the
+    formatter cannot format blocks its queue for good (it is retried forever)."""
+    msg = syslog.message(dict(EVENT, ts=ts), hostname="ctl", facility=16, site="s").decode()
+    assert msg.startswith("<134>1 - ctl edge-bastion - boot [bastion@32473 "), msg
 
 
 def test_a_long_event_is_cut_to_the_message_limit_and_stays_json():

@@ -6,10 +6,12 @@ controller and rsyslog is in test_logship_rsyslog.py."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
 from bastion.cli import main
+from bastion.logship import syslog
 from bastion.logship.journal import ExportParser, Malformed, as_event
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -77,6 +79,19 @@ def test_an_entry_as_an_event():
     assert e["kind"] == "journal" and e["source"] == "node" and e["ts"] == 1764871526.0
     assert e["payload"] == {"message": "a=b", "priority": 3, "host": "node1", "cursor": "s=1;i=1",
                             "client": "10.77.0.50"}  # fmt: skip
+
+
+@pytest.mark.parametrize("realtime", [b"99999999999999999999", b"9999999999999999999", b"-5", b"soon", None])
+def test_an_entry_whose_time_is_not_a_time_gets_the_time_it_arrived(realtime):
+    """__REALTIME_TIMESTAMP is the sender's word: past year 9999 no syslog TIMESTAMP can say it
+    (the formatter raised, and the record blocked its queue for good) and no Loki takes it. The
+    entry gets the controller's time and keeps what it said, in `realtime`."""
+    body = b"MESSAGE=x\n" + (b"__REALTIME_TIMESTAMP=" + realtime + b"\n" if realtime else b"") + b"\n"
+    before = time.time()
+    e = as_event(_parse_in([body])[0], client="10.77.0.50", machine=None, mac=None)
+    assert before <= e["ts"] <= time.time()
+    assert e["payload"].get("realtime") == (realtime.decode() if realtime else None)
+    syslog.message(e, hostname="ctl", facility=16, site="s")
 
 
 def _with_logs(site_dir: Path, text: str) -> Path:

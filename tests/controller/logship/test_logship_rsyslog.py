@@ -367,3 +367,27 @@ assert urllib.request.urlopen("http://{HTTP}/ipxe?mac=52:54:00:12:34:02", timeou
     assert r.returncode == 0, r.stderr
     lines = _wait_for(journal_lines, lambda ls: len(ls) >= 80)
     assert len(lines) == 80 and all('machine="node2"' in ln for ln in lines[40:]), lines[40]
+
+
+def test_a_journal_entry_with_an_impossible_time_does_not_stop_the_stream(ns, site_dir, tmp_path):
+    """Anyone who reaches /journal/upload chooses __REALTIME_TIMESTAMP. One past year 9999 made
+    the syslog formatter raise at every try: the target retried it forever and nothing after it
+    reached the collector. Now it arrives with the time it came, and the events after it too."""
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    _in_ns(ns, f"""
+import urllib.request
+body = b"__REALTIME_TIMESTAMP=99999999999999999999\\n_HOSTNAME=node1\\nMESSAGE=from the future\\n\\n"
+req = urllib.request.Request("http://{HTTP}/journal/upload", data=body, method="POST",
+                             headers={{"Content-Type": "application/vnd.fdo.journal"}})
+assert urllib.request.urlopen(req, timeout=10).status == 202
+""")
+    _boots(ns, 3, 0)
+    last = _db_ids(db)[-1]
+    _wait_for(rs.ids, lambda ids: last in ids, timeout=60)
+    journal = [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")]
+    assert len(journal) == 1 and json.loads(journal[0].split("] ", 1)[1])["payload"]["realtime"] == "99999999999999999999"
