@@ -797,6 +797,10 @@ class LogsTls(_Strict):
 
 # A Loki tenant (X-Scope-OrgID): Loki's own rule for tenant IDs, and at most 150 bytes.
 _LOKI_TENANT = re.compile(r"[A-Za-z0-9!_.*'()-]{1,150}")
+# Loki validates labels as Prometheus does: a name outside this, or one starting with `__`
+# (reserved), makes every push a 400 ("invalid_labels"), which is never retried
+_LOKI_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_LOKI_OWN_LABELS = ("site", "source", "kind")  # bastion.logship.loki.push_body sets them
 
 
 class LogsTarget(_Strict):
@@ -860,6 +864,17 @@ class LogsTarget(_Strict):
     def _tenant(cls, v: str | None) -> str | None:
         if v is not None and not _LOKI_TENANT.fullmatch(v):
             raise ValueError(f"{v!r} is not a Loki tenant ID (1 to 150 of A-Z a-z 0-9 ! - _ . * ' ( ))")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _LOKI_LABEL.fullmatch(name) or name.startswith("__"):
+                raise ValueError(f"{name!r} is not a Loki label name ([a-zA-Z_][a-zA-Z0-9_]*, not "
+                                 "starting with __): Loki would refuse every push")  # fmt: skip
+            if name in _LOKI_OWN_LABELS:
+                raise ValueError(f"{name!r} is set by the controller ({', '.join(_LOKI_OWN_LABELS)} are)")
         return v
 
     @field_validator("username")

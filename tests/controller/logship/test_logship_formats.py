@@ -100,6 +100,8 @@ class _LokiReceiver(BaseHTTPRequestHandler):
             for s in doc["streams"]:
                 assert set(s) == {"stream", "values"}
                 assert all(isinstance(k, str) and isinstance(v, str) for k, v in s["stream"].items())
+                # Loki's invalid_labels rule (docs/sources/operations/request-validation-rate-limits.md)
+                assert all(re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", k) and not k.startswith("__") for k in s["stream"])
                 for ts, line in s["values"]:
                     assert isinstance(ts, str) and ts.isdigit() and len(ts) >= 19  # ns since the epoch
                     event = json.loads(line)

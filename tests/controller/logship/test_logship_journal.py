@@ -136,6 +136,13 @@ BAD = [
     ("targets: [{name: a, type: syslog, host: h}, {name: a, type: syslog, host: h}]", "two targets are named 'a'"),
     ("targets: [{name: a, type: syslog, host: h, tls: {ca_file: nope.pem}}]", "logs.targets[0].tls.ca_file:"),
     ("targets: [{name: a, type: kafka}]", "logs.targets[0].type"),
+    # Loki refuses a push with such a label for good (400, "invalid_labels"): every batch dropped
+    ("targets: [{name: a, type: loki, url: 'http://x', labels: {env-name: home}}]",
+     "logs.targets[0].labels: 'env-name' is not a Loki label name"),
+    ("targets: [{name: a, type: loki, url: 'http://x', labels: {__env: home}}]",
+     "logs.targets[0].labels: '__env' is not a Loki label name"),
+    ("targets: [{name: a, type: loki, url: 'http://x', labels: {kind: mine}}]",
+     "logs.targets[0].labels: 'kind' is set by the controller"),
 ]  # fmt: skip
 
 
