@@ -16,6 +16,7 @@ import time
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
+from starlette.requests import ClientDisconnect
 
 from bastion.api.deps import RuntimeDep, SiteDep
 from bastion.api.jsonbody import StrictJsonRoute
@@ -57,8 +58,11 @@ async def journal_upload(request: Request, runtime: RuntimeDep, site: SiteDep) -
                 shipped += 1
         parser.close()
     except Malformed as e:
-        runtime.metrics.journal_entries.labels(result="shipped").inc(shipped)
         runtime.metrics.journal_entries.labels(result="malformed").inc()
         raise HTTPException(400, f"not the journal export format: {e} (after {shipped} entries)") from None
-    runtime.metrics.journal_entries.labels(result="shipped").inc(shipped)
+    except ClientDisconnect:  # cut short (the node went away): its whole entries were shipped
+        runtime.metrics.journal_entries.labels(result="malformed").inc()
+        return PlainTextResponse("", status_code=400)  # nobody is left to read it
+    finally:  # the entries shipped before a bad byte, a cut or a body past its limit count too
+        runtime.metrics.journal_entries.labels(result="shipped").inc(shipped)
     return PlainTextResponse(f"OK. {shipped} entries.\n", status_code=202)

@@ -11,7 +11,9 @@ ASGI middleware in front of the application, decides from the request head:
    (bastion.api.deps.admin_refusal): the body is never read.
 2. A body over its route's limit is refused with 413 at once when its Content-Length says so;
    a body without one (chunked) is read up to the limit and refused at the first byte past it.
-   Either way at most `limit` bytes of it are ever held.
+   Either way at most `limit` bytes of it are ever held. A route that parses its body as it
+   arrives (STREAMED: a node's journal, chunked by systemd-journal-upload, up to 1 GiB) gets a
+   chunked body as it comes instead, counted, and the 413 comes at the first byte past the limit.
 3. A refusal closes the connection (`Connection: close`), so the rest of the body is not read
    to reuse it.
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fastapi import HTTPException
+
 from bastion.api.deps import Runtime, admin_refusal, bearer_token
 
 #: The public routes that take a body, and their limits (bytes). Everything else: --max-body.
@@ -35,6 +39,11 @@ BODY_LIMITS = {
     # and never held (bastion.logship.journal bounds each entry to 1 MiB)
     "/journal/upload": 1024 * 1024 * 1024,
 }
+
+#: Routes that parse their body as it arrives and never hold it (bastion.api.journal): a chunked
+#: body is not gathered first (that held up to 1 GiB per upload, and shipped nothing of an
+#: upload until it ended).
+STREAMED = frozenset({"/journal/upload"})
 
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -78,6 +87,9 @@ class BodyLimits:
         if _header(scope, b"transfer-encoding") is None:  # no body
             await self.app(scope, receive, send)
             return
+        if path in STREAMED:
+            await self.app(scope, self._counted(receive, path, limit), send)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -96,8 +108,30 @@ class BodyLimits:
 
     async def _too_large(self, send: Any, path: str, limit: int) -> None:
         self.runtime.metrics.bodies_refused.inc()
-        what = f"{path}'s limit" if path in BODY_LIMITS else "--max-body"
-        await _refuse(send, 413, f"request body too large: more than {limit} bytes ({what})", {})
+        await _refuse(send, 413, _too_large_detail(path, limit), {})
+
+    def _counted(self, receive: Any, path: str, limit: int) -> Any:
+        """receive() for a STREAMED route: the body as it arrives, and at the first byte past
+        `limit` an HTTPException(413) raised into the handler reading it."""
+        size = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    self.runtime.metrics.bodies_refused.inc()
+                    # the body's rest is not read to reuse the connection
+                    raise HTTPException(413, _too_large_detail(path, limit), headers={"Connection": "close"})
+            return message
+
+        return counted
+
+
+def _too_large_detail(path: str, limit: int) -> str:
+    what = f"{path}'s limit" if path in BODY_LIMITS else "--max-body"
+    return f"request body too large: more than {limit} bytes ({what})"
 
 
 def _replay(body: bytes, receive: Any, last: dict[str, Any]) -> Any:

@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import yaml
+from bastion.api import limits
 from bastion.settings import Settings
 from bastion_testkit import TOKEN, auth, metric, push_body, request_head, vm_peak_kb
 
@@ -160,6 +161,24 @@ def test_chunked_bodies_are_counted_as_they_come(site_dir, client_for):
     assert r.status_code == 200, r.text
     last = c.get("/api/v1/events", params={"kind": "callback", "limit": 1}).json()[0]
     assert last["payload"]["stage"] == "booted" and last["machine"] == "node1"
+
+
+def test_a_chunked_journal_upload_streams_and_is_refused_past_its_limit(site_dir, client_for, monkeypatch):
+    """/journal/upload takes a chunked body as it comes (its handler parses it as it arrives:
+    test_logship_rsyslog.py shows entries shipped before the body ends), counted against its
+    limit all the same."""
+    monkeypatch.setitem(limits.BODY_LIMITS, "/journal/upload", 4096)
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write("\nlogs:\n  journal: true\n")
+    c = client_for(site_dir)
+    journal = {"Content-Type": "application/vnd.fdo.journal"}
+    entry = b"MESSAGE=%s\n\n" % (b"m" * 90)
+    r = c.post("/journal/upload", content=(entry for _ in range(40)), headers=journal)
+    assert r.status_code == 202 and r.text == "OK. 40 entries.\n"
+    r = c.post("/journal/upload", content=(entry for _ in range(41)), headers=journal)
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+    assert r.json() == {"detail": "request body too large: more than 4096 bytes (/journal/upload's limit)"}
+    assert metric(c, "bastion_request_bodies_refused_total") == 1
 
 
 def test_node_routes_take_their_limit_and_no_more(site_dir, client_for):

@@ -391,3 +391,68 @@ assert urllib.request.urlopen(req, timeout=10).status == 202
     _wait_for(rs.ids, lambda ids: last in ids, timeout=60)
     journal = [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")]
     assert len(journal) == 1 and json.loads(journal[0].split("] ", 1)[1])["payload"]["realtime"] == "99999999999999999999"
+
+
+def test_a_chunked_journal_upload_is_shipped_as_it_arrives(ns, site_dir, tmp_path):
+    """systemd-journal-upload sends its body chunked (it does not know the length). The body
+    limit gathered a chunked body whole before the handler saw a byte (up to 1 GiB in memory
+    per upload), so nothing of an upload in progress was shipped. Here the uploader sends five
+    entries, waits until rsyslog has them, and only then ends the body."""
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    host, port = HTTP.split(":")
+    out = _in_ns(ns, f"""
+import socket, time
+from pathlib import Path
+def chunk(b):
+    return b"%x\\r\\n%s\\r\\n" % (len(b), b)
+def entries(start, n):
+    return b"".join(b"__REALTIME_TIMESTAMP=%d\\nMESSAGE=entry %d\\n\\n" % (1764871526000000 + i, i)
+                    for i in range(start, start + n))
+s = socket.create_connection(("{host}", {port}), timeout=30)
+s.sendall(b"POST /journal/upload HTTP/1.1\\r\\nHost: x\\r\\n"
+          b"Content-Type: application/vnd.fdo.journal\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n")
+s.sendall(chunk(entries(0, 5)))
+out = Path("{rs.out}")
+deadline = time.monotonic() + 60
+while not (out.exists() and out.read_text().count("journal ") >= 5):
+    assert time.monotonic() < deadline, "the first entries were not shipped while the upload went on"
+    time.sleep(0.1)
+s.sendall(chunk(entries(5, 5)) + b"0\\r\\n\\r\\n")
+print(s.recv(4096).decode().split("\\r\\n")[0])
+""")
+    assert out.strip() == "HTTP/1.1 202 Accepted", out
+    lines = _wait_for(lambda: [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")],
+                      lambda ls: len(ls) >= 10)
+    assert [json.loads(ln.split("] ", 1)[1])["payload"]["message"] for ln in lines] == [f"entry {i}" for i in range(10)]
+
+
+def test_a_journal_upload_cut_short_ships_its_whole_entries_quietly(ns, site_dir, tmp_path):
+    """An uploader that goes away mid-body (a node powered off): its complete entries were
+    shipped as they came; the cut one is not, and the controller logs no traceback for it."""
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    host, port = HTTP.split(":")
+    _in_ns(ns, f"""
+import socket
+body = b"".join(b"MESSAGE=entry %d\\n\\n" % i for i in range(3)) + b"MESSAGE=cut"
+s = socket.create_connection(("{host}", {port}), timeout=30)
+s.sendall(b"POST /journal/upload HTTP/1.1\\r\\nHost: x\\r\\n"
+          b"Content-Type: application/vnd.fdo.journal\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n"
+          + b"%x\\r\\n%s\\r\\n" % (len(body), body))
+s.close()
+""")
+    _wait_for(lambda: 'bastion_journal_entries_total{result="malformed"} 1.0' in _metrics(ns), bool)
+    assert 'bastion_journal_entries_total{result="shipped"} 3.0' in _metrics(ns)
+    lines = _wait_for(lambda: [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")]
+                      if rs.out.exists() else [], lambda ls: len(ls) >= 3)
+    assert [json.loads(ln.split("] ", 1)[1])["payload"]["message"] for ln in lines] == ["entry 0", "entry 1", "entry 2"]
+    assert "Traceback" not in db.with_suffix(".log").read_text()
