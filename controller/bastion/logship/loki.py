@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -38,10 +39,20 @@ def push_body(events: list[dict[str, Any]], *, site: str, labels: dict[str, str]
                   "source": str(event.get("source") or "-"), "kind": str(event.get("kind") or "-")}  # fmt: skip
         key = tuple(sorted(stream.items()))
         entry = streams.setdefault(key, {"stream": stream, "values": []})
-        ns = round(float(event.get("ts") or 0) * 1e9)
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
-        entry["values"].append([str(ns), line])
+        entry["values"].append([str(_nanoseconds(event.get("ts"))), line])
     return json.dumps({"streams": list(streams.values())}, separators=(",", ":")).encode()
+
+
+def _nanoseconds(ts: Any) -> int:
+    """An event's time (seconds, a float) as Loki's nanoseconds: whole microseconds, as the
+    journal keeps them and syslog's TIMESTAMP says them (ts * 1e9 in floating point made .25 s
+    into .249999872). A time that is not a number becomes now: a record that cannot be
+    formatted would block the queue behind it for good."""
+    try:
+        return round(float(ts) * 1e6) * 1000
+    except (TypeError, ValueError, OverflowError):
+        return round(time.time() * 1e6) * 1000
 
 
 class LokiRejected(Exception):

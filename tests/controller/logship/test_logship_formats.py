@@ -166,6 +166,20 @@ def test_loki_push_body_groups_streams_and_keeps_order():
     assert [[json.loads(v[1])["id"] for v in s["values"]] for s in doc["streams"]] == [[1, 3], [2]]
 
 
+def test_loki_times_are_the_events_microseconds_in_nanoseconds():
+    """A journal entry's time is whole microseconds; ts * 1e9 in floating point made
+    1764871526.123457 s into ...123457024 ns, a time the entry never had, and not the
+    microsecond its syslog TIMESTAMP says."""
+    events = [dict(EVENT, id=1, ts=1764871526123457 / 1e6), dict(EVENT, id=2, ts=1764871526.25)]
+    doc = json.loads(loki.push_body(events, site="s", labels={}))
+    assert [v[0] for v in doc["streams"][0]["values"]] == ["1764871526123457000", "1764871526250000000"]
+    assert ".123457Z" in syslog.message(events[0], hostname="ctl", facility=16, site="s").decode()
+    for bad in (float("nan"), float("inf"), "x"):  # never raises: now, rather than a queue stuck for good
+        before = time.time_ns() - 1000
+        (value,) = json.loads(loki.push_body([dict(EVENT, ts=bad)], site="s", labels={}))["streams"][0]["values"]
+        assert before <= int(value[0]) <= time.time_ns() + 1000
+
+
 def test_a_changed_logs_section_keeps_what_was_queued_and_the_order(tmp_path: Path):
     """A reload with another `logs:` restarts the threads on the same queue files."""
     _LokiReceiver.entries.clear()
