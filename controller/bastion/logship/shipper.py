@@ -15,7 +15,9 @@ across anything slow, so a request is never slowed by a collector. Each target's
      stopped mid-stream may get a few records twice (each carries its event id), never none.
    - loki: one push request per batch; a 2xx removes the batch.
 3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
-   doubling up to `backoff_max_s`; records wait on disk meanwhile.
+   doubling up to `backoff_max_s`; records wait on disk meanwhile. When the queue file itself
+   cannot be written (disk full, locked), the batch goes back to the inbox and waits there, up
+   to `inbox_max`, and each try logs an error that names the file.
 
 Credentials are read when they are used, from the secret store (`secret_name`): a Loki password
 or token at each push, a client key (mutual TLS) at each new connection, the site's CA and
@@ -33,6 +35,7 @@ import collections
 import json
 import logging
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -58,6 +61,10 @@ def secret_name(target: str, what: str) -> str:
 
 class MissingSecret(OSError):
     """A credential the target needs is not in the secret store (or not usable)."""
+
+
+class QueueUnwritable(OSError):
+    """The target's queue file cannot be written (disk full, locked): its events wait in the inbox."""
 
 
 class Target:
@@ -113,7 +120,10 @@ class Target:
         self.wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._drain()
+        try:
+            self._drain()
+        except QueueUnwritable as e:
+            log.error("logship %s: %s; %d events not queued are lost", self.spec.name, e, len(self.inbox))
         self._close_conn()
         self.queue.close()
 
@@ -126,6 +136,10 @@ class Target:
                 self._drain()
                 self._report()
                 busy = self._send_some()
+            except QueueUnwritable as e:  # the disk, not the collector: say so every time
+                log.error("logship %s: %s; %d events wait in memory", self.spec.name, e, len(self.inbox))
+                self._fail(str(e))
+                busy = False
             except Exception:  # a bug must not stop shipping for good: log, wait, go on
                 log.exception("logship %s: unexpected error", self.spec.name)
                 self._fail("internal error")
@@ -148,7 +162,11 @@ class Target:
         while self.inbox:
             bodies.append(self.inbox.popleft())
         if bodies:
-            dropped = self.queue.put_many(bodies)
+            try:
+                dropped = self.queue.put_many(bodies)
+            except sqlite3.Error as e:  # the transaction is rolled back: the batch goes back, first
+                self.inbox.extendleft(reversed(bodies))
+                raise QueueUnwritable(f"cannot write the queue file {self.queue.path}: {e}") from e
             if dropped:
                 self._dropped(dropped, "bound")
 

@@ -6,6 +6,7 @@ keeps that queue."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -90,4 +91,51 @@ def test_a_full_inbox_drops_the_newest_and_counts_them(tmp_path: Path):
     queue = DiskQueue(tmp_path / "q" / "central.db", 100000)
     assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [0, 1, 2, 3, 4]
     assert queue.dropped == 0  # the queue file counts its own bound only
+    queue.close()
+
+
+def test_a_queue_file_that_cannot_be_written_keeps_the_events_in_the_inbox(tmp_path: Path, caplog):
+    """The disk, not the collector, stuck (here: another process holds the queue file's write
+    lock past its busy timeout; a full disk is the same to SQLite). The batch taken from the
+    inbox was lost with the failed transaction, uncounted; docs/logs.md says events wait in
+    memory then, and only those past the inbox's bound are dropped (counted). Now the batch goes
+    back to the inbox, an error names the queue file, and every event reaches the queue,
+    in order, once the file can be written again."""
+    import sqlite3
+    import time
+
+    from bastion.logship.shipper import Target
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsTarget
+
+    spec = LogsTarget(name="central", type="syslog", host="127.0.0.1", port=_unused_port())
+    t = Target(spec, tmp_path / "q", site="home", site_root=tmp_path, hostname="bastion",
+               metrics=Metrics(), record=None)  # fmt: skip
+    t.backoff_max_s = 0.5
+    caplog.set_level(logging.ERROR, logger="bastion.logship")
+
+    def wait(cond) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    t.start()
+    try:
+        for i in range(5):
+            t.offer(json.dumps({"id": i}))
+        wait(lambda: len(t.queue) == 5)
+        lock = sqlite3.connect(tmp_path / "q" / "central.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        for i in range(5, 10):
+            t.offer(json.dumps({"id": i}))
+        wait(lambda: any("cannot write the queue file" in r.getMessage() and "central.db" in r.getMessage()
+                         for r in caplog.records))
+        lock.execute("ROLLBACK")
+        lock.close()
+        wait(lambda: len(t.queue) == 10)
+    finally:
+        t.stop()
+    queue = DiskQueue(tmp_path / "q" / "central.db", 100000)
+    assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == list(range(10))
     queue.close()
