@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 from urllib.parse import unquote
 
-_HEX_PAIR = re.compile(r"^[0-9A-Fa-f]{2}$")
-_HEX_QUAD = re.compile(r"^[0-9A-Fa-f]{4}$")
+# used with fullmatch: `$` would also match before a final line break ("01\n")
+_HEX_PAIR = re.compile(r"[0-9A-Fa-f]{2}")
+_HEX_QUAD = re.compile(r"[0-9A-Fa-f]{4}")
 # Go's net.ParseMAC accepts 48-bit (6), EUI-64 (8) and 20-octet InfiniBand addresses.
 _MAC_LENGTHS = (6, 8, 20)
 
@@ -37,11 +38,11 @@ def parse_mac(text: str) -> str:
     if len(text) >= 14 and text[2:3] in (":", "-"):
         sep = text[2]
         parts = text.split(sep)
-        if all(_HEX_PAIR.match(p) for p in parts):
+        if all(_HEX_PAIR.fullmatch(p) for p in parts):
             octets = parts
     elif len(text) >= 14 and text[4:5] == ".":
         parts = text.split(".")
-        if all(_HEX_QUAD.match(p) for p in parts):
+        if all(_HEX_QUAD.fullmatch(p) for p in parts):
             octets = [q[i : i + 2] for q in parts for i in (0, 2)]
     if len(octets) not in _MAC_LENGTHS:
         raise Malformed(f"{text!r} is not a MAC address")
