@@ -18,15 +18,16 @@ from bastion.match import Malformed, parse_mac
 from bastion.model import ARCH_ALIASES, ARCHES
 from bastion.settings import HOST_NAME, SettingsError, parse_size
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_UUID = re.compile(r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
+# used with fullmatch: `$` would also match before a final line break ("node1\n")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 NAME_MAX = 128  # a name is a file's name too (profiles/<id>.yaml, a queue's <name>.db)
 
 
 def check_name(value: str, what: str = "name") -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a valid {what} (letters, digits, '.', '_', '-'; no leading symbol)"
         )
@@ -1306,7 +1307,7 @@ class MachineEntry(_Strict):
     @field_validator("uuid")
     @classmethod
     def _uuid(cls, v: str | None) -> str | None:
-        if v is not None and not _UUID.match(v):
+        if v is not None and not _UUID.fullmatch(v):
             raise ValueError(f"{v!r} is not a UUID")
         return v.lower() if v else v
 

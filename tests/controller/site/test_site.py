@@ -87,6 +87,11 @@ BROKEN = [
      lambda d: _edit(d / "machines.yaml", "relay: 1\n", "relay: 1\n    address: 10.0.0.5\n")
      or _edit(d / "machines.yaml", "relay: 0\n", "relay: 0\n    address: 10.0.0.5\n"),
      "machines.yaml:18: machines[1].address:", "10.0.0.5 is also the address of machines[0]"),
+    # `$` in a pattern also matches before a final line break: "node1\n" passed as a name
+    ("machine name with a line break", S, lambda d: _edit(d / "machines.yaml", "name: node2", 'name: "node2\\n"'),
+     "machines.yaml:12: machines[1].name:", "'node2\\n' is not a valid machine name"),
+    ("UUID with a line break", S, lambda d: _edit(d / "machines.yaml", "    arch: x86_64\n    role: control-plane", '    uuid: "8a2f6a4e-6f0c-4b8e-9a53-1f0e2d3c4b5a\\n"\n    arch: x86_64\n    role: control-plane'),
+     "machines.yaml:14: machines[1].uuid:", "is not a UUID"),
     ("duplicate machine name", S, lambda d: _edit(d / "machines.yaml", "name: node2", "name: node1"),
      "machines.yaml:12: machines[1].name:", "'node1' is also machines[0]"),
     ("unknown profile in machines.yaml", S, lambda d: _edit(d / "machines.yaml", "role: control-plane", "profile: flatcar-gpu"),
