@@ -136,6 +136,8 @@ class Site:
     generic: dict[str, TemplateFile]
     warnings: tuple[str, ...] = ()
     fingerprint: tuple = ()
+    # files/ as this site loaded it (bastion.render.butane.LocalFiles): what `local:` reads
+    local_files: Any = None
 
     @property
     def name(self) -> str:
@@ -144,11 +146,6 @@ class Site:
     @property
     def assets_dir(self) -> Path:
         return self.root / "assets"
-
-    @property
-    def files_dir(self) -> Path | None:
-        d = self.root / "files"
-        return d if d.is_dir() else None
 
     def group(self, group_id: str) -> Group | None:
         for g in self.groups:

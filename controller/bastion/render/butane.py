@@ -14,12 +14,13 @@ sections, and everything only Ignition 3.4.0 can express (LUKS `discard`/`open_o
 Tang `advertisement`, `arn:` sources, setuid/setgid/sticky modes): Butane flatcar 1.1.0 targets
 Ignition 3.4.0, but we serve 3.3.0, so a 1.1.0 config renders only while it uses none of that.
 
-Invariant: `translate(text, name, files_dir)` returns a valid Ignition 3.3.0 dict or raises
+Invariant: `translate(text, name, files)` returns a valid Ignition 3.3.0 dict or raises
 ButaneError whose message names the file and the line of each problem.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from pathlib import Path
@@ -49,9 +50,9 @@ def snake(name: str) -> str:
 
 
 class _Context:
-    def __init__(self, name: str, files_dir: Path | None, variant: str, version: str):
+    def __init__(self, name: str, files: LocalFiles, variant: str, version: str):
         self.name = name
-        self.files_dir = files_dir
+        self.files = files
         self.variant = variant
         self.version = version
         self.problems: list[tuple[int | None, str]] = []
@@ -79,8 +80,11 @@ def _key_line(container: Any, key: Any) -> int | None:
     return _line(container, key)
 
 
-def translate(text: str, name: str, files_dir: Path | None = None) -> dict:
-    """Translate Butane YAML `text` (file `name`) into a valid Ignition 3.3.0 config."""
+def translate(text: str, name: str, files: LocalFiles | Path | None = None) -> dict:
+    """Translate Butane YAML `text` (file `name`) into a valid Ignition 3.3.0 config. `local:`
+    reads `files` (the loaded site's LocalFiles; a directory is read now)."""
+    if not isinstance(files, LocalFiles):
+        files = LocalFiles(files)
     try:
         doc = yamlfile.load(text, name)
     except yamlfile.YamlError as e:
@@ -99,7 +103,7 @@ def translate(text: str, name: str, files_dir: Path | None = None) -> dict:
             [(_line(doc, "version"), f"version: {version!r} is not a supported {variant} version "
               f"({', '.join(known)})")],
         )
-    ctx = _Context(name, files_dir, variant, version)
+    ctx = _Context(name, files, variant, version)
     out: dict[str, Any] = {"ignition": {"version": ignition.SPEC_VERSION}}
     for key, value in doc.items():
         line = _line(doc, key)
@@ -235,38 +239,135 @@ def _object(value: Any, kind: Obj, ypath: str, jpath: str, ctx: _Context, line: 
 MAX_LOCAL_FILE = 16 << 20
 
 
+class LocalFiles:
+    """The site's files/ as one load of the site read it: what `local:`, `contents_local:` and
+    `ssh_authorized_keys_local:` take their contents from. Rendering reads this, never the disk:
+    a file deleted, or half-written by an editor, under files/ reaches nodes only with a reload
+    that loads (the two looks of SiteHolder.poll, the site's checks), and a failed reload keeps
+    the last good site's files as it keeps its templates.
+
+    Every regular file under files/ is read (at most MAX_LOCAL_FILE each); symlinks are
+    recorded with where they resolve, and `read` follows them as Path.resolve would, refusing
+    a path that leaves files/ (through a symlink or `..`), a directory, a FIFO or a device
+    (never opened: a FIFO hung the loader), and a file too big for an Ignition config.
+    """
+
+    def __init__(self, files_dir: Path | None):
+        self.unusable: str | None = None  # why no `local:` can be read at all
+        self._data: dict[str, bytes] = {}  # real path under files/ -> contents
+        self._refused: dict[str, str] = {}  # real path -> why ("{path}" stands for files/<path>)
+        self._links: dict[str, str | None] = {}  # symlink's real path -> its target's, None: outside
+        self._dirs: set[str] = {""}
+        if files_dir is None:
+            self.unusable = "local: needs the site's files/ directory, which does not exist"
+            return
+        base = files_dir.resolve()
+        if not base.is_relative_to(files_dir.parent.resolve()):
+            self.unusable = "the site's files/ is a symlink that leaves the site directory"
+            return
+        self._walk(base, base, "")
+
+    def _walk(self, base: Path, d: Path, prefix: str) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            self._refused[prefix.rstrip("/")] = f"cannot read files/{{path}}: {e.strerror}"
+            return
+        for entry in entries:
+            rel = prefix + entry.name
+            try:
+                if entry.is_symlink():
+                    try:
+                        target = Path(entry.path).resolve()
+                    except (OSError, RuntimeError):  # a loop: Python 3.11 raises RuntimeError
+                        self._refused[rel] = "cannot read files/{path}: Too many levels of symbolic links"
+                        continue
+                    if target == base:
+                        self._links[rel] = ""
+                    elif target.is_relative_to(base):
+                        self._links[rel] = target.relative_to(base).as_posix()
+                    else:
+                        self._links[rel] = None
+                elif entry.is_dir(follow_symlinks=False):
+                    self._dirs.add(rel)
+                    self._walk(base, Path(entry.path), rel + "/")
+                else:
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        self._refused[rel] = "files/{path} is not a regular file"
+                    elif st.st_size > MAX_LOCAL_FILE:
+                        self._refused[rel] = (f"files/{{path}} is {st.st_size} bytes: more than an Ignition "
+                                              f"config should carry ({MAX_LOCAL_FILE}; serve it as an asset)")  # fmt: skip
+                    else:
+                        with open(entry.path, "rb") as f:
+                            data = f.read(MAX_LOCAL_FILE + 1)  # it may have grown since stat
+                        if len(data) > MAX_LOCAL_FILE:
+                            self._refused[rel] = (f"files/{{path}} is more than {MAX_LOCAL_FILE} bytes: "
+                                                  "more than an Ignition config should carry")  # fmt: skip
+                        else:
+                            self._data[rel] = data
+            except OSError as e:
+                self._refused[rel] = f"cannot read files/{{path}}: {e.strerror}"
+
+    def _real(self, rel: str) -> str | None:
+        """`rel`'s real path under files/ as Path.resolve would find it then; None if it leaves."""
+        parts: list[str] = []
+        hops = 0
+        todo = [p for p in rel.split("/") if p not in ("", ".")]
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if not parts:
+                    return None
+                parts.pop()
+                continue
+            here = "/".join([*parts, part])
+            if here not in self._links:
+                parts.append(part)
+                continue
+            target = self._links[here]
+            hops += 1
+            if hops > 40:  # as the kernel's MAXSYMLINKS
+                raise LocalFileRefused(f"cannot read files/{rel}: Too many levels of symbolic links")
+            if target is None:
+                return None
+            parts = [p for p in target.split("/") if p]
+        return "/".join(parts)
+
+    def read(self, rel: str) -> bytes:
+        """The contents of files/`rel` when the site loaded, or raise LocalFileRefused."""
+        if self.unusable:
+            raise LocalFileRefused(self.unusable)
+        real = self._real(rel)
+        if real is None:
+            raise LocalFileRefused(f"{rel!r} leaves the files/ directory")
+        if real in self._data:
+            return self._data[real]
+        if real in self._refused:
+            raise LocalFileRefused(self._refused[real].format(path=rel))
+        if real in self._dirs:
+            raise LocalFileRefused(f"files/{rel} is not a regular file")
+        raise LocalFileRefused(f"files/{rel} does not exist")
+
+
+class LocalFileRefused(ValueError):
+    """A `local:` path that LocalFiles does not give: the message says why."""
+
+
 def _read_local(ctx: _Context, rel: Any, ypath: str, line: int | None) -> bytes | None:
     if not isinstance(rel, str) or not rel:
         ctx.problem(line, ypath, "must be a relative path to a file under files/")
         return None
-    if ctx.files_dir is None:
-        ctx.problem(line, ypath, "local: needs the site's files/ directory, which does not exist")
-        return None
-    base = ctx.files_dir.resolve()
-    if not base.is_relative_to(ctx.files_dir.parent.resolve()):  # files/ itself a symlink out
-        ctx.problem(line, ypath, "the site's files/ is a symlink that leaves the site directory")
+    if ctx.files.unusable:
+        ctx.problem(line, ypath, ctx.files.unusable)
         return None
     if Path(rel).is_absolute() or "\\" in rel:
         ctx.problem(line, ypath, f"{rel!r} must be relative to files/")
         return None
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base):
-        ctx.problem(line, ypath, f"{rel!r} leaves the files/ directory")
-        return None
     try:
-        st = target.stat()
-        if not stat.S_ISREG(st.st_mode):  # a FIFO hung the loader, and every reload after it
-            ctx.problem(line, ypath, f"files/{rel} is not a regular file")
-            return None
-        if st.st_size > MAX_LOCAL_FILE:
-            ctx.problem(line, ypath, f"files/{rel} is {st.st_size} bytes: more than an Ignition "
-                                     f"config should carry ({MAX_LOCAL_FILE}; serve it as an asset)")  # fmt: skip
-            return None
-        return target.read_bytes()
-    except FileNotFoundError:
-        ctx.problem(line, ypath, f"files/{rel} does not exist")
-    except OSError as e:
-        ctx.problem(line, ypath, f"cannot read files/{rel}: {e.strerror}")
+        return ctx.files.read(rel)
+    except LocalFileRefused as e:
+        ctx.problem(line, ypath, str(e))
     return None
 
 

@@ -205,7 +205,7 @@ def render_ignition(
         return copy.deepcopy(tf.raw_ignition)
     text = render_template(site, tf, group, profile, req, secrets)
     try:
-        return butane.translate(text, tf.relpath, site.files_dir)
+        return butane.translate(text, tf.relpath, site.local_files)
     except butane.ButaneError as e:
         if text != tf.text:
             e = butane.ButaneError(e.name, [source_line(tf.text, text, line, msg) for line, msg in e.problems])

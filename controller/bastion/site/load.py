@@ -302,7 +302,9 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
     if settings is not None:
         groups += _machine_groups(settings, machines)
     _check_selectors(ld, groups)
-    ignition_files, generic_files = _load_templates(ld, root, profiles, builtin)
+    # read once: every render of this site takes `local:` contents from here (LocalFiles)
+    local_files = butane.LocalFiles(root / "files" if (root / "files").is_dir() else None)
+    ignition_files, generic_files = _load_templates(ld, local_files, profiles, builtin)
     if ld.problems or settings is None:
         raise SiteError(ld.problems)
 
@@ -315,6 +317,7 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
         ignition=ignition_files,
         generic=generic_files,
         warnings=tuple(ld.warnings),
+        local_files=local_files,
     )
     _check_secret_bindings(ld, site)
     _prerender(ld, site)
@@ -924,7 +927,7 @@ def _check_selectors(ld: _Loader, groups: list[Group]) -> None:
             seen[key] = g
 
 
-def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile],
+def _load_templates(ld: _Loader, local_files: butane.LocalFiles, profiles: dict[str, Profile],
                     builtin: dict[str, Path] | None = None) -> tuple[dict, dict]:  # fmt: skip
     """The templates the profiles name; an Ignition template of `builtin` (name -> file shipped
     with the controller) is read from there when the site has no file of that name."""
@@ -934,7 +937,6 @@ def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile],
             if name:
                 needs.setdefault((folder, name), {}).setdefault(p.engine, []).append(p)
     out: dict[str, dict[str, TemplateFile]] = {"ignition": {}, "generic": {}}
-    files_dir = root / "files" if (root / "files").is_dir() else None
     for (folder, name), engines in sorted(needs.items()):
         rel = f"{folder}/{name}"
         users = [p for ps in engines.values() for p in ps]
@@ -978,7 +980,7 @@ def _load_templates(ld: _Loader, root: Path, profiles: dict[str, Profile],
                 continue
         if folder == "ignition" and not any(m in text for m in _TEMPLATE_MARKERS):
             try:
-                butane.translate(text, rel, files_dir)
+                butane.translate(text, rel, local_files)
             except butane.ButaneError as e:
                 ld.problems.append(str(e))
                 continue

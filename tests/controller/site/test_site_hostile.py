@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -15,6 +16,7 @@ from bastion.render import gotemplate
 from bastion.render.config import metadata_env
 from bastion.site.holder import SiteHolder, fingerprint
 from bastion.site.load import SiteError, load_site
+from bastion_testkit import auth
 
 
 def _problems(site: Path) -> str:
@@ -129,3 +131,52 @@ def test_a_relay_of_true_and_a_device_address_of_nobody_are_refused(site_dir):
     assert "device:\n  ip: " in text
     site.write_text(text.replace("device:\n  ip: ", "device:\n  ip: 0.0.0.0 #", 1))
     assert "is not a host's address" in _problems(site_dir)
+
+
+def _motd(client) -> str:
+    r = client.get("/ignition", params={"mac": "52:54:00:12:34:01"})  # node1: worker.bu, local: motd
+    assert r.status_code == 200, r.text
+    (entry,) = [f for f in r.json()["storage"]["files"] if f["path"] == "/etc/motd.d/bastion.conf"]
+    return unquote(entry["contents"]["source"].removeprefix("data:,"))
+
+
+def test_files_are_served_as_the_last_good_site_loaded_them(site_dir, client_for):
+    # local: read files/ at every request: a file deleted there made every node's Ignition a 500
+    # while /healthz said the last good site was still serving, and a file half-written by an
+    # editor went to a node at once, without the two looks a reload waits for
+    client = client_for(site_dir)
+    motd = site_dir / "files" / "motd"
+    loaded = motd.read_text()
+    assert _motd(client) == loaded
+    with motd.open("w") as f:  # an editor writing in place, caught halfway
+        f.write("This node boots")
+        f.flush()
+        assert _motd(client) == loaded
+    motd.unlink()
+    r = client.post("/api/v1/reload", headers=auth())
+    assert r.status_code == 422 and "files/motd does not exist" in r.text
+    assert _motd(client) == loaded
+    motd.write_text("Welcome.\n")
+    assert client.post("/api/v1/reload", headers=auth()).status_code == 200
+    assert _motd(client) == "Welcome.\n"
+
+
+def test_files_reached_through_symlinks_inside_files_still_read(site_dir, tmp_path):
+    files = site_dir / "files"
+    (files / "texts").mkdir()
+    (files / "motd").rename(files / "texts" / "motd.txt")
+    (files / "motd").symlink_to("texts/motd.txt")
+    (files / "also").symlink_to("texts")
+    load_site(site_dir)
+    bu = site_dir / "ignition" / "worker.bu"
+    bu.write_text(bu.read_text().replace("local: motd", "local: also/../also/motd.txt"))
+    load_site(site_dir)
+    (tmp_path / "elsewhere").mkdir()
+    (files / "out").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "motd").write_text("x\n")
+    bu.write_text(bu.read_text().replace("local: also/../also/motd.txt", "local: out/motd"))
+    assert "'out/motd' leaves the files/ directory" in _problems(site_dir)
+    bu.write_text(bu.read_text().replace("local: out/motd", "local: texts"))
+    assert "files/texts is not a regular file" in _problems(site_dir)
+    bu.write_text(bu.read_text().replace("local: texts", "local: ../files/motd"))
+    assert "'../files/motd' leaves the files/ directory" in _problems(site_dir)
