@@ -237,6 +237,10 @@ def _object(value: Any, kind: Obj, ypath: str, jpath: str, ctx: _Context, line: 
 
 #: The largest file a Butane `local:` puts into an Ignition config (inline, as a data URL).
 MAX_LOCAL_FILE = 16 << 20
+# What one load of files/ holds in memory at most, all files together (a reload holds two
+# loads for a moment). Files past it are read by no `local:`, which says why; a site's files/
+# that only holds configs is a few KB.
+MAX_LOCAL_TOTAL = 128 << 20
 
 
 class LocalFiles:
@@ -246,7 +250,8 @@ class LocalFiles:
     that loads (the two looks of SiteHolder.poll, the site's checks), and a failed reload keeps
     the last good site's files as it keeps its templates.
 
-    Every regular file under files/ is read (at most MAX_LOCAL_FILE each); symlinks are
+    Every regular file under files/ is read (at most MAX_LOCAL_FILE each, MAX_LOCAL_TOTAL in
+    all, in name order: a file past it is refused when a `local:` names it); symlinks are
     recorded with where they resolve, and `read` follows them as Path.resolve would, refusing
     a path that leaves files/ (through a symlink or `..`), a directory, a FIFO or a device
     (never opened: a FIFO hung the loader), and a file too big for an Ignition config.
@@ -258,6 +263,7 @@ class LocalFiles:
         self._refused: dict[str, str] = {}  # real path -> why ("{path}" stands for files/<path>)
         self._links: dict[str, str | None] = {}  # symlink's real path -> its target's, None: outside
         self._dirs: set[str] = {""}
+        self._held = 0  # bytes in _data
         if files_dir is None:
             self.unusable = "local: needs the site's files/ directory, which does not exist"
             return
@@ -298,14 +304,22 @@ class LocalFiles:
                     elif st.st_size > MAX_LOCAL_FILE:
                         self._refused[rel] = (f"files/{{path}} is {st.st_size} bytes: more than an Ignition "
                                               f"config should carry ({MAX_LOCAL_FILE}; serve it as an asset)")  # fmt: skip
+                    elif self._held + st.st_size > MAX_LOCAL_TOTAL:
+                        self._refused[rel] = (f"files/{{path}} is not read: files/ holds more than "
+                                              f"{MAX_LOCAL_TOTAL} bytes, read in name order; serve big "
+                                              "files as assets")  # fmt: skip
                     else:
                         with open(entry.path, "rb") as f:
                             data = f.read(MAX_LOCAL_FILE + 1)  # it may have grown since stat
                         if len(data) > MAX_LOCAL_FILE:
                             self._refused[rel] = (f"files/{{path}} is more than {MAX_LOCAL_FILE} bytes: "
                                                   "more than an Ignition config should carry")  # fmt: skip
+                        elif self._held + len(data) > MAX_LOCAL_TOTAL:  # it grew since stat
+                            self._refused[rel] = (f"files/{{path}} is not read: files/ holds more than "
+                                                  f"{MAX_LOCAL_TOTAL} bytes, read in name order")  # fmt: skip
                         else:
                             self._data[rel] = data
+                            self._held += len(data)
             except OSError as e:
                 self._refused[rel] = f"cannot read files/{{path}}: {e.strerror}"
 

@@ -180,3 +180,17 @@ def test_files_reached_through_symlinks_inside_files_still_read(site_dir, tmp_pa
     assert "files/texts is not a regular file" in _problems(site_dir)
     bu.write_text(bu.read_text().replace("local: texts", "local: ../files/motd"))
     assert "'../files/motd' leaves the files/ directory" in _problems(site_dir)
+
+
+def test_files_past_the_total_files_may_hold_are_refused_by_name_not_held(site_dir, monkeypatch):
+    # what one load holds in memory is bounded, files read in name order: a file past the
+    # bound that nothing names does not stop the site loading; a local: that names one says why
+    from bastion.render import butane
+
+    files = site_dir / "files"
+    held = sum(p.stat().st_size for p in files.rglob("*") if p.is_file())
+    monkeypatch.setattr(butane, "MAX_LOCAL_TOTAL", held + 10)
+    (files / "zz-unused").write_bytes(b"x" * 100)
+    load_site(site_dir)
+    (files / "aa-big").write_bytes(b"x" * 100)
+    assert "is not read: files/ holds more than" in _problems(site_dir)
