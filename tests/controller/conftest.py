@@ -65,3 +65,14 @@ def serve(tmp_path: Path):
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def umask_022():
+    """The process's umask 022, as `bastion serve` started from a shell has it (the unit's is
+    0077): what the controller makes must be private all the same."""
+    import os
+
+    old = os.umask(0o022)
+    yield
+    os.umask(old)

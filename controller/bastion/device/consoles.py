@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from bastion import private
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a site's names: at most 128
 _MASK = 0x3FFFFFFF  # the device's offsets wrap here (firmware/nodecons.py)
 
@@ -86,8 +88,8 @@ class ConsoleLogs:
         path = self.path(machine)
         f = self._files.get(machine)
         if f is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            f = open(path, "ab")  # noqa: SIM115 - kept open between frames, closed on rotation
+            private.mkdir(self.dir)  # consoles show secrets: 0700 and 0600 whatever the umask
+            f = private.open_append(path)  # kept open between frames, closed on rotation
             self._files[machine] = f
         f.write(data)
         f.flush()

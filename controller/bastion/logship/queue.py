@@ -18,6 +18,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from bastion import private
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -32,7 +34,9 @@ class DiskQueue:
             raise ValueError("capacity must be at least 1")
         self.path = Path(path)
         self.capacity = capacity
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the nodes' journals: 0700 and 0600 whatever the umask (-wal and -shm take the file's mode)
+        private.mkdir(self.path.parent)
+        private.create(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

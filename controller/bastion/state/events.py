@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bastion import private
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -102,7 +104,7 @@ class EventStore:
         self.clock = clock
         self.pruned = 0  # rows deleted by the bounds since the store opened
         if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -330,12 +332,19 @@ def _text_only(v: Any) -> Any:
     return v
 
 
+def _create_private(path: Path) -> None:
+    """The history's directory 0700 and its database 0600 whatever the umask (bastion.private):
+    SQLite gives the -wal and -shm files the database's mode."""
+    private.mkdir(path.parent)
+    private.create(path)
+
+
 def open_state_db(path: Path | str) -> sqlite3.Connection:
     """A connection to the history's database for controller state: its own connection, so that
     its writes are synchronous=FULL (a committed state change survives a power cut) while the
     events keep their cheap NORMAL inserts. Callers use `with conn:` for one transaction."""
     if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _create_private(Path(path))
     db = sqlite3.connect(str(path), check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")

@@ -343,3 +343,18 @@ def test_on_a_terminal_keys_go_raw_to_the_node_and_ctrl_close_bracket_leaves(boa
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_a_console_log_is_the_controllers_alone_whatever_the_umask(tmp_path, umask_022):
+    """Consoles show secrets (the API wants the token for them): under umask 022 the log and its
+    directory would be readable by every local user."""
+    d = tmp_path / "consoles" / "site-1234"
+    logs = ConsoleLogs(d, max_bytes=100, keep=1)
+    logs.feed("node1", 0, "b1", 0, b"k3s token K10... " * 10)  # past max_bytes: rotated
+    logs.feed("node1", 0, "b1", 170, b"login:")
+    logs.close()
+    assert {p.name for p in d.iterdir()} == {"node1.log", "node1.log.1"}
+    for p in (tmp_path / "consoles", d):
+        assert oct(p.stat().st_mode & 0o777) == oct(0o700), p
+    for p in d.iterdir():
+        assert oct(p.stat().st_mode & 0o777) == oct(0o600), p

@@ -139,3 +139,15 @@ def test_a_queue_file_that_cannot_be_written_keeps_the_events_in_the_inbox(tmp_p
     queue = DiskQueue(tmp_path / "q" / "central.db", 100000)
     assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == list(range(10))
     queue.close()
+
+
+def test_a_queue_is_the_controllers_alone_whatever_the_umask(tmp_path, umask_022):
+    """A queue holds the nodes' journals on their way out: 0700 and 0600 under umask 022."""
+    queue = DiskQueue(tmp_path / "events.logship" / "central.db", 10)
+    queue.put_many(['{"MESSAGE": "a secret a node logged"}'])
+    assert oct((tmp_path / "events.logship").stat().st_mode & 0o777) == oct(0o700)
+    files = list((tmp_path / "events.logship").iterdir())
+    assert {p.name for p in files} >= {"central.db", "central.db-wal", "central.db-shm"}
+    for p in files:
+        assert oct(p.stat().st_mode & 0o777) == oct(0o600), p
+    queue.close()

@@ -148,3 +148,21 @@ def test_a_payload_is_kept_to_8_kib_and_not_finite_numbers_as_null(tmp_path):
     row = sqlite3.connect(tmp_path / "events.db").execute(
         "SELECT max(length(payload)) FROM events").fetchone()[0]
     assert row <= MAX_PAYLOAD
+
+
+def test_the_history_is_the_controllers_alone_whatever_the_umask(tmp_path, umask_022):
+    """Its directory 0700 and the database with its -wal and -shm 0600 under umask 022, whichever
+    opens it first: the events, or the state tables (one-time tokens, install marks)."""
+    for first in ("events", "tokens"):
+        db = tmp_path / first / "edge-bastion" / "history" / "site-1234" / "events.db"
+        opened = [EventStore(db)] if first == "events" else [IgnitionTokens(db)]
+        opened += [IgnitionTokens(db), InstallMarks(db)] if first == "events" else [EventStore(db)]
+        next(s for s in opened if isinstance(s, EventStore)).record("boot", payload={"x": 1})
+        for d in (db.parent, db.parent.parent, db.parent.parent.parent):
+            assert oct(d.stat().st_mode & 0o777) == oct(0o700), d
+        names = {p.name for p in db.parent.iterdir()}
+        assert {"events.db", "events.db-wal", "events.db-shm"} <= names
+        for p in db.parent.iterdir():
+            assert oct(p.stat().st_mode & 0o777) == oct(0o600), p
+        for s in opened:
+            s.close()
