@@ -11,8 +11,10 @@
 
 The unit runs `bastion serve` as its own system user, with its state (the per-site event
 history and the secret store) under StateDirectory=, /var/lib/edge-bastion, by pointing
-XDG_STATE_HOME there; the API token in /etc/edge-bastion/token; the filesystem read-only except
-the state directory and the site directory (the management API edits site files);
+XDG_STATE_HOME there; the nodes' console logs under CacheDirectory=, /var/cache/edge-bastion,
+by BASTION_VAR_DIR (a checkout's own var/ is read-only to it); the API token in
+/etc/edge-bastion/token; the filesystem read-only except the state and cache directories and
+the site directory (the management API edits site files);
 CAP_NET_BIND_SERVICE as its only capability, for `--tftp ADDR:69` (and HTTP below 1024); the
 USB serial lines (ttyACM, ttyUSB) as its only devices, through the dialout group; and
 LimitNOFILE= as docs/controller.md "Limits" advises (2 x --max-connections + 64, + 131 with
@@ -161,6 +163,9 @@ StateDirectory=edge-bastion
 StateDirectoryMode=0700
 Environment=XDG_STATE_HOME=%S
 Environment=XDG_CACHE_HOME=%C
+# the var dir (the nodes' console logs) here even for a bastion run from a checkout, whose own
+# var/ is root's and read-only (ProtectSystem=strict)
+Environment=BASTION_VAR_DIR=%C/edge-bastion
 CacheDirectory=edge-bastion
 ConfigurationDirectory=edge-bastion
 # HTTP connections and TFTP transfers: 2 x --max-connections + 64 (+ 131 with --tftp)

@@ -182,3 +182,30 @@ def test_the_listeners_must_be_on_the_sites_networks(tmp_path, site):
     assert not (tmp_path / "root").exists()
     r = install_with("--listen", "10.77.0.3:8080", "--management-listen", "10.79.0.3:8080")
     assert r.exit_code == 0, r.output
+
+
+def test_the_units_environment_puts_the_console_logs_where_the_service_may_write(tmp_path, site):
+    """docs/tutorial.md installs from a checkout (/opt/edge-bastion/.venv): there `bastion serve`
+    kept console logs in <checkout>/var, root's and read-only under ProtectSystem=strict, so the
+    service lost every console. Under the unit's Environment= (%S and %C as systemd sets them
+    for a system unit, here directories of the test's), the var dir is the CacheDirectory=."""
+    import os
+    import sys
+
+    root = tmp_path / "root"
+    assert install(root, site).exit_code == 0
+    text = (root / "etc/systemd/system/edge-bastion.service").read_text()
+    assert "CacheDirectory=edge-bastion" in text.splitlines()
+    specifiers = {"%S": str(tmp_path / "var/lib"), "%C": str(tmp_path / "var/cache")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASTION_", "XDG_"))}
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            env[name] = specifiers.get(value, value).replace("%C", specifiers["%C"])
+    probe = ("from bastion import paths; print(paths.checkout() is not None); "
+             "print(paths.var_dir())")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                       timeout=60, check=True)  # fmt: skip
+    from_checkout, var_dir = r.stdout.split("\n")[:2]
+    assert from_checkout == "True"  # as the tutorial's install: the case that went wrong
+    assert var_dir == str(tmp_path / "var/cache/edge-bastion")
