@@ -275,10 +275,12 @@ def plan(spec: ServiceSpec, root: Path = Path("/"), systemctl: bool = True) -> l
         t = spec.tunnel
         key = root / t.key_file.lstrip("/")
         conf = root / f"etc/wireguard/{t.interface}.conf"
+        # STATE_DIR itself too: systemd keeps an existing StateDirectory='s mode (it only warns
+        # that it is not StateDirectoryMode=), so made here it must be made 0700
         steps += [
             Step(f"make the controller host's WireGuard private key {key} (mode 0600) unless it "
                  "exists", key, (t.new_key + "\n").encode(), 0o600, keep=True, service_owned=True,
-                 private_dirs=len(Path(t.key_file).relative_to(STATE_DIR).parts) - 1),
+                 private_dirs=len(Path(t.key_file).relative_to(STATE_DIR).parts)),
             Step(f"write {conf} (its tunnel, for {t.unit}; no secret in it)", conf,
                  t.config.encode(), 0o600, private_dirs=1),
         ]  # fmt: skip

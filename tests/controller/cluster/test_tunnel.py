@@ -360,10 +360,12 @@ def test_the_management_side_reaches_the_controller_through_the_tunnel_only(tmp_
 # --- bastion install-service ------------------------------------------------------------------------
 
 
-def test_install_service_sets_up_the_controller_hosts_tunnel(tmp_path, site):
+def test_install_service_sets_up_the_controller_hosts_tunnel(tmp_path, site, umask_022):
     """Under --root: the private key made once in the service's secret store, the wg-quick
     config beside the units naming it, the controller's unit after wg-quick@; the units pass
-    systemd-analyze verify. The host's /etc is never touched."""
+    systemd-analyze verify. The host's /etc is never touched. The state directory it makes is
+    0700 under umask 022: systemd keeps an existing StateDirectory='s mode (it only warns that
+    it differs from StateDirectoryMode=)."""
     need_tool("systemd-analyze")
     site_dir, _, mgmt = site
     root = tmp_path / "root"
@@ -386,7 +388,8 @@ def test_install_service_sets_up_the_controller_hosts_tunnel(tmp_path, site):
     assert f"wrote {key_file}" in r.output and key not in r.output
     assert f"public key {wireguard_public_key(key)}" in r.output
     for path, mode in ((key_file, 0o600), (key_file.parent, 0o700), (key_file.parents[2], 0o700),
-                       (conf, 0o600), (conf.parent, 0o700)):  # fmt: skip
+                       (root / "var/lib/edge-bastion", 0o700), (conf, 0o600),
+                       (conf.parent, 0o700)):  # fmt: skip
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     text = conf.read_text()
     assert key not in text
