@@ -35,6 +35,7 @@ def serve(log_level, access_log, **given) -> None:
     from bastion.api import boot as boot_api
     from bastion.api import httpserver
     from bastion.api.main import create_app
+    from bastion.settings import token_file_exposure
     from bastion.site.load import SiteError
     from bastion.tftpd import MAX_TRANSFERS
 
@@ -89,6 +90,9 @@ def serve(log_level, access_log, **given) -> None:
     )
     for warning in site.warnings:
         click.echo(f"warning: {warning}", err=True)
+    exposed = token_file_exposure(settings.api_token_file) if settings.api_token_file else None
+    if exposed:
+        click.echo(f"warning: {exposed}", err=True)
     if site.settings.networks is not None:
         nets = site.settings.networks
         unserved = nets.management_unserved(settings.management_listen)

@@ -41,6 +41,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -93,6 +94,21 @@ def read_token_file(path: Path) -> str:
     if len(token) < 16:
         raise SettingsError(f"the API token in {path} is too short (16 characters at least)")
     return token
+
+
+def token_file_exposure(path: Path) -> str | None:
+    """What is wrong with who may use the API token file, for `serve` to warn about: every user
+    of the host may read it (and so manage the site) or write it (and so choose the token).
+    Group access is fine: install-service's file is 0640, group of the service's user."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    what = [w for bit, w in ((0o004, "read"), (0o002, "written")) if mode & bit]
+    if not what:
+        return None
+    return (f"the API token file {path} can be {' and '.join(what)} by every user on this host "
+            f"(mode {mode:04o}): chmod o-rw {path}")  # fmt: skip
 
 
 def resolve_token(token: str | None = None, token_file: Path | None = None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 
 from bastion.cli import main
 from bastion.settings import Settings, SettingsError
-from bastion_testkit import EXAMPLES
+from bastion_testkit import EXAMPLES, Server
 
 SITE = EXAMPLES / "site"
 
@@ -87,3 +88,22 @@ def test_serve_refuses_a_bad_setting_with_a_usage_error(monkeypatch, tmp_path: P
     monkeypatch.delenv("BASTION_LISTEN")
     r = CliRunner().invoke(main, ["serve"])
     assert r.exit_code == 2 and "--site is required (or $BASTION_SITE)" in r.output, r.output
+
+
+def test_serve_warns_of_a_token_file_every_user_may_read(tmp_path):
+    """Whoever reads the token manages the site (power, edits, consoles): a file made under
+    umask 022 (0644) was taken without a word. install-service's 0640 is fine."""
+    site = tmp_path / "site"
+    shutil.copytree(SITE, site)
+    token = tmp_path / "token"
+    token.write_text("from-the-file-0123456789\n")
+    logs = []
+    for mode in (0o644, 0o640, 0o602):
+        token.chmod(mode)
+        server = Server(site, tmp_path / f"events-{mode:o}.db", None, args=("--token-file", str(token)))
+        server.stop()
+        logs.append(server.log.read_text())
+    assert (f"warning: the API token file {token} can be read by every user on this host (mode "
+            f"0644): chmod o-rw {token}") in logs[0]  # fmt: skip
+    assert "API token file" not in logs[1]
+    assert "can be written by every user on this host (mode 0602)" in logs[2]
