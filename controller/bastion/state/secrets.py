@@ -18,9 +18,11 @@ The controller host's own tunnel (site.yaml cluster.wireguard.controller; bastio
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
 import secrets as _random
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from bastion.model import Machine, Site
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+log = logging.getLogger(__name__)
 
 
 class SecretError(ValueError):
@@ -85,6 +89,7 @@ class SecretStore:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self._lock = threading.Lock()
+        self._warned: set[Path] = set()  # secrets every user may read, said once each
 
     def _path(self, name: str) -> Path:
         parts = name.split("/")
@@ -99,16 +104,29 @@ class SecretStore:
 
     def get(self, name: str) -> str | None:
         try:
-            return self._path(name).read_text().strip()
+            return self._read(self._path(name))
         except FileNotFoundError:
             return None
+
+    def _read(self, path: Path) -> str:
+        """The secret in path; a warning, once, when every user of the host may read it: the
+        store's own are 0600, but a credential put there by hand (a UPS password, a client key)
+        has whatever mode its writer's umask gave it."""
+        with open(path) as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            value = f.read().strip()
+        if mode & 0o004 and path not in self._warned:
+            self._warned.add(path)
+            log.warning("the secret %s can be read by every user on this host (mode %04o): "
+                        "chmod 600 %s", path, mode, path)  # fmt: skip
+        return value
 
     def get_or_create(self, name: str, make: Callable[[], str] = random_token) -> str:
         """The secret `name`, made with `make()` and stored the first time it is asked for."""
         path = self._path(name)
         with self._lock:
             try:
-                return path.read_text().strip()
+                return self._read(path)
             except FileNotFoundError:
                 pass
             value = make()

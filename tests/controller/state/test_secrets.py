@@ -97,3 +97,23 @@ def test_a_template_that_reads_secrets_renders_only_with_them(tmp_path):
 def test_templates_without_secrets_are_not_flagged(site_dir):
     site = load_site(site_dir)
     assert not any(uses_secrets(tf) for tf in site.ignition.values())
+
+
+def test_a_secret_every_user_may_read_is_used_and_warned_of_once(tmp_path, caplog):
+    """The store's own secrets are 0600; one put there by hand (docs/logs.md, docs/ups.md) under
+    umask 022 is 0644 and was used without a word."""
+    store = SecretStore(tmp_path / "s")
+    put = tmp_path / "s" / "ups" / "main" / "password"
+    put.parent.mkdir(parents=True)
+    put.write_text("hunter2-upsd\n")
+    put.chmod(0o644)
+    with caplog.at_level("WARNING", logger="bastion.state.secrets"):
+        assert store.get("ups/main/password") == "hunter2-upsd"
+        assert store.get_or_create("ups/main/password") == "hunter2-upsd"
+        put.chmod(0o640)  # group access: the service's group
+        assert store.get("ups/main/password") == "hunter2-upsd"
+        assert store.get_or_create("k3s/x/token") and store.get("k3s/x/token")  # made 0600
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"the secret {put} can be read by every user on this host (mode 0644): "
+                    f"chmod 600 {put}"]  # fmt: skip
+    assert "hunter2" not in caplog.text
