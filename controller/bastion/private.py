@@ -38,7 +38,12 @@ def mkdir(path: Path | str) -> None:
 
 
 def create(path: Path | str) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+    # O_EXCL: an existing file is not even opened for writing (a reader that may only read it,
+    # `bastion events` say, gets as far as SQLite lets it)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+    except FileExistsError:
+        pass
 
 
 def open_append(path: Path | str) -> BinaryIO:
