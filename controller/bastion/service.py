@@ -16,7 +16,8 @@ by BASTION_VAR_DIR (a checkout's own var/ is read-only to it); the API token in
 /etc/edge-bastion/token; the filesystem read-only except the state and cache directories and
 the site directory (the management API edits site files);
 CAP_NET_BIND_SERVICE as its only capability, for `--tftp ADDR:69` (and HTTP below 1024); the
-USB serial lines (ttyACM, ttyUSB) as its only devices, through the dialout group; and
+USB serial lines (ttyACM, ttyUSB), and --device when it is another, as its only devices, through
+the dialout group; and
 LimitNOFILE= as docs/controller.md "Limits" advises (2 x --max-connections + 64, + 131 with
 --tftp: 4096 covers the defaults).
 """
@@ -98,6 +99,16 @@ class ServiceSpec:
         if self.device:
             out += ["--device", self.device]
         return out + list(self.extra)
+
+
+def _device_allow(device: str | None) -> str:
+    """A DeviceAllow= line for --device when the two USB serial groups do not cover it: a
+    board's UART (/dev/ttyAMA0, /dev/ttyS0) or a udev name for one (systemd resolves a symlink
+    when the unit starts). Empty for /dev/ttyACMn and /dev/ttyUSBn, and for what is not a
+    device node (a pyserial URL such as socket://HOST:PORT)."""
+    if not device or not device.startswith("/dev/") or re.fullmatch(r"/dev/tty(ACM|USB)[0-9]+", device):
+        return ""
+    return f"DeviceAllow={device.replace('%', '%%')} rw\n"
 
 
 def _exec_line(argv: list[str]) -> str:
@@ -183,7 +194,7 @@ PrivateTmp=yes
 DevicePolicy=closed
 DeviceAllow=char-ttyACM rw
 DeviceAllow=char-ttyUSB rw
-{_CONFINED}"""
+{_device_allow(spec.device)}{_CONFINED}"""
 
 
 def cache_unit_text(spec: ServiceSpec) -> str:

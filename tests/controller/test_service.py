@@ -39,6 +39,25 @@ def verify(unit) -> subprocess.CompletedProcess:
                           timeout=60)  # fmt: skip
 
 
+@pytest.mark.parametrize("device", ["/dev/ttyAMA0", "/dev/ttyS0", "/dev/serial/by-id/usb-Raspberry_Pi_Pico_E6614C-if00"])
+def test_a_serial_line_that_is_not_usb_is_allowed_too(tmp_path, site, device):
+    # DevicePolicy=closed with only the USB serial groups allowed would keep the controller
+    # from a board on a UART (a Pi's ttyAMA0, a PC's ttyS0): --device gets a line of its own
+    root = tmp_path / "root"
+    r = install(root, site, "--device", device)
+    assert r.exit_code == 0, r.output
+    unit = root / "etc/systemd/system/edge-bastion.service"
+    lines = unit.read_text().splitlines()
+    assert f"DeviceAllow={device} rw" in lines and f"--device {device}" in unit.read_text()
+    v = verify(unit)
+    assert v.returncode == 0, v.stdout + v.stderr
+    # the USB serial lines need none: their groups cover every number they come back as; nor
+    # does a pyserial URL
+    for other in ("/dev/ttyACM0", "socket://10.0.0.5:4000"):
+        assert install(root, site, "--device", other).exit_code == 0
+        assert not [x for x in unit.read_text().splitlines() if x.startswith("DeviceAllow=") and "char-" not in x]
+
+
 def test_the_installed_unit_passes_systemd_analyze_verify(tmp_path, site):
     root = tmp_path / "root"
     r = install(root, site)
