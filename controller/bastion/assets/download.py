@@ -26,6 +26,10 @@ from bastion import atomic
 
 # Small files (version.txt, .sig) are a few hundred bytes; a mirror that sends more is refused.
 SMALL_FILE_LIMIT = 1 << 20
+# The biggest file a release may have: Flatcar's PXE image is about 500 MB, k3s 70 MB, the Pi's
+# firmware a few MB. A mirror that sends (or announces) more is refused and what came is
+# deleted: a body that never ends would otherwise fill the disk before its checksum is looked at.
+DOWNLOAD_LIMIT = 4 << 30
 CHUNK = 256 * 1024
 
 
@@ -241,10 +245,17 @@ def download_resumable(
                 atomic.write_bytes(meta_file, json.dumps(meta).encode())
             else:
                 raise FetchError(f"{url}: HTTP {r.status_code}")
+            if total is not None and total > DOWNLOAD_LIMIT:
+                unlink(part, meta_file)
+                raise FetchError(_too_big(name, url, f"announces {total} bytes"))
             reporter.begin(name, total, have)
             try:
                 with open(part, mode) as out:
                     for chunk in r.iter_raw(CHUNK):
+                        if written + len(chunk) > DOWNLOAD_LIMIT:
+                            out.close()
+                            unlink(part, meta_file)
+                            raise FetchError(_too_big(name, url, f"sent more than {DOWNLOAD_LIMIT} bytes"))
                         out.write(chunk)
                         written += len(chunk)
                         reporter.advance(len(chunk))
@@ -274,6 +285,11 @@ def download_resumable(
             f"{name}: the mirror sent {written} of {total} bytes; the partial file is kept: "
             "run the same command again to resume"
         )
+
+
+def _too_big(name: str, url: str, what: str) -> str:
+    return (f"{name}: {url} {what}, more than any release file ({DOWNLOAD_LIMIT}): refused, "
+            "and nothing of it kept; check the mirror")  # fmt: skip
 
 
 # -- files ---------------------------------------------------------------------------------------------

@@ -654,3 +654,55 @@ def test_a_mirror_that_cannot_be_reached_is_not_called_a_partial_download(tmp_pa
         download.download_resumable(client, f"http://127.0.0.1:{port}/f", part, "f", Quiet())
     assert f"f: could not download http://127.0.0.1:{port}/f (ConnectError" in str(e.value)
     assert "partial" not in str(e.value) and not part.exists()
+
+
+@pytest.mark.parametrize("announced", [False, True])
+def test_a_mirror_that_sends_more_than_any_release_file_is_refused_and_nothing_kept(
+        tmp_path, monkeypatch, announced):  # fmt: skip
+    # A body that never ends filled the disk before its checksum could refuse it.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+    from bastion.assets import download
+
+    monkeypatch.setattr(download, "DOWNLOAD_LIMIT", 1 << 20)
+
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            if announced:
+                self.send_header("Content-Length", str(8 << 30))
+            else:
+                self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"x" * 65536
+            try:
+                for _ in range(10_000):  # 640 MB at most, were it read to the end
+                    self.wfile.write(chunk if announced else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                pass  # the client went away
+
+        def log_message(self, *args): ...
+
+    class Quiet:
+        def begin(self, *a): ...
+        def advance(self, n): ...
+        def end(self): ...
+        def note(self, text): ...
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    part = tmp_path / "f.part"
+    url = f"http://127.0.0.1:{server.server_address[1]}/f"
+    try:
+        with httpx.Client(timeout=10) as client, pytest.raises(download.FetchError) as e:
+            download.download_resumable(client, url, part, "f", Quiet())
+    finally:
+        server.shutdown()
+        server.server_close()
+    said = "announces 8589934592 bytes" if announced else "sent more than 1048576 bytes"
+    assert f"f: {url} {said}, more than any release file (1048576)" in str(e.value)
+    assert not part.exists() and not download.meta_path(part).exists()
