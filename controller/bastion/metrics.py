@@ -89,6 +89,11 @@ class Metrics:
         self.journal_entries = Counter("bastion_journal_entries", "Journal entries nodes uploaded "
                                        "(POST /journal/upload), by result: shipped, malformed.", ["result"],
                                        registry=r)  # fmt: skip
+        self.journal_fields_cut = Counter(
+            "bastion_journal_fields_cut",
+            "Fields of nodes' journal entries left out because they would take their entry past "
+            "the controller's 1 MiB bound (bastion.logship.journal); the entries were shipped without them.",
+            registry=r)  # fmt: skip
         self.gauge_source: Callable[[], dict[str, float]] | None = None
         self.ups_source: Callable[[], dict[str, float]] | None = None  # bastion.ups
         r.register(_SiteGauges(self))

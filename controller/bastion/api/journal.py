@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from bastion.api.deps import RuntimeDep, SiteDep
 from bastion.api.jsonbody import StrictJsonRoute
-from bastion.logship.journal import ExportParser, Malformed, as_event
+from bastion.logship.journal import Entry, ExportParser, Malformed, as_event
 
 router = APIRouter(tags=["logs"], route_class=StrictJsonRoute)
 
@@ -42,7 +42,9 @@ async def journal_upload(request: Request, runtime: RuntimeDep, site: SiteDep) -
     parser = ExportParser()
     shipped = 0
 
-    def ship(entry: dict[str, str]) -> None:
+    def ship(entry: Entry) -> None:
+        if entry.cut_count:
+            runtime.metrics.journal_fields_cut.inc(entry.cut_count)
         host = "" if by_address is not None else entry.get("_HOSTNAME", "")
         if host not in names:
             m = by_address or next((m for m in site.machines if host and host in (m.hostname, m.name)), None)

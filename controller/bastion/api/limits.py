@@ -36,7 +36,7 @@ BODY_LIMITS = {
     "/callback": 64 * 1024,
     "/heartbeat": 4 * 1024,
     # a node's whole journal since its boot may come in one upload; it is parsed as it arrives
-    # and never held (bastion.logship.journal bounds each entry to 1 MiB)
+    # and never held (bastion.logship.journal holds at most 1 MiB of an entry, skipping a bigger field)
     "/journal/upload": 1024 * 1024 * 1024,
 }
 

@@ -5,8 +5,10 @@ controller and rsyslog is in test_logship_rsyslog.py."""
 
 from __future__ import annotations
 
+import random
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -63,15 +65,167 @@ def test_truncated_at_every_length_is_malformed_at_close():
             p.close()
 
 
-def test_an_entry_past_the_bound_is_malformed():
-    p = ExportParser()
-    with pytest.raises(Malformed):
-        p.feed(b"MESSAGE\n" + struct.pack("<Q", 2 * ExportParser.max_entry))
-    p = ExportParser()
-    with pytest.raises(Malformed):
-        p.feed(b"MESSAGE=" + b"x" * (ExportParser.max_entry + 10))
+def test_a_bad_name_is_malformed():
     with pytest.raises(Malformed):
         ExportParser().feed(b"lower=case\n")
+    with pytest.raises(Malformed):  # no name is this long, text or binary: not worth waiting for its end
+        ExportParser().feed(b"A" * 65)
+
+
+# --- the bound: a field that would take its entry past max_entry is cut, never held ----------
+
+
+def _text(name: bytes, value: bytes) -> bytes:
+    return name + b"=" + value + b"\n"
+
+
+def _binary(name: bytes, value: bytes) -> bytes:
+    return name + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+
+
+def _parser(bound: int) -> ExportParser:
+    p = ExportParser()
+    p.max_entry = bound
+    return p
+
+
+def _parse_with(p: ExportParser, chunks) -> list[tuple[dict, dict, int]]:
+    out = [e for c in chunks for e in p.feed(c)]
+    p.close()
+    return [(dict(e), e.cut, e.cut_count) for e in out]
+
+
+def _expected(entries: list[list[tuple[bytes, bytes, bool]]], bound: int) -> list[tuple[dict, dict, int]]:
+    """The rule, written plainly: fields are taken in order, each costing its bytes on the wire
+    (name, separator, length, value, newline); one that would take the entry past the bound is
+    cut, named with its value's size (the first 32 names)."""
+    out = []
+    for fields in entries:
+        kept, cut, count, held = {}, {}, 0, 0
+        for name, value, binary in fields:
+            wire = len(name) + 1 + len(value) + 1 + (8 if binary else 0)
+            if held + wire > bound:
+                count += 1
+                if name.decode() in cut or len(cut) < ExportParser.max_cut_named:
+                    cut[name.decode()] = len(value)
+            else:
+                held += wire
+                kept[name.decode()] = value.decode("utf-8", errors="replace")
+        out.append((kept, cut, count))
+    return out
+
+
+def _body(entries: list[list[tuple[bytes, bytes, bool]]]) -> bytes:
+    return b"".join(b"".join((_binary if b else _text)(n, v) for n, v, b in fields) + b"\n" for fields in entries)
+
+
+def test_around_the_bound_whole_byte_by_byte_and_at_every_split():
+    bound = 40
+    # MESSAGE=<v>\n costs 9 + len(v); MESSAGE\n<8><v>\n costs 17 + len(v)
+    entries = [
+        [(b"MESSAGE", b"x" * 31, False)],  # 40: fits exactly
+        [(b"MESSAGE", b"x" * 32, False)],  # 41: cut
+        [(b"MESSAGE", b"y" * 23, True)],  # 40: fits exactly
+        [(b"MESSAGE", b"y" * 24, True), (b"PRIORITY", b"3", False)],  # 41: cut, and the next one fits
+        [(b"A", b"1", False), (b"COREDUMP", b"\x00\n" * 100, True), (b"MESSAGE", b"after", False)],
+        [(b"MESSAGE", b"z" * 100, False)],  # cut: the entry is only a cut field, and still an entry
+        [(b"A", b"1", False)],
+    ]
+    body = _body(entries)
+    want = _expected(entries, bound)
+    assert [w[1] for w in want] == [{}, {"MESSAGE": 32}, {}, {"MESSAGE": 24}, {"COREDUMP": 200}, {"MESSAGE": 100}, {}]
+    assert _parse_with(_parser(bound), [body]) == want
+    assert _parse_with(_parser(bound), [body[i : i + 1] for i in range(len(body))]) == want
+    for cut in range(len(body) + 1):
+        assert _parse_with(_parser(bound), [body[:cut], body[cut:]]) == want
+
+
+_FIELD = st.tuples(
+    st.sampled_from([b"MESSAGE", b"COREDUMP", b"A", b"_PID", b"X_1"]),
+    st.integers(0, 90),
+    st.booleans(),
+    st.sampled_from([b"v", b"\xff", b"\n"]),
+).map(lambda f: (f[0], (f[3] if f[2] else b"v") * f[1], f[2]))
+
+
+@given(st.lists(st.lists(_FIELD, min_size=1, max_size=6), min_size=1, max_size=5), st.data())
+@settings(max_examples=300, deadline=None)
+def test_around_the_bound_in_random_chunks_the_entries_the_rule_says(entries, data):
+    bound = 64
+    body = _body(entries)
+    splits = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
+    chunks = [body[a:b] for a, b in zip([0, *splits], [*splits, len(body)], strict=True)]
+    assert _parse_with(_parser(bound), chunks) == _expected(entries, bound)
+
+
+def test_at_the_real_bound_a_2_mib_field_is_cut_text_or_binary():
+    big = 2 * 1024 * 1024
+    entries = [
+        [(b"MESSAGE", b"before", False)],
+        [(b"COREDUMP", bytes(range(256)) * (big // 256), True), (b"MESSAGE", b"core", False)],
+        [(b"MESSAGE", b"y" * big, False)],
+        [(b"MESSAGE", b"m" * (ExportParser.max_entry - 9), False)],  # exactly the bound: kept
+        [(b"MESSAGE", b"after", False)],
+    ]
+    body = _body(entries)
+    want = _expected(entries, ExportParser.max_entry)
+    assert [w[1] for w in want] == [{}, {"COREDUMP": big}, {"MESSAGE": big}, {}, {}]
+    assert _parse_with(ExportParser(), [body]) == want
+    rnd = random.Random(5)
+    splits = sorted(rnd.randrange(len(body)) for _ in range(300))
+    chunks = [body[a:b] for a, b in zip([0, *splits], [*splits, len(body)], strict=True)]
+    assert _parse_with(ExportParser(), chunks) == want
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_field_being_cut_is_never_held(binary):
+    """64 MiB of one field, fed in 64 KiB chunks: the parser holds no more than its bound."""
+    chunk = (b"\x00" if binary else b"x") * 65536
+    n = 1024
+    head = b"COREDUMP\n" + struct.pack("<Q", n * len(chunk)) if binary else b"MESSAGE="
+    p = ExportParser()
+    tracemalloc.start()
+    try:
+        p.feed(head)
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(n):
+            assert p.feed(chunk) == []
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    (entry,) = p.feed(b"\nMESSAGE=after\n\n")
+    p.close()
+    assert entry == {"MESSAGE": "after"}  # the field after the cut one is kept
+    assert entry.cut == {("COREDUMP" if binary else "MESSAGE"): n * len(chunk)} and entry.cut_count == 1
+    assert peak < ExportParser.max_entry + 4 * len(chunk), peak
+
+
+def test_the_names_of_cut_fields_are_bounded_and_all_are_counted():
+    p = _parser(16)
+    (entry,) = p.feed(b"".join(_text(b"F%d" % i, b"x" * 20) for i in range(40)) + b"\n")
+    assert len(entry.cut) == ExportParser.max_cut_named and entry.cut_count == 40
+    assert entry.cut["F0"] == 20 and "F39" not in entry.cut
+
+
+@pytest.mark.parametrize("body", [
+    b"COREDUMP\n" + struct.pack("<Q", 100) + b"x" * 100,  # the body ends inside a field being cut
+    b"MESSAGE=" + b"x" * 100,
+    b"MESSAGE=" + b"x" * 100 + b"\n",  # ... or after it, inside its entry
+])  # fmt: skip
+def test_a_body_that_ends_inside_a_cut_field_is_malformed_at_close(body):
+    p = _parser(32)
+    assert p.feed(body) == []
+    with pytest.raises(Malformed):
+        p.close()
+
+
+def test_a_cut_binary_field_without_its_newline_is_malformed():
+    for split in (None, 100):
+        p = _parser(32)
+        body = b"COREDUMP\n" + struct.pack("<Q", 100) + b"x" * 100 + b"X\n\n"
+        with pytest.raises(Malformed):
+            for c in [body] if split is None else [body[:split], body[split:]]:
+                p.feed(c)
 
 
 def test_an_entry_as_an_event():
@@ -79,6 +233,9 @@ def test_an_entry_as_an_event():
     assert e["kind"] == "journal" and e["source"] == "node" and e["ts"] == 1764871526.0
     assert e["payload"] == {"message": "a=b", "priority": 3, "host": "node1", "cursor": "s=1;i=1",
                             "client": "10.77.0.50"}  # fmt: skip
+    (cut,) = _parse_in([b"MESSAGE=" + b"x" * ExportParser.max_entry + b"\n_PID=7\n\n"])
+    assert as_event(cut, client=None, machine=None, mac=None)["payload"] == {"pid": "7", "cut": {"MESSAGE": 1 << 20},
+                                                                            "client": None}  # fmt: skip
 
 
 @pytest.mark.parametrize("realtime", [b"99999999999999999999", b"9999999999999999999", b"-5", b"soon", None])

@@ -456,3 +456,59 @@ s.close()
                       if rs.out.exists() else [], lambda ls: len(ls) >= 3)
     assert [json.loads(ln.split("] ", 1)[1])["payload"]["message"] for ln in lines] == ["entry 0", "entry 1", "entry 2"]
     assert "Traceback" not in db.with_suffix(".log").read_text()
+
+
+def test_a_journal_entry_with_a_field_past_the_bound_does_not_stop_the_node_journal(ns, site_dir, tmp_path):
+    """journald takes fields of up to 768 MiB (a core in COREDUMP=, a program's own huge MESSAGE);
+    the controller holds at most 1 MiB of an entry. It answered such an entry with 400, and
+    systemd-journal-upload, restarted (Restart=on-failure), sent again from its saved cursor and
+    met the same entry every time: nothing after it was ever shipped. Now the field is left out
+    (named, with its size, in the payload's `cut`), counted, and the rest of the journal goes on.
+    Two such fields: a binary one (sent with its length first) and a printable MESSAGE, which
+    the uploader sends as a `MESSAGE=...` line with no length."""
+    upload = need_tool_at("/lib/systemd/systemd-journal-upload")
+    remote = need_tool_at("/lib/systemd/systemd-journal-remote")
+    big = 2 * 1024 * 1024
+    d = tmp_path / "node"
+    d.mkdir()
+    export = bytearray()
+    for i in range(30):
+        export += b"__REALTIME_TIMESTAMP=%d\n_HOSTNAME=node1\nSYSLOG_IDENTIFIER=t\n" % (1764871526000000 + i)
+        if i == 10:
+            core = bytes(range(256)) * (big // 256)  # not text: the uploader sends it with its length
+            export += b"COREDUMP\n" + len(core).to_bytes(8, "little") + core + b"\nMESSAGE=entry 10\n\n"
+        elif i == 20:
+            export += b"MESSAGE=" + b"y" * big + b"\n\n"
+        else:
+            export += b"MESSAGE=entry %d\n\n" % i
+    (d / "in.export").write_bytes(bytes(export))
+    subprocess.run([remote, f"--output={d / 'node.journal'}", str(d / "in.export")], check=True, capture_output=True)
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    state = d / "upload.state"
+    runs = []
+    for _ in range(3):  # what Restart=on-failure does: again, from the cursor it saved
+        r = ns.run(upload, f"--url=http://{HTTP}/journal", f"--file={d / 'node.journal'}", "--follow=no",
+                   f"--save-state={state}", capture_output=True, text=True, timeout=120)  # fmt: skip
+        runs.append((r.returncode, r.stderr[-500:]))
+        if r.returncode == 0:
+            break
+
+    def journal_lines():
+        return [ln for ln in rs.out.read_text().splitlines() if ln.startswith("journal ")] if rs.out.exists() else []
+
+    shipped = [json.loads(ln.split("] ", 1)[1])["payload"].get("message") for ln in journal_lines()]
+    assert runs[-1][0] == 0, f"the uploader failed at every try: {runs}; shipped so far: {shipped}"
+    lines = _wait_for(journal_lines, lambda ls: len(ls) >= 30)
+    payloads = [json.loads(ln.split("] ", 1)[1])["payload"] for ln in lines]
+    assert len(payloads) == 30
+    assert [p.get("message") for p in payloads] == [None if i == 20 else f"entry {i}" for i in range(30)]
+    assert payloads[10]["cut"] == {"COREDUMP": big} and payloads[20]["cut"] == {"MESSAGE": big}
+    assert all("cut" not in p for i, p in enumerate(payloads) if i not in (10, 20))
+    metrics = _metrics(ns)
+    assert 'bastion_journal_fields_cut_total 2.0' in metrics
+    assert 'bastion_journal_entries_total{result="shipped"} 30.0' in metrics
