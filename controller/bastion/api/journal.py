@@ -60,6 +60,9 @@ async def journal_upload(request: Request, runtime: RuntimeDep, site: SiteDep) -
                 shipped += 1
         parser.close()
     except Malformed as e:
+        for entry in e.entries:  # whole, before the bad byte in the same chunk
+            ship(entry)
+            shipped += 1
         runtime.metrics.journal_entries.labels(result="malformed").inc()
         raise HTTPException(400, f"not the journal export format: {e} (after {shipped} entries)") from None
     except ClientDisconnect:  # cut short (the node went away): its whole entries were shipped

@@ -14,7 +14,8 @@ as binary (journal-upload-journal.c).
 
 `ExportParser.feed(chunk)` takes the body as it arrives (any split, a byte at a time included)
 and returns the entries completed by it; `close()` says whether the body ended inside an entry.
-Anything that is not the format raises Malformed, never anything else.
+Anything that is not the format raises Malformed, never anything else; the entries the chunk
+completed before the bad byte come with it (`Malformed.entries`).
 
 The bound. The parser holds at most `max_entry` (1 MiB) of an entry's fields: names, values
 and their separators, counted as they are on the wire. journald itself takes far more: a field
@@ -41,7 +42,12 @@ _NAME_MAX = 64
 
 
 class Malformed(ValueError):
-    """The body is not the journal export format."""
+    """The body is not the journal export format. `entries`: those completed before the bad
+    byte in the chunk that held it (whole entries, which the caller ships all the same)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.entries: list[Entry] = []
 
 
 class Entry(dict[str, str]):
@@ -74,12 +80,16 @@ class ExportParser:
     def feed(self, data: bytes) -> list[Entry]:
         out: list[Entry] = []
         data, i = bytes(data), 0
-        while i < len(data):
-            if self._cut_name is not None:
-                i = self._skip(data, i)
-                continue
-            self._buf += data[i:] if i else data
-            data, i = self._fields(out), 0  # what followed a field it cut, or b""
+        try:
+            while i < len(data):
+                if self._cut_name is not None:
+                    i = self._skip(data, i)
+                    continue
+                self._buf += data[i:] if i else data
+                data, i = self._fields(out), 0  # what followed a field it cut, or b""
+        except Malformed as e:
+            e.entries = out
+            raise
         return out
 
     def close(self) -> None:

@@ -269,6 +269,19 @@ def test_upload_is_off_unless_the_site_says_so_and_takes_only_the_export_format(
     assert r.status_code == 400 and "export format" in r.text
 
 
+def test_the_whole_entries_before_a_bad_byte_are_shipped_even_in_the_same_chunk(site_dir, client_for):
+    """The entries completed in the chunk that holds the bad byte were lost with the exception
+    (an upload of one chunk shipped none); docs/logs.md says they are shipped all the same."""
+    p = ExportParser()
+    with pytest.raises(Malformed) as e:
+        p.feed(b"MESSAGE=a\n\nMESSAGE=b\n\nbad name\n")
+    assert e.value.entries == [{"MESSAGE": "a"}, {"MESSAGE": "b"}]
+    c = client_for(_with_logs(site_dir, "\nlogs:\n  journal: true\n"))
+    r = c.post("/journal/upload", content=b"MESSAGE=a\n\nMESSAGE=b\n\nbad name\n",
+               headers={"Content-Type": "application/vnd.fdo.journal"})  # fmt: skip
+    assert r.status_code == 400 and "(after 2 entries)" in r.text, r.text
+
+
 BAD = [
     ("targets: [{name: a, type: syslog}]", "logs.targets[0]: a syslog target needs host"),
     ("targets: [{name: a, type: loki, url: 'ftp://x'}]", "logs.targets[0].url: 'ftp://x' is not an http(s) URL"),
