@@ -48,7 +48,8 @@ def sh(*cmd: str) -> None:
 
 class Lan:
     """The device's and the client's namespaces, joined by a veth pair. Without
-    `device_route` the device's side has no default route (so no broadcast can leave it)."""
+    `device_route` the device's side has no default route (an unbound socket's broadcasts
+    cannot leave it; the sim's DHCP socket is bound to its interface)."""
 
     def __init__(self, tag: str = "", device_route: bool = True) -> None:
         n = os.getpid() % 100000
@@ -309,15 +310,41 @@ def test_stray_control_bytes_while_the_controller_holds_the_line(rig):
     rig.sample_heap("at the end")
 
 
-def test_a_datagram_the_stack_will_not_send_is_an_event_and_a_counter(tmp_path):
-    """A device whose LAN has no default route cannot broadcast its offers (ENETUNREACH):
-    each failure is counted (dhcp.send_failed) and said in a "net" event, a few a second."""
+def test_a_lan_without_a_default_route_still_gets_its_offers(tmp_path):
+    """The sim board binds its DHCP socket to its LAN's interface (bastion sim --listen), as a
+    board's socket is its one interface's: its broadcast offers leave without a default route
+    (an unbound socket's could not: ENETUNREACH)."""
     if os.geteuid() != 0:
         pytest.skip("needs root for network namespaces")
-    lan = Lan("n", device_route=False)
+    lan = Lan("r", device_route=False)
+    board = None
+    try:
+        lan.up()
+        (tmp_path / "flash" / "tftp").mkdir(parents=True)
+        board = SimProcess(tmp_path / "flash", tmp_path / "ttyBASTION", netns=lan.dev,
+                           listen=DEVICE_IP)
+        board.wait(lambda e: e.get("ev") == "boot")
+        res = lan.run("discover", count=5, rate=20)
+        assert res["answered"] == 5, res
+        assert not [e for e in board.seen if e.get("ev") == "net"]
+    finally:
+        if board is not None:
+            board.stop()
+        lan.down()
+
+
+def test_a_datagram_the_stack_will_not_send_is_an_event_and_a_counter(tmp_path):
+    """A datagram the device's stack refuses to send (here a firewall rule on the device's side
+    drops the offers to port 68: EPERM) is counted (dhcp.send_failed) and said in a "net"
+    event, a few a second."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    lan = Lan("n")
     board = link = None
     try:
         lan.up()
+        sh("ip", "netns", "exec", lan.dev, "iptables", "-A", "OUTPUT", "-p", "udp", "--dport", "68",
+           "-j", "DROP")
         (tmp_path / "flash" / "tftp").mkdir(parents=True)
         board = SimProcess(tmp_path / "flash", tmp_path / "ttyBASTION", netns=lan.dev,
                            listen=DEVICE_IP)
@@ -329,7 +356,7 @@ def test_a_datagram_the_stack_will_not_send_is_an_event_and_a_counter(tmp_path):
         assert res["answered"] == 0
         failed = wait_for(lambda: [e for e in events if e.get("ev") == "net"], 10,
                           "a net event")
-        assert failed[0]["svc"] == "dhcp" and failed[0]["errno"] == errno.ENETUNREACH
+        assert failed[0]["svc"] == "dhcp" and failed[0]["errno"] == errno.EPERM
         assert failed[0]["to"] == "255.255.255.255"
         c = link.request("counters")["counters"]
         assert c["dhcp.send_failed"] == c["dhcp.rx"] > 0  # every one counted
