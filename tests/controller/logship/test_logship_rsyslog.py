@@ -54,6 +54,18 @@ while True:
     return proc
 
 
+def _journal_to_rsyslog(ns: Namespace, site_dir: Path, tmp_path: Path) -> tuple[Rsyslog, Path]:
+    """rsyslog running and `bastion serve` up with the nodes' journals shipped to it: (rsyslog,
+    the history's database)."""
+    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
+    db = tmp_path / "events.db"
+    rs = Rsyslog(ns, tmp_path / "rsyslog")
+    rs.start()
+    _serve(ns, site, db)
+    return rs, db
+
+
 def _in_ns(ns: Namespace, code: str) -> str:
     r = ns.run(sys.executable, "-c", code, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -333,12 +345,7 @@ def test_a_node_journal_through_the_controller_to_rsyslog(ns, site_dir, tmp_path
     severity, in order."""
     upload = need_tool_at("/lib/systemd/systemd-journal-upload")
     journal = _journal_file(tmp_path / "node", 40)
-    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, _ = _journal_to_rsyslog(ns, site_dir, tmp_path)
     r = ns.run(upload, f"--url=http://{HTTP}/journal", f"--file={journal}", "--follow=no",
                capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -373,12 +380,7 @@ def test_a_journal_entry_with_an_impossible_time_does_not_stop_the_stream(ns, si
     """Anyone who reaches /journal/upload chooses __REALTIME_TIMESTAMP. One past year 9999 made
     the syslog formatter raise at every try: the target retried it forever and nothing after it
     reached the collector. Now it arrives with the time it came, and the events after it too."""
-    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, db = _journal_to_rsyslog(ns, site_dir, tmp_path)
     _in_ns(ns, f"""
 import urllib.request
 body = b"__REALTIME_TIMESTAMP=99999999999999999999\\n_HOSTNAME=node1\\nMESSAGE=from the future\\n\\n"
@@ -398,12 +400,7 @@ def test_a_chunked_journal_upload_is_shipped_as_it_arrives(ns, site_dir, tmp_pat
     limit gathered a chunked body whole before the handler saw a byte (up to 1 GiB in memory
     per upload), so nothing of an upload in progress was shipped. Here the uploader sends five
     entries, waits until rsyslog has them, and only then ends the body."""
-    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, _ = _journal_to_rsyslog(ns, site_dir, tmp_path)
     host, port = HTTP.split(":")
     out = _in_ns(ns, f"""
 import socket, time
@@ -434,12 +431,7 @@ print(s.recv(4096).decode().split("\\r\\n")[0])
 def test_a_journal_upload_cut_short_ships_its_whole_entries_quietly(ns, site_dir, tmp_path):
     """An uploader that goes away mid-body (a node powered off): its complete entries were
     shipped as they came; the cut one is not, and the controller logs no traceback for it."""
-    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, db = _journal_to_rsyslog(ns, site_dir, tmp_path)
     host, port = HTTP.split(":")
     _in_ns(ns, f"""
 import socket
@@ -483,12 +475,7 @@ def test_a_journal_entry_with_a_field_past_the_bound_does_not_stop_the_node_jour
             export += b"MESSAGE=entry %d\n\n" % i
     (d / "in.export").write_bytes(bytes(export))
     subprocess.run([remote, f"--output={d / 'node.journal'}", str(d / "in.export")], check=True, capture_output=True)
-    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, _ = _journal_to_rsyslog(ns, site_dir, tmp_path)
     state = d / "upload.state"
     runs = []
     for _ in range(3):  # what Restart=on-failure does: again, from the cursor it saved
