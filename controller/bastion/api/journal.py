@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from bastion.api.deps import RuntimeDep, SiteDep
 from bastion.api.jsonbody import StrictJsonRoute
-from bastion.logship.journal import Entry, ExportParser, Malformed, as_event
+from bastion.logship.journal import READ, Entry, ExportParser, Malformed, as_event
 
 router = APIRouter(tags=["logs"], route_class=StrictJsonRoute)
 
@@ -39,7 +39,7 @@ async def journal_upload(request: Request, runtime: RuntimeDep, site: SiteDep) -
     binding = runtime.addresses.lookup(client, time.time())
     by_address = site.machine(binding.machine) if binding is not None else None
     names: dict[str, tuple[str | None, str | None]] = {}
-    parser = ExportParser()
+    parser = ExportParser(keep=READ)
     shipped = 0
 
     def ship(entry: Entry) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import re
 import struct
 import time
+from collections.abc import Collection
 
 _NAME = re.compile(rb"[A-Z0-9_]{1,64}")
 _NAME_MAX = 64
@@ -67,7 +68,11 @@ class ExportParser:
     max_entry = 1024 * 1024  # bytes of an entry's fields held (see the module docstring)
     max_cut_named = 32  # names an entry's `cut` keeps; a sender chooses how many fields it cuts
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Collection[str] | None = None) -> None:
+        # the field names an entry holds (None: every one): the others count towards the bound
+        # and are let go, so that an entry of many small fields costs no more than its few kept
+        # (an entry of 110,000 distinct 10-byte fields held 10.8 MB, 133 KB with keep=)
+        self._wanted = None if keep is None else frozenset(keep)
         self._buf = bytearray()
         self._entry = Entry()
         self._entry_bytes = 0
@@ -94,7 +99,7 @@ class ExportParser:
 
     def close(self) -> None:
         """The body ended: raise Malformed if it ended inside an entry."""
-        if self._buf or self._entry or self._entry.cut_count or self._cut_name is not None:
+        if self._buf or self._entry_bytes or self._entry.cut_count or self._cut_name is not None:
             raise Malformed("the body ends inside an entry")
 
     def _fields(self, out: list[Entry]) -> bytes:
@@ -117,7 +122,7 @@ class ExportParser:
                     raise Malformed(f"{bytes(buf[pos : pos + _NAME_MAX])!r}... is not a journal field name")
                 break
             if nl == pos:  # the empty line that ends an entry
-                if self._entry or self._entry.cut_count:
+                if self._entry_bytes or self._entry.cut_count:
                     out.append(self._entry)
                 self._entry, self._entry_bytes = Entry(), 0
                 pos = nl + 1
@@ -158,7 +163,8 @@ class ExportParser:
 
     def _keep(self, name: str, value: bytes, used: int) -> None:
         self._entry_bytes += used
-        self._entry[name] = value.decode("utf-8", errors="replace")
+        if self._wanted is None or name in self._wanted:
+            self._entry[name] = value.decode("utf-8", errors="replace")
 
     def _start_cut(self, name: str, left: int, size: int, value_at: int) -> bytes:
         """Cut the field whose value starts at `value_at` in the buffer: skip what the buffer
@@ -206,6 +212,8 @@ KEPT = {
     "_SYSTEMD_UNIT": "unit", "_HOSTNAME": "host", "_BOOT_ID": "boot_id", "_PID": "pid",
     "_TRANSPORT": "transport", "__CURSOR": "cursor",
 }  # fmt: skip
+# What as_event reads of an entry: ExportParser(keep=READ) holds nothing else.
+READ = frozenset({*KEPT, "__REALTIME_TIMESTAMP"})
 
 
 # the end of year 9999: RFC 5424's TIMESTAMP has four digits for the year
