@@ -54,10 +54,11 @@ while True:
     return proc
 
 
-def _journal_to_rsyslog(ns: Namespace, site_dir: Path, tmp_path: Path) -> tuple[Rsyslog, Path]:
-    """rsyslog running and `bastion serve` up with the nodes' journals shipped to it: (rsyslog,
-    the history's database)."""
-    site = _site(site_dir, f"\nlogs:\n  journal: true\n  targets:\n    - name: central\n      type: syslog\n"
+def _to_rsyslog(ns: Namespace, site_dir: Path, tmp_path: Path, journal: bool = False) -> tuple[Rsyslog, Path]:
+    """rsyslog running and `bastion serve` up shipping its events (and with `journal`, the
+    nodes' journals) to it: (rsyslog, the history's database)."""
+    journal_line = "  journal: true\n" if journal else ""
+    site = _site(site_dir, f"\nlogs:\n{journal_line}  targets:\n    - name: central\n      type: syslog\n"
                            f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
     db = tmp_path / "events.db"
     rs = Rsyslog(ns, tmp_path / "rsyslog")
@@ -125,12 +126,7 @@ def ns():
 
 
 def test_every_event_arrives_and_an_outage_is_replayed_in_order(ns, site_dir, tmp_path):
-    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, db = _to_rsyslog(ns, site_dir, tmp_path)
 
     _boots(ns, 100, 0)
     got = _wait_for(rs.ids, lambda ids: set(_db_ids(db)) <= set(ids))
@@ -208,12 +204,7 @@ def test_an_oversize_event_is_cut_to_fit_and_the_stream_stays_whole(ns, site_dir
     """rsyslog's default limit is 8096 bytes; a longer message would be cut by rsyslog and its
     rest read as bogus messages. An event with a 12 KB query arrives cut to fit, valid JSON,
     and every line rsyslog writes is one of our events."""
-    site = _site(site_dir, f"\nlogs:\n  targets:\n    - name: central\n      type: syslog\n"
-                           f"      host: 127.0.0.1\n      port: {PORT}\n")  # fmt: skip
-    db = tmp_path / "events.db"
-    rs = Rsyslog(ns, tmp_path / "rsyslog")
-    rs.start()
-    _serve(ns, site, db)
+    rs, db = _to_rsyslog(ns, site_dir, tmp_path)
     _boots(ns, 3, 0)
     _in_ns(ns, f"""
 import urllib.request, urllib.error
@@ -345,7 +336,7 @@ def test_a_node_journal_through_the_controller_to_rsyslog(ns, site_dir, tmp_path
     severity, in order."""
     upload = need_tool_at("/lib/systemd/systemd-journal-upload")
     journal = _journal_file(tmp_path / "node", 40)
-    rs, _ = _journal_to_rsyslog(ns, site_dir, tmp_path)
+    rs, _ = _to_rsyslog(ns, site_dir, tmp_path, journal=True)
     r = ns.run(upload, f"--url=http://{HTTP}/journal", f"--file={journal}", "--follow=no",
                capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -380,7 +371,7 @@ def test_a_journal_entry_with_an_impossible_time_does_not_stop_the_stream(ns, si
     """Anyone who reaches /journal/upload chooses __REALTIME_TIMESTAMP. One past year 9999 made
     the syslog formatter raise at every try: the target retried it forever and nothing after it
     reached the collector. Now it arrives with the time it came, and the events after it too."""
-    rs, db = _journal_to_rsyslog(ns, site_dir, tmp_path)
+    rs, db = _to_rsyslog(ns, site_dir, tmp_path, journal=True)
     _in_ns(ns, f"""
 import urllib.request
 body = b"__REALTIME_TIMESTAMP=99999999999999999999\\n_HOSTNAME=node1\\nMESSAGE=from the future\\n\\n"
@@ -400,7 +391,7 @@ def test_a_chunked_journal_upload_is_shipped_as_it_arrives(ns, site_dir, tmp_pat
     limit gathered a chunked body whole before the handler saw a byte (up to 1 GiB in memory
     per upload), so nothing of an upload in progress was shipped. Here the uploader sends five
     entries, waits until rsyslog has them, and only then ends the body."""
-    rs, _ = _journal_to_rsyslog(ns, site_dir, tmp_path)
+    rs, _ = _to_rsyslog(ns, site_dir, tmp_path, journal=True)
     host, port = HTTP.split(":")
     out = _in_ns(ns, f"""
 import socket, time
@@ -431,7 +422,7 @@ print(s.recv(4096).decode().split("\\r\\n")[0])
 def test_a_journal_upload_cut_short_ships_its_whole_entries_quietly(ns, site_dir, tmp_path):
     """An uploader that goes away mid-body (a node powered off): its complete entries were
     shipped as they came; the cut one is not, and the controller logs no traceback for it."""
-    rs, db = _journal_to_rsyslog(ns, site_dir, tmp_path)
+    rs, db = _to_rsyslog(ns, site_dir, tmp_path, journal=True)
     host, port = HTTP.split(":")
     _in_ns(ns, f"""
 import socket
@@ -475,7 +466,7 @@ def test_a_journal_entry_with_a_field_past_the_bound_does_not_stop_the_node_jour
             export += b"MESSAGE=entry %d\n\n" % i
     (d / "in.export").write_bytes(bytes(export))
     subprocess.run([remote, f"--output={d / 'node.journal'}", str(d / "in.export")], check=True, capture_output=True)
-    rs, _ = _journal_to_rsyslog(ns, site_dir, tmp_path)
+    rs, _ = _to_rsyslog(ns, site_dir, tmp_path, journal=True)
     state = d / "upload.state"
     runs = []
     for _ in range(3):  # what Restart=on-failure does: again, from the cursor it saved
