@@ -25,13 +25,14 @@ from bastion.operator.runner import Operator
 from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
 from bastion.state.addresses import AddressBook
-from bastion.state.events import EventStore
+from bastion.state.events import ATTRIBUTABLE_IDS, EventStore
 from bastion.state.heartbeats import Heartbeats
 from bastion.state.secrets import SecretStore
 from bastion.tftpd import TftpService
 from bastion.ups.runner import UpsWatch
 
-# How far back a newly learned address names the steps recorded by address alone.
+# How far back a newly learned address names the steps recorded by address alone (and at most
+# ATTRIBUTABLE_IDS events back).
 ATTRIBUTE_BACK_S = 300.0
 # How long a small batch of the boot endpoints' events may stay open after the previous group
 # commit, and what is small (GroupCommit): in a storm of 1,000 new connections (two requests a
@@ -115,7 +116,7 @@ class Runtime:
         if news is not None:
             b = news[0]
             self.store.attribute(b.address, b.mac, b.machine, now - ATTRIBUTE_BACK_S,
-                                 after_id=max(0, event_id - 10000))  # fmt: skip
+                                 after_id=max(0, event_id - ATTRIBUTABLE_IDS))  # fmt: skip
         if self.operator is not None:
             self.operator.saw(kind)
 

@@ -92,6 +92,11 @@ class Event:
 
 AGE_PRUNE_EVERY_S = 60.0
 
+#: How far back, in ids, the controller names the steps of an address once it learns whose the
+#: address is (EventStore.attribute's `after_id`): an event further back than this that names
+#: no machine stays so, which is what lets a reader of machines' events skip past it.
+ATTRIBUTABLE_IDS = 10000
+
 
 class EventStore:
     """Thread-safe: one connection, one lock (inserts take tens of microseconds)."""
@@ -226,6 +231,12 @@ class EventStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [_event(r) for r in rows]
+
+    def newest_id(self) -> int:
+        """The id of the newest event (0 when there is none): every event with an id up to it
+        is already in the history, since ids only grow and commits come one at a time."""
+        with self._lock:
+            return self._db.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0
 
     def attribute(self, client: str, mac: str, machine: str, since: float, after_id: int = 0) -> int:
         """Name the machine of the steps recorded by address alone (kinds tftp, asset, boot;
