@@ -126,13 +126,21 @@ _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineDict:
+    # A key given twice is refused among the mapping's own keys. Keys a merge (`<<: *defaults`)
+    # brings in come first and the mapping's own override them, as YAML's merge key says.
+    own = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE)
     loader.flatten_mapping(node)
+    merged = len(node.value) - own
     out = LineDict()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
     out.value_lines = {}
-    for key_node, value_node in node.value:
+    given: set[Any] = set()
+    for n, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
@@ -140,10 +148,12 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineDict:
             raise yaml.constructor.ConstructorError(
                 None, None, "a mapping key must be a plain value", key_node.start_mark
             ) from None
-        if key in out:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice", key_node.start_mark
-            )
+        if n >= merged:
+            if key in given:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            given.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
         out.value_lines[key] = value_node.start_mark.line + 1

@@ -110,3 +110,16 @@ def test_a_large_document_with_merge_keys_loads():
     assert len(doc["machines"]) == 20_000 and doc["machines"][-1]["labels"]["rack"] == "a"
 
 
+def test_a_merge_key_brings_defaults_that_the_mapping_overrides():
+    text = ("defaults: &d {role: worker, arch: x86_64, labels: {rack: a}}\n"
+            "gpu: &g {labels: {gpu: yes}, arch: arm64}\n"
+            "machines:\n"
+            "  - <<: *d\n    name: m1\n    role: control-plane\n"
+            "  - <<: [*g, *d]\n    name: m2\n")  # fmt: skip
+    m1, m2 = yamlfile.load(text, "machines.yaml")["machines"]
+    assert (m1["role"], m1["arch"], m1.line_of("role")) == ("control-plane", "x86_64", 6)
+    # two merged mappings that share keys load (which one's value wins is PyYAML's to say)
+    assert m2["name"] == "m2" and m2["role"] == "worker" and m2["arch"] in ("arm64", "x86_64")
+    # a key the mapping gives twice itself is still refused, merge or not
+    with pytest.raises(yamlfile.YamlError, match="given twice"):
+        yamlfile.load("m:\n  <<: {x: 1}\n  x: 2\n  x: 3\n", "machines.yaml")
