@@ -123,3 +123,78 @@ def test_a_merge_key_brings_defaults_that_the_mapping_overrides():
     # a key the mapping gives twice itself is still refused, merge or not
     with pytest.raises(yamlfile.YamlError, match="given twice"):
         yamlfile.load("m:\n  <<: {x: 1}\n  x: 2\n  x: 3\n", "machines.yaml")
+
+
+# --- libyaml's parser (the fast path) against PyYAML's own -------------------------------------
+
+
+def _with_lines(data):
+    """`data` with every LineDict's and LineList's lines beside it, to compare two loads."""
+    if isinstance(data, yamlfile.LineDict):
+        return ("map", data.line, data.key_lines, data.value_lines,
+                {k: _with_lines(v) for k, v in data.items()})  # fmt: skip
+    if isinstance(data, yamlfile.LineList):
+        return ("seq", data.line, data.item_lines, [_with_lines(v) for v in data])
+    return (type(data).__name__, data)
+
+
+def _both(text: str):
+    fast = yaml.load(text, Loader=yamlfile._FastLoader)  # noqa: S506 - a CSafeLoader subclass
+    pure = yaml.load(text, Loader=yamlfile._Loader)  # noqa: S506 - a SafeLoader subclass
+    return _with_lines(fast), _with_lines(pure)
+
+
+needs_libyaml = pytest.mark.skipif(yamlfile._FastLoader is None, reason="PyYAML without libyaml")
+
+
+@needs_libyaml
+def test_the_fast_path_reads_every_example_file_as_pyyaml_does():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    files = sorted([*root.rglob("*.yaml"), *root.rglob("*.yml"), *root.rglob("*.bu")])
+    loaded = 0
+    for f in files:
+        try:
+            fast, pure = _both(f.read_text())
+        except yaml.YAMLError:  # a manifest of several documents, a template: not for load()
+            with pytest.raises(yaml.YAMLError):  # and PyYAML's own parser refuses it too
+                yaml.load(f.read_text(), Loader=yamlfile._Loader)  # noqa: S506
+            continue
+        assert fast == pure, f
+        loaded += 1
+    assert loaded > 10
+
+
+@needs_libyaml
+@pytest.mark.parametrize("text", [
+    "mac: 52:54:00:12:34:01\nsexagesimal: 1:30\noctal: 0o17\nint: 0x1f\nfloat: 1.5e+3\n",
+    "a: &a {x: 1, y: [1, 2]}\nb: *a\nc:\n  <<: *a\n  y: 3\n",
+    "text: |\n  line one\n  line two\nfolded: >-\n  one\n  two\n\nnext: 'quoted: ''x'''\n",
+    "- {a: 1}\n-\n  - nested\n  - [flow, list]\n- ~\n- yes\n- 2026-12-06\n",
+    "key with spaces: value\n? complex\n: value\n\"quoted key\": 1\n",
+    "",
+    "# only a comment\n",
+])  # fmt: skip
+def test_the_fast_path_reads_yaml_features_as_pyyaml_does(text):
+    fast, pure = _both(text)
+    assert fast == pure
+
+
+@needs_libyaml
+@pytest.mark.parametrize("text", [
+    "a: 1\na: 2\n",  # a key twice
+    "a:\n\tb: 1\n",  # a tab
+    "a: [1, 2\n",  # unclosed
+    alias_bomb(),
+])  # fmt: skip
+def test_a_file_the_fast_path_refuses_is_said_in_pyyamls_words(text):
+    with pytest.raises(yaml.YAMLError):
+        yaml.load(text, Loader=yamlfile._FastLoader)  # noqa: S506
+    with pytest.raises(yaml.YAMLError) as pure:
+        yaml.load(text, Loader=yamlfile._Loader)  # noqa: S506
+    with pytest.raises(yamlfile.YamlError) as said:
+        yamlfile.load(text, "f.yaml")
+    mark = pure.value.problem_mark or pure.value.context_mark
+    assert said.value.line == mark.line + 1
+    assert pure.value.problem in said.value.problem
