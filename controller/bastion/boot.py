@@ -73,7 +73,7 @@ def describe(labels: dict[str, str]) -> str:
 
 
 def select(site: Site, labels: dict[str, str]) -> tuple[Group, Profile] | None:
-    group = match.select_group(site.groups, labels)
+    group = site.select_group(labels)
     if group is None:
         return None
     return group, site.profiles[group.profile]
@@ -310,7 +310,7 @@ def generic(site: Site, req: BootRequest) -> Answer:
 
 
 def metadata(site: Site, req: BootRequest) -> Answer:
-    group = match.select_group(site.groups, req.labels)
+    group = site.select_group(req.labels)
     if group is None:
         return _no_match(req)
     return Answer(

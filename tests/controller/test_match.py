@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bastion.match import (
+    GroupIndex,
     Malformed,
     labels_from_query,
     matches,
@@ -115,6 +116,34 @@ def test_most_selectors_win_and_ties_go_to_the_greatest_selector_string():
 def test_no_default_group_means_no_match():
     ordered = specificity_order([G("mac", {"mac": "52:54:00:a1:9c:ae"})])
     assert select_group(ordered, {"mac": "52:54:00:00:00:01"}) is None
+
+
+# selectors and labels over a few keys and values, so that groups overlap, tie and shadow
+_KEYS = st.sampled_from(["mac", "uuid", "os", "MAC"])
+_VALUES = st.sampled_from(["", "a", "b", "52:54:00:a1:9c:ae"])
+
+
+@given(st.lists(st.dictionaries(_KEYS, _VALUES, max_size=3), max_size=12),
+       st.lists(st.dictionaries(_KEYS, _VALUES, max_size=4), min_size=1, max_size=8))  # fmt: skip
+def test_the_group_index_picks_what_trying_every_group_picks(selectors, requests):
+    ordered = specificity_order([G(f"g{n}", sel) for n, sel in enumerate(selectors)])
+    index = GroupIndex(ordered)
+    for labels in requests:
+        assert index.select(labels) is select_group(ordered, labels)
+
+
+def test_the_group_index_of_a_site_of_machines():
+    machines = [G(f"m{n}", {"mac": f"52:54:00:00:{n // 256:02x}:{n % 256:02x}"}) for n in range(1000)]
+    by_uuid = G("by-uuid", {"uuid": "u1"})
+    os_mac = G("installed", {"mac": "52:54:00:00:00:07", "os": "installed"})
+    index = GroupIndex(specificity_order([*machines, by_uuid, os_mac, G("default")]))
+    assert index.select({"mac": "52:54:00:00:03:e7"}).id == "m999"
+    assert index.select({"mac": "52:54:00:00:00:07", "os": "installed"}).id == "installed"
+    assert index.select({"mac": "52:54:00:00:00:07"}).id == "m7"
+    # one selector each: the tie goes to the greater selector string, 'uuid=u1' over 'mac=...'
+    assert index.select({"uuid": "u1", "mac": "52:54:00:00:00:08"}).id == "by-uuid"
+    assert index.select({"uuid": "u1"}).id == "by-uuid"
+    assert index.select({"mac": "52:54:00:99:99:99"}).id == "default"
 
 
 def test_selector_string_is_sorted_key_value_pairs():
