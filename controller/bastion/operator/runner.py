@@ -106,6 +106,8 @@ class Operator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._progress: dict[str, Progress] = {}
+        self._specs_site: Site | None = None  # the site whose machines' specs _specs holds
+        self._specs: dict[tuple[str, Any, Any], str] = {}
         newest = store.query(limit=1)
         self._cursor = max(0, newest[0].id - _HISTORY_ON_START) if newest else 0
         self._beats: dict[str, float] = {}
@@ -314,7 +316,19 @@ class Operator:
         ready = m.heartbeat[0] if m.heartbeat else None
         return Want(power=d.get("power") if m.relay is not None else None,
                     maintenance=bool(d.get("maintenance")), reprovision=d.get("reprovision"),
-                    relay=m.relay, spec=spec_of(site, m, d), ready_s=ready)  # fmt: skip
+                    relay=m.relay, spec=self._spec(site, m, d), ready_s=ready)  # fmt: skip
+
+    def _spec(self, site: Site, m: Machine, desired: dict[str, Any]) -> str:
+        """spec_of, once per machine and declaration of a loaded site: it hashes the machine's
+        JSON and its profile's repr, which for 1,000 machines was two thirds of a pass (about
+        90 ms, five passes a second while machines boot)."""
+        if site is not self._specs_site:
+            self._specs_site, self._specs = site, {}
+        key = (m.name, desired.get("power"), desired.get("maintenance"))
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = spec_of(site, m, desired)
+        return spec
 
     def _decide_all(self, site: Site, applied: dict[str, dict[str, Any]], now: float) -> list[_Decision]:
         cfg = Config.of(self._config(site))
