@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id);
 CREATE INDEX IF NOT EXISTS events_mac ON events (mac, id);
 CREATE INDEX IF NOT EXISTS events_machine ON events (machine, id);
+CREATE INDEX IF NOT EXISTS events_unnamed_client
+    ON events (json_extract(payload, '$.client'), id) WHERE machine IS NULL AND mac IS NULL;
 """
 
 _COLUMNS = ("id", "ts", "kind", "source", "mac", "machine", "endpoint", "profile", "grp", "status", "payload")
@@ -87,9 +89,13 @@ class Event:
     payload: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The event's fields as a dict, its payload the event's own (not a deep copy, as
+        dataclasses.asdict makes: an Event is made afresh from its row at every query, and the
+        operator turns every machine's event into a dict: 6% of a boot storm's CPU)."""
+        return {name: getattr(self, name) for name in _EVENT_FIELDS}
 
 
+_EVENT_FIELDS = tuple(f.name for f in fields(Event))
 AGE_PRUNE_EVERY_S = 60.0
 
 #: How far back, in ids, the controller names the steps of an address once it learns whose the
@@ -242,10 +248,13 @@ class EventStore:
         """Name the machine of the steps recorded by address alone (kinds tftp, asset, boot;
         no MAC, no machine) from `client` since `since` (and after event `after_id`, which
         bounds the scan): what a node asked before its address was known to be its own
-        (bastion.state.addresses). Returns how many events it named."""
+        (bastion.state.addresses). Returns how many events it named. The partial index
+        events_unnamed_client finds them: without it each newly learned address read the
+        ATTRIBUTABLE_IDS events before it (4 ms here), a thousand times over in the first
+        boot of a site of a thousand machines."""
         with self._lock:
             cur = self._db.execute(
-                "UPDATE events SET mac = ?, machine = ?, "
+                "UPDATE events INDEXED BY events_unnamed_client SET mac = ?, machine = ?, "
                 "payload = json_set(payload, '$.attributed', 'address') "
                 "WHERE id > ? AND ts >= ? AND machine IS NULL AND mac IS NULL "
                 "AND kind IN ('tftp', 'asset', 'boot') AND json_extract(payload, '$.client') = ?",
