@@ -268,7 +268,8 @@ def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
     if mem.retry_at is not None and now < mem.retry_at:
         return acts, mem
     if want.reprovision is None:
-        mem = replace(mem, reprovisioned=None)  # dropping the word asks for nothing
+        if mem.reprovisioned is not None:  # (a new Memory every pass was most of a pass's work)
+            mem = replace(mem, reprovisioned=None)  # dropping the word asks for nothing
     elif want.reprovision != mem.reprovisioned:
         if want.relay is not None and want.power is not None and seen.relay is None:
             return acts, mem  # it needs a power-cycle: wait for the device
