@@ -185,6 +185,27 @@ def test_the_ceiling_queues_a_whole_storms_connects_and_the_history_keeps_a_whol
     assert int(cmd[cmd.index("--history-events") + 1]) >= 1_000_000
 
 
+def test_declared_machines_make_a_site_whose_groups_are_the_ones_the_check_expects(tmp_path):
+    from bastion.site.load import load_site
+
+    machines = http_bench.machines_for(12, 3, 5)
+    http_bench.write_site(tmp_path / "site", machines, 1024)
+    site = load_site(tmp_path / "site")
+    assert [m.expected_group for m in machines].count("default") == 4
+    for m in machines:  # each client's MAC selects the group the event check expects of it
+        assert site.select_group({"mac": m.mac}).id == m.expected_group, m
+    assert len(site.machines) == 5 and len({m.mac for m in machines}) == 12
+
+
+@needs_peers
+def test_a_storm_of_declared_machines_gets_each_machines_group(tmp_path):
+    cmd = bench_command("--clients", "40", "--boots", "2", "--mac-groups", "4", "--machines", "30",
+                        "--wrk", "none", "--asset-mb", "1", "--reps", "1")  # fmt: skip
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "group per MAC          ok" in run.stdout, run.stdout
+
+
 def test_every_command_in_the_doc_is_valid():
     commands = doc_commands()
     assert len(commands) == 2

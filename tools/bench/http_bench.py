@@ -126,6 +126,7 @@ class Machine:
     uuid: str
     serial: str
     expected_group: str
+    address: str = HOST  # the loopback address its connections come from: each its own
 
     def ipxe_settings(self) -> dict[str, str]:
         return {
@@ -138,19 +139,28 @@ class Machine:
         }
 
 
-def machines_for(count: int, mac_groups: int) -> list[Machine]:
-    """`count` machines; the first `mac_groups` are the ones the site's MAC groups select."""
+def machines_for(count: int, mac_groups: int, declared: int = 0) -> list[Machine]:
+    """`count` machines; the first `mac_groups` are the ones the site's MAC groups select, the
+    `declared` after them are declared in machines.yaml (each its own group, `machine:NAME`)."""
     out = []
     for i in range(count):
         selected = i < mac_groups
-        # 52:54:00 is QEMU's prefix; the fourth octet keeps selected and anonymous MACs apart.
-        mac = f"52:54:00:{0xBE if selected else 0xA0:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
+        is_declared = not selected and i < mac_groups + declared
+        # 52:54:00 is QEMU's prefix; the fourth octet keeps selected, declared and anonymous
+        # MACs apart.
+        kind = 0xBE if selected else 0xBD if is_declared else 0xA0
+        mac = f"52:54:00:{kind:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
+        group = (f"mac-{i:03d}" if selected else f"machine:node-{i:05d}" if is_declared
+                 else "default")  # fmt: skip
         out.append(
             Machine(
                 mac=mac,
                 uuid=f"{i:08x}-0000-4000-8000-{i:012x}",
                 serial=f"BENCH{i:05d}",
-                expected_group=f"mac-{i:03d}" if selected else "default",
+                expected_group=group,
+                # as on a LAN, where each machine has an address of its own: the controller
+                # learns whose address is whose from the requests that carry a MAC
+                address=f"127.{1 + (i >> 16 & 0xFF)}.{i >> 8 & 0xFF}.{i & 0xFF}",
             )
         )
     return out
@@ -186,8 +196,17 @@ def write_site(root: Path, machines: list[Machine], asset_bytes: int) -> str:
     (root / "profiles" / "bench.json").write_text(json.dumps(profile, indent=2))
     default = {"id": "default", "name": "Everything else", "profile": "bench"}
     (root / "groups" / "default.json").write_text(json.dumps(default, indent=2))
+    declared = [m for m in machines if m.expected_group.startswith("machine:")]
+    if declared:  # Edge Bastion's own layout beside matchbox's: site.yaml and machines.yaml
+        (root / "site.yaml").write_text("site: bench\n")
+        lines = ["machines:"]
+        for m in declared:
+            name = m.expected_group.removeprefix("machine:")
+            lines += [f"  - name: {name}", f"    mac: {m.mac}", "    arch: x86_64",
+                      "    profile: bench"]  # fmt: skip
+        (root / "machines.yaml").write_text("\n".join(lines) + "\n")
     for m in machines:
-        if m.expected_group == "default":
+        if m.expected_group == "default" or m in declared:
             continue
         group = {
             "id": m.expected_group,
@@ -527,7 +546,8 @@ async def boot_once(client: StormClient, machine: Machine, result: StormResult,
     try:
         async with asyncio.timeout(timeout):
             t0 = time.perf_counter()
-            _, conn = await loop.create_connection(lambda: _Answers(loop), client.host, client.port)
+            _, conn = await loop.create_connection(lambda: _Answers(loop), client.host, client.port,
+                                                   local_addr=(machine.address, 0))  # fmt: skip
             status, body = await conn.get(client.first)
             t1 = time.perf_counter()
             result.requests += 1
@@ -908,7 +928,8 @@ class Bench:
 
 
 def start_servers(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> Bench:
-    machines = machines_for(args.clients, min(args.mac_groups, args.clients))
+    mac_groups = min(args.mac_groups, args.clients)
+    machines = machines_for(args.clients, mac_groups, min(args.machines, args.clients - mac_groups))
     site = tmp / "site"
     asset_bytes = int(args.asset_mb * MIB)
     print(f"bench dir {tmp}: writing the site and a {asset_bytes / MIB:.0f} MiB asset")
@@ -1189,6 +1210,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mac-groups", type=int, default=8, help="groups that select one client's MAC (default 8)"
     )
     p.add_argument(
+        "--machines",
+        type=int,
+        default=0,
+        help="clients declared in machines.yaml, after the --mac-groups ones: a site of that many "
+        "machines, each its own group, whose boots the operator follows (default 0)",
+    )
+    p.add_argument(
         "--asset-mb",
         type=float,
         default=64,
@@ -1249,6 +1277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.mac_groups < 0:
         p.error("--mac-groups must not be negative")
+    if args.machines < 0:
+        p.error("--machines must not be negative")
     if args.asset_mb <= 0:
         p.error("--asset-mb must be positive")
     for tool in (args.nginx, args.curl):
