@@ -2,8 +2,8 @@
 # asyncio loop.
 #
 # On a board, the flash's /main.py calls run(). On the sim board (MicroPython unix port) the
-# supervisor starts `micropython main.py --listen IP --dhcp-port N ...` in the flash directory,
-# and those flags override the config for the lab and for tests.
+# supervisor starts `micropython main.py listen IP dhcp-port N ...` in the flash directory,
+# and those words override the config for the lab and for tests.
 #
 # Order at boot matters (docs/device.md, "Boot order"):
 #   1. board.json, then the relay outputs are driven to their persisted desired state, before
@@ -41,24 +41,25 @@ NODECONS_MIN_FREE = const(32768)
 # argv, in a table of interned strings that only grows, by a new block twice the size of the
 # last: blocks of 20, 40, 80, 160 and 320 hold 620 names, and the 621st allocates room for 640
 # more at once, 7.1 KB on the 64-bit sim, never given back. A boot interns about 600
-# (micropython.qstr_info(), 2026-12-05: the sim 601, the sim dressed as a board 603, its
-# `--board PATH` being two more words), so a new name costs a few bytes until a boot crosses
-# 620, then 7 KB. A name first interned after boot, into a spent heap, fails where it is
+# (micropython.qstr_info() after boot and an mpremote exec, 2026-12-06: the sim 609, the sim
+# dressed as a board 610; the sim's argv is bare `listen IP dhcp-port N ...` words, whose
+# names the firmware has already: `--listen` and its like were five names more), so a new name
+# costs a few bytes until a boot crosses 620, then 7 KB. A name first interned after boot, into a spent heap, fails where it is
 # interned: asyncio.gather's lazy load of asyncio.funcs killed the DHCP listener of the
 # dressed boards at 128k while the boot event still listed it. Hence `_NAME = const(n)` for
 # constants (the compiler keeps no name) and one-use key tuples written where they are used.
 
 
 def _options(argv):
-    """--name value pairs from argv (the sim board's overrides); boards have no argv."""
+    """The sim board's overrides (boards have no argv): the words `name value name value ...`
+    (one word of argv may hold several, split at white space). The names are bare because the
+    unix port interns every word of argv ("Interned names", above): `listen` is a name the
+    firmware has already, `--listen` was one more."""
+    words = " ".join(argv[1:]).split()
     opts = {}
-    i = 1
-    while i < len(argv) - 1:
-        if argv[i].startswith("--"):
-            opts[argv[i][2:]] = argv[i + 1]
-            i += 2
-        else:
-            i += 1
+    while len(words) > 1:
+        name = words.pop(0)  # (not in one statement: the value would be popped first)
+        opts[name] = words.pop(0)
     return opts
 
 

@@ -172,13 +172,20 @@ def firmware_args(
     tftp_port: int = 69,
     interface: str | None = None,
 ) -> list[str]:
-    """The sim board's overrides, as main.py reads them from argv. interface: the one whose
-    datagrams its proxyDHCP hears (listen_interface), else every one."""
-    args = ["--listen", listen] if listen else []
-    args += ["--dhcp-port", str(dhcp_port), "--pxe-port", str(pxe_port)]
+    """The sim board's overrides, as main.py reads them from argv (simboard.firmware_words).
+    interface: the one whose datagrams its proxyDHCP hears (listen_interface), else every
+    one."""
+    pairs = {"listen": listen} if listen else {}
+    pairs.update({"dhcp-port": dhcp_port, "pxe-port": pxe_port})
     if interface:
-        args += ["--dhcp-interface", interface]
-    return args + ["--tftp-port", str(tftp_port)]
+        pairs["dhcp-interface"] = interface
+    pairs["tftp-port"] = tftp_port
+    from bastion.flash.simboard import firmware_words
+
+    try:
+        return firmware_words(pairs)
+    except ValueError as e:
+        raise SimError(str(e)) from None
 
 
 def listen_interface(listen: str | None) -> str | None:

@@ -56,6 +56,20 @@ FRIENDLY_PROMPT = b">>> "
 WDT_FD = 3
 
 
+def firmware_words(pairs: dict[str, object]) -> list[str]:
+    """`pairs` as argv words for the firmware's main.py: `name value name value`, the names
+    bare (the unix port interns every word of argv, and the firmware's table of interned names
+    has little room, firmware/main.py, "Interned names": a bare name is one the firmware has
+    interned already, where `--name` was one more). ValueError for a value it cannot carry."""
+    words = []
+    for name, value in pairs.items():
+        if not str(value) or len(str(value).split()) != 1:
+            raise ValueError(f"{name} {str(value)!r}: the sim board cannot be given an empty "
+                             "value or one with white space")  # fmt: skip
+        words += [name, str(value)]
+    return words
+
+
 def _firmware_tty_mode(fd: int) -> None:
     """No echo, no line editing, no output rewriting, but signals on: Ctrl-C -> SIGINT."""
     attrs = termios.tcgetattr(fd)
@@ -192,7 +206,7 @@ class Supervisor:
             self._dress_dir = tempfile.mkdtemp(prefix="bastion-dress-")
             board_file = Path(self._dress_dir) / "board.json"
             atomic.write_json(board_file, dress.firmware_board())
-            self.firmware_args += ["--board", str(board_file)]
+            self.firmware_args += firmware_words({"board": board_file})
             wdt_timeout_ms = dress.wdt_timeout_ms
         self.wdt_timeout = None if wdt_timeout_ms is None else wdt_timeout_ms / 1000
         # A real board's watchdog (RP2040, ESP32) survives a soft reboot; the plain sim board's
