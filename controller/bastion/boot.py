@@ -24,6 +24,7 @@ from bastion.state.onetime import IgnitionTokens, TokenRefused
 from bastion.render import boot as scripts
 from bastion.render import ignition
 from bastion.render.config import (
+    PLACEHOLDER_SECRETS,
     RenderError,
     SecretsRequired,
     metadata_env,
@@ -210,6 +211,33 @@ def _issue_token(group: Group, profile: Profile, req: BootRequest, tokens: Ignit
     return token, {"action": "issued", "token": grant.ref, "client": req.client, "expires_at": grant.expires_at}
 
 
+def _quotes(text: str, secrets: Any) -> bool:
+    """Whether `text` holds a secret's value, or a line of one (3 characters or more)."""
+    if isinstance(secrets, Mapping):
+        return any(_quotes(text, v) for v in secrets.values())
+    if isinstance(secrets, (list, tuple)):
+        return any(_quotes(text, v) for v in secrets)
+    if isinstance(secrets, str):
+        return any(len(part) >= 3 and part in text
+                   for part in (secrets, *(line.strip() for line in secrets.splitlines())))  # fmt: skip
+    return False
+
+
+def _secret_free(site: Site, group: Group, profile: Profile, req: BootRequest) -> str:
+    """What to say of a config that did not render with the machine's secrets, when the error
+    quoted one: it quotes the line it failed at, and a secret's value of several lines (a key,
+    a hand-made token) put its own line there, into the history and the answer. The same
+    render with the placeholders the site's load check uses tells the two cases apart."""
+    try:
+        render_ignition(site, group, profile, req, secrets=PLACEHOLDER_SECRETS)
+    except RenderError as plain:
+        return str(plain)  # it fails without the secrets too: nothing of theirs in its words
+    name = f"ignition/{profile.ignition}"
+    return (f"{name}: the machine's secrets break the config (a value that is not what the "
+            "template expects where it puts it: several lines, or YAML's own characters "
+            "unquoted); its words are not shown, as they could quote a secret")
+
+
 def ipxe(site: Site, req: BootRequest, prov: Provisioning | None = None) -> Answer:
     return _boot_answer(site, req, "ipxe", prov)
 
@@ -292,7 +320,8 @@ def onetime_ignition(site: Site, req: BootRequest, prov: Provisioning) -> Answer
         secrets = prov.secrets_for(site, group.machine)
         config = render_ignition(site, group, profile, req, secrets=secrets)
     except RenderError as e:
-        return Answer(500, f"cannot render Ignition: {e}\n", group=group, profile=profile, error=str(e))
+        why = _secret_free(site, group, profile, req) if _quotes(str(e), secrets) else str(e)
+        return Answer(500, f"cannot render Ignition: {why}\n", group=group, profile=profile, error=why)
     except ValueError as e:  # the secret store (SecretError) or a secret that cannot be made
         return Answer(500, f"cannot read {group.machine.name}'s secrets: {e}\n", group=group, profile=profile,
                       error=f"secrets: {e}")  # fmt: skip

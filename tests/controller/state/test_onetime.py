@@ -313,6 +313,27 @@ def test_a_config_that_cannot_be_rendered_leaves_the_token_good(ctl):
     assert ctl.node.get(url).status_code == 200
 
 
+@pytest.mark.parametrize("secret", ["x\n- hunter2-key-line", "-----BEGIN KEY-----\nhunter2KEYDATA\n  bad: [x"])
+def test_a_secret_that_breaks_the_config_is_never_quoted(ctl, secret):
+    # unquoted in the template (inline: {{ secrets.token }}), a value of several lines breaks
+    # the YAML, whose error quoted the line it failed at: a line of the secret, kept in the
+    # history (and its answer) for anyone who reads it
+    prov = ctl.runtime.provisioning
+    ctl.runtime.provisioning = dataclasses.replace(prov, secrets_for=lambda site, m: {"token": secret})
+    r = ctl.node.get(ctl.ignition_url(N1_MAC))
+    assert r.status_code == 500
+    assert "ignition/secret.bu: the machine's secrets break the config" in r.text, r.text
+    said = [r.text] + [json.dumps(e) for e in ctl.events("boot")]
+    assert not [t for t in said if "hunter2" in t or "bad: [" in t], said
+
+
+def test_a_render_error_that_quotes_no_secret_is_said_as_it_is(ctl):
+    prov = ctl.runtime.provisioning
+    ctl.runtime.provisioning = dataclasses.replace(prov, secrets_for=lambda site, m: {"token": "a: b"})
+    r = ctl.node.get(ctl.ignition_url(N1_MAC))
+    assert r.status_code == 500 and "ignition/secret.bu:8: mapping values are not allowed" in r.text
+
+
 def test_the_controller_asks_bastion_secrets_for_the_machines_secrets(tmp_path, monkeypatch):
     """The wiring in create_app: machine_secrets(the runtime's SecretStore, site, machine)."""
     import bastion.api.main
