@@ -16,8 +16,7 @@ from typing import Generic, Protocol, TypeVar
 from urllib.parse import unquote
 
 # used with fullmatch: `$` would also match before a final line break ("01\n")
-_HEX_PAIR = re.compile(r"[0-9A-Fa-f]{2}")
-_HEX_QUAD = re.compile(r"[0-9A-Fa-f]{4}")
+_HEX = re.compile(r"[0-9A-Fa-f]+")
 # Go's net.ParseMAC accepts 48-bit (6), EUI-64 (8) and 20-octet InfiniBand addresses.
 _MAC_LENGTHS = (6, 8, 20)
 
@@ -34,19 +33,20 @@ def parse_mac(text: str) -> str:
     """
     if not isinstance(text, str):
         raise Malformed(f"{text!r} is not a MAC address")
-    octets: list[str] = []
-    if len(text) >= 14 and text[2:3] in (":", "-"):
+    # One regular expression over the whole text, and the separators by position: every boot
+    # request's MAC comes through here (a match per octet was 3 us of the request here).
+    n = len(text)
+    if n >= 14 and text[2:3] in (":", "-") and (n + 1) % 3 == 0 and (n + 1) // 3 in _MAC_LENGTHS:
         sep = text[2]
-        parts = text.split(sep)
-        if all(_HEX_PAIR.fullmatch(p) for p in parts):
-            octets = parts
-    elif len(text) >= 14 and text[4:5] == ".":
-        parts = text.split(".")
-        if all(_HEX_QUAD.fullmatch(p) for p in parts):
-            octets = [q[i : i + 2] for q in parts for i in (0, 2)]
-    if len(octets) not in _MAC_LENGTHS:
-        raise Malformed(f"{text!r} is not a MAC address")
-    return ":".join(o.lower() for o in octets)
+        seps = (n + 1) // 3 - 1
+        if text[2::3] == sep * seps and text.count(sep) == seps and _HEX.fullmatch(text.replace(sep, "")):
+            return text.replace(sep, ":").lower() if sep != ":" else text.lower()
+    elif n >= 14 and text[4:5] == "." and (n + 1) % 5 == 0 and (n + 1) // 5 * 2 in _MAC_LENGTHS:
+        digits = text.replace(".", "")
+        quads = (n + 1) // 5
+        if text[4::5] == "." * (quads - 1) and len(digits) == quads * 4 and _HEX.fullmatch(digits):
+            return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2)).lower()
+    raise Malformed(f"{text!r} is not a MAC address")
 
 
 def mac_hexhyp(mac: str) -> str:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.match import (
@@ -47,11 +47,64 @@ def test_eui64_and_infiniband_lengths_are_macs_too():
      "525400a19cae", "52:54:00:a1:9c:ae:01", "5254.00a1.9ca", " 52:54:00:a1:9c:ae", "52:5:00:a1:9c:ae0",
      # a line break after an octet is not part of a MAC: kept, it went into the Ignition URL of
      # a boot script (a line of its own) and into the history as a MAC of no machine
-     "52:54:00:a1:9c:ae\n", "52-54-00-a1-9c-ae\n", "52:54:00\n:a1:9c:ae", "5254.00a1.9cae\n"],
+     "52:54:00:a1:9c:ae\n", "52-54-00-a1-9c-ae\n", "52:54:00\n:a1:9c:ae", "5254.00a1.9cae\n",
+     # a separator where a digit belongs, the length still right
+     "52::4:00:a1:9c:ae", "52:54:00:a1:9c::e", "52-54--0-a1-9c-ae", "5254..0a1.9cae", "5254.00a1.9c.e"],
 )  # fmt: skip
 def test_non_macs_are_malformed(text):
     with pytest.raises(Malformed):
         parse_mac(text)
+
+
+def _parse_mac_octet_by_octet(text: str) -> str:
+    """parse_mac as it was written first, one match per octet: the reference for the one that
+    matches the whole text at once."""
+    octets: list[str] = []
+    if len(text) >= 14 and text[2:3] in (":", "-"):
+        parts = text.split(text[2])
+        if all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
+            octets = parts
+    elif len(text) >= 14 and text[4:5] == ".":
+        parts = text.split(".")
+        if all(re.fullmatch(r"[0-9A-Fa-f]{4}", p) for p in parts):
+            octets = [q[i : i + 2] for q in parts for i in (0, 2)]
+    if len(octets) not in (6, 8, 20):
+        raise Malformed(text)
+    return ":".join(o.lower() for o in octets)
+
+
+# MAC-like texts: hex digits and the three separators, in runs long enough to be MACs
+_MACISH = st.text(st.sampled_from("0aF9g:-.\n "), min_size=10, max_size=62)
+
+
+_HEX_CHARS = "0123456789abcdefABCDEF"
+# runs of hex digits of one length (2 and 4 most), as many as MACs have and one more or less,
+# joined by one separator (or, in one case of four, a mix): valid MACs and near misses
+_NEAR_MACS = st.tuples(
+    st.sampled_from([2, 2, 2, 4, 4, 1, 3]), st.sampled_from([3, 4, 5, 6, 7, 8, 9, 10, 19, 20, 21]),
+    st.sampled_from([":", "-", ".", ":", "-", ".", ":-"]),
+).flatmap(lambda t: st.lists(st.text(_HEX_CHARS, min_size=t[0], max_size=t[0]), min_size=t[1],
+                             max_size=t[1]).map(lambda parts: t[2][0].join(parts[:3]) + t[2][-1] + t[2][-1].join(parts[3:])))  # fmt: skip
+
+
+# a valid MAC in each notation with one character changed to a separator, a digit or a letter
+_MUTATED = st.tuples(
+    st.lists(st.text(_HEX_CHARS, min_size=2, max_size=2), min_size=6, max_size=6).flatmap(
+        lambda o: st.sampled_from([":".join(o), "-".join(o), ".".join(["".join(o[i:i + 2]) for i in (0, 2, 4)])])),
+    st.integers(0, 16), st.sampled_from(":-.0aGx"),
+).map(lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + 1:])  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(st.one_of(_MACISH, st.text(max_size=62), _NEAR_MACS, _MUTATED))
+def test_parse_mac_agrees_with_the_octet_by_octet_reference(text):
+    try:
+        want = _parse_mac_octet_by_octet(text)
+    except Malformed:
+        with pytest.raises(Malformed):
+            parse_mac(text)
+        return
+    assert parse_mac(text) == want
 
 
 @given(st.text(max_size=40))

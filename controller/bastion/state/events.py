@@ -286,12 +286,17 @@ _KEPT_FIELDS = 24
 _KEPT_CHARS = 200
 
 
+# json.dumps with these arguments makes a new JSONEncoder every call (every boot request's
+# event): one made once does the same (its C encoder) without that.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
+
+
 def payload_json(payload: dict[str, Any]) -> str:
     """A payload as stored: JSON text (numbers that are not finite, which JSON has no word for,
     as null), at most MAX_PAYLOAD characters: a longer one keeps its first _KEPT_FIELDS fields,
     each value cut to _KEPT_CHARS characters with a note of what it was."""
     try:
-        text = json.dumps(payload, separators=(",", ":"), default=str, allow_nan=False)
+        text = _ENCODE(payload)
     except ValueError:  # NaN or an infinity somewhere
         payload = _finite(payload)
         text = json.dumps(payload, separators=(",", ":"), default=str)
