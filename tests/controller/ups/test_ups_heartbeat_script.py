@@ -27,7 +27,14 @@ from simkit import wait_for
 SYSTEMCTL = """#!/bin/sh
 echo "$*" >> "$SYSTEMCTL_LOG"
 [ "$1" = is-active ] && echo active
+[ "$1" = poweroff ] && touch "$SYSTEMCTL_LOG.shutting-down"
 exit 0
+"""
+# The stand-in for logind's PreparingForShutdown, read with busctl: true once the stand-in
+# systemctl was asked to power off (logind then holds the shutdown for the kubelet's grace).
+BUSCTL = """#!/bin/sh
+echo "busctl $*" >> "$SYSTEMCTL_LOG"
+[ -e "$SYSTEMCTL_LOG.shutting-down" ] && echo "b true" || echo "b false"
 """
 
 
@@ -81,8 +88,9 @@ def test_the_heartbeat_script_powers_the_node_off_when_its_answer_asks(controlle
     script = heartbeat_script(site, url, "nuc1")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "systemctl").write_text(SYSTEMCTL)
-    (bin_dir / "systemctl").chmod(0o755)
+    for name, text in (("systemctl", SYSTEMCTL), ("busctl", BUSCTL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     log = tmp_path / "systemctl.log"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SYSTEMCTL_LOG": str(log)}
 
@@ -106,6 +114,12 @@ def test_the_heartbeat_script_powers_the_node_off_when_its_answer_asks(controlle
     r = beat()
     assert log.read_text().split("\n")[-2] == "poweroff"
     assert "asks nuc1 to shut down" in r.stdout
+    # a beat in the grace period that follows (logind holds the shutdown for the kubelet): asked
+    # again, the node sees its shutdown under way and asks logind for nothing more (a second
+    # poweroff was refused there, and left the heartbeat unit failed)
+    r = beat()
+    assert [line for line in log.read_text().split("\n") if line == "poweroff"] == ["poweroff"]
+    assert "PreparingForShutdown" in log.read_text().split("\n")[-2] and not r.stdout
     assert ("told", "nuc1") in ups_steps()
     # the servers had not beaten: they are down already; nobody else was asked
     assert [m for a, m in ups_steps() if a == "shutdown"] == ["nuc1"]
