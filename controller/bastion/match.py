@@ -40,7 +40,7 @@ def parse_mac(text: str) -> str:
         sep = text[2]
         seps = (n + 1) // 3 - 1
         if text[2::3] == sep * seps and text.count(sep) == seps and _HEX.fullmatch(text.replace(sep, "")):
-            return text.replace(sep, ":").lower() if sep != ":" else text.lower()
+            return text.replace(sep, ":").lower()
     elif n >= 14 and text[4:5] == "." and (n + 1) % 5 == 0 and (n + 1) // 5 * 2 in _MAC_LENGTHS:
         digits = text.replace(".", "")
         quads = (n + 1) // 5

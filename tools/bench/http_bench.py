@@ -139,6 +139,9 @@ class Machine:
         }
 
 
+_MACHINE_GROUP = "machine:"  # the id of a declared machine's group: machine:NAME
+
+
 def machines_for(count: int, mac_groups: int, declared: int = 0) -> list[Machine]:
     """`count` machines; the first `mac_groups` are the ones the site's MAC groups select, the
     `declared` after them are declared in machines.yaml (each its own group, `machine:NAME`)."""
@@ -150,7 +153,7 @@ def machines_for(count: int, mac_groups: int, declared: int = 0) -> list[Machine
         # MACs apart.
         kind = 0xBE if selected else 0xBD if is_declared else 0xA0
         mac = f"52:54:00:{kind:02x}:{i >> 8 & 0xFF:02x}:{i & 0xFF:02x}"
-        group = (f"mac-{i:03d}" if selected else f"machine:node-{i:05d}" if is_declared
+        group = (f"mac-{i:03d}" if selected else f"{_MACHINE_GROUP}node-{i:05d}" if is_declared
                  else "default")  # fmt: skip
         out.append(
             Machine(
@@ -196,17 +199,17 @@ def write_site(root: Path, machines: list[Machine], asset_bytes: int) -> str:
     (root / "profiles" / "bench.json").write_text(json.dumps(profile, indent=2))
     default = {"id": "default", "name": "Everything else", "profile": "bench"}
     (root / "groups" / "default.json").write_text(json.dumps(default, indent=2))
-    declared = [m for m in machines if m.expected_group.startswith("machine:")]
+    declared = [m for m in machines if m.expected_group.startswith(_MACHINE_GROUP)]
     if declared:  # Edge Bastion's own layout beside matchbox's: site.yaml and machines.yaml
         (root / "site.yaml").write_text("site: bench\n")
         lines = ["machines:"]
         for m in declared:
-            name = m.expected_group.removeprefix("machine:")
+            name = m.expected_group.removeprefix(_MACHINE_GROUP)
             lines += [f"  - name: {name}", f"    mac: {m.mac}", "    arch: x86_64",
                       "    profile: bench"]  # fmt: skip
         (root / "machines.yaml").write_text("\n".join(lines) + "\n")
     for m in machines:
-        if m.expected_group == "default" or m in declared:
+        if m.expected_group == "default" or m.expected_group.startswith(_MACHINE_GROUP):
             continue
         group = {
             "id": m.expected_group,
