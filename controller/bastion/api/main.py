@@ -142,6 +142,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     # the operator: desired state in the site files drives power and boot (bastion.operator)
     runtime.addresses.seed([e.as_dict() for e in reversed(store.query(limit=5000))])
+    # what each machine's heartbeats said last, so that a restart is not every node's reboot
+    runtime.heartbeats.seed((e.machine, e.payload) for e in store.newest_per_machine("heartbeat")
+                            if holder.site.machine(e.machine) is not None)  # fmt: skip
     runtime.operator = Operator(holder, store, OperatorState(db_path), runtime.record,
                                 hub=runtime.device, installs=runtime.provisioning.installs)
 

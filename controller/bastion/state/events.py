@@ -238,6 +238,15 @@ class EventStore:
             rows = self._db.execute(sql, args).fetchall()
         return [_event(r) for r in rows]
 
+    def newest_per_machine(self, kind: str) -> list[Event]:
+        """Each machine's newest event of `kind` (for what the nodes' heartbeats said last,
+        read at start: bastion.state.heartbeats)."""
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM events WHERE id IN (SELECT MAX(id) FROM events"
+               " WHERE kind = ? AND machine IS NOT NULL GROUP BY machine) ORDER BY id")  # fmt: skip
+        with self._lock:
+            rows = self._db.execute(sql, (kind,)).fetchall()
+        return [_event(r) for r in rows]
+
     def newest_id(self) -> int:
         """The id of the newest event (0 when there is none): every event with an id up to it
         is already in the history, since ids only grow and commits come one at a time."""

@@ -2,7 +2,8 @@
 beat (POST /heartbeat, sent by the k3s Butane's bastion-heartbeat.timer every few seconds).
 
 A beat goes into the event history only when it says something new: the first beat of a boot
-(a boot id the machine has not sent before) or a change of its k3s state. The others are only
+(a boot id the machine has not sent before) or a change of its k3s state, against what it said
+last, before a restart too (seed). The others are only
 remembered here and counted (bastion_heartbeats). Beats are kept per machine the site declares,
 so the memory is bounded by machines.yaml, not by what a LAN host sends; a node's fields are
 checked (`fields`) before anything is kept.
@@ -13,8 +14,9 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 # /proc/sys/kernel/random/boot_id is a UUID; a k3s state is what `systemctl is-active` prints.
 _BOOT_ID = re.compile(r"[0-9A-Fa-f-]{1,64}")
@@ -52,7 +54,20 @@ class Heartbeats:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self._lock = threading.Lock()
-        self._last: dict[str, Beat] = {}
+        self._last: dict[str, Beat] = {}  # the beats heard since the controller started
+        # per machine, the (boot id, k3s state) its latest beat said: what "new" is measured
+        # against, seeded from the history at start (seed) so that a restart is no news
+        self._said: dict[str, tuple[str | None, str | None]] = {}
+
+    def seed(self, recorded: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        """What the machines' beats said before the controller started: (machine, payload) of
+        each machine's newest `heartbeat` event. Every beat that said nothing new was the same
+        as the recorded one before it, so that is what the machine said last. Without this,
+        each machine's first beat after a restart was recorded as the first of a boot. Not a
+        beat heard (last() stays None until one comes: bastion.ups counts on that)."""
+        with self._lock:
+            for machine, payload in recorded:
+                self._said.setdefault(machine, (payload.get("boot_id"), payload.get("k3s")))
 
     def beat(self, machine: str, checked: Mapping[str, str | None]) -> tuple[Beat, str | None]:
         """Remember `machine`'s beat; returns it and what is new about it: "boot" (a boot id
@@ -60,11 +75,12 @@ class Heartbeats:
         beat = Beat(machine, checked.get("boot_id"), checked.get("k3s"), checked.get("node"),
                     self.clock())  # fmt: skip
         with self._lock:
-            last = self._last.get(machine)
+            said = self._said.get(machine)
             self._last[machine] = beat
-        if last is None or (beat.boot_id and beat.boot_id != last.boot_id):
+            self._said[machine] = (beat.boot_id, beat.k3s)
+        if said is None or (beat.boot_id and beat.boot_id != said[0]):
             return beat, "boot"
-        if beat.k3s != last.k3s:
+        if beat.k3s != said[1]:
             return beat, "k3s"
         return beat, None
 

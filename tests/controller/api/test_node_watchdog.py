@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 import pytest
-from bastion_testkit import TOKEN, auth
+from bastion_testkit import TOKEN, auth, make_app
 
 from simkit import SimProcess, wait_for
 
@@ -135,3 +135,33 @@ def test_a_beat_is_recorded_when_it_says_something_new(site_dir, client_for):
     r = c.post("/heartbeat", data={"mac": mac, "boot_id": "$(reboot)"})
     assert r.status_code == 400 and "boot_id: '$(reboot)' is not a boot id" in r.json()["detail"]
     assert len(events()) == 3
+
+
+def test_a_restarted_controller_records_only_what_is_new_since_the_last_beat_it_recorded(site_dir, tmp_path):
+    """The first beat after a restart was recorded as the first beat of a boot, for every
+    machine: a history that said each node had rebooted whenever the controller had."""
+    from fastapi.testclient import TestClient
+
+    db = tmp_path / "events.db"
+    boot_a, boot_b = "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "6fa459ea-ee8a-3ca4-894e-db77e160355e"
+    node1, node2 = "52:54:00:12:34:01", "52:54:00:12:34:02"
+
+    def beat(c, mac, **fields):
+        r = c.post("/heartbeat", data={"mac": mac, **fields})
+        assert r.status_code == 200, r.text
+        return r.json()["recorded"]
+
+    with TestClient(make_app(site_dir, db)) as c:
+        assert beat(c, node1, boot_id=boot_a, k3s="activating") is True
+        assert beat(c, node1, boot_id=boot_a, k3s="active") is True
+        assert beat(c, node2, boot_id=boot_b, k3s="active") is True
+        for _ in range(3):  # beats that said nothing new: not in the history, remembered all the same
+            assert beat(c, node2, boot_id=boot_b, k3s="active") is False
+    with TestClient(make_app(site_dir, db)) as c:
+        assert beat(c, node1, boot_id=boot_a, k3s="active") is False  # the same boot, k3s as it was
+        assert beat(c, node2, boot_id=boot_b, k3s="failed") is True  # k3s changed meanwhile
+        assert beat(c, node1, boot_id=boot_b, k3s="active") is True  # node1 rebooted
+        news = [(e["machine"], e["payload"]["news"], e["payload"]["k3s"])
+                for e in c.get("/api/v1/events", params={"kind": "heartbeat"}).json()[::-1]]
+    assert news == [("node1", "boot", "activating"), ("node1", "k3s", "active"), ("node2", "boot", "active"),
+                    ("node2", "k3s", "failed"), ("node1", "boot", "active")]  # fmt: skip
