@@ -191,8 +191,9 @@ class Want:
 class Seen:
     relay: str | None = None  # "on", "off", "queued", "cycling"; None: unknown
     progress: Progress = field(default_factory=Progress)
-    heartbeat_at: float | None = None
+    heartbeat_at: float | None = None  # its latest beat heard since listening_since
     installed: bool = False
+    listening_since: float | None = None  # when this controller began to hear heartbeats
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
             mem = _fresh(mem)
         return acts, mem
     limit = cfg.timeout(p.step or "power-on")
-    if now < (p.step_at or p.boot_at) + limit:
+    if now < (p.step_at or p.boot_at) + limit or _unheard_yet(want, seen, now, cfg):
         return acts, mem
     last = f"; last error: {p.error}" if p.error else ""
     if mem.stuck_boot != p.boot_at:
@@ -342,6 +343,15 @@ def _ready(want: Want, seen: Seen, now: float, cfg: Config) -> bool:
     if beat is None or (boot is not None and beat < boot):
         return False
     return now - beat <= (want.ready_s or cfg.ready_s)
+
+
+def _unheard_yet(want: Want, seen: Seen, now: float, cfg: Config) -> bool:
+    """A boot from before this controller began listening, and no beat heard since then, nor
+    time for one: a node that is up and beating (Ready) cannot be told from a stuck one yet,
+    since beats are not kept across a restart."""
+    since = seen.listening_since
+    return (since is not None and seen.heartbeat_at is None and (seen.progress.step_at or 0) < since
+            and now < since + (want.ready_s or cfg.ready_s))  # fmt: skip
 
 
 def held(mem: Memory | None, by: str, state: str | None, now: float) -> Memory:

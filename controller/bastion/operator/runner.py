@@ -111,6 +111,7 @@ class Operator:
         newest = store.query(limit=1)
         self._cursor = max(0, newest[0].id - _HISTORY_ON_START) if newest else 0
         self._beats: dict[str, float] = {}
+        self._listening_since = clock()  # beats are heard from now on (core.Seen)
         self._mem: dict[str, Memory] = {
             name: m for name, d in state.memories().items() if (m := Memory.of(d)) is not None
         }
@@ -286,7 +287,8 @@ class Operator:
         if m.relay is not None and self._relays is not None:
             relay = self._relays.get(m.relay)
         return Seen(relay=relay, progress=self._progress.get(m.name, Progress()),
-                    heartbeat_at=self._beats.get(m.name), installed=m.name in installed)  # fmt: skip
+                    heartbeat_at=self._beats.get(m.name), installed=m.name in installed,
+                    listening_since=self._listening_since)  # fmt: skip
 
     # --- deciding -------------------------------------------------------------------------
     @staticmethod

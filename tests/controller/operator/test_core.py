@@ -191,6 +191,25 @@ def test_a_stuck_boot_is_cycled_with_backoff_then_failed():
     assert names == ["stuck"]
 
 
+def test_a_restarted_controller_waits_for_a_running_nodes_beats_before_judging_it():
+    """A node whose profile sends no callback is Ready by its heartbeats alone. A restarted
+    controller has heard none yet, so the boot's last step (long past its timeout) made it
+    "stuck" at the first pass: a false alarm, and a power-cycle had the beats been slower than
+    the backoff. Until ready_s after the controller began listening, a boot from before that is
+    not judged for want of beats; a boot that stays silent is judged after it."""
+    evs = boot_events()[:-1]  # power-on to /ignition at 140; no callback
+    running = Seen(relay="on", progress=progress(evs), heartbeat_at=990, listening_since=50)
+    assert run(ON, running, Memory(spec="a"), 1000)[0] == []  # Ready by its beats
+    restarted = Seen(relay="on", progress=progress(evs), listening_since=5000)
+    assert run(ON, restarted, Memory(spec="a"), 5001)[0] == []
+    assert run(ON, restarted, Memory(spec="a"), 5000 + CFG.ready_s - 1)[0] == []
+    assert run(ON, replace(restarted, heartbeat_at=5010), Memory(spec="a"), 5011)[0] == []
+    assert run(ON, restarted, Memory(spec="a"), 5000 + CFG.ready_s + 1)[0] == ["stuck"]  # silent
+    # a boot that began after the controller started is judged as always
+    late = Seen(relay="on", progress=progress(boot_events(t0=6000)[:-1]), listening_since=5000)
+    assert run(ON, late, Memory(spec="a"), 6040 + core.DEFAULT_TIMEOUTS["ignition"] + 1)[0] == ["stuck"]
+
+
 def test_a_boot_that_reaches_its_callback_after_a_cycle_recovers():
     mem = Memory(spec="a", attempt=1, stuck_boot=1.0)
     seen = Seen(relay="on", progress=progress(boot_events()))
