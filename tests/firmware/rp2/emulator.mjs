@@ -1,0 +1,465 @@
+// An emulated RP2040 (rp2040js) running a UF2 image, for the rp2 tests (tests/firmware/rp2kit.py).
+//
+//   node emulator.mjs --bootrom ROM.bin --image FIRMWARE.uf2 [--serial-fd N] [--w5500]
+//                     [--flash-file FLASH.bin]
+//
+// - The chip's USB CDC serial line is file descriptor N (a pseudo-terminal's master; its slave is
+//   the board's /dev/ttyACM0 for mpremote and pyserial).
+// - The chip starts at the flash's first byte (boot2, then the image), as rp2040js's own demo
+//   does: the bootrom's way there reads the flash with SSI commands, which rp2040js does not
+//   emulate. For the same reason the bootrom's flash routines are answered here when the core
+//   calls them: erase sets bytes to 0xff, program clears bits (NOR flash), the rest (connect,
+//   exit XIP, flush, enter XIP) do nothing. MicroPython's littlefs (rp2.Flash) writes through
+//   them, so files written by mpremote are in the flash after a reset.
+// - A watchdog reset (its timer running out, or machine.reset(), which triggers it) starts the
+//   chip again with the same flash, as a real board comes back with its files.
+// - Written to stdout, one JSON object a line, `ms` the chip's own clock: every change of a
+//   GPIO's level but the W5500's own pins (16-21) ({"ev": "gpio", "pin": 6, "value": "low"}),
+//   the watchdog's first enabling after each start ("watchdog-enabled"), each start ("boot",
+//   with its reason), the USB line coming up ("usb"), and the chip's clock once a second of the
+//   wall's ("clock"). The emulation keeps its own time: it runs at a fraction of a real chip's
+//   speed, and an idle chip's timers run ahead of the wall clock.
+// - --flash-file: the flash is read from this file when it exists (the image is then not
+//   loaded) and written to it when the emulator is stopped (SIGTERM or SIGINT).
+// - --w5500: a W5500 Ethernet chip on SPI0 (chip select GPIO 17, reset GPIO 20), as on the
+//   W5500-EVB-Pico: its registers and buffers, its link up at 100 Mb/s full duplex, each socket
+//   command done at once. Each frame the chip is asked to send is reported ({"ev": "eth", "len":
+//   342, "head": "ffff..."}); none is ever received. A model of the register interface
+//   MicroPython's WIZNET5K driver uses (W5500 datasheet, section 2 and 4), not of the chip's
+//   timing or its TCP/IP offload: the driver brings the interface up, but it is not a network.
+//   W5500_TRACE=1 in the environment writes each SPI frame to stderr.
+// - Two more places where rp2040js differs from the chip are worked around here, each where it
+//   is done: a UART's TX interrupt (quietTx) and USB reads while the host has nothing to send.
+import fs from 'node:fs';
+import { parseArgs } from 'node:util';
+import { ConsoleLogger, GPIOPinState, LogLevel, Simulator, USBCDC } from 'rp2040js';
+
+const { values: args } = parseArgs({
+  options: {
+    bootrom: { type: 'string' },
+    image: { type: 'string' },
+    'serial-fd': { type: 'string', default: '3' },
+    w5500: { type: 'boolean', default: false },
+    'flash-file': { type: 'string' },
+  },
+});
+if (!args.bootrom || !args.image) {
+  process.stderr.write('usage: node emulator.mjs --bootrom ROM.bin --image FIRMWARE.uf2 [--serial-fd N] [--w5500] [--flash-file F]\n');
+  process.exit(2);
+}
+const serialFd = Number(args['serial-fd']);
+const FLASH_START = 0x10000000;
+
+function emit(obj) {
+  process.stdout.write(JSON.stringify(obj) + '\n');
+}
+
+function readBootrom(path) {
+  const bytes = fs.readFileSync(path);
+  if (bytes.length !== 16384) {
+    throw new Error(`${path}: ${bytes.length} bytes, an RP2040 bootrom is 16384`);
+  }
+  return new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4).slice();
+}
+
+// UF2: 512-byte blocks; magics at 0 and 4 and at the end, the target address at 12, the
+// payload's size at 16, the payload from 32.
+function loadUf2(path, flash) {
+  const data = fs.readFileSync(path);
+  const view = new DataView(data.buffer, data.byteOffset, data.length);
+  let blocks = 0;
+  for (let at = 0; at + 512 <= data.length; at += 512) {
+    if (view.getUint32(at, true) !== 0x0a324655 || view.getUint32(at + 4, true) !== 0x9e5d5157
+        || view.getUint32(at + 508, true) !== 0x0ab16f30) {
+      throw new Error(`${path}: block ${blocks} is not a UF2 block`);
+    }
+    const address = view.getUint32(at + 12, true);
+    const size = view.getUint32(at + 16, true);
+    if (address < FLASH_START || address + size > FLASH_START + flash.length || size > 476) {
+      throw new Error(`${path}: block ${blocks} writes outside the flash (0x${address.toString(16)})`);
+    }
+    flash.set(data.subarray(at + 32, at + 32 + size), address - FLASH_START);
+    blocks += 1;
+  }
+  return blocks;
+}
+
+// The bootrom's function table (RP2040 datasheet 2.8.3): a 16-bit pointer at 0x14 to pairs of
+// (two-letter code, 16-bit address), ending with code 0.
+function romFunctions(bootrom) {
+  const bytes = new Uint8Array(bootrom.buffer);
+  const u16 = (a) => bytes[a] | (bytes[a + 1] << 8);
+  const found = new Map();
+  for (let at = u16(0x14); u16(at) !== 0; at += 4) {
+    const code = String.fromCharCode(bytes[at], bytes[at + 1]);
+    found.set(code, u16(at + 2) & ~1);
+  }
+  return found;
+}
+
+const bootrom = readBootrom(args.bootrom);
+const rom = romFunctions(bootrom);
+for (const code of ['IF', 'EX', 'RE', 'RP', 'FC', 'CX']) {
+  if (!rom.has(code)) throw new Error(`the bootrom has no '${code}' function`);
+}
+let flash = new Uint8Array(16 * 1024 * 1024).fill(0xff); // carried from one boot to the next
+let blocks = 0;
+if (args['flash-file'] && fs.existsSync(args['flash-file'])) {
+  fs.readFileSync(args['flash-file']).copy(flash);
+} else {
+  blocks = loadUf2(args.image, flash);
+}
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => {
+    if (args['flash-file']) fs.writeFileSync(args['flash-file'], sim ? sim.rp2040.flash : flash);
+    process.exit(0);
+  });
+}
+
+// What each hooked bootrom routine does to the chip's flash; r: its registers (r0.. the
+// arguments).
+const hooks = new Map([
+  [rom.get('RE'), (r, mcu) => mcu.flash.fill(0xff, r[0], r[0] + r[1])], // flash_range_erase(addr, count, ...)
+  [rom.get('RP'), (r, mcu) => { // flash_range_program(addr, data, count)
+    for (let i = 0; i < r[2]; i++) mcu.flash[r[0] + i] &= mcu.readUint8(r[1] + i);
+  }],
+  [rom.get('IF'), () => {}], // connect_internal_flash
+  [rom.get('EX'), () => {}], // flash_exit_xip
+  [rom.get('FC'), () => {}], // flash_flush_cache
+  [rom.get('CX'), () => {}], // flash_enter_cmd_xip
+]);
+
+// --- the W5500 --------------------------------------------------------------------------------
+// An SPI frame while chip select is low: a 16-bit address, a control byte (block select << 3,
+// read/write << 2, mode), then data to or from consecutive addresses of that block. Block 0
+// holds the common registers, 4n+1 socket n's registers, 4n+2 its TX buffer, 4n+3 its RX buffer.
+class W5500 {
+  constructor() {
+    this.blocks = new Map();
+    this.reset();
+  }
+
+  reset() {
+    this.blocks.clear();
+    const common = this.block(0);
+    common[0x2e] = 0xbf; // PHYCFGR: reset done, all capable, 100 Mb/s full duplex, link up
+    common[0x39] = 0x04; // VERSIONR
+    for (let n = 0; n < 8; n++) {
+      const regs = this.block(4 * n + 1);
+      regs[0x1e] = 2; // Sn_RXBUF_SIZE, KB
+      regs[0x1f] = 2; // Sn_TXBUF_SIZE, KB
+    }
+    this.select(false);
+  }
+
+  block(bsb) {
+    let b = this.blocks.get(bsb);
+    if (!b) {
+      b = new Uint8Array(65536);
+      this.blocks.set(bsb, b);
+    }
+    return b;
+  }
+
+  select(low) {
+    if (!low && process.env.W5500_TRACE && this.frame && this.frame.length >= 3) {
+      process.stderr.write(`w5500 ${this.writing ? 'W' : 'R'} bsb=${this.bsb} at=0x${((this.frame[0] << 8) | this.frame[1]).toString(16)} n=${this.addr - ((this.frame[0] << 8) | this.frame[1])} last=${this.last}\n`);
+    }
+    this.frame = low ? [] : null;
+  }
+
+  u16(regs, at) {
+    return (regs[at] << 8) | regs[at + 1];
+  }
+
+  set16(regs, at, v) {
+    regs[at] = (v >> 8) & 0xff;
+    regs[at + 1] = v & 0xff;
+  }
+
+  // one byte in from the controller's MOSI; the byte it reads on MISO meanwhile
+  transfer(byte) {
+    if (this.frame === null) return 0;
+    const f = this.frame;
+    if (f.length < 3) {
+      f.push(byte);
+      if (f.length === 3) {
+        this.addr = (f[0] << 8) | f[1];
+        this.bsb = f[2] >> 3;
+        this.writing = (f[2] & 0x04) !== 0;
+      }
+      return f.length; // the W5500 answers 1, 2, 3 during the header
+    }
+    const at = this.addr & 0xffff;
+    this.addr += 1;
+    if (this.writing) {
+      this.last = byte;
+      this.write(this.bsb, at, byte);
+      return 0;
+    }
+    this.last = this.read(this.bsb, at);
+    return this.last;
+  }
+
+  read(bsb, at) {
+    if (bsb !== 0 && (bsb - 1) % 4 === 0) {
+      const regs = this.block(bsb);
+      if (at === 0x01) return 0; // Sn_CR: every command is done at once
+      if (at === 0x20 || at === 0x21) { // Sn_TX_FSR
+        const free = regs[0x1f] * 1024 - ((this.u16(regs, 0x24) - this.u16(regs, 0x22)) & 0xffff);
+        return at === 0x20 ? (free >> 8) & 0xff : free & 0xff;
+      }
+      if (at === 0x26 || at === 0x27) { // Sn_RX_RSR
+        const used = (this.u16(regs, 0x2a) - this.u16(regs, 0x28)) & 0xffff;
+        return at === 0x26 ? (used >> 8) & 0xff : used & 0xff;
+      }
+    }
+    if (bsb === 0 && at === 0x00) return this.block(0)[0] & 0x7f; // MR: its reset bit clears
+    return this.block(bsb)[at];
+  }
+
+  write(bsb, at, byte) {
+    if (bsb === 0 && at === 0x00 && (byte & 0x80)) {
+      this.reset();
+      this.frame = [0, 0, 0]; // the rest of this frame goes nowhere
+      return;
+    }
+    if (bsb === 0 && (at === 0x2e || at === 0x39)) return; // PHYCFGR's link and VERSIONR stay
+    if (bsb !== 0 && (bsb - 1) % 4 === 0) {
+      const regs = this.block(bsb);
+      const n = (bsb - 1) / 4;
+      if (at === 0x01) return this.command(n, regs, byte);
+      if (at === 0x02) { // Sn_IR: a 1 clears that bit
+        regs[0x02] &= ~byte;
+        return;
+      }
+    }
+    this.block(bsb)[at] = byte;
+  }
+
+  command(n, regs, cmd) {
+    const SR = 0x03;
+    switch (cmd) {
+      case 0x01: { // OPEN
+        const protocol = regs[0x00] & 0x0f;
+        regs[SR] = { 1: 0x13, 2: 0x22, 3: 0x32, 4: 0x42 }[protocol] ?? 0x00;
+        for (const at of [0x22, 0x24, 0x28, 0x2a]) this.set16(regs, at, 0);
+        break;
+      }
+      case 0x02: // LISTEN
+        if (regs[SR] === 0x13) regs[SR] = 0x14;
+        break;
+      case 0x04: // CONNECT: nobody answers
+        regs[SR] = 0x00;
+        regs[0x02] |= 0x08; // TIMEOUT
+        break;
+      case 0x08: // DISCON
+      case 0x10: // CLOSE
+        regs[SR] = 0x00;
+        break;
+      case 0x20: // SEND
+      case 0x21: // SEND_MAC
+      case 0x22: { // SEND_KEEP
+        const size = regs[0x1f] * 1024;
+        const rd = this.u16(regs, 0x22);
+        const len = (this.u16(regs, 0x24) - rd) & 0xffff;
+        const buf = this.block(4 * n + 2);
+        const bytes = Array.from({ length: Math.min(len, 64) }, (_, i) => buf[(rd + i) % size]);
+        emit({ ev: 'eth', socket: n, len, head: Buffer.from(bytes).toString('hex') });
+        this.set16(regs, 0x22, this.u16(regs, 0x24));
+        regs[0x02] |= 0x10; // SENDOK
+        break;
+      }
+      case 0x40: // RECV: the driver moved Sn_RX_RD
+        break;
+    }
+  }
+}
+
+// rp2040js raises a UART's TX interrupt at every check ("TODO ... a proper FIFO for TX"): once
+// MicroPython enables it, the interrupt is pending again as soon as its handler clears it, and
+// the chip does little else (the node console UARTs of board.json). A PL011 raises it when its
+// TX FIFO drains to the trigger level; rp2040js's FIFO is empty at once, so here it is raised by
+// each byte written, and clearing it (UARTICR) holds.
+function quietTx(uart) {
+  const TXINTR = 1 << 5;
+  uart.checkInterrupts = function checkInterrupts() {
+    this.rp2040.setInterrupt(this.irq, !!(this.interruptStatus & this.interruptMask));
+  };
+  const write = uart.writeUint32.bind(uart);
+  uart.writeUint32 = (offset, value) => {
+    write(offset, value);
+    if (offset === 0x0) { // UARTDR: the byte is out, the FIFO below its level again
+      uart.interruptStatus |= TXINTR;
+      uart.checkInterrupts();
+    }
+  };
+}
+
+let sim = null;
+let cdc = null;
+let connected = false;
+let armed = null; // [endpoint, size]: the chip waits to read from the host, who had nothing
+let feed = () => {};
+let boots = 0;
+const pending = []; // host to chip bytes that came while the USB line was down
+
+function start(reason) {
+  if (sim) {
+    sim.stop();
+    flash = sim.rp2040.flash;
+  }
+  sim = new Simulator();
+  const mcu = sim.rp2040;
+  mcu.logger = new ConsoleLogger(LogLevel.Error); // not each unemulated register touched
+  mcu.loadBootrom(bootrom);
+  mcu.flash.set(flash);
+  // From the start of the flash (boot2, then the image), as rp2040js's own demo: the bootrom's
+  // own way there reads the flash through SSI commands, which rp2040js does not emulate.
+  mcu.core.PC = FLASH_START;
+  boots += 1;
+  const boot = boots;
+  emit({ ev: 'boot', n: boot, reason, uf2_blocks: blocks });
+  const nowMs = () => sim.clock.nanos / 1e6;
+  mcu.gpio.forEach((pin, n) => {
+    if (args.w5500 && n >= 16 && n <= 21) return; // the W5500's SPI bus: thousands a second
+    pin.addListener((state) => {
+      if (boot !== boots) return;
+      const value = state === GPIOPinState.High ? 'high' : state === GPIOPinState.Low ? 'low' : 'input';
+      emit({ ev: 'gpio', pin: n, value, ms: nowMs() });
+    });
+  });
+  const watchdog = mcu.peripherals[0x40058];
+  const watchdogWrite = watchdog.writeUint32.bind(watchdog);
+  let enabled = false;
+  watchdog.writeUint32 = (offset, value) => {
+    watchdogWrite(offset, value);
+    if (offset === 0x00 && !enabled && (value & (1 << 30))) { // CTRL.ENABLE
+      enabled = true;
+      emit({ ev: 'watchdog-enabled', ms: nowMs() });
+    }
+  };
+  watchdog.onWatchdogTrigger = () => {
+    emit({ ev: 'watchdog', ms: nowMs() });
+    setImmediate(() => start('watchdog'));
+  };
+  mcu.uart.forEach(quietTx);
+  if (args.w5500) {
+    const chip = new W5500();
+    const spi = mcu.spi[0];
+    mcu.gpio[17].addListener((state) => chip.select(state === GPIOPinState.Low));
+    mcu.gpio[20].addListener((state) => { if (state === GPIOPinState.Low) chip.reset(); }); // RSTn
+    // each byte answered after its time on the wire (8 bits at 20 MHz), on the chip's clock:
+    // answered at once, from inside the SPI block's own call, DMA transfers stalled
+    let reply = 0;
+    const done = mcu.clock.createAlarm(() => spi.completeTransmit(reply));
+    spi.onTransmit = (value) => {
+      reply = chip.transfer(value);
+      done.schedule(400);
+    };
+  }
+  connected = false;
+  const usb = mcu.usbCtrl;
+  cdc = new USBCDC(usb);
+  cdc.onDeviceConnected = () => {
+    connected = true;
+    emit({ ev: 'usb', connected: true, ms: nowMs() });
+    for (const byte of pending.splice(0)) cdc.sendSerialByte(byte);
+    feed();
+  };
+  cdc.onSerialData = (data) => write(Buffer.from(data));
+  // A host NAKs the chip's reads while it has nothing to send; rp2040js's CDC answers them at
+  // once with nothing, and the chip asks again, 10 us later, for as long as the line is quiet:
+  // the emulation then never idles, and a byte from the host waits for its turn among those
+  // polls. Here a read finds the bytes when they come.
+  const answer = usb.onEndpointRead;
+  armed = null;
+  usb.onEndpointRead = (endpoint, size) => {
+    if (endpoint === cdc.outEndpoint && cdc.txFIFO.empty) {
+      armed = [endpoint, size];
+      return;
+    }
+    answer(endpoint, size);
+  };
+  feed = () => {
+    if (armed !== null && !cdc.txFIFO.empty) {
+      const [endpoint, size] = armed;
+      armed = null;
+      answer(endpoint, size);
+    }
+  };
+  run(sim);
+}
+
+// rp2040js's own Simulator.execute, with the bootrom's flash routines answered here: at the
+// routine's first instruction, do what it does and return to its caller.
+function run(mine) {
+  const { clock, rp2040: mcu } = mine;
+  const { core } = mcu;
+  const cycleNanos = 1e9 / 125e6;
+  mine.stopped = false;
+  const step = () => {
+    if (mine.stopped) return;
+    for (let i = 0; i < 200000 && !mine.stopped; i++) {
+      if (core.waiting) {
+        const nanos = clock.nanosToNextAlarm;
+        clock.tick(nanos);
+        i += nanos / cycleNanos;
+        continue;
+      }
+      const hook = hooks.get(core.PC);
+      if (hook !== undefined) {
+        hook(core.registers, mcu);
+        core.PC = core.LR & ~1;
+        clock.tick(cycleNanos);
+        continue;
+      }
+      clock.tick(core.executeInstruction() * cycleNanos);
+    }
+    setImmediate(step); // after the serial line's I/O, without setTimeout's millisecond
+  };
+  step();
+}
+
+// chip to host: in order, without blocking the emulation
+let writing = false;
+const outQueue = [];
+function write(buf) {
+  outQueue.push(buf);
+  if (!writing) drain();
+}
+function drain() {
+  const buf = outQueue.shift();
+  if (buf === undefined) {
+    writing = false;
+    return;
+  }
+  writing = true;
+  fs.write(serialFd, buf, 0, buf.length, null, (err, n) => {
+    if (err && err.code !== 'EAGAIN') {
+      process.stderr.write(`serial write: ${err.message}\n`);
+      process.exit(1);
+    }
+    if (!err && n < buf.length) outQueue.unshift(buf.subarray(n));
+    if (err) outQueue.unshift(buf);
+    drain();
+  });
+}
+
+// host to chip
+const input = fs.createReadStream(null, { fd: serialFd, autoClose: false, highWaterMark: 4096 });
+input.on('data', (chunk) => {
+  for (const byte of chunk) {
+    if (connected) cdc.sendSerialByte(byte);
+    else pending.push(byte);
+  }
+  feed();
+});
+input.on('error', (err) => {
+  process.stderr.write(`serial read: ${err.message}\n`);
+  process.exit(1);
+});
+
+start('power-on');
+// the chip's clock once a second of the wall's: how far the emulation has run
+setInterval(() => emit({ ev: 'clock', ms: sim.clock.nanos / 1e6 }), 1000);
