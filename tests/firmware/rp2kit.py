@@ -61,7 +61,8 @@ class Rp2Board:
             ["node", str(EMULATOR), "--bootrom", str(self.bootrom), "--image", str(self.image),
              "--serial-fd", str(self._master), *(["--w5500"] if self.w5500 else []),
              *(["--flash-file", str(self.flash_file)] if self.flash_file else [])],
-            pass_fds=(self._master,), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(self._master,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
         return self
@@ -103,6 +104,18 @@ class Rp2Board:
                     err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
                     raise TimeoutError(f"no {what} in {timeout} s; emulator: {err[-2000:]}")
                 self._cond.wait(min(left, 0.5))
+
+    def send_frame(self, frame: bytes) -> None:
+        """An Ethernet frame for the W5500 (w5500=True) to receive; an `eth-in` event says
+        whether the chip took it."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"frame": frame.hex()}).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def sent_frames(self) -> list[bytes]:
+        """The frames the firmware sent through the W5500 so far, in order."""
+        with self._cond:
+            return [bytes.fromhex(e["frame"]) for e in self.events if e.get("ev") == "eth"]
 
     def level(self, pin: int) -> str | None:
         """The pin's latest level ("high", "low", "input"), None if it never changed."""

@@ -2,9 +2,9 @@
 board (built from source, tests/firmware/rp2/data/SOURCES.md) in rp2040js, the real mpremote and
 `bastion flash` on its USB serial line, and what the firmware does to the chip's pins and
 watchdog. A W5500 is modelled at its register interface (tests/firmware/rp2/emulator.mjs): the
-driver brings the interface up, but no frame is ever received, so the network services are not
-tested here (the sim board's tests do that). Not a real board: docs/boards.md says what has not
-run on one."""
+driver brings the interface up, frames it sends are reported, and a test can hand it frames one
+by one (a PXE client's DHCPDISCOVER here); it is not a network, so whole boots and TFTP stay the
+sim board's tests. Not a real board: docs/boards.md says what has not run on one."""
 
 from __future__ import annotations
 
@@ -122,3 +122,70 @@ def test_bastion_flash_puts_the_firmware_on_the_board_and_it_runs_the_relays_and
         heap = status["status"]["heap"]
         assert heap["code"] > 0 and heap["free"] > 0, heap
         print(f"rp2 (emulated) heap after boot: code {heap['code']} B, free {heap['free']} B")
+
+
+def discover_frame(mac: bytes, xid: bytes) -> bytes:
+    """A BIOS PXE client's DHCPDISCOVER, broadcast, as an Ethernet frame."""
+    bootp = bytearray(240)
+    bootp[0:4] = b"\x01\x01\x06\x00"
+    bootp[4:8] = xid
+    bootp[10:12] = b"\x80\x00"  # broadcast: the client has no address yet
+    bootp[28:34] = mac
+    bootp[236:240] = b"\x63\x82\x53\x63"
+    options = (b"\x35\x01\x01" + b"\x5d\x02\x00\x00" + b"\x3c\x20PXEClient:Arch:00000:UNDI:002001"
+               + b"\xff")  # fmt: skip
+    payload = bytes(bootp) + options
+    udp = (68).to_bytes(2, "big") + (67).to_bytes(2, "big") + (8 + len(payload)).to_bytes(2, "big") + b"\0\0"
+    ip = bytearray(b"\x45\x00" + (20 + len(udp) + len(payload)).to_bytes(2, "big") + b"\0\0\0\0\x40\x11\0\0"
+                   + bytes(4) + b"\xff\xff\xff\xff")  # fmt: skip
+    total = sum(int.from_bytes(ip[i : i + 2], "big") for i in range(0, 20, 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    ip[10:12] = (~total & 0xFFFF).to_bytes(2, "big")
+    return b"\xff" * 6 + mac + b"\x08\x00" + bytes(ip) + udp + payload
+
+
+def dhcp_replies(frames: list[bytes]) -> list[bytes]:
+    """The DHCP payloads of the UDP frames from port 67 among `frames`."""
+    out = []
+    for f in frames:
+        if f[12:14] != b"\x08\x00" or f[23] != 17:
+            continue
+        ihl = (f[14] & 0x0F) * 4
+        udp = f[14 + ihl :]
+        if int.from_bytes(udp[0:2], "big") == 67:
+            out.append(udp[8 : int.from_bytes(udp[4:6], "big")])
+    return out
+
+
+def test_the_firmware_answers_a_pxe_clients_discover_through_the_w5500(tmp_path):
+    """The proxyDHCP service on MicroPython's rp2 image: a DHCPDISCOVER from node1 (BIOS) in
+    through the W5500 model's receive path, lwIP, the firmware's socket on port 67; its offer
+    back out through the chip, naming the device as the boot server and the BIOS boot file."""
+    from firmware import dhcp
+
+    site, tftp = small_site(tmp_path)
+    with Rp2Board(tmp_path / "ttyACM0", w5500=True) as board:
+        board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
+        r = bastion("flash", "--port", str(board.link), "--site", str(site), "--board", "w5500-evb-pico",
+                    "--tftp-dir", str(tftp), "--controller-url", "http://10.77.0.1:8080", timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        # first a MAC the site does not declare (answer: site), then node1's: the service takes
+        # them in order, so an answer to the first would go out before the second's
+        stranger, xid = b"\x5a\x17\x00\x00", b"\x5a\x17\x00\x01"
+        board.send_frame(discover_frame(bytes.fromhex("525400123499"), stranger))
+        board.send_frame(discover_frame(bytes.fromhex("525400123401"), xid))
+        taken = [board.wait(lambda e, n=n: e.get("ev") == "eth-in" and e["seq"] == n, what="a frame taken")
+                 for n in (0, 1)]  # fmt: skip
+        assert [e["taken"] for e in taken] == [True, True]
+        offer = board.wait(lambda e: e.get("ev") == "eth" and any(
+            p[4:8] == xid for p in dhcp_replies([bytes.fromhex(e["frame"])])), timeout=120,
+            what="the device's DHCPOFFER")  # fmt: skip
+        assert not [p for p in dhcp_replies(board.sent_frames()) if p[4:8] == stranger]
+    payload = dhcp_replies([bytes.fromhex(offer["frame"])])[0]
+    p = dhcp.parse(memoryview(payload))
+    assert p.msg_type == dhcp.OFFER
+    assert payload[20:24] == bytes([10, 77, 0, 2])  # siaddr: the device
+    assert payload[16:20] == bytes(4)  # yiaddr: a proxyDHCP gives no address
+    assert b"undionly.kpxe" in payload[108:236] or (p.bootfile or b"").startswith(b"undionly.kpxe")
+    assert b"PXEClient" in payload

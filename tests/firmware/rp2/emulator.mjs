@@ -24,9 +24,11 @@
 // - --w5500: a W5500 Ethernet chip on SPI0 (chip select GPIO 17, reset GPIO 20), as on the
 //   W5500-EVB-Pico: its registers and buffers, its link up at 100 Mb/s full duplex, each socket
 //   command done at once. Each frame the chip is asked to send is reported ({"ev": "eth", "len":
-//   342, "head": "ffff..."}); none is ever received. A model of the register interface
+//   342, "frame": "ffff..."}); frames written to stdin ({"frame": "<hex>"}, a line each) are
+//   received by socket 0 in MACRAW mode, INTn (GPIO 21) low until the driver has taken them.
+//   A model of the register interface
 //   MicroPython's WIZNET5K driver uses (W5500 datasheet, section 2 and 4), not of the chip's
-//   timing or its TCP/IP offload: the driver brings the interface up, but it is not a network.
+//   timing or its TCP/IP offload.
 //   W5500_TRACE=1 in the environment writes each SPI frame to stderr.
 // - Two more places where rp2040js differs from the chip are worked around here, each where it
 //   is done: a UART's TX interrupt (quietTx) and USB reads while the host has nothing to send.
@@ -190,7 +192,7 @@ class W5500 {
       }
       return f.length; // the W5500 answers 1, 2, 3 during the header
     }
-    const at = this.addr & 0xffff;
+    const at = this.masked(this.bsb, this.addr & 0xffff);
     this.addr += 1;
     if (this.writing) {
       this.last = byte;
@@ -199,6 +201,15 @@ class W5500 {
     }
     this.last = this.read(this.bsb, at);
     return this.last;
+  }
+
+  // a socket's TX and RX buffers are addressed modulo their size (Sn_TXBUF_SIZE, Sn_RXBUF_SIZE)
+  masked(bsb, at) {
+    const kind = bsb % 4;
+    if (bsb === 0 || kind === 1) return at;
+    const regs = this.block(bsb - kind + 1);
+    const size = (kind === 2 ? regs[0x1f] : regs[0x1e]) * 1024;
+    return size > 0 ? at % size : at;
   }
 
   read(bsb, at) {
@@ -231,10 +242,41 @@ class W5500 {
       if (at === 0x01) return this.command(n, regs, byte);
       if (at === 0x02) { // Sn_IR: a 1 clears that bit
         regs[0x02] &= ~byte;
+        this.interrupt();
         return;
       }
     }
     this.block(bsb)[at] = byte;
+  }
+
+  // A frame off the wire for socket 0 in MACRAW mode: in its RX buffer behind a 2-byte length
+  // (the frame's and its own), Sn_RX_RSR grows, Sn_IR's RECV is set. False when the socket is
+  // not open in MACRAW mode or the buffer has no room (the chip drops it).
+  receive(frame) {
+    const regs = this.block(1);
+    if (regs[0x03] !== 0x42) return false;
+    const size = regs[0x1e] * 1024;
+    const wr = this.u16(regs, 0x2a);
+    const used = (wr - this.u16(regs, 0x28)) & 0xffff;
+    if (used + frame.length + 2 > size) return false;
+    const buf = this.block(3);
+    const packet = [((frame.length + 2) >> 8) & 0xff, (frame.length + 2) & 0xff, ...frame];
+    packet.forEach((byte, i) => { buf[(wr + i) % size] = byte; });
+    this.set16(regs, 0x2a, (wr + packet.length) & 0xffff);
+    regs[0x02] |= 0x04; // RECV
+    this.interrupt();
+    return true;
+  }
+
+  // INTn is low while a socket has an interrupt its Sn_IMR lets through (and SIMR, for it)
+  interrupt() {
+    const common = this.block(0);
+    let pending = false;
+    for (let n = 0; n < 8; n++) {
+      const regs = this.block(4 * n + 1);
+      if ((common[0x18] & (1 << n)) && (regs[0x02] & regs[0x2c])) pending = true;
+    }
+    if (this.onInterrupt) this.onInterrupt(pending);
   }
 
   command(n, regs, cmd) {
@@ -264,8 +306,8 @@ class W5500 {
         const rd = this.u16(regs, 0x22);
         const len = (this.u16(regs, 0x24) - rd) & 0xffff;
         const buf = this.block(4 * n + 2);
-        const bytes = Array.from({ length: Math.min(len, 64) }, (_, i) => buf[(rd + i) % size]);
-        emit({ ev: 'eth', socket: n, len, head: Buffer.from(bytes).toString('hex') });
+        const bytes = Array.from({ length: len }, (_, i) => buf[(rd + i) % size]);
+        emit({ ev: 'eth', socket: n, len, frame: Buffer.from(bytes).toString('hex') });
         this.set16(regs, 0x22, this.u16(regs, 0x24));
         regs[0x02] |= 0x10; // SENDOK
         break;
@@ -297,6 +339,7 @@ function quietTx(uart) {
 }
 
 let sim = null;
+let w5500 = null;
 let cdc = null;
 let connected = false;
 let armed = null; // [endpoint, size]: the chip waits to read from the host, who had nothing
@@ -357,6 +400,9 @@ function start(reason) {
       reply = chip.transfer(value);
       done.schedule(400);
     };
+    mcu.gpio[21].setInputValue(true); // INTn, idle high
+    chip.onInterrupt = (pending) => mcu.gpio[21].setInputValue(!pending);
+    w5500 = chip;
   }
   connected = false;
   const usb = mcu.usbCtrl;
@@ -458,6 +504,24 @@ input.on('data', (chunk) => {
 input.on('error', (err) => {
   process.stderr.write(`serial read: ${err.message}\n`);
   process.exit(1);
+});
+
+// Frames for the W5500 to receive, from stdin: one JSON object a line, {"frame": "<hex>"};
+// each is reported as {"ev": "eth-in", "seq": k, "len": n, "taken": true|false}, k counting
+// from 0.
+let control = '';
+let received = 0;
+process.stdin.on('data', (chunk) => {
+  control += chunk.toString();
+  let nl;
+  while ((nl = control.indexOf('\n')) >= 0) {
+    const line = control.slice(0, nl);
+    control = control.slice(nl + 1);
+    const { frame } = JSON.parse(line);
+    const bytes = Buffer.from(frame, 'hex');
+    const taken = w5500 !== null && w5500.receive(bytes);
+    emit({ ev: 'eth-in', seq: received++, len: bytes.length, taken, ms: sim.clock.nanos / 1e6 });
+  }
 });
 
 start('power-on');
