@@ -1,5 +1,6 @@
 """An emulated W5500-EVB-Pico for the tests: MicroPython's official rp2 image for the board
-(tests/firmware/rp2/data, built from source: its SOURCES.md) running in rp2040js
+(tests/firmware/rp2/data, built from source: its SOURCES.md) and the RP2040's bootrom (not in
+this repository: BOOTROM) running in rp2040js
 (tests/firmware/rp2/emulator.mjs), its USB serial line a pseudo-terminal that mpremote and
 pyserial open as they would /dev/ttyACM0, its GPIO levels, resets and USB line reported here."""
 
@@ -16,9 +17,12 @@ import tty
 from pathlib import Path
 
 HERE = Path(__file__).parent / "rp2"
+REPO = HERE.parents[2]
 EMULATOR = HERE / "emulator.mjs"
 IMAGE = HERE / "data" / "micropython-w5500-evb-pico.uf2"
-BOOTROM = HERE / "data" / "rp2040-b1-bootrom.bin"
+# Not in this repository (its floating-point part is licensed for RP2040 devices only, or GPLv2
+# from its author): tools/rp2040-bootrom writes it from rp2040js's demo/bootrom.ts.
+BOOTROM = Path(os.environ.get("RP2040_BOOTROM") or REPO / "var" / "cache" / "rp2040-b1-bootrom.bin")
 
 
 def missing() -> str | None:
@@ -27,9 +31,11 @@ def missing() -> str | None:
         return "no node (Debian package nodejs, which npm brings)"
     if not (HERE / "node_modules" / "rp2040js").is_dir():
         return "no rp2040js: tools/setup runs npm ci in tests/firmware/rp2"
-    for f in (IMAGE, BOOTROM):
-        if not f.is_file():
-            return f"{f} is missing"
+    if not IMAGE.is_file():
+        return f"{IMAGE} is missing"
+    if not BOOTROM.is_file():
+        return (f"no RP2040 bootrom at {BOOTROM}: it is not in this repository (its license); "
+                "tools/rp2040-bootrom writes it from rp2040js's demo/bootrom.ts")  # fmt: skip
     return None
 
 

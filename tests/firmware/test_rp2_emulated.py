@@ -4,7 +4,10 @@ board (built from source, tests/firmware/rp2/data/SOURCES.md) in rp2040js, the r
 watchdog. A W5500 is modelled at its register interface (tests/firmware/rp2/emulator.mjs): the
 driver brings the interface up, frames it sends are reported, and a test can hand it frames one
 by one (a PXE client's DHCPDISCOVER here); it is not a network, so whole boots and TFTP stay the
-sim board's tests. Not a real board: docs/boards.md says what has not run on one."""
+sim board's tests. Not a real board: docs/boards.md says what has not run on one.
+
+They need the RP2040's bootrom, which is not in this repository (tools/rp2040-bootrom): without
+it they skip, and CI, on a clean checkout, skips them."""
 
 from __future__ import annotations
 
