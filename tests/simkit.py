@@ -145,6 +145,21 @@ class RelayWatch:
         return self.seen
 
 
+def bastion(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`bastion ARGS...` as a user runs it, its output captured (the caller checks the code)."""
+    return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def mpremote(link: Path, *args: str, timeout: float = 60) -> str:
+    """The real mpremote on the serial line `link`: its stdout; fails the test unless it
+    succeeded."""
+    r = subprocess.run([str(BIN / "mpremote"), "connect", str(link), *args],
+                       capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
 def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
     """Poll pred() until it returns something true (returned), or fail naming `what`."""
     deadline = time.monotonic() + timeout

@@ -13,29 +13,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from rp2kit import Rp2Board, missing
+from simkit import bastion, mpremote
 
 pytestmark = [pytest.mark.rp2, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
-BIN = Path(sys.executable).parent
-
-
-def mpremote(link: Path, *args: str, timeout: float = 120) -> str:
-    r = subprocess.run([str(BIN / "mpremote"), "connect", str(link), *args], check=False,
-                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+EMULATED_S = 120  # seconds an mpremote call may take on the emulated chip
 
 
 def test_the_official_image_boots_and_mpremote_drives_its_repl(tmp_path):
     with Rp2Board(tmp_path / "ttyACM0") as board:
         board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
         out = mpremote(board.link, "exec", "import sys, os; print(sys.implementation._machine); "
-                       "print(os.uname().release); print(sys.implementation._mpy)")  # fmt: skip
+                       "print(os.uname().release); print(sys.implementation._mpy)", timeout=EMULATED_S)  # fmt: skip
     machine, release, mpy = out.split("\n")[:3]
     assert machine == "W5500-EVB-Pico with RP2040", out
     # what boards/w5500-evb-pico.json says bastion flash will find (its .mpy format)
@@ -48,12 +40,12 @@ def test_files_put_by_mpremote_are_in_flash_after_a_watchdog_reset(tmp_path):
     payload.write_text("written through littlefs to the emulated flash\n" * 40)
     with Rp2Board(tmp_path / "ttyACM0") as board:
         board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
-        mpremote(board.link, "fs", "cp", str(payload), ":kept.txt")
+        mpremote(board.link, "fs", "cp", str(payload), ":kept.txt", timeout=EMULATED_S)
         # machine.reset() triggers the RP2040's watchdog: the chip starts over from its bootrom
-        mpremote(board.link, "exec", "--no-follow", "import machine; machine.reset()")
+        mpremote(board.link, "exec", "--no-follow", "import machine; machine.reset()", timeout=EMULATED_S)
         board.wait(lambda e: e.get("ev") == "boot" and e.get("reason") == "watchdog", what="a reset")
         board.wait(lambda e: e.get("ev") == "usb" and len(board.boots()) == 2, what="USB after the reset")
-        assert mpremote(board.link, "fs", "cat", ":kept.txt") == payload.read_text()
+        assert mpremote(board.link, "fs", "cat", ":kept.txt", timeout=EMULATED_S) == payload.read_text()
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,11 +76,6 @@ def small_site(tmp_path: Path) -> tuple[Path, Path]:
     tftp.mkdir()
     shutil.copy("/usr/lib/ipxe/undionly.kpxe", tftp)
     return site, tftp
-
-
-def bastion(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bastion"), *args], check=False, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
 
 
 def test_bastion_flash_puts_the_firmware_on_the_board_and_it_runs_the_relays_and_the_watchdog(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from bastion.flash import image as flashing
 from bastion.device.link import DeviceLink
 from bastion.site.load import SiteError, load_site
-from simkit import RelayWatch, SimProcess, free_udp_port
+from simkit import RelayWatch, SimProcess, bastion, free_udp_port, mpremote
 
 from firmware.config import Config
 
@@ -79,18 +79,6 @@ def small_tftp(root: Path) -> Path:
     (root / "pi").mkdir()
     (root / "pi" / "config.txt").write_text("arm_64bit=1\n")
     return root
-
-
-def bastion(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
-
-
-def mpremote(link: Path, *args: str) -> str:
-    r = subprocess.run([str(BIN / "mpremote"), "connect", str(link), *args],
-                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
 
 
 def wait_for(pred, timeout: float = 20.0, what: str = "condition") -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from bastion.device.link import DeviceLink
 from firmware import frame
-from simkit import SimProcess, wait_for
+from simkit import SimProcess, mpremote, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -26,13 +26,6 @@ BIN = Path(sys.executable).parent
 def sim(tmp_path):
     with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0") as s:
         yield s
-
-
-def mpremote(link: Path, *args: str) -> str:
-    r = subprocess.run([str(BIN / "mpremote"), "connect", str(link), *args],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
 
 
 def test_serial_link_is_a_pty_symlink(sim):
