@@ -206,14 +206,14 @@ class W5500 {
   // a socket's TX and RX buffers are addressed modulo their size (Sn_TXBUF_SIZE, Sn_RXBUF_SIZE)
   masked(bsb, at) {
     const kind = bsb % 4;
-    if (bsb === 0 || kind === 1) return at;
+    if (bsb === 0 || kind === 1) return at; // the common registers, a socket's registers
     const regs = this.block(bsb - kind + 1);
     const size = (kind === 2 ? regs[0x1f] : regs[0x1e]) * 1024;
     return size > 0 ? at % size : at;
   }
 
   read(bsb, at) {
-    if (bsb !== 0 && (bsb - 1) % 4 === 0) {
+    if (bsb % 4 === 1) { // socket n's registers (block 4n+1)
       const regs = this.block(bsb);
       if (at === 0x01) return 0; // Sn_CR: every command is done at once
       if (at === 0x20 || at === 0x21) { // Sn_TX_FSR
@@ -236,7 +236,7 @@ class W5500 {
       return;
     }
     if (bsb === 0 && (at === 0x2e || at === 0x39)) return; // PHYCFGR's link and VERSIONR stay
-    if (bsb !== 0 && (bsb - 1) % 4 === 0) {
+    if (bsb % 4 === 1) { // socket n's registers (block 4n+1)
       const regs = this.block(bsb);
       const n = (bsb - 1) / 4;
       if (at === 0x01) return this.command(n, regs, byte);
