@@ -1,8 +1,11 @@
 """An emulated W5500-EVB-Pico for the tests: MicroPython's official rp2 image for the board
-(tests/firmware/rp2/data, built from source: its SOURCES.md) and the RP2040's bootrom (not in
-this repository: BOOTROM) running in rp2040js
-(tests/firmware/rp2/emulator.mjs), its USB serial line a pseudo-terminal that mpremote and
-pyserial open as they would /dev/ttyACM0, its GPIO levels, resets and USB line reported here."""
+(tests/firmware/rp2/data, built from source: its SOURCES.md) running in rp2040js
+(tests/firmware/rp2/emulator.mjs) with our stand-in for the RP2040's bootrom (rom.mjs there),
+its USB serial line a pseudo-terminal that mpremote and pyserial open as they would
+/dev/ttyACM0, its GPIO levels, resets and USB line reported here.
+
+RP2040_BOOTROM=PATH in the environment runs the same tests with a real RP2040 bootrom instead
+(not in this repository: tools/rp2040-bootrom writes one from rp2040js's demo/bootrom.ts)."""
 
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ HERE = Path(__file__).parent / "rp2"
 REPO = HERE.parents[2]
 EMULATOR = HERE / "emulator.mjs"
 IMAGE = HERE / "data" / "micropython-w5500-evb-pico.uf2"
-# Not in this repository (its floating-point part is licensed for RP2040 devices only, or GPLv2
-# from its author): tools/rp2040-bootrom writes it from rp2040js's demo/bootrom.ts.
-BOOTROM = Path(os.environ.get("RP2040_BOOTROM") or REPO / "var" / "cache" / "rp2040-b1-bootrom.bin")
+# A real bootrom, when asked for; not in this repository (its floating-point part is licensed for
+# RP2040 devices only, or GPLv2 from its author).
+BOOTROM = Path(os.environ["RP2040_BOOTROM"]) if os.environ.get("RP2040_BOOTROM") else None
 
 
 def missing() -> str | None:
@@ -33,9 +36,8 @@ def missing() -> str | None:
         return "no rp2040js: tools/setup runs npm ci in tests/firmware/rp2"
     if not IMAGE.is_file():
         return f"{IMAGE} is missing"
-    if not BOOTROM.is_file():
-        return (f"no RP2040 bootrom at {BOOTROM}: it is not in this repository (its license); "
-                "tools/rp2040-bootrom writes it from rp2040js's demo/bootrom.ts")  # fmt: skip
+    if BOOTROM is not None and not BOOTROM.is_file():
+        return f"RP2040_BOOTROM={BOOTROM}: no such file (tools/rp2040-bootrom writes one)"
     return None
 
 
@@ -43,11 +45,11 @@ class Rp2Board:
     """The emulated board, running from power-on. `link`: the serial device's path (a symlink
     to the pseudo-terminal); `events`: what the emulator reported (dicts, in order)."""
 
-    def __init__(self, link: Path, image: Path = IMAGE, bootrom: Path = BOOTROM, w5500: bool = False,
+    def __init__(self, link: Path, image: Path = IMAGE, bootrom: Path | None = BOOTROM, w5500: bool = False,
                  flash_file: Path | None = None):  # fmt: skip
-        """w5500: a W5500 on SPI0 (the emulator's register model), as on the board; flash_file:
-        the flash as a previous run left it (when the file exists), and where this run leaves
-        it."""
+        """bootrom: a real RP2040 bootrom, None for the emulator's stand-in; w5500: a W5500 on
+        SPI0 (the emulator's register model), as on the board; flash_file: the flash as a
+        previous run left it (when the file exists), and where this run leaves it."""
         self.link = link
         self.w5500 = w5500
         self.flash_file = flash_file
@@ -64,7 +66,7 @@ class Rp2Board:
             self.link.unlink()
         self.link.symlink_to(os.ttyname(self._slave))
         self.proc = subprocess.Popen(
-            ["node", str(EMULATOR), "--bootrom", str(self.bootrom), "--image", str(self.image),
+            ["node", str(EMULATOR), *(["--bootrom", str(self.bootrom)] if self.bootrom else []), "--image", str(self.image),
              "--serial-fd", str(self._master), *(["--w5500"] if self.w5500 else []),
              *(["--flash-file", str(self.flash_file)] if self.flash_file else [])],
             pass_fds=(self._master,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -6,17 +6,20 @@ driver brings the interface up, frames it sends are reported, and a test can han
 by one (a PXE client's DHCPDISCOVER here); it is not a network, so whole boots and TFTP stay the
 sim board's tests. Not a real board: docs/boards.md says what has not run on one.
 
-They need the RP2040's bootrom, which is not in this repository (tools/rp2040-bootrom): without
-it they skip, and CI, on a clean checkout, skips them."""
+The chip's ROM is the emulator's stand-in for the RP2040 bootrom (tests/firmware/rp2/rom.mjs,
+tested function by function in test_rp2_rom.py); RP2040_BOOTROM=PATH runs them on a real one
+(not in this repository: tools/rp2040-bootrom)."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
-from rp2kit import Rp2Board, missing
+from rp2kit import BOOTROM, Rp2Board, missing
 from simkit import bastion, mpremote
 
 pytestmark = [pytest.mark.rp2, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
@@ -33,6 +36,46 @@ def test_the_official_image_boots_and_mpremote_drives_its_repl(tmp_path):
     # what boards/w5500-evb-pico.json says bastion flash will find (its .mpy format)
     assert int(mpy) == 4870, out
     assert release.startswith("1."), out
+
+
+def f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+# Single-precision arithmetic through the SDK's wrappers and the ROM's float table: the bits of
+# each result, and the math module's functions (the ROM's scientific ones) as printed floats.
+FLOAT_CODE = """import math, struct
+b = lambda x: struct.unpack('<I', struct.pack('<f', x))[0]
+a, c = 1.1, -3.3
+print(b(a + c), b(a - c), b(a * c), b(a / c), b(math.sqrt(2.0)), int(-2.5), int(7.9), float(2**40 + 1) == 2.0**40)
+print(repr(math.sin(1.0)), repr(math.cos(2.0)), repr(math.tan(0.7)), repr(math.exp(1.5)), repr(math.log(10.0)),
+      repr(math.atan2(1.0, -2.0)))"""
+
+
+def test_floating_point_on_the_chip_goes_through_the_rom_and_is_right(tmp_path):
+    with Rp2Board(tmp_path / "ttyACM0") as board:
+        board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
+        out = mpremote(board.link, "exec", FLOAT_CODE, timeout=EMULATED_S)
+    exact, sci = out.split("\n")[:2]
+    bits = lambda x: struct.unpack("<I", struct.pack("<f", x))[0]
+    a, c = f32(1.1), f32(-3.3)
+    assert exact.split() == [str(bits(f32(v))) for v in (a + c, a - c, a * c, a / c, math.sqrt(2.0))] \
+        + ["-2", "7", "True"], out  # C's conversion, towards zero; 2**40 + 1 rounded to a float
+    want = [math.sin(1.0), math.cos(2.0), math.tan(f32(0.7)), math.exp(1.5), math.log(10.0), math.atan2(1.0, -2.0)]
+    got = [float(v) for v in sci.split()]
+    assert all(math.isclose(g, w, rel_tol=2e-6) for g, w in zip(got, want)) and len(got) == 6, (got, want)
+
+
+def test_a_rom_function_the_stand_in_lacks_stops_the_emulator_and_is_named(tmp_path):
+    if BOOTROM is not None:
+        pytest.skip("a real bootrom has reset_usb_boot")
+    with Rp2Board(tmp_path / "ttyACM0") as board:
+        board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
+        # machine.bootloader() calls the ROM's reset_usb_boot ('UB'), the USB mass-storage boot
+        mpremote(board.link, "exec", "--no-follow", "import machine; machine.bootloader()", timeout=EMULATED_S)
+        stop = board.wait(lambda e: e.get("ev") == "break", what="the emulator stopping")
+        assert stop["rom"] == "reset_usb_boot", stop
+        assert board.proc.wait(timeout=30) == 3
 
 
 def test_files_put_by_mpremote_are_in_flash_after_a_watchdog_reset(tmp_path):

@@ -1,16 +1,21 @@
 // An emulated RP2040 (rp2040js) running a UF2 image, for the rp2 tests (tests/firmware/rp2kit.py).
 //
-//   node emulator.mjs --bootrom ROM.bin --image FIRMWARE.uf2 [--serial-fd N] [--w5500]
+//   node emulator.mjs --image FIRMWARE.uf2 [--bootrom ROM.bin] [--serial-fd N] [--w5500]
 //                     [--flash-file FLASH.bin]
 //
 // - The chip's USB CDC serial line is file descriptor N (a pseudo-terminal's master; its slave is
 //   the board's /dev/ttyACM0 for mpremote and pyserial).
+// - The ROM is this directory's stand-in for the bootrom (rom.mjs: its functions answered here in
+//   JavaScript), or with --bootrom a real RP2040 bootrom (16 KiB), which is not in this
+//   repository (tools/rp2040-bootrom).
 // - The chip starts at the flash's first byte (boot2, then the image), as rp2040js's own demo
 //   does: the bootrom's way there reads the flash with SSI commands, which rp2040js does not
 //   emulate. For the same reason the bootrom's flash routines are answered here when the core
-//   calls them: erase sets bytes to 0xff, program clears bits (NOR flash), the rest (connect,
-//   exit XIP, flush, enter XIP) do nothing. MicroPython's littlefs (rp2.Flash) writes through
-//   them, so files written by mpremote are in the flash after a reset.
+//   calls them, in either ROM: erase sets bytes to 0xff, program clears bits (NOR flash), the
+//   rest (connect, exit XIP, flush, enter XIP) do nothing. MicroPython's littlefs (rp2.Flash)
+//   writes through them, so files written by mpremote are in the flash after a reset.
+// - A breakpoint (the SDK's panic, or a ROM function the stand-in does not have) stops the
+//   emulator: {"ev": "break", "pc": ..., "rom": NAME} on stdout, the same on stderr, exit 3.
 // - A watchdog reset (its timer running out, or machine.reset(), which triggers it) starts the
 //   chip again with the same flash, as a real board comes back with its files.
 // - Written to stdout, one JSON object a line, `ms` the chip's own clock: every change of a
@@ -35,6 +40,7 @@
 import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { ConsoleLogger, GPIOPinState, LogLevel, Simulator, USBCDC } from 'rp2040js';
+import { flashFunctions, makeRom } from './rom.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -45,8 +51,8 @@ const { values: args } = parseArgs({
     'flash-file': { type: 'string' },
   },
 });
-if (!args.bootrom || !args.image) {
-  process.stderr.write('usage: node emulator.mjs --bootrom ROM.bin --image FIRMWARE.uf2 [--serial-fd N] [--w5500] [--flash-file F]\n');
+if (!args.image) {
+  process.stderr.write('usage: node emulator.mjs --image FIRMWARE.uf2 [--bootrom ROM.bin] [--serial-fd N] [--w5500] [--flash-file F]\n');
   process.exit(2);
 }
 const serialFd = Number(args['serial-fd']);
@@ -99,11 +105,22 @@ function romFunctions(bootrom) {
   return found;
 }
 
-const bootrom = readBootrom(args.bootrom);
-const rom = romFunctions(bootrom);
-for (const code of ['IF', 'EX', 'RE', 'RP', 'FC', 'CX']) {
-  if (!rom.has(code)) throw new Error(`the bootrom has no '${code}' function`);
+// The ROM, the routines answered here (address → function(registers, mcu)) and the names of
+// the ROM's functions by address.
+function loadRom() {
+  if (!args.bootrom) return makeRom();
+  const image = readBootrom(args.bootrom);
+  const table = romFunctions(image);
+  const hooks = new Map();
+  const names = new Map();
+  for (const [code, [name, fn]] of flashFunctions) {
+    if (!table.has(code)) throw new Error(`the bootrom has no '${code}' function`);
+    hooks.set(table.get(code), fn);
+  }
+  for (const [code, address] of table) names.set(address, code);
+  return { image, hooks, names };
 }
+const { image: bootrom, hooks, names: romNames } = loadRom();
 let flash = new Uint8Array(16 * 1024 * 1024).fill(0xff); // carried from one boot to the next
 let blocks = 0;
 if (args['flash-file'] && fs.existsSync(args['flash-file'])) {
@@ -117,19 +134,6 @@ for (const signal of ['SIGTERM', 'SIGINT']) {
     process.exit(0);
   });
 }
-
-// What each hooked bootrom routine does to the chip's flash; r: its registers (r0.. the
-// arguments).
-const hooks = new Map([
-  [rom.get('RE'), (r, mcu) => mcu.flash.fill(0xff, r[0], r[0] + r[1])], // flash_range_erase(addr, count, ...)
-  [rom.get('RP'), (r, mcu) => { // flash_range_program(addr, data, count)
-    for (let i = 0; i < r[2]; i++) mcu.flash[r[0] + i] &= mcu.readUint8(r[1] + i);
-  }],
-  [rom.get('IF'), () => {}], // connect_internal_flash
-  [rom.get('EX'), () => {}], // flash_exit_xip
-  [rom.get('FC'), () => {}], // flash_flush_cache
-  [rom.get('CX'), () => {}], // flash_enter_cmd_xip
-]);
 
 // --- the W5500 --------------------------------------------------------------------------------
 // An SPI frame while chip select is low: a 16-bit address, a control byte (block select << 3,
@@ -355,6 +359,13 @@ function start(reason) {
   sim = new Simulator();
   const mcu = sim.rp2040;
   mcu.logger = new ConsoleLogger(LogLevel.Error); // not each unemulated register touched
+  mcu.onBreak = (code) => {
+    const pc = (mcu.core.PC - 2) >>> 0;
+    const what = { ev: 'break', code, pc, rom: romNames.get(pc) ?? null, lr: mcu.core.LR >>> 0 };
+    emit(what);
+    process.stderr.write(`stopped at a breakpoint: ${JSON.stringify(what)}\n`);
+    process.exit(3);
+  };
   mcu.loadBootrom(bootrom);
   mcu.flash.set(flash);
   // From the start of the flash (boot2, then the image), as rp2040js's own demo: the bootrom's
@@ -437,7 +448,7 @@ function start(reason) {
   run(sim);
 }
 
-// rp2040js's own Simulator.execute, with the bootrom's flash routines answered here: at the
+// rp2040js's own Simulator.execute, with the ROM's routines answered here (hooks): at the
 // routine's first instruction, do what it does and return to its caller.
 function run(mine) {
   const { clock, rp2040: mcu } = mine;
