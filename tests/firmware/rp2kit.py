@@ -9,14 +9,18 @@ RP2040_BOOTROM=PATH in the environment runs the same tests with a real RP2040 bo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
+import select
 import shutil
+import struct
 import subprocess
 import threading
 import time
 import tty
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).parent / "rp2"
@@ -46,10 +50,12 @@ class Rp2Board:
     to the pseudo-terminal); `events`: what the emulator reported (dicts, in order)."""
 
     def __init__(self, link: Path, image: Path = IMAGE, bootrom: Path | None = BOOTROM, w5500: bool = False,
-                 flash_file: Path | None = None):  # fmt: skip
+                 flash_file: Path | None = None, on_frame: Callable[[bytes], None] | None = None):  # fmt: skip
         """bootrom: a real RP2040 bootrom, None for the emulator's stand-in; w5500: a W5500 on
         SPI0 (the emulator's register model), as on the board; flash_file: the flash as a
-        previous run left it (when the file exists), and where this run leaves it."""
+        previous run left it (when the file exists), and where this run leaves it; on_frame:
+        called with each frame the W5500 sends, as it is reported (TapWire.attach)."""
+        self.on_frame = on_frame
         self.link = link
         self.w5500 = w5500
         self.flash_file = flash_file
@@ -96,6 +102,8 @@ class Rp2Board:
             with self._cond:
                 self.events.append(ev)
                 self._cond.notify_all()
+            if self.on_frame is not None and ev.get("ev") == "eth":
+                self.on_frame(bytes.fromhex(ev["frame"]))
 
     def wait(self, pred, timeout: float = 60.0, what: str = "an event") -> dict:
         """The first event (from the start) for which pred(event) holds, waiting for it."""
@@ -136,3 +144,57 @@ class Rp2Board:
     def boots(self) -> list[dict]:
         with self._cond:
             return [ev for ev in self.events if ev.get("ev") == "boot"]
+
+
+class TapWire:
+    """A tap device in a network namespace as the wire on the W5500's other end: what the
+    namespace sends on it goes to the chip (send_frame), what the chip sends comes out of it.
+    Made in this namespace and moved into `ns` (a bastion.lab.netns.Namespace), whose removal
+    takes it along."""
+
+    TUNSETIFF = 0x400454CA
+    IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+    def __init__(self, ns, ifname: str, address: str):
+        self.fd = os.open("/dev/net/tun", os.O_RDWR)
+        try:
+            fcntl.ioctl(self.fd, self.TUNSETIFF, struct.pack("16sH", ifname.encode(), self.IFF_TAP | self.IFF_NO_PI))
+            subprocess.run(["ip", "link", "set", ifname, "netns", ns.name], check=True)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        # no IPv6 on the wire: the kernel's router solicitations and MLD reports are not the test's
+        ns.run("sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1", check=True)
+        ns.ip("addr", "add", address, "dev", ifname)
+        ns.ip("link", "set", ifname, "up")
+        self.board: Rp2Board | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    def attach(self, board: Rp2Board) -> None:
+        """From now on, frames sent on the tap reach `board`'s W5500 (board.on_frame: write)."""
+        self.board = board
+        self._thread = threading.Thread(target=self._to_chip, daemon=True)
+        self._thread.start()
+
+    def write(self, frame: bytes) -> None:
+        os.write(self.fd, frame)
+
+    def _to_chip(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.fd, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            frame = os.read(self.fd, 2048)
+            assert self.board is not None
+            try:
+                self.board.send_frame(frame)
+            except (BrokenPipeError, ValueError):  # the emulator has stopped
+                return
+
+    def close(self) -> None:
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            os.close(fd)

@@ -3,8 +3,9 @@ board (built from source, tests/firmware/rp2/data/SOURCES.md) in rp2040js, the r
 `bastion flash` on its USB serial line, and what the firmware does to the chip's pins and
 watchdog. A W5500 is modelled at its register interface (tests/firmware/rp2/emulator.mjs): the
 driver brings the interface up, frames it sends are reported, and a test can hand it frames one
-by one (a PXE client's DHCPDISCOVER here); it is not a network, so whole boots and TFTP stay the
-sim board's tests. Not a real board: docs/boards.md says what has not run on one.
+by one (a PXE client's DHCPDISCOVER here) or make a tap device in a network namespace its wire
+(TapWire: a real TFTP client fetches the boot file). Whole PXE boots stay the sim board's tests.
+Not a real board: docs/boards.md says what has not run on one.
 
 The chip's ROM is the emulator's stand-in for the RP2040 bootrom (tests/firmware/rp2/rom.mjs,
 tested function by function in test_rp2_rom.py); RP2040_BOOTROM=PATH runs them on a real one
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
-from rp2kit import BOOTROM, Rp2Board, missing
+from rp2kit import BOOTROM, Rp2Board, TapWire, missing
 from simkit import bastion, mpremote
 
 pytestmark = [pytest.mark.rp2, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
@@ -222,3 +225,39 @@ def test_the_firmware_answers_a_pxe_clients_discover_through_the_w5500(tmp_path)
     assert payload[16:20] == bytes(4)  # yiaddr: a proxyDHCP gives no address
     assert b"undionly.kpxe" in payload[108:236] or (p.bootfile or b"").startswith(b"undionly.kpxe")
     assert b"PXEClient" in payload
+
+
+@pytest.mark.netns
+def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(tmp_path):
+    """The TFTP service on MicroPython's rp2 image, end to end: tftp-hpa in a network namespace
+    whose tap device is the W5500's wire (TapWire) asks the board at its static address for the
+    BIOS boot file; ARP, the read request, each block and each acknowledgement go through the
+    W5500 model, its driver and lwIP, and the file comes out whole."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    if shutil.which("tftp") is None:
+        pytest.skip("no tftp (Debian package tftp-hpa; tools/setup installs it)")
+    from bastion.lab.netns import Namespace
+
+    site, tftp = small_site(tmp_path)
+    with Namespace(f"ebrp2{os.getpid() % 100000}") as ns:
+        wire = TapWire(ns, "ebrp2w", "10.77.0.1/24")
+        try:
+            with Rp2Board(tmp_path / "ttyACM0", w5500=True, on_frame=wire.write) as board:
+                wire.attach(board)
+                board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
+                r = bastion("flash", "--port", str(board.link), "--site", str(site), "--board", "w5500-evb-pico",
+                            "--tftp-dir", str(tftp), "--controller-url", "http://10.77.0.1:8080", timeout=600)  # fmt: skip
+                assert r.returncode == 0, r.stdout + r.stderr
+                out = tmp_path / "got.kpxe"
+                started = time.monotonic()
+                r = ns.run("tftp", "-m", "binary", "10.77.0.2", "-c", "get", "undionly.kpxe", str(out),
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+                took = time.monotonic() - started
+                assert r.returncode == 0 and "Error" not in r.stderr, r.stdout + r.stderr
+                status = json.loads(bastion("status", "--port", str(board.link), "--json").stdout)
+        finally:
+            wire.close()
+    assert out.read_bytes() == (tftp / "undionly.kpxe").read_bytes()
+    heap = status["status"]["heap"]
+    print(f"rp2 (emulated): {out.stat().st_size} B over TFTP in {took:.1f} s of wall time; heap after: {heap}")
