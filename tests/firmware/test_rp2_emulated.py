@@ -4,7 +4,8 @@ board (built from source, tests/firmware/rp2/data/SOURCES.md) in rp2040js, the r
 watchdog. A W5500 is modelled at its register interface (tests/firmware/rp2/emulator.mjs): the
 driver brings the interface up, frames it sends are reported, and a test can hand it frames one
 by one (a PXE client's DHCPDISCOVER here) or make a tap device in a network namespace its wire
-(TapWire: a real TFTP client fetches the boot file). Whole PXE boots stay the sim board's tests.
+(TapWire: a real TFTP client fetches the boot file); tests/lab/test_lab_rp2.py boots a node
+through it.
 Not a real board: docs/boards.md says what has not run on one.
 
 The chip's ROM is the emulator's stand-in for the RP2040 bootrom (tests/firmware/rp2/rom.mjs,

@@ -1,4 +1,4 @@
-// An emulated RP2040 (rp2040js) running a UF2 image, for the rp2 tests (tests/firmware/rp2kit.py).
+// An emulated RP2040 (rp2040js) running a UF2 image, for the rp2 tests (tests/rp2kit.py).
 //
 //   node emulator.mjs --image FIRMWARE.uf2 [--bootrom ROM.bin] [--serial-fd N] [--w5500]
 //                     [--flash-file FLASH.bin]

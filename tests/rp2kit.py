@@ -23,7 +23,7 @@ import tty
 from collections.abc import Callable
 from pathlib import Path
 
-HERE = Path(__file__).parent / "rp2"
+HERE = Path(__file__).parent / "firmware" / "rp2"
 REPO = HERE.parents[2]
 EMULATOR = HERE / "emulator.mjs"
 IMAGE = HERE / "data" / "micropython-w5500-evb-pico.uf2"
@@ -155,7 +155,9 @@ class TapWire:
     TUNSETIFF = 0x400454CA
     IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 
-    def __init__(self, ns, ifname: str, address: str):
+    def __init__(self, ns, ifname: str, address: str | None = None, bridge: str | None = None):
+        """address: the namespace's own address on the wire (a client's); bridge: a bridge in
+        the namespace the tap joins as a port instead (a LAN the board is one host of)."""
         self.fd = os.open("/dev/net/tun", os.O_RDWR)
         try:
             fcntl.ioctl(self.fd, self.TUNSETIFF, struct.pack("16sH", ifname.encode(), self.IFF_TAP | self.IFF_NO_PI))
@@ -165,7 +167,10 @@ class TapWire:
             raise
         # no IPv6 on the wire: the kernel's router solicitations and MLD reports are not the test's
         ns.run("sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1", check=True)
-        ns.ip("addr", "add", address, "dev", ifname)
+        if address is not None:
+            ns.ip("addr", "add", address, "dev", ifname)
+        if bridge is not None:
+            ns.ip("link", "set", ifname, "master", bridge)
         ns.ip("link", "set", ifname, "up")
         self.board: Rp2Board | None = None
         self._wake_r, self._wake_w = os.pipe()
