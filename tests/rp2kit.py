@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).parent / "firmware" / "rp2"
-REPO = HERE.parents[2]
 EMULATOR = HERE / "emulator.mjs"
 IMAGE = HERE / "data" / "micropython-w5500-evb-pico.uf2"
 # A real bootrom, when asked for; not in this repository (its floating-point part is licensed for
