@@ -77,6 +77,13 @@ class Rp2Board:
             pass_fds=(self._master,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
+        # The emulator stands in for a chip of its own, which no other process on the machine
+        # slows down; a node's VM or a busy test machine would, and the nodes' PXE timers (wall
+        # time) then expire before the chip has answered. Root may raise its priority.
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, -10)
+        except PermissionError:
+            pass
         threading.Thread(target=self._read, daemon=True).start()
         return self
 
