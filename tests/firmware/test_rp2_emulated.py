@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -125,21 +126,65 @@ def small_site(tmp_path: Path) -> tuple[Path, Path]:
     return site, tftp
 
 
-def test_bastion_flash_puts_the_firmware_on_the_board_and_it_runs_the_relays_and_the_watchdog(tmp_path):
-    site, tftp = small_site(tmp_path)
-    relays = range(6, 14)  # boards/w5500-evb-pico.json: GP6..GP13, active low, NC contacts
-    with Rp2Board(tmp_path / "ttyACM0", w5500=True) as board:
+@dataclass
+class Flashed:
+    """A board as `bastion flash` left it: the small site, its TFTP directory, the flash's
+    contents (the emulator writes them when it is stopped) and what `bastion flash` printed."""
+
+    site: Path
+    tftp: Path
+    flash: Path
+    output: str
+
+    def board(self, tmp_path: Path, **kwargs) -> Rp2Board:
+        """A board powered on from a copy of that flash: what a flashed board does at the site."""
+        flash = tmp_path / "flash.bin"
+        shutil.copy(self.flash, flash)
+        return Rp2Board(tmp_path / "ttyACM0", w5500=True, flash_file=flash, **kwargs)
+
+
+def serving(board: Rp2Board) -> dict:
+    """The firmware's status (`bastion status`), once it runs from the flash and serves DHCP and
+    TFTP: the watchdog's enabling is its first act, its console's answer comes after its tasks
+    have started."""
+    board.wait(lambda e: e.get("ev") == "watchdog-enabled", timeout=120, what="the firmware starting")
+    r = bastion("status", "--port", str(board.link), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = json.loads(r.stdout)
+    assert {"dhcp", "tftp"} <= set(status["status"]["tasks"]), status
+    return status
+
+
+@pytest.fixture(scope="module")
+def flashed(tmp_path_factory) -> Flashed:
+    """`bastion flash` of the small site onto a blank board (MicroPython's image only), once
+    for the tests below: each byte goes through the emulated USB line at a few KB/s."""
+    tmp = tmp_path_factory.mktemp("flashed")
+    site, tftp = small_site(tmp)
+    flash = tmp / "flash.bin"
+    with Rp2Board(tmp / "ttyACM0", w5500=True, flash_file=flash) as board:
         board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
         r = bastion("flash", "--port", str(board.link), "--site", str(site), "--board", "w5500-evb-pico",
                     "--tftp-dir", str(tftp), "--controller-url", "http://10.77.0.1:8080", timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "boot: firmware" in r.stdout and "on board w5500-evb-pico, serving dhcp, tftp" in r.stdout, r.stdout
+    assert flash.is_file(), "the emulator wrote no flash file"
+    return Flashed(site, tftp, flash, r.stdout)
+
+
+def test_bastion_flash_puts_the_firmware_on_the_board_and_it_runs_the_relays_and_the_watchdog(
+        flashed, tmp_path):  # fmt: skip
+    assert "boot: firmware" in flashed.output, flashed.output
+    assert "on board w5500-evb-pico, serving dhcp, tftp" in flashed.output, flashed.output
+    relays = range(6, 14)  # boards/w5500-evb-pico.json: GP6..GP13, active low, NC contacts
+    # power on: the chip starts MicroPython, and MicroPython the firmware from the flash
+    with flashed.board(tmp_path) as board:
+        board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
+        status = serving(board)
         # The site's default is off: each relay's coil on (IN low), its NC contact open.
         assert [board.level(pin) for pin in relays] == ["low"] * 8
         # The W5500's driver brought the interface up with the static address: lwIP's first
         # frames (IGMP, MLD, mDNS) go out through the chip's socket 0 in MACRAW mode.
         board.wait(lambda e: e.get("ev") == "eth", what="a frame sent through the W5500")
-        status = json.loads(bastion("status", "--port", str(board.link), "--json").stdout)
         assert status["info"]["board"] == "w5500-evb-pico", status
         assert status["info"]["net"] == {"ip": "10.77.0.2", "how": "static", "link": "up"}, status
         assert [p["output"] for p in status["status"]["power"]] == ["off"] * 8, status
@@ -195,18 +240,15 @@ def dhcp_replies(frames: list[bytes]) -> list[bytes]:
     return out
 
 
-def test_the_firmware_answers_a_pxe_clients_discover_through_the_w5500(tmp_path):
+def test_the_firmware_answers_a_pxe_clients_discover_through_the_w5500(flashed, tmp_path):
     """The proxyDHCP service on MicroPython's rp2 image: a DHCPDISCOVER from node1 (BIOS) in
     through the W5500 model's receive path, lwIP, the firmware's socket on port 67; its offer
     back out through the chip, naming the device as the boot server and the BIOS boot file."""
     from firmware import dhcp
 
-    site, tftp = small_site(tmp_path)
-    with Rp2Board(tmp_path / "ttyACM0", w5500=True) as board:
+    with flashed.board(tmp_path) as board:
         board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
-        r = bastion("flash", "--port", str(board.link), "--site", str(site), "--board", "w5500-evb-pico",
-                    "--tftp-dir", str(tftp), "--controller-url", "http://10.77.0.1:8080", timeout=600)  # fmt: skip
-        assert r.returncode == 0, r.stdout + r.stderr
+        serving(board)
         # first a MAC the site does not declare (answer: site), then node1's: the service takes
         # them in order, so an answer to the first would go out before the second's
         stranger, xid = b"\x5a\x17\x00\x00", b"\x5a\x17\x00\x01"
@@ -229,7 +271,7 @@ def test_the_firmware_answers_a_pxe_clients_discover_through_the_w5500(tmp_path)
 
 
 @pytest.mark.netns
-def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(tmp_path):
+def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(flashed, tmp_path):
     """The TFTP service on MicroPython's rp2 image, end to end: tftp-hpa in a network namespace
     whose tap device is the W5500's wire (TapWire) asks the board at its static address for the
     BIOS boot file; ARP, the read request, each block and each acknowledgement go through the
@@ -240,16 +282,13 @@ def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(tmp_path):
         pytest.skip("no tftp (Debian package tftp-hpa; tools/setup installs it)")
     from bastion.lab.netns import Namespace
 
-    site, tftp = small_site(tmp_path)
     with Namespace(f"ebrp2{os.getpid() % 100000}") as ns:
         wire = TapWire(ns, "ebrp2w", "10.77.0.1/24")
         try:
-            with Rp2Board(tmp_path / "ttyACM0", w5500=True, on_frame=wire.write) as board:
+            with flashed.board(tmp_path, on_frame=wire.write) as board:
                 wire.attach(board)
                 board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
-                r = bastion("flash", "--port", str(board.link), "--site", str(site), "--board", "w5500-evb-pico",
-                            "--tftp-dir", str(tftp), "--controller-url", "http://10.77.0.1:8080", timeout=600)  # fmt: skip
-                assert r.returncode == 0, r.stdout + r.stderr
+                serving(board)
                 out = tmp_path / "got.kpxe"
                 started = time.monotonic()
                 r = ns.run("tftp", "-m", "binary", "10.77.0.2", "-c", "get", "undionly.kpxe", str(out),
@@ -259,6 +298,6 @@ def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(tmp_path):
                 status = json.loads(bastion("status", "--port", str(board.link), "--json").stdout)
         finally:
             wire.close()
-    assert out.read_bytes() == (tftp / "undionly.kpxe").read_bytes()
+    assert out.read_bytes() == (flashed.tftp / "undionly.kpxe").read_bytes()
     heap = status["status"]["heap"]
     print(f"rp2 (emulated): {out.stat().st_size} B over TFTP in {took:.1f} s of wall time; heap after: {heap}")
