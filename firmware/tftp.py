@@ -299,6 +299,11 @@ class Transfer:
             return self._build_oack()
         return self._window(1)
 
+    def acknowledged(self):
+        """Whether the client has acknowledged a packet (the OACK or a block): it then has had
+        the transfer's first packet."""
+        return self.acked > (-1 if self.oack else 0)
+
     def bytes_acked(self):
         if self.acked <= 0:
             return 0

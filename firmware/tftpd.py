@@ -48,6 +48,7 @@ import os
 import asyncio
 
 from firmware import net, tftp
+from firmware.frame import crc32
 from firmware.compat import const, sleep_ms, ticks_diff, ticks_ms
 from firmware.log import Budget
 
@@ -91,6 +92,11 @@ class _Slot:
         self.client = None  # current transfer, for its end event
         self.sock = None  # its socket and receiver task while it runs
         self.task = None
+        # The request's CRC-32 (30 bits of it: a small int, no heap held) and the client's port
+        # (its address is in `client`): the same request again is not a new transfer
+        # (_asked_again). -1 while no transfer runs.
+        self.asked = -1
+        self.port = 0
 
 
 class TransferSlots:
@@ -136,7 +142,9 @@ class TftpServer:
     slots        the TransferSlots pool; max_transfers is its capacity.
     events       the Budget for refusal events (a flood of bad requests is answered and
                  counted; a few refusals a second are events).
-    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.queued (requests that waited
+    Counters: tftp.request, tftp.malformed, tftp.refused, tftp.dup_request (a running
+    transfer's own request again, before its client acknowledged anything: not answered, the
+    transfer answers it), tftp.queued (requests that waited
     for a slot), tftp.busy and tftp.low_memory (requests dropped unanswered: no slot, no heap;
     busy also for a queued one let go after _QUEUED_MS), tftp.evicted, tftp.bad_packet (on a
     transfer socket), tftp.send_failed, tftp.ok, tftp.failed, tftp.dup_ack, tftp.resend,
@@ -216,6 +224,9 @@ class TftpServer:
         with last=True, when they have; that call queues it (or drops it) if there is still
         none. since: when a queued request first came (ticks)."""
         log = self.log
+        if self._asked_again(data, client):
+            log.count("tftp.dup_request")
+            return False
         try:
             req = tftp.parse_request(data)
         except tftp.Malformed:
@@ -242,6 +253,29 @@ class TftpServer:
                     _REFUSED,
                     ("refused", name[:_NAME_MAX], _client(client), e.code, e.msg, len(name)),
                 )
+        return False
+
+    def _asked_again(self, data, client):
+        # The very request of a running transfer, from its client's port, before the client has
+        # acknowledged anything: the client asked again because the first packet was late or
+        # lost (edk2 asks again within a second or so when the answer is slow). It is not a new
+        # transfer: a second one would need a second socket and slot for the same client, which
+        # takes packets only from the first TID it hears and answers the other with an ERROR.
+        # The transfer's own resend covers a lost first packet. Once the client has acknowledged
+        # a packet, the same request from the same port asks for the file again (edk2 and the
+        # Pi's bootloader do, from one port, when a transfer's last ACK was lost): a new transfer.
+        # "The very request" is told by 30 bits of its CRC-32, not its bytes (about 90 B per
+        # transfer held on the unix port): another request from that port with the same bits
+        # (one in a billion) is dropped like a lost one while the first transfer waits.
+        h = -1
+        for s in self.slots.slots:
+            t = s.transfer
+            if s.asked < 0 or t.done or t.acknowledged():
+                continue
+            if h < 0:
+                h = crc32(data) & 0x3FFFFFFF
+            if s.asked == h and s.port == net.addr_port(client) and s.client == _client(client):
+                return True
         return False
 
     def _start(self, req, client, last, data, since):
@@ -282,6 +316,8 @@ class TftpServer:
             slot.sock = sock
             n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
             slot.task = asyncio.create_task(self._serve(slot, sock))
+            slot.asked = crc32(data) & 0x3FFFFFFF
+            slot.port = net.addr_port(client)
         except:  # Refused, MemoryError, anything: all goes back before the caller counts it
             if f is not None and t.f is not f:
                 f.close()
@@ -289,6 +325,7 @@ class TftpServer:
             if sock is not None:
                 sock.close()
             slot.file = slot.client = slot.sock = slot.task = None
+            slot.asked = -1
             self.slots.release(slot)
             raise
         try:  # the transfer runs from here: a MemoryError must not make the caller hold it
@@ -429,6 +466,7 @@ class TftpServer:
             sock.close()
             slot.transfer.close()
             slot.file = slot.client = slot.sock = slot.task = None
+            slot.asked = -1
             self.slots.release(slot)
         if self.queued and self.task is None:
             self.task = asyncio.create_task(self._dequeue())

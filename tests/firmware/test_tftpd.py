@@ -373,6 +373,40 @@ def _wait_counter(srv: Running, name: str, n: int, timeout: float = 5.0) -> None
         time.sleep(0.02)
 
 
+@pytest.mark.parametrize("opts", [(), (b"blksize", b"1024")], ids=["data", "oack"])
+def test_a_request_asked_again_before_any_ack_is_the_transfer_already_running(serve, opts):
+    # edk2 sends its read request again when the first answer is slow (seen on the emulated
+    # board). A second transfer for it would send DATA 1 (or an OACK) from a second TID, which
+    # the client answers with an ERROR, and would take a second slot and socket meanwhile.
+    srv = serve(timeout_ms=3000)
+    s = client()
+    s.sendto(rrq(b"a.bin", *opts), srv.addr)
+    first, tid = s.recvfrom(2048)
+    s.sendto(rrq(b"a.bin", *opts), srv.addr)
+    _wait_counter(srv, "tftp.dup_request", 1)
+    assert srv.call(srv.server.slots.active) == 1
+    blksize = 1024 if opts else 512
+    got, pkt, expect = b"", first, 1
+    if pkt[1] == 6:  # the OACK: ACK 0 brings DATA 1
+        s.sendto(ack(0), tid)
+        pkt, src = s.recvfrom(2048)
+        assert src == tid
+    while True:
+        assert pkt[:4] == bytes((0, 3, expect >> 8, expect & 0xFF)), pkt[:4]
+        got += pkt[4:]
+        s.sendto(ack(expect), tid)
+        if len(pkt) - 4 < blksize:
+            break
+        expect += 1
+        pkt, src = s.recvfrom(2048)
+        assert src == tid, "a packet from a second transfer"
+    s.close()
+    assert got == FILES["a.bin"]
+    assert [e["result"] for e in srv.wait_ends(1)] == ["ok"]
+    assert len(srv.tftp_events("start")) == 1
+    assert srv.counter("tftp.dup_request") == 1 and srv.counter("tftp.refused") == 0
+
+
 def test_a_request_beyond_the_cap_waits_for_a_slot_and_the_next_is_dropped(serve):
     # No ERROR for "busy": edk2 takes any TFTP ERROR as final (PXE-E23). Requests beyond the
     # cap wait (queued, as many as there are slots) and are served as soon as a transfer ends,
