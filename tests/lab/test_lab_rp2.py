@@ -54,8 +54,8 @@ def power_on(lab: Lab, node: Node, board) -> None:
 
 def why(lab: Lab, node: Node, after: int, board) -> str:
     """What a node that did not call back got, for the failure's message: its firmware's PXE
-    lines, what the board and the controller logged for it, and the emulated chip's clock
-    against the wall's."""
+    lines, what the board and the controller logged for it (and for no node: the board's
+    console contact) since the first node's power request, and the emulated chip's clock."""
     console = lab.logs / f"{node.name}.console"
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", console.read_text(errors="replace")) if console.exists() else ""
     pxe = [line for line in text.splitlines() if re.search(r"PXE|TFTP|NBP|Station|iPXE|DHCP|http", line)]
@@ -65,7 +65,7 @@ def why(lab: Lab, node: Node, after: int, board) -> str:
             for e in lab.events(after) if e.get("machine") in (node.name, None)]  # fmt: skip
     clock = [e for e in board.events if e.get("ev") == "clock"]
     return ("\n--- its console's boot lines:\n" + "\n".join(pxe[-40:])
-            + "\n--- events since it was powered:\n" + "\n".join(mine[-60:])
+            + "\n--- events since the first power request:\n" + "\n".join(mine[-60:])
             + f"\n--- the chip's clock: {clock[-1] if clock else None}; console end:\n" + tail(console))
 
 
