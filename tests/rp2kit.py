@@ -63,6 +63,7 @@ class Rp2Board:
         self.events: list[dict] = []
         self._cond = threading.Condition()
         self.proc: subprocess.Popen | None = None
+        self.killed = False  # the stop took SIGKILL: the emulator did not end on SIGTERM
 
     def __enter__(self) -> Rp2Board:
         self._master, self._slave = pty.openpty()
@@ -70,8 +71,15 @@ class Rp2Board:
         if self.link.is_symlink() or self.link.exists():
             self.link.unlink()
         self.link.symlink_to(os.ttyname(self._slave))
+        # The emulator gets SIGTERM when the thread that starts it ends, however it ends
+        # (setpriv --pdeathsig: Linux's PR_SET_PDEATHSIG, kept across exec). It also ends when
+        # nothing holds its serial line's other end any more (its read gets EIO), but a process
+        # the test started may hold it (the lab's controller): a test process killed outright
+        # (a CI timeout, kill -9) then left the emulator running, a core's worth of CPU.
+        # SIGTERM lets it write its flash file, as on a normal stop.
+        stop_with_us = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
         self.proc = subprocess.Popen(
-            ["node", str(EMULATOR), *(["--bootrom", str(self.bootrom)] if self.bootrom else []), "--image", str(self.image),
+            [*stop_with_us, "node", str(EMULATOR), *(["--bootrom", str(self.bootrom)] if self.bootrom else []), "--image", str(self.image),
              "--serial-fd", str(self._master), *(["--w5500"] if self.w5500 else []),
              *(["--flash-file", str(self.flash_file)] if self.flash_file else [])],
             pass_fds=(self._master,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -89,10 +97,11 @@ class Rp2Board:
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # the emulator writes its flash file, if it has one
+            self.proc.terminate()  # the emulator writes its flash file, if it has one, and ends
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         os.close(self._master)

@@ -19,6 +19,8 @@ import math
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +170,7 @@ def flashed(tmp_path_factory) -> Flashed:
                     "--tftp-dir", str(tftp), "--controller-url", "http://10.77.0.1:8080", timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
     assert flash.is_file(), "the emulator wrote no flash file"
+    assert not board.killed, "the emulator did not end on SIGTERM (rp2kit had to kill it)"
     return Flashed(site, tftp, flash, r.stdout)
 
 
@@ -301,3 +304,46 @@ def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(flashed, t
     assert out.read_bytes() == (flashed.tftp / "undionly.kpxe").read_bytes()
     heap = status["status"]["heap"]
     print(f"rp2 (emulated): {out.stat().st_size} B over TFTP in {took:.1f} s of wall time; heap after: {heap}")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process is there and not a zombie (an orphan's zombie waits for init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_emulator_stops_when_the_process_that_started_it_is_killed(tmp_path):
+    """A test process killed outright (a CI timeout, kill -9) does not leave its emulator
+    running, a core's worth of CPU, even while another process holds the board's serial line
+    (the lab's controller does; here a `sleep`). With nothing holding the line the emulator's
+    read gets EIO and it ends on its own; this is the case where only rp2kit's setpriv ends it."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv (Debian package util-linux)")
+    code = (f"import subprocess, sys, time; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
+            "from pathlib import Path; from rp2kit import Rp2Board; "
+            f"b = Rp2Board(Path({str(tmp_path / 'ttyACM0')!r})).__enter__(); "
+            "b.wait(lambda e: e.get('ev') == 'usb', what='the USB line'); "
+            "holder = subprocess.Popen(['sleep', '600'], pass_fds=(b._slave,)); "
+            "print(b.proc.pid, holder.pid, flush=True); time.sleep(600)")  # fmt: skip
+    harness = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = holder = None
+    try:
+        pid, holder = map(int, harness.stdout.readline().split())
+        assert _running(pid) and "emulator.mjs" in Path(f"/proc/{pid}/cmdline").read_text()
+        harness.kill()
+        harness.wait(timeout=30)
+        deadline = time.monotonic() + 30  # a bound on a hang, not a timing claim
+        while _running(pid):
+            assert time.monotonic() < deadline, "the emulator outlived the process that started it"
+            time.sleep(0.2)
+        assert _running(holder)  # the line was held all along
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+        for p in (pid, holder):
+            if p is not None and _running(p):
+                os.kill(p, 9)
