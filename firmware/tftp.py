@@ -299,10 +299,10 @@ class Transfer:
             return self._build_oack()
         return self._window(1)
 
-    def acknowledged(self):
-        """Whether the client has acknowledged a packet (the OACK or a block): it then has had
-        the transfer's first packet."""
-        return self.acked > (-1 if self.oack else 0)
+    def last_sent(self):
+        """Whether the file's last block has gone out: only then can the client have the whole
+        file (and ask for it again)."""
+        return self.last and self.sent >= self.last
 
     def bytes_acked(self):
         if self.acked <= 0:

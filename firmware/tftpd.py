@@ -83,6 +83,10 @@ _CLOCK_MS = const(1000)  # the clock's longest sleep, unless tftp.timeout_ms is 
 _BURST = const(8)
 
 
+class _NoSocket(Exception):
+    pass
+
+
 class _Slot:
     def __init__(self, cfg):
         buf = bytearray(4 + cfg.tftp_max_blksize)
@@ -143,8 +147,9 @@ class TftpServer:
     events       the Budget for refusal events (a flood of bad requests is answered and
                  counted; a few refusals a second are events).
     Counters: tftp.request, tftp.malformed, tftp.refused, tftp.dup_request (a running
-    transfer's own request again, before its client acknowledged anything: not answered, the
-    transfer answers it), tftp.queued (requests that waited
+    transfer's own request again, before its last block went out: not answered, the transfer
+    answers it), tftp.no_socket (no socket for a transfer: the request waits or is dropped as
+    busy), tftp.queued (requests that waited
     for a slot), tftp.busy and tftp.low_memory (requests dropped unanswered: no slot, no heap;
     busy also for a queued one let go after _QUEUED_MS), tftp.evicted, tftp.bad_packet (on a
     transfer socket), tftp.send_failed, tftp.ok, tftp.failed, tftp.dup_ack, tftp.resend,
@@ -242,6 +247,14 @@ class TftpServer:
             # retransmission timeout (seconds). Lost, as before, when it cannot wait.
             if not self.hold(data, client, since):
                 raise
+        except _NoSocket:
+            # Every socket the network stack has is taken (a board's lwIP has a few): the request
+            # waits like one that found no slot, started as a transfer ends and gives its socket
+            # back, or is dropped. Not refused: edk2 takes any ERROR as final (PXE-E23), and
+            # "out of sockets" ended a boot on the emulated board.
+            log.count("tftp.no_socket")
+            if not self.hold(data, client, since):
+                log.count("tftp.busy")
         except tftp.Refused as e:
             n = tftp.build_error(self._ebuf, e.code, e.msg)
             net.send(self.sock, self._ebuf, n, client, log, "tftp")
@@ -256,21 +269,22 @@ class TftpServer:
         return False
 
     def _asked_again(self, data, client):
-        # The very request of a running transfer, from its client's port, before the client has
-        # acknowledged anything: the client asked again because the first packet was late or
-        # lost (edk2 asks again within a second or so when the answer is slow). It is not a new
-        # transfer: a second one would need a second socket and slot for the same client, which
-        # takes packets only from the first TID it hears and answers the other with an ERROR.
-        # The transfer's own resend covers a lost first packet. Once the client has acknowledged
-        # a packet, the same request from the same port asks for the file again (edk2 and the
-        # Pi's bootloader do, from one port, when a transfer's last ACK was lost): a new transfer.
+        # The very request of a running transfer, from its client's port, before the transfer
+        # has sent the file's last block: the client asked again because an answer was slow or
+        # lost (edk2 asks again after a second or two; on the emulated board its request crossed
+        # our OACK, so even a transfer whose OACK has been acknowledged can get it). It is not a
+        # new transfer: a second one needs a second socket and slot for the same client, which
+        # takes packets only from the first TID it hears. The transfer's own resends cover lost
+        # packets. Once the last block has gone out, the same request from the same port asks
+        # for the file again (edk2 and the Pi's bootloader do, from one port, when a transfer's
+        # last ACK was lost): a new transfer, and the old one times out.
         # "The very request" is told by 30 bits of its CRC-32, not its bytes (about 90 B per
         # transfer held on the unix port): another request from that port with the same bits
-        # (one in a billion) is dropped like a lost one while the first transfer waits.
+        # (one in a billion) is dropped like a lost one while the first transfer runs.
         h = -1
         for s in self.slots.slots:
             t = s.transfer
-            if s.asked < 0 or t.done or t.acknowledged():
+            if s.asked < 0 or t.done or t.last_sent():
                 continue
             if h < 0:
                 h = crc32(data) & 0x3FFFFFFF
@@ -310,7 +324,7 @@ class TftpServer:
                 sock = net.udp_socket(self.listen_ip, 0)
                 sock.connect(client)
             except OSError:
-                raise tftp.Refused(tftp.E_UNDEFINED, b"out of sockets; try again")
+                raise _NoSocket()
             slot.file = req.name[:_NAME_MAX]
             slot.client = _client(client)  # one text for both events
             slot.sock = sock

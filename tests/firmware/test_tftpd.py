@@ -373,24 +373,32 @@ def _wait_counter(srv: Running, name: str, n: int, timeout: float = 5.0) -> None
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("opts", [(), (b"blksize", b"1024")], ids=["data", "oack"])
-def test_a_request_asked_again_before_any_ack_is_the_transfer_already_running(serve, opts):
-    # edk2 sends its read request again when the first answer is slow (seen on the emulated
-    # board). A second transfer for it would send DATA 1 (or an OACK) from a second TID, which
-    # the client answers with an ERROR, and would take a second slot and socket meanwhile.
+@pytest.mark.parametrize(("opts", "acked_first"), [((), False), ((b"blksize", b"1024"), False),
+                                                  ((b"blksize", b"1024"), True)],
+                         ids=["data", "oack", "after-ack-0"])  # fmt: skip
+def test_a_request_asked_again_before_the_last_block_is_the_transfer_already_running(serve, opts, acked_first):
+    # edk2 sends its read request again when an answer is slow. On the emulated board its
+    # request crossed our OACK: it reached the listener after the transfer had the ACK of that
+    # OACK (after-ack-0). A second transfer for it would send DATA 1 (or an OACK) from a second
+    # TID, and take a second slot and socket meanwhile (on the board, none was left: ERROR 0,
+    # which ends an edk2 boot).
     srv = serve(timeout_ms=3000)
     s = client()
     s.sendto(rrq(b"a.bin", *opts), srv.addr)
-    first, tid = s.recvfrom(2048)
-    s.sendto(rrq(b"a.bin", *opts), srv.addr)
-    _wait_counter(srv, "tftp.dup_request", 1)
-    assert srv.call(srv.server.slots.active) == 1
+    pkt, tid = s.recvfrom(2048)
     blksize = 1024 if opts else 512
-    got, pkt, expect = b"", first, 1
+    if not acked_first:
+        s.sendto(rrq(b"a.bin", *opts), srv.addr)
+        _wait_counter(srv, "tftp.dup_request", 1)
     if pkt[1] == 6:  # the OACK: ACK 0 brings DATA 1
         s.sendto(ack(0), tid)
         pkt, src = s.recvfrom(2048)
         assert src == tid
+    if acked_first:  # DATA 1 came: the transfer has taken the ACK of its OACK
+        s.sendto(rrq(b"a.bin", *opts), srv.addr)
+        _wait_counter(srv, "tftp.dup_request", 1)
+    assert srv.call(srv.server.slots.active) == 1
+    got, expect = b"", 1
     while True:
         assert pkt[:4] == bytes((0, 3, expect >> 8, expect & 0xFF)), pkt[:4]
         got += pkt[4:]
@@ -503,6 +511,34 @@ def test_a_request_that_finds_the_heap_in_pieces_waits_instead_of_being_lost(ser
     assert [e["result"] for e in srv.wait_ends(1)] == ["client error 0"]
     assert srv.counter("tftp.queued") == 1 and srv.counter("tftp.no_memory") == 0
     assert len(srv.tftp_events("start")) == 1  # started once, after it waited
+
+
+def test_a_request_that_finds_no_socket_waits_instead_of_being_refused(serve, monkeypatch):
+    # A board's network stack has a few sockets (lwIP's UDP PCBs); with all of them taken the
+    # firmware answered ERROR 0 "out of sockets", which ends an edk2 boot (PXE-E23). Stand-in
+    # for that: the first transfer socket the server asks for is refused with OSError.
+    from firmware import net
+
+    srv = serve(timeout_ms=3000)
+    real = net.udp_socket
+    failed = []
+
+    def udp_socket(ip="0.0.0.0", port=0, broadcast=False):
+        if port == 0 and not failed:
+            failed.append(ip)
+            raise OSError(12, "ENOMEM")  # lwIP's answer when it has no PCB left
+        return real(ip, port, broadcast)
+
+    monkeypatch.setattr(net, "udp_socket", udp_socket)
+    s = client(timeout=5)  # a guard against a hang: the request is sent once, never again
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    pkt, tid = s.recvfrom(2048)
+    assert failed and pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
+    s.sendto(b"\0\x05\0\x00done\0", tid)
+    s.close()
+    assert [e["result"] for e in srv.wait_ends(1)] == ["client error 0"]
+    assert srv.counter("tftp.no_socket") == 1 and srv.counter("tftp.queued") == 1
+    assert srv.counter("tftp.refused") == 0
 
 
 def _next_error(s: socket.socket) -> bytes:

@@ -1,7 +1,7 @@
-# A read request that a client sends again before it has acknowledged anything (its first
+# A read request that a client sends again before its transfer has sent the last block (an
 # answer was late or lost) is the transfer already running for it, not a second one; the same
-# request after an ACK is a new transfer (the client asks for the file again). Under MicroPython
-# (its sockets' addresses are bytes there) and CPython alike.
+# request once the last block has gone out is a new transfer (the client asks for the file
+# again). Under MicroPython (its sockets' addresses are bytes there) and CPython alike.
 import asyncio
 import socket
 
