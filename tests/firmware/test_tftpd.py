@@ -485,6 +485,18 @@ def test_a_client_asking_again_while_queued_is_served_once(serve):
     assert [e["result"] for e in srv.wait_ends(2)] == ["client error 0"] * 2
 
 
+def _asked_once_and_served(srv: Running) -> None:
+    """One read request, sent once: its DATA 1 comes all the same (after it waited), and the
+    client ends the transfer there."""
+    s = client(timeout=5)  # a guard against a hang: the request is sent once, never again
+    s.sendto(rrq(b"a.bin"), srv.addr)
+    pkt, tid = s.recvfrom(2048)
+    assert pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
+    s.sendto(b"\0\x05\0\x00done\0", tid)
+    s.close()
+    assert [e["result"] for e in srv.wait_ends(1)] == ["client error 0"]
+
+
 def test_a_request_that_finds_the_heap_in_pieces_waits_instead_of_being_lost(serve, monkeypatch):
     # On a board the free bytes can pass _low_memory while no run of them is long enough for
     # the transfer's task (the unix port at 128k: "allocating 296 bytes" with 6 KB free, and
@@ -502,13 +514,8 @@ def test_a_request_that_finds_the_heap_in_pieces_waits_instead_of_being_lost(ser
         return real(coro, *a, **kw)
 
     monkeypatch.setattr(asyncio, "create_task", create_task)
-    s = client(timeout=5)  # a guard against a hang: the request is sent once, never again
-    s.sendto(rrq(b"a.bin"), srv.addr)
-    pkt, tid = s.recvfrom(2048)
-    assert failed and pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
-    s.sendto(b"\0\x05\0\x00done\0", tid)
-    s.close()
-    assert [e["result"] for e in srv.wait_ends(1)] == ["client error 0"]
+    _asked_once_and_served(srv)
+    assert failed
     assert srv.counter("tftp.queued") == 1 and srv.counter("tftp.no_memory") == 0
     assert len(srv.tftp_events("start")) == 1  # started once, after it waited
 
@@ -530,13 +537,8 @@ def test_a_request_that_finds_no_socket_waits_instead_of_being_refused(serve, mo
         return real(ip, port, broadcast)
 
     monkeypatch.setattr(net, "udp_socket", udp_socket)
-    s = client(timeout=5)  # a guard against a hang: the request is sent once, never again
-    s.sendto(rrq(b"a.bin"), srv.addr)
-    pkt, tid = s.recvfrom(2048)
-    assert failed and pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
-    s.sendto(b"\0\x05\0\x00done\0", tid)
-    s.close()
-    assert [e["result"] for e in srv.wait_ends(1)] == ["client error 0"]
+    _asked_once_and_served(srv)
+    assert failed
     assert srv.counter("tftp.no_socket") == 1 and srv.counter("tftp.queued") == 1
     assert srv.counter("tftp.refused") == 0
 

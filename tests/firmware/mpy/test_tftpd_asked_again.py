@@ -5,26 +5,11 @@
 import asyncio
 import socket
 
-from tftpdkit import loopback_server, served_file
+from tftpdkit import addr, loopback_server, recv, served_file, stop_when_idle
 
-from firmware.compat import sleep_ms, ticks_add, ticks_diff, ticks_ms
+from firmware.compat import sleep_ms
 
 RRQ = b"\x00\x01f\x00octet\x00"
-
-
-def _addr(port):
-    return socket.getaddrinfo("127.0.0.1", port)[0][-1]
-
-
-async def _recv(s, ms=2000):
-    # The client's non-blocking read, polled: (data, address)
-    end = ticks_add(ticks_ms(), ms)
-    while True:
-        try:
-            return s.recvfrom(600)
-        except OSError:
-            assert ticks_diff(end, ticks_ms()) > 0, "no reply from the server"
-            await sleep_ms(1)
 
 
 async def _until(cond):
@@ -39,32 +24,30 @@ def test_asked_again_before_an_ack_is_one_transfer_and_after_one_a_new_one():
     with served_file("again", 1000) as root:  # two blocks of 512
         srv, log, port = loopback_server(root, 64)
         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        c.bind(_addr(0))
+        c.bind(addr(0))
         c.setblocking(False)
         starts = []
 
         async def main():
             server = asyncio.create_task(srv.run())
             await sleep_ms(20)
-            c.sendto(RRQ, _addr(port))
-            data, tid = await _recv(c)
+            c.sendto(RRQ, addr(port))
+            data, tid = await recv(c)
             assert data[:4] == b"\x00\x03\x00\x01", data
-            c.sendto(RRQ, _addr(port))  # asked again: DATA 1 was slow
+            c.sendto(RRQ, addr(port))  # asked again: DATA 1 was slow
             await _until(lambda: log.counters.get("tftp.dup_request", 0) == 1)
             starts.append(srv.slots.active())
             c.sendto(b"\x00\x04\x00\x01", tid)
-            data, src = await _recv(c)
+            data, src = await recv(c)
             assert data[:4] == b"\x00\x03\x00\x02" and src == tid, (data[:4], src, tid)
             # DATA 2 (the last) came, its ACK "lost": the same request is the file again
-            c.sendto(RRQ, _addr(port))
-            data, tid2 = await _recv(c)
+            c.sendto(RRQ, addr(port))
+            data, tid2 = await recv(c)
             assert data[:4] == b"\x00\x03\x00\x01" and tid2 != tid, (data[:4], tid2, tid)
             starts.append(srv.slots.active())
             c.sendto(b"\x00\x05\x00\x00stop\x00", tid)
             c.sendto(b"\x00\x05\x00\x00stop\x00", tid2)
-            await _until(lambda: not srv.slots.active())
-            server.cancel()
-            await sleep_ms(20)
+            await stop_when_idle(srv, server)
 
         try:
             asyncio.run(main())

@@ -4,30 +4,15 @@
 import asyncio
 import socket
 
-from tftpdkit import loopback_server, served_file
+from tftpdkit import addr, loopback_server, recv, served_file, stop_when_idle
 
 from firmware import tftpd
-from firmware.compat import sleep_ms, ticks_add, ticks_diff, ticks_ms
+from firmware.compat import sleep_ms
 
 # tftpd._BURST: MicroPython compiles a const() whose name starts with _ away, so the name cannot
 # be imported there; the CPython run of this test checks that the two agree.
 BURST = 8
 JUNK = 30  # datagrams that are not ACKs, queued on the transfer's socket at once
-
-
-def _addr(port):
-    return socket.getaddrinfo("127.0.0.1", port)[0][-1]
-
-
-async def _recv(s, ms=2000):
-    # The client's non-blocking read, polled: (data, address)
-    end = ticks_add(ticks_ms(), ms)
-    while True:
-        try:
-            return s.recvfrom(600)
-        except OSError:
-            assert ticks_diff(end, ticks_ms()) > 0, "no reply from the server"
-            await sleep_ms(1)
 
 
 def _burst(root):
@@ -36,7 +21,7 @@ def _burst(root):
     srv, log, port = loopback_server(root, 64)
     seen = []
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    c.bind(_addr(0))
+    c.bind(addr(0))
     c.setblocking(False)
 
     async def watcher():
@@ -48,8 +33,8 @@ def _burst(root):
         server = asyncio.create_task(srv.run())
         watching = asyncio.create_task(watcher())
         await sleep_ms(20)
-        c.sendto(b"\x00\x01f\x00octet\x00", _addr(port))
-        data, tid = await _recv(c)
+        c.sendto(b"\x00\x01f\x00octet\x00", addr(port))
+        data, tid = await recv(c)
         assert data[:4] == b"\x00\x03\x00\x01", data
         for _ in range(JUNK):  # all queued before the server's tasks run again
             c.sendto(b"\x00\x09junk", tid)
@@ -60,16 +45,10 @@ def _burst(root):
         await sleep_ms(0)
         watching.cancel()
         c.sendto(b"\x00\x04\x00\x01", tid)  # and the transfer goes on: DATA 2
-        data, _ = await _recv(c)
+        data, _ = await recv(c)
         assert data[:4] == b"\x00\x03\x00\x02", data
         c.sendto(b"\x00\x05\x00\x00stop\x00", tid)  # an ERROR ends it: its socket is let go
-        for _ in range(100):
-            if not srv.slots.active():
-                break
-            await sleep_ms(1)
-        assert not srv.slots.active()
-        server.cancel()
-        await sleep_ms(20)
+        await stop_when_idle(srv, server)
 
     try:
         asyncio.run(main())

@@ -1,8 +1,9 @@
 # What the tests of firmware.tftpd that run on both interpreters share: a directory with one
 # file for the server to serve (MicroPython has no tempfile), and the server on loopback.
 import os
+import socket
 
-from firmware.compat import ticks_ms
+from firmware.compat import sleep_ms, ticks_add, ticks_diff, ticks_ms
 from firmware.config import Config
 from firmware.log import Log
 from firmware.tftpd import TftpServer
@@ -37,3 +38,31 @@ def loopback_server(root, events):
     )  # fmt: skip
     log = Log(capacity=events)
     return TftpServer(cfg, log, "127.0.0.1", port), log, port
+
+
+def addr(port):
+    """127.0.0.1:port as this interpreter's sockets take it."""
+    return socket.getaddrinfo("127.0.0.1", port)[0][-1]
+
+
+async def recv(s, ms=2000):
+    """A client's non-blocking read, polled: (data, address)."""
+    end = ticks_add(ticks_ms(), ms)
+    while True:
+        try:
+            return s.recvfrom(600)
+        except OSError:
+            assert ticks_diff(end, ticks_ms()) > 0, "no reply from the server"
+            await sleep_ms(1)
+
+
+async def stop_when_idle(srv, task):
+    """Once every transfer of srv has ended (and left asyncio's I/O queue), stop its run()
+    task; asserts they all end within a hundred turns."""
+    for _ in range(100):
+        if not srv.slots.active():
+            break
+        await sleep_ms(1)
+    assert not srv.slots.active()
+    task.cancel()
+    await sleep_ms(20)
