@@ -306,15 +306,6 @@ def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(flashed, t
     print(f"rp2 (emulated): {out.stat().st_size} B over TFTP in {took:.1f} s of wall time; heap after: {heap}")
 
 
-def _running(pid: int) -> bool:
-    """Whether the process is there and not a zombie (an orphan's zombie waits for init)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_the_emulator_stops_when_the_process_that_started_it_is_killed(tmp_path):
     """A test process killed outright (a CI timeout, kill -9) does not leave its emulator
     running, a core's worth of CPU, even while another process holds the board's serial line
@@ -322,6 +313,8 @@ def test_the_emulator_stops_when_the_process_that_started_it_is_killed(tmp_path)
     read gets EIO and it ends on its own; this is the case where only rp2kit's setpriv ends it."""
     if shutil.which("setpriv") is None:
         pytest.skip("no setpriv (Debian package util-linux)")
+    from bastion.lab.netns import kill_pids, pid_running
+
     code = (f"import subprocess, sys, time; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); "
             "from pathlib import Path; from rp2kit import Rp2Board; "
             f"b = Rp2Board(Path({str(tmp_path / 'ttyACM0')!r})).__enter__(); "
@@ -332,18 +325,16 @@ def test_the_emulator_stops_when_the_process_that_started_it_is_killed(tmp_path)
     pid = holder = None
     try:
         pid, holder = map(int, harness.stdout.readline().split())
-        assert _running(pid) and "emulator.mjs" in Path(f"/proc/{pid}/cmdline").read_text()
+        assert pid_running(pid) and "emulator.mjs" in Path(f"/proc/{pid}/cmdline").read_text()
         harness.kill()
         harness.wait(timeout=30)
         deadline = time.monotonic() + 30  # a bound on a hang, not a timing claim
-        while _running(pid):
+        while pid_running(pid):
             assert time.monotonic() < deadline, "the emulator outlived the process that started it"
             time.sleep(0.2)
-        assert _running(holder)  # the line was held all along
+        assert pid_running(holder)  # the line was held all along
     finally:
         if harness.poll() is None:
             harness.kill()
             harness.wait()
-        for p in (pid, holder):
-            if p is not None and _running(p):
-                os.kill(p, 9)
+        kill_pids({p: None for p in (pid, holder) if p is not None}, grace=0)

@@ -13,7 +13,7 @@ import pytest
 
 from bastion.lab import trace
 from bastion.lab.lab import Lab, beating_node, default_nodes
-from bastion.lab.netns import namespaces
+from bastion.lab.netns import namespaces, pid_running
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
@@ -97,22 +97,13 @@ def test_relay_off_mid_boot_stops_the_vm_and_relay_on_boots_it_again(lab):
     assert vm is not None
     lab.power("uefi-1", "off")  # mid-boot: iPXE has just been loaded
     deadline = time.monotonic() + 15
-    while lab.vm_state("uefi-1") != "off" or _alive(vm):
+    while lab.vm_state("uefi-1") != "off" or pid_running(vm):
         assert time.monotonic() < deadline, "the VM kept running with its relay off"
         time.sleep(0.2)
     assert not [e for e in lab.events(after, kind="callback") if e["machine"] == "uefi-1"]
     r = lab.boot("uefi-1", timeout=400, progress=lambda msg: None)
     assert r.ok, r.problems
     assert lab.vm_boots("uefi-1") == boots + 2  # the cut one, then this one
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_node_whose_heartbeats_stop_is_power_cycled_by_the_device_and_boots_again(lab):
@@ -157,11 +148,11 @@ def test_a_stale_lab_is_cleaned_by_the_next_up_and_down_leaves_nothing(lab):
     again.up(progress=said.append)  # over a lab that was never taken down
     assert any(m.startswith("removed a stale lab") for m in said), said
     pids = list(_pids(again).values())
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(pid_running(p) for p in pids)
     removed = again.down()
     assert f"namespace {NAME}-lan" in removed
     assert not {f"{NAME}-lan", f"{NAME}-rt"} & namespaces()
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if pid_running(p)]
     leftovers = subprocess.run(["pgrep", "-f", str(lab.workdir)], capture_output=True,
                                text=True).stdout.split()
     assert leftovers == []

@@ -113,6 +113,12 @@ def _is_ours(pid: int, cmd: list[str] | None, started: int | None = None) -> boo
     return os.path.basename(cmd[0]) in argv
 
 
+def pid_running(pid: int, started: int | None = None) -> bool:
+    """Whether pid is a live process (a zombie is not) and, given its start time, still the
+    process that had it."""
+    return _is_ours(pid, None, started)
+
+
 def kill_pids(pids: dict[int, int | None], grace: float, sig: int = signal.SIGTERM) -> None:
     """Stop processes known only by PID (pid -> start time, None: take it now): `sig` to each,
     up to `grace` seconds for them all to end, then SIGKILL to those left. Each is signalled
