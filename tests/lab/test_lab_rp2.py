@@ -54,12 +54,19 @@ def power_on(lab: Lab, node: Node, board) -> None:
                timeout=120, what=f"{node.name}'s relay pin high")  # fmt: skip
 
 
+def console(lab: Lab, node: Node) -> str:
+    """The node's serial console so far, without the terminal's cursor moves (sgabios draws the
+    BIOS screen); empty before the node has written any."""
+    path = lab.logs / f"{node.name}.console"
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", path.read_text(errors="replace")) if path.exists() else ""
+
+
 def why(lab: Lab, node: Node, after: int, board) -> str:
     """What a node that did not call back got, for the failure's message: its firmware's PXE
     lines, what the board and the controller logged for it (and for no node: the board's
-    console contact) since the first node's power request, and the emulated chip's clock."""
-    console = lab.logs / f"{node.name}.console"
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", console.read_text(errors="replace")) if console.exists() else ""
+    console contact) since the first node's power request, the emulated chip's clock, and the
+    console's end."""
+    text = console(lab, node)
     pxe = [line for line in text.splitlines() if re.search(r"PXE|TFTP|NBP|Station|iPXE|DHCP|http", line)]
     mine = [f"{e['id']} {time.strftime('%H:%M:%S', time.localtime(e['ts']))}.{int(e['ts'] % 1 * 100):02d} "
             f"{e['source']} {e['kind']} {e.get('endpoint') or ''} {e.get('status') or ''} "
@@ -68,22 +75,15 @@ def why(lab: Lab, node: Node, after: int, board) -> str:
     clock = [e for e in board.events if e.get("ev") == "clock"]
     return ("\n--- its console's boot lines:\n" + "\n".join(pxe[-40:])
             + "\n--- events since the first power request:\n" + "\n".join(mine[-60:])
-            + f"\n--- the chip's clock: {clock[-1] if clock else None}; console end:\n" + tail(console))
+            + f"\n--- the chip's clock: {clock[-1] if clock else None}; console end:\n"
+            + (text[-1500:] or f"{node.name}.console: none"))
 
 
 def gave_up(lab: Lab, node: Node) -> bool:
     """Whether the node's firmware has tried every boot option and stopped: SeaBIOS says so,
     OVMF starts its shell."""
-    console = lab.logs / f"{node.name}.console"
-    text = console.read_text(errors="replace") if console.exists() else ""
+    text = console(lab, node)
     return "No bootable device" in text or "Shell>" in text
-
-
-def tail(path, n: int = 1500) -> str:
-    """A console's end, without the terminal's cursor moves (sgabios draws the BIOS screen)."""
-    if not path.exists():
-        return f"{path.name}: none"
-    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", path.read_text(errors="replace"))[-n:]
 
 
 def test_nodes_boot_through_the_emulated_w5500_evb_pico_to_their_callbacks(tmp_path):
