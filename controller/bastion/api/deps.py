@@ -37,8 +37,13 @@ ATTRIBUTE_BACK_S = 300.0
 # How long a small batch of the boot endpoints' events may stay open after the previous group
 # commit, and what is small (GroupCommit): in a storm of 1,000 new connections (two requests a
 # turn) this took the controller from about 6,700 to about 9,300 requests/s, and wrk's 50 kept
-# connections (about 24 requests a turn) lost nothing (docs/benchmarks-http.md).
-COMMIT_INTERVAL_S = 0.001
+# connections (about 24 requests a turn) lost nothing (docs/benchmarks-http.md). 1 ms was set on
+# a machine whose storm filled a batch of 16 in about that time; where a storm runs at 4,000
+# requests/s, 1 ms held 4 to 5 events, and each commit (one WAL write: about 130 us of a batch's
+# cost, 30 us an event) cost three times as much an event as in a batch of 16. 4 ms lets the
+# slower machine fill its batches too (storm +5 to +19%), and on a fast one a batch reaches 16
+# before then, as before.
+COMMIT_INTERVAL_S = 0.004
 COMMIT_SMALL_BATCH = 16
 
 
