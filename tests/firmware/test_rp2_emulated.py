@@ -171,12 +171,15 @@ def flashed(tmp_path_factory) -> Flashed:
         assert r.returncode == 0, r.stdout + r.stderr
     assert flash.is_file(), "the emulator wrote no flash file"
     assert not board.killed, "the emulator did not end on SIGTERM (rp2kit had to kill it)"
-    return Flashed(site, tftp, flash, r.stdout)
+    return Flashed(site, tftp, flash, r.stdout + r.stderr)
 
 
 def test_bastion_flash_puts_the_firmware_on_the_board_and_it_runs_the_relays_and_the_watchdog(
         flashed, tmp_path):  # fmt: skip
     assert "boot: firmware" in flashed.output, flashed.output
+    # a new board has no firmware to put into maintenance mode, and is not warned about one
+    assert "no Edge Bastion firmware on its flash yet" in flashed.output, flashed.output
+    assert "warning" not in flashed.output.lower(), flashed.output
     assert "on board w5500-evb-pico, serving dhcp, tftp" in flashed.output, flashed.output
     relays = range(6, 14)  # boards/w5500-evb-pico.json: GP6..GP13, active low, NC contacts
     # power on: the chip starts MicroPython, and MicroPython the firmware from the flash

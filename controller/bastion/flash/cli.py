@@ -557,13 +557,12 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
         if running.info.get("board") not in (None, board.name):
             _warn(f"the device runs board {running.info['board']}; flashing board {board.name}")
     maintenance = False
+    # a board with a watchdog whose firmware did not answer: said once the probe shows whether
+    # the flash holds a firmware at all (a new board's has none, and nothing to worry about)
+    unanswered = False
     if watchdog_runs(board, running):
         if running is None:
-            _warn(
-                f"board {board.name} has a hardware watchdog, and no firmware answered to be "
-                "put into maintenance mode: if one runs with its watchdog, the copy will be cut "
-                "by a reset"
-            )
+            unanswered = True
         elif running.info.get("maintenance"):
             _say("  it is in maintenance mode already (no watchdog, services off, relays held)")
         else:
@@ -586,6 +585,13 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
             raise
         impl = probe.get("impl") or {}
         _say_impl(impl)
+        if unanswered:
+            if probe["firmware"] is None:
+                _say("  no Edge Bastion firmware on its flash yet: none of ours runs its watchdog")
+            else:
+                _warn(f"board {board.name} has a hardware watchdog, and its firmware did not answer "
+                      "to be put into maintenance mode: if it runs its watchdog, the copy will be "
+                      "cut by a reset")  # fmt: skip
         wrong, warnings = flashing.abi_check(impl, image, board, compiler)
         if wrong:
             raise FlashError(wrong)
