@@ -42,7 +42,7 @@ ATTRIBUTE_BACK_S = 300.0
 # requests/s, 1 ms held 4 to 5 events, and each commit (one WAL write: about 130 us of a batch's
 # cost, 30 us an event) cost three times as much an event as in a batch of 16. 4 ms lets the
 # slower machine fill its batches too (storm +5 to +19%), and on a fast one a batch reaches 16
-# before then, as before.
+# before then, as before. Only requests that overlap wait (GroupCommit).
 COMMIT_INTERVAL_S = 0.004
 COMMIT_SMALL_BATCH = 16
 
@@ -139,19 +139,22 @@ class GroupCommit:
     one or two events: the transactions took most of the loop's time. So a turn that hands over
     fewer than `small` requests, less than `interval` seconds (by the loop's clock) after the
     previous commit, leaves its batch open until the interval ends or the batch is no longer
-    small, and the turns until then add theirs. A bigger batch, or one after a quiet interval (a
-    lone machine booting), is committed at the end of its turn, as before: kept connections,
-    whose turns bring a few dozen requests each when they are busy, hardly ever wait, and no
-    request waits more than `interval` longer than it would have."""
+    small, and the turns until then add theirs, as long as requests overlap: the previous batch
+    held more than one. A bigger batch, one after a quiet interval (a lone machine booting), or
+    one after a batch of a single request is committed at the end of its turn, as before: kept
+    connections, whose turns bring a few dozen requests each when they are busy, hardly ever
+    wait; a client that sends its next request only once it has the last answer (a machine's
+    /boot.ipxe, then its /ipxe) has nothing to wait for, and does not; and no request waits more
+    than `interval` longer than it would have."""
 
     def __init__(self, commit: Callable[[list[tuple[str, dict[str, Any]]]], list[int]],
                  interval: float = COMMIT_INTERVAL_S, small: int = COMMIT_SMALL_BATCH):  # fmt: skip
         self._commit = commit
         self.interval = interval
         self.small = small
-        # the loop of the last commit and when (loop.time()) it ended; another loop (tests run
-        # the app in more than one) finds no previous commit
-        self._committed: tuple[asyncio.AbstractEventLoop | None, float] = (None, -math.inf)
+        # the loop of the last commit, when (loop.time()) it ended and how many requests it held;
+        # another loop (tests run the app in more than one) finds no previous commit
+        self._committed: tuple[asyncio.AbstractEventLoop | None, float, int] = (None, -math.inf, 0)
         # per event loop: the timer that ends its open small batch, while there is one
         self._open: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
         # per event loop (tests may run the app in more than one): what waits for its next batch
@@ -174,9 +177,9 @@ class GroupCommit:
         return await done
 
     def _turn_ended(self, loop: asyncio.AbstractEventLoop) -> None:
-        if len(self._waiting.get(loop, ())) < self.small:
-            last_loop, last = self._committed
-            wait = (last if last_loop is loop else -math.inf) + self.interval - loop.time()
+        last_loop, last, overlapped = self._committed
+        if len(self._waiting.get(loop, ())) < self.small and last_loop is loop and overlapped > 1:
+            wait = last + self.interval - loop.time()
             if wait > 0:  # a small batch moments after a commit: it stays open until then
                 self._open[loop] = loop.call_later(wait, self._flush, loop)
                 return
@@ -194,7 +197,7 @@ class GroupCommit:
                     done.set_exception(e)
             return
         finally:
-            self._committed = (loop, loop.time())
+            self._committed = (loop, loop.time(), len(waiting))
         self.batches += 1
         self.events += len(batch)
         at = 0

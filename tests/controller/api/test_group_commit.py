@@ -1,7 +1,7 @@
 """Group commit of the boot endpoints' events (bastion.api.deps.GroupCommit): the requests of
-one turn of the event loop share one transaction, a small batch soon after a commit stays open
-for the turns that follow, and an answered request is in the history even when the controller
-is killed (-9) in the middle of a storm."""
+one turn of the event loop share one transaction, a small batch soon after a commit of requests
+that overlapped stays open for the turns that follow, and an answered request is in the history
+even when the controller is killed (-9) in the middle of a storm."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def test_small_batches_within_the_interval_after_a_commit_wait_for_one_commit_to
 
     async def storm() -> tuple[list[int], list[list[int]], float]:
         loop = asyncio.get_running_loop()
-        first = await group.commit([("boot", {"mac": "first"})])  # nothing before: at once
+        # two requests in one turn, nothing before: committed at once, and they overlapped
+        first, _ = await asyncio.gather(group.commit([("boot", {"mac": "first"})]),
+                                        group.commit([("boot", {"mac": "second"})]))  # fmt: skip
         committed = loop.time()
         later = []
         for i in range(5):  # five turns of the loop, each handing over one event
@@ -52,10 +54,30 @@ def test_small_batches_within_the_interval_after_a_commit_wait_for_one_commit_to
         return first, ids, loop.time() - committed
 
     first, ids, waited = asyncio.run(storm())
-    assert (group.batches, group.events) == (2, 6)
+    assert (group.batches, group.events) == (2, 7)
     assert waited >= interval * 0.99  # a lower bound: a slow machine only makes it longer
     flat = [i for one in ids for i in one]
-    assert flat == list(range(first[0] + 1, first[0] + 6))
+    assert flat == list(range(first[0] + 2, first[0] + 7))
+
+
+def test_requests_that_never_overlap_never_wait(tmp_path):
+    # one client that asks again only once it has its answer (a machine's /boot.ipxe, then its
+    # /ipxe; a test's HTTP client): each batch holds one request, and nothing could join it
+    store = EventStore(tmp_path / "events.db")
+    group = GroupCommit(store.record_many, interval=60.0, small=8)
+
+    async def one_after_another() -> list[bool]:
+        done = []
+        for _ in range(5):
+            one = asyncio.ensure_future(group.commit([("boot", {})]))
+            for _ in range(3):  # its turn, the commit at that turn's end, the waiter's wake-up
+                await asyncio.sleep(0)
+            done.append(one.done())
+        return done
+
+    # with the interval's wait, each after the first would wait a minute
+    assert asyncio.run(one_after_another()) == [True] * 5
+    assert (group.batches, group.events) == (5, 5)
 
 
 def test_an_event_after_a_quiet_interval_is_committed_in_its_own_turn(tmp_path):
@@ -82,7 +104,7 @@ def test_a_batch_that_is_not_small_is_committed_in_its_own_turn_even_after_a_com
     group = GroupCommit(store.record_many, interval=60.0, small=8)
 
     async def busy() -> tuple[bool, bool]:
-        await group.commit([("boot", {})])
+        await asyncio.gather(group.commit([("boot", {})]), group.commit([("boot", {})]))
         seven = [asyncio.ensure_future(group.commit([("boot", {})])) for _ in range(7)]
         for _ in range(3):
             await asyncio.sleep(0)
@@ -98,7 +120,7 @@ def test_a_batch_that_is_not_small_is_committed_in_its_own_turn_even_after_a_com
     small_waits, eight_done = asyncio.run(busy())
     assert small_waits and eight_done
     # the seven joined the open batch of the eight: one commit for all fifteen
-    assert (group.batches, group.events, store.count()) == (2, 16, 16)
+    assert (group.batches, group.events, store.count()) == (2, 17, 17)
 
 
 def test_a_failed_batch_stores_none_of_it_and_fails_every_waiter(tmp_path):
