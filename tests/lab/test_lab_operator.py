@@ -129,7 +129,7 @@ def test_declared_on_the_three_nodes_boot_with_no_command_from_a_person(lab):
 def test_a_broken_profile_is_retried_with_backoff_and_ends_failed(lab):
     (lab.site / "site.yaml").write_text((lab.site / "site.yaml").read_text()
                                         + "  cycles: 2\n  backoff_s: 5\n"
-                                          "  step_timeouts: {script: 30, power-on: 120}\n")  # fmt: skip
+                                          "  step_timeouts: {script: 15, power-on: 120}\n")  # fmt: skip
     broken = json.loads((lab.site / "profiles/lab-node.json").read_text())
     broken.update(id="lab-broken", name="Lab node whose kernel is missing")
     broken["boot"]["kernel"] = "/assets/lab/no-such-vmlinuz"
