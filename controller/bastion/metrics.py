@@ -12,7 +12,7 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -37,6 +37,16 @@ UPS_GAUGES = {
     "bastion_ups_battery_charge_percent": "The UPS's battery charge as upsd reports it.",
     "bastion_ups_power_held": "1 while the power-cut policy refuses power-ons.",
 }
+
+
+# The boot endpoints' group commit (bastion.api.deps.GroupCommit), read from history_source at
+# scrape time: the second over the first is how many events a transaction held.
+HISTORY_COUNTERS = {
+    "bastion_history_commits": "Transactions in which the boot endpoints' group commit wrote their "
+                               "events to the history.",
+    "bastion_history_committed_events": "Events the boot endpoints' group commit wrote to the "
+                                        "history in those transactions.",
+}  # fmt: skip
 
 
 class Metrics:
@@ -96,7 +106,9 @@ class Metrics:
             registry=r)  # fmt: skip
         self.gauge_source: Callable[[], dict[str, float]] | None = None
         self.ups_source: Callable[[], dict[str, float]] | None = None  # bastion.ups
+        self.history_source: Callable[[], dict[str, float]] | None = None  # HISTORY_COUNTERS
         r.register(_SiteGauges(self))
+        r.register(_HistoryCounters(self))
 
     def boot_answered(self, endpoint: str, status: int, seconds: float) -> None:
         """A boot endpoint answered: its request counted and timed. The labelled children are
@@ -139,3 +151,22 @@ class _SiteGauges:
         for name, help_text in {**SITE_GAUGES, **UPS_GAUGES}.items():
             if name in values:
                 yield GaugeMetricFamily(name, help_text, value=values[name])
+
+
+class _HistoryCounters:
+    """A collector: the group commit's counters, read from history_source at scrape time (the
+    commit counts them anyway; a Counter bumped per commit would cost the loop a lock)."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for name, help_text in HISTORY_COUNTERS.items():
+            yield CounterMetricFamily(name, help_text)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        source = self._metrics.history_source
+        values = source() if source is not None else {}
+        for name, help_text in HISTORY_COUNTERS.items():
+            if name in values:
+                yield CounterMetricFamily(name, help_text, value=values[name])

@@ -243,6 +243,13 @@ def test_the_docs_quick_run_succeeds_with_no_errors_and_prints_the_ratio(tmp_pat
     summary = json.loads(out_json.read_text())
     assert summary["storm"]["controller"]["errors"] == {}
     assert summary["storm"]["controller"]["requests"] == 500
+    # the controller's group commit during the storm, from its /metrics: one event a request
+    commits = summary["storm"]["controller"]["history_commits"]
+    assert commits["events"] == 500 and 1 <= commits["transactions"] <= 500, commits
+    assert summary["storm"]["nginx"]["history_commits"] is None
+    line = re.search(r"^  history: 500 events in (\d+) transactions of the group commit, "
+                     r"\d+\.\d a transaction$", out, re.MULTILINE)  # fmt: skip
+    assert line and int(line.group(1)) == commits["transactions"], out
     assert summary["failed"] is False
 
 

@@ -401,6 +401,8 @@ class StormResult:
     client_cpu: float = 0.0
     machine_cpu: float = 0.0  # every process on the machine, ours included
     stolen_cpu: float = 0.0  # time the hypervisor gave our virtual CPUs to someone else
+    # the controller's group commit meanwhile (transactions, events), from its /metrics
+    commits: tuple[float, float] | None = None
 
     @property
     def error_count(self) -> int:
@@ -641,6 +643,43 @@ def storm_worker(base: str, machines: list[Machine], boots: int, timeout: float,
     return result
 
 
+# The controller's group commit (docs/controller.md, its metrics): its transactions, and the
+# events they held; their ratio is how well a load's events were batched.
+COMMIT_METRICS = ("bastion_history_commits_total", "bastion_history_committed_events_total")
+
+
+def commit_counts(server: Server) -> tuple[float, float] | None:
+    """The controller's group-commit counters from its /metrics (None from nginx, or when they
+    cannot be read)."""
+    if server.name != "controller":
+        return None
+    try:
+        text = httpx.get(server.base + "/metrics", timeout=10.0, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in COMMIT_METRICS:
+            found[name] = float(value)
+    return (found[COMMIT_METRICS[0]], found[COMMIT_METRICS[1]]) if len(found) == 2 else None
+
+
+def commits_since(server: Server, before: tuple[float, float] | None) -> tuple[float, float] | None:
+    after = commit_counts(server)
+    if before is None or after is None:
+        return None
+    return after[0] - before[0], after[1] - before[1]
+
+
+def commits_line(commits: tuple[float, float] | None) -> str | None:
+    if not commits or not commits[0]:
+        return None
+    transactions, events = commits
+    return (f"  history: {events:.0f} events in {transactions:.0f} transactions of the group commit, "
+            f"{events / transactions:.1f} a transaction")  # fmt: skip
+
+
 def storm(server: Server, machines: list[Machine], boots: int, timeout: float, deadline: float,
           procs: int) -> StormResult:  # fmt: skip
     """Every machine boots `boots` times, all at once, spread over `procs` client processes
@@ -653,6 +692,7 @@ def storm(server: Server, machines: list[Machine], boots: int, timeout: float, d
         pending = [pool.apply_async(storm_worker, (server.base, share, boots, timeout, deadline))
                    for share in shares]  # fmt: skip
         time.sleep(0.2)  # the workers are forked and waiting
+        commits0 = commit_counts(server)
         cpu0 = process_cpu_seconds(server.proc.pid)
         busy0, steal0 = machine_cpu_seconds()
         t0 = time.perf_counter()
@@ -663,6 +703,7 @@ def storm(server: Server, machines: list[Machine], boots: int, timeout: float, d
     result.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
     busy1, steal1 = machine_cpu_seconds()
     result.machine_cpu, result.stolen_cpu = busy1 - busy0, steal1 - steal0
+    result.commits = commits_since(server, commits0)
     return result
 
 
@@ -832,6 +873,8 @@ def print_storm(label: str, r: StormResult, what: str) -> None:
         f"other processes {other / r.wall:.2f}, stolen {r.stolen_cpu / r.wall:.2f} "
         f"(of {os.cpu_count()})"
     )
+    if line := commits_line(r.commits):
+        print(line)
     if other / r.wall > 0.25:
         print("  note: other work on the machine competed for the CPU; expect lower numbers")
     for reason, n in r.errors.most_common(8):
@@ -885,7 +928,14 @@ def wrk_summary(r: WrkResult) -> dict:
             "requests_per_server_cpu_s": round(r.requests / r.server_cpu, 1) if r.server_cpu else None,
             "p99_ms": round(r.p99_ms, 3), "errors": r.errors,
             "server_cpu_share": round(r.server_cpu / r.wall, 3) if r.wall else None,
-            "client_cpu_share": round(r.client_cpu / r.wall, 3) if r.wall else None}  # fmt: skip
+            "client_cpu_share": round(r.client_cpu / r.wall, 3) if r.wall else None,
+            "history_commits": _commits_summary(r.commits)}  # fmt: skip
+
+
+def _commits_summary(commits: tuple[float, float] | None) -> dict | None:
+    if not commits:
+        return None
+    return {"transactions": int(commits[0]), "events": int(commits[1])}
 
 
 def storm_summary(r: StormResult) -> dict:
@@ -899,6 +949,7 @@ def storm_summary(r: StormResult) -> dict:
         "client_cpu_share": round(r.client_cpu / r.wall, 3),
         "other_cpu_share": round(max(0.0, r.machine_cpu - r.server_cpu - r.client_cpu) / r.wall, 3),
         "stolen_cpu_share": round(r.stolen_cpu / r.wall, 3),
+        "history_commits": _commits_summary(r.commits),
     }
     for kind, values in r.latencies.items():
         v = sorted(values)
@@ -1033,6 +1084,7 @@ class WrkResult:
     server_cpu: float = 0.0
     client_cpu: float = 0.0
     wall: float = 0.0
+    commits: tuple[float, float] | None = None  # as StormResult's
 
 
 _WRK_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -1064,6 +1116,7 @@ def run_wrk(b: Bench, server: Server, target: str) -> WrkResult:
     args = b.args
     cmd = [args.wrk, "-t", str(args.wrk_threads), "-c", str(args.wrk_connections),
            "-d", f"{args.wrk_seconds}s", "--latency", server.base + target]  # fmt: skip
+    commits0 = commit_counts(server)
     cpu0 = process_cpu_seconds(server.proc.pid)
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -1076,6 +1129,7 @@ def run_wrk(b: Bench, server: Server, target: str) -> WrkResult:
     r.wall = wall
     r.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
     r.client_cpu = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+    r.commits = commits_since(server, commits0)
     return r
 
 
@@ -1105,6 +1159,8 @@ def wrk_rates(b: Bench) -> tuple[WrkResult, WrkResult] | None:
     # figure that the other work moves least (one process: at most one core)
     per_cpu = rc.requests / rc.server_cpu if rc.server_cpu else float("nan")
     print(f"  controller: {per_cpu:.0f} requests per CPU-second ({1e6 / per_cpu:.0f} us each)")
+    if line := commits_line(rc.commits):
+        print(line)
     print(f"  goal: /ipxe at {IPXE_RATE_GOAL} requests/s or more on one core, the history on: "
           f"controller {rc.rate:.0f} at {rc.server_cpu / rc.wall:.2f} core: "
           f"{'met' if rc.rate >= IPXE_RATE_GOAL and rc.errors == 0 else 'MISSED'}")  # fmt: skip

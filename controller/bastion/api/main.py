@@ -111,7 +111,9 @@ def create_app(settings: Settings) -> FastAPI:
     store = EventStore(db_path, max_events=settings.history_events,
                        max_age_s=settings.history_days * 86400)  # fmt: skip
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
-    runtime.group_commit = GroupCommit(runtime.commit_events)
+    runtime.group_commit = group_commit = GroupCommit(runtime.commit_events)
+    metrics.history_source = lambda: {"bastion_history_commits": group_commit.batches,
+                                      "bastion_history_committed_events": group_commit.events}  # fmt: skip
     runtime_box.append(runtime)
     runtime.secrets = SecretStore(secrets_dir(holder.site.name, settings.secrets_dir))
     # logs off-site (site.yaml logs:): a queue per target beside the history, events.logship/

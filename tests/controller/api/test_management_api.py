@@ -520,6 +520,9 @@ def test_metrics_are_prometheus_text_with_the_boot_counters(site_dir, client_for
     # the vmlinuz, and /assets/nope: the test client asked /ipxe as node1, so to the controller
     # its missing asset is a failed boot step of node1 (bastion.state.addresses)
     assert value("bastion_events_total", kind="asset") == 2
+    # the group commit's: one request at a time, a transaction each, for /ipxe and /boot.ipxe
+    assert types["bastion_history_commits_total"] == "counter"
+    assert value("bastion_history_commits_total") == value("bastion_history_committed_events_total") == 4
 
     # the histogram: cumulative buckets ending in +Inf == _count, for each endpoint
     assert types["bastion_boot_request_seconds"] == "histogram"
