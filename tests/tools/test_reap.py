@@ -66,6 +66,17 @@ def test_sigterm_is_passed_on_to_the_command():
             p.wait()
 
 
+def test_an_orphan_that_ends_while_the_command_runs_is_reaped_at_once():
+    # a daemon's way: the inner sh starts a sleep and exits, so the sleep is handed to reap; when
+    # it ends, reap reaps it, as init would, rather than leaving a zombie (a PID still in /proc)
+    # until the command is over
+    r = reap('pid=$(sh -c "sleep 0.3 >/dev/null & echo \\$!"); echo $pid; i=0; '
+             'while [ -e /proc/$pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; '
+             '[ -e /proc/$pid ] && echo zombie || echo gone')  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1:] == ["gone"], r.stdout
+
+
 def test_a_command_that_leaves_nothing_is_quiet():
     r = reap("exit 0")
     assert r.returncode == 0 and r.stderr == "", r.stderr
