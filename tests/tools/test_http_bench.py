@@ -128,6 +128,113 @@ def test_a_wrong_or_cut_answer_is_counted_as_that_boots_error(answers, error):
     assert dict(result.errors) == {error: 1}
 
 
+def _hold_answers(boots, cap, timeout, answer_after):
+    """_open_share's boots at 1,000 a second on one machine, against a server that answers no
+    request until it has `answer_after` connections open (None: never)."""
+    import asyncio
+
+    async def main():
+        open_now = []
+        enough = asyncio.Event()
+
+        async def serve(reader, writer):
+            open_now.append(writer)
+            if answer_after is not None and len(open_now) >= answer_after:
+                enough.set()
+            try:
+                while line := await reader.readline():
+                    while (await reader.readline()) not in (b"\r\n", b""):
+                        pass
+                    await enough.wait()
+                    writer.write(_ok(_BOOT) if line.startswith(b"GET /boot.ipxe") else _ok(_PROFILE))
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        machine = http_bench.machines_for(1, 1)
+        result = await http_bench._open_share(f"http://127.0.0.1:{port}", machine, range(boots),
+                                              1000.0, timeout, cap)  # fmt: skip
+        server.close()
+        return result
+
+    return asyncio.run(main())
+
+
+def test_an_open_loop_begins_each_boot_when_due_not_when_the_last_was_answered():
+    # The server answers only once all 6 boots have connected: a closed loop (one machine,
+    # its next boot after its last answer) would wait for ever; the open loop begins all six.
+    result = _hold_answers(boots=6, cap=6, timeout=30.0, answer_after=6)
+    assert result.error_count == 0, result.errors
+    assert result.requests == 12 and [len(v) for v in result.latencies.values()] == [6, 6]
+    assert len(result.launch_lag) == 6
+
+
+def test_an_open_loop_counts_the_boots_it_could_not_begin_past_its_cap():
+    # Nothing is answered: the first two boots are in flight until they time out, and the
+    # three due meanwhile (within 5 ms of the start) are not begun.
+    result = _hold_answers(boots=5, cap=2, timeout=2.0, answer_after=None)
+    assert dict(result.errors) == {"not begun: 2 boots of this client process in flight": 3,
+                                   "boot.ipxe: TimeoutError": 2}  # fmt: skip
+    assert http_bench.wrong_answers(result) == 0  # a server behind its load is not at fault
+
+
+def test_a_boot_due_earlier_is_timed_from_when_it_was_due():
+    import asyncio
+    import time
+
+    async def main():
+        async def serve(reader, writer):
+            for body in (_BOOT, _PROFILE):
+                await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b""):
+                    pass
+                writer.write(_ok(body))
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        client = http_bench.StormClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        result = http_bench.StormResult()
+        await http_bench.boot_once(client, http_bench.machines_for(1, 1)[0], result, 5.0,
+                                   due=time.perf_counter() - 1.0)  # fmt: skip
+        server.close()
+        return result
+
+    result = asyncio.run(main())
+    assert result.error_count == 0
+    assert result.latencies["boot.ipxe"][0] >= 1.0  # the second before it began counts
+    assert result.latencies["ipxe"][0] < 1.0  # the chained request is timed on its own
+
+
+def test_rates_are_positive_numbers_in_the_order_given():
+    assert http_bench.parse_args(["--rates", "500,2000,1000.5"]).rates == [500.0, 2000.0, 1000.5]
+    assert http_bench.parse_args([]).rates == []
+    for bad in ("0", "-5", "fast", "100,,200", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            http_bench.parse_args(["--rates", bad])
+    with pytest.raises(SystemExit):
+        http_bench.parse_args(["--rate-seconds", "0"])
+
+
+def test_the_open_loops_capacity_is_the_highest_rate_that_met_the_goal_without_error():
+    def step(ms, errors=0):
+        r = http_bench.StormResult()
+        r.latencies["boot.ipxe"] = [ms / 1000] * 100
+        if errors:
+            r.errors["boot.ipxe: TimeoutError"] += errors
+        return r
+
+    steps = [(500.0, step(5), step(1)), (1000.0, step(20), step(1)), (2000.0, step(50, errors=1), step(2)),
+             (4000.0, step(400), step(80))]  # fmt: skip
+    assert http_bench.open_loop_line(steps).endswith(
+        "controller 1000 boots/s; nginx, the same client 4000 boots/s (of 500, 1000, 2000, 4000)")
+    assert "controller none of them" in http_bench.open_loop_line([(500.0, step(150), step(1))])
+    wrong = step(5)
+    wrong.errors["ipxe: HTTP 500"] += 1
+    assert http_bench.wrong_answers(wrong) == 1
+
+
 def test_the_storm_goal_needs_the_p99_under_100_ms_and_no_error():
     def storm(*ms, errors=0):
         r = http_bench.StormResult()
@@ -206,9 +313,38 @@ def test_a_storm_of_declared_machines_gets_each_machines_group(tmp_path):
     assert "group per MAC          ok" in run.stdout, run.stdout
 
 
+@needs_peers
+def test_an_open_loop_sweep_offers_each_rate_to_both_servers(tmp_path):
+    out_json = tmp_path / "bench.json"
+    cmd = bench_command("--clients", "40", "--boots", "1", "--wrk", "none", "--asset-mb", "1",
+                        "--reps", "1", "--rates", "50,200", "--rate-seconds", "1",
+                        "--json", str(out_json))  # fmt: skip
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = run.stdout
+    assert run.returncode == 0, out + run.stderr
+    rows = re.findall(r"^ +(\d+) boot/s +(controller|nginx) +\d+ .* (\d+) +\d+\.\d\d +\d+\.\d ms",
+                      out, re.MULTILINE)  # fmt: skip
+    assert rows == [("50", "controller", "0"), ("50", "nginx", "0"),
+                    ("200", "controller", "0"), ("200", "nginx", "0")], out  # fmt: skip
+    assert re.search(r"^  capacity: the highest offered rate .*: controller (\d+ boots/s|none of them); "
+                     r"nginx, the same client (\d+ boots/s|none of them) \(of 50, 200\)$", out, re.MULTILINE), out
+    # every boot of the open loop was recorded by the controller, with the storm's
+    assert "boot events recorded   ok" in out and "group per MAC          ok" in out, out
+    summary = json.loads(out_json.read_text())
+    steps = summary["open_loop"]
+    assert [s["offered_boots_per_s"] for s in steps] == [50, 200]
+    for s in steps:  # rate x seconds boots, two requests each
+        for server in ("controller", "nginx"):
+            assert s[server]["requests"] == 2 * s["offered_boots_per_s"], s
+            assert s[server]["boot.ipxe"]["n"] == s["offered_boots_per_s"], s
+            assert s[server]["errors"] == {} and "client_late_p99_ms" in s[server], s
+    assert summary["failed"] is False
+
+
 def test_every_command_in_the_doc_is_valid():
     commands = doc_commands()
-    assert len(commands) == 2
+    assert len(commands) == 3
+    assert any("--rates" in args for args in commands)
     for args in commands:
         http_bench.parse_args(args)
 

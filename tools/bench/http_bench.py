@@ -17,6 +17,10 @@ One run, everything on 127.0.0.1, everything in one temporary directory:
 4. the same storm against nginx answering canned copies of the same two scripts: the load
    generator's ceiling on this machine. If the controller's rate is well under it, and the
    controller's process is near one full core, the numbers measure the controller, not the client;
+   with --rates, an open loop follows at each rate: boots begun on a schedule whether or not the
+   earlier ones were answered (as machines powered on by a schedule are), each timed from when
+   it was due, against both servers; prints the highest rate that kept the first request's p99
+   under the goal's 100 ms;
 5. downloads the asset with curl from both servers, interleaved, and prints the throughput ratio
    controller/nginx;
 6. reads the controller's event DB back: one boot event per request, and every /ipxe request
@@ -403,6 +407,8 @@ class StormResult:
     stolen_cpu: float = 0.0  # time the hypervisor gave our virtual CPUs to someone else
     # the controller's group commit meanwhile (transactions, events), from its /metrics
     commits: tuple[float, float] | None = None
+    # open loop only: how late the client began each boot against its schedule (seconds)
+    launch_lag: list[float] = field(default_factory=list)
 
     @property
     def error_count(self) -> int:
@@ -418,6 +424,7 @@ class StormResult:
         self.errors.update(other.errors)
         self.requests += other.requests
         self.client_cpu += other.client_cpu
+        self.launch_lag.extend(other.launch_lag)
 
 
 class HttpError(Exception):
@@ -542,15 +549,17 @@ class StormClient:
 
 
 async def boot_once(client: StormClient, machine: Machine, result: StormResult,
-                    timeout: float) -> None:  # fmt: skip
+                    timeout: float, due: float | None = None) -> None:  # fmt: skip
     """One machine's boot: a new connection, /boot.ipxe, then the /ipxe URL its chain line
-    names on the same connection, then close. The boot.ipxe latency includes the connect."""
+    names on the same connection, then close. The boot.ipxe latency includes the connect, and
+    with `due` (a time.perf_counter() value: when an open-loop schedule wanted the boot to
+    begin) it is counted from then, so that a client that fell behind adds its lateness."""
     kind = "boot.ipxe"
     conn = None
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if due is None else due
             _, conn = await loop.create_connection(lambda: _Answers(loop), client.host, client.port,
                                                    local_addr=(machine.address, 0))  # fmt: skip
             status, body = await conn.get(client.first)
@@ -613,6 +622,35 @@ async def _storm_share(base: str, machines: list[Machine], boots: int, timeout: 
     return result
 
 
+async def _open_share(base: str, machines: list[Machine], boots: range, rate: float,
+                      timeout: float, cap: int) -> StormResult:  # fmt: skip
+    """An open loop: boot i begins i / rate seconds after the start, on machines[i % n],
+    whether or not the boots before it have been answered, as machines powered on by a
+    schedule would. `boots` is this process's share (every procs-th i). At most `cap` boots in
+    flight: one more is not begun and counts as an error (the server fell that far behind)."""
+    result = StormResult()
+    client = StormClient(base)
+    start_at = time.perf_counter()  # the processes are woken together (storm's start event)
+    running: set[asyncio.Task] = set()
+    n = len(machines)
+    for i in boots:
+        due = start_at + i / rate
+        late = time.perf_counter() - due
+        if late < 0:
+            await asyncio.sleep(-late)
+            late = max(0.0, time.perf_counter() - due)
+        result.launch_lag.append(late)
+        if len(running) >= cap:
+            result.errors[f"not begun: {cap} boots of this client process in flight"] += 1
+            continue
+        task = asyncio.ensure_future(boot_once(client, machines[i % n], result, timeout, due))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    if running:
+        await asyncio.wait(set(running))
+    return result
+
+
 _start: Any = None  # in a client process: the event the parent sets to start the storm
 
 
@@ -625,10 +663,9 @@ def _client_process(start: Any) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def storm_worker(base: str, machines: list[Machine], boots: int, timeout: float,
-                 deadline: float) -> StormResult:  # fmt: skip
-    """One client process's share of the storm (its machines, all at once), started when the
-    parent sets the start event so that every process begins together. uvloop when installed."""
+def _client_run(share: Any) -> StormResult:
+    """In a client process: wait for the parent's start, then run the coroutine `share()`
+    makes (on uvloop when installed) and count this process's CPU."""
     _start.wait()
     cpu0 = time.process_time()
     runner = asyncio.run
@@ -638,9 +675,21 @@ def storm_worker(base: str, machines: list[Machine], boots: int, timeout: float,
         runner = uvloop.run
     except ImportError:
         pass
-    result = runner(_storm_share(base, machines, boots, timeout, deadline))
+    result = runner(share())
     result.client_cpu = time.process_time() - cpu0
     return result
+
+
+def storm_worker(base: str, machines: list[Machine], boots: int, timeout: float,
+                 deadline: float) -> StormResult:  # fmt: skip
+    """One client process's share of the storm: its machines, all at once."""
+    return _client_run(lambda: _storm_share(base, machines, boots, timeout, deadline))
+
+
+def open_worker(base: str, machines: list[Machine], boots: range, rate: float, timeout: float,
+                cap: int) -> StormResult:  # fmt: skip
+    """One client process's share of an open-loop storm (_open_share)."""
+    return _client_run(lambda: _open_share(base, machines, boots, rate, timeout, cap))
 
 
 # The controller's group commit (docs/controller.md, its metrics): its transactions, and the
@@ -684,13 +733,33 @@ def storm(server: Server, machines: list[Machine], boots: int, timeout: float, d
           procs: int) -> StormResult:  # fmt: skip
     """Every machine boots `boots` times, all at once, spread over `procs` client processes
     (one Python process tops out at a few thousand requests/s: docs/benchmarks-http.md)."""
+    shares = [machines[i::procs] for i in range(procs) if machines[i::procs]]
+    jobs = [(storm_worker, (server.base, share, boots, timeout, deadline)) for share in shares]
+    return in_client_processes(server, jobs, deadline + timeout + 30)
+
+
+def open_storm(server: Server, machines: list[Machine], rate: float, seconds: float,
+               timeout: float, procs: int) -> StormResult:  # fmt: skip
+    """An open loop: `rate` boots a second for `seconds`, begun on schedule whatever the server's
+    answers (_open_share), the machines taken in turn, over `procs` client processes. Each
+    process keeps at most its share of the machines' count in flight."""
+    total = max(1, round(rate * seconds))
+    procs = min(procs, total)
+    cap = max(1, len(machines) // procs)
+    jobs = [(open_worker, (server.base, machines, range(p, total, procs), rate, timeout, cap))
+            for p in range(procs)]  # fmt: skip
+    return in_client_processes(server, jobs, seconds + timeout + 30)
+
+
+def in_client_processes(server: Server, jobs: list[tuple[Any, tuple]], wait_s: float) -> StormResult:
+    """Run each (worker, args) in a client process of its own, all started together once forked,
+    and merge their results, with the server's, the machine's and the stolen CPU meanwhile and
+    the controller's group commit."""
     result = StormResult()
     ctx = multiprocessing.get_context("fork")
     start = ctx.Event()
-    shares = [machines[i::procs] for i in range(procs) if machines[i::procs]]
-    with ctx.Pool(len(shares), initializer=_client_process, initargs=(start,)) as pool:
-        pending = [pool.apply_async(storm_worker, (server.base, share, boots, timeout, deadline))
-                   for share in shares]  # fmt: skip
+    with ctx.Pool(len(jobs), initializer=_client_process, initargs=(start,)) as pool:
+        pending = [pool.apply_async(worker, args) for worker, args in jobs]
         time.sleep(0.2)  # the workers are forked and waiting
         commits0 = commit_counts(server)
         cpu0 = process_cpu_seconds(server.proc.pid)
@@ -698,7 +767,7 @@ def storm(server: Server, machines: list[Machine], boots: int, timeout: float, d
         t0 = time.perf_counter()
         start.set()
         for p in pending:
-            result.merge(p.get(deadline + timeout + 30))
+            result.merge(p.get(wait_s))
         result.wall = time.perf_counter() - t0
     result.server_cpu = process_cpu_seconds(server.proc.pid) - cpu0
     busy1, steal1 = machine_cpu_seconds()
@@ -951,6 +1020,8 @@ def storm_summary(r: StormResult) -> dict:
         "stolen_cpu_share": round(r.stolen_cpu / r.wall, 3),
         "history_commits": _commits_summary(r.commits),
     }
+    if r.launch_lag:
+        out["client_late_p99_ms"] = round(percentile(sorted(r.launch_lag), 0.99) * 1000, 2)
     for kind, values in r.latencies.items():
         v = sorted(values)
         out[kind] = {
@@ -1069,6 +1140,61 @@ def boot_storms(b: Bench) -> tuple[StormResult, StormResult]:
     print(f"  controller rate / load generator's ceiling: {share:.2f}; {storm_verdict(rc, rn)}")
     print(storm_goal_line(rc, rn, args.clients))
     return rc, rn
+
+
+# --- an open loop: boots begun on a schedule, at rates given --------------------------------------
+
+#: A client process that begins its boots this much later than their schedule (p99) is
+#: itself behind: the latencies then hold its lateness too.
+LAUNCH_LAG_WARN_S = 0.010
+
+
+def open_loop(b: Bench) -> list[tuple[float, StormResult, StormResult]]:
+    """Each --rates rate, offered to the controller, then to nginx with the same client."""
+    args = b.args
+    steps = []
+    print(f"\nopen loop: boots begun on schedule, {args.rate_seconds:g} s a rate, the "
+          f"{len(b.machines)} clients in turn, {args.client_procs} client processes; each "
+          "boot's first request timed from when it was due")  # fmt: skip
+    print(f"  {'offered':>13}  {'server':<10} {'requests/s':>10} {'boot.ipxe p50':>13} "
+          f"{'p99':>9} {'ipxe p99':>9} {'errors':>6} {'server CPU':>10} {'client late p99':>15}")
+    for rate in args.rates:
+        rc = open_storm(b.controller, b.machines, rate, args.rate_seconds, args.timeout,
+                        args.client_procs)  # fmt: skip
+        rn = open_storm(b.nginx, b.machines, rate, args.rate_seconds, args.timeout,
+                        args.client_procs)  # fmt: skip
+        for r, server in ((rc, b.controller), (rn, b.nginx)):
+            first = sorted(r.latencies["boot.ipxe"])
+            late = percentile(sorted(r.launch_lag), 0.99)
+            print(f"  {rate:>7g} boot/s  {server.name:<10} {r.rate:>10.0f} "
+                  f"{percentile(first, 0.5) * 1000:>10.1f} ms {percentile(first, 0.99) * 1000:>6.1f} ms "
+                  f"{percentile(sorted(r.latencies['ipxe']), 0.99) * 1000:>6.1f} ms {r.error_count:>6} "
+                  f"{r.server_cpu / r.wall:>10.2f} {late * 1000:>12.1f} ms"
+                  + ("  (client behind)" if late > LAUNCH_LAG_WARN_S else ""))  # fmt: skip
+            for reason, n in r.errors.most_common(3):
+                print(f"      error: {reason}: {n}")
+        b.failed |= wrong_answers(rc) > 0
+        steps.append((rate, rc, rn))
+    print(open_loop_line(steps))
+    return steps
+
+
+def wrong_answers(r: StormResult) -> int:
+    """Errors that are not a server falling behind a rate it cannot keep (a timeout, a boot not
+    begun): at a rate over its capacity those are the measurement, anything else is a fault."""
+    return sum(n for reason, n in r.errors.items()
+               if not reason.startswith("not begun") and not reason.endswith("TimeoutError"))  # fmt: skip
+
+
+def open_loop_line(steps: list[tuple[float, StormResult, StormResult]]) -> str:
+    """The highest offered rate at which each server met the storm goal's p99 with 0 errors."""
+    parts = []
+    for name, i in (("controller", 1), ("nginx, the same client", 2)):
+        met = [step[0] for step in steps if storm_goal(step[i])[1]]
+        parts.append(f"{name} {max(met):g} boots/s" if met else f"{name} none of them")
+    return (f"  capacity: the highest offered rate whose first request's p99 stayed under "
+            f"{STORM_P99_GOAL_S * 1000:.0f} ms with 0 errors: " + "; ".join(parts)
+            + f" (of {', '.join(f'{step[0]:g}' for step in steps)})")  # fmt: skip
 
 
 # --- wrk: the steady rate of /ipxe on kept-alive connections ------------------------------------
@@ -1209,12 +1335,12 @@ def downloads(b: Bench) -> tuple[float, dict[str, list[float]]]:
     return ratio, speeds
 
 
-def check_events(b: Bench, rc: StormResult, wrk_requests: int) -> None:
+def check_events(b: Bench, storm_requests: int, wrk_requests: int) -> None:
     print("\nwhat the controller recorded:")
     for c in event_checks(
         b.tmp / "events.db",
         b.machines,
-        rc.requests + b.warmup_requests,
+        storm_requests + b.warmup_requests,
         wrk_requests,
         b.args.wrk_connections if wrk_requests else 0,
     ):
@@ -1228,8 +1354,10 @@ def run(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> int:
     print(f"load: {load_average()}")
     wrk = wrk_rates(b)
     rc, rn = boot_storms(b)
+    steps = open_loop(b) if args.rates else []
     ratio, speeds = downloads(b)
-    check_events(b, rc, wrk[0].requests if wrk else 0)
+    check_events(b, rc.requests + sum(step[1].requests for step in steps),
+                 wrk[0].requests if wrk else 0)  # fmt: skip
     print(f"load: {load_average()}")
     if args.json:
         summary = {
@@ -1239,6 +1367,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> int:
             "boots": args.boots,
             "asset_mib": b.asset_bytes / MIB,
             "storm": {"controller": storm_summary(rc), "nginx": storm_summary(rn)},
+            "open_loop": [{"offered_boots_per_s": rate, "seconds": args.rate_seconds,
+                           "controller": storm_summary(c), "nginx": storm_summary(n)}
+                          for rate, c, n in steps],
             "wrk": {"controller": wrk_summary(wrk[0]), "nginx": wrk_summary(wrk[1])}
             if wrk
             else None,
@@ -1249,6 +1380,17 @@ def run(args: argparse.Namespace, tmp: Path, procs: Supervisor) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nresult: {'FAIL' if b.failed else 'ok'}")
     return 1 if b.failed else 0
+
+
+def rates_list(text: str) -> list[float]:
+    """--rates: positive numbers, comma-separated, in the order given."""
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0 < r < math.inf for r in rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: every rate must be a positive number of boots a second")
+    return rates
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1312,6 +1454,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-seconds", type=int, default=10, help="seconds per wrk run (default 10)")
     p.add_argument("--wrk-connections", type=int, default=50, help="wrk's connections (default 50)")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads (default 1)")
+    p.add_argument(
+        "--rates",
+        type=rates_list,
+        default=[],
+        metavar="R[,R...]",
+        help="after the storms, an open loop at each rate: R boots a second begun on schedule "
+        "whether or not the earlier ones were answered, each timed from when it was due, "
+        "against the controller and then nginx; prints the highest rate that kept the first "
+        "request's p99 under 100 ms (default: none)",
+    )
+    p.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=5,
+        help="seconds each --rates rate is offered for (default 5)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument(
         "--keep", action="store_true", help="keep the temporary directory (logs, site, DB)"
@@ -1340,6 +1498,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--machines must not be negative")
     if args.asset_mb <= 0:
         p.error("--asset-mb must be positive")
+    if args.rate_seconds <= 0:
+        p.error("--rate-seconds must be positive")
     for tool in (args.nginx, args.curl):
         if not (shutil.which(tool) or os.access(tool, os.X_OK)):
             p.error(f"{tool} not found (tools/setup installs nginx-light and curl)")
