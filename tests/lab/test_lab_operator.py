@@ -4,6 +4,11 @@ profile's kernel is missing is cycled with backoff and ends Failed with the step
 nothing else touched; a machine declared off is powered off, a person's power command is held
 until released; `bastion plan` lists exactly what `bastion apply` then does.
 
+The tests are one scenario on one lab, in file order: each starts from what the one before left
+(the three nodes booted and declared on, site.yaml's `operator:` section). A test whose
+predecessor did not pass is skipped, saying which (run alone, with -k, it would start from a
+lab it was not written for).
+
 Real QEMU nodes under TCG, so minutes, not seconds: the waits are generous guards, and nothing
 here checks how long anything took."""
 
@@ -42,6 +47,25 @@ def lab(tmp_path_factory):
         lab.down()
 
 
+_passed: list[str] = []  # the scenario's steps that passed, in order
+
+
+@pytest.fixture
+def step(request):
+    """This test's place in the scenario: skip it unless every test before it in the file
+    passed, and record it as passed when it does."""
+    names = [name for name in vars(request.module) if name.startswith("test_")]  # file order
+    before = names[: names.index(request.node.name)]
+    missing = [n for n in before if n not in _passed]
+    if missing:
+        pytest.skip(f"this module is one scenario in file order; {missing[-1]} did not pass "
+                    "before this test")  # fmt: skip
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:  # (its call's failure is counted before teardown)
+        _passed.append(request.node.name)
+
+
 def bastion(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """A `bastion` command as a person on the site LAN runs it, against the lab's controller."""
     env = {**os.environ, "BASTION_API_TOKEN": lab.token_file.read_text().strip()}
@@ -76,7 +100,7 @@ def edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-def test_declared_on_the_three_nodes_boot_with_no_command_from_a_person(lab):
+def test_declared_on_the_three_nodes_boot_with_no_command_from_a_person(lab, step):
     after = lab.last_event_id()
     (lab.site / "site.yaml").write_text((lab.site / "site.yaml").read_text()
                                         + "defaults:\n  power: on\noperator:\n  interval_s: 2\n")
@@ -126,7 +150,7 @@ def test_declared_on_the_three_nodes_boot_with_no_command_from_a_person(lab):
                    if e["id"] > after and e["kind"] in ("tftp", "asset"))
 
 
-def test_a_broken_profile_is_retried_with_backoff_and_ends_failed(lab):
+def test_a_broken_profile_is_retried_with_backoff_and_ends_failed(lab, step):
     (lab.site / "site.yaml").write_text((lab.site / "site.yaml").read_text()
                                         + "  cycles: 2\n  backoff_s: 5\n"
                                           "  step_timeouts: {script: 15, power-on: 120}\n")  # fmt: skip
@@ -165,7 +189,7 @@ def test_a_broken_profile_is_retried_with_backoff_and_ends_failed(lab):
     assert ops(lab, after)[:2] == [("bios-1", "reset"), ("bios-1", "reprovision")]
 
 
-def test_off_in_the_file_powers_off_and_a_person_is_held_until_released(lab):
+def test_off_in_the_file_powers_off_and_a_person_is_held_until_released(lab, step):
     edit(lab.site / "machines.yaml", "- name: uefi-1\n", "- name: uefi-1\n  power: 'off'\n")
     wait(lambda: lab.vm_state("uefi-1") == "off", 60, "uefi-1 powered off")
     off = [e for e in lab.events(kind="operator") if e["machine"] == "uefi-1"][-1]["payload"]
@@ -191,7 +215,7 @@ def test_off_in_the_file_powers_off_and_a_person_is_held_until_released(lab):
     wait(lambda: lab.vm_state("uefi-1") == "off", 60, "uefi-1 off after the release")
 
 
-def test_plan_lists_exactly_what_apply_does(lab):
+def test_plan_lists_exactly_what_apply_does(lab, step):
     edit(lab.site / "site.yaml", "operator:\n", "operator:\n  sync: manual\n")
     time.sleep(3)  # reloaded: from now on the declaration waits for apply
     edit(lab.site / "machines.yaml", "- name: arm-1\n", "- name: arm-1\n  power: 'off'\n")
