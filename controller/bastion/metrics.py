@@ -39,13 +39,16 @@ UPS_GAUGES = {
 }
 
 
-# The boot endpoints' group commit (bastion.api.deps.GroupCommit), read from history_source at
-# scrape time: the second over the first is how many events a transaction held.
+# The boot endpoints' group commit (bastion.api.deps.GroupCommit) and the history's bounds
+# (bastion.state.events.EventStore.pruned), read from history_source at scrape time: the second
+# over the first is how many events a transaction held.
 HISTORY_COUNTERS = {
     "bastion_history_commits": "Transactions in which the boot endpoints' group commit wrote their "
                                "events to the history.",
     "bastion_history_committed_events": "Events the boot endpoints' group commit wrote to the "
                                         "history in those transactions.",
+    "bastion_history_pruned": "Events deleted by the history's bounds (--history-events, "
+                              "--history-size, --history-days) since the controller started.",
 }  # fmt: skip
 
 
@@ -154,8 +157,9 @@ class _SiteGauges:
 
 
 class _HistoryCounters:
-    """A collector: the group commit's counters, read from history_source at scrape time (the
-    commit counts them anyway; a Counter bumped per commit would cost the loop a lock)."""
+    """A collector: the history's counters, read from history_source at scrape time (the group
+    commit and the store count them anyway; a Counter bumped per commit would cost the loop a
+    lock)."""
 
     def __init__(self, metrics: Metrics):
         self._metrics = metrics

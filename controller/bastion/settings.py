@@ -17,6 +17,7 @@ command line (or to the constructor), then the environment, then the default.
                                                          default_db_path(<site>, <site dir>))
     --history-days D           BASTION_HISTORY_DAYS      events older than this are deleted (30)
     --history-events N         BASTION_HISTORY_EVENTS    at most this many events (100000)
+    --history-size BYTES       BASTION_HISTORY_SIZE      at most this size of events (128MiB)
     (none)                     BASTION_API_TOKEN         the management API token, or
     --token-file FILE          BASTION_API_TOKEN_FILE    a file holding it (first line); wins
     --poll SECONDS             BASTION_POLL_SECONDS      site file polling (0: never; default 1)
@@ -57,6 +58,9 @@ DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_HISTORY_EVENTS = 100_000
+# 100,000 ordinary events take about 30 MB; this bounds a LAN host's large ones (8 KiB queries:
+# 830 MB for 100,000) to about this, the file's size (bastion.state.events.ROW_BYTES)
+DEFAULT_HISTORY_SIZE = 128 * 1024 * 1024
 DB_SHOWN = "$XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db"
 
 # a host name (RFC 1123 labels, a final dot allowed): --allowed-hosts, and the site files'
@@ -193,6 +197,11 @@ class Settings(BaseSettings):
     history_events: int = _setting(
         "BASTION_HISTORY_EVENTS", "--history-events", "At most this many events are kept; the "
         "oldest go first.", default=DEFAULT_HISTORY_EVENTS, metavar="N", shown="100000")  # fmt: skip
+    history_size: int = _setting(
+        "BASTION_HISTORY_SIZE", "--history-size", "At most about this many bytes of events "
+        "(64MiB, 1GiB, ...: their payloads, and 160 bytes an event for the rest of its row and "
+        "indexes); the oldest go first.", default=DEFAULT_HISTORY_SIZE, metavar="BYTES",
+        shown="128MiB")  # fmt: skip
     api_token: str | None = _setting("BASTION_API_TOKEN", None, "The management API token.")
     api_token_file: Path | None = _setting(
         "BASTION_API_TOKEN_FILE", "--token-file",
@@ -344,6 +353,14 @@ class Settings(BaseSettings):
             raise SettingsError(f"--max-body {v}: expected 1KiB to 1GiB")
         return v
 
+    @field_validator("history_size", mode="before")
+    @classmethod
+    def _history_size(cls, v: Any) -> Any:
+        v = parse_size(v, "--history-size") if isinstance(v, str) else v
+        if isinstance(v, int) and v < 1024**2:
+            raise SettingsError(f"--history-size {v}: expected 1MiB or more")
+        return v
+
     @field_validator("history_days")
     @classmethod
     def _history_days(cls, v: float) -> float:
@@ -451,7 +468,7 @@ def serve_options(f: Any) -> Any:
             ptype = click.Path(dir_okay=False, path_type=Path)
         elif field.annotation in (float, "float"):
             ptype = float
-        elif field.annotation in (int, "int") and name != "max_body":
+        elif field.annotation in (int, "int") and name not in ("max_body", "history_size"):
             ptype = int
         else:
             ptype = str

@@ -290,6 +290,9 @@ def test_the_ceiling_queues_a_whole_storms_connects_and_the_history_keeps_a_whol
     assert m and int(m.group(1)) >= 2 * 1000
     cmd = http_bench.controller_command(Path("/site"), 8080, Path("/db"), None)
     assert int(cmd[cmd.index("--history-events") + 1]) >= 1_000_000
+    from bastion.settings import parse_size
+
+    assert parse_size(cmd[cmd.index("--history-size") + 1], "--history-size") >= 1_000_000 * 1024
 
 
 def test_declared_machines_make_a_site_whose_groups_are_the_ones_the_check_expects(tmp_path):

@@ -286,11 +286,12 @@ def wait_ready(server: Server, path: str, timeout: float = 30.0) -> None:
     )
 
 
-# The controller's history bound in the bench. The check of what it recorded counts every boot
-# event of the run, and at the default bound (100,000) a fast machine's wrk phase alone (about
-# 200,000 requests in 10 s) has the oldest pruned before the count. Every event is still
-# written; what this leaves out is the pruning, one DELETE per tenth of the bound.
+# The controller's history bounds in the bench. The check of what it recorded counts every boot
+# event of the run, and at the default bounds (100,000 events, 128 MiB) a fast machine's wrk
+# phase alone (about 200,000 requests in 10 s) has the oldest pruned before the count. Every
+# event is still written; what this leaves out is the pruning, one DELETE per tenth of a bound.
 HISTORY_EVENTS = 10_000_000
+HISTORY_SIZE = "64GiB"
 
 # nginx's listen backlog, as uvicorn's default (2048) that the controller listens with: at
 # nginx's own 511, 1,000 clients connecting at once overflow its accept queue, and each dropped
@@ -309,6 +310,8 @@ def controller_command(site: Path, port: int, db: Path, profile_to: Path | None)
         str(db),
         "--history-events",
         str(HISTORY_EVENTS),
+        "--history-size",
+        HISTORY_SIZE,
         "--no-access-log",
         "--log-level",
         "warning",

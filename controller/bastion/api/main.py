@@ -106,14 +106,17 @@ def create_app(settings: Settings) -> FastAPI:
             runtime_box[0].operator.wake()
 
     holder = SiteHolder(settings.site_dir, on_reload=on_reload)
-    # The site's own history unless --db names one; bounded (--history-days, --history-events).
+    # The site's own history unless --db names one; bounded (--history-days, --history-events,
+    # --history-size).
     db_path = settings.db_path or default_db_path(holder.site.name, settings.site_dir)
     store = EventStore(db_path, max_events=settings.history_events,
-                       max_age_s=settings.history_days * 86400)  # fmt: skip
+                       max_age_s=settings.history_days * 86400,
+                       max_bytes=settings.history_size)  # fmt: skip
     runtime = Runtime(settings=settings, holder=holder, store=store, metrics=metrics)
     runtime.group_commit = group_commit = GroupCommit(runtime.commit_events)
     metrics.history_source = lambda: {"bastion_history_commits": group_commit.batches,
-                                      "bastion_history_committed_events": group_commit.events}  # fmt: skip
+                                      "bastion_history_committed_events": group_commit.events,
+                                      "bastion_history_pruned": store.pruned}  # fmt: skip
     runtime_box.append(runtime)
     runtime.secrets = SecretStore(secrets_dir(holder.site.name, settings.secrets_dir))
     # logs off-site (site.yaml logs:): a queue per target beside the history, events.logship/

@@ -106,9 +106,55 @@ def test_old_events_go_by_age_at_open_and_then_once_a_minute(tmp_path):
     assert tokens.lookup(token) is not None
 
 
+def test_large_events_are_bounded_by_size_as_small_ones_are_by_count(tmp_path):
+    from bastion.state.events import ROW_BYTES, event_size, payload_json
+
+    db = tmp_path / "events.db"
+    store = EventStore(db, max_events=1000, max_bytes=200_000)
+    big = {"query": "k=" + "x" * 8000}  # a LAN host's boot request with an 8 KB query
+    size = event_size(payload_json(big))
+    most_bytes = most_count = 0
+    for i in range(300):
+        store.record("boot", endpoint="/ipxe", payload={**big, "n": i})
+        total = sqlite3.connect(db).execute(
+            f"SELECT COUNT(*), SUM(length(payload) + {ROW_BYTES}) FROM events").fetchone()
+        most_count, most_bytes = max(most_count, total[0]), max(most_bytes, total[1])
+    assert 200_000 - size < most_bytes <= 200_000  # never over, and filled to the last one that fit
+    assert most_count == most_bytes // size
+    assert [e.payload["n"] for e in store.query(limit=3)] == [299, 298, 297]  # the newest kept
+    assert store.pruned == 300 - store.count()
+    # small events: the count binds first, the size never does
+    for i in range(3000):
+        store.record("boot", endpoint="/ipxe", payload={"query": f"mac={i}"})
+    assert store.count() <= 1000 and store.count() > 800
+    store.close()
+    # opened again with a smaller size: the bound holds at once, newest first
+    again = EventStore(db, max_events=1000, max_bytes=20 * event_size(payload_json({"query": "mac=2999"})))
+    assert again.count() <= 20 and again.query(limit=1)[0].payload == {"query": "mac=2999"}
+    again.close()
+
+
+def test_a_lan_hosts_large_boot_requests_keep_the_history_file_within_its_size(example_site, tmp_path):
+    db = tmp_path / "events.db"
+    with TestClient(app_for(example_site, db_path=db, history_size="1MiB")) as c:
+        for i in range(600):  # 600 requests with 7 KB queries: 4.3 MB of events offered
+            c.get("/ipxe", params={"mac": "52:54:00:12:34:01", "junk": f"{i}-" + "y" * 7000})
+        store = c.app.state.runtime.store
+        assert store.pruned > 400
+        assert f"bastion_history_pruned_total {store.pruned:.1f}" in c.app.state.runtime.metrics.render().decode()
+        newest = c.get("/api/v1/events", params={"limit": 1}).json()[0]
+        assert newest["payload"]["query"].startswith("mac=52%3A54%3A00%3A12%3A34%3A01&junk=599-")
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    # the file: the events' bound, and what SQLite keeps besides (the other tables, free pages)
+    assert db.stat().st_size < 1.3 * 1024 * 1024, db.stat().st_size
+
+
 @pytest.mark.parametrize(("given", "problem"), [
     ({"history_events": 99}, "--history-events 99: expected 100 or more"),
     ({"history_days": 0}, "--history-days 0: expected days, more than 0"),
+    ({"history_size": "1000"}, "--history-size 1000: expected 1MiB or more"),
+    ({"history_size": "lots"}, "--history-size 'lots': expected a size in bytes"),
 ])  # fmt: skip
 def test_bad_bounds_are_refused_naming_the_option(example_site, given, problem):
     with pytest.raises(SettingsError, match=problem):
