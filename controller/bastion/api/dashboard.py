@@ -53,20 +53,31 @@ def _page(template: str, runtime, site, **values) -> HTMLResponse:
 
 @router.get("/", include_in_schema=False)
 @router.get("/dashboard", response_class=HTMLResponse, summary="The dashboard (HTML)")
-async def dashboard(request: Request, runtime: RuntimeDep, site: SiteDep) -> HTMLResponse:
+async def dashboard(request: Request, runtime: RuntimeDep, site: SiteDep,
+                    machine: str | None = None, kind: str | None = None) -> HTMLResponse:  # fmt: skip
+    # ?machine=&kind=: the events filter, in the address so that a reload or a link keeps it
+    machine, kind = machine or None, kind or None
     last: dict[str, dict] = {}
     recent = runtime.store.query(limit=500)
     for e in recent:  # newest first: the first seen is the latest
         if e.machine and e.machine not in last:
             last[e.machine] = e.as_dict()
-    kinds = sorted(set(KINDS) | {e.kind for e in recent})
-    events = [e.as_dict() for e in recent[:50]]
+    kinds = sorted(set(KINDS) | {e.kind for e in recent} | ({kind} if kind else set()))
+    names = [m.name for m in site.machines]
+    if machine and machine not in names:  # a machine no longer declared still has its events
+        names.append(machine)
+    if machine or kind:
+        events = [e.as_dict() for e in runtime.store.query(limit=50, machine=machine, kind=kind)]
+    else:
+        events = [e.as_dict() for e in recent[:50]]
     status: dict[str, dict] = {}
     if runtime.operator is not None:  # where each machine stands (bastion.operator)
         view = await anyio.to_thread.run_sync(runtime.operator.view)
         status = {m["name"]: m["status"] for m in view["machines"]}
     return _page("dashboard.html", runtime, site, machines=site.machines, last=last, events=events,
-                 kinds=kinds, broken=runtime.holder.last_error, status=status)
+                 kinds=kinds, names=names, chosen={"machine": machine, "kind": kind},
+                 newest=recent[0].id if recent else 0, broken=runtime.holder.last_error,
+                 status=status)  # fmt: skip
 
 
 @router.get("/dashboard/machines/{name}", response_class=HTMLResponse,

@@ -95,3 +95,34 @@ def test_the_pages_talk_to_this_controller_only(site_dir, client_for):
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
     r = c.get("/dashboard/machines/nope")
     assert r.status_code == 404 and r.json() == {"detail": "no machine 'nope' in machines.yaml"}
+
+
+def test_the_events_filter_in_the_address_is_rendered_chosen(site_dir, client_for):
+    # /dashboard?machine=&kind= (the page writes its filters there): the newest events that
+    # match, and the two menus showing them chosen; a machine no longer declared keeps its own.
+    import re
+
+    c = client_for(site_dir)
+    store = c.app.state.runtime.store
+    for i in range(3):
+        store.record("dhcp", machine="node1", source="test", payload={"n": i})
+        store.record("power", machine="node1", source="test", payload={"n": i})
+        store.record("dhcp", machine="node2", source="test", payload={"n": i})
+    store.record("dhcp", machine="gone", source="test")
+
+    def shown(path):
+        page = c.get(path).text
+        table = page.split('<table id="events"', 1)[1].split("</table>", 1)[0]
+        rows = re.findall(r"<tr data-id=\"\d+\"><td>\d+</td><td[^>]*></td><td>([^<]*)</td>"
+                          r"<td class=\"wide-only\">[^<]*</td><td>([^<]*)</td>", table)  # fmt: skip
+        chosen = re.findall(r'<select id="(f-\w+)">.*?<option selected>([^<]*)</option>', page)
+        return rows, dict(chosen)
+
+    rows, chosen = shown("/dashboard?machine=node1&kind=dhcp")
+    assert rows == [("dhcp", "node1")] * 3 and chosen == {"f-machine": "node1", "f-kind": "dhcp"}
+    rows, chosen = shown("/dashboard?machine=node2")
+    assert rows == [("dhcp", "node2")] * 3 and chosen == {"f-machine": "node2"}
+    rows, chosen = shown("/dashboard?machine=gone")
+    assert rows == [("dhcp", "gone")] and chosen == {"f-machine": "gone"}
+    rows, chosen = shown("/dashboard?machine=&kind=")  # "all": every event, nothing chosen
+    assert len(rows) >= 10 and chosen == {}

@@ -153,6 +153,17 @@ def test_operate_a_machine_from_the_dashboard(served, browser, artefacts):
     rows = "return [...document.querySelectorAll('#events tbody tr')].map(r => [...r.cells].slice(2, 5).map(c => c.textContent))"
     until(d, lambda d: d.execute_script(rows) == [["power", "device", "node1"]], "filtered events")
     steps.shot("events-node1-power")
+    # The filters are in the page's address: reloaded, the page shows the same events, chosen.
+    until(d, lambda d: d.execute_script("return location.search") == "?machine=node1&kind=power",
+          "the filters in the address")  # fmt: skip
+    d.refresh()
+    wait_text(d, "#updated", "live ·")
+    assert [Select(d.find_element(By.ID, f)).first_selected_option.text
+            for f in ("f-machine", "f-kind")] == ["node1", "power"]  # fmt: skip
+    assert d.execute_script(rows) == [["power", "device", "node1"]]
+    Select(d.find_element(By.ID, "f-kind")).select_by_visible_text("all")
+    until(d, lambda d: d.execute_script("return location.search") == "?machine=node1",
+          "only the machine's filter left in the address")  # fmt: skip
 
     # Logging out leaves the page read-only again.
     d.find_element(By.ID, "logout-button").click()
