@@ -93,8 +93,11 @@ def _str(d, key, default, where, required=False, max_len=255):
 
 def channels(defs):
     """The relay channels (firmware.power.Power's), checked: a number of channels with every
-    default, or a list of channel objects. One tuple (name, pin, active_low, min_off_ms,
-    max_cycles, window_ms, default_on) per channel; ConfigError naming the channel and field."""
+    default, or a list of channel objects. One tuple (name, min_off_ms, max_cycles, window_ms,
+    default_on) per channel; ConfigError naming the channel and field. A relay's pin and its
+    polarity are the board definition's (board.json `relays`): given here they are refused, not
+    left to do nothing (a relay wired active low, said so here, would have switched a node on
+    for off)."""
     if isinstance(defs, int) and not isinstance(defs, bool):
         defs = [{} for _ in range(defs)]
     if not isinstance(defs, list):
@@ -104,22 +107,20 @@ def channels(defs):
         where = "power.channels[%d]" % index
         if not isinstance(d, dict):
             raise ConfigError("%s: must be an object" % where)
-        unknown(d, ("name", "pin", "active", "default", "min_off_ms", "max_cycles", "window_ms"),
-               where)  # fmt: skip
+        for k in ("pin", "active"):
+            if k in d:
+                raise ConfigError("%s.%s: a relay's pin and polarity are set in the board "
+                                  "definition (board.json relays), not here" % (where, k))  # fmt: skip
+        unknown(d, ("name", "default", "min_off_ms", "max_cycles", "window_ms"), where)
         name = d.get("name", "ch%d" % index)
         if not isinstance(name, str) or not 0 < len(name) <= 63:
             # a DNS label's length: eight of them and the rest of a status reply fit its frame
             raise ConfigError("%s.name: must be a string of 1..63 characters" % where)
-        active = d.get("active", "high")
-        if active not in ("high", "low"):
-            raise ConfigError("%s.active: %r must be 'high' or 'low'" % (where, active))
         default = d.get("default", "off")
         if default not in ("on", "off"):
             raise ConfigError("%s.default: %r must be 'on' or 'off'" % (where, default))
         out.append((
             name,
-            d.get("pin"),  # an int or a pin name: the board layer's business
-            active == "low",
             _int(d, "min_off_ms", 0, 3600000, 5000, where),
             _int(d, "max_cycles", 1, 1000, 4, where),
             _int(d, "window_ms", 1000, 86400000, 600000, where),

@@ -2,9 +2,8 @@
 #
 # The board layer supplies the outputs: an object with set(index, on) that drives channel
 # `index` (0-based, in the order of the channel list given to Power) to logical on/off; pins
-# and polarity are its business (Channel.pin, Channel.active_low say what the channel's
-# definition asked for). Everything here is pure over a clock passed in as `now` (ticks_ms),
-# so tests use a fake clock.
+# and polarity are its business (the board definition's `relays`). Everything here is pure
+# over a clock passed in as `now` (ticks_ms), so tests use a fake clock.
 #
 # Theory of operation, per channel:
 #   desired   what the operator asked for (on/off). Persisted, only when it changes (flash wear),
@@ -41,8 +40,7 @@ class Channel:
     def __init__(self, index, checked):
         self.index = index
         # firmware.config.channels checked these; pin and polarity are the board layer's business
-        (self.name, self.pin, self.active_low, self.min_off_ms, self.max_cycles, self.window_ms,
-         self.default_on) = checked  # fmt: skip
+        self.name, self.min_off_ms, self.max_cycles, self.window_ms, self.default_on = checked
         self.desired = self.default_on
         self.output = False
         self.off_at = None  # ticks when the output last went off, while min_off_ms matters

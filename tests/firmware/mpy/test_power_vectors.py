@@ -305,7 +305,10 @@ def test_channels_by_index_or_name_and_clear_errors():
 
 def test_channel_definitions_are_checked_by_field():
     for bad, field in (
-        ([{"active": "sideways"}], "power.channels[0].active"),
+        ([{"active": "low"}], ("power.channels[0].active: a relay's pin and polarity are set "
+                               "in the board definition (board.json relays), not here")),
+        ([{}, {"pin": 5}], ("power.channels[1].pin: a relay's pin and polarity are set in the "
+                            "board definition (board.json relays), not here")),
         ([{}, {"min_off_ms": -1}], "power.channels[1].min_off_ms"),
         ([{"max_cycles": 0}], "power.channels[0].max_cycles"),
         ([{"default": "maybe"}], "power.channels[0].default"),
@@ -319,8 +322,10 @@ def test_channel_definitions_are_checked_by_field():
             assert str(e).startswith(field), (str(e), field)
         else:
             raise AssertionError("accepted %r" % (bad,))
-    p = Power(Outputs(), [{"pin": 5, "active": "low"}])
-    assert p.channels[0].pin == 5 and p.channels[0].active_low
+    p = Power(Outputs(), [{"name": "n1", "min_off_ms": 0, "max_cycles": 9, "window_ms": 1000,
+                           "default": "on"}])  # fmt: skip
+    c = p.channels[0]
+    assert (c.name, c.min_off_ms, c.max_cycles, c.window_ms, c.default_on) == ("n1", 0, 9, 1000, True)
 
 
 def test_an_output_that_fails_is_counted_and_the_policy_goes_on():
