@@ -184,7 +184,9 @@ def download_resumable(
 
     The validator (ETag, else Last-Modified) of the response that started the file is kept next
     to it; the resuming request carries it as If-Range (RFC 9110 13.1.5), so a file that changed
-    on the mirror comes back whole (200) instead of as a tail that does not fit.
+    on the mirror comes back whole (200) instead of as a tail that does not fit. Its size is kept
+    too: a tail (206) of a file of another size is refused and the part discarded, for a mirror
+    that sent no validator (a changed file of the same size is left to the verification after).
     """
     check_url(url)
     meta_file = meta_path(part)
@@ -225,6 +227,16 @@ def download_resumable(
                         f"{r.headers.get('content-range')!r}"
                     )
                 total = int(m.group(3)) if m.group(3) != "*" else None
+                begun = meta.get("total")
+                if total is not None and isinstance(begun, int) and total != begun:
+                    # Not the file this part was begun with, and nothing said so: a mirror that
+                    # sent no validator to ask If-Range with (or ignores it). Its tail would not fit.
+                    unlink(part, meta_file)
+                    raise TransferInterrupted(
+                        f"{name}: the mirror's file is now {total} bytes, not the {begun} this "
+                        "partial file was begun with; the partial file was discarded: run the "
+                        "command again to start it afresh"
+                    )
                 mode = "ab"
             elif r.status_code == 200:
                 if have:

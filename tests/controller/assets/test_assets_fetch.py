@@ -500,6 +500,31 @@ def test_a_file_that_changed_on_the_mirror_is_fetched_whole_again(site, mirror, 
     assert (site / "assets/flatcar/stable/amd64/current" / KERNEL).read_bytes() == new_kernel
 
 
+def test_a_tail_of_a_file_of_another_size_is_refused_when_there_was_no_validator(site, mirror, test_key):
+    rel = publish(mirror, test_key)
+    image = rel.base + "flatcar_production_image.vmlinuz"
+    mirror.cut_once.add(image)
+    assert run_fetch(site, mirror, test_key).exit_code == 1
+    # As from a mirror that sent neither ETag nor Last-Modified: nothing for If-Range.
+    part = site / f"var/assets-fetch/flatcar/stable/amd64/{VERSION}/{KERNEL}.part"
+    meta_file = part.with_name(part.name + ".json")
+    meta = json.loads(meta_file.read_text())
+    assert meta["total"] == len(rel.kernel)
+    meta_file.write_text(json.dumps({**meta, "etag": None, "last_modified": None}))
+    new_kernel = os.urandom(len(rel.kernel) + 1000)  # the mirror's file changed
+    mirror.files[image] = new_kernel
+    mirror.files[rel.base + "flatcar_production_image.vmlinuz.sig"] = test_key.sign(new_kernel)
+    result = run_fetch(site, mirror, test_key)
+    assert result.exit_code == 1
+    assert (f"the mirror's file is now {len(new_kernel)} bytes, not the {len(rel.kernel)} this "
+            "partial file was begun with; the partial file was discarded") in result.output  # fmt: skip
+    assert "if-range" not in mirror.gets("flatcar_production_image.vmlinuz")[-1]
+    assert not part.exists() and not meta_file.exists()
+    again = run_fetch(site, mirror, test_key)  # afresh: the whole new file
+    assert again.exit_code == 0, again.output
+    assert (site / "assets/flatcar/stable/amd64/current" / KERNEL).read_bytes() == new_kernel
+
+
 def test_resume_against_starlette_static_files(site, test_key, tmp_path):
     """The same resume against a real Range implementation (Starlette), with the release laid out
     on disk as Flatcar's server has it: the PXE kernel a symlink to the image kernel."""
