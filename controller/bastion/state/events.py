@@ -116,6 +116,9 @@ class EventStore:
         self.path = Path(path)
         self.max_events = max_events
         self.max_bytes = max_bytes
+        # the events' size (_bytes) is kept for a store bounded by it only: summing it reads every
+        # payload (25 ms for 100,000 events at open, where a count takes 1)
+        self._size_sum = f"COALESCE(SUM({_SIZE_SQL}), 0)" if max_bytes is not None else "0"
         self.max_age_s = max_age_s
         self.clock = clock
         self.pruned = 0  # rows deleted by the bounds since the store opened
@@ -181,7 +184,8 @@ class EventStore:
                 last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 ids = list(range(last - len(rows) + 1, last + 1))
                 self._count += len(rows)
-                self._bytes += sum(event_size(row[-1]) for row in rows)
+                if self.max_bytes is not None:
+                    self._bytes += sum(event_size(row[-1]) for row in rows)
                 self._bound(ids[-1])
                 if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
                     self._age()
@@ -194,7 +198,7 @@ class EventStore:
 
     def _recount(self) -> None:
         self._count, self._bytes = self._db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM({_SIZE_SQL}), 0) FROM events").fetchone()
+            f"SELECT COUNT(*), {self._size_sum} FROM events").fetchone()  # fmt: skip
 
     def _bound(self, newest: int) -> None:
         """Past max_events or max_bytes: keep the newest nine tenths of it (ids only grow)."""
@@ -215,8 +219,7 @@ class EventStore:
         # What goes is counted first, from the rows the DELETE reads next (a count of the whole
         # table after it read every payload: 30 MB at the count bound, once per 10,000 events)
         n, size = self._db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM({_SIZE_SQL}), 0) FROM events WHERE {where}",
-            (arg,)).fetchone()  # fmt: skip
+            f"SELECT COUNT(*), {self._size_sum} FROM events WHERE {where}", (arg,)).fetchone()
         if n:
             self._db.execute(f"DELETE FROM events WHERE {where}", (arg,))
             self.pruned += n
