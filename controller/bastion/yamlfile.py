@@ -168,17 +168,37 @@ _MERGE = "tag:yaml.org,2002:merge"
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineDict:
-    # A key given twice is refused among the mapping's own keys. Keys a merge (`<<: *defaults`)
-    # brings in come first and the mapping's own override them, as YAML's merge key says.
-    own = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE)
-    loader.flatten_mapping(node)
-    merged = len(node.value) - own
+    # The merge key (`<<: *defaults`, `<<: [*gpu, *defaults]`) is done here, not by PyYAML's
+    # flatten_mapping: from 6.0.3 on that keeps a merged key once only when the two keys are the
+    # same string object, so which mapping's value won hung on CPython's string caching ("k"
+    # from the first mapping, "arch" from the last). As YAML's merge key says: the mappings
+    # merged come first, of those in one list the earlier win, and the mapping's own keys win
+    # over all of them. A key the mapping gives twice itself is refused, and `<<` given twice.
+    merges = [(k, v) for k, v in node.value if k.tag == _MERGE]
+    if len(merges) > 1:
+        raise yaml.constructor.ConstructorError(
+            None, None, "'<<' is given twice: merge several mappings with one list, "
+            "<<: [*a, *b] (the first one's keys win)", merges[1][0].start_mark)  # fmt: skip
     out = LineDict()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
     out.value_lines = {}
+    for _, value_node in merges:
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for sub in reversed(sources):  # the earlier ones last: their values stay
+            if not isinstance(sub, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'<<' merges mappings, and this is a {sub.id}", sub.start_mark)
+            merged = loader.construct_object(sub, deep=True)
+            out.update(merged)
+            out.key_lines.update(getattr(merged, "key_lines", {}))
+            out.value_lines.update(getattr(merged, "value_lines", {}))
     given: set[Any] = set()
-    for n, (key_node, value_node) in enumerate(node.value):
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE:
+            continue
+        if key_node.tag == "tag:yaml.org,2002:value":  # `=`, a plain key as PyYAML has it
+            key_node.tag = "tag:yaml.org,2002:str"
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
@@ -186,12 +206,11 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineDict:
             raise yaml.constructor.ConstructorError(
                 None, None, "a mapping key must be a plain value", key_node.start_mark
             ) from None
-        if n >= merged:
-            if key in given:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-            given.add(key)
+        if key in given:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark
+            )
+        given.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
         out.value_lines[key] = value_node.start_mark.line + 1

@@ -118,11 +118,38 @@ def test_a_merge_key_brings_defaults_that_the_mapping_overrides():
             "  - <<: [*g, *d]\n    name: m2\n")  # fmt: skip
     m1, m2 = yamlfile.load(text, "machines.yaml")["machines"]
     assert (m1["role"], m1["arch"], m1.line_of("role")) == ("control-plane", "x86_64", 6)
-    # two merged mappings that share keys load (which one's value wins is PyYAML's to say)
-    assert m2["name"] == "m2" and m2["role"] == "worker" and m2["arch"] in ("arm64", "x86_64")
+    # of two merged mappings that share keys, the earlier wins (YAML's merge key), with either
+    # parser (the libyaml path, then PyYAML's own on a file libyaml refuses)
+    assert m2["name"] == "m2" and m2["role"] == "worker" and m2["arch"] == "arm64"
+    assert m2["labels"] == {"gpu": True}
     # a key the mapping gives twice itself is still refused, merge or not
     with pytest.raises(yamlfile.YamlError, match="given twice"):
         yamlfile.load("m:\n  <<: {x: 1}\n  x: 2\n  x: 3\n", "machines.yaml")
+
+
+def test_merged_keys_take_the_earlier_mappings_value_whatever_the_keys_spelling(monkeypatch):
+    # PyYAML 6.0.3+ kept the first of two merged keys only when both were one string object:
+    # "k" (a cached one-letter string) from the first mapping, "arch" from the last
+    text = ("a: &a {k: 1, arch: from-a}\nb: &b {k: 2, arch: from-b, only: b}\n"
+            "c: &c {<<: *b, k: 3}\n"
+            "m: {<<: [*a, *b]}\nn: {<<: [*c, *a]}\no: {<<: *a, arch: own}\n")  # fmt: skip
+    fast = yamlfile.load(text, "t.yaml")  # libyaml's parser, when PyYAML has it
+    monkeypatch.setattr(yamlfile, "_FastLoader", None)
+    for loaded in (fast, yamlfile.load(text, "t.yaml")):  # and PyYAML's own
+        assert dict(loaded["m"]) == {"k": 1, "arch": "from-a", "only": "b"}
+        assert dict(loaded["n"]) == {"k": 3, "arch": "from-b", "only": "b"}  # c's own k, then b's
+        assert dict(loaded["o"]) == {"k": 1, "arch": "own"}
+    assert loaded["m"].line_of("only") == 2 and loaded["o"].line_of("arch") == 6
+    with pytest.raises(yamlfile.YamlError, match="'<<' merges mappings, and this is a scalar"):
+        yamlfile.load("m: {<<: [1, 2]}\n", "t.yaml")
+
+
+def test_a_merge_key_given_twice_is_refused_with_the_list_to_use_instead():
+    text = "a: &a {k: 1}\nb: &b {k: 2}\nm:\n  <<: *a\n  name: m\n  <<: *b\n"
+    with pytest.raises(yamlfile.YamlError) as e:
+        yamlfile.load(text, "machines.yaml")
+    assert str(e.value) == ("machines.yaml:6: '<<' is given twice: merge several "
+                            "mappings with one list, <<: [*a, *b] (the first one's keys win)")  # fmt: skip
 
 
 # --- libyaml's parser (the fast path) against PyYAML's own -------------------------------------
