@@ -169,11 +169,14 @@ _MERGE = "tag:yaml.org,2002:merge"
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineDict:
     # The merge key (`<<: *defaults`, `<<: [*gpu, *defaults]`) is done here, not by PyYAML's
-    # flatten_mapping: from 6.0.3 on that keeps a merged key once only when the two keys are the
-    # same string object, so which mapping's value won hung on CPython's string caching ("k"
-    # from the first mapping, "arch" from the last). As YAML's merge key says: the mappings
-    # merged come first, of those in one list the earlier win, and the mapping's own keys win
-    # over all of them. A key the mapping gives twice itself is refused, and `<<` given twice.
+    # flatten_mapping: 6.0.4's (constraints.txt; its guard against merge-key blowups, PyYAML
+    # pull request 937) keeps a merged key once only when the two keys are the same string
+    # object, so which mapping's value won hung on CPython's string caching ("k" from the first
+    # mapping, "arch" from the last). As YAML's merge key says: the mappings merged come first,
+    # of those in one list the earlier win, and the mapping's own keys win over all of them. A
+    # key the mapping gives twice itself is refused, and `<<` given twice. Each mapping merged
+    # is built once (construct_object keeps what it built per node) and its keys copied, so a
+    # chain of merges costs what its keys are; _bounded refuses alias bombs before this.
     merges = [(k, v) for k, v in node.value if k.tag == _MERGE]
     if len(merges) > 1:
         raise yaml.constructor.ConstructorError(

@@ -128,7 +128,7 @@ def test_a_merge_key_brings_defaults_that_the_mapping_overrides():
 
 
 def test_merged_keys_take_the_earlier_mappings_value_whatever_the_keys_spelling(monkeypatch):
-    # PyYAML 6.0.3+ kept the first of two merged keys only when both were one string object:
+    # PyYAML 6.0.4 kept the first of two merged keys only when both were one string object:
     # "k" (a cached one-letter string) from the first mapping, "arch" from the last
     text = ("a: &a {k: 1, arch: from-a}\nb: &b {k: 2, arch: from-b, only: b}\n"
             "c: &c {<<: *b, k: 3}\n"
