@@ -59,7 +59,8 @@ DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_HISTORY_DAYS = 30.0
 DEFAULT_HISTORY_EVENTS = 100_000
 # 100,000 ordinary events take about 30 MB; this bounds a LAN host's large ones (8 KiB queries:
-# 830 MB for 100,000) to about this, the file's size (bastion.state.events.ROW_BYTES)
+# 8,263 bytes an event in the file, 830 MB for 100,000) to about this file size
+# (bastion.state.events.ROW_BYTES)
 DEFAULT_HISTORY_SIZE = 128 * 1024 * 1024
 DB_SHOWN = "$XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db"
 
