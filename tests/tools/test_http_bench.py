@@ -67,11 +67,13 @@ def _ok(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
 
 
-def _boot_against(answers, dribble=False):
+def _boot_against(answers, dribble=False, late=None):
     """One boot_once against a loopback server whose answer to the n-th request on a
     connection is answers[n] (bytes; None: close the connection instead). dribble: each answer
-    goes out a byte at a time. Returns (result, the request lines the server got)."""
+    goes out a byte at a time. late: the boot was due that many seconds before it began (an
+    open loop's). Returns (result, the request lines the server got)."""
     import asyncio
+    import time
 
     got = []
 
@@ -94,7 +96,8 @@ def _boot_against(answers, dribble=False):
         result = http_bench.StormResult()
         machine = http_bench.machines_for(1, 1)[0]
         client = http_bench.StormClient(f"http://127.0.0.1:{port}")
-        await http_bench.boot_once(client, machine, result, 5.0)
+        due = None if late is None else time.perf_counter() - late
+        await http_bench.boot_once(client, machine, result, 5.0, due)
         server.close()
         return result
 
@@ -181,27 +184,7 @@ def test_an_open_loop_counts_the_boots_it_could_not_begin_past_its_cap():
 
 
 def test_a_boot_due_earlier_is_timed_from_when_it_was_due():
-    import asyncio
-    import time
-
-    async def main():
-        async def serve(reader, writer):
-            for body in (_BOOT, _PROFILE):
-                await reader.readline()
-                while (await reader.readline()) not in (b"\r\n", b""):
-                    pass
-                writer.write(_ok(body))
-            writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        client = http_bench.StormClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        result = http_bench.StormResult()
-        await http_bench.boot_once(client, http_bench.machines_for(1, 1)[0], result, 5.0,
-                                   due=time.perf_counter() - 1.0)  # fmt: skip
-        server.close()
-        return result
-
-    result = asyncio.run(main())
+    result, _ = _boot_against([_ok(_BOOT), _ok(_PROFILE)], late=1.0)
     assert result.error_count == 0
     assert result.latencies["boot.ipxe"][0] >= 1.0  # the second before it began counts
     assert result.latencies["ipxe"][0] < 1.0  # the chained request is timed on its own
