@@ -67,6 +67,11 @@ DB_SHOWN = "$XDG_STATE_HOME/edge-bastion/history/<site>-<id>/events.db"
 # a host name (RFC 1123 labels, a final dot allowed): --allowed-hosts, and the site files'
 HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
+#: The settings given as sizes (parse_size: 1048576, 64KiB, 1MiB): the bytes each takes, as
+#: (least, most, what the error says is expected).
+SIZES = {"max_body": (1024, 1024**3, "1KiB to 1GiB"),
+         "history_size": (1024**2, float("inf"), "1MiB or more")}  # fmt: skip
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}  # fmt: skip
 
@@ -346,20 +351,14 @@ class Settings(BaseSettings):
             )
         return v
 
-    @field_validator("max_body", mode="before")
+    @field_validator(*SIZES, mode="before")
     @classmethod
-    def _size(cls, v: Any) -> Any:
-        v = parse_size(v, "--max-body") if isinstance(v, str) else v
-        if isinstance(v, int) and not 1024 <= v <= 1024**3:
-            raise SettingsError(f"--max-body {v}: expected 1KiB to 1GiB")
-        return v
-
-    @field_validator("history_size", mode="before")
-    @classmethod
-    def _history_size(cls, v: Any) -> Any:
-        v = parse_size(v, "--history-size") if isinstance(v, str) else v
-        if isinstance(v, int) and v < 1024**2:
-            raise SettingsError(f"--history-size {v}: expected 1MiB or more")
+    def _size(cls, v: Any, info: Any) -> Any:
+        option = "--" + info.field_name.replace("_", "-")
+        low, high, expected = SIZES[info.field_name]
+        v = parse_size(v, option) if isinstance(v, str) else v
+        if isinstance(v, int) and not low <= v <= high:
+            raise SettingsError(f"{option} {v}: expected {expected}")
         return v
 
     @field_validator("history_days")
@@ -469,7 +468,7 @@ def serve_options(f: Any) -> Any:
             ptype = click.Path(dir_okay=False, path_type=Path)
         elif field.annotation in (float, "float"):
             ptype = float
-        elif field.annotation in (int, "int") and name not in ("max_body", "history_size"):
+        elif field.annotation in (int, "int") and name not in SIZES:  # sizes: "64KiB" too
             ptype = int
         else:
             ptype = str
