@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pty
 import shutil
 import struct
 import subprocess
@@ -82,7 +83,9 @@ def test_a_rom_function_the_stand_in_lacks_stops_the_emulator_and_is_named(tmp_p
         mpremote(board.link, "exec", "--no-follow", "import machine; machine.bootloader()", timeout=EMULATED_S)
         stop = board.wait(lambda e: e.get("ev") == "break", what="the emulator stopping")
         assert stop["rom"] == "reset_usb_boot", stop
-        assert board.proc.wait(timeout=30) == 3
+        board.proc.wait(timeout=30)  # it ends there (killing itself: emulator.mjs's stop())
+        said = board.proc.stderr.read().decode(errors="replace")
+        assert "stopped at a breakpoint" in said and '"rom":"reset_usb_boot"' in said, said
 
 
 def test_files_put_by_mpremote_are_in_flash_after_a_watchdog_reset(tmp_path):
@@ -307,6 +310,55 @@ def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(flashed, t
     assert out.read_bytes() == (flashed.tftp / "undionly.kpxe").read_bytes()
     heap = status["status"]["heap"]
     print(f"rp2 (emulated): {out.stat().st_size} B over TFTP in {took:.1f} s of wall time; heap after: {heap}")
+
+
+def test_the_emulator_ends_when_nothing_reads_its_events_while_its_line_is_held(tmp_path):
+    """Its events go to whoever started it; once that reader is gone (a test process killed
+    outright) a write to it fails (EPIPE), and the emulator ends, even while another process
+    holds its serial line (here: this one) so that its read of the line never returns. Node's
+    own exit waited for that read: the emulator stayed, a core's worth of CPU, and no longer
+    ended on SIGTERM (a CI run's failure of the test below, when this came before setpriv's
+    signal). Started without setpriv, so nothing else ends it."""
+    from rp2kit import EMULATOR, IMAGE
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(["node", str(EMULATOR), "--image", str(IMAGE), "--serial-fd", str(master)],
+                            pass_fds=(master,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        for line in proc.stdout:  # up to the USB line: its clock events follow once a second
+            if json.loads(line).get("ev") == "usb":
+                break
+        proc.stdout.close()
+        proc.wait(timeout=60)  # a bound on a hang, not a timing claim
+        assert "EPIPE" in proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+
+
+def test_an_idle_chip_leaves_the_machine_its_cpu(tmp_path):
+    """MicroPython's REPL waiting for a byte sleeps the chip with no timer set. rp2040js's loop
+    then spins, its clock still: a core of the machine (at the raised priority rp2kit gives it)
+    that the tests' own processes needed. The emulator sleeps instead until the host writes."""
+    with Rp2Board(tmp_path / "ttyACM0") as board:
+        board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
+        time.sleep(1)  # past the banner
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{board.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        used, began = cpu(), time.monotonic()
+        time.sleep(3)
+        used, wall = cpu() - used, time.monotonic() - began
+        # CPU time against the wall's: a slow or busy machine gives the emulator less, not more
+        assert used < wall / 2, f"{used:.2f} s of CPU in {wall:.2f} s of an idle chip"
+        # and the chip still answers the host at once
+        assert mpremote(board.link, "exec", "print(6 * 7)", timeout=EMULATED_S).strip() == "42"
 
 
 def test_the_emulator_stops_when_the_process_that_started_it_is_killed(tmp_path):

@@ -15,7 +15,11 @@
 //   rest (connect, exit XIP, flush, enter XIP) do nothing. MicroPython's littlefs (rp2.Flash)
 //   writes through them, so files written by mpremote are in the flash after a reset.
 // - A breakpoint (the SDK's panic, or a ROM function the stand-in does not have) stops the
-//   emulator: {"ev": "break", "pc": ..., "rom": NAME} on stdout, the same on stderr, exit 3.
+//   emulator: {"ev": "break", "pc": ..., "rom": NAME} on stdout, the same on stderr.
+// - Every end (a breakpoint, SIGTERM or SIGINT, the serial line's read or write failing, an
+//   error not caught, among them a write to stdout once its reader is gone) writes the flash
+//   file, if any, says why on stderr, and kills the process (SIGKILL: see stop()); no exit
+//   status tells them apart.
 // - A watchdog reset (its timer running out, or machine.reset(), which triggers it) starts the
 //   chip again with the same flash, as a real board comes back with its files.
 // - Written to stdout, one JSON object a line, `ms` the chip's own clock: every change of a
@@ -23,10 +27,11 @@
 //   the watchdog's first enabling after each start ("watchdog-enabled"), each start ("boot",
 //   with its reason), the USB line coming up ("usb"), and the chip's clock once a second of the
 //   wall's ("clock"). The emulation keeps its own time: it runs at a fraction of a real chip's
-//   speed, and an idle chip's timers run ahead of the wall clock.
+//   speed, and an idle chip's timers run ahead of the wall clock. A chip asleep with no timer
+//   set (MicroPython's REPL waiting for a byte) stops its clock and the emulator sleeps until
+//   the host writes a byte or a frame.
 // - --flash-file: the flash is read from this file when it exists (the image is then not
-//   loaded) and written to it when the emulator is stopped (SIGTERM or SIGINT, after which it
-//   ends itself with SIGKILL: see the handler).
+//   loaded) and written to it when the emulator ends.
 // - --w5500: a W5500 Ethernet chip on SPI0 (chip select GPIO 17, reset GPIO 20), as on the
 //   W5500-EVB-Pico: its registers and buffers, its link up at 100 Mb/s full duplex, each socket
 //   command done at once. Each frame the chip is asked to send is reported ({"ev": "eth", "len":
@@ -36,8 +41,9 @@
 //   MicroPython's WIZNET5K driver uses (W5500 datasheet, section 2 and 4), not of the chip's
 //   timing or its TCP/IP offload.
 //   W5500_TRACE=1 in the environment writes each SPI frame to stderr.
-// - Two more places where rp2040js differs from the chip are worked around here, each where it
-//   is done: a UART's TX interrupt (quietTx) and USB reads while the host has nothing to send.
+// - Three more places where rp2040js differs from the chip are worked around here, each where it
+//   is done: a UART's TX interrupt (quietTx), USB reads while the host has nothing to send, and
+//   the sleep with no timer set (run).
 import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 import { ConsoleLogger, GPIOPinState, LogLevel, Simulator, USBCDC } from 'rp2040js';
@@ -129,15 +135,22 @@ if (args['flash-file'] && fs.existsSync(args['flash-file'])) {
 } else {
   blocks = loadUf2(args.image, flash);
 }
-for (const signal of ['SIGTERM', 'SIGINT']) {
-  process.on(signal, () => {
+// Every way out goes through here. Not process.exit(): Node's exit waits for its thread pool,
+// where the serial line's read blocks until the line's other end writes or closes, and a test
+// (or a process it started) may hold that end open: the exit then never ends, and the process
+// no longer answers SIGTERM either. The flash is written (synchronously) first.
+function stop(why) {
+  try {
     if (args['flash-file']) fs.writeFileSync(args['flash-file'], sim ? sim.rp2040.flash : flash);
-    // Not process.exit(): Node's exit waits for its thread pool, where the serial line's read
-    // blocks until the line's other end writes or closes, and the test holds it open: every
-    // stop waited for the harness's SIGKILL, 10 s later. The flash is written (synchronously).
+    if (why) fs.writeSync(2, why.endsWith('\n') ? why : why + '\n');
+  } finally {
     process.kill(process.pid, 'SIGKILL');
-  });
+  }
 }
+for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => stop(''));
+// Anything thrown and not caught, among them a write to stdout once whoever read it is gone
+// (EPIPE): a test process killed outright. Node's own handling would exit, and hang as above.
+process.on('uncaughtException', (err) => stop(`emulator: ${err.stack ?? err}`));
 
 // --- the W5500 --------------------------------------------------------------------------------
 // An SPI frame while chip select is low: a 16-bit address, a control byte (block select << 3,
@@ -367,8 +380,7 @@ function start(reason) {
     const pc = (mcu.core.PC - 2) >>> 0;
     const what = { ev: 'break', code, pc, rom: romNames.get(pc) ?? null, lr: mcu.core.LR >>> 0 };
     emit(what);
-    process.stderr.write(`stopped at a breakpoint: ${JSON.stringify(what)}\n`);
-    process.exit(3);
+    stop(`stopped at a breakpoint: ${JSON.stringify(what)}`);
   };
   mcu.loadBootrom(bootrom);
   mcu.flash.set(flash);
@@ -460,9 +472,23 @@ function run(mine) {
   const cycleNanos = 1e9 / 125e6;
   mine.stopped = false;
   const step = () => {
+    mine.wake = null;
     if (mine.stopped) return;
     for (let i = 0; i < 200000 && !mine.stopped; i++) {
       if (core.waiting) {
+        if (clock.nextAlarm === null) {
+          // Asleep with no timer set: only the host can wake it (a byte on the serial line, a
+          // frame for the W5500). rp2040js's own loop spins here, its clock still, a core of
+          // the machine's CPU gone and the host's bytes waiting up to a whole round of it.
+          // Sleep instead, until one comes or for a millisecond of the wall's.
+          const timer = setTimeout(step, 1);
+          mine.wake = () => {
+            mine.wake = null; // once: a second step chain would run the chip twice as often
+            clearTimeout(timer);
+            setImmediate(step);
+          };
+          return;
+        }
         const nanos = clock.nanosToNextAlarm;
         clock.tick(nanos);
         i += nanos / cycleNanos;
@@ -497,10 +523,7 @@ function drain() {
   }
   writing = true;
   fs.write(serialFd, buf, 0, buf.length, null, (err, n) => {
-    if (err && err.code !== 'EAGAIN') {
-      process.stderr.write(`serial write: ${err.message}\n`);
-      process.exit(1);
-    }
+    if (err && err.code !== 'EAGAIN') stop(`serial write: ${err.message}`);
     if (!err && n < buf.length) outQueue.unshift(buf.subarray(n));
     if (err) outQueue.unshift(buf);
     drain();
@@ -515,11 +538,9 @@ input.on('data', (chunk) => {
     else pending.push(byte);
   }
   feed();
+  sim?.wake?.();
 });
-input.on('error', (err) => {
-  process.stderr.write(`serial read: ${err.message}\n`);
-  process.exit(1);
-});
+input.on('error', (err) => stop(`serial read: ${err.message}`));
 
 // Frames for the W5500 to receive, from stdin: one JSON object a line, {"frame": "<hex>"};
 // each is reported as {"ev": "eth-in", "seq": k, "len": n, "taken": true|false}, k counting
@@ -536,6 +557,7 @@ process.stdin.on('data', (chunk) => {
     const bytes = Buffer.from(frame, 'hex');
     const taken = w5500 !== null && w5500.receive(bytes);
     emit({ ev: 'eth-in', seq: received++, len: bytes.length, taken, ms: sim.clock.nanos / 1e6 });
+    sim?.wake?.();
   }
 });
 
