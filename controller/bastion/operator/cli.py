@@ -74,7 +74,8 @@ def line(r: tuple[str, ...], widths: list[int]) -> str:
               help="Seconds between looks with -w (0.1 to 3600).")
 def machines(url, token_file, watch, output, interval) -> None:
     """Where every machine stands: its declaration (DESIRED), its relay, and its status (Off,
-    Powering, Booting (step), Provisioned, Ready, Stuck (n of m), Failed, Held, Maintenance)."""
+    Powering, Booting (step), Provisioned, Ready, Stuck (n of m), Failed, Held, Maintenance, On,
+    Unknown)."""
     api = ApiClient.connect(url, token_file)
     view = api.call("GET", "/api/v1/operator")
     if output == "json":

@@ -428,6 +428,13 @@ def status(want: Want, seen: Seen, mem: Memory | None, now: float, cfg: Config) 
         return Status("Stuck", f"Stuck ({n} of {cfg.cycles})", **{**base, "attempt": n},
                       reason=f"no step after {p.step} for {cfg.timeout(p.step or 'power-on'):g}s",
                       since=mem.stuck_at)  # fmt: skip
+    if now >= (p.step_at or p.boot_at) + cfg.timeout(p.step or "power-on") \
+            and _unheard_yet(want, seen, now, cfg):  # fmt: skip
+        # what the plan waits out (above): a boot past its step's timeout, from before this
+        # controller began listening, may be a node up and beating; not "Booting" either
+        return Status("Unknown", "Unknown (waiting for a beat)", **base, since=seen.listening_since,
+                      reason=f"a boot from before the controller started, last at {p.step}; "
+                      "heartbeats are not kept: it is judged when ready_s has passed with no beat")  # fmt: skip
     if p.step in (None, "power-on"):
         return Status("Powering", "Powering", **base, since=p.boot_at)
     text = f"Booting ({p.step})" + (f", retry {mem.attempt} of {cfg.cycles}" if mem.attempt else "")

@@ -205,6 +205,14 @@ def test_a_restarted_controller_waits_for_a_running_nodes_beats_before_judging_i
     assert run(ON, restarted, Memory(spec="a"), 5000 + CFG.ready_s - 1)[0] == []
     assert run(ON, replace(restarted, heartbeat_at=5010), Memory(spec="a"), 5011)[0] == []
     assert run(ON, restarted, Memory(spec="a"), 5000 + CFG.ready_s + 1)[0] == ["stuck"]  # silent
+    # and says so meanwhile: not "Booting (ignition)", a step it left an hour ago
+    st = status(ON, restarted, Memory(spec="a"), 5001, CFG)
+    assert (st.phase, st.text, st.since) == ("Unknown", "Unknown (waiting for a beat)", 5000), st
+    assert "last at ignition" in st.reason and "ready_s" in st.reason, st
+    assert status(ON, replace(restarted, heartbeat_at=5010), Memory(spec="a"), 5011, CFG).phase == "Ready"
+    # a boot from before the restart (/ignition at 4990) within its step's timeout: booting
+    fresh = Seen(relay="on", progress=progress(boot_events(t0=4950)[:-1]), listening_since=5000)
+    assert status(ON, fresh, Memory(spec="a"), 5001, CFG).text == "Booting (ignition)"
     # a boot that began after the controller started is judged as always
     late = Seen(relay="on", progress=progress(boot_events(t0=6000)[:-1]), listening_since=5000)
     assert run(ON, late, Memory(spec="a"), 6040 + core.DEFAULT_TIMEOUTS["ignition"] + 1)[0] == ["stuck"]
