@@ -329,9 +329,14 @@ class TftpServer:
             slot.client = _client(client)  # one text for both events
             slot.sock = sock
             n = t.start(req, f, size, ticks_ms())  # the transfer owns f from here
+            # Allocations before the task: once it exists its _end gives the slot back, and a
+            # MemoryError after it (the crc as an int is boxed on a 32-bit board three times in
+            # four) released the slot here too: twice, and the next request shared it.
+            asked = crc32(data) & 0x3FFFFFFF
+            port = net.addr_port(client)
             slot.task = asyncio.create_task(self._serve(slot, sock))
-            slot.asked = crc32(data) & 0x3FFFFFFF
-            slot.port = net.addr_port(client)
+            slot.asked = asked
+            slot.port = port
         except:  # Refused, MemoryError, anything: all goes back before the caller counts it
             if f is not None and t.f is not f:
                 f.close()

@@ -520,6 +520,45 @@ def test_a_request_that_finds_the_heap_in_pieces_waits_instead_of_being_lost(ser
     assert len(srv.tftp_events("start")) == 1  # started once, after it waited
 
 
+def test_a_memory_error_as_a_transfer_starts_never_gives_its_slot_back_twice(serve, monkeypatch):
+    # The request's crc, kept to know the request again, is a boxed int on a 32-bit board
+    # three times in four: it was taken after the transfer's task existed, and a MemoryError
+    # there released the slot, then the task's end released it again. The pool then had a
+    # running slot as free, and the next client's transfer took it over: the first client was
+    # sent the second one's file. Stand-in for that MemoryError: the server's first crc raises.
+    from firmware import tftpd
+
+    srv = serve(max_transfers=2, timeout_ms=3000)
+    real = tftpd.crc32
+    failed = []
+
+    def crc32(data, *a):
+        if not failed:
+            failed.append(bytes(data))
+            raise MemoryError("memory allocation failed, allocating 16 bytes")
+        return real(data, *a)
+
+    monkeypatch.setattr(tftpd, "crc32", crc32)
+    first = client(timeout=5)  # a guard against a hang: asked once, served after it waited
+    first.sendto(rrq(b"a.bin"), srv.addr)
+    pkt, tid = first.recvfrom(2048)
+    assert failed and pkt == b"\0\x03\0\x01" + FILES["a.bin"][:512]
+    slots = srv.server.slots
+    assert srv.call(lambda: (slots.active(), sum(s.task is not None for s in slots.slots))) == (1, 1)
+    second = client(timeout=5)
+    second.sendto(rrq(b"sub/b.bin"), srv.addr)
+    pkt2, tid2 = second.recvfrom(2048)
+    assert pkt2 == b"\0\x03\0\x01" + FILES["sub/b.bin"][:512] and tid2 != tid
+    first.sendto(b"\0\x04\0\x01", tid)  # the first goes on with its own file
+    pkt, _ = first.recvfrom(2048)
+    assert pkt == b"\0\x03\0\x02" + FILES["a.bin"][512:1024]
+    for s, t in ((first, tid), (second, tid2)):
+        s.sendto(b"\0\x05\0\x00done\0", t)
+        s.close()
+    assert [e["result"] for e in srv.wait_ends(2)] == ["client error 0"] * 2
+    assert srv.call(slots.active) == 0
+
+
 def test_a_request_that_finds_no_socket_waits_instead_of_being_refused(serve, monkeypatch):
     # A board's network stack has a few sockets (lwIP's UDP PCBs); with all of them taken the
     # firmware answered ERROR 0 "out of sockets", which ends an edk2 boot (PXE-E23). Stand-in
