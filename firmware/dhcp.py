@@ -238,7 +238,11 @@ def build_into(buf, req, msg_type, siaddr, file, opts, guid=None):
     buf[1] = req.htype
     buf[2] = req.hlen
     mv[4:8] = r[4:8]  # xid
-    mv[10:12] = r[10:12]  # flags: the client's broadcast bit
+    # flags: broadcast, whatever the client asked. A proxy reply has no yiaddr, and a relay
+    # sends a reply without the bit to yiaddr (ISC's dhcrelay; a Pi's bootloader asks without
+    # it): 0.0.0.0. Sent here, broadcast or to ciaddr, a reply goes where it goes regardless.
+    buf[10] = r[10] | 0x80
+    buf[11] = r[11]
     if msg_type == ACK:
         mv[12:16] = r[12:16]
     mv[20:24] = siaddr

@@ -209,8 +209,12 @@ def test_boot_server_port_acks_back_to_the_sender():
     ],
 )
 def test_where_replies_go(flags, ciaddr, giaddr, to, port):
-    r, _ = answer(config(), request(flags=flags, ciaddr=ciaddr, giaddr=giaddr))
+    req = request(flags=flags, ciaddr=ciaddr, giaddr=giaddr)
+    r, policy = answer(config(), req)
     assert (r.to_ip, r.to_port) == (to, port)
+    # with the broadcast bit, whatever the client asked: a relay sends a reply without it to
+    # yiaddr, which a proxy reply leaves 0.0.0.0 (a Pi's bootloader asks without the bit)
+    assert built(policy, req, r).flags == 0x8000
 
 
 def rpi_request(mac=b"\xdc\xa6\x32\x1a\x2b\x3c", guid=RPI_GUID, arch=0):
