@@ -83,11 +83,14 @@ def unknown(d, keys, where):
 
 
 def _str(d, key, default, where, required=False, max_len=255):
+    # Bytes, not characters: the texts go into DHCP options and fields as UTF-8, whose limits
+    # are bytes (200 characters of "é" passed here, and building the options at the services'
+    # start failed: nothing served, and no config error said which field).
     v = d.get(key, default)
     if v is None and not required:
         return None
-    if not isinstance(v, str) or not v or len(v) > max_len:
-        raise ConfigError("%s: must be a string of 1..%d characters" % (where + key, max_len))
+    if not isinstance(v, str) or not v or len(v.encode()) > max_len:
+        raise ConfigError("%s: must be a string of 1..%d bytes (UTF-8)" % (where + key, max_len))
     return v
 
 
@@ -205,8 +208,8 @@ class Config:
             arch = int(k)
             if not 0 <= arch <= 0xFFFF:
                 raise ConfigError("boot_files: architecture %d is out of range" % arch)
-            if not isinstance(v, str) or not v or len(v) > 127:
-                raise ConfigError("boot_files.%s: must be a file name of 1..127 characters" % k)
+            if not isinstance(v, str) or not v or len(v.encode()) > 127:
+                raise ConfigError("boot_files.%s: must be a file name of 1..127 bytes (UTF-8)" % k)
             self.boot_files[arch] = v
 
         macs = d.get("allowed_macs")  # absent or []: every client; {} or false is a mistake

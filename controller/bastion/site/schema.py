@@ -100,6 +100,14 @@ class DeviceRpi(_Strict):
         max_length=200,
         description="the PXE menu text a Pi bootloader looks for",
     )
+
+    @field_validator("menu")
+    @classmethod
+    def _menu_bytes(cls, v: str | None) -> str | None:
+        # option 43 holds bytes: the firmware's checker counts them too
+        if v is not None and len(v.encode()) > 200:
+            raise ValueError(f"{len(v.encode())} bytes of UTF-8: at most 200")
+        return v
     next_server: str | None = Field(default=None, description="TFTP server for Pi boot files")
 
     check_ip = field_validator("next_server")(_ipv4)

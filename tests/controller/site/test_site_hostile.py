@@ -133,6 +133,18 @@ def test_a_relay_of_true_and_a_device_address_of_nobody_are_refused(site_dir):
     assert "is not a host's address" in _problems(site_dir)
 
 
+def test_a_pi_menu_text_is_bounded_in_bytes_as_option_43_holds_it(site_dir):
+    # 150 characters of two bytes each: within 200 characters, 300 bytes in the option; the
+    # device would have refused the flash (its checker counts bytes), the site said nothing
+    site = site_dir / "site.yaml"
+    text = site.read_text()
+    assert "device:\n" in text
+    site.write_text(text.replace("device:\n", "device:\n  rpi:\n    menu: " + "\u00e9" * 150 + "\n", 1))
+    assert "300 bytes of UTF-8: at most 200" in _problems(site_dir)
+    site.write_text(text.replace("device:\n", "device:\n  rpi:\n    menu: " + "\u00e9" * 100 + "\n", 1))
+    load_site(site_dir)  # 200 bytes: loads
+
+
 def _motd(client) -> str:
     r = client.get("/ignition", params={"mac": "52:54:00:12:34:01"})  # node1: worker.bu, local: motd
     assert r.status_code == 200, r.text

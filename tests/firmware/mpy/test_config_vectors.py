@@ -64,6 +64,20 @@ def test_strings_that_must_fit_a_dhcp_option_are_bounded():
     assert "rpi.menu" in _error(rpi={"menu": "m" * 201})
 
 
+def test_the_bounds_are_bytes_and_what_passes_them_builds_its_options():
+    # The options' limits are bytes of UTF-8. Counted in characters, 121 "e-acute" passed as a
+    # menu, and building option 43 at the services' start raised: nothing was served, and no
+    # config error named the field.
+    from firmware.pxe import Policy
+
+    wide = "\u00e9"  # two bytes of UTF-8
+    assert _error(rpi={"menu": wide * 121}) == "rpi.menu: must be a string of 1..200 bytes (UTF-8)"
+    assert "script_url" in _error(script_url="http://x/" + wide * 125)
+    assert "boot_files.7: must be a file name of 1..127 bytes" in _error(boot_files={"7": wide * 64})
+    Policy(_cfg(rpi={"menu": wide * 100}, script_url="http://x/" + wide * 123,
+                boot_files={"7": wide * 63 + "e"}))  # the most that passes: its options fit
+
+
 def test_what_was_taken_silently_or_crashed_is_refused_by_field():
     # an octet too big for a machine word was an OverflowError (not a ValueError) on
     # MicroPython: it escaped the checker and stopped the boot
