@@ -1,7 +1,8 @@
 """Static assets (kernels, initrds) from the site's assets/ directory.
 
 Starlette does the HTTP work: Range (single and multiple), If-Range, ETag and Last-Modified,
-If-None-Match / If-Modified-Since (304) and HEAD. Paths that leave assets/ are refused: `..`,
+If-None-Match / If-Modified-Since (304) and HEAD, with two of RFC 9110's rules it leaves out
+(AssetResponse._parse_range_header). The status recorded (history, metric) is the one sent. Paths that leave assets/ are refused: `..`,
 absolute paths and NUL bytes with 400 before touching the disk, symlinks that point outside with
 404 (Starlette resolves them and refuses, as it does for any file it will not serve).
 """
@@ -12,7 +13,7 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -21,7 +22,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.datastructures import Headers
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, RangeNotSatisfiable
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
 from bastion.api.deps import RuntimeDep, SiteDep
@@ -43,9 +44,28 @@ class AssetResponse(FileResponse):
     # Bigger reads than Starlette's 64 KiB mean fewer trips through the thread pool per file.
     chunk_size = 256 * 1024
 
-    def __init__(self, file: BinaryIO, path: str) -> None:
+    def __init__(self, file: BinaryIO, path: str, started: Callable[[int], None]) -> None:
         self._file = file
+        self._started = started  # called with the status Starlette sends: 200, 206, 416 or 400
         super().__init__(path, stat_result=os.fstat(file.fileno()))
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        # RFC 9110 14.2: a range unit the server does not know is ignored (the whole file),
+        # where Starlette answers 400; and 15.5.17: 416 only when none of the ranges can be
+        # served, where Starlette answers 416 when one cannot. Ranges that contradict
+        # themselves (bytes=9-0) stay a 400, which the RFC allows.
+        unit, _, spec = http_range.partition("=")
+        if unit.strip().lower() != "bytes":
+            return []  # FileResponse then sends the whole file
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except RangeNotSatisfiable:
+            served = [(a, b) for a, b in cls._parse_ranges(spec, file_size) if a < file_size]
+            if not served:
+                raise
+            return super()._parse_range_header(
+                "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in served), file_size)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
@@ -55,8 +75,14 @@ class AssetResponse(FileResponse):
         # pathsend would have the server open the path again: not this file, maybe.
         extensions = {k: v for k, v in scope.get("extensions", {}).items()
                       if k != "http.response.pathsend"}  # fmt: skip
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                self._started(message["status"])
+            await send(message)
+
         try:
-            await super().__call__({**scope, "extensions": extensions}, receive, send)
+            await super().__call__({**scope, "extensions": extensions}, receive, sending)
         finally:
             self._file.close()
 
@@ -115,18 +141,23 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
     file = await anyio.to_thread.run_sync(_open_regular, full)
     if file is None:  # gone (or replaced by something else) since it was looked up
         return _refused(runtime, request, rel, 404, f"no asset {rel}\n")
-    response: Response = AssetResponse(file, full)
-    st = response.stat_result
+    size = os.fstat(file.fileno()).st_size
+
+    def started(status: int) -> None:
+        # What was sent, once Starlette has judged the Range: a 416 recorded as 200 was a
+        # kernel step done, for the operator, where a node had failed to fetch it
+        runtime.metrics.asset_requests.labels(status=str(status)).inc()
+        if request.method == "GET":
+            # A boot step like the others (kernel, initrd) in the machine's history. Assets are
+            # fetched without the machine's MAC, so the client's address is what ties it to one.
+            payload = {"client": request.client.host if request.client else None, "size": size}
+            if "range" in request.headers:
+                payload["range"] = request.headers["range"][:100]
+            runtime.record("asset", endpoint=f"/assets/{rel}", status=status, payload=payload)
+
+    response: Response = AssetResponse(file, full, started)
     if static.is_not_modified(response.headers, Headers(scope=request.scope)):
         file.close()
         response = NotModifiedResponse(response.headers)
-    runtime.metrics.asset_requests.labels(status=str(response.status_code)).inc()
-    if request.method == "GET":
-        # A boot step like the others (kernel, initrd) in the machine's history. Assets are
-        # fetched without the machine's MAC, so the client's address is what ties it to one.
-        payload = {"client": request.client.host if request.client else None, "size": st.st_size}
-        if "range" in request.headers:
-            payload["range"] = request.headers["range"][:100]
-        runtime.record("asset", endpoint=f"/assets/{rel}", status=response.status_code,
-                       payload=payload)
+        started(304)
     return response
