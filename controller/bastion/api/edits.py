@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import yaml
 from fastapi import HTTPException
 
 from bastion import yamlfile
@@ -38,9 +40,40 @@ def _plain(value: Any) -> Any:
 
 def apply_or_422(runtime: Runtime, changes: dict[str, bytes | None]) -> Site:
     """Write `changes` if the site with them loads; otherwise 422 listing the problems."""
+    return edit_or_422(runtime, lambda: changes)
+
+
+def edit_or_422(runtime: Runtime, make: Callable[[], dict[str, bytes | None]]) -> Site:
+    """apply_or_422(make()), make() run under the site's lock (SiteHolder.edit): for an edit
+    that reads a file to change part of it."""
+    made: dict[str, bytes | None] = {}
+
+    def making() -> dict[str, bytes | None]:
+        made.update(make())
+        return made
+
     try:
-        site = runtime.holder.apply(changes)
+        site = runtime.holder.edit(making)
     except SiteError as e:
         raise HTTPException(422, {"message": "the edit would break the site", "problems": e.problems}) from None
-    runtime.record("site", source="api", payload={"edit": sorted(changes), "generation": runtime.holder.generation})
+    except OSError as e:  # a site directory the controller's user may not write, a full disk
+        raise HTTPException(500, f"the site's files could not be written in {runtime.holder.root}: "
+                            f"{e.strerror or e} (nothing was changed)") from None  # fmt: skip
+    runtime.record("site", source="api", payload={"edit": sorted(made), "generation": runtime.holder.generation})
     return site
+
+
+def edit_yaml_or_422(runtime: Runtime, rel: str, change: Callable[[dict[str, Any]], None]) -> Site:
+    """Change part of the YAML mapping in `rel` (change(doc) edits it in place, or raises an
+    HTTPException), read and written under the site's lock, so that edits at once all land."""
+
+    def make() -> dict[str, bytes | None]:
+        doc = current_yaml(runtime, rel)
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise HTTPException(409, f"{rel} is not a mapping now (a {type(doc).__name__}); fix it by hand first")
+        change(doc)
+        return {rel: yaml.safe_dump(doc, sort_keys=False).encode()}
+
+    return edit_or_422(runtime, make)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-import yaml
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
-from bastion.api.edits import apply_or_422, current_yaml
+from bastion.api.edits import edit_yaml_or_422
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import BootRequest, Machine, Site
 from bastion.render.config import RenderError, SecretsRequired, render_ignition
@@ -169,17 +168,18 @@ def machine_ignition(name: str, site: SiteDep, runtime: RuntimeDep, request: Req
 
 @router.put("/{name}", summary="Add or replace a machine (needs the token)")
 def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
-    doc = current_yaml(runtime, "machines.yaml") or {}
-    machines = list(doc.get("machines") or [])
     entry = {"name": name, **body.model_dump(exclude_none=True, exclude_defaults=True)}
-    for i, existing in enumerate(machines):
-        if isinstance(existing, dict) and existing.get("name") == name:
-            machines[i] = entry
-            break
-    else:
-        machines.append(entry)
-    doc["machines"] = machines
-    site = apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
+
+    def change(doc: dict[str, Any]) -> None:
+        machines = _listed(doc)
+        for i, existing in enumerate(machines):
+            if isinstance(existing, dict) and existing.get("name") == name:
+                machines[i] = entry
+                break
+        else:
+            machines.append(entry)
+
+    site = edit_yaml_or_422(runtime, "machines.yaml", change)
     m = _machine(site, name)
     return machine_out(m, site, _marks(runtime).get(m.name))
 
@@ -200,34 +200,48 @@ MachinePatch = create_model(
     "acts on it at its next pass (`sync: auto`) or at `POST /api/v1/apply` (`sync: manual`).",
 )
 def patch_machine(name: str, body: MachinePatch, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
-    doc = current_yaml(runtime, "machines.yaml") or {}
-    machines = list(doc.get("machines") or [])
-    for i, existing in enumerate(machines):
-        if isinstance(existing, dict) and existing.get("name") == name:
-            entry = dict(existing)
-            for key, value in body.model_dump(exclude_unset=True).items():
-                if value is None:
-                    entry.pop(key, None)
-                else:
-                    entry[key] = value
-            machines[i] = entry
-            break
-    else:
+    fields = body.model_dump(exclude_unset=True)
+
+    def change(doc: dict[str, Any]) -> None:
+        machines = _listed(doc)
+        for i, existing in enumerate(machines):
+            if isinstance(existing, dict) and existing.get("name") == name:
+                entry = dict(existing)
+                for key, value in fields.items():
+                    if value is None:
+                        entry.pop(key, None)
+                    else:
+                        entry[key] = value
+                machines[i] = entry
+                return
         raise HTTPException(404, f"no machine {name!r} in machines.yaml")
-    doc["machines"] = machines
-    site = apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
+
+    site = edit_yaml_or_422(runtime, "machines.yaml", change)
     m = _machine(site, name)
     return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 
 @router.delete("/{name}", status_code=204, summary="Remove a machine (needs the token)")
 def delete_machine(name: str, runtime: RuntimeDep, _: AdminDep) -> None:
-    doc = current_yaml(runtime, "machines.yaml") or {}
-    machines = [m for m in doc.get("machines") or [] if not (isinstance(m, dict) and m.get("name") == name)]
-    if len(machines) == len(doc.get("machines") or []):
-        raise HTTPException(404, f"no machine {name!r} in machines.yaml")
-    doc["machines"] = machines
-    apply_or_422(runtime, {"machines.yaml": yaml.safe_dump(doc, sort_keys=False).encode()})
+    def change(doc: dict[str, Any]) -> None:
+        machines = _listed(doc)
+        kept = [m for m in machines if not (isinstance(m, dict) and m.get("name") == name)]
+        if len(kept) == len(machines):
+            raise HTTPException(404, f"no machine {name!r} in machines.yaml")
+        machines[:] = kept
+
+    edit_yaml_or_422(runtime, "machines.yaml", change)
+
+
+def _listed(doc: dict[str, Any]) -> list[Any]:
+    """machines.yaml's list of machines, which the edit changes in place (made if absent)."""
+    machines = doc.get("machines")
+    if machines is None:
+        machines = doc["machines"] = []
+    if not isinstance(machines, list):
+        raise HTTPException(409, "machines.yaml: 'machines' is not a list now (a "
+                            f"{type(machines).__name__}); fix it by hand first")  # fmt: skip
+    return machines
 
 
 class StepOut(BaseModel):

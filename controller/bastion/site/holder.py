@@ -202,7 +202,16 @@ class SiteHolder:
     def apply(self, changes: dict[str, bytes | None]) -> Site:
         """Validate `changes` (relative path -> new bytes, None to delete) against the whole
         site, then write them atomically and serve the result. Raises SiteError untouched."""
+        return self.edit(lambda: changes)
+
+    def edit(self, make: Callable[[], dict[str, bytes | None]]) -> Site:
+        """apply(make()), with make() run under the same lock as the write: an edit that reads
+        a file to change part of it (a machine in machines.yaml) reads what the edit before it
+        wrote. Read before the lock, two edits at once each wrote back the file as it was
+        without the other's change, and both were answered 200 (20 machines added at once kept
+        3). Whatever make() raises goes to the caller, nothing written."""
         with self._lock:
+            changes = make()
             site = load_site(self.root, overlay=changes)
             if len(changes) > 1:  # one file alone is replaced atomically as it is
                 self._write_recorded(changes)
