@@ -45,8 +45,11 @@ _TEMPLATES = {
         'echo "Loading kernel"\n'
         "{{ cmd[0] }} {{ boot.kernel | grub_quote }}"
         "{% for arg in boot.args %} {{ arg | grub_quote }}{% endfor %}\n"
+        # no initrd, no initrd command: GRUB's without a file is an error ("filename expected")
+        "{% if boot.initrd %}"
         'echo "Loading initrd"\n'
         "{{ cmd[1] }}{% for initrd in boot.initrd %} {{ initrd | grub_quote }}{% endfor %}\n"
+        "{% endif %}"
         "}\n"
         "{% endfor %}"
     ),
