@@ -99,10 +99,21 @@ def read_token_file(path: Path) -> str:
     except UnicodeDecodeError:
         raise SettingsError(f"the API token file {path} is not text (UTF-8)") from None
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return check_token(token, f"in {path}")
+
+
+def check_token(token: str, where: str, shortest: int = 16) -> str:
+    """token, if it can be an API token: what is wrong with it (`where`: "in FILE") otherwise.
+    A client's own token is not held to the length (the controller answers "wrong token")."""
     if not token.isprintable():
-        raise SettingsError(f"the API token in {path} has a control character")
-    if len(token) < 16:
-        raise SettingsError(f"the API token in {path} is too short (16 characters at least)")
+        raise SettingsError(f"the API token {where} has a control character")
+    if not token.isascii() or any(c.isspace() for c in token):
+        # it travels in an HTTP header (Authorization: Bearer ...), which carries ASCII: a
+        # token with an 'o-umlaut' was taken, and then no client could ever send it
+        raise SettingsError(f"the API token {where} has a space or a character outside ASCII: "
+                            "use letters, digits and punctuation (openssl rand -hex 32)")  # fmt: skip
+    if len(token) < shortest:
+        raise SettingsError(f"the API token {where} is too short (16 characters at least)")
     return token
 
 
@@ -125,11 +136,11 @@ def resolve_token(token: str | None = None, token_file: Path | None = None) -> s
     """The API token for a client: explicit token, token file, $BASTION_API_TOKEN,
     $BASTION_API_TOKEN_FILE."""
     if token:
-        return token
+        return check_token(token, "given", shortest=1)
     if token_file:
         return read_token_file(token_file)
     if os.environ.get("BASTION_API_TOKEN"):
-        return os.environ["BASTION_API_TOKEN"]
+        return check_token(os.environ["BASTION_API_TOKEN"], "in $BASTION_API_TOKEN", shortest=1)
     if os.environ.get("BASTION_API_TOKEN_FILE"):
         return read_token_file(Path(os.environ["BASTION_API_TOKEN_FILE"]))
     return None
@@ -399,6 +410,8 @@ class Settings(BaseSettings):
     def _resolve(self) -> Settings:
         if self.api_token_file is not None:  # the file wins over $BASTION_API_TOKEN
             object.__setattr__(self, "api_token", read_token_file(self.api_token_file))
+        elif self.api_token is not None:
+            check_token(self.api_token, "in $BASTION_API_TOKEN")
         if self.management_listen is not None and same_listener(self.management_listen, self.listen):
             where = "{}:{}".format(*self.management_listen)
             raise SettingsError(

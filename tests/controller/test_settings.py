@@ -46,6 +46,26 @@ def test_the_token_file_wins_over_the_token_variable(monkeypatch, tmp_path):
     assert Settings.build(SITE).api_token == "from-the-file-0123456789"
 
 
+@pytest.mark.parametrize("token", ["t\u00f6ken-t\u00f6ken-t\u00f6ken-0123", "two words-0123456789"])
+def test_a_token_an_http_header_cannot_carry_is_refused_where_it_is_given(token, monkeypatch, tmp_path):
+    # It travels as "Authorization: Bearer ...", ASCII: a token with an o-umlaut was taken by
+    # serve, no client could ever send it, and the CLI said the URL was wrong
+    from bastion.settings import SettingsError, resolve_token
+
+    f = tmp_path / "token"
+    f.write_text(token + "\n")
+    says = "has a space or a character outside ASCII"
+    with pytest.raises(SettingsError, match=f"the API token in {f} {says}"):
+        Settings.build(SITE, token_file=f)
+    monkeypatch.setenv("BASTION_API_TOKEN", token)
+    with pytest.raises(SettingsError, match=f"the API token in \\$BASTION_API_TOKEN {says}"):
+        Settings.build(SITE)
+    with pytest.raises(SettingsError, match=says):
+        resolve_token()  # a client's, before any URL is tried
+    monkeypatch.setenv("BASTION_API_TOKEN", "short")
+    assert resolve_token() == "short"  # a client's token is the controller's to judge
+
+
 @pytest.mark.parametrize(("given", "size"), [
     ("1048576", 1048576), ("64KiB", 65536), ("64kib", 65536), ("1MiB", 1048576), ("1M", 10**6),
     ("2 MB", 2 * 10**6), ("4096B", 4096),
