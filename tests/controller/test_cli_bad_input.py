@@ -4,12 +4,14 @@ checked here against the real commands)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from bastion_testkit import TOKEN
 
 BIN = Path(sys.executable).parent
@@ -78,6 +80,33 @@ def test_events_leaves_a_file_that_is_not_its_history_alone(tmp_path):
     r = bastion("events", "--db", str(text))
     assert one_line_error(r) == f"Error: {text} is not an event history: file is not a database"
     assert text.read_text() == "not a database at all\n"
+
+
+def test_events_reads_a_history_it_may_not_write_and_writes_nothing_to_it(tmp_path):
+    # It opened the history as the controller does: the journal mode and the schema were set
+    # again (a history kept in another journal mode came back in WAL), and on a file it could
+    # not write that was a traceback ("attempt to write a readonly database").
+    from bastion.state.events import EventStore
+
+    db = tmp_path / "h.db"
+    store = EventStore(db)
+    for i in range(3):
+        store.record("boot", endpoint="/ipxe", payload={"n": i})
+    store.close()
+    with sqlite3.connect(db) as c:
+        assert c.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    before = db.read_bytes()
+    r = bastion("events", "--db", str(db), "-n", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["payload"]["n"] for line in r.stdout.splitlines()] == [1, 2]
+    assert db.read_bytes() == before and not Path(f"{db}-wal").exists()
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True, check=False).returncode != 0:
+        pytest.skip(f"chattr +i does not work on {tmp_path}'s file system")
+    try:  # not even root may write it now
+        r = bastion("events", "--db", str(db), "-n", "1", "--json")
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["payload"]["n"] == 2, r.stderr
 
 
 def test_install_service_refuses_a_name_or_value_that_would_leave_its_place(tmp_path):

@@ -115,7 +115,9 @@ class EventStore:
 
     def __init__(self, path: Path | str, max_events: int | None = None,
                  max_age_s: float | None = None, clock: Callable[[], float] = time.time,
-                 max_bytes: int | None = None):  # fmt: skip
+                 max_bytes: int | None = None, readonly: bool = False):  # fmt: skip
+        """readonly: open an existing history to read it (open_readonly), writing nothing to
+        it: no schema, no journal mode, no bounds."""
         self.path = Path(path)
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -134,9 +136,16 @@ class EventStore:
         self.max_age_s = max_age_s
         self.clock = clock
         self.pruned = 0  # rows deleted by the bounds since the store opened
+        self._lock = threading.Lock()
+        self._aged_at = float("-inf")
+        if readonly:
+            self._db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)  # fmt: skip
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._recount()
+            return
         if str(path) != ":memory:":
             _create_private(self.path)
-        self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -144,7 +153,6 @@ class EventStore:
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._recount()
-        self._aged_at = float("-inf")
         with self._lock:
             newest = self._db.execute("SELECT MAX(id) FROM events").fetchone()[0]
             if newest is not None:
@@ -480,9 +488,8 @@ class NotAHistory(ValueError):
 
 
 def open_readonly(path: Path | str) -> EventStore:
-    """For `bastion events`: the same store, opened on an existing file that is an event history
-    already. Anything else is refused before it is touched: opening a store makes its tables
-    and switches the file to WAL, which must not happen to another program's database."""
+    """For `bastion events`: the same store, opened read-only on an existing file that is an
+    event history already. Anything else is refused before it is read."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no event database at {path}")
     try:
@@ -495,4 +502,6 @@ def open_readonly(path: Path | str) -> EventStore:
         raise NotAHistory(f"{path} is not an event history: {e}") from None
     if found is None:
         raise NotAHistory(f"{path} is not an event history: it has no events table")
-    return EventStore(path)
+    # read-only too: a history the user may not write is read all the same (its schema and
+    # journal mode were set again, and on a file it could not write that was a traceback)
+    return EventStore(path, readonly=True)
