@@ -16,6 +16,8 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except SecretError as e:  # a secret store's file that is not what it should hold
             raise click.ClickException(str(e)) from None
+        except BrokenPipeError:  # `bastion events | head`: the reader has what it wanted;
+            raise  # click's main() ends quietly then (status 1), as for any command
         except OSError as e:
             if e.filename is None:
                 raise click.ClickException(str(e)) from None

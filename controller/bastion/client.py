@@ -107,7 +107,13 @@ class ApiClient:
 
 def validation_words(detail: Any) -> Any:
     """FastAPI's 422 `detail` (a list of pydantic errors) as words: `channel: Input should be
-    less than or equal to 255`, one per error; any other detail as it is."""
+    less than or equal to 255`, one per error; the controller's own {"message", "problems"} as
+    the message and its problems; any other detail as it is."""
+    if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+        problems = detail.get("problems")
+        if isinstance(problems, list) and problems:
+            return f"{detail['message']}: " + "; ".join(str(p) for p in problems)
+        return detail["message"]
     if not isinstance(detail, list) or not all(isinstance(e, dict) for e in detail):
         return detail
     out = []

@@ -109,6 +109,38 @@ def test_events_reads_a_history_it_may_not_write_and_writes_nothing_to_it(tmp_pa
     assert r.returncode == 0 and json.loads(r.stdout)["payload"]["n"] == 2, r.stderr
 
 
+def test_a_reader_that_stops_early_is_no_error_to_report(tmp_path):
+    # `bastion events | head -1`: "Error: [Errno 32] Broken pipe" on stderr
+    from bastion.state.events import EventStore
+
+    store = EventStore(tmp_path / "h.db")
+    store.record_many([("boot", {"endpoint": "/ipxe", "payload": {"pad": "x" * 200}})] * 2000)
+    store.close()
+    p = subprocess.Popen([str(BIN / "bastion"), "events", "--db", str(tmp_path / "h.db"), "-n", "2000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert p.stdout.readline().startswith(b"     1  ")
+    p.stdout.close()  # as head does after its line
+    assert p.wait(timeout=120) == 1
+    assert p.stderr.read() == b""
+
+
+def test_a_console_wait_of_nan_seconds_is_refused():
+    # NaN passed float and every comparison with it: a console whose stdin ended never left
+    r = bastion("console", "node1", "--url", "http://127.0.0.1:9", "--after-eof", "nan")
+    assert r.returncode == 2 and "--after-eof" in r.stderr and "nan" in r.stderr, r.stderr
+
+
+def test_the_controllers_own_problems_are_words_not_a_dict():
+    from bastion.client import validation_words
+
+    detail = {"message": "the site files do not load", "problems": ["machines.yaml:3: relay 99: at most 31",
+                                                                   "groups/a.json: bad"]}  # fmt: skip
+    assert validation_words(detail) == ("the site files do not load: machines.yaml:3: relay 99: at most "
+                                        "31; groups/a.json: bad")  # fmt: skip
+    assert validation_words({"message": "the edit would break the site"}) == "the edit would break the site"
+    assert validation_words("no machine 'x'") == "no machine 'x'"
+
+
 def test_install_service_refuses_a_name_or_value_that_would_leave_its_place(tmp_path):
     root = tmp_path / "root"
     site = Path(__file__).resolve().parents[2] / "examples" / "site"

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from bastion.client import ApiClient, ApiError, printable, segment
+from bastion.clitypes import FiniteRange
 from firmware.power import MAX_OFF_MS
 
 
@@ -201,9 +202,9 @@ def device_info(url, port, token_file) -> None:
               help="Print NAME's kept console log (from the controller) and leave.")
 @click.option("--tail", type=click.IntRange(min=1), metavar="BYTES",
               help="With --log: only its last BYTES bytes.")
-@click.option("--after-eof", type=float, default=3.0, show_default=True, metavar="SECONDS",
+@click.option("--after-eof", type=FiniteRange(0, 86400), default=3.0, show_default=True, metavar="SECONDS",
               help="When stdin is not a terminal: how long to keep showing the output after "
-                   "its end.")  # fmt: skip
+                   "its end (0 to 86400).")  # fmt: skip
 def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> None:
     """NAME's serial console through the device, or without NAME the device's live events.
 
