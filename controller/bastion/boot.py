@@ -126,11 +126,15 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str, toke
     boot = profile.boot_for(machine_arch(group, req.labels))
     if boot is None or profile.format != "bastion" or profile.os != "flatcar":
         return boot
-    mac = req.labels.get("mac") or (group.machine.mac if group.machine else None)
+    # the MAC under the group's own spelling of the key (a selector's `MAC` matches a request's
+    # `MAC` only: written `mac` here, Ignition's request matched no group)
+    mac_key = next((k for k in group.selector if k.lower() == "mac"), "mac")
+    mac = req.labels.get(mac_key) or req.labels.get("mac") or (group.machine.mac if group.machine else None)
+    key = quote(mac_key, safe="")
     if mac:
-        parts = [f"mac={match.mac_hexhyp(mac)}"]
+        parts = [f"{key}={match.mac_hexhyp(mac)}"]
     else:
-        parts = ["mac=${mac:hexhyp}" if loader == "ipxe" else "mac=${net_default_mac}"]
+        parts = [f"{key}=${{mac:hexhyp}}" if loader == "ipxe" else f"{key}=${{net_default_mac}}"]
     parts += [
         f"{quote(key, safe='')}={quote(value, safe='')}"
         for key, value in sorted(group.selector.items())

@@ -488,6 +488,25 @@ def test_site_ignition_url_selects_the_same_group_for_a_group_of_labels(
     assert_valid_ignition(r.text, tmp_path)
 
 
+def test_site_ignition_url_keeps_the_groups_spelling_of_the_mac_key(site_dir, client_for, tmp_path):
+    # A selector's key `MAC` matches a request's `MAC` (matchbox compares keys as written): the
+    # URL wrote the MAC as `mac=`, and Ignition's request matched no group (404)
+    group = {"id": "upmac", "profile": "flatcar-worker", "selector": {"MAC": "52:54:00:00:00:09", "rack": "r1"},
+             "metadata": {"ssh_authorized_keys": ["ssh-ed25519 AAAAC3Nza upmac"],
+                          "k3s_url": "https://10.77.0.12:6443", "timezone": "UTC"}}  # fmt: skip
+    (site_dir / "groups").mkdir()
+    (site_dir / "groups" / "upmac.json").write_text(json.dumps(group))
+    c = client_for(site_dir)
+    r = c.get("/ipxe", params={"MAC": "52-54-00-00-00-09", "rack": "r1"})
+    assert r.status_code == 200, r.text
+    url = ipxe_script(r.text)["args"][2].removeprefix("ignition.config.url=")
+    assert url == "http://testserver/ignition?MAC=52-54-00-00-00-09&rack=r1"
+    r = c.get(url.removeprefix("http://testserver"))
+    assert r.status_code == 200, r.text
+    assert last_event(c, kind="boot")["group"] == "upmac"
+    assert_valid_ignition(r.text, tmp_path)
+
+
 def test_site_controller_url_is_the_ignition_url_base(site_dir, client_for):
     text = (site_dir / "site.yaml").read_text()
     (site_dir / "site.yaml").write_text(
