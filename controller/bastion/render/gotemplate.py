@@ -21,7 +21,6 @@ returns text or raises TemplateError. Errors carry the 1-based line of the actio
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -566,6 +565,22 @@ def _basic_eq(a: Any, b: Any, line: int) -> bool:
 MAX_WIDTH = 4096
 MAX_RANGE = 100_000
 
+# Go's text/template escapers, to the byte (matchbox's templates run on them): `html` as
+# HTMLEscapeString, `js` as JSEscapeString, whose < > & = keep a value from closing a script
+# element or starting an attribute where a template puts it in a page.
+_GO_HTML = {"\0": "\ufffd", '"': "&#34;", "'": "&#39;", "&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_GO_JS = {"\\": "\\\\", "'": "\\'", '"': '\\"', "<": "\\u003C", ">": "\\u003E", "&": "\\u0026",
+          "=": "\\u003D"}  # fmt: skip
+
+
+def _go_js(c: str) -> str:
+    if c in _GO_JS:
+        return _GO_JS[c]
+    if c < " " or c >= "\x80" and not c.isprintable():  # controls, and unprintable runes
+        return f"\\u{ord(c):04X}"
+    return c
+
+
 _PRINTF = re.compile(r"%([-+# 0]*\d*(?:\.\d+)?)([vdsqtfgexX%])")
 
 
@@ -665,9 +680,9 @@ def _call(name: str, args: list[Any], line: int) -> Any:
     if name == "urlquery":
         return quote_plus("".join(go_str(a) for a in args))
     if name == "html":
-        return html.escape("".join(go_str(a) for a in args))
+        return "".join(_GO_HTML.get(c, c) for c in "".join(go_str(a) for a in args))
     if name == "js":
-        return json.dumps("".join(go_str(a) for a in args))[1:-1].replace("'", "\\'")
+        return "".join(map(_go_js, "".join(go_str(a) for a in args)))
     raise TemplateError(f'function "{name}" not defined', line)
 
 

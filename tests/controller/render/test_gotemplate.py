@@ -67,6 +67,18 @@ def test_render(text, expected):
     assert render(text) == expected
 
 
+def test_html_and_js_escape_as_go_does_to_the_byte():
+    # Go's HTMLEscapeString and JSEscapeString (text/template's html and js): the js of a value
+    # from a LAN host's query could close a script element here (< > & = were left as they
+    # were) where it could not under matchbox
+    from bastion.render import gotemplate
+
+    value = "</script>\u00e9'\"&=\\\x01\x00\u2028"
+    out = gotemplate.parse("{{ js .x }}|{{ html .x }}").render({"x": value})
+    assert out == ("\\u003C/script\\u003E\u00e9\\'\\\"\\u0026\\u003D\\\\\\u0001\\u0000\\u2028|"
+                   "&lt;/script&gt;\u00e9&#39;&#34;&amp;=\\\x01\ufffd\u2028")  # fmt: skip
+
+
 def test_missing_key_is_an_error_with_its_line_like_missingkey_error():
     with pytest.raises(TemplateError) as e:
         render("ok\n{{.hostname}}\n{{.nope}}\n")
