@@ -59,16 +59,20 @@ def labels_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     `uuid` lower-cased (as machines.yaml and group selectors are).
 
     A `mac` (any letter case in the key, as matchbox compares it) that does not parse is dropped,
-    so that a garbage MAC cannot match a group by accident; the key keeps its spelling.
+    so that a garbage MAC cannot match a group by accident; the key keeps its spelling. Its
+    first value is the one that counts even then (as matchbox's): `mac=bad&mac=<node1's>` is no
+    MAC, not node1's.
     """
     labels: dict[str, str] = {}
+    dropped: set[str] = set()
     for key, value in pairs:
-        if key in labels:
+        if key in labels or key in dropped:
             continue
         if key.lower() == "mac":
             try:
                 labels[key] = parse_mac(value)
             except Malformed:
+                dropped.add(key)
                 continue
         elif key.lower() == "uuid":
             labels[key] = value.lower()  # RFC 4122: UUIDs compare without case
@@ -109,7 +113,9 @@ def selector_string(selector: Mapping[str, str]) -> str:
 
 
 def matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
+    # a label the request does not have is "", as in matchbox (Go's map lookup): a selector
+    # with an empty value matches a request without that parameter as one with it empty
+    return all(labels.get(k, "") == v for k, v in selector.items())
 
 
 G = TypeVar("G", bound=Selectable)

@@ -134,6 +134,8 @@ def test_labels_normalise_mac_keep_first_value_and_drop_bad_macs():
     assert labels_from_query("mac=not-a-mac&os=installed") == {"os": "installed"}
     # the key is compared case-insensitively but keeps its spelling, as in matchbox
     assert labels_from_query("MAC=52-54-00-a1-9c-ae") == {"MAC": "52:54:00:a1:9c:ae"}
+    # its first value counts even when it is dropped: a second one is not taken instead
+    assert labels_from_query("mac=bad&mac=52-54-00-12-34-01&os=x") == {"os": "x"}
 
 
 def test_a_group_matches_when_all_its_selectors_equal_the_labels():
@@ -143,6 +145,8 @@ def test_a_group_matches_when_all_its_selectors_equal_the_labels():
     assert not matches({"os": "installed"}, {"os": "other"})
     assert not matches({"os": "installed", "mac": "x"}, {"os": "installed"})
     assert not matches({"Os": "installed"}, {"os": "installed"})  # keys are case-sensitive
+    # a label the request lacks is "" (matchbox: Go's map lookup gives the zero value)
+    assert matches({"os": ""}, {}) and matches({"os": ""}, {"os": ""}) and not matches({"os": ""}, {"os": "x"})
 
 
 def test_most_selectors_win_and_ties_go_to_the_greatest_selector_string():
