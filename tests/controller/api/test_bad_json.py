@@ -66,6 +66,15 @@ def test_a_surrogate_stored_before_is_answered_as_a_replacement_character(site_d
     assert ev["payload"] == {"x": "a\ufffdb", "\ufffd": 1}
 
 
+def test_an_event_field_the_api_does_not_know_is_refused_not_dropped(site_dir, client_for):
+    # {"machine": "node1"} was a 201 with machine null: the machine comes from the MAC
+    c = client_for(site_dir)
+    r = c.post("/api/v1/events", json={"kind": "dhcp", "machine": "node1"}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "machine"], r.text
+    assert r.json()["detail"][0]["type"] == "extra_forbidden"
+    assert [e for e in c.get("/api/v1/events").json() if e["kind"] == "dhcp"] == []
+
+
 def test_api_bodies_go_through_the_same_check_and_nothing_is_written(site_dir, client_for):
     c = client_for(site_dir)
     machines = (site_dir / "machines.yaml").read_bytes()
