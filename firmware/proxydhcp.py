@@ -131,6 +131,10 @@ class ProxyDhcp:
         # no other one, and then DISCOVERs could not even be read.
         self._free = bytearray(_SMALL_READ)
         self._bcast = None
+        # (ip, port, socket address) of the last reply sent to one address: a relay's (giaddr)
+        # is the same for every request it relays, and making it again (a dotted string and
+        # getaddrinfo) cost 576 B of heap a reply on the unix port
+        self._unicast = None
         self.sockets = ()  # (dhcp socket, pxe socket) while run() is serving
         self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
 
@@ -269,10 +273,13 @@ class ProxyDhcp:
             log.count("dhcp.not_loopback")
             return
         else:
-            to = net.addr(
-                net.ip_str(r.to_ip),
-                self.client_port if r.to_port == pxe.CLIENT_PORT else self.dhcp_port,
-            )
+            to_port = self.client_port if r.to_port == pxe.CLIENT_PORT else self.dhcp_port
+            last = self._unicast
+            if last is not None and last[1] == to_port and last[0] == r.to_ip:
+                to = last[2]
+            else:
+                to = net.addr(net.ip_str(r.to_ip), to_port)
+                self._unicast = (r.to_ip, to_port, to)
         if not net.send(sock, self._buf, n, to, log, "dhcp"):
             return
         log.count("dhcp.offer" if r.msg_type == dhcp.OFFER else "dhcp.ack")

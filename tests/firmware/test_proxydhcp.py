@@ -424,6 +424,36 @@ def _serving(scenario_fn):
     return asyncio.run(scenario())
 
 
+def test_relayed_requests_are_answered_to_their_own_relay_each_time():
+    # The reply goes to giaddr:67 with the broadcast flag; the address of the last relay is
+    # kept (not made again for every reply): two relays in turns each get their own replies.
+    relays = {}
+
+    def talk(client, port):
+        for ip in ("127.0.0.2", "127.0.0.3"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((ip, port))
+            s.settimeout(5)  # a guard against a hang
+            relays[ip] = s
+        try:
+            got = []
+            for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.2"):
+                raw = bytearray(request(flags=0))
+                raw[24:28] = socket.inet_aton(ip)
+                client.tx.sendto(bytes(raw), ("127.0.0.1", port))
+                reply = dhcp.parse(relays[ip].recv(2048))
+                got.append((ip, xid(reply) == bytes(raw[4:8]), reply.flags, reply.giaddr))
+            return got
+        finally:
+            for s in relays.values():
+                s.close()
+
+    got, log = _serving(talk)
+    assert got == [(ip, True, 0x8000, socket.inet_aton(ip))
+                   for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.2")]  # fmt: skip
+    assert log.counters.get("dhcp.offer") == 4
+
+
 def test_a_flooding_mac_is_held_to_its_rate_and_the_others_are_answered():
     flooder, other = b"\x52\x54\x00\xff\x00\x01", b"\x52\x54\x00\x00\x00\x02"
 
