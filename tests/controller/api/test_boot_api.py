@@ -467,43 +467,41 @@ def test_site_ignition_url_selects_the_same_group_for_a_machine_declared_by_uuid
     assert_valid_ignition(r.text, tmp_path)
 
 
+def _group_ignition(site_dir, client_for, gid, selector, params):
+    """A matchbox group with a Flatcar profile: the Ignition URL of its /ipxe script, and what
+    that URL answers (its group's config)."""
+    group = {"id": gid, "profile": "flatcar-worker", "selector": selector,
+             "metadata": {"ssh_authorized_keys": [f"ssh-ed25519 AAAAC3Nza {gid}"],
+                          "k3s_url": "https://10.77.0.12:6443", "timezone": "UTC"}}  # fmt: skip
+    (site_dir / "groups").mkdir()
+    (site_dir / "groups" / f"{gid}.json").write_text(json.dumps(group))
+    c = client_for(site_dir)
+    r = c.get("/ipxe", params=params)
+    assert r.status_code == 200, r.text
+    url = ipxe_script(r.text)["args"][2].removeprefix("ignition.config.url=")
+    r = c.get(url.removeprefix("http://testserver"))
+    assert r.status_code == 200, r.text
+    assert last_event(c, kind="boot")["group"] == gid
+    assert r.json()["passwd"]["users"][0]["sshAuthorizedKeys"] == [f"ssh-ed25519 AAAAC3Nza {gid}"]
+    return url, r
+
+
 def test_site_ignition_url_selects_the_same_group_for_a_group_of_labels(
     site_dir, client_for, tmp_path
 ):
     # A matchbox group (selector: labels) with a Flatcar profile: same rule, the labels ride along.
-    group = {"id": "rack-c", "profile": "flatcar-worker", "selector": {"rack": "c d"},
-             "metadata": {"ssh_authorized_keys": ["ssh-ed25519 AAAAC3Nza rack-c"],
-                          "k3s_url": "https://10.77.0.12:6443", "timezone": "UTC"}}  # fmt: skip
-    (site_dir / "groups").mkdir()
-    (site_dir / "groups" / "rack-c.json").write_text(json.dumps(group))
-    c = client_for(site_dir)
-    r = c.get("/ipxe", params={"mac": "02-00-00-00-00-0c", "rack": "c d", "hostname": "n"})
-    assert r.status_code == 200, r.text
-    url = ipxe_script(r.text)["args"][2].removeprefix("ignition.config.url=")
+    url, r = _group_ignition(site_dir, client_for, "rack-c", {"rack": "c d"},
+                             {"mac": "02-00-00-00-00-0c", "rack": "c d", "hostname": "n"})  # fmt: skip
     assert url == "http://testserver/ignition?mac=02-00-00-00-00-0c&rack=c%20d"
-    r = c.get(url.removeprefix("http://testserver"))
-    assert r.status_code == 200, r.text
-    assert last_event(c, kind="boot")["group"] == "rack-c"
-    assert r.json()["passwd"]["users"][0]["sshAuthorizedKeys"] == ["ssh-ed25519 AAAAC3Nza rack-c"]
     assert_valid_ignition(r.text, tmp_path)
 
 
 def test_site_ignition_url_keeps_the_groups_spelling_of_the_mac_key(site_dir, client_for, tmp_path):
     # A selector's key `MAC` matches a request's `MAC` (matchbox compares keys as written): the
     # URL wrote the MAC as `mac=`, and Ignition's request matched no group (404)
-    group = {"id": "upmac", "profile": "flatcar-worker", "selector": {"MAC": "52:54:00:00:00:09", "rack": "r1"},
-             "metadata": {"ssh_authorized_keys": ["ssh-ed25519 AAAAC3Nza upmac"],
-                          "k3s_url": "https://10.77.0.12:6443", "timezone": "UTC"}}  # fmt: skip
-    (site_dir / "groups").mkdir()
-    (site_dir / "groups" / "upmac.json").write_text(json.dumps(group))
-    c = client_for(site_dir)
-    r = c.get("/ipxe", params={"MAC": "52-54-00-00-00-09", "rack": "r1"})
-    assert r.status_code == 200, r.text
-    url = ipxe_script(r.text)["args"][2].removeprefix("ignition.config.url=")
+    url, r = _group_ignition(site_dir, client_for, "upmac", {"MAC": "52:54:00:00:00:09", "rack": "r1"},
+                             {"MAC": "52-54-00-00-00-09", "rack": "r1"})  # fmt: skip
     assert url == "http://testserver/ignition?MAC=52-54-00-00-00-09&rack=r1"
-    r = c.get(url.removeprefix("http://testserver"))
-    assert r.status_code == 200, r.text
-    assert last_event(c, kind="boot")["group"] == "upmac"
     assert_valid_ignition(r.text, tmp_path)
 
 
