@@ -264,7 +264,7 @@ def test_a_page_of_events_longer_than_a_frame_comes_in_parts_and_none_is_skipped
     # The controller's catch-up asks for 16 (session.catchup_page); sixteen ends of TFTP
     # transfers are about 2.7 KB, over the 1536-byte reply frame: the reply was an error on
     # every reconnect, and the events missed while the line was down never came.
-    c, wire, clock, out, log = rig()
+    c, wire, _, _, log = rig()
     hello(c)
     end = ("stage", "file", "client", "bytes", "ms", "result", "resends", "dup_acks")
     first = None
@@ -284,7 +284,7 @@ def test_a_page_of_events_longer_than_a_frame_comes_in_parts_and_none_is_skipped
 
 
 def test_a_status_section_asked_for_by_a_list_is_a_bad_request():
-    c, wire, clock, out, log = rig()
+    c, wire, *_ = rig()
     hello(c)
     send(c, {"id": 1, "op": "status", "only": ["heap"]})
     assert wire.last() == {"id": 1, "ok": False, "code": "badreq", "error": "status: 'only' has the wrong type"}
