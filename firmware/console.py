@@ -183,7 +183,7 @@ class Console:
             return self._error(None, "request without an integer id", "badreq")
         op = req.get("op")
         if self.nodes is not None:
-            self.nodes.contact(now)
+            self.nodes.contact(now, op == "hello")
         entry = self.ops.get(op) if isinstance(op, str) else None
         if entry is None:
             return self._error(rid, "unknown op %r" % (op,), "unknown")

@@ -15,8 +15,11 @@
 # max_cycles cycles without a beat the watchdog gives up on it until it beats again. The verdict
 # needs a live controller: heartbeats only reach the device through the controller, so a node
 # counts as silent only when the controller's last contact (any request) came after the node's
-# deadline; and when the controller was gone for more than contact_ms, every node's clock
-# restarts on its return. Pure over `now` (ticks_ms), so tests use a fake clock.
+# deadline; and when the controller was gone for more than contact_ms (5 s: it sends a request
+# every 2 s while it watches nodes) or says hello (a restart, a reconnect), every node's clock
+# restarts then: the beats of the time it was away could not reach us, and come only after
+# its resync. With 60 s there, a controller back after 10 s had a node of a 6 s timeout cycled
+# at its hello, beating all along. Pure over `now` (ticks_ms), so tests use a fake clock.
 from firmware.compat import ticks_diff
 
 
@@ -83,7 +86,7 @@ class _Node:
 
 class NodeWatch:
     def __init__(
-        self, power, now, log=None, max_cycles=5, backoff_cap_ms=3600000, contact_ms=60000
+        self, power, now, log=None, max_cycles=5, backoff_cap_ms=3600000, contact_ms=5000
     ):
         self.power = power  # a firmware.power.Power
         self.log = log
@@ -110,9 +113,10 @@ class NodeWatch:
         self._nodes.pop(c.index, None)
         return c.index
 
-    def contact(self, now):
-        """Any sign of life from the controller (every console request)."""
-        if self._absent or ticks_diff(now, self._contact) > self.contact_ms:
+    def contact(self, now, hello=False):
+        """Any sign of life from the controller (every console request); hello: a session's
+        first request, after which its beats come only once it has resynced."""
+        if hello or self._absent or ticks_diff(now, self._contact) > self.contact_ms:
             self._absent = False
             for n in self._nodes.values():  # it was gone: every node gets a fresh timeout
                 n.since = now

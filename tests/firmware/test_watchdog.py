@@ -164,6 +164,34 @@ def test_nodes_are_not_judged_while_the_controller_is_silent():
     assert [e["action"] for e in watch_events(log)] == ["cycle"]
 
 
+def test_a_controller_back_after_a_short_absence_gets_no_healthy_node_cycled():
+    # Away 29 s (a restart), less than the 60 s that used to mark an absence: its first
+    # request after it came after the node's deadline (6 s), and the node was cycled while it
+    # beat all along, its beats waiting for the controller's resync.
+    p, nodes, out, log = make()
+    nodes.watch(0, 6000, 30000, 0)
+    run(p, nodes, 0, 21000, beat=lambda t: [0] if t % 2000 == 0 else [])
+    run(p, nodes, 21000, 50000, contact=False)
+    run(p, nodes, 50000, 56000, step=2000)  # requests every 2 s again, its beats not yet
+    assert watch_events(log) == [] and out.level[0] is True
+    run(p, nodes, 56000, 70000, step=2000, beat=lambda t: [0])  # after the resync: its beats
+    assert watch_events(log) == []
+
+
+def test_a_hello_restarts_every_nodes_clock():
+    # A controller that restarts quickly (its requests never 5 s apart) says hello first; the
+    # beats come only after its resync
+    p, nodes, out, log = make()
+    nodes.watch(0, 6000, 30000, 0)
+    nodes.beat(0, 0)
+    run(p, nodes, 0, 5000)
+    nodes.contact(5500, hello=True)
+    run(p, nodes, 5500, 11000)  # 11 s after the beat, 5.5 s after the hello
+    assert watch_events(log) == []
+    run(p, nodes, 11000, 12000)  # and judged again once its own timeout has passed
+    assert [e["action"] for e in watch_events(log)] == ["cycle"]
+
+
 def test_a_node_switched_off_on_purpose_is_not_cycled():
     p, nodes, out, log = make()
     nodes.watch(1, 5000, 10000, 0)
