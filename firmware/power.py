@@ -223,6 +223,10 @@ class Power:
                 c.off_at = None
             while c.edges and ticks_diff(now, c.edges[0]) >= c.window_ms:
                 c.edges.pop(0)
+        # The stagger's slot too, once passed: kept, a board's ticks (period 2**30 ms) made it
+        # lie 6 days ahead after 6 days without a power-on, and the next on waited for it.
+        if self._next_on is not None and not 0 < ticks_diff(self._next_on, now) <= self.stagger_ms:
+            self._next_on = None
         while self._queue:
             if self._next_on is not None:
                 left = ticks_diff(self._next_on, now)

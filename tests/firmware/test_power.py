@@ -145,3 +145,24 @@ def test_restore_reads_the_state_file_without_rewriting_it(tmp_path):
     Power(out, 2, store).restore(0)
     assert out.level == {0: False, 1: True}
     assert store.writes == 0
+
+
+def test_a_stagger_slot_long_past_does_not_hold_a_power_on_on_a_board_whose_ticks_wrap(monkeypatch):
+    # A board's ticks have a period of 2**30 ms (12.4 days; this unix port's and CPython's do
+    # not wrap in a test's time). The stagger's slot was kept once passed: 6.2 days after the
+    # last power-on it lay 6.2 days ahead, and the next on (or a cycle's back-on) waited for it.
+    from firmware import power
+
+    period = 1 << 30
+    monkeypatch.setattr(power, "ticks_add", lambda a, b: (a + b) & (period - 1))
+    monkeypatch.setattr(power, "ticks_diff", lambda a, b: ((a - b + period // 2) & (period - 1)) - period // 2)
+    out = Recorder()
+    p = Power(out, [{}, {"default": "off"}], MemStore(), Log(16), stagger_ms=2000)
+    p.restore(0)
+    p.on(0, 1000)
+    assert p.tick(1000) is None and out.level[0] is True  # switched, its slot 2 s ahead
+    for hour in range(1, 150):  # the power loop's ticks go on, nothing queued
+        p.tick(1000 + hour * 3_600_000)
+    later = (1000 + 2**29 + 100_000) & (period - 1)
+    p.on(1, later)
+    assert p.tick(later) is None and out.level[1] is True  # at once, not days later

@@ -181,7 +181,7 @@ def test_a_controller_back_after_a_short_absence_gets_no_healthy_node_cycled():
 def test_a_hello_restarts_every_nodes_clock():
     # A controller that restarts quickly (its requests never 5 s apart) says hello first; the
     # beats come only after its resync
-    p, nodes, out, log = make()
+    p, nodes, _, log = make()
     nodes.watch(0, 6000, 30000, 0)
     nodes.beat(0, 0)
     run(p, nodes, 0, 5000)
