@@ -257,8 +257,10 @@ def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
            cfg: Config) -> tuple[list[Action], Memory]:  # fmt: skip
     """The actions for one machine now, and the memory to keep."""
     acts: list[Action] = []
-    if mem is None:  # first sight: its reprovision word is adopted, not acted on
-        mem = Memory(spec=want.spec, reprovisioned=want.reprovision)
+    if mem is None or mem.spec is None:  # first sight: its reprovision word is adopted, not acted on
+        # (a memory made before any pass saw the machine, by a person's hold or release, has
+        # no spec: its blank word was read as a change, and a running node reprovisioned)
+        mem = replace(mem or Memory(), spec=want.spec, reprovisioned=want.reprovision)
     if mem.spec != want.spec:
         if mem.failed or mem.attempt:
             acts.append(Action(name, "reset", "its declaration changed: the count of "

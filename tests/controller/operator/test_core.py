@@ -250,6 +250,21 @@ def test_reprovision_acts_on_a_change_only():
     assert names == ["reprovision"]
 
 
+def test_a_hold_or_release_before_the_first_pass_does_not_make_the_word_a_change():
+    # A person's hold or release on a machine the operator has no memory of yet made a blank
+    # memory (no spec, no word): the next pass read the declared word as a change, and a
+    # running, provisioned node was reprovisioned and power-cycled.
+    want = replace(ON, reprovision="v1")
+    seen = Seen(relay="on", progress=progress(boot_events()))
+    for mem in (core.released(None), core.released(core.held(None, "api", None, 5))):
+        names, after, _ = run(want, seen, mem, 10)
+        assert names == [] and after.reprovisioned == "v1", names
+        assert run(replace(want, reprovision="v2"), seen, after, 11)[0] == ["reprovision", "power-cycle"]
+    held = core.held(None, "api", "off", 5)  # held: nothing done, the word adopted for later
+    names, after, _ = run(want, seen, held, 10)
+    assert names == [] and after.reprovisioned == "v1" and after.hold is not None
+
+
 def test_reprovision_of_a_machine_in_the_middle_of_a_cycle_sends_no_second_cycle():
     # it is heading into a fresh network boot already; a cycle sent then (refused by the device,
     # "already cycling") came back 30 s later and cut the install boot that had begun
