@@ -243,6 +243,12 @@ class Action:
 # --- deciding -----------------------------------------------------------------------------------
 
 
+def _recovered(step: str | None, attempt: int) -> str:
+    if attempt:
+        return f"reached {step} after {attempt} power-cycle(s)"
+    return f"reached {step} before its power-cycle, which is called off"
+
+
 def _fresh(mem: Memory) -> Memory:
     return replace(mem, attempt=0, failed=None, stuck_at=None, stuck_boot=None, retry_at=None)
 
@@ -309,13 +315,17 @@ def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
     if p.boot_at is None:
         return acts, mem  # no boot seen begin: nothing to judge
     if p.done_at is not None or p.local_disk or _ready(want, seen, now, cfg):
-        if mem.attempt:
-            acts.append(Action(name, "recovered", f"reached {p.step} after {mem.attempt} "
-                               f"power-cycle(s)", step=p.step))  # fmt: skip
+        if mem.attempt or mem.stuck_at is not None:
+            acts.append(Action(name, "recovered", _recovered(p.step, mem.attempt), step=p.step))
             mem = _fresh(mem)
         return acts, mem
     limit = cfg.timeout(p.step or "power-on")
     if now < (p.step_at or p.boot_at) + limit or _unheard_yet(want, seen, now, cfg):
+        if mem.stuck_at is not None and mem.stuck_boot == p.boot_at:
+            # judged stuck, then a step before its power-cycle: the cycle is called off (it
+            # came at once when the new step timed out, with no verdict and no backoff)
+            acts.append(Action(name, "recovered", _recovered(p.step, mem.attempt), step=p.step))
+            mem = replace(mem, stuck_at=None, stuck_boot=None)
         return acts, mem
     last = f"; last error: {p.error}" if p.error else ""
     if mem.stuck_boot != p.boot_at:

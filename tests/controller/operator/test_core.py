@@ -250,6 +250,24 @@ def test_reprovision_acts_on_a_change_only():
     assert names == ["reprovision"]
 
 
+def test_a_boot_that_moves_on_after_its_stuck_verdict_has_its_power_cycle_called_off():
+    # Judged stuck, then a new step during the backoff: the pending cycle stayed, the status
+    # said Stuck, and when the new step timed out the node was cycled at once (no verdict for
+    # that step, no backoff)
+    evs = boot_events()[:2]  # power-on at 100, the offer at 120: the pxe step
+    t = 120 + core.DEFAULT_TIMEOUTS["pxe"] + 1
+    names, mem, _ = run(ON, Seen(relay="on", progress=progress(evs)), Memory(spec="a"), t)
+    assert names == ["stuck"]
+    moved = progress([*evs, ev(3, t + 5, "tftp", "device", stage="start", file="ipxe.efi")])
+    names, mem, acts = run(ON, Seen(relay="on", progress=moved), mem, t + 6)
+    assert names == ["recovered"] and "called off" in acts[0].reason
+    assert status(ON, Seen(relay="on", progress=moved), mem, t + 6, CFG).text == "Booting (tftp)"
+    later = t + 5 + core.DEFAULT_TIMEOUTS["tftp"] + 1  # tftp times out: a verdict of its own, a backoff
+    names, mem, acts = run(ON, Seen(relay="on", progress=moved), mem, later)
+    assert names == ["stuck"] and "no step after tftp" in acts[0].reason
+    assert run(ON, Seen(relay="on", progress=moved), mem, later + 1)[0] == []
+
+
 def test_a_hold_or_release_before_the_first_pass_does_not_make_the_word_a_change():
     # A person's hold or release on a machine the operator has no memory of yet made a blank
     # memory (no spec, no word): the next pass read the declared word as a change, and a
