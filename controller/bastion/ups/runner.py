@@ -246,6 +246,15 @@ class UpsWatch:
         if not self._power_on_retry or self.mem.holding or self.hub is None:
             return
         for name, first in list(self._power_on_retry.items()):
+            m = self.holder.site.machine(name)
+            if m is None or m.power == "off":
+                # declared off since (or gone from the site): the declaration wins, as at the
+                # first power-on (the retries powered it on all the same, for 15 minutes)
+                del self._power_on_retry[name]
+                self._event(core.Action("skipped", "not powered on again: declared power: off"
+                                        if m is not None else "not powered on again: no longer in the site",
+                                        machine=name))  # fmt: skip
+                continue
             if self.clock() - first > POWER_ON_RETRY_S:
                 del self._power_on_retry[name]
                 self._event(core.Action("error", f"power-on: given up after {POWER_ON_RETRY_S:g} s "

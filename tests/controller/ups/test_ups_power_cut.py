@@ -284,3 +284,50 @@ def test_a_machine_declared_off_during_the_cut_is_not_powered_on_after_it(rig):
     assert ("skipped", "pi1") in ups_steps(c) and ("power-on", "pi1") in ups_steps(c)
     offs = [e for e in events(c, "power") if e["machine"] == "pi1" and e["payload"].get("state") == "on"]
     assert len(offs) == 1  # its power-on before the cut, none after
+
+
+def test_a_refused_power_on_declared_off_before_its_retry_is_not_retried():
+    # The retries of a power-on the device refused after the cut looked at nothing: a machine
+    # declared off in between was powered on all the same, for up to 15 minutes.
+    from types import SimpleNamespace
+
+    from bastion.device.link import DeviceError
+    from bastion.state.heartbeats import Heartbeats
+    from bastion.ups import core
+    from bastion.ups.runner import UpsWatch
+
+    class Hub(HubStandIn):
+        refuse = True
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def resume_watch(self):
+            pass
+
+        def power(self, name, state, source="api"):
+            if self.refuse:
+                raise DeviceError("pi1 went off 1000 ms ago; its minimum off time is 5000 ms", "refused")
+            self.calls.append((name, state, source))
+
+    pi1 = SimpleNamespace(name="pi1", relay=2, role="agent", node=None, power="on", mac="dc:a6:32:01:02:03")
+    section = SimpleNamespace(name="eaton", on_battery_s=60, low_charge=20, shutdown_wait_s=120, quiet_s=15,
+                              resume_charge=50, poll_s=5, timeout_s=5, host="127.0.0.1", port=3493,
+                              username=None)  # fmt: skip
+    site = SimpleNamespace(machines=[pi1], settings=SimpleNamespace(ups=section),
+                           machine=lambda n: pi1 if n == "pi1" else None)  # fmt: skip
+    hub, recorded = Hub(), []
+    watch = UpsWatch(SimpleNamespace(site=site), lambda kind, **kw: recorded.append(kw["payload"]),
+                     Heartbeats(), hub=hub)  # fmt: skip
+    watch.mem = core.Memory(phase="off", opened=("pi1",), status="OL", charge=90)
+    watch._read = lambda section: (core.Ups(("OL",), 90.0), None)
+    watch.pass_once()  # mains back: pi1's power-on refused, to be tried again
+    assert [p["action"] for p in recorded][-2:] == ["power-on", "error"]
+    pi1.power = "off"  # declared off since (machines.yaml)
+    hub.refuse = False
+    watch.pass_once()
+    assert hub.calls == [] and recorded[-1]["action"] == "skipped", recorded[-1]
+    assert recorded[-1]["reason"] == "not powered on again: declared power: off"
+    watch.pass_once()
+    assert hub.calls == []  # and not tried again
