@@ -180,7 +180,14 @@ class UpsWatch:
 
     def _read(self, section: Any) -> tuple[core.Ups | None, str | None]:
         try:
-            r = self._nut(section).read()
+            client = self._nut(section)
+        except (OSError, ValueError) as e:  # the password's file: unreadable, not text, ...
+            # as a UPS that does not answer: the policy still runs (a shutdown begun goes on to
+            # the relays); raised, every pass ended here and a shutdown stalled before them
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            return None, f"the UPS password ({password_name(section.name)}) cannot be read: {why}"
+        try:
+            r = client.read()
         except NutError as e:
             return None, str(e)
         if not r.status or r.status == ("WAIT",):  # WAIT: upsd has nothing from the driver yet

@@ -331,3 +331,44 @@ def test_a_refused_power_on_declared_off_before_its_retry_is_not_retried():
     assert recorded[-1]["reason"] == "not powered on again: declared power: off"
     watch.pass_once()
     assert hub.calls == []  # and not tried again
+
+
+def test_a_ups_password_that_cannot_be_read_does_not_stall_a_shutdown(tmp_path):
+    # The secret store raised out of the pass (a file not UTF-8, one the controller's user may
+    # not read): every pass ended before the policy, and a shutdown already begun never opened
+    # the relays. Now it counts as a UPS that does not answer, and says why.
+    from types import SimpleNamespace
+
+    from bastion.state.heartbeats import Heartbeats
+    from bastion.state.secrets import SecretStore
+    from bastion.ups import core
+    from bastion.ups.runner import UpsWatch
+
+    (tmp_path / "ups" / "eaton").mkdir(parents=True)
+    (tmp_path / "ups" / "eaton" / "password").write_bytes(b"\xff\xfepass\n")
+    now = [1000.0]
+
+    class Hub(HubStandIn):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+            self.answer = [{"ch": 0, "output": "on"}]
+
+        def power(self, name, state, source="api"):
+            self.calls.append((name, state))
+
+    node1 = SimpleNamespace(name="node1", relay=0, role="agent", node=None, power="on", mac="52:54:00:12:34:01")
+    section = SimpleNamespace(name="eaton", on_battery_s=60, low_charge=20, shutdown_wait_s=120, quiet_s=15,
+                              resume_charge=50, poll_s=5, timeout_s=1, host="127.0.0.1", port=9,
+                              username="monitor")  # fmt: skip
+    site = SimpleNamespace(machines=[node1], settings=SimpleNamespace(ups=section), machine=lambda n: node1)
+    hub, recorded = Hub(), []
+    watch = UpsWatch(SimpleNamespace(site=site), lambda kind, **kw: recorded.append(kw["payload"]),
+                     Heartbeats(lambda: now[0]), hub=hub, secrets=SecretStore(tmp_path),
+                     clock=lambda: now[0])  # fmt: skip
+    # in a shutdown: node1 asked 200 s ago, past shutdown_wait_s: its relay is due to open
+    watch.mem = core.Memory(phase="shutdown", since=800, stage=0, stage_at=800, asked=("node1",))
+    now[0] += 30
+    watch.pass_once()
+    assert hub.calls == [("node1", "off")] and watch.mem.phase == "off"
+    assert "the UPS password (ups/eaton/password) cannot be read" in watch.last_error
