@@ -130,11 +130,11 @@ def boot_for(group: Group, profile: Profile, req: BootRequest, loader: str, toke
     # `MAC` only: written `mac` here, Ignition's request matched no group)
     mac_key = next((k for k in group.selector if k.lower() == "mac"), "mac")
     mac = req.labels.get(mac_key) or req.labels.get("mac") or (group.machine.mac if group.machine else None)
-    key = quote(mac_key, safe="")
+    mac_name = quote(mac_key, safe="")
     if mac:
-        parts = [f"{key}={match.mac_hexhyp(mac)}"]
+        parts = [f"{mac_name}={match.mac_hexhyp(mac)}"]
     else:
-        parts = [f"{key}=${{mac:hexhyp}}" if loader == "ipxe" else f"{key}=${{net_default_mac}}"]
+        parts = [f"{mac_name}=${{mac:hexhyp}}" if loader == "ipxe" else f"{mac_name}=${{net_default_mac}}"]
     parts += [
         f"{quote(key, safe='')}={quote(value, safe='')}"
         for key, value in sorted(group.selector.items())

@@ -44,9 +44,9 @@ class AssetResponse(FileResponse):
     # Bigger reads than Starlette's 64 KiB mean fewer trips through the thread pool per file.
     chunk_size = 256 * 1024
 
-    def __init__(self, file: BinaryIO, path: str, started: Callable[[int], None]) -> None:
+    def __init__(self, file: BinaryIO, path: str, started: Callable[[int, int], None]) -> None:
         self._file = file
-        self._started = started  # called with the status Starlette sends: 200, 206, 416 or 400
+        self._started = started  # (status Starlette sends: 200, 206, 416 or 400; file size)
         super().__init__(path, stat_result=os.fstat(file.fileno()))
 
     @classmethod
@@ -78,7 +78,7 @@ class AssetResponse(FileResponse):
 
         async def sending(message) -> None:
             if message["type"] == "http.response.start":
-                self._started(message["status"])
+                self._started(message["status"], self.stat_result.st_size)
             await send(message)
 
         try:
@@ -141,9 +141,7 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
     file = await anyio.to_thread.run_sync(_open_regular, full)
     if file is None:  # gone (or replaced by something else) since it was looked up
         return _refused(runtime, request, rel, 404, f"no asset {rel}\n")
-    size = os.fstat(file.fileno()).st_size
-
-    def started(status: int) -> None:
+    def started(status: int, size: int) -> None:
         # What was sent, once Starlette has judged the Range: a 416 recorded as 200 was a
         # kernel step done, for the operator, where a node had failed to fetch it
         runtime.metrics.asset_requests.labels(status=str(status)).inc()
@@ -158,6 +156,6 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
     response: Response = AssetResponse(file, full, started)
     if static.is_not_modified(response.headers, Headers(scope=request.scope)):
         file.close()
+        started(304, response.stat_result.st_size)
         response = NotModifiedResponse(response.headers)
-        started(304)
     return response

@@ -243,6 +243,11 @@ class Action:
 # --- deciding -----------------------------------------------------------------------------------
 
 
+def _past_its_step(p: Progress, now: float, cfg: Config) -> bool:
+    """Whether the boot's furthest step is older than that step's timeout."""
+    return now >= (p.step_at or p.boot_at) + cfg.timeout(p.step or "power-on")
+
+
 def _recovered(step: str | None, attempt: int) -> str:
     if attempt:
         return f"reached {step} after {attempt} power-cycle(s)"
@@ -319,14 +324,14 @@ def decide(name: str, want: Want, seen: Seen, mem: Memory | None, now: float,
             acts.append(Action(name, "recovered", _recovered(p.step, mem.attempt), step=p.step))
             mem = _fresh(mem)
         return acts, mem
-    limit = cfg.timeout(p.step or "power-on")
-    if now < (p.step_at or p.boot_at) + limit or _unheard_yet(want, seen, now, cfg):
+    if not _past_its_step(p, now, cfg) or _unheard_yet(want, seen, now, cfg):
         if mem.stuck_at is not None and mem.stuck_boot == p.boot_at:
             # judged stuck, then a step before its power-cycle: the cycle is called off (it
             # came at once when the new step timed out, with no verdict and no backoff)
             acts.append(Action(name, "recovered", _recovered(p.step, mem.attempt), step=p.step))
             mem = replace(mem, stuck_at=None, stuck_boot=None)
         return acts, mem
+    limit = cfg.timeout(p.step or "power-on")
     last = f"; last error: {p.error}" if p.error else ""
     if mem.stuck_boot != p.boot_at:
         if mem.attempt >= cfg.cycles:
@@ -440,8 +445,7 @@ def status(want: Want, seen: Seen, mem: Memory | None, now: float, cfg: Config) 
         return Status("Stuck", f"Stuck ({n} of {cfg.cycles})", **{**base, "attempt": n},
                       reason=f"no step after {p.step} for {cfg.timeout(p.step or 'power-on'):g}s",
                       since=mem.stuck_at)  # fmt: skip
-    if now >= (p.step_at or p.boot_at) + cfg.timeout(p.step or "power-on") \
-            and _unheard_yet(want, seen, now, cfg):  # fmt: skip
+    if _past_its_step(p, now, cfg) and _unheard_yet(want, seen, now, cfg):
         # what the plan waits out (above): a boot past its step's timeout, from before this
         # controller began listening, may be a node up and beating; not "Booting" either
         return Status("Unknown", "Unknown (waiting for a beat)", **base, since=seen.listening_since,
