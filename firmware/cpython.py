@@ -35,7 +35,15 @@ async def sleep_ms(ms):
 
 
 async def recvfrom(s, n):
-    return await asyncio.get_running_loop().sock_recvfrom(s, n)
+    # As MicroPython's (firmware/net.py): a wait, then a read, None when the read finds no heap.
+    while True:
+        await readable(s)
+        try:
+            return s.recvfrom(n)
+        except BlockingIOError:
+            pass
+        except MemoryError:
+            return None
 
 
 def _wake(fut):

@@ -31,7 +31,7 @@ VERSION = "0.2.0"
 # task still running; a task that blocks the loop stops every check-in at once.
 TASK_DEADLINES_MS = {"console": 3000, "power": 3000, "dhcp": 3000, "tftp": 3000}
 _WATCHDOG_PERIOD_MS = const(500)
-_STALL_MS = const(2000)  # a listener that cannot allocate for this long counts as hung
+_STALL_MS = const(2000)  # a listener stalled by the heap this long counts as hung (net.py's)
 # Free heap the node consoles need at start: what they hold (about 20 KB with the sim board's
 # four channels on the 64-bit port, less on a 32-bit board) plus the 12 KB the services keep
 # for their own work.
@@ -129,7 +129,7 @@ async def _power_loop(power, nodes, tasks, faults):
 async def _watchdog_loop(wdt, tasks, services, faults):
     # Feeds the hardware WDT only while every critical task has checked in recently. A
     # listener checks in by being alive: its task has not ended (a socket error, a bug) and
-    # it is not stuck on a heap too full to take a datagram for longer than _STALL_MS.
+    # it has not been stalled by the heap (firmware/net.py, waitless) for longer than _STALL_MS.
     while True:
         now = ticks_ms()
         for name in services:

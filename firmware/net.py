@@ -18,7 +18,7 @@ try:
 except ImportError:  # CPython
     _io_queue = None
 
-from firmware.compat import const
+from firmware.compat import const, ticks_diff
 
 _EAGAIN = const(11)
 _SO_BINDTODEVICE = const(25)  # Linux's (asm-generic/socket.h); the unix port does not name it
@@ -120,7 +120,9 @@ def failed(x, to=None, log=None, name=None):
 if _io_queue is not None:
 
     def recvfrom(s, n):
-        """Await one datagram of at most n bytes: (bytes, addr)."""
+        """Await one datagram of at most n bytes: (bytes, addr), or None when one waits and
+        the heap cannot take it. A MemoryError raised is one before any wait: nothing is
+        known to be waiting (waitless, below, tells the two apart)."""
         while True:
             yield _io_queue.queue_read(s)
             try:
@@ -128,6 +130,8 @@ if _io_queue is not None:
             except OSError as e:
                 if e.errno != _EAGAIN:
                     raise
+            except MemoryError:
+                return None
 
     _ONCE = (None,)
 
@@ -211,3 +215,26 @@ else:  # CPython
 
     def forget(s):
         """Nothing on CPython: its event loop keeps no registration between waits."""
+
+
+
+# A listener's heap stalls, as the watchdog's feeding loop (firmware/main.py) judges them: a
+# listener is stalled (its stalled_since, ticks) when a datagram has waited in its socket unread
+# because the heap could not take it (recvfrom gave None), or when for _STALL_MS it could not
+# even start a wait (recvfrom raised MemoryError). A single failed wait is neither: once the
+# wait starts, a quiet port is not a stalled one (it was judged so, and the board reset 2 s
+# after one MemoryError on a quiet port 69). No class: every name costs the sim board
+# (firmware/main.py, "Interned names").
+_STALL_MS = const(2000)  # main.py's, the feeding loop's verdict
+
+
+def waitless(svc, first, now):
+    """A wait of svc's listener could not start at `now`; first: the first such failure since
+    its last wake-up, or None. Returns the new first. A run of failures with no wake-up
+    between is unbroken (a wait ends only at a wake-up): after _STALL_MS of it, svc is stalled
+    since the first."""
+    if first is None:
+        return now
+    if svc.stalled_since is None and ticks_diff(now, first) > _STALL_MS:
+        svc.stalled_since = first
+    return first

@@ -136,7 +136,7 @@ class ProxyDhcp:
         # getaddrinfo) cost 576 B of heap a reply on the unix port
         self._unicast = None
         self.sockets = ()  # (dhcp socket, pxe socket) while run() is serving
-        self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
+        self.stalled_since = None  # ticks: a listener stalled by the heap since then (net.waitless)
 
     async def run(self):
         """Serve both listeners until a socket fails (raised) or the task is cancelled."""
@@ -176,6 +176,7 @@ class ProxyDhcp:
 
     async def _serve(self, sock, port):
         full = self.max_packet + 1
+        unwaited = None  # the first wait that could not start since the last wake-up
         small = None  # ticks of the last MemoryError: reads stay small for _SMALL_MS after it
         while True:
             n = full
@@ -185,11 +186,18 @@ class ProxyDhcp:
                 else:
                     small = None
             try:
-                data, src = await net.recvfrom(sock, n)
+                got = await net.recvfrom(sock, n)
             except OSError:
                 self.log.count("dhcp.socket_error")
                 raise
-            except MemoryError:
+            except MemoryError:  # before the wait: nothing is known to be waiting
+                got = None
+                unwaited = net.waitless(self, unwaited, ticks_ms())
+            else:
+                unwaited = None
+                if got is None and self.stalled_since is None:  # woken; no heap to take it
+                    self.stalled_since = ticks_ms()
+            if got is None:
                 # A full or fragmented heap costs this read, not the listener (the datagram
                 # waits in the socket). The reads ask for less for a while: RFC 2131's 576
                 # bytes hold every PXE request seen so far (a longer one is then dropped as
@@ -197,8 +205,6 @@ class ProxyDhcp:
                 # cost a collection per datagram. Already reported events are shed.
                 self.log.count("dhcp.no_memory")
                 self.log.shed()
-                if self.stalled_since is None:
-                    self.stalled_since = ticks_ms()
                 if n == _SMALL_READ:
                     self._free = None  # freed by the collection: the next read fits there
                 small = ticks_ms()
@@ -206,6 +212,8 @@ class ProxyDhcp:
                 await sleep_ms(1)
                 continue
             self.stalled_since = None
+            data, src = got
+            got = None
             if self._free is None:  # take the run back, for the next time
                 try:
                     self._free = bytearray(_SMALL_READ)

@@ -169,13 +169,14 @@ class TftpServer:
         self.events = Budget(log, "tftp")
         log.pressure.append(self.give_way)
         self.sock = None
-        self.stalled_since = None  # ticks of the first of a run of MemoryErrors, or None
+        self.stalled_since = None  # ticks: stalled by the heap since then (net.waitless)
         self.queued = []  # requests that wait for a slot, oldest first: (datagram, client, ticks)
         self.task = None  # the _dequeue task, while one runs
 
     async def run(self):
         self.sock = sock = net.udp_socket(self.listen_ip, self.port)
         clock = asyncio.create_task(self._clock())
+        unwaited = None  # the first wait that could not start since the last wake-up
         small = None  # ticks of the last MemoryError: reads stay small for _SMALL_MS after it
         try:
             while True:
@@ -185,40 +186,48 @@ class TftpServer:
                         n = _SMALL_READ
                     else:
                         small = None
-                data = None
                 try:
-                    data, client = await net.recvfrom(sock, n)
-                    self.stalled_since = None
-                    self.log.count("tftp.request")
-                    if n != _MAX_REQUEST and len(data) >= n:  # maybe cut short: not to be trusted
-                        self.log.count("tftp.truncated")
-                        continue
-                    if self.request(data, client):
-                        # No slot yet: a transfer told to give way, or one whose last ACK waits in
-                        # its socket, ends (and frees its slot) when its task runs; then the
-                        # request once more, dropped if it still finds none.
-                        for _ in range(4):
-                            await sleep_ms(0)
-                            if self.slots.active() < self.slots.capacity:
-                                break
-                        self.request(data, client, True)  # started, queued or dropped
-                    data = client = None
-                except MemoryError:
-                    # The heap is full or in pieces (transfers, a burst of requests): this request
-                    # is lost, the client retries it. For a while reads ask for less: a boot ROM's
-                    # request fits in _SMALL_READ bytes and needs no 512-byte run of heap.
-                    # Already reported events are shed. If reads keep failing for _STALL_MS (the
-                    # datagram waits in the socket: data is None) the watchdog sees the listener
-                    # stalled (stalled_since) and resets the board: a fresh heap, relays kept. A
-                    # request that failed after its read is simply lost: the listener waits on.
-                    if data is None and self.stalled_since is None:
+                    got = await net.recvfrom(sock, n)
+                except MemoryError:  # before the wait: nothing is known to be waiting
+                    got = None
+                    unwaited = net.waitless(self, unwaited, ticks_ms())
+                else:
+                    unwaited = None
+                    if got is None and self.stalled_since is None:  # woken; no heap to take it
                         self.stalled_since = ticks_ms()
-                    data = client = None
-                    small = ticks_ms()
-                    self.log.count("tftp.no_memory")
-                    self.log.shed()
-                    gc.collect()
-                    await sleep_ms(_NO_MEMORY_PAUSE_MS)
+                if got is not None:
+                    self.stalled_since = None
+                    data, client = got
+                    got = None
+                    try:
+                        self.log.count("tftp.request")
+                        if n != _MAX_REQUEST and len(data) >= n:  # maybe cut short: not trusted
+                            self.log.count("tftp.truncated")
+                            continue
+                        if self.request(data, client):
+                            # No slot yet: a transfer told to give way, or one whose last ACK
+                            # waits in its socket, ends (and frees its slot) when its task runs;
+                            # then the request once more, dropped if it still finds none.
+                            for _ in range(4):
+                                await sleep_ms(0)
+                                if self.slots.active() < self.slots.capacity:
+                                    break
+                            self.request(data, client, True)  # started, queued or dropped
+                        data = client = None
+                        continue
+                    except MemoryError:  # the request, read, is lost: the listener waits on
+                        data = client = None
+                # The heap is full or in pieces (transfers, a burst of requests): this request
+                # is lost, the client retries it. For a while reads ask for less: a boot ROM's
+                # request fits in _SMALL_READ bytes and needs no 512-byte run of heap. Already
+                # reported events are shed. A datagram left waiting, or waits that keep failing,
+                # make the listener stalled (net.waitless): the watchdog resets the board, a
+                # fresh heap, relays kept.
+                small = ticks_ms()
+                self.log.count("tftp.no_memory")
+                self.log.shed()
+                gc.collect()
+                await sleep_ms(_NO_MEMORY_PAUSE_MS)
         finally:
             clock.cancel()
 

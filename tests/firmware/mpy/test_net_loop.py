@@ -318,3 +318,43 @@ def test_a_datagram_that_comes_while_nobody_waits_is_read_at_the_next_wait():
         return id(a)
 
     assert _on_a_pair(main) not in net._io_queue.map
+
+
+# --- net.recvfrom: a datagram the heap cannot take ----------------------------------------------
+
+def test_recvfrom_gives_none_for_a_datagram_the_heap_cannot_take_and_leaves_it_there():
+    # The listeners tell "a datagram waits and the heap cannot take it" (None, after the wake)
+    # from a wait that could not start (a MemoryError raised): only the first can stall them
+    # (firmware/net.py, Stall). A read bigger than any heap stands in for a heap too full
+    # (MicroPython's int for a size is a machine word; CPython's allocation must fail too).
+    import sys
+
+    big = 1 << 28 if sys.implementation.name == "micropython" else 1 << 40
+    a, port = _bound()
+    b = net.udp_socket("127.0.0.1", 0)
+    got = []
+
+    async def main():
+        b.sendto(b"ping", net.addr("127.0.0.1", port))
+        got.append(await net.recvfrom(a, big))
+        got.append(await net.recvfrom(a, 16))
+
+    try:
+        asyncio.run(main())
+    finally:
+        net.forget(a)
+        a.close()
+        b.close()
+    assert got[0] is None, got
+    assert got[1][0] == b"ping", got
+
+
+def _bound():
+    # a socket on a loopback port of its own, and the port (the unix port's sockets have no
+    # getsockname): the first free one from a start that differs from run to run
+    port = 20000 + id(object()) % 20000
+    while True:
+        try:
+            return net.udp_socket("127.0.0.1", port), port
+        except OSError:
+            port = 20000 + (port + 1) % 20000
