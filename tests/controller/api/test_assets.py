@@ -237,6 +237,18 @@ def test_head_has_the_headers_of_get_and_no_body(site_dir, client_for):
     assert c.head(f"{URL}", headers={"If-None-Match": get.headers["etag"]}).status_code == 304
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_a_method_it_does_not_serve_is_405_allowing_get_and_head(method, site_dir, client_for):
+    # RFC 9110 15.5.6: Allow lists what the resource supports; it said HEAD only, the method of
+    # the first of the two routes (one per method, for OpenAPI's operation ids)
+    c = client_for(site_dir)
+    r = c.request(method, URL)
+    assert r.status_code == 405
+    assert sorted(m.strip() for m in r.headers["allow"].split(",")) == ["GET", "HEAD"]
+    assert c.get(URL).content == data(site_dir)
+    assert c.head(URL).headers["content-length"] == str(len(data(site_dir)))
+
+
 # -- paths that leave assets/ ---------------------------------------------------------------------
 
 # (raw request path, status): refused before the disk (400) or not found inside assets/ (404).
