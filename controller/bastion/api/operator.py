@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, ConfigDict
 
 from bastion.api.deps import AdminDep, RuntimeDep
@@ -47,7 +47,9 @@ async def plan(runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @router.post("/apply", summary="Reload the site files and do what their plan says (needs the token)")
-async def apply(body: ApplyIn, runtime: RuntimeDep, _: AdminDep) -> dict[str, Any]:
+async def apply(body: Annotated[ApplyIn, Body(default_factory=ApplyIn)], runtime: RuntimeDep,
+                _: AdminDep) -> dict[str, Any]:  # fmt: skip
+    # No body is `{}`, as the docs have it: whatever the plan is (`curl -X POST` with no -d).
     try:
         return await anyio.to_thread.run_sync(_operator(runtime).apply, body.plan)
     except SiteError as e:

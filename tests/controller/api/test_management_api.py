@@ -269,6 +269,24 @@ def test_an_edit_the_site_directory_cannot_take_says_so(site_dir, client_for, mo
     assert (site_dir / "machines.yaml").read_bytes() == before
 
 
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "application/json"}],
+                         ids=["no-body", "an-empty-json-body"])  # fmt: skip
+def test_apply_with_no_body_does_whatever_the_plan_is_as_with_an_empty_object(
+        headers, site_dir, client_for):  # fmt: skip
+    # The docs say `{}` does whatever the plan is; no body at all was 422 "Field required".
+    with (site_dir / "site.yaml").open("a") as f:
+        f.write("operator:\n  sync: manual\n")
+    c = client_for(site_dir)
+    m = site_dir / "machines.yaml"
+    m.write_text(m.read_text().replace("  - name: node2\n", "  - name: node2\n    maintenance: true\n"))
+    plan = c.get("/api/v1/plan").json()
+    assert plan["changes"] == [{"machine": "node2", "field": "maintenance", "from": False, "to": True}]
+    r = c.post("/api/v1/apply", headers={**auth(), **headers})
+    assert r.status_code == 200, r.text
+    assert (r.json()["id"], r.json()["changes"]) == (plan["id"], plan["changes"])
+    assert c.get("/api/v1/plan").json()["changes"] == []  # applied: nothing left to do
+
+
 # -- OpenAPI --------------------------------------------------------------------------------------
 
 
