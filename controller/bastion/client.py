@@ -8,6 +8,7 @@ The token comes from `token_file`, else $BASTION_API_TOKEN, else $BASTION_API_TO
 (bastion.settings.resolve_token); without one, reads still work and writes get 403. Every
 failure (no answer, an HTTP error, the controller's refusal with its `detail`) is an ApiError
 with a message fit to print: it is a click.ClickException, so a command just lets it through.
+An answer without what the commands read from it (ANSWERS) is one too, so they index it freely.
 """
 
 from __future__ import annotations
@@ -77,13 +78,19 @@ class ApiClient:
         return cls(url, token)
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
-        """The decoded JSON answer of `method path`, or ApiError."""
+        """The decoded JSON answer of `method path`, or ApiError; an answer to one of the calls
+        the command line makes (ANSWERS) holds what that command reads."""
         r = self._request(method, path, **kw)
         try:
-            return r.json()
+            answer = r.json()
         except ValueError:
             raise ApiError(f"{self.url}: the answer to {method} {path} is not JSON (HTTP "
                            f"{r.status_code}): is this an Edge Bastion controller?") from None
+        shape = next((s for m, p, s in ANSWERS if m == method and p.fullmatch(path)), ...)
+        if (problem := lacks(answer, shape)) is not None:
+            raise ApiError(f"{self.url}: not an Edge Bastion controller's answer to {method} "
+                           f"{path}: {problem}")  # fmt: skip
+        return answer
 
     def call_bytes(self, method: str, path: str, **kw: Any) -> bytes:
         """The raw body of the answer of `method path` (a console log), or ApiError."""
@@ -103,6 +110,63 @@ class ApiClient:
                           f"{text[:200]}{'...' if len(text) > 200 else ''}")  # fmt: skip
             raise ApiError(f"{detail} (HTTP {r.status_code})", r.status_code)
         return r
+
+
+# What a controller's answer holds, for each call the command line makes: what the commands
+# read, and what says what was done. Checked in ApiClient.call, so that a server that answers
+# `{}` or `[]` to everything (another service on that port) is one line naming what it lacks,
+# not a KeyError in the command that reads it, nor "device on None" and a success. A dict is a
+# JSON object with (at least) those keys, a one-item list an array of such items, `...` anything.
+_PLAN = {"id": ..., "site": ..., "sync": ...,
+         "changes": [{"machine": ..., "field": ..., "from": ..., "to": ...}],
+         "actions": [{"machine": ..., "action": ..., "reason": ...}]}  # fmt: skip
+_POWER = {"channel": ..., "held": ...}
+_REPROVISION = {"changed": ..., "was_installed_at": ..., "event": ...}
+ANSWERS: tuple[tuple[str, re.Pattern[str], Any], ...] = tuple(
+    (method, re.compile(path.replace("{name}", "[^/]+")), shape) for method, path, shape in (
+        ("GET", "/api/v1/operator", {"machines": [{"name": ..., "status": {"text": ...}}]}),
+        ("GET", "/api/v1/plan", _PLAN),
+        ("POST", "/api/v1/apply", {**_PLAN, "done": [{"machine": ..., "action": ...}]}),
+        ("GET", "/api/v1/machines", [{"name": ..., "profile": ...}]),
+        ("GET", "/api/v1/machines/{name}", {"name": ..., "profile": ...}),
+        ("POST", "/api/v1/machines/{name}/reprovision", _REPROVISION),
+        ("POST", "/api/v1/machines/{name}/hold", {"machine": ..., "hold": ...}),
+        ("POST", "/api/v1/machines/{name}/release", {"machine": ..., "hold": ...}),
+        ("POST", "/api/v1/machines/{name}/power", _POWER),
+        ("POST", "/api/v1/device/power/{name}", _POWER),
+        ("GET", "/api/v1/device", {"port": ..., "connected": ...}),
+        ("GET", "/api/v1/ups", {"ups": ..., "phase": ...}),
+        ("GET", "/api/v1/events", [{"id": ..., "ts": ..., "kind": ...}]),
+    ))  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    """`value`'s JSON type, in words."""
+    for types, words in ((dict, "an object"), (list, "an array"), (str, "a string"),
+                         (bool, "true or false"), ((int, float), "a number")):  # fmt: skip
+        if isinstance(value, types):
+            return words
+    return "null"
+
+
+def lacks(value: Any, shape: Any, where: str = "") -> str | None:
+    """The first thing `value` (decoded JSON) lacks of `shape` (as in ANSWERS), in words
+    (`it has no 'id'`, `machines[0] has no 'status'`), or None when it has all of it."""
+    if shape is ...:
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where or 'it'} is {_kind(value)}, not an array"
+        problems = (lacks(item, shape[0], f"{where}[{i}]") for i, item in enumerate(value))
+        return next((p for p in problems if p is not None), None)
+    if not isinstance(value, dict):
+        return f"{where or 'it'} is {_kind(value)}, not an object"
+    for key, inner in shape.items():
+        if key not in value:
+            return f"{where or 'it'} has no {key!r}"
+        if (problem := lacks(value[key], inner, f"{where}.{key}" if where else key)) is not None:
+            return problem
+    return None
 
 
 def validation_words(detail: Any) -> Any:

@@ -277,3 +277,67 @@ def test_an_api_validation_error_is_said_in_words(site_dir, serve):
         ApiClient(server.url, timeout=10).call("GET", "/api/v1/events", params={"limit": -1, "after": "x"})
     assert str(e.value) == ("limit: Input should be greater than or equal to 0; after: Input should "
                             "be a valid integer, unable to parse string as an integer (HTTP 422)")
+
+
+@pytest.fixture
+def json_server():
+    """json_server(body) -> the URL of a web server on 127.0.0.1 that answers `body` (JSON, 200)
+    to every GET and POST: something that answers JSON and is not a controller."""
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(body: bytes) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.do_GET()
+
+            def log_message(self, *args) -> None:  # not the test's output
+                pass
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_server_that_answers_json_but_not_a_controllers_is_a_one_line_error(json_server):
+    # `{}` or `[]` with status 200 was a KeyError traceback (machines, plan, machine list), or
+    # "device on None" and status 0 (status)
+    url = json_server(b"{}")
+    for args, call, problem in [
+        (("machines",), "GET /api/v1/operator", "it has no 'machines'"),
+        (("plan",), "GET /api/v1/plan", "it has no 'id'"),
+        (("apply",), "GET /api/v1/plan", "it has no 'id'"),
+        (("machine", "list"), "GET /api/v1/machines", "it is an object, not an array"),
+        (("machine", "status", "node1"), "GET /api/v1/machines/node1", "it has no 'name'"),
+        (("machine", "reprovision", "node1"), "POST /api/v1/machines/node1/reprovision",
+         "it has no 'changed'"),
+        (("machine", "hold", "node1"), "POST /api/v1/machines/node1/hold", "it has no 'machine'"),
+        (("status",), "GET /api/v1/device", "it has no 'port'"),
+        (("power", "on", "node1"), "POST /api/v1/machines/node1/power", "it has no 'channel'"),
+    ]:  # fmt: skip
+        line = one_line_error(bastion(*args, "--url", url))
+        assert line == f"Error: {url}: not an Edge Bastion controller's answer to {call}: {problem}", line
+    url = json_server(b"[]")
+    for args, call in [(("machines",), "GET /api/v1/operator"), (("plan",), "GET /api/v1/plan"),
+                       (("status",), "GET /api/v1/device")]:  # fmt: skip
+        line = one_line_error(bastion(*args, "--url", url))
+        assert line.endswith(f"answer to {call}: it is an array, not an object"), line
+    url = json_server(b'{"machines": [{"name": "node1"}]}')
+    line = one_line_error(bastion("machines", "--url", url))
+    assert line.endswith("answer to GET /api/v1/operator: machines[0] has no 'status'"), line
