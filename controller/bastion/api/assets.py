@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import anyio
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse, RangeNotSatisfiable
@@ -29,21 +29,7 @@ from bastion.api.deps import RuntimeDep, SiteDep
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.site.load import clean_relpath
 
-_METHODS = ("GET", "HEAD")
-
-
-class _AssetRoute(StrictJsonRoute):
-    """A route of /assets/ (one per method, below): any other method is a 405 that allows both.
-    The router hands it to the first route of the path, whose Allow would name its own method
-    only; RFC 9110 15.5.6: Allow lists the methods the resource supports."""
-
-    async def handle(self, scope, receive, send) -> None:
-        if scope["method"] not in _METHODS:
-            raise HTTPException(405, headers={"Allow": ", ".join(_METHODS)})
-        await super().handle(scope, receive, send)
-
-
-router = APIRouter(tags=["assets"], route_class=_AssetRoute)
+router = APIRouter(tags=["assets"], route_class=StrictJsonRoute)
 
 
 class AssetResponse(FileResponse):
@@ -130,8 +116,8 @@ def _refused(runtime, request: Request, rel: str, status: int, text: str) -> Res
 
 
 # Two routes, not one api_route for both methods: that gives GET and HEAD the same OpenAPI
-# operationId, which the spec forbids (FastAPI warns "Duplicate Operation ID"). _AssetRoute
-# makes their 405 allow both.
+# operationId, which the spec forbids (FastAPI warns "Duplicate Operation ID"). A 405 allows
+# both (bastion.api.main, _http_error).
 @router.get(
     "/assets/{path:path}",
     summary="A file from the site's assets/ directory",

@@ -12,7 +12,10 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from bastion import __version__, paths
 from bastion.api import (
@@ -81,6 +84,24 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
     already answered with 400) while a route read it: nothing is left to answer, and it is no
     error of the application's to log with a traceback."""
     return Response(status_code=400)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's answer to an HTTP error, with a 405's Allow naming every method the path has.
+    A path with one route per method (a machine's GET, PUT, PATCH and DELETE; an asset's GET
+    and HEAD) got the methods of the first route the router matched: Allow: GET for a path that
+    takes four. RFC 9110 15.5.6: Allow lists the methods the resource supports. Each method is
+    tried against the routes as the router would match it (FastAPI nests included routers)."""
+    if exc.status_code == 405:
+        routes = request.app.router.routes
+        allowed = [m for m in _METHODS
+                   if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]  # fmt: skip
+        if allowed:
+            exc = StarletteHTTPException(405, exc.detail, {**(exc.headers or {}), "Allow": ", ".join(allowed)})
+    return await http_exception_handler(request, exc)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -204,6 +225,7 @@ def create_app(settings: Settings) -> FastAPI:
                   docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     app.state.runtime = runtime
     app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     # before the routes: a body is refused by its size and sender before anything reads it
     app.add_middleware(BodyLimits, runtime=runtime)
     app.include_router(boot.router)

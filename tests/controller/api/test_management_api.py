@@ -269,6 +269,23 @@ def test_an_edit_the_site_directory_cannot_take_says_so(site_dir, client_for, mo
     assert (site_dir / "machines.yaml").read_bytes() == before
 
 
+@pytest.mark.parametrize("path,allowed", [
+    ("/api/v1/machines/node1", ["DELETE", "GET", "PATCH", "PUT"]),
+    ("/api/v1/machines", ["GET"]),
+])  # fmt: skip
+def test_a_405_allows_every_method_the_path_has(path, allowed, site_dir, client_for):
+    # RFC 9110 15.5.6. One route per method: the 405 named the first route's alone (Allow: GET
+    # for a machine, which PUT, PATCH and DELETE edit).
+    c = client_for(site_dir)
+    r = c.request("POST", path, headers=auth(), json={})
+    assert r.status_code == 405
+    assert sorted(m.strip() for m in r.headers["allow"].split(",")) == allowed
+    assert r.json() == {"detail": "Method Not Allowed"}
+    for method in ("GET", "HEAD", "PUT", "PATCH", "DELETE"):  # it names those it takes
+        taken = c.request(method, path, headers=auth()).status_code != 405
+        assert taken == (method in allowed), method
+
+
 @pytest.mark.parametrize("headers", [{}, {"Content-Type": "application/json"}],
                          ids=["no-body", "an-empty-json-body"])  # fmt: skip
 def test_apply_with_no_body_does_whatever_the_plan_is_as_with_an_empty_object(
