@@ -1,7 +1,8 @@
 """What the UPS watch (bastion.ups) must not forget across a restart: where the power-cut
 policy stands (its phase, which relays it opened and must power on again, who was asked to
-shut down). A controller restarted in the middle of a power cut then still holds power-ons and
-still brings the nodes back when mains returns.
+shut down) and the relays as it last saw them. A controller restarted in the middle of a power
+cut then still holds power-ons, still brings the nodes back when mains returns, and, with a
+device that does not answer when the relays open, still knows which machines were off.
 
 One row in the history's SQLite file, beside the operator's state (`StateTable`). Deleting the
 database forgets it: the policy starts from `mains` and judges the UPS afresh.
@@ -19,7 +20,8 @@ from bastion.state.events import StateTable
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ups_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
-    state TEXT NOT NULL,           -- {"memory": bastion.ups.core.Memory, "asked": {machine: why}}
+    state TEXT NOT NULL,           -- {"memory": bastion.ups.core.Memory, "asked": {machine: why},
+                                   --  "relays": {channel: "on"/"off"/...} as last seen}
     ts REAL NOT NULL
 );
 """

@@ -58,6 +58,20 @@ def is_server(m: Machine) -> bool:
     return m.role in SERVER_ROLES
 
 
+def _relays_of(kept: Any) -> dict[int, str]:
+    """The relays as last seen, from the state kept (JSON: its channels are strings); none from
+    a state written before they were kept, or one it does not recognise."""
+    if not isinstance(kept, dict):
+        return {}
+    out = {}
+    for ch, state in kept.items():
+        try:
+            out[int(ch)] = str(state)
+        except ValueError:
+            continue
+    return out
+
+
 class UpsWatch:
     def __init__(self, holder: SiteHolder, record: Callable[..., int], heartbeats: Heartbeats,
                  hub: DeviceHub | None = None, secrets: SecretStore | None = None,
@@ -88,9 +102,17 @@ class UpsWatch:
         # every node for down at once (relays opened, nobody asked). Until a quiet_s has passed
         # since it started, a node it has heard nothing from counts as beating at its start.
         self.started = clock()
-        # the relays as last seen: a device that does not answer at the moment the relays open
-        # must not make a machine that was off count as on (and be powered on after the cut)
-        self._relays_seen: dict[int, str] = {}
+        # The relays as last seen: a device that does not answer at the moment the relays open
+        # must not make a machine that was off count as on (and be powered on after the cut).
+        # Kept with the policy's memory: only in this watch's memory, a controller restarted in
+        # the middle of a cut to a silent device counted every machine as on, and powered on at
+        # the release those left off before it. What is known of a relay, best first: the
+        # device's answer now; the relays as last seen, by this watch or the one before the
+        # restart; the declaration (a machine declared `power: off` is never powered on again,
+        # _effect). With none of them (a device silent since before the cut, in a database that
+        # never saw it) it counts as on: opened, as a node nobody saw may be running on the
+        # battery, and powered on at the release, as with no device at all.
+        self._relays_seen: dict[int, str] = _relays_of(kept.get("relays") if kept else None)
         # machine -> when its power-on after the cut was first refused (the channel's minimum
         # off time, a device gone for a moment): tried again each pass (_retry_power_ons)
         self._power_on_retry: dict[str, float] = {}
@@ -230,7 +252,7 @@ class UpsWatch:
             self.last_error = error
             if ups is not None:
                 self.last = ups
-            old = self.mem
+            old, seen = self.mem, self._relays_seen
             policy = core.Policy.of(section)
             acts, self.mem = core.decide(ups, error, self._nodes(policy.quiet_s), self.mem,
                                          self.clock(), policy)  # fmt: skip
@@ -239,10 +261,12 @@ class UpsWatch:
                 if a.effect:
                     self._effect(a)
             self._retry_power_ons()
-            if self.state is not None and (self.mem != old or any(a.effect for a in acts)):
+            if self.state is not None and (self.mem != old or self._relays_seen != seen
+                                           or any(a.effect for a in acts)):  # fmt: skip
                 with self._ask_lock:
                     asked = dict(self._asked)
-                self.state.put({"memory": self.mem.as_dict(), "asked": asked})
+                self.state.put({"memory": self.mem.as_dict(), "asked": asked,
+                                "relays": self._relays_seen})  # fmt: skip
             return acts
 
     def _retry_power_ons(self) -> None:

@@ -269,6 +269,52 @@ def test_relays_seen_before_stand_for_a_device_that_does_not_answer(site_dir):
     assert {n.name: n.relay_state for n in watch._nodes(quiet_s=15)} == first
 
 
+def test_a_machine_left_off_stays_off_after_a_restart_to_a_silent_device(tmp_path, site_dir):
+    # The relays as last seen lived in the watch's memory only: a controller restarted in the
+    # middle of the shutdown, its device silent when the relays opened, counted every machine
+    # as on, and pi1, left off by a person before the cut, was powered on at the release.
+    from bastion.device.link import DeviceTimeout
+    from bastion.site.holder import SiteHolder
+    from bastion.state.heartbeats import Heartbeats
+    from bastion.state.ups import UpsState
+    from bastion.ups import core
+    from bastion.ups.runner import UpsWatch
+
+    class SilentableHub(HubStandIn):
+        def resume_watch(self):
+            pass
+
+        def power(self, name, state, source="api"):
+            if self.answer is None:
+                raise DeviceTimeout("the device did not answer")
+
+    (site_dir / "site.yaml").write_text((site_dir / "site.yaml").read_text()
+                                        + "ups:\n  name: eaton\n  on_battery_s: 0\n")  # fmt: skip
+    state = UpsState(tmp_path / "events.db")
+
+    def watch_with(hub, reading):
+        watch = UpsWatch(SiteHolder(site_dir), lambda *a, **k: 0, Heartbeats(), hub=hub,
+                         state=state)  # fmt: skip
+        watch._read = lambda section: (reading(), None)
+        return watch
+
+    hub = SilentableHub()
+    hub.answer = [{"ch": 0, "output": "on"}, {"ch": 1, "output": "on"}, {"ch": 2, "output": "off"}]
+    before = watch_with(hub, lambda: core.Ups(("OB", "DISCHRG"), 80.0))
+    before.pass_once()
+    assert before.mem.phase == "shutdown"  # the controller stops here
+    hub = SilentableHub()  # and comes back to a device that does not answer
+    reading = [core.Ups(("OB", "LB"), 10.0)]
+    after = watch_with(hub, lambda: reading[0])
+    acts = after.pass_once()
+    assert after.mem.phase == "off"
+    assert [a.machine for a in acts if a.action == "open"] == ["node1", "node2"]
+    reading[0] = core.Ups(("OL",), 90.0)
+    acts = after.pass_once()
+    assert [a.machine for a in acts if a.action == "power-on"] == ["node2", "node1"]
+    state.close()
+
+
 def test_a_machine_declared_off_during_the_cut_is_not_powered_on_after_it(rig):
     c, nut = rig, rig.nut
     power_all_on(c)
