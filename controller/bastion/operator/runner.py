@@ -9,7 +9,8 @@ event or a site reload wakes it:
    device does not answer, and then no power is switched); heartbeats (POST /heartbeat and
    callbacks, kept in memory); install-once marks;
 2. decide: `core.decide` per machine, with the applied declaration: the site as loaded
-   (`sync: auto`), or the one `bastion apply` adopted last (`sync: manual`);
+   (`sync: auto`), or the one `bastion apply` adopted last (`sync: manual`; a machine added
+   since is not looked at until it is applied);
 3. act: every decision is first an `operator` event (source `operator`) with its reason, then
    its effect: power through the device (`DeviceHub.power`, whose stagger spaces the power-ons),
    an install-once mark cleared. What the device refuses is an event too, and the machine's
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from bastion.device.hub import DeviceHub
@@ -79,6 +80,20 @@ def spec_of(site: Site, m: Machine, desired: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# The power commands of one machine remembered for unhold(): more than can be in flight at once
+# (the API's device threads), fewer than a person's commands between two releases can grow to.
+_POWER_HOLDS_KEPT = 16
+
+
+@dataclass
+class _PowerHold:
+    """A person's power command: the hold it took, and the hold it found (None: none), which a
+    refusal puts back."""
+
+    hold: dict[str, Any]
+    found: dict[str, Any] | None
+
+
 @dataclass(frozen=True)
 class _Decision:
     machine: Machine
@@ -120,6 +135,9 @@ class Operator:
         self.applied_generation: int | None = applied[1] if applied else None
         self.applied_at: float | None = applied[2] if applied else None
         self._relays: dict[int, str] | None = None
+        # machine -> the person's power commands whose holds stand on each other, oldest first
+        # (hold_for_power, unhold); one whose command was done stays until a release
+        self._power_holds: dict[str, list[_PowerHold]] = {}
         self.passes = 0
         self.last_error: str | None = None
 
@@ -173,20 +191,49 @@ class Operator:
         for unhold() when the device refuses the command."""
         with self._lock:
             before = self._mem.get(name)
-            return before, self.hold(name, by, state)
+            found = before.hold if before is not None else None
+            held = self.hold(name, by, state)
+            chain = self._power_holds.setdefault(name, [])
+            if chain and chain[-1].hold != found:
+                chain.clear()  # a release or a plain hold since: the commands before it are moot
+            chain.append(_PowerHold(held.hold, found))
+            del chain[:-_POWER_HOLDS_KEPT]
+            return before, held
 
     def unhold(self, name: str, before: Memory | None, held: Memory, why: str) -> None:
         """Undo hold_for_power() when its command did nothing (refused by the device, or by the
-        UPS policy): the machine's memory as it was, unless something changed it since."""
+        UPS policy): the hold as its command found it, unless something else changed the hold
+        since.
+
+        Only the hold is put back, not the whole memory: a pass in between (the hold wakes the
+        operator) may have written the machine's declaration into it, and a memory compared
+        whole was never the one held, so the hold stayed. And commands sent at once each
+        found the one before: the first refusal, under the second command's hold, did nothing,
+        the second put back the first's, and two refused commands left the machine held. A
+        refusal under a later command's hold now hands what it found to that command. (`before`
+        is hold_for_power()'s answer, kept for its callers: the hold each command found is kept
+        here, with the command.)"""
         with self._lock:
-            if self._mem.get(name) != held:
+            chain = self._power_holds.get(name, [])
+            i = next((i for i, c in enumerate(chain) if c.hold is held.hold), None)
+            if i is None:
+                i = next((i for i, c in enumerate(chain) if c.hold == held.hold), None)
+            if i is None:
+                return  # a release or a plain hold since ended the chain: nothing to undo
+            mine = chain.pop(i)
+            if i < len(chain):
+                chain[i].found = mine.found  # the later command stands on what this one found
                 return
-            self._keep(name, before or Memory())
+            mem = self._mem.get(name)
+            if mem is None or mem.hold != mine.hold:
+                return
+            self._keep(name, replace(mem, hold=mine.found))
             self._event(name, Action(name, "release", f"hold undone: {why}"))
         self.wake()
 
     def release(self, name: str, by: str) -> Memory:
         with self._lock:
+            self._power_holds.pop(name, None)
             old = self._mem.get(name)
             mem = core.released(old)
             self._keep(name, mem)
@@ -337,6 +384,13 @@ class Operator:
         installed = set(self.installs.all()) if self.installs is not None else set()
         out = []
         for m in sorted(site.machines, key=lambda m: m.name):
+            if m.name not in applied:
+                # Added since the declaration applied (sync: manual): not the operator's yet, and
+                # no memory is made. Seen first with no declared word to adopt, its memory had
+                # none, and the `apply` that declared it read its `reprovision:` as a change: a
+                # machine just added, running, was power-cycled and installed again. Its first
+                # sight is the pass that declares it, which adopts the word.
+                continue
             want = self._want(site, m, applied.get(m.name))
             seen = self._seen(m, installed)
             old = self._mem.get(m.name)

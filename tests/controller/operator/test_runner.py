@@ -225,3 +225,128 @@ def test_apply_says_what_the_device_refused(controller):
     (no,) = r.json()["refused"]
     assert (no["machine"], no["action"]) == ("node1", "refused")
     assert no["reason"].startswith("power-on: ") and "minimum off time is 60000 ms" in no["reason"]
+
+
+def test_a_machine_added_under_manual_sync_is_not_reprovisioned_by_the_next_apply(controller):
+    # Passes before `apply` saw the new machine first, under the declaration applied before it
+    # was added (no reprovision word in it), and made its memory with no word: `apply` then read
+    # its declared `reprovision:` as a change, and power-cycled and reinstalled a running node.
+    node3 = {"name": "node3", "min_off_ms": 200, "max_cycles": 20}
+    power = {**POWER, "channels": [*POWER["channels"], node3]}
+    c = controller("operator:\n  interval_s: 1\n  sync: manual\n", power=power)
+    r = c.post("/api/v1/device/power/3", json={"state": "on"}, headers=auth())  # already running
+    assert r.status_code == 200, r.text
+    wait_for(lambda: relay(c, 3) == "on", what="relay 3 on")
+    m = c.site / "machines.yaml"
+    m.write_text(m.read_text() + "\n  - name: node3\n    mac: 52:54:00:12:34:04\n    arch: x86_64\n"
+                 "    role: worker\n    relay: 3\n    power: on\n    reprovision: v1\n")  # fmt: skip
+    assert c.post("/api/v1/reload", headers=auth()).status_code == 200
+    passes = c.get("/api/v1/operator").json()["passes"]
+    wait_for(lambda: c.get("/api/v1/operator").json()["passes"] >= passes + 2, what="passes")
+    plan = c.get("/api/v1/plan").json()
+    assert plan["actions"] == [], plan
+    r = c.post("/api/v1/apply", json={"plan": plan["id"]}, headers=auth())
+    assert r.status_code == 200 and r.json()["done"] == [], r.text
+    assert relay(c, 3) == "on" and decisions(c, "node3") == []
+    # its word is followed from here on: a change of it reprovisions
+    m.write_text(m.read_text().replace("    reprovision: v1\n", "    reprovision: v2\n"))
+    assert c.post("/api/v1/reload", headers=auth()).status_code == 200
+    planned = [(a["machine"], a["action"]) for a in c.get("/api/v1/plan").json()["actions"]]
+    assert planned == [("node3", "reprovision"), ("node3", "power-cycle")]
+
+
+def test_two_power_commands_refused_at_once_leave_the_machine_as_it_was(controller):
+    # Each refusal undid its own hold only while the memory was still exactly that hold: the
+    # first refusal found the second command's hold and did nothing, the second put back the
+    # memory of before it, the first command's hold, and the machine stayed held by a command
+    # the device had refused, the operator leaving it alone until someone released it.
+    import asyncio
+    import threading
+
+    import httpx
+
+    c = controller("operator:\n  interval_s: 1\n", power=SLOW_NODE1)
+    for state in ("on", "off"):  # off just now: a power-on is refused for a minute, a cycle too
+        r = c.post("/api/v1/machines/node1/power", json={"state": state}, headers=auth())
+        assert r.status_code == 200, r.text
+        wait_for(lambda: relay(c, 0) == state, what=f"node1 {state}")  # noqa: B023
+    assert c.post("/api/v1/machines/node1/release", headers=auth()).status_code == 200
+    runtime = c.app.state.runtime
+    op, hub = runtime.operator, runtime.device
+    # Both holds are taken before either command reaches the device, and the first command's
+    # refusal is undone before the second is sent: the order that left the machine held.
+    held_order: list[str] = []
+    both_held, first_undone = threading.Barrier(2, timeout=20), threading.Event()
+    real_hold, real_unhold, real_power = op.hold, op.unhold, hub.power
+
+    def hold(name, by, state=None):
+        held_order.append(state)  # under the operator's lock: the order the holds are taken
+        return real_hold(name, by, state)
+
+    def power(target, state, off_ms=None, source="api"):
+        both_held.wait()
+        if state != held_order[0]:
+            first_undone.wait(20)
+        return real_power(target, state, off_ms, source=source)
+
+    def unhold(name, before, held, why):
+        real_unhold(name, before, held, why)
+        if held.hold["state"] == held_order[0]:
+            first_undone.set()
+
+    op.hold, op.unhold, hub.power = hold, unhold, power
+
+    async def at_once():
+        transport = httpx.ASGITransport(app=c.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            url = "/api/v1/machines/node1/power"
+            sent = (client.post(url, json={"state": s}, headers=auth()) for s in ("on", "cycle"))
+            return await asyncio.gather(*sent)
+
+    answers = c.portal.call(at_once)
+    assert [r.status_code for r in answers] == [409, 409], [r.text for r in answers]
+    assert sorted(held_order) == ["cycle", "on"] and first_undone.is_set()
+    node1 = next(m for m in c.get("/api/v1/operator").json()["machines"] if m["name"] == "node1")
+    assert node1["hold"] is None, node1["hold"]
+    assert relay(c, 0) == "off"
+
+
+def test_a_refused_power_command_is_undone_after_a_pass_changed_the_memory(tmp_path, site_dir):
+    # The refusal undid the hold only while the memory was exactly the one the hold made: a
+    # pass in between (the operator is woken by the hold, and the device call takes a while)
+    # that first saw the machine wrote its declaration into the memory, and the machine stayed
+    # held by a command the device had refused.
+    from bastion.operator.runner import Operator
+    from bastion.site.holder import SiteHolder
+    from bastion.state.events import EventStore
+    from bastion.state.operator import OperatorState
+
+    store = EventStore(tmp_path / "events.db")
+    op = Operator(SiteHolder(site_dir), store, OperatorState(tmp_path / "events.db"), store.record)
+    hold = op.hold_for_power("node1", "api", "cycle")
+    op.pass_once()
+    assert op.view()["machines"][0]["hold"] is not None  # held while the command is out
+    op.unhold("node1", *hold, "power cycle refused: node1 is off")
+    assert op.view()["machines"][0]["hold"] is None
+    assert op.state.memories()["node1"]["spec"] is not None  # what the pass learnt is kept
+    store.close()
+
+
+def test_a_refused_power_command_keeps_the_hold_of_one_done_beside_it(tmp_path, site_dir):
+    # Two commands alike in the same clock tick made equal holds: the first one's refusal took
+    # the memory for its own, put back the one before, and the second command, which the device
+    # did, left the machine un-held: the operator switched it back as declared.
+    from bastion.operator.runner import Operator
+    from bastion.site.holder import SiteHolder
+    from bastion.state.events import EventStore
+    from bastion.state.operator import OperatorState
+
+    store = EventStore(tmp_path / "events.db")
+    op = Operator(SiteHolder(site_dir), store, OperatorState(tmp_path / "events.db"), store.record,
+                  clock=lambda: 1000.0)  # fmt: skip
+    op.pass_once()
+    refused = op.hold_for_power("node1", "api", "off")
+    op.hold_for_power("node1", "api", "off")  # the device takes this one
+    op.unhold("node1", *refused, "power off refused: an interlock")
+    assert op.view()["machines"][0]["hold"] == {"by": "api", "state": "off", "at": 1000.0}
+    store.close()
