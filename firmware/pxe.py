@@ -40,8 +40,10 @@ sends it. The Pi answer's option 43 is byte for byte what dnsmasq sends for
 `pxe-service=0,"Raspberry Pi Boot"`, plus option 66 (TFTP server) as a dotted quad.
 
 Where replies go (RFC 2131 4.1): port 67 requests relayed by an agent (giaddr set) go to
-giaddr:67; otherwise to 255.255.255.255:68 when the broadcast flag is set or ciaddr is 0,
-else to ciaddr:68. Port 4011 replies go back to the requester's address and port.
+giaddr:67; otherwise to ciaddr:68 when the client has an address (ciaddr), whatever its
+broadcast flag; else to 255.255.255.255:68 (a proxy has no yiaddr to unicast to, so a client
+without the flag is answered by broadcast too). Port 4011 replies go back to the requester's
+address and port.
 
 All byte strings of an answer except the GUID echo are computed once, when the Policy is made
 from the config, so answering a packet builds no strings.
@@ -219,10 +221,10 @@ class Policy:
             return None
         if pkt.giaddr != _ANY:
             to, to_port = pkt.giaddr, DHCP_PORT
-        elif pkt.flags & 0x8000 or pkt.ciaddr == _ANY:
-            to, to_port = b"\xff\xff\xff\xff", CLIENT_PORT
-        else:
+        elif pkt.ciaddr != _ANY:  # whatever the broadcast flag says (RFC 2131 4.1)
             to, to_port = pkt.ciaddr, CLIENT_PORT
+        else:
+            to, to_port = b"\xff\xff\xff\xff", CLIENT_PORT
         return self._reply(pkt, msg, to, to_port)
 
     def boot_server_ack(self, pkt):

@@ -203,7 +203,8 @@ def test_boot_server_port_acks_back_to_the_sender():
     [
         (0x8000, bytes(4), bytes(4), b"\xff" * 4, 68),
         (0, bytes(4), bytes(4), b"\xff" * 4, 68),
-        (0x8000, bytes([10, 77, 0, 50]), bytes(4), b"\xff" * 4, 68),
+        # RFC 2131 4.1: ciaddr set, unicast there whatever the flag (it was a broadcast)
+        (0x8000, bytes([10, 77, 0, 50]), bytes(4), bytes([10, 77, 0, 50]), 68),
         (0, bytes([10, 77, 0, 50]), bytes(4), bytes([10, 77, 0, 50]), 68),
         (0, bytes(4), bytes([10, 1, 0, 1]), bytes([10, 1, 0, 1]), 67),
     ],
