@@ -2,20 +2,29 @@
 files put in place atomically.
 
 Nothing here knows which OS or firmware is fetched. A download goes to a ``.part`` file next to a
-small ``.part.json`` holding the URL and the validator (ETag or Last-Modified) of the response that
-started it; the next run continues it with ``Range: bytes=<size>-`` and ``If-Range`` (RFC 9110
-14.2, 13.1.5), so a file that changed on the mirror meanwhile comes back whole. The callers check
-what was downloaded (a signature, a pinned checksum) before anything reaches a served directory.
+small ``.part.json`` holding the URL and the strong validator (ETag, else Last-Modified) of the
+response that started it; the next run continues it with ``Range: bytes=<size>-`` and ``If-Range``
+(RFC 9110 14.2, 13.1.5), so a file that changed on the mirror meanwhile comes back whole. Parts
+are combined only under one strong validator (RFC 9110 15.3.7.3): a part begun without one is
+begun again, never continued on trust. The callers check what was downloaded (a signature, a
+pinned checksum) before anything reaches a served directory.
+
+The pair on disk stays consistent under a crash at any point: a .part is only ever appended to
+under the sidecar that describes it, and when a download starts over the old .part is removed
+before the sidecar for the new one is written. What a fetch of one version staged is discarded
+by the next fetch of another version of the same thing (`discard_abandoned`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -174,7 +183,52 @@ def unlink(*paths: Path) -> None:
             p.unlink()
 
 
+def discard_abandoned(versions: Path, keep: str, what: str, reporter: Reporter) -> None:
+    """Remove what is staged under `versions` (a directory per version) for any version but
+    `keep`, naming each in a note. A fetch of another version abandons them: no later run would
+    resume them or remove them, and a Flatcar initrd's .part alone is up to 500 MB. Call it
+    under the lock (`fetching`)."""
+    try:
+        staged = sorted(versions.iterdir())
+    except OSError:  # nothing staged yet
+        return
+    for d in staged:
+        if d.name == keep:
+            continue
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            unlink(d)
+        reporter.note(f"discarded {d}, what an unfinished fetch of {what} {d.name} left: "
+                      f"this fetch is of {keep}")  # fmt: skip
+
+
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+# RFC 9110 8.8.3: a strong entity tag is a quoted opaque tag with no W/ in front.
+_STRONG_ETAG_RE = re.compile(r'"[^"\x00-\x20\x7f]*"')
+
+
+def _http_date(text: str | None) -> int | None:
+    parsed = email.utils.parsedate_tz(text) if text else None
+    return email.utils.mktime_tz(parsed) if parsed else None
+
+
+def if_range_validator(meta: dict) -> str | None:
+    """What a resuming request may carry as If-Range for the response a sidecar recorded; None
+    when nothing could prove that a range sent later is of the same representation.
+
+    RFC 9110 13.1.5: never a weak entity tag, and a date only when the response had no entity
+    tag at all and the date is strong, which 8.8.2.2 lets a client deduce when the response's
+    Date is at least a second after its Last-Modified (the response was made after the second
+    that Last-Modified names had ended, so no other version of the file can carry that date)."""
+    etag = meta.get("etag")
+    if etag:
+        return etag if isinstance(etag, str) and _STRONG_ETAG_RE.fullmatch(etag) else None
+    modified, date = meta.get("last_modified"), meta.get("date")
+    if not isinstance(modified, str) or not isinstance(date, str):
+        return None
+    at, sent = _http_date(modified), _http_date(date)
+    return modified if at is not None and sent is not None and sent - at >= 1 else None
 
 
 def download_resumable(
@@ -182,11 +236,13 @@ def download_resumable(
 ) -> None:
     """Complete `part` with url's bytes, continuing what an earlier run left.
 
-    The validator (ETag, else Last-Modified) of the response that started the file is kept next
-    to it; the resuming request carries it as If-Range (RFC 9110 13.1.5), so a file that changed
-    on the mirror comes back whole (200) instead of as a tail that does not fit. Its size is kept
-    too: a tail (206) of a file of another size is refused and the part discarded, for a mirror
-    that sent no validator (a changed file of the same size is left to the verification after).
+    The ETag, Last-Modified and Date of the response that started the file are kept next to it;
+    the resuming request carries a strong validator made of them as If-Range (RFC 9110 13.1.5),
+    so a file that changed on the mirror comes back whole (200) instead of as a tail that does
+    not fit. A part whose response gave no strong validator is begun again: a Range without
+    If-Range would take the tail of whatever the mirror holds now. A tail (206) that names
+    another validator or another size than the part was begun with (a server that ignores
+    If-Range) is refused and the part discarded.
     """
     check_url(url)
     meta_file = meta_path(part)
@@ -195,18 +251,27 @@ def download_resumable(
     if have:
         with contextlib.suppress(OSError, ValueError):
             meta = json.loads(meta_file.read_text())
-        if meta.get("url") != url:
+        if not isinstance(meta, dict) or meta.get("url") != url:
             have, meta = 0, {}
+    validator = if_range_validator(meta) if have else None
+    if have and validator is None:
+        # RFC 9110 15.3.7.3: parts may be combined only when they share one strong validator.
+        reporter.note(
+            f"{name}: the partial file cannot be resumed (the mirror gave it no strong ETag or "
+            "Last-Modified to ask If-Range with, so nothing would show that the rest is of the "
+            "same file); starting over"
+        )
+        have, meta = 0, {}
     headers = {"Accept-Encoding": "identity"}  # byte offsets must be offsets into the file
     if have:
         headers["Range"] = f"bytes={have}-"
-        validator = meta.get("etag") or meta.get("last_modified")
-        if validator:
-            headers["If-Range"] = validator
+        headers["If-Range"] = validator
     written = have
     total: int | None = None
+    answered: int | None = None  # the status of the response, once one came
     try:
         with client.stream("GET", url, headers=headers) as r:
+            answered = r.status_code
             check_still_https(url, r)
             if r.status_code == 404:
                 raise ReleaseNotFound(f"{name}: not found at {url} (HTTP 404)")
@@ -226,11 +291,23 @@ def download_resumable(
                         f"{url}: asked for bytes {have}- and got Content-Range "
                         f"{r.headers.get('content-range')!r}"
                     )
+                # RFC 9110 15.3.7: a 206 carries the ETag and Last-Modified its 200 would. One
+                # that is not what If-Range asked for is a tail of another version, sent by a
+                # server (or a cache before it) that served the Range without evaluating If-Range.
+                field = "etag" if validator == meta.get("etag") else "last-modified"
+                now = r.headers.get(field)
+                if now is not None and now != validator:
+                    unlink(part, meta_file)
+                    raise TransferInterrupted(
+                        f"{name}: asked to resume {validator} and the mirror sent the rest of "
+                        f"{now}, another version of the file; the partial file was discarded: "
+                        "run the command again to start it afresh"
+                    )
                 total = int(m.group(3)) if m.group(3) != "*" else None
                 begun = meta.get("total")
                 if total is not None and isinstance(begun, int) and total != begun:
-                    # Not the file this part was begun with, and nothing said so: a mirror that
-                    # sent no validator to ask If-Range with (or ignores it). Its tail would not fit.
+                    # Not the file this part was begun with, though the server answered If-Range
+                    # with a tail: it ignores If-Range. That tail would not fit.
                     unlink(part, meta_file)
                     raise TransferInterrupted(
                         f"{name}: the mirror's file is now {total} bytes, not the {begun} this "
@@ -252,8 +329,12 @@ def download_resumable(
                     "url": url,
                     "etag": r.headers.get("etag"),
                     "last_modified": r.headers.get("last-modified"),
+                    "date": r.headers.get("date"),
                     "total": total,
                 }
+                # The old bytes go before the sidecar that describes the new ones is written: a
+                # crash in between must not leave a sidecar vouching for another version's bytes.
+                unlink(part)
                 atomic.write_bytes(meta_file, json.dumps(meta).encode())
             else:
                 raise FetchError(f"{url}: HTTP {r.status_code}")
@@ -282,14 +363,20 @@ def download_resumable(
             "file is kept: make room and run the same command again to resume"
         ) from None
     except httpx.HTTPError as e:
-        if not written:  # nothing came (offline, refused, a name that does not resolve)
+        why = f"{type(e).__name__}: {e}"
+        if not written and answered is None:  # refused, a name that does not resolve, TLS
             raise TransferInterrupted(
-                f"{name}: could not download {url} ({type(e).__name__}: {e}); run the same "
-                "command again once the mirror can be reached"
+                f"{name}: could not download {url} ({why}): no answer came from the mirror; "
+                "run the same command again once it answers"
+            ) from None
+        if not written:  # the mirror answered, and then its body did not come
+            raise TransferInterrupted(
+                f"{name}: {url} answered HTTP {answered}, then the connection broke before any "
+                f"byte of the file came ({why}); run the same command again"
             ) from None
         of = f" of {total}" if total else ""
         raise TransferInterrupted(
-            f"{name}: download interrupted after {written}{of} bytes ({type(e).__name__}: {e}); "
+            f"{name}: download interrupted after {written}{of} bytes ({why}); "
             "the partial file is kept: run the same command again to resume"
         ) from None
     if total is not None and written != total:

@@ -65,6 +65,7 @@ from bastion.assets.download import (
     SilentReporter,
     TransferInterrupted,  # noqa: F401  (re-exported: callers catch it from here too)
     )
+from bastion.assets.download import discard_abandoned as _discard_abandoned
 from bastion.assets.download import download_resumable as _download_resumable
 from bastion.assets.download import fetching as _fetching
 from bastion.assets.download import get_small as _get_small
@@ -241,6 +242,8 @@ def fetch_flatcar(
     ):
         version = _resolve_version(client, arch_url, req.version)
         release_url = urljoin(arch_url, f"{version}/")
+        _discard_abandoned(work / "flatcar" / req.channel / req.arch, version,
+                           f"Flatcar {req.channel} {req.arch}", reporter)  # fmt: skip
         kept = _already_there(req, assets, version, trust)
         if kept is not None:
             reporter.note(
@@ -309,10 +312,11 @@ class _Trust:
         try:
             fresh = self.store.fetch(self.key, self.client, self.reporter)
         except KeyProblem as k:
+            # k says what failed: no answer, an HTTP error, or an answer that is not the key.
             raise SignatureRefused(
-                f"{e}; the key could not be fetched again ({k}); nothing was kept. Run the "
-                f"command again when {self.key.url} is reachable, or give Flatcar's current key "
-                "with --key FILE",
+                f"{e}; fetching the key again gave none to check it with ({k}); nothing was "
+                f"kept. Run the command again once {self.key.url} serves Flatcar's current key, "
+                "or give that key with --key FILE",
                 e.reason,
                 e.key,
             ) from None

@@ -48,6 +48,7 @@ from bastion.assets.download import (
     ReleaseNotFound,
     Reporter,
     SilentReporter,
+    discard_abandoned,
     download_resumable,
     fetching,
     get_small,
@@ -156,6 +157,7 @@ def fetch_k3s(
     assets = site / "assets"
     with fetching(site, client) as (work, client):
         staging = work / "k3s" / req.version
+        discard_abandoned(staging.parent, req.version, "k3s", reporter)
         staging.mkdir(parents=True, exist_ok=True)
         files = []
         for arch in dict.fromkeys(req.arches):

@@ -63,6 +63,7 @@ from bastion.assets.download import (
     FetchError,
     Reporter,
     SilentReporter,
+    discard_abandoned,
     download_resumable,
     fetching,
     meta_path,
@@ -433,6 +434,7 @@ def fetch_rpi4_uefi(
         staging = work / "rpi4-uefi" / tag
         for d in dirs:  # again, under the lock
             _check_target(tftp, d)
+        discard_abandoned(staging.parent, tag, "pftf/RPi4", reporter)
         stored = assets / "sha256" / expected
         downloaded = sha256_of(stored) != expected
         staging.mkdir(parents=True, exist_ok=True)

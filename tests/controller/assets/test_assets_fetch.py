@@ -402,6 +402,26 @@ def test_a_subkey_the_published_key_does_not_hold_either_is_refused(site, mirror
     assert key_requests(mirror) == 2
 
 
+def test_a_key_url_that_answers_with_another_key_is_not_called_unreachable(
+    site, mirror, fresh_key, stranger_key
+):
+    # It said "Run the command again when <url> is reachable": the URL had answered, with a key
+    # that is not the pinned one.
+    publish(mirror, fresh_key, version="4000.0.0", faked_time="20200601T000000")
+    assert run_fetch(site, mirror, fresh_key, "--version", "4000.0.0").exit_code == 0
+    fresh_key.add_subkey()
+    publish_key(mirror, stranger_key)  # the key's URL now serves someone else's key
+    publish_flatcar(mirror, fresh_key)
+    result = run_fetch(site, mirror, fresh_key)
+    assert result.exit_code == 1
+    assert "reachable" not in result.output
+    assert (f"fetching the key again gave none to check it with ({mirror.url + KEY_PATH} does "
+            f"not hold the key {fresh_key.fingerprint}") in result.output  # fmt: skip
+    assert (f"Run the command again once {mirror.url + KEY_PATH} serves Flatcar's current key, "
+            "or give that key with --key FILE") in result.output  # fmt: skip
+    assert not (site / f"assets/flatcar/stable/amd64/{VERSION}").exists()
+
+
 def test_a_subkey_extended_after_it_expired_is_followed(site, mirror, fresh_key):
     # Made on 2020-01-01, the subkey expires 2021-01-01 as the kept key knows it.
     publish(mirror, fresh_key, version="2605.1.0", layout="legacy", faked_time="20200601T000000")
@@ -500,7 +520,9 @@ def test_a_file_that_changed_on_the_mirror_is_fetched_whole_again(site, mirror, 
     assert (site / "assets/flatcar/stable/amd64/current" / KERNEL).read_bytes() == new_kernel
 
 
-def test_a_tail_of_a_file_of_another_size_is_refused_when_there_was_no_validator(site, mirror, test_key):
+def test_a_part_begun_without_a_validator_is_fetched_whole_again_not_resumed(site, mirror, test_key):
+    # It was resumed with a bare Range: the tail of the changed file was appended to the old
+    # head, and the spliced kernel refused as "corrupted or tampered with".
     rel = publish(mirror, test_key)
     image = rel.base + "flatcar_production_image.vmlinuz"
     mirror.cut_once.add(image)
@@ -509,20 +531,38 @@ def test_a_tail_of_a_file_of_another_size_is_refused_when_there_was_no_validator
     part = site / f"var/assets-fetch/flatcar/stable/amd64/{VERSION}/{KERNEL}.part"
     meta_file = part.with_name(part.name + ".json")
     meta = json.loads(meta_file.read_text())
-    assert meta["total"] == len(rel.kernel)
     meta_file.write_text(json.dumps({**meta, "etag": None, "last_modified": None}))
-    new_kernel = os.urandom(len(rel.kernel) + 1000)  # the mirror's file changed
+    new_kernel = os.urandom(len(rel.kernel))  # changed on the mirror, and of the same size
     mirror.files[image] = new_kernel
     mirror.files[rel.base + "flatcar_production_image.vmlinuz.sig"] = test_key.sign(new_kernel)
     result = run_fetch(site, mirror, test_key)
-    assert result.exit_code == 1
-    assert (f"the mirror's file is now {len(new_kernel)} bytes, not the {len(rel.kernel)} this "
-            "partial file was begun with; the partial file was discarded") in result.output  # fmt: skip
-    assert "if-range" not in mirror.gets("flatcar_production_image.vmlinuz")[-1]
-    assert not part.exists() and not meta_file.exists()
-    again = run_fetch(site, mirror, test_key)  # afresh: the whole new file
-    assert again.exit_code == 0, again.output
+    assert result.exit_code == 0, result.output
+    assert f"{KERNEL}: the partial file cannot be resumed" in result.output
+    asked = mirror.gets("flatcar_production_image.vmlinuz")[-1]
+    assert "range" not in asked and "if-range" not in asked
     assert (site / "assets/flatcar/stable/amd64/current" / KERNEL).read_bytes() == new_kernel
+
+
+def test_the_unfinished_download_of_a_superseded_release_is_discarded(site, mirror, test_key):
+    # The .part of a release the channel has moved on from stayed in var/ for ever (up to
+    # 500 MB for an initrd): no later run resumed it, nothing removed it.
+    rel = publish(mirror, test_key)
+    mirror.cut_once.add(rel.base + "flatcar_production_image.vmlinuz")
+    assert run_fetch(site, mirror, test_key).exit_code == 1
+    abandoned = site / f"var/assets-fetch/flatcar/stable/amd64/{VERSION}"
+    assert (abandoned / f"{KERNEL}.part").is_file()
+    # Another arch's unfinished download is not this fetch's to discard: it is resumed later.
+    other_arch = site / f"var/assets-fetch/flatcar/stable/arm64/{VERSION}/{KERNEL}.part"
+    other_arch.parent.mkdir(parents=True)
+    other_arch.write_bytes(rel.kernel[:1000])
+    publish_flatcar(mirror, test_key, version="4100.0.0")  # the channel's next release
+    result = run_fetch(site, mirror, test_key)
+    assert result.exit_code == 0, result.output
+    assert not abandoned.exists()
+    assert (f"discarded {abandoned}, what an unfinished fetch of Flatcar stable amd64 {VERSION} "
+            "left: this fetch is of 4100.0.0") in result.output  # fmt: skip
+    assert other_arch.read_bytes() == rel.kernel[:1000]
+    assert not [p for p in asset_files(site) if p.endswith((".part", ".json")) and VERSION in p]
 
 
 def test_resume_against_starlette_static_files(site, test_key, tmp_path):
@@ -548,11 +588,15 @@ def test_resume_against_starlette_static_files(site, test_key, tmp_path):
     staging.mkdir(parents=True)
     url = f"http://testserver/stable/amd64-usr/{VERSION}/{KERNEL}"
     (staging / f"{KERNEL}.part").write_bytes(kernel[:400_000])
-    (staging / f"{KERNEL}.part.json").write_text(json.dumps({"url": url}))
 
     seen = []
     app = Starlette(routes=[Mount("/", StaticFiles(directory=root))])
     with TestClient(app) as client:
+        # The sidecar an interrupted first GET would have left: its URL, ETag and size.
+        etag = client.head(url).headers["etag"]
+        (staging / f"{KERNEL}.part.json").write_text(
+            json.dumps({"url": url, "etag": etag, "total": len(kernel)})
+        )
         client.event_hooks = {"request": [seen.append], "response": []}
         result = af.fetch_flatcar(
             af.FetchRequest(site=site, version=VERSION, mirror="http://testserver/{channel}",
@@ -560,9 +604,8 @@ def test_resume_against_starlette_static_files(site, test_key, tmp_path):
                                                fingerprint=test_key.fingerprint)),
             client=client,
         )  # fmt: skip
-    assert [r.headers.get("range") for r in seen if r.url.path.endswith(KERNEL)] == [
-        "bytes=400000-"
-    ]
+    assert [(r.headers.get("range"), r.headers.get("if-range")) for r in seen
+            if r.url.path.endswith(KERNEL)] == [("bytes=400000-", etag)]  # fmt: skip
     assert (result.release_dir / KERNEL).read_bytes() == kernel
     assert (result.release_dir / INITRD).read_bytes() == initrd
 

@@ -201,6 +201,21 @@ def test_an_interrupted_download_resumes(home_lab, mirror):
     assert (home_lab / "assets/k3s" / VERSION / "arm64/k3s").read_bytes() == rel.binaries["arm64"]
 
 
+def test_the_unfinished_download_of_another_version_is_discarded(home_lab, mirror):
+    # It stayed in var/assets-fetch/k3s/<old version>/ for ever once site.yaml moved on.
+    rel = publish_k3s(mirror, VERSION, arches=("arm64",), size=3_000_000)
+    mirror.cut_once.add(rel.base + "k3s-arm64")
+    assert fetch(home_lab, mirror, "--arch", "arm64").exit_code == 1
+    abandoned = home_lab / f"var/assets-fetch/k3s/{VERSION}"
+    assert (abandoned / "k3s-arm64.part").is_file()
+    publish_k3s(mirror, "v1.31.5+k3s1", arches=("arm64",))
+    result = fetch(home_lab, mirror, "--version", "v1.31.5+k3s1", "--arch", "arm64")
+    assert result.exit_code == 0, result.output
+    assert not abandoned.exists()
+    assert (f"discarded {abandoned}, what an unfinished fetch of k3s {VERSION} left: this fetch "
+            "is of v1.31.5+k3s1") in result.output  # fmt: skip
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A directory that holds 1 MB: a tmpfs of that size, mounted for the test (root only)."""

@@ -401,6 +401,26 @@ def test_an_interrupted_download_resumes(site, mirror, monkeypatch):
     assert not part.exists()
 
 
+def test_the_unfinished_download_of_another_version_is_discarded(site, mirror, monkeypatch):
+    # It stayed in var/assets-fetch/rpi4-uefi/<tag>/ for ever once another version was fetched.
+    old = make_zip(firmware_files())
+    pin(monkeypatch, old)
+    mirror.cut_once.add(publish(mirror, old))
+    assert run(site, mirror, "--serial", SERIAL).exit_code == 1
+    abandoned = site / f"var/assets-fetch/rpi4-uefi/{TAG}"
+    assert (abandoned / f"RPi4_UEFI_Firmware_{TAG}.zip.part").is_file()
+    files = firmware_files()
+    new = make_zip(files)
+    pin(monkeypatch, new, tag="v9.02")
+    publish(mirror, new, tag="v9.02")
+    result = run(site, mirror, "--serial", SERIAL, version="v9.02")
+    assert result.exit_code == 0, result.output
+    assert not abandoned.exists()
+    assert (f"discarded {abandoned}, what an unfinished fetch of pftf/RPi4 {TAG} left: this "
+            "fetch is of v9.02") in result.output  # fmt: skip
+    assert tree(site / "tftp" / SERIAL) == files
+
+
 # -- config.txt -----------------------------------------------------------------------------------------
 
 
