@@ -3,8 +3,9 @@ outside the site directory (which lives in git) and off every public endpoint.
 
 One directory per site (default $XDG_STATE_HOME/edge-bastion/secrets/<site>, or
 $BASTION_SECRETS_DIR; mode 0700), one file per secret (mode 0600), written atomically: a secret is
-created once, the first time something asks for it, and read back the same ever after. Names are
-paths of plain components, e.g. `k3s/home/token` or `wireguard/node1.key`.
+created once, the first time something asks for it, and read back the same ever after, by
+every process (of two that race to make it, the first one stored wins). Names are paths of
+plain components, e.g. `k3s/home/token` or `wireguard/node1.key`.
 
 A k3s cluster's secrets (`machine_secrets`): `k3s/<cluster>/token` (the servers' join token),
 `k3s/<cluster>/agent-token` (the agents'), `k3s/<cluster>/node-password/<machine>` (each node's
@@ -122,7 +123,9 @@ class SecretStore:
         return value
 
     def get_or_create(self, name: str, make: Callable[[], str] = random_token) -> str:
-        """The secret `name`, made with `make()` and stored the first time it is asked for."""
+        """The secret `name`, made with `make()` and stored the first time it is asked for.
+        Processes that ask at once (`bastion serve` and `bastion cluster peers`, each with its
+        own store) all get the one that was stored first."""
         path = self._path(name)
         with self._lock:
             try:
@@ -130,18 +133,47 @@ class SecretStore:
             except FileNotFoundError:
                 pass
             value = make()
-            self._write(path, value)
-            return value
+            if self._create(path, value):
+                return value
+            return self._read(path)
 
     def put(self, name: str, value: str) -> None:
+        path = self._path(name)
         with self._lock:
-            self._write(self._path(name), value)
+            self._make_dirs(path)
+            atomic.write_text(path, value + "\n", mode=0o600, keep_mode=False)
 
-    def _write(self, path: Path, value: str) -> None:
+    def _make_dirs(self, path: Path) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic.write_text(path, value + "\n", mode=0o600, keep_mode=False)
+
+    def _create(self, path: Path, value: str) -> bool:
+        """Store value in path unless another process stored one first; whether it was ours.
+
+        A rename replaces what is there, so two processes making the same secret at once each
+        kept its own value and handed it out (two WireGuard keys for one node). link(2) instead
+        fails when path exists: the complete, fsynced temporary file becomes the secret only if
+        nobody's is there, and no reader sees a part of it."""
+        self._make_dirs(path)
+        tmp = path.with_name(f".{path.name}.{_random.token_hex(4)}.tmp")  # names() skips dotfiles
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(value + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        atomic.fsync_dir(path.parent)
+        return True
 
     def names(self) -> list[str]:
         """Every stored secret's name (never the values)."""

@@ -117,3 +117,39 @@ def test_a_secret_every_user_may_read_is_used_and_warned_of_once(tmp_path, caplo
     assert said == [f"the secret {put} can be read by every user on this host (mode 0644): "
                     f"chmod 600 {put}"]  # fmt: skip
     assert "hunter2" not in caplog.text
+
+
+def _ask_for_key(root, name, barrier, answers):
+    """One process's store, as `bastion serve` and `bastion cluster peers` each have their own."""
+    store = SecretStore(root)
+    barrier.wait()
+    answers.put(store.get_or_create(name, wireguard_private_key))
+
+
+def test_processes_that_make_the_same_secret_at_once_are_all_given_the_one_stored(tmp_path):
+    # The store's lock is per object: each process made its own key and renamed it over the
+    # other's, so `serve` handed a node one private key and `cluster peers` told the management
+    # side the public key of another (20 races of 2 in 20).
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    root = tmp_path / "s"
+    for trial in range(10):
+        name = f"wireguard/node{trial}.key"
+        barrier, answers = mp.Barrier(4), mp.Queue()
+        procs = [mp.Process(target=_ask_for_key, args=(root, name, barrier, answers))
+                 for _ in range(4)]  # fmt: skip
+        for p in procs:
+            p.start()
+        got = [answers.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        stored = (root / "wireguard" / f"node{trial}.key").read_text()
+        assert got == [stored.strip()] * 4, f"trial {trial}"
+        assert stored.endswith("\n") and wireguard_public_key(stored.strip())
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(root / "wireguard").st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (root / "wireguard").iterdir()} == {0o600}
+    # the losers' temporary files are gone
+    left = sorted(p.name for p in (root / "wireguard").iterdir())
+    assert left == [f"node{i}.key" for i in range(10)]
