@@ -29,7 +29,7 @@ _secrets_opt = click.option(
 
 
 def _load(site_dir: Path, state: Path | None, secrets_dir: Path | None):
-    from bastion.regcache.run import state_dir
+    from bastion.regcache.run import served, state_dir
     from bastion.site.load import SiteError, load_site
     from bastion.state.secrets import SecretStore
     from bastion.state.secrets import secrets_dir as store_dir
@@ -40,9 +40,8 @@ def _load(site_dir: Path, state: Path | None, secrets_dir: Path | None):
         for problem in e.problems:
             click.echo(problem, err=True)
         sys.exit(1)
-    section = site.settings.cluster
-    cache = section.registry_cache if section is not None else None
-    if cache is None or cache.serve is None:
+    cache = served(site)
+    if cache is None:
         raise click.ClickException(
             f"{site_dir}/site.yaml: cluster.registry_cache.serve is not set: this site's nodes "
             "are not told to use a cache on this host"
@@ -55,7 +54,8 @@ def registry_cache_group() -> None:
     """The site's pull-through registry cache: one Distribution registry per mirror.
 
     Configured by site.yaml cluster.registry_cache (with serve:); mirror i listens on the
-    port of its url plus i, which is what the nodes' registries.yaml names.
+    port of its url plus i, which is what the nodes' registries.yaml names. Add a registry
+    at the end of mirrors: one put before others moves them to other ports.
     """
 
 
@@ -90,14 +90,21 @@ def run_command(site_dir: Path, state: Path | None, secrets_dir: Path | None,
     """Write the configs and run every mirror's registry, supervised, until SIGTERM or Ctrl-C.
 
     A registry that ends is started again; one over its storage bound is stopped,
-    garbage-collected (emptied if that is not enough) and started again.
+    garbage-collected (emptied if that is not enough) and started again. When the site's
+    files change, as `bastion serve` reloads them, the mirrors whose config changed (a port,
+    an upstream) are started again on the new plan.
     """
-    from bastion.regcache.run import CacheError, Runner
+    from bastion.regcache.run import CacheError, Runner, SiteWatch
 
+    def echo(message: str) -> None:
+        click.echo(message, err=True)
+
+    # watching from before the first load: an edit made while it loads is seen
+    watch = SiteWatch(site_dir, echo)
     cache, state, store = _load(site_dir, state, secrets_dir)
     try:
-        runner = Runner(cache, state, store, echo=lambda m: click.echo(m, err=True),
-                        check_every=check_every, restart_after=restart_after)  # fmt: skip
+        runner = Runner(cache, state, store, echo=echo, check_every=check_every,
+                        restart_after=restart_after, follow=watch)  # fmt: skip
     except CacheError as e:
         raise click.ClickException(str(e)) from None
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

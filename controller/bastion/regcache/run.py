@@ -5,7 +5,8 @@
     render(cache, state, store)  write every instance's config.yml (atomically, mode 0600)
     prune(inst, ...)             bring a stopped instance's storage under its bound
     Runner                       start them all, restart one that ends, prune one over its
-                                 bound, stop them all on request
+                                 bound, follow the site as it changes, stop them all on request
+    SiteWatch                    the site again when its files changed, as `bastion serve` sees it
 
 What bounds the storage. Distribution's proxy expires what it cached a fixed time after caching
 it: 7 days in Debian's 2.8 (`proxy.ttl` makes it configurable only from Distribution 3), and
@@ -19,6 +20,17 @@ at start and every `check_every` seconds.
 A 2.8 proxy asks its upstream for /v2/ when it starts and exits when it cannot reach it, so an
 instance started while the upstream is down ends at once; the Runner starts it again after
 `restart_after` seconds, as often as it takes.
+
+Following the site. A mirror's port is the url's plus its place in `mirrors` (bastion.regcache.
+plan), and `bastion serve` reloads the site when its files change and tells every node booted
+after that the new ports. A cache that kept the plan it started with served quay.io's port as
+docker.io's proxy once quay.io was put first in the list, and a node booted after the edit
+pulled docker.io's names from another registry. So the Runner watches the site the way serve
+does (its files changed, then the same at two looks running; an edit that does not load
+changes nothing) and, when the plan changes, stops every instance whose port, upstream or
+config changed and starts them again with the new plan. The others keep serving. A node booted
+before the edit keeps the endpoints it was told until it boots again: the docs say to add a
+registry at the end of `mirrors`, where it moves no other.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ from typing import Any
 from bastion import atomic
 from bastion.regcache.plan import HTTP_SECRET, Instance, config_yml, instances
 from bastion.settings import parse_size
+from bastion.site.holder import fingerprint
+from bastion.site.load import SiteError, load_site
 
 REGISTRY_PROGRAMS = ("docker-registry", "registry")  # Debian's name, then upstream's
 # A registry's log (its requests, and a Go trace each time it ends: 1.8 KB a restart while the
@@ -83,17 +97,29 @@ def storage_path(state: Path, inst: Instance) -> Path:
     return state / inst.name / "data"
 
 
+def served(site: Any) -> Any | None:
+    """The site's cluster.registry_cache when the controller host serves it (`serve:`), else
+    None."""
+    section = site.settings.cluster
+    cache = section.registry_cache if section is not None else None
+    return cache if cache is not None and cache.serve is not None else None
+
+
 def render(cache: Any, state: Path, store: Any) -> list[tuple[Instance, Path]]:
     """Write each instance's config.yml under `state`. Upstream credentials come from the secret
     store (`registry-cache/<name>/username` and `.../password`, both or neither), never from the
-    site files; the HTTP secret that ties uploads together is made there on first use."""
+    site files; the HTTP secret that ties uploads together is made there on first use. All or
+    nothing: a CacheError leaves every config.yml as it was (the Runner may be serving them)."""
     http_secret = store.get_or_create(HTTP_SECRET)
-    out = []
+    todo = []
     for inst in instances(cache):
         user, password = store.get(inst.username_secret()), store.get(inst.password_secret())
         if (user is None) != (password is None):
             raise CacheError(f"the secret store has only one of {inst.username_secret()} and "
                              f"{inst.password_secret()}: set both, or neither")  # fmt: skip
+        todo.append((inst, user, password))
+    out = []
+    for inst, user, password in todo:
         storage = storage_path(state, inst)
         storage.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = config_path(state, inst)
@@ -137,16 +163,51 @@ def prune(inst: Instance, state: Path, max_bytes: int, program: str,
     return "emptied"
 
 
+class SiteWatch:
+    """Called: the site again when its files changed, else None. By `bastion serve`'s rule
+    (bastion.site.holder.SiteHolder.poll: a change, then the same files at two looks running),
+    so that the plan the nodes are told and the one that runs change together; an edit that
+    does not load is said (`echo`) and gives None, as serve keeps its last good site."""
+
+    def __init__(self, root: Path, echo: Callable[[str], None] = print):
+        self.root, self.echo = Path(root), echo
+        self._seen = fingerprint(self.root)
+        self._settling: tuple | None = None
+
+    def __call__(self) -> Any | None:
+        now = fingerprint(self.root)
+        if now == self._seen:
+            self._settling = None
+            return None
+        if now != self._settling:
+            self._settling = now
+            return None
+        self._seen, self._settling = now, None
+        try:
+            return load_site(self.root)
+        except SiteError as e:
+            self.echo(f"{self.root}: the site changed but does not load; the mirrors are served "
+                      "as before:\n" + "\n".join(e.problems))  # fmt: skip
+            return None
+
+
 class Runner:
-    """Each instance as a child process, supervised from one thread (`run`, until `stop`)."""
+    """Each instance as a child process, supervised from one thread (`run`, until `stop`).
+    `follow`, called every `follow_every` seconds, gives the site again when it changed (a
+    SiteWatch); the Runner then serves that site's plan."""
 
     def __init__(self, cache: Any, state: Path, store: Any, echo: Callable[[str], None] = print,
-                 check_every: float = 3600.0, restart_after: float = 5.0, program: str | None = None):
+                 check_every: float = 3600.0, restart_after: float = 5.0,
+                 program: str | None = None, follow: Callable[[], Any | None] | None = None,
+                 follow_every: float = 1.0):
         self.cache, self.state, self.store, self.echo = cache, state, store, echo
         self.max_bytes = parse_size(cache.serve.max_size, "max_size")
         self.check_every, self.restart_after = check_every, restart_after
         self.program = program or registry_program()
+        self.follow, self.follow_every = follow, follow_every
         self.procs: dict[str, subprocess.Popen] = {}
+        # what runs: name -> (the instance, its config.yml as it was started)
+        self.plan: dict[str, tuple[Instance, str]] = {}
         self._stopping = threading.Event()
 
     def _start(self, inst: Instance) -> None:
@@ -172,17 +233,56 @@ class Runner:
             proc.kill()
             proc.wait()
 
+    def _render(self, cache: Any) -> dict[str, tuple[Instance, str]]:
+        written = render(cache, self.state, self.store)
+        return {inst.name: (inst, path.read_text()) for inst, path in written}
+
+    def adopt(self, site: Any) -> None:
+        """Serve `site`'s plan: stop the instances it changes or drops, start the ones it
+        changes or adds; the rest serve on. A site that no longer serves a cache here stops
+        them all (its nodes are told to pull elsewhere, maybe from these very ports)."""
+        cache = served(site)
+        try:
+            plan = self._render(cache) if cache is not None else {}
+        except CacheError as e:
+            self.echo(f"the site changed, but {e}: the mirrors are served as before")
+            return
+        changed = [name for name in self.plan if plan.get(name) != self.plan[name]]
+        added = [name for name in plan if name not in self.plan]
+        if cache is None:
+            self.echo("the site no longer has cluster.registry_cache.serve: stopping every mirror")
+        elif changed:
+            self.echo("the site changed: stopping "
+                      f"{', '.join(self.plan[name][0].mirror for name in changed)}")  # fmt: skip
+        elif not added:
+            self.echo("the site changed: the mirrors are served as before")
+        # every one stopped before any starts: a mirror's new port may be another's old one
+        for name in changed:
+            self._stop_one(name)
+        if cache is not None:
+            self.cache, self.max_bytes = cache, parse_size(cache.serve.max_size, "max_size")
+        self.plan = plan
+        for name in [*changed, *added]:
+            if name in plan:
+                self._start(plan[name][0])
+
     def run(self) -> None:
         """Render the configs, start every instance, and supervise them until `stop`."""
-        insts = [inst for inst, _ in render(self.cache, self.state, self.store)]
-        for inst in insts:
+        self.plan = self._render(self.cache)
+        for inst, _ in self.plan.values():
             self._start(inst)
         next_check = time.monotonic() + self.check_every
+        next_follow = time.monotonic() + self.follow_every
         ended: dict[str, float] = {}
         try:
             while not self._stopping.wait(0.5):
                 now = time.monotonic()
-                for inst in insts:
+                if self.follow is not None and now >= next_follow:
+                    next_follow = now + self.follow_every
+                    site = self.follow()
+                    if site is not None:
+                        self.adopt(site)
+                for inst, _ in self.plan.values():
                     cap_log(self.state / inst.name / "registry.log")
                     proc = self.procs.get(inst.name)
                     if proc is not None and proc.poll() is not None:
@@ -195,7 +295,7 @@ class Runner:
                         self._start(inst)
                 if now >= next_check:
                     next_check = now + self.check_every
-                    for inst in insts:
+                    for inst, _ in self.plan.values():
                         if disk_usage(storage_path(self.state, inst)) > self.max_bytes:
                             self._stop_one(inst.name)
                             self._start(inst)  # prunes first
