@@ -9,12 +9,20 @@ The bound is `capacity` records. A batch that takes the queue past it removes th
 records: the newest are what a person looks at after an outage, and the queue stays in order
 with one gap. What was removed is counted, in the file (`dropped`, kept across restarts) and
 returned to the caller, which turns it into a metric and an event.
+
+A queue is a cache of what waits for the collector, not the record of it (the history is): a
+file that does not open as a queue (garbage after a power cut, a malformed b-tree, another
+program's database: `is_damaged`) is renamed aside by `set_aside`, never deleted, and a new
+queue is made in its place. A file that cannot be opened for now (locked, no permission) is
+not damaged and is left alone.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +32,46 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+_COLUMNS = {"records": ["seq", "body"], "counters": ["name", "value"]}
+
+
+class NotAQueue(sqlite3.DatabaseError):
+    """An SQLite database, but not one of these queues."""
+
+
+def _check_queue(db: sqlite3.Connection) -> None:
+    """Raise NotAQueue unless the database is empty or has our tables, as we make them, only."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables - {*_COLUMNS, "sqlite_sequence"}:
+        raise NotAQueue(f"not a log queue: it has the tables {sorted(tables)}")
+    for table in tables & _COLUMNS.keys():
+        have = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        if have != _COLUMNS[table]:
+            raise NotAQueue(f"not a log queue: its table {table} has the columns {have}")
+
+
+def is_damaged(error: sqlite3.Error) -> bool:
+    """Whether `error`, from opening or reading a queue file, says the file is not a queue (as
+    against one that cannot be used for now: locked, no permission, a disk error)."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+    return isinstance(error, NotAQueue) or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged queue file to `<name>.damaged-<UTC time>`, its -wal and -shm with it
+    (so SQLite still reads the renamed file with its WAL, and the new queue does not start from
+    a stale one); the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}.damaged-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    # the file itself last: stopped half way, the next start finds it where it was and sets it
+    # aside then, rather than a new queue starting beside its stale WAL
+    for suffix in ("-wal", "-shm", ""):
+        if Path(f"{path}{suffix}").exists():
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    return aside
 
 
 class DiskQueue:
@@ -39,11 +87,17 @@ class DiskQueue:
         private.create(self.path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a queued record survives a power cut
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self._len = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        try:
+            self._db.execute("PRAGMA busy_timeout=5000")  # first: a file locked for a moment is waited for
+            _check_queue(self._db)  # before anything writes: another program's database stays as it was
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a queued record survives a power cut
+            self._db.executescript(_SCHEMA)
+            # reads every page of the records' b-tree: most damage shows here, not at a later read
+            self._len = self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -115,6 +169,10 @@ def summary(path: Path | str) -> dict[str, object]:
     records wait, the oldest one's text, and how many the bound has dropped."""
     db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
     try:
+        _check_queue(db)  # NotAQueue, as DiskQueue says it, rather than "no such column"
+        if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+            # an empty file (made, never written: `bastion serve` makes it a queue as it is)
+            return {"queued": 0, "oldest": None, "dropped": 0}
         queued, first = db.execute("SELECT COUNT(*), MIN(seq) FROM records").fetchone()
         oldest = db.execute("SELECT body FROM records WHERE seq = ?", (first,)).fetchone() if first else None
         row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()

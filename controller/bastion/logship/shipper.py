@@ -17,7 +17,10 @@ across anything slow, so a request is never slowed by a collector. Each target's
 3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
    doubling up to `backoff_max_s`; records wait on disk meanwhile. When the queue file itself
    cannot be written (disk full, locked), the batch goes back to the inbox and waits there, up
-   to `inbox_max`, and each try logs an error that names the file.
+   to `inbox_max`, and each try logs an error that names the file; a reload hands that inbox
+   to the new target of the same name. A queue file that does not open as a queue is moved
+   aside and a new one made (bastion.logship.queue.set_aside): it never keeps a target, or
+   the controller, from starting.
 
 Credentials are read when they are used, from the secret store (`secret_name`): a Loki password
 or token at each push, a client key (mutual TLS) at each new connection, the site's CA and
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.logship import loki, syslog
-from bastion.logship.queue import DiskQueue
+from bastion.logship.queue import DiskQueue, is_damaged, set_aside
 from bastion.metrics import Metrics
 from bastion.site.schema import SYSLOG_FACILITIES, LogsSection, LogsTarget
 from bastion.state.secrets import SecretStore
@@ -87,7 +90,17 @@ class Target:
         self.hostname = hostname
         self.metrics = metrics
         self.record = record
-        self.queue = DiskQueue(queue_dir / f"{spec.name}.db", spec.queue_max)
+        path = queue_dir / f"{spec.name}.db"
+        try:
+            self.queue = DiskQueue(path, spec.queue_max)
+        except sqlite3.DatabaseError as e:
+            if not is_damaged(e):
+                raise  # locked, no permission: not ours to move; the target does not start
+            aside = set_aside(path)
+            self.queue = DiskQueue(path, spec.queue_max)
+            log.error("logship %s: the queue file %s is damaged (%s): moved aside to %s, a new queue started; "
+                      "the records it held are not shipped", spec.name, path, e, aside)  # fmt: skip
+            self._event("queue-damaged", file=str(path), error=str(e), moved_to=str(aside))
         self.inbox: collections.deque[str] = collections.deque()
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -116,6 +129,8 @@ class Target:
         self._thread.start()
 
     def stop(self, timeout: float = 15.0) -> None:
+        """Stop the thread and queue what the inbox holds. What cannot be queued (the file cannot
+        be written) stays in `inbox`: the caller says whether it is lost or carried on."""
         self._stop.set()
         self.wake.set()
         if self._thread.is_alive():
@@ -123,7 +138,7 @@ class Target:
         try:
             self._drain()
         except QueueUnwritable as e:
-            log.error("logship %s: %s; %d events not queued are lost", self.spec.name, e, len(self.inbox))
+            log.error("logship %s: %s; %d events not queued", self.spec.name, e, len(self.inbox))
         self._close_conn()
         self.queue.close()
 
@@ -246,10 +261,15 @@ class Target:
 
     def _secret(self, what: str) -> str:
         path = self._secret_path(what)
-        value = self.secrets.get(secret_name(self.spec.name, what)) or ""  # the store's own reading
+        name = secret_name(self.spec.name, what)
+        try:
+            value = self.secrets.get(name) or ""  # the store's own reading
+        except UnicodeDecodeError:  # not UTF-8: not text, said as such below
+            value = ""
+        except OSError as e:
+            raise MissingSecret(f"the secret {name} ({path}) cannot be read: {e.strerror or e}") from None
         if not value or not value.isprintable():
-            raise MissingSecret(f"the secret {secret_name(self.spec.name, what)} ({path}) is not one "
-                                "line of printable text")  # fmt: skip
+            raise MissingSecret(f"the secret {name} ({path}) is not one line of printable text")
         return value
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -258,7 +278,12 @@ class Target:
         tls = self.spec.tls
         assert tls is not None
         key = self._secret_path("client.key") if tls.cert_file is not None else None
-        return syslog.tls_context(self._site_file(tls.ca_file), self._site_file(tls.cert_file), key)
+        cert = self._site_file(tls.cert_file)
+        try:
+            return syslog.tls_context(self._site_file(tls.ca_file), cert, key)
+        except syslog.ClientCertificateError as e:
+            raise MissingSecret(f"the secret {secret_name(self.spec.name, 'client.key')} ({key}) does not load "
+                                f"with the certificate {cert}: {e}") from None  # fmt: skip
 
     def _loki_headers(self) -> dict[str, str]:
         spec = self.spec
@@ -364,32 +389,53 @@ class Shipper:
             if section == self._section and site == self._site:
                 return
             self._held = collections.deque()
-            old, self._targets = self._targets, ()
-            for t in old:
-                t.stop()
-                leftovers = list(t.inbox)  # offered to it after its last drain
-                self._held.extendleft(reversed(leftovers))
-            hostname = section.hostname or socket.gethostname()
-            targets = []
-            for spec in section.targets:
-                try:
-                    targets.append(Target(spec, self.queue_dir, site=site, site_root=Path(site_root),
-                                          hostname=hostname, metrics=self.metrics, record=self.record,
-                                          secrets=self.secrets))  # fmt: skip
-                except (OSError, ValueError) as e:  # its queue file cannot be opened
-                    log.error("logship %s: not started: %s", spec.name, e)
-            self._section, self._site = section, site
-            for t in targets:
-                t.start()
-            self._targets = tuple(targets)
-            held, self._held = self._held, None
-            while held:
-                body = held.popleft()
-                for t in self._targets:
-                    t.offer(body)
+            try:
+                old, self._targets = self._targets, ()
+                # what an old target did not queue (offered after its last drain, or its file
+                # could not be written) is its own: it goes to the new target of its name, which
+                # has the same queue file, and to no other (each target has every event once)
+                unqueued: dict[str, list[str]] = {}
+                for t in old:
+                    t.stop()
+                    unqueued[t.spec.name] = list(t.inbox)
+                hostname = section.hostname or socket.gethostname()
+                targets = []
+                for spec in section.targets:
+                    try:
+                        targets.append(Target(spec, self.queue_dir, site=site, site_root=Path(site_root),
+                                              hostname=hostname, metrics=self.metrics, record=self.record,
+                                              secrets=self.secrets))  # fmt: skip
+                    except (OSError, ValueError, sqlite3.Error) as e:  # its queue file cannot be opened
+                        log.error("logship %s: not started: %s", spec.name, e)
+                        if self.record is not None:
+                            self.record("logship", payload={"target": spec.name, "action": "not-started",
+                                                            "error": str(e)})  # fmt: skip
+                for t in targets:
+                    carried = unqueued.pop(t.spec.name, ())
+                    if carried:
+                        log.info("logship %s: %d events not queued yet wait in memory for the restarted target",
+                                 t.spec.name, len(carried))  # fmt: skip
+                    for body in carried:
+                        t.offer(body)
+                for name, bodies in unqueued.items():
+                    if bodies:
+                        log.error("logship %s: %d events not queued are lost (the target is gone from logs:, "
+                                  "or did not start)", name, len(bodies))  # fmt: skip
+                self._section, self._site = section, site
+                for t in targets:
+                    t.start()
+                self._targets = tuple(targets)
+            finally:  # whatever happened above: what was offered meanwhile is shipped, nothing piles up
+                held, self._held = self._held, None
+                while held:
+                    body = held.popleft()
+                    for t in self._targets:
+                        t.offer(body)
 
     def close(self) -> None:
         with self._lock:
             old, self._targets = self._targets, ()
             for t in old:
                 t.stop()
+                if t.inbox:
+                    log.error("logship %s: %d events not queued are lost", t.spec.name, len(t.inbox))

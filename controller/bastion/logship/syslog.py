@@ -37,6 +37,7 @@ import socket
 import ssl
 import struct
 import termios
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,36 +86,58 @@ def timestamp(ts: Any) -> str:
 def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
             max_bytes: int | None = None) -> bytes:  # fmt: skip
     """One event (Event.as_dict()) as an RFC 5424 message, without framing. With `max_bytes`, a
-    longer message has its payload replaced by `{"truncated": <its JSON's length>, "head": <the
-    start of that JSON>}` so that it fits and MSG stays valid JSON: a collector truncates an
+    longer message is cut to fit and stays RFC 5424 with MSG valid JSON: a collector truncates an
     oversize message itself, mid-JSON (rsyslog's default limit is 8096 bytes, and it reads the
-    cut-off rest as more, bogus, messages)."""
+    cut-off rest as more, bogus, messages). First the payload is replaced by `{"truncated": <its
+    JSON's length>, "head": <the start of that JSON>}`; when that is not enough (a long machine
+    name, endpoint or site), each structured-data value but the id is cut to at most
+    `SD_VALUE_CUT` characters, fewer if need be, and MSG is `{"truncated": <the event's JSON's
+    length>, "head": <its start>}`. Any event fits 480 bytes (the schema's least max_message)
+    that way: PRI to MSGID take at most 339 bytes, the structured data with its values cut to
+    nothing 99 (its id an integer of up to 19 digits), MSG about 35."""
     pri = facility * 8 + severity(event)
-    params = [f'{name}="{_sd_escape(event[name])}"' for name in _SD_FIELDS if event.get(name) is not None]
-    params.insert(min(2, len(params)), f'site="{_sd_escape(site)}"')
-    sd = f"[{SD_ID} {' '.join(params)}]"
-    head = (f"<{pri}>1 {timestamp(event.get('ts') or 0)} {_printable(hostname, 255)} "
-            f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} {sd} ").encode()  # fmt: skip
-    body = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    fields = [(name, str(event[name])) for name in _SD_FIELDS if event.get(name) is not None]
+    fields.insert(min(2, len(fields)), ("site", str(site)))
+    start = (f"<{pri}>1 {timestamp(event.get('ts') or 0)} {_printable(hostname, 255)} "
+             f"{APP_NAME} - {_printable(str(event.get('kind') or ''), 32)} ").encode()  # fmt: skip
+
+    def sd(cut: int | None = None) -> bytes:
+        params = " ".join(f'{name}="{_sd_escape(value if cut is None or name == "id" else value[:cut])}"'
+                          for name, value in fields)  # fmt: skip
+        return f"[{SD_ID} {params}] ".encode()
+
+    head = start + sd()
+    body = _json(event)
     if max_bytes is None or len(head) + len(body) <= max_bytes:
         return head + body
     text = json.dumps(event.get("payload"), separators=(",", ":"), ensure_ascii=False, default=str)
     short = dict(event, payload={"truncated": len(text), "head": ""})
-    room = max_bytes - len(head) - len(json.dumps(short, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    if len(head) + len(_json(short)) <= max_bytes:
+        return head + _longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
+                               len(text), max_bytes - len(head))  # fmt: skip
+    whole = body.decode()
+    head = start + _longest(sd, SD_VALUE_CUT, max_bytes - len(start) - len(_json({"truncated": len(whole), "head": ""})))
+    return head + _longest(lambda n: _json({"truncated": len(whole), "head": whole[:n]}), len(whole), max_bytes - len(head))
 
-    def with_head(n: int) -> bytes:
-        short["payload"]["head"] = text[:n]
-        return head + json.dumps(short, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
-    # JSON escaping and UTF-8 make bytes outgrow characters: the longest head that fits, by halving
-    lo, hi = 0, max(0, min(room, len(text)))
+SD_VALUE_CUT = 64  # characters of a structured-data value kept when the message must be cut that far
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _longest(make: Callable[[int], bytes], most: int, room: int) -> bytes:
+    """make(n) for the largest n in 0..most whose result fits `room` bytes (make(0) when none
+    does). JSON escaping, SD escaping and UTF-8 make bytes outgrow characters: found by halving."""
+    lo, hi = 0, most
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if len(with_head(mid)) <= max_bytes:
+        if len(make(mid)) <= room:
             lo = mid
         else:
             hi = mid - 1
-    return with_head(lo)
+    return make(lo)
 
 
 def frame(msg: bytes) -> bytes:
@@ -172,13 +195,31 @@ class SyslogConnection:
             pass
 
 
+class ClientCertificateError(OSError):
+    """The client certificate and its key do not load together (`tls_context`)."""
+
+
 def tls_context(ca_file: str | None = None, cert_file: str | None = None,
                 key_file: str | None = None) -> ssl.SSLContext:  # fmt: skip
     """A client context that checks the collector's certificate against `ca_file` (None: the
     system's CAs) and its name, and presents `cert_file` with `key_file` when given (mutual
-    TLS). TLS 1.2 at least."""
+    TLS). TLS 1.2 at least. A key protected by a passphrase does not load
+    (ClientCertificateError), like one that does not match the certificate."""
     ctx = ssl.create_default_context(cafile=ca_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None:
-        ctx.load_cert_chain(cert_file, key_file)
+        asked = []
+
+        def no_passphrase() -> bytes:
+            # without a callback OpenSSL asks for the passphrase on the controlling terminal,
+            # and the thread that asked waits there for good
+            asked.append(True)
+            return b""
+
+        try:
+            ctx.load_cert_chain(cert_file, key_file, password=no_passphrase)
+        except ssl.SSLError as e:
+            raise ClientCertificateError(
+                "the key is protected by a passphrase, which the controller has no way to give: store it "
+                "without one" if asked else str(e)) from None  # fmt: skip
     return ctx

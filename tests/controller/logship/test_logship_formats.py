@@ -21,6 +21,8 @@ from bastion.logship.shipper import Shipper, Target
 from bastion.metrics import Metrics
 from bastion.site.schema import LogsSection
 from bastion.state.secrets import SecretStore
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 EVENT = {"id": 12, "ts": 1764871526.25, "kind": "boot", "source": "controller", "mac": "52:54:00:12:34:01",
          "machine": "node1", "endpoint": "/ipxe", "profile": "w", "group": None, "status": 200,
@@ -76,6 +78,55 @@ def test_a_long_event_is_cut_to_the_message_limit_and_stays_json():
         assert event["payload"]["head"].startswith('{"error":"éé')
     assert syslog.message(EVENT, hostname="ctl", facility=16, site="s", max_bytes=8096) == syslog.message(
         EVENT, hostname="ctl", facility=16, site="s")
+
+
+# RFC 5424 section 6, as strict as the grammar: PARAM-VALUE escapes '"', '\' and ']'
+_SD_PARAM = r'[!#-<>-\\^-~]{1,32}="(?:[^"\\\]]|\\["\\\]])*"'
+_RFC5424 = re.compile(r"<(\d{1,3})>1 (\S+) ([!-~]{1,255}) ([!-~]{1,48}) ([!-~]{1,128}) ([!-~]{1,32}) "
+                      r"(-|\[bastion@32473(?: " + _SD_PARAM + r")*\]) (.*)\Z", re.DOTALL)  # fmt: skip
+
+
+def _check_fits(msg: bytes, limit: int) -> dict:
+    """`msg` is at most `limit` bytes and valid RFC 5424 with MSG a JSON object; that object."""
+    assert len(msg) <= limit, (len(msg), msg)
+    m = _RFC5424.match(msg.decode("utf-8"))
+    assert m, msg
+    return json.loads(m.group(8))
+
+
+@pytest.mark.parametrize("field", ["machine", "endpoint", "mac", "source", "status", "profile", "kind", "site",
+                                   "hostname", "all"])  # fmt: skip
+def test_a_message_never_exceeds_max_message_whichever_field_is_long(field):
+    """Before, only the payload was cut: with max_message 480, a 300-character machine name
+    (in the structured data and in MSG) made a message of 1020 bytes, which a collector cuts
+    mid-JSON. Now the structured data's values and MSG are cut too, and it stays RFC 5424."""
+    long = 'é"]\\' * 75  # 300 characters, each one that takes more room escaped or in UTF-8
+    event, site, hostname = dict(EVENT, payload={"error": "x" * 1000}), "home-lab", "ctl"
+    for name in ("machine", "endpoint", "mac", "source", "status", "profile", "kind") if field == "all" else (field,):
+        event[name] = long
+    if field in ("site", "all"):
+        site = long
+    if field in ("hostname", "all"):
+        hostname = "h" * 255
+    msg = syslog.message(event, hostname=hostname, facility=16, site=site, max_bytes=480)
+    body = _check_fits(msg, 480)
+    assert body["truncated"] > 400 and isinstance(body["head"], str)
+    assert msg.decode().split(" [bastion@32473 ", 1)[1].startswith('id="12"')  # the id to drop repeats by
+
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=400)
+
+
+_EVENTS = st.fixed_dictionaries(
+    {"id": st.integers(0, 2**63), "ts": st.floats(), "kind": _TEXT},
+    optional={name: _TEXT for name in ("source", "machine", "mac", "endpoint", "status", "profile", "payload")},
+)
+
+
+@given(event=_EVENTS, site=_TEXT, hostname=_TEXT, limit=st.integers(480, 2000))
+@settings(max_examples=300, deadline=None)
+def test_any_event_fits_max_message_as_rfc5424(event, site, hostname, limit):
+    _check_fits(syslog.message(event, hostname=hostname, facility=16, site=site, max_bytes=limit), limit)
 
 
 class _LokiReceiver(BaseHTTPRequestHandler):
@@ -327,3 +378,120 @@ def test_loki_over_https_with_a_private_ca_a_client_certificate_and_a_token(tmp_
     assert _GuardedLoki.ids == [1, 2, 3, 4, 5]
     assert {(s, peer) for s, _, peer in _GuardedLoki.seen} == {(204, "bastion-ctl")}
     assert any(e["action"] == "up" for e in events)
+
+
+def _first_down(events: list[dict]) -> str:
+    _wait(lambda: any(e["action"] == "down" for e in events))
+    return next(e for e in events if e["action"] == "down")["error"]
+
+
+def test_a_token_that_is_not_text_is_a_failure_that_names_the_secret(tmp_path: Path, caplog):
+    """A token file of bytes that are not UTF-8: before, a UnicodeDecodeError ended in the
+    catch-all (`down` said "internal error", a traceback at every retry)."""
+    import logging
+
+    secrets = SecretStore(tmp_path / "secrets")
+    path = secrets.path("logs/cloud/token")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\xff\xfetok\n")
+    caplog.set_level(logging.ERROR, logger="bastion.logship")
+    events: list[dict] = []
+    shipper = Shipper(tmp_path / "q", Metrics(), lambda kind, **f: events.append(f["payload"]), secrets=secrets)
+    shipper.configure(LogsSection.model_validate({"targets": [{
+        "name": "cloud", "type": "loki", "url": "http://127.0.0.1:9/loki/api/v1/push", "auth": "bearer"}]}),
+        site="s", site_root=tmp_path)  # fmt: skip
+    try:
+        shipper.offer(dict(EVENT, id=1))
+        error = _first_down(events)
+    finally:
+        shipper.close()
+    assert "logs/cloud/token" in error and str(path) in error, error
+    assert not [r for r in caplog.records if r.exc_info], "not a bug: no traceback"
+
+
+def test_a_client_key_that_does_not_match_its_certificate_names_the_secret(tmp_path: Path):
+    """Before, the `down` event said only OpenSSL's "key values mismatch"."""
+    from certkit import make_pki
+
+    pki = make_pki(tmp_path / "pki", client="bastion-ctl")
+    secrets = SecretStore(tmp_path / "secrets")
+    secrets.put("logs/central/client.key", pki["key"].read_text().strip())  # the server's key
+    events: list[dict] = []
+    shipper = Shipper(tmp_path / "q", Metrics(), lambda kind, **f: events.append(f["payload"]), secrets=secrets)
+    shipper.configure(LogsSection.model_validate({"targets": [{
+        "name": "central", "type": "syslog", "host": "127.0.0.1", "port": 9, "tls": {"cert_file": "pki/client.pem"}}]}),
+        site="s", site_root=tmp_path)  # fmt: skip
+    try:
+        shipper.offer(dict(EVENT, id=1))
+        error = _first_down(events)
+    finally:
+        shipper.close()
+    key = secrets.path("logs/central/client.key")
+    assert "logs/central/client.key" in error and str(key) in error and str(pki["client_cert"]) in error, error
+    assert "key values mismatch" in error  # OpenSSL's word for it stays
+
+
+# What the child of the test below runs: a shipper with one target, printing its first `down`.
+_DOWN_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from bastion.logship.shipper import Shipper
+from bastion.metrics import Metrics
+from bastion.site.schema import LogsSection
+from bastion.state.secrets import SecretStore
+
+target, root = json.loads(sys.argv[1])
+events = []
+shipper = Shipper(Path(root) / "q", Metrics(), lambda kind, **f: events.append(f["payload"]),
+                  secrets=SecretStore(Path(root) / "secrets"))
+shipper.configure(LogsSection.model_validate({"targets": [target]}), site="s", site_root=Path(root))
+shipper.offer({"id": 1, "ts": 1, "kind": "x"})
+while not any(e["action"] == "down" for e in events):
+    time.sleep(0.05)
+print("DOWN:", next(e for e in events if e["action"] == "down")["error"], flush=True)
+shipper.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["syslog", "loki"])
+def test_a_client_key_with_a_passphrase_does_not_load_and_nothing_asks_the_terminal(tmp_path: Path, kind):
+    """Given no way to get the passphrase of an encrypted key, OpenSSL asks for it on the
+    controlling terminal: a `bastion serve` started from a shell had its shipper thread wait
+    there for good. Now such a key is one that does not load, like any other: a `down` event
+    names the secret. The shipper runs in a child process whose controlling terminal is a pty
+    this test reads."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    from certkit import make_pki
+
+    pki = make_pki(tmp_path / "pki", client="bastion-ctl")
+    subprocess.run(["openssl", "pkey", "-in", str(pki["client_key"]), "-aes256", "-passout", "pass:hunter2",
+                    "-out", str(tmp_path / "encrypted.key")], check=True, capture_output=True)  # fmt: skip
+    SecretStore(tmp_path / "secrets").put("logs/central/client.key", (tmp_path / "encrypted.key").read_text().strip())
+    tls = {"cert_file": "pki/client.pem"}
+    target = ({"name": "central", "type": "syslog", "host": "127.0.0.1", "port": 9, "tls": tls} if kind == "syslog"
+              else {"name": "central", "type": "loki", "url": "https://127.0.0.1:9/loki/api/v1/push", "tls": tls})  # fmt: skip
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a new session whose controlling terminal is the pty
+        os.execv(sys.executable, [sys.executable, "-c", _DOWN_CHILD, json.dumps([target, str(tmp_path)])])
+    out = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"DOWN:" not in out and b"pass phrase" not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:  # EIO: the child has gone
+                    break
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert "pass phrase" not in text, text
+    assert "DOWN:" in text and "logs/central/client.key" in text and "passphrase" in text, text

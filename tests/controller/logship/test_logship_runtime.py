@@ -11,6 +11,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 from bastion.logship.queue import DiskQueue
 from bastion_testkit import make_app
 
@@ -151,3 +152,212 @@ def test_a_queue_is_the_controllers_alone_whatever_the_umask(tmp_path, umask_022
     for p in files:
         assert oct(p.stat().st_mode & 0o777) == oct(0o600), p
     queue.close()
+
+
+def _damage_with_garbage(path: Path) -> None:
+    path.write_bytes(b"power cut garbage, not a database " * 100)
+
+
+def _damage_a_page(path: Path) -> None:
+    # a queue with records whose pages in the middle were overwritten: SQLite's header is
+    # fine, the b-tree is not
+    queue = DiskQueue(path, 1000)
+    queue.put_many(["x" * 200] * 500)
+    queue.close()
+    data = bytearray(path.read_bytes())
+    data[3 * 4096 : 6 * 4096] = b"\xa5" * (3 * 4096)
+    path.write_bytes(bytes(data))
+
+
+def _damage_with_another_schema(path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE records (a TEXT, b TEXT)")  # a database, not a queue
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("damage", [_damage_with_garbage, _damage_a_page, _damage_with_another_schema])
+def test_a_queue_file_that_is_not_our_queue_is_moved_aside_and_a_new_one_made(tmp_path: Path, caplog, damage):
+    """A queue is a cache of what waits for the collector: a file that does not open as one (a
+    power cut, a disk error, another program's database) must not keep the target, or the
+    controller, from starting. It is renamed, not deleted, so what it held can still be looked
+    at, and an event and an error name it and what SQLite said."""
+    from bastion.logship.shipper import Target
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsTarget
+
+    (tmp_path / "q").mkdir()
+    damage(tmp_path / "q" / "central.db")
+    before = (tmp_path / "q" / "central.db").read_bytes()
+    recorded: list[dict] = []
+    caplog.set_level(logging.ERROR, logger="bastion.logship")
+    spec = LogsTarget(name="central", type="syslog", host="127.0.0.1", port=_unused_port())
+    t = Target(spec, tmp_path / "q", site="home", site_root=tmp_path, hostname="bastion",
+               metrics=Metrics(), record=lambda kind, **kw: recorded.append(kw["payload"]))  # fmt: skip
+    t.offer(json.dumps({"id": 1}))
+    t.stop()  # never started: stop drains the inbox into the new queue
+    aside = [p for p in (tmp_path / "q").iterdir() if p.name.startswith("central.db.damaged-")]
+    assert [p.read_bytes() for p in aside] == [before]
+    [event] = [p for p in recorded if p["action"] == "queue-damaged"]
+    assert event["file"] == str(tmp_path / "q" / "central.db") and event["moved_to"] == str(aside[0])
+    assert event["error"]
+    assert any(str(aside[0]) in r.getMessage() and event["error"] in r.getMessage() for r in caplog.records)
+    queue = DiskQueue(tmp_path / "q" / "central.db", 100)
+    assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [1]
+    queue.close()
+
+
+def test_the_controller_starts_with_a_damaged_queue_file_and_records_it(site_dir: Path, tmp_path: Path):
+    """`bastion serve`'s app (create_app) with a queue file of garbage: before, it did not start
+    (sqlite3.DatabaseError out of configure); now it does, and its history has the event."""
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write(f"\nlogs:\n  targets:\n    - {{name: central, type: syslog, host: 127.0.0.1, port: {_unused_port()}}}\n")
+    (tmp_path / "events.logship").mkdir()
+    _damage_with_garbage(tmp_path / "events.logship" / "central.db")
+    runtime = make_app(site_dir, tmp_path / "events.db").state.runtime
+    runtime.logship.close()
+    damaged = [e.payload for e in runtime.store.query(limit=100, newest_first=False)
+               if e.kind == "logship" and e.payload["action"] == "queue-damaged"]  # fmt: skip
+    assert [p["file"] for p in damaged] == [str(tmp_path / "events.logship" / "central.db")]
+
+
+def test_a_reload_onto_a_damaged_queue_file_starts_every_target(tmp_path: Path):
+    """A reload that adds a target whose queue file is damaged: before, configure raised half way
+    (no target started, the healthy one included, and every later event piled up in memory);
+    now both run and every event reaches both queues."""
+    from bastion.logship.shipper import Shipper
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsSection
+
+    def section(*names: str) -> LogsSection:
+        return LogsSection.model_validate({"targets": [
+            {"name": n, "type": "syslog", "host": "127.0.0.1", "port": _unused_port()} for n in names]})  # fmt: skip
+
+    (tmp_path / "q").mkdir()
+    _damage_with_garbage(tmp_path / "q" / "central.db")
+    shipper = Shipper(tmp_path / "q", Metrics())
+    shipper.configure(section("other"), site="s", site_root=tmp_path)
+    shipper.offer({"id": 1})
+    shipper.configure(section("other", "central"), site="s", site_root=tmp_path)
+    assert sorted(t.spec.name for t in shipper.targets) == ["central", "other"]
+    for i in range(2, 5):
+        shipper.offer({"id": i})
+    shipper.close()
+    for name, ids in (("other", [1, 2, 3, 4]), ("central", [2, 3, 4])):
+        queue = DiskQueue(tmp_path / "q" / f"{name}.db", 100)
+        assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == ids, name
+        queue.close()
+
+
+def test_a_queue_file_another_process_holds_keeps_only_its_own_target_from_starting(tmp_path: Path, caplog):
+    """Not damage (so it is not moved aside): another process holds the file's lock for good
+    (SQLite's exclusive locking mode). That target does not start, an error names the file, and
+    the others start all the same."""
+    import sqlite3
+
+    from bastion.logship.shipper import Shipper
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsSection
+
+    DiskQueue(tmp_path / "q" / "central.db", 10).close()
+    holder = sqlite3.connect(tmp_path / "q" / "central.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")  # the lock stays: exclusive locking mode keeps it until close
+    caplog.set_level(logging.ERROR, logger="bastion.logship")
+    shipper = Shipper(tmp_path / "q", Metrics())
+    try:
+        shipper.configure(LogsSection.model_validate({"targets": [
+            {"name": n, "type": "syslog", "host": "127.0.0.1", "port": _unused_port()} for n in ("central", "other")]}),
+            site="s", site_root=tmp_path)  # fmt: skip
+        assert [t.spec.name for t in shipper.targets] == ["other"]
+        shipper.offer({"id": 1})
+    finally:
+        shipper.close()
+        holder.close()
+    assert any("central" in r.getMessage() and "not started" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in (tmp_path / "q").iterdir() if "damaged" in p.name] == []
+    queue = DiskQueue(tmp_path / "q" / "other.db", 100)
+    assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [1]
+    queue.close()
+
+
+def test_logs_status_says_which_queue_file_is_damaged_and_goes_on(tmp_path: Path):
+    """`bastion logs status` reads the files only: one that is not a queue is a line that says
+    so, not a traceback, and the others are listed as usual: an empty file (made, never
+    written) as an empty queue, which is what `bastion serve` makes of it, and a file
+    `bastion serve` moved aside as one more line."""
+    from bastion.logship.cli import status_command
+    from click.testing import CliRunner
+
+    where = tmp_path / "events.logship"
+    where.mkdir()
+    _damage_with_garbage(where / "central.db")
+    (where / "empty.db").write_bytes(b"")
+    queue = DiskQueue(where / "other.db", 10)
+    queue.put_many(['{"id": 1, "ts": 1}'])
+    queue.close()
+    (where / "loki.db.damaged-20261204T120000Z").write_bytes(b"what bastion serve moved aside")
+    result = CliRunner().invoke(status_command, ["--db", str(tmp_path / "events.db")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("central") and "cannot be read" in line and "file is not a database" in line
+               for line in lines), result.output  # fmt: skip
+    assert any(line.startswith("empty") and "queued        0" in line for line in lines), result.output
+    assert any(line.startswith("other") and "queued        1" in line for line in lines), result.output
+    assert any(line.startswith("loki") and "loki.db.damaged-20261204T120000Z" in line for line in lines), result.output
+    result = CliRunner().invoke(status_command, ["--db", str(tmp_path / "events.db"), "--json"])
+    rows = {r["target"]: r for r in map(json.loads, result.output.splitlines())}
+    assert "file is not a database" in rows["central"]["error"] and rows["other"]["queued"] == 1
+
+
+def test_a_reload_while_the_queue_files_cannot_be_written_queues_each_event_once_per_target(tmp_path: Path, caplog):
+    """Two targets whose queue files another process holds locked, three events waiting in their
+    inboxes, then a reload. Before, every old target's leftovers were offered to every new
+    target (each event queued twice in each) and the log said they were lost. Now each new
+    target takes over its own predecessor's inbox: once each, in order, and nothing is said
+    to be lost."""
+    import sqlite3
+    import time
+
+    from bastion.logship.shipper import Shipper
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsSection
+
+    def section(hostname: str) -> LogsSection:
+        return LogsSection.model_validate({"hostname": hostname, "targets": [
+            {"name": n, "type": "syslog", "host": "127.0.0.1", "port": _unused_port()} for n in ("a", "b")]})  # fmt: skip
+
+    def wait(cond) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    caplog.set_level(logging.INFO, logger="bastion.logship")
+    shipper = Shipper(tmp_path / "q", Metrics())
+    shipper.configure(section("h1"), site="s", site_root=tmp_path)
+    locks = []
+    try:
+        for name in ("a", "b"):
+            lock = sqlite3.connect(tmp_path / "q" / f"{name}.db", isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+            locks.append(lock)
+        for i in range(1, 4):
+            shipper.offer({"id": i})
+        wait(lambda: sum("cannot write the queue file" in r.getMessage() for r in caplog.records) >= 2)
+        shipper.configure(section("h2"), site="s", site_root=tmp_path)
+        for lock in locks:
+            lock.execute("ROLLBACK")
+        wait(lambda: all(not t.inbox and len(t.queue) >= 3 for t in shipper.targets))
+    finally:
+        for lock in locks:
+            lock.close()
+        shipper.close()
+    for name in ("a", "b"):
+        queue = DiskQueue(tmp_path / "q" / f"{name}.db", 100)
+        assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [1, 2, 3], name
+        queue.close()
+    assert not [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
