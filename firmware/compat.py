@@ -41,3 +41,31 @@ def unload(name):
     parent = sys.modules.get(pkg)
     if parent is not None and hasattr(parent, leaf):
         delattr(parent, leaf)
+
+
+
+def tty_raw(saved=None):
+    """With no argument: the tty on stdin (the unix port's, the sim board's) passes every byte
+    at once, Ctrl-C included, as a board's USB serial does: no SIGINT, no line editing. Returns
+    the tty's settings before, for tty_raw(them) to put back; None, and nothing done, where
+    there is no tty (a board, a pipe).
+
+    The firmware runs so (main.run), and firmware.console.serve raises KeyboardInterrupt for a
+    Ctrl-C byte between two steps: this port raises a SIGINT's KeyboardInterrupt from the
+    signal handler itself, wherever the C code is, and one that lands in a garbage collection
+    leaves the heap locked for good ("heap is locked", then "FATAL: uncaught NLR" at the
+    REPL: a flash that failed, once in a CI run; 2% of Ctrl-Cs sent just after a console
+    request)."""
+    try:
+        import termios
+
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSANOW, saved)
+            return saved
+        a = termios.tcgetattr(0)
+    except Exception:  # noqa: BLE001 - no termios (a board) or no tty (termios.error on CPython)
+        return None
+    b = a[:]
+    b[3] = a[3] & ~3  # c_lflag's ISIG and ICANON (Linux)
+    termios.tcsetattr(0, termios.TCSANOW, b)
+    return a

@@ -24,7 +24,6 @@ from firmware import frame
 from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms
 
 PROTO = 1
-_ISIG = const(1)  # termios c_lflag: the tty turns Ctrl-C into SIGINT (Linux: the sim board)
 
 
 class BadRequest(ValueError):
@@ -436,10 +435,11 @@ def interrupt_switch():
     """A callable(on) for Console(interrupts=...): Ctrl-C on the serial line interrupts the
     firmware (on) or reaches it as a plain byte (off); None where this port cannot switch.
 
-    On a board, micropython.kbd_intr (3 on, -1 off). On the unix port (the sim board) Ctrl-C
-    is the tty's SIGINT, and kbd_intr(-1) there would leave SIGINT to kill the process: the
-    switch is the tty's ISIG flag, so the byte reaches stdin as a board's USB serial passes
-    it with kbd_intr off. Feature-detected: only the unix port has termios."""
+    On a board, micropython.kbd_intr (3 on, -1 off). On the unix port (the sim board) the tty
+    passes Ctrl-C as a byte all along (compat.tty_raw, off while the firmware runs), and
+    serve() raises KeyboardInterrupt for it unless the line is held: the switch is the
+    console's own `held`, and changes nothing here. Feature-detected: only the unix port has
+    termios."""
     try:
         import termios
     except ImportError:
@@ -449,13 +449,7 @@ def interrupt_switch():
             termios.tcgetattr(0)
         except OSError:  # stdin is not a tty: no Ctrl-C comes from it
             return None
-
-        def _set(on):
-            a = termios.tcgetattr(0)
-            a[3] = a[3] | _ISIG if on else a[3] & ~_ISIG
-            termios.tcsetattr(0, termios.TCSANOW, a)
-
-        return _set
+        return lambda on: None
     try:
         from micropython import kbd_intr
     except ImportError:
@@ -478,7 +472,8 @@ async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64, pu
     time while it has data, because a board's stdin read(n) blocks until it has n bytes.
     pump(): the node consoles' pass (firmware.nodecons), after this pass's requests were
     answered and before the check-in, so console bytes wait behind replies, never in front.
-    Ctrl-C raises KeyboardInterrupt out of here and stops the firmware: not caught."""
+    Ctrl-C raises KeyboardInterrupt out of here and stops the firmware: not caught. Where it
+    comes as a byte (the sim board), it is raised here, unless the line is held."""
     import select
     import sys
 
@@ -493,6 +488,8 @@ async def serve(console, stream=None, checkin=None, interval_ms=20, chunk=64, pu
         while n < chunk and poller.poll(0):
             if not raw.readinto(one):  # end of file: Ctrl-D on a cooked tty, a closed pipe
                 break
+            if one[0] == 3 and not console.held:  # Ctrl-C, where the port passes it as a byte
+                raise KeyboardInterrupt  # (the sim board: compat.tty_raw)
             buf[n] = one[0]
             n += 1
         if n:

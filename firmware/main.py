@@ -21,7 +21,7 @@ import sys
 
 import asyncio
 
-from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms, unload
+from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms, tty_raw, unload
 from firmware.log import Log
 
 VERSION = "0.2.0"
@@ -285,6 +285,7 @@ async def serve(board, power, cfg, log, opts, heap, error=None, net=None, mainte
 
 
 def run(argv=None):
+    tty = tty_raw()  # Ctrl-C as a byte, read between two steps (compat.tty_raw)
     opts = _options(argv if argv is not None else getattr(sys, "argv", []))
     log = Log(capacity=int(opts.get("log-capacity", 32)))
     from firmware import boot
@@ -302,6 +303,7 @@ def run(argv=None):
         # it serve()'s frame and every service, and a stopped loop keeps its cancelled tasks:
         # both are let go. The firmware's code (from .mpy, most of the heap) is forgotten as a
         # soft reset would; the boot stub (main.py) keeps no name for it.
+        tty_raw(tty)  # as it was: the REPL's Ctrl-C interrupts what it runs
         core = sys.modules.get("asyncio.core")
         if core is not None and hasattr(core, "cur_task"):
             core.cur_task = None

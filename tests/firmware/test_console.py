@@ -424,6 +424,28 @@ asyncio.run(serve(con, checkin=checkin))
 """
 
 
+# What firmware/main.py's run() does first: the tty passes Ctrl-C as a byte (compat.tty_raw).
+AS_MAIN_RUNS = """
+from firmware.compat import tty_raw
+tty = tty_raw()
+"""
+
+# A task that collects garbage over and over, as the firmware's do now and then (the heap
+# sampler, a listener short of heap, the console): a Ctrl-C delivered as SIGINT lands inside
+# a collection most of the time.
+GC_CHURN = """
+import gc
+async def churn():
+    while True:
+        gc.collect()
+        await asyncio.sleep_ms(0)
+_serve = serve
+async def serve(con, **kw):
+    asyncio.create_task(churn())
+    await _serve(con, **kw)
+"""
+
+
 def _read_until(fd, want: bytes, timeout=20.0) -> bytes:
     got = b""
     end = time.monotonic() + timeout
@@ -493,10 +515,10 @@ def test_serve_on_a_pty_under_micropython_and_ctrl_c_leaves_a_repl(tmp_path):
 def test_a_held_line_takes_ctrl_c_as_a_byte_under_micropython_and_release_gives_it_back(
     tmp_path,
 ):
-    """The real switch (console.interrupt_switch: the tty's ISIG on the unix port) on a PTY
-    that is the firmware's controlling tty, as on the sim board."""
+    """The real switch (console.interrupt_switch) on a PTY that is the firmware's controlling
+    tty, as on the sim board, whose tty passes Ctrl-C as a byte while it runs (main.run)."""
     script = tmp_path / "device.py"
-    script.write_text(DEVICE_SCRIPT.replace(
+    script.write_text(AS_MAIN_RUNS + DEVICE_SCRIPT.replace(
         'info={"checkins": checkins})',
         'info={"checkins": checkins},\n              interrupts=interrupt_switch())',
     ).replace("import Console, serve, stdout_writer",
@@ -534,6 +556,50 @@ def test_a_held_line_takes_ctrl_c_as_a_byte_under_micropython_and_release_gives_
         os.write(master, b"\x03")  # now Ctrl-C stops the firmware: a REPL for mpremote
         out = _read_until(master, b">>> ")
         assert b"KeyboardInterrupt" in out
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        os.close(master)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_ctrl_c_never_lands_inside_a_garbage_collection(tmp_path, attempt):
+    """The unix port raises a SIGINT's KeyboardInterrupt from the signal handler itself, and one
+    that lands in a collection leaves the heap locked: "MemoryError: ... heap is locked", then
+    "FATAL: uncaught NLR", a crashed board and a failed flash (once in a CI run). The tty passes
+    Ctrl-C as a byte while the firmware runs (main.run), and serve() raises it between steps:
+    the REPL after it has its heap. With the tty's SIGINT, this churn failed 199 times in 200."""
+    script = tmp_path / "device.py"
+    script.write_text(AS_MAIN_RUNS + DEVICE_SCRIPT.replace(
+        "asyncio.run(serve(con, checkin=checkin))",
+        GC_CHURN + "try:\n    asyncio.run(serve(con, checkin=checkin))\n"
+        "finally:\n    tty_raw(tty)\n",
+    ))  # fmt: skip
+    master, slave = os.openpty()
+
+    def controlling_tty():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [micropython_bin(), "-X", "heapsize=128k", "-i", str(script)],
+        stdin=slave, stdout=slave, stderr=slave, env={"MICROPYPATH": f"{REPO}:.frozen"},
+        start_new_session=True,
+        preexec_fn=controlling_tty,  # noqa: PLW1509 - as the sim board: the PTY is its tty
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        d = frame.Deframer(frame.TO_HOST, 65536)
+        os.write(master, frame.encode({"id": 1, "op": "checkins"}, frame.TO_DEVICE))
+        end = time.monotonic() + 20
+        while not any(o.get("id") == 1 for o in d.feed(_read_until(master, b"\n"))):
+            assert time.monotonic() < end, "no reply"
+        time.sleep(0.05 * attempt)  # at another moment of the churn
+        os.write(master, b"\x03")
+        out = _read_until(master, b">>> ")
+        assert b"KeyboardInterrupt" in out and b"heap is locked" not in out, out[-400:]
+        os.write(master, b"print(6*7)\r")
+        out = _read_until(master, b"42")
+        assert b"FATAL" not in out and proc.poll() is None
     finally:
         proc.kill()
         proc.wait(timeout=10)
