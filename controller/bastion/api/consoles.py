@@ -22,6 +22,7 @@ from fastapi.responses import Response
 
 from bastion.api import jsonbody
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, admin_refusal
+from bastion.api.device import device_limiter
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.device.hub import PowerTargetError
 from bastion.device.link import DeviceError
@@ -106,12 +107,12 @@ async def console_stream(ws: WebSocket, name: str) -> None:
         if problem is not None:
             await ws.close(UNAVAILABLE, problem[:120])
             return
-        await _pump(ws, sub, hub, name)
+        await _pump(ws, sub, hub, name, device_limiter(runtime))
     finally:
         consoles.unsubscribe(name, sub)
 
 
-async def _pump(ws: WebSocket, sub, hub, name: str) -> None:
+async def _pump(ws: WebSocket, sub, hub, name: str, limiter: anyio.CapacityLimiter) -> None:
     async def out() -> None:
         while True:
             await ws.send_bytes(await sub.get())
@@ -127,7 +128,8 @@ async def _pump(ws: WebSocket, sub, hub, name: str) -> None:
             if not data:
                 continue
             try:
-                await anyio.to_thread.run_sync(hub.console_write, name, data)
+                # `cin` exchanges block a thread as long as power requests do: the same few
+                await anyio.to_thread.run_sync(hub.console_write, name, data, limiter=limiter)
             except (DeviceError, PowerTargetError, TimeoutError) as e:
                 return str(e)
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bastion.api.deps import AdminDep, RuntimeDep
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.device.hub import DeviceHub, PowerHeld, PowerTargetError
-from bastion.device.link import DeviceError, DeviceTimeout
+from bastion.device.link import DeviceError, DeviceTimeout, NotSent
 from firmware.power import MAX_OFF_MS  # the device's own bound: longer is an off, later an on
 
 router = APIRouter(tags=["device"], route_class=StrictJsonRoute)
@@ -50,6 +50,12 @@ def _calls(runtime) -> _DeviceCalls:
     if runtime.device_calls is None:
         runtime.device_calls = _DeviceCalls()
     return runtime.device_calls
+
+
+def device_limiter(runtime) -> anyio.CapacityLimiter:
+    """The device's thread limiter, for every route that waits on the device (typing into a
+    console too: bastion.api.consoles). Call it in the event loop."""
+    return _calls(runtime).limiter
 # Handlers list AdminDep before HubDep: FastAPI resolves dependencies in parameter order, and a
 # caller without the token must get 401, not learn whether a device is attached (503).
 
@@ -84,12 +90,17 @@ async def _power(runtime, hub: DeviceHub, target: str, body: PowerIn) -> dict[st
         raise HTTPException(404, str(e)) from None
     except DeviceError as e:
         refused = isinstance(e, PowerHeld) or e.code in ("refused", "badreq", "unknown")
-        if hold is not None and refused:  # nothing was switched: nothing to hold for
-            await anyio.to_thread.run_sync(operator.unhold, name, *hold, f"power {body.state} refused: {e}")
+        not_sent = isinstance(e, NotSent)  # the link was not up: the device never saw it
+        if hold is not None and (refused or not_sent):  # nothing was switched: nothing to hold for
+            why = "not sent" if not_sent else "refused"
+            await anyio.to_thread.run_sync(operator.unhold, name, *hold,
+                                           f"power {body.state} {why}: {e}")  # fmt: skip
         if refused:
             # The device refused (an interlock, an unknown channel), or the UPS policy did: their
             # words, as a conflict.
             raise HTTPException(409, str(e)) from None
+        if not_sent:
+            raise HTTPException(503, f"the device is not reachable: {e}") from None
         # No answer, an answer lost to a restart, a failure inside the device: it may have been
         # done, so a hold stays, and the answer says so.
         held = f"; {name} is held (bastion machine release {name} gives it back)" if hold else ""

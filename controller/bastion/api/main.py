@@ -161,10 +161,12 @@ def create_app(settings: Settings) -> FastAPI:
     runtime.consoles = ConsoleLogs(
         settings.console_dir or paths.var_dir() / "consoles" / Path(db_path).parent.name)
     if settings.device_port:
-        from bastion.device.hub import DeviceHub
+        from bastion.device.hub import DeviceHub, EventCursor
 
+        # the cursor kept beside the history: a restarted controller records what the device
+        # said while it was stopped (an upgrade, a restart), from the device's ring
         runtime.device = DeviceHub(settings.device_port, lambda: holder.site, runtime.record,
-                                   consoles=runtime.consoles)  # fmt: skip
+                                   consoles=runtime.consoles, cursors=EventCursor(db_path))  # fmt: skip
 
     # the operator: desired state in the site files drives power and boot (bastion.operator)
     runtime.addresses.seed([e.as_dict() for e in reversed(store.query(limit=5000))])

@@ -217,6 +217,7 @@ def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> 
     port = _need_one(url, port)
     if name is not None:
         from bastion.device import termcons
+        from bastion.device.session import DeviceError  # (link's, without importing pyserial)
 
         try:
             if show_log:
@@ -233,7 +234,7 @@ def console(name, url, port, token_file, as_json, show_log, tail, after_eof) -> 
             else:
                 token = ApiClient.connect(url, token_file).token
                 termcons.via_controller(url, token, name, after_eof)
-        except termcons.Closed as e:
+        except (termcons.Closed, DeviceError) as e:
             raise click.ClickException(f"console {name}: {e}") from None
         except ApiError as e:
             raise click.ClickException(str(e)) from None

@@ -9,7 +9,9 @@ channel powers). Each machine gets:
   (keep + 1) * max_bytes per machine. A rotation is renames only, so a reader or a crash never
   sees half a file; an append is one write of whole frames. docs/consoles.md.
 - a gap marker in the log and the stream where the device dropped bytes (its ring was full:
-  the frame's offset jumped), so what is missing is said, not silently spliced.
+  the frame's offset jumped), or where the serial line was down (the jump came across two
+  connections of the link), so what is missing is said, not silently spliced. Offsets that go
+  back are a device restart the frame could not name (no gap: the stream started again).
 - subscribers (the WebSocket, `bastion console`): each a bounded queue fed from the link's
   reader thread that never waits for them; a subscriber that falls behind by more than
   `max_queue` chunks loses the oldest and is told so in its stream.
@@ -33,6 +35,11 @@ _MASK = 0x3FFFFFFF  # the device's offsets wrap here (firmware/nodecons.py)
 
 def gap_note(n: int) -> bytes:
     return b"\r\n[bastion: %d bytes of console output dropped by the device]\r\n" % n
+
+
+def missed_note(n: int) -> bytes:
+    return (b"\r\n[bastion: %d bytes of console output not received: the serial line to the "
+            b"device was down]\r\n" % n)
 
 
 class Subscriber:
@@ -74,9 +81,11 @@ class ConsoleLogs:
         self.backlog = backlog  # bytes of the log a new subscriber gets first
         self._lock = threading.Lock()
         self._files: dict[str, object] = {}
-        self._expect: dict[tuple[str | None, int], int] = {}  # (boot, channel) -> next offset
+        # (boot, channel) -> (next offset, the link connection that carried the last frame)
+        self._expect: dict[tuple[str | None, int], tuple[int, int | None]] = {}
         self._subs: dict[str, set[Subscriber]] = {}
-        self.counts = {"bytes": 0, "gaps": 0, "dropped": 0, "rotations": 0, "write_errors": 0}
+        self.counts = {"bytes": 0, "gaps": 0, "dropped": 0, "missed": 0, "restarts": 0,
+                       "rotations": 0, "write_errors": 0}  # fmt: skip
 
     # --- names and files -------------------------------------------------------------------
     def path(self, machine: str) -> Path:
@@ -129,20 +138,31 @@ class ConsoleLogs:
         return data[-tail:] if tail else data
 
     # --- from the device --------------------------------------------------------------------
-    def feed(self, machine: str, ch: int, boot: str | None, at: int, data: bytes) -> None:
+    def feed(self, machine: str, ch: int, boot: str | None, at: int, data: bytes,
+             connection: int | None = None) -> None:  # fmt: skip
         """Bytes from the device for `machine` (its relay channel `ch`), at offset `at` of
-        that channel's stream on device boot `boot`."""
+        that channel's stream on device boot `boot`, carried by the link's connection number
+        `connection` (bastion.device.session.ConsoleData; None: not known)."""
         key = (boot, ch)
         out = data
         with self._lock:
-            want = self._expect.get(key)
+            want, was = self._expect.get(key, (None, None))
             if want is not None and at != want:
                 gap = (at - want) & _MASK
-                self.counts["gaps"] += 1
-                self.counts["dropped"] += gap
-                out = gap_note(gap) + data
+                if was is not None and connection is not None and was != connection:
+                    self.counts["gaps"] += 1
+                    self.counts["missed"] += gap
+                    out = missed_note(gap) + data
+                elif gap > _MASK // 2:
+                    # Back, not 512 MiB on (a UART would need 13 hours of output between two
+                    # frames): the device restarted and its new stream was named by the old boot
+                    self.counts["restarts"] += 1
+                else:
+                    self.counts["gaps"] += 1
+                    self.counts["dropped"] += gap
+                    out = gap_note(gap) + data
             self._expect.pop(key, None)  # re-inserted last: the oldest key is the stalest
-            self._expect[key] = (at + len(data)) & _MASK
+            self._expect[key] = ((at + len(data)) & _MASK, connection)
             while len(self._expect) > 64:  # channels x device boots seen: only recent ones matter
                 self._expect.pop(next(iter(self._expect)))
             self.counts["bytes"] += len(data)
@@ -183,16 +203,22 @@ def console_writer(request: Callable[..., dict], ch: int, chunk: int = 96,
                    wait_s: float = 0.05, timeout_s: float = 10.0) -> Callable[[bytes], int]:  # fmt: skip
     """write(data) for a node's console: `cin` requests of at most `chunk` bytes, the part the
     device did not take sent again after wait_s (its tx buffer is the flow control); raises
-    TimeoutError when the node takes nothing for timeout_s."""
+    TimeoutError when the node takes nothing for timeout_s, DeviceError when the device fails
+    the request or answers without a byte count it could have taken."""
     import base64
     import time
+
+    from bastion.device.session import DeviceError
 
     def write(data: bytes) -> int:
         view = memoryview(data)
         stalled_since = None
         while view:
             part = bytes(view[:chunk])
-            n = request("cin", cons=ch, d=base64.b64encode(part).decode())["n"]
+            n = request("cin", cons=ch, d=base64.b64encode(part).decode()).get("n")
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(part):
+                raise DeviceError(f"cin: the device's reply has no byte count of 0 to "
+                                  f"{len(part)} (n: {n!r})", "badreply")  # fmt: skip
             view = view[n:]
             if n:
                 stalled_since = None

@@ -8,12 +8,18 @@ watchdog). Power requests name a machine (its `relay:` in machines.yaml) or a ch
 
 The link reconnects by itself (cable pulled, device reset); while it is down, requests fail
 with a clear error instead of hanging, and events pushed meanwhile are caught up on resync.
+With an EventCursor (a row in the history's database) the same holds across a restart of the
+controller: the link resumes from the cursor kept there, so events the device pushed while
+`serve` was stopped are recorded once it is back, as far as the device's ring still has them.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bastion import match
@@ -21,10 +27,54 @@ from bastion.device.consoles import ConsoleLogs, console_writer
 from bastion.device.link import DeviceError, DeviceLink
 from bastion.device.session import ConsoleData
 from bastion.model import Site
+from bastion.state.events import StateTable
 
 # Device events that name a machine by MAC, and by relay channel.
 _BY_MAC = ("dhcp",)
 _BY_CHANNEL = ("power", "watchdog")
+
+
+_CURSOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS device_cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    boot TEXT NOT NULL,            -- the device's boot id
+    seq INTEGER NOT NULL,          -- the seq of that boot's next event to record
+    ts REAL NOT NULL
+);
+"""
+
+
+class EventCursor(StateTable):
+    """Where the controller is in the device's event stream (DeviceLink.cursor(): boot id, next
+    seq), kept beside the events it recorded so that a restarted controller resumes from it
+    (DeviceLink(cursor=...)). One row, written in one transaction. A row for a boot the device
+    is no longer on means that boot's missed events are gone with it, and the device's present
+    boot is caught up from its start. Kept every few seconds, not per event: a controller that
+    is killed may record again the events of its last seconds, which is better than losing them."""
+
+    def __init__(self, path: Path | str):
+        super().__init__(path, _CURSOR_SCHEMA)
+
+    def get(self) -> tuple[str, int] | None:
+        with self._lock:
+            row = self._db.execute("SELECT boot, seq FROM device_cursor WHERE id = 1").fetchone()
+        return (row[0], row[1]) if row else None
+
+    def put(self, cursor: tuple[str, int]) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO device_cursor (id, boot, seq, ts) VALUES (1, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, "
+                "ts = excluded.ts",
+                (cursor[0], cursor[1], time.time()),
+            )
+
+
+def _unanswered(e: DeviceError) -> bool:
+    """Whether a request may not have reached the device (no answer, the link down, a
+    restart): worth trying again, unlike the device's own no (refused, badreq, unknown) or a
+    bug of its (internal), which the same request would only meet again."""
+    return e.code not in ("refused", "badreq", "unknown", "internal")
 
 
 class PowerTargetError(ValueError):
@@ -60,11 +110,14 @@ class DeviceHub:
         record: Callable[..., int],
         link: DeviceLink | None = None,
         consoles: ConsoleLogs | None = None,
+        cursors: EventCursor | None = None,
     ):
         self.port = port
         self._site = site
         self._record = record
-        self.link = link or DeviceLink(port)
+        self._cursors = cursors  # where the event cursor outlives this process
+        self._kept_cursor = cursors.get() if cursors is not None else None
+        self.link = link or DeviceLink(port, cursor=self._kept_cursor)
         self.link.on_event(self._on_event)
         self.link.on_resync(self._on_resync)
         self.consoles = consoles  # the nodes' console logs (bastion.device.consoles)
@@ -72,7 +125,13 @@ class DeviceHub:
         self._lock = threading.Lock()
         self.resyncs = 0
         self._beats: set[int] = set()  # channels that sent a heartbeat since the last forward
-        self._watching: set[int] = set()  # channels the device was last told to watch
+        # The watches: what the device says it watches is the truth, not what this process
+        # asked (it forgets at a restart, and an answer may be lost). One reconciliation at a
+        # time, suspend_watch's included, so none re-watches what another just took off.
+        self._watch_lock = threading.Lock()
+        self._watching: set[int] = set()  # channels the device watched after the last one
+        self._asked: dict[int, tuple[int, int]] = {}  # channel -> (timeout_ms, boot_ms) we set
+        self._watch_again = False  # the last one had no answer somewhere: the beat pump retries
         self._unwatched: set[int] = set()  # channels kept out of the watchdog (bastion.ups)
         # While this says why (bastion.ups: a power cut), power-ons are refused.
         self.power_hold: Callable[[], str | None] | None = None
@@ -92,15 +151,34 @@ class DeviceHub:
         self.link.close()
         if self._pump is not None:
             self._pump.join(timeout=5)
+        self._keep_cursor()
+
+    def _keep_cursor(self) -> None:
+        if self._cursors is None:
+            return
+        cursor = self.link.cursor()
+        if cursor is None or cursor == self._kept_cursor:
+            return
+        try:
+            self._cursors.put(cursor)
+            self._kept_cursor = cursor
+        except sqlite3.Error:  # a full disk, a locked file: the next pass tries again
+            pass
 
     # --- the node watchdog: heartbeats go to the device in batches -----------------------
     BEAT_EVERY_S = 2.0  # also the controller's keepalive: the device judges nodes only
     #                     while the controller is in contact (firmware/watchdog.py)
 
-    def heartbeat(self, mac: str) -> str | None:
-        """A node's heartbeat: queued for the device. Returns the machine's name, or None
-        when the site does not watch it (no such MAC, no relay or no heartbeat: setting)."""
-        m = self._site().machine_by_mac(mac)
+    def heartbeat(self, mac: str | None, uuid: str | None = None) -> str | None:
+        """A node's heartbeat: queued for the device. The machine is found as its boot requests
+        found it: by its MAC, else, for a machine declared by its UUID alone (no mac:), by the
+        UUID the beat carries. Returns the machine's name, or None when the site does not watch
+        it (no such machine, no relay or no heartbeat: setting)."""
+        site = self._site()
+        m = site.machine_by_mac(mac)
+        if m is None and uuid:
+            uuid = uuid.lower()  # RFC 4122: UUIDs compare without case; machines.yaml's are lower
+            m = next((x for x in site.machines if x.mac is None and x.uuid == uuid), None)
         if m is None or m.relay is None or m.heartbeat is None:
             return None
         with self._lock:
@@ -113,8 +191,12 @@ class DeviceHub:
 
     def _forward_beats(self) -> None:
         while not self._stop.wait(self.BEAT_EVERY_S):
+            self._keep_cursor()  # the pump's pace: see EventCursor
             with self._lock:
                 beats, self._beats = sorted(self._beats), set()
+                again = self._watch_again
+            if again and self.link.ready:
+                self._watch_all(self.link)
             if not beats and not self._watched():
                 continue  # nothing watched: no keepalive chatter for the device to handle
             if not self.link.ready:
@@ -132,29 +214,70 @@ class DeviceHub:
             threading.Thread(target=self._watch_all, args=(self.link,), daemon=True).start()
 
     def _watch_all(self, link: DeviceLink) -> None:
-        wanted = {m.relay for m in self._site().machines
-                  if m.relay is not None and m.heartbeat is not None} - self._unwatched
+        """Bring the device's watches in line with the site, less the channels kept out
+        (suspend_watch), against the list the device itself reports (`status` `nodes`): what a
+        controller before a restart set up, or an unwatch whose answer was lost, is taken off
+        too. A request that got no answer leaves the work for the beat pump to do again."""
+        with self._watch_lock:
+            done = self._reconcile(link)
         with self._lock:
-            gone, self._watching = self._watching - wanted, wanted
-        for ch in sorted(gone):
+            self._watch_again = not done
+
+    def _reconcile(self, link: DeviceLink) -> bool:
+        """One pass of _watch_all, under its lock; False when something is left to do."""
+        try:
+            nodes = link.request("status", only="nodes", timeout=5).get("nodes")
+        except DeviceError as e:
+            return not _unanswered(e)
+        # {"2": {"timeout_ms": ...}}: firmware/watchdog.NodeWatch.status
+        on_device = {int(ch): n.get("timeout_ms") for ch, n in nodes.items()
+                     if isinstance(ch, str) and is_channel_number(ch) and isinstance(n, dict)
+                     } if isinstance(nodes, dict) else {}  # fmt: skip
+        done = True
+        for ch in sorted(set(on_device) - self._wanted()):
             try:
                 link.request("unwatch", channel=ch, timeout=5)
-            except DeviceError:
-                pass
-        for m in self._site().machines:
-            if m.relay is None or m.heartbeat is None or m.relay not in wanted:
-                continue
-            timeout_s, boot_s = m.heartbeat
-            try:
-                link.request("watch", channel=m.relay, timeout_ms=timeout_s * 1000,
-                             boot_ms=boot_s * 1000, timeout=5)
+                del on_device[ch]
+                self._asked.pop(ch, None)
             except DeviceError as e:
-                self._record("device", source="controller", machine=m.name,
-                             payload={"error": f"cannot watch {m.name}: {e}"})
+                done = done and not _unanswered(e)
+        for m in self._site().machines:
+            # looked up again for each: a suspend_watch that came meanwhile waits for this pass
+            # and then takes off what it names, but what is not yet watched stays so
+            if m.relay is None or m.heartbeat is None or m.relay not in self._wanted():
+                continue
+            timeout_ms, boot_ms = m.heartbeat[0] * 1000, m.heartbeat[1] * 1000
+            # Watching again restarts the node's judgement (it counts as booted only from its
+            # next beat): a node watched as we would watch it is left alone. The device does
+            # not report boot_ms, so only a watch this process set counts as the same.
+            same = (timeout_ms, boot_ms)
+            if on_device.get(m.relay) == timeout_ms and self._asked.get(m.relay) == same:
+                continue
+            try:
+                link.request("watch", channel=m.relay, timeout_ms=timeout_ms, boot_ms=boot_ms,
+                             timeout=5)  # fmt: skip
+                on_device[m.relay] = timeout_ms
+                self._asked[m.relay] = (timeout_ms, boot_ms)
+            except DeviceError as e:
+                done = done and not _unanswered(e)
+                if not (self._watch_again and _unanswered(e)):  # once, not at every retry
+                    self._record("device", source="controller", machine=m.name,
+                                 payload={"error": f"cannot watch {m.name}: {e}"})
+        with self._lock:
+            self._watching = set(on_device)
+        return done
+
+    def _wanted(self) -> set[int]:
+        with self._lock:
+            unwatched = set(self._unwatched)
+        return {m.relay for m in self._site().machines
+                if m.relay is not None and m.heartbeat is not None} - unwatched
 
     def suspend_watch(self, channels: set[int]) -> None:
         """Keep `channels` out of the device's node watchdog (nodes told to shut down stop
-        beating; the watchdog must not power-cycle them back on) until `resume_watch`."""
+        beating; the watchdog must not power-cycle them back on) until `resume_watch`. Holds
+        across resyncs, and when called before the link is up (a controller restarted in a
+        power cut), the first resync takes off what the device still watches."""
         with self._lock:
             self._unwatched |= set(channels)
         if self.link.ready:
@@ -194,8 +317,8 @@ class DeviceHub:
     def _on_resync(self, link: DeviceLink) -> None:
         with self._lock:
             self.resyncs += 1
-        # A (re)started device knows no watches: give it the site's again. Re-watching a
-        # node that is already watched only restarts its clock.
+        # A (re)started device knows no watches, and one that did not restart may keep some
+        # the site no longer has: bring them in line (off this, the reader's, thread).
         threading.Thread(target=self._watch_all, args=(link,), daemon=True).start()
         info = link.info or {}
         self._record(
@@ -209,7 +332,7 @@ class DeviceHub:
         if self.consoles is None:
             return
         name = self.machine_on(c.ch) or f"channel{c.ch}"
-        self.consoles.feed(name, c.ch, c.boot, c.at, c.data)
+        self.consoles.feed(name, c.ch, c.boot, c.at, c.data, connection=c.connection)
 
     def machine_on(self, ch: int) -> str | None:
         """The machine the site powers from relay channel ch (so whose console that is)."""

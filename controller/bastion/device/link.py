@@ -39,6 +39,7 @@ from bastion.device.session import (
     DeviceError,
     DeviceEvent,
     DeviceTimeout,
+    NotSent,
     Outcome,
     OutcomeUnknown,
     Output,
@@ -53,6 +54,7 @@ __all__ = [
     "DeviceError",
     "DeviceLink",
     "DeviceTimeout",
+    "NotSent",
     "OutcomeUnknown",
     "is_idempotent",
 ]
@@ -208,7 +210,9 @@ class DeviceLink:
         """Send one request and wait for its reply (a dict with ok true).
 
         Raises DeviceError with the device's text (and code) when it refuses, DeviceTimeout
-        when nothing answered within timeout, OutcomeUnknown as the session's docstring says."""
+        when nothing answered within timeout (NotSent, a DeviceTimeout, when the link was not
+        ready all that time, so the device never saw it), OutcomeUnknown as the session's
+        docstring says."""
         if threading.current_thread() is self._thread:
             raise RuntimeError(
                 "DeviceLink.request() from the link's reader thread (a listener?) would wait "

@@ -43,20 +43,28 @@ boot we are not on, or a `nosession` answer (the device forgot our hello).
 
 Guarantees (each is a test in tests/controller/device/test_session.py):
 - A request gets exactly one Outcome: its reply, a DeviceError with the device's text and code,
-  a DeviceTimeout at its deadline, an OutcomeUnknown, or DeviceError("link closed") on
-  close(). The caller's requests wait unsent until READY; an unanswered one is re-sent with the
-  SAME id every retry_s, and at once after each resync, so the device answers a state-changing
-  one from its reply cache instead of running it again. Replies to ids nobody waits for (late
-  duplicates, an abandoned resync step) are counted as `stray_replies`.
+  a DeviceTimeout at its deadline (NotSent, code `notsent`, when it never went out: the link
+  was not READY all that time, so nothing was done), an OutcomeUnknown, or
+  DeviceError("link closed") on close(). The caller's requests wait unsent until READY; an
+  unanswered one is re-sent with the SAME id every retry_s, and at once after each resync, so
+  the device answers a state-changing one from its reply cache instead of running it again.
+  Replies to ids nobody waits for (late duplicates, an abandoned resync step) are counted as
+  `stray_replies`.
 - When the hello shows a new boot id, a state-changing request sent to the old boot and not
   answered ends in OutcomeUnknown (code `restarted`): it may or may not have run, and it is not
   sent to the new boot. Idempotent requests (`is_idempotent`) are simply sent again.
 - Events are deduplicated by (boot, seq) and delivered in order: live events wait ("held", at
   most max_held, beyond that counted as `held_overflow`) from the connection until a
   catch-up is done (a disconnect in between keeps them waiting), and are then delivered behind
-  the caught-up ones. Seqs the device's ring
+  the caught-up ones. In READY, a live event whose seq jumps past the cursor (events lost on
+  the line) is held, with those after it, while an `events` request (the "fill", beside the
+  caller's requests) fetches the missing seqs from the device's ring. Seqs the device's ring
   no longer holds are counted as `events_lost`. `cursor()` is (boot, next seq), and
   `Session(cursor=...)` resumes from it.
+- Node console frames carry no boot id: each gets the boot the device is on as the last hello
+  or live event named it. From a connection, or a `nosession` answer, until the hello (the
+  device may have restarted meanwhile) they are held (at most max_console_held bytes) and
+  then carry the hello's boot; each also carries its connection number (`ConsoleData`).
 - Holding the line: the device treats Ctrl-C on its serial line as a plain byte while a
   controller holds it (taken by `hello`, kept by any request; docs/serial-protocol.md). In
   READY, a link that has sent nothing for `keepalive_s` sends `hold` (its own request, counted
@@ -111,6 +119,7 @@ COUNTERS = (
     "keepalives",
     "console_frames",
     "console_bytes",
+    "console_held_overflow",
 )
 
 DOWN = "DOWN"
@@ -132,6 +141,11 @@ class DeviceError(Exception):
 
 class DeviceTimeout(DeviceError):
     """No reply in time: the port is gone or the device does not answer."""
+
+
+class NotSent(DeviceTimeout):
+    """The request's deadline came before it could be sent (the port was not open, or the
+    resync never finished): the device never saw it, so nothing was done."""
 
 
 class OutcomeUnknown(DeviceError):
@@ -178,12 +192,15 @@ class Resynced:
 class ConsoleData:
     """Bytes from a node's serial console (firmware/nodecons.py): `ch` the relay channel of
     the node, `at` the offset of the first byte in that channel's stream since the device's
-    `boot` (mod 2**30: a gap is bytes the device dropped), `data` the bytes."""
+    `boot` (mod 2**30), `data` the bytes, `connection` which connection of the link carried
+    them (the `connects` count). Within one connection a gap in `at` is bytes the device
+    dropped; across two, bytes sent while the line was down."""
 
     ch: int
     at: int
     data: bytes
     boot: str | None
+    connection: int = 0
 
 
 Output = Outcome | DeviceEvent | Resynced | ConsoleData
@@ -204,7 +221,7 @@ def parse_event(obj: dict) -> dict:
     return obj
 
 
-def parse_console(obj: dict, boot: str | None) -> ConsoleData:
+def parse_console(obj: dict, boot: str | None, connection: int = 0) -> ConsoleData:
     """A node console frame {"cons": ch, "at": offset, "d": base64}, or raise Malformed."""
     ch, at, d = obj.get("cons"), obj.get("at"), obj.get("d")
     if not _is_int(ch) or not _is_int(at) or not isinstance(d, str):
@@ -213,7 +230,7 @@ def parse_console(obj: dict, boot: str | None) -> ConsoleData:
         data = base64.b64decode(d, validate=True)
     except (ValueError, binascii.Error):
         raise Malformed("console frame whose d is not base64") from None
-    return ConsoleData(ch, at, data, boot)
+    return ConsoleData(ch, at, data, boot, connection)
 
 
 def parse_reply(obj: dict) -> dict:
@@ -265,9 +282,12 @@ class Session:
                    fetched again by the next catch-up if the device's ring still has them
       max_catchup  `events` pages per resync (a device ring holds a few dozen events)
       max_boots    boots whose event cursor is kept (the oldest is forgotten)
+      max_console_held  console bytes held until a hello names their boot; beyond, the oldest
+                   frames are dropped (`console_held_overflow`, in bytes)
     """
 
     max_held = 10000
+    max_console_held = 65536
     max_catchup = 64
     max_boots = 8
     catchup_page = 16  # the device's limit for one `events` reply
@@ -305,6 +325,14 @@ class Session:
         self._held: list[dict] = []
         self._boot: str | None = None
         self._cursors: dict[str, int] = {}  # boot id -> next event seq to deliver
+        # READY, an `events` request for seqs that a live event showed were lost on the line
+        self._fill: _Request | None = None
+        self._fill_pages = 0
+        # Console frames carry no boot id: the boot the device is on now, as the last hello or
+        # a live event said; None from a (re)connection or a `nosession` until the hello.
+        self._cons_boot: str | None = None
+        self._cons_held: list[ConsoleData] = []  # frames that came while it was None
+        self._cons_held_bytes = 0
         # an idle READY link sends "hold" this often, well inside the device's
         # Console.contact_ms; None: never
         self.keepalive_s = keepalive_s
@@ -365,6 +393,8 @@ class Session:
                       if may_send and p.next_send is not None]
             if self._step is not None:
                 times += [self._step.deadline, self._step.next_send or self._step.deadline]
+            if self._fill is not None:
+                times += [self._fill.deadline, self._fill.next_send or self._fill.deadline]
             if self._hello_at is not None:
                 times.append(self._hello_at)
             due = self._hold_due()
@@ -384,6 +414,7 @@ class Session:
             self._down()
         self.counts["connects"] += 1
         self._deframer.reset()  # half a line from before is not the start of the next one
+        self._cons_boot = None  # it may have restarted while the port was gone: the hello says
         self._start_resync(now, out)
         return out
 
@@ -407,6 +438,7 @@ class Session:
         ]
         self._pending.clear()
         self._held.clear()
+        self._cons_held.clear()
         return out
 
     def request(self, op: str, args: dict, now: float, timeout: float | None = None) -> int:
@@ -484,6 +516,9 @@ class Session:
             for p in self._pending.values():
                 if p.next_send is None or now >= p.next_send:
                     self._send(p, now)
+            f = self._fill
+            if f is not None and f.next_send is not None and now >= f.next_send:
+                self._send(f, now)
             due = self._hold_due()
             if due is not None and now >= due:
                 self._hold = self._new("hold", {}, now, self.keepalive_s or self.timeout_s)
@@ -501,6 +536,15 @@ class Session:
         for p in [p for p in self._pending.values() if now >= p.deadline]:
             del self._pending[p.id]
             self.counts["timeouts"] += 1
+            if p.sends == 0:  # it waited for a port or a resync all along: the device never saw it
+                why = self.last_error or ("port not open" if not self.is_connected
+                                          else "the resync is not done")  # fmt: skip
+                out.append(Outcome(p.id, p.op, error=NotSent(
+                    f"{p.op}: not sent: the link to the device on {self.name} was not ready "
+                    f"within {p.timeout:g} s ({why}); nothing was done",
+                    "notsent",
+                )))
+                continue
             state = "no answer" if self.is_connected else "port not open"
             out.append(Outcome(p.id, p.op, error=DeviceTimeout(
                 f"{p.op}: no reply from the device on {self.name} within {p.timeout:g} s"
@@ -513,6 +557,10 @@ class Session:
             if self._silent == SILENT_KEEPALIVES:
                 self.last_error = (f"the device on {self.name} has answered none of the last "
                                    f"{SILENT_KEEPALIVES} keepalives (stopped or hung?)")  # fmt: skip
+        if self._fill is not None and now >= self._fill.deadline:
+            self.counts["timeouts"] += 1
+            self._fill = None
+            self._release_held(out)  # what it was to fetch is counted as lost
         s = self._step
         if s is not None and now >= s.deadline:
             self.counts["timeouts"] += 1
@@ -533,6 +581,8 @@ class Session:
                 self._step_replied(s, parse_reply(obj), now, out)
             elif self._hold is not None and _is_int(rid) and rid == self._hold.id:
                 self._hold_replied(parse_reply(obj), now, out)
+            elif self._fill is not None and _is_int(rid) and rid == self._fill.id:
+                self._fill_replied(parse_reply(obj), now, out)
             elif _is_int(rid) and rid in self._pending:
                 self._replied(self._pending[rid], parse_reply(obj), now, out)
             else:  # a late copy, an abandoned resync step, a `badreq` with id null
@@ -540,10 +590,13 @@ class Session:
         elif "ev" in obj:
             self._live_event(parse_event(obj), now, out)
         elif "cons" in obj:  # not an event: no seq, not caught up; a gap in `at` says a loss
-            c = parse_console(obj, self._boot)
+            c = parse_console(obj, self._cons_boot, self.counts["connects"])
             self.counts["console_frames"] += 1
             self.counts["console_bytes"] += len(c.data)
-            out.append(c)
+            if self._cons_boot is not None:
+                out.append(c)
+            else:
+                self._hold_console(c)
         else:
             self.counts["stray_replies"] += 1
 
@@ -552,7 +605,7 @@ class Session:
         if reply["ok"]:
             self.counts["keepalives"] += 1
         elif reply.get("code") == "nosession":
-            self._restart_signal(now, out)
+            self._forgot_us(now, out)
         elif reply.get("code") == "unknown":  # a firmware from before "hold": cannot be held
             self._holds = False
 
@@ -560,7 +613,7 @@ class Session:
         if reply.get("code") == "nosession":
             # The device restarted and forgot our hello: the request stays pending, and the
             # resync's hello decides whether it is sent again or ends in OutcomeUnknown.
-            self._restart_signal(now, out)
+            self._forgot_us(now, out)
             return
         del self._pending[p.id]
         if reply["ok"]:
@@ -574,9 +627,15 @@ class Session:
             restart = True
         else:
             restart = e.get("ev") == "boot" and boot != self._boot
+        if isinstance(boot, str) and self._cons_boot is not None:
+            self._cons_boot = boot  # the device pushes live events from the boot it is on
         if self.state == READY and not restart:
-            self._deliver(e, out)
-            return
+            if self._fill is None and not self._gap_before(e):
+                self._deliver(e, out)
+                return
+            if self._fill is None:  # seqs lost on the line: the device's ring may have them
+                self._fill_pages = 0
+                self._ask_fill(now)
         if len(self._held) < self.max_held:
             self._held.append(e)
         else:
@@ -584,13 +643,59 @@ class Session:
         if restart:
             self._restart_signal(now, out)
 
+    def _gap_before(self, e: dict) -> bool:
+        """Whether event e of this boot comes after seqs not yet delivered."""
+        boot, seq = e.get("boot"), e.get("seq")
+        return boot == self._boot and _is_int(seq) and seq > self._cursors.get(boot, seq)
+
+    def _ask_fill(self, now: float) -> None:
+        self._fill_pages += 1
+        since = self._cursors.get(self._boot, 0)
+        self._fill = self._new("events", {"since": since, "n": self.catchup_page}, now,
+                               self.timeout_s)  # fmt: skip
+        self._send(self._fill, now)
+
+    def _fill_replied(self, reply: dict, now: float, out: list[Output]) -> None:
+        self._fill = None
+        if not reply["ok"]:
+            if reply.get("code") == "nosession":
+                self._forgot_us(now, out)  # the held events wait for the resync's catch-up
+            else:
+                self._release_held(out)
+            return
+        moved = self._take_page(reply, out)
+        held = next((e for e in self._held if _is_int(e.get("seq"))), None)
+        if (moved and held is not None and self._gap_before(held)
+                and self._fill_pages < self.max_catchup):  # fmt: skip
+            self._ask_fill(now)
+        else:
+            self._release_held(out)
+
+    def _release_held(self, out: list[Output]) -> None:
+        held, self._held = self._held, []
+        for e in held:
+            self._deliver(e, out)
+
+    def _hold_console(self, c: ConsoleData) -> None:
+        self._cons_held.append(c)
+        self._cons_held_bytes += len(c.data)
+        while self._cons_held_bytes > self.max_console_held:
+            gone = self._cons_held.pop(0)
+            self._cons_held_bytes -= len(gone.data)
+            self.counts["console_held_overflow"] += len(gone.data)
+
     def _deliver(self, e: dict, out: list[Output]) -> None:
         boot = e.get("boot")
         seq = e.get("seq")
         if isinstance(boot, str) and _is_int(seq):
-            if seq < self._cursors.get(boot, 0):
+            want = self._cursors.get(boot)
+            if want is not None and seq < want:
                 self.counts["events_dup"] += 1
                 return
+            if want is not None and seq > want:
+                # neither the line nor the device's ring brought these (or a catch-up stopped
+                # short of them): they will not come
+                self.counts["events_lost"] += seq - want
             self._cursors[boot] = seq + 1
             while len(self._cursors) > self.max_boots:
                 self._cursors.pop(next(iter(self._cursors)))
@@ -605,8 +710,15 @@ class Session:
         self._step = None  # its late reply, on a later connection, is a stray
         self._hello_at = None
         self._hold = None
+        self._fill = None  # the held events wait for the next catch-up, from the cursor
         for p in self._pending.values():
             p.next_send = None  # sent again as soon as the link is ready again
+
+    def _forgot_us(self, now: float, out: list[Output]) -> None:
+        """A `nosession` answer: the device restarted, and which boot it is on now only the
+        next hello says."""
+        self._cons_boot = None
+        self._restart_signal(now, out)
 
     def _restart_signal(self, now: float, out: list[Output]) -> None:
         if self.state == READY:
@@ -618,6 +730,7 @@ class Session:
         self.state = HELLO
         self._resync_due = False
         self._step = None
+        self._fill = None  # the catch-up fetches from the cursor what it was to fetch
         self._hello_at = now
         for p in self._pending.values():
             p.next_send = None  # "sent again after the new hello"
@@ -632,6 +745,7 @@ class Session:
         if not reply["ok"]:
             if reply.get("code") == "nosession" and s.op != "hello":
                 # the device restarted again in the middle: start over with a hello at once
+                self._cons_boot = None
                 self._start_resync(now, out)
                 return
             self._step_failed(s, reply_error(s.op, reply), now, out)
@@ -681,6 +795,10 @@ class Session:
             seq = hello.get("seq")
             self._cursors[boot] = seq if first and _is_int(seq) else 0
         self._boot = boot
+        self._cons_boot = boot
+        held, self._cons_held, self._cons_held_bytes = self._cons_held, [], 0
+        for c in held:  # the frames that came before this answer: this boot's, as a rule
+            out.append(ConsoleData(c.ch, c.at, c.data, boot, c.connection))
         self.info = hello
         self.state = CATCHUP
         self._pages = 0
@@ -692,6 +810,14 @@ class Session:
         self._ask("events", {"since": since, "n": self.catchup_page}, now, self.timeout_s)
 
     def _page(self, r: dict, now: float, out: list[Output]) -> None:
+        moved = self._take_page(r, out)
+        if moved and self._pages < self.max_catchup:
+            self._ask_page(now)
+        else:
+            self._ask_status(now)
+
+    def _take_page(self, r: dict, out: list[Output]) -> bool:
+        """Deliver one `events` reply asked from the cursor; whether it moved the cursor on."""
         boot = self._boot
         since = self._cursors.get(boot, 0)
         first = r.get("first")
@@ -701,8 +827,7 @@ class Session:
         evs = r.get("events")
         if not isinstance(evs, list):
             self.counts["bad_messages"] += 1
-            self._ask_status(now)
-            return
+            return False
         before = self._cursors.get(boot, 0)
         for e in evs:
             if not isinstance(e, dict):
@@ -713,11 +838,7 @@ class Session:
                 self._deliver(parse_event(e), out)
             except Malformed:
                 self.counts["bad_messages"] += 1
-        moved = self._cursors.get(boot, 0) != before
-        if evs and moved and self._pages < self.max_catchup:
-            self._ask_page(now)
-        else:
-            self._ask_status(now)
+        return bool(evs) and self._cursors.get(boot, 0) != before
 
     def _ask_status(self, now: float) -> None:
         self.state = STATUS
@@ -731,8 +852,6 @@ class Session:
         self.state = READY
         self.last_error = None
         out.append(Resynced(self.info or {}, status))
-        held, self._held = self._held, []
-        for e in held:
-            self._deliver(e, out)
+        self._release_held(out)
         self._pump(now)
 

@@ -132,7 +132,7 @@ def via_link(port: str, name_or_channel: str, after_eof: float = 3.0) -> None:
     a relay channel number (the link does not know the site's machine names)."""
     from bastion.device.consoles import console_writer
     from bastion.device.hub import is_channel_number
-    from bastion.device.link import DeviceLink
+    from bastion.device.link import DeviceError, DeviceLink
 
     if not is_channel_number(name_or_channel):
         raise Closed("with --port, name the console by its relay channel number (the site's "
@@ -149,6 +149,13 @@ def via_link(port: str, name_or_channel: str, after_eof: float = 3.0) -> None:
             raise Closed(f"the device has no console on channel {ch} (its consoles: "
                          f"{wired or 'none'})")  # fmt: skip
         write = console_writer(link.request, ch)
-        run(write, threading.Event(), after_eof, banner=banner(name_or_channel))
+
+        def send(data: bytes) -> None:
+            try:
+                write(data)
+            except (DeviceError, TimeoutError) as e:  # the device went, or the node takes nothing
+                raise Closed(str(e)) from None
+
+        run(send, threading.Event(), after_eof, banner=banner(name_or_channel))
     finally:
         link.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from bastion_testkit import TOKEN, Server, auth
 
-from bastion.device.consoles import ConsoleLogs, gap_note
+from bastion.device.consoles import ConsoleLogs, gap_note, missed_note
 from simkit import SimProcess, wait_for
 
 BIN = Path(sys.executable).parent
@@ -59,6 +59,68 @@ def test_a_gap_in_the_device_offsets_is_written_as_what_was_dropped(tmp_path):
     assert logs.counts["dropped"] == 100 and logs.counts["gaps"] == 1
     with pytest.raises(ValueError):
         logs.path("../etc/passwd")
+
+
+def test_a_gap_across_a_reconnect_is_said_as_bytes_the_line_missed_not_as_dropped(tmp_path):
+    logs = ConsoleLogs(tmp_path)
+    logs.feed("node2", 1, "b1", 0, b"abc", connection=1)
+    logs.feed("node2", 1, "b1", 503, b"def", connection=2)  # 500 bytes sent into a pulled cable
+    assert logs.read("node2") == b"abc" + missed_note(500) + b"def"
+    assert b"dropped by the device" not in logs.read("node2")
+    assert logs.counts["missed"] == 500 and logs.counts["dropped"] == 0
+
+
+def test_offsets_that_go_back_are_a_device_restart_not_a_gap(tmp_path):
+    # a frame the link could not tell was of a new boot (no event or hello between): its
+    # offsets start again near 0, which is no gap of (0 - 5003) mod 2**30 bytes
+    logs = ConsoleLogs(tmp_path)
+    logs.feed("node2", 1, "b1", 5000, b"abc", connection=1)
+    logs.feed("node2", 1, "b1", 0, b"new boot", connection=1)
+    logs.feed("node2", 1, "b1", 8, b"!", connection=1)
+    assert logs.read("node2") == b"abc" + b"new boot" + b"!"
+    assert logs.counts["gaps"] == 0 and logs.counts["dropped"] == 0
+
+
+def test_a_device_restart_writes_no_false_gap_into_the_log(tmp_path):
+    from bastion.device.link import DeviceLink
+
+    node_says = threading.Event()
+    with SimProcess(tmp_path / "flash", tmp_path / "ttyACM0", {"power": POWER},
+                    args=("--heap", "160k")) as board:  # fmt: skip
+        logs = ConsoleLogs(tmp_path / "consoles")
+
+        def node():  # node2 prints all along, across the device's restart
+            path = board.link.parent / "flash" / "consoles" / "1.sock"
+            i = 0
+            while not node_says.is_set():
+                try:
+                    with socket.socket(socket.AF_UNIX) as sock:
+                        sock.connect(str(path))
+                        while not node_says.is_set():
+                            sock.sendall(b"line %06d of the node's console\r\n" % i)
+                            i += 1
+                            node_says.wait(0.01)
+                except OSError:
+                    node_says.wait(0.05)
+
+        threading.Thread(target=node, daemon=True).start()
+        try:
+            with DeviceLink(str(board.link), timeout_s=10) as link:
+                link.on_console(lambda c: logs.feed("node2", c.ch, c.boot, c.at, c.data,
+                                                    connection=c.connection))  # fmt: skip
+                assert link.wait_ready(15), link.last_error
+                wait_for(lambda: logs.counts["bytes"] > 1000, what="console bytes")
+                before = link.boot
+                link.request("reboot")
+                wait_for(lambda: link.ready and link.boot != before, 30, "the new boot")
+                seen = logs.counts["bytes"]
+                wait_for(lambda: logs.counts["bytes"] > seen + 1000, what="the new boot's bytes")
+        finally:
+            node_says.set()
+        logs.close()
+    log = logs.read("node2")
+    assert b"line 000000" in log and b"dropped by the device" not in log, log[-2000:]
+    assert logs.counts["dropped"] == 0
 
 
 def test_a_subscriber_gets_the_backlog_then_every_byte_once(tmp_path):
@@ -134,6 +196,36 @@ def test_the_stream_without_a_device_shows_the_log_and_says_why_it_ends(api):
         with pytest.raises(WebSocketDisconnect) as e:
             ws.receive_bytes()
     assert e.value.code == 1011 and "no device" in e.value.reason
+
+
+def test_typing_takes_one_of_the_device_threads_as_the_device_api_does(api):
+    # Each `cin` exchange blocks a worker thread for up to its timeout, as a power request
+    # does: typing into a silent device must wait for one of the DEVICE_THREADS, not take the
+    # threads a node's /ignition needs (test_device_api.py, a silent device).
+    runtime = api.app.state.runtime
+    seen: list[tuple[bytes, int | None]] = []
+
+    class StandInHub:
+        """STAND-IN for DeviceHub: a console wired to every machine, that takes every byte."""
+
+        def console_channel(self, name: str) -> int:
+            return 0
+
+        def console_write(self, name: str, data: bytes) -> int:
+            calls = runtime.device_calls
+            seen.append((data, calls.limiter.borrowed_tokens if calls is not None else None))
+            return len(data)
+
+    runtime.device = StandInHub()
+    try:
+        with api.websocket_connect("/api/v1/machines/node1/console/stream") as ws:
+            ws.send_text(json.dumps({"token": TOKEN}))
+            assert ws.receive_bytes() == b"kept before\r\n"
+            ws.send_bytes(b"uname -a\n")
+            wait_for(lambda: seen, what="the bytes typed")
+    finally:
+        runtime.device = None
+    assert seen == [(b"uname -a\n", 1)]
 
 
 # --- end to end: the sim board, `bastion serve`, the WebSocket and the CLI -----------------------
@@ -301,6 +393,38 @@ def test_console_straight_over_the_serial_line(board):
     assert node.typed == b"root\n"
     r = bastion("console", "7", "--port", str(board.link), stdin=b"")
     assert r.returncode == 1 and b"no console on channel 7" in r.stderr
+
+
+def test_console_over_the_serial_line_says_in_one_line_that_the_device_went(board):
+    node = Node(board)
+    p = subprocess.Popen([str(BIN / "bastion"), "console", "1", "--port", str(board.link),
+                          "--after-eof", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        p.stdin.write(b"id\n")
+        p.stdin.flush()
+        wait_for(lambda: node.typed == b"id\n", what="the console up")
+        board.stop()  # the device goes (a pulled cable, a dead board) ...
+        p.stdin.write(b"uname -a\n")  # ... before what is typed reaches it
+        p.stdin.close()
+        assert p.wait(60) == 1
+        err = p.stderr.read().decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("Error: console 1: ") and "not sent" in err, err
+
+
+def test_a_cin_reply_without_a_byte_count_is_a_device_error():
+    from bastion.device.consoles import console_writer
+    from bastion.device.link import DeviceError
+
+    for reply in ({"ok": True, "cons": 1}, {"ok": True, "n": "3"}, {"ok": True, "n": 9}):
+        write = console_writer(lambda op, r=reply, **kw: dict(r), 1)
+        with pytest.raises(DeviceError, match="cin: the device's reply"):
+            write(b"abc")
 
 
 def test_on_a_terminal_keys_go_raw_to_the_node_and_ctrl_close_bracket_leaves(board):

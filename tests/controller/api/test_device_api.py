@@ -132,6 +132,26 @@ def test_no_device_is_a_clear_503(site_dir, tmp_path):
         assert r.status_code == 503 and "--device" in r.json()["detail"]
 
 
+def test_a_command_never_sent_to_the_device_says_so_and_holds_nothing(site_dir, tmp_path):
+    """A link that is not up (here its port does not exist; or a device that refuses our
+    protocol): the command waited for it and never went out. That is not "the device did not
+    answer, it may have been done" (504, the machine held): nothing was done."""
+    from fastapi.testclient import TestClient
+
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+
+    app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "e.db", api_token=TOKEN,
+                              poll_seconds=0, device_port=str(tmp_path / "no-such-tty")))
+    with TestClient(app) as c:
+        r = c.post("/api/v1/machines/node1/power", json={"state": "on"}, headers=auth())
+        assert r.status_code == 503, r.text
+        assert "not sent" in r.json()["detail"] and "nothing was done" in r.json()["detail"]
+        hold = next(m for m in c.get("/api/v1/operator").json()["machines"]
+                    if m["name"] == "node1")["hold"]  # fmt: skip
+        assert hold is None
+
+
 def bastion(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True,
                           timeout=60, env=env)

@@ -15,9 +15,11 @@ from bastion.device.session import (
     HELLO,
     READY,
     STATUS,
+    ConsoleData,
     DeviceError,
     DeviceEvent,
     DeviceTimeout,
+    NotSent,
     Outcome,
     OutcomeUnknown,
     Resynced,
@@ -324,7 +326,7 @@ json_values = st.recursive(
     max_leaves=8,
 )
 keys = st.sampled_from(["id", "ok", "ev", "boot", "seq", "code", "error", "events", "first",
-                        "status", "x"])
+                        "status", "cons", "at", "d", "x"])
 messages = st.dictionaries(keys, json_values | st.sampled_from(["b1", "b2", "nosession"]),
                            max_size=6)
 
@@ -342,11 +344,13 @@ def _any_state_session(n: int) -> Session:
     s.request("status", {}, 1.0)
     if n == 3:
         s.receive(dev(ev("b2", 0, "boot")), 1.0)  # back in HELLO with requests pending
+    if n == 4:
+        s.receive(dev(ev("b1", 3)), 1.0)  # READY, fetching seqs 0..2 lost on the line
     return s
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 3), st.lists(st.binary(max_size=80), max_size=6))
+@given(st.integers(0, 4), st.lists(st.binary(max_size=80), max_size=6))
 def test_any_bytes_never_raise(state, chunks):
     s = _any_state_session(state)
     for c in chunks:
@@ -356,7 +360,7 @@ def test_any_bytes_never_raise(state, chunks):
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 3), st.lists(messages, max_size=6))
+@given(st.integers(0, 4), st.lists(messages, max_size=6))
 def test_any_well_framed_object_never_raises(state, objs):
     s = _any_state_session(state)
     frames = s.counters()["frame_frames"]
@@ -654,6 +658,106 @@ def test_a_catch_up_page_that_fails_goes_on_to_status():
     sent(s2)
     s2.tick(5.1)  # the page never came
     assert [r["op"] for r in sent(s2)] == ["status"]
+
+
+def test_an_event_lost_on_the_line_while_ready_is_fetched_from_the_devices_ring(feed):
+    s = new()
+    up(s, boot="b1", seq=5)
+    got = feed(s, dev(ev("b1", 5)), 1.0)
+    got += feed(s, dev(ev("b1", 7)), 1.1)  # 6 was lost on the line (a flipped bit, say)
+    (fill,) = sent(s)
+    assert fill == {"id": fill["id"], "op": "events", "since": 6, "n": 16}
+    got += feed(s, dev(ev("b1", 8)), 1.15)  # live while the fill is out: waits behind it
+    rid = s.request("heap", {}, 1.16)  # the caller's requests do not wait for it
+    assert [m["op"] for m in sent(s)] == ["heap"]
+    got += feed(s, reply(fill, boot="b1", events=[ev("b1", i) for i in (6, 7, 8)], first=0,
+                         next=9), 1.2)  # fmt: skip
+    assert [e["seq"] for e in events(got)] == [5, 6, 7, 8]
+    c = s.counters()
+    assert c["events"] == 4 and c["events_lost"] == 0 and s.cursor() == ("b1", 9)
+    assert s.pending() == [rid] and s.ready
+
+
+def test_an_event_lost_on_the_line_that_the_ring_no_longer_holds_is_counted_as_lost():
+    s = new()
+    up(s, boot="b1", seq=5)
+    got = s.receive(dev(ev("b1", 9)), 1.0)  # 5..8 lost on the line
+    (fill,) = sent(s)
+    got += s.receive(reply(fill, boot="b1", events=[ev("b1", 7), ev("b1", 8), ev("b1", 9)],
+                           first=7, next=10), 1.1)  # fmt: skip
+    assert [e["seq"] for e in events(got)] == [7, 8, 9]
+    assert s.counters()["events_lost"] == 2
+    # a fill that gets no answer lets the held event through, and counts the gap as lost
+    got = s.receive(dev(ev("b1", 12)), 2.0)
+    (fill,) = sent(s)
+    assert fill["since"] == 10 and events(got) == []
+    got = s.tick(2.0 + s.timeout_s)
+    assert [e["seq"] for e in events(got)] == [12] and s.counters()["events_lost"] == 4
+
+
+def test_a_gap_left_when_the_cable_goes_mid_fill_is_caught_up_on_the_resync():
+    s = new()
+    up(s, boot="b1", seq=5)
+    s.receive(dev(ev("b1", 7)), 1.0)
+    sent(s)  # the fill, lost with the cable
+    s.disconnected(1.1)
+    s.connected(2.0)
+    (h,) = sent(s)
+    s.receive(reply(h, **hello_fields("b1", 8)), 2.1)
+    (p,) = sent(s)
+    assert p["since"] == 5  # the cursor never passed the gap
+
+
+def test_console_frames_of_a_restarted_device_carry_its_new_boot(feed):
+    s = new()
+    up(s, boot="b1")
+    cons = [o for o in feed(s, dev({"cons": 1, "at": 5000, "d": "b2xk"}), 1.0)
+            if isinstance(o, ConsoleData)]  # fmt: skip
+    assert [(c.boot, c.at, c.data) for c in cons] == [("b1", 5000, b"old")]
+    # the device restarts in place (no disconnect): its boot event, then its console from 0
+    out = feed(s, dev(ev("b2", 0, "boot")), 2.0)
+    out += feed(s, dev({"cons": 1, "at": 0, "d": "bmV3"}), 2.1)
+    assert [(c.boot, c.at, c.data) for c in out if isinstance(c, ConsoleData)] == [
+        ("b2", 0, b"new")]
+
+
+def test_console_frames_before_the_hello_wait_for_it_to_name_their_boot(feed):
+    s = new()
+    up(s, boot="b1")
+    (first,) = [o for o in s.receive(dev({"cons": 1, "at": 0, "d": "b2xk"}), 1.0)
+                if isinstance(o, ConsoleData)]  # fmt: skip
+    s.disconnected(1.5)  # the cable out; the device may restart meanwhile
+    s.connected(2.0)
+    (h,) = sent(s)
+    assert feed(s, dev({"cons": 1, "at": 0, "d": "bmV3"}), 2.1) == []  # whose boot? held
+    out = feed(s, reply(h, **hello_fields("b2", 0)), 2.2)
+    (c,) = [o for o in out if isinstance(o, ConsoleData)]
+    assert (c.boot, c.at, c.data) == ("b2", 0, b"new")
+    assert c.connection == 2 and first.connection == 1  # offsets run on only within one
+
+
+def test_a_request_never_sent_ends_as_not_sent_not_as_unanswered():
+    s = new()
+    s.connected(0.0)
+    (h,) = sent(s)
+    s.receive(refuse(h, "protocol 1 is not spoken here (2)", "refused"), 0.1)
+    s.request("power", {"channel": 2, "state": "on"}, 0.2)  # waits for a resync that fails
+    (o,) = outcomes(s.tick(5.2))
+    assert isinstance(o.error, NotSent) and o.error.code == "notsent"
+    assert str(o.error) == (f"power: not sent: the link to the device on {PORT} was not ready "
+                            "within 5 s (hello: protocol 1 is not spoken here (2)); nothing was "
+                            "done")  # fmt: skip
+    s = new()  # the port never opened
+    s.request("power", {"channel": 2, "state": "on"}, 0.0)
+    (o,) = outcomes(s.tick(5.0))
+    assert isinstance(o.error, NotSent) and "(port not open)" in str(o.error)
+    s = new()  # sent, and then nothing: that one may have been done
+    up(s)
+    s.request("power", {"channel": 2, "state": "cycle"}, 1.0)
+    sent(s)
+    s.disconnected(1.5)
+    (o,) = outcomes(s.tick(6.0))
+    assert isinstance(o.error, DeviceTimeout) and not isinstance(o.error, NotSent)
 
 
 # --- against the firmware's own Console (the device's end), in-process ------------------------
