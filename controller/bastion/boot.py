@@ -68,6 +68,18 @@ class Provisioning:
     secrets_for: Callable[[Site, Machine], Mapping[str, Any]]
 
 
+def reporting_machine(site: Site, mac: str | None, uuid: str | None) -> Machine | None:
+    """The declared machine a node's own report names (/callback, /heartbeat), as its boot
+    requests found it: by its MAC (normalised), else by the UUID (lower case) of a machine
+    declared by its UUID alone, which is recognised by it whatever MAC it booted with
+    (docs/site-files.md, machines.yaml). None when the site declares neither."""
+    machine = site.machine_by_mac(mac)
+    if machine is None and uuid:
+        # a scan: reports come every few seconds a node, and sites have tens of machines
+        machine = next((m for m in site.machines if m.mac is None and m.uuid == uuid), None)
+    return machine
+
+
 def describe(labels: dict[str, str]) -> str:
     shown = {k: v for k, v in labels.items() if v}
     return ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or "no labels"
@@ -155,7 +167,9 @@ def _boot_answer(site: Site, req: BootRequest, loader: str, prov: Provisioning |
     machine = group.machine
     if prov is not None and machine is not None and profile.install == "once":
         mark = prov.installs.get(machine.name)
-        if mark is not None:
+        # a mark made for other hardware or another profile: what is on this disk is not
+        # what the machine is declared to boot (a replaced board's is blank)
+        if mark is not None and mark.holds_for(mac=machine.mac, uuid=machine.uuid, profile=profile.id):
             body = install.local_ipxe(machine.name) if loader == "ipxe" else install.local_grub(machine.name)
             return Answer(200, body, group=group, profile=profile,
                           detail={"boot": "local-disk", "installed_at": mark.installed_at})  # fmt: skip

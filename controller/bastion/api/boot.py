@@ -33,8 +33,8 @@ def boot_events(runtime: Runtime, endpoint: str, req: BootRequest | None,
     labels = req.labels if req else {}
     mac = labels.get("mac")
     machine = answer.machine
-    if machine is None and mac:
-        known = runtime.holder.site.machine_by_mac(mac)
+    if machine is None and (mac or labels.get("uuid")):  # answered by a group of no machine's
+        known = boot.reporting_machine(runtime.holder.site, mac, labels.get("uuid"))
         machine = known.name if known else None
     raw_query = req.raw_query if req else ""
     if req is not None and "token" in req.labels:
@@ -62,9 +62,15 @@ def boot_events(runtime: Runtime, endpoint: str, req: BootRequest | None,
     return events
 
 
+# Every boot answer is one machine's answer of the moment: a one-time URL's token or the secrets
+# behind it, a network boot that install-once turns into a local one, the site as last loaded.
+# A caching proxy between the nodes and the controller must keep none of them (RFC 9111 5.2.2.5).
+_NOT_CACHED = {"cache-control": "no-store"}
+
+
 def _answered(runtime: Runtime, endpoint: str, answer: boot.Answer, started: float) -> Response:
     runtime.metrics.boot_answered(endpoint, answer.status, time.perf_counter() - started)
-    return Response(answer.body, answer.status, media_type=answer.media_type)
+    return Response(answer.body, answer.status, headers=_NOT_CACHED, media_type=answer.media_type)
 
 
 def respond(runtime: Runtime, endpoint: str, req: BootRequest | None, answer: boot.Answer, started: float) -> Response:
@@ -180,6 +186,13 @@ async def metadata(runtime: RuntimeDep, site: SiteDep, req: BootRequestDep) -> R
     return await respond_batched(runtime, "/metadata", req, boot.metadata(site, req), started)
 
 
+def _uuid(fields: dict) -> str | None:
+    """A report's `uuid` as labels have it (lower case; empty: none, as iPXE's ${uuid} is when
+    the firmware has no UUID): it names a machine declared by its UUID alone."""
+    uuid = fields.get("uuid")
+    return str(uuid).lower() if uuid else None
+
+
 def not_from_a_web_page(request: Request) -> None:
     """/callback and /heartbeat take forms and text without a token, as a node's curl sends
     them: a browser's request (it says where it comes from, Origin or Sec-Fetch-Site) is a web
@@ -222,7 +235,8 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
             mac = match.parse_mac(str(raw_mac))
         except match.Malformed:
             raise HTTPException(400, f"{raw_mac!r} is not a MAC address") from None
-    machine = site.machine_by_mac(mac)
+    uuid = _uuid(fields)
+    machine = boot.reporting_machine(site, mac, uuid)
     client = request.client.host if request.client else None
     event_id = runtime.record(
         "callback",
@@ -233,13 +247,14 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
         payload={**fields, "client": client},
     )
     runtime.metrics.callbacks.inc()
-    if mac is not None and runtime.device is not None:
-        runtime.device.heartbeat(mac)  # a node that reports is alive
+    if (mac is not None or uuid) and runtime.device is not None:
+        runtime.device.heartbeat(mac, uuid=uuid)  # a node that reports is alive
     answer: dict[str, object] = {"ok": True, "event": event_id, "machine": machine.name if machine else None}
     profile = site.profiles.get(machine.profile) if machine else None
     if (machine is not None and profile is not None and profile.install == "once"
             and runtime.provisioning is not None and install.reports_success(fields)):  # fmt: skip
-        mark = runtime.provisioning.installs.mark(machine.name, mac=mac, profile=profile.id, callback=event_id)
+        mark = runtime.provisioning.installs.mark(machine.name, mac=machine.mac, uuid=machine.uuid,
+                                                  profile=profile.id, callback=event_id)  # fmt: skip
         if mark is not None:
             runtime.record("install", mac=mac, machine=machine.name, profile=profile.id, endpoint="/callback",
                            payload={"state": "installed", "callback": event_id, "client": client})  # fmt: skip
@@ -278,7 +293,8 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
     except heartbeats.BadBeat as e:
         raise HTTPException(400, str(e)) from None
     runtime.metrics.heartbeats.inc()
-    known = site.machine_by_mac(mac)
+    uuid = _uuid(fields)
+    known = boot.reporting_machine(site, mac, uuid)
     recorded = False
     if known is not None:
         _, news = runtime.heartbeats.beat(known.name, checked)
@@ -289,9 +305,9 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
                            **{k: v for k, v in checked.items() if v is not None}})  # fmt: skip
             recorded = True
     if runtime.operator is not None:
-        runtime.operator.heartbeat(mac)  # Ready, in the operator's status
+        runtime.operator.heartbeat(mac, uuid)  # Ready, in the operator's status
     hub = runtime.device
-    machine = hub.heartbeat(mac) if hub is not None else None
+    machine = hub.heartbeat(mac, uuid=uuid) if hub is not None else None
     answer: dict[str, object] = {"ok": True, "machine": machine, "forwarded": machine is not None,
                                  "recorded": recorded}  # fmt: skip
     if known is not None and runtime.ups is not None:

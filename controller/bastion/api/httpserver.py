@@ -69,6 +69,7 @@ from uvicorn.protocols.utils import (
 )
 
 from bastion.api.grubcompat import GrubHttpToolsProtocol
+from bastion.state.addresses import plain_address
 
 #: Descriptors kept for everything but HTTP connections: stdio, the listening socket, SQLite
 #: (database, WAL, shared memory, per thread), site files being read, the device's serial line.
@@ -152,6 +153,15 @@ def bind_listener(address: tuple[str, int], option: str, interface: str | None =
     return sock
 
 
+def peer(transport: Any) -> tuple[str, int] | None:
+    """The connection's client as every request's scope names it: uvicorn's get_remote_addr,
+    with an IPv4 client of an IPv6 listener as its IPv4 address (plain_address), so that it
+    equals a machines.yaml `address:` and a trusted proxy's, and the history names one host one
+    way whichever listener it came to."""
+    client = get_remote_addr(transport)
+    return (plain_address(client[0]), client[1]) if client is not None else None
+
+
 class BoundedHttpProtocol(GrubHttpToolsProtocol):
     """One HTTP connection, bounded (see the module docstring). `bounds` and `on_close` are set
     on a subclass by bounded_protocol()."""
@@ -171,6 +181,7 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.client = peer(transport)  # each request's scope takes its client from here
         self._wait_for_head()
         if len(self.connections) > self.bounds.max_connections:
             self._make_room()
@@ -413,7 +424,7 @@ class BootFront(asyncio.Protocol):
         self.connections.add(self)
         self.transport = transport
         self.server = get_local_addr(transport)
-        self.client = get_remote_addr(transport)
+        self.client = peer(transport)
         if is_ssl(transport) or self.config.limit_concurrency is not None:
             self._hand_over()  # uvicorn's scheme and its 503s
             return

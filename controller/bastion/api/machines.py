@@ -94,7 +94,9 @@ def machine_out(m: Machine, site: Site | None = None, mark: Installed | None = N
         source=m.source,
         install=install,
         installed_at=mark.installed_at if mark else None,
-        boots_from="local-disk" if mark and install == "once" else "network",
+        # a mark made for another board or profile is not this machine's install (boot.py)
+        boots_from="local-disk" if mark and install == "once"
+        and mark.holds_for(mac=m.mac, uuid=m.uuid, profile=m.profile) else "network",
     )  # fmt: skip
 
 

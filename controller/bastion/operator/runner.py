@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from bastion.boot import reporting_machine
 from bastion.device.hub import DeviceHub
 from bastion.device.link import DeviceError
 from bastion.model import Machine, Site
@@ -243,9 +244,10 @@ class Operator:
         self.wake()
         return mem
 
-    def heartbeat(self, mac: str | None) -> str | None:
-        """A node said it is alive; the machine's name, or None when the site has no such MAC."""
-        m = self.holder.site.machine_by_mac(mac)
+    def heartbeat(self, mac: str | None, uuid: str | None = None) -> str | None:
+        """A node said it is alive; the machine's name, or None when the site declares no such
+        machine (found as its reports are: bastion.boot.reporting_machine)."""
+        m = reporting_machine(self.holder.site, mac, uuid)
         if m is None:
             return None
         self._beats[m.name] = self.clock()
@@ -329,6 +331,13 @@ class Operator:
         return {c["ch"]: ("queued" if c.get("queued") else "cycling" if c.get("cycling")
                           else str(c.get("output"))) for c in channels}  # fmt: skip
 
+    def _installed(self, site: Site) -> set[str]:
+        """The machines installed, by marks that hold for them as declared now: one made for
+        another board (replaced under the same name) or profile is not an install of this."""
+        marks = self.installs.all() if self.installs is not None else {}
+        return {m.name for m in site.machines if (mark := marks.get(m.name)) is not None
+                and mark.holds_for(mac=m.mac, uuid=m.uuid, profile=m.profile)}  # fmt: skip
+
     def _seen(self, m: Machine, installed: set[str]) -> Seen:
         relay = None
         if m.relay is not None and self._relays is not None:
@@ -381,7 +390,7 @@ class Operator:
 
     def _decide_all(self, site: Site, applied: dict[str, dict[str, Any]], now: float) -> list[_Decision]:
         cfg = Config.of(self._config(site))
-        installed = set(self.installs.all()) if self.installs is not None else set()
+        installed = self._installed(site)
         out = []
         for m in sorted(site.machines, key=lambda m: m.name):
             if m.name not in applied:
@@ -489,7 +498,7 @@ class Operator:
             site = self.holder.site
             cfg = Config.of(self._config(site))
             applied = self._applied_for(site)
-            installed = set(self.installs.all()) if self.installs is not None else set()
+            installed = self._installed(site)
             machines = []
             for m in site.machines:
                 want = self._want(site, m, applied.get(m.name))

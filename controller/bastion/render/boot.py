@@ -14,6 +14,7 @@ it the kernel cannot mount its root), `flatcar.first_boot=1` so that Ignition ru
 from __future__ import annotations
 
 import posixpath
+import re
 from urllib.parse import urlsplit
 
 import jinja2
@@ -48,7 +49,8 @@ _TEMPLATES = {
         # no initrd, no initrd command: GRUB's without a file is an error ("filename expected")
         "{% if boot.initrd %}"
         'echo "Loading initrd"\n'
-        "{{ cmd[1] }}{% for initrd in boot.initrd %} {{ initrd | grub_quote }}{% endfor %}\n"
+        # an entry is iPXE's `initrd` arguments (`--name main /x.img`); GRUB's takes files only
+        "{{ cmd[1] }}{% for initrd in boot.initrd %} {{ initrd | initrd_file | grub_quote }}{% endfor %}\n"
         "{% endif %}"
         "}\n"
         "{% endfor %}"
@@ -61,6 +63,21 @@ def grub_quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# iPXE's `initrd` options (ipxe.org/cmd/initrd), those that take a value first
+_IPXE_INITRD_OPTION = re.compile(
+    r"\s*(?:(?:--name|--timeout|-n|-t)(?:=|\s+)\S+|--autofree|--replace|-a|-r)(?=\s|$)"
+)
+
+
+def initrd_file(entry: str) -> str:
+    """The file of a profile's initrd entry, for GRUB: an entry is what iPXE's script puts after
+    `initrd`, its options first (`--name main /x.img`), and GRUB's initrd takes files alone."""
+    rest = entry
+    while (option := _IPXE_INITRD_OPTION.match(rest)) is not None:
+        rest = rest[option.end() :]
+    return rest.strip()
+
+
 _env = jinja2.Environment(
     loader=jinja2.DictLoader(_TEMPLATES),
     undefined=jinja2.StrictUndefined,
@@ -68,6 +85,7 @@ _env = jinja2.Environment(
     keep_trailing_newline=True,
 )
 _env.filters["grub_quote"] = grub_quote
+_env.filters["initrd_file"] = initrd_file
 
 
 _BOOT_SCRIPT = _env.get_template("boot.ipxe").render()

@@ -251,11 +251,21 @@ def render_generic(
     return render_template(site, site.generic[profile.generic], group, profile, req, secrets)
 
 
+def _go_number(value: int) -> float | int:
+    """An integer as matchbox holds a JSON number, a float64 (1000000 prints as 1e+06); one
+    past float64's range stays the integer, printed as its digits."""
+    try:
+        return float(value)
+    except OverflowError:
+        return value
+
+
 def metadata_env(data: dict[str, Any]) -> str:
     """matchbox's /metadata answer: KEY=value lines, nested keys joined by '_', in upper case.
 
-    Strings, booleans and numbers are printed as Go prints them; lists and nulls are left out,
-    as matchbox does. Lines are sorted (matchbox's order is random). A key or a value with a
+    Strings, booleans and numbers are printed as Go prints them (an integer too big for
+    matchbox's float64, which YAML reads all the same, as its digits); lists and nulls are left
+    out, as matchbox does. Lines are sorted (matchbox's order is random). A key or a value with a
     line break (a query value a node sent, a multi-line metadata string) is left out too:
     written as it is, it would add a KEY=value line of its own choosing (matchbox writes it).
     """
@@ -267,7 +277,7 @@ def metadata_env(data: dict[str, Any]) -> str:
             if isinstance(value, dict):
                 walk(name + "_", value)
             elif isinstance(value, (str, bool, int, float)):
-                line = f"{name.upper()}={go_str(float(value) if type(value) is int else value)}"
+                line = f"{name.upper()}={go_str(_go_number(value) if type(value) is int else value)}"
                 if "\n" not in line and "\r" not in line:
                     lines.append(line)
 

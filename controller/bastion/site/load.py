@@ -48,6 +48,7 @@ from bastion.render.config import (
     render_generic,
     render_ignition,
     takes_onetime_url,
+    uses_secrets,
 )
 from bastion.site import schema
 from bastion.ups import core as ups_core
@@ -992,7 +993,25 @@ def _check_secret_bindings(ld: _Loader, site: Site) -> None:
     """A machine whose boot script carries a one-time Ignition URL (its profile's Ignition reads
     `secrets`) needs `address:`: the script, and with it the URL to the machine's secrets, is then
     served to that address only. Without one, any host on the LAN that asks for the script with
-    the machine's MAC before the node does gets its secrets (bastion.state.onetime)."""
+    the machine's MAC before the node does gets its secrets (bastion.state.onetime).
+
+    And only an `os: flatcar` profile's boot script can carry that URL: the controller writes it
+    as the ignition.config.url of the arguments it adds (bastion.boot.boot_for). An `os: custom`
+    profile's arguments are used as written, so a secret-reading config of one could never be
+    served: refused here rather than at every boot."""
+    for profile in site.profiles.values():
+        tf = site.ignition.get(profile.ignition) if profile.ignition else None
+        if profile.format != "bastion" or profile.os == "flatcar" or tf is None \
+                or not uses_secrets(tf):
+            continue
+        ld.problem(
+            profile.source, None, "os",
+            f"is custom, but its Ignition ({tf.relpath}) reads secrets, which a node gets only on "
+            "the one-time URL the controller writes into an os: flatcar profile's kernel "
+            "arguments (ignition.config.url); a custom profile's arguments are used as written, "
+            "and its /ignition?mac= URL is refused (403). Use os: flatcar, or keep secrets out "
+            "of the template",
+        )  # fmt: skip
     for m in site.machines:
         profile = site.profiles.get(m.profile)
         if m.address or profile is None or not takes_onetime_url(site, profile):

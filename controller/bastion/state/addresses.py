@@ -24,6 +24,7 @@ it was last confirmed (a lease given to another host later is not believed forev
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +32,21 @@ from typing import Any
 
 TEACHING_ENDPOINTS = ("/ipxe", "/grub")
 ATTRIBUTED_KINDS = ("tftp", "asset", "boot")
+
+
+def plain_address(host: str) -> str:
+    """A peer's address as machines.yaml and the device write it: an IPv4-mapped IPv6 address
+    (`::ffff:10.77.0.21`, an IPv4 client of an IPv6 socket such as `--listen [::]:8080`, RFC
+    4291 2.5.5.2) is its IPv4 address; anything else is left as it is. The HTTP server applies it
+    to every connection's peer (bastion.api.httpserver), before anything compares or records it:
+    a machine's `address:`, a one-time URL's client, this book."""
+    if not host.startswith("::") or "." not in host:  # the common case, without parsing
+        return host
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,22 @@ lives in the history's SQLite file (`open_state_db`, synchronous=FULL, one trans
 keyed by the machine's name in machines.yaml. Deleting the database forgets every mark: those
 machines network-boot (and so install) again at their next boot.
 
-What counts as a successful first boot: a `POST /callback` naming the machine (by its MAC) with
-`stage` `booted` or `installed` and, when it has a `status`, one of SUCCESS_STATUSES. /callback
-is public like every boot endpoint: a LAN host that knows a MAC can mark a machine installed
-(reprovision undoes it), so the mark only changes what the machine boots, never what it is given.
+A mark is what was installed on which hardware: it records the machine's declared MAC and UUID
+and its profile, and counts only while the machine is declared with those (`Installed.holds_for`).
+A dead board replaced under the same name has a blank disk, and a machine moved to another
+profile has the old one's system on it: both network-boot and install, and their report replaces
+the mark.
+
+What counts as a successful first boot: a `POST /callback` naming the machine (by its MAC, or the
+UUID of a machine declared by its UUID alone) with `stage` `booted` or `installed` and, when it
+has a `status`, one of SUCCESS_STATUSES. /callback is public like every boot endpoint: a LAN host
+that knows a MAC can mark a machine installed (reprovision undoes it), so the mark only changes
+what the machine boots, never what it is given.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,11 +37,13 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS machine_installed (
     machine TEXT PRIMARY KEY,
     installed_at REAL NOT NULL,
-    mac TEXT,
-    profile TEXT,
-    callback INTEGER              -- the id of the callback event that reported it
+    mac TEXT,                     -- its machines.yaml mac when it reported
+    profile TEXT,                 -- the profile it installed
+    callback INTEGER,             -- the id of the callback event that reported it
+    uuid TEXT                     -- its machines.yaml uuid (added later: older marks have none)
 );
 """
+_COLUMNS = "machine, installed_at, mac, profile, callback, uuid"
 
 
 def reports_success(fields: Mapping[str, Any]) -> bool:
@@ -51,48 +61,72 @@ class Installed:
     mac: str | None
     profile: str | None
     callback: int | None
+    uuid: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def holds_for(self, *, mac: str | None, uuid: str | None, profile: str) -> bool:
+        """Whether the mark counts for the machine as declared now (its machines.yaml `mac` and
+        `uuid`, its profile's id): made for that profile, and for the hardware the machine is
+        recognised by, its MAC (or, declared by its UUID alone, its UUID); a UUID both recorded
+        and declared must agree too. A mark from before UUIDs were recorded has none, and its
+        MAC still counts: a mark wrongly voided reinstalls a machine, wiping its disk."""
+        if self.profile != profile:
+            return False
+        if (self.mac != mac) if mac is not None else (self.uuid != uuid):
+            return False
+        return self.uuid is None or uuid is None or self.uuid == uuid
 
 
 class InstallMarks(StateTable):
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time):
         self.clock = clock
         super().__init__(path, _SCHEMA)
+        with self._lock, self._db:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(machine_installed)")}
+            if "uuid" not in columns:  # a history made before marks recorded the UUID
+                try:
+                    self._db.execute("ALTER TABLE machine_installed ADD COLUMN uuid TEXT")
+                except sqlite3.OperationalError as e:  # another process added it just now
+                    if "duplicate column" not in str(e):
+                        raise
 
     def get(self, machine: str) -> Installed | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT machine, installed_at, mac, profile, callback FROM machine_installed WHERE machine = ?",
-                (machine,),
+                f"SELECT {_COLUMNS} FROM machine_installed WHERE machine = ?", (machine,)
             ).fetchone()
         return Installed(*row) if row else None
 
     def all(self) -> dict[str, Installed]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT machine, installed_at, mac, profile, callback FROM machine_installed"
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM machine_installed").fetchall()
         return {r[0]: Installed(*r) for r in rows}
 
-    def mark(self, machine: str, *, mac: str | None, profile: str | None, callback: int | None) -> Installed | None:
-        """Mark `machine` installed; the new mark, or None when it already was (no change)."""
-        mark = Installed(machine, self.clock(), mac, profile, callback)
+    def mark(self, machine: str, *, mac: str | None, profile: str, callback: int | None,
+             uuid: str | None = None) -> Installed | None:  # fmt: skip
+        """Mark `machine` installed, declared with this `mac`, `uuid` and `profile`; the new
+        mark, or None when it already was (no change). A mark that does not hold for them (other
+        hardware, another profile: Installed.holds_for) is replaced."""
+        mark = Installed(machine, self.clock(), mac, profile, callback, uuid)
         with self._lock, self._db:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO machine_installed (machine, installed_at, mac, profile, callback)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (mark.machine, mark.installed_at, mark.mac, mark.profile, mark.callback),
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM machine_installed WHERE machine = ?", (machine,)
+            ).fetchone()
+            if row is not None and Installed(*row).holds_for(mac=mac, uuid=uuid, profile=profile):
+                return None
+            self._db.execute(
+                f"INSERT OR REPLACE INTO machine_installed ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (mark.machine, mark.installed_at, mark.mac, mark.profile, mark.callback, mark.uuid),
             )
-        return mark if cur.rowcount == 1 else None
+        return mark
 
     def clear(self, machine: str) -> Installed | None:
         """Forget the mark; the mark it was, or None when there was none."""
         with self._lock, self._db:
             row = self._db.execute(
-                "SELECT machine, installed_at, mac, profile, callback FROM machine_installed WHERE machine = ?",
-                (machine,),
+                f"SELECT {_COLUMNS} FROM machine_installed WHERE machine = ?", (machine,)
             ).fetchone()
             if row is None:
                 return None

@@ -117,6 +117,33 @@ class TokenRefused(Exception):
         return REASONS[self.reason]
 
 
+def _spent(grant: Grant, now: float) -> TokenRefused | None:
+    """Why the token can no longer be used (used, superseded, expired: the first that applies,
+    each with its own reason, since `reused` tells an operator that someone else may hold the
+    secrets), or None while it is good."""
+    if grant.used_at is not None:
+        return TokenRefused(
+            "reused",
+            f"this one-time Ignition URL of {grant.machine} was already used "
+            f"(by {grant.used_by or 'an unknown address'}); boot the machine again for a new one",
+            grant,
+        )
+    if grant.superseded_at is not None:
+        return TokenRefused(
+            "superseded",
+            f"this one-time Ignition URL of {grant.machine} was replaced by a newer boot script's",
+            grant,
+        )
+    if now >= grant.expires_at:
+        return TokenRefused(
+            "expired",
+            f"this one-time Ignition URL of {grant.machine} expired {now - grant.expires_at:.0f} s ago "
+            f"(it is good for {grant.expires_at - grant.issued_at:.0f} s); boot the machine again",
+            grant,
+        )
+    return None
+
+
 class IgnitionTokens(StateTable):
     """The token table, in the history's SQLite file. `clock` is injectable for tests."""
 
@@ -165,27 +192,9 @@ class IgnitionTokens(StateTable):
                 "unknown Ignition token: it was never issued here, or the controller's history was "
                 "deleted; boot the machine again for a new one",
             )
-        if grant.used_at is not None:
-            raise TokenRefused(
-                "reused",
-                f"this one-time Ignition URL of {grant.machine} was already used "
-                f"(by {grant.used_by or 'an unknown address'}); boot the machine again for a new one",
-                grant,
-            )
-        if grant.superseded_at is not None:
-            raise TokenRefused(
-                "superseded",
-                f"this one-time Ignition URL of {grant.machine} was replaced by a newer boot script's",
-                grant,
-            )
-        now = self.clock()
-        if now >= grant.expires_at:
-            raise TokenRefused(
-                "expired",
-                f"this one-time Ignition URL of {grant.machine} expired {now - grant.expires_at:.0f} s ago "
-                f"(it is good for {grant.expires_at - grant.issued_at:.0f} s); boot the machine again",
-                grant,
-            )
+        spent = _spent(grant, self.clock())
+        if spent is not None:
+            raise spent
         if grant.client and client != grant.client:
             raise TokenRefused(
                 "wrong-machine",
@@ -202,8 +211,9 @@ class IgnitionTokens(StateTable):
         return grant
 
     def redeem(self, grant: Grant, *, client: str | None) -> Grant:
-        """Use the token up, atomically; TokenRefused("reused") when another fetch won the race
-        (or it was superseded or expired since `check`)."""
+        """Use the token up, atomically; TokenRefused when it can no longer be used: another
+        fetch won the race ("reused"), or since `check` it was superseded or expired (while
+        its config rendered), each said as what it is."""
         now = self.clock()
         with self._lock, self._db:
             cur = self._db.execute(
@@ -211,10 +221,18 @@ class IgnitionTokens(StateTable):
                 " AND superseded_at IS NULL AND expires_at > ?",
                 (now, client, grant.digest, now),
             )
+            if cur.rowcount != 1:
+                row = self._db.execute(
+                    "SELECT digest, machine, mac, grp, profile, client, issued_at, expires_at, used_at,"
+                    " used_by, superseded_at FROM ignition_tokens WHERE digest = ?",
+                    (grant.digest,),
+                ).fetchone()
         if cur.rowcount != 1:
-            raise TokenRefused(
-                "reused", f"this one-time Ignition URL of {grant.machine} was used by another request", grant
-            )
+            # the UPDATE's conditions are _spent's, so the row as it is now says which failed; no
+            # row: issue() deleted it, KEEP_S after it expired
+            spent = _spent(Grant(*row), now) if row is not None else _spent(grant, max(now, grant.expires_at))
+            assert spent is not None
+            raise spent
         return Grant(**{**grant.__dict__, "used_at": now, "used_by": client})
 
     def live(self, machine: str) -> Grant | None:

@@ -67,7 +67,9 @@ def test_served_boot_answers_are_the_applications(serve, client_for, site_dir):
         assert (status, body) == (expected.status_code, expected.content), path
         assert headers[b"content-type"] == expected.headers["content-type"].encode()
         assert headers[b"server"] == b"uvicorn" and headers[b"connection"] == b"close"
-        assert set(headers) == {b"date", b"server", b"content-length", b"content-type", b"connection"}
+        assert set(headers) == {b"date", b"server", b"content-length", b"content-type", b"connection",
+                                b"cache-control"}  # fmt: skip
+        assert headers[b"cache-control"] == expected.headers["cache-control"].encode() == b"no-store"
     served = boot_events(server.db)
     applied = boot_events(Path(client.app.state.runtime.store.path))
     assert len(served) == len(paths) and [e[:7] for e in served] == [e[:7] for e in applied]

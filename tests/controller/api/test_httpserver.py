@@ -212,6 +212,23 @@ def test_the_access_log_never_shows_a_token(serve, tmp_path):
     assert token not in log and forged not in log
 
 
+def test_an_ipv4_client_of_an_ipv6_listener_is_its_ipv4_address(serve, tmp_path):
+    # An IPv6 socket takes IPv4 connections too (`--listen [::]:PORT`; bindv6only is 0), and
+    # names their peers ::ffff:a.b.c.d, which no machines.yaml `address:` is. Bound to the
+    # IPv4-mapped loopback address, the test's connections are such clients, on loopback only.
+    from bastion_testkit import free_tcp_port
+
+    port = free_tcp_port()
+    server = serve(one_time_site(tmp_path, "127.0.0.1"), port=port,
+                   args=("--listen", f"[::ffff:127.0.0.1]:{port}"))  # fmt: skip
+    script = server.get("/ipxe", params={"mac": "52:54:00:00:00:01"})  # the boot front
+    assert script.status_code == 200 and "token=" in script.text, script.text
+    url = re.search(r"ignition\.config\.url=\S+?(/ignition\?\S+)", script.text).group(1)
+    assert server.get(url).status_code == 200  # uvicorn's protocol
+    boots = server.get("/api/v1/events", params={"kind": "boot"}).json()
+    assert {e["payload"].get("client") for e in boots} == {"127.0.0.1"}
+
+
 def test_tokens_are_redacted_from_request_lines():
     assert (
         redact_tokens("/ignition?token=0123abc&mac=52-54") == "/ignition?token=(redacted)&mac=52-54"

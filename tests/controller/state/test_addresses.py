@@ -4,7 +4,8 @@ and the address; and the steps a node took before that are named afterwards."""
 
 from __future__ import annotations
 
-from bastion.state.addresses import AddressBook
+import pytest
+from bastion.state.addresses import AddressBook, plain_address
 from bastion_testkit import auth
 
 MAC = "52:54:00:12:34:01"  # node1 of examples/site
@@ -13,6 +14,18 @@ MAC = "52:54:00:12:34:01"  # node1 of examples/site
 def dhcp_request(address, mac=MAC, machine="node1"):
     return {"source": "device", "mac": mac, "machine": machine,
             "payload": {"kind": "request", "port": 67, "client": address}}  # fmt: skip
+
+
+@pytest.mark.parametrize("peer, plain", [
+    ("::ffff:10.77.0.21", "10.77.0.21"),  # an IPv4 client of an IPv6 socket
+    ("10.77.0.21", "10.77.0.21"),
+    ("::1", "::1"),
+    ("fd00::15", "fd00::15"),
+    ("::10.77.0.21", "::10.77.0.21"),  # IPv4-compatible (deprecated), not mapped: not IPv4 traffic
+    ("::ffff:not-an-address", "::ffff:not-an-address"),
+])  # fmt: skip
+def test_an_ipv4_mapped_peer_is_its_ipv4_address(peer, plain):
+    assert plain_address(peer) == plain
 
 
 def test_what_teaches_and_what_does_not():

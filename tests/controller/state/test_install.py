@@ -214,3 +214,108 @@ def test_the_docs_show_the_script_as_served():
     from bastion_testkit import REPO
 
     assert local_ipxe("node1") in (REPO / "docs" / "controller.md").read_text()
+
+
+NUC_UUID = "4c4c4544-0035-4a10-8031-b3c04f4a3232"
+
+
+def declared_by_uuid(site: Path) -> Path:
+    """n1 declared by its UUID alone: recognised by it whatever MAC it boots with."""
+    machines = site / "machines.yaml"
+    machines.write_text(machines.read_text().replace(f"mac: {ONCE_MAC}\n", f"uuid: {NUC_UUID}\n"))
+    return site
+
+
+def test_a_machine_declared_by_its_uuid_alone_is_marked_installed(tmp_path, client_for):
+    # iPXE sends the UUID with whatever MAC the machine booted with; its config can send it
+    # back (machine.uuid, or the uuid= its Ignition URL carries)
+    client = client_for(declared_by_uuid(make_site(tmp_path)))
+    boot = {"mac": "52-54-00-aa-bb-cc", "uuid": NUC_UUID, "platform": "efi"}
+    assert client.get("/ipxe", params=boot).text.startswith(f"#!ipxe\nkernel {KERNEL} ")
+    report = {"mac": "52:54:00:aa:bb:cc", "uuid": NUC_UUID.upper(), "stage": "booted"}
+    r = client.post("/callback", data=report)
+    assert r.status_code == 200 and r.json()["machine"] == "n1" and r.json()["installed"] is True
+    assert client.get("/ipxe", params=boot).text == LOCAL_IPXE
+    assert client.get("/api/v1/machines/n1").json()["boots_from"] == "local-disk"
+    (installed,) = events(client, "install")
+    assert (installed["machine"], installed["payload"]["state"]) == ("n1", "installed")
+    # a report with the UUID alone names it too
+    r = client.post("/callback", json={"uuid": NUC_UUID, "stage": "booted"})
+    assert r.json() == {"ok": True, "event": r.json()["event"], "machine": "n1", "installed": True}
+
+
+def test_a_uuid_names_only_a_machine_declared_by_its_uuid_alone(tmp_path, client_for):
+    # machines.yaml: a machine with a MAC is recognised by it, as its boot requests are
+    site = make_site(tmp_path)
+    machines = site / "machines.yaml"
+    machines.write_text(machines.read_text().replace(f"mac: {ALWAYS_MAC}\n",
+                                                     f"mac: {ALWAYS_MAC}\n    uuid: {NUC_UUID}\n"))  # fmt: skip
+    client = client_for(site)
+    r = client.post("/callback", data={"mac": "52:54:00:99:99:99", "uuid": NUC_UUID, "stage": "booted"})
+    assert r.status_code == 200 and r.json()["machine"] is None
+
+
+def test_a_mark_counts_only_for_the_hardware_and_profile_it_was_made_for(tmp_path, client_for):
+    site = make_site(tmp_path)
+    (site / "profiles" / "once2.yaml").write_text((site / "profiles" / "once.yaml").read_text())
+    client = client_for(site)
+    client.post("/callback", data={"mac": ONCE_MAC, "stage": "booted"})
+    assert client.get("/ipxe", params={"mac": ONCE_MAC, "platform": "efi"}).text == LOCAL_IPXE
+    machines = site / "machines.yaml"
+
+    def declare(old: str, new: str) -> None:
+        machines.write_text(machines.read_text().replace(old, new))
+        assert client.post("/api/v1/reload", headers=auth()).json()["error"] is None
+
+    # n1's board dies and another takes its name: its disk is blank, so it installs
+    new_mac = "52:54:00:00:01:99"
+    declare(f"mac: {ONCE_MAC}\n", f"mac: {new_mac}\n")
+    assert client.get("/ipxe", params={"mac": new_mac}).text.startswith(f"#!ipxe\nkernel {KERNEL} ")
+    # and the API and the operator say so: it boots from the network, it is not Provisioned
+    assert client.get("/api/v1/machines/n1").json()["boots_from"] == "network"
+    status = {m["name"]: m for m in client.get("/api/v1/operator").json()["machines"]}["n1"]["status"]
+    assert "installed" not in status["text"], status
+    r = client.post("/callback", data={"mac": new_mac, "stage": "booted"})
+    assert r.json()["installed"] is True
+    assert client.get("/ipxe", params={"mac": new_mac, "platform": "efi"}).text == LOCAL_IPXE
+    assert InstallMarks(client.app.state.runtime.settings.db_path).get("n1").mac == new_mac
+    # moved to another install-once profile: what is on its disk is not that profile's
+    declare("    role: once\n", "    profile: once2\n")
+    assert client.get("/ipxe", params={"mac": new_mac}).text.startswith(f"#!ipxe\nkernel {KERNEL} ")
+    client.post("/callback", data={"mac": new_mac, "stage": "booted"})
+    assert client.get("/ipxe", params={"mac": new_mac, "platform": "efi"}).text == LOCAL_IPXE
+    assert [(e["payload"]["state"], e["mac"], e["profile"]) for e in events(client, "install")] == [
+        ("installed", ONCE_MAC, "once"), ("installed", new_mac, "once"), ("installed", new_mac, "once2")
+    ]  # fmt: skip
+
+
+def test_a_machine_declared_by_its_uuid_installs_again_on_another_board(tmp_path, client_for):
+    site = declared_by_uuid(make_site(tmp_path))
+    client = client_for(site)
+    client.post("/callback", data={"uuid": NUC_UUID, "stage": "booted"})
+    other = "4c4c4544-0035-4a10-8031-b3c04f4a9999"
+    machines = site / "machines.yaml"
+    machines.write_text(machines.read_text().replace(NUC_UUID, other))
+    assert client.post("/api/v1/reload", headers=auth()).json()["error"] is None
+    boot = {"mac": "52-54-00-aa-bb-cc", "uuid": other}
+    assert client.get("/ipxe", params=boot).text.startswith(f"#!ipxe\nkernel {KERNEL} ")
+
+
+def test_a_mark_of_an_older_controller_still_counts(tmp_path, client_for):
+    # marks made before they recorded a UUID (the column is new): upgrading the controller must
+    # not reinstall every installed machine
+    import sqlite3
+
+    site = make_site(tmp_path)
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as old:
+        old.execute("CREATE TABLE machine_installed (machine TEXT PRIMARY KEY, installed_at REAL NOT NULL,"
+                    " mac TEXT, profile TEXT, callback INTEGER)")  # fmt: skip
+        old.execute("INSERT INTO machine_installed VALUES ('n1', 1.0, ?, 'once', 7)", (ONCE_MAC,))
+    old.close()
+    from bastion_testkit import make_app
+    from fastapi.testclient import TestClient
+
+    client = TestClient(make_app(site, db))
+    assert client.get("/ipxe", params={"mac": ONCE_MAC, "platform": "efi"}).text == LOCAL_IPXE
+    assert InstallMarks(db).get("n1").uuid is None

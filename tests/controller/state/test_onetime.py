@@ -273,6 +273,26 @@ def test_a_secret_holding_machine_without_an_address_does_not_load(tmp_path, cli
     assert (site / "machines.yaml").read_text() == machines
 
 
+def test_a_custom_profile_whose_ignition_reads_secrets_does_not_load(tmp_path):
+    # The one-time URL is the ignition.config.url the controller writes into an os: flatcar
+    # profile's arguments; an os: custom profile's are used as written, so its config could
+    # never be served (its own /ignition?mac= URL answers 403), which the check now says.
+    site = make_site(tmp_path)
+    for name in ("secret", "plain"):
+        profile = site / "profiles" / f"{name}.yaml"
+        own_url = "args:\n  - ignition.config.url=http://10.77.0.1:8080/ignition?mac=${mac:hexhyp}\n"
+        profile.write_text("os: custom\n" + profile.read_text() + own_url)
+    with pytest.raises(SiteError) as e:
+        load_site(site)
+    assert e.value.problems == [(
+        "profiles/secret.yaml: os: is custom, but its Ignition (ignition/secret.bu) reads "
+        "secrets, which a node gets only on the one-time URL the controller writes into an "
+        "os: flatcar profile's kernel arguments (ignition.config.url); a custom profile's "
+        "arguments are used as written, and its /ignition?mac= URL is refused (403). Use os: "
+        "flatcar, or keep secrets out of the template"
+    )]  # fmt: skip
+
+
 def test_a_declared_address_gets_the_script_only_there(ctl):
     r = ctl.other.get("/ipxe", params={"mac": N3_MAC})
     assert r.status_code == 403 and "served only to its address 10.77.0.23" in r.text
@@ -365,6 +385,32 @@ def test_racing_fetches_cannot_both_win(tmp_path):
     with pytest.raises(TokenRefused) as e:
         tokens.redeem(b, client=NODE[0])
     assert e.value.reason == "reused" and e.value.status == 410
+    assert f"already used (by {NODE[0]})" in e.value.message
+
+
+@pytest.mark.parametrize("meanwhile, reason, says", [
+    ("expires", "expired", "expired 1 s ago (it is good for 900 s)"),
+    ("is replaced", "superseded", "was replaced by a newer boot script's"),
+])  # fmt: skip
+def test_a_token_lost_while_its_config_renders_is_refused_for_what_happened(ctl, meanwhile, reason, says):
+    # `reused` tells an operator that someone else may hold the secrets: a token that ran out,
+    # or that a newer boot script replaced, while its config rendered is not that
+    url = ctl.ignition_url(N1_MAC)
+    secrets_for = ctl.runtime.provisioning.secrets_for
+
+    def rendering(site, machine):
+        if meanwhile == "expires":
+            ctl.clock.t += 901  # a slow render, a clock step
+        else:
+            ctl.runtime.provisioning.tokens.issue(machine="n1", mac=N1_MAC, group="machine:n1",
+                                                  profile="secret", client=NODE[0])  # fmt: skip
+        return secrets_for(site, machine)
+
+    ctl.runtime.provisioning = dataclasses.replace(ctl.runtime.provisioning, secrets_for=rendering)
+    r = ctl.node.get(url)
+    assert r.status_code == 410 and says in r.text and "used" not in r.text, r.text
+    refused = ctl.events("ignition-token")[-1]["payload"]
+    assert (refused["action"], refused["reason"]) == ("refused", reason)
 
 
 def test_settings_and_serve_options(tmp_path, monkeypatch):
