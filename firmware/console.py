@@ -21,7 +21,7 @@
 import gc
 
 from firmware import frame
-from firmware.compat import const, heap_used, sleep_ms, ticks_diff, ticks_ms
+from firmware.compat import heap_used, sleep_ms, ticks_diff, ticks_ms
 
 PROTO = 1
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from bastion_testkit import TOKEN, Server, auth
-
 from simkit import SimProcess, wait_for
 
 BIN = Path(sys.executable).parent
@@ -32,10 +31,9 @@ def relays(board) -> str:
 
 @pytest.fixture
 def api(board, site_dir, tmp_path):
-    from fastapi.testclient import TestClient
-
     from bastion.api.main import create_app
     from bastion.settings import Settings
+    from fastapi.testclient import TestClient
 
     app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "events.db", api_token=TOKEN,
                               poll_seconds=0, device_port=str(board.link)))
@@ -121,10 +119,9 @@ def test_a_command_the_device_refuses_does_not_hold_the_machine(api):
 
 
 def test_no_device_is_a_clear_503(site_dir, tmp_path):
-    from fastapi.testclient import TestClient
-
     from bastion.api.main import create_app
     from bastion.settings import Settings
+    from fastapi.testclient import TestClient
 
     app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "e.db", api_token=TOKEN))
     with TestClient(app) as c:
@@ -136,10 +133,9 @@ def test_a_command_never_sent_to_the_device_says_so_and_holds_nothing(site_dir, 
     """A link that is not up (here its port does not exist; or a device that refuses our
     protocol): the command waited for it and never went out. That is not "the device did not
     answer, it may have been done" (504, the machine held): nothing was done."""
-    from fastapi.testclient import TestClient
-
     from bastion.api.main import create_app
     from bastion.settings import Settings
+    from fastapi.testclient import TestClient
 
     app = create_app(Settings(site_dir=site_dir, db_path=tmp_path / "e.db", api_token=TOKEN,
                               poll_seconds=0, device_port=str(tmp_path / "no-such-tty")))

@@ -10,7 +10,6 @@ from types import SimpleNamespace as NS
 from typing import Any
 
 import pytest
-
 from bastion.device.hub import DeviceHub, read_status
 from bastion.device.link import DeviceTimeout
 from simkit import SimProcess, wait_for
