@@ -424,6 +424,24 @@ asyncio.run(serve(con, checkin=checkin))
 """
 
 
+def _on_a_pty(script):
+    """MicroPython running script on a PTY that is its controlling tty, as the sim board's
+    (a cooked one: the script sets it as main.run would); (process, the PTY's master side)."""
+    master, slave = os.openpty()
+
+    def controlling_tty():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [micropython_bin(), "-X", "heapsize=128k", "-i", str(script)],
+        stdin=slave, stdout=slave, stderr=slave, env={"MICROPYPATH": f"{REPO}:.frozen"},
+        start_new_session=True,
+        preexec_fn=controlling_tty,  # noqa: PLW1509 - Ctrl-C needs the PTY as controlling tty
+    )  # fmt: skip
+    os.close(slave)
+    return proc, master
+
+
 # What firmware/main.py's run() does first: the tty passes Ctrl-C as a byte (compat.tty_raw).
 AS_MAIN_RUNS = """
 from firmware.compat import tty_raw
@@ -523,18 +541,7 @@ def test_a_held_line_takes_ctrl_c_as_a_byte_under_micropython_and_release_gives_
         'info={"checkins": checkins},\n              interrupts=interrupt_switch())',
     ).replace("import Console, serve, stdout_writer",
               "import Console, interrupt_switch, serve, stdout_writer"))
-    master, slave = os.openpty()
-
-    def controlling_tty():
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(
-        [micropython_bin(), "-X", "heapsize=128k", "-i", str(script)],
-        stdin=slave, stdout=slave, stderr=slave, env={"MICROPYPATH": f"{REPO}:.frozen"},
-        start_new_session=True,
-        preexec_fn=controlling_tty,  # noqa: PLW1509 - Ctrl-C needs the PTY as controlling tty
-    )
-    os.close(slave)
+    proc, master = _on_a_pty(script)
     try:
         d = frame.Deframer(frame.TO_HOST, 65536)
 
@@ -575,18 +582,7 @@ def test_ctrl_c_never_lands_inside_a_garbage_collection(tmp_path, attempt):
         GC_CHURN + "try:\n    asyncio.run(serve(con, checkin=checkin))\n"
         "finally:\n    tty_raw(tty)\n",
     ))  # fmt: skip
-    master, slave = os.openpty()
-
-    def controlling_tty():
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(
-        [micropython_bin(), "-X", "heapsize=128k", "-i", str(script)],
-        stdin=slave, stdout=slave, stderr=slave, env={"MICROPYPATH": f"{REPO}:.frozen"},
-        start_new_session=True,
-        preexec_fn=controlling_tty,  # noqa: PLW1509 - as the sim board: the PTY is its tty
-    )  # fmt: skip
-    os.close(slave)
+    proc, master = _on_a_pty(script)
     try:
         d = frame.Deframer(frame.TO_HOST, 65536)
         os.write(master, frame.encode({"id": 1, "op": "checkins"}, frame.TO_DEVICE))
