@@ -47,7 +47,7 @@ from typing import Any
 from bastion import atomic
 from bastion.regcache.plan import HTTP_SECRET, Instance, config_yml, instances
 from bastion.settings import parse_size
-from bastion.site.holder import fingerprint
+from bastion.site.holder import Settle, fingerprint
 from bastion.site.load import SiteError, load_site
 
 REGISTRY_PROGRAMS = ("docker-registry", "registry")  # Debian's name, then upstream's
@@ -165,24 +165,19 @@ def prune(inst: Instance, state: Path, max_bytes: int, program: str,
 
 class SiteWatch:
     """Called: the site again when its files changed, else None. By `bastion serve`'s rule
-    (bastion.site.holder.SiteHolder.poll: a change, then the same files at two looks running),
-    so that the plan the nodes are told and the one that runs change together; an edit that
-    does not load is said (`echo`) and gives None, as serve keeps its last good site."""
+    (bastion.site.holder.Settle: a change, then the same files at two looks running), so that
+    the plan the nodes are told and the one that runs change together; an edit that does not
+    load is said (`echo`) and gives None, as serve keeps its last good site. Not a SiteHolder:
+    one finishes an edit a crash cut short when it starts, writing the site directory, and this
+    runs in its own process beside `bastion serve`'s."""
 
     def __init__(self, root: Path, echo: Callable[[str], None] = print):
         self.root, self.echo = Path(root), echo
-        self._seen = fingerprint(self.root)
-        self._settling: tuple | None = None
+        self._settle = Settle(fingerprint(self.root))
 
     def __call__(self) -> Any | None:
-        now = fingerprint(self.root)
-        if now == self._seen:
-            self._settling = None
+        if not self._settle.changed(fingerprint(self.root)):
             return None
-        if now != self._settling:
-            self._settling = now
-            return None
-        self._seen, self._settling = now, None
         try:
             return load_site(self.root)
         except SiteError as e:

@@ -141,6 +141,35 @@ def fingerprint(root: Path) -> tuple:
     return tuple(sorted(out))
 
 
+class Settle:
+    """When a watch over the site files takes a change: once the files' fingerprint differs
+    from the one last taken and then looks the same at two looks running. One look is not
+    enough: an editor that truncates a file and then writes it can be caught in between, and an
+    empty machines.yaml is a valid one (no machines). `bastion serve` (SiteHolder.poll) and the
+    registry cache (bastion.regcache.run.SiteWatch) both go by it, so that the plan the nodes
+    are told and the one the cache runs change at the same look."""
+
+    def __init__(self, seen: tuple):
+        self.seen = seen  # the fingerprint last taken
+        self._settling: tuple | None = None  # a changed fingerprint seen once
+
+    def changed(self, now: tuple) -> bool:
+        """One look (`now`, a fingerprint): True when it is a change that has settled, which
+        is then taken as seen."""
+        if now == self.seen:
+            self._settling = None
+            return False
+        if now != self._settling:
+            self._settling = now
+            return False
+        self.take(now)
+        return True
+
+    def take(self, now: tuple) -> None:
+        """The files are `now` (read or written by the watcher itself): no change pending."""
+        self.seen, self._settling = now, None
+
+
 @dataclass(frozen=True)
 class ReloadOutcome:
     ok: bool
@@ -155,8 +184,7 @@ class SiteHolder:
         self.on_reload = on_reload
         self._lock = threading.Lock()
         finish_interrupted_edit(self.root)
-        self._fingerprint = fingerprint(self.root)
-        self._settling: tuple | None = None  # a changed fingerprint seen once by poll()
+        self._settle = Settle(fingerprint(self.root))
         self.site: Site = load_site(self.root)  # raises SiteError: nothing to serve yet
         self.generation = 1
         self.loaded_at = time.time()
@@ -171,8 +199,7 @@ class SiteHolder:
     def reload(self) -> ReloadOutcome:
         """Load the directory again; keep serving the old site when the new one is broken."""
         with self._lock:
-            self._fingerprint = fingerprint(self.root)
-            self._settling = None
+            self._settle.take(fingerprint(self.root))
             try:
                 site = load_site(self.root)
             except Exception as e:  # SiteError; any other, a file the loader did not foresee
@@ -187,15 +214,9 @@ class SiteHolder:
             return self._report(ReloadOutcome(True, True, self.generation))
 
     def poll(self) -> ReloadOutcome | None:
-        """Reload once the configuration files changed and then looked the same twice running;
-        None otherwise. One look is not enough: an editor that truncates a file and then writes
-        it can be caught in between, and an empty machines.yaml is a valid one (no machines)."""
-        now = fingerprint(self.root)
-        if now == self._fingerprint:
-            self._settling = None
-            return None
-        if now != self._settling:
-            self._settling = now
+        """Reload once the configuration files changed and then looked the same twice running
+        (Settle: one look is not enough); None otherwise."""
+        if not self._settle.changed(fingerprint(self.root)):
             return None
         return self.reload()
 
@@ -217,8 +238,7 @@ class SiteHolder:
                 self._write_recorded(changes)
             else:
                 _write(self.root, changes)
-            self._fingerprint = fingerprint(self.root)
-            self._settling = None
+            self._settle.take(fingerprint(self.root))
             self._swap(site)
         return site
 
