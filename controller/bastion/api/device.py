@@ -93,7 +93,7 @@ async def _power(runtime, hub: DeviceHub, target: str, body: PowerIn) -> dict[st
         not_sent = isinstance(e, NotSent)  # the link was not up: the device never saw it
         if hold is not None and (refused or not_sent):  # nothing was switched: nothing to hold for
             why = "not sent" if not_sent else "refused"
-            await anyio.to_thread.run_sync(operator.unhold, name, *hold,
+            await anyio.to_thread.run_sync(operator.unhold, name, hold,
                                            f"power {body.state} {why}: {e}")  # fmt: skip
         if refused:
             # The device refused (an interlock, an unknown channel), or the UPS policy did: their

@@ -62,10 +62,14 @@ class PlanChanged(RuntimeError):
                          "done now (bastion plan shows it)")  # fmt: skip
 
 
+def declared_of(m: Machine) -> dict[str, Any]:
+    """One machine's declaration as the operator acts on it (machines.yaml over site.yaml)."""
+    return {"power": m.power, "maintenance": m.maintenance, "reprovision": m.reprovision}
+
+
 def desired_of(site: Site) -> dict[str, dict[str, Any]]:
-    """The declaration the operator acts on, per machine (machines.yaml over site.yaml)."""
-    return {m.name: {"power": m.power, "maintenance": m.maintenance, "reprovision": m.reprovision}
-            for m in site.machines}  # fmt: skip
+    """The declaration the operator acts on, per machine."""
+    return {m.name: declared_of(m) for m in site.machines}
 
 
 def spec_of(site: Site, m: Machine, desired: dict[str, Any]) -> str:
@@ -187,9 +191,9 @@ class Operator:
         self.wake()
         return mem
 
-    def hold_for_power(self, name: str, by: str, state: str) -> tuple[Memory | None, Memory]:
-        """hold() for a power command about to be sent: (the memory before, the memory held),
-        for unhold() when the device refuses the command."""
+    def hold_for_power(self, name: str, by: str, state: str) -> Memory:
+        """hold() for a power command about to be sent: the memory held, for unhold() when the
+        device refuses the command."""
         with self._lock:
             before = self._mem.get(name)
             found = before.hold if before is not None else None
@@ -199,9 +203,9 @@ class Operator:
                 chain.clear()  # a release or a plain hold since: the commands before it are moot
             chain.append(_PowerHold(held.hold, found))
             del chain[:-_POWER_HOLDS_KEPT]
-            return before, held
+            return held
 
-    def unhold(self, name: str, before: Memory | None, held: Memory, why: str) -> None:
+    def unhold(self, name: str, held: Memory, why: str) -> None:
         """Undo hold_for_power() when its command did nothing (refused by the device, or by the
         UPS policy): the hold as its command found it, unless something else changed the hold
         since.
@@ -211,9 +215,8 @@ class Operator:
         whole was never the one held, so the hold stayed. And commands sent at once each
         found the one before: the first refusal, under the second command's hold, did nothing,
         the second put back the first's, and two refused commands left the machine held. A
-        refusal under a later command's hold now hands what it found to that command. (`before`
-        is hold_for_power()'s answer, kept for its callers: the hold each command found is kept
-        here, with the command.)"""
+        refusal under a later command's hold now hands what it found to that command: the hold
+        each command found is kept here, with the command."""
         with self._lock:
             chain = self._power_holds.get(name, [])
             i = next((i for i, c in enumerate(chain) if c.hold is held.hold), None)
@@ -244,6 +247,20 @@ class Operator:
         self.wake()
         return mem
 
+    def declaration(self, name: str) -> dict[str, Any] | None:
+        """Machine `name`'s declaration as the operator acts on it (`power`, `maintenance`,
+        `reprovision`), or None when it has none. With `sync: manual`, the one applied: the
+        files' only from `bastion apply` on. With `sync: auto`, or before anything was
+        applied, the site as loaded, which the next pass adopts. Read without the operator's
+        lock, which a pass holds while it waits on the device: the site and the applied
+        declaration are each replaced whole, never changed in place."""
+        site, applied = self.holder.site, self._applied
+        if applied is None or self._sync(site) == "auto":
+            m = site.machine(name)
+            return declared_of(m) if m is not None else None
+        d = applied.get(name)
+        return dict(d) if d is not None else None
+
     def heartbeat(self, mac: str | None, uuid: str | None = None) -> str | None:
         """A node said it is alive; the machine's name, or None when the site declares no such
         machine (found as its reports are: bastion.boot.reporting_machine)."""
@@ -265,6 +282,7 @@ class Operator:
                 self._adopt(site)
             decisions = self._decide_all(site, self._applied_for(site), now)
             done = self._carry_out(decisions, now)
+            self._forget_undeclared(site)
             self.passes += 1
             return done
 
@@ -299,6 +317,7 @@ class Operator:
             decisions = self._decide_all(site, self._applied_for(site), now)
             refused: list[Action] = []
             done = self._carry_out(decisions, now, plan=plan["id"], refused=refused)
+            self._forget_undeclared(site)
             plan["done"] = [a.as_dict() for a in done]
             plan["refused"] = [a.as_dict() for a in refused]  # each with the device's words
             return plan
@@ -484,6 +503,19 @@ class Operator:
             m = self.holder.site.machine(name)
             mac = m.mac if m else None
         self.record("operator", source="operator", mac=mac, machine=name, payload=payload)
+
+    def _forget_undeclared(self, site: Site) -> None:
+        """Forget each machine that neither the applied declaration nor the site as loaded
+        has: removed from the files, and (with `sync: manual`) the removal applied. Kept, its
+        memory stayed in the database for good, and a machine declared again under that name
+        came back held by a command given to the one removed. One removed from the files but
+        not yet applied keeps its memory: the removal is not the operator's yet, and put back
+        before `bastion apply` it is the same machine."""
+        declared = set(self._applied or ()) | {m.name for m in site.machines}
+        for name in [n for n in self._mem if n not in declared]:
+            del self._mem[name]
+            self._power_holds.pop(name, None)
+            self.state.forget(name)
 
     def _keep(self, name: str, mem: Memory) -> None:
         if self._mem.get(name) != mem:

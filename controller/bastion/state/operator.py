@@ -5,6 +5,7 @@ declaration last applied (what `sync: manual` converges on until `bastion apply`
 Controller state beside the install marks, in the history's SQLite file (`open_state_db`,
 synchronous=FULL, one transaction per change). Deleting the database forgets holds and
 failures: the operator then judges every machine afresh (a boot it did not see begin, never).
+A machine's memory goes when the machine leaves the declaration (Operator._forget_undeclared).
 """
 
 from __future__ import annotations

@@ -289,8 +289,8 @@ def test_two_power_commands_refused_at_once_leave_the_machine_as_it_was(controll
             first_undone.wait(20)
         return real_power(target, state, off_ms, source=source)
 
-    def unhold(name, before, held, why):
-        real_unhold(name, before, held, why)
+    def unhold(name, held, why):
+        real_unhold(name, held, why)
         if held.hold["state"] == held_order[0]:
             first_undone.set()
 
@@ -326,7 +326,7 @@ def test_a_refused_power_command_is_undone_after_a_pass_changed_the_memory(tmp_p
     hold = op.hold_for_power("node1", "api", "cycle")
     op.pass_once()
     assert op.view()["machines"][0]["hold"] is not None  # held while the command is out
-    op.unhold("node1", *hold, "power cycle refused: node1 is off")
+    op.unhold("node1", hold, "power cycle refused: node1 is off")
     assert op.view()["machines"][0]["hold"] is None
     assert op.state.memories()["node1"]["spec"] is not None  # what the pass learnt is kept
     store.close()
@@ -347,6 +347,6 @@ def test_a_refused_power_command_keeps_the_hold_of_one_done_beside_it(tmp_path, 
     op.pass_once()
     refused = op.hold_for_power("node1", "api", "off")
     op.hold_for_power("node1", "api", "off")  # the device takes this one
-    op.unhold("node1", *refused, "power off refused: an interlock")
+    op.unhold("node1", refused, "power off refused: an interlock")
     assert op.view()["machines"][0]["hold"] == {"by": "api", "state": "off", "at": 1000.0}
     store.close()
