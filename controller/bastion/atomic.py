@@ -5,6 +5,12 @@ The recipe: write a temporary file in the same directory (a rename is atomic onl
 filesystem), fsync it, rename it over the target, fsync the directory so the rename itself is
 durable. A file that already exists keeps its permission bits (a site file edited through the
 API stays 0644); a new one gets `mode`, less the umask, as open(2) would.
+
+A crash or power cut between making the temporary and renaming it leaves the temporary behind.
+Each is named `.<name>.bastion-<8 hex digits>.tmp` (`.link` for a symlink), a shape nothing else
+makes, and every write through this module removes those in its directory that nobody has
+touched for `STALE_AFTER` seconds (`sweep`): a write in progress touches its temporary at every
+chunk and renames it moments after the last, so an old one is a leftover, never a live write.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+# The temporaries this module makes, and only those (see the module docstring).
+_TEMP_RE = re.compile(r"\..+\.bastion-[0-9a-f]{8}\.(?:tmp|link)")
+# How long a temporary must have stood untouched before a sweep takes it for a crash's leftover.
+STALE_AFTER = 15 * 60
 
 
 def fsync_dir(d: Path | str) -> None:
@@ -33,7 +45,33 @@ def fsync_dir(d: Path | str) -> None:
 
 
 def _temp_name(path: Path, what: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{what}")
+    return path.with_name(f".{path.name}.bastion-{secrets.token_hex(4)}.{what}")
+
+
+def sweep(directory: Path | str, older_than: float = STALE_AFTER) -> list[str]:
+    """Remove the temporaries this module made in directory that have stood untouched for
+    older_than seconds (a crash's leftovers); the names removed. Nothing else is touched: not a
+    file of another shape, not a directory, not one written to recently. Never raises: a
+    directory that cannot be read or a file that cannot be removed is left for the next sweep."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for e in entries:
+        if not _TEMP_RE.fullmatch(e.name):
+            continue
+        try:
+            if not (e.is_file(follow_symlinks=False) or e.is_symlink()):
+                continue
+            if now - e.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            os.unlink(e.path)
+        except OSError:
+            continue
+        removed.append(e.name)
+    return removed
 
 
 def _unlink(path: Path) -> None:
@@ -56,6 +94,7 @@ def _replacing(path: Path, what: str = "tmp") -> Iterator[Path]:
         _unlink(tmp)
         raise
     fsync_dir(path.parent)
+    sweep(path.parent)
 
 
 def write_bytes(
@@ -119,6 +158,7 @@ def move_into(src: Path | str, dst: Path | str) -> None:
         _unlink(src)  # once the copy is durable
         return
     fsync_dir(dst.parent)
+    sweep(dst.parent)
 
 
 _AT_FDCWD = -100

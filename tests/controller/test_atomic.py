@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-
 from bastion import atomic
 
 
@@ -118,3 +120,60 @@ def test_exchange_swaps_two_directories_in_one_step(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic.exchange(a, tmp_path / "missing")
     assert (a / "f").read_text() == "old"  # nothing moved
+
+
+# -- what a crash leaves behind ------------------------------------------------------------------
+
+
+def _crash_before_rename(call: str, directory: Path) -> Path:
+    """Run `call` in a child process that dies just before the rename (os._exit: no cleanup
+    runs, as after a kill or a power cut); the temporary it left in directory."""
+    before = set(directory.iterdir())
+    code = f"import os\nfrom bastion import atomic\nos.replace = lambda *a: os._exit(3)\n{call}\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=directory, check=False)
+    assert r.returncode == 3
+    (left,) = set(directory.iterdir()) - before
+    return left
+
+
+def _age(p: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(p, (t, t), follow_symlinks=False)
+
+
+def test_what_a_crash_left_is_swept_by_the_next_write_to_that_directory(tmp_path):
+    # A kill or power cut between the temporary and the rename left `.<name>.<hex>.tmp` in
+    # assets/ and the state directories for ever: nothing ever removed one.
+    old_file = _crash_before_rename("atomic.write_bytes('manifest.json', b'{}')", tmp_path)
+    old_link = _crash_before_rename("atomic.symlink('v1', 'current')", tmp_path)
+    live = _crash_before_rename("atomic.write_bytes('manifest.json', b'{}')", tmp_path)
+    for p in (old_file, old_link):
+        _age(p, 24 * 3600)  # far past STALE_AFTER
+    # Not ours, however old: another shape of name, a directory of our shape.
+    foreign = [tmp_path / ".site.yaml.0badc0de.tmp", tmp_path / "notes.bastion-0badc0de.tmp",
+               tmp_path / ".x.bastion-nothex!!.tmp"]  # fmt: skip
+    for p in foreign:
+        p.write_text("keep\n")
+    ours_dir = tmp_path / ".d.bastion-0badc0de.tmp"
+    ours_dir.mkdir()
+    for p in [*foreign, ours_dir]:
+        _age(p, 24 * 3600)
+
+    atomic.write_bytes(tmp_path / "other", b"x")
+
+    assert not old_file.exists() and not old_link.is_symlink()
+    assert live.exists()  # touched a moment ago: as a write in progress would be
+    assert all(p.read_text() == "keep\n" for p in foreign) and ours_dir.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, "other", *(p.name for p in foreign), ours_dir.name]
+    )
+
+
+def test_sweep_takes_only_temporaries_older_than_asked(tmp_path):
+    left = _crash_before_rename("atomic.write_text('a', 'x')", tmp_path)
+    assert atomic.sweep(tmp_path) == []
+    _age(left, 120)
+    assert atomic.sweep(tmp_path, older_than=3600) == []
+    assert atomic.sweep(tmp_path, older_than=60) == [left.name]
+    assert list(tmp_path.iterdir()) == []
+    assert atomic.sweep(tmp_path / "missing") == []  # never raises
