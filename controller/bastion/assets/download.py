@@ -11,14 +11,18 @@ pinned checksum) before anything reaches a served directory.
 
 The pair on disk stays consistent under a crash at any point: a .part is only ever appended to
 under the sidecar that describes it, and when a download starts over the old .part is removed
-before the sidecar for the new one is written. What a fetch of one version staged is discarded
-by the next fetch of another version of the same thing (`discard_abandoned`).
+before the sidecar for the new one is written. The sidecar also records how many of the part's
+bytes are durable (fsynced before the sidecar said so, every `DURABLE_EVERY` bytes and when the
+transfer ends or breaks off); a resume continues from that length and cuts off the rest, which a
+power cut may have left as zeros or garbage. What a fetch of one version staged is discarded by
+the next fetch of another version of the same thing (`discard_abandoned`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
 import fcntl
 import hashlib
 import json
@@ -40,6 +44,12 @@ SMALL_FILE_LIMIT = 1 << 20
 # deleted: a body that never ends would otherwise fill the disk before its checksum is looked at.
 DOWNLOAD_LIMIT = 4 << 30
 CHUNK = 256 * 1024
+# What a power cut may cost a download at most: every DURABLE_EVERY bytes the .part is fsynced
+# and its sidecar records that length as "durable"; the next run resumes from there and cuts off
+# whatever lies beyond it (bytes the page cache had not written yet can come back as zeros).
+DURABLE_EVERY = 16 << 20
+# On a full disk the sidecar's new copy needs a block: the part gives back this much of its tail.
+ROOM_FOR_SIDECAR = 64 << 10
 
 
 def new_client() -> httpx.Client:
@@ -243,16 +253,104 @@ def download_resumable(
     If-Range would take the tail of whatever the mirror holds now. A tail (206) that names
     another validator or another size than the part was begun with (a server that ignores
     If-Range) is refused and the part discarded.
+
+    A resume continues from the length the sidecar records as durable, never from the part's
+    size: what was appended after the last fsync may be zeros or garbage after a power cut, and
+    is cut off first. A 416 means the part is complete only when the mirror's length is the
+    part's and no validator of another version comes with it; otherwise the part is begun again.
     """
     check_url(url)
+    if not _download(client, url, part, name, reporter):
+        # The mirror refused to continue a part it did not show to be whole; the part is gone,
+        # so this request carries no Range and cannot be answered 416 again.
+        _download(client, url, part, name, reporter)
+
+
+def _read_meta(meta_file: Path) -> dict:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _durable_of(meta: dict) -> int | None:
+    n = meta.get("durable")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+
+def _sync(fd: int, meta_file: Path, meta: dict, length: int) -> int:
+    """Make the part's first `length` bytes durable, then record that in the sidecar; `length`.
+
+    In this order: a crash between the two leaves the sidecar's older, smaller length, which
+    is still true. The sidecar is replaced atomically, so it is always one whole record."""
+    os.fsync(fd)
+    meta["durable"] = length
+    atomic.write_bytes(meta_file, json.dumps(meta).encode())
+    return length
+
+
+def _keep_what_came(fd: int, meta_file: Path, meta: dict, written: int, durable: int) -> int:
+    """After an interruption the process survived: record every byte that came as durable, so
+    the next run resumes from all of them; the length recorded (the last one when this fails).
+
+    On a full disk the sidecar's new copy has no block to go to; the part gives back the tail
+    it wrote last (`ROOM_FOR_SIDECAR`), so that the rest can be recorded and is not lost."""
+    if written == durable:
+        return durable
+    try:
+        return _sync(fd, meta_file, meta, written)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return durable
+    keep = max(durable, written - ROOM_FOR_SIDECAR)
+    try:
+        os.ftruncate(fd, keep)
+        return _sync(fd, meta_file, meta, keep) if keep != durable else durable
+    except OSError:
+        return durable
+
+
+def _other_version(r: httpx.Response, meta: dict, validator: str) -> str | None:
+    """The validator r names when it is not the one If-Range asked for (RFC 9110 15.3.7, 15.5.17:
+    a 206 or 416 carries the ETag and Last-Modified its 200 would); None when it names none."""
+    field = "etag" if validator == meta.get("etag") else "last-modified"
+    now = r.headers.get(field)
+    return now if now is not None and now != validator else None
+
+
+def _download(client: httpx.Client, url: str, part: Path, name: str, reporter: Reporter) -> bool:
+    """download_resumable's one request; False when a 416 made it discard the part."""
     meta_file = meta_path(part)
-    have = part.stat().st_size if part.exists() else 0
-    meta: dict = {}
-    if have:
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads(meta_file.read_text())
-        if not isinstance(meta, dict) or meta.get("url") != url:
-            have, meta = 0, {}
+    size = part.stat().st_size if part.exists() else 0
+    meta = _read_meta(meta_file) if size else {}
+    if meta.get("url") != url:
+        meta = {}
+    have = 0
+    if meta:
+        durable = _durable_of(meta)
+        if durable is None:
+            # A sidecar from before lengths were recorded: nothing shows which bytes are whole.
+            reporter.note(
+                f"{name}: the partial file cannot be resumed (nothing records how much of it "
+                "reached the disk whole); starting over"
+            )
+            meta = {}
+        else:
+            have = min(size, durable)
+            if size > have:
+                reporter.note(
+                    f"{name}: cut the partial file back to the {have:,} bytes recorded as "
+                    f"synced to disk: the {size - have:,} written after them may be damaged "
+                    "by the crash or power cut that stopped the last run"
+                )
+                try:
+                    os.truncate(part, have)
+                except OSError as e:
+                    raise TransferInterrupted(
+                        f"{name}: cannot cut {part} back to {have} bytes ({e.strerror or e}): "
+                        "make its directory writable and run the same command again"
+                    ) from None
     validator = if_range_validator(meta) if have else None
     if have and validator is None:
         # RFC 9110 15.3.7.3: parts may be combined only when they share one strong validator.
@@ -266,7 +364,7 @@ def download_resumable(
     if have:
         headers["Range"] = f"bytes={have}-"
         headers["If-Range"] = validator
-    written = have
+    written = durable = have
     total: int | None = None
     answered: int | None = None  # the status of the response, once one came
     try:
@@ -276,14 +374,15 @@ def download_resumable(
             if r.status_code == 404:
                 raise ReleaseNotFound(f"{name}: not found at {url} (HTTP 404)")
             if r.status_code == 416 and have:
-                m = _CONTENT_RANGE_RE.fullmatch(r.headers.get("content-range", "").strip())
-                if m and m.group(3) != "*" and int(m.group(3)) == have:
-                    return  # the earlier run had every byte; it stopped before verifying
+                why = _not_complete(r, meta, validator, have)
+                if why is None:
+                    return True  # the earlier run had every byte; it stopped before verifying
                 unlink(part, meta_file)
-                raise TransferInterrupted(
-                    f"{name}: the mirror refused to resume at byte {have}; the partial file was "
-                    "discarded: run the command again to start it afresh"
+                reporter.note(
+                    f"{name}: the mirror refused to resume at byte {have:,} (HTTP 416), and "
+                    f"{why}: the partial file was discarded; starting over"
                 )
+                return False
             if r.status_code == 206 and have:
                 m = _CONTENT_RANGE_RE.fullmatch(r.headers.get("content-range", "").strip())
                 if not m or m.group(1) is None or int(m.group(1)) != have:
@@ -291,12 +390,11 @@ def download_resumable(
                         f"{url}: asked for bytes {have}- and got Content-Range "
                         f"{r.headers.get('content-range')!r}"
                     )
-                # RFC 9110 15.3.7: a 206 carries the ETag and Last-Modified its 200 would. One
-                # that is not what If-Range asked for is a tail of another version, sent by a
-                # server (or a cache before it) that served the Range without evaluating If-Range.
-                field = "etag" if validator == meta.get("etag") else "last-modified"
-                now = r.headers.get(field)
-                if now is not None and now != validator:
+                # A 206 naming another validator than If-Range asked for is a tail of another
+                # version, sent by a server (or a cache before it) that served the Range without
+                # evaluating If-Range.
+                now = _other_version(r, meta, validator)
+                if now is not None:
                     unlink(part, meta_file)
                     raise TransferInterrupted(
                         f"{name}: asked to resume {validator} and the mirror sent the rest of "
@@ -314,26 +412,28 @@ def download_resumable(
                         "partial file was begun with; the partial file was discarded: run the "
                         "command again to start it afresh"
                     )
-                mode = "ab"
+                fresh = False
             elif r.status_code == 200:
                 if have:
                     reporter.note(
                         f"{name}: the mirror sent the whole file again (it changed, or the "
                         "mirror does not resume); starting over"
                     )
-                have = written = 0
+                have = written = durable = 0
                 length = r.headers.get("content-length")
                 total = int(length) if length and length.isascii() and length.isdigit() else None
-                mode = "wb"
+                fresh = True
                 meta = {
                     "url": url,
                     "etag": r.headers.get("etag"),
                     "last_modified": r.headers.get("last-modified"),
                     "date": r.headers.get("date"),
                     "total": total,
+                    "durable": 0,
                 }
                 # The old bytes go before the sidecar that describes the new ones is written: a
                 # crash in between must not leave a sidecar vouching for another version's bytes.
+                # ("durable": 0 vouches for none of them either way.)
                 unlink(part)
                 atomic.write_bytes(meta_file, json.dumps(meta).encode())
             else:
@@ -342,22 +442,39 @@ def download_resumable(
                 unlink(part, meta_file)
                 raise FetchError(_too_big(name, url, f"announces {total} bytes"))
             reporter.begin(name, total, have)
+            # A resume opens the part it measured, never a new one: a hole before `have`
+            # would read as zeros.
+            fd = os.open(part, os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if fresh else 0), 0o666)
             try:
-                with open(part, mode) as out:
-                    for chunk in r.iter_raw(CHUNK):
-                        if written + len(chunk) > DOWNLOAD_LIMIT:
-                            out.close()
-                            unlink(part, meta_file)
-                            raise FetchError(_too_big(name, url, f"sent more than {DOWNLOAD_LIMIT} bytes"))
-                        out.write(chunk)
-                        written += len(chunk)
-                        reporter.advance(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
+                os.lseek(fd, have, os.SEEK_SET)
+                for chunk in r.iter_raw(CHUNK):
+                    if written + len(chunk) > DOWNLOAD_LIMIT:
+                        os.close(fd)
+                        fd = -1
+                        unlink(part, meta_file)
+                        raise FetchError(
+                            _too_big(name, url, f"sent more than {DOWNLOAD_LIMIT} bytes")
+                        )
+                    view = memoryview(chunk)
+                    while view:  # os.write may take less than all (a disk filling up)
+                        n = os.write(fd, view)
+                        written += n
+                        view = view[n:]
+                    reporter.advance(len(chunk))
+                    if written - durable >= DURABLE_EVERY:
+                        durable = _sync(fd, meta_file, meta, written)
+                if written != durable:
+                    durable = _sync(fd, meta_file, meta, written)
+            except (OSError, httpx.HTTPError, KeyboardInterrupt):
+                if fd >= 0:
+                    durable = _keep_what_came(fd, meta_file, meta, written, durable)
+                raise
             finally:
+                if fd >= 0:
+                    os.close(fd)
                 reporter.end()
     except OSError as e:  # the disk is full, the directory read-only: the part is as it was
-        kept = part.stat().st_size if part.exists() else 0
+        kept = durable if part.exists() else 0
         raise TransferInterrupted(
             f"{name}: cannot write {part} after {kept} bytes ({e.strerror or e}); the partial "
             "file is kept: make room and run the same command again to resume"
@@ -384,6 +501,31 @@ def download_resumable(
             f"{name}: the mirror sent {written} of {total} bytes; the partial file is kept: "
             "run the same command again to resume"
         )
+    return True
+
+
+def _not_complete(r: httpx.Response, meta: dict, validator: str, have: int) -> str | None:
+    """Why a 416 to `Range: bytes=<have>-` does not show the part to be the whole file; None
+    when it does: RFC 9110 15.5.17's `Content-Range: bytes */<length>` names the part's length,
+    the one the part was begun with if that was known, and no other validator comes with it.
+
+    A server that evaluates If-Range answers 416 only when the validator matched (else it sends
+    the whole file), so a 416 without ETag or Last-Modified is taken at its length; one that
+    names another validator is from a server that ignores If-Range, about another version."""
+    cr = r.headers.get("content-range")
+    m = _CONTENT_RANGE_RE.fullmatch((cr or "").strip())
+    if not m or m.group(1) is not None or m.group(3) == "*":
+        return f"gave no length of its file (Content-Range {cr!r})"
+    length = int(m.group(3))
+    if length != have:
+        return f"its file is {length:,} bytes, not the {have:,} of the partial file"
+    begun = meta.get("total")
+    if isinstance(begun, int) and begun != length:
+        return f"its file is {length:,} bytes, not the {begun:,} the partial file was begun with"
+    now = _other_version(r, meta, validator)
+    if now is not None:
+        return f"its file is {now}, not the {validator} the partial file was begun with"
+    return None
 
 
 def _too_big(name: str, url: str, what: str) -> str:

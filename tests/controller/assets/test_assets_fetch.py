@@ -592,10 +592,11 @@ def test_resume_against_starlette_static_files(site, test_key, tmp_path):
     seen = []
     app = Starlette(routes=[Mount("/", StaticFiles(directory=root))])
     with TestClient(app) as client:
-        # The sidecar an interrupted first GET would have left: its URL, ETag and size.
+        # The sidecar an interrupted first GET would have left: its URL, ETag and size, and
+        # the part's length it synced to disk.
         etag = client.head(url).headers["etag"]
         (staging / f"{KERNEL}.part.json").write_text(
-            json.dumps({"url": url, "etag": etag, "total": len(kernel)})
+            json.dumps({"url": url, "etag": etag, "total": len(kernel), "durable": 400_000})
         )
         client.event_hooks = {"request": [seen.append], "response": []}
         result = af.fetch_flatcar(

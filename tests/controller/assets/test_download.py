@@ -36,6 +36,7 @@ class Origin:
         self.chunked = False  # no Content-Length: Transfer-Encoding: chunked
         self.cut_after: int | None = None  # the next 200 stops after this many body bytes
         self.honours_if_range = True  # False: a Range is served whatever If-Range says
+        self.bare_416 = False  # True: a 416 carries Content-Range only, no ETag or Last-Modified
         self.requests: list[dict[str, str]] = []
         self.url = ""
 
@@ -48,6 +49,15 @@ class Origin:
         validators = (self.headers.get("ETag"), self.headers.get("Last-Modified"))
         if m and (not self.honours_if_range or asked.get("if-range", validators[0]) in validators):
             start, status = int(m.group(1)), 206
+        if status == 206 and start >= len(self.body):
+            # RFC 9110 15.5.17: nothing at or after that byte; the length in Content-Range.
+            h.send_response_only(416)
+            for k, v in ({} if self.bare_416 else self.headers).items():
+                h.send_header(k, v)
+            h.send_header("Content-Range", f"bytes */{len(self.body)}")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         body = self.body[start:]
         h.send_response_only(status)  # no Date of its own: the test's, or none
         for k, v in self.headers.items():
@@ -233,6 +243,133 @@ def test_a_crash_after_the_sidecar_is_rewritten_does_not_splice_two_versions(
     assert not part.exists() or part.stat().st_size == 0  # nothing of "v1" under a "v2" sidecar
     get(origin, part)
     assert part.read_bytes() == origin.body
+
+
+def _sidecar(part) -> dict:
+    return json.loads(download.meta_path(part).read_text())
+
+
+class CrashAfter(Notes):
+    """A power cut once `at` bytes have come: the process stops where it stands."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.came = at, 0
+
+    def advance(self, n: int) -> None:
+        self.came += n
+        if self.came >= self.at:
+            raise Crash
+
+
+def test_a_power_cut_mid_download_resumes_from_the_synced_length_not_from_damaged_bytes(
+    origin, tmp_path, monkeypatch
+):
+    # The .part was fsynced only at the end: after a power cut its tail could be zeros, the
+    # resume appended to them, and the whole file was refused as "corrupted or tampered with".
+    monkeypatch.setattr(download, "DURABLE_EVERY", 100_000, raising=False)
+    part = tmp_path / "file.part"
+    origin.headers, origin.body = {"ETag": '"v1"'}, os.urandom(SIZE)
+    with pytest.raises(Crash):
+        get(origin, part, CrashAfter(400_000))
+    synced = _sidecar(part).get("durable", 0)
+    written = part.stat().st_size
+    assert written >= 400_000
+    # What the page cache had not written when the power went: zeros on disk.
+    with open(part, "r+b") as f:
+        f.seek(synced)
+        f.write(bytes(written - synced))
+    notes = Notes()
+    get(origin, part, notes)
+    assert part.read_bytes() == origin.body
+    assert 0 < synced <= written  # a length was recorded before the cut, and resumed from
+    assert origin.requests[-1]["range"] == f"bytes={synced}-"
+
+
+def test_a_part_longer_than_its_synced_length_is_cut_back_before_it_is_resumed(origin, tmp_path):
+    part = tmp_path / "file.part"
+    origin.headers, origin.body = {"ETag": '"v1"'}, os.urandom(SIZE)
+    have = interrupted(origin, part)  # a broken connection syncs what came, and records it
+    with open(part, "ab") as f:  # bytes that never reached the disk whole
+        f.write(os.urandom(50_000))
+    notes = Notes()
+    get(origin, part, notes)
+    assert part.read_bytes() == origin.body
+    assert origin.requests[-1]["range"] == f"bytes={have}-"
+    assert _sidecar(part)["durable"] == SIZE
+    assert (f"file: cut the partial file back to the {have:,} bytes recorded as synced to disk: "
+            "the 50,000 written after them may be damaged") in notes.notes[0]  # fmt: skip
+
+
+def test_a_part_whose_sidecar_records_no_synced_length_starts_over(origin, tmp_path):
+    # A sidecar an older bastion left: the part's size is all it says, and that size may
+    # include bytes a power cut damaged.
+    part = tmp_path / "file.part"
+    origin.headers, origin.body = {"ETag": '"v1"'}, os.urandom(SIZE)
+    interrupted(origin, part)
+    meta = _sidecar(part)
+    meta.pop("durable", None)
+    download.meta_path(part).write_text(json.dumps(meta))
+    notes = Notes()
+    get(origin, part, notes)
+    assert "range" not in origin.requests[-1]
+    assert part.read_bytes() == origin.body
+    assert any("cannot be resumed (nothing records how much of it reached the disk whole)" in n
+               for n in notes.notes)  # fmt: skip
+
+
+# -- a 416 to a resume (RFC 9110 15.5.17) -----------------------------------------------------------
+
+
+def complete_part(origin: Origin, part) -> bytes:
+    """A part with every byte whose run stopped before its caller verified it."""
+    get(origin, part)
+    assert part.read_bytes() == origin.body and download.meta_path(part).exists()
+    return origin.body
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["with-etag", "content-range-only"])
+def test_a_416_of_the_same_file_and_length_means_the_part_is_complete(origin, tmp_path, bare):
+    part = tmp_path / "file.part"
+    origin.headers, origin.body = {"ETag": '"v1"'}, os.urandom(SIZE)
+    body = complete_part(origin, part)
+    origin.bare_416 = bare
+    get(origin, part)
+    assert origin.requests[-1]["range"] == f"bytes={SIZE}-"  # answered 416, nothing more asked
+    assert len(origin.requests) == 2
+    assert part.read_bytes() == body
+
+
+def test_a_416_naming_another_etag_is_not_taken_as_complete(origin, tmp_path):
+    # A server that ignores If-Range answered the resume of a complete part with 416 and the
+    # new file's ETag; the part was taken as complete, and its old bytes failed verification.
+    part = tmp_path / "file.part"
+    origin.headers, origin.body = {"ETag": '"v1"'}, os.urandom(SIZE)
+    complete_part(origin, part)
+    origin.honours_if_range = False
+    origin.headers, origin.body = {"ETag": '"v2"'}, os.urandom(SIZE)  # same size, new bytes
+    notes = Notes()
+    get(origin, part, notes)
+    assert part.read_bytes() == origin.body
+    assert "range" not in origin.requests[-1]
+    assert (f"file: the mirror refused to resume at byte {SIZE:,} (HTTP 416), and its file is "
+            '"v2", not the "v1" the partial file was begun with: the partial file was '
+            "discarded; starting over") in notes.notes  # fmt: skip
+
+
+def test_a_416_for_a_file_of_another_length_fetches_it_again_at_once(origin, tmp_path):
+    # It discarded the part and stopped ("run the command again"), though nothing stood in the
+    # way of fetching the file whole there and then.
+    part = tmp_path / "file.part"
+    origin.headers, origin.body = {"ETag": '"v1"'}, os.urandom(SIZE)
+    complete_part(origin, part)
+    origin.honours_if_range, origin.bare_416 = False, True
+    origin.body = os.urandom(SIZE - 1000)  # shorter now: bytes=SIZE- is past its end
+    notes = Notes()
+    get(origin, part, notes)
+    assert part.read_bytes() == origin.body
+    assert any(f"its file is {SIZE - 1000:,} bytes, not the {SIZE:,} of the partial file" in n
+               for n in notes.notes)  # fmt: skip
 
 
 # -- what the messages claim -------------------------------------------------------------------------
