@@ -14,34 +14,128 @@ A 2xx answer is Loki's acknowledgement: the batch may leave the queue. 429 and 5
 with backoff, and so are 401 and 403 (the credentials are wrong or missing, which says nothing
 about the batch: it waits until they are put right) and a redirect, which is not followed (it
 would carry the credentials elsewhere). Any other 4xx means Loki will never take that batch
-(too old, too big, malformed), so it is dropped, counted and reported rather than blocking the
-queue for good.
+(too old, malformed), so it is dropped, counted and reported rather than blocking the queue for
+good.
+
+Size. Loki takes a push only within its bounds, and some are for good: a line longer than
+`max_line_size` (256 kB by default since Loki 3) is a 400; a push whose lines total more than
+the tenant's `ingestion_burst_size_mb` (6 MB by default) is a 429 at every try, whatever the
+rate; a proxy in front answers 413 past its own limit (nginx's default is 1 MiB). So a push is
+bounded by its encoded bytes (`PUSH_MAX`, and by the records a batch reads), not by a count, and
+each line by `LINE_MAX` bytes of UTF-8: a longer event is cut the way a syslog message is cut to
+`max_message` (its payload replaced by `{"truncated": <length>, "head": <its start>}`; if that is
+not enough, the whole event by `{"id": .., "truncated": .., "head": ..}`). An event is never too
+big to be sent, and `batch` takes at least one. A 413, or a 429 to a push of many records, makes
+the sender halve its bound (bastion.logship.shipper), so a smaller limit than ours is learned
+rather than hit forever.
+
+Credentials never travel in cleartext: `url_refusal` refuses `auth` over an http:// URL unless
+its host is loopback (the collector on the controller's own host), and a URL with credentials
+in it (`user:password@host`), which would sit in the site files (kept in git) and in any text
+that names the URL.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from bastion import __version__
 
+#: The most bytes of one push request's body. Below nginx's default client_max_body_size
+#: (1 MiB) and far below Loki's default ingestion burst (6 MB, which should be at least "the
+#: maximum logs size expected in a single push request", Loki's limits_config says).
+PUSH_MAX = 1_000_000
+#: The most bytes (UTF-8) of one line: Loki 3's default max_line_size, 256KB, which Loki reads
+#: as 256,000 bytes. A longer line is a 400 for that entry.
+LINE_MAX = 256_000
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # the body's own encoding: ASCII
+# what a body and each of its streams cost besides their values: `{"streams":[]}` and
+# `{"stream":<labels>,"values":[]}` with the commas between them
+_BODY_BYTES = len('{"streams":[]}')
+_STREAM_BYTES = len('{"stream":,"values":[]},')
+
 
 def push_body(events: list[dict[str, Any]], *, site: str, labels: dict[str, str]) -> bytes:
-    """The JSON push request for `events` (Event.as_dict()), in their order."""
+    """The JSON push request for all of `events` (Event.as_dict()), in their order, unbounded."""
+    return batch(events, site=site, labels=labels, max_bytes=None, line_max=None)[0]
+
+
+def batch(events: list[dict[str, Any]], *, site: str, labels: dict[str, str], max_bytes: int | None = PUSH_MAX,
+          line_max: int | None = LINE_MAX) -> tuple[bytes, int, list[Any]]:  # fmt: skip
+    """The push request for the longest run of `events` from the first whose body is at most
+    `max_bytes` (at least the first event, whose line is cut so that it fits alone), each line
+    at most `line_max` bytes: (body, how many events it holds, the ids of those that were cut)."""
     streams: dict[tuple, dict[str, Any]] = {}
+    size, taken, cut = _BODY_BYTES, 0, []
     for event in events:
         stream = {"job": "edge-bastion", **labels, "site": site,
                   "source": str(event.get("source") or "-"), "kind": str(event.get("kind") or "-")}  # fmt: skip
         key = tuple(sorted(stream.items()))
-        entry = streams.setdefault(key, {"stream": stream, "values": []})
-        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
-        entry["values"].append([str(_nanoseconds(event.get("ts"))), line])
-    return json.dumps({"streams": list(streams.values())}, separators=(",", ":")).encode()
+        ns = str(_nanoseconds(event.get("ts")))
+        stream_cost = len(_ENCODE(stream)) + _STREAM_BYTES
+        # the room a line has in a push of this event alone; `["<ns>",""],` is the value's own cost
+        room = None if max_bytes is None else max_bytes - _BODY_BYTES - stream_cost - len(_ENCODE([ns, ""])) - 1
+        line, was_cut = fit_line(event, line_max=line_max, encoded_max=room)
+        cost = len(_ENCODE([ns, line])) + 1 + (0 if key in streams else stream_cost)
+        if taken and max_bytes is not None and size + cost > max_bytes:
+            break
+        streams.setdefault(key, {"stream": stream, "values": []})["values"].append([ns, line])
+        size += cost
+        taken += 1
+        if was_cut:
+            cut.append(event.get("id"))
+    return _ENCODE({"streams": list(streams.values())}).encode(), taken, cut
+
+
+def fit_line(event: dict[str, Any], *, line_max: int | None, encoded_max: int | None) -> tuple[str, bool]:
+    """The event's line, the event as JSON: at most `line_max` bytes of UTF-8 and at most
+    `encoded_max` bytes as a JSON string in the body; and whether it had to be cut. A lone
+    surrogate counts as the three bytes of U+FFFD, which Loki reads it as."""
+
+    def fits(line: str) -> bool:
+        return ((line_max is None or len(line.encode("utf-8", "surrogatepass")) <= line_max)
+                and (encoded_max is None or len(_ENCODE(line)) - 2 <= encoded_max))  # fmt: skip
+
+    whole = _json(event)
+    if fits(whole):
+        return whole, False
+    text = _json(event.get("payload"))
+    short = dict(event, payload={"truncated": len(text), "head": ""})
+    if fits(_json(short)):
+        return _longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
+                        len(text), fits), True  # fmt: skip
+    # a field besides the payload is that long: the event's id (to find it in the history) and
+    # the start of its JSON
+    ident = event.get("id")
+    base = {"id": ident} if isinstance(ident, int) and not isinstance(ident, bool) else {}
+    return _longest(lambda n: _json({**base, "truncated": len(whole), "head": whole[:n]}), len(whole), fits), True
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _longest(make: Callable[[int], str], most: int, fits: Callable[[str], bool]) -> str:
+    """make(n) for the largest n in 0..most that `fits` (make(0) when none does), by halving:
+    escaping and UTF-8 make bytes outgrow characters."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(make(mid)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return make(lo)
 
 
 def _nanoseconds(ts: Any) -> int:
@@ -56,7 +150,42 @@ def _nanoseconds(ts: Any) -> int:
 
 
 class LokiRejected(Exception):
-    """Loki answered 4xx (not 429): the batch will never be taken."""
+    """Loki answered 4xx (not 401, 403, 429): the batch will never be taken."""
+
+
+class LokiTooLarge(LokiRejected):
+    """Loki, or a proxy in front of it, answered 413: this push is too big; a smaller one may pass."""
+
+
+class LokiBusy(OSError):
+    """Loki answered 429: too much for now, or a push beyond the tenant's burst (never taken)."""
+
+
+def url_refusal(url: str, auth: str | None) -> str | None:
+    """Why a push URL cannot be used with `auth`, or None: credentials in the URL itself, or
+    credentials over plain http to a host that is not loopback. The reason never repeats the
+    URL (it may hold a password)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:
+        return (f"the url has credentials in it (user:password@{parts.hostname}): the site files are kept in "
+                "git and a URL is shown in logs; use auth: basic (username, and the password in the secret "
+                "store) or auth: bearer")  # fmt: skip
+    if auth is not None and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        what = "password" if auth == "basic" else "token"
+        return (f"auth: {auth} over http:// would send the {what} in cleartext to {parts.hostname}: use an "
+                "https url (plain http is allowed only to a loopback address, the controller's own host)")  # fmt: skip
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the controller's host."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 section 6.3
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def auth_headers(*, tenant: str | None, auth: str | None, username: str | None,
@@ -82,9 +211,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def push(url: str, body: bytes, *, headers: dict[str, str] | None = None,
          context: ssl.SSLContext | None = None, timeout: float = 10.0) -> None:  # fmt: skip
     """POST one push request (with `headers` besides the content type; over https with
-    `context`, default the system's CAs). Returns on 2xx; raises LokiRejected on a final
-    refusal, OSError (urllib's errors are OSErrors) when Loki is unreachable, asks to retry,
-    refuses the credentials or redirects."""
+    `context`, default the system's CAs). Returns on 2xx; raises LokiTooLarge on 413,
+    LokiRejected on another final refusal, LokiBusy on 429, OSError (urllib's errors are
+    OSErrors) when Loki is unreachable, asks to retry, refuses the credentials or redirects."""
     req = urllib.request.Request(url, data=body, method="POST", headers={
         "Content-Type": "application/json", "User-Agent": f"edge-bastion/{__version__}", **(headers or {})})  # fmt: skip
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
@@ -96,6 +225,10 @@ def push(url: str, body: bytes, *, headers: dict[str, str] | None = None,
         if 300 <= e.code < 400:
             raise OSError(f"HTTP {e.code}: redirected to {e.headers.get('Location')!r}, which is not "
                           "followed: put the final URL in site.yaml") from None  # fmt: skip
-        if 400 <= e.code < 500 and e.code not in (401, 403, 429):
+        if e.code == 413:
+            raise LokiTooLarge(f"HTTP 413: {detail}") from None
+        if e.code == 429:
+            raise LokiBusy(f"HTTP 429: {detail}") from None
+        if 400 <= e.code < 500 and e.code not in (401, 403):
             raise LokiRejected(f"HTTP {e.code}: {detail}") from None
         raise OSError(f"HTTP {e.code}: {detail}") from None

@@ -13,20 +13,28 @@ across anything slow, so a request is never slowed by a collector. Each target's
      (SIOCOUTQ is 0) and (b) the connection was still open `confirm_s` after that. When the
      connection fails, sending starts again from the oldest record still queued: a collector
      stopped mid-stream may get a few records twice (each carries its event id), never none.
-   - loki: one push request per batch; a 2xx removes the batch.
+   - loki: one push request per batch, bounded by bytes (`loki_push_max`) as well as records
+     (`batch`); a 2xx removes the batch. A 413 or a 429 to it halves that bound for the rest of
+     the target's life: a proxy's or a tenant's limit below ours is learned, not hit forever.
 3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
    doubling up to `backoff_max_s`; records wait on disk meanwhile. When the queue file itself
-   cannot be written (disk full, locked), the batch goes back to the inbox and waits there, up
-   to `inbox_max`, and each try logs an error that names the file; a reload hands that inbox
-   to the new target of the same name. A queue file that does not open as a queue is moved
-   aside and a new one made (bastion.logship.queue.set_aside): it never keeps a target, or
-   the controller, from starting.
+   cannot be written or opened (disk full, locked, no permission), the events wait in the
+   inbox, up to `inbox_max`, each try (with the same backoff) logs an error that names the
+   file, and a reload hands that inbox to the new target of the same name. A target whose
+   queue file cannot be opened at its start is such a target (an event `not-started`, then
+   `started` once the file opens). A queue file that does not open as a queue is moved aside
+   and a new one made (bastion.logship.queue.set_aside): it never keeps a target, or the
+   controller, from starting. A target whose site.yaml entry cannot be used safely (a Loki
+   URL with credentials in it, credentials over plain http to another host) is refused: it is
+   not started until `logs:` changes.
 
 Credentials are read when they are used, from the secret store (`secret_name`): a Loki password
 or token at each push, a client key (mutual TLS) at each new connection, the site's CA and
-certificate files with it. One that is missing or does not load is a failure like a collector
-that is down (an event says which secret and where it is looked for), so records wait on disk
-until it is put right, and a rotated one takes effect without a restart.
+certificate files with it (Loki makes a connection per push: its TLS context is kept, and made
+again when one of those files changes, by its inode, size or mtime). One that is missing or
+does not load is a failure like a collector that is down (an event says which secret and where
+it is looked for), so records wait on disk until it is put right, and a rotated one takes
+effect without a restart.
 
 A collector going away and coming back, and records dropped by the bound, are themselves
 events (kind `logship`), recorded through the same `record` and so shipped too.
@@ -37,6 +45,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import socket
 import sqlite3
 import ssl
@@ -67,13 +76,22 @@ class MissingSecret(OSError):
 
 
 class QueueUnwritable(OSError):
-    """The target's queue file cannot be written (disk full, locked): its events wait in the inbox."""
+    """The target's queue file cannot be written or opened (disk full, locked, no permission):
+    its events wait in the inbox."""
+
+
+class TargetRefused(ValueError):
+    """The target, as site.yaml gives it, is not used (the message says why)."""
 
 
 class Target:
     """One collector: its queue, its inbox and the thread that sends."""
 
-    batch = 200  # records per send
+    batch = 200  # records per send, at most
+    loki_push_max = loki.PUSH_MAX  # bytes of a push request's body, at most; 413 and 429 lower it
+    loki_line_max = loki.LINE_MAX  # bytes of one Loki line; a longer event is cut to fit
+    loki_busy_floor = 64_000  # a 429 (a rate limit, or a push past the burst) halves the bound down to this
+    loki_push_least = 1024  # a 413 halves it down to this, then the record is refused for good
     inbox_max = 100_000  # events waiting for the thread; past it they are dropped and counted
     confirm_s = 1.0  # syslog: an acknowledged record is removed after the connection lived this long
     backoff_min_s = 0.2
@@ -90,17 +108,12 @@ class Target:
         self.hostname = hostname
         self.metrics = metrics
         self.record = record
-        path = queue_dir / f"{spec.name}.db"
-        try:
-            self.queue = DiskQueue(path, spec.queue_max)
-        except sqlite3.DatabaseError as e:
-            if not is_damaged(e):
-                raise  # locked, no permission: not ours to move; the target does not start
-            aside = set_aside(path)
-            self.queue = DiskQueue(path, spec.queue_max)
-            log.error("logship %s: the queue file %s is damaged (%s): moved aside to %s, a new queue started; "
-                      "the records it held are not shipped", spec.name, path, e, aside)  # fmt: skip
-            self._event("queue-damaged", file=str(path), error=str(e), moved_to=str(aside))
+        if spec.type == "loki":
+            refusal = loki.url_refusal(spec.url or "", spec.auth)
+            if refusal is not None:
+                raise TargetRefused(refusal)
+        self.queue_path = queue_dir / f"{spec.name}.db"
+        self.queue: DiskQueue | None = None  # None until the file opens (_open_queue)
         self.inbox: collections.deque[str] = collections.deque()
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -113,8 +126,41 @@ class Target:
         self._unreported: collections.Counter[str] = collections.Counter()  # by reason
         self._reported_at = float("-inf")
         self._https: ssl.SSLContext | None = None  # loki over https: made at first use, again after a failure
+        self._https_files: tuple = ()  # what its files were when it was made (_tls_files)
+        self._push_max = self.loki_push_max
         self._thread = threading.Thread(target=self._run, name=f"logship-{spec.name}", daemon=True)
+        try:
+            self._open_queue()
+        except QueueUnwritable as e:  # locked, no permission: the thread tries again, with backoff
+            log.error("logship %s: not started: %s; events wait in memory, opening it is tried again",
+                      spec.name, e)  # fmt: skip
+            self._event("not-started", error=str(e))
+            self._up = False  # what follows is `started`, then `up` once the collector takes records
+            self._backoff = self.backoff_min_s
+            self._retry_at = time.monotonic() + self._backoff
         self._gauges()
+
+    def _open_queue(self) -> None:
+        """Open the queue file; one that is not a queue is moved aside and a new one made.
+        QueueUnwritable when it cannot be opened for now (locked, no permission): the file is
+        not ours to move, and the events wait in the inbox until it opens."""
+        path = self.queue_path
+        try:
+            try:
+                self.queue = DiskQueue(path, self.spec.queue_max)
+            except sqlite3.DatabaseError as e:
+                if not is_damaged(e):
+                    raise
+                aside = set_aside(path)
+                self.queue = DiskQueue(path, self.spec.queue_max)
+                log.error("logship %s: the queue file %s is damaged (%s): moved aside to %s, a new queue started; "
+                          "the records it held are not shipped", self.spec.name, path, e, aside)  # fmt: skip
+                self._event("queue-damaged", file=str(path), error=str(e), moved_to=str(aside))
+        except (OSError, sqlite3.Error) as e:
+            raise QueueUnwritable(f"cannot open the queue file {path}: {e}") from e
+
+    def _queued(self) -> int:
+        return len(self.queue) if self.queue is not None else 0
 
     # --- the controller's side ----------------------------------------------------------------
 
@@ -140,7 +186,8 @@ class Target:
         except QueueUnwritable as e:
             log.error("logship %s: %s; %d events not queued", self.spec.name, e, len(self.inbox))
         self._close_conn()
-        self.queue.close()
+        if self.queue is not None:
+            self.queue.close()
 
     # --- the thread ---------------------------------------------------------------------------
 
@@ -168,11 +215,19 @@ class Target:
         now = time.monotonic()
         if self._retry_at > now:
             return self._retry_at - now
-        if self._cursor and len(self.queue):
+        if self._cursor and self._queued():
             return self.confirm_s / 4  # watch the connection until what was sent is confirmed
         return 5.0
 
     def _drain(self) -> None:
+        if self.queue is None:
+            if time.monotonic() < self._retry_at:
+                return  # the events wait in the inbox until the next try
+            self._open_queue()
+            log.info("logship %s: the queue file %s opened: started, %d events were waiting in memory",
+                     self.spec.name, self.queue_path, len(self.inbox))  # fmt: skip
+            self._event("started", waiting=len(self.inbox))
+            self._up = None  # the collector is yet to be tried: its `down` is news again
         bodies = []
         while self.inbox:
             bodies.append(self.inbox.popleft())
@@ -202,7 +257,7 @@ class Target:
             }.get(reason, reason)
             log.warning("logship %s: dropped %d records (%s)", self.spec.name, n, why)
             self._event("dropped", count=n, reason=reason, queue_max=self.spec.queue_max,
-                        queued=len(self.queue))  # fmt: skip
+                        queued=self._queued())  # fmt: skip
 
     def _event(self, action: str, **payload: Any) -> None:
         if self.record is not None:
@@ -210,7 +265,7 @@ class Target:
 
     def _send_some(self) -> bool:
         """Send what is due; True when there may be more to do right away."""
-        if time.monotonic() < self._retry_at:
+        if time.monotonic() < self._retry_at or self.queue is None:
             return False
         try:
             if self.spec.type == "syslog":
@@ -227,14 +282,14 @@ class Target:
         self._retry_at = time.monotonic() + self._backoff
         if self._up is not False:
             log.warning("logship %s: cannot ship: %s; retrying", self.spec.name, why)
-            self._event("down", error=why, queued=len(self.queue))
+            self._event("down", error=why, queued=self._queued())
         self._up = False
 
     def _succeeded(self) -> None:
         self._backoff = 0.0
         if self._up is False:
-            log.info("logship %s: collector back, %d records queued", self.spec.name, len(self.queue))
-            self._event("up", queued=len(self.queue))
+            log.info("logship %s: collector back, %d records queued", self.spec.name, self._queued())
+            self._event("up", queued=self._queued())
         self._up = True
 
     def _close_conn(self) -> None:
@@ -325,27 +380,65 @@ class Target:
         self.metrics.logship_sent.labels(target=spec.name).inc(len(rows))
         return True
 
+    def _tls_files(self) -> tuple:
+        """(path, inode, size, mtime) of the files a TLS context is made of: the CA, the
+        certificate and its key; None for one that cannot be read."""
+        tls = self.spec.tls
+        assert tls is not None
+        paths = [self._site_file(tls.ca_file), self._site_file(tls.cert_file)]
+        if tls.cert_file is not None and self.secrets is not None:
+            paths.append(str(self.secrets.path(secret_name(self.spec.name, "client.key"))))
+        out = []
+        for path in paths:
+            try:
+                st = os.stat(path) if path is not None else None
+            except OSError:
+                st = None
+            out.append((path, st and (st.st_ino, st.st_size, st.st_mtime_ns)))
+        return tuple(out)
+
     def _send_loki(self) -> bool:
+        assert self.queue is not None
         rows = self.queue.peek(0, self.batch)
         if not rows:
             return False
-        body = loki.push_body([json.loads(b) for _, b in rows], site=self.site, labels=dict(self.spec.labels))
-        if self.spec.tls is not None and self._https is None:
-            self._https = self._tls_context()
+        body, taken, cut = loki.batch([json.loads(b) for _, b in rows], site=self.site, labels=dict(self.spec.labels),
+                                      max_bytes=self._push_max, line_max=self.loki_line_max)  # fmt: skip
+        if self.spec.tls is not None:
+            files = self._tls_files()  # before reading them: a change while it is made is seen next time
+            if self._https is None or files != self._https_files:
+                self._https, self._https_files = self._tls_context(), files
+        last = rows[taken - 1][0]
         try:
             loki.push(self.spec.url, body, headers=self._loki_headers(), context=self._https)
         except loki.LokiRejected as e:
-            log.error("logship %s: Loki refused %d records: %s", self.spec.name, len(rows), e)
-            self.queue.ack(rows[-1][0])
-            self._dropped(len(rows), "rejected")
+            if isinstance(e, loki.LokiTooLarge) and len(body) // 2 >= self.loki_push_least:
+                self._shrink(len(body) // 2, len(body), taken, e)
+                return True  # at once: the collector is there, it wants less at a time
+            log.error("logship %s: Loki refused %d records: %s", self.spec.name, taken, e)
+            self.queue.ack(last)
+            self._dropped(taken, "rejected")
             return True
+        except loki.LokiBusy as e:
+            # a push past the tenant's burst is refused at every try: a smaller one may not be
+            if taken > 1 and len(body) > self.loki_busy_floor:
+                self._shrink(max(self.loki_busy_floor, len(body) // 2), len(body), taken, e)
+            raise  # and retried with backoff, as any 429
         self._succeeded()
-        self.queue.ack(rows[-1][0])
-        self.metrics.logship_sent.labels(target=self.spec.name).inc(len(rows))
+        self.queue.ack(last)
+        self.metrics.logship_sent.labels(target=self.spec.name).inc(taken)
+        if cut:
+            log.warning("logship %s: %d records too long for a Loki line (%d bytes) or a push (%d) were cut "
+                        "to fit: ids %s", self.spec.name, len(cut), self.loki_line_max, self._push_max, cut[:10])  # fmt: skip
         return True
 
+    def _shrink(self, bound: int, size: int, records: int, why: Exception) -> None:
+        self._push_max = bound
+        log.warning("logship %s: Loki answered %s to a push of %d bytes (%d records): pushes are at most %d bytes "
+                    "from now on (until a restart or a change of logs:)", self.spec.name, why, size, records, bound)  # fmt: skip
+
     def _gauges(self) -> None:
-        self.metrics.logship_queued.labels(target=self.spec.name).set(len(self.queue))
+        self.metrics.logship_queued.labels(target=self.spec.name).set(self._queued())
         self.metrics.logship_up.labels(target=self.spec.name).set(1 if self._up else 0)
 
 
@@ -405,7 +498,7 @@ class Shipper:
                         targets.append(Target(spec, self.queue_dir, site=site, site_root=Path(site_root),
                                               hostname=hostname, metrics=self.metrics, record=self.record,
                                               secrets=self.secrets))  # fmt: skip
-                    except (OSError, ValueError, sqlite3.Error) as e:  # its queue file cannot be opened
+                    except (OSError, ValueError, sqlite3.Error) as e:  # TargetRefused, or a bug
                         log.error("logship %s: not started: %s", spec.name, e)
                         if self.record is not None:
                             self.record("logship", payload={"target": spec.name, "action": "not-started",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import socket
 import ssl
 import struct
@@ -104,7 +105,7 @@ def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
     def sd(cut: int | None = None) -> bytes:
         params = " ".join(f'{name}="{_sd_escape(value if cut is None or name == "id" else value[:cut])}"'
                           for name, value in fields)  # fmt: skip
-        return f"[{SD_ID} {params}] ".encode()
+        return _utf8(f"[{SD_ID} {params}] ")
 
     head = start + sd()
     body = _json(event)
@@ -124,7 +125,21 @@ SD_VALUE_CUT = 64  # characters of a structured-data value kept when the message
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return _utf8(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # the queue's json.loads joins pairs: any left is alone
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, each lone surrogate as U+FFFD (as the history answers it). A str with
+    one is not Unicode text (a file name that os.fsdecode made of bytes that are not UTF-8, for
+    one); encoding it strictly raised, and the message was retried forever, every record queued
+    behind it waiting."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
 
 
 def _longest(make: Callable[[int], bytes], most: int, room: int) -> bytes:

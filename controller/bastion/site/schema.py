@@ -913,6 +913,11 @@ class LogsTarget(_Strict):
                     raise ValueError("tls.server_name is for syslog targets: loki checks the url's host")
             if (self.auth == "basic") != (self.username is not None):
                 raise ValueError("auth: basic needs username, and username is only for auth: basic")
+            from bastion.logship.loki import url_refusal  # the rule serve's shipper applies too
+
+            refused = url_refusal(self.url, self.auth)
+            if refused is not None:
+                raise ValueError(refused)
         return self
 
     @property

@@ -251,37 +251,107 @@ def test_a_reload_onto_a_damaged_queue_file_starts_every_target(tmp_path: Path):
         queue.close()
 
 
-def test_a_queue_file_another_process_holds_keeps_only_its_own_target_from_starting(tmp_path: Path, caplog):
-    """Not damage (so it is not moved aside): another process holds the file's lock for good
-    (SQLite's exclusive locking mode). That target does not start, an error names the file, and
-    the others start all the same."""
+def test_a_queue_file_another_process_holds_is_opened_once_it_is_let_go(tmp_path: Path, caplog, monkeypatch):
+    """Not damage (so it is not moved aside): another process holds the file's lock (SQLite's
+    exclusive locking mode). Before, that target did not start until the controller restarted
+    or `logs:` changed, and every event meanwhile was lost to it. Now it starts without its
+    queue: an error and a `not-started` event name the file, its events wait in memory, the
+    file is tried again with the usual backoff, and once the lock is let go it opens (an event
+    `started`) and every event is queued, in order. The other target runs all along."""
     import sqlite3
+    import time
 
-    from bastion.logship.shipper import Shipper
+    from bastion.logship.shipper import Shipper, Target
     from bastion.metrics import Metrics
     from bastion.site.schema import LogsSection
 
+    monkeypatch.setattr(Target, "backoff_max_s", 0.5)
     DiskQueue(tmp_path / "q" / "central.db", 10).close()
     holder = sqlite3.connect(tmp_path / "q" / "central.db", isolation_level=None)
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")
     holder.execute("COMMIT")  # the lock stays: exclusive locking mode keeps it until close
     caplog.set_level(logging.ERROR, logger="bastion.logship")
-    shipper = Shipper(tmp_path / "q", Metrics())
+    events: list[dict] = []
+    shipper = Shipper(tmp_path / "q", Metrics(), lambda kind, **f: events.append(f["payload"]))
+
+    def wait(cond) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, "gave up waiting"
+            time.sleep(0.05)
+
     try:
         shipper.configure(LogsSection.model_validate({"targets": [
             {"name": n, "type": "syslog", "host": "127.0.0.1", "port": _unused_port()} for n in ("central", "other")]}),
             site="s", site_root=tmp_path)  # fmt: skip
-        assert [t.spec.name for t in shipper.targets] == ["other"]
-        shipper.offer({"id": 1})
+        for i in range(1, 6):
+            shipper.offer({"id": i})
+        (refused,) = [e for e in events if e["action"] == "not-started"]
+        assert refused["target"] == "central", refused
+        holder.close()
+        wait(lambda: any(e["action"] == "started" for e in events))
+        assert "central.db" in refused["error"], refused  # the file, not only SQLite's word
+        for i in range(6, 11):
+            shipper.offer({"id": i})
+        central = next(t for t in shipper.targets if t.spec.name == "central")
+        wait(lambda: central.queue is not None and len(central.queue) == 10)
     finally:
         shipper.close()
         holder.close()
     assert any("central" in r.getMessage() and "not started" in r.getMessage() for r in caplog.records)
     assert [p.name for p in (tmp_path / "q").iterdir() if "damaged" in p.name] == []
-    queue = DiskQueue(tmp_path / "q" / "other.db", 100)
-    assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [1]
-    queue.close()
+    for name in ("central", "other"):
+        queue = DiskQueue(tmp_path / "q" / f"{name}.db", 100)
+        assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == list(range(1, 11)), name
+        queue.close()
+
+
+def test_an_event_with_a_lone_surrogate_reaches_syslog_and_so_do_the_ones_after_it(site_dir: Path, tmp_path: Path):
+    """A str can hold a lone surrogate: a file name that os.fsdecode made of bytes that are not
+    UTF-8, for one. The history stores such an event (its payload is ASCII JSON) and the
+    shipper queues it; before, encoding its syslog message raised, the target logged an
+    internal error and tried that record again forever: nothing after it was shipped. Now the
+    surrogate is sent as U+FFFD, as the history answers it."""
+    import os
+    import time
+
+    collector = socket.socket()
+    collector.bind(("127.0.0.1", 0))
+    collector.listen()
+    collector.settimeout(30)
+    with open(site_dir / "site.yaml", "a") as f:
+        f.write(f"\nlogs:\n  targets:\n    - {{name: central, type: syslog, host: 127.0.0.1, "
+                f"port: {collector.getsockname()[1]}}}\n")
+    app = make_app(site_dir, tmp_path / "events.db")
+    runtime = app.state.runtime
+    name = os.fsdecode(b"/srv/assets/\xff.img")
+    first = runtime.record("test", payload={"file": name})
+    second = runtime.record("test", payload={"i": 2})
+    assert {first, second} <= {e.id for e in runtime.store.query(limit=100)}  # the history took it
+    got: dict[int, dict] = {}
+    try:
+        conn, _ = collector.accept()
+        conn.settimeout(30)
+        data, deadline = b"", time.monotonic() + 30
+        while second not in got:
+            assert time.monotonic() < deadline, ("gave up waiting", got)
+            chunk = conn.recv(65536)
+            assert chunk, ("closed", got)
+            data += chunk
+            while b" " in data:  # RFC 6587 octet counting: LEN SP MSG
+                length, _, rest = data.partition(b" ")
+                if len(rest) < int(length):
+                    break
+                msg, data = rest[: int(length)], rest[int(length) :]
+                event = json.loads(msg.decode("utf-8").split("] ", 1)[1])
+                got[event["id"]] = event
+        conn.close()
+    finally:
+        runtime.logship.close()
+        collector.close()
+    assert got[first]["payload"] == {"file": "/srv/assets/\ufffd.img"}
+    assert got[second]["payload"] == {"i": 2}
 
 
 def test_logs_status_says_which_queue_file_is_damaged_and_goes_on(tmp_path: Path):
