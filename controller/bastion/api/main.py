@@ -161,7 +161,8 @@ def create_app(settings: Settings) -> FastAPI:
     runtime.consoles = ConsoleLogs(
         settings.console_dir or paths.var_dir() / "consoles" / Path(db_path).parent.name)
     if settings.device_port:
-        from bastion.device.hub import DeviceHub, EventCursor
+        from bastion.device.hub import DeviceHub
+        from bastion.state.eventcursor import EventCursor
 
         # the cursor kept beside the history: a restarted controller records what the device
         # said while it was stopped (an upgrade, a restart), from the device's ring

@@ -8,18 +8,17 @@ watchdog). Power requests name a machine (its `relay:` in machines.yaml) or a ch
 
 The link reconnects by itself (cable pulled, device reset); while it is down, requests fail
 with a clear error instead of hanging, and events pushed meanwhile are caught up on resync.
-With an EventCursor (a row in the history's database) the same holds across a restart of the
-controller: the link resumes from the cursor kept there, so events the device pushed while
-`serve` was stopped are recorded once it is back, as far as the device's ring still has them.
+With an EventCursor (bastion.state.eventcursor: a row in the history's database) the same holds
+across a restart of the controller: the link resumes from the cursor kept there, so events the
+device pushed while `serve` was stopped are recorded once it is back, as far as the device's
+ring still has them.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from bastion import match
@@ -27,47 +26,11 @@ from bastion.device.consoles import ConsoleLogs, console_writer
 from bastion.device.link import DeviceError, DeviceLink
 from bastion.device.session import ConsoleData
 from bastion.model import Site
-from bastion.state.events import StateTable
+from bastion.state.eventcursor import EventCursor
 
 # Device events that name a machine by MAC, and by relay channel.
 _BY_MAC = ("dhcp",)
 _BY_CHANNEL = ("power", "watchdog")
-
-
-_CURSOR_SCHEMA = """
-CREATE TABLE IF NOT EXISTS device_cursor (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    boot TEXT NOT NULL,            -- the device's boot id
-    seq INTEGER NOT NULL,          -- the seq of that boot's next event to record
-    ts REAL NOT NULL
-);
-"""
-
-
-class EventCursor(StateTable):
-    """Where the controller is in the device's event stream (DeviceLink.cursor(): boot id, next
-    seq), kept beside the events it recorded so that a restarted controller resumes from it
-    (DeviceLink(cursor=...)). One row, written in one transaction. A row for a boot the device
-    is no longer on means that boot's missed events are gone with it, and the device's present
-    boot is caught up from its start. Kept every few seconds, not per event: a controller that
-    is killed may record again the events of its last seconds, which is better than losing them."""
-
-    def __init__(self, path: Path | str):
-        super().__init__(path, _CURSOR_SCHEMA)
-
-    def get(self) -> tuple[str, int] | None:
-        with self._lock:
-            row = self._db.execute("SELECT boot, seq FROM device_cursor WHERE id = 1").fetchone()
-        return (row[0], row[1]) if row else None
-
-    def put(self, cursor: tuple[str, int]) -> None:
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT INTO device_cursor (id, boot, seq, ts) VALUES (1, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, "
-                "ts = excluded.ts",
-                (cursor[0], cursor[1], time.time()),
-            )
 
 
 def _unanswered(e: DeviceError) -> bool:

@@ -67,13 +67,16 @@ Guarantees (each is a test in tests/controller/device/test_session.py):
   then carry the hello's boot; each also carries its connection number (`ConsoleData`).
 - Holding the line: the device treats Ctrl-C on its serial line as a plain byte while a
   controller holds it (taken by `hello`, kept by any request; docs/serial-protocol.md). In
-  READY, a link that has sent nothing for `keepalive_s` sends `hold` (its own request, counted
-  as `keepalives`; a firmware that answers `unknown` has no such op and is not asked again), so
-  stray bytes never interrupt the firmware while this link is open. The shell sends `release`
-  when it closes (`holds_the_line`), so mpremote can have the REPL right after. A device that
-  has let SILENT_KEEPALIVES keepalives in a row go unanswered, and sent nothing else since, is
-  not `ready` (its line open, its firmware stopped or hung): `last_error` says so, and any
-  frame from it makes the link ready again.
+  READY, a link that has sent nothing, or heard nothing, for `keepalive_s` sends `hold` (its
+  own request, counted as `keepalives`; a firmware that answers `unknown` has no such op and is
+  not asked again), so stray bytes never interrupt the firmware while this link is open. The
+  shell sends `release` when it closes (`holds_the_line`), so mpremote can have the REPL right
+  after. A device that has let SILENT_KEEPALIVES keepalives in a row go unanswered, and sent
+  nothing else since, is not `ready` (its line open, its firmware stopped or hung): `last_error`
+  says so, and any frame from it makes the link ready again. Liveness is judged on what the
+  device sends, never on what the link sends it: requests that go out all the time (the hub's
+  beats, every 2 s, each re-sent every retry_s) do not put the keepalives off, so a hung device
+  is found as soon as an idle link would find it.
 - Parse or raise Malformed at the boundary: lines that are not frames are counted by the
   deframer (`frame_*`), frames that are not a message we understand as `bad_messages`; no
   input makes a driving call raise.
@@ -340,6 +343,7 @@ class Session:
         self._hold: _Request | None = None  # the keepalive in flight
         self._silent = 0  # keepalives in a row that went unanswered, with nothing else heard
         self._last_sent: float | None = None
+        self._last_heard: float | None = None  # when the last frame from the device came
         if cursor is not None:
             self._cursors[cursor[0]] = cursor[1]
 
@@ -460,6 +464,7 @@ class Session:
         if self.state == CLOSED:
             return out
         for obj in self._deframer.feed(data):
+            self._last_heard = now
             if self._silent:  # it speaks: a silence is over
                 if self._silent >= SILENT_KEEPALIVES:
                     self.last_error = None
@@ -525,11 +530,13 @@ class Session:
                 self._send(self._hold, now)
 
     def _hold_due(self) -> float | None:
-        """When the next keepalive `hold` is due, None when none will be."""
+        """When the next keepalive `hold` is due, None when none will be: keepalive_s after
+        the last frame sent (the device's contact) or the last frame heard (its liveness),
+        whichever is older. Our own requests, answered or not, say nothing of the device."""
         if (self.state != READY or not self.keepalive_s or not self._holds
                 or self._hold is not None):  # fmt: skip
             return None
-        return (self._last_sent or 0.0) + self.keepalive_s
+        return min(self._last_sent or 0.0, self._last_heard or 0.0) + self.keepalive_s
 
     def _expire(self, now: float) -> list[Output]:
         out: list[Output] = []

@@ -33,6 +33,15 @@ grow (AUTOINCREMENT), so a deleted id is never
 reused and clients following with `after=` miss nothing but what was deleted. Pruning deletes
 from `events` alone: the one-time tokens and install marks in the same file are never touched.
 
+A device event (source `device`) is stored once: its payload's `boot` (the device's boot id)
+and `seq` (the device's number for it in that boot) are a unique key (the index
+events_device_seq), and an insert of one already stored adds nothing and returns the stored
+one's id. The controller may fetch an event from the device's ring again after a restart
+(bastion.state.eventcursor keeps its place only every few seconds, and a controller that is
+killed loses the last few); the history keeps it once. A history made before the index had
+it added at open, its duplicate device events (a later copy of the same boot and seq) deleted
+first.
+
 The same file also holds two small tables of controller state that must not lose a write
 (`open_state_db`): one-time Ignition tokens (bastion.state.onetime) and install-once marks
 (bastion.state.install). Deleting the file forgets them too; see those modules for what that means.
@@ -54,7 +63,8 @@ from typing import Any
 
 from bastion import private
 
-SCHEMA_VERSION = 1
+# 2: the unique index events_device_seq (a device event is stored once)
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -76,6 +86,20 @@ CREATE INDEX IF NOT EXISTS events_machine ON events (machine, id);
 CREATE INDEX IF NOT EXISTS events_unnamed_client
     ON events (json_extract(payload, '$.client'), id) WHERE machine IS NULL AND mac IS NULL;
 """
+
+# The device's key of a device event: (boot id, seq). A partial index, so the other events pay
+# nothing for it; rows without a boot or a seq (NULL) never collide.
+_DEVICE_KEY = "json_extract(payload, '$.boot'), json_extract(payload, '$.seq')"
+_DEVICE_INDEX = (f"CREATE UNIQUE INDEX IF NOT EXISTS events_device_seq ON events ({_DEVICE_KEY})"
+                 " WHERE source = 'device'")
+# The later copies of a device event, which a history made before the index may hold.
+_DEVICE_DUPLICATES = f"""
+DELETE FROM events WHERE source = 'device'
+    AND json_extract(payload, '$.boot') IS NOT NULL AND json_extract(payload, '$.seq') IS NOT NULL
+    AND id NOT IN (SELECT MIN(id) FROM events WHERE source = 'device' GROUP BY {_DEVICE_KEY})
+"""
+_INSERT = ("INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp, status,"
+           " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _COLUMNS = ("id", "ts", "kind", "source", "mac", "machine", "endpoint", "profile", "grp", "status", "payload")
 
@@ -136,6 +160,7 @@ class EventStore:
         self.max_age_s = max_age_s
         self.clock = clock
         self.pruned = 0  # rows deleted by the bounds since the store opened
+        self.duplicates_removed = 0  # device events stored twice, deleted at open (schema 2)
         self._lock = threading.Lock()
         self._aged_at = float("-inf")
         if readonly:
@@ -151,6 +176,7 @@ class EventStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._add_device_index()
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._recount()
         with self._lock:
@@ -158,6 +184,22 @@ class EventStore:
             if newest is not None:
                 self._bound(newest)
             self._age()
+
+    def _add_device_index(self) -> None:
+        """Schema 2 on a history made before it: the device events stored twice lose their
+        later copies, and the unique index comes, in one transaction."""
+        found = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name ="
+                                 " 'events_device_seq'").fetchone()  # fmt: skip
+        if found is not None:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.duplicates_removed = self._db.execute(_DEVICE_DUPLICATES).rowcount
+            self._db.execute(_DEVICE_INDEX)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -181,7 +223,8 @@ class EventStore:
         payload: dict[str, Any] | None = None,
         ts: float | None = None,
     ) -> int:
-        """Store one event; returns its id."""
+        """Store one event; returns its id (a device event already stored: the stored one's,
+        and nothing is added)."""
         row = _row(kind, source, mac, machine, endpoint, profile, group, status, payload, ts)
         return self._insert([row])[0]
 
@@ -195,21 +238,22 @@ class EventStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO events (ts, kind, source, mac, machine, endpoint, profile, grp,"
-                    " status, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                # AUTOINCREMENT gives the rows of one write transaction consecutive ids
-                last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
-                ids = list(range(last - len(rows) + 1, last + 1))
-                self._count += len(rows)
+                if any(row[2] == "device" for row in rows):
+                    ids, added = self._insert_device(rows)
+                else:
+                    self._db.executemany(_INSERT, rows)
+                    # AUTOINCREMENT gives the rows of one write transaction consecutive ids
+                    last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                    ids = list(range(last - len(rows) + 1, last + 1))
+                    added = list(zip(ids, rows))
+                self._count += len(added)
                 if self.max_bytes is not None:
                     before = self._through
-                    for eid, row in zip(ids, rows):
+                    for eid, row in added:
                         self._mark(eid, event_size(row[-1]))
                     self._bytes += self._through - before
-                self._bound(ids[-1])
+                if added:
+                    self._bound(added[-1][0])
                 if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
                     self._age()
                 self._db.execute("COMMIT")
@@ -218,6 +262,25 @@ class EventStore:
                 self._recount()
                 raise
             return ids
+
+    def _insert_device(self, rows: list[tuple]) -> tuple[list[int], list[tuple[int, tuple]]]:
+        """Insert rows one at a time, a device event already stored (the same boot and seq)
+        skipped: (each row's id, the stored one's for a skipped row; (id, row) of those added)."""
+        ids: list[int] = []
+        added: list[tuple[int, tuple]] = []
+        for row in rows:
+            cur = self._db.execute(_INSERT + " ON CONFLICT DO NOTHING", row)
+            if cur.rowcount == 1:
+                ids.append(cur.lastrowid)
+                added.append((cur.lastrowid, row))
+                continue
+            (stored,) = self._db.execute(
+                "SELECT id FROM events WHERE source = 'device'"
+                " AND json_extract(payload, '$.boot') = json_extract(?1, '$.boot')"
+                " AND json_extract(payload, '$.seq') = json_extract(?1, '$.seq')", (row[-1],),
+            ).fetchone()
+            ids.append(stored)
+        return ids, added
 
     def _recount(self) -> None:
         self._marks.clear()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from bastion.device.hub import DeviceHub, read_status
-from bastion.device.link import DeviceTimeout
+from bastion.device.link import DeviceLink, DeviceTimeout
 from simkit import SimProcess, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,10 +191,61 @@ def test_a_machine_declared_by_uuid_only_has_its_heartbeats_forwarded():
     assert hub.heartbeat(None, uuid="u-1") is None
 
 
+def test_a_device_that_hangs_while_heartbeats_are_forwarded_is_not_ready_after_the_keepalives(
+        tmp_path):  # fmt: skip
+    # Each beat the hub sent put the link's keepalive off, so a hung device (its line open,
+    # answering nothing) stayed ready for about 24 s instead of three keepalives (~8 s).
+    from test_device_link import Cable, FakeBoard
+
+    from firmware.watchdog import NodeWatch
+
+    class CountingBoard(FakeBoard):  # the silent stand-in, counting the beats that reach it
+        beats = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.console.nodes = NodeWatch(self.power, self.console.clock(), self.log)
+
+        def feed(self, data: bytes) -> None:
+            self.beats += data.count(b'"op":"beat"')
+            super().feed(data)
+
+    board = CountingBoard()
+    cable = Cable(tmp_path / "ttyHUNG", board)
+    cable.plug()
+    mac = "52:54:00:12:34:02"
+    site = site_of(machine("node2", 2, (60, 300), mac=mac))
+    link = DeviceLink(str(cable.path), retry_s=0.1, reconnect_s=0.05, keepalive_s=0.3)
+    hub = DeviceHub(str(cable.path), lambda: site, no_record, link=link)
+    hub.BEAT_EVERY_S = 0.05
+    stop = threading.Event()
+
+    def node_beats() -> None:  # node2's heartbeats, as /heartbeat hands them to the hub
+        while not stop.wait(0.05):
+            hub.heartbeat(mac)
+
+    beater = threading.Thread(target=node_beats, daemon=True)
+    hub.start()
+    beater.start()
+    try:
+        wait_for(lambda: link.ready and hub.beats_forwarded >= 2, what="beats forwarded")
+        board.silent = True  # the firmware hangs: the line stays open, nothing answers
+        at_hang = board.beats
+        wait_for(lambda: not link.ready, timeout=12, what="the hung device taken as not ready")
+        assert board.beats > at_hang  # the hub kept sending beats to it all the while
+        assert "answered none of the last 3 keepalives" in (link.last_error or "")
+        board.silent = False
+        wait_for(lambda: link.ready, what="ready again once it answers")
+    finally:
+        stop.set()
+        beater.join(5)
+        hub.close()
+        cable.unplug()
+
+
 # --- the event cursor across a controller restart --------------------------------------------
 def test_a_restarted_controller_records_the_device_events_it_missed_while_stopped(board, tmp_path):
-    from bastion.device.hub import EventCursor
-    from bastion.device.link import DeviceLink
+    from bastion.state.eventcursor import EventCursor
 
     port, db = str(board.link), tmp_path / "events.db"
     site = site_of()

@@ -209,7 +209,7 @@ def test_a_refusal_is_a_device_error_with_the_devices_words(feed):
 
 
 def test_an_unanswered_request_is_resent_with_the_same_bytes_until_its_deadline():
-    s = new()
+    s = new(keepalive_s=None)  # a silent device also gets keepalives: the test below has them
     up(s)
     rid = s.request("power", {"channel": 0, "state": "cycle"}, 10.0, timeout=3.5)
     first = s.data_to_send()
@@ -223,8 +223,7 @@ def test_an_unanswered_request_is_resent_with_the_same_bytes_until_its_deadline(
     assert o.id == rid and isinstance(o.error, DeviceTimeout) and o.error.code == "timeout"
     assert str(o.error) == f"power: no reply from the device on {PORT} within 3.5 s (no answer)"
     assert s.counters()["timeouts"] == 1 and s.pending() == []
-    # nothing left to resend; what remains is the keepalive, due keepalive_s after the last send
-    assert s.next_deadline() == 13.0 + s.keepalive_s
+    assert s.next_deadline() is None  # nothing left to resend
     # the reply comes after all: nobody waits for it any more
     assert s.receive(dev({"id": rid, "ok": True}), 14.0) == []
     assert s.counters()["stray_replies"] == 1
@@ -242,7 +241,7 @@ def test_a_request_keeps_its_deadline_while_the_port_is_gone():
 
 
 def test_a_cancelled_request_is_neither_resent_nor_answered():
-    s = new()
+    s = new(keepalive_s=None)
     up(s)
     rid = s.request("heap", {}, 1.0)
     s.data_to_send()
@@ -956,4 +955,58 @@ def test_a_device_that_stops_answering_is_not_ready_until_it_speaks_again():
     assert s.state == READY  # no resync: the same boot may simply go on
     # any frame ends the silence
     s.receive(dev(ev("b1", 0)), t + 1)
+    assert s.ready and s.last_error is None
+
+
+def test_a_keepalive_goes_out_when_nothing_was_sent_or_nothing_heard_for_keepalive_s():
+    s = new()
+    up(s)  # sent and heard at 0.0
+    # the device pushes events all along: the line is held by what we send, so a hold is due
+    # keepalive_s after our last send, whatever we hear
+    for t in (0.5, 1.0, 1.5):
+        s.receive(dev(ev("b1", int(t * 2) - 1)), t)
+    assert s.next_deadline() == 2.0
+    s.tick(2.0)
+    (h,) = sent(s)
+    assert h["op"] == "hold"
+    s.receive(reply(h), 2.25)
+    # we send all along and hear nothing: a hold is due keepalive_s after the last frame heard
+    for t in (2.5, 3.5):
+        s.request("beat", {"channels": []}, t)
+        assert "hold" not in [r["op"] for r in sent(s)]
+    assert s.next_deadline() == 2.25 + s.keepalive_s
+    s.tick(4.25)
+    assert "hold" in [r["op"] for r in sent(s)]
+
+
+def test_a_hung_device_is_not_ready_as_soon_while_beats_are_forwarded_to_it():
+    # The hub forwards node heartbeats with a `beat` every 2 s, each re-sent every retry_s until
+    # its 5 s deadline. Those sends put the keepalives off, and a hung device was taken for
+    # ready for about 24 s instead of the 3 keepalives (8 s) an idle link takes.
+    s = new()
+    up(s)  # at 0.0 the device answers the status, its last frame before it hangs
+    quiet = new()
+    up(quiet)  # an idle link to a device that hangs at the same moment: the yardstick
+    t, next_beat, beat = 0.0, 2.0, None
+    beats, holds, not_ready, idle_not_ready = 0, 0, None, None
+    while not_ready is None and t < 60:  # the clock in steps of 50 ms, as the link ticks
+        t = round(t + 0.05, 2)
+        if beat is None and t >= next_beat:  # DeviceHub._forward_beats' pace
+            beat = s.request("beat", {"channels": [2]}, t, 5.0)
+        outs = s.tick(t)
+        if beat is not None and any(o.id == beat for o in outcomes(outs)):
+            beat, next_beat = None, t + 2.0
+        for req in sent(s):
+            beats += req["op"] == "beat"
+            holds += req["op"] == "hold"
+        quiet.tick(t)
+        sent(quiet)
+        if idle_not_ready is None and not quiet.ready:
+            idle_not_ready = t
+        if not s.ready:
+            not_ready = t
+    assert "answered none of the last 3 keepalives" in s.last_error
+    assert beats >= 3 and holds >= 3  # beats went out all along, and the keepalives too
+    assert not_ready == idle_not_ready == (3 + 1) * s.keepalive_s  # the documented 8 s
+    s.receive(dev({"id": beat, "ok": True, "watched": [2]}), t)  # it speaks again
     assert s.ready and s.last_error is None
