@@ -25,7 +25,7 @@ from starlette.datastructures import Headers
 from starlette.responses import FileResponse, RangeNotSatisfiable
 from starlette.staticfiles import NotModifiedResponse, StaticFiles
 
-from bastion.api.deps import RuntimeDep, SiteDep
+from bastion.api.deps import RuntimeDep, SiteDep, client_address
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.site.load import clean_relpath
 
@@ -106,7 +106,7 @@ def _static_files(directory: Path) -> StaticFiles:
 
 def _refused(runtime, request: Request, rel: str, status: int, text: str) -> Response:
     runtime.metrics.asset_requests.labels(status=str(status)).inc()
-    client = request.client.host if request.client else None
+    client = client_address(request.scope)
     if request.method == "GET" and runtime.addresses.lookup(client, time.time()) is not None:
         # A machine's boot step that failed (a kernel that is not there): its history says so.
         # Refusals from anyone else are not boots, and are not recorded.
@@ -149,7 +149,7 @@ async def asset(path: str, request: Request, runtime: RuntimeDep, site: SiteDep)
         if request.method == "GET":
             # A boot step like the others (kernel, initrd) in the machine's history. Assets are
             # fetched without the machine's MAC, so the client's address is what ties it to one.
-            payload = {"client": request.client.host if request.client else None, "size": size}
+            payload = {"client": client_address(request.scope), "size": size}
             if "range" in request.headers:
                 payload["range"] = request.headers["range"][:100]
             runtime.record("asset", endpoint=f"/assets/{rel}", status=status, payload=payload)

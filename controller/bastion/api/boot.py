@@ -12,7 +12,15 @@ from fastapi.responses import JSONResponse, Response
 
 from bastion import boot, match
 from bastion.api import jsonbody
-from bastion.api.deps import BootRequestDep, Runtime, RuntimeDep, SiteDep, base_url, boot_context
+from bastion.api.deps import (
+    BootRequestDep,
+    Runtime,
+    RuntimeDep,
+    SiteDep,
+    base_url,
+    boot_context,
+    client_address,
+)
 from bastion.api.hostcheck import BROWSER_HEADERS
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import BootRequest
@@ -237,7 +245,7 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
             raise HTTPException(400, f"{raw_mac!r} is not a MAC address") from None
     uuid = _uuid(fields)
     machine = boot.reporting_machine(site, mac, uuid)
-    client = request.client.host if request.client else None
+    client = client_address(request.scope)
     event_id = runtime.record(
         "callback",
         source="node",
@@ -299,7 +307,7 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
     if known is not None:
         _, news = runtime.heartbeats.beat(known.name, checked)
         if news is not None:
-            client = request.client.host if request.client else None
+            client = client_address(request.scope)
             runtime.record("heartbeat", source="node", mac=mac, machine=known.name,
                            endpoint="/heartbeat", payload={"news": news, "client": client,
                            **{k: v for k, v in checked.items() if v is not None}})  # fmt: skip

@@ -24,7 +24,7 @@ from bastion.model import BootRequest, Site
 from bastion.operator.runner import Operator
 from bastion.settings import Settings
 from bastion.site.holder import SiteHolder
-from bastion.state.addresses import AddressBook
+from bastion.state.addresses import AddressBook, plain_address
 from bastion.state.events import ATTRIBUTABLE_IDS, EventStore
 from bastion.state.heartbeats import Heartbeats
 from bastion.state.secrets import SecretStore
@@ -77,6 +77,14 @@ class Runtime:
     group_commit: GroupCommit | None = field(default=None, repr=False, compare=False)
     # bastion.api.device: the device's thread limiter and shared status, made at first use
     device_calls: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.addresses.declared is None:  # a machine with `address:` is bound there only
+            self.addresses.declared = self._declared_address
+
+    def _declared_address(self, name: str) -> str | None:
+        machine = self.holder.site.machine(name)  # the site of the moment: a reload may change it
+        return machine.address if machine is not None else None
 
     def record(self, kind: str, **fields: Any) -> int:
         """Record an event: a step that came by address alone gets its machine, and one that
@@ -284,13 +292,23 @@ def base_url(runtime: Runtime, site: Site, request: Request) -> str:
     return scope_base_url(site, request.scope)
 
 
+def client_address(scope: dict[str, Any]) -> str | None:
+    """The address a request came from, as machines.yaml's `address:` and the address book
+    write it. The HTTP server makes a connection's own peer plain IPv4 already
+    (bastion.api.httpserver.peer), but a trusted proxy's X-Forwarded-For replaces it after that
+    (uvicorn's proxy-headers middleware), and a dual-stack proxy writes an IPv4 client as
+    `::ffff:10.77.0.21`: the same address, which plain_address makes IPv4 here too."""
+    client = scope.get("client")
+    return plain_address(client[0]) if client else None
+
+
 async def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request) -> BootRequest:
     raw_query = request.scope.get("query_string", b"").decode("latin-1")
     return BootRequest(
         labels=match.labels_from_pairs(request.query_params.multi_items()),
         raw_query=raw_query,
         base_url=base_url(runtime, site, request),
-        client=request.client.host if request.client else None,
+        client=client_address(request.scope),
     )
 
 
@@ -304,9 +322,8 @@ def boot_context(runtime: Runtime, scope: dict[str, Any]) -> tuple[Site, BootReq
     site = runtime.holder.site  # one read per request, as get_site
     query = scope.get("query_string", b"").decode("latin-1")
     labels = match.labels_from_pairs(match.query_pairs(query))
-    client = scope.get("client")
     return site, BootRequest(labels=labels, raw_query=query, base_url=scope_base_url(site, scope),
-                             client=client[0] if client else None)  # fmt: skip
+                             client=client_address(scope))  # fmt: skip
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

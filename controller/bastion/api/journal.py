@@ -18,7 +18,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from starlette.requests import ClientDisconnect
 
-from bastion.api.deps import RuntimeDep, SiteDep
+from bastion.api.deps import RuntimeDep, SiteDep, client_address
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.logship.journal import READ, Entry, ExportParser, Malformed, as_event
 
@@ -35,7 +35,7 @@ async def journal_upload(request: Request, runtime: RuntimeDep, site: SiteDep) -
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype != CONTENT_TYPE:
         raise HTTPException(415, f"expected Content-Type {CONTENT_TYPE}")
-    client = request.client.host if request.client else None
+    client = client_address(request.scope)
     binding = runtime.addresses.lookup(client, time.time())
     by_address = site.machine(binding.machine) if binding is not None else None
     names: dict[str, tuple[str | None, str | None]] = {}

@@ -18,6 +18,14 @@ and a W5500 keeps its ARP inside the chip.
 recent events of that address retroactively (bastion.state.events.EventStore.attribute): on a
 node's very first boot the router's address can come after its first TFTP step.
 
+A machine that declares its `address:` in machines.yaml is bound at that address only: anyone on
+the LAN may ask `/ipxe?mac=<a node's MAC>`, and that request must not make the asker's address
+the node's (its steps would land in the node's history, and a journal it uploads would be the
+node's: bastion.api.journal). Such a request is still answered as before (the script holds
+nothing that is the node's alone; a one-time Ignition URL is issued only to the declared address,
+bastion.boot); it teaches nothing, and is counted in `mismatches` and logged once per address
+and machine. `declared(name)`, set by the runtime, says what a machine declares.
+
 Bounds: `capacity` bindings (the least recently used is dropped), each good for `ttl_s` since
 it was last confirmed (a lease given to another host later is not believed forever).
 """
@@ -25,10 +33,14 @@ it was last confirmed (a lease given to another host later is not believed forev
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("bastion")
 
 TEACHING_ENDPOINTS = ("/ipxe", "/grub")
 ATTRIBUTED_KINDS = ("tftp", "asset", "boot")
@@ -63,11 +75,17 @@ class AddressBook:
     capacity = 4096
     ttl_s = 24 * 3600.0
 
-    def __init__(self, capacity: int | None = None, ttl_s: float | None = None):
+    def __init__(self, capacity: int | None = None, ttl_s: float | None = None,
+                 declared: Callable[[str], str | None] | None = None):  # fmt: skip
         self.capacity = capacity or self.capacity
         self.ttl_s = ttl_s or self.ttl_s
+        # the `address:` a machine (by name) declares, None for none; None: nothing is declared
+        self.declared = declared
+        self.mismatches = 0  # teachings refused: a machine's MAC asked for from another address
         self._lock = threading.Lock()
         self._by_address: OrderedDict[str, Binding] = OrderedDict()
+        # the last address logged for each machine, so that a host that keeps asking is one line
+        self._logged: dict[str, str] = {}
 
     def lookup(self, address: str | None, now: float) -> Binding | None:
         if not address:
@@ -96,14 +114,21 @@ class AddressBook:
             return client, f"GET {fields['endpoint']}"
         return None
 
-    def learn(self, kind: str, fields: dict[str, Any], now: float) -> tuple[Binding, Binding | None] | None:
+    def learn(self, kind: str, fields: dict[str, Any], now: float,
+              past: bool = False) -> tuple[Binding, Binding | None] | None:  # fmt: skip
         """Record what the event teaches; (binding, the one it replaced or None) when that is
-        news (a new address, or one that was another MAC's), else None."""
+        news (a new address, or one that was another MAC's), else None. `past`: an event of the
+        history (seed), whose mismatch was counted and logged when it happened."""
         taught = self.teaching(kind, fields)
         if taught is None:
             return None
         address, how = taught
         mac, machine = fields["mac"], fields["machine"]
+        declared = self.declared(machine) if self.declared is not None else None
+        if declared is not None and declared != address:
+            if not past:
+                self._mismatch(machine, declared, address, how)
+            return None
         with self._lock:
             old = self._by_address.pop(address, None)
             fresh = old is None or old.mac != mac or now - old.seen > self.ttl_s
@@ -114,11 +139,20 @@ class AddressBook:
                 self._by_address.popitem(last=False)
         return (b, old if old is not None and old.mac != mac else None) if fresh else None
 
+    def _mismatch(self, machine: str, declared: str, address: str, how: str) -> None:
+        with self._lock:
+            self.mismatches += 1
+            if self._logged.get(machine) == address:
+                return
+            self._logged[machine] = address
+        log.warning("%s from %s names %s, whose address is %s (machines.yaml): not taken as %s's "
+                    "address", how, address, machine, declared, machine)  # fmt: skip
+
     def seed(self, events: list[dict[str, Any]]) -> None:
         """Learn from past events (Event.as_dict(), oldest first): a restarted controller knows
         the addresses its nodes had."""
         for e in events:
-            self.learn(e.get("kind") or "", e, float(e.get("ts") or 0))
+            self.learn(e.get("kind") or "", e, float(e.get("ts") or 0), past=True)
 
     def attribute(self, kind: str, fields: dict[str, Any], now: float) -> dict[str, Any]:
         """`fields` with the machine of its client address, for a step recorded without one."""
