@@ -23,7 +23,6 @@ import httpx
 
 from bastion.settings import SettingsError, resolve_token
 
-
 # C0 and C1 controls, DEL, and the bidirectional overrides and isolates: what a terminal acts on
 # or reorders instead of showing
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -64,6 +63,7 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.token = token
+        self._controller_seen = False  # GET /api/v1/site answered as a controller does (_confirm)
         try:
             self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         except (httpx.InvalidURL, ValueError) as e:
@@ -90,7 +90,30 @@ class ApiClient:
         if (problem := lacks(answer, shape)) is not None:
             raise ApiError(f"{self.url}: not an Edge Bastion controller's answer to {method} "
                            f"{path}: {problem}")  # fmt: skip
+        if answer == [] and isinstance(shape, list):
+            self._confirm(method, path)
         return answer
+
+    def _confirm(self, method: str, path: str) -> None:
+        """ApiError unless GET /api/v1/site answers as a controller does (SITE), asked once
+        per client: an empty array is what a controller with no machines (or no new events)
+        answers, and also what a server that answers `[]` to everything does, which would
+        otherwise pass for an empty site."""
+        if self._controller_seen:
+            return
+        said = f"{self.url}: not an Edge Bastion controller's answer to {method} {path}: an empty array"
+        try:
+            site = self._request("GET", SITE[1]).json()
+        except ApiError as e:
+            why = f"HTTP {e.status}" if e.status is not None else "no answer"
+            raise ApiError(f"{said}, and {SITE[0]} {SITE[1]} got no controller's answer "
+                           f"({why})") from None  # fmt: skip
+        except ValueError:
+            raise ApiError(f"{said}, and the answer to {SITE[0]} {SITE[1]} is not JSON") from None
+        if (problem := lacks(site, SITE[2])) is not None:
+            raise ApiError(f"{said}, and the answer to {SITE[0]} {SITE[1]} is not a controller's: "
+                           f"{problem}")  # fmt: skip
+        self._controller_seen = True
 
     def call_bytes(self, method: str, path: str, **kw: Any) -> bytes:
         """The raw body of the answer of `method path` (a console log), or ApiError."""
@@ -117,6 +140,8 @@ class ApiClient:
 # `{}` or `[]` to everything (another service on that port) is one line naming what it lacks,
 # not a KeyError in the command that reads it, nor "device on None" and a success. A dict is a
 # JSON object with (at least) those keys, a one-item list an array of such items, `...` anything.
+# An empty array holds none of it: the client then asks SITE once, which only a controller answers
+# so. tests/controller/api/test_cli_answers.py checks each entry against the real application.
 _PLAN = {"id": ..., "site": ..., "sync": ...,
          "changes": [{"machine": ..., "field": ..., "from": ..., "to": ...}],
          "actions": [{"machine": ..., "action": ..., "reason": ...}]}  # fmt: skip
@@ -138,6 +163,11 @@ ANSWERS: tuple[tuple[str, re.Pattern[str], Any], ...] = tuple(
         ("GET", "/api/v1/ups", {"ups": ..., "phase": ...}),
         ("GET", "/api/v1/events", [{"id": ..., "ts": ..., "kind": ...}]),
     ))  # fmt: skip
+
+
+# bastion.api.system's site status: what tells a controller when an answer is an empty array
+SITE = ("GET", "/api/v1/site", {"name": ..., "generation": ..., "machines": ..., "profiles": ...,
+                                "groups": ...})  # fmt: skip
 
 
 def _kind(value: Any) -> str:

@@ -341,3 +341,21 @@ def test_a_server_that_answers_json_but_not_a_controllers_is_a_one_line_error(js
     url = json_server(b'{"machines": [{"name": "node1"}]}')
     line = one_line_error(bastion("machines", "--url", url))
     assert line.endswith("answer to GET /api/v1/operator: machines[0] has no 'status'"), line
+
+
+def test_an_empty_array_from_a_server_that_is_not_a_controller_is_no_site(json_server, serve, site_dir):
+    # `[]` passed for an empty site (a table with no rows, exit 0) and an empty history
+    url = json_server(b"[]")
+    for args, call in [(("machine", "list"), "GET /api/v1/machines"),
+                       (("events",), "GET /api/v1/events")]:  # fmt: skip
+        line = one_line_error(bastion(*args, "--url", url))
+        assert line == (f"Error: {url}: not an Edge Bastion controller's answer to {call}: an empty "
+                        "array, and the answer to GET /api/v1/site is not a controller's: it is an "
+                        "array, not an object"), line  # fmt: skip
+    # a controller's own empty arrays are still an empty site and no events
+    (site_dir / "machines.yaml").write_text("machines: []\n")
+    server = serve(site_dir)
+    r = bastion("machine", "list", "--json", "--url", server.url)
+    assert (r.returncode, json.loads(r.stdout)) == (0, []), r.stderr
+    r = bastion("events", "--kind", "no-such-kind", "--url", server.url)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
