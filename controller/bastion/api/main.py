@@ -179,7 +179,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     # the UPS watch (site.yaml `ups:`; idle without one): power cuts shut the nodes down
     runtime.ups = UpsWatch(holder, runtime.record, runtime.heartbeats, hub=runtime.device,
-                           secrets=runtime.secrets, state=UpsState(db_path))  # fmt: skip
+                           secrets=runtime.secrets, state=UpsState(db_path),
+                           operator=runtime.operator)  # fmt: skip
     metrics.ups_source = lambda: runtime.ups.gauges() if holder.site.settings.ups else {}
 
     if settings.tftp_listen:

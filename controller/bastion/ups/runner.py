@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.device.hub import DeviceHub
 from bastion.device.link import DeviceError
@@ -34,6 +34,9 @@ from bastion.state.secrets import SecretStore
 from bastion.state.ups import UpsState
 from bastion.ups import core
 from bastion.ups.nut import Connect, NutClient, NutError
+
+if TYPE_CHECKING:
+    from bastion.operator.runner import Operator
 
 log = logging.getLogger("bastion.ups")
 
@@ -75,9 +78,12 @@ def _relays_of(kept: Any) -> dict[int, str]:
 class UpsWatch:
     def __init__(self, holder: SiteHolder, record: Callable[..., int], heartbeats: Heartbeats,
                  hub: DeviceHub | None = None, secrets: SecretStore | None = None,
-                 state: UpsState | None = None,
+                 state: UpsState | None = None, operator: Operator | None = None,
                  clock: Callable[[], float] = time.time):  # fmt: skip
         self.holder = holder
+        # Whose declaration says a machine is to stay off after the cut: the operator's, as
+        # applied (_declared_off). Without one, the site files'.
+        self.operator = operator
         self.record = record
         self.heartbeats = heartbeats
         self.hub = hub
@@ -278,7 +284,7 @@ class UpsWatch:
             return
         for name, first in list(self._power_on_retry.items()):
             m = self.holder.site.machine(name)
-            if m is None or m.power == "off":
+            if m is None or self._declared_off(m):
                 # declared off since (or gone from the site): the declaration wins, as at the
                 # first power-on (the retries powered it on all the same, for 15 minutes)
                 del self._power_on_retry[name]
@@ -298,6 +304,19 @@ class UpsWatch:
             del self._power_on_retry[name]
             self._event(core.Action("power-on", "powered on again after the power cut (once the "
                                     "device took it)", machine=name))  # fmt: skip
+
+    def _declared_off(self, m: Machine) -> bool:
+        """Whether `m` is to stay off after the cut: declared `power: off` in the declaration
+        the operator acts on. With `sync: manual` that is the one applied, not the files: by
+        the files, a machine edited to off but not yet applied stayed off until the operator
+        powered it on again, and one edited to on but applied off was powered on for the
+        operator to switch off. A machine the applied declaration does not have yet (added to
+        the files, not applied) is the operator's to switch only once applied: it is powered on
+        again like one with no `power:`."""
+        if self.operator is None:
+            return m.power == "off"
+        declared = self.operator.declaration(m.name)
+        return declared is not None and declared.get("power") == "off"
 
     def _event(self, a: core.Action, **more: Any) -> None:
         m = self.holder.site.machine(a.machine) if a.machine else None
@@ -322,7 +341,7 @@ class UpsWatch:
                 hub.resume_watch()
         elif a.action in ("open", "power-on") and a.machine:
             m = self.holder.site.machine(a.machine)
-            if a.action == "power-on" and m is not None and m.power == "off":
+            if a.action == "power-on" and m is not None and self._declared_off(m):
                 # declared off meanwhile (or all along): the declaration wins; powered on, it
                 # would boot for the moment before the operator switched it off again
                 self._event(core.Action("skipped", "not powered on again: declared power: off",
