@@ -91,8 +91,10 @@ class Runtime:
         ties an address to a machine names that address's recent steps too."""
         now = time.time()
         fields = self._prepared(kind, fields, now)
-        (event_id,) = self.commit_events([(kind, fields)])
-        self._recorded(kind, fields, event_id, now)
+        new: list[bool] = []
+        (event_id,) = self.commit_events([(kind, fields)], new)
+        if new[0]:  # not a device event the history had (one fetched again after a restart)
+            self._recorded(kind, fields, event_id, now)
         return event_id
 
     async def record_batched(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -114,13 +116,17 @@ class Runtime:
         fields.setdefault("ts", now)
         return fields
 
-    def commit_events(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
-        """One transaction for all of `events`; each shipped in the order of its id."""
+    def commit_events(self, events: list[tuple[str, dict[str, Any]]],
+                      new: list[bool] | None = None) -> list[int]:  # fmt: skip
+        """One transaction for all of `events`; each shipped in the order of its id, but a
+        device event the history had already (EventStore.record_many's `new`, filled here too)."""
+        new = [] if new is None else new
         with self._ordered:
-            ids = self.store.record_many(events)
+            ids = self.store.record_many(events, new)
             if self.logship is not None:  # an append to each target's inbox: never waits
-                for event_id, (kind, fields) in zip(ids, events):
-                    self.logship.offer(_shipped(event_id, kind, fields))
+                for event_id, (kind, fields), fresh in zip(ids, events, new):
+                    if fresh:
+                        self.logship.offer(_shipped(event_id, kind, fields))
         return ids
 
     def _recorded(self, kind: str, fields: dict[str, Any], event_id: int, now: float) -> None:

@@ -228,13 +228,15 @@ class EventStore:
         row = _row(kind, source, mac, machine, endpoint, profile, group, status, payload, ts)
         return self._insert([row])[0]
 
-    def record_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[int]:
+    def record_many(self, events: list[tuple[str, dict[str, Any]]],
+                    new: list[bool] | None = None) -> list[int]:  # fmt: skip
         """Store (kind, fields) events, fields as record() takes them, in one transaction (one
-        WAL write for all): their ids, in order. All or none: an error stores none of them."""
+        WAL write for all): their ids, in order. All or none: an error stores none of them.
+        `new`, when given, gets one flag per event: False for a device event stored before."""
         rows = [_row(kind, **fields) for kind, fields in events]
-        return self._insert(rows) if rows else []
+        return self._insert(rows, new) if rows else []
 
-    def _insert(self, rows: list[tuple]) -> list[int]:
+    def _insert(self, rows: list[tuple], new: list[bool] | None = None) -> list[int]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -254,6 +256,9 @@ class EventStore:
                     self._bytes += self._through - before
                 if added:
                     self._bound(added[-1][0])
+                if new is not None:
+                    fresh = {eid for eid, _ in added}
+                    new[:] = [eid in fresh for eid in ids]
                 if self.clock() - self._aged_at >= AGE_PRUNE_EVERY_S:
                     self._age()
                 self._db.execute("COMMIT")

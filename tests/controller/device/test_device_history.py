@@ -159,3 +159,18 @@ def test_a_killed_controller_records_its_last_device_events_once_after_restart(b
     assert any(p.get("seq") == power.payload["seq"] for p in fetched)
     keys = device_keys(db)
     assert keys and all(copies == 1 for _, _, copies in keys), keys
+
+
+def test_a_device_event_recorded_again_is_neither_shipped_nor_counted_again(client_for, site_dir):
+    """What the history keeps once goes to the log collectors and the metrics once: the copy
+    fetched again is not offered to logship (its id is the stored event's, already shipped)."""
+    runtime = client_for(site_dir).app.state.runtime
+    offered: list[dict] = []
+    runtime.logship, shipper = NS(offer=offered.append), runtime.logship  # stand-in: its inbox
+    event = {"source": "device", "payload": {"boot": "b9", "seq": 3, "ch": 1}}
+    first = runtime.record("power", **event)
+    assert runtime.record("power", **event) == first
+    second = runtime.record("power", source="device", payload={"boot": "b9", "seq": 4, "ch": 1})
+    runtime.logship = shipper  # the app closes its own at the end
+    assert second > first and [o["id"] for o in offered] == [first, second]
+    assert runtime.metrics.events.labels(kind="power")._value.get() == 2
