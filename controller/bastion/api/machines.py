@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    create_model,
+)
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import edit_yaml_or_422
@@ -57,14 +64,26 @@ def _holds_a_model(annotation: Any) -> bool:
     return any(_holds_a_model(a) for a in typing.get_args(annotation))
 
 
+def _as_sent(value: Any, check: ValidatorFunctionWrapHandler) -> Any:
+    """Check the value's shape and keep it as the client sent it: the site loader, not this
+    check, decides what a value means (a strict field refuses `true` for 1, where a lax check
+    would have converted it and written the 1), as it does for PATCH and a hand edit."""
+    check(value)
+    return value
+
+
 def _shape_only(model: type[BaseModel], leave_out: tuple[str, ...]) -> dict[str, Any]:
     """model's fields for a body that checks shapes only: scalars and mappings typed as the
-    model has them, with no bounds; a nested section (a model of its own) as Any."""
+    model has them, with no bounds, each kept as sent (_as_sent); a nested section (a model of
+    its own) as Any."""
     fields: dict[str, Any] = {}
     for name, f in model.model_fields.items():
         if name in leave_out:
             continue
-        annotation = Any if _holds_a_model(f.annotation) else f.annotation
+        if _holds_a_model(f.annotation):
+            annotation = Any
+        else:
+            annotation = Annotated[f.annotation, WrapValidator(_as_sent)]
         default = Field(default_factory=f.default_factory) if f.default_factory else f.default
         fields[name] = (annotation, default)
     return fields
@@ -73,8 +92,9 @@ def _shape_only(model: type[BaseModel], leave_out: tuple[str, ...]) -> dict[str,
 MachineIn = create_model(
     "MachineIn",
     __doc__="A machines.yaml entry (the name comes from the URL), checked for shape only: the "
-    "site loader checks the values against site.schema.MachineEntry with the whole site, so a "
-    "bad edit is refused naming machines.yaml's line and field like any other site problem.",
+    "site loader checks the values, as sent, against site.schema.MachineEntry with the whole "
+    "site, so a bad edit is refused naming machines.yaml's line and field like any other site "
+    "problem (and like PATCH).",
     __config__=ConfigDict(extra="forbid"),
     **_shape_only(MachineEntry, leave_out=("name",)),
 )
@@ -170,7 +190,13 @@ def machine_ignition(name: str, site: SiteDep, runtime: RuntimeDep, request: Req
 
 @router.put("/{name}", summary="Add or replace a machine (needs the token)")
 def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
-    entry = {"name": name, **body.model_dump(exclude_none=True, exclude_defaults=True)}
+    # the values as sent (model_dump would serialise them as the field types say); null and a
+    # field's default (labels: {}) leave the field out
+    entry: dict[str, Any] = {"name": name}
+    for key in body.model_fields_set:
+        value = getattr(body, key)
+        if value is not None and value != MachineIn.model_fields[key].get_default(call_default_factory=True):
+            entry[key] = value
 
     def change(doc: dict[str, Any]) -> None:
         machines = _listed(doc)
