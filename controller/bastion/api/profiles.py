@@ -100,7 +100,18 @@ def put_profile(
     return profile_out(_profile(new, pid))
 
 
-@router.delete("/{pid}", status_code=204, summary="Remove a profile (needs the token)")
+@router.delete(
+    "/{pid}",
+    status_code=204,
+    summary="Remove a profile (needs the token)",
+    description="Removes the profile's file under profiles/. A profile that no file holds (the "
+    "`k3s` profile site.yaml's `cluster:` makes) is 409: edit site.yaml instead.",
+)
 def delete_profile(pid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> None:
     p = _profile(site, pid)
+    # a built-in profile's source names where it comes from, not a file: "removing" that file
+    # changed nothing and was still recorded as an edit of it
+    if not p.source.startswith("profiles/"):
+        raise HTTPException(409, f"profile {pid!r} comes from {p.source}, not from a file under "
+                            "profiles/; edit that instead, or PUT a profile of this id to replace it")  # fmt: skip
     apply_or_422(runtime, {p.source: None})
