@@ -4,8 +4,9 @@ and the request's facts (no I/O except reading `local:` files under the site's f
 Variables follow matchbox (`collectVariables`): the group's metadata, its selectors (keys in lower
 case) and `request` = {`query`: the request's labels, `raw_query`: the raw query string}; a
 `request` key in the metadata is overwritten. Edge Bastion's own (Jinja2) templates also get
-`machine` (name, mac, mac_hexhyp, uuid, arch, role, hostname, labels, profile), `site` (name,
-controller_url), `metadata` (the merged metadata as one mapping), `cluster` (a k3s node's plan,
+`machine` (name, mac, mac_hexhyp, uuid, arch, role, hostname, labels, profile; for a machine
+not in machines.yaml, its request's uuid, arch and hostname when each is valid: request_fact),
+`site` (name, controller_url), `metadata` (the merged metadata as one mapping), `cluster` (a k3s node's plan,
 bastion.cluster.plan; none for other machines) and `secrets` (the machine's
 secrets from the controller's secret store, bastion.state.secrets). `secrets` is only filled when the
 config is rendered for a one-time URL; rendered any other way, a template that touches it fails
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import re
 import types
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,9 +29,12 @@ import jinja2.meta
 import jinja2.sandbox
 
 from bastion.cluster import plan as cluster
+from bastion.model import ARCH_ALIASES, ARCHES, BootRequest, Group, Profile, Site, TemplateFile
 from bastion.render import butane, gotemplate
 from bastion.render.gotemplate import go_str
-from bastion.model import BootRequest, Group, Profile, Site, TemplateFile
+from bastion.settings import HOST_NAME
+
+log = logging.getLogger("bastion.render")
 
 
 class RenderError(ValueError):
@@ -139,6 +145,44 @@ def variables(site: Site, group: Group, req: BootRequest) -> dict[str, Any]:
     return data
 
 
+def _uuid(value: str) -> str | None:
+    # the form machines.yaml takes (8-4-4-4-12 hex digits) is exactly uuid's canonical one
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        return None
+    return canonical if canonical == value.lower() else None
+
+
+def _host_name(value: str) -> str | None:
+    return value if HOST_NAME.fullmatch(value) else None
+
+
+def _arch(value: str) -> str | None:
+    arch = ARCH_ALIASES.get(value, value)
+    return arch if arch in ARCHES else None
+
+
+# What an undeclared machine's request may tell its templates as `machine.*`, each checked as
+# machines.yaml checks a declared machine's: a request is anyone's text, and a template writes
+# these values into YAML, unit files and KEY=value lines, where a line break or a `: ` in a
+# host name added a file of the requester's choosing or broke the site's template.
+_REQUEST_FACTS = {"uuid": _uuid, "hostname": _host_name, "arch": _arch}
+
+
+def request_fact(req: BootRequest, key: str) -> str | None:
+    """The request's `key` label if it is a valid one (a UUID, a host name, a known arch, as
+    machines.yaml would take it); otherwise None, as if it had not been sent, and a warning."""
+    value = req.labels.get(key)
+    if not value:
+        return None
+    checked = _REQUEST_FACTS[key](value)
+    if checked is None:
+        log.warning("boot request from %s: %s=%s is not valid; rendered as if not given",
+                    req.client or "an unknown address", key, ascii(value[:80]))  # fmt: skip
+    return checked
+
+
 def jinja_variables(
     site: Site, group: Group, profile: Profile, req: BootRequest, secrets: Mapping[str, Any] | str | None = None,
     name: str = "this config",
@@ -147,15 +191,15 @@ def jinja_variables(
     if group.machine is not None:
         machine = group.machine.as_variables()
     else:
-        mac = req.labels.get("mac")
+        mac = req.labels.get("mac")  # already a MAC (match.labels_from_pairs drops any other)
         machine = {
             "name": None,
             "mac": mac,
             "mac_hexhyp": mac.replace(":", "-") if mac else None,
-            "uuid": req.labels.get("uuid") or None,
-            "arch": req.labels.get("arch") or None,
+            "uuid": request_fact(req, "uuid"),
+            "arch": request_fact(req, "arch"),
             "role": None,
-            "hostname": req.labels.get("hostname") or None,
+            "hostname": request_fact(req, "hostname"),
             "labels": {},
             "profile": profile.id,
         }
