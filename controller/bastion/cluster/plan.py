@@ -132,10 +132,11 @@ def registries_yaml(cache: Any) -> str:
     """/etc/rancher/k3s/registries.yaml: every mirrored registry pulls through the cache first
     (containerd falls back to the registry itself when the cache cannot answer)."""
     lines = ["# Written by Edge Bastion from site.yaml cluster.registry_cache", "mirrors:"]
-    # served by the controller host: each registry through its own Distribution instance
+    # served by the controller host: each registry through its own Distribution instance, on
+    # the port `mirrors` gives it or its place there (bastion.regcache.plan.ports)
     ends = regcache.endpoints(cache)
-    for name in cache.mirrors:
-        lines += [f'  "{name}":', "    endpoint:", f'      - "{ends[name]}"']
+    for name, url in ends.items():
+        lines += [f'  "{name}":', "    endpoint:", f'      - "{url}"']
     if cache.insecure_skip_verify:
         lines.append("configs:")
         for host in dict.fromkeys(urlsplit(url).netloc for url in ends.values()):

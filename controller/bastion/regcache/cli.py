@@ -53,9 +53,10 @@ def _load(site_dir: Path, state: Path | None, secrets_dir: Path | None):
 def registry_cache_group() -> None:
     """The site's pull-through registry cache: one Distribution registry per mirror.
 
-    Configured by site.yaml cluster.registry_cache (with serve:); mirror i listens on the
-    port of its url plus i, which is what the nodes' registries.yaml names. Add a registry
-    at the end of mirrors: one put before others moves them to other ports.
+    Configured by site.yaml cluster.registry_cache (with serve:); each mirror listens on the
+    port mirrors gives it ({docker.io: 5000, ghcr.io: 5001}), or in the list form mirror i on
+    the port of its url plus i, which is what the nodes' registries.yaml names. Give each
+    its port: in the list, one put before others moves them to other ports.
     """
 
 

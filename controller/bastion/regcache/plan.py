@@ -2,11 +2,22 @@
 `cluster.registry_cache` to the Distribution instances and their config.yml.
 
 One CNCF Distribution registry in proxy mode per mirrored registry (a proxy mirrors exactly one
-`remoteurl`): mirror i of `mirrors` is served on the port of `url` plus i, on the url's host
-when that is an IP address (else on every address). The nodes' /etc/rancher/k3s/registries.yaml
-(bastion.cluster.plan.registries_yaml) takes its endpoints from `endpoints` here, so what the
-nodes are told and what runs are one computation.
+`remoteurl`), on the url's host when that is an IP address (else on every address). Its port:
 
+- `mirrors: {docker.io: 5000, ghcr.io: 5001}`: the port given, wherever the registry stands;
+- `mirrors: [docker.io, ghcr.io]`: mirror i on the port of `url` plus i.
+
+The list form moves every registry after one that is put before it or removed. A node keeps
+the endpoints it was told at boot, so such an edit sends its pulls of one registry to
+another's proxy, which answers for the same repository path from its own registry (docker.io's
+foo/bar:1.0 from ghcr.io's foo/bar:1.0). Containerd says which registry it means (the `ns`
+query parameter), but Distribution ignores it and nothing of ours sits in front of it: only
+fixed ports prevent that (docs/registry-cache.md).
+
+The nodes' /etc/rancher/k3s/registries.yaml (bastion.cluster.plan.registries_yaml) takes its
+endpoints from `endpoints` here, so what the nodes are told and what runs are one computation.
+
+    ports(cache)                 mirror -> the port its instance listens on
     instances(cache)             each mirror's Instance: name, port, upstream, endpoint
     endpoints(cache)             mirror -> the URL the nodes pull it through
     config_yml(inst, ...)        one instance's Distribution config.yml (text)
@@ -61,17 +72,26 @@ def upstream_url(cache: Any, mirror: str) -> str:
     return upstreams.get(mirror) or _KNOWN_UPSTREAMS.get(mirror) or f"https://{mirror}"
 
 
+def ports(cache: Any) -> dict[str, int]:
+    """Mirror -> the port its instance listens on, in the order of `mirrors`: the one it is
+    given (the mapping form), else the port of `url` plus its place in the list."""
+    if isinstance(cache.mirrors, dict):
+        return dict(cache.mirrors)
+    first = urlsplit(cache.url).port
+    assert first is not None
+    return {mirror: first + i for i, mirror in enumerate(cache.mirrors)}
+
+
 def instances(cache: Any) -> list[Instance]:
     """The Distribution instances that serve `cache` (a validated section with `serve:`)."""
     parts = urlsplit(cache.url)
-    assert parts.port is not None and parts.hostname is not None
+    assert parts.hostname is not None
     try:
         listen_host = str(ipaddress.ip_address(parts.hostname))
     except ValueError:
         listen_host = ""  # a DNS name: every address
     out = []
-    for i, mirror in enumerate(cache.mirrors):
-        port = parts.port + i
+    for mirror, port in ports(cache).items():
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         out.append(Instance(mirror=mirror, name=instance_name(mirror), host=listen_host, port=port,
                             upstream=upstream_url(cache, mirror),

@@ -6,6 +6,7 @@
     prune(inst, ...)             bring a stopped instance's storage under its bound
     Runner                       start them all, restart one that ends, prune one over its
                                  bound, follow the site as it changes, stop them all on request
+    handed_over(old, new)        the endpoints an edit gives to another registry
     SiteWatch                    the site again when its files changed, as `bastion serve` sees it
 
 What bounds the storage. Distribution's proxy expires what it cached a fixed time after caching
@@ -21,16 +22,19 @@ A 2.8 proxy asks its upstream for /v2/ when it starts and exits when it cannot r
 instance started while the upstream is down ends at once; the Runner starts it again after
 `restart_after` seconds, as often as it takes.
 
-Following the site. A mirror's port is the url's plus its place in `mirrors` (bastion.regcache.
-plan), and `bastion serve` reloads the site when its files change and tells every node booted
-after that the new ports. A cache that kept the plan it started with served quay.io's port as
-docker.io's proxy once quay.io was put first in the list, and a node booted after the edit
-pulled docker.io's names from another registry. So the Runner watches the site the way serve
-does (its files changed, then the same at two looks running; an edit that does not load
-changes nothing) and, when the plan changes, stops every instance whose port, upstream or
-config changed and starts them again with the new plan. The others keep serving. A node booted
-before the edit keeps the endpoints it was told until it boots again: the docs say to add a
-registry at the end of `mirrors`, where it moves no other.
+Following the site. A mirror's port is the one `mirrors` gives it, or in the list form the
+url's plus its place there (bastion.regcache.plan), and `bastion serve` reloads the site when
+its files change and tells every node booted after that the new ports. A cache that kept the
+plan it started with served quay.io's port as docker.io's proxy once quay.io was put first in
+the list, and a node booted after the edit pulled docker.io's names from another registry. So
+the Runner watches the site the way serve does (its files changed, then the same at two looks
+running; an edit that does not load changes nothing) and, when the plan changes, stops every
+instance whose port, upstream or config changed and starts them again with the new plan. The
+others keep serving. A node booted before the edit keeps the endpoints it was told until it
+boots again: an edit that gives one registry's endpoint to another (the list form, a registry
+put first or removed from the middle) is said in the output, since nothing here can refuse
+such a node's pulls (Distribution ignores containerd's `ns` parameter). With fixed ports
+(`mirrors: {registry: port}`) only an edit that gives a registry another's port does that.
 """
 
 from __future__ import annotations
@@ -186,6 +190,15 @@ class SiteWatch:
             return None
 
 
+def handed_over(old: list[Instance], new: list[Instance]) -> list[tuple[str, str, str]]:
+    """(endpoint, the mirror it served, the mirror it serves now) for each endpoint `new`
+    gives to another registry than `old` did: a node told it before pulls the first's image
+    references from the second's proxy."""
+    before = {inst.endpoint: inst.mirror for inst in old}
+    return [(inst.endpoint, before[inst.endpoint], inst.mirror) for inst in new
+            if before.get(inst.endpoint, inst.mirror) != inst.mirror]  # fmt: skip
+
+
 class Runner:
     """Each instance as a child process, supervised from one thread (`run`, until `stop`).
     `follow`, called every `follow_every` seconds, gives the site again when it changed (a
@@ -244,6 +257,13 @@ class Runner:
             return
         changed = [name for name in self.plan if plan.get(name) != self.plan[name]]
         added = [name for name in plan if name not in self.plan]
+        for endpoint, was, now in handed_over([i for i, _ in self.plan.values()],
+                                              [i for i, _ in plan.values()]):  # fmt: skip
+            self.echo(f"warning: {endpoint} served {was} and now serves {now}: a node booted "
+                      f"before this edit pulls {was}'s images through {now}'s proxy (the same "
+                      f"repository path from {now}) until it boots again: reboot the k3s nodes "
+                      "one at a time (with mirrors: {registry: port} only a port given to "
+                      "another registry does this)")  # fmt: skip
         if cache is None:
             self.echo("the site no longer has cluster.registry_cache.serve: stopping every mirror")
         elif changed:

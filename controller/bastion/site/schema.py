@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bastion.match import Malformed, parse_mac
 from bastion.model import ARCH_ALIASES, ARCHES
+from bastion.regcache import plan as regcache_plan
 from bastion.settings import HOST_NAME, SettingsError, parse_size
 
 # used with fullmatch: `$` would also match before a final line break ("node1\n")
@@ -371,7 +372,8 @@ class ClusterFlatcar(_Strict):
 class RegistryCacheServe(_Strict):
     """cluster.registry_cache.serve: the controller host runs the cache itself, one CNCF
     Distribution registry in proxy mode per mirrored registry (`bastion registry-cache`,
-    docs/registry-cache.md). Mirror i of `mirrors` listens on the port of `url` plus i."""
+    docs/registry-cache.md). Each mirror listens on the port `mirrors` gives it, or, in the list
+    form, mirror i on the port of `url` plus i."""
 
     upstreams: dict[str, str] = Field(
         default_factory=dict,
@@ -402,9 +404,12 @@ class RegistryCache(_Strict):
     """cluster.registry_cache: the site's pull-through registry cache (containerd mirror)."""
 
     url: str = Field(description="the cache's URL, e.g. http://10.77.0.5:5000")
-    mirrors: list[str] = Field(
+    # A list, or a mapping registry -> port: with `serve:` the list puts mirror i on url's port
+    # plus i, so that putting a registry first moves the others, and a node booted before the
+    # edit pulls one registry's names through another's proxy; the mapping fixes each port.
+    mirrors: list[str] | dict[str, int] = Field(
         default_factory=lambda: ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"],
-        description="the registries it mirrors",
+        description="the registries it mirrors: a list, or registry: port (with serve:)",
     )
     insecure_skip_verify: bool = Field(
         default=False, description="for an https cache whose certificate the nodes cannot check"
@@ -412,18 +417,37 @@ class RegistryCache(_Strict):
 
     check_url = field_validator("url")(_http_url)
 
-    @field_validator("mirrors")
+    # plain: the two forms are told apart here, so that a problem is said once, in our words,
+    # rather than once per form by pydantic's union
+    @field_validator("mirrors", mode="plain")
     @classmethod
-    def _mirrors(cls, v: list[str]) -> list[str]:
+    def _mirrors(cls, v: Any) -> list[str] | dict[str, int]:
+        # (ValueError, not TypeError: pydantic reports only the former as the field's problem)
+        if not isinstance(v, (list, dict)):
+            raise ValueError(f"must be a list of registries, or a mapping registry: port, not {v!r}")  # noqa: TRY004
         for name in v:
-            host, _, port = name.partition(":")
+            if isinstance(v, list) and isinstance(name, dict):
+                raise ValueError(f"{name!r}: give every mirror its port, as one mapping "  # noqa: TRY004
+                                 "(mirrors: {docker.io: 5000, ghcr.io: 5001}), or none")  # fmt: skip
+            host, _, port = name.partition(":") if isinstance(name, str) else ("", "", "")
             if name != "*" and (not HOST_NAME.fullmatch(host) or host.endswith(".")
                                 or (port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535))):  # fmt: skip
                 # ('..' and '-' named a state directory and a secret beside the others')
                 raise ValueError(f"{name!r} is not a registry host name[:port] (or *)")
-        if len(set(v)) != len(v):
-            raise ValueError("a registry is named twice")
-        return v
+        if isinstance(v, list):
+            if len(set(v)) != len(v):
+                raise ValueError("a registry is named twice")
+            return list(v)
+        on: dict[int, str] = {}
+        for name, port in v.items():
+            # YAML's true is not port 1, nor "5000" a port
+            if type(port) is not int or not 1 <= port <= 65535:
+                raise ValueError(f"{name}: {port!r} is not a TCP port (1 to 65535)")
+            if port in on:
+                raise ValueError(f"{on[port]} and {name} are both on port {port}: each mirror is "
+                                 "its own registry, on a port of its own")  # fmt: skip
+            on[port] = name
+        return dict(v)
 
     serve: RegistryCacheServe | None = Field(
         default=None, description="run the cache on the controller host (bastion registry-cache)"
@@ -432,24 +456,36 @@ class RegistryCache(_Strict):
     @model_validator(mode="after")
     def _served(self) -> RegistryCache:
         """What the controller host serves must be what the nodes are told (registries.yaml)."""
+        pinned = isinstance(self.mirrors, dict)
         if self.serve is None:
+            if pinned and self.mirrors:
+                raise ValueError("mirrors: ports (registry: port) are for the cache the controller "
+                                 "host serves (serve:); without it every mirror is the one url: "
+                                 "list the registries")  # fmt: skip
             return self
         if "*" in self.mirrors:
             raise ValueError("mirrors: '*' cannot be served: a Distribution proxy mirrors one "
                              "registry; name each registry (serve: is set)")  # fmt: skip
         parts = urlsplit(self.url)
-        if parts.port is None:
+        try:
+            port = parts.port  # urllib raises past 65535
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"url: {self.url!r}: its port is not a TCP port (1 to 65535)")
+        if port is None and not pinned:
             raise ValueError(f"url: {self.url!r} needs a port: mirror i of `mirrors` is served "
-                             "on that port plus i")  # fmt: skip
+                             "on that port plus i (or give each mirror its port: "
+                             "mirrors: {docker.io: 5000, ...})")  # fmt: skip
         if parts.path not in ("", "/"):
             raise ValueError(f"url: {self.url!r}: a served cache is host:port, without a path")
         if parts.scheme != "http":
             raise ValueError(f"url: {self.url!r}: the served cache speaks http (no certificate)")
-        if parts.port + len(self.mirrors) - 1 > 65535:
-            raise ValueError(f"url: port {parts.port} + {len(self.mirrors)} mirrors passes 65535")
+        if not pinned and port + len(self.mirrors) - 1 > 65535:
+            raise ValueError(f"url: port {port} + {len(self.mirrors)} mirrors passes 65535")
         for name in self.serve.upstreams:
             if name not in self.mirrors:
-                raise ValueError(f"serve.upstreams: {name!r} is not in mirrors {self.mirrors}: "
+                raise ValueError(f"serve.upstreams: {name!r} is not in mirrors {list(self.mirrors)}: "
                                  "the nodes would never be told to pull it through the cache")  # fmt: skip
         return self
 
@@ -1202,19 +1238,23 @@ class SiteFile(_Strict):
 
     @model_validator(mode="after")
     def _cache_beside_controller(self) -> SiteFile:
-        """The cache's mirrors listen on the ports from its url's on: one of them on the
-        controller's own host and port (controller_url) could not start, or took the port."""
+        """A mirror served on the controller's own host and port (controller_url) could not
+        start, or took the port."""
         cache = self.cluster.registry_cache if self.cluster is not None else None
         if cache is None or cache.serve is None or self.controller_url is None:
             return self
         ours, theirs = urlsplit(self.controller_url), urlsplit(cache.url)
         port = ours.port or (443 if ours.scheme == "https" else 80)
-        first = theirs.port or 0
-        if ours.hostname == theirs.hostname and first <= port < first + len(cache.mirrors):
-            mirror = cache.mirrors[port - first]
-            raise ValueError(f"cluster.registry_cache: {mirror} would be served on "
-                             f"{theirs.hostname}:{port}, controller_url's own port: give url "
-                             f"a port with {len(cache.mirrors)} free ones from it")  # fmt: skip
+        if ours.hostname != theirs.hostname:
+            return self
+        for mirror, on in regcache_plan.ports(cache).items():
+            if on != port:
+                continue
+            pinned = isinstance(cache.mirrors, dict)
+            field = "cluster.registry_cache.mirrors" if pinned else "cluster.registry_cache"
+            fix = "give it another" if pinned else f"give url a port with {len(cache.mirrors)} free ones from it"
+            raise ValueError(f"{field}: {mirror} would be served on {theirs.hostname}:{port}, "
+                             f"controller_url's own port: {fix}")  # fmt: skip
         return self
 
 

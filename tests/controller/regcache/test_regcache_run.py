@@ -76,10 +76,12 @@ def _free_ports(n: int) -> int:
 
 
 class CacheRun:
-    """The site, and `bastion registry-cache run` on it with the stand-in registry."""
+    """The site, and `bastion registry-cache run` on it with the stand-in registry. `mirrors`:
+    the list form, or mirror -> port given as an offset from `base` (len(UPSTREAMS) + 1 free
+    consecutive ports from there)."""
 
-    def __init__(self, tmp: Path, mirrors: list[str]):
-        self.base = _free_ports(len(UPSTREAMS))
+    def __init__(self, tmp: Path, mirrors: list[str] | dict[str, int]):
+        self.base = _free_ports(len(UPSTREAMS) + 1)
         self._told: dict[str, str] = {}
         self.site = home_lab(tmp / "site", self.section(mirrors))
         bindir = tmp / "bin"
@@ -97,11 +99,13 @@ class CacheRun:
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
 
-    def section(self, mirrors: list[str]) -> str:
+    def section(self, mirrors: list[str] | dict[str, int]) -> str:
+        if isinstance(mirrors, dict):
+            mirrors = {mirror: self.base + offset for mirror, offset in mirrors.items()}
         return (f"  registry_cache:\n    url: http://127.0.0.1:{self.base}\n"
                 f"    mirrors: {json.dumps(mirrors)}\n    serve: {{}}\n")  # fmt: skip
 
-    def edit(self, mirrors: list[str]) -> None:
+    def edit(self, mirrors: list[str] | dict[str, int]) -> None:
         """Change the site's mirrors, as a person editing site.yaml would."""
         path = self.site / "site.yaml"
         text = path.read_text()
@@ -167,7 +171,7 @@ def _upstreams(got: dict[str, tuple[str | None, int | None]]) -> dict[str, str |
 def cache_run(tmp_path):
     runs: list[CacheRun] = []
 
-    def start(mirrors: list[str]) -> CacheRun:
+    def start(mirrors: list[str] | dict[str, int]) -> CacheRun:
         runs.append(CacheRun(tmp_path, mirrors))
         return runs[-1]
 
@@ -184,6 +188,10 @@ def test_a_registry_inserted_in_mirrors_is_served_where_new_nodes_are_told(cache
     assert _upstreams(run.serving()) == {m: UPSTREAMS[m] for m in ("docker.io", "ghcr.io")}
     run.edit(["quay.io", "docker.io", "ghcr.io"])
     assert _upstreams(run.serving()) == UPSTREAMS, run.log.read_text()
+    # a node booted before the edit still pulls docker.io through the first port: said
+    run.wait_for_output(f"warning: http://127.0.0.1:{run.base} served docker.io and now serves "
+                        "quay.io: a node booted before this edit pulls docker.io's images through "
+                        "quay.io's proxy")  # fmt: skip
 
 
 def test_a_registry_added_at_the_end_leaves_the_others_serving_undisturbed(cache_run):
@@ -206,3 +214,28 @@ def test_a_site_edit_that_does_not_load_keeps_the_mirrors_serving_as_they_were(c
     run.edit(["docker.io", "ghcr.io"])  # put back: nothing to restart
     run.wait_for_output("the site changed: the mirrors are served as before")
     assert run.proxied() == before
+
+
+def test_a_reorder_with_given_ports_restarts_nothing_and_moves_no_port(cache_run):
+    run = cache_run({"docker.io": 0, "ghcr.io": 1, "quay.io": 2})
+    before = run.serving()
+    assert _upstreams(before) == UPSTREAMS, run.log.read_text()
+    run.edit({"quay.io": 2, "ghcr.io": 1, "docker.io": 0})
+    run.wait_for_output("the site changed: the mirrors are served as before")
+    # every registry on its port, by the same registry process
+    assert run.told() == {m: f"http://127.0.0.1:{run.base + i}" for i, m in enumerate(UPSTREAMS)}
+    assert run.proxied() == before
+    assert "warning:" not in run.log.read_text()
+
+
+def test_a_changed_port_restarts_that_mirror_only(cache_run):
+    run = cache_run({"docker.io": 0, "ghcr.io": 1, "quay.io": 2})
+    before = run.serving()
+    assert _upstreams(before) == UPSTREAMS, run.log.read_text()
+    run.edit({"docker.io": 0, "ghcr.io": 3, "quay.io": 2})
+    after = run.serving()
+    assert _upstreams(after) == UPSTREAMS, run.log.read_text()
+    assert run.told()["ghcr.io"] == f"http://127.0.0.1:{run.base + 3}"
+    assert after["docker.io"] == before["docker.io"] and after["quay.io"] == before["quay.io"]
+    assert after["ghcr.io"][1] != before["ghcr.io"][1]
+    assert "the site changed: stopping ghcr.io\n" in run.log.read_text()
