@@ -253,6 +253,14 @@ if _FastLoader is not None:
     _FastLoader.yaml_constructors = _Loader.yaml_constructors
 
 
+def dump(data: Any) -> bytes:
+    """`data` (plain dicts, lists and scalars) as a site file's YAML, in UTF-8: keys in their
+    order, and text as it is (PyYAML's default wrote `café` as "caf\\xE9"). What the file had
+    besides its data is not kept: comments, and anchors and aliases (each alias is written out
+    in full where it stood)."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode()
+
+
 def load(text: str | bytes, name: str) -> Any:
     """Parse one YAML document or raise YamlError(name, line, problem)."""
     if _FastLoader is not None:

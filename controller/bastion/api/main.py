@@ -110,14 +110,17 @@ def create_app(settings: Settings) -> FastAPI:
     runtime_box: list[Runtime] = []
 
     def on_reload(outcome: ReloadOutcome) -> None:
-        metrics.site_reloads.labels(result="ok" if outcome.ok else "error").inc()
-        payload = {"ok": outcome.ok, "generation": outcome.generation}
-        if outcome.error:
-            payload["error"] = outcome.error
-            log.error("site reload failed; still serving generation %d:\n%s", outcome.generation, outcome.error)
-        else:
-            log.info("site reloaded: generation %d", outcome.generation)
-        runtime_box[0].record("site", payload=payload) if runtime_box else store.record("site", payload=payload)
+        # An edit through the API is no reload (it records its own `site` event, naming the
+        # files: bastion.api.edits), but reaches all that a reload does below.
+        if not outcome.edit:
+            metrics.site_reloads.labels(result="ok" if outcome.ok else "error").inc()
+            payload = {"ok": outcome.ok, "generation": outcome.generation}
+            if outcome.error:
+                payload["error"] = outcome.error
+                log.error("site reload failed; still serving generation %d:\n%s", outcome.generation, outcome.error)
+            else:
+                log.info("site reloaded: generation %d", outcome.generation)
+            runtime_box[0].record("site", payload=payload) if runtime_box else store.record("site", payload=payload)
         if outcome.ok and runtime_box and runtime_box[0].logship is not None:
             runtime_box[0].logship.configure(holder.site.settings.logs, site=holder.site.name,
                                              site_root=settings.site_dir)  # fmt: skip

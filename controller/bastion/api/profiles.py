@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-import yaml
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
+from bastion import yamlfile
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
 from bastion.api.edits import apply_or_422
 from bastion.api.jsonbody import StrictJsonRoute
@@ -91,7 +91,7 @@ def put_profile(
         changes[f"profiles/{pid}.json"] = json.dumps(body, indent=2).encode() + b"\n"
         stale = [f"profiles/{pid}.yaml", f"profiles/{pid}.yml"]
     else:
-        changes[f"profiles/{pid}.yaml"] = yaml.safe_dump(body, sort_keys=False).encode()
+        changes[f"profiles/{pid}.yaml"] = yamlfile.dump(body)
         stale = [f"profiles/{pid}.json", f"profiles/{pid}.yml"]
     for rel in stale:
         if (runtime.holder.root / rel).exists():

@@ -5,7 +5,15 @@ Site replaces the old one in a single assignment (requests in flight keep the on
 with), on failure the old one keeps serving and the error is kept for /healthz, the API and the
 event history. `poll()` reloads when a file's mtime, size or presence changed and then held still
 for one more look. `apply(changes)` validates edits made through the API against the whole site
-before writing them, atomically.
+before writing them, atomically, and then runs the same hooks (`on_reload`) as a reload does.
+
+An edit is a compare-and-swap on the files it touches: each is read once for the edit (`read`
+in `edit(make)`), and just before the write, under the lock, every one of them must still hold
+what it held then, or nothing is written (EditConflict). A person saving machines.yaml while the
+API's edit of it was being validated had their save replaced by the edit, unseen. The files the
+edit does not write are left to the poll: the fingerprint taken as seen is the one from before
+the edit read anything, with only the edit's own files brought up to date, so a hand edit of
+another file saved meanwhile is still a change to load.
 
 An edit of more than one file (a profile moved from JSON to YAML: the new file written, the old
 one removed) is made whole even across a crash between its files: `apply` first writes what it
@@ -30,14 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bastion import atomic
-from bastion.site.load import SiteError, load_site
 from bastion.model import Site
+from bastion.site.load import SiteError, SiteFiles, Unreadable, load_site
 
 # Not part of the configuration: served as they are, or runtime state.
 _SKIP_DIRS = {"assets", "var"}
 EDIT_RECORD = ".bastion-edit.json"  # a dotfile: no reload is set off by it
 
 log = logging.getLogger("bastion.site")
+
+# An edit's reader (SiteHolder.edit): read(rel) is the site file's bytes, None for no file.
+Read = Callable[[str], bytes | None]
 
 
 def _digest(data: bytes | None) -> str | None:
@@ -51,15 +62,42 @@ def _current(path: Path) -> bytes | None:
         return None
 
 
+def _written_at(root: Path, rel: str) -> Path:
+    """Where an edit of `rel` writes: through a symlink to its target when that stays inside the
+    site directory (the loader reads no other), so that the link is kept; replacing the link
+    with a regular file silently cut a site file off from the file it was shared with."""
+    path = root / rel
+    if path.is_symlink():
+        target = path.resolve()
+        if target.is_relative_to(root.resolve()):
+            return target
+    return path
+
+
+def _target_rel(root: Path, rel: str) -> str:
+    """For a symlink written through (_written_at), the site file it names; else `rel`."""
+    path = _written_at(root, rel)
+    return rel if path == root / rel else path.relative_to(root.resolve()).as_posix()
+
+
 def _write(root: Path, changes: dict[str, bytes | None]) -> None:
     for rel, data in changes.items():
         path = root / rel
         if data is None:
             if _current(path) is not None:
-                path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)  # a symlink: the link goes, what it named stays
                 atomic.fsync_dir(path.parent)
         else:
-            atomic.write_bytes(path, data)
+            atomic.write_bytes(_written_at(root, rel), data)
+
+
+def _still(files: SiteFiles, rel: str) -> bytes | None | Unreadable:
+    """What `rel` holds now, for an edit's compare-and-swap (a file that cannot be read now is
+    a change)."""
+    try:
+        return files.read(rel)
+    except Unreadable as e:
+        return e
 
 
 def _set_aside(record: Path) -> list[str]:
@@ -170,12 +208,34 @@ class Settle:
         self.seen, self._settling = now, None
 
 
+def _seen_after_edit(before: tuple, after: tuple, touched: set[str]) -> tuple:
+    """The fingerprint to take as seen after an edit: `before` (taken before the edit read
+    anything), with the entries of the paths the edit wrote (`touched`) as they are `after` it.
+    A file someone else saved while the edit ran keeps its old entry: a change the poll loads."""
+    entries = {e[0]: e for e in before if e[0] not in touched}
+    entries.update((e[0], e) for e in after if e[0] in touched)
+    return tuple(sorted(entries.values()))
+
+
 @dataclass(frozen=True)
 class ReloadOutcome:
     ok: bool
     changed: bool
     generation: int
     error: str | None = None
+    # An edit through the API (SiteHolder.edit): the files it wrote or removed. Empty for a
+    # load of the directory (start, reload, poll). The API records its own `site` event for an
+    # edit (bastion.api.edits), naming the files.
+    edit: tuple[str, ...] = ()
+
+
+class EditConflict(Exception):
+    """A file an edit read or replaces changed on disk while the edit was being made: nothing
+    was written."""
+
+    def __init__(self, rels: list[str]):
+        self.rels = rels
+        super().__init__(f"{', '.join(rels)} changed on disk during the edit; try again")
 
 
 class SiteHolder:
@@ -223,23 +283,49 @@ class SiteHolder:
     def apply(self, changes: dict[str, bytes | None]) -> Site:
         """Validate `changes` (relative path -> new bytes, None to delete) against the whole
         site, then write them atomically and serve the result. Raises SiteError untouched."""
-        return self.edit(lambda: changes)
+        return self.edit(lambda read: changes)
 
-    def edit(self, make: Callable[[], dict[str, bytes | None]]) -> Site:
-        """apply(make()), with make() run under the same lock as the write: an edit that reads
-        a file to change part of it (a machine in machines.yaml) reads what the edit before it
-        wrote. Read before the lock, two edits at once each wrote back the file as it was
+    def edit(self, make: Callable[[Read], dict[str, bytes | None]]) -> Site:
+        """apply(make(read)), with make() run under the same lock as the write: an edit that
+        reads a file to change part of it (a machine in machines.yaml) reads what the edit before
+        it wrote. Read before the lock, two edits at once each wrote back the file as it was
         without the other's change, and both were answered 200 (20 machines added at once kept
-        3). Whatever make() raises goes to the caller, nothing written."""
+        3). make() reads site files with `read(rel)` (bytes, or None for no file), so that the
+        write can check they are unchanged. Whatever make() raises goes to the caller, nothing
+        written. Raises SiteError when the site with the changes does not load (or a file to
+        edit cannot be read: a symlink leaving the site directory, a directory), EditConflict
+        when a file read or replaced changed on disk meanwhile. The hooks (`on_reload`) run
+        after the lock is let go, with `edit` naming the files."""
         with self._lock:
-            changes = make()
+            # before anything is read: a file saved from here on is a change for the poll
+            before = fingerprint(self.root)
+            files = SiteFiles(self.root)
+            held: dict[str, bytes | None] = {}  # each file the edit read or replaces, as it was
+
+            def read(rel: str) -> bytes | None:
+                if rel not in held:
+                    try:
+                        held[rel] = files.read(rel)
+                    except Unreadable as e:
+                        raise SiteError([str(e)]) from None
+                return held[rel]
+
+            changes = make(read)
+            for rel in changes:
+                read(rel)
             site = load_site(self.root, overlay=changes)
+            changed = [rel for rel, data in held.items() if _still(files, rel) != data]
+            if changed:
+                raise EditConflict(sorted(changed))
             if len(changes) > 1:  # one file alone is replaced atomically as it is
                 self._write_recorded(changes)
             else:
                 _write(self.root, changes)
-            self._settle.take(fingerprint(self.root))
+            touched = set(changes) | {_target_rel(self.root, rel) for rel in changes}
+            self._settle.take(_seen_after_edit(before, fingerprint(self.root), touched))
             self._swap(site)
+            generation = self.generation
+        self._report(ReloadOutcome(True, True, generation, edit=tuple(sorted(changes))))
         return site
 
     def _write_recorded(self, changes: dict[str, bytes | None]) -> None:

@@ -33,11 +33,13 @@ def test_the_built_in_k3s_profile_is_409_and_a_file_of_that_id_replaces_it(tmp_p
     # PUT writes profiles/k3s.yaml, which the site now serves instead; DELETE removes that file
     # and the built-in profile is back
     amd64 = k3s["boot_by_arch"]["x86_64"]
-    body = {"name": "our k3s", "os": "flatcar", "kernel": amd64["kernel"], "initrd": amd64["initrd"],
+    body = {"name": "our k3s ☕", "os": "flatcar", "kernel": amd64["kernel"], "initrd": amd64["initrd"],
             "ignition": "k3s.bu"}  # fmt: skip
     r = c.put("/api/v1/profiles/k3s", params={"format": "bastion"}, json=body, headers=auth())
     assert r.status_code == 200, r.text
-    assert (r.json()["source"], r.json()["name"]) == ("profiles/k3s.yaml", "our k3s")
+    assert (r.json()["source"], r.json()["name"]) == ("profiles/k3s.yaml", "our k3s ☕")
+    # written as text, as an edit of machines.yaml is (yamlfile.dump), not as "\u2615"
+    assert "name: our k3s ☕\n" in (site / "profiles" / "k3s.yaml").read_text(encoding="utf-8")
     assert c.delete("/api/v1/profiles/k3s", headers=auth()).status_code == 204
     assert not (site / "profiles" / "k3s.yaml").exists()
     assert c.get("/api/v1/profiles/k3s").json()["source"] == BUILTIN
