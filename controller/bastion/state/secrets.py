@@ -43,6 +43,18 @@ class SecretError(ValueError):
     pass
 
 
+class SecretMissing(SecretError):
+    """Secrets that a command which only reads them found missing: `names` in the store at
+    `root`. Such a command makes none: a key made in a store the service does not use is a key
+    no node and no management side ever gets."""
+
+    def __init__(self, root: Path, names: list[str]):
+        self.root, self.names = root, names
+        what = ("does not exist" if not root.is_dir()
+                else "has no " + ", ".join(str(root.joinpath(n)) for n in names))  # fmt: skip
+        super().__init__(f"the secret store {root} {what}")
+
+
 def default_secrets_dir(site_name: str) -> Path:
     """$XDG_STATE_HOME/edge-bastion/secrets/<site> (~/.local/state/... when unset)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -136,6 +148,15 @@ class SecretStore:
             if self._create(path, value):
                 return value
             return self._read(path)
+
+    def add_if_missing(self, name: str, make: Callable[[], str] = random_token) -> bool:
+        """Store make() as `name` unless a secret is there already; whether this call stored
+        it (a command that makes keys says which it made)."""
+        path = self._path(name)
+        with self._lock:
+            if path.exists():
+                return False
+            return self._create(path, make())
 
     def put(self, name: str, value: str) -> None:
         path = self._path(name)
@@ -236,30 +257,52 @@ def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[st
     return out
 
 
-def wireguard_public_keys(store: SecretStore, site: Site) -> dict[str, str]:
-    """Each tunnelled node's WireGuard public key (the private keys are made if missing, so the
-    management side can be set up before the nodes first boot)."""
-    out = {}
-    for m in site.cluster_nodes:
-        if m.node["wireguard"] is not None:
-            out[m.name] = _stored_public_key(store, wireguard_key_name(m.name))
-    return out
+def wireguard_key_names(site: Site, controller: bool = True) -> list[str]:
+    """The names of the site's tunnel keys: the controller host's (with `controller`, when it
+    has a tunnel), then each tunnelled node's in machines.yaml order."""
+    wg = site.settings.cluster.wireguard if site.settings.cluster else None
+    out = []
+    if controller and wg is not None and wg.controller is not None:
+        out.append(CONTROLLER_WIREGUARD_KEY)
+    return out + [wireguard_key_name(m.name) for m in _tunnelled_nodes(site)]
 
 
-def _stored_public_key(store: SecretStore, name: str) -> str:
-    private = store.get_or_create(name, wireguard_private_key)
+def _tunnelled_nodes(site: Site) -> list[Machine]:
+    return [m for m in site.cluster_nodes if m.node["wireguard"] is not None]
+
+
+def wireguard_public_keys(store: SecretStore, site: Site, make: bool = True) -> dict[str, str]:
+    """Each tunnelled node's WireGuard public key. With `make`, the private keys that are
+    missing are made (the nodes' first boot would make them); without, a missing one is
+    SecretMissing, naming every one that is."""
+    names = {m.name: wireguard_key_name(m.name) for m in _tunnelled_nodes(site)}
+    if not make:
+        missing = [n for n in names.values() if store.get(n) is None]
+        if missing:
+            raise SecretMissing(store.root, missing)
+    return {machine: _stored_public_key(store, name, make) for machine, name in names.items()}
+
+
+def _stored_public_key(store: SecretStore, name: str, make: bool = True) -> str:
+    if make:
+        private = store.get_or_create(name, wireguard_private_key)
+    else:
+        private = store.get(name)
+        if private is None:
+            raise SecretMissing(store.root, [name])
     try:
         return wireguard_public_key(private)
     except SecretError as e:
         raise SecretError(f"{store.path(name)}: {e}, and this is not one: restore it from a "
-                          "backup, or remove it to have a new key made (the management side then "
-                          "needs the new public key: bastion tunnel management-config)") from None
+                          "backup, or remove it and make a new one (bastion tunnel make-keys; "
+                          "the management side then needs the new public key: bastion tunnel "
+                          "management-config)") from None
 
 
 CONTROLLER_WIREGUARD_KEY = "controller/wireguard.key"
 
 
-def controller_wireguard_public_key(store: SecretStore) -> str:
-    """The controller host's WireGuard public key (its private key made if missing, as
-    `bastion install-service` would)."""
-    return _stored_public_key(store, CONTROLLER_WIREGUARD_KEY)
+def controller_wireguard_public_key(store: SecretStore, make: bool = True) -> str:
+    """The controller host's WireGuard public key; with `make`, its private key is made if
+    missing (as `bastion install-service` does), else a missing one is SecretMissing."""
+    return _stored_public_key(store, CONTROLLER_WIREGUARD_KEY, make)

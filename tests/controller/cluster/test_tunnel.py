@@ -121,6 +121,11 @@ def sections(conf: str) -> list[dict[str, str]]:
 # --- the configs -----------------------------------------------------------------------------------
 
 
+def make_keys(site_dir: Path, store: SecretStore) -> None:
+    """`bastion tunnel make-keys`: the other tunnel commands only read keys (test_tunnel_keys.py)."""
+    bastion("tunnel", "make-keys", "--site", str(site_dir), "--secrets-dir", str(store.root))
+
+
 @pytest.fixture
 def site(tmp_path):
     """(site dir, store, the management side's private key)"""
@@ -130,6 +135,7 @@ def site(tmp_path):
 
 def test_the_controller_config_names_its_key_in_the_store_and_holds_none(site):
     site_dir, store, mgmt = site
+    make_keys(site_dir, store)
     conf = bastion("tunnel", "controller-config", "--site", str(site_dir), "--secrets-dir", str(store.root))
     key = store.get(CONTROLLER_WIREGUARD_KEY)
     assert key and key not in conf  # made once in the store, never printed
@@ -150,6 +156,7 @@ def test_a_store_path_the_shell_would_split_is_quoted_in_postup(site, tmp_path):
     # or `;` in it would have run
     site_dir, _, _ = site
     store = SecretStore(tmp_path / "sp ace;$(x)" / "store")
+    make_keys(site_dir, store)
     conf = bastion("tunnel", "controller-config", "--site", str(site_dir), "--secrets-dir", str(store.root))
     post_up = sections(conf)[0]["PostUp"]
     assert post_up == "wg set %i private-key " + shlex.quote(str(store.path(CONTROLLER_WIREGUARD_KEY)))
@@ -158,7 +165,7 @@ def test_a_store_path_the_shell_would_split_is_quoted_in_postup(site, tmp_path):
 
 def test_a_damaged_key_in_the_store_is_one_line_naming_the_file(site):
     site_dir, store, _ = site
-    bastion("tunnel", "show", "--site", str(site_dir), "--secrets-dir", str(store.root))
+    make_keys(site_dir, store)
     store.path(CONTROLLER_WIREGUARD_KEY).write_text("garbage\n")
     for cmd in ("show", "controller-config", "management-config"):
         r = CliRunner().invoke(main, ["tunnel", cmd, "--site", str(site_dir), "--secrets-dir", str(store.root)])
@@ -170,6 +177,7 @@ def test_a_damaged_key_in_the_store_is_one_line_naming_the_file(site):
 
 def test_the_management_config_has_every_peer_at_its_own_address_only(site):
     site_dir, store, _ = site
+    make_keys(site_dir, store)
     conf = bastion("tunnel", "management-config", "--site", str(site_dir), "--secrets-dir", str(store.root),
                    "--private-key-file", "/etc/wireguard/mgmt.key")  # fmt: skip
     assert not any(store.get(n) in conf for n in store.names())  # public keys only
@@ -278,6 +286,7 @@ def test_the_management_side_reaches_the_controller_through_the_tunnel_only(tmp_
     key_file = tmp_path / "mgmt.key"
     key_file.write_text(mgmt_key + "\n")
     key_file.chmod(0o600)
+    make_keys(site_dir, store)
     confs = {
         "m": bastion("tunnel", "management-config", "--site", str(site_dir), "--secrets-dir",
                      str(store.root), "--private-key-file", str(key_file)),
@@ -445,7 +454,7 @@ def test_the_docs_commands_run_on_the_example_and_print_no_secret(tmp_path):
     store = SecretStore(tmp_path / "secrets")
     lines = [ln.split("#")[0].strip() for ln in body.splitlines()]
     commands = [shlex.split(ln)[1:] for ln in lines if ln.startswith("bastion ")]
-    assert len(commands) == 4
+    assert len(commands) == 5 and commands[0][:2] == ["tunnel", "make-keys"]  # the keys first
     outputs = []
     for argv in commands:
         assert CliRunner().invoke(main, [*argv, "--help"]).exit_code == 0, argv
@@ -455,8 +464,8 @@ def test_the_docs_commands_run_on_the_example_and_print_no_secret(tmp_path):
     assert CONTROLLER_WIREGUARD_KEY in store.names() and len(secrets) == 5  # the controller's, 4 nodes'
     assert not any(s in out for s in secrets for out in outputs)
     # what the page says of the example: wg-bastion at the pool's last address, /32 peers
-    assert "interface   wg-bastion\naddress     10.200.0.254\n" in outputs[0]
-    _, *peers = sections(outputs[2])
+    assert "interface   wg-bastion\naddress     10.200.0.254\n" in outputs[1]
+    _, *peers = sections(outputs[3])
     assert [p["AllowedIPs"] for p in peers] == ["10.200.0.254/32", "10.200.0.2/32", "10.200.0.3/32",
                                                 "10.200.0.4/32", "10.200.0.5/32"]  # fmt: skip
 
