@@ -73,6 +73,7 @@ LOGIND_DROPIN = "/etc/systemd/logind.conf.d/60-edge-bastion-k3s.conf"
 INHIBIT_MARGIN_S = 5
 _NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _SYSTEMD_PLAIN = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def builtin_profile(section: Any) -> Profile:
@@ -121,7 +122,12 @@ class Entry:
 
 
 def systemd_quote(arg: str) -> str:
-    """One ExecStart= argument: % and $ doubled (specifiers, variables), quoted if needed."""
+    """One ExecStart= argument: % and $ doubled (specifiers, variables), quoted if needed.
+    ValueError for a control character: a line break would end ExecStart= and start a line of
+    the argument's choosing in the unit (or make a unit systemd refuses), which no quoting
+    prevents; the site's values are checked when it loads, this is the last guard."""
+    if _CONTROL.search(arg):
+        raise ValueError(f"{arg[:60]!r} has a control character, which no ExecStart= argument may hold")
     arg = arg.replace("%", "%%").replace("$", "$$")
     if _SYSTEMD_PLAIN.match(arg):
         return arg
@@ -370,6 +376,11 @@ def plan(section: Any, site_name: str, entries: list[Entry],
                 args += ["--node-label", f"{key}={value}"]
             for taint in mk.node_taints:
                 args += ["--node-taint", taint]
+        try:
+            exec_start = " ".join(systemd_quote(a) for a in args)
+        except ValueError as err:
+            problem(e, "k3s", f"its k3s command line cannot go into the k3s unit: {err}")
+            continue
         disk = None
         if e.fields.disk is not None:
             d = e.fields.disk
@@ -414,7 +425,7 @@ def plan(section: Any, site_name: str, entries: list[Entry],
                 "path": K3S_PATH,
             },
             "exec": args,
-            "exec_start": " ".join(systemd_quote(a) for a in args),
+            "exec_start": exec_start,
             "token_file": TOKEN_FILE,
             "agent_token_file": AGENT_TOKEN_FILE if server else None,
             "node_password_file": NODE_PASSWORD_FILE,
@@ -431,6 +442,8 @@ def plan(section: Any, site_name: str, entries: list[Entry],
             "networks": on_networks["addresses"] if on_networks else None,
             "network_files": on_networks["files"] if on_networks else [],
         }
+    if problems:
+        return {}, problems
     return nodes, problems
 
 

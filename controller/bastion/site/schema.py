@@ -276,9 +276,34 @@ _HOSTPORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0
 
 def _no_space(values: list[str]) -> list[str]:
     for v in values:
-        if not v or any(c.isspace() for c in v):
-            raise ValueError(f"{v!r}: one argument per item, without spaces")
+        if not v or any(c.isspace() for c in v) or _CONTROL.search(v):
+            raise ValueError(f"{v!r}: one argument per item, without spaces or control characters")
     return values
+
+
+# Kubernetes' label syntax (its apimachinery validation): a key is an optional prefix, a
+# lower-case DNS subdomain of at most 253 characters, and '/', then a name of at most 63
+# characters; a value is empty or a name. The k3s unit's ExecStart= carries each label as
+# --node-label key=value, where a line break would end the line (systemd then refuses the unit
+# and k3s never starts), and the kubelet refuses a label that breaks these rules.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _node_labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        prefix, slash, name = key.rpartition("/")
+        if slash and not (len(prefix) <= 253 and _LABEL_PREFIX.fullmatch(prefix)):
+            raise ValueError(f"{key[:80]!r}: a label key's prefix is a lower-case DNS name of at most "
+                             "253 characters, before one '/'")  # fmt: skip
+        if not (len(name) <= 63 and _LABEL_NAME.fullmatch(name)):
+            raise ValueError(f"{key[:80]!r}: a label key's name is at most 63 letters, digits, '-', "
+                             "'_', '.', beginning and ending with a letter or digit")  # fmt: skip
+        if not isinstance(value, str) or not (value == "" or (len(value) <= 63 and _LABEL_NAME.fullmatch(value))):
+            raise ValueError(f"{key}: {str(value)[:80]!r} is not a label value: empty, or at most 63 "
+                             "letters, digits, '-', '_', '.', beginning and ending with a letter or "
+                             "digit")  # fmt: skip
+    return labels
 
 
 def _http_url(v: str | None) -> str | None:
@@ -720,6 +745,7 @@ class MachineK3s(_Strict):
     node_taints: list[str] = Field(default_factory=list)
 
     check_args = field_validator("args", "node_taints")(_no_space)
+    check_labels = field_validator("node_labels")(_node_labels)
 
 
 class MachineWireguard(_Strict):
