@@ -29,7 +29,8 @@ big to be sent, and `batch` takes at least one. A 413, or a 429 to a push of man
 the sender halve its bound (bastion.logship.shipper), so a smaller limit than ours is learned
 rather than hit forever.
 
-Credentials never travel in cleartext: `url_refusal` refuses `auth` over an http:// URL unless
+Credentials never travel in cleartext: `url_refusal` (the site schema's rule, bastion.site.schema
+loki_url_refusal, applied again here) refuses `auth` over an http:// URL unless
 its host is loopback (the collector on the controller's own host), and a URL with credentials
 in it (`user:password@host`), which would sit in the site files (kept in git) and in any text
 that names the URL.
@@ -38,17 +39,16 @@ that names the URL.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import ssl
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from bastion import __version__
+from bastion.site.schema import loki_url_refusal as url_refusal  # noqa: F401 (the shipper's name)
 
 #: The most bytes of one push request's body. Below nginx's default client_max_body_size
 #: (1 MiB) and far below Loki's default ingestion burst (6 MB, which should be at least "the
@@ -159,33 +159,6 @@ class LokiTooLarge(LokiRejected):
 
 class LokiBusy(OSError):
     """Loki answered 429: too much for now, or a push beyond the tenant's burst (never taken)."""
-
-
-def url_refusal(url: str, auth: str | None) -> str | None:
-    """Why a push URL cannot be used with `auth`, or None: credentials in the URL itself, or
-    credentials over plain http to a host that is not loopback. The reason never repeats the
-    URL (it may hold a password)."""
-    parts = urllib.parse.urlsplit(url)
-    if "@" in parts.netloc:
-        return (f"the url has credentials in it (user:password@{parts.hostname}): the site files are kept in "
-                "git and a URL is shown in logs; use auth: basic (username, and the password in the secret "
-                "store) or auth: bearer")  # fmt: skip
-    if auth is not None and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
-        what = "password" if auth == "basic" else "token"
-        return (f"auth: {auth} over http:// would send the {what} in cleartext to {parts.hostname}: use an "
-                "https url (plain http is allowed only to a loopback address, the controller's own host)")  # fmt: skip
-    return None
-
-
-def is_loopback(host: str) -> bool:
-    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the controller's host."""
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 section 6.3
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def auth_headers(*, tenant: str | None, auth: str | None, username: str | None,

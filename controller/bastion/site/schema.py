@@ -306,6 +306,33 @@ def _node_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def loki_url_refusal(url: str, auth: str | None) -> str | None:
+    """Why a push URL cannot be used with `auth`, or None: credentials in the URL itself, or
+    credentials over plain http to a host that is not loopback. The reason never repeats the
+    URL (it may hold a password)."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        return (f"the url has credentials in it (user:password@{parts.hostname}): the site files are kept in "
+                "git and a URL is shown in logs; use auth: basic (username, and the password in the secret "
+                "store) or auth: bearer")  # fmt: skip
+    if auth is not None and parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+        what = "password" if auth == "basic" else "token"
+        return (f"auth: {auth} over http:// would send the {what} in cleartext to {parts.hostname}: use an "
+                "https url (plain http is allowed only to a loopback address, the controller's own host)")  # fmt: skip
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the controller's host."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 section 6.3
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _http_url(v: str | None) -> str | None:
     if v is not None and not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", v):
         raise ValueError(f"{v!r} is not an http(s) URL")
@@ -975,9 +1002,7 @@ class LogsTarget(_Strict):
                     raise ValueError("tls.server_name is for syslog targets: loki checks the url's host")
             if (self.auth == "basic") != (self.username is not None):
                 raise ValueError("auth: basic needs username, and username is only for auth: basic")
-            from bastion.logship.loki import url_refusal  # the rule serve's shipper applies too
-
-            refused = url_refusal(self.url, self.auth)
+            refused = loki_url_refusal(self.url, self.auth)  # the shipper applies it again
             if refused is not None:
                 raise ValueError(refused)
         return self
