@@ -123,9 +123,12 @@ def garbage() -> list[bytes]:
 class Client:
     """The test's side: a broadcast listener on the client port and a socket for port 4011."""
 
-    def __init__(self, client_port: int):
+    def __init__(self, client_port: int = 0):
         self.bcast = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.bcast.bind(("0.0.0.0", client_port))  # receives 127.255.255.255 and 127.0.0.1
+        # the port, bound before the service is told it (a port looked up free and bound later
+        # was once taken in between by another socket on the machine: EADDRINUSE)
+        self.port = self.bcast.getsockname()[1]
         self.bcast.settimeout(5)
         self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.tx.bind(("127.0.0.1", 0))
@@ -237,13 +240,13 @@ def check_events(events: list[dict]) -> None:
 def test_service_under_cpython():
     async def scenario():
         log = Log(capacity=16)
-        dport, pport, cport = free_port(), free_port(), free_port()
+        client = Client()
+        dport, pport, cport = free_port(), free_port(), client.port
         svc = ProxyDhcp(Config(CONFIG), log, "127.0.0.1", dport, pport, cport)
         assert svc.broadcast_ip == "127.255.255.255"
         task = asyncio.create_task(svc.run())
         await asyncio.sleep(0)
         assert len(svc.sockets) == 2
-        client = Client(cport)
         try:
             got = await asyncio.to_thread(exchange, client, dport, pport)
         finally:
@@ -269,7 +272,8 @@ def test_service_under_cpython():
 def test_a_bug_on_one_packet_does_not_stop_the_listener():
     async def scenario():
         log = Log()
-        dport, pport, cport = free_port(), free_port(), free_port()
+        client = Client()
+        dport, pport, cport = free_port(), free_port(), client.port
         svc = ProxyDhcp(Config(CONFIG), log, "127.0.0.1", dport, pport, cport)
         real = svc.policy.answer
         calls = []
@@ -283,7 +287,6 @@ def test_a_bug_on_one_packet_does_not_stop_the_listener():
         svc.policy.answer = flaky
         task = asyncio.create_task(svc.run())
         await asyncio.sleep(0)
-        client = Client(cport)
         try:
 
             def talk():
@@ -408,11 +411,11 @@ def _serving(scenario_fn):
 
     async def scenario():
         log = Log(capacity=64)
-        dport, pport, cport = free_port(), free_port(), free_port()
+        client = Client()
+        dport, pport, cport = free_port(), free_port(), client.port
         svc = ProxyDhcp(Config(CONFIG), log, "127.0.0.1", dport, pport, cport)
         task = asyncio.create_task(svc.run())
         await asyncio.sleep(0)
-        client = Client(cport)
         try:
             return await asyncio.to_thread(scenario_fn, client, dport), log
         finally:
