@@ -219,22 +219,25 @@ def test_a_site_without_a_controller_tunnel_says_how_to_get_one(tmp_path):
 class Tunnels:
     """The four namespaces on one underlay bridge (in the management namespace)."""
 
+    roles = "mcns"  # the management side first, then those on the bridge it holds
+    stem, underlay = STEM, UNDERLAY  # namespace names, and each role's underlay address
+
     def __init__(self):
         self.ns: dict[str, WireguardNamespace] = {}
 
     def up(self) -> None:
-        for role in "mcns":
-            self.ns[role] = WireguardNamespace(f"{STEM}{role}")
+        for role in self.roles:
+            self.ns[role] = WireguardNamespace(f"{self.stem}{role}")
         m = self.ns["m"].ns
         m.ip("link", "add", "br0", "type", "bridge")
-        m.ip("addr", "add", f"{UNDERLAY['m']}/24", "dev", "br0")
+        m.ip("addr", "add", f"{self.underlay['m']}/24", "dev", "br0")
         m.ip("link", "set", "br0", "up")
-        for role in "cns":
+        for role in self.roles[1:]:
             peer = self.ns[role].ns
             m.veth(f"v{role}", peer, "u0")
             m.ip("link", "set", f"v{role}", "master", "br0")
             m.ip("link", "set", f"v{role}", "up")
-            peer.ip("addr", "add", f"{UNDERLAY[role]}/24", "dev", "u0")
+            peer.ip("addr", "add", f"{self.underlay[role]}/24", "dev", "u0")
             peer.ip("link", "set", "u0", "up")
 
     def run(self, role: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from bastion.state.secrets import (
     wireguard_public_key,
 )
 from click.testing import CliRunner
-from netkit import WireguardNamespace, need_root, need_wireguard_tools
+from netkit import need_root, need_wireguard_tools
 from test_tunnel import K3S_VERSION, Tunnels, answers, sections, wait_for
 
 STEM = f"ebws{os.getpid() % 100000}"
@@ -176,20 +176,7 @@ class SharedEndpoint(Tunnels):
     """The management namespace and the two controllers' on one underlay bridge (in the
     management namespace)."""
 
-    def up(self) -> None:
-        for role in "mab":
-            self.ns[role] = WireguardNamespace(f"{STEM}{role}")
-        m = self.ns["m"].ns
-        m.ip("link", "add", "br0", "type", "bridge")
-        m.ip("addr", "add", f"{UNDERLAY['m']}/24", "dev", "br0")
-        m.ip("link", "set", "br0", "up")
-        for role in "ab":
-            peer = self.ns[role].ns
-            m.veth(f"v{role}", peer, "u0")
-            m.ip("link", "set", f"v{role}", "master", "br0")
-            m.ip("link", "set", f"v{role}", "up")
-            peer.ip("addr", "add", f"{UNDERLAY[role]}/24", "dev", "u0")
-            peer.ip("link", "set", "u0", "up")
+    roles, stem, underlay = "mab", STEM, UNDERLAY
 
 
 @pytest.mark.netns

@@ -23,3 +23,20 @@ def home_lab(dest: Path, registry_cache: str | None = None) -> Path:
         text = text.replace(CACHE_SECTION, registry_cache)
     path.write_text(text)
     return dest
+
+
+def registry_cache(site_dir: Path):
+    """The site's cluster.registry_cache as loaded."""
+    from bastion.site.load import load_site
+
+    return load_site(site_dir).settings.cluster.registry_cache
+
+
+def load_problems(site_dir: Path) -> list[str]:
+    """The problems of a site that must not load."""
+    import pytest
+    from bastion.site.load import SiteError, load_site
+
+    with pytest.raises(SiteError) as e:
+        load_site(site_dir)
+    return e.value.problems

@@ -9,24 +9,13 @@ from bastion.cluster.plan import registries_yaml
 from bastion.regcache import plan
 from bastion.regcache.run import render
 from bastion.serve_cli import site_check
-from bastion.site.load import SiteError, load_site
 from bastion.state.secrets import SecretStore
 from click.testing import CliRunner
-from regcache_kit import home_lab
-
-
-def _cache(site_dir):
-    return load_site(site_dir).settings.cluster.registry_cache
-
-
-def _problems(site_dir) -> list[str]:
-    with pytest.raises(SiteError) as e:
-        load_site(site_dir)
-    return e.value.problems
+from regcache_kit import home_lab, load_problems, registry_cache
 
 
 def test_one_instance_per_mirror_on_consecutive_ports(tmp_path):
-    cache = _cache(home_lab(tmp_path / "site"))
+    cache = registry_cache(home_lab(tmp_path / "site"))
     got = [(i.mirror, i.listen, i.upstream, i.endpoint) for i in plan.instances(cache)]
     assert got == [
         ("docker.io", "192.168.1.10:5000", "https://registry-1.docker.io", "http://192.168.1.10:5000"),
@@ -37,19 +26,19 @@ def test_one_instance_per_mirror_on_consecutive_ports(tmp_path):
 
 
 def test_the_nodes_registries_yaml_names_exactly_the_instances(tmp_path):
-    cache = _cache(home_lab(tmp_path / "site"))
+    cache = registry_cache(home_lab(tmp_path / "site"))
     told = yaml.safe_load(registries_yaml(cache))["mirrors"]
     assert told == {i.mirror: {"endpoint": [i.endpoint]} for i in plan.instances(cache)}
 
 
 def test_a_cache_run_elsewhere_is_one_url_for_every_mirror(tmp_path):
     site = home_lab(tmp_path / "site", "  registry_cache:\n    url: https://cache.example.net\n")
-    cache = _cache(site)
+    cache = registry_cache(site)
     assert plan.endpoints(cache) == {m: "https://cache.example.net" for m in cache.mirrors}
 
 
 def test_configs_take_credentials_from_the_secret_store_only(tmp_path):
-    cache = _cache(home_lab(tmp_path / "site"))
+    cache = registry_cache(home_lab(tmp_path / "site"))
     store = SecretStore(tmp_path / "secrets")
     store.put("registry-cache/ghcr.io/username", "robot")
     store.put("registry-cache/ghcr.io/password", "s3cret")
@@ -86,7 +75,7 @@ def test_configs_take_credentials_from_the_secret_store_only(tmp_path):
      "site.yaml:8: cluster.registry_cache: quay.io would be served on 192.168.1.10:8080, controller_url's own port"),
 ])  # fmt: skip
 def test_a_cache_that_cannot_be_served_as_declared_is_refused(tmp_path, section, problem):
-    problems = _problems(home_lab(tmp_path / "site", section))
+    problems = load_problems(home_lab(tmp_path / "site", section))
     assert any(p.startswith(problem) for p in problems), problems
 
 
@@ -120,7 +109,7 @@ def test_site_check_refuses_nodes_told_another_registry_configuration(tmp_path):
 def test_site_check_refuses_nodes_told_no_registry_configuration(tmp_path):
     site = home_lab(tmp_path / "site")
     _own_k3s_bu(site, lambda t: t.replace("{%- if cluster.registries_yaml %}", "{%- if false %}"))
-    problems = _problems(site)
+    problems = load_problems(site)
     assert ("site.yaml: cluster.registry_cache: machine nuc1's Ignition (ignition/k3s.bu) writes no "
             "/etc/rancher/k3s/registries.yaml: its containerd would not use the cache") in problems
 

@@ -10,10 +10,9 @@ from bastion.cluster.plan import registries_yaml
 from bastion.regcache import plan
 from bastion.regcache.run import handed_over, render
 from bastion.serve_cli import site_check
-from bastion.site.load import SiteError, load_site
 from bastion.state.secrets import SecretStore
 from click.testing import CliRunner
-from regcache_kit import home_lab
+from regcache_kit import home_lab, load_problems, registry_cache
 
 PINNED = ("  registry_cache:\n    url: http://192.168.1.10:5000\n"
           "    mirrors: {docker.io: 5000, ghcr.io: 5001, quay.io: 5002, registry.k8s.io: 5003}\n"
@@ -24,19 +23,9 @@ def _section(mirrors: str, url: str = "http://192.168.1.10:5000", serve: str = "
     return f"  registry_cache:\n    url: {url}\n    mirrors: {mirrors}\n    serve: {serve}\n"
 
 
-def _cache(site_dir):
-    return load_site(site_dir).settings.cluster.registry_cache
-
-
-def _problems(site_dir) -> list[str]:
-    with pytest.raises(SiteError) as e:
-        load_site(site_dir)
-    return e.value.problems
-
-
 def test_each_mirror_is_served_on_the_port_it_is_given(tmp_path):
     site = home_lab(tmp_path / "site", _section("{quay.io: 5107, docker.io: 5100, ghcr.io: 5103}"))
-    cache = _cache(site)
+    cache = registry_cache(site)
     got = [(i.mirror, i.listen, i.upstream, i.endpoint) for i in plan.instances(cache)]
     assert got == [
         ("quay.io", "192.168.1.10:5107", "https://quay.io", "http://192.168.1.10:5107"),
@@ -47,7 +36,7 @@ def test_each_mirror_is_served_on_the_port_it_is_given(tmp_path):
 
 def test_the_nodes_registries_yaml_names_the_given_ports(tmp_path):
     site = home_lab(tmp_path / "site", _section("{ghcr.io: 5003, docker.io: 5000}"))
-    told = yaml.safe_load(registries_yaml(_cache(site)))["mirrors"]
+    told = yaml.safe_load(registries_yaml(registry_cache(site)))["mirrors"]
     assert told == {"ghcr.io": {"endpoint": ["http://192.168.1.10:5003"]},
                     "docker.io": {"endpoint": ["http://192.168.1.10:5000"]}}  # fmt: skip
     # and what every node's rendered Ignition writes is checked against them
@@ -59,7 +48,7 @@ def test_a_reorder_with_given_ports_keeps_every_registrys_port_and_config(tmp_pa
     first = home_lab(tmp_path / "a", PINNED)
     moved = home_lab(tmp_path / "b", _section(
         "{registry.k8s.io: 5003, quay.io: 5002, docker.io: 5000, ghcr.io: 5001}", serve="{max_size: 10GiB}"))  # fmt: skip
-    before, after = _cache(first), _cache(moved)
+    before, after = registry_cache(first), registry_cache(moved)
     assert plan.endpoints(after) == plan.endpoints(before) == {
         "docker.io": "http://192.168.1.10:5000", "ghcr.io": "http://192.168.1.10:5001",
         "quay.io": "http://192.168.1.10:5002", "registry.k8s.io": "http://192.168.1.10:5003",
@@ -74,12 +63,12 @@ def test_a_reorder_with_given_ports_keeps_every_registrys_port_and_config(tmp_pa
 
 
 def test_the_list_form_means_what_it_meant_and_a_reorder_of_it_is_named(tmp_path):
-    listed = _cache(home_lab(tmp_path / "a", _section("[docker.io, ghcr.io]")))
+    listed = registry_cache(home_lab(tmp_path / "a", _section("[docker.io, ghcr.io]")))
     assert plan.ports(listed) == {"docker.io": 5000, "ghcr.io": 5001}
     # writing those same ports down changes no endpoint: a site can move to the mapping freely
-    pinned = _cache(home_lab(tmp_path / "b", _section("{docker.io: 5000, ghcr.io: 5001}")))
+    pinned = registry_cache(home_lab(tmp_path / "b", _section("{docker.io: 5000, ghcr.io: 5001}")))
     assert plan.endpoints(pinned) == plan.endpoints(listed)
-    first = _cache(home_lab(tmp_path / "c", _section("[quay.io, docker.io, ghcr.io]")))
+    first = registry_cache(home_lab(tmp_path / "c", _section("[quay.io, docker.io, ghcr.io]")))
     assert handed_over(plan.instances(listed), plan.instances(first)) == [
         ("http://192.168.1.10:5000", "docker.io", "quay.io"),
         ("http://192.168.1.10:5001", "ghcr.io", "docker.io"),
@@ -87,7 +76,7 @@ def test_the_list_form_means_what_it_meant_and_a_reorder_of_it_is_named(tmp_path
 
 
 def test_with_every_port_given_the_url_needs_none(tmp_path):
-    cache = _cache(home_lab(tmp_path / "site", _section("{docker.io: 6000}", url="http://192.168.1.10")))
+    cache = registry_cache(home_lab(tmp_path / "site", _section("{docker.io: 6000}", url="http://192.168.1.10")))
     assert plan.endpoints(cache) == {"docker.io": "http://192.168.1.10:6000"}
 
 
@@ -127,7 +116,7 @@ def test_with_every_port_given_the_url_needs_none(tmp_path):
      "site.yaml:8: cluster.registry_cache.mirrors: ghcr.io would be served on 192.168.1.10:8080, controller_url's own port"),
 ])  # fmt: skip
 def test_ports_that_cannot_be_served_are_refused_naming_the_field(tmp_path, section, problem):
-    problems = _problems(home_lab(tmp_path / "site", section))
+    problems = load_problems(home_lab(tmp_path / "site", section))
     assert any(p.startswith(problem) for p in problems), problems
 
 
