@@ -44,10 +44,10 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 from bastion import __version__
+from bastion.logship import longest
 from bastion.site.schema import loki_url_refusal as url_refusal  # noqa: F401 (the shipper's name)
 
 #: The most bytes of one push request's body. Below nginx's default client_max_body_size
@@ -112,30 +112,17 @@ def fit_line(event: dict[str, Any], *, line_max: int | None, encoded_max: int | 
     text = _json(event.get("payload"))
     short = dict(event, payload={"truncated": len(text), "head": ""})
     if fits(_json(short)):
-        return _longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
+        return longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
                         len(text), fits), True  # fmt: skip
     # a field besides the payload is that long: the event's id (to find it in the history) and
     # the start of its JSON
     ident = event.get("id")
     base = {"id": ident} if isinstance(ident, int) and not isinstance(ident, bool) else {}
-    return _longest(lambda n: _json({**base, "truncated": len(whole), "head": whole[:n]}), len(whole), fits), True
+    return longest(lambda n: _json({**base, "truncated": len(whole), "head": whole[:n]}), len(whole), fits), True
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def _longest(make: Callable[[int], str], most: int, fits: Callable[[str], bool]) -> str:
-    """make(n) for the largest n in 0..most that `fits` (make(0) when none does), by halving:
-    escaping and UTF-8 make bytes outgrow characters."""
-    lo, hi = 0, most
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(make(mid)):
-            lo = mid
-        else:
-            hi = mid - 1
-    return make(lo)
 
 
 def _nanoseconds(ts: Any) -> int:

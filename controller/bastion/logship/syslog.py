@@ -38,9 +38,10 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from bastion.logship import longest
 
 APP_NAME = "edge-bastion"
 SD_ID = "bastion@32473"
@@ -114,11 +115,15 @@ def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
     text = json.dumps(event.get("payload"), separators=(",", ":"), ensure_ascii=False, default=str)
     short = dict(event, payload={"truncated": len(text), "head": ""})
     if len(head) + len(_json(short)) <= max_bytes:
-        return head + _longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
-                               len(text), max_bytes - len(head))  # fmt: skip
+        room = max_bytes - len(head)
+        return head + longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
+                              len(text), lambda m: len(m) <= room)  # fmt: skip
     whole = body.decode()
-    head = start + _longest(sd, SD_VALUE_CUT, max_bytes - len(start) - len(_json({"truncated": len(whole), "head": ""})))
-    return head + _longest(lambda n: _json({"truncated": len(whole), "head": whole[:n]}), len(whole), max_bytes - len(head))
+    sd_room = max_bytes - len(start) - len(_json({"truncated": len(whole), "head": ""}))
+    head = start + longest(sd, SD_VALUE_CUT, lambda m: len(m) <= sd_room)
+    room = max_bytes - len(head)
+    return head + longest(lambda n: _json({"truncated": len(whole), "head": whole[:n]}), len(whole),
+                          lambda m: len(m) <= room)  # fmt: skip
 
 
 SD_VALUE_CUT = 64  # characters of a structured-data value kept when the message must be cut that far
@@ -140,19 +145,6 @@ def _utf8(text: str) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return _SURROGATE.sub("\ufffd", text).encode()
-
-
-def _longest(make: Callable[[int], bytes], most: int, room: int) -> bytes:
-    """make(n) for the largest n in 0..most whose result fits `room` bytes (make(0) when none
-    does). JSON escaping, SD escaping and UTF-8 make bytes outgrow characters: found by halving."""
-    lo, hi = 0, most
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(make(mid)) <= room:
-            lo = mid
-        else:
-            hi = mid - 1
-    return make(lo)
 
 
 def frame(msg: bytes) -> bytes:
