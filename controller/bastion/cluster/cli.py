@@ -297,9 +297,9 @@ def management_config(
         SecretMissing,
         SecretStore,
         controller_wireguard_public_key,
-        default_secrets_dir,
         wireguard_public_keys,
     )
+    from bastion.state.secrets import secrets_dir as store_dir
 
     if secrets_dirs and len(secrets_dirs) != len(site_dirs):
         raise click.UsageError(f"{len(site_dirs)} --site and {len(secrets_dirs)} --secrets-dir: give "
@@ -310,13 +310,8 @@ def management_config(
     sites = []
     for i, site_dir in enumerate(site_dirs):
         site, wg, _ = _tunnelled(site_dir, None)
-        if secrets_dirs:
-            root = secrets_dirs[i]
-        elif len(site_dirs) == 1 and os.environ.get("BASTION_SECRETS_DIR"):
-            root = Path(os.environ["BASTION_SECRETS_DIR"])
-        else:
-            root = default_secrets_dir(site.name)
-        store = SecretStore(root)
+        # one site: BASTION_SECRETS_DIR as for every command (several were refused it above)
+        store = SecretStore(store_dir(site.name, secrets_dirs[i] if secrets_dirs else None))
         try:
             peers = [("controller", "the controller host", controller_wireguard_public_key(store, make=False),
                       tunnel.controller_address(wg))]  # fmt: skip

@@ -7,9 +7,9 @@ management side reaches the controller's API through the controller's tunnel add
 
     controller_address(wg)                       the controller host's tunnel address, or None
     controller_config(wg, site, key_file)        the controller host's wg-quick config
-    management_config(wg, site, peers, key_file) the management side's, every peer of the site
-    shared_management_config(sites, key_file)    the management side's for several sites that
-                                                 dial one endpoint: one interface, all their peers
+    shared_management_config(sites, key_file)    the management side's: one interface for the
+                                                 sites that dial one endpoint (often one), every
+                                                 peer of theirs, each allowed its own IP alone
 
 Sites that share an endpoint share the management side's interface: one [Interface] can
 listen on a port, so a second site's whole config on the same host failed (`Address already in
@@ -141,18 +141,12 @@ def shared_interface_problems(sites: list[tuple[str, Any, list[Peer]]]) -> list[
     return problems
 
 
-def management_config(wg: Any, site_name: str, peers: list[Peer], key_file: str) -> str:
-    """The management side's whole interface for the site (wg-quick format): the pool's first
-    address, listening on the endpoint's port, one [Peer] per (name, what, public key, tunnel
-    IP) with that IP alone as its AllowedIPs, so that a peer can only speak as itself."""
-    return shared_management_config([(site_name, wg, peers)], key_file)
-
-
 def shared_management_config(sites: list[tuple[str, Any, list[Peer]]], key_file: str) -> str:
     """The management side's one interface for every site of `sites` (name, cluster.wireguard,
     peers), which dial the same endpoint: each pool's first address (wg-quick takes a list),
-    the endpoint's port, every site's peers as management_config gives them. TunnelError when
-    shared_interface_problems() finds a reason they cannot share it."""
+    the endpoint's port, every site's peers, each with its tunnel IP alone as its AllowedIPs
+    (a peer can only speak as itself). TunnelError when shared_interface_problems() finds a
+    reason they cannot share it."""
     problems = shared_interface_problems(sites)
     if problems:
         raise TunnelError("\n".join(problems))
