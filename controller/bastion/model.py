@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -13,6 +14,18 @@ from bastion.match import GroupIndex
 # iPXE's ${buildarch} names; machines.yaml also accepts the aliases in ARCH_ALIASES.
 ARCHES = ("x86_64", "i386", "arm64", "arm32")
 ARCH_ALIASES = {"amd64": "x86_64", "aarch64": "arm64", "x86-64": "x86_64", "armhf": "arm32"}
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def arch_name(value: str) -> str | None:
+    """An architecture as machines.yaml takes it (an alias read as its name), or None."""
+    arch = ARCH_ALIASES.get(value, value)
+    return arch if arch in ARCHES else None
+
+
+def uuid_text(value: str) -> str | None:
+    """A UUID as machines.yaml takes it (8-4-4-4-12 hex digits), in lower case, or None."""
+    return value.lower() if _UUID.fullmatch(value) else None
 
 
 @dataclass(frozen=True)

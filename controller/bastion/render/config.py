@@ -20,7 +20,6 @@ import functools
 import logging
 import re
 import types
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +28,7 @@ import jinja2.meta
 import jinja2.sandbox
 
 from bastion.cluster import plan as cluster
-from bastion.model import ARCH_ALIASES, ARCHES, BootRequest, Group, Profile, Site, TemplateFile
+from bastion.model import BootRequest, Group, Profile, Site, TemplateFile, arch_name, uuid_text
 from bastion.render import butane, gotemplate
 from bastion.render.gotemplate import go_str
 from bastion.settings import HOST_NAME
@@ -145,29 +144,15 @@ def variables(site: Site, group: Group, req: BootRequest) -> dict[str, Any]:
     return data
 
 
-def _uuid(value: str) -> str | None:
-    # the form machines.yaml takes (8-4-4-4-12 hex digits) is exactly uuid's canonical one
-    try:
-        canonical = str(uuid.UUID(value))
-    except ValueError:
-        return None
-    return canonical if canonical == value.lower() else None
-
-
 def _host_name(value: str) -> str | None:
     return value if HOST_NAME.fullmatch(value) else None
-
-
-def _arch(value: str) -> str | None:
-    arch = ARCH_ALIASES.get(value, value)
-    return arch if arch in ARCHES else None
 
 
 # What an undeclared machine's request may tell its templates as `machine.*`, each checked as
 # machines.yaml checks a declared machine's: a request is anyone's text, and a template writes
 # these values into YAML, unit files and KEY=value lines, where a line break or a `: ` in a
 # host name added a file of the requester's choosing or broke the site's template.
-_REQUEST_FACTS = {"uuid": _uuid, "hostname": _host_name, "arch": _arch}
+_REQUEST_FACTS = {"uuid": uuid_text, "hostname": _host_name, "arch": arch_name}
 
 
 def request_fact(req: BootRequest, key: str) -> str | None:

@@ -15,13 +15,12 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bastion.match import Malformed, parse_mac
-from bastion.model import ARCH_ALIASES, ARCHES
+from bastion.model import ARCH_ALIASES, ARCHES, arch_name, uuid_text
 from bastion.regcache import plan as regcache_plan
 from bastion.settings import HOST_NAME, SettingsError, parse_size
 
 # used with fullmatch: `$` would also match before a final line break ("node1\n")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 NAME_MAX = 128  # a name is a file's name too (profiles/<id>.yaml, a queue's <name>.db)
@@ -1411,17 +1410,20 @@ class MachineEntry(_Strict):
     @field_validator("uuid")
     @classmethod
     def _uuid(cls, v: str | None) -> str | None:
-        if v is not None and not _UUID.fullmatch(v):
+        if v is None:
+            return v
+        text = uuid_text(v)
+        if text is None:
             raise ValueError(f"{v!r} is not a UUID")
-        return v.lower() if v else v
+        return text
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        arch = ARCH_ALIASES.get(v, v)
-        if arch not in ARCHES:
+        arch = arch_name(v)
+        if arch is None:
             raise ValueError(f"{v!r} is not an architecture ({', '.join(ARCHES)})")
         return arch
 
