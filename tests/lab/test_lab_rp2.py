@@ -129,7 +129,8 @@ def test_nodes_boot_through_the_emulated_w5500_evb_pico_to_their_callbacks(tmp_p
             wire.attach(board)
             board.wait(lambda e: e.get("ev") == "usb", what="the USB serial line")
             r = bastion("flash", "--port", str(link), "--site", str(lab.site), "--board", "w5500-evb-pico",
-                        "--tftp-dir", str(tftp), timeout=900)  # fmt: skip
+                        # a blank NC-wired board powers every node; the site's default is off
+                        "--tftp-dir", str(tftp), "--switch-relays", timeout=900)  # fmt: skip
             assert r.returncode == 0, r.stdout + r.stderr
             assert [board.level(pin) for pin in RELAY_PINS] == ["low"] * 8  # all off
             lab.procs.start("controller", lab.controller_command(), netns=net.lan,

