@@ -13,7 +13,7 @@ one, the answers are matchbox's: pure functions of the site and the request):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -257,11 +257,24 @@ def _secret_free(site: Site, group: Group, profile: Profile, req: BootRequest) -
 
 
 def ipxe(site: Site, req: BootRequest, prov: Provisioning | None = None) -> Answer:
-    return _boot_answer(site, req, "ipxe", prov)
+    return _from_elsewhere(_boot_answer(site, req, "ipxe", prov), req)
 
 
 def grub(site: Site, req: BootRequest, prov: Provisioning | None = None) -> Answer:
-    return _boot_answer(site, req, "grub", prov)
+    return _from_elsewhere(_boot_answer(site, req, "grub", prov), req)
+
+
+def _from_elsewhere(answer: Answer, req: BootRequest) -> Answer:
+    """The answer, marked in its event when it is a machine's that declares `address:` and the
+    request came from another address: any LAN host may ask with the machine's MAC, and its
+    address is not the machine's. The address book does not learn it (bastion.state.addresses);
+    the mark (`declared_address` in the payload) keeps that address, and the asker's own steps,
+    out of the machine's boot timeline, which is read from the history alone
+    (bastion.state.boottrace)."""
+    machine = answer.group.machine if answer.group is not None else None
+    if machine is None or not machine.address or not req.client or req.client == machine.address:
+        return answer
+    return replace(answer, detail={**answer.detail, "declared_address": machine.address})
 
 
 def _rendered(site: Site, req: BootRequest, what: tuple[str, str],

@@ -298,7 +298,8 @@ def boot_timeline(store, machine: Machine) -> TimelineOut:
         if e.source == "device" and e.payload.get("state") == "on":
             since, events = "power-on", [x.as_dict() for x in store.query(after=e.id - 1, limit=TIMELINE_EVENTS)]
             break
-    steps = boottrace.timeline(events, machine.mac or "", machine.name, from_power=since == "power-on")
+    steps = boottrace.timeline(events, machine.mac or "", machine.name, from_power=since == "power-on",
+                               declared=machine.address)  # fmt: skip
     return TimelineOut(
         machine=machine.name, since=since, started_at=steps[0].event["ts"] if steps else None,
         steps=[StepOut(t=s.t, ts=s.event["ts"], stage=s.stage, detail=s.detail, event=s.event["id"])

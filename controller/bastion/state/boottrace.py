@@ -5,8 +5,8 @@ proxy offers (dhcp), the TFTP transfer (tftp), the controller's scripts and conf
 kernel and initrd downloads (asset), the node's own report (callback), its heartbeats' news
 (heartbeat: a boot's first beat) and the device's node watchdog acting on it (watchdog). Device and
 HTTP events that carry no MAC (TFTP, /boot.ipxe, assets) are named after their machine by the
-controller (bastion.state.addresses), and are also tied to the node here by the client address
-its MAC-bearing requests came from.
+controller (bastion.state.addresses), and are also tied to the node here by the addresses that
+are the node's (node_addresses: the address book's rule, read from the same history).
 
 Pure over event dicts (Event.as_dict()): the lab's checks (bastion.lab.trace) and the dashboard's
 machine view (GET /api/v1/machines/{name}/timeline) read the same steps.
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from bastion.state.addresses import AddressBook
 
 
 @dataclass
@@ -34,21 +36,35 @@ def _payload(e: dict) -> dict:
     return e.get("payload") or {}
 
 
-def node_addresses(events: list[dict], mac: str, name: str) -> set[str]:
-    """The IP addresses a node's MAC-bearing requests came from."""
+def node_addresses(events: list[dict], mac: str, name: str, declared: str | None = None) -> set[str]:
+    """The IP addresses that are the node's, by the address book's rule
+    (bastion.state.addresses): where its boot script requests (`/ipxe`, `/grub`) and the
+    device's DHCP events say it is. Not every request naming its MAC: any LAN host may ask
+    `/ipxe?mac=<the node's MAC>` or fetch its config, and that host's own TFTP and HTTP steps
+    are not the node's. A node that declares `address:` is at that address only; a boot script
+    asked for from elsewhere carries it (`declared_address`, bastion.boot), and then it is the
+    one address; `declared`: the machine's `address:` as its caller knows it (then no event
+    needs to carry it: a spoofed DHCP event naming the node is not taken either)."""
     out = set()
     for e in events:
-        if e.get("mac") == mac or e.get("machine") == name:
-            client = _payload(e).get("client")
-            if client and e.get("source") != "device":
-                out.add(client)
-    return out
+        if e.get("mac") != mac and e.get("machine") != name:
+            continue
+        p = _payload(e)
+        if p.get("declared_address"):
+            declared = declared or p["declared_address"]
+            continue
+        taught = AddressBook.teaching(e.get("kind") or "", e)
+        if taught is not None:
+            out.add(taught[0])
+    return {declared} if declared else out
 
 
-def timeline(events: list[dict], mac: str, name: str, from_power: bool = True) -> list[Step]:
+def timeline(events: list[dict], mac: str, name: str, from_power: bool = True,
+             declared: str | None = None) -> list[Step]:  # fmt: skip
     """The node's boot steps, in order, from the first power-on in `events` (oldest first); with
-    from_power=False from its first step of any kind (a machine no relay of ours switches)."""
-    ips = node_addresses(events, mac, name)
+    from_power=False from its first step of any kind (a machine no relay of ours switches).
+    `declared`: the machine's `address:` (node_addresses)."""
+    ips = node_addresses(events, mac, name, declared)
     start = None
     steps: list[Step] = []
 
@@ -83,7 +99,9 @@ def timeline(events: list[dict], mac: str, name: str, from_power: bool = True) -
                     f"{p.get('result')}" + (f", {p['resends']} resends" if p.get("resends") else ""))
         elif kind == "boot" and mine:
             add(e, f"GET {e.get('endpoint')}", f"HTTP {e.get('status')}"
-                + (f", profile {e['profile']}" if e.get("profile") else ""))
+                + (f", profile {e['profile']}" if e.get("profile") else "")
+                + (f", asked from {p.get('client')}, not the machine's address {p['declared_address']}"
+                   if p.get("declared_address") else ""))
         elif kind == "asset" and mine:
             add(e, "GET asset", f"{e.get('endpoint')}: {p.get('size')} bytes, HTTP {e.get('status')}")
         elif kind == "callback" and mine:
