@@ -13,7 +13,7 @@ from bastion import yamlfile
 from bastion.api.deps import Runtime
 from bastion.model import Site
 from bastion.site.holder import EditConflict, Read
-from bastion.site.load import SiteError, load_site
+from bastion.site.load import SiteError
 
 log = logging.getLogger("bastion.api")
 
@@ -90,7 +90,7 @@ def _refusal(runtime: Runtime, e: SiteError) -> dict[str, Any]:
     the site: it is degraded), every edit failed as "the edit would break the site", naming the
     other file's problem; when every problem is one the files have without the edit, say so."""
     try:
-        load_site(runtime.holder.root)
+        runtime.holder.load()  # with serve's secret store, as the edit was
     except SiteError as on_disk:
         already = {_where(p) for p in on_disk.problems}
         if all(_where(p) in already for p in e.problems):

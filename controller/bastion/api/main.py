@@ -129,7 +129,10 @@ def create_app(settings: Settings) -> FastAPI:
         if runtime_box and runtime_box[0].operator is not None:
             runtime_box[0].operator.wake()
 
-    holder = SiteHolder(settings.site_dir, on_reload=on_reload)
+    # Every load of the site (the first, reloads, edits) reads what went out (bastion.state.ledger)
+    # from the store the one-time URLs make secrets in (runtime.secrets below): --secrets, else
+    # load_site's default, which is secrets_dir(<site name>) as runtime.secrets's is.
+    holder = SiteHolder(settings.site_dir, on_reload=on_reload, secrets=settings.secrets_dir)
     # The site's own history unless --db names one; bounded (--history-days, --history-events,
     # --history-size).
     db_path = settings.db_path or default_db_path(holder.site.name, settings.site_dir)

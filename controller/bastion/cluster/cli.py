@@ -22,11 +22,13 @@ _SITE = click.option(
 _JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 
 
-def _load(site_dir: Path):
+def _load(site_dir: Path, secrets_dir: Path | None = None):
+    """The site, its cluster checked against the secret store `secrets_dir` (--secrets-dir; None:
+    the default one), which is only read."""
     from bastion.site.load import SiteError, load_site
 
     try:
-        site = load_site(site_dir)
+        site = load_site(site_dir, secrets=secrets_dir)
     except SiteError as e:
         click.echo("\n".join(e.report(site_dir)), err=True)
         sys.exit(1)
@@ -89,7 +91,7 @@ def peers(site_dir: Path, secrets_dir: Path | None, as_json: bool) -> None:
     from bastion.state.secrets import SecretStore, wireguard_public_keys
     from bastion.state.secrets import secrets_dir as store_dir
 
-    site = _load(site_dir)
+    site = _load(site_dir, secrets_dir)
     store = SecretStore(store_dir(site.name, secrets_dir))
     _make_keys(store, site, controller=False)
     keys = wireguard_public_keys(store, site, make=False)
@@ -129,8 +131,15 @@ def _service_store(site_name: str) -> Path:
 def _make_keys(store: SecretStore, site: Site, controller: bool = True) -> list[str]:
     """Make the site's tunnel keys missing from `store`; say on stderr which, and where. The
     names of those made."""
-    from bastion.state.secrets import wireguard_key_names, wireguard_private_key
+    from bastion.state.secrets import (
+        record_tunnel_address,
+        wireguard_key_names,
+        wireguard_private_key,
+    )
 
+    for m in site.cluster_nodes:
+        # the addresses go out with the keys (the management side's peers): later plans keep them
+        record_tunnel_address(store, m)
     names = wireguard_key_names(site, controller=controller)
     made = [n for n in names if store.add_if_missing(n, wireguard_private_key)]
     for name in made:
@@ -166,7 +175,7 @@ def _tunnelled(site_dir: Path, secrets_dir: Path | None):
     from bastion.state.secrets import SecretStore
     from bastion.state.secrets import secrets_dir as store_dir
 
-    site = _load(site_dir)
+    site = _load(site_dir, secrets_dir)
     wg = site.settings.cluster.wireguard
     if wg is None or wg.controller is None:
         click.echo(f"{site_dir}: site.yaml has no cluster.wireguard.controller: the controller host "
@@ -194,7 +203,7 @@ def make_keys(site_dir: Path, secrets_dir: Path | None) -> None:
     from bastion.state.secrets import SecretStore
     from bastion.state.secrets import secrets_dir as store_dir
 
-    site = _load(site_dir)
+    site = _load(site_dir, secrets_dir)
     if site.settings.cluster.wireguard is None:
         click.echo(
             f"{site_dir}: site.yaml has no cluster.wireguard: nothing has a tunnel", err=True
@@ -309,7 +318,7 @@ def management_config(
                                "own: give one --secrets-dir per --site, in the same order")  # fmt: skip
     sites = []
     for i, site_dir in enumerate(site_dirs):
-        site, wg, _ = _tunnelled(site_dir, None)
+        site, wg, _ = _tunnelled(site_dir, secrets_dirs[i] if secrets_dirs else None)
         # one site: BASTION_SECRETS_DIR as for every command (several were refused it above)
         store = SecretStore(store_dir(site.name, secrets_dirs[i] if secrets_dirs else None))
         try:

@@ -1,18 +1,23 @@
 """A site's k3s cluster: site.yaml `cluster:` and the machines whose role is `server` or `agent`,
 turned into one plan per node (the `cluster` variable of its templates) and a built-in profile.
 
-Pure functions of the site files: no secrets here (bastion.state.secrets.machine_secrets has them) and
-no I/O except reading what `bastion assets fetch k3s` recorded under the site's assets/ (the
-release's SHA-256s, `recorded_sha256`) and hashing a k3s binary there to check it.
+Functions of the site files and of what the site's secret store says went out (a Ledger,
+bastion.state.ledger, read by the caller: which server started the cluster, the tunnel addresses
+nodes got); no secrets here (bastion.state.secrets.machine_secrets has them, and records those
+facts when a node's config is issued). The only I/O is reading what `bastion assets fetch k3s`
+recorded under the site's assets/ (the release's SHA-256s, `recorded_sha256`) and hashing a k3s
+binary there to check it.
 
-    plan(section, site_name, entries, sha256) -> (nodes by machine name, problems)
+    plan(section, site_name, entries, sha256, ledger=...) -> (nodes by machine name, problems)
 
-The first server in machines.yaml order (or the one with `k3s: {init: true}`) starts the cluster
-with --cluster-init; the other servers join it, agents join as agents. Joining nodes use
-`cluster.server_url`, else https://<that first server's address>:6443. Tunnel addresses come from
-`cluster.wireguard.address_pool` in machines.yaml order, after the pool's first host address
-(the management side's), skipping the addresses machines pin and the controller host's
-(bastion.cluster.tunnel: the pool's last host address unless site.yaml says).
+One server starts the cluster with --cluster-init: the one marked `k3s: {init: true}`, else the
+one the secret store recorded once a node's config went out, else the first server in
+machines.yaml order. The other servers join it, agents join as agents, at `cluster.server_url`,
+else https://<that server's address>:6443. Tunnel addresses come from
+`cluster.wireguard.address_pool`, after the pool's first host address (the management side's),
+the controller host's (bastion.cluster.tunnel: the pool's last host address unless site.yaml
+says) and the addresses machines pin: the one the store recorded for a machine whose key went
+out, else the next free one in machines.yaml order.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from urllib.parse import urlsplit
 from bastion.cluster import tunnel
 from bastion.model import Boot, Profile
 from bastion.regcache import plan as regcache
+from bastion.state.ledger import Ledger
+from bastion.state.secrets import init_server_name, tunnel_address_name
 
 PROFILE_ID = "k3s"
 TEMPLATE = "k3s.bu"
@@ -252,16 +259,21 @@ def shutdown_plan(section: Any) -> dict | None:
 
 def plan(section: Any, site_name: str, entries: list[Entry],
          sha256: Mapping[str, str] | None = None,
-         networks: Any = None, ups: Any = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
+         networks: Any = None, ups: Any = None,
+         ledger: Ledger | None = None) -> tuple[dict[str, dict], list[Problem]]:  # fmt: skip
     """Each node's plan, by machine name, and the problems that prevent one. `sha256`: the k3s
     binary's by architecture (site.yaml's cluster.k3s.sha256 over what the fetch recorded);
     None: site.yaml's alone. `networks`: site.yaml's (a schema.NetworksSection), which puts
     k3s's traffic on the cluster network and ingress on the ingress network (node_networks).
-    `ups`: site.yaml's (a schema.UpsSection), whose quiet_s sets how often the nodes beat."""
+    `ups`: site.yaml's (a schema.UpsSection), whose quiet_s sets how often the nodes beat.
+    `ledger`: what the site's secret store says went out (bastion.state.ledger, read by the
+    caller; this reads and writes no store); None: nothing did, machines.yaml alone decides."""
     sums = dict(section.k3s.sha256 if sha256 is None else sha256)
     problems: list[Problem] = []
     unfetched: set[str] = set()
-    cluster = section.name or site_name.lower()
+    cluster = cluster_name(section, site_name)
+    if ledger is None:
+        ledger = Ledger(cluster)
 
     def problem(e: Entry | None, field: str, msg: str) -> None:
         if e is None:
@@ -331,7 +343,13 @@ def plan(section: Any, site_name: str, entries: list[Entry],
         for e in marked[1:]:
             problem(e, "k3s.init", f"machine {marked[0].name} starts the cluster already")
         return {}, problems
-    first = marked[0] if marked else servers[0]
+    renamed = _renamed(ledger, cluster, section.name is None, site_name)
+    if renamed:
+        problem(None, "cluster.name", renamed)
+        return {}, problems
+    first = _first_server(ledger, servers, marked, entries, problems)
+    if first is None:
+        return {}, problems
     server_url = section.server_url
     joined_at = first.address
     if networks is not None and networks.cluster is not None:
@@ -346,7 +364,7 @@ def plan(section: Any, site_name: str, entries: list[Entry],
             return {}, problems
         server_url = _server_url(joined_at)
 
-    tunnels = _tunnel_addresses(section.wireguard, entries, problem) if section.wireguard else {}
+    tunnels, replaces = _tunnel_addresses(section.wireguard, entries, problem, ledger) if section.wireguard else ({}, {})
     if problems:
         return {}, problems
 
@@ -399,6 +417,9 @@ def plan(section: Any, site_name: str, entries: list[Entry],
                 "interface": wg.interface,
                 "ip": tunnels[e.name],
                 "address": f"{tunnels[e.name]}/{ipaddress.ip_network(wg.address_pool).prefixlen}",
+                # the machine no longer declared whose recorded address this is (machine_secrets
+                # clears its record when this node's config goes out), or None
+                "replaces": replaces.get(e.name),
                 "listen_port": wg.listen_port,
                 "peer": {
                     "public_key": wg.public_key,
@@ -534,20 +555,121 @@ def _unfetched(section: Any, arch: str, machine: str) -> str:
             f"(its sha256sum-{arch}.txt), or fetch it with `bastion assets fetch k3s`")  # fmt: skip
 
 
-def _tunnel_addresses(wg: Any, entries: list[Entry], problem) -> dict[str, str]:
+def cluster_name(section: Any, site_name: str) -> str:
+    """The cluster's name (site.yaml cluster.name, else the site's), which names its secrets."""
+    return section.name or site_name.lower()
+
+
+def _first_server(ledger: Ledger, servers: list[Entry], marked: list[Entry], entries: list[Entry],
+                  problems: list[Problem]) -> Entry | None:  # fmt: skip
+    """The server that starts the cluster (--cluster-init): the one marked `k3s: {init: true}`
+    (the operator's word, recorded from then on); else, once a node's config went out (the
+    cluster's token exists), the one the secret store recorded, wherever it is in machines.yaml;
+    else the first server in machines.yaml. None, with a problem, when the recorded one is no
+    server now: any other would start a second cluster if its disk is empty, so the operator
+    says which (a mark, or the machine back)."""
+    if marked:
+        return marked[0]
+    if not ledger.started:
+        return servers[0]
+    recorded = ledger.init_server
+    if recorded is None:
+        # a store from before the start was recorded: of the servers that got their config,
+        # the first (a server added since has none)
+        issued = [e for e in servers if ledger.issued(e.name)]
+        return issued[0] if issued else servers[0]
+    for e in servers:
+        if e.name == recorded:
+            return e
+    where = f"the secret store remembers it: {ledger.where(init_server_name(ledger.cluster))}"
+    todo = ("or, if it is gone for good, mark the server that starts the cluster from now on with "
+            "`k3s: {init: true}`: one that holds the cluster's data, since a server with an empty "
+            "disk would start a second cluster (docs/site-files.md)")  # fmt: skip
+    entry = next((e for e in entries if e.name == recorded), None)
+    if entry is not None:
+        problems.append(Problem("machines.yaml", entry.index, "role",
+                                f"{recorded} started the k3s cluster {ledger.cluster} ({where}) and "
+                                f"must stay a server; {todo}"))  # fmt: skip
+    else:
+        problems.append(Problem("machines.yaml", None, "machines",
+                                f"machine {recorded} started the k3s cluster {ledger.cluster} "
+                                f"({where}), and machines.yaml has no server {recorded} now: put "
+                                f"it back; {todo}"))  # fmt: skip
+    return None
+
+
+def _renamed(ledger: Ledger, cluster: str, named_after_site: bool, site_name: str) -> str | None:
+    """Why the cluster looks renamed: the store holds another cluster's secrets and none of this
+    one. Its nodes would get a new token, which k3s on them refuses, and new node passwords."""
+    others = ledger.other_clusters()
+    if ledger.started or not others or ledger.root is None:
+        return None
+    root = ledger.root
+    what = (f"the cluster is named after the site ({site_name!r}: {cluster!r}), as cluster.name "
+            "is not set" if named_after_site else f"cluster.name is {cluster!r}")  # fmt: skip
+    old = others[0]
+    return (f"the secret store {root} holds the k3s secrets of cluster {', '.join(repr(o) for o in others)} "
+            f"and none of {cluster!r}: {what}. Under a new name every node would get a new token, "
+            "which k3s on them refuses, and new node passwords. Set `cluster: {name: "
+            f"{old}}}` (the name is only the secrets' name); or move the secrets to the new name, "
+            f"with the service stopped: mv {root}/k3s/{old} {root}/k3s/{cluster}; or, to start a "
+            f"new cluster on wiped disks, move {root}/k3s/{old} out of the store")  # fmt: skip
+
+
+def _in_pool(ip: Any, pool: Any) -> bool:
+    """A host address of the pool (not its network address, nor an IPv4 broadcast)."""
+    return ip in pool and ip != pool.network_address and not (pool.version == 4 and ip == pool.broadcast_address)
+
+
+def _tunnel_addresses(wg: Any, entries: list[Entry], problem, ledger: Ledger) -> tuple[dict[str, str], dict[str, str]]:
+    """Each tunnelled node's address, and for a node given the recorded address of a machine no
+    longer declared (the pool had no other left), that machine's name.
+
+    In this order: the pool's first host address is the management side's; the controller host's
+    tunnel address; the addresses machines pin; the address the secret store recorded for a
+    machine whose key exists (it went out: bastion.state.ledger); then the lowest free address
+    for each other machine in machines.yaml order, avoiding those recorded for machines no longer
+    declared while any other is free. An address that went out is never given to another machine
+    while the first is declared: a pin or a controller address that is one is refused."""
     pool = ipaddress.ip_network(wg.address_pool)
     hosts = pool.hosts()
     management = next(hosts)  # the pool's first host address is the management side's
     wanted = [e for e in entries if e.fields.wireguard is None or e.fields.wireguard.enabled]
+    declared = {e.name for e in entries}
+    held: dict[Any, str] = {}  # address -> the declared machine it went out to
+    gone: dict[Any, str] = {}  # address -> the machine no longer declared that had it
+    for machine, text in sorted(ledger.addresses().items()):
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if not _in_pool(ip, pool) or ip == management or not ledger.handed_out(machine):
+            continue  # from another pool, or never went out: nothing holds it
+        if machine in declared:
+            held.setdefault(ip, machine)
+        else:
+            gone.setdefault(ip, machine)
+    recorded = {machine: ip for ip, machine in held.items()}
+
+    def went_out(ip: Any, machine: str) -> str | None:
+        owner = held.get(ip)
+        if owner is None or owner == machine:
+            return None
+        return (f"{ip} is machine {owner}'s tunnel address, which went out already (the secret "
+                f"store remembers it: {ledger.where(tunnel_address_name(owner))}): the management side "
+                f"and {owner} know it; give another")  # fmt: skip
+
     out: dict[str, str] = {}
     taken: dict[Any, str] = {management: "the management side (the pool's first address)"}
     controller = tunnel.controller_address(wg)
     if controller is not None:
         ip = ipaddress.ip_address(controller)
-        if ip not in pool or ip == pool.network_address or (pool.version == 4 and ip == pool.broadcast_address):
+        if not _in_pool(ip, pool):
             problem(None, "cluster.wireguard.controller.address", f"{controller} is not a host address of {pool}")
         elif ip in taken:
             problem(None, "cluster.wireguard.controller.address", f"{controller} is taken by {taken[ip]}")
+        elif went_out(ip, "") is not None:
+            problem(None, "cluster.wireguard.controller.address", went_out(ip, ""))
         else:
             taken[ip] = "the controller host (cluster.wireguard.controller)"
     for e in wanted:
@@ -555,24 +677,51 @@ def _tunnel_addresses(wg: Any, entries: list[Entry], problem) -> dict[str, str]:
         if pinned is None:
             continue
         ip = ipaddress.ip_address(pinned)
-        if ip not in pool or ip == pool.network_address or (pool.version == 4 and ip == pool.broadcast_address):
+        if not _in_pool(ip, pool):
             problem(e, "wireguard.address", f"{pinned} is not a host address of {pool}")
         elif ip in taken:
             problem(e, "wireguard.address", f"{pinned} is taken by {taken[ip]}")
+        elif went_out(ip, e.name) is not None:
+            problem(e, "wireguard.address", went_out(ip, e.name))
         else:
             taken[ip] = e.name
             out[e.name] = str(ip)
+    pinned_names = {e.name for e in wanted if e.fields.wireguard is not None and e.fields.wireguard.address}
     for e in wanted:
-        if e.name in out or (e.fields.wireguard is not None and e.fields.wireguard.address):
+        ip = recorded.get(e.name)
+        if e.name in pinned_names or ip is None or ip in taken:
             continue
-        for ip in hosts:
+        taken[ip] = e.name
+        out[e.name] = str(ip)
+    replaces: dict[str, str] = {}
+    spare: list[Any] = []  # addresses of machines gone, passed over while others were free
+
+    def next_free() -> Any:
+        for ip in hosts:  # lazily, in order: an IPv6 pool has more than can be listed
+            if ip in taken or ip in held:
+                continue
+            if ip in gone:
+                spare.append(ip)
+                continue
+            return ip
+        while spare:  # the pool is full: an address of a machine no longer declared
+            ip = spare.pop(0)
             if ip not in taken:
-                taken[ip] = e.name
-                out[e.name] = str(ip)
-                break
-        else:
+                return ip
+        return None
+
+    for e in wanted:
+        if e.name in out or e.name in pinned_names:
+            continue
+        ip = next_free()
+        if ip is None:
             problem(e, "wireguard", f"no address left in cluster.wireguard.address_pool {pool}")
-    return out
+            continue
+        taken[ip] = e.name
+        out[e.name] = str(ip)
+        if ip in gone:
+            replaces[e.name] = gone[ip]
+    return out, replaces
 
 
 def node_variables(node: dict, base_url: str) -> dict:

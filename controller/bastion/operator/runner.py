@@ -40,7 +40,6 @@ from bastion.model import Machine, Site
 from bastion.operator import core
 from bastion.operator.core import Action, Config, Memory, Progress, Seen, Want
 from bastion.site.holder import SiteHolder
-from bastion.site.load import load_site
 from bastion.state.events import ATTRIBUTABLE_IDS, EventStore
 from bastion.state.install import InstallMarks
 from bastion.state.operator import OperatorState
@@ -291,7 +290,7 @@ class Operator:
         Raises bastion.site.load.SiteError when they do not load."""
         with self._lock:
             now = self.clock()
-            disk = load_site(self.holder.root)
+            disk = self.holder.load()  # with serve's secret store (bastion.state.ledger)
             self._catch_up()
             self._relays = self._observe_relays()
             return self._plan(disk, now)

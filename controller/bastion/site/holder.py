@@ -239,17 +239,28 @@ class EditConflict(Exception):
 
 
 class SiteHolder:
-    def __init__(self, root: Path, on_reload: Callable[[ReloadOutcome], None] | None = None):
+    def __init__(self, root: Path, on_reload: Callable[[ReloadOutcome], None] | None = None,
+                 secrets: Path | str | None = None):  # fmt: skip
+        """`secrets`: the secret store every load of the site reads the cluster's records from
+        (`bastion serve --secrets`; None: load_site's default). Loads never write it."""
         self.root = Path(root)
+        self.secrets = secrets
         self.on_reload = on_reload
         self._lock = threading.Lock()
         finish_interrupted_edit(self.root)
         self._settle = Settle(fingerprint(self.root))
-        self.site: Site = load_site(self.root)  # raises SiteError: nothing to serve yet
+        self.site: Site = self.load()  # raises SiteError: nothing to serve yet
         self.generation = 1
         self.loaded_at = time.time()
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+
+    def load(self, overlay: dict[str, bytes | None] | None = None) -> Site:
+        """The site as its files (with `overlay`) load now, with this holder's secret store;
+        nothing is swapped in. Raises SiteError."""
+        if self.secrets is None:
+            return load_site(self.root, overlay=overlay)  # load_site's default store
+        return load_site(self.root, overlay=overlay, secrets=self.secrets)
 
     def _report(self, outcome: ReloadOutcome) -> ReloadOutcome:
         if self.on_reload is not None:
@@ -261,7 +272,7 @@ class SiteHolder:
         with self._lock:
             self._settle.take(fingerprint(self.root))
             try:
-                site = load_site(self.root)
+                site = self.load()
             except Exception as e:  # SiteError; any other, a file the loader did not foresee
                 if isinstance(e, SiteError):
                     self.last_error = str(e)
@@ -313,7 +324,7 @@ class SiteHolder:
             changes = make(read)
             for rel in changes:
                 read(rel)
-            site = load_site(self.root, overlay=changes)
+            site = self.load(overlay=changes)
             changed = [rel for rel, data in held.items() if _still(files, rel) != data]
             if changed:
                 raise EditConflict(sorted(changed))

@@ -16,6 +16,12 @@ A site directory may hold Edge Bastion's own YAML, matchbox's layout, or both:
 the line when known, the field and what is wrong:
 
     machines.yaml:7: machines[2].mac: 'zz:00' is not a MAC address
+
+A site with a k3s cluster is also checked against what its secret store says went out
+(bastion.state.ledger: the server that started the cluster, the nodes' tunnel addresses):
+`load_site(root, secrets=DIR)` reads the store at DIR, by default the one `bastion serve` uses
+without --secrets (bastion.state.secrets.secrets_dir). A load only reads it: it never makes or
+changes a store, and one that is missing or unreadable is none (machines.yaml alone decides).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from bastion.render.config import (
     uses_secrets,
 )
 from bastion.site import schema
+from bastion.state.ledger import Ledger
+from bastion.state.secrets import secrets_dir
 from bastion.ups import core as ups_core
 from bastion.model import (
     Boot,
@@ -278,8 +286,10 @@ def clean_relpath(value: str) -> str | None:
     return norm
 
 
-def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Site:
-    """Load and validate the site directory `root` or raise SiteError."""
+def load_site(root: Path, overlay: dict[str, bytes | None] | None = None,
+              secrets: Path | str | None = None) -> Site:  # fmt: skip
+    """Load and validate the site directory `root` or raise SiteError. `secrets`: the secret
+    store to read the cluster's records from (None: secrets_dir(<site name>)); never written."""
     root = Path(root)
     if not root.is_dir():
         raise SiteError([f"{root}: not a directory"])
@@ -295,7 +305,7 @@ def load_site(root: Path, overlay: dict[str, bytes | None] | None = None) -> Sit
     if settings is not None:
         _check_settings_refs(ld, settings, profiles)
     if settings is not None:
-        machines = _load_machines(ld, settings, profiles)
+        machines = _load_machines(ld, settings, profiles, secrets=secrets)
     else:
         _load_machines(ld, SiteSettings(root.name, None, None, {}, {}), profiles, resolve=False)
         machines = []
@@ -472,7 +482,8 @@ def _no_profile(pid: str) -> str:
 
 
 def _load_machines(
-    ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile], resolve: bool = True
+    ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile], resolve: bool = True,
+    secrets: Path | str | None = None,
 ) -> list[Machine]:
     """machines.yaml; with resolve=False (site.yaml is broken) only its own problems count."""
     rel = "machines.yaml"
@@ -608,7 +619,7 @@ def _load_machines(
             )
         )
     if resolve:
-        machines = _cluster_nodes(ld, settings, profiles, machines, entries, lines_at)
+        machines = _cluster_nodes(ld, settings, profiles, machines, entries, lines_at, secrets)
     return machines
 
 
@@ -617,8 +628,9 @@ _CLUSTER_FIELDS = ("disk", "k3s", "wireguard")
 
 def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Profile],
                    machines: list[Machine], entries: list[cluster.Entry],
-                   lines_at: dict) -> list[Machine]:  # fmt: skip
-    """Attach each k3s node's plan (bastion.cluster.plan) to its Machine; report what prevents one."""
+                   lines_at: dict, secrets: Path | str | None = None) -> list[Machine]:  # fmt: skip
+    """Attach each k3s node's plan (bastion.cluster.plan) to its Machine; report what prevents one.
+    `secrets`: the store whose records of what went out the plan keeps to (load_site's)."""
     rel = "machines.yaml"
     section = settings.cluster
     nodes = []
@@ -637,8 +649,10 @@ def _cluster_nodes(ld: _Loader, settings: SiteSettings, profiles: dict[str, Prof
             ld.problem("site.yaml", None, "cluster", "no machine in machines.yaml has role: server")
         return machines
     sums = _k3s_sums(ld, section)
+    ledger = Ledger.read(secrets if secrets is not None else secrets_dir(settings.name),
+                         cluster.cluster_name(section, settings.name))  # fmt: skip
     plans, problems = cluster.plan(section, settings.name, nodes, sums, networks=settings.networks,
-                                   ups=settings.ups)  # fmt: skip
+                                   ups=settings.ups, ledger=ledger)  # fmt: skip
     for p in problems:
         if p.index is None:
             ld.problem(p.file, None, p.field, p.message)

@@ -10,7 +10,10 @@ plain components, e.g. `k3s/home/token` or `wireguard/node1.key`.
 A k3s cluster's secrets (`machine_secrets`): `k3s/<cluster>/token` (the servers' join token),
 `k3s/<cluster>/agent-token` (the agents'), `k3s/<cluster>/node-password/<machine>` (each node's
 k3s node password, its identity across reboots), and `wireguard/<machine>.key` (each node's
-private key; its public key is derived, never stored).
+private key; its public key is derived, never stored). Beside them, two records of what went out
+with a node's config, which later plans keep to (bastion.state.ledger reads them):
+`k3s/<cluster>/init-server` (the server given --cluster-init) and `wireguard/<machine>.address`
+(the node's tunnel address).
 
 The controller host's own tunnel (site.yaml cluster.wireguard.controller; bastion.cluster.tunnel):
 `controller/wireguard.key`, its private key, which its wg-quick config names and never holds.
@@ -224,6 +227,28 @@ def wireguard_key_name(machine: str) -> str:
     return f"wireguard/{machine}.key"
 
 
+def init_server_name(cluster: str) -> str:
+    return f"k3s/{cluster}/init-server"
+
+
+def tunnel_address_name(machine: str) -> str:
+    return f"wireguard/{machine}.address"
+
+
+def is_record(name: str) -> bool:
+    """Whether `name` is a record of what went out (init_server_name, tunnel_address_name): kept
+    in the store for its lifetime and backup, but no secret (a machine's name, an address)."""
+    parts = name.split("/")
+    return (len(parts) == 3 and parts[0] == "k3s" and parts[2] == "init-server") or (
+        len(parts) == 2 and parts[0] == "wireguard" and parts[1].endswith(".address"))
+
+
+def _record(store: SecretStore, name: str, value: str) -> None:
+    """Store `value` as `name` unless it is there already (no write, no new mtime, when it is)."""
+    if store.get(name) != value:
+        store.put(name, value)
+
+
 def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[str, Any]:
     """The `secrets` a machine's templates get on its one-time URL, made on first use.
 
@@ -237,11 +262,18 @@ def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[st
                        do at every boot if k3s made one there; the same one at every boot
       wireguard        {private_key, public_key}, when the node has a tunnel
     Other machines have none: {}.
+
+    This is when a node's config goes out, so it also records what later plans must keep to
+    (bastion.state.ledger): the server that starts the cluster (the plan's first_server: once
+    recorded, a server inserted above it in machines.yaml does not start a second cluster) and
+    this node's tunnel address (the management side knows the node by it). The start is
+    recorded before the token is made, so that a token never exists without it.
     """
     node = machine.node
     if node is None:
         return {}
     cluster = node["name"]
+    _record(store, init_server_name(cluster), node["first_server"])
     server_token = store.get_or_create(token_name(cluster), random_token)
     agent_token = store.get_or_create(agent_token_name(cluster), random_token)
     out: dict[str, Any] = {}
@@ -252,9 +284,25 @@ def machine_secrets(store: SecretStore, site: Site, machine: Machine) -> dict[st
         out["k3s_token"] = agent_token
     out["k3s_node_password"] = store.get_or_create(node_password_name(cluster, machine.name), random_token)
     if node["wireguard"] is not None:
+        record_tunnel_address(store, machine)
         private = store.get_or_create(wireguard_key_name(machine.name), wireguard_private_key)
         out["wireguard"] = {"private_key": private, "public_key": wireguard_public_key(private)}
     return out
+
+
+def record_tunnel_address(store: SecretStore, machine: Machine) -> None:
+    """Record the k3s node `machine`'s tunnel address, as its plan has it, before its key is
+    made (machine_secrets, `bastion tunnel make-keys`, `bastion cluster peers`): the address goes
+    out with the key, and a key never exists without its address recorded."""
+    wg = machine.node["wireguard"] if machine.node is not None else None
+    if wg is None:
+        return
+    replaces = wg.get("replaces")
+    if replaces is not None and store.get(tunnel_address_name(replaces)) == wg["ip"]:
+        # the plan gave this node the address of a machine no longer declared (the pool had no
+        # other left): that machine's record no longer holds it
+        store.put(tunnel_address_name(replaces), "")
+    _record(store, tunnel_address_name(machine.name), wg["ip"])
 
 
 def wireguard_key_names(site: Site, controller: bool = True) -> list[str]:

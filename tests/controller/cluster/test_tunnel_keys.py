@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 from bastion.cli import main
+from bastion.site.load import load_site
 from bastion.state.secrets import (
     CONTROLLER_WIREGUARD_KEY,
     SecretStore,
+    is_record,
+    tunnel_address_name,
     wireguard_private_key,
     wireguard_public_key,
 )
@@ -87,13 +90,16 @@ def test_make_keys_says_which_keys_it_made_and_where(site_dir, tmp_path):
     where = (f"(in the secret store {store.root}; the service's is {SERVICE_STORE}: a key made "
              "elsewhere reaches no node the service serves)")  # fmt: skip
     assert r.stderr.splitlines() == [*made, where]
-    keys = {n: store.get(n) for n in store.names()}
+    keys = {n: store.get(n) for n in store.names() if not is_record(n)}
     assert sorted(keys) == [CONTROLLER_WIREGUARD_KEY, NODE_KEY]
+    # the node's tunnel address went out with its key: recorded for the plans to keep
+    edge1 = load_site(site_dir, secrets=store.root).machine("edge1")
+    assert store.get(tunnel_address_name("edge1")) == edge1.node["wireguard"]["ip"]
 
     again = run("tunnel", "make-keys", "--site", str(site_dir), "--secrets-dir", str(store.root))
     assert again.exit_code == 0, again.output
     assert again.stderr == f"every tunnel key is in the secret store {store.root}: made none\n"
-    assert {n: store.get(n) for n in store.names()} == keys
+    assert {n: store.get(n) for n in store.names() if not is_record(n)} == keys
 
     # and the readers read exactly those
     r = run("tunnel", "management-config", "--site", str(site_dir), "--secrets-dir", str(store.root))
@@ -128,7 +134,7 @@ def test_cluster_peers_says_which_keys_it_made(site_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr.splitlines()[0] == f"made the WireGuard key {store.path(NODE_KEY)}", r.stderr
     assert f"the service's is {SERVICE_STORE}" in r.stderr
-    assert store.names() == [NODE_KEY]  # the nodes' only: the controller's is not its to make
+    assert store.names() == [tunnel_address_name("edge1"), NODE_KEY]  # the nodes' only: the controller's is not its to make
     assert f"PublicKey = {wireguard_public_key(store.get(NODE_KEY))}" in r.stdout
     again = run("cluster", "peers", "--site", str(site_dir), "--secrets-dir", str(store.root))
     assert again.exit_code == 0 and again.stderr == "" and again.stdout == r.stdout
