@@ -95,6 +95,9 @@ class Metrics:
             "Records a log target lost, by reason: bound (its on-disk queue was full: the oldest "
             "went), inbox (the in-memory hand-off was full), rejected (Loki refused them for good).",
             ["target", "reason"], registry=r)  # fmt: skip
+        self.logship_cut = Counter(
+            "bastion_logship_cut", "Records sent cut to fit a log target's bound (syslog: max_message; loki: "
+            "a line's or a push's bytes), counted as sent counts them.", ["target"], registry=r)  # fmt: skip
         self.logship_queued = Gauge("bastion_logship_queued", "Records waiting in a log target's on-disk queue.",
                                     ["target"], registry=r)  # fmt: skip
         self.logship_up = Gauge("bastion_logship_up", "1 while a log target's collector takes records.",

@@ -15,7 +15,13 @@ with backoff, and so are 401 and 403 (the credentials are wrong or missing, whic
 about the batch: it waits until they are put right) and a redirect, which is not followed (it
 would carry the credentials elsewhere). Any other 4xx means Loki will never take that batch
 (too old, malformed), so it is dropped, counted and reported rather than blocking the queue for
-good.
+good. A 400 may refuse only some entries: Loki stores the others and its answer names each
+refused one (`entry with timestamp ... ignored, reason: 'entry too far behind ...'`, up to its
+`max_returned_errors`), then says how many, per stream (`user 'fake', total ignored: 3 out of 10
+for stream: {...}`; `total ignored: 3 out of 10` before Loki 3). `ignored` reads that count:
+only those count as refused, the rest as taken. An answer without a count (a malformed push, a
+label Loki refuses) refuses the whole batch. Either way the batch leaves the queue: sent again,
+the refused entries would be refused again.
 
 Size. Loki takes a push only within its bounds, and some are for good: a line longer than
 `max_line_size` (256 kB by default since Loki 3) is a 400; a push whose lines total more than
@@ -27,7 +33,8 @@ each line by `LINE_MAX` bytes of UTF-8: a longer event is cut the way a syslog m
 not enough, the whole event by `{"id": .., "truncated": .., "head": ..}`). An event is never too
 big to be sent, and `batch` takes at least one. A 413, or a 429 to a push of many records, makes
 the sender halve its bound (bastion.logship.shipper), so a smaller limit than ours is learned
-rather than hit forever.
+rather than hit forever; one event that a 429 keeps refusing alone is sent cut to the least
+bound the sender assumes every tenant's burst takes.
 
 Credentials never travel in cleartext: `url_refusal` (the site schema's rule, bastion.site.schema
 loki_url_refusal, applied again here) refuses `auth` over an http:// URL unless
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import ssl
 import time
 import urllib.error
@@ -57,6 +65,10 @@ PUSH_MAX = 1_000_000
 #: The most bytes (UTF-8) of one line: Loki 3's default max_line_size, 256KB, which Loki reads
 #: as 256,000 bytes. A longer line is a 400 for that entry.
 LINE_MAX = 256_000
+
+#: The most bytes of an error answer read: Loki names up to `max_returned_errors` (10 by default)
+#: refused entries, a few hundred bytes each, before the count that ends the answer.
+ANSWER_MAX = 65_536
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # the body's own encoding: ASCII
 # what a body and each of its streams cost besides their values: `{"streams":[]}` and
@@ -136,8 +148,24 @@ def _nanoseconds(ts: Any) -> int:
         return round(time.time() * 1e6) * 1000
 
 
+_IGNORED = re.compile(r"total ignored: (\d+) out of \d+")
+
+
+def ignored(answer: str) -> int | None:
+    """How many entries of a push Loki's error `answer` says it ignored: the sum of its
+    `total ignored: N out of M` (one a stream); None when it gives no count."""
+    counts = [int(n) for n in _IGNORED.findall(answer)]
+    return sum(counts) if counts else None
+
+
 class LokiRejected(Exception):
-    """Loki answered 4xx (not 401, 403, 429): the batch will never be taken."""
+    """Loki answered 4xx (not 401, 403, 429): the batch will never be taken. `ignored`: how
+    many of its entries a 400 says were refused (the others were stored); None when it does not
+    say, and then the whole batch was."""
+
+    def __init__(self, message: str, *, ignored: int | None = None):
+        super().__init__(message)
+        self.ignored = ignored
 
 
 class LokiTooLarge(LokiRejected):
@@ -181,7 +209,8 @@ def push(url: str, body: bytes, *, headers: dict[str, str] | None = None,
         with opener.open(req, timeout=timeout) as resp:
             resp.read()
     except urllib.error.HTTPError as e:
-        detail = e.read(500).decode(errors="replace").strip()
+        answer = e.read(ANSWER_MAX).decode(errors="replace").strip()
+        detail = answer[:500]
         if 300 <= e.code < 400:
             raise OSError(f"HTTP {e.code}: redirected to {e.headers.get('Location')!r}, which is not "
                           "followed: put the final URL in site.yaml") from None  # fmt: skip
@@ -190,5 +219,5 @@ def push(url: str, body: bytes, *, headers: dict[str, str] | None = None,
         if e.code == 429:
             raise LokiBusy(f"HTTP 429: {detail}") from None
         if 400 <= e.code < 500 and e.code not in (401, 403):
-            raise LokiRejected(f"HTTP {e.code}: {detail}") from None
+            raise LokiRejected(f"HTTP {e.code}: {detail}", ignored=ignored(answer) if e.code == 400 else None) from None
         raise OSError(f"HTTP {e.code}: {detail}") from None

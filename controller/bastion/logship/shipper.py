@@ -16,6 +16,9 @@ across anything slow, so a request is never slowed by a collector. Each target's
    - loki: one push request per batch, bounded by bytes (`loki_push_max`) as well as records
      (`batch`); a 2xx removes the batch. A 413 or a 429 to it halves that bound for the rest of
      the target's life: a proxy's or a tenant's limit below ours is learned, not hit forever.
+     A 400 removes it too, counting as refused only the entries Loki says it ignored. One
+     event past `loki_busy_floor` that a 429 answers `loki_lone_busy_tries` times, alone, is
+     cut to that floor (a line past the tenant's burst is refused at every try).
 3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
    doubling up to `backoff_max_s`; records wait on disk meanwhile. When the queue file itself
    cannot be written or opened (disk full, locked, no permission), the events wait in the
@@ -92,6 +95,10 @@ class Target:
     loki_line_max = loki.LINE_MAX  # bytes of one Loki line; a longer event is cut to fit
     loki_busy_floor = 64_000  # a 429 (a rate limit, or a push past the burst) halves the bound down to this
     loki_push_least = 1024  # a 413 halves it down to this, then the record is refused for good
+    # 429s to a push of one event bigger than loki_busy_floor before that event is cut to the floor:
+    # a line past the tenant's burst is refused at every try, and the queue would wait behind it
+    # for good; a smaller push that gets 429 is only rate-limited, and is retried as long as it takes
+    loki_lone_busy_tries = 8
     inbox_max = 100_000  # events waiting for the thread; past it they are dropped and counted
     confirm_s = 1.0  # syslog: an acknowledged record is removed after the connection lived this long
     backoff_min_s = 0.2
@@ -128,6 +135,8 @@ class Target:
         self._https: ssl.SSLContext | None = None  # loki over https: made at first use, again after a failure
         self._https_files: tuple = ()  # what its files were when it was made (_tls_files)
         self._push_max = self.loki_push_max
+        self._lone_busy = (0, 0)  # loki: (the queue's head, 429s to a push of it alone)
+        self.metrics.logship_cut.labels(target=spec.name)  # 0 on /metrics until the first cut
         self._thread = threading.Thread(target=self._run, name=f"logship-{spec.name}", daemon=True)
         try:
             self._open_queue()
@@ -370,15 +379,17 @@ class Target:
         if not rows:
             return False
         facility = SYSLOG_FACILITIES[spec.facility]
-        data = b"".join(
-            syslog.frame(syslog.message(json.loads(body), hostname=self.hostname, facility=facility, site=self.site,
-                                        max_bytes=spec.max_message))
-            for _, body in rows
-        )
-        conn.send(data)
+        messages = [syslog.fit_message(json.loads(body), hostname=self.hostname, facility=facility, site=self.site,
+                                       max_bytes=spec.max_message) for _, body in rows]  # fmt: skip
+        conn.send(b"".join(syslog.frame(msg) for msg, _ in messages))
         self._cursor = rows[-1][0]
         self.metrics.logship_sent.labels(target=spec.name).inc(len(rows))
+        self._count_cut(sum(was_cut for _, was_cut in messages))
         return True
+
+    def _count_cut(self, n: int) -> None:
+        if n:
+            self.metrics.logship_cut.labels(target=self.spec.name).inc(n)
 
     def _tls_files(self) -> tuple:
         """(path, inode, size, mtime) of the files a TLS context is made of: the CA, the
@@ -402,8 +413,12 @@ class Target:
         rows = self.queue.peek(0, self.batch)
         if not rows:
             return False
+        head, max_bytes = rows[0][0], self._push_max
+        if self._lone_busy == (head, self.loki_lone_busy_tries):
+            # past the tenant's burst, as far as can be told: sent alone, cut to what any burst takes
+            rows, max_bytes = rows[:1], min(max_bytes, self.loki_busy_floor)
         body, taken, cut = loki.batch([json.loads(b) for _, b in rows], site=self.site, labels=dict(self.spec.labels),
-                                      max_bytes=self._push_max, line_max=self.loki_line_max)  # fmt: skip
+                                      max_bytes=max_bytes, line_max=self.loki_line_max)  # fmt: skip
         if self.spec.tls is not None:
             files = self._tls_files()  # before reading them: a change while it is made is seen next time
             if self._https is None or files != self._https_files:
@@ -415,21 +430,39 @@ class Target:
             if isinstance(e, loki.LokiTooLarge) and len(body) // 2 >= self.loki_push_least:
                 self._shrink(len(body) // 2, len(body), taken, e)
                 return True  # at once: the collector is there, it wants less at a time
-            log.error("logship %s: Loki refused %d records: %s", self.spec.name, taken, e)
+            # a 400 that counts what it ignored: Loki stored the rest (sent again, the ignored
+            # ones would be ignored again, so the batch goes either way)
+            refused = taken if e.ignored is None else min(e.ignored, taken)
             self.queue.ack(last)
-            self._dropped(taken, "rejected")
+            if refused < taken:
+                log.error("logship %s: Loki refused %d of %d records, and took the others: %s", self.spec.name,
+                          refused, taken, e)  # fmt: skip
+                self.metrics.logship_sent.labels(target=self.spec.name).inc(taken - refused)
+                self._count_cut(len(cut))
+            else:
+                log.error("logship %s: Loki refused %d records: %s", self.spec.name, taken, e)
+            if refused:
+                self._dropped(refused, "rejected")
             return True
         except loki.LokiBusy as e:
             # a push past the tenant's burst is refused at every try: a smaller one may not be
             if taken > 1 and len(body) > self.loki_busy_floor:
                 self._shrink(max(self.loki_busy_floor, len(body) // 2), len(body), taken, e)
+            elif taken == 1 and len(body) > self.loki_busy_floor:
+                tries = self._lone_busy[1] + 1 if self._lone_busy[0] == head else 1
+                self._lone_busy = (head, tries)
+                if tries == self.loki_lone_busy_tries:
+                    log.warning("logship %s: Loki answered %s to a push of one record (%d bytes) %d times: it is cut "
+                                "to %d bytes at the next try", self.spec.name, e, len(body), tries,
+                                self.loki_busy_floor)  # fmt: skip
             raise  # and retried with backoff, as any 429
         self._succeeded()
         self.queue.ack(last)
         self.metrics.logship_sent.labels(target=self.spec.name).inc(taken)
+        self._count_cut(len(cut))
         if cut:
             log.warning("logship %s: %d records too long for a Loki line (%d bytes) or a push (%d) were cut "
-                        "to fit: ids %s", self.spec.name, len(cut), self.loki_line_max, self._push_max, cut[:10])  # fmt: skip
+                        "to fit: ids %s", self.spec.name, len(cut), self.loki_line_max, max_bytes, cut[:10])  # fmt: skip
         return True
 
     def _shrink(self, bound: int, size: int, records: int, why: Exception) -> None:

@@ -87,8 +87,15 @@ def timestamp(ts: Any) -> str:
 
 def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
             max_bytes: int | None = None) -> bytes:  # fmt: skip
-    """One event (Event.as_dict()) as an RFC 5424 message, without framing. With `max_bytes`, a
-    longer message is cut to fit and stays RFC 5424 with MSG valid JSON: a collector truncates an
+    """One event (Event.as_dict()) as an RFC 5424 message, without framing, cut to `max_bytes`
+    as `fit_message` cuts it."""
+    return fit_message(event, hostname=hostname, facility=facility, site=site, max_bytes=max_bytes)[0]
+
+
+def fit_message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
+                max_bytes: int | None = None) -> tuple[bytes, bool]:  # fmt: skip
+    """One event (Event.as_dict()) as an RFC 5424 message, without framing, and whether it had
+    to be cut (bastion_logship_cut_total counts those). With `max_bytes`, a longer message is cut to fit and stays RFC 5424 with MSG valid JSON: a collector truncates an
     oversize message itself, mid-JSON (rsyslog's default limit is 8096 bytes, and it reads the
     cut-off rest as more, bogus, messages). First the payload is replaced by `{"truncated": <its
     JSON's length>, "head": <the start of that JSON>}`; when that is not enough (a long machine
@@ -111,19 +118,19 @@ def message(event: dict[str, Any], *, hostname: str, facility: int, site: str,
     head = start + sd()
     body = _json(event)
     if max_bytes is None or len(head) + len(body) <= max_bytes:
-        return head + body
+        return head + body, False
     text = json.dumps(event.get("payload"), separators=(",", ":"), ensure_ascii=False, default=str)
     short = dict(event, payload={"truncated": len(text), "head": ""})
     if len(head) + len(_json(short)) <= max_bytes:
         room = max_bytes - len(head)
         return head + longest(lambda n: _json(dict(short, payload={"truncated": len(text), "head": text[:n]})),
-                              len(text), lambda m: len(m) <= room)  # fmt: skip
+                              len(text), lambda m: len(m) <= room), True  # fmt: skip
     whole = body.decode()
     sd_room = max_bytes - len(start) - len(_json({"truncated": len(whole), "head": ""}))
     head = start + longest(sd, SD_VALUE_CUT, lambda m: len(m) <= sd_room)
     room = max_bytes - len(head)
     return head + longest(lambda n: _json({"truncated": len(whole), "head": whole[:n]}), len(whole),
-                          lambda m: len(m) <= room)  # fmt: skip
+                          lambda m: len(m) <= room), True  # fmt: skip
 
 
 SD_VALUE_CUT = 64  # characters of a structured-data value kept when the message must be cut that far

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +79,60 @@ def test_a_long_event_is_cut_to_the_message_limit_and_stays_json():
         assert event["payload"]["head"].startswith('{"error":"éé')
     assert syslog.message(EVENT, hostname="ctl", facility=16, site="s", max_bytes=8096) == syslog.message(
         EVENT, hostname="ctl", facility=16, site="s")
+
+
+def test_syslog_messages_cut_to_max_message_are_counted_per_target(tmp_path: Path):
+    """Before, a message cut to `max_message` was sent with nothing to tell it had been:
+    no metric, so a collector's operator could not see that events arrived shortened. Now
+    `bastion_logship_cut_total{target}` counts them (0 from the target's start), against a
+    collector on loopback that reads every message whole."""
+    collector = socket.socket()
+    collector.bind(("127.0.0.1", 0))
+    collector.listen()
+    collector.settimeout(30)
+    metrics = Metrics()
+    shipper = Shipper(tmp_path / "q", metrics)
+    section = LogsSection.model_validate({"targets": [{"name": "central", "type": "syslog", "host": "127.0.0.1",
+                                                      "port": collector.getsockname()[1], "max_message": 2048}]})  # fmt: skip
+    events = [dict(EVENT, id=1), dict(EVENT, id=2, payload={"note": "p" * 5000}), dict(EVENT, id=3),
+              dict(EVENT, id=4, machine="m" * 3000)]  # fmt: skip
+    got: list[bytes] = []
+    try:
+        shipper.configure(section, site="s", site_root=tmp_path)
+        cut = metrics.registry.get_sample_value("bastion_logship_cut_total", {"target": "central"})
+        assert cut == 0  # on /metrics before anything was sent
+        for e in events:
+            shipper.offer(e)
+        conn, _ = collector.accept()
+        conn.settimeout(30)
+        data = b""
+        while len(got) < len(events):
+            chunk = conn.recv(65536)
+            assert chunk, ("closed", got)
+            data += chunk
+            while b" " in data:  # RFC 6587 octet counting: LEN SP MSG
+                length, _, rest = data.partition(b" ")
+                if len(rest) < int(length):
+                    break
+                got.append(rest[: int(length)])
+                data = rest[int(length) :]
+        conn.close()
+    finally:
+        shipper.close()
+        collector.close()
+    sent = [_check_fits(msg, 2048) for msg in got]
+    assert [e.get("id") for e in sent] == [1, 2, 3, None]  # the last one's MSG is {"truncated", "head"}
+    assert "truncated" in sent[1]["payload"] and "truncated" in sent[3]
+    assert metrics.registry.get_sample_value("bastion_logship_cut_total", {"target": "central"}) == 2
+    assert metrics.registry.get_sample_value("bastion_logship_sent_total", {"target": "central"}) == 4
+
+
+def test_fit_message_says_whether_it_cut():
+    whole, was_cut = syslog.fit_message(EVENT, hostname="ctl", facility=16, site="s", max_bytes=8096)
+    assert (whole, was_cut) == (syslog.message(EVENT, hostname="ctl", facility=16, site="s"), False)
+    short, was_cut = syslog.fit_message(dict(EVENT, payload={"note": "p" * 9000}), hostname="ctl", facility=16,
+                                        site="s", max_bytes=8096)  # fmt: skip
+    assert was_cut and len(short) <= 8096
 
 
 # RFC 5424 section 6, as strict as the grammar: PARAM-VALUE escapes '"', '\' and ']'

@@ -11,6 +11,7 @@ import logging
 import ssl
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,38 +31,61 @@ EVENT = {"id": 1, "ts": 1764871526.25, "kind": "boot", "source": "controller", "
          "machine": "node1", "endpoint": "/ipxe", "profile": "w", "group": None, "status": 200, "payload": {}}  # fmt: skip
 
 
-def _loki(*, max_body: int = 1_048_576, max_line: int = 256_000, burst: int = 6_000_000, tls=None):
+def _loki(*, max_body: int = 1_048_576, max_line: int = 256_000, burst: int = 6_000_000, tls=None,
+          oldest: float | None = None, count: str = "loki3", rate_limited: int = 0):  # fmt: skip
     """A push endpoint with Loki's limits and a proxy's in front of it: a body past `max_body`
     is a 413 (nginx's client_max_body_size, 1 MiB by default); lines totalling more than
     `burst` bytes a 429 (Loki's ingestion burst: such a push is refused at every try); a line
     past `max_line` bytes a 400 for that entry, the others kept (Loki's max_line_size,
-    256KB). Keeps what it took, in order, and every answer with its body's size."""
+    256KB). With `oldest`, an entry before that time is a 400 for that entry, the others kept,
+    answered as Loki's ingester answers it (pkg/ingester/stream.go): a line per refused entry,
+    then `count` says how many: "loki3" as Loki 3 (`user 'fake', total ignored: N out of M for
+    stream: {..}`, a line per stream), "loki2" as Loki 2 (`total ignored: N out of M`), "none"
+    not at all. The first `rate_limited` pushes are a 429 whatever they hold (a tenant's rate
+    used up for now). Keeps what it took, in order, and every answer with its body's size."""
     got = SimpleNamespace(events=[], answers=[], peers=[])
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            status = self._take(body)
+            status, answer = self._take(body)
             got.answers.append((status, len(body)))
             if hasattr(self.connection, "getpeercert") and self.connection.getpeercert():
                 got.peers.append(dict(x[0] for x in self.connection.getpeercert()["subject"])["commonName"])
             self.send_response(status)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
+            self.wfile.write(answer)
 
-        def _take(self, body: bytes) -> int:
+        def _take(self, body: bytes) -> tuple[int, bytes]:
             if len(body) > max_body:
-                return 413
-            lines = [line for s in json.loads(body)["streams"] for _, line in s["values"]]
+                return 413, b""
+            if len(got.answers) < rate_limited:
+                return 429, b"Ingestion rate limit exceeded for user fake (limit: 4194304 bytes/sec)"
+            streams = json.loads(body)["streams"]
+            lines = [line for s in streams for _, line in s["values"]]
             if sum(len(line.encode()) for line in lines) > burst:
-                return 429
-            refused = 0
-            for line in lines:
-                if len(line.encode()) > max_line:
-                    refused += 1
-                else:
-                    got.events.append(json.loads(line))
-            return 400 if refused else 204
+                return 429, b""
+            refused, answer = 0, []
+            for s in streams:
+                name = "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(s["stream"].items())) + "}"
+                ignored = 0
+                for ns, line in s["values"]:
+                    if len(line.encode()) > max_line:
+                        refused += 1
+                    elif oldest is not None and int(ns) < oldest * 1e9:
+                        ignored += 1
+                        when = datetime.fromtimestamp(int(ns) / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f +0000 UTC")
+                        answer.append(f"entry with timestamp {when} ignored, reason: 'entry too far behind, entry "
+                                      f"timestamp is: {when}, oldest acceptable timestamp is: {oldest}',")  # fmt: skip
+                    else:
+                        got.events.append(json.loads(line))
+                if ignored and count == "loki3":
+                    answer.append(f"user 'fake', total ignored: {ignored} out of {len(s['values'])} for stream: {name}")
+                elif ignored and count == "loki2":
+                    answer.append(f"total ignored: {ignored} out of {len(s['values'])}")
+                refused += ignored
+            return (400 if refused else 204), "\n".join(answer).encode()
 
         def log_message(self, *args):
             pass
@@ -84,6 +108,10 @@ def _wait(cond, timeout: float = 60.0) -> None:
 def _dropped(metrics: Metrics, target: str) -> float:
     return metrics.registry.get_sample_value("bastion_logship_dropped_total",
                                              {"target": target, "reason": "rejected"}) or 0  # fmt: skip
+
+
+def _counted(metrics: Metrics, name: str, target: str) -> float:
+    return metrics.registry.get_sample_value(f"bastion_logship_{name}_total", {"target": target}) or 0
 
 
 # Loki's defaults behind nginx's; a proxy that takes 100 kB; a tenant whose burst is 300 kB
@@ -115,6 +143,7 @@ def test_a_backlog_bigger_than_loki_takes_at_once_arrives_whole_in_order(tmp_pat
         server.shutdown()
     assert [e["id"] for e in got.events] == list(range(1, 151))
     assert _dropped(metrics, "loki") == 0
+    assert _counted(metrics, "cut", "loki") == 2  # the two too long for a line, once each
     taken = [size for status, size in got.answers if status == 204]
     statuses = {status for status, _ in got.answers}
     assert (413 in statuses) == (max_body < loki.PUSH_MAX) and (429 in statuses) == (burst < loki.PUSH_MAX)
@@ -232,3 +261,97 @@ def test_a_rotated_client_certificate_is_used_at_the_next_push_without_a_failure
         server.shutdown()
     assert got.peers == ["bastion-2025", "bastion-2026"]
     assert [e["action"] for e in events] == []  # no `down`: nothing failed on the way
+
+
+@pytest.mark.parametrize("count", ["loki3", "loki2", "none"])
+def test_a_400_that_refuses_some_entries_counts_only_those_as_rejected(tmp_path: Path, monkeypatch, count):
+    """Loki answers 400 to a push when it refuses some of its entries (too far behind, out of
+    order), stores the others, and says how many it ignored at the end of its answer (after a
+    line per refused entry: more than 500 bytes for three). Before, the whole batch counted as
+    refused: 10 dropped as `rejected` and none sent, when Loki had stored 7. Now the count in
+    the answer is what is rejected, the rest sent; without a count (nothing says which were
+    taken) the whole batch is, as before. Either way the batch is pushed once, not again."""
+    monkeypatch.setattr(Target, "backoff_max_s", 0.3)
+    server, url, got = _loki(oldest=EVENT["ts"], count=count)
+    metrics, events = Metrics(), []
+    shipper = Shipper(tmp_path / "q", metrics, lambda kind, **f: events.append(f["payload"]))
+    old = {3, 4, 7}  # behind what Loki takes for their stream
+    queue = DiskQueue(tmp_path / "q" / "loki.db", 1000)
+    queue.put_many(json.dumps(dict(EVENT, id=i, ts=EVENT["ts"] - 7200 * (i in old))) for i in range(1, 11))
+    queue.close()
+    try:
+        shipper.configure(LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url}]}),
+                          site="s", site_root=tmp_path)  # fmt: skip
+        _wait(lambda: _dropped(metrics, "loki") > 0)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert [e["id"] for e in got.events] == [1, 2, 5, 6, 8, 9, 10]
+    assert got.answers[0][0] == 400 and len(got.answers) == 1  # pushed once
+    rejected = 10 if count == "none" else 3
+    assert (_dropped(metrics, "loki"), _counted(metrics, "sent", "loki")) == (rejected, 10 - rejected)
+    (dropped,) = [e for e in events if e["action"] == "dropped"]
+    assert (dropped["count"], dropped["reason"], dropped["queued"]) == (rejected, "rejected", 0)
+
+
+def test_what_loki_says_it_ignored_is_read_from_its_answer():
+    three = ("entry with timestamp 2025-12-04 16:05:26.25 +0000 UTC ignored, reason: 'entry out of order',\n" * 3
+             + "user 'home', total ignored: 3 out of 10 for stream: {job=\"edge-bastion\", kind=\"boot\"}")  # fmt: skip
+    assert loki.ignored(three) == 3
+    assert loki.ignored("total ignored: 2 out of 5") == 2  # Loki 2
+    assert loki.ignored("user 'a', total ignored: 2 out of 5 for stream: {k=\"x\"}\n"
+                        "user 'a', total ignored: 1 out of 1 for stream: {k=\"y\"}") == 3  # fmt: skip
+    assert loki.ignored("error at least one label pair is required per stream") is None
+
+
+def test_one_event_past_the_tenants_burst_is_cut_and_the_queue_moves_on(tmp_path: Path, monkeypatch):
+    """A tenant whose burst (here 100 kB) is below one event's line (200 kB) answers 429 to a
+    push of that event alone at every try. Before, it was retried forever and every event
+    queued behind it waited for good. Now, after `loki_lone_busy_tries` 429s to it alone, it is
+    sent cut to `loki_busy_floor` bytes (its id and the start of its payload kept, counted as
+    cut) and the events after it follow."""
+    monkeypatch.setattr(Target, "backoff_max_s", 0.05)
+    monkeypatch.setattr(Target, "loki_lone_busy_tries", 3, raising=False)  # not there before
+    server, url, got = _loki(burst=100_000)
+    metrics = Metrics()
+    shipper = Shipper(tmp_path / "q", metrics)
+    queue = DiskQueue(tmp_path / "q" / "loki.db", 1000)
+    queue.put_many(json.dumps(e) for e in [dict(EVENT, id=1, payload={"message": "z" * 200_000}), dict(EVENT, id=2)])
+    queue.close()
+    try:
+        shipper.configure(LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url}]}),
+                          site="s", site_root=tmp_path)  # fmt: skip
+        _wait(lambda: len(got.events) == 2 or len(got.answers) >= 30)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert [e["id"] for e in got.events] == [1, 2]
+    # the push of both halves the bound (the big event cut to 100 kB, still past the burst),
+    # then 3 tries of it alone, then it cut to the floor, then the next event
+    assert [status for status, _ in got.answers] == [429, 429, 429, 429, 204, 204]
+    assert got.answers[0][1] > 200_000 and 64_000 < got.answers[1][1] <= 100_300 and got.answers[4][1] <= 64_000
+    cut = got.events[0]
+    assert cut["payload"]["truncated"] == 200_000 + len('{"message":""}') and cut["payload"]["head"].startswith("{")
+    assert got.events[1] == dict(EVENT, id=2)
+    assert (_counted(metrics, "cut", "loki"), _dropped(metrics, "loki")) == (1, 0)
+
+
+def test_a_small_event_rate_limited_for_a_while_is_retried_whole(tmp_path: Path, monkeypatch):
+    """A 429 to a small push is a rate limit, not a bound: it is retried, with backoff, as many
+    times as it takes, and arrives whole (not cut, not dropped)."""
+    monkeypatch.setattr(Target, "backoff_max_s", 0.05)
+    monkeypatch.setattr(Target, "loki_lone_busy_tries", 3, raising=False)  # not there before
+    server, url, got = _loki(rate_limited=8)
+    metrics = Metrics()
+    shipper = Shipper(tmp_path / "q", metrics)
+    shipper.configure(LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url}]}),
+                      site="s", site_root=tmp_path)  # fmt: skip
+    try:
+        shipper.offer(dict(EVENT, id=1, payload={"message": "m" * 20_000}))
+        _wait(lambda: len(got.events) == 1)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert [status for status, _ in got.answers] == [429] * 8 + [204]
+    assert got.events == [dict(EVENT, id=1, payload={"message": "m" * 20_000})]
+    assert (_counted(metrics, "cut", "loki"), _dropped(metrics, "loki"), _counted(metrics, "sent", "loki")) == (0, 0, 1)
