@@ -252,7 +252,7 @@ def download_resumable(
     not fit. A part whose response gave no strong validator is begun again: a Range without
     If-Range would take the tail of whatever the mirror holds now. A tail (206) that names
     another validator or another size than the part was begun with (a server that ignores
-    If-Range) is refused and the part discarded.
+    If-Range) is refused, the part discarded and the file fetched whole in the same run.
 
     A resume continues from the length the sidecar records as durable, never from the part's
     size: what was appended after the last fsync may be zeros or garbage after a power cut, and
@@ -260,10 +260,17 @@ def download_resumable(
     part's and no validator of another version comes with it; otherwise the part is begun again.
     """
     check_url(url)
+    if _download(client, url, part, name, reporter):
+        return
+    # The mirror showed the part to be of another version of the file (a 206 or 416 naming
+    # another validator or length), and the part is gone: the file is fetched whole in this
+    # run, once. That request carries no Range, so it cannot be answered that way again; if
+    # it somehow were, the file is changing under the fetch, and another round would not help.
     if not _download(client, url, part, name, reporter):
-        # The mirror refused to continue a part it did not show to be whole; the part is gone,
-        # so this request carries no Range and cannot be answered 416 again.
-        _download(client, url, part, name, reporter)
+        raise TransferInterrupted(
+            f"{name}: {url} changed again while it was being fetched afresh after a change; "
+            "nothing of it was kept: run the command again once the mirror's file is settled"
+        )
 
 
 def _read_meta(meta_file: Path) -> dict:
@@ -320,7 +327,8 @@ def _other_version(r: httpx.Response, meta: dict, validator: str) -> str | None:
 
 
 def _download(client: httpx.Client, url: str, part: Path, name: str, reporter: Reporter) -> bool:
-    """download_resumable's one request; False when a 416 made it discard the part."""
+    """download_resumable's one request; False when the answer to a resume (a 416, or a 206 of
+    another version) made it discard the part, so the file is to be fetched whole."""
     meta_file = meta_path(part)
     size = part.stat().st_size if part.exists() else 0
     meta = _read_meta(meta_file) if size else {}
@@ -396,22 +404,24 @@ def _download(client: httpx.Client, url: str, part: Path, name: str, reporter: R
                 now = _other_version(r, meta, validator)
                 if now is not None:
                     unlink(part, meta_file)
-                    raise TransferInterrupted(
+                    reporter.note(
                         f"{name}: asked to resume {validator} and the mirror sent the rest of "
                         f"{now}, another version of the file; the partial file was discarded: "
-                        "run the command again to start it afresh"
+                        "starting over"
                     )
+                    return False
                 total = int(m.group(3)) if m.group(3) != "*" else None
                 begun = meta.get("total")
                 if total is not None and isinstance(begun, int) and total != begun:
                     # Not the file this part was begun with, though the server answered If-Range
                     # with a tail: it ignores If-Range. That tail would not fit.
                     unlink(part, meta_file)
-                    raise TransferInterrupted(
+                    reporter.note(
                         f"{name}: the mirror's file is now {total} bytes, not the {begun} this "
-                        "partial file was begun with; the partial file was discarded: run the "
-                        "command again to start it afresh"
+                        "partial file was begun with; the partial file was discarded: starting "
+                        "over"
                     )
+                    return False
                 fresh = False
             elif r.status_code == 200:
                 if have:

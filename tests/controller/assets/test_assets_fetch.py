@@ -520,6 +520,36 @@ def test_a_file_that_changed_on_the_mirror_is_fetched_whole_again(site, mirror, 
     assert (site / "assets/flatcar/stable/amd64/current" / KERNEL).read_bytes() == new_kernel
 
 
+def test_a_tail_of_another_version_from_a_mirror_ignoring_if_range_restarts_in_the_same_run(
+    site, mirror, test_key
+):
+    # A mirror (or a cache before it) that serves a Range whatever If-Range says sent the rest
+    # of the changed kernel under its new ETag: the part was discarded and the fetch stopped,
+    # asking the user to run it again, though the whole file could be fetched there and then.
+    rel = publish(mirror, test_key)
+    image = rel.base + "flatcar_production_image.vmlinuz"
+    mirror.cut_once.add(image)
+    assert run_fetch(site, mirror, test_key).exit_code == 1
+    new_kernel = os.urandom(len(rel.kernel))  # same length: only the ETag shows the change
+    mirror.files[image] = new_kernel
+    mirror.files[rel.base + "flatcar_production_image.vmlinuz.sig"] = test_key.sign(new_kernel)
+    serve = mirror.serve
+
+    def ignoring_if_range(h, head):
+        del h.headers["If-Range"]
+        serve(h, head)
+
+    mirror.serve = ignoring_if_range
+    result = run_fetch(site, mirror, test_key)
+    assert result.exit_code == 0, result.output
+    assert "another version of the file; the partial file was discarded: starting over" in (
+        result.output
+    )
+    resumed, whole = mirror.gets("flatcar_production_image.vmlinuz")[-2:]
+    assert resumed["range"].startswith("bytes=") and "range" not in whole
+    assert (site / "assets/flatcar/stable/amd64/current" / KERNEL).read_bytes() == new_kernel
+
+
 def test_a_part_begun_without_a_validator_is_fetched_whole_again_not_resumed(site, mirror, test_key):
     # It was resumed with a bare Range: the tail of the changed file was appended to the old
     # head, and the spliced kernel refused as "corrupted or tampered with".
