@@ -11,19 +11,8 @@ import pytest
 from bastion.cluster import plan
 from bastion.site.load import SiteError, load_site
 from bastion_testkit import TOKEN, auth
-from mirrorkit import home_lab_copy
 
 SITE = "home-lab"
-
-
-@pytest.fixture
-def lab(tmp_path, monkeypatch) -> Path:
-    """A home-lab copy, its secret store under tmp_path/state."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("BASTION_SECRETS_DIR", raising=False)
-    site = tmp_path / SITE
-    home_lab_copy(site)
-    return site
 
 
 def edit(site_dir: Path, name: str, change) -> None:

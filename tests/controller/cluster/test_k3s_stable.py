@@ -23,7 +23,6 @@ import pytest
 from bastion.site.load import SiteError, load_site
 from bastion.state.secrets import SecretStore, default_secrets_dir, machine_secrets, token_name
 from bastion_testkit import TOKEN, auth
-from mirrorkit import home_lab_copy
 
 SITE = "home-lab"
 CLUSTER = "home"
@@ -60,16 +59,6 @@ TUNNELS = {"pi1": "10.200.0.2", "pi2": "10.200.0.3", "pi3": "10.200.0.4", "nuc1"
 
 def address(machine: str) -> str:
     return f"wireguard/{machine}.address"
-
-
-@pytest.fixture
-def lab(tmp_path, monkeypatch) -> Path:
-    """A home-lab copy whose secret store is the default one, under tmp_path/state."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("BASTION_SECRETS_DIR", raising=False)
-    site = tmp_path / SITE
-    home_lab_copy(site)
-    return site
 
 
 def store() -> SecretStore:
