@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion import match
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, StoreDep
 from bastion.api.jsonbody import StrictJsonRoute
+from bastion.state.events import Event, EventStore
 
 router = APIRouter(prefix="/events", tags=["events"], route_class=StrictJsonRoute)
 
@@ -39,22 +42,101 @@ class EventIn(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
-@router.get("", summary="Events, newest first (or oldest first after an id)")
+#: An answer holds about this many bytes of JSON at most, whatever its `limit`. Anyone on the LAN
+#: can fill the history with events of 8 KiB (POST /callback needs no token), and 10,000 of
+#: them were 57 MiB of JSON made at once for each GET, and 274 MiB more peak memory with the
+#: objects behind it. An answer cut short says where the rest is (a `Link` header, rel="next").
+ANSWER_BYTES = 4 * 2**20
+
+# Events read from the history at a time: at most about 2 MB of them (8 KiB of payload each)
+# are in memory at once besides the answer, and the store's lock is held for one read of them.
+_ROWS = 200
+
+
+def _oldest_first(store: EventStore, after: int, before: int | None,
+                  filters: dict) -> Iterator[Event]:  # fmt: skip
+    """The events after id `after` (and before `before`) matching `filters`, oldest first,
+    read _ROWS at a time."""
+    while True:
+        batch = store.query(after=after, limit=_ROWS, **filters)
+        for e in batch:
+            if before is not None and e.id >= before:
+                return
+            yield e
+        if len(batch) < _ROWS:
+            return
+        after = batch[-1].id
+
+
+def _newest_first(store: EventStore, before: int | None, filters: dict) -> Iterator[Event]:
+    """The events before id `before` (or all) matching `filters`, newest first, read _ROWS at
+    a time. The store reads newest first only from the newest event on, so this reads
+    stretches of ids from the top down, each oldest first (`after=`): a stretch of `span` ids
+    is read whole when the read holds fewer than _ROWS events or passes the stretch's end (a
+    stretch of _ROWS ids always is). A stretch with few matches makes the next one four
+    times as long, so a rare kind takes a few reads, not one per _ROWS ids of the history;
+    one with too many is read again, narrower."""
+    hi = store.newest_id() if before is None else min(before - 1, store.newest_id())
+    span = _ROWS
+    while hi > 0:
+        lo = max(0, hi - span)
+        batch = store.query(after=lo, limit=_ROWS, **filters)
+        if len(batch) == _ROWS and batch[-1].id <= hi and span > _ROWS:
+            # the stretch holds more than one read, and only its oldest came: a narrower one
+            span = max(_ROWS, span // 8)
+            continue
+        inside = [e for e in batch if e.id <= hi]
+        yield from reversed(inside)
+        hi = lo
+        if len(inside) < _ROWS // 4:
+            span *= 4
+
+
+def _json(e: Event) -> bytes:
+    """The event as FastAPI's JSONResponse writes an EventOut."""
+    out = EventOut(**e.as_dict()).model_dump(mode="json")
+    return json.dumps(out, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+@router.get("", summary="Events, newest first (or oldest first after an id)",
+            response_model=list[EventOut])  # fmt: skip
 def list_events(
+    request: Request,
     store: StoreDep,
-    limit: int = Query(100, ge=0, le=10000, description="at most this many"),
+    limit: int = Query(100, ge=0, le=10000, description="at most this many (and about 4 MiB)"),
     after: int | None = Query(None, ge=0, le=2**63 - 1, description="only events after this id, oldest first"),
+    before: int | None = Query(None, ge=0, le=2**63 - 1, description="only events before this id"),
     kind: str | None = None,
     mac: str | None = None,
     machine: str | None = None,
-) -> list[EventOut]:
+) -> Response:
     if mac is not None:
         try:
             mac = match.parse_mac(mac)
         except match.Malformed:
             raise HTTPException(422, f"{mac!r} is not a MAC address") from None
-    events = store.query(limit=limit, after=after, kind=kind, mac=mac, machine=machine)
-    return [EventOut(**e.as_dict()) for e in events]
+    filters = {"kind": kind, "mac": mac, "machine": machine}
+    events = (_oldest_first(store, after, before, filters) if after is not None
+              else _newest_first(store, before, filters))  # fmt: skip
+    parts: list[bytes] = []
+    size, last, more = 2, None, False
+    for e in events if limit else ():
+        part = _json(e)
+        if parts and size + len(part) + 1 > ANSWER_BYTES:
+            more = True  # this one is the next page's first
+            break
+        parts.append(part)
+        size, last = size + len(part) + 1, e.id
+        if len(parts) == limit:
+            more = True  # perhaps: the next page says
+            break
+    headers = {}
+    if more and last is not None:
+        # the same question from where this answer stopped
+        cursor = {"after": last} if after is not None else {"before": last}
+        url = request.url.include_query_params(**cursor)
+        headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    return Response(b"[" + b",".join(parts) + b"]", media_type="application/json", headers=headers)
 
 
 @router.post("", status_code=201, summary="Record an event (device link; needs the token)")

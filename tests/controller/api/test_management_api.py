@@ -39,6 +39,7 @@ ADMIN_ROUTES = [
     ("POST", "/api/v1/apply", {}),
     ("GET", "/api/v1/auth", None),
     ("GET", "/api/v1/machines/node1/console", None),  # a console shows secrets
+    ("GET", "/api/v1/plan", None),  # loads and renders the whole site: the read before apply
 ]
 ROUTE_IDS = [f"{m} {p}" for m, p, _ in ADMIN_ROUTES]
 
@@ -296,12 +297,12 @@ def test_apply_with_no_body_does_whatever_the_plan_is_as_with_an_empty_object(
     c = client_for(site_dir)
     m = site_dir / "machines.yaml"
     m.write_text(m.read_text().replace("  - name: node2\n", "  - name: node2\n    maintenance: true\n"))
-    plan = c.get("/api/v1/plan").json()
+    plan = c.get("/api/v1/plan", headers=auth()).json()
     assert plan["changes"] == [{"machine": "node2", "field": "maintenance", "from": False, "to": True}]
     r = c.post("/api/v1/apply", headers={**auth(), **headers})
     assert r.status_code == 200, r.text
     assert (r.json()["id"], r.json()["changes"]) == (plan["id"], plan["changes"])
-    assert c.get("/api/v1/plan").json()["changes"] == []  # applied: nothing left to do
+    assert c.get("/api/v1/plan", headers=auth()).json()["changes"] == []  # applied: nothing left to do
 
 
 # -- OpenAPI --------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_openapi_lists_the_routes(site_dir, client_for):
         ("/api/v1/machines/{name}/reprovision", "POST"), ("/api/v1/machines/{name}", "PATCH"),
         ("/api/v1/machines/{name}/hold", "POST"), ("/api/v1/machines/{name}/release", "POST"),
         ("/api/v1/apply", "POST"), ("/api/v1/auth", "GET"),
-        ("/api/v1/machines/{name}/console", "GET"),
+        ("/api/v1/machines/{name}/console", "GET"), ("/api/v1/plan", "GET"),
     }  # fmt: skip
     assert len(secured) == len(ADMIN_ROUTES)
 

@@ -154,7 +154,7 @@ def test_off_in_the_file_powers_off_and_a_person_is_held_until_released(controll
 def test_plan_lists_exactly_what_apply_does(controller):
     c = controller("defaults:\n  power: on\noperator:\n  interval_s: 1\n  sync: manual\n")
     wait_for(lambda: all(relay(c, ch) == "on" for ch in (0, 1, 2)), what="relays on")
-    assert c.get("/api/v1/plan").json()["actions"] == []
+    assert c.get("/api/v1/plan", headers=auth()).json()["actions"] == []
     # an edit by hand: with sync: manual the reload serves it, but nothing is switched
     m = c.site / "machines.yaml"
     m.write_text(m.read_text().replace("  - name: node2\n", "  - name: node2\n    power: off\n")
@@ -163,7 +163,7 @@ def test_plan_lists_exactly_what_apply_does(controller):
     passes = c.get("/api/v1/operator").json()["passes"]
     wait_for(lambda: c.get("/api/v1/operator").json()["passes"] >= passes + 2, what="passes")
     assert relay(c, 1) == "on"
-    plan = c.get("/api/v1/plan").json()
+    plan = c.get("/api/v1/plan", headers=auth()).json()
     assert plan["changes"] == [
         {"machine": "node2", "field": "power", "from": "on", "to": "off"},
         {"machine": "pi1", "field": "power", "from": "on", "to": "off"},
@@ -243,7 +243,7 @@ def test_a_machine_added_under_manual_sync_is_not_reprovisioned_by_the_next_appl
     assert c.post("/api/v1/reload", headers=auth()).status_code == 200
     passes = c.get("/api/v1/operator").json()["passes"]
     wait_for(lambda: c.get("/api/v1/operator").json()["passes"] >= passes + 2, what="passes")
-    plan = c.get("/api/v1/plan").json()
+    plan = c.get("/api/v1/plan", headers=auth()).json()
     assert plan["actions"] == [], plan
     r = c.post("/api/v1/apply", json={"plan": plan["id"]}, headers=auth())
     assert r.status_code == 200 and r.json()["done"] == [], r.text
@@ -251,7 +251,7 @@ def test_a_machine_added_under_manual_sync_is_not_reprovisioned_by_the_next_appl
     # its word is followed from here on: a change of it reprovisions
     m.write_text(m.read_text().replace("    reprovision: v1\n", "    reprovision: v2\n"))
     assert c.post("/api/v1/reload", headers=auth()).status_code == 200
-    planned = [(a["machine"], a["action"]) for a in c.get("/api/v1/plan").json()["actions"]]
+    planned = [(a["machine"], a["action"]) for a in c.get("/api/v1/plan", headers=auth()).json()["actions"]]
     assert planned == [("node3", "reprovision"), ("node3", "power-cycle")]
 
 
