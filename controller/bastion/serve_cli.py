@@ -17,7 +17,14 @@ from pathlib import Path
 import click
 
 from bastion.client import printable
-from bastion.settings import DB_SHOWN, Settings, SettingsError, default_db_path, serve_options
+from bastion.settings import (
+    DB_SHOWN,
+    Settings,
+    SettingsError,
+    default_db_path,
+    proxy_problems,
+    serve_options,
+)
 
 
 @click.command("serve")
@@ -33,7 +40,7 @@ def serve(log_level, access_log, **given) -> None:
     import uvicorn
 
     from bastion.api import boot as boot_api
-    from bastion.api import httpserver
+    from bastion.api import consoles, httpserver
     from bastion.api.main import create_app
     from bastion.settings import token_file_exposure
     from bastion.site.load import SiteError
@@ -71,6 +78,11 @@ def serve(log_level, access_log, **given) -> None:
         click.echo("\n".join(e.report(site_dir)), err=True)
         sys.exit(2)
     site = app.state.runtime.holder.site
+    proxy_errors, proxy_warnings = proxy_problems(settings.trusted_proxies, site.machines)
+    if proxy_errors:
+        for sock in sockets:
+            sock.close()
+        raise click.ClickException("; ".join(proxy_errors))
     tftp_at = "{}:{}".format(*settings.tftp_listen) if settings.tftp_listen else "off"
     if settings.management_listen is None:
         http_at = f"HTTP {host}:{port} (boot and management)"
@@ -88,7 +100,7 @@ def serve(log_level, access_log, **given) -> None:
         f"HTTP connections at most {max_connections} (descriptor limit {nofile})",
         err=True,
     )
-    for warning in site.warnings:
+    for warning in [*site.warnings, *proxy_warnings]:
         click.echo(f"warning: {warning}", err=True)
     exposed = token_file_exposure(settings.api_token_file) if settings.api_token_file else None
     if exposed:
@@ -122,7 +134,10 @@ def serve(log_level, access_log, **given) -> None:
                # believed any local process's (127.0.0.1), which could then pass a one-time
                # Ignition URL's address check as any machine
                "proxy_headers": settings.trusted_proxies is not None,
-               "forwarded_allow_ips": settings.trusted_proxies or ""}  # fmt: skip
+               "forwarded_allow_ips": settings.trusted_proxies or "",
+               # the console's WebSocket: a token message and keystrokes, not uvicorn's 16 MiB
+               # frames (bastion.api.consoles)
+               "ws_max_size": consoles.MAX_MESSAGE_BYTES, "ws_max_queue": consoles.MAX_QUEUED_MESSAGES}  # fmt: skip
     # What start-up made (the application, the site, the modules: most of the heap) lives as
     # long as the process: out of the collector's way, so that its full collections scan only
     # what came since. Each took 35-50 ms with all of it (docs/benchmarks-http.md), stalling

@@ -331,7 +331,7 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise SettingsError(f"--trusted-proxies {item!r}: not an IP address or network "
-                                    "(a proxy's own address, e.g. 127.0.0.1 or 10.77.0.0/24)") from None  # fmt: skip
+                                    "(a proxy's own address, e.g. 127.0.0.1 or 10.77.0.2)") from None  # fmt: skip
         return ",".join(items)
 
     @field_validator("allowed_hosts", mode="before")
@@ -491,3 +491,51 @@ def serve_options(f: Any) -> Any:
         f = click.option(option, *extra.get("also", ()), name, type=ptype, default=None,
                          metavar=extra.get("metavar"), help=help_text)(f)  # fmt: skip
     return f
+
+
+# -- trusted proxies and the machines' declared addresses ----------------------------------------
+# A host a trusted entry covers may name any client in X-Forwarded-For, and a machine's one-time
+# Ignition URL, its config and its reports are bound to its declared `address:`: a network in
+# --trusted-proxies that holds a node (the PXE LAN, say) lets every host on it pass as that node.
+
+
+def trusted_networks(trusted: str | None) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """--trusted-proxies as networks (a single address is a /32 or /128)."""
+    return [ipaddress.ip_network(x, strict=False) for x in (trusted or "").split(",") if x.strip()]
+
+
+def _inside(address: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in net
+    except ValueError:
+        return False
+
+
+def proxy_problems(trusted: str | None, machines: Any) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of --trusted-proxies against the site's machines: an entry that holds
+    a machine's declared `address:` is an error (any host it covers could take that machine's
+    one-time Ignition URL); an entry wider than one address is a warning."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    for net in trusted_networks(trusted):
+        for m in machines:
+            if m.address and _inside(m.address, net):
+                errors.append(f"--trusted-proxies {net} holds machine {m.name}'s address "
+                              f"{m.address} (machines.yaml): any host there could send "
+                              f"X-Forwarded-For: {m.address} and take {m.name}'s one-time Ignition "
+                              "URL and config; name the proxy's own address instead")  # fmt: skip
+        if net.num_addresses > 1:
+            warnings.append(f"--trusted-proxies {net} is a network of {net.num_addresses} "
+                            "addresses: every host in it may name any client in X-Forwarded-For; "
+                            "name the proxy's own address")  # fmt: skip
+    return errors, warnings
+
+
+def covering_network(trusted: str | None, address: str | None) -> str | None:
+    """The --trusted-proxies network wider than one address that holds `address`, or None."""
+    if not address:
+        return None
+    for net in trusted_networks(trusted):
+        if net.num_addresses > 1 and _inside(address, net):
+            return str(net)
+    return None

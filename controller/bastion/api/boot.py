@@ -19,7 +19,7 @@ from bastion.api.deps import (
     SiteDep,
     base_url,
     boot_context,
-    client_address,
+    node_client,
 )
 from bastion.api.hostcheck import BROWSER_HEADERS
 from bastion.api.jsonbody import StrictJsonRoute
@@ -211,13 +211,28 @@ def not_from_a_web_page(request: Request) -> None:
                                  "Origin or a cross-site Sec-Fetch-Site is refused")  # fmt: skip
 
 
+def from_its_address(runtime: Runtime, machine, client: str | None, endpoint: str) -> None:
+    """A report (/callback, /heartbeat) about a machine that declares `address:` is taken only
+    from that address: any LAN host may send one with its MAC, and would otherwise mark it
+    installed, or keep the device's node watchdog from power-cycling it when it hangs. Counted
+    and logged (once per address) as the address book's mismatches are."""
+    if machine is None or not machine.address or client == machine.address:
+        return
+    runtime.addresses._mismatch(machine.name, machine.address, client or "an unknown address",
+                                f"POST {endpoint}")  # fmt: skip
+    raise HTTPException(403, f"{endpoint} for {machine.name} is taken only from its address "
+                             f"{machine.address} (machines.yaml); this request came from "
+                             f"{client or 'an unknown address'}")  # fmt: skip
+
+
 @router.post(
     "/callback",
     dependencies=[Depends(not_from_a_web_page)],
     summary="A node reports a boot stage",
     description="Body: JSON object or form fields (or query parameters) with `mac` and any of "
     "`digest`, `stage`, `status`, `message`, at most 64 KiB (413 beyond, before it is read). "
-    "Lands in the event history as kind `callback`.",
+    "Lands in the event history as kind `callback`. For a machine that declares `address:` "
+    "in machines.yaml only a request from that address is taken (403 from any other).",
 )
 async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSONResponse:
     body = await request.body()  # at most 64 KiB: bastion.api.limits
@@ -245,7 +260,8 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
             raise HTTPException(400, f"{raw_mac!r} is not a MAC address") from None
     uuid = _uuid(fields)
     machine = boot.reporting_machine(site, mac, uuid)
-    client = client_address(request.scope)
+    client = node_client(runtime, request.scope)
+    from_its_address(runtime, machine, client, "/callback")
     event_id = runtime.record(
         "callback",
         source="node",
@@ -282,7 +298,9 @@ async def callback(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSON
     "site does not watch that machine. Recorded as a `heartbeat` event only when it says "
     "something new (a machine's first beat of a boot, a changed k3s state): nodes beat every "
     "few seconds. During a power cut (site.yaml `ups:`) the answer of a node asked to shut "
-    "down carries `shutdown` (the reason); the k3s Butane's heartbeat then powers the node off.",
+    "down carries `shutdown` (the reason); the k3s Butane's heartbeat then powers the node off. "
+    "For a machine that declares `address:` in machines.yaml only a beat from that address is "
+    "taken (403 from any other: neither recorded nor forwarded).",
 )
 async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSONResponse:
     fields = dict(parse_qsl(request.url.query))
@@ -300,14 +318,15 @@ async def heartbeat(runtime: RuntimeDep, site: SiteDep, request: Request) -> JSO
         checked = heartbeats.fields(fields)
     except heartbeats.BadBeat as e:
         raise HTTPException(400, str(e)) from None
-    runtime.metrics.heartbeats.inc()
     uuid = _uuid(fields)
     known = boot.reporting_machine(site, mac, uuid)
+    client = node_client(runtime, request.scope)
+    from_its_address(runtime, known, client, "/heartbeat")  # neither recorded nor forwarded
+    runtime.metrics.heartbeats.inc()
     recorded = False
     if known is not None:
         _, news = runtime.heartbeats.beat(known.name, checked)
         if news is not None:
-            client = client_address(request.scope)
             runtime.record("heartbeat", source="node", mac=mac, machine=known.name,
                            endpoint="/heartbeat", payload={"news": news, "client": client,
                            **{k: v for k, v in checked.items() if v is not None}})  # fmt: skip

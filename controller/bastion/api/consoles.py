@@ -8,6 +8,8 @@ frame `{"token": "..."}`, within AUTH_TIMEOUT_S. Then the server sends the recen
 the live bytes as binary frames; every frame the client sends (binary or text) is typed into
 the node's console. A wrong or missing token closes the socket with code 1008 and the reason;
 no device (or none wired to that machine) closes it with 1011 and why, once the backlog is out.
+A message over MAX_MESSAGE_BYTES closes the socket with 1009 (`bastion serve` sets uvicorn's
+ws_max_size and ws_max_queue from these).
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ router = APIRouter(tags=["consoles"], route_class=StrictJsonRoute)
 AUTH_TIMEOUT_S = 10.0
 POLICY = 1008  # RFC 6455 7.4.1: policy violation (the token)
 UNAVAILABLE = 1011  # the server cannot: no device, no console wired
+#: The largest WebSocket message taken (uvicorn's ws_max_size; its default is 16 MiB). A client
+#: sends a token message and keystrokes, a paste at most (the browser sends one as one message,
+#: `bastion console` reads 1 KiB at a time); the device types 96 bytes per request. Without it,
+#: a client with no token had the server hold 16 MiB of one unfinished first frame per socket
+#: until AUTH_TIMEOUT_S; over it the socket is closed with 1009 as soon as the frame's header
+#: says so.
+MAX_MESSAGE_BYTES = 64 * 1024
+#: Messages read ahead of the handler per socket (uvicorn's ws_max_queue; its default is 32):
+#: past it the socket is not read (TCP holds the client back), so one socket holds at most
+#: this many times MAX_MESSAGE_BYTES.
+MAX_QUEUED_MESSAGES = 4
 
 
 def _machine(site, name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import threading
 import time
@@ -22,7 +23,7 @@ from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
 from bastion.model import BootRequest, Site
 from bastion.operator.runner import Operator
-from bastion.settings import Settings
+from bastion.settings import Settings, covering_network
 from bastion.site.holder import SiteHolder
 from bastion.state.addresses import AddressBook, plain_address
 from bastion.state.events import ATTRIBUTABLE_IDS, EventStore
@@ -30,6 +31,8 @@ from bastion.state.heartbeats import Heartbeats
 from bastion.state.secrets import SecretStore
 from bastion.tftpd import TftpService
 from bastion.ups.runner import UpsWatch
+
+log = logging.getLogger(__name__)
 
 # How far back a newly learned address names the steps recorded by address alone (and at most
 # ATTRIBUTABLE_IDS events back).
@@ -308,13 +311,38 @@ def client_address(scope: dict[str, Any]) -> str | None:
     return plain_address(client[0]) if client else None
 
 
+_NOT_BELIEVED: set[str] = set()  # forwarded addresses logged by node_client (a few at most)
+
+
+def node_client(runtime: Runtime, scope: dict[str, Any]) -> str | None:
+    """client_address, but None for an address a trusted proxy network's X-Forwarded-For named
+    that lies in that network itself (bastion.settings.covering_network): any host of such a
+    network may name any other, a node on it too, and a node's address is what its one-time
+    Ignition URL and its reports are bound to. `bastion serve` refuses to start with a machine's
+    `address:` in such a network; this covers one added by a reload after it. Logged once per
+    address."""
+    client = client_address(scope)
+    trusted = runtime.settings.trusted_proxies
+    if trusted is None or not any(name == b"x-forwarded-for" for name, _ in scope.get("headers", ())):
+        return client
+    net = covering_network(trusted, client)
+    if net is None:
+        return client
+    if client not in _NOT_BELIEVED and len(_NOT_BELIEVED) < 1024:
+        _NOT_BELIEVED.add(client)
+        log.error("X-Forwarded-For named %s, inside --trusted-proxies %s: any host there could "
+                  "write it, so the request is taken as from an unknown address (name the "
+                  "proxy's own address in --trusted-proxies)", client, net)  # fmt: skip
+    return None
+
+
 async def get_boot_request(runtime: RuntimeDep, site: SiteDep, request: Request) -> BootRequest:
     raw_query = request.scope.get("query_string", b"").decode("latin-1")
     return BootRequest(
         labels=match.labels_from_pairs(request.query_params.multi_items()),
         raw_query=raw_query,
         base_url=base_url(runtime, site, request),
-        client=client_address(request.scope),
+        client=node_client(runtime, request.scope),
     )
 
 
@@ -329,7 +357,7 @@ def boot_context(runtime: Runtime, scope: dict[str, Any]) -> tuple[Site, BootReq
     query = scope.get("query_string", b"").decode("latin-1")
     labels = match.labels_from_pairs(match.query_pairs(query))
     return site, BootRequest(labels=labels, raw_query=query, base_url=scope_base_url(site, scope),
-                             client=client_address(scope))  # fmt: skip
+                             client=node_client(runtime, scope))  # fmt: skip
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
