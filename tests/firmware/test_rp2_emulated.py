@@ -153,18 +153,23 @@ def serving(board: Rp2Board) -> dict:
     TFTP: the watchdog's enabling is its first act, its console's answer comes after its tasks
     have started."""
     board.wait(lambda e: e.get("ev") == "watchdog-enabled", timeout=120, what="the firmware starting")
-    # The emulated chip runs at a fraction of a board's speed, slower still on a busy machine:
-    # its hello or a status request can time out (`last_error`), and is asked again rather
-    # than read as a firmware that does not serve.
+    status = status_of(board)
+    assert {"dhcp", "tftp"} <= set(status["status"]["tasks"]), status
+    return status
+
+
+def status_of(board: Rp2Board) -> dict:
+    """`bastion status --json` of the board. The emulated chip runs at a fraction of a board's
+    speed, slower still right after it served a transfer: its hello or a status request can
+    time out (`last_error`), and is asked again rather than read as a firmware that does not
+    answer."""
     for _ in range(3):
         r = bastion("status", "--port", str(board.link), "--json")
         status = json.loads(r.stdout) if r.returncode == 0 else {}
         if "status" in status:
-            break
+            return status
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "status" in status, status.get("last_error")
-    assert {"dhcp", "tftp"} <= set(status["status"]["tasks"]), status
-    return status
+    raise AssertionError(f"no status in three tries: {status.get('last_error')}")
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +322,7 @@ def test_a_tftp_client_on_a_wire_fetches_the_boot_file_from_the_board(flashed, t
                            capture_output=True, text=True, timeout=600)  # fmt: skip
                 took = time.monotonic() - started
                 assert r.returncode == 0 and "Error" not in r.stderr, r.stdout + r.stderr
-                status = json.loads(bastion("status", "--port", str(board.link), "--json").stdout)
+                status = status_of(board)
         finally:
             wire.close()
     assert out.read_bytes() == (flashed.tftp / "undionly.kpxe").read_bytes()
