@@ -194,7 +194,16 @@ def events(site_dir, db_path, url, limit, kind, mac, machine, as_json, follow) -
 
         def fetch(after: int | None, n: int) -> list[dict]:
             params = {k: v for k, v in {**filters, "limit": n, "after": after}.items() if v is not None}
-            return api.call("GET", "/api/v1/events", params=params)
+            got = api.call("GET", "/api/v1/events", params=params)
+            # newest first, an answer holds at most ~4 MiB (large events: fewer than n); the
+            # rest is asked for before the oldest one answered, until none is left
+            while after is None and 0 < len(got) < n:
+                more = api.call("GET", "/api/v1/events",
+                                params={**params, "limit": n - len(got), "before": got[-1]["id"]})  # fmt: skip
+                if not more:
+                    break
+                got += more
+            return got
     else:
         from bastion import match
         from bastion.state.events import NotAHistory, open_readonly

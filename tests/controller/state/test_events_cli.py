@@ -56,3 +56,42 @@ def test_control_characters_from_a_node_are_shown_escaped_not_sent_to_the_termin
     r = CliRunner().invoke(main, ["events", "--db", str(path), "--json"])
     assert "\\u001b]0;pwned\\u0007\\n" in r.output
 
+
+
+def test_events_from_the_api_page_on_past_an_answers_byte_bound(tmp_path, monkeypatch):
+    # GET /api/v1/events stops an answer at ANSWER_BYTES (large callbacks: fewer events than
+    # asked for); `bastion events --url -n N` asked once and showed what came
+    import threading
+    import time
+
+    import uvicorn
+    from bastion.api import events as events_api
+    from bastion.api.main import create_app
+    from bastion.settings import Settings
+    from mirrorkit import home_lab_copy
+
+    site = tmp_path / "home-lab"
+    home_lab_copy(site)
+    db = tmp_path / "events.db"
+    store = EventStore(db)
+    for i in range(60):
+        store.record("callback", source="node", payload={"stage": f"s{i:02d}", "message": "x" * 2000})
+    store.close()
+    monkeypatch.setattr(events_api, "ANSWER_BYTES", 20_000)  # about nine of these events
+    app = create_app(Settings(site_dir=site, db_path=db, poll_seconds=0, secrets_dir=tmp_path / "secrets"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        r = CliRunner().invoke(main, ["events", "--url", f"http://127.0.0.1:{port}", "-n", "50", "--kind", "callback"])
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+    assert r.exit_code == 0, r.output
+    stages = [line.split("stage=")[1][:3] for line in r.output.splitlines()]
+    assert stages == [f"s{i:02d}" for i in range(10, 60)], stages
