@@ -218,7 +218,7 @@ def from_its_address(runtime: Runtime, machine, client: str | None, endpoint: st
     and logged (once per address) as the address book's mismatches are."""
     if machine is None or not machine.address or client == machine.address:
         return
-    runtime.addresses._mismatch(machine.name, machine.address, client or "an unknown address",
+    runtime.addresses.mismatch(machine.name, machine.address, client or "an unknown address",
                                 f"POST {endpoint}")  # fmt: skip
     raise HTTPException(403, f"{endpoint} for {machine.name} is taken only from its address "
                              f"{machine.address} (machines.yaml); this request came from "

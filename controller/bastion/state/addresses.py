@@ -127,7 +127,7 @@ class AddressBook:
         declared = self.declared(machine) if self.declared is not None else None
         if declared is not None and declared != address:
             if not past:
-                self._mismatch(machine, declared, address, how)
+                self.mismatch(machine, declared, address, how)
             return None
         with self._lock:
             old = self._by_address.pop(address, None)
@@ -139,7 +139,10 @@ class AddressBook:
                 self._by_address.popitem(last=False)
         return (b, old if old is not None and old.mac != mac else None) if fresh else None
 
-    def _mismatch(self, machine: str, declared: str, address: str, how: str) -> None:
+    def mismatch(self, machine: str, declared: str, address: str, how: str) -> None:
+        """Count a request that names `machine` from another address than its declared one, and
+        log it once per (machine, address): the boot script's (learn) and the reports'
+        (bastion.api.boot) alike."""
         with self._lock:
             self.mismatches += 1
             if self._logged.get(machine) == address:
