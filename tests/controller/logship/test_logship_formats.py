@@ -109,13 +109,8 @@ def test_syslog_messages_cut_to_max_message_are_counted_per_target(tmp_path: Pat
         while len(got) < len(events):
             chunk = conn.recv(65536)
             assert chunk, ("closed", got)
-            data += chunk
-            while b" " in data:  # RFC 6587 octet counting: LEN SP MSG
-                length, _, rest = data.partition(b" ")
-                if len(rest) < int(length):
-                    break
-                got.append(rest[: int(length)])
-                data = rest[int(length) :]
+            messages, data = octet_frames(data + chunk)
+            got += messages
         conn.close()
     finally:
         shipper.close()
@@ -139,6 +134,19 @@ def test_fit_message_says_whether_it_cut():
 _SD_PARAM = r'[!#-<>-\\^-~]{1,32}="(?:[^"\\\]]|\\["\\\]])*"'
 _RFC5424 = re.compile(r"<(\d{1,3})>1 (\S+) ([!-~]{1,255}) ([!-~]{1,48}) ([!-~]{1,128}) ([!-~]{1,32}) "
                       r"(-|\[bastion@32473(?: " + _SD_PARAM + r")*\]) (.*)\Z", re.DOTALL)  # fmt: skip
+
+
+def octet_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole messages at the start of `data` (RFC 6587 octet counting: LEN SP MSG), and
+    what is left of a message still arriving."""
+    out = []
+    while b" " in data:
+        length, _, rest = data.partition(b" ")
+        if len(rest) < int(length):
+            break
+        out.append(rest[: int(length)])
+        data = rest[int(length) :]
+    return out, data
 
 
 def _check_fits(msg: bytes, limit: int) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from bastion.logship.queue import DiskQueue
 from bastion_testkit import make_app
+from test_logship_formats import octet_frames
 
 
 def _unused_port() -> int:
@@ -338,12 +339,8 @@ def test_an_event_with_a_lone_surrogate_reaches_syslog_and_so_do_the_ones_after_
             assert time.monotonic() < deadline, ("gave up waiting", got)
             chunk = conn.recv(65536)
             assert chunk, ("closed", got)
-            data += chunk
-            while b" " in data:  # RFC 6587 octet counting: LEN SP MSG
-                length, _, rest = data.partition(b" ")
-                if len(rest) < int(length):
-                    break
-                msg, data = rest[: int(length)], rest[int(length) :]
+            messages, data = octet_frames(data + chunk)
+            for msg in messages:
                 event = json.loads(msg.decode("utf-8").split("] ", 1)[1])
                 got[event["id"]] = event
         conn.close()
