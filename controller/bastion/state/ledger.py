@@ -21,17 +21,9 @@ from bastion.state.secrets import (
     init_server_name,
     node_password_name,
     token_name,
+    tunnel_address_owner,
     wireguard_key_name,
 )
-
-_ADDRESS_SUFFIX = ".address"
-
-
-def _address_owner(name: str) -> str | None:
-    """The machine whose tunnel address the secret `name` is, or None."""
-    if name.startswith("wireguard/") and name.endswith(_ADDRESS_SUFFIX) and name.count("/") == 1:
-        return name[len("wireguard/") : -len(_ADDRESS_SUFFIX)]
-    return None
 
 
 class Ledger:
@@ -56,7 +48,7 @@ class Ledger:
         try:
             names = frozenset(store.names())
             init = store.get(init_server_name(cluster)) if init_server_name(cluster) in names else None
-            addresses = {owner: store.get(n) for n in names if (owner := _address_owner(n)) is not None}
+            addresses = {owner: store.get(n) for n in names if (owner := tunnel_address_owner(n)) is not None}
         except (OSError, SecretError, UnicodeDecodeError):
             # a store this user may not read in full (the service's, 0700) is no store to go by
             return cls(cluster)

@@ -235,12 +235,20 @@ def tunnel_address_name(machine: str) -> str:
     return f"wireguard/{machine}.address"
 
 
+def tunnel_address_owner(name: str) -> str | None:
+    """The machine whose tunnel address record (tunnel_address_name) `name` is, or None."""
+    parts = name.split("/")
+    if len(parts) == 2 and parts[0] == "wireguard" and parts[1].endswith(".address"):
+        return parts[1][: -len(".address")]
+    return None
+
+
 def is_record(name: str) -> bool:
     """Whether `name` is a record of what went out (init_server_name, tunnel_address_name): kept
     in the store for its lifetime and backup, but no secret (a machine's name, an address)."""
     parts = name.split("/")
     return (len(parts) == 3 and parts[0] == "k3s" and parts[2] == "init-server") or (
-        len(parts) == 2 and parts[0] == "wireguard" and parts[1].endswith(".address"))
+        tunnel_address_owner(name) is not None)
 
 
 def _record(store: SecretStore, name: str, value: str) -> None:
