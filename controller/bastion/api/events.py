@@ -58,11 +58,8 @@ def _oldest_first(store: EventStore, after: int, before: int | None,
     """The events after id `after` (and before `before`) matching `filters`, oldest first,
     read _ROWS at a time."""
     while True:
-        batch = store.query(after=after, limit=_ROWS, **filters)
-        for e in batch:
-            if before is not None and e.id >= before:
-                return
-            yield e
+        batch = store.query(after=after, before=before, limit=_ROWS, **filters)
+        yield from batch
         if len(batch) < _ROWS:
             return
         after = batch[-1].id
@@ -70,26 +67,13 @@ def _oldest_first(store: EventStore, after: int, before: int | None,
 
 def _newest_first(store: EventStore, before: int | None, filters: dict) -> Iterator[Event]:
     """The events before id `before` (or all) matching `filters`, newest first, read _ROWS at
-    a time. The store reads newest first only from the newest event on, so this reads
-    stretches of ids from the top down, each oldest first (`after=`): a stretch of `span` ids
-    is read whole when the read holds fewer than _ROWS events or passes the stretch's end (a
-    stretch of _ROWS ids always is). A stretch with few matches makes the next one four
-    times as long, so a rare kind takes a few reads, not one per _ROWS ids of the history;
-    one with too many is read again, narrower."""
-    hi = store.newest_id() if before is None else min(before - 1, store.newest_id())
-    span = _ROWS
-    while hi > 0:
-        lo = max(0, hi - span)
-        batch = store.query(after=lo, limit=_ROWS, **filters)
-        if len(batch) == _ROWS and batch[-1].id <= hi and span > _ROWS:
-            # the stretch holds more than one read, and only its oldest came: a narrower one
-            span = max(_ROWS, span // 8)
-            continue
-        inside = [e for e in batch if e.id <= hi]
-        yield from reversed(inside)
-        hi = lo
-        if len(inside) < _ROWS // 4:
-            span *= 4
+    a time."""
+    while True:
+        batch = store.query(before=before, limit=_ROWS, **filters)
+        yield from batch
+        if len(batch) < _ROWS:
+            return
+        before = batch[-1].id
 
 
 def _json(e: Event) -> bytes:

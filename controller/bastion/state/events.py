@@ -352,10 +352,11 @@ class EventStore:
         machine: str | None = None,
         newest_first: bool = True,
         of_machines: bool = False,
+        before: int | None = None,
     ) -> list[Event]:
         """Events matching every given filter; the newest `limit` of them (or the oldest after
         `after`, for following the history forward). `of_machines`: only events that name a
-        machine."""
+        machine; `before`: only events with a smaller id (paging back through the history)."""
         where, args = [], []
         for column, value in (("kind", kind), ("mac", mac), ("machine", machine)):
             if value is not None:
@@ -367,6 +368,9 @@ class EventStore:
             where.append("id > ?")
             args.append(after)
             newest_first = False
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
         sql = f"SELECT {', '.join(_COLUMNS)} FROM events"
         if where:
             sql += " WHERE " + " AND ".join(where)
