@@ -32,11 +32,8 @@ def _payload(e: dict) -> dict:
     return e.get("payload") or {}
 
 
-def _payload(e: dict) -> dict:
-    return e.get("payload") or {}
-
-
-def node_addresses(events: list[dict], mac: str, name: str, declared: str | None = None) -> set[str]:
+def node_addresses(events: list[dict], mac: str, name: str,
+                   declared: str | None = None) -> set[str]:  # fmt: skip
     """The IP addresses that are the node's, by the address book's rule
     (bastion.state.addresses): where its boot script requests (`/ipxe`, `/grub`) and the
     device's DHCP events say it is. Not every request naming its MAC: any LAN host may ask
@@ -45,25 +42,41 @@ def node_addresses(events: list[dict], mac: str, name: str, declared: str | None
     asked for from elsewhere carries it (`declared_address`, bastion.boot), and then it is the
     one address; `declared`: the machine's `address:` as its caller knows it (then no event
     needs to carry it: a spoofed DHCP event naming the node is not taken either)."""
+    declared = declared_address(events, mac, name, declared)
+    if declared:
+        return {declared}
     out = set()
     for e in events:
         if e.get("mac") != mac and e.get("machine") != name:
             continue
-        p = _payload(e)
-        if p.get("declared_address"):
-            declared = declared or p["declared_address"]
-            continue
         taught = AddressBook.teaching(e.get("kind") or "", e)
         if taught is not None:
             out.add(taught[0])
-    return {declared} if declared else out
+    return out
+
+
+def declared_address(events: list[dict], mac: str, name: str,
+                     declared: str | None = None) -> str | None:  # fmt: skip
+    """The node's declared `address:`: `declared` when its caller knows it, else the one a
+    boot script asked for from elsewhere carries (`declared_address`, bastion.boot), else
+    None (an undeclared node, or a declared one no other host has asked for)."""
+    if declared:
+        return declared
+    for e in events:
+        if e.get("mac") != mac and e.get("machine") != name:
+            continue
+        if _payload(e).get("declared_address"):
+            return _payload(e)["declared_address"]
+    return None
 
 
 def timeline(events: list[dict], mac: str, name: str, from_power: bool = True,
              declared: str | None = None) -> list[Step]:  # fmt: skip
     """The node's boot steps, in order, from the first power-on in `events` (oldest first); with
     from_power=False from its first step of any kind (a machine no relay of ours switches).
-    `declared`: the machine's `address:` (node_addresses)."""
+    `declared`: the machine's `address:` (node_addresses); a device DHCP event naming the node
+    from another address is marked so in its step (_elsewhere)."""
+    declared = declared_address(events, mac, name, declared)
     ips = node_addresses(events, mac, name, declared)
     start = None
     steps: list[Step] = []
@@ -83,11 +96,14 @@ def timeline(events: list[dict], mac: str, name: str, from_power: bool = True,
             continue  # nothing before the power-on belongs to this boot
         elif kind == "dhcp" and src == "device" and mine and p.get("kind") == "request":
             add(e, "address request", f"asks the router for {p.get('client')} (arch "
-                f"{p.get('arch')}); not the device's to answer")
+                f"{p.get('arch')}); not the device's to answer"
+                + (f", not the machine's address {declared}" if _elsewhere(p, declared) else ""))
         elif kind == "dhcp" and src == "device" and mine:
             what = "script URL (iPXE)" if p.get("ipxe") else f"boot file {p.get('file')}"
             add(e, "proxy offer", f"{p.get('kind')} on port {p.get('port')}: arch "
-                f"{p.get('arch')}, {what}" + (f" {p.get('file')}" if p.get("ipxe") else ""))
+                f"{p.get('arch')}, {what}" + (f" {p.get('file')}" if p.get("ipxe") else "")
+                + (f", from {p['client']}, not the machine's address {declared}"
+                   if _elsewhere(p, declared) else ""))
         elif kind == "tftp" and src in ("device", "controller") and (mine or not ips):
             where = "" if src == "device" else " (controller)"
             if p.get("stage") == "start":
@@ -95,15 +111,17 @@ def timeline(events: list[dict], mac: str, name: str, from_power: bool = True,
                     f"{p.get('blksize')}, window {p.get('window')}")
             elif p.get("stage") == "end":
                 secs = (p.get("ms") or 0) / 1000
-                add(e, "tftp end", f"{p.get('file')}{where}: {p.get('bytes')} bytes in {secs:.2f} s, "
-                    f"{p.get('result')}" + (f", {p['resends']} resends" if p.get("resends") else ""))
+                add(e, "tftp end", f"{p.get('file')}{where}: {p.get('bytes')} bytes in "
+                    f"{secs:.2f} s, {p.get('result')}"
+                    + (f", {p['resends']} resends" if p.get("resends") else ""))
         elif kind == "boot" and mine:
             add(e, f"GET {e.get('endpoint')}", f"HTTP {e.get('status')}"
                 + (f", profile {e['profile']}" if e.get("profile") else "")
-                + (f", asked from {p.get('client')}, not the machine's address {p['declared_address']}"
-                   if p.get("declared_address") else ""))
+                + (f", asked from {p.get('client')}, not the machine's address "
+                   f"{p['declared_address']}" if p.get("declared_address") else ""))
         elif kind == "asset" and mine:
-            add(e, "GET asset", f"{e.get('endpoint')}: {p.get('size')} bytes, HTTP {e.get('status')}")
+            add(e, "GET asset", f"{e.get('endpoint')}: {p.get('size')} bytes, "
+                f"HTTP {e.get('status')}")
         elif kind == "callback" and mine:
             add(e, "callback", f"{p.get('status')}, {len(p.get('files') or {})} files, "
                 f"{p.get('digest')}")
@@ -114,6 +132,17 @@ def timeline(events: list[dict], mac: str, name: str, from_power: bool = True,
             add(e, f"watchdog {p.get('action')}", f"attempt {p.get('attempt')}, next boot grace "
                 f"{(p.get('wait_ms') or 0) / 1000:.0f} s")
     return steps
+
+
+def _elsewhere(p: dict, declared: str | None) -> bool:
+    """Whether a device DHCP event naming the node's MAC says it is at another address than
+    the declared one: a host sending a DHCP packet with the node's MAC from its own address, or
+    a router leasing the node another one. Either way the address book refuses the binding
+    (bastion.state.addresses), and the step is marked, as a boot script asked for from
+    elsewhere is. A broadcast DISCOVER tells no address (`client` None): it cannot be told
+    from the node's own, nor can any DHCP event of an undeclared node."""
+    client = p.get("client")
+    return bool(declared and client and client != declared)
 
 
 def first(steps: list[Step], stage: str, contains: str = "") -> Step | None:
