@@ -242,10 +242,12 @@ def test_ignition_for_anything_else_is_the_default_groups_installer(
     assert r.status_code == 200, r.text
     config = r.json()
     installer = files_of(config)["/opt/installer"]
-    # {{.request.raw_query}} is the query as sent; default.json's metadata fills the rest.
+    # the request's labels (mac normalised), each percent-encoded, in single quotes
+    # (tests/controller/render/test_matchbox_installer_query.py); default.json's metadata fills
+    # the rest.
     assert (
-        '"http://matchbox.example.com:8080/ignition?os=installed&mac=52-54-00-aa-bb-cc&uuid=u-1"'
-        in installer
+        "curl --retry 10 --fail 'http://matchbox.example.com:8080/ignition?os=installed"
+        "&mac=52%3A54%3A00%3Aaa%3Abb%3Acc&uuid=u-1' -o ignition.json\n" in installer
     )
     assert "flatcar-install -d /dev/vda -C stable -i ignition.json" in installer
     assert [u["name"] for u in config["systemd"]["units"]] == ["installer.service"]
