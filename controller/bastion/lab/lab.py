@@ -575,11 +575,23 @@ class Lab:
         return bool(view.get("connected")) and "dhcp" in tasks and "tftp" in tasks
 
     def events(self, after: int = 0, kind: str | None = None, source: str | None = None,
-               limit: int = 1000) -> list[dict]:
-        """Events after an id, oldest first."""
-        q = f"/api/v1/events?after={after}&limit={limit}" + (f"&kind={kind}" if kind else "")
-        out = self.http(q, check=False)
-        evs = json.loads(out) if out else []
+               limit: int | None = None, page: int = 1000) -> list[dict]:
+        """Every event after an id (or the first `limit` of them, counted before the `source`
+        filter), oldest first, read `page` at a time. An answer of the events API holds at most
+        `page` events and about 4 MiB (bastion.api.events), so the rest is asked for after the
+        last one answered until an answer is empty. No answer to the first question is no
+        events (the controller not up yet, as before); no answer to a later one is a LabError,
+        not a history cut short."""
+        evs: list[dict] = []
+        while limit is None or len(evs) < limit:
+            n = page if limit is None else min(page, limit - len(evs))
+            q = f"/api/v1/events?after={after}&limit={n}" + (f"&kind={kind}" if kind else "")
+            out = self.http(q, check=bool(evs))
+            got = json.loads(out) if out else []
+            if not got:
+                break
+            evs += got
+            after = got[-1]["id"]
         return [e for e in evs if source is None or e.get("source") == source]
 
     def last_event_id(self) -> int:
@@ -714,7 +726,7 @@ class Lab:
 
     def _event_ts(self, event_id: int) -> float:
         """The time of the first event with an id of at least `event_id`."""
-        evs = self.events(event_id - 1)
+        evs = self.events(event_id - 1, limit=1)
         return evs[0]["ts"] if evs else time.time()
 
     def _wait(self, pred, timeout: float, what: str) -> None:
