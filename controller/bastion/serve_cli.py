@@ -23,6 +23,7 @@ from bastion.settings import (
     SettingsError,
     default_db_path,
     proxy_problems,
+    secrets_option,
     serve_options,
 )
 
@@ -261,12 +262,16 @@ def site_group() -> None:
 
 @site_group.command("check")
 @click.argument("site_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def site_check(site_dir: Path) -> None:
-    """Load and validate SITE_DIR as `bastion serve` would; print every problem."""
+@secrets_option
+def site_check(site_dir: Path, secrets_dir: Path | None) -> None:
+    """Load and validate SITE_DIR as `bastion serve` would; print every problem.
+
+    A k3s cluster is checked against the secret store `bastion serve --secrets` reads (which
+    server started it, the tunnel addresses that went out): give the service's with --secrets."""
     from bastion.site.load import SiteError, load_site
 
     try:
-        site = load_site(site_dir)
+        site = load_site(site_dir, secrets=secrets_dir)
     except SiteError as e:
         for problem in e.problems:
             click.echo(problem, err=True)
@@ -323,12 +328,16 @@ def install_service(site_dir, listen, management_listen, management_interface, t
     wg-quick@<interface> unit, which the controller's unit then starts after. Prints each step
     (and the tunnel's public key, never a private one). Start it with
     `systemctl enable --now edge-bastion`.
+
+    The site is checked first as the service will load it: its cluster against the service's
+    secret store (/var/lib/edge-bastion/secrets/<site>, under --root), and --trusted-proxies
+    against the machines' addresses as serve checks them.
     """
     import shutil
 
     from bastion import service
     from bastion.settings import parse_listen, same_listener
-    from bastion.site.load import SiteError, load_site
+    from bastion.site.load import SiteError, load_site, site_name
 
     try:
         boot_at = parse_listen(listen, "--listen")
@@ -347,6 +356,7 @@ def install_service(site_dir, listen, management_listen, management_interface, t
             raise SettingsError(f"--device {device}: the service needs the serial line's absolute "
                                 "path, such as /dev/ttyACM0 or /dev/serial/by-id/...")  # fmt: skip
         extra: list[str] = []
+        proxies = None  # the service's --trusted-proxies, as its unit is given them
         if allowed_hosts or trusted_proxies:  # checked, and written, as serve has them
             from bastion.settings import Settings
 
@@ -355,17 +365,29 @@ def install_service(site_dir, listen, management_listen, management_interface, t
             if checked.allowed_hosts and allowed_hosts:
                 extra += ["--allowed-hosts", checked.allowed_hosts]
             if checked.trusted_proxies and trusted_proxies:
-                extra += ["--trusted-proxies", checked.trusted_proxies]
+                proxies = checked.trusted_proxies
+                extra += ["--trusted-proxies", proxies]
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     site_dir = site_dir.resolve()
+    root = root.absolute()
+    # checked as the service will load it: its cluster against the service's secret store (the
+    # installing user's own default store says nothing of what the service handed out)
+    store = root / service.secrets_dir(site_name(site_dir)).lstrip("/")
     try:
-        site = load_site(site_dir)
+        site = load_site(site_dir, secrets=store)
     except SiteError as e:
         click.echo(f"the site in {site_dir} does not load, so the service could not start:", err=True)
         for problem in e.problems:
             click.echo(f"  {problem}", err=True)
         sys.exit(1)
+    # serve refuses these at start (and warns of the rest): refused here, the unit is not
+    # installed to fail at every start
+    proxy_errors, proxy_warnings = proxy_problems(proxies, site.machines)
+    if proxy_errors:
+        raise click.UsageError("; ".join(proxy_errors))
+    for warning in proxy_warnings:
+        click.echo(f"warning: {warning}", err=True)
     if tftp and not (site_dir / "tftp").is_dir():
         raise click.UsageError(f"--tftp {tftp}: the site has no tftp/ directory to serve")
     if site.settings.networks is not None:
@@ -390,7 +412,6 @@ def install_service(site_dir, listen, management_listen, management_interface, t
                                device=device, name=name, extra=tuple(extra),
                                registry_cache=cache is not None and cache.serve is not None,
                                tunnel=_tunnel(site))  # fmt: skip
-    root = root.absolute()
     host = root == Path("/")
     if host and not dry_run and os.geteuid() != 0:
         raise click.ClickException("installing a service needs root (or --root DIR, --dry-run)")
@@ -450,8 +471,7 @@ def _tunnel(site):
     wg = cluster.wireguard if cluster is not None else None
     if wg is None or wg.controller is None:
         return None
-    # the unit's XDG_STATE_HOME is /var/lib: its store is $XDG_STATE_HOME/edge-bastion/secrets/<site>
-    key_file = f"{service.STATE_DIR}/secrets/{site.name}/{CONTROLLER_WIREGUARD_KEY}"
+    key_file = f"{service.secrets_dir(site.name)}/{CONTROLLER_WIREGUARD_KEY}"
     return service.Tunnel(wg.controller.interface, tunnel.controller_config(wg, site.name, key_file),
                           key_file, wireguard_private_key())  # fmt: skip
 

@@ -46,6 +46,12 @@ class ServiceError(Exception):
     pass
 
 
+def secrets_dir(site_name: str) -> str:
+    """The secret store of the service for the site `site_name`, on the host: the unit's
+    $XDG_STATE_HOME is STATE_DIR, and `bastion serve` without --secrets keeps it there."""
+    return f"{STATE_DIR}/secrets/{site_name}"
+
+
 @dataclass(frozen=True)
 class Tunnel:
     """The controller host's tunnel to the management cluster (site.yaml

@@ -250,7 +250,7 @@ class Settings(BaseSettings):
         metavar="NAMES")  # fmt: skip
     # the secret store's directory; None: bastion.state.secrets.secrets_dir(<site name>) picks it
     secrets_dir: Path | None = _setting(
-        "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys; UPS and log collector credentials).",
+        "BASTION_SECRETS_DIR", "--secrets", "The secret store (k3s tokens, WireGuard keys; UPS, log collector and registry cache credentials).",
         metavar="DIR", path="dir-any", also=("--secrets-dir",),
         shown="$XDG_STATE_HOME/edge-bastion/secrets/<site>")  # fmt: skip
     # the nodes' console logs (bastion.device.consoles); None: var_dir()/consoles/<site>-<id>
@@ -468,29 +468,42 @@ def serve_options(f: Any) -> Any:
     """Decorate a click command with one option per Settings field that has one. Every option
     defaults to None ("not given"), so Settings.build applies the environment and defaults."""
     for name, field in reversed(list(Settings.model_fields.items())):
-        extra = field.json_schema_extra or {}
-        option = extra.get("option")
-        if not option:
-            continue
-        kind = extra.get("path")
-        if kind == "dir":
-            ptype: Any = click.Path(exists=True, file_okay=False, path_type=Path)
-        elif kind == "dir-any":
-            ptype = click.Path(file_okay=False, path_type=Path)
-        elif kind == "file":
-            ptype = click.Path(dir_okay=False, path_type=Path)
-        elif field.annotation in (float, "float"):
-            ptype = float
-        elif field.annotation in (int, "int") and name not in SIZES:  # sizes: "64KiB" too
-            ptype = int
-        else:
-            ptype = str
-        shown = extra.get("shown")
-        env = f"${field.alias}"
-        help_text = f"{extra['help']} [{env}" + (f"; default: {shown}]" if shown else "]")
-        f = click.option(option, *extra.get("also", ()), name, type=ptype, default=None,
-                         metavar=extra.get("metavar"), help=help_text)(f)  # fmt: skip
+        if (field.json_schema_extra or {}).get("option"):
+            f = _setting_option(name)(f)
     return f
+
+
+def _setting_option(name: str, envvar: bool = False) -> Any:
+    """The click option of the Settings field `name`, as `bastion serve` has it. `envvar`: click
+    reads the field's environment variable itself (for a command that builds no Settings)."""
+    field = Settings.model_fields[name]
+    extra = field.json_schema_extra or {}
+    kind = extra.get("path")
+    if kind == "dir":
+        ptype: Any = click.Path(exists=True, file_okay=False, path_type=Path)
+    elif kind == "dir-any":
+        ptype = click.Path(file_okay=False, path_type=Path)
+    elif kind == "file":
+        ptype = click.Path(dir_okay=False, path_type=Path)
+    elif field.annotation in (float, "float"):
+        ptype = float
+    elif field.annotation in (int, "int") and name not in SIZES:  # sizes: "64KiB" too
+        ptype = int
+    else:
+        ptype = str
+    shown = extra.get("shown")
+    env = f"${field.alias}"
+    help_text = f"{extra['help']} [{env}" + (f"; default: {shown}]" if shown else "]")
+    return click.option(extra["option"], *extra.get("also", ()), name, type=ptype, default=None,
+                        envvar=field.alias if envvar else None, metavar=extra.get("metavar"),
+                        help=help_text)  # fmt: skip
+
+
+#: `--secrets DIR` (also --secrets-dir, $BASTION_SECRETS_DIR) for every command that loads a site
+#: or reads its secret store: serve's option, so that each reads the store serve would. Its value,
+#: `secrets_dir`, is None when not given: load_site's and secrets_dir()'s default, the same as
+#: serve's.
+secrets_option = _setting_option("secrets_dir", envvar=True)
 
 
 # -- trusted proxies and the machines' declared addresses ----------------------------------------

@@ -15,6 +15,7 @@ import click
 from bastion.assets import flatcar as af
 from bastion.assets import k3s as ak
 from bastion.assets import rpi4 as rpi
+from bastion.settings import secrets_option
 
 
 class RichReporter:
@@ -197,13 +198,15 @@ def fetch_k3s(site_dir, version, arches, mirror) -> None:
               help="A Pi's MAC: tftp/dc-a6-32-xx-xx-xx/, for TFTP_PREFIX=2. Repeatable.")  # fmt: skip
 @click.option("--prefix-str", "prefixes", multiple=True, metavar="STR",
               help="A TFTP_PREFIX_STR ending in '/': tftp/<STR>, for TFTP_PREFIX=1. Repeatable.")  # fmt: skip
-def fetch_rpi4_uefi(version, mirror, sha256, site_dir, serials, macs, prefixes) -> None:
+@secrets_option
+def fetch_rpi4_uefi(version, mirror, sha256, site_dir, serials, macs, prefixes, secrets_dir) -> None:
     """The Raspberry Pi 4 UEFI firmware (pftf/RPi4), laid out where each Pi's bootloader asks.
 
     The archive must match the checksum pinned for its version (or --sha256), be a well-formed
     zip without links or names leaving it, and hold RPI_EFI.fd and start4.elf; otherwise nothing
     is installed. Without --serial, --mac and --prefix-str, every machine in machines.yaml
-    labelled `board: rpi4` gets tftp/<serial>/ (from its `serial` label) and its MAC directory.
+    labelled `board: rpi4` gets tftp/<serial>/ (from its `serial` label) and its MAC directory;
+    the site loads as `bastion serve` loads it, its cluster checked against --secrets' store.
     """
     try:
         dirs = tuple(
@@ -212,7 +215,7 @@ def fetch_rpi4_uefi(version, mirror, sha256, site_dir, serials, macs, prefixes) 
             + [rpi.prefix_dir(p) for p in prefixes]
         )
         request = rpi.Rpi4Request(site=site_dir, version=version, mirror=mirror,
-                                  sha256=sha256, dirs=dirs)  # fmt: skip
+                                  sha256=sha256, dirs=dirs, secrets=secrets_dir)  # fmt: skip
         result = rpi.fetch_rpi4_uefi(request, reporter=RichReporter())
     except af.FetchError as e:
         click.echo(f"error: {e}", err=True)

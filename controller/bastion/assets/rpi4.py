@@ -186,14 +186,15 @@ def prefix_dir(text: str) -> BootDir:
     return BootDir("/".join(parts), f"TFTP_PREFIX=1, TFTP_PREFIX_STR={text}")
 
 
-def dirs_from_site(site_dir: Path) -> tuple[list[BootDir], list[str]]:
+def dirs_from_site(site_dir: Path, secrets: Path | None = None) -> tuple[list[BootDir], list[str]]:
     """Boot directories for the site's machines labelled `board: rpi4`: `<serial>/` when the
     machine has a `serial` label, and its MAC directory when it has a MAC, so that either
-    TFTP_PREFIX (0 or 2) finds its files. Returns them and notes for the user."""
+    TFTP_PREFIX (0 or 2) finds its files. Returns them and notes for the user. `secrets`: the
+    secret store the site's cluster is checked against (`--secrets`; None: load_site's default)."""
     from bastion.site.load import SiteError, load_site
 
     try:
-        site = load_site(site_dir)
+        site = load_site(site_dir, secrets=secrets)
     except SiteError as e:
         raise FetchError(
             "the site does not load, so its Raspberry Pis are unknown (give --serial or --mac, "
@@ -230,6 +231,7 @@ class Rpi4Request:
     mirror: str | None = None  # a URL holding <tag>/RPi4_UEFI_Firmware_<tag>.zip
     sha256: str | None = None  # required for a version not in PINNED
     dirs: tuple[BootDir, ...] = ()  # empty: from the site's machines (dirs_from_site)
+    secrets: Path | None = None  # the secret store the site loads with (None: the default)
 
 
 @dataclass
@@ -417,7 +419,7 @@ def fetch_rpi4_uefi(
     notes: list[str] = []
     dirs = list(req.dirs)
     if not dirs:
-        dirs, notes = dirs_from_site(site)
+        dirs, notes = dirs_from_site(site, req.secrets)
         if not dirs:
             raise FetchError(
                 "no Raspberry Pi to lay the firmware out for: give --serial, --mac or "

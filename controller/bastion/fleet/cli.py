@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 import yaml
 
+from bastion.settings import secrets_option
+
 
 @click.group("fleet")
 def fleet_group() -> None:
@@ -40,9 +42,11 @@ def crds_command(out: Path | None) -> None:
 @click.option("--namespace", default="edge-sites", show_default=True)
 @click.option("--controller-url", required=True, metavar="URL",
               help="The site controller's API through the tunnel, e.g. http://10.200.0.1:8080.")
-def resources_command(site_dir: Path, name: str, namespace: str, controller_url: str) -> None:
+@secrets_option
+def resources_command(site_dir: Path, name: str, namespace: str, controller_url: str,
+                      secrets_dir: Path | None) -> None:  # fmt: skip
     """SITE_DIR's site.yaml and machines.yaml as a Site and its Machines (checked by loading
-    SITE_DIR first, as `bastion site check` does)."""
+    SITE_DIR first, as `bastion site check` does, its cluster against the secret store)."""
     import re
     from urllib.parse import urlsplit
 
@@ -67,7 +71,7 @@ def resources_command(site_dir: Path, name: str, namespace: str, controller_url:
     if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", controller_url) or not parts.hostname:
         raise click.BadParameter(f"{controller_url!r} is not an http(s) URL", param_hint="--controller-url")
     try:
-        load_site(site_dir)
+        load_site(site_dir, secrets=secrets_dir)
     except SiteError as e:
         raise click.ClickException("the site does not load:\n" + "\n".join(e.problems)) from None
     try:

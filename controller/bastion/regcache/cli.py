@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from bastion.clitypes import FiniteRange
+from bastion.settings import secrets_option
 
 _site_arg = click.option(
     "--site", "site_dir", required=True, envvar="BASTION_SITE",
@@ -21,21 +22,18 @@ _state_opt = click.option(
     help="Where the configs and the cached images go "
          "[default: $XDG_STATE_HOME/edge-bastion/registry-cache/<site>].",
 )  # fmt: skip
-_secrets_opt = click.option(
-    "--secrets-dir", envvar="BASTION_SECRETS_DIR", type=click.Path(file_okay=False, path_type=Path),
-    help="The controller's secret store, for upstream credentials "
-         "[default: $XDG_STATE_HOME/edge-bastion/secrets/<site>].",
-)  # fmt: skip
 
 
 def _load(site_dir: Path, state: Path | None, secrets_dir: Path | None):
+    """(the cache, its state directory, the secret store): the site loaded as `bastion serve
+    --secrets` loads it, its cluster checked against the same store the credentials come from."""
     from bastion.regcache.run import served, state_dir
     from bastion.site.load import SiteError, load_site
     from bastion.state.secrets import SecretStore
     from bastion.state.secrets import secrets_dir as store_dir
 
     try:
-        site = load_site(site_dir)
+        site = load_site(site_dir, secrets=secrets_dir)
     except SiteError as e:
         for problem in e.problems:
             click.echo(problem, err=True)
@@ -63,7 +61,7 @@ def registry_cache_group() -> None:
 @registry_cache_group.command("render")
 @_site_arg
 @_state_opt
-@_secrets_opt
+@secrets_option
 def render_command(site_dir: Path, state: Path | None, secrets_dir: Path | None) -> None:
     """Write each mirror's config.yml; print mirror, listen address, upstream and file."""
     from bastion.regcache.run import CacheError, render
@@ -79,7 +77,7 @@ def render_command(site_dir: Path, state: Path | None, secrets_dir: Path | None)
 @registry_cache_group.command("run")
 @_site_arg
 @_state_opt
-@_secrets_opt
+@secrets_option
 @click.option("--check-every", default=3600.0, show_default=True, metavar="SECONDS",
               type=FiniteRange(1, 7 * 86400),
               help="How often each mirror's storage is measured against serve.max_size (1 s to a week).")  # fmt: skip
@@ -101,7 +99,7 @@ def run_command(site_dir: Path, state: Path | None, secrets_dir: Path | None,
         click.echo(message, err=True)
 
     # watching from before the first load: an edit made while it loads is seen
-    watch = SiteWatch(site_dir, echo)
+    watch = SiteWatch(site_dir, echo, secrets=secrets_dir)
     cache, state, store = _load(site_dir, state, secrets_dir)
     try:
         runner = Runner(cache, state, store, echo=echo, check_every=check_every,
@@ -119,7 +117,7 @@ def run_command(site_dir: Path, state: Path | None, secrets_dir: Path | None,
 @registry_cache_group.command("gc")
 @_site_arg
 @_state_opt
-@_secrets_opt
+@secrets_option
 def gc_command(site_dir: Path, state: Path | None, secrets_dir: Path | None) -> None:
     """Bring each mirror's storage under serve.max_size (garbage-collect, then empty).
 

@@ -175,15 +175,18 @@ class SiteWatch:
     one finishes an edit a crash cut short when it starts, writing the site directory, and this
     runs in its own process beside `bastion serve`'s."""
 
-    def __init__(self, root: Path, echo: Callable[[str], None] = print):
-        self.root, self.echo = Path(root), echo
+    def __init__(self, root: Path, echo: Callable[[str], None] = print,
+                 secrets: Path | None = None):  # fmt: skip
+        """`secrets`: the secret store each load reads the cluster's records from (`--secrets`;
+        None: load_site's default), as the first load did."""
+        self.root, self.echo, self.secrets = Path(root), echo, secrets
         self._settle = Settle(fingerprint(self.root))
 
     def __call__(self) -> Any | None:
         if not self._settle.changed(fingerprint(self.root)):
             return None
         try:
-            return load_site(self.root)
+            return load_site(self.root, secrets=self.secrets)
         except SiteError as e:
             self.echo(f"{self.root}: the site changed but does not load; the mirrors are served "
                       "as before:\n" + "\n".join(e.problems))  # fmt: skip

@@ -258,8 +258,6 @@ class SiteHolder:
     def load(self, overlay: dict[str, bytes | None] | None = None) -> Site:
         """The site as its files (with `overlay`) load now, with this holder's secret store;
         nothing is swapped in. Raises SiteError."""
-        if self.secrets is None:
-            return load_site(self.root, overlay=overlay)  # load_site's default store
         return load_site(self.root, overlay=overlay, secrets=self.secrets)
 
     def _report(self, outcome: ReloadOutcome) -> ReloadOutcome:

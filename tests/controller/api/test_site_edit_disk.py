@@ -18,11 +18,11 @@ def hand_edit_during_validation(monkeypatch):
     def arm(hand_edit):
         real = holder_mod.load_site
 
-        def load_site(root, overlay=None):
+        def load_site(root, overlay=None, **kw):
             if overlay:
                 monkeypatch.setattr(holder_mod, "load_site", real)  # once
                 hand_edit()
-            return real(root, overlay=overlay)
+            return real(root, overlay=overlay, **kw)
 
         monkeypatch.setattr(holder_mod, "load_site", load_site)
 

@@ -27,10 +27,10 @@ def _during_validation(monkeypatch, hand_edit) -> None:
     """Run hand_edit() while the edit's site is being loaded (the overlay load only)."""
     real = holder_mod.load_site
 
-    def load_site(root, overlay=None):
+    def load_site(root, overlay=None, **kw):
         if overlay:
             hand_edit()
-        return real(root, overlay=overlay)
+        return real(root, overlay=overlay, **kw)
 
     monkeypatch.setattr(holder_mod, "load_site", load_site)
 
