@@ -102,6 +102,25 @@ def browser_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
+_RECORD_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", e =>
+  window.cspViolations.push(`${e.effectiveDirective} ${e.blockedURI} ${e.sourceFile}:${e.lineNumber}`));
+"""
+
+
+def record_csp_violations(driver) -> None:
+    """From the next page loaded on: what the page's Content-Security-Policy refuses, kept in
+    the page as "directive blocked-URI source:line" for csp_violations(). Added through DevTools,
+    the listener runs before the page's own scripts and is not subject to the page's policy."""
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _RECORD_VIOLATIONS})
+
+
+def csp_violations(driver) -> list[str]:
+    """What the current page's policy refused since it loaded (record_csp_violations first)."""
+    return driver.execute_script("return window.cspViolations")
+
+
 def until(driver, pred, what: str, timeout: float = 30):
     # The pages rebuild their tables as they poll: an element read mid-rebuild is asked again.
     # The deadline only guards against a hang.

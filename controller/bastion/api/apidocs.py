@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from bastion import __version__, paths
 from bastion.api import vendor
+from bastion.api.dashboard import new_nonce
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.api.vendor import INSTALL_HINT
 
@@ -33,13 +34,18 @@ FILES = {
     "swagger-ui.css": (f"{PACKAGE}/swagger-ui.css", "text/css"),
     "favicon-32x32.png": (f"{PACKAGE}/favicon-32x32.png", "image/png"),
 }
-# Its scripts are this controller's own (the bundle and FastAPI's inline start-up), it asks
-# this controller only (the schema, "Try it out"), nobody frames it. Swagger UI draws its icons
-# as data: images and styles elements inline.
-CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+# Its scripts are the two the page wrote (the bundle and FastAPI's inline start-up), each with
+# this response's nonce (bastion.api.dashboard.CSP says why not 'self'); it asks this
+# controller only (the schema, "Try it out"), nobody frames it. Swagger UI draws its icons as
+# data: images.
+CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'self'; "
        "img-src 'self' data:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
        "frame-ancestors 'none'")  # fmt: skip
-_HEADERS = {"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def _headers(nonce: str) -> dict[str, str]:
+    return {"Content-Security-Policy": CSP.format(nonce=nonce), "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store"}  # fmt: skip
 
 
 def missing() -> list[str]:
@@ -57,7 +63,7 @@ async def swagger_ui() -> HTMLResponse:
                 f"<code>{html.escape(INSTALL_HINT)}</code>. The schema itself is at "
                 '<a href="/openapi.json">/openapi.json</a>; docs/controller.md describes every '
                 "endpoint.</p></body></html>")  # fmt: skip
-        return HTMLResponse(text, headers=_HEADERS)
+        return HTMLResponse(text, headers=_headers(new_nonce()))
     page = get_swagger_ui_html(
         openapi_url="/openapi.json", title=title,
         swagger_js_url="/docs/vendor/swagger-ui-bundle.js",
@@ -66,7 +72,10 @@ async def swagger_ui() -> HTMLResponse:
         # no calls to swagger.io's validator from the operator's browser
         swagger_ui_parameters={"validatorUrl": None},
     )  # fmt: skip
-    return HTMLResponse(page.body, headers=_HEADERS)
+    # FastAPI writes both <script> tags without attributes to add: the nonce goes into each.
+    nonce = new_nonce()
+    body = bytes(page.body).decode().replace("<script", f'<script nonce="{nonce}"')
+    return HTMLResponse(body, headers=_headers(nonce))
 
 
 @router.get("/docs/vendor/{file}", include_in_schema=False)

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from bastion import __version__, paths
 from bastion.api import vendor
+from bastion.api.dashboard import new_nonce
 from bastion.api.deps import SiteDep
 from bastion.api.jsonbody import StrictJsonRoute
 
@@ -35,9 +36,14 @@ XTERM_FILES = {
     "addon-fit.js": ("@xterm/addon-fit/lib/addon-fit.js", "text/javascript"),
 }
 INSTALL_HINT = vendor.INSTALL_HINT
-# The page holds the token: its scripts are this controller's own (xterm.js from /dashboard/vendor
-# and the inline one), it talks to this controller only (the WebSocket), nobody frames it.
-CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+# The page holds the token: its scripts are the three the template wrote (xterm.js and its fit
+# addon from /dashboard/vendor, and the page's own), each with this response's nonce
+# (bastion.api.dashboard.CSP says why not 'self'); it talks to this controller only (the
+# WebSocket), nobody frames it. Styles stay 'unsafe-inline': xterm.js draws the terminal with
+# <style> elements it writes while it runs (colours, cell size, scrollbar) and style=
+# attributes for 24-bit colours, which no nonce or hash can name. Injected CSS could only
+# restyle the page: default-src 'none' leaves it nothing to load, so nothing to send anywhere.
+CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; "
        "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
@@ -50,12 +56,13 @@ def xterm_missing() -> list[str]:
 async def console_page(name: str, site: SiteDep) -> HTMLResponse:
     if site.machine(name) is None:
         raise HTTPException(404, f"no machine {name!r} in the site")
+    nonce = new_nonce()
     html = _env.get_template("console.html").render(
         version=__version__, site=site, machine=name, missing=xterm_missing(),
-        hint=INSTALL_HINT, web_dir=str(paths.web_dir()),
+        hint=INSTALL_HINT, web_dir=str(paths.web_dir()), nonce=nonce,
     )
-    return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
-                                       "Cache-Control": "no-store"})  # fmt: skip
+    return HTMLResponse(html, headers={"Content-Security-Policy": CSP.format(nonce=nonce),
+                                       "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})  # fmt: skip
 
 
 @router.get("/dashboard/vendor/xterm/{file}", include_in_schema=False)

@@ -12,6 +12,7 @@ its answer (a refusal's own words).
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import anyio
@@ -37,18 +38,29 @@ KINDS = ("asset", "boot", "callback", "dhcp", "heap", "heartbeat", "install", "o
 
 # The pages' scripts hold the API token once a person logs in: they may talk to this controller
 # only (connect-src), load nothing from elsewhere, and may not be framed by another site (a
-# power button clicked through someone else's page).
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+# power button clicked through someone else's page). Only the <script> and <style> elements the
+# template wrote run: each carries this response's nonce. Markup that slips into a page (a
+# template bug, a value not escaped) cannot run script, not even through an onerror= attribute,
+# and cannot load a script from this origin either: the controller also serves text/plain
+# (boot scripts, assets) that Chromium would run as a script if 'self' were allowed.
+CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
+def new_nonce() -> str:
+    """A nonce for one response's Content-Security-Policy and its tags (CSP 3 asks for at least
+    128 bits, never reused): the pages are rendered for each request and never cached."""
+    return secrets.token_urlsafe(16)
+
+
 def _page(template: str, runtime, site, **values) -> HTMLResponse:
+    nonce = new_nonce()
     html = _env.get_template(template).render(
         version=__version__, site=site, device=runtime.device is not None,
-        generation=runtime.holder.generation, **values,
+        generation=runtime.holder.generation, nonce=nonce, **values,
     )  # fmt: skip
-    return HTMLResponse(html, headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
-                                       "Cache-Control": "no-store"})  # fmt: skip
+    return HTMLResponse(html, headers={"Content-Security-Policy": CSP.format(nonce=nonce),
+                                       "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})  # fmt: skip
 
 
 @router.get("/", include_in_schema=False)

@@ -13,7 +13,16 @@ import threading
 
 import pytest
 from bastion_testkit import TOKEN, Server
-from browserkit import Steps, artefact_dir, chrome, until, wait_text
+from browserkit import (
+    Steps,
+    artefact_dir,
+    browser_errors,
+    chrome,
+    csp_violations,
+    record_csp_violations,
+    until,
+    wait_text,
+)
 from selenium.webdriver.common.by import By
 
 from bastion.api.console_page import xterm_missing
@@ -53,6 +62,22 @@ def scrollback(driver) -> str:
         "return lines.join('\\n')")
 
 
+# What markup slipped into the page would try: an inline <script>, an onerror= handler, and a
+# script from this controller (it serves text/plain boot scripts and assets too). The first two
+# set window.injected if the page's policy lets them run.
+INJECT = """
+const box = document.createElement("div");
+box.innerHTML = '<img src="/no-such-image.png" onerror="window.injected = \\'onerror\\'">';
+document.body.append(box);
+const s = document.createElement("script");
+s.textContent = "window.injected = 'inline script'";
+document.body.append(s);
+const t = document.createElement("script");
+t.src = "/boot.ipxe";
+document.body.append(t);
+"""
+
+
 def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, request):
     srv, board = served
     path = board.link.parent / "flash" / "consoles" / "1.sock"  # node2: relay channel 1
@@ -74,6 +99,7 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
     try:
         with chrome(tmp_path / "chromium") as driver:
             steps.driver = driver
+            record_csp_violations(driver)
             driver.get(srv.url + "/dashboard/machines/node2/console")
             driver.find_element(By.ID, "token").send_keys("not-the-token")
             driver.find_element(By.ID, "connect").click()
@@ -97,6 +123,10 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
             node.sendall(b"root\r\nPassword: ")
             until(driver, lambda d: "Password:" in screen(d), "live output in the terminal")
             steps.shot("typed-and-answered")
+            # xterm.js and the page's script ran under the page's policy, which refused nothing
+            # (the wrong token's 401 is the one error the console logged)
+            assert csp_violations(driver) == []
+            assert [e for e in browser_errors(driver) if "status of 401 (Unauthorized)" not in e] == []
             driver.set_window_size(390, 844)  # a phone
             # xterm.js reflows its rows after the resize, in the page's own time: read the
             # screen once it has (a read in between found "Pa" and the rest not yet drawn). A
@@ -108,6 +138,17 @@ def test_the_console_page_shows_the_node_and_types_into_it(served, tmp_path, req
             until(driver, flowed, "the output after the resize")
             steps.shot("phone")
             assert flowed(driver)
+
+            # Script put in by markup is refused, each refusal a violation of its own.
+            driver.execute_script(INJECT)
+            # (the page loads no images: the <img> is refused too, and its error event then tries
+            # the handler)
+            until(driver, lambda d: d.execute_script("return window.injected") or len(csp_violations(d)) >= 4,
+                  "the injected scripts refused")  # fmt: skip
+            assert driver.execute_script("return window.injected") is None
+            assert sorted(v.split(" ")[:2] for v in csp_violations(driver)) == [
+                ["img-src", f"{srv.url}/no-such-image.png"], ["script-src-attr", "inline"],
+                ["script-src-elem", f"{srv.url}/boot.ipxe"], ["script-src-elem", "inline"]]  # fmt: skip
     finally:
         node.close()
 

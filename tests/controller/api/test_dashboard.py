@@ -4,6 +4,7 @@ JavaScript can show (the device's relays and its live status, fetched from the J
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,6 +96,36 @@ def test_the_pages_talk_to_this_controller_only(site_dir, client_for):
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
     r = c.get("/dashboard/machines/nope")
     assert r.status_code == 404 and r.json() == {"detail": "no machine 'nope' in machines.yaml"}
+
+
+def policy(r) -> dict[str, str]:
+    return dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+
+
+def nonced_tags(page: str, nonce: str) -> tuple[list[str], list[str]]:
+    """The page's <script> and <style> start tags: all of them, and those carrying `nonce`."""
+    tags = re.findall(r"<(?:script|style)\b[^>]*>", page)
+    return tags, [t for t in tags if f'nonce="{nonce}"' in t]
+
+
+def test_the_pages_run_only_the_scripts_and_styles_they_were_served_with(site_dir, client_for):
+    # No 'unsafe-inline': markup that slips into a page cannot run script. The policy names a
+    # nonce, new for each response, and every <script> and <style> the template wrote carries
+    # it; no inline event handler (onclick=...) is left for the policy to refuse.
+    c = client_for(site_dir)
+    for path in ("/dashboard", "/dashboard/machines/node1"):
+        first, again = c.get(path), c.get(path)
+        nonces = []
+        for r in (first, again):
+            assert "unsafe-inline" not in r.headers["content-security-policy"], path
+            csp = policy(r)
+            nonce = re.fullmatch(r"'nonce-([A-Za-z0-9_-]{22,})'", csp["script-src"]).group(1)
+            assert csp["style-src"] == csp["script-src"], path
+            tags, nonced = nonced_tags(r.text, nonce)
+            assert len(tags) >= 3 and nonced == tags, (path, tags)
+            assert not re.search(r"<[a-z][^>]*\son[a-z]+=", r.text), path
+            nonces.append(nonce)
+        assert nonces[0] != nonces[1], path
 
 
 def test_the_events_filter_in_the_address_is_rendered_chosen(site_dir, client_for):

@@ -16,10 +16,13 @@ from bastion_testkit import TOKEN, Server
 from browserkit import (
     Steps,
     artefact_dir,
+    browser_errors,
     chrome,
     confirm,
+    csp_violations,
     log_in,
     press,
+    record_csp_violations,
     until,
     wait_stages,
     wait_text,
@@ -184,6 +187,43 @@ def test_the_pages_fit_a_phone(served, browser, artefacts, page):
     button = d.find_element(By.CSS_SELECTOR, 'button[data-machine="node1"][data-state="on"]')
     assert button.is_displayed() and button.rect["x"] + button.rect["width"] <= 390
     Steps(d, artefacts).shot("phone-390x844")
+
+
+# What markup slipped into a page would try: an inline <script> and an onerror= handler. Both set
+# window.injected if the page's policy lets them run.
+INJECT = """
+const box = document.createElement("div");
+box.innerHTML = '<img src="/no-such-image.png" onerror="window.injected = \\'onerror\\'">';
+document.body.append(box);
+const s = document.createElement("script");
+s.textContent = "window.injected = 'inline script'";
+document.body.append(s);
+"""
+
+
+@pytest.mark.parametrize("page", ["/dashboard", "/dashboard/machines/node1"], ids=["site", "machine"])
+def test_the_pages_scripts_run_and_injected_ones_do_not(served, browser, artefacts, page):
+    # The policy admits the <script> elements the template wrote (they carry the response's
+    # nonce) and nothing else: the page's own scripts run with no violation and no console
+    # error, and script put in by markup is refused, each refusal a violation of its own.
+    srv, _ = served
+    d = browser
+    record_csp_violations(d)
+    d.get(srv.url + page)
+    wait_text(d, "#updated", "live ·")  # the page's own script polled the API
+    wait_text(d, "#operator", "operator · sync")  # and base.html's shared one
+    assert d.find_element(By.ID, "who").text == "read-only"
+    assert csp_violations(d) == []
+    # Chromium asks every page for /favicon.ico, which the controller does not have
+    assert [e for e in browser_errors(d) if "/favicon.ico" not in e] == []
+    Steps(d, artefacts).shot("live-under-the-policy")
+
+    d.execute_script(INJECT)
+    until(d, lambda d: d.execute_script("return window.injected") or len(csp_violations(d)) >= 2,
+          "the injected scripts refused")  # fmt: skip
+    assert d.execute_script("return window.injected") is None
+    assert sorted(v.split(" ")[:2] for v in csp_violations(d)) == [
+        ["script-src-attr", "inline"], ["script-src-elem", "inline"]]
 
 
 def shown_ids(d) -> list[int]:
