@@ -87,6 +87,8 @@ async def swagger_file(file: str) -> FileResponse:
 _REFUSALS = {
     "401": "No token, or the wrong one (`WWW-Authenticate: Bearer`)",
     "403": "The management API is disabled: the controller has no token configured",
+    "429": "Too many wrong tokens from this address: any token is refused until `Retry-After` "
+           "seconds have passed (bastion.api.deps.TokenFailures)",
 }
 
 

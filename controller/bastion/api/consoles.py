@@ -6,8 +6,10 @@
 A browser cannot set headers on a WebSocket, so the token comes in the first message, a text
 frame `{"token": "..."}`, within AUTH_TIMEOUT_S. Then the server sends the recent backlog and
 the live bytes as binary frames; every frame the client sends (binary or text) is typed into
-the node's console. A wrong or missing token closes the socket with code 1008 and the reason;
-no device (or none wired to that machine) closes it with 1011 and why, once the backlog is out.
+the node's console. A wrong or missing token closes the socket with code 1008 and the reason,
+and from an address that has sent too many wrong tokens any token gets 1013 (the HTTP API's
+429: bastion.api.deps.token_refusal); no device (or none wired to that machine) closes it with
+1011 and why, once the backlog is out.
 A message over MAX_MESSAGE_BYTES closes the socket with 1009 (`bastion serve` sets uvicorn's
 ws_max_size and ws_max_queue from these).
 """
@@ -23,8 +25,9 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response
 
 from bastion.api import jsonbody
-from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, admin_refusal
+from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, token_refusal
 from bastion.api.device import device_limiter
+from bastion.api.httpserver import AUTHENTICATED
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.device.hub import PowerTargetError
 from bastion.device.link import DeviceError
@@ -34,6 +37,7 @@ router = APIRouter(tags=["consoles"], route_class=StrictJsonRoute)
 AUTH_TIMEOUT_S = 10.0
 POLICY = 1008  # RFC 6455 7.4.1: policy violation (the token)
 UNAVAILABLE = 1011  # the server cannot: no device, no console wired
+TRY_AGAIN_LATER = 1013  # IANA's WebSocket close codes: too many wrong tokens from the address
 #: The largest WebSocket message taken (uvicorn's ws_max_size; its default is 16 MiB). A client
 #: sends a token message and keystrokes, a paste at most (the browser sends one as one message,
 #: `bastion console` reads 1 KiB at a time); the device types 96 bytes per request. Without it,
@@ -67,39 +71,45 @@ async def console_log(name: str, _: AdminDep, site: SiteDep, runtime: RuntimeDep
     return Response(data, media_type="text/plain")
 
 
-async def _authenticate(ws: WebSocket, runtime) -> str | None:
-    """None when the first message carries the right token, else why not."""
+async def _authenticate(ws: WebSocket, runtime) -> tuple[int, str] | None:
+    """None when the first message carries the right token, else the close code and why not."""
     try:
         msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
     except TimeoutError:
-        return f'no {{"token": ...}} message within {AUTH_TIMEOUT_S:g} s'
+        return POLICY, f'no {{"token": ...}} message within {AUTH_TIMEOUT_S:g} s'
     if msg.get("type") == "websocket.disconnect":
-        return "disconnected"
+        return POLICY, "disconnected"
     text = msg.get("text")
     if text is None:
-        return 'the first message must be a text frame {"token": "..."}'
+        return POLICY, 'the first message must be a text frame {"token": "..."}'
     try:
         given = jsonbody.loads(text).get("token")
     except (ValueError, AttributeError):  # BadJson is a ValueError
-        return 'the first message must be JSON {"token": "..."}'
+        return POLICY, 'the first message must be JSON {"token": "..."}'
     # stripped as an Authorization header's value is (HTTP drops the spaces around it)
-    refusal = admin_refusal(runtime.settings.api_token,
-                            given.strip() if isinstance(given, str) else None)
-    if refusal is not None:
-        runtime.metrics.auth_failures.inc()
-        return refusal[1]
-    return None
+    refusal = token_refusal(runtime, ws.scope, given.strip() if isinstance(given, str) else None)
+    if refusal is None:
+        return None
+    # the console page forgets a token refused with 1008: not a right one refused for a while
+    return (TRY_AGAIN_LATER if refusal[0] == 429 else POLICY), refusal[1]
 
 
 @router.websocket("/machines/{name}/console/stream")
 async def console_stream(ws: WebSocket, name: str) -> None:
     runtime = ws.app.state.runtime
     await ws.accept()
-    why = await _authenticate(ws, runtime)
-    if why is not None:
-        with contextlib.suppress(RuntimeError):  # the client may have gone already
-            await ws.close(POLICY, why[:120])
+    refused = await _authenticate(ws, runtime)
+    if refused is not None:
+        # the client may have gone already, or the server closed the socket to make room
+        # (bastion.api.httpserver): Starlette says so with WebSocketDisconnect, not a traceback
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close(refused[0], refused[1][:120])
         return
+    # until here the server may close the socket to make room for another connection, as one
+    # that has not sent its request yet (bastion.api.httpserver); not once it has the token
+    authenticated = ws.scope.get("extensions", {}).get(AUTHENTICATED)
+    if authenticated is not None:
+        authenticated()
     if runtime.holder.site.machine(name) is None:
         await ws.close(POLICY, f"no machine {name!r} in the site"[:120])
         return

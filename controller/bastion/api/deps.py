@@ -48,6 +48,14 @@ ATTRIBUTE_BACK_S = 300.0
 # before then, as before. Only requests that overlap wait (GroupCommit).
 COMMIT_INTERVAL_S = 0.004
 COMMIT_SMALL_BATCH = 16
+#: Wrong tokens one client address may send within TOKEN_FAILURE_WINDOW_S seconds: past them
+#: its token checks are answered 429 for the rest of that window, the right token's too
+#: (TokenFailures). A person who mistypes the token does not come near it; a program that
+#: guesses is held to TOKEN_FAILURES_LIMIT guesses a minute.
+TOKEN_FAILURES_LIMIT = 10
+TOKEN_FAILURE_WINDOW_S = 60.0
+#: Addresses whose failures are remembered at once: the table's bound (about 100 bytes each).
+TOKEN_FAILURE_ADDRESSES = 4096
 
 
 @dataclass
@@ -80,6 +88,9 @@ class Runtime:
     group_commit: GroupCommit | None = field(default=None, repr=False, compare=False)
     # bastion.api.device: the device's thread limiter and shared status, made at first use
     device_calls: Any = field(default=None, repr=False, compare=False)
+    # wrong tokens per client address: the management API's limit on guessing (token_refusal)
+    token_failures: TokenFailures = field(default_factory=lambda: TokenFailures(), repr=False,
+                                          compare=False)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.addresses.declared is None:  # a machine with `address:` is bound there only
@@ -274,6 +285,87 @@ def admin_refusal(
     return None
 
 
+class TokenFailures:
+    """Wrong tokens counted per client address, in fixed windows: an address's first wrong
+    token opens a window of `window` seconds, and once `limit` wrong tokens have come in it,
+    every token check of that address is refused until the window ends (retry_after). Right
+    tokens are never counted, and do not reset the count (a guesser that also holds the token
+    has nothing to guess). A window that has ended is forgotten when the next one opens, and
+    at most `capacity` are kept: a new one past that drops the oldest still open. Logged once
+    per window that reaches the limit.
+
+    Per address, so a host that guesses locks out the hosts behind the same address (a NAT, a
+    proxy not named in --trusted-proxies) for the rest of its window, and no one else."""
+
+    def __init__(self, limit: int = TOKEN_FAILURES_LIMIT, window: float = TOKEN_FAILURE_WINDOW_S,
+                 capacity: int = TOKEN_FAILURE_ADDRESSES, clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.limit = limit
+        self.window = window
+        self.capacity = capacity
+        self.clock = clock
+        # address -> [window start, wrong tokens in it]; in the order the windows started
+        self._windows: dict[str | None, list[float]] = {}
+        self._lock = threading.Lock()  # the checks run on the event loop, but cost nothing locked
+
+    def retry_after(self, address: str | None) -> int | None:
+        """Whole seconds until `address` may try a token again; None when it may now."""
+        with self._lock:
+            entry = self._windows.get(address)
+            if entry is None or entry[1] < self.limit:
+                return None
+            left = entry[0] + self.window - self.clock()
+            return math.ceil(left) if left > 0 else None
+
+    def failed(self, address: str | None) -> None:
+        """`address` sent a wrong token."""
+        now = self.clock()
+        with self._lock:
+            entry = self._windows.get(address)
+            if entry is None or now >= entry[0] + self.window:
+                self._windows.pop(address, None)  # a new window goes to the end of the order
+                self._make_room(now)
+                self._windows[address] = entry = [now, 0]
+            entry[1] += 1
+            reached = entry[1] == self.limit
+        if reached:
+            log.warning("%s sent %d wrong API tokens within %g s: its token checks are refused "
+                        "(429) for %d s", address, self.limit, self.window,
+                        math.ceil(entry[0] + self.window - now))  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def _make_room(self, now: float) -> None:
+        # the windows are in the order they started, so those that have ended come first
+        windows = self._windows
+        while windows:
+            address, (start, _) = next(iter(windows.items()))
+            if now < start + self.window and len(windows) < self.capacity:
+                return
+            del windows[address]  # ended, or the oldest still open while the table is full
+
+
+def token_refusal(runtime: Runtime, scope: dict[str, Any],
+                  given: str | None) -> tuple[int, str, dict[str, str]] | None:  # fmt: skip
+    """admin_refusal for a request (or WebSocket) from scope's client, under the limit on
+    wrong tokens (TokenFailures): 429 with Retry-After while its address is over it, whatever
+    the token. A wrong token is counted for the address; every refusal in
+    bastion_api_auth_failures."""
+    address = client_address(scope)
+    wait = runtime.token_failures.retry_after(address)
+    if wait is not None:
+        runtime.metrics.auth_failures.inc()
+        return 429, (f"too many wrong tokens from {address}: "
+                     f"try again in {wait} s"), {"Retry-After": str(wait)}  # fmt: skip
+    configured = runtime.settings.api_token
+    refusal = admin_refusal(configured, given)
+    if refusal is not None:
+        runtime.metrics.auth_failures.inc()
+        if configured is not None and given:  # a token, and not the one: a guess
+            runtime.token_failures.failed(address)
+    return refusal
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, else None."""
     scheme, _, given = (authorization or "").partition(" ")
@@ -282,14 +374,14 @@ def bearer_token(authorization: str | None) -> str | None:
 
 async def require_admin(
     runtime: RuntimeDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Every write, and every read of secrets, needs `Authorization: Bearer <token>`."""
-    refusal = admin_refusal(
-        runtime.settings.api_token, credentials.credentials if credentials else None
-    )
+    """Every write, and every read of secrets, needs `Authorization: Bearer <token>` (and an
+    address that has not sent too many wrong ones: token_refusal)."""
+    given = credentials.credentials if credentials else None
+    refusal = token_refusal(runtime, request.scope, given)
     if refusal is not None:
-        runtime.metrics.auth_failures.inc()
         raise HTTPException(*refusal)
 
 

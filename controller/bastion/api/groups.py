@@ -61,8 +61,14 @@ def get_group(gid: str, site: SiteDep) -> GroupOut:
     return group_out(_group(site, gid))
 
 
-@router.get("/{gid}/metadata", summary="A group's metadata (needs the token: may hold secrets)")
+@router.get("/{gid}/metadata", summary="A group's metadata as JSON (needs the token; not secret: "
+                                       "GET /metadata answers it to the group's machines)")  # fmt: skip
 def get_group_metadata(gid: str, site: SiteDep, _: AdminDep) -> dict[str, Any]:
+    """The group's metadata as the site files hold it. The token guards it less than it seems:
+    GET /metadata answers its keys and values (but lists and multi-line values) without a
+    token to any host that sends the group's selector, which GET /api/v1/groups shows, and
+    templates put it into /ignition and /generic. Secrets belong in the secret store, which
+    reaches a node only on its one-time Ignition URL."""
     return _group(site, gid).metadata
 
 

@@ -30,6 +30,8 @@ adds three bounds:
   flood (tens of thousands of connections a second here) reached a node's connection in the
   few milliseconds between its connect and its request; and with head-waiters alone, bodies
   that never finish and answers never read held every place, the management listener's too.
+  A console WebSocket (bastion.api.consoles) counts as a connection waiting for its head
+  until its client has shown the token, and as a busy one after.
 - send timeout: an answer whose client reads nothing for `send_timeout` seconds (the
   transport's buffer full all along) is given up and the connection closed.
 
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import re
 import resource
@@ -326,6 +329,69 @@ class BoundedHttpProtocol(GrubHttpToolsProtocol):
     def _make_room(self) -> None:
         make_room(self, self.bounds.max_connections)
 
+    def handle_websocket_upgrade(self) -> None:
+        # uvicorn hands the connection to its WebSocket protocol here: the bounded one, so that
+        # a socket that has not shown the token yet can be evicted as a silent connection can
+        if self.ws_protocol_class is not None:
+            self.ws_protocol_class = bounded_websocket(self.ws_protocol_class, self.on_close)
+        super().handle_websocket_upgrade()
+
+
+#: The ASGI scope extension a WebSocket's application calls once the client has shown the
+#: token (bastion.api.consoles): from then on the connection is not evicted to make room.
+AUTHENTICATED = "bastion.authenticated"
+
+
+class _BoundedWebSocket:
+    """A mixin over uvicorn's WebSocket protocol (whichever implementation it picked): the
+    socket waits on its client, as a connection waiting for a request head does, until its
+    application calls scope["extensions"][AUTHENTICATED](). The console's socket is accepted
+    before its token arrives (a browser cannot send it in the handshake), and it counts towards
+    the connection cap from the upgrade on: without this a host that opened sockets and sent no
+    token held places that make_room could not take back, for the token's whole timeout, and
+    new boot requests were refused meanwhile."""
+
+    on_close: ClassVar[Any] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting_since: float | None = time.monotonic()
+        app = self.app
+
+        async def marked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            scope.setdefault("extensions", {})[AUTHENTICATED] = self.authenticated
+            await app(scope, receive, send)
+
+        self.app = marked
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        # as every HTTP connection names its client, so that make_room counts the socket
+        # under the same address as that host's other connections
+        self.client = peer(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._waiting_since = None
+        super().connection_lost(exc)
+
+    def authenticated(self) -> None:
+        self._waiting_since = None
+
+    def _close(self, reason: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.on_close is not None:
+            self.on_close(reason)
+        self.transport.close()
+
+
+@functools.cache
+def bounded_websocket(protocol: type[asyncio.Protocol], on_close: Any) -> type[asyncio.Protocol]:
+    """uvicorn's WebSocket protocol class `protocol` with _BoundedWebSocket over it (one class
+    per pair, made at the first upgrade)."""
+    attributes = {"on_close": staticmethod(on_close) if on_close else None}
+    return type(f"Bounded{protocol.__name__}", (_BoundedWebSocket, protocol), attributes)
+
 
 def make_room(new: Any, max_connections: int) -> None:
     """Over the cap: of the connections waiting on their client (`new` too) - for a request
@@ -334,8 +400,9 @@ def make_room(new: Any, max_connections: int) -> None:
     address's, one waiting for a head first: a host that floods the controller recycles its
     own connections, and another host's, however long it takes to send its head, stays. When
     that is the new one, or every other is busy, the new one is closed instead. A connection
-    here is either protocol of this module: its transport, client, _waiting_since, _body_since
-    and _stalled_since (None when not waiting so) and _close(reason)."""
+    here is either protocol of this module, or a WebSocket (_BoundedWebSocket): its transport,
+    client, _waiting_since, _body_since and _stalled_since (None or absent when not waiting so)
+    and _close(reason)."""
     open_, per_address, waiting = 0, {}, []
     for c in new.connections:
         if c.transport is None or c.transport.is_closing():

@@ -7,8 +7,9 @@ unauthenticated 200 MB PUT was read into memory (202 -> 807 MB) before its 401, 
 ASGI middleware in front of the application, decides from the request head:
 
 1. A write to the management API (a path under /api/, any method but GET, HEAD and OPTIONS)
-   without the right token is refused at once, 401 or 403, in the words of every handler
-   (bastion.api.deps.admin_refusal): the body is never read.
+   without the right token is refused at once, 401 or 403, in the words of every handler, or
+   429 from an address that has sent too many wrong tokens (bastion.api.deps.token_refusal):
+   the body is never read.
 2. A body over its route's limit is refused with 413 at once when its Content-Length says so;
    a body without one (chunked) is read up to the limit and refused at the first byte past it.
    Either way at most `limit` bytes of it are ever held. A route that parses its body as it
@@ -29,7 +30,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from bastion.api.deps import Runtime, admin_refusal, bearer_token
+from bastion.api.deps import Runtime, bearer_token, token_refusal
 
 #: The public routes that take a body, and their limits (bytes). Everything else: --max-body.
 BODY_LIMITS = {
@@ -70,9 +71,8 @@ class BodyLimits:
         if scope["method"] not in _READS and path.startswith("/api/"):
             authorization = _header(scope, b"authorization")
             given = bearer_token(authorization.decode("latin-1") if authorization else None)
-            refusal = admin_refusal(self.runtime.settings.api_token, given)
+            refusal = token_refusal(self.runtime, scope, given)
             if refusal is not None:
-                self.runtime.metrics.auth_failures.inc()
                 await _refuse(send, *refusal)
                 return
         limit = BODY_LIMITS.get(path, self.runtime.settings.max_body)

@@ -75,7 +75,8 @@ async def reload(runtime: RuntimeDep, _: AdminDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if outcome.ok else 422)
 
 
-@router.get("/api/v1/auth", summary="Check a token: 200 with the right one, 401 without (needs the token)")
+@router.get("/api/v1/auth", summary="Check a token: 200 with the right one, 401 without, 429 after "
+                                   "too many wrong ones from the address (needs the token)")  # fmt: skip
 def check_token(_: AdminDep) -> dict[str, bool]:
     # The dashboard's log-in asks this before it keeps a token: nothing else is done or shown.
     return {"ok": True}

@@ -71,7 +71,7 @@ def test_the_schema_gives_the_tokens_refusals_for_every_operation_that_needs_it(
                for method, op in ops.items() if op.get("security")}  # fmt: skip
     assert ("POST", "/api/v1/reload") in needing and ("GET", "/api/v1/auth") in needing
     for op in needing.values():
-        assert {"401", "403"} <= set(op["responses"]), op["operationId"]
+        assert {"401", "403", "429"} <= set(op["responses"]), op["operationId"]
         assert op["responses"]["401"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Refusal"}
     # what they say is what the controller answers (this one has a token, so: 401)
     r = client.get("/api/v1/auth")
