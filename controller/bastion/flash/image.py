@@ -876,11 +876,11 @@ def machine_check(impl: dict, board: BoardDef) -> tuple[list[str], list[str]]:
     ]  # fmt: skip
 
 
-def running_board_refusal(port: str, running_board: str, board: BoardDef) -> FlashError:
-    """The firmware running on the device names another board than the one being flashed."""
+def _other_board_why(other_board: str, board: BoardDef) -> str:
+    """What flashing `board` onto a device that is `other_board` would do, by their chips."""
     why = "another board's pins and Ethernet chip"
     try:
-        other = board_definition(running_board).defn.get("mcu")
+        other = board_definition(other_board).defn.get("mcu")
     except FlashError:
         other = None
     mcu = board.defn.get("mcu")
@@ -889,12 +889,40 @@ def running_board_refusal(port: str, running_board: str, board: BoardDef) -> Fla
                if other.lower() != mcu.lower() else
                f"the same chip ({mcu.upper()}) with another Ethernet chip or pins: the firmware "
                "would not come up on the network")  # fmt: skip
+    return why
+
+
+def _other_board_refusal(other_board: str, board: BoardDef) -> str:
+    return (f"refusing to flash: nothing was written. If it is a {other_board}, flash it with "
+            f"--board {other_board}; if the board file flashed onto it before was the wrong one "
+            f"and it is a {board.name}, flash with {BOARD_MISMATCH_FLAG}")  # fmt: skip
+
+
+def running_board_refusal(port: str, running_board: str, board: BoardDef) -> FlashError:
+    """The firmware running on the device names another board than the one being flashed."""
     return FlashError([
         (f"the firmware running on {port} says it is board {running_board} (its hello), and "
-         f"this flash is for board {board.name}: {why}"),
-        (f"refusing to flash: nothing was written. If it is a {running_board}, flash it with "
-         f"--board {running_board}; if the board file flashed onto it before was the wrong one "
-         f"and it is a {board.name}, flash with {BOARD_MISMATCH_FLAG}"),
+         f"this flash is for board {board.name}: {_other_board_why(running_board, board)}"),
+        _other_board_refusal(running_board, board),
+    ])  # fmt: skip
+
+
+def device_board_name(board_json: str | bytes | None) -> str | None:
+    """The board the board.json on the device names; None when it cannot be read as one."""
+    defn = _json_or_none(board_json)
+    name = defn.get("name") if isinstance(defn, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def device_board_refusal(port: str, device_board: str, board: BoardDef) -> FlashError:
+    """The board.json on the device names another board than the one being flashed, and no
+    firmware said which board it is (MicroPython alone, a hung firmware): that file is the
+    board's identity then, as the firmware's hello is when it answers."""
+    return FlashError([
+        (f"the board.json on the device on {port} says it is board {device_board} (no firmware "
+         f"answered to say which board it is), and this flash is for board {board.name}: "
+         f"{_other_board_why(device_board, board)}"),
+        _other_board_refusal(device_board, board),
     ])  # fmt: skip
 
 

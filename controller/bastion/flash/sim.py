@@ -307,8 +307,11 @@ def blank_note(flash: Path) -> str | None:
 @click.option("--dress-mpy", "dress_mpy", type=int, metavar="N",
               help="Its sys.implementation._mpy [default: from the board file, or from the "
                    "release for 1.19 and later].")  # fmt: skip
+@click.option("--dress-machine", "dress_machine", metavar="TEXT",
+              help="Its sys.implementation._machine, e.g. another board's build [default: the "
+                   "board file's micropython.machine].")  # fmt: skip
 def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, serial_link,
-                no_install, dress_as, dress_version, dress_mpy):  # fmt: skip
+                no_install, dress_as, dress_version, dress_mpy, dress_machine):  # fmt: skip
     """Run the device firmware on the MicroPython unix port (the sim board), in the foreground.
 
     The board's serial line is a pseudo-terminal (its path is printed first) that the
@@ -324,11 +327,13 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
             if board_file is None:
                 raise SimError(f"--dress-as {dress_as}: unknown board (boards: "
                                f"{', '.join(paths.board_names())})")  # fmt: skip
-            dress = Dress(json.loads(board_file.read_text()), dress_version, dress_mpy)
+            dress = Dress(json.loads(board_file.read_text()), dress_version, dress_mpy,
+                          dress_machine)  # fmt: skip
             if board == "sim":
                 board = dress_as
-        elif dress_version or dress_mpy is not None:
-            raise SimError("--dress-micropython and --dress-mpy go with --dress-as BOARD")
+        elif dress_version or dress_mpy is not None or dress_machine:
+            raise SimError("--dress-micropython, --dress-mpy and --dress-machine go with "
+                           "--dress-as BOARD")  # fmt: skip
         if not no_install:
             install_firmware(flash, board)
         if not (flash / "board.json").exists():
@@ -360,7 +365,8 @@ def sim_command(flash, listen, dhcp_port, pxe_port, tftp_port, heap, board, seri
     )
     emit({"ev": "sim", "serial": sup.path, "flash": str(flash),
           **({"dressed_as": dress.name, "micropython": dress.version, "mpy": dress.mpy,
-              "watchdog_ms": dress.wdt_timeout_ms} if dress else {})})  # fmt: skip
+              "machine": dress.machine, "watchdog_ms": dress.wdt_timeout_ms}
+             if dress else {})})  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sup.stop())
     sup.run()

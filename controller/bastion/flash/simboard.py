@@ -82,7 +82,9 @@ def _firmware_tty_mode(fd: int) -> None:
 
 # The stand-in `sys` of a dressed sim board's REPL, run with `micropython -i -c`: sys.modules
 # takes it before the built-in module, so `import sys` in what a client runs gets it. Its
-# implementation and platform are the dressed board's; everything else is the real sys.
+# implementation and platform are the dressed board's; everything else is the real sys. Its
+# _machine is the stand-in's too: the board file's micropython.machine (standin_machine), not
+# read from any chip, so a flash of the dressed board is checked as one of that board's builds.
 _SYS_STANDIN = """\
 import sys
 class _DressImpl:
@@ -109,15 +111,31 @@ class DressError(ValueError):
     pass
 
 
+def standin_machine(board: dict) -> str:
+    """The stand-in's sys.implementation._machine: what the board file's micropython.machine
+    says the board's own MicroPython ends it with (a whole "<board> with <chip>" first), so
+    that flashing takes the dressed sim board for that board's build and warns of none; the
+    stand-in's own words for a board file that lists none. Where the file lists the chip
+    alone, a real board's _machine says the board's name before it too."""
+    entries = [e for e in (board.get("micropython") or {}).get("machine") or []
+               if isinstance(e, str) and e.strip()]  # fmt: skip
+    if not entries:
+        return f"sim board dressed as {board.get('name')} (a stand-in)"
+    whole = [e for e in entries if " with " in e]
+    return (whole or entries)[0]
+
+
 class Dress:
     """The sim board dressed as a real board (the module docstring): a stand-in for what
     flashing reads of that board, built from its definition (boards/NAME.json).
 
     version: the MicroPython release its sys.implementation says (default: the newest the
     board file lists); mpy: its sys.implementation._mpy (default: the board file's for the
-    releases it lists, else mpy_for_release)."""
+    releases it lists, else mpy_for_release); machine: its sys.implementation._machine
+    (default: standin_machine)."""
 
-    def __init__(self, board: dict, version: str | None = None, mpy: int | None = None):
+    def __init__(self, board: dict, version: str | None = None, mpy: int | None = None,
+                 machine: str | None = None):  # fmt: skip
         mp = board.get("micropython")
         wd = board.get("watchdog") or {}
         if not mp or wd.get("kind") != "hardware":
@@ -146,6 +164,7 @@ class Dress:
                     "older carry port-dependent feature flags)"
                 )
         self.mpy = mpy
+        self.machine = machine or standin_machine(board)
         self.platform = mp["port"]
         timeout = wd["timeout_ms"]
         if wd.get("max_timeout_ms"):
@@ -156,7 +175,7 @@ class Dress:
         """MicroPython source that puts the dressed board's sys in place (see _SYS_STANDIN)."""
         return _SYS_STANDIN.format(
             version=self.version_tuple + ("",),
-            machine=f"sim board dressed as {self.name} (a stand-in)",
+            machine=self.machine,
             mpy=self.mpy,
             build=self.board["micropython"].get("board", ""),
             platform=self.platform,

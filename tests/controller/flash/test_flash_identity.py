@@ -1,21 +1,28 @@
-"""`bastion flash` and which board the device is: the running firmware's hello names its board,
-and the board's MicroPython names its board and chip in sys.implementation._machine. Another
-chip, another board file's build, or a running firmware of another board is refused unless
+"""`bastion flash` and which board the device is: the running firmware's hello names its board
+(with no firmware answering, the board.json on the flash does), and the board's MicroPython
+names its board and chip in sys.implementation._machine. Another chip, another board file's
+build, or a running firmware or board.json of another board is refused unless
 --board-mismatch-ok.
 
-The dressed sim board's stand-in sys says "sim board dressed as <board> (a stand-in)" for
-_machine (bastion.flash.simboard.Dress), never a chosen one, so machine_check is tested on probe
-dicts as the probe (bastion.flash.onboard.impl) returns them; the running firmware's board is
-tested end to end on a dressed board."""
+machine_check is tested on probe dicts as the probe (bastion.flash.onboard.impl) returns them;
+the dressed sim board's stand-in sys says the board file's own _machine, or another with
+--dress-machine (bastion.flash.simboard.Dress), for the warning end to end. The running
+firmware's board and the board.json's are tested end to end on dressed boards."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from bastion.flash import image as flashing
-from simkit import RelayWatch
-from test_flash import make_site, small_tftp
+from simkit import RelayWatch, SimProcess
+from test_flash import SITE_YAML, make_site, small_tftp
 from test_flash_board import BOARD, bastion, channel_on, dressed, resets
+
+REPO = Path(__file__).resolve().parents[3]
+# every channel's default on: a first flash of a board with MicroPython alone (its NC relays
+# undriven, so on) switches none (test_flash_safety_board.py)
+SITE_ON = SITE_YAML.replace("      default: off", "      default: on")
 
 W5500 = flashing.board_definition("w5500-evb-pico")
 W5100S = flashing.board_definition("w5100s-evb-pico")
@@ -133,3 +140,106 @@ def test_a_running_firmware_of_another_board_is_refused_before_it_is_stopped(tmp
         assert r.returncode == 0, r.stdout + r.stderr
         assert "flashing as asked (--board-mismatch-ok)" in r.stderr, r.stderr
     assert json.loads((flash / "board.json").read_text())["name"] == "w5100s-evb-pico"
+
+
+def micropython_alone(flash: Path, link: Path, board_json: str, *dress: str) -> SimProcess:
+    """A sim board dressed as BOARD with MicroPython alone on its flash (no firmware to answer a
+    hello) and boards/<board_json>.json as the board.json an earlier flash left there."""
+    flash.mkdir(parents=True)
+    (flash / "board.json").write_bytes((REPO / "boards" / f"{board_json}.json").read_bytes())
+    board = SimProcess(flash, link, None, ("--dress-as", BOARD, "--no-install", *dress),
+                       blank=True)  # fmt: skip
+    board.wait(lambda e: e.get("ev") == "sim")
+    return board
+
+
+def test_a_board_json_of_another_board_is_refused_when_no_firmware_answers(tmp_path):
+    # only the hello was compared: a board with MicroPython alone whose board.json said
+    # w5100s-evb-pico was flashed as a w5500-evb-pico without a word
+    flash = tmp_path / "pico"
+    site = make_site(tmp_path / "site", SITE_ON)
+    args = ["flash", "--port", "", "--board", BOARD, "--site", str(site), "--tftp-dir",
+            str(small_tftp(tmp_path / "tftp"))]  # fmt: skip
+    board = micropython_alone(flash, tmp_path / "ttyACM0", "w5100s-evb-pico")
+    try:
+        args[2] = str(board.link)
+        r = bastion(*args)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "  no answer (firmware not running?)" in r.stdout, r.stdout
+        assert (f"the board.json on the device on {board.link} says it is board w5100s-evb-pico "
+                "(no firmware answered to say which board it is), and this flash is for board "
+                f"{BOARD}: the same chip (RP2040) with another Ethernet chip or pins: the "
+                "firmware would not come up on the network") in r.stderr, r.stderr  # fmt: skip
+        assert ("refusing to flash: nothing was written. If it is a w5100s-evb-pico, flash it "
+                "with --board w5100s-evb-pico; if the board file flashed onto it before was the "
+                f"wrong one and it is a {BOARD}, flash with --board-mismatch-ok") in r.stderr
+        assert sorted(p.name for p in flash.iterdir()) == ["board.json"]  # nothing written
+
+        r = bastion(*args, "--board-mismatch-ok")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ("says it is board w5100s-evb-pico (no firmware answered to say which board it "
+                "is), and this flash is for board w5500-evb-pico: the same chip (RP2040) with "
+                "another Ethernet chip or pins: the firmware would not come up on the network; "
+                "flashing as asked (--board-mismatch-ok)") in r.stderr, r.stderr  # fmt: skip
+    finally:
+        board.stop()
+    assert json.loads((flash / "board.json").read_text())["name"] == BOARD
+
+
+def test_a_board_json_of_the_board_itself_passes_and_so_does_an_unreadable_one(tmp_path):
+    # the board.json check must not refuse what it cannot read (a broken file: the firmware
+    # itself runs the `unknown` board then) nor the board's own file
+    flash = tmp_path / "pico"
+    site = make_site(tmp_path / "site", SITE_ON)
+    board = micropython_alone(flash, tmp_path / "ttyACM0", BOARD)
+    (flash / "board.json").write_text("{not json")
+    try:
+        r = bastion("flash", "--port", str(board.link), "--board", BOARD, "--site", str(site),
+                    "--tftp-dir", str(small_tftp(tmp_path / "tftp")))  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "board.json on the device" not in r.stderr, r.stderr
+    finally:
+        board.stop()
+    assert flashing.device_board_name(b"{not json") is None
+    assert flashing.device_board_name(b'{"name": 7}') is None
+    assert flashing.device_board_name(b'{"name": "sim"}') == "sim"
+
+
+def test_every_board_a_sim_can_be_dressed_as_passes_the_machine_check_as_itself():
+    from bastion.flash.simboard import Dress
+
+    for b in (W5500, W5100S, ESP32_POE):
+        dress = Dress(b.defn)
+        impl = probe_impl(dress.machine, dress.platform)
+        assert flashing.machine_check(impl, b) == ([], []), (b.name, dress.machine)
+    assert Dress(W5500.defn, machine="Raspberry Pi Pico with RP2040").machine == (
+        "Raspberry Pi Pico with RP2040")
+
+
+MACHINE_WARNING = "(sys.implementation._machine), not what board w5500-evb-pico's board file expects"
+
+
+def test_a_dressed_board_says_its_board_files_machine_and_only_another_build_is_warned_of(tmp_path):
+    # every flash of a dressed board warned that its MicroPython names 'sim board dressed as
+    # w5500-evb-pico (a stand-in)', a build no board file knows: a warning that was never true
+    # of the board it stood in for
+    site = make_site(tmp_path / "site", SITE_ON)
+    tftp = small_tftp(tmp_path / "tftp")
+
+    def flash_dressed(name: str, *dress: str):
+        board = micropython_alone(tmp_path / name, tmp_path / f"tty-{name}", BOARD, *dress)
+        try:
+            r = bastion("flash", "--port", str(board.link), "--board", BOARD, "--site", str(site),
+                        "--tftp-dir", str(tftp))  # fmt: skip
+        finally:
+            board.stop()
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    own = flash_dressed("own")
+    assert "_machine" not in own.stderr, own.stderr
+    assert ("the device runs micropython 1.28.0 on rp2 (W5500-EVB-Pico with RP2040), .mpy 6.3 "
+            "armv6m") in own.stdout, own.stdout  # fmt: skip
+    pico = flash_dressed("pico", "--dress-machine", "Raspberry Pi Pico with RP2040")
+    assert ("the device's MicroPython names 'Raspberry Pi Pico with RP2040' "
+            + MACHINE_WARNING) in pico.stderr, pico.stderr  # fmt: skip
