@@ -49,6 +49,7 @@ class SimProcess:
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         self.seen_at: list[float] = []  # time.monotonic() when each of `seen` arrived
+        self.said: list[str] = []  # its last lines that are not events (a traceback), for failures
         self.tftp_port = 69 if netns else free_udp_port()  # where a node fetches its boot file
         self.dhcp_port = 67 if netns else free_udp_port()
         self.pxe_port = 4011 if netns else free_udp_port()
@@ -61,13 +62,15 @@ class SimProcess:
                "--serial-link", str(link), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self):
         for line in self.proc.stdout:
             try:
                 ev = json.loads(line)
             except ValueError:
+                self.said = [*self.said[-39:], line.decode(errors="replace").rstrip()]
                 continue
             self.seen_at.append(time.monotonic())
             self.seen.append(ev)
@@ -79,7 +82,10 @@ class SimProcess:
             try:
                 ev = self.events.get(timeout=0.5)
             except queue.Empty:
-                assert self.proc.poll() is None, f"bastion sim exited: {self.seen}"
+                if self.proc.poll() is not None:
+                    self._reader.join(timeout=2)  # its last words, read to the end
+                    raise AssertionError(f"bastion sim exited ({self.proc.returncode}): "
+                                         f"{self.seen}\n" + "\n".join(self.said))  # fmt: skip
                 continue
             if pred(ev):
                 return ev

@@ -79,8 +79,13 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     from the checkout's virtualenv by a plain path entry (no .pth of that environment runs, so
     its editable `bastion` stays out): only the wheel provides bastion."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ and the egg-info into the tree it builds, which
+    # the checkout's other tests (another pytest worker) read at the same time
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "var", "web", "build", "*.egg-info", "__pycache__", ".*_cache"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"),
-                        str(REPO)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                        str(src)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     wheel = next((tmp / "dist").glob("edge_bastion-*.whl"))
     env_dir = tmp / "venv"
