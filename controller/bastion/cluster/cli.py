@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from bastion.settings import secrets_option
+
 if TYPE_CHECKING:
     from bastion.model import Site
     from bastion.state.secrets import SecretMissing, SecretStore
@@ -45,10 +47,14 @@ def cluster_group() -> None:
 
 @cluster_group.command("nodes")
 @_SITE
+@secrets_option
 @_JSON
-def nodes(site_dir: Path, as_json: bool) -> None:
-    """Each node: role, architecture, how it joins, its disk and tunnel address."""
-    site = _load(site_dir)
+def nodes(site_dir: Path, secrets_dir: Path | None, as_json: bool) -> None:
+    """Each node: role, architecture, how it joins, its disk and tunnel address.
+
+    Which server starts the cluster, and the tunnel addresses that went out, are the records of
+    the secret store (--secrets, as serve's; the service's: /var/lib/edge-bastion/secrets/<site>)."""
+    site = _load(site_dir, secrets_dir)
     rows = []
     for m in site.cluster_nodes:
         n = m.node
@@ -78,8 +84,7 @@ def nodes(site_dir: Path, as_json: bool) -> None:
 
 @cluster_group.command("peers")
 @_SITE
-@click.option("--secrets-dir", envvar="BASTION_SECRETS_DIR", type=click.Path(file_okay=False, path_type=Path),
-              help="The controller's secret store [default: $XDG_STATE_HOME/edge-bastion/secrets/<site>].")  # fmt: skip
+@secrets_option
 @_JSON
 def peers(site_dir: Path, secrets_dir: Path | None, as_json: bool) -> None:
     """The management side's [Peer] sections, one per node with a tunnel.
@@ -114,18 +119,12 @@ def peers(site_dir: Path, secrets_dir: Path | None, as_json: bool) -> None:
 
 # --- bastion tunnel ------------------------------------------------------------------------------
 
-_SECRETS = click.option(
-    "--secrets-dir", envvar="BASTION_SECRETS_DIR", type=click.Path(file_okay=False, path_type=Path),
-    help="The controller's secret store [default: $XDG_STATE_HOME/edge-bastion/secrets/<site>; "
-         "the service's: /var/lib/edge-bastion/secrets/<site>].",
-)  # fmt: skip
-
 
 def _service_store(site_name: str) -> Path:
     """Where `bastion install-service`'s unit keeps the site's secret store."""
-    from bastion.service import STATE_DIR
+    from bastion import service
 
-    return Path(STATE_DIR) / "secrets" / site_name
+    return Path(service.secrets_dir(site_name))
 
 
 def _make_keys(store: SecretStore, site: Site, controller: bool = True) -> list[str]:
@@ -192,7 +191,7 @@ def tunnel_group() -> None:
 
 @tunnel_group.command("make-keys")
 @_SITE
-@_SECRETS
+@secrets_option
 def make_keys(site_dir: Path, secrets_dir: Path | None) -> None:
     """Make the tunnel keys missing from the secret store: the controller host's (with
     cluster.wireguard.controller) and each tunnelled node's.
@@ -218,7 +217,7 @@ def make_keys(site_dir: Path, secrets_dir: Path | None) -> None:
 
 @tunnel_group.command("show")
 @_SITE
-@_SECRETS
+@secrets_option
 @_JSON
 def tunnel_show(site_dir: Path, secrets_dir: Path | None, as_json: bool) -> None:
     """The controller host's tunnel: interface, address, public key, and the management side.
@@ -252,7 +251,7 @@ def tunnel_show(site_dir: Path, secrets_dir: Path | None, as_json: bool) -> None
 
 @tunnel_group.command("controller-config")
 @_SITE
-@_SECRETS
+@secrets_option
 def controller_config(site_dir: Path, secrets_dir: Path | None) -> None:
     """The controller host's wg-quick config (/etc/wireguard/<interface>.conf).
 

@@ -95,6 +95,14 @@ def test_rpi4_firmware_finds_the_pis_of_the_site_loaded_with_the_given_store(lab
     assert refused_for_gone_server(str(e.value), chosen), e.value
 
 
+def test_cluster_nodes_says_who_starts_the_cluster_as_the_store_given_says(lab, chosen):
+    # "starts or joins" is the store's record once a config went out, not the file's order
+    assert bastion("cluster", "nodes", "--site", str(lab), "--json").exit_code == 0
+    r = bastion("cluster", "nodes", "--site", str(lab), "--secrets", str(chosen), "--json")
+    assert r.exit_code == 1, r.output
+    assert refused_for_gone_server(r.output, chosen), r.output
+
+
 def test_rpi4_firmware_command_takes_the_store(lab, chosen, tmp_path):
     # refused while finding the site's Pis, before anything is downloaded: no mirror is needed
     r = bastion("assets", "fetch", "rpi4-uefi", "--site", str(lab), "--secrets", str(chosen),
