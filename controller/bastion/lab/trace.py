@@ -9,7 +9,7 @@ import hashlib
 import urllib.parse
 
 # The lab reads its boots through this module: trace.timeline, trace.first, trace.Step.
-from bastion.state.boottrace import Step, _payload, first, node_addresses, timeline
+from bastion.state.boottrace import Step, first, node_addresses, payload, timeline
 
 __all__ = ["Step", "check_callback", "digest_of", "expected_files", "first", "node_addresses",
            "timeline"]
@@ -53,7 +53,7 @@ def digest_of(files: dict[str, str]) -> str:
 
 def check_callback(callback: dict, ignition: dict) -> list[str]:
     """What is wrong with a node's report against its Ignition config (empty: all good)."""
-    p = _payload(callback)
+    p = payload(callback)
     problems = []
     if p.get("status") != "ok":
         problems.append(f"status {p.get('status')!r}: {p.get('message', '')}")

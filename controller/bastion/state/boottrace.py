@@ -28,7 +28,8 @@ class Step:
     event: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
-def _payload(e: dict) -> dict:
+def payload(e: dict) -> dict:
+    """An event's payload, {} for none."""
     return e.get("payload") or {}
 
 
@@ -65,8 +66,8 @@ def declared_address(events: list[dict], mac: str, name: str,
     for e in events:
         if e.get("mac") != mac and e.get("machine") != name:
             continue
-        if _payload(e).get("declared_address"):
-            return _payload(e)["declared_address"]
+        if payload(e).get("declared_address"):
+            return payload(e)["declared_address"]
     return None
 
 
@@ -88,7 +89,7 @@ def timeline(events: list[dict], mac: str, name: str, from_power: bool = True,
         steps.append(Step(round(e["ts"] - start, 2), stage, detail, e))
 
     for e in events:
-        p, kind, src = _payload(e), e.get("kind"), e.get("source")
+        p, kind, src = payload(e), e.get("kind"), e.get("source")
         mine = e.get("mac") == mac or e.get("machine") == name or p.get("client") in ips
         if kind == "power" and src == "device" and e.get("machine") == name:
             add(e, f"power {p.get('state')}", f"relay channel {p.get('ch')} ({p.get('why')})")

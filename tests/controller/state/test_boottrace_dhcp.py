@@ -7,10 +7,6 @@ compare with. Also: the module defines each of its names once."""
 
 from __future__ import annotations
 
-import ast
-import collections
-from pathlib import Path
-
 from bastion.state import boottrace
 from bastion_testkit import auth
 
@@ -81,12 +77,3 @@ def test_the_machines_timeline_route_marks_a_spoofed_dhcp_event(site_dir, client
     steps = c.get("/api/v1/machines/node1/timeline").json()["steps"]
     assert [(s["stage"], s["detail"]) for s in steps][1:] == [
         ("proxy offer", f"ack on port 4011: arch 7, boot file ipxe.efi{MARK}")]
-
-
-def test_the_module_defines_each_name_once():
-    # ruff's F811 passes over a redefined name that starts with "_" (its dummy-variable rule),
-    # so a second `def _payload` was not reported
-    tree = ast.parse(Path(boottrace.__file__).read_text())
-    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    twice = [name for name, n in collections.Counter(names).items() if n > 1]
-    assert twice == [], twice
