@@ -45,7 +45,7 @@ from bastion.device.consoles import ConsoleLogs
 from bastion.logship.shipper import Shipper
 from bastion.metrics import Metrics
 from bastion.operator.runner import Operator
-from bastion.settings import Settings, default_db_path
+from bastion.settings import Settings, default_db_path, proxy_problems
 from bastion.site.holder import ReloadOutcome, SiteHolder
 from bastion.state.events import EventStore
 from bastion.state.install import InstallMarks
@@ -132,7 +132,10 @@ def create_app(settings: Settings) -> FastAPI:
     # Every load of the site (the first, reloads, edits) reads what went out (bastion.state.ledger)
     # from the store the one-time URLs make secrets in (runtime.secrets below): --secrets, else
     # load_site's default, which is secrets_dir(<site name>) as runtime.secrets's is.
-    holder = SiteHolder(settings.site_dir, on_reload=on_reload, secrets=settings.secrets_dir)
+    # A machine's `address:` inside --trusted-proxies is refused at every load, not only at
+    # start: any host the entry covers could name that machine in X-Forwarded-For.
+    holder = SiteHolder(settings.site_dir, on_reload=on_reload, secrets=settings.secrets_dir,
+                        check=lambda site: proxy_problems(settings.trusted_proxies, site.machines)[0])  # fmt: skip
     # The site's own history unless --db names one; bounded (--history-days, --history-events,
     # --history-size).
     db_path = settings.db_path or default_db_path(holder.site.name, settings.site_dir)

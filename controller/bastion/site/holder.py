@@ -240,11 +240,16 @@ class EditConflict(Exception):
 
 class SiteHolder:
     def __init__(self, root: Path, on_reload: Callable[[ReloadOutcome], None] | None = None,
-                 secrets: Path | str | None = None):  # fmt: skip
+                 secrets: Path | str | None = None,
+                 check: Callable[[Site], list[str]] | None = None):  # fmt: skip
         """`secrets`: the secret store every load of the site reads the cluster's records from
-        (`bastion serve --secrets`; None: load_site's default). Loads never write it."""
+        (`bastion serve --secrets`; None: load_site's default). Loads never write it.
+        `check`: the problems a loaded site has with what the process was started with (serve's
+        options), which make every load fail as the site's own problems do: the first, a
+        reload (the old site keeps serving) and an edit (refused, nothing written)."""
         self.root = Path(root)
         self.secrets = secrets
+        self.check = check
         self.on_reload = on_reload
         self._lock = threading.Lock()
         finish_interrupted_edit(self.root)
@@ -258,7 +263,11 @@ class SiteHolder:
     def load(self, overlay: dict[str, bytes | None] | None = None) -> Site:
         """The site as its files (with `overlay`) load now, with this holder's secret store;
         nothing is swapped in. Raises SiteError."""
-        return load_site(self.root, overlay=overlay, secrets=self.secrets)
+        site = load_site(self.root, overlay=overlay, secrets=self.secrets)
+        problems = self.check(site) if self.check is not None else []
+        if problems:
+            raise SiteError(problems)
+        return site
 
     def _report(self, outcome: ReloadOutcome) -> ReloadOutcome:
         if self.on_reload is not None:

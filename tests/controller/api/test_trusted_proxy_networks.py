@@ -42,7 +42,33 @@ def test_a_trusted_network_is_warned_of(serve, tmp_path):
     assert "--trusted-proxies 127.0.0.1/32" not in log  # one address is what it should be
 
 
-def test_a_reloaded_address_inside_a_trusted_network_is_not_believed(serve, tmp_path):
+def test_a_reload_or_edit_that_puts_a_machine_inside_a_trusted_entry_is_refused(serve, tmp_path):
+    site = secret_site(tmp_path)
+    server = serve(site, args=("--trusted-proxies", "127.0.0.1", "--secrets", str(tmp_path / "secrets")))
+    # the node behind the proxy at 127.0.0.1: its one-time URL
+    status, body = get(server.port, f"/ipxe?mac={MAC}", NODE)
+    assert status == 200 and b"ignition?token=" in body, body
+    # the file now gives n1 the proxy's own address: it could name any machine as the client
+    machines = site / "machines.yaml"
+    machines.write_text(machines.read_text().replace(NODE, "127.0.0.1"))
+    r = httpx.post(server.url + "/api/v1/reload", headers=auth(), timeout=30)
+    # it was 200: the check ran at start only
+    assert r.status_code == 422, r.text
+    assert "--trusted-proxies 127.0.0.1/32 holds machine n1's address 127.0.0.1" in r.text, r.text
+    # the old site keeps serving: n1 is still at its address
+    status, body = get(server.port, f"/ipxe?mac={MAC}", NODE)
+    assert status == 200 and b"ignition?token=" in body, body
+    # an edit through the API is refused alike, and nothing is written
+    machines.write_text(machines.read_text().replace("127.0.0.1", NODE))
+    before = machines.read_text()
+    r = httpx.patch(server.url + "/api/v1/machines/n1", headers=auth(),
+                    json={"address": "127.0.0.1"}, timeout=30)  # fmt: skip
+    assert r.status_code == 422, r.text
+    assert "holds machine n1's address 127.0.0.1" in r.text, r.text
+    assert machines.read_text() == before
+
+
+def test_a_forwarded_address_inside_a_trusted_network_is_not_believed(serve, tmp_path):
     site = secret_site(tmp_path)
     server = serve(
         site, args=("--trusted-proxies", "127.0.0.0/8", "--secrets", str(tmp_path / "secrets"))
@@ -50,13 +76,8 @@ def test_a_reloaded_address_inside_a_trusted_network_is_not_believed(serve, tmp_
     # the node outside the trusted network, through the proxy at 127.0.0.1: its one-time URL
     status, body = get(server.port, f"/ipxe?mac={MAC}", NODE)
     assert status == 200 and b"ignition?token=" in body, body
-    # a reload gives n1 an address inside 127.0.0.0/8, where any host could name it
-    machines = site / "machines.yaml"
-    machines.write_text(machines.read_text().replace(NODE, "127.0.0.21"))
-    r = httpx.post(server.url + "/api/v1/reload", headers=auth(), timeout=30)
-    assert r.status_code == 200, r.text
+    # a host inside the network names itself: no machine's, and not believed either
     status, body = get(server.port, f"/ipxe?mac={MAC}", "127.0.0.21")
-    # it was 200, the one-time Ignition URL handed to whoever wrote that header
     assert status == 403 and b"this request came from an unknown address" in body, body
     assert b"token=" not in body
     assert (
