@@ -91,6 +91,8 @@ class Runtime:
     # wrong tokens per client address: the management API's limit on guessing (token_refusal)
     token_failures: TokenFailures = field(default_factory=lambda: TokenFailures(), repr=False,
                                           compare=False)  # fmt: skip
+    # forwarded addresses node_client has logged as not believed (a few at most)
+    not_believed: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.addresses.declared is None:  # a machine with `address:` is bound there only
@@ -403,16 +405,13 @@ def client_address(scope: dict[str, Any]) -> str | None:
     return plain_address(client[0]) if client else None
 
 
-_NOT_BELIEVED: set[str] = set()  # forwarded addresses logged by node_client (a few at most)
-
 
 def node_client(runtime: Runtime, scope: dict[str, Any]) -> str | None:
     """client_address, but None for an address a trusted proxy network's X-Forwarded-For named
     that lies in that network itself (bastion.settings.covering_network): any host of such a
-    network may name any other, a node on it too, and a node's address is what its one-time
-    Ignition URL and its reports are bound to. `bastion serve` refuses to start with a machine's
-    `address:` in such a network; this covers one added by a reload after it. Logged once per
-    address."""
+    network may name any other. No machine's `address:` is in one (the site does not load so:
+    SiteHolder's check in bastion.api.main), so such a request is no node's. Logged once per
+    address (at most 1,024 of them)."""
     client = client_address(scope)
     trusted = runtime.settings.trusted_proxies
     if trusted is None or not any(name == b"x-forwarded-for" for name, _ in scope.get("headers", ())):
@@ -420,8 +419,9 @@ def node_client(runtime: Runtime, scope: dict[str, Any]) -> str | None:
     net = covering_network(trusted, client)
     if net is None:
         return client
-    if client not in _NOT_BELIEVED and len(_NOT_BELIEVED) < 1024:
-        _NOT_BELIEVED.add(client)
+    logged = runtime.not_believed
+    if client not in logged and len(logged) < 1024:
+        logged.add(client)
         log.error("X-Forwarded-For named %s, inside --trusted-proxies %s: any host there could "
                   "write it, so the request is taken as from an unknown address (name the "
                   "proxy's own address in --trusted-proxies)", client, net)  # fmt: skip
