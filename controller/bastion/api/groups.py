@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
-from bastion.api.edits import apply_or_422
+from bastion.api.edits import PRECONDITION_FAILED, IfMatch, IfMatchHeader, answer_etag, apply_or_422
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import Group, Site
 from bastion.site.schema import check_name
@@ -56,9 +56,13 @@ def list_groups(site: SiteDep) -> list[GroupOut]:
     return [group_out(g) for g in site.groups]
 
 
-@router.get("/{gid}", summary="One group (without its metadata)")
-def get_group(gid: str, site: SiteDep) -> GroupOut:
-    return group_out(_group(site, gid))
+@router.get("/{gid}", summary="One group (without its metadata)",
+            description="`ETag`: its definition's (its metadata too); send it back as `If-Match` to "
+            "edit it only while nobody else has.")  # fmt: skip
+def get_group(gid: str, site: SiteDep, response: Response) -> GroupOut:
+    g = _group(site, gid)
+    answer_etag(response, g)
+    return group_out(g)
 
 
 @router.get("/{gid}/metadata", summary="A group's metadata as JSON (needs the token; not secret: "
@@ -72,8 +76,15 @@ def get_group_metadata(gid: str, site: SiteDep, _: AdminDep) -> dict[str, Any]:
     return _group(site, gid).metadata
 
 
-@router.put("/{gid}", summary="Add or replace a matchbox group (needs the token)")
-def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> GroupOut:
+def _if_match(header: str | None, gid: str, creates: bool = False) -> IfMatch:
+    return IfMatch(header, f"group {gid!r}", lambda site: site.group(gid), (f"groups/{gid}.json",),
+                   creates)  # fmt: skip
+
+
+@router.put("/{gid}", summary="Add or replace a matchbox group (needs the token)",
+            responses=PRECONDITION_FAILED)  # fmt: skip
+def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, response: Response, _: AdminDep,
+              if_match: IfMatchHeader = None) -> GroupOut:  # fmt: skip
     # a group made from machines.yaml or default_profile first: its id (machine:NAME) is no
     # file name, and the answer is where to edit it, as DELETE says
     existing = site.group(gid)
@@ -84,13 +95,18 @@ def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, _: Ad
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
     doc = {"id": gid, **body.model_dump()}
-    new = apply_or_422(runtime, {f"groups/{gid}.json": json.dumps(doc, indent=2).encode() + b"\n"})
-    return group_out(_group(new, gid))
+    new = apply_or_422(runtime, {f"groups/{gid}.json": json.dumps(doc, indent=2).encode() + b"\n"},
+                       _if_match(if_match, gid, creates=True))  # fmt: skip
+    g = _group(new, gid)
+    answer_etag(response, g)
+    return group_out(g)
 
 
-@router.delete("/{gid}", status_code=204, summary="Remove a matchbox group (needs the token)")
-def delete_group(gid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> None:
+@router.delete("/{gid}", status_code=204, summary="Remove a matchbox group (needs the token)",
+               responses=PRECONDITION_FAILED)  # fmt: skip
+def delete_group(gid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep,
+                 if_match: IfMatchHeader = None) -> None:  # fmt: skip
     g = _group(site, gid)
     if g.format != "matchbox":
         raise HTTPException(409, f"group {gid!r} comes from {g.source}; edit that instead")
-    apply_or_422(runtime, {g.source: None})
+    apply_or_422(runtime, {g.source: None}, _if_match(if_match, gid))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -16,7 +16,13 @@ from pydantic import (
 )
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
-from bastion.api.edits import edit_yaml_or_422
+from bastion.api.edits import (
+    PRECONDITION_FAILED,
+    IfMatch,
+    IfMatchHeader,
+    answer_etag,
+    edit_yaml_or_422,
+)
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import BootRequest, Machine, Site
 from bastion.render.config import RenderError, SecretsRequired, render_ignition
@@ -143,9 +149,12 @@ def list_machines(site: SiteDep, runtime: RuntimeDep) -> list[MachineOut]:
     return [machine_out(m, site, marks.get(m.name), statuses.get(m.name)) for m in site.machines]
 
 
-@router.get("/{name}", summary="One machine")
-def get_machine(name: str, site: SiteDep, runtime: RuntimeDep) -> MachineOut:
+@router.get("/{name}", summary="One machine",
+            description="`ETag`: its definition's; send it back as `If-Match` to edit it only while "
+            "nobody else has.")  # fmt: skip
+def get_machine(name: str, site: SiteDep, runtime: RuntimeDep, response: Response) -> MachineOut:
     m = _machine(site, name)
+    answer_etag(response, m)
     return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 
@@ -188,8 +197,15 @@ def machine_ignition(name: str, site: SiteDep, runtime: RuntimeDep, request: Req
         raise HTTPException(500, str(e)) from None
 
 
-@router.put("/{name}", summary="Add or replace a machine (needs the token)")
-def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
+def _if_match(header: str | None, name: str, creates: bool = False) -> IfMatch:
+    return IfMatch(header, f"machine {name!r}", lambda site: site.machine(name), ("machines.yaml",),
+                   creates)  # fmt: skip
+
+
+@router.put("/{name}", summary="Add or replace a machine (needs the token)",
+            responses=PRECONDITION_FAILED)  # fmt: skip
+def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, response: Response, _: AdminDep,
+                if_match: IfMatchHeader = None) -> MachineOut:  # fmt: skip
     # the values as sent (model_dump would serialise them as the field types say); null and a
     # field's default (labels: {}) leave the field out
     entry: dict[str, Any] = {"name": name}
@@ -207,8 +223,10 @@ def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, _: AdminDep) ->
         else:
             machines.append(entry)
 
-    site = edit_yaml_or_422(runtime, "machines.yaml", change)
+    site = edit_yaml_or_422(runtime, "machines.yaml", change,
+                            _if_match(if_match, name, creates=True))  # fmt: skip
     m = _machine(site, name)
+    answer_etag(response, m)
     return machine_out(m, site, _marks(runtime).get(m.name))
 
 
@@ -226,8 +244,10 @@ MachinePatch = create_model(
     summary="Change fields of a machine's entry, e.g. its desired power (needs the token)",
     description="`{\"power\": \"off\"}` declares the machine off in machines.yaml; the operator "
     "acts on it at its next pass (`sync: auto`) or at `POST /api/v1/apply` (`sync: manual`).",
+    responses=PRECONDITION_FAILED,
 )
-def patch_machine(name: str, body: MachinePatch, runtime: RuntimeDep, _: AdminDep) -> MachineOut:
+def patch_machine(name: str, body: MachinePatch, runtime: RuntimeDep, response: Response, _: AdminDep,
+                  if_match: IfMatchHeader = None) -> MachineOut:  # fmt: skip
     fields = body.model_dump(exclude_unset=True)
 
     def change(doc: dict[str, Any]) -> None:
@@ -244,13 +264,16 @@ def patch_machine(name: str, body: MachinePatch, runtime: RuntimeDep, _: AdminDe
                 return
         raise HTTPException(404, f"no machine {name!r} in machines.yaml")
 
-    site = edit_yaml_or_422(runtime, "machines.yaml", change)
+    site = edit_yaml_or_422(runtime, "machines.yaml", change, _if_match(if_match, name))
     m = _machine(site, name)
+    answer_etag(response, m)
     return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 
-@router.delete("/{name}", status_code=204, summary="Remove a machine (needs the token)")
-def delete_machine(name: str, runtime: RuntimeDep, _: AdminDep) -> None:
+@router.delete("/{name}", status_code=204, summary="Remove a machine (needs the token)",
+               responses=PRECONDITION_FAILED)  # fmt: skip
+def delete_machine(name: str, runtime: RuntimeDep, _: AdminDep,
+                   if_match: IfMatchHeader = None) -> None:  # fmt: skip
     def change(doc: dict[str, Any]) -> None:
         machines = _listed(doc)
         kept = [m for m in machines if not (isinstance(m, dict) and m.get("name") == name)]
@@ -258,7 +281,7 @@ def delete_machine(name: str, runtime: RuntimeDep, _: AdminDep) -> None:
             raise HTTPException(404, f"no machine {name!r} in machines.yaml")
         machines[:] = kept
 
-    edit_yaml_or_422(runtime, "machines.yaml", change)
+    edit_yaml_or_422(runtime, "machines.yaml", change, _if_match(if_match, name))
 
 
 def _listed(doc: dict[str, Any]) -> list[Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel
 
 from bastion import yamlfile
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
-from bastion.api.edits import apply_or_422
+from bastion.api.edits import PRECONDITION_FAILED, IfMatch, IfMatchHeader, answer_etag, apply_or_422
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import Boot, Profile, Site
 from bastion.site.schema import check_name
@@ -61,9 +61,19 @@ def list_profiles(site: SiteDep) -> list[ProfileOut]:
     return [profile_out(p) for p in site.profiles.values()]
 
 
-@router.get("/{pid}", summary="One profile")
-def get_profile(pid: str, site: SiteDep) -> ProfileOut:
-    return profile_out(_profile(site, pid))
+@router.get("/{pid}", summary="One profile",
+            description="`ETag`: its definition's; send it back as `If-Match` to edit it only while "
+            "nobody else has.")  # fmt: skip
+def get_profile(pid: str, site: SiteDep, response: Response) -> ProfileOut:
+    p = _profile(site, pid)
+    answer_etag(response, p)
+    return profile_out(p)
+
+
+def _if_match(header: str | None, pid: str, creates: bool = False) -> IfMatch:
+    # every file that could hold the id (site.yaml, for the built-in k3s one, is always read)
+    files = tuple(f"profiles/{pid}.{ext}" for ext in ("json", "yaml", "yml"))
+    return IfMatch(header, f"profile {pid!r}", lambda site: site.profiles.get(pid), files, creates)
 
 
 @router.put(
@@ -72,14 +82,17 @@ def get_profile(pid: str, site: SiteDep) -> ProfileOut:
     description="`format=matchbox` (default) writes the body as profiles/<id>.json, a matchbox "
     "profile (id, name, boot{kernel, initrd, args}, ignition_id, generic_id); `format=bastion` "
     "writes profiles/<id>.yaml in Edge Bastion's format. The other file for the id is removed.",
+    responses=PRECONDITION_FAILED,
 )
 def put_profile(
     pid: str,
     body: dict[str, Any],
     runtime: RuntimeDep,
     site: SiteDep,
+    response: Response,
     _: AdminDep,
     format: Literal["matchbox", "bastion"] = "matchbox",
+    if_match: IfMatchHeader = None,
 ) -> ProfileOut:
     try:
         check_name(pid, "profile id")
@@ -96,8 +109,10 @@ def put_profile(
     for rel in stale:
         if (runtime.holder.root / rel).exists():
             changes[rel] = None
-    new = apply_or_422(runtime, changes)
-    return profile_out(_profile(new, pid))
+    new = apply_or_422(runtime, changes, _if_match(if_match, pid, creates=True))
+    p = _profile(new, pid)
+    answer_etag(response, p)
+    return profile_out(p)
 
 
 @router.delete(
@@ -106,12 +121,14 @@ def put_profile(
     summary="Remove a profile (needs the token)",
     description="Removes the profile's file under profiles/. A profile that no file holds (the "
     "`k3s` profile site.yaml's `cluster:` makes) is 409: edit site.yaml instead.",
+    responses=PRECONDITION_FAILED,
 )
-def delete_profile(pid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep) -> None:
+def delete_profile(pid: str, runtime: RuntimeDep, site: SiteDep, _: AdminDep,
+                   if_match: IfMatchHeader = None) -> None:  # fmt: skip
     p = _profile(site, pid)
     # a built-in profile's source names where it comes from, not a file: "removing" that file
     # changed nothing and was still recorded as an edit of it
     if not p.source.startswith("profiles/"):
         raise HTTPException(409, f"profile {pid!r} comes from {p.source}, not from a file under "
                             "profiles/; edit that instead, or PUT a profile of this id to replace it")  # fmt: skip
-    apply_or_422(runtime, {p.source: None})
+    apply_or_422(runtime, {p.source: None}, _if_match(if_match, pid))
