@@ -109,6 +109,18 @@ document.addEventListener("securitypolicyviolation", e =>
 """
 
 
+# What markup slipped into a page would try: an inline <script> and an onerror= handler. Both set
+# window.injected if the page's policy lets them run (csp_violations records each refusal).
+INJECT_MARKUP = """
+const box = document.createElement("div");
+box.innerHTML = '<img src="/no-such-image.png" onerror="window.injected = \\'onerror\\'">';
+document.body.append(box);
+const s = document.createElement("script");
+s.textContent = "window.injected = 'inline script'";
+document.body.append(s);
+"""
+
+
 def record_csp_violations(driver) -> None:
     """From the next page loaded on: what the page's Content-Security-Policy refuses, kept in
     the page as "directive blocked-URI source:line" for csp_violations(). Added through DevTools,

@@ -12,8 +12,10 @@ import socket
 import threading
 
 import pytest
+from bastion.api.console_page import xterm_missing
 from bastion_testkit import TOKEN, Server
 from browserkit import (
+    INJECT_MARKUP,
     Steps,
     artefact_dir,
     browser_errors,
@@ -24,8 +26,6 @@ from browserkit import (
     wait_text,
 )
 from selenium.webdriver.common.by import By
-
-from bastion.api.console_page import xterm_missing
 from simkit import SimProcess, wait_for
 
 POWER = {"channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}]}
@@ -62,16 +62,9 @@ def scrollback(driver) -> str:
         "return lines.join('\\n')")
 
 
-# What markup slipped into the page would try: an inline <script>, an onerror= handler, and a
-# script from this controller (it serves text/plain boot scripts and assets too). The first two
-# set window.injected if the page's policy lets them run.
-INJECT = """
-const box = document.createElement("div");
-box.innerHTML = '<img src="/no-such-image.png" onerror="window.injected = \\'onerror\\'">';
-document.body.append(box);
-const s = document.createElement("script");
-s.textContent = "window.injected = 'inline script'";
-document.body.append(s);
+# What markup slipped into the page would try (browserkit.INJECT_MARKUP), and a script from this
+# controller too: it serves text/plain boot scripts and assets.
+INJECT = INJECT_MARKUP + """
 const t = document.createElement("script");
 t.src = "/boot.ipxe";
 document.body.append(t);

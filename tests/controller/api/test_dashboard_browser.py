@@ -12,8 +12,10 @@ import threading
 
 import httpx
 import pytest
+from bastion.state.events import EventStore
 from bastion_testkit import TOKEN, Server
 from browserkit import (
+    INJECT_MARKUP,
     Steps,
     artefact_dir,
     browser_errors,
@@ -30,8 +32,6 @@ from browserkit import (
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.select import Select
 from simkit import SimProcess, wait_for
-
-from bastion.state.events import EventStore
 
 # node1 switches on at once; with a long stagger node2 then waits its turn (and says so).
 POWER = {"channels": [{"name": "node1"}, {"name": "node2"}, {"name": "pi1"}], "stagger_ms": 600_000}
@@ -189,16 +189,6 @@ def test_the_pages_fit_a_phone(served, browser, artefacts, page):
     Steps(d, artefacts).shot("phone-390x844")
 
 
-# What markup slipped into a page would try: an inline <script> and an onerror= handler. Both set
-# window.injected if the page's policy lets them run.
-INJECT = """
-const box = document.createElement("div");
-box.innerHTML = '<img src="/no-such-image.png" onerror="window.injected = \\'onerror\\'">';
-document.body.append(box);
-const s = document.createElement("script");
-s.textContent = "window.injected = 'inline script'";
-document.body.append(s);
-"""
 
 
 @pytest.mark.parametrize("page", ["/dashboard", "/dashboard/machines/node1"], ids=["site", "machine"])
@@ -217,7 +207,7 @@ def test_the_pages_scripts_run_and_injected_ones_do_not(served, browser, artefac
     assert browser_errors(d) == []  # /favicon.ico too: base.html names an empty icon
     Steps(d, artefacts).shot("live-under-the-policy")
 
-    d.execute_script(INJECT)
+    d.execute_script(INJECT_MARKUP)
     until(d, lambda d: d.execute_script("return window.injected") or len(csp_violations(d)) >= 2,
           "the injected scripts refused")  # fmt: skip
     assert d.execute_script("return window.injected") is None
