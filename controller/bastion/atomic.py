@@ -44,7 +44,9 @@ def fsync_dir(d: Path | str) -> None:
         os.close(fd)
 
 
-def _temp_name(path: Path, what: str = "tmp") -> Path:
+def temp_name(path: Path, what: str = "tmp") -> Path:
+    """A new temporary's path beside `path`, in the shape `sweep` takes back after a crash: for
+    a writer that cannot replace by rename (bastion.state.secrets links its temporary)."""
     return path.with_name(f".{path.name}.bastion-{secrets.token_hex(4)}.{what}")
 
 
@@ -86,7 +88,7 @@ def _replacing(path: Path, what: str = "tmp") -> Iterator[Path]:
     """The recipe's frame: a temporary name beside path for the caller to make (a file written
     and fsynced, a link), then renamed over path and the directory fsynced. If anything fails,
     the temporary is removed and path is as it was."""
-    tmp = _temp_name(path, what)
+    tmp = temp_name(path, what)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -180,7 +180,10 @@ class SecretStore:
         fails when path exists: the complete, fsynced temporary file becomes the secret only if
         nobody's is there, and no reader sees a part of it."""
         self._make_dirs(path)
-        tmp = path.with_name(f".{path.name}.{_random.token_hex(4)}.tmp")  # names() skips dotfiles
+        # a crash before the unlink below leaves it: in bastion.atomic's shape, so that a later
+        # secret made in this directory sweeps it (names() skips dotfiles meanwhile)
+        atomic.sweep(path.parent)
+        tmp = atomic.temp_name(path)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -8,6 +8,8 @@ import os
 import stat
 import subprocess
 import shutil
+import sys
+import time
 
 import pytest
 
@@ -41,6 +43,25 @@ def test_the_store_is_private_and_leaves_no_temporary_files(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "s" / "wireguard").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path / "s" / "wireguard" / "node1.key").st_mode) == 0o600
     assert [p.name for p in (tmp_path / "s" / "wireguard").iterdir()] == ["node1.key"]
+
+
+def test_a_secret_a_crash_left_half_made_is_swept_by_a_later_one(tmp_path):
+    # a process killed between writing its temporary and linking it in leaves the temporary
+    # (the secret's value, 0600) beside the store's files; it was never removed
+    root = tmp_path / "s"
+    crash = ("import os, sys\n"
+             "from bastion.state.secrets import SecretStore\n"
+             "os.link = lambda *a: os._exit(3)  # killed at that moment\n"
+             f"SecretStore({str(root)!r}).get_or_create('wireguard/node1.key')\n")
+    assert subprocess.run([sys.executable, "-c", crash], check=False).returncode == 3
+    left = [p for p in (root / "wireguard").iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".node1.key."), left
+    SecretStore(root).get_or_create("wireguard/node2.key")
+    assert left[0].exists()  # a write in progress looks the same for a while: kept
+    old = time.time() - 16 * 60
+    os.utime(left[0], (old, old))
+    SecretStore(root).get_or_create("wireguard/node3.key")
+    assert sorted(p.name for p in (root / "wireguard").iterdir()) == ["node2.key", "node3.key"]
 
 
 @pytest.mark.parametrize("name", ["", "../x", "a/../b", "/etc/passwd", "a//b", ".hidden", "a b"])
