@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bastion import paths
+from bastion import atomic, paths
 
 DEFAULT_GRUB_MODULES = paths.cache_dir() / "arm64-root" / "usr" / "lib" / "grub" / "arm64-efi"
 GRUB_ARM64 = "grubnetaa64.efi"
@@ -156,8 +156,10 @@ def build_grub_arm64(controller_url: str, out: Path, modules: Path | None = None
     prefix = grub_prefix(controller_url)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    early = out.with_name(f".{out.name}.{os.getpid()}.cfg")
+    # temporaries in bastion.atomic's shape: what a killed build leaves beside `out` (a site's
+    # tftp/, say) the next build sweeps away
+    atomic.sweep(out.parent)
+    tmp, early = atomic.temp_name(out), atomic.temp_name(out)
     early.write_text(GRUB_EARLY_CFG)
     try:
         r = subprocess.run(["grub-mkimage", "-O", "arm64-efi", "-d", str(moddir), "-o", str(tmp),

@@ -7,10 +7,12 @@ the GRUB image grub-mkimage builds here."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,18 @@ def test_the_grub_image_is_arm64_and_carries_its_prefix(tmp_path):
     assert chainload.pe_machine(data) == chainload.PE_ARM64
     assert b"(http,10.9.8.7:8081)/eb/grub" in data
     assert [p.name for p in tmp_path.iterdir()] == ["g.efi"]  # no temporary files left
+
+
+@needs_grub
+def test_what_a_killed_build_left_is_swept_by_the_next(tmp_path):
+    # grub-mkimage killed with its build (a power cut) leaves the temporary image beside the
+    # output, a site's tftp/ for tools/build-grub-arm64: the next build takes it away
+    left = tmp_path / ".g.efi.bastion-0badf00d.tmp"
+    left.write_bytes(b"half an image")
+    old = time.time() - 16 * 60
+    os.utime(left, (old, old))
+    chainload.build_grub_arm64("http://10.9.8.7:8081/eb", tmp_path / "g.efi")
+    assert [p.name for p in tmp_path.iterdir()] == ["g.efi"]
 
 
 def test_missing_modules_say_how_to_get_them(tmp_path):
