@@ -53,27 +53,20 @@ ANSWER_BYTES = 4 * 2**20
 _ROWS = 200
 
 
-def _oldest_first(store: EventStore, after: int, before: int | None,
-                  filters: dict) -> Iterator[Event]:  # fmt: skip
-    """The events after id `after` (and before `before`) matching `filters`, oldest first,
-    read _ROWS at a time."""
+def _read(store: EventStore, after: int | None, before: int | None,
+          filters: dict) -> Iterator[Event]:  # fmt: skip
+    """The events between ids `after` and `before` (either may be None) matching `filters`,
+    read _ROWS at a time: oldest first after an id (the store's order then), else newest first,
+    each read going on past the last event of the one before."""
     while True:
         batch = store.query(after=after, before=before, limit=_ROWS, **filters)
         yield from batch
         if len(batch) < _ROWS:
             return
-        after = batch[-1].id
-
-
-def _newest_first(store: EventStore, before: int | None, filters: dict) -> Iterator[Event]:
-    """The events before id `before` (or all) matching `filters`, newest first, read _ROWS at
-    a time."""
-    while True:
-        batch = store.query(before=before, limit=_ROWS, **filters)
-        yield from batch
-        if len(batch) < _ROWS:
-            return
-        before = batch[-1].id
+        if after is not None:
+            after = batch[-1].id
+        else:
+            before = batch[-1].id
 
 
 def _json(e: Event) -> bytes:
@@ -100,8 +93,7 @@ def list_events(
         except match.Malformed:
             raise HTTPException(422, f"{mac!r} is not a MAC address") from None
     filters = {"kind": kind, "mac": mac, "machine": machine}
-    events = (_oldest_first(store, after, before, filters) if after is not None
-              else _newest_first(store, before, filters))  # fmt: skip
+    events = _read(store, after, before, filters)
     parts: list[bytes] = []
     size, last, more = 2, None, False
     for e in events if limit else ():
