@@ -619,7 +619,7 @@ def wiring_changes(
     new = relay_wiring(board.defn)
     if old is None or new is None:
         return []
-    old_name = (_json_or_none(device_board) or {}).get("name", "?")
+    old_name = device_board_name(device_board) or "?"
     if bool(old) != bool(new):
         kinds = ("GPIO pins" if old else "no GPIO pins", "GPIO pins" if new else "no GPIO pins")
         return [(f"the device's board.json ({old_name}) drives its relays on {kinds[0]}, board "
