@@ -66,8 +66,8 @@ def declared_address(events: list[dict], mac: str, name: str,
     for e in events:
         if e.get("mac") != mac and e.get("machine") != name:
             continue
-        if payload(e).get("declared_address"):
-            return payload(e)["declared_address"]
+        if found := payload(e).get("declared_address"):
+            return found
     return None
 
 
