@@ -195,6 +195,18 @@ if _io_queue is not None:
     # found by the next one, after one task step. It shadows the method on asyncio's own I/O
     # queue, which its loop calls as _io_queue.wait_io_event(dt) (checked on MicroPython 1.29);
     # where that is not there, nothing is changed. Measured in docs/benchmarks.md.
+    #
+    # The poll itself is the hook's too. asyncio's wait_io_event has more locals and stack than
+    # fit a frame on the C stack (above), so each of its calls, one per packet, allocated its
+    # frame on the heap and freed it: with the heap mostly code, that search for a free run and
+    # the two calls (it, then forget) were about a fifth of the firmware's instructions per lock-
+    # step block that waits (callgrind, docs/benchmarks.md). Most wake-ups are one datagram for a
+    # socket readable() waits on: the hook wakes that task itself, as asyncio would (its task
+    # queue's push), and keeps the entry as forget() would. Anything else in the poll's answer (an
+    # error or hang-up bit, a writer, a socket waited on by asyncio's own queue_read: the
+    # listeners, the console) goes to asyncio's wait_io_event, which polls again at once and finds
+    # it: poll is level-triggered. An entry the hook has already woken is then taken out by
+    # asyncio as one with no waiter (forget, above), and put back at its next wait.
     _wait_io = getattr(_io_queue, "wait_io_event", None)
     _polled = False
 
@@ -204,9 +216,25 @@ if _io_queue is not None:
             _polled = False
             return
         _polled = dt > 0
-        _wait_io(dt)
+        # r: (socket, events), one tuple the poller reuses. 0x3E: POLLPRI, POLLOUT, POLLERR,
+        # POLLHUP, POLLNVAL (the same bits on Linux and in MicroPython's own streams).
+        for r in _io_queue.poller.ipoll(dt):
+            if r[1] & 0x3E or not _woke(r[0]):
+                _wait_io(0)
+                return
 
-    if _wait_io is not None:
+    def _woke(s):
+        # Wake the task that readable() has waiting on s; False when none is.
+        i = id(s)
+        if i not in _waiting:
+            return False
+        e = _io_queue.map[i]
+        _core._task_queue.push(e[0])
+        e[0] = None
+        _waiting.discard(i)
+        return True
+
+    if _wait_io is not None and hasattr(_core._task_queue, "push"):
         _io_queue.wait_io_event = _wait_io_event
 
 else:  # CPython

@@ -227,6 +227,25 @@ def _put(buf, i, b):
     return end + 1
 
 
+# The per-block path calls no method of the transfer by its instance. On MicroPython a method is
+# looked for in the instance's table of attributes first, where it is not, and only then in the
+# class: measured on the unix port, a call of a method found so costs about twice the
+# instructions of a call of a function found by a global name. Those lookups (five a block in
+# lock-step: on_packet, more twice, the read ahead and the read it makes) were about a tenth
+# of the firmware's instructions per block (callgrind, docs/benchmarks.md). So the file read is
+# this module's function, the read ahead is part of more(), more() is called through the class
+# (Transfer.more(self)), and the shell (tftpd) calls on_packet and more through the class too,
+# once looked up per transfer. No new name: each costs the sim board (firmware/main.py).
+
+
+def _read(t):
+    # The payload's worth of the file from where it stands: its length, -1 on a read error.
+    try:
+        return t.f.readinto(t._payload) or 0
+    except OSError:
+        return -1
+
+
 class Transfer:
     """One read transfer, reused from transfer to transfer (its slot's buffer never changes).
 
@@ -336,7 +355,7 @@ class Transfer:
         self.deadline = ticks_add(now, self._ack_wait)  # _wait(now) with tries 0, since now
         self._next = acked + 1
         self._end = acked + self.window
-        return self.more()
+        return Transfer.more(self)
 
     def _not_ack(self, mv):
         if ((mv[0] << 8) | mv[1]) != ERROR:
@@ -365,23 +384,34 @@ class Transfer:
         """The next DATA packet of the current window, or 0 when the window is complete."""
         # Called twice per block, so its frame is kept within MicroPython's limit for a frame on
         # the C stack (11 words; more, or a try, and every call allocates the frame on the heap
-        # and frees it: a search of the heap for a run of free blocks): few locals, and the
-        # try around the read is in _read (one argument), the rare cases in _fill.
+        # and frees it: a search of the heap for a run of free blocks): few locals, and the try
+        # around the read is in _read (one argument), the rare cases in _fill.
         k = self._next
         if self.done:
             return 0
         if k > self._end:
-            self._ahead(k)
+            # The window is sent (its packets have left the buffer): block k, the next window's
+            # first, is read into the payload now, while the client acknowledges, so that its ACK
+            # is answered without a file read. Lock-step, that takes the read off every round
+            # trip; on a board, the flash read. Only a full block counts as read ahead: _pos is
+            # then ~off, which no file offset equals. After a short read _pos is off + n, where
+            # the file stands, and after an error off - 1, a block's start never: either way
+            # the block is read again when due (seeking unless n was 0) and what it finds is
+            # reported. Block 1 is read on the OACK's ACK: a resent OACK is built over the payload.
+            off = (k - 1) * self.blksize
+            if k > 1 and off == self._pos and not (self.last and k > self.last):
+                n = _read(self)
+                self._pos = ~off if n == self.blksize else off + n
             return 0
         if self.last and k > self.last:
             return 0
         self._next = k + 1
         # Block k into the payload area, straight after the 4 header bytes: the file is read
         # into the packet (readinto a preallocated memoryview), never copied. Blocks are read in
-        # order, so the seek happens only on a resend. A block _ahead read is already there.
+        # order, so the seek happens only on a resend. A block read ahead is already there.
         off = (k - 1) * self.blksize
         if off == self._pos:
-            n = self._read()
+            n = _read(self)
         elif ~off == self._pos:
             n = self.blksize
         else:
@@ -403,28 +433,6 @@ class Transfer:
         b[2] = (k >> 8) & 0xFF
         b[3] = k & 0xFF
         return 4 + n
-
-    def _ahead(self, k):
-        # The window is sent (its packets have left the buffer): block k, the next window's
-        # first, is read into the payload now, while the client acknowledges, so that its ACK
-        # is answered without a file read. Lock-step, that takes the read off every round
-        # trip; on a board, the flash read. Only a full block counts as read ahead: _pos is
-        # then ~off, which no file offset equals. After a short read _pos is off + n, where
-        # the file stands, and after an error off - 1, a block's start never: either way
-        # more() reads that block again (seeking unless n was 0) and reports what it finds.
-        # Block 1 is read on the OACK's ACK: a resent OACK is built over the payload.
-        off = (k - 1) * self.blksize
-        if k < 2 or off != self._pos or (self.last and k > self.last):
-            return
-        n = self._read()
-        self._pos = ~off if n == self.blksize else off + n
-
-    def _read(self):
-        # The payload's worth of the file from where it stands: its length, -1 on a read error.
-        try:
-            return self.f.readinto(self._payload) or 0
-        except OSError:
-            return -1
 
     def _fill(self, off, n):
         # more()'s slow path, after _read gave n (-2: not read, the file must seek to off
@@ -466,7 +474,7 @@ class Transfer:
     def _window(self, first):
         self._next = first
         self._end = first + self.window - 1
-        return self.more()
+        return Transfer.more(self)
 
     def finish(self, result):
         """End the transfer with result (the shell uses it when its socket fails)."""

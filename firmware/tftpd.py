@@ -410,6 +410,10 @@ class TftpServer:
         take = sock.readinto
         write = sock.write
         now = ticks_ms
+        # The transfer's per-block methods as the class holds them, plain functions called
+        # with t: no method looked up per block (tftp.py, before _read), no bound method held.
+        on_packet = tftp.Transfer.on_packet
+        more = tftp.Transfer.more
         burst = 0
         try:
             while not t.done:
@@ -425,7 +429,7 @@ class TftpServer:
                 else:
                     burst += 1
                 try:
-                    n = t.on_packet(rx, n, now())
+                    n = on_packet(t, rx, n, now())
                 except tftp.Malformed:
                     log.count("tftp.bad_packet")
                     continue
@@ -435,7 +439,7 @@ class TftpServer:
                             net.failed(None, None, log, "tftp")
                     except OSError as e:
                         net.failed(e, None, log, "tftp")
-                    n = t.more()
+                    n = more(t)
         except asyncio.CancelledError:
             # the clock gave up or a request evicted it (the result is already set), or shutdown
             t.finish("cancelled")

@@ -206,11 +206,76 @@ def test_a_wait_with_readable_leaves_little_garbage():
     per_hop = (seen[HOPS - 20] - seen[20]) / (HOPS - 40)
     # Measured on the 64-bit unix port: 32 B a hop, the one-item tuple's iterator; asyncio's
     # new entry and registration per wait made it 128 B. A hop also takes id() of the socket
-    # three times (net.readable, net.forget, asyncio's wake-up). id() is the object's address,
+    # twice (net.readable, and the hook's wake-up; three times when asyncio's own wait_io_event
+    # and net.forget woke it). id() is the object's address,
     # which on the 32-bit unix port (heap above 1 GB) does not fit a small int: there each is a
     # 32-byte int, 112 B a hop in all. A board's RAM lies below 1 GB (RP2040 at 0x20000000,
     # ESP32 at 0x3FF...), where id() allocates nothing, as on the 64-bit port.
     assert per_hop <= 48 + 3 * _id_bytes(), per_hop
+
+
+def test_a_lock_step_wake_up_is_not_handed_to_asyncios_own_wait():
+    # asyncio's wait_io_event allocates its frame on the heap at every call (more locals and
+    # stack than a frame on the C stack holds): a datagram for a socket net.readable waits on is
+    # woken by the hook itself, and only anything else goes to asyncio's wait.
+    micropython_only("CPython's asyncio is not MicroPython's: no hook")
+    own = net._wait_io
+    calls = [0]
+
+    def counted(dt):
+        calls[0] += 1
+        own(dt)
+
+    net._wait_io = counted
+    try:
+        _lock_step(HOPS)
+    finally:
+        net._wait_io = own
+    assert calls[0] <= 10, calls  # the start and the end: a task's first wait is asyncio's
+
+
+def test_one_poll_that_wakes_a_readable_socket_and_a_listener_wakes_both():
+    # The hook wakes a readable() socket's task itself and hands the rest of the poll's answer
+    # to asyncio (a listener waits with asyncio's own queue_read, via net.recvfrom), whichever
+    # comes first in it.
+    micropython_only("CPython's asyncio is not MicroPython's: no hook")
+    got = []
+    port = 20000 + time.ticks_us() % 20000
+    listening = _udp(port)
+    sender = _udp(0)
+    to = socket.getaddrinfo("127.0.0.1", port)[0][-1]
+
+    async def main(q, a, b):
+        async def kept():
+            buf = bytearray(4)
+            for _ in range(3):
+                await net.readable(a)
+                got.append(("kept", a.readinto(buf)))
+
+        async def listener():
+            for _ in range(3):
+                data, _src = await net.recvfrom(listening, 16)
+                got.append(("listener", data))
+
+        tasks = [asyncio.create_task(kept()), asyncio.create_task(listener())]
+        for i in range(3):
+            await asyncio.sleep_ms(5)  # both wait
+            # both datagrams go out before the loop polls again: one poll sees both sockets
+            b.write(b"ping", 4)
+            sender.sendto(b"to-listener-%d" % i, to)
+        await asyncio.sleep_ms(20)
+        for t in tasks:
+            t.cancel()
+        await asyncio.sleep_ms(0)
+
+    try:
+        _on_a_pair(main)
+    finally:
+        listening.close()
+        sender.close()
+    assert [x for x in got if x[0] == "kept"] == [("kept", 4)] * 3, got
+    assert [x[1] for x in got if x[0] == "listener"] == [
+        b"to-listener-0", b"to-listener-1", b"to-listener-2"], got
 
 
 def _id_bytes():

@@ -696,7 +696,7 @@ def test_the_per_block_calls_keep_their_frames_off_the_heap():
     assert flash.seen[-1] == before
     gc.collect()
     before = gc.mem_alloc()
-    assert t.more() == 0  # the window is sent: more -> _ahead -> _read, block 3
+    assert t.more() == 0  # the window is sent: more reads ahead, block 3
     assert flash.seen[-1] == before and len(flash.seen) == 3
     assert t.on_packet(ack(2), 4, 3) == 4 + Cfg.tftp_max_blksize  # block 3 without a read
     assert len(flash.seen) == 3
