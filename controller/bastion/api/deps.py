@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import math
 import threading
@@ -56,6 +57,9 @@ TOKEN_FAILURES_LIMIT = 10
 TOKEN_FAILURE_WINDOW_S = 60.0
 #: Addresses whose failures are remembered at once: the table's bound (about 100 bytes each).
 TOKEN_FAILURE_ADDRESSES = 4096
+#: An IPv6 client's wrong tokens count for its whole /64 (token_failure_key): one host is
+#: usually given a /64, and with privacy addresses (RFC 8981) it takes a new address at will.
+TOKEN_FAILURE_IPV6_PREFIX = 64
 
 
 @dataclass
@@ -287,8 +291,26 @@ def admin_refusal(
     return None
 
 
+def token_failure_key(address: str | None) -> str | None:
+    """Whose wrong tokens a client address's are (TokenFailures): an IPv4 address its own; an
+    IPv6 address its /64 (TOKEN_FAILURE_IPV6_PREFIX), written as the network; an IPv4-mapped
+    one (`::ffff:10.77.0.21`) its IPv4 address. Counted per IPv6 address, a host that holds a
+    /64, as hosts on most IPv6 networks do, had 2**64 addresses to guess from, each with a
+    window of its own. Anything that is no address (a test client's name) is its own key."""
+    if address is None or ":" not in address:  # IPv4, or none: the common case, not parsed
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])  # a zone (fe80::1%eth0) aside
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, TOKEN_FAILURE_IPV6_PREFIX), strict=False))
+
+
 class TokenFailures:
-    """Wrong tokens counted per client address, in fixed windows: an address's first wrong
+    """Wrong tokens counted per client (token_failure_key: an address, an IPv6 host's /64),
+    in fixed windows: an address's first wrong
     token opens a window of `window` seconds, and once `limit` wrong tokens have come in it,
     every token check of that address is refused until the window ends (retry_after). Right
     tokens are never counted, and do not reset the count (a guesser that also holds the token
@@ -297,7 +319,8 @@ class TokenFailures:
     per window that reaches the limit.
 
     Per address, so a host that guesses locks out the hosts behind the same address (a NAT, a
-    proxy not named in --trusted-proxies) for the rest of its window, and no one else."""
+    proxy not named in --trusted-proxies), or in the same IPv6 /64, for the rest of its window,
+    and no one else."""
 
     def __init__(self, limit: int = TOKEN_FAILURES_LIMIT, window: float = TOKEN_FAILURE_WINDOW_S,
                  capacity: int = TOKEN_FAILURE_ADDRESSES, clock: Callable[[], float] = time.monotonic):  # fmt: skip
@@ -305,12 +328,13 @@ class TokenFailures:
         self.window = window
         self.capacity = capacity
         self.clock = clock
-        # address -> [window start, wrong tokens in it]; in the order the windows started
+        # token_failure_key -> [window start, wrong tokens in it]; in the order the windows started
         self._windows: dict[str | None, list[float]] = {}
         self._lock = threading.Lock()  # the checks run on the event loop, but cost nothing locked
 
     def retry_after(self, address: str | None) -> int | None:
         """Whole seconds until `address` may try a token again; None when it may now."""
+        address = token_failure_key(address)
         with self._lock:
             entry = self._windows.get(address)
             if entry is None or entry[1] < self.limit:
@@ -320,6 +344,7 @@ class TokenFailures:
 
     def failed(self, address: str | None) -> None:
         """`address` sent a wrong token."""
+        address = token_failure_key(address)
         now = self.clock()
         with self._lock:
             entry = self._windows.get(address)
@@ -357,7 +382,8 @@ def token_refusal(runtime: Runtime, scope: dict[str, Any],
     wait = runtime.token_failures.retry_after(address)
     if wait is not None:
         runtime.metrics.auth_failures.inc()
-        return 429, (f"too many wrong tokens from {address}: "
+        # the key, not the address: another host of the /64 is told why it is refused
+        return 429, (f"too many wrong tokens from {token_failure_key(address)}: "
                      f"try again in {wait} s"), {"Retry-After": str(wait)}  # fmt: skip
     configured = runtime.settings.api_token
     refusal = admin_refusal(configured, given)

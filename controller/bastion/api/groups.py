@@ -9,7 +9,19 @@ from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
-from bastion.api.edits import PRECONDITION_FAILED, IfMatch, IfMatchHeader, answer_etag, apply_or_422
+from bastion.api.edits import (
+    NOT_MODIFIED,
+    PRECONDITION_FAILED,
+    PUT_PRECONDITION_FAILED,
+    IfMatch,
+    IfMatchHeader,
+    IfNoneMatchHeader,
+    IfNoneMatchRead,
+    answer_etag,
+    apply_or_422,
+    etag,
+    not_modified,
+)
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import Group, Site
 from bastion.site.schema import check_name
@@ -58,10 +70,15 @@ def list_groups(site: SiteDep) -> list[GroupOut]:
 
 @router.get("/{gid}", summary="One group (without its metadata)",
             description="`ETag`: its definition's (its metadata too); send it back as `If-Match` to "
-            "edit it only while nobody else has.")  # fmt: skip
-def get_group(gid: str, site: SiteDep, response: Response) -> GroupOut:
+            "edit it only while nobody else has, or as `If-None-Match` to get 304 while it is "
+            "unchanged.", responses=NOT_MODIFIED)  # fmt: skip
+def get_group(gid: str, site: SiteDep, response: Response,
+              if_none_match: IfNoneMatchRead = None) -> GroupOut:  # fmt: skip
     g = _group(site, gid)
-    answer_etag(response, g)
+    tag = etag(g)
+    if (unchanged := not_modified(if_none_match, tag)) is not None:
+        return unchanged
+    answer_etag(response, tag)
     return group_out(g)
 
 
@@ -76,15 +93,17 @@ def get_group_metadata(gid: str, site: SiteDep, _: AdminDep) -> dict[str, Any]:
     return _group(site, gid).metadata
 
 
-def _if_match(header: str | None, gid: str, creates: bool = False) -> IfMatch:
+def _if_match(header: str | None, gid: str, creates: bool = False,
+              none_match: str | None = None) -> IfMatch:  # fmt: skip
     return IfMatch(header, f"group {gid!r}", lambda site: site.group(gid), (f"groups/{gid}.json",),
-                   creates)  # fmt: skip
+                   creates, none_match)  # fmt: skip
 
 
 @router.put("/{gid}", summary="Add or replace a matchbox group (needs the token)",
-            responses=PRECONDITION_FAILED)  # fmt: skip
+            responses=PUT_PRECONDITION_FAILED)  # fmt: skip
 def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, response: Response, _: AdminDep,
-              if_match: IfMatchHeader = None) -> GroupOut:  # fmt: skip
+              if_match: IfMatchHeader = None,
+              if_none_match: IfNoneMatchHeader = None) -> GroupOut:  # fmt: skip
     # a group made from machines.yaml or default_profile first: its id (machine:NAME) is no
     # file name, and the answer is where to edit it, as DELETE says
     existing = site.group(gid)
@@ -96,9 +115,9 @@ def put_group(gid: str, body: GroupIn, runtime: RuntimeDep, site: SiteDep, respo
         raise HTTPException(422, str(e)) from None
     doc = {"id": gid, **body.model_dump()}
     new = apply_or_422(runtime, {f"groups/{gid}.json": json.dumps(doc, indent=2).encode() + b"\n"},
-                       _if_match(if_match, gid, creates=True))  # fmt: skip
+                       _if_match(if_match, gid, creates=True, none_match=if_none_match))  # fmt: skip
     g = _group(new, gid)
-    answer_etag(response, g)
+    answer_etag(response, etag(g))
     return group_out(g)
 
 

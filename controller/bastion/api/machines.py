@@ -17,11 +17,18 @@ from pydantic import (
 
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep, base_url
 from bastion.api.edits import (
+    NOT_MODIFIED,
     PRECONDITION_FAILED,
+    PUT_PRECONDITION_FAILED,
     IfMatch,
     IfMatchHeader,
+    IfNoneMatchHeader,
+    IfNoneMatchRead,
     answer_etag,
     edit_yaml_or_422,
+    machine_etag,
+    not_modified,
+    served_machine_etag,
 )
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import BootRequest, Machine, Site
@@ -151,10 +158,15 @@ def list_machines(site: SiteDep, runtime: RuntimeDep) -> list[MachineOut]:
 
 @router.get("/{name}", summary="One machine",
             description="`ETag`: its definition's; send it back as `If-Match` to edit it only while "
-            "nobody else has.")  # fmt: skip
-def get_machine(name: str, site: SiteDep, runtime: RuntimeDep, response: Response) -> MachineOut:
+            "nobody else has, or as `If-None-Match` to get 304 while it is unchanged.",
+            responses=NOT_MODIFIED)  # fmt: skip
+def get_machine(name: str, site: SiteDep, runtime: RuntimeDep, response: Response,
+                if_none_match: IfNoneMatchRead = None) -> MachineOut:  # fmt: skip
     m = _machine(site, name)
-    answer_etag(response, m)
+    tag = served_machine_etag(runtime, m)
+    if (unchanged := not_modified(if_none_match, tag)) is not None:
+        return unchanged
+    answer_etag(response, tag)
     return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 
@@ -197,15 +209,17 @@ def machine_ignition(name: str, site: SiteDep, runtime: RuntimeDep, request: Req
         raise HTTPException(500, str(e)) from None
 
 
-def _if_match(header: str | None, name: str, creates: bool = False) -> IfMatch:
+def _if_match(header: str | None, name: str, creates: bool = False,
+              none_match: str | None = None) -> IfMatch:  # fmt: skip
     return IfMatch(header, f"machine {name!r}", lambda site: site.machine(name), ("machines.yaml",),
-                   creates)  # fmt: skip
+                   creates, none_match, tag=lambda m, read: machine_etag(m, read("machines.yaml")))  # fmt: skip
 
 
 @router.put("/{name}", summary="Add or replace a machine (needs the token)",
-            responses=PRECONDITION_FAILED)  # fmt: skip
+            responses=PUT_PRECONDITION_FAILED)  # fmt: skip
 def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, response: Response, _: AdminDep,
-                if_match: IfMatchHeader = None) -> MachineOut:  # fmt: skip
+                if_match: IfMatchHeader = None,
+                if_none_match: IfNoneMatchHeader = None) -> MachineOut:  # fmt: skip
     # the values as sent (model_dump would serialise them as the field types say); null and a
     # field's default (labels: {}) leave the field out
     entry: dict[str, Any] = {"name": name}
@@ -224,9 +238,9 @@ def put_machine(name: str, body: MachineIn, runtime: RuntimeDep, response: Respo
             machines.append(entry)
 
     site = edit_yaml_or_422(runtime, "machines.yaml", change,
-                            _if_match(if_match, name, creates=True))  # fmt: skip
+                            _if_match(if_match, name, creates=True, none_match=if_none_match))  # fmt: skip
     m = _machine(site, name)
-    answer_etag(response, m)
+    answer_etag(response, served_machine_etag(runtime, m))
     return machine_out(m, site, _marks(runtime).get(m.name))
 
 
@@ -266,7 +280,7 @@ def patch_machine(name: str, body: MachinePatch, runtime: RuntimeDep, response: 
 
     site = edit_yaml_or_422(runtime, "machines.yaml", change, _if_match(if_match, name))
     m = _machine(site, name)
-    answer_etag(response, m)
+    answer_etag(response, served_machine_etag(runtime, m))
     return machine_out(m, site, _marks(runtime).get(m.name), _statuses(runtime).get(m.name))
 
 

@@ -10,9 +10,23 @@ from pydantic import BaseModel
 
 from bastion import yamlfile
 from bastion.api.deps import AdminDep, RuntimeDep, SiteDep
-from bastion.api.edits import PRECONDITION_FAILED, IfMatch, IfMatchHeader, answer_etag, apply_or_422
+from bastion.api.edits import (
+    NOT_MODIFIED,
+    PRECONDITION_FAILED,
+    PUT_PRECONDITION_FAILED,
+    IfMatch,
+    IfMatchHeader,
+    IfNoneMatchHeader,
+    IfNoneMatchRead,
+    answer_etag,
+    apply_or_422,
+    edit_or_422,
+    etag,
+    not_modified,
+)
 from bastion.api.jsonbody import StrictJsonRoute
 from bastion.model import Boot, Profile, Site
+from bastion.site.holder import Read
 from bastion.site.schema import check_name
 
 router = APIRouter(prefix="/profiles", tags=["profiles"], route_class=StrictJsonRoute)
@@ -63,17 +77,24 @@ def list_profiles(site: SiteDep) -> list[ProfileOut]:
 
 @router.get("/{pid}", summary="One profile",
             description="`ETag`: its definition's; send it back as `If-Match` to edit it only while "
-            "nobody else has.")  # fmt: skip
-def get_profile(pid: str, site: SiteDep, response: Response) -> ProfileOut:
+            "nobody else has, or as `If-None-Match` to get 304 while it is unchanged.",
+            responses=NOT_MODIFIED)  # fmt: skip
+def get_profile(pid: str, site: SiteDep, response: Response,
+                if_none_match: IfNoneMatchRead = None) -> ProfileOut:  # fmt: skip
     p = _profile(site, pid)
-    answer_etag(response, p)
+    tag = etag(p)
+    if (unchanged := not_modified(if_none_match, tag)) is not None:
+        return unchanged
+    answer_etag(response, tag)
     return profile_out(p)
 
 
-def _if_match(header: str | None, pid: str, creates: bool = False) -> IfMatch:
+def _if_match(header: str | None, pid: str, creates: bool = False,
+              none_match: str | None = None) -> IfMatch:  # fmt: skip
     # every file that could hold the id (site.yaml, for the built-in k3s one, is always read)
     files = tuple(f"profiles/{pid}.{ext}" for ext in ("json", "yaml", "yml"))
-    return IfMatch(header, f"profile {pid!r}", lambda site: site.profiles.get(pid), files, creates)
+    return IfMatch(header, f"profile {pid!r}", lambda site: site.profiles.get(pid), files, creates,
+                   none_match)  # fmt: skip
 
 
 @router.put(
@@ -82,7 +103,7 @@ def _if_match(header: str | None, pid: str, creates: bool = False) -> IfMatch:
     description="`format=matchbox` (default) writes the body as profiles/<id>.json, a matchbox "
     "profile (id, name, boot{kernel, initrd, args}, ignition_id, generic_id); `format=bastion` "
     "writes profiles/<id>.yaml in Edge Bastion's format. The other file for the id is removed.",
-    responses=PRECONDITION_FAILED,
+    responses=PUT_PRECONDITION_FAILED,
 )
 def put_profile(
     pid: str,
@@ -93,25 +114,30 @@ def put_profile(
     _: AdminDep,
     format: Literal["matchbox", "bastion"] = "matchbox",
     if_match: IfMatchHeader = None,
+    if_none_match: IfNoneMatchHeader = None,
 ) -> ProfileOut:
     try:
         check_name(pid, "profile id")
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    changes: dict[str, bytes | None] = {}
     if format == "matchbox":
         body = {**body, "id": pid}
-        changes[f"profiles/{pid}.json"] = json.dumps(body, indent=2).encode() + b"\n"
+        written = {f"profiles/{pid}.json": json.dumps(body, indent=2).encode() + b"\n"}
         stale = [f"profiles/{pid}.yaml", f"profiles/{pid}.yml"]
     else:
-        changes[f"profiles/{pid}.yaml"] = yamlfile.dump(body)
+        written = {f"profiles/{pid}.yaml": yamlfile.dump(body)}
         stale = [f"profiles/{pid}.json", f"profiles/{pid}.yml"]
-    for rel in stale:
-        if (runtime.holder.root / rel).exists():
-            changes[rel] = None
-    new = apply_or_422(runtime, changes, _if_match(if_match, pid, creates=True))
+
+    def make(read: Read) -> dict[str, bytes | None]:
+        # which other file holds the id is read under the edit's lock: chosen before it, a file
+        # someone renamed meanwhile (spare.json to spare.yaml) stayed, and the site with two
+        # files for one id refused the edit (422); read() also holds it in the compare-and-swap
+        return {**written, **{rel: None for rel in stale if read(rel) is not None}}
+
+    condition = _if_match(if_match, pid, creates=True, none_match=if_none_match)
+    new = edit_or_422(runtime, make, condition)
     p = _profile(new, pid)
-    answer_etag(response, p)
+    answer_etag(response, etag(p))
     return profile_out(p)
 
 
