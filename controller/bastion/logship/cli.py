@@ -76,7 +76,8 @@ def status_command(site_dir: Path | None, db_path: Path | None, as_json: bool) -
         if as_json:
             click.echo(json.dumps({"target": target, "moved_aside": str(p)}))
         else:
-            click.echo(f"{target:<16} a damaged queue file was moved aside, its records not shipped: {p}")
+            click.echo(f"{target:<16} a damaged queue file was moved aside (its `queue-damaged` event says what "
+                       f"of it was queued again): {p}")  # fmt: skip
 
 
 COMMANDS = [logs_group]

@@ -23,6 +23,19 @@ only those count as refused, the rest as taken. An answer without a count (a mal
 label Loki refuses) refuses the whole batch. Either way the batch leaves the queue: sent again,
 the refused entries would be refused again.
 
+A 429 may refuse only some entries too: past a stream's own rate (`per_stream_rate_limit`, when
+the tenant's streams are not sharded, `shard_streams`), Loki's ingester stores the entries its
+bucket allows and answers the rest as a 400 names them (`entry with timestamp <time> ignored,
+reason: 'Per stream rate limit exceeded ...'`, then `total ignored: N out of M`). Those are to be
+sent again later; the stored ones are not (Loki would drop them as duplicates, but only after
+charging them to the stream's rate again). `stored_head` tells how many entries at the head of
+the push were stored, where the answer allows telling: a push of one stream whose answer names
+every refused entry (`max_returned_errors`, 10 by default, are named), and they are its last
+ones, no entry before them at the same time. Otherwise it cannot be told, and the whole push is
+sent again: Loki's ingester answers for the last stream of a push only (the others may have
+been stored, or refused, unsaid), and the distributor's own 429 (the tenant's ingestion rate)
+refuses the whole push.
+
 Size. Loki takes a push only within its bounds, and some are for good: a line longer than
 `max_line_size` (256 kB by default since Loki 3) is a 400; a push whose lines total more than
 the tenant's `ingestion_burst_size_mb` (6 MB by default) is a 429 at every try, whatever the
@@ -46,6 +59,7 @@ that names the URL.
 from __future__ import annotations
 
 import base64
+import calendar
 import json
 import re
 import ssl
@@ -149,6 +163,10 @@ def _nanoseconds(ts: Any) -> int:
 
 
 _IGNORED = re.compile(r"total ignored: (\d+) out of \d+")
+_IGNORED_OF = re.compile(r"total ignored: (\d+) out of (\d+)")
+# Go's time.Time.String(): "2006-01-02 15:04:05.999999999 -0700 MST", the fraction's trailing
+# zeros left out (and the fraction with them when it is 0)
+_NAMED = re.compile(r"entry with timestamp (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.(\d{1,9}))? ([+-])(\d\d)(\d\d) \S+ ignored")
 
 
 def ignored(answer: str) -> int | None:
@@ -156,6 +174,32 @@ def ignored(answer: str) -> int | None:
     `total ignored: N out of M` (one a stream); None when it gives no count."""
     counts = [int(n) for n in _IGNORED.findall(answer)]
     return sum(counts) if counts else None
+
+
+def _named_ns(match: re.Match) -> int:
+    when, fraction, sign, hours, minutes = match.groups()
+    seconds = calendar.timegm(time.strptime(when, "%Y-%m-%d %H:%M:%S"))
+    offset = (int(hours) * 3600 + int(minutes) * 60) * (1 if sign == "+" else -1)
+    return (seconds - offset) * 1_000_000_000 + int((fraction or "").ljust(9, "0"))
+
+
+def stored_head(answer: str, times: list[int]) -> int:
+    """How many entries at the head of a push of one stream, whose entries had the times
+    `times` (nanoseconds, in the push's order), Loki's partial refusal `answer` says it stored:
+    0 unless the answer counts the push's entries (`total ignored: N out of len(times)`, once),
+    names all N refused ones by their time, and those are the last N of the push with no entry
+    before them at one of their times."""
+    counts = _IGNORED_OF.findall(answer)
+    if len(counts) != 1:
+        return 0
+    ignored, out_of = (int(n) for n in counts[0])
+    if out_of != len(times) or not 0 < ignored < out_of:
+        return 0
+    named = sorted(_named_ns(m) for m in _NAMED.finditer(answer))
+    head, tail = times[: out_of - ignored], times[out_of - ignored :]
+    if named != sorted(tail) or set(head) & set(tail):
+        return 0
+    return len(head)
 
 
 class LokiRejected(Exception):
@@ -173,7 +217,12 @@ class LokiTooLarge(LokiRejected):
 
 
 class LokiBusy(OSError):
-    """Loki answered 429: too much for now, or a push beyond the tenant's burst (never taken)."""
+    """Loki answered 429: too much for now, or a push beyond the tenant's burst (never taken).
+    `answer`: what it said (a partial refusal names what it refused: stored_head)."""
+
+    def __init__(self, message: str, *, answer: str = ""):
+        super().__init__(message)
+        self.answer = answer
 
 
 def auth_headers(*, tenant: str | None, auth: str | None, username: str | None,
@@ -217,7 +266,7 @@ def push(url: str, body: bytes, *, headers: dict[str, str] | None = None,
         if e.code == 413:
             raise LokiTooLarge(f"HTTP 413: {detail}") from None
         if e.code == 429:
-            raise LokiBusy(f"HTTP 429: {detail}") from None
+            raise LokiBusy(f"HTTP 429: {detail}", answer=answer) from None
         if 400 <= e.code < 500 and e.code not in (401, 403):
             raise LokiRejected(f"HTTP {e.code}: {detail}", ignored=ignored(answer) if e.code == 400 else None) from None
         raise OSError(f"HTTP {e.code}: {detail}") from None

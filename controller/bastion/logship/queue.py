@@ -14,7 +14,9 @@ A queue is a cache of what waits for the collector, not the record of it (the hi
 file that does not open as a queue (garbage after a power cut, a malformed b-tree, another
 program's database: `is_damaged`) is renamed aside by `set_aside`, never deleted, and a new
 queue is made in its place. A file that cannot be opened for now (locked, no permission) is
-not damaged and is left alone.
+not damaged and is left alone. A file that opened but is found damaged later, when it is read
+(a disk error, another program writing into it), still holds records that can be read:
+`DiskQueue.copy_readable` copies those to a new queue before the file is moved aside.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def is_damaged(error: sqlite3.Error) -> bool:
     return isinstance(error, NotAQueue) or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
+def move_with_wal(src: Path, dst: Path) -> None:
+    """Rename an SQLite file with its -wal and -shm, the file itself last: stopped half way, the
+    file is still found where it was, rather than a stale WAL beside another file."""
+    for suffix in ("-wal", "-shm", ""):
+        if Path(f"{src}{suffix}").exists():
+            os.rename(f"{src}{suffix}", f"{dst}{suffix}")
+
+
+def remove_with_wal(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def set_aside(path: Path) -> Path:
     """Rename a damaged queue file to `<name>.damaged-<UTC time>`, its -wal and -shm with it
     (so SQLite still reads the renamed file with its WAL, and the new queue does not start from
@@ -66,11 +81,9 @@ def set_aside(path: Path) -> Path:
     while aside.exists():
         n += 1
         aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
-    # the file itself last: stopped half way, the next start finds it where it was and sets it
-    # aside then, rather than a new queue starting beside its stale WAL
-    for suffix in ("-wal", "-shm", ""):
-        if Path(f"{path}{suffix}").exists():
-            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    # stopped half way, the next start finds the file where it was and sets it aside then,
+    # rather than a new queue starting beside its stale WAL
+    move_with_wal(path, aside)
     return aside
 
 
@@ -155,6 +168,58 @@ class DiskQueue:
         with self._lock:
             row = self._db.execute("SELECT MIN(seq) FROM records").fetchone()
         return row[0] or 0
+
+    def copy_readable(self, dest: DiskQueue, *, after: int = 0, chunk: int = 500) -> tuple[int, int]:
+        """Copy, in order, every record of this (damaged) queue that can still be read to `dest`;
+        (how many were copied, how many could not be read). Sequence numbers are contiguous
+        (records are appended at the tail and removed at the head), so a stretch the b-tree
+        cannot be walked through (a damaged page) is read one number at a time, up to the last
+        number the file gave out. `after`: the caller's last acknowledged number, where the
+        walk starts when the oldest record's own number cannot be read."""
+        copied = lost = 0
+        with self._lock:
+            db = self._db
+
+            def first(sql: str) -> int | None:
+                try:
+                    row = db.execute(sql).fetchone()
+                except sqlite3.DatabaseError:
+                    return None
+                return row[0] if row and row[0] is not None else None
+
+            oldest = first("SELECT MIN(seq) FROM records")
+            if oldest is not None:
+                after = oldest - 1
+            # sqlite_sequence and the b-tree's right edge are other pages: either may be intact
+            ends = [n for n in (first("SELECT seq FROM sqlite_sequence WHERE name = 'records'"),
+                                first("SELECT MAX(seq) FROM records")) if n is not None]  # fmt: skip
+            last = max(ends) if ends else None
+            while last is None or after < last:
+                try:
+                    rows = db.execute("SELECT seq, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                                      (after, chunk)).fetchall()  # fmt: skip
+                    if not rows:
+                        break
+                    after = rows[-1][0]
+                except sqlite3.Error:  # a damaged page in this stretch: number by number
+                    end = after + chunk if last is None else min(after + chunk, last)
+                    rows, unread = [], 0
+                    for seq in range(after + 1, end + 1):
+                        try:
+                            row = db.execute("SELECT seq, body FROM records WHERE seq = ?", (seq,)).fetchone()
+                        except sqlite3.Error:
+                            unread += 1
+                            continue
+                        if row is not None:
+                            rows.append(row)
+                    lost += unread
+                    after = end
+                    if last is None and not rows:
+                        break  # where the records end is not known: this is taken for it
+                if rows:
+                    dest.put_many(body for _, body in rows)
+                    copied += len(rows)
+        return copied, lost
 
     def ack(self, upto: int) -> int:
         """Remove every record up to sequence number `upto` (taken by the collector)."""

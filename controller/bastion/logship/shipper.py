@@ -22,14 +22,18 @@ across anything slow, so a request is never slowed by a collector. Each target's
 3. on a failure closes the connection and waits before the next try: `backoff_min_s`,
    doubling up to `backoff_max_s`; records wait on disk meanwhile. When the queue file itself
    cannot be written or opened (disk full, locked, no permission), the events wait in the
-   inbox, up to `inbox_max`, each try (with the same backoff) logs an error that names the
-   file, and a reload hands that inbox to the new target of the same name. A target whose
+   inbox, up to `inbox_max`, and are tried again with the same backoff; the first failure of
+   such an outage logs an error that names the file (the tries after it, debug), its end an
+   info, and a reload hands that inbox to the new target of the same name. A target whose
    queue file cannot be opened at its start is such a target (an event `not-started`, then
    `started` once the file opens). A queue file that does not open as a queue is moved aside
    and a new one made (bastion.logship.queue.set_aside): it never keeps a target, or the
-   controller, from starting. A target whose site.yaml entry cannot be used safely (a Loki
-   URL with credentials in it, credentials over plain http to another host) is refused: it is
-   not started until `logs:` changes.
+   controller, from starting. One found damaged later, when a read or a write of the running
+   target meets a damaged page, is moved aside then, after what can still be read of it is
+   copied, in order, to the new queue (`_replace_damaged`); sending starts again from its
+   head. A target whose site.yaml entry cannot be used safely (a Loki URL with credentials in
+   it, credentials over plain http to another host) is refused: it is not started until
+   `logs:` changes.
 
 Credentials are read when they are used, from the secret store (`secret_name`): a Loki password
 or token at each push, a client key (mutual TLS) at each new connection, the site's CA and
@@ -59,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.logship import loki, syslog
-from bastion.logship.queue import DiskQueue, is_damaged, set_aside
+from bastion.logship.queue import DiskQueue, is_damaged, move_with_wal, remove_with_wal, set_aside
 from bastion.metrics import Metrics
 from bastion.site.schema import SYSLOG_FACILITIES, LogsSection, LogsTarget
 from bastion.state.secrets import SecretStore
@@ -129,6 +133,8 @@ class Target:
         self._marks: collections.deque[tuple[int, float]] = collections.deque()  # (seq, acked at)
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._acked = 0  # the last sequence number removed from the queue as taken by the collector
+        self._stuck = False  # the queue file cannot be opened or written: said once an outage
         self._up: bool | None = None  # None: not tried yet
         self._unreported: collections.Counter[str] = collections.Counter()  # by reason
         self._reported_at = float("-inf")
@@ -144,6 +150,7 @@ class Target:
             log.error("logship %s: not started: %s; events wait in memory, opening it is tried again",
                       spec.name, e)  # fmt: skip
             self._event("not-started", error=str(e))
+            self._stuck = True
             self._up = False  # what follows is `started`, then `up` once the collector takes records
             self._backoff = self.backoff_min_s
             self._retry_at = time.monotonic() + self._backoff
@@ -207,8 +214,10 @@ class Target:
                 self._drain()
                 self._report()
                 busy = self._send_some()
-            except QueueUnwritable as e:  # the disk, not the collector: say so every time
-                log.error("logship %s: %s; %d events wait in memory", self.spec.name, e, len(self.inbox))
+            except QueueUnwritable as e:  # the disk, not the collector: an error once an outage
+                (log.debug if self._stuck else log.error)("logship %s: %s; %d events wait in memory, tried again",
+                                                          self.spec.name, e, len(self.inbox))  # fmt: skip
+                self._stuck = True
                 self._fail(str(e))
                 busy = False
             except Exception:  # a bug must not stop shipping for good: log, wait, go on
@@ -228,7 +237,7 @@ class Target:
             return self.confirm_s / 4  # watch the connection until what was sent is confirmed
         return 5.0
 
-    def _drain(self) -> None:
+    def _drain(self, *, damage_seen: bool = False) -> None:
         if self.queue is None:
             if time.monotonic() < self._retry_at:
                 return  # the events wait in the inbox until the next try
@@ -236,6 +245,7 @@ class Target:
             log.info("logship %s: the queue file %s opened: started, %d events were waiting in memory",
                      self.spec.name, self.queue_path, len(self.inbox))  # fmt: skip
             self._event("started", waiting=len(self.inbox))
+            self._stuck = False
             self._up = None  # the collector is yet to be tried: its `down` is news again
         bodies = []
         while self.inbox:
@@ -245,9 +255,49 @@ class Target:
                 dropped = self.queue.put_many(bodies)
             except sqlite3.Error as e:  # the transaction is rolled back: the batch goes back, first
                 self.inbox.extendleft(reversed(bodies))
+                if is_damaged(e) and not damage_seen:
+                    self._replace_damaged(e)
+                    return self._drain(damage_seen=True)  # into the new queue
                 raise QueueUnwritable(f"cannot write the queue file {self.queue.path}: {e}") from e
             if dropped:
                 self._dropped(dropped, "bound")
+            if self._stuck:
+                log.info("logship %s: the queue file %s is written again", self.spec.name, self.queue_path)
+                self._stuck = False
+
+    def _replace_damaged(self, error: sqlite3.Error) -> None:
+        """The open queue file was found damaged when it was read or written: what can still be
+        read of it is copied, in order, to a new queue made beside it, the file is moved aside
+        (as at start, _open_queue: kept for the operator) and the new queue takes its place.
+        Sending starts again from the new queue's head: a syslog collector may get again what
+        it was sent but not yet confirmed. QueueUnwritable when the new queue cannot be made:
+        the damaged one is kept until the next try, or, past the rename, the file is opened
+        again as at start."""
+        old, path = self.queue, self.queue_path
+        assert old is not None
+        self._close_conn()  # its cursor and marks are the damaged file's sequence numbers
+        fresh = path.with_name(f"{path.name}.salvage")
+        try:
+            remove_with_wal(fresh)  # left by a try that stopped half way
+            new = DiskQueue(fresh, self.spec.queue_max)
+            try:
+                kept, lost = old.copy_readable(new, after=self._acked)
+            finally:
+                new.close()
+            old.close()
+            self.queue = None  # from here on, a failure leaves the file to be opened again (_drain)
+            aside = set_aside(path)
+            move_with_wal(fresh, path)
+            self.queue = DiskQueue(path, self.spec.queue_max)
+        except (OSError, sqlite3.Error) as e:
+            raise QueueUnwritable(f"the queue file {path} is damaged ({error}) and cannot be replaced: {e}") from e
+        self._acked = 0
+        log.error("logship %s: the queue file %s is damaged (%s): moved aside to %s; %d records that could still "
+                  "be read were queued again, %d could not be read and are not shipped", self.spec.name, path,
+                  error, aside, kept, lost)  # fmt: skip
+        self._event("queue-damaged", file=str(path), error=str(error), moved_to=str(aside), kept=kept, lost=lost)
+        if lost:
+            self._dropped(lost, "damaged")
 
     def _dropped(self, n: int, reason: str) -> None:
         self.metrics.logship_dropped.labels(target=self.spec.name, reason=reason).inc(n)
@@ -263,6 +313,7 @@ class Target:
                 "bound": f"the queue's bound, {self.spec.queue_max}",
                 "inbox": f"{self.inbox_max} were already waiting for the sender thread",
                 "rejected": "the collector refused them for good",
+                "damaged": "they were on a damaged page of the queue file",
             }.get(reason, reason)
             log.warning("logship %s: dropped %d records (%s)", self.spec.name, n, why)
             self._event("dropped", count=n, reason=reason, queue_max=self.spec.queue_max,
@@ -283,6 +334,11 @@ class Target:
         except OSError as e:
             self._fail(str(e) or type(e).__name__)
             return False
+        except sqlite3.Error as e:  # reading the queue, or removing what was taken
+            if not is_damaged(e):  # locked, a disk error: the disk is stuck, as for a write
+                raise QueueUnwritable(f"cannot read the queue file {self.queue_path}: {e}") from e
+            self._replace_damaged(e)
+            return True
 
     def _fail(self, why: str) -> None:
         self._close_conn()
@@ -375,6 +431,7 @@ class Target:
             confirmed = self._marks.popleft()[0]
         if confirmed:
             self.queue.ack(confirmed)
+            self._acked = confirmed
         rows = self.queue.peek(self._cursor, self.batch)
         if not rows:
             return False
@@ -434,6 +491,7 @@ class Target:
             # ones would be ignored again, so the batch goes either way)
             refused = taken if e.ignored is None else min(e.ignored, taken)
             self.queue.ack(last)
+            self._acked = last
             if refused < taken:
                 log.error("logship %s: Loki refused %d of %d records, and took the others: %s", self.spec.name,
                           refused, taken, e)  # fmt: skip
@@ -445,6 +503,19 @@ class Target:
                 self._dropped(refused, "rejected")
             return True
         except loki.LokiBusy as e:
+            streams = json.loads(body)["streams"]
+            stored = loki.stored_head(e.answer, [int(ns) for ns, _ in streams[0]["values"]]) if len(streams) == 1 else 0
+            if stored:
+                # the stream's rate took the head of the push (loki.stored_head): it leaves the
+                # queue, counted once, and only the rest is sent again, with backoff
+                self.queue.ack(rows[stored - 1][0])
+                self._acked = rows[stored - 1][0]
+                self.metrics.logship_sent.labels(target=self.spec.name).inc(stored)
+                ids = [json.loads(b).get("id") for _, b in rows[:stored]]
+                self._count_cut(sum(1 for i in cut if i in ids))
+                log.info("logship %s: Loki stored %d of %d records and refused the others for their stream's rate: "
+                         "those are sent again", self.spec.name, stored, taken)  # fmt: skip
+                raise
             # a push past the tenant's burst is refused at every try: a smaller one may not be
             if taken > 1 and len(body) > self.loki_busy_floor:
                 self._shrink(max(self.loki_busy_floor, len(body) // 2), len(body), taken, e)
@@ -458,6 +529,7 @@ class Target:
             raise  # and retried with backoff, as any 429
         self._succeeded()
         self.queue.ack(last)
+        self._acked = last
         self.metrics.logship_sent.labels(target=self.spec.name).inc(taken)
         self._count_cut(len(cut))
         if cut:

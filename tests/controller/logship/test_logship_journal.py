@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from bastion.cli import main
-from bastion.logship import syslog
-from bastion.logship import journal
+from bastion.logship import journal, syslog
 from bastion.logship.journal import ExportParser, Malformed, as_event
 from click.testing import CliRunner
 from hypothesis import given, settings

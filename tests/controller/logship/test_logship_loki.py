@@ -32,7 +32,8 @@ EVENT = {"id": 1, "ts": 1764871526.25, "kind": "boot", "source": "controller", "
 
 
 def _loki(*, max_body: int = 1_048_576, max_line: int = 256_000, burst: int = 6_000_000, tls=None,
-          oldest: float | None = None, count: str = "loki3", rate_limited: int = 0):  # fmt: skip
+          oldest: float | None = None, count: str = "loki3", rate_limited: int = 0,
+          stream_budget: int | None = None, budget_pushes: int = 0):  # fmt: skip
     """A push endpoint with Loki's limits and a proxy's in front of it: a body past `max_body`
     is a 413 (nginx's client_max_body_size, 1 MiB by default); lines totalling more than
     `burst` bytes a 429 (Loki's ingestion burst: such a push is refused at every try); a line
@@ -42,8 +43,19 @@ def _loki(*, max_body: int = 1_048_576, max_line: int = 256_000, burst: int = 6_
     then `count` says how many: "loki3" as Loki 3 (`user 'fake', total ignored: N out of M for
     stream: {..}`, a line per stream), "loki2" as Loki 2 (`total ignored: N out of M`), "none"
     not at all. The first `rate_limited` pushes are a 429 whatever they hold (a tenant's rate
-    used up for now). Keeps what it took, in order, and every answer with its body's size."""
-    got = SimpleNamespace(events=[], answers=[], peers=[])
+    used up for now). The first `budget_pushes` pushes each take at most `stream_budget` bytes of
+    lines a stream, charging every entry, an entry already stored too (Loki's per-stream rate
+    limit, its bucket emptied by one push: pkg/ingester/stream.go validateEntries), and answer
+    429 for the rest, naming them as the ingester does (errorForFailedEntries). An entry equal to
+    one already stored (stream, time and line) is dropped, as Loki drops it, and counted in
+    `duplicates`. Keeps what it took, in order, and every answer with its body's size."""
+    got = SimpleNamespace(events=[], answers=[], peers=[], pushes=[], duplicates=0)
+    stored: set[tuple] = set()
+
+    def go_time(ns: int) -> str:  # Go's time.Time.String() of a UTC time
+        seconds, fraction = divmod(ns, 1_000_000_000)
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+        return text + (f".{fraction:09d}".rstrip("0") if fraction else "") + " +0000 UTC"
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -63,15 +75,30 @@ def _loki(*, max_body: int = 1_048_576, max_line: int = 256_000, burst: int = 6_
             if len(got.answers) < rate_limited:
                 return 429, b"Ingestion rate limit exceeded for user fake (limit: 4194304 bytes/sec)"
             streams = json.loads(body)["streams"]
+            got.pushes.append([json.loads(line).get("id") for s in streams for _, line in s["values"]])
+            limited = stream_budget is not None and len(got.answers) < budget_pushes
             lines = [line for s in streams for _, line in s["values"]]
             if sum(len(line.encode()) for line in lines) > burst:
                 return 429, b""
-            refused, answer = 0, []
+            refused, answer, busy = 0, [], False
             for s in streams:
                 name = "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(s["stream"].items())) + "}"
-                ignored = 0
+                ignored, left = 0, stream_budget
                 for ns, line in s["values"]:
-                    if len(line.encode()) > max_line:
+                    if limited and len(line.encode()) > left:
+                        ignored += 1
+                        busy = True
+                        answer.append(f"entry with timestamp {go_time(int(ns))} ignored, reason: 'Per stream rate limit "
+                                      f"exceeded (limit: {stream_budget} B/sec) while attempting to ingest for stream "
+                                      f"'{name}' totaling {len(line)}B, consider splitting a stream via additional "
+                                      "labels or contact your Loki administrator to see if the limit can be "
+                                      "increased',")  # fmt: skip
+                        continue
+                    if limited:
+                        left -= len(line.encode())
+                    if (name, ns, line) in stored:
+                        got.duplicates += 1
+                    elif len(line.encode()) > max_line:
                         refused += 1
                     elif oldest is not None and int(ns) < oldest * 1e9:
                         ignored += 1
@@ -79,13 +106,14 @@ def _loki(*, max_body: int = 1_048_576, max_line: int = 256_000, burst: int = 6_
                         answer.append(f"entry with timestamp {when} ignored, reason: 'entry too far behind, entry "
                                       f"timestamp is: {when}, oldest acceptable timestamp is: {oldest}',")  # fmt: skip
                     else:
+                        stored.add((name, ns, line))
                         got.events.append(json.loads(line))
                 if ignored and count == "loki3":
                     answer.append(f"user 'fake', total ignored: {ignored} out of {len(s['values'])} for stream: {name}")
                 elif ignored and count == "loki2":
                     answer.append(f"total ignored: {ignored} out of {len(s['values'])}")
                 refused += ignored
-            return (400 if refused else 204), "\n".join(answer).encode()
+            return (429 if busy else 400 if refused else 204), "\n".join(answer).encode()
 
         def log_message(self, *args):
             pass
@@ -355,3 +383,55 @@ def test_a_small_event_rate_limited_for_a_while_is_retried_whole(tmp_path: Path,
     assert [status for status, _ in got.answers] == [429] * 8 + [204]
     assert got.events == [dict(EVENT, id=1, payload={"message": "m" * 20_000})]
     assert (_counted(metrics, "cut", "loki"), _dropped(metrics, "loki"), _counted(metrics, "sent", "loki")) == (0, 0, 1)
+
+
+def test_a_429_that_stores_the_head_of_a_push_sends_only_the_rest_again(tmp_path: Path, monkeypatch):
+    """Past a stream's own rate Loki stores the entries its bucket allows and answers 429 naming
+    the others (pkg/ingester/stream.go). Before, the whole push was sent again: Loki dropped the
+    4 it had as duplicates, after charging them to the stream's rate again. Now only the 6 it
+    refused are sent again, each record is counted sent once, and all 10 arrive, in order."""
+    monkeypatch.setattr(Target, "backoff_max_s", 0.05)
+    server, url, got = _loki(stream_budget=4 * 1200, budget_pushes=1)
+    metrics = Metrics()
+    shipper = Shipper(tmp_path / "q", metrics)
+    queue = DiskQueue(tmp_path / "q" / "loki.db", 1000)
+    # one stream (same source and kind), a line of about 1,100 bytes each: 4 fit the budget
+    queue.put_many(json.dumps(dict(EVENT, id=i, ts=EVENT["ts"] + i, payload={"m": "r" * 900})) for i in range(1, 11))
+    queue.close()
+    try:
+        shipper.configure(LogsSection.model_validate({"targets": [{"name": "loki", "type": "loki", "url": url}]}),
+                          site="s", site_root=tmp_path)  # fmt: skip
+        _wait(lambda: len(got.events) == 10)
+    finally:
+        shipper.close()
+        server.shutdown()
+    assert [status for status, _ in got.answers] == [429, 204]
+    assert got.pushes == [list(range(1, 11)), list(range(5, 11))]
+    assert got.duplicates == 0
+    assert [e["id"] for e in got.events] == list(range(1, 11))
+    assert (_counted(metrics, "sent", "loki"), _dropped(metrics, "loki")) == (10, 0)
+
+
+def test_what_loki_says_it_stored_of_a_push_is_read_only_where_it_can_be_told():
+    def go_time(ns: int, zone: str = "+0000 UTC", shift: int = 0) -> str:  # Go's time.Time.String()
+        seconds, fraction = divmod(ns, 1_000_000_000)
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds + shift))
+        return text + (f".{fraction:09d}".rstrip("0") if fraction else "") + " " + zone
+
+    def named(*times: int, total: int, out_of: int) -> str:
+        lines = [f"entry with timestamp {go_time(t)} ignored, reason: 'Per stream rate limit exceeded'," for t in times]
+        return "\n".join([*lines, f"user 'fake', total ignored: {total} out of {out_of} for stream: {{kind=\"boot\"}}"])
+
+    ns = [(1764871526 + i) * 1_000_000_000 + 250_000_000 for i in range(4)] + [1764871530 * 1_000_000_000]
+    assert loki.stored_head(named(ns[3], ns[4], total=2, out_of=5), ns) == 3
+    assert loki.stored_head(named(ns[4], ns[3], total=2, out_of=5), ns) == 3  # named in any order
+    assert loki.stored_head(named(ns[1], ns[4], total=2, out_of=5), ns) == 0  # not the last ones
+    assert loki.stored_head(named(ns[4], total=2, out_of=5), ns) == 0  # one of the two not named
+    assert loki.stored_head(named(ns[4], total=1, out_of=6), ns) == 0  # another push's count
+    assert loki.stored_head(named(*ns, total=5, out_of=5), ns) == 0  # the whole stream refused
+    assert loki.stored_head(named(ns[4], total=1, out_of=5), [*ns[:3], ns[4], ns[4]]) == 0  # its time twice
+    assert loki.stored_head(named(ns[4], total=1, out_of=5) + "\n" + named(ns[4], total=1, out_of=5), ns) == 0
+    assert loki.stored_head("Ingestion rate limit exceeded for user fake (limit: 4194304 bytes/sec)", ns) == 0
+    # the time as a Loki whose zone is not UTC says it (Go's time.Unix gives the Local zone), Loki 2's count
+    local = go_time(ns[3], "+0100 CET", shift=3600)
+    assert loki.stored_head(f"entry with timestamp {local} ignored, reason: 'x',\ntotal ignored: 1 out of 4", ns[:4]) == 3

@@ -428,3 +428,244 @@ def test_a_reload_while_the_queue_files_cannot_be_written_queues_each_event_once
         assert [json.loads(b)["id"] for _, b in queue.peek(0, 100)] == [1, 2, 3], name
         queue.close()
     assert not [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+
+
+def test_a_queue_file_damaged_while_the_target_runs_is_moved_aside_keeping_what_can_be_read(tmp_path: Path, caplog):
+    """The file is damaged after it opened (here: two pages of records' b-tree overwritten
+    behind SQLite's back, as a disk error would). Before, only the next start looked at it:
+    every read failed, the target logged an internal error at each try and shipped nothing
+    more, ever. Now the read that meets the damage moves the file aside (bytes as they were
+    then) after copying what can still be read to a new queue: a real collector on loopback
+    gets every readable record, in order, then the events offered since; the unreadable ones
+    are counted as dropped, with an event."""
+    import sqlite3
+    import time
+
+    from bastion.logship.shipper import Target
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsTarget
+
+    port = _unused_port()
+    spec = LogsTarget(name="central", type="syslog", host="127.0.0.1", port=port)
+    recorded: list[dict] = []
+    metrics = Metrics()
+    t = Target(spec, tmp_path / "q", site="home", site_root=tmp_path, hostname="bastion", metrics=metrics,
+               record=lambda kind, **kw: recorded.append(kw["payload"]))  # fmt: skip
+    t.backoff_max_s = 0.2
+    caplog.set_level(logging.ERROR, logger="bastion.logship")
+
+    def wait(cond) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, "gave up waiting"
+            time.sleep(0.05)
+
+    path = tmp_path / "q" / "central.db"
+    collector = socket.socket()
+    t.start()
+    try:
+        for i in range(1, 501):
+            t.offer(json.dumps({"id": i, "kind": "test", "payload": "x" * 200}))
+        wait(lambda: len(t.queue) == 500)  # the collector is down: everything waits on disk
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the records into the file itself
+        other.close()
+        with open(path, "r+b") as f:
+            f.seek(8 * 4096)
+            f.write(b"\xa5" * (2 * 4096))
+        damaged = path.read_bytes()
+        collector.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        collector.bind(("127.0.0.1", port))
+        collector.listen()
+        collector.settimeout(60)
+        wait(lambda: any(p["action"] == "queue-damaged" for p in recorded))
+        for i in range(501, 511):
+            t.offer(json.dumps({"id": i, "kind": "test", "payload": "after"}))
+        streams: list[list[int]] = []  # the ids each connection carried (the switch makes a new one)
+        while not streams or 510 not in streams[-1]:
+            conn, _ = collector.accept()
+            conn.settimeout(60)
+            streams.append([])
+            rest = b""
+            while data := conn.recv(65536):
+                frames, rest = octet_frames(rest + data)
+                streams[-1] += [json.loads(f[f.index(b"{") :])["id"] for f in frames]
+                if 510 in streams[-1]:
+                    break
+            conn.close()
+    finally:
+        t.stop()
+        collector.close()
+    (event,) = [p for p in recorded if p["action"] == "queue-damaged"]
+    aside = Path(event["moved_to"])
+    assert aside.name.startswith("central.db.damaged-") and aside.read_bytes() == damaged
+    # what the damaged file still gives, asked record by record: the readable ones
+    readable, unreadable = [], []
+    db = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
+    for i in range(1, 501):
+        try:
+            row = db.execute("SELECT body FROM records WHERE seq = ?", (i,)).fetchone()
+        except sqlite3.DatabaseError:
+            unreadable.append(i)
+        else:
+            readable.append(json.loads(row[0])["id"])
+    db.close()
+    assert 0 < len(unreadable) <= 60 and len(readable) + len(unreadable) == 500  # two pages of ~20 records
+    # each connection in order; one sent again after the switch may come twice, none is missing
+    assert all(ids == sorted(set(ids)) for ids in streams), streams
+    assert sorted({i for ids in streams for i in ids}) == readable + list(range(501, 511))
+    assert streams[-1][-10:] == list(range(501, 511))
+    assert event["kept"] == len(readable) and event["lost"] == len(unreadable)
+    assert event["file"] == str(path) and event["error"]
+    assert metrics.logship_dropped.labels(target="central", reason="damaged")._value.get() == len(unreadable)
+    assert any(str(aside) in r.getMessage() for r in caplog.records)
+
+
+def test_what_a_damaged_queue_still_holds_is_copied_whichever_page_is_damaged(tmp_path: Path):
+    """DiskQueue.copy_readable, the salvage of a queue found damaged while it runs, with each
+    page of a queue of 400 waiting records (100 more already taken) overwritten in turn: the
+    root, the oldest records' leaf, the newest's, the counters, sqlite_sequence. What it copies
+    is, in order, exactly what the damaged file gives when each record is asked for alone, and
+    what it counts as lost is exactly what does not."""
+    import sqlite3
+
+    path = tmp_path / "q.db"
+    queue = DiskQueue(path, 1000)
+    queue.put_many([json.dumps({"id": i, "pad": "x" * 200}) for i in range(1, 501)])
+    queue.ack(100)  # the sender's last acknowledged number: where the walk starts if the head is unreadable
+    queue.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    whole = path.read_bytes()
+    assert len(whole) // 4096 > 20
+    losses = []
+    for page in range(1, len(whole) // 4096):  # every page but the header's
+        path.write_bytes(whole)
+        broken = DiskQueue(path, 1000)  # as the running target holds it: opened before the damage
+        with open(path, "r+b") as f:
+            f.seek(page * 4096)
+            f.write(b"\xa5" * 4096)
+        # a write through another connection (the header's page only, into the WAL): the open
+        # queue's page cache is dropped and what is read comes from the damaged file
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute(f"PRAGMA user_version = {page}")
+        other.close()
+        readable, unreadable = [], 0
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        for seq in range(101, 501):
+            try:
+                row = db.execute("SELECT body FROM records WHERE seq = ?", (seq,)).fetchone()
+            except sqlite3.DatabaseError:
+                unreadable += 1
+            else:
+                readable.append(row[0])
+        db.close()
+        fresh = DiskQueue(tmp_path / f"fresh-{page}.db", 1000)
+        assert broken.copy_readable(fresh, after=100) == (len(readable), unreadable), page + 1
+        assert [b for _, b in fresh.peek(0, 1000)] == readable, page + 1
+        broken.close()
+        fresh.close()
+        losses.append(unreadable)
+    # the root's damage loses all 400, a leaf's a page of them, a freed page's or the counters' none
+    assert 400 in losses and any(0 < n < 50 for n in losses) and 0 in losses, losses
+
+
+def test_a_queue_file_that_stays_locked_is_tried_again_and_said_once(tmp_path: Path, caplog):
+    """A target whose queue file another process holds at its start: it is tried again with the
+    usual backoff (the events wait in memory), but the outage is one error in the log, not one
+    at every try (up to four a minute, for as long as it lasts); the tries after it are debug,
+    and the end of the outage says so."""
+    import sqlite3
+    import time
+
+    from bastion.logship.shipper import Target
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsTarget
+
+    DiskQueue(tmp_path / "q" / "central.db", 10).close()
+    holder = sqlite3.connect(tmp_path / "q" / "central.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")  # the lock stays until close
+    caplog.set_level(logging.DEBUG, logger="bastion.logship")
+    metrics = Metrics()
+    spec = LogsTarget(name="central", type="syslog", host="127.0.0.1", port=_unused_port())
+    t = Target(spec, tmp_path / "q", site="home", site_root=tmp_path, hostname="bastion", metrics=metrics,
+               record=None)  # fmt: skip
+    t.backoff_max_s = 0.2
+
+    def tries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "cannot open the queue file" in r.getMessage()]
+
+    def wait(cond) -> None:
+        deadline = time.monotonic() + 120
+        while not cond():
+            assert time.monotonic() < deadline, "gave up waiting"
+            time.sleep(0.05)
+
+    t.start()
+    try:
+        for i in range(5):
+            t.offer(json.dumps({"id": i}))
+        wait(lambda: len(tries()) >= 3)  # the start's and two more
+        assert metrics.logship_up.labels(target="central")._value.get() == 0
+        holder.close()
+        wait(lambda: t.queue is not None and len(t.queue) == 5)
+    finally:
+        t.stop()
+        holder.close()
+    assert [r.levelno for r in tries()][:3] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+    assert [r.levelno for r in tries()].count(logging.ERROR) == 1
+    assert any("central.db" in r.getMessage() and "opened" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.INFO)  # fmt: skip
+
+
+def test_a_queue_file_found_damaged_by_a_write_takes_the_batch_into_the_new_queue(tmp_path: Path):
+    """The damage met by a write (the newest records' page, where an append goes), the collector
+    down. Before, the write's error was taken for a stuck disk: the batch waited in memory and
+    was tried again, with the same error, for good. Now the file is moved aside, what can still
+    be read of it queued again, and the batch after it, in order."""
+    import sqlite3
+    import time
+
+    from bastion.logship.shipper import Target
+    from bastion.metrics import Metrics
+    from bastion.site.schema import LogsTarget
+
+    spec = LogsTarget(name="central", type="syslog", host="127.0.0.1", port=_unused_port())
+    recorded: list[dict] = []
+    t = Target(spec, tmp_path / "q", site="home", site_root=tmp_path, hostname="bastion", metrics=Metrics(),
+               record=lambda kind, **kw: recorded.append(kw["payload"]))  # fmt: skip
+    t.backoff_max_s = 0.2
+
+    def wait(cond) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, "gave up waiting"
+            time.sleep(0.05)
+
+    path = tmp_path / "q" / "central.db"
+    t.start()
+    try:
+        for i in range(1, 501):
+            t.offer(json.dumps({"id": i, "payload": "x" * 200}))
+        wait(lambda: len(t.queue) == 500)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        other.close()
+        size = path.stat().st_size
+        with open(path, "r+b") as f:  # the last page: the newest records, where the next ones go
+            f.seek(size - 4096)
+            f.write(b"\xa5" * 4096)
+        for i in range(501, 506):
+            t.offer(json.dumps({"id": i, "payload": "new"}))
+        wait(lambda: any(p["action"] == "queue-damaged" for p in recorded))
+    finally:
+        t.stop()
+    (event,) = [p for p in recorded if p["action"] == "queue-damaged"]
+    assert 0 < event["lost"] <= 30 and event["kept"] + event["lost"] == 500
+    queue = DiskQueue(path, 1000)
+    ids = [json.loads(b)["id"] for _, b in queue.peek(0, 1000)]
+    queue.close()
+    assert ids == list(range(1, event["kept"] + 1)) + list(range(501, 506))
