@@ -2,30 +2,24 @@
 that board (`bastion sim --dress-as w5500-evb-pico`, bastion.flash.simboard.Dress): its REPL's
 sys.implementation answers like the board's MicroPython, and its watchdog, like an RP2040's,
 has the board's timeout (8 s) and survives a soft reboot. What a dressed board is and is not:
-the simboard module docstring. Relay outputs are watched every 2 ms for the whole flash."""
+the simboard module docstring; the helpers for one: dresskit.py. Relay outputs are watched
+every 2 ms for the whole flash."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from bastion.device.link import DeviceLink
-from simkit import RelayWatch, SimProcess, wait_for
+from dresskit import BOARD, REPO, bastion, channel_on, dressed, normal_boot_after, resets
+from simkit import RelayWatch
 from test_flash import make_site
 
-BIN = Path(sys.executable).parent
-BOARD = "w5500-evb-pico"
-WATCHDOG_S = json.loads((Path(__file__).resolve().parents[3] / "boards" / f"{BOARD}.json")
+WATCHDOG_S = json.loads((REPO / "boards" / f"{BOARD}.json")
                         .read_text())["watchdog"]["timeout_ms"] / 1000  # fmt: skip
-
-
-def bastion(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "bastion"), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)  # fmt: skip
 
 
 def tftp_files(root: Path, n: int, size: int = 4000) -> Path:
@@ -35,32 +29,6 @@ def tftp_files(root: Path, n: int, size: int = 4000) -> Path:
     for i in range(n):
         (root / f"f{i:03}.bin").write_bytes(bytes([i % 256]) * size)
     return root
-
-
-def dressed(flash: Path, link: Path, *dress: str, blank: bool = False) -> SimProcess:
-    return SimProcess(flash, link, None, ("--dress-as", BOARD, *dress), blank=blank)
-
-
-def resets(board: SimProcess) -> list[str]:
-    return [e["reason"] for e in board.seen if e.get("ev") == "reset"]
-
-
-def channel_on(board: SimProcess, flash: Path, ch: int) -> str:
-    with DeviceLink(str(board.link), timeout_s=10) as link:
-        assert link.wait_ready(15), link.last_error
-        assert link.info["board"] == BOARD
-        link.request("power", channel=ch, state="on")
-        state = "".join("1" if i == ch else "0" for i in range(8))
-        wait_for(lambda: (flash / "relays.state").read_text().strip() == state,
-                 what=f"relay {ch} on")
-    return state
-
-
-def normal_boot_after(board: SimProcess, i: int) -> dict:
-    """The first boot event with services after board.seen[i]."""
-    return wait_for(lambda: next((e for e in board.seen[i:]
-                                  if e.get("ev") == "boot" and "services" in e), None),
-                    timeout=30, what="a normal boot")  # fmt: skip
 
 
 def test_flashing_goes_through_maintenance_and_never_switches_a_relay_or_trips_the_watchdog(

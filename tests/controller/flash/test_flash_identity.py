@@ -12,14 +12,12 @@ firmware's board and the board.json's are tested end to end on dressed boards.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from bastion.flash import image as flashing
-from simkit import RelayWatch, SimProcess
+from dresskit import BOARD, bastion, channel_on, dressed, micropython_alone, resets
+from simkit import RelayWatch
 from test_flash import SITE_YAML, make_site, small_tftp
-from test_flash_board import BOARD, bastion, channel_on, dressed, resets
 
-REPO = Path(__file__).resolve().parents[3]
 # every channel's default on: a first flash of a board with MicroPython alone (its NC relays
 # undriven, so on) switches none (test_flash_safety_board.py)
 SITE_ON = SITE_YAML.replace("      default: off", "      default: on")
@@ -142,17 +140,6 @@ def test_a_running_firmware_of_another_board_is_refused_before_it_is_stopped(tmp
     assert json.loads((flash / "board.json").read_text())["name"] == "w5100s-evb-pico"
 
 
-def micropython_alone(flash: Path, link: Path, board_json: str, *dress: str) -> SimProcess:
-    """A sim board dressed as BOARD with MicroPython alone on its flash (no firmware to answer a
-    hello) and boards/<board_json>.json as the board.json an earlier flash left there."""
-    flash.mkdir(parents=True)
-    (flash / "board.json").write_bytes((REPO / "boards" / f"{board_json}.json").read_bytes())
-    board = SimProcess(flash, link, None, ("--dress-as", BOARD, "--no-install", *dress),
-                       blank=True)  # fmt: skip
-    board.wait(lambda e: e.get("ev") == "sim")
-    return board
-
-
 def test_a_board_json_of_another_board_is_refused_when_no_firmware_answers(tmp_path):
     # only the hello was compared: a board with MicroPython alone whose board.json said
     # w5100s-evb-pico was flashed as a w5500-evb-pico without a word
@@ -160,7 +147,7 @@ def test_a_board_json_of_another_board_is_refused_when_no_firmware_answers(tmp_p
     site = make_site(tmp_path / "site", SITE_ON)
     args = ["flash", "--port", "", "--board", BOARD, "--site", str(site), "--tftp-dir",
             str(small_tftp(tmp_path / "tftp"))]  # fmt: skip
-    board = micropython_alone(flash, tmp_path / "ttyACM0", "w5100s-evb-pico")
+    board = micropython_alone(flash, tmp_path / "ttyACM0", board_json="w5100s-evb-pico")
     try:
         args[2] = str(board.link)
         r = bastion(*args)
@@ -191,7 +178,7 @@ def test_a_board_json_of_the_board_itself_passes_and_so_does_an_unreadable_one(t
     # itself runs the `unknown` board then) nor the board's own file
     flash = tmp_path / "pico"
     site = make_site(tmp_path / "site", SITE_ON)
-    board = micropython_alone(flash, tmp_path / "ttyACM0", BOARD)
+    board = micropython_alone(flash, tmp_path / "ttyACM0")
     (flash / "board.json").write_text("{not json")
     try:
         r = bastion("flash", "--port", str(board.link), "--board", BOARD, "--site", str(site),
@@ -227,7 +214,7 @@ def test_a_dressed_board_says_its_board_files_machine_and_only_another_build_is_
     tftp = small_tftp(tmp_path / "tftp")
 
     def flash_dressed(name: str, *dress: str):
-        board = micropython_alone(tmp_path / name, tmp_path / f"tty-{name}", BOARD, *dress)
+        board = micropython_alone(tmp_path / name, tmp_path / f"tty-{name}", *dress)
         try:
             r = bastion("flash", "--port", str(board.link), "--board", BOARD, "--site", str(site),
                         "--tftp-dir", str(tftp))  # fmt: skip

@@ -18,26 +18,29 @@ from bastion.device.link import DeviceLink, OutcomeUnknown
 from bastion.flash import cli
 from bastion.flash.sim import BOOT_STUB
 from click.testing import CliRunner
+from dresskit import (
+    BOARD,
+    bastion,
+    channel_on,
+    dressed,
+    micropython_alone,
+    normal_boot_after,
+    resets,
+)
 from simkit import RelayWatch, SimProcess
 from test_flash import SITE_YAML, make_site, small_tftp
-from test_flash_board import BOARD, bastion, channel_on, dressed, normal_boot_after, resets
 
-REPO = Path(__file__).resolve().parents[3]
-BOARD_JSON = (REPO / "boards" / f"{BOARD}.json").read_bytes()
 SITE_ON = SITE_YAML.replace("      default: off", "      default: on")
 
 
-def micropython_alone(flash: Path, link: Path, files: dict[str, bytes] | None = None) -> SimProcess:
-    """A dressed board whose flash holds no firmware: MicroPython alone (the sim needs a
-    board.json in its flash directory to start: the w5500's, as a user's earlier copy), and
-    `files` (another project's main.py, ...)."""
-    flash.mkdir(parents=True)
-    (flash / "board.json").write_bytes(BOARD_JSON)
-    for name, data in (files or {}).items():
-        (flash / name).write_bytes(data)
-    board = SimProcess(flash, link, None, ("--dress-as", BOARD, "--no-install"), blank=True)
-    board.wait(lambda e: e.get("ev") == "sim")
-    return board
+@pytest.fixture(scope="module")
+def restarted_board(tmp_path_factory):
+    """(board, its flash directory): one dressed board running the firmware, shared by the
+    tests whose flash fails and restarts the firmware it had, leaving the board as they found
+    it (the same files, the same relay on). A board of their own each would cost a start."""
+    root = tmp_path_factory.mktemp("restarted-board")
+    with dressed(root / "flash", root / "ttyACM0") as board:
+        yield board, root / "flash"
 
 
 def flash_args(board: SimProcess, site: Path, tftp: Path, *more: str) -> list[str]:
@@ -139,7 +142,7 @@ def _maintenance_interrupted(port: str, wait_s: float = 60.0) -> dict:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "timeout"])
 def test_a_failure_while_waiting_for_the_maintenance_boot_restarts_the_firmware(
-    tmp_path, monkeypatch, how
+    tmp_path, monkeypatch, restarted_board, how
 ):
     # enter_maintenance ran before the try/finally that restarts the firmware: the board was
     # left in maintenance mode (no PXE, no watchdog) for good
@@ -148,25 +151,25 @@ def test_a_failure_while_waiting_for_the_maintenance_boot_restarts_the_firmware(
         monkeypatch.setattr(cli, "enter_maintenance", _maintenance_interrupted)
     else:  # DeviceTimeout: the maintenance boot did not answer in time
         monkeypatch.setattr(cli, "enter_maintenance", lambda port: real(port, wait_s=0.01))
-    flash = tmp_path / "flash"
-    with dressed(flash, tmp_path / "ttyACM0") as board:
-        state = channel_on(board, flash, 3)
-        watch = RelayWatch(flash)
-        try:
-            r = CliRunner().invoke(cli.flash, flash_args(
-                board, make_site(tmp_path / "site"), small_tftp(tmp_path / "tftp")))  # fmt: skip
-            assert r.exit_code == 1, r.output
-            maint = next(i for i, e in enumerate(board.seen)
-                         if e.get("ev") == "boot" and e.get("maintenance"))  # fmt: skip
-            back = normal_boot_after(board, maint)
-        finally:
-            seen = watch.stop()
-        assert "restarting the firmware after the failure" in r.output, r.output
-        assert "dhcp" in back["services"], back
-        with DeviceLink(str(board.link), timeout_s=10) as link:
-            assert link.wait_ready(15), link.last_error
-            assert link.info["maintenance"] is False
-        assert "watchdog" not in resets(board)
+    board, flash = restarted_board
+    mark = len(board.seen)  # this test's events: the board may have run others' before
+    state = channel_on(board, flash, 3)
+    watch = RelayWatch(flash)
+    try:
+        r = CliRunner().invoke(cli.flash, flash_args(
+            board, make_site(tmp_path / "site"), small_tftp(tmp_path / "tftp")))  # fmt: skip
+        assert r.exit_code == 1, r.output
+        maint = next(i for i, e in enumerate(board.seen[mark:], mark)
+                     if e.get("ev") == "boot" and e.get("maintenance"))  # fmt: skip
+        back = normal_boot_after(board, maint)
+    finally:
+        seen = watch.stop()
+    assert "restarting the firmware after the failure" in r.output, r.output
+    assert "dhcp" in back["services"], back
+    with DeviceLink(str(board.link), timeout_s=10) as link:
+        assert link.wait_ready(15), link.last_error
+        assert link.info["maintenance"] is False
+    assert "watchdog" not in resets(board, since=mark)
     assert seen == [state], seen
 
 
@@ -176,7 +179,7 @@ def test_another_projects_main_py_is_not_overwritten_unless_asked(tmp_path):
     flash = tmp_path / "other"
     theirs = b"import time\nprint('weather station')\n"
     board = micropython_alone(flash, tmp_path / "ttyACM1",
-                              {"main.py": theirs, "boot.py": b"# their boot\n"})  # fmt: skip
+                              files={"main.py": theirs, "boot.py": b"# their boot\n"})  # fmt: skip
     tftp = small_tftp(tmp_path / "tftp")
     site = make_site(tmp_path / "site", SITE_ON)
     try:

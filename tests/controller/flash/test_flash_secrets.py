@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 from bastion.state.secrets import SecretStore, init_server_name, token_name
+from dresskit import BIN
 from test_flash import SITE_YAML, make_site, small_tftp
-from test_flash_board import BIN
 
 K3S_VERSION = "v1.31.4+k3s1"
 
