@@ -38,8 +38,32 @@ async def operator_view(runtime: RuntimeDep) -> dict[str, Any]:
     return await anyio.to_thread.run_sync(_operator(runtime).view)
 
 
+_PLAN_DOC = """\
+The plan: `id` (what `POST /api/v1/apply` takes), `site`, `sync`, `applied_generation`,
+`changes` and `actions`.
+
+`changes` is every difference between the declaration in the files on disk and the one applied
+last, in this order:
+
+- per machine, by name: `{"machine", "field": "machine", "from": "absent", "to": "declared"}`
+  (or back) for a machine added or removed; `power`, `maintenance`, `reprovision` as the
+  operator acts on them (site.yaml `defaults:` included); then every other field of its
+  machines.yaml entry that changed, dotted into mappings (`mac`, `role`, `address`,
+  `labels.rack`, `wireguard.address`, `networks.cluster`), `null` where it is not set. A field
+  whose name or value may hold a secret (password, secret, token, private, credential, psk,
+  key) has `"secret": true` and `"(secret)"` for both values;
+- the site: `{"machine": null, "file": "machines.yaml", "field": "order", "from": [...], "to":
+  [...]}` when the machines' order changed, and `{"machine": null, "file": PATH, "field":
+  "sha256", "from": DIGEST, "to": DIGEST}` for every other file of the site that changed
+  (site.yaml, profiles, templates, files/...; `null`: no such file), never its contents.
+
+Only `power`, `maintenance`, `reprovision` and a machine added or removed lead to `actions`;
+the others are adopted by the apply and switch nothing. Every change is in `id`: a plan made
+before another edit of the files is refused by the apply (409)."""
+
+
 @router.get("/plan", summary="What applying the site files on disk would do, without doing it "
-            "(needs the token)")  # fmt: skip
+            "(needs the token)", description=_PLAN_DOC)  # fmt: skip
 async def plan(runtime: RuntimeDep, _: AdminDep) -> dict[str, Any]:
     # The token, as for the POST /apply this read comes before: a plan loads and validates the
     # whole site from disk and renders every machine's Ignition (about 190 ms for 1,000

@@ -103,6 +103,18 @@ def machines(url, token_file, watch, output, interval) -> None:
                 click.echo(line(row(m, now, wide), widths))  # under the table's columns
 
 
+def _change(ch: dict) -> str:
+    """One of a plan's changes as a line: a machine's field, or a site file by its digest."""
+    if ch.get("secret"):
+        return f"{ch['machine']}: {ch['field']} changed (a secret: not shown)"
+    if ch.get("machine") is None and ch.get("field") == "sha256":
+        short = {k: (ch[k][:12] if ch[k] else "absent") for k in ("from", "to")}
+        return f"{ch.get('file')}: sha256 {short['from']} -> {short['to']}"
+    if ch.get("machine") is None:
+        return f"{ch.get('file')}: {ch['field']} {ch['from']} -> {ch['to']}"
+    return f"{ch['machine']}: {ch['field']} {ch['from']} -> {ch['to']}"
+
+
 def _show_plan(plan: dict) -> None:
     when = plan.get("applied_generation")
     click.echo(f"site {plan['site']!r}, sync {plan['sync']}: the files on disk against the "
@@ -110,7 +122,7 @@ def _show_plan(plan: dict) -> None:
     if plan["changes"]:
         click.echo("changes:")
         for ch in plan["changes"]:
-            click.echo(f"  {ch['machine']}: {ch['field']} {ch['from']} -> {ch['to']}")
+            click.echo(f"  {_change(ch)}")
     else:
         click.echo("changes: none")
     if not plan["actions"]:

@@ -457,7 +457,12 @@ def status(want: Want, seen: Seen, mem: Memory | None, now: float, cfg: Config) 
     return Status("Booting", text, **base, since=p.step_at)
 
 
-def plan_id(actions: list[Action]) -> str:
-    """A short name for a list of actions: `bastion apply` carries out exactly the plan it names."""
-    key = [(a.machine, a.action, a.step, a.attempt) for a in actions]
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+def plan_id(actions: list[Action], changes: list[dict[str, Any]] | None = None) -> str:
+    """A short name for a plan: `bastion apply` carries out exactly the plan it names. Its
+    changes are in it too (apply adopts them): one that carries no action (a MAC, a template)
+    still makes another plan, so a plan made before another edit of the files is refused. A
+    plan with no changes keeps the name its actions alone gave it."""
+    key: list[Any] = [(a.machine, a.action, a.step, a.attempt) for a in actions]
+    if changes:
+        key = [key, changes]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

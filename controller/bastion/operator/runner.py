@@ -39,6 +39,13 @@ from bastion.device.link import DeviceError
 from bastion.model import Machine, Site
 from bastion.operator import core
 from bastion.operator.core import Action, Config, Memory, Progress, Seen, Want
+from bastion.operator.declared import (
+    Declared,
+    DeclaredReader,
+    DeclaredState,
+    machine_changes,
+    site_changes,
+)
 from bastion.site.holder import SiteHolder
 from bastion.state.events import ATTRIBUTABLE_IDS, EventStore
 from bastion.state.install import InstallMarks
@@ -112,7 +119,8 @@ class Operator:
     def __init__(self, holder: SiteHolder, store: EventStore, state: OperatorState,
                  record: Callable[..., int], hub: DeviceHub | None = None,
                  installs: InstallMarks | None = None,
-                 clock: Callable[[], float] = time.time):  # fmt: skip
+                 clock: Callable[[], float] = time.time,
+                 declared: DeclaredState | None = None):  # fmt: skip
         self.holder = holder
         self.store = store
         self.state = state
@@ -138,6 +146,20 @@ class Operator:
         self._applied: dict[str, dict[str, Any]] | None = applied[0] if applied else None
         self.applied_generation: int | None = applied[1] if applied else None
         self.applied_at: float | None = applied[2] if applied else None
+        # The whole declaration applied last (bastion.operator.declared), for the plan's changes
+        # of what the operator does not act on; kept beside the history by default.
+        self.declared_state = declared if declared is not None else DeclaredState(store.path)
+        self._declared_site: Site | None = None  # the site it was taken for (sync: auto)
+        self._reader = DeclaredReader(holder.root)
+        # The files read for a loaded site: the first for the site loaded at start, read now
+        # rather than at the first pass, which would take in an edit made since as applied.
+        self._read_for: tuple[Site, Declared] = (holder.site, self._reader.read())
+        self._declared = self.declared_state.get()
+        if self._declared is None:
+            # nothing applied yet, or applied by a controller that kept only the operator's
+            # words: changes count from the files as the site was loaded at start
+            self._declared = self._read_for[1]
+            self.declared_state.put(self._declared, self.applied_generation)
         self._relays: dict[int, str] | None = None
         # machine -> the person's power commands whose holds stand on each other, oldest first
         # (hold_for_power, unhold); one whose command was done stays until a release
@@ -292,13 +314,15 @@ class Operator:
         The files are loaded before the lock is taken: loading validates the whole site and
         renders every machine's Ignition (about 190 ms for 1,000 machines), and under the lock
         that passes, view() and the power commands take, a few clients asking for plans in a
-        loop held all of those up. The load reads only files, so it needs no lock."""
+        loop held all of those up. The load reads only files, so it needs no lock. The files'
+        declaration is read before the load: an edit in between is listed, not missed."""
+        declared = self._reader.read()
         disk = self.holder.load()  # with serve's secret store (bastion.state.ledger)
         with self._lock:
             now = self.clock()
             self._catch_up()
             self._relays = self._observe_relays()
-            return self._plan(disk, now)
+            return self._plan(disk, now, declared)
 
     def apply(self, plan_id: str | None = None) -> dict[str, Any]:
         """Reload the site, adopt its declaration and do what `plan()` said (raises
@@ -306,6 +330,7 @@ class Operator:
         files do not load: nothing is done then)."""
         with self._lock:
             now = self.clock()
+            declared = self._reader.read()  # before the reload, as plan() reads it
             outcome = self.holder.reload()
             if not outcome.ok:
                 from bastion.site.load import SiteError
@@ -314,10 +339,10 @@ class Operator:
             site = self.holder.site
             self._catch_up()
             self._relays = self._observe_relays()
-            plan = self._plan(site, now)
+            plan = self._plan(site, now, declared)
             if plan_id is not None and plan_id != plan["id"]:
                 raise PlanChanged(plan_id, plan)
-            self._adopt(site, force=True)
+            self._adopt(site, force=True, declared=declared)
             decisions = self._decide_all(site, self._applied_for(site), now)
             refused: list[Action] = []
             done = self._carry_out(decisions, now, plan=plan["id"], refused=refused)
@@ -379,17 +404,28 @@ class Operator:
     def _sync(self, site: Site) -> str:
         return self._config(site).sync
 
-    def _adopt(self, site: Site, force: bool = False) -> None:
+    def _adopt(self, site: Site, force: bool = False, declared: Declared | None = None) -> None:
+        """Make `site` the declaration applied (when it differs, or `force`), and `declared`
+        the whole declaration applied (None: read from the files, when `site` is another site
+        than the one it was last taken for: a reload, with `sync: auto`)."""
         desired = desired_of(site)
         if force or desired != self._applied:
             self._applied = desired
             self.applied_generation = self.holder.generation
             self.applied_at = self.clock()
             self.state.set_applied(desired, self.holder.generation)
+        if declared is None and (force or site is not self._declared_site):
+            if self._read_for[0] is not site:
+                self._read_for = (site, self._reader.read())
+            declared = self._read_for[1]
+        if declared is not None:
+            # after the applied words: a crash between the two lists an edit twice, never hides one
+            self._declared, self._declared_site = declared, site
+            self.declared_state.put(declared, self.holder.generation)
 
     def _applied_for(self, site: Site) -> dict[str, dict[str, Any]]:
         if self._applied is None:  # never applied: the site as first loaded is the declaration
-            self._adopt(site, force=True)
+            self._adopt(site, force=True, declared=self._declared)
         return self._applied or {}
 
     def _want(self, site: Site, m: Machine, desired: dict[str, Any] | None) -> Want:
@@ -430,25 +466,33 @@ class Operator:
             out.append(_Decision(m, want, seen, old, new, acts))
         return out
 
-    def _plan(self, site: Site, now: float) -> dict[str, Any]:
+    def _plan(self, site: Site, now: float, declared: Declared) -> dict[str, Any]:
+        """The plan for `site`, whose files' whole declaration is `declared`: its actions, and
+        its changes against the declaration applied last, per machine (the operator's words
+        first, then the other fields of its entry) and then the site's files. Only the
+        operator's words lead to actions; every change is in the plan's id."""
         desired = desired_of(site)
         actions = [a for d in self._decide_all(site, desired, now) for a in d.actions]
         applied = self._applied or {}
+        before_all = self._declared or declared
         changes = []
         for name in sorted(set(applied) | set(desired)):
             before, after = applied.get(name), desired.get(name)
-            if before == after:
-                continue
             if before is None or after is None:
-                changes.append({"machine": name, "field": "machine",
-                                "from": "absent" if before is None else "declared",
-                                "to": "declared" if after is not None else "absent"})  # fmt: skip
+                if before != after:
+                    changes.append({"machine": name, "field": "machine",
+                                    "from": "absent" if before is None else "declared",
+                                    "to": "declared" if after is not None else "absent"})  # fmt: skip
                 continue
             for key in ("power", "maintenance", "reprovision"):
                 if before.get(key) != after.get(key):
                     changes.append({"machine": name, "field": key, "from": before.get(key),
                                     "to": after.get(key)})  # fmt: skip
-        return {"id": core.plan_id(actions), "site": site.name, "sync": self._sync(site),
+            was, now_is = before_all.machines.get(name), declared.machines.get(name)
+            if was is not None and now_is is not None:
+                changes += machine_changes(name, was, now_is)
+        changes += site_changes(before_all, declared)
+        return {"id": core.plan_id(actions, changes), "site": site.name, "sync": self._sync(site),
                 "applied_generation": self.applied_generation, "changes": changes,
                 "actions": [a.as_dict() for a in actions]}  # fmt: skip
 
