@@ -52,7 +52,9 @@ def sha256_hex(p):
                     break
                 d.update(m[:n])
         return binascii.hexlify(d.digest()).decode()
-    except Exception:
+    # ImportError: no hashlib or binascii on this port; AttributeError: a hashlib without
+    # sha256; OSError: no such file, a directory, a read error
+    except (ImportError, AttributeError, OSError):
         return None
 
 
@@ -60,7 +62,7 @@ def text(p):
     try:
         with open(p) as f:
             return f.read()
-    except Exception:
+    except (OSError, UnicodeError):  # not there, or bytes that are not UTF-8
         return None
 
 
@@ -74,12 +76,14 @@ def size(p):
 def space():
     """The filesystem holding the working directory, from statvfs: [block size, blocks, free
     blocks], or None if the port has no statvfs."""
+    if not hasattr(os, "statvfs"):
+        return None
     for p in (".", "/"):
         try:
             s = os.statvfs(p)
-            return [s[1] or s[0], s[2], s[4]]  # f_frsize (the allocation unit), f_blocks, f_bavail
-        except Exception:
-            pass
+        except OSError:
+            continue
+        return [s[1] or s[0], s[2], s[4]]  # f_frsize (the allocation unit), f_blocks, f_bavail
     return None
 
 
@@ -105,12 +109,12 @@ def probe(paths):
     did not finish is forgotten first (clean), so its staged files count as free space."""
     clean()
     try:
-        fw = dict((n, size("firmware/" + n)) for n in os.listdir("firmware"))
+        fw = {n: size("firmware/" + n) for n in os.listdir("firmware")}
     except OSError:
         fw = None
     return json.dumps({
-        "hashes": dict((p, sha256_hex(p)) for p in paths),
-        "sizes": dict((p, size(p)) for p in paths),
+        "hashes": {p: sha256_hex(p) for p in paths},
+        "sizes": {p: size(p) for p in paths},
         "firmware": fw,
         "power_state": text("power.state"),
         "relays_state": text("relays.state"),

@@ -15,11 +15,11 @@ import secrets
 import shutil
 import sys
 import time
-
-import yaml
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bastion import atomic, paths
 from bastion.lab import initrd as initrd_mod
@@ -641,7 +641,7 @@ class Lab:
         the relay went on: everything after it belongs to this boot."""
         if self.vm_state(node) in ("running", "halted"):
             self.power(node, "off")
-            self._wait(lambda: self.vm_state(node) == "off", 10, f"{node} powered off")
+            self._wait_vm(node, "off", 10, f"{node} powered off")
         after = self.last_event_id()
         try:
             self.power(node, "on")
@@ -672,7 +672,7 @@ class Lab:
             left = max(1.0, timeout - (time.monotonic() - started))
             cb = self.wait_callback(node, after[node], left)
             elapsed = cb["ts"] - self._event_ts(after[node] + 1)
-            self._wait(lambda: self.vm_state(node) == "halted", 30, f"{node} powered itself off")
+            self._wait_vm(node, "halted", 30, f"{node} powered itself off")
             events = self.events(after[node])
             ignition = json.loads(self.http(f"/ignition?mac={n.mac.replace(':', '-')}") or "{}")
             results.append(BootResult(node=n, after=after[node], callback=cb, events=events,
@@ -735,6 +735,11 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(f"timed out waiting for {what}")
             time.sleep(0.2)
+
+    def _wait_vm(self, node: str, state: str, timeout: float, what: str) -> None:
+        """Wait for the node's VM to be in `state` (vm_state). The node is this call's own
+        argument, so a caller's loop cannot change it under the wait."""
+        self._wait(lambda: self.vm_state(node) == state, timeout, what)
 
     def status(self) -> dict:
         procs = {k: self.procs.alive(k) for k in ("router", "device", "controller", "wiring")}
@@ -818,11 +823,12 @@ class Wiring:
                 changed = True
                 proc = None
             if on and proc is None and n.name not in self.halted:
-                log = open(self.lab.logs / f"{n.name}.qemu.log", "ab")
-                self.running[n.name] = self._subprocess.Popen(
-                    self.lab.qemu_command(n), stdout=log, stderr=self._subprocess.STDOUT,
-                    stdin=self._subprocess.DEVNULL)
-                log.close()
+                # the VM holds its own copy of the log's descriptor: ours is closed at once,
+                # also when QEMU cannot be started
+                with open(self.lab.logs / f"{n.name}.qemu.log", "ab") as log:
+                    self.running[n.name] = self._subprocess.Popen(
+                        self.lab.qemu_command(n), stdout=log, stderr=self._subprocess.STDOUT,
+                        stdin=self._subprocess.DEVNULL)
                 self.boots[n.name] += 1
                 self._log(ev="vm", node=n.name, state="started", channel=n.channel,
                           pid=self.running[n.name].pid)  # type: ignore[attr-defined]

@@ -19,8 +19,11 @@ import copy
 import functools
 import logging
 import re
+import threading
+import time
 import types
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jinja2
@@ -155,16 +158,60 @@ def _host_name(value: str) -> str | None:
 _REQUEST_FACTS = {"uuid": uuid_text, "hostname": _host_name, "arch": arch_name}
 
 
+class LogThrottle:
+    """Which of many alike warnings to log: the first for a key, then none for that key until
+    `window_s` seconds have passed, when the next one is logged with how many were held back
+    in between. At most `capacity` keys are kept, the one logged longest ago forgotten first (its
+    next warning is logged as a first one, its held-back count lost), so a host that changes
+    its address for every request costs no more memory than that."""
+
+    def __init__(self, window_s: float = 60.0, capacity: int = 1024,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.window_s = window_s
+        self.capacity = capacity
+        self._clock = clock
+        self._keys: OrderedDict[Hashable, list] = OrderedDict()  # key -> [logged at, held back]
+        self._lock = threading.Lock()  # /ignition and /generic render in the thread pool
+
+    def admit(self, key: Hashable) -> int | None:
+        """None: hold this warning back (counted); else log it, saying the returned number
+        were held back since the last one logged for `key`."""
+        now = self._clock()
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is not None and now - entry[0] < self.window_s:
+                entry[1] += 1
+                return None
+            held = entry[1] if entry is not None else 0
+            self._keys[key] = [now, 0]
+            self._keys.move_to_end(key)
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+            return held
+
+
+# A request's facts are anyone's text: a LAN host that asks /ignition with a bad hostname in a
+# loop would otherwise write a warning line per request into the controller's log.
+INVALID_FACT_WARNINGS = LogThrottle()
+
+
 def request_fact(req: BootRequest, key: str) -> str | None:
     """The request's `key` label if it is a valid one (a UUID, a host name, a known arch, as
-    machines.yaml would take it); otherwise None, as if it had not been sent, and a warning."""
+    machines.yaml would take it); otherwise None, as if it had not been sent, and a warning:
+    once a minute for a client address and a fact (INVALID_FACT_WARNINGS), with how many more
+    that client sent since."""
     value = req.labels.get(key)
     if not value:
         return None
     checked = _REQUEST_FACTS[key](value)
     if checked is None:
-        log.warning("boot request from %s: %s=%s is not valid; rendered as if not given",
-                    req.client or "an unknown address", key, ascii(value[:80]))  # fmt: skip
+        client = req.client or "an unknown address"
+        held = INVALID_FACT_WARNINGS.admit((client, key))
+        if held is not None:
+            log.warning("boot request from %s: %s=%s is not valid; rendered as if not given%s",
+                        client, key, ascii(value[:80]),
+                        f" ({held} more such {key} values from {client} since the last warning)"
+                        if held else "")  # fmt: skip
     return checked
 
 

@@ -1,7 +1,8 @@
 """What an undeclared machine's request tells its templates (render.config.jinja_variables):
 `machine.hostname`, `machine.arch` and `machine.uuid` only when each is one as machines.yaml
 would take it, else none, as if not sent. Through the real app, with the shipped worker.bu and
-with a template that writes the values unquoted, as a site's own may."""
+with a template that writes the values unquoted, as a site's own may. An invalid one is warned
+about once a minute per client address and fact, not once per request."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 from bastion.model import BootRequest
-from bastion.render.config import request_fact
+from bastion.render import config
+from bastion.render.config import LogThrottle, request_fact
 from bastion_testkit import assert_valid_ignition
+from fastapi.testclient import TestClient
 
 UNDECLARED = "52:54:00:aa:bb:cc"
 SHIPPED_FILES = ["/etc/hostname", "/etc/motd.d/bastion.conf", "/etc/bastion/node.env"]
@@ -90,7 +93,8 @@ def test_a_bad_arch_or_uuid_adds_no_line_to_the_node_env(site_dir, client_for):
     ("uuid", "1b4e28ba2fa111d2883f0016d3cca427", None),
     ("uuid", "", None),
 ])  # fmt: skip
-def test_request_fact(key, value, expected, caplog):
+def test_request_fact(key, value, expected, caplog, monkeypatch):
+    monkeypatch.setattr(config, "INVALID_FACT_WARNINGS", LogThrottle())  # nothing warned before
     req = BootRequest({key: value}, "", "http://10.77.0.1:8080", client="10.77.0.50")
     with caplog.at_level(logging.WARNING, logger="bastion.render"):
         assert request_fact(req, key) == expected
@@ -99,3 +103,40 @@ def test_request_fact(key, value, expected, caplog):
         assert warned == [f"boot request from 10.77.0.50: {key}={value[:80]!a} is not valid; rendered as if not given"]
     else:
         assert warned == []
+
+
+def test_invalid_facts_are_warned_once_a_minute_per_client_and_fact(site_dir, client_for, caplog, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(config, "INVALID_FACT_WARNINGS", LogThrottle(clock=lambda: now[0]))
+    a = client_for(with_default_profile(site_dir, "shipped"), client=("10.77.0.60", 40000))
+    b = TestClient(a.app, client=("10.77.0.61", 40000))
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "bastion.render"]
+
+    with caplog.at_level(logging.WARNING, logger="bastion.render"):
+        for _ in range(5):  # one host in a loop: one line
+            assert a.get("/ignition", params={"mac": UNDECLARED, "hostname": "a: b"}).status_code == 200
+        assert warned() == ["boot request from 10.77.0.60: hostname='a: b' is not valid; rendered as if not given"]
+        # another address, and another fact from the first one, each have their own line
+        assert b.get("/ignition", params={"mac": UNDECLARED, "hostname": "a: b"}).status_code == 200
+        assert a.get("/ignition", params={"mac": UNDECLARED, "arch": "sparc"}).status_code == 200
+        assert warned()[1:] == [
+            "boot request from 10.77.0.61: hostname='a: b' is not valid; rendered as if not given",
+            "boot request from 10.77.0.60: arch='sparc' is not valid; rendered as if not given",
+        ]
+        now[0] += 60  # a minute on: the next one is logged, and counts those held back
+        assert a.get("/ignition", params={"mac": UNDECLARED, "hostname": "-x"}).status_code == 200
+        assert warned()[3:] == [
+            ("boot request from 10.77.0.60: hostname='-x' is not valid; rendered as if not given "
+             "(4 more such hostname values from 10.77.0.60 since the last warning)"),
+        ]
+
+
+def test_the_throttle_forgets_its_oldest_key_past_its_capacity():
+    now = [0.0]
+    throttle = LogThrottle(window_s=60, capacity=2, clock=lambda: now[0])
+    assert [throttle.admit(k) for k in ("a", "b", "a", "c")] == [0, 0, None, 0]
+    # "a" was logged longest ago and went when "c" came: its next warning is a first one
+    assert throttle.admit("a") == 0
+    assert throttle.admit("c") is None

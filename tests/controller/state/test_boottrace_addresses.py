@@ -90,9 +90,12 @@ def test_an_undeclared_node_takes_the_addresses_the_address_book_learns(site_dir
     assert book_addresses(runtime, "node2") == {NODE2_AT[0], OTHER[0]}
 
 
-def test_a_declared_address_given_by_the_caller_keeps_a_spoofed_dhcp_event_out():
+def test_a_declared_address_given_by_the_caller_keeps_the_spoofers_address_and_steps_out():
     # a DHCP event naming node1 from another host (a spoofed DISCOVER with its MAC) carries no
-    # mark; the machine's own `address:`, as the API's timeline passes it, keeps it out
+    # mark, so the history alone cannot tell the two addresses apart; the machine's own
+    # `address:`, as the API's timeline passes it, keeps the spoofer's address out of the
+    # node's, and with it the spoofer's TFTP step. The DHCP event itself stays in the timeline,
+    # saying where it came from.
     spoofed = {"ts": 1.0, "kind": "dhcp", "source": "device", "mac": NODE1, "machine": "node1",
                "payload": {"client": OTHER[0], "kind": "discover", "port": 68}}  # fmt: skip
     own = {"ts": 2.0, "kind": "boot", "source": "controller", "mac": NODE1, "machine": "node1",
@@ -104,6 +107,7 @@ def test_a_declared_address_given_by_the_caller_keeps_a_spoofed_dhcp_event_out()
     assert boottrace.node_addresses(events, NODE1, "node1", declared=NODE[0]) == {NODE[0]}
     steps = boottrace.timeline(events, NODE1, "node1", from_power=False, declared=NODE[0])
     assert [s.stage for s in steps] == ["proxy offer", "GET /ipxe"], steps
+    assert steps[0].detail.endswith(f", from {OTHER[0]}, not the machine's address {NODE[0]}")
 
 
 def test_the_machines_timeline_route_passes_the_declared_address(site_dir, client_for):

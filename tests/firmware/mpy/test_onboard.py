@@ -60,6 +60,17 @@ def test_probe_reports_hashes_sizes_state_and_free_space():
         assert block > 0 and 0 < free <= blocks
 
 
+def test_probe_reports_what_it_cannot_read_as_none():
+    # each case the probe's reads catch by name: a state file that is not UTF-8 text
+    # (UnicodeError) and a path that is a directory (OSError)
+    with _Flash():
+        _write("board.json", b"\xff\xfe{}")
+        os.mkdir("dir.bin")
+        got = json.loads(onboard.probe(["dir.bin"]))
+        assert got["board"] is None
+        assert got["hashes"] == {"dir.bin": None}
+
+
 def test_probe_forgets_a_half_done_flash_first():
     with _Flash():
         os.mkdir(onboard.STAGE)
