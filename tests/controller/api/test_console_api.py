@@ -103,12 +103,16 @@ def test_a_device_restart_writes_no_false_gap_into_the_log(tmp_path):
                 except OSError:
                     node_says.wait(0.05)
 
-        threading.Thread(target=node, daemon=True).start()
         try:
             with DeviceLink(str(board.link), timeout_s=10) as link:
                 link.on_console(lambda c: logs.feed("node2", c.ch, c.boot, c.at, c.data,
                                                     connection=c.connection))  # fmt: skip
                 assert link.wait_ready(15), link.last_error
+                # The node starts once the link is up: what it printed before would be the
+                # first of its console the controller ever saw only if the device's ring (1 KB,
+                # some 30 lines) still held it when the link came up, which a busy machine
+                # (the link up after more than 0.3 s) did not give.
+                threading.Thread(target=node, daemon=True).start()
                 wait_for(lambda: logs.counts["bytes"] > 1000, what="console bytes")
                 before = link.boot
                 link.request("reboot")
