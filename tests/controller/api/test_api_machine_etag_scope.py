@@ -72,3 +72,30 @@ def test_a_hand_edit_not_yet_loaded_gives_a_tag_no_edit_matches(client_for, site
               headers={**auth(), "If-Match": r.headers["etag"]})  # fmt: skip
     assert r.status_code == 412, r.text
     assert yaml.read_bytes() == hand
+
+
+def test_machines_yaml_is_parsed_for_a_tag_once_per_change_not_once_per_get(home_lab,
+                                                                           monkeypatch):  # fmt: skip
+    # a client that reads every machine in turn paid a parse of the whole file per machine
+    from bastion import yamlfile
+    from bastion.api import edits
+
+    parsed = []
+    real = yamlfile.load
+
+    def counted(data, name, *a, **kw):
+        if name == "machines.yaml":
+            parsed.append(name)
+        return real(data, name, *a, **kw)
+
+    c = home_lab
+    c.get("/api/v1/machines/pi2")  # the file as it is now, parsed once for its tags
+    monkeypatch.setattr(edits.yamlfile, "load", counted)
+    tags = {n: c.get(f"/api/v1/machines/{n}").headers["etag"] for n in ("pi2", "nuc1", "nuc2")}
+    assert parsed == [], parsed
+    r = c.patch("/api/v1/machines/nuc1", json={"power": "off"}, headers=auth())
+    assert r.status_code == 200, r.text
+    parsed.clear()
+    after = {n: c.get(f"/api/v1/machines/{n}").headers["etag"] for n in ("pi2", "nuc1", "nuc2")}
+    assert len(parsed) <= 1, parsed  # the changed file, once (the edit may have parsed it first)
+    assert after["nuc1"] != tags["nuc1"] and after["pi2"] == tags["pi2"], (tags, after)
