@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from bastion.logship.queue import DiskQueue
 from bastion_testkit import make_app
+from simkit import wait_for
 from test_logship_formats import octet_frames
 
 
@@ -104,7 +105,6 @@ def test_a_queue_file_that_cannot_be_written_keeps_the_events_in_the_inbox(tmp_p
     back to the inbox, an error names the queue file, and every event reaches the queue,
     in order, once the file can be written again."""
     import sqlite3
-    import time
 
     from bastion.logship.shipper import Target
     from bastion.metrics import Metrics
@@ -116,26 +116,21 @@ def test_a_queue_file_that_cannot_be_written_keeps_the_events_in_the_inbox(tmp_p
     t.backoff_max_s = 0.5
     caplog.set_level(logging.ERROR, logger="bastion.logship")
 
-    def wait(cond) -> None:
-        deadline = time.monotonic() + 60
-        while not cond():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
 
     t.start()
     try:
         for i in range(5):
             t.offer(json.dumps({"id": i}))
-        wait(lambda: len(t.queue) == 5)
+        wait_for(lambda: len(t.queue) == 5, 60)
         lock = sqlite3.connect(tmp_path / "q" / "central.db", isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         for i in range(5, 10):
             t.offer(json.dumps({"id": i}))
-        wait(lambda: any("cannot write the queue file" in r.getMessage() and "central.db" in r.getMessage()
-                         for r in caplog.records))
+        wait_for(lambda: any("cannot write the queue file" in r.getMessage() and "central.db" in r.getMessage()
+                             for r in caplog.records), 60)
         lock.execute("ROLLBACK")
         lock.close()
-        wait(lambda: len(t.queue) == 10)
+        wait_for(lambda: len(t.queue) == 10, 60)
     finally:
         t.stop()
     queue = DiskQueue(tmp_path / "q" / "central.db", 100000)
@@ -260,7 +255,6 @@ def test_a_queue_file_another_process_holds_is_opened_once_it_is_let_go(tmp_path
     file is tried again with the usual backoff, and once the lock is let go it opens (an event
     `started`) and every event is queued, in order. The other target runs all along."""
     import sqlite3
-    import time
 
     from bastion.logship.shipper import Shipper, Target
     from bastion.metrics import Metrics
@@ -276,11 +270,6 @@ def test_a_queue_file_another_process_holds_is_opened_once_it_is_let_go(tmp_path
     events: list[dict] = []
     shipper = Shipper(tmp_path / "q", Metrics(), lambda kind, **f: events.append(f["payload"]))
 
-    def wait(cond) -> None:
-        deadline = time.monotonic() + 60
-        while not cond():
-            assert time.monotonic() < deadline, "gave up waiting"
-            time.sleep(0.05)
 
     try:
         shipper.configure(LogsSection.model_validate({"targets": [
@@ -291,12 +280,12 @@ def test_a_queue_file_another_process_holds_is_opened_once_it_is_let_go(tmp_path
         (refused,) = [e for e in events if e["action"] == "not-started"]
         assert refused["target"] == "central", refused
         holder.close()
-        wait(lambda: any(e["action"] == "started" for e in events))
+        wait_for(lambda: any(e["action"] == "started" for e in events), 60)
         assert "central.db" in refused["error"], refused  # the file, not only SQLite's word
         for i in range(6, 11):
             shipper.offer({"id": i})
         central = next(t for t in shipper.targets if t.spec.name == "central")
-        wait(lambda: central.queue is not None and len(central.queue) == 10)
+        wait_for(lambda: central.queue is not None and len(central.queue) == 10, 60)
     finally:
         shipper.close()
         holder.close()
@@ -387,7 +376,6 @@ def test_a_reload_while_the_queue_files_cannot_be_written_queues_each_event_once
     target takes over its own predecessor's inbox: once each, in order, and nothing is said
     to be lost."""
     import sqlite3
-    import time
 
     from bastion.logship.shipper import Shipper
     from bastion.metrics import Metrics
@@ -397,11 +385,6 @@ def test_a_reload_while_the_queue_files_cannot_be_written_queues_each_event_once
         return LogsSection.model_validate({"hostname": hostname, "targets": [
             {"name": n, "type": "syslog", "host": "127.0.0.1", "port": _unused_port()} for n in ("a", "b")]})  # fmt: skip
 
-    def wait(cond) -> None:
-        deadline = time.monotonic() + 60
-        while not cond():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
 
     caplog.set_level(logging.INFO, logger="bastion.logship")
     shipper = Shipper(tmp_path / "q", Metrics())
@@ -414,11 +397,11 @@ def test_a_reload_while_the_queue_files_cannot_be_written_queues_each_event_once
             locks.append(lock)
         for i in range(1, 4):
             shipper.offer({"id": i})
-        wait(lambda: sum("cannot write the queue file" in r.getMessage() for r in caplog.records) >= 2)
+        wait_for(lambda: sum("cannot write the queue file" in r.getMessage() for r in caplog.records) >= 2, 60)
         shipper.configure(section("h2"), site="s", site_root=tmp_path)
         for lock in locks:
             lock.execute("ROLLBACK")
-        wait(lambda: all(not t.inbox and len(t.queue) >= 3 for t in shipper.targets))
+        wait_for(lambda: all(not t.inbox and len(t.queue) >= 3 for t in shipper.targets), 60)
     finally:
         for lock in locks:
             lock.close()
@@ -439,7 +422,6 @@ def test_a_queue_file_damaged_while_the_target_runs_is_moved_aside_keeping_what_
     gets every readable record, in order, then the events offered since; the unreadable ones
     are counted as dropped, with an event."""
     import sqlite3
-    import time
 
     from bastion.logship.shipper import Target
     from bastion.metrics import Metrics
@@ -454,11 +436,6 @@ def test_a_queue_file_damaged_while_the_target_runs_is_moved_aside_keeping_what_
     t.backoff_max_s = 0.2
     caplog.set_level(logging.ERROR, logger="bastion.logship")
 
-    def wait(cond) -> None:
-        deadline = time.monotonic() + 60
-        while not cond():
-            assert time.monotonic() < deadline, "gave up waiting"
-            time.sleep(0.05)
 
     path = tmp_path / "q" / "central.db"
     collector = socket.socket()
@@ -466,7 +443,7 @@ def test_a_queue_file_damaged_while_the_target_runs_is_moved_aside_keeping_what_
     try:
         for i in range(1, 501):
             t.offer(json.dumps({"id": i, "kind": "test", "payload": "x" * 200}))
-        wait(lambda: len(t.queue) == 500)  # the collector is down: everything waits on disk
+        wait_for(lambda: len(t.queue) == 500, 60)  # the collector is down: everything waits on disk
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the records into the file itself
         other.close()
@@ -478,7 +455,7 @@ def test_a_queue_file_damaged_while_the_target_runs_is_moved_aside_keeping_what_
         collector.bind(("127.0.0.1", port))
         collector.listen()
         collector.settimeout(60)
-        wait(lambda: any(p["action"] == "queue-damaged" for p in recorded))
+        wait_for(lambda: any(p["action"] == "queue-damaged" for p in recorded), 60)
         for i in range(501, 511):
             t.offer(json.dumps({"id": i, "kind": "test", "payload": "after"}))
         streams: list[list[int]] = []  # the ids each connection carried (the switch makes a new one)
@@ -577,7 +554,6 @@ def test_a_queue_file_that_stays_locked_is_tried_again_and_said_once(tmp_path: P
     at every try (up to four a minute, for as long as it lasts); the tries after it are debug,
     and the end of the outage says so."""
     import sqlite3
-    import time
 
     from bastion.logship.shipper import Target
     from bastion.metrics import Metrics
@@ -598,20 +574,15 @@ def test_a_queue_file_that_stays_locked_is_tried_again_and_said_once(tmp_path: P
     def tries() -> list[logging.LogRecord]:
         return [r for r in caplog.records if "cannot open the queue file" in r.getMessage()]
 
-    def wait(cond) -> None:
-        deadline = time.monotonic() + 120
-        while not cond():
-            assert time.monotonic() < deadline, "gave up waiting"
-            time.sleep(0.05)
 
     t.start()
     try:
         for i in range(5):
             t.offer(json.dumps({"id": i}))
-        wait(lambda: len(tries()) >= 3)  # the start's and two more
+        wait_for(lambda: len(tries()) >= 3, 120)  # the start's and two more
         assert metrics.logship_up.labels(target="central")._value.get() == 0
         holder.close()
-        wait(lambda: t.queue is not None and len(t.queue) == 5)
+        wait_for(lambda: t.queue is not None and len(t.queue) == 5, 120)
     finally:
         t.stop()
         holder.close()
@@ -627,7 +598,6 @@ def test_a_queue_file_found_damaged_by_a_write_takes_the_batch_into_the_new_queu
     was tried again, with the same error, for good. Now the file is moved aside, what can still
     be read of it queued again, and the batch after it, in order."""
     import sqlite3
-    import time
 
     from bastion.logship.shipper import Target
     from bastion.metrics import Metrics
@@ -639,18 +609,13 @@ def test_a_queue_file_found_damaged_by_a_write_takes_the_batch_into_the_new_queu
                record=lambda kind, **kw: recorded.append(kw["payload"]))  # fmt: skip
     t.backoff_max_s = 0.2
 
-    def wait(cond) -> None:
-        deadline = time.monotonic() + 60
-        while not cond():
-            assert time.monotonic() < deadline, "gave up waiting"
-            time.sleep(0.05)
 
     path = tmp_path / "q" / "central.db"
     t.start()
     try:
         for i in range(1, 501):
             t.offer(json.dumps({"id": i, "payload": "x" * 200}))
-        wait(lambda: len(t.queue) == 500)
+        wait_for(lambda: len(t.queue) == 500, 60)
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         other.close()
@@ -660,7 +625,7 @@ def test_a_queue_file_found_damaged_by_a_write_takes_the_batch_into_the_new_queu
             f.write(b"\xa5" * 4096)
         for i in range(501, 506):
             t.offer(json.dumps({"id": i, "payload": "new"}))
-        wait(lambda: any(p["action"] == "queue-damaged" for p in recorded))
+        wait_for(lambda: any(p["action"] == "queue-damaged" for p in recorded), 60)
     finally:
         t.stop()
     (event,) = [p for p in recorded if p["action"] == "queue-damaged"]
